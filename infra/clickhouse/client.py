@@ -1,0 +1,86 @@
+"""One ClickHouse client factory for every process: chDB in-process or a server over HTTP, same code.
+
+chDB lets one process open a data path at a time. While `dev` or `demo` holds it, other processes (the worker,
+the receivers, `query`, `partners`) reach it through the ClickHouse-HTTP shim that the holder serves
+(`infra.clickhouse.shim`); they find it in the run file (`infra.runfile`).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from infra.runfile import read_running_instance
+from infra.settings import Settings
+
+
+class ClickHouseUnavailable(RuntimeError):
+    """The store cannot be opened (locked by another process, or a server that does not answer)."""
+
+
+_chdb_lock = threading.Lock()
+
+
+def chdb_path(dsn: str) -> Path:
+    return Path(urlparse(dsn).path)
+
+
+def connect(dsn: str, *, database: str | None = None, readonly: bool = False, password: str | None = None,
+            **options: Any) -> Client:
+    """A client for `dsn`; `readonly` makes the server refuse anything but reads (setting readonly=1)."""
+    settings = {"readonly": 1} if readonly else {}
+    if dsn.startswith("chdb://"):
+        path = chdb_path(dsn)
+        path.mkdir(parents=True, exist_ok=True)
+        with _chdb_lock:  # first open initialises the process-wide engine
+            try:
+                client = clickhouse_connect.get_client(dsn=f"chdb://{path}", **options)
+            except Exception as exc:
+                if "Cannot lock file" in str(exc) or "already running" in str(exc):
+                    raise ClickHouseUnavailable(
+                        f"the embedded ClickHouse at {path} is held by another process "
+                        "(a running `ocpi-pipeline dev` or `demo`, or a worker); use that instance's admin API, "
+                        "which `query` and `partners` find by themselves through the run file"
+                    ) from exc
+                raise ClickHouseUnavailable(f"cannot open the embedded ClickHouse at {path}: {exc}") from exc
+        if database:
+            client.database = database
+        if readonly:
+            client.command("SET readonly = 1")  # chDB sessions are per connection; only this client is read-only
+        return client
+    try:
+        return clickhouse_connect.get_client(dsn=dsn, database=database or None, settings=settings,
+                                             **({"password": password} if password else {}), **options)
+    except Exception as exc:
+        raise ClickHouseUnavailable(f"cannot reach ClickHouse at {_redact(dsn)}: {exc}") from exc
+
+
+def _redact(dsn: str) -> str:
+    parsed = urlparse(dsn)
+    if parsed.password:
+        return dsn.replace(f":{parsed.password}@", ":****@")
+    return dsn
+
+
+def effective_dsn(settings: Settings) -> tuple[str, str | None]:
+    """The DSN this process should use, and the password to send.
+
+    When the configured store is a chDB path held by a running `dev`/`demo`, that instance's shim is used.
+    """
+    dsn = settings.clickhouse_dsn
+    if dsn.startswith("chdb://"):
+        instance = read_running_instance(settings.storage.path)
+        if instance is not None and instance.clickhouse_url:
+            return instance.clickhouse_url, instance.admin_token
+    return dsn, None
+
+
+def connect_for(settings: Settings, *, readonly: bool = False) -> Client:
+    """The client for the configured store, through a running instance's shim where one holds chDB."""
+    dsn, password = effective_dsn(settings)
+    return connect(dsn, database=settings.clickhouse.database, readonly=readonly, password=password)

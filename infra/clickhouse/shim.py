@@ -1,0 +1,156 @@
+"""A small ClickHouse-HTTP endpoint over the chDB engine this process holds.
+
+chDB has no server mode and lets only one process open a path, so the process that holds it (`dev`, `demo`)
+serves enough of ClickHouse's HTTP interface for clickhouse-connect's ordinary HTTP client: the worker, the
+receivers, `query` and `partners` then use the same code they use against a ClickHouse server.
+
+Protected by the admin token (HTTP Basic password or X-ClickHouse-Key). A request with the setting
+`readonly=1` runs on a connection that is itself read-only, so `query` cannot write.
+Based on the shim measured in ../shared/research/infra-feasibility.md (appendix B).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import chdb
+from aiohttp import web
+
+_FORMAT_AT_END = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)
+_INSERT = re.compile(r"^\s*INSERT\s+INTO\b", re.IGNORECASE)
+_INSERT_HEAD = re.compile(rb"\s*(INSERT\s+INTO\b.*?\bFORMAT\s+[A-Za-z0-9_]+)[ \t]*\r?\n?", re.IGNORECASE | re.DOTALL)
+# Settings clickhouse-connect sends that the shim handles itself or that do not apply to chDB.
+_CLIENT_PARAMS = {"query", "database", "default_format", "readonly", "session_id", "session_timeout",
+                  "wait_end_of_query", "send_progress_in_http_headers", "http_headers_progress_interval_ms",
+                  "enable_http_compression", "query_id", "compress", "decompress", "user", "password"}
+
+
+class ChdbEngine:
+    """Thread-local chDB connections to one path; read-only ones are kept apart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+
+    def connection(self, readonly: bool) -> Any:
+        attr = "ro" if readonly else "rw"
+        conn = getattr(self._local, attr, None)
+        if conn is None:
+            conn = chdb.connect(str(self.path))
+            if readonly:
+                conn.query("SET readonly = 1")
+            setattr(self._local, attr, conn)
+        return conn
+
+    def run(self, sql: str, body: bytes, params: dict[str, str]) -> tuple[bytes, str]:
+        readonly = params.get("readonly", "0") not in ("0", "")
+        conn = self.connection(readonly)
+        match = _FORMAT_AT_END.search(sql)
+        fmt = match.group(1) if match else params.get("default_format", "TabSeparated")
+        database = params.get("database")
+        if database:
+            conn.query(f"USE `{database}`")
+        # A read-only connection may not change settings at all, so the client's are dropped there.
+        settings = [] if readonly else [f"{k} = {_quote(v)}" for k, v in params.items() if k not in _CLIENT_PARAMS]
+        if _INSERT.match(sql) and body:
+            with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as fh:
+                fh.write(body)
+                name = fh.name
+            try:
+                infile = f"FROM INFILE '{name}' FORMAT {fmt}"
+                stmt = _FORMAT_AT_END.sub(infile, sql) if match else f"{sql} {infile}"
+                conn.query(stmt, "TabSeparated")
+                return b"", fmt
+            finally:
+                os.unlink(name)
+        stmt = _FORMAT_AT_END.sub("", sql) if match else sql
+        if settings and re.match(r"^\s*(SELECT|WITH)\b", stmt, re.IGNORECASE) and " SETTINGS " not in stmt.upper():
+            stmt = f"{stmt.rstrip().rstrip(';')} SETTINGS {', '.join(settings)}"
+        result = conn.query(stmt, fmt)
+        return result.bytes(), fmt
+
+
+def _quote(value: str) -> str:
+    return value if re.fullmatch(r"-?\d+(\.\d+)?", value) else "'" + value.replace("'", "\\'") + "'"
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    presented = request.headers.get("X-ClickHouse-Key", "")
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Basic "):
+        try:
+            presented = base64.b64decode(auth[6:]).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    return bool(token) and hmac.compare_digest(presented.encode(), token.encode())
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.Response(status=status, text=f"Code: {code}. DB::Exception: {message}\n",
+                        headers={"X-ClickHouse-Exception-Code": code})
+
+
+class ClickHouseShim:
+    """Serve `engine` on host:port until `stop()`."""
+
+    def __init__(self, engine: ChdbEngine, token: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.engine, self.token, self.host, self.port = engine, token, host, port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.path == "/ping":
+            return web.Response(text="Ok.\n")
+        if not _authorized(request, self.token):
+            return _error(401, "516", "Authentication failed: password is incorrect")
+        params = dict(request.query)
+        body = await request.read() if request.can_read_body else b""
+        sql = params.pop("query", None)
+        if sql is None:  # clickhouse-connect puts "INSERT ... FORMAT Native\n" at the head of an insert body
+            head = _INSERT_HEAD.match(body)
+            sql, body = (head.group(1).decode(), body[head.end():]) if head else (body.decode(), b"")
+        elif body and not _INSERT.match(sql):
+            sql, body = f"{sql} {body.decode()}", b""
+        started = time.perf_counter()
+        try:
+            data, fmt = await asyncio.to_thread(self.engine.run, sql, body, params)
+        except Exception as exc:
+            message = str(exc)
+            code = re.search(r"Code: (\d+)", message)
+            return _error(500, code.group(1) if code else "1000", message)
+        summary = {"read_rows": "0", "read_bytes": "0", "written_rows": "0", "written_bytes": "0",
+                   "total_rows_to_read": "0", "result_rows": "0", "result_bytes": str(len(data)),
+                   "elapsed_ns": str(int((time.perf_counter() - started) * 1e9))}
+        return web.Response(body=data, headers={
+            "X-ClickHouse-Format": fmt, "X-ClickHouse-Timezone": "UTC",
+            "X-ClickHouse-Summary": json.dumps(summary), "Content-Type": "application/octet-stream"})
+
+    async def start(self) -> ClickHouseShim:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        if self.port == 0 and server is not None:
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

@@ -1,0 +1,272 @@
+"""One settings module for every service, read from environment variables with documented defaults.
+
+Each section is a frozen dataclass; each field names its variable, default and meaning in its metadata, so
+the README table and `ocpi-pipeline settings` are generated from this file and cannot drift from it.
+A wrong value fails at start with a `SettingsError` that names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed; the message names the environment variable."""
+
+
+def _setting(env: str, default: str, doc: str, *, secret: bool = False) -> Any:
+    return field(metadata={"env": env, "default": default, "doc": doc, "secret": secret})
+
+
+def _parse_port(env: str, raw: str) -> int:
+    port = _parse_int(env, raw)
+    if not 0 < port < 65536:
+        raise SettingsError(f"{env}={raw!r}: a TCP port is between 1 and 65535")
+    return port
+
+
+def _parse_int(env: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{env}={raw!r}: expected an integer") from None
+
+
+def _parse_positive_int(env: str, raw: str) -> int:
+    value = _parse_int(env, raw)
+    if value < 1:
+        raise SettingsError(f"{env}={raw!r}: expected an integer >= 1")
+    return value
+
+
+def _parse_float(env: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{env}={raw!r}: expected a number") from None
+    if value <= 0:
+        raise SettingsError(f"{env}={raw!r}: expected a number > 0")
+    return value
+
+
+def _parse_http_url(env: str, raw: str) -> str:
+    parsed = urlparse(raw)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise SettingsError(f"{env}={raw!r}: expected an absolute http(s) URL")
+    return raw.rstrip("/")
+
+
+def _parse_bootstrap(env: str, raw: str) -> str:
+    raw = raw.strip()
+    for server in filter(None, raw.split(",")):
+        host, sep, port = server.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise SettingsError(f"{env}={raw!r}: expected host:port[,host:port...] or empty for embedded")
+    return raw
+
+
+def _parse_dsn(env: str, raw: str) -> str:
+    scheme = urlparse(raw).scheme
+    if scheme not in ("chdb", "http", "https", "clickhouse", "clickhouses"):
+        raise SettingsError(f"{env}={raw!r}: expected chdb:///abs/path or http(s)://user:pass@host:port")
+    return raw
+
+
+def _parse_topic(env: str, raw: str) -> str:
+    if not raw or len(raw) > 249 or not all(c.isalnum() or c in "._-" for c in raw):
+        raise SettingsError(f"{env}={raw!r}: a Kafka topic name is 1-249 of [A-Za-z0-9._-]")
+    return raw
+
+
+def _parse_choice(env: str, raw: str, choices: tuple[str, ...]) -> str:
+    if raw not in choices:
+        raise SettingsError(f"{env}={raw!r}: expected one of {', '.join(choices)}")
+    return raw
+
+
+def _parse_str(env: str, raw: str) -> str:
+    return raw
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Kafka: where events go, and the topics they go to."""
+
+    bootstrap: str = _setting(
+        "OCPI_KAFKA_BOOTSTRAP", "", "host:port list of a Kafka cluster; empty starts the embedded Tansu broker"
+    )
+    topic_locations: str = _setting("OCPI_TOPIC_LOCATIONS", "ocpi.locations.v1", "topic of Locations pushes")
+    topic_sessions: str = _setting("OCPI_TOPIC_SESSIONS", "ocpi.sessions.v1", "topic of Sessions pushes")
+    topic_cdrs: str = _setting("OCPI_TOPIC_CDRS", "ocpi.cdrs.v1", "topic of CDR pushes")
+    partitions: int = _setting("OCPI_TOPIC_PARTITIONS", "4", "partitions of every topic we create")
+    send_timeout_s: float = _setting(
+        "OCPI_KAFKA_SEND_TIMEOUT", "10", "seconds a push waits for the broker's ack before answering 3000"
+    )
+    flavor: str = _setting(
+        "OCPI_KAFKA_FLAVOR", "auto", "kafka | tansu | auto (tansu when embedded): selects broker workarounds"
+    )
+
+    @property
+    def embedded(self) -> bool:
+        return not self.bootstrap
+
+    @property
+    def is_tansu(self) -> bool:
+        """Whether the Tansu workarounds of `infra.kafka.compat` apply."""
+        return self.flavor == "tansu" or (self.flavor == "auto" and self.embedded)
+
+    def topic_for(self, module: str) -> str:
+        """The topic of an OCPI module identifier (`locations`, `sessions`, `cdrs`)."""
+        return {"locations": self.topic_locations, "sessions": self.topic_sessions, "cdrs": self.topic_cdrs}[
+            module
+        ]
+
+    @property
+    def module_topics(self) -> tuple[str, ...]:
+        return (self.topic_locations, self.topic_sessions, self.topic_cdrs)
+
+
+@dataclass(frozen=True)
+class ClickHouseSettings:
+    """ClickHouse: the analytics store."""
+
+    dsn: str = _setting(
+        "OCPI_CLICKHOUSE_DSN",
+        "",
+        "chdb:///abs/path (embedded) or http://user:pass@host:8123; empty = chdb:// under the data dir",
+    )
+    database: str = _setting("OCPI_CLICKHOUSE_DATABASE", "ocpi", "database that holds our tables")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The OCPI receivers' HTTP server and the URLs it advertises."""
+
+    host: str = _setting("OCPI_HTTP_HOST", "127.0.0.1", "interface the receivers listen on")
+    port: int = _setting("OCPI_HTTP_PORT", "8080", "port the receivers listen on")
+    public_url: str = _setting(
+        "OCPI_PUBLIC_URL", "", "base URL partners reach us at; empty = http://HOST:PORT (used in OCPI endpoint URLs)"
+    )
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Local state: the embedded ClickHouse, Faust tables, run files."""
+
+    data_dir: str = _setting("OCPI_DATA_DIR", "./data", "directory for embedded ClickHouse, Faust state and run files")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.data_dir).resolve()
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The admin API (query endpoint and partner management of a running instance)."""
+
+    token: str = _setting(
+        "OCPI_ADMIN_TOKEN",
+        "",
+        "token for the admin API and the ClickHouse shim; empty = random per run (written to the run file)",
+        secret=True,
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings
+    clickhouse: ClickHouseSettings
+    http: HttpSettings
+    storage: StorageSettings
+    admin: AdminSettings
+
+    @property
+    def clickhouse_dsn(self) -> str:
+        """The DSN in effect: the configured one, or chdb:// under the data directory."""
+        return self.clickhouse.dsn or f"chdb://{self.storage.path / 'clickhouse'}"
+
+    @property
+    def clickhouse_embedded(self) -> bool:
+        return self.clickhouse_dsn.startswith("chdb://")
+
+    def with_overrides(self, **sections: Any) -> Settings:
+        """A copy with whole sections or single fields replaced, e.g. ``kafka={"bootstrap": "h:1"}``."""
+        changed = {name: replace(getattr(self, name), **values) for name, values in sections.items()}
+        return replace(self, **changed)
+
+
+_SECTIONS: tuple[type, ...] = (KafkaSettings, ClickHouseSettings, HttpSettings, StorageSettings, AdminSettings)
+_SECTION_NAMES = ("kafka", "clickhouse", "http", "storage", "admin")
+_FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "OCPI_KAFKA_BOOTSTRAP": _parse_bootstrap,
+    "OCPI_TOPIC_LOCATIONS": _parse_topic,
+    "OCPI_TOPIC_SESSIONS": _parse_topic,
+    "OCPI_TOPIC_CDRS": _parse_topic,
+    "OCPI_TOPIC_PARTITIONS": _parse_positive_int,
+    "OCPI_KAFKA_SEND_TIMEOUT": _parse_float,
+    "OCPI_KAFKA_FLAVOR": lambda env, raw: _parse_choice(env, raw, ("auto", "kafka", "tansu")),
+    "OCPI_HTTP_PORT": _parse_port,
+    "OCPI_PUBLIC_URL": lambda env, raw: _parse_http_url(env, raw) if raw else raw,
+    "OCPI_CLICKHOUSE_DSN": lambda env, raw: _parse_dsn(env, raw) if raw else raw,
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read every section from `environ` (default: the process environment)."""
+    env = os.environ if environ is None else environ
+    sections = {}
+    for name, cls in zip(_SECTION_NAMES, _SECTIONS, strict=True):
+        values = {}
+        for f in fields(cls):
+            var, raw = f.metadata["env"], env.get(f.metadata["env"], f.metadata["default"])
+            values[f.name] = _FIELD_PARSERS.get(var, _parse_str)(var, raw)
+        sections[name] = cls(**values)
+    settings = Settings(**sections)
+    if not settings.admin.token:
+        # A random token still protects the admin API; `dev` writes it to the run file for the CLI.
+        settings = settings.with_overrides(admin={"token": secrets.token_urlsafe(24)})
+    return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
+
+
+def documented_settings() -> list[tuple[str, str, str, str]]:
+    """(section, variable, default, meaning) for every setting: the source of README's table."""
+    rows = []
+    for cls in _SECTIONS:
+        for f in fields(cls):
+            rows.append((cls.__name__.removesuffix("Settings"), f.metadata["env"], f.metadata["default"],
+                         f.metadata["doc"]))
+    return rows
+
+
+def as_environ(settings: Settings) -> dict[str, str]:
+    """The settings as environment variables, to hand to a child process."""
+    env = {}
+    for name, cls in zip(_SECTION_NAMES, _SECTIONS, strict=True):
+        section = getattr(settings, name)
+        for f in fields(cls):
+            env[f.metadata["env"]] = str(getattr(section, f.name))
+    return env
+
+
+def mask(secret: str) -> str:
+    """Show a secret's shape, never its value (tokens in logs, CLI output and errors)."""
+    if not secret:
+        return ""
+    return f"{secret[:3]}…({len(secret)} chars)" if len(secret) > 8 else "****"
