@@ -1,0 +1,85 @@
+"""`create_app()`: the only place the receivers' Litestar app is assembled."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+
+from infra.clickhouse.client import connect_for
+from infra.kafka.publisher import Publisher
+from infra.runfile import read_running_instance
+from infra.settings import Settings, get_settings
+from receivers import cdrs, sessions
+from receivers.auth import authenticate
+from receivers.publishing import EventPublisher, RecordSink
+from receivers.registry import PartnerDirectory, PartnerRegistry
+from receivers.transport import EXCEPTION_HANDLERS, echo_headers
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a Location with hundreds of EVSEs fits; anything larger is refused (413)
+
+
+class KafkaNotConfigured(RuntimeError):
+    pass
+
+
+def kafka_bootstrap(settings: Settings) -> str:
+    """The configured bootstrap, or the one of a running `dev` instance on the same data dir."""
+    if settings.kafka.bootstrap:
+        return settings.kafka.bootstrap
+    instance = read_running_instance(settings.storage.path)
+    if instance is not None:
+        return instance.kafka_bootstrap
+    raise KafkaNotConfigured("OCPI_KAFKA_BOOTSTRAP is empty and no `ocpi-pipeline dev` instance is running; "
+                             "set it, or use `ocpi-pipeline dev` which starts an embedded broker")
+
+
+def create_app(settings: Settings | None = None, *, sink: RecordSink | None = None,
+               registry_factory: Callable[[], PartnerRegistry] | None = None) -> Litestar:
+    """The receivers app. `sink` and `registry_factory` replace Kafka and ClickHouse in unit tests."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        publisher: Publisher | None = None
+        records = sink
+        if records is None:
+            publisher = Publisher(settings.kafka, kafka_bootstrap(settings))
+            await publisher.start()
+            records = publisher
+        registry = (registry_factory or (lambda: PartnerRegistry(connect_for(settings))))()
+        app.state.partners = PartnerDirectory(registry)
+        app.state.events = EventPublisher(records, settings.kafka)
+        await app.state.partners.reload()
+        try:
+            yield
+        finally:
+            if publisher is not None:
+                await asyncio.shield(publisher.stop())
+
+    def provide_events(state: State) -> EventPublisher:
+        return state.events  # type: ignore[no-any-return]
+
+    def provide_settings() -> Settings:
+        return settings  # type: ignore[return-value]
+
+    dependencies: dict[str, Any] = {
+        "events": Provide(provide_events, sync_to_thread=False),
+        "settings": Provide(provide_settings, sync_to_thread=False),
+    }
+    return Litestar(
+        route_handlers=[sessions.router, cdrs.router],
+        guards=[authenticate],
+        dependencies=dependencies,
+        exception_handlers=EXCEPTION_HANDLERS,
+        before_send=[echo_headers],
+        lifespan=[lifespan],
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=None,
+        debug=False,
+    )

@@ -1,0 +1,5 @@
+"""ASGI entry point for granian: `granian --interface asgi receivers.asgi:app`."""
+
+from receivers.app import create_app
+
+app = create_app()
