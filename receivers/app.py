@@ -13,7 +13,7 @@ from litestar.di import Provide
 
 from infra.clickhouse.client import connect_for
 from infra.kafka.publisher import Publisher
-from infra.runfile import read_running_instance
+from infra.kafka.bootstrap import resolve_bootstrap
 from infra.settings import Settings, get_settings
 from receivers import cdrs, sessions
 from receivers.auth import authenticate
@@ -22,21 +22,6 @@ from receivers.registry import PartnerDirectory, PartnerRegistry
 from receivers.transport import EXCEPTION_HANDLERS, echo_headers
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a Location with hundreds of EVSEs fits; anything larger is refused (413)
-
-
-class KafkaNotConfigured(RuntimeError):
-    pass
-
-
-def kafka_bootstrap(settings: Settings) -> str:
-    """The configured bootstrap, or the one of a running `dev` instance on the same data dir."""
-    if settings.kafka.bootstrap:
-        return settings.kafka.bootstrap
-    instance = read_running_instance(settings.storage.path)
-    if instance is not None:
-        return instance.kafka_bootstrap
-    raise KafkaNotConfigured("OCPI_KAFKA_BOOTSTRAP is empty and no `ocpi-pipeline dev` instance is running; "
-                             "set it, or use `ocpi-pipeline dev` which starts an embedded broker")
 
 
 def create_app(settings: Settings | None = None, *, sink: RecordSink | None = None,
@@ -49,7 +34,7 @@ def create_app(settings: Settings | None = None, *, sink: RecordSink | None = No
         publisher: Publisher | None = None
         records = sink
         if records is None:
-            publisher = Publisher(settings.kafka, kafka_bootstrap(settings))
+            publisher = Publisher(settings.kafka, resolve_bootstrap(settings))
             await publisher.start()
             records = publisher
         registry = (registry_factory or (lambda: PartnerRegistry(connect_for(settings))))()

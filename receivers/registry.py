@@ -123,6 +123,16 @@ class PartnerRegistry:
                           created_at=now, updated_at=now)
         return self.save(partner), token_a
 
+    def reinvite(self, partner_id: str) -> str:
+        """A new Token A for a partner that has not registered yet (the old one stops working)."""
+        partner = self.get(partner_id)
+        if partner is None or partner.status is not PartnerStatus.INVITED:
+            raise ValueError(f"partner {partner_id!r} is not waiting for a registration")
+        token_a = new_token()
+        partner.token_a_hash = hash_token(token_a)
+        self.save(partner)
+        return token_a
+
     def register_direct(self, partner_id: str, name: str, roles: list[PartyRole], *,
                         compat: list[str] | None = None) -> tuple[Partner, str]:
         """Register a partner without a handshake (operator-provisioned); returns its Token C."""

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from infra.process import spawn, terminate
+
 log = logging.getLogger(__name__)
 
 
@@ -61,7 +63,6 @@ class EmbeddedBroker:
         self.port = port or free_port(host)
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
-        self._log_file: object = None
 
     @property
     def bootstrap(self) -> str:
@@ -76,17 +77,8 @@ class EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         # A clean environment: Tansu reads LISTENER_URL, CLUSTER_ID ... from the environment too.
         env = {"PATH": os.environ.get("PATH", ""), "RUST_LOG": os.environ.get("OCPI_TANSU_LOG", "warn")}
-        out = subprocess.DEVNULL
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            out = self.log_path.open("ab")  # type: ignore[assignment]
-            self._log_file = out
-        self.process = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker; we stop it ourselves.
-        )
+        self.process = spawn([binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                              "--storage-engine", "memory://tansu/"], env=env, log_path=self.log_path)
         _register_for_cleanup(self)
         try:
             self._wait_ready(timeout)
@@ -109,8 +101,7 @@ class EmbeddedBroker:
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     pass
-                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000,
-                                         api_version_auto_timeout_ms=3000)
+                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
                 try:
                     admin.list_topics()
                 finally:
@@ -124,18 +115,7 @@ class EmbeddedBroker:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the broker by its PID: SIGTERM, then SIGKILL if it lingers."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait(timeout)
-        if self._log_file is not None:
-            self._log_file.close()  # type: ignore[attr-defined]
-            self._log_file = None
+        terminate(process, timeout)
         _running.discard(self)
 
     def __enter__(self) -> EmbeddedBroker:

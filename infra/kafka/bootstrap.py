@@ -1,0 +1,20 @@
+"""Which Kafka a process talks to: the configured cluster, or the embedded broker of a running `dev`."""
+
+from __future__ import annotations
+
+from infra.runfile import read_running_instance
+from infra.settings import Settings
+
+
+class KafkaNotConfigured(RuntimeError):
+    """No bootstrap configured and no running instance to borrow one from."""
+
+
+def resolve_bootstrap(settings: Settings) -> str:
+    if settings.kafka.bootstrap:
+        return settings.kafka.bootstrap
+    instance = read_running_instance(settings.storage.path)
+    if instance is not None:
+        return instance.kafka_bootstrap
+    raise KafkaNotConfigured("OCPI_KAFKA_BOOTSTRAP is empty and no `ocpi-pipeline dev` instance is running; "
+                             "set it, or use `ocpi-pipeline dev`, which starts an embedded broker")

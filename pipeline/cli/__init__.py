@@ -1,0 +1,42 @@
+"""The `ocpi-pipeline` command: run the services, the demo, migrations and queries."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from infra.settings import SettingsError, load_settings
+from pipeline.cli.services import demo, dev, serve, worker
+from pipeline.cli.store import migrate, query, settings_cmd
+
+
+class _Group(click.Group):
+    """Turns configuration errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except SettingsError as exc:
+            raise click.ClickException(f"configuration: {exc}") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Log level of this process.")
+@click.pass_context
+def cli(ctx: click.Context, log_level: str) -> None:
+    """OCPI 2.2.1 ingestion and billing analytics: receivers -> Kafka/Avro -> Faust -> ClickHouse.
+
+    Settings come from OCPI_* environment variables (see `ocpi-pipeline settings`).
+    """
+    logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"log_level": log_level, "settings_loader": load_settings}
+
+
+for command in (serve, worker, dev, demo, migrate, query, settings_cmd):
+    cli.add_command(command)
+
+__all__ = ["cli"]

@@ -1,0 +1,164 @@
+"""Service commands: serve, worker, dev, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from infra.kafka.embedded import EmbeddedBrokerError
+from infra.settings import Settings, load_settings
+from pipeline.demo import DemoSummary, run_demo
+from pipeline.stack import Stack, StackError
+from receivers.registry import PartnerRegistry, PartnerStatus
+
+FIRST_PARTNER = "first-cpo"
+
+
+@click.command()
+@click.option("--workers", default=1, show_default=True, help="granian worker processes.")
+def serve(workers: int) -> None:
+    """Serve the OCPI receivers over HTTP (granian), publishing to the configured Kafka.
+
+    Example: OCPI_KAFKA_BOOTSTRAP=kafka:9092 OCPI_CLICKHOUSE_DSN=http://default:pw@ch:8123 ocpi-pipeline serve
+    """
+    from granian.constants import Interfaces
+    from granian.server import Server
+
+    settings = load_settings()
+    Server("receivers.asgi:app", address=settings.http.host, port=settings.http.port,
+           interface=Interfaces.ASGI, workers=workers, websockets=False).serve()
+
+
+@click.command()
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run the Faust worker: module topics -> rules -> ClickHouse.
+
+    Example: OCPI_KAFKA_BOOTSTRAP=kafka:9092 ocpi-pipeline worker
+    """
+    from pipeline.worker import run_worker
+
+    run_worker(load_settings(), loglevel=ctx.obj["log_level"])
+
+
+def first_partner_token_a(registry: PartnerRegistry) -> str | None:
+    """A fresh Token A for the first partner while it has not registered; None once it has."""
+    partner = registry.get(FIRST_PARTNER)
+    if partner is None:
+        return registry.invite(FIRST_PARTNER, "First CPO")[1]
+    if partner.status is PartnerStatus.INVITED:
+        return registry.reinvite(FIRST_PARTNER)
+    return None
+
+
+async def _run_dev(settings: Settings, console: Console) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stack = Stack(settings)
+    try:
+        await stack.start()
+        assert stack.clickhouse is not None
+        token_a = await asyncio.to_thread(first_partner_token_a, PartnerRegistry(stack.clickhouse))
+        console.print(f"[bold green]ready[/] data in {stack.data_dir}, logs in {stack.log_dir}")
+        console.print(f"Kafka (embedded Tansu): {stack.bootstrap}" if stack.broker else f"Kafka: {stack.bootstrap}")
+        click.echo(f"versions URL: {stack.versions_url}")
+        if token_a:
+            click.echo(f"Token A ({FIRST_PARTNER}): {token_a}")
+        else:
+            click.echo(f"{FIRST_PARTNER} is registered already; `ocpi-pipeline partners invite` adds another")
+        console.print("query it from another terminal: ocpi-pipeline query \"SELECT count() FROM raw_events\"")
+        console.print("Ctrl-C stops everything.")
+        while not stop.is_set():
+            stack.check_children()
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+    finally:
+        console.print("stopping…")
+        await stack.stop()
+
+
+@click.command()
+def dev() -> None:
+    """Run everything embedded (Tansu, chDB, worker, receivers) until Ctrl-C or SIGTERM.
+
+    Prints the versions URL and a Token A for a first partner. Data stays in OCPI_DATA_DIR (chDB);
+    Kafka is in memory and starts empty on every run.
+
+    Example: ocpi-pipeline dev
+    """
+    console = Console(stderr=True)
+    try:
+        asyncio.run(_run_dev(load_settings(), console))
+    except (StackError, EmbeddedBrokerError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def print_summary(console: Console, summary: DemoSummary) -> None:
+    table = Table("party", "sessions", "CDRs", "kWh", "cost excl. VAT", "cost incl. VAT",
+                  title="Billing totals read back from ClickHouse")
+    for p in summary.parties:
+        table.add_row(f"{p.country_code}/{p.party_id}", str(p.sessions), str(p.cdrs), f"{p.kwh:.4f}",
+                      f"{p.cost_excl_vat:.4f}", f"{p.cost_incl_vat:.4f}")
+    console.print(table)
+    e = summary.expected
+    console.print(f"sessions: {summary.sessions}   CDRs: {summary.cdrs}   raw events: {summary.raw_events}   "
+                  f"dead letters: {summary.dead_letters}")
+    console.print(f"pushes acknowledged: {e.pushes - e.rejected} of {e.pushes}   "
+                  f"elapsed: {summary.seconds:.1f}s")
+    verdict = "[green]matches[/]" if summary.matches_expected else "[red]DOES NOT MATCH[/]"
+    console.print(f"ClickHouse totals {verdict} what the simulated CPO pushed "
+                  f"({len(e.sessions)} sessions, {len(e.cdrs)} CDRs).")
+
+
+@click.command()
+@click.option("--sessions", default=300, show_default=True, help="Charging sessions the simulated CPOs push.")
+@click.option("--seed", default=7, show_default=True, help="Seed of the simulated traffic.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for the rows in ClickHouse.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the demo's data here (default: a fresh temporary directory, removed afterwards).")
+def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> None:
+    """The main job on the embedded defaults: simulated CPOs push over HTTP, the summary comes from ClickHouse.
+
+    Starts Tansu, chDB, the worker and the receivers; the simulated CPOs push sessions and CDRs through real
+    HTTP; waits until they are in ClickHouse; prints totals per party; stops everything.
+
+    Example: ocpi-pipeline demo --sessions 300
+    """
+    console = Console()
+    temp = None
+    if data_dir is None:
+        temp = Path(tempfile.mkdtemp(prefix="ocpi-demo-"))
+        data_dir = temp
+    settings = load_settings().with_overrides(storage={"data_dir": str(data_dir)}, http={"port": 0},
+                                             clickhouse={"dsn": ""}, kafka={"bootstrap": ""})
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task("starting the stack", total=sessions)
+
+            def started(stack: Stack) -> None:
+                progress.update(task, description=f"pushing to {stack.base_url}")
+
+            summary = asyncio.run(run_demo(settings, sessions=sessions, seed=seed, timeout=timeout,
+                                           on_started=started, progress=lambda n: progress.advance(task, n)))
+        print_summary(console, summary)
+    except (StackError, EmbeddedBrokerError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+    if not summary.matches_expected:
+        sys.exit(1)

@@ -1,0 +1,103 @@
+"""Store commands: migrate, query, settings."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from infra.clickhouse.client import ClickHouseUnavailable, connect, connect_for, effective_dsn
+from infra.clickhouse.migrations import MigrationError, available_migrations, migrate as apply_migrations
+from infra.settings import documented_settings, load_settings, mask
+
+
+@click.command()
+def migrate() -> None:
+    """Apply pending ClickHouse schema migrations (idempotent).
+
+    Example: ocpi-pipeline migrate
+    """
+    settings = load_settings()
+    dsn, password = effective_dsn(settings)
+    try:
+        client = connect(dsn, password=password)
+        applied = apply_migrations(client, settings.clickhouse.database)
+    except (ClickHouseUnavailable, MigrationError) as exc:
+        raise click.ClickException(str(exc)) from None
+    total = len(available_migrations())
+    if applied:
+        for m in applied:
+            click.echo(f"applied {m.version:04d}_{m.name}")
+    click.echo(f"schema up to date ({total} migrations) in database {settings.clickhouse.database}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return value
+
+
+def render_rows(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> str:
+    """Rows as a rich table, JSON (a list of objects) or CSV."""
+    if fmt == "json":
+        return json.dumps([{c: _plain(v) for c, v in zip(columns, row, strict=True)} for row in rows], indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        writer.writerows([[_plain(v) for v in row] for row in rows])
+        return out.getvalue()
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("" if v is None else str(_plain(v)) for v in row))
+    console = Console(record=True, width=160)
+    with console.capture() as capture:
+        console.print(table)
+    return capture.get()
+
+
+@click.command()
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+def query(sql: str, fmt: str) -> None:
+    """Run a read-only SQL query against the store and print the result.
+
+    Works against a ClickHouse server, and against the embedded store while `dev` or `demo` holds it
+    (through that instance's admin endpoint, found in the run file). Writes are refused.
+
+    Example: ocpi-pipeline query "SELECT party_id, sum(total_energy) FROM cdrs FINAL GROUP BY party_id"
+    """
+    settings = load_settings()
+    try:
+        client = connect_for(settings, readonly=True)
+        result = client.query(sql)
+    except ClickHouseUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        raise click.ClickException(f"query failed: {exc}") from None
+    click.echo(render_rows(list(result.column_names), list(result.result_rows), fmt), nl=False)
+
+
+@click.command("settings")
+def settings_cmd() -> None:
+    """Show every setting: its environment variable, value in effect (secrets masked) and meaning."""
+    settings = load_settings()
+    env_values = {
+        "OCPI_ADMIN_TOKEN": mask(settings.admin.token),
+    }
+    from infra.settings import as_environ
+
+    current = as_environ(settings)
+    table = Table("variable", "value", "default", "meaning")
+    for _section, var, default, doc in documented_settings():
+        table.add_row(var, env_values.get(var, current.get(var, "")), default, doc)
+    Console().print(table)

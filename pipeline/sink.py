@@ -1,0 +1,89 @@
+"""The ClickHouse sink: one insert per table per batch, retried until it succeeds.
+
+Offsets advance only after a successful insert: the agents ack a batch's Kafka events only when `write`
+returned. Faust's `take_events` acks a batch when the agent's body leaves it, even by an exception or a
+cancellation, so `write` never raises for a failed insert: it retries with backoff, and if the worker is
+stopped while a batch is still unwritten it exits the process at once, before any offset can be committed
+(at-least-once: the batch is read again on restart, and every table is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+log = logging.getLogger(__name__)
+
+EXIT_UNWRITTEN_BATCH = 75  # EX_TEMPFAIL: restart me, nothing was committed
+
+
+@dataclass
+class Batch:
+    """Rows per table, in insertion order."""
+
+    columns: dict[str, Sequence[str]] = field(default_factory=dict)
+    rows: dict[str, list[list[Any]]] = field(default_factory=dict)
+
+    def add(self, table: str, columns: Sequence[str], row: list[Any]) -> None:
+        self.columns.setdefault(table, columns)
+        self.rows.setdefault(table, []).append(row)
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.rows.values())
+
+
+class ClickHouseSink:
+    def __init__(self, client_factory: Callable[[], Client], *, max_backoff_s: float = 10.0) -> None:
+        self._client_factory = client_factory
+        self._client: Client | None = None
+        self._max_backoff_s = max_backoff_s
+        self.inserted_rows = 0
+
+    def _insert_all(self, batch: Batch) -> None:
+        if self._client is None:
+            self._client = self._client_factory()
+        for table, rows in batch.rows.items():
+            if rows:
+                self._client.insert(table, rows, column_names=list(batch.columns[table]))
+
+    async def write(self, batch: Batch) -> None:
+        """Insert the batch; returns only when it is in ClickHouse."""
+        if not len(batch):
+            return
+        backoff = 0.2
+        while True:
+            attempt = asyncio.ensure_future(asyncio.to_thread(self._insert_all, batch))
+            try:
+                await asyncio.shield(attempt)
+                self.inserted_rows += len(batch)
+                return
+            except asyncio.CancelledError:
+                if await _finished_ok(attempt):
+                    raise  # written: acking it is right
+                log.critical("worker stopped with an unwritten batch of %d rows; exiting before commit", len(batch))
+                os._exit(EXIT_UNWRITTEN_BATCH)
+            except Exception as exc:
+                log.warning("ClickHouse insert failed (%s); retrying in %.1fs", exc, backoff)
+                self._client = None  # reconnect: the shim or server may have restarted
+                try:
+                    await asyncio.sleep(backoff)
+                except asyncio.CancelledError:
+                    log.critical("worker stopped with an unwritten batch; exiting before commit")
+                    os._exit(EXIT_UNWRITTEN_BATCH)
+                backoff = min(backoff * 2, self._max_backoff_s)
+
+
+async def _finished_ok(attempt: asyncio.Future[None]) -> bool:
+    """Wait for an insert that was cancelled from outside (its thread runs on) and say if it succeeded."""
+    while not attempt.done():
+        try:
+            await asyncio.wait([attempt])
+        except asyncio.CancelledError:
+            continue
+    return attempt.exception() is None

@@ -1,0 +1,164 @@
+"""The embedded stack behind `dev` and `demo`: broker, ClickHouse, worker and receivers, started and stopped together.
+
+This process holds the embedded engines: the Tansu broker (a child process) and the chDB path, which it serves
+to the other processes through the ClickHouse-HTTP shim. The worker and the receivers (granian) are child
+processes configured by environment variables, exactly as they would be in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from clickhouse_connect.driver.client import Client
+
+from infra.clickhouse.client import chdb_path, connect
+from infra.clickhouse.migrations import migrate
+from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
+from infra.kafka.admin import ensure_topics
+from infra.kafka.embedded import EmbeddedBroker, free_port
+from infra.process import spawn, terminate
+from infra.runfile import RunningInstance, remove_running_instance, write_running_instance
+from infra.settings import Settings, as_environ
+
+log = logging.getLogger(__name__)
+
+VERSIONS_PATH = "/ocpi/versions"
+
+
+class StackError(RuntimeError):
+    """A part of the stack did not start; the message says which, and where its log is."""
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    run_worker: bool = True
+    run_receivers: bool = True
+    broker: EmbeddedBroker | None = None
+    shim: ClickHouseShim | None = None
+    clickhouse: Client | None = None
+    bootstrap: str = ""
+    clickhouse_url: str = ""
+    http_port: int = 0
+    children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.storage.path
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.http.public_url or f"http://{self.settings.http.host}:{self.http_port}"
+
+    @property
+    def versions_url(self) -> str:
+        return f"{self.base_url}{VERSIONS_PATH}"
+
+    @property
+    def admin_token(self) -> str:
+        return self.settings.admin.token
+
+    async def start(self) -> Stack:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        kafka = self.settings.kafka
+        if kafka.embedded:
+            self.broker = await asyncio.to_thread(
+                EmbeddedBroker(log_path=self.log_dir / "tansu.log").start)
+            self.bootstrap = self.broker.bootstrap
+        else:
+            self.bootstrap = kafka.bootstrap
+        await asyncio.to_thread(ensure_topics, self.bootstrap, kafka.module_topics, kafka.partitions)
+
+        database = self.settings.clickhouse.database
+        dsn = self.settings.clickhouse_dsn
+        self.clickhouse = await asyncio.to_thread(connect, dsn)
+        await asyncio.to_thread(migrate, self.clickhouse, database)
+        self.clickhouse.database = database
+        if dsn.startswith("chdb://"):
+            self.shim = await ClickHouseShim(ChdbEngine(chdb_path(dsn)), self.admin_token).start()
+            self.clickhouse_url = f"http://ocpi:{self.admin_token}@127.0.0.1:{self.shim.port}"
+        else:
+            self.clickhouse_url = dsn
+
+        self.http_port = self.settings.http.port or free_port()
+        write_running_instance(self.data_dir, RunningInstance(
+            pid=os.getpid(), versions_url=self.versions_url, admin_url=self.base_url,
+            clickhouse_url=self.clickhouse_url if self.shim else "", admin_token=self.admin_token,
+            kafka_bootstrap=self.bootstrap))
+        env = self.child_environment()
+        if self.run_worker:
+            self.children["worker"] = spawn([sys.executable, "-m", "pipeline", "worker"], env=env,
+                                            log_path=self.log_dir / "worker.log")
+        if self.run_receivers:
+            self.children["receivers"] = spawn(
+                [sys.executable, "-m", "granian", "--interface", "asgi", "--host", self.settings.http.host,
+                 "--port", str(self.http_port), "--workers", "1", "--no-ws", "--log-level", "warning",
+                 "receivers.asgi:app"], env=env, log_path=self.log_dir / "receivers.log")
+            await self._wait_http_ready(timeout=30)
+
+    def child_environment(self) -> dict[str, str]:
+        """The worker's and receivers' environment: our settings, pointed at the engines this process holds."""
+        env = dict(os.environ)
+        env.update(as_environ(self.settings))
+        env["OCPI_KAFKA_BOOTSTRAP"] = self.bootstrap
+        if self.broker is not None:
+            env["OCPI_KAFKA_FLAVOR"] = "tansu"
+        env["OCPI_CLICKHOUSE_DSN"] = self.clickhouse_url
+        env["OCPI_HTTP_PORT"] = str(self.http_port)
+        env["OCPI_PUBLIC_URL"] = self.base_url
+        return env
+
+    async def _wait_http_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2) as client:
+            while time.monotonic() < deadline:
+                self.check_children()
+                try:
+                    await client.get(f"http://{self.settings.http.host}:{self.http_port}{VERSIONS_PATH}")
+                    return  # any answer (401 without a token) means the app is serving
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+        raise StackError(f"the receivers did not answer within {timeout}s; see {self.log_dir / 'receivers.log'}")
+
+    def check_children(self) -> None:
+        for name, process in self.children.items():
+            if process.poll() is not None:
+                raise StackError(f"the {name} exited with code {process.returncode}; "
+                                 f"see {self.log_dir / (name + '.log')}")
+
+    async def stop(self) -> None:
+        """Stop children first (they use the engines), then the shim, chDB and the broker; by PID."""
+        for name in ("receivers", "worker"):
+            process = self.children.pop(name, None)
+            if process is not None:
+                await asyncio.to_thread(terminate, process, 20.0)
+        if self.shim is not None:
+            await self.shim.stop()
+            self.shim = None
+        if self.clickhouse is not None:
+            self.clickhouse.close()
+            self.clickhouse = None
+        if self.broker is not None:
+            await asyncio.to_thread(self.broker.stop)
+            self.broker = None
+        remove_running_instance(self.data_dir)
