@@ -1,0 +1,373 @@
+"""Avro single-object codec of the Kafka wire contract (ARCHITECTURE.md, "Wire contract").
+
+A Kafka value is ``b"\\xc3\\x01"`` + the 8-byte CRC-64-AVRO fingerprint of the writer schema's Parsing
+Canonical Form (little endian, exactly as ``fastavro.schema.fingerprint`` returns it) + the schemaless Avro
+body. The ``.avsc`` files under ``avro/v<N>/`` (shipped in the wheel as ``infra/avro_schemas/``) are the
+registry: every file of every revision is parsed once, lazily on first use, and indexed by fingerprint, so a
+record written with an older revision is read with its own writer schema and resolved to the current one.
+
+API
+---
+``encode_event(event: Mapping[str, Any]) -> bytes``
+    Single-object encoding of an ``ocpi.pipeline.OcpiEvent`` with the current schema. ``event`` holds the
+    envelope fields of ARCHITECTURE.md; ``event["payload"]`` is ``(payload_type, payload_dict)`` with
+    ``payload_type`` one of ``PAYLOAD_TYPES`` (the union branch is chosen by that name, never guessed).
+    ``payload_dict`` is what ``msgspec.to_builtins(obj, builtin_types=(datetime, Decimal))`` gives with UNSET
+    fields dropped: nested dicts and lists, enum values as str, tz-aware datetimes, ``Decimal`` numbers.
+    Absent optional keys encode as null; unknown keys and missing required keys are errors.
+``decode_event(data: bytes) -> DecodedEvent``
+    Checks the marker, looks the fingerprint up among all known revisions, decodes and resolves to the
+    current schema. The payload dict has null (= absent) fields left out at every level, so it has the same
+    shape as the dict that was encoded; datetimes come back tz-aware UTC, numbers as ``Decimal`` with exponent
+    -4 (``Decimal("8.5000")``: equal to, but not the same digits as, ``Decimal("8.5")``).
+``encode_record(schema_name: str, datum: Mapping[str, Any]) -> bytes``
+``decode_record(data: bytes, schema_name: str | None = None) -> dict[str, Any]``
+    Generic single-object helpers for any record in the registry (current revision on write). Values of a
+    union with several records use fastavro's tuple notation ``(full record name, value)`` both ways, so
+    ``encode_record(name, decode_record(data))`` round-trips; nulls are kept.
+``fingerprint(schema_name: str) -> bytes``
+    The 8-byte fingerprint of the current revision of ``schema_name``.
+``AvroCodecError``
+    The only exception raised for bad data, unknown schemas and unusable schema files; fastavro's own
+    exceptions never escape.
+``AvroCodec``
+    The same operations bound to one schema directory (``AvroCodec.from_directory``); the module functions use
+    a default instance on the packaged/repo schemas.
+
+Encoding needs no per-message schema work: parsed schemas, fingerprints and headers are computed once.
+
+Schema evolution rules
+----------------------
+- Never edit a committed ``avro/v<N>/`` file. A change is a new revision: bump ``SCHEMA_VERSION`` in
+  ``tools/gen_avro.py`` and regenerate; older revisions stay in the tree so their records remain readable.
+- Add fields only with a default (``["null", T]`` with default null, arrays with a default, ...).
+- Never remove or rename a field, record or enum (Avro resolution matches by name; a reader would lose data
+  or fail). Never change a field's type except by Avro promotion (int → long, ...).
+- Enum symbols and union branches may only be appended. A reader meets a symbol it lacks only through a newer
+  writer, which in this registry means an unknown fingerprint (an error), so deploy consumers before
+  producers. The ``default`` symbol of an enum (set where OCPI has a catch-all: ``Status.UNKNOWN``,
+  ``ImageCategory.OTHER``, ``TokenType.OTHER``) is what a reader that resolves against an older reader schema
+  (e.g. an external consumer) would use; enums without one must never lose symbols.
+- A new revision must change the Parsing Canonical Form (docs, defaults and logical types are not part of
+  it): two revisions with the same fingerprint are rejected when the registry loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from datetime import datetime
+from decimal import InvalidOperation
+from importlib.resources.abc import Traversable
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.read import SchemaResolutionError
+from fastavro.schema import SchemaParseException, to_parsing_canonical_form
+from fastavro.schema import fingerprint as _crc64_hex
+
+__all__ = [
+    "EVENT_SCHEMA",
+    "MARKER",
+    "PAYLOAD_TYPES",
+    "AvroCodec",
+    "AvroCodecError",
+    "DecodedEvent",
+    "decode_event",
+    "decode_record",
+    "encode_event",
+    "encode_record",
+    "fingerprint",
+    "schema_root",
+]
+
+MARKER = b"\xc3\x01"
+HEADER_SIZE = len(MARKER) + 8
+EVENT_SCHEMA = "ocpi.pipeline.OcpiEvent"
+PAYLOAD_TYPES = (
+    "Location",
+    "EVSE",
+    "Connector",
+    "Session",
+    "CDR",
+    "LocationPatch",
+    "EVSEPatch",
+    "ConnectorPatch",
+    "SessionPatch",
+)
+
+# What fastavro raises for data that does not fit the schema or bytes that are not a valid body (truncated
+# input → EOFError, bad decimals → InvalidOperation, wrong Python types → TypeError/AttributeError).
+_FASTAVRO_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    EOFError,
+    OverflowError,
+    InvalidOperation,
+    SchemaResolutionError,
+    SchemaParseException,
+)
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, *_FASTAVRO_ERRORS)  # JSONDecodeError: ValueError
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+_SUFFIX = ".avsc"
+
+
+class AvroCodecError(Exception):
+    """Data cannot be encoded/decoded with the registry's schemas, or the registry itself is unusable."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedEvent:
+    """An ``OcpiEvent`` read from the wire, resolved to the current schema revision."""
+
+    event_id: str
+    partner_id: str
+    module: str
+    operation: str
+    level: str
+    country_code: str
+    party_id: str
+    object_id: str
+    evse_uid: str | None
+    connector_id: str | None
+    received_at: datetime
+    request_id: str
+    correlation_id: str
+    from_country_code: str | None
+    from_party_id: str | None
+    to_country_code: str | None
+    to_party_id: str | None
+    source: str
+    content_hash: str
+    relaxations: list[str]
+    payload_type: str
+    payload: dict[str, Any]
+    schema_version: int
+    """Revision (``avro/v<N>``) the record was written with."""
+
+    def to_event(self) -> dict[str, Any]:
+        """The mapping ``encode_event`` takes (for re-publishing, e.g. a replay)."""
+        event = {f.name: getattr(self, f.name) for f in fields(self)}
+        del event["schema_version"]
+        event["payload"] = (event.pop("payload_type"), event["payload"])
+        return event
+
+
+@dataclass(frozen=True, slots=True)
+class _Schema:
+    name: str
+    version: int
+    parsed: Any
+    fingerprint: bytes
+    header: bytes
+    source: str
+
+
+def _strip_nulls(value: Any) -> Any:
+    """Leave out null record fields at every level: null means absent on the wire."""
+    if isinstance(value, dict):
+        return {k: _strip_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_strip_nulls(v) for v in value]
+    return value
+
+
+def _describe(exc: BaseException) -> str:
+    # fastavro may put whole schemas into its messages; keep ours readable.
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _short_name(full_name: str) -> str:
+    return full_name.rpartition(".")[2]
+
+
+class AvroCodec:
+    """Encoder/decoder over every revision of the schemas below one directory (``v<N>/<full name>.avsc``)."""
+
+    def __init__(self, schemas: list[_Schema]) -> None:
+        self._by_fingerprint: dict[bytes, _Schema] = {}
+        self._current: dict[str, _Schema] = {}
+        for schema in sorted(schemas, key=lambda s: (s.name, s.version)):
+            clash = self._by_fingerprint.get(schema.fingerprint)
+            if clash is not None:
+                raise AvroCodecError(
+                    f"{schema.source} has the same fingerprint as {clash.source}: a new revision must change"
+                    " the schema's canonical form"
+                )
+            self._by_fingerprint[schema.fingerprint] = schema
+            self._current[schema.name] = schema  # sorted: the last one wins, i.e. the highest revision
+        event = self._current.get(EVENT_SCHEMA)
+        if event is None:
+            raise AvroCodecError(f"no {EVENT_SCHEMA} schema among {[s.source for s in schemas]}")
+        self._event = event
+        names = [self._record_name(b) for b in self._payload_union(event)]
+        branches = {_short_name(n): n for n in names}
+        missing = set(PAYLOAD_TYPES) - set(branches)
+        if missing:
+            raise AvroCodecError(f"{event.source}: payload union lacks {sorted(missing)}")
+        self._payload_branch: dict[str, str] = {t: branches[t] for t in PAYLOAD_TYPES}
+
+    @classmethod
+    def from_directory(cls, root: Traversable) -> AvroCodec:
+        """Parse every ``v<N>/*.avsc`` below ``root`` (a path or an ``importlib.resources`` traversable)."""
+        return cls(list(_load_schemas(root)))
+
+    @staticmethod
+    def _payload_union(event: _Schema) -> list[Any]:
+        for field in event.parsed["fields"]:
+            if field["name"] == "payload":
+                return list(field["type"])
+        raise AvroCodecError(f"{event.source}: no payload field")
+
+    @staticmethod
+    def _record_name(branch: Any) -> str:
+        return str(branch["name"] if isinstance(branch, dict) else branch)
+
+    def _schema(self, schema_name: str) -> _Schema:
+        try:
+            return self._current[schema_name]
+        except KeyError:
+            raise AvroCodecError(f"unknown schema {schema_name!r}") from None
+
+    def fingerprint(self, schema_name: str) -> bytes:
+        return self._schema(schema_name).fingerprint
+
+    def _encode(self, schema: _Schema, datum: Mapping[str, Any], what: str) -> bytes:
+        out = BytesIO()
+        out.write(schema.header)
+        try:
+            # strict_allow_default: unknown keys and missing required fields fail instead of being dropped or
+            # guessed; absent keys with a default (every nullable field) encode as the default.
+            fastavro.schemaless_writer(out, schema.parsed, datum, strict_allow_default=True)
+        except _FASTAVRO_ERRORS as exc:
+            raise AvroCodecError(f"cannot encode {what}: {_describe(exc)}") from exc
+        return out.getvalue()
+
+    def encode_record(self, schema_name: str, datum: Mapping[str, Any]) -> bytes:
+        return self._encode(self._schema(schema_name), datum, schema_name)
+
+    def encode_event(self, event: Mapping[str, Any]) -> bytes:
+        try:
+            payload_type, payload = event["payload"]
+        except (KeyError, TypeError, ValueError):
+            raise AvroCodecError("event['payload'] must be a (payload_type, payload_dict) tuple") from None
+        branch = self._payload_branch.get(payload_type)
+        if branch is None:
+            raise AvroCodecError(f"unknown payload_type {payload_type!r}; expected one of {PAYLOAD_TYPES}")
+        datum = dict(event)
+        datum["payload"] = (branch, payload)  # fastavro tuple notation: explicit union branch
+        return self._encode(self._event, datum, f"OcpiEvent {event.get('event_id')!r} ({payload_type})")
+
+    def _read(self, data: bytes, schema_name: str | None) -> tuple[_Schema, dict[str, Any]]:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise AvroCodecError(f"expected bytes, got {type(data).__name__}")
+        if len(data) < HEADER_SIZE or data[:2] != MARKER:
+            raise AvroCodecError("not an Avro single-object encoding (missing C3 01 marker)")
+        fp = bytes(data[2:HEADER_SIZE])
+        writer = self._by_fingerprint.get(fp)
+        if writer is None:
+            raise AvroCodecError(f"unknown schema fingerprint {fp.hex()} (a newer or foreign writer?)")
+        name = writer.name if schema_name is None else schema_name
+        if writer.name != name:
+            raise AvroCodecError(f"expected a {name} record, got {writer.name}")
+        reader = self._current[name]
+        buf = BytesIO(data)
+        buf.seek(HEADER_SIZE)
+        try:
+            record = fastavro.schemaless_reader(
+                buf,
+                writer.parsed,
+                None if reader is writer else reader.parsed,  # no resolution work for current records
+                return_record_name=True,
+                return_record_name_override=True,  # tuples only where a union has several records
+            )
+        except _FASTAVRO_ERRORS as exc:
+            raise AvroCodecError(f"cannot decode {name} (v{writer.version}): {_describe(exc)}") from exc
+        if buf.tell() != len(data):
+            raise AvroCodecError(f"{len(data) - buf.tell()} trailing bytes after the {name} record")
+        if not isinstance(record, dict):
+            raise AvroCodecError(f"{name} did not decode to a record")
+        return writer, record
+
+    def decode_record(self, data: bytes, schema_name: str | None = None) -> dict[str, Any]:
+        return self._read(data, schema_name)[1]
+
+    def decode_event(self, data: bytes) -> DecodedEvent:
+        writer, record = self._read(data, EVENT_SCHEMA)
+        branch, payload = record.pop("payload")
+        return DecodedEvent(
+            **record,
+            payload_type=_short_name(branch),
+            payload=_strip_nulls(payload),
+            schema_version=writer.version,
+        )
+
+
+def _load_schemas(root: Traversable) -> Iterator[_Schema]:
+    if not root.is_dir():
+        raise AvroCodecError(f"schema directory {root} not found")
+    for version_dir in root.iterdir():
+        match = _VERSION_DIR.match(version_dir.name)
+        if match is None or not version_dir.is_dir():
+            continue
+        version = int(match.group(1))
+        for file in version_dir.iterdir():
+            if file.name.endswith(_SUFFIX):
+                yield _load_schema(file, version)
+
+
+def _load_schema(file: Traversable, version: int) -> _Schema:
+    source = f"v{version}/{file.name}"
+    name = file.name.removesuffix(_SUFFIX)
+    try:
+        # A fresh named-types table per file: every revision defines the same names differently.
+        parsed = fastavro.parse_schema(json.loads(file.read_text(encoding="utf-8")), named_schemas={})
+    except _LOAD_ERRORS as exc:
+        raise AvroCodecError(f"cannot load schema {source}: {_describe(exc)}") from exc
+    if not isinstance(parsed, dict) or parsed.get("name") != name:
+        raise AvroCodecError(f"{source} must define the record {name}")
+    fp = bytes.fromhex(_crc64_hex(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+    return _Schema(name, version, parsed, fingerprint=fp, header=MARKER + fp, source=source)
+
+
+def schema_root() -> Traversable:
+    """Where the schemas are: ``infra/avro_schemas`` in an installed wheel, else the repo's ``avro/``."""
+    packaged = importlib.resources.files(__package__ or "infra") / "avro_schemas"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "avro"
+
+
+@functools.cache
+def _codec() -> AvroCodec:
+    return AvroCodec.from_directory(schema_root())
+
+
+def encode_event(event: Mapping[str, Any]) -> bytes:
+    return _codec().encode_event(event)
+
+
+def decode_event(data: bytes) -> DecodedEvent:
+    return _codec().decode_event(data)
+
+
+def encode_record(schema_name: str, datum: Mapping[str, Any]) -> bytes:
+    return _codec().encode_record(schema_name, datum)
+
+
+def decode_record(data: bytes, schema_name: str | None = None) -> dict[str, Any]:
+    return _codec().decode_record(data, schema_name)
+
+
+def fingerprint(schema_name: str) -> bytes:
+    return _codec().fingerprint(schema_name)
