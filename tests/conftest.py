@@ -1,0 +1,68 @@
+"""Shared fixtures: one embedded broker and one chDB path per test session (chDB allows one path per process).
+
+Tests isolate themselves by ClickHouse database and Kafka topic names, never by starting another engine.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.settings import Settings, load_settings
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+OCPI_DIGEST = SHARED / "ocpi"
+EXAMPLES = OCPI_DIGEST / "examples"
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ocpi")
+
+
+@pytest.fixture(scope="session")
+def chdb_dsn(session_tmp: Path) -> str:
+    """The one chDB path of this test process."""
+    return f"chdb://{session_tmp / 'clickhouse'}"
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    """An embedded Tansu broker for the whole session; stopped by PID at the end."""
+    from infra.kafka.embedded import EmbeddedBroker
+
+    with EmbeddedBroker() as embedded:
+        yield embedded.bootstrap
+    assert embedded.process is None
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings_for(session_tmp: Path, chdb_dsn: str):  # type: ignore[no-untyped-def]
+    """Build Settings for a test: its own data dir, database and topics on the session's engines."""
+
+    def build(**env: str) -> Settings:
+        name = unique("t")
+        base = {
+            "OCPI_DATA_DIR": str(session_tmp / name),
+            "OCPI_CLICKHOUSE_DSN": chdb_dsn,
+            "OCPI_CLICKHOUSE_DATABASE": name,
+            "OCPI_TOPIC_LOCATIONS": f"{name}.locations",
+            "OCPI_TOPIC_SESSIONS": f"{name}.sessions",
+            "OCPI_TOPIC_CDRS": f"{name}.cdrs",
+            "OCPI_TOPIC_PARTITIONS": "2",
+            "OCPI_KAFKA_SEND_TIMEOUT": "3",
+            "OCPI_ADMIN_TOKEN": "test-admin-token",
+            "PATH": os.environ.get("PATH", ""),
+        }
+        base.update(env)
+        return load_settings(base)
+
+    return build

@@ -1,0 +1,155 @@
+"""The foundation's thin slice, end to end on real engines: HTTP push → Kafka (Avro) → Faust → ClickHouse."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.kafka.embedded import EmbeddedBroker
+from pipeline.stack import Stack
+from receivers.registry import PartnerRegistry, PartyRole
+from tests.conftest import EXAMPLES
+
+pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse]
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": "Token " + base64.b64encode(token.encode()).decode()}
+
+
+def example(name: str) -> dict:
+    return json.loads((EXAMPLES / name).read_text())
+
+
+CDR_BODY = {
+    "country_code": "BE", "party_id": "BEC", "id": "12345",
+    "start_date_time": "2015-06-29T21:39:09Z", "end_date_time": "2015-06-29T23:37:32Z",
+    "session_id": "101",
+    "cdr_token": {"country_code": "DE", "party_id": "TNM", "uid": "012345678", "type": "RFID",
+                  "contract_id": "DE8ACC12E46L89"},
+    "auth_method": "WHITELIST",
+    "cdr_location": {"id": "LOC1", "name": "Gent Zuid", "address": "F.Rooseveltlaan 3A", "city": "Gent",
+                     "postal_code": "9000", "country": "BEL",
+                     "coordinates": {"latitude": "3.729944", "longitude": "51.047599"},
+                     "evse_uid": "3256", "evse_id": "BE*BEC*E041503003", "connector_id": "1",
+                     "connector_standard": "IEC_62196_T2", "connector_format": "SOCKET",
+                     "connector_power_type": "AC_1_PHASE"},
+    "currency": "EUR",
+    "charging_periods": [{"start_date_time": "2015-06-29T21:39:09Z",
+                          "dimensions": [{"type": "TIME", "volume": 1.973}], "tariff_id": "12"}],
+    "total_cost": {"excl_vat": 4.00, "incl_vat": 4.40},
+    "total_energy": 15.342, "total_time": 1.973, "total_time_cost": {"excl_vat": 4.00, "incl_vat": 4.40},
+    "last_updated": "2015-06-29T23:37:32Z",
+}
+
+
+async def wait_for(client, sql: str, want, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    got = None
+    while time.monotonic() < deadline:
+        got = await asyncio.to_thread(lambda: client.query(sql).result_rows)
+        if got == want:
+            return got
+        await asyncio.sleep(0.3)
+    return got
+
+
+@pytest.fixture
+async def stack(settings_for, broker):  # type: ignore[no-untyped-def]
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu").with_overrides(http={"port": 0})
+    running = await Stack(settings).start()
+    yield running
+    await running.stop()
+    assert all(p.poll() is not None for p in running.children.values())
+
+
+@pytest.fixture
+async def token(stack: Stack) -> str:
+    registry = PartnerRegistry(stack.clickhouse)  # type: ignore[arg-type]
+    roles = [PartyRole(country_code="BE", party_id="BEC", role="CPO", business_name="BEC")]
+    return (await asyncio.to_thread(registry.register_direct, "bec", "Belgian CPO", roles))[1]
+
+
+async def test_session_put_and_cdr_post_land_in_clickhouse_exactly(stack: Stack, token: str) -> None:
+    session = example("session_example_2_short_finished.json")
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=auth(token), timeout=30) as http:
+        put = await http.put("/ocpi/emsp/2.2.1/sessions/BE/BEC/101", json=session,
+                             headers={"X-Request-ID": "req-1", "X-Correlation-ID": "corr-1"})
+        assert put.json()["status_code"] == 1000, put.text
+        assert "data" not in put.json()
+        assert put.headers["x-request-id"] == "req-1" and put.headers["x-correlation-id"] == "corr-1"
+        post = await http.post("/ocpi/emsp/2.2.1/cdrs", json=CDR_BODY)
+        assert post.status_code == 201 and post.json()["status_code"] == 1000, post.text
+        assert post.headers["location"] == f"{stack.base_url}/ocpi/emsp/2.2.1/cdrs/BE/BEC/12345"
+
+    client = stack.clickhouse
+    sessions = await wait_for(client, "SELECT country_code, party_id, session_id, partner_id, status, kwh, "
+                              "token_uid, location_id, evse_uid, connector_id, currency, total_cost_excl_vat, "
+                              "total_cost_incl_vat, start_date_time, end_date_time FROM sessions FINAL",
+                              want=[("BE", "BEC", "101", "bec", "COMPLETED", Decimal("41.1200"), "123abc",
+                                     "LOC1", "3256", "1", "EUR", Decimal("8.5000"), Decimal("9.3500"),
+                                     datetime(2015, 6, 29, 22, 39, 9, tzinfo=UTC),
+                                     datetime(2015, 6, 29, 23, 50, 16, tzinfo=UTC))])
+    assert sessions == [("BE", "BEC", "101", "bec", "COMPLETED", Decimal("41.1200"), "123abc", "LOC1", "3256", "1",
+                         "EUR", Decimal("8.5000"), Decimal("9.3500"), datetime(2015, 6, 29, 22, 39, 9, tzinfo=UTC),
+                         datetime(2015, 6, 29, 23, 50, 16, tzinfo=UTC))]
+    cdrs = await wait_for(client, "SELECT country_code, party_id, cdr_id, session_id, total_energy, total_time, "
+                          "total_cost_excl_vat, total_cost_incl_vat, credit, token_uid FROM cdrs FINAL",
+                          want=[("BE", "BEC", "12345", "101", Decimal("15.3420"), Decimal("1.9730"),
+                                 Decimal("4.0000"), Decimal("4.4000"), False, "012345678")])
+    assert cdrs == [("BE", "BEC", "12345", "101", Decimal("15.3420"), Decimal("1.9730"), Decimal("4.0000"),
+                     Decimal("4.4000"), False, "012345678")]
+    raw = client.query("SELECT module, operation, level, object_id, request_id, correlation_id, source "
+                       "FROM raw_events FINAL ORDER BY module").result_rows
+    assert raw == [("CDRS", "POST", "CDR", "12345", raw[0][4], raw[0][5], "PUSH"),
+                   ("SESSIONS", "PUT", "SESSION", "101", "req-1", "corr-1", "PUSH")]
+
+
+async def test_bad_input_gets_an_ocpi_envelope_never_a_traceback(stack: Stack, token: str) -> None:
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=auth(token), timeout=30) as http:
+        malformed = await http.put("/ocpi/emsp/2.2.1/sessions/BE/BEC/101", content=b"{not json",
+                                   headers={"Content-Type": "application/json"})
+        assert malformed.status_code == 400
+        assert malformed.json()["status_code"] == 2001 and "timestamp" in malformed.json()
+
+        session = example("session_example_2_short_finished.json")
+        del session["currency"]
+        missing = await http.put("/ocpi/emsp/2.2.1/sessions/BE/BEC/101", json=session)
+        assert missing.json()["status_code"] == 2001
+        assert "$.currency" in missing.json()["status_message"]
+
+        unknown = await http.get("/ocpi/emsp/2.2.1/nothing-here")
+        assert unknown.status_code == 404 and unknown.json()["status_code"] == 2000
+        assert "Traceback" not in unknown.text
+
+        no_token = await http.put("/ocpi/emsp/2.2.1/sessions/BE/BEC/101", json=session, headers={"Authorization": ""})
+        assert no_token.status_code == 401 and no_token.json()["status_code"] == 2000
+
+
+async def test_stopped_broker_answers_3xxx_never_1000(settings_for, tmp_path: Path) -> None:
+    with EmbeddedBroker() as own_broker:
+        settings = settings_for(OCPI_KAFKA_BOOTSTRAP=own_broker.bootstrap, OCPI_KAFKA_FLAVOR="tansu",
+                                OCPI_KAFKA_SEND_TIMEOUT="2").with_overrides(http={"port": 0})
+        stack = await Stack(settings, run_worker=False).start()
+        try:
+            registry = PartnerRegistry(stack.clickhouse)  # type: ignore[arg-type]
+            roles = [PartyRole(country_code="BE", party_id="BEC", role="CPO")]
+            _, token = await asyncio.to_thread(registry.register_direct, "bec", "BEC", roles)
+            session = example("session_example_2_short_finished.json")
+            async with httpx.AsyncClient(base_url=stack.base_url, headers=auth(token), timeout=30) as http:
+                ok = await http.put("/ocpi/emsp/2.2.1/sessions/BE/BEC/101", json=session)
+                assert ok.json()["status_code"] == 1000
+                own_broker.stop()
+                down = await http.put("/ocpi/emsp/2.2.1/sessions/BE/BEC/101", json=session)
+                assert 3000 <= down.json()["status_code"] < 4000, down.text
+                assert down.status_code >= 500
+        finally:
+            await stack.stop()

@@ -1,0 +1,64 @@
+"""Migrations and the chDB HTTP shim on the session's chDB path (one engine path per process)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import clickhouse_connect
+import pytest
+
+from infra.clickhouse.client import chdb_path, connect
+from infra.clickhouse.migrations import available_migrations, migrate
+from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
+from tests.conftest import unique
+
+pytestmark = pytest.mark.clickhouse
+
+
+def test_migrations_apply_once_and_are_recorded(chdb_dsn: str) -> None:
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    applied = migrate(client, database)
+    assert [m.version for m in applied] == [m.version for m in available_migrations()]
+    assert migrate(client, database) == []
+    client.database = database
+    tables = {row[0] for row in client.query("SHOW TABLES").result_rows}
+    assert {"raw_events", "sessions", "cdrs", "partners", "dead_letters", "schema_migrations"} <= tables
+
+
+def test_migration_versions_are_contiguous() -> None:
+    versions = [m.version for m in available_migrations()]
+    assert versions == list(range(1, len(versions) + 1))
+
+
+async def test_shim_serves_the_http_client_read_write_and_read_only(chdb_dsn: str) -> None:
+    database = unique("shim")
+    owner = connect(chdb_dsn)
+    owner.command(f"CREATE DATABASE {database}")
+    owner.command(f"CREATE TABLE {database}.t (a UInt32) ENGINE = MergeTree ORDER BY a")
+    shim = await ClickHouseShim(ChdbEngine(chdb_path(chdb_dsn)), "s3cret").start()
+
+    def use() -> tuple[list, str, str]:
+        url = f"http://ocpi:s3cret@127.0.0.1:{shim.port}"
+        writer = clickhouse_connect.get_client(dsn=url, database=database, compress=False)
+        writer.insert("t", [[1], [2]], column_names=["a"])
+        reader = clickhouse_connect.get_client(dsn=url, database=database, compress=False, settings={"readonly": 1})
+        rows = reader.query("SELECT sum(a) FROM t").result_rows
+        with pytest.raises(Exception) as refused:
+            reader.command("INSERT INTO t VALUES (3)")
+        with pytest.raises(Exception) as denied:
+            clickhouse_connect.get_client(dsn=f"http://ocpi:wrong@127.0.0.1:{shim.port}", compress=False)
+        return rows, str(refused.value), str(denied.value)
+
+    try:
+        rows, refused, denied = await asyncio.to_thread(use)
+    finally:
+        await shim.stop()
+    assert rows == [(3,)]
+    assert "readonly" in refused.lower() or "164" in refused
+    assert "516" in denied or "Authentication" in denied
+
+
+def test_chdb_path_of_dsn() -> None:
+    assert chdb_path("chdb:///abs/path") == Path("/abs/path")

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+
+from infra.settings import SettingsError, as_environ, documented_settings, load_settings, mask
+
+
+def test_defaults_are_documented_and_embedded() -> None:
+    settings = load_settings({"OCPI_DATA_DIR": "/tmp/x"})
+    assert settings.kafka.embedded and settings.kafka.is_tansu
+    assert settings.clickhouse_dsn == "chdb:///tmp/x/clickhouse"
+    assert settings.kafka.topic_for("sessions") == "ocpi.sessions.v1"
+    assert settings.http.base_url == "http://127.0.0.1:8080"
+    variables = {row[1] for row in documented_settings()}
+    assert set(as_environ(settings)) == variables
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("OCPI_HTTP_PORT", "eighty"),
+    ("OCPI_HTTP_PORT", "70000"),
+    ("OCPI_TOPIC_PARTITIONS", "0"),
+    ("OCPI_KAFKA_BOOTSTRAP", "no-port"),
+    ("OCPI_CLICKHOUSE_DSN", "postgres://x"),
+    ("OCPI_PUBLIC_URL", "ftp://example.com"),
+    ("OCPI_TOPIC_SESSIONS", "bad topic!"),
+    ("OCPI_KAFKA_FLAVOR", "redpanda"),
+    ("OCPI_KAFKA_SEND_TIMEOUT", "-1"),
+])
+def test_a_wrong_value_fails_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        load_settings({variable: value})
+
+
+def test_real_kafka_turns_workarounds_off() -> None:
+    settings = load_settings({"OCPI_KAFKA_BOOTSTRAP": "kafka:9092"})
+    assert not settings.kafka.embedded and not settings.kafka.is_tansu
+    forced = load_settings({"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:9092", "OCPI_KAFKA_FLAVOR": "tansu"})
+    assert forced.kafka.is_tansu
+
+
+def test_admin_token_is_random_when_unset_and_masked() -> None:
+    a, b = load_settings({}), load_settings({})
+    assert a.admin.token and a.admin.token != b.admin.token
+    assert a.admin.token not in mask(a.admin.token)
