@@ -247,6 +247,24 @@ def test_non_utc_datetimes_come_back_as_the_same_instant_in_utc() -> None:
     assert decoded.payload["last_updated"].tzinfo is UTC
 
 
+def test_trailing_zeros_beyond_four_places_are_accepted() -> None:
+    patch = {"kwh": Decimal("41.12000"), "total_cost": {"excl_vat": Decimal("8.500000")}}
+    decoded = codec.decode_event(codec.encode_event(make_event("SessionPatch", patch)))
+    assert decoded.payload == {"kwh": Decimal("41.12"), "total_cost": {"excl_vat": Decimal("8.5")}}
+
+
+def test_numbers_with_more_than_four_places_are_named_in_the_error() -> None:
+    period = {
+        "start_date_time": datetime(2024, 1, 1, tzinfo=UTC),
+        "dimensions": [{"type": "ENERGY", "volume": Decimal("0.00001")}],
+    }
+    patch = {"kwh": Decimal("41.12000"), "charging_periods": [period]}
+    with pytest.raises(
+        AvroCodecError, match=r"payload\[1\]\.charging_periods\[0\]\.dimensions\[0\]\.volume=0\.00001"
+    ):
+        codec.encode_event(make_event("SessionPatch", patch))
+
+
 def test_generic_record_helpers_round_trip() -> None:
     datum = {**GOLDEN_EVENT, "payload": ("ocpi.v2_2_1.SessionPatch", GOLDEN_EVENT["payload"][1])}
     data = codec.encode_record(EVENT_SCHEMA, datum)
