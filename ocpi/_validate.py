@@ -1,0 +1,333 @@
+"""The checks msgspec.Meta cannot express, run on every decoded value after msgspec has validated it.
+
+- the cross-field `constraints` of ocpi-2.2.1-objects.json (CONSTRAINTS maps each rule to its check, and a
+  test verifies that every rule of the JSON has one);
+- `#NA` only in the fields where the spec allows it (relaxation NA_IN_ANY_REQUIRED_STRING);
+- the d2 max lengths of the fields whose Struct accepts the post-d2 errata length (ERRATA_MAX_LENGTH);
+- PATCH bodies: explicit null → UNSET, `last_updated` required;
+- `?` fields with a documented default: null → the default.
+
+The walk only descends into fields that can reach a checked class, so a Session (no cross-field rules)
+costs almost nothing. The `#NA` scan needs every string, so it runs only when the body contains a `#` or
+a backslash (an escape could spell `#NA`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import cache
+from typing import Any, Final, NamedTuple
+
+import msgspec
+import msgspec.inspect as mi
+
+from ocpi._generated import (
+    CDR,
+    D2_MAX_LENGTH,
+    NA_ALLOWED,
+    NULL_MEANS_DEFAULT,
+    OBJECTS,
+    PATCHES,
+    CdrDimensionType,
+    Credentials,
+    Hours,
+    Location,
+    PublishTokenType,
+    RegularHours,
+    Tariff,
+    TariffDimensionType,
+)
+from ocpi.compat import Relaxation
+from ocpi.errors import OcpiValidationError
+from ocpi.types import OcpiObject
+
+NA: Final = "#NA"
+_PATCH_TYPES: Final = frozenset(PATCHES.values())
+_BASE_OF_PATCH: Final[dict[type, type]] = {patch: OBJECTS[name] for name, patch in PATCHES.items()}
+
+
+class Context:
+    """Per-decode state: the enabled relaxations and the list the applied ones are recorded in."""
+
+    __slots__ = ("applied", "enabled", "scan_na")
+
+    def __init__(self, enabled: frozenset[Relaxation], applied: list[str], *, scan_na: bool) -> None:
+        self.enabled = enabled
+        self.applied = applied
+        self.scan_na = scan_na
+
+    def relax(self, relaxation: Relaxation, path: str) -> bool:
+        """Record and allow the relaxation if enabled; the caller raises otherwise."""
+        if relaxation in self.enabled:
+            self.applied.append(f"{relaxation.value}:{path}")
+            return True
+        return False
+
+
+Check = Callable[[Any, str, Context], None]
+
+
+# --- cross-field rules (ocpi-2.2.1-objects.json `constraints`) -------------------------------------------
+
+_SESSION_ONLY_DIMENSIONS: Final = frozenset(
+    {
+        CdrDimensionType.CURRENT,
+        CdrDimensionType.ENERGY_EXPORT,
+        CdrDimensionType.ENERGY_IMPORT,
+        CdrDimensionType.POWER,
+        CdrDimensionType.STATE_OF_CHARGE,
+    }
+)
+_RESERVATION_COMPONENTS: Final = frozenset({TariffDimensionType.FLAT, TariffDimensionType.TIME})
+_NON_CREDIT_ID_MAX: Final = 36
+
+
+def _cdr_credit_reference(cdr: CDR, path: str, ctx: Context) -> None:
+    if cdr.credit is True and cdr.credit_reference_id is None:
+        raise OcpiValidationError(f"{path}.credit_reference_id", "required when credit is true")
+
+
+def _cdr_id_length(cdr: CDR, path: str, ctx: Context) -> None:
+    if cdr.credit is not True and len(cdr.id) > _NON_CREDIT_ID_MAX:
+        raise OcpiValidationError(
+            f"{path}.id", f"longer than {_NON_CREDIT_ID_MAX} characters (only credit CDR ids may have 39)"
+        )
+
+
+def _cdr_session_only_dimensions(cdr: CDR, path: str, ctx: Context) -> None:
+    for i, period in enumerate(cdr.charging_periods):
+        for j, dimension in enumerate(period.dimensions):
+            if dimension.type in _SESSION_ONLY_DIMENSIONS:
+                raise OcpiValidationError(
+                    f"{path}.charging_periods[{i}].dimensions[{j}].type",
+                    f"{dimension.type.value} is a Session-only dimension, not allowed in a CDR",
+                )
+
+
+def _credentials_unique_roles(credentials: Credentials, path: str, ctx: Context) -> None:
+    seen: set[tuple[str, str, str]] = set()
+    for i, role in enumerate(credentials.roles):
+        key = (role.role.value, role.party_id.upper(), role.country_code.upper())
+        if key in seen:
+            raise OcpiValidationError(f"{path}.roles[{i}]", "duplicate (role, party_id, country_code)")
+        seen.add(key)
+
+
+def _hours_regular_when_not_247(hours: Hours, path: str, ctx: Context) -> None:
+    if hours.twentyfourseven is False and not hours.regular_hours:
+        raise OcpiValidationError(f"{path}.regular_hours", "required when twentyfourseven is false")
+
+
+def _hours_no_regular_when_247(hours: Hours, path: str, ctx: Context) -> None:
+    if hours.twentyfourseven is True and hours.regular_hours:
+        raise OcpiValidationError(f"{path}.regular_hours", "not allowed when twentyfourseven is true")
+
+
+def _location_publish_allowed_to(location: Location, path: str, ctx: Context) -> None:
+    if location.publish is True and location.publish_allowed_to:
+        raise OcpiValidationError(f"{path}.publish_allowed_to", "only allowed when publish is false")
+
+
+def _publish_token_at_least_one(token: PublishTokenType, path: str, ctx: Context) -> None:
+    if token.uid is None and token.visual_number is None and token.group_id is None:
+        raise OcpiValidationError(path, "needs at least one of uid, visual_number, group_id")
+
+
+def _publish_token_uid_type(token: PublishTokenType, path: str, ctx: Context) -> None:
+    if token.uid is not None and token.type is None:
+        raise OcpiValidationError(f"{path}.type", "required when uid is set")
+
+
+def _publish_token_visual_number_issuer(token: PublishTokenType, path: str, ctx: Context) -> None:
+    if token.visual_number is not None and token.issuer is None:
+        raise OcpiValidationError(f"{path}.issuer", "required when visual_number is set")
+
+
+def _regular_hours_order(hours: RegularHours, path: str, ctx: Context) -> None:
+    # HH:MM with leading zeros (enforced by the pattern) orders correctly as text.
+    if hours.period_end <= hours.period_begin:
+        raise OcpiValidationError(f"{path}.period_end", "must be later than period_begin")
+
+
+def _tariff_reservation_components(tariff: Tariff, path: str, ctx: Context) -> None:
+    for i, element in enumerate(tariff.elements):
+        if element.restrictions is None or element.restrictions.reservation is None:
+            continue
+        for j, component in enumerate(element.price_components):
+            if component.type not in _RESERVATION_COMPONENTS:
+                raise OcpiValidationError(
+                    f"{path}.elements[{i}].price_components[{j}].type",
+                    "only FLAT and TIME are allowed in an element restricted to reservations",
+                )
+
+
+# (object, rule text exactly as in ocpi-2.2.1-objects.json) → check.
+CONSTRAINTS: Final[dict[tuple[str, str], Check]] = {
+    ("CDR", "credit == true => credit_reference_id required"): _cdr_credit_reference,
+    ("CDR", "id max 36 characters unless credit == true"): _cdr_id_length,
+    (
+        "CDR",
+        "charging_periods[].dimensions[].type must not be a session-only CdrDimensionType",
+    ): _cdr_session_only_dimensions,
+    ("Credentials", "each role unique by (role, party_id, country_code)"): _credentials_unique_roles,
+    (
+        "Hours",
+        "regular_hours only when twentyfourseven == false, and then at least one entry",
+    ): _hours_regular_when_not_247,
+    ("Hours", "regular_hours forbidden when twentyfourseven == true"): _hours_no_regular_when_247,
+    ("Location", "publish_allowed_to only allowed when publish == false"): _location_publish_allowed_to,
+    ("PublishTokenType", "at least one of uid, visual_number, group_id"): _publish_token_at_least_one,
+    ("PublishTokenType", "uid set => type set"): _publish_token_uid_type,
+    ("PublishTokenType", "visual_number set => issuer set"): _publish_token_visual_number_issuer,
+    ("RegularHours", "period_end later than period_begin"): _regular_hours_order,
+    (
+        "Tariff",
+        "a TariffElement whose restrictions.reservation is set may only have FLAT and TIME price components",
+    ): _tariff_reservation_components,
+}
+
+_CLASSES: Final[dict[str, type[OcpiObject]]] = {
+    "CDR": CDR,
+    "Credentials": Credentials,
+    "Hours": Hours,
+    "Location": Location,
+    "PublishTokenType": PublishTokenType,
+    "RegularHours": RegularHours,
+    "Tariff": Tariff,
+}
+
+
+def _errata_lengths(obj: Any, path: str, ctx: Context) -> None:
+    for name, limit in D2_MAX_LENGTH[type(obj)].items():
+        value = getattr(obj, name)
+        if type(value) is not str or len(value) <= limit:
+            continue
+        if not ctx.relax(Relaxation.ERRATA_MAX_LENGTH, f"{path}.{name}"):
+            raise OcpiValidationError(f"{path}.{name}", f"longer than {limit} characters")
+
+
+# --- the walk ---------------------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    checks: tuple[Check, ...]
+    checked_children: tuple[tuple[str, bool], ...]  # (field, is_list) that can reach a check
+    all_children: tuple[tuple[str, bool], ...]
+    strings: tuple[tuple[str, bool, bool], ...]  # (field, is_list, required in the full object)
+
+
+def _checks_of(cls: type) -> tuple[Check, ...]:
+    checks = [check for (name, _), check in CONSTRAINTS.items() if _CLASSES[name] is cls]
+    if cls in D2_MAX_LENGTH:
+        checks.append(_errata_lengths)
+    return tuple(checks)
+
+
+def _unwrap(kind: mi.Type) -> mi.Type:
+    if isinstance(kind, mi.UnionType):
+        members = [k for k in kind.types if not isinstance(k, mi.NoneType)]
+        return members[0] if len(members) == 1 else kind
+    return kind
+
+
+def _struct_children(cls: type) -> Iterator[tuple[str, bool, type]]:
+    for field in _struct_info(cls).fields:
+        kind = _unwrap(field.type)
+        if isinstance(kind, mi.ListType) and isinstance(kind.item_type, mi.StructType):
+            yield field.name, True, kind.item_type.cls
+        elif isinstance(kind, mi.StructType):
+            yield field.name, False, kind.cls
+
+
+@cache
+def _struct_info(cls: type) -> mi.StructType:
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    return info
+
+
+@cache
+def _reaches_check(cls: type) -> bool:
+    return bool(_checks_of(cls)) or any(_reaches_check(child) for _, _, child in _struct_children(cls))
+
+
+@cache
+def plan(cls: type) -> _Plan:
+    base = _BASE_OF_PATCH.get(cls, cls)
+    required = {f.name for f in _struct_info(base).fields if f.required}
+    strings = []
+    for field in _struct_info(cls).fields:
+        kind = _unwrap(field.type)
+        if isinstance(kind, mi.StrType):
+            strings.append((field.name, False, field.name in required))
+        elif isinstance(kind, mi.ListType) and isinstance(kind.item_type, mi.StrType):
+            strings.append((field.name, True, False))
+    children = list(_struct_children(cls))
+    return _Plan(
+        checks=_checks_of(cls),
+        checked_children=tuple((name, is_list) for name, is_list, child in children if _reaches_check(child)),
+        all_children=tuple((name, is_list) for name, is_list, _ in children),
+        strings=tuple(strings),
+    )
+
+
+def walk(value: Any, path: str, ctx: Context) -> None:
+    if type(value) is list:
+        for i, item in enumerate(value):
+            walk(item, f"{path}[{i}]", ctx)
+        return
+    if not isinstance(value, OcpiObject):
+        return
+    cls = type(value)
+    p = plan(cls)
+    for check in p.checks:
+        check(value, path, ctx)
+    if ctx.scan_na:
+        _check_na(value, cls, path, p, ctx)
+    for name, is_list in p.all_children if ctx.scan_na else p.checked_children:
+        child = getattr(value, name)
+        if child is None or child is msgspec.UNSET:
+            continue
+        if is_list:
+            for i, item in enumerate(child):
+                walk(item, f"{path}.{name}[{i}]", ctx)
+        else:
+            walk(child, f"{path}.{name}", ctx)
+
+
+def _check_na(value: Any, cls: type, path: str, p: _Plan, ctx: Context) -> None:
+    allowed = NA_ALLOWED.get(cls, frozenset())
+    for name, is_list, required in p.strings:
+        field_value = getattr(value, name)
+        if is_list:
+            if type(field_value) is list and NA in field_value:
+                raise OcpiValidationError(f"{path}.{name}[{field_value.index(NA)}]", _NA_REASON)
+        elif (
+            field_value == NA
+            and name not in allowed
+            and not (required and ctx.relax(Relaxation.NA_IN_ANY_REQUIRED_STRING, f"{path}.{name}"))
+        ):
+            raise OcpiValidationError(f"{path}.{name}", _NA_REASON)
+
+
+_NA_REASON: Final = (
+    "#NA is only allowed where the spec names it (a reservation's evse_uid/evse_id/connector_id)"
+)
+
+
+def finish(value: Any, enabled: frozenset[Relaxation], applied: list[str], *, scan_na: bool) -> Any:
+    """Normalise and check a value msgspec has decoded; returns the (possibly replaced) value."""
+    cls = type(value)
+    if cls in _PATCH_TYPES:
+        nulls = {name: msgspec.UNSET for name in value.__struct_fields__ if getattr(value, name) is None}
+        if nulls:
+            value = msgspec.structs.replace(value, **nulls)
+        if value.last_updated is msgspec.UNSET:
+            raise OcpiValidationError("$.last_updated", "missing required field")
+    defaults = NULL_MEANS_DEFAULT.get(cls)
+    if defaults:
+        missing = {name: default for name, default in defaults.items() if getattr(value, name) is None}
+        if missing:
+            value = msgspec.structs.replace(value, **missing)
+    walk(value, "$", Context(enabled, applied, scan_na=scan_na))
+    return value

@@ -1,0 +1,80 @@
+"""Identity of client-owned objects: (country_code, party_id, id), compared case-insensitively.
+
+CiString values are case-insensitive (digest 02 §9): `nl/tnm/loc1` and `NL/TNM/LOC1` are the same object,
+so equality, hashing and the Kafka key use the upper-cased form, while the attributes keep the values as sent
+(they are echoed and stored as received).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+__all__ = ["ObjectKey", "ci_equal", "ci_normalize"]
+
+# ASCII-only upper-casing: str.upper() would also fold non-ASCII ("ß" → "SS"), which CiString never holds
+# but URL segments might; such values must stay distinct rather than collide.
+_ASCII_UPPER: Final = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+
+
+def ci_normalize(value: str) -> str:
+    """The comparison form of a CiString: ASCII letters upper-cased, everything else unchanged."""
+    return value.translate(_ASCII_UPPER)
+
+
+def ci_equal(a: str | None, b: str | None) -> bool:
+    """Case-insensitive CiString equality; None equals only None."""
+    if a is None or b is None:
+        return a is b
+    return a == b or ci_normalize(a) == ci_normalize(b)
+
+
+class _Owned(Protocol):
+    @property
+    def country_code(self) -> str: ...
+    @property
+    def party_id(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ObjectKey:
+    """Identity of a Location, Session, CDR or Tariff. Equality and hash ignore ASCII case."""
+
+    country_code: str
+    party_id: str
+    object_id: str
+
+    @classmethod
+    def of(cls, obj: _Owned) -> ObjectKey:
+        """The key of an object that carries its own identity (Location, Session, CDR, Tariff)."""
+        return cls(obj.country_code, obj.party_id, obj.id)
+
+    @property
+    def normalized(self) -> tuple[str, str, str]:
+        return ci_normalize(self.country_code), ci_normalize(self.party_id), ci_normalize(self.object_id)
+
+    def kafka_key(self) -> bytes:
+        """`CC/PID/ID` upper-cased, UTF-8: one object's events land in one partition, in order.
+
+        Unambiguous because country_code and party_id come from URL path segments (they must equal the
+        body's), which cannot contain `/`; only the id, the last part, may.
+        """
+        return "/".join(self.normalized).encode("utf-8")
+
+    def same_as(self, country_code: str, party_id: str, object_id: str) -> bool:
+        """Case-insensitive comparison with identity parts, e.g. URL segments against a body."""
+        return self == ObjectKey(country_code, party_id, object_id)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ObjectKey):
+            return NotImplemented
+        return self.normalized == other.normalized
+
+    def __hash__(self) -> int:
+        return hash(self.normalized)
+
+    def __str__(self) -> str:
+        return f"{self.country_code}/{self.party_id}/{self.object_id}"
