@@ -1,0 +1,167 @@
+"""content_hash, to_builtins, to_ocpi_json, ObjectKey, OcpiStatus."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+import pytest
+
+from ocpi import ObjectKey, OcpiStatus, ci_equal, content_hash, decode, to_builtins, to_ocpi_json
+from ocpi.model import Connector, ConnectorPatch, Location, Session
+
+from .support import EXAMPLES, dumps, example
+
+SESSION = example("session_example_2_short_finished.json")
+
+
+def _hash(body: dict[str, Any], model: type = Session) -> str:
+    return content_hash(decode(dumps(body), model).value)
+
+
+def test_hash_ignores_last_updated_everywhere() -> None:
+    location = example("location_example.json")
+    bumped = copy.deepcopy(location)
+    bumped["last_updated"] = "2020-01-01T00:00:00Z"
+    bumped["evses"][0]["last_updated"] = "2020-01-01T00:00:00Z"
+    bumped["evses"][0]["connectors"][1]["last_updated"] = "2020-01-01T00:00:00Z"
+    assert _hash(location, Location) == _hash(bumped, Location)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"kwh": 41.13},
+        {"status": "ACTIVE"},
+        {"end_date_time": "2015-06-29T23:50:17Z"},
+        {"charging_periods": []},
+        {"total_cost": {"excl_vat": 8.50, "incl_vat": 9.36}},
+        {"id": "102"},
+    ],
+)
+def test_hash_changes_with_content(change: dict[str, Any]) -> None:
+    assert _hash(SESSION) != _hash(SESSION | change)
+
+
+def test_hash_treats_equivalent_spellings_as_equal() -> None:
+    base = _hash(SESSION)
+    assert _hash(SESSION | {"kwh": 41.120}) == base  # same amount
+    assert _hash(SESSION | {"start_date_time": "2015-06-29T22:39:09"}) == base  # no zone = UTC
+    assert _hash(SESSION | {"meter_id": None}) == base  # null = absent
+    assert _hash(SESSION | {"authorization_reference": None}) == base
+    location = example("location_example.json")
+    assert _hash(location, Location) == _hash(location | {"related_locations": []}, Location)  # [] = absent
+    assert _hash(location, Location) == _hash(location | {"charging_when_closed": True}, Location)  # default
+
+
+def test_hash_is_stable_and_hex() -> None:
+    digest = _hash(SESSION)
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert digest == _hash(json.loads(json.dumps(SESSION)))
+
+
+def test_hash_of_patches_keeps_empty_lists() -> None:
+    clear = decode(b'{"tariff_ids": [], "last_updated": "2019-06-24T12:39:09Z"}', ConnectorPatch).value
+    untouched = decode(b'{"last_updated": "2019-06-24T12:39:09Z"}', ConnectorPatch).value
+    assert content_hash(clear) != content_hash(untouched)
+    also_untouched = decode(
+        b'{"tariff_ids": null, "last_updated": "2020-01-01T00:00:00Z"}', ConnectorPatch
+    ).value
+    assert content_hash(also_untouched) == content_hash(untouched)
+
+
+def test_hash_rejects_naive_datetimes() -> None:
+    session = decode(dumps(SESSION), Session).value
+    naive = msgspec.structs.replace(session, end_date_time=datetime(2015, 6, 29))  # noqa: DTZ001
+    with pytest.raises(ValueError, match="naive"):
+        content_hash(naive)
+
+
+def test_hash_normalises_time_zones() -> None:
+    session = decode(dumps(SESSION), Session).value
+    end = session.end_date_time
+    assert end is not None
+    shifted = msgspec.structs.replace(session, end_date_time=end.astimezone(timezone(timedelta(hours=2))))
+    assert content_hash(shifted) == content_hash(session)
+
+
+def test_to_builtins_keeps_datetime_and_decimal_and_drops_unset() -> None:
+    session = decode(dumps(SESSION), Session).value
+    tree = to_builtins(session)
+    assert tree["kwh"] == Decimal("41.12") and type(tree["kwh"]) is Decimal
+    assert tree["last_updated"] == datetime(2015, 6, 29, 23, 50, 17, tzinfo=UTC)
+    assert tree["status"] == "COMPLETED" and type(tree["status"]) is str
+    patch = decode(b'{"max_voltage": 230, "last_updated": "2019-06-24T12:39:09Z"}', ConnectorPatch).value
+    assert to_builtins(patch) == {
+        "max_voltage": 230,
+        "last_updated": datetime(2019, 6, 24, 12, 39, 9, tzinfo=UTC),
+    }
+
+
+def test_to_ocpi_json_is_wire_conformant() -> None:
+    connector = decode(
+        b'{"id": "1", "standard": "IEC_62196_T2", "format": "SOCKET", "power_type": "AC_3_PHASE", '
+        b'"max_voltage": 220, "max_amperage": 16, "last_updated": "2015-03-16T10:10:02.12345"}',
+        Connector,
+    ).value
+    wire = json.loads(to_ocpi_json(connector))
+    assert wire["last_updated"] == "2015-03-16T10:10:02.1234Z"  # <= 25 chars, with Z
+    assert "tariff_ids" not in wire  # nulls omitted
+    session = decode((EXAMPLES / "session_example_2_short_finished.json").read_bytes(), Session).value
+    assert b'"kwh":41.12' in to_ocpi_json(session)  # a JSON number, exact
+    assert decode(to_ocpi_json(session), Session).value == session
+
+
+# --- identity ---------------------------------------------------------------------------------------------
+
+
+def test_object_key_is_case_insensitive() -> None:
+    key = ObjectKey("nl", "Tnm", "loc-1")
+    assert key == ObjectKey("NL", "TNM", "LOC-1")
+    assert hash(key) == hash(ObjectKey("NL", "TNM", "LOC-1"))
+    assert {key: 1}[ObjectKey("NL", "tnm", "Loc-1")] == 1
+    assert key.kafka_key() == b"NL/TNM/LOC-1"
+    assert key.country_code == "nl" and str(key) == "nl/Tnm/loc-1"  # as sent
+    assert key != ObjectKey("NL", "TNM", "LOC-2")
+    assert key.same_as("NL", "TNM", "LOC-1")
+
+
+def test_object_key_of_an_object() -> None:
+    session = decode(dumps(SESSION), Session).value
+    assert ObjectKey.of(session).kafka_key() == b"BE/BEC/101"
+
+
+def test_ci_equal_folds_ascii_only() -> None:
+    assert ci_equal("abc", "ABC")
+    assert not ci_equal("straße", "STRASSE")  # not a CiString; must not collide
+    assert ci_equal(None, None) and not ci_equal("a", None)
+
+
+def test_status_codes() -> None:
+    assert [int(s) for s in OcpiStatus] == [
+        1000,
+        2000,
+        2001,
+        2002,
+        2003,
+        2004,
+        3000,
+        3001,
+        3002,
+        3003,
+        4000,
+        4001,
+        4002,
+        4003,
+    ]
+    assert OcpiStatus.INVALID_PARAMETERS.description == "Invalid or missing parameters"
+    assert OcpiStatus(2003) is OcpiStatus.UNKNOWN_LOCATION
+    assert OcpiStatus.SUCCESS.is_success and not OcpiStatus.HUB_ERROR.is_success
+    spec_codes = json.loads((EXAMPLES.parent / "ocpi-2.2.1-objects.json").read_text())["status_codes"]
+    assert {str(int(s)): s.description for s in OcpiStatus} == {
+        code: text for code, text in spec_codes.items() if code.isdigit()
+    }
