@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -11,14 +11,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-_PR_SET_PDEATHSIG = 1
+# Runs in the child, then execs the real command: it asks Linux for SIGTERM when the parent dies (even by
+# SIGKILL), and gives up if the parent is already gone. A `preexec_fn` would do the same, but it forces
+# fork() + Python in the child, which deadlocks when the parent holds chDB's threads and locks.
+_TRAMPOLINE = (
+    "import ctypes, os, signal, sys\n"
+    "try: ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)\n"
+    "except (OSError, AttributeError): pass\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _with_parent_death_signal(cmd: Sequence[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return list(cmd)
+    return [sys.executable, "-S", "-c", _TRAMPOLINE, str(os.getpid()), *cmd]
 
 
 def spawn(cmd: Sequence[str], *, env: Mapping[str, str], log_path: Path | None = None) -> subprocess.Popen[bytes]:
@@ -28,8 +36,8 @@ def spawn(cmd: Sequence[str], *, env: Mapping[str, str], log_path: Path | None =
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = log_path.open("ab")
     try:
-        return subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(env), start_new_session=True, preexec_fn=_die_with_parent)
+        return subprocess.Popen(_with_parent_death_signal(cmd), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=dict(env), start_new_session=True)
     finally:
         if not isinstance(out, int):
             out.close()  # the child holds its own descriptor
