@@ -157,7 +157,7 @@ class PartnerDirectory:
     created a moment ago can push right away and a suspension takes effect within `refresh_s`.
     """
 
-    def __init__(self, registry: PartnerRegistry, *, refresh_s: float = 2.0, miss_reload_s: float = 0.5) -> None:
+    def __init__(self, registry: PartnerRegistry, *, refresh_s: float = 2.0, miss_reload_s: float = 0.05) -> None:
         self._registry = registry
         self._refresh_s = refresh_s
         self._miss_reload_s = miss_reload_s
