@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ocpi import STRICT, CompatProfile, Relaxation, decode
+from ocpi import STRICT, CompatProfile, Decoded, Relaxation, decode
 from ocpi.model import EVSE, CdrLocation, Connector, Location, Session, SessionPatch, SignedValue
 
 from .samples import minimal
@@ -115,7 +115,9 @@ def test_rejected_without_the_relaxation(relaxation: Relaxation) -> None:
 @pytest.mark.parametrize("relaxation", list(Relaxation))
 def test_applied_and_recorded_with_the_relaxation(relaxation: Relaxation) -> None:
     model, body, _, records, check = CASES[relaxation]
-    decoded = decode(dumps(body), model, profile=CompatProfile(relaxations=frozenset({relaxation})))
+    decoded: Decoded[Any] = decode(
+        dumps(body), model, profile=CompatProfile(relaxations=frozenset({relaxation}))
+    )
     assert list(decoded.relaxations) == records
     assert check(decoded.value)
 
@@ -123,7 +125,7 @@ def test_applied_and_recorded_with_the_relaxation(relaxation: Relaxation) -> Non
 @pytest.mark.parametrize("relaxation", list(Relaxation))
 def test_all_enabled_gives_the_same_result(relaxation: Relaxation) -> None:
     model, body, _, records, check = CASES[relaxation]
-    decoded = decode(dumps(body), model, profile=CompatProfile.from_names(list(Relaxation)))
+    decoded: Decoded[Any] = decode(dumps(body), model, profile=CompatProfile.from_names(list(Relaxation)))
     assert list(decoded.relaxations) == records
     assert check(decoded.value)
 

@@ -79,7 +79,7 @@ def test_every_example_file_is_covered() -> None:
 
 @pytest.mark.parametrize("name", sorted(WHOLE))
 def test_example_decodes(name: str) -> None:
-    decoded = decode((EXAMPLES / name).read_bytes(), WHOLE[name])
+    decoded: Decoded[Any] = decode((EXAMPLES / name).read_bytes(), WHOLE[name])
     assert decoded.relaxations == ()
 
 

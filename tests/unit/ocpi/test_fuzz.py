@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from ocpi import (
     CompatProfile,
+    Decoded,
     OcpiJsonError,
     OcpiValidationError,
     Relaxation,
@@ -65,7 +66,7 @@ JSON = st.recursive(
 
 def _check(body: bytes, model: type, profile: CompatProfile | None) -> None:
     try:
-        decoded = decode(body, model, profile=profile)
+        decoded: Decoded[Any] = decode(body, model, profile=profile)
     except (OcpiValidationError, OcpiJsonError):
         return
     # Whatever decodes must also hash, and re-encode as OCPI JSON that decodes again.

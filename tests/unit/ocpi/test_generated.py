@@ -98,11 +98,10 @@ def mismatches(data: dict[str, Any]) -> list[str]:
     if set(_generated.OBJECTS) != set(data["objects"]):
         problems.append(f"objects differ: {set(_generated.OBJECTS) ^ set(data['objects'])}")
     for name, enum in data["enums"].items():
-        cls = _generated.ENUMS.get(name)
-        if cls is None or [m.value for m in cls] != enum["values"]:
-            problems.append(
-                f"enum {name}: {None if cls is None else [m.value for m in cls]} != {enum['values']}"
-            )
+        enum_cls = _generated.ENUMS.get(name)
+        values = None if enum_cls is None else [m.value for m in enum_cls]
+        if values != enum["values"]:
+            problems.append(f"enum {name}: {values} != {enum['values']}")
     for name, obj in data["objects"].items():
         cls = _generated.OBJECTS.get(name)
         if cls is None:

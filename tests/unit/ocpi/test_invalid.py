@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ocpi import OcpiValidationError, decode
-from ocpi._generated import D2_MAX_LENGTH, OBJECTS, OPEN_ENUM_FIELDS
+from ocpi._generated import D2_MAX_LENGTH, OBJECTS, OPEN_ENUM_FIELDS, Session, VersionDetails
 
 from .samples import ENUMS, minimal
 from .samples import OBJECTS as SPEC_OBJECTS
@@ -121,7 +121,7 @@ def test_every_object_has_invalid_variants() -> None:
 def test_open_enums_accept_unknown_values() -> None:
     assert OPEN_ENUM_FIELDS
     details = {"version": "3.0", "endpoints": [{"identifier": "nltnm-tokens", "role": "SENDER", "url": "x"}]}
-    value = decode(dumps(details), OBJECTS["VersionDetails"]).value
+    value = decode(dumps(details), VersionDetails).value
     assert value.endpoints[0].identifier == "nltnm-tokens"
 
 
@@ -209,7 +209,7 @@ def test_deep_paths(mutate: Mutation, path: str, reason: str) -> None:
 
 def test_na_is_allowed_where_the_spec_says() -> None:
     session = _session() | {"status": "RESERVATION", "evse_uid": "#NA", "connector_id": "#NA"}
-    assert decode(dumps(session), OBJECTS["Session"]).value.evse_uid == "#NA"
+    assert decode(dumps(session), Session).value.evse_uid == "#NA"
     escaped = dumps(_session()).replace(b'"101"', b'"\\u0023NA"')  # an escape cannot smuggle it in
     with pytest.raises(OcpiValidationError) as info:
         decode(escaped, OBJECTS["Session"])
