@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -207,3 +208,22 @@ def _cdr() -> dict[str, Any]:
         "total_time_cost": {"excl_vat": 4.00, "incl_vat": 4.40},
         "last_updated": "2015-06-29T22:01:13Z",
     }
+
+
+def test_null_means_the_documented_default() -> None:
+    body = example("location_example.json") | {"charging_when_closed": None}
+    assert decode(dumps(body), Location).value.charging_when_closed is True
+    assert decode(dumps(body | {"charging_when_closed": False}), Location).value.charging_when_closed is False
+
+
+def test_decode_list_keeps_going_past_bad_elements() -> None:
+    good = example("location_example.json")
+    bad = copy.deepcopy(good)
+    bad["evses"][1]["uid"] = "u" * 37
+    results = decode_list(dumps([good, bad, good]), Location)
+    assert [type(r).__name__ for r in results] == ["Decoded", "OcpiValidationError", "Decoded"]
+    error = results[1]
+    assert isinstance(error, OcpiValidationError) and error.path == "$[1].evses[1].uid"
+    with pytest.raises(OcpiValidationError) as info:
+        decode_list(b'{"not": "a list"}', Location)
+    assert info.value.path == "$"
