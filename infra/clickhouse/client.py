@@ -34,6 +34,7 @@ def connect(dsn: str, *, database: str | None = None, readonly: bool = False, pa
             **options: Any) -> Client:
     """A client for `dsn`; `readonly` makes the server refuse anything but reads (setting readonly=1)."""
     settings = {"readonly": 1} if readonly else {}
+    options.setdefault("tz_mode", "aware")  # never hand out naive datetimes: every column of ours is UTC
     if dsn.startswith("chdb://"):
         path = chdb_path(dsn)
         path.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import re
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,24 @@ class ChdbEngine:
         return result.bytes(), fmt
 
 
+def _decompress(body: bytes, encoding: str) -> bytes:
+    """Undo the client's request compression (clickhouse-connect compresses inserts with lz4 by default)."""
+    encoding = encoding.strip().lower()
+    if not body or encoding in ("", "identity"):
+        return body
+    if encoding == "lz4":
+        import lz4.frame
+
+        return bytes(lz4.frame.decompress(body))
+    if encoding == "zstd":
+        from backports import zstd
+
+        return bytes(zstd.decompress(body))
+    if encoding in ("gzip", "deflate"):
+        return zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    raise ValueError(f"unsupported Content-Encoding {encoding!r}")
+
+
 def _quote(value: str) -> str:
     return value if re.fullmatch(r"-?\d+(\.\d+)?", value) else "'" + value.replace("'", "\\'") + "'"
 
@@ -118,6 +137,10 @@ class ClickHouseShim:
             return _error(401, "516", "Authentication failed: password is incorrect")
         params = dict(request.query)
         body = await request.read() if request.can_read_body else b""
+        try:
+            body = _decompress(body, request.headers.get("Content-Encoding", ""))
+        except Exception as exc:
+            return _error(400, "1000", f"cannot decompress the request body: {exc}")
         sql = params.pop("query", None)
         if sql is None:  # clickhouse-connect puts "INSERT ... FORMAT Native\n" at the head of an insert body
             head = _INSERT_HEAD.match(body)
