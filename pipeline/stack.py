@@ -107,7 +107,7 @@ class Stack:
             kafka_bootstrap=self.bootstrap))
         env = self.child_environment()
         if self.run_worker:
-            self.children["worker"] = spawn([sys.executable, "-m", "pipeline", "worker"], env=env,
+            self.children["worker"] = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"], env=env,
                                             log_path=self.log_dir / "worker.log")
         if self.run_receivers:
             self.children["receivers"] = spawn(

@@ -54,6 +54,9 @@ def connect(dsn: str, *, database: str | None = None, readonly: bool = False, pa
         if readonly:
             client.command("SET readonly = 1")  # chDB sessions are per connection; only this client is read-only
         return client
+    # No HTTP session: we use no temporary tables or session settings, and a session would forbid the
+    # concurrent queries our agents and the registry make from their threads.
+    options.setdefault("autogenerate_session_id", False)
     try:
         return clickhouse_connect.get_client(dsn=dsn, database=database or None, settings=settings,
                                              **({"password": password} if password else {}), **options)
