@@ -45,7 +45,8 @@ class DemoSummary:
     @property
     def matches_expected(self) -> bool:
         """Every push acknowledged, and ClickHouse holds exactly what was acknowledged."""
-        return (self.expected.rejected == 0 and self.sessions == len(self.expected.sessions) and self.cdrs == len(self.expected.cdrs)
+        return (self.expected.rejected == 0
+                and self.sessions == len(self.expected.sessions) and self.cdrs == len(self.expected.cdrs)
                 and all(p.kwh == self.expected.kwh_by_party[f"{p.country_code}/{p.party_id}"]
                         and p.cost_excl_vat == self.expected.cost_by_party[f"{p.country_code}/{p.party_id}"]
                         for p in self.parties))

@@ -107,8 +107,8 @@ class Stack:
             kafka_bootstrap=self.bootstrap))
         env = self.child_environment()
         if self.run_worker:
-            self.children["worker"] = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"], env=env,
-                                            log_path=self.log_dir / "worker.log")
+            self.children["worker"] = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"],
+                                            env=env, log_path=self.log_dir / "worker.log")
         if self.run_receivers:
             self.children["receivers"] = spawn(
                 [sys.executable, "-m", "granian", "--interface", "asgi", "--host", self.settings.http.host,

@@ -6,9 +6,9 @@ import logging
 
 import faust
 
+from infra.kafka.bootstrap import resolve_bootstrap
 from infra.settings import Settings
 from pipeline.app import create_app
-from infra.kafka.bootstrap import resolve_bootstrap
 
 
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:

@@ -58,8 +58,9 @@ def connect(dsn: str, *, database: str | None = None, readonly: bool = False, pa
     # concurrent queries our agents and the registry make from their threads.
     options.setdefault("autogenerate_session_id", False)
     try:
-        return clickhouse_connect.get_client(dsn=dsn, database=database or None, settings=settings,
-                                             **({"password": password} if password else {}), **options)
+        if password:
+            options["password"] = password
+        return clickhouse_connect.get_client(dsn=dsn, database=database or None, settings=settings, **options)
     except Exception as exc:
         raise ClickHouseUnavailable(f"cannot reach ClickHouse at {_redact(dsn)}: {exc}") from exc
 

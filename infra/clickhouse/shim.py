@@ -15,7 +15,6 @@ import asyncio
 import base64
 import hmac
 import json
-import os
 import re
 import tempfile
 import threading
@@ -73,7 +72,7 @@ class ChdbEngine:
                 conn.query(stmt, "TabSeparated")
                 return b"", fmt
             finally:
-                os.unlink(name)
+                Path(name).unlink()
         stmt = _FORMAT_AT_END.sub("", sql) if match else sql
         if settings and re.match(r"^\s*(SELECT|WITH)\b", stmt, re.IGNORECASE) and " SETTINGS " not in stmt.upper():
             stmt = f"{stmt.rstrip().rstrip(';')} SETTINGS {', '.join(settings)}"
@@ -170,7 +169,7 @@ class ClickHouseShim:
         await site.start()
         server = site._server
         if self.port == 0 and server is not None:
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         return self
 
     async def stop(self) -> None:

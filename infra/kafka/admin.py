@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -23,10 +24,8 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
             return []
         new = [NewTopic(name=t, num_partitions=partitions, replication_factor=1,
                         topic_configs=dict((configs or {}).get(t, {}))) for t in wanted]
-        try:
+        with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent creator won the race; fine
             admin.create_topics(new)
-        except TopicAlreadyExistsError:  # a concurrent creator won the race; fine
-            pass
         log.info("created topics %s", wanted)
         return wanted
     finally:

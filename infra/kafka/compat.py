@@ -93,5 +93,5 @@ def patch_faust_highwaters() -> None:
         approx = await consumer.end_offsets(partitions)
         return await true_end_offsets(consumer._client._bootstrap_servers, list(partitions), approx)
 
-    driver.AIOKafkaConsumerThread._highwaters = _highwaters
+    driver.AIOKafkaConsumerThread._highwaters = _highwaters  # type: ignore[method-assign]
     _faust_patched = True

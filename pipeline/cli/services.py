@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import sys
@@ -81,10 +82,8 @@ async def _run_dev(settings: Settings, console: Console) -> None:
         console.print("Ctrl-C stops everything.")
         while not stop.is_set():
             stack.check_children()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
     finally:
         console.print("stopping…")
         await stack.stop()

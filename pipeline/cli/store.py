@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -14,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.clickhouse.client import ClickHouseUnavailable, connect, connect_for, effective_dsn
-from infra.clickhouse.migrations import MigrationError, available_migrations, migrate as apply_migrations
+from infra.clickhouse.migrations import MigrationError, available_migrations
+from infra.clickhouse.migrations import migrate as apply_migrations
 from infra.settings import documented_settings, load_settings, mask
 
 
@@ -46,7 +48,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def render_rows(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> str:
+def render_rows(columns: list[str], rows: list[Sequence[Any]], fmt: str) -> str:
     """Rows as a rich table, JSON (a list of objects) or CSV."""
     if fmt == "json":
         return json.dumps([{c: _plain(v) for c, v in zip(columns, row, strict=True)} for row in rows], indent=2)

@@ -6,9 +6,9 @@ from infra.settings import SettingsError, as_environ, documented_settings, load_
 
 
 def test_defaults_are_documented_and_embedded() -> None:
-    settings = load_settings({"OCPI_DATA_DIR": "/tmp/x"})
+    settings = load_settings({"OCPI_DATA_DIR": "/srv/ocpi"})
     assert settings.kafka.embedded and settings.kafka.is_tansu
-    assert settings.clickhouse_dsn == "chdb:///tmp/x/clickhouse"
+    assert settings.clickhouse_dsn == "chdb:///srv/ocpi/clickhouse"
     assert settings.kafka.topic_for("sessions") == "ocpi.sessions.v1"
     assert settings.http.base_url == "http://127.0.0.1:8080"
     variables = {row[1] for row in documented_settings()}
