@@ -7,7 +7,9 @@ A wrong value fails at start with a `SettingsError` that names the variable.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -63,6 +65,22 @@ def _parse_http_url(env: str, raw: str) -> str:
     return raw.rstrip("/")
 
 
+def _parse_non_negative_float(env: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{env}={raw!r}: expected a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise SettingsError(f"{env}={raw!r}: expected a number >= 0")
+    return value
+
+
+def _parse_pattern(env: str, raw: str, pattern: str, what: str) -> str:
+    if not re.fullmatch(pattern, raw):
+        raise SettingsError(f"{env}={raw!r}: expected {what}")
+    return raw
+
+
 def _parse_bootstrap(env: str, raw: str) -> str:
     raw = raw.strip()
     for server in filter(None, raw.split(",")):
@@ -100,7 +118,8 @@ class KafkaSettings:
     """Kafka: where events go, and the topics they go to."""
 
     bootstrap: str = _setting(
-        "OCPI_KAFKA_BOOTSTRAP", "", "host:port list of a Kafka cluster; empty starts the embedded Tansu broker"
+        "OCPI_KAFKA_BOOTSTRAP", "",
+        "host:port list of a Kafka cluster; empty starts the embedded Tansu broker",
     )
     topic_locations: str = _setting("OCPI_TOPIC_LOCATIONS", "ocpi.locations.v1", "topic of Locations pushes")
     topic_sessions: str = _setting("OCPI_TOPIC_SESSIONS", "ocpi.sessions.v1", "topic of Sessions pushes")
@@ -152,7 +171,8 @@ class HttpSettings:
     host: str = _setting("OCPI_HTTP_HOST", "127.0.0.1", "interface the receivers listen on")
     port: int = _setting("OCPI_HTTP_PORT", "8080", "port the receivers listen on")
     public_url: str = _setting(
-        "OCPI_PUBLIC_URL", "", "base URL partners reach us at; empty = http://HOST:PORT (used in OCPI endpoint URLs)"
+        "OCPI_PUBLIC_URL", "",
+        "base URL partners reach us at; empty = http://HOST:PORT (used in OCPI endpoint URLs)",
     )
 
     @property
@@ -164,7 +184,9 @@ class HttpSettings:
 class StorageSettings:
     """Local state: the embedded ClickHouse, Faust tables, run files."""
 
-    data_dir: str = _setting("OCPI_DATA_DIR", "./data", "directory for embedded ClickHouse, Faust state and run files")
+    data_dir: str = _setting(
+        "OCPI_DATA_DIR", "./data", "directory for embedded ClickHouse, Faust state and run files"
+    )
 
     @property
     def path(self) -> Path:
@@ -184,12 +206,41 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class PartySettings:
+    """Our own OCPI party: the CredentialsRole we present to partners in the credentials handshake."""
+
+    country_code: str = _setting(
+        "OCPI_PARTY_COUNTRY_CODE", "NL", "ISO 3166-1 alpha-2 country code of our party"
+    )
+    party_id: str = _setting("OCPI_PARTY_ID", "OPP", "our OCPI party id (3 characters A-Z/0-9)")
+    name: str = _setting("OCPI_PARTY_NAME", "ocpi-pipeline", "business name in our credentials roles")
+    role: str = _setting(
+        "OCPI_PARTY_ROLE", "EMSP", "our OCPI role in the credentials roles: EMSP, CPO, HUB, NSP, ..."
+    )
+    website: str = _setting("OCPI_PARTY_WEBSITE", "", "website in our business details; empty = left out")
+
+
+@dataclass(frozen=True)
+class PartnersSettings:
+    """How we talk to partners: outgoing OCPI calls and credentials token rotation."""
+
+    outbound_timeout_s: float = _setting(
+        "OCPI_OUTBOUND_TIMEOUT", "10", "seconds an outgoing OCPI call (handshake callback, CLI) may take"
+    )
+    token_grace_s: float = _setting(
+        "OCPI_TOKEN_GRACE", "0", "seconds a partner's replaced token keeps working after a credentials PUT"
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings
     clickhouse: ClickHouseSettings
     http: HttpSettings
     storage: StorageSettings
     admin: AdminSettings
+    party: PartySettings
+    partners: PartnersSettings
 
     @property
     def clickhouse_dsn(self) -> str:
@@ -206,8 +257,12 @@ class Settings:
         return replace(self, **changed)
 
 
-_SECTIONS: tuple[type, ...] = (KafkaSettings, ClickHouseSettings, HttpSettings, StorageSettings, AdminSettings)
-_SECTION_NAMES = ("kafka", "clickhouse", "http", "storage", "admin")
+_SECTIONS: tuple[type, ...] = (
+    KafkaSettings, ClickHouseSettings, HttpSettings, StorageSettings, AdminSettings,
+    PartySettings, PartnersSettings,
+)
+_SECTION_NAMES = ("kafka", "clickhouse", "http", "storage", "admin", "party", "partners")
+_ROLES = ("CPO", "EMSP", "HUB", "NAP", "NSP", "OTHER", "SCSP")
 _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_KAFKA_BOOTSTRAP": _parse_bootstrap,
     "OCPI_TOPIC_LOCATIONS": _parse_topic,
@@ -219,6 +274,14 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_HTTP_PORT": _parse_port,
     "OCPI_PUBLIC_URL": lambda env, raw: _parse_http_url(env, raw) if raw else raw,
     "OCPI_CLICKHOUSE_DSN": lambda env, raw: _parse_dsn(env, raw) if raw else raw,
+    "OCPI_PARTY_COUNTRY_CODE": lambda env, raw: _parse_pattern(env, raw, "[A-Z]{2}", "two capital letters"),
+    "OCPI_PARTY_ID": lambda env, raw: _parse_pattern(env, raw, "[A-Z0-9]{3}", "three characters A-Z/0-9"),
+    "OCPI_PARTY_NAME": lambda env, raw: _parse_pattern(env, raw, r"[^\x00-\x1f\x7f-\x9f]{1,100}",
+                                                       "1-100 characters without control characters"),
+    "OCPI_PARTY_ROLE": lambda env, raw: _parse_choice(env, raw, _ROLES),
+    "OCPI_PARTY_WEBSITE": lambda env, raw: _parse_http_url(env, raw) if raw else raw,
+    "OCPI_OUTBOUND_TIMEOUT": _parse_float,
+    "OCPI_TOKEN_GRACE": _parse_non_negative_float,
 }
 
 
