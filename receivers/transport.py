@@ -17,8 +17,9 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.types import Message, Scope
 
-from ocpi.compat import CompatProfile
-from ocpi.datetime import format_datetime
+from ocpi.canonical import to_ocpi_json
+from ocpi.compat import CompatProfile, Relaxation
+from ocpi.datetime import OFFSET_NOT_ALLOWED, InvalidDateTime, format_datetime, offset_to_utc, parse_datetime
 from ocpi.decode import Decoded, OcpiJsonError, OcpiValidationError, decode
 from ocpi.status import OcpiStatus
 
@@ -58,13 +59,20 @@ def ocpi_response(data: Any = msgspec.UNSET, *, status: int = OcpiStatus.SUCCESS
 
 
 class OcpiError(Exception):
-    """An OCPI error answered with an envelope: OCPI status code, HTTP status, message, optional debug data."""
+    """An OCPI error answered with an envelope: OCPI status code, HTTP status, message, optional debug data.
+
+    Every status code of `05-status-codes.md` §4 has a typed subclass below (STATUS_EXCEPTIONS). HTTP
+    statuses: 400 only for a body that is not JSON (and for broken routing headers, a transport matter), 401
+    for authentication, 404 for what does not exist or is hidden from the caller, 405 for credentials misuse,
+    413 for a body that is too large, 500 when we failed internally; everything else reached the OCPI layer
+    and is HTTP 200 with the code in the envelope (clients read `status_code` whatever the HTTP status).
+    """
 
     ocpi_status: int = OcpiStatus.CLIENT_ERROR
     http_status: int = 400
 
     def __init__(self, message: str, *, ocpi_status: int | None = None, http_status: int | None = None,
-                 data: Any = msgspec.UNSET) -> None:
+                 data: Any = msgspec.UNSET, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if ocpi_status is not None:
@@ -72,6 +80,14 @@ class OcpiError(Exception):
         if http_status is not None:
             self.http_status = http_status
         self.data = data
+        self.headers = headers
+
+
+class ClientError(OcpiError):
+    """2000: a generic client error (the request as a whole cannot be processed)."""
+
+    ocpi_status = OcpiStatus.CLIENT_ERROR
+    http_status = 400
 
 
 class InvalidParameters(OcpiError):
@@ -92,6 +108,22 @@ class MalformedJson(OcpiError):
     http_status = 400
 
 
+class InvalidRoutingHeaders(OcpiError):
+    """2001 with HTTP 400: OCPI-from-*/OCPI-to-* malformed, unpaired, missing where required, or naming a
+    party the caller may not speak for / we do not host. The spec gives no code (digest ambiguity 17);
+    headers are transport, so this is refused before the body is looked at."""
+
+    ocpi_status = OcpiStatus.INVALID_PARAMETERS
+    http_status = 400
+
+
+class NotEnoughInformation(OcpiError):
+    """2002: the request is valid but does not carry enough information (e.g. an authorization request)."""
+
+    ocpi_status = OcpiStatus.NOT_ENOUGH_INFORMATION
+    http_status = 200
+
+
 class Unauthorized(OcpiError):
     """Missing or unknown token, or Token A outside versions/credentials: HTTP 401."""
 
@@ -100,18 +132,32 @@ class Unauthorized(OcpiError):
 
 
 class NotFound(OcpiError):
-    """An unknown object, or a party the caller does not own (404 hides it)."""
+    """An unknown object or endpoint: HTTP 404 (SHOULD for a GET of what does not exist)."""
 
     ocpi_status = OcpiStatus.CLIENT_ERROR
     http_status = 404
 
 
+class ForeignParty(NotFound):
+    """The URL's (or body's) owner is not a party the caller may act for: 404 hides it (04 §6.2), 2001."""
+
+    ocpi_status = OcpiStatus.INVALID_PARAMETERS
+
+
 class UnknownLocation(NotFound):
+    """2003: the Location (or its EVSE/connector) is not known."""
+
     ocpi_status = OcpiStatus.UNKNOWN_LOCATION
 
 
+class UnknownToken(NotFound):
+    """2004: the (driver) Token is not known."""
+
+    ocpi_status = OcpiStatus.UNKNOWN_TOKEN
+
+
 class MethodNotAllowed(OcpiError):
-    """Credentials misuse (POST when registered, PUT/DELETE when not): HTTP 405 (MUST)."""
+    """HTTP 405: credentials misuse (POST when registered, PUT/DELETE when not: MUST), or OPTIONS."""
 
     ocpi_status = OcpiStatus.CLIENT_ERROR
     http_status = 405
@@ -124,8 +170,74 @@ class ServerError(OcpiError):
     http_status = 500
 
 
+class UnableToUseClientApi(OcpiError):
+    """3001: during a credentials POST/PUT our calls to the client's versions/version details failed."""
+
+    ocpi_status = OcpiStatus.UNABLE_TO_USE_CLIENT_API
+    http_status = 200
+
+
+class UnsupportedVersion(OcpiError):
+    """3002: no version in common with the client (we speak 2.2.1)."""
+
+    ocpi_status = OcpiStatus.UNSUPPORTED_VERSION
+    http_status = 200
+
+
+class NoMatchingEndpoints(OcpiError):
+    """3003: the client lacks the endpoints we need (credentials, and one module in common)."""
+
+    ocpi_status = OcpiStatus.NO_MATCHING_ENDPOINTS
+    http_status = 200
+
+
+class HubError(OcpiError):
+    """4000: a generic Hub error. The 4xxx codes are a Hub's own routing failures; we define them so a
+    deployment acting as a Hub (and our tests) raise them like every other code. HTTP 200: OCPI layer."""
+
+    ocpi_status = OcpiStatus.HUB_ERROR
+    http_status = 200
+
+
+class UnknownReceiver(HubError):
+    """4001: the OCPI-to-* address is unknown to the Hub."""
+
+    ocpi_status = OcpiStatus.UNKNOWN_RECEIVER
+
+
+class ForwardTimeout(HubError):
+    """4002: forwarded, but the receiver did not answer in time."""
+
+    ocpi_status = OcpiStatus.TIMEOUT_ON_FORWARDED_REQUEST
+
+
+class ConnectionProblem(HubError):
+    """4003: the receiving party is not connected."""
+
+    ocpi_status = OcpiStatus.CONNECTION_PROBLEM
+
+
+# The typed exception of every non-success status code; a test checks that the table covers OcpiStatus.
+STATUS_EXCEPTIONS: dict[OcpiStatus, type[OcpiError]] = {
+    OcpiStatus.CLIENT_ERROR: ClientError,
+    OcpiStatus.INVALID_PARAMETERS: InvalidParameters,
+    OcpiStatus.NOT_ENOUGH_INFORMATION: NotEnoughInformation,
+    OcpiStatus.UNKNOWN_LOCATION: UnknownLocation,
+    OcpiStatus.UNKNOWN_TOKEN: UnknownToken,
+    OcpiStatus.SERVER_ERROR: ServerError,
+    OcpiStatus.UNABLE_TO_USE_CLIENT_API: UnableToUseClientApi,
+    OcpiStatus.UNSUPPORTED_VERSION: UnsupportedVersion,
+    OcpiStatus.NO_MATCHING_ENDPOINTS: NoMatchingEndpoints,
+    OcpiStatus.HUB_ERROR: HubError,
+    OcpiStatus.UNKNOWN_RECEIVER: UnknownReceiver,
+    OcpiStatus.TIMEOUT_ON_FORWARDED_REQUEST: ForwardTimeout,
+    OcpiStatus.CONNECTION_PROBLEM: ConnectionProblem,
+}
+
+
 def handle_ocpi_error(request: Request[Any, Any, Any], exc: OcpiError) -> Response[bytes]:
-    return ocpi_response(exc.data, status=exc.ocpi_status, http_status=exc.http_status, message=exc.message)
+    return ocpi_response(exc.data, status=exc.ocpi_status, http_status=exc.http_status, message=exc.message,
+                         headers=exc.headers)
 
 
 _HTTP_TO_OCPI = {400: OcpiStatus.INVALID_PARAMETERS, 413: OcpiStatus.INVALID_PARAMETERS}
@@ -134,13 +246,21 @@ _HTTP_TO_OCPI = {400: OcpiStatus.INVALID_PARAMETERS, 413: OcpiStatus.INVALID_PAR
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     """Framework errors (unknown path, wrong method, body too large ...) as envelopes, same HTTP status."""
     status = exc.status_code
-    ocpi_status = _HTTP_TO_OCPI.get(status, OcpiStatus.SERVER_ERROR if status >= 500 else OcpiStatus.CLIENT_ERROR)
+    fallback = OcpiStatus.SERVER_ERROR if status >= 500 else OcpiStatus.CLIENT_ERROR
+    ocpi_status = _HTTP_TO_OCPI.get(status, fallback)
     messages = {404: f"no OCPI endpoint at {request.url.path}",
                 405: f"method {request.method} is not supported on {request.url.path}",
                 413: "request body too large"}
-    headers = {"Allow": exc.headers["Allow"]} if exc.headers and "Allow" in exc.headers else None
-    return ocpi_response(status=ocpi_status, http_status=status, message=messages.get(status, exc.detail),
-                         headers=headers)
+    message = messages.get(status) or ("internal server error" if status >= 500 else exc.detail)
+    if status >= 500:
+        log.error("framework error %s on %s %s: %s", status, request.method, request.url.path, exc.detail)
+    # Litestar names the header `allow` (lower case); 405 MUST carry it (RFC 9110).
+    allow = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), None)
+    if allow:
+        # Litestar lists its automatic OPTIONS handler, which the guard refuses (OCPI has no OPTIONS).
+        allow = ", ".join(sorted({m.strip() for m in allow.split(",")} - {"", "OPTIONS"}))
+    return ocpi_response(status=ocpi_status, http_status=status, message=message,
+                         headers={"Allow": allow} if allow else None)
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -160,6 +280,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
 
 _ID_STATE_KEY = "ocpi_ids"
 _ROUTING_STATE_KEY = "ocpi_routing"
+_RESPONSE_ROUTING_STATE_KEY = "ocpi_response_routing"
 _MAX_ID_LENGTH = 255
 
 
@@ -171,20 +292,24 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _usable_id(value: str | None) -> bool:
-    return bool(value) and len(value) <= _MAX_ID_LENGTH and value.isprintable()  # type: ignore[arg-type]
+    return value is not None and 0 < len(value) <= _MAX_ID_LENGTH and value.isprintable()
 
 
 def message_ids(scope: Scope) -> tuple[str, str]:
     """(X-Request-ID, X-Correlation-ID) of this request; generated when absent (the spec gives no error)."""
     state = scope.setdefault("state", {})
-    ids = state.get(_ID_STATE_KEY)
+    ids: tuple[str, str] | None = state.get(_ID_STATE_KEY)
     if ids is None:
         request_id = _header(scope, b"x-request-id")
         correlation_id = _header(scope, b"x-correlation-id")
-        ids = (request_id if _usable_id(request_id) else str(uuid.uuid4()),
-               correlation_id if _usable_id(correlation_id) else str(uuid.uuid4()))
+        ids = (request_id if request_id is not None and _usable_id(request_id) else str(uuid.uuid4()),
+               correlation_id if correlation_id is not None and _usable_id(correlation_id)
+               else str(uuid.uuid4()))
         state[_ID_STATE_KEY] = ids
-    return ids  # type: ignore[no-any-return]
+    return ids
+
+
+Party = tuple[str, str]  # (country_code, party_id)
 
 
 class RoutingHeaders(msgspec.Struct, frozen=True):
@@ -197,9 +322,21 @@ class RoutingHeaders(msgspec.Struct, frozen=True):
     def present(self) -> bool:
         return any((self.from_country_code, self.from_party_id, self.to_country_code, self.to_party_id))
 
+    @property
+    def sender(self) -> Party | None:
+        if self.from_country_code and self.from_party_id:
+            return self.from_country_code, self.from_party_id
+        return None
 
-_COUNTRY = re.compile(r"^[A-Za-z]{2}$")
-_PARTY = re.compile(r"^[A-Za-z0-9]{3}$")
+    @property
+    def receiver(self) -> Party | None:
+        if self.to_country_code and self.to_party_id:
+            return self.to_country_code, self.to_party_id
+        return None
+
+
+_COUNTRY = re.compile(r"^[A-Za-z]{2}\Z")
+_PARTY = re.compile(r"^[A-Za-z0-9]{3}\Z")
 _ROUTING_NAMES = (("from_country_code", b"ocpi-from-country-code", _COUNTRY),
                   ("from_party_id", b"ocpi-from-party-id", _PARTY),
                   ("to_country_code", b"ocpi-to-country-code", _COUNTRY),
@@ -207,44 +344,60 @@ _ROUTING_NAMES = (("from_country_code", b"ocpi-from-country-code", _COUNTRY),
 
 
 def routing_headers(scope: Scope) -> RoutingHeaders:
-    """The request's OCPI-from/to-* headers, validated (CiString(2) country, CiString(3) party); 2001 if bad."""
+    """The request's OCPI-from/to-* headers, validated: country ISO 3166 alpha-2 (CiString(2)), party id three
+    letters/digits (CiString(3)), each side complete or absent. Broken headers raise InvalidRoutingHeaders."""
     values: dict[str, str] = {}
     for attr, name, pattern in _ROUTING_NAMES:
         raw = _header(scope, name)
         if raw is None:
             continue
         if not pattern.match(raw):
-            raise InvalidParameters(f"header {name.decode()} is not a valid {'country code' if pattern is _COUNTRY else 'party id'}: {raw!r}")
+            what = "country code (2 letters)" if pattern is _COUNTRY else "party id (3 letters or digits)"
+            raise InvalidRoutingHeaders(f"header {name.decode()} is not a valid {what}: {raw[:40]!r}")
         values[attr] = raw
     if ("from_country_code" in values) != ("from_party_id" in values) or \
             ("to_country_code" in values) != ("to_party_id" in values):
-        raise InvalidParameters("routing headers come in pairs: OCPI-*-country-code with OCPI-*-party-id")
+        raise InvalidRoutingHeaders("routing headers come in pairs: OCPI-*-country-code with OCPI-*-party-id")
     routing = RoutingHeaders(**values)
     scope.setdefault("state", {})[_ROUTING_STATE_KEY] = routing
     return routing
 
 
+def set_response_routing(scope: Scope, *, sender: Party | None, receiver: Party | None) -> None:
+    """The routing headers of this request's response (set by the guard once it knows who answers whom)."""
+    scope.setdefault("state", {})[_RESPONSE_ROUTING_STATE_KEY] = (sender, receiver)
+
+
+def _response_routing(scope: Scope) -> tuple[Party | None, Party | None]:
+    state = scope.get("state", {})
+    decided = state.get(_RESPONSE_ROUTING_STATE_KEY)
+    if decided is not None:
+        return decided
+    routing: RoutingHeaders | None = state.get(_ROUTING_STATE_KEY)
+    if routing is None or not routing.present:
+        return None, None
+    # The answer goes back to whoever sent it: to := request's from, from := request's to.
+    return routing.receiver, routing.sender
+
+
 async def echo_headers(message: Message, scope: Scope) -> None:
-    """before_send hook: echo the message ids on every response, swap routing headers on functional modules."""
+    """before_send hook: echo the message ids on every response; routing headers on functional modules."""
     if message["type"] != "http.response.start":
         return
     request_id, correlation_id = message_ids(scope)
     headers = list(message.get("headers", []))
     headers.append((b"x-request-id", request_id.encode("latin-1")))
     headers.append((b"x-correlation-id", correlation_id.encode("latin-1")))
-    routing: RoutingHeaders | None = scope.get("state", {}).get(_ROUTING_STATE_KEY)
-    if routing is not None and routing.present:
-        # The answer goes back to whoever sent it: to := request's from, from := request's to.
-        for name, value in ((b"ocpi-to-country-code", routing.from_country_code),
-                            (b"ocpi-to-party-id", routing.from_party_id),
-                            (b"ocpi-from-country-code", routing.to_country_code),
-                            (b"ocpi-from-party-id", routing.to_party_id)):
-            if value:
-                headers.append((name, value.encode("latin-1")))
+    sender, receiver = _response_routing(scope)
+    for (country_name, party_name), party in (((b"ocpi-from-country-code", b"ocpi-from-party-id"), sender),
+                                              ((b"ocpi-to-country-code", b"ocpi-to-party-id"), receiver)):
+        if party is not None:
+            headers.append((country_name, party[0].encode("latin-1")))
+            headers.append((party_name, party[1].encode("latin-1")))
     message["headers"] = headers
 
 
-# --- request bodies ---------------------------------------------------------------------------------------
+# --- request bodies and values ----------------------------------------------------------------------------
 
 def decode_body(body: bytes, model: type[T], profile: CompatProfile | None) -> Decoded[T]:
     """Decode and validate a push body: not JSON → HTTP 400; invalid → 2001 naming the field's JSON path."""
@@ -253,4 +406,30 @@ def decode_body(body: bytes, model: type[T], profile: CompatProfile | None) -> D
     except OcpiJsonError as exc:
         raise MalformedJson(f"body is not valid JSON: {exc}") from None
     except OcpiValidationError as exc:
-        raise InvalidParameters(f"{exc.path}: {exc.reason}", data={"path": exc.path, "reason": exc.reason}) from None
+        raise InvalidParameters(f"{exc.path}: {exc.reason}",
+                                data={"path": exc.path, "reason": exc.reason}) from None
+
+
+def parse_timestamp(value: str, profile: CompatProfile | None = None, *, what: str = "timestamp") -> datetime:
+    """An OCPI DateTime from a header, query parameter or envelope: UTC, `Z` optional.
+
+    A numeric offset (even `+00:00`) is invalid in 2.2.1 and accepted only when the partner's profile enables
+    DATETIME_OFFSET; it is then normalised to UTC. Anything else raises InvalidParameters (2001).
+    """
+    try:
+        return parse_datetime(value)
+    except InvalidDateTime as exc:
+        relaxed = profile is not None and profile.allows(Relaxation.DATETIME_OFFSET)
+        if exc.reason == OFFSET_NOT_ALLOWED and relaxed:
+            fixed = offset_to_utc(value)
+            if fixed is not None:
+                try:
+                    return parse_datetime(fixed)
+                except InvalidDateTime:
+                    pass
+        raise InvalidParameters(f"{what}: {exc.reason}: {value[:40]!r}") from None
+
+
+def ocpi_data(value: Any) -> msgspec.Raw:
+    """An OCPI object as envelope `data` in wire form: DateTimes with Z, exact numbers, nulls left out."""
+    return msgspec.Raw(to_ocpi_json(value))
