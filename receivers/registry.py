@@ -1,8 +1,19 @@
-"""The partner registry: who may push to us, as which parties, with which tokens; persisted in ClickHouse.
+"""The partner registry: who may call us, as which parties, with which tokens; persisted in ClickHouse.
 
-Tokens that partners present to us (Token A before registration, our issued Token C after) are stored only as
-sha256 hashes and compared in constant time. The token we present to a partner (its Token B, or C after
-initiating a registration) must stay usable, so it is stored, and masked wherever it is shown.
+One JSON record per partner in the `partners` table (ReplacingMergeTree on a nanosecond revision: the last
+write wins, also across processes). ClickHouse is the one persistent store in both modes, so the registry
+survives restarts in `dev` (chDB, reached through the running instance's shim) and in `serve` (a server).
+
+Tokens, in the vocabulary of `07-credentials.md`:
+- *inbound* tokens are the ones a partner presents to us: the Token A we issue with an invitation
+  (versions and credentials only), the Token C we issue when a partner registers with us, or the Token B we
+  issue when we register with a partner. Only their sha256 is stored, and looked up in constant time.
+- the *outbound* token is the one we present to the partner (its Token B, or the Token C it issued to us). It
+  must stay usable, so it is stored as is, and masked (`infra.settings.mask`) wherever it is shown: `repr`,
+  logs, CLI output and errors.
+
+Every inbound token has a state: ACTIVE, RETIRING (a replaced token honoured until `expires_at`, the rotation
+grace of `OCPI_TOKEN_GRACE`) or REVOKED (kept, as a hash, for the audit trail).
 """
 
 from __future__ import annotations
@@ -11,64 +22,66 @@ import asyncio
 import hashlib
 import hmac
 import secrets
+import threading
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import msgspec
 from clickhouse_connect.driver.client import Client
 
+from infra.settings import mask
 from ocpi.compat import CompatProfile
+from ocpi.model import BusinessDetails, CredentialsRole, Endpoint, Role
 
 
 class PartnerStatus(StrEnum):
-    INVITED = "INVITED"  # holds a Token A, may only use versions and credentials
-    REGISTERED = "REGISTERED"  # handshake done (or registered by an operator), pushes allowed
-    SUSPENDED = "SUSPENDED"  # an operator stopped it; every token answers 401
-    UNREGISTERED = "UNREGISTERED"  # DELETE on credentials, or `partners delete`
+    INVITED = "INVITED"  # holds a Token A from us; may only use versions and credentials
+    REGISTERING = "REGISTERING"  # we are registering with it (`partners register`), waiting for its answer
+    REGISTERED = "REGISTERED"  # handshake done (or provisioned by an operator): full access
+    SUSPENDED = "SUSPENDED"  # an operator stopped it; every token answers 401 until `partners resume`
+    UNREGISTERED = "UNREGISTERED"  # a credentials DELETE (either direction): tokens revoked, record kept
+    DELETED = "DELETED"  # `partners delete`: a tombstone without tokens, kept for the audit trail
 
 
-class PartyRole(msgspec.Struct, frozen=True):
-    """A CredentialsRole the partner hosts: the (country_code, party_id) pairs it may push for."""
-
-    country_code: str
-    party_id: str
-    role: str
-    business_name: str = ""
-    business_details: dict[str, Any] | None = None
-
-    def matches(self, country_code: str, party_id: str) -> bool:
-        return self.country_code.upper() == country_code.upper() and self.party_id.upper() == party_id.upper()
+# Statuses whose inbound tokens are honoured by the guard.
+ACCEPTING = frozenset({PartnerStatus.INVITED, PartnerStatus.REGISTERING, PartnerStatus.REGISTERED})
 
 
-class PartnerEndpoint(msgspec.Struct, frozen=True):
-    identifier: str
-    role: str
-    url: str
+class TokenKind(StrEnum):
+    A = "A"  # registration token we issued with an invitation: versions and credentials only
+    B = "B"  # token we issued when we registered with the partner (we were the Sender)
+    C = "C"  # token we issued when the partner registered with us (we were the Receiver), or on its PUT
 
 
-class Partner(msgspec.Struct, kw_only=True):
-    partner_id: str
-    name: str
-    status: PartnerStatus
-    roles: list[PartyRole] = msgspec.field(default_factory=list)
-    token_a_hash: str | None = None
-    token_c_hash: str | None = None
-    token_for_partner: str | None = None  # what we send in Authorization when calling the partner
-    version: str | None = None
-    versions_url: str | None = None
-    endpoints: list[PartnerEndpoint] = msgspec.field(default_factory=list)
-    compat: list[str] = msgspec.field(default_factory=list)
-    created_at: datetime
-    updated_at: datetime
+class TokenState(StrEnum):
+    ACTIVE = "ACTIVE"
+    RETIRING = "RETIRING"  # replaced; honoured until expires_at
+    REVOKED = "REVOKED"
 
-    def owns(self, country_code: str, party_id: str) -> bool:
-        return any(role.matches(country_code, party_id) for role in self.roles)
 
-    @property
-    def profile(self) -> CompatProfile:
-        return CompatProfile.from_names(self.compat)
+class Origin(StrEnum):
+    PARTNER = "PARTNER"  # the partner registered with us (it POSTed to our credentials endpoint)
+    US = "US"  # we registered with the partner (`partners register`)
+    OPERATOR = "OPERATOR"  # provisioned without a handshake (register_direct)
+
+
+class InboundToken(msgspec.Struct, kw_only=True):
+    """A token the partner presents to us, by hash only."""
+
+    kind: TokenKind
+    sha256: str
+    state: TokenState = TokenState.ACTIVE
+    issued_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    def valid_at(self, now: datetime) -> bool:
+        if self.state is TokenState.ACTIVE:
+            return True
+        return self.state is TokenState.RETIRING and self.expires_at is not None and now < self.expires_at
 
 
 def hash_token(token: str) -> str:
@@ -76,12 +89,149 @@ def hash_token(token: str) -> str:
 
 
 def new_token() -> str:
-    """A fresh credentials token: URL-safe, within the spec's printable ASCII and 64 characters."""
+    """A fresh credentials token: 43 URL-safe characters (the spec allows printable ASCII, up to 64)."""
     return secrets.token_urlsafe(32)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def credentials_role(*, country_code: str, party_id: str, role: str | Role, business_name: str = "",
+                     website: str | None = None) -> CredentialsRole:
+    """A CredentialsRole from plain values (business name defaults to the party id)."""
+    return CredentialsRole(role=Role(role), party_id=party_id, country_code=country_code,
+                           business_details=BusinessDetails(name=business_name or party_id, website=website))
+
+
+# The name earlier callers (demo, tests) construct roles with.
+PartyRole = credentials_role
+
+
+def same_party(role: CredentialsRole, country_code: str, party_id: str) -> bool:
+    """CiString identity: country_code and party_id compare case-insensitively."""
+    return role.country_code.upper() == country_code.upper() and role.party_id.upper() == party_id.upper()
+
+
+class Partner(msgspec.Struct, kw_only=True):
+    partner_id: str
+    name: str
+    status: PartnerStatus
+    origin: Origin = Origin.PARTNER
+    roles: list[CredentialsRole] = msgspec.field(default_factory=list)
+    inbound_tokens: list[InboundToken] = msgspec.field(default_factory=list)
+    outbound_token: str | None = None  # what we send in Authorization when calling the partner; never shown
+    version: str | None = None
+    versions_url: str | None = None
+    endpoints: list[Endpoint] = msgspec.field(default_factory=list)
+    compat: list[str] = msgspec.field(default_factory=list)
+    created_at: datetime
+    updated_at: datetime
+    registered_at: datetime | None = None
+
+    def __repr__(self) -> str:
+        # The outbound token is usable as is; never let a log line or a traceback show it.
+        return (f"Partner(partner_id={self.partner_id!r}, status={self.status.value}, "
+                f"roles={[f'{r.country_code}/{r.party_id}/{r.role.value}' for r in self.roles]}, "
+                f"outbound_token={mask(self.outbound_token or '')!r})")
+
+    __str__ = __repr__
+
+    # --- identity -----------------------------------------------------------------------------------------
+
+    def owns(self, country_code: str, party_id: str) -> bool:
+        """Whether (country_code, party_id) is one of this partner's credentials roles."""
+        return any(same_party(role, country_code, party_id) for role in self.roles)
+
+    @property
+    def is_hub(self) -> bool:
+        return any(role.role is Role.HUB for role in self.roles)
+
+    @property
+    def profile(self) -> CompatProfile:
+        return CompatProfile.from_names(self.compat)
+
+    def endpoint(self, identifier: str, role: str | None = None) -> Endpoint | None:
+        for endpoint in self.endpoints:
+            if endpoint.identifier == identifier and (role is None or endpoint.role == role):
+                return endpoint
+        return None
+
+    # --- inbound tokens -----------------------------------------------------------------------------------
+
+    def valid_tokens(self, now: datetime | None = None) -> list[InboundToken]:
+        now = now or _now()
+        return [token for token in self.inbound_tokens if token.valid_at(now)]
+
+    def issue_token(self, kind: TokenKind) -> str:
+        """A new ACTIVE inbound token of `kind`; returns it in clear (the only time it exists in clear)."""
+        token = new_token()
+        self.inbound_tokens.append(InboundToken(kind=kind, sha256=hash_token(token), issued_at=_now()))
+        self._trim_history()
+        return token
+
+    def retire_tokens(self, *, keep: Iterable[str] = (), grace_s: float = 0.0,
+                      kinds: Iterable[TokenKind] | None = None) -> None:
+        """Replace every valid inbound token (of `kinds`) except the hashes in `keep`.
+
+        With a grace, replaced tokens stay usable until now + grace (RETIRING); without, they are revoked.
+        """
+        now = _now()
+        keep = set(keep)
+        wanted = set(kinds) if kinds is not None else set(TokenKind)
+        for token in self.inbound_tokens:
+            if token.sha256 in keep or token.kind not in wanted or not token.valid_at(now):
+                continue
+            if grace_s > 0 and token.state is TokenState.ACTIVE:
+                token.state = TokenState.RETIRING
+                token.expires_at = now + timedelta(seconds=grace_s)
+            elif token.state is not TokenState.REVOKED:
+                token.state = TokenState.REVOKED
+                token.revoked_at = now
+
+    def revoke_tokens(self, *, kinds: Iterable[TokenKind] | None = None, sha256: str | None = None) -> None:
+        now = _now()
+        wanted = set(kinds) if kinds is not None else set(TokenKind)
+        for token in self.inbound_tokens:
+            if token.state is TokenState.REVOKED or token.kind not in wanted:
+                continue
+            if sha256 is not None and token.sha256 != sha256:
+                continue
+            token.state = TokenState.REVOKED
+            token.revoked_at = now
+
+    def _trim_history(self, keep_revoked: int = 8) -> None:
+        """Revoked hashes are only an audit trail: keep the newest few."""
+        revoked = [t for t in self.inbound_tokens if t.state is TokenState.REVOKED]
+        for token in revoked[:-keep_revoked] if len(revoked) > keep_revoked else []:
+            self.inbound_tokens.remove(token)
+
+
+class RoutedPartner(Partner, kw_only=True):
+    """A per-request view of a Hub partner, widened by what the routing headers authorise (see auth.py).
+
+    `routed_parties` are the parties the Hub relays for in this request (named in OCPI-from-*);
+    `broadcast` is set for a broadcast push of a broadcastable module, where the URL keeps the original owner.
+    Never persisted (PartnerRegistry.save refuses it).
+    """
+
+    routed_parties: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    broadcast: bool = False
+
+    def owns(self, country_code: str, party_id: str) -> bool:
+        if super().owns(country_code, party_id) or self.broadcast:
+            return True
+        return any(c.upper() == country_code.upper() and p.upper() == party_id.upper()
+                   for c, p in self.routed_parties)
+
+    @classmethod
+    def of(cls, partner: Partner, *, routed_parties: list[tuple[str, str]], broadcast: bool) -> RoutedPartner:
+        fields = {name: getattr(partner, name) for name in Partner.__struct_fields__}
+        return cls(**fields, routed_parties=routed_parties, broadcast=broadcast)
+
+
+class RegistryError(ValueError):
+    """An operation the partner's current state does not allow; the message says what to do instead."""
 
 
 _encoder = msgspec.json.Encoder()
@@ -93,105 +243,239 @@ class PartnerRegistry:
 
     def __init__(self, client: Client) -> None:
         self._client = client
+        # One client serves the receivers' threads (asyncio.to_thread); chDB clients are not thread-safe.
+        self._lock = threading.Lock()
 
-    def all(self) -> list[Partner]:
-        rows = self._client.query("SELECT record_json FROM partners FINAL ORDER BY partner_id").result_rows
-        return [_decoder.decode(row[0]) for row in rows]
+    def all(self, *, include_deleted: bool = False) -> list[Partner]:
+        with self._lock:
+            rows = self._client.query(
+                "SELECT record_json FROM partners FINAL ORDER BY partner_id").result_rows
+        partners = [_decoder.decode(row[0]) for row in rows]
+        return partners if include_deleted else [p for p in partners if p.status is not PartnerStatus.DELETED]
 
     def get(self, partner_id: str) -> Partner | None:
-        rows = self._client.query("SELECT record_json FROM partners FINAL WHERE partner_id = {id:String}",
-                                  parameters={"id": partner_id}).result_rows
+        with self._lock:
+            rows = self._client.query("SELECT record_json FROM partners FINAL WHERE partner_id = {id:String}",
+                                      parameters={"id": partner_id}).result_rows
         return _decoder.decode(rows[0][0]) if rows else None
 
-    def save(self, partner: Partner) -> Partner:
-        partner.updated_at = _now()
-        # time_ns as revision: later writes win, even from different processes.
-        self._client.insert("partners", [[partner.partner_id, time.time_ns(),
-                                          _encoder.encode(partner).decode(), partner.updated_at]],
-                            column_names=["partner_id", "revision", "record_json", "updated_at"])
+    def require(self, partner_id: str) -> Partner:
+        partner = self.get(partner_id)
+        if partner is None or partner.status is PartnerStatus.DELETED:
+            raise RegistryError(f"no partner {partner_id!r} (see `ocpi-pipeline partners list`)")
         return partner
 
-    def invite(self, partner_id: str, name: str, *, compat: list[str] | None = None) -> tuple[Partner, str]:
-        """A new partner holding a Token A; returns it with the Token A (shown once)."""
-        if self.get(partner_id) is not None:
-            raise ValueError(f"partner {partner_id!r} exists already")
-        CompatProfile.from_names(compat or [])  # fail early on an unknown relaxation
-        token_a = new_token()
+    def save(self, partner: Partner) -> Partner:
+        if type(partner) is not Partner:
+            raise TypeError("only a Partner record is persisted, never a per-request view")
+        partner.updated_at = _now()
+        # time_ns as revision: later writes win, even from different processes.
+        with self._lock:
+            self._client.insert("partners", [[partner.partner_id, time.time_ns(),
+                                              _encoder.encode(partner).decode(), partner.updated_at]],
+                                column_names=["partner_id", "revision", "record_json", "updated_at"])
+        return partner
+
+    def party_holder(self, roles: Iterable[CredentialsRole], *,
+                     except_id: str) -> tuple[CredentialsRole, str] | None:
+        """The first role already held by another live partner, with that partner's id; None if all are free.
+
+        A (country_code, party_id) belongs to one connection: otherwise a second platform could overwrite the
+        first one's objects. An operator frees a party with `partners delete` or `unregister`.
+        """
+        roles = list(roles)
+        for other in self.all():
+            if other.partner_id == except_id or other.status in (PartnerStatus.UNREGISTERED,
+                                                                 PartnerStatus.DELETED):
+                continue
+            for role in roles:
+                if other.owns(role.country_code, role.party_id):
+                    return role, other.partner_id
+        return None
+
+    def invite(self, partner_id: str, name: str, *, compat: Iterable[str] = ()) -> tuple[Partner, str]:
+        """A partner waiting for its registration, holding a new Token A; returns it with the Token A.
+
+        A new id, or one that is unregistered or deleted (a fresh start; its roles are forgotten).
+        """
+        compat = list(compat)
+        CompatProfile.from_names(compat)  # fail early on an unknown relaxation
+        check_partner_id(partner_id)
+        existing = self.get(partner_id)
+        if existing is not None and existing.status not in (PartnerStatus.UNREGISTERED,
+                                                            PartnerStatus.DELETED):
+            invited = existing.status is PartnerStatus.INVITED
+            hint = "rotate it for a new Token A" if invited else "unregister or delete it first"
+            raise RegistryError(f"partner {partner_id!r} exists already ({existing.status.value}; {hint})")
         now = _now()
-        partner = Partner(partner_id=partner_id, name=name, status=PartnerStatus.INVITED,
-                          token_a_hash=hash_token(token_a), compat=list(compat or []),
-                          created_at=now, updated_at=now)
+        partner = Partner(partner_id=partner_id, name=name, status=PartnerStatus.INVITED, compat=compat,
+                          created_at=existing.created_at if existing else now, updated_at=now)
+        if existing is not None:
+            partner.inbound_tokens = existing.inbound_tokens
+            partner.revoke_tokens()
+        token_a = partner.issue_token(TokenKind.A)
         return self.save(partner), token_a
 
     def reinvite(self, partner_id: str) -> str:
         """A new Token A for a partner that has not registered yet (the old one stops working)."""
         partner = self.get(partner_id)
         if partner is None or partner.status is not PartnerStatus.INVITED:
-            raise ValueError(f"partner {partner_id!r} is not waiting for a registration")
-        token_a = new_token()
-        partner.token_a_hash = hash_token(token_a)
+            raise RegistryError(f"partner {partner_id!r} is not waiting for a registration")
+        partner.revoke_tokens(kinds=[TokenKind.A])
+        token_a = partner.issue_token(TokenKind.A)
         self.save(partner)
         return token_a
 
-    def register_direct(self, partner_id: str, name: str, roles: list[PartyRole], *,
-                        compat: list[str] | None = None) -> tuple[Partner, str]:
-        """Register a partner without a handshake (operator-provisioned); returns its Token C."""
-        CompatProfile.from_names(compat or [])
-        token_c = new_token()
+    def register_direct(self, partner_id: str, name: str, roles: list[CredentialsRole], *,
+                        compat: Iterable[str] = ()) -> tuple[Partner, str]:
+        """Register a partner without a handshake (operator-provisioned); returns its token (kind C)."""
+        compat = list(compat)
+        CompatProfile.from_names(compat)
+        check_partner_id(partner_id)
+        held = self.party_holder(roles, except_id=partner_id)
+        if held is not None:
+            role, holder = held
+            raise RegistryError(f"party {role.country_code}/{role.party_id} belongs to partner {holder!r}")
         now = _now()
-        partner = Partner(partner_id=partner_id, name=name, status=PartnerStatus.REGISTERED, roles=roles,
-                          token_c_hash=hash_token(token_c), compat=list(compat or []), version="2.2.1",
-                          created_at=now, updated_at=now)
-        return self.save(partner), token_c
+        existing = self.get(partner_id)
+        partner = Partner(partner_id=partner_id, name=name, status=PartnerStatus.REGISTERED,
+                          origin=Origin.OPERATOR, roles=list(roles), compat=compat, version="2.2.1",
+                          created_at=existing.created_at if existing else now, updated_at=now,
+                          registered_at=now)
+        if existing is not None:
+            partner.inbound_tokens = existing.inbound_tokens
+            partner.revoke_tokens()
+        token = partner.issue_token(TokenKind.C)
+        return self.save(partner), token
+
+    def set_status(self, partner_id: str, status: PartnerStatus) -> Partner:
+        """Operator actions: SUSPENDED (from a live state), REGISTERED/INVITED again (resume)."""
+        partner = self.require(partner_id)
+        if status is PartnerStatus.SUSPENDED:
+            if partner.status not in ACCEPTING:
+                raise RegistryError(f"partner {partner_id!r} is {partner.status.value}; nothing to suspend")
+            partner.status = PartnerStatus.SUSPENDED
+        else:
+            if partner.status is not PartnerStatus.SUSPENDED:
+                raise RegistryError(f"partner {partner_id!r} is {partner.status.value}, not suspended")
+            # Resume where it was: a partner that never completed a handshake is still only invited.
+            partner.status = PartnerStatus.REGISTERED if partner.registered_at else PartnerStatus.INVITED
+        return self.save(partner)
+
+    def unregister(self, partner: Partner) -> Partner:
+        """A credentials DELETE (either direction): every token is dead, the record stays."""
+        partner.status = PartnerStatus.UNREGISTERED
+        partner.revoke_tokens()
+        partner.outbound_token = None
+        return self.save(partner)
+
+    def delete(self, partner_id: str) -> Partner:
+        """Forget a partner locally: a tombstone without any token (ids in raw events still resolve)."""
+        partner = self.require(partner_id)
+        partner.status = PartnerStatus.DELETED
+        partner.revoke_tokens()
+        partner.outbound_token = None
+        return self.save(partner)
+
+    def set_compat(self, partner_id: str, compat: Iterable[str]) -> Partner:
+        compat = list(CompatProfile.from_names(list(compat)).names)
+        partner = self.require(partner_id)
+        partner.compat = compat
+        return self.save(partner)
 
 
-class TokenKind(StrEnum):
-    A = "A"
-    C = "C"
+def check_partner_id(partner_id: str) -> None:
+    allowed = all(c.isascii() and (c.isalnum() or c in "-_.") for c in partner_id)
+    if not partner_id or len(partner_id) > 64 or not allowed:
+        raise RegistryError(f"partner id {partner_id!r}: use 1-64 of A-Z a-z 0-9 - _ .")
 
 
 class PartnerDirectory:
     """The receivers' in-memory view of the registry, for the per-request token lookup.
 
-    Reloaded every `refresh_s` seconds, and at once (rate-limited) when a token is not found, so a partner
-    created a moment ago can push right away and a suspension takes effect within `refresh_s`.
+    Reloaded every `refresh_s` seconds (so a suspension or rotation made by another process takes effect
+    within that time) and on every unknown token, so a token saved a moment ago by another process (the CLI
+    registering with a partner, whose callback arrives at once) is found. Reloads on misses are coalesced
+    and spaced by `miss_reload_s`, but a miss always waits for a reload that *started after it arrived*: a
+    flood of unknown tokens costs at most one registry read per `miss_reload_s`, and never hides a fresh
+    token.
+    Changes made by this process (`apply`) take effect at once.
     """
 
-    def __init__(self, registry: PartnerRegistry, *, refresh_s: float = 2.0, miss_reload_s: float = 0.05) -> None:
+    def __init__(self, registry: PartnerRegistry, *, refresh_s: float = 2.0,
+                 miss_reload_s: float = 0.05) -> None:
         self._registry = registry
         self._refresh_s = refresh_s
         self._miss_reload_s = miss_reload_s
-        self._by_hash: dict[str, tuple[Partner, TokenKind]] = {}
-        self._loaded_at = 0.0
+        self._by_hash: dict[str, tuple[str, InboundToken]] = {}
+        self._partners: dict[str, Partner] = {}
+        self._reload_started = float("-inf")
         self._lock = asyncio.Lock()
 
-    async def reload(self) -> None:
-        partners = await asyncio.to_thread(self._registry.all)
-        by_hash: dict[str, tuple[Partner, TokenKind]] = {}
-        for partner in partners:
-            if partner.token_a_hash:
-                by_hash[partner.token_a_hash] = (partner, TokenKind.A)
-            if partner.token_c_hash:
-                by_hash[partner.token_c_hash] = (partner, TokenKind.C)
-        self._by_hash = by_hash
-        self._loaded_at = time.monotonic()
+    @property
+    def registry(self) -> PartnerRegistry:
+        return self._registry
 
-    async def _maybe_reload(self, min_age: float) -> None:
-        if time.monotonic() - self._loaded_at < min_age:
-            return
+    async def reload(self) -> None:
+        self._reload_started = time.monotonic()
+        partners = await asyncio.to_thread(self._registry.all)
+        self._partners = {}
+        self._by_hash = {}
+        for partner in partners:
+            self._index(partner)
+
+    def _index(self, partner: Partner) -> None:
+        self._partners[partner.partner_id] = partner
+        for token in partner.inbound_tokens:
+            if token.state is not TokenState.REVOKED:
+                self._by_hash[token.sha256] = (partner.partner_id, token)
+
+    def apply(self, partner: Partner) -> None:
+        """Take a partner this process just saved into account at once."""
+        self._by_hash = {h: v for h, v in self._by_hash.items() if v[0] != partner.partner_id}
+        self._partners.pop(partner.partner_id, None)
+        if partner.status is not PartnerStatus.DELETED:
+            self._index(partner)
+
+    async def _reload_after(self, arrived: float) -> None:
         async with self._lock:
-            if time.monotonic() - self._loaded_at >= min_age:
-                await self.reload()
+            if self._reload_started >= arrived:
+                return  # a reload that started after this request arrived has completed meanwhile
+            wait = self._reload_started + self._miss_reload_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.reload()
 
     async def lookup(self, token: str) -> tuple[Partner, TokenKind] | None:
-        await self._maybe_reload(self._refresh_s)
+        """The partner and token kind of a token valid now; None if unknown or no longer valid."""
+        arrived = time.monotonic()
+        if arrived - self._reload_started >= self._refresh_s:
+            await self._reload_after(arrived)
         digest = hash_token(token)
         found = self._by_hash.get(digest)
         if found is None:
-            await self._maybe_reload(self._miss_reload_s)
+            await self._reload_after(arrived)
             found = self._by_hash.get(digest)
         if found is None:
             return None
-        stored = found[0].token_a_hash if found[1] is TokenKind.A else found[0].token_c_hash
-        # The dict lookup found it by hash; the constant-time compare keeps the check itself timing-safe.
-        return found if stored and hmac.compare_digest(stored, digest) else None
+        partner_id, stored = found
+        # Found by hash; the constant-time compare keeps the final check itself timing-safe.
+        if not hmac.compare_digest(stored.sha256, digest) or not stored.valid_at(_now()):
+            return None
+        partner = self._partners[partner_id]
+        if partner.status not in ACCEPTING:
+            return None
+        return partner, stored.kind
+
+    def partner(self, partner_id: str) -> Partner | None:
+        return self._partners.get(partner_id)
+
+    def known(self) -> list[Partner]:
+        return list(self._partners.values())
+
+
+def record_json(partner: Partner) -> dict[str, Any]:
+    """The record as builtins with the outbound token masked (CLI `show --format json`)."""
+    data: dict[str, Any] = msgspec.to_builtins(partner)
+    data["outbound_token"] = mask(partner.outbound_token or "") or None
+    return data
