@@ -12,10 +12,10 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from infra.clickhouse.client import connect_for
-from infra.kafka.publisher import Publisher
 from infra.kafka.bootstrap import resolve_bootstrap
+from infra.kafka.publisher import Publisher
 from infra.settings import Settings, get_settings
-from receivers import cdrs, sessions
+from receivers import cdrs, credentials, sessions, versions
 from receivers.auth import authenticate
 from receivers.publishing import EventPublisher, RecordSink
 from receivers.registry import PartnerDirectory, PartnerRegistry
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, *, sink: RecordSink | None = No
             records = publisher
         registry = (registry_factory or (lambda: PartnerRegistry(connect_for(settings))))()
         app.state.partners = PartnerDirectory(registry)
+        app.state.credential_locks = credentials.PartnerLocks()
         app.state.events = EventPublisher(records, settings.kafka)
         await app.state.partners.reload()
         try:
@@ -48,22 +49,23 @@ def create_app(settings: Settings | None = None, *, sink: RecordSink | None = No
                 await asyncio.shield(publisher.stop())
 
     def provide_events(state: State) -> EventPublisher:
-        return state.events  # type: ignore[no-any-return]
+        return state.events
 
     def provide_settings() -> Settings:
-        return settings  # type: ignore[return-value]
+        return settings
 
     dependencies: dict[str, Any] = {
         "events": Provide(provide_events, sync_to_thread=False),
         "settings": Provide(provide_settings, sync_to_thread=False),
     }
     return Litestar(
-        route_handlers=[sessions.router, cdrs.router],
+        route_handlers=[versions.router, credentials.router, sessions.router, cdrs.router],
         guards=[authenticate],
         dependencies=dependencies,
         exception_handlers=EXCEPTION_HANDLERS,
         before_send=[echo_headers],
         lifespan=[lifespan],
+        state=State({"settings": settings}),
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=None,
         debug=False,

@@ -1,10 +1,29 @@
-"""Authentication (`Authorization: Token <base64>`) and owner authorization, as one Litestar guard.
+"""Authentication (`Authorization: Token <base64>`) and party authorization, as one app-level Litestar guard.
 
-Rules (`04-transport-format.md` §2, `12-receiver-pitfalls.md` 1-2, 7):
-- missing or unknown token: HTTP 401 with an envelope;
-- Token A only on versions and credentials (handlers opt in with `opt={"token_a": True}`);
-- the raw, un-encoded token only for partners whose compatibility profile enables `raw_token`;
-- a suspended or unregistered partner is unknown.
+Authentication (`04-transport-format.md` §2, `12-receiver-pitfalls.md` 1-2):
+- missing, malformed or unknown token: HTTP 401 with an envelope;
+- Token A only on versions and credentials (their routers opt in with `opt={"token_a": True}`);
+- the raw, un-encoded token only for partners whose compatibility profile enables `RAW_TOKEN`;
+- a suspended, unregistered or deleted partner is unknown (401).
+
+Authorization on functional modules (every router with an `ocpi_module` other than versions/credentials):
+routing headers are validated (transport.routing_headers) and checked against the caller, and the owner
+named in the URL (`{country_code}/{party_id}`) must be a party the caller may act for. The rules:
+
+1. Routing headers are required (all four) from a HUB partner and from a partner with more than one
+   credentials role (04 §8.1); a single-role peer may leave them out (its party is implied by its token).
+   When present, OCPI-to-* must name our own party (settings `OCPI_PARTY_*`), and OCPI-from-* must name one
+   of the caller's credentials roles, except from a Hub, which relays for parties that are not in its
+   roles (a Hub reports only itself, 07 §5). Broken routing headers: HTTP 400, 2001.
+2. The owner of the object (URL, or body for CDRs) must be one of the caller's credentials roles, or, for a
+   HUB partner, either
+   a. the party named in OCPI-from-* (an addressed or open-routed request the Hub relays for its owner), or
+   b. any party, when OCPI-from-* names the Hub itself and the request is a broadcast push (PUT, PATCH or
+      POST) of a module meant for everybody (locations, tariffs, tokens): 04 §9 keeps the original owner in
+      the URL of a broadcast. Sessions and CDRs are never broadcast, and GET never is.
+   Otherwise: HTTP 404 with 2001 (04 §6.2 allows 404 to hide what belongs to someone else).
+Handlers then call `require_owner(request.state.partner, ...)` for owners they find in the body; for a Hub,
+`request.state.partner` is a per-request RoutedPartner that knows what the headers authorised.
 """
 
 from __future__ import annotations
@@ -16,49 +35,134 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from receivers.registry import Partner, PartnerDirectory, PartnerStatus, TokenKind
-from receivers.transport import NotFound, Unauthorized
+from infra.settings import Settings
+from receivers.registry import Partner, PartnerDirectory, RoutedPartner, TokenKind
+from receivers.transport import (
+    ForeignParty,
+    InvalidRoutingHeaders,
+    MethodNotAllowed,
+    Party,
+    RoutingHeaders,
+    Unauthorized,
+    routing_headers,
+    set_response_routing,
+)
 
-TOKEN_A_ALLOWED = "token_a"
+TOKEN_A_ALLOWED = "token_a"  # noqa: S105 - a handler opt name, not a secret
+MODULE_OPT = "ocpi_module"
+CONFIGURATION_MODULES = frozenset({"versions", "credentials", "hubclientinfo"})
+BROADCAST_MODULES = frozenset({"locations", "tariffs", "tokens"})
+_PUSH_METHODS = frozenset({"PUT", "PATCH", "POST"})
 
 
 def parse_authorization(header: str | None) -> tuple[str | None, str]:
-    """(decoded token or None if not valid Base64, raw header token) of `Token <value>`."""
+    """(decoded token or None if not valid Base64 UTF-8, raw header token) of `Token <value>`."""
     if not header:
         raise Unauthorized("missing Authorization header")
     scheme, _, value = header.partition(" ")
-    if scheme.lower() != "token" or not value or " " in value.strip():
-        raise Unauthorized("Authorization header must be 'Token <base64 token>'")
     raw = value.strip()
+    if scheme.lower() != "token" or not raw or any(c.isspace() for c in raw):
+        raise Unauthorized("Authorization header must be 'Token <base64 of the credentials token>'")
     try:
         decoded = base64.b64decode(raw, validate=True).decode("utf-8")
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None, raw
     # The spec's own sample headers encode a trailing newline; tolerate exactly one when reading.
-    return decoded.removesuffix("\n"), raw
+    return decoded.removesuffix("\n") or None, raw
+
+
+async def _identify(directory: PartnerDirectory, header: str | None) -> tuple[Partner, TokenKind, str]:
+    decoded, raw = parse_authorization(header)
+    if decoded is not None:
+        found = await directory.lookup(decoded)
+        if found is not None:
+            return found[0], found[1], decoded
+    if raw != decoded:
+        # The raw form only for partners that opted in: otherwise a leaked header value would be a token too.
+        found = await directory.lookup(raw)
+        if found is not None and found[0].profile.raw_token:
+            return found[0], found[1], raw
+    raise Unauthorized("unknown token")
 
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Guard: find the partner for the token and store it on `connection.state.partner`."""
+    """Guard: find the partner for the token; on functional modules, check routing headers and the owner.
+
+    Sets `connection.state.partner` (the Partner, or a RoutedPartner for a Hub), `token_kind`, and `token`
+    (the presented credentials token in clear, for this request only: credentials GET answers with it).
+    """
+    method: str = connection.scope["method"]  # type: ignore[typeddict-item]
+    if method == "OPTIONS":
+        # Litestar answers OPTIONS itself with an empty 204; OCPI has no OPTIONS, so keep to the envelope.
+        raise MethodNotAllowed("OCPI endpoints do not support OPTIONS",
+                               headers={"Allow": _allowed(connection, handler)})
     directory: PartnerDirectory = connection.app.state.partners
-    decoded, raw = parse_authorization(connection.headers.get("authorization"))
-    found = await directory.lookup(decoded) if decoded is not None else None
-    if found is None:
-        raw_found = await directory.lookup(raw)
-        if raw_found is not None and raw_found[0].profile.raw_token:
-            found = raw_found
-    if found is None:
-        raise Unauthorized("unknown token")
-    partner, kind = found
-    if partner.status in (PartnerStatus.SUSPENDED, PartnerStatus.UNREGISTERED):
-        raise Unauthorized("unknown token")
+    partner, kind, token = await _identify(directory, connection.headers.get("authorization"))
     if kind is TokenKind.A and not handler.opt.get(TOKEN_A_ALLOWED):
         raise Unauthorized("Token A is only valid on the versions and credentials modules")
     connection.state.partner = partner
     connection.state.token_kind = kind
+    connection.state.token = token
+    module = handler.opt.get(MODULE_OPT)
+    if module and module not in CONFIGURATION_MODULES:
+        settings: Settings = connection.app.state.settings
+        ours = (settings.party.country_code, settings.party.party_id)
+        params = connection.path_params
+        has_owner = "country_code" in params and "party_id" in params
+        owner = (params["country_code"], params["party_id"]) if has_owner else None
+        connection.state.partner = authorize(partner, routing_headers(connection.scope), ours=ours,
+                                             module=module, method=method, owner=owner,
+                                             scope=connection.scope)
+
+
+def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module: str, method: str,
+              owner: Party | None, scope: Any = None) -> Partner:
+    """The module docstring's rules 1 and 2; returns the Partner (a RoutedPartner for a Hub) to act as."""
+    sender, receiver = routing.sender, routing.receiver
+    if partner.is_hub or len(partner.roles) > 1:
+        missing = [name for name, side in (("OCPI-from-*", sender), ("OCPI-to-*", receiver)) if side is None]
+        if missing:
+            why = "a Hub" if partner.is_hub else "a platform with several parties"
+            raise InvalidRoutingHeaders(f"{' and '.join(missing)} headers are required from {why} (04 §8.1)")
+    if receiver is not None and not _same(receiver, ours):
+        raise InvalidRoutingHeaders(f"OCPI-to-* names {receiver[0]}/{receiver[1]}; this platform hosts "
+                                    f"{ours[0]}/{ours[1]}")
+    if sender is not None and not partner.is_hub and not partner.owns(*sender):
+        raise InvalidRoutingHeaders(f"OCPI-from-* names {sender[0]}/{sender[1]}, which is not one of this "
+                                    "partner's credentials roles")
+    if scope is not None:
+        # The answer goes back to the sender, from us: the parties named in the request, or implied by the
+        # connection when a single-party peer left the headers out.
+        only = partner.roles[0] if len(partner.roles) == 1 else None
+        implied = (only.country_code, only.party_id) if only is not None else None
+        set_response_routing(scope, sender=receiver or ours, receiver=sender or implied)
+
+    acting: Partner = partner
+    if partner.is_hub and sender is not None:
+        hub_itself = partner.owns(*sender)
+        broadcast = hub_itself and module in BROADCAST_MODULES and method in _PUSH_METHODS
+        acting = RoutedPartner.of(partner, routed_parties=[] if hub_itself else [sender], broadcast=broadcast)
+    if owner is not None:
+        require_owner(acting, *owner)
+    return acting
 
 
 def require_owner(partner: Partner, country_code: str, party_id: str) -> None:
-    """The URL's party must be one of the caller's credentials roles; otherwise the object is hidden (404)."""
+    """The object's owner must be a party the caller may act for; otherwise it is hidden (404, 2001)."""
     if not partner.owns(country_code, party_id):
-        raise NotFound(f"party {country_code}/{party_id} is not one of this partner's credentials roles")
+        raise ForeignParty(f"party {country_code}/{party_id} is not one this partner may act for "
+                           "(its credentials roles, or for a Hub the party named in OCPI-from-*)")
+
+
+def _same(a: Party, b: Party) -> bool:
+    return a[0].upper() == b[0].upper() and a[1].upper() == b[1].upper()
+
+
+def _allowed(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> str:
+    """The methods of the route an OPTIONS request matched (Litestar's own OPTIONS handler has its path)."""
+    methods: set[str] = set()
+    for route in connection.app.routes:
+        if route.path in handler.paths:
+            methods.update(getattr(route, "methods", ()))
+    methods.discard("OPTIONS")
+    return ", ".join(sorted(methods))
