@@ -65,7 +65,8 @@ class Envelope(msgspec.Struct):
     status_code: int
     timestamp: str
     status_message: str | None = None
-    data: msgspec.Raw | None = None
+    # msgspec.Raw cannot be part of a union: an absent or null `data` is the raw text `null`.
+    data: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
 
 
 _envelope_decoder = msgspec.json.Decoder(Envelope)
@@ -233,7 +234,7 @@ class OcpiClient:
 
 
 def _require_data(envelope: Envelope, url: str) -> msgspec.Raw:
-    if envelope.data is None:
+    if bytes(envelope.data).strip() == b"null":
         raise PartnerApiError(f"{url}: the response envelope has no data")
     return envelope.data
 
