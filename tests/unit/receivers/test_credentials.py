@@ -1,0 +1,254 @@
+"""Credentials module, receiving side: our app in-process, the partner a real HTTP server on 127.0.0.1.
+
+The registration POST makes our app call the fake partner back over real HTTP (with the token the partner
+sent), so 3001/3002/3003 come from real failures: a closed port, a broken details page, no common version,
+missing endpoints, a redirect.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from infra.kafka.embedded import free_port
+from receivers.registry import PartnerStatus, TokenKind, TokenState, hash_token
+from tests.conftest import EXAMPLES
+from tests.unit.receivers.app_support import AppEnv, app_env, auth, make_env  # noqa: F401
+from tests.unit.receivers.fake_partner import FakePartner
+
+pytestmark = pytest.mark.clickhouse
+
+CREDENTIALS = "/ocpi/2.2.1/credentials"
+
+
+@pytest.fixture
+def partner() -> Iterator[FakePartner]:
+    fake = FakePartner().start()
+    yield fake
+    fake.stop()
+
+
+def registration(fake: FakePartner, example: str = "credentials_example.json", *, token: str | None = None,
+                 url: str | None = None) -> dict[str, Any]:
+    """The spec's example Credentials with the partner's real versions URL and a token it accepts."""
+    body = json.loads((EXAMPLES / example).read_text())
+    body["url"] = url or fake.versions_url
+    if token is None:
+        token = f"token-b-{len(fake.tokens)}"
+        fake.tokens[token] = "C"
+    body["token"] = token
+    return body  # type: ignore[no-any-return]
+
+
+async def post(app_env: AppEnv, token: str, body: Any) -> tuple[int, dict[str, Any]]:  # noqa: F811
+    async with AsyncTestClient(app=app_env.app) as client:
+        response = await client.post(CREDENTIALS, headers=auth(token), json=body)
+    assert response.headers["content-type"] == "application/json"
+    return response.status_code, response.json()
+
+
+@pytest.mark.parametrize("example", ["credentials_example.json", "credentials_example2.json",
+                                     "credentials_example3.json", "credentials_example4.json"])
+async def test_registration_with_the_spec_examples(app_env: AppEnv, partner: FakePartner,  # noqa: F811
+                                                   example: str) -> None:
+    _, token_a = app_env.registry.invite("cpo", "CPO")
+    body = registration(partner, example)
+    async with AsyncTestClient(app=app_env.app) as client:
+        response = await client.post(CREDENTIALS, headers=auth(token_a), json=body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["status_code"] == 1000, answer
+        ours = answer["data"]
+        # Our answer has the shape of the spec's examples: token, our versions URL, our roles.
+        assert set(ours) == {"token", "url", "roles"}
+        assert ours["url"] == f"{app_env.settings.http.base_url}/ocpi/versions"
+        assert ours["roles"] == [{"role": "EMSP", "business_details": {"name": "ocpi-pipeline"},
+                                  "party_id": "OPP", "country_code": "NL"}]
+        token_c = ours["token"]
+        assert token_c != token_a and len(token_c) <= 64
+        # The callback used the partner's token, before we answered.
+        assert ("GET", "/ocpi/versions", body["token"]) in partner.requests
+        assert ("GET", "/ocpi/2.2.1", body["token"]) in partner.requests
+        # Token A is dead everywhere; Token C works, also on functional modules.
+        dead = await client.get("/ocpi/versions", headers=auth(token_a))
+        assert dead.status_code == 401
+        again = await client.post(CREDENTIALS, headers=auth(token_a), json=body)
+        assert again.status_code == 401
+        alive = await client.get(CREDENTIALS, headers=auth(token_c))
+        assert alive.json()["data"]["token"] == token_c
+        second = await client.post(CREDENTIALS, headers=auth(token_c), json=body)
+        assert (second.status_code, second.json()["status_code"]) == (405, 2000)
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.status is PartnerStatus.REGISTERED
+    assert stored.roles == [r for r in stored.roles] and len(stored.roles) == len(body["roles"])
+    assert [(r.country_code, r.party_id, r.role.value) for r in stored.roles] == \
+        [(r["country_code"], r["party_id"], r["role"]) for r in body["roles"]]
+    assert stored.outbound_token == body["token"]
+    assert stored.version == "2.2.1" and stored.versions_url == partner.versions_url
+    assert {(e.identifier, e.role.value) for e in stored.endpoints} == \
+        {("credentials", "SENDER"), ("locations", "SENDER"), ("sessions", "SENDER"), ("cdrs", "SENDER")}
+    kinds = {(t.kind, t.state) for t in stored.inbound_tokens}
+    assert kinds == {(TokenKind.A, TokenState.REVOKED), (TokenKind.C, TokenState.ACTIVE)}
+    record = app_env.registry._client.query("SELECT record_json FROM partners").result_rows
+    assert all(token_c not in row[0] and token_a not in row[0] for row in record), "tokens stored in clear"
+
+
+async def test_registration_stores_nothing_when_the_partner_cannot_be_called(app_env: AppEnv) -> None:  # noqa: F811
+    _, token_a = app_env.registry.invite("cpo", "CPO")
+    closed = f"http://127.0.0.1:{free_port()}/ocpi/versions"
+    status, answer = await post(app_env, token_a, {**registration_body(), "url": closed})
+    assert (status, answer["status_code"]) == (200, 3001)
+    assert closed in answer["status_message"]
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.status is PartnerStatus.INVITED
+    async with AsyncTestClient(app=app_env.app) as client:  # Token A still works: the partner may retry
+        assert (await client.get("/ocpi/versions", headers=auth(token_a))).status_code == 200
+
+
+def registration_body() -> dict[str, Any]:
+    return json.loads((EXAMPLES / "credentials_example.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("fake_kwargs", "code", "text"), [
+    ({"details_status": 500}, 3001, "not an OCPI response envelope"),
+    ({"versions": [{"version": "2.1.1", "url": "http://127.0.0.1:9/x"}]}, 3002, "offers 2.1.1"),
+    ({"versions": []}, 3002, "no version"),
+    ({"endpoints": [{"identifier": "locations", "role": "SENDER", "url": "http://127.0.0.1:9/l"}]}, 3003,
+     "no credentials endpoint"),
+    ({"endpoints": [{"identifier": "credentials", "role": "SENDER", "url": "http://127.0.0.1:9/c"},
+                    {"identifier": "tokens", "role": "SENDER", "url": "http://127.0.0.1:9/t"}]}, 3003,
+     "no module in common"),
+], ids=["details-broken", "only-2.1.1", "no-versions", "no-credentials-endpoint", "nothing-in-common"])
+async def test_registration_errors(app_env: AppEnv, fake_kwargs: dict[str, Any], code: int,  # noqa: F811
+                                   text: str) -> None:
+    fake = FakePartner(**fake_kwargs).start()
+    try:
+        _, token_a = app_env.registry.invite("cpo", "CPO")
+        status, answer = await post(app_env, token_a, registration(fake))
+    finally:
+        fake.stop()
+    assert (status, answer["status_code"]) == (200, code), answer
+    assert text in answer["status_message"]
+    assert "data" not in answer
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.status is PartnerStatus.INVITED
+
+
+async def test_a_redirect_is_reported_not_followed(app_env: AppEnv, partner: FakePartner) -> None:  # noqa: F811
+    mover = FakePartner(redirect_versions_to=partner.versions_url).start()
+    try:
+        _, token_a = app_env.registry.invite("cpo", "CPO")
+        body = registration(partner)
+        mover.tokens[body["token"]] = "C"
+        _, answer = await post(app_env, token_a, {**body, "url": mover.versions_url})
+    finally:
+        mover.stop()
+    assert answer["status_code"] == 3001 and "redirect" in answer["status_message"]
+    assert partner.versions_url in answer["status_message"]
+    assert [path for _m, path, _t in mover.requests] == ["/ocpi/versions"]
+    assert not partner.requests, "the redirect was followed"
+
+
+async def test_invalid_bodies(app_env: AppEnv, partner: FakePartner) -> None:  # noqa: F811
+    _, token_a = app_env.registry.invite("cpo", "CPO")
+    cases: list[tuple[Any, int, str]] = [
+        ({**registration(partner), "roles": []}, 2001, "$.roles"),
+        ({**registration(partner), "token": "has space"}, 2001, "$.token"),
+        ({**registration(partner), "token": "x" * 65}, 2001, "$.token"),
+        ({**registration(partner), "url": "ftp://example.com/versions"}, 2001, "$.url"),
+        ({k: v for k, v in registration(partner).items() if k != "url"}, 2001, "$.url"),
+    ]
+    for body, code, path in cases:
+        status, answer = await post(app_env, token_a, body)
+        assert (status, answer["status_code"]) == (200, code) and path in answer["status_message"], answer
+    dup = registration(partner, "credentials_example2.json")
+    dup["roles"].append(dict(dup["roles"][0]))
+    assert (await post(app_env, token_a, dup))[1]["status_code"] == 2001
+    async with AsyncTestClient(app=app_env.app) as client:
+        malformed = await client.post(CREDENTIALS, headers={**auth(token_a), "Content-Type": "application/json"},
+                                      content=b"{")
+    assert (malformed.status_code, malformed.json()["status_code"]) == (400, 2001)
+
+
+async def test_a_party_belongs_to_one_connection(app_env: AppEnv, partner: FakePartner) -> None:  # noqa: F811
+    app_env.provision("first", ("NL", "EXA", "CPO"))
+    _, token_a = app_env.registry.invite("second", "Second")
+    status, answer = await post(app_env, token_a, registration(partner))  # claims NL/EXA too
+    assert (status, answer["status_code"]) == (200, 2001) and "NL/EXA" in answer["status_message"]
+    assert "first" not in answer["status_message"]  # the other partner's id is not disclosed
+
+
+async def registered(app_env: AppEnv, partner: FakePartner) -> tuple[str, dict[str, Any]]:  # noqa: F811
+    _, token_a = app_env.registry.invite("cpo", "CPO")
+    body = registration(partner)
+    _, answer = await post(app_env, token_a, body)
+    assert answer["status_code"] == 1000, answer
+    return answer["data"]["token"], body
+
+
+@pytest.mark.parametrize("grace", ["0", "30"])
+async def test_put_rotates_tokens_and_renegotiates(make_env: Callable[..., AppEnv], partner: FakePartner,  # noqa: F811
+                                                   grace: str) -> None:
+    env = make_env(OCPI_TOKEN_GRACE=grace)
+    token_c, _ = await registered(env, partner)
+    partner.requests.clear()
+    update = registration(partner, "credentials_example2.json")
+    async with AsyncTestClient(app=env.app) as client:
+        response = await client.put(CREDENTIALS, headers=auth(token_c), json=update)
+        assert (response.status_code, response.json()["status_code"]) == (200, 1000), response.text
+        new_c = response.json()["data"]["token"]
+        assert new_c != token_c
+        # 07 §3: versions and details fetched again, with the new token from the body.
+        assert [(m, p) for m, p, t in partner.requests if t == update["token"]] == \
+            [("GET", "/ocpi/versions"), ("GET", "/ocpi/2.2.1")]
+        old = await client.get("/ocpi/versions", headers=auth(token_c))
+        assert old.status_code == (401 if grace == "0" else 200)
+        assert (await client.get("/ocpi/versions", headers=auth(new_c))).status_code == 200
+    stored = env.registry.get("cpo")
+    assert stored is not None
+    assert stored.outbound_token == update["token"] and len(stored.roles) == 2
+    old_state = next(t for t in stored.inbound_tokens if t.sha256 == hash_token(token_c))
+    assert old_state.state is (TokenState.REVOKED if grace == "0" else TokenState.RETIRING)
+
+
+async def test_put_failure_keeps_the_old_registration(app_env: AppEnv, partner: FakePartner) -> None:  # noqa: F811
+    token_c, first = await registered(app_env, partner)
+    closed = f"http://127.0.0.1:{free_port()}/ocpi/versions"
+    async with AsyncTestClient(app=app_env.app) as client:
+        response = await client.put(CREDENTIALS, headers=auth(token_c), json={**registration(partner), "url": closed})
+        assert response.json()["status_code"] == 3001
+        assert (await client.get("/ocpi/versions", headers=auth(token_c))).status_code == 200
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.outbound_token == first["token"]
+
+
+async def test_delete_unregisters_and_kills_every_token(app_env: AppEnv, partner: FakePartner) -> None:  # noqa: F811
+    token_c, _ = await registered(app_env, partner)
+    async with AsyncTestClient(app=app_env.app) as client:
+        response = await client.delete(CREDENTIALS, headers=auth(token_c))
+        assert (response.status_code, response.json()["status_code"]) == (200, 1000)
+        assert "data" not in response.json()
+        for method in ("GET", "PUT", "DELETE"):
+            after = await client.request(method, CREDENTIALS, headers=auth(token_c))
+            assert after.status_code == 401
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.status is PartnerStatus.UNREGISTERED
+    assert stored.outbound_token is None and not stored.valid_tokens()
+    # A fresh invitation starts over.
+    _, token_a = app_env.registry.invite("cpo", "CPO again")
+    _, answer = await post(app_env, token_a, registration(partner))
+    assert answer["status_code"] == 1000
+
+
+async def test_get_answers_our_credentials_with_the_callers_token(app_env: AppEnv) -> None:  # noqa: F811
+    token = app_env.provision("cpo", ("BE", "BEC", "CPO"))
+    _, token_a = app_env.registry.invite("new", "New")
+    async with AsyncTestClient(app=app_env.app) as client:
+        registered_answer = (await client.get(CREDENTIALS, headers=auth(token))).json()
+        invited_answer = (await client.get(CREDENTIALS, headers=auth(token_a))).json()
+    assert registered_answer["data"]["token"] == token and invited_answer["data"]["token"] == token_a
+    assert registered_answer["data"]["url"].endswith("/ocpi/versions")

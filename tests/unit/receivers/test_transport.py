@@ -1,0 +1,306 @@
+"""The transport layer, table-driven: every status code and header rule, routing headers included.
+
+Each row is one real request to the assembled app (create_app with a registry on chDB and a fake sink) and
+the HTTP status, OCPI status code and headers it must get back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from litestar import Router, get
+from litestar.exceptions import InternalServerException
+from litestar.params import FromPath
+from litestar.testing import AsyncTestClient
+
+from ocpi.compat import CompatProfile
+from ocpi.datetime import parse_datetime
+from ocpi.status import OcpiStatus
+from receivers.registry import PartnerStatus
+from receivers.transport import STATUS_EXCEPTIONS, InvalidParameters, OcpiError, parse_timestamp
+from tests.conftest import EXAMPLES
+from tests.unit.receivers.app_support import AppEnv, app_env, auth, make_env, routing  # noqa: F401
+
+pytestmark = pytest.mark.clickhouse
+
+SESSIONS = "/ocpi/emsp/2.2.1/sessions"
+OURS = ("NL", "OPP")
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def session(country: str = "BE", party: str = "BEC", session_id: str = "101") -> bytes:
+    body = json.loads((EXAMPLES / "session_example_2_short_finished.json").read_text())
+    body.update(country_code=country, party_id=party, id=session_id)
+    return json.dumps(body).encode()
+
+
+def cdr(country: str, party: str) -> bytes:
+    from tests.integration.test_thin_slice import CDR_BODY
+
+    return json.dumps({**CDR_BODY, "country_code": country, "party_id": party}).encode()
+
+
+@dataclass
+class Partners:
+    """The cast of every row: tokens by name."""
+
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def header(self, name: str) -> dict[str, str]:
+        return auth(self.tokens[name])
+
+
+def cast(env: AppEnv) -> Partners:
+    p = Partners()
+    p.tokens["cpo"] = env.provision("cpo", ("BE", "BEC", "CPO"))
+    p.tokens["multi"] = env.provision("multi", ("NL", "EXO", "CPO"), ("NL", "PFC", "CPO"))
+    p.tokens["hub"] = env.provision("hub", ("DE", "HUB", "HUB"))
+    p.tokens["raw"] = env.provision("raw", ("FR", "RAW", "CPO"), compat=("RAW_TOKEN",))
+    p.tokens["suspended"] = env.provision("suspended", ("FR", "SUS", "CPO"))
+    env.registry.set_status("suspended", PartnerStatus.SUSPENDED)
+    p.tokens["invited"] = env.registry.invite("invited", "Invited")[1]
+    return p
+
+
+@dataclass
+class Row:
+    name: str
+    method: str
+    path: str
+    headers: Callable[[Partners], dict[str, str]]
+    http: int
+    code: int | None  # None: a response without a body (HEAD)
+    body: bytes | None = None
+    check: Callable[[httpx.Response], None] | None = None
+
+
+def as_(name: str, **extra: str) -> Callable[[Partners], dict[str, str]]:
+    return lambda p: {**p.header(name), **extra}
+
+
+def raw_token(name: str) -> Callable[[Partners], dict[str, str]]:
+    return lambda p: {"Authorization": f"Token {p.tokens[name]}"}
+
+
+def no_auth(**extra: str) -> Callable[[Partners], dict[str, str]]:
+    return lambda p: dict(extra)
+
+
+Party = tuple[str, str]
+
+
+def routed(name: str, from_: Party | None, to: Party | None) -> Callable[[Partners], dict[str, str]]:
+    return lambda p: {**p.header(name), **routing(from_, to)}
+
+
+def response_routing(from_: Party | None, to: Party | None) -> Callable[[httpx.Response], None]:
+    def check(response: httpx.Response) -> None:
+        got_from = (response.headers.get("ocpi-from-country-code"), response.headers.get("ocpi-from-party-id"))
+        got_to = (response.headers.get("ocpi-to-country-code"), response.headers.get("ocpi-to-party-id"))
+        assert got_from == (from_ or (None, None)), got_from
+        assert got_to == (to or (None, None)), got_to
+
+    return check
+
+
+def allow(methods: str) -> Callable[[httpx.Response], None]:
+    def check(response: httpx.Response) -> None:
+        assert response.headers["allow"] == methods
+
+    return check
+
+
+def no_data(response: httpx.Response) -> None:
+    assert "data" not in response.json(), "a push answer leaves data out (04 §5, d2 note)"
+
+
+def message_has(text: str) -> Callable[[httpx.Response], None]:
+    def check(response: httpx.Response) -> None:
+        assert text in response.json()["status_message"], response.json()
+
+    return check
+
+
+OK, BAD = 1000, 2001
+ROWS = [
+    # --- authentication (04 §2, 05 §2) ---
+    Row("versions with Token A", "GET", "/ocpi/versions", as_("invited"), 200, OK),
+    Row("versions with a registered token", "GET", "/ocpi/versions", as_("cpo"), 200, OK),
+    Row("no Authorization header", "GET", "/ocpi/versions", no_auth(), 401, 2000),
+    Row("unknown token", "GET", "/ocpi/versions", lambda p: auth("not-a-token"), 401, 2000),
+    Row("not the Token scheme", "GET", "/ocpi/versions", lambda p: {"Authorization": f"Bearer {p.tokens['cpo']}"},
+        401, 2000),
+    Row("Token with two values", "GET", "/ocpi/versions", lambda p: {"Authorization": "Token abc def"}, 401, 2000),
+    Row("raw token, profile strict", "GET", "/ocpi/versions", raw_token("cpo"), 401, 2000),
+    Row("raw token, profile RAW_TOKEN", "GET", "/ocpi/versions", raw_token("raw"), 200, OK),
+    Row("base64 token, profile RAW_TOKEN", "GET", "/ocpi/versions", as_("raw"), 200, OK),
+    Row("suspended partner", "GET", "/ocpi/versions", as_("suspended"), 401, 2000),
+    Row("Token A on a functional module", "PUT", f"{SESSIONS}/BE/BEC/101", as_("invited"), 401, 2000,
+        body=session(), check=message_has("Token A")),
+    # --- framework errors as envelopes ---
+    Row("unknown path", "GET", "/ocpi/emsp/2.2.1/nothing", as_("cpo"), 404, 2000),
+    Row("unknown path without a token", "POST", "/x", no_auth(), 404, 2000),
+    Row("method not allowed", "DELETE", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 405, 2000, check=allow("PATCH, PUT")),
+    Row("OPTIONS", "OPTIONS", f"{SESSIONS}/BE/BEC/101", no_auth(), 405, 2000, check=allow("PATCH, PUT")),
+    Row("HEAD", "HEAD", "/ocpi/versions", as_("cpo"), 405, None),
+    Row("malformed JSON", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 400, BAD, body=b"{not json"),
+    Row("body too large", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 413, BAD, body=b" " * (4 * 1024 * 1024 + 1)),
+    Row("valid JSON, invalid object", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 200, BAD, body=b"{}",
+        check=message_has("$.country_code")),
+    Row("URL id differs from body id", "PUT", f"{SESSIONS}/BE/BEC/999", as_("cpo"), 200, BAD, body=session()),
+    Row("accepted push", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 200, OK, body=session(), check=no_data),
+    # --- owner authorization (04 §6.2) ---
+    Row("owner not one of the caller's roles", "PUT", f"{SESSIONS}/NL/TNM/101", as_("cpo"), 404, BAD,
+        body=session("NL", "TNM")),
+    Row("owner compared case-insensitively", "PUT", f"{SESSIONS}/be/bec/101", as_("cpo"), 200, OK, body=session()),
+    Row("CDR owner in the body, not the caller's", "POST", "/ocpi/emsp/2.2.1/cdrs", as_("cpo"), 404, BAD,
+        body=cdr("NL", "TNM")),
+    # --- routing headers (04 §8) ---
+    Row("single-party peer, no routing headers: response names both sides", "PUT", f"{SESSIONS}/BE/BEC/101",
+        as_("cpo"), 200, OK, body=session(), check=response_routing(from_=OURS, to=("BE", "BEC"))),
+    Row("routing headers swapped in the response", "PUT", f"{SESSIONS}/BE/BEC/101",
+        routed("cpo", ("BE", "BEC"), OURS), 200, OK, body=session(),
+        check=response_routing(from_=OURS, to=("BE", "BEC"))),
+    Row("routing headers swapped on an error too", "PUT", f"{SESSIONS}/BE/BEC/101",
+        routed("cpo", ("BE", "BEC"), OURS), 200, BAD, body=b"{}", check=response_routing(OURS, ("BE", "BEC"))),
+    Row("malformed country code", "PUT", f"{SESSIONS}/BE/BEC/101", routed("cpo", ("B1", "BEC"), OURS), 400, BAD,
+        body=session(), check=message_has("ocpi-from-country-code")),
+    Row("malformed party id", "PUT", f"{SESSIONS}/BE/BEC/101", routed("cpo", ("BE", "BE-C"), OURS), 400, BAD,
+        body=session()),
+    Row("unpaired routing header", "PUT", f"{SESSIONS}/BE/BEC/101",
+        as_("cpo", **{"OCPI-from-country-code": "BE"}), 400, BAD, body=session(), check=message_has("pairs")),
+    Row("addressed to a party we do not host", "PUT", f"{SESSIONS}/BE/BEC/101",
+        routed("cpo", ("BE", "BEC"), ("DE", "XXX")), 400, BAD, body=session()),
+    Row("from a party that is not the caller's", "PUT", f"{SESSIONS}/BE/BEC/101",
+        routed("cpo", ("NL", "EXO"), OURS), 400, BAD, body=session()),
+    Row("multi-party platform without routing headers", "PUT", f"{SESSIONS}/NL/EXO/101", as_("multi"), 400, BAD,
+        body=session("NL", "EXO"), check=message_has("required")),
+    Row("multi-party platform, to-* missing", "PUT", f"{SESSIONS}/NL/EXO/101", routed("multi", ("NL", "EXO"), None),
+        400, BAD, body=session("NL", "EXO")),
+    Row("multi-party platform pushing for its other party", "PUT", f"{SESSIONS}/NL/PFC/101",
+        routed("multi", ("NL", "EXO"), OURS), 200, OK, body=session("NL", "PFC")),
+    Row("routing headers are not used on configuration modules", "GET", "/ocpi/versions",
+        routed("cpo", ("BE", "BEC"), OURS), 200, OK, check=response_routing(None, None)),
+    # --- hubs (04 §9, our rule) ---
+    Row("hub without routing headers", "PUT", f"{SESSIONS}/NL/XYZ/101", as_("hub"), 400, BAD,
+        body=session("NL", "XYZ")),
+    Row("hub relaying for the owner named in from-*", "PUT", f"{SESSIONS}/NL/XYZ/101",
+        routed("hub", ("NL", "XYZ"), OURS), 200, OK, body=session("NL", "XYZ"),
+        check=response_routing(OURS, ("NL", "XYZ"))),
+    Row("hub relaying, URL owner differs from from-*", "PUT", f"{SESSIONS}/NL/ABC/101",
+        routed("hub", ("NL", "XYZ"), OURS), 404, BAD, body=session("NL", "ABC")),
+    Row("hub 'broadcast' of a Session (never broadcast)", "PUT", f"{SESSIONS}/NL/ABC/101",
+        routed("hub", ("DE", "HUB"), OURS), 404, BAD, body=session("NL", "ABC")),
+    Row("hub relaying a CDR of the from-* party", "POST", "/ocpi/emsp/2.2.1/cdrs",
+        routed("hub", ("NL", "XYZ"), OURS), 201, OK, body=cdr("NL", "XYZ")),
+    Row("hub relaying a CDR of another party", "POST", "/ocpi/emsp/2.2.1/cdrs",
+        routed("hub", ("NL", "XYZ"), OURS), 404, BAD, body=cdr("NL", "ABC")),
+    # --- credentials misuse (07 §2-3: 405 MUST) ---
+    Row("credentials POST when registered", "POST", "/ocpi/2.2.1/credentials", as_("cpo"), 405, 2000, body=b"{}"),
+    Row("credentials PUT with Token A", "PUT", "/ocpi/2.2.1/credentials", as_("invited"), 405, 2000, body=b"{}"),
+    Row("credentials DELETE with Token A", "DELETE", "/ocpi/2.2.1/credentials", as_("invited"), 405, 2000),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
+async def test_status_codes_and_headers(app_env: AppEnv, row: Row) -> None:  # noqa: F811
+    partners = cast(app_env)
+    headers = {"Content-Type": "application/json", **row.headers(partners)} if row.body is not None \
+        else row.headers(partners)
+    async with AsyncTestClient(app=app_env.app) as client:
+        response = await client.request(row.method, row.path, headers=headers, content=row.body)
+    assert response.status_code == row.http, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert UUID.match(response.headers["x-request-id"]) and UUID.match(response.headers["x-correlation-id"])
+    if row.code is None:
+        assert response.content == b""
+    else:
+        envelope = response.json()
+        assert envelope["status_code"] == row.code, envelope
+        assert envelope["timestamp"].endswith("Z")
+        parse_datetime(envelope["timestamp"])
+        assert "Traceback" not in response.text
+    if row.check is not None:
+        row.check(response)
+
+
+async def test_message_ids_are_echoed_or_generated(app_env: AppEnv) -> None:  # noqa: F811
+    token = app_env.provision("cpo", ("BE", "BEC", "CPO"))
+    async with AsyncTestClient(app=app_env.app) as client:
+        given = await client.get("/ocpi/versions", headers={**auth(token), "X-Request-ID": "req-1",
+                                                            "X-Correlation-ID": "corr-1"})
+        error = await client.get("/ocpi/versions", headers={"X-Request-ID": "req-2", "X-Correlation-ID": "corr-2"})
+        absent = await client.get("/ocpi/versions", headers=auth(token))
+        unusable = await client.get("/ocpi/versions", headers={**auth(token), "X-Request-ID": "x" * 300})
+    assert (given.headers["x-request-id"], given.headers["x-correlation-id"]) == ("req-1", "corr-1")
+    assert error.status_code == 401
+    assert (error.headers["x-request-id"], error.headers["x-correlation-id"]) == ("req-2", "corr-2")
+    assert UUID.match(absent.headers["x-request-id"]) and UUID.match(absent.headers["x-correlation-id"])
+    assert absent.headers["x-request-id"] != absent.headers["x-correlation-id"]
+    assert UUID.match(unusable.headers["x-request-id"])
+
+
+def test_every_ocpi_status_code_has_a_typed_exception() -> None:
+    errors = [status for status in OcpiStatus if not status.is_success]
+    assert sorted(STATUS_EXCEPTIONS) == sorted(errors)
+    for status, exception in STATUS_EXCEPTIONS.items():
+        assert exception("x").ocpi_status == status
+
+
+# HTTP status per typed exception: 05 §2 and our reading of the rest (see receivers/transport.py OcpiError).
+EXPECTED_HTTP = {2000: 400, 2001: 200, 2002: 200, 2003: 404, 2004: 404, 3000: 500, 3001: 200, 3002: 200,
+                 3003: 200, 4000: 200, 4001: 200, 4002: 200, 4003: 200}
+
+
+async def test_typed_exceptions_render_as_envelopes_with_their_http_status(app_env: AppEnv) -> None:  # noqa: F811
+    token = app_env.provision("cpo", ("BE", "BEC", "CPO"))
+
+    @get("/raise/{code:int}")
+    async def raise_code(code: FromPath[int]) -> None:
+        raise STATUS_EXCEPTIONS[OcpiStatus(code)](f"status {code}", data={"debug": code})
+
+    @get("/crash")
+    async def crash() -> None:
+        raise RuntimeError("secret internals")
+
+    @get("/framework-500")
+    async def framework_500() -> None:
+        raise InternalServerException("framework detail")
+
+    app = app_env.app
+    app.register(Router(path="/test", route_handlers=[raise_code, crash, framework_500]))
+    async with AsyncTestClient(app=app) as client:
+        for code, http in EXPECTED_HTTP.items():
+            response = await client.get(f"/test/raise/{code}", headers=auth(token))
+            assert (response.status_code, response.json()["status_code"]) == (http, code)
+            assert response.json()["status_message"] == f"status {code}"
+            assert response.json()["data"] == {"debug": code}
+        for path in ("/test/crash", "/test/framework-500"):
+            response = await client.get(path, headers=auth(token))
+            assert response.status_code == 500 and response.json()["status_code"] == 3000
+            assert response.json()["status_message"] == "internal server error"
+            assert "secret internals" not in response.text and "framework detail" not in response.text
+            assert response.headers["content-type"] == "application/json"
+
+
+def test_timestamps_are_utc_with_optional_z_and_offsets_only_under_the_profile() -> None:
+    assert parse_timestamp("2015-06-29T20:39:09Z") == parse_timestamp("2015-06-29T20:39:09")
+    with pytest.raises(InvalidParameters, match="numeric offsets"):
+        parse_timestamp("2015-06-29T20:39:09+00:00")
+    with pytest.raises(InvalidParameters, match="numeric offsets"):
+        parse_timestamp("2015-06-29T22:39:09+02:00", CompatProfile.from_names("RAW_TOKEN"))
+    relaxed = CompatProfile.from_names("DATETIME_OFFSET")
+    assert parse_timestamp("2015-06-29T22:39:09+02:00", relaxed) == parse_timestamp("2015-06-29T20:39:09Z")
+    assert parse_timestamp("2015-06-29T20:39:09+00:00", relaxed) == parse_timestamp("2015-06-29T20:39:09Z")
+    with pytest.raises(InvalidParameters):
+        parse_timestamp("29/06/2015", relaxed)
+
+
+def test_ocpi_errors_keep_message_data_and_headers() -> None:
+    error = OcpiError("m", ocpi_status=2002, http_status=200, data={"a": 1}, headers={"X": "y"})
+    assert (error.ocpi_status, error.http_status, error.data, error.headers) == (2002, 200, {"a": 1}, {"X": "y"})
