@@ -1,0 +1,214 @@
+"""The partner registry on ClickHouse (chDB): persistence, token states, masking, the receivers' directory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from infra.clickhouse.client import connect
+from infra.clickhouse.migrations import migrate
+from infra.settings import Settings, load_settings
+from receivers.registry import (
+    Origin,
+    Partner,
+    PartnerDirectory,
+    PartnerRegistry,
+    PartnerStatus,
+    RegistryError,
+    RoutedPartner,
+    TokenKind,
+    TokenState,
+    credentials_role,
+    hash_token,
+    record_json,
+)
+from tests.conftest import unique
+
+pytestmark = pytest.mark.clickhouse
+
+
+@pytest.fixture
+def open_registry(chdb_dsn: str) -> Callable[[], PartnerRegistry]:
+    """A registry on a fresh database; each call opens a new client on it (as another process would)."""
+    database = unique("reg")
+    migrate(connect(chdb_dsn), database)
+
+    def open_() -> PartnerRegistry:
+        client = connect(chdb_dsn)
+        client.database = database
+        return PartnerRegistry(client)
+
+    return open_
+
+
+def role(country: str, party: str, kind: str = "CPO") -> object:
+    return credentials_role(country_code=country, party_id=party, role=kind, business_name=f"{party} Ltd")
+
+
+def test_a_partner_survives_a_restart_with_every_field(open_registry: Callable[[], PartnerRegistry]) -> None:
+    first = open_registry()
+    partner, token = first.register_direct("bec", "Belgian CPO", [role("BE", "BEC")], compat=["RAW_TOKEN"])
+    partner.outbound_token = "our-token-for-bec"
+    first.save(partner)
+    reopened = open_registry().get("bec")
+    assert reopened is not None
+    assert reopened == partner
+    assert reopened.status is PartnerStatus.REGISTERED and reopened.origin is Origin.OPERATOR
+    assert reopened.roles[0].business_details.name == "BEC Ltd" and reopened.profile.raw_token
+    assert reopened.created_at.tzinfo is not None and reopened.registered_at is not None
+    assert [t.sha256 for t in reopened.valid_tokens()] == [hash_token(token)]
+
+
+def test_inbound_tokens_are_stored_as_hashes_and_our_token_is_masked(
+        open_registry: Callable[[], PartnerRegistry]) -> None:
+    registry = open_registry()
+    partner, token_a = registry.invite("cpo", "CPO")
+    partner.outbound_token = "outbound-secret-value-123"
+    registry.save(partner)
+    raw = registry._client.query("SELECT record_json FROM partners").result_rows
+    assert all(token_a not in row[0] for row in raw)
+    for shown in (repr(partner), str(partner), str(record_json(partner)), f"{partner}"):
+        assert "outbound-secret-value-123" not in shown and "out…(25 chars)" in shown
+
+
+def test_token_states(open_registry: Callable[[], PartnerRegistry]) -> None:
+    now = datetime.now(UTC)
+    partner = Partner(partner_id="p", name="p", status=PartnerStatus.REGISTERED, created_at=now, updated_at=now)
+    first = partner.issue_token(TokenKind.C)
+    second = partner.issue_token(TokenKind.C)
+    assert len(partner.valid_tokens()) == 2
+    partner.retire_tokens(keep=[hash_token(second)], grace_s=60)
+    old = next(t for t in partner.inbound_tokens if t.sha256 == hash_token(first))
+    assert old.state is TokenState.RETIRING and old.expires_at is not None
+    assert old.valid_at(now) and not old.valid_at(now + timedelta(seconds=61))
+    partner.retire_tokens(keep=[hash_token(second)])
+    assert old.state is TokenState.REVOKED and old.revoked_at is not None
+    for _ in range(20):
+        partner.revoke_tokens()
+        partner.issue_token(TokenKind.C)
+    revoked = [t for t in partner.inbound_tokens if t.state is TokenState.REVOKED]
+    assert len(revoked) <= 8 and len(partner.valid_tokens()) == 1
+
+
+def test_invite_rules(open_registry: Callable[[], PartnerRegistry]) -> None:
+    registry = open_registry()
+    _, token_a = registry.invite("cpo", "CPO", compat=["datetime_offset"])
+    with pytest.raises(RegistryError, match="rotate"):
+        registry.invite("cpo", "CPO")
+    with pytest.raises(ValueError, match="unknown compatibility relaxation"):
+        registry.invite("other", "Other", compat=["NOT_A_RELAXATION"])
+    with pytest.raises(RegistryError, match="partner id"):
+        registry.invite("bad id!", "x")
+    new_a = registry.reinvite("cpo")
+    partner = registry.require("cpo")
+    states = {t.sha256: t.state for t in partner.inbound_tokens}
+    assert states == {hash_token(token_a): TokenState.REVOKED, hash_token(new_a): TokenState.ACTIVE}
+    registry.unregister(partner)
+    _, again = registry.invite("cpo", "CPO again")  # an unregistered partner may be invited afresh
+    assert registry.require("cpo").status is PartnerStatus.INVITED
+    assert [t.sha256 for t in registry.require("cpo").valid_tokens()] == [hash_token(again)]
+
+
+def test_suspend_resume_delete(open_registry: Callable[[], PartnerRegistry]) -> None:
+    registry = open_registry()
+    registry.register_direct("bec", "BEC", [role("BE", "BEC")])
+    registry.invite("later", "Later")
+    assert registry.set_status("bec", PartnerStatus.SUSPENDED).status is PartnerStatus.SUSPENDED
+    with pytest.raises(RegistryError, match="nothing to suspend"):
+        registry.set_status("bec", PartnerStatus.SUSPENDED)
+    assert registry.set_status("bec", PartnerStatus.REGISTERED).status is PartnerStatus.REGISTERED
+    registry.set_status("later", PartnerStatus.SUSPENDED)
+    assert registry.set_status("later", PartnerStatus.REGISTERED).status is PartnerStatus.INVITED  # never registered
+    deleted = registry.delete("bec")
+    assert deleted.status is PartnerStatus.DELETED and not deleted.valid_tokens() and deleted.outbound_token is None
+    assert [p.partner_id for p in registry.all()] == ["later"]
+    assert [p.partner_id for p in registry.all(include_deleted=True)] == ["bec", "later"]
+    with pytest.raises(RegistryError, match="no partner"):
+        registry.require("bec")
+
+
+def test_a_party_belongs_to_one_live_connection(open_registry: Callable[[], PartnerRegistry]) -> None:
+    registry = open_registry()
+    registry.register_direct("first", "First", [role("NL", "EXA")])
+    with pytest.raises(RegistryError, match=r"(?i)NL/EXA belongs to partner 'first'"):
+        registry.register_direct("second", "Second", [role("nl", "exa", "EMSP")])
+    registry.register_direct("first", "First again", [role("NL", "EXA")])  # the holder itself may re-register
+    registry.delete("first")
+    registry.register_direct("second", "Second", [role("NL", "EXA")])
+
+
+def test_a_per_request_view_is_never_persisted(open_registry: Callable[[], PartnerRegistry]) -> None:
+    registry = open_registry()
+    partner, _ = registry.register_direct("hub", "Hub", [role("DE", "HUB", "HUB")])
+    view = RoutedPartner.of(partner, routed_parties=[("NL", "XYZ")], broadcast=False)
+    assert view.owns("nl", "xyz") and view.owns("DE", "HUB") and not view.owns("NL", "ABC")
+    assert RoutedPartner.of(partner, routed_parties=[], broadcast=True).owns("NL", "ABC")
+    with pytest.raises(TypeError):
+        registry.save(view)
+
+
+async def test_directory_sees_tokens_saved_a_moment_ago_by_another_process(
+        open_registry: Callable[[], PartnerRegistry]) -> None:
+    directory = PartnerDirectory(open_registry(), refresh_s=60)
+    other_process = open_registry()
+    await directory.reload()
+    assert await directory.lookup("nothing") is None  # a miss: the directory just reloaded
+    _, token = await asyncio.to_thread(other_process.invite, "fresh", "Fresh")
+    started = time.monotonic()
+    found = await directory.lookup(token)  # right after a reload: must still see the new token
+    assert found is not None and found[0].partner_id == "fresh" and found[1] is TokenKind.A
+    assert time.monotonic() - started < 2
+
+
+async def test_directory_honours_states_and_local_changes(open_registry: Callable[[], PartnerRegistry]) -> None:
+    registry = open_registry()
+    directory = PartnerDirectory(registry, refresh_s=60)
+    _, token = registry.register_direct("bec", "BEC", [role("BE", "BEC")])
+    assert await directory.lookup(token) is not None
+    suspended = registry.set_status("bec", PartnerStatus.SUSPENDED)
+    directory.apply(suspended)
+    assert await directory.lookup(token) is None
+    resumed = registry.set_status("bec", PartnerStatus.REGISTERED)
+    directory.apply(resumed)
+    assert await directory.lookup(token) is not None
+    new = resumed.issue_token(TokenKind.C)
+    resumed.retire_tokens(keep=[hash_token(new)], grace_s=0.2)
+    registry.save(resumed)
+    directory.apply(resumed)
+    assert await directory.lookup(token) is not None and await directory.lookup(new) is not None
+    await asyncio.sleep(0.3)
+    assert await directory.lookup(token) is None, "a retiring token expires"
+    directory.apply(registry.delete("bec"))
+    assert await directory.lookup(new) is None
+
+
+async def test_directory_refreshes_changes_made_elsewhere(open_registry: Callable[[], PartnerRegistry]) -> None:
+    directory = PartnerDirectory(open_registry(), refresh_s=0.2)
+    elsewhere = open_registry()
+    _, token = elsewhere.register_direct("bec", "BEC", [role("BE", "BEC")])
+    assert await directory.lookup(token) is not None
+    elsewhere.set_status("bec", PartnerStatus.SUSPENDED)  # e.g. `partners suspend` in another process
+    await asyncio.sleep(0.3)
+    assert await directory.lookup(token) is None
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("OCPI_PARTY_COUNTRY_CODE", "nld"), ("OCPI_PARTY_ID", "TOOLONG"), ("OCPI_PARTY_ROLE", "DRIVER"),
+    ("OCPI_PARTY_NAME", ""), ("OCPI_PARTY_WEBSITE", "example.com"), ("OCPI_OUTBOUND_TIMEOUT", "0"),
+    ("OCPI_TOKEN_GRACE", "-1"), ("OCPI_TOKEN_GRACE", "nan"),
+])
+def test_party_settings_are_validated(variable: str, value: str) -> None:
+    from infra.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=variable):
+        load_settings({variable: value})
+
+
+def test_party_settings_defaults() -> None:
+    settings: Settings = load_settings({})
+    assert (settings.party.country_code, settings.party.party_id, settings.party.role) == ("NL", "OPP", "EMSP")
+    assert settings.partners.token_grace_s == 0 and settings.partners.outbound_timeout_s == 10
