@@ -1,0 +1,135 @@
+"""`ocpi-pipeline dev` as a user runs it: ready quickly, usable by `query` meanwhile, gone on a signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.kafka.embedded import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse]
+
+READY_WITHIN_S = 20
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (the broker, worker and receivers of a dev instance)."""
+    found: set[int] = set()
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                child = int(entry.name)
+                found.add(child)
+                frontier.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}").exists() else "X"
+    return state != "Z"
+
+
+@pytest.fixture
+def dev_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCPI_")}
+    env.update({"OCPI_DATA_DIR": str(tmp_path / "data"), "OCPI_HTTP_PORT": str(free_port())})
+    return env
+
+
+def start_dev(env: dict[str, str]) -> tuple[subprocess.Popen[str], dict[str, str], float]:
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "dev"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    lines: dict[str, str] = {}
+    assert process.stdout is not None
+    while time.monotonic() - started < READY_WITHIN_S + 10:
+        line = process.stdout.readline()
+        if not line:
+            break
+        key, _, value = line.partition(": ")
+        lines[key.strip()] = value.strip()
+        if key.startswith("Token A") or "registered already" in line:
+            break
+    return process, lines, time.monotonic() - started
+
+
+@pytest.fixture
+def dev(dev_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], float]]:
+    process, lines, elapsed = start_dev(dev_env)
+    yield process, lines, elapsed
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_dev_is_ready_in_time_and_leaves_nothing_behind(dev_env: dict[str, str], stop_signal: int) -> None:
+    process, lines, elapsed = start_dev(dev_env)
+    try:
+        assert "versions URL" in lines, lines
+        assert elapsed < READY_WITHIN_S, f"ready after {elapsed:.1f}s"
+        assert lines["versions URL"] == f"http://127.0.0.1:{dev_env['OCPI_HTTP_PORT']}/ocpi/versions"
+        assert any(k.startswith("Token A") for k in lines), lines
+        children = descendants(process.pid)
+        assert len(children) >= 3  # broker, worker, receivers (and their helpers)
+        process.send_signal(stop_signal)
+        assert process.wait(60) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if alive(pid)]
+        assert not (Path(dev_env["OCPI_DATA_DIR"]) / "run" / "instance.json").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_query_and_migrate_work_while_dev_holds_the_store(dev, dev_env: dict[str, str]) -> None:
+    _process, lines, _ = dev
+    assert "versions URL" in lines, lines
+    result = cli(dev_env, "query", "--format", "csv", "SELECT count() AS n FROM schema_migrations")
+    assert result.returncode == 0, result.stderr
+    header, value = result.stdout.strip().splitlines()
+    assert header == "n" and int(value) >= 5
+
+    as_json = cli(dev_env, "query", "--format", "json", "SELECT 1 AS one")
+    assert as_json.returncode == 0 and '"one": 1' in as_json.stdout
+
+    refused = cli(dev_env, "query", "INSERT INTO dead_letters (error) VALUES ('x')")
+    assert refused.returncode != 0 and "readonly" in (refused.stderr + refused.stdout).lower()
+
+    migrated = cli(dev_env, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert "schema up to date" in migrated.stdout
+
+
+def test_query_without_a_running_instance_opens_the_store_itself(dev_env: dict[str, str]) -> None:
+    assert cli(dev_env, "migrate").returncode == 0
+    result = cli(dev_env, "query", "--format", "csv", "SELECT count() FROM sessions FINAL")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "0"
