@@ -1,0 +1,57 @@
+"""The OcpiEvent envelope of one accepted OCPI object, built the same way for every source.
+
+Pushes (receivers), pulls (`pipeline.jobs.pull`) and anything else that turns a validated OCPI object into
+a Kafka record call `build_event`, so the wire contract of ARCHITECTURE.md ("Wire contract") is written in one
+place: same identity fields, same content hash, same payload form. The result is the mapping
+`infra.codec.encode_event` takes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from ocpi.canonical import content_hash, to_builtins
+from ocpi.decode import Decoded
+from ocpi.identity import ObjectKey
+
+SOURCES = ("PUSH", "PULL", "REPLAY")
+
+
+def build_event(*, partner_id: str, module: str, operation: str, level: str, key: ObjectKey,
+                decoded: Decoded[Any], payload_type: str, source: str, request_id: str, correlation_id: str,
+                evse_uid: str | None = None, connector_id: str | None = None,
+                from_party: tuple[str, str] | None = None, to_party: tuple[str, str] | None = None,
+                received_at: datetime | None = None, event_id: str | None = None) -> dict[str, Any]:
+    """The OcpiEvent of a validated object (or PATCH body), ready for `infra.codec.encode_event`.
+
+    `module` is the OCPI module identifier (`sessions`) or its enum name; `from_party`/`to_party` are the
+    routing headers' (country_code, party_id) as they came with the object, when there were any.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r} is not one of {SOURCES}")
+    value = decoded.value
+    return {
+        "event_id": event_id or str(uuid.uuid4()),
+        "partner_id": partner_id,
+        "module": module.upper(),
+        "operation": operation,
+        "level": level,
+        "country_code": key.country_code,
+        "party_id": key.party_id,
+        "object_id": key.object_id,
+        "evse_uid": evse_uid,
+        "connector_id": connector_id,
+        "received_at": received_at or datetime.now(UTC),
+        "request_id": request_id,
+        "correlation_id": correlation_id,
+        "from_country_code": from_party[0] if from_party else None,
+        "from_party_id": from_party[1] if from_party else None,
+        "to_country_code": to_party[0] if to_party else None,
+        "to_party_id": to_party[1] if to_party else None,
+        "source": source,
+        "content_hash": content_hash(value),
+        "relaxations": list(decoded.relaxations),
+        "payload": (payload_type, to_builtins(value)),
+    }
