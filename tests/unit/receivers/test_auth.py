@@ -1,0 +1,115 @@
+"""Authentication header parsing and the authorization rule (roles, routing headers, hubs), as functions.
+
+The same rules over real requests are in test_transport.py; here every branch of the hub rule is covered,
+including broadcast pushes of Locations, which no router of ours serves yet.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+import pytest
+
+from receivers.auth import authorize, parse_authorization, require_owner
+from receivers.registry import Partner, PartnerStatus, RoutedPartner, credentials_role
+from receivers.transport import ForeignParty, InvalidRoutingHeaders, RoutingHeaders, Unauthorized
+
+OURS = ("NL", "OPP")
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (f"Token {b64('example-token')}", ("example-token", b64("example-token"))),
+    ("Token ZXhhbXBsZS10b2tlbgo=", ("example-token", "ZXhhbXBsZS10b2tlbgo=")),  # the spec's sample: trailing \n
+    ("token ZXhhbXBsZS10b2tlbg==", ("example-token", "ZXhhbXBsZS10b2tlbg==")),  # scheme case-insensitive
+    ("Token raw-token-not-base64!", (None, "raw-token-not-base64!")),
+    ("Token //8=", (None, "//8=")),  # Base64 of bytes that are not UTF-8
+])
+def test_parse_authorization(header: str, expected: tuple[str | None, str]) -> None:
+    assert parse_authorization(header) == expected
+
+
+@pytest.mark.parametrize("header", [None, "", "Token", "Token ", "Bearer abc", "Token a b", "Basic dXNlcjpwdw==",
+                                    "Token\tabc"])
+def test_parse_authorization_refuses(header: str | None) -> None:
+    with pytest.raises(Unauthorized):
+        parse_authorization(header)
+
+
+def partner(*parties: tuple[str, str, str]) -> Partner:
+    now = datetime.now(UTC)
+    roles = [credentials_role(country_code=c, party_id=p, role=r) for c, p, r in parties]
+    return Partner(partner_id="p", name="p", status=PartnerStatus.REGISTERED, roles=roles, created_at=now,
+                   updated_at=now)
+
+
+CPO = partner(("BE", "BEC", "CPO"))
+PLATFORM = partner(("NL", "EXO", "CPO"), ("NL", "PFC", "CPO"))
+HUB = partner(("DE", "HUB", "HUB"))
+
+
+def headers(from_: tuple[str, str] | None, to: tuple[str, str] | None = OURS) -> RoutingHeaders:
+    return RoutingHeaders(from_country_code=from_[0] if from_ else None, from_party_id=from_[1] if from_ else None,
+                          to_country_code=to[0] if to else None, to_party_id=to[1] if to else None)
+
+
+ALLOWED = [
+    ("single party, no headers", CPO, headers(None, None), "sessions", "PUT", ("BE", "BEC")),
+    ("single party, own from", CPO, headers(("BE", "BEC")), "sessions", "PUT", ("be", "bec")),
+    ("platform, any of its parties", PLATFORM, headers(("NL", "EXO")), "sessions", "PUT", ("NL", "PFC")),
+    ("hub relays for the from-* owner", HUB, headers(("NL", "XYZ")), "sessions", "PUT", ("NL", "XYZ")),
+    ("hub relays a GET for the from-* owner", HUB, headers(("NL", "XYZ")), "locations", "GET", ("NL", "XYZ")),
+    ("hub broadcast of a Location keeps the owner", HUB, headers(("DE", "HUB")), "locations", "PUT", ("NL", "ABC")),
+    ("hub broadcast PATCH of a Location", HUB, headers(("DE", "HUB")), "locations", "PATCH", ("FR", "ZZZ")),
+    ("hub broadcast of a Tariff", HUB, headers(("DE", "HUB")), "tariffs", "PUT", ("NL", "ABC")),
+    ("no owner in the URL (CDR POST)", HUB, headers(("NL", "XYZ")), "cdrs", "POST", None),
+]
+
+
+@pytest.mark.parametrize(("name", "who", "routing", "module", "method", "owner"), ALLOWED,
+                         ids=[row[0] for row in ALLOWED])
+def test_allowed(name: str, who: Partner, routing: RoutingHeaders, module: str, method: str,
+                 owner: tuple[str, str] | None) -> None:
+    acting = authorize(who, routing, ours=OURS, module=module, method=method, owner=owner)
+    if owner is not None:
+        require_owner(acting, *owner)
+
+
+REFUSED = [
+    ("owner not one of the roles", CPO, headers(None, None), "sessions", "PUT", ("NL", "TNM"), ForeignParty),
+    ("from-* not the caller's", CPO, headers(("NL", "TNM")), "sessions", "PUT", ("BE", "BEC"),
+     InvalidRoutingHeaders),
+    ("to-* not ours", CPO, headers(("BE", "BEC"), ("DE", "XXX")), "sessions", "PUT", ("BE", "BEC"),
+     InvalidRoutingHeaders),
+    ("platform without headers", PLATFORM, headers(None, None), "sessions", "PUT", ("NL", "EXO"),
+     InvalidRoutingHeaders),
+    ("hub without from-*", HUB, headers(None), "sessions", "PUT", ("NL", "XYZ"), InvalidRoutingHeaders),
+    ("hub without to-* (open routing reaches us addressed)", HUB, headers(("NL", "XYZ"), None), "sessions", "PUT",
+     ("NL", "XYZ"), InvalidRoutingHeaders),
+    ("hub relaying for someone else's object", HUB, headers(("NL", "XYZ")), "sessions", "PUT", ("NL", "ABC"),
+     ForeignParty),
+    ("hub 'broadcast' of Sessions", HUB, headers(("DE", "HUB")), "sessions", "PUT", ("NL", "ABC"), ForeignParty),
+    ("hub 'broadcast' of CDRs", HUB, headers(("DE", "HUB")), "cdrs", "GET", ("NL", "ABC"), ForeignParty),
+    ("hub GET is never broadcast", HUB, headers(("DE", "HUB")), "locations", "GET", ("NL", "ABC"), ForeignParty),
+]
+
+
+@pytest.mark.parametrize(("name", "who", "routing", "module", "method", "owner", "error"), REFUSED,
+                         ids=[row[0] for row in REFUSED])
+def test_refused(name: str, who: Partner, routing: RoutingHeaders, module: str, method: str,
+                 owner: tuple[str, str], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        authorize(who, routing, ours=OURS, module=module, method=method, owner=owner)
+
+
+def test_a_hubs_request_view_allows_only_the_routed_party_for_body_owners() -> None:
+    acting = authorize(HUB, headers(("NL", "XYZ")), ours=OURS, module="cdrs", method="POST", owner=None)
+    assert isinstance(acting, RoutedPartner)
+    require_owner(acting, "NL", "XYZ")
+    with pytest.raises(ForeignParty):
+        require_owner(acting, "NL", "ABC")
+    assert authorize(CPO, headers(None, None), ours=OURS, module="cdrs", method="POST", owner=None) is CPO
