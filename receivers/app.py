@@ -15,18 +15,21 @@ from infra.clickhouse.client import connect_for
 from infra.kafka.bootstrap import resolve_bootstrap
 from infra.kafka.publisher import Publisher
 from infra.settings import Settings, get_settings
-from receivers import cdrs, credentials, sessions, versions
+from receivers import cdrs, credentials, locations, sessions, versions
 from receivers.auth import authenticate
 from receivers.publishing import EventPublisher, RecordSink
 from receivers.registry import PartnerDirectory, PartnerRegistry
+from receivers.state import StateReader
 from receivers.transport import EXCEPTION_HANDLERS, echo_headers
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a Location with hundreds of EVSEs fits; anything larger is refused (413)
 
 
 def create_app(settings: Settings | None = None, *, sink: RecordSink | None = None,
-               registry_factory: Callable[[], PartnerRegistry] | None = None) -> Litestar:
-    """The receivers app. `sink` and `registry_factory` replace Kafka and ClickHouse in unit tests."""
+               registry_factory: Callable[[], PartnerRegistry] | None = None,
+               state_reader: StateReader | None = None) -> Litestar:
+    """The receivers app. `sink`, `registry_factory` and `state_reader` replace Kafka and ClickHouse in unit
+    tests."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -41,15 +44,21 @@ def create_app(settings: Settings | None = None, *, sink: RecordSink | None = No
         app.state.partners = PartnerDirectory(registry)
         app.state.credential_locks = credentials.PartnerLocks()
         app.state.events = EventPublisher(records, settings.kafka)
+        app.state.stored = state_reader or StateReader.for_settings(settings)  # connects on the first GET
         await app.state.partners.reload()
         try:
             yield
         finally:
+            if state_reader is None:
+                app.state.stored.close()
             if publisher is not None:
                 await asyncio.shield(publisher.stop())
 
     def provide_events(state: State) -> EventPublisher:
         return state.events
+
+    def provide_stored(state: State) -> StateReader:
+        return state.stored
 
     def provide_settings() -> Settings:
         return settings
@@ -57,9 +66,10 @@ def create_app(settings: Settings | None = None, *, sink: RecordSink | None = No
     dependencies: dict[str, Any] = {
         "events": Provide(provide_events, sync_to_thread=False),
         "settings": Provide(provide_settings, sync_to_thread=False),
+        "stored": Provide(provide_stored, sync_to_thread=False),
     }
     return Litestar(
-        route_handlers=[versions.router, credentials.router, sessions.router, cdrs.router],
+        route_handlers=[versions.router, credentials.router, locations.router, sessions.router, cdrs.router],
         guards=[authenticate],
         dependencies=dependencies,
         exception_handlers=EXCEPTION_HANDLERS,

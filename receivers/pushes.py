@@ -1,0 +1,187 @@
+"""The OCPI push rules of the receiver interfaces, once: which object a URL takes, URL/body identity, and
+the event an accepted push becomes. The module routers only name a Target and the URL's parts.
+
+Rules (08 §3.3-3.4, 09 §3.3-3.4, 04 §4.4 and §6, digest 12 rules 4 and 7):
+- The body decodes strictly (ocpi.decode) into the Target's model: the full object for PUT/POST, its Patch
+  class for PATCH (a partial: any field may be absent, `last_updated` is required, null means unchanged).
+  The partner's compatibility profile is applied and the relaxations used travel on the event.
+- Identity: every identity field the body carries must equal the URL's part, compared as CiString
+  (case-insensitively): Location country_code/party_id/id, EVSE uid, Connector id, Session
+  country_code/party_id/id. A PATCH may leave them out; if it sets one, it must match.
+- Level (Locations): a body carrying a field of another level of the Location → EVSE → Connector tree
+  (an EVSE `status` at the Location URL, a Location at an EVSE URL ...) is refused. Without this an EVSE
+  status PATCH sent to the Location URL would decode as an empty Location PATCH and be acknowledged while
+  changing nothing. Fields of no level are ignored like any unknown field (valid 2.2.1, see ocpi.compat).
+- Every refusal is 2001 naming the field by its JSON path and saying why (transport.InvalidParameters).
+- The Kafka key is the owner object's identity (`CC/PID/ID` upper-cased): for an EVSE or Connector push the
+  Location's, so every event of one Location stays in order on one partition; the event carries
+  `evse_uid`/`connector_id` for the sub-object.
+
+Not checked here, by design: whether the object (or, for an EVSE/Connector push, its Location) is already
+known. Answering that synchronously would need a read of the current state on every push, and that state
+lags Kafka: a Location PUT acknowledged a moment ago may not be projected yet, so a quick EVSE PATCH after it
+would be refused wrongly. Every valid push is acknowledged once Kafka has it; Kafka keeps a Location's events
+in order, and the pipeline parks or flags a sub-object push whose Location it does not hold (and a Session
+PATCH for an unknown Session). A CPO that wants to check can GET the object: unknown objects answer 404.
+The answer is HTTP 200 for every accepted PUT/PATCH (the spec's 201-if-created is a SHOULD that would need
+the same read); CDR POSTs answer 201 (a CDR is new by definition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple, TypeAlias
+
+import msgspec
+from litestar import Request
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+
+from ocpi.identity import ObjectKey, ci_equal
+from ocpi.model import (
+    CDR,
+    EVSE,
+    Connector,
+    ConnectorPatch,
+    EVSEPatch,
+    Location,
+    LocationPatch,
+    Session,
+    SessionPatch,
+)
+from receivers.publishing import EventPublisher
+from receivers.transport import InvalidParameters, decode_body
+
+# Handler parameter types: a URL segment, and the app's EventPublisher (app.py provides it as `events`).
+Segment: TypeAlias = FromPath[str]
+Events: TypeAlias = NamedDependency[EventPublisher]
+
+
+class PushUrl(NamedTuple):
+    """The identity parts of a push URL: the owner object, and the sub-object for EVSE/Connector pushes."""
+
+    country_code: str
+    party_id: str
+    object_id: str
+    evse_uid: str | None = None
+    connector_id: str | None = None
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.country_code, self.party_id, self.object_id)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one receiver URL and method accept."""
+
+    module: str  # topic selector: locations, sessions, cdrs
+    operation: str  # PUT, PATCH, POST
+    level: str  # LOCATION, EVSE, CONNECTOR, SESSION, CDR (the event's level)
+    model: type[msgspec.Struct]
+    identity: tuple[tuple[str, str], ...] = ()  # (body field, PushUrl field) that must agree
+    url_hint: str = ""  # how the URL names the object, for messages
+    foreign_fields: Mapping[str, str] = field(default_factory=dict)  # key of another level → that level
+
+    @property
+    def payload_type(self) -> str:
+        """The Avro payload branch: the model's name (Location, EVSEPatch, CDR ...)."""
+        return self.model.__name__
+
+
+# --- the Location tree's levels ---------------------------------------------------------------------------
+
+_LEVEL_FIELDS: Final = {
+    "Location": frozenset(Location.__struct_fields__),
+    "EVSE": frozenset(EVSE.__struct_fields__),
+    "Connector": frozenset(Connector.__struct_fields__),
+}
+
+
+def _foreign_fields(level: str) -> dict[str, str]:
+    """Top-level keys that belong to other levels of the Location tree but not to `level`."""
+    own = _LEVEL_FIELDS[level]
+    foreign: dict[str, list[str]] = {}
+    for other, fields in _LEVEL_FIELDS.items():
+        for name in fields - own if other != level else ():
+            foreign.setdefault(name, []).append(other)
+    return {name: " and ".join(levels) for name, levels in foreign.items()}
+
+
+_LOCATION_URL = ".../{country_code}/{party_id}/{location_id}"
+_EVSE_URL = _LOCATION_URL + "/{evse_uid}"
+_CONNECTOR_URL = _EVSE_URL + "/{connector_id}"
+_OWNER_IDENTITY: Final = (("country_code", "country_code"), ("party_id", "party_id"), ("id", "object_id"))
+
+
+def _location_targets(operation: str) -> tuple[Target, Target, Target]:
+    patch = operation == "PATCH"
+    return (
+        Target("locations", operation, "LOCATION", LocationPatch if patch else Location, _OWNER_IDENTITY,
+               _LOCATION_URL, _foreign_fields("Location")),
+        Target("locations", operation, "EVSE", EVSEPatch if patch else EVSE, (("uid", "evse_uid"),),
+               _EVSE_URL, _foreign_fields("EVSE")),
+        Target("locations", operation, "CONNECTOR", ConnectorPatch if patch else Connector,
+               (("id", "connector_id"),), _CONNECTOR_URL, _foreign_fields("Connector")),
+    )
+
+
+LOCATION_PUT, EVSE_PUT, CONNECTOR_PUT = _location_targets("PUT")
+LOCATION_PATCH, EVSE_PATCH, CONNECTOR_PATCH = _location_targets("PATCH")
+SESSION_PUT: Final = Target("sessions", "PUT", "SESSION", Session, _OWNER_IDENTITY,
+                            ".../{country_code}/{party_id}/{session_id}")
+SESSION_PATCH: Final = Target("sessions", "PATCH", "SESSION", SessionPatch, _OWNER_IDENTITY,
+                              ".../{country_code}/{party_id}/{session_id}")
+CDR_POST: Final = Target("cdrs", "POST", "CDR", CDR)
+
+_LEVEL_NOUNS: Final = {"LOCATION": ("a", "Location"), "EVSE": ("an", "EVSE"), "CONNECTOR": ("a", "Connector")}
+
+
+# --- the checks -------------------------------------------------------------------------------------------
+
+_top_level: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def _refuse(path: str, reason: str) -> InvalidParameters:
+    return InvalidParameters(f"{path}: {reason}", data={"path": path, "reason": reason})
+
+
+def check_level(body: bytes, target: Target) -> None:
+    """Refuse a body that carries a field of another level of the Location tree (module docstring)."""
+    if not target.foreign_fields:
+        return
+    try:
+        keys = _top_level.decode(body)
+    except msgspec.DecodeError:
+        return  # not a JSON object: decoding reports it properly (400, or 2001 naming the type)
+    for name, raw in keys.items():
+        other = target.foreign_fields.get(name)
+        if other is not None and bytes(raw) != b"null":  # null carries nothing (OCPI: null = absent)
+            article, noun = _LEVEL_NOUNS[target.level]
+            raise _refuse(f"$.{name}", f"a field of {other}, not of {noun}: a {target.operation} at "
+                                       f"{target.url_hint} carries {article} {noun}")
+
+
+def check_identity(value: Any, target: Target, url: PushUrl) -> None:
+    """Every identity field the body sets must equal the URL's part, case-insensitively."""
+    for body_field, url_field in target.identity:
+        body_value = getattr(value, body_field)
+        if body_value is None or body_value is msgspec.UNSET:
+            continue  # a PATCH leaves identity out (a full object always has it: decoding required it)
+        url_value = getattr(url, url_field)
+        if not ci_equal(body_value, url_value):
+            raise _refuse(f"$.{body_field}", f"{body_value!r} differs from {url_value!r} in the URL "
+                                             f"({target.url_hint}): a push must address the object it carries")
+
+
+async def accept_push(request: Request[Any, Any, Any], events: EventPublisher, target: Target,
+                      url: PushUrl) -> None:
+    """Validate a PUT/PATCH at `url` against `target` and publish it; raises the OCPI error otherwise."""
+    body = await request.body()
+    check_level(body, target)
+    decoded = decode_body(body, target.model, request.state.partner.profile)
+    check_identity(decoded.value, target, url)
+    await events.publish_push(request, module=target.module, operation=target.operation, level=target.level,
+                              key=url.key, decoded=decoded, payload_type=target.payload_type,
+                              evse_uid=url.evse_uid, connector_id=url.connector_id)

@@ -1,0 +1,126 @@
+"""Reading back what the pipeline stored, for the receiver GETs (08 §3.2, 09 §3.2, 10 §3.2).
+
+Contract with the pipeline (it owns the tables; we only read them): `locations`, `sessions` and `cdrs` are
+ReplacingMergeTree(version) tables of current state, keyed by (country_code, party_id, <object>_id) in
+upper case (CiString identity), and `payload_json` holds the current full object as OCPI JSON (a Location
+with its EVSEs and Connectors). Reads use FINAL, so the newest version is answered even before a merge.
+
+Answers are the stored bytes, unchanged (`msgspec.Raw`): no re-encoding, so a GET shows exactly what the
+pipeline holds. An EVSE or Connector is cut out of its Location's JSON the same way.
+
+The client is opened on first use, read-only: pushes never depend on ClickHouse, and a store that is down
+turns into 3000 answers on GET only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Final, TypeAlias
+
+import msgspec
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.httpclient import HttpClient
+from litestar.di import NamedDependency
+
+from infra.clickhouse.client import connect_for
+from infra.settings import Settings
+from ocpi.identity import ObjectKey, ci_equal
+from receivers.transport import ServerError
+
+# table → name of its id column (the other key columns are country_code and party_id everywhere).
+_ID_COLUMNS: Final = {"locations": "location_id", "sessions": "session_id", "cdrs": "cdr_id"}
+
+
+class _Evse(msgspec.Struct):
+    uid: str
+    connectors: list[msgspec.Raw] = []
+
+
+class _Connector(msgspec.Struct):
+    id: str
+
+
+class _Location(msgspec.Struct):
+    evses: list[msgspec.Raw] | None = None
+
+
+_location_decoder: Final = msgspec.json.Decoder(_Location)
+_evse_decoder: Final = msgspec.json.Decoder(_Evse)
+_connector_decoder: Final = msgspec.json.Decoder(_Connector)
+
+
+class StateReader:
+    """The current stored Location, Session or CDR of an owner's object, as OCPI JSON; None if unknown."""
+
+    def __init__(self, connect: Callable[[], Client]) -> None:
+        self._connect = connect
+        self._client: Client | None = None
+        self._opening = threading.Lock()
+        # chDB clients are not thread-safe: serialise their queries. HTTP clients (no session) run concurrently.
+        self._serial: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> StateReader:
+        return cls(lambda: connect_for(settings, readonly=True))
+
+    def _client_for_query(self) -> Client:
+        with self._opening:
+            if self._client is None:
+                client = self._connect()
+                if not isinstance(client, HttpClient):
+                    self._serial = threading.Lock()
+                self._client = client
+            return self._client
+
+    def _payload(self, table: str, key: ObjectKey) -> bytes | None:
+        client = self._client_for_query()
+        country_code, party_id, object_id = key.normalized
+        sql = (f"SELECT payload_json FROM {table} FINAL WHERE country_code = {{cc:String}} "
+               f"AND party_id = {{pid:String}} AND {_ID_COLUMNS[table]} = {{id:String}} LIMIT 1")
+        with self._serial:
+            rows = client.query(sql, parameters={"cc": country_code, "pid": party_id, "id": object_id}).result_rows
+        return rows[0][0].encode("utf-8") if rows else None
+
+    async def _read(self, table: str, key: ObjectKey) -> msgspec.Raw | None:
+        try:
+            payload = await asyncio.to_thread(self._payload, table, key)
+        except Exception as exc:  # the store is down or refused: the caller may retry, never a 404
+            raise ServerError(f"could not read the stored {table} state, please retry: {type(exc).__name__}") from exc
+        return msgspec.Raw(payload) if payload is not None else None
+
+    async def location(self, key: ObjectKey) -> msgspec.Raw | None:
+        return await self._read("locations", key)
+
+    async def session(self, key: ObjectKey) -> msgspec.Raw | None:
+        return await self._read("sessions", key)
+
+    async def cdr(self, key: ObjectKey) -> msgspec.Raw | None:
+        return await self._read("cdrs", key)
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+# Handler parameter type: the app's StateReader (app.py provides it as `stored`).
+Stored: TypeAlias = NamedDependency[StateReader]
+
+
+def evse_of(location: msgspec.Raw, evse_uid: str) -> msgspec.Raw | None:
+    """The JSON of the Location's EVSE with this uid (CiString: case-insensitive), or None."""
+    for raw in _location_decoder.decode(location).evses or ():
+        if ci_equal(_evse_decoder.decode(raw).uid, evse_uid):
+            return raw
+    return None
+
+
+def connector_of(evse: msgspec.Raw, connector_id: str) -> msgspec.Raw | None:
+    """The JSON of the EVSE's Connector with this id (case-insensitive), or None."""
+    for raw in _evse_decoder.decode(evse).connectors:
+        if ci_equal(_connector_decoder.decode(raw).id, connector_id):
+            return raw
+    return None
