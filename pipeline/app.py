@@ -23,12 +23,15 @@ class Pipeline:
     sink: ClickHouseSink
 
 
-def create_app(settings: Settings, bootstrap: str) -> Pipeline:
-    """The worker's Faust app. `bootstrap` is resolved by the caller (embedded broker or configured cluster)."""
+def create_app(settings: Settings, bootstrap: str, *, app_id: str = APP_ID) -> Pipeline:
+    """The worker's Faust app. `bootstrap` is resolved by the caller (embedded broker or configured cluster).
+
+    `app_id` is also the consumer group: another id reads the topics from the start on its own (a rebuild).
+    """
     if settings.kafka.is_tansu:
         compat.patch_faust_highwaters()
     app = faust.App(
-        APP_ID,
+        app_id,
         broker=f"kafka://{bootstrap}",
         store="rocksdb://",
         datadir=str(settings.storage.path / "faust"),
