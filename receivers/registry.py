@@ -255,7 +255,8 @@ class PartnerRegistry:
 
     def get(self, partner_id: str) -> Partner | None:
         with self._lock:
-            rows = self._client.query("SELECT record_json FROM partners FINAL WHERE partner_id = {id:String}",
+            # Client-side binding (%(id)s): the chDB shim does not implement server-side query parameters.
+            rows = self._client.query("SELECT record_json FROM partners FINAL WHERE partner_id = %(id)s",
                                       parameters={"id": partner_id}).result_rows
         return _decoder.decode(rows[0][0]) if rows else None
 
@@ -453,7 +454,9 @@ class PartnerDirectory:
             await self._reload_after(arrived)
         digest = hash_token(token)
         found = self._by_hash.get(digest)
-        if found is None:
+        if found is None or self._partners[found[0]].status is PartnerStatus.REGISTERING:
+            # Unknown, or known from the middle of a handshake another process runs (the CLI registering
+            # with this partner): the token, or the handshake's outcome (status, roles), may be saved by now.
             await self._reload_after(arrived)
             found = self._by_hash.get(digest)
         if found is None:
