@@ -1,8 +1,9 @@
 """Helpers for the receiver push/GET tests: valid bodies per object, one partner per party, a client that
 picks the party's token, and the events the fake sink received, decoded.
 
-Import the fixtures into a test module: `from tests.unit.receivers.push_support import pushes, make_pushes`
-(they build on app_support's `make_env`, which must be imported too).
+Import the fixtures into a test module (they build on app_support's `make_env`, which must be imported too):
+`from tests.unit.receivers.push_support import make_pushes_fixture, pushes_fixture`; tests then ask for
+`pushes` / `make_pushes` (the fixtures' names differ from the functions' so parameters shadow nothing).
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import msgspec
 import pytest
 from litestar.testing import TestClient
 
 from infra.clickhouse.client import connect
 from infra.codec import DecodedEvent, decode_event
+from ocpi.decode import decode
 from tests.conftest import EXAMPLES
 from tests.unit.receivers.app_support import AppEnv, auth
 
+T = TypeVar("T")
 BASE = "/ocpi/emsp/2.2.1"
 # Every party of the spec's examples, each its own single-role CPO partner (no routing headers needed).
 PARTIES = (("BE", "BEC"), ("NL", "TNM"), ("NL", "ALF"), ("DE", "ALL"))
@@ -117,6 +121,19 @@ class Pushes:
             client.close()
 
 
+_wire = msgspec.json.Encoder(decimal_format="number")
+
+
+def sent_as(body: Any, model: type[T]) -> T:
+    """What the receiver must have understood from `body` (a JSON value) as the OCPI Struct `model`."""
+    return decode(json.dumps(body).encode(), model).value
+
+
+def payload_as(event: DecodedEvent, model: type[T]) -> T:
+    """An event's payload (Avro builtins: Decimal, datetime) back into the OCPI Struct `model`."""
+    return decode(_wire.encode(event.payload), model).value
+
+
 def _owner(url: str) -> tuple[str, str]:
     parts = url.removeprefix(BASE).split("/")
     if len(parts) >= 4:
@@ -137,8 +154,8 @@ def assert_envelope(response: httpx.Response, status: int, *, http: int | None =
     return body  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-def make_pushes(make_env: Callable[..., AppEnv]) -> Iterator[Callable[..., Pushes]]:
+@pytest.fixture(name="make_pushes")
+def make_pushes_fixture(make_env: Callable[..., AppEnv]) -> Iterator[Callable[..., Pushes]]:
     """Build a Pushes; keyword `compat` gives every partner that compatibility profile."""
     opened: list[TestClient[Any]] = []
 
@@ -156,8 +173,8 @@ def make_pushes(make_env: Callable[..., AppEnv]) -> Iterator[Callable[..., Pushe
         client.__exit__(None, None, None)
 
 
-@pytest.fixture
-def pushes(make_pushes: Callable[..., Pushes]) -> Pushes:
+@pytest.fixture(name="pushes")
+def pushes_fixture(make_pushes: Callable[..., Pushes]) -> Pushes:
     return make_pushes()
 
 
@@ -167,3 +184,45 @@ def no_records(p: Pushes) -> Iterator[None]:
     before = len(p.env.sink.records)
     yield
     assert len(p.env.sink.records) == before, "a refused push was published"
+
+
+# --- table-driven refusals ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Refusal:
+    """One invalid push: what is sent, and the status, field path and reason it must be refused with."""
+
+    name: str  # "<object>: <constraint kind>", the test id
+    method: str
+    url: str
+    body: Callable[[], Any]
+    path: str
+    reason: str  # a part of the reason the message must give
+    status: int = 2001
+    http: int = 200
+
+
+def changed(body: Callable[[], dict[str, Any]], path: str, value: Any = ...) -> Callable[[], dict[str, Any]]:
+    """`body` with the field at `path` (dotted, list indices as numbers) set to `value`, or removed."""
+
+    def build() -> dict[str, Any]:
+        result = body()
+        *parents, last = path.split(".")
+        node: Any = result
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        if value is ...:
+            del node[last]
+        else:
+            node[int(last) if last.isdigit() else last] = value
+        return result
+
+    return build
+
+
+def check_refusal(p: Pushes, case: Refusal) -> None:
+    with no_records(p):
+        answer = assert_envelope(p.request(case.method, case.url, case.body()), case.status, http=case.http,
+                                 path=case.path)
+    assert case.reason in answer["status_message"], answer["status_message"]
+    assert answer["data"] == {"path": case.path, "reason": answer["status_message"].split(": ", 1)[1]}

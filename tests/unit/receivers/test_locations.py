@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 import pytest
 
 from ocpi.datetime import parse_datetime
-from ocpi.decode import decode
 from ocpi.model import EVSE, Connector, ConnectorPatch, EVSEPatch, Location, LocationPatch
-from tests.unit.receivers.app_support import make_env  # noqa: F401 - fixture
-from tests.unit.receivers.push_support import (  # noqa: F401 - fixtures
+from tests.unit.receivers.app_support import make_env  # noqa: F401
+from tests.unit.receivers.push_support import (  # noqa: F401
     BASE,
     CONNECTOR_URL,
     EVSE_URL,
@@ -23,16 +21,12 @@ from tests.unit.receivers.push_support import (  # noqa: F401 - fixtures
     evse,
     example,
     location,
-    make_pushes,
+    make_pushes_fixture,
     no_records,
-    pushes,
+    payload_as,
+    pushes_fixture,
+    sent_as,
 )
-
-
-def as_struct(payload: dict[str, Any], model: type) -> Any:
-    """An event payload (Avro builtins) back into the OCPI Struct, for comparison with what was sent."""
-    return decode(msgspec.json.encode(payload), model).value
-
 
 LEVELS = [
     # (method, url, body factory, model, level, payload type, evse_uid, connector_id)
@@ -65,7 +59,7 @@ def test_each_level_is_published_under_the_locations_key(pushes: Pushes, method:
     assert event.partner_id == "cpo-be-bec" and event.source == "PUSH" and event.relaxations == []
     assert pushes.keys() == [b"BE/BEC/LOC1"]  # every level: the Location's identity, so one partition
     assert pushes.topics() == [pushes.env.settings.kafka.topic_for("locations")]
-    assert as_struct(event.payload, model) == decode(msgspec.json.encode(sent), model).value
+    assert payload_as(event, model) == sent_as(sent, model)
 
 
 def test_every_example_location_is_accepted_and_the_broken_evse_example_refused(pushes: Pushes) -> None:

@@ -145,7 +145,8 @@ ROWS = [
     # --- framework errors as envelopes ---
     Row("unknown path", "GET", "/ocpi/emsp/2.2.1/nothing", as_("cpo"), 404, 2000),
     Row("unknown path without a token", "POST", "/x", no_auth(), 404, 2000),
-    Row("method not allowed", "DELETE", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 405, 2000, check=allow("GET, PATCH, PUT")),
+    Row("method not allowed", "DELETE", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 405, 2000,
+        check=allow("GET, PATCH, PUT")),
     Row("OPTIONS", "OPTIONS", f"{SESSIONS}/BE/BEC/101", no_auth(), 405, 2000, check=allow("GET, PATCH, PUT")),
     Row("HEAD", "HEAD", "/ocpi/versions", as_("cpo"), 405, None),
     Row("malformed JSON", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 400, BAD, body=b"{not json"),
