@@ -137,7 +137,7 @@ def payload_as(event: DecodedEvent, model: type[T]) -> T:
 def _owner(url: str) -> tuple[str, str]:
     parts = url.removeprefix(BASE).split("/")
     if len(parts) >= 4:
-        return parts[2], parts[3]
+        return parts[2].upper(), parts[3].upper()
     return "BE", "BEC"  # POST /cdrs has no owner in the URL; the tests' CDRs are BE/BEC's
 
 
@@ -156,12 +156,15 @@ def assert_envelope(response: httpx.Response, status: int, *, http: int | None =
 
 @pytest.fixture(name="make_pushes")
 def make_pushes_fixture(make_env: Callable[..., AppEnv]) -> Iterator[Callable[..., Pushes]]:
-    """Build a Pushes; keyword `compat` gives every partner that compatibility profile."""
+    """Build a Pushes; `compat` gives every partner that compatibility profile, `compat_for` one party's."""
     opened: list[TestClient[Any]] = []
 
-    def build(*, compat: tuple[str, ...] = (), **env: str) -> Pushes:
+    def build(*, compat: tuple[str, ...] = (), compat_for: dict[tuple[str, str], tuple[str, ...]] | None = None,
+              **env: str) -> Pushes:
         app_env = make_env(**env)
-        tokens = {(cc, pid): app_env.provision(f"cpo-{cc}-{pid}".lower(), (cc, pid, "CPO"), compat=compat)
+        profiles = compat_for or {}
+        tokens = {(cc, pid): app_env.provision(f"cpo-{cc}-{pid}".lower(), (cc, pid, "CPO"),
+                                               compat=profiles.get((cc, pid), compat))
                   for cc, pid in PARTIES}
         client = TestClient(app_env.app, raise_server_exceptions=False)
         client.__enter__()

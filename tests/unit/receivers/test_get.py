@@ -1,0 +1,135 @@
+"""Receiver GETs (08 §3.2, 09 §3.2, 10 §3.2): the stored current state, 404 for what we do not hold, only for
+the owner. Rows are written the way the pipeline writes them (upper-cased key, OCPI JSON payload, version)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from litestar.testing import TestClient
+
+from receivers.app import create_app
+from receivers.state import StateReader
+from tests.unit.receivers.app_support import (
+    auth,
+    make_env,  # noqa: F401
+)
+from tests.unit.receivers.push_support import (  # noqa: F401
+    BASE,
+    CDRS_URL,
+    LOCATION_URL,
+    SESSION_URL,
+    Pushes,
+    assert_envelope,
+    cdr,
+    location,
+    make_pushes_fixture,
+    pushes_fixture,
+    session,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def store_location(p: Pushes, body: dict[str, Any], version: int = 1) -> None:
+    p.store("locations", [{"country_code": body["country_code"].upper(), "party_id": body["party_id"].upper(),
+                           "location_id": body["id"].upper(), "partner_id": "cpo-be-bec", "city": body["city"],
+                           "country": body["country"], "publish": body["publish"], "last_updated": NOW,
+                           "payload_json": json.dumps(body), "version": version}])
+
+
+def data(response: Any) -> Any:
+    return assert_envelope(response, 1000, http=200)["data"]
+
+
+def test_a_location_its_evses_and_connectors_as_stored(pushes: Pushes) -> None:
+    stored = location()
+    stored["evses"][1]["uid"] = "Evse-B"  # CiString: found whatever the URL's case
+    store_location(pushes, stored)
+    assert data(pushes.request("GET", LOCATION_URL)) == stored
+    assert data(pushes.request("GET", f"{BASE}/locations/be/bec/loc1")) == stored
+    assert data(pushes.request("GET", f"{LOCATION_URL}/3256")) == stored["evses"][0]
+    assert data(pushes.request("GET", f"{LOCATION_URL}/EVSE-b")) == stored["evses"][1]
+    assert data(pushes.request("GET", f"{LOCATION_URL}/3256/2")) == stored["evses"][0]["connectors"][1]
+    assert data(pushes.request("GET", f"{LOCATION_URL}/evse-B/1")) == stored["evses"][1]["connectors"][0]
+    assert pushes.env.sink.records == []  # a GET publishes nothing
+
+
+def test_the_newest_version_is_answered(pushes: Pushes) -> None:
+    store_location(pushes, {**location(), "name": "old"}, version=1)
+    store_location(pushes, {**location(), "name": "new"}, version=2)
+    store_location(pushes, {**location(), "name": "older"}, version=0)
+    assert data(pushes.request("GET", LOCATION_URL))["name"] == "new"
+
+
+@pytest.mark.parametrize(("url", "what"), [
+    (f"{BASE}/locations/BE/BEC/NOPE", "Location BE/BEC/NOPE is not known"),
+    (f"{LOCATION_URL}/9999", "has no EVSE '9999'"),
+    (f"{LOCATION_URL}/3256/7", "has no Connector '7'"),
+])
+def test_what_we_do_not_hold_is_404_unknown_location(pushes: Pushes, url: str, what: str) -> None:
+    store_location(pushes, location())
+    answer = assert_envelope(pushes.request("GET", url), 2003, http=404)
+    assert what in answer["status_message"] and "data" not in answer
+
+
+def test_a_location_without_evses(pushes: Pushes) -> None:
+    bare = {key: value for key, value in location().items() if key != "evses"}
+    store_location(pushes, bare)
+    assert data(pushes.request("GET", LOCATION_URL)) == bare
+    assert_envelope(pushes.request("GET", f"{LOCATION_URL}/3256"), 2003, http=404)
+
+
+def test_a_session_as_stored(pushes: Pushes) -> None:
+    stored = session()
+    pushes.store("sessions", [{"country_code": "BE", "party_id": "BEC", "session_id": "101",
+                               "partner_id": "cpo-be-bec", "status": "COMPLETED", "start_date_time": NOW,
+                               "kwh": 41.12, "last_updated": NOW, "payload_json": json.dumps(stored),
+                               "version": 1}])
+    assert data(pushes.request("GET", SESSION_URL)) == stored
+    unknown = assert_envelope(pushes.request("GET", f"{BASE}/sessions/BE/BEC/999"), 2000, http=404)
+    assert "Session BE/BEC/999 is not known" in unknown["status_message"]
+
+
+@pytest.mark.parametrize("cdr_id", ["12345", "2024/05 #1?"])
+def test_a_cdr_at_the_url_its_post_answered(pushes: Pushes, cdr_id: str) -> None:
+    body = {**cdr(), "id": cdr_id}
+    posted = pushes.request("POST", CDRS_URL, body)
+    assert_envelope(posted, 1000, http=201)
+    pushes.store("cdrs", [{"country_code": "BE", "party_id": "BEC", "cdr_id": cdr_id.upper(),
+                           "partner_id": "cpo-be-bec", "start_date_time": NOW, "end_date_time": NOW,
+                           "total_energy": 15.342, "total_time": 1.973, "total_cost_excl_vat": 4,
+                           "last_updated": NOW, "payload_json": json.dumps(body), "version": 1}])
+    url = posted.headers["location"].removeprefix(pushes.env.settings.http.base_url)
+    assert data(pushes.request("GET", url)) == body
+    unknown = assert_envelope(pushes.request("GET", f"{CDRS_URL}/BE/BEC/other"), 2000, http=404)
+    assert "CDR BE/BEC/other is not known" in unknown["status_message"]
+
+
+@pytest.mark.parametrize("url", [LOCATION_URL, f"{LOCATION_URL}/3256", f"{LOCATION_URL}/3256/1", SESSION_URL,
+                                 f"{CDRS_URL}/BE/BEC/12345"])
+def test_only_the_owner_may_read(pushes: Pushes, url: str) -> None:
+    """Another partner gets the same 404 as for an unknown object: nothing tells it the object exists."""
+    store_location(pushes, location())
+    answer = assert_envelope(pushes.request("GET", url, party=("NL", "TNM")), 2001, http=404)
+    assert "BE/BEC" in answer["status_message"]
+
+
+def test_a_store_that_cannot_be_read_is_3000_never_404(make_pushes: Any) -> None:
+    p = make_pushes()
+
+    def broken() -> Client:
+        raise ConnectionRefusedError("ClickHouse is down")
+
+    app = create_app(p.env.settings, sink=p.env.sink, registry_factory=lambda: p.env.registry,
+                     state_reader=StateReader(broken))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get(SESSION_URL, headers=auth(p.tokens[("BE", "BEC")]))
+        answer = assert_envelope(response, 3000, http=500)
+        assert "please retry" in answer["status_message"]
+        # Pushes do not depend on the store.
+        push = client.put(SESSION_URL, json=session(), headers=auth(p.tokens[("BE", "BEC")]))
+        assert_envelope(push, 1000)
