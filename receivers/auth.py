@@ -73,15 +73,15 @@ def parse_authorization(header: str | None) -> tuple[str | None, str]:
 
 async def _identify(directory: PartnerDirectory, header: str | None) -> tuple[Partner, TokenKind, str]:
     decoded, raw = parse_authorization(header)
-    if decoded is not None:
-        found = await directory.lookup(decoded)
-        if found is not None:
-            return found[0], found[1], decoded
+    candidates = [decoded] if decoded is not None else []
     if raw != decoded:
+        candidates.append(raw)
+    found = await directory.find(*candidates)
+    if found is not None:
+        token, partner, kind = found
         # The raw form only for partners that opted in: otherwise a leaked header value would be a token too.
-        found = await directory.lookup(raw)
-        if found is not None and found[0].profile.raw_token:
-            return found[0], found[1], raw
+        if token == decoded or partner.profile.raw_token:
+            return partner, kind, token
     raise Unauthorized("unknown token")
 
 

@@ -449,26 +449,39 @@ class PartnerDirectory:
 
     async def lookup(self, token: str) -> tuple[Partner, TokenKind] | None:
         """The partner and token kind of a token valid now; None if unknown or no longer valid."""
+        found = await self.find(token)
+        return (found[1], found[2]) if found is not None else None
+
+    async def find(self, *tokens: str) -> tuple[str, Partner, TokenKind] | None:
+        """The first of `tokens` that is valid now, with its partner and kind (one registry reload at most,
+        so a raw-token partner, whose header is tried decoded first, does not cause a reload per request)."""
         arrived = time.monotonic()
         if arrived - self._reload_started >= self._refresh_s:
             await self._reload_after(arrived)
-        digest = hash_token(token)
-        found = self._by_hash.get(digest)
-        if found is None or self._partners[found[0]].status is PartnerStatus.REGISTERING:
+        digests = [(token, hash_token(token)) for token in tokens]
+        hit = self._first(digests)
+        if hit is None or self._partners[hit[2][0]].status is PartnerStatus.REGISTERING:
             # Unknown, or known from the middle of a handshake another process runs (the CLI registering
             # with this partner): the token, or the handshake's outcome (status, roles), may be saved by now.
             await self._reload_after(arrived)
-            found = self._by_hash.get(digest)
-        if found is None:
+            hit = self._first(digests)
+        if hit is None:
             return None
-        partner_id, stored = found
+        token, digest, (partner_id, stored) = hit
         # Found by hash; the constant-time compare keeps the final check itself timing-safe.
         if not hmac.compare_digest(stored.sha256, digest) or not stored.valid_at(_now()):
             return None
         partner = self._partners[partner_id]
         if partner.status not in ACCEPTING:
             return None
-        return partner, stored.kind
+        return token, partner, stored.kind
+
+    def _first(self, digests: list[tuple[str, str]]) -> tuple[str, str, tuple[str, InboundToken]] | None:
+        for token, digest in digests:
+            entry = self._by_hash.get(digest)
+            if entry is not None:
+                return token, digest, entry
+        return None
 
     def partner(self, partner_id: str) -> Partner | None:
         return self._partners.get(partner_id)

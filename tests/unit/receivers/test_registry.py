@@ -212,3 +212,26 @@ def test_party_settings_defaults() -> None:
     settings: Settings = load_settings({})
     assert (settings.party.country_code, settings.party.party_id, settings.party.role) == ("NL", "OPP", "EMSP")
     assert settings.partners.token_grace_s == 0 and settings.partners.outbound_timeout_s == 10
+
+
+async def test_a_known_token_costs_no_registry_read(open_registry: Callable[[], PartnerRegistry]) -> None:
+    """A raw-token partner's header is tried decoded first; that miss must not reload the registry each time."""
+    registry = open_registry()
+    _, token = registry.register_direct("raw", "Raw", [role("FR", "RAW")], compat=["RAW_TOKEN"])
+    reads = 0
+    load = registry.all
+
+    def counting_all(*, include_deleted: bool = False) -> list[Partner]:
+        nonlocal reads
+        reads += 1
+        return load(include_deleted=include_deleted)
+
+    registry.all = counting_all  # type: ignore[method-assign]
+    directory = PartnerDirectory(registry, refresh_s=60)
+    await directory.reload()
+    for _ in range(20):
+        found = await directory.find("not-the-token", token)
+        assert found is not None and found[0] == token
+    assert reads == 1
+    assert await directory.find("unknown-1", "unknown-2") is None
+    assert reads == 2  # a miss reloads once, not once per candidate
