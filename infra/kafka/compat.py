@@ -6,6 +6,8 @@ Measured in ../shared/research/infra-feasibility.md:
 - aiokafka's idempotent/transactional producer sends InitProducerId v0, which Tansu rejects: no idempotence,
   so the pipeline is at-least-once and every sink is idempotent.
 - Tansu holds a JoinGroup for session_timeout/2: short session timeouts make group joins quick.
+- ListOffsets by timestamp compares with batch storage times: `offsets_for_times` binary-searches record
+  timestamps instead (jobs: replay by time range).
 
 Against a real Kafka none of this applies and nothing but the bootstrap address changes.
 """
@@ -13,7 +15,7 @@ Against a real Kafka none of this applies and nothing but the bootstrap address 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from infra.settings import KafkaSettings
@@ -95,3 +97,88 @@ def patch_faust_highwaters() -> None:
 
     driver.AIOKafkaConsumerThread._highwaters = _highwaters  # type: ignore[method-assign]
     _faust_patched = True
+
+
+# --- offsets for jobs (replay, export): where a partition ends, where a point in time starts -----------------
+#
+# Tansu answers ListOffsets wrongly (research note §2): LATEST is the base offset of the last stored batch + 1,
+# and a timestamp query compares with each batch's *broker storage time* (offset 0 for anything after the
+# last batch). The Fetch high watermark and the record timestamps themselves are right, so on Tansu the end
+# comes from `true_end_offsets` and a time is found by a binary search over record timestamps.
+
+
+async def end_offsets(kafka: KafkaSettings, bootstrap: str, tps: Iterable[Any]) -> dict[Any, int]:
+    """The offset the next record of each partition will get (aiokafka TopicPartitions in, same keys out)."""
+    import aiokafka
+
+    tps = list(tps)
+    if not tps:
+        return {}
+    if kafka.is_tansu:
+        found = await true_end_offsets(bootstrap, tps)
+        return {tp: found.get(tp) or 0 for tp in tps}
+    consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        return dict(await consumer.end_offsets(tps))
+    finally:
+        await consumer.stop()
+
+
+OffsetProbe = Callable[[int], Awaitable[tuple[int, int] | None]]
+
+
+async def search_offset_for_time(probe: OffsetProbe, begin: int, end: int, target_ms: int) -> int:
+    """The first offset in [begin, end] from which every record has a timestamp >= `target_ms` (binary search).
+
+    `probe(offset)` returns (offset, timestamp_ms) of the first record at or after `offset`, or None when there
+    is none before `end`. Assumes timestamps that do not decrease along the partition (true for the broker's
+    append time, and for producers' create time up to their clock skew), as Kafka's own time index does.
+    """
+    lo, hi = begin, end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = await probe(mid)
+        if found is None or found[1] >= target_ms:
+            hi = mid
+        else:
+            lo = min(found[0] + 1, hi)
+    return lo
+
+
+async def offsets_for_times(kafka: KafkaSettings, bootstrap: str, targets: Mapping[Any, int],
+                            begins: Mapping[Any, int], ends: Mapping[Any, int],
+                            timeout: float = 5.0) -> dict[Any, int]:
+    """For each partition, the offset of the first record with timestamp >= the target (ms since the epoch);
+    the partition's end offset when there is none. `begins`/`ends` bound the search (Tansu only)."""
+    import aiokafka
+
+    if not targets:
+        return {}
+    consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                         fetch_max_wait_ms=50)
+    await consumer.start()
+    try:
+        if not kafka.is_tansu:
+            found = await consumer.offsets_for_times(dict(targets))
+            return {tp: found[tp].offset if found.get(tp) is not None else ends[tp] for tp in targets}
+        result = {}
+        consumer.assign(list(targets))  # once: re-assigning makes aiokafka's stop() raise CancelledError
+        for tp, target in targets.items():
+            end = ends[tp]
+
+            async def probe(offset: int, tp: Any = tp, end: int = end) -> tuple[int, int] | None:
+                consumer.seek(tp, offset)
+                deadline = asyncio.get_running_loop().time() + timeout
+                while asyncio.get_running_loop().time() < deadline:
+                    records = (await consumer.getmany(tp, timeout_ms=200, max_records=1)).get(tp, [])
+                    if records:
+                        return records[0].offset, records[0].timestamp
+                    if await consumer.position(tp) >= end:
+                        return None
+                return None
+
+            result[tp] = await search_offset_for_time(probe, begins[tp], end, target)
+        return result
+    finally:
+        await consumer.stop()

@@ -1,0 +1,433 @@
+"""Archive raw events to Avro container files, and read them back (`export`, `replay --from-archive`).
+
+Layout: `<dir>/<module>/<YYYY-MM-DD>/part-*.avro`, the day being the UTC day of the events' `received_at`.
+Every file is an Avro object container (fastavro `writer`) of `ocpi.pipeline.OcpiEvent` records with the
+writer schema in its header, compressed with zstandard (or snappy) when that codec is installed and deflate
+otherwise. Because the schema travels with the data, a later version reads today's files by resolving the
+file's schema to its own current one (Avro schema resolution, `infra/codec.py` evolution rules); it does not
+need today's schema in its registry.
+
+Sources (choose with `--source`):
+- `kafka` (default; Kafka is the source of truth for raw events): the records of the module topics, exactly
+  as they are on the wire, replays included. One file is a run of consecutive offsets of one partition within
+  one day: `part-<topic>-<partition>-e<epoch>-<first offset>-<last offset>.avro`. A rerun continues after the
+  last archived offset of each partition, so nothing is archived twice. Before continuing, the record at that
+  offset is compared with the archived one: if it differs (or the partition is now shorter), the topic was
+  recreated (the embedded broker keeps topics in memory only) and its offsets start over in a new epoch.
+- `clickhouse`: `raw_events` (one row per event id), for history the topics no longer hold. Routing headers
+  (OCPI-from/to-*) are not stored there and come back empty; everything else, event id and content hash
+  included, is kept. One generation of files per module and day, `part-clickhouse-g<generation>-<n>.avro`;
+  a day whose files hold as many events as ClickHouse has is skipped, any other day is written as a new
+  generation whose files replace the old ones only once all are in place.
+
+Files are written under a temporary name (`.part-…tmp`, which no reader picks up) and renamed when complete,
+so an interrupted export leaves only whole files; leftovers are removed by the next run. Use one source per
+archive directory: both together would archive the same events twice (harmless for a replay, which sends
+each event id once, but twice the space).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import fastavro
+from aiokafka.structs import TopicPartition
+from clickhouse_connect.driver.client import Client
+from fastavro.write import Writer
+
+from infra.codec import (
+    EVENT_SCHEMA,
+    AvroCodecError,
+    DecodedEvent,
+    decode_event,
+    decode_record,
+    encode_event,
+    encode_record,
+    schema_root,
+)
+from infra.settings import Settings
+from ocpi import model
+from ocpi.canonical import to_builtins
+from ocpi.decode import OcpiJsonError, OcpiValidationError, decode
+from pipeline.jobs.common import MODULES, JobError, JobProgress, NoProgress
+from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, read_ranges, topic_partitions
+
+log = logging.getLogger(__name__)
+
+PART_GLOB = "part-*.avro"
+_KAFKA_PART = re.compile(r"^part-(?P<topic>.+)-(?P<partition>\d{4})-e(?P<epoch>\d{3})-(?P<first>\d{12})-"
+                         r"(?P<last>\d{12})\.avro$")
+_CH_PART = re.compile(r"^part-clickhouse-g(?P<generation>\d+)-(?P<chunk>\d{4})\.avro$")
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+@functools.cache
+def current_schema() -> tuple[int, dict[str, Any]]:
+    """(revision, parsed schema) of the newest `ocpi.pipeline.OcpiEvent` in the codec's registry."""
+    root = schema_root()
+    found = []
+    for entry in root.iterdir():
+        match = _VERSION_DIR.match(entry.name)
+        if match and (entry / f"{EVENT_SCHEMA}.avsc").is_file():
+            found.append((int(match[1]), entry / f"{EVENT_SCHEMA}.avsc"))
+    if not found:
+        raise JobError(f"no {EVENT_SCHEMA} schema under {root}")
+    version, path = max(found, key=lambda item: item[0])
+    parsed = fastavro.parse_schema(json.loads(path.read_text(encoding="utf-8")), named_schemas={})
+    if not isinstance(parsed, dict):
+        raise JobError(f"{path} is not a record schema")
+    return version, parsed
+
+
+def container_codec() -> str:
+    """The best Avro container codec available here: zstandard, then snappy, then deflate (always there)."""
+    if importlib.util.find_spec("zstandard"):
+        return "zstandard"
+    if importlib.util.find_spec("cramjam") or importlib.util.find_spec("snappy"):
+        return "snappy"
+    return "deflate"
+
+
+def day_of(moment: datetime) -> date:
+    return moment.astimezone(UTC).date()
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+
+
+class _PartFile:
+    """One container file being written under a temporary name; `commit` renames it into place."""
+
+    def __init__(self, directory: Path, stem: str, metadata: dict[str, str]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.temp = directory / f".{stem}.tmp"
+        self._fh: IO[bytes] = self.temp.open("wb")
+        _version, schema = current_schema()
+        self._writer = Writer(self._fh, schema, codec=container_codec(), metadata=metadata)
+        self.count = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._writer.write(record)
+        self.count += 1
+
+    def commit(self, name: str) -> Path:
+        self._writer.flush()
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        final = self.directory / name
+        self.temp.replace(final)
+        return final
+
+    def discard(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self.temp.unlink(missing_ok=True)
+
+
+def _remove_temp_files(root: Path) -> None:
+    """Leftovers of an interrupted export (never picked up by readers: they do not match `part-*.avro`)."""
+    for temp in root.glob("*/*/.part-*.tmp"):
+        temp.unlink(missing_ok=True)
+
+
+@dataclass
+class ExportResult:
+    files: list[Path] = field(default_factory=list)
+    records: dict[str, int] = field(default_factory=dict)  # module -> records archived in this run
+    undecodable: int = 0
+    skipped_days: int = 0
+    new_epochs: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # offset ranges retention removed before they were archived
+
+    @property
+    def total(self) -> int:
+        return sum(self.records.values())
+
+
+def _kafka_parts(root: Path, module: str) -> dict[tuple[str, int], list[tuple[int, int, int, Path]]]:
+    """Archived Kafka part files per (topic, partition): (epoch, first, last, path)."""
+    found: dict[tuple[str, int], list[tuple[int, int, int, Path]]] = {}
+    for path in (root / module).glob(f"*/{PART_GLOB}"):
+        match = _KAFKA_PART.match(path.name)
+        if match:
+            key = (match["topic"], int(match["partition"]))
+            found.setdefault(key, []).append((int(match["epoch"]), int(match["first"]), int(match["last"]), path))
+    return found
+
+
+def _last_event_id(path: Path) -> str | None:
+    last = None
+    for record in read_archive_file(path):
+        last = record
+    return str(last["event_id"]) if last else None
+
+
+async def _first_record_at(bootstrap: str, tp: TopicPartition, offset: int) -> tuple[int, bytes] | None:
+    wanted = PartitionRange(tp.topic, tp.partition, offset, offset + 1)
+    async with contextlib.aclosing(read_ranges(bootstrap, [wanted], batch=1, idle_timeout=5.0)) as batches:
+        async for _r, records in batches:
+            return records[0].offset, records[0].value
+    return None
+
+
+async def export_from_kafka(settings: Settings, bootstrap: str, root: Path, modules: Sequence[str], *,
+                            max_records: int = 50_000, progress: JobProgress | None = None) -> ExportResult:
+    """Archive every module-topic record not archived yet (see the module docstring)."""
+    progress = progress or NoProgress()
+    result = ExportResult()
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_temp_files(root)
+    plans: list[tuple[str, PartitionRange, int]] = []
+    for module in modules:
+        topic = settings.kafka.topic_for(module)
+        tps = await topic_partitions(bootstrap, [topic])
+        bounds = await offset_bounds(settings.kafka, bootstrap, tps)
+        archived = _kafka_parts(root, module)
+        for tp in tps:
+            begin, end = bounds[tp]
+            parts = archived.get((tp.topic, tp.partition), [])
+            epoch, start = 0, begin
+            if parts:
+                epoch, _first, last, path = max(parts)
+                start = last + 1
+                if last >= begin:  # the last archived record is still in Kafka: is it the same record?
+                    found = await _first_record_at(bootstrap, tp, last) if last < end else None
+                    same = found is not None and found[0] == last and _event_id(found[1]) == _last_event_id(path)
+                    if not same:
+                        epoch, start = epoch + 1, begin
+                        result.new_epochs.append(f"{tp.topic}/{tp.partition}")
+                        log.warning("%s/%s was recreated since the last export (offset %d differs); "
+                                    "archiving it again from %d as epoch %d", tp.topic, tp.partition, last,
+                                    begin, epoch)
+            if start < begin:
+                result.lost.append(f"{tp.topic}/{tp.partition} offsets {start}-{begin - 1}")
+                start = begin
+            plans.append((module, PartitionRange(tp.topic, tp.partition, start, end), epoch))
+    progress.start("export from Kafka", sum(r.span for _m, r, _e in plans))
+    for module in modules:
+        result.records.setdefault(module, 0)
+    for module, rng, epoch in plans:
+        if rng.span:
+            await _export_range(bootstrap, root, module, rng, epoch, max_records, result, progress)
+    return result
+
+
+def _event_id(value: bytes) -> str | None:
+    try:
+        return str(decode_record(value, EVENT_SCHEMA)["event_id"])
+    except AvroCodecError:
+        return None
+
+
+async def _export_range(bootstrap: str, root: Path, module: str, rng: PartitionRange, epoch: int,
+                        max_records: int, result: ExportResult, progress: JobProgress) -> None:
+    part: _PartFile | None = None
+    day: date | None = None
+    first = last = -1
+
+    def finish() -> None:
+        nonlocal part
+        if part is not None:
+            name = f"part-{rng.topic}-{rng.partition:04d}-e{epoch:03d}-{first:012d}-{last:012d}.avro"
+            result.files.append(part.commit(name))
+            result.records[module] += part.count
+            part = None
+
+    try:
+        async with contextlib.aclosing(read_ranges(bootstrap, [rng])) as batches:
+            async for _r, records in batches:
+                for record in records:
+                    try:
+                        datum = decode_record(record.value, EVENT_SCHEMA)
+                    except AvroCodecError as exc:
+                        result.undecodable += 1
+                        log.warning("%s/%s offset %d is not an OcpiEvent, not archived: %s", rng.topic, rng.partition,
+                                    record.offset, exc)
+                        continue
+                    record_day = day_of(datum["received_at"])
+                    if part is not None and (record_day != day or part.count >= max_records):
+                        finish()
+                    if part is None:
+                        day, first = record_day, record.offset
+                        part = _PartFile(root / module / record_day.isoformat(),
+                                         f"part-{rng.topic}-{rng.partition:04d}-{first:012d}",
+                                         {"ocpi.source": "kafka", "ocpi.topic": rng.topic,
+                                          "ocpi.partition": str(rng.partition), "ocpi.first_offset": str(first)})
+                    part.write(datum)
+                    last = record.offset
+                progress.advance(len(records))
+        finish()
+    finally:
+        if part is not None:  # interrupted: the run of records in it is archived by the next export
+            part.discard()
+
+
+
+# --- export from ClickHouse raw_events ------------------------------------------------------------------------
+
+RAW_COLUMNS = ("event_id", "partner_id", "module", "operation", "level", "country_code", "party_id", "object_id",
+               "evse_uid", "connector_id", "received_at", "request_id", "correlation_id", "source",
+               "content_hash", "relaxations", "payload_json")
+_FULL_TYPES = {"LOCATION": "Location", "EVSE": "EVSE", "CONNECTOR": "Connector", "SESSION": "Session",
+               "CDR": "CDR"}
+
+
+def payload_type_of(operation: str, level: str) -> str:
+    """The payload union branch of an event: the level's object, or its Patch class for a PATCH."""
+    full = _FULL_TYPES[level]
+    return f"{full}Patch" if operation == "PATCH" else full
+
+
+def record_from_row(row: Sequence[Any]) -> dict[str, Any]:
+    """A raw_events row as an OcpiEvent container record (routing headers are not stored there: null).
+
+    Raises AvroCodecError, OcpiJsonError or OcpiValidationError for a row that cannot be an event any more.
+    """
+    values = dict(zip(RAW_COLUMNS, row, strict=True))
+    payload_type = payload_type_of(values["operation"], values["level"])
+    decoded = decode(values.pop("payload_json"), getattr(model, payload_type))
+    event = {**values, "relaxations": list(values["relaxations"]), "from_country_code": None,
+             "from_party_id": None, "to_country_code": None, "to_party_id": None,
+             "payload": (payload_type, to_builtins(decoded.value))}
+    return decode_record(encode_event(event), EVENT_SCHEMA)
+
+
+def _ch_generations(day_dir: Path) -> dict[str, list[Path]]:
+    generations: dict[str, list[Path]] = {}
+    for path in sorted(day_dir.glob("part-clickhouse-g*.avro")):
+        match = _CH_PART.match(path.name)
+        if match:
+            generations.setdefault(match["generation"], []).append(path)
+    return generations
+
+
+def export_from_clickhouse(settings: Settings, client: Client, root: Path, modules: Sequence[str], *,
+                           max_records: int = 50_000, progress: JobProgress | None = None) -> ExportResult:
+    """Archive `raw_events` per module and day (see the module docstring); unchanged days are skipped."""
+    progress = progress or NoProgress()
+    result = ExportResult()
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_temp_files(root)
+    days: list[tuple[str, date, int]] = []
+    for module in modules:
+        result.records[module] = 0
+        rows = client.query("SELECT toDate(received_at) AS day, count() FROM raw_events FINAL "
+                            "WHERE module = {m:String} GROUP BY day ORDER BY day",
+                            parameters={"m": module.upper()}).result_rows
+        days.extend((module, day, int(n)) for day, n in rows)
+    progress.start("export from ClickHouse", sum(n for _m, _d, n in days))
+    generation = str(time.time_ns())
+    for module, day, expected in days:
+        day_dir = root / module / day.isoformat()
+        existing = _ch_generations(day_dir)
+        if len(existing) == 1 and sum(count_records(p) for p in next(iter(existing.values()))) == expected:
+            result.skipped_days += 1
+            progress.advance(expected)
+            continue
+        written = _export_day(client, module, day, day_dir, generation, max_records, result, progress)
+        for old, paths in existing.items():
+            if old != generation:  # the new generation is complete: only now does the old one go
+                for path in paths:
+                    path.unlink(missing_ok=True)
+        result.files.extend(written)
+    return result
+
+
+def _export_day(client: Client, module: str, day: date, day_dir: Path, generation: str, max_records: int,
+                result: ExportResult, progress: JobProgress) -> list[Path]:
+    written: list[Path] = []
+    after: tuple[str, str] | None = None
+    chunk = 0
+    while True:
+        keyset = ("AND (received_at, event_id) > (parseDateTime64BestEffort({at:String}, 6, 'UTC'), {id:String}) "
+                  if after else "")
+        rows = client.query(
+            f"SELECT {', '.join(RAW_COLUMNS)} FROM raw_events FINAL WHERE module = {{m:String}} "
+            f"AND toDate(received_at) = toDate({{day:String}}) {keyset}"
+            f"ORDER BY received_at, event_id LIMIT {int(max_records)}",
+            parameters={"m": module.upper(), "day": day.isoformat(),
+                        **({"at": after[0], "id": after[1]} if after else {})}).result_rows
+        if not rows:
+            return written
+        part = _PartFile(day_dir, f"part-clickhouse-g{generation}-{chunk:04d}",
+                         {"ocpi.source": "clickhouse", "ocpi.module": module, "ocpi.day": day.isoformat()})
+        try:
+            for row in rows:
+                try:
+                    part.write(record_from_row(row))
+                except (AvroCodecError, OcpiJsonError, OcpiValidationError) as exc:
+                    result.undecodable += 1
+                    log.warning("raw event %s cannot be rebuilt as an OcpiEvent, not archived: %s", row[0], exc)
+            written.append(part.commit(f"part-clickhouse-g{generation}-{chunk:04d}.avro"))
+        except BaseException:
+            part.discard()
+            raise
+        result.records[module] += part.count
+        progress.advance(len(rows))
+        last_at: datetime = rows[-1][RAW_COLUMNS.index("received_at")]
+        after = (last_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), str(rows[-1][0]))
+        chunk += 1
+
+
+# --- reading --------------------------------------------------------------------------------------------------
+
+
+def archive_files(root: Path, modules: Sequence[str] = MODULES, *, since: datetime | None = None,
+                  until: datetime | None = None) -> list[Path]:
+    """The complete archive files of `modules`, in module, day and name order; days outside
+    [since, until) are left out (records are filtered exactly by the reader's caller)."""
+    if not root.is_dir():
+        raise JobError(f"{root} is not a directory")
+    files = []
+    for module in modules:
+        for day_dir in sorted(p for p in (root / module).glob("*") if p.is_dir()):
+            try:
+                day = date.fromisoformat(day_dir.name)
+            except ValueError:
+                continue
+            if since is not None and day < day_of(since):
+                continue
+            if until is not None and day > day_of(until):
+                continue
+            files.extend(sorted(day_dir.glob(PART_GLOB)))
+    return files
+
+
+def read_archive_file(path: Path, *, skip: int = 0) -> Iterator[dict[str, Any]]:
+    """The records of one archive file resolved to the current OcpiEvent schema, after the first `skip`.
+
+    Union values with several records come as (record name, value) tuples, as `infra.codec.encode_record`
+    takes them.
+    """
+    _version, schema = current_schema()
+    with path.open("rb") as fh:
+        reader = fastavro.reader(fh, reader_schema=schema, return_record_name=True,
+                                 return_record_name_override=True)
+        for index, record in enumerate(reader):
+            if index >= skip and isinstance(record, dict):
+                yield record
+
+
+def count_records(path: Path) -> int:
+    """Records in a container file, from its block headers (decompresses, decodes nothing)."""
+    with path.open("rb") as fh:
+        return sum(block.num_records for block in fastavro.block_reader(fh))
+
+
+def event_of(record: dict[str, Any]) -> DecodedEvent:
+    """An archive record as the event the pipeline would decode from Kafka."""
+    return decode_event(encode_record(EVENT_SCHEMA, record))

@@ -1,0 +1,181 @@
+"""What every job shares: checkpoint files, time arguments, module names and progress reporting."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from infra.settings import Settings
+
+MODULES = ("locations", "sessions", "cdrs")
+
+
+class JobError(RuntimeError):
+    """A job cannot run as asked; the message says why and what to do (the CLI prints it, no traceback)."""
+
+
+def jobs_dir(settings: Settings, kind: str) -> Path:
+    """Where jobs of one kind keep their checkpoints: `OCPI_DATA_DIR/jobs/<kind>/`."""
+    return settings.storage.path / "jobs" / kind
+
+
+def job_id(kind: str, spec: Mapping[str, Any]) -> str:
+    """A stable id for a job spec: the same command line resumes the same job."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{kind}-{digest}"
+
+
+class Checkpoint:
+    """A JSON document on disk, replaced atomically (write temp, fsync, rename): never half written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise JobError(f"checkpoint {self.path} is not valid JSON ({exc}); remove it to start over") from None
+        return data if isinstance(data, dict) else None
+
+    def save(self, data: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+_RELATIVE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """A point in time from the command line, as an aware UTC datetime.
+
+    Accepts an ISO 8601 timestamp (`2024-05-01T12:00:00Z`; with an offset it is converted; without a zone it
+    means UTC, as in OCPI), a date (`2024-05-01` = its midnight UTC), or a duration back from now (`90m`,
+    `6h`, `2d`, `1w`).
+    """
+    text = text.strip()
+    relative = _RELATIVE.match(text)
+    if relative:
+        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[relative[2]]: int(relative[1])})
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC)
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise JobError(f"{text!r} is not a time: use 2024-05-01T12:00:00Z, 2024-05-01 or a duration like 6h") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).isoformat() if moment is not None else None
+
+
+def from_iso(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def check_modules(modules: Iterable[str]) -> tuple[str, ...]:
+    """Module identifiers in a fixed order; all of them when none is given."""
+    wanted = {m.lower() for m in modules}
+    unknown = wanted - set(MODULES)
+    if unknown:
+        raise JobError(f"unknown module(s) {sorted(unknown)}; expected {', '.join(MODULES)}")
+    return tuple(m for m in MODULES if m in wanted) if wanted else MODULES
+
+
+class JobProgress(Protocol):
+    """What a job reports while it runs (a rich progress bar in the CLI, nothing in tests)."""
+
+    def start(self, description: str, total: int | None) -> None: ...
+    def set_total(self, total: int | None) -> None: ...
+    def advance(self, amount: int = 1) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class NoProgress:
+    def start(self, description: str, total: int | None) -> None:
+        pass
+
+    def set_total(self, total: int | None) -> None:
+        pass
+
+    def advance(self, amount: int = 1) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+class _RateColumn(ProgressColumn):
+    """Records per second (rich's own speed column is for bytes)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f}/s" if speed else "–/s", style="progress.data.speed")
+
+
+class RichProgress:
+    """A rich progress bar with count, rate, elapsed time and ETA; one task at a time. A context manager."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                  console=console or Console(stderr=True), transient=False)
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._progress.stop()
+
+    def start(self, description: str, total: int | None) -> None:
+        if self._task is not None:
+            self._progress.stop_task(self._task)
+        self._task = self._progress.add_task(description, total=total)
+
+    def set_total(self, total: int | None) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, total=total)
+
+    def advance(self, amount: int = 1) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, amount)
+
+    def note(self, message: str) -> None:
+        self._progress.console.print(message)

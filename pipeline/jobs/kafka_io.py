@@ -1,0 +1,210 @@
+"""Kafka access for jobs: partition offset ranges, reading them, and how far a consumer group got.
+
+Offsets go through `infra.kafka.compat` (the Tansu workarounds apply only when `settings.kafka.is_tansu`).
+Jobs read with a group-less consumer (no commits, no rebalances): their position is their own checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiokafka
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from infra.kafka import compat
+from infra.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartitionRange:
+    """Offsets [start, stop) of one partition."""
+
+    topic: str
+    partition: int
+    start: int
+    stop: int
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+    @property
+    def span(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "start": self.start, "stop": self.stop}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PartitionRange:
+        return cls(str(data["topic"]), int(data["partition"]), int(data["start"]), int(data["stop"]))
+
+
+def _consumer(bootstrap: str, **options: Any) -> aiokafka.AIOKafkaConsumer:
+    return aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                     group_id=options.pop("group_id", None), **options)
+
+
+async def topic_partitions(bootstrap: str, topics: Iterable[str]) -> list[TopicPartition]:
+    """Every partition of the topics that exist (a missing topic has none)."""
+    consumer = _consumer(bootstrap)
+    await consumer.start()
+    try:
+        existing = await consumer.topics()
+        found: list[TopicPartition] = []
+        for topic in topics:
+            if topic in existing:
+                found.extend(TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ()))
+        return found
+    finally:
+        await consumer.stop()
+
+
+async def offset_bounds(kafka: KafkaSettings, bootstrap: str,
+                        tps: list[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
+    """(first offset still held, end offset) of each partition; the end through the Tansu-safe helper."""
+    if not tps:
+        return {}
+    consumer = _consumer(bootstrap)
+    await consumer.start()
+    try:
+        begins = await consumer.beginning_offsets(tps)
+    finally:
+        await consumer.stop()
+    ends = await compat.end_offsets(kafka, bootstrap, tps)
+    return {tp: (int(begins[tp]), max(int(ends[tp]), int(begins[tp]))) for tp in tps}
+
+
+async def offsets_at(kafka: KafkaSettings, bootstrap: str, moment: datetime,
+                     bounds: Mapping[TopicPartition, tuple[int, int]]) -> dict[TopicPartition, int]:
+    """The first offset of each partition whose record timestamp is >= `moment`."""
+    target = int(moment.timestamp() * 1000)
+    return await compat.offsets_for_times(kafka, bootstrap, dict.fromkeys(bounds, target),
+                                          {tp: b for tp, (b, _e) in bounds.items()},
+                                          {tp: e for tp, (_b, e) in bounds.items()})
+
+
+Records = list[ConsumerRecord[Any, Any]]
+
+
+async def read_ranges(bootstrap: str, ranges: Iterable[PartitionRange], *, batch: int = 500,
+                      idle_timeout: float = 30.0) -> AsyncGenerator[tuple[PartitionRange, Records], None]:
+    """Yield (range, records) in offset order per partition until every range is read to its stop.
+
+    Use it under `contextlib.aclosing`, so the consumer stops even when the reader leaves early.
+
+    A partition whose position stops moving below its stop for `idle_timeout` seconds (records deleted by
+    retention while we read, or trailing transaction markers) ends early, with a warning.
+    """
+    pending = {r.tp: r for r in ranges if r.span > 0}
+    if not pending:
+        return
+    consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=100)
+    await consumer.start()
+    try:
+        consumer.assign(list(pending))
+        for tp, wanted in pending.items():
+            consumer.seek(tp, wanted.start)
+        loop = asyncio.get_running_loop()
+        last_move = loop.time()
+        while pending:
+            fetched = await consumer.getmany(*pending, timeout_ms=500, max_records=batch)
+            moved = False
+            for tp, records in fetched.items():
+                reading = pending.get(tp)
+                if reading is None:
+                    continue
+                inside = [r for r in records if reading.start <= r.offset < reading.stop]
+                if inside:
+                    moved = True
+                    yield reading, inside
+            for tp in list(pending):
+                if await consumer.position(tp) >= pending[tp].stop:
+                    del pending[tp]
+                    consumer.pause(tp)
+                    moved = True
+            if moved:
+                last_move = loop.time()
+            elif loop.time() - last_move > idle_timeout:
+                log.warning("no records for %.0fs below the stop offsets of %s; ending there",
+                            idle_timeout, sorted(f"{t.topic}/{t.partition}" for t in pending))
+                return
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(bootstrap: str, group_id: str,
+                            tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
+    """The offsets `group_id` has committed (None where it never committed)."""
+    consumer = _consumer(bootstrap, group_id=group_id)
+    await consumer.start()
+    try:
+        return {tp: await consumer.committed(tp) for tp in tps}
+    finally:
+        await consumer.stop()
+
+
+async def wait_for_group(bootstrap: str, group_id: str, targets: Mapping[TopicPartition, int], *,
+                         timeout: float, poll_s: float = 0.5) -> dict[TopicPartition, int | None]:
+    """Wait until `group_id` committed at least `targets` on every partition; returns what it reached.
+
+    Raises TimeoutError (with the lag in the message) when it does not get there within `timeout`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        reached = await committed_offsets(bootstrap, group_id, targets)
+        behind = {tp: want - (reached[tp] or 0) for tp, want in targets.items() if (reached[tp] or 0) < want}
+        if not behind:
+            return reached
+        if loop.time() >= deadline:
+            lag = ", ".join(f"{tp.topic}/{tp.partition}: {n}" for tp, n in sorted(behind.items()))
+            raise TimeoutError(f"consumer group {group_id} is still behind after {timeout:.0f}s ({lag})")
+        await asyncio.sleep(poll_s)
+
+
+class JobProducer:
+    """Sends a job's records and waits for the broker's acknowledgement of each batch (acks=all).
+
+    Tracks the highest offset written per partition, so a caller can wait until the pipeline consumed them.
+    """
+
+    def __init__(self, kafka: KafkaSettings, bootstrap: str) -> None:
+        self._kafka = kafka
+        self._bootstrap = bootstrap
+        self._producer: aiokafka.AIOKafkaProducer | None = None
+        self.written: dict[TopicPartition, int] = {}  # partition -> offset after the last record we wrote
+
+    async def __aenter__(self) -> JobProducer:
+        producer = aiokafka.AIOKafkaProducer(bootstrap_servers=self._bootstrap, linger_ms=5,
+                                             max_batch_size=256 * 1024,
+                                             request_timeout_ms=int(self._kafka.send_timeout_s * 1000),
+                                             **compat.producer_options(self._kafka))
+        try:
+            await producer.start()
+        except Exception:
+            await producer.stop()
+            raise
+        self._producer = producer
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def send_all(self, records: Iterable[tuple[str, bytes, bytes]]) -> int:
+        """Send (topic, key, value) records; returns once every one is acknowledged (raises otherwise)."""
+        assert self._producer is not None, "use JobProducer as an async context manager"
+        futures = [await self._producer.send(topic, value=value, key=key) for topic, key, value in records]
+        for meta in await asyncio.wait_for(asyncio.gather(*futures), self._kafka.send_timeout_s * 3):
+            tp = TopicPartition(meta.topic, meta.partition)
+            self.written[tp] = max(self.written.get(tp, 0), meta.offset + 1)
+        return len(futures)

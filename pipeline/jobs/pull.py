@@ -1,0 +1,473 @@
+"""Pull-model catch-up: GET a partner's Sender interface (Locations, Sessions, CDRs) into the pipeline.
+
+OCPI makes catching up after an outage the receiver's job (04 §14): we GET the owner's list, filtered by
+`last_updated`, and feed every object to the same topics and rules as a push, marked `source=PULL`.
+
+The crawl (04 §4.2):
+- The window is [date_from, date_to): `--since`, or where the last completed pull ended, up to `--until` or
+  the moment the crawl starts. Consecutive windows neither overlap nor leave gaps. Sessions require a
+  `date_from` (09 §2.1), so their first pull needs `--since`.
+- Pages are followed through `Link: <…>; rel="next"` until there is none. URLs we build ourselves (the first
+  page, re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known.
+- When `X-Total-Count` drops (objects updated mid-crawl leave the date_to window, shifting the ones after
+  them down), the page is read again from `offset` − drop (04 §4.2's "offset − 1" for a drop of one), so no
+  object is skipped; the objects read twice are deduplicated by the pipeline.
+- HTTP 429 and 503 (and other 5xx, timeouts, refused connections) and OCPI 3xxx answers are retried with
+  exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is waited out first. Other
+  errors stop the crawl (2xxx: our request is wrong; 401: the partner refused our token). Redirects are never
+  followed: they could drop the Authorization header or hand it to another host.
+- Each list is decoded element by element (`ocpi.decode.decode_list`, with the partner's compatibility
+  profile): invalid objects are logged and recorded, the valid ones are processed (04 §4.1). Objects whose
+  owner is not one of the partner's roles are recorded and skipped (04 §6.3), unless the partner is a Hub.
+  Recorded objects go to `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.rejected.jsonl`.
+
+Requests carry `Authorization: Token <base64>` (the raw token for RAW_TOKEN partners), a fresh X-Request-ID,
+one X-Correlation-ID per crawl, and routing headers from our party (OCPI_PARTY_*) to the partner's (its Hub
+role, else its first CPO role). Timeouts: OCPI_OUTBOUND_TIMEOUT.
+
+Checkpoint `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.json`: the window and the next page's URL, saved after
+every page whose events Kafka acknowledged, and where the last completed crawl ended. An interrupted pull
+resumes at the page after the last acknowledged one; a completed one starts the next window there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.utils
+import json
+import logging
+import random
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Protocol
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+
+import httpx
+import msgspec
+
+from infra.codec import AvroCodecError, encode_event
+from infra.events import build_event
+from infra.settings import Settings
+from ocpi.datetime import format_datetime
+from ocpi.decode import OcpiJsonError, OcpiValidationError, decode_list
+from ocpi.identity import ObjectKey
+from ocpi.model import CDR, InterfaceRole, Location, Role, Session
+from pipeline.jobs.common import Checkpoint, JobError, JobProgress, NoProgress, from_iso, iso, jobs_dir
+from receivers.registry import Partner
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE_BYTES: Final = 64 * 1024 * 1024
+_COUNTRY_CODE: Final = re.compile(r"[A-Za-z]{2}")
+_PARTY_ID: Final = re.compile(r"[A-Za-z0-9]{3}")
+
+
+@dataclass(frozen=True)
+class ModuleKind:
+    model: type[msgspec.Struct]
+    payload_type: str
+    level: str
+    operation: str  # as the same object would arrive pushed, so the same rules apply
+
+
+KINDS: Final = {
+    "locations": ModuleKind(Location, "Location", "LOCATION", "PUT"),
+    "sessions": ModuleKind(Session, "Session", "SESSION", "PUT"),
+    "cdrs": ModuleKind(CDR, "CDR", "CDR", "POST"),
+}
+
+
+class PullError(JobError):
+    """The crawl cannot go on; the checkpoint keeps the position, so a rerun resumes after a fix."""
+
+
+class RecordSink(Protocol):
+    """Where the events go: `pipeline.jobs.kafka_io.JobProducer` (acknowledged sends), a list in tests."""
+
+    async def send_all(self, records: Iterable[tuple[str, bytes, bytes]]) -> int: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 8
+    base_s: float = 0.5
+    max_s: float = 60.0
+    max_retry_after_s: float = 600.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Full jitter on an exponential ceiling; a Retry-After is waited out first (capped)."""
+        jitter = random.uniform(0, min(self.max_s, self.base_s * 2**attempt))
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after_s) + jitter * 0.1
+        return jitter
+
+
+@dataclass
+class PullReport:
+    partner: str
+    module: str
+    since: datetime | None
+    until: datetime
+    resumed: bool = False
+    pages: int = 0
+    objects: int = 0  # valid objects sent to Kafka in this run
+    invalid: int = 0
+    foreign: int = 0
+    rereads: int = 0
+    retries: int = 0
+    total: int | None = None  # the last X-Total-Count seen
+
+
+@dataclass
+class _Page:
+    url: str
+    data: bytes
+    next_url: str | None
+    total: int | None
+    x_limit: int | None
+    request_id: str
+    from_party: tuple[str, str] | None
+    to_party: tuple[str, str] | None
+
+
+class _Envelope(msgspec.Struct):
+    status_code: int
+    status_message: str | None = None
+    data: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+
+
+def authorization(token: str, *, raw: bool) -> str:
+    """`Token <base64 of the token>` (04 §2), or the raw token for partners whose profile says RAW_TOKEN."""
+    return f"Token {token}" if raw else "Token " + base64.b64encode(token.encode()).decode("ascii")
+
+
+def with_query(url: str, **params: Any) -> str:
+    """`url` with the given query parameters set (others kept, None removes)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in params]
+    query += [(k, str(v)) for k, v in params.items() if v is not None]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def query_int(url: str, name: str) -> int | None:
+    for key, value in parse_qsl(urlsplit(url).query):
+        if key == name and value.isdigit():
+            return int(value)
+    return None
+
+
+def retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """A Retry-After header as seconds to wait: delta-seconds or an HTTP date; None if absent or unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max((moment - now).total_seconds(), 0.0)
+
+
+def _party(headers: httpx.Headers, side: str) -> tuple[str, str] | None:
+    country, party = headers.get(f"ocpi-{side}-country-code"), headers.get(f"ocpi-{side}-party-id")
+    if country and party and _COUNTRY_CODE.fullmatch(country) and _PARTY_ID.fullmatch(party):
+        return country, party
+    return None
+
+
+def _their_party(partner: Partner) -> tuple[str, str] | None:
+    """Whom a GET All is addressed to: the partner's Hub role, else its first CPO role, else its first role."""
+    for wanted in (Role.HUB, Role.CPO, None):
+        for role in partner.roles:
+            if wanted is None or role.role is wanted:
+                return role.country_code, role.party_id
+    return None
+
+
+class _Crawler:
+    def __init__(self, settings: Settings, partner: Partner, module: str, http: httpx.AsyncClient,
+                 retry: RetryPolicy, report: PullReport, correlation_id: str,
+                 sleep: Callable[[float], Awaitable[None]]) -> None:
+        if not partner.outbound_token:
+            raise PullError(f"we hold no token for partner {partner.partner_id!r} (register with it first: "
+                            "`ocpi-pipeline partners register`)")
+        self.partner = partner
+        self.http = http
+        self.retry = retry
+        self.report = report
+        self.sleep = sleep
+        self.headers = {"Authorization": authorization(partner.outbound_token, raw=partner.profile.raw_token),
+                        "X-Correlation-ID": correlation_id, "Accept": "application/json",
+                        "OCPI-from-country-code": settings.party.country_code,
+                        "OCPI-from-party-id": settings.party.party_id}
+        theirs = _their_party(partner)
+        if theirs is not None:
+            self.headers |= {"OCPI-to-country-code": theirs[0], "OCPI-to-party-id": theirs[1]}
+        self.module = module
+
+    async def fetch(self, url: str) -> _Page:
+        """GET one page, retrying what is transient (see the module docstring)."""
+        last = ""
+        for attempt in range(self.retry.max_attempts):
+            request_id = str(uuid.uuid4())
+            retry_after: float | None = None
+            try:
+                response, body = await self._get(url, request_id)
+            except httpx.TimeoutException:
+                last = "no answer within the timeout"
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                page_or_reason = self._page(url, request_id, response, body)
+                if isinstance(page_or_reason, _Page):
+                    return page_or_reason
+                last = page_or_reason
+                retry_after = retry_after_seconds(response.headers.get("retry-after"), datetime.now(UTC))
+            if attempt + 1 < self.retry.max_attempts:
+                delay = self.retry.delay(attempt, retry_after)
+                self.report.retries += 1
+                log.warning("GET %s: %s; retrying in %.1fs (attempt %d of %d)", url, last, delay, attempt + 2,
+                            self.retry.max_attempts)
+                await self.sleep(delay)
+        raise PullError(f"GET {url}: gave up after {self.retry.max_attempts} attempts; last: {last}")
+
+    async def _get(self, url: str, request_id: str) -> tuple[httpx.Response, bytes]:
+        async with self.http.stream("GET", url, headers={**self.headers, "X-Request-ID": request_id}) as response:
+            size = 0
+            chunks = []
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_PAGE_BYTES:
+                    raise PullError(f"GET {url}: page larger than {MAX_PAGE_BYTES} bytes; use a smaller --limit")
+                chunks.append(chunk)
+            return response, b"".join(chunks)
+
+    def _page(self, url: str, request_id: str, response: httpx.Response, body: bytes) -> _Page | str:
+        """The page of a usable answer; the reason as a string for an answer worth retrying; raises otherwise."""
+        status = response.status_code
+        if response.is_redirect:
+            raise PullError(f"GET {url}: redirected (HTTP {status}) to {response.headers.get('location', '?')}; "
+                            "redirects are not followed (they could drop or leak the Authorization header): "
+                            "fix the endpoint URL")
+        if status in (429, 502, 503, 504):
+            return f"HTTP {status}"
+        if status == 401:
+            raise PullError(f"GET {url}: the partner refused our token (HTTP 401)")
+        try:
+            envelope = _envelope.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if status >= 500:
+                return f"HTTP {status}, no OCPI envelope"
+            raise PullError(f"GET {url}: HTTP {status}, not an OCPI response envelope ({exc})") from None
+        code, message = envelope.status_code, envelope.status_message or ""
+        if 3000 <= code < 4000:
+            return f"HTTP {status}, OCPI {code} {message}".rstrip()
+        if status >= 500:
+            return f"HTTP {status}, OCPI {code} {message}".rstrip()
+        if not 1000 <= code < 2000 or status >= 300:
+            raise PullError(f"GET {url}: HTTP {status}, OCPI status {code}: {message or 'no message'}")
+        links = response.links.get("next")
+        total = response.headers.get("x-total-count")
+        x_limit = response.headers.get("x-limit")
+        data = bytes(envelope.data)
+        return _Page(url=url, data=b"[]" if data == b"null" else data,
+                     next_url=urljoin(url, links["url"]) if links else None,
+                     total=int(total) if total and total.isdigit() else None,
+                     x_limit=int(x_limit) if x_limit and x_limit.isdigit() else None, request_id=request_id,
+                     from_party=_party(response.headers, "from"), to_party=_party(response.headers, "to"))
+
+
+def _checkpoint(settings: Settings, partner_id: str, module: str) -> Checkpoint:
+    return Checkpoint(jobs_dir(settings, "pull") / f"{partner_id}.{module}.json")
+
+
+def rejected_path(settings: Settings, partner_id: str, module: str) -> Path:
+    return jobs_dir(settings, "pull") / f"{partner_id}.{module}.rejected.jsonl"
+
+
+async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSink, *,
+               since: datetime | None = None, until: datetime | None = None, limit: int = 100,
+               restart: bool = False, retry: RetryPolicy | None = None, progress: JobProgress | None = None,
+               transport: httpx.AsyncBaseTransport | None = None,
+               sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> PullReport:
+    """Crawl `partner`'s `module` Sender list once (or resume the interrupted crawl); see the module docstring."""
+    kind = KINDS.get(module)
+    if kind is None:
+        raise PullError(f"module {module!r} cannot be pulled; use one of {', '.join(KINDS)}")
+    endpoint = partner.endpoint(module, InterfaceRole.SENDER)
+    if endpoint is None:
+        offered = ", ".join(f"{e.identifier} {e.role}" for e in partner.endpoints) or "no endpoints"
+        raise PullError(f"partner {partner.partner_id!r} has no {module} SENDER endpoint (it offers: {offered})")
+    if limit < 1:
+        raise PullError("--limit must be at least 1")
+    progress = progress or NoProgress()
+    checkpoint = _checkpoint(settings, partner.partner_id, module)
+    state = checkpoint.load() or {"partner": partner.partner_id, "module": module, "completed_until": None,
+                                  "crawl": None, "runs": []}
+    crawl = state.get("crawl")
+    wanted = (iso(since) if since else None, iso(until) if until else None)
+    if crawl and not restart and wanted[0] in (None, crawl["since"]) and wanted[1] in (None, crawl["until"]):
+        resumed = True
+    else:
+        if crawl:
+            log.warning("starting a new crawl; the interrupted one (%s..%s) is abandoned", crawl["since"],
+                        crawl["until"])
+        start = since or from_iso(state.get("completed_until"))
+        if module == "sessions" and start is None:
+            raise PullError("a first Sessions pull needs --since (date_from is required by the Sessions "
+                            "Sender interface, 09 §2.1)")
+        end = until or datetime.now(UTC)
+        if start is not None and start >= end:
+            raise PullError(f"nothing to pull: the window starts at {iso(start)}, not before {iso(end)}")
+        first = with_query(endpoint.url, date_from=format_datetime(start) if start else None,
+                           date_to=format_datetime(end), offset=0, limit=limit)
+        crawl = {"since": iso(start), "until": iso(end), "next_url": first, "limit": limit, "x_limit": None,
+                 "total": None, "pages": 0, "objects": 0, "correlation_id": str(uuid.uuid4()),
+                 "started_at": iso(datetime.now(UTC))}
+        state["crawl"] = crawl
+        checkpoint.save(state)
+        resumed = False
+    report = PullReport(partner.partner_id, module, from_iso(crawl["since"]), datetime.fromisoformat(crawl["until"]),
+                        resumed=resumed)
+    progress.start(f"pull {module} from {partner.partner_id}", crawl["total"])
+    progress.advance(crawl["objects"])
+    timeout = httpx.Timeout(settings.partners.outbound_timeout_s)
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport) as http:
+        crawler = _Crawler(settings, partner, module, http, retry or RetryPolicy(), report, crawl["correlation_id"],
+                           sleep)
+        url: str | None = crawl["next_url"]
+        while url:
+            page = await crawler.fetch(url)
+            offset = query_int(page.url, "offset") or 0
+            if crawl["total"] is not None and page.total is not None and page.total < crawl["total"] and offset:
+                drop = crawl["total"] - page.total
+                reread = with_query(page.url, offset=max(offset - drop, 0),
+                                    limit=_page_limit(crawl, page.x_limit, query_int(page.url, "limit")))
+                log.info("X-Total-Count dropped from %d to %d: reading %s again", crawl["total"], page.total, reread)
+                report.rereads += 1
+                page = await crawler.fetch(reread)
+            sent = await _process(settings, partner, module, kind, page, crawl["correlation_id"], sink, report)
+            report.pages += 1
+            report.total = page.total
+            crawl.update(total=page.total, x_limit=page.x_limit or crawl["x_limit"], next_url=page.next_url,
+                         pages=crawl["pages"] + 1, objects=crawl["objects"] + sent)
+            checkpoint.save(state)
+            progress.set_total(page.total)
+            progress.advance(sent)
+            if page.next_url == page.url:
+                raise PullError(f"GET {page.url}: the next link points at the same page")
+            url = page.next_url
+    state["completed_until"] = crawl["until"]
+    state["crawl"] = None
+    state["runs"] = [*state.get("runs", [])[-19:], {
+        "since": crawl["since"], "until": crawl["until"], "finished_at": iso(datetime.now(UTC)),
+        "pages": crawl["pages"], "objects": crawl["objects"], "total": crawl["total"]}]
+    checkpoint.save(state)
+    return report
+
+
+def _page_limit(crawl: dict[str, Any], x_limit: int | None, asked: int | None) -> int:
+    """The limit for a URL we build: ours, lowered to the server's X-Limit once known."""
+    limit = asked or crawl["limit"]
+    server = x_limit or crawl.get("x_limit")
+    return min(limit, server) if server else limit
+
+
+async def _process(settings: Settings, partner: Partner, module: str, kind: ModuleKind, page: _Page,
+                   correlation_id: str, sink: RecordSink, report: PullReport) -> int:
+    """Decode the page's objects, send the valid ones to Kafka (acknowledged), record the others."""
+    try:
+        items = decode_list(page.data, kind.model, profile=partner.profile)
+    except (OcpiJsonError, OcpiValidationError) as exc:
+        raise PullError(f"GET {page.url}: data is not a list of {module}: {exc}") from None
+    records = []
+    rejected: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        if isinstance(item, OcpiValidationError):
+            report.invalid += 1
+            rejected.append({"index": index, "path": item.path, "reason": item.reason})
+            continue
+        value: Any = item.value
+        if not partner.is_hub and not partner.owns(value.country_code, value.party_id):
+            report.foreign += 1
+            rejected.append({"index": index, "path": "$", "reason": f"owner {value.country_code}/{value.party_id} "
+                             "is not one of the partner's roles (04 §6.3)"})
+            continue
+        key = ObjectKey.of(value)
+        event = build_event(partner_id=partner.partner_id, module=module, operation=kind.operation,
+                            level=kind.level, key=key, decoded=item, payload_type=kind.payload_type, source="PULL",
+                            request_id=page.request_id, correlation_id=correlation_id, from_party=page.from_party,
+                            to_party=page.to_party)
+        try:
+            records.append((settings.kafka.topic_for(module), key.kafka_key(), encode_event(event)))
+        except AvroCodecError as exc:
+            report.invalid += 1
+            rejected.append({"index": index, "path": "$", "reason": f"does not fit the wire schema: {exc}"})
+    if rejected:
+        _record_rejected(settings, partner.partner_id, module, page, rejected)
+    sent = await sink.send_all(records)
+    report.objects += sent
+    return sent
+
+
+def _record_rejected(settings: Settings, partner_id: str, module: str, page: _Page,
+                     rejected: list[dict[str, Any]]) -> None:
+    raws = msgspec.json.decode(page.data, type=list[msgspec.Raw])
+    path = rejected_path(settings, partner_id, module)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    at = iso(datetime.now(UTC))
+    with path.open("a") as fh:
+        for entry in rejected:
+            raw = bytes(raws[entry["index"]])[:100_000].decode("utf-8", "replace")
+            log.warning("GET %s: object %d skipped: %s: %s", page.url, entry["index"], entry["path"], entry["reason"])
+            fh.write(json.dumps({"at": at, "url": page.url, "request_id": page.request_id, **entry,
+                                 "object": raw}) + "\n")
+
+
+@dataclass
+class ScheduleState:
+    runs: int = 0
+    failures: int = 0
+    reports: list[PullReport] = field(default_factory=list)
+
+
+async def pull_every(interval_s: float, splay_s: float, run_once: Callable[[], Awaitable[PullReport]],
+                     stop: asyncio.Event, on_error: Callable[[Exception], None] | None = None) -> ScheduleState:
+    """Run `run_once` now and then every `interval_s` + a random splay up to `splay_s` (04 §3: poll rarely,
+    with splay), until `stop` is set. A failed run is reported and the next one comes as scheduled; a run in
+    progress when `stop` is set is cancelled (its checkpoint holds every acknowledged page)."""
+    state = ScheduleState()
+    while not stop.is_set():
+        state.runs += 1
+        current = asyncio.ensure_future(run_once())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([current, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not current.done():
+            current.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await current
+            break
+        try:
+            state.reports.append(current.result())
+        except Exception as exc:  # a failed round must not end the schedule
+            state.failures += 1
+            log.warning("scheduled pull failed: %s", exc)
+            if on_error is not None:
+                on_error(exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s + random.uniform(0, splay_s))
+    return state

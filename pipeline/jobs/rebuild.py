@@ -1,0 +1,210 @@
+"""Rebuild: recompute every pipeline table from the Kafka topics into a fresh database, then swap it in.
+
+1. Migrate a fresh database `<database>_rebuild_<stamp>` (same migrations, same schema).
+2. Fix the targets: the end offset of every module topic now.
+3. Run the pipeline's own worker (`pipeline.jobs.rebuild_worker`, i.e. `pipeline.app.create_app`: the same
+   rules as the live worker, whatever they are) as a child process under its own consumer group
+   `ocpi-pipeline-rebuild-<stamp>`, writing into the fresh database, until its committed offsets reach the
+   targets (progress bar on the committed offsets).
+4. Swap: `EXCHANGE TABLES` each table the pipeline writes (every table but `partners` and
+   `schema_migrations`, which are not derived from the topics) between the live and the fresh database.
+   Each exchange is atomic; the table UUIDs recorded beforehand say which ones are done, so a swap that was
+   interrupted is finished, never undone, on resume.
+5. Close the gap: while the live worker kept writing to the old tables, the rebuild worker may have been
+   behind it. Every record from the rebuild group's committed offsets (read just before the swap) to the end
+   offsets after the swap is replayed (`source=REPLAY`), so the live worker writes them into the swapped-in
+   tables. Duplicates are harmless (deduplication).
+6. Stop the rebuild worker. The old tables are left in the rebuild database: check, then
+   `DROP DATABASE <that database>`.
+
+Needs a ClickHouse every process can reach: a server, or the embedded store while `dev` runs (its shim), or
+else this process serves its chDB path to the rebuild worker through a shim of its own. The checkpoint is
+`OCPI_DATA_DIR/jobs/rebuild/current.json`: one rebuild at a time; rerunning after an interruption resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka.structs import TopicPartition
+from clickhouse_connect.driver.client import Client
+
+from infra.clickhouse.client import chdb_path, connect, effective_dsn
+from infra.clickhouse.migrations import migrate
+from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
+from infra.process import spawn, terminate
+from infra.settings import Settings, as_environ
+from pipeline.jobs.common import MODULES, Checkpoint, JobError, JobProgress, NoProgress, iso, jobs_dir
+from pipeline.jobs.kafka_io import PartitionRange, committed_offsets, offset_bounds, topic_partitions
+from pipeline.jobs.replay import send_ranges
+
+log = logging.getLogger(__name__)
+
+NOT_DERIVED = frozenset({"partners", "schema_migrations"})
+
+
+@dataclass
+class RebuildReport:
+    job: str
+    database: str  # the live database, now holding the rebuilt tables
+    old_database: str  # the rebuild database, now holding the previous tables
+    swapped: list[str] = field(default_factory=list)
+    events: int = 0  # records the rebuild worker consumed
+    tail: int = 0  # records replayed to close the gap after the swap
+    status: str = "done"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _tables(client: Client, database: str) -> dict[str, str]:
+    rows = client.query("SELECT name, toString(uuid) FROM system.tables WHERE database = {db:String}",
+                        parameters={"db": database}).result_rows
+    return {str(name): str(uuid) for name, uuid in rows}
+
+
+async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0,
+                  progress: JobProgress | None = None,
+                  on_phase: Callable[[str], None] | None = None) -> RebuildReport:
+    """Run (or resume) the rebuild of this data dir's database; see the module docstring."""
+    progress = progress or NoProgress()
+    checkpoint = Checkpoint(jobs_dir(settings, "rebuild") / "current.json")
+    state = checkpoint.load()
+    if state is None or state.get("status") == "done":
+        stamp = _now().strftime("%Y%m%d%H%M%S")
+        live = settings.clickhouse.database
+        state = {"job": f"rebuild-{stamp}", "status": "building", "database": live,
+                 "rebuild_database": f"{live}_rebuild_{stamp}", "group": f"ocpi-pipeline-rebuild-{stamp}",
+                 "started_at": iso(_now())}
+    elif state["database"] != settings.clickhouse.database:
+        raise JobError(f"an interrupted rebuild of database {state['database']} is pending in "
+                       f"{checkpoint.path}; finish it with OCPI_CLICKHOUSE_DATABASE={state['database']}")
+    report = RebuildReport(job=state["job"], database=state["database"], old_database=state["rebuild_database"])
+    dsn, password = effective_dsn(settings)
+    shim: ClickHouseShim | None = None
+    worker = None
+    client = await asyncio.to_thread(connect, dsn, password=password)
+    try:
+        if dsn.startswith("chdb://"):
+            # Nobody serves the embedded store: this process holds it, so it serves it to the rebuild worker.
+            token = secrets.token_urlsafe(16)
+            shim = await ClickHouseShim(ChdbEngine(chdb_path(dsn)), token).start()
+            dsn = f"http://ocpi:{token}@127.0.0.1:{shim.port}"
+        if state["status"] == "building":
+            await asyncio.to_thread(migrate, client, state["rebuild_database"])
+            if "targets" not in state:
+                tps = await topic_partitions(bootstrap, [settings.kafka.topic_for(m) for m in MODULES])
+                bounds = await offset_bounds(settings.kafka, bootstrap, tps)
+                state["targets"] = [[tp.topic, tp.partition, begin, end] for tp, (begin, end) in bounds.items()]
+            checkpoint.save(state)
+            worker = _start_worker(settings, bootstrap, dsn, state)
+            if on_phase:
+                on_phase("building")
+            log_path = jobs_dir(settings, "rebuild") / state["job"] / "worker.log"
+            report.events = await _wait_built(bootstrap, state, worker, log_path, timeout, progress)
+            state["status"] = "swapping"
+            state["before_swap"] = [[tp.topic, tp.partition, offset] for tp, offset in
+                                    (await _committed(bootstrap, state)).items()]
+            state["new_uuids"] = _tables(client, state["rebuild_database"])
+            checkpoint.save(state)
+        if state["status"] == "swapping":
+            if on_phase:
+                on_phase("swapping")
+            report.swapped = _swap(client, state)
+            tps = [TopicPartition(t, p) for t, p, _o in state["before_swap"]]
+            bounds = await offset_bounds(settings.kafka, bootstrap, tps)
+            state["tail"] = [[t, p, o, bounds[TopicPartition(t, p)][1]] for t, p, o in state["before_swap"]]
+            state["swapped"] = report.swapped
+            state["status"] = "tail"
+            checkpoint.save(state)
+        if worker is not None:
+            await asyncio.to_thread(terminate, worker, 20.0)
+            worker = None
+        if state["status"] == "tail":
+            ranges = [PartitionRange(t, p, start, stop) for t, p, start, stop in state["tail"] if stop > start]
+            report.tail = (await send_ranges(settings, bootstrap, ranges, MODULES)).sent
+            state["status"] = "done"
+            state["finished_at"] = iso(_now())
+            checkpoint.save(state)
+        report.swapped = list(state.get("swapped", []))
+        return report
+    finally:
+        if worker is not None:
+            await asyncio.to_thread(terminate, worker, 20.0)
+        if shim is not None:
+            await shim.stop()
+        client.close()
+
+
+def _start_worker(settings: Settings, bootstrap: str, dsn: str, state: dict[str, Any]) -> Any:
+    job_dir = jobs_dir(settings, "rebuild") / state["job"]
+    env = dict(os.environ)
+    env.update(as_environ(settings))
+    env.update({"OCPI_KAFKA_BOOTSTRAP": bootstrap, "OCPI_KAFKA_FLAVOR": "tansu" if settings.kafka.is_tansu else "kafka",
+                "OCPI_CLICKHOUSE_DSN": dsn, "OCPI_CLICKHOUSE_DATABASE": state["rebuild_database"],
+                "OCPI_DATA_DIR": str(job_dir / "worker")})
+    log.info("rebuild worker: group %s into database %s, log %s", state["group"], state["rebuild_database"],
+             job_dir / "worker.log")
+    return spawn([sys.executable, "-m", "pipeline.jobs.rebuild_worker", state["group"]], env=env,
+                 log_path=job_dir / "worker.log")
+
+
+async def _committed(bootstrap: str, state: dict[str, Any]) -> dict[TopicPartition, int]:
+    tps = [TopicPartition(t, p) for t, p, _b, _e in state["targets"]]
+    found = await committed_offsets(bootstrap, state["group"], tps)
+    begins = {TopicPartition(t, p): b for t, p, b, _e in state["targets"]}
+    return {tp: max(found[tp] or 0, begins[tp]) for tp in tps}
+
+
+async def _wait_built(bootstrap: str, state: dict[str, Any], worker: Any, log_path: Path, timeout: float,
+                      progress: JobProgress) -> int:
+    """Wait until the rebuild group committed every target; returns the records it consumed."""
+    targets = {TopicPartition(t, p): (b, e) for t, p, b, e in state["targets"]}
+    total = sum(e - b for b, e in targets.values())
+    progress.start(f"rebuild into {state['rebuild_database']}", total)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    done = 0
+    while True:
+        if worker.poll() is not None:
+            raise JobError(f"the rebuild worker exited with code {worker.returncode}; see {log_path}; "
+                           "rerun to resume")
+        committed = await _committed(bootstrap, state)
+        reached = sum(min(committed[tp], e) - b for tp, (b, e) in targets.items())
+        progress.advance(reached - done)
+        done = reached
+        if all(committed[tp] >= e for tp, (_b, e) in targets.items()):
+            return total
+        if loop.time() > deadline:
+            raise JobError(f"the rebuild worker did not catch up within {timeout:.0f}s ({done} of {total}); "
+                           "rerun to resume")
+        await asyncio.sleep(0.5)
+
+
+def _swap(client: Client, state: dict[str, Any]) -> list[str]:
+    """Exchange the derived tables; idempotent through the recorded UUIDs. No awaits: Ctrl-C (a task
+    cancellation) cannot land between an exchange and the next."""
+    live, fresh = state["database"], state["rebuild_database"]
+    new_uuids: dict[str, str] = state["new_uuids"]
+    live_tables = _tables(client, live)
+    swapped = []
+    for table, uuid in sorted(new_uuids.items()):
+        if table in NOT_DERIVED:
+            continue
+        if live_tables.get(table) != uuid:
+            if table in live_tables:
+                client.command(f"EXCHANGE TABLES `{live}`.`{table}` AND `{fresh}`.`{table}`")
+            else:
+                client.command(f"RENAME TABLE `{fresh}`.`{table}` TO `{live}`.`{table}`")
+        swapped.append(table)
+    return swapped

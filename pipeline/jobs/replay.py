@@ -1,0 +1,407 @@
+"""Replay: send recorded events through the pipeline again, from Kafka or from archive files.
+
+A replayed event is the recorded one with `source=REPLAY`: same event id, content hash, payload and key,
+re-published to its module topic (`DecodedEvent.to_event()` → `infra.codec.encode_event`). The pipeline
+treats it like any other event: every table is keyed by object identity or event id and keeps the newest
+version, so a replay changes no total, however often it runs (the tests replay twice and compare).
+
+Selection: modules, one partner, a time range on `received_at`, and for Kafka a partition and an offset
+range. From Kafka, a time range is turned into offsets first: ListOffsets by timestamp on a real Kafka, a
+binary search over record timestamps on Tansu (`infra.kafka.compat.offsets_for_times`). Record timestamps
+are set when the receiver publishes, a moment after `received_at`, so the scan starts at `since` and ends a
+margin after `until`, and the exact `received_at` filter decides. The end of the topic is fixed when the job
+is planned: a replay never chases the records it writes itself.
+
+Within one run an event id is sent once, even if the source holds it several times (an earlier replay, an
+archive exported from both sources).
+
+Checkpoints: `OCPI_DATA_DIR/jobs/replay/<job>.json` holds the plan (offset ranges or archive files) and the
+position reached, saved after each batch the broker acknowledged. The job id is derived from the command's
+selection (or given with `--job`), so after Ctrl-C or a crash the same command resumes where the last
+acknowledged batch ended; the few records sent after it are sent again, which the pipeline's deduplication
+makes harmless. A finished job is not repeated unless asked (`again=True`, `--again` on the command line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from aiokafka.structs import TopicPartition
+
+from infra.codec import AvroCodecError, DecodedEvent, decode_event, encode_event
+from infra.settings import Settings
+from ocpi.identity import ObjectKey
+from pipeline.jobs.archive import archive_files, count_records, event_of, read_archive_file
+from pipeline.jobs.common import Checkpoint, JobError, JobProgress, NoProgress, iso, job_id, jobs_dir
+from pipeline.jobs.kafka_io import (
+    JobProducer,
+    PartitionRange,
+    offset_bounds,
+    offsets_at,
+    read_ranges,
+    topic_partitions,
+)
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+REPLAY = "REPLAY"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which recorded events to replay."""
+
+    modules: tuple[str, ...]
+    partner: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    partition: int | None = None
+    from_offset: int | None = None
+    to_offset: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.since and self.until and self.since >= self.until:
+            raise JobError("--since must be before --until")
+        if self.from_offset is not None and self.to_offset is not None and self.from_offset >= self.to_offset:
+            raise JobError("--from-offset must be below --to-offset")
+
+    @property
+    def by_offset(self) -> bool:
+        return self.partition is not None or self.from_offset is not None or self.to_offset is not None
+
+    def matches(self, event: DecodedEvent) -> bool:
+        if self.partner is not None and event.partner_id != self.partner:
+            return False
+        if self.since is not None and event.received_at < self.since:
+            return False
+        return self.until is None or event.received_at < self.until
+
+    def spec(self) -> dict[str, Any]:
+        return {"modules": list(self.modules), "partner": self.partner, "since": iso(self.since),
+                "until": iso(self.until), "partition": self.partition, "from_offset": self.from_offset,
+                "to_offset": self.to_offset}
+
+
+@dataclass
+class PlanLine:
+    """One unit of a replay plan: an offset range of a partition, or an archive file."""
+
+    module: str
+    where: str
+    records: int  # offsets in the range / records in the file
+    matching: int | None = None  # records the selection picks (dry run only)
+    partition: tuple[str, int] | None = None  # (topic, partition) of a Kafka range
+
+
+@dataclass
+class ReplayReport:
+    job: str
+    status: str  # done, resumed-done, already-done, dry-run
+    lines: list[PlanLine] = field(default_factory=list)
+    sent: int = 0
+    filtered: int = 0
+    duplicates: int = 0
+    undecodable: int = 0
+    written: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+class _Run:
+    """The state one replay run shares between its source and the producer."""
+
+    def __init__(self, settings: Settings, selection: Selection, report: ReplayReport) -> None:
+        self.settings = settings
+        self.selection = selection
+        self.report = report
+        self.seen: set[str] = set()
+
+    def prepare(self, event: DecodedEvent, key: bytes | None = None) -> tuple[str, bytes, bytes] | None:
+        """The REPLAY record of `event`, or None when the selection leaves it out or it was sent already."""
+        if event.module.lower() not in self.selection.modules or not self.selection.matches(event):
+            self.report.filtered += 1
+            return None
+        if event.event_id in self.seen:
+            self.report.duplicates += 1
+            return None
+        self.seen.add(event.event_id)
+        replayed = event.to_event()
+        replayed["source"] = REPLAY
+        topic = self.settings.kafka.topic_for(event.module.lower())
+        if key is None:
+            key = ObjectKey(event.country_code, event.party_id, event.object_id).kafka_key()
+        return topic, key, encode_event(replayed)
+
+
+def _checkpoint(settings: Settings, job: str) -> Checkpoint:
+    return Checkpoint(jobs_dir(settings, "replay") / f"{job}.json")
+
+
+def _existing(checkpoint: Checkpoint, spec: dict[str, Any], job: str, again: bool) -> dict[str, Any] | None:
+    """The state to resume, None to plan afresh; raises when a named job's selection changed."""
+    state = checkpoint.load()
+    if state is None:
+        return None
+    if state.get("spec") != spec:
+        raise JobError(f"job {job} was started with another selection ({state.get('spec')}); "
+                       "pick another --job name or remove " + str(checkpoint.path))
+    if state.get("status") == "done" and again:
+        return None
+    return state
+
+
+# --- from Kafka ----------------------------------------------------------------------------------------------
+
+
+async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection) -> list[tuple[str, PartitionRange]]:
+    """(module, offset range) per partition for `selection`, against the topics as they are now."""
+    planned: list[tuple[str, PartitionRange]] = []
+    margin = timedelta(seconds=settings.kafka.send_timeout_s + 60)
+    for module in selection.modules:
+        tps = [tp for tp in await topic_partitions(bootstrap, [settings.kafka.topic_for(module)])
+               if selection.partition is None or tp.partition == selection.partition]
+        bounds = await offset_bounds(settings.kafka, bootstrap, tps)
+        starts = {tp: max(b, selection.from_offset or 0) for tp, (b, _e) in bounds.items()}
+        stops = {tp: min(e, selection.to_offset if selection.to_offset is not None else e)
+                 for tp, (_b, e) in bounds.items()}
+        if selection.since is not None:  # a record's timestamp is never before its received_at
+            at = await offsets_at(settings.kafka, bootstrap, selection.since, bounds)
+            starts = {tp: max(starts[tp], at[tp]) for tp in bounds}
+        if selection.until is not None:
+            at = await offsets_at(settings.kafka, bootstrap, selection.until + margin, bounds)
+            stops = {tp: min(stops[tp], at[tp]) for tp in bounds}
+        for tp in tps:
+            planned.append((module, PartitionRange(tp.topic, tp.partition, starts[tp], max(starts[tp], stops[tp]))))
+    return planned
+
+
+def _decode(value: bytes, report: ReplayReport, where: str) -> DecodedEvent | None:
+    try:
+        return decode_event(value)
+    except AvroCodecError as exc:
+        report.undecodable += 1
+        log.warning("%s: not an OcpiEvent, not replayed (the pipeline dead-lettered it): %s", where, exc)
+        return None
+
+
+async def replay_kafka(settings: Settings, bootstrap: str, selection: Selection, *, job: str | None = None,
+                       again: bool = False, dry_run: bool = False, progress: JobProgress | None = None,
+                       on_batch: Callable[[ReplayReport], None] | None = None) -> ReplayReport:
+    """Replay records of the module topics (see the module docstring). `on_batch` runs after every
+    checkpointed batch (progress hooks, tests)."""
+    progress = progress or NoProgress()
+    spec = {"source": "kafka", **selection.spec()}
+    name = job or job_id("replay", spec)
+    checkpoint = _checkpoint(settings, name)
+    state = _existing(checkpoint, spec, name, again)
+    report = ReplayReport(job=name, status="done")
+    if state is not None and state.get("status") == "done":
+        report.status = "already-done"
+        _restore(report, state)
+        return report
+    if state is None:
+        planned = await plan_kafka(settings, bootstrap, selection)
+        state = {"job": name, "kind": "replay", "spec": spec, "status": "running", "started_at": iso(_now()),
+                 "ranges": [{**r.as_json(), "module": m, "next": r.start} for m, r in planned]}
+    else:
+        report.status = "resumed-done"
+        _restore(report, state)
+    ranges = state["ranges"]
+    report.lines = [PlanLine(r["module"], f"{r['topic']}/{r['partition']} offsets {r['start']}-{r['stop'] - 1}"
+                             if r["stop"] > r["start"] else f"{r['topic']}/{r['partition']} (no offsets)",
+                             r["stop"] - r["start"], partition=(r["topic"], r["partition"])) for r in ranges]
+    remaining = {(r["topic"], r["partition"]): r for r in ranges if r["next"] < r["stop"]}
+    todo = [PartitionRange(r["topic"], r["partition"], r["next"], r["stop"]) for r in remaining.values()]
+    run = _Run(settings, selection, report)
+    if dry_run:
+        report.status = "dry-run"
+        return await _dry_run_kafka(bootstrap, todo, run, progress)
+    checkpoint.save(state)
+    progress.start(f"replay {name}", sum(r.span for r in todo))
+    async with JobProducer(settings.kafka, bootstrap) as producer, \
+            contextlib.aclosing(read_ranges(bootstrap, todo, batch=BATCH)) as batches:
+        async for rng, records in batches:
+            batch = []
+            for record in records:
+                event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
+                prepared = run.prepare(event, record.key) if event is not None else None
+                if prepared is not None:
+                    batch.append(prepared)
+            report.sent += await producer.send_all(batch)
+            _merge_written(report, producer)
+            remaining[(rng.topic, rng.partition)]["next"] = records[-1].offset + 1
+            _save_stats(state, report)
+            checkpoint.save(state)
+            progress.advance(len(records))
+            if on_batch is not None:
+                on_batch(report)
+    for r in ranges:
+        r["next"] = r["stop"]
+    state["status"] = "done"
+    state["finished_at"] = iso(_now())
+    _save_stats(state, report)
+    checkpoint.save(state)
+    return report
+
+
+async def _dry_run_kafka(bootstrap: str, todo: list[PartitionRange], run: _Run,
+                         progress: JobProgress) -> ReplayReport:
+    report = run.report
+    matching: dict[tuple[str, int], int] = {}
+    progress.start("counting", sum(r.span for r in todo))
+    async with contextlib.aclosing(read_ranges(bootstrap, todo, batch=BATCH)) as batches:
+        async for rng, records in batches:
+            for record in records:
+                event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
+                if event is not None and run.prepare(event, record.key) is not None:
+                    matching[(rng.topic, rng.partition)] = matching.get((rng.topic, rng.partition), 0) + 1
+            progress.advance(len(records))
+    for line in report.lines:
+        line.matching = matching.get(line.partition, 0) if line.partition else 0
+    return report
+
+
+# --- from archive files --------------------------------------------------------------------------------------
+
+
+async def replay_archive(settings: Settings, bootstrap: str, root: Path, selection: Selection, *,
+                         job: str | None = None, again: bool = False, dry_run: bool = False,
+                         progress: JobProgress | None = None,
+                         on_batch: Callable[[ReplayReport], None] | None = None) -> ReplayReport:
+    """Replay the events of archive files written by `export` (any schema revision; see archive.py)."""
+    if selection.by_offset:
+        raise JobError("--partition/--from-offset/--to-offset select Kafka offsets; they do not apply to an archive")
+    progress = progress or NoProgress()
+    root = root.resolve()
+    spec = {"source": "archive", "archive": str(root), **selection.spec()}
+    name = job or job_id("replay", spec)
+    checkpoint = _checkpoint(settings, name)
+    state = _existing(checkpoint, spec, name, again)
+    report = ReplayReport(job=name, status="done")
+    if state is not None and state.get("status") == "done":
+        report.status = "already-done"
+        _restore(report, state)
+        return report
+    if state is None:
+        files = archive_files(root, selection.modules, since=selection.since, until=selection.until)
+        state = {"job": name, "kind": "replay", "spec": spec, "status": "running", "started_at": iso(_now()),
+                 "files": [{"path": str(f.relative_to(root)), "module": f.relative_to(root).parts[0],
+                            "records": count_records(f), "next": 0} for f in files]}
+    else:
+        report.status = "resumed-done"
+        _restore(report, state)
+    entries = state["files"]
+    report.lines = [PlanLine(e["module"], e["path"], e["records"]) for e in entries]
+    todo = [e for e in entries if e["next"] < e["records"]]
+    run = _Run(settings, selection, report)
+    progress.start("counting" if dry_run else f"replay {name}", sum(e["records"] - e["next"] for e in todo))
+    if dry_run:
+        report.status = "dry-run"
+        for entry, line in zip(entries, report.lines, strict=True):
+            line.matching = 0
+            if entry in todo:
+                for _n, event in _archive_events(root, entry, report):
+                    line.matching += event is not None and run.prepare(event) is not None
+                progress.advance(entry["records"] - entry["next"])
+        return report
+    checkpoint.save(state)
+    async with JobProducer(settings.kafka, bootstrap) as producer:
+        for entry in todo:
+            batch: list[tuple[str, bytes, bytes]] = []
+            for consumed, event in _archive_events(root, entry, report):
+                prepared = run.prepare(event) if event is not None else None
+                if prepared is not None:
+                    batch.append(prepared)
+                if consumed % BATCH == 0:
+                    await _flush_archive_batch(producer, batch, entry, consumed, state, checkpoint, report, progress,
+                                               on_batch)
+                    batch = []
+            await _flush_archive_batch(producer, batch, entry, entry["records"], state, checkpoint, report, progress,
+                                       on_batch)
+    state["status"] = "done"
+    state["finished_at"] = iso(_now())
+    _save_stats(state, report)
+    checkpoint.save(state)
+    return report
+
+
+def _archive_events(root: Path, entry: dict[str, Any],
+                    report: ReplayReport) -> Iterator[tuple[int, DecodedEvent | None]]:
+    """(records consumed so far in the file, event) from the entry's position on."""
+    consumed = entry["next"]
+    for record in read_archive_file(root / entry["path"], skip=entry["next"]):
+        consumed += 1
+        try:
+            yield consumed, event_of(record)
+        except AvroCodecError as exc:
+            report.undecodable += 1
+            log.warning("%s record %d cannot be encoded as a current OcpiEvent: %s", entry["path"], consumed, exc)
+            yield consumed, None
+
+
+async def _flush_archive_batch(producer: JobProducer, batch: list[tuple[str, bytes, bytes]], entry: dict[str, Any],
+                               consumed: int, state: dict[str, Any], checkpoint: Checkpoint, report: ReplayReport,
+                               progress: JobProgress, on_batch: Callable[[ReplayReport], None] | None) -> None:
+    if consumed <= entry["next"]:
+        return
+    report.sent += await producer.send_all(batch)
+    _merge_written(report, producer)
+    progress.advance(consumed - entry["next"])
+    entry["next"] = consumed
+    _save_stats(state, report)
+    checkpoint.save(state)
+    if on_batch is not None:
+        on_batch(report)
+
+
+# --- shared ---------------------------------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _merge_written(report: ReplayReport, producer: JobProducer) -> None:
+    for tp, offset in producer.written.items():
+        report.written[tp] = max(report.written.get(tp, 0), offset)
+
+
+def _save_stats(state: dict[str, Any], report: ReplayReport) -> None:
+    state["stats"] = {"sent": report.sent, "filtered": report.filtered, "duplicates": report.duplicates,
+                      "undecodable": report.undecodable}
+    state["written"] = [[tp.topic, tp.partition, offset] for tp, offset in sorted(report.written.items())]
+    state["updated_at"] = iso(_now())
+
+
+def _restore(report: ReplayReport, state: dict[str, Any]) -> None:
+    """Counts of the earlier runs of a resumed job, so the report covers the whole job."""
+    stats = state.get("stats", {})
+    report.sent = int(stats.get("sent", 0))
+    report.filtered = int(stats.get("filtered", 0))
+    report.duplicates = int(stats.get("duplicates", 0))
+    report.undecodable = int(stats.get("undecodable", 0))
+    report.written = {TopicPartition(t, p): int(o) for t, p, o in state.get("written", [])}
+
+
+async def send_ranges(settings: Settings, bootstrap: str, ranges: list[PartitionRange],
+                      modules: tuple[str, ...]) -> ReplayReport:
+    """Replay whole offset ranges without a checkpoint of their own (the caller's job records them)."""
+    report = ReplayReport(job="", status="done")
+    run = _Run(settings, Selection(modules=modules), report)
+    async with JobProducer(settings.kafka, bootstrap) as producer:
+        async with contextlib.aclosing(read_ranges(bootstrap, ranges, batch=BATCH)) as batches:
+            async for rng, records in batches:
+                batch = []
+                for record in records:
+                    event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
+                    prepared = run.prepare(event, record.key) if event is not None else None
+                    if prepared is not None:
+                        batch.append(prepared)
+                report.sent += await producer.send_all(batch)
+        _merge_written(report, producer)
+    return report
