@@ -129,7 +129,7 @@ OffsetProbe = Callable[[int], Awaitable[tuple[int, int] | None]]
 
 
 async def search_offset_for_time(probe: OffsetProbe, begin: int, end: int, target_ms: int) -> int:
-    """The first offset in [begin, end] from which every record has a timestamp >= `target_ms` (binary search).
+    """The offset of the first record in [begin, end) with a timestamp >= `target_ms`, else `end` (binary search).
 
     `probe(offset)` returns (offset, timestamp_ms) of the first record at or after `offset`, or None when there
     is none before `end`. Assumes timestamps that do not decrease along the partition (true for the broker's
@@ -143,7 +143,11 @@ async def search_offset_for_time(probe: OffsetProbe, begin: int, end: int, targe
             hi = mid
         else:
             lo = min(found[0] + 1, hi)
-    return lo
+    if lo >= end:
+        return end
+    # Positions in a gap (compaction, transaction markers) are equivalent; answer the record's own offset.
+    found = await probe(lo)
+    return end if found is None else found[0]
 
 
 async def offsets_for_times(kafka: KafkaSettings, bootstrap: str, targets: Mapping[Any, int],

@@ -8,6 +8,7 @@ import sys
 import click
 
 from infra.settings import SettingsError, load_settings
+from pipeline.cli.jobs import export, pull, replay
 from pipeline.cli.partners import partners
 from pipeline.cli.services import demo, dev, serve, worker
 from pipeline.cli.store import migrate, query, settings_cmd
@@ -37,7 +38,7 @@ def cli(ctx: click.Context, log_level: str) -> None:
     ctx.obj = {"log_level": log_level, "settings_loader": load_settings}
 
 
-for command in (serve, worker, dev, demo, migrate, query, settings_cmd, partners):
+for command in (serve, worker, dev, demo, migrate, query, settings_cmd, partners, replay, export, pull):
     cli.add_command(command)
 
 __all__ = ["cli"]

@@ -262,20 +262,16 @@ class _Crawler:
             raise PullError(f"GET {url}: redirected (HTTP {status}) to {response.headers.get('location', '?')}; "
                             "redirects are not followed (they could drop or leak the Authorization header): "
                             "fix the endpoint URL")
-        if status in (429, 502, 503, 504):
-            return f"HTTP {status}"
         if status == 401:
             raise PullError(f"GET {url}: the partner refused our token (HTTP 401)")
         try:
             envelope = _envelope.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            if status >= 500:
-                return f"HTTP {status}, no OCPI envelope"
+            if status == 429 or status >= 500:
+                return f"HTTP {status}"
             raise PullError(f"GET {url}: HTTP {status}, not an OCPI response envelope ({exc})") from None
         code, message = envelope.status_code, envelope.status_message or ""
-        if 3000 <= code < 4000:
-            return f"HTTP {status}, OCPI {code} {message}".rstrip()
-        if status >= 500:
+        if status == 429 or status >= 500 or 3000 <= code < 4000:
             return f"HTTP {status}, OCPI {code} {message}".rstrip()
         if not 1000 <= code < 2000 or status >= 300:
             raise PullError(f"GET {url}: HTTP {status}, OCPI status {code}: {message or 'no message'}")

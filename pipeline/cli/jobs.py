@@ -1,0 +1,293 @@
+"""Job commands: replay, export, pull (the work itself is in `pipeline.jobs`)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from infra.clickhouse.client import ClickHouseUnavailable, connect_for
+from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
+from infra.settings import Settings, load_settings
+from pipeline.jobs.common import MODULES, JobError, RichProgress, check_modules, parse_time
+from pipeline.jobs.pull import KINDS
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T], resume_hint: str) -> T:
+    """Run a job; Ctrl-C ends it cleanly (its checkpoint is consistent) and says how to resume."""
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {resume_hint}", err=True)
+        sys.exit(130)
+    except (JobError, KafkaNotConfigured, ClickHouseUnavailable, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _bootstrap(settings: Settings) -> str:
+    try:
+        return resolve_bootstrap(settings)
+    except KafkaNotConfigured as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _time(value: str | None) -> Any:
+    try:
+        return parse_time(value) if value else None
+    except JobError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command()
+@click.option("--module", "modules", multiple=True, type=click.Choice(MODULES),
+              help="Module to replay (repeatable; default: all).")
+@click.option("--partner", help="Only events pushed or pulled from this partner id.")
+@click.option("--since", help="Only events received at or after this time (2024-05-01T12:00:00Z, 2024-05-01, 6h).")
+@click.option("--until", help="Only events received before this time.")
+@click.option("--partition", type=int, help="Kafka: only this partition.")
+@click.option("--from-offset", type=int, help="Kafka: first offset (inclusive) of every selected partition.")
+@click.option("--to-offset", type=int, help="Kafka: last offset (exclusive) of every selected partition.")
+@click.option("--from-archive", "archive", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Replay from archive files written by `export` instead of Kafka.")
+@click.option("--dry-run", is_flag=True, help="Count what would be replayed (per module, partition and offset "
+              "range, or archive file) and send nothing.")
+@click.option("--rebuild", is_flag=True, help="Rebuild every pipeline table from the topics into a fresh "
+              "database and swap it in (no selection options).")
+@click.option("--wait/--no-wait", default=False, show_default=True,
+              help="Wait until the pipeline's worker has consumed the replayed events.")
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait and --rebuild may take.")
+@click.option("--job", help="Name of the job (default: derived from the selection, so a rerun resumes it).")
+@click.option("--again", is_flag=True, help="Replay once more even if this job has completed before.")
+def replay(modules: tuple[str, ...], partner: str | None, since: str | None, until: str | None,
+           partition: int | None, from_offset: int | None, to_offset: int | None, archive: Path | None,
+           dry_run: bool, rebuild: bool, wait: bool, timeout: float, job: str | None, again: bool) -> None:
+    """Send recorded events through the pipeline again, marked source=REPLAY.
+
+    From the Kafka topics (by offsets or by a time range) or from archive files, for some modules, one partner
+    or all. Events keep their id and content hash, so the pipeline's deduplication makes a replay change no
+    total. Interrupted (Ctrl-C)? Run the same command again: it resumes from its checkpoint.
+
+    \b
+    Examples:
+      ocpi-pipeline replay --module cdrs --since 2024-05-01 --until 2024-05-02 --dry-run
+      ocpi-pipeline replay --partner cpo-nl --since 6h --wait
+      ocpi-pipeline replay --from-archive /backup/ocpi --module sessions
+      ocpi-pipeline replay --rebuild
+    """
+    from pipeline.jobs.replay import Selection
+
+    settings = load_settings()
+    bootstrap = _bootstrap(settings)
+    console = Console()
+    if rebuild:
+        if any((modules, partner, since, until, partition is not None, from_offset is not None,
+                to_offset is not None, archive, job, again)):
+            raise click.UsageError("--rebuild recomputes everything from the topics: it takes no selection")
+        _rebuild(settings, bootstrap, dry_run, timeout, console)
+        return
+    try:
+        selection = Selection(modules=check_modules(modules), partner=partner, since=_time(since),
+                              until=_time(until), partition=partition, from_offset=from_offset, to_offset=to_offset)
+    except JobError as exc:
+        raise click.UsageError(str(exc)) from None
+    if archive is not None and selection.by_offset:
+        raise click.UsageError("--partition/--from-offset/--to-offset select Kafka offsets; they do not apply "
+                               "to an archive")
+    with RichProgress() as progress:
+        if archive is not None:
+            from pipeline.jobs.replay import replay_archive
+
+            coro = replay_archive(settings, bootstrap, archive, selection, job=job, again=again, dry_run=dry_run,
+                                  progress=progress)
+        else:
+            from pipeline.jobs.replay import replay_kafka
+
+            coro = replay_kafka(settings, bootstrap, selection, job=job, again=again, dry_run=dry_run,
+                                progress=progress)
+        report = _run(coro, "run the same command again to resume from its checkpoint")
+    table = Table("module", "where", "records", *(["would replay"] if dry_run else []),
+                  title=f"replay {report.job}" + (" (dry run: nothing sent)" if dry_run else ""))
+    for line in report.lines:
+        table.add_row(line.module, line.where, str(line.records), *([str(line.matching)] if dry_run else []))
+    console.print(table)
+    if report.status == "already-done":
+        console.print(f"job {report.job} completed before ({report.sent} events sent); --again replays once more")
+        return
+    verb = "would send" if dry_run else "sent"
+    total = sum(line.matching or 0 for line in report.lines) if dry_run else report.sent
+    console.print(f"{verb} {total} events; left out by the selection {report.filtered}, "
+                  f"repeated event ids {report.duplicates}, undecodable {report.undecodable}")
+    if wait and not dry_run and report.written:
+        from pipeline.app import APP_ID
+        from pipeline.jobs.kafka_io import wait_for_group
+
+        _run(wait_for_group(bootstrap, APP_ID, report.written, timeout=timeout), "the events are in Kafka already")
+        console.print("the pipeline has consumed them")
+
+
+def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, console: Console) -> None:
+    from pipeline.jobs.rebuild import rebuild
+    from pipeline.jobs.replay import Selection, plan_kafka
+
+    if dry_run:
+        planned = _run(plan_kafka(settings, bootstrap, Selection(modules=MODULES)), "nothing was changed")
+        table = Table("module", "partition", "offsets", "records",
+                      title=f"rebuild of database {settings.clickhouse.database} (dry run: nothing changed)")
+        for module, rng in planned:
+            table.add_row(module, f"{rng.topic}/{rng.partition}", f"{rng.start}-{rng.stop - 1}" if rng.span else "–",
+                          str(rng.span))
+        console.print(table)
+        return
+    with RichProgress() as progress:
+        report = _run(rebuild(settings, bootstrap, timeout=timeout, progress=progress),
+                      "run `ocpi-pipeline replay --rebuild` again to resume")
+    console.print(f"rebuilt {', '.join(report.swapped)} in database {report.database} from {report.events} "
+                  f"records; {report.tail} records replayed to close the gap")
+    console.print(f"the previous tables are in database {report.old_database}: "
+                  f"check them, then DROP DATABASE `{report.old_database}`")
+
+
+@click.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--module", "modules", multiple=True, type=click.Choice(MODULES),
+              help="Module to export (repeatable; default: all).")
+@click.option("--source", type=click.Choice(["kafka", "clickhouse"]), default="kafka", show_default=True,
+              help="kafka: the topics (the source of truth); clickhouse: raw_events, for history the topics "
+              "no longer hold.")
+@click.option("--max-records", default=50_000, show_default=True, help="Records per archive file at most.")
+def export(directory: Path, modules: tuple[str, ...], source: str, max_records: int) -> None:
+    """Archive raw events to Avro container files: DIRECTORY/<module>/<YYYY-MM-DD>/part-*.avro.
+
+    The OcpiEvent schema is in every file, so later versions read them (`replay --from-archive`). Reruns add
+    only what is not archived yet; an interrupted export leaves only complete files.
+
+    \b
+    Examples:
+      ocpi-pipeline export /backup/ocpi
+      ocpi-pipeline export /backup/ocpi --source clickhouse --module cdrs
+    """
+    from pipeline.jobs.archive import container_codec, export_from_clickhouse, export_from_kafka
+
+    settings = load_settings()
+    wanted = check_modules(modules)
+    with RichProgress() as progress:
+        if source == "kafka":
+            bootstrap = _bootstrap(settings)
+            result = _run(export_from_kafka(settings, bootstrap, directory, wanted, max_records=max_records,
+                                            progress=progress), "run it again: complete files are kept")
+        else:
+            try:
+                client = connect_for(settings, readonly=True)
+            except ClickHouseUnavailable as exc:
+                raise click.ClickException(str(exc)) from None
+            try:
+                result = export_from_clickhouse(settings, client, directory, wanted, max_records=max_records,
+                                                progress=progress)
+            except KeyboardInterrupt:
+                click.echo("interrupted: run it again: complete files are kept", err=True)
+                sys.exit(130)
+            finally:
+                client.close()
+    console = Console()
+    table = Table("module", "events archived now", title=f"export to {directory} ({container_codec()})")
+    for module, count in result.records.items():
+        table.add_row(module, str(count))
+    console.print(table)
+    console.print(f"{len(result.files)} new files, {result.undecodable} undecodable records skipped"
+                  + (f", {result.skipped_days} unchanged days skipped" if source == "clickhouse" else ""))
+    for lost in result.lost:
+        console.print(f"[yellow]gone from Kafka before it was archived: {lost}[/]")
+    if source == "kafka" and not result.total and not result.files:
+        console.print("nothing new in Kafka; for history the topics no longer hold use --source clickhouse")
+
+
+@click.command()
+@click.option("--partner", required=True, help="Partner id in the registry (`ocpi-pipeline partners list`).")
+@click.option("--module", required=True, type=click.Choice(list(KINDS)), help="Sender interface to pull.")
+@click.option("--since", help="date_from (inclusive); default: where the last completed pull ended.")
+@click.option("--until", help="date_to (exclusive); default: now.")
+@click.option("--limit", default=100, show_default=True, help="Objects per page asked for (the server may cap it).")
+@click.option("--restart", is_flag=True, help="Abandon an interrupted crawl instead of resuming it.")
+@click.option("--max-attempts", default=8, show_default=True, help="Attempts per page on 429/503/3xxx.")
+@click.option("--schedule", type=float, metavar="SECONDS",
+              help="Pull again every SECONDS (plus a random splay) until Ctrl-C or SIGTERM.")
+@click.option("--splay", type=float, metavar="SECONDS", help="Random extra delay per round (default: 10% of "
+              "--schedule).")
+def pull(partner: str, module: str, since: str | None, until: str | None, limit: int, restart: bool,
+         max_attempts: int, schedule: float | None, splay: float | None) -> None:
+    """Catch up from a partner's Sender interface (GET with date_from/date_to, paginated) into the pipeline.
+
+    Objects are validated like pushes and published to the same topics, marked source=PULL. The position is
+    checkpointed per partner and module: an interrupted pull resumes, the next one starts where the last ended.
+
+    \b
+    Examples:
+      ocpi-pipeline pull --partner cpo-nl --module cdrs --since 2024-05-01
+      ocpi-pipeline pull --partner cpo-nl --module sessions --schedule 3600
+    """
+    from pipeline.jobs.kafka_io import JobProducer
+    from pipeline.jobs.pull import RetryPolicy, pull_every
+    from pipeline.jobs.pull import pull as pull_once
+    from receivers.registry import PartnerRegistry, RegistryError
+
+    settings = load_settings()
+    bootstrap = _bootstrap(settings)
+    start, end = _time(since), _time(until)
+    if schedule is not None and end is not None:
+        raise click.UsageError("--schedule pulls up to now every round; it takes no --until")
+    console = Console()
+
+    async def once(progress: RichProgress) -> Any:
+        try:
+            client = await asyncio.to_thread(connect_for, settings)
+            try:
+                found = await asyncio.to_thread(PartnerRegistry(client).require, partner)
+            finally:
+                client.close()
+        except RegistryError as exc:
+            raise JobError(str(exc)) from None
+        async with JobProducer(settings.kafka, bootstrap) as producer:
+            return await pull_once(settings, found, module, producer, since=start, until=end, limit=limit,
+                                   restart=restart, retry=RetryPolicy(max_attempts=max_attempts), progress=progress)
+
+    def show(report: Any) -> None:
+        console.print(f"pulled {report.objects} {module} from {partner} for [{report.since or 'the beginning'}, "
+                      f"{report.until}) in {report.pages} pages{' (resumed)' if report.resumed else ''}; "
+                      f"invalid {report.invalid}, not the partner's {report.foreign}, re-read pages "
+                      f"{report.rereads}, retries {report.retries}")
+
+    hint = "run the same command again to resume from its checkpoint"
+    if schedule is None:
+        with RichProgress() as progress:
+            report = _run(once(progress), hint)
+        show(report)
+        return
+
+    async def forever() -> Any:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def round_() -> Any:
+            with RichProgress() as progress:
+                report = await once(progress)
+            show(report)
+            return report
+
+        def failed(exc: Exception) -> None:
+            console.print(f"[red]pull failed:[/] {exc}; next round as scheduled")
+
+        return await pull_every(schedule, schedule * 0.1 if splay is None else splay, round_, stop, failed)
+
+    state = _run(forever(), hint)
+    console.print(f"stopped after {state.runs} rounds ({state.failures} failed)")

@@ -1,0 +1,138 @@
+"""A fake CPO Sender interface (Locations/Sessions/CDRs GET List) on 127.0.0.1, for the pull tests.
+
+Independent of our code: plain dicts, its own token check and pagination, following 04 §4.2 — `date_from`
+inclusive, `date_to` exclusive on `last_updated`, `offset`/`limit` with a server cap announced in `X-Limit`,
+`X-Total-Count` of the whole filtered list, and `Link: <…>; rel="next"` carrying every filter. Tests script
+failures (`fail_next`) and mutate the data between requests (`before_request`) to exercise the crawler.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from tests.conftest import EXAMPLES
+
+SESSION = json.loads((EXAMPLES / "session_example_2_short_finished.json").read_text())
+
+
+def stamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def session(number: int, updated: datetime, *, kwh: float = 10.0, party: tuple[str, str] = ("BE", "BEC"),
+            **changes: Any) -> dict[str, Any]:
+    """The spec's example Session with another id, energy, owner and last_updated."""
+    body = copy.deepcopy(SESSION)
+    body.update(country_code=party[0], party_id=party[1], id=f"S{number:04d}", kwh=kwh,
+                last_updated=stamp(updated), **changes)
+    return body
+
+
+@dataclass
+class Seen:
+    module: str
+    query: dict[str, str]
+    headers: dict[str, str]
+
+
+@dataclass
+class Failure:
+    http_status: int
+    ocpi_status: int | None = None  # None: a body that is not an OCPI envelope
+    headers: dict[str, str] | None = None
+
+
+class FakeSender:
+    def __init__(self, token: str, *, page_cap: int = 2) -> None:
+        self.token = token
+        self.page_cap = page_cap
+        self.objects: dict[str, list[dict[str, Any]]] = {"sessions": [], "cdrs": [], "locations": []}
+        self.seen: list[Seen] = []
+        self.failures: list[Failure] = []
+        self.before_request: Callable[[FakeSender, int], None] | None = None
+        self.redirect_to: str | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> FakeSender:
+        app = web.Application()
+        app.router.add_get("/ocpi/cpo/2.2.1/{module}", self._list)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def url(self, module: str) -> str:
+        return f"http://127.0.0.1:{self.port}/ocpi/cpo/2.2.1/{module}"
+
+    def fail_next(self, *failures: Failure) -> None:
+        self.failures.extend(failures)
+
+    def offsets(self, module: str) -> list[int]:
+        return [int(s.query.get("offset", "0")) for s in self.seen if s.module == module]
+
+    @staticmethod
+    def _envelope(status: int, data: Any = None, http: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+        body: dict[str, Any] = {"status_code": status, "timestamp": stamp(datetime.now(UTC))}
+        if data is not None:
+            body["data"] = data
+        return web.json_response(body, status=http, headers=headers)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        module = request.match_info["module"]
+        self.seen.append(Seen(module, dict(request.query), dict(request.headers)))
+        expected = "Token " + base64.b64encode(self.token.encode()).decode()
+        if request.headers.get("Authorization") != expected:
+            return self._envelope(2000, http=401)
+        if self.redirect_to:
+            raise web.HTTPFound(self.redirect_to)
+        if self.failures:
+            failure = self.failures.pop(0)
+            if failure.ocpi_status is None:
+                return web.Response(status=failure.http_status, text="busy", headers=failure.headers)
+            return self._envelope(failure.ocpi_status, http=failure.http_status, headers=failure.headers)
+        if self.before_request is not None:
+            self.before_request(self, len(self.seen))
+        date_from = parse(request.query["date_from"]) if "date_from" in request.query else None
+        date_to = parse(request.query["date_to"]) if "date_to" in request.query else None
+        if module == "sessions" and date_from is None:
+            return self._envelope(2001, http=400)
+        matching = [o for o in sorted(self.objects[module], key=lambda o: parse(o["last_updated"]))
+                    if (date_from is None or parse(o["last_updated"]) >= date_from)
+                    and (date_to is None or parse(o["last_updated"]) < date_to)]
+        offset = int(request.query.get("offset", "0"))
+        limit = min(int(request.query.get("limit", str(self.page_cap))), self.page_cap)
+        page = matching[offset:offset + limit]
+        headers = {"X-Total-Count": str(len(matching)), "X-Limit": str(self.page_cap),
+                   "OCPI-from-country-code": "BE", "OCPI-from-party-id": "BEC",
+                   "OCPI-to-country-code": "NL", "OCPI-to-party-id": "OPP"}
+        if offset + limit < len(matching):
+            query = {k: v for k, v in request.query.items() if k not in ("offset", "limit")}
+            query |= {"offset": str(offset + limit), "limit": str(limit)}
+            headers["Link"] = f'<{self.url(module)}?{urlencode(query)}>; rel="next"'
+        return self._envelope(1000, page, headers=headers)
+
+
+def hours_ago(hours: float) -> datetime:
+    return datetime.now(UTC).replace(microsecond=0) - timedelta(hours=hours)

@@ -1,0 +1,157 @@
+"""Archive files: ClickHouse export (idempotent, generations), reading back with the current schema, and
+archives written by an earlier schema revision."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from infra.clickhouse.client import connect
+from infra.clickhouse.migrations import migrate
+from infra.codec import EVENT_SCHEMA, DecodedEvent, decode_event, decode_record, encode_event
+from infra.events import build_event
+from ocpi.canonical import to_ocpi_json
+from ocpi.decode import Decoded, decode
+from ocpi.identity import ObjectKey
+from ocpi.model import Location, Session, SessionPatch
+from pipeline.jobs.archive import (
+    RAW_COLUMNS,
+    archive_files,
+    container_codec,
+    count_records,
+    event_of,
+    export_from_clickhouse,
+    read_archive_file,
+)
+from tests.conftest import EXAMPLES, unique
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# Recent days: raw_events keeps 30 days (a TTL), older rows would vanish under the test.
+DAY1 = (datetime.now(UTC) - timedelta(days=3)).replace(hour=8, minute=30, second=0, microsecond=123456)
+DAY2 = (datetime.now(UTC) - timedelta(days=2)).replace(hour=23, minute=59, second=59, microsecond=999999)
+
+
+def example(name: str, **changes: Any) -> bytes:
+    return json.dumps({**json.loads((EXAMPLES / name).read_text()), **changes}).encode()
+
+
+def make_event(body: bytes, model: Any, payload_type: str, *, module: str, level: str, operation: str,
+               received_at: datetime, key: ObjectKey | None = None, relaxations: tuple[str, ...] = (),
+               routed: bool = False) -> DecodedEvent:
+    decoded = decode(body, model)
+    event = build_event(partner_id="cpo-be", module=module, operation=operation, level=level,
+                        key=key or ObjectKey.of(decoded.value), decoded=Decoded(decoded.value, relaxations),
+                        payload_type=payload_type, source="PUSH", request_id=f"req-{received_at.timestamp()}",
+                        correlation_id="corr", received_at=received_at,
+                        from_party=("BE", "BEC") if routed else None, to_party=("NL", "OPP") if routed else None)
+    return decode_event(encode_event(event))
+
+
+def row(event: DecodedEvent, offset: int) -> list[Any]:
+    values = {name: getattr(event, name) for name in RAW_COLUMNS if name != "payload_json"}
+    values["payload_json"] = to_ocpi_json(event.payload).decode()  # what the pipeline stores: OCPI JSON
+    return [*(values[name] for name in RAW_COLUMNS), "topic", 0, offset]
+
+
+@pytest.fixture
+def store(chdb_dsn: str) -> Iterator[tuple[Client, str]]:
+    client = connect(chdb_dsn)
+    database = unique("archive")
+    migrate(client, database)
+    client.database = database
+    yield client, database
+    client.command(f"DROP DATABASE IF EXISTS `{database}`")
+    client.close()
+
+
+def insert(client: Client, events: list[DecodedEvent]) -> None:
+    client.insert("raw_events", [row(e, i) for i, e in enumerate(events)],
+                  column_names=[*RAW_COLUMNS, "kafka_topic", "kafka_partition", "kafka_offset"])
+
+
+def test_clickhouse_export_round_trips_events_and_reruns_idempotently(store: tuple[Client, str],
+                                                                     settings_for: Any, tmp_path: Path) -> None:
+    client, _database = store
+    first = make_event(example("session_example_2_short_finished.json"), Session, "Session", module="sessions",
+                       level="SESSION", operation="PUT", received_at=DAY1,
+                       relaxations=("DATETIME_OFFSET:$.last_updated",), routed=True)
+    patch = make_event(example("session_patch_example_total_cost.json"), SessionPatch, "SessionPatch",
+                       module="sessions", level="SESSION", operation="PATCH", received_at=DAY2,
+                       key=ObjectKey("BE", "BEC", "101"))
+    location = make_event(example("location_example.json"), Location, "Location", module="locations",
+                          level="LOCATION", operation="PUT", received_at=DAY1)
+    insert(client, [first, patch, location])
+    root = tmp_path / "archive"
+    settings = settings_for()
+
+    result = export_from_clickhouse(settings, client, root, ("locations", "sessions", "cdrs"), max_records=10)
+    assert result.records == {"locations": 1, "sessions": 2, "cdrs": 0} and result.undecodable == 0
+    files = archive_files(root)
+    assert [f.relative_to(root).parent.as_posix() for f in files] == [
+        f"locations/{DAY1.date()}", f"sessions/{DAY1.date()}", f"sessions/{DAY2.date()}"]
+    assert all(f.name.startswith("part-clickhouse-g") and f.name.endswith("-0000.avro") for f in files)
+    with files[1].open("rb") as fh:
+        assert fastavro.reader(fh).codec == container_codec()
+
+    back = [event_of(record) for f in files for record in read_archive_file(f)]
+    unrouted = dataclasses.replace(first, from_country_code=None, from_party_id=None, to_country_code=None,
+                                   to_party_id=None)  # raw_events does not keep routing headers
+    assert back == [location, unrouted, patch]
+
+    again = export_from_clickhouse(settings, client, root, ("locations", "sessions", "cdrs"))
+    assert again.skipped_days == 3 and again.files == [] and archive_files(root) == files
+
+    (files[1].parent / ".part-clickhouse-g1-0000.tmp").write_bytes(b"left by a crash")
+    later = make_event(example("session_example_2_short_finished.json", id="102"), Session, "Session",
+                       module="sessions", level="SESSION", operation="PUT", received_at=DAY1.replace(hour=9))
+    insert(client, [later])
+    third = export_from_clickhouse(settings, client, root, ("sessions",), max_records=1)
+    assert third.skipped_days == 1 and third.records == {"sessions": 2}
+    day1 = sorted((root / "sessions" / DAY1.date().isoformat()).iterdir())
+    assert [p.name.rsplit("-", 1)[1] for p in day1] == ["0000.avro", "0001.avro"]  # a new generation, 1 per file
+    assert not files[1].exists()  # the previous generation is gone once the new one is complete
+    assert [event_of(r).object_id for p in day1 for r in read_archive_file(p)] == ["101", "102"]
+    assert sum(count_records(p) for p in day1) == 2
+
+
+def test_an_archive_of_an_earlier_schema_revision_is_read_with_the_current_one(tmp_path: Path) -> None:
+    previous = fastavro.parse_schema(json.loads((FIXTURES / "ocpi_event_previous.avsc").read_text()),
+                                     named_schemas={})
+    current = make_event(example("session_example_2_short_finished.json"), Session, "Session", module="sessions",
+                         level="SESSION", operation="PUT", received_at=DAY1)
+    record = decode_record(encode_event(current.to_event()), EVENT_SCHEMA)
+    for gone in ("from_country_code", "from_party_id", "to_country_code", "to_party_id", "relaxations"):
+        del record[gone]
+    record["source"] = "PULL"
+    day = tmp_path / "sessions" / "2024-05-01"
+    day.mkdir(parents=True)
+    with (day / "part-old.avro").open("wb") as fh:
+        fastavro.writer(fh, previous, [record, {**record, "event_id": "second"}], codec="deflate")
+
+    files = archive_files(tmp_path, ("sessions",))
+    assert files == [day / "part-old.avro"] and count_records(files[0]) == 2
+    events = [event_of(r) for r in read_archive_file(files[0])]
+    assert events[0] == dataclasses.replace(current, source="PULL")  # the new fields take their defaults
+    assert events[1].event_id == "second" and events[1].payload == current.payload
+    assert [event_of(r).event_id for r in read_archive_file(files[0], skip=1)] == ["second"]
+
+
+def test_archive_files_are_ordered_and_filtered_by_day(tmp_path: Path) -> None:
+    for module, day, name in (("cdrs", "2024-05-02", "part-b.avro"), ("cdrs", "2024-05-01", "part-z.avro"),
+                              ("cdrs", "2024-05-01", "part-a.avro"), ("sessions", "2024-05-03", "part-a.avro"),
+                              ("cdrs", "2024-05-01", ".part-x.tmp"), ("cdrs", "not-a-day", "part-q.avro")):
+        (tmp_path / module / day).mkdir(parents=True, exist_ok=True)
+        (tmp_path / module / day / name).write_bytes(b"")
+    names = [p.relative_to(tmp_path).as_posix() for p in archive_files(tmp_path)]
+    assert names == ["sessions/2024-05-03/part-a.avro", "cdrs/2024-05-01/part-a.avro", "cdrs/2024-05-01/part-z.avro",
+                     "cdrs/2024-05-02/part-b.avro"]
+    since, until = datetime(2024, 5, 2, 12, tzinfo=UTC), datetime(2024, 5, 2, 13, tzinfo=UTC)
+    assert [p.name for p in archive_files(tmp_path, ("cdrs",), since=since, until=until)] == ["part-b.avro"]

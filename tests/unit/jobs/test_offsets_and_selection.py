@@ -1,0 +1,125 @@
+"""Pure parts of the jobs: the time → offset binary search (the Tansu workaround), time arguments,
+checkpoints, the replay selection and how a replayed record is built."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.codec import decode_event, encode_event
+from infra.events import build_event
+from infra.kafka.compat import search_offset_for_time
+from ocpi.decode import decode
+from ocpi.identity import ObjectKey
+from ocpi.model import Session
+from pipeline.jobs.common import Checkpoint, JobError, check_modules, job_id, parse_time
+from pipeline.jobs.replay import ReplayReport, Selection, _Run
+from tests.conftest import EXAMPLES
+
+
+class Partition:
+    """Records as (offset, timestamp ms) with gaps, like a compacted partition; counts the probes."""
+
+    def __init__(self, records: list[tuple[int, int]]) -> None:
+        self.records = records
+        self.probes = 0
+
+    async def probe(self, offset: int) -> tuple[int, int] | None:
+        self.probes += 1
+        return next(((o, t) for o, t in self.records if o >= offset), None)
+
+
+@pytest.mark.parametrize(("target", "want"), [
+    (0, 0), (1000, 0), (1001, 3), (2500, 4), (3000, 4), (3001, 9), (9000, 9), (9001, 12),
+])
+async def test_binary_search_finds_the_first_offset_at_or_after_a_time(target: int, want: int) -> None:
+    partition = Partition([(0, 1000), (3, 2000), (4, 3000), (9, 9000)])  # end offset 12 (trailing markers)
+    assert await search_offset_for_time(partition.probe, 0, 12, target) == want
+
+
+async def test_binary_search_needs_logarithmic_probes() -> None:
+    partition = Partition([(o, 1_000 + o * 10) for o in range(100_000)])
+    assert await search_offset_for_time(partition.probe, 0, 100_000, 1_000 + 61_234 * 10 - 5) == 61_234
+    assert partition.probes <= 19  # log2(100000) + the final look-up
+    empty = Partition([])
+    assert await search_offset_for_time(empty.probe, 7, 7, 5) == 7 and empty.probes == 0
+
+
+def test_parse_time_accepts_iso_dates_and_durations() -> None:
+    now = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
+    assert parse_time("2024-05-01T12:00:00Z") == datetime(2024, 5, 1, 12, tzinfo=UTC)
+    assert parse_time("2024-05-01T14:00:00+02:00") == datetime(2024, 5, 1, 12, tzinfo=UTC)
+    assert parse_time("2024-05-01T12:00:00") == datetime(2024, 5, 1, 12, tzinfo=UTC)  # no zone = UTC
+    assert parse_time("2024-05-01") == datetime(2024, 5, 1, tzinfo=UTC)
+    assert parse_time("90m", now=now) == now - timedelta(minutes=90)
+    assert parse_time("2d", now=now) == now - timedelta(days=2)
+    with pytest.raises(JobError, match="is not a time"):
+        parse_time("yesterday")
+
+
+def test_checkpoint_is_replaced_atomically_and_job_ids_are_stable(tmp_path: Path) -> None:
+    checkpoint = Checkpoint(tmp_path / "jobs" / "x.json")
+    assert checkpoint.load() is None
+    checkpoint.save({"next": 5})
+    checkpoint.save({"next": 7})
+    assert checkpoint.load() == {"next": 7}
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["x.json"]  # no temp file left
+    (tmp_path / "jobs" / "x.json").write_text("{broken")
+    with pytest.raises(JobError, match="not valid JSON"):
+        checkpoint.load()
+    assert job_id("replay", {"a": 1, "b": [2]}) == job_id("replay", {"b": [2], "a": 1})
+    assert job_id("replay", {"a": 1}) != job_id("replay", {"a": 2})
+
+
+def test_modules_default_to_all_in_a_fixed_order() -> None:
+    assert check_modules([]) == ("locations", "sessions", "cdrs")
+    assert check_modules(["CDRS", "sessions"]) == ("sessions", "cdrs")
+    with pytest.raises(JobError, match="tariffs"):
+        check_modules(["tariffs"])
+
+
+def _event(partner: str = "cpo-be", received_at: datetime | None = None) -> Any:
+    body = (EXAMPLES / "session_example_2_short_finished.json").read_bytes()
+    decoded = decode(body, Session)
+    event = build_event(partner_id=partner, module="sessions", operation="PUT", level="SESSION",
+                        key=ObjectKey("be", "bec", "101"), decoded=decoded, payload_type="Session", source="PUSH",
+                        request_id="r1", correlation_id="c1",
+                        received_at=received_at or datetime(2024, 5, 1, 12, tzinfo=UTC))
+    return decode_event(encode_event(event))
+
+
+def test_selection_checks_its_bounds_and_filters_partner_and_time() -> None:
+    with pytest.raises(JobError, match="--since must be before --until"):
+        Selection(modules=("cdrs",), since=datetime(2024, 5, 2, tzinfo=UTC), until=datetime(2024, 5, 1, tzinfo=UTC))
+    with pytest.raises(JobError, match="--from-offset must be below --to-offset"):
+        Selection(modules=("cdrs",), from_offset=5, to_offset=5)
+    window = Selection(modules=("sessions",), partner="cpo-be", since=datetime(2024, 5, 1, 12, tzinfo=UTC),
+                       until=datetime(2024, 5, 1, 13, tzinfo=UTC))
+    assert window.matches(_event())
+    assert not window.matches(_event(partner="other"))
+    assert not window.matches(_event(received_at=datetime(2024, 5, 1, 13, tzinfo=UTC)))  # until is exclusive
+    assert not window.matches(_event(received_at=datetime(2024, 5, 1, 11, 59, 59, tzinfo=UTC)))
+    assert not window.by_offset and Selection(modules=("cdrs",), partition=0).by_offset
+
+
+def test_a_replayed_record_is_the_recorded_event_marked_replay(settings_for: Any) -> None:
+    settings = settings_for()
+    report = ReplayReport(job="t", status="done")
+    run = _Run(settings, Selection(modules=("sessions",)), report)
+    original = _event()
+    prepared = run.prepare(original)
+    assert prepared is not None
+    topic, key, value = prepared
+    replayed = decode_event(value)
+    assert (topic, key) == (settings.kafka.topic_sessions, b"BE/BEC/101")
+    assert replayed.source == "REPLAY"
+    assert {**replayed.to_event(), "source": "PUSH"} == original.to_event()  # id, hash, payload unchanged
+    assert run.prepare(original) is None and report.duplicates == 1  # each event id once per run
+    assert run.prepare(_event()) is not None  # another event id
+    assert _Run(settings, Selection(modules=("cdrs",)), report).prepare(original) is None
+    assert report.filtered == 1
+    assert json.loads(json.dumps(report.__dict__, default=str))["sent"] == 0

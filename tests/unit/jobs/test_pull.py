@@ -1,0 +1,271 @@
+"""The pull crawler against a fake CPO Sender over real HTTP (127.0.0.1): pagination, X-Limit, a dropping
+X-Total-Count, backoff with Retry-After, invalid and foreign objects, checkpoint resume, redirects."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime as http_date
+from typing import Any
+
+import pytest
+
+from infra.codec import DecodedEvent, decode_event
+from ocpi.canonical import content_hash
+from ocpi.decode import decode
+from ocpi.model import Endpoint, InterfaceRole, Session
+from pipeline.jobs.common import Checkpoint, jobs_dir
+from pipeline.jobs.pull import PullError, RetryPolicy, pull, pull_every, rejected_path, retry_after_seconds
+from receivers.registry import Partner, PartnerStatus, credentials_role
+from tests.unit.jobs.fake_sender import Failure, FakeSender, hours_ago, parse, session, stamp
+
+TOKEN = "token-we-hold-for-them"
+
+
+class ListSink:
+    """Stands in for Kafka: keeps what it is sent; `fail_on` makes that call fail (a broker outage)."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.records: list[tuple[str, bytes, bytes]] = []
+        self.calls = 0
+        self.fail_on = fail_on
+
+    async def send_all(self, records: Iterable[tuple[str, bytes, bytes]]) -> int:
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("broker down")
+        batch = list(records)
+        self.records.extend(batch)
+        return len(batch)
+
+    @property
+    def events(self) -> list[DecodedEvent]:
+        return [decode_event(value) for _t, _k, value in self.records]
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSender]:
+    sender = await FakeSender(TOKEN, page_cap=2).start()
+    yield sender
+    await sender.stop()
+
+
+def partner_for(sender: FakeSender, *, token: str | None = TOKEN) -> Partner:
+    now = datetime.now(UTC)
+    return Partner(partner_id="cpo-be", name="CPO BE", status=PartnerStatus.REGISTERED,
+                   roles=[credentials_role(country_code="BE", party_id="BEC", role="CPO")],
+                   outbound_token=token, created_at=now, updated_at=now,
+                   endpoints=[Endpoint(identifier="sessions", role=InterfaceRole.SENDER, url=sender.url("sessions")),
+                              Endpoint(identifier="cdrs", role=InterfaceRole.RECEIVER,
+                                       url="http://127.0.0.1:1/not-a-sender")])
+
+
+def ids(sink: ListSink) -> list[str]:
+    return [e.object_id for e in sink.events]
+
+
+async def test_crawl_follows_next_links_with_the_servers_limit(settings_for: Any, fake: FakeSender) -> None:
+    settings = settings_for()
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i), kwh=i + 0.5) for i in range(1, 6)]
+    since, until = hours_ago(24), hours_ago(0.5)
+    sink = ListSink()
+    report = await pull(settings, partner_for(fake), "sessions", sink, since=since, until=until, limit=3)
+
+    assert ids(sink) == ["S0001", "S0002", "S0003", "S0004", "S0005"]
+    assert fake.offsets("sessions") == [0, 2, 4]
+    first, *rest = fake.seen
+    assert first.query == {"date_from": stamp(since), "date_to": stamp(until), "offset": "0", "limit": "3"}
+    assert [s.query["limit"] for s in rest] == ["2", "2"]  # the next links carry the server's cap
+    assert all(s.query["date_from"] == stamp(since) and s.query["date_to"] == stamp(until) for s in rest)
+    assert (report.pages, report.objects, report.total, report.rereads, report.retries) == (3, 5, 5, 0, 0)
+
+    auth = "Token " + base64.b64encode(TOKEN.encode()).decode()
+    assert {s.headers["Authorization"] for s in fake.seen} == {auth}
+    assert len({s.headers["X-Request-ID"] for s in fake.seen}) == 3
+    assert len({s.headers["X-Correlation-ID"] for s in fake.seen}) == 1
+    assert {(s.headers["OCPI-from-country-code"], s.headers["OCPI-from-party-id"], s.headers["OCPI-to-country-code"],
+             s.headers["OCPI-to-party-id"]) for s in fake.seen} == {("NL", "OPP", "BE", "BEC")}
+
+    event = sink.events[0]
+    body = fake.objects["sessions"][0]
+    assert (event.source, event.partner_id, event.module, event.operation, event.level) == (
+        "PULL", "cpo-be", "SESSIONS", "PUT", "SESSION")
+    assert (event.country_code, event.party_id, event.object_id) == ("BE", "BEC", "S0001")
+    assert event.content_hash == content_hash(decode(json.dumps(body), Session).value)
+    assert event.payload["kwh"] == pytest.approx(1.5) and event.payload_type == "Session"
+    assert event.request_id == fake.seen[0].headers["X-Request-ID"]
+    assert event.correlation_id == fake.seen[0].headers["X-Correlation-ID"]
+    assert (event.from_country_code, event.from_party_id, event.to_country_code, event.to_party_id) == (
+        "BE", "BEC", "NL", "OPP")
+    topic, key, _value = sink.records[0]
+    assert (topic, key) == (settings.kafka.topic_sessions, b"BE/BEC/S0001")
+
+    state = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
+    assert state is not None and state["crawl"] is None and state["completed_until"] == until.isoformat()
+
+
+async def test_dropping_total_count_rereads_from_offset_minus_the_drop(settings_for: Any, fake: FakeSender) -> None:
+    until = hours_ago(0.5)
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 7)]
+
+    def update_first_object(sender: FakeSender, request_number: int) -> None:
+        if request_number == 2:  # S0001 (already read) is updated now and leaves the date_to window
+            sender.objects["sessions"][0]["last_updated"] = stamp(datetime.now(UTC))
+
+    fake.before_request = update_first_object
+    sink = ListSink()
+    report = await pull(settings_for(), partner_for(fake), "sessions", sink, since=hours_ago(24), until=until)
+
+    # Without the re-read, offset 2 of the shrunk list skips S0003 (it moved to index 1).
+    assert fake.offsets("sessions") == [0, 2, 1, 3]
+    assert sorted(set(ids(sink))) == [f"S000{i}" for i in range(1, 7)]
+    assert ids(sink) == ["S0001", "S0002", "S0003", "S0004", "S0005", "S0006"]
+    assert report.rereads == 1 and report.total == 5
+
+
+async def test_backoff_on_429_503_and_3xxx_respects_retry_after(settings_for: Any, fake: FakeSender) -> None:
+    fake.objects["sessions"] = [session(1, hours_ago(3)), session(2, hours_ago(2))]
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    fake.fail_next(Failure(429, None, {"Retry-After": "7"}), Failure(503, None),
+                   Failure(200, 3000), Failure(503, 3001, {"Retry-After": http_date(later, usegmt=True)}))
+    sleeps = Sleeps()
+    policy = RetryPolicy(max_attempts=5, base_s=0.25, max_s=4.0)
+    report = await pull(settings_for(), partner_for(fake), "sessions", ListSink(), since=hours_ago(24),
+                        retry=policy, sleep=sleeps)
+    assert report.retries == 4 and report.objects == 2
+    assert len(fake.seen) == 5
+    first, second, third, fourth = sleeps.delays
+    assert 7 <= first <= 7 + 0.025  # Retry-After first, plus at most a tenth of the jitter ceiling
+    assert 0 <= second <= 0.5 and 0 <= third <= 1.0  # full jitter under 0.25 * 2**attempt
+    assert 28 <= fourth <= 30.1
+    assert len({s.headers["X-Request-ID"] for s in fake.seen}) == 5  # every attempt is a new request
+
+
+async def test_gives_up_after_max_attempts_and_keeps_the_position(settings_for: Any, fake: FakeSender) -> None:
+    settings = settings_for()
+    fake.objects["sessions"] = [session(1, hours_ago(3))]
+    fake.fail_next(*[Failure(503, 3000)] * 3)
+    with pytest.raises(PullError, match="gave up after 3 attempts; last: HTTP 503, OCPI 3000"):
+        await pull(settings, partner_for(fake), "sessions", ListSink(), since=hours_ago(24),
+                   retry=RetryPolicy(max_attempts=3), sleep=Sleeps())
+    state = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
+    assert state is not None and state["crawl"]["pages"] == 0
+    sink = ListSink()
+    report = await pull(settings, partner_for(fake), "sessions", sink, sleep=Sleeps())
+    assert report.resumed and ids(sink) == ["S0001"]
+
+
+async def test_invalid_and_foreign_objects_are_recorded_and_the_rest_processed(settings_for: Any,
+                                                                              fake: FakeSender) -> None:
+    settings = settings_for()
+    broken = session(2, hours_ago(4))
+    del broken["currency"]
+    fake.objects["sessions"] = [session(1, hours_ago(5)), broken, session(3, hours_ago(3), party=("DE", "XXX")),
+                                session(4, hours_ago(2))]
+    sink = ListSink()
+    report = await pull(settings, partner_for(fake), "sessions", sink, since=hours_ago(24))
+    assert ids(sink) == ["S0001", "S0004"]
+    assert (report.invalid, report.foreign, report.objects) == (1, 1, 2)
+    lines = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
+    assert [(line["index"], line["path"]) for line in lines] == [(1, "$[1].currency"), (0, "$")]
+    assert lines[0]["reason"] == "missing required field"
+    assert "DE/XXX is not one of the partner's roles" in lines[1]["reason"]
+    assert json.loads(lines[0]["object"])["id"] == "S0002" and json.loads(lines[1]["object"])["id"] == "S0003"
+
+
+async def test_interrupted_crawl_resumes_after_the_last_acknowledged_page(settings_for: Any,
+                                                                         fake: FakeSender) -> None:
+    settings = settings_for()
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 6)]
+    until = hours_ago(0.5)
+    failing = ListSink(fail_on=2)
+    with pytest.raises(RuntimeError, match="broker down"):
+        await pull(settings, partner_for(fake), "sessions", failing, since=hours_ago(24), until=until)
+    assert ids(failing) == ["S0001", "S0002"]
+
+    sink = ListSink()
+    report = await pull(settings, partner_for(fake), "sessions", sink)
+    assert report.resumed and ids(sink) == ["S0003", "S0004", "S0005"]
+    assert fake.offsets("sessions") == [0, 2, 2, 4]  # the unacknowledged page is read again, nothing before it
+
+    fake.objects["sessions"].append(session(6, hours_ago(0.25)))
+    newest = ListSink()
+    report = await pull(settings, partner_for(fake), "sessions", newest)
+    assert not report.resumed and ids(newest) == ["S0006"]
+    assert fake.seen[-1].query["date_from"] == stamp(until)  # the next window starts where the last ended
+
+
+async def test_redirects_401_and_missing_prerequisites_stop_the_pull(settings_for: Any, fake: FakeSender) -> None:
+    settings = settings_for()
+    fake.redirect_to = "http://127.0.0.1:9/elsewhere"
+    with pytest.raises(PullError, match=r"redirected .* not followed"):
+        await pull(settings, partner_for(fake), "sessions", ListSink(), since=hours_ago(1), restart=True)
+    assert len(fake.seen) == 1
+
+    fake.redirect_to = None
+    with pytest.raises(PullError, match="refused our token"):
+        await pull(settings, partner_for(fake, token="wrong"), "sessions", ListSink(), since=hours_ago(1),
+                   restart=True)
+    with pytest.raises(PullError, match="no token"):
+        await pull(settings, partner_for(fake, token=None), "sessions", ListSink(), since=hours_ago(1))
+    with pytest.raises(PullError, match="no cdrs SENDER endpoint"):
+        await pull(settings, partner_for(fake), "cdrs", ListSink())
+    with pytest.raises(PullError, match="needs --since"):
+        await pull(settings_for(), partner_for(fake), "sessions", ListSink())
+
+
+def test_retry_after_accepts_seconds_and_http_dates() -> None:
+    now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert retry_after_seconds("120", now) == 120
+    assert retry_after_seconds("Wed, 01 May 2024 12:00:30 GMT", now) == 30
+    assert retry_after_seconds("Wed, 01 May 2024 11:00:00 GMT", now) == 0
+    assert retry_after_seconds("soon", now) is None and retry_after_seconds(None, now) is None
+
+
+async def test_schedule_repeats_survives_a_failed_round_and_stops() -> None:
+    stop = asyncio.Event()
+    calls: list[int] = []
+    errors: list[Exception] = []
+
+    async def once() -> Any:
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise PullError("partner down")
+        if len(calls) == 3:
+            stop.set()
+        return len(calls)
+
+    state = await pull_every(0.01, 0.01, once, stop, errors.append)
+    assert (state.runs, state.failures, len(calls)) == (3, 1, 3)
+    assert [str(e) for e in errors] == ["partner down"]
+
+
+async def test_schedule_cancels_a_round_in_progress_on_stop() -> None:
+    stop = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow() -> Any:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    asyncio.get_running_loop().call_later(0.05, stop.set)
+    state = await asyncio.wait_for(pull_every(3600, 0, slow, stop), 5)
+    assert state.runs == 1 and cancelled.is_set()
+
+
+def test_date_helpers_round_trip() -> None:
+    assert parse(stamp(datetime(2024, 5, 1, 12, 0, tzinfo=UTC))) == datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
