@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -19,25 +20,43 @@ class PublishError(RuntimeError):
 
 
 class Publisher:
-    """One aiokafka producer, started and stopped with the app's lifespan.
+    """One aiokafka producer, started and stopped with the app's lifespan, reconnecting by itself.
 
-    In-flight sends are bounded so that a slow broker turns into quick 3xxx answers, not a pile of
-    requests that each wait for minutes (research note §6: a stuck ack must not hold a request).
+    - In-flight sends are bounded and each waits at most `send_timeout_s`, so a slow or stopped broker turns
+      into quick 3xxx answers, not a pile of requests that wait for minutes (research note §6).
+    - A broker that goes away and comes back (even a new one on the same address, topics re-created) needs
+      nothing from us: the producer reconnects and refreshes its metadata on its own. A record answered with
+      PublishError is not retried by us; the partner resends it. Its batch expires in the producer after
+      `request_timeout_ms` (= the send timeout), so it is normally not written later; if it were (the broker
+      acknowledging just after our timeout), the resend is a duplicate, which the pipeline tolerates
+      (at-least-once, idempotent sinks).
+    - A broker that is down when we start: the producer is created on a later send, by one caller at a time
+      (a lock), and at most once per `retry_start_s`; meanwhile sends fail at once.
     """
 
-    def __init__(self, kafka: KafkaSettings, bootstrap: str, *, max_in_flight: int = 512) -> None:
+    def __init__(self, kafka: KafkaSettings, bootstrap: str, *, max_in_flight: int = 512,
+                 retry_start_s: float = 1.0) -> None:
         self._kafka = kafka
         self._bootstrap = bootstrap
         self._timeout = kafka.send_timeout_s
         self._slots = asyncio.Semaphore(max_in_flight)
         self._producer: AIOKafkaProducer | None = None
+        self._starting = asyncio.Lock()
+        self._retry_start_s = retry_start_s
+        self._last_start_attempt = float("-inf")
 
     async def start(self) -> None:
-        timeout_ms = int(self._timeout * 1000)
+        async with self._starting:
+            await self._start()
+
+    async def _start(self) -> None:
+        if self._producer is not None:
+            return
+        self._last_start_attempt = time.monotonic()
         producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
             linger_ms=1,
-            request_timeout_ms=timeout_ms,
+            request_timeout_ms=int(self._timeout * 1000),
             **compat.producer_options(self._kafka),
         )
         try:
@@ -45,22 +64,26 @@ class Publisher:
         except Exception:
             # A broker that is down at start must not keep the receivers from serving 3xxx answers.
             await producer.stop()
-            log.warning("Kafka at %s not reachable at start; pushes answer 3000 until it is", self._bootstrap)
-            self._producer = None
+            log.warning("Kafka at %s not reachable; pushes answer 3000 until it is", self._bootstrap)
             return
         self._producer = producer
 
     async def stop(self) -> None:
-        producer, self._producer = self._producer, None
+        async with self._starting:
+            producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()  # flushes what is in flight
 
     async def _ensure_started(self) -> AIOKafkaProducer:
-        if self._producer is None:
-            await self.start()
-            if self._producer is None:
+        producer = self._producer
+        if producer is None:
+            async with self._starting:
+                if self._producer is None and time.monotonic() - self._last_start_attempt >= self._retry_start_s:
+                    await self._start()
+                producer = self._producer
+            if producer is None:
                 raise PublishError(f"Kafka at {self._bootstrap} is not reachable")
-        return self._producer
+        return producer
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """Send one record and wait for the broker's acknowledgement, or raise PublishError."""
