@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
-import msgspec
 import pytest
 from litestar.testing import TestClient
 
 from infra.clickhouse.client import connect
 from infra.codec import DecodedEvent, decode_event
+from ocpi.canonical import to_ocpi_json
 from ocpi.decode import decode
 from tests.conftest import EXAMPLES
 from tests.unit.receivers.app_support import AppEnv, auth
@@ -121,9 +121,6 @@ class Pushes:
             client.close()
 
 
-_wire = msgspec.json.Encoder(decimal_format="number")
-
-
 def sent_as(body: Any, model: type[T]) -> T:
     """What the receiver must have understood from `body` (a JSON value) as the OCPI Struct `model`."""
     return decode(json.dumps(body).encode(), model).value
@@ -131,7 +128,7 @@ def sent_as(body: Any, model: type[T]) -> T:
 
 def payload_as(event: DecodedEvent, model: type[T]) -> T:
     """An event's payload (Avro builtins: Decimal, datetime) back into the OCPI Struct `model`."""
-    return decode(_wire.encode(event.payload), model).value
+    return decode(to_ocpi_json(event.payload), model).value
 
 
 def _owner(url: str) -> tuple[str, str]:
