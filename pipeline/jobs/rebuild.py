@@ -3,9 +3,11 @@
 1. Migrate a fresh database `<database>_rebuild_<stamp>` (same migrations, same schema).
 2. Fix the targets: the end offset of every module topic now.
 3. Run the pipeline's own worker (`pipeline.jobs.rebuild_worker`, i.e. `pipeline.app.create_app`: the same
-   rules as the live worker, whatever they are) as a child process under its own consumer group
-   `ocpi-pipeline-rebuild-<stamp>`, writing into the fresh database, until its committed offsets reach the
-   targets (progress bar on the committed offsets).
+   rules as the live worker, whatever they are) as a child process under its own app id and consumer group
+   `ocpi-pipeline-rebuild-<stamp>` (so its own state changelogs) and its own names for the internal topics
+   (every OCPI_TOPIC_* but the module topics, suffixed with the group), writing into the fresh database, until
+   its committed offsets reach the targets (progress bar on the committed offsets) and it has also consumed
+   what it wrote to its internal topics.
 4. Swap: `EXCHANGE TABLES` each table the pipeline writes (every table but `partners` and
    `schema_migrations`, which are not derived from the topics) between the live and the fresh database.
    Each exchange is atomic; the table UUIDs recorded beforehand say which ones are done, so a swap that was
@@ -14,8 +16,8 @@
    behind it. Every record from the rebuild group's committed offsets (read just before the swap) to the end
    offsets after the swap is replayed (`source=REPLAY`), so the live worker writes them into the swapped-in
    tables. Duplicates are harmless (deduplication).
-6. Stop the rebuild worker. The old tables are left in the rebuild database: check, then
-   `DROP DATABASE <that database>`.
+6. Stop the rebuild worker and delete its internal and changelog topics. The old tables are left in the
+   rebuild database: check, then `DROP DATABASE <that database>`.
 
 Needs a ClickHouse every process can reach: a server, or the embedded store while `dev` runs (its shim), or
 else this process serves its chDB path to the rebuild worker through a shim of its own. The checkpoint is
@@ -112,6 +114,7 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
                 on_phase("building")
             log_path = jobs_dir(settings, "rebuild") / state["job"] / "worker.log"
             report.events = await _wait_built(bootstrap, state, worker, log_path, timeout, progress)
+            await _wait_internal(settings, bootstrap, state, worker, log_path, timeout)
             state["status"] = "swapping"
             state["before_swap"] = [[tp.topic, tp.partition, offset] for tp, offset in
                                     (await _committed(bootstrap, state)).items()]
@@ -131,6 +134,7 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
             await asyncio.to_thread(terminate, worker, 20.0)
             worker = None
         if state["status"] == "tail":
+            await asyncio.to_thread(_drop_worker_topics, settings, bootstrap, state["group"])
             ranges = [PartitionRange(t, p, start, stop) for t, p, start, stop in state["tail"] if stop > start]
             report.tail = (await send_ranges(settings, bootstrap, ranges, MODULES)).sent
             state["status"] = "done"
@@ -146,13 +150,27 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
         client.close()
 
 
+_MODULE_TOPIC_VARS = frozenset({"OCPI_TOPIC_LOCATIONS", "OCPI_TOPIC_SESSIONS", "OCPI_TOPIC_CDRS",
+                                "OCPI_TOPIC_PARTITIONS"})
+
+
+def _internal_topics(settings: Settings, group: str) -> dict[str, str]:
+    """The rebuild worker's own names for the pipeline's internal topics (every OCPI_TOPIC_* but the module
+    topics): what it writes there must not reach the live worker."""
+    return {var: f"{value}.{group}" for var, value in as_environ(settings).items()
+            if var.startswith("OCPI_TOPIC_") and var not in _MODULE_TOPIC_VARS}
+
+
 def _start_worker(settings: Settings, bootstrap: str, dsn: str, state: dict[str, Any]) -> Any:
     job_dir = jobs_dir(settings, "rebuild") / state["job"]
     env = dict(os.environ)
     env.update(as_environ(settings))
+    env.update(_internal_topics(settings, state["group"]))
     env.update({"OCPI_KAFKA_BOOTSTRAP": bootstrap, "OCPI_KAFKA_FLAVOR": "tansu" if settings.kafka.is_tansu else "kafka",
                 "OCPI_CLICKHOUSE_DSN": dsn, "OCPI_CLICKHOUSE_DATABASE": state["rebuild_database"],
-                "OCPI_DATA_DIR": str(job_dir / "worker")})
+                "OCPI_PIPELINE_APP_ID": state["group"]})
+    # Same data dir as the live worker: its secrets (the pseudonymisation key) must be the same, and the
+    # worker keeps its Faust state per app id.
     log.info("rebuild worker: group %s into database %s, log %s", state["group"], state["rebuild_database"],
              job_dir / "worker.log")
     return spawn([sys.executable, "-m", "pipeline.jobs.rebuild_worker", state["group"]], env=env,
@@ -191,6 +209,30 @@ async def _wait_built(bootstrap: str, state: dict[str, Any], worker: Any, log_pa
         await asyncio.sleep(0.5)
 
 
+async def _wait_internal(settings: Settings, bootstrap: str, state: dict[str, Any], worker: Any, log_path: Path,
+                         timeout: float) -> None:
+    """Wait until the rebuild worker also consumed what it wrote to its internal topics (facts it derives
+    from the module topics and handles in a second step), until their ends stop moving."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    names = list(_internal_topics(settings, state["group"]).values())
+    previous: dict[TopicPartition, int] | None = None
+    while True:
+        if worker.poll() is not None:
+            raise JobError(f"the rebuild worker exited with code {worker.returncode}; see {log_path}")
+        tps = await topic_partitions(bootstrap, names)
+        ends = {tp: end for tp, (_b, end) in (await offset_bounds(settings.kafka, bootstrap, tps)).items()}
+        found = await committed_offsets(bootstrap, state["group"], tps)
+        caught_up = all((found[tp] or 0) >= end for tp, end in ends.items() if end > 0)
+        if caught_up and ends == previous:
+            return
+        previous = ends if caught_up else None
+        if loop.time() > deadline:
+            raise JobError(f"the rebuild worker did not catch up on its internal topics within {timeout:.0f}s; "
+                           "rerun to resume")
+        await asyncio.sleep(1.0)
+
+
 def _swap(client: Client, state: dict[str, Any]) -> list[str]:
     """Exchange the derived tables; idempotent through the recorded UUIDs. No awaits: Ctrl-C (a task
     cancellation) cannot land between an exchange and the next."""
@@ -208,3 +250,21 @@ def _swap(client: Client, state: dict[str, Any]) -> list[str]:
                 client.command(f"RENAME TABLE `{fresh}`.`{table}` TO `{live}`.`{table}`")
         swapped.append(table)
     return swapped
+
+
+def _drop_worker_topics(settings: Settings, bootstrap: str, group: str) -> None:
+    """The rebuild worker's internal and changelog topics are of no use once it stopped (and Tansu keeps every
+    topic in memory)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        ours = set(_internal_topics(settings, group).values())
+        doomed = sorted(t for t in admin.list_topics() if t in ours or t.startswith(f"{group}-"))
+        if doomed:
+            admin.delete_topics(doomed)
+            log.info("deleted the rebuild worker's topics %s", doomed)
+    except Exception as exc:  # leftovers cost space, not correctness
+        log.warning("could not delete the rebuild worker's topics: %s", exc)
+    finally:
+        admin.close()
