@@ -124,6 +124,10 @@ class KafkaSettings:
     topic_locations: str = _setting("OCPI_TOPIC_LOCATIONS", "ocpi.locations.v1", "topic of Locations pushes")
     topic_sessions: str = _setting("OCPI_TOPIC_SESSIONS", "ocpi.sessions.v1", "topic of Sessions pushes")
     topic_cdrs: str = _setting("OCPI_TOPIC_CDRS", "ocpi.cdrs.v1", "topic of CDR pushes")
+    topic_rejections: str = _setting(
+        "OCPI_TOPIC_REJECTIONS", "ocpi.rejections.v1",
+        "topic of refused pushes (JSON, fire-and-forget), for the partner health report",
+    )
     partitions: int = _setting("OCPI_TOPIC_PARTITIONS", "4", "partitions of every topic we create")
     send_timeout_s: float = _setting(
         "OCPI_KAFKA_SEND_TIMEOUT", "10", "seconds a push waits for the broker's ack before answering 3000"
@@ -268,6 +272,7 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_TOPIC_LOCATIONS": _parse_topic,
     "OCPI_TOPIC_SESSIONS": _parse_topic,
     "OCPI_TOPIC_CDRS": _parse_topic,
+    "OCPI_TOPIC_REJECTIONS": _parse_topic,
     "OCPI_TOPIC_PARTITIONS": _parse_positive_int,
     "OCPI_KAFKA_SEND_TIMEOUT": _parse_float,
     "OCPI_KAFKA_FLAVOR": lambda env, raw: _parse_choice(env, raw, ("auto", "kafka", "tansu")),

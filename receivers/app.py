@@ -19,17 +19,19 @@ from receivers import cdrs, credentials, locations, sessions, versions
 from receivers.auth import authenticate
 from receivers.publishing import EventPublisher, RecordSink
 from receivers.registry import PartnerDirectory, PartnerRegistry
+from receivers.rejections import RejectionRecorder
 from receivers.state import StateReader
-from receivers.transport import EXCEPTION_HANDLERS, echo_headers
+from receivers.transport import EXCEPTION_HANDLERS, REJECTIONS_STATE_KEY, echo_headers
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a Location with hundreds of EVSEs fits; anything larger is refused (413)
 
 
 def create_app(settings: Settings | None = None, *, sink: RecordSink | None = None,
                registry_factory: Callable[[], PartnerRegistry] | None = None,
-               state_reader: StateReader | None = None) -> Litestar:
+               state_reader: StateReader | None = None, rejection_sink: RecordSink | None = None) -> Litestar:
     """The receivers app. `sink`, `registry_factory` and `state_reader` replace Kafka and ClickHouse in unit
-    tests."""
+    tests. Refused pushes are recorded (receivers.rejections) through the Kafka publisher, or through
+    `rejection_sink` when given; with an injected `sink` and no `rejection_sink`, they are not recorded."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -46,9 +48,17 @@ def create_app(settings: Settings | None = None, *, sink: RecordSink | None = No
         app.state.events = EventPublisher(records, settings.kafka)
         app.state.stored = state_reader or StateReader.for_settings(settings)  # connects on the first GET
         await app.state.partners.reload()
+        rejection_records = rejection_sink or publisher
+        rejections = None
+        if rejection_records is not None:
+            rejections = RejectionRecorder(rejection_records, settings.kafka.topic_rejections)
+            setattr(app.state, REJECTIONS_STATE_KEY, rejections)
+            rejections.start()
         try:
             yield
         finally:
+            if rejections is not None:
+                await asyncio.shield(rejections.stop())
             if state_reader is None:
                 app.state.stored.close()
             if publisher is not None:

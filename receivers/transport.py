@@ -235,7 +235,24 @@ STATUS_EXCEPTIONS: dict[OcpiStatus, type[OcpiError]] = {
 }
 
 
+REJECTIONS_STATE_KEY = "rejections"  # app.state attribute of the receivers.rejections.RejectionRecorder
+
+
+def note_rejection(request: Request[Any, Any, Any], *, ocpi_status: int, http_status: int, message: str,
+                   data: Any = None) -> None:
+    """Every error answer passes here: the app's rejection recorder (if any) keeps the refused pushes.
+
+    Fire-and-forget (the recorder only queues), so the answer is neither delayed nor changed.
+    """
+    recorder = getattr(request.app.state, REJECTIONS_STATE_KEY, None)
+    if recorder is not None:
+        recorder.observe(request, ocpi_status=int(ocpi_status), http_status=http_status, message=message,
+                         data=data)
+
+
 def handle_ocpi_error(request: Request[Any, Any, Any], exc: OcpiError) -> Response[bytes]:
+    note_rejection(request, ocpi_status=exc.ocpi_status, http_status=exc.http_status, message=exc.message,
+                   data=exc.data)
     return ocpi_response(exc.data, status=exc.ocpi_status, http_status=exc.http_status, message=exc.message,
                          headers=exc.headers)
 
@@ -259,6 +276,7 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     if allow:
         # Litestar lists its automatic OPTIONS handler, which the guard refuses (OCPI has no OPTIONS).
         allow = ", ".join(sorted({m.strip() for m in allow.split(",")} - {"", "OPTIONS"}))
+    note_rejection(request, ocpi_status=ocpi_status, http_status=status, message=message)
     return ocpi_response(status=ocpi_status, http_status=status, message=message,
                          headers={"Allow": allow} if allow else None)
 
@@ -266,6 +284,7 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Anything else: logged with its traceback, answered 3000 without one."""
     log.exception("unexpected error on %s %s", request.method, request.url.path)
+    note_rejection(request, ocpi_status=OcpiStatus.SERVER_ERROR, http_status=500, message="internal server error")
     return ocpi_response(status=OcpiStatus.SERVER_ERROR, http_status=500, message="internal server error")
 
 
