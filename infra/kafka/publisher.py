@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownError
 
 from infra.kafka import compat
 from infra.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+_ATTEMPTS = 3  # sends of one record within its timeout
 
 
 class PublishError(RuntimeError):
@@ -25,11 +28,11 @@ class Publisher:
     - In-flight sends are bounded and each waits at most `send_timeout_s`, so a slow or stopped broker turns
       into quick 3xxx answers, not a pile of requests that wait for minutes (research note §6).
     - A broker that goes away and comes back (even a new one on the same address, topics re-created) needs
-      nothing from us: the producer reconnects and refreshes its metadata on its own. A record answered with
-      PublishError is not retried by us; the partner resends it. Its batch expires in the producer after
-      `request_timeout_ms` (= the send timeout), so it is normally not written later; if it were (the broker
-      acknowledging just after our timeout), the resend is a duplicate, which the pipeline tolerates
-      (at-least-once, idempotent sinks).
+      nothing from us: the producer reconnects and refreshes its metadata on its own (see `publish` for the
+      one refusal that needs a nudge). A record answered with PublishError is the partner's to resend. Its
+      batch expires in the producer after `request_timeout_ms` (= the send timeout), so it is normally not
+      written later; if it were (the broker acknowledging just after our timeout), the resend is a
+      duplicate, which the pipeline tolerates (at-least-once, idempotent sinks).
     - A broker that is down when we start: the producer is created on a later send, by one caller at a time
       (a lock), and at most once per `retry_start_s`; meanwhile sends fail at once.
     """
@@ -86,10 +89,31 @@ class Publisher:
         return producer
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
-        """Send one record and wait for the broker's acknowledgement, or raise PublishError."""
+        """Send one record and wait for the broker's acknowledgement, or raise PublishError.
+
+        Within the send timeout, a send refused with a retriable error (or Tansu's UnknownError, which it
+        answers to the first produce after a restart while our metadata is stale) is sent again after a
+        metadata refresh: the record was not acknowledged, so a second send is safe (at worst a duplicate).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         async with self._slots:
             producer = await self._ensure_started()
-            try:
-                await asyncio.wait_for(producer.send_and_wait(topic, value=value, key=key), self._timeout)
-            except (KafkaError, TimeoutError, OSError) as exc:
-                raise PublishError(f"Kafka did not acknowledge the record on {topic}: {type(exc).__name__}") from exc
+            for attempt in range(1, _ATTEMPTS + 1):
+                try:
+                    await asyncio.wait_for(producer.send_and_wait(topic, value=value, key=key),
+                                           max(deadline - loop.time(), 0.001))
+                    return
+                except KafkaError as exc:
+                    retry = getattr(exc, "retriable", False) or isinstance(exc, UnknownError)
+                    if not retry or attempt == _ATTEMPTS or loop.time() >= deadline:
+                        raise PublishError(f"Kafka did not acknowledge the record on {topic}: "
+                                           f"{type(exc).__name__}") from exc
+                    log.info("send to %s refused (%s), retrying after a metadata refresh", topic,
+                             type(exc).__name__)
+                    with contextlib.suppress(KafkaError, TimeoutError):
+                        await asyncio.wait_for(producer.client.force_metadata_update(),
+                                               max(deadline - loop.time(), 0.001))
+                except (TimeoutError, OSError) as exc:
+                    raise PublishError(f"Kafka did not acknowledge the record on {topic}: "
+                                       f"{type(exc).__name__}") from exc
