@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,16 @@ def _parse_non_negative_float(env: str, raw: str) -> float:
         raise SettingsError(f"{env}={raw!r}: expected a number") from None
     if not math.isfinite(value) or value < 0:
         raise SettingsError(f"{env}={raw!r}: expected a number >= 0")
+    return value
+
+
+def _parse_non_negative_decimal(env: str, raw: str) -> Decimal:
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise SettingsError(f"{env}={raw!r}: expected a decimal number") from None
+    if not value.is_finite() or value < 0:
+        raise SettingsError(f"{env}={raw!r}: expected a decimal number >= 0")
     return value
 
 
@@ -237,6 +248,81 @@ class PartnersSettings:
 
 
 @dataclass(frozen=True)
+class PipelineSettings:
+    """The Faust worker: its identity, internal topics, ordering and reconciliation rules."""
+
+    app_id: str = _setting(
+        "OCPI_PIPELINE_APP_ID", "ocpi-pipeline",
+        "Faust app id: consumer group and prefix of the state changelogs (a new id reprocesses everything)",
+    )
+    topic_party_facts: str = _setting(
+        "OCPI_TOPIC_PARTY_FACTS", "ocpi.pipeline.party-facts.v1",
+        "internal topic: session and CDR facts keyed by CPO party, for reconciliation and credit links",
+    )
+    topic_reconciliation: str = _setting(
+        "OCPI_TOPIC_RECONCILIATION", "ocpi.reconciliation.v1", "topic the reconciliation results are published to"
+    )
+    batch_max: int = _setting("OCPI_PIPELINE_BATCH", "2000", "most Kafka records one agent handles per batch")
+    park_ttl_s: float = _setting(
+        "OCPI_PIPELINE_PARK_TTL", "300",
+        "seconds a PATCH (or EVSE/Connector push) for an unknown object waits for its PUT before it is an orphan",
+    )
+    park_max: int = _setting(
+        "OCPI_PIPELINE_PARK_MAX", "32", "parked events per object; beyond that a new one is an orphan at once"
+    )
+    session_idle_s: float = _setting(
+        "OCPI_PIPELINE_SESSION_IDLE", "14400",
+        "seconds without an update after which a PENDING or ACTIVE session is flagged idle",
+    )
+    cdr_grace_s: float = _setting(
+        "OCPI_RECONCILE_CDR_GRACE", "86400",
+        "seconds after a session completed before a missing CDR is flagged",
+    )
+    session_grace_s: float = _setting(
+        "OCPI_RECONCILE_SESSION_GRACE", "3600",
+        "seconds a CDR waits for its session, and a credit CDR for the CDR it credits, before being flagged",
+    )
+    energy_tolerance: Decimal = _setting(  # noqa: RUF009 - field metadata, not a shared mutable default
+        "OCPI_RECONCILE_ENERGY_TOLERANCE", "0.01", "kWh a CDR may differ from its session and still match"
+    )
+    cost_tolerance: Decimal = _setting(  # noqa: RUF009 - field metadata, not a shared mutable default
+        "OCPI_RECONCILE_COST_TOLERANCE", "0.01", "cost (excl. VAT) a CDR may differ from its session and still match"
+    )
+    time_tolerance_s: float = _setting(
+        "OCPI_RECONCILE_TIME_TOLERANCE", "300",
+        "seconds a CDR's start/end may differ from its session's and still match",
+    )
+    sweep_interval_s: float = _setting(
+        "OCPI_PIPELINE_SWEEP_INTERVAL", "30",
+        "seconds between the worker's deadline sweeps (idle sessions, orphans, missing CDRs, retention)",
+    )
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long each class of data is kept (see README, "Retention")."""
+
+    raw_days: int = _setting(
+        "OCPI_RETENTION_RAW_DAYS", "30", "days raw events, dead letters and the module topics are kept"
+    )
+    history_days: int = _setting(
+        "OCPI_RETENTION_HISTORY_DAYS", "365", "days status histories and anomalies are kept"
+    )
+    pseudonymise_days: int = _setting(
+        "OCPI_RETENTION_PSEUDONYMISE_DAYS", "90",
+        "days after which token uid, contract id, authorization reference and visual number are pseudonymised",
+    )
+    billing_years: int = _setting(
+        "OCPI_RETENTION_BILLING_YEARS", "7", "years CDRs, sessions, credit links and reconciliation are kept"
+    )
+    pseudonym_key: str = _setting(
+        "OCPI_PSEUDONYM_KEY", "",
+        "secret key of the pseudonymisation HMAC; empty = generated once into DATA_DIR/secrets",
+        secret=True,
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings
     clickhouse: ClickHouseSettings
@@ -245,6 +331,8 @@ class Settings:
     admin: AdminSettings
     party: PartySettings
     partners: PartnersSettings
+    pipeline: PipelineSettings
+    retention: RetentionSettings
 
     @property
     def clickhouse_dsn(self) -> str:
@@ -263,9 +351,9 @@ class Settings:
 
 _SECTIONS: tuple[type, ...] = (
     KafkaSettings, ClickHouseSettings, HttpSettings, StorageSettings, AdminSettings,
-    PartySettings, PartnersSettings,
+    PartySettings, PartnersSettings, PipelineSettings, RetentionSettings,
 )
-_SECTION_NAMES = ("kafka", "clickhouse", "http", "storage", "admin", "party", "partners")
+_SECTION_NAMES = ("kafka", "clickhouse", "http", "storage", "admin", "party", "partners", "pipeline", "retention")
 _ROLES = ("CPO", "EMSP", "HUB", "NAP", "NSP", "OTHER", "SCSP")
 _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_KAFKA_BOOTSTRAP": _parse_bootstrap,
@@ -287,6 +375,23 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_PARTY_WEBSITE": lambda env, raw: _parse_http_url(env, raw) if raw else raw,
     "OCPI_OUTBOUND_TIMEOUT": _parse_float,
     "OCPI_TOKEN_GRACE": _parse_non_negative_float,
+    "OCPI_PIPELINE_APP_ID": lambda env, raw: _parse_topic(env, raw),
+    "OCPI_TOPIC_PARTY_FACTS": _parse_topic,
+    "OCPI_TOPIC_RECONCILIATION": _parse_topic,
+    "OCPI_PIPELINE_BATCH": _parse_positive_int,
+    "OCPI_PIPELINE_PARK_TTL": _parse_float,
+    "OCPI_PIPELINE_PARK_MAX": _parse_positive_int,
+    "OCPI_PIPELINE_SESSION_IDLE": _parse_float,
+    "OCPI_RECONCILE_CDR_GRACE": _parse_float,
+    "OCPI_RECONCILE_SESSION_GRACE": _parse_float,
+    "OCPI_RECONCILE_ENERGY_TOLERANCE": _parse_non_negative_decimal,
+    "OCPI_RECONCILE_COST_TOLERANCE": _parse_non_negative_decimal,
+    "OCPI_RECONCILE_TIME_TOLERANCE": _parse_non_negative_float,
+    "OCPI_PIPELINE_SWEEP_INTERVAL": _parse_float,
+    "OCPI_RETENTION_RAW_DAYS": _parse_positive_int,
+    "OCPI_RETENTION_HISTORY_DAYS": _parse_positive_int,
+    "OCPI_RETENTION_PSEUDONYMISE_DAYS": _parse_positive_int,
+    "OCPI_RETENTION_BILLING_YEARS": _parse_positive_int,
 }
 
 
