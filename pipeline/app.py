@@ -1,4 +1,4 @@
-"""`create_app()`: the Faust app built from settings, with its topics and agents."""
+"""`create_app()`: the Faust app built from settings, with its topics, state tables, agents and timers."""
 
 from __future__ import annotations
 
@@ -9,11 +9,18 @@ import faust
 from infra.clickhouse.client import connect_for
 from infra.kafka import compat
 from infra.settings import Settings
-from pipeline.ingest import register_ingest_agents
+from pipeline.agents import AgentContext, Progress, StateTable, register_agents
+from pipeline.reconcile import Rules
+from pipeline.retention import Pseudonymizer, load_key
 from pipeline.sink import ClickHouseSink
+from pipeline.stage import StageRules
+from pipeline.sweeps import Sweeper
 from pipeline.topics import Topics, declare_topics
 
-APP_ID = "ocpi-pipeline"
+APP_ID = "ocpi-pipeline"  # the default of OCPI_PIPELINE_APP_ID
+
+# State tables (Faust tables with changelog topics `<app id>-<name>-changelog`, stored with rocksdict).
+TABLES = ("location-state", "session-state", "cdr-state", "party-state")
 
 
 @dataclass
@@ -21,30 +28,47 @@ class Pipeline:
     app: faust.App
     topics: Topics
     sink: ClickHouseSink
+    tables: dict[str, StateTable]
+    sweeper: Sweeper
+    context: AgentContext
 
 
-def create_app(settings: Settings, bootstrap: str, *, app_id: str = APP_ID) -> Pipeline:
-    """The worker's Faust app. `bootstrap` is resolved by the caller (embedded broker or configured cluster).
-
-    `app_id` is also the consumer group: another id reads the topics from the start on its own (a rebuild).
-    """
+def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None) -> Pipeline:
+    """The worker's Faust app. `bootstrap` is resolved by the caller (embedded broker or configured cluster);
+    `app_id` (default OCPI_PIPELINE_APP_ID) names the consumer group and the state changelogs."""
     if settings.kafka.is_tansu:
         compat.patch_faust_highwaters()
+    app_id = app_id or settings.pipeline.app_id
+    datadir = settings.storage.path / "faust" / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",
-        store="rocksdb://",
-        datadir=str(settings.storage.path / "faust"),
+        store="rocksdb://",  # rocksdict-backed (research note §1: `rocksdict://` is not a valid store URL)
+        datadir=str(datadir),
         topic_partitions=settings.kafka.partitions,
         topic_replication_factor=1,
-        processing_guarantee="at_least_once",
+        processing_guarantee="at_least_once",  # exactly-once is impossible on Tansu; every sink is idempotent
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
+        table_standby_replicas=0,
         web_enabled=False,
         autodiscover=False,
         **compat.faust_options(settings.kafka),
     )
     topics = declare_topics(app, settings)
+    tables = {
+        # bytes key and value types select Faust's raw serializer: the state codec is ours (pipeline.state).
+        name: StateTable(app.Table(name, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions))
+        for name in TABLES
+    }
     sink = ClickHouseSink(lambda: connect_for(settings))
-    register_ingest_agents(app, topics.modules, sink)
-    return Pipeline(app=app, topics=topics, sink=sink)
+    context = AgentContext(
+        app=app, settings=settings, topics=topics, sink=sink, progress=Progress(),
+        stage_rules=StageRules.from_settings(settings.pipeline), party_rules=Rules.from_settings(settings.pipeline),
+        pseudonym=Pseudonymizer(load_key(settings)),
+    )
+    register_agents(context, tables)
+    sweeper = Sweeper(context)
+    app.timer(settings.pipeline.sweep_interval_s, name="deadline-sweep")(sweeper.tick)
+    return Pipeline(app=app, topics=topics, sink=sink, tables=tables, sweeper=sweeper, context=context)

@@ -1,4 +1,8 @@
-"""Rows for ClickHouse from decoded events: plain functions, no I/O."""
+"""Rows for ClickHouse from decoded events and stored objects: plain functions, no I/O.
+
+Identity columns hold the upper-cased CiString (the contract with the receivers' GET); payload_json keeps the
+object as the CPO sent it (OCPI JSON). Objects arrive as builtins: dicts with aware datetimes and Decimals.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +10,48 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-import msgspec
-
 from infra.codec import DecodedEvent
-
-_json = msgspec.json.Encoder(decimal_format="number")
+from ocpi.identity import ci_normalize
+from pipeline import wire
+from pipeline.records import AnomalyRow, DeadLetter, Outcome, upper
 
 RAW_EVENT_COLUMNS = (
     "event_id", "partner_id", "module", "operation", "level", "country_code", "party_id", "object_id",
     "evse_uid", "connector_id", "received_at", "request_id", "correlation_id", "source", "content_hash",
-    "relaxations", "payload_json", "kafka_topic", "kafka_partition", "kafka_offset",
+    "relaxations", "payload_json", "kafka_topic", "kafka_partition", "kafka_offset", "outcome", "outcome_detail",
 )
 
 SESSION_COLUMNS = (
     "country_code", "party_id", "session_id", "partner_id", "status", "start_date_time", "end_date_time", "kwh",
     "auth_method", "authorization_reference", "token_uid", "token_type", "contract_id", "location_id",
     "evse_uid", "connector_id", "currency", "total_cost_excl_vat", "total_cost_incl_vat", "last_updated",
-    "payload_json", "event_id", "version",
+    "payload_json", "event_id", "version", "received_at",
+)
+
+SESSION_HISTORY_COLUMNS = (
+    "country_code", "party_id", "session_id", "event_id", "previous_status", "status", "transition",
+    "last_updated", "received_at", "version",
+)
+
+LOCATION_COLUMNS = (
+    "country_code", "party_id", "location_id", "partner_id", "name", "city", "country", "publish", "evse_count",
+    "last_updated", "payload_json", "event_id", "version", "received_at",
+)
+
+EVSE_COLUMNS = (
+    "country_code", "party_id", "location_id", "evse_uid", "evse_id", "status", "present", "capabilities",
+    "connector_count", "last_updated", "payload_json", "event_id", "version",
+)
+
+CONNECTOR_COLUMNS = (
+    "country_code", "party_id", "location_id", "evse_uid", "connector_id", "standard", "format", "power_type",
+    "max_voltage", "max_amperage", "max_electric_power", "tariff_ids", "present", "last_updated", "payload_json",
+    "event_id", "version",
+)
+
+EVSE_HISTORY_COLUMNS = (
+    "country_code", "party_id", "location_id", "evse_uid", "event_id", "previous_status", "status", "changed_at",
+    "received_at", "version",
 )
 
 CDR_COLUMNS = (
@@ -30,38 +59,48 @@ CDR_COLUMNS = (
     "auth_method", "authorization_reference", "token_uid", "token_type", "contract_id", "location_id",
     "evse_uid", "connector_id", "currency", "total_energy", "total_time", "total_parking_time",
     "total_cost_excl_vat", "total_cost_incl_vat", "credit", "credit_reference_id", "last_updated",
-    "payload_json", "event_id", "version",
+    "payload_json", "event_id", "version", "received_at",
 )
 
+CDR_PERIOD_COLUMNS = (
+    "country_code", "party_id", "cdr_id", "period_index", "start_date_time", "tariff_id", "dimension_types",
+    "dimension_volumes", "received_at", "version",
+)
 
-def payload_json(payload: dict[str, Any]) -> str:
-    """The payload as OCPI JSON (DateTimes with Z, exact decimals), for GET answers and audits."""
-    return _json.encode(_to_ocpi_json(payload)).decode()
+CDR_TARIFF_COLUMNS = (
+    "country_code", "party_id", "cdr_id", "tariff_country_code", "tariff_party_id", "tariff_id", "currency",
+    "tariff_type", "tariff_json", "received_at", "version",
+)
 
+ANOMALY_COLUMNS = (
+    "kind", "module", "country_code", "party_id", "object_id", "sub_id", "event_id", "partner_id", "detail",
+    "observed_at",
+)
 
-def _to_ocpi_json(value: Any) -> Any:
-    from ocpi.datetime import format_datetime
+DEAD_LETTER_COLUMNS = ("kafka_topic", "kafka_partition", "kafka_offset", "key_hex", "value_hex", "error",
+                       "recorded_at")
 
-    if isinstance(value, dict):
-        return {k: _to_ocpi_json(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_to_ocpi_json(v) for v in value]
-    if isinstance(value, datetime):
-        return format_datetime(value)
-    return value
+CDR_ROW_VERSION = 1  # CDRs are immutable: the first one is the only one the pipeline ever writes
 
 
 def version_of(moment: datetime) -> int:
-    """ReplacingMergeTree version from an OCPI timestamp: microseconds since the epoch."""
+    """Microseconds since the epoch (the thin slice's version; row versions build on it)."""
     return int(moment.timestamp() * 1_000_000)
 
 
-def raw_event_row(event: DecodedEvent, topic: str, partition: int, offset: int) -> list[Any]:
+def next_version(previous: int, last_updated: datetime) -> int:
+    """Row version of a new state: grows with last_updated (x1000 leaves room for equal timestamps) and always
+    exceeds the previous version, so ReplacingMergeTree keeps the newest state however often rows repeat."""
+    return max(previous + 1, version_of(last_updated) * 1000)
+
+
+def raw_event_row(event: DecodedEvent, topic: str, partition: int, offset: int, outcome: Outcome,
+                  detail: str = "") -> list[Any]:
     return [
         event.event_id, event.partner_id, event.module, event.operation, event.level, event.country_code,
         event.party_id, event.object_id, event.evse_uid, event.connector_id, event.received_at, event.request_id,
         event.correlation_id, event.source, event.content_hash, list(event.relaxations),
-        payload_json(event.payload), topic, partition, offset,
+        wire.ocpi_json(event.payload).decode(), topic, partition, offset, outcome.value, detail,
     ]
 
 
@@ -71,29 +110,104 @@ def _price(price: dict[str, Any] | None) -> tuple[Decimal | None, Decimal | None
     return price.get("excl_vat"), price.get("incl_vat")
 
 
-def session_row(event: DecodedEvent, session: dict[str, Any]) -> list[Any]:
+def session_row(event: DecodedEvent, session: dict[str, Any], document: bytes, version: int) -> list[Any]:
     """The current-state row of a full Session (after any PATCH merge)."""
     token = session["cdr_token"]
     excl, incl = _price(session.get("total_cost"))
     return [
-        session["country_code"].upper(), session["party_id"].upper(), session["id"].upper(), event.partner_id,
-        session["status"], session["start_date_time"], session.get("end_date_time"), session["kwh"],
-        session["auth_method"], session.get("authorization_reference"), token["uid"], token["type"],
-        token["contract_id"], session["location_id"], session["evse_uid"], session["connector_id"],
-        session["currency"], excl, incl, session["last_updated"], payload_json(session), event.event_id,
-        version_of(session["last_updated"]),
+        ci_normalize(session["country_code"]), ci_normalize(session["party_id"]), ci_normalize(session["id"]),
+        event.partner_id, session["status"], session["start_date_time"], session.get("end_date_time"),
+        session["kwh"], session["auth_method"], session.get("authorization_reference"), token["uid"],
+        token["type"], token["contract_id"], session["location_id"], session["evse_uid"], session["connector_id"],
+        session["currency"], excl, incl, session["last_updated"], document.decode(), event.event_id, version,
+        event.received_at,
     ]
 
 
-def cdr_row(event: DecodedEvent, cdr: dict[str, Any]) -> list[Any]:
+def session_history_row(event: DecodedEvent, session: dict[str, Any], previous: str | None, transition: str,
+                        version: int) -> list[Any]:
+    return [
+        ci_normalize(session["country_code"]), ci_normalize(session["party_id"]), ci_normalize(session["id"]),
+        event.event_id, previous or "", session["status"], transition, session["last_updated"], event.received_at,
+        version,
+    ]
+
+
+def location_row(event: DecodedEvent, location: dict[str, Any], document: bytes, version: int) -> list[Any]:
+    return [
+        ci_normalize(location["country_code"]), ci_normalize(location["party_id"]), ci_normalize(location["id"]),
+        event.partner_id, location.get("name"), location["city"], location["country"], location["publish"],
+        len(location.get("evses") or ()), location["last_updated"], document.decode(), event.event_id, version,
+        event.received_at,
+    ]
+
+
+def evse_row(location: dict[str, Any], evse: dict[str, Any], *, present: bool, event_id: str,
+             version: int) -> list[Any]:
+    return [
+        ci_normalize(location["country_code"]), ci_normalize(location["party_id"]), ci_normalize(location["id"]),
+        ci_normalize(evse["uid"]), evse.get("evse_id"), evse["status"], present, list(evse.get("capabilities") or ()),
+        len(evse["connectors"]), evse["last_updated"], wire.ocpi_json(evse).decode(), event_id, version,
+    ]
+
+
+def connector_row(location: dict[str, Any], evse_uid: str, connector: dict[str, Any], *, present: bool,
+                  event_id: str, version: int) -> list[Any]:
+    return [
+        ci_normalize(location["country_code"]), ci_normalize(location["party_id"]), ci_normalize(location["id"]),
+        ci_normalize(evse_uid), ci_normalize(connector["id"]), connector["standard"], connector["format"],
+        connector["power_type"], connector["max_voltage"], connector["max_amperage"],
+        connector.get("max_electric_power"), list(connector.get("tariff_ids") or ()), present,
+        connector["last_updated"], wire.ocpi_json(connector).decode(), event_id, version,
+    ]
+
+
+def evse_history_row(location: dict[str, Any], evse: dict[str, Any], previous: str | None, event: DecodedEvent,
+                     version: int) -> list[Any]:
+    return [
+        ci_normalize(location["country_code"]), ci_normalize(location["party_id"]), ci_normalize(location["id"]),
+        ci_normalize(evse["uid"]), event.event_id, previous or "", evse["status"], evse["last_updated"],
+        event.received_at, version,
+    ]
+
+
+def cdr_row(event: DecodedEvent, cdr: dict[str, Any], document: bytes) -> list[Any]:
     token = cdr["cdr_token"]
     location = cdr["cdr_location"]
     excl, incl = _price(cdr["total_cost"])
     return [
-        cdr["country_code"].upper(), cdr["party_id"].upper(), cdr["id"].upper(), event.partner_id,
+        ci_normalize(cdr["country_code"]), ci_normalize(cdr["party_id"]), ci_normalize(cdr["id"]), event.partner_id,
         cdr["start_date_time"], cdr["end_date_time"], cdr.get("session_id"), cdr["auth_method"],
         cdr.get("authorization_reference"), token["uid"], token["type"], token["contract_id"], location["id"],
         location["evse_uid"], location["connector_id"], cdr["currency"], cdr["total_energy"], cdr["total_time"],
         cdr.get("total_parking_time"), excl, incl, bool(cdr.get("credit")), cdr.get("credit_reference_id"),
-        cdr["last_updated"], payload_json(cdr), event.event_id, 1,
+        cdr["last_updated"], document.decode(), event.event_id, CDR_ROW_VERSION, event.received_at,
     ]
+
+
+def cdr_period_rows(cdr: dict[str, Any], received_at: datetime) -> list[list[Any]]:
+    cc, pid, cid = ci_normalize(cdr["country_code"]), ci_normalize(cdr["party_id"]), ci_normalize(cdr["id"])
+    rows = []
+    for index, period in enumerate(cdr["charging_periods"]):
+        dimensions = period["dimensions"]
+        rows.append([cc, pid, cid, index, period["start_date_time"], period.get("tariff_id"),
+                     [d["type"] for d in dimensions], [d["volume"] for d in dimensions], received_at,
+                     CDR_ROW_VERSION])
+    return rows
+
+
+def cdr_tariff_rows(cdr: dict[str, Any], received_at: datetime) -> list[list[Any]]:
+    cc, pid, cid = ci_normalize(cdr["country_code"]), ci_normalize(cdr["party_id"]), ci_normalize(cdr["id"])
+    return [[cc, pid, cid, ci_normalize(t["country_code"]), ci_normalize(t["party_id"]), ci_normalize(t["id"]),
+             t["currency"], t.get("type"), wire.ocpi_json(t).decode(), received_at, CDR_ROW_VERSION]
+            for t in cdr.get("tariffs") or ()]
+
+
+def anomaly_row(anomaly: AnomalyRow) -> list[Any]:
+    return [anomaly.kind.value, anomaly.module, upper(anomaly.country_code), upper(anomaly.party_id),
+            upper(anomaly.object_id), anomaly.sub_id, anomaly.event_id, anomaly.partner_id, anomaly.detail,
+            anomaly.observed_at]
+
+
+def dead_letter_row(dead: DeadLetter, recorded_at: datetime) -> list[Any]:
+    return [dead.topic, dead.partition, dead.offset, dead.key.hex(), dead.value.hex(), dead.error, recorded_at]

@@ -12,15 +12,32 @@ from infra.settings import Settings
 
 @dataclass(frozen=True)
 class Topics:
-    """The pipeline's topics. Values are Avro single-object bytes (decoded by `infra.codec`), keys bytes."""
+    """The pipeline's topics; keys and values are bytes (codecs are ours, not Faust's).
+
+    - locations, sessions, cdrs: the receivers' Avro OcpiEvent records (`infra.codec`), keyed `CC/PID/ID`;
+    - party_facts: stage 1 → stage 2, JSON `pipeline.facts.FactBatch`, keyed `CC/PID` of the CPO party;
+    - reconciliation: the results, one JSON object per reconciliation row, keyed `CC/PID/SUBJECT/ID`.
+    """
 
     locations: TopicT
     sessions: TopicT
     cdrs: TopicT
+    party_facts: TopicT
+    reconciliation: TopicT
 
     @property
     def modules(self) -> tuple[TopicT, ...]:
         return (self.locations, self.sessions, self.cdrs)
+
+    @property
+    def consumed(self) -> tuple[TopicT, ...]:
+        return (*self.modules, self.party_facts)
+
+
+def topic_names(settings: Settings) -> tuple[str, ...]:
+    """Every topic name, for creating them before the worker starts."""
+    return (*settings.kafka.module_topics, settings.pipeline.topic_party_facts,
+            settings.pipeline.topic_reconciliation)
 
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:
@@ -33,4 +50,6 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
         locations=raw(settings.kafka.topic_locations),
         sessions=raw(settings.kafka.topic_sessions),
         cdrs=raw(settings.kafka.topic_cdrs),
+        party_facts=raw(settings.pipeline.topic_party_facts),
+        reconciliation=raw(settings.pipeline.topic_reconciliation),
     )

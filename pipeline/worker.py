@@ -3,15 +3,64 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
 import faust
+from kafka import KafkaAdminClient
 
+from infra.kafka.admin import ensure_topics, set_topic_configs
 from infra.kafka.bootstrap import resolve_bootstrap
 from infra.settings import Settings
-from pipeline.app import create_app
+from pipeline.app import TABLES, create_app
+from pipeline.retention import topic_configs
+from pipeline.topics import topic_names
+
+log = logging.getLogger(__name__)
+
+
+def prepare_topics(settings: Settings, bootstrap: str) -> None:
+    """Create our topics if missing, with the retention configs of the policy, and set them on existing ones."""
+    configs = topic_configs(settings)
+    ensure_topics(bootstrap, topic_names(settings), settings.kafka.partitions, configs)
+    changed = set_topic_configs(bootstrap, configs)
+    if changed:
+        log.info("topic configs set on %s", ", ".join(changed))
+
+
+def changelog_topics(app_id: str) -> list[str]:
+    return [f"{app_id}-{name}-changelog" for name in TABLES]
+
+
+def drop_state_without_changelog(settings: Settings, bootstrap: str, app_id: str) -> bool:
+    """Remove local table state whose changelog topics are gone (a new broker, e.g. an embedded one restarted).
+
+    Local state is only a cache of the changelogs; without them it belongs to another Kafka and would make the
+    worker skip records it never processed on this one (and Faust refuse to start on offsets beyond the end).
+    """
+    datadir = state_dir(settings, app_id)
+    if not datadir.exists():
+        return False
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        existing = set(admin.list_topics())
+    finally:
+        admin.close()
+    if any(topic in existing for topic in changelog_topics(app_id)):
+        return False
+    log.warning("local state in %s has no changelog on %s; starting from empty state", datadir, bootstrap)
+    shutil.rmtree(datadir)
+    return True
+
+
+def state_dir(settings: Settings, app_id: str) -> Path:
+    return settings.storage.path / "faust" / app_id
 
 
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
-    pipeline = create_app(settings, resolve_bootstrap(settings))
+    bootstrap = resolve_bootstrap(settings)
+    prepare_topics(settings, bootstrap)
+    drop_state_without_changelog(settings, bootstrap, settings.pipeline.app_id)
+    pipeline = create_app(settings, bootstrap)
     worker = faust.Worker(pipeline.app, loglevel=getattr(logging, loglevel.upper()), quiet=True)
     worker.execute_from_commandline()  # installs signal handlers, stops cleanly, exits the process

@@ -1,4 +1,9 @@
-"""Topic administration: create the module topics with the configured partitions (idempotent)."""
+"""Topic administration: create topics with partitions and configs, set and read topic configs (idempotent).
+
+Tansu stores topic configs (and `alter_configs` works) but reports every value as a default and enforces
+neither `retention.ms` nor compaction (research note §2): configs are set for the day the same code runs
+against Apache Kafka, where they apply.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import logging
 from collections.abc import Iterable, Mapping
 
 from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
+from kafka.admin import ConfigFilterType, ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
@@ -30,3 +35,40 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
         return wanted
     finally:
         admin.close()
+
+
+def topic_configs(bootstrap: str, topics: Iterable[str]) -> dict[str, dict[str, str]]:
+    """The stored configs of existing topics (all keys; Tansu reports them all as defaults)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        existing = set(admin.list_topics())
+        names = [t for t in dict.fromkeys(topics) if t in existing]
+        if not names:
+            return {}
+        described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in names],
+                                           config_filter=ConfigFilterType.ALL)
+        found: dict[str, dict[str, str]] = {}
+        for name, entries in (described.get("topic") or {}).items():
+            found[name] = {key: str(entry.get("value")) if isinstance(entry, Mapping) else str(entry)
+                           for key, entry in entries.items()}
+        return found
+    finally:
+        admin.close()
+
+
+def set_topic_configs(bootstrap: str, configs: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """Set configs of existing topics where they differ; returns the topics changed."""
+    current = topic_configs(bootstrap, configs)
+    changes = [ConfigResource(ConfigResourceType.TOPIC, topic, configs=dict(wanted))
+               for topic, wanted in configs.items()
+               if topic in current and any(current[topic].get(k) != v for k, v in wanted.items())]
+    if not changes:
+        return []
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        # raise_on_unknown=False: kafka-python checks keys against the dynamic configs the broker lists, and
+        # Tansu lists none.
+        admin.alter_configs(changes, raise_on_unknown=False)
+    finally:
+        admin.close()
+    return [c.name for c in changes]

@@ -1,0 +1,123 @@
+"""Facts: what stage 1 (per object) tells stage 2 (per CPO party) about Sessions and CDRs.
+
+Reconciliation and credit links join objects with different Kafka keys (a CDR and its Session, a credit CDR and
+the CDR it credits). Stage 1 publishes a fact for every relevant change to the party-facts topic keyed by the
+owning CPO party, so one partition (one worker, one table partition) sees all of a party's sessions and CDRs
+in order. One Kafka record carries all of a party's facts from one batch (`FactBatch`), which keeps the
+internal topic's record count — and Faust's per-record cost — small.
+
+Match keys that are personal data (token, authorization reference) travel pseudonymised (`retention.pseudonym`),
+so stage-2 state and the internal topic never hold them in clear.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final
+
+import msgspec
+
+from ocpi.identity import ci_normalize
+
+
+class SessionFact(msgspec.Struct, tag="S", kw_only=True, frozen=True):
+    session_id: str  # upper-cased
+    partner_id: str
+    version: int  # the session's row version: stage 2 ignores facts it has seen
+    status: str
+    start: datetime
+    end: datetime | None
+    kwh: Decimal
+    cost_excl_vat: Decimal | None
+    currency: str
+    authorization_reference: str | None  # pseudonymised
+    token: str  # pseudonymised (country_code, party_id, uid) of the CdrToken
+    location_id: str  # upper-cased
+    received_at: datetime  # event time of the change
+    final_at: datetime | None  # event time the session became COMPLETED/INVALID
+
+
+class CdrFact(msgspec.Struct, tag="C", kw_only=True, frozen=True):
+    cdr_id: str  # upper-cased
+    partner_id: str
+    session_id: str | None  # upper-cased
+    authorization_reference: str | None  # pseudonymised
+    token: str
+    location_id: str
+    start: datetime
+    end: datetime
+    total_energy: Decimal
+    cost_excl_vat: Decimal
+    currency: str
+    credit: bool
+    credit_reference_id: str | None  # upper-cased
+    received_at: datetime
+
+
+Fact = SessionFact | CdrFact
+
+
+class FactBatch(msgspec.Struct, kw_only=True, frozen=True):
+    facts: list[Fact]
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+_DECODER: Final = msgspec.json.Decoder(FactBatch)
+
+
+def encode_facts(facts: list[Fact]) -> bytes:
+    return _ENCODER.encode(FactBatch(facts=facts))
+
+
+def decode_facts(data: bytes) -> list[Fact]:
+    return _DECODER.decode(data).facts
+
+
+def party_key(country_code: str, party_id: str) -> str:
+    """The party-facts Kafka key: `CC/PID` upper-cased."""
+    return f"{ci_normalize(country_code)}/{ci_normalize(party_id)}"
+
+
+# Fields whose change matters to reconciliation: for a session still open only its matching keys and status;
+# once final also the amounts that deltas are computed from.
+_MATCH_FIELDS: Final = ("status", "authorization_reference", "token", "location_id", "start")
+_AMOUNT_FIELDS: Final = ("end", "kwh", "cost_excl_vat", "currency")
+
+
+def relevant_change(previous: SessionFact | None, new: SessionFact) -> bool:
+    """Whether stage 2 needs to hear about `new` (an open session's kWh ticking up does not matter yet)."""
+    if previous is None:
+        return True
+    fields: tuple[str, ...] = _MATCH_FIELDS + (_AMOUNT_FIELDS if new.final_at is not None else ())
+    return any(getattr(previous, f) != getattr(new, f) for f in fields)
+
+
+def session_fact(session: dict[str, Any], *, partner_id: str, version: int, received_at: datetime,
+                 final_at: datetime | None, pseudonym: Any) -> SessionFact:
+    token = session["cdr_token"]
+    cost = session.get("total_cost")
+    ref = session.get("authorization_reference")
+    return SessionFact(
+        session_id=ci_normalize(session["id"]), partner_id=partner_id, version=version, status=session["status"],
+        start=session["start_date_time"], end=session.get("end_date_time"), kwh=session["kwh"],
+        cost_excl_vat=cost["excl_vat"] if cost else None, currency=session["currency"],
+        authorization_reference=pseudonym(ref) if ref else None,
+        token=pseudonym(f"{token['country_code']}/{token['party_id']}/{token['uid']}"),
+        location_id=ci_normalize(session["location_id"]), received_at=received_at, final_at=final_at)
+
+
+def cdr_fact(cdr: dict[str, Any], *, partner_id: str, received_at: datetime, pseudonym: Any) -> CdrFact:
+    token = cdr["cdr_token"]
+    ref = cdr.get("authorization_reference")
+    session_id = cdr.get("session_id")
+    credited = cdr.get("credit_reference_id")
+    return CdrFact(
+        cdr_id=ci_normalize(cdr["id"]), partner_id=partner_id,
+        session_id=ci_normalize(session_id) if session_id else None,
+        authorization_reference=pseudonym(ref) if ref else None,
+        token=pseudonym(f"{token['country_code']}/{token['party_id']}/{token['uid']}"),
+        location_id=ci_normalize(cdr["cdr_location"]["id"]), start=cdr["start_date_time"], end=cdr["end_date_time"],
+        total_energy=cdr["total_energy"], cost_excl_vat=cdr["total_cost"]["excl_vat"], currency=cdr["currency"],
+        credit=bool(cdr.get("credit")), credit_reference_id=ci_normalize(credited) if credited else None,
+        received_at=received_at)

@@ -1,0 +1,146 @@
+"""Stage 1 for Locations: one Location tree's events (Location, EVSE and Connector level) in order.
+
+The state holds the whole Location as OCPI JSON; every applied event writes the Location row and the rows of
+the EVSEs and Connectors that changed (version = the Location's version), plus EVSE status history.
+
+A Location PUT replaces the Location (08 §3.3). EVSEs it no longer lists (digest ambiguity #5: EVSEs are never
+deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM_PUT and their rows kept with
+`present = false`, so EVSE status history and sessions that point at them keep their meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ocpi.identity import ci_normalize
+from ocpi.model import Location
+from pipeline import ordering, projection, wire
+from pipeline.dedup import identity, is_duplicate
+from pipeline.records import Anomaly, Outcome, Record
+from pipeline.stage import StageOutput, StageRules, parked_record, to_parked
+from pipeline.state import LocationState, TypedView
+
+
+def process_locations(view: TypedView[LocationState], key: str, records: list[Record], rules: StageRules,
+                      out: StageOutput) -> None:
+    state = view.get(key) or LocationState()
+    for record in records:
+        if record.offset <= state.offset:
+            out.replayed += 1
+            continue
+        state.offset = record.offset
+        expire_parked(state, record, rules, out)
+        handle(state, record, rules, out)
+    view.set(key, state)
+
+
+def expire_parked(state: LocationState, record: Record, rules: StageRules, out: StageOutput) -> None:
+    waiting, expired = ordering.split_expired(state.parked, record.received_at, rules.park_ttl)
+    state.parked = waiting
+    for parked in expired:
+        orphan = parked_record(parked)
+        out.outcome(orphan, Outcome.ORPHANED, f"its object did not arrive within {rules.park_ttl}")
+        out.anomaly(Anomaly.ORPHAN_EVENT, orphan.event, f"waited {rules.park_ttl} for its Location/EVSE/Connector")
+
+
+def handle(state: LocationState, record: Record, rules: StageRules, out: StageOutput, *,
+           retry: bool = False) -> bool:
+    """Apply one event; returns False when it had to be parked."""
+    event = record.event
+    if is_duplicate(state.last_identity, state.last_hash, event):
+        out.outcome(record, Outcome.DUPLICATE)
+        return True
+    current = wire.validated(state.object_json, Location) if state.object_json is not None else None
+    stored = ordering.target_last_updated(current, event)
+    last_updated = event.payload["last_updated"]
+    if ordering.is_stale(stored, last_updated):
+        detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
+        out.outcome(record, Outcome.STALE, detail)
+        out.anomaly(Anomaly.STALE_UPDATE, event, detail)
+        return True
+    try:
+        location, document = ordering.apply_location_event(current, event)
+    except ordering.NeedsObject as missing:
+        if retry:
+            return False  # still waiting; the caller keeps it parked
+        if len(state.parked) >= rules.park_max:
+            out.outcome(record, Outcome.ORPHANED, "too many parked events for this Location")
+            out.anomaly(Anomaly.PARK_OVERFLOW, event, f"more than {rules.park_max} events wait for their object")
+        else:
+            state.parked.append(to_parked(record))
+            out.outcome(record, Outcome.PARKED, f"waiting: {missing}")
+        return True
+    except ordering.InvalidMerge as exc:
+        out.outcome(record, Outcome.INVALID, exc.reason)
+        out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
+        return True
+    apply(state, record, current, location, document, out)
+    out.outcome(record, Outcome.APPLIED)
+    if state.parked and not retry:
+        retry_parked(state, rules, out)
+    return True
+
+
+def retry_parked(state: LocationState, rules: StageRules, out: StageOutput) -> None:
+    """Give every parked event another try, in arrival order, until none makes progress."""
+    progress = True
+    while progress and state.parked:
+        progress = False
+        pending, state.parked = state.parked, []
+        for parked in pending:
+            if handle(state, parked_record(parked), rules, out, retry=True):
+                progress = True
+            else:
+                state.parked.append(parked)
+
+
+def apply(state: LocationState, record: Record, previous: Location | None, location: Location, document: bytes,
+          out: StageOutput) -> None:
+    event = record.event
+    version = projection.next_version(state.version, location.last_updated)
+    tree = wire.builtins(location)
+    out.batch.add("locations", projection.LOCATION_COLUMNS, projection.location_row(event, tree, document, version))
+    old_evses = {ci_normalize(e.uid): e for e in (previous.evses or ())} if previous else {}
+    old_trees = {ci_normalize(e["uid"]): e for e in wire.builtins(previous).get("evses") or ()} if previous else {}
+    seen: set[str] = set()
+    for evse, evse_tree in zip(location.evses or (), tree.get("evses") or (), strict=True):
+        uid = ci_normalize(evse.uid)
+        seen.add(uid)
+        before = old_evses.get(uid)
+        if before == evse:
+            continue
+        out.batch.add("evses", projection.EVSE_COLUMNS,
+                      projection.evse_row(tree, evse_tree, present=True, event_id=event.event_id, version=version))
+        if before is None or before.status != evse.status:
+            out.batch.add("evse_status_history", projection.EVSE_HISTORY_COLUMNS,
+                          projection.evse_history_row(tree, evse_tree, None if before is None else before.status,
+                                                      event, version))
+        before_connectors = {ci_normalize(c.id): c for c in before.connectors} if before else {}
+        for connector, connector_tree in zip(evse.connectors, evse_tree["connectors"], strict=True):
+            if before_connectors.get(ci_normalize(connector.id)) != connector:
+                out.batch.add("connectors", projection.CONNECTOR_COLUMNS,
+                              projection.connector_row(tree, evse.uid, connector_tree, present=True,
+                                                       event_id=event.event_id, version=version))
+        _missing_connectors(out, tree, evse.uid, old_trees.get(uid), {ci_normalize(c.id) for c in evse.connectors},
+                            event.event_id, version)
+    for uid, gone in old_trees.items():
+        if uid not in seen:
+            out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event, f"EVSE {gone['uid']} is not in the Location PUT")
+            out.batch.add("evses", projection.EVSE_COLUMNS,
+                          projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
+            _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
+    state.object_json = document
+    state.last_identity = identity(event)
+    state.last_hash = event.content_hash
+    state.version = version
+    state.applied_event_id = event.event_id
+
+
+def _missing_connectors(out: StageOutput, tree: dict[str, Any], evse_uid: str, before: dict[str, Any] | None,
+                        present: set[str], event_id: str, version: int) -> None:
+    """Connectors an EVSE no longer lists keep their rows, marked not present."""
+    for connector in (before or {}).get("connectors") or ():
+        if ci_normalize(connector["id"]) not in present:
+            out.batch.add("connectors", projection.CONNECTOR_COLUMNS,
+                          projection.connector_row(tree, evse_uid, connector, present=False, event_id=event_id,
+                                                   version=version))

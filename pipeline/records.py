@@ -1,0 +1,152 @@
+"""What flows through the rules: decoded Kafka records, outcomes and anomalies (plain data, no I/O)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from infra.codec import AvroCodecError, DecodedEvent, decode_event
+from ocpi.identity import ci_normalize
+
+
+class Outcome(enum.StrEnum):
+    """What the pipeline did with one raw event (raw_events.outcome)."""
+
+    APPLIED = "APPLIED"  # changed the stored object
+    DUPLICATE = "DUPLICATE"  # same identity and content as the last applied event: dropped
+    STALE = "STALE"  # older last_updated than the stored object: not applied
+    PARKED = "PARKED"  # waits for the PUT of its object
+    ORPHANED = "ORPHANED"  # waited in vain: the PUT did not come in time
+    INVALID = "INVALID"  # the merged object failed validation: not stored
+    REJECTED = "REJECTED"  # an illegal lifecycle transition out of a final state: not applied
+    CONFLICT = "CONFLICT"  # a CDR id seen before with different content: the original is kept
+
+
+class Anomaly(enum.StrEnum):
+    """Kinds of rows in the anomalies table."""
+
+    STALE_UPDATE = "STALE_UPDATE"
+    ORPHAN_EVENT = "ORPHAN_EVENT"
+    PARK_OVERFLOW = "PARK_OVERFLOW"
+    INVALID_MERGE = "INVALID_MERGE"
+    ILLEGAL_TRANSITION = "ILLEGAL_TRANSITION"
+    UPDATE_AFTER_FINAL = "UPDATE_AFTER_FINAL"
+    SESSION_IDLE = "SESSION_IDLE"
+    EVSE_MISSING_FROM_PUT = "EVSE_MISSING_FROM_PUT"
+    CDR_CONFLICT = "CDR_CONFLICT"
+    CREDIT_WITHOUT_REFERENCE = "CREDIT_WITHOUT_REFERENCE"
+    CREDIT_POSITIVE_COST = "CREDIT_POSITIVE_COST"
+    CREDIT_UNKNOWN_REFERENCE = "CREDIT_UNKNOWN_REFERENCE"
+    CREDIT_AMOUNT_MISMATCH = "CREDIT_AMOUNT_MISMATCH"
+    CDR_FOR_INVALID_SESSION = "CDR_FOR_INVALID_SESSION"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One decoded Kafka record of a module topic."""
+
+    event: DecodedEvent
+    topic: str
+    partition: int
+    offset: int
+    value: bytes  # the Avro record as read: parked events are kept in this form and decoded again later
+
+    @property
+    def received_at(self) -> datetime:
+        return self.event.received_at
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A Kafka record that could not be decoded: kept whole, with the reason."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """The parts of a Kafka message the pipeline needs (built from Faust events by the agents)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def decode_all(messages: Iterable[RawMessage]) -> tuple[list[Record], list[DeadLetter]]:
+    """Decode a batch in one pass; undecodable records become dead letters instead of stopping the batch."""
+    records: list[Record] = []
+    dead: list[DeadLetter] = []
+    for m in messages:
+        value = m.value or b""
+        try:
+            event = decode_event(value)
+        except AvroCodecError as exc:
+            dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key or b"", value, f"undecodable record: {exc}"))
+            continue
+        records.append(Record(event, m.topic, m.partition, m.offset, value))
+    return records, dead
+
+
+def object_key(event: DecodedEvent) -> str:
+    """`CC/PID/ID` upper-cased: the Kafka key, the state key and the identity in every table."""
+    return f"{ci_normalize(event.country_code)}/{ci_normalize(event.party_id)}/{ci_normalize(event.object_id)}"
+
+
+def group_by_object(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """Records per object, each list in offset order (one object's events share a partition)."""
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        groups.setdefault(object_key(record.event), []).append(record)
+    return groups
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyRow:
+    kind: Anomaly
+    module: str
+    country_code: str
+    party_id: str
+    object_id: str
+    sub_id: str
+    event_id: str
+    partner_id: str
+    detail: str
+    observed_at: datetime
+
+
+@dataclass
+class Decision:
+    """The outcome of one event and everything it produced besides the object's new state."""
+
+    outcome: Outcome
+    detail: str = ""
+    anomalies: list[tuple[Anomaly, str]] = field(default_factory=list)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def upper(value: str | None) -> str | None:
+    return None if value is None else ci_normalize(value)
+
+
+def sub_id(event: DecodedEvent) -> str:
+    """`EVSE` or `EVSE/CONNECTOR` (upper-cased) of a sub-object event; '' for whole objects."""
+    parts = [ci_normalize(p) for p in (event.evse_uid, event.connector_id) if p]
+    return "/".join(parts)
+
+
+def describe(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 500 else text[:497] + "..."

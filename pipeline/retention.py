@@ -1,0 +1,307 @@
+"""Retention as policy: what each class of data is, how long it is kept, and how that is enforced.
+
+OCPI leaves retention to contracts and law (02 §7); these are our defaults, each configurable
+(README, "Retention"):
+
+- raw (raw_events, dead_letters; the module, party-facts and reconciliation topics): OCPI_RETENTION_RAW_DAYS,
+  by ClickHouse TTL and the topics' `retention.ms`;
+- history (session and EVSE status histories, anomalies): OCPI_RETENTION_HISTORY_DAYS, by TTL;
+- personal (token uid, contract id, authorization reference, visual number in sessions, cdrs, locations): in
+  clear for OCPI_RETENTION_PSEUDONYMISE_DAYS, then a keyed hash, by the worker's sweep or `retention apply`;
+- billing (cdrs with periods and tariffs, billing lines, credit links, reconciliation, sessions):
+  OCPI_RETENTION_BILLING_YEARS, by TTL;
+- current state (locations, evses, connectors): kept while the CPO publishes them, no TTL.
+
+Pseudonymisation replaces a value by `psn:` + the first 32 hex digits of HMAC-SHA256(key, value) — 36
+characters, so it still fits the CiString(36) columns, and equal values (CiStrings compared case-insensitively)
+give equal pseudonyms, so joins between sessions and CDRs keep working. The rows are written again with a
+higher version and `pseudonymised = true`; ReplacingMergeTree drops the clear-text version.
+
+Tansu (the embedded broker) stores topic configs but enforces neither `retention.ms` nor compaction
+(research note §2): embedded Kafka data lives only as long as the broker process. On Apache Kafka the
+configs apply as set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+from clickhouse_connect.driver.client import Client
+
+from infra.settings import Settings
+from ocpi.identity import ci_normalize
+from pipeline.sink import datetime64, encode_rows, string
+
+log = logging.getLogger(__name__)
+
+PREFIX: Final = "psn:"
+_DAY_MS: Final = 86_400_000
+
+
+class Pseudonymizer:
+    """The keyed hash of personal identifiers (deterministic per key)."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the pseudonymisation key needs at least 16 bytes")
+        self._key = key
+
+    def __call__(self, value: str, *, case_insensitive: bool = True) -> str:
+        if value.startswith(PREFIX):
+            return value  # already pseudonymised: applying it twice must not change it
+        text = ci_normalize(value) if case_insensitive else value
+        return PREFIX + hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def load_key(settings: Settings) -> bytes:
+    """The configured key, or one generated once (mode 0600) under the data directory."""
+    if settings.retention.pseudonym_key:
+        return settings.retention.pseudonym_key.encode()
+    path = settings.storage.path / "secrets" / "pseudonym.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process created it first
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+# --- the policy -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableTtl:
+    table: str
+    column: str  # a DateTime64 column: when we received the data
+    unit: str  # Day or Year
+    amount: int
+
+    @property
+    def expression(self) -> str:
+        """The TTL as ClickHouse shows it in system.tables (so a configured value is re-applied only on change)."""
+        return f"toDateTime({self.column}) + toInterval{self.unit}({self.amount})"
+
+
+@dataclass(frozen=True)
+class DataClass:
+    name: str
+    what: str
+    keep: str
+    ttls: tuple[TableTtl, ...]
+    topics: tuple[str, ...] = ()
+
+
+def policy(settings: Settings) -> list[DataClass]:
+    r = settings.retention
+    raw = (TableTtl("raw_events", "received_at", "Day", r.raw_days),
+           TableTtl("dead_letters", "recorded_at", "Day", r.raw_days))
+    history = (TableTtl("session_status_history", "received_at", "Day", r.history_days),
+               TableTtl("evse_status_history", "received_at", "Day", r.history_days),
+               TableTtl("anomalies", "observed_at", "Day", r.history_days))
+    billing = (*(TableTtl(table, "received_at", "Year", r.billing_years)
+                 for table in ("cdrs", "cdr_charging_periods", "cdr_tariffs", "credit_links", "billing_lines",
+                               "sessions")),
+               TableTtl("reconciliation", "event_time", "Year", r.billing_years))
+    topics = (*settings.kafka.module_topics, settings.pipeline.topic_party_facts,
+              settings.pipeline.topic_reconciliation)
+    return [
+        DataClass("raw", "raw events and undecodable records, as received", f"{r.raw_days} days", raw, topics),
+        DataClass("history", "status histories and anomalies", f"{r.history_days} days", history),
+        DataClass("personal", "token uid, contract id, authorization reference, visual number",
+                  f"in clear for {r.pseudonymise_days} days, then pseudonymised (keyed hash)", ()),
+        DataClass("billing", "CDRs, billing lines, credit links, reconciliation, sessions",
+                  f"{r.billing_years} years", billing),
+        DataClass("current state", "locations, EVSEs, connectors", "while published (no TTL)", ()),
+    ]
+
+
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Kafka configs of the topics we own or feed: retention of the raw class."""
+    retention_ms = str(settings.retention.raw_days * _DAY_MS)
+    return {topic: {"retention.ms": retention_ms, "cleanup.policy": "delete"}
+            for data_class in policy(settings) for topic in data_class.topics}
+
+
+_TTL_CLAUSE: Final = re.compile(r"\bTTL (.+?)(?: SETTINGS |$)")
+
+
+def current_ttls(client: Client, database: str) -> dict[str, str]:
+    """Table → its TTL expression as ClickHouse reports it ('' when none)."""
+    rows = client.query(f"SELECT name, engine_full FROM system.tables WHERE database = {string(database)}").result_rows
+    found = {}
+    for name, engine in rows:
+        match = _TTL_CLAUSE.search(engine or "")
+        found[name] = match.group(1).strip() if match else ""
+    return found
+
+
+def apply_ttls(client: Client, database: str, settings: Settings) -> list[str]:
+    """Set every table's TTL to the configured one; returns the tables that changed."""
+    current = current_ttls(client, database)
+    changed = []
+    for data_class in policy(settings):
+        for ttl in data_class.ttls:
+            if current.get(ttl.table) != ttl.expression:
+                client.command(f"ALTER TABLE `{database}`.`{ttl.table}` MODIFY TTL {ttl.expression}")
+                changed.append(ttl.table)
+    return changed
+
+
+# --- pseudonymisation -----------------------------------------------------------------------------------------
+
+_JSON_IN: Final = msgspec.json.Decoder(float_hook=Decimal)  # numbers stay exact
+_JSON_OUT: Final = msgspec.json.Encoder(decimal_format="number")
+
+
+@dataclass(frozen=True)
+class PersonalTable:
+    table: str
+    key: tuple[str, ...]
+    moment: str  # the column whose age decides
+    columns: tuple[str, ...]  # personal CiString columns
+    version_column: str = "version"
+
+
+PERSONAL_TABLES: Final = (
+    PersonalTable("sessions", ("country_code", "party_id", "session_id"), "received_at",
+                  ("token_uid", "contract_id", "authorization_reference")),
+    PersonalTable("cdrs", ("country_code", "party_id", "cdr_id"), "received_at",
+                  ("token_uid", "contract_id", "authorization_reference")),
+    PersonalTable("locations", ("country_code", "party_id", "location_id"), "received_at", ()),
+)
+
+
+def pseudonymise_document(document: str, pseudonym: Pseudonymizer) -> str:
+    """A Session/CDR/Location's OCPI JSON with its personal identifiers replaced."""
+    data = _JSON_IN.decode(document)
+    token = data.get("cdr_token")
+    if isinstance(token, dict):
+        for name in ("uid", "contract_id"):
+            if isinstance(token.get(name), str):
+                token[name] = pseudonym(token[name])
+    if isinstance(data.get("authorization_reference"), str):
+        data["authorization_reference"] = pseudonym(data["authorization_reference"])
+    for allowed in data.get("publish_allowed_to") or ():
+        if isinstance(allowed.get("uid"), str):
+            allowed["uid"] = pseudonym(allowed["uid"])
+        if isinstance(allowed.get("visual_number"), str):
+            allowed["visual_number"] = pseudonym(allowed["visual_number"], case_insensitive=False)
+    return _JSON_OUT.encode(data).decode()
+
+
+def due_for_pseudonymisation(client: Client, spec: PersonalTable, before: datetime, limit: int,
+                             ) -> tuple[list[str], list[list[Any]]]:
+    """Current rows of `spec.table` older than `before` and not pseudonymised yet (all columns)."""
+    extra = " AND position(payload_json, 'publish_allowed_to') > 0" if spec.table == "locations" else ""
+    result = client.query(
+        f"SELECT * FROM `{spec.table}` FINAL WHERE NOT pseudonymised AND {spec.moment} < {datetime64(before)}"
+        f"{extra} LIMIT {int(limit)}")
+    return list(result.column_names), [list(row) for row in result.result_rows]
+
+
+def pseudonymise_rows(columns: list[str], rows: Iterable[list[Any]], spec: PersonalTable,
+                      pseudonym: Pseudonymizer) -> list[list[Any]]:
+    index = {name: i for i, name in enumerate(columns)}
+    out = []
+    for row in rows:
+        new = list(row)
+        for name in spec.columns:
+            value = new[index[name]]
+            if isinstance(value, str) and value:
+                new[index[name]] = pseudonym(value)
+        new[index["payload_json"]] = pseudonymise_document(new[index["payload_json"]], pseudonym)
+        new[index["pseudonymised"]] = True
+        new[index[spec.version_column]] = int(new[index[spec.version_column]]) + 1
+        out.append(new)
+    return out
+
+
+def pseudonymise_due(client: Client, settings: Settings, pseudonym: Pseudonymizer, now: datetime, *,
+                     batch: int = 10_000, insert: Callable[[str, list[str], list[list[Any]]], None] | None = None,
+                     ) -> dict[str, int]:
+    """Pseudonymise every current row older than the configured age; returns rows rewritten per table."""
+    before = now - timedelta(days=settings.retention.pseudonymise_days)
+
+    def default_insert(table: str, columns: list[str], rows: list[list[Any]]) -> None:
+        client.raw_insert(table, columns, insert_block=encode_rows(rows), fmt="JSONCompactEachRow")
+
+    write = insert or default_insert
+    done: dict[str, int] = {}
+    for spec in PERSONAL_TABLES:
+        total = 0
+        while True:
+            columns, rows = due_for_pseudonymisation(client, spec, before, batch)
+            if not rows:
+                break
+            write(spec.table, columns, pseudonymise_rows(columns, rows, spec, pseudonym))
+            total += len(rows)
+            if len(rows) < batch:
+                break
+        done[spec.table] = total
+    return done
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DueRow:
+    data_class: str
+    table: str
+    rule: str
+    ttl_in_effect: str
+    rows_due: int
+
+
+def report_rows(client: Client, database: str, settings: Settings, now: datetime) -> list[DueRow]:
+    """What each retention rule will remove or rewrite now, table by table."""
+    ttls = current_ttls(client, database)
+    rows: list[DueRow] = []
+    for data_class in policy(settings):
+        for ttl in data_class.ttls:
+            interval = f"INTERVAL {ttl.amount} {ttl.unit.upper()}"
+            due = client.query(f"SELECT count() FROM `{ttl.table}` WHERE toDateTime({ttl.column}) + {interval} <= "
+                               f"{datetime64(now)}").result_rows[0][0]
+            rows.append(DueRow(data_class.name, ttl.table, f"delete {ttl.amount} {ttl.unit.lower()}(s) after "
+                               f"{ttl.column}", ttls.get(ttl.table, ""), int(due)))
+    before = now - timedelta(days=settings.retention.pseudonymise_days)
+    for spec in PERSONAL_TABLES:
+        extra = " AND position(payload_json, 'publish_allowed_to') > 0" if spec.table == "locations" else ""
+        due = client.query(f"SELECT count() FROM `{spec.table}` FINAL WHERE NOT pseudonymised AND "
+                           f"{spec.moment} < {datetime64(before)}{extra}").result_rows[0][0]
+        rows.append(DueRow("personal", spec.table,
+                           f"pseudonymise {settings.retention.pseudonymise_days} days after {spec.moment}",
+                           "worker sweep", int(due)))
+    return rows
+
+
+def warnings(settings: Settings) -> list[str]:
+    r = settings.retention
+    found = []
+    if r.raw_days > r.pseudonymise_days:
+        found.append(f"raw events are kept {r.raw_days} days in clear, longer than the pseudonymisation age "
+                     f"({r.pseudonymise_days} days): lower OCPI_RETENTION_RAW_DAYS")
+    if settings.kafka.is_tansu:
+        found.append("the embedded Tansu broker stores topic configs but enforces neither retention.ms nor "
+                     "compaction: its data lives as long as the broker process")
+    return found
+
+
+def key_file(settings: Settings) -> Path:
+    return settings.storage.path / "secrets" / "pseudonym.key"

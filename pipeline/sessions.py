@@ -1,0 +1,124 @@
+"""Stage 1 for Sessions: one object's events, in order, through dedup → ordering/merge → lifecycle.
+
+Plain functions over a state value; the agent supplies the state and writes the result (`pipeline.agents`).
+"""
+
+from __future__ import annotations
+
+from pipeline import lifecycle, ordering, projection, wire
+from pipeline.dedup import identity, is_duplicate
+from pipeline.facts import relevant_change, session_fact
+from pipeline.lifecycle import Transition
+from pipeline.records import Anomaly, Outcome, Record
+from pipeline.stage import StageOutput, StageRules, parked_record, to_parked
+from pipeline.state import SessionState, TypedView
+
+
+def process_sessions(view: TypedView[SessionState], key: str, records: list[Record], rules: StageRules,
+                     out: StageOutput) -> None:
+    """Fold one Session's records (offset order) into its state."""
+    state = view.get(key) or SessionState()
+    for record in records:
+        if record.offset <= state.offset:
+            out.replayed += 1  # folded in before a crash; its rows are in ClickHouse already
+            continue
+        state.offset = record.offset
+        expire_parked(state, record, rules, out)
+        check_idle(state, record, rules, out)
+        handle(state, record, rules, out)
+    # Written even when every record was a replay: the state's changelog record may have died with the crash.
+    view.set(key, state)
+
+
+def expire_parked(state: SessionState, record: Record, rules: StageRules, out: StageOutput) -> None:
+    waiting, expired = ordering.split_expired(state.parked, record.received_at, rules.park_ttl)
+    state.parked = waiting
+    for parked in expired:
+        orphan = parked_record(parked)
+        out.outcome(orphan, Outcome.ORPHANED, f"no Session PUT within {rules.park_ttl}")
+        out.anomaly(Anomaly.ORPHAN_EVENT, orphan.event, f"PATCH waited {rules.park_ttl} for its Session PUT")
+
+
+def check_idle(state: SessionState, record: Record, rules: StageRules, out: StageOutput) -> None:
+    """An update that ends a gap longer than the idle time flags the gap (the sweep flags it earlier)."""
+    if state.applied_at is not None and lifecycle.idle_since(state.status, state.applied_at, record.received_at,
+                                                             rules.session_idle):
+        out.anomaly(Anomaly.SESSION_IDLE, record.event, idle_detail(state.status, rules),
+                    event_id=state.applied_event_id, observed_at=state.applied_at + rules.session_idle)
+
+
+def idle_detail(status: str | None, rules: StageRules) -> str:
+    return f"no update for more than {rules.session_idle} while {status}"
+
+
+def handle(state: SessionState, record: Record, rules: StageRules, out: StageOutput, *,
+           retry: bool = False) -> None:
+    event = record.event
+    if event.operation == "PATCH" and state.object_json is None:
+        if len(state.parked) >= rules.park_max:
+            out.outcome(record, Outcome.ORPHANED, "too many parked events for this Session")
+            out.anomaly(Anomaly.PARK_OVERFLOW, event, f"more than {rules.park_max} events wait for the PUT")
+        else:
+            state.parked.append(to_parked(record))
+            out.outcome(record, Outcome.PARKED, "waiting for the Session PUT")
+        return
+    if is_duplicate(state.last_identity, state.last_hash, event):
+        out.outcome(record, Outcome.DUPLICATE)
+        return
+    last_updated = event.payload["last_updated"]
+    if ordering.is_stale(state.last_updated, last_updated):
+        detail = f"last_updated {last_updated.isoformat()} is older than the stored {state.last_updated}"
+        out.outcome(record, Outcome.STALE, detail)
+        out.anomaly(Anomaly.STALE_UPDATE, event, detail)
+        return
+    if event.operation == "PUT":
+        session = event.payload
+        document = wire.ocpi_json(session)
+    else:
+        assert state.object_json is not None
+        try:
+            merged, document = ordering.merge_session_patch(state.object_json, event.payload)
+        except ordering.InvalidMerge as exc:
+            out.outcome(record, Outcome.INVALID, exc.reason)
+            out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
+            return
+        session = wire.builtins(merged)
+    status = session["status"]
+    transition = lifecycle.classify(state.status, status)
+    if lifecycle.is_anomaly(transition):
+        kind = Anomaly.UPDATE_AFTER_FINAL if transition is Transition.UPDATE_AFTER_FINAL else Anomaly.ILLEGAL_TRANSITION
+        out.anomaly(kind, event, f"{state.status} -> {status}: {transition.value}")
+    if not lifecycle.is_applied(transition):
+        out.outcome(record, Outcome.REJECTED, f"{state.status} -> {status} leaves a final state")
+        return
+    apply(state, record, session, document, transition, out)
+    out.outcome(record, Outcome.APPLIED, transition.value)
+    if state.parked and not retry:
+        pending, state.parked = state.parked, []
+        for parked in pending:
+            handle(state, parked_record(parked), rules, out, retry=True)
+
+
+def apply(state: SessionState, record: Record, session: dict, document: bytes, transition: Transition,
+          out: StageOutput) -> None:
+    event = record.event
+    version = projection.next_version(state.version, session["last_updated"])
+    out.batch.add("sessions", projection.SESSION_COLUMNS, projection.session_row(event, session, document, version))
+    if state.status != session["status"]:
+        out.batch.add("session_status_history", projection.SESSION_HISTORY_COLUMNS,
+                      projection.session_history_row(event, session, state.status, transition.value, version))
+    if session["status"] in lifecycle.FINAL and state.final_at is None:
+        state.final_at = record.received_at  # leaving a final state is rejected, so this is set once
+    fact = session_fact(session, partner_id=event.partner_id, version=version, received_at=record.received_at,
+                        final_at=state.final_at, pseudonym=out.pseudonym)
+    if relevant_change(state.fact, fact):
+        out.fact(event, fact)
+        state.fact = fact
+    state.object_json = document
+    state.status = session["status"]
+    state.last_updated = session["last_updated"]
+    state.last_identity = identity(event)
+    state.last_hash = event.content_hash
+    state.version = version
+    state.applied_event_id = event.event_id
+    state.applied_at = record.received_at

@@ -1,0 +1,74 @@
+"""What one stage-1 batch produces besides state: rows, facts for stage 2, counters (plain data, no I/O)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from infra.codec import DecodedEvent, decode_event
+from infra.settings import PipelineSettings
+from pipeline import projection
+from pipeline.facts import Fact, party_key
+from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, Record, sub_id, utc_now
+from pipeline.sink import Batch
+from pipeline.state import Parked
+
+
+@dataclass(frozen=True)
+class StageRules:
+    """The stage-1 rules' parameters, from settings."""
+
+    park_ttl: timedelta
+    park_max: int
+    session_idle: timedelta
+
+    @classmethod
+    def from_settings(cls, pipeline: PipelineSettings) -> StageRules:
+        return cls(park_ttl=timedelta(seconds=pipeline.park_ttl_s), park_max=pipeline.park_max,
+                   session_idle=timedelta(seconds=pipeline.session_idle_s))
+
+
+@dataclass
+class StageOutput:
+    """Rows, facts and counters of one batch."""
+
+    pseudonym: Callable[[str], str]
+    batch: Batch = field(default_factory=Batch)
+    facts: dict[str, list[Fact]] = field(default_factory=dict)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    replayed: int = 0  # records read again after a crash, already folded into the state
+
+    def outcome(self, record: Record, outcome: Outcome, detail: str = "") -> None:
+        event = record.event
+        self.outcomes[outcome.value] += 1
+        self.batch.put("raw_events", projection.RAW_EVENT_COLUMNS, event.event_id,
+                       projection.raw_event_row(event, record.topic, record.partition, record.offset, outcome,
+                                                detail))
+
+    def anomaly(self, kind: Anomaly, event: DecodedEvent, detail: str, *, event_id: str | None = None,
+                observed_at: datetime | None = None) -> None:
+        row = AnomalyRow(kind=kind, module=event.module, country_code=event.country_code, party_id=event.party_id,
+                         object_id=event.object_id, sub_id=sub_id(event), event_id=event_id or event.event_id,
+                         partner_id=event.partner_id, detail=detail, observed_at=observed_at or event.received_at)
+        self.batch.put("anomalies", projection.ANOMALY_COLUMNS,
+                       (kind, row.object_id, row.sub_id, row.event_id), projection.anomaly_row(row))
+
+    def fact(self, event: DecodedEvent, fact: Fact) -> None:
+        self.facts.setdefault(party_key(event.country_code, event.party_id), []).append(fact)
+
+    def dead_letters(self, dead: list[DeadLetter]) -> None:
+        now = utc_now()
+        for letter in dead:
+            self.batch.add("dead_letters", projection.DEAD_LETTER_COLUMNS, projection.dead_letter_row(letter, now))
+
+
+def parked_record(parked: Parked) -> Record:
+    """A parked event as a record again (its Avro value was validated when it was first read)."""
+    return Record(decode_event(parked.value), parked.topic, parked.partition, parked.offset, parked.value)
+
+
+def to_parked(record: Record) -> Parked:
+    return Parked(value=record.value, topic=record.topic, partition=record.partition, offset=record.offset,
+                  event_id=record.event.event_id, received_at=record.received_at)

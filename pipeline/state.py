@@ -1,0 +1,137 @@
+"""The pipeline's state: typed values of the Faust tables, their codec, and batch overlays over the tables.
+
+Every table value is a msgspec Struct encoded with MessagePack.
+
+Consistency under at-least-once (README, "Exactly once in ClickHouse"): a batch's effects — ClickHouse rows,
+facts and results published to Kafka — are made durable *before* the state that records them is written. Each
+stage-1 state also holds the highest source offset folded into it, so a record read again after a crash
+(offset <= that watermark) is recognised as already done and skipped, instead of being mistaken for a
+partner's duplicate.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+import msgspec
+from faust.streams import _current_event  # see `in_partition_of`
+
+from pipeline.facts import SessionFact
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+class Parked(msgspec.Struct, frozen=True, kw_only=True):
+    """An event that waits for its object (a PATCH before its PUT, an EVSE before its Location)."""
+
+    value: bytes  # the Avro record, decoded again when it is retried
+    topic: str
+    partition: int
+    offset: int
+    event_id: str
+    received_at: datetime
+
+
+class SessionState(msgspec.Struct, kw_only=True):
+    object_json: bytes | None = None  # OCPI JSON of the current Session
+    status: str | None = None
+    last_updated: datetime | None = None
+    last_identity: str = ""  # identity and content hash of the last applied event (dedup)
+    last_hash: str = ""
+    version: int = 0  # row version of the current state
+    applied_event_id: str = ""
+    applied_at: datetime | None = None  # received_at of the last applied event (idle detection)
+    final_at: datetime | None = None  # received_at of the event that made it COMPLETED/INVALID
+    fact: SessionFact | None = None  # the last fact sent to stage 2
+    offset: int = -1  # highest source offset folded into this state
+    parked: list[Parked] = []
+
+
+class LocationState(msgspec.Struct, kw_only=True):
+    object_json: bytes | None = None  # OCPI JSON of the current Location, EVSEs and Connectors included
+    last_identity: str = ""
+    last_hash: str = ""
+    version: int = 0
+    applied_event_id: str = ""
+    offset: int = -1
+    parked: list[Parked] = []
+
+
+class CdrState(msgspec.Struct, kw_only=True):
+    content_hash: str
+    event_id: str
+    offset: int
+    received_at: datetime
+
+
+class Codec(Generic[S]):
+    """MessagePack codec of one state type."""
+
+    def __init__(self, kind: type[S]) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(kind)
+
+    def encode(self, value: S) -> bytes:
+        return self._encoder.encode(value)
+
+    def decode(self, data: bytes) -> S:
+        return self._decoder.decode(data)
+
+
+class Overlay:
+    """One batch's view of a table for one partition: reads fall through, writes are held until `changes`.
+
+    `read` loads a key from the table (in the right partition); writes stay here until the batch's effects
+    are durable, then the agent writes `changes` to the table.
+    """
+
+    def __init__(self, read: Callable[[str], bytes | None]) -> None:
+        self._read = read
+        self._changes: dict[str, bytes | None] = {}
+
+    def get(self, key: str) -> bytes | None:
+        if key in self._changes:
+            return self._changes[key]
+        return self._read(key)
+
+    def set(self, key: str, value: bytes | None) -> None:
+        self._changes[key] = value
+
+    @property
+    def changes(self) -> dict[str, bytes | None]:
+        return self._changes
+
+
+class TypedView(Generic[S]):
+    """Typed access to one state type through an Overlay."""
+
+    def __init__(self, overlay: Overlay, codec: Codec[S]) -> None:
+        self.overlay = overlay
+        self.codec = codec
+
+    def get(self, key: str) -> S | None:
+        data = self.overlay.get(key)
+        return None if data is None else self.codec.decode(data)
+
+    def set(self, key: str, value: S) -> None:
+        self.overlay.set(key, self.codec.encode(value))
+
+
+@contextmanager
+def in_partition_of(event: Any) -> Iterator[None]:
+    """Make Faust table reads and writes use `event`'s partition.
+
+    Faust picks a table key's partition (store lookup and changelog partition) from the stream's *current
+    event*. A `take_events` batch spans partitions and its current event is just the last one read, so each
+    key is read and written with the event that carries it as current event — the same context Faust sets for
+    a per-event agent. `_current_event` is the ContextVar behind `faust.current_event()`.
+    """
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)

@@ -1,0 +1,170 @@
+"""The worker's timer: deadlines that pass without an event, and retention.
+
+Decisions on state are made by events (`pipeline.sessions` etc.) in event time, so reprocessing repeats them.
+A deadline that passes while nothing happens (a parked PATCH whose PUT never comes, a session that stops
+sending, a completed session without a CDR) needs a clock. The sweep reads ClickHouse — never the Faust tables,
+so it cannot race the agents — and writes rows keyed exactly like the ones the event-time rules write for the
+same deadline, so whichever comes first, the result is the same row:
+
+- PARKED raw events older than OCPI_PIPELINE_PARK_TTL → ORPHANED (+ ORPHAN_EVENT anomaly);
+- PENDING/ACTIVE sessions without an update for OCPI_PIPELINE_SESSION_IDLE → SESSION_IDLE anomaly;
+- reconciliation AWAITING_CDR / AWAITING_SESSION past `due_at` → MISSING_CDR / NO_SESSION (also published);
+- credit links AWAITING_ORIGINAL past `due_at` → UNKNOWN_REFERENCE (+ CREDIT_UNKNOWN_REFERENCE anomaly).
+
+It runs only while every partition is read up to its high watermark: during a backlog (a restart, a replay)
+the awaited event may still be waiting in Kafka. A margin of the broker send timeout covers events that were
+stamped before a deadline but reached Kafka after it. Retention: configured TTLs are applied at the first sweep,
+and due rows are pseudonymised every hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from clickhouse_connect.driver.client import Client
+
+from pipeline import projection, retention
+from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS
+from pipeline.records import Anomaly, Outcome, utc_now
+from pipeline.sink import Batch, datetime64
+from pipeline.stage import StageRules
+
+if TYPE_CHECKING:
+    from pipeline.agents import AgentContext
+
+log = logging.getLogger(__name__)
+
+RETENTION_EVERY: Final = timedelta(hours=1)
+_OVERDUE: Final = {"AWAITING_CDR": "MISSING_CDR", "AWAITING_SESSION": "NO_SESSION"}
+_LIMIT: Final = 10_000
+
+
+def orphan_rows(client: Client, before: datetime, rules: StageRules, batch: Batch) -> int:
+    """PARKED events received before `before` become ORPHANED."""
+    columns = ", ".join(projection.RAW_EVENT_COLUMNS)
+    rows = client.query(f"SELECT {columns} FROM raw_events FINAL WHERE outcome = 'PARKED' "
+                        f"AND received_at < {datetime64(before)} LIMIT {_LIMIT}").result_rows
+    index = {name: i for i, name in enumerate(projection.RAW_EVENT_COLUMNS)}
+    for row in rows:
+        new = list(row)
+        new[index["outcome"]] = Outcome.ORPHANED.value
+        new[index["outcome_detail"]] = f"its object did not arrive within {rules.park_ttl}"
+        batch.put("raw_events", projection.RAW_EVENT_COLUMNS, new[index["event_id"]], new)
+        sub = "/".join(str(new[index[c]]).upper() for c in ("evse_uid", "connector_id") if new[index[c]])
+        batch.add("anomalies", projection.ANOMALY_COLUMNS, [
+            Anomaly.ORPHAN_EVENT.value, new[index["module"]], str(new[index["country_code"]]).upper(),
+            str(new[index["party_id"]]).upper(), str(new[index["object_id"]]).upper(), sub, new[index["event_id"]],
+            new[index["partner_id"]], f"waited {rules.park_ttl} for its object", new[index["received_at"]]])
+    return len(rows)
+
+
+def idle_rows(client: Client, before: datetime, rules: StageRules, batch: Batch) -> int:
+    """Open sessions whose last applied event is older than `before` are flagged idle (keyed by that event)."""
+    rows = client.query("SELECT country_code, party_id, session_id, partner_id, status, event_id, received_at "
+                        "FROM sessions FINAL WHERE status IN ('PENDING', 'ACTIVE') "
+                        f"AND received_at < {datetime64(before)} LIMIT {_LIMIT}").result_rows
+    from pipeline.sessions import idle_detail
+
+    for cc, pid, sid, partner, status, event_id, received_at in rows:
+        batch.add("anomalies", projection.ANOMALY_COLUMNS, [
+            Anomaly.SESSION_IDLE.value, "SESSIONS", cc, pid, sid, "", event_id, partner, idle_detail(status, rules),
+            received_at + rules.session_idle])
+    return len(rows)
+
+
+def overdue_reconciliation(client: Client, now: datetime, batch: Batch) -> list[list[Any]]:
+    """AWAITING_* reconciliation rows past their due time, promoted (version + 1: the next real change wins)."""
+    columns = ", ".join(RECONCILIATION_COLUMNS)
+    rows = client.query(f"SELECT {columns} FROM reconciliation FINAL WHERE outcome IN "
+                        f"('AWAITING_CDR', 'AWAITING_SESSION') AND due_at <= {datetime64(now)} LIMIT {_LIMIT}",
+                        ).result_rows
+    index = {name: i for i, name in enumerate(RECONCILIATION_COLUMNS)}
+    promoted = []
+    for row in rows:
+        new = list(row)
+        new[index["outcome"]] = _OVERDUE[new[index["outcome"]]]
+        new[index["version"]] = int(new[index["version"]]) + 1
+        batch.put("reconciliation", RECONCILIATION_COLUMNS, (new[2], new[3], new[-1]), new)
+        promoted.append(new)
+    return promoted
+
+
+def overdue_credits(client: Client, now: datetime, batch: Batch) -> int:
+    columns = ", ".join(CREDIT_LINK_COLUMNS)
+    rows = client.query(f"SELECT {columns} FROM credit_links FINAL WHERE status = 'AWAITING_ORIGINAL' "
+                        f"AND due_at <= {datetime64(now)} LIMIT {_LIMIT}").result_rows
+    index = {name: i for i, name in enumerate(CREDIT_LINK_COLUMNS)}
+    for row in rows:
+        new = list(row)
+        new[index["status"]] = "UNKNOWN_REFERENCE"
+        new[index["version"]] = int(new[index["version"]]) + 1
+        batch.add("credit_links", CREDIT_LINK_COLUMNS, new)
+        credit_id, ref = new[index["credit_cdr_id"]], new[index["credited_cdr_id"]]
+        batch.add("anomalies", projection.ANOMALY_COLUMNS, [
+            Anomaly.CREDIT_UNKNOWN_REFERENCE.value, "CDRS", new[index["country_code"]], new[index["party_id"]],
+            credit_id, "", credit_id, new[index["partner_id"]], f"credited CDR {ref} never arrived",
+            new[index["due_at"]]])
+    return len(rows)
+
+
+def collect(client: Client, now: datetime, rules: StageRules, margin: timedelta) -> tuple[Batch, list[list[Any]]]:
+    """Everything due at `now`: the rows to write and the reconciliation rows to publish."""
+    batch = Batch()
+    orphan_rows(client, now - rules.park_ttl - margin, rules, batch)
+    idle_rows(client, now - rules.session_idle - margin, rules, batch)
+    promoted = overdue_reconciliation(client, now - margin, batch)
+    overdue_credits(client, now - margin, batch)
+    return batch, promoted
+
+
+class Sweeper:
+    def __init__(self, context: AgentContext) -> None:
+        self.context = context
+        settings = context.settings
+        # An event stamped just before a deadline reaches Kafka within the send timeout.
+        self.margin = timedelta(seconds=settings.kafka.send_timeout_s)
+        self.consumed = {t.get_topic_name() for t in context.topics.consumed}
+        self.ttls_applied = False
+        self.last_retention: datetime | None = None
+
+    async def tick(self) -> None:
+        try:
+            await self.run(utc_now())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("deadline sweep failed; trying again at the next tick")
+
+    async def run(self, now: datetime) -> bool:
+        """One sweep at `now`; returns False when skipped because a partition is behind."""
+        ctx = self.context
+        if not ctx.progress.caught_up(ctx.app.consumer, self.consumed):
+            log.debug("sweep skipped: a partition has a backlog")
+            return False
+        batch, promoted = await asyncio.to_thread(ctx.sink.run_sync,
+                                                  lambda c: collect(c, now, ctx.stage_rules, self.margin))
+        await ctx.sink.write(batch)
+        from pipeline.agents import reconciliation_records
+
+        await ctx.publish(ctx.settings.pipeline.topic_reconciliation, reconciliation_records(promoted))
+        await self.retention(now)
+        return True
+
+    async def retention(self, now: datetime) -> None:
+        ctx = self.context
+        database = ctx.settings.clickhouse.database
+        if not self.ttls_applied:
+            changed = await asyncio.to_thread(
+                ctx.sink.run_sync, lambda c: retention.apply_ttls(c, database, ctx.settings))
+            if changed:
+                log.info("retention: TTL set on %s", ", ".join(changed))
+            self.ttls_applied = True
+        if self.last_retention is None or now - self.last_retention >= RETENTION_EVERY:
+            done = await asyncio.to_thread(
+                ctx.sink.run_sync, lambda c: retention.pseudonymise_due(c, ctx.settings, ctx.pseudonym, now))
+            if any(done.values()):
+                log.info("retention: pseudonymised %s", done)
+            self.last_retention = now

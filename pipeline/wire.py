@@ -1,0 +1,65 @@
+"""OCPI JSON for decoded payloads and stored objects, and the Structs they convert to/from (no I/O).
+
+Payloads come from `infra.codec.decode_event` as dicts (nulls left out, aware UTC datetimes, exact Decimals).
+Stored objects are kept as OCPI wire JSON (what the receivers' GET serves), so they are validated again by
+`ocpi.decode` whenever they are turned back into Structs.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from ocpi.canonical import to_ocpi_json
+from ocpi.datetime import format_datetime
+from ocpi.decode import decode
+from ocpi.types import dec_hook
+
+T = TypeVar("T")
+
+_ENCODER: Final = msgspec.json.Encoder(decimal_format="number")
+# msgspec writes a non-zero fraction with 6 digits, which can exceed OCPI's 25 characters: such documents take
+# the exact (slower) path through format_datetime. A string value that merely looks like one only costs time.
+_SUBSECOND: Final = re.compile(rb'T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z"')
+
+
+def ocpi_json(payload: Any) -> bytes:
+    """OCPI wire JSON of a decoded payload (dicts/lists/datetimes/Decimals): `Z` DateTimes, exact numbers."""
+    data = _ENCODER.encode(payload)
+    if _SUBSECOND.search(data) is None:
+        return data
+    return _ENCODER.encode(_wire(payload))
+
+
+def _wire(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _wire(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_wire(v) for v in value]
+    if isinstance(value, datetime):
+        return format_datetime(value)
+    return value
+
+
+def to_struct(payload: dict[str, Any], model: type[T]) -> T:
+    """A decoded payload as an OCPI Struct (types and field constraints checked by msgspec)."""
+    return msgspec.convert(payload, model, dec_hook=dec_hook)
+
+
+def validated(document: bytes, model: type[T]) -> T:
+    """Decode and validate stored OCPI JSON (the full `ocpi.decode` rules); OcpiValidationError if invalid."""
+    return decode(document, model).value
+
+
+def struct_json(value: Any) -> bytes:
+    """OCPI wire JSON of a Struct."""
+    return to_ocpi_json(value)
+
+
+def builtins(value: Any) -> Any:
+    """A Struct as the same builtins a decoded payload has (datetimes and Decimals kept, unset fields dropped)."""
+    return msgspec.to_builtins(value, builtin_types=(datetime, Decimal))

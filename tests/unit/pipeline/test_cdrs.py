@@ -1,0 +1,94 @@
+"""CDR rules and stage 1 for CDRs: immutability (duplicate, conflict), credit checks, rows, facts."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from pipeline.cdr_rules import CdrDecision, credit_anomalies, decide
+from pipeline.cdrs import process_cdrs
+from pipeline.facts import CdrFact
+from pipeline.projection import ANOMALY_COLUMNS, CDR_COLUMNS, CDR_PERIOD_COLUMNS, CDR_TARIFF_COLUMNS, RAW_EVENT_COLUMNS
+from pipeline.records import Anomaly
+from pipeline.state import CdrState
+
+from .builders import Harness, cdr, column, event, rows
+
+
+def harness() -> Harness:
+    return Harness(process_cdrs, CdrState)
+
+
+def outcomes(out: Any) -> dict[str, str]:
+    return dict(zip(column(out.batch, "raw_events", RAW_EVENT_COLUMNS, "event_id"),
+                    column(out.batch, "raw_events", RAW_EVENT_COLUMNS, "outcome"), strict=True))
+
+
+@pytest.mark.parametrize(("stored", "incoming", "expected"), [
+    (None, "h1", CdrDecision.NEW), ("h1", "h1", CdrDecision.DUPLICATE), ("h1", "h2", CdrDecision.CONFLICT)])
+def test_decide(stored: str | None, incoming: str, expected: CdrDecision) -> None:
+    assert decide(stored, incoming) is expected
+
+
+def test_credit_checks() -> None:
+    assert credit_anomalies(cdr()) == []
+    assert credit_anomalies(cdr(credit=True, credit_reference="C0", cost="-2.50")) == []
+    kinds = [k for k, _ in credit_anomalies({**cdr(credit=True, cost="2.50")})]
+    assert kinds == [Anomaly.CREDIT_WITHOUT_REFERENCE, Anomaly.CREDIT_POSITIVE_COST]
+
+
+TARIFF = {"country_code": "NL", "party_id": "TNM", "id": "T1", "currency": "EUR",
+          "elements": [{"price_components": [{"type": "ENERGY", "price": Decimal("0.25"), "step_size": 1}]}],
+          "last_updated": "2026-01-01T00:00:00Z"}
+
+
+def test_a_new_cdr_is_stored_with_periods_tariffs_and_a_fact_exactly() -> None:
+    h = harness()
+    post = event("CDR", cdr(kwh="12.3456", cost="3.0864", tariffs=[TARIFF]), received=1)
+    out = h.run(post)
+    assert outcomes(out) == {post.event_id: "APPLIED"}
+    [row] = rows(out.batch, "cdrs")
+    assert row[CDR_COLUMNS.index("total_energy")] == Decimal("12.3456")
+    assert row[CDR_COLUMNS.index("total_cost_excl_vat")] == Decimal("3.0864")
+    assert column(out.batch, "cdr_charging_periods", CDR_PERIOD_COLUMNS, "dimension_types") == [["ENERGY", "TIME"]]
+    assert column(out.batch, "cdr_tariffs", CDR_TARIFF_COLUMNS, "tariff_id") == ["T1"]
+    [fact] = out.facts["NL/TNM"]
+    assert isinstance(fact, CdrFact) and fact.cost_excl_vat == Decimal("3.0864") and fact.session_id == "S1"
+
+
+def test_the_same_cdr_again_is_a_duplicate_even_with_another_last_updated() -> None:
+    h = harness()
+    h.run(event("CDR", cdr(), received=1))
+    again = event("CDR", cdr(updated=90), received=2)
+    out = h.run(again)
+    assert outcomes(out) == {again.event_id: "DUPLICATE"}
+    assert rows(out.batch, "cdrs") == [] and out.facts == {}
+
+
+def test_a_different_cdr_with_a_known_id_is_a_conflict_and_the_original_stays() -> None:
+    h = harness()
+    original = event("CDR", cdr(cost="2.50"), received=1)
+    h.run(original)
+    other = event("CDR", cdr(cost="9.99"), received=2)
+    out = h.run(other)
+    assert outcomes(out) == {other.event_id: "CONFLICT"}
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["CDR_CONFLICT"]
+    assert rows(out.batch, "cdrs") == []
+    assert h.state("NL/TNM/C1").event_id == original.event_id
+
+
+def test_a_credit_cdr_with_a_positive_cost_is_stored_and_flagged() -> None:
+    h = harness()
+    out = h.run(event("CDR", cdr("C1-C", credit=True, credit_reference="C1", cost="2.50"), received=1))
+    assert column(out.batch, "cdrs", CDR_COLUMNS, "credit") == [True]
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["CREDIT_POSITIVE_COST"]
+
+
+def test_a_redelivered_record_is_not_a_duplicate() -> None:
+    h = harness()
+    post = h.feed.record(event("CDR", cdr(), received=1))
+    h.run(post)
+    out = h.run(post)
+    assert out.replayed == 1 and outcomes(out) == {}

@@ -1,0 +1,159 @@
+"""Stage 1 for Locations: the tree at three levels, changed-rows-only projection, parking, parents' times."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.locations import process_locations
+from pipeline.projection import (
+    ANOMALY_COLUMNS,
+    CONNECTOR_COLUMNS,
+    EVSE_COLUMNS,
+    EVSE_HISTORY_COLUMNS,
+    LOCATION_COLUMNS,
+    RAW_EVENT_COLUMNS,
+)
+from pipeline.state import LocationState
+
+from .builders import Harness, column, connector, event, evse, iso, location, rows, stage_rules, ts
+
+KEY = "NL/TNM/LOC1"
+
+
+def harness(**rules: Any) -> Harness:
+    return Harness(process_locations, LocationState, stage_rules(**rules) if rules else None)
+
+
+def outcome_of(out: Any, event_id: str) -> str:
+    found = dict(zip(column(out.batch, "raw_events", RAW_EVENT_COLUMNS, "event_id"),
+                     column(out.batch, "raw_events", RAW_EVENT_COLUMNS, "outcome"), strict=True))
+    return found[event_id]
+
+
+def stored(h: Harness) -> dict[str, Any]:
+    return json.loads(h.state(KEY).object_json)
+
+
+def status_patch(uid: str, status: str, minute: float, received: float) -> Any:
+    return event("EVSEPatch", {"status": status, "last_updated": iso(ts(minute))}, object_id="LOC1", evse_uid=uid,
+                 received=received)
+
+
+def test_a_location_put_writes_the_location_its_evses_connectors_and_first_statuses() -> None:
+    h = harness()
+    out = h.run(event("Location", location(evses=[evse("E1"), evse("E2", status="CHARGING")]), received=1))
+    assert column(out.batch, "locations", LOCATION_COLUMNS, "evse_count") == [2]
+    assert column(out.batch, "evses", EVSE_COLUMNS, "evse_uid") == ["E1", "E2"]
+    assert column(out.batch, "connectors", CONNECTOR_COLUMNS, "connector_id") == ["1", "1"]
+    assert column(out.batch, "evse_status_history", EVSE_HISTORY_COLUMNS, "status") == ["AVAILABLE", "CHARGING"]
+
+
+def test_an_evse_status_patch_writes_only_what_changed_and_raises_the_location_time() -> None:
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1"), evse("E2")]), received=1))
+    patch = status_patch("E2", "CHARGING", 10, 2)
+    out = h.run(patch)
+    assert outcome_of(out, patch.event_id) == "APPLIED"
+    assert column(out.batch, "evses", EVSE_COLUMNS, "evse_uid") == ["E2"]
+    assert column(out.batch, "evses", EVSE_COLUMNS, "status") == ["CHARGING"]
+    assert rows(out.batch, "connectors") == []
+    history = rows(out.batch, "evse_status_history")
+    assert [(r[EVSE_HISTORY_COLUMNS.index("previous_status")], r[EVSE_HISTORY_COLUMNS.index("status")])
+            for r in history] == [("AVAILABLE", "CHARGING")]
+    assert column(out.batch, "locations", LOCATION_COLUMNS, "last_updated") == [ts(10)]
+    assert stored(h)["evses"][1]["status"] == "CHARGING"
+
+
+def test_an_older_child_push_never_lowers_the_location_time() -> None:
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1", updated=0)], updated=20), received=1))
+    older = event("EVSE", evse("E1", status="BLOCKED", updated=10), object_id="LOC1", evse_uid="E1", received=2)
+    out = h.run(older)
+    assert outcome_of(out, older.event_id) == "APPLIED"  # newer than the EVSE itself (0), older than the Location
+    assert stored(h)["last_updated"] == iso(ts(20)) and stored(h)["evses"][0]["status"] == "BLOCKED"
+
+
+def test_a_stale_evse_patch_is_recorded_and_not_applied() -> None:
+    h = harness()
+    h.run(event("Location", location(), received=1), status_patch("E1", "CHARGING", 10, 2))
+    late = status_patch("E1", "AVAILABLE", 5, 3)
+    out = h.run(late)
+    assert outcome_of(out, late.event_id) == "STALE"
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["STALE_UPDATE"]
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "sub_id") == ["E1"]
+    assert stored(h)["evses"][0]["status"] == "CHARGING"
+
+
+def test_a_repeated_status_patch_is_a_duplicate() -> None:
+    h = harness()
+    h.run(event("Location", location(), received=1))
+    body = {"status": "CHARGING", "last_updated": iso(ts(10))}
+    first = event("EVSEPatch", body, object_id="LOC1", evse_uid="E1", received=2)
+    again = event("EVSEPatch", body, object_id="LOC1", evse_uid="E1", received=3)
+    out = h.run(first, again)
+    assert outcome_of(out, again.event_id) == "DUPLICATE"
+    assert len(rows(out.batch, "evse_status_history")) == 1
+
+
+def test_evse_events_before_their_location_wait_for_it() -> None:
+    h = harness()
+    patch = status_patch("E1", "CHARGING", 10, 1)
+    first = h.run(patch)
+    assert outcome_of(first, patch.event_id) == "PARKED" and rows(first.batch, "locations") == []
+    put = event("Location", location(), received=2)
+    out = h.run(put)
+    assert outcome_of(out, put.event_id) == "APPLIED" and outcome_of(out, patch.event_id) == "APPLIED"
+    assert stored(h)["evses"][0]["status"] == "CHARGING" and h.state(KEY).parked == []
+
+
+def test_a_connector_patch_waits_for_its_connector_put_even_when_the_location_exists() -> None:
+    h = harness()
+    h.run(event("Location", location(), received=1))
+    patch = event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(10))}, object_id="LOC1",
+                  evse_uid="E1", connector_id="2", received=2)
+    assert outcome_of(h.run(patch), patch.event_id) == "PARKED"
+    put = event("Connector", connector("2", updated=5), object_id="LOC1", evse_uid="E1", connector_id="2",
+                received=3)
+    out = h.run(put)
+    assert outcome_of(out, put.event_id) == "APPLIED" and outcome_of(out, patch.event_id) == "APPLIED"
+    [c1, c2] = stored(h)["evses"][0]["connectors"]
+    assert c1["id"] == "1" and c2["max_electric_power"] == 11000
+    assert column(out.batch, "connectors", CONNECTOR_COLUMNS, "max_electric_power") == [22000, 11000]
+
+
+def test_an_evse_missing_from_a_location_put_is_kept_as_not_present() -> None:
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1"), evse("E2")]), received=1))
+    out = h.run(event("Location", location(evses=[evse("E1", updated=5)], updated=5), received=2))
+    present = dict(zip(column(out.batch, "evses", EVSE_COLUMNS, "evse_uid"),
+                       column(out.batch, "evses", EVSE_COLUMNS, "present"), strict=True))
+    assert present == {"E1": True, "E2": False}
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["EVSE_MISSING_FROM_PUT"]
+    assert column(out.batch, "connectors", CONNECTOR_COLUMNS, "present") == [True, False]
+
+
+def test_a_location_patch_that_breaks_a_cross_field_rule_is_invalid_and_not_stored() -> None:
+    h = harness()
+    unpublished = location(publish=False, publish_allowed_to=[{"uid": "TOK1", "type": "RFID"}])
+    h.run(event("Location", unpublished, received=1))
+    patch = event("LocationPatch", {"publish": True, "last_updated": iso(ts(5))}, object_id="LOC1", received=2)
+    out = h.run(patch)
+    assert outcome_of(out, patch.event_id) == "INVALID"
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["INVALID_MERGE"]
+    assert stored(h)["publish"] is False
+
+
+def test_a_location_patch_merges_its_fields() -> None:
+    h = harness()
+    h.run(event("Location", location(name="Old"), received=1))
+    h.run(event("LocationPatch", {"name": "New", "last_updated": iso(ts(5))}, object_id="LOC1", received=2))
+    assert stored(h)["name"] == "New" and stored(h)["evses"][0]["uid"] == "E1"
+
+
+def test_versions_grow_with_every_applied_change() -> None:
+    h = harness()
+    outs = [h.run(event("Location", location(), received=1)), h.run(status_patch("E1", "CHARGING", 0, 2)),
+            h.run(status_patch("E1", "AVAILABLE", 0, 3))]
+    versions = [column(o.batch, "locations", LOCATION_COLUMNS, "version")[0] for o in outs]
+    assert versions == sorted(set(versions))

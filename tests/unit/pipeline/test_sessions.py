@@ -1,0 +1,241 @@
+"""Stage 1 for Sessions: dedup, stale updates, PATCH merge and parking, lifecycle, idle gaps, replays."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+from pipeline.facts import SessionFact
+from pipeline.projection import ANOMALY_COLUMNS, RAW_EVENT_COLUMNS, SESSION_COLUMNS, SESSION_HISTORY_COLUMNS
+from pipeline.sessions import process_sessions
+from pipeline.state import SessionState
+
+from .builders import Harness, column, event, iso, period, rows, session, stage_rules, ts
+
+KEY = "NL/TNM/S1"
+
+
+def harness(**rules: Any) -> Harness:
+    return Harness(process_sessions, SessionState, stage_rules(**rules) if rules else None)
+
+
+def outcomes(out: Any) -> list[tuple[str, str]]:
+    return sorted(zip(column(out.batch, "raw_events", RAW_EVENT_COLUMNS, "event_id"),
+                      column(out.batch, "raw_events", RAW_EVENT_COLUMNS, "outcome"), strict=True))
+
+
+def kinds(out: Any) -> list[str]:
+    return sorted(column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind"))
+
+
+def stored(h: Harness) -> dict[str, Any]:
+    state = h.state(KEY)
+    assert state is not None and state.object_json is not None
+    return json.loads(state.object_json)
+
+
+def test_a_new_session_is_applied_with_a_row_its_first_status_and_a_fact() -> None:
+    h = harness()
+    put = event("Session", session(status="PENDING"), received=1)
+    out = h.run(put)
+    assert outcomes(out) == [(put.event_id, "APPLIED")]
+    [row] = rows(out.batch, "sessions")
+    assert row[SESSION_COLUMNS.index("session_id")] == "S1" and row[SESSION_COLUMNS.index("status")] == "PENDING"
+    assert row[SESSION_COLUMNS.index("version")] == int(ts(0).timestamp() * 1_000_000) * 1000
+    assert column(out.batch, "session_status_history", SESSION_HISTORY_COLUMNS, "transition") == ["INITIAL"]
+    [fact] = out.facts["NL/TNM"]
+    assert isinstance(fact, SessionFact) and fact.status == "PENDING" and fact.token.startswith("psn:")
+    assert h.state(KEY).offset == 0
+
+
+def test_a_retry_and_a_bumped_last_updated_are_duplicates_and_create_no_version() -> None:
+    h = harness()
+    body = session(kwh="5")
+    h.run(event("Session", body, received=1))
+    retry = event("Session", body, received=2)
+    bumped = event("Session", {**body, "last_updated": iso(ts(10))}, received=3)
+    out = h.run(retry, bumped)
+    assert outcomes(out) == sorted([(retry.event_id, "DUPLICATE"), (bumped.event_id, "DUPLICATE")])
+    assert rows(out.batch, "sessions") == [] and out.facts == {}
+    assert h.state(KEY).last_updated == ts(0)  # the bump did not become the stored state
+
+
+def test_an_older_put_is_stale_recorded_and_not_applied() -> None:
+    h = harness()
+    h.run(event("Session", session(kwh="5", updated=10), received=1))
+    old = event("Session", session(kwh="2", updated=5), received=2)
+    out = h.run(old)
+    assert outcomes(out) == [(old.event_id, "STALE")]
+    assert kinds(out) == ["STALE_UPDATE"] and rows(out.batch, "sessions") == []
+    assert stored(h)["kwh"] == 5
+
+
+def test_equal_last_updated_with_new_content_is_applied_and_the_version_still_grows() -> None:
+    h = harness()
+    first = h.run(event("Session", session(kwh="5", updated=10), received=1))
+    second = h.run(event("Session", session(kwh="6", updated=10), received=2))
+    v1 = rows(first.batch, "sessions")[0][SESSION_COLUMNS.index("version")]
+    v2 = rows(second.batch, "sessions")[0][SESSION_COLUMNS.index("version")]
+    assert v2 == v1 + 1 and stored(h)["kwh"] == 6
+
+
+def test_a_fifo_resend_after_an_outage_changes_nothing() -> None:
+    h = harness()
+    e1 = session(kwh="1", updated=1)
+    e2 = session(kwh="2", updated=2)
+    e3 = session(kwh="3", updated=3)
+    h.run(*(event("Session", b, received=i) for i, b in enumerate((e1, e2, e3))))
+    resent = [event("Session", b, received=10 + i) for i, b in enumerate((e1, e2, e3))]
+    out = h.run(*resent)
+    assert [o for _, o in outcomes(out)].count("STALE") == 2
+    assert [o for _, o in outcomes(out)].count("DUPLICATE") == 1
+    assert rows(out.batch, "sessions") == [] and stored(h)["kwh"] == 3
+
+
+def test_patch_merges_fields_and_appends_charging_periods_once() -> None:
+    h = harness()
+    h.run(event("Session", session(periods=[period(0, "1")]), received=1))
+    patch = {"kwh": Decimal("4"), "charging_periods": [period(10, "3")], "last_updated": iso(ts(10))}
+    h.run(event("SessionPatch", patch, object_id="S1", received=2))
+    retried_with_new_time = {**patch, "kwh": Decimal("4.5"), "last_updated": iso(ts(11))}
+    h.run(event("SessionPatch", retried_with_new_time, object_id="S1", received=3))
+    document = stored(h)
+    assert document["kwh"] == 4.5
+    assert [p["start_date_time"] for p in document["charging_periods"]] == [iso(ts(0)), iso(ts(10))]
+    assert document["last_updated"] == iso(ts(11))
+
+
+def test_patch_before_put_is_parked_then_applied_after_the_put() -> None:
+    h = harness()
+    patch = event("SessionPatch", {"kwh": Decimal("7"), "status": "COMPLETED", "end_date_time": iso(ts(30)),
+                                   "last_updated": iso(ts(30))}, object_id="S1", received=1)
+    first = h.run(patch)
+    assert outcomes(first) == [(patch.event_id, "PARKED")] and rows(first.batch, "sessions") == []
+    put = event("Session", session(kwh="0", updated=0), received=2)
+    second = h.run(put)
+    assert outcomes(second) == sorted([(put.event_id, "APPLIED"), (patch.event_id, "APPLIED")])
+    assert [r[SESSION_COLUMNS.index("status")] for r in rows(second.batch, "sessions")] == ["ACTIVE", "COMPLETED"]
+    assert stored(h)["kwh"] == 7 and h.state(KEY).parked == []
+
+
+def test_patch_and_put_in_one_batch_leave_one_raw_row_per_event() -> None:
+    h = harness()
+    patch = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(30))}, object_id="S1", received=1)
+    put = event("Session", session(), received=2)
+    out = h.run(patch, put)
+    assert outcomes(out) == sorted([(patch.event_id, "APPLIED"), (put.event_id, "APPLIED")])
+
+
+def test_a_parked_patch_that_is_older_than_the_put_is_stale() -> None:
+    h = harness()
+    patch = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(5))}, object_id="S1", received=1)
+    h.run(patch)
+    out = h.run(event("Session", session(kwh="9", updated=10), received=2))
+    assert dict(outcomes(out))[patch.event_id] == "STALE" and stored(h)["kwh"] == 9
+
+
+def test_a_parked_patch_becomes_an_orphan_when_its_put_comes_too_late() -> None:
+    h = harness(park_ttl_min=5)
+    patch = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(30))}, object_id="S1", received=0)
+    h.run(patch)
+    put = event("Session", session(kwh="1", updated=20), received=6)  # 6 min later: past the 5 min TTL
+    out = h.run(put)
+    assert outcomes(out) == sorted([(patch.event_id, "ORPHANED"), (put.event_id, "APPLIED")])
+    assert kinds(out) == ["ORPHAN_EVENT"]
+    assert stored(h)["kwh"] == 1 and h.state(KEY).parked == []
+
+
+def test_parking_is_bounded() -> None:
+    h = harness(park_max=2)
+    patches = [event("SessionPatch", {"kwh": Decimal(i), "last_updated": iso(ts(i))}, object_id="S1", received=i / 10)
+               for i in range(1, 4)]
+    out = h.run(*patches)
+    assert [o for _, o in outcomes(out)].count("PARKED") == 2
+    assert dict(outcomes(out))[patches[2].event_id] == "ORPHANED" and kinds(out) == ["PARK_OVERFLOW"]
+
+
+def test_a_merge_that_is_not_a_valid_session_is_recorded_not_stored() -> None:
+    h = harness()
+    h.run(event("Session", session(), received=1))
+    bad = event("SessionPatch", {"id": "OTHER", "kwh": Decimal("3"), "last_updated": iso(ts(5))}, object_id="S1",
+                received=2)
+    out = h.run(bad)
+    assert outcomes(out) == [(bad.event_id, "INVALID")] and kinds(out) == ["INVALID_MERGE"]
+    assert rows(out.batch, "sessions") == [] and stored(h)["kwh"] == 0
+
+
+def test_leaving_a_final_state_is_rejected_and_the_session_stays_completed() -> None:
+    h = harness()
+    h.run(event("Session", session(status="COMPLETED", kwh="5", end=30, updated=30), received=1))
+    back = event("SessionPatch", {"status": "ACTIVE", "last_updated": iso(ts(40))}, object_id="S1", received=2)
+    out = h.run(back)
+    assert outcomes(out) == [(back.event_id, "REJECTED")] and kinds(out) == ["ILLEGAL_TRANSITION"]
+    assert rows(out.batch, "sessions") == [] and stored(h)["status"] == "COMPLETED"
+
+
+def test_a_backward_move_between_open_states_is_applied_and_recorded() -> None:
+    h = harness()
+    h.run(event("Session", session(status="ACTIVE"), received=1))
+    back = event("SessionPatch", {"status": "PENDING", "last_updated": iso(ts(5))}, object_id="S1", received=2)
+    out = h.run(back)
+    assert outcomes(out) == [(back.event_id, "APPLIED")] and kinds(out) == ["ILLEGAL_TRANSITION"]
+    assert column(out.batch, "session_status_history", SESSION_HISTORY_COLUMNS, "transition") == ["ILLEGAL"]
+    assert stored(h)["status"] == "PENDING"
+
+
+def test_a_change_after_completion_is_applied_and_flagged() -> None:
+    h = harness()
+    h.run(event("Session", session(status="COMPLETED", kwh="5", end=30, updated=30), received=1))
+    cost = event("SessionPatch", {"total_cost": {"excl_vat": Decimal("2"), "incl_vat": Decimal("2.42")},
+                                  "last_updated": iso(ts(31))}, object_id="S1", received=2)
+    out = h.run(cost)
+    assert outcomes(out) == [(cost.event_id, "APPLIED")] and kinds(out) == ["UPDATE_AFTER_FINAL"]
+    assert rows(out.batch, "session_status_history") == []  # the status did not change
+
+
+def test_status_history_keeps_every_change() -> None:
+    h = harness()
+    out = h.run(event("Session", session(status="PENDING"), received=1),
+                event("SessionPatch", {"status": "ACTIVE", "last_updated": iso(ts(1))}, object_id="S1", received=2),
+                event("SessionPatch", {"kwh": Decimal("3"), "last_updated": iso(ts(2))}, object_id="S1", received=3),
+                event("SessionPatch", {"status": "COMPLETED", "last_updated": iso(ts(3))}, object_id="S1",
+                      received=4))
+    history = rows(out.batch, "session_status_history")
+    status, previous = SESSION_HISTORY_COLUMNS.index("status"), SESSION_HISTORY_COLUMNS.index("previous_status")
+    assert [(r[previous], r[status]) for r in history] == [("", "PENDING"), ("PENDING", "ACTIVE"),
+                                                            ("ACTIVE", "COMPLETED")]
+
+
+def test_a_gap_longer_than_the_idle_time_is_flagged_by_the_next_update() -> None:
+    h = harness(idle_min=60)
+    first = event("Session", session(status="ACTIVE"), received=0)
+    h.run(first)
+    out = h.run(event("SessionPatch", {"kwh": Decimal("3"), "last_updated": iso(ts(90))}, object_id="S1",
+                      received=90))
+    [anomaly] = rows(out.batch, "anomalies")
+    assert anomaly[ANOMALY_COLUMNS.index("kind")] == "SESSION_IDLE"
+    assert anomaly[ANOMALY_COLUMNS.index("event_id")] == first.event_id  # keyed by the event the gap began with
+    assert anomaly[ANOMALY_COLUMNS.index("observed_at")] == ts(60)
+
+
+def test_facts_follow_matching_keys_and_final_amounts_not_every_kwh_tick() -> None:
+    h = harness()
+    first = h.run(event("Session", session(status="ACTIVE"), received=1))
+    tick = h.run(event("SessionPatch", {"kwh": Decimal("3"), "last_updated": iso(ts(5))}, object_id="S1",
+                       received=2))
+    done = h.run(event("SessionPatch", {"status": "COMPLETED", "kwh": Decimal("4"), "last_updated": iso(ts(9))},
+                       object_id="S1", received=3))
+    assert len(first.facts["NL/TNM"]) == 1 and tick.facts == {}
+    [fact] = done.facts["NL/TNM"]
+    assert isinstance(fact, SessionFact) and fact.kwh == Decimal(4) and fact.final_at == ts(3)
+
+
+def test_records_read_again_after_a_crash_are_skipped_and_the_state_rewritten() -> None:
+    h = harness()
+    put = h.feed.record(event("Session", session(), received=1))
+    h.run(put)
+    h.store.data[KEY] = h.store.data[KEY]  # the state survived the crash, its offset watermark too
+    out = h.run(put)  # Kafka delivers it again: not a partner's duplicate
+    assert out.replayed == 1 and rows(out.batch, "raw_events") == [] and out.outcomes == {}
+    assert h.state(KEY).offset == put.offset

@@ -1,0 +1,210 @@
+"""Rows meet the DDL: every row builder's output inserted through the sink into a migrated chDB database and
+read back exactly; the billing view nets credits; the deadline sweep; retention on the same store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from infra.clickhouse.client import connect
+from infra.clickhouse.migrations import migrate
+from infra.settings import Settings, load_settings
+from pipeline import retention, sweeps
+from pipeline.cdrs import process_cdrs
+from pipeline.locations import process_locations
+from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS
+from pipeline.sessions import process_sessions
+from pipeline.sink import Batch, ClickHouseSink
+from pipeline.state import CdrState, LocationState, SessionState
+from tests.conftest import unique
+
+from .builders import Harness, cdr, event, evse, iso, location, session, stage_rules, ts
+
+pytestmark = pytest.mark.clickhouse
+
+
+@pytest.fixture
+def client(chdb_dsn: str) -> Iterator[Client]:
+    database = unique("pipe")
+    owner = connect(chdb_dsn)
+    migrate(owner, database)
+    yield connect(chdb_dsn, database=database)
+    owner.command(f"DROP DATABASE IF EXISTS {database}")
+
+
+def write(client: Client, batch: Batch) -> None:
+    import asyncio
+
+    asyncio.run(ClickHouseSink(lambda: client).write(batch))
+
+
+def test_every_stage_one_row_lands_in_its_table_exactly(client: Client) -> None:
+    sessions = Harness(process_sessions, SessionState)
+    locations = Harness(process_locations, LocationState)
+    cdrs = Harness(process_cdrs, CdrState)
+    batches = [
+        sessions.run(event("Session", session(kwh="12.3456", cost="3.0864", status="COMPLETED", end=60, updated=60),
+                           received=61)).batch,
+        locations.run(event("Location", location(evses=[evse("E1"), evse("E2", status="CHARGING")]),
+                            received=1)).batch,
+        cdrs.run(event("CDR", cdr(kwh="12.3456", cost="3.0864"), received=62)).batch,
+    ]
+    for batch in batches:
+        write(client, batch)
+    assert client.query("SELECT session_id, status, kwh, total_cost_excl_vat, token_uid, received_at, version > 0 "
+                        "FROM sessions FINAL").result_rows == [
+        ("S1", "COMPLETED", Decimal("12.3456"), Decimal("3.0864"), "TOK1", ts(61), True)]
+    assert client.query("SELECT evse_uid, status, present, connector_count FROM evses FINAL ORDER BY evse_uid"
+                        ).result_rows == [("E1", "AVAILABLE", True, 1), ("E2", "CHARGING", True, 1)]
+    assert client.query("SELECT count() FROM connectors FINAL").result_rows == [(2,)]
+    assert client.query("SELECT cdr_id, total_energy, total_cost_excl_vat FROM cdrs FINAL").result_rows == [
+        ("C1", Decimal("12.3456"), Decimal("3.0864"))]
+    assert client.query("SELECT period_index, dimension_types, dimension_volumes FROM cdr_charging_periods FINAL"
+                        ).result_rows == [(0, ["ENERGY", "TIME"], [Decimal("12.3456"), Decimal("1.0000")])]
+    assert client.query("SELECT module, outcome, count() FROM raw_events FINAL GROUP BY module, outcome ORDER BY 1"
+                        ).result_rows == [("CDRS", "APPLIED", 1), ("LOCATIONS", "APPLIED", 1),
+                                          ("SESSIONS", "APPLIED", 1)]
+    document = json.loads(client.query("SELECT payload_json FROM locations FINAL").result_rows[0][0])
+    assert [e["uid"] for e in document["evses"]] == ["E1", "E2"] and document["last_updated"] == iso(ts(0))
+
+
+def test_writing_a_batch_twice_changes_no_total(client: Client) -> None:
+    cdrs = Harness(process_cdrs, CdrState)
+    batch = cdrs.run(event("CDR", cdr("C1", cost="2.50")), event("CDR", cdr("C2", cost="1.25"))).batch
+    write(client, batch)
+    write(client, batch)
+    assert client.query("SELECT count(), sum(cost_excl_vat) FROM billing_lines FINAL").result_rows == [
+        (2, Decimal("3.7500"))]
+    assert client.query("SELECT count() FROM raw_events FINAL").result_rows == [(2,)]
+
+
+def test_billing_nets_credit_cdrs_per_partner_location_and_day(client: Client) -> None:
+    cdrs = Harness(process_cdrs, CdrState)
+    write(client, cdrs.run(event("CDR", cdr("C1", kwh="10", cost="2.50")),
+                           event("CDR", cdr("C1-C", kwh="10", cost="-2.50", credit=True, credit_reference="C1")),
+                           event("CDR", cdr("C2", kwh="8", cost="2.00", location="LOC2"))).batch)
+    assert client.query("SELECT location_id, day, cdrs, credit_cdrs, energy_kwh, cost_excl_vat FROM billing_daily "
+                        "ORDER BY location_id").result_rows == [
+        ("LOC1", ts(0).date(), 2, 1, Decimal("0.0000"), Decimal("0.0000")),
+        ("LOC2", ts(0).date(), 1, 0, Decimal("8.0000"), Decimal("2.0000"))]
+
+
+def _settings(**env: str) -> Settings:
+    return load_settings({"OCPI_PSEUDONYM_KEY": "x" * 32, **env})
+
+
+def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> None:
+    rules = stage_rules(park_ttl_min=5, idle_min=60)
+    sessions = Harness(process_sessions, SessionState, rules)
+    parked = event("SessionPatch", {"kwh": Decimal(1), "last_updated": iso(ts(30))}, object_id="S9",
+                   received=0)
+    write(client, sessions.run(parked, event("Session", session("S2", status="ACTIVE"), received=0),
+                               event("Session", session("S3", status="ACTIVE"), received=50)).batch)
+    recon = Batch()
+    base = dict.fromkeys(RECONCILIATION_COLUMNS)
+    for subject, sid, outcome, due in (("SESSION", "S5", "AWAITING_CDR", ts(30)), ("CDR", "C5", "AWAITING_SESSION",
+                                        ts(100)), ("CDR", "C6", "MATCHED", None)):
+        row = {**base, "country_code": "NL", "party_id": "TNM", "subject": subject, "subject_id": sid,
+               "partner_id": "p1", "outcome": outcome, "method": "", "cdr_ids": [], "late": False, "due_at": due,
+               "event_time": ts(0), "version": 4}
+        recon.add("reconciliation", RECONCILIATION_COLUMNS, [row[c] for c in RECONCILIATION_COLUMNS])
+    link = dict(zip(CREDIT_LINK_COLUMNS, ["NL", "TNM", "C7-C", "C7", "p1", "AWAITING_ORIGINAL", Decimal("-1"), None,
+                                          None, ts(0), ts(10), 2], strict=True))
+    recon.add("credit_links", CREDIT_LINK_COLUMNS, list(link.values()))
+    write(client, recon)
+
+    batch, promoted = sweeps.collect(client, ts(70), rules, timedelta(seconds=10))
+    write(client, batch)
+    assert client.query("SELECT event_id, outcome FROM raw_events FINAL WHERE outcome IN ('PARKED', 'ORPHANED')"
+                        ).result_rows == [(parked.event_id, "ORPHANED")]
+    assert sorted(client.query("SELECT kind, object_id FROM anomalies FINAL").result_rows) == [
+        ("CREDIT_UNKNOWN_REFERENCE", "C7-C"), ("ORPHAN_EVENT", "S9"), ("SESSION_IDLE", "S2")]
+    assert [(r[3], r[5]) for r in promoted] == [("S5", "MISSING_CDR")]
+    assert client.query("SELECT subject_id, outcome, version FROM reconciliation FINAL ORDER BY subject_id"
+                        ).result_rows == [("C5", "AWAITING_SESSION", 4), ("C6", "MATCHED", 4),
+                                          ("S5", "MISSING_CDR", 5)]
+    assert client.query("SELECT status FROM credit_links FINAL").result_rows == [("UNKNOWN_REFERENCE",)]
+    again, promoted_again = sweeps.collect(client, ts(70), rules, timedelta(seconds=10))
+    assert promoted_again == [] and len(again.tables().get("anomalies", [])) == 1  # S2 still idle: same key
+
+
+def test_ttls_follow_the_settings(client: Client) -> None:
+    database = client.database
+    assert retention.apply_ttls(client, database, _settings()) == []  # the migrations set the defaults
+    changed = retention.apply_ttls(client, database, _settings(OCPI_RETENTION_RAW_DAYS="7"))
+    assert changed == ["raw_events", "dead_letters"]
+    assert retention.current_ttls(client, database)["raw_events"] == "toDateTime(received_at) + toIntervalDay(7)"
+
+
+def test_personal_data_is_pseudonymised_after_the_configured_age_and_joins_still_work(client: Client) -> None:
+    settings = _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30")
+    pseudonym = retention.Pseudonymizer(b"x" * 32)
+    write(client, Harness(process_sessions, SessionState).run(
+        event("Session", session(authref="AUTH-1", status="COMPLETED", end=60, updated=60), received=1)).batch)
+    write(client, Harness(process_cdrs, CdrState).run(event("CDR", cdr(authref="AUTH-1"), received=2)).batch)
+    now = ts(0) + timedelta(days=10)
+    assert retention.pseudonymise_due(client, settings, pseudonym, now) == {"sessions": 0, "cdrs": 0, "locations": 0}
+    later = ts(0) + timedelta(days=31)
+    assert retention.pseudonymise_due(client, settings, pseudonym, later) == {"sessions": 1, "cdrs": 1,
+                                                                               "locations": 0}
+    [(uid, contract, ref, pseudonymised, document)] = client.query(
+        "SELECT token_uid, contract_id, authorization_reference, pseudonymised, payload_json FROM sessions FINAL"
+    ).result_rows
+    assert uid == pseudonym("TOK1") and contract == pseudonym("NL-EMS-TOK1") and pseudonymised
+    assert len(uid) == 36 and ref == pseudonym("auth-1")  # CiString: case does not matter
+    assert json.loads(document)["cdr_token"]["uid"] == uid and "TOK1" not in document
+    assert client.query("SELECT count() FROM sessions s FINAL JOIN cdrs c FINAL ON s.token_uid = c.token_uid "
+                        "AND s.authorization_reference = c.authorization_reference").result_rows == [(1,)]
+    assert client.query("SELECT sum(cost_excl_vat) FROM billing_lines FINAL").result_rows == [(Decimal("2.5000"),)]
+    assert retention.pseudonymise_due(client, settings, pseudonym, later) == {"sessions": 0, "cdrs": 0,
+                                                                               "locations": 0}
+
+
+def test_the_report_counts_what_is_due(client: Client) -> None:
+    write(client, Harness(process_cdrs, CdrState).run(event("CDR", cdr(), received=1)).batch)
+    settings = _settings()
+    at = {(r.data_class, r.table): r
+          for r in retention.report_rows(client, client.database, settings, ts(0) + timedelta(days=40))}
+    assert at["raw", "raw_events"].rows_due == 1 and at["billing", "cdrs"].rows_due == 0
+    assert at["billing", "cdrs"].ttl_in_effect == "toDateTime(received_at) + toIntervalYear(7)"
+    personal = [r for r in retention.report_rows(client, client.database, settings,
+                                                 ts(0) + timedelta(days=100)) if r.data_class == "personal"]
+    assert {r.table: r.rows_due for r in personal} == {"sessions": 0, "cdrs": 1, "locations": 0}
+
+
+def test_pseudonyms_are_keyed_stable_and_idempotent() -> None:
+    a = retention.Pseudonymizer(b"a" * 32)
+    b = retention.Pseudonymizer(b"b" * 32)
+    assert a("TOK1") == a("tok1") != b("TOK1")
+    assert a(a("TOK1")) == a("TOK1")
+    assert a("Visual 1", case_insensitive=False) != a("visual 1", case_insensitive=False)
+    with pytest.raises(ValueError, match="16 bytes"):
+        retention.Pseudonymizer(b"short")
+
+
+def test_a_generated_key_is_kept(tmp_path: Any) -> None:
+    settings = load_settings({"OCPI_DATA_DIR": str(tmp_path)})
+    key = retention.load_key(settings)
+    assert len(key) == 64 and retention.load_key(settings) == key
+    assert oct(retention.key_file(settings).stat().st_mode & 0o777) == "0o600"
+
+
+def test_topic_configs_cover_every_topic_we_feed() -> None:
+    configs = retention.topic_configs(load_settings({"OCPI_RETENTION_RAW_DAYS": "2"}))
+    assert set(configs) == {"ocpi.locations.v1", "ocpi.sessions.v1", "ocpi.cdrs.v1", "ocpi.pipeline.party-facts.v1",
+                            "ocpi.reconciliation.v1"}
+    assert {c["retention.ms"] for c in configs.values()} == {str(2 * 86_400_000)}
+
+
+def test_datetime_literal() -> None:
+    from pipeline.sink import datetime64, string
+
+    moment = datetime(2026, 1, 5, 9, 0, 0, 123456, tzinfo=UTC)
+    assert datetime64(moment) == "toDateTime64('2026-01-05 09:00:00.123456', 6, 'UTC')"
+    assert string("it's") == "'it\\'s'"
