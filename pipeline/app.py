@@ -11,6 +11,7 @@ from infra.kafka import compat
 from infra.settings import Settings
 from pipeline.agents import AgentContext, Progress, StateTable, register_agents
 from pipeline.reconcile import Rules
+from pipeline.rejections import register_rejections_agent
 from pipeline.retention import Pseudonymizer, load_key
 from pipeline.sink import ClickHouseSink
 from pipeline.stage import StageRules
@@ -69,6 +70,7 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
         pseudonym=Pseudonymizer(load_key(settings)),
     )
     register_agents(context, tables)
+    register_rejections_agent(context)  # refused pushes → `rejections` (partner health)
     sweeper = Sweeper(context)
     app.timer(settings.pipeline.sweep_interval_s, name="deadline-sweep")(sweeper.tick)
     return Pipeline(app=app, topics=topics, sink=sink, tables=tables, sweeper=sweeper, context=context)

@@ -87,7 +87,8 @@ class Stack:
             self.bootstrap = self.broker.bootstrap
         else:
             self.bootstrap = kafka.bootstrap
-        await asyncio.to_thread(ensure_topics, self.bootstrap, kafka.module_topics, kafka.partitions)
+        await asyncio.to_thread(ensure_topics, self.bootstrap, (*kafka.module_topics, kafka.topic_rejections),
+                                kafka.partitions)
 
         database = self.settings.clickhouse.database
         dsn = self.settings.clickhouse_dsn
