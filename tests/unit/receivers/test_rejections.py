@@ -50,7 +50,7 @@ def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 @pytest.fixture
-def env(make_env: Callable[..., AppEnv]) -> AppEnv:
+def env(make_env: Callable[..., AppEnv]) -> AppEnv:  # noqa: F811 - the imported fixture
     built = make_env(OCPI_TOPIC_REJECTIONS="test.rejections")
     built.provision("cpo-bec", ("BE", "BEC", "CPO"))
     return built

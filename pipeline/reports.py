@@ -1,0 +1,237 @@
+"""Named reports: the SQL of each one, once, and a runner (the CLI `ocpi-pipeline report ...` and tests use them).
+
+Every report is a function returning a `ReportQuery` (SQL with client-side `%(name)s` parameters: the chDB
+shim has no server-side parameters) over the tables the pipeline writes:
+
+- revenue: `billing_lines` (one line per CDR, credits already negated by the `billing_lines_mv` view, so a
+  credit CDR nets out the CDR it cancels); grouped by party, location or day, one row per currency;
+- reconciliation: `reconciliation` outcomes per CPO party, subject and outcome, with the summed deltas;
+- anomalies: `anomalies` per kind, module and CPO party;
+- health: per partner and module, pushes accepted (`raw_events`, source PUSH), pushes refused
+  (`rejections`), the refusal rate and the ingestion lag (`inserted_at - received_at`: from the receiver
+  taking the push to its row being written) as p50/p95/max seconds;
+- rejections: the refusals themselves, grouped by partner, module, status and field path.
+
+Periods are UTC dates, both ends inclusive; a missing end is unbounded. Identity columns hold upper-cased
+keys, so a `--party` filter is upper-cased too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Final
+
+from clickhouse_connect.driver.client import Client
+
+from infra.kafka import compat
+from infra.settings import KafkaSettings, Settings
+
+GROUPINGS: Final = ("party", "location", "day")
+_PARTY: Final = re.compile(r"^([A-Za-z]{2})/([A-Za-z0-9]{3})$")
+
+
+class ReportError(ValueError):
+    """A report parameter is invalid; the message says which."""
+
+
+@dataclass(frozen=True)
+class Period:
+    """UTC dates, both inclusive; None = unbounded."""
+
+    start: date | None = None
+    end: date | None = None
+
+    def __post_init__(self) -> None:
+        if self.start and self.end and self.start > self.end:
+            raise ReportError(f"the period starts ({self.start}) after it ends ({self.end})")
+
+
+@dataclass(frozen=True)
+class ReportQuery:
+    sql: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_party(value: str) -> tuple[str, str]:
+    """`CC/PID` (case-insensitive) → upper-cased (country_code, party_id)."""
+    match = _PARTY.match(value.strip())
+    if match is None:
+        raise ReportError(f"party {value!r}: expected COUNTRY_CODE/PARTY_ID, e.g. NL/TNM")
+    return match.group(1).upper(), match.group(2).upper()
+
+
+class _Filters:
+    """WHERE conditions and their parameters, built up in order."""
+
+    def __init__(self) -> None:
+        self.conditions: list[str] = []
+        self.params: dict[str, Any] = {}
+
+    def period(self, day_expr: str, period: Period) -> _Filters:
+        if period.start is not None:
+            self.conditions.append(f"{day_expr} >= %(from_day)s")
+            self.params["from_day"] = period.start
+        if period.end is not None:
+            self.conditions.append(f"{day_expr} <= %(to_day)s")
+            self.params["to_day"] = period.end
+        return self
+
+    def party(self, party: str | None) -> _Filters:
+        if party:
+            country_code, party_id = parse_party(party)
+            self.conditions += ["country_code = %(country_code)s", "party_id = %(party_id)s"]
+            self.params.update(country_code=country_code, party_id=party_id)
+        return self
+
+    def equals(self, column: str, name: str, value: str | None) -> _Filters:
+        if value:
+            self.conditions.append(f"{column} = %({name})s")
+            self.params[name] = value
+        return self
+
+    @property
+    def where(self) -> str:
+        return ("WHERE " + " AND ".join(self.conditions)) if self.conditions else ""
+
+
+def revenue(period: Period, *, by: str = "party", party: str | None = None,
+            partner: str | None = None) -> ReportQuery:
+    """Energy and revenue (credits netted) per CPO party, location or day, and currency."""
+    keys = {"party": ["country_code", "party_id"],
+            "location": ["country_code", "party_id", "location_id"],
+            "day": ["day"]}.get(by)
+    if keys is None:
+        raise ReportError(f"--by {by!r}: expected one of {', '.join(GROUPINGS)}")
+    filters = _Filters().period("day", period).party(party).equals("partner_id", "partner", partner)
+    group = ", ".join([*keys, "currency"])
+    sql = f"""
+SELECT {group},
+       countIf(NOT credit) AS cdrs,
+       countIf(credit) AS credit_cdrs,
+       sum(energy_kwh) AS energy_kwh,
+       sum(cost_excl_vat) AS revenue_excl_vat,
+       sum(ifNull(cost_incl_vat, cost_excl_vat)) AS revenue_incl_vat
+FROM billing_lines FINAL
+{filters.where}
+GROUP BY {group}
+ORDER BY {group}"""
+    return ReportQuery(sql, filters.params)
+
+
+def reconciliation(period: Period, *, party: str | None = None) -> ReportQuery:
+    """Reconciliation outcomes per CPO party, subject (SESSION, CDR) and outcome, with summed deltas."""
+    filters = _Filters().period("toDate(event_time)", period).party(party)
+    sql = f"""
+SELECT country_code, party_id, subject, outcome,
+       count() AS subjects,
+       countIf(late) AS late,
+       sum(ifNull(delta_kwh, 0)) AS sum_delta_kwh,
+       sum(ifNull(delta_cost_excl_vat, 0)) AS sum_delta_cost_excl_vat,
+       max(abs(ifNull(delta_kwh, 0))) AS max_abs_delta_kwh
+FROM reconciliation FINAL
+{filters.where}
+GROUP BY country_code, party_id, subject, outcome
+ORDER BY country_code, party_id, subject, outcome"""
+    return ReportQuery(sql, filters.params)
+
+
+def anomalies(period: Period, *, party: str | None = None, kind: str | None = None) -> ReportQuery:
+    """Anomalies per kind, module and CPO party, with when they were first and last seen."""
+    filters = _Filters().period("toDate(observed_at)", period).party(party).equals(
+        "kind", "kind", kind.upper() if kind else None)
+    sql = f"""
+SELECT kind, module, country_code, party_id,
+       count() AS anomalies,
+       min(observed_at) AS first_seen,
+       max(observed_at) AS last_seen
+FROM anomalies FINAL
+{filters.where}
+GROUP BY kind, module, country_code, party_id
+ORDER BY kind, module, country_code, party_id"""
+    return ReportQuery(sql, filters.params)
+
+
+def health(period: Period, *, partner: str | None = None) -> ReportQuery:
+    """Per partner and module: pushes accepted and refused, refusal rate, ingestion lag p50/p95/max (s)."""
+    pushed = _Filters().period("toDate(received_at)", period).equals("partner_id", "partner", partner)
+    pushed.conditions.append("source = 'PUSH'")
+    refused = _Filters().period("toDate(rejected_at)", period).equals("partner_id", "partner", partner)
+    # One stream of pushes and refusals, aggregated with -If combinators (-OrNull: no pushes, no lag).
+    sql = f"""
+SELECT partner_id, module,
+       countIf(kind = 'push') AS pushes,
+       countIf(kind = 'reject') AS rejects,
+       round(rejects / (pushes + rejects), 4) AS reject_rate,
+       round(quantileExactIfOrNull(0.5)(lag, kind = 'push'), 3) AS lag_p50_s,
+       round(quantileExactIfOrNull(0.95)(lag, kind = 'push'), 3) AS lag_p95_s,
+       round(maxIfOrNull(lag, kind = 'push'), 3) AS lag_max_s,
+       maxIfOrNull(at, kind = 'push') AS last_push,
+       maxIfOrNull(at, kind = 'reject') AS last_reject
+FROM
+(
+    SELECT partner_id, module, 'push' AS kind, received_at AS at,
+           greatest(toFloat64(dateDiff('microsecond', received_at, inserted_at)) / 1e6, 0) AS lag
+    FROM raw_events FINAL
+    {pushed.where}
+    UNION ALL
+    SELECT partner_id, upper(module) AS module, 'reject' AS kind, rejected_at AS at, 0 AS lag
+    FROM rejections FINAL
+    {refused.where}
+)
+GROUP BY partner_id, module
+ORDER BY partner_id, module"""
+    return ReportQuery(sql, {**pushed.params, **refused.params})
+
+
+def rejections(period: Period, *, partner: str | None = None) -> ReportQuery:
+    """Refused pushes per partner, module, method, OCPI/HTTP status and field path, with an example reason."""
+    filters = _Filters().period("toDate(rejected_at)", period).equals("partner_id", "partner", partner)
+    sql = f"""
+SELECT partner_id, upper(module) AS module, method, ocpi_status, http_status, field_path,
+       count() AS rejects,
+       any(reason) AS example_reason,
+       max(rejected_at) AS last_rejected
+FROM rejections FINAL
+{filters.where}
+GROUP BY partner_id, module, method, ocpi_status, http_status, field_path
+ORDER BY partner_id, module, rejects DESC, ocpi_status, field_path"""
+    return ReportQuery(sql, filters.params)
+
+
+def run(client: Client, query: ReportQuery) -> tuple[list[str], list[Sequence[Any]]]:
+    """Run a report; (column names, rows)."""
+    result = client.query(query.sql, parameters=query.params)
+    return list(result.column_names), list(result.result_rows)
+
+
+CONSUMER_LAG_COLUMNS: Final = ("topic", "partitions", "committed", "end_offset", "lag")
+
+
+def consumed_topics(settings: Settings) -> tuple[str, ...]:
+    """The topics the worker consumes (its output topics, e.g. reconciliation results, have no lag of ours)."""
+    return (*settings.kafka.module_topics, settings.pipeline.topic_party_facts, settings.kafka.topic_rejections)
+
+
+async def consumer_lag(kafka: KafkaSettings, bootstrap: str, group_id: str,
+                       topics: Sequence[str]) -> tuple[list[str], list[Sequence[Any]]]:
+    """Per topic: the consumer group's committed offsets against the true end offsets (records not yet
+    processed). On the embedded Tansu broker the end offsets come from `infra.kafka.compat` (its ListOffsets
+    is wrong). A partition the group never committed counts from offset 0."""
+    from pipeline.jobs.kafka_io import committed_offsets, topic_partitions
+
+    tps = await topic_partitions(bootstrap, topics)
+    ends = await compat.end_offsets(kafka, bootstrap, tps)
+    committed = await committed_offsets(bootstrap, group_id, tps)
+    totals: dict[str, list[int]] = {}
+    for tp in tps:
+        done, end = committed.get(tp) or 0, ends.get(tp) or 0
+        row = totals.setdefault(tp.topic, [0, 0, 0, 0])
+        row[0] += 1
+        row[1] += done
+        row[2] += end
+        row[3] += max(end - done, 0)
+    rows: list[Sequence[Any]] = [(topic, *values) for topic, values in sorted(totals.items())]
+    return list(CONSUMER_LAG_COLUMNS), rows
