@@ -1,0 +1,160 @@
+"""The Grafana dashboards are code: data source by template variable only, the ClickHouse plugin's macros used
+the way the plugin expands them, and every panel's SQL valid against the migrated schema.
+
+`render_panel_sql` expands a panel's SQL as grafana-clickhouse-datasource v4 does (pkg/macros/macros.go) and
+substitutes the dashboards' template variables; the integration test runs the same on demo data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from infra.clickhouse.client import connect
+from infra.clickhouse.migrations import migrate
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
+PLUGIN = "grafana-clickhouse-datasource"
+DATASOURCE_REF = {"type": PLUGIN, "uid": "${datasource}"}
+INTERVAL_S = 3600  # what Grafana passes as the interval for a 7-day range on a wide panel (order of magnitude)
+
+_MACRO = re.compile(r"\$__(\w+)(?:\(([^()]*)\))?")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def _panels(board: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in board.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows
+
+
+def panel_queries(path: Path) -> list[tuple[str, str]]:
+    """(panel title, raw SQL) of every query of every panel."""
+    return [(panel["title"], target["rawSql"]) for panel in _panels(_load(path))
+            for target in panel.get("targets", [])]
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def render_panel_sql(sql: str, *, start: datetime, end: datetime, partners: list[str] | None = None) -> str:
+    """The SQL Grafana would send: plugin macros expanded for [start, end], template variables substituted
+    (`partner` = All: every value, or one impossible value when there are none)."""
+
+    def expand(match: re.Match[str]) -> str:
+        name, arg = match.group(1), (match.group(2) or "").strip()
+        date_time = {"fromTime": f"toDateTime({int(start.timestamp())})",
+                     "toTime": f"toDateTime({int(end.timestamp())})",
+                     "fromTime_ms": f"fromUnixTimestamp64Milli({int(start.timestamp() * 1000)})",
+                     "toTime_ms": f"fromUnixTimestamp64Milli({int(end.timestamp() * 1000)})",
+                     "interval_s": str(INTERVAL_S)}
+        if name in date_time and match.group(2) is None:
+            return date_time[name]
+        if name == "timeFilter" and arg:
+            return f"{arg} >= {date_time['fromTime']} AND {arg} <= {date_time['toTime']}"
+        if name == "timeFilter_ms" and arg:
+            return f"{arg} >= {date_time['fromTime_ms']} AND {arg} <= {date_time['toTime_ms']}"
+        if name == "dateFilter" and arg:
+            return (f"{arg} >= toDate('{start:%Y-%m-%d}') AND {arg} <= toDate('{end:%Y-%m-%d}')")
+        if name == "timeInterval" and arg:
+            return f"toStartOfInterval(toDateTime({arg}), INTERVAL {INTERVAL_S} second)"
+        raise AssertionError(f"unknown or misused macro {match.group(0)!r}")
+
+    rendered = _MACRO.sub(expand, sql)
+    values = ", ".join(_quote(p) for p in (partners or ["\x00none"]))
+    rendered = rendered.replace("${partner:singlequote}", values)
+    leftover = re.search(r"\$\{?\w+", rendered)
+    assert leftover is None, f"unsubstituted variable {leftover.group(0)!r} in:\n{rendered}"
+    return rendered
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_the_data_source_is_a_template_variable_never_a_fixed_uid(path: Path) -> None:
+    board = _load(path)
+    assert board["id"] is None and board["uid"]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    datasource = variables["datasource"]
+    assert (datasource["type"], datasource["query"]) == ("datasource", PLUGIN)
+    assert variables["partner"]["datasource"] == DATASOURCE_REF
+    panels = list(_panels(board))
+    assert panels
+    for panel in panels:
+        assert panel["datasource"] == DATASOURCE_REF, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == DATASOURCE_REF, panel["title"]
+            assert target["editorType"] == "sql" and target["rawSql"].strip(), panel["title"]
+    # Nothing anywhere names the provisioned data source's uid (dashboards/provisioning/datasources).
+    assert "ocpi-clickhouse" not in path.read_text(encoding="utf-8")
+
+
+def test_dashboards_have_unique_uids_and_panel_ids() -> None:
+    boards = [_load(p) for p in DASHBOARDS]
+    assert len({b["uid"] for b in boards}) == len(boards) >= 4
+    for board in boards:
+        ids = [p["id"] for p in _panels(board)]
+        assert len(ids) == len(set(ids)), board["uid"]
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_time_series_panels_bucket_with_the_plugin_macros(path: Path) -> None:
+    for panel in _panels(_load(path)):
+        for target in panel["targets"]:
+            sql = target["rawSql"]
+            assert re.search(r"\$__(timeFilter|dateFilter)\(", sql), f"{panel['title']}: no time range filter"
+            if panel["type"] == "timeseries":
+                assert target["format"] == 0 and re.search(r"\bAS time\b", sql), panel["title"]
+                assert "$__timeInterval(" in sql or "toDateTime(day) AS time" in sql, panel["title"]
+
+
+def test_render_expands_macros_like_the_plugin() -> None:
+    start, end = datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 3, 2, 12, tzinfo=UTC)
+    sql = ("SELECT $__timeInterval(t) AS time FROM x WHERE $__timeFilter(t) AND $__dateFilter(d) "
+           "AND t < $__toTime AND p IN (${partner:singlequote})")
+    assert render_panel_sql(sql, start=start, end=end, partners=["a'b", "c"]) == (
+        f"SELECT toStartOfInterval(toDateTime(t), INTERVAL {INTERVAL_S} second) AS time FROM x "
+        "WHERE t >= toDateTime(1709251200) AND t <= toDateTime(1709380800) "
+        "AND d >= toDate('2024-03-01') AND d <= toDate('2024-03-02') AND t < toDateTime(1709380800) "
+        "AND p IN ('a\\'b', 'c')")
+    with pytest.raises(AssertionError, match="unknown or misused macro"):
+        render_panel_sql("SELECT $__timeFilter() FROM x", start=start, end=end)
+    with pytest.raises(AssertionError, match="unsubstituted variable"):
+        render_panel_sql("SELECT $region FROM x", start=start, end=end)
+
+
+@pytest.fixture(scope="module")
+def schema(chdb_dsn: str) -> Iterator[Client]:
+    """An empty, fully migrated database on the session's chDB path."""
+    database = f"dash_{uuid.uuid4().hex[:8]}"
+    client = connect(chdb_dsn)
+    migrate(client, database)
+    client.database = database
+    yield client
+    client.command(f"DROP DATABASE IF EXISTS {database}")
+    client.close()
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_every_panel_query_runs_on_the_migrated_schema(schema: Client, path: Path) -> None:
+    end = datetime.now(UTC)
+    for title, sql in panel_queries(path):
+        rendered = render_panel_sql(sql, start=end - timedelta(days=7), end=end, partners=["p1", "p2"])
+        try:
+            schema.query(rendered)
+        except Exception as exc:
+            pytest.fail(f"{path.name}: panel {title!r} failed: {exc}\n{rendered}")
+    variable = next(v for v in _load(path)["templating"]["list"] if v["name"] == "partner")
+    schema.query(variable["query"])
