@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 BATCH_WITHIN_S = 0.3
 STOP_GRACE_S = 30.0  # how long a stopping worker finishes the batch in hand
+REPORT_EVERY_S = 10.0
 EXIT_PIPELINE_ERROR = 70  # EX_SOFTWARE: a bug; nothing of the batch was committed
 _JSON = msgspec.json.Encoder(decimal_format="number")
 
@@ -216,7 +217,7 @@ class PartyAgent:
 def party_batch(out: PartyOutput, dead: list[DeadLetter]) -> Batch:
     batch = Batch()
     for row in out.reconciliation:
-        batch.put("reconciliation", RECONCILIATION_COLUMNS, (row[2], row[3], row[-1]), row)
+        batch.put("reconciliation", RECONCILIATION_COLUMNS, reconciliation_key(row), row)
     batch.extend("credit_links", CREDIT_LINK_COLUMNS, out.credit_links)
     for anomaly in out.anomalies:
         batch.add("anomalies", projection.ANOMALY_COLUMNS, projection.anomaly_row(anomaly))
@@ -224,6 +225,11 @@ def party_batch(out: PartyOutput, dead: list[DeadLetter]) -> Batch:
     for letter in dead:
         batch.add("dead_letters", projection.DEAD_LETTER_COLUMNS, projection.dead_letter_row(letter, now))
     return batch
+
+
+def reconciliation_key(row: list[Any]) -> tuple[Any, ...]:
+    """country_code, party_id, subject, subject_id, version: one row per subject state in a batch."""
+    return row[0], row[1], row[2], row[3], row[-1]
 
 
 def reconciliation_records(rows: list[list[Any]]) -> list[tuple[bytes, bytes]]:
@@ -250,10 +256,15 @@ def register_agents(context: AgentContext, tables: dict[str, StateTable]) -> Non
 def _agent(handler: Callable[[Sequence[EventT]], Awaitable[None]], name: str, batch_max: int,
            ) -> Callable[[faust.StreamT[bytes]], Awaitable[None]]:
     async def agent(stream: faust.StreamT[bytes]) -> None:
+        counted, busy, last_report = 0, 0.0, time.monotonic()
         async for events in stream.take_events(batch_max, within=BATCH_WITHIN_S):  # type: ignore[attr-defined]
             started = time.perf_counter()
             await _run_batch(handler, events, name)
-            log.debug("%s: %d events in %.3fs", name, len(events), time.perf_counter() - started)
+            counted += len(events)
+            busy += time.perf_counter() - started
+            if time.monotonic() - last_report >= REPORT_EVERY_S:
+                log.info("%s: %d records in %.2fs of work since the last report", name, counted, busy)
+                counted, busy, last_report = 0, 0.0, time.monotonic()
 
     return agent
 

@@ -1,11 +1,18 @@
-"""The demo: the whole stack on the embedded engines, a simulated CPO, and a summary read back from ClickHouse."""
+"""The demo: the whole stack on the embedded engines, simulated CPOs, and a summary read back from ClickHouse.
+
+The simulated CPOs (`pipeline.simulator`) send full traffic: Locations with EVSE status PATCHes, Session
+lifecycles by PATCH, retries, out-of-order pushes, credit and corrected CDRs. The summary is read from
+ClickHouse only: billing totals per party (credits netted), duplicates, stale updates, anomalies and
+reconciliation outcomes; and it is checked against what the simulator says must be stored (`Expected`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from clickhouse_connect.driver.client import Client
@@ -39,48 +46,111 @@ class DemoSummary:
     raw_events: int
     dead_letters: int
     parties: list[PartyTotals]
+    outcomes: dict[str, int]  # raw_events.outcome -> events
+    anomalies: dict[str, int]  # anomalies.kind -> rows
+    reconciliation: dict[tuple[str, str], int]  # (subject, outcome) -> rows
+    credit_links: dict[str, int]  # status -> links
     expected: Expected
     seconds: float
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def duplicates(self) -> int:
+        return self.outcomes.get("DUPLICATE", 0)
+
+    @property
+    def stale(self) -> int:
+        return self.outcomes.get("STALE", 0)
 
     @property
     def matches_expected(self) -> bool:
         """Every push acknowledged, and ClickHouse holds exactly what was acknowledged."""
-        return (self.expected.rejected == 0
-                and self.sessions == len(self.expected.sessions) and self.cdrs == len(self.expected.cdrs)
-                and all(p.kwh == self.expected.kwh_by_party[f"{p.country_code}/{p.party_id}"]
-                        and p.cost_excl_vat == self.expected.cost_by_party[f"{p.country_code}/{p.party_id}"]
-                        for p in self.parties))
+        return not self.mismatches
+
+
+def _scalar(client: Client, sql: str) -> int:
+    return int(client.query(sql).result_rows[0][0])
+
+
+def _counts(client: Client, sql: str) -> dict[str, int]:
+    return {str(k): int(n) for k, n in client.query(sql).result_rows}
 
 
 def read_summary(client: Client, expected: Expected, seconds: float) -> DemoSummary:
-    def scalar(sql: str) -> int:
-        return int(client.query(sql).result_rows[0][0])
-
-    sessions_by_party = dict(((cc, pid), n) for cc, pid, n in client.query(
-        "SELECT country_code, party_id, count() FROM sessions FINAL GROUP BY country_code, party_id").result_rows)
+    completed = dict(((cc, pid), int(n)) for cc, pid, n in client.query(
+        "SELECT country_code, party_id, count() FROM sessions FINAL WHERE status = 'COMPLETED' "
+        "GROUP BY country_code, party_id").result_rows)
     parties = [
-        PartyTotals(cc, pid, int(sessions_by_party.get((cc, pid), 0)), int(n), kwh, excl, incl or Decimal(0))
+        PartyTotals(cc, pid, completed.get((cc, pid), 0), int(n), kwh, excl, incl or Decimal(0))
         for cc, pid, n, kwh, excl, incl in client.query(
-            "SELECT country_code, party_id, count(), sum(total_energy), sum(total_cost_excl_vat), "
-            "sum(total_cost_incl_vat) FROM cdrs FINAL GROUP BY country_code, party_id "
-            "ORDER BY country_code, party_id").result_rows
+            "SELECT country_code, party_id, count(), sum(energy_kwh), sum(cost_excl_vat), sum(cost_incl_vat) "
+            "FROM billing_lines FINAL GROUP BY country_code, party_id ORDER BY country_code, party_id").result_rows
     ]
-    return DemoSummary(
-        sessions=scalar("SELECT count() FROM sessions FINAL"),
-        cdrs=scalar("SELECT count() FROM cdrs FINAL"),
-        raw_events=scalar("SELECT count() FROM raw_events FINAL"),
-        dead_letters=scalar("SELECT count() FROM dead_letters"),
-        parties=parties, expected=expected, seconds=seconds)
+    reconciliation = {(str(s), str(o)): int(n) for s, o, n in client.query(
+        "SELECT subject, outcome, count() FROM reconciliation FINAL GROUP BY subject, outcome "
+        "ORDER BY subject, outcome").result_rows}
+    summary = DemoSummary(
+        sessions=_scalar(client, "SELECT count() FROM sessions FINAL WHERE status = 'COMPLETED'"),
+        cdrs=_scalar(client, "SELECT count() FROM cdrs FINAL"),
+        raw_events=_scalar(client, "SELECT count() FROM raw_events FINAL"),
+        dead_letters=_scalar(client, "SELECT count() FROM dead_letters"),
+        parties=parties,
+        outcomes=_counts(client, "SELECT outcome, count() FROM raw_events FINAL GROUP BY outcome ORDER BY outcome"),
+        anomalies=_counts(client, "SELECT kind, count() FROM anomalies FINAL GROUP BY kind ORDER BY kind"),
+        reconciliation=reconciliation,
+        credit_links=_counts(client, "SELECT status, count() FROM credit_links FINAL GROUP BY status"),
+        expected=expected, seconds=seconds)
+    summary.mismatches.extend(mismatches(client, summary, expected))
+    return summary
+
+
+def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list[str]:
+    """Every way ClickHouse differs from what the simulated CPOs had acknowledged (empty: it matches)."""
+    found = []
+    if expected.rejected:
+        found.append(f"{expected.rejected} pushes were not acknowledged")
+    if summary.raw_events != expected.events:
+        found.append(f"{summary.raw_events} raw events for {expected.events} acknowledged pushes")
+    if summary.sessions != len(expected.sessions):
+        found.append(f"{summary.sessions} completed sessions, expected {len(expected.sessions)}")
+    if summary.cdrs != len(expected.cdrs):
+        found.append(f"{summary.cdrs} CDRs, expected {len(expected.cdrs)}")
+    for party in summary.parties:
+        name = f"{party.country_code}/{party.party_id}"
+        if party.kwh != expected.kwh_by_party.get(name, Decimal(0)):
+            found.append(f"{name}: {party.kwh} kWh billed, expected {expected.kwh_by_party.get(name)}")
+        if party.cost_excl_vat != expected.cost_by_party.get(name, Decimal(0)):
+            found.append(f"{name}: cost {party.cost_excl_vat}, expected {expected.cost_by_party.get(name)}")
+    if summary.duplicates < expected.retries:
+        found.append(f"{summary.duplicates} duplicates for {expected.retries} deliberate retries")
+    sessions = {(cc, pid, sid): (status, kwh, len(json.loads(doc).get("charging_periods") or ()))
+                for cc, pid, sid, status, kwh, doc in client.query(
+                    "SELECT country_code, party_id, session_id, status, kwh, payload_json FROM sessions FINAL"
+                ).result_rows}
+    for key, status in expected.session_status.items():
+        got = sessions.get((key[0].upper(), key[1].upper(), key[2].upper()))
+        want = (status, expected.session_kwh.get(key), expected.session_periods.get(key))
+        if got is None or got[0] != want[0] or (want[1] is not None and got[1] != want[1]) or (
+                want[2] is not None and got[2] != want[2]):
+            found.append(f"session {'/'.join(key)}: stored {got}, expected {want}")
+    evses: dict[tuple[str, ...], str] = {(cc, pid, lid, uid): status for cc, pid, lid, uid, status in client.query(
+        "SELECT country_code, party_id, location_id, evse_uid, status FROM evses FINAL WHERE present").result_rows}
+    for evse_key, evse_status in expected.evse_status.items():
+        stored_status = evses.get(tuple(part.upper() for part in evse_key))
+        if stored_status != evse_status:
+            found.append(f"EVSE {'/'.join(evse_key)}: stored {stored_status}, expected {evse_status}")
+    return found[:20]
 
 
 async def wait_for_rows(client: Client, expected: Expected, timeout: float) -> bool:
-    """Poll until ClickHouse holds every acknowledged session and CDR (or the timeout passes)."""
+    """Poll until every acknowledged push has an outcome, and every CDR is billed and reconciled."""
     deadline = time.monotonic() + timeout
-    want = (len(expected.sessions), len(expected.cdrs))
+    want = (expected.events, len(expected.cdrs), len(expected.cdrs))
     while time.monotonic() < deadline:
         got = await asyncio.to_thread(lambda: (
-            int(client.query("SELECT count() FROM sessions FINAL WHERE status = 'COMPLETED'").result_rows[0][0]),
-            int(client.query("SELECT count() FROM cdrs FINAL").result_rows[0][0])))
+            _scalar(client, "SELECT count() FROM raw_events FINAL WHERE outcome != 'PARKED'"),
+            _scalar(client, "SELECT count() FROM billing_lines FINAL"),
+            _scalar(client, "SELECT count() FROM reconciliation FINAL WHERE subject = 'CDR'")))
         if got == want:
             return True
         await asyncio.sleep(0.5)
@@ -109,21 +179,14 @@ async def run_demo(settings: Settings, *, sessions: int, seed: int, timeout: flo
         if on_started:
             on_started(stack)
         partners = await asyncio.to_thread(provision_demo_partners, stack.clickhouse)
-        expected = Expected()
         share = [sessions // len(partners) + (1 if i < sessions % len(partners) else 0)
                  for i in range(len(partners))]
         cpos = [SimulatedCpo(stack.base_url, token, parties, seed=seed + i)
                 for i, (token, parties) in enumerate(partners.values())]
         results = await asyncio.gather(*(cpo.run(n, progress) for cpo, n in zip(cpos, share, strict=True)))
+        expected = Expected()
         for result in results:
-            expected.sessions |= result.sessions
-            expected.cdrs |= result.cdrs
-            for party, kwh in result.kwh_by_party.items():
-                expected.kwh_by_party[party] += kwh
-            for party, cost in result.cost_by_party.items():
-                expected.cost_by_party[party] += cost
-            expected.pushes += result.pushes
-            expected.rejected += result.rejected
+            expected.merge(result)
         await wait_for_rows(stack.clickhouse, expected, timeout)
         stack.check_children()
         return await asyncio.to_thread(read_summary, stack.clickhouse, expected, time.monotonic() - started)

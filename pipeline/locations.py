@@ -47,12 +47,15 @@ def handle(state: LocationState, record: Record, rules: StageRules, out: StageOu
            retry: bool = False) -> bool:
     """Apply one event; returns False when it had to be parked."""
     event = record.event
+    last_updated = event.payload["last_updated"]
     if is_duplicate(state.last_identity, state.last_hash, event):
+        confirmed = state.confirmed.get(state.last_identity)
+        if confirmed is None or last_updated > confirmed:
+            state.confirmed[state.last_identity] = last_updated
         out.outcome(record, Outcome.DUPLICATE)
         return True
     current = wire.validated(state.object_json, Location) if state.object_json is not None else None
-    stored = ordering.target_last_updated(current, event)
-    last_updated = event.payload["last_updated"]
+    stored = ordering.newest(ordering.target_last_updated(current, event), state.confirmed.get(identity(event)))
     if ordering.is_stale(stored, last_updated):
         detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
         out.outcome(record, Outcome.STALE, detail)

@@ -4,6 +4,8 @@
   object's is not applied and is recorded. Equal timestamps are applied (the later arrival wins): some CPOs
   send several changes within one second. For an EVSE or Connector push, "stored" is that EVSE's/Connector's own
   `last_updated`; for a Location-level push it is the Location's, which child pushes raise (never lower).
+  A duplicate (`pipeline.dedup`) creates no version, but its newer `last_updated` still counts: the CPO
+  confirmed the content at that time, so an older push arriving after it is stale too.
 - Merges are `ocpi.patch`'s: fields that are set replace the stored field (nested objects and lists too),
   absent and `null` mean "unchanged" (null-in-PATCH policy, digest ambiguity #3: PATCH cannot remove
   information), Session `charging_periods` are appended (identical periods skipped), and parents'
@@ -53,6 +55,12 @@ class InvalidMerge(Exception):
 def is_stale(stored: datetime | None, incoming: datetime) -> bool:
     """A push older than what is stored is stale (equal is not: the later arrival wins)."""
     return stored is not None and incoming < stored
+
+
+def newest(*moments: datetime | None) -> datetime | None:
+    """The latest of the known moments (None when none is known)."""
+    known = [m for m in moments if m is not None]
+    return max(known) if known else None
 
 
 # --- Sessions -----------------------------------------------------------------------------------------------

@@ -62,12 +62,15 @@ def handle(state: SessionState, record: Record, rules: StageRules, out: StageOut
             state.parked.append(to_parked(record))
             out.outcome(record, Outcome.PARKED, "waiting for the Session PUT")
         return
+    last_updated = event.payload["last_updated"]
     if is_duplicate(state.last_identity, state.last_hash, event):
+        # No new version; but the CPO confirmed this content at `last_updated` (see ordering: stale).
+        state.confirmed = ordering.newest(state.confirmed, last_updated)
         out.outcome(record, Outcome.DUPLICATE)
         return
-    last_updated = event.payload["last_updated"]
-    if ordering.is_stale(state.last_updated, last_updated):
-        detail = f"last_updated {last_updated.isoformat()} is older than the stored {state.last_updated}"
+    stored = ordering.newest(state.last_updated, state.confirmed)
+    if ordering.is_stale(stored, last_updated):
+        detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
         out.outcome(record, Outcome.STALE, detail)
         out.anomaly(Anomaly.STALE_UPDATE, event, detail)
         return

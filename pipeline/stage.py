@@ -53,7 +53,8 @@ class StageOutput:
                          object_id=event.object_id, sub_id=sub_id(event), event_id=event_id or event.event_id,
                          partner_id=event.partner_id, detail=detail, observed_at=observed_at or event.received_at)
         self.batch.put("anomalies", projection.ANOMALY_COLUMNS,
-                       (kind, row.object_id, row.sub_id, row.event_id), projection.anomaly_row(row))
+                       (kind, row.country_code.upper(), row.party_id.upper(), row.object_id.upper(), row.sub_id,
+                        row.event_id), projection.anomaly_row(row))
 
     def fact(self, event: DecodedEvent, fact: Fact) -> None:
         self.facts.setdefault(party_key(event.country_code, event.party_id), []).append(fact)

@@ -42,6 +42,7 @@ class SessionState(msgspec.Struct, kw_only=True):
     last_updated: datetime | None = None
     last_identity: str = ""  # identity and content hash of the last applied event (dedup)
     last_hash: str = ""
+    confirmed: datetime | None = None  # newest last_updated of a dropped duplicate (see pipeline.ordering)
     version: int = 0  # row version of the current state
     applied_event_id: str = ""
     applied_at: datetime | None = None  # received_at of the last applied event (idle detection)
@@ -55,6 +56,9 @@ class LocationState(msgspec.Struct, kw_only=True):
     object_json: bytes | None = None  # OCPI JSON of the current Location, EVSEs and Connectors included
     last_identity: str = ""
     last_hash: str = ""
+    # identity -> newest last_updated of a duplicate that was dropped: the CPO confirmed the content then, so
+    # an older push for that object, arriving later, is stale (the object's own last_updated was not bumped)
+    confirmed: dict[str, datetime] = {}
     version: int = 0
     applied_event_id: str = ""
     offset: int = -1

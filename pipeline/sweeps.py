@@ -87,7 +87,7 @@ def overdue_reconciliation(client: Client, now: datetime, batch: Batch) -> list[
         new = list(row)
         new[index["outcome"]] = _OVERDUE[new[index["outcome"]]]
         new[index["version"]] = int(new[index["version"]]) + 1
-        batch.put("reconciliation", RECONCILIATION_COLUMNS, (new[2], new[3], new[-1]), new)
+        batch.add("reconciliation", RECONCILIATION_COLUMNS, new)
         promoted.append(new)
     return promoted
 

@@ -106,20 +106,27 @@ def dev() -> None:
 
 
 def print_summary(console: Console, summary: DemoSummary) -> None:
-    table = Table("party", "sessions", "CDRs", "kWh", "cost excl. VAT", "cost incl. VAT",
-                  title="Billing totals read back from ClickHouse")
+    table = Table("party", "completed sessions", "CDRs", "kWh", "cost excl. VAT", "cost incl. VAT",
+                  title="Billing totals read back from ClickHouse (credit CDRs netted)")
     for p in summary.parties:
         table.add_row(f"{p.country_code}/{p.party_id}", str(p.sessions), str(p.cdrs), f"{p.kwh:.4f}",
                       f"{p.cost_excl_vat:.4f}", f"{p.cost_incl_vat:.4f}")
     console.print(table)
     e = summary.expected
-    console.print(f"sessions: {summary.sessions}   CDRs: {summary.cdrs}   raw events: {summary.raw_events}   "
-                  f"dead letters: {summary.dead_letters}")
-    console.print(f"pushes acknowledged: {e.pushes - e.rejected} of {e.pushes}   "
-                  f"elapsed: {summary.seconds:.1f}s")
+    console.print(f"raw events: {summary.raw_events}   dead letters: {summary.dead_letters}   "
+                  f"duplicates dropped: {summary.duplicates} (deliberate retries: {e.retries})   "
+                  f"stale updates: {summary.stale} (deliberately out of order: {e.stale})")
+    console.print("outcomes: " + ", ".join(f"{k} {v}" for k, v in summary.outcomes.items()))
+    console.print("anomalies: " + (", ".join(f"{k} {v}" for k, v in summary.anomalies.items()) or "none"))
+    console.print("reconciliation: " + (", ".join(f"{s} {o} {n}" for (s, o), n in summary.reconciliation.items())
+                                        or "none")
+                  + "   credit links: " + (", ".join(f"{k} {v}" for k, v in summary.credit_links.items()) or "none"))
+    console.print(f"pushes acknowledged: {e.pushes - e.rejected} of {e.pushes}   elapsed: {summary.seconds:.1f}s")
     verdict = "[green]matches[/]" if summary.matches_expected else "[red]DOES NOT MATCH[/]"
-    console.print(f"ClickHouse totals {verdict} what the simulated CPO pushed "
-                  f"({len(e.sessions)} sessions, {len(e.cdrs)} CDRs).")
+    console.print(f"ClickHouse {verdict} what the simulated CPOs pushed "
+                  f"({len(e.sessions)} sessions, {len(e.cdrs)} CDRs, {len(e.evse_status)} EVSEs).")
+    for problem in summary.mismatches:
+        console.print(f"  [red]-[/] {problem}")
 
 
 @click.command()

@@ -157,3 +157,15 @@ def test_versions_grow_with_every_applied_change() -> None:
             h.run(status_patch("E1", "AVAILABLE", 0, 3))]
     versions = [column(o.batch, "locations", LOCATION_COLUMNS, "version")[0] for o in outs]
     assert versions == sorted(set(versions))
+
+
+def test_a_status_confirmed_by_a_duplicate_is_not_overwritten_by_an_older_push() -> None:
+    # Two sessions at one EVSE: B's CHARGING (t=30) repeats A's CHARGING (t=10), then A's AVAILABLE (t=20)
+    # arrives late. The duplicate creates no version, but it proves the EVSE was CHARGING at t=30.
+    h = harness()
+    h.run(event("Location", location(), received=0), status_patch("E1", "CHARGING", 10, 1))
+    b_charging = status_patch("E1", "CHARGING", 30, 2)
+    a_available = status_patch("E1", "AVAILABLE", 20, 3)
+    out = h.run(b_charging, a_available)
+    assert outcome_of(out, b_charging.event_id) == "DUPLICATE" and outcome_of(out, a_available.event_id) == "STALE"
+    assert stored(h)["evses"][0]["status"] == "CHARGING"

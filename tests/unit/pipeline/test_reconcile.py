@@ -203,3 +203,14 @@ def test_facts_round_trip_through_their_wire_form() -> None:
 def test_reconciliation_rows_have_every_column() -> None:
     out = Party().run(s_fact(completed(), final=61))
     assert all(len(row) == len(RECONCILIATION_COLUMNS) for row in out.reconciliation)
+
+
+def test_rows_of_two_parties_with_the_same_ids_in_one_batch_are_all_kept() -> None:
+    from pipeline.agents import party_batch
+
+    out = PartyOutput()
+    for party in ("NL/TNM", "BE/BEC"):
+        store = DictStore()
+        process_party(PartyState(party, store.overlay()), [c_fact(cdr("C1"))], RULES, out)
+    rows = party_batch(out, []).tables()["reconciliation"]
+    assert sorted((r[0], r[1], r[3]) for r in rows) == [("BE", "BEC", "C1"), ("NL", "TNM", "C1")]

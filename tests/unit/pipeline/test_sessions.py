@@ -239,3 +239,13 @@ def test_records_read_again_after_a_crash_are_skipped_and_the_state_rewritten() 
     out = h.run(put)  # Kafka delivers it again: not a partner's duplicate
     assert out.replayed == 1 and rows(out.batch, "raw_events") == [] and out.outcomes == {}
     assert h.state(KEY).offset == put.offset
+
+
+def test_a_duplicate_with_a_newer_time_makes_an_older_push_arriving_later_stale() -> None:
+    h = harness()
+    h.run(event("Session", session(status="ACTIVE", kwh="5", updated=10), received=1))
+    confirmed = event("Session", session(status="ACTIVE", kwh="5", updated=30), received=2)  # same content, t=30
+    older = event("SessionPatch", {"kwh": Decimal("4"), "last_updated": iso(ts(20))}, object_id="S1", received=3)
+    out = h.run(confirmed, older)
+    assert dict(outcomes(out)) == {confirmed.event_id: "DUPLICATE", older.event_id: "STALE"}
+    assert stored(h)["kwh"] == 5 and stored(h)["last_updated"] == iso(ts(10))  # no new version
