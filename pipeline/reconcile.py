@@ -1,14 +1,16 @@
 """Reconciliation of Sessions with CDRs, and credit CDR links (stage 2, per CPO party).
 
-Matching (README, "Reconciliation"): a CDR is matched to a Session of the same CPO party by
-1. `session_id` = the Session's id, else
-2. `authorization_reference` (the same eMSP reference), else
+Matching (README, "Reconciliation"): a CDR is matched to a Session of the same CPO party by the strongest key it
+carries, and only by that one:
+1. its `session_id` = the Session's id; else, when it has none,
+2. its `authorization_reference` (the eMSP's reference of the session); else
 3. token (country_code, party_id, uid) + location id + start time within OCPI_RECONCILE_TIME_TOLERANCE.
-The first key that finds a session decides, at the moment the second of the two arrives (a CDR may come before
-its session's last update, or before the session at all): a waiting CDR is indexed under all its keys and the
-first session that satisfies one of them takes it. A match is final. A session may have several CDRs (an
-original, and a corrected one after a credit); credit CDRs are not matched to sessions but linked to the CDR
-they credit.
+One key per CDR makes the result independent of the order in which CDRs and sessions arrive (a CDR may come
+before its session's last update, or before the session at all): a CDR that names a session is never given to
+another one because that one happened to arrive first with a weaker match. A waiting CDR is indexed under its
+key, and the session that arrives with that key takes it; among several candidates the one without a CDR and
+with the nearest start wins. A match is final. A session may have several CDRs (an original, and a corrected one
+after a credit); credit CDRs are not matched to sessions but linked to the CDR they credit.
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
@@ -297,40 +299,38 @@ def _closest(state: PartyState, session_ids: list[str], start: datetime, limit: 
     return None if best is None else best[1]
 
 
-def _find_session(state: PartyState, fact: CdrFact, rules: Rules) -> tuple[SessionRec, str] | None:
+def match_key(fact: CdrFact) -> tuple[str, str, str]:
+    """(waiting-index kind, key value, method) of the one key a CDR is matched by."""
     if fact.session_id:
-        rec = state.session(fact.session_id)
-        if rec is not None:
-            return rec, SESSION_ID
+        return _W_BY_ID, fact.session_id, SESSION_ID
     if fact.authorization_reference:
-        rec = _closest(state, state.ids(_S_BY_REF, fact.authorization_reference), fact.start, None)
-        if rec is not None:
-            return rec, AUTHORIZATION_REFERENCE
-    rec = _closest(state, state.ids(_S_BY_TOKEN, _token_key(fact.token, fact.location_id)), fact.start,
-                   rules.time_tolerance)
-    if rec is not None:
-        return rec, TOKEN_LOCATION_START
-    return None
+        return _W_BY_REF, fact.authorization_reference, AUTHORIZATION_REFERENCE
+    return _W_BY_TOKEN, _token_key(fact.token, fact.location_id), TOKEN_LOCATION_START
+
+
+def _find_session(state: PartyState, fact: CdrFact, rules: Rules) -> tuple[SessionRec, str] | None:
+    kind, key, method = match_key(fact)
+    if kind == _W_BY_ID:
+        rec = state.session(key)
+    elif kind == _W_BY_REF:
+        rec = _closest(state, state.ids(_S_BY_REF, key), fact.start, None)
+    else:
+        rec = _closest(state, state.ids(_S_BY_TOKEN, key), fact.start, rules.time_tolerance)
+    return None if rec is None else (rec, method)
 
 
 def _wait_for_session(state: PartyState, fact: CdrFact) -> None:
-    if fact.session_id:
-        state.add_id(_W_BY_ID, fact.session_id, fact.cdr_id)
-    if fact.authorization_reference:
-        state.add_id(_W_BY_REF, fact.authorization_reference, fact.cdr_id)
-    state.add_id(_W_BY_TOKEN, _token_key(fact.token, fact.location_id), fact.cdr_id)
+    kind, key, _method = match_key(fact)
+    state.add_id(kind, key, fact.cdr_id)
 
 
 def _stop_waiting(state: PartyState, fact: CdrFact) -> None:
-    if fact.session_id:
-        state.remove_id(_W_BY_ID, fact.session_id, fact.cdr_id)
-    if fact.authorization_reference:
-        state.remove_id(_W_BY_REF, fact.authorization_reference, fact.cdr_id)
-    state.remove_id(_W_BY_TOKEN, _token_key(fact.token, fact.location_id), fact.cdr_id)
+    kind, key, _method = match_key(fact)
+    state.remove_id(kind, key, fact.cdr_id)
 
 
 def _waiting_cdrs(state: PartyState, session: SessionFact, rules: Rules) -> list[tuple[CdrRec, str]]:
-    """Waiting CDRs this session satisfies, each with the strongest key that matches."""
+    """Waiting CDRs whose key this session has (each CDR waits under its one key)."""
     found: dict[str, tuple[CdrRec, str]] = {}
 
     def take(ids: list[str], method: str, check_time: bool) -> None:

@@ -214,3 +214,28 @@ def test_rows_of_two_parties_with_the_same_ids_in_one_batch_are_all_kept() -> No
         process_party(PartyState(party, store.overlay()), [c_fact(cdr("C1"))], RULES, out)
     rows = party_batch(out, []).tables()["reconciliation"]
     assert sorted((r[0], r[1], r[3]) for r in rows) == [("BE", "BEC", "C1"), ("NL", "TNM", "C1")]
+
+
+def test_a_cdr_is_matched_only_by_the_strongest_key_it_carries_whatever_the_order() -> None:
+    # C2 names AUTH-2; S1 (same token, location and start) arrives first: C2 must wait for S2, not take S1.
+    for order in ("cdr first", "session first"):
+        party = Party()
+        s1, s2 = s_fact(completed("S1"), final=61), s_fact(completed("S2", authref="AUTH-2"), final=61)
+        c2 = c_fact(cdr("C2", session_id=None, authref="AUTH-2"))
+        if order == "cdr first":
+            party.run(c2)
+            party.run(s1)
+            assert party.run(s2) is not None
+        else:
+            party.run(s1)
+            assert result(party.run(c2), "CDR", "C2")["outcome"] == "AWAITING_SESSION"
+            party.run(s2)
+        stored = PartyState("NL/TNM", party.store.overlay()).cdr("C2")
+        assert stored is not None and (stored.session_id, stored.method) == ("S2", "AUTHORIZATION_REFERENCE"), order
+
+
+def test_a_cdr_naming_an_unknown_session_is_not_given_to_another_one() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", authref="AUTH-1"), final=61))
+    out = party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1")))
+    assert result(out, "CDR", "C9")["outcome"] == "AWAITING_SESSION"

@@ -1,0 +1,103 @@
+"""Retention commands: what the policy is and what is due (`report`), and enforcing it now (`apply`)."""
+
+from __future__ import annotations
+
+import socket
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from infra.clickhouse.client import ClickHouseUnavailable, connect_for
+from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
+from infra.settings import Settings, load_settings
+from pipeline import retention
+from pipeline.records import utc_now
+
+
+@click.group("retention")
+def retention_group() -> None:
+    """Data retention: raw events, histories, personal data (pseudonymised), billing records."""
+
+
+def _reachable(bootstrap: str) -> bool:
+    """A quick TCP check, so that a report does not wait for the Kafka client's bootstrap timeout."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _topic_retention(settings: Settings) -> dict[str, str]:
+    from infra.kafka.admin import topic_configs
+
+    try:
+        bootstrap = resolve_bootstrap(settings)
+    except KafkaNotConfigured:
+        return {"*": "not available (no Kafka configured and no running instance)"}
+    if not _reachable(bootstrap):
+        return {"*": f"not available ({bootstrap} does not answer)"}
+    found = topic_configs(bootstrap, retention.topic_configs(settings))
+    return {topic: configs.get("retention.ms", "?") for topic, configs in found.items()}
+
+
+@retention_group.command("report")
+def report() -> None:
+    """Show the retention policy, the TTL in effect per table, and how many rows each rule removes or
+    rewrites now; and the topics' retention.ms.
+
+    Example: ocpi-pipeline retention report
+    """
+    settings = load_settings()
+    try:
+        client = connect_for(settings, readonly=True)
+        rows = retention.report_rows(client, settings.clickhouse.database, settings, utc_now())
+    except ClickHouseUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    console = Console(width=max(Console().width, 130))
+    policy = Table("class", "what", "kept", title="Retention policy")
+    for data_class in retention.policy(settings):
+        policy.add_row(data_class.name, data_class.what, data_class.keep)
+    console.print(policy)
+    due = Table("class", "table", "rule", "in effect", "rows due now", title="Due now")
+    for row in rows:
+        due.add_row(row.data_class, row.table, row.rule, row.ttl_in_effect or "[red]none[/]", str(row.rows_due))
+    console.print(due)
+    topics = Table("topic", "retention.ms", title="Kafka topics (raw class)")
+    wanted = str(settings.retention.raw_days * 86_400_000)
+    for topic, value in _topic_retention(settings).items():
+        topics.add_row(topic, value if value == wanted else f"{value} (policy: {wanted})")
+    console.print(topics)
+    for warning in retention.warnings(settings):
+        console.print(f"[yellow]note:[/] {warning}")
+
+
+@retention_group.command("apply")
+def apply() -> None:
+    """Enforce the policy now: set the configured TTLs and topic retention, pseudonymise what is due.
+
+    The worker does the same by itself (TTLs at start, pseudonymisation every hour).
+
+    Example: OCPI_RETENTION_RAW_DAYS=14 ocpi-pipeline retention apply
+    """
+    from infra.kafka.admin import set_topic_configs
+
+    settings = load_settings()
+    try:
+        client = connect_for(settings)
+        changed = retention.apply_ttls(client, settings.clickhouse.database, settings)
+        done = retention.pseudonymise_due(client, settings, retention.Pseudonymizer(retention.load_key(settings)),
+                                          utc_now())
+    except ClickHouseUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"TTL set on: {', '.join(changed) or 'nothing (already as configured)'}")
+    click.echo("pseudonymised: " + ", ".join(f"{table} {n}" for table, n in done.items()))
+    try:
+        topics = set_topic_configs(resolve_bootstrap(settings), retention.topic_configs(settings))
+        click.echo(f"topic retention set on: {', '.join(topics) or 'nothing (already as configured)'}")
+    except KafkaNotConfigured as exc:
+        click.echo(f"topics not changed: {exc}")
