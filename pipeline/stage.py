@@ -15,6 +15,10 @@ from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, Record, s
 from pipeline.sink import Batch
 from pipeline.state import Parked
 
+# Outcomes of a replayed event (source REPLAY, `ocpi-pipeline replay`) that mean "seen before": not recorded, so
+# the original event's raw_events row (same event_id) keeps its outcome.
+_NOT_RECORDED_FOR_REPLAYS = frozenset({Outcome.DUPLICATE, Outcome.STALE})
+
 
 @dataclass(frozen=True)
 class StageRules:
@@ -42,6 +46,10 @@ class StageOutput:
 
     def outcome(self, record: Record, outcome: Outcome, detail: str = "") -> None:
         event = record.event
+        if event.source == "REPLAY" and outcome in _NOT_RECORDED_FOR_REPLAYS:
+            # A replayed event that changes nothing was processed before: its first outcome stands (same row key).
+            self.outcomes[f"REPLAYED_{outcome.value}"] += 1
+            return
         self.outcomes[outcome.value] += 1
         self.batch.put("raw_events", projection.RAW_EVENT_COLUMNS, event.event_id,
                        projection.raw_event_row(event, record.topic, record.partition, record.offset, outcome,
@@ -49,6 +57,8 @@ class StageOutput:
 
     def anomaly(self, kind: Anomaly, event: DecodedEvent, detail: str, *, event_id: str | None = None,
                 observed_at: datetime | None = None) -> None:
+        if event.source == "REPLAY" and kind is Anomaly.STALE_UPDATE:
+            return  # see `outcome`: a replay of an event applied before
         row = AnomalyRow(kind=kind, module=event.module, country_code=event.country_code, party_id=event.party_id,
                          object_id=event.object_id, sub_id=sub_id(event), event_id=event_id or event.event_id,
                          partner_id=event.partner_id, detail=detail, observed_at=observed_at or event.received_at)

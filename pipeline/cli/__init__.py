@@ -11,6 +11,7 @@ from infra.settings import SettingsError, load_settings
 from pipeline.cli.jobs import export, pull, replay
 from pipeline.cli.partners import partners
 from pipeline.cli.reports import report
+from pipeline.cli.retention import retention_group
 from pipeline.cli.services import demo, dev, serve, worker
 from pipeline.cli.store import migrate, query, settings_cmd
 
@@ -39,7 +40,8 @@ def cli(ctx: click.Context, log_level: str) -> None:
     ctx.obj = {"log_level": log_level, "settings_loader": load_settings}
 
 
-for command in (serve, worker, dev, demo, migrate, query, settings_cmd, partners, replay, export, pull, report):
+for command in (serve, worker, dev, demo, migrate, query, settings_cmd, partners, replay, export, pull, report,
+                retention_group):
     cli.add_command(command)
 
 __all__ = ["cli"]

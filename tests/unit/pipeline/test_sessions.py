@@ -249,3 +249,16 @@ def test_a_duplicate_with_a_newer_time_makes_an_older_push_arriving_later_stale(
     out = h.run(confirmed, older)
     assert dict(outcomes(out)) == {confirmed.event_id: "DUPLICATE", older.event_id: "STALE"}
     assert stored(h)["kwh"] == 5 and stored(h)["last_updated"] == iso(ts(10))  # no new version
+
+
+def test_a_replayed_event_that_changes_nothing_leaves_the_original_outcome_alone() -> None:
+    h = harness()
+    original = event("Session", session(kwh="5", updated=10), received=1)
+    older = event("Session", session(kwh="2", updated=5), received=2)
+    h.run(original, older)
+    replayed = [event("Session", session(kwh="5", updated=10), received=3, event_id=original.event_id,
+                      source="REPLAY"),
+                event("Session", session(kwh="2", updated=5), received=4, event_id=older.event_id, source="REPLAY")]
+    out = h.run(*replayed)
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "anomalies") == []
+    assert out.outcomes == {"REPLAYED_DUPLICATE": 1, "REPLAYED_STALE": 1}
