@@ -99,6 +99,10 @@ class Progress:
                 self.done[tp] = event.message.offset
         self.events += len(events)
 
+    def describe(self) -> str:
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))
+        return f"{self.events} records ({outcomes}), {self.replayed} read again after a restart"
+
     def caught_up(self, consumer: Any, topics: set[str]) -> bool:
         """Every assigned partition of `topics` is read up to its high watermark (no backlog)."""
         for tp in consumer.assignment():
@@ -250,11 +254,11 @@ def register_agents(context: AgentContext, tables: dict[str, StateTable]) -> Non
     ]
     batch_max = context.settings.pipeline.batch_max
     for name, topic, handler in modules:
-        context.app.agent(topic, name=f"{name}-agent")(_agent(handler, name, batch_max))
+        context.app.agent(topic, name=f"{name}-agent")(_agent(handler, name, batch_max, context.progress))
 
 
 def _agent(handler: Callable[[Sequence[EventT]], Awaitable[None]], name: str, batch_max: int,
-           ) -> Callable[[faust.StreamT[bytes]], Awaitable[None]]:
+           progress: Progress | None = None) -> Callable[[faust.StreamT[bytes]], Awaitable[None]]:
     async def agent(stream: faust.StreamT[bytes]) -> None:
         counted, busy, last_report = 0, 0.0, time.monotonic()
         async for events in stream.take_events(batch_max, within=BATCH_WITHIN_S):  # type: ignore[attr-defined]
@@ -263,7 +267,8 @@ def _agent(handler: Callable[[Sequence[EventT]], Awaitable[None]], name: str, ba
             counted += len(events)
             busy += time.perf_counter() - started
             if time.monotonic() - last_report >= REPORT_EVERY_S:
-                log.info("%s: %d records in %.2fs of work since the last report", name, counted, busy)
+                log.info("%s: %d records in %.2fs of work since the last report%s", name, counted, busy,
+                         f"; all agents so far: {progress.describe()}" if progress is not None else "")
                 counted, busy, last_report = 0, 0.0, time.monotonic()
 
     return agent

@@ -1,0 +1,170 @@
+"""At-least-once without a trace: SIGKILL the worker in the middle of 50,000 events, restart it, and ClickHouse
+holds exactly the expected totals (0 lost, 0 doubled); then reprocess every topic from offset 0 under a new
+consumer group (fresh state) and every total stays the same.
+
+The events are partner traffic with deliberate retries, so "0 doubled" also means: no record read again after
+the crash was mistaken for a partner's duplicate (the DUPLICATE count is exact).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+from clickhouse_connect.driver.client import Client
+
+from infra.codec import encode_event
+from infra.kafka.compat import true_end_offsets
+from infra.process import spawn, terminate
+from ocpi.canonical import content_hash
+from pipeline.stack import Stack
+from tests.unit.pipeline.builders import cdr, event, session
+
+from .pipeline_support import pipeline_settings, publish, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
+
+PARTIES = (("NL", "TNM"), ("NL", "EVB"), ("BE", "BEC"))
+SESSIONS = 14_000
+RETRIED = 4_000  # of the sessions, this many have their completing PATCH and their CDR pushed twice
+EVENTS = SESSIONS * 3 + RETRIED * 2  # PUT, PATCH, CDR each (+ the retries) = 50,000
+
+
+def traffic() -> tuple[list[tuple[str, bytes, bytes]], dict[str, Any]]:
+    """(topic suffix, key, value) of every push, in order, and the totals they must produce."""
+    template_put = event("Session", session("S", status="ACTIVE")).payload
+    template_cdr = event("CDR", cdr("C", session_id="S")).payload
+    now = datetime.now(UTC)
+    records: list[tuple[str, bytes, bytes]] = []
+    kwh_total = cost_total = Decimal(0)
+
+    def push(suffix: str, cc: str, pid: str, object_id: str, level: str, operation: str, payload_type: str,
+             payload: dict[str, Any]) -> None:
+        records.append((suffix, f"{cc}/{pid}/{object_id}".encode(), encode_event({
+            "event_id": os.urandom(16).hex(), "partner_id": "crash", "module": suffix.upper(),
+            "operation": operation, "level": level, "country_code": cc, "party_id": pid, "object_id": object_id,
+            "evse_uid": None, "connector_id": None, "received_at": now, "request_id": "r", "correlation_id": "c",
+            "from_country_code": None, "from_party_id": None, "to_country_code": None, "to_party_id": None,
+            "source": "PUSH", "content_hash": content_hash(payload), "relaxations": [],
+            "payload": (payload_type, payload)})))
+
+    for i in range(SESSIONS):
+        cc, pid = PARTIES[i % len(PARTIES)]
+        sid, cid = f"S{i:06d}", f"C{i:06d}"
+        kwh = Decimal(i % 997 + 1) / 10
+        cost = (kwh * Decimal("0.35")).quantize(Decimal("0.0001"))
+        kwh_total += kwh
+        cost_total += cost
+        put = {**template_put, "country_code": cc, "party_id": pid, "id": sid}
+        patch = {"status": "COMPLETED", "kwh": kwh, "end_date_time": template_cdr["end_date_time"],
+                 "total_cost": {"excl_vat": cost}, "last_updated": template_cdr["end_date_time"]}
+        charge = {**template_cdr, "country_code": cc, "party_id": pid, "id": cid, "session_id": sid,
+                  "total_energy": kwh, "total_cost": {"excl_vat": cost}}
+        push("sessions", cc, pid, sid, "SESSION", "PUT", "Session", put)
+        push("sessions", cc, pid, sid, "SESSION", "PATCH", "SessionPatch", patch)
+        if i < RETRIED:
+            push("sessions", cc, pid, sid, "SESSION", "PATCH", "SessionPatch", patch)
+        push("cdrs", cc, pid, cid, "CDR", "POST", "CDR", charge)
+        if i < RETRIED:
+            push("cdrs", cc, pid, cid, "CDR", "POST", "CDR", charge)
+    assert len(records) == EVENTS >= 50_000
+    expected = {
+        "raw": [("APPLIED", SESSIONS * 3), ("DUPLICATE", RETRIED * 2)],
+        "sessions": [(SESSIONS, kwh_total, cost_total)],
+        "billing": [(SESSIONS, kwh_total, cost_total)],
+        "reconciliation": [("CDR", "MATCHED", SESSIONS), ("SESSION", "MATCHED", SESSIONS)],
+        "anomalies": [(0,)],
+    }
+    return records, expected
+
+
+def totals(client: Client) -> dict[str, Any]:
+    def rows(sql: str) -> list[tuple[Any, ...]]:
+        return list(client.query(sql).result_rows)
+
+    return {
+        "raw": rows("SELECT outcome, count() FROM raw_events FINAL GROUP BY outcome ORDER BY outcome"),
+        "sessions": rows("SELECT countIf(status = 'COMPLETED'), sum(kwh), sum(total_cost_excl_vat) "
+                         "FROM sessions FINAL"),
+        "billing": rows("SELECT count(), sum(energy_kwh), sum(cost_excl_vat) FROM billing_lines FINAL"),
+        "reconciliation": rows("SELECT subject, outcome, count() FROM reconciliation FINAL "
+                               "GROUP BY subject, outcome ORDER BY subject, outcome"),
+        "anomalies": rows("SELECT count() FROM anomalies FINAL"),
+    }
+
+
+@pytest.fixture(scope="module")
+async def stack(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterator[Stack]:
+    settings = pipeline_settings(session_tmp, chdb_dsn, broker, OCPI_KAFKA_SEND_TIMEOUT="5")
+    running = await Stack(settings, run_receivers=False).start()
+    yield running
+    await running.stop()
+
+
+def restart_worker(stack: Stack, **env: str) -> Any:
+    return spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"],
+                 env={**stack.child_environment(), **env}, log_path=stack.log_dir / "worker-restarted.log")
+
+
+async def committed_everything(bootstrap: str, group: str, topics: list[str], timeout: float) -> bool:
+    """Whether `group` has committed every partition of `topics` up to its end."""
+    deadline = time.monotonic() + timeout
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        while time.monotonic() < deadline:
+            tps = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or ())]
+            ends = await true_end_offsets(bootstrap, tps)
+            done = [(await consumer.committed(tp) or 0) >= (ends.get(tp) or 0) for tp in tps]
+            if tps and all(done):
+                return True
+            await asyncio.sleep(1)
+        return False
+    finally:
+        await consumer.stop()
+
+
+async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing_and_a_replay_changes_no_total(
+        stack: Stack) -> None:
+    started = time.monotonic()
+    records, expected = traffic()
+    kafka = stack.settings.kafka
+    topics = {"sessions": kafka.topic_sessions, "cdrs": kafka.topic_cdrs}
+    client = stack.clickhouse
+    assert client is not None
+    await publish(stack.bootstrap, [(topics[suffix], key, value) for suffix, key, value in records])
+
+    progress = await wait_for(client, "SELECT count() FROM raw_events", lambda r: r[0][0] >= EVENTS // 3,
+                              timeout=90)
+    assert progress[0][0] < EVENTS, "the worker finished before it could be killed mid-stream"
+    worker = stack.children["worker"]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(10)
+    stack.children["worker"] = restart_worker(stack)
+
+    final = await wait_for(client, "SELECT count() FROM reconciliation FINAL",
+                           lambda r: r[0][0] >= 2 * SESSIONS, timeout=120)
+    assert final[0][0] == 2 * SESSIONS
+    assert totals(client) == expected
+    assert time.monotonic() - started < 170
+
+    # Reprocess everything from offset 0: a new consumer group, hence fresh state, same database.
+    terminate(stack.children.pop("worker"), 20)
+    replay_id = f"{stack.settings.pipeline.app_id}-replay"
+    stack.children["worker"] = restart_worker(stack, OCPI_PIPELINE_APP_ID=replay_id)
+    consumed = [kafka.topic_sessions, kafka.topic_cdrs]
+    assert await committed_everything(stack.bootstrap, replay_id, consumed, timeout=150)
+    assert await committed_everything(stack.bootstrap, replay_id, [stack.settings.pipeline.topic_party_facts],
+                                      timeout=60)
+    assert totals(client) == expected
