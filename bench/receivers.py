@@ -2,7 +2,9 @@
 the embedded Kafka (Tansu) acknowledged them with acks=all, on ONE receiver process served by granian.
 
 In the same run, for scale:
-  (a) a bare Litestar endpoint under granian that only parses the same bodies (msgspec), no rules, no Kafka;
+  (a) a bare Litestar endpoint under granian that only parses the same bodies (msgspec), no rules, no Kafka,
+      and (a+kafka) the same endpoint that also sends the body to Kafka (acks=all) and awaits the ack: the
+      ceiling of answering after the broker's ack, before any OCPI work;
   (b) the PyPI package `extrawest-ocpi` (py_ocpi: FastAPI, pydantic 1) on an in-memory store, under granian,
       from a virtualenv of its own (bench/.venvs/extrawest, created on the first run).
 Load: wrk (one thread, fixed connections), cycling through pre-built requests with distinct ids; a warm-up
@@ -38,7 +40,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from infra.kafka.embedded import free_port  # noqa: E402
+from infra.kafka.admin import ensure_topics  # noqa: E402
+from infra.kafka.embedded import EmbeddedBroker, free_port  # noqa: E402
 from infra.process import spawn, terminate  # noqa: E402
 from infra.settings import load_settings  # noqa: E402
 from pipeline.stack import Stack  # noqa: E402
@@ -246,10 +249,11 @@ async def run_ours(workdir: Path, script: Path, args: argparse.Namespace, *, lab
 
 
 async def run_granian_app(name: str, python: str, app: str, workdir: Path, script: Path, args: argparse.Namespace,
-                          token: str, scenarios: list[str], cdr_path: str) -> list[Result]:
+                          token: str, scenarios: list[str], cdr_path: str,
+                          env: dict[str, str] | None = None) -> list[Result]:
     port = free_port()
     log = workdir / f"{name}.log"
-    process = spawn([python, *granian(app, port)], env=dict(os.environ), log_path=log)
+    process = spawn([python, *granian(app, port)], env={**os.environ, **(env or {})}, log_path=log)
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_http(base + "/", process, log)
@@ -317,6 +321,9 @@ def report(results: list[Result]) -> dict[str, Any]:
             ratio = by[f"ours {scenario}"].requests_per_s / other.requests_per_s
             target = TARGET_VS_B if scenario == "session PUT" else None
             verdicts[f"ours / (b) extrawest, {scenario}"] = (ratio, target, target is None or ratio >= target)
+    ceiling = by.get("bare+kafka session PUT")
+    if ceiling:
+        verdicts["ours / (a+kafka) parse and ack"] = (put.requests_per_s / ceiling.requests_per_s, None, True)
     fast = by.get("ours+uvloop session PUT")
     if fast:
         rate_ok = fast.requests_per_s >= TARGET_RATE
@@ -357,6 +364,11 @@ async def main() -> None:
             results += await run_ours(workdir, script, args, label="ours+uvloop", pythonpath=uvloop)
         results += await run_granian_app("bare", sys.executable, "bare_app:app", workdir, script, args, "none",
                                          list(SCENARIOS), "/ocpi/emsp/2.2.1/cdrs")
+        with EmbeddedBroker() as broker:
+            await asyncio.to_thread(ensure_topics, broker.bootstrap, ["bench"], 4)
+            results += await run_granian_app("bare+kafka", sys.executable, "bare_app:app", workdir, script, args,
+                                             "none", ["session PUT"], "/ocpi/emsp/2.2.1/cdrs",
+                                             env={"BENCH_KAFKA_BOOTSTRAP": broker.bootstrap})
         if not args.skip_extrawest:
             results += await run_granian_app("extrawest", extrawest_python(), "extrawest_app:app", workdir, script,
                                              args, "bench-token", list(SCENARIOS), "/ocpi/emsp/2.2.1/cdrs/")
