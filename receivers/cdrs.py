@@ -23,7 +23,7 @@ from ocpi.model import CDR
 from receivers.auth import require_owner
 from receivers.pushes import CDR_POST, Events, Segment
 from receivers.state import Stored
-from receivers.transport import NotFound, decode_body, ocpi_response
+from receivers.transport import ForeignParty, NotFound, decode_body, ocpi_response
 
 PATH = "/ocpi/emsp/2.2.1/cdrs"
 Configured: TypeAlias = NamedDependency[Settings]  # the app's Settings (app.py provides it as `settings`)
@@ -41,7 +41,10 @@ async def post_cdr(request: Request[Any, Any, Any], events: Events, settings: Co
     partner = request.state.partner
     decoded = decode_body(await request.body(), CDR, partner.profile)
     cdr = decoded.value
-    require_owner(partner, cdr.country_code, cdr.party_id)
+    try:
+        require_owner(partner, cdr.country_code, cdr.party_id)
+    except ForeignParty as exc:  # the owner came from the body: name its fields
+        raise ForeignParty(f"$.country_code, $.party_id: {exc.message}") from None
     key = ObjectKey(cdr.country_code, cdr.party_id, cdr.id)
     await events.publish_push(request, module=CDR_POST.module, operation=CDR_POST.operation,
                               level=CDR_POST.level, key=key, decoded=decoded, payload_type=CDR_POST.payload_type)

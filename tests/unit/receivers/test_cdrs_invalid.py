@@ -53,4 +53,4 @@ def test_a_cdr_of_another_party_is_hidden(pushes: Pushes) -> None:
     body = {**cdr(), "country_code": "NL", "party_id": "ALF"}
     with no_records(pushes):
         answer = assert_envelope(pushes.request("POST", CDRS_URL, body, party=("BE", "BEC")), 2001, http=404)
-    assert "NL/ALF" in answer["status_message"]
+    assert answer["status_message"].startswith("$.country_code, $.party_id: party NL/ALF is not one")
