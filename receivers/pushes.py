@@ -104,7 +104,9 @@ def _foreign_fields(level: str) -> dict[str, str]:
     own = _LEVEL_FIELDS[level]
     foreign: dict[str, list[str]] = {}
     for other, fields in _LEVEL_FIELDS.items():
-        for name in fields - own if other != level else ():
+        if other == level:
+            continue
+        for name in sorted(fields - own):
             foreign.setdefault(name, []).append(other)
     return {name: " and ".join(levels) for name, levels in foreign.items()}
 
