@@ -122,7 +122,7 @@ async def end_offsets(kafka: KafkaSettings, bootstrap: str, tps: Iterable[Any]) 
     try:
         return dict(await consumer.end_offsets(tps))
     finally:
-        await consumer.stop()
+        await _stop(consumer)
 
 
 OffsetProbe = Callable[[int], Awaitable[tuple[int, int] | None]]
@@ -157,18 +157,20 @@ async def offsets_for_times(kafka: KafkaSettings, bootstrap: str, targets: Mappi
     the partition's end offset when there is none. `begins`/`ends` bound the search (Tansu only)."""
     import aiokafka
 
-    if not targets:
-        return {}
+    result = {tp: ends[tp] for tp in targets if begins[tp] >= ends[tp]}  # empty partitions: nothing to find
+    searched = {tp: target for tp, target in targets.items() if tp not in result}
+    if not searched:
+        return result
     consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                          fetch_max_wait_ms=50)
     await consumer.start()
+    await asyncio.sleep(0)  # aiokafka: a stop() before its coordinator task first ran raises CancelledError
     try:
         if not kafka.is_tansu:
-            found = await consumer.offsets_for_times(dict(targets))
-            return {tp: found[tp].offset if found.get(tp) is not None else ends[tp] for tp in targets}
-        result = {}
-        consumer.assign(list(targets))  # once: re-assigning makes aiokafka's stop() raise CancelledError
-        for tp, target in targets.items():
+            found = await consumer.offsets_for_times(dict(searched))
+            return result | {tp: found[tp].offset if found.get(tp) is not None else ends[tp] for tp in searched}
+        consumer.assign(list(searched))
+        for tp, target in searched.items():
             end = ends[tp]
 
             async def probe(offset: int, tp: Any = tp, end: int = end) -> tuple[int, int] | None:
@@ -185,4 +187,12 @@ async def offsets_for_times(kafka: KafkaSettings, bootstrap: str, targets: Mappi
             result[tp] = await search_offset_for_time(probe, begins[tp], end, target)
         return result
     finally:
-        await consumer.stop()
+        await _stop(consumer)
+
+
+async def _stop(client: Any) -> None:
+    """aiokafka's stop() swallows a cancellation of the calling task that lands inside it: re-raise it."""
+    await client.stop()
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -323,10 +323,11 @@ def export_from_clickhouse(settings: Settings, client: Client, root: Path, modul
     root.mkdir(parents=True, exist_ok=True)
     _remove_temp_files(root)
     days: list[tuple[str, date, int]] = []
+    # Client-side parameters (%(name)s): the embedded store's HTTP shim has no server-side ones.
     for module in modules:
         result.records[module] = 0
         rows = client.query("SELECT toDate(received_at) AS day, count() FROM raw_events FINAL "
-                            "WHERE module = {m:String} GROUP BY day ORDER BY day",
+                            "WHERE module = %(m)s GROUP BY day ORDER BY day",
                             parameters={"m": module.upper()}).result_rows
         days.extend((module, day, int(n)) for day, n in rows)
     progress.start("export from ClickHouse", sum(n for _m, _d, n in days))
@@ -353,11 +354,11 @@ def _export_day(client: Client, module: str, day: date, day_dir: Path, generatio
     after: tuple[str, str] | None = None
     chunk = 0
     while True:
-        keyset = ("AND (received_at, event_id) > (parseDateTime64BestEffort({at:String}, 6, 'UTC'), {id:String}) "
+        keyset = ("AND (received_at, event_id) > (parseDateTime64BestEffort(%(at)s, 6, 'UTC'), %(id)s) "
                   if after else "")
         rows = client.query(
-            f"SELECT {', '.join(RAW_COLUMNS)} FROM raw_events FINAL WHERE module = {{m:String}} "
-            f"AND toDate(received_at) = toDate({{day:String}}) {keyset}"
+            f"SELECT {', '.join(RAW_COLUMNS)} FROM raw_events FINAL WHERE module = %(m)s "
+            f"AND toDate(received_at) = toDate(%(day)s) {keyset}"
             f"ORDER BY received_at, event_id LIMIT {int(max_records)}",
             parameters={"m": module.upper(), "day": day.isoformat(),
                         **({"at": after[0], "id": after[1]} if after else {})}).result_rows

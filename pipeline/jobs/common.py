@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -179,3 +180,21 @@ class RichProgress:
 
     def note(self, message: str) -> None:
         self._progress.console.print(message)
+
+
+T = TypeVar("T")
+
+
+async def uninterrupted(step: Awaitable[T]) -> T:
+    """Run one durable step (send a batch and wait for the acks, then save the checkpoint) to its end even when
+    the job is cancelled meanwhile (Ctrl-C under asyncio.run), and only then let the cancellation through.
+
+    So an interrupted job has recorded everything it sent, and its rerun sends nothing twice. (A crash can
+    still land inside a step: then the rerun sends that batch again, which deduplication makes harmless.)
+    """
+    task = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise

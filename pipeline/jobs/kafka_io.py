@@ -47,6 +47,18 @@ class PartitionRange:
         return cls(str(data["topic"]), int(data["partition"]), int(data["start"]), int(data["stop"]))
 
 
+async def stop_client(client: aiokafka.AIOKafkaConsumer | aiokafka.AIOKafkaProducer) -> None:
+    """Stop an aiokafka client without losing a cancellation (Ctrl-C) that arrives meanwhile.
+
+    aiokafka's stop() awaits its fetch task under `suppress(CancelledError)`, which also swallows a
+    cancellation of *our* task landing there: the job would go on after Ctrl-C. Re-raise it.
+    """
+    await client.stop()
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _consumer(bootstrap: str, **options: Any) -> aiokafka.AIOKafkaConsumer:
     return aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                      group_id=options.pop("group_id", None), **options)
@@ -64,7 +76,7 @@ async def topic_partitions(bootstrap: str, topics: Iterable[str]) -> list[TopicP
                 found.extend(TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ()))
         return found
     finally:
-        await consumer.stop()
+        await stop_client(consumer)
 
 
 async def offset_bounds(kafka: KafkaSettings, bootstrap: str,
@@ -77,7 +89,7 @@ async def offset_bounds(kafka: KafkaSettings, bootstrap: str,
     try:
         begins = await consumer.beginning_offsets(tps)
     finally:
-        await consumer.stop()
+        await stop_client(consumer)
     ends = await compat.end_offsets(kafka, bootstrap, tps)
     return {tp: (int(begins[tp]), max(int(ends[tp]), int(begins[tp]))) for tp in tps}
 
@@ -124,6 +136,9 @@ async def read_ranges(bootstrap: str, ranges: Iterable[PartitionRange], *, batch
                 inside = [r for r in records if reading.start <= r.offset < reading.stop]
                 if inside:
                     moved = True
+                    # A cancellation point between batches even when the data is buffered: Ctrl-C stops the
+                    # job after the batch in hand, not after everything fetched.
+                    await asyncio.sleep(0)
                     yield reading, inside
             for tp in list(pending):
                 if await consumer.position(tp) >= pending[tp].stop:
@@ -137,7 +152,7 @@ async def read_ranges(bootstrap: str, ranges: Iterable[PartitionRange], *, batch
                             idle_timeout, sorted(f"{t.topic}/{t.partition}" for t in pending))
                 return
     finally:
-        await consumer.stop()
+        await stop_client(consumer)
 
 
 async def committed_offsets(bootstrap: str, group_id: str,
@@ -148,7 +163,7 @@ async def committed_offsets(bootstrap: str, group_id: str,
     try:
         return {tp: await consumer.committed(tp) for tp in tps}
     finally:
-        await consumer.stop()
+        await stop_client(consumer)
 
 
 async def wait_for_group(bootstrap: str, group_id: str, targets: Mapping[TopicPartition, int], *,
@@ -190,7 +205,7 @@ class JobProducer:
         try:
             await producer.start()
         except Exception:
-            await producer.stop()
+            await stop_client(producer)
             raise
         self._producer = producer
         return self
@@ -198,7 +213,7 @@ class JobProducer:
     async def __aexit__(self, *exc: object) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            await producer.stop()
+            await stop_client(producer)
 
     async def send_all(self, records: Iterable[tuple[str, bytes, bytes]]) -> int:
         """Send (topic, key, value) records; returns once every one is acknowledged (raises otherwise)."""

@@ -58,7 +58,16 @@ from ocpi.datetime import format_datetime
 from ocpi.decode import OcpiJsonError, OcpiValidationError, decode_list
 from ocpi.identity import ObjectKey
 from ocpi.model import CDR, InterfaceRole, Location, Role, Session
-from pipeline.jobs.common import Checkpoint, JobError, JobProgress, NoProgress, from_iso, iso, jobs_dir
+from pipeline.jobs.common import (
+    Checkpoint,
+    JobError,
+    JobProgress,
+    NoProgress,
+    from_iso,
+    iso,
+    jobs_dir,
+    uninterrupted,
+)
 from receivers.registry import Partner
 
 log = logging.getLogger(__name__)
@@ -355,12 +364,17 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
                 log.info("X-Total-Count dropped from %d to %d: reading %s again", crawl["total"], page.total, reread)
                 report.rereads += 1
                 page = await crawler.fetch(reread)
-            sent = await _process(settings, partner, module, kind, page, crawl["correlation_id"], sink, report)
-            report.pages += 1
-            report.total = page.total
-            crawl.update(total=page.total, x_limit=page.x_limit or crawl["x_limit"], next_url=page.next_url,
-                         pages=crawl["pages"] + 1, objects=crawl["objects"] + sent)
-            checkpoint.save(state)
+
+            async def step(page: _Page = page) -> int:
+                sent = await _process(settings, partner, module, kind, page, crawl["correlation_id"], sink, report)
+                report.pages += 1
+                report.total = page.total
+                crawl.update(total=page.total, x_limit=page.x_limit or crawl["x_limit"], next_url=page.next_url,
+                             pages=crawl["pages"] + 1, objects=crawl["objects"] + sent)
+                checkpoint.save(state)
+                return sent
+
+            sent = await uninterrupted(step())  # a page's events and its checkpoint go together
             progress.set_total(page.total)
             progress.advance(sent)
             if page.next_url == page.url:

@@ -45,7 +45,7 @@ from infra.clickhouse.migrations import migrate
 from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
 from infra.process import spawn, terminate
 from infra.settings import Settings, as_environ
-from pipeline.jobs.common import MODULES, Checkpoint, JobError, JobProgress, NoProgress, iso, jobs_dir
+from pipeline.jobs.common import MODULES, Checkpoint, JobError, JobProgress, NoProgress, iso, jobs_dir, uninterrupted
 from pipeline.jobs.kafka_io import PartitionRange, committed_offsets, offset_bounds, topic_partitions
 from pipeline.jobs.replay import send_ranges
 
@@ -70,7 +70,8 @@ def _now() -> datetime:
 
 
 def _tables(client: Client, database: str) -> dict[str, str]:
-    rows = client.query("SELECT name, toString(uuid) FROM system.tables WHERE database = {db:String}",
+    # Client-side parameters (%(name)s): the embedded store's HTTP shim has no server-side ones.
+    rows = client.query("SELECT name, toString(uuid) FROM system.tables WHERE database = %(db)s",
                         parameters={"db": database}).result_rows
     return {str(name): str(uuid) for name, uuid in rows}
 
@@ -118,12 +119,13 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
             state["status"] = "swapping"
             state["before_swap"] = [[tp.topic, tp.partition, offset] for tp, offset in
                                     (await _committed(bootstrap, state)).items()]
-            state["new_uuids"] = _tables(client, state["rebuild_database"])
+            state["new_uuids"] = await asyncio.to_thread(_tables, client, state["rebuild_database"])
             checkpoint.save(state)
         if state["status"] == "swapping":
             if on_phase:
                 on_phase("swapping")
-            report.swapped = _swap(client, state)
+            # In a thread (the shim serving the store may run on this loop), finished even on Ctrl-C.
+            report.swapped = await uninterrupted(asyncio.to_thread(_swap, client, state))
             tps = [TopicPartition(t, p) for t, p, _o in state["before_swap"]]
             bounds = await offset_bounds(settings.kafka, bootstrap, tps)
             state["tail"] = [[t, p, o, bounds[TopicPartition(t, p)][1]] for t, p, o in state["before_swap"]]
@@ -147,7 +149,7 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
             await asyncio.to_thread(terminate, worker, 20.0)
         if shim is not None:
             await shim.stop()
-        client.close()
+        await asyncio.to_thread(client.close)
 
 
 _MODULE_TOPIC_VARS = frozenset({"OCPI_TOPIC_LOCATIONS", "OCPI_TOPIC_SESSIONS", "OCPI_TOPIC_CDRS",
@@ -171,6 +173,8 @@ def _start_worker(settings: Settings, bootstrap: str, dsn: str, state: dict[str,
                 "OCPI_PIPELINE_APP_ID": state["group"]})
     # Same data dir as the live worker: its secrets (the pseudonymisation key) must be the same, and the
     # worker keeps its Faust state per app id.
+    if settings.http.port == 0:  # "any free port" (demo, tests) is no valid setting; the worker serves no HTTP
+        env["OCPI_HTTP_PORT"] = "8080"
     log.info("rebuild worker: group %s into database %s, log %s", state["group"], state["rebuild_database"],
              job_dir / "worker.log")
     return spawn([sys.executable, "-m", "pipeline.jobs.rebuild_worker", state["group"]], env=env,
@@ -234,8 +238,8 @@ async def _wait_internal(settings: Settings, bootstrap: str, state: dict[str, An
 
 
 def _swap(client: Client, state: dict[str, Any]) -> list[str]:
-    """Exchange the derived tables; idempotent through the recorded UUIDs. No awaits: Ctrl-C (a task
-    cancellation) cannot land between an exchange and the next."""
+    """Exchange the derived tables; idempotent through the recorded UUIDs (an exchange done before a crash
+    is recognised by the live table's UUID, and not done again)."""
     live, fresh = state["database"], state["rebuild_database"]
     new_uuids: dict[str, str] = state["new_uuids"]
     live_tables = _tables(client, live)

@@ -12,20 +12,23 @@ are set when the receiver publishes, a moment after `received_at`, so the scan s
 margin after `until`, and the exact `received_at` filter decides. The end of the topic is fixed when the job
 is planned: a replay never chases the records it writes itself.
 
-Within one run an event id is sent once, even if the source holds it several times (an earlier replay, an
-archive exported from both sources).
+Within one job an event id is sent once, even if the source holds it several times (an earlier replay's
+copies, an archive exported from both sources): the ids sent are logged next to the checkpoint.
 
 Checkpoints: `OCPI_DATA_DIR/jobs/replay/<job>.json` holds the plan (offset ranges or archive files) and the
-position reached, saved after each batch the broker acknowledged. The job id is derived from the command's
-selection (or given with `--job`), so after Ctrl-C or a crash the same command resumes where the last
-acknowledged batch ended; the few records sent after it are sent again, which the pipeline's deduplication
-makes harmless. A finished job is not repeated unless asked (`again=True`, `--again` on the command line).
+position reached, saved after each batch the broker acknowledged (`<job>.sent` lists the event ids sent). The
+job id is derived from the command's selection (or given with `--job`), so after Ctrl-C the same command
+resumes where it stopped: the batch in flight is finished and recorded before the job stops, so nothing is sent
+twice. After a crash (no chance to finish the batch) that batch is sent again, which the pipeline's
+deduplication makes harmless. A finished job is not repeated unless asked (`again=True`, `--again`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,7 +41,16 @@ from infra.codec import AvroCodecError, DecodedEvent, decode_event, encode_event
 from infra.settings import Settings
 from ocpi.identity import ObjectKey
 from pipeline.jobs.archive import archive_files, count_records, event_of, read_archive_file
-from pipeline.jobs.common import Checkpoint, JobError, JobProgress, NoProgress, iso, job_id, jobs_dir
+from pipeline.jobs.common import (
+    Checkpoint,
+    JobError,
+    JobProgress,
+    NoProgress,
+    iso,
+    job_id,
+    jobs_dir,
+    uninterrupted,
+)
 from pipeline.jobs.kafka_io import (
     JobProducer,
     PartitionRange,
@@ -120,6 +132,31 @@ class _Run:
         self.selection = selection
         self.report = report
         self.seen: set[str] = set()
+        self._log: Path | None = None
+        self._batch_ids: list[str] = []
+
+    def attach(self, log: Path, *, resume: bool, record: bool) -> None:
+        """Keep the ids of sent events in `log` (one per line), so a resumed run skips the copies of events
+        the interrupted run sent already (an earlier replay's copies later in the topic, for instance)."""
+        if resume and log.exists():
+            self.seen.update(line for line in log.read_text().splitlines() if line)
+        elif record:
+            log.unlink(missing_ok=True)
+        self._log = log if record else None
+
+    def record_sent(self) -> None:
+        """After the broker acknowledged a batch, before its checkpoint: the batch's event ids to the log."""
+        if self._log is not None and self._batch_ids:
+            self._log.parent.mkdir(parents=True, exist_ok=True)
+            with self._log.open("a") as fh:
+                fh.write("".join(f"{event_id}\n" for event_id in self._batch_ids))
+                fh.flush()
+                os.fsync(fh.fileno())
+        self._batch_ids.clear()
+
+    def finish(self) -> None:
+        if self._log is not None:
+            self._log.unlink(missing_ok=True)
 
     def prepare(self, event: DecodedEvent, key: bytes | None = None) -> tuple[str, bytes, bytes] | None:
         """The REPLAY record of `event`, or None when the selection leaves it out or it was sent already."""
@@ -130,6 +167,8 @@ class _Run:
             self.report.duplicates += 1
             return None
         self.seen.add(event.event_id)
+        if self._log is not None:
+            self._batch_ids.append(event.event_id)
         replayed = event.to_event()
         replayed["source"] = REPLAY
         topic = self.settings.kafka.topic_for(event.module.lower())
@@ -140,6 +179,10 @@ class _Run:
 
 def _checkpoint(settings: Settings, job: str) -> Checkpoint:
     return Checkpoint(jobs_dir(settings, "replay") / f"{job}.json")
+
+
+def _sent_log(settings: Settings, job: str) -> Path:
+    return jobs_dir(settings, "replay") / f"{job}.sent"
 
 
 def _existing(checkpoint: Checkpoint, spec: dict[str, Any], job: str, again: bool) -> dict[str, Any] | None:
@@ -191,9 +234,9 @@ def _decode(value: bytes, report: ReplayReport, where: str) -> DecodedEvent | No
 
 async def replay_kafka(settings: Settings, bootstrap: str, selection: Selection, *, job: str | None = None,
                        again: bool = False, dry_run: bool = False, progress: JobProgress | None = None,
-                       on_batch: Callable[[ReplayReport], None] | None = None) -> ReplayReport:
+                       on_batch: Callable[[ReplayReport], None] | None = None, batch: int = BATCH) -> ReplayReport:
     """Replay records of the module topics (see the module docstring). `on_batch` runs after every
-    checkpointed batch (progress hooks, tests)."""
+    checkpointed batch of at most `batch` records (progress hooks, tests)."""
     progress = progress or NoProgress()
     spec = {"source": "kafka", **selection.spec()}
     name = job or job_id("replay", spec)
@@ -218,25 +261,32 @@ async def replay_kafka(settings: Settings, bootstrap: str, selection: Selection,
     remaining = {(r["topic"], r["partition"]): r for r in ranges if r["next"] < r["stop"]}
     todo = [PartitionRange(r["topic"], r["partition"], r["next"], r["stop"]) for r in remaining.values()]
     run = _Run(settings, selection, report)
+    run.attach(_sent_log(settings, name), resume=report.status == "resumed-done", record=not dry_run)
     if dry_run:
         report.status = "dry-run"
         return await _dry_run_kafka(bootstrap, todo, run, progress)
     checkpoint.save(state)
     progress.start(f"replay {name}", sum(r.span for r in todo))
     async with JobProducer(settings.kafka, bootstrap) as producer, \
-            contextlib.aclosing(read_ranges(bootstrap, todo, batch=BATCH)) as batches:
+            contextlib.aclosing(read_ranges(bootstrap, todo, batch=batch)) as batches:
         async for rng, records in batches:
-            batch = []
+            prepared_batch = []
             for record in records:
                 event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
                 prepared = run.prepare(event, record.key) if event is not None else None
                 if prepared is not None:
-                    batch.append(prepared)
-            report.sent += await producer.send_all(batch)
-            _merge_written(report, producer)
-            remaining[(rng.topic, rng.partition)]["next"] = records[-1].offset + 1
-            _save_stats(state, report)
-            checkpoint.save(state)
+                    prepared_batch.append(prepared)
+
+            async def step(sending: list[tuple[str, bytes, bytes]] = prepared_batch, rng: PartitionRange = rng,
+                           last: int = records[-1].offset) -> None:
+                report.sent += await producer.send_all(sending)
+                run.record_sent()
+                _merge_written(report, producer)
+                remaining[(rng.topic, rng.partition)]["next"] = last + 1
+                _save_stats(state, report)
+                checkpoint.save(state)
+
+            await uninterrupted(step())
             progress.advance(len(records))
             if on_batch is not None:
                 on_batch(report)
@@ -246,6 +296,7 @@ async def replay_kafka(settings: Settings, bootstrap: str, selection: Selection,
     state["finished_at"] = iso(_now())
     _save_stats(state, report)
     checkpoint.save(state)
+    run.finish()
     return report
 
 
@@ -299,6 +350,7 @@ async def replay_archive(settings: Settings, bootstrap: str, root: Path, selecti
     report.lines = [PlanLine(e["module"], e["path"], e["records"]) for e in entries]
     todo = [e for e in entries if e["next"] < e["records"]]
     run = _Run(settings, selection, report)
+    run.attach(_sent_log(settings, name), resume=report.status == "resumed-done", record=not dry_run)
     progress.start("counting" if dry_run else f"replay {name}", sum(e["records"] - e["next"] for e in todo))
     if dry_run:
         report.status = "dry-run"
@@ -318,15 +370,16 @@ async def replay_archive(settings: Settings, bootstrap: str, root: Path, selecti
                 if prepared is not None:
                     batch.append(prepared)
                 if consumed % BATCH == 0:
-                    await _flush_archive_batch(producer, batch, entry, consumed, state, checkpoint, report, progress,
-                                               on_batch)
+                    await _flush_archive_batch(run, producer, batch, entry, consumed, state, checkpoint, report,
+                                               progress, on_batch)
                     batch = []
-            await _flush_archive_batch(producer, batch, entry, entry["records"], state, checkpoint, report, progress,
-                                       on_batch)
+            await _flush_archive_batch(run, producer, batch, entry, entry["records"], state, checkpoint, report,
+                                       progress, on_batch)
     state["status"] = "done"
     state["finished_at"] = iso(_now())
     _save_stats(state, report)
     checkpoint.save(state)
+    run.finish()
     return report
 
 
@@ -344,19 +397,27 @@ def _archive_events(root: Path, entry: dict[str, Any],
             yield consumed, None
 
 
-async def _flush_archive_batch(producer: JobProducer, batch: list[tuple[str, bytes, bytes]], entry: dict[str, Any],
+async def _flush_archive_batch(run: _Run, producer: JobProducer, batch: list[tuple[str, bytes, bytes]],
+                               entry: dict[str, Any],
                                consumed: int, state: dict[str, Any], checkpoint: Checkpoint, report: ReplayReport,
                                progress: JobProgress, on_batch: Callable[[ReplayReport], None] | None) -> None:
     if consumed <= entry["next"]:
         return
-    report.sent += await producer.send_all(batch)
-    _merge_written(report, producer)
-    progress.advance(consumed - entry["next"])
-    entry["next"] = consumed
-    _save_stats(state, report)
-    checkpoint.save(state)
+    done = entry["next"]
+
+    async def step() -> None:
+        report.sent += await producer.send_all(batch)
+        run.record_sent()
+        _merge_written(report, producer)
+        entry["next"] = consumed
+        _save_stats(state, report)
+        checkpoint.save(state)
+
+    await uninterrupted(step())
+    progress.advance(consumed - done)
     if on_batch is not None:
         on_batch(report)
+    await asyncio.sleep(0)  # reading the file does not suspend: let a Ctrl-C in here
 
 
 # --- shared ---------------------------------------------------------------------------------------------------

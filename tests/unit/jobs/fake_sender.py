@@ -34,11 +34,38 @@ def parse(value: str) -> datetime:
 
 def session(number: int, updated: datetime, *, kwh: float = 10.0, party: tuple[str, str] = ("BE", "BEC"),
             **changes: Any) -> dict[str, Any]:
-    """The spec's example Session with another id, energy, owner and last_updated."""
+    """The spec's example Session with another id, energy, owner and times (recent: tables have TTLs)."""
     body = copy.deepcopy(SESSION)
+    start = updated - timedelta(hours=2)
+    for period in body["charging_periods"]:
+        period["start_date_time"] = stamp(start)
     body.update(country_code=party[0], party_id=party[1], id=f"S{number:04d}", kwh=kwh,
+                start_date_time=stamp(start), end_date_time=stamp(updated - timedelta(minutes=5)),
                 last_updated=stamp(updated), **changes)
     return body
+
+
+def cdr(number: int, updated: datetime, *, energy: str = "15.342", cost: str = "4.00") -> dict[str, Any]:
+    """A complete CDR of party BE/BEC (numbers as JSON numbers with the given digits)."""
+    start = updated - timedelta(hours=2)
+    return {
+        "country_code": "BE", "party_id": "BEC", "id": f"C{number:04d}", "start_date_time": stamp(start),
+        "end_date_time": stamp(updated), "session_id": f"S{number:04d}",
+        "cdr_token": {"country_code": "DE", "party_id": "TNM", "uid": "012345678", "type": "RFID",
+                      "contract_id": "DE8ACC12E46L89"},
+        "auth_method": "WHITELIST",
+        "cdr_location": {"id": "LOC1", "name": "Gent Zuid", "address": "F.Rooseveltlaan 3A", "city": "Gent",
+                         "postal_code": "9000", "country": "BEL",
+                         "coordinates": {"latitude": "3.729944", "longitude": "51.047599"},
+                         "evse_uid": "3256", "evse_id": "BE*BEC*E041503003", "connector_id": "1",
+                         "connector_standard": "IEC_62196_T2", "connector_format": "SOCKET",
+                         "connector_power_type": "AC_1_PHASE"},
+        "currency": "EUR",
+        "charging_periods": [{"start_date_time": stamp(start),
+                              "dimensions": [{"type": "ENERGY", "volume": float(energy)}]}],
+        "total_cost": {"excl_vat": float(cost), "incl_vat": round(float(cost) * 1.1, 4)},
+        "total_energy": float(energy), "total_time": 2.0, "last_updated": stamp(updated),
+    }
 
 
 @dataclass
