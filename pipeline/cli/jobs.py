@@ -127,10 +127,10 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
     console.print(f"{verb} {total} events; left out by the selection {report.filtered}, "
                   f"repeated event ids {report.duplicates}, undecodable {report.undecodable}")
     if wait and not dry_run and report.written:
-        from pipeline.app import APP_ID
         from pipeline.jobs.kafka_io import wait_for_group
 
-        _run(wait_for_group(bootstrap, APP_ID, report.written, timeout=timeout), "the events are in Kafka already")
+        _run(wait_for_group(bootstrap, settings.pipeline.app_id, report.written, timeout=timeout),
+             "the events are in Kafka already")
         console.print("the pipeline has consumed them")
 
 

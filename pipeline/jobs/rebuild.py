@@ -2,8 +2,8 @@
 
 1. Migrate a fresh database `<database>_rebuild_<stamp>` (same migrations, same schema).
 2. Fix the targets: the end offset of every module topic now.
-3. Run the pipeline's own worker (`pipeline.jobs.rebuild_worker`, i.e. `pipeline.app.create_app`: the same
-   rules as the live worker, whatever they are) as a child process under its own app id and consumer group
+3. Run the pipeline's own worker (`ocpi-pipeline worker`: the same rules as the live worker, whatever they
+   are) as a child process under its own app id (OCPI_PIPELINE_APP_ID) and consumer group
    `ocpi-pipeline-rebuild-<stamp>` (so its own state changelogs) and its own names for the internal topics
    (every OCPI_TOPIC_* but the module topics, suffixed with the group), writing into the fresh database, until
    its committed offsets reach the targets (progress bar on the committed offsets) and it has also consumed
@@ -163,6 +163,19 @@ def _internal_topics(settings: Settings, group: str) -> dict[str, str]:
             if var.startswith("OCPI_TOPIC_") and var not in _MODULE_TOPIC_VARS}
 
 
+def _consumed_internal_topics(settings: Settings, group: str) -> list[str]:
+    """The rebuild worker's names of the internal topics the pipeline consumes (`pipeline.topics`); the ones
+    it only writes (results for others) are nobody's to wait for."""
+    import faust
+
+    from pipeline.topics import declare_topics
+
+    consumed = {t.get_topic_name() for t in declare_topics(faust.App("probe", autodiscover=False), settings).consumed}
+    renamed = {value: f"{value}.{group}" for var, value in as_environ(settings).items()
+               if var in _internal_topics(settings, group)}
+    return sorted(renamed[name] for name in consumed if name in renamed)
+
+
 def _start_worker(settings: Settings, bootstrap: str, dsn: str, state: dict[str, Any]) -> Any:
     job_dir = jobs_dir(settings, "rebuild") / state["job"]
     env = dict(os.environ)
@@ -177,7 +190,7 @@ def _start_worker(settings: Settings, bootstrap: str, dsn: str, state: dict[str,
         env["OCPI_HTTP_PORT"] = "8080"
     log.info("rebuild worker: group %s into database %s, log %s", state["group"], state["rebuild_database"],
              job_dir / "worker.log")
-    return spawn([sys.executable, "-m", "pipeline.jobs.rebuild_worker", state["group"]], env=env,
+    return spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"], env=env,
                  log_path=job_dir / "worker.log")
 
 
@@ -219,7 +232,7 @@ async def _wait_internal(settings: Settings, bootstrap: str, state: dict[str, An
     from the module topics and handles in a second step), until their ends stop moving."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    names = list(_internal_topics(settings, state["group"]).values())
+    names = _consumed_internal_topics(settings, state["group"])
     previous: dict[TopicPartition, int] | None = None
     while True:
         if worker.poll() is not None:

@@ -21,7 +21,6 @@ from infra.settings import Settings, as_environ, load_settings
 from ocpi.decode import decode
 from ocpi.identity import ObjectKey
 from ocpi.model import CDR, Session
-from pipeline.app import APP_ID
 from pipeline.jobs.kafka_io import (
     JobProducer,
     PartitionRange,
@@ -30,7 +29,7 @@ from pipeline.jobs.kafka_io import (
     topic_partitions,
     wait_for_group,
 )
-from pipeline.simulator import SimulatedCpo, SimulatedParty
+from pipeline.simulator import Expected, SimulatedCpo, SimulatedParty
 from pipeline.stack import Stack
 from receivers.registry import PartnerRegistry, PartyRole
 from tests.conftest import unique
@@ -40,7 +39,6 @@ PARTNERS = {  # partner id -> (parties, stories pushed in the first round)
     "cpo-b": ([SimulatedParty("BE", "BBB")], 3),
 }
 LATE_PARTNER = ("cpo-c", [SimulatedParty("DE", "CCC")], 2)  # pushed after a pause, for the time-range test
-EVENTS_PER_STORY = 3  # two Session PUTs and a CDR POST
 
 
 def job_settings(session_tmp: Path, chdb_dsn: str, broker: str, **env: str) -> Settings:
@@ -50,20 +48,25 @@ def job_settings(session_tmp: Path, chdb_dsn: str, broker: str, **env: str) -> S
         "OCPI_DATA_DIR": str(session_tmp / name), "OCPI_CLICKHOUSE_DSN": chdb_dsn,
         "OCPI_CLICKHOUSE_DATABASE": name, "OCPI_TOPIC_LOCATIONS": f"{name}.locations",
         "OCPI_TOPIC_SESSIONS": f"{name}.sessions", "OCPI_TOPIC_CDRS": f"{name}.cdrs",
+        # Own app id (consumer group, state changelogs) and internal topics: a worker of another test must
+        # neither share its deduplication state nor its facts.
+        "OCPI_PIPELINE_APP_ID": f"{name}-app", "OCPI_TOPIC_PARTY_FACTS": f"{name}.party-facts",
+        "OCPI_TOPIC_RECONCILIATION": f"{name}.reconciliation",
         "OCPI_TOPIC_PARTITIONS": "2", "OCPI_KAFKA_SEND_TIMEOUT": "5", "OCPI_ADMIN_TOKEN": "test-admin-token",
         "OCPI_KAFKA_BOOTSTRAP": broker, "OCPI_KAFKA_FLAVOR": "tansu",
         "PATH": os.environ.get("PATH", ""), **env}).with_overrides(http={"port": 0})
 
 
-async def push(stack: Stack, partner_id: str, parties: list[SimulatedParty], stories: int, seed: int) -> int:
-    """Register `partner_id` for `parties` and push `stories` charging stories; returns the events pushed."""
+async def push(stack: Stack, partner_id: str, parties: list[SimulatedParty], stories: int, seed: int) -> Expected:
+    """Register `partner_id` for `parties` and push `stories` charging stories (Locations, Session PUTs and
+    PATCHes, CDRs, resends ...); returns what the simulator expects (`events`: records in Kafka)."""
     assert stack.clickhouse is not None
     registry = PartnerRegistry(stack.clickhouse)
     roles = [PartyRole(country_code=p.country_code, party_id=p.party_id, role="CPO") for p in parties]
     _partner, token = await asyncio.to_thread(registry.register_direct, partner_id, partner_id, roles)
     expected = await SimulatedCpo(stack.base_url, token, parties, seed=seed).run(stories)
     assert expected.rejected == 0
-    return stories * EVENTS_PER_STORY
+    return expected
 
 
 def totals(client: Client) -> dict[str, Any]:
@@ -96,9 +99,9 @@ async def census(settings: Settings, bootstrap: str) -> Counter[tuple[str, str, 
     return found
 
 
-async def wait_pipeline(bootstrap: str, written: Any, timeout: float = 90.0) -> None:
+async def wait_pipeline(settings: Settings, bootstrap: str, written: Any, timeout: float = 90.0) -> None:
     """Until the live worker committed past everything written (then its ClickHouse insert is done)."""
-    await wait_for_group(bootstrap, APP_ID, written, timeout=timeout)
+    await wait_for_group(bootstrap, settings.pipeline.app_id, written, timeout=timeout)
 
 
 async def wait_rows(client: Client, sql: str, want: Any, timeout: float = 90.0) -> Any:

@@ -15,7 +15,7 @@ from infra.kafka.admin import ensure_topics
 from pipeline.jobs.archive import archive_files, count_records, event_of, export_from_kafka, read_archive_file
 from pipeline.jobs.common import MODULES, NoProgress
 from pipeline.stack import Stack
-from tests.integration.jobs_support import job_settings, publish, run_cli, totals, wait_pipeline
+from tests.integration.jobs_support import job_settings, publish, run_cli, totals, wait_pipeline, wait_rows
 from tests.unit.jobs.fake_sender import cdr, hours_ago, session
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
@@ -51,7 +51,7 @@ async def test_export_restore_and_epochs(session_tmp: Path, chdb_dsn: str, broke
         objects = [("sessions", session(i, hours_ago(5 - i), kwh=10 + i)) for i in range(1, 5)]
         objects += [("cdrs", cdr(i, hours_ago(3 - i), energy=f"{5 + i}.5")) for i in range(1, 3)]
         events, written = await publish(settings, broker, "cpo-be", objects)
-        await wait_pipeline(broker, written)
+        await wait_pipeline(settings, broker, written)
         root = tmp_path / "kafka"
 
         # Interrupted after the first archive file: only complete files remain, the rerun finishes the work.
@@ -72,14 +72,16 @@ async def test_export_restore_and_epochs(session_tmp: Path, chdb_dsn: str, broke
         again = await export_from_kafka(settings, broker, root, MODULES)
         assert again.files == [] and again.total == 0
         more, written = await publish(settings, broker, "cpo-be", [("sessions", session(9, hours_ago(0.5)))])
-        await wait_pipeline(broker, written)
+        await wait_pipeline(settings, broker, written)
         code, out, err = await run_cli(settings, "export", str(root))
         assert code == 0, err
         assert "1 new files" in out
         assert sorted(archived(root)["sessions"]) == sorted([e.event_id for e in events[:4]] + [more[0].event_id])
 
+        assert await wait_rows(stack.clickhouse, "SELECT count() FROM raw_events FINAL", [(7,)]) == [(7,)]
         code, out, err = await run_cli(settings, "export", str(tmp_path / "ch"), "--source", "clickhouse")
         assert code == 0, err
+        assert "0 undecodable" in out, out + err
         from_ch = {event_of(r).event_id: event_of(r) for p in archive_files(tmp_path / "ch")
                    for r in read_archive_file(p)}
         from_kafka = {event_of(r).event_id: event_of(r) for p in archive_files(root) for r in read_archive_file(p)}
@@ -98,6 +100,7 @@ async def test_export_restore_and_epochs(session_tmp: Path, chdb_dsn: str, broke
                                        "--timeout", "90")
         assert code == 0, err
         assert "sent 7 events" in out
+        assert await wait_rows(restored.clickhouse, "SELECT count() FROM raw_events FINAL", [(7,)]) == [(7,)]
         assert totals(restored.clickhouse) == before
     finally:
         await restored.stop()
