@@ -10,6 +10,8 @@
    what it wrote to its internal topics.
 4. Swap: `EXCHANGE TABLES` each table the pipeline writes (every table but `partners` and
    `schema_migrations`, which are not derived from the topics) between the live and the fresh database.
+   Views and materialized views stay where they are: they name their tables, so the live ones work on the
+   swapped-in tables (the fresh database's own fed its tables during the rebuild).
    Each exchange is atomic; the table UUIDs recorded beforehand say which ones are done, so a swap that was
    interrupted is finished, never undone, on resume.
 5. Close the gap: while the live worker kept writing to the old tables, the rebuild worker may have been
@@ -70,8 +72,12 @@ def _now() -> datetime:
 
 
 def _tables(client: Client, database: str) -> dict[str, str]:
+    """Name → UUID of the tables holding data. Views and materialized views are left out: they refer to
+    tables by name, so the live ones read from and write to whatever tables carry those names after the
+    exchange (measured: exchanging a materialized view would leave it writing into the other database)."""
     # Client-side parameters (%(name)s): the embedded store's HTTP shim has no server-side ones.
-    rows = client.query("SELECT name, toString(uuid) FROM system.tables WHERE database = %(db)s",
+    rows = client.query("SELECT name, toString(uuid) FROM system.tables WHERE database = %(db)s "
+                        "AND engine NOT LIKE '%%View' AND engine != 'Dictionary' AND NOT startsWith(name, '.inner')",
                         parameters={"db": database}).result_rows
     return {str(name): str(uuid) for name, uuid in rows}
 

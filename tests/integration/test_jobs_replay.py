@@ -18,6 +18,7 @@ import pytest
 
 from infra.settings import Settings
 from pipeline.jobs.common import MODULES, Checkpoint, jobs_dir
+from pipeline.jobs.kafka_io import topic_partitions
 from pipeline.jobs.rebuild import rebuild
 from pipeline.jobs.replay import ReplayReport, Selection, replay_kafka
 from pipeline.stack import Stack
@@ -213,23 +214,32 @@ async def test_rebuild_recomputes_every_table_and_swaps_it_in(seeded: Seeded) ->
     client = seeded.stack.clickhouse
     assert client is not None
     database = seeded.settings.clickhouse.database
-    uuids = dict(client.query("SELECT name, toString(uuid) FROM system.tables WHERE database = {db:String}",
-                              parameters={"db": database}).result_rows)
+
+    def tables(db: str) -> dict[str, tuple[str, str]]:
+        rows = client.query("SELECT name, engine, toString(uuid) FROM system.tables WHERE database = %(db)s",
+                            parameters={"db": db}).result_rows
+        return {name: (engine, uuid) for name, engine, uuid in rows}
+
+    before = tables(database)
+    data = {t for t, (engine, _u) in before.items() if not engine.endswith("View")}
     phases: list[str] = []
     report = await rebuild(seeded.settings, seeded.bootstrap, timeout=120, on_phase=phases.append)
     assert phases == ["building", "swapping"]
-    assert sorted(report.swapped) == sorted(set(uuids) - {"partners", "schema_migrations"})
-    after = dict(client.query("SELECT name, toString(uuid) FROM system.tables WHERE database = {db:String}",
-                              parameters={"db": database}).result_rows)
+    assert sorted(report.swapped) == sorted(data - {"partners", "schema_migrations"})
+    after, old = tables(database), tables(report.old_database)
     for table in report.swapped:
-        assert after[table] != uuids[table]  # a new table ...
-    for table in ("partners", "schema_migrations"):
-        assert after[table] == uuids[table]  # ... except the ones the pipeline does not derive
-    old = dict(client.query("SELECT name, toString(uuid) FROM system.tables WHERE database = {db:String}",
-                            parameters={"db": report.old_database}).result_rows)
-    assert all(old[t] == uuids[t] for t in report.swapped)  # the previous tables, kept for a check
-    assert report.events == sum(
-        n for n in (await _ends(seeded.settings, seeded.bootstrap)).values())
+        assert after[table][1] != before[table][1]  # a new table ...
+        assert old[table][1] == before[table][1]  # ... and the previous one kept in the rebuild database
+    for table in {"partners", "schema_migrations"} | (set(before) - data):
+        assert after[table][1] == before[table][1]  # not derived, or a view: left in place
+    for db, other in ((database, report.old_database), (report.old_database, database)):
+        views = client.query("SELECT name, create_table_query FROM system.tables WHERE database = %(db)s "
+                             "AND engine = 'MaterializedView'", parameters={"db": db}).result_rows
+        assert all(f"{other}." not in query for _name, query in views)  # each feeds its own database
+    assert report.events == sum((await _ends(seeded.settings, seeded.bootstrap)).values())
     assert totals(client) == seeded.before
     state = Checkpoint(jobs_dir(seeded.settings, "rebuild") / "current.json").load()
     assert state is not None and state["status"] == "done"
+    remaining = await topic_partitions(seeded.bootstrap, [f"{seeded.settings.pipeline.topic_party_facts}."
+                                                          f"{state['group']}"])
+    assert remaining == []  # the rebuild worker's own topics are gone
