@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import faust
+from clickhouse_connect.driver.client import Client
 
-from infra.clickhouse.client import connect_for
+from infra.clickhouse.client import connect, effective_dsn
 from infra.kafka import compat
 from infra.settings import Settings
 from pipeline.agents import AgentContext, Progress, StateTable, register_agents
@@ -34,6 +36,15 @@ class Pipeline:
     context: AgentContext
 
 
+def sink_client(settings: Settings) -> Client:
+    """The worker's ClickHouse client; uncompressed to a server on this machine (the embedded store's shim),
+    where compressing costs the worker CPU and saves no network."""
+    dsn, password = effective_dsn(settings)
+    local = dsn.startswith("http") and urlparse(dsn).hostname in ("127.0.0.1", "localhost", "::1")
+    return connect(dsn, database=settings.clickhouse.database, password=password,
+                   **({"compress": False} if local else {}))
+
+
 def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None) -> Pipeline:
     """The worker's Faust app. `bootstrap` is resolved by the caller (embedded broker or configured cluster);
     `app_id` (default OCPI_PIPELINE_APP_ID) names the consumer group and the state changelogs."""
@@ -53,17 +64,28 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
         table_standby_replicas=0,
+        # Changelog records and facts go out in batches: per-request cost dominates small records (note §3).
+        producer_linger=0.005,
+        producer_max_batch_size=256 * 1024,
         web_enabled=False,
         autodiscover=False,
         **compat.faust_options(settings.kafka),
     )
+
+    async def drop_monitor_sensor() -> None:
+        # Faust's Monitor sensor keeps per-event statistics for its web views, which are off (web_enabled=False);
+        # it costs microseconds per event on every hop, so it leaves the sensor chain once the app added it.
+        if app.monitor in set(app.sensors):
+            app.sensors.remove(app.monitor)
+
+    app.task(drop_monitor_sensor)
     topics = declare_topics(app, settings)
     tables = {
         # bytes key and value types select Faust's raw serializer: the state codec is ours (pipeline.state).
         name: StateTable(app.Table(name, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions))
         for name in TABLES
     }
-    sink = ClickHouseSink(lambda: connect_for(settings))
+    sink = ClickHouseSink(lambda: sink_client(settings))
     context = AgentContext(
         app=app, settings=settings, topics=topics, sink=sink, progress=Progress(),
         stage_rules=StageRules.from_settings(settings.pipeline), party_rules=Rules.from_settings(settings.pipeline),

@@ -104,7 +104,6 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     tree = wire.builtins(location)
     out.batch.add("locations", projection.LOCATION_COLUMNS, projection.location_row(event, tree, document, version))
     old_evses = {ci_normalize(e.uid): e for e in (previous.evses or ())} if previous else {}
-    old_trees = {ci_normalize(e["uid"]): e for e in wire.builtins(previous).get("evses") or ()} if previous else {}
     seen: set[str] = set()
     for evse, evse_tree in zip(location.evses or (), tree.get("evses") or (), strict=True):
         uid = ci_normalize(evse.uid)
@@ -124,10 +123,12 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
                 out.batch.add("connectors", projection.CONNECTOR_COLUMNS,
                               projection.connector_row(tree, evse.uid, connector_tree, present=True,
                                                        event_id=event.event_id, version=version))
-        _missing_connectors(out, tree, evse.uid, old_trees.get(uid), {ci_normalize(c.id) for c in evse.connectors},
-                            event.event_id, version)
-    for uid, gone in old_trees.items():
+        present = {ci_normalize(c.id) for c in evse.connectors}
+        if before is not None and any(ci_normalize(c.id) not in present for c in before.connectors):
+            _missing_connectors(out, tree, evse.uid, wire.builtins(before), present, event.event_id, version)
+    for uid, gone_evse in old_evses.items():
         if uid not in seen:
+            gone = wire.builtins(gone_evse)
             out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event, f"EVSE {gone['uid']} is not in the Location PUT")
             out.batch.add("evses", projection.EVSE_COLUMNS,
                           projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))

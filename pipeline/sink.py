@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -84,14 +85,20 @@ class ClickHouseSink:
         self._client_factory = client_factory
         self._client: Client | None = None
         self._max_backoff_s = max_backoff_s
+        # A batch's tables are inserted side by side: each insert is mostly waiting for ClickHouse.
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sink")
         self.inserted_rows = 0
 
     def _insert_all(self, tables: dict[str, list[list[Any]]], columns: dict[str, Sequence[str]]) -> None:
         if self._client is None:
             self._client = self._client_factory()
-        for table, rows in tables.items():
-            if rows:
-                self._client.raw_insert(table, list(columns[table]), insert_block=encode_rows(rows), fmt=_FORMAT)
+        client = self._client
+
+        def insert(table: str) -> None:
+            client.raw_insert(table, list(columns[table]), insert_block=encode_rows(tables[table]), fmt=_FORMAT)
+
+        for future in [self._pool.submit(insert, table) for table, rows in tables.items() if rows]:
+            future.result()  # every insert finishes (or raises) before the batch counts as written
 
     def run_sync(self, work: Callable[[Client], Any]) -> Any:
         """Run `work` with this sink's client (reads for sweeps and reports); for use from a thread."""

@@ -98,3 +98,26 @@ def test_facts_are_relevant_for_keys_and_status_or_amounts_once_final() -> None:
     done = fact(session(kwh="2", status="COMPLETED"), final=True)
     assert relevant_change(done, fact(session(kwh="3", status="COMPLETED"), final=True))
     assert relevant_change(active, fact(session(kwh="1", authref="AUTH-9")))
+
+
+def test_struct_json_writes_the_same_bytes_as_ocpi_canonical() -> None:
+    import json
+
+    from ocpi import model
+    from ocpi.canonical import to_ocpi_json
+    from ocpi.decode import decode
+    from pipeline.wire import struct_json
+
+    from .builders import _JSON, cdr, location
+
+    bodies = [("Location", location(publish=False, publish_allowed_to=[{"uid": "T", "type": "RFID"}])),
+              ("Session", session(authref="A", cost="1.5", end=30, periods=[])), ("CDR", cdr(credit=True,
+                                                                                          credit_reference="C0"))]
+    for name, body in bodies:
+        value = decode(_JSON.encode(body), getattr(model, name)).value
+        assert struct_json(value) == to_ocpi_json(value)
+        assert b":null" not in struct_json(value)
+    body = {**json.loads(_JSON.encode(session())), "last_updated": "2026-01-01T00:00:00.1234Z"}
+    fractional = decode(json.dumps(body), model.Session).value
+    assert struct_json(fractional) == to_ocpi_json(fractional)
+    assert b'"last_updated":"2026-01-01T00:00:00.1234Z"' in struct_json(fractional)

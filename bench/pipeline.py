@@ -1,0 +1,281 @@
+"""Pipeline benchmark: events/s from the module topics to committed ClickHouse rows, for one worker with the full
+rules, next to a raw aiokafka consume + Avro decode of the same topics in the same run; and the billing query
+(cost by partner and day) over generated CDRs.
+
+    .venv/bin/python bench/pipeline.py [--events 60000] [--billing-rows 10000000] [--skip-billing]
+
+What runs: an embedded Tansu broker and chDB (this process serves chDB to the worker through the ClickHouse-HTTP
+shim, as in `ocpi-pipeline dev`), and the worker as a child process (`ocpi-pipeline worker`). The topics are
+filled first (realistic traffic: Locations, EVSE status PATCHes, Session PUT + PATCHes, CDRs, some retries and
+late pushes); then the worker starts, and the clock runs from its first row in ClickHouse to the moment every
+event has its raw_events row and every CDR its reconciliation row (stage 2 included). Group join and table
+recovery are not counted: they happen once per worker start.
+
+The raw baseline reads the same topics with one aiokafka consumer (no group) and decodes every record with
+`infra.codec.decode_event` (fastavro), doing nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from infra.clickhouse.client import connect
+from infra.clickhouse.migrations import migrate
+from infra.codec import decode_event, encode_event
+from infra.kafka.embedded import EmbeddedBroker
+from infra.process import spawn
+from infra.settings import load_settings
+from ocpi.canonical import content_hash, to_builtins
+from ocpi.decode import decode
+from ocpi.model import CDR, Location, Session
+from pipeline.stack import Stack
+from tests.unit.pipeline.builders import cdr, evse, location, session
+
+PARTIES = (("NL", "TNM"), ("NL", "EVB"), ("BE", "BEC"))
+PROFILE = bool(os.environ.get("BENCH_PROFILE"))  # run the worker under cProfile (worker.prof in the logs)
+
+
+class Traffic:
+    """Encoded pushes in publishing order: (topic kind, key, Avro value)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes, bytes]] = []
+        self.now = datetime.now(UTC)
+        self.cdrs = 0
+
+    def push(self, kind: str, cc: str, pid: str, object_id: str, level: str, operation: str, payload_type: str,
+             payload: dict[str, Any], evse_uid: str | None = None) -> None:
+        self.records.append((kind, f"{cc}/{pid}/{object_id}".encode(), encode_event({
+            "event_id": os.urandom(16).hex(), "partner_id": "bench", "module": kind.upper(), "operation": operation,
+            "level": level, "country_code": cc, "party_id": pid, "object_id": object_id, "evse_uid": evse_uid,
+            "connector_id": None, "received_at": self.now, "request_id": "r", "correlation_id": "c",
+            "from_country_code": None, "from_party_id": None, "to_country_code": None, "to_party_id": None,
+            "source": "PUSH", "content_hash": content_hash(payload), "relaxations": [],
+            "payload": (payload_type, payload)})))
+
+
+def build_traffic(events: int) -> Traffic:
+    """About `events` pushes: per charging story an EVSE CHARGING PATCH, a Session PUT, two PATCHes (a charging
+    period, then COMPLETED with cost), an EVSE AVAILABLE PATCH and a CDR; every 10th story retries its CDR and
+    resends its first PUT late (stale). Locations (4 EVSEs each) are PUT first."""
+    traffic = Traffic()
+    stories = max(1, events // 6)
+    locations = max(1, stories // 20)
+    stamp = datetime.now(UTC).replace(microsecond=0)  # after the Locations' last_updated (yesterday)
+    loc_payload = to_builtins(decode(_json(location(evses=[evse(f"E{e}") for e in range(1, 5)])), Location).value)
+    put_template = to_builtins(decode(_json(session("S", status="ACTIVE")), Session).value)
+    cdr_template = to_builtins(decode(_json(cdr("C", session_id="S")), CDR).value)
+    for n in range(locations):
+        cc, pid = PARTIES[n % len(PARTIES)]
+        payload = {**loc_payload, "country_code": cc, "party_id": pid, "id": f"LOC{n:05d}"}
+        traffic.push("locations", cc, pid, f"LOC{n:05d}", "LOCATION", "PUT", "Location", payload)
+    slots = locations * 4
+    for i in range(stories):
+        # Story i charges at EVSE slot i % slots, one hour after the previous story at that EVSE.
+        slot = i % slots
+        cc, pid = PARTIES[(slot // 4) % len(PARTIES)]
+        lid, uid = f"LOC{slot // 4:05d}", f"E{slot % 4 + 1}"
+        start = stamp + timedelta(hours=i // slots, seconds=slot)
+        sid, cid = f"S{i:07d}", f"C{i:07d}"
+        kwh = Decimal(i % 997 + 1) / 10
+        cost = (kwh * Decimal("0.35")).quantize(Decimal("0.0001"))
+        traffic.push("locations", cc, pid, lid, "EVSE", "PATCH", "EVSEPatch",
+                     {"status": "CHARGING", "last_updated": start}, evse_uid=uid)
+        put = {**put_template, "country_code": cc, "party_id": pid, "id": sid, "location_id": lid, "evse_uid": uid,
+               "start_date_time": start, "last_updated": start}
+        traffic.push("sessions", cc, pid, sid, "SESSION", "PUT", "Session", put)
+        period = {"start_date_time": start, "dimensions": [{"type": "ENERGY", "volume": kwh}]}
+        traffic.push("sessions", cc, pid, sid, "SESSION", "PATCH", "SessionPatch",
+                     {"kwh": kwh, "charging_periods": [period], "last_updated": start + timedelta(minutes=30)})
+        end = start + timedelta(minutes=45)
+        traffic.push("sessions", cc, pid, sid, "SESSION", "PATCH", "SessionPatch",
+                     {"status": "COMPLETED", "end_date_time": end, "total_cost": {"excl_vat": cost},
+                      "last_updated": end})
+        traffic.push("locations", cc, pid, lid, "EVSE", "PATCH", "EVSEPatch",
+                     {"status": "AVAILABLE", "last_updated": end}, evse_uid=uid)
+        charge = {**cdr_template, "country_code": cc, "party_id": pid, "id": cid, "session_id": sid,
+                  "start_date_time": start, "end_date_time": end, "total_energy": kwh,
+                  "total_cost": {"excl_vat": cost}, "last_updated": end}
+        traffic.push("cdrs", cc, pid, cid, "CDR", "POST", "CDR", charge)
+        traffic.cdrs += 1
+        if i % 10 == 0:
+            traffic.push("cdrs", cc, pid, cid, "CDR", "POST", "CDR", charge)
+            traffic.push("sessions", cc, pid, sid, "SESSION", "PUT", "Session", put)
+    return traffic
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    import msgspec
+
+    return msgspec.json.Encoder(decimal_format="number").encode(body)
+
+
+async def publish(bootstrap: str, topics: dict[str, str], records: list[tuple[str, bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024)
+    await producer.start()
+    try:
+        futures = [await producer.send(topics[kind], value=value, key=key) for kind, key, value in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def raw_consume(bootstrap: str, topics: list[str], total: int) -> float:
+    """aiokafka consume + decode of every record: records/s."""
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                                fetch_max_bytes=32 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024)
+    await consumer.start()
+    try:
+        done = 0
+        started = time.perf_counter()
+        while done < total:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            for messages in batch.values():
+                for message in messages:
+                    decode_event(message.value)
+                done += len(messages)
+        return done / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+
+
+def scalar(client: Any, sql: str) -> int:
+    return int(client.query(sql).result_rows[0][0])
+
+
+async def pipeline_rate(stack: Stack, total: int, cdrs: int, timeout: float) -> tuple[float, float, float]:
+    """Start the worker; (events/s to stage-1 rows, events/s incl. reconciliation, seconds of the full run)."""
+    client = stack.clickhouse
+    assert client is not None
+    profile = ["-m", "cProfile", "-o", str(stack.log_dir / "worker.prof")] if PROFILE else []
+    stack.children["worker"] = spawn([sys.executable, *profile, "-m", "pipeline", "--log-level", "info", "worker"],
+                                     env=stack.child_environment(), log_path=stack.log_dir / "worker.log")
+    deadline = time.monotonic() + timeout
+    first = None
+    stage1 = None
+    while time.monotonic() < deadline:
+        stack.check_children()
+        raw = await asyncio.to_thread(scalar, client, "SELECT count() FROM raw_events")
+        if raw and first is None:
+            first = time.perf_counter()
+        if first is not None and stage1 is None and raw >= total and await asyncio.to_thread(
+                scalar, client, "SELECT count() FROM raw_events FINAL") >= total:
+            stage1 = time.perf_counter()
+        if stage1 is not None and await asyncio.to_thread(
+                scalar, client, "SELECT count() FROM reconciliation FINAL WHERE subject = 'CDR'") >= cdrs:
+            end = time.perf_counter()
+            return total / (stage1 - first), total / (end - first), end - first
+        await asyncio.sleep(0.1)
+    raise TimeoutError("the worker did not finish in time; see " + str(stack.log_dir / "worker.log"))
+
+
+def billing(client: Any, database: str, rows: int) -> dict[str, float]:
+    """Generate `rows` CDRs server-side (the materialized view fills billing_lines) and time the billing query."""
+    migrate(client, database)
+    client.database = database
+    started = time.perf_counter()
+    chunk = 2_000_000
+    for offset in range(0, rows, chunk):
+        n = min(chunk, rows - offset)
+        client.command(f"""
+            INSERT INTO cdrs (country_code, party_id, cdr_id, partner_id, start_date_time, end_date_time, session_id,
+                auth_method, authorization_reference, token_uid, token_type, contract_id, location_id, evse_uid,
+                connector_id, currency, total_energy, total_time, total_parking_time, total_cost_excl_vat,
+                total_cost_incl_vat, credit, credit_reference_id, last_updated, payload_json, event_id, version,
+                received_at)
+            SELECT 'NL', concat('P', toString(number % 7)), concat('C', toString(number)),
+                concat('partner-', toString(number % 20)),
+                toDateTime64('2026-01-01 00:00:00', 6, 'UTC') + toIntervalSecond(number * 3),
+                toDateTime64('2026-01-01 01:00:00', 6, 'UTC') + toIntervalSecond(number * 3),
+                concat('S', toString(number)), 'WHITELIST', NULL, 'TOK', 'RFID', 'C',
+                concat('LOC', toString(number % 500)),
+                'E1', '1', 'EUR', toDecimal64((number % 1000) / 10, 4), toDecimal64(1, 4), NULL,
+                toDecimal64((number % 777) / 7, 4), NULL, number % 50 = 0, NULL,
+                toDateTime64('2026-01-01 01:00:00', 6, 'UTC') + toIntervalSecond(number * 3), '{{}}', '', 1,
+                now64(6)
+            FROM numbers({offset}, {n})""")
+    generated = time.perf_counter() - started
+    query = ("SELECT partner_id, day, sum(cost_excl_vat) AS cost, sum(energy_kwh) AS kwh, count() AS cdrs "
+             "FROM billing_lines FINAL GROUP BY partner_id, day")
+    timings = []
+    groups = 0
+    for _ in range(5):
+        t = time.perf_counter()
+        groups = len(client.query(query).result_rows)
+        timings.append(time.perf_counter() - t)
+    view = []
+    for _ in range(3):
+        t = time.perf_counter()
+        client.query("SELECT partner_id, day, sum(cost_excl_vat) FROM billing_daily GROUP BY partner_id, day")
+        view.append(time.perf_counter() - t)
+    return {"rows": rows, "generate_s": generated, "query_median_s": statistics.median(timings),
+            "query_best_s": min(timings), "groups": groups, "view_median_s": statistics.median(view)}
+
+
+async def main(args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="ocpi-bench-"))
+    with EmbeddedBroker(log_path=root / "tansu.log") as broker:
+        settings = load_settings({
+            "OCPI_DATA_DIR": str(root), "OCPI_KAFKA_BOOTSTRAP": broker.bootstrap, "OCPI_KAFKA_FLAVOR": "tansu",
+            "OCPI_TOPIC_PARTITIONS": str(args.partitions), "OCPI_PIPELINE_BATCH": str(args.batch),
+            "OCPI_ADMIN_TOKEN": "bench-admin-token", "PATH": os.environ.get("PATH", "")})
+        stack = await Stack(settings.with_overrides(http={"port": 0}), run_worker=False, run_receivers=False).start()
+        try:
+            t = time.perf_counter()
+            traffic = build_traffic(args.events)
+            total = len(traffic.records)
+            print(f"generated {total} events ({traffic.cdrs} CDRs) in {time.perf_counter() - t:.1f}s", flush=True)
+            kafka = settings.kafka
+            topics = {"locations": kafka.topic_locations, "sessions": kafka.topic_sessions, "cdrs": kafka.topic_cdrs}
+            t = time.perf_counter()
+            await publish(stack.bootstrap, topics, traffic.records)
+            print(f"published in {time.perf_counter() - t:.1f}s", flush=True)
+            raw = await raw_consume(stack.bootstrap, list(topics.values()), total)
+            print(f"raw aiokafka consume + decode: {raw:,.0f} events/s", flush=True)
+            stage1, full, seconds = await pipeline_rate(stack, total, traffic.cdrs, args.timeout)
+            print(f"pipeline, one worker, full rules: {stage1:,.0f} events/s to stage-1 rows, "
+                  f"{full:,.0f} events/s including reconciliation ({seconds:.1f}s)", flush=True)
+            raw_after = await raw_consume(stack.bootstrap, list(topics.values()), total)
+            raw_mean = (raw + raw_after) / 2
+            print(f"raw again: {raw_after:,.0f} events/s; ratio pipeline/raw: {stage1 / raw_mean:.0%} (stage 1), "
+                  f"{full / raw_mean:.0%} (with reconciliation)", flush=True)
+        finally:
+            await stack.stop()
+            if PROFILE:
+                print(f"profile: {stack.log_dir / 'worker.prof'}")
+    if not args.skip_billing:
+        client = connect(f"chdb://{root / 'billing-clickhouse'}")
+        result = billing(client, "bench_billing", args.billing_rows)
+        print(f"billing: {result['rows']:,} CDRs generated in {result['generate_s']:.1f}s; cost by partner and day "
+              f"({result['groups']} groups): median {result['query_median_s'] * 1000:.0f} ms, best "
+              f"{result['query_best_s'] * 1000:.0f} ms; billing_daily view: median "
+              f"{result['view_median_s'] * 1000:.0f} ms", flush=True)
+
+
+def _args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=60_000, help="pushes in the topics (about)")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2000, help="OCPI_PIPELINE_BATCH of the worker")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--billing-rows", type=int, default=10_000_000)
+    parser.add_argument("--skip-billing", action="store_true")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(_args()))
