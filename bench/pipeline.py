@@ -38,7 +38,7 @@ from infra.clickhouse.migrations import migrate
 from infra.codec import decode_event, encode_event
 from infra.kafka.embedded import EmbeddedBroker
 from infra.process import spawn
-from infra.settings import load_settings
+from infra.settings import Settings, load_settings
 from ocpi.canonical import content_hash, to_builtins
 from ocpi.decode import decode
 from ocpi.model import CDR, Location, Session
@@ -233,37 +233,42 @@ async def main(args: argparse.Namespace) -> None:
             "OCPI_DATA_DIR": str(root), "OCPI_KAFKA_BOOTSTRAP": broker.bootstrap, "OCPI_KAFKA_FLAVOR": "tansu",
             "OCPI_TOPIC_PARTITIONS": str(args.partitions), "OCPI_PIPELINE_BATCH": str(args.batch),
             "OCPI_ADMIN_TOKEN": "bench-admin-token", "PATH": os.environ.get("PATH", "")})
-        stack = await Stack(settings.with_overrides(http={"port": 0}), run_worker=False, run_receivers=False).start()
-        try:
-            t = time.perf_counter()
-            traffic = build_traffic(args.events)
-            total = len(traffic.records)
-            print(f"generated {total} events ({traffic.cdrs} CDRs) in {time.perf_counter() - t:.1f}s", flush=True)
-            kafka = settings.kafka
-            topics = {"locations": kafka.topic_locations, "sessions": kafka.topic_sessions, "cdrs": kafka.topic_cdrs}
-            t = time.perf_counter()
-            await publish(stack.bootstrap, topics, traffic.records)
-            print(f"published in {time.perf_counter() - t:.1f}s", flush=True)
-            raw = await raw_consume(stack.bootstrap, list(topics.values()), total)
-            print(f"raw aiokafka consume + decode: {raw:,.0f} events/s", flush=True)
-            stage1, full, seconds = await pipeline_rate(stack, total, traffic.cdrs, args.timeout)
-            print(f"pipeline, one worker, full rules: {stage1:,.0f} events/s to stage-1 rows, "
-                  f"{full:,.0f} events/s including reconciliation ({seconds:.1f}s)", flush=True)
-            raw_after = await raw_consume(stack.bootstrap, list(topics.values()), total)
-            raw_mean = (raw + raw_after) / 2
-            print(f"raw again: {raw_after:,.0f} events/s; ratio pipeline/raw: {stage1 / raw_mean:.0%} (stage 1), "
-                  f"{full / raw_mean:.0%} (with reconciliation)", flush=True)
-        finally:
-            await stack.stop()
-            if PROFILE:
-                print(f"profile: {stack.log_dir / 'worker.prof'}")
+        if not args.skip_pipeline:
+            await run_pipeline(settings, args)
     if not args.skip_billing:
-        client = connect(f"chdb://{root / 'billing-clickhouse'}")
+        client = connect(settings.clickhouse_dsn)  # one chDB path per process: the same one, another database
         result = billing(client, "bench_billing", args.billing_rows)
         print(f"billing: {result['rows']:,} CDRs generated in {result['generate_s']:.1f}s; cost by partner and day "
               f"({result['groups']} groups): median {result['query_median_s'] * 1000:.0f} ms, best "
               f"{result['query_best_s'] * 1000:.0f} ms; billing_daily view: median "
               f"{result['view_median_s'] * 1000:.0f} ms", flush=True)
+
+
+async def run_pipeline(settings: Settings, args: argparse.Namespace) -> None:
+    stack = await Stack(settings.with_overrides(http={"port": 0}), run_worker=False, run_receivers=False).start()
+    try:
+        t = time.perf_counter()
+        traffic = build_traffic(args.events)
+        total = len(traffic.records)
+        print(f"generated {total} events ({traffic.cdrs} CDRs) in {time.perf_counter() - t:.1f}s", flush=True)
+        kafka = settings.kafka
+        topics = {"locations": kafka.topic_locations, "sessions": kafka.topic_sessions, "cdrs": kafka.topic_cdrs}
+        t = time.perf_counter()
+        await publish(stack.bootstrap, topics, traffic.records)
+        print(f"published in {time.perf_counter() - t:.1f}s", flush=True)
+        raw = await raw_consume(stack.bootstrap, list(topics.values()), total)
+        print(f"raw aiokafka consume + decode: {raw:,.0f} events/s", flush=True)
+        stage1, full, seconds = await pipeline_rate(stack, total, traffic.cdrs, args.timeout)
+        print(f"pipeline, one worker, full rules: {stage1:,.0f} events/s to stage-1 rows, "
+              f"{full:,.0f} events/s including reconciliation ({seconds:.1f}s)", flush=True)
+        raw_after = await raw_consume(stack.bootstrap, list(topics.values()), total)
+        raw_mean = (raw + raw_after) / 2
+        print(f"raw again: {raw_after:,.0f} events/s; ratio pipeline/raw: {stage1 / raw_mean:.0%} (stage 1), "
+              f"{full / raw_mean:.0%} (with reconciliation)", flush=True)
+    finally:
+        await stack.stop()
+        if PROFILE:
+            print(f"profile: {stack.log_dir / 'worker.prof'}")
 
 
 def _args() -> argparse.Namespace:
@@ -274,6 +279,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--billing-rows", type=int, default=10_000_000)
     parser.add_argument("--skip-billing", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true")
     return parser.parse_args()
 
 
