@@ -57,6 +57,11 @@ def settings_for(session_tmp: Path, chdb_dsn: str):  # type: ignore[no-untyped-d
             "OCPI_TOPIC_LOCATIONS": f"{name}.locations",
             "OCPI_TOPIC_SESSIONS": f"{name}.sessions",
             "OCPI_TOPIC_CDRS": f"{name}.cdrs",
+            "OCPI_TOPIC_REJECTIONS": f"{name}.rejections",
+            # Own consumer group, state changelogs and internal topics: workers of different tests share nothing.
+            "OCPI_PIPELINE_APP_ID": f"{name}-app",
+            "OCPI_TOPIC_PARTY_FACTS": f"{name}.party-facts",
+            "OCPI_TOPIC_RECONCILIATION": f"{name}.reconciliation",
             "OCPI_TOPIC_PARTITIONS": "2",
             "OCPI_KAFKA_SEND_TIMEOUT": "3",
             "OCPI_ADMIN_TOKEN": "test-admin-token",
