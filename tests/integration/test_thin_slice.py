@@ -17,6 +17,7 @@ from infra.kafka.embedded import EmbeddedBroker
 from pipeline.stack import Stack
 from receivers.registry import PartnerRegistry, PartyRole
 from tests.conftest import EXAMPLES
+from tests.unit.receivers.push_support import cdr
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -27,28 +28,6 @@ def auth(token: str) -> dict[str, str]:
 
 def example(name: str) -> dict:
     return json.loads((EXAMPLES / name).read_text())
-
-
-CDR_BODY = {
-    "country_code": "BE", "party_id": "BEC", "id": "12345",
-    "start_date_time": "2015-06-29T21:39:09Z", "end_date_time": "2015-06-29T23:37:32Z",
-    "session_id": "101",
-    "cdr_token": {"country_code": "DE", "party_id": "TNM", "uid": "012345678", "type": "RFID",
-                  "contract_id": "DE8ACC12E46L89"},
-    "auth_method": "WHITELIST",
-    "cdr_location": {"id": "LOC1", "name": "Gent Zuid", "address": "F.Rooseveltlaan 3A", "city": "Gent",
-                     "postal_code": "9000", "country": "BEL",
-                     "coordinates": {"latitude": "3.729944", "longitude": "51.047599"},
-                     "evse_uid": "3256", "evse_id": "BE*BEC*E041503003", "connector_id": "1",
-                     "connector_standard": "IEC_62196_T2", "connector_format": "SOCKET",
-                     "connector_power_type": "AC_1_PHASE"},
-    "currency": "EUR",
-    "charging_periods": [{"start_date_time": "2015-06-29T21:39:09Z",
-                          "dimensions": [{"type": "TIME", "volume": 1.973}], "tariff_id": "12"}],
-    "total_cost": {"excl_vat": 4.00, "incl_vat": 4.40},
-    "total_energy": 15.342, "total_time": 1.973, "total_time_cost": {"excl_vat": 4.00, "incl_vat": 4.40},
-    "last_updated": "2015-06-29T23:37:32Z",
-}
 
 
 async def wait_for(client, sql: str, want, timeout: float = 60.0):  # type: ignore[no-untyped-def]
@@ -86,7 +65,7 @@ async def test_session_put_and_cdr_post_land_in_clickhouse_exactly(stack: Stack,
         assert put.json()["status_code"] == 1000, put.text
         assert "data" not in put.json()
         assert put.headers["x-request-id"] == "req-1" and put.headers["x-correlation-id"] == "corr-1"
-        post = await http.post("/ocpi/emsp/2.2.1/cdrs", json=CDR_BODY)
+        post = await http.post("/ocpi/emsp/2.2.1/cdrs", json=cdr())
         assert post.status_code == 201 and post.json()["status_code"] == 1000, post.text
         assert post.headers["location"] == f"{stack.base_url}/ocpi/emsp/2.2.1/cdrs/BE/BEC/12345"
 
