@@ -63,9 +63,11 @@ def orphan_rows(client: Client, before: datetime, rules: StageRules, batch: Batc
 
 def idle_rows(client: Client, before: datetime, rules: StageRules, batch: Batch) -> int:
     """Open sessions whose last applied event is older than `before` are flagged idle (keyed by that event)."""
+    # Sessions flagged for this gap already are left out: the row would be the same.
     rows = client.query("SELECT country_code, party_id, session_id, partner_id, status, event_id, received_at "
                         "FROM sessions FINAL WHERE status IN ('PENDING', 'ACTIVE') "
-                        f"AND received_at < {datetime64(before)} LIMIT {_LIMIT}").result_rows
+                        f"AND received_at < {datetime64(before)} AND event_id NOT IN "
+                        f"(SELECT event_id FROM anomalies WHERE kind = 'SESSION_IDLE') LIMIT {_LIMIT}").result_rows
     from pipeline.sessions import idle_detail
 
     for cc, pid, sid, partner, status, event_id, received_at in rows:
