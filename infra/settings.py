@@ -428,6 +428,11 @@ def documented_settings() -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def secret_variables() -> frozenset[str]:
+    """The variables whose values are secrets: shown masked, never in clear."""
+    return frozenset(f.metadata["env"] for cls in _SECTIONS for f in fields(cls) if f.metadata["secret"])
+
+
 def as_environ(settings: Settings) -> dict[str, str]:
     """The settings as environment variables, to hand to a child process."""
     env = {}

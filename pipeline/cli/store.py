@@ -17,7 +17,7 @@ from rich.table import Table
 from infra.clickhouse.client import ClickHouseUnavailable, connect, connect_for, effective_dsn
 from infra.clickhouse.migrations import MigrationError, available_migrations
 from infra.clickhouse.migrations import migrate as apply_migrations
-from infra.settings import documented_settings, load_settings, mask
+from infra.settings import documented_settings, load_settings, mask, secret_variables
 
 
 @click.command()
@@ -93,13 +93,12 @@ def query(sql: str, fmt: str) -> None:
 def settings_cmd() -> None:
     """Show every setting: its environment variable, value in effect (secrets masked) and meaning."""
     settings = load_settings()
-    env_values = {
-        "OCPI_ADMIN_TOKEN": mask(settings.admin.token),
-    }
+    secrets = secret_variables()
     from infra.settings import as_environ
 
     current = as_environ(settings)
     table = Table("variable", "value", "default", "meaning")
     for _section, var, default, doc in documented_settings():
-        table.add_row(var, env_values.get(var, current.get(var, "")), default, doc)
+        value = current.get(var, "")
+        table.add_row(var, mask(value) if var in secrets else value, default, doc)
     Console().print(table)

@@ -42,3 +42,19 @@ def test_admin_token_is_random_when_unset_and_masked() -> None:
     a, b = load_settings({}), load_settings({})
     assert a.admin.token and a.admin.token != b.admin.token
     assert a.admin.token not in mask(a.admin.token)
+
+
+def test_settings_command_masks_every_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from infra.settings import secret_variables
+    from pipeline.cli import cli
+
+    assert {"OCPI_ADMIN_TOKEN", "OCPI_PSEUDONYM_KEY"} <= secret_variables()
+    monkeypatch.setenv("OCPI_ADMIN_TOKEN", "admin-secret-value-123")
+    monkeypatch.setenv("OCPI_PSEUDONYM_KEY", "pseudonym-secret-value-456")
+    result = CliRunner().invoke(cli, ["settings"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert "ocpi.sessions.v1" in result.output and "adm…(22 chars)" in result.output  # values are shown whole
+    assert "admin-secret-value-123" not in result.output
+    assert "pseudonym-secret-value-456" not in result.output
