@@ -40,9 +40,9 @@ def session(country: str = "BE", party: str = "BEC", session_id: str = "101") ->
 
 
 def cdr(country: str, party: str) -> bytes:
-    from tests.integration.test_thin_slice import CDR_BODY
+    from tests.unit.receivers.push_support import cdr as cdr_body
 
-    return json.dumps({**CDR_BODY, "country_code": country, "party_id": party}).encode()
+    return json.dumps({**cdr_body(), "country_code": country, "party_id": party}).encode()
 
 
 @dataclass
