@@ -201,6 +201,19 @@ def _existing(checkpoint: Checkpoint, spec: dict[str, Any], job: str, again: boo
 # --- from Kafka ----------------------------------------------------------------------------------------------
 
 
+def _open_job(settings: Settings, spec: dict[str, Any], job: str | None,
+              again: bool) -> tuple[str, Checkpoint, dict[str, Any] | None, ReplayReport]:
+    """A replay job's name, checkpoint and saved state; the report says "already-done" for a finished one."""
+    name = job or job_id("replay", spec)
+    checkpoint = _checkpoint(settings, name)
+    state = _existing(checkpoint, spec, name, again)
+    report = ReplayReport(job=name, status="done")
+    if state is not None and state.get("status") == "done":
+        report.status = "already-done"
+        _restore(report, state)
+    return name, checkpoint, state, report
+
+
 async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection) -> list[tuple[str, PartitionRange]]:
     """(module, offset range) per partition for `selection`, against the topics as they are now."""
     planned: list[tuple[str, PartitionRange]] = []
@@ -239,13 +252,8 @@ async def replay_kafka(settings: Settings, bootstrap: str, selection: Selection,
     checkpointed batch of at most `batch` records (progress hooks, tests)."""
     progress = progress or NoProgress()
     spec = {"source": "kafka", **selection.spec()}
-    name = job or job_id("replay", spec)
-    checkpoint = _checkpoint(settings, name)
-    state = _existing(checkpoint, spec, name, again)
-    report = ReplayReport(job=name, status="done")
-    if state is not None and state.get("status") == "done":
-        report.status = "already-done"
-        _restore(report, state)
+    name, checkpoint, state, report = _open_job(settings, spec, job, again)
+    if report.status == "already-done":
         return report
     if state is None:
         planned = await plan_kafka(settings, bootstrap, selection)
@@ -330,13 +338,8 @@ async def replay_archive(settings: Settings, bootstrap: str, root: Path, selecti
     progress = progress or NoProgress()
     root = root.resolve()
     spec = {"source": "archive", "archive": str(root), **selection.spec()}
-    name = job or job_id("replay", spec)
-    checkpoint = _checkpoint(settings, name)
-    state = _existing(checkpoint, spec, name, again)
-    report = ReplayReport(job=name, status="done")
-    if state is not None and state.get("status") == "done":
-        report.status = "already-done"
-        _restore(report, state)
+    name, checkpoint, state, report = _open_job(settings, spec, job, again)
+    if report.status == "already-done":
         return report
     if state is None:
         files = archive_files(root, selection.modules, since=selection.since, until=selection.until)
