@@ -125,6 +125,24 @@ class TypedView(Generic[S]):
         self.overlay.set(key, self.codec.encode(value))
 
 
+class _AnchorMessage:
+    __slots__ = ("partition", "topic")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+
+
+class PartitionAnchor:
+    """Stands in for an event of `topic`/`partition` where Faust wants a current event (table reads and writes
+    of a partition outside an agent's stream: bulk batches, timers). Faust only reads `.message.partition`."""
+
+    __slots__ = ("__weakref__", "message")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.message = _AnchorMessage(topic, partition)
+
+
 @contextmanager
 def in_partition_of(event: Any) -> Iterator[None]:
     """Make Faust table reads and writes use `event`'s partition.
