@@ -11,7 +11,8 @@ from clickhouse_connect.driver.client import Client
 from infra.clickhouse.client import connect, effective_dsn
 from infra.kafka import compat
 from infra.settings import Settings
-from pipeline.agents import AgentContext, Progress, StateTable, register_agents
+from pipeline.agents import BATCH_WITHIN_S, AgentContext, Progress, StateTable, register_agents
+from pipeline.delivery import BatchDelivery
 from pipeline.reconcile import Rules
 from pipeline.rejections import register_rejections_agent
 from pipeline.retention import Pseudonymizer, load_key
@@ -91,8 +92,9 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
         stage_rules=StageRules.from_settings(settings.pipeline), party_rules=Rules.from_settings(settings.pipeline),
         pseudonym=Pseudonymizer(load_key(settings)),
     )
-    register_agents(context, tables)
-    register_rejections_agent(context)  # refused pushes → `rejections` (partner health)
+    delivery = BatchDelivery(app, settings.pipeline.batch_max, BATCH_WITHIN_S)
+    register_agents(context, tables, delivery)
+    register_rejections_agent(context, delivery)  # refused pushes → `rejections` (partner health)
     sweeper = Sweeper(context)
     app.timer(settings.pipeline.sweep_interval_s, name="deadline-sweep")(sweeper.tick)
     return Pipeline(app=app, topics=topics, sink=sink, tables=tables, sweeper=sweeper, context=context)

@@ -11,12 +11,13 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from faust.types import EventT
+from faust.types import Message
 
 from infra.rejections import COLUMNS as REJECTION_COLUMNS
 from infra.rejections import Rejection, decode_rejection
 from pipeline import projection
-from pipeline.agents import AgentContext, _agent
+from pipeline.agents import AgentContext, run_batch
+from pipeline.delivery import BatchDelivery
 from pipeline.records import DeadLetter, utc_now
 from pipeline.sink import Batch
 
@@ -39,15 +40,14 @@ def rejections_batch(messages: Sequence[tuple[str, int, int, bytes, bytes]], now
     return batch
 
 
-def register_rejections_agent(context: AgentContext) -> None:
+def register_rejections_agent(context: AgentContext, delivery: BatchDelivery) -> None:
     """Consume the rejections topic with the pipeline's batch discipline (pipeline.agents: write, then ack)."""
     settings = context.settings
     topic = context.app.topic(settings.kafka.topic_rejections, key_type=bytes, value_type=bytes,
                               key_serializer="raw", value_serializer="raw", partitions=settings.kafka.partitions)
 
-    async def handle(events: Sequence[EventT]) -> None:
-        messages = [(e.message.topic, e.message.partition, e.message.offset, bytes(e.message.key or b""),
-                     bytes(e.message.value or b"")) for e in events]
-        await context.sink.write(rejections_batch(messages, utc_now()))
+    async def handle(messages: Sequence[Message]) -> None:
+        records = [(m.topic, m.partition, m.offset, bytes(m.key or b""), bytes(m.value or b"")) for m in messages]
+        await context.sink.write(rejections_batch(records, utc_now()))
 
-    context.app.agent(topic, name="rejections-agent")(_agent(handle, "rejections", settings.pipeline.batch_max))
+    delivery.agent(topic, "rejections", handle, run_batch)

@@ -30,7 +30,7 @@ class FakeConsumer:
 
 
 def events(topic: str, partition: int, *offsets: int) -> list[Any]:
-    return [SimpleNamespace(message=SimpleNamespace(topic=topic, partition=partition, offset=o)) for o in offsets]
+    return [SimpleNamespace(topic=topic, partition=partition, offset=o) for o in offsets]
 
 
 def test_caught_up_means_every_assigned_partition_of_our_topics_is_read_to_its_end() -> None:

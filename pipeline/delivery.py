@@ -1,0 +1,210 @@
+"""Batch delivery: the consumed topics reach their agents a batch at a time, around Faust's per-message path.
+
+Faust hands every record to its agents one at a time: per record the fetcher creates two tasks
+(`Service.wait_first` on the conductor callback and on the flow-control event), the conductor decodes it into
+an Event and queues it, and the stream's iterator runs its sensors and context switches. That costs about
+60–70 µs per record, more than the pipeline's rules and a third of its whole budget (README, "Benchmarks").
+
+Here, `BatchConsumer` (Faust's aiokafka consumer with another `_drain_messages`) puts the records of the
+batch topics straight into an `Inbox` per topic, a fetch at a time; records of any other topic (table
+changelogs during recovery, …) still take Faust's own path. A `BatchAgent` task takes batches from its inbox
+and keeps Faust's bookkeeping exactly as a stream would: it tracks the records it starts (so a rebalance waits
+for them, `Consumer.wait_empty`) and acks them once the batch's effects are durable, which is what Faust's
+offset commits follow. Consumer group, partition assignment, table recovery and commits are Faust's, unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, cast
+
+import faust
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as driver
+from faust.types import Message
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Sequence[Message]], Awaitable[None]]
+REPORT_EVERY_S = 10.0
+
+
+class Inbox:
+    """The fetched records of one topic, oldest first, waiting for its agent."""
+
+    def __init__(self, topic: str, capacity: int) -> None:
+        self.topic = topic
+        self.capacity = capacity  # the fetcher waits while this many records wait here
+        self._records: deque[Message] = deque()
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def put_all(self, records: Iterable[Message]) -> None:
+        self._records.extend(records)
+        if self._records:
+            self._arrived.set()
+        if len(self._records) >= self.capacity:
+            self._room.clear()
+
+    @property
+    def full(self) -> bool:
+        return len(self._records) >= self.capacity
+
+    async def wait_for_room(self, timeout: float) -> None:
+        await asyncio.wait_for(self._room.wait(), timeout)
+
+    def clear(self) -> None:
+        """Drop what waits (Faust's flow control calls this on a rebalance; the records were never tracked, so
+        they are neither acked nor committed, and the partition's next owner reads them again)."""
+        self._records.clear()
+        self._arrived.clear()
+        self._room.set()
+
+    async def take(self, most: int, within: float) -> list[Message]:
+        """Up to `most` records: waits for the first, then up to `within` seconds for the batch to fill."""
+        while not self._records:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if len(self._records) < most:
+            deadline = time.monotonic() + within
+            while len(self._records) < most and (left := deadline - time.monotonic()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except TimeoutError:
+                    break
+        records = self._records
+        batch = [records.popleft() for _ in range(min(most, len(records)))]
+        if len(records) < self.capacity:
+            self._room.set()
+        return batch
+
+
+class BatchConsumer(driver.Consumer):
+    """Faust's aiokafka consumer, delivering the records of the inboxes' topics in bulk."""
+
+    inboxes: dict[str, Inbox]
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - run by every worker test
+        # Faust's loop (faust.transport.consumer.Consumer._drain_messages, 0.15.3) with the read-offset and gap
+        # bookkeeping kept as is; only the hand-over differs for the inboxes' topics.
+        inboxes = self.inboxes
+        callback = self.callback
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                self.diag.set_flag(CONSUMER_FETCHING)
+                fetched: dict[str, list[Message]] = {}
+                await self.sleep(0)  # getmany may not yield to the loop when records are waiting
+                if not self.should_stop:
+                    async for tp, message in self.getmany(timeout=1.0):
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is not None and offset < r_offset:
+                            continue  # read already (Faust drops these too)
+                        if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if self._commit_every is not None and self._n_acked >= self._commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        if tp.topic in inboxes:
+                            fetched.setdefault(tp.topic, []).append(message)
+                        else:
+                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                        set_read_offset(tp, offset)
+                for topic, records in fetched.items():
+                    inboxes[topic].put_all(records)
+                self.diag.unset_flag(CONSUMER_FETCHING)
+                await self._wait_for_room()
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+        finally:
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: fetch no more while an agent has a full inbox (stopping and rebalancing still win)."""
+        for inbox in self.inboxes.values():
+            while inbox.full and not self.should_stop and self.flow_active:
+                try:
+                    await inbox.wait_for_room(1.0)
+                except TimeoutError:
+                    continue
+
+
+class BatchTransport(driver.Transport):
+    Consumer = BatchConsumer
+
+    def __init__(self, *args: Any, inboxes: dict[str, Inbox], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inboxes = inboxes
+
+    def create_consumer(self, callback: Any, **kwargs: Any) -> Any:
+        consumer = cast(BatchConsumer, super().create_consumer(callback, **kwargs))
+        consumer.inboxes = self.inboxes
+        return consumer
+
+
+class BatchDelivery:
+    """Installs batch delivery on an app, and runs one `BatchAgent` loop per registered topic."""
+
+    def __init__(self, app: faust.App, batch_max: int, within: float) -> None:
+        self.app = app
+        self.batch_max = batch_max
+        self.within = within
+        self.inboxes: dict[str, Inbox] = {}
+        app.transport = BatchTransport(app.conf.broker_consumer, app, inboxes=self.inboxes)
+
+    def agent(self, topic: faust.types.TopicT, name: str, handler: Handler,
+              run_batch: Callable[[Handler, Sequence[Message], str], Awaitable[None]],
+              on_done: Callable[[Sequence[Message]], None] | None = None) -> None:
+        """Consume `topic` a batch at a time with `handler`, run by `run_batch` (which must not return before
+        the batch's effects are durable, nor raise for a failed batch)."""
+        topic_name = topic.get_topic_name()
+        inbox = Inbox(topic_name, capacity=2 * self.batch_max)
+        self.inboxes[topic_name] = inbox
+        self.app.topics.add(topic)  # subscribe: the group assigns the topic's partitions, tables co-partition
+        self.app.flow_control.manage_queue(inbox)  # type: ignore[arg-type]  # cleared on rebalance, like agents'
+
+        async def loop() -> None:
+            counted, busy, last_report = 0, 0.0, time.monotonic()
+            while True:
+                batch = await inbox.take(self.batch_max, self.within)
+                consumer = self.app.consumer
+                for message in batch:
+                    consumer.track_message(message)
+                started = time.perf_counter()
+                try:
+                    await run_batch(handler, batch, name)
+                finally:
+                    # Reached only when the batch is done (run_batch ends the process otherwise): its effects
+                    # are durable, so its offsets may be committed even if this task is being stopped.
+                    for message in batch:
+                        consumer.ack(message)
+                    if on_done is not None:
+                        on_done(batch)
+                counted += len(batch)
+                busy += time.perf_counter() - started
+                if time.monotonic() - last_report >= REPORT_EVERY_S:
+                    log.info("%s: %d records in %.2fs of work since the last report", name, counted, busy)
+                    counted, busy, last_report = 0, 0.0, time.monotonic()
+
+        loop.__name__ = f"{name}-agent"
+        self.app.task(loop)

@@ -1,0 +1,69 @@
+"""The batch inbox between Faust's fetcher and an agent: batching, backpressure and rebalance clearing."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pipeline.delivery import Inbox
+
+
+def records(*offsets: int) -> list[Any]:
+    return [SimpleNamespace(topic="t", partition=0, offset=o) for o in offsets]
+
+
+async def test_a_full_batch_is_taken_at_once_and_the_rest_waits_in_order() -> None:
+    inbox = Inbox("t", capacity=10)
+    inbox.put_all(records(*range(5)))
+    batch = await asyncio.wait_for(inbox.take(3, within=5.0), 1.0)  # full: no waiting for `within`
+    assert [r.offset for r in batch] == [0, 1, 2]
+    assert [r.offset for r in await inbox.take(3, within=0.01)] == [3, 4]
+
+
+async def test_a_partial_batch_waits_up_to_within_for_more() -> None:
+    inbox = Inbox("t", capacity=10)
+    inbox.put_all(records(0))
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        inbox.put_all(records(1, 2))
+
+    feeder = asyncio.ensure_future(later())
+    batch = await inbox.take(3, within=2.0)
+    await feeder
+    assert [r.offset for r in batch] == [0, 1, 2]
+
+
+async def test_take_waits_for_the_first_record() -> None:
+    inbox = Inbox("t", capacity=10)
+    taker = asyncio.ensure_future(inbox.take(2, within=0.01))
+    await asyncio.sleep(0.05)
+    assert not taker.done()
+    inbox.put_all(records(7))
+    assert [r.offset for r in await asyncio.wait_for(taker, 1.0)] == [7]
+
+
+async def test_a_full_inbox_makes_the_fetcher_wait_until_the_agent_takes_a_batch() -> None:
+    inbox = Inbox("t", capacity=4)
+    inbox.put_all(records(*range(4)))
+    assert inbox.full
+    with pytest.raises(TimeoutError):
+        await inbox.wait_for_room(0.05)
+    await inbox.take(2, within=0.0)
+    assert not inbox.full
+    await asyncio.wait_for(inbox.wait_for_room(1.0), 1.0)
+
+
+async def test_clear_drops_what_waits_and_frees_the_fetcher() -> None:
+    inbox = Inbox("t", capacity=2)
+    inbox.put_all(records(0, 1, 2))
+    inbox.clear()  # a rebalance: the records were never tracked, so nothing of them is acked or committed
+    assert len(inbox) == 0 and not inbox.full
+    taker = asyncio.ensure_future(inbox.take(1, within=0.0))
+    await asyncio.sleep(0.02)
+    assert not taker.done()  # nothing stale is handed out
+    inbox.put_all(records(5))
+    assert [r.offset for r in await asyncio.wait_for(taker, 1.0)] == [5]
