@@ -317,6 +317,13 @@ _NA_REASON: Final = (
 
 def finish(value: Any, enabled: frozenset[Relaxation], applied: list[str], *, scan_na: bool) -> Any:
     """Normalise and check a value msgspec has decoded; returns the (possibly replaced) value."""
+    value = normalise(value)
+    walk(value, "$", Context(enabled, applied, scan_na=scan_na))
+    return value
+
+
+def normalise(value: Any) -> Any:
+    """The top-level rules that replace values: a PATCH's nulls mean absent, some nulls mean a default."""
     cls = type(value)
     if cls in _PATCH_TYPES:
         nulls = {name: msgspec.UNSET for name in value.__struct_fields__ if getattr(value, name) is None}
@@ -329,5 +336,4 @@ def finish(value: Any, enabled: frozenset[Relaxation], applied: list[str], *, sc
         missing = {name: default for name, default in defaults.items() if getattr(value, name) is None}
         if missing:
             value = msgspec.structs.replace(value, **missing)
-    walk(value, "$", Context(enabled, applied, scan_na=scan_na))
     return value

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, cast
 
 import msgspec
 import msgspec.inspect as mi
@@ -74,6 +74,18 @@ def decode(body: bytes | str, model: type[T], *, profile: CompatProfile | None =
         raise OcpiJsonError(_TOO_DEEP) from None
     value = _validate.finish(value, enabled, applied, scan_na=_may_contain_na(body))
     return Decoded(value, tuple(applied))
+
+
+def decode_stored(body: bytes, model: type[T]) -> T:
+    """An object this system validated and then stored as OCPI JSON, read back: types and constraints checked
+    by msgspec, defaults applied, but not the rule walk again (it passed before the object was stored)."""
+    try:
+        value = _decoder(model).decode(body)  # type: ignore[arg-type]  # Struct classes are hashable
+    except msgspec.ValidationError as exc:
+        raise _translate(exc, model) from None
+    except msgspec.DecodeError as exc:
+        raise OcpiJsonError(_json_reason(exc)) from None
+    return cast(T, _validate.normalise(value))
 
 
 def decode_list(

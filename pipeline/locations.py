@@ -54,7 +54,7 @@ def handle(state: LocationState, record: Record, rules: StageRules, out: StageOu
             state.confirmed[state.last_identity] = last_updated
         out.outcome(record, Outcome.DUPLICATE)
         return True
-    current = wire.validated(state.object_json, Location) if state.object_json is not None else None
+    current = wire.stored(state.object_json, Location) if state.object_json is not None else None
     stored = ordering.newest(ordering.target_last_updated(current, event), state.confirmed.get(identity(event)))
     if ordering.is_stale(stored, last_updated):
         detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"

@@ -69,7 +69,7 @@ def newest(*moments: datetime | None) -> datetime | None:
 def merge_session_patch(current_json: bytes, patch: dict[str, Any]) -> tuple[Session, bytes]:
     """The stored Session with a PATCH applied, validated; returns the Session and its OCPI JSON."""
     try:
-        current = wire.validated(current_json, Session)
+        current = wire.stored(current_json, Session)
         merged = merge_session(current, wire.to_struct(patch, SessionPatch))
         document = wire.struct_json(merged)
         return wire.validated(document, Session), document

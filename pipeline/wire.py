@@ -1,8 +1,9 @@
 """OCPI JSON for decoded payloads and stored objects, and the Structs they convert to/from (no I/O).
 
 Payloads come from `infra.codec.decode_event` as dicts (nulls left out, aware UTC datetimes, exact Decimals).
-Stored objects are kept as OCPI wire JSON (what the receivers' GET serves), so they are validated again by
-`ocpi.decode` whenever they are turned back into Structs.
+Stored objects are kept as OCPI wire JSON (what the receivers' GET serves); they were validated before they
+were stored, so reading them back (`stored`) checks types only, while every new or merged object goes through
+the full `ocpi.decode` rules (`validated`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import msgspec
 
 from ocpi.canonical import to_ocpi_json
 from ocpi.datetime import format_datetime
-from ocpi.decode import decode
+from ocpi.decode import decode, decode_stored
 from ocpi.types import dec_hook
 
 T = TypeVar("T")
@@ -48,6 +49,11 @@ def _wire(value: Any) -> Any:
 def to_struct(payload: dict[str, Any], model: type[T]) -> T:
     """A decoded payload as an OCPI Struct (types and field constraints checked by msgspec)."""
     return msgspec.convert(payload, model, dec_hook=dec_hook)
+
+
+def stored(document: bytes, model: type[T]) -> T:
+    """A stored object (validated when it was stored) as a Struct again."""
+    return decode_stored(document, model)
 
 
 def validated(document: bytes, model: type[T]) -> T:
