@@ -157,8 +157,15 @@ def scalar(client: Any, sql: str) -> int:
     return int(client.query(sql).result_rows[0][0])
 
 
-async def pipeline_rate(stack: Stack, total: int, cdrs: int, timeout: float) -> tuple[float, float, float]:
-    """Start the worker; (events/s to stage-1 rows, events/s incl. reconciliation, seconds of the full run)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def pipeline_rate(stack: Stack, total: int, cdrs: int, timeout: float) -> tuple[float, float, float, float]:
+    """Start the worker; (events/s to stage-1 rows, events/s incl. reconciliation, seconds of the full run, the
+    worker's CPU seconds over that run)."""
     client = stack.clickhouse
     assert client is not None
     profile = ["-m", "cProfile", "-o", str(stack.log_dir / "worker.prof")] if PROFILE else []
@@ -172,13 +179,15 @@ async def pipeline_rate(stack: Stack, total: int, cdrs: int, timeout: float) -> 
         raw = await asyncio.to_thread(scalar, client, "SELECT count() FROM raw_events")
         if raw and first is None:
             first = time.perf_counter()
+            cpu_first = cpu_seconds(stack.children["worker"].pid)
         if first is not None and stage1 is None and raw >= total and await asyncio.to_thread(
                 scalar, client, "SELECT count() FROM raw_events FINAL") >= total:
             stage1 = time.perf_counter()
         if stage1 is not None and await asyncio.to_thread(
                 scalar, client, "SELECT count() FROM reconciliation FINAL WHERE subject = 'CDR'") >= cdrs:
             end = time.perf_counter()
-            return total / (stage1 - first), total / (end - first), end - first
+            cpu = cpu_seconds(stack.children["worker"].pid) - cpu_first
+            return total / (stage1 - first), total / (end - first), end - first, cpu
         await asyncio.sleep(0.1)
     raise TimeoutError("the worker did not finish in time; see " + str(stack.log_dir / "worker.log"))
 
@@ -258,9 +267,10 @@ async def run_pipeline(settings: Settings, args: argparse.Namespace) -> None:
         print(f"published in {time.perf_counter() - t:.1f}s", flush=True)
         raw = await raw_consume(stack.bootstrap, list(topics.values()), total)
         print(f"raw aiokafka consume + decode: {raw:,.0f} events/s", flush=True)
-        stage1, full, seconds = await pipeline_rate(stack, total, traffic.cdrs, args.timeout)
+        stage1, full, seconds, cpu = await pipeline_rate(stack, total, traffic.cdrs, args.timeout)
         print(f"pipeline, one worker, full rules: {stage1:,.0f} events/s to stage-1 rows, "
-              f"{full:,.0f} events/s including reconciliation ({seconds:.1f}s)", flush=True)
+              f"{full:,.0f} events/s including reconciliation ({seconds:.1f}s; worker CPU {cpu:.1f}s = "
+              f"{cpu / seconds:.0%} of one core, {cpu / total * 1e6:.0f} µs per event)", flush=True)
         raw_after = await raw_consume(stack.bootstrap, list(topics.values()), total)
         raw_mean = (raw + raw_after) / 2
         print(f"raw again: {raw_after:,.0f} events/s; ratio pipeline/raw: {stage1 / raw_mean:.0%} (stage 1), "
