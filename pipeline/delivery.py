@@ -184,7 +184,7 @@ class BatchDelivery:
         self.app.flow_control.manage_queue(inbox)  # type: ignore[arg-type]  # cleared on rebalance, like agents'
 
         async def loop() -> None:
-            counted, busy, last_report = 0, 0.0, time.monotonic()
+            counted, busy, last_report = 0, 0.0, 0.0  # the first batch is reported: the agent has started
             while True:
                 batch = await inbox.take(self.batch_max, self.within)
                 consumer = self.app.consumer
