@@ -1,26 +1,35 @@
 """Reconciliation of Sessions with CDRs, and credit CDR links (stage 2, per CPO party).
 
-Matching (README, "Reconciliation"): a CDR is matched to a Session of the same CPO party by the strongest key it
-carries, and only by that one:
-1. its `session_id` = the Session's id; else, when it has none,
-2. its `authorization_reference` (the eMSP's reference of the session); else
-3. token (country_code, party_id, uid) + location id + start time within OCPI_RECONCILE_TIME_TOLERANCE.
-One key per CDR makes the result independent of the order in which CDRs and sessions arrive (a CDR may come
-before its session's last update, or before the session at all): a CDR that names a session is never given to
-another one because that one happened to arrive first with a weaker match. A waiting CDR is indexed under its
-key, and the session that arrives with that key takes it; among several candidates the one without a CDR and
-with the nearest start wins. A match is final. A session may have several CDRs (an original, and a corrected one
-after a credit); credit CDRs are not matched to sessions but linked to the CDR they credit.
+Matching (README, "Reconciliation"): a non-credit CDR is matched to a Session of the same CPO party by the first of
+its keys that finds one:
+1. SESSION_ID: the session whose id is the CDR's `session_id`;
+2. AUTHORIZATION_REFERENCE: the sessions with its `authorization_reference` (the eMSP's reference of the session);
+3. TOKEN_LOCATION_START: the sessions with its token (country_code, party_id, uid) and location whose start is
+   within OCPI_RECONCILE_TIME_TOLERANCE of the CDR's.
+Among several sessions of a key the nearest start wins, sessions no other CDR holds first (CDRs of one key choose
+in order of start, then id). A CDR may come before its session, or before the session's last update, so a match
+by session id is final and any other is provisional: the CDR stays indexed as waiting under each stronger key it
+carries, and a session that arrives or changes with such a key takes it over. The CDR then moves: its row is
+written again with the new session, method and deltas, and so is the session it left (back to AWAITING_CDR, or
+with its remaining CDRs' totals). A nearer or free session of the CDR's own key takes it over the same way. So
+for the same facts every arrival order ends with the same matches (`pipeline.matching` tells how). This holds
+within a CDR's OCPI_RECONCILE_SESSION_GRACE: after it the CDR is settled, its match is no longer moved within its
+own key, and only a stronger key still takes it (a waiting CDR: its strongest key), which keeps the state small.
+A session may have several CDRs (an original, and a corrected one after a credit); credit CDRs are not matched to
+sessions but linked to the CDR they credit.
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
-  deadline sweep), MATCHED once a CDR arrives; an INVALID session is NOT_BILLABLE (a CDR for it is an anomaly);
+  deadline sweep), MATCHED while it has a CDR; an INVALID session is NOT_BILLABLE (a CDR for it is an anomaly);
+  an open session has no row until it has a CDR, and AWAITING_CDR without a due time if it loses it;
 - a CDR: MATCHED, or MISMATCH when a delta exceeds its tolerance; AWAITING_SESSION until
   OCPI_RECONCILE_SESSION_GRACE, then NO_SESSION. A CDR without a session is *billed anyway* (the CDR is the
   billing record; CPOs without a Sessions module, reservation-only CDRs, never-pushed home chargers): the
   outcome only makes it visible. Credit CDRs get outcome CREDIT.
 - Deltas are CDR minus Session: kWh, cost excl. VAT, start and end time (seconds). `late` marks a match made
-  after the grace had passed (by event time, so reprocessing gives the same answer).
+  after the grace had passed (by event time, so reprocessing gives the same answer): for a CDR, its current
+  session was found after its session grace; for a session, its first CDR came after its CDR grace.
+- `version` is 2 x the subject's emission count, so it grows with every row of a subject, a CDR that moves too.
 
 Every state change is deterministic in the facts' order per party; facts repeated by reprocessing carry a
 version (sessions) or an id already seen (CDRs) and change nothing.
@@ -37,12 +46,9 @@ import msgspec
 
 from infra.settings import PipelineSettings
 from pipeline.facts import CdrFact, Fact, SessionFact
+from pipeline.matching import Matching, strongest_method
 from pipeline.records import Anomaly, AnomalyRow
 from pipeline.state import Codec, Overlay
-
-SESSION_ID: Final = "SESSION_ID"
-AUTHORIZATION_REFERENCE: Final = "AUTHORIZATION_REFERENCE"
-TOKEN_LOCATION_START: Final = "TOKEN_LOCATION_START"  # noqa: S105 - a method name, not a secret
 
 RECONCILIATION_COLUMNS = (
     "country_code", "party_id", "subject", "subject_id", "partner_id", "outcome", "method", "session_id",
@@ -90,6 +96,7 @@ class CdrRec(msgspec.Struct, kw_only=True):
     method: str = ""
     late: bool = False
     seq: int = 0
+    settled: bool = False  # matched by session id, or its session grace has passed (`pipeline.matching`)
 
 
 class CreditRec(msgspec.Struct, kw_only=True):
@@ -199,15 +206,7 @@ class PartyState:
             self.overlay.set(self._key(kind, ident), _IDS.encode(Ids(rest)) if rest else None)
 
 
-# Index kinds: sessions by authorization reference / token+location; CDRs waiting for a session by
-# session id / authorization reference / token+location; credit CDRs waiting for the CDR they credit.
-_S_BY_REF, _S_BY_TOKEN = "IA", "IT"
-_W_BY_ID, _W_BY_REF, _W_BY_TOKEN = "WS", "WA", "WT"
-_W_CREDIT = "WC"
-
-
-def _token_key(token: str, location_id: str) -> str:
-    return f"{token}/{location_id}"
+_W_CREDIT = "WC"  # index of credit CDRs waiting for the CDR they credit
 
 
 # --- processing -----------------------------------------------------------------------------------------------
@@ -228,17 +227,10 @@ def on_session(state: PartyState, fact: SessionFact, rules: Rules, out: PartyOut
     old = rec.fact if rec is not None else None
     rec = rec or SessionRec(fact=fact)
     rec.fact = fact
-    _reindex_session(state, old, fact)
-    for cdr_id in rec.cdr_ids:  # already matched: its deltas follow the session's latest state
-        cdr = state.cdr(cdr_id)
-        if cdr is not None:
-            _emit_cdr(state, cdr, fact, rules, out)
-            state.put_cdr(cdr)
-    for cdr, method in _waiting_cdrs(state, fact, rules):
-        _attach(state, rec, cdr, method, rules, out, arrived=fact.received_at, waited_since=cdr.fact.received_at,
-                grace=rules.session_grace)
-    _emit_session(state, rec, rules, out)
-    state.put_session(rec)
+    work = Matching(state, rules, fact.received_at)
+    work.session_arrived(rec, old)
+    work.settle()
+    _emit_changes(state, work, rules, out)
 
 
 def on_cdr(state: PartyState, fact: CdrFact, rules: Rules, out: PartyOutput) -> None:
@@ -249,19 +241,11 @@ def on_cdr(state: PartyState, fact: CdrFact, rules: Rules, out: PartyOutput) -> 
         _link_credit(state, cdr, rules, out)
         _emit_cdr(state, cdr, None, rules, out)
         state.put_cdr(cdr)
-        return
-    found = _find_session(state, fact, rules)
-    if found is None:
-        _wait_for_session(state, fact)
-        _emit_cdr(state, cdr, None, rules, out)
-        state.put_cdr(cdr)
     else:
-        session, method = found
-        deadline = session.fact.final_at + rules.cdr_grace if session.fact.final_at else None
-        _attach(state, session, cdr, method, rules, out, arrived=fact.received_at, waited_since=None,
-                grace=None, session_deadline=deadline)
-        _emit_session(state, session, rules, out)
-        state.put_session(session)
+        work = Matching(state, rules, fact.received_at)
+        work.cdr_arrived(cdr)
+        work.settle()
+        _emit_changes(state, work, rules, out)
     for credit_id in state.ids(_W_CREDIT, fact.cdr_id):  # credits that came first
         credit = state.cdr(credit_id)
         if credit is not None:
@@ -269,142 +253,52 @@ def on_cdr(state: PartyState, fact: CdrFact, rules: Rules, out: PartyOutput) -> 
     state.overlay.set(state._key(_W_CREDIT, fact.cdr_id), None)
 
 
-def _reindex_session(state: PartyState, old: SessionFact | None, new: SessionFact) -> None:
-    sid = new.session_id
-    if old is None or old.authorization_reference != new.authorization_reference:
-        if old is not None and old.authorization_reference:
-            state.remove_id(_S_BY_REF, old.authorization_reference, sid)
-        if new.authorization_reference:
-            state.add_id(_S_BY_REF, new.authorization_reference, sid)
-    if old is None or (old.token, old.location_id) != (new.token, new.location_id):
-        if old is not None:
-            state.remove_id(_S_BY_TOKEN, _token_key(old.token, old.location_id), sid)
-        state.add_id(_S_BY_TOKEN, _token_key(new.token, new.location_id), sid)
+def _emit_changes(state: PartyState, work: Matching, rules: Rules, out: PartyOutput) -> None:
+    """One row per subject the fact changed (CDRs, then sessions, each in id order), then the records."""
+    for cdr_id, session_id in dict.fromkeys(work.attached):
+        session, cdr = work.session(session_id), work.cdr(cdr_id)
+        if session is None or cdr is None or cdr.session_id != session_id:
+            continue  # moved on within this fact
+        if session.fact.status == "INVALID":
+            out.anomalies.append(cdr_anomaly(state, cdr.fact, Anomaly.CDR_FOR_INVALID_SESSION,
+                                             f"session {session_id} is INVALID (not billable)", work.now))
+    for cdr_id in sorted(work.changed_cdrs):
+        cdr = work.cdr(cdr_id)
+        if cdr is not None:
+            session = None if cdr.session_id is None else work.session(cdr.session_id)
+            _emit_cdr(state, cdr, None if session is None else session.fact, rules, out)
+    for session_id in sorted(work.changed_sessions):
+        session = work.session(session_id)
+        if session is not None:
+            _emit_session(state, session, work.cdrs_of(session), rules, out)
+    work.write()
 
 
-def _closest(state: PartyState, session_ids: list[str], start: datetime, limit: timedelta | None,
-             ) -> SessionRec | None:
-    """The candidate session with the nearest start (unmatched ones first), within `limit` if given."""
-    best: tuple[tuple[bool, timedelta, str], SessionRec] | None = None
-    for sid in session_ids:
-        rec = state.session(sid)
-        if rec is None:
-            continue
-        gap = abs(rec.fact.start - start)
-        if limit is not None and gap > limit:
-            continue
-        rank = (bool(rec.cdr_ids), gap, sid)
-        if best is None or rank < best[0]:
-            best = (rank, rec)
-    return None if best is None else best[1]
-
-
-def match_key(fact: CdrFact) -> tuple[str, str, str]:
-    """(waiting-index kind, key value, method) of the one key a CDR is matched by."""
-    if fact.session_id:
-        return _W_BY_ID, fact.session_id, SESSION_ID
-    if fact.authorization_reference:
-        return _W_BY_REF, fact.authorization_reference, AUTHORIZATION_REFERENCE
-    return _W_BY_TOKEN, _token_key(fact.token, fact.location_id), TOKEN_LOCATION_START
-
-
-def _find_session(state: PartyState, fact: CdrFact, rules: Rules) -> tuple[SessionRec, str] | None:
-    kind, key, method = match_key(fact)
-    if kind == _W_BY_ID:
-        rec = state.session(key)
-    elif kind == _W_BY_REF:
-        rec = _closest(state, state.ids(_S_BY_REF, key), fact.start, None)
-    else:
-        rec = _closest(state, state.ids(_S_BY_TOKEN, key), fact.start, rules.time_tolerance)
-    return None if rec is None else (rec, method)
-
-
-def _wait_for_session(state: PartyState, fact: CdrFact) -> None:
-    kind, key, _method = match_key(fact)
-    state.add_id(kind, key, fact.cdr_id)
-
-
-def _stop_waiting(state: PartyState, fact: CdrFact) -> None:
-    kind, key, _method = match_key(fact)
-    state.remove_id(kind, key, fact.cdr_id)
-
-
-def _waiting_cdrs(state: PartyState, session: SessionFact, rules: Rules) -> list[tuple[CdrRec, str]]:
-    """Waiting CDRs whose key this session has (each CDR waits under its one key)."""
-    found: dict[str, tuple[CdrRec, str]] = {}
-
-    def take(ids: list[str], method: str, check_time: bool) -> None:
-        for cdr_id in ids:
-            if cdr_id in found:
-                continue
-            cdr = state.cdr(cdr_id)
-            if cdr is None or cdr.session_id is not None:
-                continue
-            if check_time and abs(cdr.fact.start - session.start) > rules.time_tolerance:
-                continue
-            found[cdr_id] = (cdr, method)
-
-    take(state.ids(_W_BY_ID, session.session_id), SESSION_ID, False)
-    if session.authorization_reference:
-        take(state.ids(_W_BY_REF, session.authorization_reference), AUTHORIZATION_REFERENCE, False)
-    take(state.ids(_W_BY_TOKEN, _token_key(session.token, session.location_id)), TOKEN_LOCATION_START, True)
-    return sorted(found.values(), key=lambda item: item[0].fact.cdr_id)
-
-
-def _attach(state: PartyState, session: SessionRec, cdr: CdrRec, method: str, rules: Rules, out: PartyOutput,
-            *, arrived: datetime, waited_since: datetime | None, grace: timedelta | None,
-            session_deadline: datetime | None = None) -> None:
-    cdr.session_id = session.fact.session_id
-    cdr.method = method
-    if waited_since is not None and grace is not None:
-        cdr.late = arrived > waited_since + grace  # the session came after the CDR's grace
-    _stop_waiting(state, cdr.fact)
-    if cdr.fact.cdr_id not in session.cdr_ids:
-        session.cdr_ids.append(cdr.fact.cdr_id)
-    if not session.method:
-        session.method = method
-        if session_deadline is not None:
-            session.late = arrived > session_deadline  # the CDR came after the session's grace
-    if session.fact.status == "INVALID":
-        out.anomalies.append(cdr_anomaly(state, cdr.fact, Anomaly.CDR_FOR_INVALID_SESSION,
-                                         f"session {session.fact.session_id} is INVALID (not billable)", arrived))
-    _emit_cdr(state, cdr, session.fact, rules, out)
-    state.put_cdr(cdr)
-
-
-def _emit_session(state: PartyState, rec: SessionRec, rules: Rules, out: PartyOutput) -> None:
+def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules: Rules, out: PartyOutput) -> None:
     fact = rec.fact
     due: datetime | None = None
-    if rec.cdr_ids:
+    rec.method = strongest_method([c.method for c in cdrs])
+    if cdrs:
         outcome = "MATCHED"
     elif fact.status == "INVALID":
         outcome = "NOT_BILLABLE"
     elif fact.status == "COMPLETED":
         outcome = "AWAITING_CDR"
         due = (fact.final_at or fact.received_at) + rules.cdr_grace
+    elif rec.seq:
+        outcome = "AWAITING_CDR"  # an open session that lost its CDR: its MATCHED row must go; no deadline yet
     else:
         return  # an open session without a CDR is not reconcilable yet
-    cdr_kwh, cdr_cost = _cdr_totals(state, rec.cdr_ids)
+    cdr_kwh = sum((c.fact.total_energy for c in cdrs), Decimal(0)) if cdrs else None
+    cdr_cost = sum((c.fact.cost_excl_vat for c in cdrs), Decimal(0)) if cdrs else None
     rec.seq += 1
     out.reconciliation.append([
         state.country_code, state.party_id, "SESSION", fact.session_id, fact.partner_id, outcome, rec.method,
-        fact.session_id, list(rec.cdr_ids), fact.kwh, cdr_kwh,
+        fact.session_id, [c.fact.cdr_id for c in cdrs], fact.kwh, cdr_kwh,
         None if cdr_kwh is None else cdr_kwh - fact.kwh, fact.cost_excl_vat, cdr_cost,
         None if cdr_cost is None or fact.cost_excl_vat is None else cdr_cost - fact.cost_excl_vat,
         None, None, rec.late, due, fact.received_at, rec.seq * 2,
     ])
-
-
-def _cdr_totals(state: PartyState, cdr_ids: list[str]) -> tuple[Decimal | None, Decimal | None]:
-    if not cdr_ids:
-        return None, None
-    kwh, cost = Decimal(0), Decimal(0)
-    for cdr_id in cdr_ids:
-        cdr = state.cdr(cdr_id)
-        if cdr is not None:
-            kwh += cdr.fact.total_energy
-            cost += cdr.fact.cost_excl_vat
-    return kwh, cost
 
 
 def _emit_cdr(state: PartyState, rec: CdrRec, session: SessionFact | None, rules: Rules, out: PartyOutput) -> None:

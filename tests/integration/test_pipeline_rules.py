@@ -160,7 +160,7 @@ async def test_every_reconciliation_outcome_lands_in_the_table_and_the_topic(sta
         ("CDR", cdr("C3", session_id=None, uid="TOK3", start=6)),  # by token + location + start
         ("Session", session("S4", **done)), ("CDR", cdr("C4", session_id="S4", kwh="15")),  # mismatch
         ("Session", session("S5", **done)),  # no CDR: missing after the grace
-        ("CDR", cdr("C6", session_id="S6")),  # no session: after the grace
+        ("CDR", cdr("C6", session_id="S6", uid="TOK6")),  # no session by any key: after the grace
         ("Session", session("S7", status="INVALID", updated=10)),  # not billable
         ("CDR", cdr("C8-C", session_id=None, credit=True, credit_reference="C8", cost="-1")),  # unknown reference
         pid="REC")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-from pipeline.facts import CdrFact, SessionFact, cdr_fact, decode_facts, encode_facts, session_fact
+from pipeline.facts import CdrFact, Fact, SessionFact, cdr_fact, decode_facts, encode_facts, session_fact
 from pipeline.reconcile import (
     CREDIT_LINK_COLUMNS,
     RECONCILIATION_COLUMNS,
@@ -216,26 +217,196 @@ def test_rows_of_two_parties_with_the_same_ids_in_one_batch_are_all_kept() -> No
     assert sorted((r[0], r[1], r[3]) for r in rows) == [("BE", "BEC", "C1"), ("NL", "TNM", "C1")]
 
 
-def test_a_cdr_is_matched_only_by_the_strongest_key_it_carries_whatever_the_order() -> None:
-    # C2 names AUTH-2; S1 (same token, location and start) arrives first: C2 must wait for S2, not take S1.
-    for order in ("cdr first", "session first"):
-        party = Party()
-        s1, s2 = s_fact(completed("S1"), final=61), s_fact(completed("S2", authref="AUTH-2"), final=61)
-        c2 = c_fact(cdr("C2", session_id=None, authref="AUTH-2"))
-        if order == "cdr first":
-            party.run(c2)
-            party.run(s1)
-            assert party.run(s2) is not None
-        else:
-            party.run(s1)
-            assert result(party.run(c2), "CDR", "C2")["outcome"] == "AWAITING_SESSION"
-            party.run(s2)
-        stored = PartyState("NL/TNM", party.store.overlay()).cdr("C2")
-        assert stored is not None and (stored.session_id, stored.method) == ("S2", "AUTHORIZATION_REFERENCE"), order
+# --- the key cascade -------------------------------------------------------------------------------------------
 
 
-def test_a_cdr_naming_an_unknown_session_is_not_given_to_another_one() -> None:
+def stored(party: Party, cdr_id: str) -> tuple[str | None, str]:
+    rec = PartyState("NL/TNM", party.store.overlay()).cdr(cdr_id)
+    assert rec is not None
+    return rec.session_id, rec.method
+
+
+def index_entries(party: Party, cdr_id: str) -> list[str]:
+    """The waiting-index keys (`W?/NL/TNM/<key>`) that hold a CDR."""
+    return sorted(k for k, v in party.store.data.items() if k.startswith("W") and cdr_id.encode() in v)
+
+
+def test_a_cdr_whose_session_id_is_unknown_falls_back_to_its_authorization_reference() -> None:
     party = Party()
     party.run(s_fact(completed("S1", authref="AUTH-1"), final=61))
-    out = party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1")))
-    assert result(out, "CDR", "C9")["outcome"] == "AWAITING_SESSION"
+    row = result(party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1"))), "CDR", "C9")
+    assert (row["outcome"], row["method"], row["session_id"]) == ("MATCHED", "AUTHORIZATION_REFERENCE", "S1")
+
+
+def test_a_cdr_falls_back_to_token_location_and_start_when_no_session_has_its_reference() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", start=0), final=61))
+    out = party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-9", start=1, end=61)))
+    row = result(out, "CDR", "C9")
+    assert (row["outcome"], row["method"], row["session_id"], row["delta_start_s"]) == (
+        "MATCHED", "TOKEN_LOCATION_START", "S1", Decimal(60))
+
+
+def test_the_session_a_provisionally_matched_cdr_names_takes_it_and_the_one_it_left_awaits_again() -> None:
+    party = Party()
+    first = party.run(s_fact(completed("S1", authref="AUTH-1"), received=61, final=61))
+    matched = party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1", kwh="12"), received=62))
+    assert result(matched, "SESSION", "S1")["outcome"] == "MATCHED"
+    assert index_entries(party, "C9") == ["WA/NL/TNM/" + PSEUDONYM("AUTH-1"), "WS/NL/TNM/S9"]
+    out = party.run(s_fact(completed("S9", kwh="12"), received=63, final=63))
+    row = result(out, "CDR", "C9")
+    assert (row["outcome"], row["method"], row["session_id"], row["delta_kwh"]) == (
+        "MATCHED", "SESSION_ID", "S9", Decimal(0))
+    assert row["version"] > result(matched, "CDR", "C9")["version"]
+    left = result(out, "SESSION", "S1")
+    assert (left["outcome"], left["method"], left["cdr_ids"], left["cdr_kwh"], left["due_at"]) == (
+        "AWAITING_CDR", "", [], None, ts(91))
+    assert left["version"] > result(matched, "SESSION", "S1")["version"] > result(first, "SESSION", "S1")["version"]
+    assert result(out, "SESSION", "S9")["cdr_ids"] == ["C9"]
+    assert index_entries(party, "C9") == []  # a session id match is final
+
+
+def test_a_session_left_by_one_cdr_keeps_the_totals_of_the_others() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", authref="AUTH-1"), final=61), c_fact(cdr("C1", kwh="10")),
+              c_fact(cdr("C9", session_id="S9", authref="AUTH-1", kwh="3")))
+    out = party.run(s_fact(completed("S9"), final=61))
+    row = result(out, "SESSION", "S1")
+    assert (row["outcome"], row["method"], row["cdr_ids"], row["cdr_kwh"]) == (
+        "MATCHED", "SESSION_ID", ["C1"], Decimal(10))
+
+
+def test_a_token_match_moves_to_a_session_that_arrives_with_the_cdrs_reference() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1"), final=61), c_fact(cdr("C1", session_id=None, authref="AUTH-2")))
+    assert stored(party, "C1") == ("S1", "TOKEN_LOCATION_START")
+    out = party.run(s_fact(completed("S2", authref="AUTH-2", start=30), final=61))
+    assert stored(party, "C1") == ("S2", "AUTHORIZATION_REFERENCE")
+    assert result(out, "SESSION", "S1")["outcome"] == "AWAITING_CDR"
+
+
+def test_a_waiting_cdr_is_taken_by_a_weaker_key_then_upgraded() -> None:
+    party = Party()
+    party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1")))
+    party.run(s_fact(completed("S1"), final=61))
+    assert stored(party, "C9") == ("S1", "TOKEN_LOCATION_START")
+    party.run(s_fact(completed("S2", authref="AUTH-1", start=30), final=61))
+    assert stored(party, "C9") == ("S2", "AUTHORIZATION_REFERENCE")
+    party.run(s_fact(completed("S9", start=60), final=61))
+    assert stored(party, "C9") == ("S9", "SESSION_ID")
+
+
+def test_a_nearer_session_of_the_same_key_takes_a_provisional_match() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", start=0), final=61), c_fact(cdr("C1", session_id=None, start=3, end=63)))
+    assert stored(party, "C1") == ("S1", "TOKEN_LOCATION_START")
+    party.run(s_fact(completed("S2", start=3), final=61))
+    assert stored(party, "C1") == ("S2", "TOKEN_LOCATION_START")
+
+
+def test_a_session_that_changes_its_reference_lets_its_cdr_fall_back() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", authref="AUTH-1", uid="TOK7"), final=61, version=1),
+              s_fact(completed("S2", start=2), final=61), c_fact(cdr("C1", session_id=None, authref="AUTH-1")))
+    assert stored(party, "C1") == ("S1", "AUTHORIZATION_REFERENCE")
+    out = party.run(s_fact(completed("S1", authref="AUTH-X", uid="TOK7"), final=61, version=2))
+    assert stored(party, "C1") == ("S2", "TOKEN_LOCATION_START")
+    assert result(out, "SESSION", "S1")["outcome"] == "AWAITING_CDR"
+
+
+def test_cdrs_of_one_key_prefer_sessions_no_other_cdr_holds() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", authref="AUTH-1", start=0), final=61),
+              s_fact(completed("S2", authref="AUTH-1", start=1), final=61),
+              c_fact(cdr("C2", session_id=None, authref="AUTH-1", start=0)),
+              c_fact(cdr("C1", session_id="S1", authref="AUTH-1", start=0)))
+    assert (stored(party, "C1"), stored(party, "C2")) == (("S1", "SESSION_ID"), ("S2", "AUTHORIZATION_REFERENCE"))
+
+
+def test_after_its_grace_a_cdr_is_settled_but_the_session_it_names_still_takes_it() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", start=0), final=61), c_fact(cdr("C9", session_id="S9", start=3, end=63)))
+    party.run(s_fact(completed("S2", start=3), received=30, final=61))  # nearer, but after C9's grace
+    assert stored(party, "C9") == ("S1", "TOKEN_LOCATION_START")
+    assert index_entries(party, "C9") == ["WS/NL/TNM/S9"]  # its own key's entry is gone
+    out = party.run(s_fact(completed("S9", start=3), received=40, final=61))
+    assert stored(party, "C9") == ("S9", "SESSION_ID") and result(out, "CDR", "C9")["late"] is True
+    assert index_entries(party, "C9") == []
+
+
+def test_a_settled_match_is_undone_when_its_session_loses_the_key() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", start=0), final=61, version=1), c_fact(cdr("C1", session_id=None, start=0)))
+    out = party.run(s_fact(completed("S1", start=0, location="LOC2"), received=30, final=61, version=2))
+    assert stored(party, "C1") == (None, "") and result(out, "CDR", "C1")["outcome"] == "AWAITING_SESSION"
+    assert result(out, "SESSION", "S1")["outcome"] == "AWAITING_CDR"
+
+
+def test_a_waiting_cdr_past_its_grace_waits_under_its_strongest_key_only() -> None:
+    party = Party()
+    party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1")))
+    party.run(s_fact(completed("S1", authref="AUTH-1"), received=30, final=30))
+    assert stored(party, "C9") == (None, "") and index_entries(party, "C9") == ["WS/NL/TNM/S9"]
+
+
+# Small scenarios whose facts arrive within one grace: every order must end with the same rows.
+SCENARIOS = {
+    "named session beats reference": [
+        s_fact(completed("S1", authref="AUTH-1", start=0), final=61),
+        s_fact(completed("S2", authref="AUTH-1", start=2), received=1, final=61),
+        c_fact(cdr("C1", session_id="S2", authref="AUTH-1", start=2), received=2),
+        c_fact(cdr("C2", session_id=None, authref="AUTH-1", start=1), received=3)],
+    "reference added by an update beats token": [
+        s_fact(session("S1", start=0), version=1),
+        s_fact(completed("S1", authref="AUTH-1", start=0), version=2, received=1, final=1),
+        s_fact(completed("S3", start=3), received=2, final=61),
+        c_fact(cdr("C1", session_id=None, authref="AUTH-1", start=3), received=3)],
+    "two cdrs, two sessions, one token": [
+        s_fact(completed("S1", start=0), final=61), s_fact(completed("S2", start=1), received=1, final=61),
+        c_fact(cdr("C1", session_id=None, start=0), received=2), c_fact(cdr("C2", session_id=None, start=0),
+                                                                        received=3)],
+    "a session freed by an upgrade goes to the cdr nearest to it": [
+        s_fact(completed("S1", authref="AUTH-1", start=0), final=61),
+        s_fact(completed("S2", authref="AUTH-1", start=1), received=1, final=61),
+        s_fact(completed("S9", uid="TOK9", start=0), received=2, final=61),
+        c_fact(cdr("C1", session_id="S9", authref="AUTH-1", start=0), received=3),
+        c_fact(cdr("C2", session_id=None, authref="AUTH-1", start=0), received=4)],
+    "unknown session id, reference, then token": [
+        s_fact(completed("S1", start=0), final=61),
+        s_fact(completed("S2", authref="AUTH-1", start=4), received=1, final=61),
+        c_fact(cdr("C9", session_id="S9", authref="AUTH-1", start=0), received=2)],
+}
+
+
+def final_rows(facts: tuple[Fact, ...]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The last row of every subject when `facts` arrive one by one (versions must only grow)."""
+    party = Party()
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for fact in facts:
+        for row in party.run(fact).results:
+            subject = row["subject"], row["subject_id"]
+            assert subject not in latest or row["version"] > latest[subject]["version"], row
+            latest[subject] = row
+    assert party.run(*facts).results == []  # reprocessing changes nothing
+    return {k: {c: v for c, v in row.items() if c not in ("late", "version")} for k, row in latest.items()}
+
+
+def test_every_arrival_order_ends_with_the_same_rows() -> None:
+    for name, facts in SCENARIOS.items():
+        orders = [final_rows(order) for order in itertools.permutations(facts)]
+        assert all(rows == orders[0] for rows in orders), name
+    rows = final_rows(tuple(SCENARIOS["named session beats reference"]))
+    assert [(r["subject_id"], r["method"], r["session_id"]) for k, r in sorted(rows.items()) if k[0] == "CDR"] == [
+        ("C1", "SESSION_ID", "S2"), ("C2", "AUTHORIZATION_REFERENCE", "S1")]
+    rows = final_rows(tuple(SCENARIOS["two cdrs, two sessions, one token"]))
+    assert [(r["subject_id"], r["session_id"]) for k, r in sorted(rows.items()) if k[0] == "CDR"] == [
+        ("C1", "S1"), ("C2", "S2")]
+
+
+def test_reprocessing_a_batch_after_moves_changes_nothing() -> None:
+    party = Party()
+    facts = SCENARIOS["unknown session id, reference, then token"]
+    for fact in reversed(facts):
+        party.run(fact)
+    before = dict(party.store.data)
+    assert party.run(*facts).results == [] and party.store.data == before

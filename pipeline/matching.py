@@ -1,0 +1,300 @@
+"""Which Session a CDR belongs to: the key cascade and its waiting indexes (stage 2, per CPO party).
+
+The rule is told in `pipeline.reconcile`; this is how it is kept independent of arrival order.
+
+A *key group* is one authorization reference, or one token + location: its sessions (indexes `IA`, `IT`) and the
+CDRs that carry the key and may still be (re)matched by it (waiting indexes `WA`, `WT`; `WS` by session id).
+The matches of a group are a function of the group alone: its CDRs in order of start (then id) each take the
+nearest session, preferring one that no other CDR holds: by a stronger match, by a settled match of this key,
+or earlier in this order. A fact changes records and indexes, then every group it touched is matched again: first
+the authorization-reference groups, then the token groups (a token match yields to any stronger one, so it is
+decided last). So after each fact the matches are what this function gives for the facts seen so far, whatever
+their order. A CDR that moves has its row written again, and so have the sessions it left and joined.
+
+Which index entries a CDR keeps (`_wanted_keys`): none once matched by session id (final); otherwise every key
+stronger than its match (an upgrade may come) and its own key while not *settled* (a nearer or freer session of
+the same key may come); a waiting CDR keeps all its keys. A CDR settles once its OCPI_RECONCILE_SESSION_GRACE has
+passed by the event time of the fact being processed; then it keeps only the stronger keys (a waiting one: its
+strongest), so lists stay as short as the CDRs of one grace, and a session a CDR names still takes it, late.
+Entries of a settled CDR are dropped when its group is next matched.
+"""
+
+from __future__ import annotations
+
+import bisect
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Final
+
+from pipeline.facts import CdrFact, SessionFact
+
+if TYPE_CHECKING:
+    from pipeline.reconcile import CdrRec, PartyState, Rules, SessionRec
+
+SESSION_ID: Final = "SESSION_ID"
+AUTHORIZATION_REFERENCE: Final = "AUTHORIZATION_REFERENCE"
+TOKEN_LOCATION_START: Final = "TOKEN_LOCATION_START"  # noqa: S105 - a method name, not a secret
+
+_STRENGTH: Final = {SESSION_ID: 0, AUTHORIZATION_REFERENCE: 1, TOKEN_LOCATION_START: 2}
+# Index kinds: sessions by authorization reference / token+location; CDRs by the keys they wait under.
+_S_BY_REF, _S_BY_TOKEN = "IA", "IT"
+_WAITING: Final = {SESSION_ID: "WS", AUTHORIZATION_REFERENCE: "WA", TOKEN_LOCATION_START: "WT"}
+
+Key = tuple[str, str]  # (method, key value)
+
+
+def token_key(token: str, location_id: str) -> str:
+    return f"{token}/{location_id}"
+
+
+def strongest_method(methods: list[str]) -> str:
+    return min(methods, key=_STRENGTH.__getitem__, default="")
+
+
+def cdr_keys(fact: CdrFact) -> list[Key]:
+    """The keys a CDR carries, strongest first (every CDR has a token and a location)."""
+    keys = []
+    if fact.session_id:
+        keys.append((SESSION_ID, fact.session_id))
+    if fact.authorization_reference:
+        keys.append((AUTHORIZATION_REFERENCE, fact.authorization_reference))
+    keys.append((TOKEN_LOCATION_START, token_key(fact.token, fact.location_id)))
+    return keys
+
+
+def _wanted_keys(cdr: CdrRec) -> list[Key]:
+    """The waiting-index entries a CDR keeps in its current state (module docstring)."""
+    keys = cdr_keys(cdr.fact)
+    if not cdr.method:
+        return keys[:1] if cdr.settled else keys
+    level = _STRENGTH[cdr.method]
+    return [k for k in keys if _STRENGTH[k[0]] < level or (_STRENGTH[k[0]] == level > 0 and not cdr.settled)]
+
+
+def _still_matches(cdr: CdrRec, session: SessionFact, rules: Rules) -> bool:
+    """Whether a session, changed, still has the key its CDR was matched by."""
+    fact = cdr.fact
+    if cdr.method == AUTHORIZATION_REFERENCE:
+        return session.authorization_reference == fact.authorization_reference
+    if cdr.method == TOKEN_LOCATION_START:
+        return (token_key(session.token, session.location_id) == token_key(fact.token, fact.location_id)
+                and abs(session.start - fact.start) <= rules.time_tolerance)
+    return True
+
+
+def _closest(sessions: list[SessionRec], start: datetime, rules: Rules, method: str, taken: set[str],
+             ) -> SessionRec | None:
+    """The session with the nearest start, free ones first (token matches: within the time tolerance)."""
+    best: tuple[tuple[bool, timedelta, str], SessionRec] | None = None
+    for rec in sessions:
+        gap = abs(rec.fact.start - start)
+        if method == TOKEN_LOCATION_START and gap > rules.time_tolerance:
+            continue
+        sid = rec.fact.session_id
+        rank = (sid in taken, gap, sid)
+        if best is None or rank < best[0]:
+            best = (rank, rec)
+    return None if best is None else best[1]
+
+
+class Matching:
+    """The matching work of one fact: records read once and written back at the end, the key groups it touched,
+    and the subjects whose reconciliation rows change."""
+
+    def __init__(self, state: PartyState, rules: Rules, now: datetime) -> None:
+        self.state = state
+        self.rules = rules
+        self.now = now  # event time of the fact: decides lateness and settling
+        self._sessions: dict[str, SessionRec | None] = {}
+        self._cdrs: dict[str, CdrRec | None] = {}
+        self._written: set[tuple[str, str]] = set()
+        self._ref_groups: set[str] = set()
+        self._token_groups: set[str] = set()
+        self.changed_sessions: set[str] = set()
+        self.changed_cdrs: set[str] = set()
+        self.attached: list[tuple[str, str]] = []  # (cdr id, session id) matched anew by this fact
+
+    # --- records ----------------------------------------------------------------------------------------------
+
+    def session(self, session_id: str) -> SessionRec | None:
+        if session_id not in self._sessions:
+            self._sessions[session_id] = self.state.session(session_id)
+        return self._sessions[session_id]
+
+    def cdr(self, cdr_id: str) -> CdrRec | None:
+        if cdr_id not in self._cdrs:
+            self._cdrs[cdr_id] = self.state.cdr(cdr_id)
+        return self._cdrs[cdr_id]
+
+    def cdrs_of(self, session: SessionRec) -> list[CdrRec]:
+        return [c for c in map(self.cdr, session.cdr_ids) if c is not None]
+
+    def _session_changed(self, rec: SessionRec) -> None:
+        self.changed_sessions.add(rec.fact.session_id)
+        self._written.add(("S", rec.fact.session_id))
+
+    def _cdr_changed(self, rec: CdrRec, *, row: bool = True) -> None:
+        if row:
+            self.changed_cdrs.add(rec.fact.cdr_id)
+        self._written.add(("C", rec.fact.cdr_id))
+
+    def write(self) -> None:
+        """Write back every record this fact changed (after the rows were emitted: emitting bumps `seq`)."""
+        for kind, ident in sorted(self._written):
+            if kind == "S":
+                session = self._sessions[ident]
+                if session is not None:
+                    self.state.put_session(session)
+            else:
+                cdr = self._cdrs[ident]
+                if cdr is not None:
+                    self.state.put_cdr(cdr)
+
+    # --- facts ------------------------------------------------------------------------------------------------
+
+    def session_arrived(self, rec: SessionRec, old: SessionFact | None) -> None:
+        """`rec` holds the new fact already; `old` is the fact it replaced."""
+        new = rec.fact
+        self._sessions[new.session_id] = rec
+        self._session_changed(rec)
+        self._reindex_session(old, new)
+        self._touch(old)
+        self._touch(new)
+        for cdr in self.cdrs_of(rec):
+            self._cdr_changed(cdr)  # its deltas follow the session's latest state
+            if not _still_matches(cdr, new, self.rules):
+                self._assign(cdr, None, "")
+        for named in map(self.cdr, self.state.ids(_WAITING[SESSION_ID], new.session_id)):
+            if named is not None:
+                self._assign(named, rec, SESSION_ID)
+
+    def cdr_arrived(self, rec: CdrRec) -> None:
+        fact = rec.fact
+        self._cdrs[fact.cdr_id] = rec
+        self._cdr_changed(rec)
+        named = self.session(fact.session_id) if fact.session_id else None
+        if named is not None:
+            self._assign(rec, named, SESSION_ID, indexed=False)
+            return
+        for method, key in cdr_keys(fact):
+            self.state.add_id(_WAITING[method], key, fact.cdr_id)
+        self._touch_cdr(fact)
+
+    def settle(self) -> None:
+        """Match the touched key groups again, stronger keys first.
+
+        Matching a reference group changes what token groups read (which sessions are held, which CDRs wait
+        under a token), never what another reference group reads, and a token group changes nothing another
+        group reads: so each touched group is matched once.
+        """
+        for ref in sorted(self._ref_groups):
+            self._match_group(AUTHORIZATION_REFERENCE, ref)
+        for key in sorted(self._token_groups):
+            self._match_group(TOKEN_LOCATION_START, key)
+
+    # --- groups -----------------------------------------------------------------------------------------------
+
+    def _touch(self, session: SessionFact | None) -> None:
+        if session is not None:
+            if session.authorization_reference:
+                self._ref_groups.add(session.authorization_reference)
+            self._token_groups.add(token_key(session.token, session.location_id))
+
+    def _touch_cdr(self, fact: CdrFact) -> None:
+        if fact.authorization_reference:
+            self._ref_groups.add(fact.authorization_reference)
+        self._token_groups.add(token_key(fact.token, fact.location_id))
+
+    def _match_group(self, method: str, key: str) -> None:
+        pending = self._pending(method, key)
+        if not pending:
+            return
+        index = _S_BY_REF if method == AUTHORIZATION_REFERENCE else _S_BY_TOKEN
+        sessions = [s for s in map(self.session, self.state.ids(index, key)) if s is not None]
+        pending_ids = {c.fact.cdr_id for c in pending}
+        taken = {s.fact.session_id for s in sessions if self._held(s, method, pending_ids)}
+        for cdr in sorted(pending, key=lambda c: (c.fact.start, c.fact.cdr_id)):
+            best = _closest(sessions, cdr.fact.start, self.rules, method, taken)
+            if best is not None:
+                taken.add(best.fact.session_id)
+                self._assign(cdr, best, method)
+            elif cdr.method == method:
+                self._assign(cdr, None, "")  # the key's sessions are gone or changed: it falls back
+
+    def _held(self, session: SessionRec, method: str, pending_ids: set[str]) -> bool:
+        """Whether a CDR this group does not reassign holds the session by a match at least as strong."""
+        level = _STRENGTH[method]
+        return any(c.fact.cdr_id not in pending_ids and _STRENGTH.get(c.method, len(_STRENGTH)) <= level
+                   for c in self.cdrs_of(session))
+
+    def _pending(self, method: str, key: str) -> list[CdrRec]:
+        """The CDRs waiting or provisionally matched under one key; settles those past their grace."""
+        found = []
+        for cdr_id in self.state.ids(_WAITING[method], key):
+            cdr = self.cdr(cdr_id)
+            if cdr is None:
+                continue
+            if not cdr.settled and self.now > cdr.fact.received_at + self.rules.session_grace:
+                before = _wanted_keys(cdr)
+                cdr.settled = True
+                self._reindex_cdr(cdr, before)
+                self._cdr_changed(cdr, row=False)
+            if (method, key) in _wanted_keys(cdr):
+                found.append(cdr)
+        return found
+
+    # --- moves ------------------------------------------------------------------------------------------------
+
+    def _assign(self, cdr: CdrRec, session: SessionRec | None, method: str, *, indexed: bool = True) -> None:
+        """Match `cdr` to `session` by `method`, or make it wait again (None, "")."""
+        old_id, new_id = cdr.session_id, None if session is None else session.fact.session_id
+        if (old_id, cdr.method) == (new_id, method):
+            return
+        before = _wanted_keys(cdr) if indexed else []
+        cdr_id = cdr.fact.cdr_id
+        if old_id is not None and old_id != new_id:
+            left = self.session(old_id)
+            if left is not None and cdr_id in left.cdr_ids:
+                left.cdr_ids.remove(cdr_id)
+                left.late = left.late and bool(left.cdr_ids)
+                self._session_changed(left)
+                self._touch(left.fact)  # it is free now: CDRs of its keys may prefer it
+        if session is not None:
+            if new_id != old_id:
+                if not session.cdr_ids:
+                    deadline = session.fact.final_at
+                    session.late = deadline is not None and self.now > deadline + self.rules.cdr_grace
+                bisect.insort(session.cdr_ids, cdr_id)  # a set, in one order whatever the arrival order
+                cdr.late = self.now > cdr.fact.received_at + self.rules.session_grace
+                self.attached.append((cdr_id, session.fact.session_id))
+            self._session_changed(session)
+            self._touch(session.fact)
+        else:
+            cdr.late = False
+            self._touch_cdr(cdr.fact)
+        cdr.session_id, cdr.method = new_id, method
+        cdr.settled = cdr.settled or method == SESSION_ID or self.now > cdr.fact.received_at + self.rules.session_grace
+        self._reindex_cdr(cdr, before)
+        self._cdr_changed(cdr)
+
+    def _reindex_cdr(self, cdr: CdrRec, before: list[Key]) -> None:
+        after = _wanted_keys(cdr)
+        for method, key in before:
+            if (method, key) not in after:
+                self.state.remove_id(_WAITING[method], key, cdr.fact.cdr_id)
+        for method, key in after:
+            if (method, key) not in before:
+                self.state.add_id(_WAITING[method], key, cdr.fact.cdr_id)
+
+    def _reindex_session(self, old: SessionFact | None, new: SessionFact) -> None:
+        sid = new.session_id
+        if old is None or old.authorization_reference != new.authorization_reference:
+            if old is not None and old.authorization_reference:
+                self.state.remove_id(_S_BY_REF, old.authorization_reference, sid)
+            if new.authorization_reference:
+                self.state.add_id(_S_BY_REF, new.authorization_reference, sid)
+        old_token = None if old is None else token_key(old.token, old.location_id)
+        new_token = token_key(new.token, new.location_id)
+        if old_token != new_token:
+            if old_token is not None:
+                self.state.remove_id(_S_BY_TOKEN, old_token, sid)
+            self.state.add_id(_S_BY_TOKEN, new_token, sid)
