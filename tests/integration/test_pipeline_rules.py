@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from pipeline.reconcile import RECONCILIATION_COLUMNS
 from pipeline.stack import Stack
 from tests.unit.pipeline.builders import cdr, evse, iso, location, session, ts
 
@@ -186,6 +188,22 @@ async def test_every_reconciliation_outcome_lands_in_the_table_and_the_topic(sta
     published = await _latest_results(stack, "REC")
     assert sorted((r["subject"], r["subject_id"], r["outcome"]) for r in published.values()) == sorted(
         (s, i, o) for s, i, o, _m, _sid in want)
+
+
+async def test_a_cdr_naming_an_unknown_session_is_matched_by_its_authorization_reference(stack: Stack) -> None:
+    at = {"received_at": datetime.now(UTC)}  # one event time: the row is exact, nothing is late
+    await send(stack, ("CDR", cdr("C1", session_id="S9", authref="AUTH-1", end=61), at),
+               ("Session", session("S1", status="COMPLETED", authref="AUTH-1", end=60, updated=60, kwh="10",
+                                   cost="2.50"), at), pid="FBK")
+    columns = ", ".join(c for c in RECONCILIATION_COLUMNS if c != "version")  # the version counts the rows
+    ten, cost, zero = Decimal("10.0000"), Decimal("2.5000"), Decimal("0.0000")
+    want = [("NL", "FBK", "CDR", "C1", "p1", "MATCHED", "AUTHORIZATION_REFERENCE", "S1", ["C1"], ten, ten, zero,
+             cost, cost, zero, Decimal("0.000000"), Decimal("60.000000"), False, None, at["received_at"]),
+            ("NL", "FBK", "SESSION", "S1", "p1", "MATCHED", "AUTHORIZATION_REFERENCE", "S1", ["C1"], ten, ten, zero,
+             cost, cost, zero, None, None, False, None, at["received_at"])]
+    rows = await wait_rows(client(stack), f"SELECT {columns} FROM reconciliation FINAL WHERE party_id = 'FBK' "
+                           "ORDER BY subject", want, timeout=30)
+    assert rows == want
 
 
 async def _latest_results(stack: Stack, party_id: str) -> dict[tuple[str, str], dict[str, Any]]:
