@@ -8,6 +8,7 @@ OCPI leaves retention to contracts and law (02 §7); these are our defaults, eac
 - history (session and EVSE status histories, anomalies): OCPI_RETENTION_HISTORY_DAYS, by TTL;
 - personal (token uid, contract id, authorization reference, visual number in sessions, cdrs, locations): in
   clear for OCPI_RETENTION_PSEUDONYMISE_DAYS, then a keyed hash, by the worker's sweep or `retention apply`;
+  in the worker's session state by `pipeline.state_retention`, and in its changelog by compaction;
 - billing (cdrs with periods and tariffs, billing lines, credit links, reconciliation, sessions):
   OCPI_RETENTION_BILLING_YEARS, by TTL;
 - current state (locations, evses, connectors): kept while the CPO publishes them, no TTL.
@@ -123,7 +124,8 @@ def policy(settings: Settings) -> list[DataClass]:
     return [
         DataClass("raw", "raw events and undecodable records, as received", f"{r.raw_days} days", raw, topics),
         DataClass("history", "status histories and anomalies", f"{r.history_days} days", history),
-        DataClass("personal", "token uid, contract id, authorization reference, visual number",
+        DataClass("personal", "token uid, contract id, authorization reference, visual number; in ClickHouse "
+                  "rows, and in the worker's session state and its changelog",
                   f"in clear for {r.pseudonymise_days} days, then pseudonymised (keyed hash)", ()),
         DataClass("billing", "CDRs, billing lines, credit links, reconciliation, sessions",
                   f"{r.billing_years} years", billing),
@@ -132,10 +134,41 @@ def policy(settings: Settings) -> list[DataClass]:
 
 
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
-    """Kafka configs of the topics we own or feed: retention of the raw class."""
+    """Kafka configs of the topics we own or feed: retention of the raw class, compaction of the state
+    changelogs that hold personal data."""
     retention_ms = str(settings.retention.raw_days * _DAY_MS)
-    return {topic: {"retention.ms": retention_ms, "cleanup.policy": "delete"}
-            for data_class in policy(settings) for topic in data_class.topics}
+    configs = {topic: {"retention.ms": retention_ms, "cleanup.policy": "delete"}
+               for data_class in policy(settings) for topic in data_class.topics}
+    return configs | changelog_configs(settings)
+
+
+# Stage-1 state tables whose values hold personal data, rewritten by `pipeline.state_retention`: session-state
+# (the current Session and parked PATCHes). cdr-state holds a CDR's content hash, event id, offset and receive
+# time only; party-state holds pseudonyms from the start.
+PERSONAL_STATE_TABLES: Final = ("session-state",)
+# A changelog record becomes compactable at most this long after it was written, so the clear value a
+# pseudonymised one supersedes is gone about two lags later (see `changelog_configs`).
+COMPACTION_LAG: Final = timedelta(days=1)
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    """Faust's name for a table's changelog topic."""
+    return f"{app_id}-{table}-changelog"
+
+
+def changelog_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Configs of the changelogs of the personal state tables (of this worker's app id).
+
+    Compaction never touches the active segment, and it keeps a key's newest record of the cleanable part.
+    `max.compaction.lag.ms` bounds both: the active segment is rolled on the first write after the lag, and a
+    log with records older than the lag is cleaned whatever its dirty ratio. So once the worker has written
+    the pseudonymised value, the clear one is gone within about two lags on a partition that sees writes.
+    `cleanup.policy` is repeated because a topic's configs are set as a whole.
+    """
+    lag_ms = str(int(COMPACTION_LAG.total_seconds() * 1000))
+    return {changelog_topic(settings.pipeline.app_id, table): {"cleanup.policy": "compact",
+                                                                "max.compaction.lag.ms": lag_ms}
+            for table in PERSONAL_STATE_TABLES}
 
 
 _TTL_CLAUSE: Final = re.compile(r"\bTTL (.+?)(?: SETTINGS |$)")
@@ -190,19 +223,38 @@ PERSONAL_TABLES: Final = (
 def pseudonymise_document(document: str, pseudonym: Pseudonymizer) -> str:
     """A Session/CDR/Location's OCPI JSON with its personal identifiers replaced."""
     data = _JSON_IN.decode(document)
+    pseudonymise_fields(data, pseudonym)
+    return _JSON_OUT.encode(data).decode()
+
+
+def pseudonymised_json(document: bytes, pseudonym: Pseudonymizer) -> bytes | None:
+    """OCPI JSON with its personal identifiers replaced (numbers exactly as written); None when none was in
+    clear."""
+    data = _JSON_IN.decode(document)
+    return _JSON_OUT.encode(data) if pseudonymise_fields(data, pseudonym) else None
+
+
+def pseudonymise_fields(data: dict[str, Any], pseudonym: Pseudonymizer) -> bool:
+    """Replace the personal identifiers of a Session/CDR/Location (or a PATCH of one), as decoded from OCPI JSON,
+    in place; returns whether any was still in clear."""
+    changed = False
+
+    def replace(holder: dict[str, Any], name: str, *, case_insensitive: bool = True) -> None:
+        nonlocal changed
+        value = holder.get(name)
+        if isinstance(value, str) and value:
+            holder[name] = pseudonym(value, case_insensitive=case_insensitive)
+            changed = changed or holder[name] != value
+
     token = data.get("cdr_token")
     if isinstance(token, dict):
-        for name in ("uid", "contract_id"):
-            if isinstance(token.get(name), str):
-                token[name] = pseudonym(token[name])
-    if isinstance(data.get("authorization_reference"), str):
-        data["authorization_reference"] = pseudonym(data["authorization_reference"])
+        replace(token, "uid")
+        replace(token, "contract_id")
+    replace(data, "authorization_reference")
     for allowed in data.get("publish_allowed_to") or ():
-        if isinstance(allowed.get("uid"), str):
-            allowed["uid"] = pseudonym(allowed["uid"])
-        if isinstance(allowed.get("visual_number"), str):
-            allowed["visual_number"] = pseudonym(allowed["visual_number"], case_insensitive=False)
-    return _JSON_OUT.encode(data).decode()
+        replace(allowed, "uid")
+        replace(allowed, "visual_number", case_insensitive=False)
+    return changed
 
 
 def due_for_pseudonymisation(client: Client, spec: PersonalTable, before: datetime, limit: int,

@@ -13,23 +13,29 @@ from infra.kafka.admin import ensure_topics, set_topic_configs
 from infra.kafka.bootstrap import resolve_bootstrap
 from infra.settings import Settings
 from pipeline.app import TABLES, create_app
-from pipeline.retention import topic_configs
+from pipeline.retention import changelog_configs, changelog_topic, topic_configs
 from pipeline.topics import topic_names
 
 log = logging.getLogger(__name__)
 
 
 def prepare_topics(settings: Settings, bootstrap: str) -> None:
-    """Create our topics if missing, with the retention configs of the policy, and set them on existing ones."""
+    """Create our topics if missing, with the retention configs of the policy, and set them on existing ones.
+
+    The changelogs of state tables with personal data are created here too, before Faust would create them
+    without our compaction configs (Faust leaves an existing topic as it is). Call it after
+    `drop_state_without_changelog`, which tells a new broker by its missing changelogs.
+    """
     configs = topic_configs(settings)
-    ensure_topics(bootstrap, topic_names(settings), settings.kafka.partitions, configs)
+    ensure_topics(bootstrap, (*topic_names(settings), *changelog_configs(settings)), settings.kafka.partitions,
+                  configs)
     changed = set_topic_configs(bootstrap, configs)
     if changed:
         log.info("topic configs set on %s", ", ".join(changed))
 
 
 def changelog_topics(app_id: str) -> list[str]:
-    return [f"{app_id}-{name}-changelog" for name in TABLES]
+    return [changelog_topic(app_id, name) for name in TABLES]
 
 
 def drop_state_without_changelog(settings: Settings, bootstrap: str, app_id: str) -> bool:
@@ -59,8 +65,8 @@ def state_dir(settings: Settings, app_id: str) -> Path:
 
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     bootstrap = resolve_bootstrap(settings)
-    prepare_topics(settings, bootstrap)
     drop_state_without_changelog(settings, bootstrap, settings.pipeline.app_id)
+    prepare_topics(settings, bootstrap)
     pipeline = create_app(settings, bootstrap)
     worker = faust.Worker(pipeline.app, loglevel=getattr(logging, loglevel.upper()), quiet=True)
     worker.execute_from_commandline()  # installs signal handlers, stops cleanly, exits the process

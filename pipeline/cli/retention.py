@@ -32,23 +32,23 @@ def _reachable(bootstrap: str) -> bool:
     return False
 
 
-def _topic_retention(settings: Settings) -> dict[str, str]:
+def _topic_configs_in_effect(settings: Settings) -> dict[str, dict[str, str]] | str:
+    """The configs of the policy's topics as the broker reports them (existing topics only), or why not."""
     from infra.kafka.admin import topic_configs
 
     try:
         bootstrap = resolve_bootstrap(settings)
     except KafkaNotConfigured:
-        return {"*": "not available (no Kafka configured and no running instance)"}
+        return "not available (no Kafka configured and no running instance)"
     if not _reachable(bootstrap):
-        return {"*": f"not available ({bootstrap} does not answer)"}
-    found = topic_configs(bootstrap, retention.topic_configs(settings))
-    return {topic: configs.get("retention.ms", "?") for topic, configs in found.items()}
+        return f"not available ({bootstrap} does not answer)"
+    return topic_configs(bootstrap, retention.topic_configs(settings))
 
 
 @retention_group.command("report")
 def report() -> None:
     """Show the retention policy, the TTL in effect per table, and how many rows each rule removes or
-    rewrites now; and the topics' retention.ms.
+    rewrites now; and the configs of the topics (retention.ms, the state changelogs' compaction).
 
     Example: ocpi-pipeline retention report
     """
@@ -67,10 +67,19 @@ def report() -> None:
     for row in rows:
         due.add_row(row.data_class, row.table, row.rule, row.ttl_in_effect or "[red]none[/]", str(row.rows_due))
     console.print(due)
-    topics = Table("topic", "retention.ms", title="Kafka topics (raw class)")
-    wanted = str(settings.retention.raw_days * 86_400_000)
-    for topic, value in _topic_retention(settings).items():
-        topics.add_row(topic, value if value == wanted else f"{value} (policy: {wanted})")
+    topics = Table("topic", "config", "in effect",
+                   title="Kafka topics (raw class) and state changelogs (personal class)")
+    found = _topic_configs_in_effect(settings)
+    if isinstance(found, str):
+        topics.add_row("*", "", found)
+    else:
+        for topic, wanted in retention.topic_configs(settings).items():
+            if topic not in found:
+                topics.add_row(topic, "", "not created yet")
+                continue
+            for key, value in wanted.items():
+                have = found[topic].get(key, "?")
+                topics.add_row(topic, key, have if have == value else f"{have} (policy: {value})")
     console.print(topics)
     for warning in retention.warnings(settings):
         console.print(f"[yellow]note:[/] {warning}")
