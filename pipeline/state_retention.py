@@ -1,0 +1,199 @@
+"""Retention of personal data in the stage-1 state: `session-state` and, through compaction, its changelog.
+
+`session-state` keeps each Session's current OCPI object (token uid, contract id, authorization reference) for
+PATCH merges, and the PATCHes parked for it (Avro records; a PATCH may carry a token). ClickHouse rows are
+pseudonymised OCPI_RETENTION_PSEUDONYMISE_DAYS after they were received (`pipeline.retention`); the state
+follows the same rule with the same pseudonyms:
+
+- due: the Session once the event that made it was received (`applied_at`) before the cutoff, like its
+  ClickHouse row; a parked PATCH by its own receive time;
+- idempotent: a value is rewritten only while a personal field is in clear (a pseudonym starts with `psn:`,
+  which the Pseudonymizer leaves as it is, as ClickHouse rows do), so a second pass changes nothing;
+- merges keep working: a pseudonym has 36 characters and fits every OCPI limit (uid, contract_id and
+  authorization_reference are CiString(36), visual_number string(64)), so a late PATCH merged onto the
+  pseudonymised Session validates like any other, and its rows carry the pseudonyms (which the sweep leaves
+  as they are when it marks the rows pseudonymised);
+- dedup keeps working: duplicate and stale checks compare the `content_hash` and `last_updated` of the last
+  applied event as received, which stay as they are, so a retry of an old event is still a DUPLICATE and no
+  new version; a parked PATCH keeps its original `content_hash` too.
+
+`cdr-state` holds no personal field (a CDR's content hash, event id, offset and receive time) and
+`party-state` only pseudonyms: neither is rewritten (`retention.PERSONAL_STATE_TABLES`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import weakref
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+import faust
+import msgspec
+from faust.types import TP, TableT
+
+from infra.codec import decode_event, encode_event
+from pipeline.facts import SessionFact
+from pipeline.records import utc_now
+from pipeline.retention import PREFIX, Pseudonymizer, pseudonymise_fields, pseudonymised_json
+from pipeline.state import Codec, Parked, PartitionAnchor, SessionState
+from pipeline.sweeps import RETENTION_EVERY
+
+if TYPE_CHECKING:
+    from pipeline.agents import AgentContext, StateTable
+
+log = logging.getLogger(__name__)
+
+_SESSIONS: Final = Codec(SessionState)
+_CHUNK: Final = 500  # values looked at between two yields to the event loop
+
+
+def pseudonymise_session_state(value: bytes, pseudonym: Pseudonymizer, cutoff: datetime) -> bytes | None:
+    """A `session-state` value with the personal fields of what was received before `cutoff` pseudonymised;
+    None when nothing is due or all of it is pseudonymised already."""
+    state = _SESSIONS.decode(value)
+    changed = False
+    received = state.applied_at or state.last_updated  # states written before `applied_at` existed
+    if state.object_json is not None and received is not None and received < cutoff:
+        document = pseudonymised_json(state.object_json, pseudonym)
+        if document is not None:
+            state.object_json = document
+            changed = True
+    parked = [_pseudonymised_parked(p, pseudonym) if p.received_at < cutoff else None for p in state.parked]
+    if any(p is not None for p in parked):
+        state.parked = [new or old for new, old in zip(parked, state.parked, strict=True)]
+        changed = True
+    return _SESSIONS.encode(state) if changed else None
+
+
+def _pseudonymised_parked(parked: Parked, pseudonym: Pseudonymizer) -> Parked | None:
+    event = decode_event(parked.value)
+    payload = dict(event.payload)
+    if not pseudonymise_fields(payload, pseudonym):
+        return None
+    value = encode_event({**event.to_event(), "payload": (event.payload_type, payload)})
+    return msgspec.structs.replace(parked, value=value)
+
+
+def keep_fact_token(previous: SessionFact | None, fact: SessionFact, session: Mapping[str, Any]) -> SessionFact:
+    """The fact of a Session merged onto pseudonymised state, with the token its previous fact had.
+
+    A fact's token is the pseudonym of country, party and uid together, which cannot be derived from the
+    uid's own pseudonym: computed from the merged Session it would differ from the token stage 2 matches CDRs
+    by. A PATCH replaces `cdr_token` as a whole, so a pseudonymised uid means the token is the one the previous
+    fact was made from.
+    """
+    if previous is None or not str(session["cdr_token"]["uid"]).startswith(PREFIX):
+        return fact
+    return msgspec.structs.replace(fact, token=previous.token)
+
+
+# --- the pass over the worker's local state ---------------------------------------------------------------------
+
+
+def _local_partitions(table: TableT[Any, Any]) -> Iterator[tuple[int, Iterator[tuple[bytes, bytes]]]]:
+    """(partition, its stored items) for every partition of `table` this worker serves as active.
+
+    Faust internals (faust-streaming 0.15, `faust.stores.rocksdb.Store`): Faust iterates a table over all its
+    partitions at once, so the per-partition databases are taken from `store._dbs` (partition → rocksdict
+    database, opened on assignment) and read with `store._visible_items` (skips Faust's offset key). The raw
+    serializer of our tables stores values as they are. A RocksDB iterator reads a snapshot.
+    """
+    store: Any = table.data
+    actives = table.app.assignor.assigned_actives()
+    changelog = table.changelog_topic.get_topic_name()
+    for partition, db in list(store._dbs.items()):
+        if TP(changelog, partition) in actives:
+            yield partition, store._visible_items(db)
+
+
+class StateRetention:
+    """Pseudonymises the due values of `session-state` in this worker's partitions, at most every
+    RETENTION_EVERY, checked at every sweep interval (so a worker restarted often still gets to it)."""
+
+    def __init__(self, context: AgentContext, table: StateTable, topic: str) -> None:
+        self.context = context
+        self.table = table
+        self.topic = topic  # the module topic the table is co-partitioned with (Faust's current-event topic)
+        self.consumed = {t.get_topic_name() for t in context.topics.consumed}
+        self.last_run: datetime | None = None
+
+    async def tick(self) -> None:
+        now = utc_now()
+        if self.last_run is not None and now - self.last_run < RETENTION_EVERY:
+            return
+        try:
+            if not self.ready():
+                return
+            rewritten = await self.run(now)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("state retention failed; trying again at the next tick")
+            return
+        self.last_run = now
+        if rewritten:
+            log.info("retention: pseudonymised %d session states", rewritten)
+
+    def ready(self) -> bool:
+        """Not while partitions move or are recovered, nor during a backlog: later events of a due session may
+        still be waiting in Kafka (as for the sweeps)."""
+        app = self.context.app
+        return (not app.rebalancing and not app.in_recovery
+                and self.context.progress.caught_up(app.consumer, self.consumed))
+
+    async def run(self, now: datetime) -> int:
+        """One pass at `now`; returns the values rewritten."""
+        cutoff = now - timedelta(days=self.context.settings.retention.pseudonymise_days)
+        rewritten = 0
+        for partition, items in _local_partitions(self.table.table):
+            anchor = PartitionAnchor(self.topic, partition)
+            while chunk := list(itertools.islice(items, _CHUNK)):
+                if not self.serves(partition):
+                    break  # revoked meanwhile: its new owner's pass takes over
+                rewritten += self.rewrite(anchor, chunk, cutoff)
+                await asyncio.sleep(0)  # the agents' batches go on between chunks
+        return rewritten
+
+    def serves(self, partition: int) -> bool:
+        table = self.table.table
+        actives = table.app.assignor.assigned_actives()
+        return not table.app.rebalancing and TP(table.changelog_topic.get_topic_name(), partition) in actives
+
+    def rewrite(self, anchor: PartitionAnchor, chunk: list[tuple[bytes, bytes]], cutoff: datetime) -> int:
+        """Rewrite the due values of a chunk. Synchronous on purpose: the snapshot only picks candidates, each
+        is read again and written with no await in between, so no batch's newer state is overwritten.
+
+        A batch that read a key into its overlay before this and writes it after writes it back in clear. That
+        race is accepted: the next pass rewrites it, unless the batch applied a new event, which is not due yet.
+        """
+        pseudonym = self.context.pseudonym
+        read = self.table.reader(anchor)
+        changes: dict[str, bytes | None] = {}
+        for raw_key, snapshot in chunk:
+            if pseudonymise_session_state(snapshot, pseudonym, cutoff) is None:
+                continue
+            key = raw_key.decode()
+            current = read(key)
+            new = None if current is None else pseudonymise_session_state(current, pseudonym, cutoff)
+            if new is not None:
+                changes[key] = new
+        if changes:
+            self.table.write(anchor, changes)
+        return len(changes)
+
+
+_REGISTERED: weakref.WeakKeyDictionary[faust.App, StateRetention] = weakref.WeakKeyDictionary()
+
+
+def register_state_retention(context: AgentContext, tables: Mapping[str, StateTable]) -> StateRetention:
+    """Run the pass from an app timer at the sweep interval; registering twice for one app adds nothing."""
+    if context.app in _REGISTERED:
+        return _REGISTERED[context.app]
+    keeper = StateRetention(context, tables["session-state"], context.settings.kafka.topic_sessions)
+    context.app.timer(context.settings.pipeline.sweep_interval_s, name="state-retention")(keeper.tick)
+    _REGISTERED[context.app] = keeper
+    return keeper

@@ -1,0 +1,149 @@
+"""Personal data in the stage-1 state: due values pseudonymised like the ClickHouse rows, once, and the rules
+(merge, validation, dedup) work on the result."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from infra.codec import decode_event
+from ocpi.model import Session
+from pipeline import wire
+from pipeline.facts import session_fact
+from pipeline.projection import RAW_EVENT_COLUMNS, SESSION_COLUMNS
+from pipeline.retention import PERSONAL_STATE_TABLES, Pseudonymizer
+from pipeline.sessions import process_sessions
+from pipeline.state import CdrState, SessionState
+from pipeline.state_retention import keep_fact_token, pseudonymise_session_state
+
+from .builders import PSEUDONYM_KEY, Harness, column, event, iso, rows, session, stage_rules, token, ts
+
+KEY = "NL/TNM/S1"
+PSEUDONYM = Pseudonymizer(PSEUDONYM_KEY)
+CLEAR = ("TOK1", "NL-EMS-TOK1", "auth-1")
+
+
+def harness(**rules: Any) -> Harness:
+    return Harness(process_sessions, SessionState, stage_rules(**rules) if rules else None)
+
+
+def pass_over(h: Harness, cutoff_min: float) -> bytes | None:
+    """The retention pass on the harness's state, with the cutoff at minute `cutoff_min`."""
+    new = pseudonymise_session_state(h.store.data[KEY], PSEUDONYM, ts(cutoff_min))
+    if new is not None:
+        h.store.data[KEY] = new
+    return new
+
+
+def completed_session(h: Harness) -> dict[str, Any]:
+    body = session(kwh="5", status="COMPLETED", end=60, updated=60, authref="auth-1")
+    h.run(event("Session", body, received=61))
+    return body
+
+
+def outcomes(out: Any) -> list[str]:
+    return column(out.batch, "raw_events", RAW_EVENT_COLUMNS, "outcome")
+
+
+def test_a_session_received_after_the_cutoff_is_left_as_it_is() -> None:
+    h = harness()
+    completed_session(h)
+    assert pass_over(h, cutoff_min=61) is None  # received at the cutoff: not older
+    assert all(value in h.store.data[KEY].decode(errors="replace") for value in CLEAR)
+
+
+def test_a_due_session_is_pseudonymised_like_its_clickhouse_row_and_nothing_else_changes() -> None:
+    h = harness()
+    completed_session(h)
+    before = h.state(KEY)
+    assert pass_over(h, cutoff_min=62) is not None
+    after = h.state(KEY)
+    document = json.loads(after.object_json)
+    assert document["cdr_token"]["uid"] == PSEUDONYM("TOK1")
+    assert document["cdr_token"]["contract_id"] == PSEUDONYM("NL-EMS-TOK1")
+    assert document["authorization_reference"] == PSEUDONYM("auth-1")
+    assert not any(value in after.object_json.decode() for value in CLEAR)
+    assert document | {"cdr_token": None, "authorization_reference": None} == json.loads(before.object_json) | {
+        "cdr_token": None, "authorization_reference": None}
+    assert '"kwh":5.0000' in after.object_json.decode()  # numbers exactly as written
+    for name in SessionState.__struct_fields__:
+        if name != "object_json":
+            assert getattr(after, name) == getattr(before, name), name
+
+
+def test_the_pass_is_idempotent() -> None:
+    h = harness()
+    completed_session(h)
+    assert pass_over(h, cutoff_min=62) is not None
+    assert pass_over(h, cutoff_min=62) is None
+    assert pass_over(h, cutoff_min=10_000) is None
+
+
+def test_a_late_patch_merges_onto_the_pseudonymised_session_and_validates() -> None:
+    h = harness()
+    completed_session(h)
+    previous_fact = h.state(KEY).fact
+    pass_over(h, cutoff_min=62)
+    patch = event("SessionPatch", {"kwh": Decimal("6"), "last_updated": iso(ts(200))}, object_id="S1",
+                  received=201)
+    out = h.run(patch)
+    assert outcomes(out) == ["APPLIED"]
+    [row] = rows(out.batch, "sessions")
+    assert row[SESSION_COLUMNS.index("token_uid")] == PSEUDONYM("TOK1")
+    assert row[SESSION_COLUMNS.index("contract_id")] == PSEUDONYM("NL-EMS-TOK1")
+    assert row[SESSION_COLUMNS.index("authorization_reference")] == PSEUDONYM("auth-1")
+    stored = h.state(KEY)
+    merged = wire.validated(stored.object_json, Session)
+    assert merged.kwh == Decimal(6) and merged.cdr_token.uid == PSEUDONYM("TOK1")
+
+    # The fact's token, a pseudonym of country/party/uid together, is kept from the fact before the pass.
+    fact = session_fact(wire.builtins(merged), partner_id="p1", version=stored.version,
+                        received_at=ts(201), final_at=stored.final_at, pseudonym=PSEUDONYM)
+    assert fact.token != previous_fact.token
+    assert keep_fact_token(previous_fact, fact, wire.builtins(merged)).token == previous_fact.token
+    assert fact.authorization_reference == previous_fact.authorization_reference  # a pseudonym stays itself
+
+
+def test_a_patch_with_a_new_token_gets_its_own_fact_token() -> None:
+    fact = session_fact(wire.builtins(wire.to_struct(session(uid="TOK2"), Session)), partner_id="p1", version=1,
+                        received_at=ts(0), final_at=None, pseudonym=PSEUDONYM)
+    older = msgspec.structs.replace(fact, token=PSEUDONYM("NL/EMS/TOK1"))
+    assert keep_fact_token(older, fact, {"cdr_token": token("TOK2")}) == fact
+    assert keep_fact_token(None, fact, {"cdr_token": token(PSEUDONYM("TOK2"))}) == fact
+
+
+def test_a_retry_of_the_last_event_after_the_pass_is_still_a_duplicate() -> None:
+    h = harness()
+    body = completed_session(h)
+    pass_over(h, cutoff_min=62)
+    out = h.run(event("Session", body, received=300))
+    assert outcomes(out) == ["DUPLICATE"] and rows(out.batch, "sessions") == []
+
+
+def test_a_parked_patch_is_pseudonymised_by_its_own_receive_time_and_still_applies() -> None:
+    h = harness(park_ttl_min=10_000)
+    patch_body = {"cdr_token": token("TOK9"), "authorization_reference": "auth-9", "last_updated": iso(ts(30))}
+    patch = event("SessionPatch", patch_body, object_id="S1", received=1)
+    h.run(patch)
+    assert pass_over(h, cutoff_min=1) is None
+    assert pass_over(h, cutoff_min=2) is not None
+    [parked] = h.state(KEY).parked
+    rewritten = decode_event(parked.value)
+    assert rewritten.payload["cdr_token"]["uid"] == PSEUDONYM("TOK9")
+    assert rewritten.payload["authorization_reference"] == PSEUDONYM("auth-9")
+    assert rewritten.content_hash == patch.content_hash and rewritten.event_id == patch.event_id
+    assert pass_over(h, cutoff_min=2) is None
+
+    out = h.run(event("Session", session(updated=0), received=3))
+    assert sorted(outcomes(out)) == ["APPLIED", "APPLIED"]
+    assert json.loads(h.state(KEY).object_json)["cdr_token"]["uid"] == PSEUDONYM("TOK9")
+
+
+def test_only_session_state_holds_personal_data() -> None:
+    # CDR state is a content hash and positions: a CDR retried after any pass is compared by hash as before.
+    # A personal field added to it would need the pass (and this test) extended.
+    assert set(CdrState.__struct_fields__) == {"content_hash", "event_id", "offset", "received_at"}
+    assert PERSONAL_STATE_TABLES == ("session-state",)
