@@ -73,7 +73,7 @@ from decimal import Decimal, InvalidOperation
 from importlib.resources.abc import Traversable
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import fastavro
 from fastavro.read import SchemaResolutionError
@@ -184,11 +184,15 @@ class _Schema:
 
 def _strip_nulls(value: Any) -> Any:
     """Leave out null record fields at every level: null means absent on the wire."""
-    if isinstance(value, dict):
-        return {k: _strip_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_strip_nulls(v) for v in value]
+    # fastavro builds plain dicts and lists; scalars are not recursed into (most of a payload's values).
+    if type(value) is dict:
+        return {k: _strip_nulls(v) if type(v) in _CONTAINERS else v for k, v in value.items() if v is not None}
+    if type(value) is list:
+        return [_strip_nulls(v) if type(v) in _CONTAINERS else v for v in value]
     return value
+
+
+_CONTAINERS: Final = (dict, list)
 
 
 def _fit_decimals(value: Any) -> Any:
