@@ -10,6 +10,7 @@ Parsed values are always timezone-aware UTC `datetime`s; naive datetimes never l
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -47,6 +48,8 @@ class InvalidDateTime(ValueError):
         self.reason = reason
 
 
+# An object's DateTimes are parsed again at every update of it; datetimes are immutable, so they are shared.
+@functools.lru_cache(maxsize=16384)
 def parse_datetime(value: str) -> datetime:
     """Parse an OCPI DateTime into an aware UTC datetime; raise InvalidDateTime with a precise reason."""
     if len(value) <= MAX_LENGTH and _STRICT.fullmatch(value) is not None:
