@@ -12,6 +12,7 @@ from pipeline.lifecycle import Transition
 from pipeline.records import Anomaly, Outcome, Record
 from pipeline.stage import StageOutput, StageRules, parked_record, to_parked
 from pipeline.state import SessionState, TypedView
+from pipeline.state_retention import keep_fact_token
 
 
 def process_sessions(view: TypedView[SessionState], key: str, records: list[Record], rules: StageRules,
@@ -112,8 +113,9 @@ def apply(state: SessionState, record: Record, session: dict, document: bytes, t
                       projection.session_history_row(event, session, state.status, transition.value, version))
     if session["status"] in lifecycle.FINAL and state.final_at is None:
         state.final_at = record.received_at  # leaving a final state is rejected, so this is set once
-    fact = session_fact(session, partner_id=event.partner_id, version=version, received_at=record.received_at,
-                        final_at=state.final_at, pseudonym=out.pseudonym)
+    fact = keep_fact_token(state.fact, session_fact(session, partner_id=event.partner_id, version=version,
+                                                    received_at=record.received_at, final_at=state.final_at,
+                                                    pseudonym=out.pseudonym), session)
     if relevant_change(state.fact, fact):
         out.fact(event, fact)
         state.fact = fact

@@ -33,26 +33,6 @@ OLD, RECENT = f"NL/{PID}/S-OLD".encode(), f"NL/{PID}/S-NEW".encode()
 STATES = Codec(SessionState)
 Values = dict[bytes, SessionState]
 
-# The worker as `ocpi-pipeline worker` runs it, with the state retention registered on its app (a no-op once
-# `create_app` registers it itself).
-WORKER = """
-from infra.settings import load_settings
-from pipeline import worker
-from pipeline.state_retention import register_state_retention
-
-create_app = worker.create_app
-
-
-def create_app_with_state_retention(*args, **kwargs):
-    pipeline = create_app(*args, **kwargs)
-    register_state_retention(pipeline.context, pipeline.tables)
-    return pipeline
-
-
-worker.create_app = create_app_with_state_retention
-worker.run_worker(load_settings(), loglevel="info")
-"""
-
 
 @pytest.fixture(scope="module")
 async def stack(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterator[Stack]:
@@ -95,7 +75,7 @@ async def test_an_old_session_loses_its_clear_token_in_state_and_changelog(stack
     await publish(stack.bootstrap, [record(settings, "Session", old_body, pid=PID, received_at=long_ago),
                                     record(settings, "Session", new_body, pid=PID)])
     changelog = changelog_topic(settings.pipeline.app_id, "session-state")
-    worker = spawn([sys.executable, "-c", WORKER], env=stack.child_environment(),
+    worker = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"], env=stack.child_environment(),
                    log_path=stack.log_dir / "worker-state-retention.log")
     try:
         assert stack.clickhouse is not None
