@@ -59,10 +59,12 @@ class Traffic:
 
     def push(self, kind: str, cc: str, pid: str, object_id: str, level: str, operation: str, payload_type: str,
              payload: dict[str, Any], evse_uid: str | None = None) -> None:
+        # Received when the CPO says it changed (its `last_updated`), as live traffic would be: the pipeline's
+        # event-time rules (grace periods, settling) see the hours the stories span, not one instant.
         self.records.append((kind, f"{cc}/{pid}/{object_id}".encode(), encode_event({
             "event_id": os.urandom(16).hex(), "partner_id": "bench", "module": kind.upper(), "operation": operation,
             "level": level, "country_code": cc, "party_id": pid, "object_id": object_id, "evse_uid": evse_uid,
-            "connector_id": None, "received_at": self.now, "request_id": "r", "correlation_id": "c",
+            "connector_id": None, "received_at": max(payload.get("last_updated", self.now), self.now - timedelta(days=1)), "request_id": "r", "correlation_id": "c",
             "from_country_code": None, "from_party_id": None, "to_country_code": None, "to_party_id": None,
             "source": "PUSH", "content_hash": content_hash(payload), "relaxations": [],
             "payload": (payload_type, payload)})))
@@ -75,7 +77,8 @@ def build_traffic(events: int) -> Traffic:
     traffic = Traffic()
     stories = max(1, events // 6)
     locations = max(1, stories // 20)
-    stamp = datetime.now(UTC).replace(microsecond=0)  # after the Locations' last_updated (yesterday)
+    # After the Locations' last_updated (yesterday); the stories span a few hours up to about now.
+    stamp = (datetime.now(UTC) - timedelta(hours=6)).replace(microsecond=0)
     loc_payload = to_builtins(decode(_json(location(evses=[evse(f"E{e}") for e in range(1, 5)])), Location).value)
     put_template = to_builtins(decode(_json(session("S", status="ACTIVE")), Session).value)
     cdr_template = to_builtins(decode(_json(cdr("C", session_id="S")), CDR).value)
@@ -107,7 +110,8 @@ def build_traffic(events: int) -> Traffic:
                       "last_updated": end})
         traffic.push("locations", cc, pid, lid, "EVSE", "PATCH", "EVSEPatch",
                      {"status": "AVAILABLE", "last_updated": end}, evse_uid=uid)
-        charge = {**cdr_template, "country_code": cc, "party_id": pid, "id": cid, "session_id": sid,
+        charge = {**cdr_template, "country_code": cc, "party_id": pid, "id": cid, "session_id": sid, "cdr_location": {
+                      **cdr_template["cdr_location"], "id": lid, "evse_uid": uid},
                   "start_date_time": start, "end_date_time": end, "total_energy": kwh,
                   "total_cost": {"excl_vat": cost}, "last_updated": end}
         traffic.push("cdrs", cc, pid, cid, "CDR", "POST", "CDR", charge)
