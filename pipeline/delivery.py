@@ -25,7 +25,7 @@ from typing import Any, cast
 import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
-from faust.types import Message
+from faust.types import TP, Message
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,10 @@ REPORT_EVERY_S = 10.0
 class Inbox:
     """The fetched records of one topic, oldest first, waiting for its agent."""
 
-    def __init__(self, topic: str, capacity: int) -> None:
+    def __init__(self, topic: str, capacity: int, suspended: Callable[[], bool] = lambda: True) -> None:
         self.topic = topic
         self.capacity = capacity  # the fetcher waits while this many records wait here
+        self._suspended = suspended  # whether Faust's flow control is suspended (a rebalance is under way)
         self._records: deque[Message] = deque()
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()
@@ -62,8 +63,16 @@ class Inbox:
         await asyncio.wait_for(self._room.wait(), timeout)
 
     def clear(self) -> None:
-        """Drop what waits (Faust's flow control calls this on a rebalance; the records were never tracked, so
-        they are neither acked nor committed, and the partition's next owner reads them again)."""
+        """Drop what waits when a rebalance suspends the flow (the records were never tracked, so they are
+        neither acked nor committed, and the partition's next owner reads them again from its committed offset).
+
+        Faust's flow control also clears its queues when it *resumes*, which happens after table recovery has
+        sought the partitions back to their committed offsets and the fetcher may already have delivered from
+        there: those records are counted as read, so dropping them then would lose them. Only the suspending
+        clear is honoured.
+        """
+        if not self._suspended():
+            return
         self._records.clear()
         self._arrived.clear()
         self._room.set()
@@ -106,12 +115,18 @@ class BatchConsumer(driver.Consumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 self.diag.set_flag(CONSUMER_FETCHING)
-                fetched: dict[str, list[Message]] = {}
+                fetched: dict[TP, list[Message]] = {}
+                started_at: dict[TP, int | None] = {}  # each batch partition's read offset when its round began
                 await self.sleep(0)  # getmany may not yield to the loop when records are waiting
                 if not self.should_stop:
+                    generation = self.app.consumer_generation_id
                     async for tp, message in self.getmany(timeout=1.0):
                         offset = message.offset
-                        r_offset = get_read_offset(tp)
+                        batched = tp.topic in inboxes
+                        if batched and tp not in fetched:
+                            started_at[tp] = get_read_offset(tp)
+                            fetched[tp] = []
+                        r_offset = fetched[tp][-1].offset if batched and fetched[tp] else get_read_offset(tp)
                         if r_offset is not None and offset < r_offset:
                             continue  # read already (Faust drops these too)
                         if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
@@ -119,13 +134,12 @@ class BatchConsumer(driver.Consumer):
                         if self._commit_every is not None and self._n_acked >= self._commit_every:
                             self._n_acked = 0
                             await self.commit()
-                        if tp.topic in inboxes:
-                            fetched.setdefault(tp.topic, []).append(message)
+                        if batched:
+                            fetched[tp].append(message)
                         else:
                             await self.wait_first(callback(message), self.suspend_flow.wait())
-                        set_read_offset(tp, offset)
-                for topic, records in fetched.items():
-                    inboxes[topic].put_all(records)
+                            set_read_offset(tp, offset)
+                    self._hand_over(fetched, started_at, generation)
                 self.diag.unset_flag(CONSUMER_FETCHING)
                 await self._wait_for_room()
         except self.consumer_stopped_errors:
@@ -138,6 +152,21 @@ class BatchConsumer(driver.Consumer):
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+
+    def _hand_over(self, fetched: dict[TP, list[Message]], started_at: dict[TP, int | None], generation: int) -> None:
+        """Put a round's records into the inboxes, and only then count them as read.
+
+        The round may have awaited (a changelog record's callback, a gap, a commit) while the partition was
+        revoked or sought back to its committed offset (recovery ends with that seek): its records then belong
+        to a position that no longer holds, and counting them as read would make the fetch from the sought
+        offset drop everything before them. Such a partition's records are left out; they are fetched again.
+        """
+        current = self.app.consumer_generation_id == generation and self.flow_active
+        for tp, records in fetched.items():
+            if not records or not current or self._read_offset[tp] != started_at[tp]:
+                continue
+            self._read_offset[tp] = records[-1].offset
+            self.inboxes[tp.topic].put_all(records)
 
     async def _wait_for_room(self) -> None:
         """Backpressure: fetch no more while an agent has a full inbox (stopping and rebalancing still win)."""
@@ -178,10 +207,11 @@ class BatchDelivery:
         """Consume `topic` a batch at a time with `handler`, run by `run_batch` (which must not return before
         the batch's effects are durable, nor raise for a failed batch)."""
         topic_name = topic.get_topic_name()
-        inbox = Inbox(topic_name, capacity=2 * self.batch_max)
+        flow_control = self.app.flow_control
+        inbox = Inbox(topic_name, capacity=2 * self.batch_max, suspended=lambda: not flow_control.is_active())
         self.inboxes[topic_name] = inbox
         self.app.topics.add(topic)  # subscribe: the group assigns the topic's partitions, tables co-partition
-        self.app.flow_control.manage_queue(inbox)  # type: ignore[arg-type]  # cleared on rebalance, like agents'
+        flow_control.manage_queue(inbox)  # type: ignore[arg-type]  # cleared on rebalance, like agents'
 
         async def loop() -> None:
             counted, busy, last_report = 0, 0.0, 0.0  # the first batch is reported: the agent has started

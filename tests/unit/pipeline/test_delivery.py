@@ -67,3 +67,14 @@ async def test_clear_drops_what_waits_and_frees_the_fetcher() -> None:
     assert not taker.done()  # nothing stale is handed out
     inbox.put_all(records(5))
     assert [r.offset for r in await asyncio.wait_for(taker, 1.0)] == [5]
+
+
+def test_the_clear_of_a_resuming_flow_keeps_what_was_fetched_after_the_seek() -> None:
+    suspended = [False]
+    inbox = Inbox("t", capacity=10, suspended=lambda: suspended[0])
+    inbox.put_all(records(0, 1))
+    inbox.clear()  # flow control resuming after recovery: these were fetched from the committed offset on
+    assert len(inbox) == 2
+    suspended[0] = True
+    inbox.clear()  # a rebalance suspending the flow
+    assert len(inbox) == 0
