@@ -29,7 +29,7 @@ from typing import Any, Generic
 
 import faust
 import msgspec
-from faust.types import Message, TableT
+from faust.types import TP, Message, TableT
 
 from infra.settings import Settings
 from pipeline import projection
@@ -97,7 +97,43 @@ class StateTable:
 
         return read
 
+    async def write_batch(self, context: AgentContext, changes: list[tuple[PartitionAnchor, dict[str, bytes | None]]],
+                          ) -> None:
+        """Write a batch's state changes and their changelog records, as Faust's table would, in bulk.
+
+        Faust writes a table key through its serializers, a changelog record buffered per key, and a producer
+        flush that waits for that buffer one record at a time (a fifth of the worker's CPU, bench/README.md).
+        Here the rocksdb partition databases are written directly, the changelog records are produced together
+        and acknowledged, and each partition's persisted changelog offset is then set, which is what Faust's
+        own changelog callback does (table recovery reads the changelog from that offset on).
+        """
+        store: Any = self.table.data  # faust.stores.rocksdb.Store (faust-streaming 0.15)
+        if not hasattr(store, "_db_for_partition"):
+            for anchor, overlay_changes in changes:
+                self.write(anchor, overlay_changes)
+            return
+        topic = self.table.changelog_topic.get_topic_name()
+        records: list[tuple[bytes, bytes | None, int]] = []
+        for anchor, overlay_changes in changes:
+            partition = anchor.message.partition
+            db = store._db_for_partition(partition)
+            for key, value in overlay_changes.items():
+                raw_key = key.encode()
+                if value is None:
+                    db.delete(raw_key)
+                    store._key_index.pop(raw_key, None)
+                else:
+                    db.put(raw_key, value)
+                    store._key_index[raw_key] = partition
+                records.append((raw_key, value, partition))
+        acked: dict[int, int] = {}
+        for metadata in await context.produce(topic, records):
+            acked[metadata.partition] = max(metadata.offset, acked.get(metadata.partition, -1))
+        for partition, offset in acked.items():
+            store.set_persisted_offset(TP(topic, partition), offset)
+
     def write(self, anchor: PartitionAnchor, changes: dict[str, bytes | None]) -> None:
+        """Faust's own table path (used outside the batches: the state retention pass)."""
         with in_partition_of(anchor):
             for key, value in changes.items():
                 if value is None:
@@ -152,15 +188,20 @@ class AgentContext:
 
     async def publish(self, topic: str, records: list[tuple[bytes, bytes]]) -> None:
         """Send and wait for every ack; retried, and the process ends rather than let the batch be acked."""
+        await self.produce(topic, [(key, value, None) for key, value in records])
+
+    async def produce(self, topic: str, records: Sequence[tuple[bytes, bytes | None, int | None]]) -> list[Any]:
+        """Send (key, value, partition or None) records and return their metadata once every one is acked;
+        retried, and the process ends rather than let the batch be acked without them."""
         if not records:
-            return
+            return []
         backoff = 0.2
         while True:
             try:
                 producer = self.app.producer
-                futures = [await producer.send(topic, key, value, None, None, None) for key, value in records]
-                await asyncio.gather(*futures)
-                return
+                futures = [await producer.send(topic, key, value, partition, None, None)
+                           for key, value, partition in records]
+                return list(await asyncio.gather(*futures))
             except asyncio.CancelledError:
                 log.critical("worker stopped while publishing to %s; exiting before commit", topic)
                 os._exit(EXIT_PIPELINE_ERROR)
@@ -197,8 +238,7 @@ class ModuleAgent(Generic[S]):
         await ctx.sink.write(out.batch)
         await ctx.publish(ctx.settings.pipeline.topic_party_facts,
                           [(party.encode(), encode_facts(facts)) for party, facts in out.facts.items()])
-        for anchor, overlay in overlays:
-            self.table.write(anchor, overlay.changes)
+        await self.table.write_batch(ctx, [(anchor, overlay.changes) for anchor, overlay in overlays])
         ctx.progress.outcomes.update(out.outcomes)
         ctx.progress.replayed += out.replayed
 
@@ -232,8 +272,7 @@ class PartyAgent:
         batch = party_batch(out, dead)
         await ctx.sink.write(batch)
         await ctx.publish(ctx.settings.pipeline.topic_reconciliation, reconciliation_records(out.reconciliation))
-        for anchor, overlay in overlays:
-            self.table.write(anchor, overlay.changes)
+        await self.table.write_batch(ctx, [(anchor, overlay.changes) for anchor, overlay in overlays])
 
 
 def party_batch(out: PartyOutput, dead: list[DeadLetter]) -> Batch:
