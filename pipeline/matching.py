@@ -11,6 +11,10 @@ the authorization-reference groups, then the token groups (a token match yields 
 decided last). So after each fact the matches are what this function gives for the facts seen so far, whatever
 their order. A CDR that moves has its row written again, and so have the sessions it left and joined.
 
+A CDR naming a session that is not known waits under that session id alone until its grace has ended; it is
+queued by that hour (`QF`), and the first fact of the party after the hour gives it its weaker keys (`expire_named`).
+Until then it takes part in no group: a backlog of CDRs ahead of their sessions costs nothing per fact.
+
 Which index entries a CDR keeps (`_wanted_keys`): none once matched by session id (final); otherwise every key
 stronger than its match (an upgrade may come) and its own key while not *settled* (a nearer or freer session of
 the same key may come); a waiting CDR keeps all its keys. A CDR settles once its OCPI_RECONCILE_SESSION_GRACE has
@@ -38,12 +42,33 @@ _STRENGTH: Final = {SESSION_ID: 0, AUTHORIZATION_REFERENCE: 1, TOKEN_LOCATION_ST
 # Index kinds: sessions by authorization reference / token+location; CDRs by the keys they wait under.
 _S_BY_REF, _S_BY_TOKEN = "IA", "IT"
 _WAITING: Final = {SESSION_ID: "WS", AUTHORIZATION_REFERENCE: "WA", TOKEN_LOCATION_START: "WT"}
+_FALLBACK: Final = "QF"  # CDRs naming an unknown session, by the hour their grace ends
 
 Key = tuple[str, str]  # (method, key value)
 
 
-def token_key(token: str, location_id: str) -> str:
-    return f"{token}/{location_id}"
+# Token groups are per hour of start: a token may be shared by every ad-hoc session of a charging hub, and a
+# group is matched again as a whole whenever one of its facts changes, so an unbounded group (a backlog of CDRs
+# ahead of their sessions) would cost quadratic time. A CDR is in the group of its start's hour; a session in the
+# group of every hour within the time tolerance of its start, so each pair within the tolerance shares a group.
+TOKEN_BUCKET: Final = timedelta(hours=1)
+
+
+def _hour(moment: datetime) -> int:
+    return int(moment.timestamp() // TOKEN_BUCKET.total_seconds())
+
+
+def token_key(token: str, location_id: str, hour: int) -> str:
+    return f"{token}/{location_id}/{hour}"
+
+
+def cdr_token_key(fact: CdrFact) -> str:
+    return token_key(fact.token, fact.location_id, _hour(fact.start))
+
+
+def session_token_keys(session: SessionFact, tolerance: timedelta) -> list[str]:
+    return [token_key(session.token, session.location_id, hour)
+            for hour in range(_hour(session.start - tolerance), _hour(session.start + tolerance) + 1)]
 
 
 def strongest_method(methods: list[str]) -> str:
@@ -57,7 +82,7 @@ def cdr_keys(fact: CdrFact) -> list[Key]:
         keys.append((SESSION_ID, fact.session_id))
     if fact.authorization_reference:
         keys.append((AUTHORIZATION_REFERENCE, fact.authorization_reference))
-    keys.append((TOKEN_LOCATION_START, token_key(fact.token, fact.location_id)))
+    keys.append((TOKEN_LOCATION_START, cdr_token_key(fact)))
     return keys
 
 
@@ -65,6 +90,8 @@ def _wanted_keys(cdr: CdrRec) -> list[Key]:
     """The waiting-index entries a CDR keeps in its current state (module docstring)."""
     keys = cdr_keys(cdr.fact)
     if not cdr.method:
+        if cdr.fact.session_id:  # it names its session: waits for it alone, then (settled) for any key
+            return keys if cdr.settled else keys[:1]
         return keys[:1] if cdr.settled else keys
     level = _STRENGTH[cdr.method]
     return [k for k in keys if _STRENGTH[k[0]] < level or (_STRENGTH[k[0]] == level > 0 and not cdr.settled)]
@@ -76,7 +103,7 @@ def _still_matches(cdr: CdrRec, session: SessionFact, rules: Rules) -> bool:
     if cdr.method == AUTHORIZATION_REFERENCE:
         return session.authorization_reference == fact.authorization_reference
     if cdr.method == TOKEN_LOCATION_START:
-        return (token_key(session.token, session.location_id) == token_key(fact.token, fact.location_id)
+        return ((session.token, session.location_id) == (fact.token, fact.location_id)
                 and abs(session.start - fact.start) <= rules.time_tolerance)
     return True
 
@@ -175,9 +202,45 @@ class Matching:
         if named is not None:
             self._assign(rec, named, SESSION_ID, indexed=False)
             return
-        for method, key in cdr_keys(fact):
-            self.state.add_id(_WAITING[method], key, fact.cdr_id)
-        self._touch_cdr(fact)
+        self._reindex_cdr(rec, [])
+        if fact.session_id:
+            self._enqueue_fallback(rec)  # its session may still come: the weaker keys wait for its grace
+        else:
+            self._touch_cdr(fact)
+
+    def expire_named(self) -> None:
+        """CDRs naming a session that did not come within their grace fall back to their weaker keys.
+
+        They are queued by the hour their grace ends; each fact gives the CDRs of the hours completed before its
+        event time their fallback (so within an hour after the grace), and each queued hour is read once.
+        """
+        due = _hour(self.now)
+        cursor = self.state.fallback_cursor()
+        if cursor is not None and cursor >= due - 1:
+            return
+        if cursor is not None:
+            for hour in range(cursor + 1, due):
+                for cdr_id in self.state.ids(_FALLBACK, str(hour)):
+                    cdr = self.cdr(cdr_id)
+                    if cdr is not None and not cdr.method and not cdr.settled:
+                        self._fall_back(cdr)
+                self.state.overlay.set(self.state._key(_FALLBACK, str(hour)), None)
+        self.state.set_fallback_cursor(due - 1)
+
+    def _enqueue_fallback(self, cdr: CdrRec) -> None:
+        hour = _hour(cdr.fact.received_at + self.rules.session_grace)
+        cursor = self.state.fallback_cursor()
+        if cursor is not None and hour <= cursor:
+            self._fall_back(cdr)  # its grace ended in an hour already given its fallbacks (event times vary)
+        else:
+            self.state.add_id(_FALLBACK, str(hour), cdr.fact.cdr_id)
+
+    def _fall_back(self, cdr: CdrRec) -> None:
+        before = _wanted_keys(cdr)
+        cdr.settled = True
+        self._reindex_cdr(cdr, before)
+        self._cdr_changed(cdr, row=False)
+        self._touch_cdr(cdr.fact)
 
     def settle(self) -> None:
         """Match the touched key groups again, stronger keys first.
@@ -197,12 +260,12 @@ class Matching:
         if session is not None:
             if session.authorization_reference:
                 self._ref_groups.add(session.authorization_reference)
-            self._token_groups.add(token_key(session.token, session.location_id))
+            self._token_groups.update(session_token_keys(session, self.rules.time_tolerance))
 
     def _touch_cdr(self, fact: CdrFact) -> None:
         if fact.authorization_reference:
             self._ref_groups.add(fact.authorization_reference)
-        self._token_groups.add(token_key(fact.token, fact.location_id))
+        self._token_groups.add(cdr_token_key(fact))
 
     def _match_group(self, method: str, key: str) -> None:
         pending = self._pending(method, key)
@@ -292,9 +355,12 @@ class Matching:
                 self.state.remove_id(_S_BY_REF, old.authorization_reference, sid)
             if new.authorization_reference:
                 self.state.add_id(_S_BY_REF, new.authorization_reference, sid)
-        old_token = None if old is None else token_key(old.token, old.location_id)
-        new_token = token_key(new.token, new.location_id)
-        if old_token != new_token:
-            if old_token is not None:
-                self.state.remove_id(_S_BY_TOKEN, old_token, sid)
-            self.state.add_id(_S_BY_TOKEN, new_token, sid)
+        tolerance = self.rules.time_tolerance
+        old_keys = [] if old is None else session_token_keys(old, tolerance)
+        new_keys = session_token_keys(new, tolerance)
+        for key in old_keys:
+            if key not in new_keys:
+                self.state.remove_id(_S_BY_TOKEN, key, sid)
+        for key in new_keys:
+            if key not in old_keys:
+                self.state.add_id(_S_BY_TOKEN, key, sid)

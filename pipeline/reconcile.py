@@ -6,15 +6,19 @@ its keys that finds one:
 2. AUTHORIZATION_REFERENCE: the sessions with its `authorization_reference` (the eMSP's reference of the session);
 3. TOKEN_LOCATION_START: the sessions with its token (country_code, party_id, uid) and location whose start is
    within OCPI_RECONCILE_TIME_TOLERANCE of the CDR's.
-Among several sessions of a key the nearest start wins, sessions no other CDR holds first (CDRs of one key choose
-in order of start, then id). A CDR may come before its session, or before the session's last update, so a match
-by session id is final and any other is provisional: the CDR stays indexed as waiting under each stronger key it
-carries, and a session that arrives or changes with such a key takes it over. The CDR then moves: its row is
-written again with the new session, method and deltas, and so is the session it left (back to AWAITING_CDR, or
-with its remaining CDRs' totals). A nearer or free session of the CDR's own key takes it over the same way. So
-for the same facts every arrival order ends with the same matches (`pipeline.matching` tells how). This holds
-within a CDR's OCPI_RECONCILE_SESSION_GRACE: after it the CDR is settled, its match is no longer moved within its
-own key, and only a stronger key still takes it (a waiting CDR: its strongest key), which keeps the state small.
+Among several sessions of a key the nearest start wins, sessions no other CDR holds first (CDRs of one key choose in
+order of start, then id). A CDR that names a session waits for that one alone during its
+OCPI_RECONCILE_SESSION_GRACE (it usually follows its session closely, and its weaker keys would hand it to another
+charge of the same card meanwhile); if the session has not come by then, the CDR falls back to its weaker keys
+within the hour after its grace ended (`pipeline.matching`). A CDR may come before its session, or before the
+session's last update, so a match by session id is final and any other is provisional: the CDR stays indexed as
+waiting under each stronger key it carries, and a session that arrives or changes with such a key takes it over. The
+CDR then moves: its row is written again with the new session, method and deltas, and so is the session it left
+(back to AWAITING_CDR, or with its remaining CDRs' totals). A nearer or free session of the CDR's own key takes it
+over the same way. So for the same facts every arrival order ends with the same matches (`pipeline.matching` tells
+how). This holds within a CDR's OCPI_RECONCILE_SESSION_GRACE: after it the CDR is settled, its match is no longer
+moved within its own key, and only a stronger key still takes it (a waiting CDR: its strongest key), which keeps the
+state small.
 A session may have several CDRs (an original, and a corrected one after a credit); credit CDRs are not matched to
 sessions but linked to the CDR they credit.
 
@@ -190,6 +194,14 @@ class PartyState:
     def put_credit(self, cdr_id: str, rec: CreditRec) -> None:
         self.overlay.set(self._key("L", cdr_id), _CREDITS.encode(rec))
 
+    def fallback_cursor(self) -> int | None:
+        """The last hour (`pipeline.matching`) whose named CDRs have been given their fallback."""
+        found = self.ids("QC", "")
+        return int(found[0]) if found else None
+
+    def set_fallback_cursor(self, hour: int) -> None:
+        self.overlay.set(self._key("QC", ""), _IDS.encode(Ids([str(hour)])))
+
     def ids(self, kind: str, ident: str) -> list[str]:
         data = self.overlay.get(self._key(kind, ident))
         return [] if data is None else _IDS.decode(data).ids
@@ -228,6 +240,7 @@ def on_session(state: PartyState, fact: SessionFact, rules: Rules, out: PartyOut
     rec = rec or SessionRec(fact=fact)
     rec.fact = fact
     work = Matching(state, rules, fact.received_at)
+    work.expire_named()
     work.session_arrived(rec, old)
     work.settle()
     _emit_changes(state, work, rules, out)
@@ -243,6 +256,7 @@ def on_cdr(state: PartyState, fact: CdrFact, rules: Rules, out: PartyOutput) -> 
         state.put_cdr(cdr)
     else:
         work = Matching(state, rules, fact.received_at)
+        work.expire_named()
         work.cdr_arrived(cdr)
         work.settle()
         _emit_changes(state, work, rules, out)

@@ -231,18 +231,28 @@ def index_entries(party: Party, cdr_id: str) -> list[str]:
     return sorted(k for k, v in party.store.data.items() if k.startswith("W") and cdr_id.encode() in v)
 
 
-def test_a_cdr_whose_session_id_is_unknown_falls_back_to_its_authorization_reference() -> None:
+def tick(party: Party, minutes: float) -> PartyOutput:
+    """A fact of another token and location received at `minutes`: the party's event time moves on."""
+    return party.run(s_fact(session(f"TICK{minutes}", uid="TICK", location="ELSEWHERE"), received=minutes))
+
+
+def test_a_cdr_whose_session_id_is_unknown_falls_back_to_its_authorization_reference_after_its_grace() -> None:
     party = Party()
     party.run(s_fact(completed("S1", authref="AUTH-1"), final=61))
-    row = result(party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1"))), "CDR", "C9")
-    assert (row["outcome"], row["method"], row["session_id"]) == ("MATCHED", "AUTHORIZATION_REFERENCE", "S1")
+    waiting = result(party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1"))), "CDR", "C9")
+    assert (waiting["outcome"], waiting["session_id"]) == ("AWAITING_SESSION", None)  # S9 may still come
+    tick(party, 30)  # its grace (10 minutes) is over, but not the hour in which it ended
+    assert stored(party, "C9") == (None, "")
+    row = result(tick(party, 70), "CDR", "C9")  # the hour in which its grace ended is over: it falls back
+    assert (row["outcome"], row["method"], row["session_id"], row["late"]) == (
+        "MATCHED", "AUTHORIZATION_REFERENCE", "S1", True)
 
 
 def test_a_cdr_falls_back_to_token_location_and_start_when_no_session_has_its_reference() -> None:
     party = Party()
     party.run(s_fact(completed("S1", start=0), final=61))
-    out = party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-9", start=1, end=61)))
-    row = result(out, "CDR", "C9")
+    party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-9", start=1, end=61)))
+    row = result(tick(party, 70), "CDR", "C9")
     assert (row["outcome"], row["method"], row["session_id"], row["delta_start_s"]) == (
         "MATCHED", "TOKEN_LOCATION_START", "S1", Decimal(60))
 
@@ -250,10 +260,12 @@ def test_a_cdr_falls_back_to_token_location_and_start_when_no_session_has_its_re
 def test_the_session_a_provisionally_matched_cdr_names_takes_it_and_the_one_it_left_awaits_again() -> None:
     party = Party()
     first = party.run(s_fact(completed("S1", authref="AUTH-1"), received=61, final=61))
-    matched = party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1", kwh="12"), received=62))
+    party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1", kwh="12"), received=62))
+    assert index_entries(party, "C9") == ["WS/NL/TNM/S9"]  # waits for S9 alone during its grace
+    matched = tick(party, 130)  # its grace ended at 72, in the hour after T0's: over at 120
     assert result(matched, "SESSION", "S1")["outcome"] == "MATCHED"
-    assert index_entries(party, "C9") == ["WA/NL/TNM/" + PSEUDONYM("AUTH-1"), "WS/NL/TNM/S9"]
-    out = party.run(s_fact(completed("S9", kwh="12"), received=63, final=63))
+    assert index_entries(party, "C9") == ["WS/NL/TNM/S9"]  # the one stronger key left to it
+    out = party.run(s_fact(completed("S9", kwh="12"), received=133, final=133))
     row = result(out, "CDR", "C9")
     assert (row["outcome"], row["method"], row["session_id"], row["delta_kwh"]) == (
         "MATCHED", "SESSION_ID", "S9", Decimal(0))
@@ -270,7 +282,8 @@ def test_a_session_left_by_one_cdr_keeps_the_totals_of_the_others() -> None:
     party = Party()
     party.run(s_fact(completed("S1", authref="AUTH-1"), final=61), c_fact(cdr("C1", kwh="10")),
               c_fact(cdr("C9", session_id="S9", authref="AUTH-1", kwh="3")))
-    out = party.run(s_fact(completed("S9"), final=61))
+    tick(party, 70)
+    out = party.run(s_fact(completed("S9"), final=61, received=71))
     row = result(out, "SESSION", "S1")
     assert (row["outcome"], row["method"], row["cdr_ids"], row["cdr_kwh"]) == (
         "MATCHED", "SESSION_ID", ["C1"], Decimal(10))
@@ -288,11 +301,12 @@ def test_a_token_match_moves_to_a_session_that_arrives_with_the_cdrs_reference()
 def test_a_waiting_cdr_is_taken_by_a_weaker_key_then_upgraded() -> None:
     party = Party()
     party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1")))
-    party.run(s_fact(completed("S1"), final=61))
+    tick(party, 70)
+    party.run(s_fact(completed("S1"), final=61, received=71))
     assert stored(party, "C9") == ("S1", "TOKEN_LOCATION_START")
-    party.run(s_fact(completed("S2", authref="AUTH-1", start=30), final=61))
+    party.run(s_fact(completed("S2", authref="AUTH-1", start=30), final=61, received=72))
     assert stored(party, "C9") == ("S2", "AUTHORIZATION_REFERENCE")
-    party.run(s_fact(completed("S9", start=60), final=61))
+    party.run(s_fact(completed("S9", start=60), final=61, received=73))
     assert stored(party, "C9") == ("S9", "SESSION_ID")
 
 
@@ -326,10 +340,11 @@ def test_cdrs_of_one_key_prefer_sessions_no_other_cdr_holds() -> None:
 def test_after_its_grace_a_cdr_is_settled_but_the_session_it_names_still_takes_it() -> None:
     party = Party()
     party.run(s_fact(completed("S1", start=0), final=61), c_fact(cdr("C9", session_id="S9", start=3, end=63)))
-    party.run(s_fact(completed("S2", start=3), received=30, final=61))  # nearer, but after C9's grace
+    tick(party, 70)  # falls back after its grace: a token match, settled at once
+    party.run(s_fact(completed("S2", start=3), received=80, final=61))  # nearer, but C9 is settled
     assert stored(party, "C9") == ("S1", "TOKEN_LOCATION_START")
     assert index_entries(party, "C9") == ["WS/NL/TNM/S9"]  # its own key's entry is gone
-    out = party.run(s_fact(completed("S9", start=3), received=40, final=61))
+    out = party.run(s_fact(completed("S9", start=3), received=90, final=61))
     assert stored(party, "C9") == ("S9", "SESSION_ID") and result(out, "CDR", "C9")["late"] is True
     assert index_entries(party, "C9") == []
 
@@ -410,3 +425,41 @@ def test_reprocessing_a_batch_after_moves_changes_nothing() -> None:
         party.run(fact)
     before = dict(party.store.data)
     assert party.run(*facts).results == [] and party.store.data == before
+
+
+def test_token_matches_cross_the_hour_a_group_is_kept_by() -> None:
+    # T0 is on the hour: the session starts in the hour before, its CDR (4 minutes later) in the next one.
+    for facts in itertools.permutations([s_fact(completed("S1", start=-2), final=61),
+                                         c_fact(cdr("C1", session_id=None, start=2, end=62))]):
+        party = Party()
+        out = party.run(*facts)
+        assert (result(out, "CDR", "C1")["method"], result(out, "CDR", "C1")["session_id"]) == (
+            "TOKEN_LOCATION_START", "S1")
+
+
+def test_a_backlog_of_cdrs_sharing_one_token_keeps_every_token_group_small() -> None:
+    # An ad-hoc token shared by every session of a location, and CDRs arriving ahead of their sessions (a
+    # backlog after an outage). CDRs naming their session wait for it alone; the others are in token groups
+    # of an hour each, not in one group of all (each group is matched again as a whole when it changes).
+    party = Party()
+    party.run(*(c_fact(cdr(f"C{i}", session_id=f"S{i}", start=20 * i, end=20 * i + 15)) for i in range(300)))
+    assert not [key for key in party.store.data if key.startswith(("WT/", "WA/"))]
+    party.run(*(c_fact(cdr(f"N{i}", session_id=None, start=20 * i, end=20 * i + 15)) for i in range(300)))
+    assert len([key for key in party.store.data if key.startswith("WT/")]) == 100  # three per hour
+    out = party.run(*(s_fact(completed(f"S{i}", start=20 * i), final=20 * i + 16) for i in range(300)))
+    named = {(r["subject_id"], r["session_id"], r["method"]) for r in out.results
+             if r["subject"] == "CDR" and r["subject_id"].startswith("C")}
+    assert named == {(f"C{i}", f"S{i}", "SESSION_ID") for i in range(300)}
+    assert {stored(party, f"N{i}") for i in range(300)} == {(f"S{i}", "TOKEN_LOCATION_START") for i in range(300)}
+
+
+def test_a_cdr_naming_a_session_that_comes_within_its_grace_never_goes_to_another() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", authref="AUTH-1"), final=61))
+    early = party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1")))
+    assert result(early, "CDR", "C9")["outcome"] == "AWAITING_SESSION"
+    out = party.run(s_fact(completed("S9"), received=5, final=61))
+    assert stored(party, "C9") == ("S9", "SESSION_ID")
+    assert all(r["subject_id"] != "S1" for r in [*early.results, *out.results])  # S1 was never given C9
+    tick(party, 200)
+    assert stored(party, "C9") == ("S9", "SESSION_ID")
