@@ -1,8 +1,8 @@
 """The ClickHouse sink: one insert per table per batch, retried until it succeeds.
 
 Offsets advance only after a successful insert: the agents ack a batch's Kafka events only when `write`
-returned. Faust's `take_events` acks a batch when the agent's body leaves it, even by an exception or a
-cancellation, so `write` never raises for a failed insert: it retries with backoff, and if the worker is
+returned. The delivery loop (`pipeline.delivery`) acks a batch once its handler is over, so `write` never
+raises for a failed insert: it retries with backoff, and if the worker is
 stopped while a batch is still unwritten it exits the process at once, before any offset can be committed
 (at-least-once: the batch is read again on restart, and every table is idempotent).
 

@@ -148,9 +148,9 @@ def in_partition_of(event: Any) -> Iterator[None]:
     """Make Faust table reads and writes use `event`'s partition.
 
     Faust picks a table key's partition (store lookup and changelog partition) from the stream's *current
-    event*. A `take_events` batch spans partitions and its current event is just the last one read, so each
-    key is read and written with the event that carries it as current event — the same context Faust sets for
-    a per-event agent. `_current_event` is the ContextVar behind `faust.current_event()`.
+    event*. Outside a stream (batches, timers) there is none, so each key is read and written with an event of
+    its partition (a `PartitionAnchor`) as current event — the same context Faust sets for a per-event agent.
+    `_current_event` is the ContextVar behind `faust.current_event()`.
     """
     token = _current_event.set(weakref.ref(event))
     try:
