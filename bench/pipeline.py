@@ -61,10 +61,11 @@ class Traffic:
              payload: dict[str, Any], evse_uid: str | None = None) -> None:
         # Received when the CPO says it changed (its `last_updated`), as live traffic would be: the pipeline's
         # event-time rules (grace periods, settling) see the hours the stories span, not one instant.
+        received_at = max(payload.get("last_updated", self.now), self.now - timedelta(days=1))
         self.records.append((kind, f"{cc}/{pid}/{object_id}".encode(), encode_event({
             "event_id": os.urandom(16).hex(), "partner_id": "bench", "module": kind.upper(), "operation": operation,
             "level": level, "country_code": cc, "party_id": pid, "object_id": object_id, "evse_uid": evse_uid,
-            "connector_id": None, "received_at": max(payload.get("last_updated", self.now), self.now - timedelta(days=1)), "request_id": "r", "correlation_id": "c",
+            "connector_id": None, "received_at": received_at, "request_id": "r", "correlation_id": "c",
             "from_country_code": None, "from_party_id": None, "to_country_code": None, "to_party_id": None,
             "source": "PUSH", "content_hash": content_hash(payload), "relaxations": [],
             "payload": (payload_type, payload)})))
