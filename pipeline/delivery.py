@@ -160,6 +160,9 @@ class BatchConsumer(driver.Consumer):
         revoked or sought back to its committed offset (recovery ends with that seek): its records then belong
         to a position that no longer holds, and counting them as read would make the fetch from the sought
         offset drop everything before them. Such a partition's records are left out; they are fetched again.
+        The read offset is taken at the partition's first record of the round, not when the round starts: the
+        fetch itself may span a seek, and records fetched after it must not be left out (Faust would record the
+        skipped offsets as a gap and commit past them).
         """
         current = self.app.consumer_generation_id == generation and self.flow_active
         for tp, records in fetched.items():
