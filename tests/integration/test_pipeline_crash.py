@@ -135,19 +135,26 @@ async def committed_everything(bootstrap: str, group: str, topics: list[str], ti
         await consumer.stop()
 
 
-async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing_and_a_replay_changes_no_total(
-        stack: Stack) -> None:
-    started = time.monotonic()
+async def publish_and_wait_mid_stream(stack: Stack, share: int) -> tuple[Client, dict[str, Any]]:
+    """Publish the traffic and wait until the worker has written 1/`share` of it (and not all of it); returns the
+    ClickHouse client and the totals expected in the end."""
     records, expected = traffic()
     kafka = stack.settings.kafka
     topics = {"sessions": kafka.topic_sessions, "cdrs": kafka.topic_cdrs}
     client = stack.clickhouse
     assert client is not None
     await publish(stack.bootstrap, [(topics[suffix], key, value) for suffix, key, value in records])
-
-    progress = await wait_for(client, "SELECT count() FROM raw_events", lambda r: r[0][0] >= EVENTS // 3,
+    progress = await wait_for(client, "SELECT count() FROM raw_events", lambda r: r[0][0] >= EVENTS // share,
                               timeout=90)
-    assert progress[0][0] < EVENTS, "the worker finished before it could be killed mid-stream"
+    assert progress[0][0] < EVENTS, "the worker finished before the middle of the stream"
+    return client, expected
+
+
+async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing_and_a_replay_changes_no_total(
+        stack: Stack) -> None:
+    started = time.monotonic()
+    kafka = stack.settings.kafka
+    client, expected = await publish_and_wait_mid_stream(stack, 3)
     worker = stack.children["worker"]
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(10)

@@ -17,8 +17,8 @@ import pytest
 from infra.process import spawn, terminate
 from pipeline.stack import Stack
 
-from .pipeline_support import pipeline_settings, publish, wait_for
-from .test_pipeline_crash import EVENTS, SESSIONS, totals, traffic
+from .pipeline_support import pipeline_settings, wait_for
+from .test_pipeline_crash import SESSIONS, publish_and_wait_mid_stream, totals
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
@@ -35,16 +35,7 @@ async def stack(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterator[
 
 async def test_a_worker_joining_mid_stream_shares_the_work_without_loss_or_double(stack: Stack,
                                                                                   tmp_path: Path) -> None:
-    records, expected = traffic()
-    kafka = stack.settings.kafka
-    topics = {"sessions": kafka.topic_sessions, "cdrs": kafka.topic_cdrs}
-    client = stack.clickhouse
-    assert client is not None
-    await publish(stack.bootstrap, [(topics[suffix], key, value) for suffix, key, value in records])
-
-    progress = await wait_for(client, "SELECT count() FROM raw_events", lambda r: r[0][0] >= EVENTS // 5,
-                              timeout=90)
-    assert progress[0][0] < EVENTS, "the first worker finished before the second one joined"
+    client, expected = await publish_and_wait_mid_stream(stack, 5)
     # Its own Faust state directory (a second machine, in effect); the same group, ClickHouse and key.
     second = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"],
                    env={**stack.child_environment(), "OCPI_DATA_DIR": str(tmp_path / "second")},
