@@ -77,12 +77,20 @@ class StateTable:
     def __init__(self, table: TableT[Any, Any]) -> None:
         self.table = table
 
+    @property
+    def _direct(self) -> bool:
+        """Whether the store is Faust's rocksdb store (faust-streaming 0.15), whose partition databases are used
+        directly: Faust's table path (key serializer, current-event partition, key index, a changelog record
+        buffered per key) costs many times the database access, and our keys and values are raw bytes."""
+        return hasattr(self.table.data, "_db_for_partition")
+
+    def _partition_db(self, partition: int) -> Any:
+        store: Any = self.table.data
+        return store._db_for_partition(partition)
+
     def reader(self, anchor: PartitionAnchor) -> Callable[[str], bytes | None]:
-        store = self.table.data
-        if hasattr(store, "_db_for_partition"):
-            # The rocksdb store's partition database, read directly: Faust's table lookup (key serializer,
-            # current-event partition, key index) costs ~10x the read itself. Our keys and values are raw bytes.
-            db = store._db_for_partition(anchor.message.partition)
+        if self._direct:
+            db = self._partition_db(anchor.message.partition)
 
             def read_db(key: str) -> bytes | None:
                 value = db.get(key.encode())
@@ -102,13 +110,13 @@ class StateTable:
         """Write a batch's state changes and their changelog records, as Faust's table would, in bulk.
 
         Faust writes a table key through its serializers, a changelog record buffered per key, and a producer
-        flush that waits for that buffer one record at a time (a fifth of the worker's CPU, bench/README.md).
+        flush that waits for that buffer one record at a time (a fifth of the worker's CPU; README, Benchmarks).
         Here the rocksdb partition databases are written directly, the changelog records are produced together
         and acknowledged, and each partition's persisted changelog offset is then set, which is what Faust's
         own changelog callback does (table recovery reads the changelog from that offset on).
         """
-        store: Any = self.table.data  # faust.stores.rocksdb.Store (faust-streaming 0.15)
-        if not hasattr(store, "_db_for_partition"):
+        store: Any = self.table.data
+        if not self._direct:
             for anchor, overlay_changes in changes:
                 self.write(anchor, overlay_changes)
             return
@@ -116,7 +124,7 @@ class StateTable:
         records: list[tuple[bytes, bytes | None, int]] = []
         for anchor, overlay_changes in changes:
             partition = anchor.message.partition
-            db = store._db_for_partition(partition)
+            db = self._partition_db(partition)
             for key, value in overlay_changes.items():
                 raw_key = key.encode()
                 if value is None:
