@@ -220,6 +220,8 @@ class BatchDelivery:
             counted, busy, last_report = 0, 0.0, 0.0  # the first batch is reported: the agent has started
             while True:
                 batch = await inbox.take(self.batch_max, self.within)
+                if not batch:
+                    continue  # a rebalance cleared the inbox while the batch was filling
                 consumer = self.app.consumer
                 for message in batch:
                     consumer.track_message(message)
