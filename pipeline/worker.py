@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 from pathlib import Path
@@ -17,6 +18,12 @@ from pipeline.retention import changelog_configs, changelog_topic, topic_configs
 from pipeline.topics import topic_names
 
 log = logging.getLogger(__name__)
+
+# The cyclic garbage collector's first-generation threshold in the worker (CPython's default is 700). A batch
+# allocates hundreds of thousands of short-lived objects (decoded events, rows, state) that reference counting
+# frees; at the default, collections run every few hundred allocations and cost about a sixth of the worker's
+# CPU (README, Benchmarks). The older generations keep CPython's defaults.
+GC_FIRST_GENERATION_THRESHOLD = 50_000
 
 
 def prepare_topics(settings: Settings, bootstrap: str) -> None:
@@ -69,4 +76,14 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     prepare_topics(settings, bootstrap)
     pipeline = create_app(settings, bootstrap)
     worker = faust.Worker(pipeline.app, loglevel=getattr(logging, loglevel.upper()), quiet=True)
+    tune_gc()
     worker.execute_from_commandline()  # installs signal handlers, stops cleanly, exits the process
+
+
+def tune_gc() -> None:
+    """Fewer cyclic collections, and none of them walking the startup objects (modules, the app, clients):
+    those are frozen into the permanent generation."""
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(GC_FIRST_GENERATION_THRESHOLD, second, third)
