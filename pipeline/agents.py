@@ -31,6 +31,7 @@ import faust
 import msgspec
 from faust.types import TP, Message, TableT
 
+from infra.kafka.bulk import Acked, OutgoingRecord, send_all
 from infra.settings import Settings
 from pipeline import projection
 from pipeline.cdrs import process_cdrs
@@ -121,7 +122,7 @@ class StateTable:
                 self.write(anchor, overlay_changes)
             return
         topic = self.table.changelog_topic.get_topic_name()
-        records: list[tuple[bytes, bytes | None, int]] = []
+        records: list[OutgoingRecord] = []
         for anchor, overlay_changes in changes:
             partition = anchor.message.partition
             db = self._partition_db(partition)
@@ -135,8 +136,8 @@ class StateTable:
                     store._key_index[raw_key] = partition
                 records.append((raw_key, value, partition))
         acked: dict[int, int] = {}
-        for metadata in await context.produce(topic, records):
-            acked[metadata.partition] = max(metadata.offset, acked.get(metadata.partition, -1))
+        for ack in await context.produce(topic, records):
+            acked[ack.partition] = max(ack.last_offset, acked.get(ack.partition, -1))
         for partition, offset in acked.items():
             store.set_persisted_offset(TP(topic, partition), offset)
 
@@ -198,18 +199,16 @@ class AgentContext:
         """Send and wait for every ack; retried, and the process ends rather than let the batch be acked."""
         await self.produce(topic, [(key, value, None) for key, value in records])
 
-    async def produce(self, topic: str, records: Sequence[tuple[bytes, bytes | None, int | None]]) -> list[Any]:
-        """Send (key, value, partition or None) records and return their metadata once every one is acked;
-        retried, and the process ends rather than let the batch be acked without them."""
+    async def produce(self, topic: str, records: Sequence[OutgoingRecord]) -> list[Acked]:
+        """Send (key, value, partition or None) records and return the acks of their batches once every record
+        is acknowledged; retried, and the process ends rather than let the batch be acked without them."""
         if not records:
             return []
         backoff = 0.2
         while True:
             try:
-                producer = self.app.producer
-                futures = [await producer.send(topic, key, value, partition, None, None)
-                           for key, value, partition in records]
-                return list(await asyncio.gather(*futures))
+                # Faust's producer wraps an aiokafka producer; its batch API saves the per-record send path.
+                return await send_all(self.app.producer._ensure_producer(), topic, records)  # type: ignore[attr-defined]
             except asyncio.CancelledError:
                 log.critical("worker stopped while publishing to %s; exiting before commit", topic)
                 os._exit(EXIT_PIPELINE_ERROR)

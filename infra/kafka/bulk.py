@@ -1,0 +1,62 @@
+"""Send many records at once through an aiokafka producer's batch API, and wait for every ack.
+
+`AIOKafkaProducer.send` costs several microseconds of Python per record (a metadata check, the partitioner, a
+future and its callbacks), which a worker producing one or two records per event pays over and over. Records
+for one partition are appended here to a `BatchBuilder` instead (aiokafka's C record builder) and each full
+batch is sent once: the broker sees the same records, keys, partitions and order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+
+# (key, value, partition or None for the producer's partitioner)
+OutgoingRecord = tuple[bytes | None, bytes | None, int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """The broker's ack of one sent batch: its records have offsets `first_offset` … `last_offset`."""
+
+    partition: int
+    first_offset: int
+    last_offset: int
+
+
+async def send_all(producer: AIOKafkaProducer, topic: str, records: Sequence[OutgoingRecord]) -> list[Acked]:
+    """Send `records` to `topic`, in order per partition, and return once the broker acknowledged all of them.
+
+    A record without a partition goes where `producer.send` would put it (the producer's own partitioner on
+    the key), so a key keeps its partition whichever way it was sent. Raises what the producer raises.
+    """
+    if not records:
+        return []
+    await producer.partitions_for(topic)  # metadata for the partitioner and the partition check
+    by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+    for key, value, partition in records:
+        if partition is None:
+            partition = producer._partition(topic, None, None, None, key, value)  # aiokafka keeps it private
+        by_partition.setdefault(partition, []).append((key, value))
+    sent: list[tuple[int, int, asyncio.Future[object]]] = []
+    for partition, items in by_partition.items():
+        batch = producer.create_batch()
+        count = 0
+        for key, value in items:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
+                sent.append((partition, count, await producer.send_batch(batch, topic, partition=partition)))
+                batch = producer.create_batch()
+                count = 0
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch for {topic}")
+            count += 1
+        sent.append((partition, count, await producer.send_batch(batch, topic, partition=partition)))
+    results = await asyncio.gather(*(future for _, _, future in sent), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [Acked(partition, metadata.offset, metadata.offset + count - 1)  # type: ignore[attr-defined]
+            for (partition, count, _), metadata in zip(sent, results, strict=True)]
