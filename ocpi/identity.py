@@ -20,7 +20,9 @@ _ASCII_UPPER: Final = str.maketrans(string.ascii_lowercase, string.ascii_upperca
 
 def ci_normalize(value: str) -> str:
     """The comparison form of a CiString: ASCII letters upper-cased, everything else unchanged."""
-    return value.translate(_ASCII_UPPER)
+    # str.upper() is the same mapping on an all-ASCII string (isascii() is a flag check) and several times
+    # faster than translate(); this runs a few dozen times per event in the pipeline.
+    return value.upper() if value.isascii() else value.translate(_ASCII_UPPER)
 
 
 def ci_equal(a: str | None, b: str | None) -> bool:

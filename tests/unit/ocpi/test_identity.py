@@ -1,0 +1,32 @@
+"""CiString comparison forms (ocpi.identity)."""
+
+import string
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ocpi.identity import ci_equal, ci_normalize
+
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("nl", "NL"), ("Tnm", "TNM"), ("loc-1_a.b", "LOC-1_A.B"), ("", ""),
+    ("straße", "STRAßE"),  # only ASCII letters fold: str.upper() would give "STRASSE"
+    ("ǆ", "ǆ"), ("éa", "éA"),
+])
+def test_ci_normalize_upper_cases_ascii_letters_only(value: str, expected: str) -> None:
+    assert ci_normalize(value) == expected
+
+
+@given(st.text(max_size=40))
+def test_ci_normalize_is_the_ascii_only_mapping(value: str) -> None:
+    assert ci_normalize(value) == value.translate(_ASCII_UPPER)
+
+
+def test_ci_equal() -> None:
+    assert ci_equal("nl", "NL")
+    assert not ci_equal("straße", "STRASSE")
+    assert ci_equal(None, None)
+    assert not ci_equal(None, "")
