@@ -133,6 +133,12 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
             out.batch.add("evses", projection.EVSE_COLUMNS,
                           projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
             _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
+    if event.level == "LOCATION" and (event.operation == "PUT" or "publish_allowed_to" in event.payload):
+        state.personal_at = record.received_at
+    elif state.personal_at is None and previous is not None:
+        # A state from before `personal_at`: when its `publish_allowed_to` came is unknown. The Location's
+        # last_updated then (bumped when the CPO set it) stands in, fixed now so later updates cannot postpone it.
+        state.personal_at = min(previous.last_updated, record.received_at)
     state.object_json = document
     state.last_identity = identity(event)
     state.last_hash = event.content_hash

@@ -8,7 +8,8 @@ OCPI leaves retention to contracts and law (02 §7); these are our defaults, eac
 - history (session and EVSE status histories, anomalies): OCPI_RETENTION_HISTORY_DAYS, by TTL;
 - personal (token uid, contract id, authorization reference, visual number in sessions, cdrs, locations): in
   clear for OCPI_RETENTION_PSEUDONYMISE_DAYS, then a keyed hash, by the worker's sweep or `retention apply`;
-  in the worker's session state by `pipeline.state_retention`, and in its changelog by compaction;
+  in the worker's session and location state by `pipeline.state_retention`, and in their changelogs by
+  compaction;
 - billing (cdrs with periods and tariffs, billing lines, credit links, reconciliation, sessions):
   OCPI_RETENTION_BILLING_YEARS, by TTL;
 - current state (locations, evses, connectors): kept while the CPO publishes them, no TTL.
@@ -125,7 +126,7 @@ def policy(settings: Settings) -> list[DataClass]:
         DataClass("raw", "raw events and undecodable records, as received", f"{r.raw_days} days", raw, topics),
         DataClass("history", "status histories and anomalies", f"{r.history_days} days", history),
         DataClass("personal", "token uid, contract id, authorization reference, visual number; in ClickHouse "
-                  "rows, and in the worker's session state and its changelog",
+                  "rows, and in the worker's session and location state and their changelogs",
                   f"in clear for {r.pseudonymise_days} days, then pseudonymised (keyed hash)", ()),
         DataClass("billing", "CDRs, billing lines, credit links, reconciliation, sessions",
                   f"{r.billing_years} years", billing),
@@ -143,9 +144,10 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
 
 
 # Stage-1 state tables whose values hold personal data, rewritten by `pipeline.state_retention`: session-state
-# (the current Session and parked PATCHes). cdr-state holds a CDR's content hash, event id, offset and receive
-# time only; party-state holds pseudonyms from the start.
-PERSONAL_STATE_TABLES: Final = ("session-state",)
+# (the current Session and parked PATCHes) and location-state (`publish_allowed_to` of the current Location and
+# parked events). cdr-state holds a CDR's content hash, event id, offset and receive time only; party-state holds
+# pseudonyms from the start.
+PERSONAL_STATE_TABLES: Final = ("session-state", "location-state")
 # A changelog record becomes compactable at most this long after it was written, so the clear value a
 # pseudonymised one supersedes is gone about two lags later (see `changelog_configs`).
 COMPACTION_LAG: Final = timedelta(days=1)

@@ -1,24 +1,30 @@
-"""Retention of personal data in the stage-1 state: `session-state` and, through compaction, its changelog.
+"""Retention of personal data in the stage-1 state (`session-state`, `location-state`) and, through compaction,
+in their changelogs.
 
 `session-state` keeps each Session's current OCPI object (token uid, contract id, authorization reference) for
-PATCH merges, and the PATCHes parked for it (Avro records; a PATCH may carry a token). ClickHouse rows are
-pseudonymised OCPI_RETENTION_PSEUDONYMISE_DAYS after they were received (`pipeline.retention`); the state
-follows the same rule with the same pseudonyms:
+PATCH merges, and the PATCHes parked for it (Avro records; a PATCH may carry a token). `location-state` keeps
+each Location's tree, whose `publish_allowed_to` holds token uids and visual numbers, and the events parked for
+it (a Location PATCH may carry `publish_allowed_to`). ClickHouse rows are pseudonymised
+OCPI_RETENTION_PSEUDONYMISE_DAYS after they were received (`pipeline.retention`); the state follows the same
+rule with the same pseudonyms (`retention.pseudonymise_fields`, which also rewrites the rows' payload JSON):
 
-- due: the Session once the event that made it was received (`applied_at`) before the cutoff, like its
-  ClickHouse row; a parked PATCH by its own receive time;
+- due: a Session once the event that made it was received (`applied_at`) before the cutoff, like its ClickHouse
+  row; a Location once the event its `publish_allowed_to` came with was received (`personal_at`) before the
+  cutoff, so no later than its row (EVSE updates renew the row's receive time, not that one); a parked event
+  by its own receive time. States from before those fields count from the object's `last_updated` instead;
 - idempotent: a value is rewritten only while a personal field is in clear (a pseudonym starts with `psn:`,
   which the Pseudonymizer leaves as it is, as ClickHouse rows do), so a second pass changes nothing;
 - merges keep working: a pseudonym has 36 characters and fits every OCPI limit (uid, contract_id and
   authorization_reference are CiString(36), visual_number string(64)), so a late PATCH merged onto the
-  pseudonymised Session validates like any other, and its rows carry the pseudonyms (which the sweep leaves
-  as they are when it marks the rows pseudonymised);
+  pseudonymised object validates like any other, and its rows carry the pseudonyms (which the sweep leaves as
+  they are when it marks the rows pseudonymised);
 - dedup keeps working: duplicate and stale checks compare the `content_hash` and `last_updated` of the last
   applied event as received, which stay as they are, so a retry of an old event is still a DUPLICATE and no
-  new version; a parked PATCH keeps its original `content_hash` too.
+  new version; a parked event keeps its original `content_hash` too.
 
-`cdr-state` holds no personal field (a CDR's content hash, event id, offset and receive time) and
-`party-state` only pseudonyms: neither is rewritten (`retention.PERSONAL_STATE_TABLES`).
+A PublishTokenType's `group_id` (a group of tokens) and `issuer` (a company) are not in the personal list and
+stay as they are, as in the rows. `cdr-state` holds no personal field (a CDR's content hash, event id, offset
+and receive time) and `party-state` only pseudonyms: neither is rewritten (`retention.PERSONAL_STATE_TABLES`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import asyncio
 import itertools
 import logging
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
@@ -38,8 +45,8 @@ from faust.types import TP, TableT
 from infra.codec import decode_event, encode_event
 from pipeline.facts import SessionFact
 from pipeline.records import utc_now
-from pipeline.retention import PREFIX, Pseudonymizer, pseudonymise_fields, pseudonymised_json
-from pipeline.state import Codec, Parked, PartitionAnchor, SessionState
+from pipeline.retention import PERSONAL_STATE_TABLES, PREFIX, Pseudonymizer, pseudonymise_fields, pseudonymised_json
+from pipeline.state import Codec, LocationState, Parked, PartitionAnchor, SessionState
 from pipeline.sweeps import RETENTION_EVERY
 
 if TYPE_CHECKING:
@@ -48,15 +55,44 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SESSIONS: Final = Codec(SessionState)
+_LOCATIONS: Final = Codec(LocationState)
 _CHUNK: Final = 500  # values looked at between two yields to the event loop
+_ALLOWED: Final = b'"publish_allowed_to"'  # wire JSON leaves absent fields out
+
+
+class _Stamped(msgspec.Struct):
+    last_updated: datetime
+
+
+_STAMP: Final = msgspec.json.Decoder(_Stamped)
+Rewrite = Callable[[bytes, Pseudonymizer, datetime], bytes | None]
 
 
 def pseudonymise_session_state(value: bytes, pseudonym: Pseudonymizer, cutoff: datetime) -> bytes | None:
     """A `session-state` value with the personal fields of what was received before `cutoff` pseudonymised;
     None when nothing is due or all of it is pseudonymised already."""
     state = _SESSIONS.decode(value)
-    changed = False
     received = state.applied_at or state.last_updated  # states written before `applied_at` existed
+    return _SESSIONS.encode(state) if _pseudonymise(state, received, pseudonym, cutoff) else None
+
+
+def pseudonymise_location_state(value: bytes, pseudonym: Pseudonymizer, cutoff: datetime) -> bytes | None:
+    """A `location-state` value with `publish_allowed_to` (uid, visual number) and parked events received
+    before `cutoff` pseudonymised; None when nothing is due or all of it is pseudonymised already."""
+    state = _LOCATIONS.decode(value)
+    received = None
+    # Most Locations have no `publish_allowed_to` (it needs publish=false): their JSON is not decoded at all.
+    if state.object_json is not None and _ALLOWED in state.object_json:
+        # states written before `personal_at` existed, and not applied to since: the Location's last_updated
+        received = state.personal_at or _STAMP.decode(state.object_json).last_updated
+    return _LOCATIONS.encode(state) if _pseudonymise(state, received, pseudonym, cutoff) else None
+
+
+def _pseudonymise(state: SessionState | LocationState, received: datetime | None, pseudonym: Pseudonymizer,
+                  cutoff: datetime) -> bool:
+    """Pseudonymise, in place, the state's object when `received` (its personal data's receive time) is before
+    `cutoff`, and each parked event received before it; returns whether anything changed."""
+    changed = False
     if state.object_json is not None and received is not None and received < cutoff:
         document = pseudonymised_json(state.object_json, pseudonym)
         if document is not None:
@@ -66,7 +102,7 @@ def pseudonymise_session_state(value: bytes, pseudonym: Pseudonymizer, cutoff: d
     if any(p is not None for p in parked):
         state.parked = [new or old for new, old in zip(parked, state.parked, strict=True)]
         changed = True
-    return _SESSIONS.encode(state) if changed else None
+    return changed
 
 
 def _pseudonymised_parked(parked: Parked, pseudonym: Pseudonymizer) -> Parked | None:
@@ -110,14 +146,23 @@ def _local_partitions(table: TableT[Any, Any]) -> Iterator[tuple[int, Iterator[t
             yield partition, store._visible_items(db)
 
 
+@dataclass(frozen=True)
+class StateTarget:
+    """A state table the pass rewrites."""
+
+    name: str
+    table: StateTable
+    topic: str  # the module topic the table is co-partitioned with (Faust's current-event topic)
+    pseudonymise: Rewrite
+
+
 class StateRetention:
-    """Pseudonymises the due values of `session-state` in this worker's partitions, at most every
+    """Pseudonymises the due values of the personal state tables in this worker's partitions, at most every
     RETENTION_EVERY, checked at every sweep interval (so a worker restarted often still gets to it)."""
 
-    def __init__(self, context: AgentContext, table: StateTable, topic: str) -> None:
+    def __init__(self, context: AgentContext, targets: Sequence[StateTarget]) -> None:
         self.context = context
-        self.table = table
-        self.topic = topic  # the module topic the table is co-partitioned with (Faust's current-event topic)
+        self.targets = tuple(targets)
         self.consumed = {t.get_topic_name() for t in context.topics.consumed}
         self.last_run: datetime | None = None
 
@@ -135,54 +180,57 @@ class StateRetention:
             log.exception("state retention failed; trying again at the next tick")
             return
         self.last_run = now
-        if rewritten:
-            log.info("retention: pseudonymised %d session states", rewritten)
+        if any(rewritten.values()):
+            log.info("retention: pseudonymised %s", ", ".join(f"{n} values of {name}" for name, n in rewritten.items()))
 
     def ready(self) -> bool:
-        """Not while partitions move or are recovered, nor during a backlog: later events of a due session may
+        """Not while partitions move or are recovered, nor during a backlog: later events of a due object may
         still be waiting in Kafka (as for the sweeps)."""
         app = self.context.app
         return (not app.rebalancing and not app.in_recovery
                 and self.context.progress.caught_up(app.consumer, self.consumed))
 
-    async def run(self, now: datetime) -> int:
-        """One pass at `now`; returns the values rewritten."""
+    async def run(self, now: datetime) -> dict[str, int]:
+        """One pass at `now`; returns the values rewritten per table."""
         cutoff = now - timedelta(days=self.context.settings.retention.pseudonymise_days)
-        rewritten = 0
-        for partition, items in _local_partitions(self.table.table):
-            anchor = PartitionAnchor(self.topic, partition)
-            while chunk := list(itertools.islice(items, _CHUNK)):
-                if not self.serves(partition):
-                    break  # revoked meanwhile: its new owner's pass takes over
-                rewritten += self.rewrite(anchor, chunk, cutoff)
-                await asyncio.sleep(0)  # the agents' batches go on between chunks
+        rewritten = dict.fromkeys((target.name for target in self.targets), 0)
+        for target in self.targets:
+            for partition, items in _local_partitions(target.table.table):
+                anchor = PartitionAnchor(target.topic, partition)
+                while chunk := list(itertools.islice(items, _CHUNK)):
+                    if not self.serves(target, partition):
+                        break  # revoked meanwhile: its new owner's pass takes over
+                    rewritten[target.name] += self.rewrite(target, anchor, chunk, cutoff)
+                    await asyncio.sleep(0)  # the agents' batches go on between chunks
         return rewritten
 
-    def serves(self, partition: int) -> bool:
-        table = self.table.table
+    def serves(self, target: StateTarget, partition: int) -> bool:
+        table = target.table.table
         actives = table.app.assignor.assigned_actives()
         return not table.app.rebalancing and TP(table.changelog_topic.get_topic_name(), partition) in actives
 
-    def rewrite(self, anchor: PartitionAnchor, chunk: list[tuple[bytes, bytes]], cutoff: datetime) -> int:
+    def rewrite(self, target: StateTarget, anchor: PartitionAnchor, chunk: list[tuple[bytes, bytes]],
+                cutoff: datetime) -> int:
         """Rewrite the due values of a chunk. Synchronous on purpose: the snapshot only picks candidates, each
         is read again and written with no await in between, so no batch's newer state is overwritten.
 
         A batch that read a key into its overlay before this and writes it after writes it back in clear. That
-        race is accepted: the next pass rewrites it, unless the batch applied a new event, which is not due yet.
+        race is accepted: the next pass rewrites it, unless the batch's event renewed the receive time that
+        makes it due (it brought the personal data anew).
         """
         pseudonym = self.context.pseudonym
-        read = self.table.reader(anchor)
+        read = target.table.reader(anchor)
         changes: dict[str, bytes | None] = {}
         for raw_key, snapshot in chunk:
-            if pseudonymise_session_state(snapshot, pseudonym, cutoff) is None:
+            if target.pseudonymise(snapshot, pseudonym, cutoff) is None:
                 continue
             key = raw_key.decode()
             current = read(key)
-            new = None if current is None else pseudonymise_session_state(current, pseudonym, cutoff)
+            new = None if current is None else target.pseudonymise(current, pseudonym, cutoff)
             if new is not None:
                 changes[key] = new
         if changes:
-            self.table.write(anchor, changes)
+            target.table.write(anchor, changes)
         return len(changes)
 
 
@@ -190,10 +238,16 @@ _REGISTERED: weakref.WeakKeyDictionary[faust.App, StateRetention] = weakref.Weak
 
 
 def register_state_retention(context: AgentContext, tables: Mapping[str, StateTable]) -> StateRetention:
-    """Run the pass from an app timer at the sweep interval; registering twice for one app adds nothing."""
+    """Run the pass over every table of `retention.PERSONAL_STATE_TABLES` from an app timer at the sweep
+    interval; registering twice for one app adds nothing."""
     if context.app in _REGISTERED:
         return _REGISTERED[context.app]
-    keeper = StateRetention(context, tables["session-state"], context.settings.kafka.topic_sessions)
+    kafka = context.settings.kafka
+    # A personal table without its rewrite here fails at start, not silently.
+    rewrites = {"session-state": (kafka.topic_sessions, pseudonymise_session_state),
+                "location-state": (kafka.topic_locations, pseudonymise_location_state)}
+    keeper = StateRetention(context, [StateTarget(name, tables[name], *rewrites[name])
+                                      for name in PERSONAL_STATE_TABLES])
     context.app.timer(context.settings.pipeline.sweep_interval_s, name="state-retention")(keeper.tick)
     _REGISTERED[context.app] = keeper
     return keeper

@@ -1,6 +1,7 @@
-"""Personal data in the worker's session state on Tansu and chDB: a session received longer ago than
-OCPI_RETENTION_PSEUDONYMISE_DAYS loses its clear token in the Faust table and gets a pseudonymised record in
-the changelog (which the worker creates with the compaction configs); a recent one keeps it."""
+"""Personal data in the worker's stage-1 state on Tansu and chDB: a session received longer ago than
+OCPI_RETENTION_PSEUDONYMISE_DAYS loses its clear token, and a Location whose `publish_allowed_to` came that long
+ago loses its clear uid and visual number (even though an EVSE update arrived since), in the Faust tables and in
+their changelogs (which the worker creates with the compaction configs); recent ones keep them."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from infra.kafka.admin import topic_configs
 from infra.process import spawn, terminate
 from pipeline.retention import Pseudonymizer, changelog_topic, load_key
 from pipeline.stack import Stack
-from pipeline.state import Codec, SessionState
+from pipeline.state import Codec, LocationState, SessionState
 from pipeline.worker import drop_state_without_changelog, prepare_topics, state_dir
 from tests.conftest import unique
-from tests.unit.pipeline.builders import session
+from tests.unit.pipeline.builders import iso, location, session, ts
 
 from .pipeline_support import pipeline_settings, publish, record, wait_for
 
@@ -30,8 +31,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse
 
 PID = "RET"
 OLD, RECENT = f"NL/{PID}/S-OLD".encode(), f"NL/{PID}/S-NEW".encode()
-STATES = Codec(SessionState)
-Values = dict[bytes, SessionState]
+LOC_OLD, LOC_RECENT = f"NL/{PID}/L-OLD".encode(), f"NL/{PID}/L-NEW".encode()
+SESSIONS, LOCATIONS = Codec(SessionState), Codec(LocationState)
+State = SessionState | LocationState
+Values = dict[bytes, State]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,8 @@ async def stack(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterator[
     await running.stop()
 
 
-async def latest_changelog_values(bootstrap: str, topic: str, keys: set[bytes], done: Callable[[Values], bool],
-                                  timeout: float) -> Values:
+async def latest_changelog_values(bootstrap: str, topic: str, codec: Codec[SessionState] | Codec[LocationState],
+                                  keys: set[bytes], done: Callable[[Values], bool], timeout: float) -> Values:
     """The newest changelog value of each of `keys`, read until `done(values)` or the timeout."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 enable_auto_commit=False)
@@ -56,25 +59,57 @@ async def latest_changelog_values(bootstrap: str, topic: str, keys: set[bytes], 
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 for message in records:
                     if message.key in keys and message.value is not None:
-                        values[message.key] = STATES.decode(message.value)
+                        values[message.key] = codec.decode(message.value)
     finally:
         await consumer.stop()
     return values
 
 
-def clear_uid(state: SessionState | None) -> bool:
+def clear_uid(state: State | None) -> bool:
+    """Whether the state's object holds a token uid in clear (every clear uid of this module starts `TOK-`)."""
     return state is not None and state.object_json is not None and b'"uid":"TOK-' in state.object_json
 
 
-async def test_an_old_session_loses_its_clear_token_in_state_and_changelog(stack: Stack) -> None:
+def stored_values(stack: Stack, table: str, codec: Codec[SessionState] | Codec[LocationState],
+                  keys: tuple[bytes, ...]) -> Values:
+    """The values of `keys` in the worker's own RocksDB partitions of `table`."""
+    stored: Values = {}
+    for path in state_dir(stack.settings, stack.settings.pipeline.app_id).rglob(f"{table}-*.db"):
+        db = Rdict(str(path), access_type=AccessType.read_only())
+        try:
+            for key in keys:
+                if (value := db.get(key)) is not None:
+                    stored[key] = codec.decode(value)
+        finally:
+            db.close()
+    return stored
+
+
+async def assert_compaction_configs(bootstrap: str, changelog: str) -> None:
+    """Created by the worker before Faust would create it, with the compaction configs."""
+    configs = (await asyncio.to_thread(topic_configs, bootstrap, [changelog]))[changelog]
+    assert (configs["cleanup.policy"], configs["max.compaction.lag.ms"]) == ("compact", str(86_400_000))
+
+
+async def test_old_sessions_and_locations_lose_their_clear_tokens_in_state_and_changelog(stack: Stack) -> None:
     settings = stack.settings
     old_body = {**session("S-OLD", status="COMPLETED", end=60, updated=60, uid="TOK-OLD", authref="auth-old"),
                 "party_id": PID}
     new_body = {**session("S-NEW", status="COMPLETED", end=60, updated=60, uid="TOK-NEW"), "party_id": PID}
+    allowed = [{"uid": "TOK-LOC-OLD", "type": "RFID"}, {"visual_number": "Card-Old", "issuer": "MoveMove"}]
+    old_location = {**location("L-OLD", publish=False, publish_allowed_to=allowed), "party_id": PID}
+    new_location = {**location("L-NEW", publish=False, publish_allowed_to=[{"uid": "TOK-LOC-NEW", "type": "RFID"}]),
+                    "party_id": PID}
+    # An EVSE update received now must not postpone the old Location's `publish_allowed_to`.
+    status = {"status": "CHARGING", "last_updated": iso(ts(10))}
     long_ago = datetime.now(UTC) - timedelta(days=40)
     await publish(stack.bootstrap, [record(settings, "Session", old_body, pid=PID, received_at=long_ago),
-                                    record(settings, "Session", new_body, pid=PID)])
+                                    record(settings, "Session", new_body, pid=PID),
+                                    record(settings, "Location", old_location, pid=PID, received_at=long_ago),
+                                    record(settings, "EVSEPatch", status, object_id="L-OLD", pid=PID, evse_uid="E1"),
+                                    record(settings, "Location", new_location, pid=PID)])
     changelog = changelog_topic(settings.pipeline.app_id, "session-state")
+    location_changelog = changelog_topic(settings.pipeline.app_id, "location-state")
     worker = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"], env=stack.child_environment(),
                    log_path=stack.log_dir / "worker-state-retention.log")
     try:
@@ -85,30 +120,32 @@ async def test_an_old_session_loses_its_clear_token_in_state_and_changelog(stack
         assert rows == [("S-OLD", pseudonym("TOK-OLD"))]  # the sweep's; the state must carry the same
 
         values = await latest_changelog_values(
-            stack.bootstrap, changelog, {OLD, RECENT},
+            stack.bootstrap, changelog, SESSIONS, {OLD, RECENT},
             lambda found: len(found) == 2 and not clear_uid(found.get(OLD)), timeout=60)
         assert not clear_uid(values[OLD]) and clear_uid(values[RECENT])
         old_json = values[OLD].object_json or b""
         assert pseudonym("TOK-OLD").encode() in old_json and b"auth-old" not in old_json
 
-        # Created by the worker before Faust would create it, with the compaction configs.
-        configs = (await asyncio.to_thread(topic_configs, stack.bootstrap, [changelog]))[changelog]
-        assert (configs["cleanup.policy"], configs["max.compaction.lag.ms"]) == ("compact", str(86_400_000))
+        locations = await latest_changelog_values(
+            stack.bootstrap, location_changelog, LOCATIONS, {LOC_OLD, LOC_RECENT},
+            lambda found: len(found) == 2 and not clear_uid(found.get(LOC_OLD)), timeout=60)
+        assert not clear_uid(locations[LOC_OLD]) and clear_uid(locations[LOC_RECENT])
+        old_location_json = locations[LOC_OLD].object_json or b""
+        assert pseudonym("TOK-LOC-OLD").encode() in old_location_json and b"Card-Old" not in old_location_json
+        assert b'"status":"CHARGING"' in old_location_json  # the EVSE update was applied before the pass
+
+        await assert_compaction_configs(stack.bootstrap, changelog)
+        await assert_compaction_configs(stack.bootstrap, location_changelog)
     finally:
         terminate(worker, 20)
 
-    # The worker's own RocksDB partitions hold the pseudonymised value too.
-    stored: dict[bytes, SessionState] = {}
-    for path in (settings.storage.path / "faust" / settings.pipeline.app_id).rglob("session-state-*.db"):
-        db = Rdict(str(path), access_type=AccessType.read_only())
-        try:
-            for key in (OLD, RECENT):
-                if (value := db.get(key)) is not None:
-                    stored[key] = STATES.decode(value)
-        finally:
-            db.close()
+    # The worker's own RocksDB partitions hold the pseudonymised values too.
+    stored = stored_values(stack, "session-state", SESSIONS, (OLD, RECENT))
     assert set(stored) == {OLD, RECENT}
     assert not clear_uid(stored[OLD]) and clear_uid(stored[RECENT])
+    stored = stored_values(stack, "location-state", LOCATIONS, (LOC_OLD, LOC_RECENT))
+    assert set(stored) == {LOC_OLD, LOC_RECENT}
+    assert not clear_uid(stored[LOC_OLD]) and clear_uid(stored[LOC_RECENT])
 
 
 def test_the_worker_creates_the_changelog_only_after_dropping_state_of_another_broker(settings_for, broker: str,

@@ -1,5 +1,5 @@
-"""Personal data in the stage-1 state: due values pseudonymised like the ClickHouse rows, once, and the rules
-(merge, validation, dedup) work on the result."""
+"""Personal data in the stage-1 state (sessions, and locations' `publish_allowed_to`): due values pseudonymised
+like the ClickHouse rows, once, and the rules (merge, validation, dedup) work on the result."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ from typing import Any
 import msgspec
 
 from infra.codec import decode_event
-from ocpi.model import Session
+from ocpi.model import Location, Session
 from pipeline import wire
 from pipeline.facts import session_fact
-from pipeline.projection import RAW_EVENT_COLUMNS, SESSION_COLUMNS
-from pipeline.retention import PERSONAL_STATE_TABLES, Pseudonymizer
+from pipeline.locations import process_locations
+from pipeline.projection import LOCATION_COLUMNS, RAW_EVENT_COLUMNS, SESSION_COLUMNS
+from pipeline.retention import PERSONAL_STATE_TABLES, Pseudonymizer, pseudonymise_document
 from pipeline.sessions import process_sessions
-from pipeline.state import CdrState, SessionState
-from pipeline.state_retention import keep_fact_token, pseudonymise_session_state
+from pipeline.state import CdrState, LocationState, SessionState
+from pipeline.state_retention import keep_fact_token, pseudonymise_location_state, pseudonymise_session_state
 
-from .builders import PSEUDONYM_KEY, Harness, column, event, iso, rows, session, stage_rules, token, ts
+from .builders import PSEUDONYM_KEY, Harness, column, event, iso, location, rows, session, stage_rules, token, ts
 
 KEY = "NL/TNM/S1"
 PSEUDONYM = Pseudonymizer(PSEUDONYM_KEY)
@@ -142,8 +143,172 @@ def test_a_parked_patch_is_pseudonymised_by_its_own_receive_time_and_still_appli
     assert json.loads(h.state(KEY).object_json)["cdr_token"]["uid"] == PSEUDONYM("TOK9")
 
 
-def test_only_session_state_holds_personal_data() -> None:
+def test_only_session_and_location_state_hold_personal_data() -> None:
     # CDR state is a content hash and positions: a CDR retried after any pass is compared by hash as before.
     # A personal field added to it would need the pass (and this test) extended.
     assert set(CdrState.__struct_fields__) == {"content_hash", "event_id", "offset", "received_at"}
-    assert PERSONAL_STATE_TABLES == ("session-state",)
+    assert PERSONAL_STATE_TABLES == ("session-state", "location-state")
+
+
+# --- location-state: `publish_allowed_to` ---------------------------------------------------------------------
+
+LOC = "NL/TNM/LOC1"
+ALLOWED = [{"uid": "TOK1", "type": "RFID"}, {"visual_number": "Card-0042", "issuer": "MoveMove"},
+           {"group_id": "GROUP-7"}]
+
+
+def location_harness() -> Harness:
+    return Harness(process_locations, LocationState, stage_rules(park_ttl_min=10_000))
+
+
+def private_location(**extra: Any) -> dict[str, Any]:
+    return location(publish=False, publish_allowed_to=ALLOWED, **extra)
+
+
+def location_pass(h: Harness, cutoff_min: float) -> bytes | None:
+    new = pseudonymise_location_state(h.store.data[LOC], PSEUDONYM, ts(cutoff_min))
+    if new is not None:
+        h.store.data[LOC] = new
+    return new
+
+
+def allowed_of(document: bytes | str) -> list[dict[str, Any]]:
+    allowed: list[dict[str, Any]] = json.loads(document)["publish_allowed_to"]
+    return allowed
+
+
+def evse_patch(status: str, minute: float) -> Any:
+    return event("EVSEPatch", {"status": status, "last_updated": iso(ts(minute))}, object_id="LOC1",
+                 evse_uid="E1", received=minute + 1)
+
+
+def test_a_location_received_after_the_cutoff_is_left_as_it_is() -> None:
+    h = location_harness()
+    h.run(event("Location", private_location(), received=1))
+    assert location_pass(h, cutoff_min=1) is None
+    assert allowed_of(h.state(LOC).object_json) == ALLOWED
+
+
+def test_a_due_location_gets_the_pseudonyms_of_its_clickhouse_row_and_nothing_else_changes() -> None:
+    h = location_harness()
+    out = h.run(event("Location", private_location(), received=1))
+    before = h.state(LOC)
+    assert location_pass(h, cutoff_min=2) is not None
+    after = h.state(LOC)
+    assert allowed_of(after.object_json) == [
+        {"uid": PSEUDONYM("TOK1"), "type": "RFID"},
+        {"visual_number": PSEUDONYM("Card-0042", case_insensitive=False), "issuer": "MoveMove"},
+        {"group_id": "GROUP-7"},  # not in the personal list: as in the rows
+    ]
+    [payload] = column(out.batch, "locations", LOCATION_COLUMNS, "payload_json")
+    assert json.loads(after.object_json) == json.loads(pseudonymise_document(payload, PSEUDONYM))
+    assert json.loads(after.object_json) | {"publish_allowed_to": None} == json.loads(before.object_json) | {
+        "publish_allowed_to": None}
+    for name in LocationState.__struct_fields__:
+        if name != "object_json":
+            assert getattr(after, name) == getattr(before, name), name
+
+
+def test_the_location_pass_is_idempotent_and_leaves_locations_without_personal_data_alone() -> None:
+    h = location_harness()
+    h.run(event("Location", private_location(), received=1))
+    assert location_pass(h, cutoff_min=2) is not None
+    assert location_pass(h, cutoff_min=2) is None
+    assert location_pass(h, cutoff_min=10_000) is None
+    public = location_harness()
+    public.run(event("Location", location(), received=1))
+    assert location_pass(public, cutoff_min=10_000) is None
+
+
+def test_evse_updates_do_not_postpone_the_location_s_personal_data_but_a_new_publish_allowed_to_does() -> None:
+    h = location_harness()
+    h.run(event("Location", private_location(), received=1))
+    h.run(evse_patch("CHARGING", 100), evse_patch("AVAILABLE", 200))
+    assert h.state(LOC).personal_at == ts(1)
+    assert location_pass(h, cutoff_min=2) is not None
+
+    again = [{"uid": "TOK2", "type": "RFID"}]
+    h.run(event("LocationPatch", {"publish_allowed_to": again, "last_updated": iso(ts(300))}, object_id="LOC1",
+                received=301))
+    assert h.state(LOC).personal_at == ts(301)
+    assert location_pass(h, cutoff_min=301) is None
+    assert location_pass(h, cutoff_min=302) is not None
+    assert allowed_of(h.state(LOC).object_json) == [{"uid": PSEUDONYM("TOK2"), "type": "RFID"}]
+
+
+def without_personal_at(h: Harness) -> None:
+    """The harness's location state as written before `personal_at` existed."""
+    fields = msgspec.structs.asdict(h.state(LOC))
+    del fields["personal_at"]
+    h.store.data[LOC] = msgspec.msgpack.encode(fields)
+
+
+def test_an_old_location_state_counts_from_the_location_s_last_updated() -> None:
+    h = location_harness()
+    h.run(event("Location", private_location(updated=50), received=1))
+    without_personal_at(h)
+    assert h.state(LOC).personal_at is None  # still decodes
+    assert location_pass(h, cutoff_min=50) is None
+    assert location_pass(h, cutoff_min=51) is not None
+    assert allowed_of(h.state(LOC).object_json)[0]["uid"] == PSEUDONYM("TOK1")
+
+
+def test_an_old_location_state_applied_to_keeps_the_last_updated_it_had_then() -> None:
+    h = location_harness()
+    h.run(event("Location", private_location(updated=50), received=1))
+    without_personal_at(h)
+    h.run(evse_patch("CHARGING", 100))  # raises the Location's last_updated to 100
+    assert h.state(LOC).personal_at == ts(50)
+    assert location_pass(h, cutoff_min=51) is not None
+
+
+def test_location_and_evse_patches_merge_onto_the_pseudonymised_location_and_validate() -> None:
+    h = location_harness()
+    put = event("Location", private_location(), received=1)
+    h.run(put)
+    location_pass(h, cutoff_min=2)
+    status = evse_patch("CHARGING", 100)
+    rename = event("LocationPatch", {"name": "Renamed", "last_updated": iso(ts(110))}, object_id="LOC1",
+                   received=111)
+    out = h.run(status, rename)
+    assert outcomes(out) == ["APPLIED", "APPLIED"]
+    for payload in column(out.batch, "locations", LOCATION_COLUMNS, "payload_json"):
+        assert allowed_of(payload)[0]["uid"] == PSEUDONYM("TOK1") and "TOK1" not in payload
+    merged = wire.validated(h.state(LOC).object_json, Location)
+    assert merged.name == "Renamed" and merged.evses is not None and merged.evses[0].status == "CHARGING"
+    assert merged.publish_allowed_to is not None and merged.publish_allowed_to[0].uid == PSEUDONYM("TOK1")
+
+    retry = h.run(event("LocationPatch", {"name": "Renamed", "last_updated": iso(ts(110))}, object_id="LOC1",
+                        received=300))
+    assert outcomes(retry) == ["DUPLICATE"] and rows(retry.batch, "locations") == []
+
+
+def test_a_retry_of_the_location_put_after_the_pass_is_still_a_duplicate() -> None:
+    h = location_harness()
+    body = private_location()
+    h.run(event("Location", body, received=1))
+    location_pass(h, cutoff_min=2)
+    out = h.run(event("Location", body, received=300))
+    assert outcomes(out) == ["DUPLICATE"] and rows(out.batch, "locations") == []
+    assert allowed_of(h.state(LOC).object_json)[0]["uid"] == PSEUDONYM("TOK1")
+
+
+def test_a_parked_location_patch_is_pseudonymised_by_its_own_receive_time_and_still_applies() -> None:
+    h = location_harness()
+    patch = event("LocationPatch", {"publish": False, "publish_allowed_to": ALLOWED[:2],
+                                    "last_updated": iso(ts(30))}, object_id="LOC1", received=1)
+    h.run(patch)
+    assert location_pass(h, cutoff_min=1) is None
+    assert location_pass(h, cutoff_min=2) is not None
+    [parked] = h.state(LOC).parked
+    rewritten = decode_event(parked.value)
+    assert rewritten.payload["publish_allowed_to"] == [
+        {"uid": PSEUDONYM("TOK1"), "type": "RFID"},
+        {"visual_number": PSEUDONYM("Card-0042", case_insensitive=False), "issuer": "MoveMove"}]
+    assert rewritten.content_hash == patch.content_hash and rewritten.event_id == patch.event_id
+    assert location_pass(h, cutoff_min=2) is None
+
+    out = h.run(event("Location", location(), received=3))
+    assert sorted(outcomes(out)) == ["APPLIED", "APPLIED"]
+    assert allowed_of(h.state(LOC).object_json)[0]["uid"] == PSEUDONYM("TOK1")
+    assert h.state(LOC).personal_at == ts(1)  # the receive time of the patch that brought it

@@ -195,13 +195,13 @@ def test_a_generated_key_is_kept(tmp_path: Any) -> None:
     assert oct(retention.key_file(settings).stat().st_mode & 0o777) == "0o600"
 
 
-def test_topic_configs_cover_every_topic_we_feed_and_the_personal_state_changelog() -> None:
+def test_topic_configs_cover_every_topic_we_feed_and_the_personal_state_changelogs() -> None:
     configs = retention.topic_configs(load_settings({"OCPI_RETENTION_RAW_DAYS": "2", "OCPI_PIPELINE_APP_ID": "w"}))
-    changelog = configs.pop("w-session-state-changelog")
+    changelogs = [configs.pop(f"w-{table}-state-changelog") for table in ("session", "location")]
     assert set(configs) == {"ocpi.locations.v1", "ocpi.sessions.v1", "ocpi.cdrs.v1", "ocpi.pipeline.party-facts.v1",
                             "ocpi.reconciliation.v1"}
     assert {c["retention.ms"] for c in configs.values()} == {str(2 * 86_400_000)}
-    assert changelog == {"cleanup.policy": "compact", "max.compaction.lag.ms": str(86_400_000)}
+    assert changelogs == [{"cleanup.policy": "compact", "max.compaction.lag.ms": str(86_400_000)}] * 2
 
 
 def test_datetime_literal() -> None:
