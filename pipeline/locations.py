@@ -17,7 +17,7 @@ from ocpi.model import Location
 from pipeline import ordering, projection, wire
 from pipeline.dedup import identity, is_duplicate
 from pipeline.records import Anomaly, Outcome, Record
-from pipeline.stage import StageOutput, StageRules, parked_record, to_parked
+from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, to_parked
 from pipeline.state import LocationState, TypedView
 
 
@@ -29,18 +29,9 @@ def process_locations(view: TypedView[LocationState], key: str, records: list[Re
             out.replayed += 1
             continue
         state.offset = record.offset
-        expire_parked(state, record, rules, out)
+        expire_parked(state, record, rules.park_ttl, out)
         handle(state, record, rules, out)
     view.set(key, state)
-
-
-def expire_parked(state: LocationState, record: Record, rules: StageRules, out: StageOutput) -> None:
-    waiting, expired = ordering.split_expired(state.parked, record.received_at, rules.park_ttl)
-    state.parked = waiting
-    for parked in expired:
-        orphan = parked_record(parked)
-        out.outcome(orphan, Outcome.ORPHANED, f"its object did not arrive within {rules.park_ttl}")
-        out.anomaly(Anomaly.ORPHAN_EVENT, orphan.event, f"waited {rules.park_ttl} for its Location/EVSE/Connector")
 
 
 def handle(state: LocationState, record: Record, rules: StageRules, out: StageOutput, *,

@@ -10,7 +10,7 @@ from pipeline.dedup import identity, is_duplicate
 from pipeline.facts import relevant_change, session_fact
 from pipeline.lifecycle import Transition
 from pipeline.records import Anomaly, Outcome, Record
-from pipeline.stage import StageOutput, StageRules, parked_record, to_parked
+from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, to_parked
 from pipeline.state import SessionState, TypedView
 from pipeline.state_retention import keep_fact_token
 
@@ -24,20 +24,11 @@ def process_sessions(view: TypedView[SessionState], key: str, records: list[Reco
             out.replayed += 1  # folded in before a crash; its rows are in ClickHouse already
             continue
         state.offset = record.offset
-        expire_parked(state, record, rules, out)
+        expire_parked(state, record, rules.park_ttl, out)
         check_idle(state, record, rules, out)
         handle(state, record, rules, out)
     # Written even when every record was a replay: the state's changelog record may have died with the crash.
     view.set(key, state)
-
-
-def expire_parked(state: SessionState, record: Record, rules: StageRules, out: StageOutput) -> None:
-    waiting, expired = ordering.split_expired(state.parked, record.received_at, rules.park_ttl)
-    state.parked = waiting
-    for parked in expired:
-        orphan = parked_record(parked)
-        out.outcome(orphan, Outcome.ORPHANED, f"no Session PUT within {rules.park_ttl}")
-        out.anomaly(Anomaly.ORPHAN_EVENT, orphan.event, f"PATCH waited {rules.park_ttl} for its Session PUT")
 
 
 def check_idle(state: SessionState, record: Record, rules: StageRules, out: StageOutput) -> None:

@@ -6,10 +6,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Final, Protocol
 
 from infra.codec import DecodedEvent, decode_event
 from infra.settings import PipelineSettings
-from pipeline import projection
+from pipeline import ordering, projection
 from pipeline.facts import Fact, party_key
 from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, Record, sub_id, utc_now
 from pipeline.sink import Batch
@@ -73,6 +74,32 @@ class StageOutput:
         now = utc_now()
         for letter in dead:
             self.batch.add("dead_letters", projection.DEAD_LETTER_COLUMNS, projection.dead_letter_row(letter, now))
+
+
+# What a parked event waits for, per module, in the ORPHANED outcome and the anomaly of an event that waited
+# in vain (the same words whether a later event of its object or the deadline sweep ends the wait).
+_WAITED_FOR: Final = {"SESSIONS": "its Session PUT", "LOCATIONS": "its Location/EVSE/Connector"}
+
+
+def orphan_details(module: str, ttl: timedelta) -> tuple[str, str]:
+    """(outcome detail, anomaly detail) of an event of `module` that was parked for `ttl` in vain."""
+    waited_for = _WAITED_FOR.get(module, "its object")
+    return f"{waited_for} did not arrive within {ttl}", f"waited {ttl} for {waited_for}"
+
+
+class _Parking(Protocol):
+    parked: list[Parked]
+
+
+def expire_parked(state: _Parking, record: Record, ttl: timedelta, out: StageOutput) -> None:
+    """Parked events whose wait is over at `record`'s receive time (event time) become ORPHANED."""
+    waiting, expired = ordering.split_expired(state.parked, record.received_at, ttl)
+    state.parked = waiting
+    for parked in expired:
+        orphan = parked_record(parked)
+        outcome_detail, anomaly_detail = orphan_details(orphan.event.module, ttl)
+        out.outcome(orphan, Outcome.ORPHANED, outcome_detail)
+        out.anomaly(Anomaly.ORPHAN_EVENT, orphan.event, anomaly_detail)
 
 
 def parked_record(parked: Parked) -> Record:

@@ -30,7 +30,7 @@ from pipeline import projection, retention
 from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS
 from pipeline.records import Anomaly, Outcome, utc_now
 from pipeline.sink import Batch, datetime64
-from pipeline.stage import StageRules
+from pipeline.stage import StageRules, orphan_details
 
 if TYPE_CHECKING:
     from pipeline.agents import AgentContext
@@ -51,13 +51,14 @@ def orphan_rows(client: Client, before: datetime, rules: StageRules, batch: Batc
     for row in rows:
         new = list(row)
         new[index["outcome"]] = Outcome.ORPHANED.value
-        new[index["outcome_detail"]] = f"its object did not arrive within {rules.park_ttl}"
+        outcome_detail, anomaly_detail = orphan_details(new[index["module"]], rules.park_ttl)
+        new[index["outcome_detail"]] = outcome_detail
         batch.put("raw_events", projection.RAW_EVENT_COLUMNS, new[index["event_id"]], new)
         sub = "/".join(str(new[index[c]]).upper() for c in ("evse_uid", "connector_id") if new[index[c]])
         batch.add("anomalies", projection.ANOMALY_COLUMNS, [
             Anomaly.ORPHAN_EVENT.value, new[index["module"]], str(new[index["country_code"]]).upper(),
             str(new[index["party_id"]]).upper(), str(new[index["object_id"]]).upper(), sub, new[index["event_id"]],
-            new[index["partner_id"]], f"waited {rules.park_ttl} for its object", new[index["received_at"]]])
+            new[index["partner_id"]], anomaly_detail, new[index["received_at"]]])
     return len(rows)
 
 

@@ -144,6 +144,11 @@ def test_a_parked_patch_becomes_an_orphan_when_its_put_comes_too_late() -> None:
     assert outcomes(out) == sorted([(patch.event_id, "ORPHANED"), (put.event_id, "APPLIED")])
     assert kinds(out) == ["ORPHAN_EVENT"]
     assert stored(h)["kwh"] == 1 and h.state(KEY).parked == []
+    # The same words as the deadline sweep uses when no later event ends the wait (test_store).
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "detail") == ["waited 0:05:00 for its Session PUT"]
+    details = dict(zip(column(out.batch, "raw_events", RAW_EVENT_COLUMNS, "event_id"),
+                       column(out.batch, "raw_events", RAW_EVENT_COLUMNS, "outcome_detail"), strict=True))
+    assert details[patch.event_id] == "its Session PUT did not arrive within 0:05:00"
 
 
 def test_parking_is_bounded() -> None:

@@ -125,6 +125,11 @@ def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> Non
                         ).result_rows == [(parked.event_id, "ORPHANED")]
     assert sorted(client.query("SELECT kind, object_id FROM anomalies FINAL").result_rows) == [
         ("CREDIT_UNKNOWN_REFERENCE", "C7-C"), ("ORPHAN_EVENT", "S9"), ("SESSION_IDLE", "S2")]
+    # The same words as when a later event of the session ends the wait (test_sessions).
+    assert client.query("SELECT outcome_detail FROM raw_events FINAL WHERE outcome = 'ORPHANED'").result_rows == [
+        ("its Session PUT did not arrive within 0:05:00",)]
+    assert client.query("SELECT detail FROM anomalies FINAL WHERE kind = 'ORPHAN_EVENT'").result_rows == [
+        ("waited 0:05:00 for its Session PUT",)]
     assert [(r[3], r[5]) for r in promoted] == [("S5", "MISSING_CDR")]
     assert client.query("SELECT subject_id, outcome, version FROM reconciliation FINAL ORDER BY subject_id"
                         ).result_rows == [("C5", "AWAITING_SESSION", 4), ("C6", "MATCHED", 4),
