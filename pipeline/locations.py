@@ -1,7 +1,8 @@
 """Stage 1 for Locations: one Location tree's events (Location, EVSE and Connector level) in order.
 
 The state holds the whole Location as OCPI JSON; every applied event writes the Location row and the rows of
-the EVSEs and Connectors that changed (version = the Location's version), plus EVSE status history.
+the EVSEs and Connectors that changed (version = the Location's version), plus EVSE status history. The
+Location row carries `personal_at` (see `LocationState`), by which retention dates its `publish_allowed_to`.
 
 A Location PUT replaces the Location (08 §3.3). EVSEs it no longer lists (digest ambiguity #5: EVSEs are never
 deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM_PUT and their rows kept with

@@ -7,9 +7,10 @@ OCPI leaves retention to contracts and law (02 §7); these are our defaults, eac
   by ClickHouse TTL and the topics' `retention.ms`;
 - history (session and EVSE status histories, anomalies): OCPI_RETENTION_HISTORY_DAYS, by TTL;
 - personal (token uid, contract id, authorization reference, visual number in sessions, cdrs, locations): in
-  clear for OCPI_RETENTION_PSEUDONYMISE_DAYS, then a keyed hash, by the worker's sweep or `retention apply`;
-  in the worker's session and location state by `pipeline.state_retention`, and in their changelogs by
-  compaction;
+  clear for OCPI_RETENTION_PSEUDONYMISE_DAYS after it was received (a locations row: `personal_at`, when its
+  `publish_allowed_to` came, since EVSE updates write new rows with it), then a keyed hash, by the worker's sweep
+  or `retention apply`; in the worker's session and location state by `pipeline.state_retention`, and in their
+  changelogs by compaction;
 - billing (cdrs with periods and tariffs, billing lines, credit links, reconciliation, sessions):
   OCPI_RETENTION_BILLING_YEARS, by TTL;
 - current state (locations, evses, connectors): kept while the CPO publishes them, no TTL.
