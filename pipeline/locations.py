@@ -1,7 +1,8 @@
 """Stage 1 for Locations: one Location tree's events (Location, EVSE and Connector level) in order.
 
 The state holds the whole Location as OCPI JSON; every applied event writes the Location row and the rows of
-the EVSEs and Connectors that changed (version = the Location's version), plus EVSE status history.
+the EVSEs and Connectors that changed (version = the Location's version), plus EVSE status history. The
+Location row carries `personal_at` (see `LocationState`), by which retention dates its `publish_allowed_to`.
 
 A Location PUT replaces the Location (08 §3.3). EVSEs it no longer lists (digest ambiguity #5: EVSEs are never
 deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM_PUT and their rows kept with
@@ -91,9 +92,18 @@ def retry_parked(state: LocationState, rules: StageRules, out: StageOutput) -> N
 def apply(state: LocationState, record: Record, previous: Location | None, location: Location, document: bytes,
           out: StageOutput) -> None:
     event = record.event
+    personal_at = state.personal_at
+    if event.level == "LOCATION" and (event.operation == "PUT" or "publish_allowed_to" in event.payload):
+        personal_at = record.received_at
+    elif personal_at is None and previous is not None:
+        # A state from before `personal_at`: when its `publish_allowed_to` came is unknown. The Location's
+        # last_updated then (bumped when the CPO set it) stands in, fixed now so later updates cannot postpone it.
+        personal_at = min(previous.last_updated, record.received_at)
     version = projection.next_version(state.version, location.last_updated)
     tree = wire.builtins(location)
-    out.batch.add("locations", projection.LOCATION_COLUMNS, projection.location_row(event, tree, document, version))
+    # The row carries `personal_at` too, so the ClickHouse sweep dates its `publish_allowed_to` like the state's.
+    out.batch.add("locations", projection.LOCATION_COLUMNS,
+                  projection.location_row(event, tree, document, version, personal_at))
     old_evses = {ci_normalize(e.uid): e for e in (previous.evses or ())} if previous else {}
     seen: set[str] = set()
     for evse, evse_tree in zip(location.evses or (), tree.get("evses") or (), strict=True):
@@ -124,12 +134,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
             out.batch.add("evses", projection.EVSE_COLUMNS,
                           projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
             _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
-    if event.level == "LOCATION" and (event.operation == "PUT" or "publish_allowed_to" in event.payload):
-        state.personal_at = record.received_at
-    elif state.personal_at is None and previous is not None:
-        # A state from before `personal_at`: when its `publish_allowed_to` came is unknown. The Location's
-        # last_updated then (bumped when the CPO set it) stands in, fixed now so later updates cannot postpone it.
-        state.personal_at = min(previous.last_updated, record.received_at)
+    state.personal_at = personal_at
     state.object_json = document
     state.last_identity = identity(event)
     state.last_hash = event.content_hash

@@ -7,9 +7,10 @@ OCPI leaves retention to contracts and law (02 §7); these are our defaults, eac
   by ClickHouse TTL and the topics' `retention.ms`;
 - history (session and EVSE status histories, anomalies): OCPI_RETENTION_HISTORY_DAYS, by TTL;
 - personal (token uid, contract id, authorization reference, visual number in sessions, cdrs, locations): in
-  clear for OCPI_RETENTION_PSEUDONYMISE_DAYS, then a keyed hash, by the worker's sweep or `retention apply`;
-  in the worker's session and location state by `pipeline.state_retention`, and in their changelogs by
-  compaction;
+  clear for OCPI_RETENTION_PSEUDONYMISE_DAYS after it was received (a locations row: `personal_at`, when its
+  `publish_allowed_to` came, since EVSE updates write new rows with it), then a keyed hash, by the worker's sweep
+  or `retention apply`; in the worker's session and location state by `pipeline.state_retention`, and in their
+  changelogs by compaction;
 - billing (cdrs with periods and tariffs, billing lines, credit links, reconciliation, sessions):
   OCPI_RETENTION_BILLING_YEARS, by TTL;
 - current state (locations, evses, connectors): kept while the CPO publishes them, no TTL.
@@ -208,9 +209,15 @@ _JSON_OUT: Final = msgspec.json.Encoder(decimal_format="number")
 class PersonalTable:
     table: str
     key: tuple[str, ...]
-    moment: str  # the column whose age decides
+    moment: str  # the column whose age decides: when the row's personal data was received
     columns: tuple[str, ...]  # personal CiString columns
     version_column: str = "version"
+    only: str = ""  # a condition rows without personal data fail, so they are never rewritten
+
+    def due(self, before: datetime) -> str:
+        """The WHERE condition of its current rows (FINAL) whose personal data is due and still in clear."""
+        only = f" AND {self.only}" if self.only else ""
+        return f"NOT pseudonymised AND {self.moment} < {datetime64(before)}{only}"
 
 
 PERSONAL_TABLES: Final = (
@@ -218,7 +225,10 @@ PERSONAL_TABLES: Final = (
                   ("token_uid", "contract_id", "authorization_reference")),
     PersonalTable("cdrs", ("country_code", "party_id", "cdr_id"), "received_at",
                   ("token_uid", "contract_id", "authorization_reference")),
-    PersonalTable("locations", ("country_code", "party_id", "location_id"), "received_at", ()),
+    # Every EVSE or Connector update writes a new row with the Location's `publish_allowed_to` in it: the row's
+    # own received_at would postpone it, so the row carries when that data came (`LocationState.personal_at`).
+    PersonalTable("locations", ("country_code", "party_id", "location_id"), "personal_at", (),
+                  only="position(payload_json, 'publish_allowed_to') > 0"),
 )
 
 
@@ -261,11 +271,9 @@ def pseudonymise_fields(data: dict[str, Any], pseudonym: Pseudonymizer) -> bool:
 
 def due_for_pseudonymisation(client: Client, spec: PersonalTable, before: datetime, limit: int,
                              ) -> tuple[list[str], list[list[Any]]]:
-    """Current rows of `spec.table` older than `before` and not pseudonymised yet (all columns)."""
-    extra = " AND position(payload_json, 'publish_allowed_to') > 0" if spec.table == "locations" else ""
-    result = client.query(
-        f"SELECT * FROM `{spec.table}` FINAL WHERE NOT pseudonymised AND {spec.moment} < {datetime64(before)}"
-        f"{extra} LIMIT {int(limit)}")
+    """Current rows of `spec.table` whose personal data was received before `before` and is not pseudonymised
+    yet (all columns)."""
+    result = client.query(f"SELECT * FROM `{spec.table}` FINAL WHERE {spec.due(before)} LIMIT {int(limit)}")
     return list(result.column_names), [list(row) for row in result.result_rows]
 
 
@@ -289,7 +297,8 @@ def pseudonymise_rows(columns: list[str], rows: Iterable[list[Any]], spec: Perso
 def pseudonymise_due(client: Client, settings: Settings, pseudonym: Pseudonymizer, now: datetime, *,
                      batch: int = 10_000, insert: Callable[[str, list[str], list[list[Any]]], None] | None = None,
                      ) -> dict[str, int]:
-    """Pseudonymise every current row older than the configured age; returns rows rewritten per table."""
+    """Pseudonymise every current row whose personal data is older than the configured age; returns rows
+    rewritten per table."""
     before = now - timedelta(days=settings.retention.pseudonymise_days)
 
     def default_insert(table: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -336,9 +345,7 @@ def report_rows(client: Client, database: str, settings: Settings, now: datetime
                                f"{ttl.column}", ttls.get(ttl.table, ""), int(due)))
     before = now - timedelta(days=settings.retention.pseudonymise_days)
     for spec in PERSONAL_TABLES:
-        extra = " AND position(payload_json, 'publish_allowed_to') > 0" if spec.table == "locations" else ""
-        due = client.query(f"SELECT count() FROM `{spec.table}` FINAL WHERE NOT pseudonymised AND "
-                           f"{spec.moment} < {datetime64(before)}{extra}").result_rows[0][0]
+        due = client.query(f"SELECT count() FROM `{spec.table}` FINAL WHERE {spec.due(before)}").result_rows[0][0]
         rows.append(DueRow("personal", spec.table,
                            f"pseudonymise {settings.retention.pseudonymise_days} days after {spec.moment}",
                            "worker sweep", int(due)))

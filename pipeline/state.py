@@ -62,8 +62,9 @@ class LocationState(msgspec.Struct, kw_only=True):
     version: int = 0
     applied_event_id: str = ""
     # received_at of the event the current `publish_allowed_to` came with (a Location PUT, or a Location PATCH
-    # that sets it): personal data, pseudonymised from then on (pipeline.state_retention). Not the last applied
-    # event's: EVSE status updates arrive all the time and would postpone it forever. None in states from before.
+    # that sets it): personal data, pseudonymised from then on (pipeline.state_retention; its locations rows carry
+    # it too, for the ClickHouse sweep). Not the last applied event's: EVSE status updates arrive all the time and
+    # would postpone it forever. None in states from before.
     personal_at: datetime | None = None
     offset: int = -1
     parked: list[Parked] = []

@@ -10,8 +10,8 @@ rule with the same pseudonyms (`retention.pseudonymise_fields`, which also rewri
 
 - due: a Session once the event that made it was received (`applied_at`) before the cutoff, like its ClickHouse
   row; a Location once the event its `publish_allowed_to` came with was received (`personal_at`) before the
-  cutoff, so no later than its row (EVSE updates renew the row's receive time, not that one); a parked event
-  by its own receive time. States from before those fields count from the object's `last_updated` instead;
+  cutoff, like its rows (which carry the same `personal_at`; EVSE updates renew neither); a parked event by
+  its own receive time. States from before those fields count from the object's `last_updated` instead;
 - idempotent: a value is rewritten only while a personal field is in clear (a pseudonym starts with `psn:`,
   which the Pseudonymizer leaves as it is, as ClickHouse rows do), so a second pass changes nothing;
 - merges keep working: a pseudonym has 36 characters and fits every OCPI limit (uid, contract_id and

@@ -1,7 +1,8 @@
 """Personal data in the worker's stage-1 state on Tansu and chDB: a session received longer ago than
 OCPI_RETENTION_PSEUDONYMISE_DAYS loses its clear token, and a Location whose `publish_allowed_to` came that long
-ago loses its clear uid and visual number (even though an EVSE update arrived since), in the Faust tables and in
-their changelogs (which the worker creates with the compaction configs); recent ones keep them."""
+ago loses its clear uid and visual number (even though an EVSE update arrived since), in its ClickHouse row, in the
+Faust tables and in their changelogs (which the worker creates with the compaction configs); recent ones keep
+them."""
 
 from __future__ import annotations
 
@@ -118,6 +119,13 @@ async def test_old_sessions_and_locations_lose_their_clear_tokens_in_state_and_c
                               f"'{PID}' AND pseudonymised ORDER BY session_id", lambda r: len(r) == 1, timeout=90)
         pseudonym = Pseudonymizer(load_key(settings))
         assert rows == [("S-OLD", pseudonym("TOK-OLD"))]  # the sweep's; the state must carry the same
+        # L-OLD's current row was written by the recent EVSE update; the sweep dates it by the old PUT.
+        location_rows = await wait_for(
+            stack.clickhouse, f"SELECT location_id, pseudonymised, payload_json FROM locations FINAL WHERE party_id = "
+            f"'{PID}' ORDER BY location_id", lambda r: len(r) == 2 and r[1][1], timeout=30)
+        assert [(lid, done) for lid, done, _ in location_rows] == [("L-NEW", False), ("L-OLD", True)]
+        assert '"status":"CHARGING"' in location_rows[1][2] and "TOK-LOC-OLD" not in location_rows[1][2]
+        assert pseudonym("TOK-LOC-OLD") in location_rows[1][2] and "TOK-LOC-NEW" in location_rows[0][2]
 
         values = await latest_changelog_values(
             stack.bootstrap, changelog, SESSIONS, {OLD, RECENT},

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 
 import clickhouse_connect
 import pytest
 
+from infra.clickhouse import migrations
 from infra.clickhouse.client import chdb_path, connect
 from infra.clickhouse.migrations import available_migrations, migrate
 from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
@@ -62,3 +64,23 @@ async def test_shim_serves_the_http_client_read_write_and_read_only(chdb_dsn: st
 
 def test_chdb_path_of_dsn() -> None:
     assert chdb_path("chdb:///abs/path") == Path("/abs/path")
+
+
+def test_locations_rows_from_before_personal_at_count_from_their_received_at(chdb_dsn: str,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    every = available_migrations()
+    [added] = [m for m in every if m.name == "locations_personal_at"]
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [m for m in every if m.version < added.version])
+    migrate(client, database)
+    received, updated = datetime(2024, 5, 1, 8, tzinfo=UTC), datetime(2024, 4, 1, tzinfo=UTC)
+    columns = ["country_code", "party_id", "location_id", "partner_id", "city", "country", "publish", "evse_count",
+               "last_updated", "payload_json", "event_id", "version", "received_at"]
+    client.insert(f"{database}.locations", [["NL", "TNM", "LOC1", "p1", "Utrecht", "NLD", True, 0, updated, "{}",
+                                             "e1", 1, received]], column_names=columns)
+    monkeypatch.undo()
+    assert [m.version for m in migrate(client, database)] == [m.version for m in every if m.version >= added.version]
+    assert client.query(f"SELECT received_at, personal_at FROM {database}.locations FINAL").result_rows == [
+        (received, received)]
+    client.command(f"DROP DATABASE {database}")

@@ -4,6 +4,7 @@ like the ClickHouse rows, once, and the rules (merge, validation, dedup) work on
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -236,6 +237,26 @@ def test_evse_updates_do_not_postpone_the_location_s_personal_data_but_a_new_pub
     assert allowed_of(h.state(LOC).object_json) == [{"uid": PSEUDONYM("TOK2"), "type": "RFID"}]
 
 
+def row_times(out: Any) -> list[tuple[datetime, datetime]]:
+    """(received_at, personal_at) of the locations rows of a run."""
+    return list(zip(column(out.batch, "locations", LOCATION_COLUMNS, "received_at"),
+                    column(out.batch, "locations", LOCATION_COLUMNS, "personal_at"), strict=True))
+
+
+def test_every_locations_row_carries_when_its_publish_allowed_to_was_received() -> None:
+    h = location_harness()
+    assert row_times(h.run(event("Location", private_location(), received=1))) == [(ts(1), ts(1))]
+    # EVSE updates write rows with the same `publish_allowed_to`: the ClickHouse sweep dates them by the PUT.
+    assert row_times(h.run(evse_patch("CHARGING", 100), evse_patch("AVAILABLE", 200))) == [
+        (ts(101), ts(1)), (ts(201), ts(1))]
+    rename = event("LocationPatch", {"name": "Renamed", "last_updated": iso(ts(250))}, object_id="LOC1",
+                   received=251)
+    assert row_times(h.run(rename)) == [(ts(251), ts(1))]
+    again = event("LocationPatch", {"publish_allowed_to": [{"uid": "TOK2", "type": "RFID"}],
+                                    "last_updated": iso(ts(300))}, object_id="LOC1", received=301)
+    assert row_times(h.run(again)) == [(ts(301), ts(301))]
+
+
 def without_personal_at(h: Harness) -> None:
     """The harness's location state as written before `personal_at` existed."""
     fields = msgspec.structs.asdict(h.state(LOC))
@@ -257,8 +278,8 @@ def test_an_old_location_state_applied_to_keeps_the_last_updated_it_had_then() -
     h = location_harness()
     h.run(event("Location", private_location(updated=50), received=1))
     without_personal_at(h)
-    h.run(evse_patch("CHARGING", 100))  # raises the Location's last_updated to 100
-    assert h.state(LOC).personal_at == ts(50)
+    out = h.run(evse_patch("CHARGING", 100))  # raises the Location's last_updated to 100
+    assert h.state(LOC).personal_at == ts(50) and row_times(out) == [(ts(101), ts(50))]
     assert location_pass(h, cutoff_min=51) is not None
 
 

@@ -183,6 +183,50 @@ def test_the_report_counts_what_is_due(client: Client) -> None:
     assert {r.table: r.rows_due for r in personal} == {"sessions": 0, "cdrs": 1, "locations": 0}
 
 
+def test_a_location_row_is_due_when_its_publish_allowed_to_is_whatever_updates_came_since(
+        client: Client, chdb_dsn: str, tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    day = 24 * 60  # minutes; ts(0) is yesterday, so `retention apply` (now) sees the same ages
+    allowed = [{"uid": "TOK1", "type": "RFID"}, {"visual_number": "Card-0042", "issuer": "MoveMove"}]
+    locations = Harness(process_locations, LocationState)
+    write(client, locations.run(
+        event("Location", location("LOC-OLD", publish=False, publish_allowed_to=allowed), received=-40 * day),
+        event("Location", location("LOC-PUBLIC"), received=-40 * day),  # no personal data: never rewritten
+        event("Location", location("LOC-NEW", publish=False, publish_allowed_to=allowed), received=0)).batch)
+    # A recent EVSE update writes LOC-OLD's current row, with the same publish_allowed_to in its payload.
+    write(client, locations.run(event("EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(0))},
+                                      object_id="LOC-OLD", evse_uid="E1", received=0)).batch)
+    settings = _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30")
+    [due] = [r for r in retention.report_rows(client, client.database, settings, ts(day))
+             if r.table == "locations"]
+    assert due.rows_due == 1 and due.rule == "pseudonymise 30 days after personal_at"
+
+    env = {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": client.database,
+           "OCPI_DATA_DIR": str(tmp_path), "OCPI_PSEUDONYM_KEY": "x" * 32, "OCPI_KAFKA_BOOTSTRAP": "",
+           "OCPI_RETENTION_PSEUDONYMISE_DAYS": "30"}
+    result = CliRunner().invoke(cli, ["retention", "apply"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "pseudonymised: sessions 0, cdrs 0, locations 1" in result.output
+    current = {lid: (pseudonymised, received, personal, json.loads(document)) for
+               lid, pseudonymised, received, personal, document in client.query(
+                   "SELECT location_id, pseudonymised, received_at, personal_at, payload_json FROM locations FINAL"
+               ).result_rows}
+    pseudonymised, received, personal, document = current["LOC-OLD"]
+    assert pseudonymised and (received, personal) == (ts(0), ts(-40 * day))
+    pseudonym = retention.Pseudonymizer(b"x" * 32)
+    assert document["publish_allowed_to"] == [
+        {"uid": pseudonym("TOK1"), "type": "RFID"},
+        {"visual_number": pseudonym("Card-0042", case_insensitive=False), "issuer": "MoveMove"}]
+    assert document["evses"][0]["status"] == "CHARGING"
+    assert not current["LOC-NEW"][0] and current["LOC-NEW"][3]["publish_allowed_to"] == allowed
+    assert not current["LOC-PUBLIC"][0]
+    assert [r.rows_due for r in retention.report_rows(client, client.database, settings, ts(day))
+            if r.table == "locations"] == [0]
+
+
 def test_pseudonyms_are_keyed_stable_and_idempotent() -> None:
     a = retention.Pseudonymizer(b"a" * 32)
     b = retention.Pseudonymizer(b"b" * 32)
