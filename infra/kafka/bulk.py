@@ -42,21 +42,33 @@ async def send_all(producer: AIOKafkaProducer, topic: str, records: Sequence[Out
             partition = producer._partition(topic, None, None, None, key, value)  # aiokafka keeps it private
         by_partition.setdefault(partition, []).append((key, value))
     sent: list[tuple[int, int, asyncio.Future[object]]] = []
-    for partition, items in by_partition.items():
-        batch = producer.create_batch()
-        count = 0
-        for key, value in items:
-            if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
-                sent.append((partition, count, await producer.send_batch(batch, topic, partition=partition)))
-                batch = producer.create_batch()
-                count = 0
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch for {topic}")
-            count += 1
-        sent.append((partition, count, await producer.send_batch(batch, topic, partition=partition)))
+    try:
+        for partition, items in by_partition.items():
+            batch = producer.create_batch()
+            count = 0
+            for key, value in items:
+                if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
+                    if count:
+                        sent.append((partition, count, await producer.send_batch(batch, topic, partition=partition)))
+                        batch = producer.create_batch()
+                        count = 0
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch for {topic}")
+                count += 1
+            sent.append((partition, count, await producer.send_batch(batch, topic, partition=partition)))
+    except BaseException:
+        # The batches already handed over complete later; retrieve their outcomes then, so none is left unread.
+        for _, _, future in sent:
+            future.add_done_callback(_retrieve)
+        raise
     results = await asyncio.gather(*(future for _, _, future in sent), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
     return [Acked(partition, metadata.offset, metadata.offset + count - 1)  # type: ignore[attr-defined]
             for (partition, count, _), metadata in zip(sent, results, strict=True)]
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()
