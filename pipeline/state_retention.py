@@ -139,11 +139,14 @@ def _local_partitions(table: TableT[Any, Any]) -> Iterator[tuple[int, Iterator[t
     serializer of our tables stores values as they are. A RocksDB iterator reads a snapshot.
     """
     store: Any = table.data
-    actives = table.app.assignor.assigned_actives()
-    changelog = table.changelog_topic.get_topic_name()
     for partition, db in list(store._dbs.items()):
-        if TP(changelog, partition) in actives:
+        if _is_active(table, partition):
             yield partition, store._visible_items(db)
+
+
+def _is_active(table: TableT[Any, Any], partition: int) -> bool:
+    """Whether this worker serves `partition` of `table` as its active (not standby) owner."""
+    return TP(table.changelog_topic.get_topic_name(), partition) in table.app.assignor.assigned_actives()
 
 
 @dataclass(frozen=True)
@@ -206,8 +209,7 @@ class StateRetention:
 
     def serves(self, target: StateTarget, partition: int) -> bool:
         table = target.table.table
-        actives = table.app.assignor.assigned_actives()
-        return not table.app.rebalancing and TP(table.changelog_topic.get_topic_name(), partition) in actives
+        return not table.app.rebalancing and _is_active(table, partition)
 
     def rewrite(self, target: StateTarget, anchor: PartitionAnchor, chunk: list[tuple[bytes, bytes]],
                 cutoff: datetime) -> int:
