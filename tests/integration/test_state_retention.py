@@ -66,6 +66,18 @@ async def latest_changelog_values(bootstrap: str, topic: str, codec: Codec[Sessi
     return values
 
 
+async def pseudonymised_in_changelog(bootstrap: str, topic: str,
+                                     codec: Codec[SessionState] | Codec[LocationState], old: bytes,
+                                     recent: bytes) -> bytes:
+    """Wait until the changelog's newest value of `old` has no clear uid, check that `recent`'s still has;
+    returns the old value's object JSON."""
+    values = await latest_changelog_values(bootstrap, topic, codec, {old, recent},
+                                           lambda found: len(found) == 2 and not clear_uid(found.get(old)),
+                                           timeout=60)
+    assert not clear_uid(values[old]) and clear_uid(values[recent])
+    return values[old].object_json or b""
+
+
 def clear_uid(state: State | None) -> bool:
     """Whether the state's object holds a token uid in clear (every clear uid of this module starts `TOK-`)."""
     return state is not None and state.object_json is not None and b'"uid":"TOK-' in state.object_json
@@ -127,18 +139,11 @@ async def test_old_sessions_and_locations_lose_their_clear_tokens_in_state_and_c
         assert '"status":"CHARGING"' in location_rows[1][2] and "TOK-LOC-OLD" not in location_rows[1][2]
         assert pseudonym("TOK-LOC-OLD") in location_rows[1][2] and "TOK-LOC-NEW" in location_rows[0][2]
 
-        values = await latest_changelog_values(
-            stack.bootstrap, changelog, SESSIONS, {OLD, RECENT},
-            lambda found: len(found) == 2 and not clear_uid(found.get(OLD)), timeout=60)
-        assert not clear_uid(values[OLD]) and clear_uid(values[RECENT])
-        old_json = values[OLD].object_json or b""
+        old_json = await pseudonymised_in_changelog(stack.bootstrap, changelog, SESSIONS, OLD, RECENT)
         assert pseudonym("TOK-OLD").encode() in old_json and b"auth-old" not in old_json
 
-        locations = await latest_changelog_values(
-            stack.bootstrap, location_changelog, LOCATIONS, {LOC_OLD, LOC_RECENT},
-            lambda found: len(found) == 2 and not clear_uid(found.get(LOC_OLD)), timeout=60)
-        assert not clear_uid(locations[LOC_OLD]) and clear_uid(locations[LOC_RECENT])
-        old_location_json = locations[LOC_OLD].object_json or b""
+        old_location_json = await pseudonymised_in_changelog(stack.bootstrap, location_changelog, LOCATIONS,
+                                                             LOC_OLD, LOC_RECENT)
         assert pseudonym("TOK-LOC-OLD").encode() in old_location_json and b"Card-Old" not in old_location_json
         assert b'"status":"CHARGING"' in old_location_json  # the EVSE update was applied before the pass
 
