@@ -13,17 +13,25 @@ recovery are not counted: they happen once per worker start.
 
 The raw baseline reads the same topics with one aiokafka consumer (no group) and decodes every record with
 `infra.codec.decode_event` (fastavro), doing nothing else.
+
+The stage-1 floor runs the worker's own stage-1 code (`pipeline.agents.fold`) over the same records in this
+process, without Kafka, Faust or ClickHouse (states in dicts, rows encoded but not sent): the CPU per event of
+the decode, the rules and the row encoding, which no transport or batching change can remove. Both in-process
+measures run with the worker's garbage-collector settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -42,7 +50,18 @@ from infra.settings import Settings, load_settings
 from ocpi.canonical import content_hash, to_builtins
 from ocpi.decode import decode
 from ocpi.model import CDR, Location, Session
+from pipeline.agents import Process, fold
+from pipeline.cdrs import process_cdrs
+from pipeline.facts import encode_facts
+from pipeline.locations import process_locations
+from pipeline.records import RawMessage, decode_all
+from pipeline.retention import Pseudonymizer
+from pipeline.sessions import process_sessions
+from pipeline.sink import encode_rows
 from pipeline.stack import Stack
+from pipeline.stage import StageOutput, StageRules
+from pipeline.state import CdrState, Codec, LocationState, SessionState
+from pipeline.worker import tune_gc
 from tests.unit.pipeline.builders import cdr, evse, location, session
 
 PARTIES = (("NL", "TNM"), ("NL", "EVB"), ("BE", "BEC"))
@@ -139,8 +158,26 @@ async def publish(bootstrap: str, topics: dict[str, str], records: list[tuple[st
         await producer.stop()
 
 
+@contextlib.contextmanager
+def worker_gc() -> Iterator[None]:
+    """The worker's garbage-collector settings (`pipeline.worker.tune_gc`) in this process for a while, so the
+    in-process measures compare like with like (and this process's chDB objects are not walked per batch)."""
+    threshold = gc.get_threshold()
+    tune_gc()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
 async def raw_consume(bootstrap: str, topics: list[str], total: int) -> float:
     """aiokafka consume + decode of every record: records/s."""
+    with worker_gc():
+        return await _consume_and_decode(bootstrap, topics, total)
+
+
+async def _consume_and_decode(bootstrap: str, topics: list[str], total: int) -> float:
     consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
                                 fetch_max_bytes=32 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024)
     await consumer.start()
@@ -156,6 +193,53 @@ async def raw_consume(bootstrap: str, topics: list[str], total: int) -> float:
         return done / (time.perf_counter() - started)
     finally:
         await consumer.stop()
+
+
+Stage = tuple[Process, Codec[Any]]
+
+
+def stage1_floor(traffic: Traffic, batch: int, rules: StageRules, rounds: int = 3) -> dict[str, float]:
+    """µs per event of stage 1 in this process, best of `rounds`: Avro decode, rules (state read and written as
+    bytes, facts encoded), ClickHouse row encoding."""
+    stages: dict[str, Stage] = {"locations": (process_locations, Codec(LocationState)),
+                                "sessions": (process_sessions, Codec(SessionState)),
+                                "cdrs": (process_cdrs, Codec(CdrState))}
+    topics: dict[str, list[RawMessage]] = {kind: [] for kind in stages}
+    for kind, key, value in traffic.records:
+        topics[kind].append(RawMessage(kind, 0, len(topics[kind]), key, value))
+    pseudonym = Pseudonymizer(b"b" * 32)
+    best: dict[str, float] = {}
+    with worker_gc():
+        for _ in range(rounds):
+            spent = _stage1_round(stages, topics, batch, rules, pseudonym)
+            if not best or sum(spent.values()) < sum(best.values()):
+                best = spent
+    return {name: seconds / len(traffic.records) * 1e6 for name, seconds in best.items()}
+
+
+def _stage1_round(stages: dict[str, Stage], topics: dict[str, list[RawMessage]], batch: int, rules: StageRules,
+                  pseudonym: Pseudonymizer) -> dict[str, float]:
+    spent = {"decode": 0.0, "rules": 0.0, "rows": 0.0}
+    for kind, (process, codec) in stages.items():
+        table: dict[str, bytes | None] = {}
+        messages = topics[kind]
+        for start in range(0, len(messages), batch):
+            t0 = time.perf_counter()
+            records, _dead = decode_all(messages[start:start + batch])
+            t1 = time.perf_counter()
+            out = StageOutput(pseudonym)
+            overlays = fold(records, lambda _anchor, table=table: table.get, codec, process, rules, out)  # type: ignore[misc]
+            for facts in out.facts.values():
+                encode_facts(facts)
+            for _anchor, overlay in overlays:
+                table.update(overlay.changes)
+            t2 = time.perf_counter()
+            for rows in out.batch.tables().values():
+                encode_rows(rows)
+            spent["decode"] += t1 - t0
+            spent["rules"] += t2 - t1
+            spent["rows"] += time.perf_counter() - t2
+    return spent
 
 
 def scalar(client: Any, sql: str) -> int:
@@ -188,7 +272,7 @@ async def pipeline_rate(stack: Stack, total: int, cdrs: int, timeout: float) -> 
         if first is not None and stage1 is None and raw >= total and await asyncio.to_thread(
                 scalar, client, "SELECT count() FROM raw_events FINAL") >= total:
             stage1 = time.perf_counter()
-        if stage1 is not None and await asyncio.to_thread(
+        if first is not None and stage1 is not None and await asyncio.to_thread(
                 scalar, client, "SELECT count() FROM reconciliation FINAL WHERE subject = 'CDR'") >= cdrs:
             end = time.perf_counter()
             cpu = cpu_seconds(stack.children["worker"].pid) - cpu_first
@@ -280,6 +364,11 @@ async def run_pipeline(settings: Settings, args: argparse.Namespace) -> None:
         raw_mean = (raw + raw_after) / 2
         print(f"raw again: {raw_after:,.0f} events/s; ratio pipeline/raw: {stage1 / raw_mean:.0%} (stage 1), "
               f"{full / raw_mean:.0%} (with reconciliation)", flush=True)
+        floor = stage1_floor(traffic, args.batch, StageRules.from_settings(settings.pipeline))
+        budget = 1e6 / (raw_mean / 2)  # µs per event at 50 % of the raw rate
+        print(f"stage-1 floor in this process (no Kafka, Faust or ClickHouse): decode {floor['decode']:.0f} + rules "
+              f"{floor['rules']:.0f} + rows {floor['rows']:.0f} = {sum(floor.values()):.0f} µs per event; 50 % of "
+              f"raw leaves {budget:.0f} µs per event for everything", flush=True)
     finally:
         await stack.stop()
         if PROFILE:

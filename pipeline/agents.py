@@ -222,6 +222,20 @@ class AgentContext:
 Process = Callable[[TypedView[Any], str, list[Record], StageRules, StageOutput], None]
 
 
+def fold(records: Sequence[Record], reader: Callable[[PartitionAnchor], Callable[[str], bytes | None]],
+         codec: Codec[S], process: Process, rules: StageRules, out: StageOutput,
+         ) -> list[tuple[PartitionAnchor, Overlay]]:
+    """Run stage 1's rules over a decoded batch, object by object, on overlays of the state table (no I/O:
+    `reader` reads a partition's stored states); returns the overlays, whose changes are the new states."""
+    overlays: list[tuple[PartitionAnchor, Overlay]] = []
+    for key, group in group_by_object(records).items():
+        anchor = anchor_of(group[0].topic, group[0].partition)
+        overlay = Overlay(reader(anchor))
+        process(TypedView(overlay, codec), key, group, rules, out)
+        overlays.append((anchor, overlay))
+    return overlays
+
+
 class ModuleAgent(Generic[S]):
     """Stage 1: one module topic, rules per object."""
 
@@ -236,12 +250,7 @@ class ModuleAgent(Generic[S]):
         records, dead = decode_all(RawMessage(m.topic, m.partition, m.offset, m.key, m.value) for m in messages)
         out = StageOutput(ctx.pseudonym)
         out.dead_letters(dead)
-        overlays: list[tuple[PartitionAnchor, Overlay]] = []
-        for key, group in group_by_object(records).items():
-            anchor = anchor_of(group[0].topic, group[0].partition)
-            overlay = Overlay(self.table.reader(anchor))
-            self.process(TypedView(overlay, self.codec), key, group, ctx.stage_rules, out)
-            overlays.append((anchor, overlay))
+        overlays = fold(records, self.table.reader, self.codec, self.process, ctx.stage_rules, out)
         await ctx.sink.write(out.batch)
         await ctx.publish(ctx.settings.pipeline.topic_party_facts,
                           [(party.encode(), encode_facts(facts)) for party, facts in out.facts.items()])
