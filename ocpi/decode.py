@@ -88,6 +88,17 @@ def decode_stored(body: bytes, model: type[T]) -> T:
     return cast(T, _validate.normalise(value))
 
 
+def validate_built(value: T, body: bytes) -> T:
+    """The rules `decode` applies after msgspec, for an object built in code from parts msgspec has checked
+    (a stored object merged with a converted PATCH, a converted PUT), whose OCPI JSON is exactly `body`.
+
+    Equal to `decode(body, type(value)).value`, without parsing `body` again: every type and field constraint
+    (`msgspec.Meta`) held in the parts, and a merge only replaces fields or appends to lists (whose only
+    constraints are minimum lengths). What a merge can break is what spans fields, and that is this rule walk.
+    """
+    return cast(T, _validate.finish(value, _NO_RELAXATIONS, [], scan_na=_may_contain_na(body)))
+
+
 def decode_list(
     body: bytes | str, model: type[T], *, profile: CompatProfile | None = None
 ) -> list[Decoded[T] | OcpiValidationError]:

@@ -10,8 +10,10 @@
   absent and `null` mean "unchanged" (null-in-PATCH policy, digest ambiguity #3: PATCH cannot remove
   information), Session `charging_periods` are appended (identical periods skipped), and parents'
   `last_updated` are raised to the child's but never lowered.
-- Every merged object is validated again by decoding its OCPI JSON (`ocpi.decode`); a result that is not a
-  valid OCPI object raises `InvalidMerge` and is not stored.
+- Every merged object is validated again, with the result of decoding its OCPI JSON (`ocpi.decode`): its
+  parts passed msgspec's type and field checks already, so `wire.revalidated` runs the rules that span fields
+  on the Struct, and decodes the JSON only when it is not an exact image (a DateTime with a fraction). A
+  result that is not a valid OCPI object raises `InvalidMerge` and is not stored.
 - An event whose object (or parent) is not stored yet raises `NeedsObject`: it is parked until the PUT arrives,
   at most `park_ttl` (by the events' receive times) and `park_max` events per object; then it is an orphan.
 """
@@ -70,9 +72,7 @@ def merge_session_patch(current_json: bytes, patch: dict[str, Any]) -> tuple[Ses
     """The stored Session with a PATCH applied, validated; returns the Session and its OCPI JSON."""
     try:
         current = wire.stored(current_json, Session)
-        merged = merge_session(current, wire.to_struct(patch, SessionPatch))
-        document = wire.struct_json(merged)
-        return wire.validated(document, Session), document
+        return wire.revalidated(merge_session(current, wire.to_struct(patch, SessionPatch)), Session)
     except (OcpiValidationError, ValueError, TypeError) as exc:
         raise InvalidMerge(str(exc)) from exc
 
@@ -107,8 +107,7 @@ def apply_location_event(current: Location | None, event: DecodedEvent) -> tuple
             raise NeedsObject(f"Location {event.object_id!r} is not stored")
         else:
             location = _apply_to(current, event, payload)
-        document = wire.struct_json(location)
-        return wire.validated(document, Location), document
+        return wire.revalidated(location, Location)
     except UnknownObjectError as exc:
         raise NeedsObject(exc.what) from exc
     except (OcpiValidationError, ValueError, TypeError) as exc:

@@ -3,7 +3,7 @@
 Payloads come from `infra.codec.decode_event` as dicts (nulls left out, aware UTC datetimes, exact Decimals).
 Stored objects are kept as OCPI wire JSON (what the receivers' GET serves); they were validated before they
 were stored, so reading them back (`stored`) checks types only, while every new or merged object goes through
-the full `ocpi.decode` rules (`validated`).
+the full `ocpi.decode` rules (`revalidated`: the same result as decoding its JSON with `validated`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import msgspec
 
 from ocpi.canonical import to_ocpi_json
 from ocpi.datetime import format_datetime
-from ocpi.decode import decode, decode_stored
+from ocpi.decode import decode, decode_stored, validate_built
 from ocpi.types import dec_hook
 
 T = TypeVar("T")
@@ -70,15 +70,34 @@ _LEADING_NULL: Final = re.compile(rb'\{"[a-z0-9_]+":null,?')
 def struct_json(value: Any) -> bytes:
     """OCPI wire JSON of a Struct: the same bytes as `ocpi.canonical.to_ocpi_json`, written by msgspec in C
     (nulls removed afterwards) unless a DateTime has a fraction, which takes `to_ocpi_json`'s exact path."""
+    return _struct_json(value)[0]
+
+
+def _struct_json(value: Any) -> tuple[bytes, bool]:
+    """The OCPI JSON of a Struct, and whether it is its exact image (decoding it gives back an equal Struct).
+    Not when a DateTime has a fraction: OCPI's 25 characters leave room for four digits, not six."""
     data = _ENCODER.encode(value)
     if _SUBSECOND.search(data) is not None:
-        return to_ocpi_json(value)
+        return to_ocpi_json(value), False
     data = _NULL_MEMBER.sub(b"", data)
     while True:
         stripped = _LEADING_NULL.sub(b"{", data)
         if stripped == data:
-            return data
+            return data, True
         data = stripped
+
+
+def revalidated(value: T, model: type[T]) -> tuple[T, bytes]:
+    """A merged or converted object validated as `validated(struct_json(value), model)` would, and its OCPI JSON.
+
+    Its parts passed msgspec's checks already, so when the JSON is an exact image only the rule walk runs
+    (`ocpi.decode.validate_built`); otherwise the JSON is decoded with the full rules, as received objects are.
+    OcpiValidationError if invalid.
+    """
+    document, exact = _struct_json(value)
+    if not exact:
+        return validated(document, model), document
+    return validate_built(value, document), document
 
 
 def builtins(value: Any) -> Any:
