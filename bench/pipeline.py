@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -326,6 +327,16 @@ def billing(client: Any, database: str, rows: int) -> dict[str, float]:
 
 async def main(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="ocpi-bench-"))
+    try:
+        await measure(root, args)
+    finally:
+        if args.keep or PROFILE:
+            print(f"data and logs kept in {root}", flush=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+async def measure(root: Path, args: argparse.Namespace) -> None:
     with EmbeddedBroker(log_path=root / "tansu.log") as broker:
         settings = load_settings({
             "OCPI_DATA_DIR": str(root), "OCPI_KAFKA_BOOTSTRAP": broker.bootstrap, "OCPI_KAFKA_FLAVOR": "tansu",
@@ -384,6 +395,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--billing-rows", type=int, default=10_000_000)
     parser.add_argument("--skip-billing", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the data and logs (a temporary directory)")
     return parser.parse_args()
 
 

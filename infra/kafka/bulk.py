@@ -37,9 +37,15 @@ async def send_all(producer: AIOKafkaProducer, topic: str, records: Sequence[Out
         return []
     await producer.partitions_for(topic)  # metadata for the partitioner and the partition check
     by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+    # What `producer.send` does per record (AIOKafkaProducer._partition), with the topic's partition lists built
+    # once per call instead of once per record: the same partitioner on the same lists gives the same partition.
+    metadata = producer.client.cluster
+    all_partitions = list(metadata.partitions_for_topic(topic) or ())
+    available = list(metadata.available_partitions_for_topic(topic) or ())
+    partitioner = producer._partitioner  # aiokafka keeps it private
     for key, value, partition in records:
         if partition is None:
-            partition = producer._partition(topic, None, None, None, key, value)  # aiokafka keeps it private
+            partition = partitioner(key, all_partitions, available)
         by_partition.setdefault(partition, []).append((key, value))
     sent: list[tuple[int, int, asyncio.Future[object]]] = []
     try:

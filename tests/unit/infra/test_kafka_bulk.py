@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +30,14 @@ class Metadata:
     offset: int
 
 
+class FakeCluster:
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
+    def available_partitions_for_topic(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
+
 class FakeProducer:
     """Batches of at most `capacity` records; keys partitioned by their length; `fail_on` send fails."""
 
@@ -39,12 +48,15 @@ class FakeProducer:
         self.next_offset: dict[int, int] = {}
         self.futures: list[asyncio.Future[Any]] = []
 
+        self.client = SimpleNamespace(cluster=FakeCluster())
+
     async def partitions_for(self, topic: str) -> set[int]:
         return {0, 1, 2}
 
-    def _partition(self, topic: str, partition: None, key: None, value: None, serialized_key: bytes | None,
-                   serialized_value: bytes | None) -> int:
-        return len(serialized_key or b"") % 3
+    @staticmethod
+    def _partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        assert all_partitions == [0, 1, 2] and available == [0, 1, 2]  # what AIOKafkaProducer._partition passes
+        return all_partitions[len(key or b"") % len(all_partitions)]
 
     def create_batch(self) -> FakeBatch:
         return FakeBatch(self.capacity)

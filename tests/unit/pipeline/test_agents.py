@@ -51,3 +51,5 @@ def test_reconciliation_records_are_keyed_by_subject_and_carry_the_row() -> None
     [(key, value)] = reconciliation_records([row])
     assert key == b"NL/TNM/CDR/C1"
     assert msgspec.json.decode(value)["outcome"] == "MATCHED"
+    # every column, in column order, as the row's JSON object
+    assert list(msgspec.json.decode(value).items()) == list(zip(RECONCILIATION_COLUMNS, row, strict=True))
