@@ -8,10 +8,11 @@ so equality, hashing and the Kafka key use the upper-cased form, while the attri
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-__all__ = ["ObjectKey", "ci_equal", "ci_normalize"]
+__all__ = ["ObjectKey", "ci_equal", "ci_index", "ci_normalize"]
 
 # ASCII-only upper-casing: str.upper() would also fold non-ASCII ("ß" → "SS"), which CiString never holds
 # but URL segments might; such values must stay distinct rather than collide.
@@ -30,6 +31,15 @@ def ci_equal(a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return a is b
     return a == b or ci_normalize(a) == ci_normalize(b)
+
+
+def ci_index(values: Iterable[str], wanted: str) -> int | None:
+    """Position of the first value equal to `wanted` ignoring ASCII case (an EVSE uid among a Location's EVSEs)."""
+    target = ci_normalize(wanted)  # once, not once per value compared
+    for i, value in enumerate(values):
+        if value == wanted or ci_normalize(value) == target:
+            return i
+    return None
 
 
 class _Owned(Protocol):

@@ -32,7 +32,7 @@ from ocpi._generated import (
     SessionPatch,
 )
 from ocpi.errors import OcpiValidationError, UnknownObjectError
-from ocpi.identity import ci_equal
+from ocpi.identity import ci_equal, ci_index
 from ocpi.types import OcpiObject
 
 __all__ = [
@@ -166,10 +166,7 @@ def _later(parent: datetime, child: datetime) -> datetime:
 
 
 def _index(items: list[S] | None, attribute: str, wanted: str) -> int | None:
-    for i, item in enumerate(items or ()):
-        if ci_equal(getattr(item, attribute), wanted):
-            return i
-    return None
+    return ci_index([getattr(item, attribute) for item in items or ()], wanted)
 
 
 def _replace_or_append(items: list[S] | None, new: S, attribute: str, wanted: str) -> list[S]:

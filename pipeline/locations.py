@@ -25,18 +25,19 @@ from pipeline.state import LocationState, TypedView
 def process_locations(view: TypedView[LocationState], key: str, records: list[Record], rules: StageRules,
                       out: StageOutput) -> None:
     state = view.get(key) or LocationState()
+    stored_location = wire.StoredStruct(Location)
     for record in records:
         if record.offset <= state.offset:
             out.replayed += 1
             continue
         state.offset = record.offset
         expire_parked(state, record, rules.park_ttl, out)
-        handle(state, record, rules, out)
+        handle(state, stored_location, record, rules, out)
     view.set(key, state)
 
 
-def handle(state: LocationState, record: Record, rules: StageRules, out: StageOutput, *,
-           retry: bool = False) -> bool:
+def handle(state: LocationState, stored_location: wire.StoredStruct[Location], record: Record, rules: StageRules,
+           out: StageOutput, *, retry: bool = False) -> bool:
     """Apply one event; returns False when it had to be parked."""
     event = record.event
     last_updated = event.payload["last_updated"]
@@ -46,7 +47,7 @@ def handle(state: LocationState, record: Record, rules: StageRules, out: StageOu
             state.confirmed[state.last_identity] = last_updated
         out.outcome(record, Outcome.DUPLICATE)
         return True
-    current = wire.stored(state.object_json, Location) if state.object_json is not None else None
+    current = stored_location.of(state.object_json)
     stored = ordering.newest(ordering.target_last_updated(current, event), state.confirmed.get(identity(event)))
     if ordering.is_stale(stored, last_updated):
         detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
@@ -70,20 +71,22 @@ def handle(state: LocationState, record: Record, rules: StageRules, out: StageOu
         out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
         return True
     apply(state, record, current, location, document, out)
+    stored_location.keep(document, location)
     out.outcome(record, Outcome.APPLIED)
     if state.parked and not retry:
-        retry_parked(state, rules, out)
+        retry_parked(state, stored_location, rules, out)
     return True
 
 
-def retry_parked(state: LocationState, rules: StageRules, out: StageOutput) -> None:
+def retry_parked(state: LocationState, stored_location: wire.StoredStruct[Location], rules: StageRules,
+                 out: StageOutput) -> None:
     """Give every parked event another try, in arrival order, until none makes progress."""
     progress = True
     while progress and state.parked:
         progress = False
         pending, state.parked = state.parked, []
         for parked in pending:
-            if handle(state, parked_record(parked), rules, out, retry=True):
+            if handle(state, stored_location, parked_record(parked), rules, out, retry=True):
                 progress = True
             else:
                 state.parked.append(parked)

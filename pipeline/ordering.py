@@ -26,7 +26,7 @@ from typing import Any
 
 from infra.codec import DecodedEvent
 from ocpi.errors import OcpiValidationError, UnknownObjectError
-from ocpi.identity import ci_equal
+from ocpi.identity import ci_index
 from ocpi.model import (
     EVSE,
     Connector,
@@ -68,10 +68,13 @@ def newest(*moments: datetime | None) -> datetime | None:
 # --- Sessions -----------------------------------------------------------------------------------------------
 
 
-def merge_session_patch(current_json: bytes, patch: dict[str, Any]) -> tuple[Session, bytes]:
-    """The stored Session with a PATCH applied, validated; returns the Session and its OCPI JSON."""
+def merge_session_patch(stored: wire.StoredStruct[Session], current_json: bytes, patch: dict[str, Any],
+                        ) -> tuple[Session, bytes]:
+    """The stored Session (`current_json`, decoded through `stored`) with a PATCH applied, validated; returns the
+    Session and its OCPI JSON."""
     try:
-        current = wire.stored(current_json, Session)
+        current = stored.of(current_json)
+        assert current is not None
         return wire.revalidated(merge_session(current, wire.to_struct(patch, SessionPatch)), Session)
     except (OcpiValidationError, ValueError, TypeError) as exc:
         raise InvalidMerge(str(exc)) from exc
@@ -129,10 +132,9 @@ def _apply_to(current: Location, event: DecodedEvent, payload: dict[str, Any]) -
 
 
 def _find(items: Sequence[Any], attribute: str, wanted: str | None) -> Any:
-    for item in items:
-        if ci_equal(getattr(item, attribute), wanted):
-            return item
-    return None
+    """The item whose `attribute` (a uid or id, never None) equals `wanted` ignoring case; None if none does."""
+    index = None if wanted is None else ci_index([getattr(item, attribute) for item in items], wanted)
+    return None if index is None else items[index]
 
 
 # --- Parking ------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Plain functions over a state value; the agent supplies the state and writes the 
 
 from __future__ import annotations
 
+from ocpi.model import Session
 from pipeline import lifecycle, ordering, projection, wire
 from pipeline.dedup import identity, is_duplicate
 from pipeline.facts import relevant_change, session_fact
@@ -19,6 +20,7 @@ def process_sessions(view: TypedView[SessionState], key: str, records: list[Reco
                      out: StageOutput) -> None:
     """Fold one Session's records (offset order) into its state."""
     state = view.get(key) or SessionState()
+    stored_session = wire.StoredStruct(Session)
     for record in records:
         if record.offset <= state.offset:
             out.replayed += 1  # folded in before a crash; its rows are in ClickHouse already
@@ -26,7 +28,7 @@ def process_sessions(view: TypedView[SessionState], key: str, records: list[Reco
         state.offset = record.offset
         expire_parked(state, record, rules.park_ttl, out)
         check_idle(state, record, rules, out)
-        handle(state, record, rules, out)
+        handle(state, stored_session, record, rules, out)
     # Written even when every record was a replay: the state's changelog record may have died with the crash.
     view.set(key, state)
 
@@ -43,8 +45,8 @@ def idle_detail(status: str | None, rules: StageRules) -> str:
     return f"no update for more than {rules.session_idle} while {status}"
 
 
-def handle(state: SessionState, record: Record, rules: StageRules, out: StageOutput, *,
-           retry: bool = False) -> None:
+def handle(state: SessionState, stored_session: wire.StoredStruct[Session], record: Record, rules: StageRules,
+           out: StageOutput, *, retry: bool = False) -> None:
     event = record.event
     if event.operation == "PATCH" and state.object_json is None:
         if len(state.parked) >= rules.park_max:
@@ -66,13 +68,14 @@ def handle(state: SessionState, record: Record, rules: StageRules, out: StageOut
         out.outcome(record, Outcome.STALE, detail)
         out.anomaly(Anomaly.STALE_UPDATE, event, detail)
         return
+    merged: Session | None = None  # a PUT's Session is its payload: no Struct to keep
     if event.operation == "PUT":
         session = event.payload
         document = wire.ocpi_json(session)
     else:
         assert state.object_json is not None
         try:
-            merged, document = ordering.merge_session_patch(state.object_json, event.payload)
+            merged, document = ordering.merge_session_patch(stored_session, state.object_json, event.payload)
         except ordering.InvalidMerge as exc:
             out.outcome(record, Outcome.INVALID, exc.reason)
             out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
@@ -87,11 +90,13 @@ def handle(state: SessionState, record: Record, rules: StageRules, out: StageOut
         out.outcome(record, Outcome.REJECTED, f"{state.status} -> {status} leaves a final state")
         return
     apply(state, record, session, document, transition, out)
+    if merged is not None:
+        stored_session.keep(document, merged)
     out.outcome(record, Outcome.APPLIED, transition.value)
     if state.parked and not retry:
         pending, state.parked = state.parked, []
         for parked in pending:
-            handle(state, parked_record(parked), rules, out, retry=True)
+            handle(state, stored_session, parked_record(parked), rules, out, retry=True)
 
 
 def apply(state: SessionState, record: Record, session: dict, document: bytes, transition: Transition,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
@@ -54,6 +54,34 @@ def to_struct(payload: dict[str, Any], model: type[T]) -> T:
 def stored(document: bytes, model: type[T]) -> T:
     """A stored object (validated when it was stored) as a Struct again."""
     return decode_stored(document, model)
+
+
+class StoredStruct(Generic[T]):
+    """A stored object as a Struct, decoded from its JSON once for a run of events on that object.
+
+    An applied event leaves here the Struct it produced with the JSON it stored; that Struct is what the JSON
+    decodes to (`revalidated`), so the run's next event starts from it instead of decoding the whole object
+    again: a hub's many EVSE status updates, a backlog of one Session's PATCHes.
+    """
+
+    __slots__ = ("_document", "_model", "_value")
+
+    def __init__(self, model: type[T]) -> None:
+        self._model = model
+        self._document: bytes | None = None
+        self._value: T | None = None
+
+    def of(self, document: bytes | None) -> T | None:
+        """The Struct of `document` (None for None)."""
+        if document is None:
+            return None
+        if document is not self._document:  # the same bytes object: the JSON kept with the Struct
+            self._document, self._value = document, stored(document, self._model)
+        return self._value
+
+    def keep(self, document: bytes, value: T) -> None:
+        """`value` is the Struct of `document` (as `revalidated` returned them)."""
+        self._document, self._value = document, value
 
 
 def validated(document: bytes, model: type[T]) -> T:

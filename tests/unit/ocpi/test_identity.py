@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ocpi.identity import ci_equal, ci_normalize
+from ocpi.identity import ci_equal, ci_index, ci_normalize
 
 _ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 
@@ -30,3 +30,9 @@ def test_ci_equal() -> None:
     assert not ci_equal("straße", "STRASSE")
     assert ci_equal(None, None)
     assert not ci_equal(None, "")
+
+
+@given(st.lists(st.text(alphabet="aAbBß1", max_size=3), max_size=6), st.text(alphabet="aAbBß1", max_size=3))
+def test_ci_index_is_the_first_ci_equal_value(values: list[str], wanted: str) -> None:
+    expected = next((i for i, value in enumerate(values) if ci_equal(value, wanted)), None)
+    assert ci_index(values, wanted) == expected
