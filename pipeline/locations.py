@@ -11,10 +11,13 @@ deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 from ocpi.identity import ci_normalize
-from ocpi.model import Location
+from ocpi.model import EVSE, Location
 from pipeline import ordering, projection, wire
 from pipeline.dedup import identity, is_duplicate
 from pipeline.records import Anomaly, Outcome, Record
@@ -103,18 +106,17 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
         # last_updated then (bumped when the CPO set it) stands in, fixed now so later updates cannot postpone it.
         personal_at = min(previous.last_updated, record.received_at)
     version = projection.next_version(state.version, location.last_updated)
-    tree = wire.builtins(location)
+    # The Location's own fields as builtins (its EVSEs are turned into builtins only where they changed).
+    tree = wire.builtins(msgspec.structs.replace(location, evses=None))
+    evses = location.evses or ()
     # The row carries `personal_at` too, so the ClickHouse sweep dates its `publish_allowed_to` like the state's.
     out.batch.add("locations", projection.LOCATION_COLUMNS,
-                  projection.location_row(event, tree, document, version, personal_at))
-    old_evses = {ci_normalize(e.uid): e for e in (previous.evses or ())} if previous else {}
-    seen: set[str] = set()
-    for evse, evse_tree in zip(location.evses or (), tree.get("evses") or (), strict=True):
-        uid = ci_normalize(evse.uid)
-        seen.add(uid)
-        before = old_evses.get(uid)
-        if before == evse:
+                  projection.location_row(event, tree, document, version, personal_at, evse_count=len(evses)))
+    pairs, gone_evses = _pair_evses(previous.evses or () if previous else (), evses)
+    for evse, before in pairs:
+        if before is evse or before == evse:
             continue
+        evse_tree = wire.builtins(evse)
         out.batch.add("evses", projection.EVSE_COLUMNS,
                       projection.evse_row(tree, evse_tree, present=True, event_id=event.event_id, version=version))
         if before is None or before.status != evse.status:
@@ -130,19 +132,33 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
         present = {ci_normalize(c.id) for c in evse.connectors}
         if before is not None and any(ci_normalize(c.id) not in present for c in before.connectors):
             _missing_connectors(out, tree, evse.uid, wire.builtins(before), present, event.event_id, version)
-    for uid, gone_evse in old_evses.items():
-        if uid not in seen:
-            gone = wire.builtins(gone_evse)
-            out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event, f"EVSE {gone['uid']} is not in the Location PUT")
-            out.batch.add("evses", projection.EVSE_COLUMNS,
-                          projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
-            _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
+    for gone_evse in gone_evses:
+        gone = wire.builtins(gone_evse)
+        out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event, f"EVSE {gone['uid']} is not in the Location PUT")
+        out.batch.add("evses", projection.EVSE_COLUMNS,
+                      projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
+        _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
     state.personal_at = personal_at
     state.object_json = document
     state.last_identity = identity(event)
     state.last_hash = event.content_hash
     state.version = version
     state.applied_event_id = event.event_id
+
+
+def _pair_evses(old: Sequence[EVSE], new: Sequence[EVSE]) -> tuple[list[tuple[EVSE, EVSE | None]], list[EVSE]]:
+    """Each EVSE of the new tree with its stored version (None: new), and the stored EVSEs the tree lacks.
+
+    EVSE and Connector events change one EVSE in place or append one, so the stored EVSEs are usually where
+    they were, with the same uid: paired by position then, unchanged ones are the very same objects. Otherwise
+    (a Location PUT or PATCH of `evses`) by uid, ignoring case.
+    """
+    if len(new) >= len(old) and all(a.uid == b.uid for a, b in zip(old, new, strict=False)):  # new may be longer
+        return [(evse, old[i] if i < len(old) else None) for i, evse in enumerate(new)], []
+    by_uid = {ci_normalize(e.uid): e for e in old}
+    seen = {ci_normalize(e.uid) for e in new}
+    return ([(evse, by_uid.get(ci_normalize(evse.uid))) for evse in new],
+            [evse for uid, evse in by_uid.items() if uid not in seen])
 
 
 def _missing_connectors(out: StageOutput, tree: dict[str, Any], evse_uid: str, before: dict[str, Any] | None,

@@ -134,13 +134,14 @@ def session_history_row(event: DecodedEvent, session: dict[str, Any], previous: 
 
 
 def location_row(event: DecodedEvent, location: dict[str, Any], document: bytes, version: int,
-                 personal_at: datetime | None) -> list[Any]:
-    """The current-state row of a Location; `personal_at` is when its `publish_allowed_to` was received
-    (`LocationState.personal_at`), which retention dates the row's personal data by. None: this event's."""
+                 personal_at: datetime | None, *, evse_count: int) -> list[Any]:
+    """The current-state row of a Location (`location`: its own fields; `document`: the whole tree's JSON);
+    `personal_at` is when its `publish_allowed_to` was received (`LocationState.personal_at`), which retention
+    dates the row's personal data by. None: this event's."""
     return [
         ci_normalize(location["country_code"]), ci_normalize(location["party_id"]), ci_normalize(location["id"]),
         event.partner_id, location.get("name"), location["city"], location["country"], location["publish"],
-        len(location.get("evses") or ()), location["last_updated"], document.decode(), event.event_id, version,
+        evse_count, location["last_updated"], document.decode(), event.event_id, version,
         event.received_at, personal_at or event.received_at,
     ]
 

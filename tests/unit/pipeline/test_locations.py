@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.locations import process_locations
+from ocpi.model import EVSE
+from pipeline import wire
+from pipeline.locations import _pair_evses, process_locations
 from pipeline.projection import (
     ANOMALY_COLUMNS,
     CONNECTOR_COLUMNS,
@@ -169,3 +171,17 @@ def test_a_status_confirmed_by_a_duplicate_is_not_overwritten_by_an_older_push()
     out = h.run(b_charging, a_available)
     assert outcome_of(out, b_charging.event_id) == "DUPLICATE" and outcome_of(out, a_available.event_id) == "STALE"
     assert stored(h)["evses"][0]["status"] == "CHARGING"
+
+
+def test_evses_are_paired_in_place_or_by_uid_ignoring_case() -> None:
+    def struct(uid: str, status: str = "AVAILABLE") -> EVSE:
+        return wire.validated(wire.ocpi_json(evse(uid, status=status)), EVSE)
+
+    e1, e2, e3 = struct("E1"), struct("E2"), struct("E3")
+    changed = struct("E2", "CHARGING")
+    assert _pair_evses([e1, e2], [e1, changed]) == ([(e1, e1), (changed, e2)], [])  # in place
+    assert _pair_evses([e1, e2], [e1, e2, e3]) == ([(e1, e1), (e2, e2), (e3, None)], [])  # appended
+    lower = struct("e2")
+    assert _pair_evses([e1, e2], [lower, e1]) == ([(lower, e2), (e1, e1)], [])  # reordered, uid in another case
+    assert _pair_evses([e1, e2, e3], [e3, e1]) == ([(e3, e3), (e1, e1)], [e2])  # E2 left out of a PUT
+    assert _pair_evses([], [e1]) == ([(e1, None)], [])
