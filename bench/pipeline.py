@@ -91,28 +91,29 @@ class Traffic:
             "payload": (payload_type, payload)})))
 
 
-def build_traffic(events: int) -> Traffic:
+def build_traffic(events: int, evses: int = 4) -> Traffic:
     """About `events` pushes: per charging story an EVSE CHARGING PATCH, a Session PUT, two PATCHes (a charging
     period, then COMPLETED with cost), an EVSE AVAILABLE PATCH and a CDR; every 10th story retries its CDR and
-    resends its first PUT late (stale). Locations (4 EVSEs each) are PUT first."""
+    resends its first PUT late (stale). Locations (`evses` EVSEs each, one per 20 stories) are PUT first."""
     traffic = Traffic()
     stories = max(1, events // 6)
     locations = max(1, stories // 20)
     # After the Locations' last_updated (yesterday); the stories span a few hours up to about now.
     stamp = (datetime.now(UTC) - timedelta(hours=6)).replace(microsecond=0)
-    loc_payload = to_builtins(decode(_json(location(evses=[evse(f"E{e}") for e in range(1, 5)])), Location).value)
+    tree = location(evses=[evse(f"E{e}") for e in range(1, evses + 1)])
+    loc_payload = to_builtins(decode(_json(tree), Location).value)
     put_template = to_builtins(decode(_json(session("S", status="ACTIVE")), Session).value)
     cdr_template = to_builtins(decode(_json(cdr("C", session_id="S")), CDR).value)
     for n in range(locations):
         cc, pid = PARTIES[n % len(PARTIES)]
         payload = {**loc_payload, "country_code": cc, "party_id": pid, "id": f"LOC{n:05d}"}
         traffic.push("locations", cc, pid, f"LOC{n:05d}", "LOCATION", "PUT", "Location", payload)
-    slots = locations * 4
+    slots = locations * evses
     for i in range(stories):
         # Story i charges at EVSE slot i % slots, one hour after the previous story at that EVSE.
         slot = i % slots
-        cc, pid = PARTIES[(slot // 4) % len(PARTIES)]
-        lid, uid = f"LOC{slot // 4:05d}", f"E{slot % 4 + 1}"
+        cc, pid = PARTIES[(slot // evses) % len(PARTIES)]
+        lid, uid = f"LOC{slot // evses:05d}", f"E{slot % evses + 1}"
         start = stamp + timedelta(hours=i // slots, seconds=slot)
         sid, cid = f"S{i:07d}", f"C{i:07d}"
         kwh = Decimal(i % 997 + 1) / 10
@@ -357,7 +358,7 @@ async def run_pipeline(settings: Settings, args: argparse.Namespace) -> None:
     stack = await Stack(settings.with_overrides(http={"port": 0}), run_worker=False, run_receivers=False).start()
     try:
         t = time.perf_counter()
-        traffic = build_traffic(args.events)
+        traffic = build_traffic(args.events, args.evses)
         total = len(traffic.records)
         print(f"generated {total} events ({traffic.cdrs} CDRs) in {time.perf_counter() - t:.1f}s", flush=True)
         kafka = settings.kafka
@@ -389,6 +390,7 @@ async def run_pipeline(settings: Settings, args: argparse.Namespace) -> None:
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=60_000, help="pushes in the topics (about)")
+    parser.add_argument("--evses", type=int, default=4, help="EVSEs per Location (a charging hub has dozens)")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2000, help="OCPI_PIPELINE_BATCH of the worker")
     parser.add_argument("--timeout", type=float, default=600.0)
