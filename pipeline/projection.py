@@ -10,6 +10,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import msgspec
+
 from infra.codec import DecodedEvent
 from ocpi.identity import ci_normalize
 from pipeline import wire
@@ -83,6 +85,13 @@ DEAD_LETTER_COLUMNS = ("kafka_topic", "kafka_partition", "kafka_offset", "key_he
 CDR_ROW_VERSION = 1  # CDRs are immutable: the first one is the only one the pipeline ever writes
 
 
+def json_column(document: bytes) -> msgspec.Raw:
+    """A JSON document for a String column (payload_json, tariff_json): written into the row as the JSON object
+    it is, which ClickHouse stores as its text (`input_format_json_read_objects_as_strings`, set by the sink),
+    instead of as a string whose every quote must be escaped on both sides."""
+    return msgspec.Raw(document)
+
+
 def version_of(moment: datetime) -> int:
     """Microseconds since the epoch (the thin slice's version; row versions build on it)."""
     return int(moment.timestamp() * 1_000_000)
@@ -100,7 +109,7 @@ def raw_event_row(event: DecodedEvent, topic: str, partition: int, offset: int, 
         event.event_id, event.partner_id, event.module, event.operation, event.level, event.country_code,
         event.party_id, event.object_id, event.evse_uid, event.connector_id, event.received_at, event.request_id,
         event.correlation_id, event.source, event.content_hash, list(event.relaxations),
-        wire.ocpi_json(event.payload).decode(), topic, partition, offset, outcome.value, detail,
+        json_column(wire.ocpi_json(event.payload)), topic, partition, offset, outcome.value, detail,
     ]
 
 
@@ -119,7 +128,7 @@ def session_row(event: DecodedEvent, session: dict[str, Any], document: bytes, v
         event.partner_id, session["status"], session["start_date_time"], session.get("end_date_time"),
         session["kwh"], session["auth_method"], session.get("authorization_reference"), token["uid"],
         token["type"], token["contract_id"], session["location_id"], session["evse_uid"], session["connector_id"],
-        session["currency"], excl, incl, session["last_updated"], document.decode(), event.event_id, version,
+        session["currency"], excl, incl, session["last_updated"], json_column(document), event.event_id, version,
         event.received_at,
     ]
 
@@ -141,7 +150,7 @@ def location_row(event: DecodedEvent, location: dict[str, Any], document: bytes,
     return [
         ci_normalize(location["country_code"]), ci_normalize(location["party_id"]), ci_normalize(location["id"]),
         event.partner_id, location.get("name"), location["city"], location["country"], location["publish"],
-        evse_count, location["last_updated"], document.decode(), event.event_id, version,
+        evse_count, location["last_updated"], json_column(document), event.event_id, version,
         event.received_at, personal_at or event.received_at,
     ]
 
@@ -151,7 +160,7 @@ def evse_row(location: dict[str, Any], evse: dict[str, Any], *, present: bool, e
     return [
         ci_normalize(location["country_code"]), ci_normalize(location["party_id"]), ci_normalize(location["id"]),
         ci_normalize(evse["uid"]), evse.get("evse_id"), evse["status"], present, list(evse.get("capabilities") or ()),
-        len(evse["connectors"]), evse["last_updated"], wire.ocpi_json(evse).decode(), event_id, version,
+        len(evse["connectors"]), evse["last_updated"], json_column(wire.ocpi_json(evse)), event_id, version,
     ]
 
 
@@ -162,7 +171,7 @@ def connector_row(location: dict[str, Any], evse_uid: str, connector: dict[str, 
         ci_normalize(evse_uid), ci_normalize(connector["id"]), connector["standard"], connector["format"],
         connector["power_type"], connector["max_voltage"], connector["max_amperage"],
         connector.get("max_electric_power"), list(connector.get("tariff_ids") or ()), present,
-        connector["last_updated"], wire.ocpi_json(connector).decode(), event_id, version,
+        connector["last_updated"], json_column(wire.ocpi_json(connector)), event_id, version,
     ]
 
 
@@ -185,7 +194,7 @@ def cdr_row(event: DecodedEvent, cdr: dict[str, Any], document: bytes) -> list[A
         cdr.get("authorization_reference"), token["uid"], token["type"], token["contract_id"], location["id"],
         location["evse_uid"], location["connector_id"], cdr["currency"], cdr["total_energy"], cdr["total_time"],
         cdr.get("total_parking_time"), excl, incl, bool(cdr.get("credit")), cdr.get("credit_reference_id"),
-        cdr["last_updated"], document.decode(), event.event_id, CDR_ROW_VERSION, event.received_at,
+        cdr["last_updated"], json_column(document), event.event_id, CDR_ROW_VERSION, event.received_at,
     ]
 
 
@@ -203,7 +212,7 @@ def cdr_period_rows(cdr: dict[str, Any], received_at: datetime) -> list[list[Any
 def cdr_tariff_rows(cdr: dict[str, Any], received_at: datetime) -> list[list[Any]]:
     cc, pid, cid = ci_normalize(cdr["country_code"]), ci_normalize(cdr["party_id"]), ci_normalize(cdr["id"])
     return [[cc, pid, cid, ci_normalize(t["country_code"]), ci_normalize(t["party_id"]), ci_normalize(t["id"]),
-             t["currency"], t.get("type"), wire.ocpi_json(t).decode(), received_at, CDR_ROW_VERSION]
+             t["currency"], t.get("type"), json_column(wire.ocpi_json(t)), received_at, CDR_ROW_VERSION]
             for t in cdr.get("tariffs") or ()]
 
 

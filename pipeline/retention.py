@@ -45,7 +45,7 @@ from clickhouse_connect.driver.client import Client
 
 from infra.settings import Settings
 from ocpi.identity import ci_normalize
-from pipeline.sink import datetime64, encode_rows, string
+from pipeline.sink import datetime64, insert_rows, string
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def pseudonymise_due(client: Client, settings: Settings, pseudonym: Pseudonymize
     before = now - timedelta(days=settings.retention.pseudonymise_days)
 
     def default_insert(table: str, columns: list[str], rows: list[list[Any]]) -> None:
-        client.raw_insert(table, columns, insert_block=encode_rows(rows), fmt="JSONCompactEachRow")
+        insert_rows(client, table, columns, rows)
 
     write = insert or default_insert
     done: dict[str, int] = {}

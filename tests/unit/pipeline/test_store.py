@@ -74,6 +74,24 @@ def test_every_stage_one_row_lands_in_its_table_exactly(client: Client) -> None:
     assert [e["uid"] for e in document["evses"]] == ["E1", "E2"] and document["last_updated"] == iso(ts(0))
 
 
+NAME = r'Café "Zuid" \ ✓ \u0041 {[,]}'  # quotes, backslashes, an escape's text, non-ASCII, JSON punctuation
+
+
+def test_json_documents_are_stored_as_their_exact_text(client: Client) -> None:
+    """Documents go into rows as JSON objects (`projection.json_column`); the column holds the same bytes: what
+    the receivers' GET answers and retention rewrites."""
+    h = Harness(process_locations, LocationState)
+    body = location(evses=[evse("E1")], name=NAME, directions=[
+        {"language": "nl", "text": "Achter de {poort} [links], 50%"}])
+    out = h.run(event("Location", body, received=1))
+    write(client, out.batch)
+    [(stored,)] = client.query("SELECT payload_json FROM locations FINAL").result_rows
+    assert stored.encode() == h.state("NL/TNM/LOC1").object_json
+    assert json.loads(stored)["name"] == NAME
+    [(raw,)] = client.query("SELECT payload_json FROM raw_events FINAL").result_rows
+    assert json.loads(raw)["directions"] == [{"language": "nl", "text": "Achter de {poort} [links], 50%"}]
+
+
 def test_writing_a_batch_twice_changes_no_total(client: Client) -> None:
     cdrs = Harness(process_cdrs, CdrState)
     batch = cdrs.run(event("CDR", cdr("C1", cost="2.50")), event("CDR", cdr("C2", cost="1.25"))).batch
