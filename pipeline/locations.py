@@ -12,6 +12,7 @@ deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -25,22 +26,31 @@ from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record
 from pipeline.state import LocationState, TypedView
 
 
+@dataclass(slots=True)
+class Run:
+    """What a run of one Location's events in a batch carries from event to event (never stored): the Location
+    as a Struct (`wire.StoredStruct`) and its EVSEs' JSON (`wire.EvseJson`)."""
+
+    stored: wire.StoredStruct[Location] = field(default_factory=lambda: wire.StoredStruct(Location))
+    json: wire.EvseJson = field(default_factory=wire.EvseJson)
+
+
 def process_locations(view: TypedView[LocationState], key: str, records: list[Record], rules: StageRules,
                       out: StageOutput) -> None:
     state = view.get(key) or LocationState()
-    stored_location = wire.StoredStruct(Location)
+    run = Run()
     for record in records:
         if record.offset <= state.offset:
             out.replayed += 1
             continue
         state.offset = record.offset
         expire_parked(state, record, rules.park_ttl, out)
-        handle(state, stored_location, record, rules, out)
+        handle(state, run, record, rules, out)
     view.set(key, state)
 
 
-def handle(state: LocationState, stored_location: wire.StoredStruct[Location], record: Record, rules: StageRules,
-           out: StageOutput, *, retry: bool = False) -> bool:
+def handle(state: LocationState, run: Run, record: Record, rules: StageRules, out: StageOutput, *,
+           retry: bool = False) -> bool:
     """Apply one event; returns False when it had to be parked."""
     event = record.event
     last_updated = event.payload["last_updated"]
@@ -50,7 +60,7 @@ def handle(state: LocationState, stored_location: wire.StoredStruct[Location], r
             state.confirmed[state.last_identity] = last_updated
         out.outcome(record, Outcome.DUPLICATE)
         return True
-    current = stored_location.of(state.object_json)
+    current = run.stored.of(state.object_json)
     stored = ordering.newest(ordering.target_last_updated(current, event), state.confirmed.get(identity(event)))
     if ordering.is_stale(stored, last_updated):
         detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
@@ -58,7 +68,7 @@ def handle(state: LocationState, stored_location: wire.StoredStruct[Location], r
         out.anomaly(Anomaly.STALE_UPDATE, event, detail)
         return True
     try:
-        location, document = ordering.apply_location_event(current, event)
+        location, document = ordering.apply_location_event(current, event, run.json)
     except ordering.NeedsObject as missing:
         if retry:
             return False  # still waiting; the caller keeps it parked
@@ -74,22 +84,21 @@ def handle(state: LocationState, stored_location: wire.StoredStruct[Location], r
         out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
         return True
     apply(state, record, current, location, document, out)
-    stored_location.keep(document, location)
+    run.stored.keep(document, location)
     out.outcome(record, Outcome.APPLIED)
     if state.parked and not retry:
-        retry_parked(state, stored_location, rules, out)
+        retry_parked(state, run, rules, out)
     return True
 
 
-def retry_parked(state: LocationState, stored_location: wire.StoredStruct[Location], rules: StageRules,
-                 out: StageOutput) -> None:
+def retry_parked(state: LocationState, run: Run, rules: StageRules, out: StageOutput) -> None:
     """Give every parked event another try, in arrival order, until none makes progress."""
     progress = True
     while progress and state.parked:
         progress = False
         pending, state.parked = state.parked, []
         for parked in pending:
-            if handle(state, stored_location, parked_record(parked), rules, out, retry=True):
+            if handle(state, run, parked_record(parked), rules, out, retry=True):
                 progress = True
             else:
                 state.parked.append(parked)

@@ -96,8 +96,10 @@ def target_last_updated(location: Location | None, event: DecodedEvent) -> datet
     return None if connector is None else connector.last_updated
 
 
-def apply_location_event(current: Location | None, event: DecodedEvent) -> tuple[Location, bytes]:
-    """The stored Location tree after a Locations PUT or PATCH at any level, validated; and its OCPI JSON.
+def apply_location_event(current: Location | None, event: DecodedEvent,
+                         evse_json: wire.EvseJson | None = None) -> tuple[Location, bytes]:
+    """The stored Location tree after a Locations PUT or PATCH at any level, validated; and its OCPI JSON
+    (written through `evse_json`, which reuses unchanged EVSEs' JSON within a run of events).
 
     Raises NeedsObject when the target's parent (or a PATCH's target) is not stored, InvalidMerge when the
     result is not a valid Location.
@@ -110,7 +112,7 @@ def apply_location_event(current: Location | None, event: DecodedEvent) -> tuple
             raise NeedsObject(f"Location {event.object_id!r} is not stored")
         else:
             location = _apply_to(current, event, payload)
-        return wire.revalidated(location, Location)
+        return wire.revalidated(location, Location, None if evse_json is None else evse_json.encode(location))
     except UnknownObjectError as exc:
         raise NeedsObject(exc.what) from exc
     except (OcpiValidationError, ValueError, TypeError) as exc:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ocpi.errors import OcpiValidationError
+from ocpi.errors import OcpiValidationError, UnknownObjectError
 from ocpi.model import EVSE, Connector, ConnectorPatch, EVSEPatch, Location, LocationPatch, Session, SessionPatch
 from ocpi.patch import merge_location, merge_session, patch_connector, patch_evse, put_connector, put_evse
 from pipeline import wire
@@ -187,3 +187,43 @@ def test_a_fraction_takes_the_full_decode() -> None:
     value, document = wire.revalidated(merged, Session)
     assert b'"last_updated":"2026-01-01T00:00:00.1234Z"' in document
     assert value.last_updated == datetime(2026, 1, 1, 0, 0, 0, 123400, tzinfo=UTC)
+
+
+def operations() -> st.SearchStrategy[Any]:
+    """One event's change to a Location tree, as the pipeline applies it."""
+    def evse_patch(payload: dict[str, Any], uid: str) -> Any:
+        patch = converted(payload, EVSEPatch)
+        return None if patch is None else lambda current: patch_evse(current, uid, patch)
+
+    def connector_patch(payload: dict[str, Any], connector_id: str) -> Any:
+        patch = converted(payload, ConnectorPatch)
+        return None if patch is None else lambda current: patch_connector(current, "E2", connector_id, patch)
+
+    def location_patch(payload: dict[str, Any]) -> Any:
+        patch = converted(payload, LocationPatch)
+        return None if patch is None else lambda current: merge_location(current, patch)
+
+    def evse_put(body: dict[str, Any]) -> Any:
+        new = converted(body, EVSE)
+        return None if new is None else lambda current: put_evse(current, new)
+
+    return st.one_of(st.builds(evse_patch, EVSE_PATCHES, st.sampled_from(["E1", "E2"])),
+                     st.builds(connector_patch, CONNECTOR_PATCHES, st.sampled_from(["1", "2"])),
+                     st.builds(location_patch, LOCATION_PATCHES), st.builds(evse_put, evses()))
+
+
+@SETTINGS
+@given(changes=st.lists(operations(), max_size=6))
+def test_evse_json_writes_what_struct_json_writes(changes: list[Any]) -> None:
+    """A run's JSON with unchanged EVSEs' JSON reused: the same bytes and exactness as encoding the whole tree."""
+    run = wire.EvseJson()
+    current = stored(STORED_LOCATION, Location)
+    assert run.encode(current) == wire._struct_json(current)
+    for change in changes:
+        try:
+            current = current if change is None else change(current)
+        except UnknownObjectError:
+            continue  # an EVSE or Connector the tree no longer has: the pipeline parks such an event
+        assert run.encode(current) == wire._struct_json(current)
+    without = msgspec.structs.replace(current, evses=None)
+    assert run.encode(without) == wire._struct_json(without)
