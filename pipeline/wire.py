@@ -129,6 +129,13 @@ def revalidated(value: T, model: type[T], encoded: tuple[bytes, bool] | None = N
     return validate_built(value, document), document
 
 
+class _Evses(msgspec.Struct):
+    evses: list[msgspec.Raw] | None = None
+
+
+_EVSES: Final = msgspec.json.Decoder(_Evses)  # a Location document's EVSEs as their JSON text, the rest skipped
+
+
 class EvseJson:
     """The OCPI JSON of a run of one Location's trees, each EVSE's JSON reused while the EVSE is unchanged.
 
@@ -139,18 +146,25 @@ class EvseJson:
     the Location's own member (no other OCPI object has one, and a string cannot hold an unescaped quote).
     """
 
-    __slots__ = ("_known",)
+    __slots__ = ("_known", "_whole")
 
     _EMPTY: Final = b'"evses":[]'
 
     def __init__(self) -> None:
         self._known: dict[int, tuple[Any, bytes, bool]] = {}  # id(EVSE) -> (the EVSE, kept alive; JSON; exact)
+        self._whole: tuple[Any, bytes] | None = None  # a tree encoded whole, and its exact JSON, not split yet
 
     def encode(self, location: Any) -> tuple[bytes, bool]:
         """`_struct_json(location)`: its JSON, and whether that is an exact image."""
         evses = location.evses
         if not evses:
             return _struct_json(location)
+        if self._whole is not None:  # a second tree came: split the first one's JSON into its EVSEs'
+            self._learn(*self._whole)
+        if not any(id(evse) in self._known for evse in evses):  # nothing to reuse: the tree is encoded whole
+            document, exact = _struct_json(location)
+            self._known, self._whole = {}, (location, document) if exact else None
+            return document, exact
         own, exact = _struct_json(msgspec.structs.replace(location, evses=[]))
         known: dict[int, tuple[Any, bytes, bool]] = {}
         parts = []
@@ -165,6 +179,12 @@ class EvseJson:
         if not exact:
             return to_ocpi_json(location), False
         return own.replace(self._EMPTY, b'"evses":[' + b",".join(parts) + b"]", 1), True
+
+    def _learn(self, location: Any, document: bytes) -> None:
+        """Each EVSE's JSON out of its tree's exact JSON (the same text `_struct_json` gives the EVSE alone)."""
+        self._whole = None
+        texts = _EVSES.decode(document).evses or []
+        self._known = {id(evse): (evse, bytes(text), True) for evse, text in zip(location.evses, texts, strict=True)}
 
 
 def builtins(value: Any) -> Any:
