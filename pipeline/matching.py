@@ -224,7 +224,7 @@ class Matching:
                     cdr = self.cdr(cdr_id)
                     if cdr is not None and not cdr.method and not cdr.settled:
                         self._fall_back(cdr)
-                self.state.overlay.set(self.state._key(_FALLBACK, str(hour)), None)
+                self.state.drop_ids(_FALLBACK, str(hour))
         self.state.set_fallback_cursor(due - 1)
 
     def _enqueue_fallback(self, cdr: CdrRec) -> None:

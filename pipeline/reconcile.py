@@ -211,6 +211,9 @@ class PartyState:
         if value not in current:
             self.overlay.set(self._key(kind, ident), _IDS.encode(Ids([*current, value])))
 
+    def drop_ids(self, kind: str, ident: str) -> None:
+        self.overlay.set(self._key(kind, ident), None)
+
     def remove_id(self, kind: str, ident: str, value: str) -> None:
         current = self.ids(kind, ident)
         if value in current:
