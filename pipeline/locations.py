@@ -22,6 +22,7 @@ from ocpi.model import EVSE, Location
 from pipeline import ordering, projection, wire
 from pipeline.dedup import identity, is_duplicate
 from pipeline.records import Anomaly, Outcome, Record
+from pipeline.retention import LOCATION_PERSONAL_FIELD
 from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, to_parked
 from pipeline.state import LocationState, TypedView
 
@@ -108,7 +109,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
           out: StageOutput) -> None:
     event = record.event
     personal_at = state.personal_at
-    if event.level == "LOCATION" and (event.operation == "PUT" or "publish_allowed_to" in event.payload):
+    if event.level == "LOCATION" and (event.operation == "PUT" or LOCATION_PERSONAL_FIELD in event.payload):
         personal_at = record.received_at
     elif personal_at is None and previous is not None:
         # A state from before `personal_at`: when its `publish_allowed_to` came is unknown. The Location's

@@ -144,6 +144,10 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     return configs | changelog_configs(settings)
 
 
+# The member of a Location that holds personal data (token uids and visual numbers); absent in most Locations,
+# as it is only allowed with publish=false.
+LOCATION_PERSONAL_FIELD: Final = "publish_allowed_to"
+
 # Stage-1 state tables whose values hold personal data, rewritten by `pipeline.state_retention`: session-state
 # (the current Session and parked PATCHes) and location-state (`publish_allowed_to` of the current Location and
 # parked events). cdr-state holds a CDR's content hash, event id, offset and receive time only; party-state holds
@@ -228,7 +232,7 @@ PERSONAL_TABLES: Final = (
     # Every EVSE or Connector update writes a new row with the Location's `publish_allowed_to` in it: the row's
     # own received_at would postpone it, so the row carries when that data came (`LocationState.personal_at`).
     PersonalTable("locations", ("country_code", "party_id", "location_id"), "personal_at", (),
-                  only="position(payload_json, 'publish_allowed_to') > 0"),
+                  only=f"position(payload_json, '{LOCATION_PERSONAL_FIELD}') > 0"),
 )
 
 
@@ -263,7 +267,7 @@ def pseudonymise_fields(data: dict[str, Any], pseudonym: Pseudonymizer) -> bool:
         replace(token, "uid")
         replace(token, "contract_id")
     replace(data, "authorization_reference")
-    for allowed in data.get("publish_allowed_to") or ():
+    for allowed in data.get(LOCATION_PERSONAL_FIELD) or ():
         replace(allowed, "uid")
         replace(allowed, "visual_number", case_insensitive=False)
     return changed

@@ -45,7 +45,14 @@ from faust.types import TP, TableT
 from infra.codec import decode_event, encode_event
 from pipeline.facts import SessionFact
 from pipeline.records import utc_now
-from pipeline.retention import PERSONAL_STATE_TABLES, PREFIX, Pseudonymizer, pseudonymise_fields, pseudonymised_json
+from pipeline.retention import (
+    LOCATION_PERSONAL_FIELD,
+    PERSONAL_STATE_TABLES,
+    PREFIX,
+    Pseudonymizer,
+    pseudonymise_fields,
+    pseudonymised_json,
+)
 from pipeline.state import Codec, LocationState, Parked, PartitionAnchor, SessionState
 from pipeline.sweeps import RETENTION_EVERY
 
@@ -57,7 +64,7 @@ log = logging.getLogger(__name__)
 _SESSIONS: Final = Codec(SessionState)
 _LOCATIONS: Final = Codec(LocationState)
 _CHUNK: Final = 500  # values looked at between two yields to the event loop
-_ALLOWED: Final = b'"publish_allowed_to"'  # wire JSON leaves absent fields out
+_ALLOWED: Final = f'"{LOCATION_PERSONAL_FIELD}"'.encode()  # wire JSON leaves absent fields out
 
 
 class _Stamped(msgspec.Struct):
