@@ -12,7 +12,9 @@ event has its raw_events row and every CDR its reconciliation row (stage 2 inclu
 recovery are not counted: they happen once per worker start.
 
 The raw baseline reads the same topics with one aiokafka consumer (no group) and decodes every record with
-`infra.codec.decode_event` (fastavro), doing nothing else.
+fastavro (`AvroCodec(generated_reader=False).decode_event`: fastavro's reader, nulls left out of the payload),
+doing nothing else: the baseline the issue defines. The same consume with the codec's own generated reader
+(`infra.avro_reader`, what the worker decodes with) is printed too, with the ratio against it.
 
 The stage-1 floor runs the worker's own stage-1 code (`pipeline.agents.fold`) over the same records in this
 process, without Kafka, Faust or ClickHouse (states in dicts, rows encoded but not sent): the CPU per event of
@@ -32,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -44,7 +46,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from infra.clickhouse.client import connect
 from infra.clickhouse.migrations import migrate
-from infra.codec import decode_event, encode_event
+from infra.codec import AvroCodec, DecodedEvent, encode_event, schema_root
+from infra.codec import decode_event as generated_decode
 from infra.kafka.embedded import EmbeddedBroker
 from infra.process import spawn
 from infra.settings import Settings, load_settings
@@ -173,13 +176,17 @@ def worker_gc() -> Iterator[None]:
         gc.set_threshold(*threshold)
 
 
-async def raw_consume(bootstrap: str, topics: list[str], total: int) -> float:
+Decoder = Callable[[bytes], DecodedEvent]
+FASTAVRO_DECODE: Decoder = AvroCodec.from_directory(schema_root(), generated_reader=False).decode_event
+
+
+async def raw_consume(bootstrap: str, topics: list[str], total: int, decode: Decoder = FASTAVRO_DECODE) -> float:
     """aiokafka consume + decode of every record: records/s."""
     with worker_gc():
-        return await _consume_and_decode(bootstrap, topics, total)
+        return await _consume_and_decode(bootstrap, topics, total, decode)
 
 
-async def _consume_and_decode(bootstrap: str, topics: list[str], total: int) -> float:
+async def _consume_and_decode(bootstrap: str, topics: list[str], total: int, decode: Decoder) -> float:
     consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
                                 fetch_max_bytes=32 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024)
     await consumer.start()
@@ -190,7 +197,7 @@ async def _consume_and_decode(bootstrap: str, topics: list[str], total: int) -> 
             batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
             for messages in batch.values():
                 for message in messages:
-                    decode_event(message.value)
+                    decode(message.value)
                 done += len(messages)
         return done / (time.perf_counter() - started)
     finally:
@@ -367,7 +374,7 @@ async def run_pipeline(settings: Settings, args: argparse.Namespace) -> None:
         await publish(stack.bootstrap, topics, traffic.records)
         print(f"published in {time.perf_counter() - t:.1f}s", flush=True)
         raw = await raw_consume(stack.bootstrap, list(topics.values()), total)
-        print(f"raw aiokafka consume + decode: {raw:,.0f} events/s", flush=True)
+        print(f"raw aiokafka consume + fastavro decode: {raw:,.0f} events/s", flush=True)
         stage1, full, seconds, cpu = await pipeline_rate(stack, total, traffic.cdrs, args.timeout)
         print(f"pipeline, one worker, full rules: {stage1:,.0f} events/s to stage-1 rows, "
               f"{full:,.0f} events/s including reconciliation ({seconds:.1f}s; worker CPU {cpu:.1f}s = "
@@ -376,6 +383,9 @@ async def run_pipeline(settings: Settings, args: argparse.Namespace) -> None:
         raw_mean = (raw + raw_after) / 2
         print(f"raw again: {raw_after:,.0f} events/s; ratio pipeline/raw: {stage1 / raw_mean:.0%} (stage 1), "
               f"{full / raw_mean:.0%} (with reconciliation)", flush=True)
+        raw_generated = await raw_consume(stack.bootstrap, list(topics.values()), total, generated_decode)
+        print(f"raw aiokafka consume + the generated reader: {raw_generated:,.0f} events/s; ratio pipeline/that: "
+              f"{stage1 / raw_generated:.0%} (stage 1), {full / raw_generated:.0%} (with reconciliation)", flush=True)
         floor = stage1_floor(traffic, args.batch, StageRules.from_settings(settings.pipeline))
         budget = 1e6 / (raw_mean / 2)  # µs per event at 50 % of the raw rate
         print(f"stage-1 floor in this process (no Kafka, Faust or ClickHouse): decode {floor['decode']:.0f} + rules "

@@ -1,0 +1,200 @@
+"""The generated Avro reader (infra.avro_reader) against fastavro: the same values, of the same types and
+digits, for every valid record; an AvroCodecError wherever fastavro refuses the bytes."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+from io import BytesIO
+from typing import Any
+
+import fastavro
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from infra import codec
+from infra.avro_reader import compile_reader
+from infra.codec import HEADER_SIZE, AvroCodec, AvroCodecError, DecodedEvent, schema_root
+
+from .convert import EXAMPLES, FIXTURES, load_json, ocpi_object
+from .test_codec import GOLDEN_BYTES, make_event
+
+GENERATED = AvroCodec.from_directory(schema_root())
+REFERENCE = AvroCodec.from_directory(schema_root(), generated_reader=False)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, of the same types at every level, Decimals with the same digits, datetimes in the same zone."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Decimal):
+        return a.as_tuple() == b.as_tuple()
+    if isinstance(a, datetime):
+        return a == b and a.tzinfo is b.tzinfo
+    return bool(a == b)
+
+
+def same_event(a: DecodedEvent, b: DecodedEvent) -> bool:
+    return same(a.to_event(), b.to_event()) and a.schema_version == b.schema_version
+
+
+def valid_events() -> list[bytes]:
+    events = [
+        GOLDEN_BYTES,
+        codec.encode_event(make_event("CDR", ocpi_object("CDR", load_json(FIXTURES / "cdr_example.json")),
+                                      module="CDRS", operation="POST", level="CDR")),
+        codec.encode_event(make_event("EVSEPatch", {"status": "CHARGING"}, operation="PATCH", level="EVSE",
+                                      evse_uid="E1", relaxations=["a", "b"])),
+        codec.encode_event(make_event("ConnectorPatch", {"tariff_ids": ["T-1", "T-2"]}, operation="PATCH",
+                                      level="CONNECTOR", evse_uid="E1", connector_id="1")),
+    ]
+    if EXAMPLES.is_dir():
+        location = ocpi_object("Location", load_json(EXAMPLES / "location_example.json"))
+        session = ocpi_object("Session", load_json(EXAMPLES / "session_example_2_short_finished.json"))
+        events += [
+            codec.encode_event(make_event("Location", location)),
+            codec.encode_event(make_event("EVSE", location["evses"][0], level="EVSE", evse_uid="E")),
+            codec.encode_event(make_event("Connector", location["evses"][0]["connectors"][0], level="CONNECTOR")),
+            codec.encode_event(make_event("Session", session, module="SESSIONS", level="SESSION")),
+            codec.encode_event(make_event("SessionPatch", {"kwh": Decimal("-0.0001"), "charging_periods": []},
+                                          module="SESSIONS", operation="PATCH", level="SESSION")),
+        ]
+    return events
+
+
+VALID = valid_events()
+
+
+@pytest.mark.parametrize("data", VALID, ids=range(len(VALID)))
+def test_valid_records_decode_as_fastavro_decodes_them(data: bytes) -> None:
+    assert same_event(GENERATED.decode_event(data), REFERENCE.decode_event(data))
+
+
+def test_the_default_codec_uses_the_generated_reader() -> None:
+    assert codec._codec()._event_reader is not None
+
+
+def _outcome(reader: AvroCodec, data: bytes) -> DecodedEvent | str:
+    try:
+        return reader.decode_event(data)
+    except AvroCodecError as exc:
+        return str(exc)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_damaged_records_fail_where_fastavro_fails(data: st.DataObject) -> None:
+    """Bytes changed, cut or inserted anywhere in a body: both refuse them, or both read the same event. The one
+    difference allowed: bytes that break the spec which fastavro reads anyway and the generated reader refuses
+    (a negative union or enum index, taken by fastavro as a Python index from the end; a boolean byte > 1)."""
+    record = bytearray(data.draw(st.sampled_from(VALID)))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(HEADER_SIZE, len(record)))
+        change = data.draw(st.sampled_from(["replace", "cut", "insert"]))
+        value = data.draw(st.integers(0, 255))
+        if change == "replace" and at < len(record):
+            record[at] = value
+        elif change == "cut":
+            del record[at:at + data.draw(st.integers(1, 8))]
+        else:
+            record.insert(at, value)
+    damaged = bytes(record)
+    generated, reference = _outcome(GENERATED, damaged), _outcome(REFERENCE, damaged)
+    if isinstance(generated, str):
+        spec_breach = re.search(r"invalid ((union|enum) index -\d|boolean byte)", generated)
+        assert isinstance(reference, str) or spec_breach, generated
+    else:
+        assert not isinstance(reference, str), f"the generated reader read what fastavro refuses: {reference}"
+        assert same_event(generated, reference)
+
+
+# --- the generator on types our schema does not use (yet) ----------------------------------------------------
+
+def parse(schema: dict[str, Any]) -> dict[str, Any]:
+    parsed = fastavro.parse_schema(schema, named_schemas={})
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+OTHER_TYPES = parse({
+    "type": "record", "name": "t.Outer", "fields": [
+        {"name": "flag", "type": "boolean"},
+        {"name": "small", "type": "int"},
+        {"name": "ratio", "type": "double"},
+        {"name": "single", "type": "float"},
+        {"name": "blob", "type": "bytes"},
+        {"name": "tags", "type": {"type": "map", "values": ["null", "string"]}},
+        {"name": "grid", "type": {"type": "array", "items": {"type": "array", "items": "long"}}},
+        {"name": "either", "type": ["null",
+                                    {"type": "record", "name": "t.A", "fields": [{"name": "a", "type": "long"}]},
+                                    {"type": "record", "name": "t.B", "fields": [{"name": "b", "type": "string"}]},
+                                    "string"]},
+        {"name": "again", "type": ["null", "t.A"]},
+        {"name": "suit", "type": {"type": "enum", "name": "t.Suit", "symbols": ["HEARTS", "SPADES"]}},
+    ],
+})
+
+
+def _fastavro(schema: Any, data: bytes) -> Any:
+    return fastavro.schemaless_reader(BytesIO(data), schema, None, return_record_name=True,
+                                      return_record_name_override=True)
+
+
+@given(
+    flag=st.booleans(), small=st.integers(-(2**31), 2**31 - 1), ratio=st.floats(allow_nan=False),
+    single=st.floats(width=32, allow_nan=False), blob=st.binary(max_size=40),
+    tags=st.dictionaries(st.text(max_size=5), st.none() | st.text(max_size=5), max_size=4),
+    grid=st.lists(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3), max_size=3),
+    either=st.sampled_from([None, ("t.A", {"a": -5}), ("t.B", {"b": "x"}), "plain"]),
+    again=st.none() | st.just({"a": 2**40}), suit=st.sampled_from(["HEARTS", "SPADES"]),
+)
+def test_other_types_read_as_fastavro_reads_them(**datum: Any) -> None:
+    out = BytesIO()
+    fastavro.schemaless_writer(out, OTHER_TYPES, datum)
+    data = out.getvalue()
+    read = compile_reader(OTHER_TYPES)
+    assert read is not None
+    value, end = read(data, 0)
+    assert end == len(data)
+    assert same(value, _fastavro(OTHER_TYPES, data))
+    stripping = compile_reader(OTHER_TYPES, strip=lambda name: True)
+    assert stripping is not None
+    stripped = stripping(data, 0)[0]
+    assert "again" not in stripped if datum["again"] is None else stripped["again"] == datum["again"]
+    assert None not in stripped["tags"].values()
+
+
+def test_blocks_with_a_negative_count_and_a_byte_size() -> None:
+    # Writers may frame array/map blocks as (-count, size in bytes); fastavro never writes that, readers read it.
+    schema = parse({"type": "record", "name": "t.L", "fields": [
+        {"name": "xs", "type": {"type": "array", "items": "long"}}]})
+    # Zigzag longs: a block of -2 items (4 → 2 bytes): 1, 2; a block of 2 items: 3, 4; the end.
+    data = bytes([0x03, 0x04, 0x02, 0x04, 0x04, 0x06, 0x08, 0x00])
+    read = compile_reader(schema)
+    assert read is not None
+    assert read(data, 0) == (_fastavro(schema, data), len(data)) == ({"xs": [1, 2, 3, 4]}, len(data))
+
+
+@pytest.mark.parametrize("unsupported", [
+    {"type": "fixed", "name": "t.F", "size": 4},
+    {"type": "long", "logicalType": "timestamp-millis"},
+    {"type": "int", "logicalType": "date"},
+])
+def test_what_the_generator_lacks_falls_back_to_fastavro(unsupported: dict[str, Any]) -> None:
+    schema = parse({"type": "record", "name": "t.R", "fields": [{"name": "x", "type": unsupported}]})
+    assert compile_reader(schema) is None
+
+
+def test_timestamps_keep_microseconds_and_utc() -> None:
+    latest = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
+    event = make_event("EVSEPatch", {"last_updated": datetime(1, 1, 2, 0, 0, 0, 1, tzinfo=UTC)},
+                       operation="PATCH", level="EVSE", received_at=latest)
+    decoded = GENERATED.decode_event(codec.encode_event(event))
+    assert decoded.payload["last_updated"] == datetime(1, 1, 2, 0, 0, 0, 1, tzinfo=UTC)
+    assert decoded.received_at.tzinfo is UTC and decoded.received_at.microsecond == 999999
