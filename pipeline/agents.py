@@ -46,7 +46,7 @@ from pipeline.reconcile import (
     Rules,
     process_party,
 )
-from pipeline.records import DeadLetter, RawMessage, Record, decode_all, group_by_object, utc_now
+from pipeline.records import DeadLetter, Record, decode_all, group_by_object, utc_now
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
 from pipeline.sink import Batch, ClickHouseSink
@@ -247,7 +247,7 @@ class ModuleAgent(Generic[S]):
 
     async def handle(self, messages: Sequence[Message]) -> None:
         ctx = self.context
-        records, dead = decode_all(RawMessage(m.topic, m.partition, m.offset, m.key, m.value) for m in messages)
+        records, dead = decode_all(messages)
         out = StageOutput(ctx.pseudonym)
         out.dead_letters(dead)
         overlays = fold(records, self.table.reader, self.codec, self.process, ctx.stage_rules, out)
