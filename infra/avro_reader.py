@@ -120,9 +120,47 @@ class _Generator:
         ]
 
     def sized(self, ind: str) -> list[str]:
-        """Length in n, end in e, checked."""
-        return [*self.long("n", ind), f"{ind}if n < 0:", f"{ind}    raise _bad('length', n)",
+        """Length in n, end in e, checked. One byte with its low bit clear is a length below 64: no zigzag."""
+        return [f"{ind}b = d[p]", f"{ind}p += 1", f"{ind}if b & 0x81:", f"{ind}    if b & 0x80:",
+                f"{ind}        n, p = _varint(d, p, b)", f"{ind}    else:", f"{ind}        n = (b >> 1) ^ -(b & 1)",
+                f"{ind}    if n < 0:", f"{ind}        raise _bad('length', n)", f"{ind}else:", f"{ind}    n = b >> 1",
                 f"{ind}e = p + n", f"{ind}if e > len(d):", f"{ind}    raise _eof()"]
+
+    def optional(self, schema: Any) -> Any | None:
+        """X of a ["null", X] union (X not itself a union), else None."""
+        if isinstance(schema, list) and len(schema) == 2 and schema[0] == "null" and not isinstance(schema[1], list):
+            return schema[1]
+        return None
+
+    def field(self, schema: Any, key: str, strip: bool) -> list[str]:
+        """Read one record field into o[key]. A ["null", X] field is tested on its first byte (0: null,
+        2: X, anything else a longer or bad index), and left out of a stripped record when null."""
+        value = self.fresh("v")
+        inner = self.optional(schema)
+        if inner is None:
+            lines = self.emit(schema, value, "    ")
+            if strip:
+                return [*lines, f"    if {value} is not None:", f"        o[{key}] = {value}"]
+            return [*lines, f"    o[{key}] = {value}"]
+        present = self.fresh("h")
+        return [
+            "    b = d[p]",
+            "    if b == 2:",
+            "        p += 1",
+            f"        {present} = True",
+            "    elif b == 0:",
+            "        p += 1",
+            f"        {present} = False",
+            "    else:",
+            *self.long("u", "        "),
+            "        if u != 0 and u != 1:",
+            "            raise _bad('union index', u)",
+            f"        {present} = u == 1",
+            f"    if {present}:",
+            *self.emit(inner, value, "        "),
+            f"        o[{key}] = {value}",
+            *([] if strip else ["    else:", f"        o[{key}] = None"]),
+        ]
 
     def emit(self, schema: Any, target: str, ind: str) -> list[str]:
         schema = self.resolve(schema)
@@ -222,13 +260,7 @@ class _Generator:
         lines = [f"def {function}(d, p):", "    o = {}"]
         self.stripping.append(strip)  # maps in this record follow it
         for field in schema["fields"]:
-            value = self.fresh("v")
-            lines += self.emit(field["type"], value, "    ")
-            key = repr(field["name"])
-            if strip:
-                lines += [f"    if {value} is not None:", f"        o[{key}] = {value}"]
-            else:
-                lines.append(f"    o[{key}] = {value}")
+            lines += self.field(field["type"], repr(field["name"]), strip)
         self.stripping.pop()
         lines.append("    return o, p")
         self.source.append("\n".join(lines))
