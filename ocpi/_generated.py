@@ -605,7 +605,7 @@ class ChargingPeriod(OcpiObject, kw_only=True, frozen=True):
     tariff_id: CiString36 | None = None
 
 
-class ChargingPreferences(OcpiObject, kw_only=True, frozen=True):
+class ChargingPreferences(OcpiObject, kw_only=True, frozen=True, omit_defaults=False):
     """ChargingPreferences: OCPI object of the sessions module (mod_sessions.asciidoc)."""
 
     profile_type: ProfileType
@@ -752,7 +752,7 @@ class Image(OcpiObject, kw_only=True, frozen=True):
     height: IntDigits5 | None = None
 
 
-class Location(OcpiObject, kw_only=True, frozen=True):
+class Location(OcpiObject, kw_only=True, frozen=True, omit_defaults=False):
     """Location: OCPI object of the locations module (mod_locations.asciidoc).
 
     Identity: country_code, party_id, id.

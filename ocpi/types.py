@@ -59,11 +59,14 @@ _ZERO: Final = Decimal(0)
 _HUNDRED: Final = Decimal(100)
 
 
-class OcpiObject(msgspec.Struct, kw_only=True, frozen=True):
+class OcpiObject(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Base of every generated OCPI Struct.
 
     kw_only: the spec's field order puts required fields after optional ones. frozen: the merge rules in
-    ocpi.patch are pure functions and must not be able to mutate a stored object in place.
+    ocpi.patch are pure functions and must not be able to mutate a stored object in place. omit_defaults: an
+    absent optional field (None) is left out of the JSON and builtins msgspec writes, as OCPI wants it absent
+    rather than null, without a pass to strip nulls; the few objects with a documented non-null default
+    (Location's `charging_when_closed: true`) keep writing every field (`omit_defaults=False`).
     """
 
 

@@ -89,30 +89,30 @@ def validated(document: bytes, model: type[T]) -> T:
     return decode(document, model).value
 
 
-# `"key":null` members, as msgspec writes unset optional fields of a Struct. Safe on JSON text: inside a string
-# every quote is escaped, so `,"name":null` and `{"name":null` can only be members.
-_NULL_MEMBER: Final = re.compile(rb',"[a-z0-9_]+":null')
-_LEADING_NULL: Final = re.compile(rb'\{"[a-z0-9_]+":null,?')
-
-
 def struct_json(value: Any) -> bytes:
     """OCPI wire JSON of a Struct: the same bytes as `ocpi.canonical.to_ocpi_json`, written by msgspec in C
-    (nulls removed afterwards) unless a DateTime has a fraction, which takes `to_ocpi_json`'s exact path."""
+    unless a DateTime has a fraction, which takes `to_ocpi_json`'s exact path."""
     return _struct_json(value)[0]
 
 
 def _struct_json(value: Any) -> tuple[bytes, bool]:
     """The OCPI JSON of a Struct, and whether it is its exact image (decoding it gives back an equal Struct).
     Not when a DateTime has a fraction: OCPI's 25 characters leave room for four digits, not six."""
-    data = _ENCODER.encode(value)
+    data = _ENCODER.encode(_without_nulls(value))
     if _SUBSECOND.search(data) is not None:
         return to_ocpi_json(value), False
-    data = _NULL_MEMBER.sub(b"", data)
-    while True:
-        stripped = _LEADING_NULL.sub(b"{", data)
-        if stripped == data:
-            return data, True
-        data = stripped
+    return data, True
+
+
+def _without_nulls(value: Any) -> Any:
+    """`value` as msgspec writes it without null members. OCPI Structs omit their None fields themselves
+    (`omit_defaults`), except the few with a documented non-null default (a Location): their own None fields are
+    set to UNSET, which msgspec never writes; what they hold omits its Nones."""
+    cls = type(value)
+    if cls.__struct_config__.omit_defaults:
+        return value
+    nulls = {name: msgspec.UNSET for name in cls.__struct_fields__ if getattr(value, name) is None}
+    return msgspec.structs.replace(value, **nulls) if nulls else value
 
 
 def revalidated(value: T, model: type[T], encoded: tuple[bytes, bool] | None = None) -> tuple[T, bytes]:

@@ -240,6 +240,8 @@ class Generator:
             )
             if field.get("na_allowed"):
                 self.na_allowed.setdefault(name, []).append(fname)
+        if name in self.null_defaults:  # its JSON keeps a documented default (`true`) that equals the Struct's
+            lines[0] = f"class {name}({STRUCT_BASE}, omit_defaults=False):"
         return lines
 
     def render_patch(self, name: str, lines: list[str]) -> list[str]:

@@ -196,3 +196,47 @@ def test_generator_reproduces_the_committed_module() -> None:
     assert rendered == committed, "ocpi/_generated.py is stale: run python tools/gen_model.py"
     assert gen_model.Generator(spec()).render() == rendered  # deterministic
     assert SPEC_FILE.exists()
+
+
+def _structs_held_by(cls: type) -> set[type]:
+    """Every Struct class a value of `cls` can hold, at any depth (itself excluded)."""
+    found: set[type] = set()
+
+    def visit(kind: Any) -> None:
+        if isinstance(kind, mi.StructType):
+            if kind.cls in found:
+                return
+            found.add(kind.cls)
+            for field in kind.fields:
+                visit(field.type)
+        elif isinstance(kind, mi.UnionType):
+            for member in kind.types:
+                visit(member)
+        elif isinstance(kind, mi.Metadata):
+            visit(kind.type)
+        elif isinstance(kind, mi.ListType | mi.SetType | mi.FrozenSetType
+                           | mi.VarTupleType):
+            visit(kind.item_type)
+        elif isinstance(kind, mi.DictType):
+            visit(kind.value_type)
+
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    for field in info.fields:
+        visit(field.type)
+    return found
+
+
+def _keeps_defaults(cls: Any) -> bool:
+    return not cls.__struct_config__.omit_defaults
+
+
+def test_only_objects_with_a_documented_default_write_their_defaults() -> None:
+    # msgspec leaves None fields out of the JSON it writes (omit_defaults); an object whose documented default is
+    # not null keeps all its fields, and pipeline.wire removes its own None fields, trusting what it holds to
+    # leave theirs out: so none of them may hold another object that keeps its defaults.
+    keeping = {cls for cls in [*_generated.OBJECTS.values(), *_generated.PATCHES.values()] if _keeps_defaults(cls)}
+    assert keeping == set(_generated.NULL_MEANS_DEFAULT)
+    for cls in keeping:
+        held = {held for held in _structs_held_by(cls) if _keeps_defaults(held)}
+        assert not held, f"{cls.__name__} holds {held}"
