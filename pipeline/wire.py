@@ -140,9 +140,9 @@ class EvseJson:
     """The OCPI JSON of a run of one Location's trees, each EVSE's JSON reused while the EVSE is unchanged.
 
     An EVSE or Connector event replaces one EVSE object and keeps the others, so the tree's JSON is the Location's
-    own fields with the EVSEs' JSON spliced in: only the changed EVSE is encoded and has its nulls removed, not the
-    whole tree (at a hub of 50 EVSEs, the null-removing regex over the whole tree was the largest single cost).
-    The same bytes as `struct_json`: null members never span an EVSE's boundary, and `"evses":[]` can only be
+    own fields with the EVSEs' JSON spliced in: only the changed EVSE is encoded and searched for DateTime
+    fractions, not the whole tree (a hub has dozens of EVSEs).
+    The same bytes as `struct_json`: an EVSE's JSON is the same alone or in its tree, and `"evses":[]` can only be
     the Location's own member (no other OCPI object has one, and a string cannot hold an unescaped quote).
     """
 
