@@ -30,6 +30,7 @@ from typing import Any, Generic
 import faust
 import msgspec
 from faust.types import TP, Message, TableT
+from rocksdict import WriteBatch
 
 from infra.kafka.bulk import Acked, OutgoingRecord, send_all
 from infra.settings import Settings
@@ -112,9 +113,9 @@ class StateTable:
 
         Faust writes a table key through its serializers, a changelog record buffered per key, and a producer
         flush that waits for that buffer one record at a time (a fifth of the worker's CPU; README, Benchmarks).
-        Here the rocksdb partition databases are written directly, the changelog records are produced together
-        and acknowledged, and each partition's persisted changelog offset is then set, which is what Faust's
-        own changelog callback does (table recovery reads the changelog from that offset on).
+        Here the rocksdb partition databases are written directly (a write batch each), the changelog records are
+        produced together and acknowledged, and each partition's persisted changelog offset is then set, which is
+        what Faust's own changelog callback does (table recovery reads the changelog from that offset on).
         """
         store: Any = self.table.data
         if not self._direct:
@@ -123,18 +124,25 @@ class StateTable:
             return
         topic = self.table.changelog_topic.get_topic_name()
         records: list[OutgoingRecord] = []
+        writes: dict[int, WriteBatch] = {}
+        key_index = store._key_index
         for anchor, overlay_changes in changes:
             partition = anchor.message.partition
-            db = self._partition_db(partition)
+            write = writes.get(partition)
+            if write is None:
+                write = writes[partition] = WriteBatch(raw_mode=True)
             for key, value in overlay_changes.items():
                 raw_key = key.encode()
                 if value is None:
-                    db.delete(raw_key)
-                    store._key_index.pop(raw_key, None)
+                    write.delete(raw_key)
+                    key_index.pop(raw_key, None)
                 else:
-                    db.put(raw_key, value)
-                    store._key_index[raw_key] = partition
+                    # Faust's key index is a cache of where its own table API found a key (it searches every
+                    # partition database otherwise); a key never moves partition, so puts need not feed it.
+                    write.put(raw_key, value)
                 records.append((raw_key, value, partition))
+        for partition, write in writes.items():  # one write per partition database, not one per key
+            self._partition_db(partition).write(write)
         acked: dict[int, int] = {}
         for ack in await context.produce(topic, records):
             acked[ack.partition] = max(ack.last_offset, acked.get(ack.partition, -1))
