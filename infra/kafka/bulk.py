@@ -9,10 +9,13 @@ batch is sent once: the broker sees the same records, keys, partitions and order
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 # (key, value, partition or None for the producer's partitioner)
 OutgoingRecord = tuple[bytes | None, bytes | None, int | None]
@@ -42,7 +45,7 @@ async def send_all(producer: AIOKafkaProducer, topic: str, records: Sequence[Out
     metadata = producer.client.cluster
     all_partitions = list(metadata.partitions_for_topic(topic) or ())
     available = list(metadata.available_partitions_for_topic(topic) or ())
-    partitioner = producer._partitioner  # aiokafka keeps it private
+    partitioner = _fast_partitioner(producer._partitioner)  # aiokafka keeps it private
     for key, value, partition in records:
         if partition is None:
             partition = partitioner(key, all_partitions, available)
@@ -78,3 +81,40 @@ async def send_all(producer: AIOKafkaProducer, topic: str, records: Sequence[Out
 def _retrieve(future: asyncio.Future[object]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (Java client `Utils.murmur2`), as `aiokafka.partitioner.murmur2` computes it, reading the
+    key four bytes at a time (aiokafka's reads byte by byte: 2.2 µs per key, for every reconciliation record)."""
+    length = len(data)
+    m = 0x5BD1E995
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    for k in struct.unpack_from(f"<{length >> 2}I", data):
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = length & 3
+    if tail:
+        base = length - tail
+        if tail == 3:
+            h ^= data[base + 2] << 16
+        if tail >= 2:
+            h ^= data[base + 1] << 8
+        h ^= data[base]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def _default_partition(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """`DefaultPartitioner()(key, all_partitions, available)` with the faster murmur2."""
+    if key is None:
+        return DefaultPartitioner()(key, all_partitions, available)  # a random choice: aiokafka's own
+    return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
+
+
+def _fast_partitioner(partitioner: Any) -> Callable[[bytes | None, list[int], list[int]], int]:
+    """The producer's partitioner, with the faster murmur2 when it is aiokafka's default one."""
+    return _default_partition if type(partitioner) is DefaultPartitioner else partitioner

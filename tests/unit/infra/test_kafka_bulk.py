@@ -9,8 +9,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+from hypothesis import given
+from hypothesis import strategies as st
 
-from infra.kafka.bulk import send_all
+from infra.kafka.bulk import _default_partition, _fast_partitioner, murmur2, send_all
 
 
 @dataclass
@@ -111,3 +115,29 @@ def test_a_record_larger_than_a_batch_is_refused(before: list[tuple[bytes, bytes
     with pytest.raises(ValueError, match="does not fit"):
         run(producer, [*before, (b"a", b"x" * 200, 0)])
     assert all(batch for _, batch in producer.sent)  # no empty batch went out
+
+
+# Kafka's own vectors (clients/src/test/java/org/apache/kafka/common/utils/UtilsTest.java), signed 32-bit.
+KAFKA_MURMUR2 = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
+                 b"a-little-bit-longer-string": -1486304829,
+                 b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971, b"abc": 479470107}
+
+
+def test_murmur2_gives_kafkas_values() -> None:
+    for key, signed in KAFKA_MURMUR2.items():
+        assert murmur2(key) == signed & 0xFFFFFFFF
+
+
+@given(key=st.binary(max_size=80), partitions=st.integers(1, 64))
+def test_keys_go_to_the_partition_aiokafka_chooses(key: bytes, partitions: int) -> None:
+    assert murmur2(key) == aiokafka_murmur2(key)
+    all_partitions = list(range(partitions))
+    assert _default_partition(key, all_partitions, all_partitions) == DefaultPartitioner()(key, all_partitions,
+                                                                                            all_partitions)
+
+
+def test_only_aiokafkas_default_partitioner_is_replaced() -> None:
+    assert _fast_partitioner(DefaultPartitioner()) is _default_partition
+    custom = lambda key, all_partitions, available: 0  # noqa: E731
+    assert _fast_partitioner(custom) is custom
+    assert _default_partition(None, [0, 1, 2], [1]) == 1  # no key: a random available partition
