@@ -255,6 +255,21 @@ def test_pseudonyms_are_keyed_stable_and_idempotent() -> None:
         retention.Pseudonymizer(b"short")
 
 
+def test_pseudonyms_are_the_keyed_hash_whether_remembered_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import hmac
+
+    monkeypatch.setattr(retention.Pseudonymizer, "CACHE_SIZE", 3)
+    pseudonym = retention.Pseudonymizer(b"k" * 32)
+    values = [f"TOK{i % 5}" for i in range(20)] + ["Visual 1", "visual 1"]
+    for value in values:  # in and out of the (tiny) memory, both cases
+        for case_insensitive in (True, False):
+            text = value.upper() if case_insensitive else value
+            expected = "psn:" + hmac.new(b"k" * 32, text.encode(), hashlib.sha256).hexdigest()[:32]
+            assert pseudonym(value, case_insensitive=case_insensitive) == expected
+    assert len(pseudonym._cache) <= 3
+
+
 def test_a_generated_key_is_kept(tmp_path: Any) -> None:
     settings = load_settings({"OCPI_DATA_DIR": str(tmp_path)})
     key = retention.load_key(settings)
