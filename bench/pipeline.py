@@ -423,7 +423,8 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=60_000, help="pushes in the topics (about)")
     parser.add_argument("--evses", type=int, default=4, help="EVSEs per Location (a charging hub has dozens)")
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=2000, help="OCPI_PIPELINE_BATCH of the worker")
+    parser.add_argument("--batch", type=int, default=load_settings({}).pipeline.batch_max,
+                        help="OCPI_PIPELINE_BATCH of the worker (default: the product's)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--billing-rows", type=int, default=10_000_000)
     parser.add_argument("--skip-billing", action="store_true")

@@ -262,7 +262,7 @@ class PipelineSettings:
     topic_reconciliation: str = _setting(
         "OCPI_TOPIC_RECONCILIATION", "ocpi.reconciliation.v1", "topic the reconciliation results are published to"
     )
-    batch_max: int = _setting("OCPI_PIPELINE_BATCH", "2000", "most Kafka records one agent handles per batch")
+    batch_max: int = _setting("OCPI_PIPELINE_BATCH", "5000", "most Kafka records one agent handles per batch")
     park_ttl_s: float = _setting(
         "OCPI_PIPELINE_PARK_TTL", "300",
         "seconds a PATCH (or EVSE/Connector push) for an unknown object waits for its PUT before it is an orphan",
