@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from io import BytesIO
@@ -282,14 +283,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def pipeline_rate(stack: Stack, total: int, cdrs: int, timeout: float) -> tuple[float, float, float, float]:
+def cpu_wait_seconds(pid: int) -> float:
+    """How long the process's threads have been runnable but waiting for a CPU (Linux schedstat; live threads)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
+@dataclass
+class Machine:
+    """CPU seconds over the measured run: the worker's (and its wait for a CPU), this process's (chDB, serving
+    the worker's inserts, and the bench's polls), the broker's."""
+
+    worker: float = 0.0
+    worker_wait: float = 0.0
+    clickhouse: float = 0.0
+    broker: float = 0.0
+
+    @classmethod
+    def now(cls, worker: int, broker: int | None) -> Machine:
+        return cls(cpu_seconds(worker), cpu_wait_seconds(worker), cpu_seconds(os.getpid()),
+                   cpu_seconds(broker) if broker else 0.0)
+
+    def __sub__(self, other: Machine) -> Machine:
+        return Machine(self.worker - other.worker, self.worker_wait - other.worker_wait,
+                       self.clickhouse - other.clickhouse, self.broker - other.broker)
+
+
+async def pipeline_rate(stack: Stack, total: int, cdrs: int, timeout: float, broker: int | None,
+                        ) -> tuple[float, float, float, Machine]:
     """Start the worker; (events/s to stage-1 rows, events/s incl. reconciliation, seconds of the full run, the
-    worker's CPU seconds over that run)."""
+    CPU the machine spent over that run)."""
     client = stack.clickhouse
     assert client is not None
     profile = ["-m", "cProfile", "-o", str(stack.log_dir / "worker.prof")] if PROFILE else []
     stack.children["worker"] = spawn([sys.executable, *profile, "-m", "pipeline", "--log-level", "info", "worker"],
                                      env=stack.child_environment(), log_path=stack.log_dir / "worker.log")
+    worker = stack.children["worker"].pid
     deadline = time.monotonic() + timeout
     first = None
     stage1 = None
@@ -298,15 +330,14 @@ async def pipeline_rate(stack: Stack, total: int, cdrs: int, timeout: float) -> 
         raw = await asyncio.to_thread(scalar, client, "SELECT count() FROM raw_events")
         if raw and first is None:
             first = time.perf_counter()
-            cpu_first = cpu_seconds(stack.children["worker"].pid)
+            at_first = Machine.now(worker, broker)
         if first is not None and stage1 is None and raw >= total and await asyncio.to_thread(
                 scalar, client, "SELECT count() FROM raw_events FINAL") >= total:
             stage1 = time.perf_counter()
         if first is not None and stage1 is not None and await asyncio.to_thread(
                 scalar, client, "SELECT count() FROM reconciliation FINAL WHERE subject = 'CDR'") >= cdrs:
             end = time.perf_counter()
-            cpu = cpu_seconds(stack.children["worker"].pid) - cpu_first
-            return total / (stage1 - first), total / (end - first), end - first, cpu
+            return total / (stage1 - first), total / (end - first), end - first, Machine.now(worker, broker) - at_first
         await asyncio.sleep(0.1)
     raise TimeoutError("the worker did not finish in time; see " + str(stack.log_dir / "worker.log"))
 
@@ -372,7 +403,7 @@ async def measure(root: Path, args: argparse.Namespace) -> None:
             "OCPI_TOPIC_PARTITIONS": str(args.partitions), "OCPI_PIPELINE_BATCH": str(args.batch),
             "OCPI_ADMIN_TOKEN": "bench-admin-token", "PATH": os.environ.get("PATH", "")})
         if not args.skip_pipeline:
-            await run_pipeline(settings, args)
+            await run_pipeline(settings, args, broker.pid)
     if not args.skip_billing:
         client = connect(settings.clickhouse_dsn)  # one chDB path per process: the same one, another database
         result = billing(client, "bench_billing", args.billing_rows)
@@ -382,7 +413,7 @@ async def measure(root: Path, args: argparse.Namespace) -> None:
               f"{result['view_median_s'] * 1000:.0f} ms", flush=True)
 
 
-async def run_pipeline(settings: Settings, args: argparse.Namespace) -> None:
+async def run_pipeline(settings: Settings, args: argparse.Namespace, broker: int | None) -> None:
     stack = await Stack(settings.with_overrides(http={"port": 0}), run_worker=False, run_receivers=False).start()
     try:
         t = time.perf_counter()
@@ -396,10 +427,15 @@ async def run_pipeline(settings: Settings, args: argparse.Namespace) -> None:
         print(f"published in {time.perf_counter() - t:.1f}s", flush=True)
         raw = await raw_consume(stack.bootstrap, list(topics.values()), total)
         print(f"raw aiokafka consume + fastavro decode: {raw:,.0f} events/s", flush=True)
-        stage1, full, seconds, cpu = await pipeline_rate(stack, total, traffic.cdrs, args.timeout)
+        stage1, full, seconds, spent = await pipeline_rate(stack, total, traffic.cdrs, args.timeout, broker)
+        cpu = spent.worker
         print(f"pipeline, one worker, full rules: {stage1:,.0f} events/s to stage-1 rows, "
               f"{full:,.0f} events/s including reconciliation ({seconds:.1f}s; worker CPU {cpu:.1f}s = "
               f"{cpu / seconds:.0%} of one core, {cpu / total * 1e6:.0f} µs per event)", flush=True)
+        print(f"the machine over that run ({os.cpu_count()} cores): the worker waited {spent.worker_wait:.1f}s for a "
+              f"CPU; ClickHouse (chDB in this process, with the bench's polls) used {spent.clickhouse:.1f}s "
+              f"({spent.clickhouse / total * 1e6:.0f} µs per event), the broker {spent.broker:.1f}s; all together "
+              f"{(cpu + spent.clickhouse + spent.broker) / seconds:.1f} cores", flush=True)
         raw_after = await raw_consume(stack.bootstrap, list(topics.values()), total)
         raw_mean = (raw + raw_after) / 2
         print(f"raw again: {raw_after:,.0f} events/s; ratio pipeline/raw: {stage1 / raw_mean:.0%} (stage 1), "
