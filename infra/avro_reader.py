@@ -6,7 +6,8 @@ from the `bytes` with the schema's shape unrolled, and leave out null record fie
 absent on the wire), so the codec's separate null-stripping walk goes too.
 
 The output equals fastavro's (`return_record_name=True`, `return_record_name_override=True`) with null record
-fields removed wherever `strip` asks; tests/unit/infra/test_avro_reader.py checks that over generated events.
+fields removed wherever `strip` asks; tests/unit/avro/test_generated_reader.py checks that on valid and damaged
+records.
 Only records read with no schema resolution use it (the writer is the current revision); anything it cannot
 compile (a type or logical type we never write) makes `compile_reader` return None and fastavro is used.
 """
