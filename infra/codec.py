@@ -23,9 +23,9 @@ API
     Checks the marker, looks the fingerprint up among all known revisions, decodes and resolves to the
     current schema (records of the current revision through ``infra.avro_reader``'s generated reader, which
     gives what fastavro gives, several times faster). The payload dict has null (= absent) fields left out at
-    every level, so it has the same
-    shape as the dict that was encoded; datetimes come back tz-aware UTC, numbers as ``Decimal`` with exponent
-    -4 (``Decimal("8.5000")``: equal to, but not the same digits as, ``Decimal("8.5")``).
+    every level, so it has the same shape as the dict that was encoded; datetimes come back tz-aware UTC,
+    numbers as ``Decimal`` with exponent -4 (``Decimal("8.5000")``: equal to, but not the same digits as,
+    ``Decimal("8.5")``).
 ``encode_record(schema_name: str, datum: Mapping[str, Any]) -> bytes``
 ``decode_record(data: bytes, schema_name: str | None = None) -> dict[str, Any]``
     Generic single-object helpers for any record in the registry (current revision on write). Values of a
@@ -362,8 +362,8 @@ class AvroCodec:
             raise AvroCodecError(f"expected a {schema_name} record, got {writer.name}")
         return writer
 
-    def _read(self, data: bytes, schema_name: str | None) -> tuple[_Schema, dict[str, Any]]:
-        writer = self._writer(data, schema_name)
+    def _read(self, data: bytes, writer: _Schema) -> dict[str, Any]:
+        """The body after the header, read by fastavro with `writer` and resolved to the current revision."""
         name = writer.name
         reader = self._current[name]
         buf = BytesIO(data)
@@ -382,10 +382,10 @@ class AvroCodec:
             raise AvroCodecError(f"{len(data) - buf.tell()} trailing bytes after the {name} record")
         if not isinstance(record, dict):
             raise AvroCodecError(f"{name} did not decode to a record")
-        return writer, record
+        return record
 
     def decode_record(self, data: bytes, schema_name: str | None = None) -> dict[str, Any]:
-        return self._read(data, schema_name)[1]
+        return self._read(data, self._writer(data, schema_name))
 
     def decode_event(self, data: bytes) -> DecodedEvent:
         writer = self._writer(data, EVENT_SCHEMA)
@@ -400,7 +400,7 @@ class AvroCodec:
                 raise AvroCodecError(f"{len(body) - end} trailing bytes after the {EVENT_SCHEMA} record")
             branch, payload = record.pop("payload")
         else:
-            writer, record = self._read(data, EVENT_SCHEMA)
+            record = self._read(data, writer)
             branch, payload = record.pop("payload")
             payload = _strip_nulls(payload)
         return DecodedEvent(
