@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -51,7 +50,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from infra.clickhouse.client import connect
 from infra.clickhouse.migrations import migrate
-from infra.codec import EVENT_SCHEMA, HEADER_SIZE, encode_event, schema_root
+from infra.codec import HEADER_SIZE, encode_event
 from infra.codec import decode_event as codec_decode
 from infra.kafka.embedded import EmbeddedBroker
 from infra.process import spawn
@@ -71,6 +70,7 @@ from pipeline.stack import Stack
 from pipeline.stage import StageOutput, StageRules
 from pipeline.state import CdrState, Codec, LocationState, SessionState
 from pipeline.worker import tune_gc
+from tests.unit.avro.convert import current_schema
 from tests.unit.pipeline.builders import cdr, evse, location, session
 
 PARTIES = (("NL", "TNM"), ("NL", "EVB"), ("BE", "BEC"))
@@ -182,16 +182,8 @@ def worker_gc() -> Iterator[None]:
 
 
 Decoder = Callable[[bytes], Any]
-
-
-def _current_event_schema() -> Any:
-    """The OcpiEvent schema of the newest revision, parsed by fastavro straight from its .avsc file."""
-    root = Path(str(schema_root()))
-    newest = max((d for d in root.iterdir() if d.name[1:].isdigit()), key=lambda d: int(d.name[1:]))
-    return fastavro.parse_schema(json.loads((newest / f"{EVENT_SCHEMA}.avsc").read_text(encoding="utf-8")))
-
-
-_EVENT_SCHEMA = _current_event_schema()
+# Parsed by fastavro from the newest .avsc file, not taken from our codec.
+_EVENT_SCHEMA = fastavro.parse_schema(current_schema())
 
 
 def fastavro_decode(value: bytes) -> Any:
