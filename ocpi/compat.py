@@ -132,6 +132,14 @@ class CompatProfile(msgspec.Struct, frozen=True, kw_only=True):
 
 STRICT: Final = CompatProfile()
 
+ACCEPTED_AS_IS: Final = frozenset({Relaxation.ERRATA_MAX_LENGTH, Relaxation.NA_IN_ANY_REQUIRED_STRING})
+"""The relaxations that accept a value unchanged instead of repairing it: the value stays in the stored object,
+so checking that object again (after a merge) must accept it again, whatever the partner's profile is now."""
+
+RECHECK: Final = CompatProfile(relaxations=ACCEPTED_AS_IS)
+"""The profile of a re-check of a stored object merged with a new part: every part passed its partner's profile
+at the receiver, and a merge cannot make a value longer or turn it into `#NA`, so only what spans fields is new."""
+
 
 # --- repairs (used by ocpi.decode after a strict failure) ------------------------------------------------
 

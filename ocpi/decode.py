@@ -88,15 +88,16 @@ def decode_stored(body: bytes, model: type[T]) -> T:
     return cast(T, _validate.normalise(value))
 
 
-def validate_built(value: T, body: bytes) -> T:
+def validate_built(value: T, body: bytes, *, profile: CompatProfile | None = None) -> T:
     """The rules `decode` applies after msgspec, for an object built in code from parts msgspec has checked
     (a stored object merged with a converted PATCH, a converted PUT), whose OCPI JSON is exactly `body`.
 
-    Equal to `decode(body, type(value)).value`, without parsing `body` again: every type and field constraint
-    (`msgspec.Meta`) held in the parts, and a merge only replaces fields or appends to lists (whose only
-    constraints are minimum lengths). What a merge can break is what spans fields, and that is this rule walk.
+    Equal to `decode(body, type(value), profile=profile).value`, without parsing `body` again: every type and
+    field constraint (`msgspec.Meta`) held in the parts, and a merge only replaces fields or appends to lists (whose
+    only constraints are minimum lengths). What a merge can break is what spans fields, and that is this rule walk.
     """
-    return cast(T, _validate.finish(value, _NO_RELAXATIONS, [], scan_na=_may_contain_na(body)))
+    enabled = profile.relaxations if profile is not None else _NO_RELAXATIONS
+    return cast(T, _validate.finish(value, enabled, [], scan_na=_may_contain_na(body)))
 
 
 def decode_list(

@@ -17,6 +17,7 @@ import msgspec
 
 from ocpi.canonical import to_ocpi_json
 from ocpi.datetime import format_datetime
+from ocpi.compat import RECHECK
 from ocpi.decode import decode, decode_stored, validate_built
 from ocpi.types import dec_hook
 
@@ -85,8 +86,9 @@ class StoredStruct(Generic[T]):
 
 
 def validated(document: bytes, model: type[T]) -> T:
-    """Decode and validate stored OCPI JSON (the full `ocpi.decode` rules); OcpiValidationError if invalid."""
-    return decode(document, model).value
+    """Decode and validate stored OCPI JSON (the full `ocpi.decode` rules); OcpiValidationError if invalid.
+    Values the receivers accepted as they are under their partner's profile are accepted again (`RECHECK`)."""
+    return decode(document, model, profile=RECHECK).value
 
 
 def struct_json(value: Any) -> bytes:
@@ -126,7 +128,7 @@ def revalidated(value: T, model: type[T], encoded: tuple[bytes, bool] | None = N
     document, exact = encoded or _struct_json(value)
     if not exact:
         return validated(document, model), document
-    return validate_built(value, document), document
+    return validate_built(value, document, profile=RECHECK), document
 
 
 class _Evses(msgspec.Struct):

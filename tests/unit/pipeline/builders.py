@@ -18,6 +18,7 @@ import msgspec
 from infra.codec import DecodedEvent, decode_event, encode_event
 from ocpi import model
 from ocpi.canonical import content_hash, to_builtins
+from ocpi.compat import CompatProfile
 from ocpi.datetime import format_datetime
 from ocpi.decode import decode
 from pipeline.records import Record
@@ -130,19 +131,22 @@ _LEVELS = {"Session": ("SESSIONS", "SESSION"), "SessionPatch": ("SESSIONS", "SES
 
 def event(payload_type: str, body: dict[str, Any], *, received: float = 0, object_id: str | None = None,
           evse_uid: str | None = None, connector_id: str | None = None, event_id: str | None = None,
-          source: str = "PUSH", partner: str = "p1", cc: str = "NL", pid: str = "TNM") -> DecodedEvent:
-    """An event as a receiver would publish it, read back from its Avro bytes."""
+          source: str = "PUSH", partner: str = "p1", cc: str = "NL", pid: str = "TNM",
+          profile: CompatProfile | None = None) -> DecodedEvent:
+    """An event as a receiver would publish it (decoded under the partner's `profile`), read back from its Avro
+    bytes."""
     return decode_event(event_bytes(payload_type, body, received=received, object_id=object_id, evse_uid=evse_uid,
                                     connector_id=connector_id, event_id=event_id, source=source, partner=partner,
-                                    cc=cc, pid=pid))
+                                    cc=cc, pid=pid, profile=profile))
 
 
 def event_bytes(payload_type: str, body: dict[str, Any], *, received: float = 0, object_id: str | None = None,
                 evse_uid: str | None = None, connector_id: str | None = None, event_id: str | None = None,
                 source: str = "PUSH", partner: str = "p1", cc: str = "NL", pid: str = "TNM",
-                received_at: datetime | None = None) -> bytes:
+                received_at: datetime | None = None, profile: CompatProfile | None = None) -> bytes:
     module, level = _LEVELS[payload_type]
-    value = decode(_JSON.encode(body), getattr(model, payload_type)).value
+    decoded = decode(_JSON.encode(body), getattr(model, payload_type), profile=profile)
+    value = decoded.value
     operation = "POST" if module == "CDRS" else ("PATCH" if payload_type.endswith("Patch") else "PUT")
     if object_id is None:
         object_id = body.get("id") if level in ("SESSION", "CDR", "LOCATION") else None
@@ -154,7 +158,7 @@ def event_bytes(payload_type: str, body: dict[str, Any], *, received: float = 0,
         "received_at": received_at or ts(received), "request_id": str(uuid.uuid4()),
         "correlation_id": str(uuid.uuid4()), "from_country_code": None, "from_party_id": None,
         "to_country_code": None, "to_party_id": None, "source": source, "content_hash": content_hash(value),
-        "relaxations": [], "payload": (payload_type, to_builtins(value)),
+        "relaxations": list(decoded.relaxations), "payload": (payload_type, to_builtins(value)),
     })
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ocpi.compat import CompatProfile
 from ocpi.model import EVSE
 from pipeline import wire
 from pipeline.locations import _pair_evses, process_locations
@@ -144,6 +145,21 @@ def test_a_location_patch_that_breaks_a_cross_field_rule_is_invalid_and_not_stor
     assert outcome_of(out, patch.event_id) == "INVALID"
     assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["INVALID_MERGE"]
     assert stored(h)["publish"] is False
+
+
+def test_a_location_accepted_under_a_relaxation_is_stored_and_takes_later_updates() -> None:
+    # The receiver accepted a post-d2 errata address (ERRATA_MAX_LENGTH): the value stays in the object, so the
+    # pipeline's re-check of every merge must accept it again.
+    h = harness()
+    relaxed = CompatProfile.from_names("ERRATA_MAX_LENGTH")
+    put = event("Location", location(address="A" * 60), received=1, profile=relaxed)
+    assert put.relaxations == ["ERRATA_MAX_LENGTH:$.address"]
+    assert outcome_of(h.run(put), put.event_id) == "APPLIED"
+    patch = status_patch("E1", "CHARGING", 2, 2)
+    renamed = event("LocationPatch", {"name": "Renamed", "last_updated": iso(ts(3))}, object_id="LOC1", received=3)
+    out = h.run(patch, renamed)
+    assert (outcome_of(out, patch.event_id), outcome_of(out, renamed.event_id)) == ("APPLIED", "APPLIED")
+    assert stored(h)["address"] == "A" * 60 and stored(h)["evses"][0]["status"] == "CHARGING"
 
 
 def test_a_location_patch_merges_its_fields() -> None:
