@@ -119,8 +119,10 @@ def _price(price: dict[str, Any] | None) -> tuple[Decimal | None, Decimal | None
     return price.get("excl_vat"), price.get("incl_vat")
 
 
-def session_row(event: DecodedEvent, session: dict[str, Any], document: bytes, version: int) -> list[Any]:
-    """The current-state row of a full Session (after any PATCH merge)."""
+def session_row(event: DecodedEvent, session: dict[str, Any], document: bytes, version: int,
+                applied_at: datetime) -> list[Any]:
+    """The current-state row of a full Session (after any PATCH merge), in effect since `applied_at` (the
+    session idle sweep reads it as `received_at`)."""
     token = session["cdr_token"]
     excl, incl = _price(session.get("total_cost"))
     return [
@@ -129,7 +131,7 @@ def session_row(event: DecodedEvent, session: dict[str, Any], document: bytes, v
         session["kwh"], session["auth_method"], session.get("authorization_reference"), token["uid"],
         token["type"], token["contract_id"], session["location_id"], session["evse_uid"], session["connector_id"],
         session["currency"], excl, incl, session["last_updated"], json_column(document), event.event_id, version,
-        event.received_at,
+        applied_at,
     ]
 
 

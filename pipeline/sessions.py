@@ -102,15 +102,19 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
 def apply(state: SessionState, record: Record, session: dict, document: bytes, transition: Transition,
           out: StageOutput) -> None:
     event = record.event
+    # A parked PATCH is applied when its PUT arrives, after it: the state dates from then, not from its own
+    # (earlier) receipt, or the idle clock and `final_at` would start early.
+    applied_at = record.received_at if state.applied_at is None else max(state.applied_at, record.received_at)
     version = projection.next_version(state.version, session["last_updated"])
-    out.batch.add("sessions", projection.SESSION_COLUMNS, projection.session_row(event, session, document, version))
+    out.batch.add("sessions", projection.SESSION_COLUMNS,
+                  projection.session_row(event, session, document, version, applied_at))
     if state.status != session["status"]:
         out.batch.add("session_status_history", projection.SESSION_HISTORY_COLUMNS,
                       projection.session_history_row(event, session, state.status, transition.value, version))
     if session["status"] in lifecycle.FINAL and state.final_at is None:
-        state.final_at = record.received_at  # leaving a final state is rejected, so this is set once
+        state.final_at = applied_at  # leaving a final state is rejected, so this is set once
     fact = keep_fact_token(state.fact, session_fact(session, partner_id=event.partner_id, version=version,
-                                                    received_at=record.received_at, final_at=state.final_at,
+                                                    received_at=applied_at, final_at=state.final_at,
                                                     pseudonym=out.pseudonym), session)
     if relevant_change(state.fact, fact):
         out.fact(event, fact)
@@ -122,4 +126,4 @@ def apply(state: SessionState, record: Record, session: dict, document: bytes, t
     state.last_hash = event.content_hash
     state.version = version
     state.applied_event_id = event.event_id
-    state.applied_at = record.received_at
+    state.applied_at = applied_at

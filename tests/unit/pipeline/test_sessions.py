@@ -6,6 +6,7 @@ import json
 from decimal import Decimal
 from typing import Any
 
+from ocpi.compat import CompatProfile
 from pipeline.facts import SessionFact
 from pipeline.projection import ANOMALY_COLUMNS, RAW_EVENT_COLUMNS, SESSION_COLUMNS, SESSION_HISTORY_COLUMNS
 from pipeline.sessions import process_sessions
@@ -117,6 +118,44 @@ def test_patch_before_put_is_parked_then_applied_after_the_put() -> None:
     assert outcomes(second) == sorted([(put.event_id, "APPLIED"), (patch.event_id, "APPLIED")])
     assert [r[SESSION_COLUMNS.index("status")] for r in rows(second.batch, "sessions")] == ["ACTIVE", "COMPLETED"]
     assert stored(h)["kwh"] == 7 and h.state(KEY).parked == []
+
+
+def test_a_parked_patch_applied_after_its_put_dates_the_state_from_the_put() -> None:
+    # Applied when the PUT came: the idle clock, final_at and the row's received_at start then, not at its own
+    # (earlier) receipt.
+    h = harness(park_ttl_min=5, idle_min=60)
+    patch = event("SessionPatch", {"kwh": Decimal("3"), "status": "COMPLETED", "end_date_time": iso(ts(2)),
+                                   "last_updated": iso(ts(2))}, object_id="S1", received=0)
+    h.run(patch)
+    out = h.run(event("Session", session(status="ACTIVE", updated=1), received=4))
+    assert column(out.batch, "sessions", SESSION_COLUMNS, "received_at") == [ts(4), ts(4)]
+    assert h.state(KEY).applied_at == ts(4) and h.state(KEY).final_at == ts(4)
+    [fact] = [f for f in out.facts["NL/TNM"] if f.status == "COMPLETED"]
+    assert isinstance(fact, SessionFact) and fact.final_at == ts(4)
+
+
+def test_a_parked_patch_does_not_start_the_idle_clock_early() -> None:
+    h = harness(park_ttl_min=5, idle_min=60)
+    h.run(event("SessionPatch", {"kwh": Decimal("3"), "last_updated": iso(ts(2))}, object_id="S1", received=0))
+    h.run(event("Session", session(status="ACTIVE", updated=1), received=4))
+    out = h.run(event("SessionPatch", {"kwh": Decimal("6"), "last_updated": iso(ts(61))}, object_id="S1",
+                      received=62))
+    assert kinds(out) == []
+
+
+def test_a_session_accepted_under_a_relaxation_takes_later_patches() -> None:
+    # `#NA` in a required string the spec does not name is accepted as it is (NA_IN_ANY_REQUIRED_STRING): a merge
+    # keeps it, and the re-check of the merged Session must accept it again.
+    h = harness()
+    relaxed = CompatProfile.from_names("NA_IN_ANY_REQUIRED_STRING")
+    put = event("Session", session(location="#NA"), received=1, profile=relaxed)
+    assert put.relaxations == ["NA_IN_ANY_REQUIRED_STRING:$.location_id"]
+    h.run(put)
+    patch = event("SessionPatch", {"status": "COMPLETED", "kwh": Decimal("12"), "last_updated": iso(ts(30))},
+                  object_id="S1", received=30)
+    out = h.run(patch)
+    assert outcomes(out) == [(patch.event_id, "APPLIED")] and kinds(out) == []
+    assert stored(h)["status"] == "COMPLETED" and stored(h)["location_id"] == "#NA"
 
 
 def test_patch_and_put_in_one_batch_leave_one_raw_row_per_event() -> None:
