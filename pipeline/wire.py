@@ -16,8 +16,8 @@ from typing import Any, Final, Generic, TypeVar
 import msgspec
 
 from ocpi.canonical import to_ocpi_json
-from ocpi.datetime import format_datetime
 from ocpi.compat import RECHECK
+from ocpi.datetime import format_datetime
 from ocpi.decode import decode, decode_stored, validate_built
 from ocpi.types import dec_hook
 
