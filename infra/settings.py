@@ -49,6 +49,19 @@ def _parse_positive_int(env: str, raw: str) -> int:
     return value
 
 
+# Retention ages: no policy keeps data a century, and a bound keeps every TTL well inside ClickHouse's DateTime64
+# range (to 2299) and every age inside Python's datetime arithmetic.
+MAX_RETENTION_DAYS = 36_500
+MAX_RETENTION_YEARS = 100
+
+
+def _parse_int_up_to(env: str, raw: str, most: int) -> int:
+    value = _parse_int(env, raw)
+    if not 1 <= value <= most:
+        raise SettingsError(f"{env}={raw!r}: expected an integer from 1 to {most}")
+    return value
+
+
 def _parse_float(env: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -388,10 +401,10 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_RECONCILE_COST_TOLERANCE": _parse_non_negative_decimal,
     "OCPI_RECONCILE_TIME_TOLERANCE": _parse_non_negative_float,
     "OCPI_PIPELINE_SWEEP_INTERVAL": _parse_float,
-    "OCPI_RETENTION_RAW_DAYS": _parse_positive_int,
-    "OCPI_RETENTION_HISTORY_DAYS": _parse_positive_int,
-    "OCPI_RETENTION_PSEUDONYMISE_DAYS": _parse_positive_int,
-    "OCPI_RETENTION_BILLING_YEARS": _parse_positive_int,
+    "OCPI_RETENTION_RAW_DAYS": lambda env, raw: _parse_int_up_to(env, raw, MAX_RETENTION_DAYS),
+    "OCPI_RETENTION_HISTORY_DAYS": lambda env, raw: _parse_int_up_to(env, raw, MAX_RETENTION_DAYS),
+    "OCPI_RETENTION_PSEUDONYMISE_DAYS": lambda env, raw: _parse_int_up_to(env, raw, MAX_RETENTION_DAYS),
+    "OCPI_RETENTION_BILLING_YEARS": lambda env, raw: _parse_int_up_to(env, raw, MAX_RETENTION_YEARS),
 }
 
 

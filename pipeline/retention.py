@@ -113,8 +113,14 @@ class TableTtl:
 
     @property
     def expression(self) -> str:
-        """The TTL as ClickHouse shows it in system.tables (so a configured value is re-applied only on change)."""
-        return f"toDateTime({self.column}) + toInterval{self.unit}({self.amount})"
+        """The TTL as ClickHouse shows it in system.tables (so a configured value is re-applied only on change).
+
+        Computed on the DateTime64 column itself (a DateTime64 TTL needs ClickHouse 25.7 or later): through
+        `toDateTime`, which is 32-bit, an expiry past 2106-02-07 wraps to the 1970s and every row is deleted
+        at once. Migrations 0013 and 0014 set the defaults in that form (harmless at those ages); the first
+        `apply_ttls` rewrites them with the configured ages. A migration to the new form would have to name
+        ages, and would shorten a longer configured retention, deleting what it kept, until the next apply."""
+        return f"{self.column} + toInterval{self.unit}({self.amount})"
 
 
 @dataclass(frozen=True)
@@ -358,9 +364,9 @@ def report_rows(client: Client, database: str, settings: Settings, now: datetime
     rows: list[DueRow] = []
     for data_class in policy(settings):
         for ttl in data_class.ttls:
-            interval = f"INTERVAL {ttl.amount} {ttl.unit.upper()}"
-            due = client.query(f"SELECT count() FROM `{ttl.table}` WHERE toDateTime({ttl.column}) + {interval} <= "
-                               f"{datetime64(now)}").result_rows[0][0]
+            # The TTL's own expression, so the count is what ClickHouse deletes (and wraps nowhere either).
+            due = client.query(f"SELECT count() FROM `{ttl.table}` WHERE {ttl.expression} <= {datetime64(now)}"
+                               ).result_rows[0][0]
             rows.append(DueRow(data_class.name, ttl.table, f"delete {ttl.amount} {ttl.unit.lower()}(s) after "
                                f"{ttl.column}", ttls.get(ttl.table, ""), int(due)))
     before = now - timedelta(days=settings.retention.pseudonymise_days)

@@ -84,3 +84,4 @@ def test_locations_rows_from_before_personal_at_count_from_their_received_at(chd
     assert client.query(f"SELECT received_at, personal_at FROM {database}.locations FINAL").result_rows == [
         (received, received)]
     client.command(f"DROP DATABASE {database}")
+

@@ -25,10 +25,22 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_TOPIC_SESSIONS", "bad topic!"),
     ("OCPI_KAFKA_FLAVOR", "redpanda"),
     ("OCPI_KAFKA_SEND_TIMEOUT", "-1"),
+    ("OCPI_RETENTION_RAW_DAYS", "0"),
+    ("OCPI_RETENTION_HISTORY_DAYS", "36501"),
+    ("OCPI_RETENTION_PSEUDONYMISE_DAYS", "1e9"),
+    ("OCPI_RETENTION_BILLING_YEARS", "101"),
 ])
 def test_a_wrong_value_fails_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         load_settings({variable: value})
+
+
+def test_retention_ages_are_bounded() -> None:
+    most = load_settings({"OCPI_RETENTION_RAW_DAYS": "36500", "OCPI_RETENTION_HISTORY_DAYS": "36500",
+                          "OCPI_RETENTION_PSEUDONYMISE_DAYS": "36500", "OCPI_RETENTION_BILLING_YEARS": "100"})
+    assert (most.retention.raw_days, most.retention.billing_years) == (36500, 100)
+    with pytest.raises(SettingsError, match="OCPI_RETENTION_BILLING_YEARS='90000': expected an integer from 1 to 100"):
+        load_settings({"OCPI_RETENTION_BILLING_YEARS": "90000"})
 
 
 def test_real_kafka_turns_workarounds_off() -> None:

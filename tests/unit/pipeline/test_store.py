@@ -159,10 +159,45 @@ def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> Non
 
 def test_ttls_follow_the_settings(client: Client) -> None:
     database = client.database
-    assert retention.apply_ttls(client, database, _settings()) == []  # the migrations set the defaults
+    defaults = [ttl for data_class in retention.policy(_settings()) for ttl in data_class.ttls]
+    # The migrations set the defaults, in the 32-bit form (harmless at those ages); the first apply rewrites it.
+    current = retention.current_ttls(client, database)
+    assert [current[t.table].replace(f"toDateTime({t.column})", t.column) for t in defaults] == [
+        t.expression for t in defaults]
+    assert retention.apply_ttls(client, database, _settings()) == [t.table for t in defaults]
+    assert retention.apply_ttls(client, database, _settings()) == []
     changed = retention.apply_ttls(client, database, _settings(OCPI_RETENTION_RAW_DAYS="7"))
     assert changed == ["raw_events", "dead_letters"]
-    assert retention.current_ttls(client, database)["raw_events"] == "toDateTime(received_at) + toIntervalDay(7)"
+    assert retention.current_ttls(client, database)["raw_events"] == "received_at + toIntervalDay(7)"
+
+
+def test_a_longer_retention_set_in_the_32_bit_form_keeps_its_rows_when_rewritten(client: Client) -> None:
+    """A database of an earlier release, with 10 years of billing configured: the new form keeps 10 years."""
+    client.command("ALTER TABLE cdrs MODIFY TTL toDateTime(received_at) + INTERVAL 10 YEAR")
+    write(client, Harness(process_cdrs, CdrState).run(event("CDR", cdr(), received=-8 * 365 * 24 * 60)).batch)
+    assert "cdrs" in retention.apply_ttls(client, client.database, _settings(OCPI_RETENTION_BILLING_YEARS="10"))
+    assert retention.current_ttls(client, client.database)["cdrs"] == "received_at + toIntervalYear(10)"
+    client.command("OPTIMIZE TABLE cdrs FINAL")
+    assert client.query("SELECT count() FROM cdrs").result_rows == [(1,)]
+
+
+def test_a_retention_past_2106_keeps_what_was_just_received(client: Client) -> None:
+    """A 32-bit expiry (`toDateTime(...)`) past 2106-02-07 wraps to the 1970s, and the TTL deletes every row."""
+    write(client, Harness(process_sessions, SessionState).run(
+        event("Session", session(status="COMPLETED", end=60, updated=60), received=1)).batch)
+    write(client, Harness(process_cdrs, CdrState).run(event("CDR", cdr(), received=2)).batch)
+    tables = ("raw_events", "sessions", "cdrs", "cdr_charging_periods", "billing_lines")
+    before = {t: client.query(f"SELECT count() FROM {t}").result_rows[0][0] for t in tables}
+    assert all(before.values())
+    settings = _settings(OCPI_RETENTION_BILLING_YEARS="90", OCPI_RETENTION_RAW_DAYS="29000",
+                         OCPI_RETENTION_HISTORY_DAYS="29000")
+    assert "cdrs" in retention.apply_ttls(client, client.database, settings)
+    assert retention.current_ttls(client, client.database)["cdrs"] == "received_at + toIntervalYear(90)"
+    assert not [r for r in retention.report_rows(client, client.database, settings, ts(0) + timedelta(days=1))
+                if r.data_class != "personal" and r.rows_due]
+    for table in tables:
+        client.command(f"OPTIMIZE TABLE {table} FINAL")  # a merge applies the TTL
+    assert {t: client.query(f"SELECT count() FROM {t}").result_rows[0][0] for t in tables} == before
 
 
 def test_personal_data_is_pseudonymised_after_the_configured_age_and_joins_still_work(client: Client) -> None:
@@ -195,7 +230,7 @@ def test_the_report_counts_what_is_due(client: Client) -> None:
     at = {(r.data_class, r.table): r
           for r in retention.report_rows(client, client.database, settings, ts(0) + timedelta(days=40))}
     assert at["raw", "raw_events"].rows_due == 1 and at["billing", "cdrs"].rows_due == 0
-    assert at["billing", "cdrs"].ttl_in_effect == "toDateTime(received_at) + toIntervalYear(7)"
+    assert at["billing", "cdrs"].ttl_in_effect == "toDateTime(received_at) + toIntervalYear(7)"  # 0013's
     personal = [r for r in retention.report_rows(client, client.database, settings,
                                                  ts(0) + timedelta(days=100)) if r.data_class == "personal"]
     assert {r.table: r.rows_due for r in personal} == {"sessions": 0, "cdrs": 1, "locations": 0}
