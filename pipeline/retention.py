@@ -18,7 +18,8 @@ OCPI leaves retention to contracts and law (02 §7); these are our defaults, eac
 Pseudonymisation replaces a value by `psn:` + the first 32 hex digits of HMAC-SHA256(key, value) — 36
 characters, so it still fits the CiString(36) columns, and equal values (CiStrings compared case-insensitively)
 give equal pseudonyms, so joins between sessions and CDRs keep working. The rows are written again with a
-higher version and `pseudonymised = true`; ReplacingMergeTree drops the clear-text version.
+higher version and `pseudonymised = true`, and the clear-text versions they replace are deleted (a lightweight
+DELETE, `delete_superseded_clear_rows`): ReplacingMergeTree alone drops them only at a merge nothing schedules.
 
 Tansu (the embedded broker) stores topic configs but enforces neither `retention.ms` nor compaction
 (research note §2): embedded Kafka data lives only as long as the broker process. On Apache Kafka the
@@ -241,7 +242,8 @@ class PersonalTable:
     only: str = ""  # a condition rows without personal data fail, so they are never rewritten
 
     def due(self, before: datetime) -> str:
-        """The WHERE condition of its current rows (FINAL) whose personal data is due and still in clear."""
+        """The WHERE condition of rows whose personal data is due and still in clear (with FINAL: of its current
+        rows)."""
         only = f" AND {self.only}" if self.only else ""
         return f"NOT pseudonymised AND {self.moment} < {datetime64(before)}{only}"
 
@@ -343,7 +345,54 @@ def pseudonymise_due(client: Client, settings: Settings, pseudonym: Pseudonymize
             if len(rows) < batch:
                 break
         done[spec.table] = total
+        deleted = delete_superseded_clear_rows(client, spec, before)
+        if deleted:
+            log.info("retention: deleted %d clear rows of %s that pseudonymised rows replace", deleted, spec.table)
     return done
+
+
+# Rows go into a DELETE as literal tuples; this many (identities are CiString(36) at most) keep a statement far
+# below ClickHouse's default max_query_size of 256 KiB.
+_ROWS_PER_STATEMENT: Final = 1_000
+
+
+def _tuple(values: Iterable[Any]) -> str:
+    return "(" + ", ".join(string(v) if isinstance(v, str) else str(int(v)) for v in values) + ")"
+
+
+def delete_superseded_clear_rows(client: Client, spec: PersonalTable, before: datetime) -> int:
+    """Delete the rows of `spec.table` whose personal data is due and in clear and that a pseudonymised row of
+    the same key and a higher version replaces; returns how many.
+
+    ReplacingMergeTree drops a replaced row only at a merge that nothing schedules; until then every query
+    without FINAL reads it. A lightweight DELETE hides it at once (the same SQL on chDB and a server) for a mask
+    on the parts it touches, where OPTIMIZE ... FINAL would rewrite the partitions every hour; the bytes leave
+    the disk when the part next merges. A clear row without a pseudonymised successor is the current one, for
+    the next pass, and stays. Candidates are read from the table, not from this pass's inserts, so rows that
+    an interrupted pass or an older release left are found too.
+    """
+    key = ", ".join(spec.key)
+    version = spec.version_column
+    deleted = 0
+    after = ""
+    while True:
+        candidates = client.query(
+            f"SELECT {key}, {version} FROM `{spec.table}` WHERE {spec.due(before)}{after} "
+            f"ORDER BY {key}, {version} LIMIT {_ROWS_PER_STATEMENT}").result_rows
+        if not candidates:
+            return deleted
+        keys = {tuple(row[:-1]) for row in candidates}
+        successors = {tuple(row[:-1]): int(row[-1]) for row in client.query(
+            f"SELECT {key}, max({version}) FROM `{spec.table}` WHERE pseudonymised AND ({key}) IN "
+            f"({', '.join(map(_tuple, keys))}) GROUP BY {key}").result_rows}
+        replaced = [row for row in candidates if int(row[-1]) < successors.get(tuple(row[:-1]), -1)]
+        if replaced:
+            client.command(f"DELETE FROM `{spec.table}` WHERE NOT pseudonymised AND ({key}, {version}) IN "
+                           f"({', '.join(map(_tuple, replaced))})")
+            deleted += len(replaced)
+        if len(candidates) < _ROWS_PER_STATEMENT:
+            return deleted
+        after = f" AND ({key}, {version}) > {_tuple(candidates[-1])}"
 
 
 # --- report ---------------------------------------------------------------------------------------------------

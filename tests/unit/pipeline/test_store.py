@@ -224,6 +224,71 @@ def test_personal_data_is_pseudonymised_after_the_configured_age_and_joins_still
                                                                                "locations": 0}
 
 
+CLEAR = ("TOK1", "NL-EMS-TOK1", "AUTH-1", "TOK3", "NL-EMS-TOK3", "Card-0042")  # of the objects that are due
+
+
+def _personal_rows(client: Client) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row (no FINAL) of the tables with personal data, as (identity, pseudonymised, personal values)."""
+    found = {}
+    for table, key, columns in (("sessions", "session_id", "token_uid, contract_id, authorization_reference, "),
+                                ("cdrs", "cdr_id", "token_uid, contract_id, authorization_reference, "),
+                                ("locations", "location_id", "")):
+        found[table] = sorted(client.query(
+            f"SELECT {key}, pseudonymised, version, {columns}payload_json FROM {table}").result_rows)
+    return found
+
+
+def test_after_the_pass_no_row_holds_due_personal_data_in_clear_even_without_final(client: Client) -> None:
+    day = 24 * 60
+    sessions, cdrs, locations = (Harness(process_sessions, SessionState), Harness(process_cdrs, CdrState),
+                                 Harness(process_locations, LocationState))
+    # S1 in two batches (two versions, both in clear), S2 recent.
+    write(client, sessions.run(event("Session", session(authref="AUTH-1", updated=-40 * day), received=-40 * day),
+                               event("Session", session("S2", uid="TOK2", authref="AUTH-2"), received=0)).batch)
+    write(client, sessions.run(event("Session", session(authref="AUTH-1", status="COMPLETED", end=-39 * day,
+                                                        updated=-39 * day), received=-39 * day)).batch)
+    write(client, cdrs.run(event("CDR", cdr(authref="AUTH-1", start=-40 * day, end=-39 * day),
+                                 received=-39 * day)).batch)
+    old, new = ([{"uid": uid, "type": "RFID"}, {"visual_number": card, "issuer": "MoveMove"}]
+                for uid, card in (("TOK3", "Card-0042"), ("TOK4", "Card-0043")))
+    write(client, locations.run(
+        event("Location", location("LOC-OLD", publish=False, publish_allowed_to=old), received=-40 * day),
+        event("Location", location("LOC-NEW", publish=False, publish_allowed_to=new), received=0)).batch)
+    write(client, locations.run(event("EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(0))},
+                                      object_id="LOC-OLD", evse_uid="E1", received=0)).batch)
+    before = _personal_rows(client)
+    assert [(sid, done) for sid, done, *_ in before["sessions"]] == [("S1", False), ("S1", False), ("S2", False)]
+
+    settings = _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30")
+    done = retention.pseudonymise_due(client, settings, retention.Pseudonymizer(b"x" * 32), ts(day))
+    assert done == {"sessions": 1, "cdrs": 1, "locations": 1}
+    after = _personal_rows(client)
+    for table, rows in after.items():
+        due = [row for row in rows if row[0] in ("S1", "C1", "LOC-OLD")]
+        assert [row[1] for row in due] == [True], table  # one row left: the pseudonymised one
+        text = " ".join(str(value) for value in due[0]).upper()
+        assert not [value for value in CLEAR if value.upper() in text], table
+        # What was not due is untouched: the same rows, still in clear.
+        assert [r for r in rows if r not in due] == [r for r in before[table] if r[0] in ("S2", "LOC-NEW")], table
+    assert client.query("SELECT session_id, token_uid FROM sessions FINAL ORDER BY 1").result_rows == [
+        ("S1", retention.Pseudonymizer(b"x" * 32)("TOK1")), ("S2", "TOK2")]
+
+
+def test_clear_rows_an_interrupted_pass_left_are_deleted_by_the_next(client: Client,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    write(client, Harness(process_sessions, SessionState).run(
+        event("Session", session(authref="AUTH-1", status="COMPLETED", end=60, updated=60), received=1)).batch)
+    settings = _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30")
+    pseudonym = retention.Pseudonymizer(b"x" * 32)
+    later = ts(0) + timedelta(days=31)
+    with monkeypatch.context() as patched:  # the pass stops after its insert (an error, a restart)
+        patched.setattr(retention, "delete_superseded_clear_rows", lambda *_: 0)
+        assert retention.pseudonymise_due(client, settings, pseudonym, later)["sessions"] == 1
+    assert sorted(client.query("SELECT pseudonymised FROM sessions").result_rows) == [(False,), (True,)]
+    assert retention.pseudonymise_due(client, settings, pseudonym, later)["sessions"] == 0  # nothing due in FINAL
+    assert client.query("SELECT pseudonymised, token_uid FROM sessions").result_rows == [(True, pseudonym("TOK1"))]
+
+
 def test_the_report_counts_what_is_due(client: Client) -> None:
     write(client, Harness(process_cdrs, CdrState).run(event("CDR", cdr(), received=1)).batch)
     settings = _settings()
