@@ -316,10 +316,11 @@ class RetentionSettings:
     """How long each class of data is kept (see README, "Retention")."""
 
     raw_days: int = _setting(
-        "OCPI_RETENTION_RAW_DAYS", "30", "days raw events, dead letters and the module topics are kept"
+        "OCPI_RETENTION_RAW_DAYS", "30", "days raw events, dead letters and our Kafka topics are kept"
     )
     history_days: int = _setting(
-        "OCPI_RETENTION_HISTORY_DAYS", "365", "days status histories and anomalies are kept"
+        "OCPI_RETENTION_HISTORY_DAYS", "365",
+        "days status histories, anomalies and refused pushes (rejections) are kept",
     )
     pseudonymise_days: int = _setting(
         "OCPI_RETENTION_PSEUDONYMISE_DAYS", "90",

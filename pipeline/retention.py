@@ -3,9 +3,9 @@
 OCPI leaves retention to contracts and law (02 §7); these are our defaults, each configurable
 (README, "Retention"):
 
-- raw (raw_events, dead_letters; the module, party-facts and reconciliation topics): OCPI_RETENTION_RAW_DAYS,
-  by ClickHouse TTL and the topics' `retention.ms`;
-- history (session and EVSE status histories, anomalies): OCPI_RETENTION_HISTORY_DAYS, by TTL;
+- raw (raw_events, dead_letters; the module, party-facts, reconciliation and rejections topics):
+  OCPI_RETENTION_RAW_DAYS, by ClickHouse TTL and the topics' `retention.ms`;
+- history (session and EVSE status histories, anomalies, rejections): OCPI_RETENTION_HISTORY_DAYS, by TTL;
 - personal (token uid, contract id, authorization reference, visual number in sessions, cdrs, locations): in
   clear for OCPI_RETENTION_PSEUDONYMISE_DAYS after it was received (a locations row: `personal_at`, when its
   `publish_allowed_to` came, since EVSE updates write new rows with it), then a keyed hash, by the worker's sweep
@@ -139,16 +139,20 @@ def policy(settings: Settings) -> list[DataClass]:
            TableTtl("dead_letters", "recorded_at", "Day", r.raw_days))
     history = (TableTtl("session_status_history", "received_at", "Day", r.history_days),
                TableTtl("evse_status_history", "received_at", "Day", r.history_days),
-               TableTtl("anomalies", "observed_at", "Day", r.history_days))
+               TableTtl("anomalies", "observed_at", "Day", r.history_days),
+               # Refused pushes, kept for debugging with the partner like the anomalies of what was accepted.
+               TableTtl("rejections", "rejected_at", "Day", r.history_days))
     billing = (*(TableTtl(table, "received_at", "Year", r.billing_years)
                  for table in ("cdrs", "cdr_charging_periods", "cdr_tariffs", "credit_links", "billing_lines",
                                "sessions")),
                TableTtl("reconciliation", "event_time", "Year", r.billing_years))
+    # Every topic is a transport the worker has written to ClickHouse within seconds: kept like raw events.
     topics = (*settings.kafka.module_topics, settings.pipeline.topic_party_facts,
-              settings.pipeline.topic_reconciliation)
+              settings.pipeline.topic_reconciliation, settings.kafka.topic_rejections)
     return [
         DataClass("raw", "raw events and undecodable records, as received", f"{r.raw_days} days", raw, topics),
-        DataClass("history", "status histories and anomalies", f"{r.history_days} days", history),
+        DataClass("history", "status histories, anomalies and refused pushes (rejections)", f"{r.history_days} days",
+                  history),
         DataClass("personal", "token uid, contract id, authorization reference, visual number; in ClickHouse "
                   "rows, and in the worker's session and location state and their changelogs",
                   f"in clear for {r.pseudonymise_days} days, then pseudonymised (keyed hash)", ()),

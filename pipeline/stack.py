@@ -27,6 +27,7 @@ from infra.kafka.embedded import EmbeddedBroker, free_port
 from infra.process import spawn, terminate
 from infra.runfile import RunningInstance, remove_running_instance, write_running_instance
 from infra.settings import Settings, as_environ
+from pipeline.retention import topic_configs
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ class Stack:
             self.bootstrap = self.broker.bootstrap
         else:
             self.bootstrap = kafka.bootstrap
+        # Created with the policy's retention (the worker sets it again on topics that exist).
         await asyncio.to_thread(ensure_topics, self.bootstrap, (*kafka.module_topics, kafka.topic_rejections),
-                                kafka.partitions)
+                                kafka.partitions, topic_configs(self.settings))
 
         database = self.settings.clickhouse.database
         dsn = self.settings.clickhouse_dsn

@@ -37,7 +37,7 @@ class Topics:
 def topic_names(settings: Settings) -> tuple[str, ...]:
     """Every topic name, for creating them before the worker starts."""
     return (*settings.kafka.module_topics, settings.pipeline.topic_party_facts,
-            settings.pipeline.topic_reconciliation)
+            settings.pipeline.topic_reconciliation, settings.kafka.topic_rejections)
 
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:

@@ -171,6 +171,22 @@ def test_ttls_follow_the_settings(client: Client) -> None:
     assert retention.current_ttls(client, database)["raw_events"] == "received_at + toIntervalDay(7)"
 
 
+def test_rejections_are_kept_like_the_other_histories(client: Client) -> None:
+    from infra.rejections import COLUMNS, Rejection
+    from pipeline.rejections import rejection_row
+
+    refused = Rejection("r1", "p1", "sessions", "PUT", "/ocpi/sessions/NL/TNM/S1", 2001, 400, "bad", "$.kwh",
+                        "q1", "c1", ts(0))
+    client.insert("rejections", [rejection_row(refused)], column_names=list(COLUMNS))
+    retention.apply_ttls(client, client.database, _settings())  # the migrations' form, rewritten
+    settings = _settings(OCPI_RETENTION_HISTORY_DAYS="30")
+    assert retention.apply_ttls(client, client.database, settings) == [
+        "session_status_history", "evse_status_history", "anomalies", "rejections"]
+    assert retention.current_ttls(client, client.database)["rejections"] == "rejected_at + toIntervalDay(30)"
+    due = {r.table: r for r in retention.report_rows(client, client.database, settings, ts(0) + timedelta(days=31))}
+    assert (due["rejections"].data_class, due["rejections"].rows_due) == ("history", 1)
+
+
 def test_a_longer_retention_set_in_the_32_bit_form_keeps_its_rows_when_rewritten(client: Client) -> None:
     """A database of an earlier release, with 10 years of billing configured: the new form keeps 10 years."""
     client.command("ALTER TABLE cdrs MODIFY TTL toDateTime(received_at) + INTERVAL 10 YEAR")
@@ -381,7 +397,7 @@ def test_topic_configs_cover_every_topic_we_feed_and_the_personal_state_changelo
     configs = retention.topic_configs(load_settings({"OCPI_RETENTION_RAW_DAYS": "2", "OCPI_PIPELINE_APP_ID": "w"}))
     changelogs = [configs.pop(f"w-{table}-state-changelog") for table in ("session", "location")]
     assert set(configs) == {"ocpi.locations.v1", "ocpi.sessions.v1", "ocpi.cdrs.v1", "ocpi.pipeline.party-facts.v1",
-                            "ocpi.reconciliation.v1"}
+                            "ocpi.reconciliation.v1", "ocpi.rejections.v1"}
     assert {c["retention.ms"] for c in configs.values()} == {str(2 * 86_400_000)}
     assert changelogs == [{"cleanup.policy": "compact", "max.compaction.lag.ms": str(86_400_000)}] * 2
 
