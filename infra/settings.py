@@ -62,6 +62,19 @@ def _parse_int_up_to(env: str, raw: str, most: int) -> int:
     return value
 
 
+# The HMAC key's least length (`pipeline.retention.Pseudonymizer`).
+MIN_PSEUDONYM_KEY_BYTES = 16
+
+
+def _parse_pseudonym_key(env: str, raw: str) -> str:
+    """A secret: the message gives its length, never its value."""
+    size = len(raw.encode())
+    if 0 < size < MIN_PSEUDONYM_KEY_BYTES:
+        raise SettingsError(f"{env}: the key has {size} bytes, expected at least {MIN_PSEUDONYM_KEY_BYTES} "
+                            "(or empty: one is generated)")
+    return raw
+
+
 def _parse_float(env: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -331,7 +344,7 @@ class RetentionSettings:
     )
     pseudonym_key: str = _setting(
         "OCPI_PSEUDONYM_KEY", "",
-        "secret key of the pseudonymisation HMAC; empty = generated once into DATA_DIR/secrets",
+        "secret key of the pseudonymisation HMAC (at least 16 bytes); empty = generated once into DATA_DIR/secrets",
         secret=True,
     )
 
@@ -406,6 +419,7 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_RETENTION_HISTORY_DAYS": lambda env, raw: _parse_int_up_to(env, raw, MAX_RETENTION_DAYS),
     "OCPI_RETENTION_PSEUDONYMISE_DAYS": lambda env, raw: _parse_int_up_to(env, raw, MAX_RETENTION_DAYS),
     "OCPI_RETENTION_BILLING_YEARS": lambda env, raw: _parse_int_up_to(env, raw, MAX_RETENTION_YEARS),
+    "OCPI_PSEUDONYM_KEY": _parse_pseudonym_key,
 }
 
 

@@ -44,7 +44,7 @@ from typing import Any, Final
 import msgspec
 from clickhouse_connect.driver.client import Client
 
-from infra.settings import Settings
+from infra.settings import MIN_PSEUDONYM_KEY_BYTES, Settings
 from ocpi.identity import ci_normalize
 from pipeline.sink import datetime64, insert_rows, string
 
@@ -64,8 +64,8 @@ class Pseudonymizer:
     CACHE_SIZE: Final = 65_536
 
     def __init__(self, key: bytes) -> None:
-        if len(key) < 16:
-            raise ValueError("the pseudonymisation key needs at least 16 bytes")
+        if len(key) < MIN_PSEUDONYM_KEY_BYTES:
+            raise ValueError(f"the pseudonymisation key needs at least {MIN_PSEUDONYM_KEY_BYTES} bytes")
         self._keyed = hmac.new(key, digestmod=hashlib.sha256)
         self._cache: dict[tuple[str, bool], str] = {}
 

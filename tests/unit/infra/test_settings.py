@@ -43,6 +43,26 @@ def test_retention_ages_are_bounded() -> None:
         load_settings({"OCPI_RETENTION_BILLING_YEARS": "90000"})
 
 
+def test_a_short_pseudonym_key_fails_at_load_without_showing_it() -> None:
+    with pytest.raises(SettingsError, match="OCPI_PSEUDONYM_KEY: the key has 15 bytes, expected at least 16") as error:
+        load_settings({"OCPI_PSEUDONYM_KEY": "secret-but-15-b"})
+    assert "secret" not in str(error.value)
+    assert load_settings({"OCPI_PSEUDONYM_KEY": "é" * 8}).retention.pseudonym_key == "é" * 8  # bytes, not characters
+    assert load_settings({}).retention.pseudonym_key == ""  # generated into the data directory
+
+
+def test_a_short_pseudonym_key_stops_a_command_before_it_changes_anything(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    monkeypatch.setenv("OCPI_PSEUDONYM_KEY", "too-short")
+    for command in (["settings"], ["retention", "apply"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 1 and "OCPI_PSEUDONYM_KEY" in result.output, result.output
+        assert "too-short" not in result.output and "Traceback" not in result.output
+
+
 def test_real_kafka_turns_workarounds_off() -> None:
     settings = load_settings({"OCPI_KAFKA_BOOTSTRAP": "kafka:9092"})
     assert not settings.kafka.embedded and not settings.kafka.is_tansu
