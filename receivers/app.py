@@ -17,6 +17,7 @@ from infra.kafka.publisher import Publisher
 from infra.settings import Settings, get_settings
 from receivers import cdrs, credentials, locations, sessions, versions
 from receivers.auth import authenticate
+from receivers.paths import DecodePathParams, OcpiLitestar
 from receivers.publishing import EventPublisher, RecordSink
 from receivers.registry import PartnerDirectory, PartnerRegistry
 from receivers.rejections import RejectionRecorder
@@ -78,8 +79,10 @@ def create_app(settings: Settings | None = None, *, sink: RecordSink | None = No
         "settings": Provide(provide_settings, sync_to_thread=False),
         "stored": Provide(provide_stored, sync_to_thread=False),
     }
-    return Litestar(
+    # Routed on the undecoded path, so an id's encoded `/` stays in its segment (receivers.paths).
+    return OcpiLitestar(
         route_handlers=[versions.router, credentials.router, locations.router, sessions.router, cdrs.router],
+        middleware=[DecodePathParams()],
         guards=[authenticate],
         dependencies=dependencies,
         exception_handlers=EXCEPTION_HANDLERS,

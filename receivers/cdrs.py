@@ -51,11 +51,10 @@ async def post_cdr(request: Request[Any, Any, Any], events: Events, settings: Co
     return ocpi_response(http_status=201, headers={"Location": cdr_url(settings, key)})
 
 
-# `path`: a CDR id may hold any printable ASCII, `/` included (cdr_url percent-encodes it, servers decode it).
-@get("/{country_code:str}/{party_id:str}/{cdr_id:path}")
+@get("/{country_code:str}/{party_id:str}/{cdr_id:str}")
 async def get_cdr(country_code: Segment, party_id: Segment, cdr_id: Segment, stored: Stored) -> Response[bytes]:
     """The CDR as we hold it, at the URL our POST answer named; 404 with 2000 when we hold none."""
-    key = ObjectKey(country_code, party_id, cdr_id.removeprefix("/"))
+    key = ObjectKey(country_code, party_id, cdr_id)
     cdr = await stored.cdr(key)
     if cdr is None:
         raise NotFound(f"CDR {key} is not known here")

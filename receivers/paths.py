@@ -1,0 +1,70 @@
+"""Object ids in URL paths: one id is one path segment, whatever printable ASCII it holds, `/` included.
+
+OCPI ids are CiStrings (printable ASCII, 02 §9), so an id may hold `/`, which a client sends as `%2F` in
+`.../{country_code}/{party_id}/{object_id}` (04 §6.1). ASGI servers (granian too) hand the app a
+percent-decoded `path`, and Litestar routes on it: there the id's `/` is a separator, so a Session `2024/05`
+found no route, and a Location PATCH for `A/B` was routed as an EVSE PATCH of Location `A`. So the receivers
+route on the undecoded `raw_path` instead, in two steps attached once to the app (receivers.app):
+
+- before routing, `OcpiLitestar` replaces the path Litestar routes on with `routing_path`: `raw_path` split
+  on a literal `/`, each segment decoded on its own and written back with only `%` and `/` escaped (`%25`,
+  `%2F`), so every id stays one routing segment;
+- after routing, `DecodePathParams` (app middleware, so before the guard, dependencies and handlers) decodes
+  those two escapes in the path parameters: everything after it sees the exact ids.
+
+Without `raw_path` (optional in ASGI) the decoded path is routed: an encoded `/` is then lost, as before.
+`request.url.path` is the routed path (messages, rejection records): an id's `%` and `/` show escaped, so it
+says unambiguously what was addressed.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, unquote_to_bytes
+
+from litestar import Litestar
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, LifeSpanReceive, LifeSpanScope, LifeSpanSend, Receive, Scope, Send
+
+
+def _escaped(segment: str) -> str:
+    return segment.replace("%", "%25").replace("/", "%2F")
+
+
+def routing_path(scope: Scope) -> str:
+    """The path to route on: `raw_path`'s segments, each decoded, with `%` and `/` escaped (module docstring)."""
+    raw = scope.get("raw_path")
+    if raw is None:
+        return scope["path"].replace("%", "%25")  # its segments hold no `/`, but `%` must be escaped all the same
+    raw = raw.partition(b"?")[0]  # httpx, so Litestar's TestClient, leaves the query string on it
+    if b"%" not in raw:
+        return raw.decode("utf-8", "replace")  # the common case: nothing encoded, nothing to escape
+    # Decoded as servers decode `path` (UTF-8, invalid bytes replaced); ids are ASCII, so this is for messages.
+    return "/".join(_escaped(unquote_to_bytes(part).decode("utf-8", "replace")) for part in raw.split(b"/"))
+
+
+class OcpiLitestar(Litestar):
+    """The receivers' app: Litestar routing on `routing_path`. Its middleware must include DecodePathParams."""
+
+    __slots__ = ()
+
+    async def __call__(self, scope: Scope | LifeSpanScope, receive: Receive | LifeSpanReceive,
+                       send: Send | LifeSpanSend) -> None:
+        if scope["type"] == "http":
+            scope["path"] = routing_path(scope)
+        await super().__call__(scope, receive, send)
+
+
+class DecodePathParams(ASGIMiddleware):
+    """After routing on `routing_path`: the path parameters with `%25` and `%2F` decoded, i.e. the exact ids."""
+
+    scopes = (ScopeType.HTTP,)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        params = scope["path_params"]
+        if any(isinstance(value, str) and "%" in value for value in params.values()):
+            # A new dict: Litestar caches routing results, this dict included, per path.
+            scope["path_params"] = {name: unquote(value) if isinstance(value, str) else value
+                                    for name, value in params.items()}
+        await next_app(scope, receive, send)
+

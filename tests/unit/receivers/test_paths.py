@@ -1,0 +1,143 @@
+"""Ids in URLs (receivers.paths): an OCPI id is a CiString, so it may hold `/` (sent as %2F), `%`, spaces and
+dots; every receiver URL must address exactly the object whose id the client encoded, at its level."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from receivers.paths import routing_path
+from tests.unit.receivers.app_support import make_env  # noqa: F401
+from tests.unit.receivers.push_support import (  # noqa: F401
+    BASE,
+    CDRS_URL,
+    PATCHED,
+    Pushes,
+    assert_envelope,
+    cdr,
+    connector,
+    evse,
+    location,
+    make_pushes_fixture,
+    pushes_fixture,
+    session,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+# A slash inside, leading, trailing, doubled, alone; dot segments; `%` alone and as a would-be escape; spaces.
+IDS = ["2024/05", "/abc", "abc/", "a//b", "/", "a/./b", "a/../b", "50%", "%2F", "a%25b", "two words", " padded ",
+       "?#&=+;"]
+
+
+def url(*parts: str) -> str:
+    """A receiver URL with each part encoded as one segment, as a client must send an id."""
+    return "/".join([BASE, *(quote(part, safe="") for part in parts)])
+
+
+def data(response: Any) -> Any:
+    return assert_envelope(response, 1000, http=200)["data"]
+
+
+@pytest.mark.parametrize("object_id", IDS)
+def test_a_session_id_reaches_put_patch_and_get_whole(pushes: Pushes, object_id: str) -> None:
+    body = {**session(), "id": object_id}
+    at = url("sessions", "BE", "BEC", object_id)
+    assert_envelope(pushes.request("PUT", at, body), 1000, http=200)
+    assert_envelope(pushes.request("PATCH", at, {"kwh": 1, "last_updated": PATCHED}), 1000, http=200)
+    put, patched = pushes.events()
+    for event in (put, patched):
+        assert (event.level, event.country_code, event.party_id, event.object_id) == \
+            ("SESSION", "BE", "BEC", object_id)
+    assert pushes.keys() == [f"BE/BEC/{object_id.upper()}".encode()] * 2
+
+    pushes.store("sessions", [{"country_code": "BE", "party_id": "BEC", "session_id": object_id.upper(),
+                               "partner_id": "cpo-be-bec", "status": "COMPLETED", "start_date_time": NOW,
+                               "kwh": 41.12, "last_updated": NOW, "payload_json": json.dumps(body), "version": 1}])
+    assert data(pushes.request("GET", at)) == body
+
+
+@pytest.mark.parametrize("object_id", IDS)
+def test_location_evse_and_connector_ids_keep_their_level(pushes: Pushes, object_id: str) -> None:
+    """A Location `A/B` is not EVSE `B` of Location `A`: each id is one segment, at every level."""
+    stored = {**location(), "id": object_id}
+    stored["evses"][0]["uid"] = object_id
+    stored["evses"][0]["connectors"][0]["id"] = object_id
+    at = url("locations", "BE", "BEC", object_id)
+    at_evse = url("locations", "BE", "BEC", object_id, object_id)
+    at_connector = url("locations", "BE", "BEC", object_id, object_id, object_id)
+    changed = {"last_updated": PATCHED}
+    for target, body in ((at, stored), (at_evse, {**evse(), "uid": object_id}),
+                         (at_connector, {**connector(), "id": object_id})):
+        assert_envelope(pushes.request("PUT", target, body), 1000, http=200)
+        assert_envelope(pushes.request("PATCH", target, changed), 1000, http=200)
+    levels = [(event.operation, event.level, event.object_id, event.evse_uid, event.connector_id)
+              for event in pushes.events()]
+    assert levels == [(operation, level, object_id, *sub)
+                      for level, sub in (("LOCATION", (None, None)), ("EVSE", (object_id, None)),
+                                         ("CONNECTOR", (object_id, object_id)))
+                      for operation in ("PUT", "PATCH")]
+    assert set(pushes.keys()) == {f"BE/BEC/{object_id.upper()}".encode()}
+
+    pushes.store("locations", [{"country_code": "BE", "party_id": "BEC", "location_id": object_id.upper(),
+                                "partner_id": "cpo-be-bec", "city": stored["city"], "country": stored["country"],
+                                "publish": True, "last_updated": NOW, "payload_json": json.dumps(stored),
+                                "version": 1}])
+    assert data(pushes.request("GET", at)) == stored
+    assert data(pushes.request("GET", at_evse)) == stored["evses"][0]
+    assert data(pushes.request("GET", at_connector)) == stored["evses"][0]["connectors"][0]
+
+
+def test_a_location_patch_for_a_slashed_id_is_not_an_evse_patch(pushes: Pushes) -> None:
+    """The reviewer's case: Location `A/B` PATCHed; routed on the decoded path it became EVSE `B` of `A`."""
+    patch = {"coordinates": {"latitude": "51.047599", "longitude": "3.729944"}, "last_updated": PATCHED}
+    assert_envelope(pushes.request("PATCH", f"{BASE}/locations/BE/BEC/A%2FB", patch), 1000, http=200)
+    [event] = pushes.events()
+    assert (event.level, event.object_id, event.evse_uid) == ("LOCATION", "A/B", None)
+    assert pushes.keys() == [b"BE/BEC/A/B"]
+
+
+@pytest.mark.parametrize("cdr_id", [*IDS, "12345"])
+def test_a_cdr_is_found_at_the_location_its_post_answered(pushes: Pushes, cdr_id: str) -> None:
+    body = {**cdr(), "id": cdr_id}
+    posted = pushes.request("POST", CDRS_URL, body)
+    assert_envelope(posted, 1000, http=201)
+    [event] = pushes.events()
+    assert (event.country_code, event.party_id, event.object_id) == ("BE", "BEC", cdr_id)
+    pushes.store("cdrs", [{"country_code": "BE", "party_id": "BEC", "cdr_id": cdr_id.upper(),
+                           "partner_id": "cpo-be-bec", "start_date_time": NOW, "end_date_time": NOW,
+                           "total_energy": 15.342, "total_time": 1.973, "total_cost_excl_vat": 4,
+                           "last_updated": NOW, "payload_json": json.dumps(body), "version": 1}])
+    location_url = posted.headers["location"]
+    assert location_url == pushes.env.settings.http.base_url + url("cdrs", "BE", "BEC", cdr_id)
+    assert data(pushes.request("GET", location_url.removeprefix(pushes.env.settings.http.base_url))) == body
+
+
+@pytest.mark.parametrize(("path", "message"), [
+    (f"{BASE}/sessions/BE/BEC/a%2Fb/extra", f"no OCPI endpoint at {BASE}/sessions/BE/BEC/a%2Fb/extra"),
+    (f"{BASE}/sessions%2FBE/BEC/101", f"no OCPI endpoint at {BASE}/sessions%2FBE/BEC/101"),
+    (f"{BASE}/sessions/BE%2FBEC/101", f"no OCPI endpoint at {BASE}/sessions/BE%2FBEC/101"),
+    (f"{BASE}/sessions/BE/BEC/101%2F", "Session BE/BEC/101/ is not known here"),
+])
+def test_an_encoded_slash_never_makes_a_path_match_another_route(pushes: Pushes, path: str, message: str) -> None:
+    """Unknown paths still get an envelope; it names the path as routed, `%2F` kept, so it says what was sent."""
+    answer = assert_envelope(pushes.request("GET", path, party=("BE", "BEC")), 2000, http=404)
+    assert answer["status_message"] == message
+    assert pushes.env.sink.records == []
+
+
+@pytest.mark.parametrize(("raw_path", "path", "routed"), [
+    (b"/s/BE/BEC/2024%2F05", "/s/BE/BEC/2024/05", "/s/BE/BEC/2024%2F05"),
+    (b"/s/BE/BEC/%2fabc%2F", "/s/BE/BEC//abc/", "/s/BE/BEC/%2Fabc%2F"),
+    (b"/s/BE/BEC/50%25%2525", "/s/BE/BEC/50%%25", "/s/BE/BEC/50%25%2525"),
+    (b"/s/BE/BEC/two%20words", "/s/BE/BEC/two words", "/s/BE/BEC/two words"),
+    (b"/s/BE/BEC/101?offset=1%2F", "/s/BE/BEC/101", "/s/BE/BEC/101"),  # httpx keeps the query on raw_path
+    (b"/s/%C3%A9/%80", "/s/\u00e9/\ufffd", "/s/\u00e9/\ufffd"),  # decoded the way servers decode `path`
+    (None, "/s/BE/BEC/50%", "/s/BE/BEC/50%25"),  # no raw_path: the decoded path, `%` still escaped
+])
+def test_the_routing_path_keeps_each_segment_whole(raw_path: bytes | None, path: str, routed: str) -> None:
+    scope: Any = {"type": "http", "path": path, **({"raw_path": raw_path} if raw_path is not None else {})}
+    assert routing_path(scope) == routed
