@@ -12,7 +12,6 @@ stored CDR (CDRs are immutable).
 from __future__ import annotations
 
 from typing import Any, TypeAlias
-from urllib.parse import quote
 
 from litestar import Request, Response, Router, get, post
 from litestar.di import NamedDependency
@@ -21,6 +20,7 @@ from infra.settings import Settings
 from ocpi.identity import ObjectKey
 from ocpi.model import CDR
 from receivers.auth import require_owner
+from receivers.paths import path_segment
 from receivers.pushes import CDR_POST, Events, Segment
 from receivers.state import Stored
 from receivers.transport import ForeignParty, NotFound, decode_body, ocpi_response
@@ -30,8 +30,8 @@ Configured: TypeAlias = NamedDependency[Settings]  # the app's Settings (app.py 
 
 
 def cdr_url(settings: Settings, key: ObjectKey) -> str:
-    """Where the CPO can GET the CDR back: our choice of structure, owner and id included."""
-    parts = "/".join(quote(part, safe="") for part in (key.country_code, key.party_id, key.object_id))
+    """Where the CPO can GET the CDR back: our choice of structure, owner and id included, each one segment."""
+    parts = "/".join(path_segment(part) for part in (key.country_code, key.party_id, key.object_id))
     return f"{settings.http.base_url}{PATH}/{parts}"
 
 

@@ -14,12 +14,12 @@ route on the undecoded `raw_path` instead, in two steps attached once to the app
 
 Without `raw_path` (optional in ASGI) the decoded path is routed: an encoded `/` is then lost, as before.
 `request.url.path` is the routed path (messages, rejection records): an id's `%` and `/` show escaped, so it
-says unambiguously what was addressed.
+says unambiguously what was addressed. `path_segment` is the other direction, for the URLs we hand out.
 """
 
 from __future__ import annotations
 
-from urllib.parse import unquote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from litestar import Litestar
 from litestar.enums import ScopeType
@@ -68,3 +68,10 @@ class DecodePathParams(ASGIMiddleware):
                                     for name, value in params.items()}
         await next_app(scope, receive, send)
 
+
+def path_segment(value: str) -> str:
+    """`value` as one URL path segment that clients send back unchanged: every reserved character encoded,
+    `/` included, and a whole `.` or `..` too (clients would resolve those away, RFC 3986 §5.2.4)."""
+    if value in {".", ".."}:
+        return value.replace(".", "%2E")
+    return quote(value, safe="")

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 
-from receivers.paths import routing_path
+from receivers.paths import path_segment, routing_path
 from tests.unit.receivers.app_support import make_env  # noqa: F401
 from tests.unit.receivers.push_support import (  # noqa: F401
     BASE,
@@ -29,13 +28,13 @@ from tests.unit.receivers.push_support import (  # noqa: F401
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 # A slash inside, leading, trailing, doubled, alone; dot segments; `%` alone and as a would-be escape; spaces.
-IDS = ["2024/05", "/abc", "abc/", "a//b", "/", "a/./b", "a/../b", "50%", "%2F", "a%25b", "two words", " padded ",
-       "?#&=+;"]
+IDS = ["2024/05", "/abc", "abc/", "a//b", "/", "a/./b", "a/../b", ".", "..", "50%", "%2F", "a%25b", "two words",
+       " padded ", "?#&=+;"]
 
 
 def url(*parts: str) -> str:
     """A receiver URL with each part encoded as one segment, as a client must send an id."""
-    return "/".join([BASE, *(quote(part, safe="") for part in parts)])
+    return "/".join([BASE, *(path_segment(part) for part in parts)])
 
 
 def data(response: Any) -> Any:
@@ -114,6 +113,14 @@ def test_a_cdr_is_found_at_the_location_its_post_answered(pushes: Pushes, cdr_id
     location_url = posted.headers["location"]
     assert location_url == pushes.env.settings.http.base_url + url("cdrs", "BE", "BEC", cdr_id)
     assert data(pushes.request("GET", location_url.removeprefix(pushes.env.settings.http.base_url))) == body
+
+
+def test_cdr_urls_change_only_for_an_id_that_is_a_dot_segment() -> None:
+    """Every other id keeps the URL it had; a client resolved `.` and `..` away instead of sending them."""
+    assert path_segment("12345") == "12345"
+    assert path_segment("2024/05 #1?") == "2024%2F05%20%231%3F"
+    assert path_segment("a.b") == "a.b" and path_segment("...") == "..."
+    assert (path_segment("."), path_segment("..")) == ("%2E", "%2E%2E")
 
 
 @pytest.mark.parametrize(("path", "message"), [
