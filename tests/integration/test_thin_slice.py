@@ -92,6 +92,30 @@ async def test_session_put_and_cdr_post_land_in_clickhouse_exactly(stack: Stack,
                    ("SESSIONS", "PUT", "SESSION", "101", "req-1", "corr-1", "PUSH")]
 
 
+async def test_an_encoded_slash_stays_inside_its_id_under_granian(stack: Stack, token: str) -> None:
+    """granian hands the app a decoded `path` and the undecoded `raw_path`; ids are routed from the latter
+    (receivers.paths), so Session `2024/05` is that Session and a PATCH of Location `A/B` is not EVSE `B`'s."""
+    session = {**example("session_example_2_short_finished.json"), "id": "2024/05"}
+    changed = "2019-06-24T12:39:09Z"
+    moved = {"coordinates": {"latitude": "51.047599", "longitude": "3.729944"}, "last_updated": changed}
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=auth(token), timeout=30) as http:
+        at = "/ocpi/emsp/2.2.1/sessions/BE/BEC/2024%2F05"
+        for method, url, body in (("PUT", at, session), ("PATCH", at, {"kwh": 1, "last_updated": changed}),
+                                  ("PATCH", "/ocpi/emsp/2.2.1/locations/BE/BEC/A%2FB", moved)):
+            answer = await http.request(method, url, json=body)
+            assert answer.status_code == 200 and answer.json()["status_code"] == 1000, answer.text
+        post = await http.post("/ocpi/emsp/2.2.1/cdrs", json={**cdr(), "id": "/2024//05/"})
+        assert post.headers["location"] == f"{stack.base_url}/ocpi/emsp/2.2.1/cdrs/BE/BEC/%2F2024%2F%2F05%2F"
+        unencoded = await http.get("/ocpi/emsp/2.2.1/sessions/BE/BEC/2024/05")  # four segments: no such endpoint
+        assert unencoded.status_code == 404 and unencoded.json()["status_code"] == 2000, unencoded.text
+
+    want = [("CDRS", "POST", "CDR", "/2024//05/", None), ("LOCATIONS", "PATCH", "LOCATION", "A/B", None),
+            ("SESSIONS", "PATCH", "SESSION", "2024/05", None), ("SESSIONS", "PUT", "SESSION", "2024/05", None)]
+    got = await wait_for(stack.clickhouse, "SELECT module, operation, level, object_id, evse_uid FROM raw_events "
+                         "FINAL ORDER BY module, operation", want=want)
+    assert got == want
+
+
 async def test_bad_input_gets_an_ocpi_envelope_never_a_traceback(stack: Stack, token: str) -> None:
     async with httpx.AsyncClient(base_url=stack.base_url, headers=auth(token), timeout=30) as http:
         malformed = await http.put("/ocpi/emsp/2.2.1/sessions/BE/BEC/101", content=b"{not json",
