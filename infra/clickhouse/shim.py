@@ -60,8 +60,12 @@ class ChdbEngine:
         database = params.get("database")
         if database:
             conn.query(f"USE `{database}`")
+        # Query parameters (`{id:String}`) arrive as `param_id`, as ClickHouse's HTTP interface takes them, and go to
+        # chDB as parameters: they are not settings, and read-only connections need them too.
+        bound = {k.removeprefix("param_"): v for k, v in params.items() if k.startswith("param_")}
         # A read-only connection may not change settings at all, so the client's are dropped there.
-        settings = [] if readonly else [f"{k} = {_quote(v)}" for k, v in params.items() if k not in _CLIENT_PARAMS]
+        settings = [] if readonly else [f"{k} = {_quote(v)}" for k, v in params.items()
+                                        if k not in _CLIENT_PARAMS and not k.startswith("param_")]
         if _INSERT.match(sql) and body:
             with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as fh:
                 fh.write(body)
@@ -76,7 +80,7 @@ class ChdbEngine:
         stmt = _FORMAT_AT_END.sub("", sql) if match else sql
         if settings and re.match(r"^\s*(SELECT|WITH)\b", stmt, re.IGNORECASE) and " SETTINGS " not in stmt.upper():
             stmt = f"{stmt.rstrip().rstrip(';')} SETTINGS {', '.join(settings)}"
-        result = conn.query(stmt, fmt)
+        result = conn.query(stmt, fmt, params=bound or None)
         return result.bytes(), fmt
 
 

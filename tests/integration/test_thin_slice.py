@@ -114,6 +114,14 @@ async def test_an_encoded_slash_stays_inside_its_id_under_granian(stack: Stack, 
     got = await wait_for(stack.clickhouse, "SELECT module, operation, level, object_id, evse_uid FROM raw_events "
                          "FINAL ORDER BY module, operation", want=want)
     assert got == want
+    # And back out: the GETs read the stored objects (through the chDB shim here) at the same URLs.
+    await wait_for(stack.clickhouse, "SELECT count() FROM sessions FINAL WHERE kwh = 1", want=[(1,)])
+    await wait_for(stack.clickhouse, "SELECT count() FROM cdrs FINAL", want=[(1,)])
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=auth(token), timeout=30) as http:
+        stored = (await http.get(at)).json()
+        assert stored["status_code"] == 1000 and stored["data"]["id"] == "2024/05" and stored["data"]["kwh"] == 1
+        billed = (await http.get(post.headers["location"])).json()
+        assert billed["status_code"] == 1000 and billed["data"]["id"] == "/2024//05/", billed
 
 
 async def test_bad_input_gets_an_ocpi_envelope_never_a_traceback(stack: Stack, token: str) -> None:

@@ -47,6 +47,10 @@ async def test_shim_serves_the_http_client_read_write_and_read_only(chdb_dsn: st
         writer.insert("t", [[1], [2]], column_names=["a"])
         reader = clickhouse_connect.get_client(dsn=url, database=database, compress=False, settings={"readonly": 1})
         rows = reader.query("SELECT sum(a) FROM t").result_rows
+        odd = "it's a\\b/c\tü"  # quote, backslash, slash, tab, non-ASCII: parameters arrive escaped
+        bound = [reader.query("SELECT {s:String}, {n:UInt32} + sum(a) FROM t", parameters={"s": odd, "n": 4})
+                 .result_rows[0], writer.query("SELECT {s:String}", parameters={"s": odd}).result_rows[0][0]]
+        assert bound == [(odd, 7), odd]
         with pytest.raises(Exception) as refused:
             reader.command("INSERT INTO t VALUES (3)")
         with pytest.raises(Exception) as denied:
