@@ -138,7 +138,6 @@ class Matching:
         self._token_groups: set[str] = set()
         self.changed_sessions: set[str] = set()
         self.changed_cdrs: set[str] = set()
-        self.attached: list[tuple[str, str]] = []  # (cdr id, session id) matched anew by this fact
 
     # --- records ----------------------------------------------------------------------------------------------
 
@@ -328,7 +327,6 @@ class Matching:
                     session.late = deadline is not None and self.now > deadline + self.rules.cdr_grace
                 bisect.insort(session.cdr_ids, cdr_id)  # a set, in one order whatever the arrival order
                 cdr.late = self.now > cdr.fact.received_at + self.rules.session_grace
-                self.attached.append((cdr_id, session.fact.session_id))
             self._session_changed(session)
             self._touch(session.fact)
         else:

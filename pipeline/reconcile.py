@@ -30,6 +30,8 @@ Outcomes (one current row per subject in `reconciliation`, each also published t
   OCPI_RECONCILE_SESSION_GRACE, then NO_SESSION. A CDR without a session is *billed anyway* (the CDR is the
   billing record; CPOs without a Sessions module, reservation-only CDRs, never-pushed home chargers): the
   outcome only makes it visible. Credit CDRs get outcome CREDIT.
+- A CDR held by an INVALID session is an anomaly (CDR_FOR_INVALID_SESSION, keyed by the CDR), whichever came
+  first: the CDR, or the session's move to INVALID.
 - Deltas are CDR minus Session: kWh, cost excl. VAT, start and end time (seconds). `late` marks a match made
   after the grace had passed (by event time, so reprocessing gives the same answer): for a CDR, its current
   session was found after its session grace; for a session, its first CDR came after its CDR grace.
@@ -272,13 +274,6 @@ def on_cdr(state: PartyState, fact: CdrFact, rules: Rules, out: PartyOutput) -> 
 
 def _emit_changes(state: PartyState, work: Matching, rules: Rules, out: PartyOutput) -> None:
     """One row per subject the fact changed (CDRs, then sessions, each in id order), then the records."""
-    for cdr_id, session_id in dict.fromkeys(work.attached):
-        session, cdr = work.session(session_id), work.cdr(cdr_id)
-        if session is None or cdr is None or cdr.session_id != session_id:
-            continue  # moved on within this fact
-        if session.fact.status == "INVALID":
-            out.anomalies.append(cdr_anomaly(state, cdr.fact, Anomaly.CDR_FOR_INVALID_SESSION,
-                                             f"session {session_id} is INVALID (not billable)", work.now))
     for cdr_id in sorted(work.changed_cdrs):
         cdr = work.cdr(cdr_id)
         if cdr is not None:
@@ -287,8 +282,19 @@ def _emit_changes(state: PartyState, work: Matching, rules: Rules, out: PartyOut
     for session_id in sorted(work.changed_sessions):
         session = work.session(session_id)
         if session is not None:
-            _emit_session(state, session, work.cdrs_of(session), rules, out)
+            cdrs = work.cdrs_of(session)
+            _emit_session(state, session, cdrs, rules, out)
+            if session.fact.status == "INVALID":
+                out.anomalies.extend(_invalid_session_anomaly(state, session.fact, cdr.fact) for cdr in cdrs)
     work.write()
+
+
+def _invalid_session_anomaly(state: PartyState, session: SessionFact, cdr: CdrFact) -> AnomalyRow:
+    """Raised whichever came first, the CDR or the session's move to INVALID, and again on later changes of the
+    session: keyed by the CDR and dated when both were known, so every order writes the same row."""
+    observed = max(cdr.received_at, session.final_at or session.received_at)
+    return cdr_anomaly(state, cdr, Anomaly.CDR_FOR_INVALID_SESSION,
+                       f"session {session.session_id} is INVALID (not billable)", observed)
 
 
 def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules: Rules, out: PartyOutput) -> None:

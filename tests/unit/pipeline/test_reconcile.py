@@ -164,6 +164,19 @@ def test_an_invalid_session_is_not_billable_and_a_cdr_for_it_is_an_anomaly() -> 
     assert [a.kind.value for a in out.anomalies] == ["CDR_FOR_INVALID_SESSION"]
 
 
+def test_a_cdr_held_by_a_session_that_becomes_invalid_is_an_anomaly_in_either_order() -> None:
+    active = s_fact(session("S1", status="ACTIVE", kwh="10"), version=1, received=30)
+    invalid = s_fact(session("S1", status="INVALID", kwh="10", end=60, updated=60), version=2, received=61, final=61)
+    the_cdr = c_fact(cdr("C1", kwh="10", cost="2.50"), received=50)
+    found = []
+    for order in ([active, invalid, the_cdr], [active, the_cdr, invalid]):
+        party = Party()
+        found.append([(a.kind.value, a.object_id, a.event_id, a.detail, a.observed_at)
+                      for fact in order for a in party.run(fact).anomalies])
+    assert found[0] == found[1] == [("CDR_FOR_INVALID_SESSION", "C1", "C1", "session S1 is INVALID (not billable)",
+                                     ts(61))]
+
+
 def test_an_open_session_without_a_cdr_has_no_row_yet() -> None:
     assert Party().run(s_fact(session(status="ACTIVE"))).results == []
 
