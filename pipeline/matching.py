@@ -15,11 +15,16 @@ A CDR naming a session that is not known waits under that session id alone until
 queued by that hour (`QF`), and the first fact of the party after the hour gives it its weaker keys (`expire_named`).
 Until then it takes part in no group: a backlog of CDRs ahead of their sessions costs nothing per fact.
 
-Which index entries a CDR keeps (`_wanted_keys`): none once matched by session id (final); otherwise every key
-stronger than its match (an upgrade may come) and its own key while not *settled* (a nearer or freer session of
-the same key may come); a waiting CDR keeps all its keys. A CDR settles once its OCPI_RECONCILE_SESSION_GRACE has
-passed by the event time of the fact being processed; then it keeps only the stronger keys (a waiting one: its
-strongest), so lists stay as short as the CDRs of one grace, and a session a CDR names still takes it, late.
+A credited CDR (a credit CDR linked to it, `pipeline.reconcile`) is cancelled: it leaves matching for good
+(`withdraw`), frees its session and keeps no index entry, as if it had never come; the groups it was in are
+matched again. So credits keep every arrival order ending with the same matches.
+
+Which index entries a CDR keeps (`_wanted_keys`): none once credited or matched by session id (final); otherwise
+every key stronger than its match (an upgrade may come) and its own key while not *settled* (a nearer or freer
+session of the same key may come); a waiting CDR keeps all its keys. A CDR settles once its
+OCPI_RECONCILE_SESSION_GRACE has passed by the event time of the fact being processed; then it keeps only the
+stronger keys (a waiting one: its strongest), so lists stay as short as the CDRs of one grace, and a session a CDR
+names still takes it, late.
 Entries of a settled CDR are dropped when its group is next matched.
 """
 
@@ -88,6 +93,8 @@ def cdr_keys(fact: CdrFact) -> list[Key]:
 
 def _wanted_keys(cdr: CdrRec) -> list[Key]:
     """The waiting-index entries a CDR keeps in its current state (module docstring)."""
+    if cdr.credited_by is not None:
+        return []
     keys = cdr_keys(cdr.fact)
     if not cdr.method:
         if cdr.fact.session_id:  # it names its session: waits for it alone, then (settled) for any key
@@ -207,6 +214,24 @@ class Matching:
         else:
             self._touch_cdr(fact)
 
+    def withdraw(self, rec: CdrRec, credit_id: str) -> None:
+        """`rec` is credited by `credit_id`: it leaves its session and every waiting index for good, and the groups
+        it was in are matched again (the session it freed may suit another CDR)."""
+        self._cdrs[rec.fact.cdr_id] = rec
+        before = _wanted_keys(rec)
+        if rec.session_id is not None:
+            left = self.session(rec.session_id)
+            if left is not None and rec.fact.cdr_id in left.cdr_ids:
+                left.cdr_ids.remove(rec.fact.cdr_id)
+                left.late = left.late and bool(left.cdr_ids)
+                self._session_changed(left)
+                self._touch(left.fact)
+            self._touch_cdr(rec.fact)
+        rec.credited_by = credit_id
+        rec.session_id, rec.method, rec.late = None, "", False
+        self._reindex_cdr(rec, before)
+        self._cdr_changed(rec)
+
     def expire_named(self) -> None:
         """CDRs naming a session that did not come within their grace fall back to their weaker keys.
 
@@ -221,7 +246,7 @@ class Matching:
             for hour in range(cursor + 1, due):
                 for cdr_id in self.state.ids(_FALLBACK, str(hour)):
                     cdr = self.cdr(cdr_id)
-                    if cdr is not None and not cdr.method and not cdr.settled:
+                    if cdr is not None and not cdr.method and not cdr.settled and cdr.credited_by is None:
                         self._fall_back(cdr)
                 self.state.drop_ids(_FALLBACK, str(hour))
         self.state.set_fallback_cursor(due - 1)

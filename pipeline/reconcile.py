@@ -20,7 +20,11 @@ how). This holds within a CDR's OCPI_RECONCILE_SESSION_GRACE: after it the CDR i
 moved within its own key, and only a stronger key still takes it (a waiting CDR: its strongest key), which keeps the
 state small.
 A session may have several CDRs (an original, and a corrected one after a credit); credit CDRs are not matched to
-sessions but linked to the CDR they credit.
+sessions but linked to the CDR they credit (`_link_credit`). A CDR a credit is linked to is cancelled: it leaves
+matching (`Matching.withdraw`) and its session's totals, and the session's row is written again; a session left
+without a CDR that counts is AWAITING_CDR again (so the CDR grace and the MISSING_CDR sweep apply). Credited CDRs are
+left out rather than netted with their credits, so a session's totals are those of the CDRs that count, whatever
+the credit's amount (a credit that does not negate its original is flagged CREDIT_AMOUNT_MISMATCH).
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
@@ -29,7 +33,7 @@ Outcomes (one current row per subject in `reconciliation`, each also published t
 - a CDR: MATCHED, or MISMATCH when a delta exceeds its tolerance; AWAITING_SESSION until
   OCPI_RECONCILE_SESSION_GRACE, then NO_SESSION. A CDR without a session is *billed anyway* (the CDR is the
   billing record; CPOs without a Sessions module, reservation-only CDRs, never-pushed home chargers): the
-  outcome only makes it visible. Credit CDRs get outcome CREDIT.
+  outcome only makes it visible. Credit CDRs get outcome CREDIT; a CDR a credit cancels, CREDITED (no session).
 - A CDR held by an INVALID session is an anomaly (CDR_FOR_INVALID_SESSION, keyed by the CDR), whichever came
   first: the CDR, or the session's move to INVALID.
 - Deltas are CDR minus Session: kWh, cost excl. VAT, start and end time (seconds). `late` marks a match made
@@ -103,6 +107,7 @@ class CdrRec(msgspec.Struct, kw_only=True):
     late: bool = False
     seq: int = 0
     settled: bool = False  # matched by session id, or its session grace has passed (`pipeline.matching`)
+    credited_by: str | None = None  # the credit CDR LINKED to it: it is cancelled, out of matching and totals
 
 
 class CreditRec(msgspec.Struct, kw_only=True):
@@ -225,6 +230,8 @@ class PartyState:
 
 _W_CREDIT = "WC"  # index of credit CDRs waiting for the CDR they credit
 
+LINKED: Final = "LINKED"
+
 
 # --- processing -----------------------------------------------------------------------------------------------
 
@@ -255,20 +262,21 @@ def on_cdr(state: PartyState, fact: CdrFact, rules: Rules, out: PartyOutput) -> 
     if state.cdr(fact.cdr_id) is not None:
         return  # seen already (CDRs are immutable; stage 1 drops duplicates and conflicts)
     cdr = CdrRec(fact=fact)
+    # Credits that came first, earliest first: the first to link cancels it (`_claim`).
+    waiting = sorted((c for c in map(state.cdr, state.ids(_W_CREDIT, fact.cdr_id)) if c is not None),
+                     key=lambda c: _credit_order(c.fact))
     if fact.credit:
-        _link_credit(state, cdr, rules, out)
+        _link_credit(state, cdr, rules, out, fact.received_at)
         _emit_cdr(state, cdr, None, rules, out)
         state.put_cdr(cdr)
-    else:
+    elif not waiting:  # a CDR credited already never takes part in matching: its first link writes its row
         work = Matching(state, rules, fact.received_at)
         work.expire_named()
         work.cdr_arrived(cdr)
         work.settle()
         _emit_changes(state, work, rules, out)
-    for credit_id in state.ids(_W_CREDIT, fact.cdr_id):  # credits that came first
-        credit = state.cdr(credit_id)
-        if credit is not None:
-            _link_credit(state, credit, rules, out, original=cdr)
+    for credit in waiting:
+        _link_credit(state, credit, rules, out, fact.received_at, original=cdr)
     state.overlay.set(state._key(_W_CREDIT, fact.cdr_id), None)
 
 
@@ -330,6 +338,8 @@ def _emit_cdr(state: PartyState, rec: CdrRec, session: SessionFact | None, rules
     d: Deltas | None = None
     if fact.credit:
         outcome = "CREDIT"
+    elif rec.credited_by is not None:
+        outcome = "CREDITED"  # cancelled by a credit CDR: matched to no session (`Matching.withdraw`)
     elif session is None:
         outcome = "AWAITING_SESSION"
         due = fact.received_at + rules.session_grace
@@ -347,8 +357,9 @@ def _emit_cdr(state: PartyState, rec: CdrRec, session: SessionFact | None, rules
     ])
 
 
-def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutput,
+def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutput, now: datetime,
                  original: CdrRec | None = None) -> None:
+    """Link a credit CDR to the CDR it credits, or make it wait for it; `now` is the event time of the fact."""
     fact = credit.fact
     ref = fact.credit_reference_id
     if ref is None:
@@ -356,23 +367,45 @@ def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutp
     if original is None:
         original = state.cdr(ref)
     link = state.credit(fact.cdr_id) or CreditRec(status="")
-    link.seq += 1
     if original is None:
         link.status = "AWAITING_ORIGINAL"
         state.add_id(_W_CREDIT, ref, fact.cdr_id)
-        credited_cost, matches = None, None
-    else:
-        link.status = "LINKED"
-        credited_cost = original.fact.cost_excl_vat
-        matches = fact.cost_excl_vat == -credited_cost
-        if not matches:
-            out.anomalies.append(cdr_anomaly(
-                state, fact, Anomaly.CREDIT_AMOUNT_MISMATCH,
-                f"credit total_cost {fact.cost_excl_vat} does not negate {ref}'s {credited_cost}", fact.received_at))
+        _write_link(state, fact, link, None, rules, out)
+        return
+    if fact.cost_excl_vat != -original.fact.cost_excl_vat:
+        out.anomalies.append(cdr_anomaly(
+            state, fact, Anomaly.CREDIT_AMOUNT_MISMATCH,
+            f"credit total_cost {fact.cost_excl_vat} does not negate {ref}'s {original.fact.cost_excl_vat}",
+            fact.received_at))
+    link.status = _claim(state, original, credit, rules, out, now)
+    _write_link(state, fact, link, original.fact, rules, out)
+
+
+def _credit_order(fact: CdrFact) -> tuple[datetime, str]:
+    return fact.received_at, fact.cdr_id
+
+
+def _claim(state: PartyState, original: CdrRec, credit: CdrRec, rules: Rules, out: PartyOutput,
+           now: datetime) -> str:
+    """The first credit linked to `original` cancels it: it leaves matching and its session's totals."""
+    if original.credited_by is None:
+        work = Matching(state, rules, now)
+        work.withdraw(original, credit.fact.cdr_id)
+        work.settle()
+        _emit_changes(state, work, rules, out)
+    return LINKED
+
+
+def _write_link(state: PartyState, fact: CdrFact, link: CreditRec, original: CdrFact | None, rules: Rules,
+                out: PartyOutput) -> None:
+    link.seq += 1
     state.put_credit(fact.cdr_id, link)
+    credited_cost = None if original is None else original.cost_excl_vat
+    matches = None if credited_cost is None else fact.cost_excl_vat == -credited_cost
     out.credit_links.append([
-        state.country_code, state.party_id, fact.cdr_id, ref, fact.partner_id, link.status, fact.cost_excl_vat,
-        credited_cost, matches, fact.received_at, fact.received_at + rules.session_grace, link.seq * 2,
+        state.country_code, state.party_id, fact.cdr_id, fact.credit_reference_id, fact.partner_id, link.status,
+        fact.cost_excl_vat, credited_cost, matches, fact.received_at, fact.received_at + rules.session_grace,
+        link.seq * 2,
     ])
 
 

@@ -7,6 +7,9 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from pipeline.facts import CdrFact, Fact, SessionFact, cdr_fact, decode_facts, encode_facts, session_fact
 from pipeline.reconcile import (
     CREDIT_LINK_COLUMNS,
@@ -164,19 +167,6 @@ def test_an_invalid_session_is_not_billable_and_a_cdr_for_it_is_an_anomaly() -> 
     assert [a.kind.value for a in out.anomalies] == ["CDR_FOR_INVALID_SESSION"]
 
 
-def test_a_cdr_held_by_a_session_that_becomes_invalid_is_an_anomaly_in_either_order() -> None:
-    active = s_fact(session("S1", status="ACTIVE", kwh="10"), version=1, received=30)
-    invalid = s_fact(session("S1", status="INVALID", kwh="10", end=60, updated=60), version=2, received=61, final=61)
-    the_cdr = c_fact(cdr("C1", kwh="10", cost="2.50"), received=50)
-    found = []
-    for order in ([active, invalid, the_cdr], [active, the_cdr, invalid]):
-        party = Party()
-        found.append([(a.kind.value, a.object_id, a.event_id, a.detail, a.observed_at)
-                      for fact in order for a in party.run(fact).anomalies])
-    assert found[0] == found[1] == [("CDR_FOR_INVALID_SESSION", "C1", "C1", "session S1 is INVALID (not billable)",
-                                     ts(61))]
-
-
 def test_an_open_session_without_a_cdr_has_no_row_yet() -> None:
     assert Party().run(s_fact(session(status="ACTIVE"))).results == []
 
@@ -207,6 +197,74 @@ def test_a_credit_before_its_original_waits_and_links_when_it_comes() -> None:
     row = dict(zip(CREDIT_LINK_COLUMNS, out.credit_links[0], strict=True))
     assert (row["status"], row["amount_matches"]) == ("LINKED", False)
     assert [a.kind.value for a in out.anomalies] == ["CREDIT_AMOUNT_MISMATCH"]
+
+
+def link(out: PartyOutput, credit_id: str) -> dict[str, Any]:
+    found = [dict(zip(CREDIT_LINK_COLUMNS, r, strict=True)) for r in out.credit_links]
+    found = [r for r in found if r["credit_cdr_id"] == credit_id]
+    assert found, f"no credit link of {credit_id} in {out.credit_links}"
+    return found[-1]
+
+
+def test_a_credit_takes_its_original_out_of_the_session_and_the_corrected_cdr_counts() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", kwh="10", cost="2.50"), received=61, final=61))
+    party.run(c_fact(cdr("C1", kwh="12", cost="3.00"), received=62))
+    credited = party.run(c_fact(cdr("C1-C", kwh="12", cost="-3.00", credit=True, credit_reference="C1"), received=63))
+    original = result(credited, "CDR", "C1")
+    assert (original["outcome"], original["session_id"], original["method"]) == ("CREDITED", None, "")
+    assert result(credited, "SESSION", "S1")["outcome"] == "AWAITING_CDR"
+    out = party.run(c_fact(cdr("C2", kwh="10", cost="2.50"), received=64))
+    row = result(out, "SESSION", "S1")
+    assert (row["outcome"], row["cdr_ids"], row["cdr_kwh"], row["delta_kwh"], row["cdr_cost_excl_vat"],
+            row["delta_cost_excl_vat"]) == ("MATCHED", ["C2"], Decimal(10), Decimal(0), Decimal("2.50"), Decimal(0))
+    assert result(out, "CDR", "C2")["outcome"] == "MATCHED"
+
+
+def test_a_session_whose_only_cdr_is_credited_awaits_a_cdr_again_whichever_came_first() -> None:
+    session_fact_, original = s_fact(completed("S1"), received=61, final=61), c_fact(cdr("C1"), received=62)
+    credit = c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=63)
+    party = Party()
+    matched = party.run(session_fact_, original)
+    out = party.run(credit)
+    row = result(out, "SESSION", "S1")
+    assert (row["outcome"], row["cdr_ids"], row["cdr_kwh"], row["due_at"]) == ("AWAITING_CDR", [], None, ts(91))
+    assert row["version"] > result(matched, "SESSION", "S1")["version"]  # the sweep makes it MISSING_CDR at ts(91)
+    assert link(out, "C1-C")["status"] == "LINKED"
+    for order in itertools.permutations([session_fact_, original, credit]):
+        rows = final_rows(order)
+        assert (rows["SESSION", "S1"]["outcome"], rows["CDR", "C1"]["outcome"]) == ("AWAITING_CDR", "CREDITED")
+
+
+def test_a_credited_cdr_frees_its_session_for_another_cdr_of_its_key() -> None:
+    # No session ids: C1 and the corrected C2 both want S1 (nearest start); S2 goes to C3.
+    facts = [s_fact(completed("S1", start=0), final=61), s_fact(completed("S2", start=2), received=1, final=61),
+             c_fact(cdr("C1", session_id=None, start=0), received=2),
+             c_fact(cdr("C1-C", session_id=None, cost="-2.50", credit=True, credit_reference="C1"), received=3),
+             c_fact(cdr("C2", session_id=None, start=0), received=4),
+             c_fact(cdr("C3", session_id=None, start=2), received=5)]
+    party = Party()
+    party.run(*facts[:3], facts[4], facts[5])
+    assert (stored(party, "C1"), stored(party, "C2"), stored(party, "C3")) == (
+        ("S1", "TOKEN_LOCATION_START"), ("S2", "TOKEN_LOCATION_START"), ("S2", "TOKEN_LOCATION_START"))
+    out = party.run(facts[3])
+    assert (stored(party, "C1"), stored(party, "C2"), stored(party, "C3")) == (
+        (None, ""), ("S1", "TOKEN_LOCATION_START"), ("S2", "TOKEN_LOCATION_START"))
+    assert result(out, "SESSION", "S1")["cdr_ids"] == ["C2"] and result(out, "SESSION", "S2")["cdr_ids"] == ["C3"]
+    assert index_entries(party, "C1") == []
+
+
+def test_a_cdr_held_by_a_session_that_becomes_invalid_is_an_anomaly_in_either_order() -> None:
+    active = s_fact(session("S1", status="ACTIVE", kwh="10"), version=1, received=30)
+    invalid = s_fact(session("S1", status="INVALID", kwh="10", end=60, updated=60), version=2, received=61, final=61)
+    the_cdr = c_fact(cdr("C1", kwh="10", cost="2.50"), received=50)
+    found = []
+    for order in ([active, invalid, the_cdr], [active, the_cdr, invalid]):
+        party = Party()
+        found.append([(a.kind.value, a.object_id, a.event_id, a.detail, a.observed_at)
+                      for fact in order for a in party.run(fact).anomalies])
+    assert found[0] == found[1] == [("CDR_FOR_INVALID_SESSION", "C1", "C1", "session S1 is INVALID (not billable)",
+                                     ts(61))]
 
 
 def test_facts_round_trip_through_their_wire_form() -> None:
@@ -403,20 +461,48 @@ SCENARIOS = {
         s_fact(completed("S1", start=0), final=61),
         s_fact(completed("S2", authref="AUTH-1", start=4), received=1, final=61),
         c_fact(cdr("C9", session_id="S9", authref="AUTH-1", start=0), received=2)],
+    "a credit cancels its original, the corrected cdr counts": [
+        s_fact(completed("S1", kwh="10", cost="2.50"), final=61),
+        c_fact(cdr("C1", kwh="12", cost="3.00"), received=1),
+        c_fact(cdr("C1-C", kwh="12", cost="-3.00", credit=True, credit_reference="C1"), received=2),
+        c_fact(cdr("C2", kwh="10", cost="2.50"), received=3)],
+    "a credited cdr frees its session for another of its key": [
+        s_fact(completed("S1", start=0), final=61), s_fact(completed("S2", start=2), received=1, final=61),
+        c_fact(cdr("C1", session_id=None, start=0), received=2),
+        c_fact(cdr("C1-C", session_id=None, cost="-2.50", credit=True, credit_reference="C1"), received=3),
+        c_fact(cdr("C2", session_id=None, start=0), received=4)],
 }
+
+
+Outputs = tuple[dict[tuple[str, str], dict[str, Any]], dict[str, dict[str, Any]], dict[tuple[str, str], Any]]
+
+
+def final_outputs(facts: tuple[Fact, ...]) -> Outputs:
+    """When `facts` arrive one by one: the last row of every subject, the last link of every credit (versions must
+    only grow) and every anomaly ((kind, object) → (detail, observed_at)); reprocessing must change nothing."""
+    party = Party()
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    links: dict[str, dict[str, Any]] = {}
+    anomalies: dict[tuple[str, str], Any] = {}
+    for fact in facts:
+        out = party.run(fact)
+        for row in out.results:
+            subject = row["subject"], row["subject_id"]
+            assert subject not in latest or row["version"] > latest[subject]["version"], row
+            latest[subject] = row
+        for row in (dict(zip(CREDIT_LINK_COLUMNS, r, strict=True)) for r in out.credit_links):
+            assert row["credit_cdr_id"] not in links or row["version"] > links[row["credit_cdr_id"]]["version"], row
+            links[row["credit_cdr_id"]] = row
+        anomalies |= {(a.kind.value, a.object_id): (a.detail, a.observed_at) for a in out.anomalies}
+    again = party.run(*facts)  # reprocessing changes nothing
+    assert (again.results, again.credit_links, again.anomalies) == ([], [], [])
+    return ({k: {c: v for c, v in row.items() if c not in ("late", "version")} for k, row in latest.items()},
+            {k: {c: v for c, v in row.items() if c != "version"} for k, row in links.items()}, anomalies)
 
 
 def final_rows(facts: tuple[Fact, ...]) -> dict[tuple[str, str], dict[str, Any]]:
     """The last row of every subject when `facts` arrive one by one (versions must only grow)."""
-    party = Party()
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for fact in facts:
-        for row in party.run(fact).results:
-            subject = row["subject"], row["subject_id"]
-            assert subject not in latest or row["version"] > latest[subject]["version"], row
-            latest[subject] = row
-    assert party.run(*facts).results == []  # reprocessing changes nothing
-    return {k: {c: v for c, v in row.items() if c not in ("late", "version")} for k, row in latest.items()}
+    return final_outputs(facts)[0]
 
 
 def test_every_arrival_order_ends_with_the_same_rows() -> None:
@@ -429,6 +515,61 @@ def test_every_arrival_order_ends_with_the_same_rows() -> None:
     rows = final_rows(tuple(SCENARIOS["two cdrs, two sessions, one token"]))
     assert [(r["subject_id"], r["session_id"]) for k, r in sorted(rows.items()) if k[0] == "CDR"] == [
         ("C1", "S1"), ("C2", "S2")]
+    rows = final_rows(tuple(SCENARIOS["a credited cdr frees its session for another of its key"]))
+    assert [(r["subject_id"], r["outcome"], r["session_id"]) for k, r in sorted(rows.items()) if k[0] == "CDR"] == [
+        ("C1", "CREDITED", None), ("C1-C", "CREDIT", None), ("C2", "MATCHED", "S1")]
+
+
+@st.composite
+def credit_scenarios(draw: st.DrawFn) -> list[Fact]:
+    """Sessions (some opened first, completed or invalidated by an update), CDRs and credits (one or two per
+    credited CDR), all within one grace: keys drawn from few values, so they collide."""
+    facts: list[Fact] = []
+    keys = {"authref": st.sampled_from([None, "A1", "A2"]), "start": st.sampled_from([0, 1, 3, 7]),
+            "uid": st.sampled_from(["T1", "T1", "T2"])}
+    for i in range(draw(st.integers(1, 2))):
+        key = {name: draw(values) for name, values in keys.items()}
+        if draw(st.booleans()):
+            facts.append(s_fact(session(f"S{i}", **key), version=1, received=i))
+        status = draw(st.sampled_from(["COMPLETED", "COMPLETED", "INVALID"]))
+        facts.append(s_fact(session(f"S{i}", status=status, end=60, updated=60, kwh="10", cost="2.50", **key),
+                            version=2, received=i + 0.5, final=61))
+    cdrs = draw(st.integers(1, 3))
+    for j in range(cdrs):
+        facts.append(c_fact(cdr(f"C{j}", session_id=draw(st.sampled_from([None, None, "S0", "S1", "S9"])),
+                                kwh=draw(st.sampled_from(["10", "12"])),
+                                **{name: draw(values) for name, values in keys.items()}), received=3 + j))
+    for j in sorted(draw(st.sets(st.integers(0, cdrs - 1), max_size=2))):
+        for k in range(draw(st.integers(1, 2))):
+            facts.append(c_fact(cdr(f"C{j}-C{k}", session_id=None, credit=True, credit_reference=f"C{j}",
+                                    cost=draw(st.sampled_from(["-2.50", "-2.00"]))),
+                                received=draw(st.sampled_from([6, 7]))))
+    return facts
+
+
+def _settled_anomalies(facts: list[Fact], outputs: Outputs) -> dict[tuple[str, str], Any]:
+    """The anomalies every order must agree on: all but CDR_FOR_INVALID_SESSION of a CDR that no INVALID session
+    holds in the end (a provisional match that moved on, or a CDR credited afterwards, keeps the anomaly it got:
+    anomaly rows are not withdrawn)."""
+    rows, _links, anomalies = outputs
+    last: dict[str, SessionFact] = {}
+    for fact in facts:
+        if isinstance(fact, SessionFact) and (fact.session_id not in last
+                                              or fact.version > last[fact.session_id].version):
+            last[fact.session_id] = fact
+    held = {r["subject_id"] for (subject, _id), r in rows.items() if subject == "CDR" and r["session_id"]
+            and last[r["session_id"]].status == "INVALID"}
+    assert held <= {cdr_id for kind, cdr_id in anomalies if kind == "CDR_FOR_INVALID_SESSION"}
+    return {k: v for k, v in anomalies.items() if k[0] != "CDR_FOR_INVALID_SESSION" or k[1] in held}
+
+
+@given(data=st.data())
+@settings(max_examples=300, deadline=None, database=None)
+def test_every_arrival_order_of_sessions_cdrs_and_credits_ends_alike(data: st.DataObject) -> None:
+    facts = data.draw(credit_scenarios())
+    first, second = (final_outputs(tuple(data.draw(st.permutations(facts)))) for _ in range(2))
+    assert first[:2] == second[:2]
+    assert _settled_anomalies(facts, first) == _settled_anomalies(facts, second)
 
 
 def test_reprocessing_a_batch_after_moves_changes_nothing() -> None:
