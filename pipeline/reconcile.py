@@ -24,7 +24,9 @@ sessions but linked to the CDR they credit (`_link_credit`). A CDR a credit is l
 matching (`Matching.withdraw`) and its session's totals, and the session's row is written again; a session left
 without a CDR that counts is AWAITING_CDR again (so the CDR grace and the MISSING_CDR sweep apply). Credited CDRs are
 left out rather than netted with their credits, so a session's totals are those of the CDRs that count, whatever
-the credit's amount (a credit that does not negate its original is flagged CREDIT_AMOUNT_MISMATCH).
+the credit's amount (a credit that does not negate its original is flagged CREDIT_AMOUNT_MISMATCH). Of several
+credits for one CDR the earliest received (then the lowest id) is LINKED, in every arrival order; every other one
+is DUPLICATE_CREDIT (anomaly).
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
@@ -231,6 +233,7 @@ class PartyState:
 _W_CREDIT = "WC"  # index of credit CDRs waiting for the CDR they credit
 
 LINKED: Final = "LINKED"
+DUPLICATE_CREDIT: Final = "DUPLICATE_CREDIT"
 
 
 # --- processing -----------------------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def on_cdr(state: PartyState, fact: CdrFact, rules: Rules, out: PartyOutput) -> 
     if state.cdr(fact.cdr_id) is not None:
         return  # seen already (CDRs are immutable; stage 1 drops duplicates and conflicts)
     cdr = CdrRec(fact=fact)
-    # Credits that came first, earliest first: the first to link cancels it (`_claim`).
+    # Credits that came first, earliest first: the first to link is the one that counts (`_claim`).
     waiting = sorted((c for c in map(state.cdr, state.ids(_W_CREDIT, fact.cdr_id)) if c is not None),
                      key=lambda c: _credit_order(c.fact))
     if fact.credit:
@@ -387,13 +390,38 @@ def _credit_order(fact: CdrFact) -> tuple[datetime, str]:
 
 def _claim(state: PartyState, original: CdrRec, credit: CdrRec, rules: Rules, out: PartyOutput,
            now: datetime) -> str:
-    """The first credit linked to `original` cancels it: it leaves matching and its session's totals."""
-    if original.credited_by is None:
+    """LINKED if `credit` is the credit that counts for `original`, else DUPLICATE_CREDIT.
+
+    The earliest credit (received, then id) counts, whatever the arrival order: a later one is a duplicate, and an
+    earlier one that arrives after takes the link over from the one it displaces. So every order ends with the same
+    links, and every credit but the earliest gets one DUPLICATE_CREDIT anomaly (at its arrival or its demotion).
+    """
+    holder_id = original.credited_by
+    if holder_id is None:  # the first credit: the original is cancelled
         work = Matching(state, rules, now)
         work.withdraw(original, credit.fact.cdr_id)
         work.settle()
         _emit_changes(state, work, rules, out)
-    return LINKED
+        return LINKED
+    if holder_id == credit.fact.cdr_id:
+        return LINKED
+    holder = state.cdr(holder_id)
+    if holder is not None and _credit_order(credit.fact) < _credit_order(holder.fact):
+        original.credited_by = credit.fact.cdr_id
+        state.put_cdr(original)
+        link = state.credit(holder_id) or CreditRec(status="")
+        link.status = DUPLICATE_CREDIT
+        out.anomalies.append(_duplicate_anomaly(state, holder.fact))
+        _write_link(state, holder.fact, link, original.fact, rules, out)
+        return LINKED
+    out.anomalies.append(_duplicate_anomaly(state, credit.fact))
+    return DUPLICATE_CREDIT
+
+
+def _duplicate_anomaly(state: PartyState, credit: CdrFact) -> AnomalyRow:
+    return cdr_anomaly(state, credit, Anomaly.DUPLICATE_CREDIT,
+                       f"{credit.credit_reference_id} is credited by an earlier credit CDR already: this one is not "
+                       "billed", credit.received_at)
 
 
 def _write_link(state: PartyState, fact: CdrFact, link: CreditRec, original: CdrFact | None, rules: Rules,

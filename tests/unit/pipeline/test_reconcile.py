@@ -254,6 +254,36 @@ def test_a_credited_cdr_frees_its_session_for_another_cdr_of_its_key() -> None:
     assert index_entries(party, "C1") == []
 
 
+def test_a_second_credit_for_a_credited_cdr_is_a_duplicate_with_an_anomaly() -> None:
+    party = Party()
+    party.run(c_fact(cdr("C1", cost="2.50"), received=0))
+    first = party.run(c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=1))
+    assert link(first, "C1-C")["status"] == "LINKED" and first.anomalies == []
+    second = party.run(c_fact(cdr("C1-C2", cost="-2.50", credit=True, credit_reference="C1"), received=2))
+    row = link(second, "C1-C2")
+    assert (row["status"], row["credited_cdr_id"], row["amount_matches"]) == ("DUPLICATE_CREDIT", "C1", True)
+    assert [(a.kind.value, a.object_id) for a in second.anomalies] == [("DUPLICATE_CREDIT", "C1-C2")]
+    assert second.reconciliation and all(r["subject_id"] == "C1-C2" for r in second.results)  # C1 is unchanged
+
+
+def test_of_two_credits_the_earliest_counts_whichever_arrives_first() -> None:
+    original = c_fact(cdr("C1", cost="2.50"), received=0)
+    early = c_fact(cdr("C1-A", cost="-2.50", credit=True, credit_reference="C1"), received=1)
+    late = c_fact(cdr("C1-B", cost="-2.00", credit=True, credit_reference="C1"), received=2)
+    for order in itertools.permutations([original, early, late]):
+        party = Party()
+        links: dict[str, dict[str, Any]] = {}
+        anomalies = set()
+        for fact in order:
+            out = party.run(fact)
+            for row in (dict(zip(CREDIT_LINK_COLUMNS, r, strict=True)) for r in out.credit_links):
+                assert row["credit_cdr_id"] not in links or row["version"] > links[row["credit_cdr_id"]]["version"]
+                links[row["credit_cdr_id"]] = row
+            anomalies |= {(a.kind.value, a.object_id, a.observed_at) for a in out.anomalies}
+        assert {k: r["status"] for k, r in links.items()} == {"C1-A": "LINKED", "C1-B": "DUPLICATE_CREDIT"}, order
+        assert anomalies == {("DUPLICATE_CREDIT", "C1-B", ts(2)), ("CREDIT_AMOUNT_MISMATCH", "C1-B", ts(2))}, order
+
+
 def test_a_cdr_held_by_a_session_that_becomes_invalid_is_an_anomaly_in_either_order() -> None:
     active = s_fact(session("S1", status="ACTIVE", kwh="10"), version=1, received=30)
     invalid = s_fact(session("S1", status="INVALID", kwh="10", end=60, updated=60), version=2, received=61, final=61)
@@ -466,6 +496,10 @@ SCENARIOS = {
         c_fact(cdr("C1", kwh="12", cost="3.00"), received=1),
         c_fact(cdr("C1-C", kwh="12", cost="-3.00", credit=True, credit_reference="C1"), received=2),
         c_fact(cdr("C2", kwh="10", cost="2.50"), received=3)],
+    "two credits for one cdr": [
+        s_fact(completed("S1"), final=61), c_fact(cdr("C1"), received=1),
+        c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=2),
+        c_fact(cdr("C1-C2", cost="-2.50", credit=True, credit_reference="C1"), received=3)],
     "a credited cdr frees its session for another of its key": [
         s_fact(completed("S1", start=0), final=61), s_fact(completed("S2", start=2), received=1, final=61),
         c_fact(cdr("C1", session_id=None, start=0), received=2),
