@@ -84,7 +84,7 @@ def read_summary(client: Client, expected: Expected, seconds: float) -> DemoSumm
         PartyTotals(cc, pid, completed.get((cc, pid), 0), int(n), kwh, excl, incl or Decimal(0))
         for cc, pid, n, kwh, excl, incl in client.query(
             "SELECT country_code, party_id, count(), sum(energy_kwh), sum(cost_excl_vat), sum(cost_incl_vat) "
-            "FROM billing_lines FINAL GROUP BY country_code, party_id ORDER BY country_code, party_id").result_rows
+            "FROM billable_lines GROUP BY country_code, party_id ORDER BY country_code, party_id").result_rows
     ]
     reconciliation = {(str(s), str(o)): int(n) for s, o, n in client.query(
         "SELECT subject, outcome, count() FROM reconciliation FINAL GROUP BY subject, outcome "

@@ -26,7 +26,7 @@ without a CDR that counts is AWAITING_CDR again (so the CDR grace and the MISSIN
 left out rather than netted with their credits, so a session's totals are those of the CDRs that count, whatever
 the credit's amount (a credit that does not negate its original is flagged CREDIT_AMOUNT_MISMATCH). Of several
 credits for one CDR the earliest received (then the lowest id) is LINKED, in every arrival order; every other one
-is DUPLICATE_CREDIT (anomaly).
+is DUPLICATE_CREDIT (anomaly), and billing leaves its line out (view `billable_lines`, migration 0016).
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the

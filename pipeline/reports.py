@@ -3,8 +3,9 @@
 Every report is a function returning a `ReportQuery` (SQL with client-side `%(name)s` parameters: the chDB
 shim has no server-side parameters) over the tables the pipeline writes:
 
-- revenue: `billing_lines` (one line per CDR, credits already negated by the `billing_lines_mv` view, so a
-  credit CDR nets out the CDR it cancels); grouped by party, location or day, one row per currency;
+- revenue: `billable_lines` (`billing_lines`, one line per CDR, credits already negated by the `billing_lines_mv`
+  view, so a credit CDR nets out the CDR it cancels; without the lines of DUPLICATE_CREDIT credits, which would net
+  it twice); grouped by party, location or day, one row per currency;
 - reconciliation: `reconciliation` outcomes per CPO party, subject and outcome, with the summed deltas;
 - anomalies: `anomalies` per kind, module and CPO party;
 - health: per partner and module, pushes accepted (`raw_events`, source PUSH), pushes refused
@@ -114,7 +115,7 @@ SELECT {group},
        sum(energy_kwh) AS energy_kwh,
        sum(cost_excl_vat) AS revenue_excl_vat,
        sum(ifNull(cost_incl_vat, cost_excl_vat)) AS revenue_incl_vat
-FROM billing_lines FINAL
+FROM billable_lines
 {filters.where}
 GROUP BY {group}
 ORDER BY {group}"""

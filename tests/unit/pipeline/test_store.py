@@ -113,6 +113,51 @@ def test_billing_nets_credit_cdrs_per_partner_location_and_day(client: Client) -
         ("LOC2", ts(0).date(), 1, 0, Decimal("8.0000"), Decimal("2.0000"))]
 
 
+def test_billing_counts_one_credit_per_cdr_in_the_views_the_report_and_the_dashboard(client: Client) -> None:
+    """Two credits for C1: the earlier one (C1-A) counts even though it reaches stage 2 last; C1-B's line stays in
+    billing_lines but no reader of billing counts it."""
+    from pipeline import reports
+    from pipeline.agents import party_batch
+    from pipeline.reconcile import PartyOutput, PartyState, process_party
+    from tests.unit.test_dashboards import ROOT, panel_queries, render_panel_sql
+
+    from .builders import DictStore
+    from .test_reconcile import RULES
+
+    cdrs, store = Harness(process_cdrs, CdrState), DictStore()
+    bodies = {"C1": cdr("C1", kwh="10", cost="2.50"), "C2": cdr("C2", kwh="8", cost="2.00"),
+              "C1-A": cdr("C1-A", kwh="10", cost="-2.50", credit=True, credit_reference="C1"),
+              "C1-B": cdr("C1-B", kwh="10", cost="-2.00", credit=True, credit_reference="C1")}
+    received = {"C1": 0, "C1-A": 1, "C1-B": 2, "C2": 3}
+    for cdr_id in ("C1", "C1-B", "C1-A", "C2"):  # stage 2 sees C1-B before the earlier C1-A
+        out = cdrs.run(event("CDR", bodies[cdr_id], received=received[cdr_id]))
+        write(client, out.batch)
+        party = PartyOutput()
+        overlay = store.overlay()
+        process_party(PartyState("NL/TNM", overlay), out.facts["NL/TNM"], RULES, party)
+        store.commit(overlay)
+        write(client, party_batch(party, []))
+    assert client.query("SELECT credit_cdr_id, status FROM credit_links FINAL ORDER BY 1").result_rows == [
+        ("C1-A", "LINKED"), ("C1-B", "DUPLICATE_CREDIT")]
+    assert client.query("SELECT count(), sum(cost_excl_vat) FROM billing_lines FINAL").result_rows == [
+        (4, Decimal("0.0000"))]  # every CDR has its line; C1-B's would net C1 twice
+    want = (2, 1, Decimal("8.0000"), Decimal("2.0000"))
+    assert client.query("SELECT countIf(NOT credit), countIf(credit), sum(energy_kwh), sum(cost_excl_vat) "
+                        "FROM billable_lines").result_rows == [want]
+    assert client.query("SELECT sum(cdrs) - sum(credit_cdrs), sum(credit_cdrs), sum(energy_kwh), sum(cost_excl_vat) "
+                        "FROM billing_daily").result_rows == [want]
+    _columns, rows = reports.run(client, reports.revenue(reports.Period(), by="location"))
+    assert [tuple(r) for r in rows] == [("NL", "TNM", "LOC1", "EUR", *want, Decimal("2.4200"))]
+    panels = dict(panel_queries(ROOT / "dashboards" / "billing.json"))
+    now = datetime.now(UTC)
+    for title, values in (("Revenue per currency", ("EUR", Decimal("2.0000"))), ("Energy (kWh)", (Decimal(8),)),
+                          ("CDRs", (2, 1)), ("Per CPO party", ("NL", "TNM", "EUR", *want, Decimal("2.4200"))),
+                          ("Per location", ("NL", "TNM", "LOC1", "EUR", 2, Decimal(8), Decimal(2)))):
+        sql = render_panel_sql(panels[title], start=now - timedelta(days=7), end=now + timedelta(days=1),
+                               partners=["p1"])
+        assert client.query(sql).result_rows == [values], title
+
+
 def _settings(**env: str) -> Settings:
     return load_settings({"OCPI_PSEUDONYM_KEY": "x" * 32, **env})
 
