@@ -1,6 +1,8 @@
 """Rows for ClickHouse from decoded events and stored objects: plain functions, no I/O.
 
-Identity columns hold the upper-cased CiString (the contract with the receivers' GET); payload_json keeps the
+Identity columns hold the upper-cased CiString (the contract with the receivers' GET), and so do the CiString
+columns that refer to another object (a Session's or CDR's location, EVSE and connector, a CDR's session and
+credited CDR): they are compared case-insensitively, and billing groups and joins by them. payload_json keeps the
 object as the CPO sent it (OCPI JSON). Objects arrive as builtins: dicts with aware datetimes and Decimals.
 """
 
@@ -129,9 +131,9 @@ def session_row(event: DecodedEvent, session: dict[str, Any], document: bytes, v
         ci_normalize(session["country_code"]), ci_normalize(session["party_id"]), ci_normalize(session["id"]),
         event.partner_id, session["status"], session["start_date_time"], session.get("end_date_time"),
         session["kwh"], session["auth_method"], session.get("authorization_reference"), token["uid"],
-        token["type"], token["contract_id"], session["location_id"], session["evse_uid"], session["connector_id"],
-        session["currency"], excl, incl, session["last_updated"], json_column(document), event.event_id, version,
-        applied_at,
+        token["type"], token["contract_id"], ci_normalize(session["location_id"]), ci_normalize(session["evse_uid"]),
+        ci_normalize(session["connector_id"]), session["currency"], excl, incl, session["last_updated"],
+        json_column(document), event.event_id, version, applied_at,
     ]
 
 
@@ -192,11 +194,12 @@ def cdr_row(event: DecodedEvent, cdr: dict[str, Any], document: bytes) -> list[A
     excl, incl = _price(cdr["total_cost"])
     return [
         ci_normalize(cdr["country_code"]), ci_normalize(cdr["party_id"]), ci_normalize(cdr["id"]), event.partner_id,
-        cdr["start_date_time"], cdr["end_date_time"], cdr.get("session_id"), cdr["auth_method"],
-        cdr.get("authorization_reference"), token["uid"], token["type"], token["contract_id"], location["id"],
-        location["evse_uid"], location["connector_id"], cdr["currency"], cdr["total_energy"], cdr["total_time"],
-        cdr.get("total_parking_time"), excl, incl, bool(cdr.get("credit")), cdr.get("credit_reference_id"),
-        cdr["last_updated"], json_column(document), event.event_id, CDR_ROW_VERSION, event.received_at,
+        cdr["start_date_time"], cdr["end_date_time"], upper(cdr.get("session_id")), cdr["auth_method"],
+        cdr.get("authorization_reference"), token["uid"], token["type"], token["contract_id"],
+        ci_normalize(location["id"]), ci_normalize(location["evse_uid"]), ci_normalize(location["connector_id"]),
+        cdr["currency"], cdr["total_energy"], cdr["total_time"], cdr.get("total_parking_time"), excl, incl,
+        bool(cdr.get("credit")), upper(cdr.get("credit_reference_id")), cdr["last_updated"], json_column(document),
+        event.event_id, CDR_ROW_VERSION, event.received_at,
     ]
 
 

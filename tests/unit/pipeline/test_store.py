@@ -18,6 +18,7 @@ from infra.settings import Settings, load_settings
 from pipeline import retention, sweeps
 from pipeline.cdrs import process_cdrs
 from pipeline.locations import process_locations
+from pipeline.projection import CDR_COLUMNS, SESSION_COLUMNS
 from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS
 from pipeline.sessions import process_sessions
 from pipeline.sink import Batch, ClickHouseSink
@@ -156,6 +157,87 @@ def test_billing_counts_one_credit_per_cdr_in_the_views_the_report_and_the_dashb
         sql = render_panel_sql(panels[title], start=now - timedelta(days=7), end=now + timedelta(days=1),
                                partners=["p1"])
         assert client.query(sql).result_rows == [values], title
+
+
+def test_ci_string_references_are_stored_upper_cased_so_billing_and_joins_see_one_value(client: Client) -> None:
+    """A CPO may send one location as 'loc-1', 'LOC-1' and 'Loc-1' (CiString); payload_json keeps what it sent."""
+    def located(body: dict[str, Any], evse_uid: str, connector_id: str) -> dict[str, Any]:
+        body["cdr_location"] |= {"evse_uid": evse_uid, "connector_id": connector_id}
+        return body
+
+    sessions, cdrs = Harness(process_sessions, SessionState), Harness(process_cdrs, CdrState)
+    s1 = session("s-1", status="COMPLETED", end=60, updated=60, kwh="10", cost="2.50", location="loc-1")
+    s1 |= {"evse_uid": "e-1", "connector_id": "c1"}
+    write(client, sessions.run(event("Session", s1, received=61)).batch)
+    write(client, cdrs.run(
+        event("CDR", located(cdr("C1", session_id="s-1", kwh="10", cost="2.50", location="loc-1"), "e-1", "c1")),
+        event("CDR", cdr("C2", session_id="S-2", kwh="8", cost="2.00", location="LOC-1")),
+        event("CDR", cdr("c2-c", session_id="s-2", kwh="8", cost="-2.00", location="Loc-1", credit=True,
+                         credit_reference="c2"))).batch)
+    assert client.query("SELECT location_id, cdrs, energy_kwh, cost_excl_vat FROM billing_daily").result_rows == [
+        ("LOC-1", 3, Decimal("10.0000"), Decimal("2.5000"))]
+    assert client.query("SELECT cdr_id, session_id, location_id, evse_uid, connector_id, credit_reference_id "
+                        "FROM cdrs FINAL ORDER BY cdr_id").result_rows == [
+        ("C1", "S-1", "LOC-1", "E-1", "C1", None), ("C2", "S-2", "LOC-1", "E1", "1", None),
+        ("C2-C", "S-2", "LOC-1", "E1", "1", "C2")]
+    assert client.query("SELECT location_id, evse_uid, connector_id FROM sessions FINAL").result_rows == [
+        ("LOC-1", "E-1", "C1")]
+    assert client.query("SELECT s.session_id FROM cdrs AS c FINAL INNER JOIN sessions AS s FINAL "
+                        "ON c.session_id = s.session_id").result_rows == [("S-1",)]
+    [(document,)] = client.query("SELECT payload_json FROM cdrs FINAL WHERE cdr_id = 'C2-C'").result_rows
+    assert (json.loads(document)["cdr_location"]["id"], json.loads(document)["credit_reference_id"]) == (
+        "Loc-1", "c2")
+
+
+def readme_rewrite_statements() -> list[str]:
+    """The in-place rewrite of CiString references that README.md gives for rows written before they were
+    upper-cased ("Data written by earlier versions")."""
+    from infra.clickhouse.migrations import Migration
+    from tests.unit.test_docs import README
+
+    block = README.split("<!-- ci-references-rewrite:start -->")[1].split("<!-- ci-references-rewrite:end -->")[0]
+    sql = block.strip().removeprefix("```sql").removesuffix("```")
+    return Migration(0, "readme", sql).statements()
+
+
+def test_the_readme_rewrite_upper_cases_old_references_and_changes_no_total(client: Client) -> None:
+    cdrs, sessions = Harness(process_cdrs, CdrState), Harness(process_sessions, SessionState)
+    old = cdrs.run(event("CDR", cdr("C1", session_id="s-1", kwh="10", cost="2.50", location="loc-1")),
+                   event("CDR", cdr("C1-C", session_id="s-1", kwh="10", cost="-2.50", location="loc-1",
+                                    credit=True, credit_reference="c1")),
+                   event("CDR", cdr("C2", session_id="S-2", kwh="8", cost="2.00", location="Loc-1"))).batch
+    as_sent = {"C1": {"session_id": "s-1", "location_id": "loc-1", "evse_uid": "e1"},
+               "C1-C": {"session_id": "s-1", "location_id": "loc-1", "evse_uid": "e1", "credit_reference_id": "c1"},
+               "C2": {"location_id": "Loc-1"}}
+    for row in old.tables()["cdrs"]:  # the rows as the version before wrote them: references as sent
+        for name, value in as_sent[row[CDR_COLUMNS.index("cdr_id")]].items():
+            row[CDR_COLUMNS.index(name)] = value
+    s1 = sessions.run(event("Session", session("S-1", status="COMPLETED", end=60, updated=60, kwh="10",
+                                               location="loc-1"), received=61)).batch
+    for row in s1.tables()["sessions"]:
+        row[SESSION_COLUMNS.index("location_id")] = "loc-1"
+    write(client, old)
+    write(client, s1)
+    totals = "SELECT count(), sum(energy_kwh), sum(cost_excl_vat) FROM billable_lines"
+    before = client.query(totals).result_rows
+    assert len(client.query("SELECT location_id FROM billing_daily").result_rows) == 2  # 'loc-1', 'Loc-1'
+
+    for statement in readme_rewrite_statements():
+        client.command(statement)
+    assert client.query(totals).result_rows == before == [(3, Decimal("8.0000"), Decimal("2.0000"))]
+    assert client.query("SELECT location_id, cdrs FROM billing_daily").result_rows == [("LOC-1", 3)]
+    assert client.query("SELECT cdr_id, session_id, location_id, evse_uid, credit_reference_id FROM cdrs FINAL "
+                        "ORDER BY cdr_id").result_rows == [("C1", "S-1", "LOC-1", "E1", None),
+                                                           ("C1-C", "S-1", "LOC-1", "E1", "C1"),
+                                                           ("C2", "S-2", "LOC-1", "E1", None)]
+    assert client.query("SELECT location_id FROM sessions FINAL").result_rows == [("LOC-1",)]
+    # What README warns about: a CDR written again under today's rules (reprocessing under a new app id, whose
+    # stage-1 state is new) would have made a second line before the rewrite; now it changes nothing.
+    again = Harness(process_cdrs, CdrState).run(event("CDR", cdr("C1", session_id="s-1", kwh="10", cost="2.50",
+                                                                 location="loc-1")))
+    assert [r[CDR_COLUMNS.index("location_id")] for r in again.batch.tables()["cdrs"]] == ["LOC-1"]
+    write(client, again.batch)
+    assert client.query(totals).result_rows == before
 
 
 def _settings(**env: str) -> Settings:
