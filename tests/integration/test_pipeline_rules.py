@@ -140,16 +140,26 @@ async def test_cdrs_are_immutable_duplicates_dropped_conflicts_recorded(stack: S
                            [("CDR_CONFLICT",)]) == [("CDR_CONFLICT",)]
 
 
-async def test_a_credit_cdr_links_and_billing_nets_it(stack: Stack) -> None:
+async def test_a_credit_cdr_links_and_billing_nets_it_once(stack: Stack) -> None:
+    now = datetime.now(UTC)
     await send(stack, ("CDR", cdr("C1", kwh="10", cost="2.50", session_id=None)),
-               ("CDR", cdr("C1-C", kwh="10", cost="-2.50", session_id=None, credit=True, credit_reference="C1")),
-               ("CDR", cdr("C1-R", kwh="10", cost="2.00", session_id=None)), pid="CRD")
+               ("CDR", cdr("C1-C", kwh="10", cost="-2.50", session_id=None, credit=True, credit_reference="C1"),
+                {"received_at": now}),
+               ("CDR", cdr("C1-R", kwh="10", cost="2.00", session_id=None)),
+               ("CDR", cdr("C1-C2", kwh="10", cost="-2.50", session_id=None, credit=True, credit_reference="C1"),
+                {"received_at": now + timedelta(seconds=1)}), pid="CRD")
+    want = [("C1-C", "C1", "LINKED", True), ("C1-C2", "C1", "DUPLICATE_CREDIT", True)]
     links = await wait_rows(client(stack), "SELECT credit_cdr_id, credited_cdr_id, status, amount_matches "
-                            "FROM credit_links FINAL WHERE party_id = 'CRD'", [("C1-C", "C1", "LINKED", True)])
-    assert links == [("C1-C", "C1", "LINKED", True)]
+                            "FROM credit_links FINAL WHERE party_id = 'CRD' ORDER BY credit_cdr_id", want)
+    assert links == want
     assert client(stack).query("SELECT cdrs, credit_cdrs, energy_kwh, cost_excl_vat FROM billing_daily "
                                "WHERE party_id = 'CRD'").result_rows == [(3, 1, Decimal("10.0000"),
                                                                           Decimal("2.0000"))]
+    assert client(stack).query("SELECT kind, object_id FROM anomalies FINAL WHERE party_id = 'CRD'"
+                               ).result_rows == [("DUPLICATE_CREDIT", "C1-C2")]
+    outcomes = await wait_rows(client(stack), "SELECT subject_id, outcome FROM reconciliation FINAL "
+                               "WHERE party_id = 'CRD' AND subject_id = 'C1'", [("C1", "CREDITED")])
+    assert outcomes == [("C1", "CREDITED")]
 
 
 async def test_every_reconciliation_outcome_lands_in_the_table_and_the_topic(stack: Stack) -> None:

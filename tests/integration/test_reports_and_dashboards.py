@@ -137,6 +137,8 @@ async def _populate(settings: Settings) -> tuple[Expected, list[tuple[Any, ...]]
         await _wait(client, "SELECT count() FROM sessions FINAL WHERE status = 'COMPLETED'", len(expected.sessions))
         await _wait(client, "SELECT count() FROM rejections FINAL", 2)
         await _wait(client, "SELECT count() FROM reconciliation FINAL WHERE party_id = 'RPT'", 4)
+        await _wait(client, "SELECT count() FROM reconciliation FINAL WHERE party_id = 'RPT' AND outcome = 'CREDITED'",
+                    1)
         stack.check_children()
 
         # Consumer lag while the worker runs: it commits within a second or two of writing.
@@ -274,8 +276,9 @@ def test_consumer_lag_reaches_zero_and_counts_every_record(demo: DemoData) -> No
 def test_reconciliation_report_counts_outcomes_per_party(demo: DemoData) -> None:
     rows = report(demo, "reconciliation")
     ours = [(r["subject"], r["outcome"], r["subjects"], r["sum_delta_kwh"]) for r in rows if r["party_id"] == "RPT"]
-    # No sessions were pushed for DE/RPT: its CDRs wait for theirs, and the credit CDR is linked as a credit.
-    assert ours == [("CDR", "AWAITING_SESSION", 3, "0.0000"), ("CDR", "CREDIT", 1, "0.0000")]
+    # No sessions were pushed for DE/RPT: its CDRs wait for theirs, but RPT-A, which the credit CDR cancels.
+    assert ours == [("CDR", "AWAITING_SESSION", 2, "0.0000"), ("CDR", "CREDIT", 1, "0.0000"),
+                    ("CDR", "CREDITED", 1, "0.0000")]
     # BE/BEC is the single party of its simulated CPO: every completed session of it is matched with its CDR.
     bec_sessions = len([key for key in demo.expected.sessions if key[:2] == ("BE", "BEC")])
     matched = [r["subjects"] for r in report(demo, "reconciliation", "--party", "be/bec")
