@@ -7,6 +7,8 @@
 -- versions (pseudonymisation rewrites CDR rows, and each rewrite inserts the line again).
 -- Duplicates are few: `credit AND ...` keeps the lookup off every other line (short-circuit evaluation), and the key
 -- is one string (a tuple of LowCardinality columns is several times slower to look up per line).
+-- Values this version adds without a schema change: credit_links.status DUPLICATE_CREDIT; reconciliation.outcome
+-- CREDITED (a CDR a credit cancels).
 CREATE VIEW IF NOT EXISTS billable_lines AS
 SELECT
     day, partner_id, country_code, party_id, location_id, cdr_id, currency, credit, energy_kwh, cost_excl_vat,
