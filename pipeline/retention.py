@@ -46,6 +46,7 @@ from clickhouse_connect.driver.client import Client
 
 from infra.settings import MIN_PSEUDONYM_KEY_BYTES, Settings
 from ocpi.identity import ci_normalize
+from pipeline.records import utc_now
 from pipeline.sink import datetime64, insert_rows, string
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,41 @@ def load_key(settings: Settings) -> bytes:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(32))
     return path.read_text().strip().encode()
+
+
+class PseudonymKeyMismatch(RuntimeError):
+    """This process's pseudonymisation key is not the one the data was pseudonymised with."""
+
+
+_KEY_CHECK_TEXT: Final = b"ocpi-pipeline pseudonymisation key check"
+
+
+def key_fingerprint(key: bytes) -> str:
+    """Tells keys apart without revealing them (an HMAC of a fixed text)."""
+    return hmac.new(key, _KEY_CHECK_TEXT, hashlib.sha256).hexdigest()[:32]
+
+
+def check_key(client: Client, key: bytes, *, recorded_by: str) -> None:
+    """Pseudonyms are join keys, so every process that writes them must use the same key: a worker on another
+    machine, or `retention apply` run with another OCPI_DATA_DIR, would otherwise generate its own and silently
+    break the joins. The first process records its key's fingerprint (table `pseudonym_key`); every later one,
+    with another key, stops with PseudonymKeyMismatch. Two first processes at once: the earlier row wins."""
+    fingerprint = key_fingerprint(key)
+    first = _key_in_force(client)
+    if first is None:
+        client.insert("pseudonym_key", [[fingerprint, utc_now(), recorded_by]],
+                      column_names=["fingerprint", "recorded_at", "recorded_by"])
+        first = _key_in_force(client)
+    if first != fingerprint:
+        raise PseudonymKeyMismatch(
+            "the pseudonymisation key differs from the one this store's data was pseudonymised with (fingerprint "
+            f"{fingerprint}, in force {first}): set OCPI_PSEUDONYM_KEY, or OCPI_DATA_DIR, as for the other "
+            "processes (the generated key is OCPI_DATA_DIR/secrets/pseudonym.key)")
+
+
+def _key_in_force(client: Client) -> str | None:
+    rows = client.query("SELECT fingerprint FROM pseudonym_key ORDER BY recorded_at, fingerprint LIMIT 1").result_rows
+    return str(rows[0][0]) if rows else None
 
 
 # --- the policy -----------------------------------------------------------------------------------------------

@@ -5,16 +5,18 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import faust
 from kafka import KafkaAdminClient
 
+from infra.clickhouse.client import ClickHouseUnavailable
 from infra.kafka.admin import ensure_topics, set_topic_configs
 from infra.kafka.bootstrap import resolve_bootstrap
 from infra.settings import Settings
-from pipeline.app import TABLES, create_app
-from pipeline.retention import changelog_configs, changelog_topic, topic_configs
+from pipeline.app import TABLES, create_app, sink_client
+from pipeline.retention import changelog_configs, changelog_topic, check_key, load_key, topic_configs
 from pipeline.topics import topic_names
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 # frees; at the default, collections run every few hundred allocations and cost about a sixth of the worker's
 # CPU (README, Benchmarks). The older generations keep CPython's defaults.
 GC_FIRST_GENERATION_THRESHOLD = 50_000
+KEY_CHECK_WAIT_S = 120.0  # how long a starting worker waits for ClickHouse to check its pseudonymisation key
 
 
 def prepare_topics(settings: Settings, bootstrap: str) -> None:
@@ -70,8 +73,25 @@ def state_dir(settings: Settings, app_id: str) -> Path:
     return settings.storage.path / "faust" / app_id
 
 
+def check_pseudonym_key(settings: Settings, *, wait_s: float = KEY_CHECK_WAIT_S) -> None:
+    """Stop before processing anything if this worker's pseudonymisation key is not the store's
+    (`retention.check_key`): its pseudonyms would not join with the others'. Waits for ClickHouse to answer, as
+    the worker could not write without it anyway."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            check_key(sink_client(settings), load_key(settings), recorded_by=f"worker {settings.pipeline.app_id}")
+            return
+        except ClickHouseUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("ClickHouse does not answer yet; the pseudonymisation key check waits")
+            time.sleep(1.0)
+
+
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     bootstrap = resolve_bootstrap(settings)
+    check_pseudonym_key(settings)
     drop_state_without_changelog(settings, bootstrap, settings.pipeline.app_id)
     prepare_topics(settings, bootstrap)
     pipeline = create_app(settings, bootstrap)

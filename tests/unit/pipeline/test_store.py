@@ -535,3 +535,39 @@ def test_datetime_literal() -> None:
     moment = datetime(2026, 1, 5, 9, 0, 0, 123456, tzinfo=UTC)
     assert datetime64(moment) == "toDateTime64('2026-01-05 09:00:00.123456', 6, 'UTC')"
     assert string("it's") == "'it\\'s'"
+
+
+def test_every_process_must_pseudonymise_with_the_key_in_force(client: Client) -> None:
+    # A worker elsewhere, or `retention apply` with another OCPI_DATA_DIR, would generate its own key: its pseudonyms
+    # would not join with the others'. The first key is recorded; another one stops the process.
+    retention.check_key(client, b"a" * 32, recorded_by="worker one")
+    retention.check_key(client, b"a" * 32, recorded_by="worker two")
+    with pytest.raises(retention.PseudonymKeyMismatch, match="OCPI_PSEUDONYM_KEY") as refused:
+        retention.check_key(client, b"b" * 32, recorded_by="retention apply")
+    assert "a" * 32 not in str(refused.value) and "b" * 32 not in str(refused.value)  # fingerprints, never the key
+    rows = client.query("SELECT fingerprint, recorded_by FROM pseudonym_key").result_rows
+    assert rows == [(retention.key_fingerprint(b"a" * 32), "worker one")]
+
+
+def test_of_two_first_keys_recorded_at_once_the_earlier_is_in_force(client: Client) -> None:
+    early, late = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)
+    client.insert("pseudonym_key", [[retention.key_fingerprint(b"b" * 32), late, "racer"],
+                                    [retention.key_fingerprint(b"a" * 32), early, "winner"]],
+                  column_names=["fingerprint", "recorded_at", "recorded_by"])
+    retention.check_key(client, b"a" * 32, recorded_by="worker")
+    with pytest.raises(retention.PseudonymKeyMismatch):
+        retention.check_key(client, b"b" * 32, recorded_by="racer")
+
+
+def test_a_worker_with_another_key_stops_before_it_processes_anything(client: Client, chdb_dsn: str,
+                                                                      tmp_path: Any) -> None:
+    from pipeline.worker import check_pseudonym_key
+
+    def settings(key: str) -> Settings:
+        return load_settings({"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": client.database,
+                              "OCPI_DATA_DIR": str(tmp_path), "OCPI_PSEUDONYM_KEY": key})
+
+    check_pseudonym_key(settings("a" * 32), wait_s=0)
+    check_pseudonym_key(settings("a" * 32), wait_s=0)
+    with pytest.raises(retention.PseudonymKeyMismatch):
+        check_pseudonym_key(settings("b" * 32), wait_s=0)
