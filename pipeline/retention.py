@@ -467,6 +467,14 @@ def report_rows(client: Client, database: str, settings: Settings, now: datetime
     return rows
 
 
+def leftover_rebuilds(client: Client, database: str) -> list[str]:
+    """Databases a `replay --rebuild` left with the previous tables: outside the policy's pseudonymisation (the
+    passes rewrite the live database), so their personal data stays in clear until they are dropped."""
+    rows = client.query("SELECT name FROM system.databases WHERE startsWith(name, {prefix:String}) ORDER BY name",
+                        parameters={"prefix": f"{database}_rebuild_"}).result_rows
+    return [str(row[0]) for row in rows]
+
+
 def warnings(settings: Settings) -> list[str]:
     r = settings.retention
     found = []

@@ -56,6 +56,7 @@ def report() -> None:
     try:
         client = connect_for(settings, readonly=True)
         rows = retention.report_rows(client, settings.clickhouse.database, settings, utc_now())
+        leftovers = retention.leftover_rebuilds(client, settings.clickhouse.database)
     except ClickHouseUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     console = Console(width=max(Console().width, 130))
@@ -83,6 +84,10 @@ def report() -> None:
     console.print(topics)
     for warning in retention.warnings(settings):
         console.print(f"[yellow]note:[/] {warning}")
+    for database in leftovers:
+        console.print(f"[yellow]note:[/] {database} holds the tables a rebuild replaced, personal data in clear "
+                      f"(pseudonymisation rewrites only the live database): DROP DATABASE {database} once the "
+                      "rebuild is verified")
 
 
 @retention_group.command("apply")

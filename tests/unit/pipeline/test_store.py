@@ -571,3 +571,25 @@ def test_a_worker_with_another_key_stops_before_it_processes_anything(client: Cl
     check_pseudonym_key(settings("a" * 32), wait_s=0)
     with pytest.raises(retention.PseudonymKeyMismatch):
         check_pseudonym_key(settings("b" * 32), wait_s=0)
+
+
+def test_the_report_names_databases_a_rebuild_left_with_personal_data(client: Client, chdb_dsn: str,
+                                                                      tmp_path: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    leftover = f"{client.database}_rebuild_20261125T000000"
+    client.command(f"CREATE DATABASE {leftover}")
+    try:
+        assert retention.leftover_rebuilds(client, client.database) == [leftover]
+        for name, value in {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": client.database,
+                            "OCPI_DATA_DIR": str(tmp_path), "COLUMNS": "200"}.items():
+            monkeypatch.setenv(name, value)
+        result = CliRunner().invoke(cli, ["retention", "report"])
+        assert result.exit_code == 0, result.output
+        assert f"DROP DATABASE {leftover}" in " ".join(result.output.split()), result.output
+    finally:
+        client.command(f"DROP DATABASE {leftover}")
+    assert retention.leftover_rebuilds(client, client.database) == []
