@@ -112,7 +112,12 @@ def apply() -> None:
     click.echo(f"TTL set on: {', '.join(changed) or 'nothing (already as configured)'}")
     click.echo("pseudonymised: " + ", ".join(f"{table} {n}" for table, n in done.items()))
     try:
-        topics = set_topic_configs(resolve_bootstrap(settings), retention.topic_configs(settings))
-        click.echo(f"topic retention set on: {', '.join(topics) or 'nothing (already as configured)'}")
+        bootstrap = resolve_bootstrap(settings)
     except KafkaNotConfigured as exc:
         click.echo(f"topics not changed: {exc}")
+        return
+    if not _reachable(bootstrap):  # fail at once, not after the Kafka client's timeout, and not as a traceback
+        raise click.ClickException(f"topics not changed: Kafka at {bootstrap} does not answer (the ClickHouse part "
+                                   "above is done); run the command again when it does")
+    topics = set_topic_configs(bootstrap, retention.topic_configs(settings))
+    click.echo(f"topic retention set on: {', '.join(topics) or 'nothing (already as configured)'}")

@@ -593,3 +593,23 @@ def test_the_report_names_databases_a_rebuild_left_with_personal_data(client: Cl
     finally:
         client.command(f"DROP DATABASE {leftover}")
     assert retention.leftover_rebuilds(client, client.database) == []
+
+
+def test_apply_with_kafka_down_does_the_clickhouse_part_and_fails_clearly(client: Client, chdb_dsn: str,
+                                                                         tmp_path: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": client.database,
+                        "OCPI_DATA_DIR": str(tmp_path), "OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(cli, ["retention", "apply"])
+    assert result.exit_code == 1 and "does not answer" in result.output and "Traceback" not in result.output
+    assert "pseudonymised:" in result.output  # the ClickHouse part ran first
