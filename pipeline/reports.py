@@ -100,7 +100,9 @@ class _Filters:
 
 def revenue(period: Period, *, by: str = "party", party: str | None = None,
             partner: str | None = None) -> ReportQuery:
-    """Energy and revenue (credits netted) per CPO party, location or day, and currency."""
+    """Energy and revenue (credits netted) per CPO party, location or day, and currency. `incl_vat` is optional in
+    OCPI: revenue incl. VAT sums the CDRs that give it, and `lines_without_incl_vat` counts the others (neither
+    VAT-free nor guessed), as `billing_daily` does."""
     keys = {"party": ["country_code", "party_id"],
             "location": ["country_code", "party_id", "location_id"],
             "day": ["day"]}.get(by)
@@ -114,7 +116,8 @@ SELECT {group},
        countIf(credit) AS credit_cdrs,
        sum(energy_kwh) AS energy_kwh,
        sum(cost_excl_vat) AS revenue_excl_vat,
-       sum(ifNull(cost_incl_vat, cost_excl_vat)) AS revenue_incl_vat
+       sum(cost_incl_vat) AS revenue_incl_vat,
+       countIf(cost_incl_vat IS NULL) AS lines_without_incl_vat
 FROM billable_lines
 {filters.where}
 GROUP BY {group}

@@ -88,7 +88,8 @@ def revenue(start: date | None, end: date | None, fmt: str, by: str, party: str 
             partner: str | None) -> None:
     """Energy and revenue from CDRs per party, location or day, credit CDRs netted.
 
-    Energy in kWh, revenue excl. and incl. VAT, per currency, by the UTC day the CDR ended.
+    Energy in kWh, revenue excl. and incl. VAT, per currency, by the UTC day the CDR ended. incl_vat is optional
+    in OCPI: revenue incl. VAT sums the CDRs that give it, lines_without_incl_vat counts the others.
 
     A credit CDR counts with negative energy and cost, so it cancels the CDR it credits.
 

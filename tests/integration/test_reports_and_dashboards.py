@@ -191,7 +191,8 @@ def report(demo: DemoData, *args: str) -> list[dict[str, Any]]:
 def test_revenue_by_party_nets_credits_exactly(demo: DemoData) -> None:
     rows = report(demo, "revenue", "--party", "de/rpt")
     assert rows == [{"country_code": "DE", "party_id": "RPT", "currency": "EUR", "cdrs": 3, "credit_cdrs": 1,
-                     "energy_kwh": "27.5000", "revenue_excl_vat": "11.0000", "revenue_incl_vat": "13.3100"}]
+                     "energy_kwh": "27.5000", "revenue_excl_vat": "11.0000", "revenue_incl_vat": "13.3100",
+                     "lines_without_incl_vat": 0}]
 
 
 def test_revenue_by_location_and_by_day_with_a_period(demo: DemoData) -> None:

@@ -148,15 +148,35 @@ def test_billing_counts_one_credit_per_cdr_in_the_views_the_report_and_the_dashb
     assert client.query("SELECT sum(cdrs) - sum(credit_cdrs), sum(credit_cdrs), sum(energy_kwh), sum(cost_excl_vat) "
                         "FROM billing_daily").result_rows == [want]
     _columns, rows = reports.run(client, reports.revenue(reports.Period(), by="location"))
-    assert [tuple(r) for r in rows] == [("NL", "TNM", "LOC1", "EUR", *want, Decimal("2.4200"))]
+    assert [tuple(r) for r in rows] == [("NL", "TNM", "LOC1", "EUR", *want, Decimal("2.4200"), 0)]
     panels = dict(panel_queries(ROOT / "dashboards" / "billing.json"))
     now = datetime.now(UTC)
     for title, values in (("Revenue per currency", ("EUR", Decimal("2.0000"))), ("Energy (kWh)", (Decimal(8),)),
-                          ("CDRs", (2, 1)), ("Per CPO party", ("NL", "TNM", "EUR", *want, Decimal("2.4200"))),
+                          ("CDRs", (2, 1)), ("Per CPO party", ("NL", "TNM", "EUR", *want, Decimal("2.4200"), 0)),
                           ("Per location", ("NL", "TNM", "LOC1", "EUR", 2, Decimal(8), Decimal(2)))):
         sql = render_panel_sql(panels[title], start=now - timedelta(days=7), end=now + timedelta(days=1),
                                partners=["p1"])
         assert client.query(sql).result_rows == [values], title
+
+
+def test_revenue_incl_vat_sums_what_cdrs_give_and_counts_the_others_in_every_reader(client: Client) -> None:
+    # incl_vat is optional (02 §9.3): a CDR without it is neither VAT-free nor guessed; every reader agrees.
+    from pipeline import reports
+    from tests.unit.test_dashboards import ROOT, panel_queries, render_panel_sql
+
+    without = cdr("C2", kwh="8", cost="2.00")
+    del without["total_cost"]["incl_vat"]
+    cdrs = Harness(process_cdrs, CdrState)
+    write(client, cdrs.run(event("CDR", cdr("C1", kwh="10", cost="2.50"), received=0),
+                           event("CDR", without, received=1)).batch)
+    _columns, rows = reports.run(client, reports.revenue(reports.Period()))
+    assert [tuple(r[-3:]) for r in rows] == [(Decimal("4.5000"), Decimal("3.0250"), 1)]
+    assert client.query("SELECT sum(cost_excl_vat), sum(cost_incl_vat) FROM billing_daily").result_rows == [
+        (Decimal("4.5000"), Decimal("3.0250"))]
+    now = datetime.now(UTC)
+    sql = render_panel_sql(dict(panel_queries(ROOT / "dashboards" / "billing.json"))["Per CPO party"],
+                           start=now - timedelta(days=7), end=now + timedelta(days=1), partners=["p1"])
+    assert [tuple(r[-3:]) for r in client.query(sql).result_rows] == [(Decimal("4.5000"), Decimal("3.0250"), 1)]
 
 
 def test_ci_string_references_are_stored_upper_cased_so_billing_and_joins_see_one_value(client: Client) -> None:
