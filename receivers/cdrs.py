@@ -44,7 +44,8 @@ async def post_cdr(request: Request[Any, Any, Any], events: Events, settings: Co
     try:
         require_owner(partner, cdr.country_code, cdr.party_id)
     except ForeignParty as exc:  # the owner came from the body: name its fields
-        raise ForeignParty(f"$.country_code, $.party_id: {exc.message}") from None
+        raise ForeignParty(f"$.country_code, $.party_id: {exc.message}",
+                           data={"path": "$.party_id", "reason": exc.message}) from None
     key = ObjectKey(cdr.country_code, cdr.party_id, cdr.id)
     await events.publish_push(request, module=CDR_POST.module, operation=CDR_POST.operation,
                               level=CDR_POST.level, key=key, decoded=decoded, payload_type=CDR_POST.payload_type)

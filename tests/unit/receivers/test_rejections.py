@@ -94,6 +94,7 @@ def test_malformed_json_and_foreign_party_are_recorded_accepted_and_gets_are_not
     got = [decode_rejection(value) for _t, _k, value in rejected.records]
     assert [(r.module, r.method, r.ocpi_status, r.http_status) for r in got] == [
         ("cdrs", "POST", 2001, 400), ("cdrs", "POST", 2001, 404)]
+    assert got[1].field_path == "$.party_id"  # the owner came from the body: the record names the field
     assert len(env.sink.records) == 1  # the accepted PUT
 
 
