@@ -113,8 +113,8 @@ class StateTable:
 
         Faust writes a table key through its serializers, a changelog record buffered per key, and a producer
         flush that waits for that buffer one record at a time (a fifth of the worker's CPU; README, Benchmarks).
-        Here the rocksdb partition databases are written directly (a write batch each), the changelog records are
-        produced together and acknowledged, and each partition's persisted changelog offset is then set, which is
+        Here the changelog records are produced together and acknowledged, then the rocksdb partition databases are
+        written directly (a write batch each), and each partition's persisted changelog offset is then set, which is
         what Faust's own changelog callback does (table recovery reads the changelog from that offset on).
         """
         store: Any = self.table.data
@@ -141,11 +141,15 @@ class StateTable:
                     # partition database otherwise); a key never moves partition, so puts need not feed it.
                     write.put(raw_key, value)
                 records.append((raw_key, value, partition))
-        for partition, write in writes.items():  # one write per partition database, not one per key
-            self._partition_db(partition).write(write)
+        # The changelog first: once it holds the batch, a crash before the local write loses nothing (recovery
+        # reads the changelog from the persisted offset into the local store). The other order left a window
+        # where the local store had the batch and the changelog never would: a replayed batch whose facts stage 2
+        # has seen writes nothing, so a later owner of the partition would recover a state without them.
         acked: dict[int, int] = {}
         for ack in await context.produce(topic, records):
             acked[ack.partition] = max(ack.last_offset, acked.get(ack.partition, -1))
+        for partition, write in writes.items():  # one write per partition database, not one per key
+            self._partition_db(partition).write(write)
         for partition, offset in acked.items():
             store.set_persisted_offset(TP(topic, partition), offset)
 

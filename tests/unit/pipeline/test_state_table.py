@@ -1,0 +1,100 @@
+"""StateTable.write_batch: the changelog holds a batch before the local store does, so no crash leaves the local
+state ahead of the changelog (a later owner of the partition recovers from the changelog alone)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from rocksdict import Options, Rdict
+
+from infra.kafka.bulk import Acked
+from pipeline.agents import PartyAgent, StateTable
+from pipeline.facts import encode_facts
+from pipeline.records import RawMessage
+
+from .builders import cdr
+from .test_reconcile import RULES, c_fact, completed, s_fact
+
+CHANGELOG = "app-party-state-changelog"
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs, nothing is acked or committed."""
+
+
+class FakeStore:
+    """The parts of Faust's rocksdb store that StateTable uses."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = Rdict(str(path), Options(raw_mode=True))
+        self._key_index: dict[bytes, int] = {}
+
+    def _db_for_partition(self, partition: int) -> Any:
+        return self.db
+
+    def set_persisted_offset(self, tp: Any, offset: int) -> None:
+        self.db.put(b"__offset__", str(offset).encode())
+
+    def keys(self) -> list[bytes]:
+        keys: list[bytes] = [key for key in self.db.keys() if isinstance(key, bytes)]  # noqa: SIM118 - Rdict
+        return sorted(key for key in keys if not key.startswith(b"__"))
+
+
+class Context:
+    def __init__(self) -> None:
+        self.changelog: list[tuple[bytes, bytes | None]] = []
+        self.kill_on_changelog = False
+        self.settings = SimpleNamespace(pipeline=SimpleNamespace(topic_reconciliation="reconciliation"))
+        self.party_rules = RULES
+
+        async def write(batch: Any) -> None:
+            pass
+
+        self.sink = SimpleNamespace(write=write)
+
+    async def publish(self, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+        await self.produce(topic, [(key, value, None) for key, value in records])
+
+    async def produce(self, topic: str, records: list[Any]) -> list[Acked]:
+        if topic != CHANGELOG or not records:
+            return []
+        if self.kill_on_changelog:
+            raise Killed
+        first = len(self.changelog)
+        self.changelog.extend((key, value) for key, value, _partition in records)
+        return [Acked(0, first, len(self.changelog) - 1)]
+
+
+def state_table(path: Path) -> StateTable:
+    table = SimpleNamespace(data=FakeStore(path), changelog_topic=SimpleNamespace(get_topic_name=lambda: CHANGELOG))
+    return StateTable(table)  # type: ignore[arg-type]
+
+
+def message(offset: int, facts: list[Any]) -> Any:  # a RawMessage, as the agents read it
+    return RawMessage(topic="facts", partition=0, offset=offset, key=b"NL/TNM", value=encode_facts(facts))
+
+
+async def test_a_kill_before_the_changelog_ack_leaves_the_local_state_as_it_was(tmp_path: Path) -> None:
+    context = Context()
+    table = state_table(tmp_path / "owner")
+    agent = PartyAgent(context, table)  # type: ignore[arg-type]
+    await agent.handle([message(0, [s_fact(completed(), received=61, final=61)])])
+    before = table.table.data.keys()
+    second = [message(1, [c_fact(cdr("C1"), received=62),
+                          c_fact(cdr("K1", session_id=None, cost="-2.50", credit=True, credit_reference="C1"),
+                                 received=63)])]
+    context.kill_on_changelog = True
+    with pytest.raises(Killed):
+        await agent.handle(second)
+    assert table.table.data.keys() == before  # the changelog did not take the batch: nor did the local store
+
+    context.kill_on_changelog = False
+    await agent.handle(second)  # the restarted worker reads the batch again
+    recovered: dict[bytes, bytes | None] = {}
+    for key, value in context.changelog:  # what a new owner of the partition would recover
+        recovered[key] = value
+    assert sorted(k for k, v in recovered.items() if v is not None) == table.table.data.keys()
+    assert {b"C/NL/TNM/C1", b"L/NL/TNM/K1"} <= set(recovered)
