@@ -149,10 +149,14 @@ class Sweeper:
             return False
         batch, promoted = await asyncio.to_thread(ctx.sink.run_sync,
                                                   lambda c: collect(c, now, ctx.stage_rules, self.margin))
-        await ctx.sink.write(batch)
         from pipeline.agents import reconciliation_records
 
+        # Published before the rows are written: a sweep has no Kafka offset to resume from, and the next one
+        # selects only what is still AWAITING in ClickHouse, so a kill between the two must leave the rows
+        # unwritten (the next sweep promotes and publishes them again, the same rows and versions), never the
+        # records unpublished for good.
         await ctx.publish(ctx.settings.pipeline.topic_reconciliation, reconciliation_records(promoted))
+        await ctx.sink.write(batch)
         await self.retention(now)
         return True
 

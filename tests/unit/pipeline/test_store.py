@@ -304,6 +304,58 @@ def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> Non
     assert promoted_again == [] and again.tables().get("anomalies", []) == []  # nothing new is due
 
 
+def test_a_sweep_killed_between_publish_and_insert_promotes_and_publishes_again(client: Client) -> None:
+    # A sweep has no Kafka offset to resume from: it publishes first, so a kill leaves the rows unwritten and the
+    # next sweep does it all again, instead of rows written and their records never published.
+    import asyncio
+    from types import SimpleNamespace
+
+    class Killed(BaseException):
+        pass
+
+    base = dict.fromkeys(RECONCILIATION_COLUMNS)
+    row = {**base, "country_code": "NL", "party_id": "TNM", "subject": "SESSION", "subject_id": "S5",
+           "partner_id": "p1", "outcome": "AWAITING_CDR", "method": "", "cdr_ids": [], "late": False,
+           "due_at": ts(30), "event_time": ts(0), "version": 4}
+    awaiting = Batch()
+    awaiting.add("reconciliation", RECONCILIATION_COLUMNS, [row[c] for c in RECONCILIATION_COLUMNS])
+    write(client, awaiting)
+    sink = ClickHouseSink(lambda: client)
+    published: list[Any] = []
+    kill = [True]
+
+    async def publish(topic: str, records: list[Any]) -> None:
+        if kill[0] and records:
+            raise Killed
+        published.extend(records)
+
+    async def killed_write(batch: Batch) -> None:
+        raise Killed
+
+    context = SimpleNamespace(
+        progress=SimpleNamespace(caught_up=lambda *_: True), app=SimpleNamespace(consumer=None), sink=sink,
+        stage_rules=stage_rules(), publish=publish, topics=SimpleNamespace(consumed=[]),
+        settings=SimpleNamespace(kafka=SimpleNamespace(send_timeout_s=10),
+                                 pipeline=SimpleNamespace(topic_reconciliation="reconciliation")))
+    sweeper = sweeps.Sweeper(context)  # type: ignore[arg-type]
+
+    async def no_retention(now: datetime) -> None:
+        return None
+
+    sweeper.retention = no_retention  # type: ignore[method-assign]
+    with pytest.raises(Killed):  # killed while publishing: nothing written
+        asyncio.run(sweeper.run(ts(70)))
+    assert client.query("SELECT outcome FROM reconciliation FINAL").result_rows == [("AWAITING_CDR",)]
+    kill[0] = False
+    context.sink = SimpleNamespace(run_sync=sink.run_sync, write=killed_write)
+    with pytest.raises(Killed):  # published, then killed before the insert
+        asyncio.run(sweeper.run(ts(71)))
+    context.sink = sink
+    asyncio.run(sweeper.run(ts(72)))  # the restarted worker's sweep: the same row again, and written this time
+    assert [record[0] for record in published] == [b"NL/TNM/SESSION/S5"] * 2
+    assert client.query("SELECT outcome, version FROM reconciliation FINAL").result_rows == [("MISSING_CDR", 5)]
+
+
 def test_ttls_follow_the_settings(client: Client) -> None:
     database = client.database
     defaults = [ttl for data_class in retention.policy(_settings()) for ttl in data_class.ttls]
