@@ -25,7 +25,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic
+from typing import Any, Final, Generic
 
 import faust
 import msgspec
@@ -47,7 +47,7 @@ from pipeline.reconcile import (
     Rules,
     process_party,
 )
-from pipeline.records import DeadLetter, Record, decode_all, group_by_object, utc_now
+from pipeline.records import DeadLetter, Record, decode_all, group_by_object, sort_out, utc_now
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
 from pipeline.sink import Batch, ClickHouseSink
@@ -248,21 +248,64 @@ def fold(records: Sequence[Record], reader: Callable[[PartitionAnchor], Callable
     return overlays
 
 
+# What the rules raise on an event they were not written for (a foreign producer, an edited archive): that
+# record becomes a dead letter. Anything else (I/O, memory) still stops the worker, and the batch is read again.
+RULE_ERRORS: Final = (LookupError, AssertionError, TypeError, ValueError, AttributeError, ArithmeticError,
+                      msgspec.MsgspecError)
+
+
+def fold_isolated(records: Sequence[Record], reader: Callable[[PartitionAnchor], Callable[[str], bytes | None]],
+                  codec: Codec[S], process: Process, rules: StageRules, out: StageOutput,
+                  ) -> tuple[list[tuple[PartitionAnchor, Overlay]], list[DeadLetter]]:
+    """`fold`, one record at a time, for a batch on which it raised: a record whose rules raise RULE_ERRORS
+    becomes a dead letter with nothing of it kept (rows, facts, state), and the others are applied as `fold`
+    would (each on the state the previous one left), so one bad record no longer stops every partition."""
+    overlays: list[tuple[PartitionAnchor, Overlay]] = []
+    dead: list[DeadLetter] = []
+    for key, group in group_by_object(records).items():
+        anchor = anchor_of(group[0].topic, group[0].partition)
+        overlay = Overlay(reader(anchor))
+        for record in group:
+            trial, own = Overlay(overlay.get), StageOutput(out.pseudonym)
+            try:
+                process(TypedView(trial, codec), key, [record], rules, own)
+            except RULE_ERRORS as exc:
+                log.error("the rules failed on %s at %s/%d@%d: %r; it goes to dead letters", key, record.topic,
+                          record.partition, record.offset, exc)
+                dead.append(record.dead_letter(f"the rules failed on it: {exc!r}"))
+                continue
+            for state_key, value in trial.changes.items():
+                overlay.set(state_key, value)
+            out.merge(own)
+        overlays.append((anchor, overlay))
+    return overlays, dead
+
+
 class ModuleAgent(Generic[S]):
     """Stage 1: one module topic, rules per object."""
 
-    def __init__(self, context: AgentContext, table: StateTable, codec: Codec[S], process: Process) -> None:
+    def __init__(self, context: AgentContext, table: StateTable, codec: Codec[S], process: Process,
+                 module: str) -> None:
         self.context = context
         self.table = table
         self.codec = codec
         self.process = process
+        self.module = module  # the OCPI module its topic carries (DecodedEvent.module)
 
     async def handle(self, messages: Sequence[Message]) -> None:
         ctx = self.context
         records, dead = decode_all(messages)
+        records, misfits = sort_out(records, self.module)
         out = StageOutput(ctx.pseudonym)
-        out.dead_letters(dead)
-        overlays = fold(records, self.table.reader, self.codec, self.process, ctx.stage_rules, out)
+        try:
+            overlays = fold(records, self.table.reader, self.codec, self.process, ctx.stage_rules, out)
+        except RULE_ERRORS:  # the rare batch with a record the rules cannot take: again, one record at a time
+            log.exception("the rules failed on a batch of %s; applying it one record at a time", self.module)
+            out = StageOutput(ctx.pseudonym)
+            overlays, failed = fold_isolated(records, self.table.reader, self.codec, self.process,
+                                             ctx.stage_rules, out)
+            misfits.extend(failed)
+        out.dead_letters(dead + misfits)
         await ctx.sink.write(out.batch)
         await ctx.publish(ctx.settings.pipeline.topic_party_facts,
                           [(party.encode(), encode_facts(facts)) for party, facts in out.facts.items()])
@@ -335,10 +378,12 @@ def register_agents(context: AgentContext, tables: dict[str, StateTable], delive
     topics = context.topics
     modules: list[tuple[str, Any, Handler]] = [
         ("locations", topics.locations,
-         ModuleAgent(context, tables["location-state"], Codec(LocationState), process_locations).handle),
+         ModuleAgent(context, tables["location-state"], Codec(LocationState), process_locations,
+                     "LOCATIONS").handle),
         ("sessions", topics.sessions,
-         ModuleAgent(context, tables["session-state"], Codec(SessionState), process_sessions).handle),
-        ("cdrs", topics.cdrs, ModuleAgent(context, tables["cdr-state"], Codec(CdrState), process_cdrs).handle),
+         ModuleAgent(context, tables["session-state"], Codec(SessionState), process_sessions, "SESSIONS").handle),
+        ("cdrs", topics.cdrs,
+         ModuleAgent(context, tables["cdr-state"], Codec(CdrState), process_cdrs, "CDRS").handle),
         ("party", topics.party_facts, PartyAgent(context, tables["party-state"]).handle),
     ]
     for name, topic, handler in modules:

@@ -70,6 +70,18 @@ class StageOutput:
     def fact(self, event: DecodedEvent, fact: Fact) -> None:
         self.facts.setdefault(party_key(event.country_code, event.party_id), []).append(fact)
 
+    def merge(self, other: StageOutput) -> None:
+        """Take `other`'s rows, facts and counters (an output of a part of the batch, `agents.fold_isolated`)."""
+        for table, rows in other.batch.rows.items():
+            self.batch.extend(table, other.batch.columns[table], rows)
+        for table, keyed in other.batch.keyed.items():
+            for key, row in keyed.items():
+                self.batch.put(table, other.batch.columns[table], key, row)
+        for party, facts in other.facts.items():
+            self.facts.setdefault(party, []).extend(facts)
+        self.outcomes.update(other.outcomes)
+        self.replayed += other.replayed
+
     def dead_letters(self, dead: list[DeadLetter]) -> None:
         now = utc_now()
         for letter in dead:

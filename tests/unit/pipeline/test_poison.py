@@ -1,0 +1,115 @@
+"""Records that decode but are not what their topic's rules take (a foreign or buggy producer, an edited archive)
+become dead letters, instead of stopping the worker (and with it every partition) on every restart."""
+
+from __future__ import annotations
+
+from collections import Counter
+from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
+
+from infra.codec import decode_event, encode_event
+from pipeline.agents import ModuleAgent, fold, fold_isolated
+from pipeline.projection import DEAD_LETTER_COLUMNS, RAW_EVENT_COLUMNS, SESSION_COLUMNS
+from pipeline.records import RawMessage, Record, decode_all, misfit, sort_out
+from pipeline.retention import Pseudonymizer
+from pipeline.sessions import process_sessions
+from pipeline.stage import StageOutput
+from pipeline.state import Codec, SessionState
+
+from .builders import DictStore, cdr, event, event_bytes, evse, iso, session, stage_rules, ts
+
+
+def mutated(value: bytes, **changes: Any) -> bytes:
+    fields = decode_event(value).to_event()
+    fields.update(changes)
+    return encode_event(fields)
+
+
+def test_events_that_do_not_fit_their_topic_are_named() -> None:
+    session_put = decode_event(event_bytes("Session", session()))
+    assert misfit(session_put, "SESSIONS") is None
+    assert misfit(session_put, "CDRS") == "a SESSIONS event on the CDRS topic"
+    assert misfit(decode_event(mutated(event_bytes("Session", session()), operation="POST")), "SESSIONS") == (
+        "POST at SESSION level is not a SESSIONS push")
+    assert misfit(decode_event(mutated(event_bytes("Session", session()), operation="PATCH")), "SESSIONS") == (
+        "PATCH at SESSION level carries a SessionPatch, not a Session")
+    evse_put = event_bytes("EVSE", evse("E1"), object_id="LOC1", evse_uid="E1")
+    assert misfit(decode_event(evse_put), "LOCATIONS") is None
+    assert misfit(decode_event(mutated(evse_put, evse_uid=None)), "LOCATIONS") == "an EVSE push without evse_uid"
+
+
+def test_sort_out_keeps_the_fitting_records_and_makes_dead_letters_of_the_others() -> None:
+    messages = [RawMessage("sessions", 0, 0, b"k", event_bytes("Session", session())),
+                RawMessage("sessions", 0, 1, b"k", event_bytes("CDR", cdr("C1")))]
+    records, dead = decode_all(messages)
+    kept, misfits = sort_out(records, "SESSIONS")
+    assert [r.offset for r in kept] == [0] and dead == []
+    [letter] = misfits
+    assert (letter.topic, letter.partition, letter.offset, letter.key) == ("sessions", 0, 1, b"NL/TNM/C1")
+    assert letter.value == messages[1].value and "a CDRS event on the SESSIONS topic" in letter.error
+
+
+def records_of(*events: Any) -> list[Record]:
+    return [Record(e, "sessions", 0, offset, encode_event(e.to_event())) for offset, e in enumerate(events)]
+
+
+def test_a_batch_the_rules_fail_on_is_applied_record_by_record_without_the_bad_one() -> None:
+    put = event("Session", session(kwh="1"), received=1)
+    bad = event("SessionPatch", {"kwh": Decimal("2"), "last_updated": iso(ts(2))}, object_id="S1", received=2)
+    good = event("SessionPatch", {"kwh": Decimal("3"), "last_updated": iso(ts(3))}, object_id="S1", received=3)
+    other = event("Session", session("S2"), received=4)
+    records = records_of(put, bad, good, other)
+
+    def rules(view: Any, key: str, group: list[Record], stage: Any, out: StageOutput) -> None:
+        if any(r.event.event_id == bad.event_id for r in group):
+            raise KeyError("a field the rules expect")
+        process_sessions(view, key, group, stage, out)
+
+    store, pseudonym = DictStore(), Pseudonymizer(b"k" * 32)
+    out = StageOutput(pseudonym)
+    try:
+        fold(records, lambda _anchor: store.data.get, Codec(SessionState), rules, stage_rules(), out)
+    except KeyError:
+        out = StageOutput(pseudonym)
+        overlays, dead = fold_isolated(records, lambda _anchor: store.data.get, Codec(SessionState), rules,
+                                       stage_rules(), out)
+    assert [d.offset for d in dead] == [1] and "a field the rules expect" in dead[0].error
+    applied = dict(zip([r[RAW_EVENT_COLUMNS.index("event_id")] for r in out.batch.tables()["raw_events"]],
+                       [r[RAW_EVENT_COLUMNS.index("outcome")] for r in out.batch.tables()["raw_events"]],
+                       strict=True))
+    assert applied == {put.event_id: "APPLIED", good.event_id: "APPLIED", other.event_id: "APPLIED"}
+    sessions = {(r[SESSION_COLUMNS.index("session_id")], r[SESSION_COLUMNS.index("kwh")])
+                for r in out.batch.tables()["sessions"]}
+    assert sessions == {("S1", Decimal("1")), ("S1", Decimal("3")), ("S2", Decimal("0"))}
+    for _anchor, overlay in overlays:
+        store.data.update({k: v for k, v in overlay.changes.items() if v is not None})
+    assert Codec(SessionState).decode(store.data["NL/TNM/S1"]).offset == 2  # the good PATCH's, after the bad
+
+
+async def test_the_agent_writes_dead_letters_and_goes_on() -> None:
+    written: list[dict[str, list[list[Any]]]] = []
+    states: list[Any] = []
+
+    async def write(batch: Any) -> None:
+        written.append(batch.tables())
+
+    async def publish(topic: str, records: list[Any]) -> None:
+        pass
+
+    async def write_batch(context: Any, changes: list[Any]) -> None:
+        states.extend(changes)
+
+    context = SimpleNamespace(pseudonym=Pseudonymizer(b"k" * 32), sink=SimpleNamespace(write=write), publish=publish,
+                              stage_rules=stage_rules(), progress=SimpleNamespace(outcomes=Counter(), replayed=0),
+                              settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
+    table = SimpleNamespace(reader=lambda _anchor: DictStore().data.get, write_batch=write_batch)
+    agent = ModuleAgent(context, table, Codec(SessionState), process_sessions, "SESSIONS")  # type: ignore[arg-type]
+    foreign = event_bytes("CDR", cdr("C1"))
+    await agent.handle([RawMessage("sessions", 0, 0, b"k", event_bytes("Session", session())),
+                        RawMessage("sessions", 0, 1, b"NL/TNM/C1", foreign)])
+    [tables] = written
+    [letter] = tables["dead_letters"]
+    assert letter[DEAD_LETTER_COLUMNS.index("kafka_offset")] == 1
+    assert [r[RAW_EVENT_COLUMNS.index("outcome")] for r in tables["raw_events"]] == ["APPLIED"]
+    assert states  # the good record's state is written
