@@ -41,10 +41,12 @@ def faust_options(kafka: KafkaSettings) -> dict[str, Any]:
 
 
 async def true_end_offsets(bootstrap: str, tps: Iterable[Any], approx: Mapping[Any, int] | None = None,
-                           timeout: float = 5.0) -> dict[Any, int | None]:
+                           timeout: float = 5.0, *, guess: bool = True) -> dict[Any, int | None]:
     """The real end offset of each partition, read from a Fetch response's high watermark.
 
-    `tps` may be aiokafka or Faust TopicPartitions; the result is keyed by the same objects.
+    `tps` may be aiokafka or Faust TopicPartitions; the result is keyed by the same objects. A partition the
+    probe did not read within `timeout` gets the ListOffsets answer, or None without `guess` (a caller to whom
+    a too-small end is worse than none).
     """
     import aiokafka
     from aiokafka.structs import TopicPartition
@@ -72,7 +74,7 @@ async def true_end_offsets(bootstrap: str, tps: Iterable[Any], approx: Mapping[A
                     result[by_native[native]] = max(high, approx.get(by_native[native]) or 0)
                     pending.discard(native)
         for native in pending:
-            result[by_native[native]] = approx.get(by_native[native])
+            result[by_native[native]] = approx.get(by_native[native]) if guess else None
         return result
     finally:
         await probe.stop()
@@ -107,15 +109,22 @@ def patch_faust_highwaters() -> None:
 # comes from `true_end_offsets` and a time is found by a binary search over record timestamps.
 
 
-async def end_offsets(kafka: KafkaSettings, bootstrap: str, tps: Iterable[Any]) -> dict[Any, int]:
-    """The offset the next record of each partition will get (aiokafka TopicPartitions in, same keys out)."""
+async def end_offsets(kafka: KafkaSettings, bootstrap: str, tps: Iterable[Any], *,
+                      exact: bool = False) -> dict[Any, int]:
+    """The offset the next record of each partition will get (aiokafka TopicPartitions in, same keys out).
+
+    `exact`: on Tansu, a partition whose high watermark could not be probed is left out rather than given
+    ListOffsets' answer, which may be short of the end.
+    """
     import aiokafka
 
     tps = list(tps)
     if not tps:
         return {}
     if kafka.is_tansu:
-        found = await true_end_offsets(bootstrap, tps)
+        found = await true_end_offsets(bootstrap, tps, guess=not exact)
+        if exact:
+            return {tp: end for tp, end in found.items() if end is not None}
         return {tp: found.get(tp) or 0 for tp in tps}
     consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     await consumer.start()
