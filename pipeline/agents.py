@@ -165,7 +165,8 @@ class StateTable:
 
 @dataclass
 class Progress:
-    """The highest offset finished per partition, for the sweeps' "caught up" check, and counters."""
+    """The highest offset finished per partition (for the "caught up" checks of the sweeps, `pipeline.backlog`,
+    and of the state retention pass), and counters."""
 
     done: dict[tuple[str, int], int] = field(default_factory=dict)
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -184,7 +185,10 @@ class Progress:
         return f"{self.events} records ({outcomes}), {self.replayed} read again after a restart"
 
     def caught_up(self, consumer: Any, topics: set[str]) -> bool:
-        """Every assigned partition of `topics` is read up to its high watermark (no backlog)."""
+        """Every assigned partition of `topics` is read up to its high watermark (no backlog here).
+
+        Local only: right for work on this worker's own partitions (the state retention pass), not for the
+        sweeps, which read what every worker wrote (they use `pipeline.backlog.GroupBacklog`)."""
         for tp in consumer.assignment():
             if tp.topic not in topics:
                 continue

@@ -11,10 +11,11 @@ same deadline, so whichever comes first, the result is the same row:
 - reconciliation AWAITING_CDR / AWAITING_SESSION past `due_at` → MISSING_CDR / NO_SESSION (also published);
 - credit links AWAITING_ORIGINAL past `due_at` → UNKNOWN_REFERENCE (+ CREDIT_UNKNOWN_REFERENCE anomaly).
 
-It runs only while every partition is read up to its high watermark: during a backlog (a restart, a replay)
-the awaited event may still be waiting in Kafka. A margin of the broker send timeout covers events that were
-stamped before a deadline but reached Kafka after it. Retention: configured TTLs are applied at the first sweep,
-and due rows are pseudonymised every hour.
+It runs only while the whole consumer group has read every partition of the topics it depends on to its end
+(`pipeline.backlog`): during a backlog (a restart, a replay, a slower worker) the awaited event may still be
+waiting in Kafka, in this worker's partitions or another's. A margin of the broker send timeout covers events
+that were stamped before a deadline but reached Kafka after it. Retention: configured TTLs are applied at the
+first sweep, and due rows are pseudonymised every hour.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipeline.stage import StageRules, orphan_details
 
 if TYPE_CHECKING:
     from pipeline.agents import AgentContext
+    from pipeline.backlog import GroupBacklog
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +126,12 @@ def collect(client: Client, now: datetime, rules: StageRules, margin: timedelta)
 
 
 class Sweeper:
-    def __init__(self, context: AgentContext) -> None:
+    def __init__(self, context: AgentContext, backlog: GroupBacklog) -> None:
         self.context = context
+        self.backlog = backlog
         settings = context.settings
         # An event stamped just before a deadline reaches Kafka within the send timeout.
         self.margin = timedelta(seconds=settings.kafka.send_timeout_s)
-        self.consumed = {t.get_topic_name() for t in context.topics.consumed}
         self.ttls_applied = False
         self.last_retention: datetime | None = None
 
@@ -142,10 +144,10 @@ class Sweeper:
             log.exception("deadline sweep failed; trying again at the next tick")
 
     async def run(self, now: datetime) -> bool:
-        """One sweep at `now`; returns False when skipped because a partition is behind."""
+        """One sweep at `now`; returns False when skipped because the group is (or may be) behind."""
         ctx = self.context
-        if not ctx.progress.caught_up(ctx.app.consumer, self.consumed):
-            log.debug("sweep skipped: a partition has a backlog")
+        assigned = [(tp.topic, tp.partition) for tp in ctx.app.consumer.assignment()]
+        if not await self.backlog.caught_up(assigned, ctx.progress.done):
             return False
         batch, promoted = await asyncio.to_thread(ctx.sink.run_sync,
                                                   lambda c: collect(c, now, ctx.stage_rules, self.margin))

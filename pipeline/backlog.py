@@ -1,0 +1,133 @@
+"""Whether the whole consumer group has read everything the deadline sweeps depend on.
+
+A sweep reads all of ClickHouse, whichever worker wrote the rows, so one worker's own partitions being read to
+their end proves nothing: the PUT of a parked PATCH, a session's next update or a CDR may wait in the backlog of
+a partition another worker owns. A sweep therefore runs only when, for every partition of every topic it depends
+on, the group's committed offset (or, for this worker's partitions, the offset after its last finished record)
+has reached the partition's end. Anything unknown (no partition of ours, a topic without metadata, an end or
+offset that cannot be read, the broker unreachable) means not caught up: the sweep waits for the next tick.
+
+The topics are checked in stages, each stage's ends read before its offsets: stage 1 (the module topics) first,
+then stage 2 (the party facts). Stage 1 publishes its facts before it commits, so once the module topics are
+caught up, every fact of what they held is below the party-facts end read afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+
+import aiokafka
+from aiokafka.structs import TopicPartition
+
+from infra.kafka import compat
+from infra.settings import KafkaSettings
+from pipeline.jobs.kafka_io import stop_client
+
+log = logging.getLogger(__name__)
+
+Partition = tuple[str, int]  # (topic, partition)
+
+
+def lag(ends: Mapping[Partition, int | None], committed: Mapping[Partition, int | None],
+        finished: Mapping[Partition, int]) -> dict[Partition, str]:
+    """The partitions not read to their end, with why (empty: the group is caught up on `ends`' partitions).
+
+    `ends`: every partition of the topics, None where its end is unknown; `committed`: the group's committed
+    offsets (None: never committed); `finished`: the last offset this worker finished, for its own partitions
+    (ahead of its commits by up to the commit interval).
+    """
+    behind: dict[Partition, str] = {}
+    for part, end in ends.items():
+        if end is None:
+            behind[part] = "end unknown"
+            continue
+        offset = committed.get(part)
+        done = finished.get(part)
+        position = max(-1 if offset is None else offset, -1 if done is None else done + 1)
+        if position < 0:
+            # Never committed and not ours: read to its end only while it is empty (where the group would start,
+            # after retention deleted records, is not known here).
+            if end > 0:
+                behind[part] = f"no committed offset, end {end}"
+        elif position < end:
+            behind[part] = f"at {position} of {end}"
+    return behind
+
+
+Stage = tuple[Mapping[Partition, int | None], Mapping[Partition, int | None]]  # (ends, committed offsets)
+
+
+class GroupBacklog:
+    """The guard: reads the group's committed offsets and the topics' true ends (a few small requests a tick)."""
+
+    def __init__(self, kafka: KafkaSettings, bootstrap: str, group: str, stages: Sequence[Sequence[str]],
+                 timeout: float = 10.0) -> None:
+        self.kafka = kafka
+        self.bootstrap = bootstrap
+        self.group = group
+        self.stages = tuple(tuple(topics) for topics in stages)
+        self.timeout = timeout
+
+    @property
+    def topics(self) -> set[str]:
+        return {topic for topics in self.stages for topic in topics}
+
+    async def caught_up(self, assigned: Iterable[Partition], finished: Mapping[Partition, int]) -> bool:
+        """Whether every partition of every stage is read to its end by the group; False when unsure.
+
+        `assigned`: this worker's partitions; `finished`: the last offset it finished per partition."""
+        mine = {part for part in assigned if part[0] in self.topics}
+        if not mine:
+            # Between assignments, or more workers than partitions: the group's progress is not this one's to see.
+            log.debug("sweep guard: no partition of %s assigned to this worker", sorted(self.topics))
+            return False
+        own = {part: offset for part, offset in finished.items() if part in mine}
+        try:
+            behind = await asyncio.wait_for(self._behind(own), self.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the broker unreachable, a timeout: not known to be caught up
+            log.info("sweep guard: the group's offsets could not be read (%r); skipping this sweep", exc)
+            return False
+        if behind:
+            log.debug("sweep guard: the group has a backlog: %s",
+                      ", ".join(f"{t}/{p} {why}" for (t, p), why in sorted(behind.items())))
+            return False
+        return True
+
+    async def _behind(self, own: Mapping[Partition, int]) -> dict[Partition, str]:
+        read = 0
+        async with contextlib.aclosing(self.read()) as stages:
+            async for ends, committed in stages:
+                read += 1
+                if not ends:
+                    return {("?", -1): "no partition"}
+                behind = lag(ends, committed, own)
+                if behind:
+                    return behind
+        return {} if read == len(self.stages) else {("?", -1): "a stage not read"}
+
+    async def read(self) -> AsyncGenerator[Stage]:
+        """Each stage's (ends, committed offsets), the ends read first."""
+        # A group id without a subscription: OffsetFetch only, this consumer never joins the group.
+        consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group,
+                                             enable_auto_commit=False, request_timeout_ms=int(self.timeout * 1000))
+        await consumer.start()
+        await asyncio.sleep(0)  # aiokafka: a stop() before its coordinator task first ran raises CancelledError
+        try:
+            for topics in self.stages:
+                tps: list[TopicPartition] = []
+                for topic in topics:
+                    partitions = consumer.partitions_for_topic(topic)
+                    if not partitions:
+                        yield {(topic, -1): None}, {}  # no metadata: its partitions, and so their ends, unknown
+                        return
+                    tps.extend(TopicPartition(topic, p) for p in sorted(partitions))
+                found = await compat.end_offsets(self.kafka, self.bootstrap, tps, exact=True)
+                ends = {(tp.topic, tp.partition): found.get(tp) for tp in tps}
+                yield ends, {(tp.topic, tp.partition): await consumer.committed(tp) for tp in tps}
+        finally:
+            await stop_client(consumer)
