@@ -12,7 +12,7 @@ from infra.clickhouse.client import connect, effective_dsn
 from infra.kafka import compat
 from infra.settings import Settings
 from pipeline.agents import BATCH_WITHIN_S, AgentContext, Progress, StateTable, register_agents
-from pipeline.backlog import GroupBacklog
+from pipeline.backlog import sweep_backlog
 from pipeline.delivery import BatchDelivery
 from pipeline.reconcile import Rules
 from pipeline.rejections import register_rejections_agent
@@ -98,9 +98,6 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
     register_agents(context, tables, delivery)
     register_rejections_agent(context, delivery)  # refused pushes → `rejections` (partner health)
     register_state_retention(context, tables)  # personal data in session and location state, pseudonymised when due
-    # Stage 1's topics, then the party facts it feeds (see pipeline.backlog): all a sweep's answers come from.
-    backlog = GroupBacklog(settings.kafka, bootstrap, app_id, [[t.get_topic_name() for t in topics.modules],
-                                                                [topics.party_facts.get_topic_name()]])
-    sweeper = Sweeper(context, backlog)
+    sweeper = Sweeper(context, sweep_backlog(settings, bootstrap, app_id))
     app.timer(settings.pipeline.sweep_interval_s, name="deadline-sweep")(sweeper.tick)
     return Pipeline(app=app, topics=topics, sink=sink, tables=tables, sweeper=sweeper, context=context)

@@ -23,7 +23,7 @@ import aiokafka
 from aiokafka.structs import TopicPartition
 
 from infra.kafka import compat
-from infra.settings import KafkaSettings
+from infra.settings import KafkaSettings, Settings
 from pipeline.jobs.kafka_io import stop_client
 
 log = logging.getLogger(__name__)
@@ -131,3 +131,10 @@ class GroupBacklog:
                 yield ends, {(tp.topic, tp.partition): await consumer.committed(tp) for tp in tps}
         finally:
             await stop_client(consumer)
+
+
+def sweep_backlog(settings: Settings, bootstrap: str, group: str) -> GroupBacklog:
+    """The guard of the deadline sweeps of consumer group `group`: stage 1's topics, then the party facts it feeds
+    (every answer a sweep could be waiting for comes through them; rejections do not touch what it reads)."""
+    return GroupBacklog(settings.kafka, bootstrap, group,
+                        [settings.kafka.module_topics, [settings.pipeline.topic_party_facts]])
