@@ -195,7 +195,8 @@ class StateRetention:
 
     def ready(self) -> bool:
         """Not while partitions move or are recovered, nor during a backlog: later events of a due object may
-        still be waiting in Kafka (as for the sweeps)."""
+        still be waiting in Kafka. This worker's partitions are enough, unlike for the sweeps (`pipeline.backlog`):
+        the pass rewrites only the state of partitions it owns, which only their own module topic's events change."""
         app = self.context.app
         return (not app.rebalancing and not app.in_recovery
                 and self.context.progress.caught_up(app.consumer, self.consumed))
