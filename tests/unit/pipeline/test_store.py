@@ -332,12 +332,16 @@ def test_a_sweep_killed_between_publish_and_insert_promotes_and_publishes_again(
     async def killed_write(batch: Batch) -> None:
         raise Killed
 
+    class CaughtUp:  # the whole group has read everything
+        async def caught_up(self, assigned: Any, done: Any) -> bool:
+            return True
+
     context = SimpleNamespace(
-        progress=SimpleNamespace(caught_up=lambda *_: True), app=SimpleNamespace(consumer=None), sink=sink,
-        stage_rules=stage_rules(), publish=publish, topics=SimpleNamespace(consumed=[]),
+        progress=SimpleNamespace(done={}), app=SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: [])),
+        sink=sink, stage_rules=stage_rules(), publish=publish,
         settings=SimpleNamespace(kafka=SimpleNamespace(send_timeout_s=10),
                                  pipeline=SimpleNamespace(topic_reconciliation="reconciliation")))
-    sweeper = sweeps.Sweeper(context)  # type: ignore[arg-type]
+    sweeper = sweeps.Sweeper(context, CaughtUp())  # type: ignore[arg-type]
 
     async def no_retention(now: datetime) -> None:
         return None
