@@ -78,6 +78,10 @@ class StateTable:
 
     def __init__(self, table: TableT[Any, Any]) -> None:
         self.table = table
+        # Held by the table's agent for a whole batch (state read, effects, state written) and by the state
+        # retention pass for a chunk: the pass never decides on a value a batch has read and not written back yet,
+        # and their changelog records for a key never cross (a stale tombstone after a newer value).
+        self.lock = asyncio.Lock()
 
     @property
     def _direct(self) -> bool:
@@ -154,7 +158,7 @@ class StateTable:
             store.set_persisted_offset(TP(topic, partition), offset)
 
     def write(self, anchor: PartitionAnchor, changes: dict[str, bytes | None]) -> None:
-        """Faust's own table path (used outside the batches: the state retention pass)."""
+        """Faust's own table path, for a store other than rocksdb (`write_batch`)."""
         with in_partition_of(anchor):
             for key, value in changes.items():
                 if value is None:
@@ -297,6 +301,10 @@ class ModuleAgent(Generic[S]):
         self.module = module  # the OCPI module its topic carries (DecodedEvent.module)
 
     async def handle(self, messages: Sequence[Message]) -> None:
+        async with self.table.lock:
+            await self._handle(messages)
+
+    async def _handle(self, messages: Sequence[Message]) -> None:
         ctx = self.context
         records, dead = decode_all(messages)
         records, misfits = sort_out(records, self.module)
@@ -326,6 +334,10 @@ class PartyAgent:
         self.table = table
 
     async def handle(self, messages: Sequence[Message]) -> None:
+        async with self.table.lock:
+            await self._handle(messages)
+
+    async def _handle(self, messages: Sequence[Message]) -> None:
         ctx = self.context
         groups: dict[str, tuple[PartitionAnchor, list[Fact]]] = {}
         dead: list[DeadLetter] = []

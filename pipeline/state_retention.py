@@ -209,9 +209,16 @@ class StateRetention:
             for partition, items in _local_partitions(target.table.table):
                 anchor = PartitionAnchor(target.topic, partition)
                 while chunk := list(itertools.islice(items, _CHUNK)):
-                    if not self.serves(target, partition):
-                        break  # revoked meanwhile: its new owner's pass takes over
-                    rewritten[target.name] += self.rewrite(target, anchor, chunk, cutoff)
+                    async with target.table.lock:  # no batch of this table runs meanwhile (`StateTable.lock`)
+                        if not self.serves(target, partition):
+                            break  # revoked meanwhile: its new owner's pass takes over
+                        changes = self.decide(target, anchor, chunk, cutoff)
+                        if changes:
+                            # The agents' write path: rocksdb, then the changelog records, acknowledged before the
+                            # partition's changelog offset is set. Shielded: a worker stopping meanwhile lets it
+                            # finish rather than end the process mid-produce.
+                            await asyncio.shield(target.table.write_batch(self.context, [(anchor, changes)]))
+                    rewritten[target.name] += len(changes)
                     await asyncio.sleep(0)  # the agents' batches go on between chunks
         return rewritten
 
@@ -219,15 +226,10 @@ class StateRetention:
         table = target.table.table
         return not table.app.rebalancing and _is_active(table, partition)
 
-    def rewrite(self, target: StateTarget, anchor: PartitionAnchor, chunk: list[tuple[bytes, bytes]],
-                cutoff: datetime) -> int:
-        """Rewrite the due values of a chunk. Synchronous on purpose: the snapshot only picks candidates, each
-        is read again and written with no await in between, so no batch's newer state is overwritten.
-
-        A batch that read a key into its overlay before this and writes it after writes it back in clear. That
-        race is accepted: the next pass rewrites it, unless the batch's event renewed the receive time that
-        makes it due (it brought the personal data anew).
-        """
+    def decide(self, target: StateTarget, anchor: PartitionAnchor, chunk: list[tuple[bytes, bytes]],
+               cutoff: datetime) -> dict[str, bytes | None]:
+        """The new values of a chunk's due values. The snapshot only picks candidates; each is read again under
+        the table's lock, so a batch's newer state is never overwritten."""
         pseudonym = self.context.pseudonym
         read = target.table.reader(anchor)
         changes: dict[str, bytes | None] = {}
@@ -239,9 +241,7 @@ class StateRetention:
             new = None if current is None else target.pseudonymise(current, pseudonym, cutoff)
             if new is not None:
                 changes[key] = new
-        if changes:
-            target.table.write(anchor, changes)
-        return len(changes)
+        return changes
 
 
 _REGISTERED: weakref.WeakKeyDictionary[faust.App, StateRetention] = weakref.WeakKeyDictionary()
