@@ -97,7 +97,8 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
     delivery = BatchDelivery(app, settings.pipeline.batch_max, BATCH_WITHIN_S)
     register_agents(context, tables, delivery)
     register_rejections_agent(context, delivery)  # refused pushes → `rejections` (partner health)
-    register_state_retention(context, tables)  # personal data in session and location state, pseudonymised when due
+    # Session and location state pseudonymised when due; session and CDR state deleted past the billing retention.
+    register_state_retention(context, tables)
     sweeper = Sweeper(context, sweep_backlog(settings, bootstrap, app_id))
     app.timer(settings.pipeline.sweep_interval_s, name="deadline-sweep")(sweeper.tick)
     return Pipeline(app=app, topics=topics, sink=sink, tables=tables, sweeper=sweeper, context=context)

@@ -12,7 +12,8 @@ OCPI leaves retention to contracts and law (02 §7); these are our defaults, eac
   or `retention apply`; in the worker's session and location state by `pipeline.state_retention`, and in their
   changelogs by compaction;
 - billing (cdrs with periods and tariffs, billing lines, credit links, reconciliation, sessions):
-  OCPI_RETENTION_BILLING_YEARS, by TTL;
+  OCPI_RETENTION_BILLING_YEARS, by TTL; the worker's session and CDR state (and, by tombstones and compaction,
+  their changelogs) by `pipeline.state_retention` (stage-2 `party-state` is not expired yet: README, "Retention");
 - current state (locations, evses, connectors): kept while the CPO publishes them, no TTL.
 
 Pseudonymisation replaces a value by `psn:` + the first 32 hex digits of HMAC-SHA256(key, value) — 36
@@ -192,7 +193,8 @@ def policy(settings: Settings) -> list[DataClass]:
         DataClass("personal", "token uid, contract id, authorization reference, visual number; in ClickHouse "
                   "rows, and in the worker's session and location state and their changelogs",
                   f"in clear for {r.pseudonymise_days} days, then pseudonymised (keyed hash)", ()),
-        DataClass("billing", "CDRs, billing lines, credit links, reconciliation, sessions",
+        DataClass("billing", "CDRs, billing lines, credit links, reconciliation, sessions; in ClickHouse rows, "
+                  "and in the worker's session and CDR state and their changelogs",
                   f"{r.billing_years} years", billing),
         DataClass("current state", "locations, EVSEs, connectors", "while published (no TTL)", ()),
     ]
@@ -216,6 +218,24 @@ LOCATION_PERSONAL_FIELD: Final = "publish_allowed_to"
 # parked events). cdr-state holds a CDR's content hash, event id, offset and receive time only; party-state holds
 # pseudonyms from the start.
 PERSONAL_STATE_TABLES: Final = ("session-state", "location-state")
+# Stage-1 state tables whose entries are billing data, deleted (with a changelog tombstone) by
+# `pipeline.state_retention` once what they hold was received more than OCPI_RETENTION_BILLING_YEARS ago, like the
+# rows. location-state is current state (kept while published); party-state is not expired yet (README).
+BILLING_STATE_TABLES: Final = ("session-state", "cdr-state")
+
+
+def billing_cutoff(now: datetime, years: int) -> datetime:
+    """`now` moved back by `years` calendar years: data received before it is past the billing retention.
+
+    Data received at R expires in ClickHouse once `R + INTERVAL years YEAR` <= now, where 29 February plus a year
+    is 28 February. Every R before this cutoff satisfies that (from 29 February the cutoff is 28 February, a day
+    on the safe side), so the state never loses an entry whose rows are still kept."""
+    try:
+        return now.replace(year=now.year - years)
+    except ValueError:  # 29 February, into a year without one
+        return now.replace(year=now.year - years, day=28)
+
+
 # A changelog record becomes compactable at most this long after it was written, so the clear value a
 # pseudonymised one supersedes is gone about two lags later (see `changelog_configs`).
 COMPACTION_LAG: Final = timedelta(days=1)

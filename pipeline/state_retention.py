@@ -1,5 +1,5 @@
-"""Retention of personal data in the stage-1 state (`session-state`, `location-state`) and, through compaction,
-in their changelogs.
+"""Retention in the stage-1 state: personal data pseudonymised (`session-state`, `location-state`), and billing
+data deleted (`session-state`, `cdr-state`), in the worker's partitions and, through compaction, in their changelogs.
 
 `session-state` keeps each Session's current OCPI object (token uid, contract id, authorization reference) for
 PATCH merges, and the PATCHes parked for it (Avro records; a PATCH may carry a token). `location-state` keeps
@@ -25,6 +25,26 @@ rule with the same pseudonyms (`retention.pseudonymise_fields`, which also rewri
 A PublishTokenType's `group_id` (a group of tokens) and `issuer` (a company) are not in the personal list and
 stay as they are, as in the rows. `cdr-state` holds no personal field (a CDR's content hash, event id, offset
 and receive time) and `party-state` only pseudonyms: neither is rewritten (`retention.PERSONAL_STATE_TABLES`).
+
+Billing retention (`retention.BILLING_STATE_TABLES`): the ClickHouse rows of sessions and CDRs are deleted by TTL
+OCPI_RETENTION_BILLING_YEARS after they were received; the same pass deletes the state entries that hold only such
+data, and writes a tombstone (value None) to the changelog, so compaction removes the entry there too:
+
+- expired: a Session once its last applied event was received (`applied_at`, the `received_at` of its `sessions`
+  row) before the cutoff, and every event parked in it too; a state of parked events alone by the newest of
+  them. A CDR once it was received (`received_at`, that of its `cdrs` row) before the cutoff. A value the rule
+  cannot date (no `applied_at` although a Session is stored, or nothing stored but the offset) is kept;
+- never early: the cutoff is `retention.billing_cutoff`, at or after the rows' own TTL;
+- idempotent: a deleted entry is not listed again, and a kept one is decided the same way;
+- after expiry an event for that object finds no state and is handled as the first of its object: a retry of a
+  CDR, or of the Session's last event, is stored again (APPLIED, not DUPLICATE, with new rows that count from
+  their own receive time), and an older Session PUT is not STALE. The events that made an expired entry were
+  written to Kafka before the cutoff, long before the offsets the worker has committed, so no restart reads them
+  again; a partner resending years later does, and so does a replay of archived events that old (their rows,
+  which keep the old `received_at`, are past the TTL again). Stage 2 (`party-state`, not expired) keeps its
+  records: a CDR fact it has seen changes nothing there.
+
+`location-state` is current state (kept while the Location is published) and is not expired.
 """
 
 from __future__ import annotations
@@ -46,14 +66,16 @@ from infra.codec import decode_event, encode_event
 from pipeline.facts import SessionFact
 from pipeline.records import utc_now
 from pipeline.retention import (
+    BILLING_STATE_TABLES,
     LOCATION_PERSONAL_FIELD,
     PERSONAL_STATE_TABLES,
     PREFIX,
     Pseudonymizer,
+    billing_cutoff,
     pseudonymise_fields,
     pseudonymised_json,
 )
-from pipeline.state import Codec, LocationState, Parked, PartitionAnchor, SessionState
+from pipeline.state import CdrState, Codec, LocationState, Parked, PartitionAnchor, SessionState
 from pipeline.sweeps import RETENTION_EVERY
 
 if TYPE_CHECKING:
@@ -63,6 +85,7 @@ log = logging.getLogger(__name__)
 
 _SESSIONS: Final = Codec(SessionState)
 _LOCATIONS: Final = Codec(LocationState)
+_CDRS: Final = Codec(CdrState)
 _CHUNK: Final = 500  # values looked at between two yields to the event loop
 _ALLOWED: Final = f'"{LOCATION_PERSONAL_FIELD}"'.encode()  # wire JSON leaves absent fields out
 
@@ -73,6 +96,7 @@ class _Stamped(msgspec.Struct):
 
 _STAMP: Final = msgspec.json.Decoder(_Stamped)
 Rewrite = Callable[[bytes, Pseudonymizer, datetime], bytes | None]
+Expiry = Callable[[bytes, datetime], bool]
 
 
 def pseudonymise_session_state(value: bytes, pseudonym: Pseudonymizer, cutoff: datetime) -> bytes | None:
@@ -121,6 +145,24 @@ def _pseudonymised_parked(parked: Parked, pseudonym: Pseudonymizer) -> Parked | 
     return msgspec.structs.replace(parked, value=value)
 
 
+def session_state_expired(value: bytes, cutoff: datetime) -> bool:
+    """Whether a `session-state` value holds only data received before `cutoff` (its Session, by the receive time
+    of the last applied event, and every parked event, by its own)."""
+    state = _SESSIONS.decode(value)
+    received = [parked.received_at for parked in state.parked]
+    if state.object_json is not None:
+        if state.applied_at is None:
+            return False  # cannot be dated (every applied event sets it): kept rather than deleted early
+        received.append(state.applied_at)
+    return bool(received) and max(received) < cutoff
+
+
+def cdr_state_expired(value: bytes, cutoff: datetime) -> bool:
+    """Whether a `cdr-state` value's CDR was received before `cutoff` (duplicates and conflicts since then write no
+    row: the `cdrs` row, and its TTL, are the first CDR's)."""
+    return _CDRS.decode(value).received_at < cutoff
+
+
 def keep_fact_token(previous: SessionFact | None, fact: SessionFact, session: Mapping[str, Any]) -> SessionFact:
     """The fact of a Session merged onto pseudonymised state, with the token its previous fact had.
 
@@ -158,17 +200,27 @@ def _is_active(table: TableT[Any, Any], partition: int) -> bool:
 
 @dataclass(frozen=True)
 class StateTarget:
-    """A state table the pass rewrites."""
+    """A state table the pass rewrites (personal data) or deletes from (billing data), or both."""
 
     name: str
     table: StateTable
     topic: str  # the module topic the table is co-partitioned with (Faust's current-event topic)
-    pseudonymise: Rewrite
+    pseudonymise: Rewrite | None = None
+    expired: Expiry | None = None
+
+
+@dataclass
+class PassCounts:
+    """What one pass did to a table."""
+
+    pseudonymised: int = 0
+    expired: int = 0
 
 
 class StateRetention:
-    """Pseudonymises the due values of the personal state tables in this worker's partitions, at most every
-    RETENTION_EVERY, checked at every sweep interval (so a worker restarted often still gets to it)."""
+    """Pseudonymises the due values of the personal state tables, and deletes the entries of the billing state
+    tables past the billing retention, in this worker's partitions, at most every RETENTION_EVERY, checked at
+    every sweep interval (so a worker restarted often still gets to it)."""
 
     def __init__(self, context: AgentContext, targets: Sequence[StateTarget]) -> None:
         self.context = context
@@ -183,15 +235,17 @@ class StateRetention:
         try:
             if not self.ready():
                 return
-            rewritten = await self.run(now)
+            counts = await self.run(now)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("state retention failed; trying again at the next tick")
             return
         self.last_run = now
-        if any(rewritten.values()):
-            log.info("retention: pseudonymised %s", ", ".join(f"{n} values of {name}" for name, n in rewritten.items()))
+        done = [f"pseudonymised {c.pseudonymised} values of {name}" for name, c in counts.items() if c.pseudonymised]
+        done += [f"deleted {c.expired} expired entries of {name}" for name, c in counts.items() if c.expired]
+        if done:
+            log.info("retention: %s", ", ".join(done))
 
     def ready(self) -> bool:
         """Not while partitions move or are recovered, nor during a backlog: later events of a due object may
@@ -201,10 +255,12 @@ class StateRetention:
         return (not app.rebalancing and not app.in_recovery
                 and self.context.progress.caught_up(app.consumer, self.consumed))
 
-    async def run(self, now: datetime) -> dict[str, int]:
-        """One pass at `now`; returns the values rewritten per table."""
-        cutoff = now - timedelta(days=self.context.settings.retention.pseudonymise_days)
-        rewritten = dict.fromkeys((target.name for target in self.targets), 0)
+    async def run(self, now: datetime) -> dict[str, PassCounts]:
+        """One pass at `now`; returns what it did per table."""
+        retention = self.context.settings.retention
+        cutoff = now - timedelta(days=retention.pseudonymise_days)
+        expiry = billing_cutoff(now, retention.billing_years)
+        counts = {target.name: PassCounts() for target in self.targets}
         for target in self.targets:
             for partition, items in _local_partitions(target.table.table):
                 anchor = PartitionAnchor(target.topic, partition)
@@ -212,52 +268,74 @@ class StateRetention:
                     async with target.table.lock:  # no batch of this table runs meanwhile (`StateTable.lock`)
                         if not self.serves(target, partition):
                             break  # revoked meanwhile: its new owner's pass takes over
-                        changes = self.decide(target, anchor, chunk, cutoff)
+                        changes, done = self.decide(target, anchor, chunk, cutoff, expiry)
                         if changes:
-                            # The agents' write path: rocksdb, then the changelog records, acknowledged before the
-                            # partition's changelog offset is set. Shielded: a worker stopping meanwhile lets it
-                            # finish rather than end the process mid-produce.
+                            # The agents' write path: rocksdb, then the changelog records (tombstones for deletes),
+                            # acknowledged before the partition's changelog offset is set. Shielded: a worker
+                            # stopping meanwhile lets it finish rather than end the process mid-produce.
                             await asyncio.shield(target.table.write_batch(self.context, [(anchor, changes)]))
-                    rewritten[target.name] += len(changes)
+                    counts[target.name].pseudonymised += done.pseudonymised
+                    counts[target.name].expired += done.expired
                     await asyncio.sleep(0)  # the agents' batches go on between chunks
-        return rewritten
+        return counts
 
     def serves(self, target: StateTarget, partition: int) -> bool:
         table = target.table.table
         return not table.app.rebalancing and _is_active(table, partition)
 
     def decide(self, target: StateTarget, anchor: PartitionAnchor, chunk: list[tuple[bytes, bytes]],
-               cutoff: datetime) -> dict[str, bytes | None]:
-        """The new values of a chunk's due values. The snapshot only picks candidates; each is read again under
-        the table's lock, so a batch's newer state is never overwritten."""
+               cutoff: datetime, expiry: datetime) -> tuple[dict[str, bytes | None], PassCounts]:
+        """The changes a chunk needs: None (delete) for each entry received before `expiry`, a new value for each
+        due for pseudonymisation (received before `cutoff`). The snapshot only picks candidates; each is read
+        again under the table's lock, so a batch's newer state is never overwritten or deleted.
+        """
         pseudonym = self.context.pseudonym
         read = target.table.reader(anchor)
         changes: dict[str, bytes | None] = {}
+        counts = PassCounts()
         for raw_key, snapshot in chunk:
-            if target.pseudonymise(snapshot, pseudonym, cutoff) is None:
+            # Expiry first: an entry to be deleted need not be pseudonymised before.
+            if target.expired is not None and target.expired(snapshot, expiry):
+                key = raw_key.decode()
+                current = read(key)
+                if current is not None and target.expired(current, expiry):
+                    changes[key] = None  # deleted, and a tombstone on the changelog
+                    counts.expired += 1
+                    continue
+                if current is None:
+                    continue
+                snapshot = current  # renewed meanwhile: still looked at for pseudonymisation
+            if target.pseudonymise is None or target.pseudonymise(snapshot, pseudonym, cutoff) is None:
                 continue
             key = raw_key.decode()
             current = read(key)
             new = None if current is None else target.pseudonymise(current, pseudonym, cutoff)
             if new is not None:
                 changes[key] = new
-        return changes
+                counts.pseudonymised += 1
+        return changes, counts
 
 
 _REGISTERED: weakref.WeakKeyDictionary[faust.App, StateRetention] = weakref.WeakKeyDictionary()
 
 
 def register_state_retention(context: AgentContext, tables: Mapping[str, StateTable]) -> StateRetention:
-    """Run the pass over every table of `retention.PERSONAL_STATE_TABLES` from an app timer at the sweep
-    interval; registering twice for one app adds nothing."""
+    """Run the pass over every table of `retention.PERSONAL_STATE_TABLES` and `retention.BILLING_STATE_TABLES`
+    from an app timer at the sweep interval; registering twice for one app adds nothing."""
     if context.app in _REGISTERED:
         return _REGISTERED[context.app]
     kafka = context.settings.kafka
-    # A personal table without its rewrite here fails at start, not silently.
-    rewrites = {"session-state": (kafka.topic_sessions, pseudonymise_session_state),
-                "location-state": (kafka.topic_locations, pseudonymise_location_state)}
-    keeper = StateRetention(context, [StateTarget(name, tables[name], *rewrites[name])
-                                      for name in PERSONAL_STATE_TABLES])
+    topics = {"session-state": kafka.topic_sessions, "location-state": kafka.topic_locations,
+              "cdr-state": kafka.topic_cdrs}
+    # A table of either list without its function here fails at start, not silently.
+    rewrites = {"session-state": pseudonymise_session_state, "location-state": pseudonymise_location_state}
+    expiries = {"session-state": session_state_expired, "cdr-state": cdr_state_expired}
+    names = dict.fromkeys((*PERSONAL_STATE_TABLES, *BILLING_STATE_TABLES))
+    targets = [StateTarget(name, tables[name], topics[name],
+                           pseudonymise=rewrites[name] if name in PERSONAL_STATE_TABLES else None,
+                           expired=expiries[name] if name in BILLING_STATE_TABLES else None)
+               for name in names]
+    keeper = StateRetention(context, targets)
     context.app.timer(context.settings.pipeline.sweep_interval_s, name="state-retention")(keeper.tick)
     _REGISTERED[context.app] = keeper
     return keeper

@@ -1,27 +1,44 @@
 """Personal data in the stage-1 state (sessions, and locations' `publish_allowed_to`): due values pseudonymised
-like the ClickHouse rows, once, and the rules (merge, validation, dedup) work on the result."""
+like the ClickHouse rows, once, and the rules (merge, validation, dedup) work on the result. Billing data in the
+stage-1 state (sessions, CDRs): entries deleted once what they hold is past the billing retention, never earlier."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import msgspec
 
 from infra.codec import decode_event
 from ocpi.model import Location, Session
 from pipeline import wire
+from pipeline.cdrs import process_cdrs
 from pipeline.facts import session_fact
 from pipeline.locations import process_locations
 from pipeline.projection import LOCATION_COLUMNS, RAW_EVENT_COLUMNS, SESSION_COLUMNS
-from pipeline.retention import PERSONAL_STATE_TABLES, Pseudonymizer, pseudonymise_document
+from pipeline.retention import (
+    BILLING_STATE_TABLES,
+    PERSONAL_STATE_TABLES,
+    Pseudonymizer,
+    billing_cutoff,
+    pseudonymise_document,
+)
 from pipeline.sessions import process_sessions
-from pipeline.state import CdrState, LocationState, SessionState
-from pipeline.state_retention import keep_fact_token, pseudonymise_location_state, pseudonymise_session_state
+from pipeline.state import CdrState, Codec, LocationState, Parked, PartitionAnchor, SessionState
+from pipeline.state_retention import (
+    StateRetention,
+    StateTarget,
+    cdr_state_expired,
+    keep_fact_token,
+    pseudonymise_location_state,
+    pseudonymise_session_state,
+    session_state_expired,
+)
 
-from .builders import PSEUDONYM_KEY, Harness, column, event, iso, location, rows, session, stage_rules, token, ts
+from .builders import PSEUDONYM_KEY, Harness, cdr, column, event, iso, location, rows, session, stage_rules, token, ts
 
 KEY = "NL/TNM/S1"
 PSEUDONYM = Pseudonymizer(PSEUDONYM_KEY)
@@ -333,3 +350,172 @@ def test_a_parked_location_patch_is_pseudonymised_by_its_own_receive_time_and_st
     assert sorted(outcomes(out)) == ["APPLIED", "APPLIED"]
     assert allowed_of(h.state(LOC).object_json)[0]["uid"] == PSEUDONYM("TOK1")
     assert h.state(LOC).personal_at == ts(1)  # the receive time of the patch that brought it
+
+
+# --- billing retention: session-state and cdr-state entries deleted ------------------------------------------
+
+
+def add_years(moment: datetime, years: int) -> datetime:
+    """ClickHouse's `moment + INTERVAL years YEAR` (29 February becomes 28 February)."""
+    try:
+        return moment.replace(year=moment.year + years)
+    except ValueError:
+        return moment.replace(year=moment.year + years, day=28)
+
+
+def test_the_billing_cutoff_is_calendar_years_back_and_never_before_the_rows_ttl() -> None:
+    assert billing_cutoff(datetime(2033, 6, 15, 12, 30, tzinfo=UTC), 7) == datetime(2026, 6, 15, 12, 30, tzinfo=UTC)
+    # From 29 February into a year without one: 28 February, as ClickHouse's addYears gives too.
+    assert billing_cutoff(datetime(2032, 2, 29, tzinfo=UTC), 1) == datetime(2031, 2, 28, tzinfo=UTC)
+    # Data received before the cutoff is past its rows' TTL (received + years <= now); data at the cutoff is not
+    # deleted by the state pass, whatever the TTL says of it.
+    for now in (datetime(2032, 2, 29, 23, tzinfo=UTC), datetime(2031, 2, 28, tzinfo=UTC),
+                datetime(2032, 3, 1, tzinfo=UTC), datetime(2033, 6, 15, 12, 30, tzinfo=UTC)):
+        for years in (1, 4, 7):
+            received = billing_cutoff(now, years) - timedelta(microseconds=1)
+            assert add_years(received, years) <= now
+
+
+def expired_session(h: Harness, cutoff_min: float) -> bool:
+    return session_state_expired(h.store.data[KEY], ts(cutoff_min))
+
+
+def test_a_session_expires_once_its_last_applied_event_is_older_than_the_cutoff() -> None:
+    h = harness()
+    h.run(event("Session", session(updated=0), received=1))
+    completed_session(h)  # applied at minute 61
+    assert not expired_session(h, cutoff_min=61)  # received at the cutoff: not older
+    assert expired_session(h, cutoff_min=62)
+
+
+def test_a_duplicate_does_not_postpone_the_session_s_expiry() -> None:
+    # A duplicate writes no sessions row: the row's TTL, and so the state's, counts from the applied event.
+    h = harness()
+    body = completed_session(h)
+    h.run(event("Session", body, received=500))
+    assert expired_session(h, cutoff_min=62)
+
+
+def test_parked_events_expire_by_the_newest_receive_time() -> None:
+    h = harness(park_ttl_min=10_000)
+    for received in (1, 5):
+        h.run(event("SessionPatch", {"kwh": Decimal(received), "last_updated": iso(ts(received))}, object_id="S1",
+                    received=received))
+    assert len(h.state(KEY).parked) == 2
+    assert not expired_session(h, cutoff_min=3)
+    assert not expired_session(h, cutoff_min=5)
+    assert expired_session(h, cutoff_min=6)
+
+
+def test_a_session_state_with_newer_parked_data_or_no_date_is_kept() -> None:
+    codec = Codec(SessionState)
+    parked = Parked(value=b"", topic="t", partition=0, offset=1, event_id="e", received_at=ts(10))
+    both = SessionState(object_json=b"{}", applied_at=ts(1), parked=[parked])
+    assert not session_state_expired(codec.encode(both), ts(5))
+    assert session_state_expired(codec.encode(both), ts(11))
+    # Every applied event sets `applied_at`; a value without it cannot be dated and is not deleted on a guess.
+    undated = SessionState(object_json=b"{}", last_updated=ts(1))
+    assert not session_state_expired(codec.encode(undated), ts(10_000))
+    assert not session_state_expired(codec.encode(SessionState(offset=3)), ts(10_000))
+
+
+def cdr_harness() -> Harness:
+    return Harness(process_cdrs, CdrState)
+
+
+CDR_KEY = "NL/TNM/C1"
+
+
+def test_a_cdr_expires_by_its_own_receive_time_whatever_came_since() -> None:
+    h = cdr_harness()
+    h.run(event("CDR", cdr(), received=1))
+    h.run(event("CDR", cdr(updated=90), received=100))  # a retry: DUPLICATE, no row
+    h.run(event("CDR", cdr(kwh="11", updated=95), received=200))  # CONFLICT: the original is kept
+    value = h.store.data[CDR_KEY]
+    assert not cdr_state_expired(value, ts(1))
+    assert cdr_state_expired(value, ts(2))
+
+
+def test_an_event_after_expiry_is_handled_as_the_first_of_its_object() -> None:
+    # Documented: once the state is gone, a retry is stored again (new rows, counted from its own receive time).
+    h = cdr_harness()
+    post = cdr()
+    h.run(event("CDR", post, received=1))
+    del h.store.data[CDR_KEY]
+    out = h.run(event("CDR", post, received=300))
+    assert outcomes(out) == ["APPLIED"] and len(rows(out.batch, "cdrs")) == 1
+    s = harness()
+    body = completed_session(s)
+    del s.store.data[KEY]
+    out = s.run(event("Session", body, received=300))
+    assert outcomes(out) == ["APPLIED"] and len(rows(out.batch, "sessions")) == 1
+
+
+def test_billing_state_tables_are_session_and_cdr_state_not_location_state() -> None:
+    # location-state is current state, kept while published; party-state is not expired yet (README).
+    assert BILLING_STATE_TABLES == ("session-state", "cdr-state")
+
+
+class FakeTable:
+    """A StateTable over a dict: what the pass reads, and what it writes (None: deleted, a tombstone)."""
+
+    def __init__(self, data: dict[str, bytes]) -> None:
+        self.data = data
+        self.writes: list[dict[str, bytes | None]] = []
+
+    def reader(self, anchor: PartitionAnchor) -> Any:
+        return self.data.get
+
+    def apply(self, changes: dict[str, bytes | None]) -> None:
+        if changes:
+            self.writes.append(dict(changes))
+        for key, value in changes.items():
+            if value is None:
+                self.data.pop(key, None)
+            else:
+                self.data[key] = value
+
+
+def retention_pass(table: FakeTable, *, expired: Any, pseudonymise: Any = None) -> StateRetention:
+    context = SimpleNamespace(topics=SimpleNamespace(consumed=[]), pseudonym=PSEUDONYM)
+    return StateRetention(cast(Any, context), [StateTarget("t", cast(Any, table), "topic",
+                                                           pseudonymise=pseudonymise, expired=expired)])
+
+
+def run_chunk(keeper: StateRetention, table: FakeTable, snapshot: dict[str, bytes], cutoff_min: float,
+              expiry_min: float) -> Any:
+    """The pass's decision on one chunk (`snapshot`), written to `table` as `write_batch` would."""
+    chunk = [(key.encode(), value) for key, value in snapshot.items()]
+    changes, counts = keeper.decide(keeper.targets[0], PartitionAnchor("topic", 0), chunk, ts(cutoff_min),
+                                    ts(expiry_min))
+    table.apply(changes)
+    return counts
+
+
+def test_the_pass_deletes_expired_entries_keeps_recent_ones_and_is_idempotent() -> None:
+    old, recent = cdr_harness(), cdr_harness()
+    old.run(event("CDR", cdr("C1"), received=1))
+    recent.run(event("CDR", cdr("C2"), received=10))
+    table = FakeTable({**old.store.data, **recent.store.data})
+    keeper = retention_pass(table, expired=cdr_state_expired)
+    done = run_chunk(keeper, table, dict(table.data), cutoff_min=0, expiry_min=5)
+    assert (done.expired, done.pseudonymised) == (1, 0)
+    assert table.writes == [{CDR_KEY: None}] and set(table.data) == {"NL/TNM/C2"}
+    again = run_chunk(keeper, table, dict(table.data), cutoff_min=0, expiry_min=5)
+    assert (again.expired, table.writes) == (0, [{CDR_KEY: None}])
+
+
+def test_the_pass_keeps_an_entry_renewed_after_its_snapshot_and_still_pseudonymises_it() -> None:
+    h = harness()
+    completed_session(h)  # applied at minute 61
+    snapshot = dict(h.store.data)
+    h.run(event("SessionPatch", {"kwh": Decimal("6"), "last_updated": iso(ts(200))}, object_id="S1", received=201))
+    table = FakeTable(dict(h.store.data))
+    keeper = retention_pass(table, expired=session_state_expired, pseudonymise=pseudonymise_session_state)
+    done = run_chunk(keeper, table, snapshot, cutoff_min=300, expiry_min=100)
+    assert (done.expired, done.pseudonymised) == (0, 1)
+    state = Codec(SessionState).decode(table.data[KEY])
+    assert state.applied_at == ts(201) and PSEUDONYM("TOK1").encode() in (state.object_json or b"")
+    # An expired session is deleted, not pseudonymised first.
+    done = run_chunk(keeper, table, dict(table.data), cutoff_min=300, expiry_min=300)
+    assert (done.expired, done.pseudonymised) == (1, 0) and table.data == {}
