@@ -3,6 +3,7 @@ become dead letters, instead of stopping the worker (and with it every partition
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from decimal import Decimal
 from types import SimpleNamespace
@@ -103,7 +104,7 @@ async def test_the_agent_writes_dead_letters_and_goes_on() -> None:
     context = SimpleNamespace(pseudonym=Pseudonymizer(b"k" * 32), sink=SimpleNamespace(write=write), publish=publish,
                               stage_rules=stage_rules(), progress=SimpleNamespace(outcomes=Counter(), replayed=0),
                               settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
-    table = SimpleNamespace(reader=lambda _anchor: DictStore().data.get, write_batch=write_batch)
+    table = SimpleNamespace(reader=lambda _anchor: DictStore().data.get, write_batch=write_batch, lock=asyncio.Lock())
     agent = ModuleAgent(context, table, Codec(SessionState), process_sessions, "SESSIONS")  # type: ignore[arg-type]
     foreign = event_bytes("CDR", cdr("C1"))
     await agent.handle([RawMessage("sessions", 0, 0, b"k", event_bytes("Session", session())),
