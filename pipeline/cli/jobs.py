@@ -151,7 +151,7 @@ def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, 
         report = _run(rebuild(settings, bootstrap, timeout=timeout, progress=progress),
                       "run `ocpi-pipeline replay --rebuild` again to resume")
     console.print(f"rebuilt {', '.join(report.swapped)} in database {report.database} from {report.events} "
-                  f"records; {report.tail} records replayed to close the gap")
+                  f"records; then {report.tail} records the live worker handled meanwhile, into them after the swap")
     console.print(f"the previous tables are in database {report.old_database}: "
                   f"check them, then DROP DATABASE `{report.old_database}`")
 

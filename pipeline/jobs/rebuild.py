@@ -7,17 +7,19 @@
    `ocpi-pipeline-rebuild-<stamp>` (so its own state changelogs) and its own names for the internal topics
    (every OCPI_TOPIC_* but the module topics, suffixed with the group), writing into the fresh database, until
    its committed offsets reach the targets (progress bar on the committed offsets) and it has also consumed
-   what it wrote to its internal topics.
+   what it wrote to its internal topics up to then (their end offsets once the targets were reached). Then
+   stop it: it commits only what it wrote, so its committed offsets say what the fresh tables hold.
 4. Swap: `EXCHANGE TABLES` each table the pipeline writes (every table but `partners` and
    `schema_migrations`, which are not derived from the topics) between the live and the fresh database.
    Views and materialized views stay where they are: they name their tables, so the live ones work on the
    swapped-in tables (the fresh database's own fed its tables during the rebuild).
    Each exchange is atomic; the table UUIDs recorded beforehand say which ones are done, so a swap that was
    interrupted is finished, never undone, on resume.
-5. Close the gap: while the live worker kept writing to the old tables, the rebuild worker may have been
-   behind it. Every record from the rebuild group's committed offsets (read just before the swap) to the end
-   offsets after the swap is replayed (`source=REPLAY`), so the live worker writes them into the swapped-in
-   tables. Duplicates are harmless (deduplication).
+5. Close the gap: the live worker kept writing to the old tables while the rebuild worker was behind it. The
+   rebuild worker is started again, now writing into the live database (the swapped-in tables), and runs
+   from its committed offsets until it committed the end offsets of the module topics taken after the swap
+   (and consumed its internal topics up to then). Everything after those ends reached the live worker after
+   the swap, so it wrote it into the swapped-in tables itself.
 6. Stop the rebuild worker and delete its internal and changelog topics. The old tables are left in the
    rebuild database: check, then `DROP DATABASE <that database>`.
 
@@ -48,8 +50,7 @@ from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
 from infra.process import spawn, terminate
 from infra.settings import Settings, as_environ
 from pipeline.jobs.common import MODULES, Checkpoint, JobError, JobProgress, NoProgress, iso, jobs_dir, uninterrupted
-from pipeline.jobs.kafka_io import PartitionRange, committed_offsets, offset_bounds, topic_partitions
-from pipeline.jobs.replay import send_ranges
+from pipeline.jobs.kafka_io import committed_offsets, offset_bounds, topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
             token = secrets.token_urlsafe(16)
             shim = await ClickHouseShim(ChdbEngine(chdb_path(dsn)), token).start()
             dsn = f"http://ocpi:{token}@127.0.0.1:{shim.port}"
+        log_path = jobs_dir(settings, "rebuild") / state["job"] / "worker.log"
         if state["status"] == "building":
             await asyncio.to_thread(migrate, client, state["rebuild_database"])
             if "targets" not in state:
@@ -116,15 +118,18 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
                 bounds = await offset_bounds(settings.kafka, bootstrap, tps)
                 state["targets"] = [[tp.topic, tp.partition, begin, end] for tp, (begin, end) in bounds.items()]
             checkpoint.save(state)
-            worker = _start_worker(settings, bootstrap, dsn, state)
+            worker = _start_worker(settings, bootstrap, dsn, state, state["rebuild_database"])
             if on_phase:
                 on_phase("building")
-            log_path = jobs_dir(settings, "rebuild") / state["job"] / "worker.log"
-            report.events = await _wait_built(bootstrap, state, worker, log_path, timeout, progress)
+            report.events = await _wait_built(bootstrap, state, state["targets"], worker, log_path, timeout,
+                                              progress, f"rebuild into {state['rebuild_database']}")
             await _wait_internal(settings, bootstrap, state, worker, log_path, timeout)
+            # Stopped before the swap: after it the rebuild database holds the previous tables, and what the
+            # worker wrote there would be missing from the live ones. It commits only what it has written, so
+            # once stopped its committed offsets say exactly what the fresh tables hold.
+            await asyncio.to_thread(terminate, worker, 20.0)
+            worker = None
             state["status"] = "swapping"
-            state["before_swap"] = [[tp.topic, tp.partition, offset] for tp, offset in
-                                    (await _committed(bootstrap, state)).items()]
             state["new_uuids"] = await asyncio.to_thread(_tables, client, state["rebuild_database"])
             checkpoint.save(state)
         if state["status"] == "swapping":
@@ -132,19 +137,31 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
                 on_phase("swapping")
             # In a thread (the shim serving the store may run on this loop), finished even on Ctrl-C.
             report.swapped = await uninterrupted(asyncio.to_thread(_swap, client, state))
-            tps = [TopicPartition(t, p) for t, p, _o in state["before_swap"]]
-            bounds = await offset_bounds(settings.kafka, bootstrap, tps)
-            state["tail"] = [[t, p, o, bounds[TopicPartition(t, p)][1]] for t, p, o in state["before_swap"]]
+            committed = await _committed(bootstrap, state)
+            bounds = await offset_bounds(settings.kafka, bootstrap, list(committed))
+            # The gap: [what the fresh tables hold, the module topics' end after the swap). Records the live
+            # worker handled before the swap went into the previous tables; every record after these ends
+            # reaches it after the swap, so it writes it into the swapped-in tables itself.
+            state["tail"] = [[tp.topic, tp.partition, offset, max(bounds[tp][1], offset)]
+                             for tp, offset in committed.items()]
             state["swapped"] = report.swapped
             state["status"] = "tail"
             checkpoint.save(state)
-        if worker is not None:
+        if state["status"] == "tail":
+            if on_phase:
+                on_phase("tail")
+            # The gap cannot be replayed to the live worker: its state saw those events, so a replayed copy is a
+            # DUPLICATE that writes nothing. The rebuild worker has not seen them (its committed offsets are
+            # where it stopped): it processes them into the live database, from its own state, with the same
+            # rules. At least once: a record both workers handled is written twice, as identical rows (same key,
+            # same version), which the tables' newest-version-wins makes harmless.
+            worker = _start_worker(settings, bootstrap, dsn, state, state["database"])
+            report.tail = await _wait_built(bootstrap, state, state["tail"], worker, log_path, timeout, progress,
+                                            f"close the gap in {state['database']}")
+            await _wait_internal(settings, bootstrap, state, worker, log_path, timeout)
             await asyncio.to_thread(terminate, worker, 20.0)
             worker = None
-        if state["status"] == "tail":
             await asyncio.to_thread(_drop_worker_topics, settings, bootstrap, state["group"])
-            ranges = [PartitionRange(t, p, start, stop) for t, p, start, stop in state["tail"] if stop > start]
-            report.tail = (await send_ranges(settings, bootstrap, ranges, MODULES)).sent
             state["status"] = "done"
             state["finished_at"] = iso(_now())
             checkpoint.save(state)
@@ -182,19 +199,19 @@ def _consumed_internal_topics(settings: Settings, group: str) -> list[str]:
     return sorted(renamed[name] for name in consumed if name in renamed)
 
 
-def _start_worker(settings: Settings, bootstrap: str, dsn: str, state: dict[str, Any]) -> Any:
+def _start_worker(settings: Settings, bootstrap: str, dsn: str, state: dict[str, Any], database: str) -> Any:
     job_dir = jobs_dir(settings, "rebuild") / state["job"]
     env = dict(os.environ)
     env.update(as_environ(settings))
     env.update(_internal_topics(settings, state["group"]))
     env.update({"OCPI_KAFKA_BOOTSTRAP": bootstrap, "OCPI_KAFKA_FLAVOR": "tansu" if settings.kafka.is_tansu else "kafka",
-                "OCPI_CLICKHOUSE_DSN": dsn, "OCPI_CLICKHOUSE_DATABASE": state["rebuild_database"],
+                "OCPI_CLICKHOUSE_DSN": dsn, "OCPI_CLICKHOUSE_DATABASE": database,
                 "OCPI_PIPELINE_APP_ID": state["group"]})
     # Same data dir as the live worker: its secrets (the pseudonymisation key) must be the same, and the
     # worker keeps its Faust state per app id.
     if settings.http.port == 0:  # "any free port" (demo, tests) is no valid setting; the worker serves no HTTP
         env["OCPI_HTTP_PORT"] = "8080"
-    log.info("rebuild worker: group %s into database %s, log %s", state["group"], state["rebuild_database"],
+    log.info("rebuild worker: group %s into database %s, log %s", state["group"], database,
              job_dir / "worker.log")
     return spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"], env=env,
                  log_path=job_dir / "worker.log")
@@ -207,12 +224,13 @@ async def _committed(bootstrap: str, state: dict[str, Any]) -> dict[TopicPartiti
     return {tp: max(found[tp] or 0, begins[tp]) for tp in tps}
 
 
-async def _wait_built(bootstrap: str, state: dict[str, Any], worker: Any, log_path: Path, timeout: float,
-                      progress: JobProgress) -> int:
-    """Wait until the rebuild group committed every target; returns the records it consumed."""
-    targets = {TopicPartition(t, p): (b, e) for t, p, b, e in state["targets"]}
-    total = sum(e - b for b, e in targets.values())
-    progress.start(f"rebuild into {state['rebuild_database']}", total)
+async def _wait_built(bootstrap: str, state: dict[str, Any], ranges: list[list[Any]], worker: Any, log_path: Path,
+                      timeout: float, progress: JobProgress, description: str) -> int:
+    """Wait until the rebuild group committed the end of every [topic, partition, begin, end] range; returns the
+    records in them."""
+    targets = {TopicPartition(t, p): (b, e) for t, p, b, e in ranges}
+    total = sum(max(e - b, 0) for b, e in targets.values())
+    progress.start(description, total)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     done = 0
@@ -221,7 +239,7 @@ async def _wait_built(bootstrap: str, state: dict[str, Any], worker: Any, log_pa
             raise JobError(f"the rebuild worker exited with code {worker.returncode}; see {log_path}; "
                            "rerun to resume")
         committed = await _committed(bootstrap, state)
-        reached = sum(min(committed[tp], e) - b for tp, (b, e) in targets.items())
+        reached = sum(max(min(committed[tp], e) - b, 0) for tp, (b, e) in targets.items())
         progress.advance(reached - done)
         done = reached
         if all(committed[tp] >= e for tp, (_b, e) in targets.items()):
@@ -235,25 +253,27 @@ async def _wait_built(bootstrap: str, state: dict[str, Any], worker: Any, log_pa
 async def _wait_internal(settings: Settings, bootstrap: str, state: dict[str, Any], worker: Any, log_path: Path,
                          timeout: float) -> None:
     """Wait until the rebuild worker also consumed what it wrote to its internal topics (facts it derives
-    from the module topics and handles in a second step), until their ends stop moving."""
+    from the module topics and handles in a second step) for the records it committed so far.
+
+    Called once it committed its module targets: it sends a batch's facts and waits for their acks before it
+    commits the batch, so the internal topics' ends now cover every record up to the targets. Those ends are
+    the fixed goal (partners pushing meanwhile keep moving them: a rebuild must not wait for a quiet moment).
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     names = _consumed_internal_topics(settings, state["group"])
-    previous: dict[TopicPartition, int] | None = None
+    tps = await topic_partitions(bootstrap, names)
+    targets = {tp: end for tp, (_b, end) in (await offset_bounds(settings.kafka, bootstrap, tps)).items() if end > 0}
     while True:
         if worker.poll() is not None:
             raise JobError(f"the rebuild worker exited with code {worker.returncode}; see {log_path}")
-        tps = await topic_partitions(bootstrap, names)
-        ends = {tp: end for tp, (_b, end) in (await offset_bounds(settings.kafka, bootstrap, tps)).items()}
-        found = await committed_offsets(bootstrap, state["group"], tps)
-        caught_up = all((found[tp] or 0) >= end for tp, end in ends.items() if end > 0)
-        if caught_up and ends == previous:
+        found = await committed_offsets(bootstrap, state["group"], targets)
+        if all((found[tp] or 0) >= end for tp, end in targets.items()):
             return
-        previous = ends if caught_up else None
         if loop.time() > deadline:
             raise JobError(f"the rebuild worker did not catch up on its internal topics within {timeout:.0f}s; "
                            "rerun to resume")
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.5)
 
 
 def _swap(client: Client, state: dict[str, Any]) -> list[str]:

@@ -450,22 +450,3 @@ def _restore(report: ReplayReport, state: dict[str, Any]) -> None:
     report.duplicates = int(stats.get("duplicates", 0))
     report.undecodable = int(stats.get("undecodable", 0))
     report.written = {TopicPartition(t, p): int(o) for t, p, o in state.get("written", [])}
-
-
-async def send_ranges(settings: Settings, bootstrap: str, ranges: list[PartitionRange],
-                      modules: tuple[str, ...]) -> ReplayReport:
-    """Replay whole offset ranges without a checkpoint of their own (the caller's job records them)."""
-    report = ReplayReport(job="", status="done")
-    run = _Run(settings, Selection(modules=modules), report)
-    async with JobProducer(settings.kafka, bootstrap) as producer:
-        async with contextlib.aclosing(read_ranges(bootstrap, ranges, batch=BATCH)) as batches:
-            async for rng, records in batches:
-                batch = []
-                for record in records:
-                    event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
-                    prepared = run.prepare(event, record.key) if event is not None else None
-                    if prepared is not None:
-                        batch.append(prepared)
-                report.sent += await producer.send_all(batch)
-        _merge_written(report, producer)
-    return report

@@ -224,7 +224,7 @@ async def test_rebuild_recomputes_every_table_and_swaps_it_in(seeded: Seeded) ->
     data = {t for t, (engine, _u) in before.items() if not engine.endswith("View")}
     phases: list[str] = []
     report = await rebuild(seeded.settings, seeded.bootstrap, timeout=120, on_phase=phases.append)
-    assert phases == ["building", "swapping"]
+    assert phases == ["building", "swapping", "tail"]
     assert sorted(report.swapped) == sorted(data - {"partners", "schema_migrations"})
     after, old = tables(database), tables(report.old_database)
     for table in report.swapped:

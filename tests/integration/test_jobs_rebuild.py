@@ -1,0 +1,111 @@
+"""Rebuild while the live worker keeps working: nothing it handled around the swap is missing afterwards.
+
+Each test has its own stack (the live worker as a child process) on the session's engines, and CDRs
+published as the receivers would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+import pipeline.jobs.rebuild as rb
+from infra.settings import Settings
+from pipeline.jobs.kafka_io import offset_bounds, topic_partitions
+from pipeline.stack import Stack
+from tests.integration.jobs_support import job_settings, publish, wait_pipeline
+from tests.unit.jobs.fake_sender import cdr
+
+pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
+
+
+@pytest.fixture
+async def live(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterator[tuple[Stack, Settings]]:
+    settings = job_settings(session_tmp, chdb_dsn, broker)
+    stack = await Stack(settings, run_receivers=False).start()
+    try:
+        yield stack, settings
+    finally:
+        await stack.stop()
+
+
+def cdr_ids(client: Client, database: str) -> list[str]:
+    return [row[0] for row in client.query(f"SELECT cdr_id FROM `{database}`.cdrs FINAL ORDER BY cdr_id").result_rows]
+
+
+async def settle(settings: Settings, bootstrap: str) -> None:
+    """Until the live worker committed the module topics' ends (its inserts are then done)."""
+    tps = await topic_partitions(bootstrap, settings.kafka.module_topics)
+    ends = {tp: e for tp, (_b, e) in (await offset_bounds(settings.kafka, bootstrap, tps)).items() if e}
+    await wait_pipeline(settings, bootstrap, ends)
+
+
+async def test_what_the_live_worker_handled_before_the_swap_is_kept(live: tuple[Stack, Settings],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    stack, settings = live
+    client = stack.clickhouse
+    assert client is not None
+    now = datetime.now(UTC).replace(microsecond=0)
+    _e, written = await publish(settings, stack.bootstrap, "cpo-a",
+                                [("cdrs", cdr(i, now - timedelta(hours=1))) for i in range(1, 4)])
+    await wait_pipeline(settings, stack.bootstrap, written)
+    real_swap = rb._swap
+
+    def swap(client_: Client, state: dict[str, Any]) -> list[str]:
+        # The rebuild worker has stopped at its targets: a CDR the live worker handles now went into the tables
+        # about to be swapped out.
+        async def arrive() -> None:
+            _ev, w = await publish(settings, stack.bootstrap, "cpo-a", [("cdrs", cdr(99, now))])
+            await wait_pipeline(settings, stack.bootstrap, w)
+
+        asyncio.run(arrive())
+        assert "C0099" in cdr_ids(client_, state["database"])
+        return real_swap(client_, state)
+
+    monkeypatch.setattr(rb, "_swap", swap)
+    phases: list[str] = []
+    report = await rb.rebuild(settings, stack.bootstrap, timeout=180, on_phase=phases.append)
+    assert phases == ["building", "swapping", "tail"]
+    assert report.events == 3 and report.tail == 1
+    await settle(settings, stack.bootstrap)
+    assert cdr_ids(client, settings.clickhouse.database) == ["C0001", "C0002", "C0003", "C0099"]
+    assert cdr_ids(client, report.old_database) == ["C0001", "C0002", "C0003", "C0099"]  # the previous tables
+    outcomes = client.query("SELECT source, outcome, count() FROM raw_events FINAL GROUP BY 1, 2").result_rows
+    assert outcomes == [("PUSH", "APPLIED", 4)]
+
+
+async def test_a_rebuild_finishes_while_partners_keep_pushing(live: tuple[Stack, Settings]) -> None:
+    stack, settings = live
+    client = stack.clickhouse
+    assert client is not None
+    now = datetime.now(UTC).replace(microsecond=0)
+    _e, written = await publish(settings, stack.bootstrap, "cpo-a",
+                                [("cdrs", cdr(i, now - timedelta(hours=1))) for i in range(1, 4)])
+    await wait_pipeline(settings, stack.bootstrap, written)
+    pushed = [f"C{i:04d}" for i in range(1, 4)]
+
+    async def traffic() -> None:  # a CDR every 0.3 s, the internal topics' ends never stand still for long
+        n = 100
+        while True:
+            await publish(settings, stack.bootstrap, "cpo-a", [("cdrs", cdr(n, now))])
+            pushed.append(f"C{n:04d}")
+            n += 1
+            await asyncio.sleep(0.3)
+
+    pusher = asyncio.create_task(traffic())
+    try:
+        report = await rb.rebuild(settings, stack.bootstrap, timeout=90)
+    finally:
+        pusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pusher
+    assert report.events >= 3
+    await settle(settings, stack.bootstrap)
+    assert cdr_ids(client, settings.clickhouse.database) == sorted(pushed)
