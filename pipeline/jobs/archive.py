@@ -16,9 +16,11 @@ Sources (choose with `--source`):
   recreated (the embedded broker keeps topics in memory only) and its offsets start over in a new epoch.
 - `clickhouse`: `raw_events` (one row per event id), for history the topics no longer hold. Routing headers
   (OCPI-from/to-*) are not stored there and come back empty; everything else, event id and content hash
-  included, is kept. One generation of files per module and day, `part-clickhouse-g<generation>-<n>.avro`;
-  a day whose files hold as many events as ClickHouse has is skipped, any other day is written as a new
-  generation whose files replace the old ones only once all are in place.
+  included, is kept. Files per module and day, `part-clickhouse-g<generation>-<n>.avro`, a generation per
+  run. A rerun compares event ids: a day whose files hold every event id ClickHouse has for it is skipped,
+  otherwise only the missing events are written, as a new generation beside the old files. Archived files are
+  never deleted: `raw_events` loses a day's rows to its TTL over time (a day shrinks), so ClickHouse holding
+  fewer events than the archive is normal, and an archive must keep what ClickHouse no longer has.
 
 Files are written under a temporary name (`.part-…tmp`, which no reader picks up) and renamed when complete,
 so an interrupted export leaves only whole files; leftovers are removed by the next run. Use one source per
@@ -40,7 +42,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import fastavro
 from aiokafka.structs import TopicPartition
@@ -317,7 +319,7 @@ def _ch_generations(day_dir: Path) -> dict[str, list[Path]]:
 
 def export_from_clickhouse(settings: Settings, client: Client, root: Path, modules: Sequence[str], *,
                            max_records: int = 50_000, progress: JobProgress | None = None) -> ExportResult:
-    """Archive `raw_events` per module and day (see the module docstring); unchanged days are skipped."""
+    """Archive `raw_events` per module and day (see the module docstring); days fully archived are skipped."""
     progress = progress or NoProgress()
     result = ExportResult()
     root.mkdir(parents=True, exist_ok=True)
@@ -334,22 +336,45 @@ def export_from_clickhouse(settings: Settings, client: Client, root: Path, modul
     generation = str(time.time_ns())
     for module, day, expected in days:
         day_dir = root / module / day.isoformat()
-        existing = _ch_generations(day_dir)
-        if len(existing) == 1 and sum(count_records(p) for p in next(iter(existing.values()))) == expected:
-            result.skipped_days += 1
-            progress.advance(expected)
-            continue
-        written = _export_day(client, module, day, day_dir, generation, max_records, result, progress)
-        for old, paths in existing.items():
-            if old != generation:  # the new generation is complete: only now does the old one go
-                for path in paths:
-                    path.unlink(missing_ok=True)
-        result.files.extend(written)
+        archived = _archived_ids([p for paths in _ch_generations(day_dir).values() for p in paths])
+        missing: set[str] | None = None  # None: the whole day
+        if archived:
+            # By event id, not by count: the TTL shrinks a day while late events may grow it.
+            missing = _day_ids(client, module, day) - archived
+            if not missing:
+                result.skipped_days += 1
+                progress.advance(expected)
+                continue
+        result.files.extend(_export_day(client, module, day, day_dir, generation, max_records, result, progress,
+                                        only=missing))
     return result
 
 
+# Reads only the event id of an archived record (Avro schema resolution skips the other fields).
+_EVENT_ID_ONLY: Final = fastavro.parse_schema({"type": "record", "name": "OcpiEvent", "namespace": "ocpi.pipeline",
+                                               "fields": [{"name": "event_id", "type": "string"}]})
+
+
+def _archived_ids(paths: Sequence[Path]) -> set[str]:
+    """The event ids in archive files (every other field is skipped, not decoded)."""
+    ids: set[str] = set()
+    for path in paths:
+        with path.open("rb") as fh:
+            ids.update(str(record["event_id"]) for record in fastavro.reader(fh, reader_schema=_EVENT_ID_ONLY)
+                       if isinstance(record, dict))
+    return ids
+
+
+def _day_ids(client: Client, module: str, day: date) -> set[str]:
+    rows = client.query("SELECT event_id FROM raw_events FINAL WHERE module = %(m)s "
+                        "AND toDate(received_at) = toDate(%(day)s)",
+                        parameters={"m": module.upper(), "day": day.isoformat()}).result_rows
+    return {str(event_id) for (event_id,) in rows}
+
+
 def _export_day(client: Client, module: str, day: date, day_dir: Path, generation: str, max_records: int,
-                result: ExportResult, progress: JobProgress) -> list[Path]:
+                result: ExportResult, progress: JobProgress, *, only: set[str] | None = None) -> list[Path]:
+    """Write the day's events (those in `only`, if given) as files of generation `generation`."""
     written: list[Path] = []
     after: tuple[str, str] | None = None
     chunk = 0
@@ -364,24 +389,29 @@ def _export_day(client: Client, module: str, day: date, day_dir: Path, generatio
                         **({"at": after[0], "id": after[1]} if after else {})}).result_rows
         if not rows:
             return written
-        part = _PartFile(day_dir, f"part-clickhouse-g{generation}-{chunk:04d}",
-                         {"ocpi.source": "clickhouse", "ocpi.module": module, "ocpi.day": day.isoformat()})
-        try:
-            for row in rows:
-                try:
-                    part.write(record_from_row(row))
-                except (AvroCodecError, OcpiJsonError, OcpiValidationError) as exc:
-                    result.undecodable += 1
-                    log.warning("raw event %s cannot be rebuilt as an OcpiEvent, not archived: %s", row[0], exc)
-            written.append(part.commit(f"part-clickhouse-g{generation}-{chunk:04d}.avro"))
-        except BaseException:
-            part.discard()
-            raise
-        result.records[module] += part.count
+        wanted = rows if only is None else [row for row in rows if str(row[0]) in only]
+        if wanted:
+            part = _PartFile(day_dir, f"part-clickhouse-g{generation}-{chunk:04d}",
+                             {"ocpi.source": "clickhouse", "ocpi.module": module, "ocpi.day": day.isoformat()})
+            try:
+                for row in wanted:
+                    try:
+                        part.write(record_from_row(row))
+                    except (AvroCodecError, OcpiJsonError, OcpiValidationError) as exc:
+                        result.undecodable += 1
+                        log.warning("raw event %s cannot be rebuilt as an OcpiEvent, not archived: %s", row[0], exc)
+                if part.count:
+                    written.append(part.commit(f"part-clickhouse-g{generation}-{chunk:04d}.avro"))
+                    chunk += 1
+                else:
+                    part.discard()
+            except BaseException:
+                part.discard()
+                raise
+            result.records[module] += part.count
         progress.advance(len(rows))
         last_at: datetime = rows[-1][RAW_COLUMNS.index("received_at")]
         after = (last_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), str(rows[-1][0]))
-        chunk += 1
 
 
 # --- reading --------------------------------------------------------------------------------------------------

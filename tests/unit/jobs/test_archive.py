@@ -114,12 +114,42 @@ def test_clickhouse_export_round_trips_events_and_reruns_idempotently(store: tup
                        module="sessions", level="SESSION", operation="PUT", received_at=DAY1.replace(hour=9))
     insert(client, [later])
     third = export_from_clickhouse(settings, client, root, ("sessions",), max_records=1)
-    assert third.skipped_days == 1 and third.records == {"sessions": 2}
+    assert third.skipped_days == 1 and third.records == {"sessions": 1}  # only the event not archived yet
     day1 = sorted((root / "sessions" / DAY1.date().isoformat()).iterdir())
-    assert [p.name.rsplit("-", 1)[1] for p in day1] == ["0000.avro", "0001.avro"]  # a new generation, 1 per file
-    assert not files[1].exists()  # the previous generation is gone once the new one is complete
-    assert [event_of(r).object_id for p in day1 for r in read_archive_file(p)] == ["101", "102"]
+    assert len(day1) == 2 and files[1] in day1  # a new generation beside the previous one, which stays
+    assert sorted(event_of(r).object_id for p in day1 for r in read_archive_file(p)) == ["101", "102"]
     assert sum(count_records(p) for p in day1) == 2
+
+
+def test_clickhouse_export_never_drops_archived_events_when_a_day_shrinks(store: tuple[Client, str],
+                                                                         settings_for: Any, tmp_path: Path) -> None:
+    client, _database = store
+    events = [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                         module="sessions", level="SESSION", operation="PUT", received_at=DAY1.replace(hour=8 + i))
+              for i in range(3)]
+    insert(client, events)
+    root = tmp_path / "archive"
+    settings = settings_for()
+
+    def archived() -> list[str]:
+        return sorted(event_of(r).object_id for f in archive_files(root) for r in read_archive_file(f))
+
+    export_from_clickhouse(settings, client, root, ("sessions",))
+    files = archive_files(root)
+    assert archived() == ["S0", "S1", "S2"]
+    # raw_events' TTL removes the day's earliest rows first: ClickHouse now holds fewer events than the archive.
+    client.command("ALTER TABLE raw_events DELETE WHERE object_id = 'S0' SETTINGS mutations_sync = 1")
+    shrunk = export_from_clickhouse(settings, client, root, ("sessions",))
+    assert shrunk.skipped_days == 1 and shrunk.files == [] and archive_files(root) == files
+    assert archived() == ["S0", "S1", "S2"]
+    # Shrunk by one and grown by one (a late event of that day): the same count, but one event is new.
+    late = make_event(example("session_example_2_short_finished.json", id="S3"), Session, "Session",
+                      module="sessions", level="SESSION", operation="PUT", received_at=DAY1.replace(hour=20))
+    insert(client, [late])
+    grown = export_from_clickhouse(settings, client, root, ("sessions",))
+    assert grown.records == {"sessions": 1} and len(grown.files) == 1
+    assert set(files) < set(archive_files(root))
+    assert archived() == ["S0", "S1", "S2", "S3"]
 
 
 def test_an_archive_of_an_earlier_schema_revision_is_read_with_the_current_one(tmp_path: Path) -> None:
