@@ -20,7 +20,9 @@ position reached, saved after each batch the broker acknowledged (`<job>.sent` l
 job id is derived from the command's selection (or given with `--job`), so after Ctrl-C the same command
 resumes where it stopped: the batch in flight is finished and recorded before the job stops, so nothing is sent
 twice. After a crash (no chance to finish the batch) that batch is sent again, which the pipeline's
-deduplication makes harmless. A finished job is not repeated unless asked (`again=True`, `--again`).
+deduplication makes harmless. A finished job is not repeated unless asked (`again=True`, `--again`). An archive
+job whose planned files are gone when it resumes (replaced by a later export) plans again from the files there
+now; the ids logged as sent keep it from sending an event twice.
 """
 
 from __future__ import annotations
@@ -342,13 +344,22 @@ async def replay_archive(settings: Settings, bootstrap: str, root: Path, selecti
     if report.status == "already-done":
         return report
     if state is None:
-        files = archive_files(root, selection.modules, since=selection.since, until=selection.until)
         state = {"job": name, "kind": "replay", "spec": spec, "status": "running", "started_at": iso(_now()),
-                 "files": [{"path": str(f.relative_to(root)), "module": f.relative_to(root).parts[0],
-                            "records": count_records(f), "next": 0} for f in files]}
+                 "files": _plan_archive(root, selection, [])}
     else:
         report.status = "resumed-done"
         _restore(report, state)
+        gone = [e["path"] for e in state["files"] if e["next"] < e["records"] and not (root / e["path"]).is_file()]
+        if gone:
+            # The archive changed under the interrupted job (files of an earlier export replaced): plan again
+            # from the files there now. Files are never rewritten under their name, so positions in the ones
+            # still there hold, and the ids logged as sent keep every event this job sent from going twice.
+            if not _sent_log(settings, name).exists() and report.sent:
+                raise JobError(f"archive files of job {name} are gone ({', '.join(gone[:3])}) and its log of the "
+                               f"event ids it sent is missing; rerun with a new --job name to replay everything")
+            log.warning("archive files of job %s are gone (%s); planning again from the files in %s", name,
+                        ", ".join(gone[:3]), root)
+            state["files"] = _plan_archive(root, selection, state["files"])
     entries = state["files"]
     report.lines = [PlanLine(e["module"], e["path"], e["records"]) for e in entries]
     todo = [e for e in entries if e["next"] < e["records"]]
@@ -384,6 +395,17 @@ async def replay_archive(settings: Settings, bootstrap: str, root: Path, selecti
     checkpoint.save(state)
     run.finish()
     return report
+
+
+def _plan_archive(root: Path, selection: Selection, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per archive file the selection picks, keeping the position of files `earlier` planned."""
+    positions = {e["path"]: e for e in earlier}
+    files = []
+    for f in archive_files(root, selection.modules, since=selection.since, until=selection.until):
+        path = str(f.relative_to(root))
+        files.append(positions.get(path) or {"path": path, "module": f.relative_to(root).parts[0],
+                                             "records": count_records(f), "next": 0})
+    return files
 
 
 def _archive_events(root: Path, entry: dict[str, Any],

@@ -1,5 +1,5 @@
-"""Archive files: ClickHouse export (idempotent, generations), reading back with the current schema, and
-archives written by an earlier schema revision."""
+"""Archive files: ClickHouse export (idempotent, generations), reading back with the current schema, archives
+written by an earlier schema revision, and resuming an archive replay whose files changed."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from pipeline.jobs.archive import (
     export_from_clickhouse,
     read_archive_file,
 )
+from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, read_ranges, topic_partitions
+from pipeline.jobs.replay import Selection, replay_archive
 from tests.conftest import EXAMPLES, unique
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -185,3 +187,41 @@ def test_archive_files_are_ordered_and_filtered_by_day(tmp_path: Path) -> None:
                      "cdrs/2024-05-02/part-b.avro"]
     since, until = datetime(2024, 5, 2, 12, tzinfo=UTC), datetime(2024, 5, 2, 13, tzinfo=UTC)
     assert [p.name for p in archive_files(tmp_path, ("cdrs",), since=since, until=until)] == ["part-b.avro"]
+
+
+class _Stop(Exception):
+    pass
+
+
+async def test_an_interrupted_archive_replay_resumes_after_its_files_were_replaced(
+        store: tuple[Client, str], settings_for: Any, tmp_path: Path, broker: str) -> None:
+    client, _database = store
+    events = [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                         module="sessions", level="SESSION", operation="PUT", received_at=DAY1.replace(minute=i))
+              for i in range(3)]
+    insert(client, events[:2])
+    root = tmp_path / "archive"
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    export_from_clickhouse(settings, client, root, ("sessions",), max_records=1)
+    _first, second = archive_files(root)
+
+    def interrupt(_report: Any) -> None:
+        raise _Stop
+
+    selection = Selection(modules=("sessions",))
+    with pytest.raises(_Stop):  # after the first file's batch was acknowledged and checkpointed
+        await replay_archive(settings, broker, root, selection, on_batch=interrupt)
+    # An export of an earlier version replaced a day's files by a new generation (here: renamed), and a later
+    # one added a late event.
+    second.rename(second.with_name("part-clickhouse-g9-0000.avro"))
+    insert(client, events[2:])
+    export_from_clickhouse(settings, client, root, ("sessions",))
+    report = await replay_archive(settings, broker, root, selection)
+    assert report.status == "resumed-done" and report.sent == 3
+    tps = await topic_partitions(broker, [settings.kafka.topic_sessions])
+    bounds = await offset_bounds(settings.kafka, broker, tps)
+    sent = [decode_event(r.value) for _r, records in
+            [batch async for batch in read_ranges(broker, [PartitionRange(tp.topic, tp.partition, b, e)
+                                                           for tp, (b, e) in bounds.items()])] for r in records]
+    assert sorted(e.object_id for e in sent) == ["S0", "S1", "S2"]  # each once
+    assert {e.source for e in sent} == {"REPLAY"}
