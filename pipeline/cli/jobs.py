@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -219,7 +220,8 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
 @click.option("--restart", is_flag=True, help="Abandon an interrupted crawl instead of resuming it.")
 @click.option("--max-attempts", default=8, show_default=True, help="Attempts per page on 429/503/3xxx.")
 @click.option("--schedule", type=float, metavar="SECONDS",
-              help="Pull again every SECONDS (plus a random splay) until Ctrl-C or SIGTERM.")
+              help="Pull again every SECONDS (plus a random splay) until Ctrl-C or SIGTERM; each round after the "
+              "first continues where the last completed pull ended (--since counts until one has completed).")
 @click.option("--splay", type=float, metavar="SECONDS", help="Random extra delay per round (default: 10% of "
               "--schedule).")
 def pull(partner: str, module: str, since: str | None, until: str | None, limit: int, restart: bool,
@@ -235,7 +237,7 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
       ocpi-pipeline pull --partner cpo-nl --module sessions --schedule 3600
     """
     from pipeline.jobs.kafka_io import JobProducer
-    from pipeline.jobs.pull import RetryPolicy, pull_every
+    from pipeline.jobs.pull import RetryPolicy, pull_every, round_since
     from pipeline.jobs.pull import pull as pull_once
     from receivers.registry import PartnerRegistry, RegistryError
 
@@ -246,7 +248,7 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
         raise click.UsageError("--schedule pulls up to now every round; it takes no --until")
     console = Console()
 
-    async def once(progress: RichProgress) -> Any:
+    async def once(progress: RichProgress, start: datetime | None) -> Any:
         try:
             client = await asyncio.to_thread(connect_for, settings)
             try:
@@ -268,7 +270,7 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
     hint = "run the same command again to resume from its checkpoint"
     if schedule is None:
         with RichProgress() as progress:
-            report = _run(once(progress), hint)
+            report = _run(once(progress, start), hint)
         show(report)
         return
 
@@ -278,9 +280,14 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
+        rounds = 0
+
         async def round_() -> Any:
+            nonlocal rounds
+            rounds += 1
+            since_now = round_since(settings, partner, module, start, first=rounds == 1)
             with RichProgress() as progress:
-                report = await once(progress)
+                report = await once(progress, since_now)
             show(report)
             return report
 

@@ -299,6 +299,17 @@ def _checkpoint(settings: Settings, partner_id: str, module: str) -> Checkpoint:
     return Checkpoint(jobs_dir(settings, "pull") / f"{partner_id}.{module}.json")
 
 
+def round_since(settings: Settings, partner_id: str, module: str, since: datetime | None, *,
+                first: bool) -> datetime | None:
+    """The date_from to ask for in one round of a scheduled pull: `since` in the first round, and in a later
+    one only while no pull of this partner and module has completed. After that a round continues where the
+    last completed pull ended: `since` every round would crawl the whole window again each time."""
+    if first or since is None:
+        return since
+    state = _checkpoint(settings, partner_id, module).load() or {}
+    return since if state.get("completed_until") is None else None
+
+
 def rejected_path(settings: Settings, partner_id: str, module: str) -> Path:
     return jobs_dir(settings, "pull") / f"{partner_id}.{module}.rejected.jsonl"
 

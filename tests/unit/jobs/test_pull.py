@@ -18,7 +18,15 @@ from ocpi.canonical import content_hash
 from ocpi.decode import decode
 from ocpi.model import Endpoint, InterfaceRole, Session
 from pipeline.jobs.common import Checkpoint, jobs_dir
-from pipeline.jobs.pull import PullError, RetryPolicy, pull, pull_every, rejected_path, retry_after_seconds
+from pipeline.jobs.pull import (
+    PullError,
+    RetryPolicy,
+    pull,
+    pull_every,
+    rejected_path,
+    retry_after_seconds,
+    round_since,
+)
 from receivers.registry import Partner, PartnerStatus, credentials_role
 from tests.unit.jobs.fake_sender import Failure, FakeSender, hours_ago, parse, session, stamp
 
@@ -269,3 +277,38 @@ async def test_schedule_cancels_a_round_in_progress_on_stop() -> None:
 
 def test_date_helpers_round_trip() -> None:
     assert parse(stamp(datetime(2024, 5, 1, 12, 0, tzinfo=UTC))) == datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+async def test_scheduled_rounds_continue_where_the_last_completed_pull_ended(settings_for: Any,
+                                                                             fake: FakeSender) -> None:
+    settings = settings_for()
+    partner = partner_for(fake)
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 6)]
+    since = hours_ago(24)
+    sink = ListSink()
+    stop = asyncio.Event()
+    reports: list[Any] = []
+
+    async def round_() -> Any:  # as `pull --since … --schedule …` runs its rounds
+        start = round_since(settings, partner.partner_id, "sessions", since, first=not reports)
+        report = await pull(settings, partner, "sessions", sink, since=start)
+        reports.append(report)
+        if len(reports) == 3:
+            stop.set()
+        return report
+
+    await pull_every(0.01, 0.0, round_, stop)
+    assert [r.since for r in reports] == [since, reports[0].until, reports[1].until]
+    assert [r.objects for r in reports] == [5, 0, 0]  # nothing crawled again
+    assert len(sink.records) == 5
+
+
+async def test_scheduled_rounds_keep_since_until_a_pull_completed(settings_for: Any, fake: FakeSender) -> None:
+    settings = settings_for()
+    since = hours_ago(24)
+    assert round_since(settings, "cpo-be", "sessions", since, first=True) == since
+    assert round_since(settings, "cpo-be", "sessions", since, first=False) == since  # none completed yet
+    fake.objects["sessions"] = [session(1, hours_ago(3))]
+    await pull(settings, partner_for(fake), "sessions", ListSink(), since=since)
+    assert round_since(settings, "cpo-be", "sessions", since, first=True) == since  # asked for: crawled again
+    assert round_since(settings, "cpo-be", "sessions", since, first=False) is None
