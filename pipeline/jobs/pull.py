@@ -12,10 +12,11 @@ The crawl (04 §4.2):
 - When `X-Total-Count` drops (objects updated mid-crawl leave the date_to window, shifting the ones after
   them down), the page is read again from `offset` − drop (04 §4.2's "offset − 1" for a drop of one), so no
   object is skipped; the objects read twice are deduplicated by the pipeline.
-- HTTP 429 and 503 (and other 5xx, timeouts, refused connections) and OCPI 3xxx answers are retried with
-  exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is waited out first. Other
-  errors stop the crawl (2xxx: our request is wrong; 401: the partner refused our token). Redirects are never
-  followed: they could drop the Authorization header or hand it to another host.
+- HTTP 429 and 503 (and other 5xx, timeouts, refused connections, bodies that do not decompress) and OCPI
+  3xxx answers are retried with exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is
+  waited out first. Other errors stop the crawl (2xxx: our request is wrong; 401: the partner refused our
+  token; a next link that is no URL). Redirects are never followed: they could drop the Authorization header
+  or hand it to another host.
 - Each list is decoded element by element (`ocpi.decode.decode_list`, with the partner's compatibility
   profile): invalid objects are logged and recorded, the valid ones are processed (04 §4.1). Objects whose
   owner is not one of the partner's roles are recorded and skipped (04 §6.3), unless the partner is a Hub.
@@ -229,6 +230,10 @@ class _Crawler:
 
     async def fetch(self, url: str) -> _Page:
         """GET one page, retrying what is transient (see the module docstring)."""
+        try:
+            httpx.Request("GET", url)  # a URL httpx cannot request (a partner's next link): no retry helps
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise PullError(f"GET {url}: not a usable URL ({exc})") from None
         last = ""
         for attempt in range(self.retry.max_attempts):
             request_id = str(uuid.uuid4())
@@ -237,7 +242,7 @@ class _Crawler:
                 response, body = await self._get(url, request_id)
             except httpx.TimeoutException:
                 last = "no answer within the timeout"
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # refused, reset, a body that does not decompress (DecodingError) ...
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 page_or_reason = self._page(url, request_id, response, body)
@@ -284,12 +289,16 @@ class _Crawler:
             return f"HTTP {status}, OCPI {code} {message}".rstrip()
         if not 1000 <= code < 2000 or status >= 300:
             raise PullError(f"GET {url}: HTTP {status}, OCPI status {code}: {message or 'no message'}")
-        links = response.links.get("next")
+        try:
+            links = response.links.get("next")
+            next_url = urljoin(url, links["url"]) if links else None
+        except ValueError as exc:  # urljoin of a malformed URL (an unclosed IPv6 bracket ...)
+            raise PullError(f"GET {url}: the Link header's next URL is not a URL ({exc}): "
+                            f"{response.headers.get('link')!r}") from None
         total = response.headers.get("x-total-count")
         x_limit = response.headers.get("x-limit")
         data = bytes(envelope.data)
-        return _Page(url=url, data=b"[]" if data == b"null" else data,
-                     next_url=urljoin(url, links["url"]) if links else None,
+        return _Page(url=url, data=b"[]" if data == b"null" else data, next_url=next_url,
                      total=int(total) if total and total.isdigit() else None,
                      x_limit=int(x_limit) if x_limit and x_limit.isdigit() else None, request_id=request_id,
                      from_party=_party(response.headers, "from"), to_party=_party(response.headers, "to"))

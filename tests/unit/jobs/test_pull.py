@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime as http_date
 from typing import Any
 
+import httpx
 import pytest
 
 from infra.codec import DecodedEvent, decode_event
@@ -312,3 +313,49 @@ async def test_scheduled_rounds_keep_since_until_a_pull_completed(settings_for: 
     await pull(settings, partner_for(fake), "sessions", ListSink(), since=since)
     assert round_since(settings, "cpo-be", "sessions", since, first=True) == since  # asked for: crawled again
     assert round_since(settings, "cpo-be", "sessions", since, first=False) is None
+
+
+def _mock_partner() -> Partner:
+    now = datetime.now(UTC)
+    return Partner(partner_id="cpo-be", name="CPO BE", status=PartnerStatus.REGISTERED,
+                   roles=[credentials_role(country_code="BE", party_id="BEC", role="CPO")],
+                   outbound_token="tok", created_at=now, updated_at=now,
+                   endpoints=[Endpoint(identifier="sessions", role=InterfaceRole.SENDER,
+                                       url="http://cpo.example/ocpi/cpo/2.2.1/sessions")])
+
+
+def _envelope(data: Any) -> bytes:
+    return json.dumps({"status_code": 1000, "timestamp": "2024-01-01T00:00:00Z", "data": data}).encode()
+
+
+async def test_a_body_that_does_not_decompress_is_retried(settings_for: Any) -> None:
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=b"this is not gzip")
+        return httpx.Response(200, content=_envelope([session(1, hours_ago(2))]))
+
+    sink, sleeps = ListSink(), Sleeps()
+    report = await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24),
+                        transport=httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=3), sleep=sleeps)
+    assert (report.objects, report.retries, len(calls), len(sleeps.delays)) == (1, 1, 2, 1)
+
+    def corrupt(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=b"this is not gzip")
+
+    with pytest.raises(PullError, match="gave up after 2 attempts; last: DecodingError"):
+        await pull(settings_for(), _mock_partner(), "sessions", ListSink(), since=hours_ago(24),
+                   transport=httpx.MockTransport(corrupt), retry=RetryPolicy(max_attempts=2), sleep=Sleeps())
+
+
+@pytest.mark.parametrize("link", ['<http://[::1/bad>; rel="next"', '<http://xn--/x>; rel="next"'])
+async def test_a_next_link_that_is_no_url_stops_the_pull_cleanly(settings_for: Any, link: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Link": link}, content=_envelope([session(1, hours_ago(2))]))
+
+    settings = settings_for()
+    with pytest.raises(PullError, match="not a"):
+        await pull(settings, _mock_partner(), "sessions", ListSink(), since=hours_ago(24),
+                   transport=httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=2), sleep=Sleeps())
