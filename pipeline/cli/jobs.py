@@ -17,7 +17,7 @@ from rich.table import Table
 from infra.clickhouse.client import ClickHouseUnavailable, connect_for
 from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
 from infra.settings import Settings, load_settings
-from pipeline.jobs.common import MODULES, JobError, RichProgress, check_modules, parse_time
+from pipeline.jobs.common import MODULES, JobError, RichProgress, check_modules, parse_time, relative_text
 from pipeline.jobs.pull import KINDS
 
 T = TypeVar("T")
@@ -97,7 +97,8 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
         return
     try:
         selection = Selection(modules=check_modules(modules), partner=partner, since=_time(since),
-                              until=_time(until), partition=partition, from_offset=from_offset, to_offset=to_offset)
+                              until=_time(until), partition=partition, from_offset=from_offset, to_offset=to_offset,
+                              relative=(relative_text(since), relative_text(until)))
     except JobError as exc:
         raise click.UsageError(str(exc)) from None
     if archive is not None and selection.by_offset:
@@ -259,6 +260,8 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
             raise JobError(str(exc)) from None
         async with JobProducer(settings.kafka, bootstrap) as producer:
             return await pull_once(settings, found, module, producer, since=start, until=end, limit=limit,
+                                   relative=(relative_text(since) if start is not None else None,
+                                             relative_text(until)),
                                    restart=restart, retry=RetryPolicy(max_attempts=max_attempts), progress=progress)
 
     def show(report: Any) -> None:

@@ -100,6 +100,18 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
+def relative_text(text: str | None) -> str | None:
+    """A time argument as typed when it is a duration back from now (`6h`), else None.
+
+    A job's spec (so its id, and whether a rerun resumes it) names such an argument by this text: the instant
+    it resolves to moves with every run. The job keeps the instant it resolved to when it started.
+    """
+    if text is None:
+        return None
+    text = text.strip()
+    return text if _RELATIVE.match(text) else None
+
+
 def iso(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat() if moment is not None else None
 

@@ -325,10 +325,14 @@ def rejected_path(settings: Settings, partner_id: str, module: str) -> Path:
 
 async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSink, *,
                since: datetime | None = None, until: datetime | None = None, limit: int = 100,
-               restart: bool = False, retry: RetryPolicy | None = None, progress: JobProgress | None = None,
+               relative: tuple[str | None, str | None] = (None, None), restart: bool = False,
+               retry: RetryPolicy | None = None, progress: JobProgress | None = None,
                transport: httpx.AsyncBaseTransport | None = None,
                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> PullReport:
-    """Crawl `partner`'s `module` Sender list once (or resume the interrupted crawl); see the module docstring."""
+    """Crawl `partner`'s `module` Sender list once (or resume the interrupted crawl); see the module docstring.
+
+    `relative`: `since`/`until` as typed when they are durations back from now (`common.relative_text`); the
+    same text resumes an interrupted crawl, whose window stays the one they resolved to when it started."""
     kind = KINDS.get(module)
     if kind is None:
         raise PullError(f"module {module!r} cannot be pulled; use one of {', '.join(KINDS)}")
@@ -343,8 +347,9 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
     state = checkpoint.load() or {"partner": partner.partner_id, "module": module, "completed_until": None,
                                   "crawl": None, "runs": []}
     crawl = state.get("crawl")
-    wanted = (iso(since) if since else None, iso(until) if until else None)
-    if crawl and not restart and wanted[0] in (None, crawl["since"]) and wanted[1] in (None, crawl["until"]):
+    wanted = (relative[0] or iso(since), relative[1] or iso(until))
+    asked = (crawl.get("asked") or [crawl["since"], crawl["until"]]) if crawl else [None, None]
+    if crawl and not restart and wanted[0] in (None, asked[0]) and wanted[1] in (None, asked[1]):
         resumed = True
     else:
         if crawl:
@@ -359,8 +364,8 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
             raise PullError(f"nothing to pull: the window starts at {iso(start)}, not before {iso(end)}")
         first = with_query(endpoint.url, date_from=format_datetime(start) if start else None,
                            date_to=format_datetime(end), offset=0, limit=limit)
-        crawl = {"since": iso(start), "until": iso(end), "next_url": first, "limit": limit, "x_limit": None,
-                 "total": None, "pages": 0, "objects": 0, "correlation_id": str(uuid.uuid4()),
+        crawl = {"since": iso(start), "until": iso(end), "asked": list(wanted), "next_url": first, "limit": limit,
+                 "x_limit": None, "total": None, "pages": 0, "objects": 0, "correlation_id": str(uuid.uuid4()),
                  "started_at": iso(datetime.now(UTC))}
         state["crawl"] = crawl
         checkpoint.save(state)

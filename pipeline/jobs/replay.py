@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ from pipeline.jobs.common import (
     JobError,
     JobProgress,
     NoProgress,
+    from_iso,
     iso,
     job_id,
     jobs_dir,
@@ -79,6 +81,9 @@ class Selection:
     partition: int | None = None
     from_offset: int | None = None
     to_offset: int | None = None
+    # --since/--until as typed when they are durations back from now (`common.relative_text`): the job's spec
+    # names them so, and a resumed job goes on with the instants it resolved them to when it started.
+    relative: tuple[str | None, str | None] = (None, None)
 
     def __post_init__(self) -> None:
         if self.since and self.until and self.since >= self.until:
@@ -98,9 +103,19 @@ class Selection:
         return self.until is None or event.received_at < self.until
 
     def spec(self) -> dict[str, Any]:
-        return {"modules": list(self.modules), "partner": self.partner, "since": iso(self.since),
-                "until": iso(self.until), "partition": self.partition, "from_offset": self.from_offset,
-                "to_offset": self.to_offset}
+        return {"modules": list(self.modules), "partner": self.partner, "since": self.relative[0] or iso(self.since),
+                "until": self.relative[1] or iso(self.until), "partition": self.partition,
+                "from_offset": self.from_offset, "to_offset": self.to_offset}
+
+    def as_planned(self, state: dict[str, Any]) -> Selection:
+        """This selection with the instants a resumed job resolved its time range to when it was planned."""
+        resolved = state.get("resolved")
+        if not resolved:
+            return self
+        return dataclasses.replace(self, since=from_iso(resolved["since"]), until=from_iso(resolved["until"]))
+
+    def resolved(self) -> dict[str, str | None]:
+        return {"since": iso(self.since), "until": iso(self.until)}
 
 
 @dataclass
@@ -260,9 +275,11 @@ async def replay_kafka(settings: Settings, bootstrap: str, selection: Selection,
     if state is None:
         planned = await plan_kafka(settings, bootstrap, selection)
         state = {"job": name, "kind": "replay", "spec": spec, "status": "running", "started_at": iso(_now()),
+                 "resolved": selection.resolved(),
                  "ranges": [{**r.as_json(), "module": m, "next": r.start} for m, r in planned]}
     else:
         report.status = "resumed-done"
+        selection = selection.as_planned(state)
         _restore(report, state)
     ranges = state["ranges"]
     report.lines = [PlanLine(r["module"], f"{r['topic']}/{r['partition']} offsets {r['start']}-{r['stop'] - 1}"
@@ -345,9 +362,10 @@ async def replay_archive(settings: Settings, bootstrap: str, root: Path, selecti
         return report
     if state is None:
         state = {"job": name, "kind": "replay", "spec": spec, "status": "running", "started_at": iso(_now()),
-                 "files": _plan_archive(root, selection, [])}
+                 "resolved": selection.resolved(), "files": _plan_archive(root, selection, [])}
     else:
         report.status = "resumed-done"
+        selection = selection.as_planned(state)
         _restore(report, state)
         gone = [e["path"] for e in state["files"] if e["next"] < e["records"] and not (root / e["path"]).is_file()]
         if gone:

@@ -31,6 +31,7 @@ from pipeline.jobs.archive import (
     export_from_clickhouse,
     read_archive_file,
 )
+from pipeline.jobs.common import parse_time
 from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, read_ranges, topic_partitions
 from pipeline.jobs.replay import Selection, replay_archive
 from tests.conftest import EXAMPLES, unique
@@ -225,3 +226,29 @@ async def test_an_interrupted_archive_replay_resumes_after_its_files_were_replac
                                                            for tp, (b, e) in bounds.items()])] for r in records]
     assert sorted(e.object_id for e in sent) == ["S0", "S1", "S2"]  # each once
     assert {e.source for e in sent} == {"REPLAY"}
+
+
+async def test_an_archive_replay_since_a_duration_resumes_when_run_again(
+        store: tuple[Client, str], settings_for: Any, tmp_path: Path, broker: str) -> None:
+    client, _database = store
+    recent = datetime.now(UTC) - timedelta(hours=1)
+    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"R{i}"), Session, "Session",
+                               module="sessions", level="SESSION", operation="PUT",
+                               received_at=recent + timedelta(minutes=i)) for i in range(2)])
+    root = tmp_path / "archive"
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    export_from_clickhouse(settings, client, root, ("sessions",), max_records=1)
+
+    def selection() -> Selection:  # what `replay --from-archive … --module sessions --since 3h` builds
+        return Selection(modules=("sessions",), since=parse_time("3h"), relative=("3h", None))
+
+    def interrupt(_report: Any) -> None:
+        raise _Stop
+
+    first = selection()
+    with pytest.raises(_Stop):
+        await replay_archive(settings, broker, root, first, on_batch=interrupt)
+    report = await replay_archive(settings, broker, root, selection())  # a moment later: `3h` moved
+    assert report.status == "resumed-done" and report.sent == 2
+    again = await replay_archive(settings, broker, root, selection())
+    assert again.status == "already-done"

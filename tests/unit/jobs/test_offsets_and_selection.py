@@ -16,7 +16,7 @@ from infra.kafka.compat import search_offset_for_time
 from ocpi.decode import decode
 from ocpi.identity import ObjectKey
 from ocpi.model import Session
-from pipeline.jobs.common import Checkpoint, JobError, check_modules, job_id, parse_time
+from pipeline.jobs.common import MODULES, Checkpoint, JobError, check_modules, job_id, parse_time, relative_text
 from pipeline.jobs.replay import ReplayReport, Selection, _Run
 from tests.conftest import EXAMPLES
 
@@ -73,6 +73,27 @@ def test_checkpoint_is_replaced_atomically_and_job_ids_are_stable(tmp_path: Path
         checkpoint.load()
     assert job_id("replay", {"a": 1, "b": [2]}) == job_id("replay", {"b": [2], "a": 1})
     assert job_id("replay", {"a": 1}) != job_id("replay", {"a": 2})
+
+
+def test_a_relative_time_names_the_same_job_on_every_run() -> None:
+    earlier, later = datetime(2024, 5, 10, 12, 0, tzinfo=UTC), datetime(2024, 5, 10, 12, 5, tzinfo=UTC)
+    assert relative_text(" 6h ") == "6h" and relative_text("2024-05-01") is None and relative_text(None) is None
+
+    def spec(now: datetime, since: str, until: str | None = None) -> dict[str, Any]:
+        selection = Selection(modules=MODULES, partner="cpo-nl", since=parse_time(since, now=now),
+                              until=parse_time(until, now=now) if until else None,
+                              relative=(relative_text(since), relative_text(until)))
+        return {"source": "kafka", **selection.spec()}
+
+    assert job_id("replay", spec(earlier, "6h")) == job_id("replay", spec(later, "6h"))
+    assert job_id("replay", spec(earlier, "6h")) != job_id("replay", spec(earlier, "5h"))
+    assert spec(earlier, "2024-05-01", "1h")["since"] == "2024-05-01T00:00:00+00:00"  # as before: same job ids
+    assert spec(earlier, "2024-05-01", "1h")["until"] == "1h"
+    # A resumed job goes on with the instants its time range resolved to when it was planned.
+    planned = Selection(modules=MODULES, since=parse_time("6h", now=earlier), relative=("6h", None))
+    rerun = Selection(modules=MODULES, since=parse_time("6h", now=later), relative=("6h", None))
+    assert rerun.as_planned({"resolved": planned.resolved()}) == planned
+    assert rerun.as_planned({}) == rerun  # a checkpoint of an earlier version: its spec holds the instants
 
 
 def test_modules_default_to_all_in_a_fixed_order() -> None:

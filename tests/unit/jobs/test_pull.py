@@ -18,7 +18,7 @@ from infra.codec import DecodedEvent, decode_event
 from ocpi.canonical import content_hash
 from ocpi.decode import decode
 from ocpi.model import Endpoint, InterfaceRole, Session
-from pipeline.jobs.common import Checkpoint, jobs_dir
+from pipeline.jobs.common import Checkpoint, jobs_dir, parse_time
 from pipeline.jobs.pull import (
     PullError,
     RetryPolicy,
@@ -359,3 +359,25 @@ async def test_a_next_link_that_is_no_url_stops_the_pull_cleanly(settings_for: A
     with pytest.raises(PullError, match="not a"):
         await pull(settings, _mock_partner(), "sessions", ListSink(), since=hours_ago(24),
                    transport=httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=2), sleep=Sleeps())
+
+
+async def test_the_same_relative_since_resumes_an_interrupted_crawl(settings_for: Any, fake: FakeSender) -> None:
+    settings = settings_for()
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 6)]
+    failing = ListSink(fail_on=2)
+    with pytest.raises(RuntimeError, match="broker down"):  # `pull --since 1d`, the broker fails on page 2
+        await pull(settings, partner_for(fake), "sessions", failing, since=parse_time("1d"), relative=("1d", None))
+    first_window = fake.seen[0].query["date_from"]
+    await asyncio.sleep(0.01)  # `1d` is a moment later now
+    sink = ListSink()
+    report = await pull(settings, partner_for(fake), "sessions", sink, since=parse_time("1d"), relative=("1d", None))
+    assert report.resumed and ids(failing) + ids(sink) == ["S0001", "S0002", "S0003", "S0004", "S0005"]
+    assert all(s.query["date_from"] == first_window for s in fake.seen)  # the window it started with
+
+    await pull(settings, partner_for(fake), "sessions", ListSink(), since=parse_time("1d"), relative=("1d", None))
+    other = ListSink(fail_on=1)
+    with pytest.raises(RuntimeError, match="broker down"):
+        await pull(settings, partner_for(fake), "sessions", other, since=parse_time("1d"), relative=("1d", None))
+    report = await pull(settings, partner_for(fake), "sessions", ListSink(), since=parse_time("2d"),
+                        relative=("2d", None))
+    assert not report.resumed  # another --since: another crawl
