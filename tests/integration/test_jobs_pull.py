@@ -5,13 +5,18 @@ the registry."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
+from infra.settings import as_environ
 from ocpi.model import Endpoint, InterfaceRole
 from pipeline.jobs.common import Checkpoint, jobs_dir
 from pipeline.stack import Stack
@@ -83,3 +88,45 @@ async def test_pull_sessions_and_cdrs_into_clickhouse(stack: Stack, fake: FakeSe
     assert datetime.fromisoformat(state["completed_until"]) <= datetime.now(UTC)
     code, out, err = await run_cli(stack.settings, "pull", "--partner", "nobody", "--module", "cdrs")
     assert code == 1 and "no partner 'nobody'" in err
+
+
+async def test_cli_relative_since_resumes_and_scheduled_rounds_continue(stack: Stack, fake: FakeSender) -> None:
+    assert stack.clickhouse is not None
+    registry = PartnerRegistry(stack.clickhouse)
+    partner, _token = await asyncio.to_thread(registry.register_direct, "cpo-be", "CPO BE",
+                                              [PartyRole(country_code="BE", party_id="BEC", role="CPO")])
+    partner.outbound_token = TOKEN
+    partner.endpoints = [Endpoint(identifier="sessions", role=InterfaceRole.SENDER, url=fake.url("sessions"))]
+    await asyncio.to_thread(registry.save, partner)
+    fake.objects["sessions"] = [session(i, hours_ago(6 - i)) for i in range(1, 4)]
+
+    fake.fail_next(Failure(503, 3000))
+    args = ("pull", "--partner", "cpo-be", "--module", "sessions", "--since", "1d")
+    code, _out, err = await run_cli(stack.settings, *args, "--max-attempts", "1")
+    assert code == 1 and "gave up after 1 attempts" in err
+    code, out, err = await run_cli(stack.settings, *args)  # the same command, a moment later: `1d` moved
+    assert code == 0, err
+    assert "pulled 3 sessions" in out and "(resumed)" in out
+    assert len({s.query["date_from"] for s in fake.seen}) == 1
+
+    fake.seen.clear()
+    env = {**os.environ, **as_environ(stack.settings), "COLUMNS": "200", "OCPI_HTTP_PORT": "8080"}
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "pipeline", *args, "--schedule", "0.3",
+                                                   "--splay", "0", env=env, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while sum(s.query.get("offset") == "0" for s in fake.seen) < 3:
+            assert asyncio.get_running_loop().time() < deadline, "fewer than 3 rounds within 60 s"
+            await asyncio.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        out_b, err_b = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err_b.decode()
+    firsts = [s.query for s in fake.seen if s.query.get("offset") == "0"]
+    # The first round starts at --since; every later one where the one before ended.
+    assert all(later["date_from"] == earlier["date_to"] for earlier, later in pairwise(firsts))
+    assert "pulled 3 sessions" in out_b.decode() and "pulled 0 sessions" in out_b.decode()
