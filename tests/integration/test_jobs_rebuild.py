@@ -56,11 +56,17 @@ async def test_what_the_live_worker_handled_before_the_swap_is_kept(live: tuple[
     _e, written = await publish(settings, stack.bootstrap, "cpo-a",
                                 [("cdrs", cdr(i, now - timedelta(hours=1))) for i in range(1, 4)])
     await wait_pipeline(settings, stack.bootstrap, written)
-    real_swap = rb._swap
+    real_start, real_swap = rb._start_worker, rb._swap
+    workers: list[Any] = []
+
+    def start_worker(*args: Any) -> Any:
+        workers.append(real_start(*args))
+        return workers[-1]
 
     def swap(client_: Client, state: dict[str, Any]) -> list[str]:
-        # The rebuild worker has stopped at its targets: a CDR the live worker handles now went into the tables
-        # about to be swapped out.
+        # The rebuild worker has stopped at its targets (what it wrote after the swap would go into the previous
+        # tables): a CDR the live worker handles now went into the tables about to be swapped out.
+        assert [w.poll() is not None for w in workers] == [True]
         async def arrive() -> None:
             _ev, w = await publish(settings, stack.bootstrap, "cpo-a", [("cdrs", cdr(99, now))])
             await wait_pipeline(settings, stack.bootstrap, w)
@@ -69,11 +75,13 @@ async def test_what_the_live_worker_handled_before_the_swap_is_kept(live: tuple[
         assert "C0099" in cdr_ids(client_, state["database"])
         return real_swap(client_, state)
 
+    monkeypatch.setattr(rb, "_start_worker", start_worker)
     monkeypatch.setattr(rb, "_swap", swap)
     phases: list[str] = []
     report = await rb.rebuild(settings, stack.bootstrap, timeout=180, on_phase=phases.append)
     assert phases == ["building", "swapping", "tail"]
-    assert report.events == 3 and report.tail == 1
+    assert report.events == 3 and report.tail == 1 and len(workers) == 2  # once more after the swap
+    assert all(w.poll() is not None for w in workers)
     await settle(settings, stack.bootstrap)
     assert cdr_ids(client, settings.clickhouse.database) == ["C0001", "C0002", "C0003", "C0099"]
     assert cdr_ids(client, report.old_database) == ["C0001", "C0002", "C0003", "C0099"]  # the previous tables
