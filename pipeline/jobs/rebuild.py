@@ -1,11 +1,12 @@
 """Rebuild: recompute every pipeline table from the Kafka topics into a fresh database, then swap it in.
 
 1. Migrate a fresh database `<database>_rebuild_<stamp>` (same migrations, same schema).
-2. Fix the targets: the end offset of every module topic now.
+2. Fix the targets: the end offset of every source topic now (the module topics and the rejections topic, which
+   the receivers write).
 3. Run the pipeline's own worker (`ocpi-pipeline worker`: the same rules as the live worker, whatever they
    are) as a child process under its own app id (OCPI_PIPELINE_APP_ID) and consumer group
    `ocpi-pipeline-rebuild-<stamp>` (so its own state changelogs) and its own names for the internal topics
-   (every OCPI_TOPIC_* but the module topics, suffixed with the group), writing into the fresh database, until
+   (every OCPI_TOPIC_* but the source topics, suffixed with the group), writing into the fresh database, until
    its committed offsets reach the targets (progress bar on the committed offsets) and it has also consumed
    what it wrote to its internal topics up to then (their end offsets once the targets were reached). Then
    stop it: it commits only what it wrote, so its committed offsets say what the fresh tables hold.
@@ -17,7 +18,7 @@
    interrupted is finished, never undone, on resume.
 5. Close the gap: the live worker kept writing to the old tables while the rebuild worker was behind it. The
    rebuild worker is started again, now writing into the live database (the swapped-in tables), and runs
-   from its committed offsets until it committed the end offsets of the module topics taken after the swap
+   from its committed offsets until it committed the end offsets of the source topics taken after the swap
    (and consumed its internal topics up to then). Everything after those ends reached the live worker after
    the swap, so it wrote it into the swapped-in tables itself.
 6. Stop the rebuild worker and delete its internal and changelog topics. The old tables are left in the
@@ -114,7 +115,7 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
         if state["status"] == "building":
             await asyncio.to_thread(migrate, client, state["rebuild_database"])
             if "targets" not in state:
-                tps = await topic_partitions(bootstrap, [settings.kafka.topic_for(m) for m in MODULES])
+                tps = await topic_partitions(bootstrap, _source_topics(settings))
                 bounds = await offset_bounds(settings.kafka, bootstrap, tps)
                 state["targets"] = [[tp.topic, tp.partition, begin, end] for tp, (begin, end) in bounds.items()]
             checkpoint.save(state)
@@ -139,7 +140,7 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
             report.swapped = await uninterrupted(asyncio.to_thread(_swap, client, state))
             committed = await _committed(bootstrap, state)
             bounds = await offset_bounds(settings.kafka, bootstrap, list(committed))
-            # The gap: [what the fresh tables hold, the module topics' end after the swap). Records the live
+            # The gap: [what the fresh tables hold, the source topics' end after the swap). Records the live
             # worker handled before the swap went into the previous tables; every record after these ends
             # reaches it after the swap, so it writes it into the swapped-in tables itself.
             state["tail"] = [[tp.topic, tp.partition, offset, max(bounds[tp][1], offset)]
@@ -175,15 +176,22 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
         await asyncio.to_thread(client.close)
 
 
-_MODULE_TOPIC_VARS = frozenset({"OCPI_TOPIC_LOCATIONS", "OCPI_TOPIC_SESSIONS", "OCPI_TOPIC_CDRS",
-                                "OCPI_TOPIC_PARTITIONS"})
+# The topics the receivers write (the module topics and the refused pushes): the rebuild reads them as they are,
+# to their targets and through the gap. Renamed, the rejections topic would be empty for the rebuild worker, and
+# its empty `rejections` table would be swapped in, the history left in the old tables.
+_SOURCE_TOPIC_VARS = frozenset({"OCPI_TOPIC_LOCATIONS", "OCPI_TOPIC_SESSIONS", "OCPI_TOPIC_CDRS",
+                                "OCPI_TOPIC_REJECTIONS", "OCPI_TOPIC_PARTITIONS"})
+
+
+def _source_topics(settings: Settings) -> list[str]:
+    return [*(settings.kafka.topic_for(m) for m in MODULES), settings.kafka.topic_rejections]
 
 
 def _internal_topics(settings: Settings, group: str) -> dict[str, str]:
-    """The rebuild worker's own names for the pipeline's internal topics (every OCPI_TOPIC_* but the module
+    """The rebuild worker's own names for the pipeline's internal topics (every OCPI_TOPIC_* but the source
     topics): what it writes there must not reach the live worker."""
     return {var: f"{value}.{group}" for var, value in as_environ(settings).items()
-            if var.startswith("OCPI_TOPIC_") and var not in _MODULE_TOPIC_VARS}
+            if var.startswith("OCPI_TOPIC_") and var not in _SOURCE_TOPIC_VARS}
 
 
 def _consumed_internal_topics(settings: Settings, group: str) -> list[str]:

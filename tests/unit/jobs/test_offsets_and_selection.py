@@ -144,3 +144,17 @@ def test_a_replayed_record_is_the_recorded_event_marked_replay(settings_for: Any
     assert _Run(settings, Selection(modules=("cdrs",)), report).prepare(original) is None
     assert report.filtered == 1
     assert json.loads(json.dumps(report.__dict__, default=str))["sent"] == 0
+
+
+def test_a_rebuild_reads_every_topic_the_receivers_write_as_it_is_and_renames_the_rest() -> None:
+    # Renamed, the rejections topic would be empty for the rebuild worker and its empty table swapped in.
+    from infra.settings import load_settings
+    from pipeline.jobs.rebuild import _internal_topics, _source_topics
+
+    settings = load_settings({})
+    kafka = settings.kafka
+    sources = _source_topics(settings)
+    assert sources == [kafka.topic_locations, kafka.topic_sessions, kafka.topic_cdrs, kafka.topic_rejections]
+    renamed = _internal_topics(settings, "g")
+    assert "OCPI_TOPIC_REJECTIONS" not in renamed and "OCPI_TOPIC_SESSIONS" not in renamed
+    assert renamed["OCPI_TOPIC_PARTY_FACTS"] == f"{settings.pipeline.topic_party_facts}.g"
