@@ -47,15 +47,21 @@ async def settle(settings: Settings, bootstrap: str) -> None:
     await wait_pipeline(settings, bootstrap, ends)
 
 
-async def test_what_the_live_worker_handled_before_the_swap_is_kept(live: tuple[Stack, Settings],
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    stack, settings = live
+async def three_cdrs_handled(stack: Stack, settings: Settings) -> tuple[Client, datetime]:
+    """C0001-C0003 pushed an hour ago and handled by the live worker; the store's client and now."""
     client = stack.clickhouse
     assert client is not None
     now = datetime.now(UTC).replace(microsecond=0)
     _e, written = await publish(settings, stack.bootstrap, "cpo-a",
                                 [("cdrs", cdr(i, now - timedelta(hours=1))) for i in range(1, 4)])
     await wait_pipeline(settings, stack.bootstrap, written)
+    return client, now
+
+
+async def test_what_the_live_worker_handled_before_the_swap_is_kept(live: tuple[Stack, Settings],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    stack, settings = live
+    client, now = await three_cdrs_handled(stack, settings)
     real_start, real_swap = rb._start_worker, rb._swap
     workers: list[Any] = []
 
@@ -91,12 +97,7 @@ async def test_what_the_live_worker_handled_before_the_swap_is_kept(live: tuple[
 
 async def test_a_rebuild_finishes_while_partners_keep_pushing(live: tuple[Stack, Settings]) -> None:
     stack, settings = live
-    client = stack.clickhouse
-    assert client is not None
-    now = datetime.now(UTC).replace(microsecond=0)
-    _e, written = await publish(settings, stack.bootstrap, "cpo-a",
-                                [("cdrs", cdr(i, now - timedelta(hours=1))) for i in range(1, 4)])
-    await wait_pipeline(settings, stack.bootstrap, written)
+    client, now = await three_cdrs_handled(stack, settings)
     pushed = [f"C{i:04d}" for i in range(1, 4)]
 
     async def traffic() -> None:  # a CDR every 0.3 s, the internal topics' ends never stand still for long
