@@ -188,21 +188,6 @@ class Progress:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))
         return f"{self.events} records ({outcomes}), {self.replayed} read again after a restart"
 
-    def caught_up(self, consumer: Any, topics: set[str]) -> bool:
-        """Every assigned partition of `topics` is read up to its high watermark (no backlog here).
-
-        Local only: right for work on this worker's own partitions (the state retention pass), not for the
-        sweeps, which read what every worker wrote (they use `pipeline.backlog.GroupBacklog`)."""
-        for tp in consumer.assignment():
-            if tp.topic not in topics:
-                continue
-            high = consumer.highwater(tp)
-            if high is None:
-                return False
-            if high > 0 and self.done.get((tp.topic, tp.partition), -1) + 1 < high:
-                return False
-        return True
-
 
 @dataclass
 class AgentContext:

@@ -12,7 +12,7 @@ from infra.clickhouse.client import connect, effective_dsn
 from infra.kafka import compat
 from infra.settings import Settings
 from pipeline.agents import BATCH_WITHIN_S, AgentContext, Progress, StateTable, register_agents
-from pipeline.backlog import sweep_backlog
+from pipeline.backlog import state_backlog, sweep_backlog
 from pipeline.delivery import BatchDelivery
 from pipeline.reconcile import Rules
 from pipeline.rejections import register_rejections_agent
@@ -98,7 +98,7 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
     register_agents(context, tables, delivery)
     register_rejections_agent(context, delivery)  # refused pushes → `rejections` (partner health)
     # Session and location state pseudonymised when due; session and CDR state deleted past the billing retention.
-    register_state_retention(context, tables)
+    register_state_retention(context, tables, state_backlog(settings, bootstrap, app_id))
     sweeper = Sweeper(context, sweep_backlog(settings, bootstrap, app_id))
     app.timer(settings.pipeline.sweep_interval_s, name="deadline-sweep")(sweeper.tick)
     return Pipeline(app=app, topics=topics, sink=sink, tables=tables, sweeper=sweeper, context=context)

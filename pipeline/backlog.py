@@ -64,12 +64,13 @@ class GroupBacklog:
     """The guard: reads the group's committed offsets and the topics' true ends (a few small requests a tick)."""
 
     def __init__(self, kafka: KafkaSettings, bootstrap: str, group: str, stages: Sequence[Sequence[str]],
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, *, own_only: bool = False) -> None:
         self.kafka = kafka
         self.bootstrap = bootstrap
         self.group = group
         self.stages = tuple(tuple(topics) for topics in stages)
         self.timeout = timeout
+        self.own_only = own_only  # only this worker's partitions count (`state_backlog`)
 
     @property
     def topics(self) -> set[str]:
@@ -86,7 +87,7 @@ class GroupBacklog:
             return False
         own = {part: offset for part, offset in finished.items() if part in mine}
         try:
-            behind = await asyncio.wait_for(self._behind(own), self.timeout)
+            behind = await asyncio.wait_for(self._behind(own, mine), self.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the broker unreachable, a timeout: not known to be caught up
@@ -98,13 +99,15 @@ class GroupBacklog:
             return False
         return True
 
-    async def _behind(self, own: Mapping[Partition, int]) -> dict[Partition, str]:
+    async def _behind(self, own: Mapping[Partition, int], mine: set[Partition]) -> dict[Partition, str]:
         read = 0
         async with contextlib.aclosing(self.read()) as stages:
             async for ends, committed in stages:
                 read += 1
                 if not ends:
                     return {("?", -1): "no partition"}
+                if self.own_only:
+                    ends = {part: end for part, end in ends.items() if part in mine or part[1] < 0}
                 behind = lag(ends, committed, own)
                 if behind:
                     return behind
@@ -131,6 +134,13 @@ class GroupBacklog:
                 yield ends, {(tp.topic, tp.partition): await consumer.committed(tp) for tp in tps}
         finally:
             await stop_client(consumer)
+
+
+def state_backlog(settings: Settings, bootstrap: str, group: str) -> GroupBacklog:
+    """The guard of the hourly state pass (`pipeline.state_retention`): only this worker's partitions of the module
+    topics, whose events alone change the state it rewrites. Read from the group's committed offsets as well as
+    from what this process finished, so a restarted worker does not wait for a new record on every partition."""
+    return GroupBacklog(settings.kafka, bootstrap, group, [settings.kafka.module_topics], own_only=True)
 
 
 def sweep_backlog(settings: Settings, bootstrap: str, group: str) -> GroupBacklog:

@@ -63,6 +63,7 @@ import msgspec
 from faust.types import TP, TableT
 
 from infra.codec import decode_event, encode_event
+from pipeline.backlog import GroupBacklog
 from pipeline.facts import SessionFact
 from pipeline.records import utc_now
 from pipeline.retention import (
@@ -222,10 +223,10 @@ class StateRetention:
     tables past the billing retention, in this worker's partitions, at most every RETENTION_EVERY, checked at
     every sweep interval (so a worker restarted often still gets to it)."""
 
-    def __init__(self, context: AgentContext, targets: Sequence[StateTarget]) -> None:
+    def __init__(self, context: AgentContext, targets: Sequence[StateTarget], backlog: GroupBacklog) -> None:
         self.context = context
         self.targets = tuple(targets)
-        self.consumed = {t.get_topic_name() for t in context.topics.consumed}
+        self.backlog = backlog  # `pipeline.backlog.state_backlog`: this worker's partitions read to their end
         self.last_run: datetime | None = None
 
     async def tick(self) -> None:
@@ -233,7 +234,7 @@ class StateRetention:
         if self.last_run is not None and now - self.last_run < RETENTION_EVERY:
             return
         try:
-            if not self.ready():
+            if not await self.ready():
                 return
             counts = await self.run(now)
         except asyncio.CancelledError:
@@ -247,13 +248,16 @@ class StateRetention:
         if done:
             log.info("retention: %s", ", ".join(done))
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
         """Not while partitions move or are recovered, nor during a backlog: later events of a due object may
         still be waiting in Kafka. This worker's partitions are enough, unlike for the sweeps (`pipeline.backlog`):
-        the pass rewrites only the state of partitions it owns, which only their own module topic's events change."""
+        the pass rewrites only the state of partitions it owns, which only their own module topic's events change.
+        Read from the group's committed offsets too, so a restarted worker need not see a record on each first."""
         app = self.context.app
-        return (not app.rebalancing and not app.in_recovery
-                and self.context.progress.caught_up(app.consumer, self.consumed))
+        if app.rebalancing or app.in_recovery:
+            return False
+        assigned = [(tp.topic, tp.partition) for tp in app.consumer.assignment()]
+        return await self.backlog.caught_up(assigned, self.context.progress.done)
 
     async def run(self, now: datetime) -> dict[str, PassCounts]:
         """One pass at `now`; returns what it did per table."""
@@ -319,7 +323,8 @@ class StateRetention:
 _REGISTERED: weakref.WeakKeyDictionary[faust.App, StateRetention] = weakref.WeakKeyDictionary()
 
 
-def register_state_retention(context: AgentContext, tables: Mapping[str, StateTable]) -> StateRetention:
+def register_state_retention(context: AgentContext, tables: Mapping[str, StateTable],
+                             backlog: GroupBacklog) -> StateRetention:
     """Run the pass over every table of `retention.PERSONAL_STATE_TABLES` and `retention.BILLING_STATE_TABLES`
     from an app timer at the sweep interval; registering twice for one app adds nothing."""
     if context.app in _REGISTERED:
@@ -335,7 +340,7 @@ def register_state_retention(context: AgentContext, tables: Mapping[str, StateTa
                            pseudonymise=rewrites[name] if name in PERSONAL_STATE_TABLES else None,
                            expired=expiries[name] if name in BILLING_STATE_TABLES else None)
                for name in names]
-    keeper = StateRetention(context, targets)
+    keeper = StateRetention(context, targets, backlog)
     context.app.timer(context.settings.pipeline.sweep_interval_s, name="state-retention")(keeper.tick)
     _REGISTERED[context.app] = keeper
     return keeper

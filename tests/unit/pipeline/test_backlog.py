@@ -17,8 +17,10 @@ FACTS = ("facts",)
 class FakeBacklog(GroupBacklog):
     """The broker's answers given per stage; records which stages were read."""
 
-    def __init__(self, *stages: Stage, fail: BaseException | None = None, delay: float = 0.0) -> None:
-        super().__init__(load_settings({}).kafka, "unused:9092", "group", [MODULES, FACTS], timeout=0.2)
+    def __init__(self, *stages: Stage, fail: BaseException | None = None, delay: float = 0.0,
+                 own_only: bool = False) -> None:
+        super().__init__(load_settings({}).kafka, "unused:9092", "group",
+                         [MODULES] if own_only else [MODULES, FACTS], timeout=0.2, own_only=own_only)
         self.answers = stages
         self.fail = fail
         self.delay = delay
@@ -114,3 +116,14 @@ def test_lag_names_each_partition_behind_and_why() -> None:
     assert lag(ends, committed, {("s", 1): 4}) == {("s", 2): "end unknown", ("s", 4): "no committed offset, end 2"}
     assert lag(ends, committed, {}) == {("s", 1): "at 3 of 5", ("s", 2): "end unknown",
                                         ("s", 4): "no committed offset, end 2"}
+
+
+async def test_the_state_pass_guard_counts_this_workers_partitions_only_and_from_their_commits() -> None:
+    # The state pass rewrites only this worker's partitions: another member's backlog does not hold it back, and
+    # after a restart its own committed offsets say it is caught up before any new record arrives.
+    committed = dict(MODULE_ENDS) | {("sessions", 1): 0}  # sessions/1 is not ours and far behind
+    assert await FakeBacklog((MODULE_ENDS, committed), own_only=True).caught_up(MINE, {})
+    behind = dict(MODULE_ENDS) | {("sessions", 0): 4}  # ours, one behind, and nothing finished since the start
+    assert not await FakeBacklog((MODULE_ENDS, behind), own_only=True).caught_up(MINE, {})
+    assert await FakeBacklog((MODULE_ENDS, behind), own_only=True).caught_up(MINE, {("sessions", 0): 4})
+    assert not await FakeBacklog(({("sessions", -1): None}, {}), own_only=True).caught_up(MINE, {})  # no metadata

@@ -479,7 +479,8 @@ class FakeTable:
 def retention_pass(table: FakeTable, *, expired: Any, pseudonymise: Any = None) -> StateRetention:
     context = SimpleNamespace(topics=SimpleNamespace(consumed=[]), pseudonym=PSEUDONYM)
     return StateRetention(cast(Any, context), [StateTarget("t", cast(Any, table), "topic",
-                                                           pseudonymise=pseudonymise, expired=expired)])
+                                                           pseudonymise=pseudonymise, expired=expired)],
+                          cast(Any, None))
 
 
 def run_chunk(keeper: StateRetention, table: FakeTable, snapshot: dict[str, bytes], cutoff_min: float,
