@@ -41,7 +41,12 @@ Outcomes (one current row per subject in `reconciliation`, each also published t
 - Deltas are CDR minus Session: kWh, cost excl. VAT, start and end time (seconds). `late` marks a match made
   after the grace had passed (by event time, so reprocessing gives the same answer): for a CDR, its current
   session was found after its session grace; for a session, its first CDR came after its CDR grace.
-- `version` is 2 x the subject's emission count, so it grows with every row of a subject, a CDR that moves too.
+- `version` is 2 x the subject's sequence (`next_seq`): the event time of the fact that caused the row, in
+  microseconds, and always above the subject's previous one, so it grows with every row of a subject. Event time,
+  not a count of rows: after a rebuild the swapped-in rows come from a worker that saw the party's facts in
+  another order (so another count), and the live worker's next row, caused by a later fact, must still supersede
+  them; and the rebuild's rows of the gap, written while the live worker goes on, must not supersede its newer
+  ones. A deadline sweep writes 2 x sequence + 1: above the row it promotes, below the next real change.
 
 Every state change is deterministic in the facts' order per party; facts repeated by reprocessing carry a
 version (sessions) or an id already seen (CDRs) and change nothing.
@@ -59,6 +64,7 @@ import msgspec
 from infra.settings import PipelineSettings
 from pipeline.facts import CdrFact, Fact, SessionFact
 from pipeline.matching import Matching, strongest_method
+from pipeline.projection import version_of
 from pipeline.records import Anomaly, AnomalyRow
 from pipeline.state import Codec, Overlay
 
@@ -270,7 +276,7 @@ def on_cdr(state: PartyState, fact: CdrFact, rules: Rules, out: PartyOutput) -> 
                      key=lambda c: _credit_order(c.fact))
     if fact.credit:
         _link_credit(state, cdr, rules, out, fact.received_at)
-        _emit_cdr(state, cdr, None, rules, out)
+        _emit_cdr(state, cdr, None, rules, out, fact.received_at)
         state.put_cdr(cdr)
     elif not waiting:  # a CDR credited already never takes part in matching: its first link writes its row
         work = Matching(state, rules, fact.received_at)
@@ -289,12 +295,12 @@ def _emit_changes(state: PartyState, work: Matching, rules: Rules, out: PartyOut
         cdr = work.cdr(cdr_id)
         if cdr is not None:
             session = None if cdr.session_id is None else work.session(cdr.session_id)
-            _emit_cdr(state, cdr, None if session is None else session.fact, rules, out)
+            _emit_cdr(state, cdr, None if session is None else session.fact, rules, out, work.now)
     for session_id in sorted(work.changed_sessions):
         session = work.session(session_id)
         if session is not None:
             cdrs = work.cdrs_of(session)
-            _emit_session(state, session, cdrs, rules, out)
+            _emit_session(state, session, cdrs, rules, out, work.now)
             if session.fact.status == "INVALID":
                 out.anomalies.extend(_invalid_session_anomaly(state, session.fact, cdr.fact) for cdr in cdrs)
     work.write()
@@ -308,7 +314,8 @@ def _invalid_session_anomaly(state: PartyState, session: SessionFact, cdr: CdrFa
                        f"session {session.session_id} is INVALID (not billable)", observed)
 
 
-def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules: Rules, out: PartyOutput) -> None:
+def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules: Rules, out: PartyOutput,
+                  now: datetime) -> None:
     fact = rec.fact
     due: datetime | None = None
     rec.method = strongest_method([c.method for c in cdrs])
@@ -325,7 +332,7 @@ def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules:
         return  # an open session without a CDR is not reconcilable yet
     cdr_kwh = sum((c.fact.total_energy for c in cdrs), Decimal(0)) if cdrs else None
     cdr_cost = sum((c.fact.cost_excl_vat for c in cdrs), Decimal(0)) if cdrs else None
-    rec.seq += 1
+    rec.seq = next_seq(rec.seq, now)
     out.reconciliation.append([
         state.country_code, state.party_id, "SESSION", fact.session_id, fact.partner_id, outcome, rec.method,
         fact.session_id, [c.fact.cdr_id for c in cdrs], fact.kwh, cdr_kwh,
@@ -335,7 +342,8 @@ def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules:
     ])
 
 
-def _emit_cdr(state: PartyState, rec: CdrRec, session: SessionFact | None, rules: Rules, out: PartyOutput) -> None:
+def _emit_cdr(state: PartyState, rec: CdrRec, session: SessionFact | None, rules: Rules, out: PartyOutput,
+              now: datetime) -> None:
     fact = rec.fact
     due: datetime | None = None
     d: Deltas | None = None
@@ -349,7 +357,7 @@ def _emit_cdr(state: PartyState, rec: CdrRec, session: SessionFact | None, rules
     else:
         d = deltas(session, fact)
         outcome = "MATCHED" if within_tolerance(d, rules) else "MISMATCH"
-    rec.seq += 1
+    rec.seq = next_seq(rec.seq, now)
     out.reconciliation.append([
         state.country_code, state.party_id, "CDR", fact.cdr_id, fact.partner_id, outcome, rec.method,
         rec.session_id if not fact.credit else None, [fact.cdr_id],
@@ -373,7 +381,7 @@ def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutp
     if original is None:
         link.status = "AWAITING_ORIGINAL"
         state.add_id(_W_CREDIT, ref, fact.cdr_id)
-        _write_link(state, fact, link, None, rules, out)
+        _write_link(state, fact, link, None, rules, out, now)
         return
     if fact.cost_excl_vat != -original.fact.cost_excl_vat:
         out.anomalies.append(cdr_anomaly(
@@ -381,7 +389,7 @@ def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutp
             f"credit total_cost {fact.cost_excl_vat} does not negate {ref}'s {original.fact.cost_excl_vat}",
             fact.received_at))
     link.status = _claim(state, original, credit, rules, out, now)
-    _write_link(state, fact, link, original.fact, rules, out)
+    _write_link(state, fact, link, original.fact, rules, out, now)
 
 
 def _credit_order(fact: CdrFact) -> tuple[datetime, str]:
@@ -412,7 +420,7 @@ def _claim(state: PartyState, original: CdrRec, credit: CdrRec, rules: Rules, ou
         link = state.credit(holder_id) or CreditRec(status="")
         link.status = DUPLICATE_CREDIT
         out.anomalies.append(_duplicate_anomaly(state, holder.fact))
-        _write_link(state, holder.fact, link, original.fact, rules, out)
+        _write_link(state, holder.fact, link, original.fact, rules, out, now)
         return LINKED
     out.anomalies.append(_duplicate_anomaly(state, credit.fact))
     return DUPLICATE_CREDIT
@@ -425,8 +433,8 @@ def _duplicate_anomaly(state: PartyState, credit: CdrFact) -> AnomalyRow:
 
 
 def _write_link(state: PartyState, fact: CdrFact, link: CreditRec, original: CdrFact | None, rules: Rules,
-                out: PartyOutput) -> None:
-    link.seq += 1
+                out: PartyOutput, now: datetime) -> None:
+    link.seq = next_seq(link.seq, now)
     state.put_credit(fact.cdr_id, link)
     credited_cost = None if original is None else original.cost_excl_vat
     matches = None if credited_cost is None else fact.cost_excl_vat == -credited_cost
@@ -435,6 +443,11 @@ def _write_link(state: PartyState, fact: CdrFact, link: CreditRec, original: Cdr
         fact.cost_excl_vat, credited_cost, matches, fact.received_at, fact.received_at + rules.session_grace,
         link.seq * 2,
     ])
+
+
+def next_seq(previous: int, now: datetime) -> int:
+    """A subject's next row sequence (its `version` / 2): the fact's event time in microseconds, above `previous`."""
+    return max(previous + 1, version_of(now))
 
 
 def cdr_anomaly(state: PartyState, fact: CdrFact, kind: Anomaly, detail: str, observed_at: datetime) -> AnomalyRow:

@@ -154,8 +154,10 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
             # The gap cannot be replayed to the live worker: its state saw those events, so a replayed copy is a
             # DUPLICATE that writes nothing. The rebuild worker has not seen them (its committed offsets are
             # where it stopped): it processes them into the live database, from its own state, with the same
-            # rules. At least once: a record both workers handled is written twice, as identical rows (same key,
-            # same version), which the tables' newest-version-wins makes harmless.
+            # rules. At least once: a record both workers handled is written twice. Stage-1 rows carry versions
+            # from the objects' `last_updated`, stage-2 rows from the event time of the fact that caused them
+            # (`reconcile.next_seq`), not from how many rows either worker wrote: so the row of the newer fact
+            # wins, whichever worker wrote it, and the gap's rows never supersede the live worker's newer ones.
             worker = _start_worker(settings, bootstrap, dsn, state, state["database"])
             report.tail = await _wait_built(bootstrap, state, state["tail"], worker, log_path, timeout, progress,
                                             f"close the gap in {state['database']}")

@@ -651,3 +651,20 @@ def test_a_cdr_naming_a_session_that_comes_within_its_grace_never_goes_to_anothe
     assert all(r["subject_id"] != "S1" for r in [*early.results, *out.results])  # S1 was never given C9
     tick(party, 200)
     assert stored(party, "C9") == ("S9", "SESSION_ID")
+
+
+def test_a_later_fact_supersedes_the_row_of_a_worker_that_saw_the_facts_in_another_order() -> None:
+    # A rebuild's worker reads the party's facts in another order than the live worker did, so it counts other
+    # rows; after the swap the live worker's next row, caused by a later fact, must still win (versions by event
+    # time, not by row count).
+    s1 = s_fact(completed("S1", kwh="20", cost="5.00"), received=61, final=61)
+    c1 = c_fact(cdr("C1", kwh="10", cost="2.50"), received=62)
+    c2 = c_fact(cdr("C2", kwh="10", cost="2.50"), received=63)
+    credit = c_fact(cdr("C1-C", kwh="10", cost="-2.50", credit=True, credit_reference="C1"), received=70)
+    live, rebuild = Party(), Party()
+    for fact in (c1, c2, s1):
+        live.run(fact)
+    rebuilt = [rebuild.run(fact) for fact in (s1, c1, c2)][-1]
+    after = live.run(credit)
+    swapped_in, newer = result(rebuilt, "SESSION", "S1"), result(after, "SESSION", "S1")
+    assert newer["cdr_ids"] == ["C2"] and newer["version"] > swapped_in["version"]
