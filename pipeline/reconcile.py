@@ -26,7 +26,8 @@ without a CDR that counts is AWAITING_CDR again (so the CDR grace and the MISSIN
 left out rather than netted with their credits, so a session's totals are those of the CDRs that count, whatever
 the credit's amount (a credit that does not negate its original is flagged CREDIT_AMOUNT_MISMATCH). Of several
 credits for one CDR the earliest received (then the lowest id) is LINKED, in every arrival order; every other one
-is DUPLICATE_CREDIT (anomaly), and billing leaves its line out (view `billable_lines`, migration 0016).
+is DUPLICATE_CREDIT (anomaly), and billing leaves its line out (view `billable_lines`, migration 0016). A credit
+that names a credit CDR is CREDIT_OF_CREDIT (anomaly), links nothing, and is left out of billing too (0018).
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
@@ -240,6 +241,7 @@ _W_CREDIT = "WC"  # index of credit CDRs waiting for the CDR they credit
 
 LINKED: Final = "LINKED"
 DUPLICATE_CREDIT: Final = "DUPLICATE_CREDIT"
+CREDIT_OF_CREDIT: Final = "CREDIT_OF_CREDIT"  # it names a credit CDR: OCPI credits a CDR, never a credit
 
 
 # --- processing -----------------------------------------------------------------------------------------------
@@ -382,6 +384,13 @@ def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutp
         link.status = "AWAITING_ORIGINAL"
         state.add_id(_W_CREDIT, ref, fact.cdr_id)
         _write_link(state, fact, link, None, rules, out, now)
+        return
+    if original.fact.credit:
+        # Undoing a credit is a new CDR, not a credit of the credit: linked, the first CDR would be refunded twice.
+        link.status = CREDIT_OF_CREDIT
+        out.anomalies.append(cdr_anomaly(state, fact, Anomaly.CREDIT_OF_CREDIT,
+                                         f"{ref} is a credit CDR itself: this credit is not billed", fact.received_at))
+        _write_link(state, fact, link, original.fact, rules, out, now)
         return
     if fact.cost_excl_vat != -original.fact.cost_excl_vat:
         out.anomalies.append(cdr_anomaly(

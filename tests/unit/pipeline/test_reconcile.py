@@ -266,6 +266,25 @@ def test_a_second_credit_for_a_credited_cdr_is_a_duplicate_with_an_anomaly() -> 
     assert second.reconciliation and all(r["subject_id"] == "C1-C2" for r in second.results)  # C1 is unchanged
 
 
+def test_a_credit_of_a_credit_links_nothing_and_is_flagged_in_every_order() -> None:
+    # OCPI credits a CDR; linked to the credit, it would refund the first CDR twice.
+    original = c_fact(cdr("A", cost="2.50"), received=0)
+    credit = c_fact(cdr("A-C", cost="-2.50", credit=True, credit_reference="A"), received=1)
+    of_credit = c_fact(cdr("A-C-C", cost="2.50", credit=True, credit_reference="A-C"), received=2)
+    for order in itertools.permutations([original, credit, of_credit]):
+        party = Party()
+        links: dict[str, str] = {}
+        anomalies: set[tuple[str, str]] = set()
+        for fact in order:
+            out = party.run(fact)
+            links |= {r[2]: r[5] for r in out.credit_links}
+            anomalies |= {(a.kind.value, a.object_id) for a in out.anomalies}
+        assert links == {"A-C": "LINKED", "A-C-C": "CREDIT_OF_CREDIT"}, order
+        assert anomalies == {("CREDIT_OF_CREDIT", "A-C-C")}, order
+        held = PartyState("NL/TNM", party.store.overlay()).cdr("A-C")
+        assert held is not None and held.credited_by is None, order  # the credit itself stays as it is
+
+
 def test_of_two_credits_the_earliest_counts_whichever_arrives_first() -> None:
     original = c_fact(cdr("C1", cost="2.50"), received=0)
     early = c_fact(cdr("C1-A", cost="-2.50", credit=True, credit_reference="C1"), received=1)
@@ -578,6 +597,9 @@ def credit_scenarios(draw: st.DrawFn) -> list[Fact]:
             facts.append(c_fact(cdr(f"C{j}-C{k}", session_id=None, credit=True, credit_reference=f"C{j}",
                                     cost=draw(st.sampled_from(["-2.50", "-2.00"]))),
                                 received=draw(st.sampled_from([6, 7]))))
+    if draw(st.booleans()):  # a credit of a credit (CREDIT_OF_CREDIT), whether that credit comes or not
+        facts.append(c_fact(cdr("C0-C0-C", session_id=None, credit=True, credit_reference="C0-C0", cost="-2.50"),
+                            received=8))
     return facts
 
 

@@ -159,6 +159,30 @@ def test_billing_counts_one_credit_per_cdr_in_the_views_the_report_and_the_dashb
         assert client.query(sql).result_rows == [values], title
 
 
+def test_a_credit_of_a_credit_is_left_out_of_billing(client: Client) -> None:
+    from pipeline.agents import party_batch
+    from pipeline.reconcile import PartyOutput, PartyState, process_party
+
+    from .builders import DictStore
+    from .test_reconcile import RULES
+
+    cdrs, store = Harness(process_cdrs, CdrState), DictStore()
+    bodies = [cdr("A", kwh="10", cost="2.50"), cdr("A-C", kwh="10", cost="-2.50", credit=True, credit_reference="A"),
+              cdr("A-C-C", kwh="10", cost="-2.50", credit=True, credit_reference="A-C")]
+    for received, body in enumerate(bodies):
+        out = cdrs.run(event("CDR", body, received=received))
+        write(client, out.batch)
+        party, overlay = PartyOutput(), store.overlay()
+        process_party(PartyState("NL/TNM", overlay), out.facts["NL/TNM"], RULES, party)
+        store.commit(overlay)
+        write(client, party_batch(party, []))
+    assert client.query("SELECT credit_cdr_id, status FROM credit_links FINAL ORDER BY 1").result_rows == [
+        ("A-C", "LINKED"), ("A-C-C", "CREDIT_OF_CREDIT")]
+    assert client.query("SELECT count(), sum(cost_excl_vat) FROM billable_lines").result_rows == [
+        (2, Decimal("0.0000"))]  # A and its credit; A-C-C would refund A twice
+    assert client.query("SELECT sum(cost_excl_vat) FROM billing_daily").result_rows == [(Decimal("0.0000"),)]
+
+
 def test_revenue_incl_vat_sums_what_cdrs_give_and_counts_the_others_in_every_reader(client: Client) -> None:
     # incl_vat is optional (02 §9.3): a CDR without it is neither VAT-free nor guessed; every reader agrees.
     from pipeline import reports
@@ -171,8 +195,8 @@ def test_revenue_incl_vat_sums_what_cdrs_give_and_counts_the_others_in_every_rea
                            event("CDR", without, received=1)).batch)
     _columns, rows = reports.run(client, reports.revenue(reports.Period()))
     assert [tuple(r[-3:]) for r in rows] == [(Decimal("4.5000"), Decimal("3.0250"), 1)]
-    assert client.query("SELECT sum(cost_excl_vat), sum(cost_incl_vat) FROM billing_daily").result_rows == [
-        (Decimal("4.5000"), Decimal("3.0250"))]
+    assert client.query("SELECT sum(cost_excl_vat), sum(cost_incl_vat), sum(lines_without_incl_vat) "
+                        "FROM billing_daily").result_rows == [(Decimal("4.5000"), Decimal("3.0250"), 1)]
     now = datetime.now(UTC)
     sql = render_panel_sql(dict(panel_queries(ROOT / "dashboards" / "billing.json"))["Per CPO party"],
                            start=now - timedelta(days=7), end=now + timedelta(days=1), partners=["p1"])
