@@ -18,6 +18,16 @@ from ocpi.identity import ObjectKey
 
 SOURCES = ("PUSH", "PULL", "REPLAY")
 
+# What each module's events carry: (MODULE, operation, level) -> payload type. `build_event` writes no other
+# combination, and the pipeline turns any other it reads into a dead letter (`pipeline.records.misfit`).
+PAYLOAD_TYPES: dict[tuple[str, str, str], str] = {
+    ("SESSIONS", "PUT", "SESSION"): "Session", ("SESSIONS", "PATCH", "SESSION"): "SessionPatch",
+    ("CDRS", "POST", "CDR"): "CDR",
+    ("LOCATIONS", "PUT", "LOCATION"): "Location", ("LOCATIONS", "PATCH", "LOCATION"): "LocationPatch",
+    ("LOCATIONS", "PUT", "EVSE"): "EVSE", ("LOCATIONS", "PATCH", "EVSE"): "EVSEPatch",
+    ("LOCATIONS", "PUT", "CONNECTOR"): "Connector", ("LOCATIONS", "PATCH", "CONNECTOR"): "ConnectorPatch",
+}
+
 
 def build_event(*, partner_id: str, module: str, operation: str, level: str, key: ObjectKey,
                 decoded: Decoded[Any], payload_type: str, source: str, request_id: str, correlation_id: str,
@@ -31,6 +41,8 @@ def build_event(*, partner_id: str, module: str, operation: str, level: str, key
     """
     if source not in SOURCES:
         raise ValueError(f"source {source!r} is not one of {SOURCES}")
+    if PAYLOAD_TYPES.get((module.upper(), operation, level)) != payload_type:
+        raise ValueError(f"a {payload_type} is not what a {module} {operation} at {level} level carries")
     value = decoded.value
     return {
         "event_id": event_id or str(uuid.uuid4()),

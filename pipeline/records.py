@@ -6,11 +6,12 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import msgspec
 
 from infra.codec import AvroCodecError, DecodedEvent, decode_event
+from infra.events import PAYLOAD_TYPES
 from ocpi.identity import ci_normalize
 
 
@@ -119,22 +120,12 @@ def decode_all(messages: Iterable[Message]) -> tuple[list[Record], list[DeadLett
     return records, dead
 
 
-# What each module topic carries, as the receivers and pull publish it: (operation, level) -> payload type.
-_PUSHES: Final[dict[str, dict[tuple[str, str], str]]] = {
-    "SESSIONS": {("PUT", "SESSION"): "Session", ("PATCH", "SESSION"): "SessionPatch"},
-    "CDRS": {("POST", "CDR"): "CDR"},
-    "LOCATIONS": {("PUT", "LOCATION"): "Location", ("PATCH", "LOCATION"): "LocationPatch",
-                  ("PUT", "EVSE"): "EVSE", ("PATCH", "EVSE"): "EVSEPatch",
-                  ("PUT", "CONNECTOR"): "Connector", ("PATCH", "CONNECTOR"): "ConnectorPatch"},
-}
-
-
 def misfit(event: DecodedEvent, module: str) -> str | None:
     """Why a well-formed event does not belong on `module`'s topic (a foreign or buggy producer, an edited
     archive), or None. The rules assume what the receivers publish; such an event is a dead letter instead."""
     if event.module != module:
         return f"a {event.module} event on the {module} topic"
-    payload_type = _PUSHES[module].get((event.operation, event.level))
+    payload_type = PAYLOAD_TYPES.get((module, event.operation, event.level))
     if payload_type is None:
         return f"{event.operation} at {event.level} level is not a {module} push"
     if event.payload_type != payload_type:
