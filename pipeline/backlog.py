@@ -138,9 +138,11 @@ class GroupBacklog:
 
 def state_backlog(settings: Settings, bootstrap: str, group: str) -> GroupBacklog:
     """The guard of the hourly state pass (`pipeline.state_retention`): only this worker's partitions of the module
-    topics, whose events alone change the state it rewrites. Read from the group's committed offsets as well as
-    from what this process finished, so a restarted worker does not wait for a new record on every partition."""
-    return GroupBacklog(settings.kafka, bootstrap, group, [settings.kafka.module_topics], own_only=True)
+    topics and of the party facts, whose events alone change the state it rewrites (stage 1's tables, stage 2's
+    `party-state`). Read from the group's committed offsets as well as from what this process finished, so a
+    restarted worker does not wait for a new record on every partition."""
+    return GroupBacklog(settings.kafka, bootstrap, group,
+                        [settings.kafka.module_topics, [settings.pipeline.topic_party_facts]], own_only=True)
 
 
 def sweep_backlog(settings: Settings, bootstrap: str, group: str) -> GroupBacklog:

@@ -387,3 +387,22 @@ class Matching:
         for key in new_keys:
             if key not in old_keys:
                 self.state.add_id(_S_BY_TOKEN, key, sid)
+
+
+# --- retention ----------------------------------------------------------------------------------------------------
+
+
+def unindex_session(state: PartyState, session: SessionFact, rules: Rules) -> None:
+    """Drop a session from the indexes it is listed in (its record is being deleted: `pipeline.party_retention`)."""
+    sid = session.session_id
+    if session.authorization_reference:
+        state.remove_id(_S_BY_REF, session.authorization_reference, sid)
+    for key in session_token_keys(session, rules.time_tolerance):
+        state.remove_id(_S_BY_TOKEN, key, sid)
+
+
+def unindex_cdr(state: PartyState, cdr: CdrFact, rules: Rules) -> None:
+    """Drop a CDR from every waiting index and queue it may be listed in (its record is being deleted)."""
+    for method, key in cdr_keys(cdr):
+        state.remove_id(_WAITING[method], key, cdr.cdr_id)
+    state.remove_id(_FALLBACK, str(_hour(cdr.received_at + rules.session_grace)), cdr.cdr_id)

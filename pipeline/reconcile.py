@@ -134,6 +134,14 @@ _CREDITS: Final = Codec(CreditRec)
 _IDS: Final = Codec(Ids)
 
 
+def decode_session(data: bytes) -> SessionRec:
+    return _SESSIONS.decode(data)
+
+
+def decode_cdr(data: bytes) -> CdrRec:
+    return _CDRS.decode(data)
+
+
 @dataclass(frozen=True, slots=True)
 class Deltas:
     kwh: Decimal
@@ -203,6 +211,14 @@ class PartyState:
     def put_cdr(self, rec: CdrRec) -> None:
         self.overlay.set(self._key("C", rec.fact.cdr_id), _CDRS.encode(rec))
 
+    def delete_session(self, session_id: str) -> None:
+        self.overlay.set(self._key("S", session_id), None)
+
+    def delete_cdr(self, cdr_id: str) -> None:
+        """The CDR's record and, for a credit CDR, its link."""
+        self.overlay.set(self._key("C", cdr_id), None)
+        self.overlay.set(self._key("L", cdr_id), None)
+
     def credit(self, cdr_id: str) -> CreditRec | None:
         data = self.overlay.get(self._key("L", cdr_id))
         return None if data is None else _CREDITS.decode(data)
@@ -237,7 +253,7 @@ class PartyState:
             self.overlay.set(self._key(kind, ident), _IDS.encode(Ids(rest)) if rest else None)
 
 
-_W_CREDIT = "WC"  # index of credit CDRs waiting for the CDR they credit
+_W_CREDIT: Final = "WC"  # index of credit CDRs waiting for the CDR they credit
 
 LINKED: Final = "LINKED"
 DUPLICATE_CREDIT: Final = "DUPLICATE_CREDIT"
@@ -464,3 +480,9 @@ def cdr_anomaly(state: PartyState, fact: CdrFact, kind: Anomaly, detail: str, ob
     return AnomalyRow(kind=kind, module="CDRS", country_code=state.country_code, party_id=state.party_id,
                       object_id=fact.cdr_id, sub_id="", event_id=fact.cdr_id, partner_id=fact.partner_id,
                       detail=detail, observed_at=observed_at)
+
+
+def unindex_credit(state: PartyState, credit: CdrFact) -> None:
+    """Drop a credit CDR from the credits waiting for their original (its record is being deleted)."""
+    if credit.credit and credit.credit_reference_id:
+        state.remove_id(_W_CREDIT, credit.credit_reference_id, credit.cdr_id)

@@ -12,8 +12,8 @@ OCPI leaves retention to contracts and law (02 §7); these are our defaults, eac
   or `retention apply`; in the worker's session and location state by `pipeline.state_retention`, and in their
   changelogs by compaction;
 - billing (cdrs with periods and tariffs, billing lines, credit links, reconciliation, sessions):
-  OCPI_RETENTION_BILLING_YEARS, by TTL; the worker's session and CDR state (and, by tombstones and compaction,
-  their changelogs) by `pipeline.state_retention` (stage-2 `party-state` is not expired yet: README, "Retention");
+  OCPI_RETENTION_BILLING_YEARS, by TTL; the worker's session, CDR and stage-2 party state (and, by tombstones and
+  compaction, their changelogs) by `pipeline.state_retention`;
 - current state (locations, evses, connectors): kept while the CPO publishes them, no TTL.
 
 Pseudonymisation replaces a value by `psn:` + the first 32 hex digits of HMAC-SHA256(key, value) — 36
@@ -194,7 +194,7 @@ def policy(settings: Settings) -> list[DataClass]:
                   "rows, and in the worker's session and location state and their changelogs",
                   f"in clear for {r.pseudonymise_days} days, then pseudonymised (keyed hash)", ()),
         DataClass("billing", "CDRs, billing lines, credit links, reconciliation, sessions; in ClickHouse rows, "
-                  "and in the worker's session and CDR state and their changelogs",
+                  "and in the worker's session, CDR and stage-2 (party) state and their changelogs",
                   f"{r.billing_years} years", billing),
         DataClass("current state", "locations, EVSEs, connectors", "while published (no TTL)", ()),
     ]
@@ -218,10 +218,11 @@ LOCATION_PERSONAL_FIELD: Final = "publish_allowed_to"
 # parked events). cdr-state holds a CDR's content hash, event id, offset and receive time only; party-state holds
 # pseudonyms from the start.
 PERSONAL_STATE_TABLES: Final = ("session-state", "location-state")
-# Stage-1 state tables whose entries are billing data, deleted (with a changelog tombstone) by
-# `pipeline.state_retention` once what they hold was received more than OCPI_RETENTION_BILLING_YEARS ago, like the
-# rows. location-state is current state (kept while published); party-state is not expired yet (README).
-BILLING_STATE_TABLES: Final = ("session-state", "cdr-state")
+# State tables whose entries are billing data, deleted (with a changelog tombstone) by `pipeline.state_retention`
+# once what they hold was received more than OCPI_RETENTION_BILLING_YEARS ago, like the rows: stage 1's session
+# and CDR state, and stage 2's party-state (by linked records: `pipeline.party_retention`). location-state is
+# current state (kept while published).
+BILLING_STATE_TABLES: Final = ("session-state", "cdr-state", "party-state")
 
 
 def billing_cutoff(now: datetime, years: int) -> datetime:

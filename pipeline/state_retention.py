@@ -41,8 +41,11 @@ data, and writes a tombstone (value None) to the changelog, so compaction remove
   their own receive time), and an older Session PUT is not STALE. The events that made an expired entry were
   written to Kafka before the cutoff, long before the offsets the worker has committed, so no restart reads them
   again; a partner resending years later does, and so does a replay of archived events that old (their rows,
-  which keep the old `received_at`, are past the TTL again). Stage 2 (`party-state`, not expired) keeps its
-  records: a CDR fact it has seen changes nothing there.
+  which keep the old `received_at`, are past the TTL again). Stage 2 keeps a CDR's record while it is linked to
+  one received since (`pipeline.party_retention`): a CDR fact it has seen changes nothing there.
+
+`party-state` (stage 2) leaves in the same pass, by component of linked records (`pipeline.party_retention`, a
+`Plan`), with its id lists' entries.
 
 `location-state` is current state (kept while the Location is published) and is not expired.
 """
@@ -50,6 +53,7 @@ data, and writes a tombstone (value None) to the changelog, so compaction remove
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import weakref
@@ -65,6 +69,7 @@ from faust.types import TP, TableT
 from infra.codec import decode_event, encode_event
 from pipeline.backlog import GroupBacklog
 from pipeline.facts import SessionFact
+from pipeline.party_retention import expire_party_state
 from pipeline.records import utc_now
 from pipeline.retention import (
     BILLING_STATE_TABLES,
@@ -97,7 +102,16 @@ class _Stamped(msgspec.Struct):
 
 _STAMP: Final = msgspec.json.Decoder(_Stamped)
 Rewrite = Callable[[bytes, Pseudonymizer, datetime], bytes | None]
-Expiry = Callable[[bytes, datetime], bool]
+Expiry = Callable[[bytes, datetime], bool]  # whether one entry is past the billing retention on its own
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Expiry of a table whose entries refer to each other: (snapshot entries, current reader, cutoff) → the changes
+    (None: delete) and the number of records deleted."""
+
+    changes: Callable[[Sequence[tuple[bytes, bytes]], Callable[[str], bytes | None], datetime],
+                      tuple[dict[str, bytes | None], int]]
 
 
 def pseudonymise_session_state(value: bytes, pseudonym: Pseudonymizer, cutoff: datetime) -> bytes | None:
@@ -207,7 +221,7 @@ class StateTarget:
     table: StateTable
     topic: str  # the module topic the table is co-partitioned with (Faust's current-event topic)
     pseudonymise: Rewrite | None = None
-    expired: Expiry | None = None
+    expired: Expiry | Plan | None = None
 
 
 @dataclass
@@ -251,7 +265,8 @@ class StateRetention:
     async def ready(self) -> bool:
         """Not while partitions move or are recovered, nor during a backlog: later events of a due object may
         still be waiting in Kafka. This worker's partitions are enough, unlike for the sweeps (`pipeline.backlog`):
-        the pass rewrites only the state of partitions it owns, which only their own module topic's events change.
+        the pass rewrites only the state of partitions it owns, which only their own topic's events change (a module
+        topic's, or the party facts' for `party-state`).
         Read from the group's committed offsets too, so a restarted worker need not see a record on each first."""
         app = self.context.app
         if app.rebalancing or app.in_recovery:
@@ -295,8 +310,11 @@ class StateRetention:
         """
         pseudonym = self.context.pseudonym
         read = target.table.reader(anchor)
-        changes: dict[str, bytes | None] = {}
         counts = PassCounts()
+        if isinstance(target.expired, Plan):  # no table is both linked and personal (`retention`)
+            planned, counts.expired = target.expired.changes(chunk, read, expiry)
+            return planned, counts
+        changes: dict[str, bytes | None] = {}
         for raw_key, snapshot in chunk:
             # Expiry first: an entry to be deleted need not be pseudonymised before.
             if target.expired is not None and target.expired(snapshot, expiry):
@@ -331,10 +349,14 @@ def register_state_retention(context: AgentContext, tables: Mapping[str, StateTa
         return _REGISTERED[context.app]
     kafka = context.settings.kafka
     topics = {"session-state": kafka.topic_sessions, "location-state": kafka.topic_locations,
-              "cdr-state": kafka.topic_cdrs}
+              "cdr-state": kafka.topic_cdrs, "party-state": context.settings.pipeline.topic_party_facts}
     # A table of either list without its function here fails at start, not silently.
     rewrites = {"session-state": pseudonymise_session_state, "location-state": pseudonymise_location_state}
-    expiries = {"session-state": session_state_expired, "cdr-state": cdr_state_expired}
+    expiries: dict[str, Expiry | Plan] = {
+        "session-state": session_state_expired, "cdr-state": cdr_state_expired,
+        # linked records leave together, with their index entries (`pipeline.party_retention`)
+        "party-state": Plan(functools.partial(expire_party_state, rules=context.party_rules)),
+    }
     names = dict.fromkeys((*PERSONAL_STATE_TABLES, *BILLING_STATE_TABLES))
     targets = [StateTarget(name, tables[name], topics[name],
                            pseudonymise=rewrites[name] if name in PERSONAL_STATE_TABLES else None,

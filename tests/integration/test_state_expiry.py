@@ -1,7 +1,7 @@
 """Billing retention in the worker's stage-1 state on Tansu and chDB: with OCPI_RETENTION_BILLING_YEARS=1, a
 Session and a CDR received longer ago, and a PATCH parked that long for a Session that never came, are deleted from
-the worker's RocksDB partitions with a tombstone on their changelogs; a Session and a CDR received within the year
-stay.
+the worker's RocksDB partitions with a tombstone on their changelogs, stage 2's records of that Session and CDR too;
+a Session and a CDR received within the year stay, in both stages.
 
 Its own stack (app id, topics): the worker started here reads every record of its partitions, so it is caught up
 and runs the pass (a worker restarted on partitions it has read nothing of is not caught up until they get a new
@@ -20,6 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from infra.process import spawn, terminate
+from pipeline.reconcile import CdrRec, SessionRec
 from pipeline.retention import changelog_topic
 from pipeline.stack import Stack
 from pipeline.state import CdrState, Codec, SessionState
@@ -66,6 +67,9 @@ async def latest_changelog_records(bootstrap: str, topic: str, keys: set[bytes],
 EPID = "EXP"
 S_EXP, S_PARK, S_KEEP = (f"NL/{EPID}/{sid}".encode() for sid in ("S-EXP", "S-PARK", "S-KEEP"))
 C_EXP, C_KEEP = (f"NL/{EPID}/{cid}".encode() for cid in ("C-EXP", "C-KEEP"))
+# Stage 2's records of the same sessions and CDRs (`pipeline.reconcile.PartyState` keys).
+PARTY_EXP = {b"S/" + S_EXP, b"C/" + C_EXP}
+PARTY_KEEP = {b"S/" + S_KEEP, b"C/" + C_KEEP}
 
 
 def expired_and_kept(expired: set[bytes], kept: set[bytes]) -> Callable[[dict[bytes, bytes | None]], bool]:
@@ -105,11 +109,19 @@ async def test_sessions_and_cdrs_past_the_billing_retention_leave_state_and_chan
         assert {key: value is None for key, value in cdrs.items()} == {C_EXP: True, C_KEEP: False}
         kept = cdrs[C_KEEP]
         assert kept is not None and CDRS.decode(kept).received_at > long_ago
+        party_changelog = changelog_topic(settings.pipeline.app_id, "party-state")
+        party = await latest_changelog_records(stack.bootstrap, party_changelog, PARTY_EXP | PARTY_KEEP,
+                                               expired_and_kept(PARTY_EXP, PARTY_KEEP), timeout=30)
+        assert {key: value is None for key, value in party.items()} == (
+            dict.fromkeys(PARTY_EXP, True) | dict.fromkeys(PARTY_KEEP, False))
     finally:
         terminate(worker, 20)
 
     # Deleted from the worker's own RocksDB partitions too; the recent entries stay.
     assert set(stored_values(stack, "session-state", SESSIONS, (S_EXP, S_PARK, S_KEEP))) == {S_KEEP}
     assert set(stored_values(stack, "cdr-state", CDRS, (C_EXP, C_KEEP))) == {C_KEEP}
+    stage2 = stored_values(stack, "party-state", Codec(SessionRec), (b"S/" + S_EXP, b"S/" + S_KEEP))
+    stage2 |= stored_values(stack, "party-state", Codec(CdrRec), (b"C/" + C_EXP, b"C/" + C_KEEP))
+    assert set(stage2) == PARTY_KEEP
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -83,7 +84,7 @@ def clear_uid(state: State | None) -> bool:
     return state is not None and state.object_json is not None and b'"uid":"TOK-' in state.object_json
 
 
-def stored_values(stack: Stack, table: str, codec: Codec[SessionState] | Codec[LocationState],
+def stored_values(stack: Stack, table: str, codec: Codec[Any],
                   keys: tuple[bytes, ...]) -> Values:
     """The values of `keys` in the worker's own RocksDB partitions of `table`."""
     stored: Values = {}

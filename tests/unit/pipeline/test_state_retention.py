@@ -451,9 +451,9 @@ def test_an_event_after_expiry_is_handled_as_the_first_of_its_object() -> None:
     assert outcomes(out) == ["APPLIED"] and len(rows(out.batch, "sessions")) == 1
 
 
-def test_billing_state_tables_are_session_and_cdr_state_not_location_state() -> None:
-    # location-state is current state, kept while published; party-state is not expired yet (README).
-    assert BILLING_STATE_TABLES == ("session-state", "cdr-state")
+def test_billing_state_tables_are_session_cdr_and_party_state_not_location_state() -> None:
+    # location-state is current state, kept while published; party-state by linked records (test_party_retention).
+    assert BILLING_STATE_TABLES == ("session-state", "cdr-state", "party-state")
 
 
 class FakeTable:
