@@ -69,7 +69,7 @@ from faust.types import TP, TableT
 from infra.codec import decode_event, encode_event
 from pipeline.backlog import GroupBacklog
 from pipeline.facts import SessionFact
-from pipeline.party_retention import expire_party_state
+from pipeline.party_retention import expire_party_state, survey_referrers
 from pipeline.records import utc_now
 from pipeline.retention import (
     BILLING_STATE_TABLES,
@@ -105,13 +105,19 @@ Rewrite = Callable[[bytes, Pseudonymizer, datetime], bytes | None]
 Expiry = Callable[[bytes, datetime], bool]  # whether one entry is past the billing retention on its own
 
 
+Entries = Sequence[tuple[bytes, bytes]]  # (key, value) of a partition's snapshot
+Reader = Callable[[str], bytes | None]  # the table as it is now, in one partition
+Survey = dict[str, list[str]]  # what a plan gathers from a whole partition before it decides
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Expiry of a table whose entries refer to each other: (snapshot entries, current reader, cutoff) → the changes
+    """Expiry of a table whose entries refer to each other: `survey` goes over the whole partition first (adding to
+    one Survey, a chunk at a time), then `changes` decides a chunk (entries, reader, cutoff, survey) → the changes
     (None: delete) and the number of records deleted."""
 
-    changes: Callable[[Sequence[tuple[bytes, bytes]], Callable[[str], bytes | None], datetime],
-                      tuple[dict[str, bytes | None], int]]
+    survey: Callable[[Entries, Reader, Survey], None]
+    changes: Callable[[Entries, Reader, datetime, Survey], tuple[dict[str, bytes | None], int]]
 
 
 def pseudonymise_session_state(value: bytes, pseudonym: Pseudonymizer, cutoff: datetime) -> bytes | None:
@@ -203,9 +209,15 @@ def _local_partitions(table: TableT[Any, Any]) -> Iterator[tuple[int, Iterator[t
     serializer of our tables stores values as they are. A RocksDB iterator reads a snapshot.
     """
     store: Any = table.data
-    for partition, db in list(store._dbs.items()):
+    for partition in list(store._dbs):
         if _is_active(table, partition):
-            yield partition, store._visible_items(db)
+            yield partition, _partition_items(table, partition)
+
+
+def _partition_items(table: TableT[Any, Any], partition: int) -> Iterator[tuple[bytes, bytes]]:
+    """A new snapshot iterator over one partition's stored items (`_local_partitions`)."""
+    store: Any = table.data
+    return store._visible_items(store._dbs[partition])
 
 
 def _is_active(table: TableT[Any, Any], partition: int) -> bool:
@@ -283,11 +295,12 @@ class StateRetention:
         for target in self.targets:
             for partition, items in _local_partitions(target.table.table):
                 anchor = PartitionAnchor(target.topic, partition)
+                survey = await self.survey(target, partition, anchor)
                 while chunk := list(itertools.islice(items, _CHUNK)):
                     async with target.table.lock:  # no batch of this table runs meanwhile (`StateTable.lock`)
                         if not self.serves(target, partition):
                             break  # revoked meanwhile: its new owner's pass takes over
-                        changes, done = self.decide(target, anchor, chunk, cutoff, expiry)
+                        changes, done = self.decide(target, anchor, chunk, cutoff, expiry, survey)
                         if changes:
                             # The agents' write path: rocksdb, then the changelog records (tombstones for deletes),
                             # acknowledged before the partition's changelog offset is set. Shielded: a worker
@@ -298,12 +311,25 @@ class StateRetention:
                     await asyncio.sleep(0)  # the agents' batches go on between chunks
         return counts
 
+    async def survey(self, target: StateTarget, partition: int, anchor: PartitionAnchor) -> Survey:
+        """A plan's survey of one partition (empty for tables whose entries expire on their own). Its own snapshot,
+        read a chunk at a time without the lock: it gathers references, which `decide` follows on current values."""
+        survey: Survey = {}
+        if isinstance(target.expired, Plan):
+            items = _partition_items(target.table.table, partition)
+            read = target.table.reader(anchor)
+            while chunk := list(itertools.islice(items, _CHUNK)):
+                target.expired.survey(chunk, read, survey)
+                await asyncio.sleep(0)
+        return survey
+
     def serves(self, target: StateTarget, partition: int) -> bool:
         table = target.table.table
         return not table.app.rebalancing and _is_active(table, partition)
 
     def decide(self, target: StateTarget, anchor: PartitionAnchor, chunk: list[tuple[bytes, bytes]],
-               cutoff: datetime, expiry: datetime) -> tuple[dict[str, bytes | None], PassCounts]:
+               cutoff: datetime, expiry: datetime, survey: Survey | None = None,
+               ) -> tuple[dict[str, bytes | None], PassCounts]:
         """The changes a chunk needs: None (delete) for each entry received before `expiry`, a new value for each
         due for pseudonymisation (received before `cutoff`). The snapshot only picks candidates; each is read
         again under the table's lock, so a batch's newer state is never overwritten or deleted.
@@ -312,7 +338,7 @@ class StateRetention:
         read = target.table.reader(anchor)
         counts = PassCounts()
         if isinstance(target.expired, Plan):  # no table is both linked and personal (`retention`)
-            planned, counts.expired = target.expired.changes(chunk, read, expiry)
+            planned, counts.expired = target.expired.changes(chunk, read, expiry, survey or {})
             return planned, counts
         changes: dict[str, bytes | None] = {}
         for raw_key, snapshot in chunk:
@@ -355,7 +381,7 @@ def register_state_retention(context: AgentContext, tables: Mapping[str, StateTa
     expiries: dict[str, Expiry | Plan] = {
         "session-state": session_state_expired, "cdr-state": cdr_state_expired,
         # linked records leave together, with their index entries (`pipeline.party_retention`)
-        "party-state": Plan(functools.partial(expire_party_state, rules=context.party_rules)),
+        "party-state": Plan(survey_referrers, functools.partial(expire_party_state, rules=context.party_rules)),
     }
     names = dict.fromkeys((*PERSONAL_STATE_TABLES, *BILLING_STATE_TABLES))
     targets = [StateTarget(name, tables[name], topics[name],
