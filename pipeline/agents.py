@@ -58,6 +58,7 @@ from pipeline.state import (
     LocationState,
     Overlay,
     PartitionAnchor,
+    Reader,
     S,
     SessionState,
     TypedView,
@@ -94,7 +95,7 @@ class StateTable:
         store: Any = self.table.data
         return store._db_for_partition(partition)
 
-    def reader(self, anchor: PartitionAnchor) -> Callable[[str], bytes | None]:
+    def reader(self, anchor: PartitionAnchor) -> Reader:
         if self._direct:
             db = self._partition_db(anchor.message.partition)
 
@@ -227,7 +228,7 @@ class AgentContext:
 Process = Callable[[TypedView[Any], str, list[Record], StageRules, StageOutput], None]
 
 
-def fold(records: Sequence[Record], reader: Callable[[PartitionAnchor], Callable[[str], bytes | None]],
+def fold(records: Sequence[Record], reader: Callable[[PartitionAnchor], Reader],
          codec: Codec[S], process: Process, rules: StageRules, out: StageOutput,
          ) -> list[tuple[PartitionAnchor, Overlay]]:
     """Run stage 1's rules over a decoded batch, object by object, on overlays of the state table (no I/O:
@@ -247,7 +248,7 @@ RULE_ERRORS: Final = (LookupError, AssertionError, TypeError, ValueError, Attrib
                       msgspec.MsgspecError)
 
 
-def fold_isolated(records: Sequence[Record], reader: Callable[[PartitionAnchor], Callable[[str], bytes | None]],
+def fold_isolated(records: Sequence[Record], reader: Callable[[PartitionAnchor], Reader],
                   codec: Codec[S], process: Process, rules: StageRules, out: StageOutput,
                   ) -> tuple[list[tuple[PartitionAnchor, Overlay]], list[DeadLetter]]:
     """`fold`, one record at a time, for a batch on which it raised: a record whose rules raise RULE_ERRORS

@@ -31,18 +31,15 @@ the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 
 from pipeline.matching import unindex_cdr, unindex_session
 from pipeline.reconcile import CdrRec, PartyState, Rules, SessionRec, decode_cdr, decode_session, unindex_credit
-from pipeline.state import Overlay
+from pipeline.state import Overlay, Reader
 
 Record = SessionRec | CdrRec
 _KINDS = ("S", "C")  # the records a component is found from; id lists and links follow them
-
-
-Reader = Callable[[str], bytes | None]
 Referrers = dict[str, list[str]]  # "<CC>/<PID>/<cdr id>" → the credit CDRs that name it
 
 

@@ -23,6 +23,7 @@ from faust.streams import _current_event  # see `in_partition_of`
 from pipeline.facts import SessionFact
 
 S = TypeVar("S", bound=msgspec.Struct)
+Reader = Callable[[str], bytes | None]  # a table's current value of a key, in one partition (None: absent)
 
 
 class Parked(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,7 +99,7 @@ class Overlay:
     are durable, then the agent writes `changes` to the table.
     """
 
-    def __init__(self, read: Callable[[str], bytes | None]) -> None:
+    def __init__(self, read: Reader) -> None:
         self._read = read
         self._changes: dict[str, bytes | None] = {}
 

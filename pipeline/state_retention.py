@@ -81,7 +81,7 @@ from pipeline.retention import (
     pseudonymise_fields,
     pseudonymised_json,
 )
-from pipeline.state import CdrState, Codec, LocationState, Parked, PartitionAnchor, SessionState
+from pipeline.state import CdrState, Codec, LocationState, Parked, PartitionAnchor, Reader, SessionState
 from pipeline.sweeps import RETENTION_EVERY
 
 if TYPE_CHECKING:
@@ -106,7 +106,6 @@ Expiry = Callable[[bytes, datetime], bool]  # whether one entry is past the bill
 
 
 Entries = Sequence[tuple[bytes, bytes]]  # (key, value) of a partition's snapshot
-Reader = Callable[[str], bytes | None]  # the table as it is now, in one partition
 Survey = dict[str, list[str]]  # what a plan gathers from a whole partition before it decides
 
 
