@@ -7,7 +7,9 @@ state, hence STALE, see `ordering`), and a re-push that only bumps `last_updated
 version of the object.
 
 Only the *last applied* event counts: a PUT that restores an earlier content after a PATCH changed it is a real
-change, not a duplicate.
+change, not a duplicate. Nor is a PUT whose body hashes like the PATCH applied before it (a CPO that sends whole
+objects as PATCHes): the PATCH was merged (a Session's `charging_periods` appended), the PUT replaces, so their
+results differ although their bodies do not. The operation is part of what is compared (`fingerprint`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ def identity(event: DecodedEvent) -> str:
     return f"{event.level}|{ci_normalize(event.evse_uid or '')}|{ci_normalize(event.connector_id or '')}"
 
 
+def fingerprint(event: DecodedEvent) -> str:
+    """What dedup compares besides the identity: the content hash, marked for a PATCH (a PATCH and a PUT with the
+    same body are different changes). A PUT's is its content hash as it always was, so states written before keep
+    recognising retries of their last PUT."""
+    return f"PATCH:{event.content_hash}" if event.operation == "PATCH" else event.content_hash
+
+
 def is_duplicate(last_identity: str, last_hash: str, event: DecodedEvent) -> bool:
-    """Whether `event` repeats the last applied event (same identity, same content)."""
-    return bool(last_hash) and event.content_hash == last_hash and identity(event) == last_identity
+    """Whether `event` repeats the last applied event (same identity, operation and content); `last_hash` is the
+    `fingerprint` of the last applied event."""
+    return bool(last_hash) and fingerprint(event) == last_hash and identity(event) == last_identity

@@ -20,7 +20,7 @@ import msgspec
 from ocpi.identity import ci_normalize
 from ocpi.model import EVSE, Location
 from pipeline import ordering, projection, wire
-from pipeline.dedup import identity, is_duplicate
+from pipeline.dedup import fingerprint, identity, is_duplicate
 from pipeline.records import Anomaly, Outcome, Record
 from pipeline.retention import LOCATION_PERSONAL_FIELD
 from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, to_parked
@@ -151,7 +151,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     state.personal_at = personal_at
     state.object_json = document
     state.last_identity = identity(event)
-    state.last_hash = event.content_hash
+    state.last_hash = fingerprint(event)
     state.version = version
     state.applied_event_id = event.event_id
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ocpi.model import Session
 from pipeline import lifecycle, ordering, projection, wire
-from pipeline.dedup import identity, is_duplicate
+from pipeline.dedup import fingerprint, identity, is_duplicate
 from pipeline.facts import relevant_change, session_fact
 from pipeline.lifecycle import Transition
 from pipeline.records import Anomaly, Outcome, Record
@@ -123,7 +123,7 @@ def apply(state: SessionState, record: Record, session: dict, document: bytes, t
     state.status = session["status"]
     state.last_updated = session["last_updated"]
     state.last_identity = identity(event)
-    state.last_hash = event.content_hash
+    state.last_hash = fingerprint(event)
     state.version = version
     state.applied_event_id = event.event_id
     state.applied_at = applied_at

@@ -107,6 +107,24 @@ def test_patch_merges_fields_and_appends_charging_periods_once() -> None:
     assert document["last_updated"] == iso(ts(11))
 
 
+def test_a_put_with_the_body_of_the_patch_before_it_replaces_the_charging_periods() -> None:
+    """A CPO that PATCHes whole Sessions: the PATCH appended its periods, the PUT with the same body replaces them
+    (09 §3.3), so it is not a duplicate of the PATCH although the bodies hash alike; a retried PUT still is."""
+    h = harness()
+    h.run(event("Session", session(periods=[period(0, "1"), period(5, "2")]), received=1))
+    whole = session(kwh="6", periods=[period(10, "3")], updated=10)
+    h.run(event("SessionPatch", whole, object_id="S1", received=2))
+    assert [p["start_date_time"] for p in stored(h)["charging_periods"]] == [iso(ts(0)), iso(ts(5)), iso(ts(10))]
+    put = event("Session", {**whole, "last_updated": iso(ts(20))}, received=3)
+    retry = event("Session", {**whole, "last_updated": iso(ts(21))}, received=4)
+    out = h.run(put, retry)
+    assert outcomes(out) == sorted([(put.event_id, "APPLIED"), (retry.event_id, "DUPLICATE")])
+    assert [p["start_date_time"] for p in stored(h)["charging_periods"]] == [iso(ts(10))]
+    [row] = rows(out.batch, "sessions")
+    periods = json.loads(bytes(row[SESSION_COLUMNS.index("payload_json")]))["charging_periods"]
+    assert [p["start_date_time"] for p in periods] == [iso(ts(10))]
+
+
 def test_patch_before_put_is_parked_then_applied_after_the_put() -> None:
     h = harness()
     patch = event("SessionPatch", {"kwh": Decimal("7"), "status": "COMPLETED", "end_date_time": iso(ts(30)),
