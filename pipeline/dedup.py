@@ -9,7 +9,8 @@ version of the object.
 Only the *last applied* event counts: a PUT that restores an earlier content after a PATCH changed it is a real
 change, not a duplicate. Nor is a PUT whose body hashes like the PATCH applied before it (a CPO that sends whole
 objects as PATCHes): the PATCH was merged (a Session's `charging_periods` appended), the PUT replaces, so their
-results differ although their bodies do not. The operation is part of what is compared (`fingerprint`).
+results differ although their bodies do not. The operation is part of what is compared (`fingerprint`); the other
+way round, a PATCH with the body of the PUT before it, changes nothing and is a duplicate.
 """
 
 from __future__ import annotations
@@ -32,5 +33,9 @@ def fingerprint(event: DecodedEvent) -> str:
 
 def is_duplicate(last_identity: str, last_hash: str, event: DecodedEvent) -> bool:
     """Whether `event` repeats the last applied event (same identity, operation and content); `last_hash` is the
-    `fingerprint` of the last applied event."""
-    return bool(last_hash) and fingerprint(event) == last_hash and identity(event) == last_identity
+    `fingerprint` of the last applied event. A PATCH with the body of the PUT applied last repeats it too: merged
+    onto what that PUT stored it changes nothing (its fields equal the stored ones, its identical periods are
+    skipped), so a bumped `last_updated` on it makes no new version."""
+    if not last_hash or identity(event) != last_identity:
+        return False
+    return fingerprint(event) == last_hash or (event.operation == "PATCH" and event.content_hash == last_hash)
