@@ -30,6 +30,12 @@ OFFSET_NOT_ALLOWED: Final = "invalid DateTime: numeric offsets are not allowed (
 TOO_MANY_FRACTION_DIGITS: Final = "invalid DateTime: more than 5 fractional digits"
 TOO_LONG: Final = f"invalid DateTime: longer than {MAX_LENGTH} characters"
 NOT_A_CALENDAR_DATE: Final = "invalid DateTime: not a real calendar date and time"
+# The spec sets no range, but what we cannot store or bill we must refuse rather than book on a wrong day: billing
+# groups by a ClickHouse Date (1970-01-01 to 2149-06-06: outside it a date wraps silently), and row versions are
+# microseconds since 1970. No real charging session, CDR or Location update falls outside.
+EARLIEST: Final = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST: Final = datetime(2149, 6, 6, 23, 59, 59, 999999, tzinfo=UTC)
+OUT_OF_RANGE: Final = "invalid DateTime: outside 1970-01-01T00:00:00Z to 2149-06-06T23:59:59Z (not storable)"
 
 # [0-9], not \d: \d also matches non-ASCII digits in str patterns.
 _STRICT: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,5})?Z?")
@@ -57,7 +63,10 @@ def parse_datetime(value: str) -> datetime:
             parsed = datetime.fromisoformat(value)  # 3.11+: understands `Z` and 1-6 fraction digits
         except ValueError:
             raise InvalidDateTime(NOT_A_CALENDAR_DATE) from None
-        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+        parsed = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+        if not EARLIEST <= parsed <= LATEST:
+            raise InvalidDateTime(OUT_OF_RANGE)
+        return parsed
     raise InvalidDateTime(_explain(value))
 
 

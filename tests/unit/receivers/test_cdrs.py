@@ -57,6 +57,9 @@ def test_credit_cdrs_may_have_39_character_ids_others_36(pushes: Pushes) -> None
         assert "only credit CDR ids may have 39" in too_long["status_message"]
         no_reference = {**credit, "credit_reference_id": None}
         assert_envelope(pushes.request("POST", CDRS_URL, no_reference), 2001, path="$.credit_reference_id")
+        # A typo year would be billed on a wrong day (a ClickHouse Date wraps outside 1970-2149): refused.
+        far_future = {**cdr(), "end_date_time": "2400-01-01T00:00:00Z"}
+        assert_envelope(pushes.request("POST", CDRS_URL, far_future), 2001, path="$.end_date_time")
 
 
 def test_the_owner_is_the_bodys_and_must_be_the_callers(pushes: Pushes) -> None:
