@@ -84,10 +84,15 @@ def our_credentials(settings: Settings, token: str, *, url: str | None = None) -
 
 
 class PartnerLocks:
-    """One handshake at a time per partner in this process (two POSTs with one Token A must not both win)."""
+    """One handshake at a time per partner in this process (two POSTs with one Token A must not both win).
+
+    `claims` serialises the final "party still free? then save" step of every handshake in this process: two
+    partners registering at once with the same party must not both pass the check made before their callbacks.
+    """
 
     def __init__(self) -> None:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.claims = asyncio.Lock()
 
     def __call__(self, partner_id: str) -> asyncio.Lock:
         return self._locks[partner_id]
@@ -170,14 +175,17 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         await _check_parties(registry, credentials.roles, partner.partner_id)
         discovery = await _callback(credentials, partner.profile, settings,
                                     our_version_details(request.app, settings).endpoints)
-        _apply_registration(partner, credentials, discovery)
-        partner.status = PartnerStatus.REGISTERED
-        partner.origin = Origin.PARTNER
-        partner.registered_at = datetime.now(UTC)
-        partner.revoke_tokens(kinds=[TokenKind.A])
-        token_c = partner.issue_token(TokenKind.C)
-        await _run(registry.save, partner)
-        directory.apply(partner)
+        async with locks.claims:
+            # Again after the callback: another partner may have claimed one of these parties meanwhile.
+            await _check_parties(registry, credentials.roles, partner.partner_id)
+            _apply_registration(partner, credentials, discovery)
+            partner.status = PartnerStatus.REGISTERED
+            partner.origin = Origin.PARTNER
+            partner.registered_at = datetime.now(UTC)
+            partner.revoke_tokens(kinds=[TokenKind.A])
+            token_c = partner.issue_token(TokenKind.C)
+            await _run(registry.save, partner)
+            directory.apply(partner)
     log.info("partner %s registered (version %s, roles %s)", partner.partner_id, partner.version,
              [f"{r.country_code}/{r.party_id}" for r in partner.roles])
     return ocpi_response(ocpi_data(our_credentials(settings, token_c)))
@@ -205,11 +213,13 @@ async def put_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         # 07 §3: fetch versions and endpoints again, even when the version is unchanged.
         discovery = await _callback(credentials, partner.profile, settings,
                                     our_version_details(request.app, settings).endpoints)
-        _apply_registration(partner, credentials, discovery)
-        token_c = partner.issue_token(TokenKind.C)
-        partner.retire_tokens(keep=[hash_token(token_c)], grace_s=settings.partners.token_grace_s)
-        await _run(registry.save, partner)
-        directory.apply(partner)
+        async with locks.claims:
+            await _check_parties(registry, credentials.roles, partner.partner_id)
+            _apply_registration(partner, credentials, discovery)
+            token_c = partner.issue_token(TokenKind.C)
+            partner.retire_tokens(keep=[hash_token(token_c)], grace_s=settings.partners.token_grace_s)
+            await _run(registry.save, partner)
+            directory.apply(partner)
     log.info("partner %s updated its credentials (version %s)", partner.partner_id, partner.version)
     return ocpi_response(ocpi_data(our_credentials(settings, token_c)))
 

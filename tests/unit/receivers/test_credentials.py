@@ -7,14 +7,17 @@ missing endpoints, a redirect.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
 from infra.kafka.embedded import free_port
+from receivers import credentials as credentials_module
 from receivers.registry import PartnerStatus, TokenKind, TokenState, hash_token
 from tests.conftest import EXAMPLES
 from tests.unit.receivers.app_support import AppEnv, app_env, auth, make_env  # noqa: F401
@@ -180,6 +183,30 @@ async def test_a_party_belongs_to_one_connection(app_env: AppEnv, partner: FakeP
     status, answer = await post(app_env, token_a, registration(partner))  # claims NL/EXA too
     assert (status, answer["status_code"]) == (200, 2001) and "NL/EXA" in answer["status_message"]
     assert "first" not in answer["status_message"]  # the other partner's id is not disclosed
+
+
+async def test_two_registrations_at_once_cannot_both_claim_a_party(app_env: AppEnv, partner: FakePartner,  # noqa: F811
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both POSTs pass the party check made before their (slow) callbacks; only one may keep NL/EXA."""
+    _, first = app_env.registry.invite("first", "First")
+    _, second = app_env.registry.invite("second", "Second")
+    callback = credentials_module._callback
+
+    async def slow_callback(*args: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await callback(*args)
+
+    monkeypatch.setattr(credentials_module, "_callback", slow_callback)
+    app = app_env.app
+    # A real concurrent ASGI client (AsyncTestClient runs its requests one after the other).
+    async with AsyncTestClient(app=app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                           base_url="http://testserver") as client:
+        answers = await asyncio.gather(
+            client.post(CREDENTIALS, headers=auth(first), json=registration(partner)),
+            client.post(CREDENTIALS, headers=auth(second), json=registration(partner)))
+    assert sorted(a.json()["status_code"] for a in answers) == [1000, 2001]
+    holders = [p.partner_id for p in app_env.registry.all() if p.owns("NL", "EXA")]
+    assert len(holders) == 1
 
 
 async def registered(app_env: AppEnv, partner: FakePartner) -> tuple[str, dict[str, Any]]:  # noqa: F811
