@@ -58,6 +58,7 @@ from receivers.transport import (
     MethodNotAllowed,
     NoMatchingEndpoints,
     UnableToUseClientApi,
+    Unauthorized,
     UnsupportedVersion,
     decode_body,
     ocpi_data,
@@ -191,6 +192,14 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
     return ocpi_response(ocpi_data(our_credentials(settings, token_c)))
 
 
+def _require_current_token(partner: Partner, token: str) -> None:
+    """The token the request was authenticated with must still be valid now that we hold the partner's lock:
+    a PUT that finished meanwhile may have replaced it (07 §1: replaced tokens are no longer valid)."""
+    presented = hash_token(token)
+    if not any(t.sha256 == presented for t in partner.valid_tokens()):
+        raise Unauthorized("this token was replaced while the request waited; use the current token")
+
+
 def _require_registered(request: Request[Any, Any, Any]) -> Partner:
     caller: Partner = request.state.partner
     if request.state.token_kind is TokenKind.A or caller.status is not PartnerStatus.REGISTERED:
@@ -209,6 +218,7 @@ async def put_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         partner = await _run(registry.get, caller.partner_id)
         if partner is None or partner.status is not PartnerStatus.REGISTERED:
             raise MethodNotAllowed("not registered: register with POST (and Token A) first")
+        _require_current_token(partner, request.state.token)
         await _check_parties(registry, credentials.roles, partner.partner_id)
         # 07 §3: fetch versions and endpoints again, even when the version is unchanged.
         discovery = await _callback(credentials, partner.profile, settings,
@@ -234,6 +244,7 @@ async def delete_credentials(request: Request[Any, Any, Any]) -> Response[bytes]
         partner = await _run(registry.get, caller.partner_id)
         if partner is None or partner.status is not PartnerStatus.REGISTERED:
             raise MethodNotAllowed("not registered")
+        _require_current_token(partner, request.state.token)
         await _run(registry.unregister, partner)
         directory.apply(partner)
     log.info("partner %s unregistered", partner.partner_id)

@@ -242,6 +242,40 @@ async def test_put_rotates_tokens_and_renegotiates(make_env: Callable[..., AppEn
     assert old_state.state is (TokenState.REVOKED if grace == "0" else TokenState.RETIRING)
 
 
+async def test_a_token_replaced_while_a_request_waits_is_refused(app_env: AppEnv, partner: FakePartner,  # noqa: F811
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUT and a DELETE with Token C, both authenticated before the PUT replaced it: the DELETE (waiting
+    for the partner's lock) must not act with the dead token, nor undo the rotation."""
+    token_c, _ = await registered(app_env, partner)
+    callback = credentials_module._callback
+
+    async def slow_callback(*args: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await callback(*args)
+
+    monkeypatch.setattr(credentials_module, "_callback", slow_callback)
+    app = app_env.app
+
+    async with AsyncTestClient(app=app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                           base_url="http://testserver") as client:
+        async def delete_soon() -> httpx.Response:
+            await asyncio.sleep(0.1)  # after the PUT took the lock, before it replaced the token
+            return await client.delete(CREDENTIALS, headers=auth(token_c))
+
+        async def put_twice() -> list[httpx.Response]:
+            return list(await asyncio.gather(
+                client.put(CREDENTIALS, headers=auth(token_c), json=registration(partner)),
+                client.put(CREDENTIALS, headers=auth(token_c), json=registration(partner))))
+
+        puts, deleted = await asyncio.gather(put_twice(), delete_soon())
+        assert sorted(r.status_code for r in puts) == [200, 401]
+        assert deleted.status_code == 401
+        new_c = next(r for r in puts if r.status_code == 200).json()["data"]["token"]
+        assert (await client.get("/ocpi/versions", headers=auth(new_c))).status_code == 200
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.status is PartnerStatus.REGISTERED
+
+
 async def test_put_failure_keeps_the_old_registration(app_env: AppEnv, partner: FakePartner) -> None:  # noqa: F811
     token_c, first = await registered(app_env, partner)
     closed = f"http://127.0.0.1:{free_port()}/ocpi/versions"
