@@ -26,7 +26,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
-from urllib.parse import urlparse
 
 from litestar import Request, Response, Router, delete, get, post, put
 
@@ -41,6 +40,7 @@ from receivers.outbound import (
     PartnerApiError,
     VersionMismatch,
     require_endpoints,
+    url_problem,
 )
 from receivers.registry import (
     Origin,
@@ -105,10 +105,10 @@ async def _run(func: Callable[..., T], *args: Any) -> T:
 
 def _decode_credentials(body: bytes, profile: CompatProfile) -> Credentials:
     credentials = decode_body(body, Credentials, profile).value
-    parsed = urlparse(credentials.url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise InvalidParameters(f"$.url: not an absolute http(s) URL: {credentials.url!r}",
-                                data={"path": "$.url", "reason": "not an absolute http(s) URL"})
+    problem = url_problem(credentials.url)
+    if problem is not None:
+        raise InvalidParameters(f"$.url: {problem}: {credentials.url!r}",
+                                data={"path": "$.url", "reason": problem})
     return credentials
 
 

@@ -149,7 +149,8 @@ class OcpiClient:
                 raw = await _read_limited(response, url)
         except httpx.TimeoutException:
             raise PartnerApiError(f"{method} {url}: no answer within the timeout") from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+            # InvalidURL and ValueError (e.g. an IDNA error) come from a host httpx cannot connect to.
             raise PartnerApiError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
         log.info("%s %s -> HTTP %s", method, url, response.status_code)
         if response.is_redirect:
@@ -243,10 +244,23 @@ def _detail(envelope: Envelope) -> str:
     return f": {envelope.status_message}" if envelope.status_message else ""
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be requested (not absolute http(s), bad port, bad IPv6 or IDNA host), or None."""
+    try:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            return "not an absolute http(s) URL"
+        _ = parsed.port  # ValueError when out of range
+        httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        return f"not a usable URL ({exc})"
+    return None
+
+
 def _check_url(url: str) -> None:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise PartnerApiError(f"{url!r} is not an absolute http(s) URL")
+    problem = url_problem(url)
+    if problem is not None:
+        raise PartnerApiError(f"{url!r} is {problem}")
 
 
 async def _read_limited(response: httpx.Response, url: str) -> bytes:

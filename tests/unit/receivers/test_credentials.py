@@ -112,6 +112,16 @@ async def test_registration_stores_nothing_when_the_partner_cannot_be_called(app
         assert (await client.get("/ocpi/versions", headers=auth(token_a))).status_code == 200
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/ocpi/versions", "http://[::1/ocpi/versions",
+                                 "http://exa\u00e9mple..com/ocpi/versions"])
+async def test_an_unusable_versions_url_is_invalid_not_a_crash(app_env: AppEnv, url: str) -> None:  # noqa: F811
+    """URLs that parse as absolute http(s) but cannot be requested (port, IPv6, IDNA): 2001, not HTTP 500."""
+    _, token_a = app_env.registry.invite("cpo", "CPO")
+    status, answer = await post(app_env, token_a, {**registration_body(), "url": url})
+    assert (status, answer["status_code"]) == (200, 2001), answer
+    assert answer["data"]["path"] == "$.url"
+
+
 def registration_body() -> dict[str, Any]:
     return json.loads((EXAMPLES / "credentials_example.json").read_text())  # type: ignore[no-any-return]
 
@@ -120,12 +130,15 @@ def registration_body() -> dict[str, Any]:
     ({"details_status": 500}, 3001, "not an OCPI response envelope"),
     ({"versions": [{"version": "2.1.1", "url": "http://127.0.0.1:9/x"}]}, 3002, "offers 2.1.1"),
     ({"versions": []}, 3002, "no version"),
+    ({"versions": [{"version": "2.2.1", "url": "http://127.0.0.1:99999/ocpi/2.2.1"}]}, 3001, "Port out of range"),
+    ({"versions": [{"version": "2.2.1", "url": "http://xn--/ocpi/2.2.1"}]}, 3001, "IDNAError"),
     ({"endpoints": [{"identifier": "locations", "role": "SENDER", "url": "http://127.0.0.1:9/l"}]}, 3003,
      "no credentials endpoint"),
     ({"endpoints": [{"identifier": "credentials", "role": "SENDER", "url": "http://127.0.0.1:9/c"},
                     {"identifier": "tokens", "role": "SENDER", "url": "http://127.0.0.1:9/t"}]}, 3003,
      "no module in common"),
-], ids=["details-broken", "only-2.1.1", "no-versions", "no-credentials-endpoint", "nothing-in-common"])
+], ids=["details-broken", "only-2.1.1", "no-versions", "details-bad-port", "details-bad-host",
+        "no-credentials-endpoint", "nothing-in-common"])
 async def test_registration_errors(app_env: AppEnv, fake_kwargs: dict[str, Any], code: int,  # noqa: F811
                                    text: str) -> None:
     fake = FakePartner(**fake_kwargs).start()
