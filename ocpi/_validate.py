@@ -14,6 +14,7 @@ a backslash (an escape could spell `#NA`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any, Final, NamedTuple
@@ -216,10 +217,23 @@ class _Plan(NamedTuple):
     strings: tuple[tuple[str, bool, bool], ...]  # (field, is_list, required in the full object)
 
 
+# ISO 4217 alphabetic codes are three upper-case letters. The model only says string(3); billing sums per currency,
+# so an original in "eur" and its credit in "EUR" (or a currency "E") would never net: refused instead.
+_ISO_4217: Final = re.compile(r"[A-Z]{3}")
+
+
+def _iso_4217_currency(obj: Any, path: str, ctx: Context) -> None:
+    currency = obj.currency
+    if type(currency) is str and _ISO_4217.fullmatch(currency) is None:
+        raise OcpiValidationError(f"{path}.currency", "not an ISO 4217 currency code (three upper-case letters)")
+
+
 def _checks_of(cls: type) -> tuple[Check, ...]:
     checks = [check for (name, _), check in CONSTRAINTS.items() if _CLASSES[name] is cls]
     if cls in D2_MAX_LENGTH:
         checks.append(_errata_lengths)
+    if "currency" in getattr(cls, "__struct_fields__", ()):
+        checks.append(_iso_4217_currency)
     return tuple(checks)
 
 

@@ -36,6 +36,8 @@ def field_value(field: dict[str, Any]) -> Any:
         return None
     if "pattern" in field:
         return BY_PATTERN[field["pattern"]]
+    if field["name"] == "currency":
+        return "EUR"  # an ISO 4217 code (ocpi._validate)
     if typ in ("CiString", "string", "URL"):
         return "x"
     if typ == "DateTime":

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ocpi import OcpiValidationError, decode
-from ocpi._generated import D2_MAX_LENGTH, OBJECTS, OPEN_ENUM_FIELDS, Session, VersionDetails
+from ocpi._generated import D2_MAX_LENGTH, OBJECTS, OPEN_ENUM_FIELDS, PATCHES, Session, VersionDetails
 
 from .samples import ENUMS, minimal
 from .samples import OBJECTS as SPEC_OBJECTS
@@ -364,3 +364,16 @@ def test_patch_null_means_unchanged_and_constraints_still_apply() -> None:
     )
     with pytest.raises(OcpiValidationError):
         decode(b'{"last_updated": "2019-06-24T12:39:09Z", "tariff_ids": [1]}', model.ConnectorPatch)
+
+
+@pytest.mark.parametrize("currency", ["eur", "E", "EU1", "€"])
+@pytest.mark.parametrize("name", ["CDR", "Session", "Tariff"])
+def test_a_currency_must_be_an_iso_4217_code(name: str, currency: str) -> None:
+    # Billing sums per currency: "eur" beside "EUR" would keep a credit from netting its original.
+    assert_invalid({**minimal(name), "currency": currency}, OBJECTS[name], "$.currency", "ISO 4217")
+
+
+def test_a_session_patch_currency_must_be_an_iso_4217_code() -> None:
+    patch = PATCHES["Session"]
+    assert_invalid({"currency": "eur", "last_updated": "2015-06-29T20:39:09Z"}, patch, "$.currency", "ISO 4217")
+    assert decode(dumps({"currency": "EUR", "last_updated": "2015-06-29T20:39:09Z"}), patch).value.currency == "EUR"
