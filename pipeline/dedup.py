@@ -15,13 +15,44 @@ way round, a PATCH with the body of the PUT before it, changes nothing and is a 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
 from infra.codec import DecodedEvent
 from ocpi.identity import ci_normalize
 
 
 def identity(event: DecodedEvent) -> str:
     """The event's object identity within its Kafka key: `LEVEL|EVSE|CONNECTOR` (CiString, upper-cased)."""
-    return f"{event.level}|{ci_normalize(event.evse_uid or '')}|{ci_normalize(event.connector_id or '')}"
+    return level_identity(event.level, event.evse_uid, event.connector_id)
+
+
+def level_identity(level: str, evse_uid: str | None = None, connector_id: str | None = None) -> str:
+    """`LEVEL|EVSE|CONNECTOR` of an object of the Location tree (see `identity`)."""
+    return f"{level}|{ci_normalize(evse_uid or '')}|{ci_normalize(connector_id or '')}"
+
+
+def confirmations(event: DecodedEvent) -> Iterator[tuple[str, str | None, str | None, datetime]]:
+    """(identity, EVSE uid, Connector id, last_updated) of every Location-tree object a duplicate confirms: its
+    own object, and the EVSEs and Connectors its payload carries (a Location PUT, or PATCH of `evses`; an EVSE
+    PUT, or PATCH of `connectors`), each with the `last_updated` it carries. A re-push that bumps the timestamps
+    confirms the whole tree it holds then, so an older push for one of its EVSEs or Connectors is stale too."""
+    payload = event.payload
+    yield identity(event), event.evse_uid, event.connector_id, payload["last_updated"]
+    if event.level == "LOCATION":
+        for evse in payload.get("evses") or ():
+            yield from _evse_confirmations(evse["uid"], evse)
+    elif event.level == "EVSE":
+        for connector in payload.get("connectors") or ():
+            yield (level_identity("CONNECTOR", event.evse_uid, connector["id"]), event.evse_uid, connector["id"],
+                   connector["last_updated"])
+
+
+def _evse_confirmations(uid: str, evse: dict[str, Any]) -> Iterator[tuple[str, str | None, str | None, datetime]]:
+    yield level_identity("EVSE", uid), uid, None, evse["last_updated"]
+    for connector in evse.get("connectors") or ():
+        yield level_identity("CONNECTOR", uid, connector["id"]), uid, connector["id"], connector["last_updated"]
 
 
 def fingerprint(event: DecodedEvent) -> str:

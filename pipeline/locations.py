@@ -17,10 +17,11 @@ from typing import Any
 
 import msgspec
 
+from infra.codec import DecodedEvent
 from ocpi.identity import ci_normalize
 from ocpi.model import EVSE, Location
 from pipeline import ordering, projection, wire
-from pipeline.dedup import fingerprint, identity, is_duplicate
+from pipeline.dedup import confirmations, fingerprint, identity, is_duplicate
 from pipeline.records import Anomaly, Outcome, Record
 from pipeline.retention import LOCATION_PERSONAL_FIELD
 from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, to_parked
@@ -55,13 +56,11 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     """Apply one event; returns False when it had to be parked."""
     event = record.event
     last_updated = event.payload["last_updated"]
+    current = run.stored.of(state.object_json)
     if is_duplicate(state.last_identity, state.last_hash, event):
-        confirmed = state.confirmed.get(state.last_identity)
-        if confirmed is None or last_updated > confirmed:
-            state.confirmed[state.last_identity] = last_updated
+        _confirm(state, current, event)
         out.outcome(record, Outcome.DUPLICATE)
         return True
-    current = run.stored.of(state.object_json)
     stored = ordering.newest(ordering.target_last_updated(current, event), state.confirmed.get(identity(event)))
     if ordering.is_stale(stored, last_updated):
         detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
@@ -90,6 +89,20 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     if state.parked and not retry:
         retry_parked(state, run, rules, out)
     return True
+
+
+def _confirm(state: LocationState, current: Location | None, event: DecodedEvent) -> None:
+    """Record the newer `last_updated` a dropped duplicate confirms, for its object and the EVSEs and Connectors
+    it carries (`dedup.confirmations`); a child's only where it is newer than the stored child's own, so the
+    state holds what the tree does not."""
+    for ident, evse_uid, connector_id, moment in confirmations(event):
+        if ident != state.last_identity:
+            own = ordering.stored_last_updated(current, evse_uid, connector_id)
+            if own is not None and moment <= own:
+                continue
+        known = state.confirmed.get(ident)
+        if known is None or moment > known:
+            state.confirmed[ident] = moment
 
 
 def retry_parked(state: LocationState, run: Run, rules: StageRules, out: StageOutput) -> None:

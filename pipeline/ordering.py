@@ -85,14 +85,22 @@ def merge_session_patch(stored: wire.StoredStruct[Session], current_json: bytes,
 
 def target_last_updated(location: Location | None, event: DecodedEvent) -> datetime | None:
     """`last_updated` of the stored object a Locations event targets (None: not stored)."""
+    return stored_last_updated(location, event.evse_uid if event.level != "LOCATION" else None,
+                               event.connector_id if event.level == "CONNECTOR" else None)
+
+
+def stored_last_updated(location: Location | None, evse_uid: str | None = None,
+                        connector_id: str | None = None) -> datetime | None:
+    """`last_updated` of the stored Location, or of its EVSE `evse_uid`, or of that EVSE's Connector
+    `connector_id` (None: not stored)."""
     if location is None:
         return None
-    if event.level == "LOCATION":
+    if evse_uid is None:
         return location.last_updated
-    evse = _find(location.evses or (), "uid", event.evse_uid)
-    if evse is None or event.level == "EVSE":
+    evse = _find(location.evses or (), "uid", evse_uid)
+    if evse is None or connector_id is None:
         return None if evse is None else evse.last_updated
-    connector = _find(evse.connectors, "id", event.connector_id)
+    connector = _find(evse.connectors, "id", connector_id)
     return None if connector is None else connector.last_updated
 
 

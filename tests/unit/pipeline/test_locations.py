@@ -201,3 +201,33 @@ def test_evses_are_paired_in_place_or_by_uid_ignoring_case() -> None:
     assert _pair_evses([e1, e2], [lower, e1]) == ([(lower, e2), (e1, e1)], [])  # reordered, uid in another case
     assert _pair_evses([e1, e2, e3], [e3, e1]) == ([(e3, e3), (e1, e1)], [e2])  # E2 left out of a PUT
     assert _pair_evses([], [e1]) == ([(e1, None)], [])
+
+
+def test_a_location_re_push_confirms_its_evses_against_an_older_evse_push() -> None:
+    # The CPO re-PUTs the Location unchanged with bumped timestamps (t=5): a duplicate, but it confirms E1 was
+    # AVAILABLE at t=5. E1's CHARGING of t=3, arriving after it, is stale, as it is when it arrives before the
+    # re-push (which is then applied): the end state must not depend on the arrival order.
+    late = status_patch("E1", "CHARGING", 3, 2)
+    h = harness()
+    h.run(event("Location", location(updated=0), received=0))
+    repush = event("Location", location(updated=5), received=1)
+    out = h.run(repush, late)
+    assert (outcome_of(out, repush.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
+    assert stored(h)["evses"][0]["status"] == "AVAILABLE"
+    assert rows(out.batch, "evse_status_history") == []
+    other = harness()
+    other.run(event("Location", location(updated=0), received=0), late, event("Location", location(updated=5)))
+    assert other.state(KEY).object_json is not None
+    assert json.loads(other.state(KEY).object_json)["evses"][0]["status"] == "AVAILABLE"
+
+
+def test_an_evse_re_push_confirms_its_connectors_against_an_older_connector_push() -> None:
+    h = harness()
+    h.run(event("Location", location(updated=0), received=0),
+          event("EVSE", evse("E1", status="CHARGING", updated=2), object_id="LOC1", evse_uid="E1", received=1))
+    repush = event("EVSE", evse("E1", status="CHARGING", updated=5), object_id="LOC1", evse_uid="E1", received=2)
+    late = event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(3))}, object_id="LOC1",
+                 evse_uid="E1", connector_id="1", received=3)
+    out = h.run(repush, late)
+    assert (outcome_of(out, repush.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
+    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 22000
