@@ -29,8 +29,19 @@ def identity(event: DecodedEvent) -> str:
 
 
 def level_identity(level: str, evse_uid: str | None = None, connector_id: str | None = None) -> str:
-    """`LEVEL|EVSE|CONNECTOR` of an object of the Location tree (see `identity`)."""
-    return f"{level}|{ci_normalize(evse_uid or '')}|{ci_normalize(connector_id or '')}"
+    """`LEVEL|EVSE|CONNECTOR` of an object of the Location tree (see `identity`).
+
+    A CiString may hold `|` (any printable ASCII), so each part escapes `%` and `|`: EVSE `A|B` with Connector
+    `C` and EVSE `A` with Connector `B|C` are different objects. Ids without either character keep the identity
+    they always had (states written before still match)."""
+    return f"{level}|{_part(evse_uid)}|{_part(connector_id)}"
+
+
+def _part(value: str | None) -> str:
+    text = ci_normalize(value or "")
+    if "%" in text or "|" in text:
+        text = text.replace("%", "%25").replace("|", "%7C")
+    return text
 
 
 def confirmations(event: DecodedEvent) -> Iterator[tuple[str, str | None, str | None, datetime]]:

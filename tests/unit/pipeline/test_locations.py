@@ -231,3 +231,16 @@ def test_an_evse_re_push_confirms_its_connectors_against_an_older_connector_push
     out = h.run(repush, late)
     assert (outcome_of(out, repush.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
     assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 22000
+
+
+def test_sub_object_identities_with_a_bar_in_their_ids_do_not_collide() -> None:
+    # EVSE "A|B" Connector "C" and EVSE "A" Connector "B|C": `|` is printable ASCII, so valid in a CiString.
+    h = harness()
+    h.run(event("Location", location(evses=[evse("A", connectors=[connector("B|C")]),
+                                            evse("A|B", connectors=[connector("C")])]), received=0))
+    body = {"max_electric_power": 11000, "last_updated": iso(ts(5))}
+    first = event("ConnectorPatch", body, object_id="LOC1", evse_uid="A|B", connector_id="C", received=1)
+    second = event("ConnectorPatch", body, object_id="LOC1", evse_uid="A", connector_id="B|C", received=2)
+    out = h.run(first, second)
+    assert (outcome_of(out, first.event_id), outcome_of(out, second.event_id)) == ("APPLIED", "APPLIED")
+    assert [e["connectors"][0]["max_electric_power"] for e in stored(h)["evses"]] == [11000, 11000]
