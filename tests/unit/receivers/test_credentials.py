@@ -8,8 +8,9 @@ missing endpoints, a redirect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -198,11 +199,8 @@ async def test_a_party_belongs_to_one_connection(app_env: AppEnv, partner: FakeP
     assert "first" not in answer["status_message"]  # the other partner's id is not disclosed
 
 
-async def test_two_registrations_at_once_cannot_both_claim_a_party(app_env: AppEnv, partner: FakePartner,  # noqa: F811
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both POSTs pass the party check made before their (slow) callbacks; only one may keep NL/EXA."""
-    _, first = app_env.registry.invite("first", "First")
-    _, second = app_env.registry.invite("second", "Second")
+def slow_callbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every handshake callback takes 0.3 s: long enough for a concurrent request to overtake it."""
     callback = credentials_module._callback
 
     async def slow_callback(*args: Any) -> Any:
@@ -210,10 +208,24 @@ async def test_two_registrations_at_once_cannot_both_claim_a_party(app_env: AppE
         return await callback(*args)
 
     monkeypatch.setattr(credentials_module, "_callback", slow_callback)
-    app = app_env.app
-    # A real concurrent ASGI client (AsyncTestClient runs its requests one after the other).
+
+
+@contextlib.asynccontextmanager
+async def concurrent_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A really concurrent ASGI client (AsyncTestClient runs its requests one after the other), with the app's
+    lifespan running."""
     async with AsyncTestClient(app=app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                                            base_url="http://testserver") as client:
+        yield client
+
+
+async def test_two_registrations_at_once_cannot_both_claim_a_party(app_env: AppEnv, partner: FakePartner,  # noqa: F811
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both POSTs pass the party check made before their (slow) callbacks; only one may keep NL/EXA."""
+    _, first = app_env.registry.invite("first", "First")
+    _, second = app_env.registry.invite("second", "Second")
+    slow_callbacks(monkeypatch)
+    async with concurrent_client(app_env.app) as client:
         answers = await asyncio.gather(
             client.post(CREDENTIALS, headers=auth(first), json=registration(partner)),
             client.post(CREDENTIALS, headers=auth(second), json=registration(partner)))
@@ -260,17 +272,8 @@ async def test_a_token_replaced_while_a_request_waits_is_refused(app_env: AppEnv
     """A PUT and a DELETE with Token C, both authenticated before the PUT replaced it: the DELETE (waiting
     for the partner's lock) must not act with the dead token, nor undo the rotation."""
     token_c, _ = await registered(app_env, partner)
-    callback = credentials_module._callback
-
-    async def slow_callback(*args: Any) -> Any:
-        await asyncio.sleep(0.3)
-        return await callback(*args)
-
-    monkeypatch.setattr(credentials_module, "_callback", slow_callback)
-    app = app_env.app
-
-    async with AsyncTestClient(app=app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                                           base_url="http://testserver") as client:
+    slow_callbacks(monkeypatch)
+    async with concurrent_client(app_env.app) as client:
         async def delete_soon() -> httpx.Response:
             await asyncio.sleep(0.1)  # after the PUT took the lock, before it replaced the token
             return await client.delete(CREDENTIALS, headers=auth(token_c))
