@@ -20,6 +20,8 @@ from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse.client import connect
 from infra.clickhouse.migrations import migrate
+from pipeline import projection
+from receivers.registry import PartnerRegistry, PartyRole
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
@@ -158,3 +160,34 @@ def test_every_panel_query_runs_on_the_migrated_schema(schema: Client, path: Pat
             pytest.fail(f"{path.name}: panel {title!r} failed: {exc}\n{rendered}")
     variable = next(v for v in _load(path)["templating"]["list"] if v["name"] == "partner")
     schema.query(variable["query"])
+
+
+def _panel_sql(path: Path, title: str) -> str:
+    return next(sql for panel_title, sql in panel_queries(path) if panel_title == title)
+
+
+def test_last_push_lists_registered_partners_silent_for_the_whole_range(schema: Client) -> None:
+    """The panel is there to find silent partners: one that pushed nothing in the time range must be listed (it
+    was not: the query read only the pushes in the range), a deleted one without pushes must not."""
+    registry = PartnerRegistry(schema)
+    ids = {name: f"lp-{name}-{uuid.uuid4().hex[:6]}" for name in ("active", "silent", "deleted")}
+    for name, partner_id in ids.items():
+        registry.register_direct(partner_id, name, [PartyRole(country_code="NL", party_id=f"L{name[:2].upper()}",
+                                                             role="CPO", business_name=name)])
+    registry.delete(ids["deleted"])
+    end = datetime.now(UTC)
+
+    def event(event_id: str, partner_id: str, received_at: datetime) -> list[Any]:
+        return [event_id, partner_id, "SESSIONS", "PUT", "OBJECT", "NL", "LAC", "S1", None, None, received_at, "r",
+                "c", "PUSH", "h", [], "{}", "t", 0, 0, "APPLIED", ""]
+
+    schema.insert("raw_events", [event(f"{ids['active']}-1", ids["active"], end - timedelta(hours=1)),
+                                 event(f"{ids['silent']}-1", ids["silent"], end - timedelta(days=10))],
+                  column_names=list(projection.RAW_EVENT_COLUMNS))
+    sql = render_panel_sql(_panel_sql(ROOT / "dashboards" / "partner-health.json", "Last push per partner"),
+                           start=end - timedelta(days=7), end=end, partners=list(ids.values()))
+    rows = {row[0]: row for row in schema.query(sql).result_rows}
+    assert set(rows) == {ids["active"], ids["silent"]}
+    assert rows[ids["silent"]][2] is None and rows[ids["silent"]][3] == 7 * 86400
+    assert rows[ids["active"]][2] is not None and 3590 <= rows[ids["active"]][3] <= 3610
+    assert next(iter(rows)) == ids["silent"]  # the silent one first
