@@ -16,9 +16,12 @@ from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, Record, s
 from pipeline.sink import Batch
 from pipeline.state import Parked
 
-# Outcomes of a replayed event (source REPLAY, `ocpi-pipeline replay`) that mean "seen before": not recorded, so
-# the original event's raw_events row (same event_id) keeps its outcome.
-_NOT_RECORDED_FOR_REPLAYS = frozenset({Outcome.DUPLICATE, Outcome.STALE})
+# Outcomes of a replayed event (source REPLAY, `ocpi-pipeline replay`) that change nothing: not recorded, so the
+# original event's raw_events row (same event_id) keeps its outcome and its source (PUSH, PULL), which partner
+# health counts by. A refusal (REJECTED, INVALID, CONFLICT) is the same decision taken again, or, for an event
+# applied once and refused now that its object moved on, no reason to rewrite what happened to it.
+_NOT_RECORDED_FOR_REPLAYS = frozenset({Outcome.DUPLICATE, Outcome.STALE, Outcome.REJECTED, Outcome.INVALID,
+                                       Outcome.CONFLICT})
 
 
 @dataclass(frozen=True)

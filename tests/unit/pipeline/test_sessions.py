@@ -324,3 +324,16 @@ def test_a_replayed_event_that_changes_nothing_leaves_the_original_outcome_alone
     out = h.run(*replayed)
     assert rows(out.batch, "raw_events") == [] and rows(out.batch, "anomalies") == []
     assert out.outcomes == {"REPLAYED_DUPLICATE": 1, "REPLAYED_STALE": 1}
+
+
+def test_a_replayed_refusal_keeps_the_original_row_and_its_source() -> None:
+    """Partner health counts pushes by raw_events.source: a replay refused again must not turn the PUSH row into a
+    REPLAY row (same event_id)."""
+    h = harness()
+    h.run(event("Session", session(status="COMPLETED", kwh="5", end=30, updated=30), received=1))
+    reopen = event("SessionPatch", {"status": "ACTIVE", "last_updated": iso(ts(40))}, object_id="S1", received=2)
+    assert dict(outcomes(h.run(reopen))) == {reopen.event_id: "REJECTED"}
+    again = event("SessionPatch", {"status": "ACTIVE", "last_updated": iso(ts(40))}, object_id="S1", received=2,
+                  event_id=reopen.event_id, source="REPLAY")
+    out = h.run(again)
+    assert rows(out.batch, "raw_events") == [] and out.outcomes == {"REPLAYED_REJECTED": 1}
