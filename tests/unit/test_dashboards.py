@@ -119,7 +119,7 @@ def test_time_series_panels_bucket_with_the_plugin_macros(path: Path) -> None:
             assert re.search(r"\$__(timeFilter|dateFilter)\(", sql), f"{panel['title']}: no time range filter"
             if panel["type"] == "timeseries":
                 assert target["format"] == 0 and re.search(r"\bAS time\b", sql), panel["title"]
-                assert "$__timeInterval(" in sql or "toDateTime(day) AS time" in sql, panel["title"]
+                assert "$__timeInterval(" in sql or "toDateTime(day, 'UTC') AS time" in sql, panel["title"]
 
 
 def test_render_expands_macros_like_the_plugin() -> None:
