@@ -70,7 +70,7 @@ from pipeline.records import Anomaly, AnomalyRow
 from pipeline.state import Codec, Overlay
 
 RECONCILIATION_COLUMNS = (
-    "country_code", "party_id", "subject", "subject_id", "partner_id", "outcome", "method", "session_id",
+    "country_code", "party_id", "subject", "subject_id", "partner_id", "currency", "outcome", "method", "session_id",
     "cdr_ids", "session_kwh", "cdr_kwh", "delta_kwh", "session_cost_excl_vat", "cdr_cost_excl_vat",
     "delta_cost_excl_vat", "delta_start_s", "delta_end_s", "late", "due_at", "event_time", "version",
 )
@@ -151,8 +151,9 @@ class Deltas:
 
 
 def deltas(session: SessionFact, cdr: CdrFact) -> Deltas:
-    """CDR minus Session."""
-    cost = None if session.cost_excl_vat is None else cdr.cost_excl_vat - session.cost_excl_vat
+    """CDR minus Session; no cost delta when the session gives no cost, or a cost in another currency."""
+    cost = (None if session.cost_excl_vat is None or session.currency != cdr.currency
+            else cdr.cost_excl_vat - session.cost_excl_vat)
     end = None if session.end is None else _seconds(cdr.end - session.end)
     return Deltas(kwh=cdr.total_energy - session.kwh, cost_excl_vat=cost,
                   start_s=_seconds(cdr.start - session.start), end_s=end)
@@ -349,11 +350,13 @@ def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules:
     else:
         return  # an open session without a CDR is not reconcilable yet
     cdr_kwh = sum((c.fact.total_energy for c in cdrs), Decimal(0)) if cdrs else None
-    cdr_cost = sum((c.fact.cost_excl_vat for c in cdrs), Decimal(0)) if cdrs else None
+    # Costs in another currency than the session's are not summed with it (the CDR rows say MISMATCH).
+    comparable = bool(cdrs) and all(c.fact.currency == fact.currency for c in cdrs)
+    cdr_cost = sum((c.fact.cost_excl_vat for c in cdrs), Decimal(0)) if comparable else None
     rec.seq = next_seq(rec.seq, now)
     out.reconciliation.append([
-        state.country_code, state.party_id, "SESSION", fact.session_id, fact.partner_id, outcome, rec.method,
-        fact.session_id, [c.fact.cdr_id for c in cdrs], fact.kwh, cdr_kwh,
+        state.country_code, state.party_id, "SESSION", fact.session_id, fact.partner_id, fact.currency, outcome,
+        rec.method, fact.session_id, [c.fact.cdr_id for c in cdrs], fact.kwh, cdr_kwh,
         None if cdr_kwh is None else cdr_kwh - fact.kwh, fact.cost_excl_vat, cdr_cost,
         None if cdr_cost is None or fact.cost_excl_vat is None else cdr_cost - fact.cost_excl_vat,
         None, None, rec.late, due, fact.received_at, rec.seq * 2,
@@ -374,10 +377,12 @@ def _emit_cdr(state: PartyState, rec: CdrRec, session: SessionFact | None, rules
         due = fact.received_at + rules.session_grace
     else:
         d = deltas(session, fact)
-        outcome = "MATCHED" if within_tolerance(d, rules) else "MISMATCH"
+        # Amounts in two currencies cannot be compared: a CDR billed in another currency than its session is off.
+        same_currency = session.currency == fact.currency
+        outcome = "MATCHED" if same_currency and within_tolerance(d, rules) else "MISMATCH"
     rec.seq = next_seq(rec.seq, now)
     out.reconciliation.append([
-        state.country_code, state.party_id, "CDR", fact.cdr_id, fact.partner_id, outcome, rec.method,
+        state.country_code, state.party_id, "CDR", fact.cdr_id, fact.partner_id, fact.currency, outcome, rec.method,
         rec.session_id if not fact.credit else None, [fact.cdr_id],
         None if session is None else session.kwh, fact.total_energy, None if d is None else d.kwh,
         None if session is None else session.cost_excl_vat, fact.cost_excl_vat,

@@ -6,7 +6,7 @@ shim has no server-side parameters) over the tables the pipeline writes:
 - revenue: `billable_lines` (`billing_lines`, one line per CDR, credits already negated by the `billing_lines_mv`
   view, so a credit CDR nets out the CDR it cancels; without the lines of DUPLICATE_CREDIT credits, which would net
   it twice); grouped by party, location or day, one row per currency;
-- reconciliation: `reconciliation` outcomes per CPO party, subject and outcome, with the summed deltas;
+- reconciliation: `reconciliation` outcomes per CPO party, subject, outcome and currency, with the summed deltas;
 - anomalies: `anomalies` per kind, module and CPO party;
 - health: per partner and module, pushes accepted (`raw_events`, source PUSH), pushes refused
   (`rejections`), the refusal rate and the ingestion lag (`inserted_at - received_at`: from the receiver
@@ -126,10 +126,11 @@ ORDER BY {group}"""
 
 
 def reconciliation(period: Period, *, party: str | None = None) -> ReportQuery:
-    """Reconciliation outcomes per CPO party, subject (SESSION, CDR) and outcome, with summed deltas."""
+    """Reconciliation outcomes per CPO party, subject (SESSION, CDR), outcome and currency, with summed deltas (cost
+    deltas only add up within a currency)."""
     filters = _Filters().period("toDate(event_time)", period).party(party)
     sql = f"""
-SELECT country_code, party_id, subject, outcome,
+SELECT country_code, party_id, subject, outcome, currency,
        count() AS subjects,
        countIf(late) AS late,
        sum(ifNull(delta_kwh, 0)) AS sum_delta_kwh,
@@ -137,8 +138,8 @@ SELECT country_code, party_id, subject, outcome,
        max(abs(ifNull(delta_kwh, 0))) AS max_abs_delta_kwh
 FROM reconciliation FINAL
 {filters.where}
-GROUP BY country_code, party_id, subject, outcome
-ORDER BY country_code, party_id, subject, outcome"""
+GROUP BY country_code, party_id, subject, outcome, currency
+ORDER BY country_code, party_id, subject, outcome, currency"""
     return ReportQuery(sql, filters.params)
 
 

@@ -102,7 +102,7 @@ def revenue(start: date | None, end: date | None, fmt: str, by: str, party: str 
 @_period_options
 @click.option("--party", metavar="CC/PID", help="Only this CPO party.")
 def reconciliation(start: date | None, end: date | None, fmt: str, party: str | None) -> None:
-    """Sessions matched with CDRs: outcomes per party and subject, with the summed kWh and cost deltas.
+    """Sessions matched with CDRs: outcomes per party, subject and currency, with the summed kWh and cost deltas.
 
     Example: ocpi-pipeline report reconciliation --from 2024-05-01 --format json
     """

@@ -211,10 +211,10 @@ async def test_a_cdr_naming_an_unknown_session_falls_back_to_its_authorization_r
     skip = ("late", "event_time", "version")
     columns = ", ".join(c for c in RECONCILIATION_COLUMNS if c not in skip)
     ten, cost, zero = Decimal("10.0000"), Decimal("2.5000"), Decimal("0.0000")
-    want = [("NL", "FBK", "CDR", "C1", "p1", "MATCHED", "AUTHORIZATION_REFERENCE", "S1", ["C1"], ten, ten, zero,
-             cost, cost, zero, Decimal("0.000000"), Decimal("60.000000"), None),
-            ("NL", "FBK", "SESSION", "S1", "p1", "MATCHED", "AUTHORIZATION_REFERENCE", "S1", ["C1"], ten, ten, zero,
-             cost, cost, zero, None, None, None)]
+    want = [("NL", "FBK", "CDR", "C1", "p1", "EUR", "MATCHED", "AUTHORIZATION_REFERENCE", "S1", ["C1"], ten, ten,
+             zero, cost, cost, zero, Decimal("0.000000"), Decimal("60.000000"), None),
+            ("NL", "FBK", "SESSION", "S1", "p1", "EUR", "MATCHED", "AUTHORIZATION_REFERENCE", "S1", ["C1"], ten, ten,
+             zero, cost, cost, zero, None, None, None)]
     rows = await wait_rows(client(stack), f"SELECT {columns} FROM reconciliation FINAL WHERE party_id = 'FBK' "
                            "ORDER BY subject", want, timeout=30)
     assert rows == want

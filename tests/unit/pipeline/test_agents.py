@@ -24,7 +24,7 @@ def test_progress_marks_the_last_offset_finished_per_partition() -> None:
 
 def test_reconciliation_records_are_keyed_by_subject_and_carry_the_row() -> None:
     row = [None] * len(RECONCILIATION_COLUMNS)
-    row[:6] = ["NL", "TNM", "CDR", "C1", "p1", "MATCHED"]
+    row[:7] = ["NL", "TNM", "CDR", "C1", "p1", "EUR", "MATCHED"]
     [(key, value)] = reconciliation_records([row])
     assert key == b"NL/TNM/CDR/C1"
     assert msgspec.json.decode(value)["outcome"] == "MATCHED"

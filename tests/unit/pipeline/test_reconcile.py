@@ -690,3 +690,20 @@ def test_a_later_fact_supersedes_the_row_of_a_worker_that_saw_the_facts_in_anoth
     after = live.run(credit)
     swapped_in, newer = result(rebuilt, "SESSION", "S1"), result(after, "SESSION", "S1")
     assert newer["cdr_ids"] == ["C2"] and newer["version"] > swapped_in["version"]
+
+
+def test_a_cdr_in_another_currency_than_its_session_is_a_mismatch_without_a_cost_delta() -> None:
+    party = Party()
+    party.run(s_fact(completed(), received=61, final=61))
+    chf = {**cdr(kwh="10", cost="2.50"), "currency": "CHF"}
+    out = party.run(c_fact(chf, received=70))
+    row = result(out, "CDR", "C1")
+    assert (row["outcome"], row["currency"], row["delta_cost_excl_vat"], row["delta_kwh"]) == (
+        "MISMATCH", "CHF", None, Decimal("0.0000"))
+    session_row = result(out, "SESSION", "S1")
+    # Its CDR's cost is not summed into the session's currency; the session row is still MATCHED (it has its CDR).
+    assert (session_row["outcome"], session_row["currency"], session_row["cdr_cost_excl_vat"],
+            session_row["delta_cost_excl_vat"]) == ("MATCHED", "EUR", None, None)
+    same = Party()
+    same.run(s_fact(completed(), received=61, final=61))
+    assert result(same.run(c_fact(cdr(kwh="10", cost="2.50"), received=70)), "CDR", "C1")["currency"] == "EUR"

@@ -300,7 +300,8 @@ def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> Non
     for subject, sid, outcome, due in (("SESSION", "S5", "AWAITING_CDR", ts(30)), ("CDR", "C5", "AWAITING_SESSION",
                                         ts(100)), ("CDR", "C6", "MATCHED", None)):
         row = {**base, "country_code": "NL", "party_id": "TNM", "subject": subject, "subject_id": sid,
-               "partner_id": "p1", "outcome": outcome, "method": "", "cdr_ids": [], "late": False, "due_at": due,
+               "partner_id": "p1", "currency": "EUR", "outcome": outcome, "method": "", "cdr_ids": [], "late": False,
+               "due_at": due,
                "event_time": ts(0), "version": 4}
         recon.add("reconciliation", RECONCILIATION_COLUMNS, [row[c] for c in RECONCILIATION_COLUMNS])
     link = dict(zip(CREDIT_LINK_COLUMNS, ["NL", "TNM", "C7-C", "C7", "p1", "AWAITING_ORIGINAL", Decimal("-1"), None,
@@ -319,7 +320,8 @@ def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> Non
         ("its Session PUT did not arrive within 0:05:00",)]
     assert client.query("SELECT detail FROM anomalies FINAL WHERE kind = 'ORPHAN_EVENT'").result_rows == [
         ("waited 0:05:00 for its Session PUT",)]
-    assert [(r[3], r[5]) for r in promoted] == [("S5", "MISSING_CDR")]
+    outcome = RECONCILIATION_COLUMNS.index("outcome")
+    assert [(r[3], r[outcome]) for r in promoted] == [("S5", "MISSING_CDR")]
     assert client.query("SELECT subject_id, outcome, version FROM reconciliation FINAL ORDER BY subject_id"
                         ).result_rows == [("C5", "AWAITING_SESSION", 4), ("C6", "MATCHED", 4),
                                           ("S5", "MISSING_CDR", 5)]
