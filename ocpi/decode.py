@@ -68,7 +68,7 @@ def decode(body: bytes | str, model: type[T], *, profile: CompatProfile | None =
         value = decoder.decode(body)
     except msgspec.ValidationError as exc:
         value = _after_strict_failure(body, model, decoder, exc, enabled, applied)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
         raise OcpiJsonError(_json_reason(exc)) from None
     except RecursionError:
         raise OcpiJsonError(_TOO_DEEP) from None
@@ -83,7 +83,7 @@ def decode_stored(body: bytes, model: type[T]) -> T:
         value = _decoder(model).decode(body)  # type: ignore[arg-type]  # Struct classes are hashable
     except msgspec.ValidationError as exc:
         raise _translate(exc, model) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
         raise OcpiJsonError(_json_reason(exc)) from None
     return cast(T, _validate.normalise(value))
 
@@ -112,7 +112,7 @@ def decode_list(
         raws = _RAW_LIST.decode(body)
     except msgspec.ValidationError as exc:
         raise _translate(exc, list[model]) from None  # type: ignore[valid-type]
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
         raise OcpiJsonError(_json_reason(exc)) from None
     results: list[Decoded[T] | OcpiValidationError] = []
     for i, raw in enumerate(raws):
@@ -142,7 +142,7 @@ def _after_strict_failure(
         tree = _TREE.decode(body)
     except msgspec.ValidationError:  # JSON, but a number beyond any range: nothing to repair
         raise _translate(error, model) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
         raise OcpiJsonError(_json_reason(exc)) from None
     except RecursionError:
         raise OcpiJsonError(_TOO_DEEP) from None
@@ -170,7 +170,9 @@ def _may_contain_na(body: bytes | str) -> bool:
     return b"#" in data or b"\\" in data
 
 
-def _json_reason(error: msgspec.DecodeError) -> str:
+def _json_reason(error: msgspec.DecodeError | UnicodeDecodeError) -> str:
+    if isinstance(error, UnicodeDecodeError):  # JSON text is UTF-8 (RFC 8259 §8.1)
+        return f"not valid JSON: not UTF-8 at byte {error.start}: {error.reason}"
     return f"not valid JSON: {error}"
 
 

@@ -155,7 +155,7 @@ def check_level(body: bytes, target: Target) -> None:
         return
     try:
         keys = _top_level.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for invalid UTF-8
         return  # not a JSON object: decoding reports it properly (400, or 2001 naming the type)
     for name, raw in keys.items():
         other = target.foreign_fields.get(name)

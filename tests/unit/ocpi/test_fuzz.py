@@ -142,6 +142,19 @@ def test_deep_nesting_is_a_json_error_not_a_crash() -> None:
             decode(body, Session, profile=profile)
 
 
+def test_invalid_utf8_is_a_json_error_not_a_crash() -> None:
+    """msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a string or key."""
+    from ocpi import decode_list
+
+    for body in (b'{"meter_id": "\xff"}', b'{"meter_id": "a\xc3"}', b'{"meter_id": "\xed\xa0\x80"}'):
+        for model in (Session, SessionPatch):
+            for profile in (None, EVERYTHING):
+                with pytest.raises(OcpiJsonError, match="not UTF-8"):
+                    decode(body, model, profile=profile)
+        [error] = decode_list(b"[" + body + b"]", Session)  # a bad element of a pulled page, reported in place
+        assert isinstance(error, OcpiValidationError) and "not UTF-8" in str(error)
+
+
 def test_huge_numbers_are_validation_errors() -> None:
     for text in (b"1" * 5000, b"1e-99999999999999999999", b"-" + b"9" * 400, b'"' + b"9" * 5000 + b'"'):
         body = b'{"type": "ENERGY", "volume": ' + text + b"}"
