@@ -12,7 +12,10 @@ Rules (08 §3.3-3.4, 09 §3.3-3.4, 04 §4.4 and §6, digest 12 rules 4 and 7):
   (an EVSE `status` at the Location URL, a Location at an EVSE URL ...) is refused. Without this an EVSE
   status PATCH sent to the Location URL would decode as an empty Location PATCH and be acknowledged while
   changing nothing. Fields of no level are ignored like any unknown field (valid 2.2.1, see ocpi.compat).
-- Every refusal is 2001 naming the field by its JSON path and saying why (transport.InvalidParameters).
+- The URL's ids (Location id, EVSE uid, Connector id, Session id) must be CiString(36): a PATCH need not
+  repeat them in the body, so the URL is the only place they are checked.
+- Every refusal is 2001 naming the field by its JSON path (a URL id by its `{name}`) and saying why
+  (transport.InvalidParameters).
 - The Kafka key is the owner object's identity (`CC/PID/ID` upper-cased): for an EVSE or Connector push the
   Location's, so every event of one Location stays in order on one partition; the event carries
   `evse_uid`/`connector_id` for the sub-object.
@@ -29,6 +32,7 @@ the same read); CDR POSTs answer 201 (a CDR is new by definition).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, TypeAlias
@@ -83,6 +87,7 @@ class Target:
     identity: tuple[tuple[str, str], ...] = ()  # (body field, PushUrl field) that must agree
     url_hint: str = ""  # how the URL names the object, for messages
     foreign_fields: Mapping[str, str] = field(default_factory=dict)  # key of another level → that level
+    url_ids: tuple[tuple[str, str], ...] = ()  # (PushUrl field, URL parameter name): each a CiString(36)
 
     @property
     def payload_type(self) -> str:
@@ -117,24 +122,30 @@ _CONNECTOR_URL = _EVSE_URL + "/{connector_id}"
 _OWNER_IDENTITY: Final = (("country_code", "country_code"), ("party_id", "party_id"), ("id", "object_id"))
 
 
+_LOCATION_IDS: Final = (("object_id", "location_id"),)
+_EVSE_IDS: Final = (*_LOCATION_IDS, ("evse_uid", "evse_uid"))
+_CONNECTOR_IDS: Final = (*_EVSE_IDS, ("connector_id", "connector_id"))
+_SESSION_IDS: Final = (("object_id", "session_id"),)
+
+
 def _location_targets(operation: str) -> tuple[Target, Target, Target]:
     patch = operation == "PATCH"
     return (
         Target("locations", operation, "LOCATION", LocationPatch if patch else Location, _OWNER_IDENTITY,
-               _LOCATION_URL, _foreign_fields("Location")),
+               _LOCATION_URL, _foreign_fields("Location"), _LOCATION_IDS),
         Target("locations", operation, "EVSE", EVSEPatch if patch else EVSE, (("uid", "evse_uid"),),
-               _EVSE_URL, _foreign_fields("EVSE")),
+               _EVSE_URL, _foreign_fields("EVSE"), _EVSE_IDS),
         Target("locations", operation, "CONNECTOR", ConnectorPatch if patch else Connector,
-               (("id", "connector_id"),), _CONNECTOR_URL, _foreign_fields("Connector")),
+               (("id", "connector_id"),), _CONNECTOR_URL, _foreign_fields("Connector"), _CONNECTOR_IDS),
     )
 
 
 LOCATION_PUT, EVSE_PUT, CONNECTOR_PUT = _location_targets("PUT")
 LOCATION_PATCH, EVSE_PATCH, CONNECTOR_PATCH = _location_targets("PATCH")
 SESSION_PUT: Final = Target("sessions", "PUT", "SESSION", Session, _OWNER_IDENTITY,
-                            ".../{country_code}/{party_id}/{session_id}")
+                            ".../{country_code}/{party_id}/{session_id}", url_ids=_SESSION_IDS)
 SESSION_PATCH: Final = Target("sessions", "PATCH", "SESSION", SessionPatch, _OWNER_IDENTITY,
-                              ".../{country_code}/{party_id}/{session_id}")
+                              ".../{country_code}/{party_id}/{session_id}", url_ids=_SESSION_IDS)
 CDR_POST: Final = Target("cdrs", "POST", "CDR", CDR)
 
 _LEVEL_NOUNS: Final = {"LOCATION": ("a", "Location"), "EVSE": ("an", "EVSE"), "CONNECTOR": ("a", "Connector")}
@@ -165,6 +176,24 @@ def check_level(body: bytes, target: Target) -> None:
                                        f"{target.url_hint} carries {article} {noun}")
 
 
+_URL_ID_MAX: Final = 36  # Location id, EVSE uid, Connector id, Session id: CiString(36) (08 §3.1, 09 §3.1)
+_PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7E]*\Z")
+
+
+def check_url_ids(target: Target, url: PushUrl) -> None:
+    """Every id in the URL must be a valid CiString(36): a PATCH need not repeat it in the body, so without
+    this an id no object can have (too long, not ASCII, a control character) would be acknowledged."""
+    for url_field, name in target.url_ids:
+        value = getattr(url, url_field)
+        if value is None:
+            continue
+        if len(value) > _URL_ID_MAX:
+            raise _refuse(f"{{{name}}}", f"the URL's {name} is longer than {_URL_ID_MAX} characters (CiString(36))")
+        if not _PRINTABLE_ASCII.match(value):
+            raise _refuse(f"{{{name}}}", f"the URL's {name} contains characters other than printable ASCII "
+                                         "(CiString allows 0x20-0x7E only)")
+
+
 def check_identity(value: Any, target: Target, url: PushUrl) -> None:
     """Every identity field the body sets must equal the URL's part, case-insensitively."""
     for body_field, url_field in target.identity:
@@ -180,6 +209,7 @@ def check_identity(value: Any, target: Target, url: PushUrl) -> None:
 async def accept_push(request: Request[Any, Any, Any], events: EventPublisher, target: Target,
                       url: PushUrl) -> None:
     """Validate a PUT/PATCH at `url` against `target` and publish it; raises the OCPI error otherwise."""
+    check_url_ids(target, url)
     body = await request.body()
     check_level(body, target)
     decoded = decode_body(body, target.model, request.state.partner.profile)

@@ -99,6 +99,25 @@ def test_a_location_patch_for_a_slashed_id_is_not_an_evse_patch(pushes: Pushes) 
     assert pushes.keys() == [b"BE/BEC/A/B"]
 
 
+@pytest.mark.parametrize(("segments", "name", "reason"), [
+    (("sessions", "BE", "BEC", "S" * 37), "{session_id}", "longer than 36"),
+    (("sessions", "BE", "BEC", "caf\u00e9"), "{session_id}", "printable ASCII"),
+    (("sessions", "BE", "BEC", "a\nb"), "{session_id}", "printable ASCII"),
+    (("locations", "BE", "BEC", "L" * 37), "{location_id}", "longer than 36"),
+    (("locations", "BE", "BEC", "LOC1", "E" * 37), "{evse_uid}", "longer than 36"),
+    (("locations", "BE", "BEC", "LOC1", "3256", "\u00e9"), "{connector_id}", "printable ASCII"),
+])
+def test_an_id_in_a_push_url_must_be_a_cistring_36(pushes: Pushes, segments: tuple[str, ...], name: str,
+                                                     reason: str) -> None:
+    """A PATCH need not repeat its ids in the body: an id no object can have is refused from the URL (2001),
+    not acknowledged and published."""
+    at = url(*segments)
+    for method, body in (("PATCH", {"last_updated": PATCHED}), ("PUT", {"last_updated": PATCHED})):
+        answer = assert_envelope(pushes.request(method, at, body, party=("BE", "BEC")), 2001, http=200, path=name)
+        assert reason in answer["status_message"]
+    assert pushes.env.sink.records == []
+
+
 @pytest.mark.parametrize("cdr_id", [*IDS, "12345"])
 def test_a_cdr_is_found_at_the_location_its_post_answered(pushes: Pushes, cdr_id: str) -> None:
     body = {**cdr(), "id": cdr_id}
