@@ -171,7 +171,7 @@ class OcpiClient:
     def _envelope(self, method: str, url: str, http_status: int, raw: bytes) -> Envelope:
         try:
             envelope = _envelope_decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # the last: invalid UTF-8
             snippet = raw[:120].decode("utf-8", "replace")
             raise PartnerApiError(f"{method} {url}: HTTP {http_status}, not an OCPI response envelope "
                                   f"({exc}): {snippet!r}", http_status=http_status) from None

@@ -280,7 +280,7 @@ class _Crawler:
             raise PullError(f"GET {url}: the partner refused our token (HTTP 401)")
         try:
             envelope = _envelope.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # the last: invalid UTF-8
             if status == 429 or status >= 500:
                 return f"HTTP {status}"
             raise PullError(f"GET {url}: HTTP {status}, not an OCPI response envelope ({exc})") from None

@@ -19,6 +19,7 @@ from litestar.testing import AsyncTestClient
 
 from infra.kafka.embedded import free_port
 from receivers import credentials as credentials_module
+from receivers.outbound import OcpiClient, PartnerApiError
 from receivers.registry import PartnerStatus, TokenKind, TokenState, hash_token
 from tests.conftest import EXAMPLES
 from tests.unit.receivers.app_support import AppEnv, app_env, auth, make_env  # noqa: F401
@@ -329,3 +330,13 @@ async def test_get_answers_our_credentials_with_the_callers_token(app_env: AppEn
         invited_answer = (await client.get(CREDENTIALS, headers=auth(token_a))).json()
     assert registered_answer["data"]["token"] == token and invited_answer["data"]["token"] == token_a
     assert registered_answer["data"]["url"].endswith("/ocpi/versions")
+
+
+async def test_a_partner_answer_with_invalid_utf8_is_a_partner_error_not_a_crash() -> None:
+    """msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a JSON string."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b'{"status_code": 1000, "status_message": "\xff", "data": []}')
+
+    async with OcpiClient("token", transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(PartnerApiError, match="not an OCPI response envelope"):
+            await client.versions("http://partner.test/ocpi/versions")
