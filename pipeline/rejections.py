@@ -32,7 +32,7 @@ def rejections_batch(messages: Sequence[tuple[str, int, int, bytes, bytes]], now
     for topic, partition, offset, key, value in messages:
         try:
             rejection = decode_rejection(value)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
             letter = DeadLetter(topic, partition, offset, key, value, f"undecodable rejection record: {exc}")
             batch.add("dead_letters", projection.DEAD_LETTER_COLUMNS, projection.dead_letter_row(letter, now))
             continue

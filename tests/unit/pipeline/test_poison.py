@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import UTC, datetime
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +14,7 @@ from infra.codec import decode_event, encode_event
 from pipeline.agents import ModuleAgent, fold, fold_isolated
 from pipeline.projection import DEAD_LETTER_COLUMNS, RAW_EVENT_COLUMNS, SESSION_COLUMNS
 from pipeline.records import RawMessage, Record, decode_all, misfit, sort_out
+from pipeline.rejections import rejections_batch
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
 from pipeline.stage import StageOutput
@@ -114,3 +116,12 @@ async def test_the_agent_writes_dead_letters_and_goes_on() -> None:
     assert letter[DEAD_LETTER_COLUMNS.index("kafka_offset")] == 1
     assert [r[RAW_EVENT_COLUMNS.index("outcome")] for r in tables["raw_events"]] == ["APPLIED"]
     assert states  # the good record's state is written
+
+
+def test_a_rejection_record_that_does_not_decode_is_a_dead_letter() -> None:
+    """Not JSON, the wrong shape, or invalid UTF-8 in a string (msgspec's UnicodeDecodeError): a dead letter each, and
+    the rejections agent goes on."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    batch = rejections_batch([("rejections", 0, offset, b"k", value) for offset, value in
+                              enumerate([b"not json", b"[]", b'{"reason": "\xff"}'])], now)
+    assert len(batch.rows.get("dead_letters", [])) == 3 and not batch.rows.get("rejections")
