@@ -80,8 +80,8 @@ def _parse_float(env: str, raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{env}={raw!r}: expected a number") from None
-    if value <= 0:
-        raise SettingsError(f"{env}={raw!r}: expected a number > 0")
+    if not math.isfinite(value) or value <= 0:  # nan would pass `<= 0` and inf never ends a wait
+        raise SettingsError(f"{env}={raw!r}: expected a finite number > 0")
     return value
 
 

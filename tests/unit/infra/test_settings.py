@@ -25,6 +25,9 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_TOPIC_SESSIONS", "bad topic!"),
     ("OCPI_KAFKA_FLAVOR", "redpanda"),
     ("OCPI_KAFKA_SEND_TIMEOUT", "-1"),
+    ("OCPI_KAFKA_SEND_TIMEOUT", "inf"),  # a wait that never ends
+    ("OCPI_PIPELINE_PARK_TTL", "nan"),  # passes any comparison
+    ("OCPI_PIPELINE_SWEEP_INTERVAL", "nan"),
     ("OCPI_RETENTION_RAW_DAYS", "0"),
     ("OCPI_RETENTION_HISTORY_DAYS", "36501"),
     ("OCPI_RETENTION_PSEUDONYMISE_DAYS", "1e9"),
