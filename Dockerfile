@@ -8,5 +8,8 @@ COPY receivers receivers
 COPY pipeline pipeline
 COPY avro avro
 RUN pip install --no-cache-dir .
+# OCPI_DATA_DIR in docker-compose.yml: a named volume mounted here starts as a copy of this directory, ownership
+# included, so the unprivileged user can write its state and keys (otherwise Docker creates it owned by root).
+RUN mkdir -p /var/lib/ocpi && chown nobody /var/lib/ocpi
 USER nobody
 ENTRYPOINT ["ocpi-pipeline"]
