@@ -17,6 +17,9 @@ class RunningInstance:
     clickhouse_url: str
     admin_token: str
     kafka_bootstrap: str
+    # Whether `kafka_bootstrap` is the instance's embedded Tansu broker (a `dev` started with OCPI_KAFKA_BOOTSTRAP
+    # uses that Kafka instead). Run files written before this field only ever named an embedded broker.
+    kafka_embedded: bool = True
 
 
 def runfile_path(data_dir: Path) -> Path:

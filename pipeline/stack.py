@@ -107,7 +107,8 @@ class Stack:
         write_running_instance(self.data_dir, RunningInstance(
             pid=os.getpid(), versions_url=self.versions_url, admin_url=self.base_url,
             clickhouse_url=self.clickhouse_url if self.shim else "", admin_token=self.admin_token,
-            kafka_bootstrap=self.bootstrap))
+            kafka_bootstrap=self.bootstrap,
+            kafka_embedded=self.broker is not None))
         env = self.child_environment()
         if self.run_worker:
             self.children["worker"] = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"],

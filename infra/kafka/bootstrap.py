@@ -15,6 +15,12 @@ def resolve_bootstrap(settings: Settings) -> str:
         return settings.kafka.bootstrap
     instance = read_running_instance(settings.storage.path)
     if instance is not None:
+        if not instance.kafka_embedded and settings.kafka.flavor == "auto":
+            # Without a bootstrap setting, `settings.kafka.is_tansu` says "embedded Tansu": borrowing another
+            # Kafka's address would apply the Tansu workarounds (infra.kafka.compat) to it.
+            raise KafkaNotConfigured(f"the running `ocpi-pipeline dev` instance uses the Kafka at "
+                                     f"{instance.kafka_bootstrap}, not an embedded broker: set "
+                                     f"OCPI_KAFKA_BOOTSTRAP={instance.kafka_bootstrap}")
         return instance.kafka_bootstrap
     raise KafkaNotConfigured("OCPI_KAFKA_BOOTSTRAP is empty and no `ocpi-pipeline dev` instance is running; "
                              "set it, or use `ocpi-pipeline dev`, which starts an embedded broker")

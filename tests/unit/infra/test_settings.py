@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
+from infra.runfile import RunningInstance, write_running_instance
 from infra.settings import SettingsError, as_environ, documented_settings, load_settings, mask
 
 
@@ -93,3 +98,22 @@ def test_settings_command_masks_every_secret(monkeypatch: pytest.MonkeyPatch) ->
     assert "ocpi.sessions.v1" in result.output and "adm…(22 chars)" in result.output  # values are shown whole
     assert "admin-secret-value-123" not in result.output
     assert "pseudonym-secret-value-456" not in result.output
+
+
+def test_a_process_borrowing_a_dev_instance_s_real_kafka_does_not_take_it_for_tansu(tmp_path: Path) -> None:
+    """`ocpi-pipeline dev` started with OCPI_KAFKA_BOOTSTRAP names that Kafka in its run file; a worker or job
+    started next to it without a bootstrap would borrow it with `is_tansu` true (no bootstrap setting reads as
+    "embedded"), and apply the Tansu workarounds to a real Kafka."""
+    def instance(bootstrap: str, **embedded: bool) -> None:
+        write_running_instance(tmp_path, RunningInstance(pid=os.getpid(), versions_url="", admin_url="",
+                                                         clickhouse_url="", admin_token="x",
+                                                         kafka_bootstrap=bootstrap, **embedded))
+
+    borrower = load_settings({"OCPI_DATA_DIR": str(tmp_path)})
+    instance("127.0.0.1:9092")  # a run file written before `kafka_embedded`: always an embedded broker
+    assert resolve_bootstrap(borrower) == "127.0.0.1:9092" and borrower.kafka.is_tansu
+    instance("kafka1:9092", kafka_embedded=False)
+    with pytest.raises(KafkaNotConfigured, match="OCPI_KAFKA_BOOTSTRAP=kafka1:9092"):
+        resolve_bootstrap(borrower)
+    explicit = load_settings({"OCPI_DATA_DIR": str(tmp_path), "OCPI_KAFKA_FLAVOR": "kafka"})
+    assert resolve_bootstrap(explicit) == "kafka1:9092" and not explicit.kafka.is_tansu
