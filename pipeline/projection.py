@@ -8,6 +8,7 @@ object as the CPO sent it (OCPI JSON). Objects arrive as builtins: dicts with aw
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -82,7 +83,7 @@ ANOMALY_COLUMNS = (
 )
 
 DEAD_LETTER_COLUMNS = ("kafka_topic", "kafka_partition", "kafka_offset", "key_hex", "value_hex", "error",
-                       "recorded_at")
+                       "recorded_at", "record_hash")
 
 CDR_ROW_VERSION = 1  # CDRs are immutable: the first one is the only one the pipeline ever writes
 
@@ -228,4 +229,13 @@ def anomaly_row(anomaly: AnomalyRow) -> list[Any]:
 
 
 def dead_letter_row(dead: DeadLetter, recorded_at: datetime) -> list[Any]:
-    return [dead.topic, dead.partition, dead.offset, dead.key.hex(), dead.value.hex(), dead.error, recorded_at]
+    """Keyed by the Kafka coordinates and `record_hash`: offsets start again from 0 on a new broker (an embedded
+    one restarted), and a dead letter must not replace an older one that had the same coordinates."""
+    return [dead.topic, dead.partition, dead.offset, dead.key.hex(), dead.value.hex(), dead.error, recorded_at,
+            record_hash(dead.key, dead.value)]
+
+
+def record_hash(key: bytes, value: bytes) -> int:
+    """A stable 64-bit hash of a Kafka record's key and value (never 0, which marks rows from before it)."""
+    digest = hashlib.blake2b(len(key).to_bytes(4, "big") + key + value, digest_size=8).digest()
+    return int.from_bytes(digest, "big") or 1

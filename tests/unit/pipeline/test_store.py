@@ -20,8 +20,10 @@ from pipeline.cdrs import process_cdrs
 from pipeline.locations import process_locations
 from pipeline.projection import CDR_COLUMNS, SESSION_COLUMNS
 from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS
+from pipeline.records import DeadLetter
 from pipeline.sessions import process_sessions
 from pipeline.sink import Batch, ClickHouseSink
+from pipeline.stage import StageOutput
 from pipeline.state import CdrState, LocationState, SessionState
 from tests.conftest import unique
 
@@ -715,3 +717,21 @@ def test_apply_with_kafka_down_does_the_clickhouse_part_and_fails_clearly(client
     result = CliRunner().invoke(cli, ["retention", "apply"])
     assert result.exit_code == 1 and "does not answer" in result.output and "Traceback" not in result.output
     assert "pseudonymised:" in result.output  # the ClickHouse part ran first
+
+
+def test_a_dead_letter_at_offsets_a_new_broker_reuses_keeps_the_old_one(client: Client) -> None:
+    """The embedded broker keeps its records in memory: restarted, it numbers every partition from 0 again, while
+    ClickHouse keeps its tables. A dead letter was keyed by its Kafka coordinates only, so the next one at the same
+    topic/partition/offset replaced it; a record read again (at-least-once) must still count once."""
+    def letters(*dead: DeadLetter) -> Batch:
+        out = StageOutput(str)  # dead letters need no pseudonymiser
+        out.dead_letters(list(dead))
+        return out.batch
+
+    before = DeadLetter("ocpi.cdrs.v1", 0, 5, b"NL/TNM/C1", b"\x01first broker", "undecodable record: x")
+    after = DeadLetter("ocpi.cdrs.v1", 0, 5, b"NL/TNM/C9", b"\x01restarted broker", "undecodable record: y")
+    write(client, letters(before))
+    write(client, letters(after))
+    write(client, letters(after))  # the same record read again
+    rows = client.query("SELECT error FROM dead_letters FINAL ORDER BY error").result_rows
+    assert rows == [("undecodable record: x",), ("undecodable record: y",)]
