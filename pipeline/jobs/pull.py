@@ -12,6 +12,8 @@ The crawl (04 §4.2):
 - When `X-Total-Count` drops (objects updated mid-crawl leave the date_to window, shifting the ones after
   them down), the page is read again from `offset` − drop (04 §4.2's "offset − 1" for a drop of one), so no
   object is skipped; the objects read twice are deduplicated by the pipeline.
+- A page at another offset holding exactly the objects of the page before it means the partner ignores
+  `offset`: the crawl stops (PullError) rather than complete a window whose later objects it never saw.
 - HTTP 429 and 503 (and other 5xx, timeouts, refused connections, bodies that do not decompress) and OCPI
   3xxx answers are retried with exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is
   waited out first. Other errors stop the crawl (2xxx: our request is wrong; 401: the partner refused our
@@ -37,6 +39,7 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import hashlib
 import json
 import logging
 import random
@@ -389,13 +392,20 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
                 log.info("X-Total-Count dropped from %d to %d: reading %s again", crawl["total"], page.total, reread)
                 report.rereads += 1
                 page = await crawler.fetch(reread)
+            at, digest = query_int(page.url, "offset") or 0, _page_digest(page.data)
+            previous = crawl.get("previous_page")
+            if previous and digest is not None and previous["digest"] == digest and previous["offset"] != at:
+                raise PullError(f"GET {page.url}: the page at offset {at} holds exactly the objects of the page at "
+                                f"offset {previous['offset']}: the partner ignores `offset` (04 §4.2), so the "
+                                "objects after its first page cannot be crawled; the window is left incomplete")
 
-            async def step(page: _Page = page) -> int:
+            async def step(page: _Page = page, at: int = at, digest: str | None = digest) -> int:
                 sent = await _process(settings, partner, module, kind, page, crawl["correlation_id"], sink, report)
                 report.pages += 1
                 report.total = page.total
                 crawl.update(total=page.total, x_limit=page.x_limit or crawl["x_limit"], next_url=page.next_url,
-                             pages=crawl["pages"] + 1, objects=crawl["objects"] + sent)
+                             pages=crawl["pages"] + 1, objects=crawl["objects"] + sent,
+                             previous_page={"offset": at, "digest": digest} if digest is not None else None)
                 checkpoint.save(state)
                 return sent
 
@@ -412,6 +422,16 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
         "pages": crawl["pages"], "objects": crawl["objects"], "total": crawl["total"]}]
     checkpoint.save(state)
     return report
+
+
+def _page_digest(data: bytes) -> str | None:
+    """A fingerprint of a page's objects, to notice a partner that serves the same page at every offset;
+    None for an empty page (or data that is no list: `_process` reports that)."""
+    try:
+        items = msgspec.json.decode(data, type=list[msgspec.Raw])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return hashlib.sha256(data).hexdigest() if items else None
 
 
 def _page_limit(crawl: dict[str, Any], x_limit: int | None, asked: int | None) -> int:

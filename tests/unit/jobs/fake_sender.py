@@ -91,6 +91,7 @@ class FakeSender:
         self.failures: list[Failure] = []
         self.before_request: Callable[[FakeSender, int], None] | None = None
         self.redirect_to: str | None = None
+        self.ignore_offset = False  # a broken server: every offset answers the first page (Link still moves on)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -150,7 +151,8 @@ class FakeSender:
                     and (date_to is None or parse(o["last_updated"]) < date_to)]
         offset = int(request.query.get("offset", "0"))
         limit = min(int(request.query.get("limit", str(self.page_cap))), self.page_cap)
-        page = matching[offset:offset + limit]
+        first = 0 if self.ignore_offset else offset
+        page = matching[first:first + limit]
         headers = {"X-Total-Count": str(len(matching)), "X-Limit": str(self.page_cap),
                    "OCPI-from-country-code": "BE", "OCPI-from-party-id": "BEC",
                    "OCPI-to-country-code": "NL", "OCPI-to-party-id": "OPP"}

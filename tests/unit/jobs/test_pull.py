@@ -143,6 +143,24 @@ async def test_dropping_total_count_rereads_from_offset_minus_the_drop(settings_
     assert report.rereads == 1 and report.total == 5
 
 
+async def test_a_partner_that_ignores_offset_stops_the_pull_before_it_completes(settings_for: Any,
+                                                                              fake: FakeSender) -> None:
+    settings = settings_for()
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 6)]
+    fake.ignore_offset = True
+    sink = ListSink()
+    with pytest.raises(PullError, match="ignores `offset`"):
+        await pull(settings, partner_for(fake), "sessions", sink, since=hours_ago(24), until=hours_ago(0.5))
+    # Not "completed" with S0003..S0005 never seen: the next window would start after them for good.
+    assert ids(sink) == ["S0001", "S0002"]
+    state = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
+    assert state is not None and state["completed_until"] is None and state["crawl"]["pages"] == 1
+
+    fake.ignore_offset = False  # the partner fixed it: the rerun resumes the crawl at the page after the first
+    report = await pull(settings, partner_for(fake), "sessions", sink)
+    assert report.resumed and ids(sink) == ["S0001", "S0002", "S0003", "S0004", "S0005"]
+
+
 async def test_backoff_on_429_503_and_3xxx_respects_retry_after(settings_for: Any, fake: FakeSender) -> None:
     fake.objects["sessions"] = [session(1, hours_ago(3)), session(2, hours_ago(2))]
     later = datetime.now(UTC) + timedelta(seconds=30)
