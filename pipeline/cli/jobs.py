@@ -216,13 +216,15 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
 @click.option("--partner", required=True, help="Partner id in the registry (`ocpi-pipeline partners list`).")
 @click.option("--module", required=True, type=click.Choice(list(KINDS)), help="Sender interface to pull.")
 @click.option("--since", help="date_from (inclusive); default: where the last completed pull ended.")
-@click.option("--until", help="date_to (exclusive); default: now.")
+@click.option("--until", help="date_to (exclusive); default: 5 minutes before now (the partner's clock may run "
+              "behind ours; the next pull starts there).")
 @click.option("--limit", default=100, show_default=True, help="Objects per page asked for (the server may cap it).")
 @click.option("--restart", is_flag=True, help="Abandon an interrupted crawl instead of resuming it.")
 @click.option("--max-attempts", default=8, show_default=True, help="Attempts per page on 429/503/3xxx.")
 @click.option("--schedule", type=float, metavar="SECONDS",
               help="Pull again every SECONDS (plus a random splay) until Ctrl-C or SIGTERM; each round after the "
-              "first continues where the last completed pull ended (--since counts until one has completed).")
+              "first continues where the last completed pull ended (--since counts until one has completed), up "
+              "to 5 minutes before now.")
 @click.option("--splay", type=float, metavar="SECONDS", help="Random extra delay per round (default: 10% of "
               "--schedule).")
 def pull(partner: str, module: str, since: str | None, until: str | None, limit: int, restart: bool,

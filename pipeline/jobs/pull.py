@@ -5,7 +5,10 @@ OCPI makes catching up after an outage the receiver's job (04 §14): we GET the 
 
 The crawl (04 §4.2):
 - The window is [date_from, date_to): `--since`, or where the last completed pull ended, up to `--until` or
-  the moment the crawl starts. Consecutive windows neither overlap nor leave gaps. Sessions require a
+  `SETTLE` (5 minutes) before the moment the crawl starts. Consecutive windows neither overlap nor leave gaps.
+  Not up to now: `last_updated` is stamped by the partner's clock, which may run behind ours, and an object
+  stamped just before our crawl may become visible to its GET only a moment later; a window ending at our now
+  would leave such objects behind it, and the next window starts after them for good. Sessions require a
   `date_from` (09 §2.1), so their first pull needs `--since`.
 - Pages are followed through `Link: <…>; rel="next"` until there is none. URLs we build ourselves (the first
   page, re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known.
@@ -47,7 +50,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
@@ -77,6 +80,7 @@ from receivers.registry import Partner
 log = logging.getLogger(__name__)
 
 MAX_PAGE_BYTES: Final = 64 * 1024 * 1024
+SETTLE: Final = timedelta(minutes=5)  # how far before now a window ends by default (see the module docstring)
 _COUNTRY_CODE: Final = re.compile(r"[A-Za-z]{2}")
 _PARTY_ID: Final = re.compile(r"[A-Za-z0-9]{3}")
 
@@ -362,7 +366,7 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
         if module == "sessions" and start is None:
             raise PullError("a first Sessions pull needs --since (date_from is required by the Sessions "
                             "Sender interface, 09 §2.1)")
-        end = until or datetime.now(UTC)
+        end = until or datetime.now(UTC) - SETTLE
         if start is not None and start >= end:
             raise PullError(f"nothing to pull: the window starts at {iso(start)}, not before {iso(end)}")
         first = with_query(endpoint.url, date_from=format_datetime(start) if start else None,

@@ -233,6 +233,21 @@ async def test_interrupted_crawl_resumes_after_the_last_acknowledged_page(settin
     assert fake.seen[-1].query["date_from"] == stamp(until)  # the next window starts where the last ended
 
 
+async def test_an_object_the_partner_stamps_behind_our_clock_is_not_left_behind_the_window(
+        settings_for: Any, fake: FakeSender) -> None:
+    settings = settings_for()
+    skew = timedelta(minutes=2)  # the partner's clock runs behind ours
+    fake.objects["sessions"] = [session(1, datetime.now(UTC) - skew - timedelta(minutes=30))]
+    first = ListSink()
+    await pull(settings, partner_for(fake), "sessions", first, since=hours_ago(24))
+    # Right after our pull the partner updates S0002: its last_updated is the partner's now, before ours.
+    fake.objects["sessions"].append(session(2, datetime.now(UTC) - skew))
+    second, third = ListSink(), ListSink()
+    await pull(settings, partner_for(fake), "sessions", second)
+    await pull(settings, partner_for(fake), "sessions", third, until=datetime.now(UTC) + timedelta(minutes=1))
+    assert ids(first) == ["S0001"] and ids(second) + ids(third) == ["S0002"]
+
+
 async def test_redirects_401_and_missing_prerequisites_stop_the_pull(settings_for: Any, fake: FakeSender) -> None:
     settings = settings_for()
     fake.redirect_to = "http://127.0.0.1:9/elsewhere"
