@@ -18,6 +18,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from infra.kafka import compat
 from infra.settings import KafkaSettings
+from pipeline.jobs.common import JobError
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,16 @@ Records = list[ConsumerRecord[Any, Any]]
 
 
 async def read_ranges(bootstrap: str, ranges: Iterable[PartitionRange], *, batch: int = 500,
-                      idle_timeout: float = 30.0) -> AsyncGenerator[tuple[PartitionRange, Records], None]:
+                      idle_timeout: float = 30.0,
+                      stall_is_error: bool = False) -> AsyncGenerator[tuple[PartitionRange, Records], None]:
     """Yield (range, records) in offset order per partition until every range is read to its stop.
 
     Use it under `contextlib.aclosing`, so the consumer stops even when the reader leaves early.
 
     A partition whose position stops moving below its stop for `idle_timeout` seconds (records deleted by
-    retention while we read, or trailing transaction markers) ends early, with a warning.
+    retention while we read, trailing transaction markers, or a broker that stopped answering: aiokafka logs
+    fetch errors and returns nothing) ends early, with a warning; with `stall_is_error` it raises JobError
+    instead, for a caller that would otherwise take the early end for the end of its ranges.
     """
     pending = {r.tp: r for r in ranges if r.span > 0}
     if not pending:
@@ -148,8 +152,12 @@ async def read_ranges(bootstrap: str, ranges: Iterable[PartitionRange], *, batch
             if moved:
                 last_move = loop.time()
             elif loop.time() - last_move > idle_timeout:
-                log.warning("no records for %.0fs below the stop offsets of %s; ending there",
-                            idle_timeout, sorted(f"{t.topic}/{t.partition}" for t in pending))
+                behind = sorted(f"{t.topic}/{t.partition}" for t in pending)
+                if stall_is_error:
+                    raise JobError(f"Kafka delivered no records for {idle_timeout:.0f}s below the stop offsets of "
+                                   f"{', '.join(behind)} (is the broker reachable?); the checkpoint keeps the "
+                                   "position: run the same command again to resume")
+                log.warning("no records for %.0fs below the stop offsets of %s; ending there", idle_timeout, behind)
                 return
     finally:
         await stop_client(consumer)

@@ -295,7 +295,7 @@ async def replay_kafka(settings: Settings, bootstrap: str, selection: Selection,
     checkpoint.save(state)
     progress.start(f"replay {name}", sum(r.span for r in todo))
     async with JobProducer(settings.kafka, bootstrap) as producer, \
-            contextlib.aclosing(read_ranges(bootstrap, todo, batch=batch)) as batches:
+            contextlib.aclosing(read_ranges(bootstrap, todo, batch=batch, stall_is_error=True)) as batches:
         async for rng, records in batches:
             prepared_batch = []
             for record in records:
@@ -332,7 +332,8 @@ async def _dry_run_kafka(bootstrap: str, todo: list[PartitionRange], run: _Run,
     report = run.report
     matching: dict[tuple[str, int], int] = {}
     progress.start("counting", sum(r.span for r in todo))
-    async with contextlib.aclosing(read_ranges(bootstrap, todo, batch=BATCH)) as batches:
+    reading = read_ranges(bootstrap, todo, batch=BATCH, stall_is_error=True)
+    async with contextlib.aclosing(reading) as batches:
         async for rng, records in batches:
             for record in records:
                 event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")

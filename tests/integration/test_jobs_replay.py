@@ -14,10 +14,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiokafka
 import pytest
 
 from infra.settings import Settings
-from pipeline.jobs.common import MODULES, Checkpoint, jobs_dir
+from pipeline.jobs import kafka_io
+from pipeline.jobs.common import MODULES, Checkpoint, JobError, jobs_dir
 from pipeline.jobs.kafka_io import topic_partitions
 from pipeline.jobs.rebuild import rebuild
 from pipeline.jobs.replay import ReplayReport, Selection, replay_kafka
@@ -27,6 +29,7 @@ from tests.integration.jobs_support import (
     PARTNERS,
     census,
     job_settings,
+    publish,
     push,
     run_cli,
     totals,
@@ -243,3 +246,28 @@ async def test_rebuild_recomputes_every_table_and_swaps_it_in(seeded: Seeded) ->
     remaining = await topic_partitions(seeded.bootstrap, [f"{seeded.settings.pipeline.topic_party_facts}."
                                                           f"{state['group']}"])
     assert remaining == []  # the rebuild worker's own topics are gone
+
+
+async def test_a_broker_that_stops_answering_fails_the_replay_instead_of_finishing_it(
+        session_tmp: Path, chdb_dsn: str, broker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.kafka.admin import ensure_topics
+    from tests.unit.jobs.fake_sender import hours_ago, session
+
+    settings = job_settings(session_tmp, chdb_dsn, broker, OCPI_TOPIC_PARTITIONS="1")
+    await asyncio.to_thread(ensure_topics, broker, [settings.kafka.topic_sessions], 1)
+    await publish(settings, broker, "cpo-x", [("sessions", session(i, hours_ago(3))) for i in range(1, 21)])
+    fetch = aiokafka.AIOKafkaConsumer.getmany
+
+    async def stalled(self: Any, *tps: Any, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        await asyncio.sleep(timeout_ms / 1000)  # aiokafka logs the fetch errors of an unreachable broker: nothing
+        return {}
+
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "getmany", stalled)
+    read = kafka_io.read_ranges
+    monkeypatch.setattr("pipeline.jobs.replay.read_ranges", lambda *a, **kw: read(*a, **{**kw, "idle_timeout": 1.0}))
+    with pytest.raises(JobError, match="run the same command again to resume"):
+        await replay_kafka(settings, broker, Selection(modules=("sessions",)), batch=5)
+
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "getmany", fetch)  # the broker answers again
+    report = await replay_kafka(settings, broker, Selection(modules=("sessions",)), batch=5)
+    assert (report.status, report.sent) == ("resumed-done", 20)  # not "already-done" with nothing sent
