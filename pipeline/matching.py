@@ -56,6 +56,11 @@ Key = tuple[str, str]  # (method, key value)
 # group is matched again as a whole whenever one of its facts changes, so an unbounded group (a backlog of CDRs
 # ahead of their sessions) would cost quadratic time. A CDR is in the group of its start's hour; a session in the
 # group of every hour within the time tolerance of its start, so each pair within the tolerance shares a group.
+# Known limit: a session in two hours' groups is contested by both, and a provisional token match made in one
+# counts as held in the other. So two CDRs of one token and location, with neither session id nor authorization
+# reference, starting on either side of an hour boundary within the tolerance of the same sessions, may end on
+# each other's session depending on arrival order (both MATCHED; the pairing differs). Matching the linked hours
+# together would undo what the buckets are for.
 TOKEN_BUCKET: Final = timedelta(hours=1)
 
 
