@@ -198,3 +198,36 @@ def test_timestamps_keep_microseconds_and_utc() -> None:
     decoded = GENERATED.decode_event(codec.encode_event(event))
     assert decoded.payload["last_updated"] == datetime(1, 1, 2, 0, 0, 0, 1, tzinfo=UTC)
     assert decoded.received_at.tzinfo is UTC and decoded.received_at.microsecond == 999999
+
+
+# --- decimals whose bytes do not fit the schema ---------------------------------------------------------------
+
+def _zigzag(n: int) -> bytes:
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n & ~0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def with_kwh_bytes(unscaled: bytes) -> bytes:
+    """A valid SessionPatch whose kwh decimal body is replaced by `unscaled` (big-endian two's complement)."""
+    data = codec.encode_event(make_event("SessionPatch", {"kwh": Decimal("1234.5678")}, module="SESSIONS",
+                                         operation="PATCH", level="SESSION"))
+    original = _zigzag(4) + (12345678).to_bytes(4, "big", signed=True)
+    assert data.count(original) == 1
+    return data.replace(original, _zigzag(len(unscaled)) + unscaled)
+
+
+def test_a_decimal_too_long_for_the_decimal_context_is_our_error() -> None:
+    # ~1.2 million digits: past the decimal context's exponent range, decimal.Overflow (not InvalidOperation).
+    from pipeline.records import RawMessage, decode_all
+
+    damaged = with_kwh_bytes(b"\x7f" + b"\xff" * 499_999)
+    for reader in (GENERATED, REFERENCE):
+        with pytest.raises(AvroCodecError):
+            reader.decode_event(damaged)
+    records, dead = decode_all([RawMessage("sessions", 0, 7, b"k", damaged)])
+    assert records == [] and [d.offset for d in dead] == [7]
