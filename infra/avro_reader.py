@@ -24,7 +24,8 @@ Reader = Callable[[bytes, int], tuple[Any, int]]
 """(data, position) → (value, position after it).
 
 Stricter than fastavro where the bytes break the spec: a negative union or enum index (fastavro takes it as a
-Python index from the end) and a boolean byte other than 0 or 1 (fastavro: true) are refused."""
+Python index from the end), a boolean byte other than 0 or 1 (fastavro: true) and a decimal of more digits than
+its precision (fastavro: rounded to the precision) are refused."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
@@ -210,12 +211,18 @@ class _Generator:
         if logical == "timestamp-micros" and kind == "long":
             return [*self.long("n", ind), f"{ind}{target} = _EPOCH + _timedelta(microseconds=n)"]
         if logical == "decimal" and kind == "bytes":
-            # As fastavro: the unscaled integer through a context of the schema's precision, then scaled.
-            context = self.constant("_context", Context(prec=schema["precision"]))
+            # As fastavro: the unscaled integer through a context of the schema's precision, then scaled. But an
+            # unscaled integer of more digits than the precision is refused: fastavro rounds it to the precision
+            # (a wrong value), and converting a huge one to a Decimal takes seconds.
+            precision = schema["precision"]
+            context = self.constant("_context", Context(prec=precision))
+            limit = self.constant("_limit", 10**precision)
             scale = schema.get("scale", 0)
             return [*self.sized(ind),
-                    f"{ind}{target} = {context}.create_decimal(int.from_bytes(d[p:e], 'big', signed=True))"
-                    f".scaleb({-scale}, {context})",
+                    f"{ind}n = int.from_bytes(d[p:e], 'big', signed=True)",
+                    f"{ind}if not -{limit} < n < {limit}:",
+                    f"{ind}    raise _bad('decimal of more than {precision} digits, length', e - p)",
+                    f"{ind}{target} = {context}.create_decimal(n).scaleb({-scale}, {context})",
                     f"{ind}p = e"]
         raise Unsupported(f"logical type {logical} on {kind}")
 

@@ -92,7 +92,8 @@ def _outcome(reader: AvroCodec, data: bytes) -> DecodedEvent | str:
 def test_damaged_records_fail_where_fastavro_fails(data: st.DataObject) -> None:
     """Bytes changed, cut or inserted anywhere in a body: both refuse them, or both read the same event. The one
     difference allowed: bytes that break the spec which fastavro reads anyway and the generated reader refuses
-    (a negative union or enum index, taken by fastavro as a Python index from the end; a boolean byte > 1)."""
+    (a negative union or enum index, taken by fastavro as a Python index from the end; a boolean byte > 1; a
+    decimal of more digits than its precision, rounded by fastavro)."""
     record = bytearray(data.draw(st.sampled_from(VALID)))
     for _ in range(data.draw(st.integers(1, 3))):
         at = data.draw(st.integers(HEADER_SIZE, len(record)))
@@ -107,7 +108,7 @@ def test_damaged_records_fail_where_fastavro_fails(data: st.DataObject) -> None:
     damaged = bytes(record)
     generated, reference = _outcome(GENERATED, damaged), _outcome(REFERENCE, damaged)
     if isinstance(generated, str):
-        spec_breach = re.search(r"invalid ((union|enum) index -\d|boolean byte)", generated)
+        spec_breach = re.search(r"invalid ((union|enum) index -\d|boolean byte|decimal of more than)", generated)
         assert isinstance(reference, str) or spec_breach, generated
     else:
         assert not isinstance(reference, str), f"the generated reader read what fastavro refuses: {reference}"
@@ -231,3 +232,18 @@ def test_a_decimal_too_long_for_the_decimal_context_is_our_error() -> None:
             reader.decode_event(damaged)
     records, dead = decode_all([RawMessage("sessions", 0, 7, b"k", damaged)])
     assert records == [] and [d.offset for d in dead] == [7]
+
+
+@pytest.mark.parametrize("unscaled", [10**18, -(10**18), 10**20 + 1, 2**200])
+def test_a_decimal_of_more_digits_than_its_precision_is_refused_not_rounded(unscaled: int) -> None:
+    # decimal(18, 4): fastavro rounds 10^20 + 1 (ten thousand times 10^16 and a ten-thousandth) to 10^16.
+    damaged = with_kwh_bytes(unscaled.to_bytes(unscaled.bit_length() // 8 + 1, "big", signed=True))
+    with pytest.raises(AvroCodecError, match="decimal of more than 18 digits"):
+        GENERATED.decode_event(damaged)
+
+
+@pytest.mark.parametrize("unscaled", [10**18 - 1, -(10**18) + 1])
+def test_the_largest_decimals_of_the_precision_are_read(unscaled: int) -> None:
+    data = with_kwh_bytes(unscaled.to_bytes(8, "big", signed=True))
+    assert same_event(GENERATED.decode_event(data), REFERENCE.decode_event(data))
+    assert GENERATED.decode_event(data).payload["kwh"] == Decimal(unscaled).scaleb(-4)
