@@ -53,15 +53,14 @@ def confirmations(event: DecodedEvent) -> Iterator[tuple[str, str | None, str | 
     yield identity(event), event.evse_uid, event.connector_id, payload["last_updated"]
     if event.level == "LOCATION":
         for evse in payload.get("evses") or ():
-            yield from _evse_confirmations(evse["uid"], evse)
+            yield level_identity("EVSE", evse["uid"]), evse["uid"], None, evse["last_updated"]
+            yield from _connector_confirmations(evse["uid"], evse)
     elif event.level == "EVSE":
-        for connector in payload.get("connectors") or ():
-            yield (level_identity("CONNECTOR", event.evse_uid, connector["id"]), event.evse_uid, connector["id"],
-                   connector["last_updated"])
+        yield from _connector_confirmations(event.evse_uid, payload)
 
 
-def _evse_confirmations(uid: str, evse: dict[str, Any]) -> Iterator[tuple[str, str | None, str | None, datetime]]:
-    yield level_identity("EVSE", uid), uid, None, evse["last_updated"]
+def _connector_confirmations(uid: str | None, evse: dict[str, Any],
+                             ) -> Iterator[tuple[str, str | None, str | None, datetime]]:
     for connector in evse.get("connectors") or ():
         yield level_identity("CONNECTOR", uid, connector["id"]), uid, connector["id"], connector["last_updated"]
 
