@@ -35,11 +35,15 @@ from ocpi.compat import CompatProfile, Relaxation, Repairer
 from ocpi.errors import OcpiJsonError, OcpiValidationError
 from ocpi.types import CI_STRING_PATTERN, STRING_PATTERN, dec_hook, float_hook
 
-__all__ = ["Decoded", "OcpiJsonError", "OcpiValidationError", "decode", "decode_list"]
+__all__ = ["UNDECODABLE", "Decoded", "OcpiJsonError", "OcpiValidationError", "decode", "decode_list"]
 
 T = TypeVar("T")
 
 _NO_RELAXATIONS: Final[frozenset[Relaxation]] = frozenset()
+
+# What a msgspec decoder raises for bytes it cannot decode: DecodeError (ValidationError is one), and, for invalid
+# UTF-8 inside a JSON string, UnicodeDecodeError, which is not a DecodeError.
+UNDECODABLE: Final = (msgspec.DecodeError, UnicodeDecodeError)
 
 
 class Decoded(msgspec.Struct, Generic[T], frozen=True):
@@ -68,7 +72,7 @@ def decode(body: bytes | str, model: type[T], *, profile: CompatProfile | None =
         value = decoder.decode(body)
     except msgspec.ValidationError as exc:
         value = _after_strict_failure(body, model, decoder, exc, enabled, applied)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
+    except UNDECODABLE as exc:
         raise OcpiJsonError(_json_reason(exc)) from None
     except RecursionError:
         raise OcpiJsonError(_TOO_DEEP) from None
@@ -83,7 +87,7 @@ def decode_stored(body: bytes, model: type[T]) -> T:
         value = _decoder(model).decode(body)  # type: ignore[arg-type]  # Struct classes are hashable
     except msgspec.ValidationError as exc:
         raise _translate(exc, model) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
+    except UNDECODABLE as exc:
         raise OcpiJsonError(_json_reason(exc)) from None
     return cast(T, _validate.normalise(value))
 
@@ -112,7 +116,7 @@ def decode_list(
         raws = _RAW_LIST.decode(body)
     except msgspec.ValidationError as exc:
         raise _translate(exc, list[model]) from None  # type: ignore[valid-type]
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
+    except UNDECODABLE as exc:
         raise OcpiJsonError(_json_reason(exc)) from None
     results: list[Decoded[T] | OcpiValidationError] = []
     for i, raw in enumerate(raws):
@@ -142,7 +146,7 @@ def _after_strict_failure(
         tree = _TREE.decode(body)
     except msgspec.ValidationError:  # JSON, but a number beyond any range: nothing to repair
         raise _translate(error, model) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
+    except UNDECODABLE as exc:
         raise OcpiJsonError(_json_reason(exc)) from None
     except RecursionError:
         raise OcpiJsonError(_TOO_DEEP) from None

@@ -34,6 +34,7 @@ from rocksdict import WriteBatch
 
 from infra.kafka.bulk import Acked, OutgoingRecord, send_all
 from infra.settings import Settings
+from ocpi.decode import UNDECODABLE
 from pipeline import projection
 from pipeline.cdrs import process_cdrs
 from pipeline.delivery import BatchDelivery, Handler
@@ -331,7 +332,7 @@ class PartyAgent:
             try:
                 facts = decode_facts(bytes(message.value or b""))
                 party = bytes(message.key or b"").decode()
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            except UNDECODABLE as exc:
                 dead.append(DeadLetter(message.topic, message.partition, message.offset, message.key or b"",
                                        message.value or b"", f"undecodable fact batch: {exc}"))
                 continue

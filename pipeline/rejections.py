@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import msgspec
 from faust.types import Message
 
 from infra.rejections import COLUMNS as REJECTION_COLUMNS
 from infra.rejections import Rejection, decode_rejection
+from ocpi.decode import UNDECODABLE
 from pipeline import projection
 from pipeline.agents import AgentContext, run_batch
 from pipeline.delivery import BatchDelivery
@@ -32,7 +32,7 @@ def rejections_batch(messages: Sequence[tuple[str, int, int, bytes, bytes]], now
     for topic, partition, offset, key, value in messages:
         try:
             rejection = decode_rejection(value)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for invalid UTF-8
+        except UNDECODABLE as exc:
             letter = DeadLetter(topic, partition, offset, key, value, f"undecodable rejection record: {exc}")
             batch.add("dead_letters", projection.DEAD_LETTER_COLUMNS, projection.dead_letter_row(letter, now))
             continue

@@ -26,7 +26,7 @@ import msgspec
 
 from ocpi.canonical import to_ocpi_json
 from ocpi.compat import CompatProfile
-from ocpi.decode import OcpiJsonError, OcpiValidationError, decode, decode_list
+from ocpi.decode import UNDECODABLE, OcpiJsonError, OcpiValidationError, decode, decode_list
 from ocpi.model import Credentials, Endpoint, InterfaceRole, ModuleID, Version, VersionDetails
 from ocpi.status import OcpiStatus
 from receivers.transport import OcpiError, parse_timestamp
@@ -171,7 +171,7 @@ class OcpiClient:
     def _envelope(self, method: str, url: str, http_status: int, raw: bytes) -> Envelope:
         try:
             envelope = _envelope_decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # the last: invalid UTF-8
+        except UNDECODABLE as exc:
             snippet = raw[:120].decode("utf-8", "replace")
             raise PartnerApiError(f"{method} {url}: HTTP {http_status}, not an OCPI response envelope "
                                   f"({exc}): {snippet!r}", http_status=http_status) from None

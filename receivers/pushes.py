@@ -42,6 +42,7 @@ from litestar import Request
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from ocpi.decode import UNDECODABLE
 from ocpi.identity import ObjectKey, ci_equal
 from ocpi.model import (
     CDR,
@@ -166,7 +167,7 @@ def check_level(body: bytes, target: Target) -> None:
         return
     try:
         keys = _top_level.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for invalid UTF-8
+    except UNDECODABLE:
         return  # not a JSON object: decoding reports it properly (400, or 2001 naming the type)
     for name, raw in keys.items():
         other = target.foreign_fields.get(name)

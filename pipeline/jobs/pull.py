@@ -62,7 +62,7 @@ from infra.codec import AvroCodecError, encode_event
 from infra.events import build_event
 from infra.settings import Settings
 from ocpi.datetime import format_datetime
-from ocpi.decode import OcpiJsonError, OcpiValidationError, decode_list
+from ocpi.decode import UNDECODABLE, OcpiJsonError, OcpiValidationError, decode_list
 from ocpi.identity import ObjectKey
 from ocpi.model import CDR, InterfaceRole, Location, Role, Session
 from pipeline.jobs.common import (
@@ -287,7 +287,7 @@ class _Crawler:
             raise PullError(f"GET {url}: the partner refused our token (HTTP 401)")
         try:
             envelope = _envelope.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # the last: invalid UTF-8
+        except UNDECODABLE as exc:
             if status == 429 or status >= 500:
                 return f"HTTP {status}"
             raise PullError(f"GET {url}: HTTP {status}, not an OCPI response envelope ({exc})") from None
