@@ -55,6 +55,7 @@ from ocpi.model import (
     Session,
     SessionPatch,
 )
+from ocpi.types import CI_STRING_PATTERN
 from receivers.publishing import EventPublisher
 from receivers.transport import InvalidParameters, decode_body
 
@@ -178,7 +179,7 @@ def check_level(body: bytes, target: Target) -> None:
 
 
 _URL_ID_MAX: Final = 36  # Location id, EVSE uid, Connector id, Session id: CiString(36) (08 §3.1, 09 §3.1)
-_PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7E]*\Z")
+_CI_STRING: Final = re.compile(CI_STRING_PATTERN)
 
 
 def check_url_ids(target: Target, url: PushUrl) -> None:
@@ -190,7 +191,7 @@ def check_url_ids(target: Target, url: PushUrl) -> None:
             continue
         if len(value) > _URL_ID_MAX:
             raise _refuse(f"{{{name}}}", f"the URL's {name} is longer than {_URL_ID_MAX} characters (CiString(36))")
-        if not _PRINTABLE_ASCII.match(value):
+        if not _CI_STRING.match(value):
             raise _refuse(f"{{{name}}}", f"the URL's {name} contains characters other than printable ASCII "
                                          "(CiString allows 0x20-0x7E only)")
 
