@@ -38,7 +38,7 @@ from ocpi.decode import UNDECODABLE
 from pipeline import projection
 from pipeline.cdrs import process_cdrs
 from pipeline.delivery import BatchDelivery, Handler
-from pipeline.facts import Fact, decode_facts, encode_facts
+from pipeline.facts import Fact, decode_facts, fact_records
 from pipeline.locations import process_locations
 from pipeline.reconcile import (
     CREDIT_LINK_COLUMNS,
@@ -307,7 +307,8 @@ class ModuleAgent(Generic[S]):
         out.dead_letters(dead + misfits)
         await ctx.sink.write(out.batch)
         await ctx.publish(ctx.settings.pipeline.topic_party_facts,
-                          [(party.encode(), encode_facts(facts)) for party, facts in out.facts.items()])
+                          [(party.encode(), value) for party, facts in out.facts.items()
+                           for value in fact_records(facts)])
         await self.table.write_batch(ctx, [(anchor, overlay.changes) for anchor, overlay in overlays])
         ctx.progress.outcomes.update(out.outcomes)
         ctx.progress.replayed += out.replayed

@@ -4,7 +4,8 @@ Reconciliation and credit links join objects with different Kafka keys (a CDR an
 the CDR it credits). Stage 1 publishes a fact for every relevant change to the party-facts topic keyed by the
 owning CPO party, so one partition (one worker, one table partition) sees all of a party's sessions and CDRs
 in order. One Kafka record carries all of a party's facts from one batch (`FactBatch`), which keeps the
-internal topic's record count — and Faust's per-record cost — small.
+internal topic's record count — and Faust's per-record cost — small; when they are too many for one record
+Kafka accepts, several records of that party carry them in order (`fact_records`).
 
 Match keys that are personal data (token, authorization reference) travel pseudonymised (`retention.pseudonym`),
 so stage-2 state and the internal topic never hold them in clear.
@@ -66,8 +67,24 @@ _ENCODER: Final = msgspec.json.Encoder()
 _DECODER: Final = msgspec.json.Decoder(FactBatch)
 
 
+# The most one party-facts record carries. A Kafka broker refuses a larger record batch than its
+# `message.max.bytes` (1 MB by default) for good, which stage 1's publish would retry forever; a batch of a few
+# thousand records of one party (a catch-up after a restart) makes more facts than that.
+FACT_RECORD_MAX_BYTES: Final = 512 * 1024
+
+
 def encode_facts(facts: list[Fact]) -> bytes:
     return _ENCODER.encode(FactBatch(facts=facts))
+
+
+def fact_records(facts: list[Fact], limit: int = FACT_RECORD_MAX_BYTES) -> list[bytes]:
+    """A party's facts as record values in order: one, or several of at most `limit` bytes each (one fact
+    alone may exceed it)."""
+    encoded = encode_facts(facts)
+    if len(encoded) <= limit or len(facts) <= 1:
+        return [encoded]
+    half = len(facts) // 2
+    return fact_records(facts[:half], limit) + fact_records(facts[half:], limit)
 
 
 def decode_facts(data: bytes) -> list[Fact]:
