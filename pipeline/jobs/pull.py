@@ -21,7 +21,7 @@ The crawl (04 §4.2):
   3xxx answers are retried with exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is
   waited out first. Other errors stop the crawl (2xxx: our request is wrong; 401: the partner refused our
   token; a next link that is no URL). Redirects are never followed: they could drop the Authorization header
-  or hand it to another host.
+  or hand it to another host; nor is a next link to another origin (scheme, host or port) than the endpoint's.
 - Each list is decoded element by element (`ocpi.decode.decode_list`, with the partner's compatibility
   profile): invalid objects are logged and recorded, the valid ones are processed (04 §4.1). Objects whose
   owner is not one of the partner's roles are recorded and skipped (04 §6.3), unless the partner is a Hub.
@@ -198,6 +198,13 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
     return max((moment - now).total_seconds(), 0.0)
 
 
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    """(scheme, host, port) of a URL, the default port made explicit; ValueError for an invalid port."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
 def _party(headers: httpx.Headers, side: str) -> tuple[str, str] | None:
     country, party = headers.get(f"ocpi-{side}-country-code"), headers.get(f"ocpi-{side}-party-id")
     if country and party and _COUNTRY_CODE.fullmatch(country) and _PARTY_ID.fullmatch(party):
@@ -215,8 +222,8 @@ def _their_party(partner: Partner) -> tuple[str, str] | None:
 
 
 class _Crawler:
-    def __init__(self, settings: Settings, partner: Partner, module: str, http: httpx.AsyncClient,
-                 retry: RetryPolicy, report: PullReport, correlation_id: str,
+    def __init__(self, settings: Settings, partner: Partner, module: str, endpoint_url: str,
+                 http: httpx.AsyncClient, retry: RetryPolicy, report: PullReport, correlation_id: str,
                  sleep: Callable[[float], Awaitable[None]]) -> None:
         if not partner.outbound_token:
             raise PullError(f"we hold no token for partner {partner.partner_id!r} (register with it first: "
@@ -234,13 +241,20 @@ class _Crawler:
         if theirs is not None:
             self.headers |= {"OCPI-to-country-code": theirs[0], "OCPI-to-party-id": theirs[1]}
         self.module = module
+        self.endpoint_url = endpoint_url
+        self.origin = _origin(endpoint_url)
 
     async def fetch(self, url: str) -> _Page:
         """GET one page, retrying what is transient (see the module docstring)."""
         try:
             httpx.Request("GET", url)  # a URL httpx cannot request (a partner's next link): no retry helps
+            origin = _origin(url)
         except (httpx.InvalidURL, ValueError) as exc:
             raise PullError(f"GET {url}: not a usable URL ({exc})") from None
+        if origin != self.origin:  # a partner's next link, like a redirect: our token would go to whoever is there
+            raise PullError(f"GET {url}: the next link points at another origin (scheme, host or port) than the "
+                            f"endpoint {self.endpoint_url}; it is not followed (our Authorization header would go "
+                            "there, in clear text over http): ask the partner to fix its Link headers")
         last = ""
         for attempt in range(self.retry.max_attempts):
             request_id = str(uuid.uuid4())
@@ -383,8 +397,8 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
     progress.advance(crawl["objects"])
     timeout = httpx.Timeout(settings.partners.outbound_timeout_s)
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport) as http:
-        crawler = _Crawler(settings, partner, module, http, retry or RetryPolicy(), report, crawl["correlation_id"],
-                           sleep)
+        crawler = _Crawler(settings, partner, module, endpoint.url, http, retry or RetryPolicy(), report,
+                           crawl["correlation_id"], sleep)
         url: str | None = crawl["next_url"]
         while url:
             page = await crawler.fetch(url)

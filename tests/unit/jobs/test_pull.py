@@ -348,13 +348,13 @@ async def test_scheduled_rounds_keep_since_until_a_pull_completed(settings_for: 
     assert round_since(settings, "cpo-be", "sessions", since, first=False) is None
 
 
-def _mock_partner() -> Partner:
+def _mock_partner(url: str = "http://cpo.example/ocpi/cpo/2.2.1/sessions") -> Partner:
     now = datetime.now(UTC)
     return Partner(partner_id="cpo-be", name="CPO BE", status=PartnerStatus.REGISTERED,
                    roles=[credentials_role(country_code="BE", party_id="BEC", role="CPO")],
                    outbound_token="tok", created_at=now, updated_at=now,
                    endpoints=[Endpoint(identifier="sessions", role=InterfaceRole.SENDER,
-                                       url="http://cpo.example/ocpi/cpo/2.2.1/sessions")])
+                                       url=url)])
 
 
 def _envelope(data: Any) -> bytes:
@@ -423,3 +423,30 @@ async def test_the_same_relative_since_resumes_an_interrupted_crawl(settings_for
     report = await pull(settings, partner_for(fake), "sessions", ListSink(), since=parse_time("2d"),
                         relative=("2d", None))
     assert not report.resumed  # another --since: another crawl
+
+
+@pytest.mark.parametrize("link", ["https://elsewhere.example/ocpi/cpo/2.2.1/sessions?offset=1&limit=1",
+                                  "http://cpo.example/ocpi/cpo/2.2.1/sessions?offset=1&limit=1",
+                                  "https://cpo.example:8443/ocpi/cpo/2.2.1/sessions?offset=1&limit=1"])
+async def test_a_next_link_to_another_origin_is_not_sent_our_token(settings_for: Any, link: str) -> None:
+    """Like a redirect, a next link to another scheme, host or port would hand our token to whoever is there
+    (in clear text over http): the crawl stops instead, before any request goes there."""
+    requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if request.url.host != "cpo.example" or request.url.scheme != "https" or request.url.port is not None:
+            return httpx.Response(200, content=_envelope([]))
+        return httpx.Response(200, headers={"Link": f'<{link}>; rel="next"'},
+                              content=_envelope([session(1, hours_ago(2))]))
+
+    partner = _mock_partner("https://cpo.example/ocpi/cpo/2.2.1/sessions")
+    settings, sink = settings_for(), ListSink()
+    with pytest.raises(PullError, match="another origin"):
+        await pull(settings, partner, "sessions", sink, since=hours_ago(24),
+                   transport=httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=2), sleep=Sleeps())
+    assert [str(r.url.copy_with(query=None)) for r in requests] == ["https://cpo.example/ocpi/cpo/2.2.1/sessions"]
+    # The first page was acknowledged and checkpointed; the window is not completed.
+    assert ids(sink) == ["S0001"]
+    state = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
+    assert state is not None and state["completed_until"] is None
