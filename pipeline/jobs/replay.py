@@ -6,11 +6,13 @@ treats it like any other event: every table is keyed by object identity or event
 version, so a replay changes no total, however often it runs (the tests replay twice and compare).
 
 Selection: modules, one partner, a time range on `received_at`, and for Kafka a partition and an offset
-range. From Kafka, a time range is turned into offsets first: ListOffsets by timestamp on a real Kafka, a
-binary search over record timestamps on Tansu (`infra.kafka.compat.offsets_for_times`). Record timestamps
-are set when the receiver publishes, a moment after `received_at`, so the scan starts at `since` and ends a
-margin after `until`, and the exact `received_at` filter decides. The end of the topic is fixed when the job
-is planned: a replay never chases the records it writes itself.
+range. From Kafka, `since` is turned into start offsets first: ListOffsets by timestamp on a real Kafka, a
+binary search over record timestamps on Tansu (`infra.kafka.compat.offsets_for_times`). A record's timestamp
+is set when it is published, never before its `received_at`, so the scan starts at `since`; it goes on to
+the end of the topics whatever `until` is (a replayed copy, the only one left of history restored from an
+archive, is stamped when it was replayed, any time after its `received_at`), and the exact `received_at`
+filter decides. The end of the topic is fixed when the job is planned: a replay never chases the records it
+writes itself.
 
 Within one job an event id is sent once, even if the source holds it several times (an earlier replay's
 copies, an archive exported from both sources): the ids sent are logged next to the checkpoint.
@@ -34,7 +36,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +236,6 @@ def _open_job(settings: Settings, spec: dict[str, Any], job: str | None,
 async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection) -> list[tuple[str, PartitionRange]]:
     """(module, offset range) per partition for `selection`, against the topics as they are now."""
     planned: list[tuple[str, PartitionRange]] = []
-    margin = timedelta(seconds=settings.kafka.send_timeout_s + 60)
     for module in selection.modules:
         tps = [tp for tp in await topic_partitions(bootstrap, [settings.kafka.topic_for(module)])
                if selection.partition is None or tp.partition == selection.partition]
@@ -245,9 +246,8 @@ async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection) -
         if selection.since is not None:  # a record's timestamp is never before its received_at
             at = await offsets_at(settings.kafka, bootstrap, selection.since, bounds)
             starts = {tp: max(starts[tp], at[tp]) for tp in bounds}
-        if selection.until is not None:
-            at = await offsets_at(settings.kafka, bootstrap, selection.until + margin, bounds)
-            stops = {tp: min(stops[tp], at[tp]) for tp in bounds}
+        # No stop from `until`: a replayed copy's timestamp is when it was replayed, any time after its
+        # received_at (history restored from an archive is in the topics only so); the filter decides.
         for tp in tps:
             planned.append((module, PartitionRange(tp.topic, tp.partition, starts[tp], max(starts[tp], stops[tp]))))
     return planned

@@ -33,7 +33,7 @@ from pipeline.jobs.archive import (
 )
 from pipeline.jobs.common import parse_time
 from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, read_ranges, topic_partitions
-from pipeline.jobs.replay import Selection, replay_archive
+from pipeline.jobs.replay import Selection, replay_archive, replay_kafka
 from tests.conftest import EXAMPLES, unique
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -252,3 +252,26 @@ async def test_an_archive_replay_since_a_duration_resumes_when_run_again(
     assert report.status == "resumed-done" and report.sent == 2
     again = await replay_archive(settings, broker, root, selection())
     assert again.status == "already-done"
+
+
+async def test_a_time_range_replay_finds_events_the_topics_hold_only_as_replayed_copies(
+        store: tuple[Client, str], settings_for: Any, tmp_path: Path, broker: str) -> None:
+    """History restored from an archive (the embedded broker restarted, or Kafka's retention passed) is in the
+    topics only as REPLAY copies: their record timestamps are the restore's, their `received_at` the original
+    one. A replay by `received_at` range must still find them."""
+    client, _database = store
+    events = [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                         module="sessions", level="SESSION", operation="PUT", received_at=DAY1.replace(minute=i))
+              for i in range(3)]
+    insert(client, events)
+    root = tmp_path / "archive"
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    export_from_clickhouse(settings, client, root, ("sessions",))
+    restored = await replay_archive(settings, broker, root, Selection(modules=("sessions",)))
+    assert restored.sent == 3
+
+    window = Selection(modules=("sessions",), since=DAY1 - timedelta(hours=1), until=DAY1 + timedelta(hours=1))
+    plan = await replay_kafka(settings, broker, window, dry_run=True)
+    assert sum(line.matching or 0 for line in plan.lines) == 3
+    report = await replay_kafka(settings, broker, window)
+    assert report.sent == 3 and report.status == "done"
