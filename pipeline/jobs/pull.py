@@ -5,7 +5,9 @@ OCPI makes catching up after an outage the receiver's job (04 §14): we GET the 
 
 The crawl (04 §4.2):
 - The window is [date_from, date_to): `--since`, or where the last completed pull ended, up to `--until` or
-  `SETTLE` (5 minutes) before the moment the crawl starts. Consecutive windows neither overlap nor leave gaps.
+  `SETTLE` (5 minutes) before the moment the crawl starts. (A crawl up to a later `--until` counts as ended
+  `SETTLE` before it started, so the next window starts there, not at a date_to still to come.) Consecutive
+  windows leave no gaps, and overlap only after such a crawl.
   Not up to now: `last_updated` is stamped by the partner's clock, which may run behind ours, and an object
   stamped just before our crawl may become visible to its GET only a moment later; a window ending at our now
   would leave such objects behind it, and the next window starts after them for good. Sessions require a
@@ -433,7 +435,15 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
             if page.next_url == page.url:
                 raise PullError(f"GET {page.url}: the next link points at the same page")
             url = page.next_url
-    state["completed_until"] = crawl["until"]
+    # A window asked past what had settled when the crawl started (`--until` later than now − SETTLE) is not
+    # complete beyond that: objects the partner stamps after the crawl may still fall before its date_to. The
+    # next window starts there (re-reading a little is harmless: the pipeline deduplicates).
+    settled = datetime.fromisoformat(crawl["started_at"]) - SETTLE
+    ended = datetime.fromisoformat(crawl["until"])
+    if ended > settled:
+        began = from_iso(crawl["since"])
+        ended = settled if began is None else max(began, settled)
+    state["completed_until"] = iso(ended)
     state["crawl"] = None
     state["runs"] = [*state.get("runs", [])[-19:], {
         "since": crawl["since"], "until": crawl["until"], "finished_at": iso(datetime.now(UTC)),

@@ -450,3 +450,19 @@ async def test_a_next_link_to_another_origin_is_not_sent_our_token(settings_for:
     assert ids(sink) == ["S0001"]
     state = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
     assert state is not None and state["completed_until"] is None
+
+
+async def test_a_window_asked_past_now_counts_as_ended_where_it_had_settled(settings_for: Any,
+                                                                           fake: FakeSender) -> None:
+    """`--until` later than now: the crawl asks for it, but the next window starts where the crawl's objects
+    had settled, not at that future instant: objects the partner stamps after the crawl and before it would
+    otherwise never be pulled."""
+    settings = settings_for()
+    fake.objects["sessions"] = [session(1, hours_ago(3))]
+    first = ListSink()
+    await pull(settings, partner_for(fake), "sessions", first, since=hours_ago(24),
+               until=datetime.now(UTC) + timedelta(hours=1))
+    fake.objects["sessions"].append(session(2, datetime.now(UTC)))  # updated right after that crawl
+    later = ListSink()
+    await pull(settings, partner_for(fake), "sessions", later, until=datetime.now(UTC) + timedelta(hours=2))
+    assert ids(first) == ["S0001"] and ids(later) == ["S0002"]
