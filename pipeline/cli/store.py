@@ -41,11 +41,27 @@ def migrate() -> None:
 
 
 def _plain(value: Any) -> Any:
+    """A value as JSON holds it: Decimals exact as text, times in ISO 8601, arrays, tuples and maps element by
+    element, anything else JSON has no type for (UUID, IP address) as its text."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, datetime | date):
         return value.isoformat()
-    return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(_plain(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
+
+
+def _cell(value: Any) -> Any:
+    """A value for one CSV or table cell: a nested one (array, tuple, map) as its JSON text."""
+    plain = _plain(value)
+    return json.dumps(plain) if isinstance(plain, list | dict) else plain
 
 
 def render_rows(columns: list[str], rows: list[Sequence[Any]], fmt: str) -> str:
@@ -56,11 +72,11 @@ def render_rows(columns: list[str], rows: list[Sequence[Any]], fmt: str) -> str:
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(columns)
-        writer.writerows([[_plain(v) for v in row] for row in rows])
+        writer.writerows([[_cell(v) for v in row] for row in rows])
         return out.getvalue()
     table = Table(*columns)
     for row in rows:
-        table.add_row(*("" if v is None else str(_plain(v)) for v in row))
+        table.add_row(*("" if v is None else str(_cell(v)) for v in row))
     console = Console(record=True, width=160)
     with console.capture() as capture:
         console.print(table)

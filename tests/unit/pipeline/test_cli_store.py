@@ -1,0 +1,55 @@
+"""`ocpi-pipeline query` / `report` output: every ClickHouse value the driver hands back renders in every format."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from infra.clickhouse.client import connect
+from pipeline.cli.store import render_rows
+
+pytestmark = pytest.mark.clickhouse
+
+# Columns `query` meets in our own tables: cdr_charging_periods.dimension_volumes (Array(Decimal)),
+# reconciliation.cdr_ids (Array(String)), and the usual types a user's SELECT builds.
+SQL = ("SELECT [toDecimal64('39.2607', 4), toDecimal64('2.35', 4)] AS volumes, ['C1', 'C2'] AS cdr_ids, "
+       "[toDateTime64('2024-05-01 10:00:00', 6, 'UTC')] AS times, map('EUR', toDecimal64('1.5', 4)) AS by_currency, "
+       "toUUID('61f0c404-5cb3-11e7-907b-a6006ad3dba0') AS id, toDecimal64('-2.5', 4) AS cost")
+
+
+@pytest.fixture
+def result(chdb_dsn: str) -> Iterator[tuple[list[str], list[list[object]]]]:
+    client: Client = connect(chdb_dsn, readonly=True)
+    answer = client.query(SQL)
+    yield list(answer.column_names), [list(row) for row in answer.result_rows]
+
+
+WANT = {"volumes": ["39.2607", "2.3500"], "cdr_ids": ["C1", "C2"], "times": ["2024-05-01T10:00:00+00:00"],
+        "by_currency": {"EUR": "1.5000"}, "id": str(uuid.UUID("61f0c404-5cb3-11e7-907b-a6006ad3dba0")),
+        "cost": "-2.5000"}
+
+
+def test_json_renders_arrays_maps_and_uuids_as_the_scalars_are(result: tuple[list[str], list[list[object]]]) -> None:
+    """`query --format json` ended in a traceback (Decimal/UUID not JSON serializable) on an Array(Decimal) column
+    such as cdr_charging_periods.dimension_volumes, or a UUID."""
+    columns, rows = result
+    assert json.loads(render_rows(columns, rows, "json")) == [WANT]
+
+
+def test_csv_and_table_cells_hold_values_not_python_reprs(result: tuple[list[str], list[list[object]]]) -> None:
+    """A list cell was written as Python's repr ("[Decimal('39.2607'), ...]", "[datetime.datetime(...)]"): a
+    nested value is its JSON text, with the scalars written as at the top level."""
+    columns, rows = result
+    [header, cells] = list(csv.reader(io.StringIO(render_rows(columns, rows, "csv"))))
+    assert header == columns
+    decoded = {name: (json.loads(cell) if isinstance(WANT[name], list | dict) else cell)
+               for name, cell in zip(header, cells, strict=True)}
+    assert decoded == WANT
+    table = render_rows(columns, rows, "table")
+    assert "Decimal(" not in table and "datetime.datetime" not in table and "UUID(" not in table
