@@ -13,6 +13,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from infra.clickhouse.client import ClickHouseUnavailable, connect, connect_for, effective_dsn
 from infra.clickhouse.migrations import MigrationError, available_migrations
@@ -74,9 +75,12 @@ def render_rows(columns: list[str], rows: list[Sequence[Any]], fmt: str) -> str:
         writer.writerow(columns)
         writer.writerows([[_cell(v) for v in row] for row in rows])
         return out.getvalue()
-    table = Table(*columns)
+    # Text, not str: rich would read brackets in values (CPOs' names, reasons, payloads) as markup.
+    table = Table()
+    for column in columns:
+        table.add_column(Text(column))
     for row in rows:
-        table.add_row(*("" if v is None else str(_cell(v)) for v in row))
+        table.add_row(*(Text("" if v is None else str(_cell(v))) for v in row))
     console = Console(record=True, width=160)
     with console.capture() as capture:
         console.print(table)

@@ -53,3 +53,12 @@ def test_csv_and_table_cells_hold_values_not_python_reprs(result: tuple[list[str
     assert decoded == WANT
     table = render_rows(columns, rows, "table")
     assert "Decimal(" not in table and "datetime.datetime" not in table and "UUID(" not in table
+
+
+def test_table_cells_are_shown_as_stored_never_read_as_rich_markup() -> None:
+    """Strings come from CPOs (names, reasons, payloads): "[north]" vanished from a table cell (read as a style)
+    and "[/b]" ended `query` in a MarkupError."""
+    values = ["Station [north]", "a[/b]", "[bold]x[/bold]"]
+    table = render_rows(["name"], [[v] for v in values], "table")
+    for value in values:
+        assert value in table
