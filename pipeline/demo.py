@@ -93,7 +93,7 @@ def read_summary(client: Client, expected: Expected, seconds: float) -> DemoSumm
         sessions=_scalar(client, "SELECT count() FROM sessions FINAL WHERE status = 'COMPLETED'"),
         cdrs=_scalar(client, "SELECT count() FROM cdrs FINAL"),
         raw_events=_scalar(client, "SELECT count() FROM raw_events FINAL"),
-        dead_letters=_scalar(client, "SELECT count() FROM dead_letters"),
+        dead_letters=_scalar(client, "SELECT count() FROM dead_letters FINAL"),
         parties=parties,
         outcomes=_counts(client, "SELECT outcome, count() FROM raw_events FINAL GROUP BY outcome ORDER BY outcome"),
         anomalies=_counts(client, "SELECT kind, count() FROM anomalies FINAL GROUP BY kind ORDER BY kind"),
