@@ -4,8 +4,8 @@ Every report is a function returning a `ReportQuery` (SQL with client-side `%(na
 shim has no server-side parameters) over the tables the pipeline writes:
 
 - revenue: `billable_lines` (`billing_lines`, one line per CDR, credits already negated by the `billing_lines_mv`
-  view, so a credit CDR nets out the CDR it cancels; without the lines of DUPLICATE_CREDIT credits, which would net
-  it twice); grouped by party, location or day, one row per currency;
+  view, so a credit CDR nets out the CDR it cancels; without the lines of DUPLICATE_CREDIT and CREDIT_OF_CREDIT
+  credits, which would net it twice); grouped by party, location or day, one row per currency;
 - reconciliation: `reconciliation` outcomes per CPO party, subject, outcome and currency, with the summed deltas;
 - anomalies: `anomalies` per kind, module and CPO party;
 - health: per partner and module, pushes accepted (`raw_events`, source PUSH), pushes refused
