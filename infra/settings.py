@@ -49,6 +49,13 @@ def _parse_positive_int(env: str, raw: str) -> int:
     return value
 
 
+def _parse_non_negative_int(env: str, raw: str) -> int:
+    value = _parse_int(env, raw)
+    if value < 0:
+        raise SettingsError(f"{env}={raw!r}: expected an integer >= 0")
+    return value
+
+
 # Retention ages: no policy keeps data a century, and a bound keeps every TTL well inside ClickHouse's DateTime64
 # range (to 2299) and every age inside Python's datetime arithmetic.
 MAX_RETENTION_DAYS = 36_500
@@ -166,6 +173,10 @@ class KafkaSettings:
         "topic of refused pushes (JSON, fire-and-forget), for the partner health report",
     )
     partitions: int = _setting("OCPI_TOPIC_PARTITIONS", "4", "partitions of every topic we create")
+    replication_factor: int = _setting(
+        "OCPI_KAFKA_REPLICATION_FACTOR", "0",
+        "replicas of every topic we create (state changelogs too); 0 = min(3, the cluster's brokers)",
+    )
     send_timeout_s: float = _setting(
         "OCPI_KAFKA_SEND_TIMEOUT", "10", "seconds a push waits for the broker's ack before answering 3000"
     )
@@ -389,6 +400,7 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_TOPIC_CDRS": _parse_topic,
     "OCPI_TOPIC_REJECTIONS": _parse_topic,
     "OCPI_TOPIC_PARTITIONS": _parse_positive_int,
+    "OCPI_KAFKA_REPLICATION_FACTOR": _parse_non_negative_int,
     "OCPI_KAFKA_SEND_TIMEOUT": _parse_float,
     "OCPI_KAFKA_FLAVOR": lambda env, raw: _parse_choice(env, raw, ("auto", "kafka", "tansu")),
     "OCPI_HTTP_PORT": _parse_port,

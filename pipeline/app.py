@@ -10,6 +10,7 @@ from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse.client import connect, effective_dsn
 from infra.kafka import compat
+from infra.kafka.admin import replication_factor
 from infra.settings import Settings
 from pipeline.agents import BATCH_WITHIN_S, AgentContext, Progress, StateTable, register_agents
 from pipeline.backlog import state_backlog, sweep_backlog
@@ -62,7 +63,8 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
         store="rocksdb://",  # rocksdict-backed (research note §1: `rocksdict://` is not a valid store URL)
         datadir=str(datadir),
         topic_partitions=settings.kafka.partitions,
-        topic_replication_factor=1,
+        # The changelogs Faust creates itself (those of `worker.prepare_topics` exist by then) get ours too.
+        topic_replication_factor=replication_factor(bootstrap, settings.kafka.replication_factor),
         processing_guarantee="at_least_once",  # exactly-once is impossible on Tansu; every sink is idempotent
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",

@@ -90,7 +90,7 @@ class Stack:
             self.bootstrap = kafka.bootstrap
         # Created with the policy's retention (the worker sets it again on topics that exist).
         await asyncio.to_thread(ensure_topics, self.bootstrap, (*kafka.module_topics, kafka.topic_rejections),
-                                kafka.partitions, topic_configs(self.settings))
+                                kafka.partitions, topic_configs(self.settings), replicas=kafka.replication_factor)
 
         database = self.settings.clickhouse.database
         dsn = self.settings.clickhouse_dsn

@@ -38,7 +38,7 @@ def prepare_topics(settings: Settings, bootstrap: str) -> None:
     """
     configs = topic_configs(settings)
     ensure_topics(bootstrap, (*topic_names(settings), *changelog_configs(settings)), settings.kafka.partitions,
-                  configs)
+                  configs, replicas=settings.kafka.replication_factor)
     changed = set_topic_configs(bootstrap, configs)
     if changed:
         log.info("topic configs set on %s", ", ".join(changed))

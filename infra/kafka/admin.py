@@ -18,20 +18,45 @@ from kafka.errors import TopicAlreadyExistsError
 log = logging.getLogger(__name__)
 
 
+# Replicas of a topic we create when OCPI_KAFKA_REPLICATION_FACTOR does not say: Kafka's usual production
+# choice, or one per broker on a smaller cluster (1 on the embedded Tansu, a single broker).
+DEFAULT_REPLICAS = 3
+
+
+def replication_factor(bootstrap: str, configured: int = 0) -> int:
+    """Replicas for the topics we create: `configured` (OCPI_KAFKA_REPLICATION_FACTOR) when set (> 0), else
+    min(DEFAULT_REPLICAS, the cluster's brokers). One replica on a cluster would keep every acknowledged push on
+    one broker's disk, and fail every acks=all send where the broker requires `min.insync.replicas` > 1."""
+    if configured > 0:
+        return configured
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        return _cluster_replicas(admin)
+    finally:
+        admin.close()
+
+
+def _cluster_replicas(admin: KafkaAdminClient) -> int:
+    brokers = admin.describe_cluster().get("brokers") or ()
+    return max(1, min(DEFAULT_REPLICAS, len(brokers)))
+
+
 def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
-                  configs: Mapping[str, Mapping[str, str]] | None = None) -> list[str]:
-    """Create the topics that do not exist yet; returns the names it created."""
+                  configs: Mapping[str, Mapping[str, str]] | None = None, *, replicas: int = 0) -> list[str]:
+    """Create the topics that do not exist yet, with `replicas` replicas (0: `replication_factor`'s default);
+    returns the names it created."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     try:
         existing = set(admin.list_topics())
         wanted = [t for t in dict.fromkeys(topics) if t not in existing]
         if not wanted:
             return []
-        new = [NewTopic(name=t, num_partitions=partitions, replication_factor=1,
+        replication = replicas if replicas > 0 else _cluster_replicas(admin)
+        new = [NewTopic(name=t, num_partitions=partitions, replication_factor=replication,
                         topic_configs=dict((configs or {}).get(t, {}))) for t in wanted]
         with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent creator won the race; fine
             admin.create_topics(new)
-        log.info("created topics %s", wanted)
+        log.info("created topics %s (%d replicas)", wanted, replication)
         return wanted
     finally:
         admin.close()
