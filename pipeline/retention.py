@@ -19,8 +19,9 @@ OCPI leaves retention to contracts and law (02 §7); these are our defaults, eac
 Pseudonymisation replaces a value by `psn:` + the first 32 hex digits of HMAC-SHA256(key, value) — 36
 characters, so it still fits the CiString(36) columns, and equal values (CiStrings compared case-insensitively)
 give equal pseudonyms, so joins between sessions and CDRs keep working. The rows are written again with a
-higher version and `pseudonymised = true`, and the clear-text versions they replace are deleted (a lightweight
-DELETE, `delete_superseded_clear_rows`): ReplacingMergeTree alone drops them only at a merge nothing schedules.
+higher version and `pseudonymised = true`, and the due clear-text versions they or any newer version replace are
+deleted (a lightweight DELETE, `delete_superseded_clear_rows`): ReplacingMergeTree alone drops them only at a merge
+nothing schedules.
 
 Tansu (the embedded broker) stores topic configs but enforces neither `retention.ms` nor compaction
 (research note §2): embedded Kafka data lives only as long as the broker process. On Apache Kafka the
@@ -408,7 +409,7 @@ def pseudonymise_due(client: Client, settings: Settings, pseudonym: Pseudonymize
         done[spec.table] = total
         deleted = delete_superseded_clear_rows(client, spec, before)
         if deleted:
-            log.info("retention: deleted %d clear rows of %s that pseudonymised rows replace", deleted, spec.table)
+            log.info("retention: deleted %d clear rows of %s that newer rows replace", deleted, spec.table)
     return done
 
 
@@ -422,15 +423,17 @@ def _tuple(values: Iterable[Any]) -> str:
 
 
 def delete_superseded_clear_rows(client: Client, spec: PersonalTable, before: datetime) -> int:
-    """Delete the rows of `spec.table` whose personal data is due and in clear and that a pseudonymised row of
-    the same key and a higher version replaces; returns how many.
+    """Delete the rows of `spec.table` whose personal data is due and in clear and that a row of the same key
+    and a higher version replaces (the pseudonymised one this pass wrote, or a newer version, in clear or not,
+    whose own personal data is not due yet: a Location PUT that replaced `publish_allowed_to`); returns how many.
 
     ReplacingMergeTree drops a replaced row only at a merge that nothing schedules; until then every query
     without FINAL reads it. A lightweight DELETE hides it at once (the same SQL on chDB and a server) for a mask
     on the parts it touches, where OPTIMIZE ... FINAL would rewrite the partitions every hour; the bytes leave
-    the disk when the part next merges. A clear row without a pseudonymised successor is the current one, for
-    the next pass, and stays. Candidates are read from the table, not from this pass's inserts, so rows that
-    an interrupted pass or an older release left are found too.
+    the disk when the part next merges. A replaced row is never what FINAL reads, so deleting it changes no
+    current row. A clear row without a successor is the current one, for the next pass, and stays. Candidates
+    are read from the table, not from this pass's inserts, so rows that an interrupted pass or an older release
+    left are found too.
     """
     key = ", ".join(spec.key)
     version = spec.version_column
@@ -444,7 +447,7 @@ def delete_superseded_clear_rows(client: Client, spec: PersonalTable, before: da
             return deleted
         keys = {tuple(row[:-1]) for row in candidates}
         successors = {tuple(row[:-1]): int(row[-1]) for row in client.query(
-            f"SELECT {key}, max({version}) FROM `{spec.table}` WHERE pseudonymised AND ({key}) IN "
+            f"SELECT {key}, max({version}) FROM `{spec.table}` WHERE ({key}) IN "
             f"({', '.join(map(_tuple, keys))}) GROUP BY {key}").result_rows}
         replaced = [row for row in candidates if int(row[-1]) < successors.get(tuple(row[:-1]), -1)]
         if replaced:

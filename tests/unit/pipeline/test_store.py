@@ -521,6 +521,33 @@ def test_after_the_pass_no_row_holds_due_personal_data_in_clear_even_without_fin
         ("S1", retention.Pseudonymizer(b"x" * 32)("TOK1")), ("S2", "TOK2")]
 
 
+def test_clear_rows_a_newer_clear_version_replaced_are_deleted_once_their_personal_data_is_due(
+        client: Client) -> None:
+    """A Location PUT 40 days ago listed TOK-OLD; a PUT 10 days ago replaced the list. The current row is not due,
+    but the replaced one (read by every query without FINAL) holds TOK-OLD, received 40 days ago, in clear."""
+    day = 24 * 60
+    locations = Harness(process_locations, LocationState)
+    write(client, locations.run(event("Location", location(
+        "LOC1", publish=False, publish_allowed_to=[{"uid": "TOK-OLD", "type": "RFID"}], updated=-40 * day),
+        received=-40 * day)).batch)
+    write(client, locations.run(event("Location", location(
+        "LOC1", publish=False, publish_allowed_to=[{"uid": "TOK-NEW", "type": "RFID"}], updated=-10 * day),
+        received=-10 * day)).batch)
+    # LOC2's PUT 10 days ago published it (no list): its current row is never rewritten, the old one stayed for good.
+    write(client, locations.run(event("Location", location(
+        "LOC2", publish=False, publish_allowed_to=[{"uid": "TOK-GONE", "type": "RFID"}], updated=-40 * day),
+        received=-40 * day)).batch)
+    write(client, locations.run(event("Location", location("LOC2", updated=-10 * day), received=-10 * day)).batch)
+    settings = _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30")
+    done = retention.pseudonymise_due(client, settings, retention.Pseudonymizer(b"x" * 32), ts(0))
+    assert done["locations"] == 0  # LOC1's current list came 10 days ago, LOC2 has none
+    documents = [document for (document,) in client.query(
+        "SELECT payload_json FROM locations ORDER BY location_id").result_rows]
+    assert not [d for d in documents if "TOK-OLD" in d or "TOK-GONE" in d]
+    assert [json.loads(d).get("publish_allowed_to") for d in documents] == [[{"uid": "TOK-NEW", "type": "RFID"}],
+                                                                           None]
+
+
 def test_clear_rows_an_interrupted_pass_left_are_deleted_by_the_next(client: Client,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     write(client, Harness(process_sessions, SessionState).run(
