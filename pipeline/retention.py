@@ -30,6 +30,7 @@ configs apply as set.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -89,23 +90,40 @@ class Pseudonymizer:
 
 
 def load_key(settings: Settings) -> bytes:
-    """The configured key, or one generated once (mode 0600) under the data directory."""
+    """The configured key, or one generated once (mode 0600) under the data directory.
+
+    The generated key is written to a temporary file and linked to its name only when whole, so a process that
+    starts meanwhile never reads a partial key (whose fingerprint `check_key` would record as the store's); of
+    two processes generating at once, the first link wins and both use its key."""
     if settings.retention.pseudonym_key:
         return settings.retention.pseudonym_key.encode()
     path = settings.storage.path / "secrets" / "pseudonym.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process created it first
-        else:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):  # another process created it first
+                os.link(temporary, path)
+        finally:
+            temporary.unlink()
+    key = path.read_text().strip().encode()
+    if len(key) < MIN_PSEUDONYM_KEY_BYTES:
+        raise PseudonymKeyError(f"the pseudonymisation key file {path} holds {len(key)} bytes, expected at least "
+                                f"{MIN_PSEUDONYM_KEY_BYTES}: restore it from a backup (or, if nothing was "
+                                "pseudonymised with it yet, delete it to have one generated)")
+    return key
 
 
-class PseudonymKeyMismatch(RuntimeError):
+class PseudonymKeyError(RuntimeError):
+    """The pseudonymisation key cannot be used."""
+
+
+class PseudonymKeyMismatch(PseudonymKeyError):
     """This process's pseudonymisation key is not the one the data was pseudonymised with."""
 
 

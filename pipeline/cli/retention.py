@@ -107,7 +107,7 @@ def apply() -> None:
         retention.check_key(client, key, recorded_by="retention apply")  # before anything changes
         changed = retention.apply_ttls(client, settings.clickhouse.database, settings)
         done = retention.pseudonymise_due(client, settings, retention.Pseudonymizer(key), utc_now())
-    except (ClickHouseUnavailable, retention.PseudonymKeyMismatch) as exc:
+    except (ClickHouseUnavailable, retention.PseudonymKeyError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"TTL set on: {', '.join(changed) or 'nothing (already as configured)'}")
     click.echo("pseudonymised: " + ", ".join(f"{table} {n}" for table, n in done.items()))

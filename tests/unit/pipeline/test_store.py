@@ -651,6 +651,41 @@ def test_a_generated_key_is_kept(tmp_path: Any) -> None:
     assert oct(retention.key_file(settings).stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_key_file_without_a_whole_key_is_refused_and_never_recorded(client: Client, chdb_dsn: str,
+                                                                     tmp_path: Any) -> None:
+    """Another process has created the key file and not written it yet (or crashed in between): its empty key
+    must not become the store's key, or every process with the real one is refused from then on."""
+    from pipeline.worker import check_pseudonym_key
+
+    settings = load_settings({"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": client.database,
+                              "OCPI_DATA_DIR": str(tmp_path)})
+    path = retention.key_file(settings)
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    with pytest.raises(retention.PseudonymKeyError, match=str(path)):
+        check_pseudonym_key(settings, wait_s=0)
+    assert client.query("SELECT count() FROM pseudonym_key").result_rows == [(0,)]
+
+
+def test_a_generated_key_is_complete_before_another_process_can_read_it(tmp_path: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    settings = load_settings({"OCPI_DATA_DIR": str(tmp_path)})
+    path = retention.key_file(settings)
+    seen = []
+    real_link = os.link
+
+    def link(source: Any, target: Any) -> None:  # the moment the key file appears: it is whole already
+        real_link(source, target)
+        seen.append(path.read_text())
+
+    monkeypatch.setattr(os, "link", link)
+    key = retention.load_key(settings)
+    assert seen == [key.decode()] and len(key) == 64
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
 def test_topic_configs_cover_every_topic_we_feed_and_the_personal_state_changelogs() -> None:
     configs = retention.topic_configs(load_settings({"OCPI_RETENTION_RAW_DAYS": "2", "OCPI_PIPELINE_APP_ID": "w"}))
     changelogs = [configs.pop(f"w-{table}-state-changelog") for table in ("session", "location")]
