@@ -1,5 +1,7 @@
 """Rebuild: recompute every pipeline table from the Kafka topics into a fresh database, then swap it in.
 
+0. Check the pseudonymisation key against the live database's (`retention.check_key`): the rebuild worker
+   checks it only against the fresh database, where none is recorded yet.
 1. Migrate a fresh database `<database>_rebuild_<stamp>` (same migrations, same schema).
 2. Fix the targets: the end offset of every source topic now (the module topics and the rejections topic, which
    the receivers write).
@@ -106,6 +108,10 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
     worker = None
     client = await asyncio.to_thread(connect, dsn, password=password)
     try:
+        # The rebuild worker checks its key against the database it writes, the fresh one, where none is recorded
+        # yet: checked here against the live one, or a rebuild with another key would pseudonymise with it and
+        # swap in a `pseudonym_key` table that stops the live worker.
+        await asyncio.to_thread(_check_key, settings, dsn, password, state["database"])
         if dsn.startswith("chdb://"):
             # Nobody serves the embedded store: this process holds it, so it serves it to the rebuild worker.
             token = secrets.token_urlsafe(16)
@@ -176,6 +182,18 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
         if shim is not None:
             await shim.stop()
         await asyncio.to_thread(client.close)
+
+
+def _check_key(settings: Settings, dsn: str, password: str | None, database: str) -> None:
+    from pipeline.retention import PseudonymKeyError, check_key, load_key
+
+    client = connect(dsn, database=database, password=password)
+    try:
+        check_key(client, load_key(settings), recorded_by="rebuild")
+    except PseudonymKeyError as exc:
+        raise JobError(f"rebuild not started: {exc}") from None
+    finally:
+        client.close()
 
 
 # The topics the receivers write (the module topics and the refused pushes): the rebuild reads them as they are,

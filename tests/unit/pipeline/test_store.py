@@ -686,6 +686,23 @@ def test_a_generated_key_is_complete_before_another_process_can_read_it(tmp_path
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
 
 
+def test_a_rebuild_with_another_key_stops_before_it_builds_anything(client: Client, chdb_dsn: str,
+                                                                   tmp_path: Any) -> None:
+    """The rebuild worker checks its key against the fresh database, which has none recorded: a rebuild run with
+    another key would pseudonymise with it, and its `pseudonym_key` table, swapped in, would stop the live worker."""
+    import asyncio
+
+    from pipeline.jobs.common import JobError
+    from pipeline.jobs.rebuild import rebuild
+
+    retention.check_key(client, b"a" * 32, recorded_by="worker")  # the live worker's key
+    settings = load_settings({"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": client.database,
+                              "OCPI_DATA_DIR": str(tmp_path), "OCPI_PSEUDONYM_KEY": "b" * 32})
+    with pytest.raises(JobError, match="OCPI_PSEUDONYM_KEY"):
+        asyncio.run(rebuild(settings, "127.0.0.1:1", timeout=1))  # no Kafka needed: it stops before
+    assert retention.leftover_rebuilds(client, client.database) == []
+
+
 def test_topic_configs_cover_every_topic_we_feed_and_the_personal_state_changelogs() -> None:
     configs = retention.topic_configs(load_settings({"OCPI_RETENTION_RAW_DAYS": "2", "OCPI_PIPELINE_APP_ID": "w"}))
     changelogs = [configs.pop(f"w-{table}-state-changelog") for table in ("session", "location")]
