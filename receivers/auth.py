@@ -38,6 +38,8 @@ from litestar.handlers.base import BaseRouteHandler
 from infra.settings import Settings
 from receivers.registry import Partner, PartnerDirectory, RoutedPartner, TokenKind
 from receivers.transport import (
+    CONFIGURATION_MODULES,
+    MODULE_OPT,
     ForeignParty,
     InvalidRoutingHeaders,
     MethodNotAllowed,
@@ -49,8 +51,6 @@ from receivers.transport import (
 )
 
 TOKEN_A_ALLOWED = "token_a"  # noqa: S105 - a handler opt name, not a secret
-MODULE_OPT = "ocpi_module"
-CONFIGURATION_MODULES = frozenset({"versions", "credentials", "hubclientinfo"})
 BROADCAST_MODULES = frozenset({"locations", "tariffs", "tokens"})
 _PUSH_METHODS = frozenset({"PUT", "PATCH", "POST"})
 

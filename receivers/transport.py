@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
 from litestar.types import Message, Scope
+from litestar.utils import normalize_path
 
 from ocpi.canonical import to_ocpi_json
 from ocpi.compat import CompatProfile, Relaxation
@@ -28,6 +29,9 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+MODULE_OPT = "ocpi_module"  # the route handler opt naming a handler's OCPI module (its router declares it)
+# Configuration modules are not routed: routing headers SHALL NOT be used with them (04 §7).
+CONFIGURATION_MODULES = frozenset({"versions", "credentials", "hubclientinfo"})
 
 
 class OcpiEnvelope(msgspec.Struct, omit_defaults=True):
@@ -276,9 +280,25 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     if allow:
         # Litestar lists its automatic OPTIONS handler, which the guard refuses (OCPI has no OPTIONS).
         allow = ", ".join(sorted({m.strip() for m in allow.split(",")} - {"", "OPTIONS"}))
+    if status == 405 and allow:
+        # No handler was matched, so nothing tells the response which module it answers for: ask the route.
+        _note_module(request.scope, _route_module(request, allow.split(", ")))
     note_rejection(request, ocpi_status=ocpi_status, http_status=status, message=message)
     return ocpi_response(status=ocpi_status, http_status=status, message=message,
                          headers={"Allow": allow} if allow else None)
+
+
+def _route_module(request: Request[Any, Any, Any], methods: list[str]) -> str | None:
+    """The OCPI module of the route at this request's path, found through one of the methods it has."""
+    for method in methods:
+        try:
+            handler = request.app.asgi_router.handle_routing(path=normalize_path(request.scope["path"]),
+                                                             method=method)[1]
+        except (NotFoundException, MethodNotAllowedException):
+            continue
+        module = handler.opt.get(MODULE_OPT)
+        return module if isinstance(module, str) else None
+    return None
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -300,6 +320,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
 _ID_STATE_KEY = "ocpi_ids"
 _ROUTING_STATE_KEY = "ocpi_routing"
 _RESPONSE_ROUTING_STATE_KEY = "ocpi_response_routing"
+_MODULE_STATE_KEY = "ocpi_module"  # the module of a response Litestar gave without a handler (405)
 _MAX_ID_LENGTH = 255
 
 
@@ -387,12 +408,30 @@ def set_response_routing(scope: Scope, *, sender: Party | None, receiver: Party 
     scope.setdefault("state", {})[_RESPONSE_ROUTING_STATE_KEY] = (sender, receiver)
 
 
+def _note_module(scope: Scope, module: str | None) -> None:
+    scope.setdefault("state", {})[_MODULE_STATE_KEY] = module
+
+
+def _functional_module(scope: Scope) -> bool:
+    """Whether this request addressed a functional (routed) module: its handler's, or the 405 route's."""
+    handler = scope.get("route_handler")
+    module = handler.opt.get(MODULE_OPT) if handler is not None else scope.get("state", {}).get(_MODULE_STATE_KEY)
+    return bool(module) and module not in CONFIGURATION_MODULES
+
+
 def _response_routing(scope: Scope) -> tuple[Party | None, Party | None]:
     state = scope.get("state", {})
     decided = state.get(_RESPONSE_ROUTING_STATE_KEY)
     if decided is not None:
         return decided
     routing: RoutingHeaders | None = state.get(_ROUTING_STATE_KEY)
+    if routing is None and _functional_module(scope):
+        # Answered before the guard read them (401, OPTIONS, a method the route does not have): a functional
+        # module's response still carries them (04 §8.1), swapped; broken ones cannot be echoed.
+        try:
+            routing = routing_headers(scope)
+        except InvalidRoutingHeaders:
+            return None, None
     if routing is None or not routing.present:
         return None, None
     # The answer goes back to whoever sent it: to := request's from, from := request's to.
