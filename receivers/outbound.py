@@ -201,6 +201,12 @@ class OcpiClient:
         except (OcpiJsonError, OcpiValidationError) as exc:
             raise PartnerApiError(f"GET {url}: data is not version details: {exc}") from None
         known = [e for e in details.endpoints if e.identifier in _KNOWN_MODULES]
+        for endpoint in known:
+            # Stored and called later (pulls, credentials PUT/DELETE): a relative URL would fail every call.
+            problem = url_problem(endpoint.url)
+            if problem is not None:
+                raise PartnerApiError(f"GET {url}: the {endpoint.identifier} {endpoint.role} endpoint "
+                                      f"{endpoint.url!r} is {problem}")
         return VersionDetails(version=details.version, endpoints=known)
 
     async def discover(self, versions_url: str) -> Discovery:

@@ -139,8 +139,12 @@ def registration_body() -> dict[str, Any]:
     ({"endpoints": [{"identifier": "credentials", "role": "SENDER", "url": "http://127.0.0.1:9/c"},
                     {"identifier": "tokens", "role": "SENDER", "url": "http://127.0.0.1:9/t"}]}, 3003,
      "no module in common"),
+    # 06 §2: an endpoint's url is a URL; a relative one would be stored and fail every later call.
+    ({"endpoints": [{"identifier": "credentials", "role": "SENDER", "url": "/ocpi/2.2.1/credentials"},
+                    {"identifier": "sessions", "role": "SENDER", "url": "/ocpi/2.2.1/sessions"}]}, 3001,
+     "'/ocpi/2.2.1/credentials' is not an absolute http(s) URL"),
 ], ids=["details-broken", "only-2.1.1", "no-versions", "details-bad-port", "details-bad-host",
-        "no-credentials-endpoint", "nothing-in-common"])
+        "no-credentials-endpoint", "nothing-in-common", "relative-endpoint-urls"])
 async def test_registration_errors(app_env: AppEnv, fake_kwargs: dict[str, Any], code: int,  # noqa: F811
                                    text: str) -> None:
     fake = FakePartner(**fake_kwargs).start()
