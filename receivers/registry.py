@@ -400,7 +400,8 @@ class PartnerDirectory:
     and spaced by `miss_reload_s`, but a miss always waits for a reload that *started after it arrived*: a
     flood of unknown tokens costs at most one registry read per `miss_reload_s`, and never hides a fresh
     token.
-    Changes made by this process (`apply`) take effect at once.
+    Changes made by this process (`apply`) take effect at once, and a reload that read the registry before
+    such a change was saved does not undo it when it completes (a revoked token must stay dead).
     """
 
     def __init__(self, registry: PartnerRegistry, *, refresh_s: float = 2.0,
@@ -411,6 +412,8 @@ class PartnerDirectory:
         self._by_hash: dict[str, tuple[str, InboundToken]] = {}
         self._partners: dict[str, Partner] = {}
         self._reload_started = float("-inf")
+        self._loaded_from = float("-inf")  # when the read of the reload now in effect started
+        self._applied: dict[str, tuple[float, Partner]] = {}  # partner id -> (when applied, record)
         self._lock = asyncio.Lock()
 
     @property
@@ -418,12 +421,21 @@ class PartnerDirectory:
         return self._registry
 
     async def reload(self) -> None:
-        self._reload_started = time.monotonic()
+        started = self._reload_started = time.monotonic()
         partners = await asyncio.to_thread(self._registry.all)
+        if started < self._loaded_from:
+            return  # a reload that read later has completed meanwhile
+        self._loaded_from = started
+        # What this process applied after the read started may be missing from it: the applied record wins.
+        newer = {pid: partner for pid, (at, partner) in self._applied.items() if at >= started}
         self._partners = {}
         self._by_hash = {}
         for partner in partners:
-            self._index(partner)
+            if partner.partner_id not in newer:
+                self._index(partner)
+        for partner in newer.values():
+            if partner.status is not PartnerStatus.DELETED:
+                self._index(partner)
 
     def _index(self, partner: Partner) -> None:
         self._partners[partner.partner_id] = partner
@@ -433,6 +445,7 @@ class PartnerDirectory:
 
     def apply(self, partner: Partner) -> None:
         """Take a partner this process just saved into account at once."""
+        self._applied[partner.partner_id] = (time.monotonic(), partner)
         self._by_hash = {h: v for h, v in self._by_hash.items() if v[0] != partner.partner_id}
         self._partners.pop(partner.partner_id, None)
         if partner.status is not PartnerStatus.DELETED:

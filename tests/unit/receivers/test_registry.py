@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -184,6 +185,32 @@ async def test_directory_honours_states_and_local_changes(open_registry: Callabl
     assert await directory.lookup(token) is None, "a retiring token expires"
     directory.apply(registry.delete("bec"))
     assert await directory.lookup(new) is None
+
+
+async def test_a_reload_in_flight_does_not_undo_a_local_change(open_registry: Callable[[], PartnerRegistry]) -> None:
+    """A periodic reload that read the registry just before a credentials DELETE (or PUT, or the POST that kills
+    Token A) was saved must not bring the revoked token back once it completes."""
+    registry = open_registry()
+    _, token = registry.register_direct("bec", "BEC", [role("BE", "BEC")])
+    directory = PartnerDirectory(registry, refresh_s=60)
+    await directory.reload()
+    read, release = threading.Event(), threading.Event()
+    load = registry.all
+
+    def slow_all(*, include_deleted: bool = False) -> list[Partner]:
+        result = load(include_deleted=include_deleted)  # read before the DELETE is saved
+        read.set()
+        release.wait(10)
+        return result
+
+    registry.all = slow_all  # type: ignore[method-assign]
+    in_flight = asyncio.create_task(directory.reload())
+    assert await asyncio.to_thread(read.wait, 10)
+    registry.all = load  # type: ignore[method-assign]
+    directory.apply(registry.unregister(registry.require("bec")))  # the DELETE, answered meanwhile
+    release.set()
+    await in_flight
+    assert await directory.lookup(token) is None, "the unregistered partner's token works again"
 
 
 async def test_directory_refreshes_changes_made_elsewhere(open_registry: Callable[[], PartnerRegistry]) -> None:
