@@ -10,7 +10,7 @@ from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse.client import connect, effective_dsn
 from infra.kafka import compat
-from infra.kafka.admin import replication_factor
+from infra.kafka.admin import RECORD_MAX_BYTES, replication_factor
 from infra.settings import Settings
 from pipeline.agents import BATCH_WITHIN_S, AgentContext, Progress, StateTable, register_agents
 from pipeline.backlog import state_backlog, sweep_backlog
@@ -72,6 +72,7 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
         # Changelog records and facts go out in batches: per-request cost dominates small records (note §3).
         producer_linger=0.005,
         producer_max_batch_size=256 * 1024,
+        producer_max_request_size=RECORD_MAX_BYTES,  # a state value is a whole object (see RECORD_MAX_BYTES)
         web_enabled=False,
         autodiscover=False,
         **compat.faust_options(settings.kafka),

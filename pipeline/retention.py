@@ -47,6 +47,7 @@ from typing import Any, Final
 import msgspec
 from clickhouse_connect.driver.client import Client
 
+from infra.kafka.admin import RECORD_MAX_BYTES
 from infra.settings import MIN_PSEUDONYM_KEY_BYTES, Settings
 from ocpi.identity import ci_normalize
 from pipeline.records import utc_now
@@ -219,11 +220,15 @@ def policy(settings: Settings) -> list[DataClass]:
     ]
 
 
+# Part of every topic's configs, as they are set as a whole (`infra.kafka.admin.RECORD_MAX_BYTES` says why).
+_RECORD_SIZE: Final = {"max.message.bytes": str(RECORD_MAX_BYTES)}
+
+
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     """Kafka configs of the topics we own or feed: retention of the raw class, compaction of the state
     changelogs that hold personal data."""
     retention_ms = str(settings.retention.raw_days * _DAY_MS)
-    configs = {topic: {"retention.ms": retention_ms, "cleanup.policy": "delete"}
+    configs = {topic: {"retention.ms": retention_ms, "cleanup.policy": "delete", **_RECORD_SIZE}
                for data_class in policy(settings) for topic in data_class.topics}
     return configs | changelog_configs(settings)
 
@@ -266,8 +271,8 @@ def changelog_topic(app_id: str, table: str) -> str:
     return f"{app_id}-{table}-changelog"
 
 
-def changelog_configs(settings: Settings) -> dict[str, dict[str, str]]:
-    """Configs of the changelogs of the personal state tables (of this worker's app id).
+def changelog_configs(settings: Settings, tables: tuple[str, ...] = PERSONAL_STATE_TABLES) -> dict[str, dict[str, str]]:
+    """Configs of the changelogs of state tables (of this worker's app id), by default the personal ones.
 
     Compaction never touches the active segment, and it keeps a key's newest record of the cleanable part.
     `max.compaction.lag.ms` bounds both: the active segment is rolled on the first write after the lag, and a
@@ -276,9 +281,10 @@ def changelog_configs(settings: Settings) -> dict[str, dict[str, str]]:
     `cleanup.policy` is repeated because a topic's configs are set as a whole.
     """
     lag_ms = str(int(COMPACTION_LAG.total_seconds() * 1000))
-    return {changelog_topic(settings.pipeline.app_id, table): {"cleanup.policy": "compact",
-                                                                "max.compaction.lag.ms": lag_ms}
-            for table in PERSONAL_STATE_TABLES}
+    return {changelog_topic(settings.pipeline.app_id, table): {"cleanup.policy": "compact", **_RECORD_SIZE,
+                                                                **({"max.compaction.lag.ms": lag_ms}
+                                                                   if table in PERSONAL_STATE_TABLES else {})}
+            for table in tables}
 
 
 _TTL_CLAUSE: Final = re.compile(r"\bTTL (.+?)(?: SETTINGS |$)")

@@ -32,13 +32,13 @@ KEY_CHECK_WAIT_S = 120.0  # how long a starting worker waits for ClickHouse to c
 def prepare_topics(settings: Settings, bootstrap: str) -> None:
     """Create our topics if missing, with the retention configs of the policy, and set them on existing ones.
 
-    The changelogs of state tables with personal data are created here too, before Faust would create them
-    without our compaction configs (Faust leaves an existing topic as it is). Call it after
+    The state changelogs are created here too, before Faust would create them without our configs (compaction
+    lag of those with personal data, record size; Faust leaves an existing topic as it is). Call it after
     `drop_state_without_changelog`, which tells a new broker by its missing changelogs.
     """
-    configs = topic_configs(settings)
-    ensure_topics(bootstrap, (*topic_names(settings), *changelog_configs(settings)), settings.kafka.partitions,
-                  configs, replicas=settings.kafka.replication_factor)
+    configs = topic_configs(settings) | changelog_configs(settings, TABLES)
+    ensure_topics(bootstrap, (*topic_names(settings), *changelog_topics(settings.pipeline.app_id)),
+                  settings.kafka.partitions, configs, replicas=settings.kafka.replication_factor)
     changed = set_topic_configs(bootstrap, configs)
     if changed:
         log.info("topic configs set on %s", ", ".join(changed))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Final
 
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigFilterType, ConfigResource, ConfigResourceType, NewTopic
@@ -17,6 +18,13 @@ from kafka.errors import TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
 
+
+# The largest record we produce. A push may be 4 MB of JSON (`receivers.app.MAX_BODY_BYTES`), and a state value
+# is a whole object (a Location's tree with its parked pushes) in one changelog record. A broker refuses a record
+# above its `message.max.bytes` (1 MB by default on Kafka) for good: a receiver would answer a valid push 3000
+# forever, and a worker would be stuck on its batch. So every topic we create says `max.message.bytes` (via
+# `topic_configs`), and our producers may send that much (`compat.producer_options`, the worker's Faust app).
+RECORD_MAX_BYTES: Final = 16 * 1024 * 1024
 
 # Replicas of a topic we create when OCPI_KAFKA_REPLICATION_FACTOR does not say: Kafka's usual production
 # choice, or one per broker on a smaller cluster (1 on the embedded Tansu, a single broker).

@@ -18,12 +18,14 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+from infra.kafka.admin import RECORD_MAX_BYTES
 from infra.settings import KafkaSettings
 
 
 def producer_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """aiokafka producer options: acks=all always; idempotence only where the broker supports it."""
-    return {"acks": "all", "enable_idempotence": not kafka.is_tansu}
+    """aiokafka producer options: acks=all always, records up to `admin.RECORD_MAX_BYTES`; idempotence only where
+    the broker supports it."""
+    return {"acks": "all", "enable_idempotence": not kafka.is_tansu, "max_request_size": RECORD_MAX_BYTES}
 
 
 def consumer_options(kafka: KafkaSettings) -> dict[str, Any]:

@@ -98,3 +98,21 @@ async def test_relaxations_travel_on_the_kafka_event(settings_for, chdb_dsn: str
     [(_topic, _key, event)] = await consume(broker, settings.kafka.module_topics, 1)
     assert sorted(event.relaxations) == ["DATETIME_OFFSET:$.start_date_time", "STRING_AS_NUMBER:$.kwh"]
     assert payload_as(event, Session) == sent_as(example("session_example_2_short_finished.json"), Session)
+
+
+async def test_a_location_whose_event_outgrows_a_megabyte_is_acknowledged(settings_for, chdb_dsn: str,  # type: ignore[no-untyped-def]
+                                                                          broker: str) -> None:
+    # A hub of 2,500 EVSEs with directions: 2 MB of JSON, within the receivers' 4 MB, and an Avro event above
+    # aiokafka's default max_request_size (1 MB), which refused it before the broker saw it: 3000 forever.
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    body = example("location_example.json")
+    body["id"] = "HUB"
+    template = body["evses"][0]
+    body["evses"] = [{**template, "uid": f"E{n:05d}", "evse_id": f"BE*BEC*E{n:05d}",
+                      "directions": [{"language": "en", "text": f"{n:05d} " + "x" * 500}]} for n in range(2500)]
+    assert 1 << 20 < len(json.dumps(body)) < 4 << 20
+    async with receivers(settings, chdb_dsn, [("BE", "BEC")]) as app:
+        response = await app.push("PUT", location_url(body), body)
+        assert response.json()["status_code"] == 1000, response.json()
+    [(_topic, key, event)] = await consume(broker, (settings.kafka.topic_locations,), 1)
+    assert key == b"BE/BEC/HUB" and len(event.payload["evses"]) == 2500

@@ -709,7 +709,22 @@ def test_topic_configs_cover_every_topic_we_feed_and_the_personal_state_changelo
     assert set(configs) == {"ocpi.locations.v1", "ocpi.sessions.v1", "ocpi.cdrs.v1", "ocpi.pipeline.party-facts.v1",
                             "ocpi.reconciliation.v1", "ocpi.rejections.v1"}
     assert {c["retention.ms"] for c in configs.values()} == {str(2 * 86_400_000)}
-    assert changelogs == [{"cleanup.policy": "compact", "max.compaction.lag.ms": str(86_400_000)}] * 2
+    # Records as large as our producers may send (a 4 MB push, a whole Location's state), not Kafka's default 1 MB.
+    assert {c["max.message.bytes"] for c in configs.values()} == {str(16 * 1024 * 1024)}
+    assert changelogs == [{"cleanup.policy": "compact", "max.message.bytes": str(16 * 1024 * 1024),
+                           "max.compaction.lag.ms": str(86_400_000)}] * 2
+
+
+def test_every_state_changelog_is_created_compacted_with_room_for_a_whole_object() -> None:
+    from pipeline.app import TABLES
+
+    configs = retention.changelog_configs(load_settings({"OCPI_PIPELINE_APP_ID": "w"}), TABLES)
+    assert set(configs) == {f"w-{table}-changelog" for table in TABLES}
+    assert all(c["cleanup.policy"] == "compact" and c["max.message.bytes"] == str(16 * 1024 * 1024)
+               for c in configs.values())
+    # The compaction lag bounds how long a clear value outlives its pseudonymised one: personal tables only.
+    assert {t for t, c in configs.items() if "max.compaction.lag.ms" in c} == {
+        "w-session-state-changelog", "w-location-state-changelog"}
 
 
 def test_datetime_literal() -> None:
