@@ -114,15 +114,20 @@ async def read_ranges(bootstrap: str, ranges: Iterable[PartitionRange], *, batch
 
     Use it under `contextlib.aclosing`, so the consumer stops even when the reader leaves early.
 
-    A partition whose position stops moving below its stop for `idle_timeout` seconds (records deleted by
-    retention while we read, trailing transaction markers, or a broker that stopped answering: aiokafka logs
-    fetch errors and returns nothing) ends early, with a warning; with `stall_is_error` it raises JobError
-    instead, for a caller that would otherwise take the early end for the end of its ranges.
+    A partition whose position stops moving below its stop for `idle_timeout` seconds (trailing transaction
+    markers, or a broker that stopped answering: aiokafka logs fetch errors and returns nothing) ends early,
+    with a warning; with `stall_is_error` it raises JobError instead, for a caller that would otherwise take the
+    early end for the end of its ranges. Records retention deleted below the position are skipped: reading
+    goes on from the oldest one still held.
     """
     pending = {r.tp: r for r in ranges if r.span > 0}
     if not pending:
         return
-    consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=100)
+    # When retention deleted the records at the position (a long job, a resumed one), the consumer moves to the
+    # oldest record still held; aiokafka's default ("latest") would move past every remaining one to the end,
+    # which looks like a finished range.
+    consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=100,
+                         auto_offset_reset="earliest")
     await consumer.start()
     try:
         consumer.assign(list(pending))

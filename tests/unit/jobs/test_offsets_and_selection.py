@@ -158,3 +158,23 @@ def test_a_rebuild_reads_every_topic_the_receivers_write_as_it_is_and_renames_th
     renamed = _internal_topics(settings, "g")
     assert "OCPI_TOPIC_REJECTIONS" not in renamed and "OCPI_TOPIC_SESSIONS" not in renamed
     assert renamed["OCPI_TOPIC_PARTY_FACTS"] == f"{settings.pipeline.topic_party_facts}.g"
+
+
+async def test_reading_ranges_moves_to_the_oldest_record_retention_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On OffsetOutOfRange (retention deleted the records at the position) aiokafka resets by auto_offset_reset;
+    # its default, "latest", would jump past every record still held and end the range as if it were read.
+    from pipeline.jobs import kafka_io
+
+    created: list[dict[str, Any]] = []
+
+    class Stop(Exception):
+        pass
+
+    def consumer(bootstrap: str, **options: Any) -> Any:
+        created.append(options)
+        raise Stop
+
+    monkeypatch.setattr(kafka_io, "_consumer", consumer)
+    with pytest.raises(Stop):
+        [batch async for batch in kafka_io.read_ranges("kafka:9092", [kafka_io.PartitionRange("t", 0, 5, 9)])]
+    assert created[0]["auto_offset_reset"] == "earliest"
