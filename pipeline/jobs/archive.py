@@ -359,7 +359,7 @@ def _archived_ids(paths: Sequence[Path]) -> set[str]:
     """The event ids in archive files (every other field is skipped, not decoded)."""
     ids: set[str] = set()
     for path in paths:
-        with path.open("rb") as fh:
+        with path.open("rb") as fh, _reading(path):
             ids.update(str(record["event_id"]) for record in fastavro.reader(fh, reader_schema=_EVENT_ID_ONLY)
                        if isinstance(record, dict))
     return ids
@@ -438,6 +438,17 @@ def archive_files(root: Path, modules: Sequence[str] = MODULES, *, since: dateti
     return files
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """What fastavro raises on a damaged file (truncated, overwritten, not Avro) as a JobError naming it, not a
+    traceback: nothing of it was sent, and the job can be run again once the file is restored or moved away."""
+    try:
+        yield
+    except Exception as exc:  # fastavro's, and its codecs' (zlib, zstandard, snappy), errors have no common base
+        raise JobError(f"{path} is not a readable archive file ({type(exc).__name__}: {exc}); restore it from a "
+                       "copy, or move it out of the archive, and run the command again") from exc
+
+
 def read_archive_file(path: Path, *, skip: int = 0) -> Iterator[dict[str, Any]]:
     """The records of one archive file resolved to the current OcpiEvent schema, after the first `skip`.
 
@@ -445,7 +456,7 @@ def read_archive_file(path: Path, *, skip: int = 0) -> Iterator[dict[str, Any]]:
     takes them.
     """
     _version, schema = current_schema()
-    with path.open("rb") as fh:
+    with path.open("rb") as fh, _reading(path):
         reader = fastavro.reader(fh, reader_schema=schema, return_record_name=True,
                                  return_record_name_override=True)
         for index, record in enumerate(reader):
@@ -455,7 +466,7 @@ def read_archive_file(path: Path, *, skip: int = 0) -> Iterator[dict[str, Any]]:
 
 def count_records(path: Path) -> int:
     """Records in a container file, from its block headers (decompresses, decodes nothing)."""
-    with path.open("rb") as fh:
+    with path.open("rb") as fh, _reading(path):
         return sum(block.num_records for block in fastavro.block_reader(fh))
 
 

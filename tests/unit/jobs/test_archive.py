@@ -24,6 +24,7 @@ from ocpi.identity import ObjectKey
 from ocpi.model import Location, Session, SessionPatch
 from pipeline.jobs.archive import (
     RAW_COLUMNS,
+    _PartFile,
     archive_files,
     container_codec,
     count_records,
@@ -31,7 +32,7 @@ from pipeline.jobs.archive import (
     export_from_clickhouse,
     read_archive_file,
 )
-from pipeline.jobs.common import parse_time
+from pipeline.jobs.common import JobError, parse_time
 from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, read_ranges, topic_partitions
 from pipeline.jobs.replay import Selection, replay_archive, replay_kafka
 from tests.conftest import EXAMPLES, unique
@@ -275,3 +276,26 @@ async def test_a_time_range_replay_finds_events_the_topics_hold_only_as_replayed
     assert sum(line.matching or 0 for line in plan.lines) == 3
     report = await replay_kafka(settings, broker, window)
     assert report.sent == 3 and report.status == "done"
+
+
+def test_a_damaged_archive_file_is_a_job_error_naming_it(tmp_path: Path) -> None:
+    event = make_event(example("session_example_2_short_finished.json"), Session, "Session", module="sessions",
+                       level="SESSION", operation="PUT", received_at=DAY1)
+    record = decode_record(encode_event(event.to_event()), EVENT_SCHEMA)
+    day = tmp_path / "sessions" / "2024-05-01"
+    part = _PartFile(day, "part-whole", {})  # as export writes them
+    for _ in range(50):
+        part.write(record)
+    whole = part.commit("part-whole.avro")
+    data = whole.read_bytes()
+    whole.unlink()
+    damaged = {"part-truncated.avro": data[: len(data) - 40], "part-not-avro.avro": b"PK\x03\x04 a zip file",
+               "part-overwritten.avro": data[:200] + b"\x00" * 64 + data[264:]}
+    for name, content in damaged.items():
+        (day / name).write_bytes(content)
+        with pytest.raises(JobError, match=name):
+            count_records(day / name)
+            list(read_archive_file(day / name))
+        with pytest.raises(JobError, match=name):
+            list(read_archive_file(day / name))
+        (day / name).unlink()
