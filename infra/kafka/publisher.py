@@ -29,10 +29,12 @@ class Publisher:
       into quick 3xxx answers, not a pile of requests that wait for minutes (research note §6).
     - A broker that goes away and comes back (even a new one on the same address, topics re-created) needs
       nothing from us: the producer reconnects and refreshes its metadata on its own (see `publish` for the
-      one refusal that needs a nudge). A record answered with PublishError is the partner's to resend. Its
-      batch expires in the producer after `request_timeout_ms` (= the send timeout), so it is normally not
-      written later; if it were (the broker acknowledging just after our timeout), the resend is a
-      duplicate, which the pipeline tolerates (at-least-once, idempotent sinks).
+      one refusal that needs a nudge). A record answered with PublishError is the partner's to resend. It may
+      still be written later: on Tansu (no idempotence) its batch expires after `request_timeout_ms` (= the send
+      timeout) unless the broker acknowledges it just after our timeout; on Kafka the idempotent producer never
+      expires a batch and writes it once the broker is back. Either way the resend is then a duplicate, which
+      the pipeline tolerates (dedup, idempotent sinks); what must never happen is the other way round, a 1000
+      for a record the broker did not acknowledge.
     - A broker that is down when we start: the producer is created on a later send, by one caller at a time
       (a lock), and at most once per `retry_start_s`; meanwhile sends fail at once.
     """
