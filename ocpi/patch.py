@@ -3,8 +3,9 @@
 - A PATCH field that is set replaces the stored field as a whole, nested objects and lists included
   (digest ambiguity #4: replace-the-field). Absent and `null` mean "unchanged" (project policy, see the
   Patch classes).
-- Session PATCH: `charging_periods` are APPENDED (09 §3.4); a period identical to one already stored is
-  skipped, so a retried PATCH does not double them; empty or absent leaves the list unchanged.
+- Session PATCH: `charging_periods` are APPENDED (09 §3.4); a period identical to one already stored (same
+  start, tariff and dimensions, the dimensions in any order) is skipped, so a retried PATCH does not double
+  them; empty or absent leaves the list unchanged.
 - A PATCH cannot change identity: a set identity field must equal the stored one case-insensitively.
 - Parent `last_updated` (08 §3): a PUT or PATCH of an EVSE raises the Location's `last_updated`, of a
   Connector the EVSE's and the Location's, to the child's — but never lowers it (digest ambiguity #2: the
@@ -23,6 +24,7 @@ import msgspec
 
 from ocpi._generated import (
     EVSE,
+    ChargingPeriod,
     Connector,
     ConnectorPatch,
     EVSEPatch,
@@ -78,11 +80,21 @@ def merge_session(current: Session, patch: SessionPatch) -> Session:
     new_periods = changes.pop("charging_periods", None)
     if new_periods:
         periods = list(current.charging_periods or ())
+        known = {_period_key(period) for period in periods}
         for period in new_periods:
-            if period not in periods:  # Struct equality: same start, dimensions and tariff_id
+            key = _period_key(period)
+            if key not in known:
                 periods.append(period)
+                known.add(key)
         changes["charging_periods"] = periods
     return msgspec.structs.replace(current, **changes)
+
+
+def _period_key(period: ChargingPeriod) -> tuple[Any, ...]:
+    """What makes two ChargingPeriods identical: the same start, tariff and dimensions, the dimensions in any
+    order (a set of measurements; a CPO serialising them from an unordered map changes their order)."""
+    dimensions = sorted((str(d.type), d.volume) for d in period.dimensions)
+    return period.start_date_time, period.tariff_id, tuple(dimensions)
 
 
 def merge_location(current: Location, patch: LocationPatch) -> Location:

@@ -107,6 +107,23 @@ def test_patch_merges_fields_and_appends_charging_periods_once() -> None:
     assert document["last_updated"] == iso(ts(11))
 
 
+def test_a_patch_repeating_a_period_with_its_dimensions_in_another_order_does_not_double_it() -> None:
+    """A period's dimensions are a set of measurements, not a sequence: a CPO that sends every period so far on
+    each PATCH from an unordered map (a Go map, a hash set) writes them in a different order every time."""
+    h = harness()
+    h.run(event("Session", session(), received=1))
+    energy, time = {"type": "ENERGY", "volume": Decimal("2")}, {"type": "TIME", "volume": Decimal("0.5")}
+    first = {"start_date_time": iso(ts(1)), "dimensions": [energy, time], "tariff_id": "T1"}
+    h.run(event("SessionPatch", {"charging_periods": [first], "last_updated": iso(ts(2))}, object_id="S1",
+                received=2))
+    h.run(event("SessionPatch", {"kwh": Decimal("2"), "last_updated": iso(ts(3))}, object_id="S1", received=3))
+    again = {**first, "dimensions": [time, energy]}
+    later = {"start_date_time": iso(ts(4)), "dimensions": [energy], "tariff_id": "T1"}
+    h.run(event("SessionPatch", {"charging_periods": [again, later], "last_updated": iso(ts(5))}, object_id="S1",
+                received=4))
+    assert [p["start_date_time"] for p in stored(h)["charging_periods"]] == [iso(ts(1)), iso(ts(4))]
+
+
 def test_a_put_with_the_body_of_the_patch_before_it_replaces_the_charging_periods() -> None:
     """A CPO that PATCHes whole Sessions: the PATCH appended its periods, the PUT with the same body replaces them
     (09 §3.3), so it is not a duplicate of the PATCH although the bodies hash alike; a retried PUT still is."""
