@@ -77,7 +77,7 @@ from pipeline.jobs.common import (
     jobs_dir,
     uninterrupted,
 )
-from receivers.registry import Partner
+from receivers.registry import Partner, PartnerStatus
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,9 @@ class _Crawler:
     def __init__(self, settings: Settings, partner: Partner, module: str, endpoint_url: str,
                  http: httpx.AsyncClient, retry: RetryPolicy, report: PullReport, correlation_id: str,
                  sleep: Callable[[float], Awaitable[None]]) -> None:
+        if partner.status is not PartnerStatus.REGISTERED:  # suspended by an operator, unregistered, half-way
+            raise PullError(f"partner {partner.partner_id!r} is {partner.status.value}: only a REGISTERED partner "
+                            "is pulled from (`ocpi-pipeline partners resume` ends a suspension)")
         if not partner.outbound_token:
             raise PullError(f"we hold no token for partner {partner.partner_id!r} (register with it first: "
                             "`ocpi-pipeline partners register`)")

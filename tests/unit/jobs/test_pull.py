@@ -12,6 +12,7 @@ from email.utils import format_datetime as http_date
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from infra.codec import DecodedEvent, decode_event
@@ -263,6 +264,13 @@ async def test_redirects_401_and_missing_prerequisites_stop_the_pull(settings_fo
         await pull(settings, partner_for(fake, token=None), "sessions", ListSink(), since=hours_ago(1))
     with pytest.raises(PullError, match="no cdrs SENDER endpoint"):
         await pull(settings, partner_for(fake), "cdrs", ListSink())
+    # An operator stopped the partner (`partners suspend`): nothing is sent to it, scheduled rounds included.
+    seen = len(fake.seen)
+    for status in (PartnerStatus.SUSPENDED, PartnerStatus.UNREGISTERED, PartnerStatus.REGISTERING):
+        stopped = msgspec.structs.replace(partner_for(fake), status=status)
+        with pytest.raises(PullError, match=f"is {status.value}"):
+            await pull(settings, stopped, "sessions", ListSink(), since=hours_ago(1), restart=True)
+    assert len(fake.seen) == seen
     with pytest.raises(PullError, match="needs --since"):
         await pull(settings_for(), partner_for(fake), "sessions", ListSink())
 
