@@ -6,6 +6,7 @@
 - the d2 max lengths of the fields whose Struct accepts the post-d2 errata length (ERRATA_MAX_LENGTH);
 - PATCH bodies: explicit null → UNSET, `last_updated` required;
 - `?` fields with a documented default: null → the default.
+- a Connector's `max_voltage`/`max_amperage`/`max_electric_power` within 0..2**32-1 (the store's UInt32).
 
 The walk only descends into fields that can reach a checked class, so a Session (no cross-field rules)
 costs almost nothing. The `#NA` scan needs every string, so it runs only when the body contains a `#` or
@@ -228,12 +229,27 @@ def _iso_4217_currency(obj: Any, path: str, ctx: Context) -> None:
         raise OcpiValidationError(f"{path}.currency", "not an ISO 4217 currency code (three upper-case letters)")
 
 
+# A Connector's ratings are OCPI `int`s, stored in UInt32 columns (`connectors`): a negative value would make
+# ClickHouse refuse the insert of its whole batch (retried forever), a larger one would be stored wrapped.
+_RATINGS: Final = ("max_voltage", "max_amperage", "max_electric_power")
+_UINT32_MAX: Final = 2**32 - 1
+
+
+def _connector_ratings(obj: Any, path: str, ctx: Context) -> None:
+    for name in _RATINGS:
+        value = getattr(obj, name)
+        if type(value) is int and not 0 <= value <= _UINT32_MAX:
+            raise OcpiValidationError(f"{path}.{name}", f"out of range: 0 to {_UINT32_MAX} (not storable)")
+
+
 def _checks_of(cls: type) -> tuple[Check, ...]:
     checks = [check for (name, _), check in CONSTRAINTS.items() if _CLASSES[name] is cls]
     if cls in D2_MAX_LENGTH:
         checks.append(_errata_lengths)
     if "currency" in getattr(cls, "__struct_fields__", ()):
         checks.append(_iso_4217_currency)
+    if "max_voltage" in getattr(cls, "__struct_fields__", ()):
+        checks.append(_connector_ratings)
     return tuple(checks)
 
 

@@ -377,3 +377,18 @@ def test_a_session_patch_currency_must_be_an_iso_4217_code() -> None:
     patch = PATCHES["Session"]
     assert_invalid({"currency": "eur", "last_updated": "2015-06-29T20:39:09Z"}, patch, "$.currency", "ISO 4217")
     assert decode(dumps({"currency": "EUR", "last_updated": "2015-06-29T20:39:09Z"}), patch).value.currency == "EUR"
+
+
+@pytest.mark.parametrize("value", [-1, 2**32])
+@pytest.mark.parametrize("field", ["max_voltage", "max_amperage", "max_electric_power"])
+def test_a_connector_rating_must_fit_the_store(field: str, value: int) -> None:
+    # The connectors table holds them as UInt32: a negative value made every insert of its batch fail (the worker
+    # retried it forever), one beyond 2**32 - 1 was stored wrapped (5000000000 V as 705032704 V).
+    assert_invalid({**minimal("Connector"), field: value}, OBJECTS["Connector"], f"$.{field}", "0 to 4294967295")
+    patch = PATCHES["Connector"]
+    assert_invalid({field: value, "last_updated": "2015-06-29T20:39:09Z"}, patch, f"$.{field}", "0 to 4294967295")
+    location = minimal("Location")
+    location["evses"] = [{**minimal("EVSE"), "connectors": [{**minimal("Connector"), field: value}]}]
+    assert_invalid(location, OBJECTS["Location"], f"$.evses[0].connectors[0].{field}", "0 to 4294967295")
+    assert getattr(decode(dumps({**minimal("Connector"), field: 2**32 - 1}), OBJECTS["Connector"]).value,
+                   field) == 2**32 - 1
