@@ -7,6 +7,7 @@
 - PATCH bodies: explicit null → UNSET, `last_updated` required;
 - `?` fields with a documented default: null → the default.
 - a Connector's `max_voltage`/`max_amperage`/`max_electric_power` within 0..2**32-1 (the store's UInt32).
+- each EVSE uid once in a Location's `evses`, each Connector id once in an EVSE's `connectors` (CiString).
 
 The walk only descends into fields that can reach a checked class, so a Session (no cross-field rules)
 costs almost nothing. The `#NA` scan needs every string, so it runs only when the body contains a `#` or
@@ -41,6 +42,7 @@ from ocpi._generated import (
 )
 from ocpi.compat import Relaxation
 from ocpi.errors import OcpiValidationError
+from ocpi.identity import ci_normalize
 from ocpi.types import OcpiObject
 
 NA: Final = "#NA"
@@ -242,6 +244,27 @@ def _connector_ratings(obj: Any, path: str, ctx: Context) -> None:
             raise OcpiValidationError(f"{path}.{name}", f"out of range: 0 to {_UINT32_MAX} (not storable)")
 
 
+def _unique_ids(items: Any, attribute: str, path: str) -> None:
+    """Each item's `attribute` (a CiString identity) differs from the others' ignoring case."""
+    if type(items) is not list:
+        return
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        key = ci_normalize(getattr(item, attribute))
+        if key in seen:
+            raise OcpiValidationError(f"{path}[{i}].{attribute}", f"{getattr(item, attribute)!r} is listed twice "
+                                                                  f"({attribute} is the identity, CiString)")
+        seen.add(key)
+
+
+def _unique_evse_uids(obj: Any, path: str, ctx: Context) -> None:
+    _unique_ids(obj.evses, "uid", f"{path}.evses")
+
+
+def _unique_connector_ids(obj: Any, path: str, ctx: Context) -> None:
+    _unique_ids(obj.connectors, "id", f"{path}.connectors")
+
+
 def _checks_of(cls: type) -> tuple[Check, ...]:
     checks = [check for (name, _), check in CONSTRAINTS.items() if _CLASSES[name] is cls]
     if cls in D2_MAX_LENGTH:
@@ -250,6 +273,12 @@ def _checks_of(cls: type) -> tuple[Check, ...]:
         checks.append(_iso_4217_currency)
     if "max_voltage" in getattr(cls, "__struct_fields__", ()):
         checks.append(_connector_ratings)
+    # A Location's EVSEs and an EVSE's Connectors are found by uid/id: one listed twice would be two objects
+    # under one identity (one row, one GET answer, PATCHes reaching only the first).
+    if "evses" in getattr(cls, "__struct_fields__", ()):
+        checks.append(_unique_evse_uids)
+    if "connectors" in getattr(cls, "__struct_fields__", ()):
+        checks.append(_unique_connector_ids)
     return tuple(checks)
 
 

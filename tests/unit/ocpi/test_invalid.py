@@ -392,3 +392,29 @@ def test_a_connector_rating_must_fit_the_store(field: str, value: int) -> None:
     assert_invalid(location, OBJECTS["Location"], f"$.evses[0].connectors[0].{field}", "0 to 4294967295")
     assert getattr(decode(dumps({**minimal("Connector"), field: 2**32 - 1}), OBJECTS["Connector"]).value,
                    field) == 2**32 - 1
+
+
+def _evse(uid: str, *connector_ids: str) -> dict[str, Any]:
+    return {**minimal("EVSE"), "uid": uid, "connectors": [{**minimal("Connector"), "id": c} for c in connector_ids]}
+
+
+@pytest.mark.parametrize("second", ["E1", "e1"])
+def test_a_location_lists_each_evse_uid_once(second: str) -> None:
+    # EVSE uid is the EVSE's identity (CiString): with two EVSEs of one uid the evses row and the status history
+    # of one were lost (same key), and EVSE PATCHes and GETs found only the first.
+    location = {**minimal("Location"), "evses": [_evse("E1", "1"), _evse(second, "1")]}
+    assert_invalid(location, OBJECTS["Location"], "$.evses[1].uid", "listed twice")
+    patch = {"evses": location["evses"], "last_updated": "2015-06-29T20:39:09Z"}
+    assert_invalid(patch, PATCHES["Location"], "$.evses[1].uid", "listed twice")
+    location["evses"][1]["uid"] = "E2"
+    assert len(decode(dumps(location), OBJECTS["Location"]).value.evses) == 2
+
+
+@pytest.mark.parametrize("second", ["A", "a"])
+def test_an_evse_lists_each_connector_id_once(second: str) -> None:
+    assert_invalid(_evse("E1", "A", second), OBJECTS["EVSE"], "$.connectors[1].id", "listed twice")
+    patch = {"connectors": _evse("E1", "A", second)["connectors"], "last_updated": "2015-06-29T20:39:09Z"}
+    assert_invalid(patch, PATCHES["EVSE"], "$.connectors[1].id", "listed twice")
+    location = {**minimal("Location"), "evses": [_evse("E1", "A", second)]}
+    assert_invalid(location, OBJECTS["Location"], "$.evses[0].connectors[1].id", "listed twice")
+    assert len(decode(dumps(_evse("E1", "A", "B")), OBJECTS["EVSE"]).value.connectors) == 2
