@@ -48,9 +48,16 @@ def confirmations(event: DecodedEvent) -> Iterator[tuple[str, str | None, str | 
     """(identity, EVSE uid, Connector id, last_updated) of every Location-tree object a duplicate confirms: its
     own object, and the EVSEs and Connectors its payload carries (a Location PUT, or PATCH of `evses`; an EVSE
     PUT, or PATCH of `connectors`), each with the `last_updated` it carries. A re-push that bumps the timestamps
-    confirms the whole tree it holds then, so an older push for one of its EVSEs or Connectors is stale too."""
+    confirms the whole tree it holds then, so an older push for one of its EVSEs or Connectors is stale too.
+    An EVSE or Connector push confirms its parents at its `last_updated` as well: applied, it would have raised
+    theirs (08 §3), so an older Location (or EVSE) PUT arriving after the duplicate is stale, as it is in order."""
     payload = event.payload
-    yield identity(event), event.evse_uid, event.connector_id, payload["last_updated"]
+    moment = payload["last_updated"]
+    yield identity(event), event.evse_uid, event.connector_id, moment
+    if event.level == "CONNECTOR":
+        yield level_identity("EVSE", event.evse_uid), event.evse_uid, None, moment
+    if event.level != "LOCATION":
+        yield level_identity("LOCATION"), None, None, moment
     if event.level == "LOCATION":
         for evse in payload.get("evses") or ():
             yield level_identity("EVSE", evse["uid"]), evse["uid"], None, evse["last_updated"]

@@ -92,9 +92,9 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
 
 
 def _confirm(state: LocationState, current: Location | None, event: DecodedEvent) -> None:
-    """Record the newer `last_updated` a dropped duplicate confirms, for its object and the EVSEs and Connectors
-    it carries (`dedup.confirmations`); a child's only where it is newer than the stored child's own, so the
-    state holds what the tree does not."""
+    """Record the newer `last_updated` a dropped duplicate confirms, for its object, the EVSEs and Connectors
+    it carries and its parents (`dedup.confirmations`); another object's only where it is newer than that stored
+    object's own, so the state holds what the tree does not."""
     for ident, evse_uid, connector_id, moment in confirmations(event):
         if ident != state.last_identity:
             own = ordering.stored_last_updated(current, evse_uid, connector_id)

@@ -244,3 +244,36 @@ def test_sub_object_identities_with_a_bar_in_their_ids_do_not_collide() -> None:
     out = h.run(first, second)
     assert (outcome_of(out, first.event_id), outcome_of(out, second.event_id)) == ("APPLIED", "APPLIED")
     assert [e["connectors"][0]["max_electric_power"] for e in stored(h)["evses"]] == [11000, 11000]
+
+
+def test_a_child_duplicate_confirms_its_parents_against_an_older_location_put() -> None:
+    # The CPO sends E1 CHARGING (t=3), re-PUTs the Location with E1 AVAILABLE (t=4), then E1 CHARGING again (t=5).
+    # Applied, the t=5 PATCH would raise the Location's last_updated to 5 and the late PUT of t=4 would be stale;
+    # as a duplicate of the t=3 PATCH it creates no version, but it still proves the tree's state at t=5: the PUT
+    # of t=4 arriving after it must not set E1 back to AVAILABLE, whatever the arrival order.
+    put = event("Location", location(updated=4), received=3)
+    in_order = harness()
+    in_order.run(event("Location", location(), received=0), status_patch("E1", "CHARGING", 3, 1), put,
+                 status_patch("E1", "CHARGING", 5, 4))
+    assert stored(in_order)["evses"][0]["status"] == "CHARGING"
+    h = harness()
+    h.run(event("Location", location(), received=0), status_patch("E1", "CHARGING", 3, 1))
+    again = status_patch("E1", "CHARGING", 5, 2)
+    late = event("Location", location(updated=4), received=3)
+    out = h.run(again, late)
+    assert (outcome_of(out, again.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
+    assert stored(h)["evses"][0]["status"] == "CHARGING"
+
+
+def test_a_connector_duplicate_confirms_its_evse_against_an_older_evse_put() -> None:
+    h = harness()
+    h.run(event("Location", location(), received=0))
+    body = {"max_electric_power": 11000}
+    h.run(event("ConnectorPatch", {**body, "last_updated": iso(ts(3))}, object_id="LOC1", evse_uid="E1",
+                connector_id="1", received=1))
+    again = event("ConnectorPatch", {**body, "last_updated": iso(ts(5))}, object_id="LOC1", evse_uid="E1",
+                  connector_id="1", received=2)
+    late = event("EVSE", evse("E1", updated=4), object_id="LOC1", evse_uid="E1", received=3)
+    out = h.run(again, late)
+    assert (outcome_of(out, again.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
+    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 11000
