@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 from clickhouse_connect.driver.client import Client
@@ -32,6 +33,12 @@ from pipeline.retention import topic_configs
 log = logging.getLogger(__name__)
 
 VERSIONS_PATH = "/ocpi/versions"
+
+
+def shim_url(token: str, port: int) -> str:
+    """The DSN of this process's ClickHouse shim: the admin token percent-encoded as the password (clients decode
+    it), so that a '/', '#', '?' or '%' in OCPI_ADMIN_TOKEN does not end the host part or change the token."""
+    return f"http://ocpi:{quote(token, safe='')}@127.0.0.1:{port}"
 
 
 class StackError(RuntimeError):
@@ -99,7 +106,7 @@ class Stack:
         self.clickhouse.database = database
         if dsn.startswith("chdb://"):
             self.shim = await ClickHouseShim(ChdbEngine(chdb_path(dsn)), self.admin_token).start()
-            self.clickhouse_url = f"http://ocpi:{self.admin_token}@127.0.0.1:{self.shim.port}"
+            self.clickhouse_url = shim_url(self.admin_token, self.shim.port)
         else:
             self.clickhouse_url = dsn
 
