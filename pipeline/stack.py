@@ -26,7 +26,7 @@ from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
 from infra.kafka.admin import ensure_topics
 from infra.kafka.embedded import EmbeddedBroker, free_port
 from infra.process import spawn, terminate
-from infra.runfile import RunningInstance, remove_running_instance, write_running_instance
+from infra.runfile import RunningInstance, read_running_instance, remove_running_instance, write_running_instance
 from infra.settings import Settings, as_environ
 from pipeline.retention import topic_configs
 
@@ -57,6 +57,7 @@ class Stack:
     clickhouse_url: str = ""
     http_port: int = 0
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    wrote_runfile: bool = False
 
     @property
     def data_dir(self) -> Path:
@@ -87,6 +88,10 @@ class Stack:
         return self
 
     async def _start(self) -> None:
+        other = read_running_instance(self.data_dir)
+        if other is not None and other.pid != os.getpid():
+            raise StackError(f"another instance (pid {other.pid}) is running on {self.data_dir}; "
+                             "stop it, or give this one its own OCPI_DATA_DIR")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         kafka = self.settings.kafka
         if kafka.embedded:
@@ -116,6 +121,7 @@ class Stack:
             clickhouse_url=self.clickhouse_url if self.shim else "", admin_token=self.admin_token,
             kafka_bootstrap=self.bootstrap,
             kafka_embedded=self.broker is not None))
+        self.wrote_runfile = True
         env = self.child_environment()
         if self.run_worker:
             self.children["worker"] = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"],
@@ -172,4 +178,6 @@ class Stack:
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
             self.broker = None
-        remove_running_instance(self.data_dir)
+        if self.wrote_runfile:  # never the run file of another instance (a second `dev` that did not start)
+            remove_running_instance(self.data_dir)
+            self.wrote_runfile = False

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from infra.clickhouse.client import ClickHouseUnavailable
 from infra.kafka.embedded import EmbeddedBrokerError
 from infra.settings import Settings, load_settings
 from pipeline.demo import DemoSummary, run_demo
@@ -101,7 +102,7 @@ def dev() -> None:
     console = Console(stderr=True)
     try:
         asyncio.run(_run_dev(load_settings(), console))
-    except (StackError, EmbeddedBrokerError) as exc:
+    except (StackError, EmbeddedBrokerError, ClickHouseUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -161,7 +162,7 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
             summary = asyncio.run(run_demo(settings, sessions=sessions, seed=seed, timeout=timeout,
                                            on_started=started, progress=lambda n: progress.advance(task, n)))
         print_summary(console, summary)
-    except (StackError, EmbeddedBrokerError) as exc:
+    except (StackError, EmbeddedBrokerError, ClickHouseUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         if temp is not None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from infra.clickhouse.client import chdb_path, connect
 from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
-from pipeline.stack import shim_url
+from infra.runfile import RunningInstance, read_running_instance, write_running_instance
+from infra.settings import load_settings
+from pipeline.stack import Stack, StackError, shim_url
 
 
 @pytest.mark.clickhouse
@@ -30,3 +35,35 @@ async def test_the_shim_url_works_with_any_admin_token(chdb_dsn: str) -> None:
         assert await asyncio.to_thread(use) == [1, 2]
     finally:
         await shim.stop()
+
+
+@pytest.fixture
+def other_instance(tmp_path: Path) -> Iterator[RunningInstance]:
+    """The run file of another `dev` holding `tmp_path` (a live process of ours stands in for it)."""
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        instance = RunningInstance(pid=process.pid, versions_url="http://127.0.0.1:1/ocpi/versions",
+                                   admin_url="http://127.0.0.1:1", clickhouse_url="http://ocpi:t@127.0.0.1:2",
+                                   admin_token="t", kafka_bootstrap="127.0.0.1:3")
+        write_running_instance(tmp_path, instance)
+        yield instance
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_a_second_stack_on_a_data_dir_in_use_refuses_to_start(tmp_path: Path,
+                                                                    other_instance: RunningInstance) -> None:
+    # Kafka configured (no embedded broker) at a closed port: nothing of ours would be left running either way.
+    settings = load_settings({"OCPI_DATA_DIR": str(tmp_path), "OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
+    with pytest.raises(StackError, match=f"pid {other_instance.pid}"):
+        await Stack(settings, run_worker=False, run_receivers=False).start()
+    assert read_running_instance(tmp_path) == other_instance
+
+
+async def test_stopping_a_stack_that_did_not_start_leaves_the_other_instances_run_file(
+        tmp_path: Path, other_instance: RunningInstance) -> None:
+    # What a second `dev` did after chDB refused it the store: its clean-up removed the first one's run file,
+    # and `query`/`partners` then tried to open the store the first one holds.
+    await Stack(load_settings({"OCPI_DATA_DIR": str(tmp_path)})).stop()
+    assert read_running_instance(tmp_path) == other_instance
