@@ -20,6 +20,9 @@ class RunningInstance:
     # Whether `kafka_bootstrap` is the instance's embedded Tansu broker (a `dev` started with OCPI_KAFKA_BOOTSTRAP
     # uses that Kafka instead). Run files written before this field only ever named an embedded broker.
     kafka_embedded: bool = True
+    # `process_start(pid)` when the file was written: a PID alone may name another process after a crash (PIDs are
+    # reused). Empty in run files written before this field, and where /proc cannot be read: the PID alone decides.
+    started: str = ""
 
 
 def runfile_path(data_dir: Path) -> Path:
@@ -43,6 +46,16 @@ def remove_running_instance(data_dir: Path) -> None:
         runfile_path(data_dir).unlink()
 
 
+def process_start(pid: int) -> str:
+    """When process `pid` started (clock ticks after boot, field 22 of /proc/PID/stat), "" if that cannot be read.
+    With the PID it names one process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -54,10 +67,15 @@ def _alive(pid: int) -> bool:
 
 
 def read_running_instance(data_dir: Path) -> RunningInstance | None:
-    """The instance that holds `data_dir`, or None (a stale file of a dead process is ignored)."""
+    """The instance that holds `data_dir`, or None (a stale file of a dead process is ignored, also when another
+    process has its PID now)."""
     try:
         raw = json.loads(runfile_path(data_dir).read_text())
         instance = RunningInstance(**raw)
     except (FileNotFoundError, ValueError, TypeError):
         return None
-    return instance if _alive(instance.pid) else None
+    if not _alive(instance.pid):
+        return None
+    if instance.started and process_start(instance.pid) not in ("", instance.started):
+        return None  # the PID is another process's now: the instance died without removing its file
+    return instance

@@ -26,7 +26,13 @@ from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
 from infra.kafka.admin import ensure_topics
 from infra.kafka.embedded import EmbeddedBroker, free_port
 from infra.process import spawn, terminate
-from infra.runfile import RunningInstance, read_running_instance, remove_running_instance, write_running_instance
+from infra.runfile import (
+    RunningInstance,
+    process_start,
+    read_running_instance,
+    remove_running_instance,
+    write_running_instance,
+)
 from infra.settings import Settings, as_environ
 from pipeline.retention import topic_configs
 
@@ -120,7 +126,7 @@ class Stack:
             pid=os.getpid(), versions_url=self.versions_url, admin_url=self.base_url,
             clickhouse_url=self.clickhouse_url if self.shim else "", admin_token=self.admin_token,
             kafka_bootstrap=self.bootstrap,
-            kafka_embedded=self.broker is not None))
+            kafka_embedded=self.broker is not None, started=process_start(os.getpid())))
         self.wrote_runfile = True
         env = self.child_environment()
         if self.run_worker:
