@@ -62,10 +62,11 @@ def connect(dsn: str, *, database: str | None = None, readonly: bool = False, pa
             options["password"] = password
         return clickhouse_connect.get_client(dsn=dsn, database=database or None, settings=settings, **options)
     except Exception as exc:
-        raise ClickHouseUnavailable(f"cannot reach ClickHouse at {_redact(dsn)}: {exc}") from exc
+        raise ClickHouseUnavailable(f"cannot reach ClickHouse at {redact_dsn(dsn)}: {exc}") from exc
 
 
-def _redact(dsn: str) -> str:
+def redact_dsn(dsn: str) -> str:
+    """`dsn` with its password shown as ****."""
     parsed = urlparse(dsn)
     if parsed.password:
         return dsn.replace(f":{parsed.password}@", ":****@")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from infra.clickhouse.client import ClickHouseUnavailable, connect, connect_for, effective_dsn
+from infra.clickhouse.client import ClickHouseUnavailable, connect, connect_for, effective_dsn, redact_dsn
 from infra.clickhouse.migrations import MigrationError, available_migrations
 from infra.clickhouse.migrations import migrate as apply_migrations
 from infra.settings import documented_settings, load_settings, mask, secret_variables
@@ -120,5 +120,9 @@ def settings_cmd() -> None:
     table = Table("variable", "value", "default", "meaning")
     for _section, var, default, doc in documented_settings():
         value = current.get(var, "")
-        table.add_row(var, mask(value) if var in secrets else value, default, doc)
+        if var in secrets:
+            value = mask(value)
+        elif var == "OCPI_CLICKHOUSE_DSN":
+            value = redact_dsn(value)  # http://user:password@host: the password is a secret too
+        table.add_row(var, value, default, doc)
     Console().print(table)

@@ -1,0 +1,21 @@
+"""`ocpi-pipeline settings`: every value in effect, secrets masked."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+
+def settings_output(env: dict[str, str]) -> str:
+    result = CliRunner().invoke(cli, ["settings"], env={"COLUMNS": "400", **env})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_the_clickhouse_password_in_the_dsn_is_masked() -> None:
+    output = settings_output({"OCPI_CLICKHOUSE_DSN": "http://default:Sup3r-s3cret@ch.internal:8123",
+                              "OCPI_ADMIN_TOKEN": "an-admin-token-of-some-length"})
+    assert "Sup3r-s3cret" not in output
+    assert "http://default:****@ch.internal:8123" in output
+    assert "an-admin-token-of-some-length" not in output
