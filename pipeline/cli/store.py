@@ -124,5 +124,6 @@ def settings_cmd() -> None:
             value = mask(value)
         elif var == "OCPI_CLICKHOUSE_DSN":
             value = redact_dsn(value)  # http://user:password@host: the password is a secret too
-        table.add_row(var, value, default, doc)
+        # Text, not str: rich would read brackets in a value (a party name, a token) as markup.
+        table.add_row(var, Text(value), Text(default), Text(doc))
     Console().print(table)

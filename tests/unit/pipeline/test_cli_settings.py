@@ -19,3 +19,9 @@ def test_the_clickhouse_password_in_the_dsn_is_masked() -> None:
     assert "Sup3r-s3cret" not in output
     assert "http://default:****@ch.internal:8123" in output
     assert "an-admin-token-of-some-length" not in output
+
+
+def test_values_are_shown_as_text_not_read_as_markup() -> None:
+    # OCPI_PARTY_NAME is free text: rich read '[north]' as a style (it vanished) and '[/b]' as a closing tag (crash).
+    output = settings_output({"OCPI_PARTY_NAME": "Charge [north] [/b] Co"})
+    assert "Charge [north] [/b] Co" in output
