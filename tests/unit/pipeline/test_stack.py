@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,3 +68,18 @@ async def test_stopping_a_stack_that_did_not_start_leaves_the_other_instances_ru
     # and `query`/`partners` then tried to open the store the first one holds.
     await Stack(load_settings({"OCPI_DATA_DIR": str(tmp_path)})).stop()
     assert read_running_instance(tmp_path) == other_instance
+
+
+async def test_a_stack_refuses_a_port_another_server_listens_on_with_so_reuseport(tmp_path: Path) -> None:
+    # granian listens with SO_REUSEPORT, so a second `dev` on the same OCPI_HTTP_PORT (another data dir) started
+    # its own granian next to the first one's: the kernel then split the partners' connections between the two
+    # instances, each with its own tokens, Kafka and store.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        settings = load_settings({"OCPI_DATA_DIR": str(tmp_path), "OCPI_HTTP_PORT": str(port),
+                                  "OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
+        with pytest.raises(StackError, match=f"127.0.0.1:{port} is in use"):
+            await Stack(settings).start()
