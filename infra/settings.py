@@ -127,9 +127,12 @@ def _parse_pattern(env: str, raw: str, pattern: str, what: str) -> str:
 
 def _parse_bootstrap(env: str, raw: str) -> str:
     raw = raw.strip()
-    for server in filter(None, raw.split(",")):
-        host, sep, port = server.strip().rpartition(":")
-        if not sep or not host or not port.isdigit():
+    servers = [server.strip() for server in raw.split(",") if server.strip()]
+    if raw and not servers:  # " , ": not empty, so not the embedded broker, and no cluster either
+        raise SettingsError(f"{env}={raw!r}: expected host:port[,host:port...] or empty for embedded")
+    for server in servers:
+        host, sep, port = server.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise SettingsError(f"{env}={raw!r}: expected host:port[,host:port...] or empty for embedded")
     return raw
 

@@ -25,6 +25,9 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_HTTP_PORT", "70000"),
     ("OCPI_TOPIC_PARTITIONS", "0"),
     ("OCPI_KAFKA_BOOTSTRAP", "no-port"),
+    ("OCPI_KAFKA_BOOTSTRAP", " , "),  # no server, yet not empty: neither the embedded broker nor a cluster
+    ("OCPI_KAFKA_BOOTSTRAP", "kafka:0"),
+    ("OCPI_KAFKA_BOOTSTRAP", "kafka:99999"),
     ("OCPI_CLICKHOUSE_DSN", "postgres://x"),
     ("OCPI_PUBLIC_URL", "ftp://example.com"),
     ("OCPI_TOPIC_SESSIONS", "bad topic!"),
