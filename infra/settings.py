@@ -82,6 +82,12 @@ def _parse_pseudonym_key(env: str, raw: str) -> str:
     return raw
 
 
+# Every float setting is a duration in seconds. A bound of a century keeps each deadline computed from one (a
+# receive time plus a grace, a park TTL, a token grace) inside datetime's and ClickHouse's ranges: 1e12 seconds
+# would overflow datetime arithmetic when the first event is parked or a token is replaced.
+MAX_SECONDS = 100 * 366 * 86_400
+
+
 def _parse_float(env: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -89,7 +95,13 @@ def _parse_float(env: str, raw: str) -> float:
         raise SettingsError(f"{env}={raw!r}: expected a number") from None
     if not math.isfinite(value) or value <= 0:  # nan would pass `<= 0` and inf never ends a wait
         raise SettingsError(f"{env}={raw!r}: expected a finite number > 0")
-    return value
+    return _at_most_a_century(env, raw, value)
+
+
+def _at_most_a_century(env: str, raw: str, seconds: float) -> float:
+    if seconds > MAX_SECONDS:
+        raise SettingsError(f"{env}={raw!r}: expected at most {MAX_SECONDS} seconds (a century)")
+    return seconds
 
 
 def _parse_http_url(env: str, raw: str) -> str:
@@ -106,7 +118,7 @@ def _parse_non_negative_float(env: str, raw: str) -> float:
         raise SettingsError(f"{env}={raw!r}: expected a number") from None
     if not math.isfinite(value) or value < 0:
         raise SettingsError(f"{env}={raw!r}: expected a number >= 0")
-    return value
+    return _at_most_a_century(env, raw, value)
 
 
 def _parse_non_negative_decimal(env: str, raw: str) -> Decimal:

@@ -36,6 +36,10 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_KAFKA_SEND_TIMEOUT", "inf"),  # a wait that never ends
     ("OCPI_PIPELINE_PARK_TTL", "nan"),  # passes any comparison
     ("OCPI_PIPELINE_SWEEP_INTERVAL", "nan"),
+    # A deadline this far out overflows datetime when the first event is parked or a token replaced.
+    ("OCPI_PIPELINE_PARK_TTL", "1e12"),
+    ("OCPI_TOKEN_GRACE", "1e12"),
+    ("OCPI_RECONCILE_TIME_TOLERANCE", "1e12"),
     ("OCPI_RETENTION_RAW_DAYS", "0"),
     ("OCPI_RETENTION_HISTORY_DAYS", "36501"),
     ("OCPI_RETENTION_PSEUDONYMISE_DAYS", "1e9"),
