@@ -15,6 +15,7 @@ from infra.settings import Settings
 from pipeline.agents import BATCH_WITHIN_S, AgentContext, Progress, StateTable, register_agents
 from pipeline.backlog import state_backlog, sweep_backlog
 from pipeline.delivery import BatchDelivery
+from pipeline.projection import refused_row_anomalies
 from pipeline.reconcile import Rules
 from pipeline.rejections import register_rejections_agent
 from pipeline.retention import Pseudonymizer, load_key
@@ -91,7 +92,7 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
         name: StateTable(app.Table(name, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions))
         for name in TABLES
     }
-    sink = ClickHouseSink(lambda: sink_client(settings))
+    sink = ClickHouseSink(lambda: sink_client(settings), refused_rows=refused_row_anomalies)
     context = AgentContext(
         app=app, settings=settings, topics=topics, sink=sink, progress=Progress(),
         stage_rules=StageRules.from_settings(settings.pipeline), party_rules=Rules.from_settings(settings.pipeline),

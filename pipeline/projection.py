@@ -9,6 +9,7 @@ object as the CPO sent it (OCPI JSON). Objects arrive as builtins: dicts with aw
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -18,7 +19,8 @@ import msgspec
 from infra.codec import DecodedEvent
 from ocpi.identity import ci_normalize
 from pipeline import wire
-from pipeline.records import AnomalyRow, DeadLetter, Outcome, upper
+from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, upper, utc_now
+from pipeline.sink import RefusedRow
 
 RAW_EVENT_COLUMNS = (
     "event_id", "partner_id", "module", "operation", "level", "country_code", "party_id", "object_id",
@@ -226,6 +228,28 @@ def anomaly_row(anomaly: AnomalyRow) -> list[Any]:
     return [anomaly.kind.value, anomaly.module, upper(anomaly.country_code), upper(anomaly.party_id),
             upper(anomaly.object_id), anomaly.sub_id, anomaly.event_id, anomaly.partner_id, anomaly.detail,
             anomaly.observed_at]
+
+
+def refused_row_anomalies(refused_rows: list[RefusedRow]) -> tuple[str, Sequence[str], list[list[Any]]]:
+    """Rows ClickHouse refused for their values, as `ROW_REFUSED` anomalies (`sink.RefusedRows`): the object they
+    belong to where their columns say, and the whole row as JSON in the detail, to be settled by hand. Keyed by
+    a hash of the row, so a batch applied again records each refused row once."""
+    observed_at = utc_now()
+    rows = []
+    for refused in refused_rows:
+        values = dict(zip(refused.columns, refused.row, strict=True))
+        row_json = _ROW_ENCODER.encode(values).decode()
+        object_id = next((str(values[c]) for c in ("object_id", "session_id", "cdr_id", "location_id", "event_id")
+                          if values.get(c)), "")
+        rows.append(anomaly_row(AnomalyRow(
+            Anomaly.ROW_REFUSED, refused.table, str(values.get("country_code") or ""),
+            str(values.get("party_id") or ""), object_id,
+            hashlib.blake2b(row_json.encode(), digest_size=8).hexdigest(), str(values.get("event_id") or ""),
+            str(values.get("partner_id") or ""), f"{refused.error}; row: {row_json}", observed_at)))
+    return "anomalies", ANOMALY_COLUMNS, rows
+
+
+_ROW_ENCODER = msgspec.json.Encoder(decimal_format="number")
 
 
 def dead_letter_row(dead: DeadLetter, recorded_at: datetime) -> list[Any]:

@@ -47,6 +47,7 @@ class Anomaly(enum.StrEnum):
     DUPLICATE_CREDIT = "DUPLICATE_CREDIT"
     CREDIT_OF_CREDIT = "CREDIT_OF_CREDIT"
     CDR_FOR_INVALID_SESSION = "CDR_FOR_INVALID_SESSION"
+    ROW_REFUSED = "ROW_REFUSED"  # ClickHouse refused a row for its values (`pipeline.sink`): the row is the detail
 
 
 class Record(msgspec.Struct, frozen=True):

@@ -6,6 +6,14 @@ raises for a failed insert: it retries with backoff, and if the worker is
 stopped while a batch is still unwritten it exits the process at once, before any offset can be committed
 (at-least-once: the batch is read again on restart, and every table is idempotent).
 
+A value the validation let through but a column cannot hold (a number out of the column's range, say) makes
+ClickHouse refuse the whole insert, and would make it refuse every retry: the worker would be stuck on that
+batch, every partition with it. So an insert refused for its data (`ROW_DATA_ERRORS`) is split in halves until
+the rows ClickHouse refuses alone are found; the others are written, and the refused ones go where
+`refused_rows` puts them (the worker: an anomaly `ROW_REFUSED` holding the row). Should every row of a table's
+batch be refused alone, the cause is not in the rows (a column changed under us): that insert is retried like
+any other failure, loudly.
+
 Rows are sent as JSONCompactEachRow encoded by msgspec (exact decimals as JSON numbers, datetimes as ISO 8601
 with `Z`, JSON documents as the objects they are): building ClickHouse's Native format in Python costs about
 ten times more per row, and the parsing then happens in ClickHouse (another core), not in the worker.
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +33,7 @@ from typing import Any, Final
 
 import msgspec
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +98,94 @@ def insert_rows(client: Client, table: str, columns: Sequence[str], rows: list[l
     client.raw_insert(table, list(columns), insert_block=encode_rows(rows), fmt=_FORMAT, settings=INSERT_SETTINGS)
 
 
+# ClickHouse error codes that say the values of a row do not fit its columns: the same rows sent again can never
+# succeed. CANNOT_PARSE_TEXT, CANNOT_PARSE_ESCAPE_SEQUENCE, CANNOT_PARSE_QUOTED_STRING,
+# CANNOT_PARSE_INPUT_ASSERTION_FAILED, ATTEMPT_TO_READ_AFTER_EOF, CANNOT_PARSE_DATE, CANNOT_PARSE_DATETIME,
+# TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE, CANNOT_PARSE_NUMBER, INCORRECT_DATA,
+# TOO_LARGE_STRING_SIZE, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, DECIMAL_OVERFLOW. Every other error (a connection,
+# memory, a missing table) is retried.
+ROW_DATA_ERRORS: Final = frozenset({6, 25, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 131, 321, 407})
+_ERROR_CODE: Final = re.compile(r"\bCode:\s*(\d+)", re.IGNORECASE)
+
+
+def refused_for_its_data(exc: Exception) -> bool:
+    """Whether ClickHouse refused an insert for the values it carries (`ROW_DATA_ERRORS`)."""
+    if not isinstance(exc, DatabaseError):
+        return False
+    code = exc.code  # set from the server's exception header over HTTP; chDB gives the message only
+    if code is None and (match := _ERROR_CODE.search(str(exc))):
+        code = int(match.group(1))
+    return code in ROW_DATA_ERRORS
+
+
+@dataclass(frozen=True)
+class RefusedRow:
+    """A row ClickHouse refused on its own, with the first line of its error."""
+
+    table: str
+    columns: Sequence[str]
+    row: list[Any]
+    error: str
+
+
+# What to insert instead of refused rows: (table, columns, rows).
+RefusedRows = Callable[[list[RefusedRow]], tuple[str, Sequence[str], list[list[Any]]]]
+
+
+def insert_isolating(client: Client, table: str, columns: Sequence[str], rows: list[list[Any]]) -> list[RefusedRow]:
+    """Insert `rows`, halving around the rows ClickHouse refuses for their data; returns those refused alone, in
+    order (the others are written, in order). Any other error is raised."""
+    try:
+        insert_rows(client, table, columns, rows)
+        return []
+    except DatabaseError as exc:
+        if not refused_for_its_data(exc):
+            raise
+        if len(rows) == 1:
+            return [RefusedRow(table, columns, rows[0], str(exc).strip().splitlines()[0][:1000])]
+    half = len(rows) // 2
+    return (insert_isolating(client, table, columns, rows[:half])
+            + insert_isolating(client, table, columns, rows[half:]))
+
+
 class ClickHouseSink:
-    def __init__(self, client_factory: Callable[[], Client], *, max_backoff_s: float = 10.0) -> None:
+    def __init__(self, client_factory: Callable[[], Client], *, max_backoff_s: float = 10.0,
+                 refused_rows: RefusedRows | None = None) -> None:
         self._client_factory = client_factory
         self._client: Client | None = None
         self._max_backoff_s = max_backoff_s
+        self._refused_rows = refused_rows  # None: a refused insert is retried like any failure
         # A batch's tables are inserted side by side: each insert is mostly waiting for ClickHouse.
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sink")
         self.inserted_rows = 0
+        self.refused_rows = 0
 
     def _insert_all(self, tables: dict[str, list[list[Any]]], columns: dict[str, Sequence[str]]) -> None:
         if self._client is None:
             self._client = self._client_factory()
         client = self._client
 
-        def insert(table: str) -> None:
-            insert_rows(client, table, columns[table], tables[table])
+        def insert(table: str) -> list[RefusedRow]:
+            rows = tables[table]
+            try:
+                insert_rows(client, table, columns[table], rows)
+                return []
+            except DatabaseError as exc:
+                if self._refused_rows is None or not refused_for_its_data(exc):
+                    raise
+                refused = insert_isolating(client, table, columns[table], rows)
+                if len(rows) > 1 and len(refused) == len(rows):
+                    raise  # not the rows: the table (a column changed under us)
+                return refused
 
-        for future in [self._pool.submit(insert, table) for table, rows in tables.items() if rows]:
-            future.result()  # every insert finishes (or raises) before the batch counts as written
+        futures = [self._pool.submit(insert, table) for table, rows in tables.items() if rows]
+        refused = [row for future in futures for row in future.result()]  # every insert finishes, or raises
+        if refused and self._refused_rows is not None:
+            table, instead_columns, instead = self._refused_rows(refused)
+            insert_rows(client, table, instead_columns, instead)
+            self.refused_rows += len(refused)
+            for row in refused:
+                log.error("ClickHouse refused a row of %s (%s); recorded in %s instead", row.table, row.error, table)
 
     def run_sync(self, work: Callable[[Client], Any]) -> Any:
         """Run `work` with this sink's client (reads for sweeps and reports); for use from a thread."""

@@ -1,0 +1,90 @@
+"""A row ClickHouse refuses for its values (a validation gap) must not stop the worker: the sink writes the rest
+of the batch and records the refused row as a ROW_REFUSED anomaly; a refusal that is not about rows is retried."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError
+
+from infra.clickhouse.client import connect
+from infra.clickhouse.migrations import migrate
+from pipeline.locations import process_locations
+from pipeline.projection import CONNECTOR_COLUMNS, refused_row_anomalies
+from pipeline.sink import Batch, ClickHouseSink, refused_for_its_data
+from pipeline.state import LocationState
+from tests.conftest import unique
+
+from .builders import Harness, event, evse, location
+
+pytestmark = pytest.mark.clickhouse
+
+
+@pytest.fixture
+def client(chdb_dsn: str) -> Iterator[Client]:
+    database = unique("refused")
+    owner = connect(chdb_dsn)
+    migrate(owner, database)
+    yield connect(chdb_dsn, database=database)
+    owner.command(f"DROP DATABASE IF EXISTS {database}")
+
+
+def location_batch(bad_connector: int | None) -> Batch:
+    """The rows of a Location with three EVSEs; the connector row `bad_connector` holds a negative voltage, which
+    the UInt32 column cannot (the receivers refuse it now; an event already in Kafka, or a gap like it, may not)."""
+    batch = Harness(process_locations, LocationState).run(
+        event("Location", location(evses=[evse("E1"), evse("E2"), evse("E3")]), received=1)).batch
+    if bad_connector is not None:
+        voltage = CONNECTOR_COLUMNS.index("max_voltage")
+        connectors = batch.keyed.get("connectors") or {}
+        rows = list(connectors.values()) if connectors else batch.rows["connectors"]
+        rows[bad_connector][voltage] = -1
+    return batch
+
+
+def count(client: Client, sql: str) -> int:
+    return int(client.query(sql).result_rows[0][0])
+
+
+def test_a_refused_row_becomes_an_anomaly_and_the_rest_is_written(client: Client) -> None:
+    sink = ClickHouseSink(lambda: client, refused_rows=refused_row_anomalies)
+    batch = location_batch(bad_connector=1)
+    asyncio.run(sink.write(batch))
+    asyncio.run(sink.write(batch))  # the batch applied again after a crash: recorded once
+
+    assert count(client, "SELECT count() FROM locations FINAL") == 1
+    assert count(client, "SELECT count() FROM evses FINAL") == 3
+    assert sorted(r[0] for r in client.query("SELECT evse_uid FROM connectors FINAL").result_rows) == ["E1", "E3"]
+    [(module, object_id, detail)] = client.query(
+        "SELECT module, object_id, detail FROM anomalies FINAL WHERE kind = 'ROW_REFUSED'").result_rows
+    assert (module, object_id) == ("connectors", "LOC1")
+    error, row = detail.split("; row: ", 1)
+    assert "Code: 72" in error  # CANNOT_PARSE_NUMBER: an unsigned column
+    assert json.loads(row)["max_voltage"] == -1 and json.loads(row)["evse_uid"] == "E2"
+    assert sink.refused_rows == 2
+
+
+def test_when_every_row_is_refused_the_cause_is_not_the_rows_and_the_insert_is_retried(client: Client) -> None:
+    sink = ClickHouseSink(lambda: client, refused_rows=refused_row_anomalies)
+    batch = location_batch(bad_connector=None)
+    voltage = CONNECTOR_COLUMNS.index("max_voltage")
+    connectors = batch.keyed.get("connectors") or {}
+    for row in (list(connectors.values()) if connectors else batch.rows["connectors"]):
+        row[voltage] = -1
+    with pytest.raises(DatabaseError):
+        sink._insert_all(batch.tables(), batch.columns)  # write() retries this, loudly, instead of dropping them
+    assert count(client, "SELECT count() FROM anomalies") == 0
+
+
+def test_only_errors_about_values_count_as_refused_rows() -> None:
+    assert refused_for_its_data(DatabaseError("Code: 72. DB::Exception: Unsigned type must not contain '-'"))
+    assert refused_for_its_data(DatabaseError("Received ClickHouse exception, code: 407, server response: …"))
+    assert refused_for_its_data(DatabaseError("generic", code=321))  # over HTTP: from the exception header
+    assert not refused_for_its_data(DatabaseError("Code: 72. but the header said", code=241))
+    assert not refused_for_its_data(DatabaseError("Code: 60. DB::Exception: Unknown table expression identifier"))
+    assert not refused_for_its_data(DatabaseError("Code: 241. DB::Exception: Memory limit exceeded"))
+    assert not refused_for_its_data(OSError("Connection refused"))
