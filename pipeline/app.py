@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -92,11 +93,13 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
         name: StateTable(app.Table(name, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions))
         for name in TABLES
     }
-    sink = ClickHouseSink(lambda: sink_client(settings), refused_rows=refused_row_anomalies)
+    pseudonym = Pseudonymizer(load_key(settings))
+    sink = ClickHouseSink(lambda: sink_client(settings),
+                          refused_rows=functools.partial(refused_row_anomalies, pseudonym=pseudonym))
     context = AgentContext(
         app=app, settings=settings, topics=topics, sink=sink, progress=Progress(),
         stage_rules=StageRules.from_settings(settings.pipeline), party_rules=Rules.from_settings(settings.pipeline),
-        pseudonym=Pseudonymizer(load_key(settings)),
+        pseudonym=pseudonym,
     )
     delivery = BatchDelivery(app, settings.pipeline.batch_max, BATCH_WITHIN_S)
     register_agents(context, tables, delivery)

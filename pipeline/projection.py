@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -20,6 +20,7 @@ from infra.codec import DecodedEvent
 from ocpi.identity import ci_normalize
 from pipeline import wire
 from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, upper, utc_now
+from pipeline.retention import PERSONAL_TABLES, Pseudonymizer, pseudonymised_json
 from pipeline.sink import RefusedRow
 
 RAW_EVENT_COLUMNS = (
@@ -230,14 +231,16 @@ def anomaly_row(anomaly: AnomalyRow) -> list[Any]:
             anomaly.observed_at]
 
 
-def refused_row_anomalies(refused_rows: list[RefusedRow]) -> tuple[str, Sequence[str], list[list[Any]]]:
+def refused_row_anomalies(refused_rows: list[RefusedRow], pseudonym: Pseudonymizer,
+                          ) -> tuple[str, Sequence[str], list[list[Any]]]:
     """Rows ClickHouse refused for their values, as `ROW_REFUSED` anomalies (`sink.RefusedRows`): the object they
     belong to where their columns say, and the whole row as JSON in the detail, to be settled by hand. Keyed by
-    a hash of the row, so a batch applied again records each refused row once."""
+    a hash of the row, so a batch applied again records each refused row once. Anomalies are kept longer than
+    personal data stays in clear, so the row's personal identifiers are pseudonymised in the detail."""
     observed_at = utc_now()
     rows = []
     for refused in refused_rows:
-        values = dict(zip(refused.columns, refused.row, strict=True))
+        values = _pseudonymised(dict(zip(refused.columns, refused.row, strict=True)), pseudonym)
         row_json = _ROW_ENCODER.encode(values).decode()
         object_id = next((str(values[c]) for c in ("object_id", "session_id", "cdr_id", "location_id", "event_id")
                           if values.get(c)), "")
@@ -250,6 +253,16 @@ def refused_row_anomalies(refused_rows: list[RefusedRow]) -> tuple[str, Sequence
 
 
 _ROW_ENCODER = msgspec.json.Encoder(decimal_format="number")
+_PERSONAL_COLUMNS: Final = frozenset(column for table in PERSONAL_TABLES for column in table.columns)
+
+
+def _pseudonymised(values: dict[str, Any], pseudonym: Pseudonymizer) -> dict[str, Any]:
+    for name, value in values.items():
+        if name in _PERSONAL_COLUMNS and isinstance(value, str) and value:
+            values[name] = pseudonym(value)
+        elif isinstance(value, msgspec.Raw) and (document := pseudonymised_json(bytes(value), pseudonym)):
+            values[name] = msgspec.Raw(document)  # payload_json: the OCPI object as stored
+    return values
 
 
 def dead_letter_row(dead: DeadLetter, recorded_at: datetime) -> list[Any]:

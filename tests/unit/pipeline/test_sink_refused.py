@@ -4,8 +4,10 @@ of the batch and records the refused row as a ROW_REFUSED anomaly; a refusal tha
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -14,14 +16,18 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from infra.clickhouse.client import connect
 from infra.clickhouse.migrations import migrate
 from pipeline.locations import process_locations
-from pipeline.projection import CONNECTOR_COLUMNS, refused_row_anomalies
+from pipeline.projection import CONNECTOR_COLUMNS, SESSION_COLUMNS, refused_row_anomalies
+from pipeline.retention import Pseudonymizer
+from pipeline.sessions import process_sessions
 from pipeline.sink import Batch, ClickHouseSink, refused_for_its_data
-from pipeline.state import LocationState
+from pipeline.state import LocationState, SessionState
 from tests.conftest import unique
 
-from .builders import Harness, event, evse, location
+from .builders import Harness, event, evse, location, session
 
 pytestmark = pytest.mark.clickhouse
+
+PSEUDONYM = Pseudonymizer(b"k" * 32)
 
 
 @pytest.fixture
@@ -51,7 +57,7 @@ def count(client: Client, sql: str) -> int:
 
 
 def test_a_refused_row_becomes_an_anomaly_and_the_rest_is_written(client: Client) -> None:
-    sink = ClickHouseSink(lambda: client, refused_rows=refused_row_anomalies)
+    sink = ClickHouseSink(lambda: client, refused_rows=functools.partial(refused_row_anomalies, pseudonym=PSEUDONYM))
     batch = location_batch(bad_connector=1)
     asyncio.run(sink.write(batch))
     asyncio.run(sink.write(batch))  # the batch applied again after a crash: recorded once
@@ -69,7 +75,7 @@ def test_a_refused_row_becomes_an_anomaly_and_the_rest_is_written(client: Client
 
 
 def test_when_every_row_is_refused_the_cause_is_not_the_rows_and_the_insert_is_retried(client: Client) -> None:
-    sink = ClickHouseSink(lambda: client, refused_rows=refused_row_anomalies)
+    sink = ClickHouseSink(lambda: client, refused_rows=functools.partial(refused_row_anomalies, pseudonym=PSEUDONYM))
     batch = location_batch(bad_connector=None)
     voltage = CONNECTOR_COLUMNS.index("max_voltage")
     connectors = batch.keyed.get("connectors") or {}
@@ -88,3 +94,26 @@ def test_only_errors_about_values_count_as_refused_rows() -> None:
     assert not refused_for_its_data(DatabaseError("Code: 60. DB::Exception: Unknown table expression identifier"))
     assert not refused_for_its_data(DatabaseError("Code: 241. DB::Exception: Memory limit exceeded"))
     assert not refused_for_its_data(OSError("Connection refused"))
+
+
+def test_a_refused_rows_personal_data_is_pseudonymised_in_the_anomaly(client: Client) -> None:
+    # Anomalies are kept a year, personal data in clear 90 days: the detail never holds a token in clear.
+    sink = ClickHouseSink(lambda: client, refused_rows=functools.partial(refused_row_anomalies, pseudonym=PSEUDONYM))
+    harness = Harness(process_sessions, SessionState)
+    batch = Batch()
+    for sid in ("S1", "S2"):
+        rows = harness.run(event("Session", session(sid, uid="TOKEN-UID-1", authref="AUTH-REF-1"), received=1)).batch
+        for table, table_rows in rows.tables().items():
+            batch.extend(table, rows.columns[table], table_rows)
+    [bad] = [row for row in batch.rows.get("sessions", []) + list(batch.keyed.get("sessions", {}).values())
+             if row[SESSION_COLUMNS.index("session_id")] == "S2"]
+    bad[SESSION_COLUMNS.index("kwh")] = Decimal("1e20")  # beyond Decimal(18,4)
+    asyncio.run(sink.write(batch))
+
+    assert [r[0] for r in client.query("SELECT session_id FROM sessions FINAL").result_rows] == ["S1"]
+    [(object_id, detail)] = client.query(
+        "SELECT object_id, detail FROM anomalies FINAL WHERE kind = 'ROW_REFUSED'").result_rows
+    assert object_id == "S2" and "Code: 69" in detail  # ARGUMENT_OUT_OF_BOUND: the decimal is too big
+    assert "TOKEN-UID-1" not in detail and "AUTH-REF-1" not in detail
+    row = json.loads(detail.split("; row: ", 1)[1])
+    assert row["token_uid"] == PSEUDONYM("TOKEN-UID-1") and row["payload_json"]["id"] == "S2"
