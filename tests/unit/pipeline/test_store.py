@@ -185,6 +185,31 @@ def test_a_credit_of_a_credit_is_left_out_of_billing(client: Client) -> None:
     assert client.query("SELECT sum(cost_excl_vat) FROM billing_daily").result_rows == [(Decimal("0.0000"),)]
 
 
+def test_reconciliation_sums_and_deltas_beyond_one_amount_are_stored_exactly(client: Client) -> None:
+    """OCPI amounts go up to 10^14 with either sign: a session's total of two CDRs, or a CDR minus a negative session
+    amount, does not fit Decimal(18, 4). Such a row refused by ClickHouse would stop stage 2 (the sink retries the
+    batch forever)."""
+    from pipeline.agents import party_batch
+    from pipeline.sink import insert_rows
+
+    from .test_reconcile import Party, c_fact, completed, s_fact
+
+    out = Party().run(s_fact(completed("S1", kwh="-90000000000000", cost="-80000000000000"), final=61),
+                      c_fact(cdr("C1", kwh="60000000000000.0001", cost="60000000000000.0001"), received=1),
+                      c_fact(cdr("C2", kwh="60000000000000", cost="60000000000000"), received=2))
+    batch = party_batch(out, [])
+    for table, rows in batch.tables().items():
+        insert_rows(client, table, batch.columns[table], rows)  # once, so that a refused row fails the test
+    assert client.query("SELECT subject_id, cdr_kwh, delta_kwh, cdr_cost_excl_vat, delta_cost_excl_vat "
+                        "FROM reconciliation FINAL ORDER BY subject, subject_id").result_rows == [
+        ("C1", Decimal("60000000000000.0001"), Decimal("150000000000000.0001"), Decimal("60000000000000.0001"),
+         Decimal("140000000000000.0001")),
+        ("C2", Decimal("60000000000000"), Decimal("150000000000000"), Decimal("60000000000000"),
+         Decimal("140000000000000")),
+        ("S1", Decimal("120000000000000.0001"), Decimal("210000000000000.0001"), Decimal("120000000000000.0001"),
+         Decimal("200000000000000.0001"))]
+
+
 def test_revenue_incl_vat_sums_what_cdrs_give_and_counts_the_others_in_every_reader(client: Client) -> None:
     # incl_vat is optional (02 §9.3): a CDR without it is neither VAT-free nor guessed; every reader agrees.
     from pipeline import reports
