@@ -27,7 +27,8 @@ left out rather than netted with their credits, so a session's totals are those 
 the credit's amount (a credit that does not negate its original is flagged CREDIT_AMOUNT_MISMATCH). Of several
 credits for one CDR the earliest received (then the lowest id) is LINKED, in every arrival order; every other one
 is DUPLICATE_CREDIT (anomaly), and billing leaves its line out (view `billable_lines`, migration 0016). A credit
-that names a credit CDR is CREDIT_OF_CREDIT (anomaly), links nothing, and is left out of billing too (0018).
+that names a credit CDR (itself too) is CREDIT_OF_CREDIT (anomaly), links nothing, and is left out of billing too
+(0018).
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
@@ -399,7 +400,8 @@ def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutp
     if ref is None:
         return  # recorded by stage 1 (CREDIT_WITHOUT_REFERENCE); nothing to link
     if original is None:
-        original = state.cdr(ref)
+        # A credit that names itself names a credit CDR (its record is not stored yet when it first links).
+        original = credit if ref == fact.cdr_id else state.cdr(ref)
     link = state.credit(fact.cdr_id) or CreditRec(status="")
     if original is None:
         link.status = "AWAITING_ORIGINAL"

@@ -285,6 +285,16 @@ def test_a_credit_of_a_credit_links_nothing_and_is_flagged_in_every_order() -> N
         assert held is not None and held.credited_by is None, order  # the credit itself stays as it is
 
 
+def test_a_credit_that_names_itself_is_a_credit_of_a_credit() -> None:
+    # It names a credit CDR (itself, in any case): neither a refund of a CDR that "never arrived" nor billed.
+    party = Party()
+    out = party.run(c_fact(cdr("x-c", cost="-2.50", credit=True, credit_reference="X-C"), received=0))
+    row = link(out, "X-C")
+    assert (row["status"], row["credited_cdr_id"]) == ("CREDIT_OF_CREDIT", "X-C")
+    assert [(a.kind.value, a.object_id) for a in out.anomalies] == [("CREDIT_OF_CREDIT", "X-C")]
+    assert index_entries(party, "X-C") == []  # nothing waits for it: no UNKNOWN_REFERENCE later
+
+
 def test_of_two_credits_the_earliest_counts_whichever_arrives_first() -> None:
     original = c_fact(cdr("C1", cost="2.50"), received=0)
     early = c_fact(cdr("C1-A", cost="-2.50", credit=True, credit_reference="C1"), received=1)
