@@ -40,3 +40,85 @@ def test_every_command_has_help_and_is_in_the_readme(name: str, command: click.C
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
     assert f"ocpi-pipeline {name}" in README, f"`ocpi-pipeline {name}` is not documented in README.md"
+
+
+DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "ARCHITECTURE.md", "docs/partners.md",
+                                                      "bench/README.md")}
+# Read outside the settings module (README says where).
+OTHER_VARIABLES = {"OCPI_TANSU_LOG"}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_file_path_the_docs_name_exists(doc: str) -> None:
+    """`pipeline/sink.py`, `tests/unit/avro/test_generated_reader.py`, `infra/clickhouse/` ...: a file that was
+    renamed or removed leaves the reader looking for code that is not there."""
+    roots = ("ocpi/", "infra/", "receivers/", "pipeline/", "tests/", "avro/", "dashboards/", "bench/", "tools/",
+             "docs/")
+    paths = {p for p in re.findall(r"`([A-Za-z0-9_./-]+)`", DOCS[doc]) if p.startswith(roots) and "/" in p}
+    paths -= {"infra/avro_schemas",  # where the wheel ships avro/ (pyproject.toml), not a directory of the tree
+              "bench/results/", "bench/.venvs/extrawest"}  # written by the benchmarks (gitignored)
+    missing = sorted(p for p in paths if not (ROOT / p.rstrip("/")).exists()
+                     and not (ROOT / (p + ".py")).exists())  # `ocpi/_validate`, `pipeline/ordering`: modules
+    assert not missing, f"{doc} names files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_setting_the_docs_name_exists(doc: str) -> None:
+    known = {var for _s, var, _d, _m in documented_settings()} | OTHER_VARIABLES
+    named = set(re.findall(r"\bOCPI_[A-Z0-9_]*[A-Z0-9]\b", DOCS[doc])) - {"OCPI_TOPIC"}  # `OCPI_TOPIC_*`
+    assert not named - known, f"{doc} names settings that do not exist: {sorted(named - known)}"
+
+
+def test_every_outcome_and_anomaly_kind_is_named_in_the_readme() -> None:
+    """raw_events.outcome and anomalies.kind are what operators filter on (`report anomalies --kind`)."""
+    from pipeline.records import Anomaly, Outcome
+
+    missing = [kind.value for kind in (*Outcome, *Anomaly) if f"`{kind.value}`" not in README]
+    assert not missing, f"README.md does not name these outcomes or anomaly kinds: {missing}"
+
+
+def test_the_readme_table_list_names_every_table_and_the_last_migration() -> None:
+    from infra.clickhouse.migrations import available_migrations
+
+    migrations = available_migrations()
+    created = {name for m in migrations for name in re.findall(
+        r"CREATE (?:OR REPLACE )?(?:TABLE|VIEW)(?: IF NOT EXISTS)? (\w+)", m.sql)}
+    paragraph = README.split("**Tables**:")[1].split("\n\n")[0]
+    not_the_pipelines = {"partners"}  # the partner registry (docs/partners.md)
+    missing = sorted(t for t in created - not_the_pipelines if f"`{t}`" not in paragraph)
+    assert not missing, f"README.md's **Tables** do not name: {missing}"
+    last = re.search(r"migrations `\d{4}`–`(\d{4})`", paragraph)
+    assert last is not None and int(last.group(1)) == migrations[-1].version, "README.md's migration range"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_dotted_name_the_docs_give_resolves(doc: str) -> None:
+    """`pipeline.records.sort_out`, `ocpi.compat.RECHECK`, `wire.StoredStruct` ...: a function that was renamed
+    leaves the reader looking for it."""
+    import importlib
+
+    def resolves(ref: str) -> bool:
+        parts = ref.split(".")
+        candidates = [parts] if parts[0] in ("ocpi", "infra", "receivers", "pipeline") else [
+            [package, *parts] for package in ("pipeline", "receivers", "infra", "ocpi")]
+        for candidate in candidates:
+            for n in range(len(candidate), 0, -1):
+                try:
+                    found: object = importlib.import_module(".".join(candidate[:n]))
+                except ImportError:
+                    continue
+                for attribute in candidate[n:]:
+                    found = getattr(found, attribute, None)
+                if found is not None:
+                    return True
+                break
+        return False
+
+    ours = {"ocpi", "infra", "receivers", "pipeline"}
+    modules = ours | {path.stem for package in ours for path in (ROOT / package).glob("*.py")}
+    tables = {"cdrs", "sessions", "locations", "reconciliation"}  # `cdrs.session_id` is a column
+    refs = {ref for ref in re.findall(r"`([a-z_]+(?:\.[A-Za-z_][A-Za-z0-9_]*)+)`", DOCS[doc])
+            if ref.split(".")[0] in modules - tables and ref != "retention.ms"  # a Kafka topic config
+            and not re.search(r"\.(py|md|json|avsc|sql|v1)$|^ocpi\.(pipeline|v2_2_1)\.", ref)}
+    unresolved = sorted(ref for ref in refs if not resolves(ref))
+    assert not unresolved, f"{doc} names what the code does not have: {unresolved}"
