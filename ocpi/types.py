@@ -135,6 +135,10 @@ def check_number(value: object) -> Decimal:
     number = value
     if not number.is_finite():
         raise ValueError(NOT_FINITE)
+    if not number and number.adjusted() > 0:
+        # A zero written with a positive exponent (`0e999999999`): Avro's decimal writer computes
+        # 10**(exponent + scale), which for such a zero takes hours and gigabytes. It is just zero.
+        return _ZERO
     if number and number.adjusted() >= MAX_INTEGER_DIGITS:
         raise ValueError(TOO_LARGE)
     # Value-based, so trailing zeros are not decimals: 1.50000 passes (and is kept as sent).
@@ -158,7 +162,7 @@ def dec_hook(kind: type, value: Any) -> Any:
         if (
             type(value) is Decimal
             and value.is_finite()
-            and (not value or value.adjusted() < MAX_INTEGER_DIGITS)
+            and value.adjusted() < MAX_INTEGER_DIGITS  # for a zero: its exponent (0E+20 goes the slow path)
             and value.quantize(_FOUR_PLACES, context=_CONTEXT) == value
         ):
             return value

@@ -149,6 +149,20 @@ def test_numbers_decode_exactly(json_number: str, expected: Decimal) -> None:
     assert str(value) == str(Decimal(json_number))  # kept as sent
 
 
+@pytest.mark.parametrize("json_number", ["0e999999999", "-0E+400000", "0.0e20"])
+def test_zero_with_a_huge_exponent_decodes_to_a_plain_zero(json_number: str) -> None:
+    """`0e999999999` is a valid JSON zero, but kept as Decimal("0E+999999999") the Avro encoder (fastavro's
+    decimal writer computes 10**(exponent + scale)) would run for hours with gigabytes of memory: one request
+    would block a receiver. The value is 0, and is kept with exponent 0."""
+    value = decode(b'{"type": "ENERGY", "volume": ' + json_number.encode() + b"}", CdrDimension).value.volume
+    assert value == 0 and type(value) is Decimal
+    assert value.as_tuple() == (0, (0,), 0)
+    from ocpi.model import EnergySource
+
+    body = b'{"source": "SOLAR", "percentage": ' + json_number.encode() + b"}"
+    assert decode(body, EnergySource).value.percentage.as_tuple() == (0, (0,), 0)
+
+
 @pytest.mark.parametrize(
     ("json_number", "reason"),
     [
