@@ -11,6 +11,7 @@ Relaxations
 -----------
 `NULL_IN_LIST`
     `null` elements inside a list (e.g. `"tariff_ids": ["11", null]`) are dropped. Recorded once per list.
+    Error paths and records still name the later elements by their index as sent.
     Trade-off: lossless (a null carries nothing), but a serialiser that emits nulls may have lost data
     elsewhere; a `+` list that becomes empty still fails.
 `NUMBER_AS_STRING`
@@ -148,6 +149,7 @@ _NUMBER_TEXT: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[
 _MAX_NUMBER_TEXT: Final = 64  # longer "numbers" are garbage; do not feed them to Decimal
 _FOUR_PLACES: Final = Decimal(1).scaleb(-ocpi_types.MAX_DECIMAL_PLACES)
 _NUMBER_MARKERS: Final = (ocpi_types.Number, ocpi_types.Percentage)
+_SEGMENT: Final = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 
 
 class Repairer:
@@ -160,6 +162,22 @@ class Repairer:
     def __init__(self, enabled: frozenset[Relaxation], applied: list[str]) -> None:
         self.enabled = enabled
         self.applied = applied
+        # List path as sent → the sent index of each kept element, for lists NULL_IN_LIST shortened.
+        self.kept: dict[str, list[int]] = {}
+
+    def original_path(self, path: str) -> str:
+        """A path into the repaired value (`$.evses[0].uid`) as a path into the body as sent (`$.evses[1].uid`)."""
+        if not self.kept:
+            return path
+        result = "$"
+        for segment in _SEGMENT.finditer(path, 1):
+            if segment[1] is not None:
+                result += f".{segment[1]}"
+            else:
+                index = int(segment[2])
+                kept = self.kept.get(result)
+                result += f"[{kept[index] if kept is not None and index < len(kept) else index}]"
+        return result
 
     def record(self, relaxation: Relaxation, path: str) -> None:
         self.applied.append(f"{relaxation.value}:{path}")
@@ -213,6 +231,7 @@ class Repairer:
         if Relaxation.NULL_IN_LIST in self.enabled and any(item is None for item in node):
             self.record(Relaxation.NULL_IN_LIST, path)
             items = [(i, item) for i, item in enumerate(node) if item is not None]
+            self.kept[path] = [i for i, _ in items]
         # Paths keep the indices as sent, so the records point at the partner's own body.
         return [self.value(item, kind.item_type, f"{path}[{i}]") for i, item in items]
 

@@ -68,15 +68,28 @@ def decode(body: bytes | str, model: type[T], *, profile: CompatProfile | None =
     enabled = profile.relaxations if profile is not None else _NO_RELAXATIONS
     applied: list[str] = []
     decoder = _decoder(model)  # type: ignore[arg-type]  # Struct classes are hashable
+    repairer: Repairer | None = None
     try:
         value = decoder.decode(body)
     except msgspec.ValidationError as exc:
-        value = _after_strict_failure(body, model, decoder, exc, enabled, applied)
+        repairer = Repairer(enabled, applied)
+        value = _after_strict_failure(body, model, decoder, exc, repairer)
     except UNDECODABLE as exc:
         raise OcpiJsonError(_json_reason(exc)) from None
     except RecursionError:
         raise OcpiJsonError(_TOO_DEEP) from None
-    value = _validate.finish(value, enabled, applied, scan_na=_may_contain_na(body))
+    if repairer is None or not repairer.kept:
+        value = _validate.finish(value, enabled, applied, scan_na=_may_contain_na(body))
+        return Decoded(value, tuple(applied))
+    # NULL_IN_LIST shortened lists: the walk's paths are into the repaired value, the partner's are as sent.
+    repaired = len(applied)
+    try:
+        value = _validate.finish(value, enabled, applied, scan_na=_may_contain_na(body))
+    except OcpiValidationError as exc:
+        raise OcpiValidationError(repairer.original_path(exc.path), exc.reason) from None
+    for i in range(repaired, len(applied)):
+        name, _, path = applied[i].partition(":")
+        applied[i] = f"{name}:{repairer.original_path(path)}"
     return Decoded(value, tuple(applied))
 
 
@@ -137,8 +150,7 @@ def _after_strict_failure(
     model: Any,
     decoder: msgspec.json.Decoder[Any],
     error: msgspec.ValidationError,
-    enabled: frozenset[Relaxation],
-    applied: list[str],
+    repairer: Repairer,
 ) -> Any:
     # A typed decode stops at the first invalid value, possibly before a syntax error further on, so the
     # body is parsed untyped first: a body that is not JSON must be a JSON error (HTTP 400), not a 2001.
@@ -150,15 +162,16 @@ def _after_strict_failure(
         raise OcpiJsonError(_json_reason(exc)) from None
     except RecursionError:
         raise OcpiJsonError(_TOO_DEEP) from None
-    if not enabled:
+    if not repairer.enabled:
         raise _translate(error, model) from None
-    repaired = Repairer(enabled, applied).value(tree, _type_info(model), "$")
-    if not applied:
+    repaired = repairer.value(tree, _type_info(model), "$")
+    if not repairer.applied:
         raise _translate(error, model) from None
     try:
         return decoder.decode(_ENCODER.encode(repaired))
     except msgspec.ValidationError as exc:
-        raise _translate(exc, model) from None
+        translated = _translate(exc, model)
+        raise OcpiValidationError(repairer.original_path(translated.path), translated.reason) from None
     except RecursionError:
         raise OcpiJsonError(_TOO_DEEP) from None
 

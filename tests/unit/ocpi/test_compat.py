@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ocpi import STRICT, CompatProfile, Decoded, Relaxation, decode
-from ocpi.model import EVSE, CdrLocation, Connector, Location, Session, SessionPatch, SignedValue
+from ocpi.model import CDR, EVSE, CdrLocation, Connector, Location, Session, SessionPatch, SignedValue
 
 from .samples import minimal
 from .support import assert_invalid, dumps, example
@@ -243,3 +243,29 @@ def test_from_names_rejects_unknown_names_clearly() -> None:
         CompatProfile.from_names("NULLS")
     with pytest.raises(ValueError, match="TRAILING_SLASH"):
         CompatProfile.from_names(["TRAILING_SLASH"])
+
+
+def test_errors_after_null_in_list_name_the_element_as_sent() -> None:
+    """Dropping nulls shifts the later elements; a 2001 must still point at the element in the partner's body."""
+    profile = CompatProfile.from_names("NULL_IN_LIST")
+    assert_invalid(
+        _connector_tariffs([None, "t" * 37]), Location, "$.evses[0].connectors[0].tariff_ids[1]", "longer than 36",
+        profile=profile,
+    )
+    location = copy.deepcopy(LOCATION)
+    evse = location["evses"][0]
+    evse["connectors"] = [None, evse["connectors"][0] | {"tariff_ids": [None, None, "12", None, "\u00e9"]}]
+    location["evses"] = [None, evse]
+    assert_invalid(location, Location, "$.evses[1].connectors[1].tariff_ids[4]", "printable ASCII", profile=profile)
+    # The rule walk after the repaired decode: its errors and its records.
+    cdr = minimal("CDR")
+    cdr["charging_periods"] = [None, *cdr["charging_periods"]]
+    cdr["charging_periods"][1]["dimensions"] = [None, {"type": "POWER", "volume": 1}]
+    assert_invalid(cdr, CDR, "$.charging_periods[1].dimensions[1].type", "Session-only", profile=profile)
+    cdr = minimal("CDR") | {"signed_data": minimal("SignedData")}
+    cdr["signed_data"]["signed_values"] = [None, minimal("SignedValue") | {"plain_data": "p" * 513}]
+    decoded = decode(dumps(cdr), CDR, profile=CompatProfile.from_names("NULL_IN_LIST,ERRATA_MAX_LENGTH"))
+    assert decoded.relaxations == (
+        "NULL_IN_LIST:$.signed_data.signed_values",
+        "ERRATA_MAX_LENGTH:$.signed_data.signed_values[1].plain_data",
+    )
