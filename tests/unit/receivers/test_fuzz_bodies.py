@@ -92,9 +92,30 @@ def mutated(draw: st.DrawFn, body: Any) -> Any:
     return body
 
 
+# Number spellings json.dumps never writes: exponents (a zero with a huge one), signed zeros, trailing zeros,
+# more decimals or digits than decimal(18, 4) keeps, beyond any float.
+NUMBER_LITERALS = ["0e999999999", "-0E+400000", "1e2", "1E-5", "-0", "-0.0", "1.00000", "12345678901234.5678",
+                   "99999999999999.99995", "1e14", "0.00001", "1e400", "1e-400", "2.5e+1", "400.0"]
+_NUMBER_SLOT = "\x00number\x00"
+
+
+@st.composite
+def with_number_literal(draw: st.DrawFn, body: Any) -> bytes:
+    """`body` with one location (replaced by a slot) written as one of NUMBER_LITERALS."""
+    body = copy.deepcopy(body)
+    where = draw(st.sampled_from(list(paths(body))[1:]))
+    parent = body
+    for step in where[:-1]:
+        parent = parent[step]
+    parent[where[-1]] = _NUMBER_SLOT
+    literal = draw(st.sampled_from(NUMBER_LITERALS))
+    return json.dumps(body).replace(json.dumps(_NUMBER_SLOT), literal).encode()
+
+
 def bodies(factory: Callable[[], Any]) -> st.SearchStrategy[bytes]:
     as_json = st.one_of(mutated(factory()), mutated(factory()).flatmap(mutated), json_values)
     return st.one_of(as_json.map(lambda value: json.dumps(value).encode()),
+                     with_number_literal(factory()),
                      st.binary(max_size=80),
                      st.just(json.dumps(factory()).encode()).map(lambda raw: raw[: len(raw) // 2]))
 
