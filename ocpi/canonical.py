@@ -5,7 +5,8 @@ content_hash(obj) is the sha256 hex of the sorted-key JSON of the object's canon
 - `null` values are removed (OCPI: absent and null mean the same for `?`/`*` fields; for PATCH bodies our
   policy makes null mean "unchanged", i.e. absent);
 - empty lists are removed (absent, null and `[]` all mean "empty" for `*` fields), except at the top level
-  of a PATCH body, where `[]` replaces the stored list and so is content;
+  of a PATCH body, where `[]` replaces the stored list and so is content — but not a Session PATCH's
+  `charging_periods`, which are appended: there `[]` leaves them unchanged, as absence does (09 §3.4);
 - numbers are written as normalised decimal text (`8.50` and `8.5` are the same amount);
 - datetimes are written in UTC with microseconds (`+00:00` form), whatever tzinfo they carry.
 """
@@ -19,7 +20,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ocpi._generated import PATCHES
+from ocpi._generated import PATCHES, SessionPatch
 from ocpi.datetime import format_datetime
 
 __all__ = ["content_hash", "to_builtins", "to_ocpi_json"]
@@ -39,6 +40,8 @@ def content_hash(obj: Any) -> str:
     """sha256 hex of the canonical content (see module docstring); equal for equal content."""
     tree = msgspec.to_builtins(obj, builtin_types=(datetime, Decimal))
     keep_empty_lists = type(obj) in _PATCH_TYPES
+    if type(obj) is SessionPatch and tree.get("charging_periods") == []:
+        del tree["charging_periods"]  # appended: `[]` changes nothing
     return hashlib.sha256(_SORTED.encode(_canonical(tree, keep_empty_lists=keep_empty_lists))).hexdigest()
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from ocpi import ObjectKey, OcpiStatus, ci_equal, content_hash, decode, to_builtins, to_ocpi_json
-from ocpi.model import Connector, ConnectorPatch, Location, Session
+from ocpi import ObjectKey, OcpiStatus, ci_equal, content_hash, decode, merge_session, to_builtins, to_ocpi_json
+from ocpi.model import Connector, ConnectorPatch, Location, Session, SessionPatch
 
 from .support import EXAMPLES, dumps, example
 
@@ -165,3 +165,12 @@ def test_status_codes() -> None:
     assert {str(int(s)): s.description for s in OcpiStatus} == {
         code: text for code, text in spec_codes.items() if code.isdigit()
     }
+
+
+def test_hash_of_a_session_patch_treats_empty_charging_periods_as_absent() -> None:
+    """A Session PATCH appends charging_periods: `[]` leaves them unchanged (09 §3.4), as absence does."""
+    empty = decode(b'{"kwh": 5, "charging_periods": [], "last_updated": "2019-06-24T12:39:09Z"}', SessionPatch).value
+    absent = decode(b'{"kwh": 5, "last_updated": "2019-06-24T12:39:09Z"}', SessionPatch).value
+    assert content_hash(empty) == content_hash(absent)
+    assert merge_session(decode(dumps(SESSION), Session).value, empty) == merge_session(
+        decode(dumps(SESSION), Session).value, absent)
