@@ -52,7 +52,7 @@ class StackError(RuntimeError):
     """A part of the stack did not start; the message says which, and where its log is."""
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> None:
     """Refuse a port another server listens on. granian binds with SO_REUSEPORT, so its own start does not fail
     next to another granian (a second `dev`): the kernel would split the connections between the two."""
     try:
@@ -61,8 +61,8 @@ def _check_port_free(host: str, port: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
             sock.bind((host, port))
     except OSError as exc:
-        raise StackError(f"{host}:{port} is in use ({exc.strerror or exc}): another `dev`, or another server; "
-                         "stop it, or set OCPI_HTTP_PORT") from None
+        raise StackError(f"{host}:{port} is in use ({exc.strerror or exc}): another `dev` or `serve`, or another "
+                         "server; stop it, or set OCPI_HTTP_PORT") from None
 
 
 @dataclass
@@ -113,7 +113,7 @@ class Stack:
             raise StackError(f"another instance (pid {other.pid}) is running on {self.data_dir}; "
                              "stop it, or give this one its own OCPI_DATA_DIR")
         if self.settings.http.port:
-            _check_port_free(self.settings.http.host, self.settings.http.port)
+            check_port_free(self.settings.http.host, self.settings.http.port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         kafka = self.settings.kafka
         if kafka.embedded:

@@ -19,7 +19,7 @@ from infra.clickhouse.client import ClickHouseUnavailable
 from infra.kafka.embedded import EmbeddedBrokerError
 from infra.settings import Settings, load_settings
 from pipeline.demo import DemoSummary, run_demo
-from pipeline.stack import Stack, StackError
+from pipeline.stack import Stack, StackError, check_port_free
 from receivers.registry import PartnerRegistry, PartnerStatus
 
 FIRST_PARTNER = "first-cpo"
@@ -36,6 +36,12 @@ def serve(workers: int) -> None:
     from granian.server import Server
 
     settings = load_settings()
+    try:
+        # granian binds with SO_REUSEPORT: next to another server on the port (a `dev`, a second `serve`) its bind
+        # would succeed and the kernel would split the partners' connections between them.
+        check_port_free(settings.http.host, settings.http.port)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
     Server("receivers.asgi:app", address=settings.http.host, port=settings.http.port,
            interface=Interfaces.ASGI, workers=workers, websockets=False).serve()
 

@@ -83,3 +83,22 @@ async def test_a_stack_refuses_a_port_another_server_listens_on_with_so_reusepor
                                   "OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
         with pytest.raises(StackError, match=f"127.0.0.1:{port} is in use"):
             await Stack(settings).start()
+
+
+def test_serve_refuses_a_port_another_server_listens_on_with_so_reuseport(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `serve` starts granian directly (no Stack): next to a `dev` or another `serve` on the port, its SO_REUSEPORT
+    # bind succeeded and the two split the partners' connections.
+    from click.testing import CliRunner
+
+    from pipeline.cli.services import serve
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        monkeypatch.setenv("OCPI_HTTP_PORT", str(port))
+        monkeypatch.setenv("OCPI_HTTP_HOST", "127.0.0.1")
+        monkeypatch.setattr("granian.server.Server.serve", lambda _server: pytest.fail("granian was started"))
+        result = CliRunner().invoke(serve, [])
+    assert result.exit_code == 1 and f"127.0.0.1:{port} is in use" in result.output
