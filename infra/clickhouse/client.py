@@ -7,6 +7,7 @@ the receivers, `query`, `partners`) reach it through the ClickHouse-HTTP shim th
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,21 @@ def chdb_path(dsn: str) -> Path:
     return Path(urlparse(dsn).path)
 
 
+def _held_elsewhere(path: Path) -> bool:
+    """Whether another process holds the store: ClickHouse locks the `status` file of its path (flock) while it
+    runs. chDB's exception says only "Error initializing EmbeddedServer" (the lock error goes to stderr)."""
+    try:
+        with (path / "status").open("rb") as status:
+            try:
+                fcntl.flock(status, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(status, fcntl.LOCK_UN)
+            return False
+    except OSError:  # no status file: nobody ran ClickHouse there
+        return False
+
+
 def connect(dsn: str, *, database: str | None = None, readonly: bool = False, password: str | None = None,
             **options: Any) -> Client:
     """A client for `dsn`; `readonly` makes the server refuse anything but reads (setting readonly=1)."""
@@ -42,7 +58,7 @@ def connect(dsn: str, *, database: str | None = None, readonly: bool = False, pa
             try:
                 client = clickhouse_connect.get_client(dsn=f"chdb://{path}", **options)
             except Exception as exc:
-                if "Cannot lock file" in str(exc) or "already running" in str(exc):
+                if _held_elsewhere(path) or "Cannot lock file" in str(exc):
                     raise ClickHouseUnavailable(
                         f"the embedded ClickHouse at {path} is held by another process "
                         "(a running `ocpi-pipeline dev` or `demo`, or a worker); use that instance's admin API, "

@@ -89,3 +89,26 @@ def test_locations_rows_from_before_personal_at_count_from_their_received_at(chd
         (received, received)]
     client.command(f"DROP DATABASE {database}")
 
+
+
+def test_a_store_another_process_holds_is_named_as_held(tmp_path: Path) -> None:
+    # chDB's exception says only "Error initializing EmbeddedServer" (its lock error goes to stderr): the friendly
+    # message, which tells the user to go through the running instance, never matched it.
+    import subprocess
+    import sys
+
+    path = tmp_path / "held"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from infra.clickhouse.client import connect; "
+         f"c = connect('chdb://{path}'); c.command('SELECT 1'); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[3])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        probe = subprocess.run(
+            [sys.executable, "-c", "from infra.clickhouse.client import connect\n"
+             f"try:\n    connect('chdb://{path}')\nexcept Exception as exc:\n    print(exc)"],
+            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[3])
+        assert "is held by another process" in probe.stdout, probe.stdout
+    finally:
+        holder.communicate(timeout=60)  # stdin closed: the holder ends
+    assert holder.returncode == 0
