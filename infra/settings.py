@@ -244,7 +244,12 @@ class HttpSettings:
 
     @property
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        return self.public_url or local_url(self.host, self.port)
+
+
+def local_url(host: str, port: int) -> str:
+    """`http://host:port`, an IPv6 address in brackets (OCPI_HTTP_HOST=:: listens on every IPv6 interface)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from infra.runfile import (
     remove_running_instance,
     write_running_instance,
 )
-from infra.settings import Settings, as_environ
+from infra.settings import Settings, as_environ, local_url
 from pipeline.retention import topic_configs
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Stack:
 
     @property
     def base_url(self) -> str:
-        return self.settings.http.public_url or f"http://{self.settings.http.host}:{self.http_port}"
+        return self.settings.http.public_url or local_url(self.settings.http.host, self.http_port)
 
     @property
     def versions_url(self) -> str:
@@ -173,7 +173,7 @@ class Stack:
             while time.monotonic() < deadline:
                 self.check_children()
                 try:
-                    await client.get(f"http://{self.settings.http.host}:{self.http_port}{VERSIONS_PATH}")
+                    await client.get(local_url(self.settings.http.host, self.http_port) + VERSIONS_PATH)
                     return  # any answer (401 without a token) means the app is serving
                 except httpx.TransportError:
                     await asyncio.sleep(0.1)

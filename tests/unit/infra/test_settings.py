@@ -124,3 +124,9 @@ def test_a_process_borrowing_a_dev_instance_s_real_kafka_does_not_take_it_for_ta
         resolve_bootstrap(borrower)
     explicit = load_settings({"OCPI_DATA_DIR": str(tmp_path), "OCPI_KAFKA_FLAVOR": "kafka"})
     assert resolve_bootstrap(explicit) == "kafka1:9092" and not explicit.kafka.is_tansu
+
+
+def test_an_ipv6_listen_address_is_bracketed_in_our_urls() -> None:
+    assert load_settings({"OCPI_HTTP_HOST": "::", "OCPI_HTTP_PORT": "8080"}).http.base_url == "http://[::]:8080"
+    assert load_settings({"OCPI_HTTP_HOST": "::1"}).http.base_url == "http://[::1]:8080"
+    assert load_settings({"OCPI_HTTP_HOST": "0.0.0.0"}).http.base_url == "http://0.0.0.0:8080"
