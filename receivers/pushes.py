@@ -168,8 +168,10 @@ def check_level(body: bytes, target: Target) -> None:
         return
     try:
         keys = _top_level.decode(body)
-    except UNDECODABLE:
-        return  # not a JSON object: decoding reports it properly (400, or 2001 naming the type)
+    except (*UNDECODABLE, RecursionError):
+        # Not a JSON object, or nested deeper than the parser goes: decoding reports it properly (400, or 2001
+        # naming the type).
+        return
     for name, raw in keys.items():
         other = target.foreign_fields.get(name)
         if other is not None and bytes(raw) != b"null":  # null carries nothing (OCPI: null = absent)
