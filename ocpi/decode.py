@@ -131,13 +131,15 @@ def decode_list(
         raise _translate(exc, list[model]) from None  # type: ignore[valid-type]
     except UNDECODABLE as exc:
         raise OcpiJsonError(_json_reason(exc)) from None
+    except RecursionError:  # an element nested too deeply: the array cannot even be split into its elements
+        raise OcpiJsonError(_TOO_DEEP) from None
     results: list[Decoded[T] | OcpiValidationError] = []
     for i, raw in enumerate(raws):
         try:
             results.append(decode(bytes(raw), model, profile=profile))
         except OcpiValidationError as exc:
             results.append(OcpiValidationError(f"$[{i}]{exc.path[1:]}", exc.reason))
-        except OcpiJsonError as exc:  # only "nested too deeply" can get here: the array itself parsed
+        except OcpiJsonError as exc:  # invalid UTF-8 in a string: the array itself parsed
             results.append(OcpiValidationError(f"$[{i}]", exc.reason))
     return results
 

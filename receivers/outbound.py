@@ -171,10 +171,11 @@ class OcpiClient:
     def _envelope(self, method: str, url: str, http_status: int, raw: bytes) -> Envelope:
         try:
             envelope = _envelope_decoder.decode(raw)
-        except UNDECODABLE as exc:
+        except (*UNDECODABLE, RecursionError) as exc:  # RecursionError: JSON nested deeper than msgspec parses
+            reason = "JSON nests too deeply" if isinstance(exc, RecursionError) else exc
             snippet = raw[:120].decode("utf-8", "replace")
             raise PartnerApiError(f"{method} {url}: HTTP {http_status}, not an OCPI response envelope "
-                                  f"({exc}): {snippet!r}", http_status=http_status) from None
+                                  f"({reason}): {snippet!r}", http_status=http_status) from None
         try:
             parse_timestamp(envelope.timestamp, self._profile, what="envelope timestamp")
         except OcpiError as exc:

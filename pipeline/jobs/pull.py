@@ -306,10 +306,11 @@ class _Crawler:
             raise PullError(f"GET {url}: the partner refused our token (HTTP 401)")
         try:
             envelope = _envelope.decode(body)
-        except UNDECODABLE as exc:
+        except (*UNDECODABLE, RecursionError) as exc:  # RecursionError: JSON nested deeper than msgspec parses
             if status == 429 or status >= 500:
                 return f"HTTP {status}"
-            raise PullError(f"GET {url}: HTTP {status}, not an OCPI response envelope ({exc})") from None
+            reason = "JSON nests too deeply" if isinstance(exc, RecursionError) else exc
+            raise PullError(f"GET {url}: HTTP {status}, not an OCPI response envelope ({reason})") from None
         code, message = envelope.status_code, envelope.status_message or ""
         if status == 429 or status >= 500 or 3000 <= code < 4000:
             return f"HTTP {status}, OCPI {code} {message}".rstrip()

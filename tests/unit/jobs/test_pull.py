@@ -411,6 +411,16 @@ async def test_an_envelope_with_invalid_utf8_stops_the_pull_cleanly(settings_for
                    transport=httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=2), sleep=Sleeps())
 
 
+async def test_an_envelope_nested_too_deeply_stops_the_pull_cleanly(settings_for: Any) -> None:
+    """msgspec raises RecursionError (not DecodeError) for JSON nested deeper than it parses."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b'{"status_code": 1000, "data": [' + b"[" * 5000 + b"]" * 5000 + b"]}")
+
+    with pytest.raises(PullError, match="not an OCPI response envelope"):
+        await pull(settings_for(), _mock_partner(), "sessions", ListSink(), since=hours_ago(24),
+                   transport=httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=2), sleep=Sleeps())
+
+
 async def test_the_same_relative_since_resumes_an_interrupted_crawl(settings_for: Any, fake: FakeSender) -> None:
     settings = settings_for()
     fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 6)]

@@ -21,6 +21,7 @@ from ocpi import (
     Relaxation,
     content_hash,
     decode,
+    decode_list,
     to_ocpi_json,
 )
 from ocpi.model import CDR, CdrDimension, Credentials, Location, LocationPatch, Session, SessionPatch, Tariff
@@ -140,12 +141,12 @@ def test_deep_nesting_is_a_json_error_not_a_crash() -> None:
     for profile in (None, EVERYTHING):
         with pytest.raises(OcpiJsonError, match="nests too deeply"):
             decode(body, Session, profile=profile)
+    with pytest.raises(OcpiJsonError, match="nests too deeply"):  # a pulled page: msgspec's RecursionError
+        decode_list(b"[" + body + b"]", Session)
 
 
 def test_invalid_utf8_is_a_json_error_not_a_crash() -> None:
     """msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a string or key."""
-    from ocpi import decode_list
-
     for body in (b'{"meter_id": "\xff"}', b'{"meter_id": "a\xc3"}', b'{"meter_id": "\xed\xa0\x80"}'):
         for model in (Session, SessionPatch):
             for profile in (None, EVERYTHING):

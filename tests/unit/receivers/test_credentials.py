@@ -344,3 +344,17 @@ async def test_a_partner_answer_with_invalid_utf8_is_a_partner_error_not_a_crash
     async with OcpiClient("token", transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(PartnerApiError, match="not an OCPI response envelope"):
             await client.versions("http://partner.test/ocpi/versions")
+
+
+async def test_a_partner_answer_nested_too_deeply_is_a_partner_error_not_a_crash() -> None:
+    """msgspec raises RecursionError, not DecodeError, for JSON nested deeper than it parses: during a
+    credentials POST that was an HTTP 500 to the registering partner instead of 3001."""
+    deep = b"[" * 5000 + b"]" * 5000
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b'{"status_code": 1000, "timestamp": "2024-01-01T00:00:00Z", "data": ['
+                              + deep + b"]}")
+
+    async with OcpiClient("token", transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(PartnerApiError, match="nests too deeply"):
+            await client.versions("http://partner.test/ocpi/versions")
