@@ -135,7 +135,9 @@ async def _callback(credentials: Credentials, profile: CompatProfile, settings: 
         except EndpointsMissing as exc:
             raise NoMatchingEndpoints(str(exc)) from None
         except PartnerApiError as exc:
-            raise UnableToUseClientApi(f"could not use your API with the token you sent: {exc}") from None
+            # Not what the URL answered: the caller chose the URL (any host we can reach); our log has it.
+            log.warning("credentials callback to %s failed: %s", credentials.url, exc)
+            raise UnableToUseClientApi(f"could not use your API with the token you sent: {exc.summary}") from None
     return discovery
 
 

@@ -42,11 +42,14 @@ class PartnerApiError(Exception):
     """A call to a partner failed (unreachable, timeout, redirect, HTTP error, not OCPI, non-1xxx status).
 
     During a handshake we answer 3001 for it. `ocpi_status`/`http_status` are the partner's, when it answered.
+    `excerpt`, the start of a body that was not an envelope, is in the message (for the operator) but not in
+    `summary`, what a partner is told: the URL we called is the caller's choice, possibly an internal service.
     """
 
-    def __init__(self, message: str, *, http_status: int | None = None,
-                 ocpi_status: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, http_status: int | None = None, ocpi_status: int | None = None,
+                 excerpt: str | None = None) -> None:
+        super().__init__(message if excerpt is None else f"{message}: {excerpt!r}")
+        self.summary = message
         self.http_status = http_status
         self.ocpi_status = ocpi_status
 
@@ -174,8 +177,8 @@ class OcpiClient:
         except (*UNDECODABLE, RecursionError) as exc:  # RecursionError: JSON nested deeper than msgspec parses
             reason = "JSON nests too deeply" if isinstance(exc, RecursionError) else exc
             snippet = raw[:120].decode("utf-8", "replace")
-            raise PartnerApiError(f"{method} {url}: HTTP {http_status}, not an OCPI response envelope "
-                                  f"({reason}): {snippet!r}", http_status=http_status) from None
+            raise PartnerApiError(f"{method} {url}: HTTP {http_status}, not an OCPI response envelope ({reason})",
+                                  http_status=http_status, excerpt=snippet) from None
         try:
             parse_timestamp(envelope.timestamp, self._profile, what="envelope timestamp")
         except OcpiError as exc:

@@ -160,6 +160,20 @@ async def test_registration_errors(app_env: AppEnv, fake_kwargs: dict[str, Any],
     assert stored is not None and stored.status is PartnerStatus.INVITED
 
 
+async def test_the_answer_never_echoes_what_the_callback_url_answered(app_env: AppEnv) -> None:  # noqa: F811
+    """The Token A holder chooses the URL we call (an internal service, a cloud metadata endpoint): the 3001 it
+    gets says what failed, never the body that URL answered (the operator's log has it)."""
+    fake = FakePartner(details_status=500).start()
+    try:
+        _, token_a = app_env.registry.invite("cpo", "CPO")
+        status, answer = await post(app_env, token_a, registration(fake))
+    finally:
+        fake.stop()
+    assert (status, answer["status_code"]) == (200, 3001), answer
+    assert "not an OCPI response envelope" in answer["status_message"]
+    assert "broken" not in answer["status_message"], answer["status_message"]
+
+
 async def test_a_redirect_is_reported_not_followed(app_env: AppEnv, partner: FakePartner) -> None:  # noqa: F811
     mover = FakePartner(redirect_versions_to=partner.versions_url).start()
     try:
