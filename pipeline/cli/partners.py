@@ -21,6 +21,7 @@ import click
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from infra.clickhouse.client import ClickHouseUnavailable, connect, effective_dsn
 from infra.clickhouse.migrations import MigrationError, migrate
@@ -153,8 +154,9 @@ def list_cmd(include_deleted: bool, fmt: str) -> None:
                   "updated")
     for p in found:
         tokens = ", ".join(t.kind.value for t in p.valid_tokens()) or "-"
-        table.add_row(p.partner_id, p.status.value, _roles(p), p.version or "-", p.origin.value.lower(),
-                      tokens, describe_token(p.outbound_token), _when(p.updated_at))
+        # Text, not str: rich would read brackets in a value the partner chose (a party id) as markup.
+        table.add_row(*map(Text, (p.partner_id, p.status.value, _roles(p), p.version or "-", p.origin.value.lower(),
+                                  tokens, describe_token(p.outbound_token), _when(p.updated_at))))
     Console(width=160).print(table)
 
 

@@ -94,6 +94,17 @@ def test_list_and_show_mask_every_token(run: Cli) -> None:
     assert "no partner 'nobody'" in run("show", "nobody", ok=False).output
 
 
+def test_list_shows_a_partners_own_values_as_they_are(run: Cli) -> None:
+    """A party id is a CiString(3) the partner chose at registration, brackets included: rich must not read it as
+    markup (`[/]` crashed the listing with a MarkupError, `[b]` vanished)."""
+    run("list")  # migrates the store
+    registry = run.registry()
+    registry.register_direct("odd", "Odd", [credentials_role(country_code="NL", party_id="[/]", role="CPO"),
+                                            credentials_role(country_code="NL", party_id="[b]", role="CPO")])
+    output = run("list").output
+    assert "NL/[/] CPO" in output and "NL/[b] CPO" in output, output
+
+
 def test_rotate_suspend_resume_compat_delete(run: Cli) -> None:
     old_a = fields(run("invite", "invited").output)["token_a"]
     new_a = fields(run("rotate", "invited").output)["token_a"]
