@@ -35,7 +35,8 @@ from ocpi.compat import CompatProfile, Relaxation, Repairer
 from ocpi.errors import OcpiJsonError, OcpiValidationError
 from ocpi.types import CI_STRING_PATTERN, STRING_PATTERN, dec_hook, float_hook
 
-__all__ = ["UNDECODABLE", "Decoded", "OcpiJsonError", "OcpiValidationError", "decode", "decode_list"]
+__all__ = ["UNDECODABLE", "UNPARSABLE", "Decoded", "OcpiJsonError", "OcpiValidationError", "decode", "decode_list",
+           "unparsable_reason"]
 
 T = TypeVar("T")
 
@@ -44,6 +45,15 @@ _NO_RELAXATIONS: Final[frozenset[Relaxation]] = frozenset()
 # What a msgspec decoder raises for bytes it cannot decode: DecodeError (ValidationError is one), and, for invalid
 # UTF-8 inside a JSON string, UnicodeDecodeError, which is not a DecodeError.
 UNDECODABLE: Final = (msgspec.DecodeError, UnicodeDecodeError)
+# Those, and RecursionError for JSON nested deeper than the parser goes: what parsing bytes from outside may raise.
+UNPARSABLE: Final = (*UNDECODABLE, RecursionError)
+
+
+def unparsable_reason(error: BaseException) -> str:
+    """Why bytes that raised one of `UNPARSABLE` are no JSON, for a message."""
+    if isinstance(error, RecursionError):
+        return _TOO_DEEP
+    return str(error)
 
 
 class Decoded(msgspec.Struct, Generic[T], frozen=True):

@@ -26,7 +26,7 @@ import msgspec
 
 from ocpi.canonical import to_ocpi_json
 from ocpi.compat import CompatProfile
-from ocpi.decode import UNDECODABLE, OcpiJsonError, OcpiValidationError, decode, decode_list
+from ocpi.decode import UNPARSABLE, OcpiJsonError, OcpiValidationError, decode, decode_list, unparsable_reason
 from ocpi.model import Credentials, Endpoint, InterfaceRole, ModuleID, Version, VersionDetails
 from ocpi.status import OcpiStatus
 from receivers.transport import OcpiError, parse_timestamp
@@ -174,8 +174,8 @@ class OcpiClient:
     def _envelope(self, method: str, url: str, http_status: int, raw: bytes) -> Envelope:
         try:
             envelope = _envelope_decoder.decode(raw)
-        except (*UNDECODABLE, RecursionError) as exc:  # RecursionError: JSON nested deeper than msgspec parses
-            reason = "JSON nests too deeply" if isinstance(exc, RecursionError) else exc
+        except UNPARSABLE as exc:
+            reason = unparsable_reason(exc)
             snippet = raw[:120].decode("utf-8", "replace")
             raise PartnerApiError(f"{method} {url}: HTTP {http_status}, not an OCPI response envelope ({reason})",
                                   http_status=http_status, excerpt=snippet) from None

@@ -42,7 +42,7 @@ from litestar import Request
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from ocpi.decode import UNDECODABLE
+from ocpi.decode import UNPARSABLE
 from ocpi.identity import ObjectKey, ci_equal
 from ocpi.model import (
     CDR,
@@ -168,7 +168,7 @@ def check_level(body: bytes, target: Target) -> None:
         return
     try:
         keys = _top_level.decode(body)
-    except (*UNDECODABLE, RecursionError):
+    except UNPARSABLE:
         # Not a JSON object, or nested deeper than the parser goes: decoding reports it properly (400, or 2001
         # naming the type).
         return

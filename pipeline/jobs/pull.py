@@ -64,7 +64,7 @@ from infra.codec import AvroCodecError, encode_event
 from infra.events import build_event
 from infra.settings import Settings
 from ocpi.datetime import format_datetime
-from ocpi.decode import UNDECODABLE, OcpiJsonError, OcpiValidationError, decode_list
+from ocpi.decode import UNPARSABLE, OcpiJsonError, OcpiValidationError, decode_list, unparsable_reason
 from ocpi.identity import ObjectKey
 from ocpi.model import CDR, InterfaceRole, Location, Role, Session
 from pipeline.jobs.common import (
@@ -306,11 +306,11 @@ class _Crawler:
             raise PullError(f"GET {url}: the partner refused our token (HTTP 401)")
         try:
             envelope = _envelope.decode(body)
-        except (*UNDECODABLE, RecursionError) as exc:  # RecursionError: JSON nested deeper than msgspec parses
+        except UNPARSABLE as exc:
             if status == 429 or status >= 500:
                 return f"HTTP {status}"
-            reason = "JSON nests too deeply" if isinstance(exc, RecursionError) else exc
-            raise PullError(f"GET {url}: HTTP {status}, not an OCPI response envelope ({reason})") from None
+            raise PullError(f"GET {url}: HTTP {status}, not an OCPI response envelope ({unparsable_reason(exc)})"
+                            ) from None
         code, message = envelope.status_code, envelope.status_message or ""
         if status == 429 or status >= 500 or 3000 <= code < 4000:
             return f"HTTP {status}, OCPI {code} {message}".rstrip()
