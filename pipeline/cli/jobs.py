@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from infra.clickhouse.client import ClickHouseUnavailable, connect_for
@@ -297,7 +298,7 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
             return report
 
         def failed(exc: Exception) -> None:
-            console.print(f"[red]pull failed:[/] {exc}; next round as scheduled")
+            console.print(f"[red]pull failed:[/] {escape(str(exc))}; next round as scheduled")  # partner text
 
         return await pull_every(schedule, schedule * 0.1 if splay is None else splay, round_, stop, failed)
 
