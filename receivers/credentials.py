@@ -122,6 +122,15 @@ async def _check_parties(registry: PartnerRegistry, roles: Iterable[CredentialsR
                                 "through another connection")
 
 
+def _check_hub_role(partner: Partner, roles: Iterable[CredentialsRole]) -> None:
+    """A Hub acts for any party it names in the routing headers: only a connection the operator agreed to as a
+    Hub may claim the role (`partners invite --hub`)."""
+    role = partner.unagreed_hub_role(roles)
+    if role is not None:
+        raise InvalidParameters(f"$.roles: {role.country_code}/{role.party_id} claims the role HUB, which was "
+                                "not agreed for this connection; ask us to connect you as a Hub")
+
+
 async def _callback(credentials: Credentials, profile: CompatProfile, settings: Settings,
                     ours: list[Endpoint]) -> Discovery:
     """GET the client's versions and version details with the token it just gave us; 3001/3002/3003."""
@@ -175,6 +184,7 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         if partner is None or partner.status is not PartnerStatus.INVITED or not any(
                 t.sha256 == presented and t.kind is TokenKind.A for t in partner.valid_tokens()):
             raise MethodNotAllowed("already registered: this Token A has been used")
+        _check_hub_role(partner, credentials.roles)
         await _check_parties(registry, credentials.roles, partner.partner_id)
         discovery = await _callback(credentials, partner.profile, settings,
                                     our_version_details(request.app, settings).endpoints)
@@ -221,6 +231,7 @@ async def put_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         if partner is None or partner.status is not PartnerStatus.REGISTERED:
             raise MethodNotAllowed("not registered: register with POST (and Token A) first")
         _require_current_token(partner, request.state.token)
+        _check_hub_role(partner, credentials.roles)
         await _check_parties(registry, credentials.roles, partner.partner_id)
         # 07 §3: fetch versions and endpoints again, even when the version is unchanged.
         discovery = await _callback(credentials, partner.profile, settings,
@@ -299,8 +310,9 @@ class Initiator:
         return discovery
 
     async def register(self, *, versions_url: str, token_a: str, partner_id: str, name: str | None = None,
-                       compat: Iterable[str] = ()) -> Partner:
-        """07 §2 as the Sender: discover with Token A, POST our credentials with a new Token B, keep C."""
+                       compat: Iterable[str] = (), hub: bool = False) -> Partner:
+        """07 §2 as the Sender: discover with Token A, POST our credentials with a new Token B, keep C. `hub`: the
+        operator agrees that the partner is a Hub (otherwise a HUB role in its answer undoes the registration)."""
         profile = CompatProfile.from_names(list(compat))
         check_partner_id(partner_id)
         existing = await _run(self.registry.get, partner_id)
@@ -313,7 +325,7 @@ class Initiator:
             now = datetime.now(UTC)
             partner = Partner(partner_id=partner_id, name=name or partner_id,
                               status=PartnerStatus.REGISTERING, origin=Origin.US,
-                              compat=list(profile.names), versions_url=versions_url,
+                              compat=list(profile.names), versions_url=versions_url, hub=hub,
                               version=discovery.version, endpoints=list(discovery.endpoints),
                               created_at=existing.created_at if existing else now, updated_at=now)
             if existing is not None:
@@ -328,6 +340,13 @@ class Initiator:
                 await self._abandon(partner)
                 raise HandshakeError(_explain(exc, self.our_versions_url)) from None
             assert theirs is not None
+        hub_role = partner.unagreed_hub_role(theirs.roles)
+        if hub_role is not None:
+            await self._undo_remote(theirs, discovery, profile)
+            await self._abandon(partner)
+            raise HandshakeError(f"the partner's party {hub_role.country_code}/{hub_role.party_id} has the role HUB "
+                                 "(a Hub acts for any party it names); the registration was undone: register "
+                                 "again with --hub if that is agreed")
         held = await _run(lambda: self.registry.party_holder(theirs.roles, except_id=partner_id))
         if held is not None:
             await self._undo_remote(theirs, discovery, profile)
@@ -386,10 +405,15 @@ class Initiator:
         partner.versions_url = theirs.url
         partner.version = discovery.version
         partner.endpoints = list(discovery.endpoints)
+        hub_role = partner.unagreed_hub_role(theirs.roles)
         held = await _run(lambda: self.registry.party_holder(theirs.roles, except_id=partner_id))
-        if held is None:
+        if held is None and hub_role is None:
             partner.roles = list(theirs.roles)
         await _run(self.registry.save, partner)
+        if hub_role is not None:
+            raise HandshakeError(f"tokens were renewed, but the partner now claims the role HUB for "
+                                 f"{hub_role.country_code}/{hub_role.party_id}, which was not agreed: roles left "
+                                 "unchanged")
         if held is not None:
             role, holder = held
             raise HandshakeError(f"tokens were renewed, but the partner now claims {role.country_code}/"

@@ -128,6 +128,11 @@ class Partner(msgspec.Struct, kw_only=True):
     created_at: datetime
     updated_at: datetime
     registered_at: datetime | None = None
+    # Whether the operator agreed that this connection is a Hub (`partners invite --hub`, `partners register
+    # --hub`, or provisioned with a HUB role). A Hub acts for any party it names in the routing headers, so a
+    # partner may not make itself one through its credentials roles. None: recorded before this rule (a HUB role
+    # it held then counts as agreed; README, "Data written by earlier versions").
+    hub: bool | None = None
 
     def __repr__(self) -> str:
         # The outbound token is usable as is; never let a log line or a traceback show it.
@@ -145,7 +150,13 @@ class Partner(msgspec.Struct, kw_only=True):
 
     @property
     def is_hub(self) -> bool:
-        return any(role.role is Role.HUB for role in self.roles)
+        return self.hub is not False and any(role.role is Role.HUB for role in self.roles)
+
+    def unagreed_hub_role(self, roles: Iterable[CredentialsRole]) -> CredentialsRole | None:
+        """The first HUB role among `roles` (what the partner claims) that the operator did not agree to."""
+        if self.hub or (self.hub is None and self.is_hub):  # agreed, or a Hub from before the rule
+            return None
+        return next((role for role in roles if role.role is Role.HUB), None)
 
     @property
     def profile(self) -> CompatProfile:
@@ -294,10 +305,12 @@ class PartnerRegistry:
                     return role, other.partner_id
         return None
 
-    def invite(self, partner_id: str, name: str, *, compat: Iterable[str] = ()) -> tuple[Partner, str]:
+    def invite(self, partner_id: str, name: str, *, compat: Iterable[str] = (), hub: bool = False,
+               ) -> tuple[Partner, str]:
         """A partner waiting for its registration, holding a new Token A; returns it with the Token A.
 
-        A new id, or one that is unregistered or deleted (a fresh start; its roles are forgotten).
+        A new id, or one that is unregistered or deleted (a fresh start; its roles are forgotten). `hub`: the
+        operator agrees that it registers as a Hub.
         """
         compat = list(compat)
         CompatProfile.from_names(compat)  # fail early on an unknown relaxation
@@ -309,7 +322,7 @@ class PartnerRegistry:
             hint = "rotate it for a new Token A" if invited else "unregister or delete it first"
             raise RegistryError(f"partner {partner_id!r} exists already ({existing.status.value}; {hint})")
         now = _now()
-        partner = Partner(partner_id=partner_id, name=name, status=PartnerStatus.INVITED, compat=compat,
+        partner = Partner(partner_id=partner_id, name=name, status=PartnerStatus.INVITED, compat=compat, hub=hub,
                           created_at=existing.created_at if existing else now, updated_at=now)
         if existing is not None:
             partner.inbound_tokens = existing.inbound_tokens
@@ -341,6 +354,7 @@ class PartnerRegistry:
         existing = self.get(partner_id)
         partner = Partner(partner_id=partner_id, name=name, status=PartnerStatus.REGISTERED,
                           origin=Origin.OPERATOR, roles=list(roles), compat=compat, version="2.2.1",
+                          hub=any(role.role is Role.HUB for role in roles),  # the operator chose the roles
                           created_at=existing.created_at if existing else now, updated_at=now,
                           registered_at=now)
         if existing is not None:

@@ -119,12 +119,17 @@ def partners() -> None:
     """
 
 
+_HUB_HELP = ("The partner is a Hub (role HUB): it may act for any party it names in the routing headers. Without "
+             "this flag a registration claiming the role HUB is refused.")
+
+
 @partners.command()
 @click.argument("partner_id")
 @click.option("--name", default=None, help="Display name (default: the id).")
 @click.option("--compat", default=None, help=_COMPAT_HELP)
+@click.option("--hub", is_flag=True, help=_HUB_HELP)
 @_fails_cleanly
-def invite(partner_id: str, name: str | None, compat: str | None) -> None:
+def invite(partner_id: str, name: str | None, compat: str | None, hub: bool) -> None:
     """Create a Token A for a new partner and print it with our versions URL.
 
     Hand both to the partner over a secure channel; it registers with them (credentials POST). Token A works
@@ -133,7 +138,7 @@ def invite(partner_id: str, name: str | None, compat: str | None) -> None:
     Example: ocpi-pipeline partners invite cpo-acme --name "ACME Charging"
     """
     settings = load_settings()
-    partner, token_a = _registry(settings).invite(partner_id, name or partner_id, compat=_compat(compat))
+    partner, token_a = _registry(settings).invite(partner_id, name or partner_id, compat=_compat(compat), hub=hub)
     _emit(partner_id=partner.partner_id, token_a=token_a, versions_url=_our_versions_url(settings))
 
 
@@ -277,9 +282,10 @@ def _default_id(versions_url: str) -> str:
 @click.option("--id", "partner_id", default=None, help="Our id for the partner (default: the URL's host).")
 @click.option("--name", default=None, help="Display name (default: the id).")
 @click.option("--compat", default=None, help=_COMPAT_HELP)
+@click.option("--hub", is_flag=True, help=_HUB_HELP)
 @_fails_cleanly
 def register(versions_url: str, token_a: str, partner_id: str | None, name: str | None,
-             compat: str | None) -> None:
+             compat: str | None, hub: bool) -> None:
     """Register with a partner (we are the Sender of the credentials handshake).
 
     GETs the partner's versions and 2.2.1 details with its Token A, POSTs our credentials with a new token
@@ -293,7 +299,7 @@ def register(versions_url: str, token_a: str, partner_id: str | None, name: str 
     initiator = _initiator(settings, registry)
     partner = asyncio.run(initiator.register(versions_url=versions_url, token_a=token_a,
                                              partner_id=partner_id or _default_id(versions_url), name=name,
-                                             compat=_compat(compat)))
+                                             compat=_compat(compat), hub=hub))
     _summary(partner)
 
 

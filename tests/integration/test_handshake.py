@@ -181,6 +181,22 @@ async def test_we_register_with_a_cpo(stack: Stack, fake: FakePartner) -> None:
     assert new_b is not None and await eventually_status(fake, stack.versions_url, new_b, 401)
 
 
+async def test_registering_with_a_hub_needs_the_operators_hub_flag(stack: Stack, fake: FakePartner) -> None:
+    """A Hub acts for any party it names in the routing headers: a partner whose credentials say HUB is registered
+    only with `--hub`; without it the registration is undone on both sides."""
+    fake.role = "HUB"
+    refused = await cli(stack, "register", "--versions-url", fake.versions_url, "--token", fake.issue_token_a(),
+                        "--id", "fake-hub", ok=False)
+    assert "HUB" in str(refused) and "--hub" in str(refused)
+    gone = registry(stack).get("fake-hub")
+    assert gone is not None and gone.status is PartnerStatus.DELETED and not gone.is_hub
+    assert fake.token_for_peer is None  # undone at the partner too (our credentials DELETE)
+
+    hub = await cli(stack, "register", "--versions-url", fake.versions_url, "--token", fake.issue_token_a(),
+                    "--id", "fake-hub", "--hub")
+    assert hub["status"] == "REGISTERED" and registry(stack).require("fake-hub").is_hub
+
+
 async def test_register_reports_a_partner_that_cannot_reach_us(stack: Stack, fake: FakePartner) -> None:
     """The CPO's callback goes to a versions URL where nothing listens: it answers 3001 and we say why."""
     their_token_a = fake.issue_token_a()

@@ -67,6 +67,7 @@ class FakePartner:
         self.peer_versions_url: str | None = None
         self.peer_credentials: dict[str, Any] | None = None
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, token) it received
+        self.role = "CPO"  # the role it reports in its credentials
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -150,7 +151,7 @@ class FakePartner:
 
     def credentials_data(self, token: str) -> dict[str, Any]:
         return {"token": token, "url": self.versions_url,
-                "roles": [{"role": "CPO", "party_id": PARTY, "country_code": COUNTRY,
+                "roles": [{"role": self.role, "party_id": PARTY, "country_code": COUNTRY,
                            "business_details": {"name": "The Fake CPO"}}]}
 
     def _token(self, request: web.Request) -> str | None:

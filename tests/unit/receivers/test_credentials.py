@@ -372,3 +372,41 @@ async def test_a_partner_answer_nested_too_deeply_is_a_partner_error_not_a_crash
     async with OcpiClient("token", transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(PartnerApiError, match="nests too deeply"):
             await client.versions("http://partner.test/ocpi/versions")
+
+
+def hub_claim(body: dict[str, Any]) -> dict[str, Any]:
+    """The registration with its first role made a HUB (a Hub reports itself)."""
+    body["roles"][0]["role"] = "HUB"
+    return body
+
+
+async def test_only_a_connection_agreed_as_a_hub_may_claim_the_role(app_env: AppEnv,  # noqa: F811
+                                                                    partner: FakePartner) -> None:
+    # A Hub acts for any party it names in the routing headers: an invited CPO that made itself one could push
+    # (and have billed) Sessions and CDRs of parties another connection holds, and read their objects.
+    _, token_a = app_env.registry.invite("cpo", "CPO")
+    status, answer = await post(app_env, token_a, hub_claim(registration(partner)))
+    assert (status, answer["status_code"]) == (200, 2001) and "HUB" in answer["status_message"]
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.status is PartnerStatus.INVITED and not stored.is_hub
+
+    _, hub_token_a = app_env.registry.invite("hub", "Hub", hub=True)  # `partners invite --hub`
+    body = hub_claim(registration(partner))
+    body["roles"] = body["roles"][:1]
+    body["roles"][0]["party_id"] = "HBX"
+    status, answer = await post(app_env, hub_token_a, body)
+    assert answer["status_code"] == 1000, answer
+    hub = app_env.registry.get("hub")
+    assert hub is not None and hub.is_hub
+
+
+async def test_a_registered_partner_cannot_become_a_hub_by_an_update(app_env: AppEnv,  # noqa: F811
+                                                                      partner: FakePartner) -> None:
+    token_c, _ = await registered(app_env, partner)
+    async with AsyncTestClient(app=app_env.app) as client:
+        response = await client.put(CREDENTIALS, headers=auth(token_c),
+                                    json=hub_claim(registration(partner, "credentials_example2.json")))
+    assert response.json()["status_code"] == 2001 and "HUB" in response.json()["status_message"]
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and not stored.is_hub
+    assert (await post(app_env, token_c, {}))[0] == 405  # and still registered with its old roles

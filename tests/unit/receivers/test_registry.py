@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from infra.clickhouse.client import connect
@@ -262,3 +263,22 @@ async def test_a_known_token_costs_no_registry_read(open_registry: Callable[[], 
     assert reads == 1
     assert await directory.find("unknown-1", "unknown-2") is None
     assert reads == 2  # a miss reloads once, not once per candidate
+
+
+def test_the_hub_role_counts_only_where_the_operator_agreed_to_it(open_registry: Callable[[], PartnerRegistry]) -> None:
+    registry = open_registry()
+    hub_roles = [role("DE", "HUB", "HUB")]
+    provisioned, _ = registry.register_direct("hub", "Hub", hub_roles)  # the operator chose the roles
+    assert provisioned.hub and provisioned.is_hub and provisioned.unagreed_hub_role(hub_roles) is None
+    invited, _ = registry.invite("cpo", "CPO")
+    assert invited.hub is False and invited.unagreed_hub_role(hub_roles) == hub_roles[0]
+    invited.roles = hub_roles  # however it got there: not a Hub without the operator's agreement
+    assert not invited.is_hub
+    agreed, _ = registry.invite("other-hub", "Other hub", hub=True)
+    assert agreed.unagreed_hub_role(hub_roles) is None
+    # Recorded before the rule (no flag): a Hub then stays one, a CPO then cannot claim the role now.
+    stored = registry.require("hub")
+    legacy_hub = msgspec.structs.replace(stored, hub=None)
+    legacy_cpo = msgspec.structs.replace(stored, hub=None, roles=[role("NL", "EXA")])
+    assert legacy_hub.is_hub and legacy_hub.unagreed_hub_role(hub_roles) is None
+    assert not legacy_cpo.is_hub and legacy_cpo.unagreed_hub_role(hub_roles) == hub_roles[0]
