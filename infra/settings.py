@@ -340,10 +340,12 @@ class PipelineSettings:
         "seconds a CDR waits for its session, and a credit CDR for the CDR it credits, before being flagged",
     )
     energy_tolerance: Decimal = _setting(  # noqa: RUF009 - field metadata, not a shared mutable default
-        "OCPI_RECONCILE_ENERGY_TOLERANCE", "0.01", "kWh a CDR may differ from its session and still match"
+        "OCPI_RECONCILE_ENERGY_TOLERANCE", "0.01",
+        "kWh a CDR (a session's CDRs together) may differ from its session and still match",
     )
     cost_tolerance: Decimal = _setting(  # noqa: RUF009 - field metadata, not a shared mutable default
-        "OCPI_RECONCILE_COST_TOLERANCE", "0.01", "cost (excl. VAT) a CDR may differ from its session and still match"
+        "OCPI_RECONCILE_COST_TOLERANCE", "0.01",
+        "cost (excl. VAT) a CDR (a session's CDRs together) may differ from its session and still match",
     )
     time_tolerance_s: float = _setting(
         "OCPI_RECONCILE_TIME_TOLERANCE", "300",

@@ -339,8 +339,18 @@ def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules:
     fact = rec.fact
     due: datetime | None = None
     rec.method = strongest_method([c.method for c in cdrs])
+    cdr_kwh = sum((c.fact.total_energy for c in cdrs), Decimal(0)) if cdrs else None
+    # Costs in another currency than the session's are not summed with it (the CDR rows say MISMATCH).
+    comparable = bool(cdrs) and all(c.fact.currency == fact.currency for c in cdrs)
+    cdr_cost = sum((c.fact.cost_excl_vat for c in cdrs), Decimal(0)) if comparable else None
+    delta_kwh = None if cdr_kwh is None else cdr_kwh - fact.kwh
+    delta_cost = None if cdr_cost is None or fact.cost_excl_vat is None else cdr_cost - fact.cost_excl_vat
     if cdrs:
-        outcome = "MATCHED"
+        # What its CDRs bill, together, against the session: two CDRs billing one session twice (each MATCHED on
+        # its own) leave the session's totals off by a whole charge.
+        agree = (comparable and delta_kwh is not None and abs(delta_kwh) <= rules.energy_tolerance
+                 and (delta_cost is None or abs(delta_cost) <= rules.cost_tolerance))
+        outcome = "MATCHED" if agree else "MISMATCH"
     elif fact.status == "INVALID":
         outcome = "NOT_BILLABLE"
     elif fact.status == "COMPLETED":
@@ -350,17 +360,11 @@ def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules:
         outcome = "AWAITING_CDR"  # an open session that lost its CDR: its MATCHED row must go; no deadline yet
     else:
         return  # an open session without a CDR is not reconcilable yet
-    cdr_kwh = sum((c.fact.total_energy for c in cdrs), Decimal(0)) if cdrs else None
-    # Costs in another currency than the session's are not summed with it (the CDR rows say MISMATCH).
-    comparable = bool(cdrs) and all(c.fact.currency == fact.currency for c in cdrs)
-    cdr_cost = sum((c.fact.cost_excl_vat for c in cdrs), Decimal(0)) if comparable else None
     rec.seq = next_seq(rec.seq, now)
     out.reconciliation.append([
         state.country_code, state.party_id, "SESSION", fact.session_id, fact.partner_id, fact.currency, outcome,
-        rec.method, fact.session_id, [c.fact.cdr_id for c in cdrs], fact.kwh, cdr_kwh,
-        None if cdr_kwh is None else cdr_kwh - fact.kwh, fact.cost_excl_vat, cdr_cost,
-        None if cdr_cost is None or fact.cost_excl_vat is None else cdr_cost - fact.cost_excl_vat,
-        None, None, rec.late, due, fact.received_at, rec.seq * 2,
+        rec.method, fact.session_id, [c.fact.cdr_id for c in cdrs], fact.kwh, cdr_kwh, delta_kwh,
+        fact.cost_excl_vat, cdr_cost, delta_cost, None, None, rec.late, due, fact.received_at, rec.seq * 2,
     ])
 
 

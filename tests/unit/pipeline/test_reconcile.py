@@ -393,7 +393,9 @@ def test_the_session_a_provisionally_matched_cdr_names_takes_it_and_the_one_it_l
     party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1", kwh="12"), received=62))
     assert index_entries(party, "C9") == ["WS/NL/TNM/S9"]  # waits for S9 alone during its grace
     matched = tick(party, 130)  # its grace ended at 72, in the hour after T0's: over at 120
-    assert result(matched, "SESSION", "S1")["outcome"] == "MATCHED"
+    # Taken by S1 (MISMATCH: C9 bills 12 kWh against S1's 10).
+    assert (result(matched, "SESSION", "S1")["outcome"], result(matched, "SESSION", "S1")["cdr_ids"]) == (
+        "MISMATCH", ["C9"])
     assert index_entries(party, "C9") == ["WS/NL/TNM/S9"]  # the one stronger key left to it
     out = party.run(s_fact(completed("S9", kwh="12"), received=133, final=133))
     row = result(out, "CDR", "C9")
@@ -711,9 +713,28 @@ def test_a_cdr_in_another_currency_than_its_session_is_a_mismatch_without_a_cost
     assert (row["outcome"], row["currency"], row["delta_cost_excl_vat"], row["delta_kwh"]) == (
         "MISMATCH", "CHF", None, Decimal("0.0000"))
     session_row = result(out, "SESSION", "S1")
-    # Its CDR's cost is not summed into the session's currency; the session row is still MATCHED (it has its CDR).
+    # Its CDR's cost is not summed into the session's currency: what the session is billed cannot be compared.
     assert (session_row["outcome"], session_row["currency"], session_row["cdr_cost_excl_vat"],
-            session_row["delta_cost_excl_vat"]) == ("MATCHED", "EUR", None, None)
+            session_row["delta_cost_excl_vat"]) == ("MISMATCH", "EUR", None, None)
     same = Party()
     same.run(s_fact(completed(), received=61, final=61))
     assert result(same.run(c_fact(cdr(kwh="10", cost="2.50"), received=70)), "CDR", "C1")["currency"] == "EUR"
+
+
+def test_a_session_billed_twice_is_a_mismatch_though_each_cdr_matches_it() -> None:
+    # Two CDRs of one charge, both naming the session: each matches it alone, but together they bill it twice.
+    party = Party()
+    party.run(s_fact(completed("S1"), received=61, final=61))
+    one = party.run(c_fact(cdr("C1", kwh="10", cost="2.50"), received=62))
+    assert result(one, "SESSION", "S1")["outcome"] == "MATCHED"
+    two = party.run(c_fact(cdr("C2", kwh="10", cost="2.50"), received=63))
+    assert result(two, "CDR", "C2")["outcome"] == "MATCHED"
+    row = result(two, "SESSION", "S1")
+    assert (row["outcome"], row["cdr_ids"], row["delta_kwh"], row["delta_cost_excl_vat"]) == (
+        "MISMATCH", ["C1", "C2"], Decimal(10), Decimal("2.50"))
+    # One charge split over two CDRs bills the session once: its row is MATCHED (each CDR row compares the part).
+    split = Party()
+    split.run(s_fact(completed("S1"), received=61, final=61))
+    split.run(c_fact(cdr("C1", kwh="5", cost="1.25"), received=62))
+    assert result(split.run(c_fact(cdr("C2", kwh="5", cost="1.25"), received=63)), "SESSION", "S1")["outcome"] == (
+        "MATCHED")
