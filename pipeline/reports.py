@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from clickhouse_connect.driver.client import Client
 
+from infra.clickhouse.client import select
 from infra.kafka import compat
 from infra.settings import KafkaSettings, Settings
 
@@ -208,8 +209,7 @@ ORDER BY partner_id, module, rejects DESC, ocpi_status, field_path"""
 
 def run(client: Client, query: ReportQuery) -> tuple[list[str], list[Sequence[Any]]]:
     """Run a report; (column names, rows)."""
-    result = client.query(query.sql, parameters=query.params)
-    return list(result.column_names), list(result.result_rows)
+    return select(client, query.sql, query.params)
 
 
 CONSUMER_LAG_COLUMNS: Final = ("topic", "partitions", "committed", "end_offset", "lag")

@@ -7,8 +7,10 @@ the receivers, `query`, `partners`) reach it through the ClickHouse-HTTP shim th
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -106,3 +108,19 @@ def connect_for(settings: Settings, *, readonly: bool = False) -> Client:
     """The client for the configured store, through a running instance's shim where one holds chDB."""
     dsn, password = effective_dsn(settings)
     return connect(dsn, database=settings.clickhouse.database, readonly=readonly, password=password)
+
+
+def select(client: Client, sql: str, parameters: dict[str, Any] | None = None,
+           ) -> tuple[list[str], list[Sequence[Any]]]:
+    """(column names, rows) of a query, the names even when it returns no row.
+
+    ClickHouse sends an empty result without its header (HTTP in the Native format, as from a server or the
+    shim, and chDB), so clickhouse-connect has no column names for it; they come from `DESCRIBE` of the query
+    then. A statement DESCRIBE does not take (SHOW, a FORMAT clause) keeps none."""
+    result = client.query(sql, parameters=parameters)
+    columns, rows = list(result.column_names), list(result.result_rows)
+    if not columns and not rows:
+        with contextlib.suppress(Exception):  # only the header is at stake: the query itself has run
+            described = client.query(f"DESCRIBE TABLE ({sql.strip().rstrip(';')})", parameters=parameters)
+            columns = [str(row[0]) for row in described.result_rows]
+    return columns, rows

@@ -15,7 +15,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from infra.clickhouse.client import ClickHouseUnavailable, connect, connect_for, effective_dsn, redact_dsn
+from infra.clickhouse.client import (
+    ClickHouseUnavailable,
+    connect,
+    connect_for,
+    effective_dsn,
+    redact_dsn,
+    select,
+)
 from infra.clickhouse.migrations import MigrationError, available_migrations
 from infra.clickhouse.migrations import migrate as apply_migrations
 from infra.settings import documented_settings, load_settings, mask, secret_variables
@@ -101,12 +108,12 @@ def query(sql: str, fmt: str) -> None:
     settings = load_settings()
     try:
         client = connect_for(settings, readonly=True)
-        result = client.query(sql)
+        columns, rows = select(client, sql)
     except ClickHouseUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
         raise click.ClickException(f"query failed: {exc}") from None
-    click.echo(render_rows(list(result.column_names), list(result.result_rows), fmt), nl=False)
+    click.echo(render_rows(columns, rows, fmt), nl=False)
 
 
 @click.command("settings")

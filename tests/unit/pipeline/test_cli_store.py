@@ -7,12 +7,15 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse.client import connect
+from infra.clickhouse.migrations import migrate
 from pipeline.cli.store import render_rows
+from tests.conftest import unique
 
 pytestmark = pytest.mark.clickhouse
 
@@ -62,3 +65,34 @@ def test_table_cells_are_shown_as_stored_never_read_as_rich_markup() -> None:
     table = render_rows(["name"], [[v] for v in values], "table")
     for value in values:
         assert value in table
+
+
+@pytest.mark.parametrize("command", [
+    ["query", "SELECT country_code, sum(total_energy) AS kwh FROM cdrs FINAL WHERE 0 GROUP BY country_code;"],
+    ["report", "revenue", "--from", "2024-05-01", "--to", "2024-05-31"],
+])
+def test_an_empty_result_still_has_its_header(command: list[str], chdb_dsn: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """ClickHouse sends no header with an empty result (HTTP Native format, and chDB), so clickhouse-connect gave
+    no column names: `report revenue --format csv > revenue.csv` for a period without CDRs wrote an empty file,
+    not a header line, and the table format printed a blank line, as if the command had failed."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    database = unique("empty")
+    owner = connect(chdb_dsn)
+    migrate(owner, database)
+    try:
+        for name, value in {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": database,
+                            "OCPI_DATA_DIR": str(tmp_path)}.items():
+            monkeypatch.setenv(name, value)
+        as_csv = CliRunner().invoke(cli, [*command, "--format", "csv"])
+        assert as_csv.exit_code == 0, as_csv.output
+        [header] = list(csv.reader(io.StringIO(as_csv.output)))
+        assert header[:2] == (["country_code", "kwh"] if command[0] == "query" else ["country_code", "party_id"])
+        as_table = CliRunner().invoke(cli, [*command, "--format", "table"], env={"COLUMNS": "300"})
+        assert as_table.exit_code == 0 and header[-1] in as_table.output, as_table.output
+        assert json.loads(CliRunner().invoke(cli, [*command, "--format", "json"]).output) == []
+    finally:
+        owner.command(f"DROP DATABASE IF EXISTS {database}")
