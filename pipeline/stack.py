@@ -78,6 +78,7 @@ class Stack:
     http_port: int = 0
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     wrote_runfile: bool = False
+    receivers_ready: bool = False  # they have answered HTTP: a stop lets them finish the pushes in flight
 
     @property
     def data_dir(self) -> Path:
@@ -174,6 +175,7 @@ class Stack:
                 self.check_children()
                 try:
                     await client.get(local_url(self.settings.http.host, self.http_port) + VERSIONS_PATH)
+                    self.receivers_ready = True
                     return  # any answer (401 without a token) means the app is serving
                 except httpx.TransportError:
                     await asyncio.sleep(0.1)
@@ -190,7 +192,10 @@ class Stack:
         for name in ("receivers", "worker"):
             process = self.children.pop(name, None)
             if process is not None:
-                await asyncio.to_thread(terminate, process, 20.0)
+                # granian loses a SIGTERM that comes while it spawns its worker, and then waits for that worker
+                # forever; receivers that never answered have no push in flight, so they get no 20 s grace.
+                grace = 20.0 if name == "worker" or self.receivers_ready else 2.0
+                await asyncio.to_thread(terminate, process, grace)
         if self.shim is not None:
             await self.shim.stop()
             self.shim = None

@@ -102,3 +102,24 @@ def test_serve_refuses_a_port_another_server_listens_on_with_so_reuseport(monkey
         monkeypatch.setattr("granian.server.Server.serve", lambda _server: pytest.fail("granian was started"))
         result = CliRunner().invoke(serve, [])
     assert result.exit_code == 1 and f"127.0.0.1:{port} is in use" in result.output
+
+
+async def test_ctrl_c_while_the_receivers_start_does_not_wait_out_the_grace_period(tmp_path: Path) -> None:
+    # Ctrl-C in `demo`/`dev` while granian was still starting: a SIGTERM that reaches granian while it spawns its
+    # worker is lost (its worker "refused to gracefully stop", granian waits for it forever), so `stop` waited its
+    # 20 s grace before it SIGKILLed: "Aborted!" came 22 s after Ctrl-C. Receivers that never answered have no
+    # push in flight to finish. Here a child that ignores SIGTERM stands for granian in that state.
+    import sys
+    import time
+
+    from infra.process import spawn
+
+    log = tmp_path / "child.log"
+    child = spawn([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                   "print('deaf', flush=True); time.sleep(60)"], env={}, log_path=log)
+    while "deaf" not in log.read_text():
+        await asyncio.sleep(0.05)
+    stack = Stack(load_settings({"OCPI_DATA_DIR": str(tmp_path)}), children={"receivers": child})
+    started = time.monotonic()
+    await stack.stop()
+    assert child.poll() is not None and time.monotonic() - started < 10
