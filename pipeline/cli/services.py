@@ -151,6 +151,9 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
     Example: ocpi-pipeline demo --sessions 300
     """
     console = Console()
+    # A SIGTERM (kill, timeout, a CI runner) stops the demo like Ctrl-C: its default would end the process at
+    # once, leaving the temporary data directory behind.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
     temp = None
     if data_dir is None:
         temp = Path(tempfile.mkdtemp(prefix="ocpi-demo-"))

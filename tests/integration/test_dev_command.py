@@ -133,3 +133,29 @@ def test_query_without_a_running_instance_opens_the_store_itself(dev_env: dict[s
     result = cli(dev_env, "query", "--format", "csv", "SELECT count() FROM sessions FINAL")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_demo_stopped_by_sigterm_removes_its_data_and_children(dev_env: dict[str, str], tmp_path: Path) -> None:
+    # SIGTERM's default ended demo at once: its children died (watchdog), its temporary data directory stayed.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**dev_env, "TMPDIR": str(temp)}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "demo", "--sessions", "400"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + READY_WITHIN_S + 30
+        while len(descendants(process.pid)) < 3 and time.monotonic() < deadline:  # the stack is up
+            time.sleep(0.2)
+        children = descendants(process.pid)
+        assert len(children) >= 3 and list(temp.glob("ocpi-demo-*"))
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if alive(pid)]
+        assert not list(temp.glob("ocpi-demo-*"))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
