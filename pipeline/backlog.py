@@ -4,12 +4,21 @@ A sweep reads all of ClickHouse, whichever worker wrote the rows, so one worker'
 their end proves nothing: the PUT of a parked PATCH, a session's next update or a CDR may wait in the backlog of
 a partition another worker owns. A sweep therefore runs only when, for every partition of every topic it depends
 on, the group's committed offset (or, for this worker's partitions, the offset after its last finished record)
-has reached the partition's end. Anything unknown (no partition of ours, a topic without metadata, an end or
-offset that cannot be read, the broker unreachable) means not caught up: the sweep waits for the next tick.
+has reached the end the partition had when the check began. Anything unknown (no partition of ours, a topic
+without metadata, an end or offset that cannot be read, the broker unreachable) means not caught up: the sweep
+waits for the next tick.
+
+The ends are read once and then held while the offsets are read again for a few seconds (`settle`): records
+appended after the check began were received after the sweep's `now` less the send timeout, the margin every
+sweep keeps, so they cannot answer a deadline it flags (one received after a deadline writes the same row the
+sweep does). Offsets compared with ends read at the same instant would never be caught up under steady traffic:
+the group commits every second and finishes a batch after it arrived, so some partition is always a few records
+short of its end, and no deadline, pseudonymisation or state pass would ever run.
 
 The topics are checked in stages, each stage's ends read before its offsets: stage 1 (the module topics) first,
-then stage 2 (the party facts). Stage 1 publishes its facts before it commits, so once the module topics are
-caught up, every fact of what they held is below the party-facts end read afterwards.
+then stage 2 (the party facts), whose ends are read (and held) only once stage 1 reached its own. Stage 1
+publishes its facts before it commits, so once the module topics are caught up, every fact of what they held is
+below the party-facts end read afterwards.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from pipeline.jobs.kafka_io import stop_client
 log = logging.getLogger(__name__)
 
 Partition = tuple[str, int]  # (topic, partition)
+_POLL_S = 0.5  # between two reads of the offsets while the group catches up with the ends first read
 
 
 def lag(ends: Mapping[Partition, int | None], committed: Mapping[Partition, int | None],
@@ -70,6 +80,8 @@ class GroupBacklog:
         self.group = group
         self.stages = tuple(tuple(topics) for topics in stages)
         self.timeout = timeout
+        # How long the group may take to reach the ends first read: its commits (every second) and a batch.
+        self.settle = timeout / 2
         self.own_only = own_only  # only this worker's partitions count (`state_backlog`)
 
     @property
@@ -77,17 +89,18 @@ class GroupBacklog:
         return {topic for topics in self.stages for topic in topics}
 
     async def caught_up(self, assigned: Iterable[Partition], finished: Mapping[Partition, int]) -> bool:
-        """Whether every partition of every stage is read to its end by the group; False when unsure.
+        """Whether every partition of every stage is read by the group to the end it had when this check began;
+        False when unsure.
 
-        `assigned`: this worker's partitions; `finished`: the last offset it finished per partition."""
+        `assigned`: this worker's partitions; `finished`: the last offset it finished per partition (read again
+        while the check waits: pass the live mapping)."""
         mine = {part for part in assigned if part[0] in self.topics}
         if not mine:
             # Between assignments, or more workers than partitions: the group's progress is not this one's to see.
             log.debug("sweep guard: no partition of %s assigned to this worker", sorted(self.topics))
             return False
-        own = {part: offset for part, offset in finished.items() if part in mine}
         try:
-            behind = await asyncio.wait_for(self._behind(own, mine), self.timeout)
+            behind = await asyncio.wait_for(self._settled(finished, mine), self.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the broker unreachable, a timeout: not known to be caught up
@@ -99,13 +112,33 @@ class GroupBacklog:
             return False
         return True
 
-    async def _behind(self, own: Mapping[Partition, int], mine: set[Partition]) -> dict[Partition, str]:
+    async def _settled(self, finished: Mapping[Partition, int], mine: set[Partition]) -> dict[Partition, str]:
+        """`_behind` again until nothing is behind the ends first read, or `settle` seconds passed."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.settle
+        targets: dict[int, Mapping[Partition, int | None]] = {}
+        while True:
+            behind = await self._behind(finished, mine, targets)
+            if not behind or loop.time() + _POLL_S > until:
+                return behind
+            await asyncio.sleep(_POLL_S)
+
+    async def _behind(self, finished: Mapping[Partition, int], mine: set[Partition],
+                      targets: dict[int, Mapping[Partition, int | None]]) -> dict[Partition, str]:
+        """What is behind, each stage's ends taken from `targets` once known (and recorded there when first read
+        in full)."""
         read = 0
         async with contextlib.aclosing(self.read()) as stages:
             async for ends, committed in stages:
                 read += 1
                 if not ends:
                     return {("?", -1): "no partition"}
+                if read - 1 in targets:
+                    target = targets[read - 1]
+                    ends = {part: target.get(part, end) for part, end in ends.items()}
+                elif all(end is not None for end in ends.values()):
+                    targets[read - 1] = dict(ends)
+                own = {part: offset for part, offset in finished.items() if part in mine}
                 if self.own_only:
                     ends = {part: end for part, end in ends.items() if part in mine or part[1] < 0}
                 behind = lag(ends, committed, own)

@@ -127,3 +127,49 @@ async def test_the_state_pass_guard_counts_this_workers_partitions_only_and_from
     assert not await FakeBacklog((MODULE_ENDS, behind), own_only=True).caught_up(MINE, {})
     assert await FakeBacklog((MODULE_ENDS, behind), own_only=True).caught_up(MINE, {("sessions", 0): 4})
     assert not await FakeBacklog(({("sessions", -1): None}, {}), own_only=True).caught_up(MINE, {})  # no metadata
+
+
+class SteadyTraffic(GroupBacklog):
+    """A group under steady traffic, never behind by more than a moment: at every read each partition holds one
+    record more than the last time, and the group (this worker: `finished`, the others: their commits) has read
+    what was there at the last read."""
+
+    def __init__(self, finished: dict[Partition, int], *, settle: float) -> None:
+        super().__init__(load_settings({}).kafka, "unused:9092", "group", [MODULES, FACTS], timeout=settle * 2)
+        self.finished = finished
+        self.reads = 0
+        self.stage2_ends: list[dict[Partition, int | None]] = []
+
+    async def read(self) -> AsyncGenerator[Stage]:
+        self.reads += 1
+        for part, end in MODULE_ENDS.items():
+            if part in MINE:
+                assert end is not None
+                self.finished[part] = end + self.reads - 2  # the offset of the last record it finished
+        stage1 = {part: None if end is None else end + self.reads for part, end in MODULE_ENDS.items()}
+        yield stage1, {part: None if end is None else end - 1 for part, end in stage1.items()}
+        stage2 = {part: None if end is None else end + self.reads for part, end in FACT_ENDS.items()}
+        self.stage2_ends.append(stage2)
+        yield stage2, {part: None if end is None else end - 1 for part, end in stage2.items()}
+
+
+async def test_a_group_a_moment_behind_under_steady_traffic_is_caught_up_with_the_ends_it_was_asked_for() -> None:
+    # The ends keep moving, but the records appended after the check began were received after the sweep's `now`
+    # less its margin: once the group reached the ends first read, nothing due before `now` waits in Kafka.
+    # Compared with ends read at the same instant, the group is never caught up and no sweep would ever run.
+    finished: dict[Partition, int] = {}
+    backlog = SteadyTraffic(finished, settle=2.0)
+    assert await backlog.caught_up(MINE, finished)
+    assert backlog.reads >= 2
+    # The party facts' ends were held from the first read after stage 1 had reached its ends, not before.
+    assert backlog.stage2_ends[0] == {part: end + 2 for part, end in FACT_ENDS.items() if end is not None}
+
+
+async def test_a_group_that_does_not_reach_the_ends_first_read_within_the_settle_time_is_not_caught_up() -> None:
+    # The same traffic, but the group stays behind the ends read at the start (a backlog): no sweep.
+    committed = dict(MODULE_ENDS) | {("sessions", 1): 6}
+    backlog = FakeBacklog((MODULE_ENDS, committed), at_end(FACT_ENDS))
+    backlog.settle = 1.2
+    backlog.timeout = 5.0
+    assert not await backlog.caught_up(MINE, {})
+    assert backlog.read_stages >= 2  # read again while waiting
