@@ -7,7 +7,8 @@ so it cannot race the agents — and writes rows keyed exactly like the ones the
 same deadline, so whichever comes first, the result is the same row:
 
 - PARKED raw events older than OCPI_PIPELINE_PARK_TTL → ORPHANED (+ ORPHAN_EVENT anomaly);
-- PENDING/ACTIVE sessions without an update for OCPI_PIPELINE_SESSION_IDLE → SESSION_IDLE anomaly;
+- PENDING/ACTIVE sessions without an update for OCPI_PIPELINE_SESSION_IDLE → SESSION_IDLE anomaly (not once
+  that anomaly would be past its retention);
 - reconciliation AWAITING_CDR / AWAITING_SESSION past `due_at` → MISSING_CDR / NO_SESSION (also published);
 - credit links AWAITING_ORIGINAL past `due_at` → UNKNOWN_REFERENCE (+ CREDIT_UNKNOWN_REFERENCE anomaly).
 
@@ -64,12 +65,17 @@ def orphan_rows(client: Client, before: datetime, rules: StageRules, batch: Batc
     return len(rows)
 
 
-def idle_rows(client: Client, before: datetime, rules: StageRules, batch: Batch) -> int:
-    """Open sessions whose last applied event is older than `before` are flagged idle (keyed by that event)."""
+def idle_rows(client: Client, before: datetime, rules: StageRules, batch: Batch, *, since: datetime) -> int:
+    """Open sessions whose last applied event is older than `before` are flagged idle (keyed by that event).
+
+    Not those whose last event is older than `since`: their flag would be past the anomalies' retention, which
+    ClickHouse drops as it is inserted, so they would be selected (and their flag written in vain) at every
+    sweep, filling its limit and keeping the sessions that just became idle from being flagged."""
     # Sessions flagged for this gap already are left out: the row would be the same.
     rows = client.query("SELECT country_code, party_id, session_id, partner_id, status, event_id, received_at "
                         "FROM sessions FINAL WHERE status IN ('PENDING', 'ACTIVE') "
-                        f"AND received_at < {datetime64(before)} AND event_id NOT IN "
+                        f"AND received_at < {datetime64(before)} AND received_at > {datetime64(since)} "
+                        "AND event_id NOT IN "
                         f"(SELECT event_id FROM anomalies WHERE kind = 'SESSION_IDLE') LIMIT {_LIMIT}").result_rows
     from pipeline.sessions import idle_detail
 
@@ -115,11 +121,14 @@ def overdue_credits(client: Client, now: datetime, batch: Batch) -> int:
     return len(rows)
 
 
-def collect(client: Client, now: datetime, rules: StageRules, margin: timedelta) -> tuple[Batch, list[list[Any]]]:
-    """Everything due at `now`: the rows to write and the reconciliation rows to publish."""
+def collect(client: Client, now: datetime, rules: StageRules, margin: timedelta, *,
+            anomalies_kept: timedelta) -> tuple[Batch, list[list[Any]]]:
+    """Everything due at `now`: the rows to write and the reconciliation rows to publish. `anomalies_kept`: the
+    anomalies' retention (OCPI_RETENTION_HISTORY_DAYS; their TTL counts from `observed_at`)."""
     batch = Batch()
     orphan_rows(client, now - rules.park_ttl - margin, rules, batch)
-    idle_rows(client, now - rules.session_idle - margin, rules, batch)
+    idle_rows(client, now - rules.session_idle - margin, rules, batch,
+              since=now - anomalies_kept - rules.session_idle)
     promoted = overdue_reconciliation(client, now - margin, batch)
     overdue_credits(client, now - margin, batch)
     return batch, promoted
@@ -132,6 +141,7 @@ class Sweeper:
         settings = context.settings
         # An event stamped just before a deadline reaches Kafka within the send timeout.
         self.margin = timedelta(seconds=settings.kafka.send_timeout_s)
+        self.anomalies_kept = timedelta(days=settings.retention.history_days)
         self.ttls_applied = False
         self.last_retention: datetime | None = None
 
@@ -150,7 +160,8 @@ class Sweeper:
         if not await self.backlog.caught_up(assigned, ctx.progress.done):
             return False
         batch, promoted = await asyncio.to_thread(ctx.sink.run_sync,
-                                                  lambda c: collect(c, now, ctx.stage_rules, self.margin))
+                                                  lambda c: collect(c, now, ctx.stage_rules, self.margin,
+                                                                    anomalies_kept=self.anomalies_kept))
         from pipeline.agents import reconciliation_records
 
         # Published before the rows are written: a sweep has no Kafka offset to resume from, and the next one

@@ -31,6 +31,8 @@ from .builders import Harness, cdr, event, evse, iso, location, session, stage_r
 
 pytestmark = pytest.mark.clickhouse
 
+KEPT = timedelta(days=365)  # the anomalies' retention (OCPI_RETENTION_HISTORY_DAYS)
+
 
 @pytest.fixture
 def client(chdb_dsn: str) -> Iterator[Client]:
@@ -336,7 +338,7 @@ def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> Non
     recon.add("credit_links", CREDIT_LINK_COLUMNS, list(link.values()))
     write(client, recon)
 
-    batch, promoted = sweeps.collect(client, ts(70), rules, timedelta(seconds=10))
+    batch, promoted = sweeps.collect(client, ts(70), rules, timedelta(seconds=10), anomalies_kept=KEPT)
     write(client, batch)
     assert client.query("SELECT event_id, outcome FROM raw_events FINAL WHERE outcome IN ('PARKED', 'ORPHANED')"
                         ).result_rows == [(parked.event_id, "ORPHANED")]
@@ -353,8 +355,27 @@ def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> Non
                         ).result_rows == [("C5", "AWAITING_SESSION", 4), ("C6", "MATCHED", 4),
                                           ("S5", "MISSING_CDR", 5)]
     assert client.query("SELECT status FROM credit_links FINAL").result_rows == [("UNKNOWN_REFERENCE",)]
-    again, promoted_again = sweeps.collect(client, ts(70), rules, timedelta(seconds=10))
+    again, promoted_again = sweeps.collect(client, ts(70), rules, timedelta(seconds=10), anomalies_kept=KEPT)
     assert promoted_again == [] and again.tables().get("anomalies", []) == []  # nothing new is due
+
+
+def test_an_open_session_idle_beyond_the_anomalies_retention_does_not_hold_the_idle_sweep_back(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A session left ACTIVE for more than a year (CPOs leave some open for good): its flag is past the anomalies'
+    # TTL, which ClickHouse applies as the row is inserted. Selected again at every sweep, such sessions filled its
+    # limit, and a session that had just gone idle was never flagged.
+    rules = stage_rules(idle_min=60)
+    sessions = Harness(process_sessions, SessionState, rules)
+    write(client, sessions.run(event("Session", session("A1", status="ACTIVE"), received=-400 * 24 * 60),
+                               event("Session", session("B2", status="ACTIVE"), received=0)).batch)
+    monkeypatch.setattr(sweeps, "_LIMIT", 1)
+    flagged = []
+    for _ in range(3):
+        batch, _ = sweeps.collect(client, ts(24 * 60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+        flagged += [row[4] for row in batch.tables().get("anomalies", [])]
+        write(client, batch)
+    assert flagged == ["B2"]
+    assert client.query("SELECT object_id FROM anomalies FINAL WHERE kind = 'SESSION_IDLE'").result_rows == [("B2",)]
 
 
 def test_a_sweep_killed_between_publish_and_insert_promotes_and_publishes_again(client: Client) -> None:
@@ -392,7 +413,7 @@ def test_a_sweep_killed_between_publish_and_insert_promotes_and_publishes_again(
     context = SimpleNamespace(
         progress=SimpleNamespace(done={}), app=SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: [])),
         sink=sink, stage_rules=stage_rules(), publish=publish,
-        settings=SimpleNamespace(kafka=SimpleNamespace(send_timeout_s=10),
+        settings=SimpleNamespace(kafka=SimpleNamespace(send_timeout_s=10), retention=SimpleNamespace(history_days=365),
                                  pipeline=SimpleNamespace(topic_reconciliation="reconciliation")))
     sweeper = sweeps.Sweeper(context, CaughtUp())  # type: ignore[arg-type]
 
