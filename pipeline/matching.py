@@ -355,7 +355,8 @@ class Matching:
                 if not session.cdr_ids:
                     deadline = session.fact.final_at
                     session.late = deadline is not None and self.now > deadline + self.rules.cdr_grace
-                bisect.insort(session.cdr_ids, cdr_id)  # a set, in one order whatever the arrival order
+                if cdr_id not in session.cdr_ids:  # listed already when a crash restored the session, not the CDR
+                    bisect.insort(session.cdr_ids, cdr_id)  # a set, in one order whatever the arrival order
                 cdr.late = self.now > cdr.fact.received_at + self.rules.session_grace
             self._session_changed(session)
             self._touch(session.fact)

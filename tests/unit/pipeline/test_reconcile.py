@@ -738,3 +738,15 @@ def test_a_session_billed_twice_is_a_mismatch_though_each_cdr_matches_it() -> No
     split.run(c_fact(cdr("C1", kwh="5", cost="1.25"), received=62))
     assert result(split.run(c_fact(cdr("C2", kwh="5", cost="1.25"), received=63)), "SESSION", "S1")["outcome"] == (
         "MATCHED")
+
+
+def test_a_cdr_seen_again_after_a_partial_state_restore_is_listed_once_by_its_session() -> None:
+    # A crash in the middle of a multi-batch changelog write can restore the session's record (listing C1) without
+    # C1's own record: C1's fact, delivered again, is then new to stage 2 and matched to S1 once more. The session
+    # listed C1 twice, counted its kWh and cost twice, and its row said MISMATCH while C1's said MATCHED.
+    party = Party()
+    party.run(s_fact(completed("S1"), received=61, final=61))
+    party.run(c_fact(cdr("C1", kwh="10", cost="2.50"), received=62))
+    del party.store.data["C/NL/TNM/C1"]  # C1's record lost, the session's kept
+    row = result(party.run(c_fact(cdr("C1", kwh="10", cost="2.50"), received=62)), "SESSION", "S1")
+    assert (row["outcome"], row["cdr_ids"], row["cdr_kwh"]) == ("MATCHED", ["C1"], Decimal(10))
