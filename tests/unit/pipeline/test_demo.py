@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from infra.clickhouse.client import connect
-from infra.clickhouse.migrations import migrate
 from pipeline.demo import read_summary
 from pipeline.projection import DEAD_LETTER_COLUMNS, dead_letter_row
 from pipeline.records import DeadLetter
 from pipeline.simulator import Expected
-from tests.conftest import unique
 
 pytestmark = pytest.mark.clickhouse
-
-
-@pytest.fixture
-def client(chdb_dsn: str) -> Iterator[Client]:
-    database = unique("demo")
-    owner = connect(chdb_dsn)
-    migrate(owner, database)
-    yield connect(chdb_dsn, database=database)
-    owner.command(f"DROP DATABASE IF EXISTS {database}")
 
 
 def test_a_dead_letter_written_twice_counts_once(client: Client) -> None:

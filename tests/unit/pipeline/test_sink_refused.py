@@ -6,37 +6,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from infra.clickhouse.client import connect
-from infra.clickhouse.migrations import migrate
 from pipeline.locations import process_locations
 from pipeline.projection import CONNECTOR_COLUMNS, SESSION_COLUMNS, refused_row_anomalies
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
 from pipeline.sink import Batch, ClickHouseSink, refused_for_its_data
 from pipeline.state import LocationState, SessionState
-from tests.conftest import unique
 
 from .builders import Harness, event, evse, location, session
 
 pytestmark = pytest.mark.clickhouse
 
 PSEUDONYM = Pseudonymizer(b"k" * 32)
-
-
-@pytest.fixture
-def client(chdb_dsn: str) -> Iterator[Client]:
-    database = unique("refused")
-    owner = connect(chdb_dsn)
-    migrate(owner, database)
-    yield connect(chdb_dsn, database=database)
-    owner.command(f"DROP DATABASE IF EXISTS {database}")
 
 
 def location_batch(bad_connector: int | None) -> Batch:

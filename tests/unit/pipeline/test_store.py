@@ -4,7 +4,6 @@ read back exactly; the billing view nets credits; the deadline sweep; retention 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -12,8 +11,6 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from infra.clickhouse.client import connect
-from infra.clickhouse.migrations import migrate
 from infra.settings import Settings, load_settings
 from pipeline import retention, sweeps
 from pipeline.cdrs import process_cdrs
@@ -25,22 +22,12 @@ from pipeline.sessions import process_sessions
 from pipeline.sink import Batch, ClickHouseSink
 from pipeline.stage import StageOutput
 from pipeline.state import CdrState, LocationState, SessionState
-from tests.conftest import unique
 
 from .builders import Harness, cdr, event, evse, iso, location, session, stage_rules, ts
 
 pytestmark = pytest.mark.clickhouse
 
 KEPT = timedelta(days=365)  # the anomalies' retention (OCPI_RETENTION_HISTORY_DAYS)
-
-
-@pytest.fixture
-def client(chdb_dsn: str) -> Iterator[Client]:
-    database = unique("pipe")
-    owner = connect(chdb_dsn)
-    migrate(owner, database)
-    yield connect(chdb_dsn, database=database)
-    owner.command(f"DROP DATABASE IF EXISTS {database}")
 
 
 def write(client: Client, batch: Batch) -> None:
