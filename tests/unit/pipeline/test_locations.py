@@ -277,3 +277,48 @@ def test_a_connector_duplicate_confirms_its_evse_against_an_older_evse_put() -> 
     out = h.run(again, late)
     assert (outcome_of(out, again.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
     assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 11000
+
+
+def test_a_connector_duplicate_confirms_the_location_against_an_older_location_put() -> None:
+    # A Connector push, applied, raises the Location's last_updated too (08 §3): its duplicate at t=5 proves the
+    # tree's state at t=5 up to the Location, so a Location PUT of t=4 arriving after it is stale.
+    h = harness()
+    h.run(event("Location", location(), received=0))
+    body = {"max_electric_power": 11000}
+    h.run(event("ConnectorPatch", {**body, "last_updated": iso(ts(3))}, object_id="LOC1", evse_uid="E1",
+                connector_id="1", received=1))
+    again = event("ConnectorPatch", {**body, "last_updated": iso(ts(5))}, object_id="LOC1", evse_uid="E1",
+                  connector_id="1", received=2)
+    late = event("Location", location(updated=4), received=3)
+    out = h.run(again, late)
+    assert (outcome_of(out, again.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
+    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 11000
+
+
+def test_a_location_re_push_confirms_the_connectors_it_carries() -> None:
+    # The re-PUT (t=5, a duplicate) carries E1's Connector at t=5: a Connector PATCH of t=3 arriving after it
+    # is stale, as the EVSE-level re-push makes it.
+    h = harness()
+    h.run(event("Location", location(updated=0), received=0))
+    repush = event("Location", location(updated=5), received=1)
+    late = event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(3))}, object_id="LOC1",
+                 evse_uid="E1", connector_id="1", received=2)
+    out = h.run(repush, late)
+    assert (outcome_of(out, repush.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
+    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 22000
+
+
+def test_a_re_push_confirms_each_connector_at_the_connectors_own_last_updated() -> None:
+    # The re-PUT of E1 bumps only the EVSE's last_updated (t=5); its Connector still says t=1. For a Connector
+    # push "stored" is the Connector's own last_updated: a PATCH of t=3 is newer than that and is applied.
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1", updated=1)], updated=1), received=0))
+    h.run(event("EVSE", evse("E1", connectors=[connector(updated=1)], updated=2), object_id="LOC1",
+                evse_uid="E1", received=1))
+    repush = event("EVSE", evse("E1", connectors=[connector(updated=1)], updated=5), object_id="LOC1",
+                   evse_uid="E1", received=1)
+    patch = event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(3))}, object_id="LOC1",
+                  evse_uid="E1", connector_id="1", received=2)
+    out = h.run(repush, patch)
+    assert (outcome_of(out, repush.event_id), outcome_of(out, patch.event_id)) == ("DUPLICATE", "APPLIED")
+    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 11000
