@@ -322,3 +322,18 @@ def test_a_re_push_confirms_each_connector_at_the_connectors_own_last_updated() 
     out = h.run(repush, patch)
     assert (outcome_of(out, repush.event_id), outcome_of(out, patch.event_id)) == ("DUPLICATE", "APPLIED")
     assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 11000
+
+
+def test_a_push_for_an_evse_in_another_case_is_stale_against_that_evse() -> None:
+    # EVSE uids are CiStrings: "e1" is the stored "E1", so its older status is stale against E1's t=10.
+    h = harness()
+    h.run(event("Location", location(), received=0), status_patch("E1", "CHARGING", 10, 1))
+    late = status_patch("e1", "AVAILABLE", 5, 2)
+    late_connector = event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(5))},
+                           object_id="LOC1", evse_uid="e1", connector_id="1", received=3)
+    h.run(event("ConnectorPatch", {"max_electric_power": 7400, "last_updated": iso(ts(10))}, object_id="LOC1",
+                evse_uid="E1", connector_id="1", received=2))
+    out = h.run(late, late_connector)
+    assert (outcome_of(out, late.event_id), outcome_of(out, late_connector.event_id)) == ("STALE", "STALE")
+    assert stored(h)["evses"][0]["status"] == "CHARGING"
+    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 7400
