@@ -83,6 +83,7 @@ def test_idle_only_in_open_states_and_after_the_limit() -> None:
     assert not lifecycle.idle_since("ACTIVE", ts(0), ts(60), hour)
     assert not lifecycle.idle_since("COMPLETED", ts(0), ts(600), hour)
     assert not lifecycle.idle_since("RESERVATION", ts(0), ts(600), hour)
+    assert lifecycle.idle_since("PENDING", ts(0), ts(61), hour)  # README: a PENDING/ACTIVE session is flagged
 
 
 def test_versions_follow_last_updated_and_always_grow() -> None:
