@@ -37,6 +37,13 @@ def test_credit_checks() -> None:
     assert credit_anomalies(cdr(credit=True, credit_reference="C0", cost="-2.50")) == []
     kinds = [k for k, _ in credit_anomalies({**cdr(credit=True, cost="2.50")})]
     assert kinds == [Anomaly.CREDIT_WITHOUT_REFERENCE, Anomaly.CREDIT_POSITIVE_COST]
+    # A credit must carry a non-positive total_cost: zero is one (a credit of a free session).
+    assert credit_anomalies(cdr(credit=True, credit_reference="C0", cost="0")) == []
+    # `credit: false` is a normal CDR, whatever it does not carry.
+    assert credit_anomalies(cdr(credit=False, cost="2.50")) == []
+    # The receivers let an empty `credit_reference_id` through (a CiString may be empty): it names no CDR.
+    empty = event("CDR", cdr("C1-C", credit=True, credit_reference="", cost="-2.50")).payload
+    assert [k for k, _ in credit_anomalies(empty)] == [Anomaly.CREDIT_WITHOUT_REFERENCE]
 
 
 TARIFF = {"country_code": "NL", "party_id": "TNM", "id": "T1", "currency": "EUR",
