@@ -100,6 +100,28 @@ def test_retried_patch_does_not_double_periods() -> None:
     assert grown.charging_periods is not None and len(grown.charging_periods) == 4
 
 
+def test_periods_differing_only_in_their_start_are_both_kept() -> None:
+    # Identical means the same start too: the same energy at the same tariff a quarter later is a new period.
+    body = {
+        "charging_periods": [_period("2015-06-29T23:30:00Z", 1), _period("2015-06-29T23:45:00Z", 1)],
+        "last_updated": "2015-06-29T23:55:00Z",
+    }
+    merged = merge_session(SESSION, _patch(SessionPatch, body))
+    assert merged.charging_periods is not None and len(merged.charging_periods) == 5
+
+
+def test_a_period_repeated_within_one_patch_is_kept_once() -> None:
+    # The same period twice in one PATCH ends like the same period in two PATCHes: stored once.
+    period = _period("2015-06-29T23:30:00Z", 8.88)
+    last_updated = "2015-06-29T23:55:00Z"
+    once = merge_session(SESSION, _patch(SessionPatch, {"charging_periods": [period, period],
+                                                        "last_updated": last_updated}))
+    split = merge_session(SESSION, _patch(SessionPatch, {"charging_periods": [period], "last_updated": last_updated}))
+    split = merge_session(split, _patch(SessionPatch, {"charging_periods": [period], "last_updated": last_updated}))
+    assert once.charging_periods is not None and len(once.charging_periods) == 4
+    assert once == split
+
+
 @pytest.mark.parametrize("periods", [[], None])
 def test_empty_or_null_periods_in_a_patch_leave_them_unchanged(periods: Any) -> None:
     merged = merge_session(
@@ -207,6 +229,22 @@ def test_put_evse_adds_or_replaces_case_insensitively() -> None:
     assert replaced.evses[1].status is Status.REMOVED
     older = decode(dumps(evse_body | {"last_updated": "2010-01-01T00:00:00Z"}), EVSE).value
     assert put_evse(replaced, older).last_updated == datetime(2020, 1, 1, tzinfo=UTC)
+
+
+def test_children_are_found_by_uid_and_id_ignoring_case() -> None:
+    # EVSE uids and Connector ids are CiStrings: "ab1" addresses the stored "AB1", it does not add a second EVSE.
+    evse_body = copy.deepcopy(example("location_example.json")["evses"][0]) | {"uid": "AB1"}
+    evse_body["connectors"] = [evse_body["connectors"][0] | {"id": "c1"}]
+    location = put_evse(LOCATION, decode(dumps(evse_body), EVSE).value)
+    replaced = put_evse(location, decode(dumps(evse_body | {"uid": "ab1", "status": "REMOVED"}), EVSE).value)
+    assert replaced.evses is not None and [e.uid for e in replaced.evses] == ["3256", "3257", "ab1"]
+    assert replaced.evses[2].status is Status.REMOVED
+    patched = patch_evse(location, "ab1", _patch(EVSEPatch, {"status": "CHARGING",
+                                                             "last_updated": "2030-01-01T00:00:00Z"}))
+    assert patched.evses is not None and patched.evses[2].status is Status.CHARGING and len(patched.evses) == 3
+    connector = patch_connector(location, "ab1", "C1", _patch(ConnectorPatch, {
+        "max_amperage": 32, "last_updated": "2030-01-01T00:00:00Z"}))
+    assert connector.evses is not None and [c.max_amperage for c in connector.evses[2].connectors] == [32]
 
 
 def test_put_and_patch_connector_update_both_parents() -> None:
