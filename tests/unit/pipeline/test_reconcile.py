@@ -73,6 +73,9 @@ def test_deltas_are_cdr_minus_session_and_tolerances_apply() -> None:
     assert not within_tolerance(Deltas(Decimal("0.02"), None, Decimal(0), None), RULES)
     assert not within_tolerance(Deltas(Decimal(0), Decimal("0.02"), Decimal(0), None), RULES)
     assert not within_tolerance(Deltas(Decimal(0), None, Decimal(301), None), RULES)
+    assert not within_tolerance(Deltas(Decimal(0), None, Decimal(0), Decimal(-301)), RULES)  # the end counts too
+    # A tolerance is what a CDR "may differ and still match": a delta of exactly the tolerance matches.
+    assert within_tolerance(Deltas(Decimal("-0.01"), Decimal("0.01"), Decimal(300), Decimal(-300)), RULES)
 
 
 def test_match_by_session_id_with_exact_deltas() -> None:
@@ -750,3 +753,68 @@ def test_a_cdr_seen_again_after_a_partial_state_restore_is_listed_once_by_its_se
     del party.store.data["C/NL/TNM/C1"]  # C1's record lost, the session's kept
     row = result(party.run(c_fact(cdr("C1", kwh="10", cost="2.50"), received=62)), "SESSION", "S1")
     assert (row["outcome"], row["cdr_ids"], row["cdr_kwh"]) == ("MATCHED", ["C1"], Decimal(10))
+
+
+def test_a_session_whose_cdrs_bill_another_cost_is_a_mismatch() -> None:
+    # The energy agrees, the cost does not: the session's row compares both (README: within the energy AND cost
+    # tolerances).
+    party = Party()
+    party.run(s_fact(completed("S1", kwh="10", cost="2.50"), received=61, final=61))
+    out = party.run(c_fact(cdr("C1", kwh="10", cost="3.00"), received=62))
+    row = result(out, "SESSION", "S1")
+    assert (row["outcome"], row["delta_kwh"], row["delta_cost_excl_vat"]) == ("MISMATCH", Decimal(0), Decimal("0.50"))
+
+
+def test_a_completed_session_awaits_its_cdr_until_the_grace_after_it_completed() -> None:
+    # A late update of a completed session (a total_cost PATCH) does not move the deadline: it runs from final_at.
+    out = Party().run(s_fact(completed(), version=2, received=100, final=61))
+    assert (result(out, "SESSION", "S1")["outcome"], result(out, "SESSION", "S1")["due_at"]) == (
+        "AWAITING_CDR", ts(91))
+
+
+def test_of_two_credits_the_earliest_received_counts_before_the_lower_id() -> None:
+    original = c_fact(cdr("C1", cost="2.50"), received=0)
+    early = c_fact(cdr("C1-Z", cost="-2.50", credit=True, credit_reference="C1"), received=1)
+    late = c_fact(cdr("C1-A", cost="-2.50", credit=True, credit_reference="C1"), received=2)
+    for order in itertools.permutations([original, early, late]):
+        party = Party()
+        links: dict[str, str] = {}
+        for fact in order:
+            links |= {r[2]: r[5] for r in party.run(fact).credit_links}
+        assert links == {"C1-Z": "LINKED", "C1-A": "DUPLICATE_CREDIT"}, order
+
+
+def test_an_open_session_that_loses_its_cdr_awaits_a_cdr_again_without_a_deadline() -> None:
+    party = Party()
+    party.run(s_fact(session("S1", status="ACTIVE", kwh="10", cost="2.50"), received=30))
+    matched = party.run(c_fact(cdr("C1", kwh="10", cost="2.50"), received=40))
+    assert result(matched, "SESSION", "S1")["outcome"] == "MATCHED"
+    out = party.run(c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=41))
+    row = result(out, "SESSION", "S1")  # its MATCHED row must not stay
+    assert (row["outcome"], row["cdr_ids"], row["due_at"]) == ("AWAITING_CDR", [], None)
+
+
+def test_a_credit_with_the_originals_cost_unnegated_does_not_match_its_amount() -> None:
+    party = Party()
+    party.run(c_fact(cdr("C1", cost="2.50"), received=0))
+    out = party.run(c_fact(cdr("C1-C", cost="2.50", credit=True, credit_reference="C1"), received=1))
+    assert (link(out, "C1-C")["status"], link(out, "C1-C")["amount_matches"]) == ("LINKED", False)
+    assert [a.kind.value for a in out.anomalies] == ["CREDIT_AMOUNT_MISMATCH"]
+
+
+def test_a_session_billed_within_the_tolerances_is_matched_at_their_limit() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", kwh="10", cost="2.50"), received=61, final=61))
+    out = party.run(c_fact(cdr("C1", kwh="10.01", cost="2.51"), received=62))
+    assert result(out, "SESSION", "S1")["outcome"] == "MATCHED"
+
+
+def test_a_session_split_over_cdrs_in_two_currencies_sums_no_cost() -> None:
+    # Half the charge in EUR, half in CHF: the amounts do not add up to anything the session's EUR compares with.
+    party = Party()
+    party.run(s_fact(completed("S1", kwh="10", cost="2.50"), received=61, final=61))
+    party.run(c_fact(cdr("C1", kwh="5", cost="1.25"), received=62))
+    out = party.run(c_fact({**cdr("C2", kwh="5", cost="1.25"), "currency": "CHF"}, received=63))
+    row = result(out, "SESSION", "S1")
+    assert (row["outcome"], row["cdr_kwh"], row["cdr_cost_excl_vat"], row["delta_cost_excl_vat"]) == (
+        "MISMATCH", Decimal(10), None, None)
