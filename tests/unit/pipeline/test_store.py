@@ -596,6 +596,27 @@ def test_clear_rows_an_interrupted_pass_left_are_deleted_by_the_next(client: Cli
     assert client.query("SELECT pseudonymised, token_uid FROM sessions").result_rows == [(True, pseudonym("TOK1"))]
 
 
+def test_one_pass_pseudonymises_every_due_row_whatever_its_batch_size(client: Client) -> None:
+    write(client, Harness(process_sessions, SessionState).run(
+        event("Session", session("S1", uid="TOK1"), received=1), event("Session", session("S2", uid="TOK2"),
+                                                                       received=2)).batch)
+    settings = _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30")
+    done = retention.pseudonymise_due(client, settings, retention.Pseudonymizer(b"x" * 32),
+                                      ts(0) + timedelta(days=31), batch=1)
+    assert done["sessions"] == 2
+    assert client.query("SELECT count() FROM sessions FINAL WHERE NOT pseudonymised").result_rows == [(0,)]
+
+
+def test_a_due_clear_row_that_no_newer_row_replaces_is_not_deleted(client: Client) -> None:
+    # The clear row without a successor is the session's current row (for the next pass to rewrite): deleting it
+    # would lose the session.
+    write(client, Harness(process_sessions, SessionState).run(
+        event("Session", session(authref="AUTH-1", status="COMPLETED", end=60, updated=60), received=1)).batch)
+    spec = next(spec for spec in retention.PERSONAL_TABLES if spec.table == "sessions")
+    assert retention.delete_superseded_clear_rows(client, spec, ts(0) + timedelta(days=1)) == 0
+    assert client.query("SELECT session_id, pseudonymised FROM sessions").result_rows == [("S1", False)]
+
+
 def test_the_report_counts_what_is_due(client: Client) -> None:
     write(client, Harness(process_cdrs, CdrState).run(event("CDR", cdr(), received=1)).batch)
     settings = _settings()
