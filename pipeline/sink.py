@@ -11,8 +11,8 @@ ClickHouse refuse the whole insert, and would make it refuse every retry: the wo
 batch, every partition with it. So an insert refused for its data (`ROW_DATA_ERRORS`) is split in halves until
 the rows ClickHouse refuses alone are found; the others are written, and the refused ones go where
 `refused_rows` puts them (the worker: an anomaly `ROW_REFUSED` holding the row). Should every row of a table's
-batch be refused alone, the cause is not in the rows (a column changed under us): that insert is retried like
-any other failure, loudly.
+batch of several rows be refused alone, the cause is not in the rows (a column changed under us): that insert is
+retried like any other failure, loudly (a table's only row refused is recorded like any refused row).
 
 Rows are sent as JSONCompactEachRow encoded by msgspec (exact decimals as JSON numbers, datetimes as ISO 8601
 with `Z`, JSON documents as the objects they are): building ClickHouse's Native format in Python costs about

@@ -16,7 +16,7 @@ from pipeline.locations import process_locations
 from pipeline.projection import CONNECTOR_COLUMNS, SESSION_COLUMNS, refused_row_anomalies
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
-from pipeline.sink import Batch, ClickHouseSink, refused_for_its_data
+from pipeline.sink import Batch, ClickHouseSink, insert_isolating, refused_for_its_data
 from pipeline.state import LocationState, SessionState
 
 from .builders import Harness, event, evse, location, session
@@ -104,3 +104,43 @@ def test_a_refused_rows_personal_data_is_pseudonymised_in_the_anomaly(client: Cl
     assert "TOKEN-UID-1" not in detail and "AUTH-REF-1" not in detail
     row = json.loads(detail.split("; row: ", 1)[1])
     assert row["token_uid"] == PSEUDONYM("TOKEN-UID-1") and row["payload_json"]["id"] == "S2"
+
+
+def test_a_table_whose_only_row_is_refused_records_it_instead_of_retrying_for_ever(client: Client) -> None:
+    # One row refused alone is that row's fault: retried, the batch (and every partition with it) would be stuck.
+    sink = ClickHouseSink(lambda: client, refused_rows=functools.partial(refused_row_anomalies, pseudonym=PSEUDONYM))
+    batch = Harness(process_locations, LocationState).run(event("Location", location(), received=1)).batch
+    voltage = CONNECTOR_COLUMNS.index("max_voltage")
+    connectors = batch.keyed.get("connectors") or {}
+    [row] = list(connectors.values()) if connectors else batch.rows["connectors"]
+    row[voltage] = -1
+    sink._insert_all(batch.tables(), batch.columns)
+    assert count(client, "SELECT count() FROM connectors") == 0 and count(client, "SELECT count() FROM evses") == 1
+    assert count(client, "SELECT count() FROM anomalies WHERE kind = 'ROW_REFUSED'") == 1
+
+
+class _FlakyClient:
+    """Refuses the first insert for its data, then fails every insert for another reason (memory, a restart)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def raw_insert(self, *_args: object, **_kwargs: object) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise DatabaseError("Code: 72. DB::Exception: Unsigned type must not contain '-'")
+        raise DatabaseError("Code: 241. DB::Exception: Memory limit exceeded")
+
+
+def test_an_error_not_about_values_while_isolating_is_raised_not_taken_for_a_refused_row() -> None:
+    # Good rows must not become ROW_REFUSED anomalies (and be lost to their table) because the server failed
+    # meanwhile: the insert is retried as a whole.
+    with pytest.raises(DatabaseError, match="Code: 241"):
+        insert_isolating(_FlakyClient(), "connectors", ["a"], [[1], [2], [3]])  # type: ignore[arg-type]
+
+
+def test_a_keyed_row_replaces_the_one_put_before_with_its_key() -> None:
+    batch = Batch()
+    batch.put("raw_events", ["event_id", "outcome"], "e1", ["e1", "PARKED"])
+    batch.put("raw_events", ["event_id", "outcome"], "e1", ["e1", "APPLIED"])
+    assert batch.tables() == {"raw_events": [["e1", "APPLIED"]]} and len(batch) == 1
