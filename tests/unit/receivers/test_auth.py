@@ -67,6 +67,7 @@ ALLOWED = [
     ("hub broadcast PATCH of a Location", HUB, headers(("DE", "HUB")), "locations", "PATCH", ("FR", "ZZZ")),
     ("hub broadcast of a Tariff", HUB, headers(("DE", "HUB")), "tariffs", "PUT", ("NL", "ABC")),
     ("no owner in the URL (CDR POST)", HUB, headers(("NL", "XYZ")), "cdrs", "POST", None),
+    ("routing headers are CiStrings", CPO, headers(("be", "bec"), ("nl", "opp")), "sessions", "PUT", ("BE", "BEC")),
 ]
 
 
@@ -84,6 +85,8 @@ REFUSED = [
     ("from-* not the caller's", CPO, headers(("NL", "TNM")), "sessions", "PUT", ("BE", "BEC"),
      InvalidRoutingHeaders),
     ("to-* not ours", CPO, headers(("BE", "BEC"), ("DE", "XXX")), "sessions", "PUT", ("BE", "BEC"),
+     InvalidRoutingHeaders),
+    ("to-* not ours, without from-*", CPO, headers(None, ("DE", "XXX")), "sessions", "PUT", ("BE", "BEC"),
      InvalidRoutingHeaders),
     ("platform without headers", PLATFORM, headers(None, None), "sessions", "PUT", ("NL", "EXO"),
      InvalidRoutingHeaders),
