@@ -87,7 +87,8 @@ _NON_CREDIT_ID_MAX: Final = 36
 
 
 def _cdr_credit_reference(cdr: CDR, path: str, ctx: Context) -> None:
-    if cdr.credit is True and cdr.credit_reference_id is None:
+    # An empty reference names no CDR: the credit could cancel nothing (10 §1.1: it is the original's id).
+    if cdr.credit is True and not cdr.credit_reference_id:
         raise OcpiValidationError(f"{path}.credit_reference_id", "required when credit is true")
 
 

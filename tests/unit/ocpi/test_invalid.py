@@ -230,6 +230,8 @@ def _with(name: str, **changes: Any) -> dict[str, Any]:
 
 CROSS_FIELD = [
     ("CDR", _with("CDR", credit=True), "$.credit_reference_id", "required when credit is true"),
+    ("CDR", _with("CDR", credit=True, credit_reference_id=""), "$.credit_reference_id",
+     "required when credit is true"),  # names no CDR
     ("CDR", _with("CDR", id="i" * 37), "$.id", "longer than 36 characters"),
     (
         "CDR",
