@@ -238,32 +238,65 @@ _RATINGS: Final = ("max_voltage", "max_amperage", "max_electric_power")
 _UINT32_MAX: Final = 2**32 - 1
 
 
-def _connector_ratings(obj: Any, path: str, ctx: Context) -> None:
-    for name in _RATINGS:
-        value = getattr(obj, name)
-        if type(value) is int and not 0 <= value <= _UINT32_MAX:
-            raise OcpiValidationError(f"{path}.{name}", f"out of range: 0 to {_UINT32_MAX} (not storable)")
+def _location_tree(value: Any) -> None:
+    """The store's rules of the Location tree, checked in one pass from whichever of its objects was pushed:
+    a Location lists each EVSE uid once and an EVSE each Connector id once (CiString identities: one listed
+    twice would be two objects under one identity, one row, one GET answer, PATCHes reaching only the first),
+    and a Connector's ratings fit the store. Plain loops, with a path built only for an error: walking the tree
+    object by object for these cost every EVSE status push several µs (each re-validates its whole Location)."""
+    fields = getattr(type(value), "__struct_fields__", ())
+    if "evses" in fields:
+        evses = value.evses
+        if type(evses) is list:
+            _unique_ids(evses, "uid", "$.evses")
+            for i, evse in enumerate(evses):
+                connectors = evse.connectors
+                # The usual EVSE, one Connector that fits, needs no path (this runs for every EVSE status push).
+                if type(connectors) is list and (len(connectors) > 1 or not all(map(_fits, connectors))):
+                    _evse_tree(evse, f"$.evses[{i}]")
+    elif "connectors" in fields:
+        _evse_tree(value, "$")
+    elif "max_voltage" in fields:
+        _connector_ratings([value], None)
 
 
-def _unique_ids(items: Any, attribute: str, path: str) -> None:
+def _evse_tree(evse: Any, path: str) -> None:
+    connectors = evse.connectors
+    if type(connectors) is list:
+        _unique_ids(connectors, "id", path + ".connectors")
+        _connector_ratings(connectors, path)
+
+
+def _fits(connector: Any) -> bool:
+    voltage, amperage, power = connector.max_voltage, connector.max_amperage, connector.max_electric_power
+    return ((type(voltage) is not int or 0 <= voltage <= _UINT32_MAX)
+            and (type(amperage) is not int or 0 <= amperage <= _UINT32_MAX)
+            and (type(power) is not int or 0 <= power <= _UINT32_MAX))
+
+
+def _connector_ratings(connectors: list[Any], evse_path: str | None) -> None:
+    """The Connectors of the EVSE at `evse_path`, or (None) one Connector pushed on its own."""
+    for i, connector in enumerate(connectors):
+        for name in _RATINGS:
+            value = getattr(connector, name)
+            if type(value) is int and not 0 <= value <= _UINT32_MAX:
+                where = "$" if evse_path is None else f"{evse_path}.connectors[{i}]"
+                raise OcpiValidationError(f"{where}.{name}", f"out of range: 0 to {_UINT32_MAX} (not storable)")
+
+
+def _unique_ids(items: list[Any], attribute: str, path: str) -> None:
     """Each item's `attribute` (a CiString identity) differs from the others' ignoring case."""
-    if type(items) is not list:
+    if len(items) < 2:
+        return
+    keys = [ci_normalize(getattr(item, attribute)) for item in items]
+    if len(set(keys)) == len(keys):
         return
     seen: set[str] = set()
-    for i, item in enumerate(items):
-        key = ci_normalize(getattr(item, attribute))
+    for i, key in enumerate(keys):
         if key in seen:
-            raise OcpiValidationError(f"{path}[{i}].{attribute}", f"{getattr(item, attribute)!r} is listed twice "
-                                                                  f"({attribute} is the identity, CiString)")
+            raise OcpiValidationError(f"{path}[{i}].{attribute}", f"{getattr(items[i], attribute)!r} is listed "
+                                                                  f"twice ({attribute} is the identity, CiString)")
         seen.add(key)
-
-
-def _unique_evse_uids(obj: Any, path: str, ctx: Context) -> None:
-    _unique_ids(obj.evses, "uid", f"{path}.evses")
-
-
-def _unique_connector_ids(obj: Any, path: str, ctx: Context) -> None:
-    _unique_ids(obj.connectors, "id", f"{path}.connectors")
 
 
 def _checks_of(cls: type) -> tuple[Check, ...]:
@@ -272,14 +305,6 @@ def _checks_of(cls: type) -> tuple[Check, ...]:
         checks.append(_errata_lengths)
     if "currency" in getattr(cls, "__struct_fields__", ()):
         checks.append(_iso_4217_currency)
-    if "max_voltage" in getattr(cls, "__struct_fields__", ()):
-        checks.append(_connector_ratings)
-    # A Location's EVSEs and an EVSE's Connectors are found by uid/id: one listed twice would be two objects
-    # under one identity (one row, one GET answer, PATCHes reaching only the first).
-    if "evses" in getattr(cls, "__struct_fields__", ()):
-        checks.append(_unique_evse_uids)
-    if "connectors" in getattr(cls, "__struct_fields__", ()):
-        checks.append(_unique_connector_ids)
     return tuple(checks)
 
 
@@ -379,6 +404,7 @@ def finish(value: Any, enabled: frozenset[Relaxation], applied: list[str], *, sc
     """Normalise and check a value msgspec has decoded; returns the (possibly replaced) value."""
     value = normalise(value)
     walk(value, "$", Context(enabled, applied, scan_na=scan_na))
+    _location_tree(value)
     return value
 
 
