@@ -10,9 +10,10 @@ A value the validation let through but a column cannot hold (a number out of the
 ClickHouse refuse the whole insert, and would make it refuse every retry: the worker would be stuck on that
 batch, every partition with it. So an insert refused for its data (`ROW_DATA_ERRORS`) is split in halves until
 the rows ClickHouse refuses alone are found; the others are written, and the refused ones go where
-`refused_rows` puts them (the worker: an anomaly `ROW_REFUSED` holding the row). Should every row of a table's
-batch of several rows be refused alone, the cause is not in the rows (a column changed under us): that insert is
-retried like any other failure, loudly (a table's only row refused is recorded like any refused row).
+`refused_rows` puts them (the worker: an anomaly `ROW_REFUSED` holding the row), however many they are: when
+every row of a table is refused (all of a Location's Connectors carry the bad value, or a column changed under
+us), stopping every partition would be worse than recording them; the events stay in Kafka and `raw_events` for
+a replay once the cause is fixed, and each refused row is logged as an error.
 
 Rows are sent as JSONCompactEachRow encoded by msgspec (exact decimals as JSON numbers, datetimes as ISO 8601
 with `Z`, JSON documents as the objects they are): building ClickHouse's Native format in Python costs about
@@ -173,10 +174,7 @@ class ClickHouseSink:
             except DatabaseError as exc:
                 if self._refused_rows is None or not refused_for_its_data(exc):
                     raise
-                refused = insert_isolating(client, table, columns[table], rows)
-                if len(rows) > 1 and len(refused) == len(rows):
-                    raise  # not the rows: the table (a column changed under us)
-                return refused
+                return insert_isolating(client, table, columns[table], rows)
 
         futures = [self._pool.submit(insert, table) for table, rows in tables.items() if rows]
         refused = [row for future in futures for row in future.result()]  # every insert finishes, or raises
