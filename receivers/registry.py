@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -36,6 +37,7 @@ from infra.settings import mask
 from ocpi.compat import CompatProfile
 from ocpi.model import BusinessDetails, CredentialsRole, Endpoint, Role
 
+log = logging.getLogger(__name__)
 
 class PartnerStatus(StrEnum):
     INVITED = "INVITED"  # holds a Token A from us; may only use versions and credentials
@@ -409,11 +411,12 @@ class PartnerDirectory:
     """The receivers' in-memory view of the registry, for the per-request token lookup.
 
     Reloaded every `refresh_s` seconds (so a suspension or rotation made by another process takes effect
-    within that time) and on every unknown token, so a token saved a moment ago by another process (the CLI
-    registering with a partner, whose callback arrives at once) is found. Reloads on misses are coalesced
-    and spaced by `miss_reload_s`, but a miss always waits for a reload that *started after it arrived*: a
-    flood of unknown tokens costs at most one registry read per `miss_reload_s`, and never hides a fresh
-    token.
+    within that time, plus the time of a slow registry read; a read that fails keeps the copy held, so known
+    partners are still served while ClickHouse is down) and on every unknown token, so a token saved a moment
+    ago by another process (the CLI registering with a partner, whose callback arrives at once) is found.
+    Reloads on misses are coalesced and spaced by `miss_reload_s`, but a miss always waits for a reload that
+    *started after it arrived*: a flood of unknown tokens costs at most one registry read per `miss_reload_s`,
+    and never hides a fresh token.
     Changes made by this process (`apply`) take effect at once, and a reload that read the registry before
     such a change was saved does not undo it when it completes (a revoked token must stay dead).
     """
@@ -474,6 +477,19 @@ class PartnerDirectory:
                 await asyncio.sleep(wait)
             await self.reload()
 
+    async def _refresh(self, arrived: float) -> None:
+        """The periodic reload, by the request that finds it due. It refreshes what the directory holds, so it
+        is best effort: while another request reads the registry, this one uses the copy held (rather than queue
+        behind a slow read); a read that fails is logged and the copy kept (ClickHouse slow or down must not
+        turn the pushes of known partners into 3000s)."""
+        if self._lock.locked():
+            return
+        try:
+            await self._reload_after(arrived)
+        except Exception as exc:
+            log.warning("partner registry not reloaded (%s: %s); tokens are checked against the last copy read",
+                        type(exc).__name__, exc)
+
     async def lookup(self, token: str) -> tuple[Partner, TokenKind] | None:
         """The partner and token kind of a token valid now; None if unknown or no longer valid."""
         found = await self.find(token)
@@ -484,7 +500,7 @@ class PartnerDirectory:
         so a raw-token partner, whose header is tried decoded first, does not cause a reload per request)."""
         arrived = time.monotonic()
         if arrived - self._reload_started >= self._refresh_s:
-            await self._reload_after(arrived)
+            await self._refresh(arrived)
         digests = [(token, hash_token(token)) for token in tokens]
         hit = self._first(digests)
         if hit is None or self._partners[hit[2][0]].status is PartnerStatus.REGISTERING:

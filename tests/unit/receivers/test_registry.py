@@ -224,6 +224,56 @@ async def test_directory_refreshes_changes_made_elsewhere(open_registry: Callabl
     assert await directory.lookup(token) is None
 
 
+async def test_a_registry_that_cannot_be_read_does_not_refuse_known_tokens(
+        open_registry: Callable[[], PartnerRegistry]) -> None:
+    """The periodic reload is a refresh of what the directory holds: when ClickHouse fails it, a partner whose token
+    the directory knows is still served (not a 3000/HTTP 500 for the push that found the reload due)."""
+    registry = open_registry()
+    _, token = registry.register_direct("bec", "BEC", [role("BE", "BEC")])
+    directory = PartnerDirectory(registry, refresh_s=0.1)
+    await directory.reload()
+
+    def down(*, include_deleted: bool = False) -> list[Partner]:
+        raise ConnectionError("ClickHouse is down")
+
+    registry.all = down  # type: ignore[method-assign]
+    await asyncio.sleep(0.2)
+    found = await directory.lookup(token)
+    assert found is not None and found[0].partner_id == "bec"
+    with pytest.raises(ConnectionError):  # an unknown token still needs the read: the caller answers 3000
+        await directory.lookup("unknown")
+
+
+async def test_requests_do_not_queue_behind_a_slow_periodic_reload(
+        open_registry: Callable[[], PartnerRegistry]) -> None:
+    """While one request waits for a slow registry read, the others use the copy the directory holds: a slow
+    ClickHouse must not hold every push (each would otherwise wait for the read, then read again itself)."""
+    registry = open_registry()
+    _, token = registry.register_direct("bec", "BEC", [role("BE", "BEC")])
+    directory = PartnerDirectory(registry, refresh_s=0.1)
+    await directory.reload()
+    reading, release = threading.Event(), threading.Event()
+    load = registry.all
+
+    def slow_all(*, include_deleted: bool = False) -> list[Partner]:
+        reading.set()
+        release.wait(10)
+        return load(include_deleted=include_deleted)
+
+    registry.all = slow_all  # type: ignore[method-assign]
+    await asyncio.sleep(0.2)
+    first = asyncio.create_task(directory.lookup(token))  # finds the reload due, and reads
+    try:
+        assert await asyncio.to_thread(reading.wait, 10)
+        await asyncio.sleep(0.2)  # the reload is due again for the requests that come now
+        started = time.monotonic()
+        found = await asyncio.wait_for(directory.lookup(token), 5)
+        assert found is not None and time.monotonic() - started < 1
+    finally:
+        release.set()
+        await first
+
+
 @pytest.mark.parametrize(("variable", "value"), [
     ("OCPI_PARTY_COUNTRY_CODE", "nld"), ("OCPI_PARTY_ID", "TOOLONG"), ("OCPI_PARTY_ROLE", "DRIVER"),
     ("OCPI_PARTY_NAME", ""), ("OCPI_PARTY_WEBSITE", "example.com"), ("OCPI_OUTBOUND_TIMEOUT", "0"),
