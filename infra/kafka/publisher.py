@@ -26,7 +26,9 @@ class Publisher:
     """One aiokafka producer, started and stopped with the app's lifespan, reconnecting by itself.
 
     - In-flight sends are bounded and each waits at most `send_timeout_s`, so a slow or stopped broker turns
-      into quick 3xxx answers, not a pile of requests that wait for minutes (research note §6).
+      into quick 3xxx answers, not a pile of requests that wait for minutes (research note §6). The wait for a
+      slot counts in that timeout, and a push that got none in time is answered without being sent: sent after
+      its deadline it would be written after its 3000, and an overloaded broker would be sent every push anyway.
     - A broker that goes away and comes back (even a new one on the same address, topics re-created) needs
       nothing from us: the producer reconnects and refreshes its metadata on its own (see `publish` for the
       one refusal that needs a nudge). A record answered with PublishError is the partner's to resend. It may
@@ -99,8 +101,17 @@ class Publisher:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        async with self._slots:
+        try:
+            # A slot only within the send timeout: a record sent after it would be written after its 3000 answer.
+            await asyncio.wait_for(self._slots.acquire(), self._timeout)
+        except TimeoutError:
+            raise PublishError(f"Kafka did not acknowledge the record on {topic}: no send slot free "
+                               "within the send timeout") from None
+        try:
             producer = await self._ensure_started()
+            if loop.time() >= deadline:
+                raise PublishError(f"Kafka did not acknowledge the record on {topic}: no send slot free "
+                                   "within the send timeout")
             for attempt in range(1, _ATTEMPTS + 1):
                 try:
                     await asyncio.wait_for(producer.send_and_wait(topic, value=value, key=key),
@@ -119,3 +130,5 @@ class Publisher:
                 except (TimeoutError, OSError) as exc:
                     raise PublishError(f"Kafka did not acknowledge the record on {topic}: "
                                        f"{type(exc).__name__}") from exc
+        finally:
+            self._slots.release()

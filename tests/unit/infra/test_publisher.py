@@ -1,0 +1,58 @@
+"""The Kafka publisher's bounds, with a producer that stands in for a slow broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from infra.kafka.publisher import Publisher, PublishError
+from infra.settings import load_settings
+
+
+class SlowBroker:
+    """A started producer whose broker acknowledges nothing: every send waits until cancelled."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> Any:
+        self.sent.append(value)
+        await asyncio.Event().wait()
+
+
+async def test_a_push_that_gets_no_slot_in_time_answers_within_its_timeout_and_is_not_sent() -> None:
+    """Every slot is held by sends a slow broker has not acknowledged: a push waiting for one answers 3000
+    (PublishError) within its send timeout and does not hand its record to the producer (it would be written after
+    that answer, a duplicate of the partner's resend, and the bound would not bound what the broker is sent)."""
+    kafka = load_settings({"OCPI_KAFKA_BOOTSTRAP": "kafka:9092", "OCPI_KAFKA_SEND_TIMEOUT": "0.3"}).kafka
+    publisher = Publisher(kafka, kafka.bootstrap, max_in_flight=2)
+    broker = SlowBroker()
+    publisher._producer = broker  # type: ignore[assignment]  # started, connected to the slow broker
+    publisher._slots = asyncio.Semaphore(0)  # every slot held by a send still waiting for its ack
+    started = time.monotonic()
+
+    async def push(n: int) -> float:
+        with pytest.raises(PublishError):
+            await publisher.publish("t", b"k", str(n).encode())
+        return time.monotonic() - started
+
+    answered = await asyncio.wait_for(asyncio.gather(*(push(n) for n in range(4))), 5)
+    assert broker.sent == []
+    assert max(answered) < 0.3 + 0.2  # each within its own send timeout
+
+
+async def test_a_slot_freed_in_time_is_used_for_the_rest_of_the_timeout() -> None:
+    kafka = load_settings({"OCPI_KAFKA_BOOTSTRAP": "kafka:9092", "OCPI_KAFKA_SEND_TIMEOUT": "0.4"}).kafka
+    publisher = Publisher(kafka, kafka.bootstrap, max_in_flight=1)
+    broker = SlowBroker()
+    publisher._producer = broker  # type: ignore[assignment]
+    first = asyncio.create_task(publisher.publish("t", b"k", b"first"))
+    await asyncio.sleep(0.1)
+    second = asyncio.create_task(publisher.publish("t", b"k", b"second"))  # waits for the first's slot
+    for task in (first, second):
+        with pytest.raises(PublishError):
+            await task
+    assert broker.sent == [b"first", b"second"]  # the second got the slot 0.1 s before its deadline
