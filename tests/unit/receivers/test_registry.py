@@ -188,6 +188,22 @@ async def test_directory_honours_states_and_local_changes(open_registry: Callabl
     assert await directory.lookup(new) is None
 
 
+def slow_reads(registry: PartnerRegistry) -> tuple[threading.Event, threading.Event]:
+    """Make the registry's reads slow: each reads at once, sets the first event, and answers once the second is set.
+    """
+    read, release = threading.Event(), threading.Event()
+    load = registry.all
+
+    def slow_all(*, include_deleted: bool = False) -> list[Partner]:
+        result = load(include_deleted=include_deleted)
+        read.set()
+        release.wait(10)
+        return result
+
+    registry.all = slow_all  # type: ignore[method-assign]
+    return read, release
+
+
 async def test_a_reload_in_flight_does_not_undo_a_local_change(open_registry: Callable[[], PartnerRegistry]) -> None:
     """A periodic reload that read the registry just before a credentials DELETE (or PUT, or the POST that kills
     Token A) was saved must not bring the revoked token back once it completes."""
@@ -195,16 +211,8 @@ async def test_a_reload_in_flight_does_not_undo_a_local_change(open_registry: Ca
     _, token = registry.register_direct("bec", "BEC", [role("BE", "BEC")])
     directory = PartnerDirectory(registry, refresh_s=60)
     await directory.reload()
-    read, release = threading.Event(), threading.Event()
     load = registry.all
-
-    def slow_all(*, include_deleted: bool = False) -> list[Partner]:
-        result = load(include_deleted=include_deleted)  # read before the DELETE is saved
-        read.set()
-        release.wait(10)
-        return result
-
-    registry.all = slow_all  # type: ignore[method-assign]
+    read, release = slow_reads(registry)  # read before the DELETE is saved, answered once released
     in_flight = asyncio.create_task(directory.reload())
     assert await asyncio.to_thread(read.wait, 10)
     registry.all = load  # type: ignore[method-assign]
@@ -252,15 +260,7 @@ async def test_requests_do_not_queue_behind_a_slow_periodic_reload(
     _, token = registry.register_direct("bec", "BEC", [role("BE", "BEC")])
     directory = PartnerDirectory(registry, refresh_s=0.1)
     await directory.reload()
-    reading, release = threading.Event(), threading.Event()
-    load = registry.all
-
-    def slow_all(*, include_deleted: bool = False) -> list[Partner]:
-        reading.set()
-        release.wait(10)
-        return load(include_deleted=include_deleted)
-
-    registry.all = slow_all  # type: ignore[method-assign]
+    reading, release = slow_reads(registry)
     await asyncio.sleep(0.2)
     first = asyncio.create_task(directory.lookup(token))  # finds the reload due, and reads
     try:
