@@ -221,16 +221,25 @@ def test_a_location_re_push_confirms_its_evses_against_an_older_evse_push() -> N
     assert json.loads(other.state(KEY).object_json)["evses"][0]["status"] == "AVAILABLE"
 
 
+def late_power_patch(*, received: float) -> Any:
+    """A PATCH of E1's Connector 1 stamped t=3 (11 kW), sent before a re-push of t=5 but arriving after it."""
+    return event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(3))}, object_id="LOC1",
+                 evse_uid="E1", connector_id="1", received=received)
+
+
+def assert_stale_after(h: Any, repush: Any, late: Any) -> None:
+    """The re-push is a duplicate that confirms the Connector at t=5: the late PATCH is stale, 22 kW stays."""
+    out = h.run(repush, late)
+    assert (outcome_of(out, repush.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
+    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 22000
+
+
 def test_an_evse_re_push_confirms_its_connectors_against_an_older_connector_push() -> None:
     h = harness()
     h.run(event("Location", location(updated=0), received=0),
           event("EVSE", evse("E1", status="CHARGING", updated=2), object_id="LOC1", evse_uid="E1", received=1))
     repush = event("EVSE", evse("E1", status="CHARGING", updated=5), object_id="LOC1", evse_uid="E1", received=2)
-    late = event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(3))}, object_id="LOC1",
-                 evse_uid="E1", connector_id="1", received=3)
-    out = h.run(repush, late)
-    assert (outcome_of(out, repush.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
-    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 22000
+    assert_stale_after(h, repush, late_power_patch(received=3))
 
 
 def test_sub_object_identities_with_a_bar_in_their_ids_do_not_collide() -> None:
@@ -301,11 +310,7 @@ def test_a_location_re_push_confirms_the_connectors_it_carries() -> None:
     h = harness()
     h.run(event("Location", location(updated=0), received=0))
     repush = event("Location", location(updated=5), received=1)
-    late = event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(3))}, object_id="LOC1",
-                 evse_uid="E1", connector_id="1", received=2)
-    out = h.run(repush, late)
-    assert (outcome_of(out, repush.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
-    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 22000
+    assert_stale_after(h, repush, late_power_patch(received=2))
 
 
 def test_a_re_push_confirms_each_connector_at_the_connectors_own_last_updated() -> None:
