@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from ocpi.compat import CompatProfile
 from ocpi.model import EVSE
 from pipeline import wire
@@ -274,7 +276,11 @@ def test_a_child_duplicate_confirms_its_parents_against_an_older_location_put() 
     assert stored(h)["evses"][0]["status"] == "CHARGING"
 
 
-def test_a_connector_duplicate_confirms_its_evse_against_an_older_evse_put() -> None:
+@pytest.mark.parametrize("parent", ["EVSE", "Location"])
+def test_a_connector_duplicate_confirms_its_parents_against_an_older_parent_put(parent: str) -> None:
+    # A Connector push, applied, raises its EVSE's and the Location's last_updated too (08 §3): its duplicate at
+    # t=5 proves the tree's state at t=5 up to the Location, so an EVSE or Location PUT of t=4 arriving after it
+    # is stale.
     h = harness()
     h.run(event("Location", location(), received=0))
     body = {"max_electric_power": 11000}
@@ -282,23 +288,8 @@ def test_a_connector_duplicate_confirms_its_evse_against_an_older_evse_put() -> 
                 connector_id="1", received=1))
     again = event("ConnectorPatch", {**body, "last_updated": iso(ts(5))}, object_id="LOC1", evse_uid="E1",
                   connector_id="1", received=2)
-    late = event("EVSE", evse("E1", updated=4), object_id="LOC1", evse_uid="E1", received=3)
-    out = h.run(again, late)
-    assert (outcome_of(out, again.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
-    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 11000
-
-
-def test_a_connector_duplicate_confirms_the_location_against_an_older_location_put() -> None:
-    # A Connector push, applied, raises the Location's last_updated too (08 §3): its duplicate at t=5 proves the
-    # tree's state at t=5 up to the Location, so a Location PUT of t=4 arriving after it is stale.
-    h = harness()
-    h.run(event("Location", location(), received=0))
-    body = {"max_electric_power": 11000}
-    h.run(event("ConnectorPatch", {**body, "last_updated": iso(ts(3))}, object_id="LOC1", evse_uid="E1",
-                connector_id="1", received=1))
-    again = event("ConnectorPatch", {**body, "last_updated": iso(ts(5))}, object_id="LOC1", evse_uid="E1",
-                  connector_id="1", received=2)
-    late = event("Location", location(updated=4), received=3)
+    late = (event("EVSE", evse("E1", updated=4), object_id="LOC1", evse_uid="E1", received=3) if parent == "EVSE"
+            else event("Location", location(updated=4), received=3))
     out = h.run(again, late)
     assert (outcome_of(out, again.event_id), outcome_of(out, late.event_id)) == ("DUPLICATE", "STALE")
     assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 11000
