@@ -317,7 +317,9 @@ class PipelineSettings:
         "internal topic: session and CDR facts keyed by CPO party, for reconciliation and credit links",
     )
     topic_reconciliation: str = _setting(
-        "OCPI_TOPIC_RECONCILIATION", "ocpi.reconciliation.v1", "topic the reconciliation results are published to"
+        "OCPI_TOPIC_RECONCILIATION", "ocpi.reconciliation.v1",
+        "topic the reconciliation results are published to (JSON, one object per `reconciliation` row, key"
+        " CC/PID/SUBJECT/ID)",
     )
     batch_max: int = _setting("OCPI_PIPELINE_BATCH", "5000", "most Kafka records one agent handles per batch")
     park_ttl_s: float = _setting(
