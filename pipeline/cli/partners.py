@@ -34,6 +34,7 @@ from receivers.registry import (
     PartnerRegistry,
     PartnerStatus,
     RegistryError,
+    TokenState,
     record_json,
 )
 
@@ -187,7 +188,8 @@ def show(partner_id: str, fmt: str) -> None:
     for endpoint in partner.endpoints:
         click.echo(f"endpoint: {endpoint.identifier} {endpoint.role.value} {endpoint.url}")
     for token in partner.inbound_tokens:
-        until = f" until {_when(token.expires_at)}" if token.expires_at else ""
+        # A revoked token keeps the end of the grace it was retired with: not a validity to show.
+        until = f" until {_when(token.expires_at)}" if token.state is TokenState.RETIRING else ""
         click.echo(f"token: {token.kind.value} {token.state.value}{until} issued {_when(token.issued_at)} "
                    f"sha256:{token.sha256[:12]}")
 

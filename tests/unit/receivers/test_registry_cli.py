@@ -20,7 +20,14 @@ from infra.runfile import RunningInstance, write_running_instance
 from infra.settings import Settings, as_environ
 from ocpi.model import Endpoint, InterfaceRole
 from pipeline.cli import cli
-from receivers.registry import PartnerRegistry, PartnerStatus, TokenState, credentials_role, hash_token
+from receivers.registry import (
+    PartnerRegistry,
+    PartnerStatus,
+    TokenKind,
+    TokenState,
+    credentials_role,
+    hash_token,
+)
 
 pytestmark = pytest.mark.clickhouse
 
@@ -140,3 +147,17 @@ def test_handshake_commands_fail_with_one_clear_line(run: Cli) -> None:
     assert "credentials handshake" in run("update", "bec", ok=False).output
     assert "credentials handshake" in run("unregister", "bec", ok=False).output
     assert "no partner" in run("update", "nobody", ok=False).output
+
+
+def test_show_gives_a_revoked_token_no_validity_end(run: Cli) -> None:
+    """A token retired with a grace and revoked later was shown as `C REVOKED until <end of the grace>`."""
+    run("list")
+    registry = run.registry()
+    partner, _ = registry.register_direct("bec", "BEC", [credentials_role(country_code="BE", party_id="BEC",
+                                                                          role="CPO")])
+    partner.issue_token(TokenKind.C)
+    partner.retire_tokens(keep=[partner.inbound_tokens[-1].sha256], grace_s=30)
+    partner.revoke_tokens()
+    registry.save(partner)
+    lines = [line for line in run("show", "bec").output.splitlines() if line.startswith("token: ")]
+    assert len(lines) == 2 and all("REVOKED" in line and "until" not in line for line in lines), lines
