@@ -376,11 +376,14 @@ class Initiator:
             log.warning("could not undo the registration at %s: %s", discovery.credentials_url, exc)
 
     def _registered(self, partner: Partner) -> tuple[str, str]:
-        if partner.status is not PartnerStatus.REGISTERED or not partner.outbound_token \
-                or not partner.versions_url:
-            how = "" if partner.outbound_token else " without a credentials handshake"
-            raise HandshakeError(f"partner {partner.partner_id!r} is {partner.status.value}{how}; only a "
-                                 "partner registered through the credentials handshake can do this")
+        if partner.status is not PartnerStatus.REGISTERED:
+            hint = " (`partners resume` it first)" if partner.status is PartnerStatus.SUSPENDED else ""
+            raise HandshakeError(f"partner {partner.partner_id!r} is {partner.status.value}; only a REGISTERED "
+                                 f"partner can do this{hint}")
+        if not partner.outbound_token or not partner.versions_url:
+            raise HandshakeError(f"partner {partner.partner_id!r} is {partner.status.value} without a credentials "
+                                 "handshake; only a partner registered through the credentials handshake can do "
+                                 "this")
         return partner.outbound_token, partner.versions_url
 
     async def update(self, partner_id: str) -> Partner:
@@ -457,5 +460,8 @@ def rotate_locally(registry: PartnerRegistry, settings: Settings,
         partner.retire_tokens(keep=[hash_token(token)], grace_s=settings.partners.token_grace_s)
         registry.save(partner)
         return partner, "C", token
+    if partner.status is PartnerStatus.SUSPENDED:  # invited, or registered through the handshake (a PUT, whose
+        # callback a suspended partner's tokens would refuse)
+        raise RegistryError(f"partner {partner_id!r} is SUSPENDED; `partners resume` it first")
     raise RegistryError(f"partner {partner_id!r} is {partner.status.value} ({partner.origin.value.lower()}); "
                         "nothing to rotate here")

@@ -21,6 +21,7 @@ from infra.settings import Settings, as_environ
 from ocpi.model import Endpoint, InterfaceRole
 from pipeline.cli import cli
 from receivers.registry import (
+    Origin,
     PartnerRegistry,
     PartnerStatus,
     TokenKind,
@@ -147,6 +148,33 @@ def test_handshake_commands_fail_with_one_clear_line(run: Cli) -> None:
     assert "credentials handshake" in run("update", "bec", ok=False).output
     assert "credentials handshake" in run("unregister", "bec", ok=False).output
     assert "no partner" in run("update", "nobody", ok=False).output
+
+
+def handshake_partner(run: Cli, status: PartnerStatus) -> None:
+    """A partner registered through the handshake (it holds a token for us and we one for it), now `status`."""
+    registry = run.registry()
+    partner, _ = registry.register_direct("cpo", "CPO", [credentials_role(country_code="NL", party_id="TNM",
+                                                                          role="CPO")])
+    partner.origin = Origin.US
+    partner.outbound_token, partner.versions_url = "their-token-for-us", "http://127.0.0.1:9/ocpi/versions"
+    registry.save(partner)
+    if status is PartnerStatus.UNREGISTERED:
+        registry.unregister(partner)  # a credentials DELETE: the token we held for it is dropped
+    else:
+        registry.set_status("cpo", status)
+
+
+@pytest.mark.parametrize("status", [PartnerStatus.SUSPENDED, PartnerStatus.UNREGISTERED])
+def test_a_handshake_partner_in_the_wrong_state_is_told_so_truly(run: Cli, status: PartnerStatus) -> None:
+    """`update`/`unregister`/`rotate` of a partner registered through the handshake but now suspended or
+    unregistered said "SUSPENDED without a credentials handshake" / "nothing to rotate here": false, and no hint
+    that a suspended one must be resumed first."""
+    run("list")  # migrates the store
+    handshake_partner(run, status)
+    for command in ("update", "unregister", "rotate"):
+        output = run(command, "cpo", ok=False).output
+        assert f"is {status.value}" in output and "without a credentials handshake" not in output, output
+        assert ("partners resume" in output) is (status is PartnerStatus.SUSPENDED), output
 
 
 def test_show_gives_a_revoked_token_no_validity_end(run: Cli) -> None:
