@@ -105,8 +105,12 @@ def version_of(moment: datetime) -> int:
 
 def next_version(previous: int, last_updated: datetime) -> int:
     """Row version of a new state: grows with last_updated (x1000 leaves room for equal timestamps) and always
-    exceeds the previous version, so ReplacingMergeTree keeps the newest state however often rows repeat."""
-    return max(previous + 1, version_of(last_updated) * 1000)
+    exceeds the previous version, so ReplacingMergeTree keeps the newest state however often rows repeat.
+
+    By 2 at least: the retention pass rewrites a current row pseudonymised at its version + 1 (read, then
+    inserted), so a state the worker writes meanwhile must outrank that rewrite whichever is inserted last; with
+    + 1 they tied, the later insert won, and the pass's copy of the older state could hide the new one."""
+    return max(previous + 2, version_of(last_updated) * 1000)
 
 
 def raw_event_row(event: DecodedEvent, topic: str, partition: int, offset: int, outcome: Outcome,

@@ -89,9 +89,9 @@ def test_idle_only_in_open_states_and_after_the_limit() -> None:
 def test_versions_follow_last_updated_and_always_grow() -> None:
     v = next_version(0, ts(0))
     assert v == version_of(ts(0)) * 1000
-    assert next_version(v, ts(0)) == v + 1  # equal timestamp: still newer
+    assert next_version(v, ts(0)) == v + 2  # equal timestamp: still newer, and above a retention rewrite (v + 1)
     assert next_version(v + 1, ts(1)) == version_of(ts(1)) * 1000
-    assert next_version(v + 5, ts(0) - timedelta(seconds=1)) == v + 6  # never goes back
+    assert next_version(v + 5, ts(0) - timedelta(seconds=1)) == v + 7  # never goes back
 
 
 def test_facts_are_relevant_for_keys_and_status_or_amounts_once_final() -> None:

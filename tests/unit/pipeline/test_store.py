@@ -12,6 +12,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from infra.settings import Settings, load_settings
+from ocpi.identity import ObjectKey
 from pipeline import retention, sweeps
 from pipeline.cdrs import process_cdrs
 from pipeline.locations import process_locations
@@ -19,7 +20,7 @@ from pipeline.projection import CDR_COLUMNS, SESSION_COLUMNS
 from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS
 from pipeline.records import DeadLetter
 from pipeline.sessions import process_sessions
-from pipeline.sink import Batch, ClickHouseSink
+from pipeline.sink import Batch, ClickHouseSink, insert_rows
 from pipeline.stage import StageOutput
 from pipeline.state import CdrState, LocationState, SessionState
 
@@ -671,6 +672,34 @@ def test_a_location_row_is_due_when_its_publish_allowed_to_is_whatever_updates_c
     assert not current["LOC-PUBLIC"][0]
     assert [r.rows_due for r in retention.report_rows(client, client.database, settings, ts(day))
             if r.table == "locations"] == [0]
+
+
+def test_an_update_written_while_the_pass_rewrites_its_row_stays_the_current_row(client: Client) -> None:
+    """The pass reads a due current row (version V) and writes it back pseudonymised at V + 1. An EVSE update the
+    worker writes in between, whose last_updated does not move the Location's on (older than it, newer than the
+    EVSE's), got V + 1 too: the tie went to the pass's later insert, so FINAL (the receivers' GET) answered the
+    EVSE's old status while the `evses` table and the worker's state held the new one."""
+    import asyncio
+
+    from receivers.state import StateReader, evse_of
+
+    locations = Harness(process_locations, LocationState)
+    write(client, locations.run(event("Location", location(evses=[evse("E1", updated=0)], updated=60, publish=False,
+                                                           publish_allowed_to=[{"uid": "TOK3", "type": "RFID"}]),
+                                      received=0)).batch)
+    update = locations.run(event("EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(30))},
+                                 object_id="LOC1", evse_uid="E1", received=40 * 24 * 60)).batch
+
+    def insert(table: str, columns: list[str], rows: list[list[Any]]) -> None:
+        write(client, update)  # the worker's batch lands between the pass's read and its write
+        insert_rows(client, table, columns, rows)
+
+    retention.pseudonymise_due(client, _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30"),
+                               retention.Pseudonymizer(b"x" * 32), ts(40 * 24 * 60), insert=insert)
+    stored = asyncio.run(StateReader(lambda: client).location(ObjectKey("NL", "TNM", "LOC1")))
+    assert stored is not None
+    assert json.loads(bytes(evse_of(stored, "E1") or b"{}"))["status"] == "CHARGING"
+    assert client.query("SELECT status FROM evses FINAL").result_rows == [("CHARGING",)]
 
 
 def test_pseudonyms_are_keyed_stable_and_idempotent() -> None:
