@@ -86,6 +86,8 @@ async def test_session_put_and_cdr_post_land_in_clickhouse_exactly(stack: Stack,
                                  Decimal("4.0000"), Decimal("4.4000"), False, "012345678")])
     assert cdrs == [("BE", "BEC", "12345", "101", Decimal("15.3420"), Decimal("1.9730"), Decimal("4.0000"),
                      Decimal("4.4000"), False, "012345678")]
+    # A batch's tables are inserted side by side: the sessions row can be visible before its raw_events row.
+    await wait_for(client, "SELECT module FROM raw_events FINAL ORDER BY module", want=[("CDRS",), ("SESSIONS",)])
     raw = client.query("SELECT module, operation, level, object_id, request_id, correlation_id, source "
                        "FROM raw_events FINAL ORDER BY module").result_rows
     assert raw == [("CDRS", "POST", "CDR", "12345", raw[0][4], raw[0][5], "PUSH"),
