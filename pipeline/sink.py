@@ -167,14 +167,10 @@ class ClickHouseSink:
         client = self._client
 
         def insert(table: str) -> list[RefusedRow]:
-            rows = tables[table]
-            try:
-                insert_rows(client, table, columns[table], rows)
+            if self._refused_rows is None:
+                insert_rows(client, table, columns[table], tables[table])
                 return []
-            except DatabaseError as exc:
-                if self._refused_rows is None or not refused_for_its_data(exc):
-                    raise
-                return insert_isolating(client, table, columns[table], rows)
+            return insert_isolating(client, table, columns[table], tables[table])
 
         futures = [self._pool.submit(insert, table) for table, rows in tables.items() if rows]
         refused = [row for future in futures for row in future.result()]  # every insert finishes, or raises
