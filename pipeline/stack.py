@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx
 from clickhouse_connect.driver.client import Client
@@ -40,12 +39,6 @@ from pipeline.retention import topic_configs
 log = logging.getLogger(__name__)
 
 VERSIONS_PATH = "/ocpi/versions"
-
-
-def shim_url(token: str, port: int) -> str:
-    """The DSN of this process's ClickHouse shim: the admin token percent-encoded as the password (clients decode
-    it), so that a '/', '#', '?' or '%' in OCPI_ADMIN_TOKEN does not end the host part or change the token."""
-    return f"http://ocpi:{quote(token, safe='')}@127.0.0.1:{port}"
 
 
 class StackError(RuntimeError):
@@ -134,7 +127,7 @@ class Stack:
         self.clickhouse.database = database
         if dsn.startswith("chdb://"):
             self.shim = await ClickHouseShim(ChdbEngine(chdb_path(dsn)), self.admin_token).start()
-            self.clickhouse_url = shim_url(self.admin_token, self.shim.port)
+            self.clickhouse_url = self.shim.dsn
         else:
             self.clickhouse_url = dsn
 

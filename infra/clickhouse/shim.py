@@ -22,6 +22,7 @@ import time
 import zlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import chdb
 from aiohttp import web
@@ -132,6 +133,12 @@ class ClickHouseShim:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def dsn(self) -> str:
+        """The DSN a client of this shim connects with: the token percent-encoded as the password (clients decode
+        it), so that a '/', '#', '?' or '%' in it does not end the host part or change the token."""
+        return f"http://ocpi:{quote(self.token, safe='')}@{self.host}:{self.port}"
 
     async def _handle(self, request: web.Request) -> web.Response:
         if request.path == "/ping":

@@ -116,7 +116,7 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
             # Nobody serves the embedded store: this process holds it, so it serves it to the rebuild worker.
             token = secrets.token_urlsafe(16)
             shim = await ClickHouseShim(ChdbEngine(chdb_path(dsn)), token).start()
-            dsn = f"http://ocpi:{token}@127.0.0.1:{shim.port}"
+            dsn = shim.dsn
         log_path = jobs_dir(settings, "rebuild") / state["job"] / "worker.log"
         if state["status"] == "building":
             await asyncio.to_thread(migrate, client, state["rebuild_database"])

@@ -14,7 +14,7 @@ from infra.clickhouse.client import chdb_path, connect
 from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
 from infra.runfile import RunningInstance, read_running_instance, write_running_instance
 from infra.settings import load_settings
-from pipeline.stack import Stack, StackError, shim_url
+from pipeline.stack import Stack, StackError
 
 
 @pytest.mark.clickhouse
@@ -25,7 +25,7 @@ async def test_the_shim_url_works_with_any_admin_token(chdb_dsn: str) -> None:
     shim = await ClickHouseShim(ChdbEngine(chdb_path(chdb_dsn)), token).start()
 
     def use() -> list[int]:
-        url = shim_url(token, shim.port)
+        url = shim.dsn
         # The worker and the receivers get the URL as OCPI_CLICKHOUSE_DSN (the password comes from it);
         # `query` and `partners` read it from the run file and send the token as the password.
         from_dsn = connect(url, compress=False).query("SELECT 1").result_rows[0][0]
