@@ -36,7 +36,7 @@ from ocpi.errors import OcpiJsonError, OcpiValidationError
 from ocpi.types import CI_STRING_PATTERN, STRING_PATTERN, dec_hook, float_hook
 
 __all__ = ["UNDECODABLE", "UNPARSABLE", "Decoded", "OcpiJsonError", "OcpiValidationError", "decode", "decode_list",
-           "unparsable_reason"]
+           "invalid_value", "unparsable_reason"]
 
 T = TypeVar("T")
 
@@ -155,6 +155,16 @@ def decode_list(
 
 
 _TOO_DEEP: Final = "JSON nests too deeply"
+
+
+def invalid_value(value: Any, kind: Any) -> str | None:
+    """Why `value` is not a valid `kind` (an OCPI type, e.g. `CiString36` for an id in a URL), in the words of a
+    2001; None when it is one."""
+    try:
+        msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        return _translate(exc, kind).reason
+    return None
 
 
 def _after_strict_failure(

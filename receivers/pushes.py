@@ -32,7 +32,6 @@ the same read); CDR POSTs answer 201 (a CDR is new by definition).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, TypeAlias
@@ -42,11 +41,12 @@ from litestar import Request
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from ocpi.decode import UNPARSABLE
+from ocpi.decode import UNPARSABLE, invalid_value
 from ocpi.identity import ObjectKey, ci_equal
 from ocpi.model import (
     CDR,
     EVSE,
+    CiString36,
     Connector,
     ConnectorPatch,
     EVSEPatch,
@@ -55,7 +55,6 @@ from ocpi.model import (
     Session,
     SessionPatch,
 )
-from ocpi.types import CI_STRING_PATTERN
 from receivers.publishing import EventPublisher
 from receivers.transport import InvalidParameters, decode_body
 
@@ -180,22 +179,14 @@ def check_level(body: bytes, target: Target) -> None:
                                        f"{target.url_hint} carries {article} {noun}")
 
 
-_URL_ID_MAX: Final = 36  # Location id, EVSE uid, Connector id, Session id: CiString(36) (08 §3.1, 09 §3.1)
-_CI_STRING: Final = re.compile(CI_STRING_PATTERN)
-
-
 def check_url_ids(target: Target, url: PushUrl) -> None:
-    """Every id in the URL must be a valid CiString(36): a PATCH need not repeat it in the body, so without
-    this an id no object can have (too long, not ASCII, a control character) would be acknowledged."""
+    """Every id in the URL must be a valid CiString(36) (08 §3.1, 09 §3.1), the type of the object's id: a PATCH
+    need not repeat it in the body, so without this an id no object can have (too long, not ASCII, a control
+    character) would be acknowledged."""
     for url_field, name in target.url_ids:
         value = getattr(url, url_field)
-        if value is None:
-            continue
-        if len(value) > _URL_ID_MAX:
-            raise _refuse(f"{{{name}}}", f"the URL's {name} is longer than {_URL_ID_MAX} characters (CiString(36))")
-        if not _CI_STRING.match(value):
-            raise _refuse(f"{{{name}}}", f"the URL's {name} contains characters other than printable ASCII "
-                                         "(CiString allows 0x20-0x7E only)")
+        if value is not None and (reason := invalid_value(value, CiString36)) is not None:
+            raise _refuse(f"{{{name}}}", f"the URL's {name}: {reason}")
 
 
 def check_identity(value: Any, target: Target, url: PushUrl) -> None:
