@@ -91,6 +91,64 @@ def test_locations_rows_from_before_personal_at_count_from_their_received_at(chd
 
 
 
+# 0016 as it was released (78cede0) before a comment was added to it (3b671b0): the checksum databases migrated then
+# recorded.
+_RELEASED_0016 = "69d027d751f2936bad708d07601aa09704462b8d8f3fe423f89869b12b64a624"
+_ADDED_COMMENT = ("-- Values this version adds without a schema change: credit_links.status DUPLICATE_CREDIT;"
+                  " reconciliation.outcome\n-- CREDITED (a CDR a credit cancels).\n")
+
+
+def test_a_database_migrated_with_0016_as_first_released_upgrades(chdb_dsn: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The comment added to 0016 after its release changed the file's checksum: `migrate` (and `dev`, `partners`)
+    # refused every database migrated before, naming 0016 as "changed after it was applied", and applied nothing
+    # after it (0017-0021), so the new code ran against a schema it does not fit.
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    every = available_migrations()
+    [current] = [m for m in every if m.version == 16]
+    released = migrations.Migration(16, current.name, current.sql.replace(_ADDED_COMMENT, ""))
+    assert released.checksum == _RELEASED_0016
+    assert released.statements() == current.statements()
+    monkeypatch.setattr(migrations, "available_migrations",
+                        lambda: [released if m.version == 16 else m for m in every if m.version <= 16])
+    migrate(client, database)
+    monkeypatch.undo()
+    assert [m.version for m in migrate(client, database)] == [m.version for m in every if m.version > 16]
+    assert migrate(client, database) == []
+    client.command(f"DROP DATABASE {database}")
+
+
+def test_a_released_migration_is_never_edited() -> None:
+    # A database records each migration's checksum and refuses to migrate further when a file changed, even in a
+    # comment (0016 was, see above): a change is a new migration. The checksums as released; never change one.
+    released = {
+        1: "451bd78ba3d8c6930bcc780bb3a692e944c220efe316c16eb4eac44404800c89",
+        2: "1b8b2adf27d4c1591416dbd209fdc73bace9c1dae7a4f5144114bef506314e1c",
+        3: "a10e94742e90cb3c2b1ab2b56e36443ecc5f5706e048ba287ca3562af3c1a0a7",
+        4: "4a6d7c7703b1ed82791503f9314c5d190bc765feb8f53c03c961a0c5c2690958",
+        5: "9e339072938e466d6e01346b1c1e1ac6c5051611d48b1e213a88bfae33ef76fa",
+        6: "6f8507a795919d6f7a027655061c5b5f0b94d6ed491d882372ceb6857c5d5e26",
+        7: "9e2afe376338b61c679b525bff16d67c8a322f36c80dadfff80d7e1c13ba5b13",
+        8: "87d8d6deabc9a1358bec95187ddd88efd85c3a204ce8c00918fdae2d36aca57a",
+        9: "5ed2339b9f00148ae871ce293f871505b74141b6c618baa139451bb6d042d7ad",
+        10: "a83a24ddc58850027af8006aee7c3a51089399269a7575dcf4a393d95c49bb54",
+        11: "06a7f7ab6d0fcdfb5ab9a955e1743af1583d202b61ffc653813c0ac132d3d5bd",
+        12: "c1b9234ad40fd8f2915d80db4f364885e7d72acc8f986664da66d6eff0a8ca2a",
+        13: "dae45c049d783fcb6fec91aade2324d235f9e53d49f54055816fad4770e4cc54",
+        14: "0ce6cf26b6e1e07e4f82f924c8bb64e71aed78e5b745ddf04ec8469c9025fbb8",
+        15: "eb9040234fb635ef664f18aff8ec16d7f046466f016959fcd74acf009e0fdde3",
+        16: "a82f1942169928462169b883b3cf0d17752f4f04a0c2e0493dae35d30239003e",
+        17: "7e43aec7676befccccf1f416123c1019f98db170f0d0bfe3baa55ff7fc9583cb",
+        18: "d29538f194d47c6b91ca736e1bb64e6d3bba5ab2fe86116c08b9adbfa2f4b820",
+        19: "66da48b115218650f628f5abe4e1721a5da272d9f6c0a835e11cdf4a8d4c55d8",
+        20: "0c025cbb887c5ce2d554f25140d6aba7cddb4ce01cb223ec8812032f6b964f82",
+        21: "69f19db938056ae54960b33dbcfa74c32bb26b21e45e72f972a91ef2e8335482",
+    }
+    current = {m.version: m.checksum for m in available_migrations()}
+    assert {v: current.get(v) for v in released} == released
+
+
 def test_a_store_another_process_holds_is_named_as_held(tmp_path: Path) -> None:
     # chDB's exception says only "Error initializing EmbeddedServer" (its lock error goes to stderr): the friendly
     # message, which tells the user to go through the running instance, never matched it.
