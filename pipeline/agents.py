@@ -70,6 +70,10 @@ from pipeline.topics import Topics
 log = logging.getLogger(__name__)
 
 BATCH_WITHIN_S = 0.3  # how long a batch waits to fill up to OCPI_PIPELINE_BATCH records
+# A whole-batch state write (StateTable) up to this size per partition is one Kafka record batch; a larger one is
+# split. Below RECORD_MAX_BYTES so that a produce request carrying several partitions' batches stays well within a
+# broker's request limit (socket.request.max.bytes, 100 MB by default).
+WHOLE_STATE_BYTES: Final = 4 * 1024 * 1024
 STOP_GRACE_S = 30.0  # how long a stopping worker finishes the batch in hand
 EXIT_PIPELINE_ERROR = 70  # EX_SOFTWARE: a bug; nothing of the batch was committed
 _JSON = msgspec.json.Encoder(decimal_format="number")
@@ -78,8 +82,13 @@ _JSON = msgspec.json.Encoder(decimal_format="number")
 class StateTable:
     """A Faust table of bytes values, read and written in the partition of a given event."""
 
-    def __init__(self, table: TableT[Any, Any]) -> None:
+    def __init__(self, table: TableT[Any, Any], *, whole_batches: bool = False) -> None:
         self.table = table
+        # Whether a batch's changelog records go out as one record batch per partition, written whole or not at
+        # all (up to WHOLE_STATE_BYTES): stage 2's state of a batch spans many keys (a session, the CDRs it
+        # holds, the indexes that find them) that must not be restored in part after a crash. Stage 1's state of
+        # an object is one key, so its tables keep the producer's batch size.
+        self.batch_bytes = WHOLE_STATE_BYTES if whole_batches else None
         # Held by the table's agent for a whole batch (state read, effects, state written) and by the state
         # retention pass for a chunk: the pass never decides on a value a batch has read and not written back yet,
         # and their changelog records for a key never cross (a stale tombstone after a newer value).
@@ -152,7 +161,7 @@ class StateTable:
         # where the local store had the batch and the changelog never would: a replayed batch whose facts stage 2
         # has seen writes nothing, so a later owner of the partition would recover a state without them.
         acked: dict[int, int] = {}
-        for ack in await context.produce(topic, records):
+        for ack in await context.produce(topic, records, batch_bytes=self.batch_bytes):
             acked[ack.partition] = max(ack.last_offset, acked.get(ack.partition, -1))
         for partition, write in writes.items():  # one write per partition database, not one per key
             self._partition_db(partition).write(write)
@@ -206,16 +215,19 @@ class AgentContext:
         """Send and wait for every ack; retried, and the process ends rather than let the batch be acked."""
         await self.produce(topic, [(key, value, None) for key, value in records])
 
-    async def produce(self, topic: str, records: Sequence[OutgoingRecord]) -> list[Acked]:
+    async def produce(self, topic: str, records: Sequence[OutgoingRecord], *, batch_bytes: int | None = None,
+                      ) -> list[Acked]:
         """Send (key, value, partition or None) records and return the acks of their batches once every record
-        is acknowledged; retried, and the process ends rather than let the batch be acked without them."""
+        is acknowledged; retried, and the process ends rather than let the batch be acked without them.
+        `batch_bytes`: see `infra.kafka.bulk.send_all`."""
         if not records:
             return []
         backoff = 0.2
         while True:
             try:
                 # Faust's producer wraps an aiokafka producer; its batch API saves the per-record send path.
-                return await send_all(self.app.producer._ensure_producer(), topic, records)  # type: ignore[attr-defined]
+                return await send_all(self.app.producer._ensure_producer(), topic, records,  # type: ignore[attr-defined]
+                                      batch_bytes=batch_bytes)
             except asyncio.CancelledError:
                 log.critical("worker stopped while publishing to %s; exiting before commit", topic)
                 os._exit(EXIT_PIPELINE_ERROR)

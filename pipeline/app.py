@@ -29,7 +29,8 @@ from pipeline.topics import Topics, declare_topics
 APP_ID = "ocpi-pipeline"  # the default of OCPI_PIPELINE_APP_ID
 
 # State tables (Faust tables with changelog topics `<app id>-<name>-changelog`, stored with rocksdict).
-TABLES = ("location-state", "session-state", "cdr-state", "party-state")
+PARTY_TABLE = "party-state"  # stage 2: reconciliation and credit links per CPO party
+TABLES = ("location-state", "session-state", "cdr-state", PARTY_TABLE)
 
 
 @dataclass
@@ -90,7 +91,8 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
     topics = declare_topics(app, settings)
     tables = {
         # bytes key and value types select Faust's raw serializer: the state codec is ours (pipeline.state).
-        name: StateTable(app.Table(name, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions))
+        name: StateTable(app.Table(name, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions),
+                         whole_batches=name == PARTY_TABLE)
         for name in TABLES
     }
     pseudonym = Pseudonymizer(load_key(settings))

@@ -4,6 +4,10 @@
 future and its callbacks), which a worker producing one or two records per event pays over and over. Records
 for one partition are appended here to a `BatchBuilder` instead (aiokafka's C record builder) and each full
 batch is sent once: the broker sees the same records, keys, partitions and order.
+
+A Kafka record batch is appended to the log, replicated and read back as a unit, so records that must be
+kept together (a batch's state changes in a changelog, `pipeline.agents.StateTable`) are sent with a larger
+`batch_bytes`: one record batch per partition, written whole or not at all.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 # (key, value, partition or None for the producer's partitioner)
 OutgoingRecord = tuple[bytes | None, bytes | None, int | None]
@@ -30,11 +35,14 @@ class Acked:
     last_offset: int
 
 
-async def send_all(producer: AIOKafkaProducer, topic: str, records: Sequence[OutgoingRecord]) -> list[Acked]:
+async def send_all(producer: AIOKafkaProducer, topic: str, records: Sequence[OutgoingRecord],
+                   *, batch_bytes: int | None = None) -> list[Acked]:
     """Send `records` to `topic`, in order per partition, and return once the broker acknowledged all of them.
 
     A record without a partition goes where `producer.send` would put it (the producer's own partitioner on
-    the key), so a key keeps its partition whichever way it was sent. Raises what the producer raises.
+    the key), so a key keeps its partition whichever way it was sent. Batches are the producer's
+    `max_batch_size`, or `batch_bytes` when given (at most the topic's `max.message.bytes` and the producer's
+    `max_request_size`). Raises what the producer raises.
     """
     if not records:
         return []
@@ -53,13 +61,13 @@ async def send_all(producer: AIOKafkaProducer, topic: str, records: Sequence[Out
     sent: list[tuple[int, int, asyncio.Future[object]]] = []
     try:
         for partition, items in by_partition.items():
-            batch = producer.create_batch()
+            batch = new_batch(producer, batch_bytes)
             count = 0
             for key, value in items:
                 if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
                     if count:
                         sent.append((partition, count, await producer.send_batch(batch, topic, partition=partition)))
-                        batch = producer.create_batch()
+                        batch = new_batch(producer, batch_bytes)
                         count = 0
                     if batch.append(key=key, value=value, timestamp=None) is None:
                         raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch for {topic}")
@@ -76,6 +84,15 @@ async def send_all(producer: AIOKafkaProducer, topic: str, records: Sequence[Out
             raise result
     return [Acked(partition, metadata.offset, metadata.offset + count - 1)  # type: ignore[attr-defined]
             for (partition, count, _), metadata in zip(sent, results, strict=True)]
+
+
+def new_batch(producer: AIOKafkaProducer, batch_bytes: int | None) -> Any:
+    """An empty batch: the producer's own (`max_batch_size`), or one of up to `batch_bytes`, built as
+    `producer.create_batch` builds it (aiokafka fixes the size when the producer is made)."""
+    if batch_bytes is None:
+        return producer.create_batch()
+    accumulator: Any = producer._message_accumulator  # aiokafka keeps it private
+    return BatchBuilder(batch_bytes, accumulator._compression_type, is_transactional=False)
 
 
 def _retrieve(future: asyncio.Future[object]) -> None:

@@ -80,3 +80,25 @@ def test_send_all_of_nothing_sends_nothing(broker: str) -> None:
             await producer.stop()
 
     asyncio.run(run())
+
+
+def test_send_all_with_batch_bytes_sends_one_record_batch_per_partition(broker: str) -> None:
+    topic = unique("whole")
+    ensure_topics(broker, [topic], PARTITIONS)
+    records = [(f"key-{i % 11}".encode(), f"value-{i:05d}".encode() * 20, i % PARTITIONS) for i in range(3000)]
+
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=broker, max_batch_size=16 * 1024, linger_ms=5)
+        await producer.start()
+        try:
+            acks = await send_all(producer, topic, records, batch_bytes=4 * 1024 * 1024)
+        finally:
+            await producer.stop()
+        # 400 KB per partition: 25 of the producer's batches, one whole batch each here
+        assert sorted((a.partition, a.first_offset, a.last_offset) for a in acks) == [
+            (p, 0, 999) for p in range(PARTITIONS)]
+        seen = await _read_all(broker, topic, len(records))
+        assert {p: [(k, v) for k, v, _ in got] for p, got in seen.items()} == {
+            p: [(k, v) for k, v, q in records if q == p] for p in range(PARTITIONS)}
+
+    asyncio.run(run())

@@ -9,12 +9,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infra.kafka.bulk import _default_partition, _fast_partitioner, murmur2, send_all
+from infra.kafka.bulk import _default_partition, _fast_partitioner, murmur2, new_batch, send_all
 
 
 @dataclass
@@ -141,3 +142,18 @@ def test_only_aiokafkas_default_partitioner_is_replaced() -> None:
     custom = lambda key, all_partitions, available: 0  # noqa: E731
     assert _fast_partitioner(custom) is custom
     assert _default_partition(None, [0, 1, 2], [1]) == 1  # no key: a random available partition
+
+
+def test_a_batch_of_batch_bytes_holds_what_the_producers_batch_size_would_split() -> None:
+    async def fill() -> tuple[int, int]:
+        producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:9", max_batch_size=16 * 1024)  # never started
+        counts = []
+        for batch in (new_batch(producer, None), new_batch(producer, 1024 * 1024)):
+            count = 0
+            while count < 500 and batch.append(key=b"k", value=b"v" * 1000, timestamp=None) is not None:
+                count += 1
+            counts.append(count)
+        return counts[0], counts[1]
+
+    producers_batch, whole = asyncio.run(fill())
+    assert producers_batch < 20 and whole == 500

@@ -11,7 +11,7 @@ import pytest
 from rocksdict import Options, Rdict
 
 from infra.kafka.bulk import Acked
-from pipeline.agents import PartyAgent, StateTable
+from pipeline.agents import WHOLE_STATE_BYTES, PartyAgent, StateTable
 from pipeline.facts import encode_facts
 from pipeline.records import RawMessage
 
@@ -46,6 +46,7 @@ class FakeStore:
 class Context:
     def __init__(self) -> None:
         self.changelog: list[tuple[bytes, bytes | None]] = []
+        self.batch_bytes: list[int | None] = []  # what each changelog produce asked for
         self.kill_on_changelog = False
         self.settings = SimpleNamespace(pipeline=SimpleNamespace(topic_reconciliation="reconciliation"))
         self.party_rules = RULES
@@ -58,9 +59,10 @@ class Context:
     async def publish(self, topic: str, records: list[tuple[bytes, bytes]]) -> None:
         await self.produce(topic, [(key, value, None) for key, value in records])
 
-    async def produce(self, topic: str, records: list[Any]) -> list[Acked]:
+    async def produce(self, topic: str, records: list[Any], *, batch_bytes: int | None = None) -> list[Acked]:
         if topic != CHANGELOG or not records:
             return []
+        self.batch_bytes.append(batch_bytes)
         if self.kill_on_changelog:
             raise Killed
         first = len(self.changelog)
@@ -68,9 +70,9 @@ class Context:
         return [Acked(0, first, len(self.changelog) - 1)]
 
 
-def state_table(path: Path) -> StateTable:
+def state_table(path: Path, *, whole_batches: bool = True) -> StateTable:
     table = SimpleNamespace(data=FakeStore(path), changelog_topic=SimpleNamespace(get_topic_name=lambda: CHANGELOG))
-    return StateTable(table)  # type: ignore[arg-type]
+    return StateTable(table, whole_batches=whole_batches)  # type: ignore[arg-type]
 
 
 def message(offset: int, facts: list[Any]) -> Any:  # a RawMessage, as the agents read it
@@ -98,3 +100,16 @@ async def test_a_kill_before_the_changelog_ack_leaves_the_local_state_as_it_was(
         recovered[key] = value
     assert sorted(k for k, v in recovered.items() if v is not None) == table.table.data.keys()
     assert {b"C/NL/TNM/C1", b"L/NL/TNM/K1"} <= set(recovered)
+
+
+@pytest.mark.parametrize("whole_batches", [True, False])
+async def test_a_whole_batch_table_sends_its_changelog_records_as_one_record_batch(tmp_path: Path,
+                                                                                    whole_batches: bool) -> None:
+    # Stage 2's state of a batch spans keys (a session, its CDRs, the indexes that find them): a crash that let
+    # the broker keep only some of them made a CDR count under two sessions after the batch was read again.
+    # One record batch per partition is appended, replicated and recovered whole or not at all.
+    context = Context()
+    agent = PartyAgent(context, state_table(tmp_path / "db", whole_batches=whole_batches))  # type: ignore[arg-type]
+    await agent.handle([message(0, [s_fact(completed(), received=61, final=61), c_fact(cdr("C1"), received=62)])])
+    assert context.batch_bytes == [WHOLE_STATE_BYTES if whole_batches else None]
+
