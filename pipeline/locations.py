@@ -6,7 +6,9 @@ Location row carries `personal_at` (see `LocationState`), by which retention dat
 
 A Location PUT replaces the Location (08 §3.3). EVSEs it no longer lists (digest ambiguity #5: EVSEs are never
 deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM_PUT and their rows kept with
-`present = false`, so EVSE status history and sessions that point at them keep their meaning.
+`present = false`, so EVSE status history and sessions that point at them keep their meaning. The push's
+`last_updated` is kept for each EVSE and Connector it left out (`LocationState.confirmed`): an older push for one of
+them, arriving after it, is stale, as it is in order, and does not bring it back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from infra.codec import DecodedEvent
 from ocpi.identity import ci_normalize
 from ocpi.model import EVSE, Location
 from pipeline import ordering, projection, wire
-from pipeline.dedup import confirmations, fingerprint, identity, is_duplicate
+from pipeline.dedup import confirmations, fingerprint, identity, is_duplicate, level_identity
 from pipeline.records import Anomaly, Outcome, Record
 from pipeline.retention import LOCATION_PERSONAL_FIELD
 from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, to_parked
@@ -136,6 +138,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     out.batch.add("locations", projection.LOCATION_COLUMNS,
                   projection.location_row(event, tree, document, version, personal_at, evse_count=len(evses)))
     pairs, gone_evses = _pair_evses(previous.evses or () if previous else (), evses)
+    removed: list[str] = []  # identities (`dedup.level_identity`) of the EVSEs and Connectors left out of the tree
     for evse, before in pairs:
         if before is evse or before == evse:
             continue
@@ -154,13 +157,22 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
                                                        event_id=event.event_id, version=version))
         present = {ci_normalize(c.id) for c in evse.connectors}
         if before is not None and any(ci_normalize(c.id) not in present for c in before.connectors):
-            _missing_connectors(out, tree, evse.uid, wire.builtins(before), present, event.event_id, version)
+            removed += _missing_connectors(out, tree, evse.uid, wire.builtins(before), present, event.event_id,
+                                           version)
     for gone_evse in gone_evses:
         gone = wire.builtins(gone_evse)
         out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event, f"EVSE {gone['uid']} is not in the Location PUT")
         out.batch.add("evses", projection.EVSE_COLUMNS,
                       projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
-        _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
+        removed.append(level_identity("EVSE", gone["uid"]))
+        removed += _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
+    # The push says the tree holds none of them at its last_updated: an older push for one of them, arriving
+    # later, is stale (in order it came before and was dropped with them), not the object back in the tree.
+    moment = event.payload["last_updated"]
+    for ident in removed:
+        known = state.confirmed.get(ident)
+        if known is None or moment > known:
+            state.confirmed[ident] = moment
     state.personal_at = personal_at
     state.object_json = document
     state.last_identity = identity(event)
@@ -185,10 +197,13 @@ def _pair_evses(old: Sequence[EVSE], new: Sequence[EVSE]) -> tuple[list[tuple[EV
 
 
 def _missing_connectors(out: StageOutput, tree: dict[str, Any], evse_uid: str, before: dict[str, Any] | None,
-                        present: set[str], event_id: str, version: int) -> None:
-    """Connectors an EVSE no longer lists keep their rows, marked not present."""
+                        present: set[str], event_id: str, version: int) -> list[str]:
+    """Connectors an EVSE no longer lists keep their rows, marked not present; returns their identities."""
+    missing = []
     for connector in (before or {}).get("connectors") or ():
         if ci_normalize(connector["id"]) not in present:
             out.batch.add("connectors", projection.CONNECTOR_COLUMNS,
                           projection.connector_row(tree, evse_uid, connector, present=False, event_id=event_id,
                                                    version=version))
+            missing.append(level_identity("CONNECTOR", evse_uid, connector["id"]))
+    return missing

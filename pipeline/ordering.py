@@ -3,7 +3,8 @@
 - STALE (digest ambiguity #1, our policy): a PUT or PATCH whose `last_updated` is *older* than the stored
   object's is not applied and is recorded. Equal timestamps are applied (the later arrival wins): some CPOs
   send several changes within one second. For an EVSE or Connector push, "stored" is that EVSE's/Connector's own
-  `last_updated`; for a Location-level push it is the Location's, which child pushes raise (never lower).
+  `last_updated` (for one a newer push left out of the tree, that push's: `pipeline.locations`); for a
+  Location-level push it is the Location's, which child pushes raise (never lower).
   A duplicate (`pipeline.dedup`) creates no version, but its newer `last_updated` still counts: the CPO
   confirmed the content at that time, so an older push arriving after it is stale too.
 - Merges are `ocpi.patch`'s: fields that are set replace the stored field (nested objects and lists too),

@@ -333,3 +333,33 @@ def test_a_push_for_an_evse_in_another_case_is_stale_against_that_evse() -> None
     assert (outcome_of(out, late.event_id), outcome_of(out, late_connector.event_id)) == ("STALE", "STALE")
     assert stored(h)["evses"][0]["status"] == "CHARGING"
     assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 7400
+
+
+def test_an_older_push_does_not_bring_back_an_evse_or_connector_a_newer_put_left_out() -> None:
+    # E2 is PUT CHARGING at t=2 and E1's Connector 2 PATCHed at t=2; the Location PUT of t=3 lists neither (E2 and
+    # Connector 2 are gone at t=3). In this order they stay gone; arriving after that PUT, the pushes of t=2 are
+    # older than what it says of them: stale, as they are in order, not an EVSE and a Connector back in the tree.
+    first = event("Location", location(evses=[evse("E1", updated=1, connectors=[connector("1", updated=1),
+                                                                                connector("2", updated=1)]),
+                                              evse("E2", updated=1)], updated=1))
+    e2 = event("EVSE", evse("E2", status="CHARGING", updated=2), object_id="LOC1", evse_uid="E2")
+    c2 = event("Connector", connector("2", updated=2, power=11000), object_id="LOC1", evse_uid="E1", connector_id="2")
+
+    def put() -> Any:
+        return event("Location", location(evses=[evse("E1", updated=3)], updated=3))
+
+    def tree(h: Harness) -> list[tuple[str, list[str]]]:
+        return [(e["uid"], [c["id"] for c in e["connectors"]]) for e in stored(h)["evses"]]
+
+    in_order = harness()
+    in_order.run(first, e2, c2, put())
+    late = harness()
+    late.run(first, put())
+    out = late.run(e2, c2)
+    assert tree(late) == tree(in_order) == [("E1", ["1"])]
+    assert [outcome_of(out, e.event_id) for e in (e2, c2)] == ["STALE", "STALE"]
+    assert rows(out.batch, "evses") == rows(out.batch, "connectors") == []
+    # Pushed again after the PUT (newer), they are back.
+    again = harness()
+    again.run(first, put(), event("EVSE", evse("E2", status="CHARGING", updated=4), object_id="LOC1", evse_uid="E2"))
+    assert tree(again) == [("E1", ["1"]), ("E2", ["1"])]
