@@ -189,6 +189,7 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         discovery = await _callback(credentials, partner.profile, settings,
                                     our_version_details(request.app, settings).endpoints)
         async with locks.claims:
+            partner = await _as_stored_now(registry, partner.partner_id, request.state.token, PartnerStatus.INVITED)
             # Again after the callback: another partner may have claimed one of these parties meanwhile.
             await _check_parties(registry, credentials.roles, partner.partner_id)
             _apply_registration(partner, credentials, discovery)
@@ -210,6 +211,18 @@ def _require_current_token(partner: Partner, token: str) -> None:
     presented = hash_token(token)
     if not any(t.sha256 == presented for t in partner.valid_tokens()):
         raise Unauthorized("this token was replaced while the request waited; use the current token")
+
+
+async def _as_stored_now(registry: PartnerRegistry, partner_id: str, token: str,
+                         status: PartnerStatus) -> Partner:
+    """The partner as stored now, after the callback, which lasts as long as the caller makes it: an operator (in
+    another process) may have deleted, suspended or re-invited the partner meanwhile, and saving the record read
+    before the callback would undo that (a deleted partner REGISTERED again, with a new Token C)."""
+    partner = await _run(registry.get, partner_id)
+    if partner is None or partner.status is not status:
+        raise Unauthorized("this connection was changed by our operator while the request waited")
+    _require_current_token(partner, token)
+    return partner
 
 
 def _require_registered(request: Request[Any, Any, Any]) -> Partner:
@@ -237,6 +250,8 @@ async def put_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         discovery = await _callback(credentials, partner.profile, settings,
                                     our_version_details(request.app, settings).endpoints)
         async with locks.claims:
+            partner = await _as_stored_now(registry, partner.partner_id, request.state.token,
+                                           PartnerStatus.REGISTERED)
             await _check_parties(registry, credentials.roles, partner.partner_id)
             _apply_registration(partner, credentials, discovery)
             token_c = partner.issue_token(TokenKind.C)

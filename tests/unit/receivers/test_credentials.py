@@ -311,6 +311,59 @@ async def test_a_token_replaced_while_a_request_waits_is_refused(app_env: AppEnv
     assert stored is not None and stored.status is PartnerStatus.REGISTERED
 
 
+def operator_acts_during_the_callback(monkeypatch: pytest.MonkeyPatch, act: Callable[[], Any]) -> None:
+    """`act` (an operator's CLI command, another process) runs while the handshake callback is under way: the
+    caller chooses the callback URL, so it decides how long that lasts (up to 2 x OCPI_OUTBOUND_TIMEOUT)."""
+    callback = credentials_module._callback
+
+    async def callback_with_operator(*args: Any) -> Any:
+        await asyncio.to_thread(act)
+        return await callback(*args)
+
+    monkeypatch.setattr(credentials_module, "_callback", callback_with_operator)
+
+
+@pytest.mark.parametrize("action", ["delete", "suspend"])
+async def test_an_operator_stop_during_a_put_is_not_undone(app_env: AppEnv, partner: FakePartner,  # noqa: F811
+                                                            monkeypatch: pytest.MonkeyPatch, action: str) -> None:
+    """`partners delete` (for a token thought leaked) or `suspend` while the partner's PUT waits for its callback:
+    the PUT saved the record it read before, REGISTERED, with a new working Token C for the caller."""
+    token_c, _ = await registered(app_env, partner)
+    stop = {"delete": lambda: app_env.registry.delete("cpo"),
+            "suspend": lambda: app_env.registry.set_status("cpo", PartnerStatus.SUSPENDED)}[action]
+    operator_acts_during_the_callback(monkeypatch, stop)
+    async with AsyncTestClient(app=app_env.app) as client:
+        response = await client.put(CREDENTIALS, headers=auth(token_c), json=registration(partner))
+        assert response.status_code == 401 and "data" not in response.json(), response.text
+    stored = app_env.registry.get("cpo")
+    assert stored is not None
+    # Deleted: every token revoked; suspended: its tokens kept as they were (refused until `resume`).
+    assert stored.status is (PartnerStatus.DELETED if action == "delete" else PartnerStatus.SUSPENDED)
+    assert [t.sha256 for t in stored.valid_tokens()] == ([] if action == "delete" else [hash_token(token_c)])
+
+
+@pytest.mark.parametrize("action", ["delete", "suspend", "rotate"])
+async def test_an_operator_change_during_a_registration_is_not_undone(app_env: AppEnv,  # noqa: F811
+                                                                       partner: FakePartner,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       action: str) -> None:
+    """The same for a POST: a deleted, suspended or re-invited (`rotate`: the old Token A dies) invitation."""
+    _, token_a = app_env.registry.invite("cpo", "CPO")
+    fresh: list[str] = []
+    change = {"delete": lambda: app_env.registry.delete("cpo"),
+              "suspend": lambda: app_env.registry.set_status("cpo", PartnerStatus.SUSPENDED),
+              "rotate": lambda: fresh.append(app_env.registry.reinvite("cpo"))}[action]
+    operator_acts_during_the_callback(monkeypatch, change)
+    status, answer = await post(app_env, token_a, registration(partner))
+    assert status == 401 and "data" not in answer, answer
+    stored = app_env.registry.get("cpo")
+    assert stored is not None
+    assert stored.status is {"delete": PartnerStatus.DELETED, "suspend": PartnerStatus.SUSPENDED,
+                             "rotate": PartnerStatus.INVITED}[action]
+    kept = {"delete": [], "suspend": [token_a], "rotate": fresh}[action]
+    assert [t.sha256 for t in stored.valid_tokens()] == [hash_token(t) for t in kept]
+
+
 async def test_put_failure_keeps_the_old_registration(app_env: AppEnv, partner: FakePartner) -> None:  # noqa: F811
     token_c, first = await registered(app_env, partner)
     closed = f"http://127.0.0.1:{free_port()}/ocpi/versions"
