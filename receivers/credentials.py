@@ -69,6 +69,10 @@ from receivers.versions import VERSION, our_version_details, versions_url
 log = logging.getLogger(__name__)
 
 PATH: Final = f"/ocpi/{VERSION}/credentials"
+# The Allow header of our 405s (RFC 9110 requires one): the methods open to a registered or an unregistered
+# caller.
+_AS_REGISTERED: Final = {"Allow": "DELETE, GET, PUT"}
+_AS_UNREGISTERED: Final = {"Allow": "GET, POST"}
 T = TypeVar("T")
 
 
@@ -174,7 +178,8 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
     """A registration: the caller holds our Token A and sends its credentials (07 §2 steps 3-5)."""
     caller: Partner = request.state.partner
     if request.state.token_kind is not TokenKind.A:
-        raise MethodNotAllowed("already registered: use PUT to update the credentials, DELETE to unregister")
+        raise MethodNotAllowed("already registered: use PUT to update the credentials, DELETE to unregister",
+                               headers=_AS_REGISTERED)
     credentials = _decode_credentials(await request.body(), caller.profile)
     directory, locks, settings = _context(request)
     registry = directory.registry
@@ -183,7 +188,7 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         presented = hash_token(request.state.token)
         if partner is None or partner.status is not PartnerStatus.INVITED or not any(
                 t.sha256 == presented and t.kind is TokenKind.A for t in partner.valid_tokens()):
-            raise MethodNotAllowed("already registered: this Token A has been used")
+            raise MethodNotAllowed("already registered: this Token A has been used", headers=_AS_REGISTERED)
         _check_hub_role(partner, credentials.roles)
         await _check_parties(registry, credentials.roles, partner.partner_id)
         discovery = await _callback(credentials, partner.profile, settings,
@@ -228,7 +233,8 @@ async def _as_stored_now(registry: PartnerRegistry, partner_id: str, token: str,
 def _require_registered(request: Request[Any, Any, Any]) -> Partner:
     caller: Partner = request.state.partner
     if request.state.token_kind is TokenKind.A or caller.status is not PartnerStatus.REGISTERED:
-        raise MethodNotAllowed("not registered: register with POST (and Token A) first")
+        raise MethodNotAllowed("not registered: register with POST (and Token A) first",
+                               headers=_AS_UNREGISTERED)
     return caller
 
 
@@ -242,7 +248,8 @@ async def put_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
     async with locks(caller.partner_id):
         partner = await _run(registry.get, caller.partner_id)
         if partner is None or partner.status is not PartnerStatus.REGISTERED:
-            raise MethodNotAllowed("not registered: register with POST (and Token A) first")
+            raise MethodNotAllowed("not registered: register with POST (and Token A) first",
+                                   headers=_AS_UNREGISTERED)
         _require_current_token(partner, request.state.token)
         _check_hub_role(partner, credentials.roles)
         await _check_parties(registry, credentials.roles, partner.partner_id)
@@ -271,7 +278,7 @@ async def delete_credentials(request: Request[Any, Any, Any]) -> Response[bytes]
     async with locks(caller.partner_id):
         partner = await _run(registry.get, caller.partner_id)
         if partner is None or partner.status is not PartnerStatus.REGISTERED:
-            raise MethodNotAllowed("not registered")
+            raise MethodNotAllowed("not registered", headers=_AS_UNREGISTERED)
         _require_current_token(partner, request.state.token)
         await _run(registry.unregister, partner)
         directory.apply(partner)

@@ -393,6 +393,19 @@ async def test_delete_unregisters_and_kills_every_token(app_env: AppEnv, partner
     assert answer["status_code"] == 1000
 
 
+async def test_every_credentials_405_says_which_methods_the_caller_may_use(app_env: AppEnv,  # noqa: F811
+                                                                           partner: FakePartner) -> None:
+    """07 §3's 405s (POST when registered, PUT/DELETE when not) are HTTP 405s: RFC 9110 requires an Allow header
+    (as our other 405s have), here the methods open to the caller in its state."""
+    _, token_a = app_env.registry.invite("other", "Other")
+    token_c, _ = await registered(app_env, partner)
+    async with AsyncTestClient(app=app_env.app) as client:
+        for method, token, allowed in (("PUT", token_a, "GET, POST"), ("DELETE", token_a, "GET, POST"),
+                                       ("POST", token_c, "DELETE, GET, PUT")):
+            response = await client.request(method, CREDENTIALS, headers=auth(token), json=registration(partner))
+            assert (response.status_code, response.headers.get("allow")) == (405, allowed), (method, response.text)
+
+
 async def test_get_answers_our_credentials_with_the_callers_token(app_env: AppEnv) -> None:  # noqa: F811
     token = app_env.provision("cpo", ("BE", "BEC", "CPO"))
     _, token_a = app_env.registry.invite("new", "New")
