@@ -3,7 +3,8 @@
 A sweep reads all of ClickHouse, whichever worker wrote the rows, so one worker's own partitions being read to
 their end proves nothing: the PUT of a parked PATCH, a session's next update or a CDR may wait in the backlog of
 a partition another worker owns. A sweep therefore runs only when, for every partition of every topic it depends
-on, the group's committed offset (or, for this worker's partitions, the offset after its last finished record)
+on, the group's committed offset (or, for this worker's partitions, the offset after its last finished record;
+the log start where retention deleted the records at the committed offset, or the group has none: `reading_from`)
 has reached the end the partition had when the check began. Anything unknown (no partition of ours, a topic
 without metadata, an end or offset that cannot be read, the broker unreachable) means not caught up: the sweep
 waits for the next tick.
@@ -58,8 +59,8 @@ def lag(ends: Mapping[Partition, int | None], committed: Mapping[Partition, int 
         done = finished.get(part)
         position = max(-1 if offset is None else offset, -1 if done is None else done + 1)
         if position < 0:
-            # Never committed and not ours: read to its end only while it is empty (where the group would start,
-            # after retention deleted records, is not known here).
+            # Never committed, not ours, and retention deleted nothing (`reading_from`): read to its end only
+            # while it is empty.
             if end > 0:
                 behind[part] = f"no committed offset, end {end}"
         elif position < end:
@@ -68,6 +69,17 @@ def lag(ends: Mapping[Partition, int | None], committed: Mapping[Partition, int 
 
 
 Stage = tuple[Mapping[Partition, int | None], Mapping[Partition, int | None]]  # (ends, committed offsets)
+
+
+def reading_from(committed: int | None, start: int | None) -> int | None:
+    """Where the group reads a partition from: its committed offset, or the log start where it has none or
+    retention deleted the records there (the worker's `auto_offset_reset` is earliest). Records before the log
+    start are gone: nothing waits there, and a partition retention emptied (a quiet party's facts; after a stop
+    longer than the retention, or once Kafka expired the offsets of a group left empty) is read to its end,
+    though the group never commits on it again until a record arrives."""
+    if start is None or start <= 0 or (committed is not None and committed >= start):
+        return committed
+    return start
 
 
 class GroupBacklog:
@@ -164,7 +176,9 @@ class GroupBacklog:
                     tps.extend(TopicPartition(topic, p) for p in sorted(partitions))
                 found = await compat.end_offsets(self.kafka, self.bootstrap, tps, exact=True)
                 ends = {(tp.topic, tp.partition): found.get(tp) for tp in tps}
-                yield ends, {(tp.topic, tp.partition): await consumer.committed(tp) for tp in tps}
+                starts = await consumer.beginning_offsets(tps)
+                yield ends, {(tp.topic, tp.partition): reading_from(await consumer.committed(tp), starts.get(tp))
+                             for tp in tps}
         finally:
             await stop_client(consumer)
 

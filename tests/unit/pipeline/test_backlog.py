@@ -6,8 +6,10 @@ import asyncio
 from collections.abc import AsyncGenerator, Sequence
 
 import pytest
+from aiokafka.structs import TopicPartition
 
 from infra.settings import load_settings
+from pipeline import backlog as backlog_module
 from pipeline.backlog import GroupBacklog, Partition, Stage, lag
 
 MODULES = ("sessions", "cdrs")
@@ -173,3 +175,69 @@ async def test_a_group_that_does_not_reach_the_ends_first_read_within_the_settle
     backlog.timeout = 5.0
     assert not await backlog.caught_up(MINE, {})
     assert backlog.read_stages >= 2  # read again while waiting
+
+
+class _Broker:
+    """What `GroupBacklog.read` asks the broker, per partition: (log start, end, committed offset or None)."""
+
+    def __init__(self, partitions: dict[Partition, tuple[int, int, int | None]]) -> None:
+        self.partitions = partitions
+
+    def consumer(self, **_options: object) -> object:
+        broker = self
+
+        class Consumer:
+            async def start(self) -> None: ...
+
+            async def stop(self) -> None: ...
+
+            def partitions_for_topic(self, topic: str) -> set[int]:
+                return {p for t, p in broker.partitions if t == topic}
+
+            async def committed(self, tp: TopicPartition) -> int | None:
+                return broker.partitions[(tp.topic, tp.partition)][2]
+
+            async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+                return {tp: broker.partitions[(tp.topic, tp.partition)][0] for tp in tps}
+
+        return Consumer()
+
+    async def end_offsets(self, _kafka: object, _bootstrap: str, tps: list[TopicPartition], *,
+                          exact: bool = False) -> dict[TopicPartition, int]:
+        return {tp: self.partitions[(tp.topic, tp.partition)][1] for tp in tps}
+
+
+def _guard(monkeypatch: pytest.MonkeyPatch, partitions: dict[Partition, tuple[int, int, int | None]],
+           **options: bool) -> GroupBacklog:
+    broker = _Broker(partitions)
+    monkeypatch.setattr(backlog_module.aiokafka, "AIOKafkaConsumer", broker.consumer)
+    monkeypatch.setattr(backlog_module.compat, "end_offsets", broker.end_offsets)
+    return GroupBacklog(load_settings({}).kafka, "unused:9092", "group", [MODULES, FACTS], timeout=1.0, **options)
+
+
+# (log start, end, committed): read to their ends, and a partition nothing was ever written to.
+READ: dict[Partition, tuple[int, int, int | None]] = {
+    ("sessions", 0): (0, 5, 5), ("sessions", 1): (0, 7, 7), ("cdrs", 0): (0, 0, None), ("cdrs", 1): (0, 3, 3),
+    ("facts", 0): (0, 4, 4), ("facts", 1): (0, 2, 2)}
+
+
+@pytest.mark.parametrize("emptied", [
+    (40, 40, None),  # the group's offsets expired (Kafka: offsets.retention.minutes after the worker stopped)
+    (40, 40, 12),  # the worker stopped (or ClickHouse was down) for longer than the topics' retention
+])
+@pytest.mark.parametrize("own_only", [False, True])
+async def test_a_partition_retention_emptied_holds_nothing_to_wait_for(monkeypatch: pytest.MonkeyPatch,
+                                                                       emptied: tuple[int, int, int | None],
+                                                                       own_only: bool) -> None:
+    # Retention deleted every record of facts/1 (a party that has gone quiet): the group starts there at the log
+    # start, which is the end, so it never reads (nor commits) anything on it. Counted as a backlog, it would keep
+    # every deadline sweep, TTL and pseudonymisation pass from running for as long as nothing is pushed there.
+    guard = _guard(monkeypatch, READ | {("facts", 1): emptied}, own_only=own_only)
+    assert await guard.caught_up([*MINE, ("facts", 1)], {})
+
+
+async def test_records_left_after_retention_deleted_some_are_still_a_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not await _guard(monkeypatch, READ | {("facts", 1): (40, 45, None)}).caught_up(MINE, {})
+    assert not await _guard(monkeypatch, READ | {("facts", 1): (40, 45, 12)}).caught_up(MINE, {})
+    assert not await _guard(monkeypatch, READ | {("facts", 1): (0, 45, None)}).caught_up(MINE, {})
+    assert await _guard(monkeypatch, READ | {("facts", 1): (40, 45, 45)}).caught_up(MINE, {})
