@@ -95,6 +95,20 @@ class GroupBacklog:
         # How long the group may take to reach the ends first read: its commits (every second) and a batch.
         self.settle = timeout / 2
         self.own_only = own_only  # only this worker's partitions count (`state_backlog`)
+        self._reported: dict[Partition, int] = {}  # the log start up to which deleted records were reported
+
+    def _report_deleted(self, committed: Mapping[Partition, int | None], starts: Mapping[Partition, int]) -> None:
+        """Log, once per partition and log start, records the broker's retention deleted before the group read
+        them: the consumer skips to the log start saying so only at INFO, and the pushes in them are lost."""
+        for part, offset in committed.items():
+            start = starts.get(part)
+            if offset is None or start is None or offset >= start or self._reported.get(part) == start:
+                continue
+            self._reported[part] = start
+            log.error("%s/%d: records %d to %d were deleted by the topic's retention (retention.ms, "
+                      "OCPI_RETENTION_RAW_DAYS) before consumer group %s read them; the pushes they held never "
+                      "reached ClickHouse (replay them from an `export` archive if one holds them)",
+                      part[0], part[1], offset, start - 1, self.group)
 
     @property
     def topics(self) -> set[str]:
@@ -177,8 +191,11 @@ class GroupBacklog:
                 found = await compat.end_offsets(self.kafka, self.bootstrap, tps, exact=True)
                 ends = {(tp.topic, tp.partition): found.get(tp) for tp in tps}
                 starts = await consumer.beginning_offsets(tps)
-                yield ends, {(tp.topic, tp.partition): reading_from(await consumer.committed(tp), starts.get(tp))
-                             for tp in tps}
+                committed = {(tp.topic, tp.partition): await consumer.committed(tp) for tp in tps}
+                if not self.own_only:  # the sweep's guard reports; the state pass's reads the same offsets
+                    self._report_deleted(committed, {(tp.topic, tp.partition): s for tp, s in starts.items()})
+                yield ends, {(tp.topic, tp.partition): reading_from(committed[(tp.topic, tp.partition)],
+                                                                    starts.get(tp)) for tp in tps}
         finally:
             await stop_client(consumer)
 

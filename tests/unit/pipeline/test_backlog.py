@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Sequence
 
 import pytest
@@ -241,3 +242,22 @@ async def test_records_left_after_retention_deleted_some_are_still_a_backlog(mon
     assert not await _guard(monkeypatch, READ | {("facts", 1): (40, 45, 12)}).caught_up(MINE, {})
     assert not await _guard(monkeypatch, READ | {("facts", 1): (0, 45, None)}).caught_up(MINE, {})
     assert await _guard(monkeypatch, READ | {("facts", 1): (40, 45, 45)}).caught_up(MINE, {})
+
+
+async def test_records_retention_deleted_before_the_group_read_them_are_reported_once(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The worker stopped, or ClickHouse refused its inserts, for longer than the topics' retention: the records
+    # between the group's offset and the log start are gone, and the consumer skips to the log start saying so
+    # only at INFO (aiokafka). The operator must hear that accepted pushes never reached the pipeline.
+    guard = _guard(monkeypatch, READ | {("facts", 1): (40, 45, 12)})
+    with caplog.at_level(logging.INFO, logger="pipeline.backlog"):
+        await guard.caught_up(MINE, {})
+        await guard.caught_up(MINE, {})
+    [lost] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "facts/1" in lost.getMessage() and "12 to 39" in lost.getMessage()
+    caplog.clear()
+    # The state pass's guard reads the same offsets: one report is enough. Offsets the group never had, or that
+    # Kafka expired, say nothing about what it had read.
+    await _guard(monkeypatch, READ | {("facts", 1): (40, 45, 12)}, own_only=True).caught_up(MINE, {})
+    await _guard(monkeypatch, READ | {("facts", 1): (40, 45, None)}).caught_up(MINE, {})
+    assert not [r for r in caplog.records if r.levelno == logging.ERROR]
