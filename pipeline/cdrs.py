@@ -27,6 +27,11 @@ def process_cdrs(view: TypedView[CdrState], key: str, records: list[Record], rul
             continue
         assert state is not None
         state.offset = record.offset
+        if event.event_id == state.event_id and event.source != "REPLAY":
+            # The stored CDR's own event again: a producer's resend (`stage.seen_before`), not the CPO posting it
+            # again; a DUPLICATE row would replace its APPLIED one (same key).
+            out.outcomes["RESENT"] += 1
+            continue
         if decision is CdrDecision.DUPLICATE:
             out.outcome(record, Outcome.DUPLICATE)
         else:

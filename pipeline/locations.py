@@ -26,7 +26,7 @@ from pipeline import ordering, projection, wire
 from pipeline.dedup import confirmations, fingerprint, identity, is_duplicate, level_identity
 from pipeline.records import Anomaly, Outcome, Record
 from pipeline.retention import LOCATION_PERSONAL_FIELD
-from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, to_parked
+from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, remember, seen_before, to_parked
 from pipeline.state import LocationState, TypedView
 
 
@@ -48,8 +48,11 @@ def process_locations(view: TypedView[LocationState], key: str, records: list[Re
             out.replayed += 1
             continue
         state.offset = record.offset
+        if seen_before(state, record, out):
+            continue
         expire_parked(state, record, rules.park_ttl, out)
         handle(state, run, record, rules, out)
+        remember(state, record.event.event_id)
     view.set(key, state)
 
 
@@ -179,6 +182,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     state.last_hash = fingerprint(event)
     state.version = version
     state.applied_event_id = event.event_id
+    remember(state, event.event_id)
 
 
 def _pair_evses(old: Sequence[EVSE], new: Sequence[EVSE]) -> tuple[list[tuple[EVSE, EVSE | None]], list[EVSE]]:

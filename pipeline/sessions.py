@@ -11,7 +11,7 @@ from pipeline.dedup import fingerprint, identity, is_duplicate
 from pipeline.facts import relevant_change, session_fact
 from pipeline.lifecycle import Transition
 from pipeline.records import Anomaly, Outcome, Record
-from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, to_parked
+from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, remember, seen_before, to_parked
 from pipeline.state import SessionState, TypedView
 from pipeline.state_retention import keep_fact_token
 
@@ -26,9 +26,12 @@ def process_sessions(view: TypedView[SessionState], key: str, records: list[Reco
             out.replayed += 1  # folded in before a crash; its rows are in ClickHouse already
             continue
         state.offset = record.offset
+        if seen_before(state, record, out):
+            continue
         expire_parked(state, record, rules.park_ttl, out)
         check_idle(state, record, rules, out)
         handle(state, stored_session, record, rules, out)
+        remember(state, record.event.event_id)
     # Written even when every record was a replay: the state's changelog record may have died with the crash.
     view.set(key, state)
 
@@ -126,4 +129,5 @@ def apply(state: SessionState, record: Record, session: dict, document: bytes, t
     state.last_hash = fingerprint(event)
     state.version = version
     state.applied_event_id = event.event_id
+    remember(state, event.event_id)
     state.applied_at = applied_at

@@ -14,7 +14,7 @@ from pipeline import ordering, projection
 from pipeline.facts import Fact, party_key
 from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, Record, sub_id, utc_now
 from pipeline.sink import Batch
-from pipeline.state import Parked
+from pipeline.state import RECENT_EVENT_IDS, Parked
 
 # Outcomes of a replayed event (source REPLAY, `ocpi-pipeline replay`) that change nothing: not recorded, so the
 # original event's raw_events row (same event_id) keeps its outcome and its source (PUSH, PULL), which partner
@@ -89,6 +89,37 @@ class StageOutput:
         now = utc_now()
         for letter in dead:
             self.batch.add("dead_letters", projection.DEAD_LETTER_COLUMNS, projection.dead_letter_row(letter, now))
+
+
+class _Remembering(Protocol):
+    recent_event_ids: list[str]
+    applied_event_id: str
+    parked: list[Parked]
+
+
+def seen_before(state: _Remembering, record: Record, out: StageOutput) -> bool:
+    """Whether `record` is a copy of an event already folded into `state` (counted, nothing recorded).
+
+    Not a partner's retry (which has an event id of its own): the same event twice on the topic, as a producer
+    puts it there when it resends a record the broker wrote but did not acknowledge (aiokafka retries retriable
+    errors, `infra.kafka.publisher` too; Tansu has no idempotence), a producer batch later at most. Folded in
+    again it would be a DUPLICATE or STALE (or parked twice), and its row, keyed by event id, would replace the
+    outcome its event had (APPLIED). A replayed event (source REPLAY) keeps its own rule (`StageOutput.outcome`).
+    """
+    event_id = record.event.event_id
+    if record.event.source == "REPLAY" or not (
+            event_id == state.applied_event_id or event_id in state.recent_event_ids
+            or any(parked.event_id == event_id for parked in state.parked)):
+        return False
+    out.outcomes["RESENT"] += 1
+    return True
+
+
+def remember(state: _Remembering, event_id: str) -> None:
+    """Keep `event_id` among the state's last RECENT_EVENT_IDS events (`seen_before`)."""
+    recent = [known for known in state.recent_event_ids if known != event_id]
+    recent.append(event_id)
+    state.recent_event_ids = recent[-RECENT_EVENT_IDS:]
 
 
 # What a parked event waits for, per module, in the ORPHANED outcome and the anomaly of an event that waited

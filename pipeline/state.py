@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 from faust.streams import _current_event  # see `in_partition_of`
@@ -24,6 +24,9 @@ from pipeline.facts import SessionFact
 
 S = TypeVar("S", bound=msgspec.Struct)
 Reader = Callable[[str], bytes | None]  # a table's current value of a key, in one partition (None: absent)
+# How many event ids an object's state remembers (`pipeline.stage.seen_before`): a producer that resends a record
+# the broker wrote but did not acknowledge puts the same event on the topic again, at most a producer batch later.
+RECENT_EVENT_IDS: Final = 16
 
 
 class Parked(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +50,7 @@ class SessionState(msgspec.Struct, kw_only=True):
     version: int = 0  # row version of the current state
     applied_event_id: str = ""
     applied_at: datetime | None = None  # received_at of the last applied event (idle detection)
+    recent_event_ids: list[str] = []  # the last RECENT_EVENT_IDS events folded in, oldest first (resent copies)
     final_at: datetime | None = None  # received_at of the event that made it COMPLETED/INVALID
     fact: SessionFact | None = None  # the last fact sent to stage 2
     offset: int = -1  # highest source offset folded into this state
@@ -68,6 +72,7 @@ class LocationState(msgspec.Struct, kw_only=True):
     # it too, for the ClickHouse sweep). Not the last applied event's: EVSE status updates arrive all the time and
     # would postpone it forever. None in states from before.
     personal_at: datetime | None = None
+    recent_event_ids: list[str] = []  # the last RECENT_EVENT_IDS events folded in, oldest first (resent copies)
     offset: int = -1
     parked: list[Parked] = []
 

@@ -100,3 +100,13 @@ def test_a_redelivered_record_is_not_a_duplicate() -> None:
     h.run(post)
     out = h.run(post)
     assert out.replayed == 1 and outcomes(out) == {}
+
+
+def test_a_cdr_event_kafka_holds_twice_stays_applied() -> None:
+    """The same event twice on the topic (a producer's resend, same event_id) is not the CPO posting the CDR again:
+    its row stays APPLIED (a DUPLICATE row would replace it: same key)."""
+    h = harness()
+    post = event("CDR", cdr(), received=1)
+    out = h.run(post, post)
+    assert outcomes(out) == {post.event_id: "APPLIED"} and len(rows(out.batch, "cdrs")) == 1
+    assert rows(h.run(post).batch, "raw_events") == []

@@ -363,3 +363,17 @@ def test_an_older_push_does_not_bring_back_an_evse_or_connector_a_newer_put_left
     again = harness()
     again.run(first, put(), event("EVSE", evse("E2", status="CHARGING", updated=4), object_id="LOC1", evse_uid="E2"))
     assert tree(again) == [("E1", ["1"]), ("E2", ["1"])]
+
+
+def test_an_event_kafka_holds_twice_keeps_the_outcome_it_had() -> None:
+    """A producer's resend puts the same event (same event_id) on the topic twice, its copy possibly after later
+    events of the Location (a resent batch): the copy must not turn its APPLIED row into DUPLICATE or STALE, nor
+    raise a STALE_UPDATE for a push the CPO sent in order."""
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1")]), received=1))
+    charging = status_patch("E1", "CHARGING", 3, 2)
+    available = status_patch("E1", "AVAILABLE", 4, 3)
+    out = h.run(charging, available, charging, available)
+    assert outcome_of(out, charging.event_id) == "APPLIED" and outcome_of(out, available.event_id) == "APPLIED"
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == []
+    assert stored(h)["evses"][0]["status"] == "AVAILABLE"

@@ -354,3 +354,26 @@ def test_a_replayed_refusal_keeps_the_original_row_and_its_source() -> None:
                   event_id=reopen.event_id, source="REPLAY")
     out = h.run(again)
     assert rows(out.batch, "raw_events") == [] and out.outcomes == {"REPLAYED_REJECTED": 1}
+
+
+def test_an_event_kafka_holds_twice_keeps_the_outcome_it_had() -> None:
+    """A producer that resends a record the broker wrote but did not acknowledge (aiokafka retries retriable errors,
+    so does `infra.kafka.publisher`; Tansu has no idempotence) puts the same event, same event_id, on the topic twice.
+    The copy is not the partner's retry: it must not turn the APPLIED row of its event into DUPLICATE or STALE (same
+    row key), nor be parked a second time."""
+    h = harness()
+    put = event("Session", session(kwh="5"), received=1)
+    tick = event("SessionPatch", {"kwh": Decimal("6"), "last_updated": iso(ts(2))}, object_id="S1", received=2)
+    later = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(3))}, object_id="S1", received=3)
+    out = h.run(put, put, tick, later, tick)  # the copy of `tick` comes after `later` (a resent producer batch)
+    assert dict(outcomes(out)) == {put.event_id: "APPLIED", tick.event_id: "APPLIED", later.event_id: "APPLIED"}
+    assert kinds(out) == [] and stored(h)["kwh"] == 7
+
+    h = harness()
+    patch = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(5))}, object_id="S1", received=1)
+    h.run(patch, patch)
+    assert [p.event_id for p in h.state(KEY).parked] == [patch.event_id]
+    out = h.run(event("Session", session(kwh="5"), received=2))
+    assert dict(outcomes(out))[patch.event_id] == "APPLIED" and stored(h)["kwh"] == 7
+    out = h.run(patch)  # and a copy after its parked original was applied
+    assert rows(out.batch, "raw_events") == [] and kinds(out) == []
