@@ -117,9 +117,14 @@ def seen_before(state: _Remembering, record: Record, out: StageOutput) -> bool:
 
 def remember(state: _Remembering, event_id: str) -> None:
     """Keep `event_id` among the state's last RECENT_EVENT_IDS events (`seen_before`)."""
-    recent = [known for known in state.recent_event_ids if known != event_id]
+    recent = state.recent_event_ids
+    if recent and recent[-1] == event_id:  # the event applied and then remembered by its fold loop
+        return
+    if event_id in recent:
+        recent.remove(event_id)
     recent.append(event_id)
-    state.recent_event_ids = recent[-RECENT_EVENT_IDS:]
+    if len(recent) > RECENT_EVENT_IDS:
+        del recent[0]
 
 
 # What a parked event waits for, per module, in the ORPHANED outcome and the anomaly of an event that waited
