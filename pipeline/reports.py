@@ -22,14 +22,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date
-from typing import Any, Final
+from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING, Any, Final
 
 from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse.client import select
-from infra.kafka import compat
 from infra.settings import KafkaSettings, Settings
+
+if TYPE_CHECKING:
+    from aiokafka import TopicPartition
 
 GROUPINGS: Final = ("party", "location", "day")
 _PARTY: Final = re.compile(r"^([A-Za-z]{2})/([A-Za-z0-9]{3})$")
@@ -212,7 +214,8 @@ def run(client: Client, query: ReportQuery) -> tuple[list[str], list[Sequence[An
     return select(client, query.sql, query.params)
 
 
-CONSUMER_LAG_COLUMNS: Final = ("topic", "partitions", "committed", "end_offset", "lag")
+CONSUMER_LAG_COLUMNS: Final = ("topic", "partitions", "committed", "end_offset", "lag", "oldest_unread",
+                               "retention_left_days", "lost")
 
 
 def consumed_topics(settings: Settings) -> tuple[str, ...]:
@@ -220,23 +223,46 @@ def consumed_topics(settings: Settings) -> tuple[str, ...]:
     return (*settings.kafka.module_topics, settings.pipeline.topic_party_facts, settings.kafka.topic_rejections)
 
 
-async def consumer_lag(kafka: KafkaSettings, bootstrap: str, group_id: str,
-                       topics: Sequence[str]) -> tuple[list[str], list[Sequence[Any]]]:
-    """Per topic: the consumer group's committed offsets against the true end offsets (records not yet
-    processed). On the embedded Tansu broker the end offsets come from `infra.kafka.compat` (its ListOffsets
-    is wrong). A partition the group never committed counts from offset 0."""
-    from pipeline.jobs.kafka_io import committed_offsets, topic_partitions
+async def consumer_lag(kafka: KafkaSettings, bootstrap: str, group_id: str, topics: Sequence[str], *,
+                       retention_days: int, now: datetime | None = None,
+                       ) -> tuple[list[str], list[Sequence[Any]]]:
+    """Per topic: the records the consumer group has not processed yet, and how close the oldest of them is to
+    Kafka's retention, which deletes a record `retention_days` after it was written, read or not.
+
+    A partition is read from the group's committed offset, or from its log start where the group never
+    committed or committed below it (what the worker does); `lost` counts records retention deleted below a
+    committed offset, which the worker never processed (README, Retention). `oldest_unread` is the write time of
+    the oldest unprocessed record; `retention_left_days` what is left of its retention, the time the worker has
+    to catch up before it is deleted. On the embedded Tansu broker the end offsets come from `infra.kafka.compat`
+    (its ListOffsets is wrong), and retention is not enforced there.
+    """
+    from pipeline.jobs.kafka_io import committed_offsets, first_record_times, offset_bounds, topic_partitions
 
     tps = await topic_partitions(bootstrap, topics)
-    ends = await compat.end_offsets(kafka, bootstrap, tps)
+    bounds = await offset_bounds(kafka, bootstrap, tps)
     committed = await committed_offsets(bootstrap, group_id, tps)
     totals: dict[str, list[int]] = {}
+    unread: dict[TopicPartition, int] = {}
     for tp in tps:
-        done, end = committed.get(tp) or 0, ends.get(tp) or 0
-        row = totals.setdefault(tp.topic, [0, 0, 0, 0])
+        start, end = bounds[tp]
+        done = committed.get(tp)
+        position = start if done is None else max(done, start)
+        row = totals.setdefault(tp.topic, [0, 0, 0, 0, 0])
         row[0] += 1
-        row[1] += done
+        row[1] += done or 0
         row[2] += end
-        row[3] += max(end - done, 0)
-    rows: list[Sequence[Any]] = [(topic, *values) for topic, values in sorted(totals.items())]
+        row[3] += max(end - position, 0)
+        row[4] += max(start - done, 0) if done is not None else 0
+        if end > position:
+            unread[tp] = position
+    written = await first_record_times(bootstrap, unread)
+    oldest: dict[str, datetime] = {}
+    for tp, moment in written.items():
+        oldest[tp.topic] = min(moment, oldest.get(tp.topic, moment))
+    now = now or datetime.now(UTC)
+    rows: list[Sequence[Any]] = []
+    for topic, (partitions, done_sum, end_sum, lag, lost) in sorted(totals.items()):
+        first = oldest.get(topic)
+        left = None if first is None else round(retention_days - (now - first).total_seconds() / 86_400, 1)
+        rows.append((topic, partitions, done_sum, end_sum, lag, first, left, lost))
     return list(CONSUMER_LAG_COLUMNS), rows

@@ -148,9 +148,13 @@ def rejections(start: date | None, end: date | None, fmt: str, partner: str | No
 @report.command("consumer-lag")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def consumer_lag(fmt: str) -> None:
-    """Kafka records the worker has not processed yet, per topic (committed offsets vs end offsets).
+    """Kafka records the worker has not processed yet, per topic, and how long before retention deletes them.
 
-    Needs Kafka: OCPI_KAFKA_BOOTSTRAP, or a running `dev` (its embedded broker).
+    lag: records between the worker's committed offsets (or the log start) and the end offsets;
+    oldest_unread: when the oldest of them was written; retention_left_days: OCPI_RETENTION_RAW_DAYS minus its
+    age, the time the worker has to catch up before Kafka deletes it unread; lost: records retention already
+    deleted below the committed offsets (never processed). Needs Kafka: OCPI_KAFKA_BOOTSTRAP, or a running `dev`
+    (its embedded broker).
 
     Example: ocpi-pipeline report consumer-lag
     """
@@ -158,7 +162,8 @@ def consumer_lag(fmt: str) -> None:
     try:
         bootstrap = resolve_bootstrap(settings)
         columns, rows = asyncio.run(reports.consumer_lag(settings.kafka, bootstrap, settings.pipeline.app_id,
-                                                         reports.consumed_topics(settings)))
+                                                         reports.consumed_topics(settings),
+                                                         retention_days=settings.retention.raw_days))
     except KafkaNotConfigured as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:

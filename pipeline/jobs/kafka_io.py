@@ -7,10 +7,11 @@ Jobs read with a group-less consumer (no commits, no rebalances): their position
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiokafka
@@ -166,6 +167,18 @@ async def read_ranges(bootstrap: str, ranges: Iterable[PartitionRange], *, batch
                 return
     finally:
         await stop_client(consumer)
+
+
+async def first_record_times(bootstrap: str, positions: Mapping[TopicPartition, int], *,
+                             timeout: float = 10.0) -> dict[TopicPartition, datetime]:
+    """The timestamp of the first record at or after each partition's position (a partition with none read
+    within `timeout` is left out)."""
+    moments: dict[TopicPartition, datetime] = {}
+    ranges = [PartitionRange(tp.topic, tp.partition, position, position + 1) for tp, position in positions.items()]
+    async with contextlib.aclosing(read_ranges(bootstrap, ranges, batch=1, idle_timeout=timeout)) as reading:
+        async for span, records in reading:
+            moments.setdefault(span.tp, datetime.fromtimestamp(records[0].timestamp / 1000, UTC))
+    return moments
 
 
 async def committed_offsets(bootstrap: str, group_id: str,

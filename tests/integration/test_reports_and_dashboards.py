@@ -147,7 +147,7 @@ async def _populate(settings: Settings) -> tuple[Expected, list[tuple[Any, ...]]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             _columns, rows = await reports.consumer_lag(settings.kafka, stack.bootstrap, settings.pipeline.app_id,
-                                                        topics)
+                                                        topics, retention_days=settings.retention.raw_days)
             lag = [tuple(r) for r in rows]
             if lag and all(r[4] == 0 for r in lag):
                 break
@@ -268,6 +268,7 @@ def test_consumer_lag_reaches_zero_and_counts_every_record(demo: DemoData) -> No
     topics = {row[0]: row for row in demo.consumer_lag}
     assert set(demo.settings.kafka.module_topics) <= set(topics)
     assert all(row[1] == 2 and row[4] == 0 for row in demo.consumer_lag), demo.consumer_lag
+    assert all(row[5] is None and row[6] is None and row[7] == 0 for row in demo.consumer_lag)  # nothing unread
     assert demo.module_records == demo.expected.events + len(REPORT_CDRS)
     assert topics[demo.settings.kafka.topic_rejections][3] == 2
 
