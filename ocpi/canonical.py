@@ -21,7 +21,7 @@ from typing import Any, Final
 import msgspec
 
 from ocpi._generated import PATCHES, SessionPatch
-from ocpi.datetime import format_datetime
+from ocpi.datetime import format_exact_datetime
 
 __all__ = ["content_hash", "to_builtins", "to_ocpi_json"]
 
@@ -46,7 +46,7 @@ def content_hash(obj: Any) -> str:
 
 
 def to_ocpi_json(obj: Any) -> bytes:
-    """OCPI wire JSON: DateTimes via format_datetime (with `Z`, <= 25 chars), exact numbers, nulls omitted.
+    """OCPI wire JSON: DateTimes via format_exact_datetime (UTC, <= 25 chars, exact), exact numbers, nulls omitted.
 
     msgspec's own datetime encoding writes 6 fraction digits, which can exceed OCPI's 25 characters.
     """
@@ -90,5 +90,5 @@ def _wire(value: Any) -> Any:
     if kind is list:
         return [_wire(item) for item in value]
     if isinstance(value, datetime):
-        return format_datetime(value)
+        return format_exact_datetime(value)
     return value

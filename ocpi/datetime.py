@@ -19,6 +19,7 @@ __all__ = [
     "MAX_LENGTH",
     "InvalidDateTime",
     "format_datetime",
+    "format_exact_datetime",
     "parse_datetime",
 ]
 
@@ -85,6 +86,18 @@ def format_datetime(value: datetime) -> str:
     if ten_thousandths:
         text += "." + f"{ten_thousandths:04d}".rstrip("0")
     return text + "Z"
+
+
+def format_exact_datetime(value: datetime) -> str:
+    """`format_datetime`, but a value with a 5th fraction digit (one a CPO sent without `Z`, 25 characters:
+    `2024-05-01T10:00:00.12345`) is written in that form, also UTC, the only one that holds it: every OCPI DateTime
+    comes back exactly. For OCPI documents we keep (stored objects, which later events are merged onto and
+    compared with) and serve back; clock readings go through `format_datetime`, always with `Z`."""
+    micro = value.microsecond
+    if micro % 100 and not micro % 10 and value.tzinfo is not None and value.utcoffset() is not None:
+        v = value.astimezone(UTC)
+        return f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}.{micro // 10:05d}"
+    return format_datetime(value)
 
 
 def _explain(value: str) -> str:

@@ -17,7 +17,7 @@ import msgspec
 
 from ocpi.canonical import to_ocpi_json
 from ocpi.compat import RECHECK
-from ocpi.datetime import format_datetime
+from ocpi.datetime import format_exact_datetime
 from ocpi.decode import decode, decode_stored, validate_built
 from ocpi.types import dec_hook
 
@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 _ENCODER: Final = msgspec.json.Encoder(decimal_format="number")
 # msgspec writes a non-zero fraction with 6 digits, which can exceed OCPI's 25 characters: such documents take
-# the exact (slower) path through format_datetime. A string value that merely looks like one only costs time.
+# the exact (slower) path through format_exact_datetime. A string value that merely looks like one only costs time.
 _SUBSECOND: Final = re.compile(rb'T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z"')
 
 
@@ -43,7 +43,7 @@ def _wire(value: Any) -> Any:
     if isinstance(value, list):
         return [_wire(v) for v in value]
     if isinstance(value, datetime):
-        return format_datetime(value)
+        return format_exact_datetime(value)
     return value
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ocpi import InvalidDateTime, decode, format_datetime, parse_datetime
+from ocpi.datetime import format_exact_datetime
 from ocpi.model import CdrDimension, StatusSchedule
 
 from .support import assert_invalid, dumps
@@ -125,6 +126,25 @@ def test_parse_then_format_is_canonical(text: str) -> None:
     assert canonical.endswith("Z") and len(canonical) <= 25
     # Exact except for a 5th fraction digit, which only fits without `Z` (documented truncation).
     assert parse_datetime(canonical) == parsed.replace(microsecond=parsed.microsecond // 100 * 100)
+
+
+@pytest.mark.parametrize("text", sorted(VALID))
+def test_every_ocpi_datetime_is_written_back_exactly_for_documents(text: str) -> None:
+    """Stored objects are kept as OCPI JSON: a 5th fraction digit (sent without `Z`) must survive, in the only
+    25-character form that holds it; everything else as `format_datetime` writes it, with `Z`."""
+    parsed = parse_datetime(text)
+    written = format_exact_datetime(parsed)
+    assert parse_datetime(written) == parsed and len(written) <= 25
+    assert written == (format_datetime(parsed) if parsed.microsecond % 100 == 0 else text)
+
+
+def test_exact_format_of_a_clock_reading_is_format_datetime() -> None:
+    assert format_exact_datetime(datetime(2018, 1, 1, 1, 8, 1, 123456, tzinfo=UTC)) == "2018-01-01T01:08:01.1234Z"
+    assert format_exact_datetime(datetime(2018, 1, 1, 1, 8, 1, 10, tzinfo=UTC)) == "2018-01-01T01:08:01.00001"
+    assert format_exact_datetime(datetime(2018, 1, 1, 3, 8, 1, 123450, tzinfo=timezone(timedelta(hours=2)))
+                                 ) == "2018-01-01T01:08:01.12345"
+    with pytest.raises(ValueError, match="naive"):
+        format_exact_datetime(datetime(2015, 6, 29, 20, 39, 9, 10))  # noqa: DTZ001 - the point of the test
 
 
 # --- numbers ----------------------------------------------------------------------------------------------

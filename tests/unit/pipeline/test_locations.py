@@ -90,6 +90,18 @@ def test_a_stale_evse_patch_is_recorded_and_not_applied() -> None:
     assert stored(h)["evses"][0]["status"] == "CHARGING"
 
 
+def test_a_put_older_by_less_than_100_microseconds_is_stale() -> None:
+    """The stored Location's `last_updated` keeps a 5th fraction digit (`.12345`, sent without `Z`): truncated to
+    .1234 in the stored JSON, an older PUT at .12341 was applied over the newer one."""
+    h = harness()
+    second = f"{ts(0):%Y-%m-%dT%H:%M:%S}"
+    h.run(event("Location", {**location(name="New"), "last_updated": second + ".12345"}, received=1))
+    older = event("Location", {**location(name="Old"), "last_updated": second + ".12341"}, received=2)
+    out = h.run(older)
+    assert outcome_of(out, older.event_id) == "STALE"
+    assert stored(h)["name"] == "New" and stored(h)["last_updated"] == second + ".12345"
+
+
 def test_a_repeated_status_patch_is_a_duplicate() -> None:
     h = harness()
     h.run(event("Location", location(), received=1))

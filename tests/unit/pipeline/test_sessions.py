@@ -107,6 +107,21 @@ def test_patch_merges_fields_and_appends_charging_periods_once() -> None:
     assert document["last_updated"] == iso(ts(11))
 
 
+def test_a_start_with_a_fifth_fraction_digit_survives_a_patch() -> None:
+    """`2024-01-01T08:00:00.12345` (no `Z`, 25 characters) is an OCPI DateTime: the stored Session, which a PATCH
+    is merged onto, must keep it, or the row's start and the reconciliation fact change under a PATCH that does
+    not touch them (they were truncated to .1234)."""
+    h = harness()
+    start = ts(0).replace(microsecond=123450)
+    body = {**session(kwh="5"), "start_date_time": f"{start:%Y-%m-%dT%H:%M:%S}.12345"}
+    h.run(event("Session", body, received=1))
+    out = h.run(event("SessionPatch", {"kwh": Decimal("6"), "last_updated": iso(ts(5))}, object_id="S1",
+                      received=2))
+    assert column(out.batch, "sessions", SESSION_COLUMNS, "start_date_time") == [start]
+    assert out.facts == {}  # nothing reconciliation reads changed
+    assert stored(h)["start_date_time"] == f"{start:%Y-%m-%dT%H:%M:%S}.12345"
+
+
 def test_a_patch_repeating_a_period_with_its_dimensions_in_another_order_does_not_double_it() -> None:
     """A period's dimensions are a set of measurements, not a sequence: a CPO that sends every period so far on
     each PATCH from an unordered map (a Go map, a hash set) writes them in a different order every time."""
