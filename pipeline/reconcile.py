@@ -167,7 +167,7 @@ def _seconds(delta: timedelta) -> Decimal:
 
 def within_tolerance(d: Deltas, rules: Rules) -> bool:
     """A missing session cost or end is not a discrepancy (absent does not mean zero, 09 §4.1)."""
-    limit = Decimal(rules.time_tolerance.total_seconds())
+    limit = _seconds(rules.time_tolerance)  # exact: a float's Decimal (0.3 -> 0.29999...) would cut the limit short
     return (abs(d.kwh) <= rules.energy_tolerance
             and (d.cost_excl_vat is None or abs(d.cost_excl_vat) <= rules.cost_tolerance)
             and abs(d.start_s) <= limit and (d.end_s is None or abs(d.end_s) <= limit))

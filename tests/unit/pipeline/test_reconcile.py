@@ -125,6 +125,16 @@ def test_match_by_authorization_reference_when_the_cdr_has_no_session_id() -> No
     assert (row["method"], row["session_id"]) == ("AUTHORIZATION_REFERENCE", "S8")
 
 
+def test_a_fractional_time_tolerance_is_exact() -> None:
+    """OCPI_RECONCILE_TIME_TOLERANCE=0.3: a start 0.3 s off is within it, as matching (timedeltas) holds it. The
+    limit was the float 0.3 made a Decimal, 0.29999999999999998889..., so such a CDR was a MISMATCH."""
+    rules = Rules(cdr_grace=RULES.cdr_grace, session_grace=RULES.session_grace,
+                  energy_tolerance=RULES.energy_tolerance, cost_tolerance=RULES.cost_tolerance,
+                  time_tolerance=timedelta(seconds=0.3))
+    assert within_tolerance(Deltas(Decimal(0), None, Decimal("0.300000"), Decimal("-0.300000")), rules)
+    assert not within_tolerance(Deltas(Decimal(0), None, Decimal("0.300001"), None), rules)
+
+
 def test_match_by_token_location_and_start_within_the_tolerance() -> None:
     party = Party()
     party.run(s_fact(completed("S1", start=0), final=61), s_fact(completed("S2", start=120), final=200))
