@@ -10,7 +10,8 @@ shim has no server-side parameters) over the tables the pipeline writes:
 - anomalies: `anomalies` per kind, module and CPO party;
 - health: per partner and module, pushes accepted (`raw_events`, source PUSH), pushes refused
   (`rejections`), the refusal rate and the ingestion lag (`inserted_at - received_at`: from the receiver
-  taking the push to its row being written) as p50/p95/max seconds;
+  taking the push to its row being written) as p50/p95/max seconds; within the last OCPI_RETENTION_RAW_DAYS
+  at most, where the pushes are kept;
 - rejections: the refusals themselves, grouped by partner, module, status and field path.
 
 Periods are UTC dates, both ends inclusive; a missing end is unbounded. Identity columns hold upper-cased
@@ -162,11 +163,17 @@ ORDER BY kind, module, country_code, party_id"""
     return ReportQuery(sql, filters.params)
 
 
-def health(period: Period, *, partner: str | None = None) -> ReportQuery:
-    """Per partner and module: pushes accepted and refused, refusal rate, ingestion lag p50/p95/max (s)."""
+def health(period: Period, *, partner: str | None = None, raw_days: int) -> ReportQuery:
+    """Per partner and module: pushes accepted and refused, refusal rate, ingestion lag p50/p95/max (s).
+
+    Pushes (`raw_events`) are kept `raw_days` (OCPI_RETENTION_RAW_DAYS), refusals (`rejections`) as long as the
+    histories: both are counted only within the last `raw_days`, or a refusal would count against pushes
+    retention deleted (the `rejections` report lists them all)."""
     pushed = _Filters().period("toDate(received_at)", period).equals("partner_id", "partner", partner)
-    pushed.conditions.append("source = 'PUSH'")
+    pushed.conditions += ["source = 'PUSH'", "received_at >= now64(6) - toIntervalDay(%(raw_days)s)"]
     refused = _Filters().period("toDate(rejected_at)", period).equals("partner_id", "partner", partner)
+    refused.conditions.append("rejected_at >= now64(6) - toIntervalDay(%(raw_days)s)")
+    refused.params["raw_days"] = raw_days
     # One stream of pushes and refusals, aggregated with -If combinators (-OrNull: no pushes, no lag).
     sql = f"""
 SELECT partner_id, module,

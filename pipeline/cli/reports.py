@@ -127,11 +127,13 @@ def anomalies(start: date | None, end: date | None, fmt: str, party: str | None,
 def health(start: date | None, end: date | None, fmt: str, partner: str | None) -> None:
     """Partner ingestion health per partner and module: pushes, rejects, reject rate, lag p50/p95/max (s).
 
-    Lag is the time from the receiver taking a push to its row being written to ClickHouse.
+    Lag is the time from the receiver taking a push to its row being written to ClickHouse. Pushes are kept
+    OCPI_RETENTION_RAW_DAYS, refusals longer: both count within that many last days at most.
 
     Example: ocpi-pipeline report health --from 2024-05-01 --partner cpo-acme
     """
-    _show(lambda: reports.health(_period(start, end), partner=partner), fmt)
+    raw_days = load_settings().retention.raw_days
+    _show(lambda: reports.health(_period(start, end), partner=partner, raw_days=raw_days), fmt)
 
 
 @report.command()

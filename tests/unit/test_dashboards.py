@@ -28,6 +28,7 @@ DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 PLUGIN = "grafana-clickhouse-datasource"
 DATASOURCE_REF = {"type": PLUGIN, "uid": "${datasource}"}
 INTERVAL_S = 3600  # what Grafana passes as the interval for a 7-day range on a wide panel (order of magnitude)
+RAW_DAYS = 30  # the dashboards' constant `raw_days`: OCPI_RETENTION_RAW_DAYS at its default
 
 _MACRO = re.compile(r"\$__(\w+)(?:\(([^()]*)\))?")
 
@@ -54,7 +55,7 @@ def _quote(value: str) -> str:
 
 def render_panel_sql(sql: str, *, start: datetime, end: datetime, partners: list[str] | None = None) -> str:
     """The SQL Grafana would send: plugin macros expanded for [start, end], template variables substituted
-    (`partner` = All: every value, or one impossible value when there are none)."""
+    (`partner` = All: every value, or one impossible value when there are none; the constant `raw_days`)."""
 
     def expand(match: re.Match[str]) -> str:
         name, arg = match.group(1), (match.group(2) or "").strip()
@@ -77,7 +78,7 @@ def render_panel_sql(sql: str, *, start: datetime, end: datetime, partners: list
 
     rendered = _MACRO.sub(expand, sql)
     values = ", ".join(_quote(p) for p in (partners or ["\x00none"]))
-    rendered = rendered.replace("${partner:singlequote}", values)
+    rendered = rendered.replace("${partner:singlequote}", values).replace("${raw_days}", str(RAW_DAYS))
     leftover = re.search(r"\$\{?\w+", rendered)
     assert leftover is None, f"unsubstituted variable {leftover.group(0)!r} in:\n{rendered}"
     return rendered
@@ -191,3 +192,47 @@ def test_last_push_lists_registered_partners_silent_for_the_whole_range(schema: 
     assert rows[ids["silent"]][2] is None and rows[ids["silent"]][3] == 7 * 86400
     assert rows[ids["active"]][2] is not None and 3590 <= rows[ids["active"]][3] <= 3610
     assert next(iter(rows)) == ids["silent"]  # the silent one first
+
+
+def test_partner_health_counts_refusals_only_as_far_back_as_the_pushes_are_kept(schema: Client) -> None:
+    """Pushes (`raw_events`) are kept OCPI_RETENTION_RAW_DAYS, refusals (`rejections`) as long as the histories:
+    refusals older than the pushes still held were counted against none of their pushes, so the reject rate of a
+    period reaching further back (the report's default: unbounded; a long time range) was too high, 1.0 for a
+    module with only old refusals. Both sides now count from where the pushes are kept."""
+    from infra.rejections import COLUMNS as REJECTION_COLUMNS
+    from infra.rejections import Rejection
+    from infra.settings import load_settings
+    from pipeline import reports
+    from pipeline.rejections import rejection_row
+
+    partner = f"hp-{uuid.uuid4().hex[:6]}"
+    now = datetime.now(UTC)
+    raw_days = load_settings({}).retention.raw_days
+    assert raw_days == RAW_DAYS
+
+    def push(n: int, received_at: datetime) -> list[Any]:
+        return [f"{partner}-{n}", partner, "SESSIONS", "PUT", "OBJECT", "NL", "HPT", f"S{n}", None, None, received_at,
+                "r", "c", "PUSH", "h", [], "{}", "t", 0, n, "APPLIED", ""]
+
+    def refusal(n: int, module: str, rejected_at: datetime) -> list[Any]:
+        return rejection_row(Rejection(f"{partner}-r{n}", partner, module, "PUT", "/", 2001, 200, "bad", "$.x",
+                                       "q", "c", rejected_at))
+
+    # Within the retention: three pushes and one refusal. Beyond it: the pushes are gone (TTL), a refusal of
+    # each module is still there.
+    schema.insert("raw_events", [push(n, now - timedelta(days=2, minutes=n)) for n in range(3)],
+                  column_names=list(projection.RAW_EVENT_COLUMNS))
+    schema.insert("rejections", [refusal(1, "sessions", now - timedelta(days=1)),
+                                 refusal(2, "sessions", now - timedelta(days=raw_days + 10)),
+                                 refusal(3, "cdrs", now - timedelta(days=raw_days + 10))],
+                  column_names=list(REJECTION_COLUMNS))
+    want = [(partner, "SESSIONS", 3, 1, 0.25)]
+    columns, rows = reports.run(schema, reports.health(reports.Period(), partner=partner, raw_days=raw_days))
+    assert [tuple(row[:5]) for row in rows] == want
+    assert columns[:5] == ["partner_id", "module", "pushes", "rejects", "reject_rate"]
+    board = ROOT / "dashboards" / "partner-health.json"
+    constant = next(v for v in _load(board)["templating"]["list"] if v["name"] == "raw_days")
+    assert (constant["type"], constant["query"]) == ("constant", str(raw_days))
+    sql = render_panel_sql(_panel_sql(board, "Pushes, rejects and lag per partner and module"),
+                           start=now - timedelta(days=raw_days + 30), end=now, partners=[partner])
+    assert [tuple(row[:5]) for row in schema.query(sql).result_rows] == want

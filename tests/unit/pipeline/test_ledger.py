@@ -147,7 +147,7 @@ def test_every_acknowledged_push_ends_with_one_row_and_the_outcome_of_its_catego
     assert client.query("SELECT count() FROM raw_events FINAL GROUP BY event_id HAVING count() > 1").result_rows == []
     by_outcome = dict(client.query("SELECT outcome, count() FROM raw_events FINAL GROUP BY outcome").result_rows)
     assert sum(by_outcome.values()) == len(expected)
-    columns, rows = reports.run(client, reports.health(reports.Period(), partner=None))
+    columns, rows = reports.run(client, reports.health(reports.Period(), partner=None, raw_days=30))
     assert sum(row[columns.index("pushes")] for row in rows) == len(expected)
     # what was applied is what the current state holds
     assert client.query("SELECT session_id, kwh, status FROM sessions FINAL ORDER BY session_id").result_rows == [
