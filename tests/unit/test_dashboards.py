@@ -236,3 +236,27 @@ def test_partner_health_counts_refusals_only_as_far_back_as_the_pushes_are_kept(
     sql = render_panel_sql(_panel_sql(board, "Pushes, rejects and lag per partner and module"),
                            start=now - timedelta(days=raw_days + 30), end=now, partners=[partner])
     assert [tuple(row[:5]) for row in schema.query(sql).result_rows] == want
+
+
+def test_the_anomaly_panels_show_the_anomalies_no_partner_can_be_named_for(schema: Client) -> None:
+    """A row ClickHouse refused of a table without a partner column (EVSEs, connectors, charging periods, ...) is a
+    ROW_REFUSED anomaly with partner_id '': the panels filtered on the partner variable, whose All is the list of
+    the registry's partners, so these anomalies, to be settled by hand, were never shown."""
+    from pipeline.records import Anomaly, AnomalyRow
+
+    now = datetime.now(UTC)
+    party = f"A{uuid.uuid4().hex[:2].upper()}"
+    partner = f"an-{uuid.uuid4().hex[:6]}"
+    schema.insert("anomalies", [
+        projection.anomaly_row(AnomalyRow(Anomaly.ROW_REFUSED, "connectors", "NL", party, "LOC1", "h1", "e1", "",
+                                          "refused", now - timedelta(hours=1))),
+        projection.anomaly_row(AnomalyRow(Anomaly.STALE_UPDATE, "SESSIONS", "NL", party, "S1", "", "e2", partner,
+                                          "stale", now - timedelta(hours=1)))],
+        column_names=list(projection.ANOMALY_COLUMNS))
+    board = ROOT / "dashboards" / "reconciliation.json"
+    sql = render_panel_sql(_panel_sql(board, "Anomalies"), start=now - timedelta(days=1), end=now, partners=[partner])
+    assert sorted(row[0] for row in schema.query(sql).result_rows if row[3] == party) == ["ROW_REFUSED",
+                                                                                         "STALE_UPDATE"]
+    sql = render_panel_sql(_panel_sql(board, "Anomalies per kind"), start=now - timedelta(days=1), end=now,
+                           partners=[partner])
+    assert {row[1] for row in schema.query(sql).result_rows} >= {"ROW_REFUSED", "STALE_UPDATE"}
