@@ -82,10 +82,11 @@ def render_rows(columns: list[str], rows: list[Sequence[Any]], fmt: str) -> str:
         writer.writerow(columns)
         writer.writerows([[_cell(v) for v in row] for row in rows])
         return out.getvalue()
-    # Text, not str: rich would read brackets in values (CPOs' names, reasons, payloads) as markup.
+    # Text, not str: rich would read brackets in values (CPOs' names, reasons, payloads) as markup. Folded, never
+    # cut with an ellipsis: a value that does not fit its column wraps onto the next line, whole.
     table = Table()
     for column in columns:
-        table.add_column(Text(column))
+        table.add_column(Text(column), overflow="fold")
     for row in rows:
         table.add_row(*(Text("" if v is None else str(_cell(v))) for v in row))
     console = Console(record=True, width=160)

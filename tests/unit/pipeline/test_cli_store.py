@@ -7,6 +7,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,19 @@ def test_an_empty_result_still_has_its_header(command: list[str], chdb_dsn: str,
         assert json.loads(CliRunner().invoke(cli, [*command, "--format", "json"]).output) == []
     finally:
         owner.command(f"DROP DATABASE IF EXISTS {database}")
+
+
+def test_a_wide_table_shows_every_value_whole() -> None:
+    """The report's default format: at 160 columns rich cut what did not fit with an ellipsis, so two locations
+    sharing their first characters read as one (report revenue --by location), and a long number lost digits."""
+    columns = ["country_code", "party_id", "location_id", "currency", "cdrs", "credit_cdrs", "energy_kwh",
+               "revenue_excl_vat", "revenue_incl_vat", "lines_without_incl_vat"]
+    rows = [["NL", "TNM", f"LOCATION-AMSTERDAM-CENTRAAL-000{n}", "EUR", 123456, 1234,
+             Decimal("12345678901234.1234"), Decimal("-12345678901234.1234"), Decimal("12345678901234.1234"), 0]
+            for n in (1, 2)]
+    table = render_rows(columns, rows, "table")
+    assert "…" not in table
+    lines = table.splitlines()
+    for index, want in ((3, "LOCATION-AMSTERDAM-CENTRAAL-0001LOCATION-AMSTERDAM-CENTRAAL-0002"),
+                        (7, "12345678901234.123412345678901234.1234")):
+        assert "".join(line.split("│")[index].strip() for line in lines if "│" in line) == want
