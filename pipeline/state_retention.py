@@ -47,7 +47,11 @@ data, and writes a tombstone (value None) to the changelog, so compaction remove
 `party-state` (stage 2) leaves in the same pass, by component of linked records (`pipeline.party_retention`, a
 `Plan`), with its id lists' entries.
 
-`location-state` is current state (kept while the Location is published) and is not expired.
+`location-state` is current state (kept while the Location is published) and is not expired, but for the states
+of events parked for a Location that never came (EVSE updates for an id whose PUT the receiver refused, a typo):
+the deadline sweep makes their rows ORPHANED, and a later event of that id would orphan them in the state, but none
+comes, so such a state leaves in the same pass, like a `session-state` of parked events alone, by the newest of
+them (`location_state_expired`): one entry per such id would otherwise be kept forever.
 """
 
 from __future__ import annotations
@@ -175,6 +179,14 @@ def session_state_expired(value: bytes, cutoff: datetime) -> bool:
             return False  # cannot be dated (every applied event sets it): kept rather than deleted early
         received.append(state.applied_at)
     return bool(received) and max(received) < cutoff
+
+
+def location_state_expired(value: bytes, cutoff: datetime) -> bool:
+    """Whether a `location-state` value holds no Location, only events parked for it, the newest of them received
+    before `cutoff` (as for a `session-state` of parked events alone). A state with a Location is current state."""
+    state = _LOCATIONS.decode(value)
+    return (state.object_json is None and bool(state.parked)
+            and max(parked.received_at for parked in state.parked) < cutoff)
 
 
 def cdr_state_expired(value: bytes, cutoff: datetime) -> bool:
@@ -382,10 +394,12 @@ def register_state_retention(context: AgentContext, tables: Mapping[str, StateTa
         # linked records leave together, with their index entries (`pipeline.party_retention`)
         "party-state": Plan(survey_referrers, functools.partial(expire_party_state, rules=context.party_rules)),
     }
+    # Not billing data: only a state of parked events alone, whose Location never came, leaves (module docstring).
+    strays: dict[str, Expiry] = {"location-state": location_state_expired}
     names = dict.fromkeys((*PERSONAL_STATE_TABLES, *BILLING_STATE_TABLES))
     targets = [StateTarget(name, tables[name], topics[name],
                            pseudonymise=rewrites[name] if name in PERSONAL_STATE_TABLES else None,
-                           expired=expiries[name] if name in BILLING_STATE_TABLES else None)
+                           expired=expiries[name] if name in BILLING_STATE_TABLES else strays.get(name))
                for name in names]
     keeper = StateRetention(context, targets, backlog)
     context.app.timer(context.settings.pipeline.sweep_interval_s, name="state-retention")(keeper.tick)

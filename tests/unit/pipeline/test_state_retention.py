@@ -4,6 +4,7 @@ stage-1 state (sessions, CDRs): entries deleted once what they hold is past the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -35,6 +36,7 @@ from pipeline.state_retention import (
     keep_fact_token,
     pseudonymise_location_state,
     pseudonymise_session_state,
+    register_state_retention,
     session_state_expired,
 )
 
@@ -520,3 +522,46 @@ def test_the_pass_keeps_an_entry_renewed_after_its_snapshot_and_still_pseudonymi
     # An expired session is deleted, not pseudonymised first.
     done = run_chunk(keeper, table, dict(table.data), cutoff_min=300, expiry_min=300)
     assert (done.expired, done.pseudonymised) == (1, 0) and table.data == {}
+
+
+# --- location-state: entries of parked events alone ------------------------------------------------------------
+
+
+def registered_targets() -> dict[str, StateTarget]:
+    """The targets `register_state_retention` gives the pass, over FakeTables."""
+    class App:
+        def timer(self, *_: Any, **__: Any) -> Any:
+            return lambda func: func
+
+    settings = SimpleNamespace(
+        kafka=SimpleNamespace(topic_sessions="s", topic_locations="l", topic_cdrs="c"),
+        pipeline=SimpleNamespace(topic_party_facts="f", sweep_interval_s=30))
+    context = SimpleNamespace(app=App(), settings=settings, party_rules=None, pseudonym=PSEUDONYM)
+    tables = {name: cast(Any, FakeTable({})) for name in (*PERSONAL_STATE_TABLES, *BILLING_STATE_TABLES)}
+    keeper = register_state_retention(cast(Any, context), tables, cast(Any, None))
+    return {target.name: target for target in keeper.targets}
+
+
+def test_a_location_state_of_parked_events_alone_leaves_like_a_session_state_of_parked_events() -> None:
+    # EVSE updates for a Location whose PUT never comes (an id the receiver refused, a typo) are parked in a
+    # state of their own; the deadline sweep turns their rows ORPHANED, but nothing removed the state: one entry
+    # per such Location id, forever. Like a session-state of parked events alone, it leaves at the retention pass
+    # once the newest of them was received before the cutoff; a state holding a Location is current state.
+    stray = location_harness()
+    stray.run(evse_patch("AVAILABLE", 1), evse_patch("CHARGING", 4))
+    assert len(stray.state(LOC).parked) == 2 and stray.state(LOC).object_json is None
+    published = location_harness()
+    published.run(event("Location", location(), received=1))
+    years_later = ts(60 * 24 * 365 * 8)  # the pass, with its billing cutoff years after both
+    table = FakeTable({LOC: stray.store.data[LOC], "NL/TNM/LOC2": published.store.data[LOC]})
+    target = dataclasses.replace(registered_targets()["location-state"], table=cast(Any, table))
+    keeper = StateRetention(cast(Any, SimpleNamespace(pseudonym=PSEUDONYM)), [target], cast(Any, None))
+    chunk = [(key.encode(), value) for key, value in table.data.items()]
+    changes, counts = keeper.decide(target, PartitionAnchor("l", 0), chunk, ts(0), years_later)
+    table.apply(changes)
+    assert counts.expired == 1 and set(table.data) == {"NL/TNM/LOC2"}
+
+    assert callable(target.expired)
+    assert target.expired(stray.store.data[LOC], ts(6))
+    assert not target.expired(stray.store.data[LOC], ts(5))  # its newest parked event was received at minute 5
+    assert not target.expired(published.store.data[LOC], years_later)
