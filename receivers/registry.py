@@ -214,8 +214,10 @@ class Partner(msgspec.Struct, kw_only=True):
             token.revoked_at = now
 
     def _trim_history(self, keep_revoked: int = 8) -> None:
-        """Revoked hashes are only an audit trail: keep the newest few."""
-        revoked = [t for t in self.inbound_tokens if t.state is TokenState.REVOKED]
+        """Revoked hashes, and retired ones past their grace (RETIRING stays their state), are only an audit
+        trail: keep the newest few."""
+        now = _now()
+        revoked = [t for t in self.inbound_tokens if not t.valid_at(now)]
         for token in revoked[:-keep_revoked] if len(revoked) > keep_revoked else []:
             self.inbound_tokens.remove(token)
 

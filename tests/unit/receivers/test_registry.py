@@ -96,6 +96,23 @@ def test_token_states(open_registry: Callable[[], PartnerRegistry]) -> None:
     assert len(revoked) <= 8 and len(partner.valid_tokens()) == 1
 
 
+def test_tokens_retired_with_a_grace_do_not_pile_up_in_the_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With OCPI_TOKEN_GRACE set, every credentials PUT retires the token in use (RETIRING until the grace ends)
+    # and issues a new one. A retired token past its grace is as dead as a revoked one, and only an audit trail:
+    # the record (read by every receiver at every directory reload) must not keep one per update for ever.
+    clock = [datetime(2026, 1, 1, tzinfo=UTC)]
+    monkeypatch.setattr("receivers.registry._now", lambda: clock[0])
+    partner = Partner(partner_id="p", name="p", status=PartnerStatus.REGISTERED, created_at=clock[0],
+                      updated_at=clock[0])
+    partner.issue_token(TokenKind.C)
+    for _ in range(100):  # a partner updating its credentials daily, for about three months
+        token = partner.issue_token(TokenKind.C)
+        partner.retire_tokens(keep=[hash_token(token)], grace_s=3600)
+        clock[0] += timedelta(days=1)
+    assert [t.sha256 for t in partner.valid_tokens()] == [hash_token(token)]
+    assert len(partner.inbound_tokens) <= 10
+
+
 def test_invite_rules(open_registry: Callable[[], PartnerRegistry]) -> None:
     registry = open_registry()
     _, token_a = registry.invite("cpo", "CPO", compat=["datetime_offset"])
