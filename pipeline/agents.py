@@ -37,7 +37,7 @@ from infra.settings import Settings
 from ocpi.decode import UNDECODABLE
 from pipeline import projection
 from pipeline.cdrs import process_cdrs
-from pipeline.delivery import BatchDelivery, Handler
+from pipeline.delivery import BatchDelivery, Handler, group_generation
 from pipeline.facts import Fact, decode_facts, fact_records
 from pipeline.locations import process_locations
 from pipeline.reconcile import (
@@ -51,7 +51,7 @@ from pipeline.reconcile import (
 from pipeline.records import DeadLetter, Record, decode_all, group_by_object, sort_out, utc_now
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
-from pipeline.sink import Batch, ClickHouseSink
+from pipeline.sink import EXIT_UNWRITTEN_BATCH, Batch, ClickHouseSink
 from pipeline.stage import StageOutput, StageRules
 from pipeline.state import (
     CdrState,
@@ -288,6 +288,29 @@ def fold_isolated(records: Sequence[Record], reader: Callable[[PartitionAnchor],
     return overlays, dead
 
 
+def fence(app: faust.App, messages: Sequence[Message], name: str) -> None:
+    """End the process before a batch's state is written when the consumer group has moved on since the batch
+    was fetched.
+
+    Faust holds a rebalance until the batch in hand is done, but a member that fetched nothing for
+    `broker_max_poll_interval` (its batch retrying a ClickHouse insert through an outage) or outlasted the
+    rebalance timeout is put out of the group, and its partitions go to another worker while the batch still
+    runs. Written now, the batch's state would land in the changelog after the new owner's, an older state last
+    for its keys, and its acks could be committed under a later generation. Rows and facts are idempotent, so
+    nothing is lost by leaving: the partitions' owner reads the batch again from the committed offset.
+    """
+    generation = group_generation(app)
+    if generation is None:
+        return
+    fetched_in = {int(getattr(message, "generation_id", generation)) for message in messages}
+    if fetched_in <= {generation}:
+        return
+    log.critical("%s: the consumer group moved on (generation %s, the batch was fetched in %s) while a batch of %d "
+                 "ran; exiting before its state is written, the partitions' owner reads it again",
+                 name, generation, sorted(fetched_in), len(messages))
+    os._exit(EXIT_UNWRITTEN_BATCH)
+
+
 class ModuleAgent(Generic[S]):
     """Stage 1: one module topic, rules per object."""
 
@@ -321,6 +344,7 @@ class ModuleAgent(Generic[S]):
         await ctx.publish(ctx.settings.pipeline.topic_party_facts,
                           [(party.encode(), value) for party, facts in out.facts.items()
                            for value in fact_records(facts)])
+        fence(ctx.app, messages, self.module)
         await self.table.write_batch(ctx, [(anchor, overlay.changes) for anchor, overlay in overlays])
         ctx.progress.outcomes.update(out.outcomes)
         ctx.progress.replayed += out.replayed
@@ -359,6 +383,7 @@ class PartyAgent:
         batch = party_batch(out, dead)
         await ctx.sink.write(batch)
         await ctx.publish(ctx.settings.pipeline.topic_reconciliation, reconciliation_records(out.reconciliation))
+        fence(ctx.app, messages, "party facts")
         await self.table.write_batch(ctx, [(anchor, overlay.changes) for anchor, overlay in overlays])
 
 

@@ -97,6 +97,15 @@ class Inbox:
         return batch
 
 
+def group_generation(app: faust.App) -> int | None:
+    """The consumer group generation aiokafka's coordinator holds now (-1 once the consumer left the group, e.g.
+    after `broker_max_poll_interval` without a fetch); None before the consumer started."""
+    try:
+        return int(app.consumer._thread._consumer._coordinator.generation)  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+
+
 class BatchConsumer(driver.Consumer):
     """Faust's aiokafka consumer, delivering the records of the inboxes' topics in bulk."""
 

@@ -57,8 +57,9 @@ async def test_a_partys_facts_go_out_in_records_kafka_accepts_in_order() -> None
     async def nothing(*_args: Any) -> None:
         pass
 
-    context = SimpleNamespace(pseudonym=Pseudonymizer(b"k" * 32), sink=SimpleNamespace(write=nothing), publish=publish,
-                              stage_rules=stage_rules(), progress=SimpleNamespace(outcomes=Counter(), replayed=0),
+    context = SimpleNamespace(app=None, pseudonym=Pseudonymizer(b"k" * 32), sink=SimpleNamespace(write=nothing),
+                              publish=publish, stage_rules=stage_rules(),
+                              progress=SimpleNamespace(outcomes=Counter(), replayed=0),
                               settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
     table = SimpleNamespace(reader=lambda _anchor: DictStore().data.get, write_batch=nothing, lock=asyncio.Lock())
     agent = ModuleAgent(context, table, Codec(CdrState), process_cdrs, "CDRS")  # type: ignore[arg-type]

@@ -103,8 +103,9 @@ async def test_the_agent_writes_dead_letters_and_goes_on() -> None:
     async def write_batch(context: Any, changes: list[Any]) -> None:
         states.extend(changes)
 
-    context = SimpleNamespace(pseudonym=Pseudonymizer(b"k" * 32), sink=SimpleNamespace(write=write), publish=publish,
-                              stage_rules=stage_rules(), progress=SimpleNamespace(outcomes=Counter(), replayed=0),
+    context = SimpleNamespace(app=None, pseudonym=Pseudonymizer(b"k" * 32), sink=SimpleNamespace(write=write),
+                              publish=publish, stage_rules=stage_rules(),
+                              progress=SimpleNamespace(outcomes=Counter(), replayed=0),
                               settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
     table = SimpleNamespace(reader=lambda _anchor: DictStore().data.get, write_batch=write_batch, lock=asyncio.Lock())
     agent = ModuleAgent(context, table, Codec(SessionState), process_sessions, "SESSIONS")  # type: ignore[arg-type]

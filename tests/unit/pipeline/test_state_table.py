@@ -3,6 +3,8 @@ state ahead of the changelog (a later owner of the partition recovers from the c
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +16,7 @@ from infra.kafka.bulk import Acked
 from pipeline.agents import WHOLE_STATE_BYTES, PartyAgent, StateTable
 from pipeline.facts import encode_facts
 from pipeline.records import RawMessage
+from pipeline.sink import EXIT_UNWRITTEN_BATCH
 
 from .builders import cdr
 from .test_reconcile import RULES, c_fact, completed, s_fact
@@ -49,6 +52,9 @@ class Context:
         self.batch_bytes: list[int | None] = []  # what each changelog produce asked for
         self.kill_on_changelog = False
         self.settings = SimpleNamespace(pipeline=SimpleNamespace(topic_reconciliation="reconciliation"))
+        self.coordinator = SimpleNamespace(generation=7)  # aiokafka's group coordinator, as Faust's consumer holds it
+        self.app = SimpleNamespace(consumer=SimpleNamespace(_thread=SimpleNamespace(
+            _consumer=SimpleNamespace(_coordinator=self.coordinator))))
         self.party_rules = RULES
 
         async def write(batch: Any) -> None:
@@ -113,3 +119,44 @@ async def test_a_whole_batch_table_sends_its_changelog_records_as_one_record_bat
     await agent.handle([message(0, [s_fact(completed(), received=61, final=61), c_fact(cdr("C1"), received=62)])])
     assert context.batch_bytes == [WHOLE_STATE_BYTES if whole_batches else None]
 
+
+
+@dataclass(frozen=True)
+class FetchedMessage:  # a Faust Message: the group generation it was fetched in
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+    generation_id: int
+
+
+@pytest.mark.parametrize("left_group", [False, True])
+async def test_a_batch_whose_group_moved_on_exits_before_its_state_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left_group: bool) -> None:
+    # A member put out of the group (no fetch for broker_max_poll_interval while its batch retried a ClickHouse
+    # insert) still held its batch: its state, written after the partitions' new owner wrote theirs, would be the
+    # older state last in the changelog.
+    context = Context()
+
+    async def write(batch: Any) -> None:  # the insert succeeds once the outage is over, after the group moved on
+        if left_group:
+            context.coordinator.generation = -1
+
+    context.sink = SimpleNamespace(write=write)
+    exits: list[int] = []
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+        raise Killed
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    agent = PartyAgent(context, state_table(tmp_path / "db"))  # type: ignore[arg-type]
+    fetched = FetchedMessage("facts", 0, 0, b"NL/TNM", encode_facts([s_fact(completed(), received=61, final=61)]), 7)
+    if left_group:
+        with pytest.raises(Killed):
+            await agent.handle([fetched])
+        assert exits == [EXIT_UNWRITTEN_BATCH] and context.changelog == []
+    else:
+        await agent.handle([fetched])
+        assert exits == [] and context.changelog
