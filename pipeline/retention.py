@@ -355,9 +355,9 @@ def pseudonymise_document(document: str, pseudonym: Pseudonymizer) -> str:
 
 def pseudonymised_json(document: bytes, pseudonym: Pseudonymizer) -> bytes | None:
     """OCPI JSON with its personal identifiers replaced (numbers exactly as written); None when none was in
-    clear."""
+    clear (or the JSON is no object)."""
     data = _JSON_IN.decode(document)
-    return _JSON_OUT.encode(data) if pseudonymise_fields(data, pseudonym) else None
+    return _JSON_OUT.encode(data) if isinstance(data, dict) and pseudonymise_fields(data, pseudonym) else None
 
 
 def pseudonymise_fields(data: dict[str, Any], pseudonym: Pseudonymizer) -> bool:
@@ -377,9 +377,12 @@ def pseudonymise_fields(data: dict[str, Any], pseudonym: Pseudonymizer) -> bool:
         replace(token, "uid")
         replace(token, "contract_id")
     replace(data, "authorization_reference")
-    for allowed in data.get(LOCATION_PERSONAL_FIELD) or ():
-        replace(allowed, "uid")
-        replace(allowed, "visual_number", case_insensitive=False)
+    allowed_list = data.get(LOCATION_PERSONAL_FIELD)
+    # Shapes checked: an object a pull refused for its shape is pseudonymised too (`jobs.pull`).
+    for allowed in allowed_list if isinstance(allowed_list, list) else ():
+        if isinstance(allowed, dict):
+            replace(allowed, "uid")
+            replace(allowed, "visual_number", case_insensitive=False)
     return changed
 
 

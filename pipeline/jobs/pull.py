@@ -27,7 +27,8 @@ The crawl (04 §4.2):
 - Each list is decoded element by element (`ocpi.decode.decode_list`, with the partner's compatibility
   profile): invalid objects are logged and recorded, the valid ones are processed (04 §4.1). Objects whose
   owner is not one of the partner's roles are recorded and skipped (04 §6.3), unless the partner is a Hub.
-  Recorded objects go to `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.rejected.jsonl`.
+  Recorded objects go to `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.rejected.jsonl`, which nothing deletes: their
+  personal identifiers (`retention.pseudonymise_fields`) are written as pseudonyms, never in clear.
 
 Requests carry `Authorization: Token <base64>` (the raw token for RAW_TOKEN partners), a fresh X-Request-ID,
 one X-Correlation-ID per crawl, and routing headers from our party (OCPI_PARTY_*) to the partner's (its Hub
@@ -512,13 +513,19 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
 
 def _record_rejected(settings: Settings, partner_id: str, module: str, page: _Page,
                      rejected: list[dict[str, Any]]) -> None:
+    from pipeline.retention import Pseudonymizer, load_key, pseudonymised_json
+
     raws = msgspec.json.decode(page.data, type=list[msgspec.Raw])
     path = rejected_path(settings, partner_id, module)
     path.parent.mkdir(parents=True, exist_ok=True)
     at = iso(datetime.now(UTC))
+    # The file has no age limit: personal identifiers are written as the store's pseudonyms (README, Retention).
+    pseudonym = Pseudonymizer(load_key(settings))
     with path.open("a") as fh:
         for entry in rejected:
-            raw = bytes(raws[entry["index"]])[:100_000].decode("utf-8", "replace")
+            document = bytes(raws[entry["index"]])
+            document = pseudonymised_json(document, pseudonym) or document
+            raw = document[:100_000].decode("utf-8", "replace")
             log.warning("GET %s: object %d skipped: %s: %s", page.url, entry["index"], entry["path"], entry["reason"])
             fh.write(json.dumps({"at": at, "url": page.url, "request_id": page.request_id, **entry,
                                  "object": raw}) + "\n")

@@ -29,6 +29,7 @@ from pipeline.jobs.pull import (
     retry_after_seconds,
     round_since,
 )
+from pipeline.retention import Pseudonymizer, load_key
 from receivers.registry import Partner, PartnerStatus, credentials_role
 from tests.unit.jobs.fake_sender import Failure, FakeSender, hours_ago, parse, session, stamp
 
@@ -210,6 +211,28 @@ async def test_invalid_and_foreign_objects_are_recorded_and_the_rest_processed(s
     assert lines[0]["reason"] == "missing required field"
     assert "DE/XXX is not one of the partner's roles" in lines[1]["reason"]
     assert json.loads(lines[0]["object"])["id"] == "S0002" and json.loads(lines[1]["object"])["id"] == "S0003"
+
+
+async def test_a_recorded_objects_personal_data_is_pseudonymised(settings_for: Any, fake: FakeSender) -> None:
+    # The file is kept with no age limit (nothing deletes it), while personal data is in clear for
+    # OCPI_RETENTION_PSEUDONYMISE_DAYS at most (README, Retention): a refused object's token uid, contract id and
+    # authorization reference are written as the store's pseudonyms, the rest of it as sent.
+    settings = settings_for()
+    token = {"country_code": "BE", "party_id": "BEC", "uid": "CLEAR-UID-1", "type": "RFID",
+             "contract_id": "CLEAR-CONTRACT-1"}
+    broken = session(2, hours_ago(4), cdr_token=token, authorization_reference="CLEAR-AUTH-1")
+    del broken["currency"]
+    foreign = session(3, hours_ago(3), party=("DE", "XXX"), cdr_token=token)
+    fake.objects["sessions"] = [broken, foreign]
+    await pull(settings, partner_for(fake), "sessions", ListSink(), since=hours_ago(24))
+    text = rejected_path(settings, "cpo-be", "sessions").read_text()
+    assert "CLEAR-" not in text
+    pseudonym = Pseudonymizer(load_key(settings))
+    first, second = (json.loads(json.loads(line)["object"]) for line in text.splitlines())
+    assert first["cdr_token"]["uid"] == pseudonym("CLEAR-UID-1") == second["cdr_token"]["uid"]
+    assert first["cdr_token"]["contract_id"] == pseudonym("CLEAR-CONTRACT-1")
+    assert first["authorization_reference"] == pseudonym("CLEAR-AUTH-1")
+    assert (first["id"], second["id"], first["kwh"]) == ("S0002", "S0003", broken["kwh"])
 
 
 async def test_interrupted_crawl_resumes_after_the_last_acknowledged_page(settings_for: Any,
