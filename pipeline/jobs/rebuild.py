@@ -23,8 +23,9 @@
    from its committed offsets until it committed the end offsets of the source topics taken after the swap
    (and consumed its internal topics up to then). Everything after those ends reached the live worker after
    the swap, so it wrote it into the swapped-in tables itself.
-6. Stop the rebuild worker and delete its internal and changelog topics. The old tables are left in the
-   rebuild database: check, then `DROP DATABASE <that database>`.
+6. Stop the rebuild worker and delete its internal and changelog topics, and its local state (personal data in
+   clear that no retention pass would reach). The old tables are left in the rebuild database: check, then
+   `DROP DATABASE <that database>`.
 
 Needs a ClickHouse every process can reach: a server, or the embedded store while `dev` runs (its shim), or
 else this process serves its chDB path to the rebuild worker through a shim of its own. The checkpoint is
@@ -37,6 +38,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -171,6 +173,7 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
             await asyncio.to_thread(terminate, worker, 20.0)
             worker = None
             await asyncio.to_thread(_drop_worker_topics, settings, bootstrap, state["group"])
+            await asyncio.to_thread(_drop_worker_state, settings, state["group"])
             state["status"] = "done"
             state["finished_at"] = iso(_now())
             checkpoint.save(state)
@@ -182,6 +185,15 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
         if shim is not None:
             await shim.stop()
         await asyncio.to_thread(client.close)
+
+
+def _drop_worker_state(settings: Settings, group: str) -> None:
+    """The rebuild worker's local Faust state (its app id's directory) goes with its changelogs: it holds the
+    Sessions and Locations it replayed, personal data in clear, and no worker of that app id runs again to
+    pseudonymise it."""
+    from pipeline.worker import state_dir
+
+    shutil.rmtree(state_dir(settings, group), ignore_errors=True)
 
 
 def _check_key(settings: Settings, dsn: str, password: str | None, database: str) -> None:

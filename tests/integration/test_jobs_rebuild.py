@@ -18,10 +18,12 @@ from clickhouse_connect.driver.client import Client
 
 import pipeline.jobs.rebuild as rb
 from infra.settings import Settings
+from pipeline.jobs.common import Checkpoint, jobs_dir
 from pipeline.jobs.kafka_io import offset_bounds, topic_partitions
 from pipeline.stack import Stack
+from pipeline.worker import state_dir
 from tests.integration.jobs_support import job_settings, publish, wait_pipeline
-from tests.unit.jobs.fake_sender import cdr
+from tests.unit.jobs.fake_sender import cdr, session
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
@@ -118,3 +120,20 @@ async def test_a_rebuild_finishes_while_partners_keep_pushing(live: tuple[Stack,
     assert report.events >= 3
     await settle(settings, stack.bootstrap)
     assert cdr_ids(client, settings.clickhouse.database) == sorted(pushed)
+
+
+async def test_the_rebuild_workers_local_state_is_removed_with_its_topics(live: tuple[Stack, Settings]) -> None:
+    # The rebuild worker's Faust state (its own app id) holds every Session it replayed, token uid and contract id
+    # in clear. No worker of that app id runs again, so no retention pass would ever pseudonymise it: left on
+    # disk, it kept personal data in clear for ever (the policy: OCPI_RETENTION_PSEUDONYMISE_DAYS).
+    stack, settings = live
+    now = datetime.now(UTC).replace(microsecond=0)
+    _e, written = await publish(settings, stack.bootstrap, "cpo-a",
+                                [("sessions", session(1, now - timedelta(hours=1), party=("BE", "BEC"))),
+                                 ("cdrs", cdr(1, now - timedelta(hours=1)))])
+    await wait_pipeline(settings, stack.bootstrap, written)
+    await rb.rebuild(settings, stack.bootstrap, timeout=180)
+    state = Checkpoint(jobs_dir(settings, "rebuild") / "current.json").load()
+    assert state is not None and state["status"] == "done"
+    assert not state_dir(settings, state["group"]).exists()
+    assert state_dir(settings, settings.pipeline.app_id).exists()  # the live worker's own, untouched
