@@ -104,12 +104,16 @@ def seen_before(state: _Remembering, record: Record, out: StageOutput) -> bool:
     puts it there when it resends a record the broker wrote but did not acknowledge (aiokafka retries retriable
     errors, `infra.kafka.publisher` too; Tansu has no idempotence), a producer batch later at most. Folded in
     again it would be a DUPLICATE or STALE (or parked twice), and its row, keyed by event id, would replace the
-    outcome its event had (APPLIED). A replayed event (source REPLAY) keeps its own rule (`StageOutput.outcome`).
+    outcome its event had (APPLIED). A replayed event (source REPLAY) keeps its own rule (`StageOutput.outcome`),
+    but for one still parked: that event waits already, and its copy would be parked twice, its PARKED row (source
+    REPLAY) replacing the original's.
     """
     event_id = record.event.event_id
-    if record.event.source == "REPLAY" or not (
-            event_id == state.applied_event_id or event_id in state.recent_event_ids
-            or any(parked.event_id == event_id for parked in state.parked)):
+    replay = record.event.source == "REPLAY"
+    if any(parked.event_id == event_id for parked in state.parked):
+        out.outcomes["REPLAYED_PARKED" if replay else "RESENT"] += 1
+        return True
+    if replay or not (event_id == state.applied_event_id or event_id in state.recent_event_ids):
         return False
     out.outcomes["RESENT"] += 1
     return True

@@ -392,3 +392,20 @@ def test_an_event_kafka_holds_twice_keeps_the_outcome_it_had() -> None:
     assert dict(outcomes(out))[patch.event_id] == "APPLIED" and stored(h)["kwh"] == 7
     out = h.run(patch)  # and a copy after its parked original was applied
     assert rows(out.batch, "raw_events") == [] and kinds(out) == []
+
+
+def test_a_replayed_copy_of_a_parked_event_is_not_parked_again_nor_rewrites_its_row() -> None:
+    """`ocpi-pipeline replay` of a window holding an event still parked (waiting for its Session PUT): the copy
+    (same event id, source REPLAY) was parked a second time, taking a parking slot, and its PARKED row replaced the
+    original's with source REPLAY, so an event that then waited in vain ended ORPHANED as a replay, not counted by
+    partner health (which counts source PUSH). The event already waits: its copy changes nothing."""
+    h = harness()
+    patch = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(5))}, object_id="S1", received=1)
+    h.run(patch)
+    replayed = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(5))}, object_id="S1", received=1,
+                     event_id=patch.event_id, source="REPLAY")
+    out = h.run(replayed)
+    assert [p.event_id for p in h.state(KEY).parked] == [patch.event_id]
+    assert rows(out.batch, "raw_events") == [] and out.outcomes == {"REPLAYED_PARKED": 1}
+    out = h.run(event("Session", session(kwh="5"), received=2))
+    assert dict(outcomes(out))[patch.event_id] == "APPLIED" and stored(h)["kwh"] == 7
