@@ -422,6 +422,60 @@ def test_a_sweep_killed_between_publish_and_insert_promotes_and_publishes_again(
     assert client.query("SELECT outcome, version FROM reconciliation FINAL").result_rows == [("MISSING_CDR", 5)]
 
 
+def test_a_sweep_killed_after_some_of_its_inserts_writes_the_anomalies_at_the_next(client: Client) -> None:
+    # A sweep's tables are inserted side by side (`ClickHouseSink`): a kill can leave the ORPHANED raw event or the
+    # UNKNOWN_REFERENCE credit link written and not their anomalies. The next sweep selects only what is still
+    # PARKED or AWAITING_ORIGINAL, so it would never write those anomalies.
+    import asyncio
+    from types import SimpleNamespace
+
+    class Killed(BaseException):
+        pass
+
+    rules = stage_rules(park_ttl_min=5)
+    sessions = Harness(process_sessions, SessionState, rules)
+    parked = event("SessionPatch", {"kwh": Decimal(1), "last_updated": iso(ts(30))}, object_id="S9", received=0)
+    write(client, sessions.run(parked).batch)
+    links = Batch()
+    links.add("credit_links", CREDIT_LINK_COLUMNS, ["NL", "TNM", "C7-C", "C7", "p1", "AWAITING_ORIGINAL",
+                                                    Decimal("-1"), None, None, ts(0), ts(10), 2])
+    write(client, links)
+    sink = ClickHouseSink(lambda: client)
+
+    async def publish(topic: str, records: list[Any]) -> None:
+        pass
+
+    async def all_but_anomalies(batch: Batch) -> None:  # every other insert went in, then the kill
+        for table, rows in batch.tables().items():
+            if table != "anomalies" and rows:
+                insert_rows(client, table, batch.columns[table], rows)
+        raise Killed
+
+    class CaughtUp:
+        async def caught_up(self, assigned: Any, done: Any) -> bool:
+            return True
+
+    context = SimpleNamespace(
+        progress=SimpleNamespace(done={}), app=SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: [])),
+        sink=SimpleNamespace(run_sync=sink.run_sync, write=all_but_anomalies), stage_rules=rules, publish=publish,
+        settings=SimpleNamespace(kafka=SimpleNamespace(send_timeout_s=10), retention=SimpleNamespace(history_days=365),
+                                 pipeline=SimpleNamespace(topic_reconciliation="reconciliation")))
+
+    async def no_retention(now: datetime) -> None:
+        return None
+
+    sweeper = sweeps.Sweeper(context, CaughtUp())  # type: ignore[arg-type]
+    sweeper.retention = no_retention  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        asyncio.run(sweeper.run(ts(70)))
+    context.sink = sink
+    asyncio.run(sweeper.run(ts(71)))  # the restarted worker's sweep
+    assert client.query("SELECT outcome FROM raw_events FINAL").result_rows == [("ORPHANED",)]
+    assert client.query("SELECT status FROM credit_links FINAL").result_rows == [("UNKNOWN_REFERENCE",)]
+    assert sorted(client.query("SELECT kind, object_id FROM anomalies FINAL").result_rows) == [
+        ("CREDIT_UNKNOWN_REFERENCE", "C7-C"), ("ORPHAN_EVENT", "S9")]
+
+
 def test_ttls_follow_the_settings(client: Client) -> None:
     database = client.database
     defaults = [ttl for data_class in retention.policy(_settings()) for ttl in data_class.ttls]
