@@ -23,7 +23,7 @@ import functools
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic
 
@@ -457,6 +457,24 @@ async def run_batch(handler: Handler, messages: Sequence[Message], name: str) ->
         log.critical("%s failed on a batch of %d; exiting before it is committed", name, len(messages),
                      exc_info=task.exception())
         os._exit(EXIT_PIPELINE_ERROR)
+
+
+async def write_to_the_end(write: Awaitable[None], name: str) -> None:
+    """Await a state write to its end even when cancelled (a stopping worker), then raise the cancellation.
+
+    The caller holds a table's lock around it: leaving the lock while the write still runs would let a batch of
+    that table read the values being replaced and write them back over the change.
+    """
+    task = asyncio.ensure_future(write)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            await asyncio.wait_for(_finish(task), STOP_GRACE_S)
+        except TimeoutError:
+            log.critical("%s: a state write did not finish within %ss of stopping; exiting", name, STOP_GRACE_S)
+            os._exit(EXIT_PIPELINE_ERROR)
+        raise
 
 
 async def _finish(task: asyncio.Future[None]) -> None:

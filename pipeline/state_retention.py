@@ -299,6 +299,8 @@ class StateRetention:
 
     async def run(self, now: datetime) -> dict[str, PassCounts]:
         """One pass at `now`; returns what it did per table."""
+        from pipeline.agents import write_to_the_end  # the agents import this module (sessions: keep_fact_token)
+
         retention = self.context.settings.retention
         cutoff = now - timedelta(days=retention.pseudonymise_days)
         expiry = billing_cutoff(now, retention.billing_years)
@@ -313,10 +315,12 @@ class StateRetention:
                             break  # revoked meanwhile: its new owner's pass takes over
                         changes, done = self.decide(target, anchor, chunk, cutoff, expiry, survey)
                         if changes:
-                            # The agents' write path: rocksdb, then the changelog records (tombstones for deletes),
-                            # acknowledged before the partition's changelog offset is set. Shielded: a worker
-                            # stopping meanwhile lets it finish rather than end the process mid-produce.
-                            await asyncio.shield(target.table.write_batch(self.context, [(anchor, changes)]))
+                            # The agents' write path: the changelog records (tombstones for deletes), acknowledged,
+                            # then rocksdb and the partition's changelog offset. Finished under the lock even when
+                            # the worker stops meanwhile, rather than end the process mid-produce or let a batch of
+                            # the table read the values being replaced.
+                            await write_to_the_end(target.table.write_batch(self.context, [(anchor, changes)]),
+                                                   f"state pass of {target.name}")
                     counts[target.name].pseudonymised += done.pseudonymised
                     counts[target.name].expired += done.expired
                     await asyncio.sleep(0)  # the agents' batches go on between chunks

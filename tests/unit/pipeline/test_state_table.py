@@ -3,6 +3,7 @@ state ahead of the changelog (a later owner of the partition recovers from the c
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from rocksdict import Options, Rdict
 
 from infra.kafka.bulk import Acked
-from pipeline.agents import WHOLE_STATE_BYTES, PartyAgent, StateTable
+from pipeline.agents import WHOLE_STATE_BYTES, PartyAgent, StateTable, write_to_the_end
 from pipeline.facts import encode_facts
 from pipeline.records import RawMessage
 from pipeline.sink import EXIT_UNWRITTEN_BATCH
@@ -160,3 +161,33 @@ async def test_a_batch_whose_group_moved_on_exits_before_its_state_is_written(
     else:
         await agent.handle([fetched])
         assert exits == [] and context.changelog
+
+
+async def test_a_state_write_cancelled_under_a_lock_ends_before_the_lock_is_released() -> None:
+    # The state pass writes under the table's lock; a stopping worker cancels it. Released at once, the lock
+    # would let a batch of the table read the values the unfinished write replaces and write them back over it.
+    lock = asyncio.Lock()
+    written = asyncio.Event()
+    order: list[str] = []
+
+    async def slow_write() -> None:
+        await asyncio.sleep(0.2)
+        order.append("written")
+        written.set()
+
+    async def state_pass() -> None:
+        async with lock:
+            await write_to_the_end(slow_write(), "test")
+
+    async def batch() -> None:
+        async with lock:
+            order.append("batch")
+
+    running = asyncio.ensure_future(state_pass())
+    await asyncio.sleep(0.05)
+    running.cancel()
+    waiting = asyncio.ensure_future(batch())
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await waiting
+    assert order == ["written", "batch"]
