@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Iterator, Mapping
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +75,28 @@ class Checkpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def running_alone(lock: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` (created if missing) while the job runs; a second run of the same job
+    (another terminal, a scheduled one) is refused with a JobError instead of working beside the first.
+
+    Two runs of one job would share its checkpoint and files: each overwrites the other's position, deletes
+    the other's temporary files, and a rebuild's second run would exchange the tables back. The lock is the
+    kernel's (flock): it goes with the process, so a killed run leaves nothing to clean up.
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobError(f"{what} is running already (another process holds {lock}); wait for it to end, "
+                           "or stop it: run the same command again afterwards to resume") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 _RELATIVE = re.compile(r"^(\d+)([smhdw])$")

@@ -29,7 +29,8 @@
 
 Needs a ClickHouse every process can reach: a server, or the embedded store while `dev` runs (its shim), or
 else this process serves its chDB path to the rebuild worker through a shim of its own. The checkpoint is
-`OCPI_DATA_DIR/jobs/rebuild/current.json`: one rebuild at a time; rerunning after an interruption resumes it.
+`OCPI_DATA_DIR/jobs/rebuild/current.json`: one rebuild at a time (a second one started meanwhile is refused:
+`current.lock`); rerunning after an interruption resumes it.
 """
 
 from __future__ import annotations
@@ -54,7 +55,17 @@ from infra.clickhouse.migrations import migrate
 from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
 from infra.process import spawn, terminate
 from infra.settings import Settings, as_environ
-from pipeline.jobs.common import MODULES, Checkpoint, JobError, JobProgress, NoProgress, iso, jobs_dir, uninterrupted
+from pipeline.jobs.common import (
+    MODULES,
+    Checkpoint,
+    JobError,
+    JobProgress,
+    NoProgress,
+    iso,
+    jobs_dir,
+    running_alone,
+    uninterrupted,
+)
 from pipeline.jobs.kafka_io import committed_offsets, offset_bounds, topic_partitions
 
 log = logging.getLogger(__name__)
@@ -91,7 +102,14 @@ def _tables(client: Client, database: str) -> dict[str, str]:
 async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0,
                   progress: JobProgress | None = None,
                   on_phase: Callable[[str], None] | None = None) -> RebuildReport:
-    """Run (or resume) the rebuild of this data dir's database; see the module docstring."""
+    """Run (or resume) the rebuild of this data dir's database; see the module docstring. One at a time: a
+    second one started meanwhile would resume the same checkpoint and exchange every table back."""
+    with running_alone(jobs_dir(settings, "rebuild") / "current.lock", "a rebuild of this data dir's database"):
+        return await _rebuild(settings, bootstrap, timeout=timeout, progress=progress, on_phase=on_phase)
+
+
+async def _rebuild(settings: Settings, bootstrap: str, *, timeout: float, progress: JobProgress | None,
+                   on_phase: Callable[[str], None] | None) -> RebuildReport:
     progress = progress or NoProgress()
     checkpoint = Checkpoint(jobs_dir(settings, "rebuild") / "current.json")
     state = checkpoint.load()

@@ -1,0 +1,80 @@
+"""`replay --rebuild` run twice at once: the engines and the rebuild worker are faked, the swap logic is real."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+
+import pytest
+
+from pipeline.jobs import rebuild as rebuild_mod
+from pipeline.jobs.common import Checkpoint, JobError, jobs_dir
+
+
+class FakeClient:
+    """Tables per database (name → UUID); EXCHANGE TABLES takes a moment, as it does on a busy server."""
+
+    def __init__(self, tables: dict[str, dict[str, str]]) -> None:
+        self.tables = tables
+
+    def command(self, sql: str) -> None:
+        found = re.fullmatch(r"EXCHANGE TABLES `(\w+)`\.`(\w+)` AND `(\w+)`\.`(\w+)`", sql)
+        assert found, sql
+        time.sleep(0.05)
+        live, table, fresh, _table = found.groups()
+        self.tables[live][table], self.tables[fresh][table] = self.tables[fresh][table], self.tables[live][table]
+
+    def close(self) -> None:
+        pass
+
+
+class FakeWorker:
+    returncode = 0
+
+    def poll(self) -> None:
+        return None
+
+
+async def test_a_second_rebuild_while_one_runs_is_refused_and_leaves_the_swap_whole(
+        settings_for: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `replay --rebuild` at once (a second terminal, a scheduled one) shared the checkpoint: both swapped,
+    and each exchange done twice is undone, so the live database kept its old tables (or a mix of old and new)
+    while both reported success."""
+    settings = settings_for()
+    live, fresh = settings.clickhouse.database, f"{settings.clickhouse.database}_rebuild_x"
+    new = {"cdrs": "new-1", "sessions": "new-2", "reconciliation": "new-3"}
+    client = FakeClient({live: {"cdrs": "old-1", "sessions": "old-2", "reconciliation": "old-3"}, fresh: dict(new)})
+    # A rebuild whose worker has built the fresh tables: it is about to swap (as after a rerun of an interrupted one).
+    Checkpoint(jobs_dir(settings, "rebuild") / "current.json").save(
+        {"job": "rebuild-x", "status": "swapping", "database": live, "rebuild_database": fresh,
+         "group": "ocpi-pipeline-rebuild-x", "started_at": "2024-05-01T00:00:00+00:00",
+         "targets": [["t", 0, 0, 5]], "new_uuids": new})
+
+    async def nothing(*_args: Any, **_kwargs: Any) -> Any:
+        return None
+
+    async def committed(*_args: Any) -> dict[Any, int]:
+        return {}
+
+    monkeypatch.setattr(rebuild_mod, "effective_dsn", lambda _s: ("http://clickhouse.invalid:8123", None))
+    monkeypatch.setattr(rebuild_mod, "connect", lambda *_a, **_k: client)
+    monkeypatch.setattr(rebuild_mod, "_check_key", lambda *_a: None)
+    monkeypatch.setattr(rebuild_mod, "_tables", lambda c, database: dict(c.tables[database]))
+    monkeypatch.setattr(rebuild_mod, "_committed", committed)
+    monkeypatch.setattr(rebuild_mod, "offset_bounds", committed)
+    monkeypatch.setattr(rebuild_mod, "_start_worker", lambda *_a: FakeWorker())
+    monkeypatch.setattr(rebuild_mod, "_wait_built", lambda *_a: asyncio.sleep(0, 0))
+    monkeypatch.setattr(rebuild_mod, "_wait_internal", nothing)
+    monkeypatch.setattr(rebuild_mod, "terminate", lambda *_a: None)
+    monkeypatch.setattr(rebuild_mod, "_drop_worker_topics", lambda *_a: None)
+    monkeypatch.setattr(rebuild_mod, "_drop_worker_state", lambda *_a: None)
+
+    first, second = await asyncio.gather(rebuild_mod.rebuild(settings, "broker.invalid:9092"),
+                                         rebuild_mod.rebuild(settings, "broker.invalid:9092"),
+                                         return_exceptions=True)
+
+    assert client.tables[live] == new  # every rebuilt table is live, none exchanged back
+    refused = [r for r in (first, second) if isinstance(r, BaseException)]
+    assert len(refused) == 1 and isinstance(refused[0], JobError) and "running already" in str(refused[0])
