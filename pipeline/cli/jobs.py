@@ -198,6 +198,8 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
             except KeyboardInterrupt:
                 click.echo("interrupted: run it again: complete files are kept", err=True)
                 sys.exit(130)
+            except JobError as exc:  # another export into the directory, a damaged archive file
+                raise click.ClickException(str(exc)) from None
             finally:
                 client.close()
     console = Console()

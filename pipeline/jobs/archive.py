@@ -23,7 +23,8 @@ Sources (choose with `--source`):
   fewer events than the archive is normal, and an archive must keep what ClickHouse no longer has.
 
 Files are written under a temporary name (`.part-…tmp`, which no reader picks up) and renamed when complete,
-so an interrupted export leaves only whole files; leftovers are removed by the next run. Use one source per
+so an interrupted export leaves only whole files; leftovers are removed by the next run. One export into a
+directory runs at a time (`.export.lock`; a second one is refused). Use one source per
 archive directory: both together would archive the same events twice (harmless for a replay, which sends
 each event id once, but twice the space).
 """
@@ -63,7 +64,7 @@ from infra.settings import Settings
 from ocpi import model
 from ocpi.canonical import to_builtins
 from ocpi.decode import OcpiJsonError, OcpiValidationError, decode
-from pipeline.jobs.common import MODULES, JobError, JobProgress, NoProgress
+from pipeline.jobs.common import MODULES, JobError, JobProgress, NoProgress, running_alone
 from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, read_ranges, topic_partitions
 
 log = logging.getLogger(__name__)
@@ -186,12 +187,25 @@ async def _first_record_at(bootstrap: str, tp: TopicPartition, offset: int) -> t
     return None
 
 
+def _exporting(root: Path) -> contextlib.AbstractContextManager[None]:
+    """One export into a directory at a time: a second one would take the first's temporary files for an
+    interrupted run's leftovers and delete them, and write its own under the same names."""
+    root.mkdir(parents=True, exist_ok=True)
+    return running_alone(root / ".export.lock", f"an export into {root}")
+
+
 async def export_from_kafka(settings: Settings, bootstrap: str, root: Path, modules: Sequence[str], *,
                             max_records: int = 50_000, progress: JobProgress | None = None) -> ExportResult:
     """Archive every module-topic record not archived yet (see the module docstring)."""
+    with _exporting(root):
+        return await _export_from_kafka(settings, bootstrap, root, modules, max_records=max_records,
+                                        progress=progress)
+
+
+async def _export_from_kafka(settings: Settings, bootstrap: str, root: Path, modules: Sequence[str], *,
+                             max_records: int, progress: JobProgress | None) -> ExportResult:
     progress = progress or NoProgress()
     result = ExportResult()
-    root.mkdir(parents=True, exist_ok=True)
     _remove_temp_files(root)
     plans: list[tuple[str, PartitionRange, int]] = []
     for module in modules:
@@ -320,9 +334,14 @@ def _ch_generations(day_dir: Path) -> dict[str, list[Path]]:
 def export_from_clickhouse(settings: Settings, client: Client, root: Path, modules: Sequence[str], *,
                            max_records: int = 50_000, progress: JobProgress | None = None) -> ExportResult:
     """Archive `raw_events` per module and day (see the module docstring); days fully archived are skipped."""
+    with _exporting(root):
+        return _export_from_clickhouse(settings, client, root, modules, max_records=max_records, progress=progress)
+
+
+def _export_from_clickhouse(settings: Settings, client: Client, root: Path, modules: Sequence[str], *,
+                            max_records: int, progress: JobProgress | None) -> ExportResult:
     progress = progress or NoProgress()
     result = ExportResult()
-    root.mkdir(parents=True, exist_ok=True)
     _remove_temp_files(root)
     days: list[tuple[str, date, int]] = []
     # Client-side parameters (%(name)s): the embedded store's HTTP shim has no server-side ones.

@@ -3,6 +3,7 @@ written by an earlier schema revision, and resuming an archive replay whose file
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ from pipeline.jobs.archive import (
     count_records,
     event_of,
     export_from_clickhouse,
+    export_from_kafka,
     read_archive_file,
 )
 from pipeline.jobs.common import JobError, parse_time
@@ -299,3 +301,27 @@ def test_a_damaged_archive_file_is_a_job_error_naming_it(tmp_path: Path) -> None
         with pytest.raises(JobError, match=name):
             list(read_archive_file(day / name))
         (day / name).unlink()
+
+
+async def test_a_second_export_into_the_same_archive_while_one_runs_is_refused(
+        store: tuple[Client, str], settings_for: Any, tmp_path: Path, broker: str) -> None:
+    """Two exports into one directory at once: the second deleted the first's temporary file as a leftover,
+    and wrote its own under the same name, which the first then renamed into place as its own (a half-written
+    file, or one holding more records than its name says), or the first failed with a traceback."""
+    client, _database = store
+    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                               module="sessions", level="SESSION", operation="PUT",
+                               received_at=DAY1.replace(minute=i)) for i in range(6)])
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    export_from_clickhouse(settings, client, tmp_path / "from-clickhouse", ("sessions",))
+    await replay_archive(settings, broker, tmp_path / "from-clickhouse", Selection(modules=("sessions",)))
+
+    root = tmp_path / "archive"
+    first, second = await asyncio.gather(
+        export_from_kafka(settings, broker, root, ("sessions",), max_records=2),
+        export_from_kafka(settings, broker, root, ("sessions",), max_records=2), return_exceptions=True)
+
+    refused = [r for r in (first, second) if isinstance(r, BaseException)]
+    assert len(refused) == 1 and isinstance(refused[0], JobError) and "running already" in str(refused[0])
+    archived = [str(r["object_id"]) for f in archive_files(root) for r in read_archive_file(f)]
+    assert sorted(archived) == [f"S{i}" for i in range(6)]
