@@ -36,7 +36,8 @@ role, else its first CPO role). Timeouts: OCPI_OUTBOUND_TIMEOUT.
 
 Checkpoint `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.json`: the window and the next page's URL, saved after
 every page whose events Kafka acknowledged, and where the last completed crawl ended. An interrupted pull
-resumes at the page after the last acknowledged one; a completed one starts the next window there.
+resumes at the page after the last acknowledged one; a completed one starts the next window there. A pull
+of the same partner and module started while one runs is refused (`<partner>.<module>.lock`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from pipeline.jobs.common import (
     from_iso,
     iso,
     jobs_dir,
+    running_alone,
     uninterrupted,
 )
 from receivers.registry import Partner, PartnerStatus
@@ -360,7 +362,21 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
     """Crawl `partner`'s `module` Sender list once (or resume the interrupted crawl); see the module docstring.
 
     `relative`: `since`/`until` as typed when they are durations back from now (`common.relative_text`); the
-    same text resumes an interrupted crawl, whose window stays the one they resolved to when it started."""
+    same text resumes an interrupted crawl, whose window stays the one they resolved to when it started.
+
+    One pull of a partner's module at a time: a second one (a manual pull while a scheduled one crawls) would
+    resume the same crawl from the checkpoint and publish every object again; it is refused."""
+    lock = jobs_dir(settings, "pull") / f"{partner.partner_id}.{module}.lock"
+    with running_alone(lock, f"a pull of {module} from {partner.partner_id}"):
+        return await _pull(settings, partner, module, sink, since=since, until=until, limit=limit,
+                           relative=relative, restart=restart, retry=retry, progress=progress, transport=transport,
+                           sleep=sleep)
+
+
+async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordSink, *, since: datetime | None,
+                until: datetime | None, limit: int, relative: tuple[str | None, str | None], restart: bool,
+                retry: RetryPolicy | None, progress: JobProgress | None, transport: httpx.AsyncBaseTransport | None,
+                sleep: Callable[[float], Awaitable[None]]) -> PullReport:
     kind = KINDS.get(module)
     if kind is None:
         raise PullError(f"module {module!r} cannot be pulled; use one of {', '.join(KINDS)}")

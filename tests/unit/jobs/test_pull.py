@@ -19,7 +19,7 @@ from infra.codec import DecodedEvent, decode_event
 from ocpi.canonical import content_hash
 from ocpi.decode import decode
 from ocpi.model import Endpoint, InterfaceRole, Session
-from pipeline.jobs.common import Checkpoint, jobs_dir, parse_time
+from pipeline.jobs.common import Checkpoint, JobError, jobs_dir, parse_time
 from pipeline.jobs.pull import (
     PullError,
     RetryPolicy,
@@ -507,3 +507,23 @@ async def test_a_window_asked_past_now_counts_as_ended_where_it_had_settled(sett
     later = ListSink()
     await pull(settings, partner_for(fake), "sessions", later, until=datetime.now(UTC) + timedelta(hours=2))
     assert ids(first) == ["S0001"] and ids(later) == ["S0002"]
+
+
+async def test_a_second_pull_of_the_same_partner_and_module_while_one_runs_is_refused(settings_for: Any,
+                                                                                     fake: FakeSender) -> None:
+    """A manual pull while a scheduled one crawls (or two terminals): the second resumed the first's crawl from
+    the checkpoint, both crawled the same pages, every object was published twice, and each overwrote the
+    other's position."""
+    settings = settings_for()
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 6)]
+    since, until = hours_ago(24), hours_ago(0.5)
+    sink = ListSink()
+    first, second = await asyncio.gather(
+        pull(settings, partner_for(fake), "sessions", sink, since=since, until=until),
+        pull(settings, partner_for(fake), "sessions", sink, since=since, until=until), return_exceptions=True)
+
+    refused = [r for r in (first, second) if isinstance(r, BaseException)]
+    assert len(refused) == 1 and isinstance(refused[0], JobError) and "running already" in str(refused[0])
+    assert ids(sink) == ["S0001", "S0002", "S0003", "S0004", "S0005"]  # each once
+    report = await pull(settings, partner_for(fake), "sessions", ListSink())  # the lock went with the first
+    assert not report.resumed and report.since == until
