@@ -21,10 +21,11 @@ Checkpoints: `OCPI_DATA_DIR/jobs/replay/<job>.json` holds the plan (offset range
 position reached, saved after each batch the broker acknowledged (`<job>.sent` lists the event ids sent). The
 job id is derived from the command's selection (or given with `--job`), so after Ctrl-C the same command
 resumes where it stopped: the batch in flight is finished and recorded before the job stops, so nothing is sent
-twice. After a crash (no chance to finish the batch) that batch is sent again, which the pipeline's
-deduplication makes harmless. A finished job is not repeated unless asked (`again=True`, `--again`). An archive
-job whose planned files are gone when it resumes (replaced by a later export) plans again from the files there
-now; the ids logged as sent keep it from sending an event twice.
+twice (the same job started again while it runs is refused: `<job>.lock`). After a crash (no chance to finish
+the batch) that batch is sent again, which the pipeline's deduplication makes harmless. A finished job is not
+repeated unless asked (`again=True`, `--again`). An archive job whose planned files are gone when it resumes
+(replaced by a later export) plans again from the files there now; the ids logged as sent keep it from sending
+an event twice.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from pipeline.jobs.common import (
     iso,
     job_id,
     jobs_dir,
+    running_alone,
     uninterrupted,
 )
 from pipeline.jobs.kafka_io import (
@@ -204,6 +206,14 @@ def _sent_log(settings: Settings, job: str) -> Path:
     return jobs_dir(settings, "replay") / f"{job}.sent"
 
 
+def _running_alone(settings: Settings, job: str, dry_run: bool) -> contextlib.AbstractContextManager[None]:
+    """One run of a job at a time: a second one would resume the same checkpoint and send every event again.
+    A dry run writes nothing and needs no lock."""
+    if dry_run:
+        return contextlib.nullcontext()
+    return running_alone(jobs_dir(settings, "replay") / f"{job}.lock", f"replay job {job}")
+
+
 def _existing(checkpoint: Checkpoint, spec: dict[str, Any], job: str, again: bool) -> dict[str, Any] | None:
     """The state to resume, None to plan afresh; raises when a named job's selection changed."""
     state = checkpoint.load()
@@ -267,8 +277,16 @@ async def replay_kafka(settings: Settings, bootstrap: str, selection: Selection,
                        on_batch: Callable[[ReplayReport], None] | None = None, batch: int = BATCH) -> ReplayReport:
     """Replay records of the module topics (see the module docstring). `on_batch` runs after every
     checkpointed batch of at most `batch` records (progress hooks, tests)."""
-    progress = progress or NoProgress()
     spec = {"source": "kafka", **selection.spec()}
+    with _running_alone(settings, job or job_id("replay", spec), dry_run):
+        return await _replay_kafka(settings, bootstrap, selection, spec, job=job, again=again, dry_run=dry_run,
+                                   progress=progress, on_batch=on_batch, batch=batch)
+
+
+async def _replay_kafka(settings: Settings, bootstrap: str, selection: Selection, spec: dict[str, Any], *,
+                        job: str | None, again: bool, dry_run: bool, progress: JobProgress | None,
+                        on_batch: Callable[[ReplayReport], None] | None, batch: int) -> ReplayReport:
+    progress = progress or NoProgress()
     name, checkpoint, state, report = _open_job(settings, spec, job, again)
     if report.status == "already-done":
         return report
@@ -355,9 +373,17 @@ async def replay_archive(settings: Settings, bootstrap: str, root: Path, selecti
     """Replay the events of archive files written by `export` (any schema revision; see archive.py)."""
     if selection.by_offset:
         raise JobError("--partition/--from-offset/--to-offset select Kafka offsets; they do not apply to an archive")
-    progress = progress or NoProgress()
     root = root.resolve()
     spec = {"source": "archive", "archive": str(root), **selection.spec()}
+    with _running_alone(settings, job or job_id("replay", spec), dry_run):
+        return await _replay_archive(settings, bootstrap, root, selection, spec, job=job, again=again,
+                                     dry_run=dry_run, progress=progress, on_batch=on_batch)
+
+
+async def _replay_archive(settings: Settings, bootstrap: str, root: Path, selection: Selection, spec: dict[str, Any],
+                          *, job: str | None, again: bool, dry_run: bool, progress: JobProgress | None,
+                          on_batch: Callable[[ReplayReport], None] | None) -> ReplayReport:
+    progress = progress or NoProgress()
     name, checkpoint, state, report = _open_job(settings, spec, job, again)
     if report.status == "already-done":
         return report

@@ -325,3 +325,27 @@ async def test_a_second_export_into_the_same_archive_while_one_runs_is_refused(
     assert len(refused) == 1 and isinstance(refused[0], JobError) and "running already" in str(refused[0])
     archived = [str(r["object_id"]) for f in archive_files(root) for r in read_archive_file(f)]
     assert sorted(archived) == [f"S{i}" for i in range(6)]
+
+
+async def test_a_second_run_of_a_replay_job_while_it_runs_is_refused(
+        store: tuple[Client, str], settings_for: Any, tmp_path: Path, broker: str) -> None:
+    """The same replay command twice at once (a second terminal): the second resumed the first's checkpoint, and
+    both sent every event, although within one job each event id is sent once."""
+    client, _database = store
+    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                               module="sessions", level="SESSION", operation="PUT",
+                               received_at=DAY1.replace(minute=i)) for i in range(4)])
+    root = tmp_path / "archive"
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    export_from_clickhouse(settings, client, root, ("sessions",), max_records=1)
+
+    selection = Selection(modules=("sessions",))
+    first, second = await asyncio.gather(replay_archive(settings, broker, root, selection),
+                                         replay_archive(settings, broker, root, selection), return_exceptions=True)
+
+    refused = [r for r in (first, second) if isinstance(r, BaseException)]
+    assert len(refused) == 1 and isinstance(refused[0], JobError) and "running already" in str(refused[0])
+    tps = await topic_partitions(broker, [settings.kafka.topic_sessions])
+    bounds = await offset_bounds(settings.kafka, broker, tps)
+    assert sum(end - begin for begin, end in bounds.values()) == 4  # each event once
+    assert (await replay_archive(settings, broker, root, selection)).status == "already-done"
