@@ -24,8 +24,9 @@
    (and consumed its internal topics up to then). Everything after those ends reached the live worker after
    the swap, so it wrote it into the swapped-in tables itself.
 6. Stop the rebuild worker and delete its internal and changelog topics, and its local state (personal data in
-   clear that no retention pass would reach). The old tables are left in the rebuild database: check, then
-   `DROP DATABASE <that database>`.
+   clear that no retention pass would reach). The checkpoint says so first ("cleanup"): a rerun after an
+   interruption there only finishes the deletions, it never starts that worker again without its state. The
+   old tables are left in the rebuild database: check, then `DROP DATABASE <that database>`.
 
 Needs a ClickHouse every process can reach: a server, or the embedded store while `dev` runs (its shim), or
 else this process serves its chDB path to the rebuild worker through a shim of its own. The checkpoint is
@@ -190,6 +191,11 @@ async def _rebuild(settings: Settings, bootstrap: str, *, timeout: float, progre
             await _wait_internal(settings, bootstrap, state, worker, log_path, timeout)
             await asyncio.to_thread(terminate, worker, 20.0)
             worker = None
+            state["tail_events"] = report.tail
+            state["status"] = "cleanup"  # from here on the rebuild worker never runs again: its topics go
+            checkpoint.save(state)
+        if state["status"] == "cleanup":
+            report.tail = int(state.get("tail_events", 0))
             await asyncio.to_thread(_drop_worker_topics, settings, bootstrap, state["group"])
             await asyncio.to_thread(_drop_worker_state, settings, state["group"])
             state["status"] = "done"

@@ -78,3 +78,52 @@ async def test_a_second_rebuild_while_one_runs_is_refused_and_leaves_the_swap_wh
     assert client.tables[live] == new  # every rebuilt table is live, none exchanged back
     refused = [r for r in (first, second) if isinstance(r, BaseException)]
     assert len(refused) == 1 and isinstance(refused[0], JobError) and "running already" in str(refused[0])
+
+
+async def test_a_rebuild_interrupted_while_it_deletes_its_workers_topics_does_not_run_that_worker_again(
+        settings_for: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the finished rebuild deleted its worker's topics (the deletion, in a thread, still ran to its
+    end) left the checkpoint at "tail": the rerun started the rebuild worker again, into the live database,
+    with its changelogs (and maybe its local state) gone, so from an empty state."""
+    settings = settings_for()
+    live, fresh = settings.clickhouse.database, f"{settings.clickhouse.database}_rebuild_x"
+    checkpoint = Checkpoint(jobs_dir(settings, "rebuild") / "current.json")
+    checkpoint.save({"job": "rebuild-x", "status": "tail", "database": live, "rebuild_database": fresh,
+                     "group": "ocpi-pipeline-rebuild-x", "started_at": "2024-05-01T00:00:00+00:00",
+                     "targets": [["t", 0, 0, 5]], "tail": [["t", 0, 5, 7]], "swapped": ["cdrs"]})
+    started: list[str] = []
+    dropped: list[str] = []
+
+    async def nothing(*_args: Any, **_kwargs: Any) -> Any:
+        return None
+
+    async def built(*_args: Any) -> int:
+        return 2
+
+    def drop_topics(*_args: Any) -> None:
+        dropped.append("topics")
+        if len(dropped) == 1:
+            raise KeyboardInterrupt  # what the job sees of a Ctrl-C there (its task is cancelled)
+
+    monkeypatch.setattr(rebuild_mod, "effective_dsn", lambda _s: ("http://clickhouse.invalid:8123", None))
+    monkeypatch.setattr(rebuild_mod, "connect", lambda *_a, **_k: FakeClient({}))
+    monkeypatch.setattr(rebuild_mod, "_check_key", lambda *_a: None)
+    def start_worker(*args: Any) -> FakeWorker:
+        started.append(args[-1])  # the database it writes
+        return FakeWorker()
+
+    monkeypatch.setattr(rebuild_mod, "_start_worker", start_worker)
+    monkeypatch.setattr(rebuild_mod, "_wait_built", built)
+    monkeypatch.setattr(rebuild_mod, "_wait_internal", nothing)
+    monkeypatch.setattr(rebuild_mod, "terminate", lambda *_a: None)
+    monkeypatch.setattr(rebuild_mod, "_drop_worker_topics", drop_topics)
+    monkeypatch.setattr(rebuild_mod, "_drop_worker_state", lambda *_a: dropped.append("state"))
+
+    with pytest.raises(KeyboardInterrupt):
+        await rebuild_mod.rebuild(settings, "broker.invalid:9092")
+    assert started == [live]
+    report = await rebuild_mod.rebuild(settings, "broker.invalid:9092")
+
+    assert started == [live]  # not again: its topics are gone
+    assert dropped == ["topics", "topics", "state"]  # the cleanup is finished
+    assert report.swapped == ["cdrs"] and (checkpoint.load() or {})["status"] == "done"
