@@ -368,6 +368,8 @@ def pseudonymise_fields(data: dict[str, Any], pseudonym: Pseudonymizer) -> bool:
     def replace(holder: dict[str, Any], name: str, *, case_insensitive: bool = True) -> None:
         nonlocal changed
         value = holder.get(name)
+        if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+            value = str(value)  # an identifier sent as a number (an object refused for its shape, `jobs.pull`)
         if isinstance(value, str) and value:
             holder[name] = pseudonym(value, case_insensitive=case_insensitive)
             changed = changed or holder[name] != value

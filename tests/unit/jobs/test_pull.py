@@ -235,6 +235,23 @@ async def test_a_recorded_objects_personal_data_is_pseudonymised(settings_for: A
     assert (first["id"], second["id"], first["kwh"]) == ("S0002", "S0003", broken["kwh"])
 
 
+async def test_a_recorded_objects_identifiers_sent_as_numbers_are_pseudonymised(settings_for: Any,
+                                                                                   fake: FakeSender) -> None:
+    # An object refused for its shape is what holds odd shapes: a token uid or contract id sent as a JSON number
+    # (refused: not a string) is personal data all the same, and the file is kept for ever.
+    settings = settings_for()
+    token = {"country_code": "BE", "party_id": "BEC", "uid": 4711000123, "type": "RFID", "contract_id": 98765432100}
+    fake.objects["sessions"] = [session(2, hours_ago(4), cdr_token=token, authorization_reference=5550001)]
+    await pull(settings, partner_for(fake), "sessions", ListSink(), since=hours_ago(24))
+    text = rejected_path(settings, "cpo-be", "sessions").read_text()
+    assert "4711000123" not in text and "98765432100" not in text and "5550001" not in text
+    pseudonym = Pseudonymizer(load_key(settings))
+    recorded = json.loads(json.loads(text)["object"])
+    assert recorded["cdr_token"]["uid"] == pseudonym("4711000123")
+    assert recorded["cdr_token"]["contract_id"] == pseudonym("98765432100")
+    assert recorded["authorization_reference"] == pseudonym("5550001")
+
+
 async def test_interrupted_crawl_resumes_after_the_last_acknowledged_page(settings_for: Any,
                                                                          fake: FakeSender) -> None:
     settings = settings_for()
