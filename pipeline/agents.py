@@ -443,9 +443,7 @@ async def run_batch(handler: Handler, messages: Sequence[Message], name: str) ->
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
-        try:
-            await asyncio.wait_for(_finish(task), STOP_GRACE_S)
-        except TimeoutError:
+        if not await _finish(task, STOP_GRACE_S):
             log.critical("%s: a batch did not finish within %ss of stopping; exiting before it is committed",
                          name, STOP_GRACE_S)
             os._exit(EXIT_PIPELINE_ERROR)
@@ -469,17 +467,20 @@ async def write_to_the_end(write: Awaitable[None], name: str) -> None:
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
-        try:
-            await asyncio.wait_for(_finish(task), STOP_GRACE_S)
-        except TimeoutError:
+        if not await _finish(task, STOP_GRACE_S):
             log.critical("%s: a state write did not finish within %ss of stopping; exiting", name, STOP_GRACE_S)
             os._exit(EXIT_PIPELINE_ERROR)
         raise
 
 
-async def _finish(task: asyncio.Future[None]) -> None:
-    while not task.done():
+async def _finish(task: asyncio.Future[None], within: float) -> bool:
+    """Wait up to `within` seconds for `task`, through further cancellations; whether it finished. (Not under
+    wait_for: swallowing cancellations, this would swallow the timeout's own, and wait for ever.)"""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not task.done() and (left := deadline - loop.time()) > 0:
         try:
-            await asyncio.wait([task])
+            await asyncio.wait([task], timeout=left)
         except asyncio.CancelledError:
             continue
+    return task.done()

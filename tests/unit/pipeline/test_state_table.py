@@ -191,3 +191,32 @@ async def test_a_state_write_cancelled_under_a_lock_ends_before_the_lock_is_rele
         await running
     await waiting
     assert order == ["written", "batch"]
+
+
+@pytest.mark.parametrize("runner", ["write_to_the_end", "run_batch"])
+async def test_a_write_that_never_ends_after_a_stop_ends_the_process_after_the_grace(
+        runner: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The grace is the only bound on a stopping worker (a write stuck on a broker that went away): past it the
+    # process exits. `_finish` swallowed the timeout's own cancellation, so wait_for waited for the write for ever.
+    from pipeline import agents
+
+    stuck = asyncio.Event()
+    exits: list[int] = []
+
+    def exit_(code: int) -> None:
+        exits.append(code)
+        stuck.set()  # the process would be gone: let the test's task end
+
+    async def never_ending(*_args: Any) -> None:
+        await stuck.wait()
+
+    monkeypatch.setattr(agents, "STOP_GRACE_S", 0.2)
+    monkeypatch.setattr(agents.os, "_exit", exit_)
+    if runner == "write_to_the_end":
+        running = asyncio.ensure_future(agents.write_to_the_end(never_ending(), "test"))
+    else:
+        running = asyncio.ensure_future(agents.run_batch(never_ending, [], "test"))
+    await asyncio.sleep(0.05)
+    running.cancel()
+    await asyncio.wait([running], timeout=3)
+    assert exits == [agents.EXIT_PIPELINE_ERROR]
