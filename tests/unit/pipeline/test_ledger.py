@@ -27,7 +27,7 @@ from pipeline.sink import insert_rows
 from pipeline.stage import StageOutput
 from pipeline.state import CdrState, Codec, LocationState, SessionState
 
-from .builders import PSEUDONYM_KEY, cdr, connector, event, evse, iso, location, session, stage_rules, ts
+from .builders import PSEUDONYM_KEY, DictStore, cdr, connector, event, evse, iso, location, session, stage_rules, ts
 
 RULES = stage_rules(park_ttl_min=5, park_max=2)
 
@@ -38,7 +38,7 @@ class Module:
     def __init__(self, client: Client, topic: str, process: Any, state_type: type) -> None:
         self.client, self.topic, self.process = client, topic, process
         self.codec = Codec(state_type)
-        self.store: dict[str, bytes] = {}
+        self.store = DictStore()
         self.records: list[Record] = []
         self.pseudonym = Pseudonymizer(PSEUDONYM_KEY)
 
@@ -53,17 +53,13 @@ class Module:
 
     def batch(self, records: Sequence[Record], *, crash: bool = False) -> None:
         out = StageOutput(self.pseudonym)
-        overlays = fold(records, lambda _anchor: self.store.get, self.codec, self.process, RULES, out)
+        overlays = fold(records, lambda _anchor: self.store.data.get, self.codec, self.process, RULES, out)
         for table, rows in out.batch.tables().items():
             insert_rows(self.client, table, out.batch.columns[table], rows)
         if crash:
             return  # rows written, state lost: the batch is read again
         for _anchor, overlay in overlays:
-            for key, value in overlay.changes.items():
-                if value is None:
-                    self.store.pop(key, None)
-                else:
-                    self.store[key] = value
+            self.store.commit(overlay)
 
 
 def status(uid: str, value: str, minute: float, received: float, lid: str = "LOC1") -> DecodedEvent:

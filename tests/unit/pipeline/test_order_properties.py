@@ -42,7 +42,20 @@ from pipeline.sessions import process_sessions
 from pipeline.stage import StageOutput
 from pipeline.state import CdrState, Codec, LocationState, SessionState
 
-from .builders import PSEUDONYM_KEY, Feed, cdr, connector, event, evse, iso, location, session, stage_rules, ts
+from .builders import (
+    PSEUDONYM_KEY,
+    DictStore,
+    Feed,
+    cdr,
+    connector,
+    event,
+    evse,
+    iso,
+    location,
+    session,
+    stage_rules,
+    ts,
+)
 
 # Table -> (key columns, version column) as the migrations declare them (ORDER BY of ReplacingMergeTree(version)).
 KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -66,23 +79,19 @@ class Worker:
 
     process: Any
     codec: Codec[Any]
-    store: dict[str, bytes] = field(default_factory=dict)
+    store: DictStore = field(default_factory=DictStore)
     inserted: list[tuple[str, list[Any]]] = field(default_factory=list)
     pseudonym: Pseudonymizer = field(default_factory=lambda: Pseudonymizer(PSEUDONYM_KEY))
 
     def batch(self, records: Sequence[Record], *, crash: bool = False) -> None:
         out = StageOutput(self.pseudonym)
-        overlays = fold(records, lambda _anchor: self.store.get, self.codec, self.process, RULES, out)
+        overlays = fold(records, lambda _anchor: self.store.data.get, self.codec, self.process, RULES, out)
         for table, rows in out.batch.tables().items():
             self.inserted.extend((table, row) for row in rows)
         if crash:  # rows written, state lost: the records are read again
             return
         for _anchor, overlay in overlays:
-            for key, value in overlay.changes.items():
-                if value is None:
-                    self.store.pop(key, None)
-                else:
-                    self.store[key] = value
+            self.store.commit(overlay)
 
     def final(self) -> dict[str, dict[tuple[Any, ...], list[Any]]]:
         """What `SELECT ... FINAL` reads per table: per key the highest version, of equal ones the last inserted."""
@@ -102,7 +111,7 @@ class Worker:
         return kept
 
     def state(self, key: str) -> Any:
-        data = self.store.get(key)
+        data = self.store.data.get(key)
         return None if data is None else self.codec.decode(data)
 
 
