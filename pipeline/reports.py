@@ -237,11 +237,12 @@ async def consumer_lag(kafka: KafkaSettings, bootstrap: str, group_id: str, topi
     Kafka's retention, which deletes a record `retention_days` after it was written, read or not.
 
     A partition is read from the group's committed offset, or from its log start where the group never
-    committed or committed below it (what the worker does); `lost` counts records retention deleted below a
-    committed offset, which the worker never processed (README, Retention). `oldest_unread` is the write time of
-    the oldest unprocessed record; `retention_left_days` what is left of its retention, the time the worker has
-    to catch up before it is deleted. On the embedded Tansu broker the end offsets come from `infra.kafka.compat`
-    (its ListOffsets is wrong), and retention is not enforced there.
+    committed or committed below it (what the worker does); `lost` counts records retention deleted past a
+    committed offset (between it and the log start), which the worker never processed; where the group has no
+    offset (never committed, or Kafka expired it) nothing tells what was lost (README, Retention).
+    `oldest_unread` is the write time of the oldest unprocessed record; `retention_left_days` what is left of its
+    retention, the time the worker has to catch up before it is deleted. On the embedded Tansu broker the end
+    offsets come from `infra.kafka.compat` (its ListOffsets is wrong), and retention is not enforced there.
     """
     from pipeline.jobs.kafka_io import committed_offsets, first_record_times, offset_bounds, topic_partitions
 

@@ -155,7 +155,8 @@ def consumer_lag(fmt: str) -> None:
     lag: records between the worker's committed offsets (or the log start) and the end offsets;
     oldest_unread: when the oldest of them was written; retention_left_days: OCPI_RETENTION_RAW_DAYS minus its
     age, the time the worker has to catch up before Kafka deletes it unread; lost: records retention already
-    deleted below the committed offsets (never processed). Needs Kafka: OCPI_KAFKA_BOOTSTRAP, or a running `dev`
+    deleted past the committed offsets, between them and the log start (never processed; not counted where the
+    group has no offset left). Needs Kafka: OCPI_KAFKA_BOOTSTRAP, or a running `dev`
     (its embedded broker).
 
     Example: ocpi-pipeline report consumer-lag
