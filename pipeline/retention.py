@@ -365,26 +365,33 @@ def pseudonymise_fields(data: dict[str, Any], pseudonym: Pseudonymizer) -> bool:
     in place; returns whether any was still in clear."""
     changed = False
 
-    def replace(holder: dict[str, Any], name: str, *, case_insensitive: bool = True) -> None:
+    def replace(holder: Any, name: Any, *, case_insensitive: bool = True) -> None:  # a dict's key, a list's index
         nonlocal changed
-        value = holder.get(name)
-        if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
-            value = str(value)  # an identifier sent as a number (an object refused for its shape, `jobs.pull`)
-        if isinstance(value, str) and value:
-            holder[name] = pseudonym(value, case_insensitive=case_insensitive)
-            changed = changed or holder[name] != value
+        value = holder.get(name) if isinstance(holder, dict) else holder[name]
+        if value is None or value == "":
+            return
+        # Any other shape is an object refused for it (`jobs.pull` records those): an identifier sent as a number,
+        # a list or an object is personal data all the same, pseudonymised as its text.
+        text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+        holder[name] = pseudonym(text, case_insensitive=case_insensitive)
+        changed = changed or holder[name] != value
 
     token = data.get("cdr_token")
     if isinstance(token, dict):
         replace(token, "uid")
         replace(token, "contract_id")
+    else:
+        replace(data, "cdr_token")  # not an object: whatever it holds, as its text
     replace(data, "authorization_reference")
     allowed_list = data.get(LOCATION_PERSONAL_FIELD)
-    # Shapes checked: an object a pull refused for its shape is pseudonymised too (`jobs.pull`).
-    for allowed in allowed_list if isinstance(allowed_list, list) else ():
+    if allowed_list is not None and not isinstance(allowed_list, list):
+        replace(data, LOCATION_PERSONAL_FIELD, case_insensitive=False)
+    for index, allowed in enumerate(allowed_list if isinstance(allowed_list, list) else ()):
         if isinstance(allowed, dict):
             replace(allowed, "uid")
             replace(allowed, "visual_number", case_insensitive=False)
+        else:
+            replace(allowed_list, index, case_insensitive=False)
     return changed
 
 

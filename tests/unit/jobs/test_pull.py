@@ -252,6 +252,22 @@ async def test_a_recorded_objects_identifiers_sent_as_numbers_are_pseudonymised(
     assert recorded["authorization_reference"] == pseudonym("5550001")
 
 
+@pytest.mark.parametrize(("field", "odd"), [
+    ("cdr_token", {"uid": ["4711000123"], "contract_id": {"id": "NL-ABC-98765432100"}}),
+    ("cdr_token", "4711000123/NL-ABC-98765432100"),
+    ("authorization_reference", ["5550001"]),
+])
+async def test_a_recorded_objects_identifiers_in_any_shape_are_pseudonymised(settings_for: Any, fake: FakeSender,
+                                                                             field: str, odd: Any) -> None:
+    # A list or an object where an identifier belongs (or a token that is not an object) holds the same
+    # personal data: it is written as the pseudonym of its text.
+    settings = settings_for()
+    fake.objects["sessions"] = [session(2, hours_ago(4), **{field: odd})]
+    await pull(settings, partner_for(fake), "sessions", ListSink(), since=hours_ago(24))
+    text = rejected_path(settings, "cpo-be", "sessions").read_text()
+    assert "4711000123" not in text and "98765432100" not in text and "5550001" not in text
+
+
 async def test_interrupted_crawl_resumes_after_the_last_acknowledged_page(settings_for: Any,
                                                                          fake: FakeSender) -> None:
     settings = settings_for()
