@@ -68,6 +68,17 @@ class Batch:
             self.columns.setdefault(table, columns)
             self.rows.setdefault(table, []).extend(rows)
 
+    def take(self, table: str) -> Batch:
+        """Move `table`'s rows out of this batch into a batch of their own (inserted first, on their own)."""
+        taken = Batch()
+        if table in self.columns:
+            taken.columns[table] = self.columns.pop(table)
+            if table in self.rows:
+                taken.rows[table] = self.rows.pop(table)
+            if table in self.keyed:
+                taken.keyed[table] = self.keyed.pop(table)
+        return taken
+
     def tables(self) -> dict[str, list[list[Any]]]:
         merged = {table: list(rows) for table, rows in self.rows.items()}
         for table, rows in self.keyed.items():

@@ -134,14 +134,6 @@ def collect(client: Client, now: datetime, rules: StageRules, margin: timedelta,
     return batch, promoted
 
 
-def take_anomalies(batch: Batch) -> Batch:
-    """Move `batch`'s anomalies (added rows) into a batch of their own."""
-    anomalies = Batch()
-    anomalies.extend("anomalies", projection.ANOMALY_COLUMNS, batch.rows.pop("anomalies", []))
-    batch.columns.pop("anomalies", None)
-    return anomalies
-
-
 class Sweeper:
     def __init__(self, context: AgentContext, backlog: GroupBacklog) -> None:
         self.context = context
@@ -180,7 +172,7 @@ class Sweeper:
         # The anomalies before the rows that end a wait: a batch's tables are inserted side by side, and an ORPHANED
         # raw event or UNKNOWN_REFERENCE credit link written without its anomaly (a kill between the inserts) is
         # never selected again, so its anomaly would never be written.
-        await ctx.sink.write(take_anomalies(batch))
+        await ctx.sink.write(batch.take("anomalies"))
         await ctx.sink.write(batch)
         await self.retention(now)
         return True

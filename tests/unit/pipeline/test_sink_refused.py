@@ -147,3 +147,14 @@ def test_a_keyed_row_replaces_the_one_put_before_with_its_key() -> None:
     batch.put("raw_events", ["event_id", "outcome"], "e1", ["e1", "PARKED"])
     batch.put("raw_events", ["event_id", "outcome"], "e1", ["e1", "APPLIED"])
     assert batch.tables() == {"raw_events": [["e1", "APPLIED"]]} and len(batch) == 1
+
+
+def test_a_table_taken_out_of_a_batch_leaves_the_others() -> None:
+    batch = Batch()
+    batch.add("anomalies", ("a",), [1])
+    batch.put("anomalies", ("a",), "k", [2])
+    batch.add("raw_events", ("r",), [3])
+    taken = batch.take("anomalies")
+    assert (taken.tables(), taken.columns) == ({"anomalies": [[1], [2]]}, {"anomalies": ("a",)})
+    assert (batch.tables(), batch.columns) == ({"raw_events": [[3]]}, {"raw_events": ("r",)})
+    assert len(batch.take("missing")) == 0
