@@ -267,19 +267,21 @@ def _evse_tree(evse: Any, path: str) -> None:
         _connector_ratings(connectors, path)
 
 
+def _storable(rating: Any) -> bool:
+    """Whether a Connector rating fits the store's UInt32 column (a value not an int is the decoder's to judge)."""
+    return type(rating) is not int or 0 <= rating <= _UINT32_MAX
+
+
 def _fits(connector: Any) -> bool:
-    voltage, amperage, power = connector.max_voltage, connector.max_amperage, connector.max_electric_power
-    return ((type(voltage) is not int or 0 <= voltage <= _UINT32_MAX)
-            and (type(amperage) is not int or 0 <= amperage <= _UINT32_MAX)
-            and (type(power) is not int or 0 <= power <= _UINT32_MAX))
+    return (_storable(connector.max_voltage) and _storable(connector.max_amperage)
+            and _storable(connector.max_electric_power))
 
 
 def _connector_ratings(connectors: list[Any], evse_path: str | None) -> None:
     """The Connectors of the EVSE at `evse_path`, or (None) one Connector pushed on its own."""
     for i, connector in enumerate(connectors):
         for name in _RATINGS:
-            value = getattr(connector, name)
-            if type(value) is int and not 0 <= value <= _UINT32_MAX:
+            if not _storable(getattr(connector, name)):
                 where = "$" if evse_path is None else f"{evse_path}.connectors[{i}]"
                 raise OcpiValidationError(f"{where}.{name}", f"out of range: 0 to {_UINT32_MAX} (not storable)")
 
