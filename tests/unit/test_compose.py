@@ -1,0 +1,35 @@
+"""docker-compose.yml (not run here: no Docker engine) checked for what its services need to keep their data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Where the apache/kafka image keeps the log (topics, consumer offsets, the KRaft metadata) unless KAFKA_LOG_DIRS
+# says otherwise: its configureDefaults fills every unset KAFKA_* variable, this one with a directory of the
+# container's own file system, although the image declares /var/lib/kafka/data as its volume.
+APACHE_KAFKA_IMAGE_LOG_DIRS = "/tmp/kraft-combined-logs"  # noqa: S108  (the image's path, not ours)
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return loaded
+
+
+def mounted(service: dict[str, Any]) -> list[str]:
+    return [str(volume).split(":")[1] for volume in service.get("volumes", [])]
+
+
+def test_kafka_keeps_its_log_on_its_volume() -> None:
+    """Accepted pushes the worker has not written yet exist only in the module topics: a log in the container's
+    own file system is gone with the container (`docker compose down`, a new image), and with it those pushes,
+    the state changelogs and the group's offsets."""
+    kafka = compose()["services"]["kafka"]
+    log_dirs = str(kafka["environment"].get("KAFKA_LOG_DIRS", APACHE_KAFKA_IMAGE_LOG_DIRS))
+    for log_dir in log_dirs.split(","):
+        assert any(log_dir == target or log_dir.startswith(target.rstrip("/") + "/") for target in mounted(kafka)), (
+            f"Kafka writes its log to {log_dir}, on no volume of the service ({mounted(kafka)})")
