@@ -89,8 +89,15 @@ def topic_configs(bootstrap: str, topics: Iterable[str]) -> dict[str, dict[str, 
         admin.close()
 
 
+class TopicConfigError(RuntimeError):
+    """The broker refused to set a topic's configs."""
+
+
 def set_topic_configs(bootstrap: str, configs: Mapping[str, Mapping[str, str]]) -> list[str]:
-    """Set configs of existing topics where they differ; returns the topics changed."""
+    """Set configs of existing topics where they differ; returns the topics changed.
+
+    Raises TopicConfigError when the broker refused a topic's configs (an alter-config policy, a missing ACL,
+    a value out of range): kafka-python reports such refusals in its result, per topic, and does not raise."""
     current = topic_configs(bootstrap, configs)
     changes = [ConfigResource(ConfigResourceType.TOPIC, topic, configs=dict(wanted))
                for topic, wanted in configs.items()
@@ -101,7 +108,11 @@ def set_topic_configs(bootstrap: str, configs: Mapping[str, Mapping[str, str]]) 
     try:
         # raise_on_unknown=False: kafka-python checks keys against the dynamic configs the broker lists, and
         # Tansu lists none.
-        admin.alter_configs(changes, raise_on_unknown=False)
+        result = admin.alter_configs(changes, raise_on_unknown=False)
     finally:
         admin.close()
+    refused = {topic: answer for topic, answer in ((result or {}).get("topic") or {}).items() if answer != "OK"}
+    if refused:
+        raise TopicConfigError("Kafka refused the configs of " + "; ".join(
+            f"{topic}: {answer}" for topic, answer in sorted(refused.items())))
     return [c.name for c in changes]

@@ -98,7 +98,7 @@ def apply() -> None:
 
     Example: OCPI_RETENTION_RAW_DAYS=14 ocpi-pipeline retention apply
     """
-    from infra.kafka.admin import set_topic_configs
+    from infra.kafka.admin import TopicConfigError, set_topic_configs
 
     settings = load_settings()
     try:
@@ -119,5 +119,8 @@ def apply() -> None:
     if not _reachable(bootstrap):  # fail at once, not after the Kafka client's timeout, and not as a traceback
         raise click.ClickException(f"topics not changed: Kafka at {bootstrap} does not answer (the ClickHouse part "
                                    "above is done); run the command again when it does")
-    topics = set_topic_configs(bootstrap, retention.topic_configs(settings))
+    try:
+        topics = set_topic_configs(bootstrap, retention.topic_configs(settings))
+    except TopicConfigError as exc:
+        raise click.ClickException(f"topics not changed: {exc}") from None
     click.echo(f"topic retention set on: {', '.join(topics) or 'nothing (already as configured)'}")

@@ -63,3 +63,38 @@ def test_replication_factor_setting() -> None:
     assert load_settings({"OCPI_KAFKA_REPLICATION_FACTOR": "3"}).kafka.replication_factor == 3
     with pytest.raises(SettingsError, match="OCPI_KAFKA_REPLICATION_FACTOR"):
         load_settings({"OCPI_KAFKA_REPLICATION_FACTOR": "-1"})
+
+
+class ConfigAdmin(FakeAdmin):
+    """A cluster whose topic `t` has Kafka's default retention, and that answers an alteration with `answer`
+    (kafka-python's `alter_configs` reports each resource's error as text instead of raising it)."""
+
+    answer = "OK"
+    altered: list[Any] = []
+
+    def list_topics(self) -> list[str]:
+        return ["t"]
+
+    def describe_configs(self, resources: list[Any], config_filter: Any = None) -> dict[str, Any]:
+        return {"topic": {r.name: {"retention.ms": {"value": "604800000"}} for r in resources}}
+
+    def alter_configs(self, resources: list[Any], raise_on_unknown: bool = True) -> dict[str, Any]:
+        ConfigAdmin.altered.extend(resources)
+        return {"topic": {r.name: self.answer for r in resources}}
+
+
+def test_topic_configs_are_set_where_they_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admin, "KafkaAdminClient", ConfigAdmin)
+    monkeypatch.setattr(ConfigAdmin, "altered", [])
+    assert admin.set_topic_configs("kafka:9092", {"t": {"retention.ms": "604800000"}, "missing": {"a": "1"}}) == []
+    assert admin.set_topic_configs("kafka:9092", {"t": {"retention.ms": "2592000000"}}) == ["t"]
+    assert [(r.name, r.configs) for r in ConfigAdmin.altered] == [("t", {"retention.ms": "2592000000"})]
+
+
+def test_a_topic_config_the_broker_refuses_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apache Kafka refuses an alteration per topic (an alter-config policy, a missing ACL, a value out of range),
+    in the response, not by raising: the worker said it had set the retention and the record size it had not."""
+    monkeypatch.setattr(admin, "KafkaAdminClient", ConfigAdmin)
+    monkeypatch.setattr(ConfigAdmin, "answer", "PolicyViolationError: max.message.bytes above 8388608")
+    with pytest.raises(admin.TopicConfigError, match=r"t: PolicyViolationError: max\.message\.bytes above"):
+        admin.set_topic_configs("kafka:9092", {"t": {"retention.ms": "2592000000"}})
