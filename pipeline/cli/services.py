@@ -42,8 +42,27 @@ def serve(workers: int) -> None:
         check_port_free(settings.http.host, settings.http.port)
     except StackError as exc:
         raise click.ClickException(str(exc)) from None
+    create_receiver_topics(settings)
     Server("receivers.asgi:app", address=settings.http.host, port=settings.http.port,
            interface=Interfaces.ASGI, workers=workers, websockets=False).serve()
+
+
+def create_receiver_topics(settings: Settings) -> None:
+    """Create the topics the receivers write (module topics, rejections) with our partitions, replicas and configs,
+    as `dev` does: a Kafka that creates topics on first use (Apache Kafka's default) would otherwise create them
+    on the first push before any worker ran, with its own defaults (one partition, one replica, 1 MB records),
+    which the worker keeps (it sets configs, not partitions or replicas, on existing topics). Kafka down or not
+    configured: the receivers start anyway (pushes answer 3000 until it answers), and the worker creates them."""
+    from infra.kafka import admin
+    from infra.kafka.bootstrap import resolve_bootstrap
+    from pipeline.retention import topic_configs
+
+    kafka = settings.kafka
+    try:
+        admin.ensure_topics(resolve_bootstrap(settings), (*kafka.module_topics, kafka.topic_rejections),
+                            kafka.partitions, topic_configs(settings), replicas=kafka.replication_factor)
+    except Exception as exc:  # the broker unreachable, not configured: the receivers answer 3000 meanwhile
+        click.echo(f"warning: topics not created ({type(exc).__name__}: {exc}); the worker creates them", err=True)
 
 
 @click.command()
