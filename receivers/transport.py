@@ -375,8 +375,10 @@ class RoutingHeaders(msgspec.Struct, frozen=True):
         return None
 
 
-_COUNTRY = re.compile(r"^[A-Za-z]{2}\Z")
-_PARTY = re.compile(r"^[A-Za-z0-9]{3}\Z")
+# The headers are CiString(2) and CiString(3) (04 §8), the types of CredentialsRole.country_code/party_id, so
+# they can name every party a partner may register (printable ASCII, at most that long; never empty).
+_COUNTRY = re.compile(r"^[\x20-\x7E]{1,2}\Z")
+_PARTY = re.compile(r"^[\x20-\x7E]{1,3}\Z")
 _ROUTING_NAMES = (("from_country_code", b"ocpi-from-country-code", _COUNTRY),
                   ("from_party_id", b"ocpi-from-party-id", _PARTY),
                   ("to_country_code", b"ocpi-to-country-code", _COUNTRY),
@@ -384,15 +386,15 @@ _ROUTING_NAMES = (("from_country_code", b"ocpi-from-country-code", _COUNTRY),
 
 
 def routing_headers(scope: Scope) -> RoutingHeaders:
-    """The request's OCPI-from/to-* headers, validated: country ISO 3166 alpha-2 (CiString(2)), party id three
-    letters/digits (CiString(3)), each side complete or absent. Broken headers raise InvalidRoutingHeaders."""
+    """The request's OCPI-from/to-* headers, validated: country code CiString(2), party id CiString(3) (printable
+    ASCII, not empty), each side complete or absent. Broken headers raise InvalidRoutingHeaders."""
     values: dict[str, str] = {}
     for attr, name, pattern in _ROUTING_NAMES:
         raw = _header(scope, name)
         if raw is None:
             continue
         if not pattern.match(raw):
-            what = "country code (2 letters)" if pattern is _COUNTRY else "party id (3 letters or digits)"
+            what = "country code (CiString(2))" if pattern is _COUNTRY else "party id (CiString(3))"
             raise InvalidRoutingHeaders(f"header {name.decode()} is not a valid {what}: {raw[:40]!r}")
         values[attr] = raw
     if ("from_country_code" in values) != ("from_party_id" in values) or \

@@ -60,6 +60,8 @@ def cast(env: AppEnv) -> Partners:
     p.tokens["cpo"] = env.provision("cpo", ("BE", "BEC", "CPO"))
     p.tokens["multi"] = env.provision("multi", ("NL", "EXO", "CPO"), ("NL", "PFC", "CPO"))
     p.tokens["hub"] = env.provision("hub", ("DE", "HUB", "HUB"))
+    # Parties are CiString(2)/CiString(3) (07 §5): any printable ASCII up to that length, as registration accepts.
+    p.tokens["odd"] = env.provision("odd", ("N1", "A-B", "CPO"), ("NL", "X", "CPO"))
     p.tokens["raw"] = env.provision("raw", ("FR", "RAW", "CPO"), compat=("RAW_TOKEN",))
     p.tokens["suspended"] = env.provision("suspended", ("FR", "SUS", "CPO"))
     env.registry.set_status("suspended", PartnerStatus.SUSPENDED)
@@ -176,7 +178,7 @@ ROWS = [
         check=response_routing(from_=OURS, to=("BE", "BEC"))),
     Row("routing headers swapped on an error too", "PUT", f"{SESSIONS}/BE/BEC/101",
         routed("cpo", ("BE", "BEC"), OURS), 200, BAD, body=b"{}", check=response_routing(OURS, ("BE", "BEC"))),
-    Row("malformed country code", "PUT", f"{SESSIONS}/BE/BEC/101", routed("cpo", ("B1", "BEC"), OURS), 400, BAD,
+    Row("malformed country code", "PUT", f"{SESSIONS}/BE/BEC/101", routed("cpo", ("BEL", "BEC"), OURS), 400, BAD,
         body=session(), check=message_has("ocpi-from-country-code")),
     Row("malformed party id", "PUT", f"{SESSIONS}/BE/BEC/101", routed("cpo", ("BE", "BE-C"), OURS), 400, BAD,
         body=session()),
@@ -190,6 +192,11 @@ ROWS = [
         body=session("NL", "EXO"), check=message_has("required")),
     Row("multi-party platform, to-* missing", "PUT", f"{SESSIONS}/NL/EXO/101", routed("multi", ("NL", "EXO"), None),
         400, BAD, body=session("NL", "EXO")),
+    Row("routing headers name any CiString party the caller holds", "PUT", f"{SESSIONS}/N1/A-B/101",
+        routed("odd", ("N1", "A-B"), OURS), 200, OK, body=session("N1", "A-B"),
+        check=response_routing(OURS, ("N1", "A-B"))),
+    Row("routing headers with a party id shorter than 3", "PUT", f"{SESSIONS}/NL/X/101",
+        routed("odd", ("nl", "x"), OURS), 200, OK, body=session("NL", "X")),
     Row("multi-party platform pushing for its other party", "PUT", f"{SESSIONS}/NL/PFC/101",
         routed("multi", ("NL", "EXO"), OURS), 200, OK, body=session("NL", "PFC")),
     Row("routing headers are not used on configuration modules", "GET", "/ocpi/versions",
@@ -207,7 +214,7 @@ ROWS = [
         lambda p: {**auth("not-a-token"), **routing(("BE", "BEC"), OURS)}, 401, 2000,
         check=response_routing(OURS, ("BE", "BEC"))),
     Row("broken routing headers are not echoed on a 405", "DELETE", f"{SESSIONS}/BE/BEC/101",
-        routed("cpo", ("B1", "BEC"), OURS), 405, 2000, check=response_routing(None, None)),
+        routed("cpo", ("BEL", "BEC"), OURS), 405, 2000, check=response_routing(None, None)),
     Row("no routing headers on a 405 of a configuration module", "PATCH", "/ocpi/2.2.1/credentials",
         routed("cpo", ("BE", "BEC"), OURS), 405, 2000, check=response_routing(None, None)),
     Row("no routing headers on an unknown path", "GET", f"{SESSIONS}/BE/BEC",
