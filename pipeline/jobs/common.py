@@ -112,16 +112,16 @@ def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     """
     text = text.strip()
     relative = _RELATIVE.match(text)
-    if relative:
-        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[relative[2]]: int(relative[1])})
     try:
+        if relative:
+            return (now or datetime.now(UTC)) - timedelta(**{_UNITS[relative[2]]: int(relative[1])})
         if len(text) == 10:
             day = date.fromisoformat(text)
             return datetime(day.year, day.month, day.day, tzinfo=UTC)
         parsed = datetime.fromisoformat(text)
-    except ValueError:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: before year 1 (a duration that long, an offset at year 1)
         raise JobError(f"{text!r} is not a time: use 2024-05-01T12:00:00Z, 2024-05-01 or a duration like 6h") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def relative_text(text: str | None) -> str | None:

@@ -61,6 +61,14 @@ def test_parse_time_accepts_iso_dates_and_durations() -> None:
         parse_time("yesterday")
 
 
+def test_parse_time_refuses_a_time_outside_the_calendar_with_a_message() -> None:
+    # A duration back past year 1, or an offset that moves year 1 before it, was an OverflowError: a traceback
+    # from `replay --since` / `pull --since` instead of the message naming the value.
+    for text in ("1000000w", "99999999d", "0001-01-01T00:00:00+01:00"):
+        with pytest.raises(JobError, match="is not a time"):
+            parse_time(text)
+
+
 def test_checkpoint_is_replaced_atomically_and_job_ids_are_stable(tmp_path: Path) -> None:
     checkpoint = Checkpoint(tmp_path / "jobs" / "x.json")
     assert checkpoint.load() is None
