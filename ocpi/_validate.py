@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any, Final, NamedTuple
 
@@ -301,8 +302,22 @@ def _unique_ids(items: list[Any], attribute: str, path: str) -> None:
         seen.add(key)
 
 
+# A CDR may give an unknown start or end as the Unix epoch only where both parties agreed (10 §4): accepted blindly,
+# such a CDR would be billed on 1970-01-01, outside every billing period, with no word to the CPO.
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _cdr_epoch_times(cdr: CDR, path: str, ctx: Context) -> None:
+    for name in ("start_date_time", "end_date_time"):
+        if getattr(cdr, name) == _EPOCH and not ctx.relax(Relaxation.EPOCH_UNKNOWN_TIME, f"{path}.{name}"):
+            raise OcpiValidationError(f"{path}.{name}", "the Unix epoch (an unknown time) is accepted only by "
+                                                        "agreement with the partner (relaxation EPOCH_UNKNOWN_TIME)")
+
+
 def _checks_of(cls: type) -> tuple[Check, ...]:
     checks = [check for (name, _), check in CONSTRAINTS.items() if _CLASSES[name] is cls]
+    if cls is CDR:
+        checks.append(_cdr_epoch_times)
     if cls in D2_MAX_LENGTH:
         checks.append(_errata_lengths)
     if "currency" in getattr(cls, "__struct_fields__", ()):

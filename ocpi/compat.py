@@ -45,6 +45,12 @@ Relaxations
     CdrLocation.evse_uid/evse_id/connector_id). The spec also lets a sender use `#NA` in *any* required
     string field it genuinely cannot fill; this relaxation accepts that. Trade-off: `#NA` then appears in
     fields (even identities) that downstream code may treat as real values or foreign keys.
+`EPOCH_UNKNOWN_TIME`
+    A CDR's `start_date_time` or `end_date_time` given as the Unix epoch (`1970-01-01T00:00:00Z`): the CPO does
+    not know that time, which the spec allows only where both parties agreed and local law allows billing such
+    sessions (10 §4; strict decoding refuses it). Accepted as it is. Trade-off: the CDR is billed on the UTC day
+    it "ended", 1970-01-01 for an unknown end, outside every billing period; its reconciliation deltas are
+    meaningless (the CDR is MISMATCH against its session).
 
 Not relaxations (always accepted by the strict rules, because they are valid 2.2.1): a DateTime without a zone
 designator (it means UTC), `null` for any `?`/`*` field, `[]` for `*` fields, unknown extra fields, unknown
@@ -89,6 +95,7 @@ class Relaxation(enum.StrEnum):
     EMPTY_STRING_AS_ABSENT = "EMPTY_STRING_AS_ABSENT"
     ERRATA_MAX_LENGTH = "ERRATA_MAX_LENGTH"
     NA_IN_ANY_REQUIRED_STRING = "NA_IN_ANY_REQUIRED_STRING"
+    EPOCH_UNKNOWN_TIME = "EPOCH_UNKNOWN_TIME"
 
 
 class CompatProfile(msgspec.Struct, frozen=True, kw_only=True):
@@ -133,7 +140,8 @@ class CompatProfile(msgspec.Struct, frozen=True, kw_only=True):
 
 STRICT: Final = CompatProfile()
 
-ACCEPTED_AS_IS: Final = frozenset({Relaxation.ERRATA_MAX_LENGTH, Relaxation.NA_IN_ANY_REQUIRED_STRING})
+ACCEPTED_AS_IS: Final = frozenset({Relaxation.ERRATA_MAX_LENGTH, Relaxation.NA_IN_ANY_REQUIRED_STRING,
+                                    Relaxation.EPOCH_UNKNOWN_TIME})
 """The relaxations that accept a value unchanged instead of repairing it: the value stays in the stored object,
 so checking that object again (after a merge) must accept it again, whatever the partner's profile is now."""
 

@@ -90,6 +90,13 @@ CASES: dict[Relaxation, tuple[type, dict[str, Any], str, list[str], Any]] = {
         ["ERRATA_MAX_LENGTH:$.address", "ERRATA_MAX_LENGTH:$.state"],
         lambda v: len(v.address) == 200,
     ),
+    Relaxation.EPOCH_UNKNOWN_TIME: (
+        CDR,
+        minimal("CDR") | {"end_date_time": "1970-01-01T00:00:00Z"},  # an end the CPO does not know (10 §4)
+        "$.end_date_time",
+        ["EPOCH_UNKNOWN_TIME:$.end_date_time"],
+        lambda v: v.end_date_time == datetime(1970, 1, 1, tzinfo=UTC),
+    ),
     Relaxation.NA_IN_ANY_REQUIRED_STRING: (
         Session,
         _session(location_id="#NA"),
@@ -98,6 +105,13 @@ CASES: dict[Relaxation, tuple[type, dict[str, Any], str, list[str], Any]] = {
         lambda v: v.location_id == "#NA",
     ),
 }
+
+
+def test_a_cdr_with_an_unknown_time_as_the_epoch_is_refused_unless_agreed() -> None:
+    # 10 §4: only by agreement; accepted from anyone, the CDR was billed on 1970-01-01, outside every period.
+    for name in ("start_date_time", "end_date_time"):
+        assert_invalid(minimal("CDR") | {name: "1970-01-01T00:00:00Z"}, CDR, f"$.{name}")
+    assert decode(dumps(minimal("CDR") | {"end_date_time": "1970-01-01T00:00:00.0001Z"}), CDR).relaxations == ()
 
 
 def test_every_relaxation_has_a_case() -> None:

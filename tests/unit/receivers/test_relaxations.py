@@ -67,6 +67,8 @@ CASES = [
          "$.address", lambda p: p["address"], "Straat " * 14),
     Case(Relaxation.NA_IN_ANY_REQUIRED_STRING, "POST", CDRS_URL, changed(cdr, "cdr_token.contract_id", "#NA"),
          "$.cdr_token.contract_id", lambda p: p["cdr_token"]["contract_id"], "#NA"),
+    Case(Relaxation.EPOCH_UNKNOWN_TIME, "POST", CDRS_URL, changed(cdr, "end_date_time", "1970-01-01T00:00:00Z"),
+         "$.end_date_time", lambda p: p["end_date_time"], datetime(1970, 1, 1, tzinfo=UTC)),
 ]
 
 
