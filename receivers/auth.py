@@ -36,6 +36,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from infra.settings import Settings
+from ocpi.identity import ci_equal
 from receivers.registry import Partner, PartnerDirectory, RoutedPartner, TokenKind
 from receivers.transport import (
     CONFIGURATION_MODULES,
@@ -155,7 +156,7 @@ def require_owner(partner: Partner, country_code: str, party_id: str) -> None:
 
 
 def _same(a: Party, b: Party) -> bool:
-    return a[0].upper() == b[0].upper() and a[1].upper() == b[1].upper()
+    return ci_equal(a[0], b[0]) and ci_equal(a[1], b[1])
 
 
 def _allowed(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> str:

@@ -35,6 +35,7 @@ from clickhouse_connect.driver.client import Client
 
 from infra.settings import mask
 from ocpi.compat import CompatProfile
+from ocpi.identity import ci_equal
 from ocpi.model import BusinessDetails, CredentialsRole, Endpoint, Role
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,9 @@ PartyRole = credentials_role
 
 
 def same_party(role: CredentialsRole, country_code: str, party_id: str) -> bool:
-    """CiString identity: country_code and party_id compare case-insensitively."""
-    return role.country_code.upper() == country_code.upper() and role.party_id.upper() == party_id.upper()
+    """CiString identity: country_code and party_id compare ignoring ASCII case only (`ci_equal`): str.upper()
+    would fold a non-ASCII URL segment (`ıST`, `ßX`) onto a role (`IST`, `SSX`)."""
+    return ci_equal(role.country_code, country_code) and ci_equal(role.party_id, party_id)
 
 
 class Partner(msgspec.Struct, kw_only=True):
@@ -236,8 +238,7 @@ class RoutedPartner(Partner, kw_only=True):
     def owns(self, country_code: str, party_id: str) -> bool:
         if super().owns(country_code, party_id) or self.broadcast:
             return True
-        return any(c.upper() == country_code.upper() and p.upper() == party_id.upper()
-                   for c, p in self.routed_parties)
+        return any(ci_equal(c, country_code) and ci_equal(p, party_id) for c, p in self.routed_parties)
 
     @classmethod
     def of(cls, partner: Partner, *, routed_parties: list[tuple[str, str]], broadcast: bool) -> RoutedPartner:

@@ -98,6 +98,16 @@ REFUSED = [
     ("hub 'broadcast' of Sessions", HUB, headers(("DE", "HUB")), "sessions", "PUT", ("NL", "ABC"), ForeignParty),
     ("hub 'broadcast' of CDRs", HUB, headers(("DE", "HUB")), "cdrs", "GET", ("NL", "ABC"), ForeignParty),
     ("hub GET is never broadcast", HUB, headers(("DE", "HUB")), "locations", "GET", ("NL", "ABC"), ForeignParty),
+    # CiStrings compare ignoring ASCII case only: str.upper() folds 'ı' to 'I' and 'ß' to 'SS', which let a URL
+    # owner no CiString can be (and so a Kafka key no object has) pass as the caller's party, acknowledged 1000.
+    ("owner folding onto a role only by Unicode case", partner(("NL", "IST", "CPO")), headers(None, None),
+     "locations", "PATCH", ("NL", "\u0131ST"), ForeignParty),
+    ("owner folding onto a role: sharp s", partner(("NL", "SSX", "CPO")), headers(None, None), "sessions", "PATCH",
+     ("NL", "\u00dfX"), ForeignParty),
+    ("hub relaying for an owner folding onto the from-* party", HUB, headers(("NL", "IST")), "sessions", "PATCH",
+     ("NL", "\u0131ST"), ForeignParty),
+    ("from-* folding onto a role only by Unicode case", partner(("NL", "IST", "CPO")), headers(("NL", "\u0131ST")),
+     "sessions", "PATCH", ("NL", "IST"), InvalidRoutingHeaders),
 ]
 
 
