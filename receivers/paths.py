@@ -19,6 +19,7 @@ says unambiguously what was addressed. `path_segment` is the other direction, fo
 
 from __future__ import annotations
 
+from typing import Final
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from litestar import Litestar
@@ -31,16 +32,29 @@ def _escaped(segment: str) -> str:
     return segment.replace("%", "%25").replace("/", "%2F")
 
 
+# An empty segment inside a path (`LOC1//1`): Litestar drops it, which shifted the ids after it one level up (EVSE
+# `1` of LOC1 instead of Connector `1` of EVSE ''). Routed as a lone `%`, which no escaped segment can be (a real `%`
+# is `%25`), it stays a segment, and DecodePathParams turns it back into the empty id it is.
+_EMPTY: Final = "%"
+
+
+def _segment(part: bytes, index: int, last: int) -> str:
+    if not part and 0 < index < last:
+        return _EMPTY
+    # Decoded as servers decode `path` (UTF-8, invalid bytes replaced); ids are ASCII, so this is for messages.
+    return _escaped(unquote_to_bytes(part).decode("utf-8", "replace"))
+
+
 def routing_path(scope: Scope) -> str:
     """The path to route on: `raw_path`'s segments, each decoded, with `%` and `/` escaped (module docstring)."""
     raw = scope.get("raw_path")
     if raw is None:
         return scope["path"].replace("%", "%25")  # its segments hold no `/`, but `%` must be escaped all the same
     raw = raw.partition(b"?")[0]  # httpx, so Litestar's TestClient, leaves the query string on it
-    if b"%" not in raw:
+    if b"%" not in raw and b"//" not in raw:
         return raw.decode("utf-8", "replace")  # the common case: nothing encoded, nothing to escape
-    # Decoded as servers decode `path` (UTF-8, invalid bytes replaced); ids are ASCII, so this is for messages.
-    return "/".join(_escaped(unquote_to_bytes(part).decode("utf-8", "replace")) for part in raw.split(b"/"))
+    parts = raw.split(b"/")
+    return "/".join(_segment(part, i, len(parts) - 1) for i, part in enumerate(parts))
 
 
 class OcpiLitestar(Litestar):
@@ -64,8 +78,8 @@ class DecodePathParams(ASGIMiddleware):
         params = scope["path_params"]
         if any(isinstance(value, str) and "%" in value for value in params.values()):
             # A new dict: Litestar caches routing results, this dict included, per path.
-            scope["path_params"] = {name: unquote(value) if isinstance(value, str) else value
-                                    for name, value in params.items()}
+            scope["path_params"] = {name: ("" if value == _EMPTY else unquote(value)) if isinstance(value, str)
+                                    else value for name, value in params.items()}
         await next_app(scope, receive, send)
 
 

@@ -12,8 +12,8 @@ Rules (08 §3.3-3.4, 09 §3.3-3.4, 04 §4.4 and §6, digest 12 rules 4 and 7):
   (an EVSE `status` at the Location URL, a Location at an EVSE URL ...) is refused. Without this an EVSE
   status PATCH sent to the Location URL would decode as an empty Location PATCH and be acknowledged while
   changing nothing. Fields of no level are ignored like any unknown field (valid 2.2.1, see ocpi.compat).
-- The URL's ids (Location id, EVSE uid, Connector id, Session id) must be CiString(36): a PATCH need not
-  repeat them in the body, so the URL is the only place they are checked.
+- The URL's ids (Location id, EVSE uid, Connector id, Session id) must be non-empty CiString(36): a PATCH need
+  not repeat them in the body, so the URL is the only place they are checked.
 - Every refusal is 2001 naming the field by its JSON path (a URL id by its `{name}`) and saying why
   (transport.InvalidParameters).
 - The Kafka key is the owner object's identity (`CC/PID/ID` upper-cased): for an EVSE or Connector push the
@@ -182,9 +182,11 @@ def check_level(body: bytes, target: Target) -> None:
 def check_url_ids(target: Target, url: PushUrl) -> None:
     """Every id in the URL must be a valid CiString(36) (08 §3.1, 09 §3.1), the type of the object's id: a PATCH
     need not repeat it in the body, so without this an id no object can have (too long, not ASCII, a control
-    character) would be acknowledged."""
+    character, or an empty segment: `LOC1//1`) would be acknowledged."""
     for url_field, name in target.url_ids:
         value = getattr(url, url_field)
+        if value == "":
+            raise _refuse(f"{{{name}}}", f"the URL's {name} is empty: a push URL names its object by its id")
         if value is not None and (reason := invalid_value(value, CiString36)) is not None:
             raise _refuse(f"{{{name}}}", f"the URL's {name}: {reason}")
 

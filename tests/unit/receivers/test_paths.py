@@ -163,7 +163,35 @@ def test_an_encoded_slash_never_makes_a_path_match_another_route(pushes: Pushes,
     (b"/s/BE/BEC/101?offset=1%2F", "/s/BE/BEC/101", "/s/BE/BEC/101"),  # httpx keeps the query on raw_path
     (b"/s/%C3%A9/%80", "/s/\u00e9/\ufffd", "/s/\u00e9/\ufffd"),  # decoded the way servers decode `path`
     (None, "/s/BE/BEC/50%", "/s/BE/BEC/50%25"),  # no raw_path: the decoded path, `%` still escaped
+    (b"/s/BE/BEC//1/", "/s/BE/BEC//1/", "/s/BE/BEC/%/1/"),  # an empty segment stays one (a lone `%`)
 ])
 def test_the_routing_path_keeps_each_segment_whole(raw_path: bytes | None, path: str, routed: str) -> None:
     scope: Any = {"type": "http", "path": path, **({"raw_path": raw_path} if raw_path is not None else {})}
     assert routing_path(scope) == routed
+
+
+@pytest.mark.parametrize(("path", "name"), [
+    (f"{BASE}/locations/BE/BEC/LOC1//1", "{evse_uid}"),  # was EVSE `1` of LOC1
+    (f"{BASE}/locations/BE/BEC//3256", "{location_id}"),  # was Location `3256`
+    (f"{BASE}/locations/BE/BEC//3256/1", "{location_id}"),  # was EVSE `1` of Location `3256`
+    (f"{BASE}/sessions/BE/BEC//", "{session_id}"),
+])
+def test_an_empty_id_segment_is_refused_not_dropped(pushes: Pushes, path: str, name: str) -> None:
+    """An empty segment is an empty id, not no segment: dropped, it shifted the ids one level up and the push was
+    acknowledged for another object (a Connector PATCH at LOC1//1 became a PATCH of EVSE `1`)."""
+    for method in ("PATCH", "PUT"):
+        assert_envelope(pushes.request(method, path, {"last_updated": PATCHED}, party=("BE", "BEC")), 2001,
+                        http=200, path=name)
+    assert pushes.env.sink.records == []
+
+
+def test_a_get_with_an_empty_id_segment_finds_nothing(pushes: Pushes) -> None:
+    """Not the object one level up: `.../LOC1//1` is Connector 1 of EVSE '', not EVSE 1."""
+    stored = location()
+    stored["evses"][0]["uid"] = "1"
+    pushes.store("locations", [{"country_code": "BE", "party_id": "BEC", "location_id": "LOC1",
+                                "partner_id": "cpo-be-bec", "city": stored["city"], "country": stored["country"],
+                                "publish": True, "last_updated": NOW, "payload_json": json.dumps(stored),
+                                "version": 1}])
+    assert data(pushes.request("GET", f"{BASE}/locations/BE/BEC/LOC1/1")) == stored["evses"][0]
+    assert_envelope(pushes.request("GET", f"{BASE}/locations/BE/BEC/LOC1//1"), 2003, http=404)
