@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from infra.runfile import read_running_instance
 from infra.settings import Settings
 
@@ -24,3 +26,16 @@ def resolve_bootstrap(settings: Settings) -> str:
         return instance.kafka_bootstrap
     raise KafkaNotConfigured("OCPI_KAFKA_BOOTSTRAP is empty and no `ocpi-pipeline dev` instance is running; "
                              "set it, or use `ocpi-pipeline dev`, which starts an embedded broker")
+
+
+def reachable(bootstrap: str, timeout: float = 2.0) -> bool:
+    """Whether one of the bootstrap servers accepts a TCP connection: a quick check, so that a command learns
+    that Kafka is down at once, not after the Kafka client's bootstrap timeout (about 30 s)."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout):
+                return True
+        except (OSError, ValueError):  # refused, unresolvable, or not host:port
+            continue
+    return False

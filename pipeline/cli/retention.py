@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import click
 from rich.console import Console
 from rich.table import Table
 
 from infra.clickhouse.client import ClickHouseUnavailable, connect_for
-from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
+from infra.kafka.bootstrap import KafkaNotConfigured, reachable, resolve_bootstrap
 from infra.settings import Settings, load_settings
 from pipeline import retention
 from pipeline.records import utc_now
@@ -20,18 +18,6 @@ def retention_group() -> None:
     """Data retention: raw events, histories, personal data (pseudonymised), billing records."""
 
 
-def _reachable(bootstrap: str) -> bool:
-    """A quick TCP check, so that a report does not wait for the Kafka client's bootstrap timeout."""
-    for server in bootstrap.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            with socket.create_connection((host, int(port)), timeout=2):
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def _topic_configs_in_effect(settings: Settings) -> dict[str, dict[str, str]] | str:
     """The configs of the policy's topics as the broker reports them (existing topics only), or why not."""
     from infra.kafka.admin import topic_configs
@@ -40,7 +26,7 @@ def _topic_configs_in_effect(settings: Settings) -> dict[str, dict[str, str]] | 
         bootstrap = resolve_bootstrap(settings)
     except KafkaNotConfigured:
         return "not available (no Kafka configured and no running instance)"
-    if not _reachable(bootstrap):
+    if not reachable(bootstrap):
         return f"not available ({bootstrap} does not answer)"
     return topic_configs(bootstrap, retention.topic_configs(settings))
 
@@ -116,7 +102,7 @@ def apply() -> None:
     except KafkaNotConfigured as exc:
         click.echo(f"topics not changed: {exc}")
         return
-    if not _reachable(bootstrap):  # fail at once, not after the Kafka client's timeout, and not as a traceback
+    if not reachable(bootstrap):  # fail at once, not after the Kafka client's timeout, and not as a traceback
         raise click.ClickException(f"topics not changed: Kafka at {bootstrap} does not answer (the ClickHouse part "
                                    "above is done); run the command again when it does")
     try:

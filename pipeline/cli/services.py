@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infra.clickhouse.client import ClickHouseUnavailable
+from infra.clickhouse.client import ClickHouseUnavailable, chdb_path, effective_dsn
+from infra.kafka.bootstrap import KafkaNotConfigured, reachable, resolve_bootstrap
 from infra.kafka.embedded import EmbeddedBrokerError
 from infra.settings import Settings, load_settings
 from pipeline.demo import DemoSummary, run_demo
@@ -30,6 +31,9 @@ FIRST_PARTNER = "first-cpo"
 def serve(workers: int) -> None:
     """Serve the OCPI receivers over HTTP (granian), publishing to the configured Kafka.
 
+    Needs a Kafka and a ClickHouse server (the partner registry), or a running `ocpi-pipeline dev`, whose
+    embedded ones it then uses.
+
     Example: OCPI_KAFKA_BOOTSTRAP=kafka:9092 OCPI_CLICKHOUSE_DSN=http://default:pw@ch:8123 ocpi-pipeline serve
     """
     from granian.constants import Interfaces
@@ -40,28 +44,40 @@ def serve(workers: int) -> None:
         # granian binds with SO_REUSEPORT: next to another server on the port (a `dev`, a second `serve`) its bind
         # would succeed and the kernel would split the partners' connections between them.
         check_port_free(settings.http.host, settings.http.port)
-    except StackError as exc:
+        bootstrap = resolve_bootstrap(settings)
+    except (StackError, KafkaNotConfigured) as exc:
         raise click.ClickException(str(exc)) from None
-    create_receiver_topics(settings)
+    dsn, _password = effective_dsn(settings)
+    if dsn.startswith("chdb://"):
+        # The receivers' workers would each open the chDB directory, which one process only may hold (and a
+        # worker could not open it next to them): refused here, not a receiver that never answers.
+        raise click.ClickException(
+            f"serve needs a ClickHouse server (OCPI_CLICKHOUSE_DSN=http://user:password@host:8123) or a running "
+            f"`ocpi-pipeline dev`, whose embedded store it then uses; the embedded store at {chdb_path(dsn)} opens "
+            "in one process only (`ocpi-pipeline dev` runs everything on the embedded engines)")
+    create_receiver_topics(settings, bootstrap)
     Server("receivers.asgi:app", address=settings.http.host, port=settings.http.port,
            interface=Interfaces.ASGI, workers=workers, websockets=False).serve()
 
 
-def create_receiver_topics(settings: Settings) -> None:
+def create_receiver_topics(settings: Settings, bootstrap: str) -> None:
     """Create the topics the receivers write (module topics, rejections) with our partitions, replicas and configs,
     as `dev` does: a Kafka that creates topics on first use (Apache Kafka's default) would otherwise create them
     on the first push before any worker ran, with its own defaults (one partition, one replica, 1 MB records),
-    which the worker keeps (it sets configs, not partitions or replicas, on existing topics). Kafka down or not
-    configured: the receivers start anyway (pushes answer 3000 until it answers), and the worker creates them."""
+    which the worker keeps (it sets configs, not partitions or replicas, on existing topics). Kafka down: the
+    receivers start anyway (pushes answer 3000 until it answers), and the worker creates them."""
     from infra.kafka import admin
-    from infra.kafka.bootstrap import resolve_bootstrap
     from pipeline.retention import topic_configs
 
     kafka = settings.kafka
+    if not reachable(bootstrap):  # at once, not after the admin client's bootstrap timeout
+        click.echo(f"warning: topics not created (Kafka at {bootstrap} does not answer); pushes answer 3000 until "
+                   "it does, and the worker creates them", err=True)
+        return
     try:
-        admin.ensure_topics(resolve_bootstrap(settings), (*kafka.module_topics, kafka.topic_rejections),
+        admin.ensure_topics(bootstrap, (*kafka.module_topics, kafka.topic_rejections),
                             kafka.partitions, topic_configs(settings), replicas=kafka.replication_factor)
-    except Exception as exc:  # the broker unreachable, not configured: the receivers answer 3000 meanwhile
+    except Exception as exc:  # the broker went away meanwhile, or refused: the receivers answer 3000 meanwhile
         click.echo(f"warning: topics not created ({type(exc).__name__}: {exc}); the worker creates them", err=True)
 
 
