@@ -64,6 +64,8 @@ def _time(value: str | None) -> Any:
               "range, or archive file) and send nothing.")
 @click.option("--rebuild", is_flag=True, help="Rebuild every pipeline table from the topics into a fresh "
               "database and swap it in (no selection options).")
+@click.option("--partial-history", is_flag=True, help="--rebuild: go on although retention deleted the start of "
+              "some topics' partitions (replay their history from an archive first).")
 @click.option("--wait/--no-wait", default=False, show_default=True,
               help="Wait until the pipeline's worker has consumed the replayed events.")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait and --rebuild may take.")
@@ -71,7 +73,8 @@ def _time(value: str | None) -> Any:
 @click.option("--again", is_flag=True, help="Replay once more even if this job has completed before.")
 def replay(modules: tuple[str, ...], partner: str | None, since: str | None, until: str | None,
            partition: int | None, from_offset: int | None, to_offset: int | None, archive: Path | None,
-           dry_run: bool, rebuild: bool, wait: bool, timeout: float, job: str | None, again: bool) -> None:
+           dry_run: bool, rebuild: bool, partial_history: bool, wait: bool, timeout: float, job: str | None,
+           again: bool) -> None:
     """Send recorded events through the pipeline again, marked source=REPLAY.
 
     From the Kafka topics (by offsets or by a time range) or from archive files, for some modules, one partner
@@ -94,8 +97,10 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
         if any((modules, partner, since, until, partition is not None, from_offset is not None,
                 to_offset is not None, archive, job, again)):
             raise click.UsageError("--rebuild recomputes everything from the topics: it takes no selection")
-        _rebuild(settings, bootstrap, dry_run, timeout, console)
+        _rebuild(settings, bootstrap, dry_run, timeout, console, partial_history)
         return
+    if partial_history:
+        raise click.UsageError("--partial-history goes with --rebuild")
     try:
         selection = Selection(modules=check_modules(modules), partner=partner, since=_time(since),
                               until=_time(until), partition=partition, from_offset=from_offset, to_offset=to_offset,
@@ -137,7 +142,8 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
         console.print("the pipeline has consumed them")
 
 
-def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, console: Console) -> None:
+def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, console: Console,
+             partial_history: bool) -> None:
     from pipeline.jobs.rebuild import rebuild
     from pipeline.jobs.replay import Selection, plan_kafka
 
@@ -149,9 +155,14 @@ def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, 
             table.add_row(module, f"{rng.topic}/{rng.partition}", f"{rng.start}-{rng.stop - 1}" if rng.span else "–",
                           str(rng.span))
         console.print(table)
+        truncated = sum(1 for _module, rng in planned if rng.start > 0)
+        if truncated:
+            console.print(f"retention deleted the start of {truncated} partition(s) (offsets not from 0): a rebuild "
+                          "is refused without --partial-history")
         return
     with RichProgress() as progress:
-        report = _run(rebuild(settings, bootstrap, timeout=timeout, progress=progress),
+        report = _run(rebuild(settings, bootstrap, timeout=timeout, progress=progress,
+                              partial_history=partial_history),
                       "run `ocpi-pipeline replay --rebuild` again to resume")
     console.print(f"rebuilt {', '.join(report.swapped)} in database {report.database} from {report.events} "
                   f"records; then {report.tail} records the live worker handled meanwhile, into them after the swap")

@@ -101,16 +101,27 @@ def _tables(client: Client, database: str) -> dict[str, str]:
 
 
 async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0,
-                  progress: JobProgress | None = None,
-                  on_phase: Callable[[str], None] | None = None) -> RebuildReport:
+                  progress: JobProgress | None = None, on_phase: Callable[[str], None] | None = None,
+                  partial_history: bool = False) -> RebuildReport:
     """Run (or resume) the rebuild of this data dir's database; see the module docstring. One at a time: a
-    second one started meanwhile would resume the same checkpoint and exchange every table back."""
+    second one started meanwhile would resume the same checkpoint and exchange every table back.
+
+    Refused when retention deleted the start of a source partition, unless `partial_history`: see
+    `truncated_partitions`."""
     with running_alone(jobs_dir(settings, "rebuild") / "current.lock", "a rebuild of this data dir's database"):
-        return await _rebuild(settings, bootstrap, timeout=timeout, progress=progress, on_phase=on_phase)
+        return await _rebuild(settings, bootstrap, timeout=timeout, progress=progress, on_phase=on_phase,
+                              partial_history=partial_history)
+
+
+def truncated_partitions(targets: list[list[Any]]) -> list[str]:
+    """The source partitions whose first offset is not 0: Kafka deleted their oldest records (retention). A
+    rebuild from them swaps in tables without what only those records held (CDRs, Sessions, Locations not
+    pushed since): billing would lose them, silently, until someone swapped the previous tables back."""
+    return [f"{topic}/{partition} (from offset {begin})" for topic, partition, begin, _end in targets if begin > 0]
 
 
 async def _rebuild(settings: Settings, bootstrap: str, *, timeout: float, progress: JobProgress | None,
-                   on_phase: Callable[[str], None] | None) -> RebuildReport:
+                   on_phase: Callable[[str], None] | None, partial_history: bool) -> RebuildReport:
     progress = progress or NoProgress()
     checkpoint = Checkpoint(jobs_dir(settings, "rebuild") / "current.json")
     state = checkpoint.load()
@@ -140,11 +151,22 @@ async def _rebuild(settings: Settings, bootstrap: str, *, timeout: float, progre
             dsn = shim.dsn
         log_path = jobs_dir(settings, "rebuild") / state["job"] / "worker.log"
         if state["status"] == "building":
-            await asyncio.to_thread(migrate, client, state["rebuild_database"])
             if "targets" not in state:
                 tps = await topic_partitions(bootstrap, _source_topics(settings))
                 bounds = await offset_bounds(settings.kafka, bootstrap, tps)
-                state["targets"] = [[tp.topic, tp.partition, begin, end] for tp, (begin, end) in bounds.items()]
+                targets = [[tp.topic, tp.partition, begin, end] for tp, (begin, end) in bounds.items()]
+                truncated = truncated_partitions(targets)
+                if truncated and not partial_history:
+                    named = ", ".join(truncated[:3]) + (" …" if len(truncated) > 3 else "")
+                    raise JobError(
+                        f"the topics no longer hold their whole history: retention deleted the start of "
+                        f"{len(truncated)} partition(s), {named}. "
+                        "Rebuilt from them, the tables would lack what only those records held (CDRs, Sessions, "
+                        "Locations not pushed since). Replay that history from an archive first (`ocpi-pipeline "
+                        "replay --from-archive DIR`), then run `replay --rebuild --partial-history`; nothing was "
+                        "changed")
+                state["targets"] = targets
+            await asyncio.to_thread(migrate, client, state["rebuild_database"])
             checkpoint.save(state)
             worker = _start_worker(settings, bootstrap, dsn, state, state["rebuild_database"])
             if on_phase:

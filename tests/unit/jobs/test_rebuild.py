@@ -127,3 +127,54 @@ async def test_a_rebuild_interrupted_while_it_deletes_its_workers_topics_does_no
     assert started == [live]  # not again: its topics are gone
     assert dropped == ["topics", "topics", "state"]  # the cleanup is finished
     assert report.swapped == ["cdrs"] and (checkpoint.load() or {})["status"] == "done"
+
+
+@pytest.mark.parametrize("partial_history", [False, True])
+async def test_a_rebuild_from_topics_whose_start_retention_deleted_is_refused_unless_told(
+        settings_for: Any, monkeypatch: pytest.MonkeyPatch, partial_history: bool) -> None:
+    """On Kafka the module topics keep OCPI_RETENTION_RAW_DAYS of history. A rebuild from what is left swapped in
+    tables without the CDRs, Sessions and Locations only the deleted records held (billing years back gone from
+    the live database), reporting success."""
+    from aiokafka.structs import TopicPartition
+
+    settings = settings_for()
+    migrated: list[str] = []
+    started: list[str] = []
+
+    async def partitions(_bootstrap: str, topics: list[str]) -> list[TopicPartition]:
+        return [TopicPartition(topic, 0) for topic in topics]
+
+    async def bounds(_kafka: Any, _bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
+        return {tp: (1200 if tp.topic == settings.kafka.topic_cdrs else 0, 5000) for tp in tps}
+
+    class Stop(Exception):
+        pass
+
+    def start_worker(*args: Any) -> FakeWorker:
+        started.append(args[-1])
+        raise Stop  # far enough: the rebuild went ahead
+
+    monkeypatch.setattr(rebuild_mod, "effective_dsn", lambda _s: ("http://clickhouse.invalid:8123", None))
+    monkeypatch.setattr(rebuild_mod, "connect", lambda *_a, **_k: FakeClient({}))
+    monkeypatch.setattr(rebuild_mod, "_check_key", lambda *_a: None)
+    monkeypatch.setattr(rebuild_mod, "topic_partitions", partitions)
+    monkeypatch.setattr(rebuild_mod, "offset_bounds", bounds)
+    monkeypatch.setattr(rebuild_mod, "migrate", lambda _client, database: migrated.append(database))
+    monkeypatch.setattr(rebuild_mod, "_start_worker", start_worker)
+    checkpoint = Checkpoint(jobs_dir(settings, "rebuild") / "current.json")
+
+    if not partial_history:
+        with pytest.raises(JobError, match=rf"{settings.kafka.topic_cdrs}/0 \(from offset 1200\)"):
+            await rebuild_mod.rebuild(settings, "broker.invalid:9092")
+        assert migrated == [] and started == [] and checkpoint.load() is None  # nothing was changed
+        return
+    with pytest.raises(Stop):
+        await rebuild_mod.rebuild(settings, "broker.invalid:9092", partial_history=True)
+    state = checkpoint.load() or {}
+    assert migrated == [state["rebuild_database"]] and started == [state["rebuild_database"]]
+    assert [settings.kafka.topic_cdrs, 0, 1200, 5000] in state["targets"]
+
+
+def test_truncated_partitions_names_those_not_starting_at_0() -> None:
+    assert rebuild_mod.truncated_partitions([["a", 0, 0, 9], ["a", 1, 7, 9], ["b", 3, 1, 1]]) == [
+        "a/1 (from offset 7)", "b/3 (from offset 1)"]
