@@ -377,12 +377,12 @@ class RoutingHeaders(msgspec.Struct, frozen=True):
 
 # The headers are CiString(2) and CiString(3) (04 §8), the types of CredentialsRole.country_code/party_id, so
 # they can name every party a partner may register (printable ASCII, at most that long; never empty).
-_COUNTRY = re.compile(r"^[\x20-\x7E]{1,2}\Z")
-_PARTY = re.compile(r"^[\x20-\x7E]{1,3}\Z")
-_ROUTING_NAMES = (("from_country_code", b"ocpi-from-country-code", _COUNTRY),
-                  ("from_party_id", b"ocpi-from-party-id", _PARTY),
-                  ("to_country_code", b"ocpi-to-country-code", _COUNTRY),
-                  ("to_party_id", b"ocpi-to-party-id", _PARTY))
+COUNTRY_CODE_VALUE = re.compile(r"^[\x20-\x7E]{1,2}\Z")
+PARTY_ID_VALUE = re.compile(r"^[\x20-\x7E]{1,3}\Z")
+_ROUTING_NAMES = (("from_country_code", b"ocpi-from-country-code", COUNTRY_CODE_VALUE),
+                  ("from_party_id", b"ocpi-from-party-id", PARTY_ID_VALUE),
+                  ("to_country_code", b"ocpi-to-country-code", COUNTRY_CODE_VALUE),
+                  ("to_party_id", b"ocpi-to-party-id", PARTY_ID_VALUE))
 
 
 def routing_headers(scope: Scope) -> RoutingHeaders:
@@ -394,7 +394,7 @@ def routing_headers(scope: Scope) -> RoutingHeaders:
         if raw is None:
             continue
         if not pattern.match(raw):
-            what = "country code (CiString(2))" if pattern is _COUNTRY else "party id (CiString(3))"
+            what = "country code (CiString(2))" if pattern is COUNTRY_CODE_VALUE else "party id (CiString(3))"
             raise InvalidRoutingHeaders(f"header {name.decode()} is not a valid {what}: {raw[:40]!r}")
         values[attr] = raw
     if ("from_country_code" in values) != ("from_party_id" in values) or \

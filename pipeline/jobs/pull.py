@@ -50,7 +50,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -81,13 +80,12 @@ from pipeline.jobs.common import (
     uninterrupted,
 )
 from receivers.registry import Partner, PartnerStatus
+from receivers.transport import COUNTRY_CODE_VALUE, PARTY_ID_VALUE
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE_BYTES: Final = 64 * 1024 * 1024
 SETTLE: Final = timedelta(minutes=5)  # how far before now a window ends by default (see the module docstring)
-_COUNTRY_CODE: Final = re.compile(r"[A-Za-z]{2}")
-_PARTY_ID: Final = re.compile(r"[A-Za-z0-9]{3}")
 
 
 @dataclass(frozen=True)
@@ -212,7 +210,7 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 
 def _party(headers: httpx.Headers, side: str) -> tuple[str, str] | None:
     country, party = headers.get(f"ocpi-{side}-country-code"), headers.get(f"ocpi-{side}-party-id")
-    if country and party and _COUNTRY_CODE.fullmatch(country) and _PARTY_ID.fullmatch(party):
+    if country and party and COUNTRY_CODE_VALUE.match(country) and PARTY_ID_VALUE.match(party):
         return country, party
     return None
 

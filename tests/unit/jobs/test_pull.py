@@ -560,3 +560,18 @@ async def test_a_second_pull_of_the_same_partner_and_module_while_one_runs_is_re
     assert ids(sink) == ["S0001", "S0002", "S0003", "S0004", "S0005"]  # each once
     report = await pull(settings, partner_for(fake), "sessions", ListSink())  # the lock went with the first
     assert not report.resumed and report.since == until
+
+
+def test_routing_headers_of_an_answer_are_kept_for_any_party_a_partner_may_register() -> None:
+    """A party id is a CiString(3), as the receivers check it (`A-B`, `X` are valid): the pulled events of such a
+    party lost their routing headers, which were checked as three letters or digits."""
+    import httpx
+
+    from pipeline.jobs.pull import _party
+
+    headers = httpx.Headers({"OCPI-from-country-code": "N1", "OCPI-from-party-id": "A-B",
+                             "OCPI-to-country-code": "nl", "OCPI-to-party-id": "X"})
+    assert _party(headers, "from") == ("N1", "A-B")
+    assert _party(headers, "to") == ("nl", "X")
+    assert _party(httpx.Headers({"OCPI-from-country-code": "NLD", "OCPI-from-party-id": "ABC"}), "from") is None
+    assert _party(httpx.Headers({"OCPI-from-country-code": "NL", "OCPI-from-party-id": "ABCD"}), "from") is None
