@@ -121,6 +121,19 @@ def _parse_non_negative_float(env: str, raw: str) -> float:
     return _at_most_a_century(env, raw, value)
 
 
+# The reconciliation time tolerance: every session is indexed under each hour of start within it
+# (`pipeline.matching.session_token_keys`), so its state and CPU grow with it (a year: 17,500 keys and ~40 ms per
+# session). A day already matches a CDR to any session of its token and location that day.
+MAX_TIME_TOLERANCE_S = 86400.0
+
+
+def _parse_time_tolerance(env: str, raw: str) -> float:
+    value = _parse_non_negative_float(env, raw)
+    if value > MAX_TIME_TOLERANCE_S:
+        raise SettingsError(f"{env}={raw!r}: expected at most {MAX_TIME_TOLERANCE_S:.0f} seconds (a day)")
+    return value
+
+
 def _parse_non_negative_decimal(env: str, raw: str) -> Decimal:
     try:
         value = Decimal(raw)
@@ -351,7 +364,7 @@ class PipelineSettings:
     )
     time_tolerance_s: float = _setting(
         "OCPI_RECONCILE_TIME_TOLERANCE", "300",
-        "seconds a CDR's start/end may differ from its session's and still match",
+        "seconds a CDR's start/end may differ from its session's and still match (at most 86400)",
     )
     sweep_interval_s: float = _setting(
         "OCPI_PIPELINE_SWEEP_INTERVAL", "30",
@@ -449,7 +462,7 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_RECONCILE_SESSION_GRACE": _parse_float,
     "OCPI_RECONCILE_ENERGY_TOLERANCE": _parse_non_negative_decimal,
     "OCPI_RECONCILE_COST_TOLERANCE": _parse_non_negative_decimal,
-    "OCPI_RECONCILE_TIME_TOLERANCE": _parse_non_negative_float,
+    "OCPI_RECONCILE_TIME_TOLERANCE": _parse_time_tolerance,
     "OCPI_PIPELINE_SWEEP_INTERVAL": _parse_float,
     "OCPI_RETENTION_RAW_DAYS": lambda env, raw: _parse_int_up_to(env, raw, MAX_RETENTION_DAYS),
     "OCPI_RETENTION_HISTORY_DAYS": lambda env, raw: _parse_int_up_to(env, raw, MAX_RETENTION_DAYS),

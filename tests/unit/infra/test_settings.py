@@ -40,6 +40,8 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_PIPELINE_PARK_TTL", "1e12"),
     ("OCPI_TOKEN_GRACE", "1e12"),
     ("OCPI_RECONCILE_TIME_TOLERANCE", "1e12"),
+    # Each session is indexed under every hour within it: a year took 40 ms and 17,500 state keys per session.
+    ("OCPI_RECONCILE_TIME_TOLERANCE", "86401"),
     ("OCPI_RETENTION_RAW_DAYS", "0"),
     ("OCPI_RETENTION_HISTORY_DAYS", "36501"),
     ("OCPI_RETENTION_PSEUDONYMISE_DAYS", "1e9"),
@@ -48,6 +50,10 @@ def test_defaults_are_documented_and_embedded() -> None:
 def test_a_wrong_value_fails_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         load_settings({variable: value})
+
+
+def test_the_time_tolerance_may_be_a_day() -> None:
+    assert load_settings({"OCPI_RECONCILE_TIME_TOLERANCE": "86400"}).pipeline.time_tolerance_s == 86400.0
 
 
 def test_retention_ages_are_bounded() -> None:
