@@ -63,6 +63,7 @@ from infra.codec import (
 from infra.settings import Settings
 from ocpi import model
 from ocpi.canonical import to_builtins
+from ocpi.compat import RECHECK
 from ocpi.decode import OcpiJsonError, OcpiValidationError, decode
 from pipeline.jobs.common import MODULES, JobError, JobProgress, NoProgress, running_alone
 from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, read_ranges, topic_partitions
@@ -315,7 +316,9 @@ def record_from_row(row: Sequence[Any]) -> dict[str, Any]:
     """
     values = dict(zip(RAW_COLUMNS, row, strict=True))
     payload_type = payload_type_of(values["operation"], values["level"])
-    decoded = decode(values.pop("payload_json"), getattr(model, payload_type))
+    # What the receiver accepted unchanged under its partner's profile (an errata length, `#NA`, the epoch) is
+    # stored as it came: accepted again, as for a stored object re-checked after a merge (`pipeline.wire`).
+    decoded = decode(values.pop("payload_json"), getattr(model, payload_type), profile=RECHECK)
     event = {**values, "relaxations": list(values["relaxations"]), "from_country_code": None,
              "from_party_id": None, "to_country_code": None, "to_party_id": None,
              "payload": (payload_type, to_builtins(decoded.value))}

@@ -20,6 +20,7 @@ from infra.clickhouse.migrations import migrate
 from infra.codec import EVENT_SCHEMA, DecodedEvent, decode_event, decode_record, encode_event
 from infra.events import build_event
 from ocpi.canonical import to_ocpi_json
+from ocpi.compat import CompatProfile
 from ocpi.decode import Decoded, decode
 from ocpi.identity import ObjectKey
 from ocpi.model import Location, Session, SessionPatch
@@ -33,6 +34,7 @@ from pipeline.jobs.archive import (
     export_from_clickhouse,
     export_from_kafka,
     read_archive_file,
+    record_from_row,
 )
 from pipeline.jobs.common import JobError, parse_time
 from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, read_ranges, topic_partitions
@@ -178,6 +180,25 @@ def test_an_archive_of_an_earlier_schema_revision_is_read_with_the_current_one(t
     assert events[0] == msgspec.structs.replace(current, source="PULL")  # the new fields take their defaults
     assert events[1].event_id == "second" and events[1].payload == current.payload
     assert [event_of(r).event_id for r in read_archive_file(files[0], skip=1)] == ["second"]
+
+
+@pytest.mark.parametrize(("relaxation", "changes"), [
+    ("ERRATA_MAX_LENGTH", {"address": "Avenue " + "x" * 60}),
+    ("NA_IN_ANY_REQUIRED_STRING", {"city": "#NA"}),
+])
+def test_a_raw_event_accepted_as_it_was_under_a_relaxation_is_archived(relaxation: str,
+                                                                      changes: dict[str, Any]) -> None:
+    # The receiver accepted the value unchanged under the partner's profile, so raw_events stores it as it is:
+    # read back for the archive it must pass again (as a stored object re-checked after a merge does).
+    decoded = decode(example("location_example.json", **changes), Location,
+                     profile=CompatProfile.from_names(relaxation))
+    assert [r.partition(":")[0] for r in decoded.relaxations] == [relaxation]
+    pushed = decode_event(encode_event(build_event(
+        partner_id="cpo-be", module="locations", operation="PUT", level="LOCATION", key=ObjectKey.of(decoded.value),
+        decoded=decoded, payload_type="Location", source="PUSH", request_id="req", correlation_id="corr",
+        received_at=DAY1)))
+    record = record_from_row(row(pushed, 0)[:len(RAW_COLUMNS)])
+    assert event_of(record) == pushed
 
 
 def test_archive_files_are_ordered_and_filtered_by_day(tmp_path: Path) -> None:
