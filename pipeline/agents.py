@@ -373,6 +373,10 @@ class PartyAgent:
                 dead.append(DeadLetter(message.topic, message.partition, message.offset, message.key or b"",
                                        message.value or b"", f"undecodable fact batch: {exc}"))
                 continue
+            if "/" not in party:  # stage 1 keys facts `CC/PID` (`facts.party_key`); `PartyState` splits it
+                dead.append(DeadLetter(message.topic, message.partition, message.offset, message.key or b"",
+                                       message.value or b"", f"fact batch keyed {party!r}, not by a party key"))
+                continue
             groups.setdefault(party, (anchor_of(message.topic, message.partition), []))[1].extend(facts)
         out = PartyOutput()
         overlays: list[tuple[PartitionAnchor, Overlay]] = []

@@ -220,3 +220,22 @@ async def test_a_write_that_never_ends_after_a_stop_ends_the_process_after_the_g
     running.cancel()
     await asyncio.wait([running], timeout=3)
     assert exits == [agents.EXIT_PIPELINE_ERROR]
+
+
+@pytest.mark.parametrize("key", [None, b"", b"NLTNM"])
+async def test_a_party_facts_record_without_a_party_key_is_a_dead_letter(tmp_path: Path, key: bytes | None) -> None:
+    # Facts are keyed `CC/PID`; a record keyed otherwise (none at all: a tool or a foreign producer on the topic)
+    # made stage 2 raise on every restart, and the worker exited before the batch was committed, for ever.
+    context = Context()
+    written: list[Any] = []
+
+    async def write(batch: Any) -> None:
+        written.append(batch)
+
+    context.sink = SimpleNamespace(write=write)
+    agent = PartyAgent(context, state_table(tmp_path / "db"))  # type: ignore[arg-type]
+    facts = encode_facts([s_fact(completed(), received=61, final=61)])
+    await agent.handle([RawMessage("facts", 0, 0, key, facts), message(1, [c_fact(cdr("C1"), received=62)])])
+    rows = [row for batch in written for row in batch.rows.get("dead_letters", [])]
+    assert [(row[2], "party key" in row[5]) for row in rows] == [(0, True)]
+    assert b"C/NL/TNM/C1" in {k for k, _v in context.changelog}  # the other record of the batch was applied
