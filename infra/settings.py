@@ -346,6 +346,10 @@ class PipelineSettings:
         "OCPI_PIPELINE_SESSION_IDLE", "14400",
         "seconds without an update after which a PENDING or ACTIVE session is flagged idle",
     )
+    clock_skew_s: float = _setting(
+        "OCPI_PIPELINE_CLOCK_SKEW", "300",
+        "seconds a push's last_updated may be ahead of its receipt before it is flagged (FUTURE_LAST_UPDATED)",
+    )
     cdr_grace_s: float = _setting(
         "OCPI_RECONCILE_CDR_GRACE", "86400",
         "seconds after a session completed before a missing CDR is flagged",
@@ -458,6 +462,7 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_PIPELINE_PARK_TTL": _parse_float,
     "OCPI_PIPELINE_PARK_MAX": _parse_positive_int,
     "OCPI_PIPELINE_SESSION_IDLE": _parse_float,
+    "OCPI_PIPELINE_CLOCK_SKEW": _parse_float,
     "OCPI_RECONCILE_CDR_GRACE": _parse_float,
     "OCPI_RECONCILE_SESSION_GRACE": _parse_float,
     "OCPI_RECONCILE_ENERGY_TOLERANCE": _parse_non_negative_decimal,

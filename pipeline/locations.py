@@ -61,6 +61,7 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     """Apply one event; returns False when it had to be parked."""
     event = record.event
     last_updated = event.payload["last_updated"]
+    out.flag_future(record, last_updated, rules)
     current = run.stored.of(state.object_json)
     if is_duplicate(state.last_identity, state.last_hash, event):
         _confirm(state, current, event)

@@ -60,6 +60,16 @@ def is_stale(stored: datetime | None, incoming: datetime) -> bool:
     return stored is not None and incoming < stored
 
 
+def ahead_of_receipt(last_updated: datetime, received_at: datetime, skew: timedelta) -> timedelta | None:
+    """How far a push's `last_updated` is ahead of our receipt of it, when more than `skew` (None otherwise).
+
+    Such a push comes from a clock ahead of ours. It is applied as any other (the CPO owns the object), but every
+    later push dated before it is STALE, so it is flagged where the operator sees the cause, not only the STALEs
+    that follow."""
+    ahead = last_updated - received_at
+    return ahead if ahead > skew else None
+
+
 def newest(*moments: datetime | None) -> datetime | None:
     """The latest of the known moments (None when none is known)."""
     known = [m for m in moments if m is not None]

@@ -60,6 +60,7 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             out.outcome(record, Outcome.PARKED, "waiting for the Session PUT")
         return
     last_updated = event.payload["last_updated"]
+    out.flag_future(record, last_updated, rules)
     if is_duplicate(state.last_identity, state.last_hash, event):
         # No new version; but the CPO confirmed this content at `last_updated` (see ordering: stale).
         state.confirmed = ordering.newest(state.confirmed, last_updated)

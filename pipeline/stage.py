@@ -31,11 +31,13 @@ class StageRules:
     park_ttl: timedelta
     park_max: int
     session_idle: timedelta
+    clock_skew: timedelta = timedelta(minutes=5)
 
     @classmethod
     def from_settings(cls, pipeline: PipelineSettings) -> StageRules:
         return cls(park_ttl=timedelta(seconds=pipeline.park_ttl_s), park_max=pipeline.park_max,
-                   session_idle=timedelta(seconds=pipeline.session_idle_s))
+                   session_idle=timedelta(seconds=pipeline.session_idle_s),
+                   clock_skew=timedelta(seconds=pipeline.clock_skew_s))
 
 
 @dataclass
@@ -58,6 +60,14 @@ class StageOutput:
         self.batch.put("raw_events", projection.RAW_EVENT_COLUMNS, event.event_id,
                        projection.raw_event_row(event, record.topic, record.partition, record.offset, outcome,
                                                 detail))
+
+    def flag_future(self, record: Record, last_updated: datetime, rules: StageRules) -> None:
+        """Anomaly FUTURE_LAST_UPDATED when the push is dated further ahead of its receipt than the clock skew."""
+        ahead = ordering.ahead_of_receipt(last_updated, record.received_at, rules.clock_skew)
+        if ahead is not None:
+            self.anomaly(Anomaly.FUTURE_LAST_UPDATED, record.event,
+                         f"last_updated {last_updated.isoformat()} is {ahead} ahead of its receipt at "
+                         f"{record.received_at.isoformat()}: until then, a push dated before it is STALE")
 
     def anomaly(self, kind: Anomaly, event: DecodedEvent, detail: str, *, event_id: str | None = None,
                 observed_at: datetime | None = None) -> None:

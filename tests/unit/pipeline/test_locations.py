@@ -389,3 +389,15 @@ def test_an_event_kafka_holds_twice_keeps_the_outcome_it_had() -> None:
     assert outcome_of(out, charging.event_id) == "APPLIED" and outcome_of(out, available.event_id) == "APPLIED"
     assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == []
     assert stored(h)["evses"][0]["status"] == "AVAILABLE"
+
+
+def test_a_push_dated_ahead_of_its_receipt_is_flagged_at_its_level() -> None:
+    h = harness(skew_min=5)
+    h.run(event("Location", location(), received=1))
+    ahead = status_patch("E1", "CHARGING", 60, 2)  # 58 minutes ahead
+    out = h.run(ahead)
+    assert outcome_of(out, ahead.event_id) == "APPLIED"
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["FUTURE_LAST_UPDATED"]
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "sub_id") == ["E1"]
+    later = status_patch("E1", "AVAILABLE", 30, 31)  # correct clock, but dated before the push ahead
+    assert outcome_of(h.run(later), later.event_id) == "STALE"

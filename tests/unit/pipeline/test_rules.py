@@ -40,6 +40,13 @@ def test_a_put_is_no_duplicate_of_a_patch_with_the_same_body() -> None:
     assert fingerprint(put) == put.content_hash  # states written before this rule keep recognising PUT retries
 
 
+def test_ahead_of_receipt_is_strictly_beyond_the_skew() -> None:
+    skew = timedelta(minutes=5)
+    assert ordering.ahead_of_receipt(ts(6), ts(0), skew) == timedelta(minutes=6)
+    assert ordering.ahead_of_receipt(ts(5), ts(0), skew) is None  # at the skew: not flagged
+    assert ordering.ahead_of_receipt(ts(-600), ts(0), skew) is None  # late pushes are normal (outages, resends)
+
+
 def test_stale_is_strictly_older() -> None:
     assert ordering.is_stale(ts(5), ts(4))
     assert not ordering.is_stale(ts(5), ts(5))

@@ -409,3 +409,21 @@ def test_a_replayed_copy_of_a_parked_event_is_not_parked_again_nor_rewrites_its_
     assert rows(out.batch, "raw_events") == [] and out.outcomes == {"REPLAYED_PARKED": 1}
     out = h.run(event("Session", session(kwh="5"), received=2))
     assert dict(outcomes(out))[patch.event_id] == "APPLIED" and stored(h)["kwh"] == 7
+
+
+def test_a_push_dated_ahead_of_its_receipt_is_flagged_and_applied() -> None:
+    """A CPO clock ahead of ours: its push is applied (the CPO owns the object), but every later push dated before
+    it is STALE, so the cause is recorded, not only the STALEs that follow (the duplicate confirms its time too)."""
+    h = harness(skew_min=5, idle_min=60 * 24 * 400)
+    ahead = event("Session", session(kwh="5", updated=60 * 24 * 365), received=1)  # a year ahead
+    confirmed = event("Session", session(kwh="5", updated=60 * 24 * 366), received=2)
+    near = event("SessionPatch", {"kwh": Decimal("6"), "last_updated": iso(ts(60 * 24 * 366 + 5))}, object_id="S1",
+                 received=60 * 24 * 366)  # 5 minutes ahead: within the skew
+    out = h.run(ahead, confirmed, near)
+    assert dict(outcomes(out)) == {ahead.event_id: "APPLIED", confirmed.event_id: "DUPLICATE",
+                                   near.event_id: "APPLIED"}
+    flagged = sorted(zip(column(out.batch, "anomalies", ANOMALY_COLUMNS, "event_id"),
+                         column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind"), strict=True))
+    assert flagged == sorted([(ahead.event_id, "FUTURE_LAST_UPDATED"), (confirmed.event_id, "FUTURE_LAST_UPDATED")])
+    details = column(out.batch, "anomalies", ANOMALY_COLUMNS, "detail")
+    assert any("is 364 days, 23:59:00 ahead of its receipt" in d for d in details)
