@@ -19,8 +19,14 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+import msgspec
+import msgspec.inspect as mi
+
 from infra.codec import DecodedEvent
+from ocpi import model
+from ocpi.canonical import content_hash
 from ocpi.identity import ci_normalize
+from pipeline import wire
 
 
 def identity(event: DecodedEvent) -> str:
@@ -83,7 +89,36 @@ def is_duplicate(last_identity: str, last_hash: str, event: DecodedEvent) -> boo
     """Whether `event` repeats the last applied event (same identity, operation and content); `last_hash` is the
     `fingerprint` of the last applied event. A PATCH with the body of the PUT applied last repeats it too: merged
     onto what that PUT stored it changes nothing (its fields equal the stored ones, its identical periods are
-    skipped), so a bumped `last_updated` on it makes no new version."""
+    skipped), so a bumped `last_updated` on it makes no new version. The PUT's hash is that of the full object,
+    whose documented defaults are filled in (a Location's `charging_when_closed`) and whose `[]` mean absent; the
+    PATCH's that of what it sets, where `[]` is content: so the PATCH is read as the full object too (`_as_put`)."""
     if not last_hash or identity(event) != last_identity:
         return False
-    return fingerprint(event) == last_hash or (event.operation == "PATCH" and event.content_hash == last_hash)
+    if fingerprint(event) == last_hash:
+        return True
+    if event.operation != "PATCH" or last_hash.startswith("PATCH:"):
+        return False
+    return event.content_hash == last_hash or _as_put(event) == last_hash
+
+
+def _as_put(event: DecodedEvent) -> str | None:
+    """The content hash of a PATCH's body read as the full object (as a PUT of that body would hash), or None
+    when it is no full object (it lacks a required field)."""
+    full = _FULL.get(event.payload_type)
+    if full is None or not full[1] <= event.payload.keys():
+        return None
+    try:
+        return content_hash(wire.to_struct(event.payload, full[0]))
+    except msgspec.ValidationError:
+        return None
+
+
+def _full(name: str) -> tuple[type[Any], frozenset[str]]:
+    """The full model of a `{name}Patch`, and its required fields."""
+    info = mi.type_info(getattr(model, name))
+    assert isinstance(info, mi.StructType)
+    return info.cls, frozenset(field.encode_name for field in info.fields if field.required)
+
+
+_FULL: dict[str, tuple[type[Any], frozenset[str]]] = {
+    f"{name}Patch": _full(name) for name in ("Location", "EVSE", "Connector", "Session")}

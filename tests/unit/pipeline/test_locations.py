@@ -401,3 +401,32 @@ def test_a_push_dated_ahead_of_its_receipt_is_flagged_at_its_level() -> None:
     assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "sub_id") == ["E1"]
     later = status_patch("E1", "AVAILABLE", 30, 31)  # correct clock, but dated before the push ahead
     assert outcome_of(h.run(later), later.event_id) == "STALE"
+
+
+@pytest.mark.parametrize("extra", [{}, {"charging_when_closed": True, "facilities": []},
+                                   {"charging_when_closed": None}],
+                         ids=["default-left-out", "empty-list", "null-default"])
+def test_a_location_patch_with_the_body_of_the_put_applied_last_is_a_duplicate(extra: dict[str, Any]) -> None:
+    """A PATCH with the body of the PUT applied last changes nothing (README, duplicate): its `last_updated` alone
+    moved, so no new version. The PUT's hash holds what the full object means (`charging_when_closed` filled in
+    with its default, `[]` and null left out), the PATCH's what it sets: they hashed differently, and the PATCH
+    was APPLIED as a new version of an unchanged Location."""
+    h = harness()
+    body = location(updated=0, **extra)
+    h.run(event("Location", body, received=1))
+    patch = event("LocationPatch", {**body, "last_updated": iso(ts(5))}, received=2)
+    out = h.run(patch)
+    assert outcome_of(out, patch.event_id) == "DUPLICATE"
+    assert rows(out.batch, "locations") == []
+    assert stored(h)["last_updated"] == iso(ts(0))
+
+
+def test_an_evse_patch_with_the_body_of_the_evse_put_applied_last_is_a_duplicate() -> None:
+    h = harness()
+    h.run(event("Location", location(), received=1))
+    body = {**evse("E1", status="CHARGING", updated=2), "capabilities": [], "images": None}
+    h.run(event("EVSE", body, object_id="LOC1", evse_uid="E1", received=2))
+    patch = event("EVSEPatch", {**body, "last_updated": iso(ts(5))}, object_id="LOC1", evse_uid="E1", received=3)
+    out = h.run(patch)
+    assert outcome_of(out, patch.event_id) == "DUPLICATE"
+    assert rows(out.batch, "evses") == []
