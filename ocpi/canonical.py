@@ -8,7 +8,9 @@ content_hash(obj) is the sha256 hex of the sorted-key JSON of the object's canon
   of a PATCH body, where `[]` replaces the stored list and so is content — but not a Session PATCH's
   `charging_periods`, which are appended: there `[]` leaves them unchanged, as absence does (09 §3.4);
 - numbers are written as normalised decimal text (`8.50` and `8.5` are the same amount);
-- datetimes are written in UTC with microseconds (`+00:00` form), whatever tzinfo they carry.
+- datetimes are written in UTC with microseconds (`+00:00` form), whatever tzinfo they carry;
+- a charging period's `dimensions` are sorted: they are a set of measurements, which a CPO serialising them from
+  an unordered map sends in any order (`ocpi.patch` compares periods so too); every other list keeps its order.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _PATCH_TYPES: Final = frozenset(PATCHES.values())
 _SORTED: Final = msgspec.json.Encoder(order="sorted")
 _WIRE: Final = msgspec.json.Encoder(decimal_format="number")
 _LAST_UPDATED: Final = "last_updated"
+_DIMENSIONS: Final = "dimensions"  # ChargingPeriod.dimensions, the only member of that name
 
 
 def to_builtins(obj: Any) -> Any:
@@ -56,11 +59,14 @@ def to_ocpi_json(obj: Any) -> bytes:
 def _canonical(value: Any, *, keep_empty_lists: bool = False) -> Any:
     kind = type(value)
     if kind is dict:
-        return {
+        tree = {
             key: _canonical(item)
             for key, item in value.items()
             if key != _LAST_UPDATED and item is not None and (keep_empty_lists or item != [])
         }
+        if type(tree.get(_DIMENSIONS)) is list:
+            tree[_DIMENSIONS] = sorted(tree[_DIMENSIONS], key=_SORTED.encode)
+        return tree
     if kind is list:
         return [_canonical(item) for item in value]
     if kind is Decimal:

@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ocpi import ObjectKey, OcpiStatus, ci_equal, content_hash, decode, merge_session, to_builtins, to_ocpi_json
 from ocpi.model import Connector, ConnectorPatch, Location, Session, SessionPatch
@@ -174,3 +176,32 @@ def test_hash_of_a_session_patch_treats_empty_charging_periods_as_absent() -> No
     assert content_hash(empty) == content_hash(absent)
     assert merge_session(decode(dumps(SESSION), Session).value, empty) == merge_session(
         decode(dumps(SESSION), Session).value, absent)
+
+
+_DIMENSION_TYPES = ("ENERGY", "TIME", "PARKING_TIME", "CURRENT", "MAX_CURRENT", "MIN_CURRENT", "MAX_POWER", "MIN_POWER",
+                    "RESERVATION_TIME")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_DIMENSION_TYPES), st.decimals(min_value=0, max_value=1000, places=2)),
+                min_size=1, max_size=6),
+       st.randoms(use_true_random=False))
+def test_hash_ignores_the_order_of_a_periods_dimensions_only(dimensions: list[tuple[str, Decimal]],
+                                                             rng: Any) -> None:
+    """A period's dimensions are a set of measurements (as `ocpi.patch` compares periods): any order hashes alike,
+    in a Session and a CDR; another volume, or the periods themselves in another order, do not."""
+    def periods(order: list[tuple[str, Decimal]]) -> list[dict[str, Any]]:
+        return [{"start_date_time": "2015-06-29T21:39:09Z",
+                 "dimensions": [{"type": kind, "volume": float(volume)} for kind, volume in order]},
+                {"start_date_time": "2015-06-29T22:00:00Z", "dimensions": [{"type": "TIME", "volume": 1}]}]
+
+    shuffled = list(dimensions)
+    rng.shuffle(shuffled)
+    assert _hash(SESSION | {"charging_periods": periods(dimensions)}) == _hash(
+        SESSION | {"charging_periods": periods(shuffled)})
+    assert _hash(SESSION | {"charging_periods": periods(dimensions)}) != _hash(
+        SESSION | {"charging_periods": periods(dimensions)[::-1]})
+    kind, volume = dimensions[0]
+    other = [(kind, volume + 1), *dimensions[1:]]
+    assert _hash(SESSION | {"charging_periods": periods(dimensions)}) != _hash(
+        SESSION | {"charging_periods": periods(other)})

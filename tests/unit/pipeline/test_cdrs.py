@@ -110,3 +110,16 @@ def test_a_cdr_event_kafka_holds_twice_stays_applied() -> None:
     out = h.run(post, post)
     assert outcomes(out) == {post.event_id: "APPLIED"} and len(rows(out.batch, "cdrs")) == 1
     assert rows(h.run(post).batch, "raw_events") == []
+
+
+def test_the_same_cdr_with_its_dimensions_in_another_order_is_a_duplicate() -> None:
+    """A period's dimensions are a set of measurements (`ocpi.patch`: a CPO serialising them from an unordered map
+    changes their order): the same CDR resent with them reordered was a CONFLICT with a CDR_CONFLICT anomaly."""
+    h = harness()
+    h.run(event("CDR", cdr(), received=1))
+    body = cdr(updated=90)
+    body["charging_periods"][0]["dimensions"].reverse()
+    again = event("CDR", body, received=2)
+    out = h.run(again)
+    assert outcomes(out) == {again.event_id: "DUPLICATE"}
+    assert rows(out.batch, "anomalies") == []

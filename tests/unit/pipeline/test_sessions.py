@@ -427,3 +427,27 @@ def test_a_push_dated_ahead_of_its_receipt_is_flagged_and_applied() -> None:
     assert flagged == sorted([(ahead.event_id, "FUTURE_LAST_UPDATED"), (confirmed.event_id, "FUTURE_LAST_UPDATED")])
     details = column(out.batch, "anomalies", ANOMALY_COLUMNS, "detail")
     assert any("is 364 days, 23:59:00 ahead of its receipt" in d for d in details)
+
+
+def test_a_retry_with_the_dimensions_in_another_order_is_a_duplicate_and_creates_no_version() -> None:
+    """The dimensions of a charging period are a set (`ocpi.patch` skips a period whose dimensions only moved):
+    a retried PUT or PATCH with them reordered was applied as a new version of an unchanged Session."""
+    def two(start: float) -> dict[str, Any]:
+        return {"start_date_time": iso(ts(start)), "dimensions": [{"type": "ENERGY", "volume": Decimal("2")},
+                                                                   {"type": "TIME", "volume": Decimal("0.5")}]}
+
+    def moved(start: float) -> dict[str, Any]:
+        value = two(start)
+        value["dimensions"].reverse()
+        return value
+
+    h = harness()
+    h.run(event("Session", session(kwh="2", periods=[two(0)]), received=1))
+    put = event("Session", session(kwh="2", periods=[moved(0)], updated=5), received=2)
+    assert outcomes(h.run(put)) == [(put.event_id, "DUPLICATE")]
+    body = {"kwh": Decimal("4"), "charging_periods": [two(10)], "last_updated": iso(ts(10))}
+    h.run(event("SessionPatch", body, object_id="S1", received=3))
+    retry = event("SessionPatch", {**body, "charging_periods": [moved(10)]}, object_id="S1", received=4)
+    out = h.run(retry)
+    assert outcomes(out) == [(retry.event_id, "DUPLICATE")]
+    assert rows(out.batch, "sessions") == []
