@@ -363,7 +363,7 @@ class PartyAgent:
 
     async def _handle(self, messages: Sequence[Message]) -> None:
         ctx = self.context
-        groups: dict[str, tuple[PartitionAnchor, list[Fact]]] = {}
+        groups: dict[str, tuple[PartitionAnchor, list[tuple[Message, list[Fact]]]]] = {}
         dead: list[DeadLetter] = []
         for message in messages:
             try:
@@ -377,18 +377,48 @@ class PartyAgent:
                 dead.append(DeadLetter(message.topic, message.partition, message.offset, message.key or b"",
                                        message.value or b"", f"fact batch keyed {party!r}, not by a party key"))
                 continue
-            groups.setdefault(party, (anchor_of(message.topic, message.partition), []))[1].extend(facts)
+            groups.setdefault(party, (anchor_of(message.topic, message.partition), []))[1].append((message, facts))
         out = PartyOutput()
         overlays: list[tuple[PartitionAnchor, Overlay]] = []
-        for party, (anchor, facts) in groups.items():
-            overlay = Overlay(self.table.reader(anchor))
-            process_party(PartyState(party, overlay), facts, ctx.party_rules, out)
-            overlays.append((anchor, overlay))
+        for party, (anchor, batches) in groups.items():
+            overlays.append((anchor, fold_party(party, batches, self.table.reader(anchor), ctx.party_rules, out,
+                                                dead)))
         batch = party_batch(out, dead)
         await ctx.sink.write(batch)
         await ctx.publish(ctx.settings.pipeline.topic_reconciliation, reconciliation_records(out.reconciliation))
         fence(ctx.app, messages, "party facts")
         await self.table.write_batch(ctx, [(anchor, overlay.changes) for anchor, overlay in overlays])
+
+
+def fold_party(party: str, batches: list[tuple[Message, list[Fact]]], read: Reader, rules: Rules, out: PartyOutput,
+               dead: list[DeadLetter]) -> Overlay:
+    """Stage 2's rules over one party's fact batches of a Kafka batch; returns the overlay of its new state.
+
+    Should the rules raise (RULE_ERRORS) on them, they are applied again one fact batch (Kafka record) at a time,
+    as stage 1 does (`fold_isolated`): the record they fail on becomes a dead letter with nothing of it kept, the
+    others are applied, and every other party and partition goes on, where the worker stopped on every restart."""
+    overlay, own = Overlay(read), PartyOutput()
+    try:
+        process_party(PartyState(party, overlay), [fact for _message, facts in batches for fact in facts], rules, own)
+    except RULE_ERRORS:
+        log.exception("the reconciliation rules failed on a batch of party %s; applying it one record at a time",
+                      party)
+        overlay, own = Overlay(read), PartyOutput()
+        for message, facts in batches:
+            trial, mine = Overlay(overlay.get), PartyOutput()
+            try:
+                process_party(PartyState(party, trial), facts, rules, mine)
+            except RULE_ERRORS as exc:
+                log.error("the reconciliation rules failed on party %s at %s/%d@%d: %r; it goes to dead letters",
+                          party, message.topic, message.partition, message.offset, exc)
+                dead.append(DeadLetter(message.topic, message.partition, message.offset, message.key or b"",
+                                       message.value or b"", f"the reconciliation rules failed on it: {exc!r}"))
+                continue
+            for key, value in trial.changes.items():
+                overlay.set(key, value)
+            own.merge(mine)
+    out.merge(own)
+    return overlay
 
 
 def party_batch(out: PartyOutput, dead: list[DeadLetter]) -> Batch:

@@ -182,6 +182,11 @@ class PartyOutput:
     credit_links: list[list[Any]] = field(default_factory=list)
     anomalies: list[AnomalyRow] = field(default_factory=list)
 
+    def merge(self, other: PartyOutput) -> None:
+        self.reconciliation.extend(other.reconciliation)
+        self.credit_links.extend(other.credit_links)
+        self.anomalies.extend(other.anomalies)
+
     @property
     def results(self) -> list[dict[str, Any]]:
         """The reconciliation rows as mappings (the reconciliation topic's records)."""

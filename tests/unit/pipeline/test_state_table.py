@@ -239,3 +239,36 @@ async def test_a_party_facts_record_without_a_party_key_is_a_dead_letter(tmp_pat
     rows = [row for batch in written for row in batch.rows.get("dead_letters", [])]
     assert [(row[2], "party key" in row[5]) for row in rows] == [(0, True)]
     assert b"C/NL/TNM/C1" in {k for k, _v in context.changelog}  # the other record of the batch was applied
+
+
+async def test_a_party_facts_record_the_reconciliation_rules_fail_on_is_a_dead_letter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 2 had no fallback of its own: an exception of its rules on one record (a bug hit by one CPO's data)
+    stopped the worker, stage 1 and every party with it, on every restart. As stage 1 does, the party's records
+    are applied again one at a time and only the one the rules fail on becomes a dead letter."""
+    from pipeline import agents
+
+    real = agents.process_party
+
+    def failing_on_c2(state: Any, facts: list[Any], rules: Any, out: Any) -> None:
+        if any(getattr(fact, "cdr_id", "") == "C2" for fact in facts):
+            raise ValueError("a bug the rules hit on C2")
+        real(state, facts, rules, out)
+
+    monkeypatch.setattr(agents, "process_party", failing_on_c2)
+    context = Context()
+    written: list[Any] = []
+
+    async def write(batch: Any) -> None:
+        written.append(batch)
+
+    context.sink = SimpleNamespace(write=write)
+    agent = PartyAgent(context, state_table(tmp_path / "db"))  # type: ignore[arg-type]
+    await agent.handle([message(0, [c_fact(cdr("C1"), received=61)]), message(1, [c_fact(cdr("C2"), received=62)]),
+                        message(2, [c_fact(cdr("C3"), received=63)])])
+    rows = [row for batch in written for row in batch.rows.get("dead_letters", [])]
+    assert [(row[2], "a bug the rules hit on C2" in row[5]) for row in rows] == [(1, True)]
+    keys = {k for k, _v in context.changelog}
+    assert {b"C/NL/TNM/C1", b"C/NL/TNM/C3"} <= keys and b"C/NL/TNM/C2" not in keys
+    reconciled = [row for batch in written for row in batch.tables().get("reconciliation", [])]
+    assert sorted({row[3] for row in reconciled}) == ["C1", "C3"]  # nothing of C2 kept
