@@ -430,3 +430,69 @@ def test_an_evse_patch_with_the_body_of_the_evse_put_applied_last_is_a_duplicate
     out = h.run(patch)
     assert outcome_of(out, patch.event_id) == "DUPLICATE"
     assert rows(out.batch, "evses") == []
+
+
+def test_a_re_put_with_ids_in_lower_case_writes_what_changed_and_marks_only_what_is_gone() -> None:
+    # CiString uids and ids in lower case, the EVSEs listed in another order (paired by uid, not by position):
+    # e1 loses Connector c2, e2 changes status, e3 is unchanged. Nothing else is missing, nothing else changed.
+    h = harness()
+    two = [connector("c1"), connector("c2")]
+    h.run(event("Location", location(evses=[evse("e1", connectors=two), evse("e2"), evse("e3")]), received=1))
+    out = h.run(event("Location", location(evses=[evse("e2", status="CHARGING"), evse("e3"),
+                                                  evse("e1", connectors=[connector("c1")])]), received=2))
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == []
+    evses = dict(zip(column(out.batch, "evses", EVSE_COLUMNS, "evse_uid"),
+                     column(out.batch, "evses", EVSE_COLUMNS, "present"), strict=True))
+    assert evses == {"E1": True, "E2": True}  # rows hold CiStrings upper-cased; e3 unchanged: no row
+    assert list(zip(column(out.batch, "connectors", CONNECTOR_COLUMNS, "connector_id"),
+                    column(out.batch, "connectors", CONNECTOR_COLUMNS, "present"), strict=True)) == [("C2", False)]
+    history = rows(out.batch, "evse_status_history")
+    assert [(r[EVSE_HISTORY_COLUMNS.index("previous_status")], r[EVSE_HISTORY_COLUMNS.index("status")])
+            for r in history] == [("AVAILABLE", "CHARGING")]
+
+
+def test_one_more_event_than_park_max_waiting_for_its_location_is_an_orphan() -> None:
+    h = harness(park_max=2)
+    waiting = [status_patch("E1", "CHARGING", minute, minute) for minute in (1, 2)]
+    extra = status_patch("E1", "AVAILABLE", 3, 3)
+    out = h.run(*waiting, extra)
+    assert [outcome_of(out, e.event_id) for e in (*waiting, extra)] == ["PARKED", "PARKED", "ORPHANED"]
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["PARK_OVERFLOW"]
+    assert len(h.state(KEY).parked) == 2
+
+
+def test_parked_events_that_wait_for_each_other_are_all_applied_when_the_location_comes() -> None:
+    # A Connector PATCH for E2 arrives before E2's PUT, both before the Location: when the Location comes, E2's
+    # PUT applies, and then the Connector PATCH can: applied in the same pass, not left waiting for another event.
+    h = harness()
+    patch = event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(6))}, object_id="LOC1",
+                  evse_uid="E2", connector_id="1", received=1)
+    put_e2 = event("EVSE", evse("E2", updated=5), object_id="LOC1", evse_uid="E2", received=2)
+    h.run(patch, put_e2)
+    out = h.run(event("Location", location(), received=3))
+    assert outcome_of(out, put_e2.event_id) == "APPLIED" and outcome_of(out, patch.event_id) == "APPLIED"
+    assert h.state(KEY).parked == []
+    assert stored(h)["evses"][1]["connectors"][0]["max_electric_power"] == 11000
+
+
+def test_an_older_duplicate_does_not_lower_what_a_newer_one_confirmed() -> None:
+    # The tail of a FIFO resend: a re-push of t=5, then one of t=2 (both duplicates). The t=5 confirmation stands,
+    # so a Location PUT of t=3 is stale.
+    h = harness()
+    h.run(event("Location", location(updated=0), received=0))
+    h.run(event("Location", location(updated=5), received=1), event("Location", location(updated=2), received=2))
+    older = event("Location", location(updated=3, name="Older"), received=3)
+    out = h.run(older)
+    assert outcome_of(out, older.event_id) == "STALE" and stored(h)["name"] == "Station"
+
+
+def test_a_location_re_push_confirms_each_evse_at_the_evses_own_last_updated() -> None:
+    # The re-push bumps the Location's last_updated (t=10) but not E1's (t=0): it confirms E1 at t=0 only, so an
+    # E1 PATCH of t=5 is newer than E1 and is applied.
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1", updated=0)], updated=8), received=0))
+    repush = event("Location", location(evses=[evse("E1", updated=0)], updated=10), received=1)
+    patch = status_patch("E1", "CHARGING", 5, 2)
+    out = h.run(repush, patch)
+    assert (outcome_of(out, repush.event_id), outcome_of(out, patch.event_id)) == ("DUPLICATE", "APPLIED")
+    assert stored(h)["evses"][0]["status"] == "CHARGING"
