@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from pipeline import lifecycle, ordering
-from pipeline.dedup import fingerprint, identity, is_duplicate
+from pipeline.dedup import fingerprint, identity, is_duplicate, level_identity
 from pipeline.facts import relevant_change
 from pipeline.lifecycle import Transition
 from pipeline.projection import next_version, version_of
@@ -142,3 +142,9 @@ def test_struct_json_writes_the_same_bytes_as_ocpi_canonical() -> None:
     fractional = decode(json.dumps(body), model.Session).value
     assert struct_json(fractional) == to_ocpi_json(fractional)
     assert b'"last_updated":"2026-01-01T00:00:00.1234Z"' in struct_json(fractional)
+
+
+def test_identity_escapes_the_escape_character_too() -> None:
+    # EVSE "A|B" is escaped to "A%7CB"; an EVSE whose uid is literally "A%7CB" is another object.
+    assert level_identity("CONNECTOR", "A|B", "C") != level_identity("CONNECTOR", "A%7CB", "C")
+    assert level_identity("EVSE", "A%B") != level_identity("EVSE", "A%25B")
