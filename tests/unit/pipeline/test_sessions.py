@@ -451,3 +451,14 @@ def test_a_retry_with_the_dimensions_in_another_order_is_a_duplicate_and_creates
     out = h.run(retry)
     assert outcomes(out) == [(retry.event_id, "DUPLICATE")]
     assert rows(out.batch, "sessions") == []
+
+
+def test_an_update_after_final_keeps_the_time_the_session_became_final() -> None:
+    # The CDR grace runs from when the session completed: a late total_cost PATCH must not postpone it.
+    h = harness()
+    h.run(event("Session", session(status="COMPLETED", end=2, updated=2), received=3))
+    out = h.run(event("SessionPatch", {"total_cost": {"excl_vat": Decimal("2.50"), "incl_vat": Decimal("3.03")},
+                                       "last_updated": iso(ts(20))}, object_id="S1", received=20))
+    assert kinds(out) == ["UPDATE_AFTER_FINAL"]
+    [fact] = out.facts["NL/TNM"]
+    assert isinstance(fact, SessionFact) and fact.final_at == ts(3) and h.state(KEY).final_at == ts(3)
