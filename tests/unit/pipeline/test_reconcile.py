@@ -828,3 +828,110 @@ def test_a_session_split_over_cdrs_in_two_currencies_sums_no_cost() -> None:
     row = result(out, "SESSION", "S1")
     assert (row["outcome"], row["cdr_kwh"], row["cdr_cost_excl_vat"], row["delta_cost_excl_vat"]) == (
         "MISMATCH", Decimal(10), None, None)
+
+
+def test_a_cdr_below_its_session_beyond_a_tolerance_is_a_mismatch() -> None:
+    # Tolerances bound the difference both ways: a CDR billing less than its session is off as well.
+    assert not within_tolerance(Deltas(Decimal("-0.02"), None, Decimal(0), None), RULES)
+    assert not within_tolerance(Deltas(Decimal(0), Decimal("-0.02"), Decimal(0), None), RULES)
+    d = deltas(s_fact(completed(kwh="10", cost="2.50", start=1)), c_fact(cdr(kwh="9", cost="2.00", start=0, end=59)))
+    assert (d.kwh, d.cost_excl_vat, d.start_s, d.end_s) == (Decimal(-1), Decimal("-0.50"), Decimal(-60), Decimal(-60))
+    party = Party()
+    party.run(s_fact(completed(kwh="10", cost="2.50"), final=61))
+    out = party.run(c_fact(cdr(kwh="9.5", cost="2.50")))
+    assert result(out, "CDR", "C1")["outcome"] == "MISMATCH" and result(out, "SESSION", "S1")["outcome"] == "MISMATCH"
+
+
+def test_a_sessions_method_is_the_strongest_of_its_cdrs() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", authref="AUTH-1"), final=61))
+    party.run(c_fact(cdr("C1", session_id=None, authref="AUTH-1", kwh="5", cost="1.25")))
+    out = party.run(c_fact(cdr("C2", session_id="S1", kwh="5", cost="1.25")))
+    assert stored(party, "C1") == ("S1", "AUTHORIZATION_REFERENCE")
+    row = result(out, "SESSION", "S1")
+    assert (row["method"], row["cdr_ids"], row["outcome"]) == ("SESSION_ID", ["C1", "C2"], "MATCHED")
+
+
+def test_a_cdr_credited_before_it_came_never_matches_an_open_session() -> None:
+    # Its credit came first: the CDR is cancelled on arrival; the open session it names never held it (no row).
+    party = Party()
+    party.run(s_fact(session("S1"), version=1))
+    first = party.run(c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=0))
+    assert link(first, "C1-C")["due_at"] == ts(10)  # the sweep makes it UNKNOWN_REFERENCE after the grace
+    out = party.run(c_fact(cdr("C1"), received=1))
+    assert [(r["subject"], r["subject_id"], r["outcome"]) for r in out.results] == [("CDR", "C1", "CREDITED")]
+    assert link(out, "C1-C")["status"] == "LINKED"
+
+
+def test_a_token_match_holds_at_exactly_the_time_tolerance() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", start=0), final=61))
+    out = party.run(c_fact(cdr("C1", session_id=None, start=5, end=65)))
+    row = result(out, "CDR", "C1")
+    assert (row["outcome"], row["method"], row["delta_start_s"]) == ("MATCHED", "TOKEN_LOCATION_START", Decimal(300))
+
+
+def test_a_settled_reference_match_is_undone_when_its_session_changes_its_reference() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", authref="AUTH-1", uid="TOK7"), final=61, version=1),
+              c_fact(cdr("C1", session_id=None, authref="AUTH-1")))
+    assert stored(party, "C1") == ("S1", "AUTHORIZATION_REFERENCE")
+    out = party.run(s_fact(completed("S1", authref="AUTH-X", uid="TOK7"), received=30, final=61, version=2))
+    assert stored(party, "C1") == (None, "") and result(out, "CDR", "C1")["outcome"] == "AWAITING_SESSION"
+    assert result(out, "SESSION", "S1")["outcome"] == "AWAITING_CDR"
+
+
+def test_a_session_is_late_only_when_its_first_cdr_came_after_the_cdr_grace() -> None:
+    party = Party()
+    party.run(s_fact(completed(kwh="10", cost="2.50"), received=0, final=0))
+    party.run(c_fact(cdr("C1", kwh="5", cost="1.25"), received=5))
+    out = party.run(c_fact(cdr("C2", kwh="5", cost="1.25"), received=45))  # after the CDR grace (30 minutes)
+    row = result(out, "SESSION", "S1")
+    assert (row["cdr_ids"], row["outcome"], row["late"]) == (["C1", "C2"], "MATCHED", False)
+
+
+def test_a_session_held_by_a_settled_match_of_the_same_key_is_taken_last() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", authref="AUTH-1", start=0), final=61),
+              s_fact(completed("S2", authref="AUTH-1", start=3), final=61),
+              c_fact(cdr("C1", session_id=None, authref="AUTH-1", start=0)))
+    assert stored(party, "C1") == ("S1", "AUTHORIZATION_REFERENCE")
+    party.run(c_fact(cdr("C2", session_id=None, authref="AUTH-1", start=0), received=20))  # C1 is settled now
+    assert (stored(party, "C1"), stored(party, "C2")) == (
+        ("S1", "AUTHORIZATION_REFERENCE"), ("S2", "AUTHORIZATION_REFERENCE"))
+
+
+def test_cdrs_of_one_key_choose_their_session_in_order_of_start() -> None:
+    for facts in itertools.permutations([c_fact(cdr("C1", session_id=None, authref="AUTH-1", start=3, end=63)),
+                                         c_fact(cdr("C2", session_id=None, authref="AUTH-1", start=0))]):
+        party = Party()
+        party.run(s_fact(completed("S1", authref="AUTH-1", start=2), final=61),
+                  s_fact(completed("S2", authref="AUTH-1", start=20), final=61), *facts)
+        # C2 starts first: it takes the nearest session, S1; C1 takes the free one.
+        assert (stored(party, "C1"), stored(party, "C2")) == (
+            ("S2", "AUTHORIZATION_REFERENCE"), ("S1", "AUTHORIZATION_REFERENCE"))
+
+
+def test_a_cdr_naming_an_unknown_session_waits_for_it_its_whole_grace_even_past_an_hour() -> None:
+    rules = Rules(cdr_grace=RULES.cdr_grace, session_grace=timedelta(hours=2),
+                  energy_tolerance=RULES.energy_tolerance, cost_tolerance=RULES.cost_tolerance,
+                  time_tolerance=RULES.time_tolerance)
+    store = DictStore()
+
+    def run(*facts: Fact) -> None:
+        overlay = store.overlay()
+        process_party(PartyState("NL/TNM", overlay), list(facts), rules, PartyOutput())
+        store.commit(overlay)
+
+    def state_of(cdr_id: str) -> tuple[str | None, str]:
+        rec = PartyState("NL/TNM", store.overlay()).cdr(cdr_id)
+        assert rec is not None
+        return rec.session_id, rec.method
+
+    run(s_fact(completed("S1", authref="AUTH-1"), final=61))
+    run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1")))
+    for minutes in (70, 130):  # within its grace (two hours), past the hours it was received in
+        run(s_fact(session(f"TICK{minutes}", uid="TICK", location="ELSEWHERE"), received=minutes))
+        assert state_of("C9") == (None, "")
+    run(s_fact(session("TICK250", uid="TICK", location="ELSEWHERE"), received=250))  # the hour its grace ended is over
+    assert state_of("C9") == ("S1", "AUTHORIZATION_REFERENCE")
