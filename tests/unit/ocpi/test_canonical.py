@@ -205,3 +205,21 @@ def test_hash_ignores_the_order_of_a_periods_dimensions_only(dimensions: list[tu
     other = [(kind, volume + 1), *dimensions[1:]]
     assert _hash(SESSION | {"charging_periods": periods(dimensions)}) != _hash(
         SESSION | {"charging_periods": periods(other)})
+
+
+def _raw_hash(text: bytes) -> str:
+    return content_hash(decode(text, Session).value)
+
+
+def test_hash_treats_number_spellings_alike_and_keeps_fractions_of_a_second() -> None:
+    # Spelled in the JSON itself: `json.dumps` of a float (41.120) writes 41.12 and cannot test the normalisation.
+    base = dumps(SESSION)
+    assert b'"kwh": 41.12,' in base and b'"excl_vat": 8.5,' in base
+    assert _raw_hash(base.replace(b'"kwh": 41.12,', b'"kwh": 41.1200,')) == _raw_hash(base)
+    assert _raw_hash(base.replace(b'"excl_vat": 8.5,', b'"excl_vat": 8.50,')) == _raw_hash(base)
+    zero = base.replace(b'"kwh": 41.12,', b'"kwh": 0,')
+    assert _raw_hash(base.replace(b'"kwh": 41.12,', b'"kwh": 0.000,')) == _raw_hash(zero) != _raw_hash(base)
+    start = b'"start_date_time": "2015-06-29T22:39:09Z"'
+    assert start in base
+    fraction = base.replace(start, b'"start_date_time": "2015-06-29T22:39:09.5Z"')
+    assert _raw_hash(fraction) != _raw_hash(base)
