@@ -325,6 +325,10 @@ def test_credit_cdr_may_use_39_characters() -> None:
     decode(dumps(_with("CDR", id="i" * 39, credit=True, credit_reference_id="i" * 36)), OBJECTS["CDR"])
 
 
+def test_a_non_credit_cdr_id_of_exactly_36_characters_is_accepted() -> None:
+    decode(dumps(_with("CDR", id="i" * 36)), OBJECTS["CDR"])
+
+
 def test_errata_lengths_are_enforced_in_strict_mode() -> None:
     assert_invalid(_with("Location", address="a" * 46), OBJECTS["Location"], "$.address", "longer than 45")
     assert_invalid(_with("Location", address="a" * 256), OBJECTS["Location"], "$.address", "longer than 255")
