@@ -56,6 +56,13 @@ from pipeline.sink import datetime64, insert_rows, string
 log = logging.getLogger(__name__)
 
 PREFIX: Final = "psn:"
+_PSEUDONYM: Final = re.compile(r"psn:[0-9a-f]{32}")
+
+
+def is_pseudonym(value: str) -> bool:
+    """Whether `value` is a pseudonym (`psn:` + 32 lower-case hex digits), not a clear value that merely starts
+    with `psn:` (a CiString a CPO may well send), which would otherwise stay in clear for ever."""
+    return len(value) == 36 and _PSEUDONYM.fullmatch(value) is not None
 _DAY_MS: Final = 86_400_000
 
 
@@ -78,7 +85,7 @@ class Pseudonymizer:
         known = self._cache.get((value, case_insensitive))
         if known is not None:
             return known
-        if value.startswith(PREFIX):
+        if is_pseudonym(value):
             return value  # already pseudonymised: applying it twice must not change it
         text = ci_normalize(value) if case_insensitive else value
         digest = self._keyed.copy()

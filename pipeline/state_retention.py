@@ -12,8 +12,8 @@ rule with the same pseudonyms (`retention.pseudonymise_fields`, which also rewri
   row; a Location once the event its `publish_allowed_to` came with was received (`personal_at`) before the
   cutoff, like its rows (which carry the same `personal_at`; EVSE updates renew neither); a parked event by
   its own receive time. States from before those fields count from the object's `last_updated` instead;
-- idempotent: a value is rewritten only while a personal field is in clear (a pseudonym starts with `psn:`,
-  which the Pseudonymizer leaves as it is, as ClickHouse rows do), so a second pass changes nothing;
+- idempotent: a value is rewritten only while a personal field is in clear (a pseudonym is `psn:` and 32 hex
+  digits, which the Pseudonymizer leaves as it is, as ClickHouse rows do), so a second pass changes nothing;
 - merges keep working: a pseudonym has 36 characters and fits every OCPI limit (uid, contract_id and
   authorization_reference are CiString(36), visual_number string(64)), so a late PATCH merged onto the
   pseudonymised object validates like any other, and its rows carry the pseudonyms (which the sweep leaves as
@@ -79,9 +79,9 @@ from pipeline.retention import (
     BILLING_STATE_TABLES,
     LOCATION_PERSONAL_FIELD,
     PERSONAL_STATE_TABLES,
-    PREFIX,
     Pseudonymizer,
     billing_cutoff,
+    is_pseudonym,
     pseudonymise_fields,
     pseudonymised_json,
 )
@@ -203,7 +203,7 @@ def keep_fact_token(previous: SessionFact | None, fact: SessionFact, session: Ma
     by. A PATCH replaces `cdr_token` as a whole, so a pseudonymised uid means the token is the one the previous
     fact was made from.
     """
-    if previous is None or not str(session["cdr_token"]["uid"]).startswith(PREFIX):
+    if previous is None or not is_pseudonym(str(session["cdr_token"]["uid"])):
         return fact
     return msgspec.structs.replace(fact, token=previous.token)
 

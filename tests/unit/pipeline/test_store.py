@@ -766,6 +766,16 @@ def test_pseudonyms_are_keyed_stable_and_idempotent() -> None:
         retention.Pseudonymizer(b"short")
 
 
+def test_a_clear_value_starting_with_the_pseudonym_prefix_is_pseudonymised_too() -> None:
+    """A token uid, contract id or authorization reference is a CiString a CPO may start with `psn:`; taken for a
+    pseudonym, it stayed in clear for ever (and a CDR's `psn:x` never joined its session's `PSN:X`)."""
+    pseudonym = retention.Pseudonymizer(b"a" * 32)
+    for clear in ("psn:x", "PSN:X", "psn:" + "0" * 31, "psn:" + "A" * 32, "psn:" + "0" * 33):
+        assert pseudonym(clear) != clear and retention.is_pseudonym(pseudonym(clear))
+    assert pseudonym("psn:x") == pseudonym("PSN:X")  # CiStrings: one pseudonym whatever the case
+    assert pseudonym(pseudonym("psn:x")) == pseudonym("psn:x")  # still idempotent
+
+
 def test_pseudonyms_are_the_keyed_hash_whether_remembered_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
     import hmac
