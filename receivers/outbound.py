@@ -1,6 +1,7 @@
 """The OCPI HTTP client for our calls to partners: versions discovery and the credentials handshake.
 
-- Every call has a timeout (`OCPI_OUTBOUND_TIMEOUT`) and a bounded response size.
+- Every call has a timeout (`OCPI_OUTBOUND_TIMEOUT`, for the whole call: httpx's own bounds each wait for a
+  chunk, so an answer sent a byte at a time would last as long as the partner likes) and a bounded response size.
 - Redirects are never followed: a redirect may drop the Authorization header or hand it to another host, so
   it is reported as an error naming the target, and the operator fixes the URL.
 - `Authorization: Token base64(token)`, or the raw token for partners whose profile enables RAW_TOKEN.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import uuid
@@ -128,6 +130,7 @@ class OcpiClient:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._token = token
         self._profile = profile or CompatProfile()
+        self._timeout = timeout
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False,
                                        transport=transport, headers={"Accept": "application/json"})
 
@@ -148,9 +151,10 @@ class OcpiClient:
             headers["Content-Type"] = "application/json"
             content = body if isinstance(body, bytes) else msgspec.json.encode(body)
         try:
-            async with self._http.stream(method, url, headers=headers, content=content) as response:
+            async with asyncio.timeout(self._timeout), \
+                    self._http.stream(method, url, headers=headers, content=content) as response:
                 raw = await _read_limited(response, url)
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             raise PartnerApiError(f"{method} {url}: no answer within the timeout") from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             # InvalidURL and ValueError (e.g. an IDNA error) come from a host httpx cannot connect to.

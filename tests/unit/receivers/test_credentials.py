@@ -476,3 +476,34 @@ async def test_a_registered_partner_cannot_become_a_hub_by_an_update(app_env: Ap
     stored = app_env.registry.get("cpo")
     assert stored is not None and not stored.is_hub
     assert (await post(app_env, token_c, {}))[0] == 405  # and still registered with its old roles
+
+
+async def test_a_partner_answer_trickled_byte_by_byte_ends_at_the_outbound_timeout() -> None:
+    """OCPI_OUTBOUND_TIMEOUT is what an outgoing call may take, in all: httpx's timeout only bounds each wait for
+    a chunk, so a callback URL (the registering partner's choice) that sends its answer a byte at a time, each
+    within the timeout, held the credentials POST open for as long as it kept sending."""
+    stop = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+            while not stop.is_set():
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        async with OcpiClient("token", timeout=0.5) as client:
+            with pytest.raises(PartnerApiError, match="within the timeout"):
+                await asyncio.wait_for(client.versions(f"http://127.0.0.1:{port}/ocpi/versions"), 10)
+        assert loop.time() - started < 3
+    finally:
+        stop.set()
+        server.close()
+        await server.wait_closed()
