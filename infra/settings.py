@@ -278,6 +278,15 @@ class StorageSettings:
         return Path(self.data_dir).resolve()
 
 
+def private_dir(path: Path) -> Path:
+    """`path` as a directory, created readable by its owner only (0700; missing parents as the umask makes them) if
+    it does not exist: the data dir holds the embedded store (the partners' records, with the tokens we call them
+    with in clear), the Faust state (token uids, contract ids) and the logs. An existing directory keeps its mode,
+    which is the operator's choice."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
 @dataclass(frozen=True)
 class AdminSettings:
     """The admin API (query endpoint and partner management of a running instance)."""

@@ -12,7 +12,7 @@ from clickhouse_connect.driver.client import Client
 from infra.clickhouse.client import connect, effective_dsn
 from infra.kafka import compat
 from infra.kafka.admin import RECORD_MAX_BYTES, replication_factor
-from infra.settings import Settings
+from infra.settings import Settings, private_dir
 from pipeline.agents import BATCH_WITHIN_S, AgentContext, Progress, StateTable, register_agents
 from pipeline.backlog import state_backlog, sweep_backlog
 from pipeline.delivery import BatchDelivery
@@ -59,7 +59,8 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
         compat.patch_faust_highwaters()
     app_id = app_id or settings.pipeline.app_id
     datadir = settings.storage.path / "faust" / app_id
-    datadir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.storage.path)
+    private_dir(datadir)
     app = faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",

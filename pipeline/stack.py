@@ -33,7 +33,7 @@ from infra.runfile import (
     remove_running_instance,
     write_running_instance,
 )
-from infra.settings import Settings, as_environ, local_url
+from infra.settings import Settings, as_environ, local_url, private_dir
 from pipeline.retention import topic_configs
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Stack:
                              "stop it, or give this one its own OCPI_DATA_DIR")
         if self.settings.http.port:
             check_port_free(self.settings.http.host, self.settings.http.port)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         kafka = self.settings.kafka
         if kafka.embedded:
             self.broker = await asyncio.to_thread(

@@ -19,7 +19,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 from infra.runfile import read_running_instance
-from infra.settings import Settings
+from infra.settings import Settings, private_dir
 
 
 class ClickHouseUnavailable(RuntimeError):
@@ -54,8 +54,7 @@ def connect(dsn: str, *, database: str | None = None, readonly: bool = False, pa
     settings = {"readonly": 1} if readonly else {}
     options.setdefault("tz_mode", "aware")  # never hand out naive datetimes: every column of ours is UTC
     if dsn.startswith("chdb://"):
-        path = chdb_path(dsn)
-        path.mkdir(parents=True, exist_ok=True)
+        path = private_dir(chdb_path(dsn))
         with _chdb_lock:  # first open initialises the process-wide engine
             try:
                 client = clickhouse_connect.get_client(dsn=f"chdb://{path}", **options)

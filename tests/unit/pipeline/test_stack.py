@@ -13,7 +13,8 @@ import pytest
 from infra.clickhouse.client import chdb_path, connect
 from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
 from infra.runfile import RunningInstance, read_running_instance, write_running_instance
-from infra.settings import load_settings
+from infra.settings import load_settings, private_dir
+from pipeline import stack as stack_module
 from pipeline.stack import Stack, StackError
 
 
@@ -123,3 +124,29 @@ async def test_ctrl_c_while_the_receivers_start_does_not_wait_out_the_grace_peri
     started = time.monotonic()
     await stack.stop()
     assert child.poll() is not None and time.monotonic() - started < 10
+
+
+async def test_the_data_dir_a_stack_creates_is_its_owners_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                ) -> None:
+    """The data dir holds the embedded store (the partners' records with the tokens we call them with, in clear;
+    token uids and contract ids until pseudonymised), the Faust state and the logs: created readable by every
+    local user (umask 022), the run file's 0600 protected nothing those files do not give away."""
+    data_dir = tmp_path / "new" / "data"
+
+    def no_broker(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no broker in this test")
+
+    monkeypatch.setattr(stack_module, "ensure_topics", no_broker)  # the start stops after creating the data dir
+    settings = load_settings({"OCPI_DATA_DIR": str(data_dir), "OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
+    with pytest.raises(RuntimeError, match="no broker"):
+        await Stack(settings, run_worker=False, run_receivers=False).start()
+    assert data_dir.stat().st_mode & 0o777 == 0o700, oct(data_dir.stat().st_mode)
+
+
+def test_the_worker_and_the_embedded_store_create_their_directories_owner_only(tmp_path: Path) -> None:
+    created = private_dir(tmp_path / "data" / "faust")
+    assert created.is_dir() and created.stat().st_mode & 0o777 == 0o700
+    existing = tmp_path / "shared"
+    existing.mkdir(mode=0o750)
+    private_dir(existing)  # an operator's own directory keeps the mode it was given
+    assert existing.stat().st_mode & 0o777 == 0o750
