@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +34,18 @@ def test_kafka_keeps_its_log_on_its_volume() -> None:
     for log_dir in log_dirs.split(","):
         assert any(log_dir == target or log_dir.startswith(target.rstrip("/") + "/") for target in mounted(kafka)), (
             f"Kafka writes its log to {log_dir}, on no volume of the service ({mounted(kafka)})")
+
+
+def test_no_secret_falls_back_to_a_well_known_value() -> None:
+    """`docker compose up` without CLICKHOUSE_PASSWORD started ClickHouse (published on every host interface)
+    with the password `change-me`, which anybody can read here: the billing data, readable and writable."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    defaults = re.findall(r"\$\{(\w*(?:PASSWORD|TOKEN|SECRET|KEY)\w*):?-([^}]*)\}", text)
+    assert [(name, value) for name, value in defaults if value] == []
+
+
+def test_clickhouse_is_published_on_the_loopback_interface_only() -> None:
+    """Partners reach the receivers; the store is the operator's (Grafana and the receivers reach it on the
+    compose network)."""
+    ports = [str(port) for port in compose()["services"]["clickhouse"].get("ports", [])]
+    assert all(port.startswith("127.0.0.1:") for port in ports), ports
