@@ -5,7 +5,8 @@ serves enough of ClickHouse's HTTP interface for clickhouse-connect's ordinary H
 receivers, `query` and `partners` then use the same code they use against a ClickHouse server.
 
 Protected by the admin token (HTTP Basic password or X-ClickHouse-Key). A request with the setting
-`readonly=1` runs on a connection that is itself read-only, so `query` cannot write.
+`readonly=1` runs on a connection that is itself read-only, so `query` cannot write; it may not name INTO OUTFILE
+either, which chDB carries out in this process whatever `readonly` says.
 Based on the shim measured in ../shared/research/infra-feasibility.md (appendix B).
 """
 
@@ -29,6 +30,9 @@ from aiohttp import web
 
 _FORMAT_AT_END = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)
 _INSERT = re.compile(r"^\s*INSERT\s+INTO\b", re.IGNORECASE)
+# INTO OUTFILE is carried out by chDB itself, in this process, whatever `readonly` says: a read-only request may not
+# name it. A keyword is never quoted or split by a comment, so the word anywhere (a literal too, rarely) is refused.
+_OUTFILE = re.compile(r"OUTFILE", re.IGNORECASE)
 _INSERT_HEAD = re.compile(rb"\s*(INSERT\s+INTO\b.*?\bFORMAT\s+[A-Za-z0-9_]+)[ \t]*\r?\n?", re.IGNORECASE | re.DOTALL)
 # Settings clickhouse-connect sends that the shim handles itself or that do not apply to chDB.
 _CLIENT_PARAMS = {"query", "database", "default_format", "readonly", "session_id", "session_timeout",
@@ -55,6 +59,9 @@ class ChdbEngine:
 
     def run(self, sql: str, body: bytes, params: dict[str, str]) -> tuple[bytes, str]:
         readonly = params.get("readonly", "0") not in ("0", "")
+        if readonly and _OUTFILE.search(sql):
+            raise PermissionError("Code: 164. DB::Exception: INTO OUTFILE writes a file: not allowed in readonly mode. "
+                                  "(READONLY)")
         conn = self.connection(readonly)
         match = _FORMAT_AT_END.search(sql)
         fmt = match.group(1) if match else params.get("default_format", "TabSeparated")

@@ -67,6 +67,33 @@ async def test_shim_serves_the_http_client_read_write_and_read_only(chdb_dsn: st
     assert "516" in denied or "Authentication" in denied
 
 
+async def test_a_read_only_request_to_the_shim_writes_no_file(chdb_dsn: str, tmp_path: Path) -> None:
+    """`query` asks with readonly=1 and README says the endpoint enforces it; but ClickHouse's readonly does not
+    cover INTO OUTFILE, which chDB carries out in the process holding the store (`dev`): a "read-only" query wrote
+    files wherever that process may (APPEND adds to an existing one)."""
+    connect(chdb_dsn)  # this process holds the engine, as `dev` does
+    shim = await ClickHouseShim(ChdbEngine(chdb_path(chdb_dsn)), "s3cret").start()
+    target = tmp_path / "written.tsv"
+    statements = [f"SELECT 1 INTO OUTFILE '{target}'", f"SELECT 1 INTO /* c */ OutFile '{target}' FORMAT CSV",
+                  f"SELECT 'x' INTO OUTFILE '{target}' APPEND"]
+
+    def use() -> list[str]:
+        reader = connect(shim.dsn, readonly=True, compress=False)
+        refusals = []
+        for sql in statements:
+            with pytest.raises(Exception) as refused:
+                reader.query(sql)
+            refusals.append(str(refused.value))
+        return refusals
+
+    try:
+        refusals = await asyncio.to_thread(use)
+    finally:
+        await shim.stop()
+    assert not target.exists()
+    assert all("164" in refusal for refusal in refusals), refusals
+
+
 def test_chdb_path_of_dsn() -> None:
     assert chdb_path("chdb:///abs/path") == Path("/abs/path")
 
