@@ -10,7 +10,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiokafka.errors
 import click
+import kafka.errors
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -24,7 +26,7 @@ from pipeline.jobs.pull import KINDS
 T = TypeVar("T")
 
 
-def _run(coro: Coroutine[Any, Any, T], resume_hint: str) -> T:
+def _run(coro: Coroutine[Any, Any, T], resume_hint: str, bootstrap: str) -> T:
     """Run a job; Ctrl-C ends it cleanly (its checkpoint is consistent) and says how to resume."""
     try:
         return asyncio.run(coro)
@@ -33,6 +35,9 @@ def _run(coro: Coroutine[Any, Any, T], resume_hint: str) -> T:
         sys.exit(130)
     except (JobError, KafkaNotConfigured, ClickHouseUnavailable, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
+    except (aiokafka.errors.KafkaError, kafka.errors.KafkaError) as exc:  # the broker down, unreachable, refusing
+        raise click.ClickException(f"Kafka at {bootstrap} failed ({type(exc).__name__}: {exc}); check that it runs "
+                                   f"and OCPI_KAFKA_BOOTSTRAP ({resume_hint})") from None
 
 
 def _bootstrap(settings: Settings) -> str:
@@ -121,7 +126,7 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
 
             coro = replay_kafka(settings, bootstrap, selection, job=job, again=again, dry_run=dry_run,
                                 progress=progress)
-        report = _run(coro, "run the same command again to resume from its checkpoint")
+        report = _run(coro, "run the same command again to resume from its checkpoint", bootstrap)
     table = Table("module", "where", "records", *(["would replay"] if dry_run else []),
                   title=f"replay {report.job}" + (" (dry run: nothing sent)" if dry_run else ""))
     for line in report.lines:
@@ -138,7 +143,7 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
         from pipeline.jobs.kafka_io import wait_for_group
 
         _run(wait_for_group(bootstrap, settings.pipeline.app_id, report.written, timeout=timeout),
-             "the events are in Kafka already")
+             "the events are in Kafka already", bootstrap)
         console.print("the pipeline has consumed them")
 
 
@@ -148,7 +153,8 @@ def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, 
     from pipeline.jobs.replay import Selection, plan_kafka
 
     if dry_run:
-        planned = _run(plan_kafka(settings, bootstrap, Selection(modules=MODULES)), "nothing was changed")
+        planned = _run(plan_kafka(settings, bootstrap, Selection(modules=MODULES)), "nothing was changed",
+                       bootstrap)
         table = Table("module", "partition", "offsets", "records",
                       title=f"rebuild of database {settings.clickhouse.database} (dry run: nothing changed)")
         for module, rng in planned:
@@ -163,7 +169,7 @@ def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, 
     with RichProgress() as progress:
         report = _run(rebuild(settings, bootstrap, timeout=timeout, progress=progress,
                               partial_history=partial_history),
-                      "run `ocpi-pipeline replay --rebuild` again to resume")
+                      "run `ocpi-pipeline replay --rebuild` again to resume", bootstrap)
     console.print(f"rebuilt {', '.join(report.swapped)} in database {report.database} from {report.events} "
                   f"records; then {report.tail} records the live worker handled meanwhile, into them after the swap")
     console.print(f"the previous tables are in database {report.old_database}: "
@@ -197,7 +203,7 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
         if source == "kafka":
             bootstrap = _bootstrap(settings)
             result = _run(export_from_kafka(settings, bootstrap, directory, wanted, max_records=max_records,
-                                            progress=progress), "run it again: complete files are kept")
+                                            progress=progress), "run it again: complete files are kept", bootstrap)
         else:
             try:
                 client = connect_for(settings, readonly=True)
@@ -289,7 +295,7 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
     hint = "run the same command again to resume from its checkpoint"
     if schedule is None:
         with RichProgress() as progress:
-            report = _run(once(progress, start), hint)
+            report = _run(once(progress, start), hint, bootstrap)
         show(report)
         return
 
@@ -315,5 +321,5 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
 
         return await pull_every(schedule, schedule * 0.1 if splay is None else splay, round_, stop, failed)
 
-    state = _run(forever(), hint)
+    state = _run(forever(), hint, bootstrap)
     console.print(f"stopped after {state.runs} rounds ({state.failures} failed)")
