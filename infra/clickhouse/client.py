@@ -68,8 +68,14 @@ def connect(dsn: str, *, database: str | None = None, readonly: bool = False, pa
                 raise ClickHouseUnavailable(f"cannot open the embedded ClickHouse at {path}: {exc}") from exc
         if database:
             client.database = database
-        if readonly:
-            client.command("SET readonly = 1")  # chDB sessions are per connection; only this client is read-only
+        try:
+            # chDB selects the database with the client's first statement: asked now, a database that does not
+            # exist is a clear error here rather than a DatabaseError from whatever the caller runs first.
+            client.command("SET readonly = 1" if readonly else "SELECT 1")  # readonly: for this connection only
+        except Exception as exc:
+            if database and _unknown_database(exc):
+                raise ClickHouseUnavailable(_not_migrated(database, str(path))) from exc
+            raise
         return client
     # No HTTP session: we use no temporary tables or session settings, and a session would forbid the
     # concurrent queries our agents and the registry make from their threads.
@@ -79,7 +85,18 @@ def connect(dsn: str, *, database: str | None = None, readonly: bool = False, pa
             options["password"] = password
         return clickhouse_connect.get_client(dsn=dsn, database=database or None, settings=settings, **options)
     except Exception as exc:
+        if database and _unknown_database(exc):
+            raise ClickHouseUnavailable(_not_migrated(database, redact_dsn(dsn))) from exc
         raise ClickHouseUnavailable(f"cannot reach ClickHouse at {redact_dsn(dsn)}: {exc}") from exc
+
+
+def _unknown_database(exc: BaseException) -> bool:
+    return "UNKNOWN_DATABASE" in str(exc)
+
+
+def _not_migrated(database: str, where: str) -> str:
+    return (f"database {database} does not exist in the ClickHouse at {where}: run `ocpi-pipeline migrate` "
+            "(or check OCPI_CLICKHOUSE_DATABASE)")
 
 
 def redact_dsn(dsn: str) -> str:

@@ -10,6 +10,7 @@ from click.testing import CliRunner, Result
 
 from infra.kafka.embedded import free_port
 from pipeline.cli import cli
+from tests.conftest import unique
 
 
 def invoke(args: list[str], env: dict[str, str]) -> Result:
@@ -39,3 +40,20 @@ def test_a_job_against_a_kafka_that_is_down_says_so(args: list[str], tmp_path: P
     result = invoke([a.format(tmp=tmp_path) for a in args],
                     {"OCPI_KAFKA_BOOTSTRAP": bootstrap, "OCPI_DATA_DIR": str(tmp_path / "data")})
     assert_one_line_error(result, "Kafka", bootstrap)
+
+
+@pytest.mark.clickhouse
+@pytest.mark.parametrize("args", [
+    ["retention", "report"],
+    ["retention", "apply"],
+    ["export", "{tmp}/archive", "--source", "clickhouse"],
+])
+def test_a_command_on_a_database_not_migrated_says_to_migrate(args: list[str], chdb_dsn: str, tmp_path: Path) -> None:
+    """On an embedded store whose database `migrate` had not created yet, retention report/apply and export
+    --source clickhouse ended in a DatabaseError traceback (UNKNOWN_DATABASE): selecting the database of a chDB
+    client raised outside ClickHouseUnavailable, which the commands answer with one line."""
+    database = unique("unmigrated")
+    result = invoke([a.format(tmp=tmp_path) for a in args],
+                    {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": database,
+                     "OCPI_KAFKA_BOOTSTRAP": "", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert_one_line_error(result, database, "ocpi-pipeline migrate")
