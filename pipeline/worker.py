@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 # frees; at the default, collections run every few hundred allocations and cost about a sixth of the worker's
 # CPU (README, Benchmarks). The older generations keep CPython's defaults.
 GC_FIRST_GENERATION_THRESHOLD = 50_000
+# ClickHouse's answers to a configuration error: UNKNOWN_DATABASE, UNKNOWN_USER, REQUIRED_PASSWORD, ACCESS_DENIED,
+# AUTHENTICATION_FAILED. A starting worker does not wait for those to go away.
+REFUSALS = frozenset({81, 192, 194, 497, 516})
 KEY_CHECK_WAIT_S = 120.0  # how long a starting worker waits for ClickHouse to check its pseudonymisation key
 
 
@@ -82,11 +86,19 @@ def check_pseudonym_key(settings: Settings, *, wait_s: float = KEY_CHECK_WAIT_S)
         try:
             check_key(sink_client(settings), load_key(settings), recorded_by=f"worker {settings.pipeline.app_id}")
             return
-        except ClickHouseUnavailable:
-            if time.monotonic() > deadline:
-                raise
+        except ClickHouseUnavailable as exc:
+            if answered(exc) or time.monotonic() > deadline:
+                raise  # a server that refuses us (password, database) will refuse again
             log.warning("ClickHouse does not answer yet; the pseudonymisation key check waits")
             time.sleep(1.0)
+
+
+def answered(exc: ClickHouseUnavailable) -> bool:
+    """Whether the store refused us for our configuration (a wrong user or password, no access, a database that
+    does not exist), which no wait mends, rather than not answering (yet): a connection refused or timed out, a
+    proxy's 503, a chDB path another process holds."""
+    code = re.search(r"\bCode: (\d+)", f"{exc} {exc.__cause__}")
+    return code is not None and int(code.group(1)) in REFUSALS
 
 
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:

@@ -88,9 +88,21 @@ def worker(ctx: click.Context) -> None:
 
     Example: OCPI_KAFKA_BOOTSTRAP=kafka:9092 ocpi-pipeline worker
     """
+    import kafka.errors
+
+    from infra.kafka.bootstrap import KafkaNotConfigured
+    from pipeline.retention import PseudonymKeyError
     from pipeline.worker import run_worker
 
-    run_worker(load_settings(), loglevel=ctx.obj["log_level"])
+    settings = load_settings()
+    try:
+        run_worker(settings, loglevel=ctx.obj["log_level"])
+    except (KafkaNotConfigured, ClickHouseUnavailable, PseudonymKeyError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except kafka.errors.KafkaError as exc:  # the broker down or unreachable (the topics are prepared before Faust)
+        where = settings.kafka.bootstrap or "the running `dev` instance"
+        raise click.ClickException(f"Kafka at {where} failed ({type(exc).__name__}: {exc}); check that it runs "
+                                   "and OCPI_KAFKA_BOOTSTRAP") from None
 
 
 def first_partner_token_a(registry: PartnerRegistry) -> str | None:

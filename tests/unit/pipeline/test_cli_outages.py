@@ -3,11 +3,16 @@ is wrong, a non-zero exit within seconds, never a traceback."""
 
 from __future__ import annotations
 
+import http.server
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
+import pipeline.worker
 from infra.kafka.embedded import free_port
 from pipeline.cli import cli
 from tests.conftest import unique
@@ -56,4 +61,84 @@ def test_a_command_on_a_database_not_migrated_says_to_migrate(args: list[str], c
     result = invoke([a.format(tmp=tmp_path) for a in args],
                     {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": database,
                      "OCPI_KAFKA_BOOTSTRAP": "", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert_one_line_error(result, database, "ocpi-pipeline migrate")
+
+
+def test_a_worker_without_kafka_configured_says_so(tmp_path: Path) -> None:
+    """No OCPI_KAFKA_BOOTSTRAP and no `dev` to borrow its broker from: the worker ended in a KafkaNotConfigured
+    traceback."""
+    result = invoke(["worker"], {"OCPI_KAFKA_BOOTSTRAP": "", "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, "OCPI_KAFKA_BOOTSTRAP")
+
+
+class WrongPassword(http.server.BaseHTTPRequestHandler):
+    """A ClickHouse server that refuses our password, as a server (or a `dev` shim) does."""
+
+    def do_GET(self) -> None:
+        self._refuse()
+
+    def do_POST(self) -> None:
+        self._refuse()
+
+    def _refuse(self) -> None:
+        body = b"Code: 516. DB::Exception: Authentication failed: password is incorrect\n"
+        self.send_response(401)
+        self.send_header("X-ClickHouse-Exception-Code", "516")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_clickhouse() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WrongPassword)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://default:wrong@127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_worker_with_a_wrong_clickhouse_password_stops_at_once(refusing_clickhouse: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ClickHouse that answered "password is incorrect" (or "database does not exist") was taken for one not
+    answering yet: the worker logged "ClickHouse does not answer yet" every second for 120 s, then ended in a
+    traceback. Only a ClickHouse that does not answer is waited for; one that refuses is a configuration error."""
+
+    def no_wait(_seconds: float) -> None:
+        raise AssertionError("the worker waited for a ClickHouse that answered")
+
+    monkeypatch.setattr(pipeline.worker.time, "sleep", no_wait)
+    result = invoke(["worker"], {"OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+                                 "OCPI_CLICKHOUSE_DSN": refusing_clickhouse, "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, "password is incorrect")
+
+
+def test_a_worker_gives_up_on_a_clickhouse_that_does_not_answer_in_one_line(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """It waits for a ClickHouse that does not answer (KEY_CHECK_WAIT_S), then stopped with a traceback."""
+    clock = iter(range(0, 10_000, 100))
+    monkeypatch.setattr(pipeline.worker.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(pipeline.worker.time, "sleep", lambda _seconds: None)
+    dsn = f"http://default:x@127.0.0.1:{free_port()}"
+    result = invoke(["worker"], {"OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "OCPI_CLICKHOUSE_DSN": dsn,
+                                 "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, "cannot reach ClickHouse")
+
+
+@pytest.mark.clickhouse
+def test_a_worker_on_a_database_not_migrated_stops_at_once(chdb_dsn: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_wait(_seconds: float) -> None:
+        raise AssertionError("the worker waited for a database that does not exist")
+
+    monkeypatch.setattr(pipeline.worker.time, "sleep", no_wait)
+    database = unique("unmigrated")
+    result = invoke(["worker"], {"OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "OCPI_CLICKHOUSE_DSN": chdb_dsn,
+                                 "OCPI_CLICKHOUSE_DATABASE": database, "OCPI_DATA_DIR": str(tmp_path)})
     assert_one_line_error(result, database, "ocpi-pipeline migrate")
