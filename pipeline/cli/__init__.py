@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -24,6 +26,24 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SettingsError as exc:
             raise click.ClickException(f"configuration: {exc}") from None
+        except OSError as exc:
+            if not isinstance(exc.filename, str | bytes | os.PathLike):  # no file named (a socket, a process): a bug
+                raise
+            raise click.ClickException(_file_error(exc)) from None
+
+
+def _file_error(exc: OSError) -> str:
+    """A file or directory the command could not use, named; with the setting to fix when it is the data dir."""
+    filename = os.fsdecode(exc.filename)
+    message = f"{filename}: {exc.strerror or exc}"
+    try:
+        data_dir = load_settings().storage.path.resolve()
+    except SettingsError:
+        return message
+    if Path(filename).resolve().is_relative_to(data_dir):
+        return (f"{message}; OCPI_DATA_DIR ({data_dir}) must be a directory this user may create and write "
+                "(the store, run files, secrets and job checkpoints live there)")
+    return message
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -142,3 +142,20 @@ def test_a_worker_on_a_database_not_migrated_stops_at_once(chdb_dsn: str, tmp_pa
     result = invoke(["worker"], {"OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "OCPI_CLICKHOUSE_DSN": chdb_dsn,
                                  "OCPI_CLICKHOUSE_DATABASE": database, "OCPI_DATA_DIR": str(tmp_path)})
     assert_one_line_error(result, database, "ocpi-pipeline migrate")
+
+
+@pytest.mark.parametrize("args", [
+    ["migrate"],
+    ["partners", "list"],
+    ["retention", "apply"],
+    ["worker"],
+    ["export", "{tmp}/archive", "--source", "clickhouse"],
+])
+def test_a_data_dir_that_cannot_be_used_is_named(args: list[str], tmp_path: Path) -> None:
+    """An OCPI_DATA_DIR the process cannot create or write (here: below a file) ended every command in an OSError
+    traceback (reading the run file, creating the store, the secrets or a job's directory)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = invoke([a.format(tmp=tmp_path) for a in args],
+                    {"OCPI_DATA_DIR": str(blocker / "data"), "OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
+    assert_one_line_error(result, str(blocker / "data"), "OCPI_DATA_DIR")
