@@ -152,11 +152,17 @@ def dev() -> None:
 
     Example: ocpi-pipeline dev
     """
+    import kafka.errors
+
     console = Console(stderr=True)
+    settings = load_settings()
     try:
-        asyncio.run(_run_dev(load_settings(), console))
+        asyncio.run(_run_dev(settings, console))
     except (StackError, EmbeddedBrokerError, ClickHouseUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
+    except kafka.errors.KafkaError as exc:  # a configured Kafka (OCPI_KAFKA_BOOTSTRAP) down or unreachable
+        raise click.ClickException(f"Kafka at {settings.kafka.bootstrap} failed ({type(exc).__name__}: {exc}); "
+                                   "check that it runs and OCPI_KAFKA_BOOTSTRAP (empty: an embedded broker)") from None
 
 
 def print_summary(console: Console, summary: DemoSummary) -> None:

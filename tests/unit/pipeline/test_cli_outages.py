@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kafka.errors
 import pytest
 from click.testing import CliRunner, Result
 
+import pipeline.stack
 import pipeline.worker
 from infra.kafka.embedded import free_port
 from pipeline.cli import cli
@@ -159,3 +161,18 @@ def test_a_data_dir_that_cannot_be_used_is_named(args: list[str], tmp_path: Path
     result = invoke([a.format(tmp=tmp_path) for a in args],
                     {"OCPI_DATA_DIR": str(blocker / "data"), "OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
     assert_one_line_error(result, str(blocker / "data"), "OCPI_DATA_DIR")
+
+
+def test_dev_against_a_kafka_that_is_down_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dev` with OCPI_KAFKA_BOOTSTRAP set to a Kafka that does not answer ended in a KafkaTimeoutError traceback
+    (after the admin client's bootstrap timeout): it answered only its own errors, the store's and the embedded
+    broker's with one line."""
+    bootstrap = f"127.0.0.1:{free_port()}"
+
+    def ensure_topics(*_args: Any, **_options: Any) -> list[str]:
+        raise kafka.errors.KafkaTimeoutError(f"Unable to bootstrap from {bootstrap}")
+
+    monkeypatch.setattr(pipeline.stack, "ensure_topics", ensure_topics)
+    result = invoke(["dev"], {"OCPI_KAFKA_BOOTSTRAP": bootstrap, "OCPI_HTTP_PORT": str(free_port()),
+                              "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, "Kafka", bootstrap, "OCPI_KAFKA_BOOTSTRAP")
