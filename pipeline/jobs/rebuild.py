@@ -153,6 +153,10 @@ async def _rebuild(settings: Settings, bootstrap: str, *, timeout: float, progre
         if state["status"] == "building":
             if "targets" not in state:
                 tps = await topic_partitions(bootstrap, _source_topics(settings))
+                missing = sorted(set(_source_topics(settings)) - {tp.topic for tp in tps})
+                if missing:  # the rebuild worker would create it empty, and the swap put its empty tables live
+                    raise JobError(f"rebuild not started: topic {', '.join(missing)} does not exist on the Kafka at "
+                                   f"{bootstrap}; check OCPI_KAFKA_BOOTSTRAP and the OCPI_TOPIC_* settings")
                 bounds = await offset_bounds(settings.kafka, bootstrap, tps)
                 targets = [[tp.topic, tp.partition, begin, end] for tp, (begin, end) in bounds.items()]
                 truncated = truncated_partitions(targets)
@@ -166,7 +170,7 @@ async def _rebuild(settings: Settings, bootstrap: str, *, timeout: float, progre
                         "replay --from-archive DIR`), then run `replay --rebuild --partial-history`; nothing was "
                         "changed")
                 state["targets"] = targets
-            await asyncio.to_thread(migrate, client, state["rebuild_database"])
+            await asyncio.to_thread(migrate, client, state["rebuild_database"])  # once the topics are known good
             checkpoint.save(state)
             worker = _start_worker(settings, bootstrap, dsn, state, state["rebuild_database"])
             if on_phase:

@@ -178,3 +178,32 @@ async def test_a_rebuild_from_topics_whose_start_retention_deleted_is_refused_un
 def test_truncated_partitions_names_those_not_starting_at_0() -> None:
     assert rebuild_mod.truncated_partitions([["a", 0, 0, 9], ["a", 1, 7, 9], ["b", 3, 1, 1]]) == [
         "a/1 (from offset 7)", "b/3 (from offset 1)"]
+
+
+async def test_a_rebuild_refuses_to_start_when_a_topic_it_reads_does_not_exist(
+        settings_for: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source topic missing on the Kafka it was pointed at (a wrong OCPI_TOPIC_CDRS or bootstrap, a new cluster)
+    was left out of the targets without a word: the rebuild worker created it empty, and the swap put empty
+    `cdrs` and `billing_lines` tables in the live database, the billing history left in the rebuild database."""
+    from aiokafka.structs import TopicPartition
+
+    settings = settings_for()
+    started: list[str] = []
+
+    async def partitions(_bootstrap: str, topics: Any) -> list[TopicPartition]:
+        return [TopicPartition(t, 0) for t in topics if t != settings.kafka.topic_for("cdrs")]
+
+    async def bounds(_kafka: Any, _bootstrap: str, tps: Any) -> dict[Any, tuple[int, int]]:
+        return {tp: (0, 5) for tp in tps}
+
+    monkeypatch.setattr(rebuild_mod, "effective_dsn", lambda _s: ("http://clickhouse.invalid:8123", None))
+    monkeypatch.setattr(rebuild_mod, "connect", lambda *_a, **_k: FakeClient({}))
+    monkeypatch.setattr(rebuild_mod, "_check_key", lambda *_a: None)
+    monkeypatch.setattr(rebuild_mod, "migrate", lambda *a: started.append(a[-1]))
+    monkeypatch.setattr(rebuild_mod, "topic_partitions", partitions)
+    monkeypatch.setattr(rebuild_mod, "offset_bounds", bounds)
+    monkeypatch.setattr(rebuild_mod, "_start_worker", lambda *a: started.append(a[-1]) or FakeWorker())
+
+    with pytest.raises(JobError, match=re.escape(settings.kafka.topic_for("cdrs"))):
+        await rebuild_mod.rebuild(settings, "broker.invalid:9092")
+    assert started == []  # no rebuild database migrated (left behind empty), no worker
