@@ -3,7 +3,8 @@
 The simulated CPOs (`pipeline.simulator`) send full traffic: Locations with EVSE status PATCHes, Session
 lifecycles by PATCH, retries, out-of-order pushes, credit and corrected CDRs. The summary is read from
 ClickHouse only: billing totals per party (credits netted), duplicates, stale updates, anomalies and
-reconciliation outcomes; and it is checked against what the simulator says must be stored (`Expected`).
+reconciliation outcomes; and it is checked against what the simulator says must be stored (`Expected`),
+reconciliation outcomes of every CDR and Session included.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -76,7 +78,9 @@ def _counts(client: Client, sql: str) -> dict[str, int]:
     return {str(k): int(n) for k, n in client.query(sql).result_rows}
 
 
-def read_summary(client: Client, expected: Expected, seconds: float) -> DemoSummary:
+def read_summary(client: Client, expected: Expected, seconds: float, *, settled: bool = True) -> DemoSummary:
+    """The summary read from ClickHouse, checked against `expected`; `settled`: whether `wait_for_rows` saw every
+    row arrive (if not, that is a mismatch of its own)."""
     completed = dict(((cc, pid), int(n)) for cc, pid, n in client.query(
         "SELECT country_code, party_id, count() FROM sessions FINAL WHERE status = 'COMPLETED' "
         "GROUP BY country_code, party_id").result_rows)
@@ -100,6 +104,9 @@ def read_summary(client: Client, expected: Expected, seconds: float) -> DemoSumm
         reconciliation=reconciliation,
         credit_links=_counts(client, "SELECT status, count() FROM credit_links FINAL GROUP BY status"),
         expected=expected, seconds=seconds)
+    if not settled:
+        summary.mismatches.append("ClickHouse did not reach the expected rows in time (outcomes, billing lines, "
+                                  "reconciliation)")
     summary.mismatches.extend(mismatches(client, summary, expected))
     return summary
 
@@ -111,6 +118,8 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         found.append(f"{expected.rejected} pushes were not acknowledged")
     if summary.raw_events != expected.events:
         found.append(f"{summary.raw_events} raw events for {expected.events} acknowledged pushes")
+    if summary.outcomes.get("PARKED"):
+        found.append(f"{summary.outcomes['PARKED']} events still PARKED")
     if summary.sessions != len(expected.sessions):
         found.append(f"{summary.sessions} completed sessions, expected {len(expected.sessions)}")
     if summary.cdrs != len(expected.cdrs):
@@ -139,18 +148,37 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         stored_status = evses.get(tuple(part.upper() for part in evse_key))
         if stored_status != evse_status:
             found.append(f"EVSE {'/'.join(evse_key)}: stored {stored_status}, expected {evse_status}")
+    reconciled: dict[tuple[str, ...], str] = {
+        (subject, cc, pid, subject_id): outcome for subject, cc, pid, subject_id, outcome in client.query(
+        "SELECT subject, country_code, party_id, subject_id, outcome FROM reconciliation FINAL").result_rows}
+    for subject, outcomes in (("CDR", expected.cdr_reconciliation), ("SESSION", expected.session_reconciliation)):
+        for key, outcome in outcomes.items():
+            stored_outcome = reconciled.get((subject, *(part.upper() for part in key)))
+            if stored_outcome != outcome:
+                found.append(f"{subject} {'/'.join(key)}: reconciliation {stored_outcome}, expected {outcome}")
     return found[:20]
 
 
+def _expected_reconciliation(expected: Expected) -> list[tuple[str, str, int]]:
+    """(subject, outcome, rows) the reconciliation table must end with, sorted."""
+    counts = Counter(("CDR", outcome) for outcome in expected.cdr_reconciliation.values())
+    counts.update(("SESSION", outcome) for outcome in expected.session_reconciliation.values())
+    return sorted((subject, outcome, n) for (subject, outcome), n in counts.items())
+
+
 async def wait_for_rows(client: Client, expected: Expected, timeout: float) -> bool:
-    """Poll until every acknowledged push has an outcome, and every CDR is billed and reconciled."""
+    """Poll until every acknowledged push has its final outcome, every CDR is billed, and every CDR and Session
+    has the reconciliation outcome it must end with (not one still AWAITING_SESSION: stage 2 has not caught up);
+    False if the timeout came first."""
     deadline = time.monotonic() + timeout
-    want = (expected.events, len(expected.cdrs), len(expected.cdrs))
+    want = (expected.events, len(expected.cdrs), _expected_reconciliation(expected))
     while time.monotonic() < deadline:
         got = await asyncio.to_thread(lambda: (
             _scalar(client, "SELECT count() FROM raw_events FINAL WHERE outcome != 'PARKED'"),
             _scalar(client, "SELECT count() FROM billing_lines FINAL"),
-            _scalar(client, "SELECT count() FROM reconciliation FINAL WHERE subject = 'CDR'")))
+            [(str(s), str(o), int(n)) for s, o, n in client.query(
+                "SELECT subject, outcome, count() FROM reconciliation FINAL GROUP BY subject, outcome "
+                "ORDER BY subject, outcome").result_rows]))
         if got == want:
             return True
         await asyncio.sleep(0.5)
@@ -187,8 +215,9 @@ async def run_demo(settings: Settings, *, sessions: int, seed: int, timeout: flo
         expected = Expected()
         for result in results:
             expected.merge(result)
-        await wait_for_rows(stack.clickhouse, expected, timeout)
+        settled = await wait_for_rows(stack.clickhouse, expected, timeout)
         stack.check_children()
-        return await asyncio.to_thread(read_summary, stack.clickhouse, expected, time.monotonic() - started)
+        return await asyncio.to_thread(read_summary, stack.clickhouse, expected, time.monotonic() - started,
+                                       settled=settled)
     finally:
         await stack.stop()

@@ -90,6 +90,9 @@ class Expected:
       the two cancel and the corrected CDR counts. Energy: a credit CDR repeats its original's positive
       `total_energy`, so energy counts negative on credit CDRs: Σ total_energy (not credit) − Σ total_energy
       (credit). `credited` holds the ids of the cancelled originals.
+    - `cdr_reconciliation` / `session_reconciliation`: the reconciliation outcome each CDR and each completed
+      Session must end with: a credit CDR CREDIT, the CDR it cancels CREDITED, a corrected CDR (re-priced on
+      purpose) and its Session MISMATCH, every other CDR and Session MATCHED (they agree to the cent and second).
     - `locations`: every Location pushed; `evse_status`: each EVSE's final status, the one with the newest
       `last_updated` (status PATCHes of overlapping sessions and deliberately old PATCHes arrive out of
       order; an older one must not win).
@@ -113,6 +116,8 @@ class Expected:
     session_status: dict[Key, str] = field(default_factory=dict)
     session_kwh: dict[Key, Decimal] = field(default_factory=dict)
     session_periods: dict[Key, int] = field(default_factory=dict)
+    cdr_reconciliation: dict[Key, str] = field(default_factory=dict)
+    session_reconciliation: dict[Key, str] = field(default_factory=dict)
     _evse_updated: dict[EvseKey, datetime] = field(default_factory=dict, repr=False)
     _session_updated: dict[Key, datetime] = field(default_factory=dict, repr=False)
 
@@ -128,8 +133,8 @@ class Expected:
             self.cost_by_party[party] += cost
         for name in ("pushes", "rejected", "events", "retries", "stale"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for mapping in ("evse_status", "session_status", "session_kwh", "session_periods", "_evse_updated",
-                        "_session_updated"):
+        for mapping in ("evse_status", "session_status", "session_kwh", "session_periods", "cdr_reconciliation",
+                        "session_reconciliation", "_evse_updated", "_session_updated"):
             getattr(self, mapping).update(getattr(other, mapping))
 
     def observe_evse(self, key: EvseKey, status: str, updated: datetime) -> None:
@@ -154,7 +159,8 @@ class Expected:
         if periods is not None:
             self.session_periods[key] = periods if replace else self.session_periods.get(key, 0) + periods
 
-    def observe_cdr(self, party: SimulatedParty, cdr: dict[str, Any]) -> None:
+    def observe_cdr(self, party: SimulatedParty, cdr: dict[str, Any], *, outcome: str = "MATCHED") -> None:
+        """A CDR POST was acknowledged; `outcome`: its reconciliation with its Session (not a credit's)."""
         key = (party.country_code, party.party_id, cdr["id"])
         if key in self.cdrs:
             return  # a resend: the pipeline keeps one CDR per id
@@ -163,9 +169,14 @@ class Expected:
         self.cost_by_party[name] += cdr["total_cost"]["excl_vat"]
         if cdr.get("credit"):
             self.kwh_by_party[name] -= cdr["total_energy"]
-            self.credited.add((party.country_code, party.party_id, cdr["credit_reference_id"]))
+            credited = (party.country_code, party.party_id, cdr["credit_reference_id"])
+            self.credited.add(credited)
+            self.cdr_reconciliation[key] = "CREDIT"
+            self.cdr_reconciliation[credited] = "CREDITED"
         else:
             self.kwh_by_party[name] += cdr["total_energy"]
+            self.cdr_reconciliation[key] = outcome
+            self.session_reconciliation[(party.country_code, party.party_id, cdr["session_id"])] = outcome
 
 
 def _money(value: float) -> Decimal:
@@ -458,7 +469,8 @@ class ChargingStory:
             corrected = self.cdr(cdr_id=f"{self.cdr_id}-R", cost_excl=corrected_cost,
                                  updated=self.end + timedelta(hours=3))
             plan.append(Push("POST", path, credit, lambda e: e.observe_cdr(party, credit)))
-            plan.append(Push("POST", path, corrected, lambda e: e.observe_cdr(party, corrected)))
+            # Re-priced (the corrected prices differ from every original price): it and its Session disagree.
+            plan.append(Push("POST", path, corrected, lambda e: e.observe_cdr(party, corrected, outcome="MISMATCH")))
         return plan
 
 
