@@ -84,12 +84,13 @@ def read_summary(client: Client, expected: Expected, seconds: float, *, settled:
     completed = dict(((cc, pid), int(n)) for cc, pid, n in client.query(
         "SELECT country_code, party_id, count() FROM sessions FINAL WHERE status = 'COMPLETED' "
         "GROUP BY country_code, party_id").result_rows)
-    parties = [
-        PartyTotals(cc, pid, completed.get((cc, pid), 0), int(n), kwh, excl, incl or Decimal(0))
-        for cc, pid, n, kwh, excl, incl in client.query(
-            "SELECT country_code, party_id, count(), sum(energy_kwh), sum(cost_excl_vat), sum(cost_incl_vat) "
-            "FROM billable_lines GROUP BY country_code, party_id ORDER BY country_code, party_id").result_rows
-    ]
+    billed = {(cc, pid): (int(n), kwh, excl, incl or Decimal(0)) for cc, pid, n, kwh, excl, incl in client.query(
+        "SELECT country_code, party_id, count(), sum(energy_kwh), sum(cost_excl_vat), sum(cost_incl_vat) "
+        "FROM billable_lines GROUP BY country_code, party_id").result_rows}
+    # Every party with completed sessions or billing lines: one without lines shows (and is checked) as 0.
+    parties = [PartyTotals(cc, pid, completed.get((cc, pid), 0),
+                           *billed.get((cc, pid), (0, Decimal(0), Decimal(0), Decimal(0))))
+               for cc, pid in sorted(completed.keys() | billed.keys())]
     reconciliation = {(str(s), str(o)): int(n) for s, o, n in client.query(
         "SELECT subject, outcome, count() FROM reconciliation FINAL GROUP BY subject, outcome "
         "ORDER BY subject, outcome").result_rows}
@@ -124,12 +125,20 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         found.append(f"{summary.sessions} completed sessions, expected {len(expected.sessions)}")
     if summary.cdrs != len(expected.cdrs):
         found.append(f"{summary.cdrs} CDRs, expected {len(expected.cdrs)}")
-    for party in summary.parties:
-        name = f"{party.country_code}/{party.party_id}"
-        if party.kwh != expected.kwh_by_party.get(name, Decimal(0)):
-            found.append(f"{name}: {party.kwh} kWh billed, expected {expected.kwh_by_party.get(name)}")
-        if party.cost_excl_vat != expected.cost_by_party.get(name, Decimal(0)):
-            found.append(f"{name}: cost {party.cost_excl_vat}, expected {expected.cost_by_party.get(name)}")
+    # Every printed figure of every party, stored or expected (a party missing from ClickHouse is all zeros).
+    stored_parties = {f"{p.country_code}/{p.party_id}": p for p in summary.parties}
+    sessions_by_party = Counter(f"{cc}/{pid}".upper() for cc, pid, _id in expected.sessions)
+    cdrs_by_party = Counter(f"{cc}/{pid}".upper() for cc, pid, _id in expected.cdrs)
+    zero = Decimal(0)
+    for name in sorted(stored_parties.keys() | sessions_by_party.keys() | cdrs_by_party.keys()):
+        party = stored_parties.get(name)
+        figures = ((party.sessions, party.cdrs, party.kwh, party.cost_excl_vat, party.cost_incl_vat) if party
+                   else (0, 0, zero, zero, zero))
+        wanted = (sessions_by_party[name], cdrs_by_party[name], expected.kwh_by_party.get(name, zero),
+                  expected.cost_by_party.get(name, zero), expected.incl_by_party.get(name, zero))
+        if figures != wanted:
+            found.append(f"{name}: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed "
+                         f"({', '.join(map(str, figures))}), expected ({', '.join(map(str, wanted))})")
     if summary.duplicates < expected.retries:
         found.append(f"{summary.duplicates} duplicates for {expected.retries} deliberate retries")
     sessions = {(cc, pid, sid): (status, kwh, len(json.loads(doc).get("charging_periods") or ()))

@@ -85,8 +85,8 @@ class Expected:
       charging periods. Retried PATCHes must not append their periods twice, and a Session PUT resent out
       of order (older `last_updated`) must not bring back its older state.
     - `cdrs`: every CDR id acknowledged: originals, credit CDRs and corrected CDRs (a resent CDR once).
-    - `kwh_by_party` / `cost_by_party` ("CC/PID"): what billing must total. Costs: the sum of
-      `total_cost.excl_vat` over all CDRs; a credit CDR carries the negated total of the CDR it cancels, so
+    - `kwh_by_party` / `cost_by_party` / `incl_by_party` ("CC/PID"): what billing must total. Costs: the sum of
+      `total_cost.excl_vat` (`incl_vat`) over all CDRs; a credit CDR carries the negated total of the CDR it cancels, so
       the two cancel and the corrected CDR counts. Energy: a credit CDR repeats its original's positive
       `total_energy`, so energy counts negative on credit CDRs: Σ total_energy (not credit) − Σ total_energy
       (credit). `credited` holds the ids of the cancelled originals.
@@ -105,6 +105,7 @@ class Expected:
     cdrs: set[Key] = field(default_factory=set)
     kwh_by_party: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     cost_by_party: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    incl_by_party: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     pushes: int = 0
     rejected: int = 0
     events: int = 0
@@ -131,6 +132,8 @@ class Expected:
             self.kwh_by_party[party] += kwh
         for party, cost in other.cost_by_party.items():
             self.cost_by_party[party] += cost
+        for party, cost in other.incl_by_party.items():
+            self.incl_by_party[party] += cost
         for name in ("pushes", "rejected", "events", "retries", "stale"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mapping in ("evse_status", "session_status", "session_kwh", "session_periods", "cdr_reconciliation",
@@ -167,6 +170,7 @@ class Expected:
         self.cdrs.add(key)
         name = f"{party.country_code}/{party.party_id}"
         self.cost_by_party[name] += cdr["total_cost"]["excl_vat"]
+        self.incl_by_party[name] += cdr["total_cost"].get("incl_vat") or Decimal(0)
         if cdr.get("credit"):
             self.kwh_by_party[name] -= cdr["total_energy"]
             credited = (party.country_code, party.party_id, cdr["credit_reference_id"])

@@ -114,3 +114,26 @@ def test_a_cdr_without_a_reconciliation_row_is_a_mismatch(client: Client) -> Non
     store(client, skip=("reconciliation",))
     found = read_summary(client, acknowledged(), 0.0).mismatches
     assert "CDR NL/TNM/C1: reconciliation None, expected MATCHED" in found
+
+
+def test_a_party_with_no_billing_lines_is_a_mismatch(client: Client) -> None:
+    """The per-party totals were compared only for the parties found in billable_lines: a party whose every line
+    was missing (its CDRs stored, the CDR count right) was not in the loop, and the demo matched."""
+    store(client)
+    client.command("DELETE FROM billing_lines WHERE party_id = 'TNM'")
+    found = read_summary(client, acknowledged(), 0.0).mismatches
+    assert found == ["NL/TNM: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed "
+                     "(1, 0, 0, 0, 0), expected (1, 1, 10, 3.5, 4.2350)"]
+
+
+def test_each_printed_figure_of_a_party_is_compared(client: Client) -> None:
+    """The completed sessions, the CDR count and the cost incl. VAT per party are printed but were never compared:
+    a CDR stored again with its incl_vat wrong (here the excl_vat) still matched."""
+    store(client)
+    client.command("INSERT INTO cdrs (country_code, party_id, cdr_id, session_id, location_id, currency, total_energy, "
+                   "total_cost_excl_vat, total_cost_incl_vat, credit, end_date_time, received_at, payload_json, "
+                   f"version) VALUES ('NL', 'TNM', 'C1', 'S1', 'LOC001', 'EUR', 10, 3.5, 3.5, false, {AT}, {AT}, "
+                   "'{}', 2)")
+    found = read_summary(client, acknowledged(), 0.0).mismatches
+    assert found == ["NL/TNM: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed "
+                     "(1, 1, 10.0000, 3.5000, 3.5000), expected (1, 1, 10, 3.5, 4.2350)"]

@@ -63,16 +63,18 @@ def replay(events: list[DecodedEvent]) -> dict[str, Any]:
             raise AssertionError(event.payload_type)
     kwh: dict[str, Decimal] = defaultdict(Decimal)
     cost: dict[str, Decimal] = defaultdict(Decimal)
+    incl: dict[str, Decimal] = defaultdict(Decimal)
     for (cc, pid, _id), cdr in cdrs.items():
         kwh[f"{cc}/{pid}"] += -cdr.total_energy if cdr.credit else cdr.total_energy
         cost[f"{cc}/{pid}"] += cdr.total_cost.excl_vat
+        incl[f"{cc}/{pid}"] += cdr.total_cost.incl_vat or Decimal(0)
     return {
         "completed": {k for k, s in sessions.items() if s.status == "COMPLETED"},
         "status": {k: s.status.value for k, s in sessions.items()},
         "kwh": {k: s.kwh for k, s in sessions.items()},
         "periods": {k: len(s.charging_periods or ()) for k, s in sessions.items()},
         "cdrs": set(cdrs), "credited": {(k[0], k[1], c.credit_reference_id) for k, c in cdrs.items() if c.credit},
-        "kwh_by_party": dict(kwh), "cost_by_party": dict(cost),
+        "kwh_by_party": dict(kwh), "cost_by_party": dict(cost), "incl_by_party": dict(incl),
         "locations": set(locations),
         "evse_status": {(*k, e.uid): e.status.value for k, loc in locations.items() for e in loc.evses or ()},
     }
@@ -114,6 +116,7 @@ async def test_full_traffic_is_acknowledged_and_expected_is_what_the_events_repl
     assert upper(expected.cdrs) == got["cdrs"] and upper(expected.credited) == got["credited"]
     assert dict(expected.kwh_by_party) == got["kwh_by_party"]
     assert dict(expected.cost_by_party) == got["cost_by_party"]
+    assert dict(expected.incl_by_party) == got["incl_by_party"]
     assert upper(expected.locations) == got["locations"]
     assert upper(expected.evse_status) == got["evse_status"]
     # The run exercised what it promises: lifecycles, retries, stale pushes, credits, every level.
