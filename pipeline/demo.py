@@ -151,6 +151,11 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         if got is None or got[0] != want[0] or (want[1] is not None and got[1] != want[1]) or (
                 want[2] is not None and got[2] != want[2]):
             found.append(f"session {'/'.join(key)}: stored {got}, expected {want}")
+    locations = {tuple(key) for key in client.query(
+        "SELECT country_code, party_id, location_id FROM locations FINAL").result_rows}
+    for location_key in sorted(expected.locations):
+        if tuple(part.upper() for part in location_key) not in locations:
+            found.append(f"Location {'/'.join(location_key)}: not stored")
     evses: dict[tuple[str, ...], str] = {(cc, pid, lid, uid): status for cc, pid, lid, uid, status in client.query(
         "SELECT country_code, party_id, location_id, evse_uid, status FROM evses FINAL WHERE present").result_rows}
     for evse_key, evse_status in expected.evse_status.items():

@@ -137,3 +137,10 @@ def test_each_printed_figure_of_a_party_is_compared(client: Client) -> None:
     found = read_summary(client, acknowledged(), 0.0).mismatches
     assert found == ["NL/TNM: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed "
                      "(1, 1, 10.0000, 3.5000, 3.5000), expected (1, 1, 10, 3.5, 4.2350)"]
+
+
+def test_a_location_not_stored_is_a_mismatch(client: Client) -> None:
+    """The simulator collects every Location it pushed (`Expected.locations`), but the demo never compared them:
+    a Location lost on the way (its EVSEs stored) still matched."""
+    store(client, skip=("locations",))
+    assert read_summary(client, acknowledged(), 0.0).mismatches == ["Location NL/TNM/LOC001: not stored"]
