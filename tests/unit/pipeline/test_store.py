@@ -976,3 +976,36 @@ def test_a_dead_letter_at_offsets_a_new_broker_reuses_keeps_the_old_one(client: 
     write(client, letters(after))  # the same record read again
     rows = client.query("SELECT error FROM dead_letters FINAL ORDER BY error").result_rows
     assert rows == [("undecodable record: x",), ("undecodable record: y",)]
+
+
+def test_what_the_receivers_get_answers_is_the_state_the_worker_wrote(client: Client) -> None:
+    """README, "GET": no read-your-writes, only what the worker applied; an EVSE a Location PUT left out is unknown
+    though its row is kept; a CDR POSTed again with other content leaves the original; personal identifiers past
+    the pseudonymisation age are answered as their pseudonyms."""
+    import asyncio
+
+    from receivers.state import StateReader, evse_of
+
+    reader = StateReader(lambda: client)
+
+    def stored(kind: str, object_id: str) -> Any:
+        found = asyncio.run(getattr(reader, kind)(ObjectKey("nl", "tnm", object_id)))
+        return None if found is None else json.loads(bytes(found))
+
+    locations, cdrs = Harness(process_locations, LocationState), Harness(process_cdrs, CdrState)
+    put = locations.run(event("Location", location(evses=[evse("E1"), evse("E2")]), received=1)).batch
+    assert stored("location", "loc1") is None  # acknowledged, not written yet: unknown
+    write(client, put)
+    write(client, locations.run(event("Location", location(evses=[evse("E1", updated=5)], updated=5),
+                                      received=6)).batch)
+    found = asyncio.run(reader.location(ObjectKey("NL", "TNM", "LOC1")))
+    assert found is not None and evse_of(found, "E1") is not None and evse_of(found, "e2") is None
+    assert client.query("SELECT present FROM evses FINAL WHERE evse_uid = 'E2'").result_rows == [(False,)]
+
+    write(client, cdrs.run(event("CDR", cdr(kwh="10"), received=1)).batch)
+    write(client, cdrs.run(event("CDR", cdr(cid="c1", kwh="99"), received=2)).batch)  # CONFLICT
+    assert Decimal(str(stored("cdr", "C1")["total_energy"])) == 10
+    retention.pseudonymise_due(client, _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30"),
+                               retention.Pseudonymizer(b"x" * 32), ts(40 * 24 * 60))
+    token = stored("cdr", "c1")["cdr_token"]
+    assert token["uid"].startswith("psn:") and token["contract_id"].startswith("psn:")
