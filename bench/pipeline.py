@@ -327,7 +327,8 @@ async def pipeline_rate(stack: Stack, total: int, cdrs: int, timeout: float, bro
                 scalar, client, "SELECT count() FROM raw_events FINAL") >= total:
             stage1 = time.perf_counter()
         if first is not None and stage1 is not None and await asyncio.to_thread(
-                scalar, client, "SELECT count() FROM reconciliation FINAL WHERE subject = 'CDR'") >= cdrs:
+                scalar, client, "SELECT count() FROM reconciliation FINAL WHERE subject = 'CDR' "
+                                "AND outcome != 'AWAITING_SESSION'") >= cdrs:  # matched, not merely seen
             end = time.perf_counter()
             return total / (stage1 - first), total / (end - first), end - first, Machine.now(worker, broker) - at_first
         await asyncio.sleep(0.1)
