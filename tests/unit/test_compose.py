@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +45,15 @@ def test_no_secret_falls_back_to_a_well_known_value() -> None:
     assert [(name, value) for name, value in defaults if value] == []
 
 
-def test_clickhouse_is_published_on_the_loopback_interface_only() -> None:
-    """Partners reach the receivers; the store is the operator's (Grafana and the receivers reach it on the
-    compose network)."""
-    ports = [str(port) for port in compose()["services"]["clickhouse"].get("ports", [])]
-    assert all(port.startswith("127.0.0.1:") for port in ports), ports
+@pytest.mark.parametrize("service", ["clickhouse", "grafana"])
+def test_the_operators_services_are_published_on_the_loopback_interface_only(service: str) -> None:
+    """Partners reach the receivers; the store and the dashboards are the operator's (Grafana and the receivers
+    reach ClickHouse on the compose network). Grafana was published on every interface with its default admin
+    login, and its data source reads the billing store."""
+    ports = [str(port) for port in compose()["services"][service].get("ports", [])]
+    assert ports and all(port.startswith("127.0.0.1:") for port in ports), ports
+
+
+def test_grafana_has_no_default_admin_password() -> None:
+    grafana = compose()["services"]["grafana"]["environment"]
+    assert grafana.get("GF_SECURITY_ADMIN_PASSWORD", "").startswith("${GRAFANA_ADMIN_PASSWORD:?")
