@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,6 +98,17 @@ def _unknown_database(exc: BaseException) -> bool:
 def _not_migrated(database: str, where: str) -> str:
     return (f"database {database} does not exist in the ClickHouse at {where}: run `ocpi-pipeline migrate` "
             "(or check OCPI_CLICKHOUSE_DATABASE)")
+
+
+# INTO OUTFILE is carried out by chDB itself, in the process that runs the query, whatever `readonly` says (a server
+# refuses it over HTTP). A keyword is never quoted or split by a comment, so the word anywhere (a literal too,
+# rarely) counts.
+_OUTFILE = re.compile(r"OUTFILE", re.IGNORECASE)
+
+
+def names_outfile(sql: str) -> bool:
+    """Whether `sql` may write a file through INTO OUTFILE: a read-only query may not."""
+    return _OUTFILE.search(sql) is not None
 
 
 def redact_dsn(dsn: str) -> str:

@@ -28,11 +28,10 @@ from urllib.parse import quote
 import chdb
 from aiohttp import web
 
+from infra.clickhouse.client import names_outfile
+
 _FORMAT_AT_END = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)
 _INSERT = re.compile(r"^\s*INSERT\s+INTO\b", re.IGNORECASE)
-# INTO OUTFILE is carried out by chDB itself, in this process, whatever `readonly` says: a read-only request may not
-# name it. A keyword is never quoted or split by a comment, so the word anywhere (a literal too, rarely) is refused.
-_OUTFILE = re.compile(r"OUTFILE", re.IGNORECASE)
 _INSERT_HEAD = re.compile(rb"\s*(INSERT\s+INTO\b.*?\bFORMAT\s+[A-Za-z0-9_]+)[ \t]*\r?\n?", re.IGNORECASE | re.DOTALL)
 # Settings clickhouse-connect sends that the shim handles itself or that do not apply to chDB.
 _CLIENT_PARAMS = {"query", "database", "default_format", "readonly", "session_id", "session_timeout",
@@ -59,7 +58,7 @@ class ChdbEngine:
 
     def run(self, sql: str, body: bytes, params: dict[str, str]) -> tuple[bytes, str]:
         readonly = params.get("readonly", "0") not in ("0", "")
-        if readonly and _OUTFILE.search(sql):
+        if readonly and names_outfile(sql):
             raise PermissionError("Code: 164. DB::Exception: INTO OUTFILE writes a file: not allowed in readonly mode. "
                                   "(READONLY)")
         conn = self.connection(readonly)

@@ -20,6 +20,7 @@ from infra.clickhouse.client import (
     connect,
     connect_for,
     effective_dsn,
+    names_outfile,
     redact_dsn,
     select,
 )
@@ -107,6 +108,8 @@ def query(sql: str, fmt: str) -> None:
     Example: ocpi-pipeline query "SELECT party_id, sum(total_energy) FROM cdrs FINAL GROUP BY party_id"
     """
     settings = load_settings()
+    if names_outfile(sql):  # chDB, opened here without a running instance, would write it whatever readonly says
+        raise click.ClickException("INTO OUTFILE writes a file: `query` runs read-only queries")
     try:
         client = connect_for(settings, readonly=True)
         columns, rows = select(client, sql)

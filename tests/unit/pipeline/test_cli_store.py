@@ -113,3 +113,20 @@ def test_a_wide_table_shows_every_value_whole() -> None:
     for index, want in ((3, "LOCATION-AMSTERDAM-CENTRAAL-0001LOCATION-AMSTERDAM-CENTRAAL-0002"),
                         (7, "12345678901234.123412345678901234.1234")):
         assert "".join(line.split("│")[index].strip() for line in lines if "│" in line) == want
+
+
+def test_query_on_the_embedded_store_writes_no_file(chdb_dsn: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a running `dev`, `query` opens chDB itself, whose readonly does not cover INTO OUTFILE: the "read-only"
+    query wrote the file (the shim refuses it; `query --help` says writes are refused)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    target = tmp_path / "written.tsv"
+    for name, value in {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_DATA_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    for sql in (f"SELECT 1 INTO OUTFILE '{target}'", f"SELECT 1 INTO /* c */ outfile '{target}' APPEND"):
+        result = CliRunner().invoke(cli, ["query", sql])
+        assert result.exit_code == 1 and "INTO OUTFILE" in result.output, result.output
+    assert not target.exists()
