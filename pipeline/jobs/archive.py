@@ -66,7 +66,7 @@ from ocpi.canonical import to_builtins
 from ocpi.compat import RECHECK
 from ocpi.decode import OcpiJsonError, OcpiValidationError, decode
 from pipeline.jobs.common import MODULES, JobError, JobProgress, NoProgress, running_alone
-from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, read_ranges, topic_partitions
+from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, partitions_of, read_ranges
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ async def _export_from_kafka(settings: Settings, bootstrap: str, root: Path, mod
     plans: list[tuple[str, PartitionRange, int]] = []
     for module in modules:
         topic = settings.kafka.topic_for(module)
-        tps = await topic_partitions(bootstrap, [topic])
+        tps = await partitions_of(bootstrap, topic)
         bounds = await offset_bounds(settings.kafka, bootstrap, tps)
         archived = _kafka_parts(root, module)
         for tp in tps:

@@ -81,6 +81,16 @@ async def topic_partitions(bootstrap: str, topics: Iterable[str]) -> list[TopicP
         await stop_client(consumer)
 
 
+async def partitions_of(bootstrap: str, topic: str) -> list[TopicPartition]:
+    """Every partition of `topic`; JobError when it does not exist (a wrong OCPI_TOPIC_* or bootstrap): a job
+    reading it would find nothing and report success ("sent 0 events", "nothing new")."""
+    found = await topic_partitions(bootstrap, [topic])
+    if not found:
+        raise JobError(f"topic {topic} does not exist on the Kafka at {bootstrap}; check OCPI_KAFKA_BOOTSTRAP and the "
+                       "OCPI_TOPIC_* settings")
+    return found
+
+
 async def offset_bounds(kafka: KafkaSettings, bootstrap: str,
                         tps: list[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
     """(first offset still held, end offset) of each partition; the end through the Tansu-safe helper."""

@@ -64,8 +64,8 @@ from pipeline.jobs.kafka_io import (
     PartitionRange,
     offset_bounds,
     offsets_at,
+    partitions_of,
     read_ranges,
-    topic_partitions,
 )
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection) -
     """(module, offset range) per partition for `selection`, against the topics as they are now."""
     planned: list[tuple[str, PartitionRange]] = []
     for module in selection.modules:
-        tps = [tp for tp in await topic_partitions(bootstrap, [settings.kafka.topic_for(module)])
+        tps = [tp for tp in await partitions_of(bootstrap, settings.kafka.topic_for(module))
                if selection.partition is None or tp.partition == selection.partition]
         bounds = await offset_bounds(settings.kafka, bootstrap, tps)
         starts = {tp: max(b, selection.from_offset or 0) for tp, (b, _e) in bounds.items()}

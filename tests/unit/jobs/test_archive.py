@@ -370,3 +370,16 @@ async def test_a_second_run_of_a_replay_job_while_it_runs_is_refused(
     bounds = await offset_bounds(settings.kafka, broker, tps)
     assert sum(end - begin for begin, end in bounds.values()) == 4  # each event once
     assert (await replay_archive(settings, broker, root, selection)).status == "already-done"
+
+
+async def test_a_replay_or_export_of_a_topic_that_does_not_exist_is_an_error_not_nothing_to_do(
+        settings_for: Any, tmp_path: Path, broker: str) -> None:
+    """A wrong OCPI_TOPIC_* or bootstrap: `replay` printed "sent 0 events" and `export` "nothing new in Kafka",
+    exit 0, as if there were nothing to do."""
+    settings = settings_for()  # its topics were never created
+    with pytest.raises(JobError, match=rf"topic {settings.kafka.topic_cdrs} does not exist"):
+        await replay_kafka(settings, broker, Selection(modules=("cdrs",)))
+    with pytest.raises(JobError, match=rf"topic {settings.kafka.topic_cdrs} does not exist"):
+        await replay_kafka(settings, broker, Selection(modules=("cdrs",)), dry_run=True)
+    with pytest.raises(JobError, match=rf"topic {settings.kafka.topic_sessions} does not exist"):
+        await export_from_kafka(settings, broker, tmp_path / "archive", ("sessions",))
