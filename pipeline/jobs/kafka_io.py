@@ -49,6 +49,17 @@ class PartitionRange:
         return cls(str(data["topic"]), int(data["partition"]), int(data["start"]), int(data["stop"]))
 
 
+async def start_client(client: aiokafka.AIOKafkaConsumer | aiokafka.AIOKafkaProducer) -> None:
+    """Start an aiokafka client; one whose start failed (Kafka down) is stopped, not left to warn "Unclosed
+    AIOKafkaConsumer" under the job's one-line error."""
+    try:
+        await client.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.stop()
+        raise
+
+
 async def stop_client(client: aiokafka.AIOKafkaConsumer | aiokafka.AIOKafkaProducer) -> None:
     """Stop an aiokafka client without losing a cancellation (Ctrl-C) that arrives meanwhile.
 
@@ -69,7 +80,7 @@ def _consumer(bootstrap: str, **options: Any) -> aiokafka.AIOKafkaConsumer:
 async def topic_partitions(bootstrap: str, topics: Iterable[str]) -> list[TopicPartition]:
     """Every partition of the topics that exist (a missing topic has none)."""
     consumer = _consumer(bootstrap)
-    await consumer.start()
+    await start_client(consumer)
     try:
         existing = await consumer.topics()
         found: list[TopicPartition] = []
@@ -97,7 +108,7 @@ async def offset_bounds(kafka: KafkaSettings, bootstrap: str,
     if not tps:
         return {}
     consumer = _consumer(bootstrap)
-    await consumer.start()
+    await start_client(consumer)
     try:
         begins = await consumer.beginning_offsets(tps)
     finally:
@@ -139,7 +150,7 @@ async def read_ranges(bootstrap: str, ranges: Iterable[PartitionRange], *, batch
     # which looks like a finished range.
     consumer = _consumer(bootstrap, max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_wait_ms=100,
                          auto_offset_reset="earliest")
-    await consumer.start()
+    await start_client(consumer)
     try:
         consumer.assign(list(pending))
         for tp, wanted in pending.items():
@@ -195,7 +206,7 @@ async def committed_offsets(bootstrap: str, group_id: str,
                             tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
     """The offsets `group_id` has committed (None where it never committed)."""
     consumer = _consumer(bootstrap, group_id=group_id)
-    await consumer.start()
+    await start_client(consumer)
     try:
         return {tp: await consumer.committed(tp) for tp in tps}
     finally:
@@ -238,11 +249,7 @@ class JobProducer:
                                              max_batch_size=256 * 1024,
                                              request_timeout_ms=int(self._kafka.send_timeout_s * 1000),
                                              **compat.producer_options(self._kafka))
-        try:
-            await producer.start()
-        except Exception:
-            await stop_client(producer)
-            raise
+        await start_client(producer)
         self._producer = producer
         return self
 

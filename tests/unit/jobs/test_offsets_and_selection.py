@@ -186,3 +186,23 @@ async def test_reading_ranges_moves_to_the_oldest_record_retention_left(monkeypa
     with pytest.raises(Stop):
         [batch async for batch in kafka_io.read_ranges("kafka:9092", [kafka_io.PartitionRange("t", 0, 5, 9)])]
     assert created[0]["auto_offset_reset"] == "earliest"
+
+
+async def test_a_kafka_client_whose_start_failed_is_stopped() -> None:
+    """Kafka down: the jobs' one-line error came with aiokafka's "Unclosed AIOKafkaConsumer" warnings, the client
+    whose start failed never stopped."""
+    from pipeline.jobs.kafka_io import start_client
+
+    class Client:
+        stopped = False
+
+        async def start(self) -> None:
+            raise OSError("Kafka does not answer")
+
+        async def stop(self) -> None:
+            self.stopped = True
+
+    client = Client()
+    with pytest.raises(OSError, match="does not answer"):
+        await start_client(client)  # type: ignore[arg-type]
+    assert client.stopped
