@@ -33,6 +33,8 @@ def reachable(bootstrap: str, timeout: float = 2.0) -> bool:
     that Kafka is down at once, not after the Kafka client's bootstrap timeout (about 30 s)."""
     for server in bootstrap.split(","):
         host, _, port = server.strip().rpartition(":")
+        if host.startswith("[") and host.endswith("]"):  # an IPv6 address, `[::1]:9092`, as the Kafka clients take it
+            host = host[1:-1]
         try:
             with socket.create_connection((host, int(port)), timeout=timeout):
                 return True
