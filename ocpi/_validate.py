@@ -64,7 +64,9 @@ class Context:
     def relax(self, relaxation: Relaxation, path: str) -> bool:
         """Record and allow the relaxation if enabled; the caller raises otherwise."""
         if relaxation in self.enabled:
-            self.applied.append(f"{relaxation.value}:{path}")
+            record = f"{relaxation.value}:{path}"
+            if record not in self.applied:  # recorded already by the repair that made the value checkable
+                self.applied.append(record)
             return True
         return False
 

@@ -48,9 +48,10 @@ Relaxations
 `EPOCH_UNKNOWN_TIME`
     A CDR's `start_date_time` or `end_date_time` given as the Unix epoch (`1970-01-01T00:00:00Z`): the CPO does
     not know that time, which the spec allows only where both parties agreed and local law allows billing such
-    sessions (10 §4; strict decoding refuses it). Accepted as it is. Trade-off: the CDR is billed on the UTC day
-    it "ended", 1970-01-01 for an unknown end, outside every billing period; its reconciliation deltas are
-    meaningless (the CDR is MISMATCH against its session).
+    sessions (10 §4; strict decoding refuses it). Accepted as it is; the spec's own spelling `1970-1-1T00:00:00Z`
+    (no valid DateTime) is read as the epoch too (digest 10 §4: either form). Trade-off: the CDR is billed on
+    the UTC day it "ended", 1970-01-01 for an unknown end, outside every billing period; its reconciliation
+    deltas are meaningless (the CDR is MISMATCH against its session).
 
 Not relaxations (always accepted by the strict rules, because they are valid 2.2.1): a DateTime without a zone
 designator (it means UTC), `null` for any `?`/`*` field, `[]` for `*` fields, unknown extra fields, unknown
@@ -77,6 +78,7 @@ import msgspec.inspect as mi
 
 from ocpi import datetime as ocpi_datetime
 from ocpi import types as ocpi_types
+from ocpi._generated import CDR
 
 __all__ = ["STRICT", "CompatProfile", "Relaxation"]
 
@@ -158,6 +160,11 @@ _MAX_NUMBER_TEXT: Final = 64  # longer "numbers" are garbage; do not feed them t
 _FOUR_PLACES: Final = Decimal(1).scaleb(-ocpi_types.MAX_DECIMAL_PLACES)
 _NUMBER_MARKERS: Final = (ocpi_types.Number, ocpi_types.Percentage)
 _SEGMENT: Final = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+# The epoch as 10 §4 prints it (`1970-1-1T00:00:00Z`, no valid DateTime): where the partner agreed to unknown
+# times (EPOCH_UNKNOWN_TIME) it is the epoch all the same, in a CDR's start or end only (digest 10 §4).
+_SPEC_EPOCH: Final = re.compile(r"1970-(?:1-0?1|01-1)T00:00:00Z?")  # the valid spellings need no repair
+_EPOCH_TEXT: Final = "1970-01-01T00:00:00Z"
+_CDR_TIMES: Final = frozenset({"start_date_time", "end_date_time"})
 
 
 class Repairer:
@@ -228,6 +235,16 @@ class Repairer:
             ):
                 del node[key]
                 self.record(Relaxation.EMPTY_STRING_AS_ABSENT, f"{path}.{key}")
+                continue
+            if (
+                kind.cls is CDR
+                and key in _CDR_TIMES
+                and Relaxation.EPOCH_UNKNOWN_TIME in self.enabled
+                and type(child) is str
+                and _SPEC_EPOCH.fullmatch(child)
+            ):
+                node[key] = _EPOCH_TEXT  # then accepted by the CDR's epoch check (ocpi._validate), as agreed
+                self.record(Relaxation.EPOCH_UNKNOWN_TIME, f"{path}.{key}")
                 continue
             node[key] = self.value(child, field.type, f"{path}.{key}")
         return node

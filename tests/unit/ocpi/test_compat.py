@@ -114,6 +114,23 @@ def test_a_cdr_with_an_unknown_time_as_the_epoch_is_refused_unless_agreed() -> N
     assert decode(dumps(minimal("CDR") | {"end_date_time": "1970-01-01T00:00:00.0001Z"}), CDR).relaxations == ()
 
 
+def test_the_epoch_as_the_spec_prints_it_is_accepted_as_agreed() -> None:
+    # 10 §4 (digest): the spec writes the unknown time `1970-1-1T00:00:00Z`, not a valid DateTime; where the partner
+    # agreement allows the epoch (EPOCH_UNKNOWN_TIME), it is accepted in either form. A CPO sending it as printed
+    # had every such CDR refused (2001), agreement or not, and nothing of it billed.
+    agreed = CompatProfile(relaxations=frozenset({Relaxation.EPOCH_UNKNOWN_TIME}))
+    for name in ("start_date_time", "end_date_time"):
+        for spelling in ("1970-1-1T00:00:00Z", "1970-1-1T00:00:00"):
+            body = minimal("CDR") | {name: spelling}
+            decoded = decode(dumps(body), CDR, profile=agreed)
+            assert getattr(decoded.value, name) == datetime(1970, 1, 1, tzinfo=UTC)
+            assert decoded.relaxations == (f"EPOCH_UNKNOWN_TIME:$.{name}",)
+            assert_invalid(body, CDR, f"$.{name}")  # without the agreement: refused, as any invalid DateTime
+    # Only a CDR's start and end: anywhere else the misspelt epoch stays an invalid DateTime.
+    assert_invalid(_session(start_date_time="1970-1-1T00:00:00Z"), Session, "$.start_date_time", profile=agreed)
+    assert_invalid(minimal("CDR") | {"last_updated": "1970-1-1T00:00:00Z"}, CDR, "$.last_updated", profile=agreed)
+
+
 def test_every_relaxation_has_a_case() -> None:
     assert set(CASES) == set(Relaxation)
 
