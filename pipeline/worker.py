@@ -15,7 +15,7 @@ from kafka import KafkaAdminClient
 from infra.clickhouse.client import ClickHouseUnavailable
 from infra.kafka.admin import ensure_topics, set_topic_configs
 from infra.kafka.bootstrap import resolve_bootstrap
-from infra.settings import Settings
+from infra.settings import Settings, private_dir
 from pipeline.app import TABLES, create_app, sink_client
 from pipeline.retention import changelog_configs, changelog_topic, check_key, load_key, topic_configs
 from pipeline.topics import topic_names
@@ -103,6 +103,7 @@ def answered(exc: ClickHouseUnavailable) -> bool:
 
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     bootstrap = resolve_bootstrap(settings)
+    private_dir(settings.storage.path)  # before the key check creates it (secrets/) with the umask's mode
     check_pseudonym_key(settings)
     drop_state_without_changelog(settings, bootstrap, settings.pipeline.app_id)
     prepare_topics(settings, bootstrap)
