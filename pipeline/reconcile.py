@@ -424,13 +424,19 @@ def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutp
                                          f"{ref} is a credit CDR itself: this credit is not billed", fact.received_at))
         _write_link(state, fact, link, original.fact, rules, out, now)
         return
-    if fact.cost_excl_vat != -original.fact.cost_excl_vat:
+    if not negates(fact, original.fact):
         out.anomalies.append(cdr_anomaly(
             state, fact, Anomaly.CREDIT_AMOUNT_MISMATCH,
-            f"credit total_cost {fact.cost_excl_vat} does not negate {ref}'s {original.fact.cost_excl_vat}",
-            fact.received_at))
+            f"credit total_cost {fact.cost_excl_vat} {fact.currency} does not negate {ref}'s "
+            f"{original.fact.cost_excl_vat} {original.fact.currency}", fact.received_at))
     link.status = _claim(state, original, credit, rules, out, now)
     _write_link(state, fact, link, original.fact, rules, out, now)
+
+
+def negates(credit: CdrFact, original: CdrFact) -> bool:
+    """Whether a credit's total_cost is its original's negated (10 §1.1), in the original's currency: billing nets
+    per currency, so an amount in another one cancels nothing."""
+    return credit.currency == original.currency and credit.cost_excl_vat == -original.cost_excl_vat
 
 
 def _credit_order(fact: CdrFact) -> tuple[datetime, str]:
@@ -478,7 +484,7 @@ def _write_link(state: PartyState, fact: CdrFact, link: CreditRec, original: Cdr
     link.seq = next_seq(link.seq, now)
     state.put_credit(fact.cdr_id, link)
     credited_cost = None if original is None else original.cost_excl_vat
-    matches = None if credited_cost is None else fact.cost_excl_vat == -credited_cost
+    matches = None if original is None else negates(fact, original)
     out.credit_links.append([
         state.country_code, state.party_id, fact.cdr_id, fact.credit_reference_id, fact.partner_id, link.status,
         fact.cost_excl_vat, credited_cost, matches, fact.received_at, fact.received_at + rules.session_grace,

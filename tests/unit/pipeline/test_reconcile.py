@@ -935,3 +935,14 @@ def test_a_cdr_naming_an_unknown_session_waits_for_it_its_whole_grace_even_past_
         assert state_of("C9") == (None, "")
     run(s_fact(session("TICK250", uid="TICK", location="ELSEWHERE"), received=250))  # the hour its grace ended is over
     assert state_of("C9") == ("S1", "AUTHORIZATION_REFERENCE")
+
+
+def test_a_credit_in_another_currency_than_its_original_does_not_negate_it() -> None:
+    # 10 §1.1: a credit carries its original's data but for the negated total_cost. Billing nets per currency, so a
+    # credit of -2.50 USD leaves the 2.50 EUR of its original billed: it must not read as negating it.
+    party = Party()
+    party.run(c_fact(cdr("C1", cost="2.50"), received=0))
+    credit = cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1")
+    out = party.run(c_fact(credit | {"currency": "USD"}, received=1))
+    assert (link(out, "C1-C")["status"], link(out, "C1-C")["amount_matches"]) == ("LINKED", False)
+    assert [a.kind.value for a in out.anomalies] == ["CREDIT_AMOUNT_MISMATCH"]
