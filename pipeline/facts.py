@@ -51,6 +51,8 @@ class CdrFact(msgspec.Struct, tag="C", kw_only=True, frozen=True):
     total_energy: Decimal
     cost_excl_vat: Decimal
     currency: str
+    # total_cost.incl_vat (None: the CDR gives none); UNSET in a fact written before it travelled (unknown).
+    cost_incl_vat: Decimal | msgspec.UnsetType | None = msgspec.UNSET
     credit: bool
     credit_reference_id: str | None  # upper-cased
     received_at: datetime
@@ -136,5 +138,6 @@ def cdr_fact(cdr: dict[str, Any], *, partner_id: str, received_at: datetime, pse
         token=pseudonym(f"{token['country_code']}/{token['party_id']}/{token['uid']}"),
         location_id=ci_normalize(cdr["cdr_location"]["id"]), start=cdr["start_date_time"], end=cdr["end_date_time"],
         total_energy=cdr["total_energy"], cost_excl_vat=cdr["total_cost"]["excl_vat"], currency=cdr["currency"],
-        credit=bool(cdr.get("credit")), credit_reference_id=ci_normalize(credited) if credited else None,
+        cost_incl_vat=cdr["total_cost"].get("incl_vat"), credit=bool(cdr.get("credit")),
+        credit_reference_id=ci_normalize(credited) if credited else None,
         received_at=received_at)

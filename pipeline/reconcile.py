@@ -427,16 +427,30 @@ def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutp
     if not negates(fact, original.fact):
         out.anomalies.append(cdr_anomaly(
             state, fact, Anomaly.CREDIT_AMOUNT_MISMATCH,
-            f"credit total_cost {fact.cost_excl_vat} {fact.currency} does not negate {ref}'s "
-            f"{original.fact.cost_excl_vat} {original.fact.currency}", fact.received_at))
+            f"credit total_cost {_price(fact)} does not negate {ref}'s {_price(original.fact)}", fact.received_at))
     link.status = _claim(state, original, credit, rules, out, now)
     _write_link(state, fact, link, original.fact, rules, out, now)
 
 
 def negates(credit: CdrFact, original: CdrFact) -> bool:
     """Whether a credit's total_cost is its original's negated (10 §1.1), in the original's currency: billing nets
-    per currency, so an amount in another one cancels nothing."""
-    return credit.currency == original.currency and credit.cost_excl_vat == -original.cost_excl_vat
+    per currency, so an amount in another one cancels nothing. Both values of the Price: billing nets incl. VAT too,
+    so one given on one side only, or not negated, leaves a difference billed. A fact written before incl. VAT
+    travelled (UNSET) does not say it: compared excl. VAT only."""
+    if credit.currency != original.currency or credit.cost_excl_vat != -original.cost_excl_vat:
+        return False
+    credit_incl, original_incl = credit.cost_incl_vat, original.cost_incl_vat
+    if credit_incl is msgspec.UNSET or original_incl is msgspec.UNSET:
+        return True
+    if credit_incl is None or original_incl is None:
+        return credit_incl is original_incl
+    return credit_incl == -original_incl
+
+
+def _price(fact: CdrFact) -> str:
+    incl = fact.cost_incl_vat
+    return f"{fact.cost_excl_vat} {fact.currency}" + ("" if incl is None or incl is msgspec.UNSET else
+                                                       f" ({incl} incl. VAT)")
 
 
 def _credit_order(fact: CdrFact) -> tuple[datetime, str]:

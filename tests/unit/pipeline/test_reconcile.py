@@ -7,6 +7,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -946,3 +947,34 @@ def test_a_credit_in_another_currency_than_its_original_does_not_negate_it() -> 
     out = party.run(c_fact(credit | {"currency": "USD"}, received=1))
     assert (link(out, "C1-C")["status"], link(out, "C1-C")["amount_matches"]) == ("LINKED", False)
     assert [a.kind.value for a in out.anomalies] == ["CREDIT_AMOUNT_MISMATCH"]
+
+def test_a_credit_whose_cost_incl_vat_does_not_negate_its_originals_does_not_match_its_amount() -> None:
+    # Both values of total_cost are negated (10 §1.1); billing nets incl. VAT too, so a difference there stays
+    # billed and must be flagged like one excl. VAT.
+    for incl in ("-3.0000", None):
+        party = Party()
+        party.run(c_fact(cdr("C1", cost="2.50"), received=0))  # incl. VAT 3.0250
+        credit = cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1")
+        credit["total_cost"] = {"excl_vat": Decimal("-2.50")} | ({} if incl is None else {"incl_vat": Decimal(incl)})
+        out = party.run(c_fact(credit, received=1))
+        assert (link(out, "C1-C")["status"], link(out, "C1-C")["amount_matches"]) == ("LINKED", False), incl
+        assert [a.kind.value for a in out.anomalies] == ["CREDIT_AMOUNT_MISMATCH"], incl
+    party = Party()  # neither gives incl. VAT: both values negated
+    original = cdr("C1", cost="2.50")
+    original["total_cost"] = {"excl_vat": Decimal("2.50")}
+    party.run(c_fact(original, received=0))
+    credit = cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1")
+    credit["total_cost"] = {"excl_vat": Decimal("-2.50")}
+    out = party.run(c_fact(credit, received=1))
+    assert link(out, "C1-C")["amount_matches"] is True and out.anomalies == []
+
+
+def test_a_fact_written_before_cost_incl_vat_travelled_is_compared_excl_vat_only() -> None:
+    # State and topic records of an earlier version hold CDR facts without `cost_incl_vat`: unknown, not absent.
+    written = msgspec.json.decode(encode_facts([c_fact(cdr("C1", cost="2.50"))]))
+    del written["facts"][0]["cost_incl_vat"]
+    [old] = decode_facts(msgspec.json.encode(written))
+    party = Party()
+    party.run(old)
+    out = party.run(c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=1))
+    assert link(out, "C1-C")["amount_matches"] is True and out.anomalies == []
