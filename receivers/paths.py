@@ -32,17 +32,29 @@ def _escaped(segment: str) -> str:
     return segment.replace("%", "%25").replace("/", "%2F")
 
 
-# An empty segment inside a path (`LOC1//1`): Litestar drops it, which shifted the ids after it one level up (EVSE
+# An empty segment among the ids (`LOC1//1`): Litestar drops it, which shifted the ids after it one level up (EVSE
 # `1` of LOC1 instead of Connector `1` of EVSE ''). Routed as a lone `%`, which no escaped segment can be (a real `%`
 # is `%25`), it stays a segment, and DecodePathParams turns it back into the empty id it is.
 _EMPTY: Final = "%"
+# The segments before the ids: /ocpi/emsp/2.2.1/<module> (receivers.locations.PATH, sessions, cdrs). An empty one
+# there (`2.2.1//sessions`, a partner joining our base URL and a path that both have the `/`) names no id: it is
+# dropped, as Litestar always did.
+FIXED_SEGMENTS: Final = 4
 
 
-def _segment(part: bytes, index: int, last: int) -> str:
-    if not part and 0 < index < last:
-        return _EMPTY
-    # Decoded as servers decode `path` (UTF-8, invalid bytes replaced); ids are ASCII, so this is for messages.
-    return _escaped(unquote_to_bytes(part).decode("utf-8", "replace"))
+def _segments(parts: list[bytes]) -> list[str]:
+    routed: list[str] = []
+    fixed = 0
+    for index, part in enumerate(parts):
+        if not part and 0 < index < len(parts) - 1:
+            if fixed >= FIXED_SEGMENTS:
+                routed.append(_EMPTY)
+            continue
+        if part:
+            fixed += 1
+        # Decoded as servers decode `path` (UTF-8, invalid bytes replaced); ids are ASCII, so this is for messages.
+        routed.append(_escaped(unquote_to_bytes(part).decode("utf-8", "replace")))
+    return routed
 
 
 def routing_path(scope: Scope) -> str:
@@ -53,8 +65,7 @@ def routing_path(scope: Scope) -> str:
     raw = raw.partition(b"?")[0]  # httpx, so Litestar's TestClient, leaves the query string on it
     if b"%" not in raw and b"//" not in raw:
         return raw.decode("utf-8", "replace")  # the common case: nothing encoded, nothing to escape
-    parts = raw.split(b"/")
-    return "/".join(_segment(part, i, len(parts) - 1) for i, part in enumerate(parts))
+    return "/".join(_segments(raw.split(b"/")))
 
 
 class OcpiLitestar(Litestar):

@@ -163,7 +163,11 @@ def test_an_encoded_slash_never_makes_a_path_match_another_route(pushes: Pushes,
     (b"/s/BE/BEC/101?offset=1%2F", "/s/BE/BEC/101", "/s/BE/BEC/101"),  # httpx keeps the query on raw_path
     (b"/s/%C3%A9/%80", "/s/\u00e9/\ufffd", "/s/\u00e9/\ufffd"),  # decoded the way servers decode `path`
     (None, "/s/BE/BEC/50%", "/s/BE/BEC/50%25"),  # no raw_path: the decoded path, `%` still escaped
-    (b"/s/BE/BEC//1/", "/s/BE/BEC//1/", "/s/BE/BEC/%/1/"),  # an empty segment stays one (a lone `%`)
+    # An empty id stays a segment (a lone `%`); an empty segment before the ids names none and goes, as it always did.
+    (b"/ocpi/emsp/2.2.1/locations/BE/BEC/L1//1/", "/ocpi/emsp/2.2.1/locations/BE/BEC/L1//1/",
+     "/ocpi/emsp/2.2.1/locations/BE/BEC/L1/%/1/"),
+    (b"/ocpi//emsp/2.2.1//sessions/BE/BEC/S1", "/ocpi//emsp/2.2.1//sessions/BE/BEC/S1",
+     "/ocpi/emsp/2.2.1/sessions/BE/BEC/S1"),
 ])
 def test_the_routing_path_keeps_each_segment_whole(raw_path: bytes | None, path: str, routed: str) -> None:
     scope: Any = {"type": "http", "path": path, **({"raw_path": raw_path} if raw_path is not None else {})}
@@ -183,6 +187,24 @@ def test_an_empty_id_segment_is_refused_not_dropped(pushes: Pushes, path: str, n
         assert_envelope(pushes.request(method, path, {"last_updated": PATCHED}, party=("BE", "BEC")), 2001,
                         http=200, path=name)
     assert pushes.env.sink.records == []
+
+
+@pytest.mark.parametrize("path", [f"{BASE}//sessions/BE/BEC/S1",
+                                  BASE.replace("/emsp/", "//emsp/") + "/sessions/BE/BEC/S1"])
+def test_a_double_slash_before_the_ids_still_reaches_the_object(pushes: Pushes, path: str) -> None:
+    """A partner joining our base URL and a path that both carry the `/` (`2.2.1//sessions`): Litestar always
+    dropped that empty segment, and the push reached the Session; it must not become a 404 naming a `%`."""
+    body = {**session(), "id": "S1"}
+    assert_envelope(pushes.request("PUT", path, body, party=("BE", "BEC")), 1000, http=200)
+    [event] = pushes.events()
+    assert (event.level, event.country_code, event.party_id, event.object_id) == ("SESSION", "BE", "BEC", "S1")
+
+
+def test_every_module_path_has_the_fixed_segments_the_routing_counts() -> None:
+    from receivers import cdrs, locations, paths, sessions
+
+    for module in (locations, sessions, cdrs):
+        assert len([part for part in module.PATH.split("/") if part]) == paths.FIXED_SEGMENTS, module.PATH
 
 
 def test_a_get_with_an_empty_id_segment_finds_nothing(pushes: Pushes) -> None:
