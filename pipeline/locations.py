@@ -139,8 +139,10 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     tree = wire.builtins(msgspec.structs.replace(location, evses=None))
     evses = location.evses or ()
     # The row carries `personal_at` too, so the ClickHouse sweep dates its `publish_allowed_to` like the state's.
-    out.batch.add("locations", projection.LOCATION_COLUMNS,
-                  projection.location_row(event, tree, document, version, personal_at, evse_count=len(evses)))
+    # One row per Location and batch, its last version (the earlier ones would be superseded by it): the row
+    # carries the whole tree, and a batch of status updates of a hub must not write that tree once per update.
+    row = projection.location_row(event, tree, document, version, personal_at, evse_count=len(evses))
+    out.batch.put("locations", projection.LOCATION_COLUMNS, ("locations", row[0], row[1], row[2]), row)
     pairs, gone_evses = _pair_evses(previous.evses or () if previous else (), evses)
     removed: list[str] = []  # identities (`dedup.level_identity`) of the EVSEs and Connectors left out of the tree
     for evse, before in pairs:

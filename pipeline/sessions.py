@@ -110,8 +110,10 @@ def apply(state: SessionState, record: Record, session: dict, document: bytes, t
     # (earlier) receipt, or the idle clock and `final_at` would start early.
     applied_at = record.received_at if state.applied_at is None else max(state.applied_at, record.received_at)
     version = projection.next_version(state.version, session["last_updated"])
-    out.batch.add("sessions", projection.SESSION_COLUMNS,
-                  projection.session_row(event, session, document, version, applied_at))
+    # One row per Session and batch, its last version (the earlier ones would be superseded by it): the row
+    # carries the whole Session, and a backlog of a long session's PATCHes must not write it once per PATCH.
+    row = projection.session_row(event, session, document, version, applied_at)
+    out.batch.put("sessions", projection.SESSION_COLUMNS, ("sessions", row[0], row[1], row[2]), row)
     if state.status != session["status"]:
         out.batch.add("session_status_history", projection.SESSION_HISTORY_COLUMNS,
                       projection.session_history_row(event, session, state.status, transition.value, version))

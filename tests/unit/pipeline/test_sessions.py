@@ -166,7 +166,8 @@ def test_patch_before_put_is_parked_then_applied_after_the_put() -> None:
     put = event("Session", session(kwh="0", updated=0), received=2)
     second = h.run(put)
     assert outcomes(second) == sorted([(put.event_id, "APPLIED"), (patch.event_id, "APPLIED")])
-    assert [r[SESSION_COLUMNS.index("status")] for r in rows(second.batch, "sessions")] == ["ACTIVE", "COMPLETED"]
+    # One row per batch, the last version (the PUT's ACTIVE one is superseded in the same batch).
+    assert [r[SESSION_COLUMNS.index("status")] for r in rows(second.batch, "sessions")] == ["COMPLETED"]
     assert stored(h)["kwh"] == 7 and h.state(KEY).parked == []
 
 
@@ -178,7 +179,7 @@ def test_a_parked_patch_applied_after_its_put_dates_the_state_from_the_put() -> 
                                    "last_updated": iso(ts(2))}, object_id="S1", received=0)
     h.run(patch)
     out = h.run(event("Session", session(status="ACTIVE", updated=1), received=4))
-    assert column(out.batch, "sessions", SESSION_COLUMNS, "received_at") == [ts(4), ts(4)]
+    assert column(out.batch, "sessions", SESSION_COLUMNS, "received_at") == [ts(4)]
     assert h.state(KEY).applied_at == ts(4) and h.state(KEY).final_at == ts(4)
     [fact] = [f for f in out.facts["NL/TNM"] if f.status == "COMPLETED"]
     assert isinstance(fact, SessionFact) and fact.final_at == ts(4)
@@ -462,3 +463,20 @@ def test_an_update_after_final_keeps_the_time_the_session_became_final() -> None
     assert kinds(out) == ["UPDATE_AFTER_FINAL"]
     [fact] = out.facts["NL/TNM"]
     assert isinstance(fact, SessionFact) and fact.final_at == ts(3) and h.state(KEY).final_at == ts(3)
+
+
+def test_a_batch_of_patches_of_one_session_writes_its_row_once() -> None:
+    # Every applied PATCH wrote a `sessions` row carrying the whole Session (payload_json, every charging period
+    # so far), superseded in ClickHouse by the next one: a backlog of one long session's PATCHes made an insert
+    # that grew with their number times the session's size.
+    h = harness()
+    h.run(event("Session", session(periods=[period(i * 0.01, "0.5") for i in range(2000)]), received=0))
+    patches = [event("SessionPatch", {"charging_periods": [period(30 + i, "0.5")], "kwh": Decimal(i),
+                                      "last_updated": iso(ts(30 + i))}, object_id="S1", received=30 + i)
+               for i in range(20)]
+    out = h.run(*patches, event("SessionPatch", {"status": "COMPLETED", "last_updated": iso(ts(60))},
+                                object_id="S1", received=60))
+    [row] = rows(out.batch, "sessions")
+    assert row[SESSION_COLUMNS.index("version")] == h.state(KEY).version
+    assert json.loads(bytes(row[SESSION_COLUMNS.index("payload_json")])) == stored(h)
+    assert column(out.batch, "session_status_history", SESSION_HISTORY_COLUMNS, "status") == ["COMPLETED"]
