@@ -26,7 +26,17 @@ from pipeline import ordering, projection, wire
 from pipeline.dedup import confirmations, fingerprint, identity, is_duplicate, level_identity
 from pipeline.records import Anomaly, Outcome, Record
 from pipeline.retention import LOCATION_PERSONAL_FIELD
-from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, remember, seen_before, to_parked
+from pipeline.stage import (
+    PARKED_MAX_BYTES,
+    StageOutput,
+    StageRules,
+    expire_parked,
+    parked_record,
+    parking_full,
+    remember,
+    seen_before,
+    to_parked,
+)
 from pipeline.state import LocationState, TypedView
 
 
@@ -78,9 +88,10 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     except ordering.NeedsObject as missing:
         if retry:
             return False  # still waiting; the caller keeps it parked
-        if len(state.parked) >= rules.park_max:
+        if parking_full(state.parked, record, rules.park_max):
             out.outcome(record, Outcome.ORPHANED, "too many parked events for this Location")
-            out.anomaly(Anomaly.PARK_OVERFLOW, event, f"more than {rules.park_max} events wait for their object")
+            out.anomaly(Anomaly.PARK_OVERFLOW, event, f"more than {rules.park_max} events (or {PARKED_MAX_BYTES} "
+                        "bytes) wait for their object")
         else:
             state.parked.append(to_parked(record))
             out.outcome(record, Outcome.PARKED, f"waiting: {missing}")

@@ -11,7 +11,17 @@ from pipeline.dedup import fingerprint, identity, is_duplicate
 from pipeline.facts import relevant_change, session_fact
 from pipeline.lifecycle import Transition
 from pipeline.records import Anomaly, Outcome, Record
-from pipeline.stage import StageOutput, StageRules, expire_parked, parked_record, remember, seen_before, to_parked
+from pipeline.stage import (
+    PARKED_MAX_BYTES,
+    StageOutput,
+    StageRules,
+    expire_parked,
+    parked_record,
+    parking_full,
+    remember,
+    seen_before,
+    to_parked,
+)
 from pipeline.state import SessionState, TypedView
 from pipeline.state_retention import keep_fact_token
 
@@ -52,9 +62,10 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
            out: StageOutput, *, retry: bool = False) -> None:
     event = record.event
     if event.operation == "PATCH" and state.object_json is None:
-        if len(state.parked) >= rules.park_max:
+        if parking_full(state.parked, record, rules.park_max):
             out.outcome(record, Outcome.ORPHANED, "too many parked events for this Session")
-            out.anomaly(Anomaly.PARK_OVERFLOW, event, f"more than {rules.park_max} events wait for the PUT")
+            out.anomaly(Anomaly.PARK_OVERFLOW, event, f"more than {rules.park_max} events (or {PARKED_MAX_BYTES} "
+                        "bytes) wait for the PUT")
         else:
             state.parked.append(to_parked(record))
             out.outcome(record, Outcome.PARKED, "waiting for the Session PUT")

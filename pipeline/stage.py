@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Final, Protocol
 
 from infra.codec import DecodedEvent, decode_event
+from infra.kafka.admin import RECORD_MAX_BYTES
 from infra.settings import PipelineSettings
 from pipeline import ordering, projection
 from pipeline.facts import Fact, party_key
@@ -170,6 +171,18 @@ def expire_parked(state: _Parking, record: Record, ttl: timedelta, out: StageOut
 def parked_record(parked: Parked) -> Record:
     """A parked event as a record again (its Avro value was validated when it was first read)."""
     return Record(decode_event(parked.value), parked.topic, parked.partition, parked.offset, parked.value)
+
+
+# The most the events parked in one object's state may hold together (their Avro records). A state value is one
+# changelog record, which a broker refuses above RECORD_MAX_BYTES (16 MB) for good (the worker would retry its
+# batch for ever), and which also holds the object's own JSON: parked by count alone (`park_max`, 32), pushes of
+# up to 4 MB each would not fit. One more is an orphan at once, as one beyond `park_max` is.
+PARKED_MAX_BYTES: Final = RECORD_MAX_BYTES // 2
+
+
+def parking_full(parked: list[Parked], record: Record, park_max: int) -> bool:
+    """Whether `record` may not be parked beside `parked`: `park_max` of them, or PARKED_MAX_BYTES with it."""
+    return len(parked) >= park_max or sum(len(p.value) for p in parked) + len(record.value) > PARKED_MAX_BYTES
 
 
 def to_parked(record: Record) -> Parked:

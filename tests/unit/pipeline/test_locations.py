@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from infra.kafka.admin import RECORD_MAX_BYTES
 from ocpi.compat import CompatProfile
 from ocpi.model import EVSE
 from pipeline import wire
@@ -510,3 +511,18 @@ def test_a_batch_of_status_patches_of_a_big_location_writes_its_tree_once() -> N
     assert row[LOCATION_COLUMNS.index("version")] == h.state(KEY).version
     assert json.loads(bytes(row[LOCATION_COLUMNS.index("payload_json")])) == stored(h)
     assert len(rows(out.batch, "evses")) == 50 and len(rows(out.batch, "evse_status_history")) == 50
+
+
+def test_parked_events_are_bounded_by_their_bytes_so_that_the_state_fits_one_record() -> None:
+    # A state value is one changelog record, which a broker refuses above `max.message.bytes` (RECORD_MAX_BYTES,
+    # 16 MB) for good: the worker retried that batch for ever, every Location with it. Parked by count alone
+    # (OCPI_PIPELINE_PARK_MAX, 32), five EVSE PATCHes of 4 MB (a valid push: `directions` of 7,800 texts) for a
+    # Location not pushed yet made a state of 19.7 MB.
+    h = harness(park_max=32)
+    directions = [{"language": "en", "text": "x" * 500}] * 7800
+    pushes = [event("EVSEPatch", {"directions": directions, "last_updated": iso(ts(minute))}, object_id="LOC1",
+                    evse_uid="E1", received=minute) for minute in range(5)]
+    out = h.run(*pushes)
+    assert [outcome_of(out, e.event_id) for e in pushes] == ["PARKED", "PARKED", "ORPHANED", "ORPHANED", "ORPHANED"]
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["PARK_OVERFLOW"] * 3
+    assert len(h.store.data[KEY]) < RECORD_MAX_BYTES // 2

@@ -6,6 +6,9 @@ import json
 from decimal import Decimal
 from typing import Any
 
+import msgspec
+
+from infra.kafka.admin import RECORD_MAX_BYTES
 from ocpi.compat import CompatProfile
 from pipeline.facts import SessionFact
 from pipeline.projection import ANOMALY_COLUMNS, RAW_EVENT_COLUMNS, SESSION_COLUMNS, SESSION_HISTORY_COLUMNS
@@ -480,3 +483,21 @@ def test_a_batch_of_patches_of_one_session_writes_its_row_once() -> None:
     assert row[SESSION_COLUMNS.index("version")] == h.state(KEY).version
     assert json.loads(bytes(row[SESSION_COLUMNS.index("payload_json")])) == stored(h)
     assert column(out.batch, "session_status_history", SESSION_HISTORY_COLUMNS, "status") == ["COMPLETED"]
+
+
+def test_parked_patches_are_bounded_by_their_bytes_so_that_the_state_fits_one_record() -> None:
+    # A state value is one changelog record, which a broker refuses above `max.message.bytes` (RECORD_MAX_BYTES,
+    # 16 MB) for good: the worker retried that batch for ever, every Session with it. Parked by count alone
+    # (OCPI_PIPELINE_PARK_MAX, 32), 32 PATCHes of 4 MB of charging periods (0.69 MB as Avro each) before their
+    # PUT made a state of 22 MB.
+    h = harness(park_max=32)
+    big = event("SessionPatch", {"charging_periods": [period(i * 0.001, "0.5") for i in range(46000)],
+                                 "last_updated": iso(ts(1))}, object_id="S1", received=1)
+    patches = [msgspec.structs.replace(big, event_id=f"e{i}") for i in range(14)]
+    out = h.run(*patches)
+    parked = len(h.state(KEY).parked)
+    assert 0 < parked < 14
+    assert outcomes(out) == sorted([(p.event_id, "PARKED") for p in patches[:parked]]
+                                   + [(p.event_id, "ORPHANED") for p in patches[parked:]])
+    assert kinds(out) == ["PARK_OVERFLOW"] * (14 - parked)
+    assert len(h.store.data[KEY]) < RECORD_MAX_BYTES // 2
