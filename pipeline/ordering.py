@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from infra.codec import DecodedEvent
+from infra.kafka.admin import RECORD_MAX_BYTES
 from ocpi.errors import OcpiValidationError, UnknownObjectError
 from ocpi.identity import ci_index
 from ocpi.model import (
@@ -41,6 +42,8 @@ from ocpi.model import (
 from ocpi.patch import merge_location, merge_session, patch_connector, patch_evse, put_connector, put_evse
 from pipeline import wire
 from pipeline.state import Parked
+
+T = TypeVar("T")
 
 
 class NeedsObject(Exception):
@@ -79,16 +82,31 @@ def newest(*moments: datetime | None) -> datetime | None:
 # --- Sessions -----------------------------------------------------------------------------------------------
 
 
+# The largest OCPI JSON of an object its stage-1 state may hold. The state is one changelog record, which a broker
+# refuses above RECORD_MAX_BYTES (16 MB) for good (the worker would retry its batch for ever), and holds up to
+# `stage.PARKED_MAX_BYTES` (8 MB) of parked events and a few other fields besides. A push is at most 4 MB, but a
+# Session grows by appended charging periods and a Location by EVSE pushes: a merge beyond this is refused.
+OBJECT_MAX_BYTES: Final = RECORD_MAX_BYTES // 2 - 1024 * 1024
+
+
+def _within_state(kind: str, merged: tuple[T, bytes]) -> tuple[T, bytes]:
+    if len(merged[1]) > OBJECT_MAX_BYTES:
+        raise InvalidMerge(f"the {kind} would be {len(merged[1])} bytes of JSON, more than {OBJECT_MAX_BYTES} (what "
+                           "its state can hold)")
+    return merged
+
+
 def merge_session_patch(stored: wire.StoredStruct[Session], current_json: bytes, patch: dict[str, Any],
                         ) -> tuple[Session, bytes]:
     """The stored Session (`current_json`, decoded through `stored`) with a PATCH applied, validated; returns the
-    Session and its OCPI JSON."""
+    Session and its OCPI JSON. InvalidMerge beyond OBJECT_MAX_BYTES."""
     try:
         current = stored.of(current_json)
         assert current is not None
-        return wire.revalidated(merge_session(current, wire.to_struct(patch, SessionPatch)), Session)
+        merged = wire.revalidated(merge_session(current, wire.to_struct(patch, SessionPatch)), Session)
     except (OcpiValidationError, ValueError, TypeError) as exc:
         raise InvalidMerge(str(exc)) from exc
+    return _within_state("Session", merged)
 
 
 # --- Locations ----------------------------------------------------------------------------------------------
@@ -131,11 +149,12 @@ def apply_location_event(current: Location | None, event: DecodedEvent,
             raise NeedsObject(f"Location {event.object_id!r} is not stored")
         else:
             location = _apply_to(current, event, payload)
-        return wire.revalidated(location, Location, None if evse_json is None else evse_json.encode(location))
+        merged = wire.revalidated(location, Location, None if evse_json is None else evse_json.encode(location))
     except UnknownObjectError as exc:
         raise NeedsObject(exc.what) from exc
     except (OcpiValidationError, ValueError, TypeError) as exc:
         raise InvalidMerge(str(exc)) from exc
+    return _within_state("Location", merged)
 
 
 def _apply_to(current: Location, event: DecodedEvent, payload: dict[str, Any]) -> Location:

@@ -526,3 +526,19 @@ def test_parked_events_are_bounded_by_their_bytes_so_that_the_state_fits_one_rec
     assert [outcome_of(out, e.event_id) for e in pushes] == ["PARKED", "PARKED", "ORPHANED", "ORPHANED", "ORPHANED"]
     assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["PARK_OVERFLOW"] * 3
     assert len(h.store.data[KEY]) < RECORD_MAX_BYTES // 2
+
+
+def test_an_evse_push_that_would_grow_the_location_beyond_one_state_record_is_invalid() -> None:
+    # Each EVSE PUT adds to the tree: five of 4 MB each (`directions` of 7,800 texts, a valid push) made a Location
+    # of 20 MB, a state value above RECORD_MAX_BYTES that the broker refuses for good. A tree beyond
+    # ordering.OBJECT_MAX_BYTES is now refused like any invalid merge; the stored Location stays as it was.
+    h = harness()
+    h.run(event("Location", location(), received=1))
+    directions = [{"language": "en", "text": "x" * 500}] * 7800
+    pushes = [event("EVSE", dict(evse(f"E{n}", updated=n), directions=directions), object_id="LOC1",
+                    evse_uid=f"E{n}", received=n) for n in (2, 3)]
+    out = h.run(*pushes)
+    assert [outcome_of(out, e.event_id) for e in pushes] == ["APPLIED", "INVALID"]
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["INVALID_MERGE"]
+    assert [e["uid"] for e in stored(h)["evses"]] == ["E1", "E2"]
+    assert len(h.store.data[KEY]) < RECORD_MAX_BYTES // 2

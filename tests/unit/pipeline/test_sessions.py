@@ -501,3 +501,22 @@ def test_parked_patches_are_bounded_by_their_bytes_so_that_the_state_fits_one_re
                                    + [(p.event_id, "ORPHANED") for p in patches[parked:]])
     assert kinds(out) == ["PARK_OVERFLOW"] * (14 - parked)
     assert len(h.store.data[KEY]) < RECORD_MAX_BYTES // 2
+
+
+def test_a_patch_that_would_grow_the_session_beyond_one_state_record_is_invalid() -> None:
+    # Charging periods are appended: four pushes of 46,000 periods each (4 MB of JSON, valid) made a Session of
+    # 17.3 MB, a state value above RECORD_MAX_BYTES that the broker refuses for good (the worker retried its batch
+    # for ever, every Session with it). A merge beyond ordering.OBJECT_MAX_BYTES is now refused like any invalid
+    # merge; the stored Session stays as it was.
+    def periods(first: int) -> list[dict[str, Any]]:
+        return [period((first + i) * 0.001, "0.5") for i in range(46000)]
+
+    h = harness()
+    h.run(event("Session", session(periods=periods(0)), received=0))
+    patches = [event("SessionPatch", {"charging_periods": periods(46000 * n), "last_updated": iso(ts(10 + n))},
+                     object_id="S1", received=10 + n) for n in (1, 2, 3)]
+    out = h.run(*patches)
+    assert outcomes(out) == sorted((p.event_id, "INVALID") for p in patches)  # 8.6 MB already
+    assert kinds(out) == ["INVALID_MERGE"] * 3
+    assert len(h.store.data[KEY]) < RECORD_MAX_BYTES // 2
+    assert len(stored(h)["charging_periods"]) == 46000
