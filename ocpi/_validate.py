@@ -4,7 +4,8 @@
   test verifies that every rule of the JSON has one);
 - `#NA` only in the fields where the spec allows it (relaxation NA_IN_ANY_REQUIRED_STRING);
 - the d2 max lengths of the fields whose Struct accepts the post-d2 errata length (ERRATA_MAX_LENGTH);
-- PATCH bodies: explicit null → UNSET, `last_updated` required;
+- PATCH bodies: explicit null → UNSET, `last_updated` required; a Location PATCH's own `publish: true` with a
+  non-empty `publish_allowed_to` breaks the Location's rule whatever is stored;
 - `?` fields with a documented default: null → the default.
 - a Connector's `max_voltage`/`max_amperage`/`max_electric_power` within 0..2**32-1 (the store's UInt32).
 - each EVSE uid once in a Location's `evses`, each Connector id once in an EVSE's `connectors` (CiString).
@@ -36,6 +37,7 @@ from ocpi._generated import (
     Credentials,
     Hours,
     Location,
+    LocationPatch,
     PublishTokenType,
     RegularHours,
     Tariff,
@@ -320,6 +322,10 @@ def _checks_of(cls: type) -> tuple[Check, ...]:
     checks = [check for (name, _), check in CONSTRAINTS.items() if _CLASSES[name] is cls]
     if cls is CDR:
         checks.append(_cdr_epoch_times)
+    if cls is LocationPatch:
+        # The Location's rule on what a PATCH sets itself: `publish: true` with a non-empty `publish_allowed_to`
+        # is invalid whatever is stored, so no merge could apply it (either field alone is the merge's to judge).
+        checks.append(_location_publish_allowed_to)
     if cls in D2_MAX_LENGTH:
         checks.append(_errata_lengths)
     if "currency" in getattr(cls, "__struct_fields__", ()):

@@ -424,3 +424,18 @@ def test_an_evse_lists_each_connector_id_once(second: str) -> None:
     location = {**minimal("Location"), "evses": [_evse("E1", "A", second)]}
     assert_invalid(location, OBJECTS["Location"], "$.evses[0].connectors[1].id", "listed twice")
     assert len(decode(dumps(_evse("E1", "A", "B")), OBJECTS["EVSE"]).value.connectors) == 2
+
+
+def test_a_location_patch_that_publishes_and_sets_publish_allowed_to_is_refused() -> None:
+    # 08 §4.1: publish_allowed_to only when publish is false. A PATCH setting both contradicts itself whatever is
+    # stored: acknowledged, no merge could ever apply it (the pipeline found it INVALID after the CPO's 1000).
+    from ocpi import model
+
+    token = {"uid": "012345678", "type": "RFID"}
+    body = {"publish": True, "publish_allowed_to": [token], "last_updated": "2019-06-24T12:39:09Z"}
+    assert_invalid(body, model.LocationPatch, "$.publish_allowed_to", "only allowed when publish is false")
+    # Either alone depends on what is stored (the merge decides); `[]` or null allow nobody.
+    for alone in ({"publish": True}, {"publish": False, "publish_allowed_to": [token]},
+                  {"publish_allowed_to": [token]}, {"publish": True, "publish_allowed_to": []},
+                  {"publish": True, "publish_allowed_to": None}):
+        decode(dumps(alone | {"last_updated": "2019-06-24T12:39:09Z"}), model.LocationPatch)

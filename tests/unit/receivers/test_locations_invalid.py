@@ -93,6 +93,10 @@ CASES = [
     Refusal("LocationPatch: nested rule", "PATCH", LOCATION_URL,
             changed(location_patch, "opening_times", {"twentyfourseven": False}), "$.opening_times.regular_hours",
             "required when twentyfourseven is false"),
+    Refusal("LocationPatch: publishes and sets publish_allowed_to", "PATCH", LOCATION_URL,
+            changed(changed(location_patch, "publish", True), "publish_allowed_to",
+                    [{"uid": "012345678", "type": "RFID"}]),
+            "$.publish_allowed_to", "only allowed when publish is false"),
     # EVSEPatch
     Refusal("EVSEPatch: missing last_updated", "PATCH", EVSE_URL, changed(evse_patch, "last_updated"),
             "$.last_updated", "missing required field"),
