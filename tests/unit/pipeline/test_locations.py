@@ -542,3 +542,72 @@ def test_an_evse_push_that_would_grow_the_location_beyond_one_state_record_is_in
     assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["INVALID_MERGE"]
     assert [e["uid"] for e in stored(h)["evses"]] == ["E1", "E2"]
     assert len(h.store.data[KEY]) < RECORD_MAX_BYTES // 2
+
+
+# --- the spec's examples, stored as sent ------------------------------------------------------------------------
+
+def _spec(name: str) -> Any:
+    from tests.conftest import EXAMPLES
+
+    return json.loads((EXAMPLES / name).read_text(encoding="utf-8"))
+
+
+def _exact(document: bytes | str) -> Any:
+    """JSON with every number as a Decimal: `372` and the stored `372.0000` are the same amount."""
+    from decimal import Decimal
+
+    return json.loads(document, parse_float=Decimal, parse_int=Decimal)
+
+
+def _example_locations() -> list[tuple[str, dict[str, Any]]]:
+    bodies = [(name, _spec(name)) for name in (
+        "location_example.json", "location_example_uc2_destination_charger.json",
+        "location_example_uc3_destination_charger_not_published.json", "location_example_uc5_home_charge_point.json")]
+    for name, field in (("location_hours_247_open_exception_closing.json", "opening_times"),
+                        ("location_hours_opening_hours_with_exceptional_closing.json", "opening_times"),
+                        ("location_regularhours_example.json", None),
+                        ("location_energymix_example_simple.json", None),
+                        ("location_energymix_example_energy_provider.json", None),
+                        ("location_energymix_example_complete.json", None)):
+        fragment = _spec(name) if field is None else {field: _spec(name)}
+        bodies.append((name, {**_spec("location_example.json"), **fragment}))
+    return bodies
+
+
+@pytest.mark.parametrize(("name", "body"), _example_locations(), ids=[name for name, _ in _example_locations()])
+def test_every_example_location_is_stored_as_sent(name: str, body: dict[str, Any]) -> None:
+    h = harness()
+    put = event("Location", body, cc=body["country_code"], pid=body["party_id"])
+    out = h.run(put)
+    assert outcome_of(out, put.event_id) == "APPLIED"
+    state = h.state(f"{body['country_code']}/{body['party_id']}/{body['id']}".upper())
+    # Only the spec's default of an absent `charging_when_closed` (08 §4.1: true) is added.
+    assert _exact(state.object_json) == _exact(json.dumps({"charging_when_closed": True, **body}))
+    assert column(out.batch, "evses", EVSE_COLUMNS, "evse_uid") == [e["uid"].upper() for e in body.get("evses") or ()]
+
+
+def test_the_spec_patch_examples_are_merged_as_sent_and_raise_the_parents() -> None:
+    # 08 §3.4's PATCHes of Location NL/TNM/1012 (the example Location under that identity, EVSE 3256 as 3255).
+    body = {**_spec("location_example.json"), "country_code": "NL", "party_id": "TNM", "id": "1012"}
+    body["evses"][0]["uid"] = "3255"
+    h = harness()
+    h.run(event("Location", body, cc="NL", pid="TNM"))
+    patches = [
+        event("LocationPatch", _spec("location_patch_example_location.json"), object_id="1012"),
+        event("EVSEPatch", _spec("location_patch_example_status.json"), object_id="1012", evse_uid="3255"),
+        event("ConnectorPatch", {"tariff_ids": ["15", "16"], "last_updated": "2019-06-24T12:40:09Z"},
+              object_id="1012", evse_uid="3255", connector_id="2"),
+        event("EVSEPatch", {"status": "REMOVED", "last_updated": "2019-06-24T12:41:09Z"}, object_id="1012",
+              evse_uid="3257"),
+    ]
+    out = h.run(*patches)
+    assert [outcome_of(out, p.event_id) for p in patches] == ["APPLIED"] * 4
+    stored_tree = json.loads(h.state("NL/TNM/1012").object_json)
+    e3255, e3257 = stored_tree["evses"]
+    assert stored_tree["name"] == "Interparking Gent Zuid"
+    assert (e3255["status"], e3255["last_updated"]) == ("CHARGING", "2019-06-24T12:40:09Z")
+    assert e3255["connectors"][1]["tariff_ids"] == ["15", "16"]
+    assert e3255["connectors"][0] == body["evses"][0]["connectors"][0]  # untouched
+    assert (e3257["status"], e3257["last_updated"]) == ("REMOVED", "2019-06-24T12:41:09Z")  # kept (08 §1)
+    assert stored_tree["last_updated"] == "2019-06-24T12:41:09Z"
+    assert column(out.batch, "evse_status_history", EVSE_HISTORY_COLUMNS, "status") == ["CHARGING", "REMOVED"]
