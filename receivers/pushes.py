@@ -13,7 +13,8 @@ Rules (08 §3.3-3.4, 09 §3.3-3.4, 04 §4.4 and §6, digest 12 rules 4 and 7):
   status PATCH sent to the Location URL would decode as an empty Location PATCH and be acknowledged while
   changing nothing. Fields of no level are ignored like any unknown field (valid 2.2.1, see ocpi.compat).
 - The URL's ids (Location id, EVSE uid, Connector id, Session id) must be non-empty CiString(36): a PATCH need
-  not repeat them in the body, so the URL is the only place they are checked.
+  not repeat them in the body, so the URL is the only place they are checked. The owner's country_code/party_id
+  must be non-empty CiString(2)/CiString(3): a Hub's broadcast may name any owner (04 §9), not only a role's.
 - Every refusal is 2001 naming the field by its JSON path (a URL id by its `{name}`) and saying why
   (transport.InvalidParameters).
 - The Kafka key is the owner object's identity (`CC/PID/ID` upper-cased): for an EVSE or Connector push the
@@ -46,6 +47,8 @@ from ocpi.identity import ObjectKey, ci_equal
 from ocpi.model import (
     CDR,
     EVSE,
+    CiString2,
+    CiString3,
     CiString36,
     Connector,
     ConnectorPatch,
@@ -179,10 +182,24 @@ def check_level(body: bytes, target: Target) -> None:
                                        f"{target.url_hint} carries {article} {noun}")
 
 
+# The owner's segments of a push URL and their types (08 §3.1, 09 §3.1): a party's country code and party id.
+_OWNER_SEGMENTS: Final = (("country_code", CiString2), ("party_id", CiString3))
+
+
 def check_url_ids(target: Target, url: PushUrl) -> None:
     """Every id in the URL must be a valid CiString(36) (08 §3.1, 09 §3.1), the type of the object's id: a PATCH
     need not repeat it in the body, so without this an id no object can have (too long, not ASCII, a control
-    character, or an empty segment: `LOC1//1`) would be acknowledged."""
+    character, or an empty segment: `LOC1//1`) would be acknowledged. The owner's `country_code`/`party_id` must
+    be a CiString(2)/CiString(3) likewise: the guard has them be one of the caller's parties, but a Hub's broadcast
+    may name any owner (04 §9)."""
+    if not target.url_ids:
+        return
+    for name, kind in _OWNER_SEGMENTS:
+        value = getattr(url, name)
+        if value == "":
+            raise _refuse(f"{{{name}}}", f"the URL's {name} is empty: a push URL names the object's owner")
+        if (reason := invalid_value(value, kind)) is not None:
+            raise _refuse(f"{{{name}}}", f"the URL's {name}: {reason}")
     for url_field, name in target.url_ids:
         value = getattr(url, url_field)
         if value == "":

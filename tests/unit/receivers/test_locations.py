@@ -8,7 +8,7 @@ import pytest
 
 from ocpi.datetime import parse_datetime
 from ocpi.model import EVSE, Connector, ConnectorPatch, EVSEPatch, Location, LocationPatch
-from tests.unit.receivers.app_support import make_env  # noqa: F401
+from tests.unit.receivers.app_support import make_env, routing  # noqa: F401
 from tests.unit.receivers.push_support import (  # noqa: F401
     BASE,
     CONNECTOR_URL,
@@ -204,3 +204,29 @@ def test_only_the_owner_may_push_and_no_method_beyond_the_spec(pushes: Pushes) -
         for method in ("POST", "DELETE"):
             response = pushes.request(method, LOCATION_URL, location())
             assert_envelope(response, 2000, http=405)
+
+
+@pytest.mark.parametrize(("owner", "path", "reason"), [
+    ("NLX/TNM", "{country_code}", "longer than 2 characters"),
+    ("NL/TNMX", "{party_id}", "longer than 3 characters"),
+    ("/TNM", "{country_code}", "is empty"),
+    ("NL/", "{party_id}", "is empty"),
+    ("N%0A/TNM", "{country_code}", "printable ASCII"),
+])
+def test_a_broadcast_push_must_name_an_owner_a_location_can_have(pushes: Pushes, owner: str, path: str,
+                                                                 reason: str) -> None:
+    # A Hub's broadcast may name any owner (04 §9), so the URL's country_code/party_id are not a party of the
+    # caller's: they must be what a Location's can be, CiString(2)/CiString(3) (08 §3.1), or the push (a PATCH or
+    # sub-object push, which need not repeat them in the body) is acknowledged for an owner no Location has.
+    pushes.tokens[("DE", "HUB")] = pushes.env.provision("hub", ("DE", "HUB", "HUB"))
+    broadcast = routing(("DE", "HUB"), ("NL", "OPP"))
+    with no_records(pushes):
+        for url, body in ((f"{BASE}/locations/{owner}/LOC1", {"name": "x", "last_updated": PATCHED}),
+                          (f"{BASE}/locations/{owner}/LOC1/3256", {"status": "AVAILABLE", "last_updated": PATCHED}),
+                          (f"{BASE}/locations/{owner}/LOC1/3256", evse())):
+            method = "PUT" if "uid" in body else "PATCH"
+            answer = assert_envelope(pushes.request(method, url, body, party=("DE", "HUB"), headers=broadcast), 2001,
+                                     http=200, path=path)
+            assert reason in answer["status_message"]
+    assert_envelope(pushes.request("PATCH", f"{BASE}/locations/N1/A-B/LOC1", {"name": "x", "last_updated": PATCHED},
+                                   party=("DE", "HUB"), headers=broadcast), 1000)  # any printable ASCII of that length
