@@ -50,6 +50,37 @@ def _part(value: str | None) -> str:
     return text
 
 
+# `LocationState.confirmed` keys of the Location tree's lists, at levels no object has (never an object's identity):
+# when a push last replaced the Location's EVSEs (and with them each listed EVSE's Connectors), and an EVSE's
+# Connectors.
+_EVSE_LIST = "EVSES||"
+
+
+def _connector_list(evse_uid: str | None) -> str:
+    return f"CONNECTORS|{_part(evse_uid)}|"
+
+
+def lists_replaced(event: DecodedEvent) -> tuple[str, ...]:
+    """The lists of the tree a push replaces whole (`confirmed` keys): the Location's EVSEs by a Location PUT or a
+    PATCH of `evses`, an EVSE's Connectors by an EVSE PUT or a PATCH of `connectors`. An EVSE or Connector such a
+    push does not list is not in the CPO's tree at its `last_updated`, whether or not we ever held it."""
+    if event.level == "LOCATION" and (event.operation == "PUT" or "evses" in event.payload):
+        return (_EVSE_LIST,)
+    if event.level == "EVSE" and (event.operation == "PUT" or "connectors" in event.payload):
+        return (_connector_list(event.evse_uid),)
+    return ()
+
+
+def lists_over(event: DecodedEvent) -> tuple[str, ...]:
+    """The lists (`confirmed` keys) that hold the object of an EVSE or Connector push: a newer replacement of one
+    that did not list it makes an older push for it stale."""
+    if event.level == "EVSE":
+        return (_EVSE_LIST,)
+    if event.level == "CONNECTOR":
+        return (_EVSE_LIST, _connector_list(event.evse_uid))
+    return ()
+
+
 def confirmations(event: DecodedEvent) -> Iterator[tuple[str, str | None, str | None, datetime]]:
     """(identity, EVSE uid, Connector id, last_updated) of every Location-tree object a duplicate confirms: its
     own object, and the EVSEs and Connectors its payload carries (a Location PUT, or PATCH of `evses`; an EVSE

@@ -8,7 +8,9 @@ A Location PUT replaces the Location (08 §3.3). EVSEs it no longer lists (diges
 deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM_PUT and their rows kept with
 `present = false`, so EVSE status history and sessions that point at them keep their meaning. The push's
 `last_updated` is kept for each EVSE and Connector it left out (`LocationState.confirmed`): an older push for one of
-them, arriving after it, is stale, as it is in order, and does not bring it back.
+them, arriving after it, is stale, as it is in order, and does not bring it back. So is it kept for the lists a push
+replaces whole (the Location's EVSEs, an EVSE's Connectors): an older push for an EVSE or Connector the tree never
+held, arriving after it, is stale too and does not add it (in order the newer list would have dropped it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from infra.codec import DecodedEvent
 from ocpi.identity import ci_normalize
 from ocpi.model import EVSE, Location
 from pipeline import ordering, projection, wire
-from pipeline.dedup import confirmations, fingerprint, identity, is_duplicate, level_identity
+from pipeline.dedup import (
+    confirmations,
+    fingerprint,
+    identity,
+    is_duplicate,
+    level_identity,
+    lists_over,
+    lists_replaced,
+)
 from pipeline.records import Anomaly, Outcome, Record
 from pipeline.retention import LOCATION_PERSONAL_FIELD
 from pipeline.stage import (
@@ -77,7 +87,10 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
         _confirm(state, current, event)
         out.outcome(record, Outcome.DUPLICATE)
         return True
-    stored = ordering.newest(ordering.target_last_updated(current, event), state.confirmed.get(identity(event)))
+    target = ordering.target_last_updated(current, event)
+    stored = ordering.newest(target, state.confirmed.get(identity(event)))
+    if target is None:  # an EVSE or Connector not in the tree: not in any newer list that left it out either
+        stored = ordering.newest(stored, *(state.confirmed.get(key) for key in lists_over(event)))
     if ordering.is_stale(stored, last_updated):
         detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
         out.outcome(record, Outcome.STALE, detail)
@@ -120,6 +133,17 @@ def _confirm(state: LocationState, current: Location | None, event: DecodedEvent
         known = state.confirmed.get(ident)
         if known is None or moment > known:
             state.confirmed[ident] = moment
+    _confirm_lists(state, event)
+
+
+def _confirm_lists(state: LocationState, event: DecodedEvent) -> None:
+    """Record when the push replaced the tree's lists (`dedup.lists_replaced`), applied or a duplicate: an older
+    push for an EVSE or Connector they do not list, arriving later, is stale (`handle`), as it is in order."""
+    moment = event.payload["last_updated"]
+    for key in lists_replaced(event):
+        known = state.confirmed.get(key)
+        if known is None or moment > known:
+            state.confirmed[key] = moment
 
 
 def retry_parked(state: LocationState, run: Run, rules: StageRules, out: StageOutput) -> None:
@@ -190,6 +214,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
         known = state.confirmed.get(ident)
         if known is None or moment > known:
             state.confirmed[ident] = moment
+    _confirm_lists(state, event)
     state.personal_at = personal_at
     state.object_json = document
     state.last_identity = identity(event)

@@ -63,7 +63,8 @@ class LocationState(msgspec.Struct, kw_only=True):
     last_hash: str = ""
     # identity -> newest last_updated of a duplicate that was dropped: the CPO confirmed the content then, so
     # an older push for that object, arriving later, is stale (the object's own last_updated was not bumped); and
-    # of an EVSE or Connector a push left out of the tree, that push's last_updated (an older push is stale too)
+    # of an EVSE or Connector a push left out of the tree, that push's last_updated (an older push is stale too);
+    # and of the tree's lists (`dedup.lists_replaced`), when a push last replaced them whole
     confirmed: dict[str, datetime] = {}
     version: int = 0
     applied_event_id: str = ""

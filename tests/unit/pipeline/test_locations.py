@@ -611,3 +611,40 @@ def test_the_spec_patch_examples_are_merged_as_sent_and_raise_the_parents() -> N
     assert (e3257["status"], e3257["last_updated"]) == ("REMOVED", "2019-06-24T12:41:09Z")  # kept (08 §1)
     assert stored_tree["last_updated"] == "2019-06-24T12:41:09Z"
     assert column(out.batch, "evse_status_history", EVSE_HISTORY_COLUMNS, "status") == ["CHARGING", "REMOVED"]
+
+
+def test_an_older_push_does_not_add_an_evse_or_connector_a_newer_put_left_out() -> None:
+    # E2 is first PUT at t=2 and E1's Connector 2 first PUT at t=2 (both new); the Location PUT of t=3 lists neither
+    # (connectors are removed by leaving them out; an EVSE should come REMOVED, but the PUT is the CPO's truth at
+    # t=3). In this order they are gone at t=3; arriving after that PUT, the pushes of t=2 are older than what it
+    # says of the tree: stale, as they are in order, not an EVSE and a Connector the CPO no longer has.
+    first = event("Location", location(evses=[evse("E1", updated=1)], updated=1))
+    e2 = event("EVSE", evse("E2", status="CHARGING", updated=2), object_id="LOC1", evse_uid="E2")
+    c2 = event("Connector", connector("2", updated=2, power=11000), object_id="LOC1", evse_uid="E1", connector_id="2")
+
+    def put() -> Any:
+        return event("Location", location(evses=[evse("E1", updated=3)], updated=3))
+
+    def tree(h: Harness) -> list[tuple[str, list[str]]]:
+        return [(e["uid"], [c["id"] for c in e["connectors"]]) for e in stored(h)["evses"]]
+
+    in_order = harness()
+    in_order.run(first, e2, c2, put())
+    late = harness()
+    late.run(first, put())
+    out = late.run(e2, c2)
+    assert tree(late) == tree(in_order) == [("E1", ["1"])]
+    assert [outcome_of(out, e.event_id) for e in (e2, c2)] == ["STALE", "STALE"]
+    # The same for a Connector an EVSE PUT left out, and an EVSE a Location PATCH of `evses` left out.
+    evse_put = harness()
+    evse_put.run(first, event("EVSE", evse("E1", updated=3), object_id="LOC1", evse_uid="E1"))
+    assert outcome_of(evse_put.run(c2), c2.event_id) == "STALE"
+    patched = harness()
+    patched.run(first, event("LocationPatch", {"evses": [evse("E1", updated=3)], "last_updated": iso(ts(3))},
+                             object_id="LOC1"))
+    assert outcome_of(patched.run(e2), e2.event_id) == "STALE"
+    # Newer than that PUT, they are added.
+    again = harness()
+    again.run(first, put(), event("EVSE", evse("E2", status="CHARGING", updated=4), object_id="LOC1", evse_uid="E2"),
+              event("Connector", connector("2", updated=4), object_id="LOC1", evse_uid="E1", connector_id="2"))
+    assert tree(again) == [("E1", ["1", "2"]), ("E2", ["1"])]
