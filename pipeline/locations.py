@@ -91,7 +91,8 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     stored = ordering.newest(target, state.confirmed.get(identity(event)))
     if target is None:  # an EVSE or Connector not in the tree: not in any newer list that left it out either
         stored = ordering.newest(stored, *(state.confirmed.get(key) for key in lists_over(event)))
-    if ordering.is_stale(stored, last_updated):
+    if ordering.is_stale(stored, last_updated,
+                         replayed_earlier=ordering.replayed_earlier(event, record.received_at, state.applied_at)):
         detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
         out.outcome(record, Outcome.STALE, detail)
         out.anomaly(Anomaly.STALE_UPDATE, event, detail)
@@ -221,6 +222,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     state.last_hash = fingerprint(event)
     state.version = version
     state.applied_event_id = event.event_id
+    state.applied_at = record.received_at if state.applied_at is None else max(state.applied_at, record.received_at)
     remember(state, event.event_id)
 
 

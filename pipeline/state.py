@@ -76,6 +76,8 @@ class LocationState(msgspec.Struct, kw_only=True):
     recent_event_ids: list[str] = []  # the last RECENT_EVENT_IDS events folded in, oldest first (resent copies)
     offset: int = -1
     parked: list[Parked] = []
+    # latest received_at of the events applied to it (`ordering.replayed_earlier`); None in states from before
+    applied_at: datetime | None = None
 
 
 class CdrState(msgspec.Struct, kw_only=True):

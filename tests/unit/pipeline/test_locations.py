@@ -648,3 +648,33 @@ def test_an_older_push_does_not_add_an_evse_or_connector_a_newer_put_left_out() 
     again.run(first, put(), event("EVSE", evse("E2", status="CHARGING", updated=4), object_id="LOC1", evse_uid="E2"),
               event("Connector", connector("2", updated=4), object_id="LOC1", evse_uid="E1", connector_id="2"))
     assert tree(again) == [("E1", ["1", "2"]), ("E2", ["1"])]
+
+
+def test_a_replayed_copy_of_an_event_dated_like_its_stored_evse_is_not_applied_again() -> None:
+    """`ocpi-pipeline replay` sends every event again after the whole history. The copy of an EVSE's last status
+    PATCH is no duplicate once another EVSE's push was applied after it, and its `last_updated` equals the EVSE's:
+    "equal is applied" applied it again, writing the Location at a new version and turning the PATCH's raw_events
+    row (APPLIED, source PUSH) into a REPLAY row. Of two PATCHes with one `last_updated` (the later arrival wins),
+    the first's copy even put its status back and rewrote the status history (BLOCKED -> CHARGING) until the second's
+    copy came. A copy received before the event the stored Location came from changes nothing."""
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1"), evse("E2")]), received=1))
+    charging, blocked = status_patch("E1", "CHARGING", 10, 2), status_patch("E1", "BLOCKED", 10, 3)
+    other = status_patch("E2", "CHARGING", 11, 4)
+    h.run(charging, blocked, other)
+    version = h.state(KEY).version
+    copies = [event("EVSEPatch", {"status": s, "last_updated": iso(ts(10))}, object_id="LOC1", evse_uid="E1",
+                    received=r, event_id=e.event_id, source="REPLAY")
+              for s, r, e in (("CHARGING", 2, charging), ("BLOCKED", 3, blocked))]
+    out = h.run(*copies)
+    assert out.outcomes == {"REPLAYED_STALE": 2}
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "locations") == []
+    assert rows(out.batch, "evse_status_history") == []
+    assert stored(h)["evses"][0]["status"] == "BLOCKED" and h.state(KEY).version == version
+
+    # Topics that hold only replayed copies (a rebuild after `replay --from-archive`): the later arrival still wins.
+    h = harness()
+    out = h.run(event("Location", location(evses=[evse("E1")]), received=1, source="REPLAY"),
+                *(event("EVSEPatch", {"status": s, "last_updated": iso(ts(10))}, object_id="LOC1", evse_uid="E1",
+                        received=r, source="REPLAY") for s, r in (("CHARGING", 2), ("BLOCKED", 3))))
+    assert out.outcomes == {"APPLIED": 3} and stored(h)["evses"][0]["status"] == "BLOCKED"

@@ -520,3 +520,27 @@ def test_a_patch_that_would_grow_the_session_beyond_one_state_record_is_invalid(
     assert kinds(out) == ["INVALID_MERGE"] * 3
     assert len(h.store.data[KEY]) < RECORD_MAX_BYTES // 2
     assert len(stored(h)["charging_periods"]) == 46000
+
+
+def test_a_replayed_copy_of_an_event_dated_like_the_stored_session_is_not_applied_again() -> None:
+    """Two pushes with one `last_updated`: the later arrival wins. `ocpi-pipeline replay` sends every event again
+    after the whole history, so the copy of the first arrives after the second, and "equal is applied" applied it
+    again: the Session went back to the content the second had replaced (until the second's copy came), a new
+    version was written, and the first's raw_events row (APPLIED, source PUSH) became a REPLAY row. The copy was
+    received before the event the stored Session came from: it changes nothing."""
+    h = harness()
+    first = event("Session", session(kwh="1", updated=20), received=1)
+    second = event("Session", session(kwh="2", updated=20), received=2)
+    h.run(first, second)
+    version = h.state(KEY).version
+    out = h.run(event("Session", session(kwh="1", updated=20), received=1, event_id=first.event_id,
+                      source="REPLAY"))
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "sessions") == []
+    assert out.outcomes == {"REPLAYED_STALE": 1}
+    assert stored(h)["kwh"] == 2 and h.state(KEY).version == version
+
+    # Topics that hold only replayed copies (a rebuild after `replay --from-archive`): the later arrival still wins.
+    h = harness()
+    out = h.run(event("Session", session(kwh="1", updated=20), received=1, source="REPLAY"),
+                event("Session", session(kwh="2", updated=20), received=2, source="REPLAY"))
+    assert out.outcomes == {"APPLIED": 2} and stored(h)["kwh"] == 2
