@@ -41,7 +41,8 @@ from tests.unit.pipeline import builders as b
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
-EXCLUDED = {"raw_events": ("inserted_at",), "rejections": ("inserted_at",), "dead_letters": ("recorded_at",)}
+EXCLUDED: dict[str, tuple[str, ...]] = {
+    "raw_events": ("inserted_at",), "rejections": ("inserted_at",), "dead_letters": ("recorded_at",)}
 NOT_WRITTEN_BY_THE_PIPELINE = {"partners", "schema_migrations", "pseudonym_key"}
 
 
@@ -242,7 +243,7 @@ async def test_replay_from_an_archive_changes_no_row(story: Story, tmp_path: Pat
 # What a rebuild may write otherwise (README, "Rebuild"): a reconciliation or credit-link row's version is its
 # fact's event time, raised by one for each further row of the subject at that time, and the rebuild worker saw the
 # party's facts in other batches.
-REBUILD_MAY_DIFFER = {"reconciliation": ("version",), "credit_links": ("version",)}
+REBUILD_MAY_DIFFER: dict[str, tuple[str, ...]] = {"reconciliation": ("version",), "credit_links": ("version",)}
 
 
 async def test_rebuild_changes_no_row(story: Story) -> None:
