@@ -48,6 +48,7 @@ from infra.settings import Settings
 from ocpi.identity import ObjectKey
 from pipeline.jobs.archive import archive_files, count_records, event_of, read_archive_file
 from pipeline.jobs.common import (
+    MODULES,
     Checkpoint,
     JobError,
     JobProgress,
@@ -67,6 +68,7 @@ from pipeline.jobs.kafka_io import (
     partitions_of,
     read_ranges,
 )
+from pipeline.records import misfit
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +181,21 @@ class _Run:
         if self._log is not None:
             self._log.unlink(missing_ok=True)
 
-    def prepare(self, event: DecodedEvent, key: bytes | None = None) -> tuple[str, bytes, bytes] | None:
-        """The REPLAY record of `event`, or None when the selection leaves it out or it was sent already."""
+    def module_of(self, topic: str) -> str:
+        """The module whose topic `topic` is."""
+        return next(m for m in MODULES if self.settings.kafka.topic_for(m) == topic)
+
+    def prepare(self, event: DecodedEvent, module: str, key: bytes | None = None,
+                where: str = "") -> tuple[str, bytes, bytes] | None:
+        """The REPLAY record of `event` read from `module`'s topic (or archive directory), or None when the
+        selection leaves it out, it was sent already, or it does not fit that topic: the pipeline dead-lettered
+        it (`records.misfit`), and its copy would be another dead letter at every replay, or, another module's
+        event, be published to that module's topic and applied there."""
+        reason = misfit(event, module.upper())
+        if reason is not None:
+            self.report.undecodable += 1
+            log.warning("%s: does not fit its topic, not replayed (the pipeline dead-lettered it): %s", where, reason)
+            return None
         if event.module.lower() not in self.selection.modules or not self.selection.matches(event):
             self.report.filtered += 1
             return None
@@ -318,7 +333,9 @@ async def _replay_kafka(settings: Settings, bootstrap: str, selection: Selection
             prepared_batch = []
             for record in records:
                 event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
-                prepared = run.prepare(event, record.key) if event is not None else None
+                where = f"{rng.topic}/{rng.partition}@{record.offset}"
+                module = remaining[(rng.topic, rng.partition)]["module"]
+                prepared = run.prepare(event, module, record.key, where) if event is not None else None
                 if prepared is not None:
                     prepared_batch.append(prepared)
 
@@ -355,7 +372,8 @@ async def _dry_run_kafka(bootstrap: str, todo: list[PartitionRange], run: _Run,
         async for rng, records in batches:
             for record in records:
                 event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
-                if event is not None and run.prepare(event, record.key) is not None:
+                module = run.module_of(rng.topic)
+                if event is not None and run.prepare(event, module, record.key) is not None:
                     matching[(rng.topic, rng.partition)] = matching.get((rng.topic, rng.partition), 0) + 1
             progress.advance(len(records))
     for line in report.lines:
@@ -417,7 +435,7 @@ async def _replay_archive(settings: Settings, bootstrap: str, root: Path, select
             line.matching = 0
             if entry in todo:
                 for _n, event in _archive_events(root, entry, report):
-                    line.matching += event is not None and run.prepare(event) is not None
+                    line.matching += event is not None and run.prepare(event, entry["module"]) is not None
                 progress.advance(entry["records"] - entry["next"])
         return report
     checkpoint.save(state)
@@ -425,7 +443,7 @@ async def _replay_archive(settings: Settings, bootstrap: str, root: Path, select
         for entry in todo:
             batch: list[tuple[str, bytes, bytes]] = []
             for consumed, event in _archive_events(root, entry, report):
-                prepared = run.prepare(event) if event is not None else None
+                prepared = run.prepare(event, entry["module"], where=entry["path"]) if event is not None else None
                 if prepared is not None:
                     batch.append(prepared)
                 if consumed % BATCH == 0:

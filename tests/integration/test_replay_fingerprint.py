@@ -165,6 +165,9 @@ def _extras(settings: Settings) -> list[tuple[str, bytes, bytes]]:
                                          uid="TV1"), received_at=at(23)),
     ]
     out.append((settings.kafka.topic_cdrs, b"NL/TNM/GARBAGE", b"\xc3\x01not an avro record"))  # a dead letter
+    # A well-formed event that does not fit its topic (an EVSE push without evse_uid): a dead letter too.
+    out.append(r(settings, "EVSEPatch", {"status": "CHARGING", "last_updated": b.iso(b.ts(7))}, object_id="LD1",
+                 received_at=at(24)))
     return out
 
 

@@ -140,18 +140,32 @@ def test_a_replayed_record_is_the_recorded_event_marked_replay(settings_for: Any
     report = ReplayReport(job="t", status="done")
     run = _Run(settings, Selection(modules=("sessions",)), report)
     original = _event()
-    prepared = run.prepare(original)
+    prepared = run.prepare(original, "sessions")
     assert prepared is not None
     topic, key, value = prepared
     replayed = decode_event(value)
     assert (topic, key) == (settings.kafka.topic_sessions, b"BE/BEC/101")
     assert replayed.source == "REPLAY"
     assert {**replayed.to_event(), "source": "PUSH"} == original.to_event()  # id, hash, payload unchanged
-    assert run.prepare(original) is None and report.duplicates == 1  # each event id once per run
-    assert run.prepare(_event()) is not None  # another event id
-    assert _Run(settings, Selection(modules=("cdrs",)), report).prepare(original) is None
+    assert run.prepare(original, "sessions") is None and report.duplicates == 1  # each event id once per run
+    assert run.prepare(_event(), "sessions") is not None  # another event id
+    assert _Run(settings, Selection(modules=("cdrs",)), report).prepare(original, "sessions") is None
     assert report.filtered == 1
     assert json.loads(json.dumps(report.__dict__, default=str))["sent"] == 0
+
+
+def test_an_event_that_does_not_fit_the_topic_it_was_read_from_is_not_replayed(settings_for: Any) -> None:
+    """The pipeline dead-letters a well-formed event that does not fit its topic (`records.misfit`: another module's
+    event, an EVSE push without evse_uid). Replayed, its copy was published to its module's topic: another dead
+    letter at every replay (a new row of `dead_letters`, keyed by the copy's offset), or, for another module's event,
+    applied there (a CDR found on the Sessions topic billed by the replay)."""
+    settings = settings_for()
+    report = ReplayReport(job="t", status="done")
+    run = _Run(settings, Selection(modules=MODULES), report)
+    assert run.prepare(_event(), "cdrs") is None  # a Session found on the CDRs topic
+    assert run.module_of(settings.kafka.topic_cdrs) == "cdrs"
+    assert report.undecodable == 1 and report.filtered == 0 and run.seen == set()
+    assert run.prepare(_event(), "sessions") is not None
 
 
 def test_a_rebuild_reads_every_topic_the_receivers_write_as_it_is_and_renames_the_rest() -> None:
