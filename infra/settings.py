@@ -279,11 +279,14 @@ class StorageSettings:
 
 
 def private_dir(path: Path) -> Path:
-    """`path` as a directory, created readable by its owner only (0700; missing parents as the umask makes them) if
-    it does not exist: the data dir holds the embedded store (the partners' records, with the tokens we call them
-    with in clear), the Faust state (token uids, contract ids) and the logs. An existing directory keeps its mode,
-    which is the operator's choice."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """`path` as a directory, created readable by its owner only (0700, and so are the parents it creates) if it
+    does not exist: the data dir holds the embedded store (the partners' records, with the tokens we call them
+    with in clear), the Faust state (token uids, contract ids) and the logs. The parents too: the store's
+    directory is `OCPI_DATA_DIR/clickhouse`, and `migrate` on a fresh data dir created the data dir itself with
+    the umask's mode. An existing directory keeps its mode, which is the operator's choice."""
+    missing = [path, *(parent for parent in path.parents if not parent.exists())]
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True, mode=0o700)
     return path
 
 

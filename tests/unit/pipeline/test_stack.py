@@ -146,6 +146,8 @@ async def test_the_data_dir_a_stack_creates_is_its_owners_only(tmp_path: Path, m
 def test_the_worker_and_the_embedded_store_create_their_directories_owner_only(tmp_path: Path) -> None:
     created = private_dir(tmp_path / "data" / "faust")
     assert created.is_dir() and created.stat().st_mode & 0o777 == 0o700
+    # and the data dir it created on the way (`migrate` on a fresh one: the store is OCPI_DATA_DIR/clickhouse)
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
     existing = tmp_path / "shared"
     existing.mkdir(mode=0o750)
     private_dir(existing)  # an operator's own directory keeps the mode it was given
