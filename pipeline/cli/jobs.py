@@ -149,22 +149,22 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
 
 def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, console: Console,
              partial_history: bool) -> None:
-    from pipeline.jobs.rebuild import rebuild
-    from pipeline.jobs.replay import Selection, plan_kafka
+    from pipeline.jobs.rebuild import rebuild, source_targets, truncated_partitions
 
     if dry_run:
-        planned = _run(plan_kafka(settings, bootstrap, Selection(modules=MODULES)), "nothing was changed",
+        targets = _run(source_targets(settings, bootstrap), "nothing was changed",
                        bootstrap)
+        modules = {settings.kafka.topic_for(m): m for m in MODULES} | {settings.kafka.topic_rejections: "rejections"}
         table = Table("module", "partition", "offsets", "records",
                       title=f"rebuild of database {settings.clickhouse.database} (dry run: nothing changed)")
-        for module, rng in planned:
-            table.add_row(module, f"{rng.topic}/{rng.partition}", f"{rng.start}-{rng.stop - 1}" if rng.span else "–",
-                          str(rng.span))
+        for topic, partition, begin, end in targets:
+            table.add_row(modules[topic], f"{topic}/{partition}", f"{begin}-{end - 1}" if end > begin else "–",
+                          str(end - begin))
         console.print(table)
-        truncated = sum(1 for _module, rng in planned if rng.start > 0)
+        truncated = truncated_partitions(targets)
         if truncated:
-            console.print(f"retention deleted the start of {truncated} partition(s) (offsets not from 0): a rebuild "
-                          "is refused without --partial-history")
+            console.print(f"retention deleted the start of {len(truncated)} partition(s) (offsets not from 0): a "
+                          "rebuild is refused without --partial-history")
         return
     with RichProgress() as progress:
         report = _run(rebuild(settings, bootstrap, timeout=timeout, progress=progress,

@@ -113,6 +113,19 @@ async def rebuild(settings: Settings, bootstrap: str, *, timeout: float = 3600.0
                               partial_history=partial_history)
 
 
+async def source_targets(settings: Settings, bootstrap: str) -> list[list[Any]]:
+    """[topic, partition, first offset held, end offset] of every partition a rebuild reads (the module topics and
+    the rejections topic); JobError when one of those topics does not exist (a wrong OCPI_TOPIC_* or bootstrap):
+    the rebuild worker would create it empty, and the swap put its empty tables live."""
+    tps = await topic_partitions(bootstrap, _source_topics(settings))
+    missing = sorted(set(_source_topics(settings)) - {tp.topic for tp in tps})
+    if missing:
+        raise JobError(f"rebuild not started: topic {', '.join(missing)} does not exist on the Kafka at "
+                       f"{bootstrap}; check OCPI_KAFKA_BOOTSTRAP and the OCPI_TOPIC_* settings")
+    bounds = await offset_bounds(settings.kafka, bootstrap, tps)
+    return [[tp.topic, tp.partition, begin, end] for tp, (begin, end) in bounds.items()]
+
+
 def truncated_partitions(targets: list[list[Any]]) -> list[str]:
     """The source partitions whose first offset is not 0: Kafka deleted their oldest records (retention). A
     rebuild from them swaps in tables without what only those records held (CDRs, Sessions, Locations not
@@ -152,13 +165,7 @@ async def _rebuild(settings: Settings, bootstrap: str, *, timeout: float, progre
         log_path = jobs_dir(settings, "rebuild") / state["job"] / "worker.log"
         if state["status"] == "building":
             if "targets" not in state:
-                tps = await topic_partitions(bootstrap, _source_topics(settings))
-                missing = sorted(set(_source_topics(settings)) - {tp.topic for tp in tps})
-                if missing:  # the rebuild worker would create it empty, and the swap put its empty tables live
-                    raise JobError(f"rebuild not started: topic {', '.join(missing)} does not exist on the Kafka at "
-                                   f"{bootstrap}; check OCPI_KAFKA_BOOTSTRAP and the OCPI_TOPIC_* settings")
-                bounds = await offset_bounds(settings.kafka, bootstrap, tps)
-                targets = [[tp.topic, tp.partition, begin, end] for tp, (begin, end) in bounds.items()]
+                targets = await source_targets(settings, bootstrap)
                 truncated = truncated_partitions(targets)
                 if truncated and not partial_history:
                     named = ", ".join(truncated[:3]) + (" …" if len(truncated) > 3 else "")

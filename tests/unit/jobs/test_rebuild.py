@@ -207,3 +207,26 @@ async def test_a_rebuild_refuses_to_start_when_a_topic_it_reads_does_not_exist(
     with pytest.raises(JobError, match=re.escape(settings.kafka.topic_for("cdrs"))):
         await rebuild_mod.rebuild(settings, "broker.invalid:9092")
     assert started == []  # no rebuild database migrated (left behind empty), no worker
+
+
+def test_the_dry_run_lists_every_partition_the_rebuild_reads_and_says_when_it_would_refuse(
+        settings_for: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dry run planned the module topics only: a truncated rejections topic, which the rebuild reads and
+    refuses on, went unmentioned, though README says the dry run says so."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    settings = settings_for()
+
+    async def targets(_settings: Any, _bootstrap: str) -> list[list[Any]]:
+        return [[settings.kafka.topic_cdrs, 0, 0, 7], [settings.kafka.topic_rejections, 0, 40, 90]]
+
+    monkeypatch.setattr(rebuild_mod, "source_targets", targets)
+    env = {"OCPI_DATA_DIR": str(settings.storage.path), "OCPI_KAFKA_BOOTSTRAP": "broker.invalid:9092",
+           "OCPI_TOPIC_CDRS": settings.kafka.topic_cdrs, "OCPI_TOPIC_REJECTIONS": settings.kafka.topic_rejections,
+           "COLUMNS": "200"}
+    result = CliRunner().invoke(cli, ["replay", "--rebuild", "--dry-run"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "rejections" in result.output and "40-89" in result.output and "0-6" in result.output
+    assert "retention deleted the start of 1 partition(s)" in result.output
