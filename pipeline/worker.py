@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import faust
+from clickhouse_connect.driver.exceptions import DatabaseError
 from kafka import KafkaAdminClient
 
 from infra.clickhouse.client import ClickHouseUnavailable
@@ -86,6 +87,12 @@ def check_pseudonym_key(settings: Settings, *, wait_s: float = KEY_CHECK_WAIT_S)
         try:
             check_key(sink_client(settings), load_key(settings), recorded_by=f"worker {settings.pipeline.app_id}")
             return
+        except DatabaseError as exc:
+            if "UNKNOWN_TABLE" not in str(exc):
+                raise
+            # A database that exists (created by hand, or by a DBA) but was never migrated.
+            raise ClickHouseUnavailable(f"database {settings.clickhouse.database} has no pseudonym_key table: run "
+                                        "`ocpi-pipeline migrate`") from exc
         except ClickHouseUnavailable as exc:
             if answered(exc) or time.monotonic() > deadline:
                 raise  # a server that refuses us (password, database) will refuse again

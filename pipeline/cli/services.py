@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from infra.clickhouse.client import ClickHouseUnavailable, chdb_path, effective_dsn
+from infra.kafka.admin import TopicConfigError
 from infra.kafka.bootstrap import KafkaNotConfigured, reachable, resolve_bootstrap
 from infra.kafka.embedded import EmbeddedBrokerError
 from infra.settings import Settings, load_settings
@@ -97,7 +98,7 @@ def worker(ctx: click.Context) -> None:
     settings = load_settings()
     try:
         run_worker(settings, loglevel=ctx.obj["log_level"])
-    except (KafkaNotConfigured, ClickHouseUnavailable, PseudonymKeyError) as exc:
+    except (KafkaNotConfigured, ClickHouseUnavailable, PseudonymKeyError, TopicConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     except kafka.errors.KafkaError as exc:  # the broker down or unreachable (the topics are prepared before Faust)
         where = settings.kafka.bootstrap or "the running `dev` instance"
@@ -158,7 +159,7 @@ def dev() -> None:
     settings = load_settings()
     try:
         asyncio.run(_run_dev(settings, console))
-    except (StackError, EmbeddedBrokerError, ClickHouseUnavailable) as exc:
+    except (StackError, EmbeddedBrokerError, ClickHouseUnavailable, TopicConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     except kafka.errors.KafkaError as exc:  # a configured Kafka (OCPI_KAFKA_BOOTSTRAP) down or unreachable
         raise click.ClickException(f"Kafka at {settings.kafka.bootstrap} failed ({type(exc).__name__}: {exc}); "
@@ -229,7 +230,7 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
             summary = asyncio.run(run_demo(settings, sessions=sessions, seed=seed, timeout=timeout,
                                            on_started=started, progress=lambda n: progress.advance(task, n)))
         print_summary(console, summary)
-    except (StackError, EmbeddedBrokerError, ClickHouseUnavailable) as exc:
+    except (StackError, EmbeddedBrokerError, ClickHouseUnavailable, TopicConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         if temp is not None:

@@ -176,3 +176,38 @@ def test_dev_against_a_kafka_that_is_down_says_so(tmp_path: Path, monkeypatch: p
     result = invoke(["dev"], {"OCPI_KAFKA_BOOTSTRAP": bootstrap, "OCPI_HTTP_PORT": str(free_port()),
                               "OCPI_DATA_DIR": str(tmp_path)})
     assert_one_line_error(result, "Kafka", bootstrap, "OCPI_KAFKA_BOOTSTRAP")
+
+
+def test_a_worker_on_a_database_that_exists_but_was_never_migrated_says_to_migrate(chdb_dsn: str,
+                                                                                   tmp_path: Path) -> None:
+    """A database created by hand (or by a DBA) but not migrated: the key check's query ended in a DatabaseError
+    traceback (UNKNOWN_TABLE)."""
+    from infra.clickhouse.client import connect
+
+    database = unique("empty")
+    owner = connect(chdb_dsn)
+    owner.command(f"CREATE DATABASE {database}")
+    try:
+        result = invoke(["worker"], {"OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+                                     "OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": database,
+                                     "OCPI_DATA_DIR": str(tmp_path)})
+        assert_one_line_error(result, database, "ocpi-pipeline migrate")
+    finally:
+        owner.command(f"DROP DATABASE IF EXISTS {database}")
+
+
+@pytest.mark.parametrize("command", ["worker", "dev"])
+def test_topic_configs_kafka_refuses_stop_the_start_in_one_line(command: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.kafka.admin import TopicConfigError
+
+    def refused(*_args: Any, **_options: Any) -> None:
+        raise TopicConfigError("Kafka refused the configs of t: POLICY_VIOLATION")
+
+    monkeypatch.setattr(pipeline.worker, "prepare_topics", refused)
+    monkeypatch.setattr(pipeline.worker, "check_pseudonym_key", lambda *_a, **_k: None)
+    monkeypatch.setattr(pipeline.worker, "drop_state_without_changelog", lambda *_a, **_k: False)
+    monkeypatch.setattr(pipeline.stack, "ensure_topics", refused)
+    result = invoke([command], {"OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "OCPI_HTTP_PORT": str(free_port()),
+                                "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, "POLICY_VIOLATION")
