@@ -37,6 +37,7 @@ __all__ = [
     "OBJECTS",
     "OPEN_ENUM_FIELDS",
     "PATCHES",
+    "REGEX_MAX_LENGTH",
     "SPEC_VERSION",
     "TIME_OF_DAY_PATTERN",
     "WIRE_VERSION",
@@ -477,9 +478,9 @@ CredentialsToken = Annotated[str, msgspec.Meta(max_length=64, pattern=CREDENTIAL
 Int = Annotated[int, msgspec.Meta(ge=-9223372036854775808, le=9223372036854775807)]
 Int1To7 = Annotated[int, msgspec.Meta(ge=1, le=7)]
 IntDigits5 = Annotated[int, msgspec.Meta(ge=-99999, le=99999)]
-Latitude = Annotated[str, msgspec.Meta(max_length=10, pattern=LATITUDE_PATTERN)]
+Latitude = Annotated[str, msgspec.Meta(max_length=11, pattern=LATITUDE_PATTERN)]
 LocalDate = Annotated[str, msgspec.Meta(max_length=10, pattern=LOCAL_DATE_PATTERN)]
-Longitude = Annotated[str, msgspec.Meta(max_length=11, pattern=LONGITUDE_PATTERN)]
+Longitude = Annotated[str, msgspec.Meta(max_length=12, pattern=LONGITUDE_PATTERN)]
 String = Annotated[str, msgspec.Meta(pattern=STRING_PATTERN)]
 String10 = Annotated[str, msgspec.Meta(max_length=10, pattern=STRING_PATTERN)]
 String100 = Annotated[str, msgspec.Meta(max_length=100, pattern=STRING_PATTERN)]
@@ -1169,6 +1170,11 @@ D2_MAX_LENGTH: Final[dict[type[OcpiObject], dict[str, int]]] = {
     Location: {"address": 45, "state": 20},
     LocationPatch: {"address": 45, "state": 20},
     SignedValue: {"plain_data": 512},
+}
+# Patterns whose matches are longer than their fields' declared length: the regex's length.
+REGEX_MAX_LENGTH: Final[dict[str, int]] = {
+    r"^-?[0-9]{1,2}\.[0-9]{5,7}\Z": 11,
+    r"^-?[0-9]{1,3}\.[0-9]{5,7}\Z": 12,
 }
 # `?` fields with a documented default: null means the default, as absent does.
 NULL_MEANS_DEFAULT: Final[dict[type[OcpiObject], dict[str, Any]]] = {

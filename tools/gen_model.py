@@ -51,6 +51,11 @@ PATTERN_ALIASES = {
     r"^([12][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$": "LocalDate",
     r"^[\x21-\x7E]+$": "CredentialsToken",
 }
+# Patterns whose own matches are longer than the field's declared length: GeoLocation's latitude string(10) and
+# longitude string(11) are one short of their regexes for a negative value with 7 decimals (`-33.8688197`,
+# `-122.4194155`: Sydney, San Francisco). The regex is the rule (12-receiver-pitfalls #12); such a Location was
+# refused whole. The length is the longest the regex matches.
+REGEX_MAX_LENGTH = {"Latitude": 11, "Longitude": 12}
 INT64 = (-(2**63), 2**63 - 1)
 # Repeated on every class: type checkers do not inherit dataclass_transform options from the base.
 STRUCT_BASE = "OcpiObject, kw_only=True, frozen=True"
@@ -84,6 +89,7 @@ class Generator:
         self.aliases: dict[str, str] = {}  # alias name → definition
         self.patterns: dict[str, str] = {}  # constant name → raw string literal
         self.d2_max_length: dict[str, dict[str, int]] = {}
+        self.regex_lengths: dict[str, int] = {}  # pattern -> the longer length its matches have
         self.na_allowed: dict[str, list[str]] = {}
         self.null_defaults: dict[str, dict[str, Any]] = {}
         self.open_enum_fields: dict[str, dict[str, str]] = {}
@@ -109,6 +115,8 @@ class Generator:
             if pattern not in PATTERN_ALIASES:
                 fail(f"{obj}.{field['name']}: unknown pattern {pattern!r}, add it to PATTERN_ALIASES")
             name = PATTERN_ALIASES[pattern]
+            if name in REGEX_MAX_LENGTH:
+                self.regex_lengths[struct_pattern(pattern)] = max_length = REGEX_MAX_LENGTH[name]
             constant = re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper() + "_PATTERN"
             self.patterns[constant] = raw_literal(struct_pattern(pattern))
             meta = f"max_length={max_length}, pattern={constant}"
@@ -353,6 +361,10 @@ class Generator:
             out.append(f"    {obj}: {{{text}}},")
             if obj in PATCHABLE:
                 out.append(f"    {obj}Patch: {{{text}}},")
+        out += ["}", "# Patterns whose matches are longer than their fields' declared length: the regex's length."]
+        out.append("REGEX_MAX_LENGTH: Final[dict[str, int]] = {")
+        for pattern, length in sorted(self.regex_lengths.items()):
+            out.append(f"    {raw_literal(pattern)}: {length},")
         out += ["}", "# `?` fields with a documented default: null means the default, as absent does."]
         out.append("NULL_MEANS_DEFAULT: Final[dict[type[OcpiObject], dict[str, Any]]] = {")
         for obj, defaults in self.null_defaults.items():
@@ -360,7 +372,7 @@ class Generator:
             out.append(f"    {obj}: {{{text}}},")
         out += ["}", ""]
         exported += ["D2_MAX_LENGTH", "ENUMS", "NA_ALLOWED", "NULL_MEANS_DEFAULT", "OBJECTS"]
-        exported += ["OPEN_ENUM_FIELDS", "PATCHES"]
+        exported += ["OPEN_ENUM_FIELDS", "PATCHES", "REGEX_MAX_LENGTH"]
 
         text = "\n".join(out)
         text = text.replace("@@ALL@@", "\n".join(f'    "{name}",' for name in sort_all(exported)))

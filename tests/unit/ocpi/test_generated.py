@@ -59,7 +59,7 @@ def _check_item(
         if d2 is not None:  # errata field: the Struct takes the longer length, decode enforces the d2 one
             if d2 != expected_length or kind.max_length is None or kind.max_length <= d2:
                 yield f"{where}: errata lengths (d2 {d2}, struct {kind.max_length}, spec {expected_length})"
-        elif kind.max_length != expected_length:
+        elif kind.max_length != _generated.REGEX_MAX_LENGTH.get(kind.pattern or "", expected_length):
             yield f"{where}: max_length {kind.max_length} != {expected_length}"
         if "pattern" in field:
             pattern = field["pattern"][:-1] + r"\Z" if field["pattern"].endswith("$") else field["pattern"]

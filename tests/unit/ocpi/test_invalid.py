@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 
 from ocpi import OcpiValidationError, decode
-from ocpi._generated import D2_MAX_LENGTH, OBJECTS, OPEN_ENUM_FIELDS, PATCHES, Session, VersionDetails
+from ocpi._generated import (
+    D2_MAX_LENGTH,
+    OBJECTS,
+    OPEN_ENUM_FIELDS,
+    PATCHES,
+    REGEX_MAX_LENGTH,
+    Session,
+    VersionDetails,
+)
 
 from .samples import ENUMS, minimal
 from .samples import OBJECTS as SPEC_OBJECTS
@@ -64,6 +72,8 @@ def _cases() -> Iterator[Case]:
                 and once("too_long")
             ):
                 limit = D2_MAX_LENGTH.get(OBJECTS[name], {}).get(fname, field["max_length"])
+                if "pattern" in field:  # a pattern's own matches may be longer (coordinates): that length
+                    limit = REGEX_MAX_LENGTH.get(field["pattern"][:-1] + r"\Z", limit)
                 value, path = bad("7" * (limit + 1))
                 yield name, fname, value, path, f"longer than {limit} characters"
             if field["type"] == "CiString" and once("non_ascii"):
@@ -439,3 +449,21 @@ def test_a_location_patch_that_publishes_and_sets_publish_allowed_to_is_refused(
                   {"publish_allowed_to": [token]}, {"publish": True, "publish_allowed_to": []},
                   {"publish": True, "publish_allowed_to": None}):
         decode(dumps(alone | {"last_updated": "2019-06-24T12:39:09Z"}), model.LocationPatch)
+
+
+@pytest.mark.parametrize(("latitude", "longitude"), [("-33.8688197", "151.2092955"), ("37.7749295", "-122.4194155"),
+                                                     ("-9.1234567", "-77.0427934")])
+def test_coordinates_as_long_as_their_regex_allows_are_accepted(latitude: str, longitude: str) -> None:
+    """A negative value with 7 decimals matches the spec's regex but is one character over the declared
+    string(10)/string(11) (Sydney, San Francisco): the whole Location was refused."""
+    body = {**minimal("Location"), "coordinates": {"latitude": latitude, "longitude": longitude}}
+    assert decode(dumps(body), OBJECTS["Location"]).value.coordinates.latitude == latitude
+
+
+@pytest.mark.parametrize(("field", "value"), [("latitude", "-33.86881970"), ("longitude", "-122.41941550"),
+                                              ("latitude", "133.8688197")])
+def test_coordinates_beyond_their_regex_are_refused(field: str, value: str) -> None:
+    body = {**minimal("Location"), "coordinates": {"latitude": "51.047599", "longitude": "3.729944", field: value}}
+    with pytest.raises(OcpiValidationError) as refused:
+        decode(dumps(body), OBJECTS["Location"])
+    assert refused.value.path == f"$.coordinates.{field}"
