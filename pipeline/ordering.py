@@ -41,6 +41,7 @@ from ocpi.model import (
 )
 from ocpi.patch import merge_location, merge_session, patch_connector, patch_evse, put_connector, put_evse
 from pipeline import wire
+from pipeline.retention import pseudonym_growth
 from pipeline.state import Parked
 
 T = TypeVar("T")
@@ -98,15 +99,28 @@ def newest(*moments: datetime | None) -> datetime | None:
 # The largest OCPI JSON of an object its stage-1 state may hold. The state is one changelog record, which a broker
 # refuses above RECORD_MAX_BYTES (16 MB) for good (the worker would retry its batch for ever), and holds up to
 # `stage.PARKED_MAX_BYTES` (8 MB) of parked events and a few other fields besides. A push is at most 4 MB, but a
-# Session grows by appended charging periods and a Location by EVSE pushes: a merge beyond this is refused.
+# Session grows by appended charging periods and a Location by EVSE pushes: a merge beyond this is refused. So is
+# a Location that would exceed it once pseudonymised (a one-character uid becomes 36 characters).
 OBJECT_MAX_BYTES: Final = RECORD_MAX_BYTES // 2 - 1024 * 1024
 
 
-def _within_state(kind: str, merged: tuple[T, bytes]) -> tuple[T, bytes]:
-    if len(merged[1]) > OBJECT_MAX_BYTES:
-        raise InvalidMerge(f"the {kind} would be {len(merged[1])} bytes of JSON, more than {OBJECT_MAX_BYTES} (what "
-                           "its state can hold)")
+def _within_state(kind: str, merged: tuple[T, bytes], growth: int = 0) -> tuple[T, bytes]:
+    """`merged` unless its JSON, with the `growth` pseudonymisation may add to it later, exceeds OBJECT_MAX_BYTES:
+    the state retention pass rewrites the stored object in place (`pipeline.state_retention`)."""
+    size = len(merged[1])
+    if size + growth > OBJECT_MAX_BYTES:
+        grown = f" ({size + growth} once pseudonymised)" if growth else ""
+        raise InvalidMerge(f"the {kind} would be {size} bytes of JSON{grown}, more than {OBJECT_MAX_BYTES} (what its "
+                           "state can hold)")
     return merged
+
+
+def _pseudonymised_growth(location: Location) -> int:
+    """What pseudonymising its `publish_allowed_to` (uids, visual numbers) may add to a Location's JSON."""
+    allowed = location.publish_allowed_to
+    if not allowed:
+        return 0
+    return sum(pseudonym_growth(token.uid) + pseudonym_growth(token.visual_number) for token in allowed)
 
 
 def merge_session_patch(stored: wire.StoredStruct[Session], current_json: bytes, patch: dict[str, Any],
@@ -167,7 +181,7 @@ def apply_location_event(current: Location | None, event: DecodedEvent,
         raise NeedsObject(exc.what) from exc
     except (OcpiValidationError, ValueError, TypeError) as exc:
         raise InvalidMerge(str(exc)) from exc
-    return _within_state("Location", merged)
+    return _within_state("Location", merged, _pseudonymised_growth(merged[0]))
 
 
 def _apply_to(current: Location, event: DecodedEvent, payload: dict[str, Any]) -> Location:

@@ -59,6 +59,15 @@ PREFIX: Final = "psn:"
 _PSEUDONYM: Final = re.compile(r"psn:[0-9a-f]{32}")
 
 
+PSEUDONYM_LENGTH: Final = len(PREFIX) + 32
+
+
+def pseudonym_growth(value: object) -> int:
+    """How many characters pseudonymising `value`, a personal identifier, adds to it at most: a pseudonym has
+    PSEUDONYM_LENGTH of them, more than a short uid or visual number (`{"uid": "1"}` grows fourfold)."""
+    return max(0, PSEUDONYM_LENGTH - len(value)) if isinstance(value, str) and value else 0
+
+
 def is_pseudonym(value: str) -> bool:
     """Whether `value` is a pseudonym (`psn:` + 32 lower-case hex digits), not a clear value that merely starts
     with `psn:` (a CiString a CPO may well send), which would otherwise stay in clear for ever."""

@@ -19,7 +19,8 @@ from pipeline import wire
 from pipeline.cdrs import process_cdrs
 from pipeline.facts import session_fact
 from pipeline.locations import process_locations
-from pipeline.projection import LOCATION_COLUMNS, RAW_EVENT_COLUMNS, SESSION_COLUMNS
+from pipeline.ordering import OBJECT_MAX_BYTES
+from pipeline.projection import ANOMALY_COLUMNS, LOCATION_COLUMNS, RAW_EVENT_COLUMNS, SESSION_COLUMNS
 from pipeline.retention import (
     BILLING_STATE_TABLES,
     PERSONAL_STATE_TABLES,
@@ -565,3 +566,26 @@ def test_a_location_state_of_parked_events_alone_leaves_like_a_session_state_of_
     assert target.expired(stray.store.data[LOC], ts(6))
     assert not target.expired(stray.store.data[LOC], ts(5))  # its newest parked event was received at minute 5
     assert not target.expired(published.store.data[LOC], years_later)
+
+
+# --- state bounds: pseudonyms are longer than short identifiers ---------------------------------------------------
+
+
+def test_a_location_is_bounded_by_the_size_its_pseudonymised_json_will_have() -> None:
+    # 140,000 one-character uids in `publish_allowed_to`: a valid push of 3.8 MB, within ordering.OBJECT_MAX_BYTES,
+    # but 8.7 MB once the pass has replaced each uid with its 36-character pseudonym. Stored, the pass grew the state's
+    # Location beyond the bound (every later merge onto it INVALID_MERGE: its EVSE updates were all dropped), and
+    # with EVSEs added up to the bound beyond RECORD_MAX_BYTES, a changelog record the broker refuses for good (the
+    # pass retried it for ever, holding the table's lock). Such a Location is refused like a merge beyond the bound.
+    many = [{"uid": str(n % 10), "type": "RFID"} for n in range(140_000)]
+    h = location_harness()
+    out = h.run(event("Location", location(publish=False, publish_allowed_to=many), received=1))
+    assert outcomes(out) == ["INVALID"]
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["INVALID_MERGE"]
+    # One that fits once pseudonymised is stored, and still fits after the pass.
+    fewer = many[:40_000]
+    out = h.run(event("Location", location(publish=False, publish_allowed_to=fewer), received=2))
+    assert outcomes(out) == ["APPLIED"]
+    assert location_pass(h, cutoff_min=3) is not None
+    assert len(h.state(LOC).object_json or b"") <= OBJECT_MAX_BYTES
+    assert outcomes(h.run(evse_patch("CHARGING", 4))) == ["APPLIED"]
