@@ -68,6 +68,18 @@ def pseudonym_growth(value: object) -> int:
     return max(0, PSEUDONYM_LENGTH - len(value)) if isinstance(value, str) and value else 0
 
 
+def pseudonymised_growth(data: dict[str, Any]) -> int:
+    """How many characters `pseudonymise_fields` adds to `data` (a Session/Location or a PATCH of one, as decoded)
+    at most: the growth of each personal identifier it holds."""
+    token = data.get("cdr_token")
+    values = [token.get("uid"), token.get("contract_id")] if isinstance(token, dict) else [token]
+    values.append(data.get("authorization_reference"))
+    allowed = data.get(LOCATION_PERSONAL_FIELD)
+    for entry in allowed if isinstance(allowed, list) else ():
+        values += [entry.get("uid"), entry.get("visual_number")] if isinstance(entry, dict) else [entry]
+    return sum(map(pseudonym_growth, values))
+
+
 def is_pseudonym(value: str) -> bool:
     """Whether `value` is a pseudonym (`psn:` + 32 lower-case hex digits), not a clear value that merely starts
     with `psn:` (a CiString a CPO may well send), which would otherwise stay in clear for ever."""

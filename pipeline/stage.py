@@ -14,6 +14,7 @@ from infra.settings import PipelineSettings
 from pipeline import ordering, projection
 from pipeline.facts import Fact, party_key
 from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, Record, sub_id, utc_now
+from pipeline.retention import pseudonymised_growth
 from pipeline.sink import Batch
 from pipeline.state import RECENT_EVENT_IDS, Parked
 
@@ -181,8 +182,13 @@ PARKED_MAX_BYTES: Final = RECORD_MAX_BYTES // 2
 
 
 def parking_full(parked: list[Parked], record: Record, park_max: int) -> bool:
-    """Whether `record` may not be parked beside `parked`: `park_max` of them, or PARKED_MAX_BYTES with it."""
-    return len(parked) >= park_max or sum(len(p.value) for p in parked) + len(record.value) > PARKED_MAX_BYTES
+    """Whether `record` may not be parked beside `parked`: `park_max` of them, or PARKED_MAX_BYTES with it, each
+    counted with what pseudonymising its personal identifiers may add (the state retention pass rewrites parked
+    events in place, and a one-character uid becomes a 36-character pseudonym)."""
+    if len(parked) >= park_max or sum(len(p.value) for p in parked) + len(record.value) > PARKED_MAX_BYTES:
+        return True
+    grown = sum(len(p.value) + pseudonymised_growth(decode_event(p.value).payload) for p in parked)
+    return grown + len(record.value) + pseudonymised_growth(record.event.payload) > PARKED_MAX_BYTES
 
 
 def to_parked(record: Record) -> Parked:

@@ -14,6 +14,7 @@ from typing import Any, cast
 import msgspec
 
 from infra.codec import decode_event
+from infra.kafka.admin import RECORD_MAX_BYTES
 from ocpi.model import Location, Session
 from pipeline import wire
 from pipeline.cdrs import process_cdrs
@@ -589,3 +590,19 @@ def test_a_location_is_bounded_by_the_size_its_pseudonymised_json_will_have() ->
     assert location_pass(h, cutoff_min=3) is not None
     assert len(h.state(LOC).object_json or b"") <= OBJECT_MAX_BYTES
     assert outcomes(h.run(evse_patch("CHARGING", 4))) == ["APPLIED"]
+
+
+def test_parked_events_are_bounded_by_the_size_their_pseudonymised_records_will_have() -> None:
+    # Three Location PATCHes of 140,000 one-character uids each (1.1 MB Avro records: 3.4 MB, within
+    # stage.PARKED_MAX_BYTES) parked for a Location not pushed yet became 18 MB of state once the pass pseudonymised
+    # them, a changelog record above RECORD_MAX_BYTES the broker refuses for good (the pass retried it for ever,
+    # holding the location-state lock). Counted as they will be (6 MB each), only the first fits: the others are
+    # ORPHANED at once.
+    many = [{"uid": str(n % 10), "type": "RFID"} for n in range(140_000)]
+    h = location_harness()
+    patches = [event("LocationPatch", {"publish": False, "publish_allowed_to": many, "last_updated": iso(ts(m))},
+                     object_id="LOC1", received=m) for m in (1, 2, 3)]
+    out = h.run(*patches)
+    assert outcomes(out) == ["PARKED", "ORPHANED", "ORPHANED"]
+    assert location_pass(h, cutoff_min=4) is not None
+    assert len(h.store.data[LOC]) < RECORD_MAX_BYTES
