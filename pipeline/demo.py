@@ -4,7 +4,8 @@ The simulated CPOs (`pipeline.simulator`) send full traffic: Locations with EVSE
 lifecycles by PATCH, retries, out-of-order pushes, credit and corrected CDRs. The summary is read from
 ClickHouse only: billing totals per party (credits netted), duplicates, stale updates, anomalies and
 reconciliation outcomes; and it is checked against what the simulator says must be stored (`Expected`),
-reconciliation outcomes of every CDR and Session included.
+reconciliation outcomes of every CDR and Session included, and every Session's, EVSE's and Connector's final state
+and status history as far as the acknowledged pushes determine it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from clickhouse_connect.driver.client import Client
 
 from infra.settings import Settings
-from pipeline.simulator import Expected, SimulatedCpo, SimulatedParty
+from ocpi.datetime import format_datetime
+from pipeline.simulator import EvseKey, Expected, SimulatedCpo, SimulatedParty
 from pipeline.stack import Stack
 from receivers.registry import PartnerRegistry, PartyRole
 
@@ -151,6 +154,24 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         if got is None or got[0] != want[0] or (want[1] is not None and got[1] != want[1]) or (
                 want[2] is not None and got[2] != want[2]):
             found.append(f"session {'/'.join(key)}: stored {got}, expected {want}")
+    costs: dict[tuple[str, ...], object] = {
+        (cc, pid, sid): None if excl is None else (excl, incl) for cc, pid, sid, excl, incl in client.query(
+            "SELECT country_code, party_id, session_id, total_cost_excl_vat, total_cost_incl_vat FROM sessions FINAL"
+        ).result_rows}
+    for key, cost in expected.session_cost.items():
+        stored_cost = costs.get(_upper(key), "no row")
+        if stored_cost != cost:
+            found.append(f"session {'/'.join(key)}: total_cost {_text(stored_cost)}, expected {_text(cost)}")
+    histories: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+    for cc, pid, sid, previous, status in client.query(
+            "SELECT country_code, party_id, session_id, previous_status, status FROM session_status_history FINAL "
+            "ORDER BY country_code, party_id, session_id, last_updated, version").result_rows:
+        histories.setdefault((cc, pid, sid), []).append((previous, status))
+    for key, history in expected.session_history.items():
+        stored_history = histories.get(_upper(key), [])
+        if stored_history != history:
+            found.append(f"session {'/'.join(key)}: status history {_changes(stored_history)}, "
+                         f"expected {_changes(history)}")
     locations = {tuple(key) for key in client.query(
         "SELECT country_code, party_id, location_id FROM locations FINAL").result_rows}
     for location_key in sorted(expected.locations):
@@ -162,6 +183,23 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         stored_status = evses.get(tuple(part.upper() for part in evse_key))
         if stored_status != evse_status:
             found.append(f"EVSE {'/'.join(evse_key)}: stored {stored_status}, expected {evse_status}")
+    evse_histories: dict[tuple[str, ...], list[tuple[str, str, datetime]]] = {}
+    for cc, pid, lid, uid, previous, status, changed_at in client.query(
+            "SELECT country_code, party_id, location_id, evse_uid, previous_status, status, changed_at "
+            "FROM evse_status_history FINAL ORDER BY country_code, party_id, location_id, evse_uid, changed_at, "
+            "version").result_rows:
+        evse_histories.setdefault((cc, pid, lid, uid), []).append((previous, status, _utc(changed_at)))
+    for evse_key in sorted(expected.evse_pushes):
+        found.extend(f"EVSE {'/'.join(evse_key)}: status history {problem}" for problem in _evse_history_problems(
+            evse_histories.get(_upper(evse_key), []), expected, evse_key))
+    connectors: dict[tuple[str, ...], tuple[str, ...]] = {
+        (cc, pid, lid, uid, cid): tuple(tariffs) for cc, pid, lid, uid, cid, tariffs in client.query(
+            "SELECT country_code, party_id, location_id, evse_uid, connector_id, tariff_ids FROM connectors FINAL "
+            "WHERE present").result_rows}
+    for connector_key, tariff_ids in sorted(expected.connector_tariffs.items()):
+        stored_tariffs = connectors.get(_upper(connector_key))
+        if stored_tariffs != tariff_ids:
+            found.append(f"Connector {'/'.join(connector_key)}: tariff_ids {stored_tariffs}, expected {tariff_ids}")
     reconciled: dict[tuple[str, ...], str] = {
         (subject, cc, pid, subject_id): outcome for subject, cc, pid, subject_id, outcome in client.query(
         "SELECT subject, country_code, party_id, subject_id, outcome FROM reconciliation FINAL").result_rows}
@@ -173,6 +211,45 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
     return found[:20]
 
 
+NONE = "''"  # the previous status of a first status
+
+
+def _upper(key: tuple[str, ...]) -> tuple[str, ...]:
+    """A key as sent, as the tables hold it (CiString ids upper-cased)."""
+    return tuple(part.upper() for part in key)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(map(str, value)) + ")"
+    return str(value)
+
+
+def _changes(history: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{previous or NONE} -> {status}" for previous, status in history) or "none"
+
+
+def _evse_history_problems(rows: list[tuple[str, str, datetime]], expected: Expected, key: EvseKey) -> list[str]:
+    """How an EVSE's status history rows (ordered by changed_at) differ from what its acknowledged status pushes
+    allow (`Expected.evse_history_bounds`): a row missing, one no push could write, a broken chain, another end."""
+    required, allowed = expected.evse_history_bounds(key)
+    problems = [f"lacks {previous or NONE} -> {status} at {format_datetime(at)}"
+                for previous, status, at in sorted(required - set(rows), key=lambda row: row[2])]
+    problems += [f"has {previous or NONE} -> {status} at {format_datetime(at)}, which no push applied"
+                 for previous, status, at in rows if (status, at) not in allowed]
+    chain = [previous for previous, _status, _at in rows] != ["", *(status for _p, status, _at in rows[:-1])]
+    if chain or any(previous == status for previous, status, _at in rows):
+        problems.append(f"does not chain: {_changes([(previous, status) for previous, status, _at in rows])}")
+    final = rows[-1][1] if rows else None
+    if final != expected.evse_status.get(key):
+        problems.append(f"ends at {final}, expected {expected.evse_status.get(key)}")
+    return problems
+
+
 def _expected_reconciliation(expected: Expected) -> list[tuple[str, str, int]]:
     """(subject, outcome, rows) the reconciliation table must end with, sorted."""
     counts = Counter(("CDR", outcome) for outcome in expected.cdr_reconciliation.values())
@@ -182,18 +259,26 @@ def _expected_reconciliation(expected: Expected) -> list[tuple[str, str, int]]:
 
 async def wait_for_rows(client: Client, expected: Expected, timeout: float) -> bool:
     """Poll until every acknowledged push has its final outcome, every CDR is billed, and every CDR and Session
-    has the reconciliation outcome it must end with (not one still AWAITING_SESSION: stage 2 has not caught up);
-    False if the timeout came first."""
+    has the reconciliation outcome it must end with (not one still AWAITING_SESSION: stage 2 has not caught up),
+    and the status history and Connector rows are there too (the sink inserts a batch's tables side by side, so
+    an outcome may be visible before the rows its event wrote); False if the timeout came first."""
     deadline = time.monotonic() + timeout
-    want = (expected.events, len(expected.cdrs), _expected_reconciliation(expected))
+    tariffs = sorted(Counter(expected.connector_tariffs.values()).items())
+    want = (expected.events, len(expected.cdrs), _expected_reconciliation(expected),
+            sum(map(len, expected.session_history.values())), tariffs)
+    evse_rows = sum(len(expected.evse_history_bounds(key)[0]) for key in expected.evse_pushes)
     while time.monotonic() < deadline:
         got = await asyncio.to_thread(lambda: (
             _scalar(client, "SELECT count() FROM raw_events FINAL WHERE outcome != 'PARKED'"),
             _scalar(client, "SELECT count() FROM billing_lines FINAL"),
             [(str(s), str(o), int(n)) for s, o, n in client.query(
                 "SELECT subject, outcome, count() FROM reconciliation FINAL GROUP BY subject, outcome "
-                "ORDER BY subject, outcome").result_rows]))
-        if got == want:
+                "ORDER BY subject, outcome").result_rows],
+            _scalar(client, "SELECT count() FROM session_status_history FINAL"),
+            sorted((tuple(t), int(n)) for t, n in client.query(
+                "SELECT tariff_ids, count() FROM connectors FINAL WHERE present GROUP BY tariff_ids").result_rows),
+            _scalar(client, "SELECT count() FROM evse_status_history FINAL")))
+        if got[:-1] == want and got[-1] >= evse_rows:
             return True
         await asyncio.sleep(0.5)
     return False

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import random
 import uuid
 from collections import defaultdict
@@ -47,6 +48,24 @@ VAT = Decimal("1.21")
 
 Key = tuple[str, str, str]  # (country_code, party_id, id) as sent
 EvseKey = tuple[str, str, str, str]  # (country_code, party_id, location_id, evse_uid)
+ConnectorKey = tuple[str, str, str, str, str]  # (country_code, party_id, location_id, evse_uid, connector_id)
+Cost = tuple[Decimal, Decimal | None]  # total_cost (excl_vat, incl_vat)
+
+
+@dataclass(frozen=True)
+class StatusPush:
+    """An acknowledged push setting an EVSE's status: `sent` and `acked` are ticks of one clock of its CPO (its
+    request went out, its 1000 came back). A push acknowledged before another was sent is ahead of it in Kafka
+    (the receivers answer 1000 once the broker has acknowledged the record), so the pipeline saw it first;
+    pushes whose windows overlap reached it in either order."""
+
+    updated: datetime
+    status: str
+    sent: int
+    acked: int
+
+
+HistoryRow = tuple[str, str, datetime]  # (previous_status, status, changed_at) of an EVSE status history row
 
 _json = msgspec.json.Encoder(decimal_format="number")
 
@@ -93,9 +112,16 @@ class Expected:
     - `cdr_reconciliation` / `session_reconciliation`: the reconciliation outcome each CDR and each completed
       Session must end with: a credit CDR CREDIT, the CDR it cancels CREDITED, a corrected CDR (re-priced on
       purpose) and its Session MISMATCH, every other CDR and Session MATCHED (they agree to the cent and second).
+      `session_cost`: each Session's final `total_cost` (excl. VAT, incl. VAT; None: none sent).
+      `session_history`: each Session's status changes, in order, as (previous status, status) (the first
+      from ''): every change a newer push made, none from a resend or a push older than the Session.
     - `locations`: every Location pushed; `evse_status`: each EVSE's final status, the one with the newest
       `last_updated` (status PATCHes of overlapping sessions and deliberately old PATCHes arrive out of
-      order; an older one must not win).
+      order; an older one must not win). `evse_pushes`: every acknowledged push setting an EVSE's status
+      (`StatusPush`), from which `evse_history_bounds` derives the status history rows that must and may
+      exist (which of two overlapping pushes reached the pipeline first is unknown, so is their row).
+    - `connector_tariffs`: each Connector's final `tariff_ids`, the ones with the newest `last_updated` (the
+      Location PUT's, then the late Connector PATCH's).
     - `pushes`: HTTP requests sent; `events`: answered 1000 (= records in Kafka, resends included);
       `rejected`: not acknowledged (a demo expects 0); `retries` / `stale`: deliberate resends and
       out-of-order pushes among the events, which must leave the final state unchanged.
@@ -117,10 +143,16 @@ class Expected:
     session_status: dict[Key, str] = field(default_factory=dict)
     session_kwh: dict[Key, Decimal] = field(default_factory=dict)
     session_periods: dict[Key, int] = field(default_factory=dict)
+    session_cost: dict[Key, Cost | None] = field(default_factory=dict)
+    session_history: dict[Key, list[tuple[str, str]]] = field(default_factory=dict)
+    evse_pushes: dict[EvseKey, list[StatusPush]] = field(default_factory=dict)
+    connector_tariffs: dict[ConnectorKey, tuple[str, ...]] = field(default_factory=dict)
     cdr_reconciliation: dict[Key, str] = field(default_factory=dict)
     session_reconciliation: dict[Key, str] = field(default_factory=dict)
     _evse_updated: dict[EvseKey, datetime] = field(default_factory=dict, repr=False)
     _session_updated: dict[Key, datetime] = field(default_factory=dict, repr=False)
+    _connector_updated: dict[ConnectorKey, datetime] = field(default_factory=dict, repr=False)
+    _ticks: itertools.count[int] = field(default_factory=itertools.count, repr=False)
 
     def merge(self, other: Expected) -> None:
         """Add another CPO's expectations (disjoint parties) to these."""
@@ -136,22 +168,71 @@ class Expected:
             self.incl_by_party[party] += cost
         for name in ("pushes", "rejected", "events", "retries", "stale"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for mapping in ("evse_status", "session_status", "session_kwh", "session_periods", "cdr_reconciliation",
-                        "session_reconciliation", "_evse_updated", "_session_updated"):
+        for mapping in ("evse_status", "session_status", "session_kwh", "session_periods", "session_cost",
+                        "session_history", "evse_pushes", "connector_tariffs", "cdr_reconciliation",
+                        "session_reconciliation", "_evse_updated", "_session_updated", "_connector_updated"):
             getattr(self, mapping).update(getattr(other, mapping))
 
-    def observe_evse(self, key: EvseKey, status: str, updated: datetime) -> None:
+    def observe_evse(self, key: EvseKey, status: str, updated: datetime,
+                     window: tuple[int, int] | None = None) -> None:
+        """A push setting the EVSE's status was acknowledged; `window`: (sent, acked) on its CPO's clock (None:
+        after every push observed before, and before every later one)."""
+        if window is None:
+            tick = next(self._ticks)
+            window = (tick, tick)
+        self.evse_pushes.setdefault(key, []).append(StatusPush(updated, status, *window))
         if key not in self._evse_updated or updated > self._evse_updated[key]:
             self._evse_updated[key] = updated
             self.evse_status[key] = status
 
+    def evse_history_bounds(self, key: EvseKey) -> tuple[set[HistoryRow], set[tuple[str, datetime]]]:
+        """(the status history rows the EVSE must have, the (status, changed_at) any of its rows may have).
+
+        The pipeline keeps the status of the newest push received (an older one is stale) and writes a row
+        when that status changes. A push is certainly applied if every newer push was sent after it was
+        acknowledged, certainly stale if a newer one was acknowledged before it was sent (the deliberately late
+        ones). An applied push finds the status of the newest older push that reached the pipeline before it: if
+        the newest older push not sent after it was acknowledged was acknowledged before it was sent (or there is
+        none), that status is known, and so is whether the push writes a row, and which.
+        """
+        pushes = sorted(self.evse_pushes.get(key, ()), key=lambda p: p.updated)
+        required: set[HistoryRow] = set()
+        allowed: set[tuple[str, datetime]] = set()
+        for index, push in enumerate(pushes):
+            newer = pushes[index + 1:]
+            if not any(other.acked < push.sent for other in newer):
+                allowed.add((push.status, push.updated))
+            if any(other.sent < push.acked for other in newer):
+                continue  # perhaps overtaken by a newer push
+            older = [other for other in pushes[:index] if other.sent < push.acked]  # perhaps received before it
+            before = older[-1] if older else None
+            if before is not None and before.acked > push.sent:
+                continue  # the status it found is unknown
+            previous = before.status if before is not None else ""
+            if previous != push.status:
+                required.add((previous, push.status, push.updated))
+        return required, allowed
+
+    def observe_connector(self, key: ConnectorKey, tariff_ids: list[str], updated: datetime) -> None:
+        """A push setting the Connector's `tariff_ids` was acknowledged; the newest `last_updated` wins."""
+        if key not in self._connector_updated or updated > self._connector_updated[key]:
+            self._connector_updated[key] = updated
+            self.connector_tariffs[key] = tuple(tariff_ids)
+
     def observe_session(self, key: Key, updated: datetime, *, status: str | None = None,
-                        kwh: Decimal | None = None, periods: int | None = None, replace: bool = False) -> None:
-        """A Session push was acknowledged; only the newest `last_updated` changes the expected state."""
+                        kwh: Decimal | None = None, periods: int | None = None, cost: Cost | None = None,
+                        replace: bool = False) -> None:
+        """A Session push was acknowledged; only the newest `last_updated` changes the expected state.
+        `replace`: a PUT (what it leaves out, e.g. `total_cost`, is gone)."""
         if key in self._session_updated and updated <= self._session_updated[key]:
             return
         self._session_updated[key] = updated
+        if cost is not None or replace:
+            self.session_cost[key] = cost
         if status is not None:
+            previous = self.session_status.get(key, "")
+            if status != previous:
+                self.session_history.setdefault(key, []).append((previous, status))
             self.session_status[key] = status
             if status == "COMPLETED":
                 self.sessions.add(key)
@@ -204,6 +285,7 @@ class Push:
     party: SimulatedParty | None = None  # the owner, sent as OCPI-from-*
     retry: bool = False  # a deliberate resend of an earlier push
     stale: bool = False  # deliberately older than what was sent before for the same object
+    window: tuple[int, int] | None = None  # once acknowledged: (sent, acked) on its CPO's clock
 
 
 @dataclass
@@ -258,11 +340,13 @@ def _location(rng: random.Random, party: SimulatedParty, number: int, created: d
 
 def evse_status(path: str, key: EvseKey, status: str, updated: datetime, *, stale: bool = False) -> Push:
     """An EVSE status PATCH; acknowledged, it is the EVSE's expected status if it is the newest."""
+    push = Push("PATCH", path, {"status": status, "last_updated": format_datetime(updated)}, stale=stale)
 
     def observe(expected: Expected) -> None:
-        expected.observe_evse(key, status, updated)
+        expected.observe_evse(key, status, updated, push.window)
 
-    return Push("PATCH", path, {"status": status, "last_updated": format_datetime(updated)}, observe, stale=stale)
+    push.effect = observe
+    return push
 
 
 class ChargingStory:
@@ -405,7 +489,7 @@ class ChargingStory:
                                              replace=True)),
             Push("PUT", self.url, self.session("COMPLETED", self.kwh, self.end, final=True),
                  lambda e: e.observe_session(key, self.end, status="COMPLETED", kwh=self.kwh, periods=0,
-                                             replace=True)),
+                                             cost=(self.cost_excl, self.cost_incl), replace=True)),
         ]
 
     def _lifecycle(self) -> list[Push]:
@@ -438,12 +522,13 @@ class ChargingStory:
             body = {"status": "COMPLETED", "end_date_time": format_datetime(end), "kwh": self.kwh,
                     "total_cost": {"excl_vat": self.cost_excl, "incl_vat": self.cost_incl},
                     "last_updated": format_datetime(end)}
-            plan.append(Push("PATCH", url, body, lambda e: e.observe_session(key, end, status="COMPLETED",
-                                                                            kwh=self.kwh)))
+            plan.append(Push("PATCH", url, body, lambda e: e.observe_session(
+                key, end, status="COMPLETED", kwh=self.kwh, cost=(self.cost_excl, self.cost_incl))))
         else:
             body = self.session("COMPLETED", self.kwh, end, final=True, periods=len(self.periods))
             plan.append(Push("PUT", url, body, lambda e: e.observe_session(
-                key, end, status="COMPLETED", kwh=self.kwh, periods=len(self.periods), replace=True)))
+                key, end, status="COMPLETED", kwh=self.kwh, periods=len(self.periods),
+                cost=(self.cost_excl, self.cost_incl), replace=True)))
         if self.stale:
             # The first PUT again, after the end: older than what the pipeline holds, it must change nothing.
             plan.append(Push("PUT", url, first, lambda e: e.observe_session(
@@ -493,6 +578,7 @@ class SimulatedCpo:
         self.anchor = anchor or datetime.now(UTC).replace(second=0, microsecond=0)
         self.expected = Expected()
         self._client = client  # an open client to use instead of one per run (tests: an in-process app)
+        self._clock = itertools.count()  # orders sends and acknowledgements (`Push.window`)
         self.receiver: SimulatedParty | None = None  # our party (OCPI-to-*), learned from our credentials
 
     async def _send(self, client: httpx.AsyncClient, push: Push) -> bool:
@@ -505,6 +591,7 @@ class SimulatedCpo:
                             "OCPI-to-country-code": self.receiver.country_code,
                             "OCPI-to-party-id": self.receiver.party_id})
         content = _json.encode(push.body)
+        sent = next(self._clock)
         for attempt in range(5):
             response = await client.request(push.method, f"{self.base_url}{push.path}", content=content,
                                             headers=headers)
@@ -514,6 +601,7 @@ class SimulatedCpo:
                 self.expected.events += 1
                 self.expected.retries += push.retry
                 self.expected.stale += push.stale
+                push.window = (sent, next(self._clock))
                 if push.effect is not None:
                     push.effect(self.expected)
                 return True
@@ -544,19 +632,23 @@ class SimulatedCpo:
         late: list[Push] = []
         for party_locations in locations.values():
             for location in party_locations:
-                first.append(Push("PUT", location.path, location.body, self._observe_location(location),
-                                  party=location.party))
+                put = Push("PUT", location.path, location.body, party=location.party)
+                put.effect = self._observe_location(location, put)
+                first.append(put)
                 for push in self._late(rng, location, used):
                     push.party = location.party
                     late.append(push)
         return first, stories, late
 
     @staticmethod
-    def _observe_location(location: SimulatedLocation) -> Callable[[Expected], None]:
+    def _observe_location(location: SimulatedLocation, push: Push) -> Callable[[Expected], None]:
         def observe(expected: Expected) -> None:
             expected.locations.add((location.party.country_code, location.party.party_id, location.id))
-            for uid, _connectors in location.evses:
-                expected.observe_evse(location.evse_key(uid), "AVAILABLE", location.created)
+            for evse in location.body["evses"]:
+                expected.observe_evse(location.evse_key(evse["uid"]), evse["status"], location.created, push.window)
+                for connector in evse["connectors"]:
+                    expected.observe_connector((*location.evse_key(evse["uid"]), connector["id"]),
+                                               connector["tariff_ids"], location.created)
 
         return observe
 
@@ -566,8 +658,10 @@ class SimulatedCpo:
         uid, connectors = location.evses[0]
         updated = self.anchor - timedelta(minutes=1)
         tariff = "DC2" if uid in location.dc else "AC2"
+        connector = (*location.evse_key(uid), connectors[0])
         pushes = [Push("PATCH", f"{location.path}/{uid}/{connectors[0]}",
-                       {"tariff_ids": [tariff], "last_updated": format_datetime(updated)})]
+                       {"tariff_ids": [tariff], "last_updated": format_datetime(updated)},
+                       lambda e: e.observe_connector(connector, [tariff], updated))]
         for uid, _connectors in location.evses:
             if rng.random() < 0.25 and location.evse_key(uid) in used:
                 old = location.created + timedelta(hours=1)

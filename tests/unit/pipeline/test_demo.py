@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -30,6 +30,8 @@ def test_a_dead_letter_written_twice_counts_once(client: Client) -> None:
 # --- the check itself: a store that holds what was acknowledged matches, and each kind of loss is named -----------
 
 NOW = datetime(2026, 1, 5, 12, tzinfo=UTC)
+CREATED, LATE = NOW - timedelta(days=30), NOW - timedelta(days=29)  # the Location PUT; an EVSE status sent late
+S1_COST = (Decimal("3.5"), Decimal("4.235"))
 AT = "now64(6, 'UTC')"  # rows received now: the tables' retention TTLs keep them
 TNM, BEC = SimulatedParty("NL", "TNM"), SimulatedParty("BE", "BEC")
 
@@ -47,25 +49,64 @@ def acknowledged() -> Expected:
     """What two simulated CPOs were told: a plain story at NL/TNM; at BE/BEC a story whose CDR was credited and
     corrected (re-priced)."""
     expected = Expected()
-    for party, sid, kwh in ((TNM, "S1", "10"), (BEC, "S2", "20")):
-        expected.observe_session((party.country_code, party.party_id, sid), NOW, status="COMPLETED",
-                                 kwh=Decimal(kwh), periods=0, replace=True)
+    s1 = ("NL", "TNM", "S1")  # PENDING, ACTIVE by PATCH, COMPLETED by PATCH with its total_cost
+    expected.observe_session(s1, NOW - timedelta(hours=3), status="PENDING", kwh=Decimal(0), periods=0,
+                             replace=True)
+    expected.observe_session(s1, NOW - timedelta(hours=2), status="ACTIVE")
+    expected.observe_session(s1, NOW, status="COMPLETED", kwh=Decimal(10), cost=S1_COST)
+    expected.observe_session(s1, NOW - timedelta(hours=3), status="PENDING", kwh=Decimal(0), periods=0,
+                             replace=True)  # the first PUT resent after the end: it changes nothing
+    expected.observe_session(("BE", "BEC", "S2"), NOW, status="COMPLETED", kwh=Decimal(20), periods=0,
+                             replace=True)  # a PUT without total_cost
     expected.observe_cdr(TNM, cdr_body("C1", "S1", "10", "3.5"))
     expected.observe_cdr(BEC, cdr_body("C2", "S2", "20", "7"))
     expected.observe_cdr(BEC, cdr_body("C2-C", "S2", "20", "-7", credit_of="C2"))
     expected.observe_cdr(BEC, cdr_body("C2-R", "S2", "20", "6"), outcome="MISMATCH")
     expected.locations.add(("NL", "TNM", "LOC001"))
-    expected.observe_evse(("NL", "TNM", "LOC001", "LOC001-E1"), "AVAILABLE", NOW)
+    evse = ("NL", "TNM", "LOC001", "LOC001-E1")
+    expected.observe_evse(evse, "AVAILABLE", CREATED)  # the Location PUT
+    expected.observe_connector((*evse, "1"), ["AC1"], CREATED)
+    expected.observe_evse(evse, "CHARGING", NOW - timedelta(hours=2))  # S1's story
+    expected.observe_evse(evse, "AVAILABLE", NOW)
+    expected.observe_connector((*evse, "1"), ["AC2"], NOW + timedelta(minutes=1))  # the late tariff PATCH
+    expected.observe_evse(evse, "OUTOFORDER", LATE)  # sent late on purpose: stale
     return expected
 
 
-def store(client: Client, *, skip: tuple[str, ...] = (), reconciled: dict[str, str] | None = None) -> None:
+EVSE_HISTORY = [("", "AVAILABLE", CREATED), ("AVAILABLE", "CHARGING", NOW - timedelta(hours=2)),
+                ("CHARGING", "AVAILABLE", NOW)]
+
+
+def store(client: Client, *, skip: tuple[str, ...] = (), reconciled: dict[str, str] | None = None,
+          s1_cost: str = "3.5, 4.235", evse_history: list[tuple[str, str, datetime]] | None = None,
+          tariff: str = "AC2") -> None:
     """Write what `acknowledged` says into the tables the demo reads, as the pipeline would (`skip`: leave out
-    rows of that table or of that object; `reconciled`: another outcome for a CDR)."""
+    rows of that table or of that object, or the status history row of a Session's status, e.g. "S1 ACTIVE";
+    `reconciled`: another outcome for a CDR; `s1_cost`, `evse_history`, `tariff`: what S1's total_cost,
+    LOC001-E1's status history and its Connector's tariff are stored as)."""
     outcomes = {"C1": "MATCHED", "C2": "CREDITED", "C2-C": "CREDIT", "C2-R": "MISMATCH", **(reconciled or {})}
-    client.command("INSERT INTO sessions (country_code, party_id, session_id, status, kwh, payload_json, received_at, "
-                   f"version) VALUES ('NL', 'TNM', 'S1', 'COMPLETED', 10, '{{}}', {AT}, 1), "
-                   f"('BE', 'BEC', 'S2', 'COMPLETED', 20, '{{}}', {AT}, 1)")
+    client.command("INSERT INTO sessions (country_code, party_id, session_id, status, kwh, total_cost_excl_vat, "
+                   "total_cost_incl_vat, payload_json, received_at, version) VALUES "
+                   f"('NL', 'TNM', 'S1', 'COMPLETED', 10, {s1_cost}, '{{}}', {AT}, 1), "
+                   f"('BE', 'BEC', 'S2', 'COMPLETED', 20, NULL, NULL, '{{}}', {AT}, 1)")
+    changes = [("NL", "TNM", "S1", "", "PENDING", NOW - timedelta(hours=3)),
+               ("NL", "TNM", "S1", "PENDING", "ACTIVE", NOW - timedelta(hours=2)),
+               ("NL", "TNM", "S1", "ACTIVE", "COMPLETED", NOW), ("BE", "BEC", "S2", "", "COMPLETED", NOW)]
+    client.command("INSERT INTO session_status_history (country_code, party_id, session_id, event_id, "
+                   "previous_status, status, transition, last_updated, received_at, version) VALUES " + ", ".join(
+                       f"('{cc}', '{pid}', '{sid}', 'e{n}', '{previous}', '{status}', 'LEGAL', "
+                       f"'{at:%Y-%m-%d %H:%M:%S}', {AT}, 1)"
+                       for n, (cc, pid, sid, previous, status, at) in enumerate(changes)
+                       if f"{sid} {status}" not in skip))
+    client.command("INSERT INTO evse_status_history (country_code, party_id, location_id, evse_uid, event_id, "
+                   "previous_status, status, changed_at, received_at, version) VALUES " + ", ".join(
+                       f"('NL', 'TNM', 'LOC001', 'LOC001-E1', 'e{n}', '{previous}', '{status}', "
+                       f"'{at:%Y-%m-%d %H:%M:%S}', {AT}, 1)"
+                       for n, (previous, status, at) in enumerate(EVSE_HISTORY if evse_history is None
+                                                                   else evse_history)))
+    client.command("INSERT INTO connectors (country_code, party_id, location_id, evse_uid, connector_id, tariff_ids, "
+                   f"present, payload_json, version) VALUES ('NL', 'TNM', 'LOC001', 'LOC001-E1', '1', ['{tariff}'], "
+                   "true, '{}', 1)")
     cdrs = [("NL", "TNM", "C1", "S1", "10", "3.5", "false", "NULL"),
             ("BE", "BEC", "C2", "S2", "20", "7", "false", "NULL"),
             ("BE", "BEC", "C2-C", "S2", "20", "-7", "true", "'C2'"),
@@ -144,3 +185,63 @@ def test_a_location_not_stored_is_a_mismatch(client: Client) -> None:
     a Location lost on the way (its EVSEs stored) still matched."""
     store(client, skip=("locations",))
     assert read_summary(client, acknowledged(), 0.0).mismatches == ["Location NL/TNM/LOC001: not stored"]
+
+
+def test_a_connector_change_lost_is_a_mismatch(client: Client) -> None:
+    """`Expected` did not track Connectors: the late Connector `tariff_ids` PATCH of every Location could be lost
+    (the Connector keeping its Location PUT's tariff) and the demo still matched."""
+    store(client, tariff="AC1")
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [
+        "Connector NL/TNM/LOC001/LOC001-E1/1: tariff_ids ('AC1',), expected ('AC2',)"]
+
+
+def test_a_session_status_change_lost_is_a_mismatch(client: Client) -> None:
+    """session_status_history was never compared: a Session that went PENDING -> COMPLETED without the ACTIVE
+    the CPO had pushed between (its row lost) still matched."""
+    store(client, skip=("S1 ACTIVE",))
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [
+        "session NL/TNM/S1: status history '' -> PENDING, ACTIVE -> COMPLETED, expected '' -> PENDING, "
+        "PENDING -> ACTIVE, ACTIVE -> COMPLETED"]
+
+
+def test_a_session_cost_not_as_sent_last_is_a_mismatch(client: Client) -> None:
+    """A Session's stored total_cost was never compared with the one the CPO sent last (its final PUT or PATCH):
+    a Session completed without it, or with another, still matched."""
+    store(client, s1_cost="NULL, NULL")
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [
+        "session NL/TNM/S1: total_cost None, expected (3.5, 4.235)"]
+
+
+def test_an_evse_status_change_lost_is_a_mismatch(client: Client) -> None:
+    """evse_status_history was never compared: an EVSE whose session's CHARGING and AVAILABLE rows were both lost
+    (the chain '' -> AVAILABLE intact, the final status right) still matched."""
+    store(client, evse_history=EVSE_HISTORY[:1])
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [
+        "EVSE NL/TNM/LOC001/LOC001-E1: status history lacks AVAILABLE -> CHARGING at 2026-01-05T10:00:00Z",
+        "EVSE NL/TNM/LOC001/LOC001-E1: status history lacks CHARGING -> AVAILABLE at 2026-01-05T12:00:00Z"]
+
+
+def test_an_evse_status_sent_late_in_the_history_is_a_mismatch(client: Client) -> None:
+    """A status PATCH sent late on purpose (older than the statuses acknowledged before it) must be stale: a
+    history that applied it where its last_updated puts it still matched (chain and final status intact)."""
+    store(client, evse_history=[EVSE_HISTORY[0], ("AVAILABLE", "OUTOFORDER", LATE),
+                                ("OUTOFORDER", "CHARGING", EVSE_HISTORY[1][2]), EVSE_HISTORY[2]])
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [
+        "EVSE NL/TNM/LOC001/LOC001-E1: status history lacks AVAILABLE -> CHARGING at 2026-01-05T10:00:00Z",
+        "EVSE NL/TNM/LOC001/LOC001-E1: status history has AVAILABLE -> OUTOFORDER at 2025-12-07T12:00:00Z, "
+        "which no push applied"]
+
+
+def test_evse_history_of_overlapping_pushes_allows_either_order() -> None:
+    """Two sessions' status pushes in flight at once reach the pipeline in either order: the older one applied
+    (a row) or stale (none); the history of an EVSE then requires only what every order writes."""
+    key = ("NL", "TNM", "LOC001", "LOC001-E1")
+    expected = Expected()
+    expected.observe_evse(key, "AVAILABLE", CREATED, (0, 1))
+    expected.observe_evse(key, "CHARGING", NOW - timedelta(hours=2), (2, 5))  # in flight together
+    expected.observe_evse(key, "OUTOFORDER", NOW - timedelta(hours=1), (3, 4))
+    expected.observe_evse(key, "AVAILABLE", NOW, (6, 7))
+    required, allowed = expected.evse_history_bounds(key)
+    assert required == {("", "AVAILABLE", CREATED), ("OUTOFORDER", "AVAILABLE", NOW)}
+    assert allowed == {("AVAILABLE", CREATED), ("CHARGING", NOW - timedelta(hours=2)),
+                       ("OUTOFORDER", NOW - timedelta(hours=1)), ("AVAILABLE", NOW)}
