@@ -151,6 +151,18 @@ def test_an_evse_missing_from_a_location_put_is_kept_as_not_present() -> None:
     assert column(out.batch, "connectors", CONNECTOR_COLUMNS, "present") == [True, False]
 
 
+def test_an_evse_left_out_after_its_status_went_removed_is_not_an_anomaly() -> None:
+    """The spec's way to delete an EVSE is status REMOVED; a CPO that later leaves it out of its Location PUT did
+    nothing unusual, and the EVSE_MISSING_FROM_PUT anomaly was noise."""
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1"), evse("E2", status="REMOVED")]), received=1))
+    out = h.run(event("Location", location(evses=[evse("E1", updated=5)], updated=5), received=2))
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == []
+    present = dict(zip(column(out.batch, "evses", EVSE_COLUMNS, "evse_uid"),
+                       column(out.batch, "evses", EVSE_COLUMNS, "present"), strict=True))
+    assert present == {"E1": True, "E2": False}  # its row still says it left the tree
+
+
 def test_a_location_patch_that_breaks_a_cross_field_rule_is_invalid_and_not_stored() -> None:
     h = harness()
     unpublished = location(publish=False, publish_allowed_to=[{"uid": "TOK1", "type": "RFID"}])
