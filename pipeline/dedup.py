@@ -60,6 +60,20 @@ def _connector_list(evse_uid: str | None) -> str:
     return f"CONNECTORS|{_part(evse_uid)}|"
 
 
+def list_keys_over(evse_uid: str | None, connector: bool) -> tuple[str, ...]:
+    """The lists (`confirmed` keys) that hold an EVSE (`connector` False) or one of its Connectors."""
+    return (_EVSE_LIST, _connector_list(evse_uid)) if connector else (_EVSE_LIST,)
+
+
+def lists_over_key(key: str) -> tuple[str, ...]:
+    """The lists (`confirmed` keys) over the object of a `confirmed` key: an EVSE's and a Connector list's, the
+    Location's EVSEs; a Connector's, those and its EVSE's Connectors; none over the Location or the EVSE list."""
+    level, evse_part, _ = key.split("|", 2)
+    if level == "CONNECTOR":
+        return (_EVSE_LIST, f"CONNECTORS|{evse_part}|")  # the part is escaped already (`_connector_list`)
+    return (_EVSE_LIST,) if level in ("EVSE", "CONNECTORS") else ()
+
+
 def lists_replaced(event: DecodedEvent) -> tuple[str, ...]:
     """The lists of the tree a push replaces whole (`confirmed` keys): the Location's EVSEs by a Location PUT or a
     PATCH of `evses`, an EVSE's Connectors by an EVSE PUT or a PATCH of `connectors`. An EVSE or Connector such a
@@ -74,10 +88,8 @@ def lists_replaced(event: DecodedEvent) -> tuple[str, ...]:
 def lists_over(event: DecodedEvent) -> tuple[str, ...]:
     """The lists (`confirmed` keys) that hold the object of an EVSE or Connector push: a newer replacement of one
     that did not list it makes an older push for it stale."""
-    if event.level == "EVSE":
-        return (_EVSE_LIST,)
-    if event.level == "CONNECTOR":
-        return (_EVSE_LIST, _connector_list(event.evse_uid))
+    if event.level in ("EVSE", "CONNECTOR"):
+        return list_keys_over(event.evse_uid, event.level == "CONNECTOR")
     return ()
 
 

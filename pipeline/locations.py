@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -31,7 +32,9 @@ from pipeline.dedup import (
     identity,
     is_duplicate,
     level_identity,
+    list_keys_over,
     lists_over,
+    lists_over_key,
     lists_replaced,
 )
 from pipeline.records import Anomaly, Outcome, Record
@@ -209,6 +212,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
                       projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
         removed.append(level_identity("EVSE", gone["uid"]))
         removed += _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
+    _confirm_entered(state, previous, location)
     # The push says the tree holds none of them at its last_updated: an older push for one of them, arriving
     # later, is stale (in order it came before and was dropped with them), not the object back in the tree.
     moment = event.payload["last_updated"]
@@ -217,6 +221,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
         if known is None or moment > known:
             state.confirmed[ident] = moment
     _confirm_lists(state, event)
+    _prune_confirmed(state, location)
     state.personal_at = personal_at
     state.object_json = document
     state.last_identity = identity(event)
@@ -225,6 +230,56 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     state.applied_event_id = event.event_id
     state.applied_at = record.received_at if state.applied_at is None else max(state.applied_at, record.received_at)
     remember(state, event.event_id)
+
+
+def _tree(location: Location | None) -> dict[str, tuple[datetime, tuple[str, ...]]]:
+    """Identity (`dedup.level_identity`) -> (own `last_updated`, the `confirmed` list keys over it) of every EVSE
+    and Connector of the tree."""
+    tree: dict[str, tuple[datetime, tuple[str, ...]]] = {}
+    for evse in (location.evses or ()) if location is not None else ():
+        tree[level_identity("EVSE", evse.uid)] = (evse.last_updated, list_keys_over(evse.uid, False))
+        for connector in evse.connectors:
+            tree[level_identity("CONNECTOR", evse.uid, connector.id)] = (connector.last_updated,
+                                                                        list_keys_over(evse.uid, True))
+    return tree
+
+
+def _confirm_entered(state: LocationState, previous: Location | None, location: Location) -> None:
+    """An EVSE or Connector that enters the tree dated before the last replacement of a list over it that did not
+    hold it (a Location PUT listing a new or returning EVSE with its older own `last_updated`) keeps that moment:
+    an older push for it was, in order, dropped with that list, so arriving later it is stale, before as after
+    the object entered. (It also stands for the entry of its earlier removal, which `_prune_confirmed` drops.)"""
+    before = _tree(previous)
+    for ident, (own, over) in _tree(location).items():
+        if ident in before:
+            continue
+        replaced = ordering.newest(*(state.confirmed.get(key) for key in over))
+        if replaced is not None and replaced > own:
+            state.confirmed[ident] = ordering.newest(state.confirmed.get(ident), replaced) or replaced
+
+
+def _prune_confirmed(state: LocationState, location: Location) -> None:
+    """Drop the `confirmed` entries that decide nothing: an object's in the tree no newer than its own
+    `last_updated`, and an object's out of the tree (or an absent EVSE's Connector list) no newer than the lists
+    over it, which its pushes are compared with too (`handle`). The outcome of every push stays what it was, and
+    the entries stay as many as the tree's objects (and lists) with a newer confirmation: a hub whose EVSE uids
+    change would otherwise add an entry per EVSE, Connector and Connector list for ever."""
+    confirmed = state.confirmed
+    tree = _tree(location)
+    listed = {key for _, over in tree.values() for key in over}
+    for key, moment in list(confirmed.items()):
+        over = lists_over_key(key)
+        if key in tree:
+            drop = tree[key][0] >= moment
+        elif key == level_identity("LOCATION"):
+            drop = location.last_updated >= moment
+        elif key in listed or not over:  # a list of the tree
+            drop = False
+        else:  # an EVSE's or Connector's out of the tree, or the Connector list of an EVSE out of it
+            bound = ordering.newest(*(confirmed.get(k) for k in over))
+            drop = bound is not None and bound >= moment
+        if drop:
+            del confirmed[key]
 
 
 def _pair_evses(old: Sequence[EVSE], new: Sequence[EVSE]) -> tuple[list[tuple[EVSE, EVSE | None]], list[EVSE]]:

@@ -690,3 +690,47 @@ def test_a_replayed_copy_of_an_event_dated_like_its_stored_evse_is_not_applied_a
                 *(event("EVSEPatch", {"status": s, "last_updated": iso(ts(10))}, object_id="LOC1", evse_uid="E1",
                         received=r, source="REPLAY") for s, r in (("CHARGING", 2), ("BLOCKED", 3))))
     assert out.outcomes == {"APPLIED": 3} and stored(h)["evses"][0]["status"] == "BLOCKED"
+
+
+def test_the_confirmations_of_a_hub_whose_evse_uids_change_stay_as_many_as_its_tree() -> None:
+    """`LocationState.confirmed` kept an entry for every EVSE, Connector and Connector list a push ever left out of
+    the tree, for ever: a hub re-PUT daily whose EVSE uids change (two of twenty a day) grew it by ~200 bytes a day
+    beside an object bounded by OBJECT_MAX_BYTES and parked events bounded by PARKED_MAX_BYTES, in one changelog
+    record. An entry of an object out of the tree no newer than the lists over it decides nothing (a push for that
+    object is compared with those lists too), nor one no newer than its object's own `last_updated`."""
+    h = harness()
+    uids = [f"E{i}" for i in range(20)]
+    day = 24 * 60
+    for n in range(60):
+        uids = [*uids[2:], f"E{20 + 2 * n}", f"E{21 + 2 * n}"]
+        m = n * day
+        h.run(event("Location", location(evses=[evse(u, updated=m, connectors=[connector("1", updated=m),
+                                                                               connector("2", updated=m)])
+                                                for u in uids], updated=m), received=m))
+        h.run(event("EVSE", evse(uids[0], updated=m + 1), object_id="LOC1", evse_uid=uids[0], received=m + 1))
+    assert len(h.state(KEY).confirmed) <= 3
+    # What the dropped entries decided still holds: a late push for an EVSE or Connector left out long ago is stale.
+    late = [event("EVSE", evse("E0", status="CHARGING", updated=30), object_id="LOC1", evse_uid="E0"),
+            event("Connector", connector("3", updated=30), object_id="LOC1", evse_uid="E5", connector_id="3"),
+            event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(30))}, object_id="LOC1",
+                  evse_uid="E1", connector_id="1")]
+    out = h.run(*late)
+    assert [outcome_of(out, e.event_id) for e in late] == ["STALE", "STALE", "STALE"]
+
+
+def test_an_evse_listed_again_with_its_older_time_keeps_what_left_it_out() -> None:
+    # E2 (t=1) is left out by the PUT of t=3 and listed again, as it was at t=1, by the PUT of t=5. E2's PATCH of
+    # t=2 came, in order, before the PUT of t=3 and went with it: arriving after the PUT of t=5 it is stale, as it
+    # was between the two PUTs (before this, the entry of t=3 kept it so; now that entry goes once the lists are
+    # newer, and the EVSE keeps the time of the list that had left it out when it enters the tree again).
+    def put(minute: float, *uids: str) -> Any:
+        return event("Location", location(evses=[evse(u, updated=1) for u in uids], updated=minute))
+
+    patch = status_patch("E2", "CHARGING", 2, 6)
+    in_order = harness()
+    in_order.run(put(1, "E1", "E2"), status_patch("E2", "CHARGING", 2, 2), put(3, "E1"), put(5, "E1", "E2"))
+    late = harness()
+    late.run(put(1, "E1", "E2"), put(3, "E1"), put(5, "E1", "E2"))
+    assert outcome_of(late.run(patch), patch.event_id) == "STALE"
+    assert stored(late)["evses"] == stored(in_order)["evses"]
+    assert stored(late)["evses"][1]["status"] == "AVAILABLE"
