@@ -67,7 +67,10 @@ def is_stale(stored: datetime | None, incoming: datetime, *, replayed_earlier: b
 
 def replayed_earlier(event: DecodedEvent, received_at: datetime, applied_at: datetime | None) -> bool:
     """Whether `event` is a replayed copy (source REPLAY) of an event received no later than the event the stored
-    object came from (`applied_at`: the latest receive time of the events applied to it).
+    object came from (`applied_at`: the latest receive time of the events applied to it; for the Location tree one
+    time for all its objects, so an EVSE's or Connector's copy compares with the last event applied to any of them:
+    a copy of an event not applied the first time, a DUPLICATE, is STALE and writes nothing, where the EVSE's own
+    time would apply it again).
 
     `ocpi-pipeline replay` sends events again after everything that followed them: of two pushes with one
     `last_updated` the first's copy would arrive after the second and, applied as "the later arrival", put its

@@ -734,3 +734,20 @@ def test_an_evse_listed_again_with_its_older_time_keeps_what_left_it_out() -> No
     assert outcome_of(late.run(patch), patch.event_id) == "STALE"
     assert stored(late)["evses"] == stored(in_order)["evses"]
     assert stored(late)["evses"][1]["status"] == "AVAILABLE"
+
+
+def test_a_replayed_copy_of_a_duplicate_is_stale_against_the_location_trees_last_applied_event() -> None:
+    """`replayed_earlier` compares with the Location tree's `applied_at`, not the EVSE's: E1's second CHARGING PATCH
+    was a DUPLICATE (received after the EVSE's last applied event); its replayed copy, no duplicate once E2's PATCH
+    was applied, must not be applied and turn that row into an APPLIED REPLAY with a new version."""
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1"), evse("E2")]), received=1))
+    first, again = status_patch("E1", "CHARGING", 10, 2), status_patch("E1", "CHARGING", 10, 3)
+    out = h.run(first, again, status_patch("E2", "CHARGING", 11, 4))
+    assert outcome_of(out, again.event_id) == "DUPLICATE"
+    version = h.state(KEY).version
+    copy = event("EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(10))}, object_id="LOC1", evse_uid="E1",
+                 received=3, event_id=again.event_id, source="REPLAY")
+    out = h.run(copy)
+    assert out.outcomes == {"REPLAYED_STALE": 1} and rows(out.batch, "raw_events") == []
+    assert h.state(KEY).version == version
