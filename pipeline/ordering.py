@@ -76,8 +76,10 @@ def replayed_earlier(event: DecodedEvent, received_at: datetime, applied_at: dat
     `last_updated` the first's copy would arrive after the second and, applied as "the later arrival", put its
     content back, write a new version and turn its event's row into a REPLAY row. Its arrival was its receipt,
     before the stored event's: stale at an equal `last_updated` too. (A copy received after it was not applied the
-    first time, or it would be the stored one; and topics that hold only replayed copies keep their order.)"""
-    return event.source == "REPLAY" and applied_at is not None and received_at <= applied_at
+    first time, or it would be the stored one; and topics that hold only replayed copies keep their order.)
+    `applied_at` None beside a stored object: a state written before it was kept (a Location's), whose events were
+    all received before a replay sends their copies: no later than them (only a stored object makes it matter)."""
+    return event.source == "REPLAY" and (applied_at is None or received_at <= applied_at)
 
 
 def ahead_of_receipt(last_updated: datetime, received_at: datetime, skew: timedelta) -> timedelta | None:

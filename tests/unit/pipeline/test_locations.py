@@ -751,3 +751,27 @@ def test_a_replayed_copy_of_a_duplicate_is_stale_against_the_location_trees_last
     out = h.run(copy)
     assert out.outcomes == {"REPLAYED_STALE": 1} and rows(out.batch, "raw_events") == []
     assert h.state(KEY).version == version
+
+
+def test_a_replayed_copy_is_not_applied_again_on_a_state_written_before_applied_at() -> None:
+    """A `location-state` written before `applied_at` existed (d8b2eb1) says no receive time. A replay from offset 0
+    after the upgrade sent the copy of an EVSE's last status PATCH (no duplicate: another EVSE's push came after it)
+    dated like the stored EVSE, and "equal is applied" applied it again (a new Location version, its raw_events row
+    turned into a REPLAY row), and of two PATCHes with one `last_updated` the first's copy put its status back and
+    rewrote the status history: the fix of replayed copies did not reach the states it was meant for. Every event
+    a state folded in was received before a replay of it sends its copy, so an unknown `applied_at` is no later."""
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1"), evse("E2")]), received=1))
+    charging, blocked = status_patch("E1", "CHARGING", 10, 2), status_patch("E1", "BLOCKED", 10, 3)
+    h.run(charging, blocked, status_patch("E2", "CHARGING", 11, 4))
+    old = h.state(KEY)
+    old.applied_at = None  # as d8b2eb1 wrote it
+    h.store.data[KEY] = h.codec.encode(old)
+    version = old.version
+    copies = [event("EVSEPatch", {"status": s, "last_updated": iso(ts(10))}, object_id="LOC1", evse_uid="E1",
+                    received=r, event_id=e.event_id, source="REPLAY")
+              for s, r, e in (("CHARGING", 2, charging), ("BLOCKED", 3, blocked))]
+    out = h.run(*copies)
+    assert out.outcomes == {"REPLAYED_STALE": 2}
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "evse_status_history") == []
+    assert stored(h)["evses"][0]["status"] == "BLOCKED" and h.state(KEY).version == version
