@@ -48,6 +48,11 @@ _STRENGTH: Final = {SESSION_ID: 0, AUTHORIZATION_REFERENCE: 1, TOKEN_LOCATION_ST
 _S_BY_REF, _S_BY_TOKEN = "IA", "IT"
 _WAITING: Final = {SESSION_ID: "WS", AUTHORIZATION_REFERENCE: "WA", TOKEN_LOCATION_START: "WT"}
 _FALLBACK: Final = "QF"  # CDRs naming an unknown session, by the hour their grace ends
+# The sessions of one authorization reference, and the CDRs waiting under one key, that an index keeps: the latest
+# this many. A key shared by more is no identifier (a CPO sending one constant reference or session id), and its
+# list, rewritten on every add and held in one state value, grew with every session for the billing retention
+# (1,000 a day: past the 16 MB a state record may hold within a year). Token keys are split per hour anyway.
+INDEX_MOST: Final = 1000
 
 Key = tuple[str, str]  # (method, key value)
 
@@ -375,7 +380,7 @@ class Matching:
                 self.state.remove_id(_WAITING[method], key, cdr.fact.cdr_id)
         for method, key in after:
             if (method, key) not in before:
-                self.state.add_id(_WAITING[method], key, cdr.fact.cdr_id)
+                self.state.add_id(_WAITING[method], key, cdr.fact.cdr_id, most=INDEX_MOST)
 
     def _reindex_session(self, old: SessionFact | None, new: SessionFact) -> None:
         sid = new.session_id
@@ -383,7 +388,7 @@ class Matching:
             if old is not None and old.authorization_reference:
                 self.state.remove_id(_S_BY_REF, old.authorization_reference, sid)
             if new.authorization_reference:
-                self.state.add_id(_S_BY_REF, new.authorization_reference, sid)
+                self.state.add_id(_S_BY_REF, new.authorization_reference, sid, most=INDEX_MOST)
         tolerance = self.rules.time_tolerance
         old_keys = [] if old is None else session_token_keys(old, tolerance)
         new_keys = session_token_keys(new, tolerance)

@@ -245,10 +245,12 @@ class PartyState:
         data = self.overlay.get(self._key(kind, ident))
         return [] if data is None else _IDS.decode(data).ids
 
-    def add_id(self, kind: str, ident: str, value: str) -> None:
+    def add_id(self, kind: str, ident: str, value: str, *, most: int | None = None) -> None:
+        """Add `value` to the list; with `most`, only the latest `most` are kept (`matching.INDEX_MOST`)."""
         current = self.ids(kind, ident)
         if value not in current:
-            self.overlay.set(self._key(kind, ident), _IDS.encode(Ids([*current, value])))
+            kept = [*current, value]
+            self.overlay.set(self._key(kind, ident), _IDS.encode(Ids(kept if most is None else kept[-most:])))
 
     def drop_ids(self, kind: str, ident: str) -> None:
         self.overlay.set(self._key(kind, ident), None)

@@ -978,3 +978,23 @@ def test_a_fact_written_before_cost_incl_vat_travelled_is_compared_excl_vat_only
     party.run(old)
     out = party.run(c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=1))
     assert link(out, "C1-C")["amount_matches"] is True and out.anomalies == []
+
+
+def test_a_constant_authorization_reference_keeps_a_bounded_index() -> None:
+    """A CPO that sends one authorization_reference for every session: its index listed every session of the
+    party for the billing retention, one state value rewritten on every add, past the 16 MB a state record may
+    hold within a year. It keeps the latest INDEX_MOST; a CDR with that reference still finds its (recent)
+    session by start time."""
+    from pipeline.matching import INDEX_MOST
+
+    party = Party()
+    sessions = INDEX_MOST + 50
+    for first in range(0, sessions, 200):
+        party.run(*(s_fact(session(f"S{i}", status="ACTIVE", start=i * 10, updated=i * 10, authref="SAME"),
+                           received=i * 10) for i in range(first, min(first + 200, sessions))))
+    index = [value for key, value in party.store.data.items() if key.startswith("IA/")]
+    assert len(index) == 1 and len(msgspec.msgpack.decode(index[0])["ids"]) == INDEX_MOST
+    last = sessions - 1
+    out = party.run(c_fact(cdr("C1", session_id=None, authref="SAME", start=last * 10, end=last * 10 + 5),
+                           received=last * 10 + 6))
+    assert result(out, "CDR", "C1")["session_id"] == f"S{last}"
