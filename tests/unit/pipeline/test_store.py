@@ -342,7 +342,8 @@ def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> Non
     assert client.query("SELECT subject_id, outcome, version FROM reconciliation FINAL ORDER BY subject_id"
                         ).result_rows == [("C5", "AWAITING_SESSION", 4), ("C6", "MATCHED", 4),
                                           ("S5", "MISSING_CDR", 5)]
-    assert client.query("SELECT status FROM credit_links FINAL").result_rows == [("UNKNOWN_REFERENCE",)]
+    # version + 1: the promoted row replaces the AWAITING one, and the next real change replaces it
+    assert client.query("SELECT status, version FROM credit_links FINAL").result_rows == [("UNKNOWN_REFERENCE", 3)]
     again, promoted_again = sweeps.collect(client, ts(70), rules, timedelta(seconds=10), anomalies_kept=KEPT)
     assert promoted_again == [] and again.tables().get("anomalies", []) == []  # nothing new is due
 
@@ -364,6 +365,62 @@ def test_an_open_session_idle_beyond_the_anomalies_retention_does_not_hold_the_i
         write(client, batch)
     assert flagged == ["B2"]
     assert client.query("SELECT object_id FROM anomalies FINAL WHERE kind = 'SESSION_IDLE'").result_rows == [("B2",)]
+
+
+def test_the_sweep_writes_the_anomaly_rows_the_event_time_rules_write_for_the_same_deadline(client: Client) -> None:
+    # The sweep and a later event of the object end the same wait: both must write one and the same row (the
+    # module docstring of `pipeline.sweeps`), ids as sent in any case, a PENDING session as well as an ACTIVE one.
+    rules = stage_rules(park_ttl_min=5, idle_min=60)
+    pending = event("Session", session("s-low", status="PENDING"), received=0, cc="nl", pid="tnm")
+    parked_session = event("SessionPatch", {"kwh": Decimal(1), "last_updated": iso(ts(1))}, object_id="s9x",
+                           received=0, cc="nl", pid="tnm")
+    parked_evse = event("EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(1))}, object_id="loc9",
+                        evse_uid="e1", received=0, cc="nl", pid="tnm")
+    sessions, locations = Harness(process_sessions, SessionState, rules), Harness(process_locations, LocationState,
+                                                                                  rules)
+    write(client, sessions.run(pending, parked_session).batch)
+    write(client, locations.run(parked_evse).batch)
+    assert sorted(client.query("SELECT outcome FROM raw_events FINAL").result_rows) == [
+        ("APPLIED",), ("PARKED",), ("PARKED",)]
+
+    swept, _ = sweeps.collect(client, ts(24 * 60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    # The event-time rules, on later events of the same objects.
+    later = sessions.run(event("Session", session("s-low", status="ACTIVE", updated=120), received=120, cc="nl",
+                               pid="tnm"),
+                         event("Session", session("s9x", updated=10), received=10, cc="nl", pid="tnm")).batch
+    later_location = locations.run(event("Location", location("loc9", updated=10), received=10, cc="nl",
+                                         pid="tnm")).batch
+    in_time = [row for batch in (later, later_location) for row in batch.tables().get("anomalies", [])
+               if row[0] in ("SESSION_IDLE", "ORPHAN_EVENT")]
+    assert len(in_time) == 3
+    assert sorted(map(tuple, swept.tables()["anomalies"])) == sorted(map(tuple, in_time))
+
+
+def test_the_sweep_leaves_a_deadline_until_the_margin_past_it_is_over(client: Client) -> None:
+    # An event stamped before a deadline reaches Kafka within the send timeout (the margin): until the margin is
+    # over, the awaited event may still come, so nothing is promoted.
+    rules = stage_rules(park_ttl_min=60, idle_min=60)
+    sessions = Harness(process_sessions, SessionState, rules)
+    write(client, sessions.run(
+        event("SessionPatch", {"kwh": Decimal(1), "last_updated": iso(ts(1))}, object_id="S9", received=0),
+        event("Session", session("S2", status="ACTIVE"), received=0)).batch)
+    due = Batch()
+    base = dict.fromkeys(RECONCILIATION_COLUMNS)
+    row = {**base, "country_code": "NL", "party_id": "TNM", "subject": "SESSION", "subject_id": "S5",
+           "partner_id": "p1", "currency": "EUR", "outcome": "AWAITING_CDR", "method": "", "cdr_ids": [],
+           "late": False, "due_at": ts(60), "event_time": ts(0), "version": 4}
+    due.add("reconciliation", RECONCILIATION_COLUMNS, [row[c] for c in RECONCILIATION_COLUMNS])
+    due.add("credit_links", CREDIT_LINK_COLUMNS, ["NL", "TNM", "C7-C", "C7", "p1", "AWAITING_ORIGINAL",
+                                                  Decimal("-1"), None, None, ts(0), ts(60), 2])
+    write(client, due)
+    margin = timedelta(seconds=10)
+    early, promoted = sweeps.collect(client, ts(60) + timedelta(seconds=5), rules, margin, anomalies_kept=KEPT)
+    assert len(early) == 0 and promoted == []
+    late, promoted = sweeps.collect(client, ts(60) + timedelta(seconds=11), rules, margin, anomalies_kept=KEPT)
+    tables = late.tables()
+    assert sorted(row[0] for row in tables["anomalies"]) == ["CREDIT_UNKNOWN_REFERENCE", "ORPHAN_EVENT",
+                                                             "SESSION_IDLE"]
+    assert [r[3] for r in promoted] == ["S5"] and len(tables["raw_events"]) == len(tables["credit_links"]) == 1
 
 
 def test_a_sweep_killed_between_publish_and_insert_promotes_and_publishes_again(client: Client) -> None:
