@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from faust.types import TP
 
 from pipeline.delivery import Inbox
 
@@ -52,7 +53,7 @@ async def test_a_full_inbox_makes_the_fetcher_wait_until_the_agent_takes_a_batch
     assert inbox.full
     with pytest.raises(TimeoutError):
         await inbox.wait_for_room(0.05)
-    await inbox.take(2, within=0.0)
+    await inbox.take(1, within=0.0)  # one below capacity: room again
     assert not inbox.full
     await asyncio.wait_for(inbox.wait_for_room(1.0), 1.0)
 
@@ -62,6 +63,7 @@ async def test_clear_drops_what_waits_and_frees_the_fetcher() -> None:
     inbox.put_all(records(0, 1, 2))
     inbox.clear()  # a rebalance: the records were never tracked, so nothing of them is acked or committed
     assert len(inbox) == 0 and not inbox.full
+    await asyncio.wait_for(inbox.wait_for_room(1.0), 1.0)  # the fetcher goes on
     taker = asyncio.ensure_future(inbox.take(1, within=0.0))
     await asyncio.sleep(0.02)
     assert not taker.done()  # nothing stale is handed out
@@ -78,3 +80,35 @@ def test_the_clear_of_a_resuming_flow_keeps_what_was_fetched_after_the_seek() ->
     suspended[0] = True
     inbox.clear()  # a rebalance suspending the flow
     assert len(inbox) == 0
+
+
+def _consumer(generation: int, read: dict[Any, int | None], *, flow_active: bool = True) -> Any:
+    from pipeline.delivery import BatchConsumer
+
+    consumer = object.__new__(BatchConsumer)  # only what `_hand_over` reads
+    consumer.app = SimpleNamespace(consumer_generation_id=generation)  # type: ignore[assignment]
+    consumer.flow_active = flow_active
+    consumer._read_offset = read  # type: ignore[assignment]
+    consumer.inboxes = {"t": Inbox("t", capacity=10), "u": Inbox("u", capacity=10)}
+    return consumer
+
+
+def test_a_rounds_records_go_to_their_inbox_and_only_then_count_as_read() -> None:
+    tp, other = TP("t", 0), TP("u", 3)
+    consumer = _consumer(5, {tp: 9, other: None})
+    consumer._hand_over({tp: records(10, 11, 12), other: records(0)}, {tp: 9, other: None}, 5)
+    assert [r.offset for r in consumer.inboxes["t"]._records] == [10, 11, 12]
+    assert [r.offset for r in consumer.inboxes["u"]._records] == [0]
+    assert consumer._read_offset == {tp: 12, other: 0}
+
+
+@pytest.mark.parametrize("case", ["sought back during the round", "another generation", "flow suspended"])
+def test_a_rounds_records_of_a_position_that_no_longer_holds_are_left_to_be_fetched_again(case: str) -> None:
+    # Counted as read, they would make the fetch from the sought (committed) offset drop everything before them.
+    tp = TP("t", 0)
+    read_now = 4 if case == "sought back during the round" else 9  # the seek to the committed offset, 4
+    consumer = _consumer(6 if case == "another generation" else 5, {tp: read_now},
+                         flow_active=case != "flow suspended")
+    consumer._hand_over({tp: records(10, 11)}, {tp: 9}, 5)
+    assert len(consumer.inboxes["t"]) == 0
+    assert consumer._read_offset == {tp: read_now}
