@@ -4,7 +4,7 @@ read back exactly; the billing view nets credits; the deadline sweep; retention 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -937,6 +937,10 @@ def test_datetime_literal() -> None:
     moment = datetime(2026, 1, 5, 9, 0, 0, 123456, tzinfo=UTC)
     assert datetime64(moment) == "toDateTime64('2026-01-05 09:00:00.123456', 6, 'UTC')"
     assert string("it's") == "'it\\'s'"
+    # Another offset is the same instant in UTC; a backslash is escaped, not read as the escape of the quote.
+    assert datetime64(datetime(2026, 1, 5, 11, 0, tzinfo=timezone(timedelta(hours=2)))) == \
+        "toDateTime64('2026-01-05 09:00:00.000000', 6, 'UTC')"
+    assert string("a\\'") == "'a\\\\\\''"
 
 
 def test_every_process_must_pseudonymise_with_the_key_in_force(client: Client) -> None:
