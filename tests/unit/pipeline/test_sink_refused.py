@@ -158,3 +158,49 @@ def test_a_table_taken_out_of_a_batch_leaves_the_others() -> None:
     assert (taken.tables(), taken.columns) == ({"anomalies": [[1], [2]]}, {"anomalies": ("a",)})
     assert (batch.tables(), batch.columns) == ({"raw_events": [[3]]}, {"raw_events": ("r",)})
     assert len(batch.take("missing")) == 0
+
+
+class SlowClient:
+    """A ClickHouse client whose insert takes a moment, then succeeds or fails."""
+
+    def __init__(self, fails: bool) -> None:
+        self.fails = fails
+
+    def raw_insert(self, *_args: object, **_kwargs: object) -> None:
+        import time
+
+        time.sleep(0.2)
+        if self.fails:
+            raise ConnectionError("ClickHouse went away")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_stop_during_an_insert_acks_the_batch_only_if_the_insert_succeeded(
+        monkeypatch: pytest.MonkeyPatch, fails: bool) -> None:
+    """The worker stopping (its agent task cancelled) while a batch's insert runs in its thread: the insert is
+    waited for; written, the cancellation goes on and the batch is acked as done; failed, the process ends before
+    any commit (EXIT_UNWRITTEN_BATCH), so the batch is read again. Acked unwritten, its rows would be lost."""
+    import pipeline.sink as sink
+
+    exits: list[int] = []
+
+    class Exited(Exception):  # not SystemExit: the event loop would let that one through the test
+        pass
+
+    def exit_(code: int) -> None:
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(sink.os, "_exit", exit_)
+    writer = ClickHouseSink(lambda: SlowClient(fails))  # type: ignore[arg-type, return-value]
+    task = asyncio.ensure_future(writer.write(location_batch(None)))
+    await asyncio.sleep(0.05)  # the insert is running in its thread
+    task.cancel()
+    if fails:
+        with pytest.raises(Exited):
+            await task
+        assert exits == [sink.EXIT_UNWRITTEN_BATCH]
+    else:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert exits == [] and writer.inserted_rows == 0  # cancelled after its rows were in: acked as written
