@@ -305,6 +305,34 @@ def _settings(**env: str) -> Settings:
     return load_settings({"OCPI_PSEUDONYM_KEY": "x" * 32, **env})
 
 
+def test_the_readme_query_lists_the_credit_links_written_before_that_no_longer_negate(client: Client) -> None:
+    """README, "Data written by earlier versions", credit amounts: links written before compared the amounts excl.
+    VAT alone and kept `amount_matches` true for a credit in another currency or whose incl. VAT does not negate
+    its original's (`reconcile.negates` says false for both today); the query given there must list them all."""
+    import re
+
+    from tests.unit.test_docs import README
+
+    [query] = re.findall(r"`(SELECT l\.credit_cdr_id .*?)`", README, re.DOTALL)
+
+    def credit(cid: str, ref: str, cost: str, **changes: Any) -> dict[str, Any]:
+        return {**cdr(cid, cost=cost, credit=True, credit_reference=ref), **changes}
+
+    out = Harness(process_cdrs, CdrState).run(
+        event("CDR", cdr("C1", cost="2.50")), event("CDR", credit("C1-C", "C1", "-2.50", currency="USD")),
+        event("CDR", cdr("C2", cost="2.00")),
+        event("CDR", credit("C2-C", "C2", "-2.00", total_cost={"excl_vat": Decimal("-2.00"),
+                                                              "incl_vat": Decimal("-2.00")})),
+        event("CDR", cdr("C3", cost="3.00")), event("CDR", credit("C3-C", "C3", "-3.00")))
+    batch = out.batch
+    for credit_id, original_id, cost in (("C1-C", "C1", "2.50"), ("C2-C", "C2", "2.00"), ("C3-C", "C3", "3.00")):
+        batch.add("credit_links", CREDIT_LINK_COLUMNS, [  # as the version before wrote them: excl. VAT compared
+            "NL", "TNM", credit_id, original_id, "p1", "LINKED", -Decimal(cost), Decimal(cost), True, ts(1),
+            ts(3601), 2])
+    write(client, batch)
+    assert sorted(client.query(query).result_rows) == [("C1-C",), ("C2-C",)]
+
+
 def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> None:
     rules = stage_rules(park_ttl_min=5, idle_min=60)
     sessions = Harness(process_sessions, SessionState, rules)
