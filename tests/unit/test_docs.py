@@ -42,6 +42,20 @@ def test_every_command_has_help_and_is_in_the_readme(name: str, command: click.C
     assert f"ocpi-pipeline {name}" in README, f"`ocpi-pipeline {name}` is not documented in README.md"
 
 
+
+def test_every_option_the_command_table_shows_exists() -> None:
+    """The command table's options (`[--since T]`, `--rebuild`): one renamed or removed sends the reader to a
+    usage error."""
+    table = README.split("| command | what it does |")[1].split("\n\n")[0]
+    wrong = []
+    for name, command in _commands(cli):
+        if isinstance(command, click.Group):
+            continue
+        options = {o for param in command.params for o in (*param.opts, *param.secondary_opts)} | {"--help"}
+        rows = " ".join(row.split("` |")[0] for row in table.splitlines() if f"`ocpi-pipeline {name}" in row)
+        wrong += [f"{name} {option}" for option in sorted(set(re.findall(r"--[a-z][a-z-]*", rows)) - options)]
+    assert not wrong, f"README.md's command table shows options the commands do not have: {wrong}"
+
 DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "ARCHITECTURE.md", "docs/partners.md",
                                                       "bench/README.md")}
 # Read outside the settings module (README says where).
