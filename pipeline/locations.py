@@ -5,8 +5,9 @@ the EVSEs and Connectors that changed (version = the Location's version), plus E
 Location row carries `personal_at` (see `LocationState`), by which retention dates its `publish_allowed_to`.
 
 A Location PUT replaces the Location (08 §3.3). EVSEs it no longer lists (digest ambiguity #5: EVSEs are never
-deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM_PUT and their rows kept with
-`present = false`, so EVSE status history and sessions that point at them keep their meaning. The push's
+deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM_PUT (unless their status was
+REMOVED already: deleted the spec's way) and their rows kept with `present = false`, so EVSE status history and
+sessions that point at them keep their meaning. The push's
 `last_updated` is kept for each EVSE and Connector it left out (`LocationState.confirmed`): an older push for one of
 them, arriving after it, is stale, as it is in order, and does not bring it back. So is it kept for the lists a push
 replaces whole (the Location's EVSEs, an EVSE's Connectors): an older push for an EVSE or Connector the tree never

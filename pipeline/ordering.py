@@ -2,9 +2,11 @@
 
 - STALE (digest ambiguity #1, our policy): a PUT or PATCH whose `last_updated` is *older* than the stored
   object's is not applied and is recorded. Equal timestamps are applied (the later arrival wins): some CPOs
-  send several changes within one second. For an EVSE or Connector push, "stored" is that EVSE's/Connector's own
-  `last_updated` (for one a newer push left out of the tree, that push's: `pipeline.locations`); for a
-  Location-level push it is the Location's, which child pushes raise (never lower).
+  send several changes within one second; but not a replayed copy of an event received no later than the last
+  one applied to the object (`replayed_earlier`), whose arrival now is not its arrival. For an EVSE or Connector
+  push, "stored" is that EVSE's/Connector's own `last_updated` (for one a newer push left out of the tree, that
+  push's: `pipeline.locations`); for a Location-level push it is the Location's, which child pushes raise (never
+  lower).
   A duplicate (`pipeline.dedup`) creates no version, but its newer `last_updated` still counts: the CPO
   confirmed the content at that time, so an older push arriving after it is stale too.
 - Merges are `ocpi.patch`'s: fields that are set replace the stored field (nested objects and lists too),
@@ -16,7 +18,8 @@
   on the Struct, and decodes the JSON only when it is not an exact image (a DateTime with a fraction). A
   result that is not a valid OCPI object raises `InvalidMerge` and is not stored.
 - An event whose object (or parent) is not stored yet raises `NeedsObject`: it is parked until the PUT arrives,
-  at most `park_ttl` (by the events' receive times) and `park_max` events per object; then it is an orphan.
+  at most `park_ttl` (by the events' receive times), `park_max` events per object and `stage.PARKED_MAX_BYTES`
+  of them together; then it is an orphan. A merge whose JSON would exceed OBJECT_MAX_BYTES is InvalidMerge.
 """
 
 from __future__ import annotations
