@@ -360,7 +360,8 @@ class PipelineSettings:
     )
     clock_skew_s: float = _setting(
         "OCPI_PIPELINE_CLOCK_SKEW", "300",
-        "seconds a push's last_updated may be ahead of its receipt before it is flagged (FUTURE_LAST_UPDATED)",
+        "seconds a Location or Session push's last_updated may be ahead of its receipt before it is flagged "
+        "(FUTURE_LAST_UPDATED; CDRs have no stale rule to break)",
     )
     cdr_grace_s: float = _setting(
         "OCPI_RECONCILE_CDR_GRACE", "86400",
