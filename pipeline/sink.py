@@ -13,7 +13,8 @@ the rows ClickHouse refuses alone are found; the others are written, and the ref
 `refused_rows` puts them (the worker: an anomaly `ROW_REFUSED` holding the row), however many they are: when
 every row of a table is refused (all of a Location's Connectors carry the bad value, or a column changed under
 us), stopping every partition would be worse than recording them; the events stay in Kafka and `raw_events` for
-a replay once the cause is fixed, and each refused row is logged as an error.
+a `replay --rebuild` once the cause is fixed (a plain replay writes nothing: the worker's state holds the object
+already, and its copy is a duplicate), and each refused row is logged as an error.
 
 Rows are sent as JSONCompactEachRow encoded by msgspec (exact decimals as JSON numbers, datetimes as ISO 8601
 with `Z`, JSON documents as the objects they are): building ClickHouse's Native format in Python costs about
