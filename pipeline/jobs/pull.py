@@ -6,8 +6,9 @@ OCPI makes catching up after an outage the receiver's job (04 §14): we GET the 
 The crawl (04 §4.2):
 - The window is [date_from, date_to): `--since`, or where the last completed pull ended, up to `--until` or
   `SETTLE` (5 minutes) before the moment the crawl starts. (A crawl up to a later `--until` counts as ended
-  `SETTLE` before it started, so the next window starts there, not at a date_to still to come.) Consecutive
-  windows leave no gaps, and overlap only after such a crawl.
+  `SETTLE` before it started, so the next window starts there, not at a date_to still to come; it is crawled
+  in two parts, up to that point and then the rest, see `X-Total-Count` below.) Consecutive windows leave no
+  gaps, and overlap only after such a crawl.
   Not up to now: `last_updated` is stamped by the partner's clock, which may run behind ours, and an object
   stamped just before our crawl may become visible to its GET only a moment later; a window ending at our now
   would leave such objects behind it, and the next window starts after them for good. Sessions require a
@@ -16,7 +17,10 @@ The crawl (04 §4.2):
   page, re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known.
 - When `X-Total-Count` drops (objects updated mid-crawl leave the date_to window, shifting the ones after
   them down), the page is read again from `offset` − drop (04 §4.2's "offset − 1" for a drop of one), so no
-  object is skipped; the objects read twice are deduplicated by the pipeline.
+  object is skipped; the objects read twice are deduplicated by the pipeline. Only a date_to already past lets
+  an updated object leave: under a date_to still to come it moves to the list's end, the total stays and the
+  objects after it shift below offsets already read. So a window past `SETTLE` before the start is crawled up
+  to that point first, then from there to its date_to (what this tail may skip, the next window reads).
 - A page at another offset holding exactly the objects of the page before it means the partner ignores
   `offset`: the crawl stops (PullError) rather than complete a window whose later objects it never saw.
 - HTTP 429 and 503 (and other 5xx, timeouts, refused connections, bodies that do not decompress) and OCPI
@@ -401,14 +405,21 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
         if module == "sessions" and start is None:
             raise PullError("a first Sessions pull needs --since (date_from is required by the Sessions "
                             "Sender interface, 09 §2.1)")
-        end = until or datetime.now(UTC) - SETTLE
+        started = datetime.now(UTC)
+        end = until or started - SETTLE
         if start is not None and start >= end:
             raise PullError(f"nothing to pull: the window starts at {iso(start)}, not before {iso(end)}")
+        # A window past what has settled is crawled in two parts: up to the settled point, then the rest (the
+        # tail). With a date_to still to come, an object updated mid-crawl stays in the window, moves to the
+        # list's end and shifts the objects after it below offsets already passed (X-Total-Count does not drop):
+        # in the tail that can skip only objects the next window reads again.
+        settled = started - SETTLE
+        tail = end > settled and (start is None or start < settled)
         first = with_query(endpoint.url, date_from=format_datetime(start) if start else None,
-                           date_to=format_datetime(end), offset=0, limit=limit)
+                           date_to=format_datetime(settled if tail else end), offset=0, limit=limit)
         crawl = {"since": iso(start), "until": iso(end), "asked": list(wanted), "next_url": first, "limit": limit,
                  "x_limit": None, "total": None, "pages": 0, "objects": 0, "correlation_id": str(uuid.uuid4()),
-                 "started_at": iso(datetime.now(UTC))}
+                 "started_at": iso(started), "tail": tail}
         state["crawl"] = crawl
         checkpoint.save(state)
         resumed = False
@@ -421,7 +432,14 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
         crawler = _Crawler(settings, partner, module, endpoint.url, http, retry or RetryPolicy(), report,
                            crawl["correlation_id"], sleep)
         url: str | None = crawl["next_url"]
-        while url:
+        while url or crawl.get("tail"):
+            if url is None:  # the settled part is crawled: now the tail, up to date_to
+                url = with_query(endpoint.url,
+                                 date_from=format_datetime(datetime.fromisoformat(crawl["started_at"]) - SETTLE),
+                                 date_to=format_datetime(datetime.fromisoformat(crawl["until"])), offset=0,
+                                 limit=crawl["limit"])
+                crawl.update(tail=False, next_url=url, total=None, previous_page=None)
+                checkpoint.save(state)
             page = await crawler.fetch(url)
             offset = query_int(page.url, "offset") or 0
             if crawl["total"] is not None and page.total is not None and page.total < crawl["total"] and offset:

@@ -145,6 +145,32 @@ async def test_dropping_total_count_rereads_from_offset_minus_the_drop(settings_
     assert report.rereads == 1 and report.total == 5
 
 
+async def test_an_object_updated_mid_crawl_skips_nothing_when_until_is_later_than_now(settings_for: Any,
+                                                                                     fake: FakeSender) -> None:
+    """With a date_to still to come, an object updated mid-crawl stayed in the window: it moved to the end of the
+    list, X-Total-Count did not drop (no re-read), and the object after the page read before took its place below
+    the next offset: S0003, dated hours before the window's end, was never pulled (the next window starts later)."""
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 7)]
+
+    def update_first_object(sender: FakeSender, request_number: int) -> None:
+        if request_number == 2:  # S0001 (already read) is updated now
+            sender.objects["sessions"][0]["last_updated"] = stamp(datetime.now(UTC))
+
+    fake.before_request = update_first_object
+    sink = ListSink()
+    started = datetime.now(UTC)
+    report = await pull(settings_for(), partner_for(fake), "sessions", sink, since=hours_ago(24),
+                        until=datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1))
+    assert sorted(set(ids(sink))) == [f"S000{i}" for i in range(1, 7)]
+    assert report.rereads == 1  # S0001 left the settled part of the window: its X-Total-Count dropped
+    # The settled part first (an update during it leaves it), then the rest of the window from there.
+    settled = {s.query["date_to"] for s in fake.seen[:-1]}
+    assert len(settled) == 1
+    assert started - timedelta(minutes=5, seconds=1) <= parse(settled.pop()) <= datetime.now(UTC) - timedelta(minutes=5)
+    assert fake.seen[-1].query["date_from"] == fake.seen[0].query["date_to"]
+    assert parse(fake.seen[-1].query["date_to"]) == report.until.replace(microsecond=0)
+
+
 async def test_a_partner_that_ignores_offset_stops_the_pull_before_it_completes(settings_for: Any,
                                                                               fake: FakeSender) -> None:
     settings = settings_for()
