@@ -322,8 +322,10 @@ class _Crawler:
         if not 1000 <= code < 2000 or status >= 300:
             raise PullError(f"GET {url}: HTTP {status}, OCPI status {code}: {message or 'no message'}")
         try:
-            links = response.links.get("next")
-            next_url = urljoin(url, links["url"]) if links else None
+            # Relation types compare case-insensitively, and one rel may name several (RFC 8288 §2.1.1, §3.3).
+            link = next((link for link in response.links.values()
+                         if "next" in link.get("rel", "").lower().split()), None)
+            next_url = urljoin(url, link["url"]) if link else None
         except ValueError as exc:  # urljoin of a malformed URL (an unclosed IPv6 bracket ...)
             raise PullError(f"GET {url}: the Link header's next URL is not a URL ({exc}): "
                             f"{response.headers.get('link')!r}") from None

@@ -473,6 +473,22 @@ async def test_a_body_that_does_not_decompress_is_retried(settings_for: Any) -> 
                    transport=httpx.MockTransport(corrupt), retry=RetryPolicy(max_attempts=2), sleep=Sleeps())
 
 
+@pytest.mark.parametrize("rel", ['rel="Next"', "rel=NEXT", 'rel="prev next"'])
+async def test_a_next_link_is_followed_whatever_the_case_of_its_relation_type(settings_for: Any, rel: str) -> None:
+    """Link relation types compare case-insensitively, and one rel may name several (RFC 8288 §2.1.1, §3.3):
+    a partner writing `rel="Next"` had its first page taken for the last, the window completed without the rest."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.params["offset"] == "0":
+            return httpx.Response(200, headers={"Link": f"<?offset=1&limit=1>; {rel}", "X-Total-Count": "2"},
+                                  content=_envelope([session(1, hours_ago(3))]))
+        return httpx.Response(200, headers={"X-Total-Count": "2"}, content=_envelope([session(2, hours_ago(2))]))
+
+    sink = ListSink()
+    await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24),
+               transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == ["S0001", "S0002"]
+
+
 @pytest.mark.parametrize("link", ['<http://[::1/bad>; rel="next"', '<http://xn--/x>; rel="next"'])
 async def test_a_next_link_that_is_no_url_stops_the_pull_cleanly(settings_for: Any, link: str) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
