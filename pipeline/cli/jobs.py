@@ -291,6 +291,9 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
                       f"{report.until}) in {report.pages} pages{' (resumed)' if report.resumed else ''}; "
                       f"invalid {report.invalid}, not the partner's {report.foreign}, re-read pages "
                       f"{report.rereads}, retries {report.retries}")
+        if report.unread:
+            console.print(f"[yellow]the partner announced {report.unread} more objects (X-Total-Count) than its "
+                          "pages led to: not read; see the log[/]")
 
     hint = "run the same command again to resume from its checkpoint"
     if schedule is None:

@@ -146,6 +146,7 @@ class PullReport:
     rereads: int = 0
     retries: int = 0
     total: int | None = None  # the last X-Total-Count seen
+    unread: int = 0  # objects X-Total-Count announced past the last page (one without a next link)
 
 
 @dataclass
@@ -474,6 +475,16 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
             if page.next_url == page.url:
                 raise PullError(f"GET {page.url}: the next link points at the same page")
             url = page.next_url
+            if url is None and page.total is not None:
+                # A page without a next link is the last (04 §4.2), but the partner announced more: its total or
+                # its paging is wrong, and the window is taken as read. Said, not guessed past (an offset of our
+                # own could be refused, or read objects its wrong total never had).
+                read_to = at + (_page_items(page.data) or 0)
+                if read_to < page.total:
+                    report.unread += page.total - read_to
+                    log.warning("GET %s: the last page (no next link) ends at object %d of the %d X-Total-Count "
+                                "announced; the %d after it were not read", page.url, read_to, page.total,
+                                page.total - read_to)
     # A window asked past what had settled when the crawl started (`--until` later than now − SETTLE) is not
     # complete beyond that: objects the partner stamps after the crawl may still fall before its date_to. The
     # next window starts there (re-reading a little is harmless: the pipeline deduplicates).
@@ -489,6 +500,14 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
         "pages": crawl["pages"], "objects": crawl["objects"], "total": crawl["total"]}]
     checkpoint.save(state)
     return report
+
+
+def _page_items(data: bytes) -> int | None:
+    """How many objects a page holds (None: no list)."""
+    try:
+        return len(msgspec.json.decode(data, type=list[msgspec.Raw]))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def _page_digest(data: bytes) -> str | None:

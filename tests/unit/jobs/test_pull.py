@@ -617,3 +617,30 @@ def test_routing_headers_of_an_answer_are_kept_for_any_party_a_partner_may_regis
     assert _party(headers, "to") == ("nl", "X")
     assert _party(httpx.Headers({"OCPI-from-country-code": "NLD", "OCPI-from-party-id": "ABC"}), "from") is None
     assert _party(httpx.Headers({"OCPI-from-country-code": "NL", "OCPI-from-party-id": "ABCD"}), "from") is None
+
+
+async def test_a_last_page_short_of_the_announced_total_is_reported(settings_for: Any) -> None:
+    """A page without a next link is the last one (04 §4.2), but X-Total-Count announced more: the crawl took the
+    window as read and said nothing, so the objects the broken paging never led to were lost without a word."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.params["offset"] == "0":
+            return httpx.Response(200, headers={"Link": '<?offset=1&limit=1>; rel="next"', "X-Total-Count": "5"},
+                                  content=_envelope([session(1, hours_ago(3))]))
+        return httpx.Response(200, headers={"X-Total-Count": "5"}, content=_envelope([session(2, hours_ago(2))]))
+
+    sink = ListSink()
+    report = await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24),
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == ["S0001", "S0002"] and report.unread == 3
+
+
+async def test_a_complete_crawl_reports_nothing_unread(settings_for: Any) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.params["offset"] == "0":
+            return httpx.Response(200, headers={"Link": '<?offset=1&limit=1>; rel="next"', "X-Total-Count": "2"},
+                                  content=_envelope([session(1, hours_ago(3))]))
+        return httpx.Response(200, headers={"X-Total-Count": "2"}, content=_envelope([session(2, hours_ago(2))]))
+
+    report = await pull(settings_for(), _mock_partner(), "sessions", ListSink(), since=hours_ago(24),
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert report.unread == 0
