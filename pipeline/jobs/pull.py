@@ -23,8 +23,8 @@ The crawl (04 §4.2):
   to that point first, then from there to its date_to (what this tail may skip, the next window reads).
 - A page at another offset holding exactly the objects of the page before it means the partner ignores
   `offset`: the crawl stops (PullError) rather than complete a window whose later objects it never saw.
-- HTTP 429 and 503 (and other 5xx, timeouts, refused connections, bodies that do not decompress) and OCPI
-  3xxx answers are retried with exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is
+- HTTP 429 and 503 (and other 5xx, timeouts, refused connections, bodies that do not decompress), OCPI
+  3xxx answers and a Hub's 4002/4003 (the receiving party timed out, is not connected) are retried with exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is
   waited out first. Other errors stop the crawl (2xxx: our request is wrong; 401: the partner refused our
   token; a next link that is no URL). Redirects are never followed: they could drop the Authorization header
   or hand it to another host; nor is a next link to another origin (scheme, host or port) than the endpoint's.
@@ -318,7 +318,8 @@ class _Crawler:
             raise PullError(f"GET {url}: HTTP {status}, not an OCPI response envelope ({unparsable_reason(exc)})"
                             ) from None
         code, message = envelope.status_code, envelope.status_message or ""
-        if status == 429 or status >= 500 or 3000 <= code < 4000:
+        # 3xxx, and a Hub's 4002 (the receiver did not answer in time) and 4003 (it is not connected): transient.
+        if status == 429 or status >= 500 or 3000 <= code < 4000 or code in (4002, 4003):
             return f"HTTP {status}, OCPI {code} {message}".rstrip()
         if not 1000 <= code < 2000 or status >= 300:
             raise PullError(f"GET {url}: HTTP {status}, OCPI status {code}: {message or 'no message'}")

@@ -207,6 +207,16 @@ async def test_backoff_on_429_503_and_3xxx_respects_retry_after(settings_for: An
     assert len({s.headers["X-Request-ID"] for s in fake.seen}) == 5  # every attempt is a new request
 
 
+async def test_a_hubs_transient_4002_and_4003_are_retried(settings_for: Any, fake: FakeSender) -> None:
+    """Pulling through a Hub: 4002 (the receiving party did not answer in time) and 4003 (it is not connected) say
+    "later", as 3xxx do; they stopped the crawl."""
+    fake.objects["sessions"] = [session(1, hours_ago(3))]
+    fake.fail_next(Failure(200, 4002), Failure(200, 4003))
+    report = await pull(settings_for(), partner_for(fake), "sessions", ListSink(), since=hours_ago(24),
+                        retry=RetryPolicy(max_attempts=3, base_s=0.01, max_s=0.02), sleep=Sleeps())
+    assert report.retries == 2 and report.objects == 1
+
+
 async def test_gives_up_after_max_attempts_and_keeps_the_position(settings_for: Any, fake: FakeSender) -> None:
     settings = settings_for()
     fake.objects["sessions"] = [session(1, hours_ago(3))]
