@@ -125,13 +125,14 @@ def _still_matches(cdr: CdrRec, session: SessionFact, rules: Rules) -> bool:
     return True
 
 
-def _closest(sessions: list[SessionRec], start: datetime, rules: Rules, method: str, taken: set[str],
-             ) -> SessionRec | None:
-    """The session with the nearest start, free ones first (token matches: within the time tolerance)."""
+def _closest(sessions: list[SessionRec], start: datetime, rules: Rules, method: str, taken: set[str], *,
+             full: bool = False) -> SessionRec | None:
+    """The session with the nearest start, free ones first (token matches, and matches by a `full` index: within
+    the time tolerance)."""
     best: tuple[tuple[bool, timedelta, str], SessionRec] | None = None
     for rec in sessions:
         gap = abs(rec.fact.start - start)
-        if method == TOKEN_LOCATION_START and gap > rules.time_tolerance:
+        if (method == TOKEN_LOCATION_START or full) and gap > rules.time_tolerance:
             continue
         sid = rec.fact.session_id
         rank = (sid in taken, gap, sid)
@@ -306,11 +307,15 @@ class Matching:
         if not pending:
             return
         index = _S_BY_REF if method == AUTHORIZATION_REFERENCE else _S_BY_TOKEN
-        sessions = [s for s in map(self.session, self.state.ids(index, key)) if s is not None]
+        listed = self.state.ids(index, key)
+        sessions = [s for s in map(self.session, listed) if s is not None]
+        # A full index (INDEX_MOST) is no identifier: it lacks older sessions of the key, and the nearest start
+        # among the ones it lists may be hours from a CDR's own session (a late CDR); within the tolerance only.
+        full = len(listed) >= INDEX_MOST
         pending_ids = {c.fact.cdr_id for c in pending}
         taken = {s.fact.session_id for s in sessions if self._held(s, method, pending_ids)}
         for cdr in sorted(pending, key=lambda c: (c.fact.start, c.fact.cdr_id)):
-            best = _closest(sessions, cdr.fact.start, self.rules, method, taken)
+            best = _closest(sessions, cdr.fact.start, self.rules, method, taken, full=full)
             if best is not None:
                 taken.add(best.fact.session_id)
                 self._assign(cdr, best, method)

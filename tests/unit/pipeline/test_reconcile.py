@@ -998,3 +998,21 @@ def test_a_constant_authorization_reference_keeps_a_bounded_index() -> None:
     out = party.run(c_fact(cdr("C1", session_id=None, authref="SAME", start=last * 10, end=last * 10 + 5),
                            received=last * 10 + 6))
     assert result(out, "CDR", "C1")["session_id"] == f"S{last}"
+
+
+def test_a_late_cdr_whose_session_left_a_full_reference_index_is_not_matched_to_another_by_it() -> None:
+    """A constant authorization_reference past INDEX_MOST sessions is no identifier: a CDR coming after its session
+    left the index (a daily CDR batch) was matched by that reference to the nearest session still listed (no
+    time tolerance: hours away), its own session left MISSING_CDR, though its token, location and start find it.
+    Beyond a full index the reference matches only within the time tolerance, as a token does."""
+    from pipeline.matching import INDEX_MOST
+
+    party = Party()
+    sessions = INDEX_MOST + 50
+    for first in range(0, sessions, 200):
+        party.run(*(s_fact(session(f"S{i}", status="ACTIVE", start=i * 600, updated=i * 600, authref="SAME",
+                                   uid=f"T{i}"), received=i * 600)
+                    for i in range(first, min(first + 200, sessions))))
+    out = party.run(c_fact(cdr("C1", session_id=None, authref="SAME", uid="T10", start=6000, end=6060),
+                           received=sessions * 600))
+    assert result(out, "CDR", "C1")["session_id"] == "S10"
