@@ -24,9 +24,10 @@ The crawl (04 §4.2):
 - A page at another offset holding exactly the objects of the page before it means the partner ignores
   `offset`: the crawl stops (PullError) rather than complete a window whose later objects it never saw.
 - HTTP 429 and 503 (and other 5xx, timeouts, refused connections, bodies that do not decompress), OCPI
-  3xxx answers and a Hub's 4002/4003 (the receiving party timed out, is not connected) are retried with exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is
-  waited out first. Other errors stop the crawl (2xxx: our request is wrong; 401: the partner refused our
-  token; a next link that is no URL). Redirects are never followed: they could drop the Authorization header
+  3xxx answers and a Hub's 4002/4003 (the receiving party timed out, is not connected) are retried with
+  exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is waited out first. Other
+  errors stop the crawl (2xxx: our request is wrong; 401: the partner refused our token; a next link that is
+  no URL). Redirects are never followed: they could drop the Authorization header
   or hand it to another host; nor is a next link to another origin (scheme, host or port) than the endpoint's.
 - Each list is decoded element by element (`ocpi.decode.decode_list`, with the partner's compatibility
   profile): invalid objects are logged and recorded, the valid ones are processed (04 §4.1). Objects whose
