@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -213,7 +213,8 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
                       projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
         removed.append(level_identity("EVSE", gone["uid"]))
         removed += _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
-    _confirm_entered(state, previous, location)
+    if state.confirmed and may_add_to_tree(event):  # else nothing can enter: two tree walks saved per status update
+        _confirm_entered(state, previous, location)
     # The push says the tree holds none of them at its last_updated: an older push for one of them, arriving
     # later, is stale (in order it came before and was dropped with them), not the object back in the tree.
     moment = event.payload["last_updated"]
@@ -222,7 +223,8 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
         if known is None or moment > known:
             state.confirmed[ident] = moment
     _confirm_lists(state, event)
-    _prune_confirmed(state, location)
+    if len(state.confirmed) > PRUNE_OVER + 2 * len(location.evses or ()):  # a tree walk, when worth it
+        _prune_confirmed(state, location)
     state.personal_at = personal_at
     state.object_json = document
     state.last_identity = identity(event)
@@ -243,6 +245,19 @@ def _tree(location: Location | None) -> dict[str, tuple[datetime, tuple[str, ...
             tree[level_identity("CONNECTOR", evse.uid, connector.id)] = (connector.last_updated,
                                                                         list_keys_over(evse.uid, True))
     return tree
+
+
+# `confirmed` entries beyond two per EVSE (its own, its Connector list's) before a prune runs: pruning drops only
+# entries that decide nothing, so when it runs changes no outcome; run on every event it walked the tree each time.
+PRUNE_OVER: Final = 16
+
+
+def may_add_to_tree(event: DecodedEvent) -> bool:
+    """Whether the push can bring an EVSE or Connector into the tree: a PUT at any level, a Location PATCH of
+    `evses`, an EVSE PATCH of `connectors` (a PATCH of an object not stored is parked, it adds nothing)."""
+    payload = event.payload
+    return (event.operation == "PUT" or (event.level == "LOCATION" and "evses" in payload)
+            or (event.level == "EVSE" and "connectors" in payload))
 
 
 def _confirm_entered(state: LocationState, previous: Location | None, location: Location) -> None:
