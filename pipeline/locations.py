@@ -213,7 +213,8 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
                       projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
         removed.append(level_identity("EVSE", gone["uid"]))
         removed += _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
-    if state.confirmed and may_add_to_tree(event):  # else nothing can enter: two tree walks saved per status update
+    structural = may_add_to_tree(event)  # else nothing enters, leaves or goes back in time
+    if state.confirmed and structural:  # two tree walks saved per status update
         _confirm_entered(state, previous, location)
     # The push says the tree holds none of them at its last_updated: an older push for one of them, arriving
     # later, is stale (in order it came before and was dropped with them), not the object back in the tree.
@@ -223,7 +224,9 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
         if known is None or moment > known:
             state.confirmed[ident] = moment
     _confirm_lists(state, event)
-    if len(state.confirmed) > PRUNE_OVER + 2 * len(location.evses or ()):  # a tree walk, when worth it
+    # After a push that can remove an object or lower its time, always: an entry kept past it can decide (an
+    # object's entry its own time had passed would outlive its removal); after a status update, when worth it.
+    if state.confirmed and (structural or len(state.confirmed) > PRUNE_OVER + 2 * len(location.evses or ())):
         _prune_confirmed(state, location)
     state.personal_at = personal_at
     state.object_json = document

@@ -65,7 +65,8 @@ class LocationState(msgspec.Struct, kw_only=True):
     # an older push for that object, arriving later, is stale (the object's own last_updated was not bumped); and
     # of an EVSE or Connector a push left out of the tree, that push's last_updated (an older push is stale too);
     # and of the tree's lists (`dedup.lists_replaced`), when a push last replaced them whole
-    # (entries that decide nothing are dropped, `locations._prune_confirmed`, once they outgrow the tree: bounded
+    # (entries that decide nothing are dropped, `locations._prune_confirmed`, after every push that can remove or
+    # back-date an object and once they outgrow the tree: bounded
     # by the tree, not its history)
     confirmed: dict[str, datetime] = {}
     version: int = 0

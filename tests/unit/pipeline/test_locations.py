@@ -779,3 +779,24 @@ def test_a_replayed_copy_is_not_applied_again_on_a_state_written_before_applied_
     assert out.outcomes == {"REPLAYED_STALE": 2}
     assert rows(out.batch, "raw_events") == [] and rows(out.batch, "evse_status_history") == []
     assert stored(h)["evses"][0]["status"] == "BLOCKED" and h.state(KEY).version == version
+
+
+@pytest.mark.parametrize("prune_over", [16, -1])
+def test_a_deferred_prune_changes_no_outcome(monkeypatch: pytest.MonkeyPatch, prune_over: int) -> None:
+    """`confirmed` is pruned only once it outgrows the tree (`PRUNE_OVER`); whether it ran must decide nothing.
+    E1's entry of t=8 (a duplicate Location PUT confirming it) decides nothing once E1's own time is 9; kept, it
+    survived E1's removal at t=3 and made E1's push of t=5, newer than that removal, stale: APPLIED when the prune
+    had run, STALE when the state had too few entries for it to."""
+    import pipeline.locations
+
+    monkeypatch.setattr(pipeline.locations, "PRUNE_OVER", prune_over)  # -1: pruned after every event
+
+    def put(minute: float, received: float, *evses: dict[str, Any]) -> Any:
+        return event("Location", location(evses=list(evses), updated=minute), received=received)
+
+    h = harness()
+    h.run(put(1, 1, evse("E1", updated=1)), put(1, 2, evse("E1", updated=8)),  # the second: a duplicate
+          put(2, 3, evse("E1", status="BLOCKED", updated=9)), put(3, 4, evse("E2", updated=3)))
+    late = event("EVSE", evse("E1", status="CHARGING", updated=5), object_id="LOC1", evse_uid="E1", received=5)
+    assert outcome_of(h.run(late), late.event_id) == "APPLIED"
+    assert [e["uid"] for e in stored(h)["evses"]] == ["E2", "E1"]
