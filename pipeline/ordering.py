@@ -44,7 +44,7 @@ from ocpi.model import (
 )
 from ocpi.patch import merge_location, merge_session, patch_connector, patch_evse, put_connector, put_evse
 from pipeline import wire
-from pipeline.retention import pseudonym_growth
+from pipeline.retention import LOCATION_PERSONAL_FIELD, pseudonymised_growth
 from pipeline.state import Parked
 
 T = TypeVar("T")
@@ -126,9 +126,7 @@ def _within_state(kind: str, merged: tuple[T, bytes], growth: int = 0) -> tuple[
 def _pseudonymised_growth(location: Location) -> int:
     """What pseudonymising its `publish_allowed_to` (uids, visual numbers) may add to a Location's JSON."""
     allowed = location.publish_allowed_to
-    if not allowed:
-        return 0
-    return sum(pseudonym_growth(token.uid) + pseudonym_growth(token.visual_number) for token in allowed)
+    return pseudonymised_growth({LOCATION_PERSONAL_FIELD: wire.builtins(allowed)}) if allowed else 0
 
 
 def merge_session_patch(stored: wire.StoredStruct[Session], current_json: bytes, patch: dict[str, Any],

@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -56,10 +56,9 @@ from pipeline.sink import datetime64, insert_rows, string
 log = logging.getLogger(__name__)
 
 PREFIX: Final = "psn:"
-_PSEUDONYM: Final = re.compile(r"psn:[0-9a-f]{32}")
-
-
-PSEUDONYM_LENGTH: Final = len(PREFIX) + 32
+_DIGITS: Final = 32  # hex digits of the HMAC a pseudonym keeps
+PSEUDONYM_LENGTH: Final = len(PREFIX) + _DIGITS
+_PSEUDONYM: Final = re.compile(rf"{PREFIX}[0-9a-f]{{{_DIGITS}}}")
 
 
 def pseudonym_growth(value: object) -> int:
@@ -71,19 +70,14 @@ def pseudonym_growth(value: object) -> int:
 def pseudonymised_growth(data: dict[str, Any]) -> int:
     """How many characters `pseudonymise_fields` adds to `data` (a Session/Location or a PATCH of one, as decoded)
     at most: the growth of each personal identifier it holds."""
-    token = data.get("cdr_token")
-    values = [token.get("uid"), token.get("contract_id")] if isinstance(token, dict) else [token]
-    values.append(data.get("authorization_reference"))
-    allowed = data.get(LOCATION_PERSONAL_FIELD)
-    for entry in allowed if isinstance(allowed, list) else ():
-        values += [entry.get("uid"), entry.get("visual_number")] if isinstance(entry, dict) else [entry]
-    return sum(map(pseudonym_growth, values))
+    return sum(pseudonym_growth(holder[name] if isinstance(holder, list) else holder.get(name))
+               for holder, name, _case_insensitive in _personal_fields(data))
 
 
 def is_pseudonym(value: str) -> bool:
     """Whether `value` is a pseudonym (`psn:` + 32 lower-case hex digits), not a clear value that merely starts
     with `psn:` (a CiString a CPO may well send), which would otherwise stay in clear for ever."""
-    return len(value) == 36 and _PSEUDONYM.fullmatch(value) is not None
+    return len(value) == PSEUDONYM_LENGTH and _PSEUDONYM.fullmatch(value) is not None
 _DAY_MS: Final = 86_400_000
 
 
@@ -111,7 +105,7 @@ class Pseudonymizer:
         text = ci_normalize(value) if case_insensitive else value
         digest = self._keyed.copy()
         digest.update(text.encode())
-        pseudonym = PREFIX + digest.hexdigest()[:32]
+        pseudonym = PREFIX + digest.hexdigest()[:_DIGITS]
         if len(self._cache) >= self.CACHE_SIZE:
             self._cache.clear()
         self._cache[(value, case_insensitive)] = pseudonym
@@ -388,38 +382,40 @@ def pseudonymised_json(document: bytes, pseudonym: Pseudonymizer) -> bytes | Non
     return _JSON_OUT.encode(data) if isinstance(data, dict) and pseudonymise_fields(data, pseudonym) else None
 
 
+def _personal_fields(data: dict[str, Any]) -> Iterator[tuple[Any, Any, bool]]:
+    """(holder, key or index, compared case-insensitively) of every personal identifier of a Session/CDR/Location
+    (or a PATCH of one), as decoded from OCPI JSON, whatever shape a refused object gives it."""
+    token = data.get("cdr_token")
+    if isinstance(token, dict):
+        yield token, "uid", True
+        yield token, "contract_id", True
+    else:
+        yield data, "cdr_token", True  # not an object: whatever it holds, as its text
+    yield data, "authorization_reference", True
+    allowed_list = data.get(LOCATION_PERSONAL_FIELD)
+    if allowed_list is not None and not isinstance(allowed_list, list):
+        yield data, LOCATION_PERSONAL_FIELD, False
+    for index, allowed in enumerate(allowed_list if isinstance(allowed_list, list) else ()):
+        if isinstance(allowed, dict):
+            yield allowed, "uid", True
+            yield allowed, "visual_number", False
+        else:
+            yield allowed_list, index, False
+
+
 def pseudonymise_fields(data: dict[str, Any], pseudonym: Pseudonymizer) -> bool:
     """Replace the personal identifiers of a Session/CDR/Location (or a PATCH of one), as decoded from OCPI JSON,
     in place; returns whether any was still in clear."""
     changed = False
-
-    def replace(holder: Any, name: Any, *, case_insensitive: bool = True) -> None:  # a dict's key, a list's index
-        nonlocal changed
+    for holder, name, case_insensitive in _personal_fields(data):  # a dict's key, a list's index
         value = holder.get(name) if isinstance(holder, dict) else holder[name]
         if value is None or value == "":
-            return
+            continue
         # Any other shape is an object refused for it (`jobs.pull` records those): an identifier sent as a number,
         # a list or an object is personal data all the same, pseudonymised as its text.
         text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
         holder[name] = pseudonym(text, case_insensitive=case_insensitive)
         changed = changed or holder[name] != value
-
-    token = data.get("cdr_token")
-    if isinstance(token, dict):
-        replace(token, "uid")
-        replace(token, "contract_id")
-    else:
-        replace(data, "cdr_token")  # not an object: whatever it holds, as its text
-    replace(data, "authorization_reference")
-    allowed_list = data.get(LOCATION_PERSONAL_FIELD)
-    if allowed_list is not None and not isinstance(allowed_list, list):
-        replace(data, LOCATION_PERSONAL_FIELD, case_insensitive=False)
-    for index, allowed in enumerate(allowed_list if isinstance(allowed_list, list) else ()):
-        if isinstance(allowed, dict):
-            replace(allowed, "uid")
-            replace(allowed, "visual_number", case_insensitive=False)
-        else:
-            replace(allowed_list, index, case_insensitive=False)
     return changed
 
 
