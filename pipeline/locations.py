@@ -135,10 +135,13 @@ def _confirm(state: LocationState, current: Location | None, event: DecodedEvent
             own = ordering.stored_last_updated(current, evse_uid, connector_id)
             if own is not None and moment <= own:
                 continue
-        known = state.confirmed.get(ident)
-        if known is None or moment > known:
-            state.confirmed[ident] = moment
+        _confirm_at(state, ident, moment)
     _confirm_lists(state, event)
+
+
+def _confirm_at(state: LocationState, key: str, moment: datetime) -> None:
+    """`confirmed[key]` raised to `moment` (never lowered)."""
+    state.confirmed[key] = ordering.newest(state.confirmed.get(key), moment) or moment
 
 
 def _confirm_lists(state: LocationState, event: DecodedEvent) -> None:
@@ -146,9 +149,7 @@ def _confirm_lists(state: LocationState, event: DecodedEvent) -> None:
     push for an EVSE or Connector they do not list, arriving later, is stale (`handle`), as it is in order."""
     moment = event.payload["last_updated"]
     for key in lists_replaced(event):
-        known = state.confirmed.get(key)
-        if known is None or moment > known:
-            state.confirmed[key] = moment
+        _confirm_at(state, key, moment)
 
 
 def retry_parked(state: LocationState, run: Run, rules: StageRules, out: StageOutput) -> None:
@@ -220,9 +221,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     # later, is stale (in order it came before and was dropped with them), not the object back in the tree.
     moment = event.payload["last_updated"]
     for ident in removed:
-        known = state.confirmed.get(ident)
-        if known is None or moment > known:
-            state.confirmed[ident] = moment
+        _confirm_at(state, ident, moment)
     _confirm_lists(state, event)
     # After a push that can remove an object or lower its time, always: an entry kept past it can decide (an
     # object's entry its own time had passed would outlive its removal); after a status update, when worth it.
@@ -234,7 +233,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     state.last_hash = fingerprint(event)
     state.version = version
     state.applied_event_id = event.event_id
-    state.applied_at = record.received_at if state.applied_at is None else max(state.applied_at, record.received_at)
+    state.applied_at = ordering.newest(state.applied_at, record.received_at)
     remember(state, event.event_id)
 
 
@@ -258,9 +257,7 @@ PRUNE_OVER: Final = 16
 def may_add_to_tree(event: DecodedEvent) -> bool:
     """Whether the push can bring an EVSE or Connector into the tree: a PUT at any level, a Location PATCH of
     `evses`, an EVSE PATCH of `connectors` (a PATCH of an object not stored is parked, it adds nothing)."""
-    payload = event.payload
-    return (event.operation == "PUT" or (event.level == "LOCATION" and "evses" in payload)
-            or (event.level == "EVSE" and "connectors" in payload))
+    return event.operation == "PUT" or bool(lists_replaced(event))
 
 
 def _confirm_entered(state: LocationState, previous: Location | None, location: Location) -> None:
@@ -274,7 +271,7 @@ def _confirm_entered(state: LocationState, previous: Location | None, location: 
             continue
         replaced = ordering.newest(*(state.confirmed.get(key) for key in over))
         if replaced is not None and replaced > own:
-            state.confirmed[ident] = ordering.newest(state.confirmed.get(ident), replaced) or replaced
+            _confirm_at(state, ident, replaced)
 
 
 def _prune_confirmed(state: LocationState, location: Location) -> None:
