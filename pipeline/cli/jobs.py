@@ -20,6 +20,7 @@ from rich.table import Table
 from infra.clickhouse.client import ClickHouseUnavailable, connect_for
 from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
 from infra.settings import Settings, load_settings
+from pipeline.cli.errors import kafka_failed
 from pipeline.jobs.common import MODULES, JobError, RichProgress, check_modules, parse_time, relative_text
 from pipeline.jobs.pull import KINDS
 
@@ -36,8 +37,7 @@ def _run(coro: Coroutine[Any, Any, T], resume_hint: str, bootstrap: str) -> T:
     except (JobError, KafkaNotConfigured, ClickHouseUnavailable, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
     except (aiokafka.errors.KafkaError, kafka.errors.KafkaError) as exc:  # the broker down, unreachable, refusing
-        raise click.ClickException(f"Kafka at {bootstrap} failed ({type(exc).__name__}: {exc}); check that it runs "
-                                   f"and OCPI_KAFKA_BOOTSTRAP ({resume_hint})") from None
+        raise kafka_failed(bootstrap, exc, resume_hint) from None
 
 
 def _bootstrap(settings: Settings) -> str:

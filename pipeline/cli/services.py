@@ -20,6 +20,7 @@ from infra.kafka.admin import TopicConfigError
 from infra.kafka.bootstrap import KafkaNotConfigured, reachable, resolve_bootstrap
 from infra.kafka.embedded import EmbeddedBrokerError
 from infra.settings import Settings, load_settings
+from pipeline.cli.errors import kafka_failed
 from pipeline.demo import DemoSummary, run_demo
 from pipeline.stack import Stack, StackError, check_port_free
 from receivers.registry import PartnerRegistry, PartnerStatus
@@ -101,9 +102,7 @@ def worker(ctx: click.Context) -> None:
     except (KafkaNotConfigured, ClickHouseUnavailable, PseudonymKeyError, TopicConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     except kafka.errors.KafkaError as exc:  # the broker down or unreachable (the topics are prepared before Faust)
-        where = settings.kafka.bootstrap or "the running `dev` instance"
-        raise click.ClickException(f"Kafka at {where} failed ({type(exc).__name__}: {exc}); check that it runs "
-                                   "and OCPI_KAFKA_BOOTSTRAP") from None
+        raise kafka_failed(settings.kafka.bootstrap or "the running `dev` instance", exc) from None
 
 
 def first_partner_token_a(registry: PartnerRegistry) -> str | None:
@@ -162,8 +161,7 @@ def dev() -> None:
     except (StackError, EmbeddedBrokerError, ClickHouseUnavailable, TopicConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     except kafka.errors.KafkaError as exc:  # a configured Kafka (OCPI_KAFKA_BOOTSTRAP) down or unreachable
-        raise click.ClickException(f"Kafka at {settings.kafka.bootstrap} failed ({type(exc).__name__}: {exc}); "
-                                   "check that it runs and OCPI_KAFKA_BOOTSTRAP (empty: an embedded broker)") from None
+        raise kafka_failed(settings.kafka.bootstrap, exc, "empty: an embedded broker") from None
 
 
 def print_summary(console: Console, summary: DemoSummary) -> None:
