@@ -92,13 +92,14 @@ async def topic_partitions(bootstrap: str, topics: Iterable[str]) -> list[TopicP
         await stop_client(consumer)
 
 
-async def partitions_of(bootstrap: str, topic: str) -> list[TopicPartition]:
-    """Every partition of `topic`; JobError when it does not exist (a wrong OCPI_TOPIC_* or bootstrap): a job
+async def partitions_of(bootstrap: str, *topics: str) -> list[TopicPartition]:
+    """Every partition of `topics`; JobError when one does not exist (a wrong OCPI_TOPIC_* or bootstrap): a job
     reading it would find nothing and report success ("sent 0 events", "nothing new")."""
-    found = await topic_partitions(bootstrap, [topic])
-    if not found:
-        raise JobError(f"topic {topic} does not exist on the Kafka at {bootstrap}; check OCPI_KAFKA_BOOTSTRAP and the "
-                       "OCPI_TOPIC_* settings")
+    found = await topic_partitions(bootstrap, topics)
+    missing = sorted(set(topics) - {tp.topic for tp in found})
+    if missing:
+        raise JobError(f"topic {', '.join(missing)} does not exist on the Kafka at {bootstrap}; check "
+                       "OCPI_KAFKA_BOOTSTRAP and the OCPI_TOPIC_* settings")
     return found
 
 

@@ -67,7 +67,7 @@ from pipeline.jobs.common import (
     running_alone,
     uninterrupted,
 )
-from pipeline.jobs.kafka_io import committed_offsets, offset_bounds, topic_partitions
+from pipeline.jobs.kafka_io import committed_offsets, offset_bounds, partitions_of, topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,10 @@ async def source_targets(settings: Settings, bootstrap: str) -> list[list[Any]]:
     """[topic, partition, first offset held, end offset] of every partition a rebuild reads (the module topics and
     the rejections topic); JobError when one of those topics does not exist (a wrong OCPI_TOPIC_* or bootstrap):
     the rebuild worker would create it empty, and the swap put its empty tables live."""
-    tps = await topic_partitions(bootstrap, _source_topics(settings))
-    missing = sorted(set(_source_topics(settings)) - {tp.topic for tp in tps})
-    if missing:
-        raise JobError(f"rebuild not started: topic {', '.join(missing)} does not exist on the Kafka at "
-                       f"{bootstrap}; check OCPI_KAFKA_BOOTSTRAP and the OCPI_TOPIC_* settings")
+    try:
+        tps = await partitions_of(bootstrap, *_source_topics(settings))
+    except JobError as exc:
+        raise JobError(f"rebuild not started: {exc}") from None
     bounds = await offset_bounds(settings.kafka, bootstrap, tps)
     return [[tp.topic, tp.partition, begin, end] for tp, (begin, end) in bounds.items()]
 

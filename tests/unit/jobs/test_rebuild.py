@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.jobs import kafka_io
 from pipeline.jobs import rebuild as rebuild_mod
 from pipeline.jobs.common import Checkpoint, JobError, jobs_dir
 
@@ -157,7 +158,7 @@ async def test_a_rebuild_from_topics_whose_start_retention_deleted_is_refused_un
     monkeypatch.setattr(rebuild_mod, "effective_dsn", lambda _s: ("http://clickhouse.invalid:8123", None))
     monkeypatch.setattr(rebuild_mod, "connect", lambda *_a, **_k: FakeClient({}))
     monkeypatch.setattr(rebuild_mod, "_check_key", lambda *_a: None)
-    monkeypatch.setattr(rebuild_mod, "topic_partitions", partitions)
+    monkeypatch.setattr(kafka_io, "topic_partitions", partitions)  # under kafka_io.partitions_of
     monkeypatch.setattr(rebuild_mod, "offset_bounds", bounds)
     monkeypatch.setattr(rebuild_mod, "migrate", lambda _client, database: migrated.append(database))
     monkeypatch.setattr(rebuild_mod, "_start_worker", start_worker)
@@ -200,7 +201,7 @@ async def test_a_rebuild_refuses_to_start_when_a_topic_it_reads_does_not_exist(
     monkeypatch.setattr(rebuild_mod, "connect", lambda *_a, **_k: FakeClient({}))
     monkeypatch.setattr(rebuild_mod, "_check_key", lambda *_a: None)
     monkeypatch.setattr(rebuild_mod, "migrate", lambda *a: started.append(a[-1]))
-    monkeypatch.setattr(rebuild_mod, "topic_partitions", partitions)
+    monkeypatch.setattr(kafka_io, "topic_partitions", partitions)  # under kafka_io.partitions_of
     monkeypatch.setattr(rebuild_mod, "offset_bounds", bounds)
     monkeypatch.setattr(rebuild_mod, "_start_worker", lambda *a: started.append(a[-1]) or FakeWorker())
 
