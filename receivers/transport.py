@@ -23,6 +23,7 @@ from ocpi.compat import CompatProfile, Relaxation
 from ocpi.datetime import OFFSET_NOT_ALLOWED, InvalidDateTime, format_datetime, offset_to_utc, parse_datetime
 from ocpi.decode import Decoded, OcpiJsonError, OcpiValidationError, decode
 from ocpi.status import OcpiStatus
+from ocpi.types import CI_STRING_PATTERN
 
 T = TypeVar("T")
 
@@ -376,9 +377,9 @@ class RoutingHeaders(msgspec.Struct, frozen=True):
 
 
 # The headers are CiString(2) and CiString(3) (04 §8), the types of CredentialsRole.country_code/party_id, so
-# they can name every party a partner may register (printable ASCII, at most that long; never empty).
-COUNTRY_CODE_VALUE = re.compile(r"^[\x20-\x7E]{1,2}\Z")
-PARTY_ID_VALUE = re.compile(r"^[\x20-\x7E]{1,3}\Z")
+# they can name every party a partner may register (the CiString pattern, at most that long; never empty).
+COUNTRY_CODE_VALUE = re.compile(CI_STRING_PATTERN.replace("]*", "]{1,2}"))
+PARTY_ID_VALUE = re.compile(CI_STRING_PATTERN.replace("]*", "]{1,3}"))
 _ROUTING_NAMES = (("from_country_code", b"ocpi-from-country-code", COUNTRY_CODE_VALUE),
                   ("from_party_id", b"ocpi-from-party-id", PARTY_ID_VALUE),
                   ("to_country_code", b"ocpi-to-country-code", COUNTRY_CODE_VALUE),
