@@ -175,12 +175,12 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
     locations = {tuple(key) for key in client.query(
         "SELECT country_code, party_id, location_id FROM locations FINAL").result_rows}
     for location_key in sorted(expected.locations):
-        if tuple(part.upper() for part in location_key) not in locations:
+        if _upper(location_key) not in locations:
             found.append(f"Location {'/'.join(location_key)}: not stored")
     evses: dict[tuple[str, ...], str] = {(cc, pid, lid, uid): status for cc, pid, lid, uid, status in client.query(
         "SELECT country_code, party_id, location_id, evse_uid, status FROM evses FINAL WHERE present").result_rows}
     for evse_key, evse_status in expected.evse_status.items():
-        stored_status = evses.get(tuple(part.upper() for part in evse_key))
+        stored_status = evses.get(_upper(evse_key))
         if stored_status != evse_status:
             found.append(f"EVSE {'/'.join(evse_key)}: stored {stored_status}, expected {evse_status}")
     evse_histories: dict[tuple[str, ...], list[tuple[str, str, datetime]]] = {}
@@ -205,7 +205,7 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         "SELECT subject, country_code, party_id, subject_id, outcome FROM reconciliation FINAL").result_rows}
     for subject, outcomes in (("CDR", expected.cdr_reconciliation), ("SESSION", expected.session_reconciliation)):
         for key, outcome in outcomes.items():
-            stored_outcome = reconciled.get((subject, *(part.upper() for part in key)))
+            stored_outcome = reconciled.get((subject, *_upper(key)))
             if stored_outcome != outcome:
                 found.append(f"{subject} {'/'.join(key)}: reconciliation {stored_outcome}, expected {outcome}")
     return found[:20]
