@@ -119,6 +119,56 @@ def test_locations_rows_from_before_personal_at_count_from_their_received_at(chd
 
 
 
+# A CDR row as the code before the billing migration wrote it (projection.cdr_row at d2cbbb8: the columns of 0002).
+_CDR_COLUMNS = ["country_code", "party_id", "cdr_id", "partner_id", "start_date_time", "end_date_time", "session_id",
+                "auth_method", "authorization_reference", "token_uid", "token_type", "contract_id", "location_id",
+                "evse_uid", "connector_id", "currency", "total_energy", "total_time", "total_parking_time",
+                "total_cost_excl_vat", "total_cost_incl_vat", "credit", "credit_reference_id", "last_updated",
+                "payload_json", "event_id", "version"]
+
+
+def _cdr(cdr_id: str, energy: str, excl: str, incl: str, *, credit: bool = False, credited: str | None = None,
+         end: datetime = datetime(2026, 11, 25, 10, tzinfo=UTC)) -> list[object]:
+    from decimal import Decimal
+
+    return ["NL", "TNM", cdr_id, "p1", end, end, None, "WHITELIST", None, "U1", "RFID", "C1", "LOC1", "E1", "1", "EUR",
+            Decimal(energy), Decimal("1"), None, Decimal(excl), Decimal(incl), credit, credited, end, "{}",
+            f"e-{cdr_id}", 1]
+
+
+def test_cdrs_stored_before_the_billing_migration_are_billed_after_the_upgrade(chdb_dsn: str,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # billing_lines is filled by a materialized view on inserts into cdrs (0012): CDRs the worker stored before
+    # 0012 never passed it, and migrating added no line for them. The revenue report, billing_daily and the
+    # billing dashboard left them out (until pseudonymisation rewrote the CDR rows, months later).
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    every = available_migrations()
+    [billing] = [m for m in every if m.name == "billing"]
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [m for m in every if m.version <= 5])
+    migrate(client, database)
+    client.insert(f"{database}.cdrs", [_cdr("CDR1", "10.5", "5.25", "6.30"),
+                                       _cdr("CDR2", "2", "1.00", "1.20"),
+                                       _cdr("CR2", "2", "-1.00", "-1.20", credit=True, credited="CDR2")],
+                  column_names=_CDR_COLUMNS)
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [m for m in every if m.version <= billing.version])
+    migrate(client, database)
+    client.insert(f"{database}.cdrs", [_cdr("CDR3", "1", "0.50", "0.60")], column_names=_CDR_COLUMNS)  # after 0012
+    monkeypatch.undo()
+    migrate(client, database)
+    assert migrate(client, database) == []
+
+    lines = client.query(f"SELECT cdr_id, credit, energy_kwh, cost_excl_vat, cost_incl_vat FROM "
+                         f"{database}.billing_lines FINAL ORDER BY cdr_id").result_rows
+    assert [(cdr_id, credit, str(kwh), str(excl), str(incl)) for cdr_id, credit, kwh, excl, incl in lines] == [
+        ("CDR1", False, "10.5000", "5.2500", "6.3000"), ("CDR2", False, "2.0000", "1.0000", "1.2000"),
+        ("CDR3", False, "1.0000", "0.5000", "0.6000"), ("CR2", True, "-2.0000", "-1.0000", "-1.2000")]
+    assert client.query(f"SELECT count() FROM {database}.billing_lines").result_rows == [(4,)]  # no line twice
+    totals = client.query(f"SELECT sum(energy_kwh), sum(cost_excl_vat) FROM {database}.billing_daily").result_rows
+    assert [(str(kwh), str(excl)) for kwh, excl in totals] == [("11.5000", "5.7500")]
+    client.command(f"DROP DATABASE {database}")
+
+
 # 0016 as it was released (78cede0) before a comment was added to it (3b671b0): the checksum databases migrated then
 # recorded.
 _RELEASED_0016 = "69d027d751f2936bad708d07601aa09704462b8d8f3fe423f89869b12b64a624"
