@@ -7,9 +7,10 @@
 - `Authorization: Token base64(token)`, or the raw token for partners whose profile enables RAW_TOKEN.
 - Every request carries fresh X-Request-ID/X-Correlation-ID; configuration modules carry no routing headers.
 - Errors say what failed (URL, HTTP status, OCPI status and message) and never contain the token.
-- Responses must be OCPI envelopes: `status_code` an int, `timestamp` an OCPI DateTime (a numeric offset only
-  under the partner's DATETIME_OFFSET relaxation). Bodies are decoded with ocpi.decode, so unknown versions
-  and unknown module identifiers are skipped, not fatal (06 §1-2).
+- Responses must be OCPI envelopes: `status_code` an int, `timestamp` an OCPI DateTime (a numeric offset or an
+  over-long fraction only under the partner's DATETIME_OFFSET or DATETIME_EXCESS_PRECISION relaxation). Bodies
+  are decoded with ocpi.decode, so unknown versions and unknown module identifiers are skipped, not fatal
+  (06 §1-2).
 """
 
 from __future__ import annotations

@@ -20,7 +20,16 @@ from litestar.utils import normalize_path
 
 from ocpi.canonical import to_ocpi_json
 from ocpi.compat import CompatProfile, Relaxation
-from ocpi.datetime import OFFSET_NOT_ALLOWED, InvalidDateTime, format_datetime, offset_to_utc, parse_datetime
+from ocpi.datetime import (
+    OFFSET_NOT_ALLOWED,
+    TOO_LONG,
+    TOO_MANY_FRACTION_DIGITS,
+    InvalidDateTime,
+    format_datetime,
+    offset_to_utc,
+    parse_datetime,
+    truncate_fraction,
+)
 from ocpi.decode import Decoded, OcpiJsonError, OcpiValidationError, decode
 from ocpi.status import OcpiStatus
 from ocpi.types import CI_STRING_PATTERN
@@ -474,21 +483,32 @@ def decode_body(body: bytes, model: type[T], profile: CompatProfile | None) -> D
 def parse_timestamp(value: str, profile: CompatProfile | None = None, *, what: str = "timestamp") -> datetime:
     """An OCPI DateTime from a header, query parameter or envelope: UTC, `Z` optional.
 
-    A numeric offset (even `+00:00`) is invalid in 2.2.1 and accepted only when the partner's profile enables
-    DATETIME_OFFSET; it is then normalised to UTC. Anything else raises InvalidParameters (2001).
+    The partner's DateTime relaxations apply as they do in bodies (`ocpi.compat`): a numeric offset (even
+    `+00:00`, invalid in 2.2.1) under DATETIME_OFFSET, normalised to UTC; a fraction too long for 25 characters
+    under DATETIME_EXCESS_PRECISION, truncated. Anything else raises InvalidParameters (2001).
     """
     try:
         return parse_datetime(value)
     except InvalidDateTime as exc:
-        relaxed = profile is not None and profile.allows(Relaxation.DATETIME_OFFSET)
-        if exc.reason == OFFSET_NOT_ALLOWED and relaxed:
-            fixed = offset_to_utc(value)
-            if fixed is not None:
-                try:
-                    return parse_datetime(fixed)
-                except InvalidDateTime:
-                    pass
-        raise InvalidParameters(f"{what}: {exc.reason}: {value[:40]!r}") from None
+        reason = exc.reason
+    fixed = value
+    if reason == OFFSET_NOT_ALLOWED and profile is not None and profile.allows(Relaxation.DATETIME_OFFSET):
+        converted = offset_to_utc(fixed)
+        if converted is not None:
+            fixed = converted
+            try:
+                return parse_datetime(fixed)
+            except InvalidDateTime as exc:
+                reason = exc.reason
+    if reason in (TOO_MANY_FRACTION_DIGITS, TOO_LONG) and profile is not None and \
+            profile.allows(Relaxation.DATETIME_EXCESS_PRECISION):
+        truncated = truncate_fraction(fixed)
+        if truncated is not None:
+            try:
+                return parse_datetime(truncated)
+            except InvalidDateTime as exc:
+                reason = exc.reason
+    raise InvalidParameters(f"{what}: {reason}: {value[:40]!r}")
 
 
 def ocpi_data(value: Any) -> msgspec.Raw:

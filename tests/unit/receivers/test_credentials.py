@@ -18,6 +18,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from infra.kafka.embedded import free_port
+from ocpi.compat import CompatProfile
 from receivers import credentials as credentials_module
 from receivers.outbound import OcpiClient, PartnerApiError
 from receivers.registry import PartnerStatus, TokenKind, TokenState, hash_token
@@ -507,3 +508,25 @@ async def test_a_partner_answer_trickled_byte_by_byte_ends_at_the_outbound_timeo
         stop.set()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize(("stamp", "compat"), [
+    ("2024-05-01T10:00:00.1234567Z", "DATETIME_EXCESS_PRECISION"),  # .NET's "o" format: 7 digits, 28 chars
+    ("2024-05-01T12:00:00.1234567+02:00", "DATETIME_OFFSET,DATETIME_EXCESS_PRECISION"),
+])
+async def test_a_partners_envelope_timestamp_is_read_with_its_datetime_relaxations(stamp: str, compat: str) -> None:
+    """The envelope `timestamp` is a DateTime like any other: a partner whose profile relaxes its DateTimes
+    (DATETIME_EXCESS_PRECISION exists for .NET's 7 fraction digits) sends its envelopes the same way. Only the
+    offset relaxation was applied to envelopes, so such a partner's every answer was "not OCPI": its
+    registration (3001) and ours with it failed whatever its profile said."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"status_code": 1000, "timestamp": stamp,
+                                         "data": [{"version": "2.2.1", "url": "http://partner.test/2.2.1"}]})
+
+    profile = CompatProfile.from_names(compat)
+    async with OcpiClient("token", profile=profile, transport=httpx.MockTransport(handler)) as client:
+        versions = await client.versions("http://partner.test/ocpi/versions")
+    assert [v.version for v in versions] == ["2.2.1"]
+    async with OcpiClient("token", transport=httpx.MockTransport(handler)) as strict:  # strict: refused
+        with pytest.raises(PartnerApiError, match="envelope timestamp"):
+            await strict.versions("http://partner.test/ocpi/versions")
