@@ -19,6 +19,8 @@ from litestar.testing import AsyncTestClient
 
 from infra.kafka.embedded import free_port
 from ocpi.compat import CompatProfile
+from ocpi.decode import decode
+from ocpi.model import Credentials
 from receivers import credentials as credentials_module
 from receivers.outbound import OcpiClient, PartnerApiError
 from receivers.registry import PartnerStatus, TokenKind, TokenState, hash_token
@@ -530,3 +532,53 @@ async def test_a_partners_envelope_timestamp_is_read_with_its_datetime_relaxatio
     async with OcpiClient("token", transport=httpx.MockTransport(handler)) as strict:  # strict: refused
         with pytest.raises(PartnerApiError, match="envelope timestamp"):
             await strict.versions("http://partner.test/ocpi/versions")
+
+
+async def test_our_handshake_requests_follow_the_transport_rules() -> None:
+    """04 §2, §7, §11 and 06 §3 for the calls we make (no unit test looked at the wire before): the header is
+    `Token base64(token)` (standard alphabet, padded, no trailing newline; the raw token only for RAW_TOKEN), every
+    request has its own X-Request-ID and an X-Correlation-ID, configuration modules carry no routing headers, a body
+    has its Content-Type and the raw token (not Base64); the highest mutual version is chosen (2.2.1 of 2.1.1,
+    2.2.1 and an unknown 2.3.0) and unknown module identifiers are skipped, not fatal."""
+    seen: list[httpx.Request] = []
+    ok = {"status_code": 1000, "timestamp": "2024-05-01T10:00:00Z"}
+    credentials = {"token": "theirs", "url": "http://partner.test/ocpi/versions",
+                   "roles": [{"role": "CPO", "party_id": "TNM", "country_code": "NL",
+                              "business_details": {"name": "T"}}]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/ocpi/versions":
+            return httpx.Response(200, json={**ok, "data": [
+                {"version": "2.1.1", "url": "http://partner.test/2.1.1"},
+                {"version": "2.2.1", "url": "http://partner.test/2.2.1"},
+                {"version": "2.3.0", "url": "http://partner.test/2.3.0"}]})
+        if request.url.path == "/2.2.1":
+            return httpx.Response(200, json={**ok, "data": {"version": "2.2.1", "endpoints": [
+                {"identifier": "nltnm-tokens", "role": "SENDER", "url": "http://partner.test/x"},
+                {"identifier": "credentials", "role": "RECEIVER", "url": "http://partner.test/2.2.1/credentials"},
+                {"identifier": "cdrs", "role": "SENDER", "url": "http://partner.test/2.2.1/cdrs"}]}})
+        return httpx.Response(200, json={**ok, "data": credentials})
+
+    async with OcpiClient("example-token", transport=httpx.MockTransport(handler)) as client:
+        discovery = await client.discover("http://partner.test/ocpi/versions")
+        ours = {**credentials, "token": "ours/+="}
+        await client.credentials("POST", discovery.credentials_url, decode(json.dumps(ours), Credentials).value)
+    assert (discovery.version, discovery.details_url) == ("2.2.1", "http://partner.test/2.2.1")
+    assert [e.identifier for e in discovery.endpoints] == ["credentials", "cdrs"]
+    assert [(r.method, r.url.path) for r in seen] == [("GET", "/ocpi/versions"), ("GET", "/2.2.1"),
+                                                     ("POST", "/2.2.1/credentials")]
+    for request in seen:
+        assert request.headers["authorization"] == "Token ZXhhbXBsZS10b2tlbg=="
+        assert request.headers.get("x-correlation-id")
+        assert not [name for name in request.headers if name.lower().startswith("ocpi-")]
+    assert len({r.headers["x-request-id"] for r in seen}) == len(seen)
+    post = seen[-1]
+    assert post.headers["content-type"] == "application/json"
+    assert json.loads(post.content)["token"] == "ours/+="
+    assert "content-type" not in seen[0].headers
+
+    async with OcpiClient("example-token", profile=CompatProfile.from_names("RAW_TOKEN"),
+                          transport=httpx.MockTransport(handler)) as raw:
+        await raw.versions("http://partner.test/ocpi/versions")
+    assert seen[-1].headers["authorization"] == "Token example-token"
