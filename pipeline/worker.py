@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import faust
+from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 from kafka import KafkaAdminClient
 
@@ -60,18 +61,39 @@ def drop_state_without_changelog(settings: Settings, bootstrap: str, app_id: str
     worker skip records it never processed on this one (and Faust refuse to start on offsets beyond the end).
     """
     datadir = state_dir(settings, app_id)
-    if not datadir.exists():
+    if not datadir.exists() or has_changelog(bootstrap, app_id):
         return False
+    log.warning("local state in %s has no changelog on %s; starting from empty state", datadir, bootstrap)
+    shutil.rmtree(datadir)
+    return True
+
+
+def has_changelog(bootstrap: str, app_id: str) -> bool:
+    """Whether the broker holds any of this app's state changelogs (none: the state starts empty)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     try:
         existing = set(admin.list_topics())
     finally:
         admin.close()
-    if any(topic in existing for topic in changelog_topics(app_id)):
-        return False
-    log.warning("local state in %s has no changelog on %s; starting from empty state", datadir, bootstrap)
-    shutil.rmtree(datadir)
-    return True
+    return any(topic in existing for topic in changelog_topics(app_id))
+
+
+def state_gap(client: Client) -> str | None:
+    """A warning for a worker whose state starts empty over a store that already holds objects (an embedded
+    broker restarted, a new Kafka, a new app id); None for an empty store. That state is what refuses a CDR sent
+    again with other content, links a credit once, tells a stale update and matches a late CDR to a stored
+    session; ClickHouse alone does none of it."""
+    ((locations, sessions, cdrs),) = client.query(
+        "SELECT (SELECT count() FROM locations), (SELECT count() FROM sessions), (SELECT count() FROM cdrs)"
+    ).result_rows
+    if not (locations or sessions or cdrs):
+        return None
+    return (f"the store holds {cdrs} CDR, {sessions} session and {locations} location rows that the worker's "
+            "state, starting empty, does not know: until the state is restored, a CDR sent again with other "
+            "content is stored instead of refused as a conflict, a second credit of a CDR is linked, an older "
+            "update is not recognised as stale, and a CDR is not matched to a session stored before. Restore it "
+            "before partners push: ocpi-pipeline export ARCHIVE --source clickhouse, then ocpi-pipeline replay "
+            "--from-archive ARCHIVE --wait (the raw events of the last OCPI_RETENTION_RAW_DAYS days)")
 
 
 def state_dir(settings: Settings, app_id: str) -> Path:
@@ -113,6 +135,10 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     private_dir(settings.storage.path)  # before the key check creates it (secrets/) with the umask's mode
     check_pseudonym_key(settings)
     drop_state_without_changelog(settings, bootstrap, settings.pipeline.app_id)
+    if not has_changelog(bootstrap, settings.pipeline.app_id):
+        warning = state_gap(sink_client(settings))
+        if warning:
+            log.warning(warning)
     prepare_topics(settings, bootstrap)
     pipeline = create_app(settings, bootstrap)
     worker = faust.Worker(pipeline.app, loglevel=getattr(logging, loglevel.upper()), quiet=True)

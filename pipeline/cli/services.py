@@ -132,6 +132,12 @@ async def _run_dev(settings: Settings, console: Console) -> None:
             click.echo(f"Token A ({FIRST_PARTNER}): {token_a}")
         else:
             click.echo(f"{FIRST_PARTNER} is registered already; `ocpi-pipeline partners invite` adds another")
+        if stack.broker is not None:  # an embedded broker starts empty, and so does the worker's state
+            from pipeline.worker import state_gap
+
+            warning = await asyncio.to_thread(state_gap, stack.clickhouse)
+            if warning:
+                console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
         console.print("query it from another terminal: ocpi-pipeline query \"SELECT count() FROM raw_events\"")
         console.print("Ctrl-C stops everything.")
         while not stop.is_set():
@@ -148,7 +154,8 @@ def dev() -> None:
     """Run everything embedded (Tansu, chDB, worker, receivers) until Ctrl-C or SIGTERM.
 
     Prints the versions URL and a Token A for a first partner. Data stays in OCPI_DATA_DIR (chDB);
-    Kafka is in memory and starts empty on every run.
+    Kafka is in memory and starts empty on every run, and so does the worker's state: on a data dir that
+    holds data it warns, and export --source clickhouse then replay --from-archive restores the state.
 
     Example: ocpi-pipeline dev
     """

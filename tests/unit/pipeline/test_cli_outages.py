@@ -207,6 +207,7 @@ def test_topic_configs_kafka_refuses_stop_the_start_in_one_line(command: str, tm
     monkeypatch.setattr(pipeline.worker, "prepare_topics", refused)
     monkeypatch.setattr(pipeline.worker, "check_pseudonym_key", lambda *_a, **_k: None)
     monkeypatch.setattr(pipeline.worker, "drop_state_without_changelog", lambda *_a, **_k: False)
+    monkeypatch.setattr(pipeline.worker, "has_changelog", lambda *_a, **_k: True)
     monkeypatch.setattr(pipeline.stack, "ensure_topics", refused)
     result = invoke([command], {"OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "OCPI_HTTP_PORT": str(free_port()),
                                 "OCPI_DATA_DIR": str(tmp_path)})

@@ -1,0 +1,67 @@
+"""A worker whose state starts empty over a store that already holds objects says so (README, Replay): the state,
+not ClickHouse, refuses a conflicting CDR, links a credit once, tells a stale update and matches a late CDR."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from infra.clickhouse.client import connect
+from infra.clickhouse.migrations import migrate
+from infra.settings import load_settings
+from pipeline import worker
+from tests.conftest import unique
+
+
+class Started(Exception):
+    """The start got past the state check."""
+
+
+def test_an_empty_store_needs_no_restore(chdb_dsn: str) -> None:
+    client = connect(chdb_dsn)
+    database = unique("gap")
+    migrate(client, database)
+    client.database = database
+    assert worker.state_gap(client) is None
+
+
+def test_a_store_with_cdrs_asks_for_the_state_to_be_restored(chdb_dsn: str) -> None:
+    client = connect(chdb_dsn)
+    database = unique("gap")
+    migrate(client, database)
+    client.database = database
+    # Dated now: the billing records' TTL would drop a row of 1970 (the column's default) as it is written.
+    client.command("INSERT INTO cdrs (country_code, party_id, cdr_id, start_date_time, end_date_time, received_at)"
+                   " VALUES ('BE', 'BEC', 'CDR1', now(), now(), now())")
+    warning = worker.state_gap(client)
+    assert warning is not None
+    assert warning.startswith("the store holds 1 CDR, 0 session and 0 location rows")
+    assert "replay --from-archive" in warning
+
+
+def test_a_worker_starting_without_changelogs_logs_the_gap(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(worker, "resolve_bootstrap", lambda _settings: "127.0.0.1:1")
+    monkeypatch.setattr(worker, "check_pseudonym_key", lambda _settings: None)
+    monkeypatch.setattr(worker, "drop_state_without_changelog", lambda *_args: False)
+    monkeypatch.setattr(worker, "sink_client", lambda _settings: object())
+    monkeypatch.setattr(worker, "state_gap", lambda _client: "the store holds 3 CDR rows")
+    changelogs: list[bool] = [False]
+    monkeypatch.setattr(worker, "has_changelog", lambda *_args: changelogs[0])
+
+    def stop(*_args: Any) -> None:
+        raise Started
+
+    monkeypatch.setattr(worker, "prepare_topics", stop)
+    settings = load_settings({"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_CLICKHOUSE_DSN": "http://u:p@127.0.0.1:1"})
+    with caplog.at_level(logging.WARNING, logger="pipeline.worker"), pytest.raises(Started):
+        worker.run_worker(settings)
+    assert [r.getMessage() for r in caplog.records] == ["the store holds 3 CDR rows"]
+
+    caplog.clear()
+    changelogs[0] = True  # the state is the changelogs': nothing to say
+    with caplog.at_level(logging.WARNING, logger="pipeline.worker"), pytest.raises(Started):
+        worker.run_worker(settings)
+    assert caplog.records == []
