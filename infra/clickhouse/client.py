@@ -81,6 +81,10 @@ def connect(dsn: str, *, database: str | None = None, readonly: bool = False, pa
     # No HTTP session: we use no temporary tables or session settings, and a session would forbid the
     # concurrent queries our agents and the registry make from their threads.
     options.setdefault("autogenerate_session_id", False)
+    if urlparse(dsn).scheme in ("https", "clickhouses"):
+        # clickhouse-connect takes no interface from the DSN's scheme: it chooses TLS by the port alone (443,
+        # 8443), and spoke plain HTTP, the password in clear, to https://host:8123 or a port-less https://host.
+        options.setdefault("interface", "https")
     try:
         if password:
             options["password"] = password

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse import migrations
-from infra.clickhouse.client import chdb_path, connect
+from infra.clickhouse.client import ClickHouseUnavailable, chdb_path, connect
 from infra.clickhouse.migrations import available_migrations, migrate
 from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
 from tests.conftest import unique
@@ -290,3 +293,30 @@ def test_a_store_another_process_holds_is_named_as_held(tmp_path: Path) -> None:
     finally:
         holder.communicate(timeout=60)  # stdin closed: the holder ends
     assert holder.returncode == 0
+
+
+def _first_bytes_sent_to(dsn_of: Callable[[int], str]) -> bytes:
+    """The first bytes `connect` sends to a server at the DSN `dsn_of(port)` gives (a listener that answers nothing)."""
+    received: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def accept() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(5)
+                received.append(conn.recv(5))
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        with pytest.raises(ClickHouseUnavailable):
+            connect(dsn_of(port), connect_timeout=2, send_receive_timeout=2)
+        thread.join(5)
+    return received[0]
+
+
+def test_an_https_dsn_is_spoken_over_tls_whatever_its_port() -> None:
+    """clickhouse-connect takes no interface from a DSN's scheme: on a port other than 443/8443 it spoke plain HTTP
+    to an `https://` DSN, the password in clear on the network."""
+    assert _first_bytes_sent_to(lambda port: f"https://ocpi:secret@127.0.0.1:{port}")[:1] == b"\x16"  # ClientHello
+    assert _first_bytes_sent_to(lambda port: f"http://ocpi:secret@127.0.0.1:{port}")[:4] in (b"POST", b"GET ")
