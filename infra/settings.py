@@ -163,8 +163,19 @@ def _parse_bootstrap(env: str, raw: str) -> str:
 
 
 def _parse_dsn(env: str, raw: str) -> str:
-    scheme = urlparse(raw).scheme
-    if scheme not in ("chdb", "http", "https", "clickhouse", "clickhouses"):
+    parsed = urlparse(raw)
+    if parsed.scheme == "chdb":
+        # chdb://data/clickhouse read `data` as a host and opened /clickhouse; chdb:// opened the working directory.
+        valid = not parsed.netloc and parsed.path.startswith("/") and parsed.path.strip("/") != ""
+    elif parsed.scheme in ("http", "https", "clickhouse", "clickhouses"):
+        # Without a host (http://, http:/host:8123) clickhouse-connect connects to localhost.
+        try:
+            valid = bool(parsed.hostname) and (parsed.port is None or parsed.port > 0)
+        except ValueError:  # a port that is no number, or out of range
+            valid = False
+    else:
+        valid = False
+    if not valid:
         raise SettingsError(f"{env}={raw!r}: expected chdb:///abs/path or http(s)://user:pass@host:port")
     return raw
 

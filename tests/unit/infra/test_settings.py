@@ -29,6 +29,16 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_KAFKA_BOOTSTRAP", "kafka:0"),
     ("OCPI_KAFKA_BOOTSTRAP", "kafka:99999"),
     ("OCPI_CLICKHOUSE_DSN", "postgres://x"),
+    # Read as a host and a path: the store opened at /clickhouse, or in the working directory.
+    ("OCPI_CLICKHOUSE_DSN", "chdb://data/clickhouse"),
+    ("OCPI_CLICKHOUSE_DSN", "chdb://"),
+    ("OCPI_CLICKHOUSE_DSN", "chdb:data"),
+    # No host: clickhouse-connect connected to localhost.
+    ("OCPI_CLICKHOUSE_DSN", "http:/ch:8123"),
+    ("OCPI_CLICKHOUSE_DSN", "http://"),
+    ("OCPI_CLICKHOUSE_DSN", "https://ocpi:pw@:8123"),
+    ("OCPI_CLICKHOUSE_DSN", "http://ch:port"),
+    ("OCPI_CLICKHOUSE_DSN", "http://ch:99999"),
     ("OCPI_PUBLIC_URL", "ftp://example.com"),
     ("OCPI_TOPIC_SESSIONS", "bad topic!"),
     ("OCPI_KAFKA_FLAVOR", "redpanda"),
@@ -50,6 +60,11 @@ def test_defaults_are_documented_and_embedded() -> None:
 def test_a_wrong_value_fails_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         load_settings({variable: value})
+
+
+def test_valid_clickhouse_dsns_are_taken() -> None:
+    for dsn in ("chdb:///srv/ocpi/clickhouse", "http://ocpi:pw@ch:8123", "https://ch.example.com", "http://[::1]:8123"):
+        assert load_settings({"OCPI_CLICKHOUSE_DSN": dsn}).clickhouse_dsn == dsn
 
 
 def test_the_time_tolerance_may_be_a_day() -> None:
