@@ -222,7 +222,9 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
     if data_dir is None:
         temp = Path(tempfile.mkdtemp(prefix="ocpi-demo-"))
         data_dir = temp
-    settings = load_settings().with_overrides(storage={"data_dir": str(data_dir)}, http={"port": 0},
+    # Its own stack on a free port: OCPI_PUBLIC_URL (production's, or the container's) would be where the simulated
+    # CPOs push and what the receivers advertise.
+    settings = load_settings().with_overrides(storage={"data_dir": str(data_dir)}, http={"port": 0, "public_url": ""},
                                              clickhouse={"dsn": ""}, kafka={"bootstrap": ""})
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
