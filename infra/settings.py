@@ -252,7 +252,9 @@ class ClickHouseSettings:
         "",
         "chdb:///abs/path (embedded) or http://user:pass@host:8123; empty = chdb:// under the data dir",
     )
-    database: str = _setting("OCPI_CLICKHOUSE_DATABASE", "ocpi", "database that holds our tables")
+    database: str = _setting(
+        "OCPI_CLICKHOUSE_DATABASE", "ocpi", "database that holds our tables (letters, digits, _ and -)"
+    )
 
 
 @dataclass(frozen=True)
@@ -471,6 +473,10 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_HTTP_PORT": _parse_port,
     "OCPI_PUBLIC_URL": lambda env, raw: _parse_http_url(env, raw) if raw else raw,
     "OCPI_CLICKHOUSE_DSN": lambda env, raw: _parse_dsn(env, raw) if raw else raw,
+    # Quoted in backticks in our SQL: empty, a backtick or a control character broke `migrate` with a traceback, and
+    # the clients took an empty name for the server's default database.
+    "OCPI_CLICKHOUSE_DATABASE": lambda env, raw: _parse_pattern(env, raw, "[A-Za-z0-9_-]+",
+                                                                "letters, digits, _ and - only"),
     "OCPI_PARTY_COUNTRY_CODE": lambda env, raw: _parse_pattern(env, raw, "[A-Z]{2}", "two capital letters"),
     "OCPI_PARTY_ID": lambda env, raw: _parse_pattern(env, raw, "[A-Z0-9]{3}", "three characters A-Z/0-9"),
     "OCPI_PARTY_NAME": lambda env, raw: _parse_pattern(env, raw, r"[^\x00-\x1f\x7f-\x9f]{1,100}",

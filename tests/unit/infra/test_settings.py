@@ -39,6 +39,10 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_CLICKHOUSE_DSN", "https://ocpi:pw@:8123"),
     ("OCPI_CLICKHOUSE_DSN", "http://ch:port"),
     ("OCPI_CLICKHOUSE_DSN", "http://ch:99999"),
+    # `migrate` ended in a ClickHouse syntax error's traceback; the clients took "" for the default database.
+    ("OCPI_CLICKHOUSE_DATABASE", ""),
+    ("OCPI_CLICKHOUSE_DATABASE", "oc`pi"),
+    ("OCPI_CLICKHOUSE_DATABASE", "ocpi prod"),
     ("OCPI_PUBLIC_URL", "ftp://example.com"),
     ("OCPI_TOPIC_SESSIONS", "bad topic!"),
     ("OCPI_KAFKA_FLAVOR", "redpanda"),
@@ -151,3 +155,15 @@ def test_an_ipv6_listen_address_is_bracketed_in_our_urls() -> None:
     assert load_settings({"OCPI_HTTP_HOST": "::", "OCPI_HTTP_PORT": "8080"}).http.base_url == "http://[::]:8080"
     assert load_settings({"OCPI_HTTP_HOST": "::1"}).http.base_url == "http://[::1]:8080"
     assert load_settings({"OCPI_HTTP_HOST": "0.0.0.0"}).http.base_url == "http://0.0.0.0:8080"
+
+
+def test_a_wrong_database_name_stops_migrate_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    monkeypatch.setenv("OCPI_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("OCPI_CLICKHOUSE_DATABASE", "")
+    result = CliRunner().invoke(cli, ["migrate"])
+    assert result.exit_code == 1 and "configuration: OCPI_CLICKHOUSE_DATABASE=''" in result.output, result.output
+    assert load_settings({"OCPI_CLICKHOUSE_DATABASE": "ocpi-prod_2"}).clickhouse.database == "ocpi-prod_2"
