@@ -470,6 +470,9 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_KAFKA_REPLICATION_FACTOR": _parse_non_negative_int,
     "OCPI_KAFKA_SEND_TIMEOUT": _parse_float,
     "OCPI_KAFKA_FLAVOR": lambda env, raw: _parse_choice(env, raw, ("auto", "kafka", "tansu")),
+    # A name or an address, which our endpoint URLs are made of when OCPI_PUBLIC_URL is empty (`local_url`).
+    "OCPI_HTTP_HOST": lambda env, raw: _parse_pattern(env, raw, r"[A-Za-z0-9.:%_-]+",
+                                                      "a host name or an IP address (no scheme, no port)"),
     "OCPI_HTTP_PORT": _parse_port,
     "OCPI_PUBLIC_URL": lambda env, raw: _parse_http_url(env, raw) if raw else raw,
     "OCPI_CLICKHOUSE_DSN": lambda env, raw: _parse_dsn(env, raw) if raw else raw,

@@ -8,6 +8,7 @@ processes configured by environment variables, exactly as they would be in produ
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -54,6 +55,13 @@ def check_port_free(host: str, port: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
             sock.bind((host, port))
     except OSError as exc:
+        # A name that does not resolve, or an address of no interface here: the host is wrong, not the port.
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            raise StackError(f"OCPI_HTTP_HOST={host!r}: cannot listen there ({exc.strerror or exc}); give an "
+                             "address of this machine (127.0.0.1, 0.0.0.0, ::)") from None
+        if exc.errno != errno.EADDRINUSE:
+            raise StackError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); check OCPI_HTTP_HOST and "
+                             "OCPI_HTTP_PORT") from None
         raise StackError(f"{host}:{port} is in use ({exc.strerror or exc}): another `dev` or `serve`, or another "
                          "server; stop it, or set OCPI_HTTP_PORT") from None
 

@@ -44,6 +44,10 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_CLICKHOUSE_DATABASE", "oc`pi"),
     ("OCPI_CLICKHOUSE_DATABASE", "ocpi prod"),
     ("OCPI_PUBLIC_URL", "ftp://example.com"),
+    # Not a host: every endpoint URL we advertise was http://:8080/... or http://http://...
+    ("OCPI_HTTP_HOST", ""),
+    ("OCPI_HTTP_HOST", "http://0.0.0.0"),
+    ("OCPI_HTTP_HOST", "0.0.0.0 "),
     ("OCPI_TOPIC_SESSIONS", "bad topic!"),
     ("OCPI_KAFKA_FLAVOR", "redpanda"),
     ("OCPI_KAFKA_SEND_TIMEOUT", "-1"),

@@ -102,3 +102,11 @@ def test_serve_refuses_without_kafka(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert result.exit_code == 1
     assert "OCPI_KAFKA_BOOTSTRAP is empty" in result.output
     assert NoServer.started == 0
+
+
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "192.0.2.1"])  # no name; an address of no interface here
+def test_serve_names_a_host_it_cannot_listen_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, host: str) -> None:
+    """A listen address that is not this machine's was reported as a port in use, telling to set OCPI_HTTP_PORT."""
+    result = serve(monkeypatch, tmp_path, no_ensure, OCPI_HTTP_HOST=host)
+    assert result.exit_code == 1 and NoServer.started == 0, result.output
+    assert f"OCPI_HTTP_HOST={host!r}" in result.output and "in use" not in result.output, result.output
