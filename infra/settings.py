@@ -475,6 +475,9 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
                                                       "a host name or an IP address (no scheme, no port)"),
     "OCPI_HTTP_PORT": _parse_port,
     "OCPI_PUBLIC_URL": lambda env, raw: _parse_http_url(env, raw) if raw else raw,
+    # Empty was Path(""): the working directory, where the store, the secrets and the run files then went.
+    "OCPI_DATA_DIR": lambda env, raw: _parse_pattern(env, raw, r"(?s).*\S.*", "a directory (relative: to the "
+                                                     "working directory)"),
     "OCPI_CLICKHOUSE_DSN": lambda env, raw: _parse_dsn(env, raw) if raw else raw,
     # Quoted in backticks in our SQL: empty, a backtick or a control character broke `migrate` with a traceback, and
     # the clients took an empty name for the server's default database.

@@ -46,6 +46,8 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_PUBLIC_URL", "ftp://example.com"),
     # Not a host: every endpoint URL we advertise was http://:8080/... or http://http://...
     ("OCPI_HTTP_HOST", ""),
+    ("OCPI_DATA_DIR", ""),  # the working directory
+    ("OCPI_DATA_DIR", " "),
     ("OCPI_HTTP_HOST", "http://0.0.0.0"),
     ("OCPI_HTTP_HOST", "0.0.0.0 "),
     ("OCPI_TOPIC_SESSIONS", "bad topic!"),
