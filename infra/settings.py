@@ -181,8 +181,12 @@ def _parse_dsn(env: str, raw: str) -> str:
 
 
 def _parse_topic(env: str, raw: str) -> str:
-    if not raw or len(raw) > 249 or not all(c.isalnum() or c in "._-" for c in raw):
-        raise SettingsError(f"{env}={raw!r}: a Kafka topic name is 1-249 of [A-Za-z0-9._-]")
+    # "." and "..": Kafka refuses them as topic names; as the app id they are a directory of the state's path
+    # (OCPI_DATA_DIR/faust/..), whose removal without changelogs (`drop_state_without_changelog`) took the data dir.
+    # isascii: str.isalnum() is true for letters of every script, which Kafka refuses.
+    if (not raw or len(raw) > 249 or raw in (".", "..")
+            or not all((c.isascii() and c.isalnum()) or c in "._-" for c in raw)):
+        raise SettingsError(f"{env}={raw!r}: a Kafka topic name is 1-249 of [A-Za-z0-9._-], not . or ..")
     return raw
 
 

@@ -51,6 +51,12 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_HTTP_HOST", "http://0.0.0.0"),
     ("OCPI_HTTP_HOST", "0.0.0.0 "),
     ("OCPI_TOPIC_SESSIONS", "bad topic!"),
+    # Kafka refuses these names; as the app id, ".." made the Faust state dir OCPI_DATA_DIR/faust/.. (the data dir).
+    ("OCPI_TOPIC_CDRS", "."),
+    ("OCPI_TOPIC_CDRS", ".."),
+    ("OCPI_PIPELINE_APP_ID", ".."),
+    ("OCPI_PIPELINE_APP_ID", "."),
+    ("OCPI_TOPIC_SESSIONS", "séances"),  # str.isalnum() takes any script's letters; Kafka only ASCII
     ("OCPI_KAFKA_FLAVOR", "redpanda"),
     ("OCPI_KAFKA_SEND_TIMEOUT", "-1"),
     ("OCPI_KAFKA_SEND_TIMEOUT", "inf"),  # a wait that never ends
