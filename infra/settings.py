@@ -528,10 +528,28 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values[f.name] = _FIELD_PARSERS.get(var, _parse_str)(var, raw)
         sections[name] = cls(**values)
     settings = Settings(**sections)
+    _check_distinct_topics(settings)
     if not settings.admin.token:
         # A random token still protects the admin API; `dev` writes it to the run file for the CLI.
         settings = settings.with_overrides(admin={"token": secrets.token_urlsafe(24)})
     return settings
+
+
+def _check_distinct_topics(settings: Settings) -> None:
+    """Each topic carries one kind of record: a module's Avro events, refused pushes, party facts or results (JSON).
+    On a shared topic each consumer reads the other's records too (dead letters that are not, facts that are results),
+    and the rejections agent reads the pushes."""
+    topics = {"OCPI_TOPIC_LOCATIONS": settings.kafka.topic_locations,
+              "OCPI_TOPIC_SESSIONS": settings.kafka.topic_sessions, "OCPI_TOPIC_CDRS": settings.kafka.topic_cdrs,
+              "OCPI_TOPIC_REJECTIONS": settings.kafka.topic_rejections,
+              "OCPI_TOPIC_PARTY_FACTS": settings.pipeline.topic_party_facts,
+              "OCPI_TOPIC_RECONCILIATION": settings.pipeline.topic_reconciliation}
+    seen: dict[str, str] = {}
+    for env, topic in topics.items():
+        if topic in seen:
+            raise SettingsError(f"{env}={topic!r}: the topic of {seen[topic]} too; every topic setting needs a topic "
+                                "of its own")
+        seen[topic] = env
 
 
 @lru_cache(maxsize=1)

@@ -179,3 +179,13 @@ def test_a_wrong_database_name_stops_migrate_in_one_line(monkeypatch: pytest.Mon
     result = CliRunner().invoke(cli, ["migrate"])
     assert result.exit_code == 1 and "configuration: OCPI_CLICKHOUSE_DATABASE=''" in result.output, result.output
     assert load_settings({"OCPI_CLICKHOUSE_DATABASE": "ocpi-prod_2"}).clickhouse.database == "ocpi-prod_2"
+
+
+@pytest.mark.parametrize(("variable", "other"), [
+    ("OCPI_TOPIC_CDRS", "ocpi.sessions.v1"),  # each module's agent dead-lettered the other module's events
+    ("OCPI_TOPIC_REJECTIONS", "ocpi.cdrs.v1"),  # refused pushes (JSON) read as Avro events, pushes as refusals
+    ("OCPI_TOPIC_RECONCILIATION", "ocpi.pipeline.party-facts.v1"),  # results read back as party facts
+])
+def test_two_topic_settings_may_not_name_one_topic(variable: str, other: str) -> None:
+    with pytest.raises(SettingsError, match=f"{variable}='{other}': the topic of OCPI_TOPIC_"):
+        load_settings({variable: other})
