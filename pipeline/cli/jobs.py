@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import sys
 from collections.abc import Coroutine
@@ -232,6 +233,16 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
         console.print("nothing new in Kafka; for history the topics no longer hold use --source clickhouse")
 
 
+def _seconds(value: float | None, *, least: float | None) -> float | None:
+    """A number of seconds, finite, above `least` (None: 0 or more). --schedule 0 or less pulled again at once after
+    every round, for ever; nan slipped through click.FloatRange (every comparison with it is false)."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or (value <= least if least is not None else value < 0):
+        raise click.BadParameter("expected a finite number of seconds " + ("> 0" if least is not None else ">= 0"))
+    return value
+
+
 @click.command()
 @click.option("--partner", required=True, help="Partner id in the registry (`ocpi-pipeline partners list`).")
 @click.option("--module", required=True, type=click.Choice(list(KINDS)), help="Sender interface to pull.")
@@ -240,12 +251,14 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
               "behind ours; the next pull starts there).")
 @click.option("--limit", default=100, show_default=True, help="Objects per page asked for (the server may cap it).")
 @click.option("--restart", is_flag=True, help="Abandon an interrupted crawl instead of resuming it.")
-@click.option("--max-attempts", default=8, show_default=True, help="Attempts per page on 429/503/3xxx.")
-@click.option("--schedule", type=float, metavar="SECONDS",
+@click.option("--max-attempts", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Attempts per page on 429/503/3xxx.")
+@click.option("--schedule", type=float, metavar="SECONDS", callback=lambda _c, _p, v: _seconds(v, least=0.0),
               help="Pull again every SECONDS (plus a random splay) until Ctrl-C or SIGTERM; each round after the "
               "first continues where the last completed pull ended (--since counts until one has completed), up "
               "to 5 minutes before now.")
-@click.option("--splay", type=float, metavar="SECONDS", help="Random extra delay per round (default: 10% of "
+@click.option("--splay", type=float, metavar="SECONDS", callback=lambda _c, _p, v: _seconds(v, least=None),
+              help="Random extra delay per round (default: 10% of "
               "--schedule).")
 def pull(partner: str, module: str, since: str | None, until: str | None, limit: int, restart: bool,
          max_attempts: int, schedule: float | None, splay: float | None) -> None:

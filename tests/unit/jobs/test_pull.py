@@ -654,3 +654,16 @@ async def test_a_complete_crawl_reports_nothing_unread(settings_for: Any) -> Non
     report = await pull(settings_for(), _mock_partner(), "sessions", ListSink(), since=hours_ago(24),
                         transport=httpx.MockTransport(handler), sleep=Sleeps())
     assert report.unread == 0
+
+
+@pytest.mark.parametrize("options", [["--schedule", "0"], ["--schedule", "-60"], ["--schedule", "nan"],
+                                     ["--schedule", "3600", "--splay", "-10"], ["--max-attempts", "0"]])
+def test_a_schedule_or_retry_count_that_cannot_work_is_refused_before_anything_runs(options: list[str]) -> None:
+    """--schedule 0 (or negative) pulled again at once after every round, for ever (04 §3: poll rarely, with
+    splay); --max-attempts 0 gave up on the first page without asking for it."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    result = CliRunner().invoke(cli, ["pull", "--partner", "p", "--module", "cdrs", *options])
+    assert result.exit_code == 2 and f"Invalid value for '{options[-2]}'" in result.output, result.output
