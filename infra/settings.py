@@ -104,6 +104,20 @@ def _at_most_a_century(env: str, raw: str, seconds: float) -> float:
     return seconds
 
 
+# The producers' request timeout is the send timeout in whole milliseconds (`infra.kafka.publisher`,
+# `pipeline.jobs.kafka_io`), which a produce request carries as a 32-bit integer: above it aiokafka's sender died on
+# every send (each push answered 3000 for ever), and below 1 ms it was 0, every request timed out at once.
+MAX_KAFKA_TIMEOUT_S = (2**31 - 1) / 1000
+
+
+def _parse_kafka_timeout(env: str, raw: str) -> float:
+    value = _parse_float(env, raw)
+    if not 0.001 <= value <= MAX_KAFKA_TIMEOUT_S:
+        raise SettingsError(f"{env}={raw!r}: expected seconds from 0.001 to {MAX_KAFKA_TIMEOUT_S} (Kafka's "
+                            "timeouts are 32-bit milliseconds)")
+    return value
+
+
 def _parse_http_url(env: str, raw: str) -> str:
     parsed = urlparse(raw)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -221,7 +235,8 @@ class KafkaSettings:
         "replicas of every topic we create (state changelogs too); 0 = min(3, the cluster's brokers)",
     )
     send_timeout_s: float = _setting(
-        "OCPI_KAFKA_SEND_TIMEOUT", "10", "seconds a push waits for the broker's ack before answering 3000"
+        "OCPI_KAFKA_SEND_TIMEOUT", "10",
+        "seconds a push waits for the broker's ack before answering 3000 (0.001 to 2147483.647)",
     )
     flavor: str = _setting(
         "OCPI_KAFKA_FLAVOR", "auto", "kafka | tansu | auto (tansu when embedded): selects broker workarounds"
@@ -472,7 +487,7 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_TOPIC_REJECTIONS": _parse_topic,
     "OCPI_TOPIC_PARTITIONS": _parse_positive_int,
     "OCPI_KAFKA_REPLICATION_FACTOR": _parse_non_negative_int,
-    "OCPI_KAFKA_SEND_TIMEOUT": _parse_float,
+    "OCPI_KAFKA_SEND_TIMEOUT": _parse_kafka_timeout,
     "OCPI_KAFKA_FLAVOR": lambda env, raw: _parse_choice(env, raw, ("auto", "kafka", "tansu")),
     # A name or an address, which our endpoint URLs are made of when OCPI_PUBLIC_URL is empty (`local_url`).
     "OCPI_HTTP_HOST": lambda env, raw: _parse_pattern(env, raw, r"[A-Za-z0-9.:%_-]+",

@@ -60,6 +60,10 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_KAFKA_FLAVOR", "redpanda"),
     ("OCPI_KAFKA_SEND_TIMEOUT", "-1"),
     ("OCPI_KAFKA_SEND_TIMEOUT", "inf"),  # a wait that never ends
+    # The producers' request timeout in whole ms: a 32-bit integer on the wire (aiokafka's sender died on every send,
+    # each push answered 3000), and 0 below a millisecond (every request timed out at once).
+    ("OCPI_KAFKA_SEND_TIMEOUT", "3000000"),
+    ("OCPI_KAFKA_SEND_TIMEOUT", "0.0004"),
     ("OCPI_PIPELINE_PARK_TTL", "nan"),  # passes any comparison
     ("OCPI_PIPELINE_SWEEP_INTERVAL", "nan"),
     # A deadline this far out overflows datetime when the first event is parked or a token replaced.
@@ -81,6 +85,11 @@ def test_a_wrong_value_fails_naming_the_variable(variable: str, value: str) -> N
 def test_valid_clickhouse_dsns_are_taken() -> None:
     for dsn in ("chdb:///srv/ocpi/clickhouse", "http://ocpi:pw@ch:8123", "https://ch.example.com", "http://[::1]:8123"):
         assert load_settings({"OCPI_CLICKHOUSE_DSN": dsn}).clickhouse_dsn == dsn
+
+
+def test_the_send_timeout_may_be_as_long_as_kafka_s_timeouts() -> None:
+    assert load_settings({"OCPI_KAFKA_SEND_TIMEOUT": "2147483.647"}).kafka.send_timeout_s == 2147483.647
+    assert load_settings({"OCPI_KAFKA_SEND_TIMEOUT": "0.001"}).kafka.send_timeout_s == 0.001
 
 
 def test_the_time_tolerance_may_be_a_day() -> None:
