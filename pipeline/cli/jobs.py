@@ -275,6 +275,7 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
     from pipeline.jobs.kafka_io import JobProducer
     from pipeline.jobs.pull import RetryPolicy, pull_every, round_since
     from pipeline.jobs.pull import pull as pull_once
+    from pipeline.retention import PseudonymKeyError, check_key, load_key
     from receivers.registry import PartnerRegistry, RegistryError
 
     settings = load_settings()
@@ -289,9 +290,11 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
             client = await asyncio.to_thread(connect_for, settings)
             try:
                 found = await asyncio.to_thread(PartnerRegistry(client).require, partner)
+                # The objects it refuses are recorded with the store's pseudonyms: another key's would join nothing.
+                await asyncio.to_thread(check_key, client, load_key(settings), recorded_by="pull")
             finally:
                 client.close()
-        except RegistryError as exc:
+        except (RegistryError, PseudonymKeyError) as exc:
             raise JobError(str(exc)) from None
         async with JobProducer(settings.kafka, bootstrap) as producer:
             return await pull_once(settings, found, module, producer, since=start, until=end, limit=limit,

@@ -667,3 +667,28 @@ def test_a_schedule_or_retry_count_that_cannot_work_is_refused_before_anything_r
 
     result = CliRunner().invoke(cli, ["pull", "--partner", "p", "--module", "cdrs", *options])
     assert result.exit_code == 2 and f"Invalid value for '{options[-2]}'" in result.output, result.output
+
+
+@pytest.mark.clickhouse
+def test_pull_with_another_key_than_the_stores_stops_before_it_pulls(settings_for: Any) -> None:
+    """The refused objects' file holds "the store's pseudonyms" (README, Retention), but `pull` used whatever key its
+    data dir had, or generated one there (another container's volume, another OCPI_DATA_DIR), and checked nothing:
+    its pseudonyms then joined with none of the store's. It now stops, as a worker and `retention apply` do."""
+    from click.testing import CliRunner
+
+    from infra.clickhouse.client import connect, connect_for
+    from infra.clickhouse.migrations import migrate
+    from infra.settings import as_environ
+    from pipeline.cli import cli
+    from pipeline.retention import check_key
+    from receivers.registry import PartnerRegistry
+
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP="127.0.0.1:1")
+    migrate(connect(settings.clickhouse_dsn), settings.clickhouse.database)
+    client = connect_for(settings)
+    check_key(client, b"the-key-of-the-workers-0123456789", recorded_by="worker")  # the store's key, not pull's
+    PartnerRegistry(client).register_direct("cpo-be", "CPO BE", [credentials_role(country_code="BE", party_id="BEC",
+                                                                                  role="CPO")])
+    result = CliRunner().invoke(cli, ["pull", "--partner", "cpo-be", "--module", "sessions"],
+                                env=as_environ(settings))
+    assert result.exit_code == 1 and "OCPI_PSEUDONYM_KEY" in result.output, result.output
