@@ -48,6 +48,7 @@ from pipeline.stage import (
     parked_record,
     parking_full,
     remember,
+    replayed_orphan,
     seen_before,
     to_parked,
 )
@@ -84,6 +85,10 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
            retry: bool = False) -> bool:
     """Apply one event; returns False when it had to be parked."""
     event = record.event
+    if (event.level, event.operation) != ("LOCATION", "PUT") and replayed_orphan(record, state.created_at,
+                                                                               rules.park_ttl):
+        out.outcomes["REPLAYED_ORPHANED"] += 1  # its ORPHANED row (and source) stands
+        return True
     last_updated = event.payload["last_updated"]
     out.flag_future(record, last_updated, rules)
     current = run.stored.of(state.object_json)
@@ -234,6 +239,8 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     state.version = version
     state.applied_event_id = event.event_id
     state.applied_at = ordering.newest(state.applied_at, record.received_at)
+    if state.created_at is None:
+        state.created_at = record.received_at
     remember(state, event.event_id)
 
 

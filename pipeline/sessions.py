@@ -19,6 +19,7 @@ from pipeline.stage import (
     parked_record,
     parking_full,
     remember,
+    replayed_orphan,
     seen_before,
     to_parked,
 )
@@ -69,6 +70,9 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         else:
             state.parked.append(to_parked(record))
             out.outcome(record, Outcome.PARKED, "waiting for the Session PUT")
+        return
+    if event.operation == "PATCH" and replayed_orphan(record, state.created_at, rules.park_ttl):
+        out.outcomes["REPLAYED_ORPHANED"] += 1  # its ORPHANED row (and source) stands
         return
     last_updated = event.payload["last_updated"]
     out.flag_future(record, last_updated, rules)
@@ -129,6 +133,8 @@ def apply(state: SessionState, record: Record, session: dict, document: bytes, t
     if state.status != session["status"]:
         out.batch.add("session_status_history", projection.SESSION_HISTORY_COLUMNS,
                       projection.session_history_row(event, session, state.status, transition.value, version))
+    if state.created_at is None:
+        state.created_at = applied_at
     if session["status"] in lifecycle.FINAL and state.final_at is None:
         state.final_at = applied_at  # leaving a final state is rejected, so this is set once
     fact = keep_fact_token(state.fact, session_fact(session, partner_id=event.partner_id, version=version,

@@ -169,6 +169,14 @@ def expire_parked(state: _Parking, record: Record, ttl: timedelta, out: StageOut
         out.anomaly(Anomaly.ORPHAN_EVENT, orphan.event, anomaly_detail)
 
 
+def replayed_orphan(record: Record, created_at: datetime | None, ttl: timedelta) -> bool:
+    """Whether `record`, an event that waits for its object while that is unknown (a PATCH, an EVSE/Connector push),
+    is a replayed copy (source REPLAY) of one that was ORPHANED: received more than `ttl` before its object's first
+    applied event (`created_at`), it was parked, and expired when that event came, never applied. `ocpi-pipeline
+    replay` sends its copy after that event: dated after the stored object, it would be applied now."""
+    return record.event.source == "REPLAY" and created_at is not None and record.received_at + ttl < created_at
+
+
 def parked_record(parked: Parked) -> Record:
     """A parked event as a record again (its Avro value was validated when it was first read)."""
     return Record(decode_event(parked.value), parked.topic, parked.partition, parked.offset, parked.value)

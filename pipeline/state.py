@@ -52,6 +52,8 @@ class SessionState(msgspec.Struct, kw_only=True):
     applied_at: datetime | None = None  # received_at of the last applied event (idle detection)
     recent_event_ids: list[str] = []  # the last RECENT_EVENT_IDS events folded in, oldest first (resent copies)
     final_at: datetime | None = None  # received_at of the event that made it COMPLETED/INVALID
+    # received_at of the first applied event (its PUT); None in states from before (`stage.replayed_orphan`)
+    created_at: datetime | None = None
     fact: SessionFact | None = None  # the last fact sent to stage 2
     offset: int = -1  # highest source offset folded into this state
     parked: list[Parked] = []
@@ -81,6 +83,9 @@ class LocationState(msgspec.Struct, kw_only=True):
     parked: list[Parked] = []
     # latest received_at of the events applied to it (`ordering.replayed_earlier`); None in states from before
     applied_at: datetime | None = None
+    # received_at of the first event applied to it (its Location PUT); None in states from before
+    # (`stage.replayed_orphan`)
+    created_at: datetime | None = None
 
 
 class CdrState(msgspec.Struct, kw_only=True):

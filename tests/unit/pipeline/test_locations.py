@@ -800,3 +800,21 @@ def test_a_deferred_prune_changes_no_outcome(monkeypatch: pytest.MonkeyPatch, pr
     late = event("EVSE", evse("E1", status="CHARGING", updated=5), object_id="LOC1", evse_uid="E1", received=5)
     assert outcome_of(h.run(late), late.event_id) == "APPLIED"
     assert [e["uid"] for e in stored(h)["evses"]] == ["E2", "E1"]
+
+
+def test_a_replayed_copy_of_an_evse_patch_orphaned_by_a_late_location_put_is_not_applied() -> None:
+    """An EVSE status PATCH parked for its Location and ORPHANED when the Location PUT came after
+    OCPI_PIPELINE_PARK_TTL was never applied. `ocpi-pipeline replay` sends its copy after the PUT; dated after the
+    PUT's EVSE, it was applied now: the EVSE's status changed by a replay, a new status-history row, and the PATCH's
+    ORPHANED row (source PUSH) became an APPLIED row of source REPLAY."""
+    h = harness(park_ttl_min=5)
+    patch = status_patch("E1", "CHARGING", 2, 0)
+    put = event("Location", location(updated=1), received=6)  # 6 min later: past the 5 min TTL
+    out = h.run(patch, put)
+    assert outcome_of(out, patch.event_id) == "ORPHANED" and outcome_of(out, put.event_id) == "APPLIED"
+    version = h.state(KEY).version
+    out = h.run(event("EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(2))}, object_id="LOC1",
+                      evse_uid="E1", received=0, event_id=patch.event_id, source="REPLAY"),
+                event("Location", location(updated=1), received=6, event_id=put.event_id, source="REPLAY"))
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "evses") == []
+    assert stored(h)["evses"][0]["status"] == "AVAILABLE" and h.state(KEY).version == version

@@ -544,3 +544,22 @@ def test_a_replayed_copy_of_an_event_dated_like_the_stored_session_is_not_applie
     out = h.run(event("Session", session(kwh="1", updated=20), received=1, source="REPLAY"),
                 event("Session", session(kwh="2", updated=20), received=2, source="REPLAY"))
     assert out.outcomes == {"APPLIED": 2} and stored(h)["kwh"] == 2
+
+
+def test_a_replayed_copy_of_a_patch_orphaned_by_a_late_put_is_not_applied() -> None:
+    """A PATCH parked for its Session PUT and ORPHANED when the PUT came after OCPI_PIPELINE_PARK_TTL was never
+    applied. `ocpi-pipeline replay` sends its copy (received before the PUT) after the PUT; dated after the PUT, it
+    was not stale, so it was applied now: the Session took content the pipeline had refused (a new version, kWh
+    changed), and the PATCH's ORPHANED row (source PUSH) became an APPLIED row of source REPLAY. A copy of an event
+    received no later than the last one applied that would change the object now was not applied then: STALE."""
+    h = harness(park_ttl_min=5)
+    patch = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(30))}, object_id="S1", received=0)
+    put = event("Session", session(kwh="1", updated=20), received=6)  # 6 min later: past the 5 min TTL
+    out = h.run(patch, put)
+    assert dict(outcomes(out)) == {patch.event_id: "ORPHANED", put.event_id: "APPLIED"}
+    version = h.state(KEY).version
+    out = h.run(event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(30))}, object_id="S1", received=0,
+                      event_id=patch.event_id, source="REPLAY"),
+                event("Session", session(kwh="1", updated=20), received=6, event_id=put.event_id, source="REPLAY"))
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "sessions") == []
+    assert stored(h)["kwh"] == 1 and h.state(KEY).version == version
