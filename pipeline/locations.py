@@ -85,8 +85,7 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
            retry: bool = False) -> bool:
     """Apply one event; returns False when it had to be parked."""
     event = record.event
-    if (event.level, event.operation) != ("LOCATION", "PUT") and replayed_orphan(record, state.created_at,
-                                                                               rules.park_ttl):
+    if (event.level, event.operation) != ("LOCATION", "PUT") and replayed_orphan(record, state, rules.park_ttl):
         out.outcomes["REPLAYED_ORPHANED"] += 1  # its ORPHANED row (and source) stands
         return True
     last_updated = event.payload["last_updated"]

@@ -62,6 +62,9 @@ def idle_detail(status: str | None, rules: StageRules) -> str:
 def handle(state: SessionState, stored_session: wire.StoredStruct[Session], record: Record, rules: StageRules,
            out: StageOutput, *, retry: bool = False) -> None:
     event = record.event
+    if event.operation == "PATCH" and replayed_orphan(record, state, rules.park_ttl):
+        out.outcomes["REPLAYED_ORPHANED"] += 1  # its ORPHANED row (and source) stands
+        return
     if event.operation == "PATCH" and state.object_json is None:
         if parking_full(state.parked, record, rules.park_max):
             out.outcome(record, Outcome.ORPHANED, "too many parked events for this Session")
@@ -70,9 +73,6 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         else:
             state.parked.append(to_parked(record))
             out.outcome(record, Outcome.PARKED, "waiting for the Session PUT")
-        return
-    if event.operation == "PATCH" and replayed_orphan(record, state.created_at, rules.park_ttl):
-        out.outcomes["REPLAYED_ORPHANED"] += 1  # its ORPHANED row (and source) stands
         return
     last_updated = event.payload["last_updated"]
     out.flag_future(record, last_updated, rules)

@@ -169,12 +169,22 @@ def expire_parked(state: _Parking, record: Record, ttl: timedelta, out: StageOut
         out.anomaly(Anomaly.ORPHAN_EVENT, orphan.event, anomaly_detail)
 
 
-def replayed_orphan(record: Record, created_at: datetime | None, ttl: timedelta) -> bool:
+class _Created(_Parking, Protocol):
+    created_at: datetime | None
+
+
+def replayed_orphan(record: Record, state: _Created, ttl: timedelta) -> bool:
     """Whether `record`, an event that waits for its object while that is unknown (a PATCH, an EVSE/Connector push),
-    is a replayed copy (source REPLAY) of one that was ORPHANED: received more than `ttl` before its object's first
-    applied event (`created_at`), it was parked, and expired when that event came, never applied. `ocpi-pipeline
-    replay` sends its copy after that event: dated after the stored object, it would be applied now."""
-    return record.event.source == "REPLAY" and created_at is not None and record.received_at + ttl < created_at
+    is a replayed copy (source REPLAY) of one that was ORPHANED: an event of its object received more than `ttl`
+    after it was folded in after it (its object's first applied event, `created_at`, or an event still parked), so it
+    was parked and expired then, never applied. `ocpi-pipeline replay` sends its copy after those: it would be
+    applied now (dated after the stored object), or parked again, its ORPHANED row (source PUSH) rewritten as a
+    REPLAY row."""
+    if record.event.source != "REPLAY":
+        return False
+    deadline = record.received_at + ttl
+    return ((state.created_at is not None and deadline < state.created_at)
+            or any(deadline < parked.received_at for parked in state.parked))
 
 
 def parked_record(parked: Parked) -> Record:

@@ -563,3 +563,18 @@ def test_a_replayed_copy_of_a_patch_orphaned_by_a_late_put_is_not_applied() -> N
                 event("Session", session(kwh="1", updated=20), received=6, event_id=put.event_id, source="REPLAY"))
     assert rows(out.batch, "raw_events") == [] and rows(out.batch, "sessions") == []
     assert stored(h)["kwh"] == 1 and h.state(KEY).version == version
+
+
+def test_a_replayed_copy_of_a_patch_orphaned_while_its_put_never_came_is_not_parked_again() -> None:
+    """A PATCH for a Session whose PUT never came, ORPHANED when a later PATCH of it arrived past the park TTL: its
+    replayed copy was parked again, its row turned PARKED with source REPLAY (then ORPHANED as a replay by the
+    sweep: partner health, which counts source PUSH, lost the push). It waited in vain already: no row."""
+    h = harness(park_ttl_min=5)
+    first = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(1))}, object_id="S1", received=0)
+    later = event("SessionPatch", {"kwh": Decimal("8"), "last_updated": iso(ts(10))}, object_id="S1", received=10)
+    out = h.run(first, later)
+    assert dict(outcomes(out)) == {first.event_id: "ORPHANED", later.event_id: "PARKED"}
+    out = h.run(event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(1))}, object_id="S1", received=0,
+                      event_id=first.event_id, source="REPLAY"))
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "anomalies") == []
+    assert [p.event_id for p in h.state(KEY).parked] == [later.event_id]
