@@ -419,6 +419,12 @@ def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutp
         state.add_id(_W_CREDIT, ref, fact.cdr_id)
         _write_link(state, fact, link, None, rules, out, now)
         return
+    due = fact.received_at + rules.session_grace
+    if original.fact.received_at > due:
+        # It was received after the grace (event time, so in either order of the two): the row the deadline sweep
+        # writes for it, whether or not one ran between.
+        out.anomalies.append(cdr_anomaly(state, fact, Anomaly.CREDIT_UNKNOWN_REFERENCE,
+                                         unknown_reference_detail(ref, rules.session_grace), due))
     if original.fact.credit:
         # Undoing a credit is a new CDR, not a credit of the credit: linked, the first CDR would be refunded twice.
         link.status = CREDIT_OF_CREDIT
@@ -432,6 +438,11 @@ def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutp
             f"credit total_cost {_price(fact)} does not negate {ref}'s {_price(original.fact)}", fact.received_at))
     link.status = _claim(state, original, credit, rules, out, now)
     _write_link(state, fact, link, original.fact, rules, out, now)
+
+
+def unknown_reference_detail(ref: str, grace: timedelta) -> str:
+    """The detail of CREDIT_UNKNOWN_REFERENCE, the same whether the deadline sweep or the late original writes it."""
+    return f"credited CDR {ref} did not arrive within {grace}"
 
 
 def negates(credit: CdrFact, original: CdrFact) -> bool:

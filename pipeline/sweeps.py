@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 from clickhouse_connect.driver.client import Client
 
 from pipeline import projection, retention
-from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS
+from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS, unknown_reference_detail
 from pipeline.records import Anomaly, Outcome, utc_now
 from pipeline.sink import Batch, datetime64
 from pipeline.stage import StageRules, orphan_details
@@ -116,8 +116,8 @@ def overdue_credits(client: Client, now: datetime, batch: Batch) -> int:
         credit_id, ref = new[index["credit_cdr_id"]], new[index["credited_cdr_id"]]
         batch.add("anomalies", projection.ANOMALY_COLUMNS, [
             Anomaly.CREDIT_UNKNOWN_REFERENCE.value, "CDRS", new[index["country_code"]], new[index["party_id"]],
-            credit_id, "", credit_id, new[index["partner_id"]], f"credited CDR {ref} never arrived",
-            new[index["due_at"]]])
+            credit_id, "", credit_id, new[index["partner_id"]],
+            unknown_reference_detail(ref, new[index["due_at"]] - new[index["received_at"]]), new[index["due_at"]]])
     return len(rows)
 
 

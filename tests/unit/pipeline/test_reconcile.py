@@ -1016,3 +1016,18 @@ def test_a_late_cdr_whose_session_left_a_full_reference_index_is_not_matched_to_
     out = party.run(c_fact(cdr("C1", session_id=None, authref="SAME", uid="T10", start=6000, end=6060),
                            received=sessions * 600))
     assert result(out, "CDR", "C1")["session_id"] == "S10"
+
+
+def test_a_credit_whose_original_was_received_after_its_grace_is_flagged_in_either_order() -> None:
+    """CREDIT_UNKNOWN_REFERENCE by event time (the sweep writes the same row when no event came first): also when
+    the original's fact reaches stage 2 before the credit's (their stage-1 partitions differ)."""
+    for order in ((0, 1), (1, 0)):
+        party = Party()
+        facts = [c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=0),
+                 c_fact(cdr("C1"), received=15)]  # 15 min: past the 10 min grace
+        outs = [party.run(facts[i]) for i in order]
+        flagged = [(a.kind.value, a.object_id, a.observed_at) for out in outs for a in out.anomalies]
+        assert flagged == [("CREDIT_UNKNOWN_REFERENCE", "C1-C", ts(10))], order
+    party = Party()
+    party.run(c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=0))
+    assert party.run(c_fact(cdr("C1"), received=10)).anomalies == []  # at the deadline: in time

@@ -1098,3 +1098,40 @@ def test_what_the_receivers_get_answers_is_the_state_the_worker_wrote(client: Cl
                                retention.Pseudonymizer(b"x" * 32), ts(40 * 24 * 60))
     token = stored("cdr", "c1")["cdr_token"]
     assert token["uid"].startswith("psn:") and token["contract_id"].startswith("psn:")
+
+
+def test_a_credit_whose_original_comes_after_the_grace_is_flagged_whether_or_not_a_sweep_ran_between(
+        client: Client) -> None:
+    """A credit CDR waits OCPI_RECONCILE_SESSION_GRACE for the CDR it credits, then the sweep flags it
+    (UNKNOWN_REFERENCE, anomaly CREDIT_UNKNOWN_REFERENCE). When the original comes after the grace, the event-time
+    rule wrote LINKED and no anomaly: so the anomaly was there only if a sweep had run in between, not when the
+    worker was down or behind across the deadline, nor after a `replay --rebuild` (or a new app id) reprocessed the
+    same facts. Like the other deadlines, the late event writes the row the sweep writes for it."""
+    from pipeline.agents import party_batch
+    from pipeline.facts import cdr_fact
+    from pipeline.reconcile import PartyOutput, PartyState, Rules, process_party
+
+    from .builders import PSEUDONYM_KEY, DictStore
+
+    rules = Rules(cdr_grace=timedelta(minutes=30), session_grace=timedelta(minutes=10),
+                  energy_tolerance=Decimal("0.01"), cost_tolerance=Decimal("0.01"),
+                  time_tolerance=timedelta(minutes=5))
+    pseudonym = retention.Pseudonymizer(PSEUDONYM_KEY)
+
+    def fact(body: dict[str, Any], received: float) -> Any:
+        return cdr_fact(event("CDR", body).payload, partner_id="p1", received_at=ts(received), pseudonym=pseudonym)
+
+    store = DictStore()
+
+    def run(*facts: Any) -> Batch:
+        out = PartyOutput()
+        overlay = store.overlay()
+        process_party(PartyState("NL/TNM", overlay), list(facts), rules, out)
+        store.commit(overlay)
+        return party_batch(out, [])
+
+    write(client, run(fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), 0)))
+    swept, _ = sweeps.collect(client, ts(20), stage_rules(), timedelta(seconds=10), anomalies_kept=KEPT)
+    late = run(fact(cdr("C1", cost="2.50"), 15))  # 15 min: past the 10 min grace
+    assert [row[0] for row in swept.tables()["anomalies"]] == ["CREDIT_UNKNOWN_REFERENCE"]
+    assert late.tables().get("anomalies", []) == swept.tables()["anomalies"]
