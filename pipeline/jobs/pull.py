@@ -57,7 +57,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -588,9 +588,12 @@ def _record_rejected(settings: Settings, partner_id: str, module: str, page: _Pa
 
 @dataclass
 class ScheduleState:
+    """What a schedule has done: counts and the last completed round (a schedule runs for weeks; it keeps
+    nothing per round)."""
+
     runs: int = 0
     failures: int = 0
-    reports: list[PullReport] = field(default_factory=list)
+    last: PullReport | None = None
 
 
 async def pull_every(interval_s: float, splay_s: float, run_once: Callable[[], Awaitable[PullReport]],
@@ -611,7 +614,7 @@ async def pull_every(interval_s: float, splay_s: float, run_once: Callable[[], A
                 await current
             break
         try:
-            state.reports.append(current.result())
+            state.last = current.result()
         except Exception as exc:  # a failed round must not end the schedule
             state.failures += 1
             log.warning("scheduled pull failed: %s", exc)

@@ -22,6 +22,7 @@ from ocpi.model import Endpoint, InterfaceRole, Session
 from pipeline.jobs.common import Checkpoint, JobError, jobs_dir, parse_time
 from pipeline.jobs.pull import (
     PullError,
+    PullReport,
     RetryPolicy,
     pull,
     pull_every,
@@ -391,6 +392,27 @@ async def test_schedule_repeats_survives_a_failed_round_and_stops() -> None:
     state = await pull_every(0.01, 0.01, once, stop, errors.append)
     assert (state.runs, state.failures, len(calls)) == (3, 1, 3)
     assert [str(e) for e in errors] == ["partner down"]
+
+
+async def test_a_schedule_that_runs_for_weeks_does_not_keep_every_round() -> None:
+    """`pull --schedule` runs until stopped: what it keeps must not grow with the rounds it has run (a round a
+    minute is half a million a year); it keeps the counts and the last round's report."""
+    stop = asyncio.Event()
+    rounds = 2000
+    done = 0
+
+    async def once() -> PullReport:
+        nonlocal done
+        done += 1
+        if done == rounds:
+            stop.set()
+        return PullReport("p1", "sessions", None, datetime(2024, 5, 1, tzinfo=UTC), pages=done)
+
+    state = await pull_every(0, 0, once, stop)
+    assert (state.runs, state.failures) == (rounds, 0)
+    held = {name: len(value) for name, value in vars(state).items() if isinstance(value, list | dict | set | tuple)}
+    assert all(size <= 1 for size in held.values()), held
+    assert state.last is not None and state.last.pages == rounds
 
 
 async def test_schedule_cancels_a_round_in_progress_on_stop() -> None:
