@@ -309,6 +309,8 @@ class StateRetention:
             for partition, items in _local_partitions(target.table.table):
                 anchor = PartitionAnchor(target.topic, partition)
                 survey = await self.survey(target, partition, anchor)
+                if survey is None:
+                    continue  # revoked (or rebalancing) meanwhile: decided at a later pass, on a whole survey
                 while chunk := list(itertools.islice(items, _CHUNK)):
                     async with target.table.lock:  # no batch of this table runs meanwhile (`StateTable.lock`)
                         if not self.serves(target, partition):
@@ -326,9 +328,13 @@ class StateRetention:
                     await asyncio.sleep(0)  # the agents' batches go on between chunks
         return counts
 
-    async def survey(self, target: StateTarget, partition: int, anchor: PartitionAnchor) -> Survey:
+    async def survey(self, target: StateTarget, partition: int, anchor: PartitionAnchor) -> Survey | None:
         """A plan's survey of one partition (empty for tables whose entries expire on their own). Its own snapshot,
-        read a chunk at a time without the lock: it gathers references, which `decide` follows on current values."""
+        read a chunk at a time without the lock: it gathers references, which `decide` follows on current values.
+        None when a rebalance takes the partition away meanwhile (or is under way): the survey stops there, since
+        its iterator holds the partition's database, which Faust drops on revocation without closing it and opens
+        again when the partition comes back, stopping the worker if it is still held after 30 s; and a survey cut
+        short must not be decided on."""
         survey: Survey = {}
         if isinstance(target.expired, Plan):
             items = _partition_items(target.table.table, partition)
@@ -336,6 +342,8 @@ class StateRetention:
             while chunk := list(itertools.islice(items, _CHUNK)):
                 target.expired.survey(chunk, read, survey)
                 await asyncio.sleep(0)
+                if not self.serves(target, partition):
+                    return None
         return survey
 
     def serves(self, target: StateTarget, partition: int) -> bool:

@@ -606,3 +606,107 @@ def test_parked_events_are_bounded_by_the_size_their_pseudonymised_records_will_
     assert outcomes(out) == ["PARKED", "ORPHANED", "ORPHANED"]
     assert location_pass(h, cutoff_min=4) is not None
     assert len(h.store.data[LOC]) < RECORD_MAX_BYTES
+
+
+# --- a partition revoked while the pass reads it ------------------------------------------------------------------
+
+
+class _RocksPartition:
+    """One `party-state` partition in a real rocksdict database, behind a Faust table, store and app as far as the
+    pass uses them (`_local_partitions`, `StateTable`, `serves`), with its survey chunks cut to 10 entries."""
+
+    def __init__(self, tmp_path: Any, monkeypatch: Any, entries: int) -> None:
+        from faust.stores.rocksdb import RocksDBOptions
+        from faust.stores.rocksdb import Store as RocksStore
+        from faust.types import TP
+
+        from pipeline import state_retention
+        from pipeline.agents import StateTable
+
+        monkeypatch.setattr(state_retention, "_CHUNK", 10)
+        self.path = tmp_path / "party-state-0"
+        self.options = RocksDBOptions()
+        db = self.options.open(self.path)
+        for i in range(entries):
+            db.put(f"L/NL/TNM/K{i:04d}".encode(), b"x")
+        changelog = "app-party-state-changelog"
+        self.actives = {TP(changelog, 0)}
+        reads = SimpleNamespace(use_rocksdict=True, offset_key=RocksStore.offset_key)
+        self.store = SimpleNamespace(_dbs={0: db}, _db_for_partition=lambda partition: self.store._dbs[partition],
+                                     _visible_items=lambda partition_db: RocksStore._visible_items(
+                                         cast(Any, reads), partition_db))
+        self.app = SimpleNamespace(rebalancing=False,
+                                   assignor=SimpleNamespace(assigned_actives=lambda: self.actives))
+        self.table = StateTable(cast(Any, SimpleNamespace(
+            data=self.store, app=self.app, changelog_topic=SimpleNamespace(get_topic_name=lambda: changelog))))
+
+    def keeper(self, survey: Any, changes: Any) -> StateRetention:
+        from pipeline.state_retention import Plan
+
+        target = StateTarget("party-state", self.table, "facts", expired=Plan(survey, changes))
+        retention = SimpleNamespace(pseudonymise_days=90, billing_years=7)
+        return StateRetention(cast(Any, SimpleNamespace(settings=SimpleNamespace(retention=retention),
+                                                        pseudonym=PSEUDONYM)), [target], cast(Any, None))
+
+
+async def test_a_survey_lets_go_of_a_partition_revoked_meanwhile(tmp_path: Any, monkeypatch: Any) -> None:
+    """Faust revokes a partition by dropping its rocksdb database (`Store.revoke_partitions`: no close, a gc) and,
+    when the partition comes back, opens it again, retrying a locked one for 30 s before the worker stops. A survey
+    went on reading a revoked partition to its end (minutes on a large `party-state`), its iterator holding the
+    database and its LOCK: the partition could not be opened again meanwhile."""
+    import asyncio
+    import gc
+
+    part = _RocksPartition(tmp_path, monkeypatch, entries=300)  # 30 chunks
+    reopened: list[str] = []
+
+    async def reassign() -> None:  # Faust's `_try_open_db_for_partition`, its 30 s as a few turns of the loop
+        for _ in range(5):
+            try:
+                part.options.open(part.path)
+            except Exception as exc:
+                reopened.append(f"locked: {exc}"[:40])
+                await asyncio.sleep(0)
+                continue
+            reopened.append("opened")
+            return
+
+    chunks: list[int] = []
+    reassigning: list[asyncio.Task[None]] = []
+
+    def survey(entries: Any, read: Any, found: Any) -> None:
+        chunks.append(len(list(entries)))
+        if len(chunks) == 1:  # a rebalance takes the partition away, and a later one gives it back
+            part.store._dbs.pop(0)
+            part.actives.clear()
+            gc.collect()
+            reassigning.append(asyncio.ensure_future(reassign()))
+
+    await part.keeper(survey, lambda *args: ({}, 0)).run(datetime.now(UTC))
+    await reassigning[0]
+    assert reopened[-1] == "opened", reopened
+    assert len(chunks) < 5  # the rest of a partition no longer served is not read
+
+
+async def test_a_survey_cut_short_by_a_rebalance_is_not_decided_on(tmp_path: Any, monkeypatch: Any) -> None:
+    """A survey stopped by a rebalance misses the references in the rest of the partition; deciding on it could
+    delete a CDR whose credit it did not see. The partition waits for the next pass, even when it stayed here."""
+    part = _RocksPartition(tmp_path, monkeypatch, entries=50)
+    decided: list[int] = []
+    surveyed: list[int] = []
+
+    def survey(entries: Any, read: Any, found: Any) -> None:
+        surveyed.append(len(list(entries)))
+        part.app.rebalancing = len(surveyed) == 1  # under way while the first pass surveys its first chunk
+        decided.append(0)
+
+    def changes(entries: Any, *args: Any) -> tuple[dict[str, bytes | None], int]:
+        decided.append(len(list(entries)))
+        return {}, 0
+
+    keeper = part.keeper(survey, changes)
+    await keeper.run(datetime.now(UTC))
+    assert decided == [0]  # stopped after its first chunk, nothing decided
+    decided.clear()
+    await keeper.run(datetime.now(UTC))  # the next pass, no rebalance: the whole survey, then the decisions
+    assert decided == [0] * 5 + [10] * 5
