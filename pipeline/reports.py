@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from aiokafka import TopicPartition
 
 GROUPINGS: Final = ("party", "location", "day")
-_PARTY: Final = re.compile(r"^([A-Za-z]{2})/([A-Za-z0-9]{3})$")
+# CiString(2) / CiString(3) (printable ASCII, not empty), as the receivers take and the pipeline stores them.
+_PARTY: Final = re.compile(r"^([\x20-\x2E\x30-\x7E]{1,2})/([\x20-\x2E\x30-\x7E]{1,3})\Z")
 
 
 class ReportError(ValueError):
