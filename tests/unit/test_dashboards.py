@@ -260,3 +260,33 @@ def test_the_anomaly_panels_show_the_anomalies_no_partner_can_be_named_for(schem
     sql = render_panel_sql(_panel_sql(board, "Anomalies per kind"), start=now - timedelta(days=1), end=now,
                            partners=[partner])
     assert {row[1] for row in schema.query(sql).result_rows} >= {"ROW_REFUSED", "STALE_UPDATE"}
+
+
+def test_the_largest_deltas_name_the_currency_of_their_cost(schema: Client) -> None:
+    """Cost deltas only compare within a currency (a CDR in another currency than its session has none): the panel
+    listed `delta_cost_excl_vat` without saying in which, so 40 SEK and 40 EUR read the same."""
+    from decimal import Decimal
+
+    from pipeline.reconcile import RECONCILIATION_COLUMNS
+
+    now = datetime.now(UTC)
+    partner = f"ld-{uuid.uuid4().hex[:6]}"
+
+    def row(subject_id: str, currency: str, delta_kwh: str, delta_cost: str) -> list[Any]:
+        values = dict(country_code="SE", party_id="LDT", subject="CDR", subject_id=subject_id, partner_id=partner,
+                      currency=currency, outcome="MISMATCH", method="SESSION_ID", session_id="S1",
+                      cdr_ids=[subject_id], session_kwh=Decimal(10), cdr_kwh=Decimal(10) + Decimal(delta_kwh),
+                      delta_kwh=Decimal(delta_kwh), session_cost_excl_vat=Decimal(5),
+                      cdr_cost_excl_vat=Decimal(5) + Decimal(delta_cost), delta_cost_excl_vat=Decimal(delta_cost),
+                      delta_start_s=None, delta_end_s=None, late=False, due_at=None,
+                      event_time=now - timedelta(hours=1), version=2)
+        return [values[c] for c in RECONCILIATION_COLUMNS]
+
+    schema.insert("reconciliation", [row("C1", "SEK", "2", "40"), row("C2", "EUR", "1", "40")],
+                  column_names=list(RECONCILIATION_COLUMNS))
+    panel = _panel_sql(ROOT / "dashboards" / "reconciliation.json", "Largest deltas (CDR minus session)")
+    sql = render_panel_sql(panel, start=now - timedelta(days=1), end=now, partners=[partner])
+    result = schema.query(sql)
+    named = [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+    assert [(r["subject_id"], r["delta_cost_excl_vat"], r.get("currency")) for r in named] == [
+        ("C1", Decimal("40.0000"), "SEK"), ("C2", Decimal("40.0000"), "EUR")]
