@@ -31,16 +31,24 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Sequence[Message]], Awaitable[None]]
 REPORT_EVERY_S = 10.0
+# The record bytes one batch takes at most (at least one record whatever its size), and twice that waiting in an
+# inbox: `OCPI_PIPELINE_BATCH` records of Location trees of up to 4 MB each would be gigabytes decoded at once, a
+# worker that runs out of memory on every restart of a backlog of large pushes. Typical pushes (about 1 KB) fill a
+# batch by count long before.
+BATCH_MAX_BYTES = 64 * 1024 * 1024
 
 
 class Inbox:
     """The fetched records of one topic, oldest first, waiting for its agent."""
 
-    def __init__(self, topic: str, capacity: int, suspended: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, topic: str, capacity: int, suspended: Callable[[], bool] = lambda: True,
+                 batch_bytes: int = BATCH_MAX_BYTES) -> None:
         self.topic = topic
         self.capacity = capacity  # the fetcher waits while this many records wait here
+        self.batch_bytes = batch_bytes  # a batch's record bytes at most; the fetcher waits at twice that here
         self._suspended = suspended  # whether Faust's flow control is suspended (a rebalance is under way)
         self._records: deque[Message] = deque()
+        self._bytes = 0
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -49,15 +57,17 @@ class Inbox:
         return len(self._records)
 
     def put_all(self, records: Iterable[Message]) -> None:
-        self._records.extend(records)
+        for record in records:
+            self._records.append(record)
+            self._bytes += _size(record)
         if self._records:
             self._arrived.set()
-        if len(self._records) >= self.capacity:
+        if self.full:
             self._room.clear()
 
     @property
     def full(self) -> bool:
-        return len(self._records) >= self.capacity
+        return len(self._records) >= self.capacity or self._bytes >= 2 * self.batch_bytes
 
     async def wait_for_room(self, timeout: float) -> None:
         await asyncio.wait_for(self._room.wait(), timeout)
@@ -74,6 +84,7 @@ class Inbox:
         if not self._suspended():
             return
         self._records.clear()
+        self._bytes = 0
         self._arrived.clear()
         self._room.set()
 
@@ -82,19 +93,30 @@ class Inbox:
         while not self._records:
             self._arrived.clear()
             await self._arrived.wait()
-        if len(self._records) < most:
+        if len(self._records) < most and self._bytes < self.batch_bytes:
             deadline = time.monotonic() + within
-            while len(self._records) < most and (left := deadline - time.monotonic()) > 0:
+            while (len(self._records) < most and self._bytes < self.batch_bytes
+                   and (left := deadline - time.monotonic()) > 0):
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except TimeoutError:
                     break
         records = self._records
-        batch = [records.popleft() for _ in range(min(most, len(records)))]
-        if len(records) < self.capacity:
+        batch: list[Message] = []
+        taken = 0
+        while records and len(batch) < most and (not batch or taken + _size(records[0]) <= self.batch_bytes):
+            record = records.popleft()
+            taken += _size(record)
+            batch.append(record)
+        self._bytes -= taken
+        if not self.full:
             self._room.set()
         return batch
+
+
+def _size(record: Message) -> int:
+    return len(record.value) if record.value else 0
 
 
 def group_generation(app: faust.App) -> int | None:

@@ -12,8 +12,8 @@ from faust.types import TP
 from pipeline.delivery import Inbox
 
 
-def records(*offsets: int) -> list[Any]:
-    return [SimpleNamespace(topic="t", partition=0, offset=o) for o in offsets]
+def records(*offsets: int, size: int = 100) -> list[Any]:
+    return [SimpleNamespace(topic="t", partition=0, offset=o, value=b"x" * size) for o in offsets]
 
 
 async def test_a_full_batch_is_taken_at_once_and_the_rest_waits_in_order() -> None:
@@ -22,6 +22,34 @@ async def test_a_full_batch_is_taken_at_once_and_the_rest_waits_in_order() -> No
     batch = await asyncio.wait_for(inbox.take(3, within=5.0), 1.0)  # full: no waiting for `within`
     assert [r.offset for r in batch] == [0, 1, 2]
     assert [r.offset for r in await inbox.take(3, within=0.01)] == [3, 4]
+
+
+async def test_a_batch_takes_at_most_its_bytes_and_at_least_one_record() -> None:
+    """Large pushes (Location trees up to 4 MB) close a batch by size long before its count: thousands of them
+    decoded at once would take the worker's memory on every restart of such a backlog."""
+    inbox = Inbox("t", capacity=100, batch_bytes=1000)
+    inbox.put_all(records(0, 1, 2, size=400))
+    inbox.put_all(records(3, size=5000))  # alone larger than a batch
+    inbox.put_all(records(4, size=10))
+    batch = await asyncio.wait_for(inbox.take(50, within=5.0), 1.0)  # the bytes are there: no waiting for more
+    assert [r.offset for r in batch] == [0, 1]
+    assert [r.offset for r in await inbox.take(50, within=0.0)] == [2]
+    assert [r.offset for r in await inbox.take(50, within=0.0)] == [3]
+    assert [r.offset for r in await inbox.take(50, within=0.0)] == [4]
+
+
+async def test_an_inbox_holding_two_batches_of_bytes_makes_the_fetcher_wait() -> None:
+    inbox = Inbox("t", capacity=100, batch_bytes=1000)
+    inbox.put_all(records(0, 1, 2, 3, size=500))
+    assert inbox.full  # four records of a hundred, but two batches' bytes
+    with pytest.raises(TimeoutError):
+        await inbox.wait_for_room(0.05)
+    await inbox.take(50, within=0.0)
+    assert not inbox.full
+    await asyncio.wait_for(inbox.wait_for_room(1.0), 1.0)
+    inbox.put_all(records(4, 5, size=500))
+    inbox.clear()  # a rebalance: nothing waits, whatever its size
+    assert not inbox.full
 
 
 async def test_a_partial_batch_waits_up_to_within_for_more() -> None:
