@@ -225,6 +225,7 @@ def test_a_released_migration_is_never_edited() -> None:
         19: "66da48b115218650f628f5abe4e1721a5da272d9f6c0a835e11cdf4a8d4c55d8",
         20: "0c025cbb887c5ce2d554f25140d6aba7cddb4ce01cb223ec8812032f6b964f82",
         21: "69f19db938056ae54960b33dbcfa74c32bb26b21e45e72f972a91ef2e8335482",
+        22: "b44b018dfcfe2ab0c07dfd3aa90fd79351a3ebb710a4d0d33de72aa1ae7df510",
     }
     current = {m.version: m.checksum for m in available_migrations()}
     assert {v: current.get(v) for v in released} == released
