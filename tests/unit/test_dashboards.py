@@ -290,3 +290,22 @@ def test_the_largest_deltas_name_the_currency_of_their_cost(schema: Client) -> N
     named = [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
     assert [(r["subject_id"], r["delta_cost_excl_vat"], r.get("currency")) for r in named] == [
         ("C1", Decimal("40.0000"), "SEK"), ("C2", Decimal("40.0000"), "EUR")]
+
+
+# Panels that reduce each numeric field to one value unless told to show every row (Grafana's stat/common.ts
+# addStandardDataReduceOptions: `reduceOptions.values` defaults to false, "Calculate", with `lastNotNull`).
+_REDUCING_PANELS = {"stat", "gauge", "bargauge", "piechart"}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_reducing_panels_of_grouped_rows_show_every_row(path: Path) -> None:
+    """A stat or pie chart on a query with one row per group (per currency, per source) showed a single number:
+    with `reduceOptions.values` false (Grafana's default) the panel reduces the numeric column over the rows to
+    its last value, so 'Revenue per currency' showed the revenue of the alphabetically last currency, unnamed,
+    and 'Events by source' a pie of one slice. Showing every row labels each value with its row's strings."""
+    for panel in _panels(_load(path)):
+        if panel["type"] not in _REDUCING_PANELS:
+            continue
+        grouped = any(re.search(r"\bGROUP BY\b", target["rawSql"]) for target in panel["targets"])
+        values = panel.get("options", {}).get("reduceOptions", {}).get("values", False)
+        assert values or not grouped, f"{path.name}: panel {panel['title']!r} reduces its rows to one value"
