@@ -57,3 +57,21 @@ def test_the_operators_services_are_published_on_the_loopback_interface_only(ser
 def test_grafana_has_no_default_admin_password() -> None:
     grafana = compose()["services"]["grafana"]["environment"]
     assert grafana.get("GF_SECURITY_ADMIN_PASSWORD", "").startswith("${GRAFANA_ADMIN_PASSWORD:?")
+
+
+def test_long_running_services_are_restarted() -> None:
+    """The worker exits by design and counts on its supervisor to start it again: code 75 when it is stopped or
+    fenced with a batch unwritten (a ClickHouse outage longer than Faust's poll interval), 70 when a batch fails;
+    Faust also stops it on a partition still locked after 30 s. Under compose the supervisor is Docker's restart
+    policy, and no service had one: the first such exit left the pipeline down (pushes piling up in Kafka, the
+    dashboards frozen), and after a reboot of the host nothing came back. One-shot services (`migrate`, which
+    the others wait for to complete) must not be restarted."""
+    services = compose()["services"]
+    one_shot = {name for service in services.values() for name, dep in service.get("depends_on", {}).items()
+                if dep.get("condition") == "service_completed_successfully"}
+    assert one_shot == {"migrate"}
+    for name, service in services.items():
+        if name in one_shot:
+            assert service.get("restart", "no") == "no", name
+        else:
+            assert service.get("restart") in ("always", "unless-stopped"), f"{name} is never restarted"
