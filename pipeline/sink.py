@@ -141,6 +141,23 @@ class RefusedRow:
     error: str
 
 
+_QUOTE_START: Final = " before: '"
+_QUOTE_END: Final = "': ("
+
+
+def refusal_reason(exc: Exception) -> str:
+    """The first line of ClickHouse's error, without the input it quotes: a value it cannot parse at all makes it
+    quote the bytes where it stopped ("expected ',' before: 'NaN,"WHITELIST","<authorization reference>",
+    "<token uid>",…'"), the row's later values in clear and cut anywhere, so pseudonymising the row would not
+    reach them. The row goes with the error (pseudonymised, by `refused_rows`), so the quote adds nothing."""
+    line = str(exc).strip().split("\n", 1)[0]  # ClickHouse's lines; the quote may hold any other line separator
+    head, quoted, rest = line.partition(_QUOTE_START)
+    if quoted:
+        end = rest.rfind(_QUOTE_END)
+        line = f"{head} before: (the row's input, not shown){rest[end + 1:] if end >= 0 else ''}"
+    return line[:1000]
+
+
 # What to insert instead of refused rows: (table, columns, rows).
 RefusedRows = Callable[[list[RefusedRow]], tuple[str, Sequence[str], list[list[Any]]]]
 
@@ -155,7 +172,7 @@ def insert_isolating(client: Client, table: str, columns: Sequence[str], rows: l
         if not refused_for_its_data(exc):
             raise
         if len(rows) == 1:
-            return [RefusedRow(table, columns, rows[0], str(exc).strip().splitlines()[0][:1000])]
+            return [RefusedRow(table, columns, rows[0], refusal_reason(exc))]
     half = len(rows) // 2
     return (insert_isolating(client, table, columns, rows[:half])
             + insert_isolating(client, table, columns, rows[half:]))

@@ -16,7 +16,7 @@ from pipeline.locations import process_locations
 from pipeline.projection import CONNECTOR_COLUMNS, SESSION_COLUMNS, refused_row_anomalies
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
-from pipeline.sink import Batch, ClickHouseSink, insert_isolating, refused_for_its_data
+from pipeline.sink import Batch, ClickHouseSink, insert_isolating, refusal_reason, refused_for_its_data
 from pipeline.state import LocationState, SessionState
 
 from .builders import Harness, event, evse, location, session
@@ -107,6 +107,42 @@ def test_a_refused_rows_personal_data_is_pseudonymised_in_the_anomaly(client: Cl
     assert "TOKEN-UID-1" not in detail and "AUTH-REF-1" not in detail
     row = json.loads(detail.split("; row: ", 1)[1])
     assert row["token_uid"] == PSEUDONYM("TOKEN-UID-1") and row["payload_json"]["id"] == "S2"
+
+
+def test_the_input_clickhouse_quotes_in_its_error_is_not_kept_in_clear(client: Client,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # A value ClickHouse cannot parse at all (CANNOT_PARSE_INPUT) makes it quote the input where it stopped:
+    # "expected ',' before: 'NaN,"WHITELIST","AUTH-REF-1","TOKEN-UID-1",…'", the row's later values in clear,
+    # cut anywhere. The anomaly (kept a year) and the log must not hold them: the row, pseudonymised, follows.
+    sink = ClickHouseSink(lambda: client, refused_rows=functools.partial(refused_row_anomalies, pseudonym=PSEUDONYM))
+    batch = Harness(process_sessions, SessionState).run(
+        event("Session", session("S1", uid="TOKEN-UID-1", authref="AUTH-REF-1"), received=1)).batch
+    [row] = batch.rows.get("sessions", []) + list(batch.keyed.get("sessions", {}).values())
+    row[SESSION_COLUMNS.index("kwh")] = Decimal("NaN")
+    with caplog.at_level("ERROR", logger="pipeline.sink"):
+        asyncio.run(sink.write(batch))
+
+    [detail] = [r[0] for r in client.query(
+        "SELECT detail FROM anomalies FINAL WHERE kind = 'ROW_REFUSED'").result_rows]
+    error, row_json = detail.split("; row: ", 1)
+    assert "Code: 27" in error and "before:" in error  # CANNOT_PARSE_INPUT, its quote replaced
+    for clear in ("TOKEN-UID-1", "AUTH-REF-1"):
+        assert clear not in detail and clear not in caplog.text
+    assert json.loads(row_json)["token_uid"] == PSEUDONYM("TOKEN-UID-1")
+
+
+def test_the_quoted_input_is_left_out_of_the_error_as_a_server_or_the_shim_sends_it() -> None:
+    # Over HTTP the client puts its own words before ClickHouse's, and the server's diagnostics follow on more lines.
+    exc = DatabaseError("Received ClickHouse exception, code: 27, server response: Code: 27. DB::Exception: Cannot "
+                        "parse input: expected ',' before: 'NaN,\"WHITELIST\",\"AUTH-REF-1\",\"TOKEN-UID-1\",\"RF': "
+                        "(while reading the value of key kwh): (at row 1)\nRow 1:\nColumn 10, name: token_uid, "
+                        "parsed text: \"TOKEN-UID-1\" (for url http://127.0.0.1:8123)", code=27)
+    assert refusal_reason(exc) == ("Received ClickHouse exception, code: 27, server response: Code: 27. DB::Exception: "
+                                   "Cannot parse input: expected ',' before: (the row's input, not shown): "
+                                   "(while reading the value of key kwh): (at row 1)")
+    # A quote cut short (no end in its line) goes whole.
+    assert refusal_reason(DatabaseError("Code: 27. Cannot parse input: expected ',' before: 'NaN,\"TOKEN-UID-1")) == (
+        "Code: 27. Cannot parse input: expected ',' before: (the row's input, not shown)")
 
 
 def test_a_table_whose_only_row_is_refused_records_it_instead_of_retrying_for_ever(client: Client) -> None:
