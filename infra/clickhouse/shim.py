@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hmac
 import json
 import re
@@ -92,20 +93,33 @@ class ChdbEngine:
 
 
 def _decompress(body: bytes, encoding: str) -> bytes:
-    """Undo the client's request compression (clickhouse-connect compresses inserts with lz4 by default)."""
+    """Undo the client's request compression (clickhouse-connect compresses inserts with lz4 by default).
+
+    clickhouse-connect compresses each block of an insert (1-2 MB of data) as a frame of its own (a gzip stream
+    once): every frame is decompressed, not the first alone. aiohttp's own decoding is off (`start`): it knows no
+    lz4, and decoded gzip and zstd before this ran again on the result."""
     encoding = encoding.strip().lower()
     if not body or encoding in ("", "identity"):
         return body
     if encoding == "lz4":
         import lz4.frame
 
-        return bytes(lz4.frame.decompress(body))
+        parts, rest = [], body
+        while rest:
+            decompressor = lz4.frame.LZ4FrameDecompressor()
+            parts.append(decompressor.decompress(rest))
+            if not decompressor.eof:
+                raise ValueError("truncated lz4 frame")
+            rest = decompressor.unused_data
+        return b"".join(parts)
     if encoding == "zstd":
         from backports import zstd
 
-        return bytes(zstd.decompress(body))
-    if encoding in ("gzip", "deflate"):
-        return zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        return bytes(zstd.decompress(body))  # every frame
+    if encoding == "gzip":
+        return gzip.decompress(body)  # every member
+    if encoding == "deflate":
+        return zlib.decompress(body)
     raise ValueError(f"unsupported Content-Encoding {encoding!r}")
 
 
@@ -180,7 +194,8 @@ class ClickHouseShim:
     async def start(self) -> ClickHouseShim:
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # The body is decompressed by `_decompress`, every frame of it (aiohttp would decode gzip and zstd too).
+        self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

@@ -97,6 +97,29 @@ async def test_a_read_only_request_to_the_shim_writes_no_file(chdb_dsn: str, tmp
     assert all("164" in refusal for refusal in refusals), refusals
 
 
+@pytest.mark.parametrize("compress", ["lz4", "zstd", "gzip", False])
+async def test_a_compressed_insert_of_several_blocks_reaches_the_store_whole(chdb_dsn: str, compress: str) -> None:
+    """clickhouse-connect compresses each block of an insert (1-2 MB of data) as a frame of its own: the shim
+    decompressed the first frame only, answered 200, and the rows of every later block were lost."""
+    database = unique("shimz")
+    owner = connect(chdb_dsn)
+    owner.command(f"CREATE DATABASE {database}")
+    owner.command(f"CREATE TABLE {database}.t (a UInt32, s String) ENGINE = MergeTree ORDER BY a")
+    shim = await ClickHouseShim(ChdbEngine(chdb_path(chdb_dsn)), "s3cret").start()
+    rows = [[i, "x" * 100_000] for i in range(60)]  # 6 MB: several blocks
+
+    def use() -> None:
+        writer = clickhouse_connect.get_client(dsn=shim.dsn, database=database, compress=compress,
+                                               autogenerate_session_id=False)
+        writer.insert("t", rows, column_names=["a", "s"])
+
+    try:
+        await asyncio.to_thread(use)
+    finally:
+        await shim.stop()
+    assert owner.query(f"SELECT count(), sum(a) FROM {database}.t").result_rows == [(60, sum(range(60)))]
+
+
 def test_chdb_path_of_dsn() -> None:
     assert chdb_path("chdb:///abs/path") == Path("/abs/path")
 
