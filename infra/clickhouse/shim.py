@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -58,7 +59,7 @@ class ChdbEngine:
         return conn
 
     def run(self, sql: str, body: bytes, params: dict[str, str]) -> tuple[bytes, str]:
-        readonly = params.get("readonly", "0") not in ("0", "")
+        readonly = _readonly(params)
         if readonly and names_outfile(sql):
             raise PermissionError("Code: 164. DB::Exception: INTO OUTFILE writes a file: not allowed in readonly mode. "
                                   "(READONLY)")
@@ -90,6 +91,10 @@ class ChdbEngine:
             stmt = f"{stmt.rstrip().rstrip(';')} SETTINGS {', '.join(settings)}"
         result = conn.query(stmt, fmt, params=bound or None)
         return result.bytes(), fmt
+
+
+def _readonly(params: dict[str, str]) -> bool:
+    return params.get("readonly", "0") not in ("0", "")
 
 
 def _decompress(body: bytes, encoding: str) -> bytes:
@@ -149,6 +154,7 @@ class ClickHouseShim:
     def __init__(self, engine: ChdbEngine, token: str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.engine, self.token, self.host, self.port = engine, token, host, port
         self._runner: web.AppRunner | None = None
+        self._pools: dict[bool, ThreadPoolExecutor] = {}
 
     @property
     def url(self) -> str:
@@ -179,7 +185,8 @@ class ClickHouseShim:
             sql, body = f"{sql} {body.decode()}", b""
         started = time.perf_counter()
         try:
-            data, fmt = await asyncio.to_thread(self.engine.run, sql, body, params)
+            data, fmt = await asyncio.get_running_loop().run_in_executor(
+                self._pools[_readonly(params)], self.engine.run, sql, body, params)
         except Exception as exc:
             message = str(exc)
             code = re.search(r"Code: (\d+)", message)
@@ -192,6 +199,12 @@ class ClickHouseShim:
             "X-ClickHouse-Summary": json.dumps(summary), "Content-Type": "application/octet-stream"})
 
     async def start(self) -> ClickHouseShim:
+        # Threads of our own (as many as the loop's default executor has, min(32, cores + 4)), read-only requests
+        # (`query`, reports, the receivers' GET reads) apart from the others (the worker's inserts, the partner
+        # registry): on the default executor, as many slow queries held every thread, and the writes waited for one
+        # of them to end, however long.
+        self._pools = {readonly: ThreadPoolExecutor(thread_name_prefix=f"shim-{name}")
+                       for readonly, name in ((True, "ro"), (False, "rw"))}
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # The body is decompressed by `_decompress`, every frame of it (aiohttp would decode gzip and zstd too).
@@ -208,3 +221,5 @@ class ClickHouseShim:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        for pool in self._pools.values():
+            pool.shutdown(wait=False)

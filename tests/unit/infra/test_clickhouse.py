@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -344,3 +347,36 @@ def test_an_https_dsn_is_spoken_over_tls_whatever_its_port() -> None:
     to an `https://` DSN, the password in clear on the network."""
     assert _first_bytes_sent_to(lambda port: f"https://ocpi:secret@127.0.0.1:{port}")[:1] == b"\x16"  # ClientHello
     assert _first_bytes_sent_to(lambda port: f"http://ocpi:secret@127.0.0.1:{port}")[:4] in (b"POST", b"GET ")
+
+
+async def test_slow_read_only_queries_do_not_hold_the_writes_back(chdb_dsn: str) -> None:
+    """The shim ran every request on the event loop's default executor, min(32, cores + 4) threads (6 on two
+    cores): as many slow read-only queries at once (`query`, reports, the receivers' GET reads) held every thread,
+    and the worker's inserts and the partner registry's writes waited for one of them to finish, however long."""
+    database = unique("shimq")
+    owner = connect(chdb_dsn)
+    owner.command(f"CREATE DATABASE {database}")
+    owner.command(f"CREATE TABLE {database}.t (a UInt32) ENGINE = MergeTree ORDER BY a")
+    shim = await ClickHouseShim(ChdbEngine(chdb_path(chdb_dsn)), "s3cret").start()
+    slow_queries = min(32, (os.cpu_count() or 1) + 4)
+
+    def slow() -> None:
+        reader = connect(shim.dsn, database=database, readonly=True, compress=False, send_receive_timeout=30)
+        reader.query("SELECT sleep(2.9)")
+
+    def insert() -> float:
+        writer = connect(shim.dsn, database=database, compress=False, send_receive_timeout=30)
+        time.sleep(0.5)  # the slow queries are running
+        started = time.monotonic()
+        writer.insert("t", [[1]], column_names=["a"])
+        return time.monotonic() - started
+
+    loop = asyncio.get_running_loop()
+    # The clients' own threads: on the loop's default executor they would take the threads the shim ran on.
+    with ThreadPoolExecutor(max_workers=slow_queries + 1) as clients:
+        try:
+            *_, took = await asyncio.gather(*(loop.run_in_executor(clients, slow) for _ in range(slow_queries)),
+                                            loop.run_in_executor(clients, insert))
+        finally:
+            await shim.stop()
+    assert took < 1.5, took
