@@ -87,6 +87,11 @@ class ChdbEngine:
             finally:
                 Path(name).unlink()
         stmt = _FORMAT_AT_END.sub("", sql) if match else sql
+        if match and _FORMAT_AT_END.search(stmt):
+            # Two FORMAT clauses (the query's and the one clickhouse-connect appends): chDB would answer in the
+            # query's format, labelled with the other. A server refuses the query.
+            raise ValueError("Code: 62. DB::Exception: Syntax error: a query has one FORMAT clause, this one has two: "
+                             "leave the format to the client. (SYNTAX_ERROR)")
         if settings and re.match(r"^\s*(SELECT|WITH)\b", stmt, re.IGNORECASE) and " SETTINGS " not in stmt.upper():
             stmt = f"{stmt.rstrip().rstrip(';')} SETTINGS {', '.join(settings)}"
         result = conn.query(stmt, fmt, params=bound or None)

@@ -380,3 +380,27 @@ async def test_slow_read_only_queries_do_not_hold_the_writes_back(chdb_dsn: str)
         finally:
             await shim.stop()
     assert took < 1.5, took
+
+
+async def test_a_query_naming_its_own_format_is_refused_as_a_server_refuses_it(chdb_dsn: str) -> None:
+    """clickhouse-connect ends every query with `FORMAT Native`; a query that names a FORMAT of its own then has
+    two, which a server refuses (SYNTAX_ERROR). The shim removed the client's and ran the query's: it answered
+    CSV (JSON, ...) labelled Native, and `query "... FORMAT CSV"` failed with the whole result as its message."""
+    connect(chdb_dsn)
+    shim = await ClickHouseShim(ChdbEngine(chdb_path(chdb_dsn)), "s3cret").start()
+
+    def use() -> list[Exception]:
+        reader = connect(shim.dsn, readonly=True, compress=False)
+        refusals: list[Exception] = []
+        for sql in ("SELECT 'secret' FORMAT CSV", "SELECT 1 AS a FORMAT JSONEachRow;", "SELECT 1 FORMAT Native"):
+            with pytest.raises(Exception) as refused:
+                reader.query(sql)
+            refusals.append(refused.value)
+        return refusals
+
+    try:
+        refusals = await asyncio.to_thread(use)
+    finally:
+        await shim.stop()
+    assert [getattr(refusal, "code", None) for refusal in refusals] == [62, 62, 62], refusals
+    assert "secret" not in str(refusals[0])
