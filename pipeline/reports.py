@@ -1,7 +1,7 @@
 """Named reports: the SQL of each one, once, and a runner (the CLI `ocpi-pipeline report ...` and tests use them).
 
-Every report is a function returning a `ReportQuery` (SQL with client-side `%(name)s` parameters: the chDB
-shim has no server-side parameters) over the tables the pipeline writes:
+Every report is a function returning a `ReportQuery` (SQL with client-side `%(name)s` parameters, bound by
+clickhouse-connect) over the tables the pipeline writes:
 
 - revenue: `billable_lines` (`billing_lines`, one line per CDR, credits already negated by the `billing_lines_mv`
   view, so a credit CDR nets out the CDR it cancels; without the lines of DUPLICATE_CREDIT and CREDIT_OF_CREDIT

@@ -271,7 +271,7 @@ class PartnerRegistry:
 
     def get(self, partner_id: str) -> Partner | None:
         with self._lock:
-            # Client-side binding (%(id)s): the chDB shim does not implement server-side query parameters.
+            # Client-side binding (%(id)s), by clickhouse-connect before the query is sent.
             rows = self._client.query("SELECT record_json FROM partners FINAL WHERE partner_id = %(id)s",
                                       parameters={"id": partner_id}).result_rows
         return _decoder.decode(rows[0][0]) if rows else None

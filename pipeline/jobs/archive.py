@@ -347,7 +347,7 @@ def _export_from_clickhouse(settings: Settings, client: Client, root: Path, modu
     result = ExportResult()
     _remove_temp_files(root)
     days: list[tuple[str, date, int]] = []
-    # Client-side parameters (%(name)s): the embedded store's HTTP shim has no server-side ones.
+    # Client-side parameters (%(name)s), bound by clickhouse-connect before the query is sent.
     for module in modules:
         result.records[module] = 0
         rows = client.query("SELECT toDate(received_at) AS day, count() FROM raw_events FINAL "

@@ -93,7 +93,7 @@ def _tables(client: Client, database: str) -> dict[str, str]:
     """Name → UUID of the tables holding data. Views and materialized views are left out: they refer to
     tables by name, so the live ones read from and write to whatever tables carry those names after the
     exchange (measured: exchanging a materialized view would leave it writing into the other database)."""
-    # Client-side parameters (%(name)s): the embedded store's HTTP shim has no server-side ones.
+    # Client-side parameters (%(name)s), bound by clickhouse-connect before the query is sent.
     rows = client.query("SELECT name, toString(uuid) FROM system.tables WHERE database = %(db)s "
                         "AND engine NOT LIKE '%%View' AND engine != 'Dictionary' AND NOT startsWith(name, '.inner')",
                         parameters={"db": database}).result_rows
