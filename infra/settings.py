@@ -229,7 +229,8 @@ class KafkaSettings:
         "OCPI_TOPIC_REJECTIONS", "ocpi.rejections.v1",
         "topic of refused pushes (JSON, fire-and-forget), for the partner health report",
     )
-    partitions: int = _setting("OCPI_TOPIC_PARTITIONS", "4", "partitions of every topic we create")
+    partitions: int = _setting("OCPI_TOPIC_PARTITIONS", "4",
+                               "partitions of every topic we create (a state changelog: its source topic's count)")
     replication_factor: int = _setting(
         "OCPI_KAFKA_REPLICATION_FACTOR", "0",
         "replicas of every topic we create (state changelogs too); 0 = min(3, the cluster's brokers)",

@@ -15,10 +15,10 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from kafka import KafkaAdminClient
 
 from infra.clickhouse.client import ClickHouseUnavailable
-from infra.kafka.admin import ensure_topics, set_topic_configs
+from infra.kafka.admin import ensure_topics, partition_counts, set_topic_configs
 from infra.kafka.bootstrap import resolve_bootstrap
 from infra.settings import Settings, private_dir
-from pipeline.app import TABLES, create_app, sink_client
+from pipeline.app import PARTY_TABLE, TABLES, create_app, sink_client
 from pipeline.retention import changelog_configs, changelog_topic, check_key, load_key, topic_configs
 from pipeline.topics import topic_names
 
@@ -43,8 +43,16 @@ def prepare_topics(settings: Settings, bootstrap: str) -> None:
     `drop_state_without_changelog`, which tells a new broker by its missing changelogs.
     """
     configs = topic_configs(settings) | changelog_configs(settings, TABLES)
-    ensure_topics(bootstrap, (*topic_names(settings), *changelog_topics(settings.pipeline.app_id)),
-                  settings.kafka.partitions, configs, replicas=settings.kafka.replication_factor)
+    ensure_topics(bootstrap, topic_names(settings), settings.kafka.partitions, configs,
+                  replicas=settings.kafka.replication_factor)
+    # A changelog takes its source topic's partition count, which is not OCPI_TOPIC_PARTITIONS where another
+    # process (`serve`) created the module topics with another value: a table's state for a record is written
+    # to the changelog partition of the record's partition (`agents.StateTable`).
+    sources = changelog_sources(settings)
+    counts = partition_counts(bootstrap, sources.values())
+    for changelog, source in sources.items():
+        ensure_topics(bootstrap, [changelog], counts.get(source, settings.kafka.partitions), configs,
+                      replicas=settings.kafka.replication_factor)
     changed = set_topic_configs(bootstrap, configs)
     if changed:
         log.info("topic configs set on %s", ", ".join(changed))
@@ -52,6 +60,14 @@ def prepare_topics(settings: Settings, bootstrap: str) -> None:
 
 def changelog_topics(app_id: str) -> list[str]:
     return [changelog_topic(app_id, name) for name in TABLES]
+
+
+def changelog_sources(settings: Settings) -> dict[str, str]:
+    """Each state table's changelog topic, and the topic whose records its state belongs to (co-partitioned)."""
+    kafka, app_id = settings.kafka, settings.pipeline.app_id
+    sources = {"location-state": kafka.topic_locations, "session-state": kafka.topic_sessions,
+               "cdr-state": kafka.topic_cdrs, PARTY_TABLE: settings.pipeline.topic_party_facts}
+    return {changelog_topic(app_id, table): sources[table] for table in TABLES}
 
 
 def drop_state_without_changelog(settings: Settings, bootstrap: str, app_id: str) -> bool:

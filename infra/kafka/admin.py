@@ -70,6 +70,20 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
         admin.close()
 
 
+def partition_counts(bootstrap: str, topics: Iterable[str]) -> dict[str, int]:
+    """The partition count of each of `topics` that exists (a missing topic is left out)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        existing = set(admin.list_topics())
+        names = [t for t in dict.fromkeys(topics) if t in existing]
+        if not names:
+            return {}
+        return {topic["name"]: len(topic["partitions"]) for topic in admin.describe_topics(names)
+                if topic["name"] in existing and topic["partitions"]}
+    finally:
+        admin.close()
+
+
 def topic_configs(bootstrap: str, topics: Iterable[str]) -> dict[str, dict[str, str]]:
     """The stored configs of existing topics (all keys; Tansu reports them all as defaults)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)

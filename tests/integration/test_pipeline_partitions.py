@@ -1,0 +1,50 @@
+"""A worker on topics whose partition counts are not its OCPI_TOPIC_PARTITIONS, on Tansu and chDB: the state
+changelogs follow their source topics."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.kafka.admin import partition_counts
+from infra.process import spawn, terminate
+from pipeline.retention import changelog_topic
+from pipeline.stack import Stack
+from tests.unit.pipeline.builders import iso, location, ts
+
+from .pipeline_support import pipeline_settings, publish, record, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse]
+
+
+async def test_a_worker_with_another_partition_setting_serves_every_partition_of_the_module_topics(
+        session_tmp: Path, chdb_dsn: str, broker: str) -> None:
+    """`serve` (here the stack) created the module topics with 2 partitions; the worker runs with
+    OCPI_TOPIC_PARTITIONS=1. Every Location, whichever partition its key went to, reaches ClickHouse."""
+    stack = await Stack(pipeline_settings(session_tmp, chdb_dsn, broker), run_worker=False,
+                        run_receivers=False).start()
+    log_path = stack.log_dir / "worker-one.log"
+    child = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"],
+                  env={**stack.child_environment(), "OCPI_TOPIC_PARTITIONS": "1"}, log_path=log_path)
+    try:
+        ids = [f"LOC{n}" for n in range(20)]  # keys in both partitions
+        await publish(stack.bootstrap, [record(stack.settings, "Location", {**location(), "id": i}) for i in ids])
+        assert stack.clickhouse is not None
+        rows = await wait_for(stack.clickhouse, "SELECT count() FROM locations FINAL",
+                              lambda r: r[0][0] >= len(ids), timeout=90)
+        assert rows[0][0] == len(ids), log_path.read_text()
+        # Their state was written too: an EVSE PATCH of each is applied to its Location.
+        await publish(stack.bootstrap, [
+            record(stack.settings, "EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(10))}, object_id=i,
+                   evse_uid="E1") for i in ids])
+        rows = await wait_for(stack.clickhouse, "SELECT count() FROM evses FINAL WHERE status = 'CHARGING'",
+                              lambda r: r[0][0] >= len(ids), timeout=60)
+        assert rows[0][0] == len(ids), log_path.read_text()
+        assert child.poll() is None, log_path.read_text()
+        changelog = changelog_topic(stack.settings.pipeline.app_id, "location-state")
+        assert partition_counts(stack.bootstrap, [changelog]) == {changelog: 2}
+    finally:
+        terminate(child, 20)
+        await stack.stop()

@@ -1,0 +1,74 @@
+"""The state changelogs' partitions follow their source topics' (README, "Partitions and scaling out").
+
+A table's state for a record lives in the changelog partition of the record's partition (`agents.StateTable`
+writes it there directly), so a changelog must have exactly its source topic's partition count: fewer, and the
+state of the source's higher partitions is written to partitions that do not exist (the batch fails on every
+restart); another count at all, and Faust assigns the source and its changelog separately, so with several
+workers one reads and writes the state of a partition whose changelog another recovers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from infra.kafka import admin
+from infra.settings import Settings, load_settings
+from pipeline import worker
+from pipeline.app import TABLES
+
+
+class FakeCluster:
+    """The calls of kafka-python's KafkaAdminClient that `prepare_topics` makes, on topics of given partitions."""
+
+    topics: dict[str, int] = {}
+
+    def __init__(self, **_options: Any) -> None:
+        pass
+
+    def list_topics(self) -> list[str]:
+        return list(self.topics)
+
+    def describe_topics(self, topics: list[str] | None = None) -> list[dict[str, Any]]:
+        return [{"name": name, "error_code": 0, "partitions": [{"partition_index": p} for p in range(count)]}
+                for name, count in self.topics.items() if topics is None or name in topics]
+
+    def describe_cluster(self) -> dict[str, Any]:
+        return {"brokers": [{"broker_id": 1}]}
+
+    def create_topics(self, topics: list[Any]) -> None:
+        for topic in topics:
+            self.topics[topic.name] = topic.num_partitions
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> type[FakeCluster]:
+    monkeypatch.setattr(admin, "KafkaAdminClient", FakeCluster)
+    monkeypatch.setattr(worker, "set_topic_configs", lambda *_args: [])
+    FakeCluster.topics = {}
+    return FakeCluster
+
+
+def settings(partitions: int = 4) -> Settings:
+    return load_settings({"OCPI_KAFKA_BOOTSTRAP": "kafka:9092", "OCPI_TOPIC_PARTITIONS": str(partitions)})
+
+
+def changelog(table: str) -> str:
+    return worker.changelog_topic(settings().pipeline.app_id, table)
+
+
+def test_changelogs_are_created_with_their_source_topics_partitions(cluster: type[FakeCluster]) -> None:
+    """The receivers (`serve`) created the module topics with OCPI_TOPIC_PARTITIONS=8; a worker started without
+    it (4) created the module tables' changelogs with 4: the state of partitions 4-7 had nowhere to go."""
+    kafka = settings().kafka
+    cluster.topics = {kafka.topic_locations: 8, kafka.topic_sessions: 8, kafka.topic_cdrs: 8,
+                      kafka.topic_rejections: 8}
+    worker.prepare_topics(settings(4), "kafka:9092")
+    assert {table: cluster.topics[changelog(table)] for table in TABLES} == {
+        "location-state": 8, "session-state": 8, "cdr-state": 8,
+        "party-state": cluster.topics[settings().pipeline.topic_party_facts]}
+    assert cluster.topics[settings().pipeline.topic_party_facts] == 4  # created by the worker, as configured
