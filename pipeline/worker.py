@@ -53,6 +53,7 @@ def prepare_topics(settings: Settings, bootstrap: str) -> None:
     for changelog, source in sources.items():
         ensure_topics(bootstrap, [changelog], counts.get(source, settings.kafka.partitions), configs,
                       replicas=settings.kafka.replication_factor)
+    check_copartitioned(sources, partition_counts(bootstrap, (*sources, *sources.values())))
     changed = set_topic_configs(bootstrap, configs)
     if changed:
         log.info("topic configs set on %s", ", ".join(changed))
@@ -60,6 +61,27 @@ def prepare_topics(settings: Settings, bootstrap: str) -> None:
 
 def changelog_topics(app_id: str) -> list[str]:
     return [changelog_topic(app_id, name) for name in TABLES]
+
+
+class PartitionMismatch(RuntimeError):
+    """A state changelog has another partition count than its source topic: the worker does not start."""
+
+
+def check_copartitioned(sources: dict[str, str], counts: dict[str, int]) -> None:
+    """Refuse a source topic whose partition count is not its changelog's (`changelog_sources`).
+
+    Partitions added to a live topic (Kafka allows it) send its records' keys to other partitions than the one
+    holding their objects' state, and the state of a partition beyond the changelog's has nowhere to go (the
+    worker retries that write for ever); with several workers Faust assigns the topic and its changelog apart,
+    so a worker reads and writes state another recovers. Faust's own check is in the table path `StateTable`
+    bypasses."""
+    wrong = [f"{source} has {counts[source]} partitions, its state changelog {changelog} has {counts[changelog]}"
+             for changelog, source in sources.items()
+             if source in counts and changelog in counts and counts[source] != counts[changelog]]
+    if wrong:
+        raise PartitionMismatch("; ".join(wrong) + ". A topic's partition count cannot change under its state: "
+                                "restore the topics' partition counts, or start from new topics "
+                                "(README, \"Partitions and scaling out\")")
 
 
 def changelog_sources(settings: Settings) -> dict[str, str]:

@@ -1,14 +1,17 @@
-"""A worker on topics whose partition counts are not its OCPI_TOPIC_PARTITIONS, on Tansu and chDB: the state
-changelogs follow their source topics."""
+"""A worker on topics whose partition counts are not its OCPI_TOPIC_PARTITIONS, on Tansu and chDB (README,
+"Partitions and scaling out"): the state changelogs follow their source topics, and a changelog that differs
+from its source stops the worker at start with a message naming both."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from infra.kafka.admin import partition_counts
+from infra.kafka.admin import ensure_topics, partition_counts
 from infra.process import spawn, terminate
 from pipeline.retention import changelog_topic
 from pipeline.stack import Stack
@@ -45,6 +48,29 @@ async def test_a_worker_with_another_partition_setting_serves_every_partition_of
         assert child.poll() is None, log_path.read_text()
         changelog = changelog_topic(stack.settings.pipeline.app_id, "location-state")
         assert partition_counts(stack.bootstrap, [changelog]) == {changelog: 2}
+    finally:
+        terminate(child, 20)
+        await stack.stop()
+
+
+async def test_a_worker_refuses_a_topic_whose_partitions_differ_from_its_changelogs(
+        session_tmp: Path, chdb_dsn: str, broker: str) -> None:
+    """The module topics have 2 partitions, the Locations' state changelog 1 (partitions added to the topic after
+    it): the worker stops at start, naming both, instead of failing on the state of partition 1."""
+    settings = pipeline_settings(session_tmp, chdb_dsn, broker)
+    changelog = changelog_topic(settings.pipeline.app_id, "location-state")
+    await asyncio.to_thread(ensure_topics, broker, [changelog], 1)
+    stack = await Stack(settings, run_worker=False, run_receivers=False).start()
+    log_path = stack.log_dir / "worker-refused.log"
+    child = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"],
+                  env=stack.child_environment(), log_path=log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while child.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert child.poll() not in (None, 0), log_path.read_text()
+        assert (f"{settings.kafka.topic_locations} has 2 partitions, its state changelog {changelog} has 1"
+                in log_path.read_text())
     finally:
         terminate(child, 20)
         await stack.stop()

@@ -72,3 +72,22 @@ def test_changelogs_are_created_with_their_source_topics_partitions(cluster: typ
         "location-state": 8, "session-state": 8, "cdr-state": 8,
         "party-state": cluster.topics[settings().pipeline.topic_party_facts]}
     assert cluster.topics[settings().pipeline.topic_party_facts] == 4  # created by the worker, as configured
+
+
+@pytest.mark.parametrize("grown", ["locations", "party_facts"])
+def test_a_source_topic_whose_partitions_differ_from_its_changelogs_stops_the_worker(
+        cluster: type[FakeCluster], grown: str) -> None:
+    """An operator added partitions to a live topic (Kafka allows it): its records' keys now go to other
+    partitions than their state, and the higher partitions have no changelog partition. The worker refuses to
+    start, naming the topics and what to do, instead of failing every batch there (or, with several workers,
+    running on state recovered by another)."""
+    config = settings(4)
+    worker.prepare_topics(config, "kafka:9092")  # a first start: everything with 4 partitions
+    source = config.kafka.topic_locations if grown == "locations" else config.pipeline.topic_party_facts
+    cluster.topics[source] = 8
+    with pytest.raises(worker.PartitionMismatch) as refused:
+        worker.prepare_topics(config, "kafka:9092")
+    message = str(refused.value)
+    table = "location-state" if grown == "locations" else "party-state"
+    assert f"{source} has 8 partitions" in message and f"{changelog(table)} has 4" in message
+    assert "README" in message
