@@ -213,7 +213,8 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     for gone_evse in gone_evses:
         gone = wire.builtins(gone_evse)
         if gone_evse.status != "REMOVED":  # removed as the spec says first (08: status REMOVED), then left out
-            out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event, f"EVSE {gone['uid']} is not in the Location PUT")
+            out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event, f"EVSE {gone['uid']} is not in the Location PUT",
+                        sub=ci_normalize(gone["uid"]))
         out.batch.add("evses", projection.EVSE_COLUMNS,
                       projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
         removed.append(level_identity("EVSE", gone["uid"]))

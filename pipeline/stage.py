@@ -72,11 +72,14 @@ class StageOutput:
                          f"{record.received_at.isoformat()}: until then, a push dated before it is STALE")
 
     def anomaly(self, kind: Anomaly, event: DecodedEvent, detail: str, *, event_id: str | None = None,
-                observed_at: datetime | None = None) -> None:
+                observed_at: datetime | None = None, sub: str | None = None) -> None:
+        """`sub`: the sub-object (`records.sub_id`) when it is not the event's own (an EVSE a Location PUT left
+        out): part of the row's key, so each of several such anomalies of one event is a row of its own."""
         if event.source == "REPLAY" and kind is Anomaly.STALE_UPDATE:
             return  # see `outcome`: a replay of an event applied before
         row = AnomalyRow(kind=kind, module=event.module, country_code=event.country_code, party_id=event.party_id,
-                         object_id=event.object_id, sub_id=sub_id(event), event_id=event_id or event.event_id,
+                         object_id=event.object_id, sub_id=sub_id(event) if sub is None else sub,
+                         event_id=event_id or event.event_id,
                          partner_id=event.partner_id, detail=detail, observed_at=observed_at or event.received_at)
         self.batch.put("anomalies", projection.ANOMALY_COLUMNS,
                        (kind, row.country_code.upper(), row.party_id.upper(), row.object_id.upper(), row.sub_id,

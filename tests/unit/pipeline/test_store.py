@@ -1135,3 +1135,18 @@ def test_a_credit_whose_original_comes_after_the_grace_is_flagged_whether_or_not
     late = run(fact(cdr("C1", cost="2.50"), 15))  # 15 min: past the 10 min grace
     assert [row[0] for row in swept.tables()["anomalies"]] == ["CREDIT_UNKNOWN_REFERENCE"]
     assert late.tables().get("anomalies", []) == swept.tables()["anomalies"]
+
+
+def test_every_evse_a_location_put_leaves_out_is_an_anomaly_of_its_own(client: Client) -> None:
+    # One PUT leaving out two EVSEs is two facts: the anomalies' key (kind, object, sub_id, event) told them apart
+    # by the event alone, and the second EVSE's row replaced the first's (in the batch, and under FINAL).
+    locations = Harness(process_locations, LocationState)
+    write(client, locations.run(event("Location", location(evses=[evse("E1"), evse("E2"), evse("E3")]),
+                                      received=1)).batch)
+    write(client, locations.run(event("Location", location(evses=[evse("E1", updated=5)], updated=5),
+                                      received=2)).batch)
+    assert client.query("SELECT sub_id, detail FROM anomalies FINAL WHERE kind = 'EVSE_MISSING_FROM_PUT' "
+                        "ORDER BY sub_id").result_rows == [
+        ("E2", "EVSE E2 is not in the Location PUT"), ("E3", "EVSE E3 is not in the Location PUT")]
+    assert client.query("SELECT evse_uid, present FROM evses FINAL ORDER BY evse_uid").result_rows == [
+        ("E1", True), ("E2", False), ("E3", False)]
