@@ -11,8 +11,9 @@ import string
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
+from urllib.parse import unquote
 
-__all__ = ["ObjectKey", "ci_equal", "ci_index", "ci_normalize"]
+__all__ = ["ObjectKey", "ci_equal", "ci_index", "ci_normalize", "owner_from_key_part", "owner_key_part"]
 
 # ASCII-only upper-casing: str.upper() would also fold non-ASCII ("ß" → "SS"), which CiString never holds
 # but URL segments might; such values must stay distinct rather than collide.
@@ -40,6 +41,21 @@ def ci_index(values: Iterable[str], wanted: str) -> int | None:
         if value == wanted or ci_normalize(value) == target:
             return i
     return None
+
+
+def owner_key_part(value: str) -> str:
+    """A country code or party id as one part of a `/`-joined key, normalised. CiString allows `/` (and `%`),
+    which would make owners `N/` + `L` and `N` + `/L` one key: those two characters are escaped as in a URL.
+    Real codes (ISO 3166, ISO 15118) are alphanumeric, so their keys are unchanged."""
+    value = ci_normalize(value)
+    if "/" in value or "%" in value:
+        return value.replace("%", "%25").replace("/", "%2F")
+    return value
+
+
+def owner_from_key_part(part: str) -> str:
+    """The inverse of `owner_key_part` (the value normalised)."""
+    return unquote(part) if "%" in part else part
 
 
 class _Owned(Protocol):
@@ -71,10 +87,11 @@ class ObjectKey:
     def kafka_key(self) -> bytes:
         """`CC/PID/ID` upper-cased, UTF-8: one object's events land in one partition, in order.
 
-        Unambiguous because country_code and party_id come from URL path segments (they must equal the
-        body's), which cannot contain `/`; only the id, the last part, may.
+        Unambiguous: a `/` in the country code or party id is escaped (`owner_key_part`); only the id, the
+        last part, may hold one as it is.
         """
-        return "/".join(self.normalized).encode("utf-8")
+        country_code, party_id, object_id = self.normalized
+        return f"{owner_key_part(country_code)}/{owner_key_part(party_id)}/{object_id}".encode()
 
     def same_as(self, country_code: str, party_id: str, object_id: str) -> bool:
         """Case-insensitive comparison with identity parts, e.g. URL segments against a body."""

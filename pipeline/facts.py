@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ocpi.identity import ci_normalize
+from ocpi.identity import ci_normalize, owner_key_part
 
 
 class SessionFact(msgspec.Struct, tag="S", kw_only=True, frozen=True):
@@ -94,8 +94,8 @@ def decode_facts(data: bytes) -> list[Fact]:
 
 
 def party_key(country_code: str, party_id: str) -> str:
-    """The party-facts Kafka key: `CC/PID` upper-cased."""
-    return f"{ci_normalize(country_code)}/{ci_normalize(party_id)}"
+    """The party-facts Kafka key: `CC/PID` upper-cased, a `/` in either escaped (`owner_key_part`)."""
+    return f"{owner_key_part(country_code)}/{owner_key_part(party_id)}"
 
 
 # Fields whose change matters to reconciliation: for a session still open only its matching keys and status;

@@ -64,6 +64,7 @@ from typing import Any, Final
 import msgspec
 
 from infra.settings import PipelineSettings
+from ocpi.identity import owner_from_key_part
 from pipeline.facts import CdrFact, Fact, SessionFact
 from pipeline.matching import Matching, strongest_method
 from pipeline.projection import version_of
@@ -198,7 +199,8 @@ class PartyState:
 
     def __init__(self, party: str, overlay: Overlay) -> None:
         self.party = party
-        self.country_code, self.party_id = party.split("/", 1)
+        country_code, party_id = party.split("/", 1)  # `party_key`: a `/` in either part is escaped
+        self.country_code, self.party_id = owner_from_key_part(country_code), owner_from_key_part(party_id)
         self.overlay = overlay
 
     def _key(self, kind: str, ident: str) -> str:

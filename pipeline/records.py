@@ -12,7 +12,7 @@ import msgspec
 
 from infra.codec import AvroCodecError, DecodedEvent, decode_event
 from infra.events import PAYLOAD_TYPES
-from ocpi.identity import ci_normalize
+from ocpi.identity import ci_normalize, owner_key_part
 
 
 class Outcome(enum.StrEnum):
@@ -153,8 +153,9 @@ def sort_out(records: list[Record], module: str) -> tuple[list[Record], list[Dea
 
 
 def object_key(event: DecodedEvent) -> str:
-    """`CC/PID/ID` upper-cased: the Kafka key, the state key and the identity in every table."""
-    return f"{ci_normalize(event.country_code)}/{ci_normalize(event.party_id)}/{ci_normalize(event.object_id)}"
+    """`CC/PID/ID` upper-cased, as `ObjectKey.kafka_key`: the Kafka key, the state key and the identity in every
+    table."""
+    return f"{owner_key_part(event.country_code)}/{owner_key_part(event.party_id)}/{ci_normalize(event.object_id)}"
 
 
 def group_by_object(records: Sequence[Record]) -> dict[str, list[Record]]:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ocpi.identity import ci_equal, ci_index, ci_normalize
+from ocpi.identity import ObjectKey, ci_equal, ci_index, ci_normalize, owner_from_key_part, owner_key_part
 
 _ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 
@@ -36,3 +36,18 @@ def test_ci_equal() -> None:
 def test_ci_index_is_the_first_ci_equal_value(values: list[str], wanted: str) -> None:
     expected = next((i for i, value in enumerate(values) if ci_equal(value, wanted)), None)
     assert ci_index(values, wanted) == expected
+
+
+def test_owners_holding_a_slash_have_keys_of_their_own() -> None:
+    """CiString allows `/` in a country code or party id: unescaped, `N/` + `L` and `N` + `/L` were one Kafka and
+    state key, one object's state serving another's events."""
+    assert ObjectKey("N/", "L", "X").kafka_key() != ObjectKey("N", "/L", "X").kafka_key()
+    assert ObjectKey("n%", "tnm", "a/b").kafka_key() == b"N%25/TNM/A/B"  # the id, the last part, stays as it is
+    assert ObjectKey("nl", "tnm", "loc-1").kafka_key() == b"NL/TNM/LOC-1"  # real codes: the keys of before
+
+
+@given(st.text(alphabet="aA/%2F5", max_size=4))
+def test_an_owner_key_part_holds_no_slash_and_reads_back(value: str) -> None:
+    part = owner_key_part(value)
+    assert "/" not in part
+    assert owner_from_key_part(part) == ci_normalize(value)
