@@ -32,7 +32,8 @@ that names a credit CDR (itself too) is CREDIT_OF_CREDIT (anomaly), links nothin
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
-  deadline sweep), MATCHED while it has a CDR; an INVALID session is NOT_BILLABLE (a CDR for it is an anomaly);
+  deadline sweep), MATCHED while it has a CDR; an INVALID session is NOT_BILLABLE, with or without a CDR (a CDR
+  for it is an anomaly; the row still shows what its CDRs bill);
   an open session has no row until it has a CDR, and AWAITING_CDR without a due time if it loses it;
 - a CDR: MATCHED, or MISMATCH when a delta exceeds its tolerance; AWAITING_SESSION until
   OCPI_RECONCILE_SESSION_GRACE, then NO_SESSION. A CDR without a session is *billed anyway* (the CDR is the
@@ -354,14 +355,16 @@ def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules:
     cdr_cost = sum((c.fact.cost_excl_vat for c in cdrs), Decimal(0)) if comparable else None
     delta_kwh = None if cdr_kwh is None else cdr_kwh - fact.kwh
     delta_cost = None if cdr_cost is None or fact.cost_excl_vat is None else cdr_cost - fact.cost_excl_vat
-    if cdrs:
+    if fact.status == "INVALID":
+        # Declared invalid, will not be billed (09 §1): whatever CDRs bill it (their totals are shown), it is no
+        # match; such a CDR is the anomaly CDR_FOR_INVALID_SESSION.
+        outcome = "NOT_BILLABLE"
+    elif cdrs:
         # What its CDRs bill, together, against the session: two CDRs billing one session twice (each MATCHED on
         # its own) leave the session's totals off by a whole charge.
         agree = (comparable and delta_kwh is not None and abs(delta_kwh) <= rules.energy_tolerance
                  and (delta_cost is None or abs(delta_cost) <= rules.cost_tolerance))
         outcome = "MATCHED" if agree else "MISMATCH"
-    elif fact.status == "INVALID":
-        outcome = "NOT_BILLABLE"
     elif fact.status == "COMPLETED":
         outcome = "AWAITING_CDR"
         due = (fact.final_at or fact.received_at) + rules.cdr_grace

@@ -1031,3 +1031,22 @@ def test_a_credit_whose_original_was_received_after_its_grace_is_flagged_in_eith
     party = Party()
     party.run(c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=0))
     assert party.run(c_fact(cdr("C1"), received=10)).anomalies == []  # at the deadline: in time
+
+
+def test_an_invalid_session_stays_not_billable_when_it_holds_a_cdr_in_either_order() -> None:
+    # INVALID: "declared invalid; will not be billed" (09 §1). A CDR that bills it is the anomaly, not a match: the
+    # session's row must not turn MATCHED (the outcomes panel and report would count it as billed right). Its
+    # CDRs' totals and deltas are still shown.
+    invalid = s_fact(session("S1", status="INVALID", kwh="10", cost="2.50", end=60, updated=60), version=2,
+                     received=61, final=61)
+    active = s_fact(session("S1", status="ACTIVE", kwh="10"), version=1, received=30)
+    the_cdr = c_fact(cdr("C1", kwh="10", cost="2.50"), received=62)
+    for order in ([invalid, the_cdr], [active, the_cdr, invalid]):
+        party = Party()
+        rows = {}
+        for fact in order:
+            rows |= {(r["subject"], r["subject_id"]): r for r in party.run(fact).results}
+        row = rows["SESSION", "S1"]
+        assert (row["outcome"], row["cdr_ids"], row["cdr_kwh"], row["delta_kwh"]) == (
+            "NOT_BILLABLE", ["C1"], Decimal(10), Decimal(0)), order
+        assert rows["CDR", "C1"]["outcome"] == "MATCHED"  # the CDR is billed anyway: its anomaly says why not
