@@ -13,7 +13,8 @@ Sources (choose with `--source`):
   one day: `part-<topic>-<partition>-e<epoch>-<first offset>-<last offset>.avro`. A rerun continues after the
   last archived offset of each partition, so nothing is archived twice. Before continuing, the record at that
   offset is compared with the archived one: if it differs (or the partition is now shorter), the topic was
-  recreated (the embedded broker keeps topics in memory only) and its offsets start over in a new epoch.
+  recreated (the embedded broker keeps topics in memory only) and its offsets start over in a new epoch. A
+  Kafka that does not deliver that record (not answering for a while) is an error, not a recreated topic.
 - `clickhouse`: `raw_events` (one row per event id), for history the topics no longer hold. Routing headers
   (OCPI-from/to-*) are not stored there and come back empty; everything else, event id and content hash
   included, is kept. Files per module and day, `part-clickhouse-g<generation>-<n>.avro`, a generation per
@@ -181,8 +182,11 @@ def _last_event_id(path: Path) -> str | None:
 
 
 async def _first_record_at(bootstrap: str, tp: TopicPartition, offset: int) -> tuple[int, bytes] | None:
+    """The first record at or after `offset` (None: Kafka holds none there). A broker that delivers nothing
+    for a while is a JobError, not None: the partition would be taken for recreated and archived again."""
     wanted = PartitionRange(tp.topic, tp.partition, offset, offset + 1)
-    async with contextlib.aclosing(read_ranges(bootstrap, [wanted], batch=1, idle_timeout=5.0)) as batches:
+    async with contextlib.aclosing(read_ranges(bootstrap, [wanted], batch=1, idle_timeout=5.0,
+                                               stall_is_error=True)) as batches:
         async for _r, records in batches:
             return records[0].offset, records[0].value
     return None

@@ -4,6 +4,7 @@ written by an earlier schema revision, and resuming an archive replay whose file
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -383,3 +384,49 @@ async def test_a_replay_or_export_of_a_topic_that_does_not_exist_is_an_error_not
         await replay_kafka(settings, broker, Selection(modules=("cdrs",)), dry_run=True)
     with pytest.raises(JobError, match=rf"topic {settings.kafka.topic_sessions} does not exist"):
         await export_from_kafka(settings, broker, tmp_path / "archive", ("sessions",))
+
+
+async def test_a_broker_slow_to_answer_the_export_is_not_taken_for_a_recreated_topic(
+        store: tuple[Client, str], settings_for: Any, tmp_path: Path, broker: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun compares the last archived record with the one Kafka holds at its offset. When Kafka did not
+    deliver it in time (a broker that stopped answering for a moment: aiokafka logs its fetch errors and returns
+    nothing), the partition was taken for recreated and archived again from its start, as a new epoch: every
+    event twice in the archive, the files of both epochs listed."""
+    import aiokafka
+
+    from pipeline.jobs import archive as archive_mod
+    from pipeline.jobs import kafka_io
+
+    client, _database = store
+    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                               module="sessions", level="SESSION", operation="PUT",
+                               received_at=DAY1.replace(minute=i)) for i in range(4)])
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    export_from_clickhouse(settings, client, tmp_path / "ch", ("sessions",))
+    await replay_archive(settings, broker, tmp_path / "ch", Selection(modules=("sessions",)))  # into the topic
+    root = tmp_path / "archive"
+    await export_from_kafka(settings, broker, root, ("sessions",), max_records=2)
+    assert sorted(str(r["object_id"]) for f in archive_files(root) for r in read_archive_file(f)) == \
+        [f"S{i}" for i in range(4)]
+
+    fetch = aiokafka.AIOKafkaConsumer.getmany
+    answers_again = asyncio.get_running_loop().time() + 1.5
+
+    async def hiccup(self: Any, *tps: Any, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        if asyncio.get_running_loop().time() < answers_again:
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+        return await fetch(self, *tps, timeout_ms=timeout_ms, max_records=max_records)
+
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "getmany", hiccup)
+    read = kafka_io.read_ranges
+    monkeypatch.setattr(archive_mod, "read_ranges", lambda *a, **kw: read(*a, **{**kw, "idle_timeout": 1.0}))
+    with contextlib.suppress(JobError):  # "run it again" is fine; archiving everything again is not
+        await export_from_kafka(settings, broker, root, ("sessions",), max_records=2)
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "getmany", fetch)
+    result = await export_from_kafka(settings, broker, root, ("sessions",), max_records=2)
+
+    assert result.new_epochs == []
+    assert sorted(str(r["object_id"]) for f in archive_files(root) for r in read_archive_file(f)) == \
+        [f"S{i}" for i in range(4)]  # each once
