@@ -14,7 +14,8 @@ Sources (choose with `--source`):
   last archived offset of each partition, so nothing is archived twice. Before continuing, the record at that
   offset is compared with the archived one: if it differs (or the partition is now shorter), the topic was
   recreated (the embedded broker keeps topics in memory only) and its offsets start over in a new epoch. A
-  Kafka that does not deliver that record (not answering for a while) is an error, not a recreated topic.
+  Kafka that does not deliver that record (not answering for a while) is an error, not a recreated topic; so is
+  one that stops delivering before a partition's end (the export is not complete there: run it again).
 - `clickhouse`: `raw_events` (one row per event id), for history the topics no longer hold. Routing headers
   (OCPI-from/to-*) are not stored there and come back empty; everything else, event id and content hash
   included, is kept. Files per module and day, `part-clickhouse-g<generation>-<n>.avro`, a generation per
@@ -269,7 +270,8 @@ async def _export_range(bootstrap: str, root: Path, module: str, rng: PartitionR
             part = None
 
     try:
-        async with contextlib.aclosing(read_ranges(bootstrap, [rng])) as batches:
+        # A stall is an error: ended there, the export would pass for complete ("nothing new in Kafka").
+        async with contextlib.aclosing(read_ranges(bootstrap, [rng], stall_is_error=True)) as batches:
             async for _r, records in batches:
                 for record in records:
                     try:

@@ -430,3 +430,39 @@ async def test_a_broker_slow_to_answer_the_export_is_not_taken_for_a_recreated_t
     assert result.new_epochs == []
     assert sorted(str(r["object_id"]) for f in archive_files(root) for r in read_archive_file(f)) == \
         [f"S{i}" for i in range(4)]  # each once
+
+
+async def test_a_broker_that_stops_answering_fails_the_export_instead_of_finishing_it(
+        store: tuple[Client, str], settings_for: Any, tmp_path: Path, broker: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Kafka that stopped delivering records below the end of a partition (aiokafka logs its fetch errors and
+    returns nothing) ended the export there, with success: "nothing new in Kafka", or the files up to there as
+    if that were all, before a broker restart (the embedded one loses its topics) or retention took the rest."""
+    import aiokafka
+
+    from pipeline.jobs import archive as archive_mod
+    from pipeline.jobs import kafka_io
+
+    client, _database = store
+    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                               module="sessions", level="SESSION", operation="PUT",
+                               received_at=DAY1.replace(minute=i)) for i in range(4)])
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    export_from_clickhouse(settings, client, tmp_path / "ch", ("sessions",))
+    await replay_archive(settings, broker, tmp_path / "ch", Selection(modules=("sessions",)))  # into the topic
+    fetch = aiokafka.AIOKafkaConsumer.getmany
+
+    async def stalled(self: Any, *tps: Any, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "getmany", stalled)
+    read = kafka_io.read_ranges
+    monkeypatch.setattr(archive_mod, "read_ranges", lambda *a, **kw: read(*a, **{**kw, "idle_timeout": 1.0}))
+    root = tmp_path / "archive"
+    with pytest.raises(JobError, match="run the same command again"):
+        await export_from_kafka(settings, broker, root, ("sessions",))
+
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "getmany", fetch)  # the broker answers again
+    result = await export_from_kafka(settings, broker, root, ("sessions",))
+    assert result.records == {"sessions": 4}
