@@ -33,7 +33,8 @@ The crawl (04 §4.2):
   profile): invalid objects are logged and recorded, the valid ones are processed (04 §4.1). Objects whose
   owner is not one of the partner's roles are recorded and skipped (04 §6.3), unless the partner is a Hub.
   Recorded objects go to `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.rejected.jsonl`, which nothing deletes: their
-  personal identifiers (`retention.pseudonymise_fields`) are written as pseudonyms, never in clear.
+  personal identifiers (`retention.pseudonymise_fields`) are written as pseudonyms, never in clear. A page's are
+  recorded once its valid objects are acknowledged, so a page read again after a failed send is recorded once.
 
 Requests carry `Authorization: Token <base64>` (the raw token for RAW_TOKEN partners), a fresh X-Request-ID,
 one X-Correlation-ID per crawl, and routing headers from our party (OCPI_PARTY_*) to the partner's (its Hub
@@ -559,9 +560,10 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
         except AvroCodecError as exc:
             report.invalid += 1
             rejected.append({"index": index, "path": "$", "reason": f"does not fit the wire schema: {exc}"})
+    sent = await sink.send_all(records)
+    # Recorded once the page's events are acknowledged: a page whose send failed is read again by the rerun.
     if rejected:
         _record_rejected(settings, partner.partner_id, module, page, rejected)
-    sent = await sink.send_all(records)
     report.objects += sent
     return sent
 

@@ -714,3 +714,21 @@ def test_pull_with_another_key_than_the_stores_stops_before_it_pulls(settings_fo
     result = CliRunner().invoke(cli, ["pull", "--partner", "cpo-be", "--module", "sessions"],
                                 env=as_environ(settings))
     assert result.exit_code == 1 and "OCPI_PSEUDONYM_KEY" in result.output, result.output
+
+
+async def test_a_page_read_again_after_kafka_failed_records_its_refused_objects_once(settings_for: Any,
+                                                                                    fake: FakeSender) -> None:
+    """The refused objects of a page were recorded before its events were sent: when Kafka failed the send (an
+    outage; or the process died there), the rerun read the page again and recorded them a second time."""
+    settings = settings_for()
+    broken = session(2, hours_ago(4))
+    del broken["currency"]
+    fake.objects["sessions"] = [session(1, hours_ago(5)), broken]
+    with pytest.raises(RuntimeError, match="broker down"):
+        await pull(settings, partner_for(fake), "sessions", ListSink(fail_on=1), since=hours_ago(24))
+    sink = ListSink()
+    report = await pull(settings, partner_for(fake), "sessions", sink)
+
+    assert report.resumed and ids(sink) == ["S0001"]
+    lines = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
+    assert [json.loads(line["object"])["id"] for line in lines] == ["S0002"]  # once
