@@ -73,9 +73,10 @@ from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, partitions_of,
 log = logging.getLogger(__name__)
 
 PART_GLOB = "part-*.avro"
-_KAFKA_PART = re.compile(r"^part-(?P<topic>.+)-(?P<partition>\d{4})-e(?P<epoch>\d{3})-(?P<first>\d{12})-"
-                         r"(?P<last>\d{12})\.avro$")
-_CH_PART = re.compile(r"^part-clickhouse-g(?P<generation>\d+)-(?P<chunk>\d{4})\.avro$")
+# The widths are the names' least (`{n:04d}` ...): a 10,000th chunk or a 1,000th epoch has one digit more.
+_KAFKA_PART = re.compile(r"^part-(?P<topic>.+)-(?P<partition>\d{4,})-e(?P<epoch>\d{3,})-(?P<first>\d{12,})-"
+                         r"(?P<last>\d{12,})\.avro$")
+_CH_PART = re.compile(r"^part-clickhouse-g(?P<generation>\d+)-(?P<chunk>\d{4,})\.avro$")
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 

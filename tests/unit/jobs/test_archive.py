@@ -466,3 +466,48 @@ async def test_a_broker_that_stops_answering_fails_the_export_instead_of_finishi
     monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "getmany", fetch)  # the broker answers again
     result = await export_from_kafka(settings, broker, root, ("sessions",))
     assert result.records == {"sessions": 4}
+
+
+def test_a_day_exported_in_more_than_9999_files_is_not_exported_again(store: tuple[Client, str],
+                                                                      settings_for: Any, tmp_path: Path) -> None:
+    """Chunks are numbered `{n:04d}`, so a day written in more than 10,000 files (`--max-records` small, a busy
+    day) has files `part-clickhouse-g<gen>-10000.avro` on: a rerun did not count them as archived (the name did
+    not match the 4-digit pattern) and wrote their events again, every rerun, into files replay reads too."""
+    client, _database = store
+    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                               module="sessions", level="SESSION", operation="PUT",
+                               received_at=DAY1.replace(minute=i)) for i in range(2)])
+    root = tmp_path / "archive"
+    settings = settings_for()
+    export_from_clickhouse(settings, client, root, ("sessions",), max_records=1)
+    _first, second = archive_files(root)
+    # What the 10,001st file of a generation is called (10,001 files are too many for a unit test to write).
+    second.rename(second.with_name(second.name.replace("-0001.avro", "-10000.avro")))
+
+    again = export_from_clickhouse(settings, client, root, ("sessions",), max_records=1)
+
+    assert again.skipped_days == 1 and again.files == []
+    assert sorted(str(r["object_id"]) for f in archive_files(root) for r in read_archive_file(f)) == ["S0", "S1"]
+
+
+async def test_a_kafka_archive_in_its_1000th_epoch_is_continued_not_archived_again(
+        store: tuple[Client, str], settings_for: Any, tmp_path: Path, broker: str) -> None:
+    """Epochs are numbered `{n:03d}` (one per recreation of the topic noticed, as on every start of the embedded
+    broker): from the 1,000th on, a rerun did not recognise the files and archived the partition again."""
+    client, _database = store
+    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                               module="sessions", level="SESSION", operation="PUT",
+                               received_at=DAY1.replace(minute=i)) for i in range(3)])
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    export_from_clickhouse(settings, client, tmp_path / "ch", ("sessions",))
+    await replay_archive(settings, broker, tmp_path / "ch", Selection(modules=("sessions",)))  # into the topic
+    root = tmp_path / "archive"
+    await export_from_kafka(settings, broker, root, ("sessions",))
+    for path in archive_files(root):  # as the 1,000th epoch's export names them
+        path.rename(path.with_name(path.name.replace("-e000-", "-e1000-")))
+
+    again = await export_from_kafka(settings, broker, root, ("sessions",))
+
+    assert again.files == [] and again.new_epochs == []
+    assert sorted(str(r["object_id"]) for f in archive_files(root) for r in read_archive_file(f)) == \
+        ["S0", "S1", "S2"]
