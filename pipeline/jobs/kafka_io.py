@@ -103,9 +103,13 @@ async def partitions_of(bootstrap: str, *topics: str) -> list[TopicPartition]:
     return found
 
 
-async def offset_bounds(kafka: KafkaSettings, bootstrap: str,
-                        tps: list[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
-    """(first offset still held, end offset) of each partition; the end through the Tansu-safe helper."""
+async def offset_bounds(kafka: KafkaSettings, bootstrap: str, tps: list[TopicPartition], *,
+                        exact: bool = False) -> dict[TopicPartition, tuple[int, int]]:
+    """(first offset still held, end offset) of each partition; the end through the Tansu-safe helper.
+
+    `exact`: on Tansu, a partition whose end the probe could not read (no answer in time) is a JobError rather
+    than ListOffsets' answer there, which may be short of the end: for a caller that would stop short of it.
+    """
     if not tps:
         return {}
     consumer = _consumer(bootstrap)
@@ -114,7 +118,11 @@ async def offset_bounds(kafka: KafkaSettings, bootstrap: str,
         begins = await consumer.beginning_offsets(tps)
     finally:
         await stop_client(consumer)
-    ends = await compat.end_offsets(kafka, bootstrap, tps)
+    ends = await compat.end_offsets(kafka, bootstrap, tps, exact=exact)
+    unknown = sorted(f"{tp.topic}/{tp.partition}" for tp in tps if tp not in ends)
+    if unknown:
+        raise JobError(f"Kafka did not tell the end offset of {', '.join(unknown)} in time (is the broker busy?); "
+                       "run the same command again")
     return {tp: (int(begins[tp]), max(int(ends[tp]), int(begins[tp]))) for tp in tps}
 
 

@@ -121,7 +121,7 @@ async def source_targets(settings: Settings, bootstrap: str) -> list[list[Any]]:
         tps = await partitions_of(bootstrap, *_source_topics(settings))
     except JobError as exc:
         raise JobError(f"rebuild not started: {exc}") from None
-    bounds = await offset_bounds(settings.kafka, bootstrap, tps)
+    bounds = await offset_bounds(settings.kafka, bootstrap, tps, exact=True)
     return [[tp.topic, tp.partition, begin, end] for tp, (begin, end) in bounds.items()]
 
 
@@ -198,7 +198,9 @@ async def _rebuild(settings: Settings, bootstrap: str, *, timeout: float, progre
             # In a thread (the shim serving the store may run on this loop), finished even on Ctrl-C.
             report.swapped = await uninterrupted(asyncio.to_thread(_swap, client, state))
             committed = await _committed(bootstrap, state)
-            bounds = await offset_bounds(settings.kafka, bootstrap, list(committed))
+            # Exact ends (Tansu's ListOffsets may be short): a gap ending short would leave out of the swapped-in
+            # tables what the live worker wrote into the previous ones.
+            bounds = await offset_bounds(settings.kafka, bootstrap, list(committed), exact=True)
             # The gap: [what the fresh tables hold, the source topics' end after the swap). Records the live
             # worker handled before the swap went into the previous tables; every record after these ends
             # reaches it after the swap, so it writes it into the swapped-in tables itself.
@@ -359,7 +361,8 @@ async def _wait_internal(settings: Settings, bootstrap: str, state: dict[str, An
     deadline = loop.time() + timeout
     names = _consumed_internal_topics(settings, state["group"])
     tps = await topic_partitions(bootstrap, names)
-    targets = {tp: end for tp, (_b, end) in (await offset_bounds(settings.kafka, bootstrap, tps)).items() if end > 0}
+    ends = await offset_bounds(settings.kafka, bootstrap, tps, exact=True)
+    targets = {tp: end for tp, (_b, end) in ends.items() if end > 0}
     while True:
         if worker.poll() is not None:
             raise JobError(f"the rebuild worker exited with code {worker.returncode}; see {log_path}")
