@@ -218,7 +218,7 @@ async def _export_from_kafka(settings: Settings, bootstrap: str, root: Path, mod
     for module in modules:
         topic = settings.kafka.topic_for(module)
         tps = await partitions_of(bootstrap, topic)
-        bounds = await offset_bounds(settings.kafka, bootstrap, tps)
+        bounds = await offset_bounds(settings.kafka, bootstrap, tps, exact=True)
         archived = _kafka_parts(root, module)
         for tp in tps:
             begin, end = bounds[tp]

@@ -264,7 +264,7 @@ async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection) -
     for module in selection.modules:
         tps = [tp for tp in await partitions_of(bootstrap, settings.kafka.topic_for(module))
                if selection.partition is None or tp.partition == selection.partition]
-        bounds = await offset_bounds(settings.kafka, bootstrap, tps)
+        bounds = await offset_bounds(settings.kafka, bootstrap, tps, exact=True)  # a stop short would be "done"
         starts = {tp: max(b, selection.from_offset or 0) for tp, (b, _e) in bounds.items()}
         stops = {tp: min(e, selection.to_offset if selection.to_offset is not None else e)
                  for tp, (_b, e) in bounds.items()}
