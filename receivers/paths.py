@@ -13,7 +13,7 @@ route on the undecoded `raw_path` instead, in two steps attached once to the app
   those two escapes in the path parameters: everything after it sees the exact ids.
 
 Without `raw_path` (optional in ASGI) the decoded path is routed: an encoded `/` is then lost, as before.
-`request.url.path` is the routed path (messages, rejection records): an id's `%` and `/` show escaped, so it
+`transport.request_path` is the routed path (messages, rejection records): an id's `%` and `/` show escaped, so it
 says unambiguously what was addressed. `path_segment` is the other direction, for the URLs we hand out.
 """
 

@@ -25,7 +25,7 @@ from litestar import Request
 
 from infra.rejections import Rejection, encode_rejection
 from receivers.publishing import RecordSink
-from receivers.transport import message_ids
+from receivers.transport import message_ids, request_path
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def rejection_of(request: Request[Any, Any, Any], *, ocpi_status: int, http_stat
     request_id, correlation_id = message_ids(request.scope)
     return Rejection(
         rejection_id=str(uuid.uuid4()), partner_id=str(partner.partner_id), module=module, method=request.method,
-        path=request.url.path[:MAX_TEXT], ocpi_status=int(ocpi_status), http_status=int(http_status),
+        path=request_path(request)[:MAX_TEXT], ocpi_status=int(ocpi_status), http_status=int(http_status),
         reason=message[:MAX_TEXT], field_path=str(field_path or "")[:MAX_TEXT], request_id=request_id,
         correlation_id=correlation_id, rejected_at=datetime.now(UTC))
 
@@ -90,7 +90,7 @@ class RejectionRecorder:
             rejection = rejection_of(request, ocpi_status=ocpi_status, http_status=http_status, message=message,
                                      data=data)
         except Exception:  # recording must never turn an answer into a 500
-            log.exception("could not build the rejection record of %s %s", request.method, request.url.path)
+            log.exception("could not build the rejection record of %s %s", request.method, request_path(request))
             return
         if rejection is not None:
             self.note(rejection)

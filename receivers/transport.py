@@ -271,6 +271,14 @@ def handle_ocpi_error(request: Request[Any, Any, Any], exc: OcpiError) -> Respon
                          headers=exc.headers)
 
 
+def request_path(request: Request[Any, Any, Any]) -> str:
+    """The routed path of a request, for messages, logs and rejection records. Not `request.url.path`: building
+    `request.url` parses the Host header, and raises ValueError on a port that is no port (`Host: h:99999`),
+    which granian passes on as sent; an error answer must not depend on it."""
+    scope = request.scope
+    return str(scope.get("root_path", "")) + scope["path"]
+
+
 _HTTP_TO_OCPI = {400: OcpiStatus.INVALID_PARAMETERS, 413: OcpiStatus.INVALID_PARAMETERS}
 
 
@@ -279,12 +287,13 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     status = exc.status_code
     fallback = OcpiStatus.SERVER_ERROR if status >= 500 else OcpiStatus.CLIENT_ERROR
     ocpi_status = _HTTP_TO_OCPI.get(status, fallback)
-    messages = {404: f"no OCPI endpoint at {request.url.path}",
-                405: f"method {request.method} is not supported on {request.url.path}",
+    path = request_path(request)
+    messages = {404: f"no OCPI endpoint at {path}",
+                405: f"method {request.method} is not supported on {path}",
                 413: "request body too large"}
     message = messages.get(status) or ("internal server error" if status >= 500 else exc.detail)
     if status >= 500:
-        log.error("framework error %s on %s %s: %s", status, request.method, request.url.path, exc.detail)
+        log.error("framework error %s on %s %s: %s", status, request.method, path, exc.detail)
     # Litestar names the header `allow` (lower case); 405 MUST carry it (RFC 9110).
     allow = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), None)
     if allow:
@@ -313,7 +322,7 @@ def _route_module(request: Request[Any, Any, Any], methods: list[str]) -> str | 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Anything else: logged with its traceback, answered 3000 without one."""
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    log.exception("unexpected error on %s %s", request.method, request_path(request))
     note_rejection(request, ocpi_status=OcpiStatus.SERVER_ERROR, http_status=500, message="internal server error")
     return ocpi_response(status=OcpiStatus.SERVER_ERROR, http_status=500, message="internal server error")
 

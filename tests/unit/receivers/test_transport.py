@@ -6,6 +6,7 @@ the HTTP status, OCPI status code and headers it must get back.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -21,10 +22,11 @@ from litestar.testing import AsyncTestClient
 from ocpi.compat import CompatProfile
 from ocpi.datetime import parse_datetime
 from ocpi.status import OcpiStatus
+from receivers.app import create_app
 from receivers.registry import PartnerStatus
 from receivers.transport import STATUS_EXCEPTIONS, InvalidParameters, OcpiError, parse_timestamp
 from tests.conftest import EXAMPLES
-from tests.unit.receivers.app_support import AppEnv, app_env, auth, make_env, routing  # noqa: F401
+from tests.unit.receivers.app_support import AppEnv, FakeSink, app_env, auth, make_env, routing  # noqa: F401
 
 pytestmark = pytest.mark.clickhouse
 
@@ -337,3 +339,40 @@ def test_timestamps_are_utc_with_optional_z_and_offsets_only_under_the_profile()
 def test_ocpi_errors_keep_message_data_and_headers() -> None:
     error = OcpiError("m", ocpi_status=2002, http_status=200, data={"a": 1}, headers={"X": "y"})
     assert (error.ocpi_status, error.http_status, error.data, error.headers) == (2002, 200, {"a": 1}, {"X": "y"})
+
+
+@pytest.mark.parametrize("host", ["ocpi.example.com:99999", "ocpi.example.com:abc", "ocpi.example.com:-1"])
+async def test_a_host_header_with_an_impossible_port_still_gets_envelopes(app_env: AppEnv, host: str) -> None:  # noqa: F811
+    # A Host whose port is no port (granian passes it as sent) made `request.url` raise ValueError: every answer
+    # that names the path (404, 405, a framework 400, a crash) and the rejection record of a refused push raised
+    # inside the exception handler, so the server answered a bare 500 without an envelope.
+    token = app_env.provision("cpo", ("BE", "BEC", "CPO"))
+
+    @get("/crash")
+    async def crash() -> None:
+        raise RuntimeError("secret internals")
+
+    rejected = FakeSink()
+    app = create_app(app_env.settings, sink=app_env.sink, registry_factory=lambda: app_env.registry,
+                     rejection_sink=rejected)
+    app.register(Router(path="/test", route_handlers=[crash]))
+    headers = {**auth(token), "Host": host, "Content-Type": "application/json"}
+    async with AsyncTestClient(app=app) as client:
+        answers = [
+            (await client.get("/ocpi/emsp/2.2.1/nothing", headers=headers), 404, 2000),
+            (await client.delete(f"{SESSIONS}/BE/BEC/101", headers=headers), 405, 2000),
+            (await client.put(f"{SESSIONS}/BE/BEC/101", headers={**headers, "Content-Length": "x"},
+                              content=session()), 400, BAD),
+            (await client.put(f"{SESSIONS}/BE/BEC/101", headers=headers, content=b"{}"), 200, BAD),
+            (await client.get("/test/crash", headers=headers), 500, 3000),
+            (await client.put(f"{SESSIONS}/BE/BEC/101", headers=headers, content=session()), 200, OK),
+        ]
+        for _ in range(100):
+            if len(rejected.records) == 2:
+                break
+            await asyncio.sleep(0.01)
+    for response, http, code in answers:
+        assert (response.status_code, response.json()["status_code"]) == (http, code), response.text
+        assert "Traceback" not in response.text
+    # Both refused pushes (the framework's 400 and the 2001) are recorded, with their path.
+    assert [json.loads(value)["path"] for _, _, value in rejected.records] == [f"{SESSIONS}/BE/BEC/101"] * 2
