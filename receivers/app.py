@@ -22,7 +22,7 @@ from receivers.publishing import EventPublisher, RecordSink
 from receivers.registry import PartnerDirectory, PartnerRegistry
 from receivers.rejections import RejectionRecorder
 from receivers.state import StateReader
-from receivers.transport import EXCEPTION_HANDLERS, REJECTIONS_STATE_KEY, echo_headers
+from receivers.transport import EXCEPTION_HANDLERS, REJECTIONS_STATE_KEY, echo_headers, refuse_content_coding
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a Location with hundreds of EVSEs fits; anything larger is refused (413)
 
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None, *, sink: RecordSink | None = No
     return OcpiLitestar(
         route_handlers=[versions.router, credentials.router, locations.router, sessions.router, cdrs.router],
         middleware=[DecodePathParams()],
-        guards=[authenticate],
+        guards=[authenticate, refuse_content_coding],  # in this order: 401 first
         dependencies=dependencies,
         exception_handlers=EXCEPTION_HANDLERS,
         before_send=[echo_headers],

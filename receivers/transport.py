@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, Response
+from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
+from litestar.handlers.base import BaseRouteHandler
 from litestar.types import Message, Scope
 from litestar.utils import normalize_path
 
@@ -120,6 +122,15 @@ class MalformedJson(OcpiError):
 
     ocpi_status = OcpiStatus.INVALID_PARAMETERS
     http_status = 400
+
+
+class UnsupportedContentEncoding(OcpiError):
+    """A body in a content coding (`Content-Encoding: gzip` ...): HTTP 415 with `Accept-Encoding: identity`
+    (RFC 9110 §8.4, §15.5.16), OCPI 2001. We do not decode compressed bodies; read as JSON, such a body would be
+    refused as malformed (misleading) or, if its label is wrong, read as something it says it is not."""
+
+    ocpi_status = OcpiStatus.INVALID_PARAMETERS
+    http_status = 415
 
 
 class InvalidRoutingHeaders(OcpiError):
@@ -332,6 +343,17 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }
+
+
+def refuse_content_coding(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """App guard (after authentication): a request whose `Content-Encoding` names any coding but `identity` is
+    refused (UnsupportedContentEncoding), whatever the module; its body is never read."""
+    codings = {coding.strip().lower() for value in connection.headers.getall("content-encoding", [])
+               for coding in value.split(",")} - {"", "identity"}
+    if codings:
+        raise UnsupportedContentEncoding(
+            f"Content-Encoding {', '.join(sorted(codings))} is not supported: send the body uncompressed",
+            headers={"Accept-Encoding": "identity"})
 
 
 # --- X-Request-ID / X-Correlation-ID and routing headers -------------------------------------------------

@@ -7,6 +7,7 @@ the HTTP status, OCPI status code and headers it must get back.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 from collections.abc import Callable
@@ -123,6 +124,11 @@ def no_data(response: httpx.Response) -> None:
     assert "data" not in response.json(), "a push answer leaves data out (04 §5, d2 note)"
 
 
+def accept_encoding_identity(response: httpx.Response) -> None:
+    assert response.headers["accept-encoding"] == "identity"
+    assert "Content-Encoding" in response.json()["status_message"]
+
+
 def message_has(text: str) -> Callable[[httpx.Response], None]:
     def check(response: httpx.Response) -> None:
         assert text in response.json()["status_message"], response.json()
@@ -162,6 +168,20 @@ ROWS = [
         as_("cpo"), 400, BAD, body=b'{"name": ' + b"[" * 5000 + b"]" * 5000 + b"}",
         check=message_has("nests too deeply")),
     Row("body too large", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 413, BAD, body=b" " * (4 * 1024 * 1024 + 1)),
+    # A compressed body (RFC 9110 §8.4) is refused as such, 415 with Accept-Encoding, not read as broken JSON, and a
+    # body its headers say is compressed is never read as if it were not.
+    Row("gzip-compressed push", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo", **{"Content-Encoding": "gzip"}), 415, BAD,
+        body=gzip.compress(session()), check=accept_encoding_identity),
+    Row("push labelled gzip, not compressed", "PUT", f"{SESSIONS}/BE/BEC/101",
+        as_("cpo", **{"Content-Encoding": "GZIP"}), 415, BAD, body=session(), check=accept_encoding_identity),
+    Row("push labelled br", "POST", "/ocpi/emsp/2.2.1/cdrs", as_("cpo", **{"Content-Encoding": "identity, br"}), 415,
+        BAD, body=cdr("BE", "BEC"), check=accept_encoding_identity),
+    Row("compressed credentials", "PUT", "/ocpi/2.2.1/credentials", as_("cpo", **{"Content-Encoding": "deflate"}),
+        415, BAD, body=b"{}", check=accept_encoding_identity),
+    Row("compressed push without a token: 401 first", "PUT", f"{SESSIONS}/BE/BEC/101",
+        no_auth(**{"Content-Encoding": "gzip"}), 401, 2000, body=gzip.compress(session())),
+    Row("Content-Encoding identity", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo", **{"Content-Encoding": "identity"}),
+        200, OK, body=session()),
     Row("valid JSON, invalid object", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 200, BAD, body=b"{}",
         check=message_has("$.country_code")),
     Row("URL id differs from body id", "PUT", f"{SESSIONS}/BE/BEC/999", as_("cpo"), 200, BAD, body=session()),
