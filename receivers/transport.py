@@ -290,12 +290,21 @@ def request_path(request: Request[Any, Any, Any]) -> str:
     return str(scope.get("root_path", "")) + scope["path"]
 
 
+# Litestar's 500 when the client disconnects while it reads the body (litestar.connection.Request.stream).
+_CLIENT_DISCONNECTED = "client disconnected prematurely"
 _HTTP_TO_OCPI = {400: OcpiStatus.INVALID_PARAMETERS, 413: OcpiStatus.INVALID_PARAMETERS}
 
 
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     """Framework errors (unknown path, wrong method, body too large ...) as envelopes, same HTTP status."""
     status = exc.status_code
+    if status >= 500 and exc.detail == _CLIENT_DISCONNECTED:
+        # The partner gave up mid-body (its timeout, a dropped connection): nobody reads this answer, but the
+        # rejection record and the log must not call it our internal error.
+        message = "the client disconnected before its request body was complete"
+        log.warning("%s %s: %s", request.method, request_path(request), message)
+        note_rejection(request, ocpi_status=OcpiStatus.CLIENT_ERROR, http_status=400, message=message)
+        return ocpi_response(status=OcpiStatus.CLIENT_ERROR, http_status=400, message=message)
     fallback = OcpiStatus.SERVER_ERROR if status >= 500 else OcpiStatus.CLIENT_ERROR
     ocpi_status = _HTTP_TO_OCPI.get(status, fallback)
     path = request_path(request)

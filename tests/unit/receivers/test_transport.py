@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -396,3 +397,43 @@ async def test_a_host_header_with_an_impossible_port_still_gets_envelopes(app_en
         assert "Traceback" not in response.text
     # Both refused pushes (the framework's 400 and the 2001) are recorded, with their path.
     assert [json.loads(value)["path"] for _, _, value in rejected.records] == [f"{SESSIONS}/BE/BEC/101"] * 2
+
+
+async def test_a_client_that_disconnects_mid_body_is_not_our_internal_error(app_env: AppEnv,  # noqa: F811
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    # A partner that gives up mid-body (its own timeout, a dropped connection): Litestar raises a 500 for it, which
+    # was logged as an error and recorded in the partner's refused pushes as our 3000 "internal server error".
+    token = app_env.provision("cpo", ("BE", "BEC", "CPO"))
+    rejected = FakeSink()
+    app = create_app(app_env.settings, sink=app_env.sink, registry_factory=lambda: app_env.registry,
+                     rejection_sink=rejected)
+    body = session()
+    path = f"{SESSIONS}/BE/BEC/101"
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "PUT", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+             "headers": [(b"authorization", auth(token)["Authorization"].encode()),
+                         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    events = [{"type": "http.request", "body": body[:50], "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return events.pop(0) if events else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    async with AsyncTestClient(app=app):
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        for _ in range(100):
+            if rejected.records:
+                break
+            await asyncio.sleep(0.01)
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    assert start["status"] == 400
+    assert app_env.sink.records == []  # nothing of a body that never came whole is published
+    [(_, _, value)] = rejected.records
+    record = json.loads(value)
+    assert (record["ocpi_status"], record["http_status"]) == (2000, 400)
+    assert "disconnected" in record["reason"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
