@@ -437,12 +437,19 @@ _ROUTING_NAMES = (("from_country_code", b"ocpi-from-country-code", COUNTRY_CODE_
 
 def routing_headers(scope: Scope) -> RoutingHeaders:
     """The request's OCPI-from/to-* headers, validated: country code CiString(2), party id CiString(3) (printable
-    ASCII, not empty), each side complete or absent. Broken headers raise InvalidRoutingHeaders."""
+    ASCII, not empty), each side complete or absent, each header one value (repeated lines must agree). Broken
+    headers raise InvalidRoutingHeaders."""
     values: dict[str, str] = {}
     for attr, name, pattern in _ROUTING_NAMES:
-        raw = _header(scope, name)
-        if raw is None:
+        given = [value.decode("latin-1") for key, value in scope.get("headers", ()) if key.lower() == name]
+        if not given:
             continue
+        if len({value.upper() for value in given}) > 1:
+            # Two parties at once (granian passes repeated lines apart): taking the first made the answer depend
+            # on the order of the lines. The same value repeated says one thing.
+            raise InvalidRoutingHeaders(f"header {name.decode()} is given more than once with different values: "
+                                        f"{', '.join(repr(value[:40]) for value in given[:4])}")
+        raw = given[0]
         if not pattern.match(raw):
             what = "country code (CiString(2))" if pattern is COUNTRY_CODE_VALUE else "party id (CiString(3))"
             raise InvalidRoutingHeaders(f"header {name.decode()} is not a valid {what}: {raw[:40]!r}")

@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -399,6 +400,27 @@ async def test_a_host_header_with_an_impossible_port_still_gets_envelopes(app_en
     assert [json.loads(value)["path"] for _, _, value in rejected.records] == [f"{SESSIONS}/BE/BEC/101"] * 2
 
 
+async def asgi_request(app: Any, method: str, path: str, headers: list[tuple[str, str]],
+                       events: list[dict[str, Any]]) -> tuple[int, bytes]:
+    """One request straight through the ASGI app, header lines as given (granian passes repeated lines apart;
+    httpx joins them): (HTTP status, body)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+             "headers": [(name.lower().encode(), value.encode()) for name, value in headers]}
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return events.pop(0) if events else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    return start["status"], b"".join(message.get("body", b"") for message in sent[1:])
+
+
 async def test_a_client_that_disconnects_mid_body_is_not_our_internal_error(app_env: AppEnv,  # noqa: F811
                                                                             caplog: pytest.LogCaptureFixture) -> None:
     # A partner that gives up mid-body (its own timeout, a dropped connection): Litestar raises a 500 for it, which
@@ -408,32 +430,46 @@ async def test_a_client_that_disconnects_mid_body_is_not_our_internal_error(app_
     app = create_app(app_env.settings, sink=app_env.sink, registry_factory=lambda: app_env.registry,
                      rejection_sink=rejected)
     body = session()
-    path = f"{SESSIONS}/BE/BEC/101"
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "PUT", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "client": ("127.0.0.1", 1), "server": ("testserver", 80),
-             "headers": [(b"authorization", auth(token)["Authorization"].encode()),
-                         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-    events = [{"type": "http.request", "body": body[:50], "more_body": True}, {"type": "http.disconnect"}]
-    sent: list[dict[str, object]] = []
-
-    async def receive() -> dict[str, object]:
-        return events.pop(0) if events else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, object]) -> None:
-        sent.append(message)
-
+    headers = [("Authorization", auth(token)["Authorization"]), ("Content-Type", "application/json"),
+               ("Content-Length", str(len(body)))]
+    events: list[dict[str, Any]] = [{"type": "http.request", "body": body[:50], "more_body": True},
+                                    {"type": "http.disconnect"}]
     async with AsyncTestClient(app=app):
-        await app(scope, receive, send)  # type: ignore[arg-type]
+        status, _ = await asgi_request(app, "PUT", f"{SESSIONS}/BE/BEC/101", headers, events)
         for _ in range(100):
             if rejected.records:
                 break
             await asyncio.sleep(0.01)
-    start = next(message for message in sent if message["type"] == "http.response.start")
-    assert start["status"] == 400
+    assert status == 400
     assert app_env.sink.records == []  # nothing of a body that never came whole is published
     [(_, _, value)] = rejected.records
     record = json.loads(value)
     assert (record["ocpi_status"], record["http_status"]) == (2000, 400)
     assert "disconnected" in record["reason"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+TO_US = [("OCPI-from-country-code", "BE"), ("OCPI-from-party-id", "BEC"), ("OCPI-to-country-code", "NL")]
+
+
+@pytest.mark.parametrize(("extra", "http", "code"), [
+    # Addressed to us and to someone else at once: was accepted or refused by which of the two came first.
+    ([("OCPI-to-party-id", "OPP"), ("OCPI-to-party-id", "XXX")], 400, BAD),
+    ([("OCPI-to-party-id", "XXX"), ("OCPI-to-party-id", "OPP")], 400, BAD),
+    ([("OCPI-to-party-id", "OPP"), ("OCPI-from-party-id", "EXO")], 400, BAD),
+    # The same value twice (a proxy that adds what is there) says one thing: accepted.
+    ([("OCPI-to-party-id", "OPP"), ("OCPI-to-party-id", "opp")], 200, OK),
+])
+async def test_a_routing_header_given_twice_must_say_one_thing(app_env: AppEnv, extra: list[tuple[str, str]],  # noqa: F811
+                                                               http: int, code: int) -> None:
+    token = app_env.provision("cpo", ("BE", "BEC", "CPO"))
+    headers = [*auth(token).items(), ("Content-Type", "application/json"), *TO_US, *extra]
+    app = app_env.app
+    async with AsyncTestClient(app=app):
+        status, body = await asgi_request(app, "PUT", f"{SESSIONS}/BE/BEC/101", headers,
+                                          [{"type": "http.request", "body": session()}])
+    envelope = json.loads(body)
+    assert (status, envelope["status_code"]) == (http, code), body
+    if http == 400:
+        assert "more than once" in envelope["status_message"]
+        assert app_env.sink.records == []
