@@ -1,7 +1,7 @@
 """Authentication (`Authorization: Token <base64>`) and party authorization, as one app-level Litestar guard.
 
 Authentication (`04-transport-format.md` §2, `12-receiver-pitfalls.md` 1-2):
-- missing, malformed or unknown token: HTTP 401 with an envelope;
+- missing, malformed or unknown token, or two different Authorization headers: HTTP 401 with an envelope;
 - Token A only on versions and credentials (their routers opt in with `opt={"token_a": True}`);
 - the raw, un-encoded token only for partners whose compatibility profile enables `RAW_TOKEN`;
 - a suspended, unregistered or deleted partner is unknown (401).
@@ -98,7 +98,11 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: 
         raise MethodNotAllowed("OCPI endpoints do not support OPTIONS",
                                headers={"Allow": _allowed(connection, handler)})
     directory: PartnerDirectory = connection.app.state.partners
-    partner, kind, token = await _identify(directory, connection.headers.get("authorization"))
+    given = set(connection.headers.getall("authorization", []))
+    if len(given) > 1:
+        # Not a list header (RFC 9110 §5.3): taking the first line made the verdict depend on the lines' order.
+        raise Unauthorized("more than one Authorization header: send one, 'Token <base64 of the credentials token>'")
+    partner, kind, token = await _identify(directory, next(iter(given), None))
     if kind is TokenKind.A and not handler.opt.get(TOKEN_A_ALLOWED):
         raise Unauthorized("Token A is only valid on the versions and credentials modules")
     connection.state.partner = partner

@@ -473,3 +473,23 @@ async def test_a_routing_header_given_twice_must_say_one_thing(app_env: AppEnv, 
     if http == 400:
         assert "more than once" in envelope["status_message"]
         assert app_env.sink.records == []
+
+
+@pytest.mark.parametrize("order", ["valid first", "valid second"])
+async def test_two_different_authorization_headers_are_refused(app_env: AppEnv, order: str) -> None:  # noqa: F811
+    # Authorization is not a list header (RFC 9110 §5.3): two different lines are not one credential. The first was
+    # taken, so a valid token followed by another credential was accepted, the other order refused.
+    token = app_env.provision("cpo", ("BE", "BEC", "CPO"))
+    lines = [("Authorization", auth(token)["Authorization"]), ("Authorization", "Token b3RoZXI=")]
+    if order == "valid second":
+        lines.reverse()
+    app = app_env.app
+    async with AsyncTestClient(app=app):
+        status, body = await asgi_request(app, "PUT", f"{SESSIONS}/BE/BEC/101",
+                                          [*lines, ("Content-Type", "application/json")],
+                                          [{"type": "http.request", "body": session()}])
+        same_twice, _ = await asgi_request(app, "GET", "/ocpi/versions", [lines[0], lines[0]], [])
+    assert (status, json.loads(body)["status_code"]) == (401, 2000), body
+    assert "Authorization" in json.loads(body)["status_message"]
+    assert app_env.sink.records == []
+    assert same_twice == (200 if order == "valid first" else 401)
