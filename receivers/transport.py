@@ -150,10 +150,16 @@ class NotEnoughInformation(OcpiError):
 
 
 class Unauthorized(OcpiError):
-    """Missing or unknown token, or Token A outside versions/credentials: HTTP 401."""
+    """Missing or unknown token, or Token A outside versions/credentials: HTTP 401, with the challenge a 401 MUST
+    carry (RFC 9110 §15.5.2): `WWW-Authenticate: Token`, OCPI's scheme (04 §2)."""
 
     ocpi_status = OcpiStatus.CLIENT_ERROR
     http_status = 401
+
+    def __init__(self, message: str, *, ocpi_status: int | None = None, http_status: int | None = None,
+                 data: Any = msgspec.UNSET, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, ocpi_status=ocpi_status, http_status=http_status, data=data,
+                         headers={"WWW-Authenticate": "Token", **(headers or {})})
 
 
 class NotFound(OcpiError):

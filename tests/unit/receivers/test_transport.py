@@ -282,6 +282,9 @@ async def test_status_codes_and_headers(app_env: AppEnv, row: Row) -> None:  # n
         assert envelope["timestamp"].endswith("Z")
         parse_datetime(envelope["timestamp"])
         assert "Traceback" not in response.text
+    if response.status_code == 401:
+        # RFC 9110 §15.5.2: a 401 MUST carry a challenge; OCPI's scheme is `Token` (04 §2).
+        assert response.headers["www-authenticate"] == "Token", response.headers
     if row.check is not None:
         row.check(response)
 
