@@ -162,7 +162,14 @@ class _Run:
         """Keep the ids of sent events in `log` (one per line), so a resumed run skips the copies of events
         the interrupted run sent already (an earlier replay's copies later in the topic, for instance)."""
         if resume and log.exists():
-            self.seen.update(line for line in log.read_text().splitlines() if line)
+            data = log.read_bytes()
+            # A last line without its newline was cut while it was appended (power lost, disk full): not an id.
+            # Its batch was never checkpointed, so it is read again; cut off the rest, or the next id appended
+            # would be merged with it and lost.
+            whole = data[:data.rfind(b"\n") + 1]
+            if record and len(whole) < len(data):
+                os.truncate(log, len(whole))
+            self.seen.update(line for line in whole.decode().splitlines() if line)
         elif record:
             log.unlink(missing_ok=True)
         self._log = log if record else None
