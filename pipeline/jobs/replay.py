@@ -155,6 +155,7 @@ class _Run:
         self.selection = selection
         self.report = report
         self.seen: set[str] = set()
+        self.unsaved: set[str] = set()  # logged as sent by a batch whose checkpoint a crash prevented
         self._log: Path | None = None
         self._batch_ids: list[str] = []
 
@@ -169,7 +170,12 @@ class _Run:
             whole = data[:data.rfind(b"\n") + 1]
             if record and len(whole) < len(data):
                 os.truncate(log, len(whole))
-            self.seen.update(line for line in whole.decode().splitlines() if line)
+            logged = [line for line in whole.decode().splitlines() if line]
+            self.seen.update(logged)
+            # The log holds as many ids as the checkpoint counts sent, but after a crash between the two: those
+            # past the count are the ids of the batch read again now, sent already (by this job: counted so).
+            self.unsaved.update(logged[self.report.sent:])
+            self.report.sent += len(self.unsaved)
         elif record:
             log.unlink(missing_ok=True)
         self._log = log if record else None
@@ -207,7 +213,10 @@ class _Run:
             self.report.filtered += 1
             return None
         if event.event_id in self.seen:
-            self.report.duplicates += 1
+            if event.event_id in self.unsaved:  # this job sent it, its checkpoint did not record it: not again
+                self.unsaved.discard(event.event_id)
+            else:
+                self.report.duplicates += 1
             return None
         self.seen.add(event.event_id)
         if self._log is not None:
@@ -349,8 +358,8 @@ async def _replay_kafka(settings: Settings, bootstrap: str, selection: Selection
             async def step(sending: list[tuple[str, bytes, bytes]] = prepared_batch, rng: PartitionRange = rng,
                            last: int = records[-1].offset) -> None:
                 report.sent += await producer.send_all(sending)
+                _save_written(state, report, producer, checkpoint)
                 run.record_sent()
-                _merge_written(report, producer)
                 remaining[(rng.topic, rng.partition)]["next"] = last + 1
                 _save_stats(state, report)
                 checkpoint.save(state)
@@ -502,8 +511,8 @@ async def _flush_archive_batch(run: _Run, producer: JobProducer, batch: list[tup
 
     async def step() -> None:
         report.sent += await producer.send_all(batch)
+        _save_written(state, report, producer, checkpoint)
         run.record_sent()
-        _merge_written(report, producer)
         entry["next"] = consumed
         _save_stats(state, report)
         checkpoint.save(state)
@@ -527,10 +536,26 @@ def _merge_written(report: ReplayReport, producer: JobProducer) -> None:
         report.written[tp] = max(report.written.get(tp, 0), offset)
 
 
+def _save_written(state: dict[str, Any], report: ReplayReport, producer: JobProducer,
+                  checkpoint: Checkpoint) -> None:
+    """After the broker acknowledged a batch, before its ids are logged as sent: the offsets it was written at to
+    the checkpoint. A crash after logging them leaves a rerun that sends the batch no more, and `--wait` must
+    still wait for it."""
+    before = dict(report.written)
+    _merge_written(report, producer)
+    if report.written != before:
+        state["written"] = _written_json(report)
+        checkpoint.save(state)
+
+
+def _written_json(report: ReplayReport) -> list[list[Any]]:
+    return [[tp.topic, tp.partition, offset] for tp, offset in sorted(report.written.items())]
+
+
 def _save_stats(state: dict[str, Any], report: ReplayReport) -> None:
     state["stats"] = {"sent": report.sent, "filtered": report.filtered, "duplicates": report.duplicates,
                       "undecodable": report.undecodable}
-    state["written"] = [[tp.topic, tp.partition, offset] for tp, offset in sorted(report.written.items())]
+    state["written"] = _written_json(report)
     state["updated_at"] = iso(_now())
 
 

@@ -1,11 +1,69 @@
-"""Resuming a replay (`pipeline/jobs/replay.py`): with a log of sent ids whose last line was cut."""
+"""Resuming a replay (`pipeline/jobs/replay.py`): after a crash between its log of sent ids and its checkpoint,
+and with a log whose last line was cut."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
-from pipeline.jobs.replay import ReplayReport, Selection, _Run
+import pytest
+
+from infra.kafka.admin import ensure_topics
+from infra.settings import Settings
+from pipeline.jobs.kafka_io import offset_bounds, topic_partitions
+from pipeline.jobs.replay import ReplayReport, Selection, _Run, replay_kafka
+from tests.integration.jobs_support import publish
+from tests.unit.jobs.fake_sender import hours_ago, session
+
+
+class _Stop(Exception):
+    pass
+
+
+async def _seed(settings_for: Any, broker: str, count: int) -> Settings:
+    """`count` Sessions pushed to a Sessions topic of one partition on the embedded broker."""
+    settings: Settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu",
+                                      OCPI_TOPIC_PARTITIONS="1")
+    await asyncio.to_thread(ensure_topics, broker, [settings.kafka.topic_sessions], 1)
+    await publish(settings, broker, "cpo-x", [("sessions", session(i, hours_ago(3))) for i in range(1, count + 1)])
+    return settings
+
+
+async def _ends(settings: Settings, broker: str) -> dict[Any, int]:
+    tps = await topic_partitions(broker, [settings.kafka.topic_sessions])
+    return {tp: end for tp, (_b, end) in (await offset_bounds(settings.kafka, broker, tps, exact=True)).items()}
+
+
+async def test_wait_targets_cover_a_batch_logged_as_sent_before_a_crash_lost_its_checkpoint(
+        settings_for: Any, broker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after a batch's ids reached the `.sent` log and before the checkpoint: the rerun read the batch
+    again and took it for repeated ids, and `report.written` (what `--wait` waits for) lacked its offsets, so
+    `replay --wait` returned before the worker had consumed them (or did not wait at all)."""
+    settings = await _seed(settings_for, broker, 6)
+    selection = Selection(modules=("sessions",))
+    record_sent = _Run.record_sent
+    calls = 0
+
+    def crash_after_second_log(self: _Run) -> None:
+        nonlocal calls
+        record_sent(self)
+        calls += 1
+        if calls == 2:  # the last batch's ids are logged; the process dies before its checkpoint
+            raise _Stop
+
+    monkeypatch.setattr(_Run, "record_sent", crash_after_second_log)
+    with pytest.raises(_Stop):
+        await replay_kafka(settings, broker, selection, job="crash", batch=3)
+    monkeypatch.setattr(_Run, "record_sent", record_sent)
+
+    report = await replay_kafka(settings, broker, selection, job="crash", batch=3)
+
+    ends = await _ends(settings, broker)
+    assert sum(ends.values()) == 12  # 6 pushed, 6 replayed: nothing sent twice
+    assert report.status == "resumed-done"
+    assert report.written == ends  # --wait waits for every record this job wrote
+    assert (report.sent, report.duplicates) == (6, 0)  # the batch of the crash was sent, not repeated
 
 
 def test_a_sent_log_whose_last_line_was_cut_does_not_merge_it_with_the_next_id(
