@@ -23,7 +23,9 @@ job id is derived from the command's selection (or given with `--job`), so after
 resumes where it stopped: the batch in flight is finished and recorded before the job stops, so nothing is sent
 twice (the same job started again while it runs is refused: `<job>.lock`). After a crash (no chance to finish
 the batch) that batch is sent again, which the pipeline's deduplication makes harmless. A finished job is not
-repeated unless asked (`again=True`, `--again`). An archive job whose planned files are gone when it resumes
+repeated unless asked (`again=True`, `--again`). A Kafka job resumed after its topics were recreated (the
+embedded broker's come back empty on every start) plans those partitions again from what they hold now
+(`_plan_recreated`). An archive job whose planned files are gone when it resumes
 (replaced by a later export) plans again from the files there now; the ids logged as sent keep it from sending
 an event twice.
 """
@@ -294,6 +296,48 @@ async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection) -
     return planned
 
 
+async def _plan_recreated(settings: Settings, bootstrap: str, selection: Selection, state: dict[str, Any], name: str,
+                          report: ReplayReport) -> None:
+    """Plan again the unfinished ranges of partitions that were recreated since the job was planned.
+
+    A partition never ends before an end it had, unless its topic was deleted and created again (the embedded
+    broker's topics live in memory: they come back empty on every start of `dev`). Its records left to replay
+    are gone, and reading on from the checkpoint's position would never get to the planned stop (the job failed
+    with "run the same command again", every time). Such a partition's range is planned afresh from the
+    partition as it is now; the ids logged as sent keep every event this job sent from going twice.
+    """
+    unfinished = [r for r in state["ranges"] if r["next"] < r["stop"]]
+    if not unfinished:
+        return
+    topics = sorted({r["topic"] for r in unfinished})
+    now = {(tp.topic, tp.partition): tp for tp in await partitions_of(bootstrap, *topics)}
+    held = [now[(r["topic"], r["partition"])] for r in unfinished if (r["topic"], r["partition"]) in now]
+    bounds = await offset_bounds(settings.kafka, bootstrap, held, exact=True)
+    recreated = [r for r in unfinished
+                 if (tp := now.get((r["topic"], r["partition"]))) is None or bounds[tp][1] < r["stop"]]
+    if not recreated:
+        return
+    where = ", ".join(f"{r['topic']}/{r['partition']}" for r in recreated[:3])
+    if not _sent_log(settings, name).exists() and report.sent:
+        raise JobError(f"the topics of job {name} were recreated since it was planned ({where}) and its log of "
+                       "the event ids it sent is missing; rerun with a new --job name to replay everything")
+    log.warning("%s of job %s ended before the planned stop: recreated since (a restart of the embedded broker?); "
+                "planning again from the partitions as they are now", where, name)
+    modules = tuple(m for m in MODULES if any(r["module"] == m for r in recreated))
+    planned = {(r.topic, r.partition): (m, r)
+               for m, r in await plan_kafka(settings, bootstrap, dataclasses.replace(selection, modules=modules))}
+    for r in recreated:
+        _m, fresh = planned.pop((r["topic"], r["partition"]), (None, None))
+        if fresh is None:  # the partition is gone: nothing left to read there
+            r["next"] = r["stop"]
+        else:
+            r.update(start=fresh.start, stop=fresh.stop, next=fresh.start)
+    known = {(r["topic"], r["partition"]) for r in state["ranges"]}
+    state["ranges"].extend({**fresh.as_json(), "module": m, "next": fresh.start}  # a topic recreated with more
+                           for key, (m, fresh) in planned.items()  # partitions: its new ones are planned too
+                           if key not in known and key[0] in {r["topic"] for r in recreated})
+
+
 def _decode(value: bytes, report: ReplayReport, where: str) -> DecodedEvent | None:
     try:
         return decode_event(value)
@@ -330,6 +374,7 @@ async def _replay_kafka(settings: Settings, bootstrap: str, selection: Selection
         report.status = "resumed-done"
         selection = selection.as_planned(state)
         _restore(report, state)
+        await _plan_recreated(settings, bootstrap, selection, state, name, report)
     ranges = state["ranges"]
     report.lines = [PlanLine(r["module"], f"{r['topic']}/{r['partition']} offsets {r['start']}-{r['stop'] - 1}"
                              if r["stop"] > r["start"] else f"{r['topic']}/{r['partition']} (no offsets)",

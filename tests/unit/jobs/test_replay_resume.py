@@ -1,5 +1,5 @@
-"""Resuming a replay (`pipeline/jobs/replay.py`): after a crash between its log of sent ids and its checkpoint,
-and with a log whose last line was cut."""
+"""Resuming a replay (`pipeline/jobs/replay.py`): after its topics were recreated, after a crash between its log
+of sent ids and its checkpoint, and with a log whose last line was cut."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kafka.admin import KafkaAdminClient
 
 from infra.kafka.admin import ensure_topics
 from infra.settings import Settings
+from pipeline.jobs import kafka_io
+from pipeline.jobs.common import Checkpoint, jobs_dir
 from pipeline.jobs.kafka_io import offset_bounds, topic_partitions
 from pipeline.jobs.replay import ReplayReport, Selection, _Run, replay_kafka
 from tests.integration.jobs_support import publish
@@ -33,6 +36,44 @@ async def _seed(settings_for: Any, broker: str, count: int) -> Settings:
 async def _ends(settings: Settings, broker: str) -> dict[Any, int]:
     tps = await topic_partitions(broker, [settings.kafka.topic_sessions])
     return {tp: end for tp, (_b, end) in (await offset_bounds(settings.kafka, broker, tps, exact=True)).items()}
+
+
+async def _recreate(settings: Settings, broker: str) -> None:
+    """What a restart of the embedded broker does to a topic: it comes back empty."""
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+    try:
+        admin.delete_topics([settings.kafka.topic_sessions])
+    finally:
+        admin.close()
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(ensure_topics, broker, [settings.kafka.topic_sessions], 1)
+
+
+async def test_a_replay_resumed_after_its_topic_was_recreated_is_planned_again_not_stuck(
+        settings_for: Any, broker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted, then `dev` restarted (the embedded broker's topics come back empty, then hold fewer records),
+    then the same command: the checkpoint's position was past the new end, the reader never got to the planned
+    stop, and every rerun failed with "run the same command again" until the checkpoint was removed by hand."""
+    settings = await _seed(settings_for, broker, 6)
+    read = kafka_io.read_ranges
+    monkeypatch.setattr("pipeline.jobs.replay.read_ranges", lambda *a, **kw: read(*a, **{**kw, "idle_timeout": 2.0}))
+    selection = Selection(modules=("sessions",))
+
+    def interrupt(_report: ReplayReport) -> None:
+        raise _Stop
+
+    with pytest.raises(_Stop):  # after the first batch of 2 of the 6 records
+        await replay_kafka(settings, broker, selection, job="restart", batch=2, on_batch=interrupt)
+    await _recreate(settings, broker)
+    await publish(settings, broker, "cpo-x", [("sessions", session(7, hours_ago(1)))])
+
+    report = await replay_kafka(settings, broker, selection, job="restart", batch=2)
+
+    assert report.status == "resumed-done" and report.sent == 2 + 1  # the topic's one record now, replayed
+    assert sum((await _ends(settings, broker)).values()) == 1 + 1
+    assert report.lines[0].where.endswith("offsets 0-0")
+    state = Checkpoint(jobs_dir(settings, "replay") / "restart.json").load()
+    assert state is not None and state["status"] == "done"
 
 
 async def test_wait_targets_cover_a_batch_logged_as_sent_before_a_crash_lost_its_checkpoint(
