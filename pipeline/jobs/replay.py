@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -48,7 +49,7 @@ from aiokafka.structs import TopicPartition
 from infra.codec import AvroCodecError, DecodedEvent, decode_event, encode_event
 from infra.settings import Settings
 from ocpi.identity import ObjectKey
-from pipeline.jobs.archive import archive_files, count_records, event_of, read_archive_file
+from pipeline.jobs.archive import _first_record_at, archive_files, count_records, event_of, read_archive_file
 from pipeline.jobs.common import (
     MODULES,
     Checkpoint,
@@ -303,8 +304,10 @@ async def _plan_recreated(settings: Settings, bootstrap: str, selection: Selecti
     A partition never ends before an end it had, unless its topic was deleted and created again (the embedded
     broker's topics live in memory: they come back empty on every start of `dev`). Its records left to replay
     are gone, and reading on from the checkpoint's position would never get to the planned stop (the job failed
-    with "run the same command again", every time). Such a partition's range is planned afresh from the
-    partition as it is now; the ids logged as sent keep every event this job sent from going twice.
+    with "run the same command again", every time). One recreated and filled up to that stop again holds other
+    records there: the last record the job read (`last`, a digest of its bytes) is compared, as `export`
+    does. Such a partition's range is planned afresh from the partition as it is now; the ids logged as sent
+    keep every event this job sent from going twice.
     """
     unfinished = [r for r in state["ranges"] if r["next"] < r["stop"]]
     if not unfinished:
@@ -313,16 +316,23 @@ async def _plan_recreated(settings: Settings, bootstrap: str, selection: Selecti
     now = {(tp.topic, tp.partition): tp for tp in await partitions_of(bootstrap, *topics)}
     held = [now[(r["topic"], r["partition"])] for r in unfinished if (r["topic"], r["partition"]) in now]
     bounds = await offset_bounds(settings.kafka, bootstrap, held, exact=True)
-    recreated = [r for r in unfinished
-                 if (tp := now.get((r["topic"], r["partition"]))) is None or bounds[tp][1] < r["stop"]]
+    recreated = []
+    for r in unfinished:
+        tp = now.get((r["topic"], r["partition"]))
+        if tp is None or bounds[tp][1] < r["stop"]:
+            recreated.append(r)
+        elif r.get("last") and bounds[tp][0] < r["next"]:  # the last record read is still held: the same one?
+            found = await _first_record_at(bootstrap, tp, r["next"] - 1)
+            if found is None or found[0] != r["next"] - 1 or _digest(found[1]) != r["last"]:
+                recreated.append(r)
     if not recreated:
         return
     where = ", ".join(f"{r['topic']}/{r['partition']}" for r in recreated[:3])
     if not _sent_log(settings, name).exists() and report.sent:
         raise JobError(f"the topics of job {name} were recreated since it was planned ({where}) and its log of "
                        "the event ids it sent is missing; rerun with a new --job name to replay everything")
-    log.warning("%s of job %s ended before the planned stop: recreated since (a restart of the embedded broker?); "
-                "planning again from the partitions as they are now", where, name)
+    log.warning("%s of job %s were recreated since it was planned (a restart of the embedded broker?): its records "
+                "left are gone; planning again from the partitions as they are now", where, name)
     modules = tuple(m for m in MODULES if any(r["module"] == m for r in recreated))
     planned = {(r.topic, r.partition): (m, r)
                for m, r in await plan_kafka(settings, bootstrap, dataclasses.replace(selection, modules=modules))}
@@ -331,11 +341,15 @@ async def _plan_recreated(settings: Settings, bootstrap: str, selection: Selecti
         if fresh is None:  # the partition is gone: nothing left to read there
             r["next"] = r["stop"]
         else:
-            r.update(start=fresh.start, stop=fresh.stop, next=fresh.start)
+            r.update(start=fresh.start, stop=fresh.stop, next=fresh.start, last=None)
     known = {(r["topic"], r["partition"]) for r in state["ranges"]}
     state["ranges"].extend({**fresh.as_json(), "module": m, "next": fresh.start}  # a topic recreated with more
                            for key, (m, fresh) in planned.items()  # partitions: its new ones are planned too
                            if key not in known and key[0] in {r["topic"] for r in recreated})
+
+
+def _digest(value: bytes | None) -> str:
+    return hashlib.sha256(value or b"").hexdigest()[:32]
 
 
 def _decode(value: bytes, report: ReplayReport, where: str) -> DecodedEvent | None:
@@ -401,11 +415,11 @@ async def _replay_kafka(settings: Settings, bootstrap: str, selection: Selection
                     prepared_batch.append(prepared)
 
             async def step(sending: list[tuple[str, bytes, bytes]] = prepared_batch, rng: PartitionRange = rng,
-                           last: int = records[-1].offset) -> None:
+                           last: int = records[-1].offset, tail: bytes | None = records[-1].value) -> None:
                 report.sent += await producer.send_all(sending)
                 _save_written(state, report, producer, checkpoint)
                 run.record_sent()
-                remaining[(rng.topic, rng.partition)]["next"] = last + 1
+                remaining[(rng.topic, rng.partition)].update(next=last + 1, last=_digest(tail))
                 _save_stats(state, report)
                 checkpoint.save(state)
 

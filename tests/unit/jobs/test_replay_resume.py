@@ -76,6 +76,28 @@ async def test_a_replay_resumed_after_its_topic_was_recreated_is_planned_again_n
     assert state is not None and state["status"] == "done"
 
 
+async def test_a_replay_resumed_after_its_topic_was_recreated_as_long_is_planned_again(
+        settings_for: Any, broker: str) -> None:
+    """The same, but the recreated topic holds as many records as before (new pushes, an archive replayed into
+    it): the rerun read the new records from the old position to the old stop, never those before it, and was
+    done; the records there now are other ones."""
+    settings = await _seed(settings_for, broker, 6)
+    selection = Selection(modules=("sessions",))
+
+    def interrupt(_report: ReplayReport) -> None:
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        await replay_kafka(settings, broker, selection, job="regrown", batch=2, on_batch=interrupt)
+    await _recreate(settings, broker)
+    await publish(settings, broker, "cpo-x", [("sessions", session(i, hours_ago(1))) for i in range(11, 17)])
+
+    report = await replay_kafka(settings, broker, selection, job="regrown", batch=2)
+
+    assert report.status == "resumed-done" and report.sent == 2 + 6  # every record the topic holds now
+    assert sum((await _ends(settings, broker)).values()) == 6 + 6
+
+
 async def test_wait_targets_cover_a_batch_logged_as_sent_before_a_crash_lost_its_checkpoint(
         settings_for: Any, broker: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash after a batch's ids reached the `.sent` log and before the checkpoint: the rerun read the batch
