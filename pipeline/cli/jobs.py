@@ -133,13 +133,13 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
     for line in report.lines:
         table.add_row(line.module, line.where, str(line.records), *([str(line.matching)] if dry_run else []))
     console.print(table)
-    if report.status == "already-done":
+    if report.status == "already-done":  # a rerun of `--wait` whose wait was cut short still waits
         console.print(f"job {report.job} completed before ({report.sent} events sent); --again replays once more")
-        return
-    verb = "would send" if dry_run else "sent"
-    total = sum(line.matching or 0 for line in report.lines) if dry_run else report.sent
-    console.print(f"{verb} {total} events; left out by the selection {report.filtered}, "
-                  f"repeated event ids {report.duplicates}, undecodable {report.undecodable}")
+    else:
+        verb = "would send" if dry_run else "sent"
+        total = sum(line.matching or 0 for line in report.lines) if dry_run else report.sent
+        console.print(f"{verb} {total} events; left out by the selection {report.filtered}, "
+                      f"repeated event ids {report.duplicates}, undecodable {report.undecodable}")
     if wait and not dry_run and report.written:
         from pipeline.jobs.kafka_io import wait_for_group
 

@@ -1,0 +1,41 @@
+"""The job commands' own logic around the jobs (`pipeline/cli/jobs.py`), with the jobs themselves faked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.structs import TopicPartition
+from click.testing import CliRunner
+
+import pipeline.jobs.kafka_io
+import pipeline.jobs.replay
+from pipeline.cli import cli
+from pipeline.jobs.replay import ReplayReport
+
+
+def test_replay_wait_run_again_after_its_wait_was_cut_short_still_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replay --wait` whose wait timed out (or was interrupted: "the events are in Kafka already"), run again to go
+    on waiting: the job is done, so the rerun printed "completed before" and returned, exit 0, without waiting for
+    the worker it was asked to wait for."""
+    written = {TopicPartition("ocpi.sessions", 0): 12}
+    waited: list[dict[TopicPartition, int]] = []
+
+    async def done(*_args: Any, **_kwargs: Any) -> ReplayReport:
+        return ReplayReport(job="replay-x", status="already-done", sent=6, written=dict(written))
+
+    async def wait_for_group(_bootstrap: str, _group: str, targets: dict[TopicPartition, int], *,
+                             timeout: float) -> dict[TopicPartition, int]:
+        waited.append(dict(targets))
+        return dict(targets)
+
+    monkeypatch.setattr(pipeline.jobs.replay, "replay_kafka", done)
+    monkeypatch.setattr(pipeline.jobs.kafka_io, "wait_for_group", wait_for_group)
+    result = CliRunner().invoke(cli, ["replay", "--module", "sessions", "--wait"],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path)})
+
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "completed before" in result.output
+    assert waited == [written] and "the pipeline has consumed them" in result.output
