@@ -141,9 +141,9 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
         console.print(f"{verb} {total} events; left out by the selection {report.filtered}, "
                       f"repeated event ids {report.duplicates}, undecodable {report.undecodable}")
     if wait and not dry_run and report.written:
-        from pipeline.jobs.kafka_io import wait_for_group
+        from pipeline.jobs.replay import wait_for_replayed
 
-        _run(wait_for_group(bootstrap, settings.pipeline.app_id, report.written, timeout=timeout),
+        _run(wait_for_replayed(settings, bootstrap, report.written, timeout=timeout),
              "the events are in Kafka already", bootstrap)
         console.print("the pipeline has consumed them")
 

@@ -70,6 +70,8 @@ from pipeline.jobs.kafka_io import (
     offsets_at,
     partitions_of,
     read_ranges,
+    topic_partitions,
+    wait_for_group,
 )
 from pipeline.records import misfit
 
@@ -584,6 +586,21 @@ async def _flush_archive_batch(run: _Run, producer: JobProducer, batch: list[tup
 
 
 # --- shared ---------------------------------------------------------------------------------------------------
+
+
+async def wait_for_replayed(settings: Settings, bootstrap: str, written: dict[TopicPartition, int], *,
+                            timeout: float) -> None:
+    """Wait until the pipeline's worker has consumed what a replay job wrote (`replay --wait`).
+
+    A job's offsets outlive its topics: one resumed, or run again once done, after they were recreated (the
+    embedded broker's, on every start of `dev`) holds offsets past their new ends, which the worker's group
+    never commits (the wait lasted the whole timeout and failed). A partition's end now bounds what is waited
+    for there (exact: an end short of it would end the wait early), and a partition gone is not waited for.
+    """
+    tps = [tp for tp in await topic_partitions(bootstrap, sorted({tp.topic for tp in written})) if tp in written]
+    bounds = await offset_bounds(settings.kafka, bootstrap, tps, exact=True)
+    targets = {tp: min(offset, bounds[tp][1]) for tp, offset in written.items() if tp in bounds}
+    await wait_for_group(bootstrap, settings.pipeline.app_id, targets, timeout=timeout)
 
 
 def _now() -> datetime:

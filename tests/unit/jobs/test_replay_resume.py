@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiokafka
 import pytest
 from kafka.admin import KafkaAdminClient
 
@@ -15,7 +16,7 @@ from infra.settings import Settings
 from pipeline.jobs import kafka_io
 from pipeline.jobs.common import Checkpoint, jobs_dir
 from pipeline.jobs.kafka_io import offset_bounds, topic_partitions
-from pipeline.jobs.replay import ReplayReport, Selection, _Run, replay_kafka
+from pipeline.jobs.replay import ReplayReport, Selection, _Run, replay_kafka, wait_for_replayed
 from tests.integration.jobs_support import publish
 from tests.unit.jobs.fake_sender import hours_ago, session
 
@@ -74,6 +75,31 @@ async def test_a_replay_resumed_after_its_topic_was_recreated_is_planned_again_n
     assert report.lines[0].where.endswith("offsets 0-0")
     state = Checkpoint(jobs_dir(settings, "replay") / "restart.json").load()
     assert state is not None and state["status"] == "done"
+
+
+async def test_replay_wait_after_the_topics_were_recreated_waits_for_what_they_hold(
+        settings_for: Any, broker: str) -> None:
+    """`replay --wait` of a job resumed (or run again once done) after its topics were recreated: the offsets it
+    wrote before were past the new topics' ends, which the worker's group never commits, so the wait lasted the
+    whole --timeout (an hour by default) and failed although the worker had consumed everything."""
+    settings = await _seed(settings_for, broker, 6)
+    report = await replay_kafka(settings, broker, Selection(modules=("sessions",)), job="waited")
+    assert sum(report.written.values()) == 12
+    await _recreate(settings, broker)
+    await publish(settings, broker, "cpo-x", [("sessions", session(7, hours_ago(1)))])
+    consumed = await _ends(settings, broker)
+    worker = aiokafka.AIOKafkaConsumer(bootstrap_servers=broker, group_id=settings.pipeline.app_id,
+                                       enable_auto_commit=False)
+    await worker.start()
+    try:  # the worker has consumed the recreated topic to its end
+        worker.assign(list(consumed))
+        await worker.commit(dict(consumed))
+    finally:
+        await worker.stop()
+
+    again = await replay_kafka(settings, broker, Selection(modules=("sessions",)), job="waited")
+    assert again.status == "already-done" and again.written == report.written
+    await wait_for_replayed(settings, broker, again.written, timeout=5)
 
 
 async def test_a_replay_resumed_after_its_topic_was_recreated_as_long_is_planned_again(

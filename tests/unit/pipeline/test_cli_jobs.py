@@ -9,7 +9,6 @@ import pytest
 from aiokafka.structs import TopicPartition
 from click.testing import CliRunner
 
-import pipeline.jobs.kafka_io
 import pipeline.jobs.replay
 from pipeline.cli import cli
 from pipeline.jobs.replay import ReplayReport
@@ -26,13 +25,12 @@ def test_replay_wait_run_again_after_its_wait_was_cut_short_still_waits(
     async def done(*_args: Any, **_kwargs: Any) -> ReplayReport:
         return ReplayReport(job="replay-x", status="already-done", sent=6, written=dict(written))
 
-    async def wait_for_group(_bootstrap: str, _group: str, targets: dict[TopicPartition, int], *,
-                             timeout: float) -> dict[TopicPartition, int]:
+    async def wait_for_replayed(_settings: Any, _bootstrap: str, targets: dict[TopicPartition, int], *,
+                                timeout: float) -> None:
         waited.append(dict(targets))
-        return dict(targets)
 
     monkeypatch.setattr(pipeline.jobs.replay, "replay_kafka", done)
-    monkeypatch.setattr(pipeline.jobs.kafka_io, "wait_for_group", wait_for_group)
+    monkeypatch.setattr(pipeline.jobs.replay, "wait_for_replayed", wait_for_replayed)
     result = CliRunner().invoke(cli, ["replay", "--module", "sessions", "--wait"],
                                 env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path)})
 
