@@ -547,3 +547,30 @@ async def test_a_replay_or_export_planned_while_tansu_did_not_tell_its_end_does_
     assert exported in (None, 6) and replayed in (None, 6)
     assert report.sent == 6
 
+
+
+def test_archive_files_come_in_the_order_they_were_written_past_the_names_least_widths(
+        store: tuple[Client, str], settings_for: Any, tmp_path: Path) -> None:
+    """A replay sends a day's files in `archive_files` order, so their events reach the pipeline in that order (the
+    first CDR of an id is the one stored, a later one with other content a CONFLICT). The names' numbers have least
+    widths (`{n:04d}` chunks, `{n:03d}` epochs), and sorted as text the 10,000th chunk of a day came before the
+    1,001st (and the 9,999th): a day's events were replayed out of the order they were received in, and a Kafka
+    archive's 1,000th epoch (the newest records) before its 999th."""
+    client, _database = store
+    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                               module="sessions", level="SESSION", operation="PUT",
+                               received_at=DAY1.replace(minute=i)) for i in range(4)])
+    root = tmp_path / "archive"
+    export_from_clickhouse(settings_for(), client, root, ("sessions",), max_records=1)
+    files = archive_files(root)
+    # What the 1,001st, 9,999th and 10,000th files of a generation are called (too many for a unit test to write).
+    for path, number in zip(files[1:], ("1000", "9999", "10000"), strict=True):
+        path.rename(path.with_name(path.name.replace(path.name[-10:], f"-{number}.avro")))
+    assert [str(r["object_id"]) for f in archive_files(root) for r in read_archive_file(f)] == ["S0", "S1", "S2", "S3"]
+
+    day = files[0].parent
+    kafka_parts = ["part-ocpi.sessions.v1-0000-e999-000000000000-000000000009.avro",
+                   "part-ocpi.sessions.v1-0000-e1000-000000000000-000000000004.avro"]
+    for name in kafka_parts:
+        (day / name).write_bytes(files[0].read_bytes())
+    assert [f.name for f in archive_files(root) if "-e" in f.name] == kafka_parts
