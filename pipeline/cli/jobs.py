@@ -184,7 +184,8 @@ def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, 
 @click.option("--source", type=click.Choice(["kafka", "clickhouse"]), default="kafka", show_default=True,
               help="kafka: the topics (the source of truth); clickhouse: raw_events, for history the topics "
               "no longer hold.")
-@click.option("--max-records", default=50_000, show_default=True, help="Records per archive file at most.")
+@click.option("--max-records", default=50_000, show_default=True, type=click.IntRange(min=1),
+              help="Records per archive file at most.")
 def export(directory: Path, modules: tuple[str, ...], source: str, max_records: int) -> None:
     """Archive raw events to Avro container files: DIRECTORY/<module>/<YYYY-MM-DD>/part-*.avro.
 

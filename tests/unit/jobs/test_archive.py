@@ -574,3 +574,18 @@ def test_archive_files_come_in_the_order_they_were_written_past_the_names_least_
     for name in kafka_parts:
         (day / name).write_bytes(files[0].read_bytes())
     assert [f.name for f in archive_files(root) if "-e" in f.name] == kafka_parts
+
+
+@pytest.mark.parametrize(("source", "records"), [("clickhouse", "0"), ("clickhouse", "-1"), ("kafka", "0")])
+def test_an_export_file_size_that_cannot_work_is_refused_before_anything_runs(tmp_path: Path, chdb_dsn: str,
+                                                                              source: str, records: str) -> None:
+    """--max-records is the LIMIT of each ClickHouse page: 0 exported nothing and -1 (ClickHouse's last row) one event
+    of each day (its last), either answered with success, the archive meant to outlive the TTL silently incomplete
+    (and a rerun, asking again for the day's last row, adding nothing); from Kafka, 0 wrote a file per record."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    result = CliRunner(env={"OCPI_DATA_DIR": str(tmp_path / "data"), "OCPI_CLICKHOUSE_DSN": chdb_dsn}).invoke(
+        cli, ["export", str(tmp_path / "archive"), "--source", source, "--max-records", records])
+    assert result.exit_code == 2 and "Invalid value for '--max-records'" in result.output, result.output
