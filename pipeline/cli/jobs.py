@@ -74,7 +74,8 @@ def _time(value: str | None) -> Any:
               "some topics' partitions (replay their history from an archive first).")
 @click.option("--wait/--no-wait", default=False, show_default=True,
               help="Wait until the pipeline's worker has consumed the replayed events.")
-@click.option("--timeout", default=3600.0, show_default=True, help="Seconds --wait and --rebuild may take.")
+@click.option("--timeout", default=3600.0, show_default=True, callback=lambda _c, _p, v: _seconds(v, least=0.0),
+              help="Seconds --wait and --rebuild may take.")
 @click.option("--job", help="Name of the job (default: derived from the selection, so a rerun resumes it).")
 @click.option("--again", is_flag=True, help="Replay once more even if this job has completed before.")
 def replay(modules: tuple[str, ...], partner: str | None, since: str | None, until: str | None,

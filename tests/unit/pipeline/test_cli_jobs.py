@@ -37,3 +37,13 @@ def test_replay_wait_run_again_after_its_wait_was_cut_short_still_waits(
     assert result.exit_code == 0, (result.output, result.exception)
     assert "completed before" in result.output
     assert waited == [written] and "the pipeline has consumed them" in result.output
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "0", "-5"])
+def test_a_replay_timeout_that_cannot_end_or_cannot_wait_is_refused_before_anything_runs(
+        timeout: str, tmp_path: Path) -> None:
+    """nan passed (every comparison with it is false: the wait never timed out), and so did 0 or less."""
+    result = CliRunner().invoke(cli, ["replay", "--wait", "--timeout", timeout],
+                                env={"OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 2, result.output
+    assert "finite number of seconds" in result.output
