@@ -32,7 +32,9 @@ from aiohttp import web
 
 from infra.clickhouse.client import names_outfile
 
-_FORMAT_AT_END = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)
+# Not `format ASC`/`format DESC`: the end of `ORDER BY format DESC` (a column named format, as `connectors.format`).
+_FORMAT_AT_END = re.compile(r"\bFORMAT\s+(?!(?:ASC|DESC|ASCENDING|DESCENDING)\b)([A-Za-z0-9_]+)\s*;?\s*$",
+                            re.IGNORECASE)
 _INSERT = re.compile(r"^\s*INSERT\s+INTO\b", re.IGNORECASE)
 _INSERT_HEAD = re.compile(rb"\s*(INSERT\s+INTO\b.*?\bFORMAT\s+[A-Za-z0-9_]+)[ \t]*\r?\n?", re.IGNORECASE | re.DOTALL)
 # Settings clickhouse-connect sends that the shim handles itself or that do not apply to chDB.

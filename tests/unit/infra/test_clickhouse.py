@@ -404,3 +404,22 @@ async def test_a_query_naming_its_own_format_is_refused_as_a_server_refuses_it(c
         await shim.stop()
     assert [getattr(refusal, "code", None) for refusal in refusals] == [62, 62, 62], refusals
     assert "secret" not in str(refusals[0])
+
+
+async def test_a_query_ordered_by_a_column_named_format_is_not_taken_for_a_second_format_clause(
+        chdb_dsn: str) -> None:
+    """`connectors.format` is a column: `... ORDER BY format DESC` ends in `format <word>` like a FORMAT clause, so
+    the shim took it for a second one (after the client's FORMAT Native) and refused a query a server answers."""
+    connect(chdb_dsn)
+    shim = await ClickHouseShim(ChdbEngine(chdb_path(chdb_dsn)), "s3cret").start()
+
+    def use() -> list[list[tuple[str, ...]]]:
+        reader = connect(shim.dsn, readonly=True, compress=False)
+        return [[tuple(row) for row in reader.query(f"SELECT arrayJoin(['a', 'b']) AS format ORDER BY format {order}"
+                                                    ).result_rows] for order in ("DESC", "ASC")]
+
+    try:
+        answers = await asyncio.to_thread(use)
+    finally:
+        await shim.stop()
+    assert answers == [[("b",), ("a",)], [("a",), ("b",)]]
