@@ -239,7 +239,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     state.version = version
     state.applied_event_id = event.event_id
     state.applied_at = ordering.newest(state.applied_at, record.received_at)
-    if state.created_at is None:
+    if previous is None:  # its first event (a state from before `created_at` keeps None: not known)
         state.created_at = record.received_at
     remember(state, event.event_id)
 

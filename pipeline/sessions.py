@@ -133,7 +133,7 @@ def apply(state: SessionState, record: Record, session: dict, document: bytes, t
     if state.status != session["status"]:
         out.batch.add("session_status_history", projection.SESSION_HISTORY_COLUMNS,
                       projection.session_history_row(event, session, state.status, transition.value, version))
-    if state.created_at is None:
+    if state.object_json is None:  # its first event (a state from before `created_at` keeps None: not known)
         state.created_at = applied_at
     if session["status"] in lifecycle.FINAL and state.final_at is None:
         state.final_at = applied_at  # leaving a final state is rejected, so this is set once

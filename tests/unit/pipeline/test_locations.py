@@ -818,3 +818,23 @@ def test_a_replayed_copy_of_an_evse_patch_orphaned_by_a_late_location_put_is_not
                 event("Location", location(updated=1), received=6, event_id=put.event_id, source="REPLAY"))
     assert rows(out.batch, "raw_events") == [] and rows(out.batch, "evses") == []
     assert stored(h)["evses"][0]["status"] == "AVAILABLE" and h.state(KEY).version == version
+
+
+def test_a_state_from_before_created_at_is_not_dated_by_its_next_event() -> None:
+    """A Location state written before `created_at` existed has None there (`stage.replayed_orphan` then cannot
+    tell). The next event applied set it to that event's receipt, months after the Location's real PUT: a replayed
+    copy of an EVSE push received more than OCPI_PIPELINE_PARK_TTL before it, which the state never saw (the
+    README's upgrade: events dead-lettered meanwhile are replayed), was taken for an ORPHANED one and dropped, the
+    EVSE's status left wrong."""
+    h = harness(park_ttl_min=5)
+    h.run(event("Location", location(evses=[evse("E1", updated=1), evse("E2", updated=1)], updated=1), received=0))
+    before = h.state(KEY)
+    before.created_at = None  # as written by the version before
+    h.store.data[KEY] = h.codec.encode(before)
+    h.run(status_patch("E2", "CHARGING", 30, 30))  # the upgraded worker's first event of it
+    assert h.state(KEY).created_at is None
+    lost = event("EVSEPatch", {"status": "OUTOFORDER", "last_updated": iso(ts(20))}, object_id="LOC1",
+                 evse_uid="E1", received=20, source="REPLAY")
+    out = h.run(lost)
+    assert outcome_of(out, lost.event_id) == "APPLIED"
+    assert {e["uid"]: e["status"] for e in stored(h)["evses"]} == {"E1": "OUTOFORDER", "E2": "CHARGING"}

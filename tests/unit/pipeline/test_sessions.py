@@ -578,3 +578,18 @@ def test_a_replayed_copy_of_a_patch_orphaned_while_its_put_never_came_is_not_par
                       event_id=first.event_id, source="REPLAY"))
     assert rows(out.batch, "raw_events") == [] and rows(out.batch, "anomalies") == []
     assert [p.event_id for p in h.state(KEY).parked] == [later.event_id]
+
+
+def test_a_state_from_before_created_at_is_not_dated_by_its_next_event() -> None:
+    """A Session state written before `created_at` existed keeps None there (`stage.replayed_orphan` cannot tell
+    then): its next event is not its PUT, and dating it so made a replayed copy of any PATCH received more than
+    OCPI_PIPELINE_PARK_TTL before that event pass for an ORPHANED one."""
+    h = harness(park_ttl_min=5)
+    put = event("Session", session(kwh="1", updated=0), received=0)
+    h.run(put)
+    assert h.state(KEY).created_at == put.received_at
+    before = h.state(KEY)
+    before.created_at = None  # as written by the version before
+    h.store.data[KEY] = h.codec.encode(before)
+    h.run(event("SessionPatch", {"kwh": Decimal("2"), "last_updated": iso(ts(30))}, object_id="S1", received=30))
+    assert stored(h)["kwh"] == 2 and h.state(KEY).created_at is None
