@@ -48,7 +48,8 @@ from pipeline.stage import (
     parked_record,
     parking_full,
     remember,
-    replayed_orphan,
+    replayed_before_created,
+    replayed_before_parked,
     seen_before,
     to_parked,
 )
@@ -85,7 +86,8 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
            retry: bool = False) -> bool:
     """Apply one event; returns False when it had to be parked."""
     event = record.event
-    if (event.level, event.operation) != ("LOCATION", "PUT") and replayed_orphan(record, state, rules.park_ttl):
+    if (event.level, event.operation) != ("LOCATION", "PUT") and replayed_before_created(record, state,
+                                                                                          rules.park_ttl):
         out.outcomes["REPLAYED_ORPHANED"] += 1  # its ORPHANED row (and source) stands
         return True
     last_updated = event.payload["last_updated"]
@@ -110,6 +112,9 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     except ordering.NeedsObject as missing:
         if retry:
             return False  # still waiting; the caller keeps it parked
+        if replayed_before_parked(record, state, rules.park_ttl):
+            out.outcomes["REPLAYED_ORPHANED"] += 1  # its ORPHANED row (and source) stands
+            return True
         if parking_full(state.parked, record, rules.park_max):
             out.outcome(record, Outcome.ORPHANED, "too many parked events for this Location")
             out.anomaly(Anomaly.PARK_OVERFLOW, event, f"more than {rules.park_max} events (or {PARKED_MAX_BYTES} "

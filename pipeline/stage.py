@@ -183,11 +183,22 @@ def replayed_orphan(record: Record, state: _Created, ttl: timedelta) -> bool:
     was parked and expired then, never applied. `ocpi-pipeline replay` sends its copy after those: it would be
     applied now (dated after the stored object), or parked again, its ORPHANED row (source PUSH) rewritten as a
     REPLAY row."""
+    return replayed_before_created(record, state, ttl) or replayed_before_parked(record, state, ttl)
+
+
+def replayed_before_created(record: Record, state: _Created, ttl: timedelta) -> bool:
+    """`replayed_orphan` by the object's first applied event alone."""
+    return (record.event.source == "REPLAY" and state.created_at is not None
+            and record.received_at + ttl < state.created_at)
+
+
+def replayed_before_parked(record: Record, state: _Parking, ttl: timedelta) -> bool:
+    """`replayed_orphan` by an event still parked alone: for an event that would be parked itself (an event of a
+    Location parks for an EVSE or Connector too, so one parked says nothing of an event that needs none)."""
     if record.event.source != "REPLAY":
         return False
     deadline = record.received_at + ttl
-    return ((state.created_at is not None and deadline < state.created_at)
-            or any(deadline < parked.received_at for parked in state.parked))
+    return any(deadline < parked.received_at for parked in state.parked)
 
 
 def parked_record(parked: Parked) -> Record:

@@ -838,3 +838,33 @@ def test_a_state_from_before_created_at_is_not_dated_by_its_next_event() -> None
     out = h.run(lost)
     assert outcome_of(out, lost.event_id) == "APPLIED"
     assert {e["uid"]: e["status"] for e in stored(h)["evses"]} == {"E1": "OUTOFORDER", "E2": "CHARGING"}
+
+
+def test_an_event_parked_for_another_evse_does_not_make_a_replayed_copy_an_orphan() -> None:
+    """An event of an existing Location parks for an EVSE or Connector it does not hold, not for the Location. A
+    replayed copy of an event of an EVSE it does hold, received more than OCPI_PIPELINE_PARK_TTL before such an event
+    still parked, needed nothing and was never orphaned (the README's upgrade: an event dead-lettered meanwhile,
+    replayed), but was dropped as REPLAYED_ORPHANED, the EVSE's status left wrong."""
+    h = harness(park_ttl_min=5)
+    h.run(event("Location", location(evses=[evse("E1", updated=1)], updated=1), received=0))
+    waiting = status_patch("E9", "CHARGING", 30, 30)  # an EVSE the Location does not hold (yet)
+    assert outcome_of(h.run(waiting), waiting.event_id) == "PARKED"
+    lost = event("EVSEPatch", {"status": "OUTOFORDER", "last_updated": iso(ts(20))}, object_id="LOC1",
+                 evse_uid="E1", received=20, source="REPLAY")
+    out = h.run(lost)
+    assert outcome_of(out, lost.event_id) == "APPLIED"
+    assert stored(h)["evses"][0]["status"] == "OUTOFORDER" and len(h.state(KEY).parked) == 1
+
+
+def test_a_replayed_copy_of_an_evse_patch_orphaned_while_its_evse_never_came_is_not_parked_again() -> None:
+    # The other side: a copy that would wait again (its EVSE still unknown), received more than the TTL before an
+    # event of its Location still parked, was ORPHANED: neither parked again nor recorded.
+    h = harness(park_ttl_min=5)
+    h.run(event("Location", location(evses=[evse("E1", updated=1)], updated=1), received=0))
+    first, second = status_patch("E9", "CHARGING", 2, 2), status_patch("E9", "AVAILABLE", 10, 10)
+    out = h.run(first, second)
+    assert outcome_of(out, first.event_id) == "ORPHANED" and outcome_of(out, second.event_id) == "PARKED"
+    out = h.run(event("EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(2))}, object_id="LOC1",
+                      evse_uid="E9", received=2, event_id=first.event_id, source="REPLAY"))
+    assert rows(out.batch, "raw_events") == [] and out.outcomes == {"REPLAYED_ORPHANED": 1}
+    assert [p.event_id for p in h.state(KEY).parked] == [second.event_id]
