@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlparse
 
 
@@ -201,6 +201,19 @@ def _parse_topic(env: str, raw: str) -> str:
     if (not raw or len(raw) > 249 or raw in (".", "..")
             or not all((c.isascii() and c.isalnum()) or c in "._-" for c in raw)):
         raise SettingsError(f"{env}={raw!r}: a Kafka topic name is 1-249 of [A-Za-z0-9._-], not . or ..")
+    return raw
+
+
+# The app id names the state changelogs, `<app id>-location-state-changelog` the longest (pipeline.retention.
+# changelog_topic), and Kafka's topic names end at 249 characters.
+APP_ID_MAX_LENGTH: Final = 249 - len("-location-state-changelog")
+
+
+def _parse_app_id(env: str, raw: str) -> str:
+    _parse_topic(env, raw)
+    if len(raw) > APP_ID_MAX_LENGTH:
+        raise SettingsError(f"{env}: {len(raw)} characters; at most {APP_ID_MAX_LENGTH}, so that the state "
+                            "changelogs it names stay within Kafka's 249")
     return raw
 
 
@@ -511,7 +524,7 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_PARTY_WEBSITE": lambda env, raw: _parse_http_url(env, raw) if raw else raw,
     "OCPI_OUTBOUND_TIMEOUT": _parse_float,
     "OCPI_TOKEN_GRACE": _parse_non_negative_float,
-    "OCPI_PIPELINE_APP_ID": lambda env, raw: _parse_topic(env, raw),
+    "OCPI_PIPELINE_APP_ID": _parse_app_id,
     "OCPI_TOPIC_PARTY_FACTS": _parse_topic,
     "OCPI_TOPIC_RECONCILIATION": _parse_topic,
     "OCPI_PIPELINE_BATCH": _parse_positive_int,

@@ -72,7 +72,7 @@ def report() -> None:
         console.print(f"[yellow]note:[/] {warning}")
     for database in leftovers:
         console.print(f"[yellow]note:[/] {database} holds the tables a rebuild replaced, personal data in clear "
-                      f"(pseudonymisation rewrites only the live database): DROP DATABASE {database} once the "
+                      f"(pseudonymisation rewrites only the live database): DROP DATABASE `{database}` once the "
                       "rebuild is verified")
 
 

@@ -7,7 +7,9 @@ import pytest
 
 from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
 from infra.runfile import RunningInstance, write_running_instance
-from infra.settings import SettingsError, as_environ, documented_settings, load_settings, mask
+from infra.settings import APP_ID_MAX_LENGTH, SettingsError, as_environ, documented_settings, load_settings, mask
+from pipeline.app import TABLES
+from pipeline.retention import changelog_topic
 
 
 def test_defaults_are_documented_and_embedded() -> None:
@@ -56,6 +58,7 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_TOPIC_CDRS", ".."),
     ("OCPI_PIPELINE_APP_ID", ".."),
     ("OCPI_PIPELINE_APP_ID", "."),
+    ("OCPI_PIPELINE_APP_ID", "a" * 225),  # its changelogs' names would pass Kafka's 249 characters
     ("OCPI_TOPIC_SESSIONS", "séances"),  # str.isalnum() takes any script's letters; Kafka only ASCII
     ("OCPI_KAFKA_FLAVOR", "redpanda"),
     ("OCPI_KAFKA_SEND_TIMEOUT", "-1"),
@@ -198,3 +201,8 @@ def test_a_wrong_database_name_stops_migrate_in_one_line(monkeypatch: pytest.Mon
 def test_two_topic_settings_may_not_name_one_topic(variable: str, other: str) -> None:
     with pytest.raises(SettingsError, match=f"{variable}='{other}': the topic of OCPI_TOPIC_"):
         load_settings({variable: other})
+
+
+def test_the_longest_app_id_names_changelogs_kafka_takes() -> None:
+    app_id = load_settings({"OCPI_PIPELINE_APP_ID": "a" * APP_ID_MAX_LENGTH}).pipeline.app_id
+    assert max(len(changelog_topic(app_id, table)) for table in TABLES) == 249
