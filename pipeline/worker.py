@@ -122,7 +122,9 @@ def state_gap(client: Client) -> str | None:
     again with other content, links a credit once, tells a stale update and matches a late CDR to a stored
     session; ClickHouse alone does none of it."""
     ((locations, sessions, cdrs),) = client.query(
-        "SELECT (SELECT count() FROM locations), (SELECT count() FROM sessions), (SELECT count() FROM cdrs)"
+        # FINAL: objects, not their versions (each update, each pseudonymisation rewrite) not merged yet.
+        "SELECT (SELECT count() FROM locations FINAL), (SELECT count() FROM sessions FINAL), "
+        "(SELECT count() FROM cdrs FINAL)"
     ).result_rows
     if not (locations or sessions or cdrs):
         return None

@@ -41,6 +41,21 @@ def test_a_store_with_cdrs_asks_for_the_state_to_be_restored(chdb_dsn: str) -> N
     assert "replay --from-archive" in warning
 
 
+def test_the_gap_counts_objects_not_their_versions(chdb_dsn: str) -> None:
+    """A CDR written twice (a pseudonymisation rewrite, a reprocessed batch), its versions not merged yet, is one
+    CDR the state does not know, not two."""
+    client = connect(chdb_dsn)
+    database = unique("gap")
+    migrate(client, database)
+    client.database = database
+    for _ in range(2):
+        client.command("INSERT INTO cdrs (country_code, party_id, cdr_id, start_date_time, end_date_time, "
+                       "received_at) VALUES ('BE', 'BEC', 'CDR1', now(), now(), now())")
+    warning = worker.state_gap(client)
+    assert warning is not None
+    assert warning.startswith("the store holds 1 CDR, 0 session and 0 location rows"), warning
+
+
 def test_a_worker_starting_without_changelogs_logs_the_gap(monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(worker, "resolve_bootstrap", lambda _settings: "127.0.0.1:1")
