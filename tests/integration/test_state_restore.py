@@ -23,13 +23,9 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from infra.settings import Settings, as_environ, load_settings
-from pipeline.jobs.archive import export_from_clickhouse
-from pipeline.jobs.common import MODULES
-from pipeline.jobs.kafka_io import wait_for_group
-from pipeline.jobs.replay import Selection, replay_archive
 from pipeline.stack import Stack
 from pipeline.worker import state_gap
-from tests.integration.jobs_support import PARTNERS, job_settings, push
+from tests.integration.jobs_support import PARTNERS, job_settings, push, run_cli
 from tests.integration.pipeline_support import publish, record
 from tests.integration.test_replay_fingerprint import (
     Story,
@@ -116,14 +112,15 @@ async def restored(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterat
         assert stack.clickhouse is not None
         warning = state_gap(stack.clickhouse)
         archive = session_tmp / f"{again.pipeline.app_id}-archive"
-        export_from_clickhouse(again, stack.clickhouse, archive, MODULES)
+        code, out, err = await run_cli(again, "export", str(archive), "--source", "clickhouse")
+        assert code == 0, out + err
         # In two parts, the worker catching up in between (as it does between the batches of one long replay,
         # whenever it reads faster than the replay sends): the PATCH of SG1 in the first, its PUT in the second.
-        for part, selection in enumerate((Selection(modules=MODULES, until=CUT), Selection(modules=MODULES,
-                                                                                            since=CUT))):
-            report = await replay_archive(again, stack.bootstrap, archive, selection, job=f"restore-{part}")
-            assert report.sent > 0
-            await wait_for_group(stack.bootstrap, again.pipeline.app_id, report.written, timeout=120)
+        cut = CUT.isoformat()
+        for part in (("--until", cut), ("--since", cut)):
+            code, out, err = await run_cli(again, "replay", "--from-archive", str(archive), *part, "--wait",
+                                           "--timeout", "90")
+            assert code == 0, out + err
             await asyncio.sleep(3 * again.pipeline.sweep_interval_s + 2)
         story = Story(stack, again, {})
         await settle(story)
