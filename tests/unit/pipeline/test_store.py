@@ -1023,7 +1023,7 @@ def test_the_report_names_databases_a_rebuild_left_with_personal_data(client: Cl
             monkeypatch.setenv(name, value)
         result = CliRunner().invoke(cli, ["retention", "report"])
         assert result.exit_code == 0, result.output
-        assert f"DROP DATABASE {leftover}" in " ".join(result.output.split()), result.output
+        assert f"DROP DATABASE `{leftover}`" in " ".join(result.output.split()), result.output
     finally:
         client.command(f"DROP DATABASE {leftover}")
     assert retention.leftover_rebuilds(client, client.database) == []
