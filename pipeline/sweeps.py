@@ -54,7 +54,8 @@ def orphan_rows(client: Client, before: datetime, rules: StageRules, batch: Batc
     rows = client.query(f"SELECT {columns} FROM raw_events FINAL WHERE outcome = 'PARKED' "
                         f"AND received_at < {datetime64(before)} LIMIT {_LIMIT}").result_rows
     index = {name: i for i, name in enumerate(projection.RAW_EVENT_COLUMNS)}
-    rows = [row for row in rows if row not in _awaited_by_the_replay(client, rows, index, rules.park_ttl)]
+    awaited = _awaited_by_the_replay(client, rows, index, rules.park_ttl)  # once: a query over them all
+    rows = [row for row in rows if row not in awaited]
     for row in rows:
         new = list(row)
         new[index["outcome"]] = Outcome.ORPHANED.value
