@@ -70,16 +70,21 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
         admin.close()
 
 
+def _existing(admin: KafkaAdminClient, topics: Iterable[str]) -> list[str]:
+    """`topics` that exist, once each, in their order."""
+    existing = set(admin.list_topics())
+    return [t for t in dict.fromkeys(topics) if t in existing]
+
+
 def partition_counts(bootstrap: str, topics: Iterable[str]) -> dict[str, int]:
     """The partition count of each of `topics` that exists (a missing topic is left out)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     try:
-        existing = set(admin.list_topics())
-        names = [t for t in dict.fromkeys(topics) if t in existing]
+        names = _existing(admin, topics)
         if not names:
             return {}
         return {topic["name"]: len(topic["partitions"]) for topic in admin.describe_topics(names)
-                if topic["name"] in existing and topic["partitions"]}
+                if topic["name"] in names and topic["partitions"]}
     finally:
         admin.close()
 
@@ -88,8 +93,7 @@ def topic_configs(bootstrap: str, topics: Iterable[str]) -> dict[str, dict[str, 
     """The stored configs of existing topics (all keys; Tansu reports them all as defaults)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     try:
-        existing = set(admin.list_topics())
-        names = [t for t in dict.fromkeys(topics) if t in existing]
+        names = _existing(admin, topics)
         if not names:
             return {}
         described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name) for name in names],
