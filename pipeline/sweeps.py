@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from clickhouse_connect.driver.client import Client
 
+from ocpi.identity import ci_normalize
 from pipeline import projection, retention
 from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS, unknown_reference_detail
 from pipeline.records import Anomaly, Outcome, utc_now
@@ -82,19 +83,22 @@ def _awaited_by_the_replay(client: Client, rows: Sequence[Sequence[Any]], index:
     replayed = [row for row in rows if row[index["source"]] == "REPLAY"]
     if not replayed:
         return []
+    # The object's identity as the worker's state keys it: raw_events holds the ids as each URL had them, and a
+    # CiString compares without (ASCII) case, which ClickHouse's upper() folds as `ci_normalize` does.
     key = ("module", "country_code", "party_id", "object_id")
-    keys = ", ".join("(" + ", ".join(string(str(row[index[c]])) for c in key) + ")" for row in replayed)
+    columns = ", ".join(f"upper({c})" for c in key)
+    keys = ", ".join("(" + ", ".join(string(ci_normalize(str(row[index[c]]))) for c in key) + ")" for row in replayed)
     first = min(row[index["received_at"]] for row in replayed)
     last = max(row[index["received_at"]] for row in replayed) + ttl
     later: dict[tuple[str, ...], list[datetime]] = {}
     for *found, received_at in client.query(
-            f"SELECT {', '.join(key)}, received_at FROM raw_events FINAL WHERE source != 'REPLAY' "
-            f"AND outcome NOT IN ('PARKED', 'ORPHANED') AND ({', '.join(key)}) IN ({keys}) "
+            f"SELECT {columns}, received_at FROM raw_events FINAL WHERE source != 'REPLAY' "
+            f"AND outcome NOT IN ('PARKED', 'ORPHANED') AND ({columns}) IN ({keys}) "
             f"AND received_at > {datetime64(first)} AND received_at <= {datetime64(last)}").result_rows:
         later.setdefault(tuple(str(v) for v in found), []).append(received_at)
     return [row for row in replayed
             if any(row[index["received_at"]] < at <= row[index["received_at"]] + ttl
-                   for at in later.get(tuple(str(row[index[c]]) for c in key), ()))]
+                   for at in later.get(tuple(ci_normalize(str(row[index[c]])) for c in key), ()))]
 
 
 def idle_rows(client: Client, before: datetime, rules: StageRules, batch: Batch, *, since: datetime) -> int:

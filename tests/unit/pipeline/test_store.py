@@ -1150,3 +1150,28 @@ def test_every_evse_a_location_put_leaves_out_is_an_anomaly_of_its_own(client: C
         ("E2", "EVSE E2 is not in the Location PUT"), ("E3", "EVSE E3 is not in the Location PUT")]
     assert client.query("SELECT evse_uid, present FROM evses FINAL ORDER BY evse_uid").result_rows == [
         ("E1", True), ("E2", False), ("E3", False)]
+
+
+def test_a_replayed_patch_whose_put_named_its_session_in_another_case_is_not_orphaned_while_awaited(
+        client: Client) -> None:
+    # CiStrings compare without case (the worker's state is keyed by the upper-cased id, so the PUT to .../S1
+    # released the PATCH to .../s1), but raw_events keeps the ids as the URL had them: the sweep's check for a
+    # replayed PATCH still awaiting its PUT compared them as they were, found no PUT, and orphaned it (an
+    # ORPHAN_EVENT anomaly that stays after the replayed PUT releases the PATCH again).
+    rules = stage_rules(park_ttl_min=5)
+    patch = event("SessionPatch", {"kwh": Decimal(1), "last_updated": iso(ts(1))}, object_id="s1", received=0,
+                  cc="nl", pid="tnm")
+    write(client, Harness(process_sessions, SessionState, rules).run(
+        patch, event("Session", session("S1"), received=1)).batch)
+    assert sorted(client.query("SELECT object_id, outcome FROM raw_events FINAL").result_rows) == [
+        ("S1", "APPLIED"), ("s1", "APPLIED")]
+    # A restore: the state starts empty and the replayed PATCH is parked again, its PUT still to be replayed.
+    replayed = event("SessionPatch", {"kwh": Decimal(1), "last_updated": iso(ts(1))}, object_id="s1", received=0,
+                     cc="nl", pid="tnm", event_id=patch.event_id, source="REPLAY")
+    write(client, Harness(process_sessions, SessionState, rules).run(replayed).batch)
+    assert client.query(f"SELECT outcome, source FROM raw_events FINAL WHERE event_id = '{patch.event_id}'"
+                        ).result_rows == [("PARKED", "REPLAY")]
+
+    swept, _ = sweeps.collect(client, ts(24 * 60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    assert swept.tables().get("raw_events", []) == []
+    assert [row for row in swept.tables().get("anomalies", []) if row[0] == "ORPHAN_EVENT"] == []
