@@ -7,7 +7,7 @@ so it cannot race the agents — and writes rows keyed exactly like the ones the
 same deadline, so whichever comes first, the result is the same row:
 
 - PARKED raw events older than OCPI_PIPELINE_PARK_TTL → ORPHANED (+ ORPHAN_EVENT anomaly); not one parked again
-  by a replay while a later event of its object, within the TTL, is still to be replayed (a state restored by a
+  by a replay while a later event of its object, within the TTL, applied, is still to be replayed (a state restored by a
   replay: `_awaited_by_the_replay`);
 - PENDING/ACTIVE sessions without an update for OCPI_PIPELINE_SESSION_IDLE → SESSION_IDLE anomaly (not once
   that anomaly would be past its retention);
@@ -74,12 +74,14 @@ def orphan_rows(client: Client, before: datetime, rules: StageRules, batch: Batc
 def _awaited_by_the_replay(client: Client, rows: Sequence[Sequence[Any]], index: dict[str, int], ttl: timedelta,
                            ) -> list[Sequence[Any]]:
     """The replayed PARKED events (source REPLAY) a later event of their object, received within the park TTL
-    after them and not replayed yet, may still release: a state restored by a replay (README "A worker's state
-    starting empty over a populated store") parks again what it does not know, on its old `received_at`, while
-    the events that released it (their rows written by the worker before, source PUSH or PULL) are still to be
-    replayed. The backlog guard does not cover them: the replay appends them to the topics after the sweep
+    after them, applied and not replayed yet, may still release: a state restored by a replay (README "A worker's
+    state starting empty over a populated store") parks again what it does not know, on its old `received_at`,
+    while the events that released it (their rows written by the worker before, source PUSH or PULL) are still to
+    be replayed. The backlog guard does not cover them: the replay appends them to the topics after the sweep
     checked the ends, received long before its deadline. Once they are replayed (source REPLAY) the event is
-    released by them, or orphaned by a later sweep."""
+    released by them, or orphaned by a later sweep. Only an APPLIED event releases one, and only its replay
+    writes its row again: a DUPLICATE, STALE, REJECTED, INVALID or CONFLICT row keeps its source for good
+    (`stage._NOT_RECORDED_FOR_REPLAYS`), and would hold the parked event back for ever."""
     replayed = [row for row in rows if row[index["source"]] == "REPLAY"]
     if not replayed:
         return []
@@ -93,7 +95,7 @@ def _awaited_by_the_replay(client: Client, rows: Sequence[Sequence[Any]], index:
     later: dict[tuple[str, ...], list[datetime]] = {}
     for *found, received_at in client.query(
             f"SELECT {columns}, received_at FROM raw_events FINAL WHERE source != 'REPLAY' "
-            f"AND outcome NOT IN ('PARKED', 'ORPHANED') AND ({columns}) IN ({keys}) "
+            f"AND outcome = 'APPLIED' AND ({columns}) IN ({keys}) "
             f"AND received_at > {datetime64(first)} AND received_at <= {datetime64(last)}").result_rows:
         later.setdefault(tuple(str(v) for v in found), []).append(received_at)
     return [row for row in replayed

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 from clickhouse_connect.driver.client import Client
 
@@ -1175,3 +1176,34 @@ def test_a_replayed_patch_whose_put_named_its_session_in_another_case_is_not_orp
     swept, _ = sweeps.collect(client, ts(24 * 60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
     assert swept.tables().get("raw_events", []) == []
     assert [row for row in swept.tables().get("anomalies", []) if row[0] == "ORPHAN_EVENT"] == []
+
+
+def test_a_replayed_parked_event_is_orphaned_once_only_unapplied_events_of_its_object_are_left_to_replay(
+        client: Client) -> None:
+    # Only an APPLIED event releases a parked one, and only its replay writes its raw_events row again (source
+    # REPLAY): a DUPLICATE, STALE, REJECTED, INVALID or CONFLICT copy is not recorded, its row keeps its source
+    # (PUSH) for good. The sweep counted such a row as an event still to be replayed that may release the parked
+    # one, so a replayed EVSE PATCH, parked again, whose Location was pushed again unchanged within the park TTL,
+    # was never orphaned (and rows like it, 10,000 at the head of the sweep's LIMIT, kept every other from it).
+    rules = stage_rules(park_ttl_min=5)
+    put = event("Location", location("L1"), received=0)
+    patch = event("EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(1))}, object_id="L1", evse_uid="E9",
+                  received=1)
+    again = event("Location", location("L1"), received=2)
+    write(client, Harness(process_locations, LocationState, rules).run(put, patch, again).batch)
+    assert sorted(client.query("SELECT event_id, outcome FROM raw_events FINAL").result_rows) == sorted([
+        (put.event_id, "APPLIED"), (patch.event_id, "PARKED"), (again.event_id, "DUPLICATE")])
+    swept, _ = sweeps.collect(client, ts(60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    write(client, swept)
+    assert client.query(f"SELECT outcome FROM raw_events FINAL WHERE event_id = '{patch.event_id}'"
+                        ).result_rows == [("ORPHANED",)]
+    # A restore replays all three: the state starts empty, the PATCH is parked again, the PUT's copy is a
+    # duplicate (its row still says PUSH); nothing is left to replay.
+    restored = Harness(process_locations, LocationState, rules)
+    write(client, restored.run(*(msgspec.structs.replace(e, source="REPLAY") for e in (put, patch, again))).batch)
+    assert sorted(client.query("SELECT event_id, outcome, source FROM raw_events FINAL").result_rows) == sorted([
+        (put.event_id, "APPLIED", "REPLAY"), (patch.event_id, "PARKED", "REPLAY"),
+        (again.event_id, "DUPLICATE", "PUSH")])
+
+    swept, _ = sweeps.collect(client, ts(120), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    assert [(row[0], row[20]) for row in swept.tables().get("raw_events", [])] == [(patch.event_id, "ORPHANED")]
