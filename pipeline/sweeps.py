@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 RETENTION_EVERY: Final = timedelta(hours=1)
 _OVERDUE: Final = {"AWAITING_CDR": "MISSING_CDR", "AWAITING_SESSION": "NO_SESSION"}
 _LIMIT: Final = 10_000
+# Objects (CiString(36) ids at most) listed in one statement of `_awaited_by_the_replay`: far below 256 KiB.
+_AWAITED_PER_STATEMENT: Final = 1_000
 
 
 def orphan_rows(client: Client, before: datetime, rules: StageRules, batch: Batch) -> int:
@@ -55,7 +57,7 @@ def orphan_rows(client: Client, before: datetime, rules: StageRules, batch: Batc
     rows = client.query(f"SELECT {columns} FROM raw_events FINAL WHERE outcome = 'PARKED' "
                         f"AND received_at < {datetime64(before)} LIMIT {_LIMIT}").result_rows
     index = {name: i for i, name in enumerate(projection.RAW_EVENT_COLUMNS)}
-    awaited = _awaited_by_the_replay(client, rows, index, rules.park_ttl)  # once: a query over them all
+    awaited = _awaited_by_the_replay(client, rows, index, rules.park_ttl)  # once: a query per 1,000
     rows = [row for row in rows if row not in awaited]
     for row in rows:
         new = list(row)
@@ -89,15 +91,20 @@ def _awaited_by_the_replay(client: Client, rows: Sequence[Sequence[Any]], index:
     # CiString compares without (ASCII) case, which ClickHouse's upper() folds as `ci_normalize` does.
     key = ("module", "country_code", "party_id", "object_id")
     columns = ", ".join(f"upper({c})" for c in key)
-    keys = ", ".join("(" + ", ".join(string(ci_normalize(str(row[index[c]]))) for c in key) + ")" for row in replayed)
-    first = min(row[index["received_at"]] for row in replayed)
-    last = max(row[index["received_at"]] for row in replayed) + ttl
     later: dict[tuple[str, ...], list[datetime]] = {}
-    for *found, received_at in client.query(
-            f"SELECT {columns}, received_at FROM raw_events FINAL WHERE source != 'REPLAY' "
-            f"AND outcome = 'APPLIED' AND ({columns}) IN ({keys}) "
-            f"AND received_at > {datetime64(first)} AND received_at <= {datetime64(last)}").result_rows:
-        later.setdefault(tuple(str(v) for v in found), []).append(received_at)
+    # Their objects go into the statement as literal tuples: _AWAITED_PER_STATEMENT at a time, as the sweep may
+    # hold up to _LIMIT of them and ClickHouse refuses a statement beyond its max_query_size (256 KiB).
+    for start in range(0, len(replayed), _AWAITED_PER_STATEMENT):
+        part = replayed[start:start + _AWAITED_PER_STATEMENT]
+        keys = ", ".join("(" + ", ".join(string(ci_normalize(str(row[index[c]]))) for c in key) + ")"
+                         for row in part)
+        first = min(row[index["received_at"]] for row in part)
+        last = max(row[index["received_at"]] for row in part) + ttl
+        for *found, received_at in client.query(
+                f"SELECT {columns}, received_at FROM raw_events FINAL WHERE source != 'REPLAY' "
+                f"AND outcome = 'APPLIED' AND ({columns}) IN ({keys}) "
+                f"AND received_at > {datetime64(first)} AND received_at <= {datetime64(last)}").result_rows:
+            later.setdefault(tuple(str(v) for v in found), []).append(received_at)
     return [row for row in replayed
             if any(row[index["received_at"]] < at <= row[index["received_at"]] + ttl
                    for at in later.get(tuple(ci_normalize(str(row[index[c]])) for c in key), ()))]

@@ -1207,3 +1207,27 @@ def test_a_replayed_parked_event_is_orphaned_once_only_unapplied_events_of_its_o
 
     swept, _ = sweeps.collect(client, ts(120), rules, timedelta(seconds=10), anomalies_kept=KEPT)
     assert [(row[0], row[20]) for row in swept.tables().get("raw_events", [])] == [(patch.event_id, "ORPHANED")]
+
+
+def test_the_orphan_sweep_runs_with_thousands_of_replayed_parked_events(client: Client) -> None:
+    # After a restore, thousands of PATCHes may be parked again by the replay (source REPLAY). The sweep asked
+    # ClickHouse which of them a later event still awaits with one statement listing every one's object as a
+    # literal tuple: 5,000 of them are beyond ClickHouse's max_query_size (256 KiB), the statement was refused,
+    # and every sweep failed (no orphan, idle session, missing CDR or retention) as long as they stayed parked.
+    from pipeline.projection import RAW_EVENT_COLUMNS
+
+    rules = stage_rules(park_ttl_min=5)
+    template = Harness(process_sessions, SessionState, rules).run(event(
+        "SessionPatch", {"kwh": Decimal(1), "last_updated": iso(ts(1))}, object_id="S", received=0,
+        source="REPLAY")).batch.tables()["raw_events"][0]
+    index = {c: i for i, c in enumerate(RAW_EVENT_COLUMNS)}
+    rows = []
+    for n in range(5000):
+        row = list(template)
+        row[index["event_id"]] = f"00000000-0000-0000-0000-{n:012d}"
+        row[index["object_id"]] = f"SESSION-{n:028d}"  # a CiString(36) id
+        rows.append(row)
+    insert_rows(client, "raw_events", RAW_EVENT_COLUMNS, rows)
+
+    swept, _ = sweeps.collect(client, ts(60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    assert len(swept.tables()["raw_events"]) == 5000
