@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Final
 
@@ -301,29 +301,41 @@ class Repairer:
     def datetime(self, node: Any, path: str) -> Any:
         if type(node) is not str:
             return node
+        fixed, applied = relax_datetime(node, self.enabled)
+        for relaxation in applied:
+            self.record(relaxation, path)
+        return fixed
+
+
+def relax_datetime(value: str, enabled: Container[Relaxation]) -> tuple[str, list[Relaxation]]:
+    """A DateTime with the `enabled` DateTime relaxations applied, and those it needed: a numeric offset converted
+    to UTC (DATETIME_OFFSET), then a fraction too long for 25 characters truncated (DATETIME_EXCESS_PRECISION).
+    Valid, or not mended by them, it comes back as it is (its parse then says why). Bodies (this module's walk)
+    and the DateTimes of headers, parameters and envelopes (`receivers.transport.parse_timestamp`) share it."""
+    try:
+        ocpi_datetime.parse_datetime(value)
+        return value, []
+    except ocpi_datetime.InvalidDateTime as exc:
+        reason = exc.reason
+    applied: list[Relaxation] = []
+    if reason == ocpi_datetime.OFFSET_NOT_ALLOWED and Relaxation.DATETIME_OFFSET in enabled:
+        fixed = ocpi_datetime.offset_to_utc(value)
+        if fixed is None:
+            return value, applied
+        value = fixed
+        applied.append(Relaxation.DATETIME_OFFSET)
         try:
-            ocpi_datetime.parse_datetime(node)
-            return node
+            ocpi_datetime.parse_datetime(value)
+            return value, applied
         except ocpi_datetime.InvalidDateTime as exc:
             reason = exc.reason
-        if reason == ocpi_datetime.OFFSET_NOT_ALLOWED and Relaxation.DATETIME_OFFSET in self.enabled:
-            fixed = ocpi_datetime.offset_to_utc(node)
-            if fixed is None:
-                return node
-            node = fixed
-            self.record(Relaxation.DATETIME_OFFSET, path)
-            try:
-                ocpi_datetime.parse_datetime(node)
-                return node
-            except ocpi_datetime.InvalidDateTime as exc:
-                reason = exc.reason
-        precision = (ocpi_datetime.TOO_MANY_FRACTION_DIGITS, ocpi_datetime.TOO_LONG)
-        if reason in precision and Relaxation.DATETIME_EXCESS_PRECISION in self.enabled:
-            fixed = ocpi_datetime.truncate_fraction(node)
-            if fixed is not None:
-                node = fixed
-                self.record(Relaxation.DATETIME_EXCESS_PRECISION, path)
-        return node
+    precision = (ocpi_datetime.TOO_MANY_FRACTION_DIGITS, ocpi_datetime.TOO_LONG)
+    if reason in precision and Relaxation.DATETIME_EXCESS_PRECISION in enabled:
+        fixed = ocpi_datetime.truncate_fraction(value)
+        if fixed is not None:
+            value = fixed
+            applied.append(Relaxation.DATETIME_EXCESS_PRECISION)
+    return value, applied
 
 
 def _rejects_empty_string(kind: mi.Type) -> bool:

@@ -21,16 +21,11 @@ from litestar.types import Message, Scope
 from litestar.utils import normalize_path
 
 from ocpi.canonical import to_ocpi_json
-from ocpi.compat import CompatProfile, Relaxation
+from ocpi.compat import CompatProfile, relax_datetime
 from ocpi.datetime import (
-    OFFSET_NOT_ALLOWED,
-    TOO_LONG,
-    TOO_MANY_FRACTION_DIGITS,
     InvalidDateTime,
     format_datetime,
-    offset_to_utc,
     parse_datetime,
-    truncate_fraction,
 )
 from ocpi.decode import Decoded, OcpiJsonError, OcpiValidationError, decode
 from ocpi.status import OcpiStatus
@@ -540,28 +535,11 @@ def parse_timestamp(value: str, profile: CompatProfile | None = None, *, what: s
     `+00:00`, invalid in 2.2.1) under DATETIME_OFFSET, normalised to UTC; a fraction too long for 25 characters
     under DATETIME_EXCESS_PRECISION, truncated. Anything else raises InvalidParameters (2001).
     """
+    fixed, _ = relax_datetime(value, profile.relaxations if profile is not None else frozenset())
     try:
-        return parse_datetime(value)
+        return parse_datetime(fixed)
     except InvalidDateTime as exc:
-        reason = exc.reason
-    fixed = value
-    if reason == OFFSET_NOT_ALLOWED and profile is not None and profile.allows(Relaxation.DATETIME_OFFSET):
-        converted = offset_to_utc(fixed)
-        if converted is not None:
-            fixed = converted
-            try:
-                return parse_datetime(fixed)
-            except InvalidDateTime as exc:
-                reason = exc.reason
-    if reason in (TOO_MANY_FRACTION_DIGITS, TOO_LONG) and profile is not None and \
-            profile.allows(Relaxation.DATETIME_EXCESS_PRECISION):
-        truncated = truncate_fraction(fixed)
-        if truncated is not None:
-            try:
-                return parse_datetime(truncated)
-            except InvalidDateTime as exc:
-                reason = exc.reason
-    raise InvalidParameters(f"{what}: {reason}: {value[:40]!r}")
+        raise InvalidParameters(f"{what}: {exc.reason}: {value[:40]!r}") from None
 
 
 def ocpi_data(value: Any) -> msgspec.Raw:
