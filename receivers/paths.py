@@ -96,7 +96,8 @@ class DecodePathParams(ASGIMiddleware):
 
 def path_segment(value: str) -> str:
     """`value` as one URL path segment that clients send back unchanged: every reserved character encoded,
-    `/` included, and a whole `.` or `..` too (clients would resolve those away, RFC 3986 §5.2.4)."""
+    `/` included, and a whole `.` or `..` too (RFC 3986 clients would resolve those away, §5.2.4; WHATWG URL
+    parsers, as in browsers and Node, resolve `%2E` and `%2E%2E` too, which no encoding avoids)."""
     if value in {".", ".."}:
         return value.replace(".", "%2E")
     return quote(value, safe="")
