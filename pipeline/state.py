@@ -26,7 +26,11 @@ S = TypeVar("S", bound=msgspec.Struct)
 Reader = Callable[[str], bytes | None]  # a table's current value of a key, in one partition (None: absent)
 # How many event ids an object's state remembers (`pipeline.stage.seen_before`): a producer that resends a record
 # the broker wrote but did not acknowledge puts the same event on the topic again, at most a producer batch later.
-RECENT_EVENT_IDS: Final = 16
+# A batch is up to 16 KiB per partition (aiokafka's `max_batch_size`), and a burst of a hub's status updates fills
+# one with a single Location's events: 60 to 90 of them (an event's Avro record is 180 to 270 bytes at its smallest),
+# whose copies each come that many events of the Location later. A copy not recognised is remembered in turn and
+# pushes the next original out, so with a smaller window every copy of such a batch was folded in again.
+RECENT_EVENT_IDS: Final = 128
 
 
 class Parked(msgspec.Struct, frozen=True, kw_only=True):

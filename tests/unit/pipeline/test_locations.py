@@ -22,7 +22,7 @@ from pipeline.projection import (
 )
 from pipeline.state import LocationState
 
-from .builders import Harness, column, connector, event, evse, iso, location, rows, stage_rules, ts
+from .builders import Harness, column, connector, event, event_bytes, evse, iso, location, rows, stage_rules, ts
 
 KEY = "NL/TNM/LOC1"
 
@@ -401,6 +401,29 @@ def test_an_event_kafka_holds_twice_keeps_the_outcome_it_had() -> None:
     out = h.run(charging, available, charging, available)
     assert outcome_of(out, charging.event_id) == "APPLIED" and outcome_of(out, available.event_id) == "APPLIED"
     assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == []
+    assert stored(h)["evses"][0]["status"] == "AVAILABLE"
+
+
+def test_a_resent_producer_batch_of_a_hubs_status_updates_keeps_every_outcome() -> None:
+    """aiokafka resends a whole producer batch (up to 16 KiB per partition, its default `max_batch_size`) the broker
+    wrote but did not acknowledge, and a burst of a hub's status updates fills one with a single Location's events:
+    each copy comes a batch later, after dozens of its Location's events, and must still be recognised."""
+    batch_bytes = 16384  # aiokafka's max_batch_size (the receivers' producer keeps the default)
+    size = len(event_bytes("EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(2))}, object_id="LOC1",
+                           evse_uid="E00"))
+    n = batch_bytes // size  # the smallest pushes of one Location a producer batch holds
+    assert n > 16
+    h = harness()
+    h.run(event("Location", location(evses=[evse(f"E{i:02}") for i in range(n)]), received=1))
+    first = status_patch("E00", "CHARGING", 2, 2)
+    others = [status_patch(f"E{i:02}", "CHARGING", 2, 2) for i in range(1, n - 1)]
+    last = status_patch("E00", "AVAILABLE", 3, 2)
+    originals = [first, *others, last]
+    h.run(*originals)
+    version = h.state(KEY).version
+    out = h.run(*originals)  # the batch again, same event ids
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "anomalies") == []
+    assert rows(out.batch, "evse_status_history") == [] and h.state(KEY).version == version
     assert stored(h)["evses"][0]["status"] == "AVAILABLE"
 
 
