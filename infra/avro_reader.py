@@ -24,8 +24,9 @@ Reader = Callable[[bytes, int], tuple[Any, int]]
 """(data, position) → (value, position after it).
 
 Stricter than fastavro where the bytes break the spec: a negative union or enum index (fastavro takes it as a
-Python index from the end), a boolean byte other than 0 or 1 (fastavro: true) and a decimal of more digits than
-its precision (fastavro: rounded to the precision) are refused."""
+Python index from the end), a boolean byte other than 0 or 1 (fastavro: true), a decimal of more digits than
+its precision (fastavro: rounded to the precision) and a varint of more than 64 bits (fastavro: the bits beyond
+the 64th dropped, a wrong long) are refused."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
@@ -46,12 +47,12 @@ def _varint(data: bytes, pos: int, first: int) -> tuple[int, int]:
     while True:
         byte = data[pos]
         pos += 1
+        if shift == 63 and byte > 1:  # the 10th byte holds the 64th bit only (fastavro drops the others)
+            raise AvroReadError("long of more than 64 bits")
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
             return (value >> 1) ^ -(value & 1), pos
         shift += 7
-        if shift > 63:
-            raise AvroReadError("varint longer than 10 bytes")
 
 
 def _eof() -> AvroReadError:

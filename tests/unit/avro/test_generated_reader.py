@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infra import codec
-from infra.avro_reader import compile_reader
+from infra.avro_reader import AvroReadError, compile_reader
 from infra.codec import HEADER_SIZE, AvroCodec, AvroCodecError, DecodedEvent, schema_root
 
 from .convert import EXAMPLES, FIXTURES, load_json, ocpi_object
@@ -93,7 +93,8 @@ def test_damaged_records_fail_where_fastavro_fails(data: st.DataObject) -> None:
     """Bytes changed, cut or inserted anywhere in a body: both refuse them, or both read the same event. The one
     difference allowed: bytes that break the spec which fastavro reads anyway and the generated reader refuses
     (a negative union or enum index, taken by fastavro as a Python index from the end; a boolean byte > 1; a
-    decimal of more digits than its precision, rounded by fastavro)."""
+    decimal of more digits than its precision, rounded by fastavro; a long of more than 64 bits, wrapped by
+    fastavro)."""
     record = bytearray(data.draw(st.sampled_from(VALID)))
     for _ in range(data.draw(st.integers(1, 3))):
         at = data.draw(st.integers(HEADER_SIZE, len(record)))
@@ -108,7 +109,8 @@ def test_damaged_records_fail_where_fastavro_fails(data: st.DataObject) -> None:
     damaged = bytes(record)
     generated, reference = _outcome(GENERATED, damaged), _outcome(REFERENCE, damaged)
     if isinstance(generated, str):
-        spec_breach = re.search(r"invalid ((union|enum) index -\d|boolean byte|decimal of more than)", generated)
+        spec_breach = re.search(
+            r"invalid ((union|enum) index -\d|boolean byte|decimal of more than)|long of more than 64 bits", generated)
         assert isinstance(reference, str) or spec_breach, generated
     else:
         assert not isinstance(reference, str), f"the generated reader read what fastavro refuses: {reference}"
@@ -180,6 +182,47 @@ def test_blocks_with_a_negative_count_and_a_byte_size() -> None:
     read = compile_reader(schema)
     assert read is not None
     assert read(data, 0) == (_fastavro(schema, data), len(data)) == ({"xs": [1, 2, 3, 4]}, len(data))
+
+
+LONG = parse({"type": "record", "name": "t.N", "fields": [{"name": "n", "type": "long"}]})
+
+
+@pytest.mark.parametrize(("data", "value"), [
+    (bytes([0x00]), 0), (bytes([0x01]), -1), (bytes([0x7E]), 63), (bytes([0x80, 0x01]), 64),
+    (bytes([0x7F]), -64), (bytes([0x81, 0x01]), -65), (bytes([0x80, 0x00]), 0),  # a zero of two bytes
+    (bytes([0xFE, *[0xFF] * 8, 0x01]), 2**63 - 1), (bytes([0xFF, *[0xFF] * 8, 0x01]), -(2**63)),
+    (bytes([0x80, *[0x80] * 8, 0x01]), 2**62),
+])  # fmt: skip
+def test_longs_at_the_edges_of_their_encoding_read_as_fastavro_reads_them(data: bytes, value: int) -> None:
+    read = compile_reader(LONG)
+    assert read is not None
+    assert read(data, 0) == (_fastavro(LONG, data), len(data)) == ({"n": value}, len(data))
+
+
+@pytest.mark.parametrize("data", [
+    bytes([0xFE, *[0xFF] * 8, 0x7F]),  # fastavro: 2^63 - 1, the bits beyond the 64th dropped
+    bytes([0x80, *[0x80] * 8, 0x02]),  # fastavro: 0
+    bytes([0x81, *[0x80] * 8, 0x03]),  # fastavro: -2^62 - 1
+    bytes([*[0x80] * 10, 0x00]),  # 11 bytes; fastavro: 0
+])  # fmt: skip
+def test_a_long_of_more_than_64_bits_is_refused(data: bytes) -> None:
+    # Not a long; fastavro wraps it to 64 bits (a wrong value), as it rounds a too long decimal.
+    read = compile_reader(LONG)
+    assert read is not None
+    with pytest.raises(AvroReadError, match="long of more than 64 bits"):
+        read(data, 0)
+
+
+def test_a_payload_long_of_more_than_64_bits_is_our_error() -> None:
+    # max_voltage 230 in a Connector event, its zigzag varint made 10 bytes that carry bits beyond the 64th.
+    connector = {"id": "1", "standard": "IEC_62196_T2", "format": "SOCKET", "power_type": "AC_3_PHASE",
+                 "max_voltage": 230, "max_amperage": 1, "last_updated": datetime(2024, 1, 1, tzinfo=UTC)}
+    data = codec.encode_event(make_event("Connector", connector, level="CONNECTOR", evse_uid="E", connector_id="1"))
+    voltage, wide = _zigzag(230), bytes([0xCC, 0x83, *[0x80] * 7, 0x02])  # 460 = 0b11_1001100, plus bit 64
+    assert data.count(voltage) == 1 and _fastavro(LONG, wide) == {"n": 230}  # fastavro drops bit 64
+    damaged = data.replace(voltage, wide)
+    with pytest.raises(AvroCodecError, match="long of more than 64 bits"):
+        GENERATED.decode_event(damaged)
 
 
 @pytest.mark.parametrize("unsupported", [
