@@ -18,7 +18,9 @@ API
     ``decimal(18, 4)``: more than 4 decimal places is an error unless the extra digits are zeros
     (``Decimal("8.50000")`` is accepted as 8.5); floats, ints and strings in a number field are errors. Not
     checked (fastavro only counts the digits of the given Decimal): magnitudes of 10^14 and more, which do not
-    fit decimal(18, 4) although they round-trip exactly; bounding numbers is the domain validation's job.
+    fit decimal(18, 4): they are written, but ``decode_event`` refuses them (more digits than the precision), so
+    such a record would be a dead letter; bounding numbers (``ocpi.types``: 14 integer digits) is the domain
+    validation's job, before anything is encoded.
 ``decode_event(data: bytes) -> DecodedEvent``
     Checks the marker, looks the fingerprint up among all known revisions, decodes and resolves to the
     current schema (records of the current revision through ``infra.avro_reader``'s generated reader, which
