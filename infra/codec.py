@@ -301,7 +301,8 @@ class AvroCodec:
 
     @staticmethod
     def _record_name(branch: Any) -> str:
-        return str(branch["name"] if isinstance(branch, dict) else branch)
+        # An unnamed branch (an array, a map) has its type instead: no payload type, reported as missing ones.
+        return str(branch.get("name", branch.get("type")) if isinstance(branch, dict) else branch)
 
     def _schema(self, schema_name: str) -> _Schema:
         try:

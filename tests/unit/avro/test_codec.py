@@ -475,6 +475,8 @@ def test_two_revisions_with_the_same_canonical_form_are_rejected(tmp_path: Path)
         ({"v1/ocpi.pipeline.OcpiEvent.avsc": '{"type": "record", "name": "X", "fields": []}'}, "must define"),
         ({"v1/ocpi.pipeline.OcpiEvent.avsc": '{"type": "record", "name": "ocpi.pipeline.OcpiEvent",'
           ' "fields": [{"name": "payload", "type": ["null"]}]}'}, "payload union lacks"),
+        ({"v1/ocpi.pipeline.OcpiEvent.avsc": '{"type": "record", "name": "ocpi.pipeline.OcpiEvent",'
+          ' "fields": [{"name": "payload", "type": [{"type": "array", "items": "string"}]}]}'}, "payload union lacks"),
     ],
 )  # fmt: skip
 def test_unusable_registries_raise_our_error(tmp_path: Path, files: dict[str, str], message: str) -> None:
