@@ -18,7 +18,15 @@ from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse.client import connect
 from infra.clickhouse.migrations import migrate
-from infra.codec import EVENT_SCHEMA, DecodedEvent, decode_event, decode_record, encode_event
+from infra.codec import (
+    EVENT_SCHEMA,
+    AvroCodecError,
+    DecodedEvent,
+    decode_event,
+    decode_record,
+    encode_event,
+    encode_record,
+)
 from infra.events import build_event
 from ocpi.canonical import to_ocpi_json
 from ocpi.compat import CompatProfile
@@ -589,3 +597,39 @@ def test_an_export_file_size_that_cannot_work_is_refused_before_anything_runs(tm
     result = CliRunner(env={"OCPI_DATA_DIR": str(tmp_path / "data"), "OCPI_CLICKHOUSE_DSN": chdb_dsn}).invoke(
         cli, ["export", str(tmp_path / "archive"), "--source", source, "--max-records", records])
     assert result.exit_code == 2 and "Invalid value for '--max-records'" in result.output, result.output
+
+
+async def test_an_export_from_kafka_does_not_archive_what_the_worker_refuses(
+        settings_for: Any, tmp_path: Path, broker: str) -> None:
+    """fastavro reads some bytes that break the Avro spec (here a long of more than 64 bits, which it wraps); the
+    worker's reader refuses them (a dead letter). The export read records with fastavro and wrote the datum again:
+    the damaged record became a valid one in the archive, and a replay of that archive applied the wrong value."""
+    import aiokafka
+
+    from infra.kafka.admin import ensure_topics
+
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    topic = settings.kafka.topic_locations
+    await asyncio.to_thread(ensure_topics, broker, [topic], 1)
+    connector = make_event(example("location_example.json"), Location, "Location", module="locations",
+                           level="LOCATION", operation="PUT", received_at=DAY1)
+    good = encode_event(connector.to_event())
+    voltage = bytes([0xB8, 0x03])  # 220 (zigzag 440): the connectors' max_voltage
+    assert voltage in good
+    damaged = good.replace(voltage, bytes([0xB8, 0x83, *[0x80] * 7, 0x02]), 1)  # 220 plus bit 64
+    assert decode_record(damaged, EVENT_SCHEMA)["event_id"] == connector.event_id  # fastavro reads it
+    with pytest.raises(AvroCodecError, match="long of more than 64 bits"):
+        decode_event(damaged)
+    producer = aiokafka.AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, damaged, key=b"k")
+        await producer.send_and_wait(topic, good, key=b"k")
+    finally:
+        await producer.stop()
+
+    root = tmp_path / "archive"
+    result = await export_from_kafka(settings, broker, root, ("locations",))
+    assert result.undecodable == 1 and result.records["locations"] == 1
+    archived = [r for f in archive_files(root) for r in read_archive_file(f)]
+    assert len(archived) == 1 and decode_event(encode_record(EVENT_SCHEMA, archived[0])) == decode_event(good)
