@@ -105,7 +105,11 @@ def query(sql: str, fmt: str) -> None:
     Works against a ClickHouse server, and against the embedded store while `dev` or `demo` holds it
     (through that instance's admin endpoint, found in the run file). Writes are refused.
 
-    Example: ocpi-pipeline query "SELECT party_id, sum(total_energy) FROM cdrs FINAL GROUP BY party_id"
+    Billing totals come from `billable_lines` (one line per CDR, a credit CDR's negated, duplicate credits left
+    out), not from sums over `cdrs`, where a credit CDR repeats the positive energy of the CDR it cancels.
+
+    Example: ocpi-pipeline query "SELECT country_code, party_id, currency, sum(energy_kwh), sum(cost_excl_vat)
+    FROM billable_lines GROUP BY 1, 2, 3"
     """
     settings = load_settings()
     if names_outfile(sql):  # chDB, opened here without a running instance, would write it whatever readonly says

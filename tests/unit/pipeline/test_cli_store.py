@@ -130,3 +130,40 @@ def test_query_on_the_embedded_store_writes_no_file(chdb_dsn: str, tmp_path: Pat
         result = CliRunner().invoke(cli, ["query", sql])
         assert result.exit_code == 1 and "INTO OUTFILE" in result.output, result.output
     assert not target.exists()
+
+
+def _summing_query_examples() -> list[str]:
+    """The SQL of every `ocpi-pipeline query` example that adds amounts up: `query --help` and README."""
+    import re
+
+    from pipeline.cli.store import query
+
+    texts = [query.help or "", (Path(__file__).resolve().parents[3] / "README.md").read_text()]
+    found = [match.group(1) for text in texts
+             for match in re.finditer(r'ocpi-pipeline query (?:--format \w+ )?"([^"]+)"', text)]
+    return [sql for sql in found if "sum(" in sql.lower()]
+
+
+def test_the_query_examples_that_add_up_cdrs_give_what_is_billed(client: Client) -> None:
+    """The examples summed `cdrs.total_energy`, which OCPI does not negate on a credit CDR: a CDR corrected by a
+    credit and a new CDR counted three times (28 kWh for the 8 billed), and the help's, grouped by party_id alone,
+    added up parties of different countries. Whatever an example adds up must be what billing counts."""
+    from pipeline.cdrs import process_cdrs
+    from pipeline.state import CdrState
+
+    from .builders import Harness, cdr, event
+    from .test_store import write
+
+    write(client, Harness(process_cdrs, CdrState).run(
+        event("CDR", cdr("C1", kwh="10", cost="2.50")),
+        event("CDR", cdr("C1-C", kwh="10", cost="-2.50", credit=True, credit_reference="C1")),
+        event("CDR", cdr("C2", kwh="8", cost="2.00"))).batch)
+    examples = _summing_query_examples()
+    assert len(examples) >= 2  # the help's and README's
+    billed = {Decimal("8"), Decimal("2.00"), Decimal("2.42")}  # kWh, excl. and incl. VAT
+    for sql in examples:
+        result = client.query(sql)
+        totals = {name: sum(row[i] for row in result.result_rows)
+                  for i, name in enumerate(result.column_names)
+                  if result.result_rows and isinstance(result.result_rows[0][i], Decimal)}
+        assert totals and set(totals.values()) <= billed, (sql, totals)
