@@ -2,7 +2,7 @@
 
 The simulated CPOs (`pipeline.simulator`) send full traffic: Locations with EVSE status PATCHes, Session
 lifecycles by PATCH, retries, out-of-order pushes, credit and corrected CDRs. The summary is read from
-ClickHouse only: billing totals per party (credits netted), duplicates, stale updates, anomalies and
+ClickHouse only: billing totals per party and currency (credits netted), duplicates, stale updates, anomalies and
 reconciliation outcomes; and it is checked against what the simulator says must be stored (`Expected`),
 reconciliation outcomes of every CDR and Session included, and every Session's, EVSE's and Connector's final state
 and status history as far as the acknowledged pushes determine it.
@@ -35,8 +35,11 @@ DEMO_PARTNERS = {
 
 @dataclass(frozen=True)
 class PartyTotals:
+    """A party's billing totals in one currency ('' for a party without billing lines)."""
+
     country_code: str
     party_id: str
+    currency: str
     sessions: int
     cdrs: int
     kwh: Decimal
@@ -87,13 +90,16 @@ def read_summary(client: Client, expected: Expected, seconds: float, *, settled:
     completed = dict(((cc, pid), int(n)) for cc, pid, n in client.query(
         "SELECT country_code, party_id, count() FROM sessions FINAL WHERE status = 'COMPLETED' "
         "GROUP BY country_code, party_id").result_rows)
-    billed = {(cc, pid): (int(n), kwh, excl, incl or Decimal(0)) for cc, pid, n, kwh, excl, incl in client.query(
-        "SELECT country_code, party_id, count(), sum(energy_kwh), sum(cost_excl_vat), sum(cost_incl_vat) "
-        "FROM billable_lines GROUP BY country_code, party_id").result_rows}
+    # Per currency: amounts in two currencies are never added up.
+    billed = {(cc, pid, currency): (int(n), kwh, excl, incl or Decimal(0))
+              for cc, pid, currency, n, kwh, excl, incl in client.query(
+                  "SELECT country_code, party_id, currency, count(), sum(energy_kwh), sum(cost_excl_vat), "
+                  "sum(cost_incl_vat) FROM billable_lines GROUP BY country_code, party_id, currency").result_rows}
     # Every party with completed sessions or billing lines: one without lines shows (and is checked) as 0.
-    parties = [PartyTotals(cc, pid, completed.get((cc, pid), 0),
-                           *billed.get((cc, pid), (0, Decimal(0), Decimal(0), Decimal(0))))
-               for cc, pid in sorted(completed.keys() | billed.keys())]
+    unbilled = {(cc, pid, ""): (0, Decimal(0), Decimal(0), Decimal(0))
+                for cc, pid in completed.keys() - {(cc, pid) for cc, pid, _currency in billed}}
+    parties = [PartyTotals(cc, pid, currency, completed.get((cc, pid), 0), *figures)
+               for (cc, pid, currency), figures in sorted({**billed, **unbilled}.items())]
     reconciliation = {(str(s), str(o)): int(n) for s, o, n in client.query(
         "SELECT subject, outcome, count() FROM reconciliation FINAL GROUP BY subject, outcome "
         "ORDER BY subject, outcome").result_rows}
@@ -128,13 +134,22 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         found.append(f"{summary.sessions} completed sessions, expected {len(expected.sessions)}")
     if summary.cdrs != len(expected.cdrs):
         found.append(f"{summary.cdrs} CDRs, expected {len(expected.cdrs)}")
-    # Every printed figure of every party, stored or expected (a party missing from ClickHouse is all zeros).
-    stored_parties = {f"{p.country_code}/{p.party_id}": p for p in summary.parties}
+    # Every printed figure of every party, stored or expected (a party missing from ClickHouse is all zeros), in the
+    # currencies its CDRs were sent in.
+    stored_parties: dict[str, list[PartyTotals]] = {}
+    for totals in summary.parties:
+        stored_parties.setdefault(f"{totals.country_code}/{totals.party_id}", []).append(totals)
     sessions_by_party = Counter(f"{cc}/{pid}".upper() for cc, pid, _id in expected.sessions)
     cdrs_by_party = Counter(f"{cc}/{pid}".upper() for cc, pid, _id in expected.cdrs)
     zero = Decimal(0)
     for name in sorted(stored_parties.keys() | sessions_by_party.keys() | cdrs_by_party.keys()):
-        party = stored_parties.get(name)
+        rows = stored_parties.get(name, [])
+        billed_in = sorted(p.currency for p in rows if p.currency)
+        sent_in = sorted(expected.currencies.get(name, ()))
+        if billed_in and billed_in != sent_in:
+            found.append(f"{name}: billed in {', '.join(billed_in)}, expected {', '.join(sent_in) or 'no CDR'}")
+            continue
+        party = rows[0] if rows else None
         figures = ((party.sessions, party.cdrs, party.kwh, party.cost_excl_vat, party.cost_incl_vat) if party
                    else (0, 0, zero, zero, zero))
         wanted = (sessions_by_party[name], cdrs_by_party[name], expected.kwh_by_party.get(name, zero),

@@ -108,7 +108,8 @@ class Expected:
       `total_cost.excl_vat` (`incl_vat`) over all CDRs; a credit CDR carries the negated total of the CDR it cancels, so
       the two cancel and the corrected CDR counts. Energy: a credit CDR repeats its original's positive
       `total_energy`, so energy counts negative on credit CDRs: Σ total_energy (not credit) − Σ total_energy
-      (credit). `credited` holds the ids of the cancelled originals.
+      (credit). `credited` holds the ids of the cancelled originals. `currencies` ("CC/PID"): the currencies its
+      CDRs were sent in (the simulated CPOs bill in EUR only, so the figures above are each in one currency).
     - `cdr_reconciliation` / `session_reconciliation`: the reconciliation outcome each CDR and each completed
       Session must end with: a credit CDR CREDIT, the CDR it cancels CREDITED, a corrected CDR (re-priced on
       purpose) and its Session MISMATCH, every other CDR and Session MATCHED (they agree to the cent and second).
@@ -132,6 +133,7 @@ class Expected:
     kwh_by_party: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     cost_by_party: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     incl_by_party: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    currencies: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     pushes: int = 0
     rejected: int = 0
     events: int = 0
@@ -166,6 +168,8 @@ class Expected:
             self.cost_by_party[party] += cost
         for party, cost in other.incl_by_party.items():
             self.incl_by_party[party] += cost
+        for party, currencies in other.currencies.items():
+            self.currencies[party] |= currencies
         for name in ("pushes", "rejected", "events", "retries", "stale"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mapping in ("evse_status", "session_status", "session_kwh", "session_periods", "session_cost",
@@ -252,6 +256,7 @@ class Expected:
         name = f"{party.country_code}/{party.party_id}"
         self.cost_by_party[name] += cdr["total_cost"]["excl_vat"]
         self.incl_by_party[name] += cdr["total_cost"].get("incl_vat") or Decimal(0)
+        self.currencies[name].add(cdr["currency"])
         if cdr.get("credit"):
             self.kwh_by_party[name] -= cdr["total_energy"]
             credited = (party.country_code, party.party_id, cdr["credit_reference_id"])

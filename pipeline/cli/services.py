@@ -172,10 +172,10 @@ def dev() -> None:
 
 
 def print_summary(console: Console, summary: DemoSummary) -> None:
-    table = Table("party", "completed sessions", "CDRs (credits too)", "kWh", "cost excl. VAT", "cost incl. VAT",
-                  title="Billing totals read back from ClickHouse (credit CDRs netted)")
+    table = Table("party", "currency", "completed sessions", "CDRs (credits too)", "kWh", "cost excl. VAT",
+                  "cost incl. VAT", title="Billing totals read back from ClickHouse (credit CDRs netted)")
     for p in summary.parties:
-        table.add_row(f"{p.country_code}/{p.party_id}", str(p.sessions), str(p.cdrs), f"{p.kwh:.4f}",
+        table.add_row(f"{p.country_code}/{p.party_id}", p.currency, str(p.sessions), str(p.cdrs), f"{p.kwh:.4f}",
                       f"{p.cost_excl_vat:.4f}", f"{p.cost_incl_vat:.4f}")
     console.print(table)
     e = summary.expected
@@ -210,7 +210,7 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
     """The main job on the embedded defaults: simulated CPOs push over HTTP, the summary comes from ClickHouse.
 
     Starts Tansu, chDB, the worker and the receivers; the simulated CPOs push sessions and CDRs through real
-    HTTP; waits until they are in ClickHouse; prints totals per party; stops everything.
+    HTTP; waits until they are in ClickHouse; prints totals per party and currency; stops everything.
 
     Example: ocpi-pipeline demo --sessions 300
     """

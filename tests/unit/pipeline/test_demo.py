@@ -37,7 +37,7 @@ TNM, BEC = SimulatedParty("NL", "TNM"), SimulatedParty("BE", "BEC")
 
 
 def cdr_body(cdr_id: str, session_id: str, kwh: str, excl: str, credit_of: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"id": cdr_id, "session_id": session_id, "total_energy": Decimal(kwh),
+    body: dict[str, Any] = {"id": cdr_id, "session_id": session_id, "total_energy": Decimal(kwh), "currency": "EUR",
                             "total_cost": {"excl_vat": Decimal(excl), "incl_vat": (Decimal(excl) * VAT).quantize(
                                 Decimal("0.0001"))}}
     if credit_of is not None:
@@ -178,6 +178,22 @@ def test_each_printed_figure_of_a_party_is_compared(client: Client) -> None:
     found = read_summary(client, acknowledged(), 0.0).mismatches
     assert found == ["NL/TNM: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed "
                      "(1, 1, 10.0000, 3.5000, 3.5000), expected (1, 1, 10, 3.5, 4.2350)"]
+
+
+def test_billing_totals_are_read_and_compared_per_currency(client: Client) -> None:
+    """The totals per party were summed over every currency and the currency never compared: a CDR stored in
+    another currency than the one sent (here C1 in GBP, amounts right) still matched, and a party billed in two
+    currencies showed one sum of both."""
+    store(client)
+    client.command("INSERT INTO cdrs (country_code, party_id, cdr_id, session_id, location_id, currency, total_energy, "
+                   "total_cost_excl_vat, total_cost_incl_vat, credit, end_date_time, received_at, payload_json, "
+                   f"version) VALUES ('NL', 'TNM', 'C1', 'S1', 'LOC001', 'GBP', 10, 3.5, 4.235, false, {AT}, {AT}, "
+                   f"'{{}}', 2), ('BE', 'BEC', 'C2-R', 'S2', 'LOC001', 'GBP', 20, 6, 7.26, false, {AT}, {AT}, "
+                   "'{}', 2)")
+    summary = read_summary(client, acknowledged(), 0.0)
+    assert [(p.party_id, p.currency, p.cost_excl_vat) for p in summary.parties] == [
+        ("BEC", "EUR", Decimal("0.0000")), ("BEC", "GBP", Decimal("6.0000")), ("TNM", "GBP", Decimal("3.5000"))]
+    assert summary.mismatches == ["BE/BEC: billed in EUR, GBP, expected EUR", "NL/TNM: billed in GBP, expected EUR"]
 
 
 def test_a_location_not_stored_is_a_mismatch(client: Client) -> None:
