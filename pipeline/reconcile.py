@@ -515,12 +515,16 @@ def _write_link(state: PartyState, fact: CdrFact, link: CreditRec, original: Cdr
                 out: PartyOutput, now: datetime) -> None:
     link.seq = next_seq(link.seq, now)
     state.put_credit(fact.cdr_id, link)
+    # A link written without its original (AWAITING_ORIGINAL) is one below the version a resolved row of the same
+    # event time has: a state that lacks the original (restored from the raw window only, the original older) must
+    # not replace the LINKED or DUPLICATE_CREDIT row a state that knew it wrote (a duplicate billed again). Every
+    # later row of the link is still above it (next_seq), and so is the sweep's UNKNOWN_REFERENCE (version + 1).
     credited_cost = None if original is None else original.cost_excl_vat
     matches = None if original is None else negates(fact, original)
     out.credit_links.append([
         state.country_code, state.party_id, fact.cdr_id, fact.credit_reference_id, fact.partner_id, link.status,
         fact.cost_excl_vat, credited_cost, matches, fact.received_at, fact.received_at + rules.session_grace,
-        link.seq * 2,
+        link.seq * 2 - (1 if original is None else 0),
     ])
 
 

@@ -280,6 +280,25 @@ def test_a_second_credit_for_a_credited_cdr_is_a_duplicate_with_an_anomaly() -> 
     assert second.reconciliation and all(r["subject_id"] == "C1-C2" for r in second.results)  # C1 is unchanged
 
 
+def test_a_credit_whose_original_a_restored_state_lacks_does_not_replace_its_resolved_link() -> None:
+    """A state restore replays the raw window only: a credit inside it whose original is older is found with no
+    original and written AWAITING_ORIGINAL, at the version its LINKED or DUPLICATE_CREDIT row has (both come from the
+    credit's event time). On that tie the later insert won: a DUPLICATE_CREDIT became billable again (the original
+    refunded twice), and the deadline sweep then turned both credits UNKNOWN_REFERENCE with false anomalies."""
+    party = Party()
+    party.run(c_fact(cdr("C1", cost="2.50"), received=0))
+    first = c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=1)
+    second = c_fact(cdr("C1-C2", cost="-2.50", credit=True, credit_reference="C1"), received=2)
+    resolved = {c: link(party.run(f), c) for c, f in (("C1-C", first), ("C1-C2", second))}
+    restored = Party()  # the original is older than the raw window: not replayed
+    for credit_id, fact in (("C1-C", first), ("C1-C2", second)):
+        waiting = link(restored.run(fact), credit_id)
+        assert waiting["status"] == "AWAITING_ORIGINAL"
+        assert waiting["version"] < resolved[credit_id]["version"], credit_id  # ReplacingMergeTree keeps the resolved
+    late = link(restored.run(c_fact(cdr("C1", cost="2.50"), received=3)), "C1-C")
+    assert late["status"] == "LINKED" and late["version"] > resolved["C1-C"]["version"]  # a new fact still wins
+
+
 def test_a_credit_of_a_credit_links_nothing_and_is_flagged_in_every_order() -> None:
     # OCPI credits a CDR; linked to the credit, it would refund the first CDR twice.
     original = c_fact(cdr("A", cost="2.50"), received=0)
