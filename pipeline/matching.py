@@ -170,7 +170,10 @@ class Matching:
         return self._cdrs[cdr_id]
 
     def cdrs_of(self, session: SessionRec) -> list[CdrRec]:
-        return [c for c in map(self.cdr, session.cdr_ids) if c is not None]
+        """The CDRs that hold `session`. A crash that restored part of a batch's state may leave it listing a CDR
+        whose own record moved on (to another session, or out of matching by a credit): that one is not its CDR."""
+        sid = session.fact.session_id
+        return [c for c in map(self.cdr, session.cdr_ids) if c is not None and c.session_id == sid]
 
     def _session_changed(self, rec: SessionRec) -> None:
         self.changed_sessions.add(rec.fact.session_id)

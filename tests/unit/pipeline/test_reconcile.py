@@ -785,6 +785,36 @@ def test_a_cdr_seen_again_after_a_partial_state_restore_is_listed_once_by_its_se
     assert (row["outcome"], row["cdr_ids"], row["cdr_kwh"]) == ("MATCHED", ["C1"], Decimal(10))
 
 
+def test_a_session_restored_listing_a_cdr_that_left_it_counts_only_the_cdrs_that_hold_it() -> None:
+    # The other partial restore (a stage-2 state split over several changelog batches, README): the credit's batch
+    # wrote C1's record (credited, matched to nothing) before the session's (C1 left), and the crash came between.
+    # The batch read again changes nothing (the credit is known), so the session still lists C1: its next change
+    # raised KeyError on C1's empty method, and the whole party-facts record (every fact of the party in it) went
+    # to dead letters, again at every later change of the session.
+    party = Party()
+    party.run(s_fact(session("S1", status="ACTIVE"), received=0), c_fact(cdr("C1"), received=1))
+    before = dict(party.store.data)
+    credit = c_fact(cdr("C1-C", session_id=None, credit=True, credit_reference="C1", cost="-2.50"), received=2)
+    party.run(credit)
+    party.store.data["S/NL/TNM/S1"] = before["S/NL/TNM/S1"]  # the session's record as before the batch
+    assert party.run(credit).results == []
+    out = party.run(s_fact(completed("S1"), version=2, received=3, final=3))
+    row = result(out, "SESSION", "S1")
+    assert (row["outcome"], row["cdr_ids"], row["cdr_kwh"]) == ("AWAITING_CDR", [], None)
+    # So does a CDR that moved to another session: the session it left does not count it with its new one's.
+    party = Party()
+    party.run(s_fact(completed("S1", uid="T1", authref="A1"), received=0, final=0),
+              c_fact(cdr("C1", session_id=None, uid="T1", authref="A1"), received=1))
+    before = dict(party.store.data)
+    party.run(s_fact(completed("S2", uid="T1", authref="A1"), received=2, final=2),
+              s_fact(completed("S1", uid="T1", authref="A9"), version=2, received=2, final=2))
+    assert stored(party, "C1") == ("S2", "AUTHORIZATION_REFERENCE")
+    party.store.data["S/NL/TNM/S1"] = before["S/NL/TNM/S1"]  # S1's record still lists C1
+    out = party.run(s_fact(completed("S1", uid="T1", authref="A9", kwh="11"), version=3, received=3, final=3))
+    row = result(out, "SESSION", "S1")
+    assert (row["cdr_ids"], row["cdr_kwh"]) == ([], None)
+
+
 def test_a_session_whose_cdrs_bill_another_cost_is_a_mismatch() -> None:
     # The energy agrees, the cost does not: the session's row compares both (README: within the energy AND cost
     # tolerances).
