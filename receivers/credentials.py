@@ -364,18 +364,18 @@ class Initiator:
             assert theirs is not None
         hub_role = partner.unagreed_hub_role(theirs.roles)
         if hub_role is not None:
-            await self._undo_remote(theirs, discovery, profile)
+            undone = await self._undo_remote(theirs, discovery, profile)
             await self._abandon(partner)
             raise HandshakeError(f"the partner's party {hub_role.country_code}/{hub_role.party_id} has the role HUB "
-                                 "(a Hub acts for any party it names); the registration was undone: register "
-                                 "again with --hub if that is agreed")
+                                 f"(a Hub acts for any party it names); {undone}: register again with --hub if "
+                                 "that is agreed")
         held = await _run(lambda: self.registry.party_holder(theirs.roles, except_id=partner_id))
         if held is not None:
-            await self._undo_remote(theirs, discovery, profile)
+            undone = await self._undo_remote(theirs, discovery, profile)
             await self._abandon(partner)
             role, holder = held
             raise HandshakeError(f"the partner's party {role.country_code}/{role.party_id} belongs to our "
-                                 f"partner {holder!r}; the registration was undone")
+                                 f"partner {holder!r}; {undone}")
         partner.status = PartnerStatus.REGISTERED
         partner.roles = list(theirs.roles)
         partner.outbound_token = theirs.token
@@ -390,12 +390,16 @@ class Initiator:
         partner.outbound_token = None
         await _run(self.registry.save, partner)
 
-    async def _undo_remote(self, theirs: Credentials, discovery: Discovery, profile: CompatProfile) -> None:
+    async def _undo_remote(self, theirs: Credentials, discovery: Discovery, profile: CompatProfile) -> str:
+        """DELETE the registration the partner just accepted; what became of it, for the operator."""
         try:
             async with self._client(theirs.token, profile) as client:
                 await client.credentials("DELETE", discovery.credentials_url)
         except PartnerApiError as exc:
             log.warning("could not undo the registration at %s: %s", discovery.credentials_url, exc)
+            return (f"the registration was dropped here, but the partner did not confirm our credentials DELETE "
+                    f"({exc}) and may still hold it: ask it to drop it")
+        return "the registration was undone"
 
     def _registered(self, partner: Partner) -> tuple[str, str]:
         if partner.status is not PartnerStatus.REGISTERED:

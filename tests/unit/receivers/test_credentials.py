@@ -24,7 +24,9 @@ from ocpi.model import Credentials
 from receivers import credentials as credentials_module
 from receivers.outbound import OcpiClient, PartnerApiError
 from receivers.registry import PartnerStatus, TokenKind, TokenState, hash_token
+from receivers.versions import served_endpoints
 from tests.conftest import EXAMPLES
+from tests.unit.receivers import fake_partner as fake_partner_module
 from tests.unit.receivers.app_support import AppEnv, app_env, auth, make_env  # noqa: F401
 from tests.unit.receivers.fake_partner import FakePartner
 
@@ -582,3 +584,49 @@ async def test_our_handshake_requests_follow_the_transport_rules() -> None:
                           transport=httpx.MockTransport(handler)) as raw:
         await raw.versions("http://partner.test/ocpi/versions")
     assert seen[-1].headers["authorization"] == "Token example-token"
+
+
+@pytest.fixture
+def our_side() -> Iterator[FakePartner]:
+    """Stands in for our receivers when we start a handshake: answers the partner's callback (versions, details)
+    whatever the token."""
+    fake = FakePartner().start()
+    fake._auth = lambda request, *, allow_a: "any"  # type: ignore[method-assign]
+    yield fake
+    fake.stop()
+
+
+def initiator(app_env: AppEnv, our_side: FakePartner) -> credentials_module.Initiator:  # noqa: F811
+    ours = served_endpoints(app_env.app, app_env.settings.http.base_url)
+    return credentials_module.Initiator(app_env.registry, app_env.settings, ours=ours,
+                                        our_versions_url=our_side.versions_url)
+
+
+def refuse_delete(fake: FakePartner) -> None:
+    """The partner answers every credentials DELETE with an error."""
+    accept = fake._auth
+
+    def auth_or_refuse(request: Any, *, allow_a: bool) -> Any:
+        if request.method == "DELETE":
+            return fake_partner_module._envelope(3000, message="try again later", http=500)
+        return accept(request, allow_a=allow_a)
+
+    fake._auth = auth_or_refuse  # type: ignore[method-assign]
+
+
+async def test_a_registration_the_partner_did_not_undo_is_not_reported_undone(app_env: AppEnv,  # noqa: F811
+                                                                              partner: FakePartner,
+                                                                              our_side: FakePartner) -> None:
+    """`partners register` (no --hub) toward a partner that answers as a Hub undoes the registration with a
+    credentials DELETE; when the partner refused that DELETE the operator was told "the registration was undone"
+    though the partner still held it."""
+    partner.role = "HUB"
+    refuse_delete(partner)
+    with pytest.raises(credentials_module.HandshakeError) as raised:
+        await initiator(app_env, our_side).register(versions_url=partner.versions_url,
+                                                    token_a=partner.issue_token_a(), partner_id="hub")
+    message = str(raised.value)
+    assert "was undone" not in message, message
+    assert "did not confirm" in message and "HTTP 500" in message, message
+    stored = app_env.registry.get("hub")
+    assert stored is not None and stored.status is PartnerStatus.DELETED and not stored.valid_tokens()
