@@ -362,6 +362,14 @@ class Initiator:
                 await self._abandon(partner)
                 raise HandshakeError(_explain(exc, self.our_versions_url)) from None
             assert theirs is not None
+        stored = await _run(self.registry.get, partner_id)
+        if stored is None or stored.status is not PartnerStatus.REGISTERING or not _holds(stored, token_b):
+            # An operator deleted, suspended or replaced it while our POST was open (the partner decides how long):
+            # saving the record read before would undo that.
+            undone = await self._undo_remote(theirs, discovery, profile)
+            raise HandshakeError(f"partner {partner_id!r} was changed here while our registration was open (it is "
+                                 f"{stored.status.value if stored else 'gone'} now, and stays so); {undone}")
+        partner = stored
         hub_role = partner.unagreed_hub_role(theirs.roles)
         if hub_role is not None:
             undone = await self._undo_remote(theirs, discovery, profile)
@@ -419,16 +427,30 @@ class Initiator:
         profile = partner.profile
         async with self._client(token, profile) as client:
             discovery = await self._discover(client, url)
+            # Read again after each call (their length is the partner's): saving the record read before would
+            # undo what an operator did meanwhile (a deleted or suspended partner REGISTERED again).
+            partner = await _run(self.registry.require, partner_id)
+            if self._registered(partner)[0] != token:
+                raise HandshakeError(f"partner {partner_id!r} was updated meanwhile; nothing changed: try again")
             new_token = partner.issue_token(TokenKind.B)
             await _run(self.registry.save, partner)  # the partner calls us back with it during the PUT
             try:
                 ours = our_credentials(self.settings, new_token, url=self.our_versions_url)
                 theirs = await client.credentials("PUT", discovery.credentials_url, ours)
             except PartnerApiError as exc:
-                partner.revoke_tokens(sha256=hash_token(new_token))
-                await _run(self.registry.save, partner)
+                stored = await _run(self.registry.get, partner_id)
+                if stored is not None:
+                    stored.revoke_tokens(sha256=hash_token(new_token))
+                    await _run(self.registry.save, stored)
                 raise HandshakeError(_explain(exc, self.our_versions_url)) from None
             assert theirs is not None
+        stored = await _run(self.registry.get, partner_id)
+        if stored is None or stored.status not in (PartnerStatus.REGISTERED, PartnerStatus.SUSPENDED) or \
+                not _holds(stored, new_token):
+            raise HandshakeError(f"partner {partner_id!r} was changed here while our credentials PUT was open (it is "
+                                 f"{stored.status.value if stored else 'gone'} now, and stays so); the partner has "
+                                 "renewed its tokens, which are not kept here")
+        partner = stored  # a suspension made meanwhile stays, with the tokens the partner now holds
         partner.retire_tokens(keep=[hash_token(new_token)], grace_s=self.settings.partners.token_grace_s)
         partner.outbound_token = theirs.token
         partner.versions_url = theirs.url
@@ -465,6 +487,12 @@ class Initiator:
                 raise HandshakeError(f"{exc}; nothing changed here (`partners suspend` stops the partner "
                                      "locally)") from None
         return await _run(self.registry.unregister, partner)
+
+
+def _holds(partner: Partner, token: str) -> bool:
+    """Whether `token` is one of the partner's inbound tokens valid now."""
+    digest = hash_token(token)
+    return any(t.sha256 == digest for t in partner.valid_tokens())
 
 
 def describe_token(token: str | None) -> str:

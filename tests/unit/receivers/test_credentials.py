@@ -630,3 +630,59 @@ async def test_a_registration_the_partner_did_not_undo_is_not_reported_undone(ap
     assert "did not confirm" in message and "HTTP 500" in message, message
     stored = app_env.registry.get("hub")
     assert stored is not None and stored.status is PartnerStatus.DELETED and not stored.valid_tokens()
+
+
+def operator_acts_during_the_partners_callback(our_side: FakePartner, act: Callable[[], Any]) -> None:
+    """`act` (an operator's CLI command, another process) runs when the partner first calls us back, i.e. while
+    our credentials POST/PUT is open at the partner."""
+    accept = our_side._auth
+    done: list[bool] = []
+
+    def act_then_accept(request: Any, *, allow_a: bool) -> Any:
+        if not done:
+            done.append(True)
+            act()
+        return accept(request, allow_a=allow_a)
+
+    our_side._auth = act_then_accept  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("action", ["delete", "suspend"])
+async def test_an_operator_stop_during_our_update_is_not_undone(app_env: AppEnv, partner: FakePartner,  # noqa: F811
+                                                                our_side: FakePartner, action: str) -> None:
+    """`partners delete` (a token thought leaked) or `suspend` while `partners update`/`rotate` waits for the
+    partner's answer: the update saved the record it had read before, REGISTERED, with a new working token for the
+    partner (a deleted partner came back)."""
+    ours = initiator(app_env, our_side)
+    await ours.register(versions_url=partner.versions_url, token_a=partner.issue_token_a(), partner_id="cpo")
+    stop = {"delete": lambda: app_env.registry.delete("cpo"),
+            "suspend": lambda: app_env.registry.set_status("cpo", PartnerStatus.SUSPENDED)}[action]
+    operator_acts_during_the_partners_callback(our_side, stop)
+    if action == "delete":
+        with pytest.raises(credentials_module.HandshakeError, match="DELETED"):
+            await ours.update("cpo")
+    else:
+        await ours.update("cpo")
+    stored = app_env.registry.get("cpo")
+    assert stored is not None
+    if action == "delete":
+        assert stored.status is PartnerStatus.DELETED and not stored.valid_tokens() and not stored.outbound_token
+    else:  # still suspended, with the tokens the update exchanged (the partner holds only those now)
+        assert stored.status is PartnerStatus.SUSPENDED
+        assert stored.outbound_token is not None and list(partner.tokens) == [stored.outbound_token]
+        assert [t.kind for t in stored.valid_tokens()] == [TokenKind.B]
+        assert partner.peer_credentials is not None
+        assert stored.valid_tokens()[0].sha256 == hash_token(partner.peer_credentials["token"])
+
+
+async def test_an_operator_delete_during_our_registration_is_not_undone(app_env: AppEnv,  # noqa: F811
+                                                                         partner: FakePartner,
+                                                                         our_side: FakePartner) -> None:
+    """The same for `partners register`: a partner deleted while our POST is open was saved back REGISTERED."""
+    operator_acts_during_the_partners_callback(our_side, lambda: app_env.registry.delete("cpo"))
+    with pytest.raises(credentials_module.HandshakeError, match="DELETED"):
+        await initiator(app_env, our_side).register(versions_url=partner.versions_url,
+                                                    token_a=partner.issue_token_a(), partner_id="cpo")
+    stored = app_env.registry.get("cpo")
+    assert stored is not None
+    assert stored.status is PartnerStatus.DELETED and not stored.valid_tokens() and not stored.outbound_token
