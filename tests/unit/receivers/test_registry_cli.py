@@ -128,6 +128,9 @@ def test_rotate_suspend_resume_compat_delete(run: Cli) -> None:
 
     assert fields(run("suspend", "bec").output)["status"] == "SUSPENDED"
     assert "nothing to suspend" in run("suspend", "bec", ok=False).output
+    # Provisioned by an operator: rotated locally, no partner answer needed, so also while suspended (docs said not).
+    suspended_token = fields(run("rotate", "bec").output)["token"]
+    assert {t.sha256 for t in run.registry().require("bec").valid_tokens()} == {hash_token(suspended_token)}
     assert fields(run("resume", "bec").output)["status"] == "REGISTERED"
     assert fields(run("compat", "bec", "DATETIME_OFFSET,RAW_TOKEN").output)["compat"] == "RAW_TOKEN,DATETIME_OFFSET"
     assert run.registry().require("bec").profile.raw_token
