@@ -387,7 +387,7 @@ class Initiator:
         partner.status = PartnerStatus.REGISTERED
         partner.roles = list(theirs.roles)
         partner.outbound_token = theirs.token
-        partner.versions_url = theirs.url
+        partner.versions_url = _their_versions_url(theirs, versions_url)
         partner.registered_at = datetime.now(UTC)
         await _run(self.registry.save, partner)
         return partner
@@ -453,7 +453,7 @@ class Initiator:
         partner = stored  # a suspension made meanwhile stays, with the tokens the partner now holds
         partner.retire_tokens(keep=[hash_token(new_token)], grace_s=self.settings.partners.token_grace_s)
         partner.outbound_token = theirs.token
-        partner.versions_url = theirs.url
+        partner.versions_url = _their_versions_url(theirs, url)
         partner.version = discovery.version
         partner.endpoints = list(discovery.endpoints)
         hub_role = partner.unagreed_hub_role(theirs.roles)
@@ -487,6 +487,17 @@ class Initiator:
                 raise HandshakeError(f"{exc}; nothing changed here (`partners suspend` stops the partner "
                                      "locally)") from None
         return await _run(self.registry.unregister, partner)
+
+
+def _their_versions_url(theirs: Credentials, reached_at: str) -> str:
+    """The versions URL of the partner's credentials answer, where every later update starts; the URL we reached
+    it at when the answer's is not one we can call (a relative URL would make the connection unchangeable)."""
+    problem = url_problem(theirs.url)
+    if problem is None:
+        return theirs.url
+    log.warning("the partner answered with the versions URL %r, which is %s; keeping %s", theirs.url, problem,
+                reached_at)
+    return reached_at
 
 
 def _holds(partner: Partner, token: str) -> bool:

@@ -686,3 +686,20 @@ async def test_an_operator_delete_during_our_registration_is_not_undone(app_env:
     stored = app_env.registry.get("cpo")
     assert stored is not None
     assert stored.status is PartnerStatus.DELETED and not stored.valid_tokens() and not stored.outbound_token
+
+
+async def test_a_partner_answering_with_an_unusable_versions_url_stays_reachable(app_env: AppEnv,  # noqa: F811
+                                                                                 partner: FakePartner,
+                                                                                 our_side: FakePartner) -> None:
+    """The versions URL in the partner's credentials answer is where every later update starts. A relative one
+    (not callable) was stored as it came, so `partners update`/`rotate` could never work again with that partner;
+    the URL we reached it at is kept instead (we refuse such a URL in a partner's own POST/PUT, 2001)."""
+    answer = partner.credentials_data
+    partner.credentials_data = lambda token: {**answer(token), "url": "/ocpi/versions"}  # type: ignore[method-assign]
+    ours = initiator(app_env, our_side)
+    registered_partner = await ours.register(versions_url=partner.versions_url, token_a=partner.issue_token_a(),
+                                             partner_id="cpo")
+    assert registered_partner.versions_url == partner.versions_url
+    updated = await ours.update("cpo")  # failed: "'/ocpi/versions' is not an absolute http(s) URL"
+    assert updated.versions_url == partner.versions_url
+    assert updated.outbound_token is not None and list(partner.tokens) == [updated.outbound_token]
