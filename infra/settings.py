@@ -427,7 +427,9 @@ class PipelineSettings:
     )
     time_tolerance_s: float = _setting(
         "OCPI_RECONCILE_TIME_TOLERANCE", "300",
-        "seconds a CDR's start/end may differ from its session's and still match (at most 86400)",
+        "seconds a CDR's start/end may differ from its session's and still match (at most 86400). A session is "
+        "indexed under the start hours the tolerance covered when it was indexed, so a raised tolerance reaches "
+        "across an hour boundary only for sessions indexed (or whose start changed) after the change",
     )
     sweep_interval_s: float = _setting(
         "OCPI_PIPELINE_SWEEP_INTERVAL", "30",
