@@ -205,7 +205,8 @@ def print_summary(console: Console, summary: DemoSummary) -> None:
 @click.option("--seed", default=7, show_default=True, help="Seed of the simulated traffic.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for the rows in ClickHouse.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the demo's data here (default: a fresh temporary directory, removed afterwards).")
+              help="Keep the demo's data here, a new or empty directory (default: a fresh temporary directory, "
+                   "removed afterwards).")
 def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> None:
     """The main job on the embedded defaults: simulated CPOs push over HTTP, the summary comes from ClickHouse.
 
@@ -218,6 +219,12 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
     # A SIGTERM (kill, timeout, a CI runner) stops the demo like Ctrl-C: its default would end the process at
     # once, leaving the temporary data directory behind.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
+    if data_dir is not None and data_dir.is_dir() and any(data_dir.iterdir()):
+        # The demo checks that ClickHouse holds exactly what its simulated CPOs pushed: over an earlier run's data
+        # (the same partners, parties and object ids) it waited out --timeout and exited 1 with a page of
+        # mismatches, and over an operator's data dir it would write its simulated partners and CDRs into it.
+        raise click.ClickException(f"--data-dir {data_dir} is not empty: the demo needs a new or empty directory "
+                                   "(remove the earlier run's data, or choose another)")
     temp = None
     if data_dir is None:
         temp = Path(tempfile.mkdtemp(prefix="ocpi-demo-"))

@@ -31,3 +31,27 @@ def test_the_demo_pushes_to_its_own_receivers_whatever_the_public_url(monkeypatc
     stack = Stack(seen[0], http_port=40123)
     assert stack.base_url == "http://127.0.0.1:40123"
     assert stack.child_environment()["OCPI_PUBLIC_URL"] == "http://127.0.0.1:40123"
+
+
+def test_the_demo_refuses_a_data_dir_that_holds_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The demo checks that ClickHouse holds exactly what its CPOs pushed. Run again with the same `--data-dir`
+    (README's examples run `demo --data-dir ./demo-data` in two sections), it pushed the same ids over the first
+    run's rows, waited out --timeout and exited 1 with a page of mismatches; and on an operator's data dir it
+    would have written its simulated partners and CDRs into the real store."""
+    started: list[Settings] = []
+
+    async def fake_run_demo(settings: Settings, **_options: Any) -> None:
+        started.append(settings)
+        raise StackError("stopped by the test")
+
+    monkeypatch.setattr("pipeline.cli.services.run_demo", fake_run_demo)
+    used = tmp_path / "demo"
+    (used / "clickhouse").mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["demo", "--data-dir", str(used)])
+    assert result.exit_code == 1
+    assert f"--data-dir {used} is not empty" in result.output, result.output
+    assert not started
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(cli, ["demo", "--data-dir", str(empty)])
+    assert "stopped by the test" in result.output, result.output
