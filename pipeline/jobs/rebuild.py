@@ -68,6 +68,7 @@ from pipeline.jobs.common import (
     uninterrupted,
 )
 from pipeline.jobs.kafka_io import committed_offsets, offset_bounds, partitions_of, topic_partitions
+from pipeline.retention import apply_ttls
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,10 @@ async def _rebuild(settings: Settings, bootstrap: str, *, timeout: float, progre
                         "changed")
                 state["targets"] = targets
             await asyncio.to_thread(migrate, client, state["rebuild_database"])  # once the topics are known good
+            # The migrations' TTLs are fixed defaults, and the live worker sets the configured ones only at its
+            # first sweep: swapped in as they are, the tables would delete by the defaults (billing rows after 7
+            # years with 10 configured) until it restarted.
+            await asyncio.to_thread(apply_ttls, client, state["rebuild_database"], settings)
             checkpoint.save(state)
             worker = _start_worker(settings, bootstrap, dsn, state, state["rebuild_database"])
             if on_phase:

@@ -163,6 +163,7 @@ async def test_a_rebuild_from_topics_whose_start_retention_deleted_is_refused_un
     monkeypatch.setattr(kafka_io, "topic_partitions", partitions)  # under kafka_io.partitions_of
     monkeypatch.setattr(rebuild_mod, "offset_bounds", bounds)
     monkeypatch.setattr(rebuild_mod, "migrate", lambda _client, database: migrated.append(database))
+    monkeypatch.setattr(rebuild_mod, "apply_ttls", lambda *_a: [])
     monkeypatch.setattr(rebuild_mod, "_start_worker", start_worker)
     checkpoint = Checkpoint(jobs_dir(settings, "rebuild") / "current.json")
 
@@ -297,3 +298,45 @@ async def test_the_gap_after_the_swap_is_never_cut_short_by_tansus_list_offsets(
 
     assert client.tables[live] == new
     assert tails == [[topic, 0, 1, 10]]  # the whole gap, to the topic's real end
+
+
+async def test_the_fresh_database_gets_the_configured_ttls_before_it_is_swapped_in(
+        settings_for: Any, chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fresh database was made by the migrations alone, whose TTLs are fixed defaults (30 days raw, 365
+    history, 7 years billing), and the live worker sets the configured ones once, at its first sweep: after the
+    swap, with OCPI_RETENTION_BILLING_YEARS=10 the tables deleted billing rows from 7 years (raw events from 30
+    days with OCPI_RETENTION_RAW_DAYS=90) until the worker restarted or someone ran `retention apply`."""
+    from aiokafka.structs import TopicPartition
+
+    from infra.clickhouse.client import connect
+    from pipeline import retention
+
+    settings = settings_for(OCPI_RETENTION_BILLING_YEARS="10", OCPI_RETENTION_RAW_DAYS="90")
+    client = connect(chdb_dsn)
+
+    async def partitions(_bootstrap: str, topics: list[str]) -> list[TopicPartition]:
+        return [TopicPartition(topic, 0) for topic in topics]
+
+    async def bounds(_kafka: Any, _bootstrap: str, tps: list[TopicPartition],
+                     **_kwargs: Any) -> dict[TopicPartition, tuple[int, int]]:
+        return {tp: (0, 5) for tp in tps}
+
+    class Stop(Exception):
+        pass
+
+    def start_worker(*_args: Any) -> FakeWorker:
+        raise Stop  # the worker would write into the fresh database from here on
+
+    monkeypatch.setattr(rebuild_mod, "effective_dsn", lambda _s: ("http://clickhouse.invalid:8123", None))
+    monkeypatch.setattr(rebuild_mod, "connect", lambda *_a, **_k: client)
+    monkeypatch.setattr(rebuild_mod, "_check_key", lambda *_a: None)
+    monkeypatch.setattr(kafka_io, "topic_partitions", partitions)
+    monkeypatch.setattr(rebuild_mod, "offset_bounds", bounds)
+    monkeypatch.setattr(rebuild_mod, "_start_worker", start_worker)
+    with pytest.raises(Stop):
+        await rebuild_mod.rebuild(settings, "broker.invalid:9092")
+    fresh = (Checkpoint(jobs_dir(settings, "rebuild") / "current.json").load() or {})["rebuild_database"]
+    current = retention.current_ttls(connect(chdb_dsn), fresh)
+    wanted = {ttl.table: ttl.expression for data_class in retention.policy(settings) for ttl in data_class.ttls}
+    assert {table: current[table] for table in wanted} == wanted
+    assert retention.apply_ttls(connect(chdb_dsn), fresh, settings) == []
