@@ -201,9 +201,11 @@ def print_summary(console: Console, summary: DemoSummary) -> None:
 
 
 @click.command()
-@click.option("--sessions", default=300, show_default=True, help="Charging sessions the simulated CPOs push.")
+@click.option("--sessions", default=300, show_default=True, type=click.IntRange(min=0),
+              help="Charging sessions the simulated CPOs push.")
 @click.option("--seed", default=7, show_default=True, help="Seed of the simulated traffic.")
-@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for the rows in ClickHouse.")
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the rows in ClickHouse.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the demo's data here, a new or empty directory (default: a fresh temporary directory, "
                    "removed afterwards).")

@@ -55,3 +55,21 @@ def test_the_demo_refuses_a_data_dir_that_holds_data(monkeypatch: pytest.MonkeyP
     empty.mkdir()
     result = CliRunner().invoke(cli, ["demo", "--data-dir", str(empty)])
     assert "stopped by the test" in result.output, result.output
+
+
+@pytest.mark.parametrize("args", [["--sessions", "-3"], ["--timeout", "0"], ["--timeout", "-1"]])
+def test_the_demo_refuses_a_negative_count_or_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     args: list[str]) -> None:
+    """`demo --sessions -3` started the whole stack, pushed the Locations, showed a progress bar of 0/-3 and
+    ended in a page of mismatches; a timeout of 0 or less failed every run the same way."""
+    started: list[Settings] = []
+
+    async def fake_run_demo(settings: Settings, **_options: Any) -> None:
+        started.append(settings)
+        raise StackError("stopped by the test")
+
+    monkeypatch.setattr("pipeline.cli.services.run_demo", fake_run_demo)
+    result = CliRunner().invoke(cli, ["demo", "--data-dir", str(tmp_path / "demo"), *args])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{args[0]}'" in result.output
+    assert not started
