@@ -157,6 +157,10 @@ def dev() -> None:
     Kafka is in memory and starts empty on every run, and so does the worker's state: on a data dir that
     holds data it warns, and export --source clickhouse then replay --from-archive restores the state.
 
+    A Kafka or ClickHouse that OCPI_KAFKA_BOOTSTRAP or OCPI_CLICKHOUSE_DSN names is used instead of the
+    embedded one (the worker then joins the consumer group OCPI_PIPELINE_APP_ID there): unset them for a
+    sandbox.
+
     Example: ocpi-pipeline dev
     """
     import kafka.errors

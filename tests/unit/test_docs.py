@@ -136,3 +136,13 @@ def test_every_dotted_name_the_docs_give_resolves(doc: str) -> None:
             and not re.search(r"\.(py|md|json|avsc|sql|v1)$|^ocpi\.(pipeline|v2_2_1)\.", ref)}
     unresolved = sorted(ref for ref in refs if not resolves(ref))
     assert not unresolved, f"{doc} names what the code does not have: {unresolved}"
+
+
+def test_dev_says_that_a_configured_kafka_or_clickhouse_is_used() -> None:
+    """`dev` was documented as "everything embedded", but it uses the Kafka and ClickHouse the settings name
+    (`pipeline.stack.Stack`): run from a shell with production's OCPI_KAFKA_BOOTSTRAP, its worker joined
+    production's consumer group and took partitions from it, writing their events into a local chDB."""
+    help_text = " ".join(CliRunner().invoke(cli, ["dev", "--help"]).output.split())
+    row = next(line for line in README.splitlines() if line.startswith("| `ocpi-pipeline dev` |"))
+    for text in (help_text, row):
+        assert "OCPI_KAFKA_BOOTSTRAP" in text and "OCPI_CLICKHOUSE_DSN" in text, text
