@@ -1,4 +1,4 @@
-"""The run file of a `dev`/`demo` instance: how other processes find its admin API and ClickHouse shim."""
+"""The run file of a `dev`/`demo` instance: how other processes find its ClickHouse shim."""
 
 from __future__ import annotations
 

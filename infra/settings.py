@@ -338,12 +338,13 @@ def private_dir(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class AdminSettings:
-    """The admin API (query endpoint and partner management of a running instance)."""
+    """The ClickHouse shim of a running `dev`/`demo`, through which other processes reach its embedded store."""
 
     token: str = _setting(
         "OCPI_ADMIN_TOKEN",
         "",
-        "token for the admin API and the ClickHouse shim; empty = random per run (written to the run file)",
+        "token of the ClickHouse shim through which `dev`/`demo` serve their embedded store; empty = random per run"
+        " (written to the run file)",
         secret=True,
     )
 
@@ -561,7 +562,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(**sections)
     _check_distinct_topics(settings)
     if not settings.admin.token:
-        # A random token still protects the admin API; `dev` writes it to the run file for the CLI.
+        # A random token still protects the shim; `dev` writes it to the run file for the CLI.
         settings = settings.with_overrides(admin={"token": secrets.token_urlsafe(24)})
     return settings
 

@@ -63,7 +63,7 @@ def connect(dsn: str, *, database: str | None = None, readonly: bool = False, pa
                 if _held_elsewhere(path) or "Cannot lock file" in str(exc):
                     raise ClickHouseUnavailable(
                         f"the embedded ClickHouse at {path} is held by another process "
-                        "(a running `ocpi-pipeline dev` or `demo`, or a worker); use that instance's admin API, "
+                        "(a running `ocpi-pipeline dev` or `demo`, or a worker); use that instance's ClickHouse shim, "
                         "which `query` and `partners` find by themselves through the run file"
                     ) from exc
                 raise ClickHouseUnavailable(f"cannot open the embedded ClickHouse at {path}: {exc}") from exc
