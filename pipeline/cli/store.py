@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
@@ -135,7 +136,10 @@ def settings_cmd() -> None:
     table = Table("variable", "value", "default", "meaning")
     for _section, var, default, doc in documented_settings():
         value = current.get(var, "")
-        if var in secrets:
+        if var == "OCPI_ADMIN_TOKEN" and not os.environ.get(var):
+            # load_settings fills in a random token for this process alone: shown masked, it looked configured.
+            value = "(random per run)"
+        elif var in secrets:
             value = mask(value)
         elif var == "OCPI_CLICKHOUSE_DSN":
             value = redact_dsn(value)  # http://user:password@host: the password is a secret too
