@@ -124,6 +124,16 @@ def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module:
               owner: Party | None, scope: Any = None) -> Partner:
     """The module docstring's rules 1 and 2; returns the Partner (a RoutedPartner for a Hub) to act as."""
     sender, receiver = routing.sender, routing.receiver
+    if scope is not None:
+        # The answer goes back to the sender, from us: the parties named in the request, or implied by the
+        # connection when a single-party peer left the headers out. Decided before the headers are judged, so that
+        # refusing them does not echo them as if they were true: the answer is from us, not from a party the
+        # request named but we do not host, and to the caller, not to a party it may not speak for.
+        only = partner.roles[0] if len(partner.roles) == 1 else None
+        implied = (only.country_code, only.party_id) if only is not None else None
+        to_us = receiver if receiver is not None and _same(receiver, ours) else ours
+        back = sender if sender is not None and (partner.is_hub or partner.owns(*sender)) else implied
+        set_response_routing(scope, sender=to_us, receiver=back)
     if partner.is_hub or len(partner.roles) > 1:
         missing = [name for name, side in (("OCPI-from-*", sender), ("OCPI-to-*", receiver)) if side is None]
         if missing:
@@ -135,12 +145,6 @@ def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module:
     if sender is not None and not partner.is_hub and not partner.owns(*sender):
         raise InvalidRoutingHeaders(f"OCPI-from-* names {sender[0]}/{sender[1]}, which is not one of this "
                                     "partner's credentials roles")
-    if scope is not None:
-        # The answer goes back to the sender, from us: the parties named in the request, or implied by the
-        # connection when a single-party peer left the headers out.
-        only = partner.roles[0] if len(partner.roles) == 1 else None
-        implied = (only.country_code, only.party_id) if only is not None else None
-        set_response_routing(scope, sender=receiver or ours, receiver=sender or implied)
 
     acting: Partner = partner
     if partner.is_hub and sender is not None:
