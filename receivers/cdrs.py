@@ -23,7 +23,7 @@ from receivers.auth import require_owner
 from receivers.paths import path_segment
 from receivers.pushes import CDR_POST, Events, Segment
 from receivers.state import Stored
-from receivers.transport import ForeignParty, InvalidParameters, NotFound, decode_body, ocpi_response
+from receivers.transport import ForeignParty, NotFound, decode_body, ocpi_response
 
 PATH = "/ocpi/emsp/2.2.1/cdrs"
 Configured: TypeAlias = NamedDependency[Settings]  # the app's Settings (app.py provides it as `settings`)
@@ -41,11 +41,6 @@ async def post_cdr(request: Request[Any, Any, Any], events: Events, settings: Co
     partner = request.state.partner
     decoded = decode_body(await request.body(), CDR, partner.profile)
     cdr = decoded.value
-    if cdr.id == "":
-        # The id is the last segment of the URL we answer with (cdr_url): empty, that URL ends in `/`, which names
-        # no CDR, so the CPO could never GET it back (10 §3.2).
-        reason = "empty: a CDR is found by its id, at the URL the answer names"
-        raise InvalidParameters(f"$.id: {reason}", data={"path": "$.id", "reason": reason})
     try:
         require_owner(partner, cdr.country_code, cdr.party_id)
     except ForeignParty as exc:  # the owner came from the body: name its fields
