@@ -9,6 +9,7 @@
 - `?` fields with a documented default: null → the default.
 - a Connector's `max_voltage`/`max_amperage`/`max_electric_power` within 0..2**32-1 (the store's UInt32).
 - each EVSE uid once in a Location's `evses`, each Connector id once in an EVSE's `connectors` (CiString).
+- a CDR's `id` not empty (it names the CDR, and the URL our POST answer gives for it).
 
 The walk only descends into fields that can reach a checked class, so a Session (no cross-field rules)
 costs almost nothing. The `#NA` scan needs every string, so it runs only when the body contains a `#` or
@@ -318,9 +319,18 @@ def _cdr_epoch_times(cdr: CDR, path: str, ctx: Context) -> None:
                                                         "agreement with the partner (relaxation EPOCH_UNKNOWN_TIME)")
 
 
+def _cdr_id_present(cdr: CDR, path: str, ctx: Context) -> None:
+    # The id is the CDR's identity (unique per owner, 10 §4) and the last segment of the URL our POST answer names:
+    # an empty one names no CDR (that URL, `.../cdrs/BE/BEC/`, reads nothing), and a second one would conflict with
+    # the first, which CDRs being immutable keeps, so the second would never be billed.
+    if not cdr.id:
+        raise OcpiValidationError(f"{path}.id", "empty: a CDR is named by its id")
+
+
 def _checks_of(cls: type) -> tuple[Check, ...]:
     checks = [check for (name, _), check in CONSTRAINTS.items() if _CLASSES[name] is cls]
     if cls is CDR:
+        checks.append(_cdr_id_present)
         checks.append(_cdr_epoch_times)
     if cls is LocationPatch:
         # The Location's rule on what a PATCH sets itself: `publish: true` with a non-empty `publish_allowed_to`

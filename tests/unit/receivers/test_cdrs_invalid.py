@@ -30,6 +30,11 @@ CASES = [
     Refusal("CDR: over-long string (credit)", "POST", CDRS_URL,
             changed(changed(changed(cdr, "id", "X" * 40), "credit", True), "credit_reference_id", "X"),
             "$.id", "longer than 39 characters"),
+    # An empty id names no CDR: the Location header would name no URL it can be read at (`.../cdrs/BE/BEC/`), and a
+    # second CDR without an id would conflict with the first (CDRs are immutable) and never be billed.
+    Refusal("CDR: empty id", "POST", CDRS_URL, changed(cdr, "id", ""), "$.id", "empty"),
+    Refusal("CDR: empty id (credit)", "POST", CDRS_URL,
+            changed(changed(changed(cdr, "id", ""), "credit", True), "credit_reference_id", "12345"), "$.id", "empty"),
     Refusal("CDR: bad enum", "POST", CDRS_URL, changed(cdr, "cdr_token.type", "CARD"), "$.cdr_token.type",
             "not one of"),
     Refusal("CDR: bad DateTime", "POST", CDRS_URL, changed(cdr, "end_date_time", "1970-1-1T00:00:00Z"),
