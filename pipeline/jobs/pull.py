@@ -14,7 +14,9 @@ The crawl (04 §4.2):
   would leave such objects behind it, and the next window starts after them for good. Sessions require a
   `date_from` (09 §2.1), so their first pull needs `--since`.
 - Pages are followed through `Link: <…>; rel="next"` until there is none. URLs we build ourselves (the first
-  page, re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known.
+  page, re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known. An empty page at
+  or past `X-Total-Count` is the last even with a next link (a partner that links on every page would otherwise
+  lead the crawl through empty pages for ever).
 - When `X-Total-Count` drops (objects updated mid-crawl leave the date_to window, shifting the ones after
   them down), the page is read again from `offset` − drop (04 §4.2's "offset − 1" for a drop of one), so no
   object is skipped; the objects read twice are deduplicated by the pipeline. Only a date_to already past lets
@@ -462,11 +464,20 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
                                 f"offset {previous['offset']}: the partner ignores `offset` (04 §4.2), so the "
                                 "objects after its first page cannot be crawled; the window is left incomplete")
 
-            async def step(page: _Page = page, at: int = at, digest: str | None = digest) -> int:
+            next_url = page.next_url
+            if next_url is not None and page.total is not None and at >= page.total and _page_items(page.data) == 0:
+                # A partner that writes a next link on every page, the last too: followed, it leads to ever higher
+                # offsets of empty pages, and the crawl would never end. Nothing is left past the announced total.
+                log.warning("GET %s: an empty page at offset %d, at or past the %d objects X-Total-Count announced, "
+                            "still has a next link; taken as the last page", page.url, at, page.total)
+                next_url = None
+
+            async def step(page: _Page = page, at: int = at, digest: str | None = digest,
+                           next_url: str | None = next_url) -> int:
                 sent = await _process(settings, partner, module, kind, page, crawl["correlation_id"], sink, report)
                 report.pages += 1
                 report.total = page.total
-                crawl.update(total=page.total, x_limit=page.x_limit or crawl["x_limit"], next_url=page.next_url,
+                crawl.update(total=page.total, x_limit=page.x_limit or crawl["x_limit"], next_url=next_url,
                              pages=crawl["pages"] + 1, objects=crawl["objects"] + sent,
                              previous_page={"offset": at, "digest": digest} if digest is not None else None)
                 checkpoint.save(state)
@@ -475,9 +486,9 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
             sent = await uninterrupted(step())  # a page's events and its checkpoint go together
             progress.set_total(page.total)
             progress.advance(sent)
-            if page.next_url == page.url:
+            if next_url == page.url:
                 raise PullError(f"GET {page.url}: the next link points at the same page")
-            url = page.next_url
+            url = next_url
             if url is None and page.total is not None:
                 # A page without a next link is the last (04 §4.2), but the partner announced more: its total or
                 # its paging is wrong, and the window is taken as read. Said, not guessed past (an offset of our

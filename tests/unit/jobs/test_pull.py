@@ -678,6 +678,31 @@ async def test_a_complete_crawl_reports_nothing_unread(settings_for: Any) -> Non
     assert report.unread == 0
 
 
+async def test_a_partner_that_always_sends_a_next_link_does_not_keep_the_crawl_going_for_ever(
+        settings_for: Any) -> None:
+    """A partner that writes a next link on every page, the last one too (offset past its X-Total-Count, no
+    objects): the crawl followed it to ever higher offsets of empty pages, for ever, and never completed the window.
+    An empty page at or past the announced total is the last."""
+    requests: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        offset = int(request.url.params["offset"])
+        requests.append(offset)
+        if len(requests) > 20:
+            return httpx.Response(401)  # stop a crawl that would not end
+        data = [session(offset + 1, hours_ago(3 - offset))] if offset < 2 else []
+        return httpx.Response(200, headers={"Link": f'<?offset={offset + 1}&limit=1>; rel="next"',
+                                            "X-Total-Count": "2"}, content=_envelope(data))
+
+    settings, sink = settings_for(), ListSink()
+    report = await pull(settings, _mock_partner(), "sessions", sink, since=hours_ago(24),
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == ["S0001", "S0002"] and requests == [0, 1, 2]
+    assert (report.pages, report.unread) == (3, 0)
+    state = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
+    assert state is not None and state["crawl"] is None and state["completed_until"] is not None
+
+
 @pytest.mark.parametrize("options", [["--schedule", "0"], ["--schedule", "-60"], ["--schedule", "nan"],
                                      ["--schedule", "3600", "--splay", "-10"], ["--max-attempts", "0"]])
 def test_a_schedule_or_retry_count_that_cannot_work_is_refused_before_anything_runs(options: list[str]) -> None:
