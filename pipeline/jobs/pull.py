@@ -16,7 +16,8 @@ The crawl (04 §4.2):
 - Pages are followed through `Link: <…>; rel="next"` until there is none. URLs we build ourselves (the first
   page, re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known. An empty page at
   or past `X-Total-Count` is the last even with a next link (a partner that links on every page would otherwise
-  lead the crawl through empty pages for ever).
+  lead the crawl through empty pages for ever). A next link whose `offset` lies past the objects the page held (a
+  server that caps `limit` but adds the limit asked for) is read from where they ended instead, skipping nothing.
 - When `X-Total-Count` drops (objects updated mid-crawl leave the date_to window, shifting the ones after
   them down), the page is read again from `offset` − drop (04 §4.2's "offset − 1" for a drop of one), so no
   object is skipped; the objects read twice are deduplicated by the pipeline. Only a date_to already past lets
@@ -471,6 +472,14 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
                 log.warning("GET %s: an empty page at offset %d, at or past the %d objects X-Total-Count announced, "
                             "still has a next link; taken as the last page", page.url, at, page.total)
                 next_url = None
+            held = _page_items(page.data)
+            ahead = query_int(next_url, "offset") if next_url is not None else None
+            if next_url is not None and held and ahead is not None and ahead > at + held:
+                # A server that caps `limit` but writes its next link from the limit asked for (offset + limit, not
+                # offset + what the page held): followed, the objects between the two would be skipped for good.
+                log.warning("GET %s: the page holds objects %d to %d, but its next link starts at %d; reading from "
+                            "%d instead, so none is skipped", page.url, at, at + held - 1, ahead, at + held)
+                next_url = with_query(next_url, offset=at + held)
 
             async def step(page: _Page = page, at: int = at, digest: str | None = digest,
                            next_url: str | None = next_url) -> int:

@@ -703,6 +703,26 @@ async def test_a_partner_that_always_sends_a_next_link_does_not_keep_the_crawl_g
     assert state is not None and state["crawl"] is None and state["completed_until"] is not None
 
 
+async def test_a_next_link_past_the_objects_a_capped_page_held_skips_none_of_them(settings_for: Any) -> None:
+    """A server that caps `limit` (X-Limit 2) but writes its next link from the limit asked for (offset + 3, as
+    04 §4.2's example warns against): the crawl followed it and skipped the objects between the page's end and that
+    offset, for good. The next page is read from where the page's objects ended."""
+    objects = [session(i, hours_ago(10 - i)) for i in range(1, 8)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        offset, asked = int(request.url.params["offset"]), int(request.url.params["limit"])
+        page = objects[offset:offset + min(asked, 2)]
+        headers = {"X-Total-Count": str(len(objects)), "X-Limit": "2"}
+        if offset + len(page) < len(objects):
+            headers["Link"] = f'<?offset={offset + asked}&limit={asked}>; rel="next"'
+        return httpx.Response(200, headers=headers, content=_envelope(page))
+
+    sink = ListSink()
+    report = await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24), limit=3,
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == [f"S000{i}" for i in range(1, 8)] and report.unread == 0
+
+
 @pytest.mark.parametrize("options", [["--schedule", "0"], ["--schedule", "-60"], ["--schedule", "nan"],
                                      ["--schedule", "3600", "--splay", "-10"], ["--max-attempts", "0"]])
 def test_a_schedule_or_retry_count_that_cannot_work_is_refused_before_anything_runs(options: list[str]) -> None:
