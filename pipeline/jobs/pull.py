@@ -33,7 +33,8 @@ The crawl (04 §4.2):
   no URL). Redirects are never followed: they could drop the Authorization header
   or hand it to another host; nor is a next link to another origin (scheme, host or port) than the endpoint's.
 - Each list is decoded element by element (`ocpi.decode.decode_list`, with the partner's compatibility
-  profile): invalid objects are logged and recorded, the valid ones are processed (04 §4.1). Objects whose
+  profile): invalid objects (an empty id, country_code or party_id too: no push could name such an object) are
+  logged and recorded, the valid ones are processed (04 §4.1). Objects whose
   owner is not one of the partner's roles are recorded and skipped (04 §6.3), unless the partner is a Hub.
   Recorded objects go to `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.rejected.jsonl`, which nothing deletes: their
   personal identifiers (`retention.pseudonymise_fields`) are written as pseudonyms, never in clear. A page's are
@@ -565,6 +566,14 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
             rejected.append({"index": index, "path": item.path, "reason": item.reason})
             continue
         value: Any = item.value
+        # A push names its object in the URL (its CDR POST answer does), where none of these can be empty: such an
+        # object could never be addressed (pushes.check_url_ids, cdrs.post_cdr); a Hub's may be any party's.
+        empty = next((name for name in ("country_code", "party_id", "id") if getattr(value, name) == ""), None)
+        if empty is not None:
+            report.invalid += 1
+            rejected.append({"index": index, "path": f"$[{index}].{empty}",
+                             "reason": "empty: an object is named by its owner and id, none of which may be empty"})
+            continue
         if not partner.is_hub and not partner.owns(value.country_code, value.party_id):
             report.foreign += 1
             rejected.append({"index": index, "path": "$", "reason": f"owner {value.country_code}/{value.party_id} "

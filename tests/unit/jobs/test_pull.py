@@ -250,6 +250,26 @@ async def test_invalid_and_foreign_objects_are_recorded_and_the_rest_processed(s
     assert json.loads(lines[0]["object"])["id"] == "S0002" and json.loads(lines[1]["object"])["id"] == "S0003"
 
 
+@pytest.mark.parametrize("field", ["id", "country_code", "party_id"])
+async def test_an_object_with_an_empty_identity_is_refused_as_a_push_would_be(settings_for: Any, fake: FakeSender,
+                                                                             field: str) -> None:
+    """A push names its object in the URL, whose id, country_code and party_id cannot be empty (and a CDR POST with
+    an empty id is refused): a pulled object with an empty one was published, an object no URL can name, keyed
+    `BE/BEC/` (through a Hub, whose objects may be any party's, an empty owner too)."""
+    settings = settings_for()
+    empty = session(2, hours_ago(2))
+    empty[field] = ""
+    fake.objects["sessions"] = [session(1, hours_ago(3)), empty]
+    hub = partner_for(fake)
+    hub.roles, hub.hub = [credentials_role(country_code="BE", party_id="BEC", role="HUB")], True
+    sink = ListSink()
+    report = await pull(settings, hub, "sessions", sink, since=hours_ago(24))
+    assert ids(sink) == ["S0001"] and (report.invalid, report.foreign) == (1, 0)
+    lines = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
+    assert [(line["index"], line["path"]) for line in lines] == [(1, f"$[1].{field}")]
+    assert lines[0]["reason"].startswith("empty")
+
+
 async def test_a_recorded_objects_personal_data_is_pseudonymised(settings_for: Any, fake: FakeSender) -> None:
     # The file is kept with no age limit (nothing deletes it), while personal data is in clear for
     # OCPI_RETENTION_PSEUDONYMISE_DAYS at most (README, Retention): a refused object's token uid, contract id and
