@@ -17,7 +17,9 @@ The crawl (04 §4.2):
   page, re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known. An empty page at
   or past `X-Total-Count` is the last even with a next link (a partner that links on every page would otherwise
   lead the crawl through empty pages for ever). A next link whose `offset` lies past the objects the page held (a
-  server that caps `limit` but adds the limit asked for) is read from where they ended instead, skipping nothing.
+  server that caps `limit` but adds the limit asked for) is read from where they ended instead, skipping nothing;
+  one whose `offset` is not past the page's (back to a page read before) stops the crawl (PullError), which would
+  otherwise read the same pages for ever.
 - When `X-Total-Count` drops (objects updated mid-crawl leave the date_to window, shifting the ones after
   them down), the page is read again from `offset` − drop (04 §4.2's "offset − 1" for a drop of one), so no
   object is skipped; the objects read twice are deduplicated by the pipeline. Only a date_to already past lets
@@ -475,6 +477,12 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
                 next_url = None
             held = _page_items(page.data)
             ahead = query_int(next_url, "offset") if next_url is not None else None
+            if ahead is not None and ahead <= at:
+                # Back to a page read before (the first, or this one written another way): followed, the crawl
+                # would read the same pages again and again, publishing their objects every time.
+                raise PullError(f"GET {page.url}: the next link {next_url} goes back to offset {ahead}, not past this "
+                                f"page's offset {at}: it is not followed (the crawl would read the same pages for "
+                                "ever); ask the partner to fix its Link headers")
             if next_url is not None and held and ahead is not None and ahead > at + held:
                 # A server that caps `limit` but writes its next link from the limit asked for (offset + limit, not
                 # offset + what the page held): followed, the objects between the two would be skipped for good.

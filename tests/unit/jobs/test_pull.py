@@ -743,6 +743,31 @@ async def test_a_next_link_past_the_objects_a_capped_page_held_skips_none_of_the
     assert ids(sink) == [f"S000{i}" for i in range(1, 8)] and report.unread == 0
 
 
+@pytest.mark.parametrize("back", [0, 1])
+async def test_a_next_link_back_to_a_page_read_before_stops_the_pull(settings_for: Any, back: int) -> None:
+    """A last page whose next link leads back (to the first page, or to itself written another way): the crawl read
+    the pages again and again, publishing their objects every time, for ever (only a link equal to the page's own
+    URL, character for character, stopped it)."""
+    requests: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        offset = int(request.url.params["offset"])
+        requests.append(offset)
+        if len(requests) > 10:
+            return httpx.Response(401)  # stop a crawl that would not end
+        link = f"<?offset={offset + 1}&limit=1>" if offset == 0 else f"<?limit=1&offset={back}>"
+        return httpx.Response(200, headers={"Link": f'{link}; rel="next"', "X-Total-Count": "2"},
+                              content=_envelope([session(offset + 1, hours_ago(3 - offset))]))
+
+    settings, sink = settings_for(), ListSink()
+    with pytest.raises(PullError, match="goes back"):
+        await pull(settings, _mock_partner(), "sessions", sink, since=hours_ago(24),
+                   transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert requests == [0, 1] and ids(sink) == ["S0001"]
+    state = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
+    assert state is not None and state["completed_until"] is None and state["crawl"]["pages"] == 1
+
+
 @pytest.mark.parametrize("options", [["--schedule", "0"], ["--schedule", "-60"], ["--schedule", "nan"],
                                      ["--schedule", "3600", "--splay", "-10"], ["--max-attempts", "0"]])
 def test_a_schedule_or_retry_count_that_cannot_work_is_refused_before_anything_runs(options: list[str]) -> None:
