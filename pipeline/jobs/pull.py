@@ -44,7 +44,7 @@ The crawl (04 §4.2):
 
 Requests carry `Authorization: Token <base64>` (the raw token for RAW_TOKEN partners), a fresh X-Request-ID,
 one X-Correlation-ID per crawl, and routing headers from our party (OCPI_PARTY_*) to the partner's (its Hub
-role, else its first CPO role). Timeouts: OCPI_OUTBOUND_TIMEOUT.
+role, else its first CPO role). Timeouts: OCPI_OUTBOUND_TIMEOUT, for each page's whole answer.
 
 Checkpoint `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.json`: the window and the next page's URL, saved after
 every page whose events Kafka acknowledged, and where the last completed crawl ended. An interrupted pull
@@ -259,6 +259,7 @@ class _Crawler:
         theirs = _their_party(partner)
         if theirs is not None:
             self.headers |= {"OCPI-to-country-code": theirs[0], "OCPI-to-party-id": theirs[1]}
+        self.timeout_s = settings.partners.outbound_timeout_s
         self.module = module
         self.endpoint_url = endpoint_url
         self.origin = _origin(endpoint_url)
@@ -279,8 +280,11 @@ class _Crawler:
             request_id = str(uuid.uuid4())
             retry_after: float | None = None
             try:
-                response, body = await self._get(url, request_id)
-            except httpx.TimeoutException:
+                # For the whole answer: httpx's timeout bounds each wait for a chunk, so a page sent a few bytes
+                # at a time would hold the crawl (and a schedule's later rounds) for as long as the partner likes.
+                async with asyncio.timeout(self.timeout_s):
+                    response, body = await self._get(url, request_id)
+            except (httpx.TimeoutException, TimeoutError):
                 last = "no answer within the timeout"
             except httpx.RequestError as exc:  # refused, reset, a body that does not decompress (DecodingError) ...
                 last = f"{type(exc).__name__}: {exc}"

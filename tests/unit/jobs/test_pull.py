@@ -525,6 +525,29 @@ async def test_a_body_that_does_not_decompress_is_retried(settings_for: Any) -> 
                    transport=httpx.MockTransport(corrupt), retry=RetryPolicy(max_attempts=2), sleep=Sleeps())
 
 
+async def test_a_page_sent_a_byte_at_a_time_is_bounded_by_the_outbound_timeout(settings_for: Any) -> None:
+    """httpx's timeouts bound each wait for a chunk, not the answer: a partner (or a proxy) sending its page a few
+    bytes at a time held the pull, and a scheduled one's every later round, for as long as it liked, though
+    OCPI_OUTBOUND_TIMEOUT is what an outgoing call may take. The page is given up after it and retried."""
+    body = _envelope([session(1, hours_ago(2))])
+
+    async def dribble() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 16):
+            await asyncio.sleep(0.1)
+            yield body[start:start + 16]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=dribble())
+
+    assert len(body) // 16 * 0.1 > 3  # the whole answer takes longer than the timeout below
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(PullError, match="gave up after 2 attempts; last: no answer within the timeout"):
+        await pull(settings_for(OCPI_OUTBOUND_TIMEOUT="1"), _mock_partner(), "sessions", ListSink(),
+                   since=hours_ago(24), transport=httpx.MockTransport(handler), retry=RetryPolicy(max_attempts=2),
+                   sleep=Sleeps())
+    assert asyncio.get_running_loop().time() - started < 3
+
+
 @pytest.mark.parametrize("rel", ['rel="Next"', "rel=NEXT", 'rel="prev next"'])
 async def test_a_next_link_is_followed_whatever_the_case_of_its_relation_type(settings_for: Any, rel: str) -> None:
     """Link relation types compare case-insensitively, and one rel may name several (RFC 8288 §2.1.1, §3.3):
