@@ -13,7 +13,8 @@ The crawl (04 §4.2):
   stamped just before our crawl may become visible to its GET only a moment later; a window ending at our now
   would leave such objects behind it, and the next window starts after them for good. Sessions require a
   `date_from` (09 §2.1), so their first pull needs `--since`.
-- Pages are followed through `Link: <…>; rel="next"` until there is none. URLs we build ourselves (the first
+- Pages are followed through `Link: <…>; rel="next"` until there is none, with the window's `date_from` and
+  `date_to` put back where a link leaves them out (as the spec's own example does). URLs we build ourselves (the first
   page, re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known. An empty page at
   or past `X-Total-Count` is the last even with a next link (a partner that links on every page would otherwise
   lead the crawl through empty pages for ever). A next link whose `offset` lies past the objects the page held (a
@@ -472,7 +473,7 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
                                 f"offset {previous['offset']}: the partner ignores `offset` (04 §4.2), so the "
                                 "objects after its first page cannot be crawled; the window is left incomplete")
 
-            next_url = page.next_url
+            next_url = _with_window(page.next_url, page.url) if page.next_url is not None else None
             if next_url is not None and page.total is not None and at >= page.total and _page_items(page.data) == 0:
                 # A partner that writes a next link on every page, the last too: followed, it leads to ever higher
                 # offsets of empty pages, and the crawl would never end. Nothing is left past the announced total.
@@ -536,6 +537,17 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
         "pages": crawl["pages"], "objects": crawl["objects"], "total": crawl["total"]}]
     checkpoint.save(state)
     return report
+
+
+def _with_window(link: str, page_url: str) -> str:
+    """A next link with the window's date filters (those of the page it came from) it leaves out. It should keep
+    every filter (04 §4.2), but the spec's own example shows only offset and limit: followed as it is, it leaves
+    the window (a Sessions Sender refuses it, date_from being required; a list without date_to keeps an object
+    updated mid-crawl, at its end, and the objects after it shift below offsets already read, unseen)."""
+    present = {key for key, _ in parse_qsl(urlsplit(link).query, keep_blank_values=True)}
+    missing = {key: value for key, value in parse_qsl(urlsplit(page_url).query)
+               if key in ("date_from", "date_to") and key not in present}
+    return with_query(link, **missing) if missing else link
 
 
 def _page_items(data: bytes) -> int | None:

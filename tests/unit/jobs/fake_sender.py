@@ -92,6 +92,7 @@ class FakeSender:
         self.before_request: Callable[[FakeSender, int], None] | None = None
         self.redirect_to: str | None = None
         self.ignore_offset = False  # a broken server: every offset answers the first page (Link still moves on)
+        self.link_filters = True  # False: next links carry only offset and limit, as 04 §4.2's example shows them
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -157,7 +158,7 @@ class FakeSender:
                    "OCPI-from-country-code": "BE", "OCPI-from-party-id": "BEC",
                    "OCPI-to-country-code": "NL", "OCPI-to-party-id": "OPP"}
         if offset + limit < len(matching):
-            query = {k: v for k, v in request.query.items() if k not in ("offset", "limit")}
+            query = {k: v for k, v in request.query.items() if k not in ("offset", "limit") and self.link_filters}
             query |= {"offset": str(offset + limit), "limit": str(limit)}
             headers["Link"] = f'<{self.url(module)}?{urlencode(query)}>; rel="next"'
         return self._envelope(1000, page, headers=headers)

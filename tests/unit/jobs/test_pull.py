@@ -32,6 +32,7 @@ from pipeline.jobs.pull import (
 )
 from pipeline.retention import Pseudonymizer, load_key
 from receivers.registry import Partner, PartnerStatus, credentials_role
+from tests.conftest import EXAMPLES
 from tests.unit.jobs.fake_sender import Failure, FakeSender, hours_ago, parse, session, stamp
 
 TOKEN = "token-we-hold-for-them"
@@ -170,6 +171,37 @@ async def test_an_object_updated_mid_crawl_skips_nothing_when_until_is_later_tha
     assert started - timedelta(minutes=5, seconds=1) <= parse(settled.pop()) <= datetime.now(UTC) - timedelta(minutes=5)
     assert fake.seen[-1].query["date_from"] == fake.seen[0].query["date_to"]
     assert parse(fake.seen[-1].query["date_to"]) == report.until.replace(microsecond=0)
+
+
+@pytest.mark.parametrize("module", ["locations", "sessions"])
+async def test_next_links_without_the_date_filters_are_read_with_the_windows(settings_for: Any, fake: FakeSender,
+                                                                             module: str) -> None:
+    """04 §4.2's own example link carries only offset and limit, and partners write theirs so. Followed as it was,
+    such a link left the window: a Sessions Sender refused it (date_from is required there, 09 §2.1), so the pull
+    could never complete; a Locations Sender answered its unfiltered list, where an object updated mid-crawl does
+    not leave (no date_to, X-Total-Count stays) but moves to the end, and the object after the page read before
+    took its place below the next offset: L3, updated hours before the window's end, was never pulled (the next
+    window starts after it). The next page is asked with the window's date_from and date_to."""
+    if module == "locations":
+        example = json.loads((EXAMPLES / "location_example.json").read_text())
+        fake.objects[module] = [{**example, "id": f"L{i}", "last_updated": stamp(hours_ago(10 - i))}
+                                for i in range(1, 7)]
+    else:
+        fake.objects[module] = [session(i, hours_ago(10 - i)) for i in range(1, 7)]
+    fake.link_filters = False
+
+    def update_first_object(sender: FakeSender, request_number: int) -> None:
+        if request_number == 2:  # the first object (already read) is updated now
+            sender.objects[module][0]["last_updated"] = stamp(datetime.now(UTC))
+
+    fake.before_request = update_first_object
+    partner = partner_for(fake)
+    partner.endpoints = [Endpoint(identifier=module, role=InterfaceRole.SENDER, url=fake.url(module))]
+    sink = ListSink()
+    since, until = hours_ago(24), hours_ago(0.5)
+    await pull(settings_for(), partner, module, sink, since=since, until=until)
+    assert len(set(ids(sink))) == 6
+    assert all(s.query["date_from"] == stamp(since) and s.query["date_to"] == stamp(until) for s in fake.seen)
 
 
 async def test_a_partner_that_ignores_offset_stops_the_pull_before_it_completes(settings_for: Any,
