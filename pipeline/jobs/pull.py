@@ -23,9 +23,10 @@ The crawl (04 §4.2):
   otherwise read the same pages for ever.
 - When `X-Total-Count` drops (objects updated mid-crawl leave the date_to window, shifting the ones after
   them down), the page is read again from `offset` − drop (04 §4.2's "offset − 1" for a drop of one), so no
-  object is skipped; the objects read twice are deduplicated by the pipeline. Only a date_to already past lets
-  an updated object leave: under a date_to still to come it moves to the list's end, the total stays and the
-  objects after it shift below offsets already read. So a window past `SETTLE` before the start is crawled up
+  object is skipped (and again from further back if the re-read finds the total dropped further); the objects
+  read twice are deduplicated by the pipeline. Only a date_to already past lets an updated object leave: under
+  a date_to still to come it moves to the list's end, the total stays and the objects after it shift below
+  offsets already read. So a window past `SETTLE` before the start is crawled up
   to that point first, then from there to its date_to (what this tail may skip, the next window reads).
 - A page at another offset holding exactly the objects of the page before it means the partner ignores
   `offset`: the crawl stops (PullError) rather than complete a window whose later objects it never saw.
@@ -458,14 +459,17 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
                 crawl.update(tail=False, next_url=url, total=None, previous_page=None)
                 checkpoint.save(state)
             page = await crawler.fetch(url)
-            offset = query_int(page.url, "offset") or 0
-            if crawl["total"] is not None and page.total is not None and page.total < crawl["total"] and offset:
-                drop = crawl["total"] - page.total
+            offset, known = query_int(page.url, "offset") or 0, crawl["total"]
+            # Again while a re-read finds the total dropped further: more objects left before it meanwhile.
+            while known is not None and page.total is not None and page.total < known and offset:
+                drop = known - page.total
                 reread = with_query(page.url, offset=max(offset - drop, 0),
                                     limit=_page_limit(crawl, page.x_limit, query_int(page.url, "limit")))
-                log.info("X-Total-Count dropped from %d to %d: reading %s again", crawl["total"], page.total, reread)
+                log.info("X-Total-Count dropped from %d to %d: reading %s again", known, page.total, reread)
                 report.rereads += 1
+                known = page.total
                 page = await crawler.fetch(reread)
+                offset = query_int(page.url, "offset") or 0
             at, digest = query_int(page.url, "offset") or 0, _page_digest(page.data)
             previous = crawl.get("previous_page")
             if previous and digest is not None and previous["digest"] == digest and previous["offset"] != at:
