@@ -534,7 +534,13 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
     if ended > settled:
         began = from_iso(crawl["since"])
         ended = settled if began is None else max(began, settled)
-    state["completed_until"] = iso(ended)
+    # The next default window starts where everything before it was pulled: a window that began after that point
+    # (a one-off --since later than it) leaves a gap the next pull must still cover, and one that ended before it
+    # (an old window pulled again) takes nothing back.
+    before = from_iso(state.get("completed_until"))
+    began = from_iso(crawl["since"])
+    if before is None or ((began is None or began <= before) and ended > before):
+        state["completed_until"] = iso(ended)
     state["crawl"] = None
     state["runs"] = [*state.get("runs", [])[-19:], {
         "since": crawl["since"], "until": crawl["until"], "finished_at": iso(datetime.now(UTC)),

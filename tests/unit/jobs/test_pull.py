@@ -540,6 +540,27 @@ async def test_scheduled_rounds_keep_since_until_a_pull_completed(settings_for: 
     assert round_since(settings, "cpo-be", "sessions", since, first=False) is None
 
 
+async def test_a_one_off_window_apart_from_the_pulled_one_does_not_move_where_the_next_pull_starts(
+        settings_for: Any, fake: FakeSender) -> None:
+    """Every completed pull set the next default start to its own end: a one-off window later than it (a gap before
+    it) made the next pull begin after the gap, never pulled (CDRs missed), and a re-pull of an old window sent the
+    next one back over everything since."""
+    settings = settings_for()
+    partner = partner_for(fake)
+    fake.objects["sessions"] = []
+    t48, t44, t40, t20, t10 = (hours_ago(h) for h in (48, 44, 40, 20, 10))
+    await pull(settings, partner, "sessions", ListSink(), since=t48, until=t40)
+    await pull(settings, partner, "sessions", ListSink(), since=t20, until=t10)  # a gap before it
+    fake.seen.clear()
+    await pull(settings, partner, "sessions", ListSink())
+    assert fake.seen[0].query["date_from"] == stamp(t40)  # the gap is pulled
+    state = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
+    assert state is not None
+    await pull(settings, partner, "sessions", ListSink(), since=t48, until=t44)  # an old window again
+    again = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
+    assert again is not None and again["completed_until"] == state["completed_until"]
+
+
 def _mock_partner(url: str = "http://cpo.example/ocpi/cpo/2.2.1/sessions") -> Partner:
     now = datetime.now(UTC)
     return Partner(partner_id="cpo-be", name="CPO BE", status=PartnerStatus.REGISTERED,
