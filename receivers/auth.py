@@ -15,8 +15,9 @@ named in the URL (`{country_code}/{party_id}`) must be a party the caller may ac
    When present, OCPI-to-* must name our own party (settings `OCPI_PARTY_*`), and OCPI-from-* must name one
    of the caller's credentials roles, except from a Hub, which relays for parties that are not in its
    roles (a Hub reports only itself, 07 §5). Broken routing headers: HTTP 400, 2001.
-2. The owner of the object (URL, or body for CDRs) must be one of the caller's credentials roles, or, for a
-   HUB partner, either
+2. The owner of the object (URL, or body for CDRs) must be one of the caller's credentials roles with the role
+   CPO (Locations, Sessions and CDRs are a CPO's, 08/09/10 §1: a party the caller registered only as EMSP, NSP,
+   NAP, SCSP, OTHER or HUB owns none, and may neither push nor read them), or, for a HUB partner, either
    a. the party named in OCPI-from-* (an addressed or open-routed request the Hub relays for its owner), or
    b. any party, when OCPI-from-* names the Hub itself and the request is a broadcast push (PUT, PATCH or
       POST) of a module meant for everybody (locations, tariffs, tokens): 04 §9 keeps the original owner in
@@ -157,10 +158,15 @@ def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module:
 
 
 def require_owner(partner: Partner, country_code: str, party_id: str) -> None:
-    """The object's owner must be a party the caller may act for; otherwise it is hidden (404, 2001)."""
-    if not partner.owns(country_code, party_id):
-        raise ForeignParty(f"party {country_code}/{party_id} is not one this partner may act for "
-                           "(its credentials roles, or for a Hub the party named in OCPI-from-*)")
+    """The object's owner must be a party the caller may act for as its CPO; otherwise it is hidden (404, 2001)."""
+    if partner.may_own(country_code, party_id):
+        return
+    other = partner.roles_of(country_code, party_id)
+    if other:
+        raise ForeignParty(f"party {country_code}/{party_id} is registered by this partner as {', '.join(other)}, "
+                           "not as CPO: Locations, Sessions and CDRs are owned and pushed by a CPO (08/09/10 §1)")
+    raise ForeignParty(f"party {country_code}/{party_id} is not one this partner may act for "
+                       "(its CPO credentials roles, or for a Hub the party named in OCPI-from-*)")
 
 
 def _same(a: Party, b: Party) -> bool:

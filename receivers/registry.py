@@ -149,8 +149,19 @@ class Partner(msgspec.Struct, kw_only=True):
     # --- identity -----------------------------------------------------------------------------------------
 
     def owns(self, country_code: str, party_id: str) -> bool:
-        """Whether (country_code, party_id) is one of this partner's credentials roles."""
+        """Whether (country_code, party_id) is one of this partner's credentials roles, in any role."""
         return any(same_party(role, country_code, party_id) for role in self.roles)
+
+    def may_own(self, country_code: str, party_id: str) -> bool:
+        """Whether this connection may push, and read back, objects owned by (country_code, party_id): the
+        Locations, Sessions and CDRs of our receiver interfaces are a CPO's (08/09/10 §1: data owner CPO, the
+        interfaces are called by the CPO, the URL's country_code/party_id are the CPO's), so the party must be one
+        of the partner's CPO roles. A party it registered only as EMSP, NSP, NAP, SCSP, OTHER or HUB owns none."""
+        return any(role.role is Role.CPO and same_party(role, country_code, party_id) for role in self.roles)
+
+    def roles_of(self, country_code: str, party_id: str) -> list[str]:
+        """The roles (CPO, EMSP ...) the partner registered for (country_code, party_id), for messages."""
+        return [role.role.value for role in self.roles if same_party(role, country_code, party_id)]
 
     @property
     def is_hub(self) -> bool:
@@ -235,8 +246,10 @@ class RoutedPartner(Partner, kw_only=True):
     routed_parties: list[tuple[str, str]] = msgspec.field(default_factory=list)
     broadcast: bool = False
 
-    def owns(self, country_code: str, party_id: str) -> bool:
-        if super().owns(country_code, party_id) or self.broadcast:
+    def may_own(self, country_code: str, party_id: str) -> bool:
+        """A CPO role of the Hub's own (a Hub reports only HUB, 07 §5), the party it relays for, or any owner of a
+        broadcast. The routed party's role is not known (Hub Client Info is not read): the Hub is trusted for it."""
+        if super().may_own(country_code, party_id) or self.broadcast:
             return True
         return any(ci_equal(c, country_code) and ci_equal(p, party_id) for c, p in self.routed_parties)
 

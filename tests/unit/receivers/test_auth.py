@@ -50,6 +50,9 @@ def partner(*parties: tuple[str, str, str]) -> Partner:
 CPO = partner(("BE", "BEC", "CPO"))
 PLATFORM = partner(("NL", "EXO", "CPO"), ("NL", "PFC", "CPO"))
 HUB = partner(("DE", "HUB", "HUB"))
+# credentials_example2.json: one party with the roles CPO and EMSP; and a CPO platform that also hosts an eMSP.
+CPO_AND_EMSP = partner(("NL", "EXA", "CPO"), ("NL", "EXA", "EMSP"))
+MIXED = partner(("NL", "CPX", "CPO"), ("NL", "MSP", "EMSP"))
 
 
 def headers(from_: tuple[str, str] | None, to: tuple[str, str] | None = OURS) -> RoutingHeaders:
@@ -68,6 +71,9 @@ ALLOWED = [
     ("hub broadcast of a Tariff", HUB, headers(("DE", "HUB")), "tariffs", "PUT", ("NL", "ABC")),
     ("no owner in the URL (CDR POST)", HUB, headers(("NL", "XYZ")), "cdrs", "POST", None),
     ("routing headers are CiStrings", CPO, headers(("be", "bec"), ("nl", "opp")), "sessions", "PUT", ("BE", "BEC")),
+    ("platform, each of its CPO parties", PLATFORM, headers(("NL", "PFC")), "cdrs", "GET", ("NL", "EXO")),
+    ("one party both CPO and EMSP", CPO_AND_EMSP, headers(("NL", "EXA")), "sessions", "PUT", ("NL", "EXA")),
+    ("mixed platform, its CPO party", MIXED, headers(("NL", "CPX")), "locations", "PATCH", ("NL", "CPX")),
 ]
 
 
@@ -98,6 +104,20 @@ REFUSED = [
     ("hub 'broadcast' of Sessions", HUB, headers(("DE", "HUB")), "sessions", "PUT", ("NL", "ABC"), ForeignParty),
     ("hub 'broadcast' of CDRs", HUB, headers(("DE", "HUB")), "cdrs", "GET", ("NL", "ABC"), ForeignParty),
     ("hub GET is never broadcast", HUB, headers(("DE", "HUB")), "locations", "GET", ("NL", "ABC"), ForeignParty),
+    # Locations, Sessions and CDRs are owned by a CPO (08/09/10 §1; their receiver interfaces are called by the CPO,
+    # and the URL's country_code/party_id are the CPO's): a party the caller registered in another role owns none.
+    *[(f"{role} role pushing {module}", partner(("NL", "MSP", role)), headers(None, None), module, method,
+       ("NL", "MSP"), ForeignParty)
+      for role in ("EMSP", "NSP", "OTHER", "NAP", "SCSP")
+      for module, method in (("locations", "PUT"), ("sessions", "PATCH"), ("cdrs", "GET"))],
+    ("EMSP role reading back a Session", partner(("NL", "MSP", "EMSP")), headers(None, None), "sessions", "GET",
+     ("NL", "MSP"), ForeignParty),
+    ("mixed platform, its EMSP party", MIXED, headers(("NL", "MSP")), "sessions", "PUT", ("NL", "MSP"),
+     ForeignParty),
+    ("mixed platform, its EMSP party, from-* its CPO", MIXED, headers(("NL", "CPX")), "locations", "PUT",
+     ("NL", "MSP"), ForeignParty),
+    ("hub's own party owns no Session", HUB, headers(("DE", "HUB")), "sessions", "PUT", ("DE", "HUB"), ForeignParty),
+    ("hub's own party owns no CDR", HUB, headers(("DE", "HUB")), "cdrs", "GET", ("DE", "HUB"), ForeignParty),
     # CiStrings compare ignoring ASCII case only: str.upper() folds 'ı' to 'I' and 'ß' to 'SS', which let a URL
     # owner no CiString can be (and so a Kafka key no object has) pass as the caller's party, acknowledged 1000.
     ("owner folding onto a role only by Unicode case", partner(("NL", "IST", "CPO")), headers(None, None),
@@ -126,3 +146,14 @@ def test_a_hubs_request_view_allows_only_the_routed_party_for_body_owners() -> N
     with pytest.raises(ForeignParty):
         require_owner(acting, "NL", "ABC")
     assert authorize(CPO, headers(None, None), ours=OURS, module="cdrs", method="POST", owner=None) is CPO
+
+
+def test_a_cdr_posted_for_a_party_that_is_no_cpo_of_the_caller_is_refused() -> None:
+    """A CDR POST has no owner in its URL: the handler checks the body's owner, by the same rule."""
+    acting = authorize(MIXED, headers(("NL", "CPX")), ours=OURS, module="cdrs", method="POST", owner=None)
+    require_owner(acting, "NL", "CPX")
+    with pytest.raises(ForeignParty, match="EMSP"):
+        require_owner(acting, "nl", "msp")
+    hub = authorize(HUB, headers(("DE", "HUB")), ours=OURS, module="cdrs", method="POST", owner=None)
+    with pytest.raises(ForeignParty):
+        require_owner(hub, "DE", "HUB")

@@ -291,6 +291,52 @@ async def test_put_rotates_tokens_and_renegotiates(make_env: Callable[..., AppEn
     assert old_state.state is (TokenState.REVOKED if grace == "0" else TokenState.RETIRING)
 
 
+def session_of(country: str, party: str) -> dict[str, Any]:
+    body = json.loads((EXAMPLES / "session_example_2_short_finished.json").read_text())
+    return {**body, "country_code": country, "party_id": party}
+
+
+@pytest.mark.parametrize("grace", ["0", "30"])
+async def test_roles_changed_by_a_put_decide_the_next_push(make_env: Callable[..., AppEnv], partner: FakePartner,  # noqa: F811
+                                                          grace: str) -> None:
+    """A PUT's roles apply to the very next request, with the new token and with a replaced one still in its
+    grace: a party dropped, or kept only as EMSP, may no longer push; a CPO party added may."""
+    env = make_env(OCPI_TOKEN_GRACE=grace)
+    token_c, _ = await registered(env, partner)  # NL/EXA, CPO
+    ours = {"OCPI-to-country-code": "NL", "OCPI-to-party-id": "OPP"}
+
+    def as_party(token: str, party: str) -> dict[str, str]:
+        return {**auth(token), **ours, "OCPI-from-country-code": "NL", "OCPI-from-party-id": party}
+
+    async with AsyncTestClient(app=env.app) as client:
+        pushed = await client.put("/ocpi/emsp/2.2.1/sessions/NL/EXA/1", headers=auth(token_c),
+                                  json=session_of("NL", "EXA") | {"id": "1"})
+        assert pushed.json()["status_code"] == 1000, pushed.text
+        update = registration(partner, "credentials_example2.json")  # NL/EXA as CPO and EMSP
+        update["roles"] = [update["roles"][1], {**update["roles"][0], "party_id": "EXB"}]  # EXA EMSP, EXB CPO
+        response = await client.put(CREDENTIALS, headers=auth(token_c), json=update)
+        assert response.json()["status_code"] == 1000, response.text
+        tokens = [response.json()["data"]["token"]] + ([token_c] if grace != "0" else [])
+        for token in tokens:
+            kept_as_emsp = await client.put("/ocpi/emsp/2.2.1/sessions/NL/EXA/2", headers=as_party(token, "EXA"),
+                                            json=session_of("NL", "EXA") | {"id": "2"})
+            assert (kept_as_emsp.status_code, kept_as_emsp.json()["status_code"]) == (404, 2001), kept_as_emsp.text
+            added = await client.put("/ocpi/emsp/2.2.1/sessions/NL/EXB/3", headers=as_party(token, "EXB"),
+                                     json=session_of("NL", "EXB") | {"id": "3"})
+            assert added.json()["status_code"] == 1000, added.text
+        update = registration(partner)
+        update["roles"][0]["party_id"] = "EXC"  # EXA and EXB dropped
+        response = await client.put(CREDENTIALS, headers=auth(tokens[0]), json=update)
+        assert response.json()["status_code"] == 1000, response.text
+        token = response.json()["data"]["token"]
+        dropped = await client.put("/ocpi/emsp/2.2.1/sessions/NL/EXB/4", headers=auth(token),
+                                   json=session_of("NL", "EXB") | {"id": "4"})
+        assert (dropped.status_code, dropped.json()["status_code"]) == (404, 2001), dropped.text
+        assert (await client.get("/ocpi/emsp/2.2.1/sessions/NL/EXB/3", headers=auth(token))).status_code == 404
+    assert [key for _topic, key, _value in env.sink.records] == [b"NL/EXA/1", b"NL/EXB/3"] + (
+        [b"NL/EXB/3"] if grace != "0" else [])
+
+
 async def test_a_token_replaced_while_a_request_waits_is_refused(app_env: AppEnv, partner: FakePartner,  # noqa: F811
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A PUT and a DELETE with Token C, both authenticated before the PUT replaced it: the DELETE (waiting

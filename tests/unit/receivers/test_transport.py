@@ -65,6 +65,8 @@ def cast(env: AppEnv) -> Partners:
     p.tokens["cpo"] = env.provision("cpo", ("BE", "BEC", "CPO"))
     p.tokens["multi"] = env.provision("multi", ("NL", "EXO", "CPO"), ("NL", "PFC", "CPO"))
     p.tokens["hub"] = env.provision("hub", ("DE", "HUB", "HUB"))
+    p.tokens["emsp"] = env.provision("emsp", ("FR", "MSP", "EMSP"))
+    p.tokens["mixed"] = env.provision("mixed", ("NL", "CPX", "CPO"), ("NL", "MXP", "EMSP"))
     # Parties are CiString(2)/CiString(3) (07 §5): any printable ASCII up to that length, as registration accepts.
     p.tokens["odd"] = env.provision("odd", ("N1", "A-B", "CPO"), ("NL", "X", "CPO"))
     p.tokens["raw"] = env.provision("raw", ("FR", "RAW", "CPO"), compat=("RAW_TOKEN",))
@@ -194,6 +196,21 @@ ROWS = [
     Row("owner compared case-insensitively", "PUT", f"{SESSIONS}/be/bec/101", as_("cpo"), 200, OK, body=session()),
     Row("CDR owner in the body, not the caller's", "POST", "/ocpi/emsp/2.2.1/cdrs", as_("cpo"), 404, BAD,
         body=cdr("NL", "TNM")),
+    # Locations, Sessions and CDRs are a CPO's (08/09/10 §1): a party registered in another role owns none.
+    Row("EMSP role pushing a Session of its party", "PUT", f"{SESSIONS}/FR/MSP/101", as_("emsp"), 404, BAD,
+        body=session("FR", "MSP"), check=message_has("EMSP")),
+    Row("EMSP role pushing a Location of its party", "PUT", "/ocpi/emsp/2.2.1/locations/FR/MSP/LOC1", as_("emsp"),
+        404, BAD, body=b"{}"),
+    Row("EMSP role posting a CDR of its party", "POST", "/ocpi/emsp/2.2.1/cdrs", as_("emsp"), 404, BAD,
+        body=cdr("FR", "MSP")),
+    Row("EMSP role reading back a Session", "GET", f"{SESSIONS}/FR/MSP/101", as_("emsp"), 404, BAD),
+    Row("EMSP role reading back a CDR", "GET", "/ocpi/emsp/2.2.1/cdrs/FR/MSP/1", as_("emsp"), 404, BAD),
+    Row("mixed platform: its CPO party", "PUT", f"{SESSIONS}/NL/CPX/101", routed("mixed", ("NL", "CPX"), OURS),
+        200, OK, body=session("NL", "CPX")),
+    Row("mixed platform: its EMSP party", "PUT", f"{SESSIONS}/NL/MXP/101", routed("mixed", ("NL", "MXP"), OURS),
+        404, BAD, body=session("NL", "MXP")),
+    Row("mixed platform: a CDR of its EMSP party", "POST", "/ocpi/emsp/2.2.1/cdrs",
+        routed("mixed", ("NL", "CPX"), OURS), 404, BAD, body=cdr("NL", "MXP")),
     # --- routing headers (04 §8) ---
     Row("single-party peer, no routing headers: response names both sides", "PUT", f"{SESSIONS}/BE/BEC/101",
         as_("cpo"), 200, OK, body=session(), check=response_routing(from_=OURS, to=("BE", "BEC"))),
@@ -255,6 +272,10 @@ ROWS = [
         routed("hub", ("NL", "XYZ"), OURS), 404, BAD, body=session("NL", "ABC")),
     Row("hub 'broadcast' of a Session (never broadcast)", "PUT", f"{SESSIONS}/NL/ABC/101",
         routed("hub", ("DE", "HUB"), OURS), 404, BAD, body=session("NL", "ABC")),
+    Row("hub's own party owns no Session", "PUT", f"{SESSIONS}/DE/HUB/101",
+        routed("hub", ("DE", "HUB"), OURS), 404, BAD, body=session("DE", "HUB")),
+    Row("hub's own party owns no CDR", "POST", "/ocpi/emsp/2.2.1/cdrs",
+        routed("hub", ("DE", "HUB"), OURS), 404, BAD, body=cdr("DE", "HUB")),
     Row("hub relaying a CDR of the from-* party", "POST", "/ocpi/emsp/2.2.1/cdrs",
         routed("hub", ("NL", "XYZ"), OURS), 201, OK, body=cdr("NL", "XYZ")),
     Row("hub relaying a CDR of another party", "POST", "/ocpi/emsp/2.2.1/cdrs",
