@@ -39,7 +39,8 @@ The crawl (04 §4.2):
 - Each list is decoded element by element (`ocpi.decode.decode_list`, with the partner's compatibility
   profile): invalid objects (an empty id, country_code or party_id too: no push could name such an object) are
   logged and recorded, the valid ones are processed (04 §4.1). Objects whose
-  owner is not one of the partner's roles are recorded and skipped (04 §6.3), unless the partner is a Hub.
+  owner is not one of the partner's CPO roles (the owner of Locations, Sessions and CDRs, as for a push) are
+  recorded and skipped (04 §6.3), unless the partner is a Hub.
   Recorded objects go to `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.rejected.jsonl`, which nothing deletes: their
   personal identifiers (`retention.pseudonymise_fields`) are written as pseudonyms, never in clear. A page's are
   recorded once its valid objects are acknowledged, so a page read again after a failed send is recorded once.
@@ -601,17 +602,19 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
             continue
         value: Any = item.value
         # A push names its object in the URL (its CDR POST answer does), where none of these can be empty: such an
-        # object could never be addressed (pushes.check_url_ids, cdrs.post_cdr); a Hub's may be any party's.
+        # object could never be addressed (pushes.check_url_ids; a CDR's id: ocpi._validate); a Hub's: any party's.
         empty = next((name for name in ("country_code", "party_id", "id") if getattr(value, name) == ""), None)
         if empty is not None:
             report.invalid += 1
             rejected.append({"index": index, "path": f"$[{index}].{empty}",
                              "reason": "empty: an object is named by its owner and id, none of which may be empty"})
             continue
-        if not partner.is_hub and not partner.owns(value.country_code, value.party_id):
+        if not partner.is_hub and not partner.may_own(value.country_code, value.party_id):
+            # The rule of a push (receivers.auth.require_owner): these objects are a CPO's.
             report.foreign += 1
             rejected.append({"index": index, "path": "$", "reason": f"owner {value.country_code}/{value.party_id} "
-                             "is not one of the partner's roles (04 §6.3)"})
+                             "is not one of the partner's roles (04 §6.3) with the role CPO (the owner of "
+                             f"{module}, 08/09/10 §1)"})
             continue
         key = ObjectKey.of(value)
         event = build_event(partner_id=partner.partner_id, module=module, operation=kind.operation,

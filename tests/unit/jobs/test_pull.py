@@ -320,6 +320,20 @@ async def test_an_object_with_an_empty_identity_is_refused_as_a_push_would_be(se
     assert lines[0]["reason"].startswith("empty")
 
 
+async def test_an_object_of_a_party_the_partner_registered_in_another_role_than_cpo_is_foreign(
+        settings_for: Any, fake: FakeSender) -> None:
+    """Sessions are a CPO's (09 §1): pulled as owned by the partner's EMSP party, one is refused like a push."""
+    settings = settings_for()
+    partner = partner_for(fake)
+    partner.roles.append(credentials_role(country_code="BE", party_id="MSP", role="EMSP"))
+    fake.objects["sessions"] = [session(1, hours_ago(3)), session(2, hours_ago(2), party=("BE", "MSP"))]
+    sink = ListSink()
+    report = await pull(settings, partner, "sessions", sink, since=hours_ago(24))
+    assert ids(sink) == ["S0001"] and (report.foreign, report.objects) == (1, 1)
+    line = json.loads(rejected_path(settings, "cpo-be", "sessions").read_text())
+    assert "BE/MSP" in line["reason"] and "CPO" in line["reason"]
+
+
 async def test_a_recorded_objects_personal_data_is_pseudonymised(settings_for: Any, fake: FakeSender) -> None:
     # The file is kept with no age limit (nothing deletes it), while personal data is in clear for
     # OCPI_RETENTION_PSEUDONYMISE_DAYS at most (README, Retention): a refused object's token uid, contract id and
