@@ -28,7 +28,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -202,7 +202,11 @@ class ClickHouseSink:
             return insert_isolating(client, table, columns[table], tables[table])
 
         futures = [self._pool.submit(insert, table) for table, rows in tables.items() if rows]
-        refused = [row for future in futures for row in future.result()]  # every insert finishes, or raises
+        # Every insert is over before this returns or raises: an insert of a failed attempt still running would
+        # land after the retry (after later batches even), and raw_events, which has no version, keeps the row
+        # inserted last.
+        wait(futures)
+        refused = [row for future in futures for row in future.result()]
         if refused and self._refused_rows is not None:
             table, instead_columns, instead = self._refused_rows(refused)
             insert_rows(client, table, instead_columns, instead)

@@ -240,3 +240,41 @@ async def test_a_stop_during_an_insert_acks_the_batch_only_if_the_insert_succeed
         with pytest.raises(asyncio.CancelledError):
             await task
         assert exits == [] and writer.inserted_rows == 0  # cancelled after its rows were in: acked as written
+
+
+class OneTableFailsFast:
+    """A ClickHouse client on which one table's insert fails at once while the others take a moment to succeed."""
+
+    def __init__(self, failing: str) -> None:
+        import threading
+
+        self.failing = failing
+        self.lock = threading.Lock()
+        self.running = 0
+        self.finished: list[str] = []
+
+    def raw_insert(self, table: str, *_args: object, **_kwargs: object) -> None:
+        import time
+
+        if table == self.failing:
+            raise DatabaseError("Code: 252. DB::Exception: Too many parts. (TOO_MANY_PARTS)")
+        with self.lock:
+            self.running += 1
+        time.sleep(0.3)
+        with self.lock:
+            self.running -= 1
+            self.finished.append(table)
+
+
+def test_a_failed_attempt_returns_only_once_none_of_its_inserts_still_runs() -> None:
+    """A batch's tables are inserted side by side; when one insert fails, the batch is sent again. An insert of the
+    failed attempt still running then could land after the retry, after the next batch even, and a table without a
+    version (raw_events keeps the row inserted last) would keep the older row: a PARKED outcome over the APPLIED one
+    the next batch wrote. So the attempt is over only once every insert of it is."""
+    client = OneTableFailsFast(failing="anomalies")
+    writer = ClickHouseSink(lambda: client)  # type: ignore[arg-type, return-value]
+    tables = {"anomalies": [[1]], "raw_events": [[2]], "sessions": [[3]]}
+    columns = {table: ("c",) for table in tables}
+    with pytest.raises(DatabaseError):
+        writer._insert_all(tables, columns)
+    assert client.running == 0 and sorted(client.finished) == ["raw_events", "sessions"]
