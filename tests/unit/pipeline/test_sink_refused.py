@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+from collections.abc import Sequence
 from decimal import Decimal
 
 import pytest
@@ -274,7 +275,34 @@ def test_a_failed_attempt_returns_only_once_none_of_its_inserts_still_runs() -> 
     client = OneTableFailsFast(failing="anomalies")
     writer = ClickHouseSink(lambda: client)  # type: ignore[arg-type, return-value]
     tables = {"anomalies": [[1]], "raw_events": [[2]], "sessions": [[3]]}
-    columns = {table: ("c",) for table in tables}
+    columns: dict[str, Sequence[str]] = {table: ("c",) for table in tables}
     with pytest.raises(DatabaseError):
         writer._insert_all(tables, columns)
     assert client.running == 0 and sorted(client.finished) == ["raw_events", "sessions"]
+
+
+async def test_a_batch_whose_insert_failed_in_part_is_written_again_whole_and_counts_once(client: Client) -> None:
+    """ClickHouse failing one table's insert of a batch (a restart, memory) while the others went in: the sink
+    reconnects and sends the whole batch again until it is in, and returns only then (the batch is acked after);
+    the tables written twice hold each row once after FINAL."""
+    failures = {"connectors": 2}
+    made: list[object] = []
+
+    class Failing:
+        def raw_insert(self, table: str, *args: object, **kwargs: object) -> None:
+            if failures.get(table):
+                failures[table] -= 1
+                raise DatabaseError("Code: 241. DB::Exception: Memory limit exceeded. (MEMORY_LIMIT_EXCEEDED)")
+            client.raw_insert(table, *args, **kwargs)  # type: ignore[arg-type]
+
+    def factory() -> Failing:
+        made.append(Failing())
+        return made[-1]  # type: ignore[return-value]
+
+    batch = location_batch(None)
+    sink = ClickHouseSink(factory, max_backoff_s=0.05)  # type: ignore[arg-type]
+    await sink.write(batch)
+    assert failures == {"connectors": 0} and len(made) == 3  # a new client for each attempt after a failure
+    for table, rows in batch.tables().items():
+        assert count(client, f"SELECT count() FROM {table} FINAL") == len(rows), table
+    assert count(client, "SELECT count() FROM evses") == 3 * len(batch.tables()["evses"])  # three attempts
