@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import msgspec
+import pytest
 
 from pipeline.agents import ModuleAgent, Progress, reconciliation_records
 from pipeline.cdrs import process_cdrs
@@ -77,3 +78,58 @@ async def test_a_partys_facts_go_out_in_records_kafka_accepts_in_order() -> None
     assert all(len(key) + len(value) < KAFKA_DEFAULT_MAX_MESSAGE_BYTES // 2 for key, value in records)
     facts = [fact for _key, value in records for fact in decode_facts(value)]
     assert [fact.cdr_id for fact in facts] == [m.key.decode().upper() for m in messages]  # type: ignore[attr-defined]
+
+
+class _Exited(Exception):  # not SystemExit: the event loop would let that one through the test
+    pass
+
+
+def _group_app(generation: int) -> Any:
+    """A Faust app whose consumer's group coordinator is at `generation` (aiokafka: -1 once put out)."""
+    coordinator = SimpleNamespace(generation=generation)
+    return SimpleNamespace(consumer=SimpleNamespace(_thread=SimpleNamespace(
+        _consumer=SimpleNamespace(_coordinator=coordinator))))
+
+
+@pytest.mark.parametrize("now", [7, -1, 8])
+async def test_a_batch_the_group_moved_on_from_writes_no_state_and_is_not_acked(monkeypatch: pytest.MonkeyPatch,
+                                                                                 now: int) -> None:
+    """A batch fetched in generation 7: if the consumer group is still there when its state is to be written, the
+    state is written; put out of the group (-1) or past a rebalance (8), its partitions may be another worker's:
+    the process ends (EXIT_UNWRITTEN_BATCH) after the idempotent rows and facts, before the state, so that the
+    batch is read again by the partitions' owner and no older state lands after the owner's."""
+    import pipeline.agents as agents
+
+    exits: list[int] = []
+
+    def exit_(code: int) -> None:
+        exits.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(agents.os, "_exit", exit_)
+    steps: list[str] = []
+
+    async def write(_batch: Any) -> None:
+        steps.append("rows")
+
+    async def publish(_topic: str, _records: Any) -> None:
+        steps.append("facts")
+
+    async def write_batch(*_args: Any) -> None:
+        steps.append("state")
+
+    context = SimpleNamespace(app=_group_app(now), pseudonym=Pseudonymizer(b"k" * 32),
+                              sink=SimpleNamespace(write=write), publish=publish, stage_rules=stage_rules(),
+                              progress=SimpleNamespace(outcomes=Counter(), replayed=0),
+                              settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
+    table = SimpleNamespace(reader=lambda _anchor: DictStore().data.get, write_batch=write_batch, lock=asyncio.Lock())
+    agent = ModuleAgent(context, table, Codec(CdrState), process_cdrs, "CDRS")  # type: ignore[arg-type]
+    message = SimpleNamespace(topic="cdrs", partition=0, offset=0, key=b"C1", value=event_bytes("CDR", cdr("C1")),
+                              generation_id=7)  # Faust tags what it fetched with the generation
+    if now == 7:
+        await agent.handle([message])  # type: ignore[list-item]
+        assert steps == ["rows", "facts", "state"] and exits == []
+    else:
+        with pytest.raises(_Exited):
+            await agent.handle([message])  # type: ignore[list-item]
+        assert steps == ["rows", "facts"] and exits == [agents.EXIT_UNWRITTEN_BATCH]
