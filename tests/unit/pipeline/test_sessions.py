@@ -292,6 +292,28 @@ def test_a_change_after_completion_is_applied_and_flagged() -> None:
     assert rows(out.batch, "session_status_history") == []  # the status did not change
 
 
+def test_a_push_that_leaves_a_final_session_as_it_is_is_a_duplicate_not_an_update_after_final() -> None:
+    # Completed by a PATCH, then confirmed by a PATCH of its status alone and by a PUT of the whole final Session:
+    # neither changes anything but last_updated, so neither is a change after completion, nor a new version.
+    h = harness()
+    h.run(event("Session", session(status="ACTIVE", kwh="3"), received=1))
+    h.run(event("SessionPatch", {"status": "COMPLETED", "kwh": Decimal("5"), "end_date_time": iso(ts(30)),
+                                 "last_updated": iso(ts(30))}, object_id="S1", received=30))
+    status = event("SessionPatch", {"status": "COMPLETED", "last_updated": iso(ts(31))}, object_id="S1",
+                   received=31)
+    whole = event("Session", session(status="COMPLETED", kwh="5", end=30, updated=32), received=32)
+    out = h.run(status, whole)
+    assert outcomes(out) == sorted([(status.event_id, "DUPLICATE"), (whole.event_id, "DUPLICATE")])
+    assert kinds(out) == [] and rows(out.batch, "sessions") == [] and out.facts == {}
+    assert h.state(KEY).confirmed == ts(32)  # the CPO confirmed that content then: an older push is stale
+    late = event("SessionPatch", {"kwh": Decimal("9"), "last_updated": iso(ts(31))}, object_id="S1", received=33)
+    assert outcomes(h.run(late)) == [(late.event_id, "STALE")]
+    changed = event("SessionPatch", {"kwh": Decimal("6"), "last_updated": iso(ts(40))}, object_id="S1",
+                    received=40)
+    out = h.run(changed)  # a real change after completion is still one
+    assert outcomes(out) == [(changed.event_id, "APPLIED")] and kinds(out) == ["UPDATE_AFTER_FINAL"]
+
+
 def test_status_history_keeps_every_change() -> None:
     h = harness()
     out = h.run(event("Session", session(status="PENDING"), received=1),
