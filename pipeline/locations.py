@@ -7,7 +7,7 @@ Location row carries `personal_at` (see `LocationState`), by which retention dat
 A Location PUT replaces the Location (08 §3.3). EVSEs it no longer lists (digest ambiguity #5: EVSEs are never
 deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM_PUT (unless their status was
 REMOVED already: deleted the spec's way) and their rows kept with `present = false`, so EVSE status history and
-sessions that point at them keep their meaning. The push's
+sessions that point at them keep their meaning; so are those a Location PATCH of `evses` leaves out. The push's
 `last_updated` is kept for each EVSE and Connector it left out (`LocationState.confirmed`): an older push for one of
 them, arriving after it, is stale, as it is in order, and does not bring it back. So is it kept for the lists a push
 replaces whole (the Location's EVSEs, an EVSE's Connectors): an older push for an EVSE or Connector the tree never
@@ -218,8 +218,9 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     for gone_evse in gone_evses:
         gone = wire.builtins(gone_evse)
         if gone_evse.status != "REMOVED":  # removed as the spec says first (08: status REMOVED), then left out
-            out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event, f"EVSE {gone['uid']} is not in the Location PUT",
-                        sub=ci_normalize(gone["uid"]))
+            # The PUT, or a PATCH of `evses` (which replaces the list): the detail names the one that left it out.
+            out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event,
+                        f"EVSE {gone['uid']} is not in the Location {event.operation}", sub=ci_normalize(gone["uid"]))
         out.batch.add("evses", projection.EVSE_COLUMNS,
                       projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
         removed.append(level_identity("EVSE", gone["uid"]))

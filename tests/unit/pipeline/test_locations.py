@@ -163,6 +163,19 @@ def test_an_evse_left_out_after_its_status_went_removed_is_not_an_anomaly() -> N
     assert present == {"E1": True, "E2": False}  # its row still says it left the tree
 
 
+def test_an_evse_a_location_patch_of_evses_leaves_out_is_named_as_left_out_by_that_patch() -> None:
+    """A Location PATCH of `evses` replaces the list (ocpi.patch) and leaves EVSEs out like a PUT; the anomaly's
+    detail said "not in the Location PUT", sending whoever settles it to look for a PUT that never came."""
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1"), evse("E2")]), received=1))
+    patch = event("LocationPatch", {"evses": [evse("E1", updated=5)], "last_updated": iso(ts(5))}, object_id="LOC1",
+                  received=2)
+    out = h.run(patch)
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "detail") == ["EVSE E2 is not in the Location PATCH"]
+    put = h.run(event("Location", location(evses=[evse("E3", updated=6)], updated=6), received=3))
+    assert column(put.batch, "anomalies", ANOMALY_COLUMNS, "detail") == ["EVSE E1 is not in the Location PUT"]
+
+
 def test_a_location_patch_that_breaks_a_cross_field_rule_is_invalid_and_not_stored() -> None:
     h = harness()
     unpublished = location(publish=False, publish_allowed_to=[{"uid": "TOK1", "type": "RFID"}])
