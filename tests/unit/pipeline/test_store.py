@@ -1231,3 +1231,81 @@ def test_the_orphan_sweep_runs_with_thousands_of_replayed_parked_events(client: 
 
     swept, _ = sweeps.collect(client, ts(60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
     assert len(swept.tables()["raw_events"]) == 5000
+
+
+def test_the_location_trees_rows_after_pushes_at_every_level_are_what_get_answers(client: Client) -> None:
+    """08 §3.3/§3.4 at each level, ids in another case, a Connector and an EVSE leaving the tree: the evses,
+    connectors and status history rows under FINAL are the stored tree (what GET answers), the ones it no longer
+    holds kept with `present = false`, and the history one row per status change."""
+    import asyncio
+
+    from receivers.state import StateReader, connector_of, evse_of
+
+    from .builders import connector
+
+    h = Harness(process_locations, LocationState)
+
+    def push(payload_type: str, body: dict[str, Any], received: float, **ids: str) -> None:
+        write(client, h.run(event(payload_type, body, received=received, object_id=ids.pop("lid", "LOC1"),
+                                  **ids)).batch)
+
+    push("Location", location(evses=[evse("E1"), evse("E2", connectors=[connector("1"), connector("2")])]), 1)
+    push("EVSEPatch", {"status": "CHARGING", "last_updated": iso(ts(5))}, 5, lid="loc1", evse_uid="e1")
+    push("Connector", connector("3", updated=6), 6, evse_uid="E2", connector_id="3")
+    push("ConnectorPatch", {"tariff_ids": ["T1"], "last_updated": iso(ts(7))}, 7, evse_uid="e2", connector_id="2")
+    push("EVSE", evse("E2", updated=8, connectors=[connector("1", updated=8), connector("3", updated=6)]), 8,
+         evse_uid="E2")  # Connector 2 left out
+    push("EVSEPatch", {"status": "REMOVED", "last_updated": iso(ts(10))}, 10, evse_uid="E1")
+    push("Location", location(evses=[evse("e2", status="BLOCKED", updated=12)], updated=12, name="Renamed"), 12)
+
+    assert client.query("SELECT evse_uid, status, present, connector_count, last_updated FROM evses FINAL "
+                        "ORDER BY evse_uid").result_rows == [
+        ("E1", "REMOVED", False, 1, ts(10)), ("E2", "BLOCKED", True, 1, ts(12))]
+    assert client.query("SELECT evse_uid, connector_id, present, tariff_ids FROM connectors FINAL "
+                        "ORDER BY evse_uid, connector_id").result_rows == [
+        ("E1", "1", False, []), ("E2", "1", True, []), ("E2", "2", False, ["T1"]), ("E2", "3", False, [])]
+    assert client.query("SELECT evse_uid, previous_status, status, changed_at FROM evse_status_history FINAL "
+                        "ORDER BY evse_uid, changed_at").result_rows == [
+        ("E1", "", "AVAILABLE", ts(0)), ("E1", "AVAILABLE", "CHARGING", ts(5)), ("E1", "CHARGING", "REMOVED", ts(10)),
+        ("E2", "", "AVAILABLE", ts(0)), ("E2", "AVAILABLE", "BLOCKED", ts(12))]
+    assert client.query("SELECT location_id, name, evse_count, last_updated FROM locations FINAL").result_rows == [
+        ("LOC1", "Renamed", 1, ts(12))]
+    assert client.query("SELECT count() FROM anomalies FINAL").result_rows == [(0,)]  # E1 went REMOVED first
+
+    found = asyncio.run(StateReader(lambda: client).location(ObjectKey("NL", "TNM", "loc1")))
+    assert found is not None and evse_of(found, "E1") is None
+    e2 = evse_of(found, "E2")
+    assert e2 is not None and connector_of(e2, "2") is None and connector_of(e2, "3") is None
+    [(payload,)] = client.query("SELECT payload_json FROM evses FINAL WHERE present").result_rows
+    assert json.loads(payload) == json.loads(bytes(e2))  # the row holds what GET answers
+
+
+def test_a_hubs_evse_status_patches_write_one_history_row_per_change_however_often_they_come(client: Client) -> None:
+    """The common hub traffic (08 §3.4: EVSE status PATCHes): a batch written twice (a crash before the offsets),
+    a producer's resend of an event, a partner's retry with a new event id, a late older PATCH and a replayed copy
+    leave one history row per status change, in the order of `last_updated`."""
+    h = Harness(process_locations, LocationState)
+    write(client, h.run(event("Location", location(evses=[evse("E1"), evse("E2")]), received=1)).batch)
+
+    def status(uid: str, value: str, minute: float, received: float, **extra: Any) -> Any:
+        return event("EVSEPatch", {"status": value, "last_updated": iso(ts(minute))}, object_id="LOC1",
+                     evse_uid=uid, received=received, **extra)
+
+    charging = status("E1", "CHARGING", 5, 5)
+    batch = h.run(charging, status("E2", "BLOCKED", 6, 6)).batch
+    write(client, batch)
+    write(client, batch)
+    resent = status("E1", "CHARGING", 5, 5, event_id=charging.event_id)
+    retried = status("E2", "BLOCKED", 6, 7)
+    write(client, h.run(resent, retried, status("E1", "AVAILABLE", 9, 9), status("E1", "OUTOFORDER", 8, 10)).batch)
+    replayed = status("E1", "CHARGING", 5, 5, event_id=charging.event_id, source="REPLAY")
+    write(client, h.run(replayed).batch)
+
+    assert client.query("SELECT evse_uid, previous_status, status, changed_at FROM evse_status_history FINAL "
+                        "ORDER BY evse_uid, changed_at").result_rows == [
+        ("E1", "", "AVAILABLE", ts(0)), ("E1", "AVAILABLE", "CHARGING", ts(5)), ("E1", "CHARGING", "AVAILABLE", ts(9)),
+        ("E2", "", "AVAILABLE", ts(0)), ("E2", "AVAILABLE", "BLOCKED", ts(6))]
+    assert client.query("SELECT evse_uid, status FROM evses FINAL ORDER BY evse_uid").result_rows == [
+        ("E1", "AVAILABLE"), ("E2", "BLOCKED")]
+    assert client.query("SELECT outcome, count() FROM raw_events FINAL GROUP BY outcome ORDER BY outcome"
+                        ).result_rows == [("APPLIED", 4), ("DUPLICATE", 1), ("STALE", 1)]
