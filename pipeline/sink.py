@@ -44,7 +44,9 @@ _ENCODER: Final = msgspec.json.Encoder(decimal_format="number")
 _FORMAT: Final = "JSONCompactEachRow"
 # Rows carry JSON documents as JSON objects (`projection.json_column`): a String column takes an object's text
 # with this setting, ClickHouse's default, which a server profile could have turned off.
-INSERT_SETTINGS: Final = {"input_format_json_read_objects_as_strings": 1}
+# wait_for_async_insert: on a server whose profile turns async_insert on, an insert would otherwise return before
+# its rows are stored, and the offsets behind them be committed for rows that may never be written.
+INSERT_SETTINGS: Final = {"input_format_json_read_objects_as_strings": 1, "wait_for_async_insert": 1}
 
 
 @dataclass

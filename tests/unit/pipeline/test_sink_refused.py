@@ -306,3 +306,20 @@ async def test_a_batch_whose_insert_failed_in_part_is_written_again_whole_and_co
     for table, rows in batch.tables().items():
         assert count(client, f"SELECT count() FROM {table} FINAL") == len(rows), table
     assert count(client, "SELECT count() FROM evses") == 3 * len(batch.tables()["evses"])  # three attempts
+
+
+def test_an_insert_waits_for_a_servers_asynchronous_insert() -> None:
+    """A server profile with async_insert=1 (and its default wait_for_async_insert=1 turned off) acknowledged an
+    insert before its rows were stored: the sink committed the offsets behind rows that might never be written.
+    chDB stores every insert at once, so this pins what the sink asks of a server."""
+    from pipeline.sink import insert_rows
+
+    sent: list[dict[str, object]] = []
+
+    class Recording:
+        def raw_insert(self, _table: str, _columns: Sequence[str], *, insert_block: bytes, fmt: str,
+                       settings: dict[str, object]) -> None:
+            sent.append(settings)
+
+    insert_rows(Recording(), "raw_events", ["event_id"], [["e1"]])  # type: ignore[arg-type]
+    assert sent == [{"input_format_json_read_objects_as_strings": 1, "wait_for_async_insert": 1}]
