@@ -2,7 +2,8 @@
 
 0. Check the pseudonymisation key against the live database's (`retention.check_key`): the rebuild worker
    checks it only against the fresh database, where none is recorded yet.
-1. Migrate a fresh database `<database>_rebuild_<stamp>` (same migrations, same schema).
+1. Migrate a fresh database `<database>_rebuild_<stamp>` (same migrations, same schema), with the configured TTLs
+   (`retention.apply_ttls`).
 2. Fix the targets: the end offset of every source topic now (the module topics and the rejections topic, which
    the receivers write).
 3. Run the pipeline's own worker (`ocpi-pipeline worker`: the same rules as the live worker, whatever they
@@ -178,9 +179,9 @@ async def _rebuild(settings: Settings, bootstrap: str, *, timeout: float, progre
                         "changed")
                 state["targets"] = targets
             await asyncio.to_thread(migrate, client, state["rebuild_database"])  # once the topics are known good
-            # The migrations' TTLs are fixed defaults, and the live worker sets the configured ones only at its
-            # first sweep: swapped in as they are, the tables would delete by the defaults (billing rows after 7
-            # years with 10 configured) until it restarted.
+            # The configured TTLs, not the migrations' defaults, before the worker writes: ClickHouse drops the rows
+            # a TTL has expired as it inserts them, and the tables swapped in keep their TTLs (the live worker sets
+            # them once, at its first sweep).
             await asyncio.to_thread(apply_ttls, client, state["rebuild_database"], settings)
             checkpoint.save(state)
             worker = _start_worker(settings, bootstrap, dsn, state, state["rebuild_database"])

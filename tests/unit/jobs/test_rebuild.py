@@ -204,6 +204,7 @@ async def test_a_rebuild_refuses_to_start_when_a_topic_it_reads_does_not_exist(
     monkeypatch.setattr(rebuild_mod, "connect", lambda *_a, **_k: FakeClient({}))
     monkeypatch.setattr(rebuild_mod, "_check_key", lambda *_a: None)
     monkeypatch.setattr(rebuild_mod, "migrate", lambda *a: started.append(a[-1]))
+    monkeypatch.setattr(rebuild_mod, "apply_ttls", lambda *_a: [])
     monkeypatch.setattr(kafka_io, "topic_partitions", partitions)  # under kafka_io.partitions_of
     monkeypatch.setattr(rebuild_mod, "offset_bounds", bounds)
     monkeypatch.setattr(rebuild_mod, "_start_worker", lambda *a: started.append(a[-1]) or FakeWorker())
