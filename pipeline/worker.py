@@ -19,7 +19,7 @@ from infra.kafka.admin import ensure_topics, partition_counts, set_topic_configs
 from infra.kafka.bootstrap import resolve_bootstrap
 from infra.settings import Settings, private_dir
 from pipeline.app import PARTY_TABLE, TABLES, create_app, sink_client
-from pipeline.retention import changelog_configs, changelog_topic, check_key, load_key, topic_configs
+from pipeline.retention import apply_ttls, changelog_configs, changelog_topic, check_key, load_key, topic_configs
 from pipeline.topics import topic_names
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,15 @@ def check_pseudonym_key(settings: Settings, *, wait_s: float = KEY_CHECK_WAIT_S)
             time.sleep(1.0)
 
 
+def apply_configured_ttls(settings: Settings) -> None:
+    """Set the configured TTLs (`retention.apply_ttls`) before anything is processed: ClickHouse drops the rows
+    a TTL has expired as it inserts them, so a backlog written under the migrations' defaults (a store restored
+    from an archive) would lose what a longer configured retention keeps."""
+    changed = apply_ttls(sink_client(settings), settings.clickhouse.database, settings)
+    if changed:
+        log.info("retention: TTL set on %s", ", ".join(changed))
+
+
 def answered(exc: ClickHouseUnavailable) -> bool:
     """Whether the store refused us for our configuration (a wrong user or password, no access, a database that
     does not exist), which no wait mends, rather than not answering (yet): a connection refused or timed out, a
@@ -174,6 +183,7 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     bootstrap = resolve_bootstrap(settings)
     private_dir(settings.storage.path)  # before the key check creates it (secrets/) with the umask's mode
     check_pseudonym_key(settings)
+    apply_configured_ttls(settings)
     drop_state_without_changelog(settings, bootstrap, settings.pipeline.app_id)
     if not has_changelog(bootstrap, settings.pipeline.app_id):
         warning = state_gap(sink_client(settings))

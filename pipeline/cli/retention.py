@@ -80,7 +80,7 @@ def report() -> None:
 def apply() -> None:
     """Enforce the policy now: set the configured TTLs and topic retention, pseudonymise what is due.
 
-    The worker does the same by itself (TTLs at its first sweep, pseudonymisation every hour).
+    The worker does the same by itself (TTLs at start, pseudonymisation every hour).
 
     Example: OCPI_RETENTION_RAW_DAYS=14 ocpi-pipeline retention apply
     """

@@ -206,6 +206,7 @@ def test_topic_configs_kafka_refuses_stop_the_start_in_one_line(command: str, tm
 
     monkeypatch.setattr(pipeline.worker, "prepare_topics", refused)
     monkeypatch.setattr(pipeline.worker, "check_pseudonym_key", lambda *_a, **_k: None)
+    monkeypatch.setattr(pipeline.worker, "apply_configured_ttls", lambda *_a, **_k: None)
     monkeypatch.setattr(pipeline.worker, "drop_state_without_changelog", lambda *_a, **_k: False)
     monkeypatch.setattr(pipeline.worker, "has_changelog", lambda *_a, **_k: True)
     monkeypatch.setattr(pipeline.stack, "ensure_topics", refused)

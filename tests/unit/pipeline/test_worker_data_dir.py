@@ -22,6 +22,7 @@ def test_a_worker_creates_its_data_dir_owner_only(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(worker, "resolve_bootstrap", lambda _settings: "127.0.0.1:1")
     monkeypatch.setattr(worker, "sink_client", lambda _settings: object())
     monkeypatch.setattr(worker, "check_key", lambda *_args, **_options: None)
+    monkeypatch.setattr(worker, "apply_configured_ttls", lambda _settings: None)
 
     def stop(*_args: Any) -> None:
         raise Started

@@ -60,6 +60,7 @@ def test_a_worker_starting_without_changelogs_logs_the_gap(monkeypatch: pytest.M
                                                           caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(worker, "resolve_bootstrap", lambda _settings: "127.0.0.1:1")
     monkeypatch.setattr(worker, "check_pseudonym_key", lambda _settings: None)
+    monkeypatch.setattr(worker, "apply_configured_ttls", lambda _settings: None)
     monkeypatch.setattr(worker, "drop_state_without_changelog", lambda *_args: False)
     monkeypatch.setattr(worker, "sink_client", lambda _settings: object())
     monkeypatch.setattr(worker, "state_gap", lambda _client: "the store holds 3 CDR rows")
@@ -80,3 +81,35 @@ def test_a_worker_starting_without_changelogs_logs_the_gap(monkeypatch: pytest.M
     with caplog.at_level(logging.WARNING, logger="pipeline.worker"), pytest.raises(Started):
         worker.run_worker(settings)
     assert caplog.records == []
+
+
+@pytest.mark.clickhouse
+def test_a_starting_worker_sets_the_configured_ttls_before_it_processes_anything(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TTLs were set at the first sweep, which waits until the group has no backlog: a store restored from an
+    archive (`replay --from-archive` into a fresh database, whose migrations set 30 days raw, 365 history and 7
+    years billing) had every CDR between 7 and the configured 10 years dropped as the worker inserted it
+    (ClickHouse drops the rows a TTL has expired on insert), and so on for the other classes."""
+    from pipeline import retention
+
+    client = connect(chdb_dsn)
+    database = unique("ttl")
+    migrate(client, database)
+    settings = load_settings({"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_CLICKHOUSE_DSN": chdb_dsn,
+                              "OCPI_CLICKHOUSE_DATABASE": database, "OCPI_RETENTION_BILLING_YEARS": "10",
+                              "OCPI_RETENTION_RAW_DAYS": "60", "OCPI_RETENTION_HISTORY_DAYS": "730"})
+    monkeypatch.setattr(worker, "resolve_bootstrap", lambda _settings: "127.0.0.1:1")
+    monkeypatch.setattr(worker, "check_pseudonym_key", lambda _settings: None)
+
+    def stop(*_args: Any) -> None:
+        raise Started
+
+    monkeypatch.setattr(worker, "drop_state_without_changelog", stop)  # the first step that leads to processing
+    try:
+        with pytest.raises(Started):
+            worker.run_worker(settings)
+        wanted = {ttl.table: ttl.expression for data_class in retention.policy(settings) for ttl in data_class.ttls}
+        current = retention.current_ttls(client, database)
+        assert {table: current[table] for table in wanted} == wanted
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
