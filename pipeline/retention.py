@@ -529,6 +529,12 @@ class DueRow:
     rule: str
     ttl_in_effect: str
     rows_due: int
+    ttl_configured: str = ""  # the policy's TTL expression ('' for a rule that is no TTL)
+
+    @property
+    def ttl_differs(self) -> bool:
+        """Whether the table's TTL is not the configured one (the worker or `retention apply` has not set it)."""
+        return bool(self.ttl_configured) and self.ttl_in_effect != self.ttl_configured
 
 
 def report_rows(client: Client, database: str, settings: Settings, now: datetime) -> list[DueRow]:
@@ -537,11 +543,13 @@ def report_rows(client: Client, database: str, settings: Settings, now: datetime
     rows: list[DueRow] = []
     for data_class in policy(settings):
         for ttl in data_class.ttls:
-            # The TTL's own expression, so the count is what ClickHouse deletes (and wraps nowhere either).
-            due = client.query(f"SELECT count() FROM `{ttl.table}` WHERE {ttl.expression} <= {datetime64(now)}"
-                               ).result_rows[0][0]
+            # Counted with the TTL in effect, the table's own expression, so the count is what ClickHouse deletes
+            # (a configured one not set yet deletes nothing, an older or a wrapping one does); `ttl_differs` says so.
+            in_effect = ttls.get(ttl.table, "")
+            due = client.query(f"SELECT count() FROM `{ttl.table}` WHERE {in_effect} <= {datetime64(now)}"
+                               ).result_rows[0][0] if in_effect else 0
             rows.append(DueRow(data_class.name, ttl.table, f"delete {ttl.amount} {ttl.unit.lower()}(s) after "
-                               f"{ttl.column}", ttls.get(ttl.table, ""), int(due)))
+                               f"{ttl.column}", in_effect, int(due), ttl.expression))
     before = now - timedelta(days=settings.retention.pseudonymise_days)
     for spec in PERSONAL_TABLES:
         due = client.query(f"SELECT count() FROM `{spec.table}` FINAL WHERE {spec.due(before)}").result_rows[0][0]

@@ -770,6 +770,33 @@ def test_the_report_counts_what_is_due(client: Client) -> None:
     assert {r.table: r.rows_due for r in personal} == {"sessions": 0, "cdrs": 1, "locations": 0}
 
 
+def test_the_report_counts_what_the_ttl_in_effect_deletes_and_flags_one_the_policy_does_not_set(
+        client: Client, chdb_dsn: str, tmp_path: Any) -> None:
+    """The count was made with the configured TTL, whatever the table's: with 1 year of billing in effect (a
+    `retention apply` run with another OCPI_RETENTION_BILLING_YEARS, a worker not restarted since) the report said
+    no CDR was due while ClickHouse deleted every CDR older than a year at its next merge."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    write(client, Harness(process_cdrs, CdrState).run(event("CDR", cdr(), received=1)).batch)
+    retention.apply_ttls(client, client.database, _settings())
+    client.command("ALTER TABLE cdrs MODIFY TTL received_at + toIntervalYear(1)")
+    at = {(r.data_class, r.table): r for r in retention.report_rows(client, client.database, _settings(),
+                                                                    ts(0) + timedelta(days=400))}
+    assert at["billing", "cdrs"].ttl_in_effect == "received_at + toIntervalYear(1)"
+    assert at["billing", "cdrs"].rows_due == 1  # what ClickHouse deletes now
+    assert at["billing", "billing_lines"].rows_due == 0  # its TTL is the configured one: 7 years
+    env = {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": client.database,
+           "OCPI_DATA_DIR": str(tmp_path), "OCPI_KAFKA_BOOTSTRAP": "", "COLUMNS": "250"}
+    result = CliRunner().invoke(cli, ["retention", "report"], env=env)
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.output.splitlines() if " cdrs " in line and "billing" in line]
+    assert "(policy: received_at + toIntervalYear(7))" in line
+    [line] = [line for line in result.output.splitlines() if " billing_lines " in line]
+    assert "policy" not in line
+
+
 def test_a_location_row_is_due_when_its_publish_allowed_to_is_whatever_updates_came_since(
         client: Client, chdb_dsn: str, tmp_path: Any) -> None:
     from click.testing import CliRunner
