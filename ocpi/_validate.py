@@ -10,6 +10,7 @@
 - a Connector's `max_voltage`/`max_amperage`/`max_electric_power` within 0..2**32-1 (the store's UInt32).
 - each EVSE uid once in a Location's `evses`, each Connector id once in an EVSE's `connectors` (CiString).
 - a CDR's `id` not empty (it names the CDR, and the URL our POST answer gives for it).
+- a CDR's `charging_periods` at most 65536 (the store numbers them in a UInt16, `cdr_charging_periods`).
 
 The walk only descends into fields that can reach a checked class, so a Session (no cross-field rules)
 costs almost nothing. The `#NA` scan needs every string, so it runs only when the body contains a `#` or
@@ -327,11 +328,25 @@ def _cdr_id_present(cdr: CDR, path: str, ctx: Context) -> None:
         raise OcpiValidationError(f"{path}.id", "empty: a CDR is named by its id")
 
 
+# `cdr_charging_periods` numbers a CDR's periods in a UInt16 column that is part of its key: the 65537th period was
+# stored as period 0 again and replaced it, so periods were lost without a word. A pushed CDR cannot have that many
+# (the 4 MB body limit holds about 50,000), a pulled one can (a page may be 64 MB).
+_CDR_PERIODS_MAX: Final = 2**16
+
+
+def _cdr_periods_storable(cdr: CDR, path: str, ctx: Context) -> None:
+    periods = cdr.charging_periods
+    if type(periods) is list and len(periods) > _CDR_PERIODS_MAX:
+        raise OcpiValidationError(f"{path}.charging_periods[{_CDR_PERIODS_MAX}]",
+                                  f"more than {_CDR_PERIODS_MAX} charging periods (not storable)")
+
+
 def _checks_of(cls: type) -> tuple[Check, ...]:
     checks = [check for (name, _), check in CONSTRAINTS.items() if _CLASSES[name] is cls]
     if cls is CDR:
         checks.append(_cdr_id_present)
         checks.append(_cdr_epoch_times)
+        checks.append(_cdr_periods_storable)
     if cls is LocationPatch:
         # The Location's rule on what a PATCH sets itself: `publish: true` with a non-empty `publish_allowed_to`
         # is invalid whatever is stored, so no merge could apply it (either field alone is the merge's to judge).

@@ -467,3 +467,14 @@ def test_coordinates_beyond_their_regex_are_refused(field: str, value: str) -> N
     with pytest.raises(OcpiValidationError) as refused:
         decode(dumps(body), OBJECTS["Location"])
     assert refused.value.path == f"$.coordinates.{field}"
+
+
+def test_a_cdr_has_no_more_charging_periods_than_the_store_numbers() -> None:
+    # cdr_charging_periods numbers them in a UInt16 of its key: the 65537th was stored as period 0 again and
+    # replaced it, losing periods without a word (a pulled page may hold such a CDR; a 4 MB push cannot).
+    cdr = minimal("CDR")
+    period = cdr["charging_periods"][0]
+    cdr["charging_periods"] = [period] * 2**16
+    assert len(decode(dumps(cdr), OBJECTS["CDR"]).value.charging_periods) == 2**16
+    cdr["charging_periods"].append(period)
+    assert_invalid(cdr, OBJECTS["CDR"], "$.charging_periods[65536]", "more than 65536 charging periods")
