@@ -2,7 +2,10 @@
 
 - The first CDR with an id is stored. The same id again with the same content (`content_hash`, which ignores
   `last_updated`) is a DUPLICATE and dropped; with different content it is a CONFLICT: the original is kept
-  and the conflict recorded (digest ambiguity #7 — a CDR is never overwritten).
+  and the conflict recorded (digest ambiguity #7 — a CDR is never overwritten). The same content is also a CDR
+  that differs only as OCPI does not distinguish (`same_content_hash`): CiString values in another case (the
+  `id` itself: the Kafka key, the state and the row are the case-insensitive identity's), and `credit` or
+  `home_charging_compensation` given as `false` where the other left it out.
 - A credit CDR (`credit: true`) must name the CDR it credits (`credit_reference_id`) and carry a non-positive
   `total_cost` (the spec negates it). Linking to the credited CDR happens per party in stage 2
   (`pipeline.reconcile`), since the two have different Kafka keys; an unknown reference is flagged there
@@ -14,8 +17,14 @@ from __future__ import annotations
 
 import enum
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
+import msgspec.inspect as mi
+
+from ocpi import model
+from ocpi.canonical import content_hash
+from ocpi.identity import ci_normalize
+from ocpi.types import CI_STRING_PATTERN
 from pipeline.records import Anomaly
 
 
@@ -25,10 +34,59 @@ class CdrDecision(enum.StrEnum):
     CONFLICT = "CONFLICT"
 
 
-def decide(stored_hash: str | None, incoming_hash: str) -> CdrDecision:
+def decide(stored_hash: str | None, incoming_hash: str, stored_same: str = "", incoming_same: str = "",
+           ) -> CdrDecision:
+    """`*_hash`: the events' `content_hash`; `*_same`: their `same_content_hash` ("" for a state written before
+    it was kept, which only the content hash can then match)."""
     if stored_hash is None:
         return CdrDecision.NEW
-    return CdrDecision.DUPLICATE if stored_hash == incoming_hash else CdrDecision.CONFLICT
+    if stored_hash == incoming_hash or (stored_same and stored_same == incoming_same):
+        return CdrDecision.DUPLICATE
+    return CdrDecision.CONFLICT
+
+
+# A CDR field's CiString values: True for a CiString (or a list of them), a nested spec for an object (or a list).
+_Spec = dict[str, Any]
+_FALSE_MEANS_ABSENT: Final = ("credit", "home_charging_compensation")  # `?` booleans whose absence is `false`
+
+
+def _ci_spec(kind: Any) -> Any:
+    if isinstance(kind, mi.StrType):
+        return True if kind.pattern == CI_STRING_PATTERN else None
+    if isinstance(kind, mi.UnionType):
+        return next((spec for member in kind.types if (spec := _ci_spec(member)) is not None), None)
+    if isinstance(kind, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+        return _ci_spec(kind.item_type)
+    if isinstance(kind, mi.StructType):
+        spec = {field.encode_name: sub for field in kind.fields if (sub := _ci_spec(field.type)) is not None}
+        return spec or None
+    return None
+
+
+_CDR_CI: Final[_Spec] = _ci_spec(mi.type_info(model.CDR))
+
+
+def _ci_normalized(value: Any, spec: Any) -> Any:
+    if value is None:
+        return None
+    if type(value) is list:
+        return [_ci_normalized(item, spec) for item in value]
+    if spec is True:
+        return ci_normalize(value) if type(value) is str else value
+    if type(value) is dict:
+        return {key: _ci_normalized(item, spec[key]) if key in spec else item for key, item in value.items()}
+    return value
+
+
+def same_content_hash(cdr: dict[str, Any]) -> str:
+    """The content hash of a CDR (a decoded event's payload) as OCPI compares it: every CiString value upper-cased
+    (a CiString is case-insensitive, 02 §9), and `credit`/`home_charging_compensation` `false` as absent (absent
+    is `false`). Two CDRs with equal ones are the same CDR sent twice."""
+    tree = _ci_normalized(cdr, _CDR_CI)
+    for name in _FALSE_MEANS_ABSENT:
+        if tree.get(name) is False:
+            del tree[name]
+    return content_hash(tree)
 
 
 def credit_anomalies(cdr: dict[str, Any]) -> list[tuple[Anomaly, str]]:

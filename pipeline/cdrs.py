@@ -18,11 +18,13 @@ def process_cdrs(view: TypedView[CdrState], key: str, records: list[Record], rul
             out.replayed += 1
             continue
         event = record.event
-        decision = cdr_rules.decide(state.content_hash if state else None, event.content_hash)
+        same = cdr_rules.same_content_hash(event.payload)
+        decision = (cdr_rules.decide(state.content_hash, event.content_hash, state.same_hash, same) if state
+                    else CdrDecision.NEW)
         if decision is CdrDecision.NEW:
             store(record, out)
             state = CdrState(content_hash=event.content_hash, event_id=event.event_id, offset=record.offset,
-                             received_at=record.received_at)
+                             received_at=record.received_at, same_hash=same)
             out.outcome(record, Outcome.APPLIED)
             continue
         assert state is not None

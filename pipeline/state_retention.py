@@ -23,7 +23,7 @@ rule with the same pseudonyms (`retention.pseudonymise_fields`, which also rewri
   new version; a parked event keeps its original `content_hash` too.
 
 A PublishTokenType's `group_id` (a group of tokens) and `issuer` (a company) are not in the personal list and
-stay as they are, as in the rows. `cdr-state` holds no personal field (a CDR's content hash, event id, offset
+stay as they are, as in the rows. `cdr-state` holds no personal field (a CDR's content hashes, event id, offset
 and receive time) and `party-state` only pseudonyms: neither is rewritten (`retention.PERSONAL_STATE_TABLES`).
 
 Billing retention (`retention.BILLING_STATE_TABLES`): the ClickHouse rows of sessions and CDRs are deleted by TTL

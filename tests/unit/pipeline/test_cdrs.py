@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 
 from pipeline.cdr_rules import CdrDecision, credit_anomalies, decide
@@ -123,3 +124,50 @@ def test_the_same_cdr_with_its_dimensions_in_another_order_is_a_duplicate() -> N
     out = h.run(again)
     assert outcomes(out) == {again.event_id: "DUPLICATE"}
     assert rows(out.batch, "anomalies") == []
+
+
+@pytest.mark.parametrize("change", ["id", "owner", "token uid", "tariff id", "credit false", "home charging false"])
+def test_the_same_cdr_with_cistrings_in_another_case_or_a_false_flag_spelt_out_is_a_duplicate(change: str) -> None:
+    """A CiString is case-insensitive (02 §9) and an absent `credit`/`home_charging_compensation` is `false`: a CDR
+    sent again with its id in another case (the same CDR: same Kafka key, state and row), or a CPO's Sender list
+    spelling out `credit: false` where its push left it out, was a CONFLICT with a CDR_CONFLICT anomaly."""
+    h = harness()
+    original = event("CDR", cdr(tariffs=[TARIFF]), received=1)
+    h.run(original)
+    body = cdr(tariffs=[{**TARIFF, "id": "t1"}] if change == "tariff id" else [TARIFF], updated=90,
+               cid="c1" if change == "id" else "C1", cc="nl" if change == "owner" else "NL",
+               pid="tnm" if change == "owner" else "TNM", uid="tok1" if change == "token uid" else "TOK1",
+               credit=False if change == "credit false" else None)
+    if change == "home charging false":
+        body["home_charging_compensation"] = False
+    again = event("CDR", body, received=2)
+    out = h.run(again)
+    assert outcomes(out) == {again.event_id: "DUPLICATE"}
+    assert rows(out.batch, "anomalies") == [] and rows(out.batch, "cdrs") == []
+    assert h.state("NL/TNM/C1").event_id == original.event_id
+
+
+def test_a_cdr_differing_in_a_case_sensitive_string_or_a_flag_set_is_still_a_conflict() -> None:
+    h = harness()
+    h.run(event("CDR", cdr(), received=1))
+    body = cdr(updated=90)
+    body["cdr_location"]["city"] = "UTRECHT"  # a string, not a CiString
+    flagged = cdr(updated=91)
+    flagged["home_charging_compensation"] = True
+    first, second = event("CDR", body, received=2), event("CDR", flagged, received=3)
+    out = h.run(first, second)
+    assert outcomes(out) == {first.event_id: "CONFLICT", second.event_id: "CONFLICT"}
+
+
+def test_a_cdr_state_written_before_the_case_insensitive_hash_compares_content_hashes() -> None:
+    """A state written before `same_hash` was kept has none: its CDR sent again in another case stays a CONFLICT
+    (the original is kept either way); the same content again is a DUPLICATE as it always was."""
+    h = harness()
+    h.run(event("CDR", cdr(), received=1))
+    before = msgspec.structs.asdict(h.state("NL/TNM/C1"))
+    del before["same_hash"]
+    h.store.data["NL/TNM/C1"] = msgspec.msgpack.encode(before)  # as the state was encoded without the field
+    assert h.state("NL/TNM/C1").same_hash == ""
+    same, other_case = event("CDR", cdr(updated=90), received=2), event("CDR", cdr("c1", updated=91), received=3)
+    out = h.run(same, other_case)
+    assert outcomes(out) == {same.event_id: "DUPLICATE", other_case.event_id: "CONFLICT"}

@@ -166,9 +166,10 @@ def test_a_parked_patch_is_pseudonymised_by_its_own_receive_time_and_still_appli
 
 
 def test_only_session_and_location_state_hold_personal_data() -> None:
-    # CDR state is a content hash and positions: a CDR retried after any pass is compared by hash as before.
-    # A personal field added to it would need the pass (and this test) extended.
-    assert set(CdrState.__struct_fields__) == {"content_hash", "event_id", "offset", "received_at"}
+    # CDR state is content hashes (as sent, and as OCPI compares: `cdr_rules.same_content_hash`) and positions: a
+    # CDR retried after any pass is compared by hash as before. A personal field added to it would need the pass
+    # (and this test) extended.
+    assert set(CdrState.__struct_fields__) == {"content_hash", "event_id", "offset", "received_at", "same_hash"}
     assert PERSONAL_STATE_TABLES == ("session-state", "location-state")
 
 
