@@ -1336,3 +1336,84 @@ def test_a_hubs_evse_status_patches_write_one_history_row_per_change_however_oft
         ("E1", "AVAILABLE"), ("E2", "BLOCKED")]
     assert client.query("SELECT outcome, count() FROM raw_events FINAL GROUP BY outcome ORDER BY outcome"
                         ).result_rows == [("APPLIED", 4), ("DUPLICATE", 1), ("STALE", 1)]
+
+
+def _tariff(tariff_id: str) -> dict[str, Any]:
+    return {"country_code": "NL", "party_id": "TNM", "id": tariff_id, "currency": "EUR", "type": "REGULAR",
+            "min_price": {"excl_vat": Decimal("0.5"), "incl_vat": Decimal("0.605")},
+            "elements": [
+                {"price_components": [{"type": "FLAT", "price": Decimal("0.5"), "vat": Decimal("21"), "step_size": 1}]},
+                {"price_components": [{"type": "ENERGY", "price": Decimal("0.2512"), "step_size": 500},
+                                      {"type": "PARKING_TIME", "price": Decimal("0"), "vat": Decimal("0"),
+                                       "step_size": 300}],
+                 "restrictions": {"start_time": "22:00", "end_time": "06:00", "min_kwh": Decimal("0.0001"),
+                                  "max_power": Decimal("22.5"), "max_duration": 7200,
+                                  "day_of_week": ["SATURDAY", "SUNDAY"]}}],
+            "last_updated": "2026-01-01T00:00:00Z"}
+
+
+def test_a_cdr_lands_in_its_three_tables_exactly(client: Client) -> None:
+    """Every billing-relevant value of a CDR as sent, exact (no float, no rounding): totals, each Price, each
+    dimension volume (negative and zero ones too) in the order sent, tariffs with elements and restrictions; the
+    same id of another party is another CDR, and the id in another case the same one."""
+    body = cdr("Cdr-1", kwh="-3.5", cost="0.0001", tariffs=[_tariff("T1"), _tariff("T2")])
+    body.update(total_parking_time=Decimal("0"), total_time=Decimal("99999999999999.9999"),
+                total_fixed_cost={"excl_vat": Decimal("0.5"), "incl_vat": Decimal("0.605")},
+                total_energy_cost={"excl_vat": Decimal("-1.0001")}, total_time_cost={"excl_vat": Decimal("0")},
+                total_parking_cost={"excl_vat": Decimal("1.5"), "incl_vat": Decimal("1.815")},
+                total_reservation_cost={"excl_vat": Decimal("2"), "incl_vat": Decimal("2.42")},
+                signed_data={"encoding_method": "OCMF", "encoding_method_version": 1,
+                             "signed_values": [{"nature": "Start", "plain_data": "p", "signed_data": "s"}]})
+    volumes = [("ENERGY", "-1.2345"), ("MAX_CURRENT", "0"), ("MIN_CURRENT", "-16"), ("MAX_POWER", "22.0001"),
+               ("MIN_POWER", "-11"), ("PARKING_TIME", "0.0000"), ("RESERVATION_TIME", "0.5"), ("TIME", "1")]
+    body["charging_periods"] = [
+        {"start_date_time": iso(ts(0)), "tariff_id": "t1",
+         "dimensions": [{"type": kind, "volume": Decimal(volume)} for kind, volume in volumes]},
+        {"start_date_time": iso(ts(30)), "dimensions": [{"type": "ENERGY", "volume": Decimal("-2.2655")}]}]
+    other_party = cdr("Cdr-1", cc="DE", pid="ABC", cost="9")
+    cdrs = Harness(process_cdrs, CdrState)
+    out = cdrs.run(event("CDR", body, received=1), event("CDR", {**body, "id": "CDR-1"}, received=2),
+                   event("CDR", other_party, received=3))
+    write(client, out.batch)
+    names = ("country_code", "party_id", "cdr_id", "session_id", "location_id", "evse_uid", "connector_id",
+             "currency", "total_energy", "total_time", "total_parking_time", "total_cost_excl_vat",
+             "total_cost_incl_vat", "credit", "credit_reference_id", "start_date_time", "end_date_time", "version")
+    assert client.query(f"SELECT {', '.join(names)} FROM cdrs FINAL ORDER BY country_code").result_rows == [
+        ("DE", "ABC", "CDR-1", "S1", "LOC1", "E1", "1", "EUR", Decimal("10.0000"), Decimal("1.0000"), None,
+         Decimal("9.0000"), Decimal("10.8900"), False, None, ts(0), ts(60), 1),
+        ("NL", "TNM", "CDR-1", "S1", "LOC1", "E1", "1", "EUR", Decimal("-3.5000"), Decimal("99999999999999.9999"),
+         Decimal("0.0000"), Decimal("0.0001"), Decimal("0.0001"), False, None, ts(0), ts(60), 1)]
+    [(document,)] = client.query("SELECT payload_json FROM cdrs FINAL WHERE country_code = 'NL'").result_rows
+    stored = json.loads(document, parse_float=Decimal)
+    assert stored["id"] == "Cdr-1"  # as first sent; the second (another case) was a DUPLICATE
+    for name in ("total_fixed_cost", "total_energy_cost", "total_time_cost", "total_parking_cost",
+                 "total_reservation_cost", "signed_data", "charging_periods"):
+        assert stored[name] == json.loads(json.dumps(body[name], default=str), parse_float=Decimal,
+                                          object_hook=_numbers), name
+    assert client.query("SELECT cdr_id, period_index, start_date_time, tariff_id, dimension_types, "
+                        "dimension_volumes, version FROM cdr_charging_periods FINAL WHERE country_code = 'NL' "
+                        "ORDER BY period_index").result_rows == [
+        ("CDR-1", 0, ts(0), "t1", [kind for kind, _ in volumes], [Decimal(v) for _, v in volumes], 1),
+        ("CDR-1", 1, ts(30), None, ["ENERGY"], [Decimal("-2.2655")], 1)]
+    assert client.query("SELECT count() FROM cdr_charging_periods FINAL WHERE country_code = 'DE'").result_rows == [
+        (1,)]
+    tariffs = client.query("SELECT tariff_country_code, tariff_party_id, tariff_id, currency, tariff_type, "
+                           "tariff_json FROM cdr_tariffs FINAL ORDER BY tariff_id").result_rows
+    assert [row[:5] for row in tariffs] == [("NL", "TNM", "T1", "EUR", "REGULAR"), ("NL", "TNM", "T2", "EUR",
+                                                                                    "REGULAR")]
+    for row, sent in zip(tariffs, (_tariff("T1"), _tariff("T2")), strict=True):
+        assert json.loads(row[5], parse_float=Decimal) == json.loads(
+            json.dumps(sent, default=str), parse_float=Decimal, object_hook=_numbers)
+    assert client.query("SELECT day, country_code, energy_kwh, cost_excl_vat, cost_incl_vat FROM billing_lines "
+                        "FINAL ORDER BY country_code").result_rows == [
+        (ts(60).date(), "DE", Decimal("10.0000"), Decimal("9.0000"), Decimal("10.8900")),
+        (ts(60).date(), "NL", Decimal("-3.5000"), Decimal("0.0001"), Decimal("0.0001"))]
+
+
+_DECIMAL_FIELDS = frozenset({"price", "vat", "volume", "excl_vat", "incl_vat", "min_kwh", "max_power"})
+
+
+def _numbers(node: dict[str, Any]) -> dict[str, Any]:
+    """A body's Decimals, written as strings by `json.dumps(default=str)`, as the numbers the store holds."""
+    return {key: Decimal(value) if key in _DECIMAL_FIELDS and isinstance(value, str) else value
+            for key, value in node.items()}
