@@ -2,8 +2,9 @@
 
 Identity columns hold the upper-cased CiString (the contract with the receivers' GET), and so do the CiString
 columns that refer to another object (a Session's or CDR's location, EVSE and connector, a CDR's session and
-credited CDR): they are compared case-insensitively, and billing groups and joins by them. payload_json keeps the
-object as the CPO sent it (OCPI JSON). Objects arrive as builtins: dicts with aware datetimes and Decimals.
+credited CDR, a CDR period's tariff): they are compared case-insensitively, and billing groups and joins by them.
+payload_json keeps the object as the CPO sent it (OCPI JSON). Objects arrive as builtins: dicts with aware
+datetimes and Decimals.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def cdr_period_rows(cdr: dict[str, Any], received_at: datetime) -> list[list[Any
     rows = []
     for index, period in enumerate(cdr["charging_periods"]):
         dimensions = period["dimensions"]
-        rows.append([cc, pid, cid, index, period["start_date_time"], period.get("tariff_id"),
+        rows.append([cc, pid, cid, index, period["start_date_time"], upper(period.get("tariff_id")),
                      [d["type"] for d in dimensions], [d["volume"] for d in dimensions], received_at,
                      CDR_ROW_VERSION])
     return rows

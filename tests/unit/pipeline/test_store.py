@@ -1393,7 +1393,7 @@ def test_a_cdr_lands_in_its_three_tables_exactly(client: Client) -> None:
     assert client.query("SELECT cdr_id, period_index, start_date_time, tariff_id, dimension_types, "
                         "dimension_volumes, version FROM cdr_charging_periods FINAL WHERE country_code = 'NL' "
                         "ORDER BY period_index").result_rows == [
-        ("CDR-1", 0, ts(0), "t1", [kind for kind, _ in volumes], [Decimal(v) for _, v in volumes], 1),
+        ("CDR-1", 0, ts(0), "T1", [kind for kind, _ in volumes], [Decimal(v) for _, v in volumes], 1),
         ("CDR-1", 1, ts(30), None, ["ENERGY"], [Decimal("-2.2655")], 1)]
     assert client.query("SELECT count() FROM cdr_charging_periods FINAL WHERE country_code = 'DE'").result_rows == [
         (1,)]
@@ -1417,3 +1417,18 @@ def _numbers(node: dict[str, Any]) -> dict[str, Any]:
     """A body's Decimals, written as strings by `json.dumps(default=str)`, as the numbers the store holds."""
     return {key: Decimal(value) if key in _DECIMAL_FIELDS and isinstance(value, str) else value
             for key, value in node.items()}
+
+
+def test_a_cdr_period_names_its_tariff_as_cdr_tariffs_keys_it(client: Client) -> None:
+    """A period's `tariff_id` refers to one of the CDR's Tariffs (a CiString): cdr_tariffs keys the Tariff
+    upper-cased, the period kept the case sent, so joining a period to its tariff found nothing for a CPO writing
+    ids in lower case (the projection's rule: a CiString column referring to another object is upper-cased)."""
+    body = cdr(tariffs=[_tariff("ac-day")])
+    body["charging_periods"][0]["tariff_id"] = "ac-day"
+    write(client, Harness(process_cdrs, CdrState).run(event("CDR", body, received=1)).batch)
+    assert client.query("SELECT p.period_index, t.tariff_id, t.tariff_type FROM cdr_charging_periods AS p FINAL "
+                        "JOIN cdr_tariffs AS t FINAL ON (t.country_code, t.party_id, t.cdr_id, t.tariff_id) = "
+                        "(p.country_code, p.party_id, p.cdr_id, p.tariff_id)").result_rows == [
+        (0, "AC-DAY", "REGULAR")]
+    [(document,)] = client.query("SELECT payload_json FROM cdrs FINAL").result_rows
+    assert json.loads(document)["charging_periods"][0]["tariff_id"] == "ac-day"  # the CDR as sent
