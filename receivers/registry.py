@@ -159,6 +159,13 @@ class Partner(msgspec.Struct, kw_only=True):
         of the partner's CPO roles. A party it registered only as EMSP, NSP, NAP, SCSP, OTHER or HUB owns none."""
         return any(role.role is Role.CPO and same_party(role, country_code, party_id) for role in self.roles)
 
+    def relays_for(self, country_code: str, party_id: str) -> bool:
+        """Whether this connection is a Hub that may carry objects of (country_code, party_id) for their owner: a Hub
+        reports only itself (07 §5), so the parties behind it are not in its roles, and any party may be one; but
+        not a party it registered itself in a role other than CPO (its own HUB party owns no Location, Session or
+        CDR, as for any partner: `may_own`)."""
+        return self.is_hub and not self.owns(country_code, party_id)
+
     def roles_of(self, country_code: str, party_id: str) -> list[str]:
         """The roles (CPO, EMSP ...) the partner registered for (country_code, party_id), for messages."""
         return [role.role.value for role in self.roles if same_party(role, country_code, party_id)]

@@ -40,7 +40,7 @@ The crawl (04 §4.2):
   profile): invalid objects (an empty id, country_code or party_id too: no push could name such an object) are
   logged and recorded, the valid ones are processed (04 §4.1). Objects whose
   owner is not one of the partner's CPO roles (the owner of Locations, Sessions and CDRs, as for a push) are
-  recorded and skipped (04 §6.3), unless the partner is a Hub.
+  recorded and skipped (04 §6.3); a Hub's may be any party's but a party the Hub registered itself (as HUB).
   Recorded objects go to `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.rejected.jsonl`, which nothing deletes: their
   personal identifiers (`retention.pseudonymise_fields`) are written as pseudonyms, never in clear. A page's are
   recorded once its valid objects are acknowledged, so a page read again after a failed send is recorded once.
@@ -609,12 +609,16 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
             rejected.append({"index": index, "path": f"$[{index}].{empty}",
                              "reason": "empty: an object is named by its owner and id, none of which may be empty"})
             continue
-        if not partner.is_hub and not partner.may_own(value.country_code, value.party_id):
-            # The rule of a push (receivers.auth.require_owner): these objects are a CPO's.
+        if not partner.may_own(value.country_code, value.party_id) and \
+                not partner.relays_for(value.country_code, value.party_id):
+            # The rule of a push (receivers.auth.require_owner): these objects are a CPO's. A Hub's are any party's
+            # but its own (a party it registered as HUB, or in another role than CPO, owns none).
             report.foreign += 1
+            other = partner.roles_of(value.country_code, value.party_id)
+            why = (f"is registered by the partner as {', '.join(other)}, not as CPO" if other
+                   else "is not one of the partner's roles (04 §6.3) with the role CPO")
             rejected.append({"index": index, "path": "$", "reason": f"owner {value.country_code}/{value.party_id} "
-                             "is not one of the partner's roles (04 §6.3) with the role CPO (the owner of "
-                             f"{module}, 08/09/10 §1)"})
+                             f"{why} (the owner of {module}, 08/09/10 §1)"})
             continue
         key = ObjectKey.of(value)
         event = build_event(partner_id=partner.partner_id, module=module, operation=kind.operation,

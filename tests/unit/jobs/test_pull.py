@@ -310,8 +310,8 @@ async def test_an_object_with_an_empty_identity_is_refused_as_a_push_would_be(se
     empty = session(2, hours_ago(2))
     empty[field] = ""
     fake.objects["sessions"] = [session(1, hours_ago(3)), empty]
-    hub = partner_for(fake)
-    hub.roles, hub.hub = [credentials_role(country_code="BE", party_id="BEC", role="HUB")], True
+    hub = partner_for(fake)  # BE/BEC is a party behind the Hub
+    hub.roles, hub.hub = [credentials_role(country_code="DE", party_id="HUB", role="HUB")], True
     sink = ListSink()
     report = await pull(settings, hub, "sessions", sink, since=hours_ago(24))
     assert ids(sink) == ["S0001"] and (report.invalid, report.foreign) == (1, 0)
@@ -332,6 +332,26 @@ async def test_an_object_of_a_party_the_partner_registered_in_another_role_than_
     assert ids(sink) == ["S0001"] and (report.foreign, report.objects) == (1, 1)
     line = json.loads(rejected_path(settings, "cpo-be", "sessions").read_text())
     assert "BE/MSP" in line["reason"] and "CPO" in line["reason"]
+
+
+async def test_a_hubs_objects_are_each_their_owners_but_none_is_the_hubs_own_party(settings_for: Any,
+                                                                                  fake: FakeSender) -> None:
+    """Through a Hub (GET All, 04 §10) the objects are any connected party's: each is published under its own owner,
+    from the Hub's connection. The Hub's own party is no CPO (a Hub reports only itself, as HUB, 07 §5), so it owns
+    no Session or CDR: a push of one is refused (404), and a pulled one is foreign likewise; it was published."""
+    settings = settings_for()
+    hub = partner_for(fake)
+    hub.roles, hub.hub = [credentials_role(country_code="DE", party_id="HUB", role="HUB")], True
+    fake.objects["sessions"] = [session(1, hours_ago(4)), session(2, hours_ago(3), party=("NL", "XYZ")),
+                                session(3, hours_ago(2), party=("de", "hub"))]
+    sink = ListSink()
+    report = await pull(settings, hub, "sessions", sink, since=hours_ago(24))
+    assert [(e.country_code, e.party_id, e.object_id, e.partner_id) for e in sink.events] == [
+        ("BE", "BEC", "S0001", "cpo-be"), ("NL", "XYZ", "S0002", "cpo-be")]
+    assert (report.foreign, report.objects) == (1, 2)
+    line = json.loads(rejected_path(settings, "cpo-be", "sessions").read_text())
+    assert "de/hub" in line["reason"] and "HUB" in line["reason"]
+    assert (fake.seen[0].headers["OCPI-to-country-code"], fake.seen[0].headers["OCPI-to-party-id"]) == ("DE", "HUB")
 
 
 async def test_a_recorded_objects_personal_data_is_pseudonymised(settings_for: Any, fake: FakeSender) -> None:
