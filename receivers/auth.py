@@ -19,9 +19,10 @@ named in the URL (`{country_code}/{party_id}`) must be a party the caller may ac
    CPO (Locations, Sessions and CDRs are a CPO's, 08/09/10 §1: a party the caller registered only as EMSP, NSP,
    NAP, SCSP, OTHER or HUB owns none, and may neither push nor read them), or, for a HUB partner, either
    a. the party named in OCPI-from-* (an addressed or open-routed request the Hub relays for its owner), or
-   b. any party, when OCPI-from-* names the Hub itself and the request is a broadcast push (PUT, PATCH or
-      POST) of a module meant for everybody (locations, tariffs, tokens): 04 §9 keeps the original owner in
-      the URL of a broadcast. Sessions and CDRs are never broadcast, and GET never is.
+   b. any party but the Hub's own (registered as HUB, it owns none), when OCPI-from-* names the Hub itself and
+      the request is a broadcast push (PUT, PATCH or POST) of a module meant for everybody (locations, tariffs,
+      tokens): 04 §9 keeps the original owner in the URL of a broadcast. Sessions and CDRs are never broadcast,
+      and GET never is.
    Otherwise: HTTP 404 with 2001 (04 §6.2 allows 404 to hide what belongs to someone else).
 Handlers then call `require_owner(request.state.partner, ...)` for owners they find in the body; for a Hub,
 `request.state.partner` is a per-request RoutedPartner that knows what the headers authorised.

@@ -255,9 +255,12 @@ class RoutedPartner(Partner, kw_only=True):
 
     def may_own(self, country_code: str, party_id: str) -> bool:
         """A CPO role of the Hub's own (a Hub reports only HUB, 07 §5), the party it relays for, or any owner of a
-        broadcast. The routed party's role is not known (Hub Client Info is not read): the Hub is trusted for it."""
-        if super().may_own(country_code, party_id) or self.broadcast:
+        broadcast but the Hub's own party (`relays_for`: registered as HUB, it owns no Location). The routed party's
+        role is not known (Hub Client Info is not read): the Hub is trusted for it."""
+        if super().may_own(country_code, party_id):
             return True
+        if self.broadcast:
+            return self.relays_for(country_code, party_id)
         return any(ci_equal(c, country_code) and ci_equal(p, party_id) for c, p in self.routed_parties)
 
     @classmethod

@@ -118,6 +118,12 @@ REFUSED = [
      ("NL", "MSP"), ForeignParty),
     ("hub's own party owns no Session", HUB, headers(("DE", "HUB")), "sessions", "PUT", ("DE", "HUB"), ForeignParty),
     ("hub's own party owns no CDR", HUB, headers(("DE", "HUB")), "cdrs", "GET", ("DE", "HUB"), ForeignParty),
+    # A broadcast keeps its owner's party in the URL (04 §9), any party behind the Hub, but never the Hub's own: a
+    # party registered as HUB owns no Location either.
+    ("hub's own party owns no Location, not even in a broadcast", HUB, headers(("DE", "HUB")), "locations", "PUT",
+     ("de", "hub"), ForeignParty),
+    ("hub's own party owns no EVSE of a broadcast PATCH", HUB, headers(("DE", "HUB")), "locations", "PATCH",
+     ("DE", "HUB"), ForeignParty),
     # CiStrings compare ignoring ASCII case only: str.upper() folds 'ı' to 'I' and 'ß' to 'SS', which let a URL
     # owner no CiString can be (and so a Kafka key no object has) pass as the caller's party, acknowledged 1000.
     ("owner folding onto a role only by Unicode case", partner(("NL", "IST", "CPO")), headers(None, None),

@@ -230,3 +230,26 @@ def test_a_broadcast_push_must_name_an_owner_a_location_can_have(pushes: Pushes,
             assert reason in answer["status_message"]
     assert_envelope(pushes.request("PATCH", f"{BASE}/locations/N1/A-B/LOC1", {"name": "x", "last_updated": PATCHED},
                                    party=("DE", "HUB"), headers=broadcast), 1000)  # any printable ASCII of that length
+
+
+def test_a_hubs_broadcast_is_its_owners_location_but_never_one_of_the_hubs_own_party(pushes: Pushes) -> None:
+    # 04 §9: the Hub forwards the owner's push with itself in OCPI-from-*, the owner kept in the URL; we answer the
+    # Hub (to-* the Hub, from-* us). The event is the owner's Location, from the Hub's connection. The Hub's own
+    # party is registered as HUB: like any party of a role other than CPO it owns no Location (404, 2001).
+    pushes.tokens[("DE", "HUB")] = pushes.env.provision("hub", ("DE", "HUB", "HUB"))
+    broadcast = routing(("DE", "HUB"), ("NL", "OPP"))
+    patch = {"name": "x", "last_updated": PATCHED}
+    response = pushes.request("PATCH", f"{BASE}/locations/FR/ZZZ/LOC1", patch, party=("DE", "HUB"),
+                              headers=broadcast)
+    assert_envelope(response, 1000, http=200)
+    assert [response.headers[f"ocpi-{side}"] for side in ("from-country-code", "from-party-id", "to-country-code",
+                                                          "to-party-id")] == ["NL", "OPP", "DE", "HUB"]
+    [event] = pushes.events()
+    assert (event.partner_id, event.country_code, event.party_id, event.object_id) == ("hub", "FR", "ZZZ", "LOC1")
+    assert (event.from_country_code, event.from_party_id) == ("DE", "HUB") and pushes.keys() == [b"FR/ZZZ/LOC1"]
+    with no_records(pushes):
+        for method, url, body in (("PATCH", f"{BASE}/locations/de/hub/LOC1", patch),
+                                  ("PUT", f"{BASE}/locations/DE/HUB/LOC1/3256", evse())):
+            answer = assert_envelope(pushes.request(method, url, body, party=("DE", "HUB"), headers=broadcast), 2001,
+                                     http=404)
+            assert "as HUB, not as CPO" in answer["status_message"]
