@@ -1432,3 +1432,38 @@ def test_a_cdr_period_names_its_tariff_as_cdr_tariffs_keys_it(client: Client) ->
         (0, "AC-DAY", "REGULAR")]
     [(document,)] = client.query("SELECT payload_json FROM cdrs FINAL").result_rows
     assert json.loads(document)["charging_periods"][0]["tariff_id"] == "ac-day"  # the CDR as sent
+
+
+def test_a_hubs_sessions_and_cdrs_are_billed_under_their_own_cpo_parties_once(client: Client) -> None:
+    """03 topologies 7 and 8: a Hub relays the Sessions and CDRs of many CPO parties, and one of them also pushes
+    directly. Each object is keyed and billed under its own CPO party (never the Hub's), from the connection that
+    brought it first (`partner_id`); the same object from the other connection is a DUPLICATE, no second row, no
+    second billing line (billing_lines is keyed by partner_id too)."""
+    sessions = Harness(process_sessions, SessionState)
+    cdrs = Harness(process_cdrs, CdrState)
+
+    def done(cc: str, pid: str, kwh: str, cost: str) -> dict[str, Any]:
+        return session("S1", status="COMPLETED", kwh=kwh, cost=cost, end=60, updated=60, cc=cc, pid=pid)
+
+    write(client, sessions.run(event("Session", done("NL", "AAA", "10", "2.50"), partner="hub", received=61),
+                               event("Session", done("BE", "BBB", "8", "2.00"), partner="hub", received=61),
+                               event("Session", done("NL", "AAA", "10", "2.50"), partner="cpo-aaa", received=62)
+                               ).batch)
+    write(client, cdrs.run(event("CDR", cdr("C1", kwh="10", cost="2.50", cc="NL", pid="AAA"), partner="hub",
+                                 received=63),
+                           event("CDR", cdr("C1", kwh="8", cost="2.00", cc="BE", pid="BBB"), partner="hub",
+                                 received=63),
+                           event("CDR", cdr("C1", kwh="10", cost="2.50", cc="NL", pid="AAA"), partner="cpo-aaa",
+                                 received=64)).batch)
+    assert client.query("SELECT country_code, party_id, session_id, partner_id, kwh FROM sessions FINAL "
+                        "ORDER BY country_code").result_rows == [
+        ("BE", "BBB", "S1", "hub", Decimal("8.0000")), ("NL", "AAA", "S1", "hub", Decimal("10.0000"))]
+    assert client.query("SELECT country_code, party_id, cdr_id, partner_id FROM cdrs FINAL ORDER BY country_code"
+                        ).result_rows == [("BE", "BBB", "C1", "hub"), ("NL", "AAA", "C1", "hub")]
+    assert client.query("SELECT partner_id, country_code, party_id, cdrs, energy_kwh, cost_excl_vat FROM billing_daily "
+                        "ORDER BY country_code").result_rows == [
+        ("hub", "BE", "BBB", 1, Decimal("8.0000"), Decimal("2.0000")),
+        ("hub", "NL", "AAA", 1, Decimal("10.0000"), Decimal("2.5000"))]
+    assert client.query("SELECT partner_id, module, outcome, count() FROM raw_events FINAL GROUP BY ALL ORDER BY ALL"
+                        ).result_rows == [("cpo-aaa", "CDRS", "DUPLICATE", 1), ("cpo-aaa", "SESSIONS", "DUPLICATE", 1),
+                                          ("hub", "CDRS", "APPLIED", 2), ("hub", "SESSIONS", "APPLIED", 2)]

@@ -280,6 +280,17 @@ ROWS = [
         routed("hub", ("NL", "XYZ"), OURS), 201, OK, body=cdr("NL", "XYZ")),
     Row("hub relaying a CDR of another party", "POST", "/ocpi/emsp/2.2.1/cdrs",
         routed("hub", ("NL", "XYZ"), OURS), 404, BAD, body=cdr("NL", "ABC")),
+    # The answer goes back the way the request came (04 §8.2): to the party the Hub relays for, to the Hub itself
+    # when it spoke as itself; a to-* that is not us is the request's fault (2001), not a Hub's routing error (4xxx
+    # are answered by a Hub, never by us, 05 §4).
+    Row("hub relaying a GET: the answer is addressed to the from-* party", "GET", f"{SESSIONS}/NL/XYZ/101",
+        routed("hub", ("NL", "XYZ"), OURS), 404, 2000, check=response_routing(OURS, ("NL", "XYZ"))),
+    Row("hub speaking as itself, refused: the answer is addressed to the Hub", "PUT", f"{SESSIONS}/NL/ABC/101",
+        routed("hub", ("DE", "HUB"), OURS), 404, BAD, body=session("NL", "ABC"),
+        check=response_routing(OURS, ("DE", "HUB"))),
+    Row("hub relaying to another party than us: 2001, not 4001", "PUT", f"{SESSIONS}/NL/XYZ/101",
+        routed("hub", ("NL", "XYZ"), ("NL", "ABC")), 400, BAD, body=session("NL", "XYZ"),
+        check=response_routing(OURS, ("NL", "XYZ"))),
     # --- credentials misuse (07 §2-3: 405 MUST) ---
     Row("credentials POST when registered", "POST", "/ocpi/2.2.1/credentials", as_("cpo"), 405, 2000, body=b"{}"),
     Row("credentials PUT with Token A", "PUT", "/ocpi/2.2.1/credentials", as_("invited"), 405, 2000, body=b"{}"),
