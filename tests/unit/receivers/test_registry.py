@@ -160,13 +160,26 @@ def test_a_party_belongs_to_one_live_connection(open_registry: Callable[[], Part
     registry.register_direct("second", "Second", [role("NL", "EXA")])
 
 
+def test_a_party_behind_a_hub_may_also_connect_directly(open_registry: Callable[[], PartnerRegistry]) -> None:
+    """03 topology 8: a party may reach us through a Hub and directly. A Hub holds only its own party (it reports
+    only itself, 07 §5), so a CPO behind it registers; the Hub's own party stays the Hub's."""
+    registry = open_registry()
+    hub, _ = registry.register_direct("hub", "Hub", [role("DE", "HUB", "HUB")])
+    registry.register_direct("cpo-xyz", "XYZ", [role("NL", "XYZ")])
+    assert hub.relays_for("nl", "xyz") and not hub.relays_for("de", "hub")
+    assert not registry.require("cpo-xyz").relays_for("NL", "ABC")  # no Hub: only its own CPO roles
+    with pytest.raises(RegistryError, match="DE/HUB belongs to partner 'hub'"):
+        registry.register_direct("other", "Other", [role("DE", "HUB")])
+
+
 def test_a_per_request_view_is_never_persisted(open_registry: Callable[[], PartnerRegistry]) -> None:
     registry = open_registry()
     partner, _ = registry.register_direct("hub", "Hub", [role("DE", "HUB", "HUB")])
     view = RoutedPartner.of(partner, routed_parties=[("NL", "XYZ")], broadcast=False)
     assert view.may_own("nl", "xyz") and not view.may_own("NL", "ABC")
     assert view.owns("DE", "HUB") and not view.may_own("DE", "HUB")  # a Hub's own party owns no CPO object
-    assert RoutedPartner.of(partner, routed_parties=[], broadcast=True).may_own("NL", "ABC")
+    broadcast = RoutedPartner.of(partner, routed_parties=[], broadcast=True)
+    assert broadcast.may_own("NL", "ABC") and not broadcast.may_own("de", "hub")  # any owner but the Hub's own
     with pytest.raises(TypeError):
         registry.save(view)
 
