@@ -12,10 +12,9 @@ from pathlib import Path
 import faust
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
-from kafka import KafkaAdminClient
 
 from infra.clickhouse.client import ClickHouseUnavailable
-from infra.kafka.admin import ensure_topics, partition_counts, set_topic_configs
+from infra.kafka.admin import delete_topics, ensure_topics, partition_counts, set_topic_configs, topic_ends
 from infra.kafka.bootstrap import resolve_bootstrap
 from infra.settings import Settings, private_dir
 from pipeline.app import PARTY_TABLE, TABLES, create_app, sink_client
@@ -49,6 +48,7 @@ def prepare_topics(settings: Settings, bootstrap: str) -> None:
     # process (`serve`) created the module topics with another value: a table's state for a record is written
     # to the changelog partition of the record's partition (`agents.StateTable`).
     sources = changelog_sources(settings)
+    recreate_empty_changelogs(bootstrap, sources)
     counts = partition_counts(bootstrap, sources.values())
     for changelog, source in sources.items():
         ensure_topics(bootstrap, [changelog], counts.get(source, settings.kafka.partitions), configs,
@@ -93,7 +93,8 @@ def changelog_sources(settings: Settings) -> dict[str, str]:
 
 
 def drop_state_without_changelog(settings: Settings, bootstrap: str, app_id: str) -> bool:
-    """Remove local table state whose changelog topics are gone (a new broker, e.g. an embedded one restarted).
+    """Remove local table state whose changelog topics are gone or never held a record (a new broker, e.g. an
+    embedded one restarted, `has_changelog`).
 
     Local state is only a cache of the changelogs; without them it belongs to another Kafka and would make the
     worker skip records it never processed on this one (and Faust refuse to start on offsets beyond the end).
@@ -101,19 +102,41 @@ def drop_state_without_changelog(settings: Settings, bootstrap: str, app_id: str
     datadir = state_dir(settings, app_id)
     if not datadir.exists() or has_changelog(bootstrap, app_id):
         return False
-    log.warning("local state in %s has no changelog on %s; starting from empty state", datadir, bootstrap)
+    log.warning("local state in %s has no changelog record on %s; starting from empty state", datadir, bootstrap)
     shutil.rmtree(datadir)
     return True
 
 
 def has_changelog(bootstrap: str, app_id: str) -> bool:
-    """Whether the broker holds any of this app's state changelogs (none: the state starts empty)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    try:
-        existing = set(admin.list_topics())
-    finally:
-        admin.close()
-    return any(topic in existing for topic in changelog_topics(app_id))
+    """Whether the broker holds a record of this app's state changelogs (none: the state starts empty).
+
+    A changelog that exists but never held a record holds no state either: a broker that creates topics on first
+    use (Tansu, whose memory engine loses every topic on a restart) creates the changelogs of a worker that was
+    running when it restarted, empty, and local state kept over them would be ahead of them (Faust's
+    ConsistencyError at every start)."""
+    return any(end > 0 for end in topic_ends(bootstrap, changelog_topics(app_id)).values())
+
+
+def recreate_empty_changelogs(bootstrap: str, sources: dict[str, str], wait_s: float = 30.0) -> list[str]:
+    """Delete the changelogs whose partition count is not their source topic's and that never held a record, so
+    that `prepare_topics` creates them again with their source's count; returns their names.
+
+    A broker that creates topics on first use creates them with its own partition count: Tansu, restarted empty
+    under a running worker, so creates the changelogs that worker asks about. Empty, they hold no state to lose;
+    left as they are, `check_copartitioned` stops every start. A changelog that holds records is left for
+    `check_copartitioned` to refuse."""
+    counts = partition_counts(bootstrap, (*sources, *sources.values()))
+    wrong = [changelog for changelog, source in sources.items()
+             if changelog in counts and source in counts and counts[changelog] != counts[source]]
+    if not wrong:
+        return []
+    empty = [topic for topic, end in topic_ends(bootstrap, wrong).items() if end == 0]
+    if not empty:
+        return []
+    delete_topics(bootstrap, empty, wait_s)
+    log.warning("state changelogs %s held no record and had another partition count than their source topics "
+                "(created by the broker on first use); created again", ", ".join(empty))
+    return empty
 
 
 def state_gap(client: Client) -> str | None:

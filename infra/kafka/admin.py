@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import ConfigFilterType, ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
@@ -85,6 +86,42 @@ def partition_counts(bootstrap: str, topics: Iterable[str]) -> dict[str, int]:
             return {}
         return {topic["name"]: len(topic["partitions"]) for topic in admin.describe_topics(names)
                 if topic["name"] in names and topic["partitions"]}
+    finally:
+        admin.close()
+
+
+def topic_ends(bootstrap: str, topics: Iterable[str]) -> dict[str, int]:
+    """The sum of the end offsets of each of `topics` that exists: 0 for a topic that never held a record (on
+    Tansu too, whose ListOffsets under-reports only a partition that holds records)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        existing = set(admin.list_topics())
+        names = [topic for topic in dict.fromkeys(topics) if topic in existing]
+        described = admin.describe_topics(names) if names else []
+    finally:
+        admin.close()
+    partitions = [TopicPartition(topic["name"], partition["partition_index"])
+                  for topic in described if topic["name"] in names for partition in topic["partitions"]]
+    ends = dict.fromkeys(names, 0)
+    if partitions:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=10000)
+        try:
+            for tp, end in consumer.end_offsets(partitions).items():
+                ends[tp.topic] += end
+        finally:
+            consumer.close()
+    return ends
+
+
+def delete_topics(bootstrap: str, topics: list[str], wait_s: float = 30.0) -> None:
+    """Delete `topics` and wait (up to `wait_s`) until the cluster no longer lists them: Kafka deletes a topic
+    after it answered, and a topic created again meanwhile would fail as existing."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        admin.delete_topics(topics)
+        deadline = time.monotonic() + wait_s
+        while set(topics) & set(admin.list_topics()) and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         admin.close()
 

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from infra.kafka.admin import ensure_topics
+from infra.kafka.admin import ensure_topics, partition_counts
 from infra.kafka.embedded import EmbeddedBroker, free_port
+from infra.process import spawn, terminate
+from pipeline.stack import Stack
+from pipeline.worker import changelog_sources
 from tests.conftest import EXAMPLES
+from tests.integration.pipeline_support import pipeline_settings, publish, record, wait_for
 from tests.integration.receivers_support import Receivers, consume, receivers
+from tests.unit.pipeline.builders import location
 from tests.unit.receivers.push_support import cdr
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
@@ -105,3 +113,56 @@ async def test_a_broker_that_is_down_at_start_is_used_once_it_is_up(settings_for
     finally:
         if broker is not None:
             broker.stop()
+
+
+async def test_a_worker_runs_again_after_its_broker_restarted_empty(session_tmp: Path, chdb_dsn: str) -> None:
+    """An external Tansu (OCPI_KAFKA_FLAVOR=tansu) restarts under a running worker and loses every topic. The
+    worker, asking for its topics' metadata, has Tansu create them again with Tansu's partition count, its
+    changelogs empty; it then ends (Faust finds its local state ahead of them). Started again (its supervisor),
+    it drops that state and re-creates the empty changelogs with their sources' partitions, and processes what
+    is pushed after the restart, instead of stopping at every start (PartitionMismatch, or ConsistencyError)."""
+    port = free_port()
+    first = EmbeddedBroker(port=port).start()
+    second: EmbeddedBroker | None = None
+    settings = pipeline_settings(session_tmp, chdb_dsn, first.bootstrap)
+    stack = await Stack(settings, run_worker=False, run_receivers=False).start()
+    assert stack.clickhouse is not None
+    env = stack.child_environment()
+    log_path = stack.log_dir / "worker.log"
+    child = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"], env=env, log_path=log_path)
+    try:
+        await publish(first.bootstrap, [record(settings, "Location", {**location(), "id": f"A{n}"})
+                                        for n in range(5)])
+        rows = await wait_for(stack.clickhouse, "SELECT count() FROM locations FINAL", lambda r: r[0][0] >= 5, 90)
+        assert rows == [(5,)], log_path.read_text()
+
+        await asyncio.to_thread(first.stop)
+        await asyncio.sleep(2)
+        second = EmbeddedBroker(port=port).start()
+        await asyncio.to_thread(ensure_topics, second.bootstrap, settings.kafka.module_topics,
+                                settings.kafka.partitions)  # `serve` started again
+        deadline = time.monotonic() + 60
+        while child.poll() is None and time.monotonic() < deadline:  # it ends, or goes on: either is fine
+            await asyncio.sleep(0.5)
+        if child.poll() is not None:
+            terminate(child, 20)
+            log_path = stack.log_dir / "worker-again.log"
+            child = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"], env=env,
+                          log_path=log_path)
+
+        await publish(second.bootstrap, [record(settings, "Location", {**location(), "id": f"B{n}"})
+                                         for n in range(5)])
+        rows = await wait_for(stack.clickhouse, "SELECT count() FROM locations FINAL WHERE location_id LIKE 'B%'",
+                              lambda r: r[0][0] >= 5, 90)
+        assert rows == [(5,)], log_path.read_text()[-5000:]
+        assert child.poll() is None, log_path.read_text()[-5000:]
+        sources = changelog_sources(settings)
+        counts = partition_counts(second.bootstrap, (*sources, *sources.values()))
+        assert {changelog: counts[changelog] for changelog in sources} == {
+            changelog: counts[source] for changelog, source in sources.items()}
+    finally:
+        terminate(child, 20)
+        await stack.stop()
+        first.stop()
+        if second is not None:
+            second.stop()

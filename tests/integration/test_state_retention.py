@@ -162,8 +162,8 @@ async def test_old_sessions_and_locations_lose_their_clear_tokens_in_state_and_c
     assert not clear_uid(stored[LOC_OLD]) and clear_uid(stored[LOC_RECENT])
 
 
-def test_the_worker_creates_the_changelog_only_after_dropping_state_of_another_broker(settings_for, broker: str,
-                                                                                       ) -> None:
+async def test_the_worker_creates_the_changelog_only_after_dropping_state_of_another_broker(settings_for,
+                                                                                             broker: str) -> None:
     settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu",
                             OCPI_PIPELINE_APP_ID=unique("state"))
     local = state_dir(settings, settings.pipeline.app_id)
@@ -173,4 +173,9 @@ def test_the_worker_creates_the_changelog_only_after_dropping_state_of_another_b
     assert not local.exists()
     prepare_topics(settings, broker)
     local.mkdir(parents=True)
+    # A changelog without a record holds no state (a broker restarted empty creates one on first use).
+    assert drop_state_without_changelog(settings, broker, settings.pipeline.app_id)
+    local.mkdir(parents=True)
+    await publish(broker, [(changelog_topic(settings.pipeline.app_id, "cdr-state"), b"k", b"v")])
     assert not drop_state_without_changelog(settings, broker, settings.pipeline.app_id)  # the changelog is there
+    assert local.exists()

@@ -23,9 +23,17 @@ class FakeCluster:
     """The calls of kafka-python's KafkaAdminClient that `prepare_topics` makes, on topics of given partitions."""
 
     topics: dict[str, int] = {}
+    ends: dict[str, int] = {}  # a topic's records (end offset of its partition 0); absent: 1, it holds some
 
     def __init__(self, **_options: Any) -> None:
         pass
+
+    def end_offsets(self, partitions: list[Any]) -> dict[Any, int]:
+        return {tp: self.ends.get(tp.topic, 1) if tp.partition == 0 else 0 for tp in partitions}
+
+    def delete_topics(self, topics: list[str]) -> None:
+        for topic in topics:
+            del self.topics[topic]
 
     def list_topics(self) -> list[str]:
         return list(self.topics)
@@ -48,8 +56,10 @@ class FakeCluster:
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> type[FakeCluster]:
     monkeypatch.setattr(admin, "KafkaAdminClient", FakeCluster)
+    monkeypatch.setattr(admin, "KafkaConsumer", FakeCluster)
     monkeypatch.setattr(worker, "set_topic_configs", lambda *_args: [])
     FakeCluster.topics = {}
+    FakeCluster.ends = {}
     return FakeCluster
 
 
@@ -91,3 +101,46 @@ def test_a_source_topic_whose_partitions_differ_from_its_changelogs_stops_the_wo
     table = "location-state" if grown == "locations" else "party-state"
     assert f"{source} has 8 partitions" in message and f"{changelog(table)} has 4" in message
     assert "README" in message
+
+
+def test_empty_changelogs_of_another_partition_count_are_created_again(cluster: type[FakeCluster]) -> None:
+    """Tansu, restarted empty under a running worker, created the changelogs that worker asked about with its own
+    partition count (4), empty; the module topics were created again with 2. They hold no state: the next start
+    creates them again with their sources' count instead of refusing to start at every start."""
+    config = settings(2)
+    for topic in (config.kafka.topic_locations, config.kafka.topic_sessions, config.kafka.topic_cdrs):
+        cluster.topics[topic] = 2
+    for table in TABLES:
+        cluster.topics[changelog(table)] = 4
+        cluster.ends[changelog(table)] = 0
+    worker.prepare_topics(config, "kafka:9092")
+    assert {table: cluster.topics[changelog(table)] for table in TABLES} == dict.fromkeys(TABLES, 2)
+
+
+def test_a_changelog_that_holds_records_is_never_deleted(cluster: type[FakeCluster]) -> None:
+    config = settings(4)
+    worker.prepare_topics(config, "kafka:9092")
+    cluster.topics[config.kafka.topic_locations] = 8
+    cluster.ends = {changelog(table): 0 for table in TABLES if table != "location-state"}
+    with pytest.raises(worker.PartitionMismatch):
+        worker.prepare_topics(config, "kafka:9092")
+    assert cluster.topics[changelog("location-state")] == 4
+
+
+def test_a_worker_keeps_its_local_state_only_over_changelogs_that_hold_records(
+        cluster: type[FakeCluster], tmp_path: Any) -> None:
+    """Local state over changelogs that exist but never held a record (a broker that restarted empty and created
+    them on first use) is ahead of them: dropped, as with no changelog at all."""
+    config = load_settings({"OCPI_KAFKA_BOOTSTRAP": "kafka:9092", "OCPI_DATA_DIR": str(tmp_path)})
+    app_id = config.pipeline.app_id
+    local = worker.state_dir(config, app_id)
+    local.mkdir(parents=True)
+    for table in TABLES:
+        cluster.topics[worker.changelog_topic(app_id, table)] = 2
+        cluster.ends[worker.changelog_topic(app_id, table)] = 0
+    assert worker.drop_state_without_changelog(config, "kafka:9092", app_id)
+    assert not local.exists()
+    local.mkdir(parents=True)
+    cluster.ends[worker.changelog_topic(app_id, "cdr-state")] = 3
+    assert not worker.drop_state_without_changelog(config, "kafka:9092", app_id)
+    assert local.exists()
