@@ -187,6 +187,11 @@ class Stack:
             if process.poll() is not None:
                 raise StackError(f"the {name} exited with code {process.returncode}; "
                                  f"see {self.log_dir / (name + '.log')}")
+        # The embedded broker too: nobody starts it again, and without it every push is answered 3000.
+        broker = self.broker.process if self.broker is not None else None
+        if broker is not None and broker.poll() is not None:
+            raise StackError(f"the embedded Kafka broker exited with code {broker.returncode}; "
+                             f"see {self.log_dir / 'tansu.log'}")
 
     async def stop(self) -> None:
         """Stop children first (they use the engines), then the shim, chDB and the broker; by PID."""

@@ -152,3 +152,20 @@ def test_the_worker_and_the_embedded_store_create_their_directories_owner_only(t
     existing.mkdir(mode=0o750)
     private_dir(existing)  # an operator's own directory keeps the mode it was given
     assert existing.stat().st_mode & 0o777 == 0o750
+
+
+def test_an_embedded_broker_that_exited_stops_dev(tmp_path: Path) -> None:
+    """`dev` checks its children every second and stops, naming the one that exited; its embedded broker was not
+    among them: Tansu gone (killed, out of memory), nobody starts it again, and `dev` ran on with every push
+    answered 3000 and nothing said."""
+    from infra.kafka.embedded import EmbeddedBroker
+
+    dead = subprocess.Popen(["sh", "-c", "exit 137"])
+    dead.wait()
+    broker = EmbeddedBroker(port=1)
+    broker.process = dead
+    stack = Stack(load_settings({"OCPI_DATA_DIR": str(tmp_path)}), broker=broker)
+    with pytest.raises(StackError) as stopped:
+        stack.check_children()
+    assert "embedded Kafka broker exited with code 137" in str(stopped.value)
+    assert "tansu.log" in str(stopped.value)
