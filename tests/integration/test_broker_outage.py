@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -166,3 +168,42 @@ async def test_a_worker_runs_again_after_its_broker_restarted_empty(session_tmp:
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def test_a_hung_broker_is_answered_3000_within_the_send_timeout_and_used_again_once_it_answers(
+        settings_for, chdb_dsn: str) -> None:  # type: ignore[no-untyped-def]
+    """The broker stops answering with every connection open (SIGSTOP: a hung or partitioned broker, where no
+    connection is refused): each push waits at most OCPI_KAFKA_SEND_TIMEOUT and is answered 3000 (HTTP 500), not
+    held until the partner's own timeout; once the broker answers again, pushes are acknowledged as before."""
+    broker = EmbeddedBroker().start()
+    assert broker.pid is not None
+    pid = broker.pid
+    stopped = False
+    try:
+        settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker.bootstrap, OCPI_KAFKA_FLAVOR="tansu",
+                                OCPI_KAFKA_SEND_TIMEOUT="1")
+        async with receivers(settings, chdb_dsn, [("BE", "BEC")]) as app:
+            assert [envelope["status_code"] for _http, envelope in await push_all(app, "before")] == [1000] * 5
+
+            os.kill(pid, signal.SIGSTOP)
+            stopped = True
+            for method, url, body in pushes():
+                started = time.monotonic()
+                response = await app.push(method, url, body)
+                took = time.monotonic() - started
+                assert response.status_code == 500 and response.json()["status_code"] == 3000, response.text
+                assert took < 1.0 + 0.5, (url, took)
+
+            os.kill(pid, signal.SIGCONT)
+            stopped = False
+            answers: list[Any] = []
+            for attempt in range(10):
+                answers = await push_all(app, f"again{attempt}")
+                if all(envelope["status_code"] == 1000 for _http, envelope in answers):
+                    break
+                await asyncio.sleep(0.5)
+            assert [envelope["status_code"] for _http, envelope in answers] == [1000] * 5, answers
+    finally:
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
+        broker.stop()
