@@ -168,12 +168,13 @@ def health(period: Period, *, partner: str | None = None, raw_days: int) -> Repo
     """Per partner and module: pushes accepted and refused, refusal rate, ingestion lag p50/p95/max (s).
 
     Pushes (`raw_events`) are kept `raw_days` (OCPI_RETENTION_RAW_DAYS), refusals (`rejections`) as long as the
-    histories: both are counted only within the last `raw_days`, or a refusal would count against pushes
-    retention deleted (the `rejections` report lists them all)."""
+    histories: both are counted only within the last `raw_days` (of 24 hours, as the TTL counts them, whatever the
+    server's time zone), or a refusal would count against pushes retention deleted (the `rejections` report lists
+    them all)."""
     pushed = _Filters().period("toDate(received_at)", period).equals("partner_id", "partner", partner)
-    pushed.conditions += ["source = 'PUSH'", "received_at >= now64(6) - toIntervalDay(%(raw_days)s)"]
+    pushed.conditions += ["source = 'PUSH'", "received_at >= now64(6, 'UTC') - toIntervalDay(%(raw_days)s)"]
     refused = _Filters().period("toDate(rejected_at)", period).equals("partner_id", "partner", partner)
-    refused.conditions.append("rejected_at >= now64(6) - toIntervalDay(%(raw_days)s)")
+    refused.conditions.append("rejected_at >= now64(6, 'UTC') - toIntervalDay(%(raw_days)s)")
     refused.params["raw_days"] = raw_days
     # One stream of pushes and refusals, aggregated with -If combinators (-OrNull: no pushes, no lag).
     sql = f"""

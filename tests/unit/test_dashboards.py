@@ -253,6 +253,52 @@ def test_partner_health_counts_refusals_only_as_far_back_as_the_pushes_are_kept(
     assert [tuple(row[:5]) for row in schema.query(sql).result_rows] == want
 
 
+def test_partner_health_keeps_raw_days_of_24_hours_across_a_daylight_saving_change(schema: Client) -> None:
+    """Both count from `now64(6) - toIntervalDay(raw_days)`, which ClickHouse computes in the session time zone,
+    the server's: where it has daylight saving time and the last raw_days days cross a change, they were 24 hours
+    a day but one, of 23 or 25, so the window was an hour shorter or longer than the retention (the TTL counts
+    days of 24 hours, on the UTC column). Now raw_days days are raw_days x 24 hours whatever the server's zone."""
+    from zoneinfo import ZoneInfo
+
+    from infra.rejections import COLUMNS as REJECTION_COLUMNS
+    from infra.rejections import Rejection
+    from pipeline import reports
+    from pipeline.rejections import rejection_row
+
+    zone = ZoneInfo("Europe/Berlin")
+    now = datetime.now(UTC)
+    # The fewest days back that cross one daylight saving change in that zone (the most recent one).
+    days = next(d for d in range(1, 400)
+                if (now - timedelta(days=d)).astimezone(zone).utcoffset() != now.astimezone(zone).utcoffset())
+    cutoff = now - timedelta(days=days)
+    partner = f"hz-{uuid.uuid4().hex[:6]}"
+
+    def push(n: int, received_at: datetime) -> list[Any]:
+        return [f"{partner}-{n}", partner, "SESSIONS", "PUT", "OBJECT", "NL", "HZT", f"S{n}", None, None, received_at,
+                "r", "c", "PUSH", "h", [], "{}", "t", 0, n, "APPLIED", ""]
+
+    def refusal(n: int, rejected_at: datetime) -> list[Any]:
+        return rejection_row(Rejection(f"{partner}-r{n}", partner, "sessions", "PUT", "/", 2001, 200, "bad", "$.x",
+                                       "q", "c", rejected_at))
+
+    # Retention as configured for that many days (the migrations' 30 days would delete the pushes on insert).
+    for table, column in (("raw_events", "received_at"), ("rejections", "rejected_at")):
+        schema.command(f"ALTER TABLE {table} MODIFY TTL {column} + toIntervalDay({days + 400})")
+    # Twenty minutes inside the window and twenty minutes outside it, on both sides.
+    schema.insert("raw_events", [push(1, cutoff + timedelta(minutes=20)), push(2, cutoff - timedelta(minutes=20))],
+                  column_names=list(projection.RAW_EVENT_COLUMNS))
+    schema.insert("rejections", [refusal(1, cutoff + timedelta(minutes=20)),
+                                 refusal(2, cutoff - timedelta(minutes=20))], column_names=list(REJECTION_COLUMNS))
+    schema.set_client_setting("session_timezone", "Europe/Berlin")
+    want = [(partner, "SESSIONS", 1, 1)]
+    _columns, rows = reports.run(schema, reports.health(reports.Period(), partner=partner, raw_days=days))
+    assert [tuple(row[:4]) for row in rows] == want
+    board = ROOT / "dashboards" / "partner-health.json"
+    panel = _panel_sql(board, "Pushes, rejects and lag per partner and module").replace("${raw_days}", str(days))
+    sql = render_panel_sql(panel, start=now - timedelta(days=days + 30), end=now, partners=[partner])
+    assert [tuple(row[:4]) for row in schema.query(sql).result_rows] == want
+
+
 def test_the_anomaly_panels_show_the_anomalies_no_partner_can_be_named_for(schema: Client) -> None:
     """A row ClickHouse refused of a table without a partner column (EVSEs, connectors, charging periods, ...) is a
     ROW_REFUSED anomaly with partner_id '': the panels filtered on the partner variable, whose All is the list of
