@@ -51,12 +51,13 @@ def migrate() -> None:
 
 
 def _plain(value: Any) -> Any:
-    """A value as JSON holds it: Decimals exact as text, times in ISO 8601, arrays, tuples and maps element by
-    element, anything else JSON has no type for (UUID, IP address) as its text."""
+    """A value as JSON holds it: Decimals exact as text (every digit written out: str() of a scale above 6 is in
+    exponent notation, 1E-8), times in ISO 8601, arrays, tuples and maps element by element, anything else JSON has
+    no type for (UUID, IP address) as its text."""
     if value is None or isinstance(value, str | bool | int | float):
         return value
     if isinstance(value, Decimal):
-        return str(value)
+        return format(value, "f")
     if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, list | tuple):

@@ -68,6 +68,24 @@ def test_table_cells_are_shown_as_stored_never_read_as_rich_markup() -> None:
         assert value in table
 
 
+def test_decimals_of_any_scale_are_written_out_never_in_exponent_notation(chdb_dsn: str) -> None:
+    """A Decimal of a scale above 6 (a product of two amounts: Decimal(18, 4) x Decimal(18, 4) has scale 8) came out as
+    Python's str of it, in exponent notation: '1E-8' for 0.00000001 and '0E-8' for a zero, in the table, the CSV
+    and the JSON of `query`, which a spreadsheet or a script reads as a float or as text. Every digit is written
+    out now, the scale kept."""
+    client: Client = connect(chdb_dsn, readonly=True)
+    answer = client.query("SELECT toDecimal64('0.00000001', 8) AS tiny, toDecimal32(0, 9) AS zero, "
+                          "toDecimal64('2.5', 4) * toDecimal64('-0.0001', 4) AS product, "
+                          "[toDecimal64('0.0000001', 7)] AS nested")
+    columns, rows = list(answer.column_names), [list(row) for row in answer.result_rows]
+    want = {"tiny": "0.00000001", "zero": "0.000000000", "product": "-0.00025000", "nested": ["0.0000001"]}
+    assert json.loads(render_rows(columns, rows, "json")) == [want]
+    [_header, cells] = list(csv.reader(io.StringIO(render_rows(columns, rows, "csv"))))
+    assert cells == ["0.00000001", "0.000000000", "-0.00025000", '["0.0000001"]']
+    table = render_rows(columns, rows, "table")
+    assert "E-" not in table and "0.00000001" in table and "0.000000000" in table and "-0.00025000" in table
+
+
 @pytest.mark.parametrize("command", [
     ["query", "SELECT country_code, sum(total_energy) AS kwh FROM cdrs FINAL WHERE 0 GROUP BY country_code;"],
     ["report", "revenue", "--from", "2024-05-01", "--to", "2024-05-31"],
