@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Sequence
 from datetime import date, datetime
@@ -69,16 +70,29 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _json(plain: Any) -> Any:
+    """A `_plain` value as JSON may hold it: nan and inf (ClickHouse's average of no rows, a division by zero) are
+    null, as ClickHouse's own JSON formats write them; NaN and Infinity are not JSON, and parsers refuse them."""
+    if isinstance(plain, float) and not math.isfinite(plain):
+        return None
+    if isinstance(plain, list):
+        return [_json(v) for v in plain]
+    if isinstance(plain, dict):
+        return {k: _json(v) for k, v in plain.items()}
+    return plain
+
+
 def _cell(value: Any) -> Any:
     """A value for one CSV or table cell: a nested one (array, tuple, map) as its JSON text."""
     plain = _plain(value)
-    return json.dumps(plain) if isinstance(plain, list | dict) else plain
+    return json.dumps(_json(plain), allow_nan=False) if isinstance(plain, list | dict) else plain
 
 
 def render_rows(columns: list[str], rows: list[Sequence[Any]], fmt: str) -> str:
     """Rows as a rich table, JSON (a list of objects) or CSV."""
     if fmt == "json":
-        return json.dumps([{c: _plain(v) for c, v in zip(columns, row, strict=True)} for row in rows], indent=2)
+        return json.dumps([{c: _json(_plain(v)) for c, v in zip(columns, row, strict=True)} for row in rows],
+                          indent=2, allow_nan=False)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)

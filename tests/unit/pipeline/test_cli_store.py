@@ -86,6 +86,25 @@ def test_decimals_of_any_scale_are_written_out_never_in_exponent_notation(chdb_d
     assert "E-" not in table and "0.00000001" in table and "0.000000000" in table and "-0.00025000" in table
 
 
+def test_json_holds_no_nan_or_infinity(chdb_dsn: str) -> None:
+    """`query --format json` of an average over no rows (ClickHouse: nan) or a division by zero (inf) printed NaN and
+    Infinity, which are not JSON: jq, JavaScript and most parsers refuse the whole output. They are null now, as
+    ClickHouse's own JSON formats write them (and in the JSON text of a nested CSV cell); the table and CSV keep nan
+    and inf."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    client: Client = connect(chdb_dsn, readonly=True)
+    answer = client.query("SELECT avg(x) AS mean, 1 / 0 AS up, -1 / 0 AS down, [0 / 0] AS nested, 0.5 AS half "
+                          "FROM (SELECT 1 AS x) WHERE x = 0")
+    columns, rows = list(answer.column_names), [list(row) for row in answer.result_rows]
+    assert json.loads(render_rows(columns, rows, "json"), parse_constant=refuse) == [
+        {"mean": None, "up": None, "down": None, "nested": [None], "half": 0.5}]
+    [_header, cells] = list(csv.reader(io.StringIO(render_rows(columns, rows, "csv"))))
+    assert cells == ["nan", "inf", "-inf", "[null]", "0.5"]
+
+
 @pytest.mark.parametrize("command", [
     ["query", "SELECT country_code, sum(total_energy) AS kwh FROM cdrs FINAL WHERE 0 GROUP BY country_code;"],
     ["report", "revenue", "--from", "2024-05-01", "--to", "2024-05-31"],
