@@ -214,7 +214,7 @@ SELECT partner_id, upper(module) AS module, method, ocpi_status, http_status, fi
 FROM rejections FINAL
 {filters.where}
 GROUP BY partner_id, module, method, ocpi_status, http_status, field_path
-ORDER BY partner_id, module, rejects DESC, ocpi_status, field_path"""
+ORDER BY partner_id, module, rejects DESC, ocpi_status, field_path, method, http_status"""
     return ReportQuery(sql, filters.params)
 
 

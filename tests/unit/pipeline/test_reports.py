@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -38,3 +39,17 @@ def test_party_filter_selects_every_party_the_pipeline_stores(client: Client) ->
     for bad in ("NLTNM", "NL/", "/TNM", "NLD/TNM", "NL/TNMX", "NL/TN\u00e9", "NL/A/B"):
         with pytest.raises(reports.ReportError, match="COUNTRY_CODE/PARTY_ID"):
             reports.parse_party(bad)
+
+
+def test_rejections_are_listed_in_one_order_whatever_the_engine_groups_them_in(client: Client) -> None:
+    """Rows of one partner, module, count, OCPI status and field path were left in the order ClickHouse's hash
+    aggregation happened to give them (PATCH 400, PUT 400, POST 400, PUT 200, POST 200 here): the method and HTTP
+    status break the tie now, so the same refusals give the same table or CSV on every run and server."""
+    refusals = [("PUT", 400), ("POST", 200), ("PATCH", 400), ("POST", 400), ("PUT", 200), ("PUT", 400)]
+    client.insert("rejections", [[f"r{n}", "p1", "cdrs", method, 2001, status, "bad", "$.x",
+                                  datetime(2024, 5, 1, tzinfo=UTC)] for n, (method, status) in enumerate(refusals)],
+                  column_names=["rejection_id", "partner_id", "module", "method", "ocpi_status", "http_status",
+                                "reason", "field_path", "rejected_at"])
+    _columns, rows = reports.run(client, reports.rejections(reports.Period()))
+    assert [(r[2], r[4], r[6]) for r in rows] == [("PUT", 400, 2), ("PATCH", 400, 1), ("POST", 200, 1),
+                                                  ("POST", 400, 1), ("PUT", 200, 1)]
