@@ -12,7 +12,7 @@ import msgspec
 
 from infra.codec import AvroCodecError, DecodedEvent, decode_event
 from infra.events import PAYLOAD_TYPES
-from ocpi.identity import ci_normalize, owner_key_part
+from ocpi.identity import ci_equal, ci_normalize, owner_key_part
 
 
 class Outcome(enum.StrEnum):
@@ -60,14 +60,17 @@ class Record(msgspec.Struct, frozen=True):
     partition: int
     offset: int
     value: bytes  # the Avro record as read: parked events are kept in this form and decoded again later
+    key: bytes | None = None  # the Kafka key as read (b"" for none); None: not known (a parked event decoded again)
 
     @property
     def received_at(self) -> datetime:
         return self.event.received_at
 
     def dead_letter(self, error: str) -> DeadLetter:
-        """This record as a dead letter (keyed by its object, as the receivers key it)."""
-        return DeadLetter(self.topic, self.partition, self.offset, object_key(self.event).encode(), self.value, error)
+        """This record as a dead letter, with the key it was read with (its object's, as the receivers key it,
+        where that is not known)."""
+        key = object_key(self.event).encode() if self.key is None else self.key
+        return DeadLetter(self.topic, self.partition, self.offset, key, self.value, error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +121,7 @@ def decode_all(messages: Iterable[Message]) -> tuple[list[Record], list[DeadLett
         except AvroCodecError as exc:
             dead.append(DeadLetter(m.topic, m.partition, m.offset, m.key or b"", value, f"undecodable record: {exc}"))
             continue
-        records.append(Record(event, m.topic, m.partition, m.offset, value))
+        records.append(Record(event, m.topic, m.partition, m.offset, value, bytes(m.key or b"")))
     return records, dead
 
 
@@ -136,15 +139,43 @@ def misfit(event: DecodedEvent, module: str) -> str | None:
         return f"an {event.level} push without evse_uid"
     if event.level == "CONNECTOR" and not event.connector_id:
         return "a CONNECTOR push without connector_id"
+    for field_name, expected in _identity(event):
+        value = event.payload.get(field_name)
+        if value is not None and not ci_equal(value, expected):
+            return f"a payload with {field_name} {value!r} in an event of {expected!r}"
     return None
 
 
+def _identity(event: DecodedEvent) -> tuple[tuple[str, str | None], ...]:
+    """(payload field, the event's value) of the identity a payload may carry, which the receivers check against
+    the push URL (`receivers.pushes.check_identity`; a CDR's owner and id are the URL's)."""
+    if event.level == "EVSE":
+        return (("uid", event.evse_uid),)
+    if event.level == "CONNECTOR":
+        return (("id", event.connector_id),)
+    return ("country_code", event.country_code), ("party_id", event.party_id), ("id", event.object_id)
+
+
+def misfit_key(record: Record) -> str | None:
+    """Why `record` is not keyed by its object (`object_key`), as the receivers key every event, or None.
+
+    The key places an object's events in order in one partition, the one whose state holds the object: an event
+    keyed otherwise (another object's key, another spelling, none) is applied on a partition that may not hold
+    its object's state, as a second copy of the object there (no order with its other events, no duplicate or
+    conflict found)."""
+    expected = object_key(record.event).encode()
+    if record.key is None or record.key == expected:
+        return None
+    return f"keyed {record.key!r}, not by its object's key {expected!r}"
+
+
 def sort_out(records: list[Record], module: str) -> tuple[list[Record], list[DeadLetter]]:
-    """`records` split into those that belong on `module`'s topic and dead letters for the others."""
+    """`records` split into those that belong on `module`'s topic, keyed by their object, and dead letters for
+    the others."""
     kept: list[Record] = []
     dead: list[DeadLetter] = []
     for record in records:
-        reason = misfit(record.event, module)
+        reason = misfit(record.event, module) or misfit_key(record)
         if reason is None:
             kept.append(record)
         else:

@@ -203,8 +203,7 @@ class _Run:
         """The module whose topic `topic` is."""
         return next(m for m in MODULES if self.settings.kafka.topic_for(m) == topic)
 
-    def prepare(self, event: DecodedEvent, module: str, key: bytes | None = None,
-                where: str = "") -> tuple[str, bytes, bytes] | None:
+    def prepare(self, event: DecodedEvent, module: str, where: str = "") -> tuple[str, bytes, bytes] | None:
         """The REPLAY record of `event` read from `module`'s topic (or archive directory), or None when the
         selection leaves it out, it was sent already, or it does not fit that topic: the pipeline dead-lettered
         it (`records.misfit`), and its copy would be another dead letter at every replay, or, another module's
@@ -229,8 +228,9 @@ class _Run:
         replayed = event.to_event()
         replayed["source"] = REPLAY
         topic = self.settings.kafka.topic_for(event.module.lower())
-        if key is None:
-            key = ObjectKey(event.country_code, event.party_id, event.object_id).kafka_key()
+        # Keyed by its object, as the receivers key it, whatever key it was read with: the worker dead-letters an
+        # event keyed otherwise (`records.misfit_key`), and its copy, applied now, lands in its object's partition.
+        key = ObjectKey(event.country_code, event.party_id, event.object_id).kafka_key()
         return topic, key, encode_event(replayed)
 
 
@@ -412,7 +412,7 @@ async def _replay_kafka(settings: Settings, bootstrap: str, selection: Selection
                 event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
                 where = f"{rng.topic}/{rng.partition}@{record.offset}"
                 module = remaining[(rng.topic, rng.partition)]["module"]
-                prepared = run.prepare(event, module, record.key, where) if event is not None else None
+                prepared = run.prepare(event, module, where) if event is not None else None
                 if prepared is not None:
                     prepared_batch.append(prepared)
 
@@ -450,7 +450,7 @@ async def _dry_run_kafka(bootstrap: str, todo: list[PartitionRange], run: _Run,
             for record in records:
                 event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
                 module = run.module_of(rng.topic)
-                if event is not None and run.prepare(event, module, record.key) is not None:
+                if event is not None and run.prepare(event, module) is not None:
                     matching[(rng.topic, rng.partition)] = matching.get((rng.topic, rng.partition), 0) + 1
             progress.advance(len(records))
     for line in report.lines:

@@ -264,7 +264,34 @@ async def test_an_undecodable_record_becomes_a_dead_letter(stack: Stack) -> None
     topic = stack.settings.kafka.topic_sessions
     await publish(stack.bootstrap, [(topic, b"NL/DLQ/S1", b"not avro")])
     rows = await wait_for(client(stack), f"SELECT kafka_topic, value_hex, error FROM dead_letters "
-                          f"WHERE kafka_topic = '{topic}'", lambda rows: len(rows) == 1)
+                          f"WHERE kafka_topic = '{topic}' AND key_hex = lower(hex('NL/DLQ/S1'))",
+                          lambda rows: len(rows) == 1)
     assert [(t, bytes.fromhex(v)) for t, v, _e in rows] == [(topic, b"not avro")]
     assert "undecodable record" in rows[0][2]
     await asyncio.sleep(0)
+
+
+async def test_records_not_keyed_by_their_object_and_tombstones_are_dead_letters_and_the_partition_goes_on(
+        stack: Stack) -> None:
+    """The receivers key every event by its object (`CC/PID/ID`), which keeps its events in the partition that
+    holds its state. An event keyed by another object, or by none, was applied all the same, on a partition that
+    may not hold its object's state: a second copy of the object, which no later event of it reaches. Each is a
+    dead letter with the key and value it was read with, as is a tombstone; the record after them is applied."""
+    topic = stack.settings.kafka.topic_sessions
+    _t, key, value = record(stack.settings, "Session", {**session("S1"), "party_id": "KEY"}, pid="KEY")
+    _t, good_key, good = record(stack.settings, "Session", {**session("S2"), "party_id": "KEY"}, pid="KEY")
+    assert key == b"NL/KEY/S1"
+    await publish(stack.bootstrap, [(topic, b"NL/KEY/S9", value), (topic, b"nl/key/s1", value), (topic, None, value),
+                                    (topic, b"NL/KEY/T1", None), (topic, good_key, good)])  # type: ignore[list-item]
+    assert await outcomes(stack, "KEY", 1) == [("S2", "PUT", "APPLIED")]
+    sql = (f"SELECT key_hex, value_hex, error FROM dead_letters FINAL WHERE kafka_topic = '{topic}' AND "
+           f"(startsWith(key_hex, lower(hex('NL/KEY/'))) OR startsWith(key_hex, lower(hex('nl/key/'))) "
+           f"OR (key_hex = '' AND position(value_hex, lower(hex('KEY'))) > 0)) ORDER BY value_hex = '', key_hex")
+    rows = await wait_for(client(stack), sql, lambda rows: len(rows) >= 4)
+    assert [(bytes.fromhex(k), bytes.fromhex(v)) for k, v, _e in rows] == [
+        (b"", value), (b"NL/KEY/S9", value), (b"nl/key/s1", value), (b"NL/KEY/T1", b"")]  # the partitions' order
+    assert [e.split(":")[0] for _k, _v, e in rows] == [
+        "does not fit its topic", "does not fit its topic", "does not fit its topic", "undecodable record"]
+    assert all("not by its object's key b'NL/KEY/S1'" in e for _k, _v, e in rows[:3])
+    assert client(stack).query("SELECT session_id FROM sessions FINAL WHERE party_id = 'KEY'").result_rows == [
+        ("S2",)]

@@ -11,6 +11,7 @@ import aiokafka
 import pytest
 from kafka.admin import KafkaAdminClient
 
+from infra.codec import decode_event
 from infra.kafka.admin import ensure_topics
 from infra.settings import Settings
 from pipeline.jobs import kafka_io
@@ -173,3 +174,40 @@ def test_a_sent_log_whose_last_line_was_cut_does_not_merge_it_with_the_next_id(
     again = _Run(settings, Selection(modules=("sessions",)), ReplayReport(job="j", status="resumed-done"))
     again.attach(log, resume=True, record=True)
     assert again.seen == {"id-1", "id-2", "id-4"}
+
+
+async def test_a_record_read_with_another_key_than_its_objects_is_replayed_keyed_by_its_object(
+        settings_for: Any, broker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker dead-letters an event not keyed by its object (`records.misfit_key`: it would be applied on a
+    partition that does not hold its object's state). Replayed with the key it was read with, its copy was another
+    dead letter at every replay; it is keyed by its object, and applied."""
+    settings = await _seed(settings_for, broker, 1)
+    [(tp, end)] = (await _ends(settings, broker)).items()
+    consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers=broker, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        [pushed] = (await consumer.getmany(tp, timeout_ms=10_000))[tp]
+        producer = aiokafka.AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False)
+        await producer.start()
+        try:
+            await producer.send_and_wait(tp.topic, pushed.value, key=b"wrong key", partition=tp.partition)
+        finally:
+            await producer.stop()
+        read = kafka_io.read_ranges
+        monkeypatch.setattr("pipeline.jobs.replay.read_ranges",
+                            lambda *a, **kw: read(*a, **{**kw, "idle_timeout": 2.0}))
+        selection = Selection(modules=("sessions",), partition=tp.partition, from_offset=end)
+        report = await replay_kafka(settings, broker, selection, job="rekey")
+        assert report.sent == 1
+        consumer.seek(tp, end + 1)
+        [replayed] = (await consumer.getmany(tp, timeout_ms=10_000))[tp]
+        assert replayed.key == pushed.key == session_key(pushed.value)
+    finally:
+        await consumer.stop()
+
+
+def session_key(value: bytes) -> bytes:
+    event = decode_event(value)
+    return f"{event.country_code}/{event.party_id}/{event.object_id}".upper().encode()

@@ -22,13 +22,14 @@ from typing import Any
 
 import pytest
 
+from infra.codec import AvroCodecError, decode_event
 from infra.kafka.bulk import Acked
 from pipeline import agents as agents_module
 from pipeline import projection, stage
 from pipeline.agents import AgentContext, ModuleAgent, PartyAgent, Progress, StateTable
 from pipeline.cdrs import process_cdrs
 from pipeline.locations import process_locations
-from pipeline.records import RawMessage
+from pipeline.records import RawMessage, object_key
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
 from pipeline.state import CdrState, Codec, LocationState, SessionState
@@ -274,8 +275,12 @@ def _history() -> World:
     world = World()
 
     def put(topic: str, value: bytes, times: int = 1) -> None:
+        try:  # keyed by its object, as the receivers key it
+            key = object_key(decode_event(value)).encode()
+        except AvroCodecError:
+            key = b"k"
         for _ in range(times):
-            world.append(topic, b"k", value)
+            world.append(topic, key, value)
 
     def patch(sid: str, minute: float, received: float, **fields: Any) -> bytes:
         return event_bytes("SessionPatch", {"last_updated": iso(ts(minute)), **fields}, object_id=sid,

@@ -43,8 +43,8 @@ def test_events_that_do_not_fit_their_topic_are_named() -> None:
 
 
 def test_sort_out_keeps_the_fitting_records_and_makes_dead_letters_of_the_others() -> None:
-    messages = [RawMessage("sessions", 0, 0, b"k", event_bytes("Session", session())),
-                RawMessage("sessions", 0, 1, b"k", event_bytes("CDR", cdr("C1")))]
+    messages = [RawMessage("sessions", 0, 0, b"NL/TNM/S1", event_bytes("Session", session())),
+                RawMessage("sessions", 0, 1, b"NL/TNM/C1", event_bytes("CDR", cdr("C1")))]
     records, dead = decode_all(messages)
     kept, misfits = sort_out(records, "SESSIONS")
     assert [r.offset for r in kept] == [0] and dead == []
@@ -110,7 +110,7 @@ async def test_the_agent_writes_dead_letters_and_goes_on() -> None:
     table = SimpleNamespace(reader=lambda _anchor: DictStore().data.get, write_batch=write_batch, lock=asyncio.Lock())
     agent = ModuleAgent(context, table, Codec(SessionState), process_sessions, "SESSIONS")  # type: ignore[arg-type]
     foreign = event_bytes("CDR", cdr("C1"))
-    await agent.handle([RawMessage("sessions", 0, 0, b"k", event_bytes("Session", session())),
+    await agent.handle([RawMessage("sessions", 0, 0, b"NL/TNM/S1", event_bytes("Session", session())),
                         RawMessage("sessions", 0, 1, b"NL/TNM/C1", foreign)])
     [tables] = written
     [letter] = tables["dead_letters"]
@@ -126,3 +126,35 @@ def test_a_rejection_record_that_does_not_decode_is_a_dead_letter() -> None:
     batch = rejections_batch([("rejections", 0, offset, b"k", value) for offset, value in
                               enumerate([b"not json", b"[]", b'{"reason": "\xff"}'])], now)
     assert len(batch.rows.get("dead_letters", [])) == 3 and not batch.rows.get("rejections")
+
+
+def test_an_event_keyed_otherwise_than_by_its_object_is_a_dead_letter_with_the_key_it_had() -> None:
+    """The receivers key an event by its object (`CC/PID/ID`): that keeps an object's events in order in the
+    partition that holds its state. An event keyed otherwise (another object's key, none at all) would be applied
+    on a partition that does not hold its state, as a second copy of the object beside the first: a dead letter,
+    kept with the key it had."""
+    value = event_bytes("Session", session())
+    messages = [RawMessage("sessions", 0, 0, b"NL/TNM/S1", value), RawMessage("sessions", 0, 1, b"nl/tnm/s1", value),
+                RawMessage("sessions", 0, 2, b"NL/TNM/S2", value), RawMessage("sessions", 0, 3, None, value)]
+    records, dead = decode_all(messages)
+    kept, misfits = sort_out(records, "SESSIONS")
+    assert [r.offset for r in kept] == [0] and dead == []
+    assert [(letter.offset, letter.key) for letter in misfits] == [(1, b"nl/tnm/s1"), (2, b"NL/TNM/S2"), (3, b"")]
+    assert all("keyed" in letter.error and "NL/TNM/S1" in letter.error for letter in misfits)
+    assert all(letter.value == value for letter in misfits)
+
+
+def test_a_payload_whose_identity_differs_from_its_event_does_not_fit() -> None:
+    """The receivers refuse a body whose identity differs from its URL's (2001); a record whose payload names
+    another object than its event would store that other object's row from this object's state."""
+    assert misfit(decode_event(event_bytes("Session", session("S2"), object_id="S1")), "SESSIONS") == (
+        "a payload with id 'S2' in an event of 'S1'")
+    assert misfit(decode_event(event_bytes("Session", session("s1"), object_id="S1")), "SESSIONS") is None
+    assert misfit(decode_event(mutated(event_bytes("CDR", cdr("C1")), party_id="XYZ")), "CDRS") == (
+        "a payload with party_id 'TNM' in an event of 'XYZ'")
+    assert misfit(decode_event(event_bytes("EVSE", evse("E2"), object_id="LOC1", evse_uid="E1")), "LOCATIONS") == (
+        "a payload with uid 'E2' in an event of 'E1'")
+    patch = {"kwh": Decimal("2"), "last_updated": iso(ts(2))}
+    assert misfit(decode_event(event_bytes("SessionPatch", patch, object_id="S1")), "SESSIONS") is None
+    assert misfit(decode_event(event_bytes("SessionPatch", {**patch, "id": "S2"}, object_id="S1")), "SESSIONS") == (
+        "a payload with id 'S2' in an event of 'S1'")
