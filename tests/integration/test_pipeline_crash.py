@@ -1,6 +1,8 @@
 """At-least-once without a trace: SIGKILL the worker in the middle of 50,000 events, restart it, and ClickHouse
 holds exactly the expected totals (0 lost, 0 doubled); then reprocess every topic from offset 0 under a new
-consumer group (fresh state) and every total stays the same.
+consumer group (fresh state) and every total stays the same. The same reprocessing into an empty database (with
+its own internal topics) must end with those totals too: in the first database, rows a replay failed to write, or
+wrote lower versions of, would hide behind the first run's.
 
 The events are partner traffic with deliberate retries, so "0 doubled" also means: no record read again after
 the crash was mistaken for a partner's duplicate (the DUPLICATE count is exact).
@@ -24,6 +26,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from clickhouse_connect.driver.client import Client
 
+from infra.clickhouse.migrations import migrate
 from infra.codec import encode_event
 from infra.kafka.compat import true_end_offsets
 from infra.process import spawn, terminate
@@ -81,9 +84,11 @@ def traffic() -> tuple[list[tuple[str, bytes, bytes]], dict[str, Any]]:
     assert len(records) == EVENTS >= 50_000
     expected = {
         "raw": [("APPLIED", SESSIONS * 3), ("DUPLICATE", RETRIED * 2)],
-        "sessions": [(SESSIONS, kwh_total, cost_total)],
+        "sessions": [(SESSIONS, SESSIONS, kwh_total, cost_total)],
         "billing": [(SESSIONS, kwh_total, cost_total)],
-        "reconciliation": [("CDR", "MATCHED", SESSIONS), ("SESSION", "MATCHED", SESSIONS)],
+        "billed": [(SESSIONS, 0, kwh_total, cost_total)],
+        "reconciliation": [("CDR", "MATCHED", SESSIONS, kwh_total, kwh_total, cost_total, cost_total),
+                           ("SESSION", "MATCHED", SESSIONS, kwh_total, kwh_total, cost_total, cost_total)],
         "anomalies": [(0,)],
     }
     return records, expected
@@ -95,10 +100,12 @@ def totals(client: Client) -> dict[str, Any]:
 
     return {
         "raw": rows("SELECT outcome, count() FROM raw_events FINAL GROUP BY outcome ORDER BY outcome"),
-        "sessions": rows("SELECT countIf(status = 'COMPLETED'), sum(kwh), sum(total_cost_excl_vat) "
+        "sessions": rows("SELECT count(), countIf(status = 'COMPLETED'), sum(kwh), sum(total_cost_excl_vat) "
                          "FROM sessions FINAL"),
         "billing": rows("SELECT count(), sum(energy_kwh), sum(cost_excl_vat) FROM billing_lines FINAL"),
-        "reconciliation": rows("SELECT subject, outcome, count() FROM reconciliation FINAL "
+        "billed": rows("SELECT sum(cdrs), sum(credit_cdrs), sum(energy_kwh), sum(cost_excl_vat) FROM billing_daily"),
+        "reconciliation": rows("SELECT subject, outcome, count(), sum(session_kwh), sum(cdr_kwh), "
+                               "sum(session_cost_excl_vat), sum(cdr_cost_excl_vat) FROM reconciliation FINAL "
                                "GROUP BY subject, outcome ORDER BY subject, outcome"),
         "anomalies": rows("SELECT count() FROM anomalies FINAL"),
     }
@@ -112,9 +119,18 @@ async def stack(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterator[
     await running.stop()
 
 
-def restart_worker(stack: Stack, **env: str) -> Any:
+def totals_in(client: Client, database: str) -> dict[str, Any]:
+    previous = client.database
+    client.database = database
+    try:
+        return totals(client)
+    finally:
+        client.database = previous
+
+
+def restart_worker(stack: Stack, name: str = "restarted", **env: str) -> Any:
     return spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"],
-                 env={**stack.child_environment(), **env}, log_path=stack.log_dir / "worker-restarted.log")
+                 env={**stack.child_environment(), **env}, log_path=stack.log_dir / f"worker-{name}.log")
 
 
 async def committed_everything(bootstrap: str, group: str, topics: list[str], timeout: float) -> bool:
@@ -166,12 +182,24 @@ async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing_and_a_replay
     assert totals(client) == expected
     assert time.monotonic() - started < 170
 
-    # Reprocess everything from offset 0: a new consumer group, hence fresh state, same database.
+    # Reprocess everything from offset 0 under new consumer groups, hence fresh state, at once: into the same
+    # database, and into an empty one with its own internal topics (the replay must reproduce every row by itself).
     terminate(stack.children.pop("worker"), 20)
-    replay_id = f"{stack.settings.pipeline.app_id}-replay"
-    stack.children["worker"] = restart_worker(stack, OCPI_PIPELINE_APP_ID=replay_id)
-    consumed = [kafka.topic_sessions, kafka.topic_cdrs]
-    assert await committed_everything(stack.bootstrap, replay_id, consumed, timeout=150)
-    assert await committed_everything(stack.bootstrap, replay_id, [stack.settings.pipeline.topic_party_facts],
-                                      timeout=60)
+    app_id, database = stack.settings.pipeline.app_id, stack.settings.clickhouse.database
+    replay_id, fresh_id, fresh_db = f"{app_id}-replay", f"{app_id}-fresh", f"{database}_fresh"
+    fresh_facts = f"{stack.settings.pipeline.topic_party_facts}-fresh"
+    await asyncio.to_thread(migrate, client, fresh_db)
+    stack.children["worker"] = restart_worker(stack, "replay", OCPI_PIPELINE_APP_ID=replay_id)
+    fresh = restart_worker(  # not one of the stack's children: stopped here
+        stack, "fresh", OCPI_PIPELINE_APP_ID=fresh_id, OCPI_CLICKHOUSE_DATABASE=fresh_db,
+        OCPI_TOPIC_PARTY_FACTS=fresh_facts,
+        OCPI_TOPIC_RECONCILIATION=f"{stack.settings.pipeline.topic_reconciliation}-fresh")
+    try:
+        consumed = [kafka.topic_sessions, kafka.topic_cdrs]
+        for group, facts in ((replay_id, stack.settings.pipeline.topic_party_facts), (fresh_id, fresh_facts)):
+            assert await committed_everything(stack.bootstrap, group, consumed, timeout=150)
+            assert await committed_everything(stack.bootstrap, group, [facts], timeout=60)
+    finally:
+        await asyncio.to_thread(terminate, fresh, 20)
     assert totals(client) == expected
+    assert totals_in(client, fresh_db) == expected
