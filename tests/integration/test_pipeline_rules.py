@@ -167,11 +167,12 @@ async def test_every_reconciliation_outcome_lands_in_the_table_and_the_topic(sta
     await send(
         stack,
         ("Session", session("S1", **done)), ("CDR", cdr("C1")),  # by session id
-        ("Session", session("S2", authref="AUTH-2", **done)), ("CDR", cdr("C2", session_id=None, authref="AUTH-2")),
+        ("Session", session("S2", authref="AUTH-2", uid="TOK2", **done)),
+        ("CDR", cdr("C2", session_id=None, authref="AUTH-2", uid="TOK2")),  # its own token: no other session fits
         ("Session", session("S3", uid="TOK3", start=5, **done)),
         ("CDR", cdr("C3", session_id=None, uid="TOK3", start=6)),  # by token + location + start
         ("Session", session("S4", **done)), ("CDR", cdr("C4", session_id="S4", kwh="15")),  # mismatch
-        ("Session", session("S5", **done)),  # no CDR: missing after the grace
+        ("Session", session("S5", uid="TOK5", **done)),  # no CDR, not even for a while: missing after the grace
         ("CDR", cdr("C6", session_id="S6", uid="TOK6")),  # no session by any key: after the grace
         ("Session", session("S7", status="INVALID", updated=10)),  # not billable
         ("CDR", cdr("C8-C", session_id=None, credit=True, credit_reference="C8", cost="-1")),  # unknown reference
@@ -198,6 +199,35 @@ async def test_every_reconciliation_outcome_lands_in_the_table_and_the_topic(sta
     published = await _latest_results(stack, "REC")
     assert sorted((r["subject"], r["subject_id"], r["outcome"]) for r in published.values()) == sorted(
         (s, i, o) for s, i, o, _m, _sid in want)
+    # The waiting outcomes the sweep promoted were there first, with their deadline (the table keeps the last row).
+    history = await _histories(stack, "REC")
+    assert history["SESSION", "S5"] == [("AWAITING_CDR", True), ("MISSING_CDR", True)]
+    assert history["CDR", "C6"] == [("AWAITING_SESSION", True), ("NO_SESSION", True)]
+
+
+async def test_a_cdr_without_a_session_is_billed_then_matched_late_when_its_session_comes(stack: Stack) -> None:
+    now = datetime.now(UTC)
+    await send(stack, ("CDR", cdr("C1", kwh="10", cost="2.50"), {"received_at": now}), pid="LAT")
+    waiting = await wait_rows(client(stack), "SELECT subject_id, outcome, session_id, late FROM reconciliation FINAL "
+                              "WHERE party_id = 'LAT'", [("C1", "NO_SESSION", None, False)], timeout=30)
+    assert waiting == [("C1", "NO_SESSION", None, False)]
+    assert client(stack).query("SELECT cdrs, energy_kwh, cost_excl_vat FROM billing_daily WHERE party_id = 'LAT'"
+                               ).result_rows == [(1, Decimal("10.0000"), Decimal("2.5000"))]  # billed anyway
+    await send(stack, ("Session", session("S1", status="COMPLETED", end=60, updated=60, kwh="10", cost="2.50"),
+                       {"received_at": max(datetime.now(UTC), now + timedelta(seconds=5))}), pid="LAT")
+    ten, cost, zero = Decimal("10.0000"), Decimal("2.5000"), Decimal("0.0000")
+    want = [("CDR", "C1", "MATCHED", "SESSION_ID", "S1", ["C1"], ten, ten, zero, cost, cost, zero, True, None),
+            ("SESSION", "S1", "MATCHED", "SESSION_ID", "S1", ["C1"], ten, ten, zero, cost, cost, zero, False, None)]
+    rows = await wait_rows(client(stack), "SELECT subject, subject_id, outcome, method, session_id, cdr_ids, "
+                           "session_kwh, cdr_kwh, delta_kwh, session_cost_excl_vat, cdr_cost_excl_vat, "
+                           "delta_cost_excl_vat, late, due_at FROM reconciliation FINAL WHERE party_id = 'LAT' "
+                           "ORDER BY subject", want, timeout=30)
+    assert rows == want
+    assert (await _histories(stack, "LAT"))["CDR", "C1"] == [("AWAITING_SESSION", True), ("NO_SESSION", True),
+                                                            ("MATCHED", False)]
+    assert client(stack).query("SELECT cdrs, energy_kwh, cost_excl_vat FROM billing_daily WHERE party_id = 'LAT'"
+                               ).result_rows == [(1, ten, cost)]  # still billed once
+    assert client(stack).query("SELECT count() FROM anomalies FINAL WHERE party_id = 'LAT'").result_rows == [(0,)]
 
 
 async def test_a_cdr_naming_an_unknown_session_falls_back_to_its_authorization_reference(stack: Stack) -> None:
@@ -220,24 +250,36 @@ async def test_a_cdr_naming_an_unknown_session_falls_back_to_its_authorization_r
     assert rows == want
 
 
+async def _histories(stack: Stack, party_id: str) -> dict[tuple[str, str], list[tuple[str, bool]]]:
+    """Every (outcome, has a deadline) published per subject of one party, in version order."""
+    rows = await _results(stack, party_id)
+    return {subject: [(r["outcome"], r["due_at"] is not None) for r in sorted(
+        {r["version"]: r for r in published}.values(), key=lambda r: r["version"])]
+        for subject, published in rows.items()}
+
+
 async def _latest_results(stack: Stack, party_id: str) -> dict[tuple[str, str], dict[str, Any]]:
     """The last result per subject of one party on the reconciliation topic."""
+    return {subject: max(published, key=lambda r: r["version"])
+            for subject, published in (await _results(stack, party_id)).items()}
+
+
+async def _results(stack: Stack, party_id: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Every result per subject of one party on the reconciliation topic, in the order published."""
     consumer = AIOKafkaConsumer(stack.settings.pipeline.topic_reconciliation, bootstrap_servers=stack.bootstrap,
                                 group_id=None, auto_offset_reset="earliest")
     await consumer.start()
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     try:
         while True:
             batch = await consumer.getmany(timeout_ms=2000)
             if not batch:
-                return latest
+                return results
             for messages in batch.values():
                 for message in messages:
                     row = msgspec.json.decode(message.value)
                     if row["party_id"] == party_id:
-                        current = latest.get((row["subject"], row["subject_id"]))
-                        if current is None or row["version"] > current["version"]:
-                            latest[row["subject"], row["subject_id"]] = row
+                        results.setdefault((row["subject"], row["subject_id"]), []).append(row)
     finally:
         await consumer.stop()
 
