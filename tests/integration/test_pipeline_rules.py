@@ -157,9 +157,12 @@ async def test_a_credit_cdr_links_and_billing_nets_it_once(stack: Stack) -> None
                                                                           Decimal("2.0000"))]
     assert client(stack).query("SELECT kind, object_id FROM anomalies FINAL WHERE party_id = 'CRD'"
                                ).result_rows == [("DUPLICATE_CREDIT", "C1-C2")]
-    outcomes = await wait_rows(client(stack), "SELECT subject_id, outcome FROM reconciliation FINAL "
-                               "WHERE party_id = 'CRD' AND subject_id = 'C1'", [("C1", "CREDITED")])
-    assert outcomes == [("C1", "CREDITED")]
+    # The credited CDR leaves reconciliation; its correction, with no session, is billed and waits in vain.
+    want_rows = [("C1", "CREDITED", None), ("C1-C", "CREDIT", None), ("C1-C2", "CREDIT", None),
+                 ("C1-R", "NO_SESSION", None)]
+    outcomes = await wait_rows(client(stack), "SELECT subject_id, outcome, session_id FROM reconciliation FINAL "
+                               "WHERE party_id = 'CRD' ORDER BY subject_id", want_rows, timeout=30)
+    assert outcomes == want_rows
 
 
 async def test_every_reconciliation_outcome_lands_in_the_table_and_the_topic(stack: Stack) -> None:
