@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from infra.clickhouse.client import ClickHouseUnavailable, chdb_path, effective_dsn
 from infra.kafka.admin import TopicConfigError
@@ -176,8 +176,15 @@ def dev() -> None:
 
 
 def print_summary(console: Console, summary: DemoSummary) -> None:
-    table = Table("party", "currency", "completed sessions", "CDRs (credits too)", "kWh", "cost excl. VAT",
-                  "cost incl. VAT", title="Billing totals read back from ClickHouse (credit CDRs netted)")
+    # Short headers so the figures fit 80 columns (a piped output's width too); a figure that still does not fit
+    # (or a party) is folded onto further lines of its cell, never cut short with an ellipsis.
+    def figure(header: str) -> Column:
+        return Column(header, justify="right", overflow="fold")
+
+    table = Table(Column("party", overflow="fold"), Column("currency", overflow="fold"), figure("sessions"),
+                  figure("CDRs"), figure("kWh"), figure("excl. VAT"), figure("incl. VAT"),
+                  title="Billing totals read back from ClickHouse: completed sessions, CDRs (credits too, netted), "
+                        "kWh and cost per party and currency")
     for p in summary.parties:
         table.add_row(f"{p.country_code}/{p.party_id}", p.currency, str(p.sessions), str(p.cdrs), f"{p.kwh:.4f}",
                       f"{p.cost_excl_vat:.4f}", f"{p.cost_incl_vat:.4f}")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from infra.settings import Settings
 from pipeline.cli import cli
+from pipeline.cli.services import print_summary
+from pipeline.demo import DemoSummary, PartyTotals
+from pipeline.simulator import Expected
 from pipeline.stack import Stack, StackError
 
 
@@ -73,3 +78,33 @@ def test_the_demo_refuses_a_negative_count_or_timeout(monkeypatch: pytest.Monkey
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{args[0]}'" in result.output
     assert not started
+
+
+def _summary(parties: list[PartyTotals]) -> DemoSummary:
+    return DemoSummary(sessions=0, cdrs=0, raw_events=0, dead_letters=0, parties=parties, outcomes={},
+                       anomalies={}, reconciliation={}, credit_links={}, expected=Expected(), seconds=1.0)
+
+
+def test_the_billing_summary_never_cuts_a_figure() -> None:
+    """On a terminal of 80 columns (rich's width too when the output is piped) the summary showed the cost incl.
+    VAT as `2950.13…`: a billing total cut short. At 80 columns figures of the demo's size are printed whole."""
+    parties = [PartyTotals("BE", "BEC", "EUR", 150, 166, Decimal("5775.5218"), Decimal("2438.1267"),
+                           Decimal("2950.1312")),
+               PartyTotals("NL", "TNM", "EUR", 12345, 23456, Decimal("12345.1234"), Decimal("98765.9876"),
+                           Decimal("99999.6050"))]
+    console = Console(width=80, record=True)
+    print_summary(console, _summary(parties))
+    text = console.export_text()
+    for party in parties:
+        for figure in (party.sessions, party.cdrs, party.kwh, party.cost_excl_vat, party.cost_incl_vat):
+            assert f" {figure} " in text, (figure, text)
+
+
+def test_a_figure_too_wide_for_the_terminal_is_folded_not_elided() -> None:
+    party = PartyTotals("NL", "TNM", "EUR", 1, 1, Decimal("1.5"), Decimal("987654321.9876"), Decimal("1.2"))
+    console = Console(width=40, record=True)
+    print_summary(console, _summary([party]))
+    text = console.export_text()
+    assert "…" not in text
+    column = text.splitlines()[text.splitlines().index(next(line for line in text.splitlines() if "NL" in line)):]
+    assert "987654321.9876" in "".join(line.split("│")[6].strip() for line in column if line.count("│") == 8)
