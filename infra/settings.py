@@ -190,8 +190,18 @@ def _parse_dsn(env: str, raw: str) -> str:
     else:
         valid = False
     if not valid:
-        raise SettingsError(f"{env}={raw!r}: expected chdb:///abs/path or http(s)://user:pass@host:port")
+        raise SettingsError(f"{env}={_without_password(raw)!r}: expected chdb:///abs/path or "
+                            "http(s)://user:pass@host:port")
     return raw
+
+
+def _without_password(dsn: str) -> str:
+    """`dsn` with the password of its user shown as ****, also where it does not parse (a '/' or '#' in the password
+    ends the host part for `urlparse`): up to the last '@' after the scheme."""
+    scheme, sep, rest = dsn.partition("://")
+    userinfo, at, location = rest.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}{sep}{user}:****@{location}" if sep and at and colon else dsn
 
 
 def _parse_topic(env: str, raw: str) -> str:

@@ -90,6 +90,23 @@ def test_valid_clickhouse_dsns_are_taken() -> None:
         assert load_settings({"OCPI_CLICKHOUSE_DSN": dsn}).clickhouse_dsn == dsn
 
 
+@pytest.mark.parametrize("dsn", [
+    "http://ocpi:s3cr3t/x+y=@clickhouse:8123",  # a base64 password: '/' ends the host part
+    "http://ocpi:s3cr3t#x@clickhouse:8123",
+    "http://ocpi:s3cr3t?x@clickhouse:8123",
+    "http://ocpi:s3cr3t@clickhouse:99999",
+    "https://ocpi:s3cr3t@:8123",
+    "ftp://ocpi:s3cr3t@clickhouse:21",
+])
+def test_a_wrong_clickhouse_dsn_fails_without_showing_its_password(dsn: str) -> None:
+    """The DSN holds the store's password (`settings` shows it as ****): the message of a DSN refused at start,
+    printed to the terminal and to `docker compose logs`, gave it in clear."""
+    with pytest.raises(SettingsError, match="OCPI_CLICKHOUSE_DSN") as error:
+        load_settings({"OCPI_CLICKHOUSE_DSN": dsn})
+    assert "s3cr3t" not in str(error.value)
+    assert "ocpi:****@" in str(error.value)
+
+
 def test_the_send_timeout_may_be_as_long_as_kafka_s_timeouts() -> None:
     assert load_settings({"OCPI_KAFKA_SEND_TIMEOUT": "2147483.647"}).kafka.send_timeout_s == 2147483.647
     assert load_settings({"OCPI_KAFKA_SEND_TIMEOUT": "0.001"}).kafka.send_timeout_s == 0.001
