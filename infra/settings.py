@@ -293,7 +293,8 @@ class ClickHouseSettings:
     dsn: str = _setting(
         "OCPI_CLICKHOUSE_DSN",
         "",
-        "chdb:///abs/path (embedded) or http://user:pass@host:8123; empty = chdb:// under the data dir",
+        "chdb:///abs/path (embedded) or http://user:pass@host:8123 (user and password percent-encoded); empty = "
+        "chdb:// under the data dir",
     )
     database: str = _setting(
         "OCPI_CLICKHOUSE_DATABASE", "ocpi", "database that holds our tables (letters, digits, _ and -)"

@@ -75,3 +75,31 @@ def test_long_running_services_are_restarted() -> None:
             assert service.get("restart", "no") == "no", name
         else:
             assert service.get("restart") in ("always", "unless-stopped"), f"{name} is never restarted"
+
+
+# The characters a URL's userinfo carries as they are (RFC 3986 "unreserved"): any other one is percent-decoded by
+# clickhouse-connect (`%41` is `A`) or ends the userinfo for urlparse ('/', '?', '#').
+URL_SAFE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+
+
+def test_the_clickhouse_password_reaches_clickhouse_as_the_server_has_it() -> None:
+    """One CLICKHOUSE_PASSWORD is ClickHouse's own (and Grafana's) as it is, and goes unencoded into
+    OCPI_CLICKHOUSE_DSN, whose password is percent-decoded when we connect: a password with '%' signed the
+    pipeline in with another one (authentication failed), one with '/', '?' or '#' (half of `openssl rand
+    -base64` passwords have a '/') was no DSN, and `migrate` stopped at start. The file says which passwords
+    work, and those pass through the DSN unchanged."""
+    from clickhouse_connect.driver import _parse_connection_params
+
+    from infra.settings import load_settings
+
+    text = (ROOT / "docker-compose.yml").read_text()
+    header = text.split("\nname:")[0]
+    assert "CLICKHOUSE_PASSWORD" in header and "letters, digits, - . _ ~" in header, header
+    template = compose()["x-app-env"]["OCPI_CLICKHOUSE_DSN"]
+    dsn = template.replace("${CLICKHOUSE_PASSWORD:?set CLICKHOUSE_PASSWORD}", URL_SAFE)
+    assert "$" not in dsn
+    settings = load_settings({"OCPI_CLICKHOUSE_DSN": dsn})
+    _host, user, password, _port, _db, _interface = _parse_connection_params(
+        None, None, "", None, None, None, False, settings.clickhouse.dsn, {})
+    assert (user, password) == ("ocpi", URL_SAFE)
+    assert compose()["services"]["clickhouse"]["environment"]["CLICKHOUSE_USER"] == "ocpi"
