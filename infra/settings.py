@@ -120,9 +120,22 @@ def _parse_kafka_timeout(env: str, raw: str) -> float:
 
 def _parse_http_url(env: str, raw: str) -> str:
     parsed = urlparse(raw)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    try:
+        valid = parsed.scheme in ("http", "https") and bool(parsed.hostname) and parsed.port != 0
+    except ValueError:  # a port that is no number, or out of range
+        valid = False
+    if not valid:
         raise SettingsError(f"{env}={raw!r}: expected an absolute http(s) URL")
     return raw.rstrip("/")
+
+
+def _parse_base_url(env: str, raw: str) -> str:
+    """The base our endpoint URLs are made of (base + path): a query or fragment would end up before the path."""
+    url = _parse_http_url(env, raw)
+    if "?" in url or "#" in url:
+        raise SettingsError(f"{env}={raw!r}: expected a base URL without a query or fragment (the endpoints' paths "
+                            "are appended to it)")
+    return url
 
 
 def _parse_non_negative_float(env: str, raw: str) -> float:
@@ -521,7 +534,7 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_HTTP_HOST": lambda env, raw: _parse_pattern(env, raw, r"[A-Za-z0-9.:%_-]+",
                                                       "a host name or an IP address (no scheme, no port)"),
     "OCPI_HTTP_PORT": _parse_port,
-    "OCPI_PUBLIC_URL": lambda env, raw: _parse_http_url(env, raw) if raw else raw,
+    "OCPI_PUBLIC_URL": lambda env, raw: _parse_base_url(env, raw) if raw else raw,
     # Empty was Path(""): the working directory, where the store, the secrets and the run files then went.
     "OCPI_DATA_DIR": lambda env, raw: _parse_pattern(env, raw, r"(?s).*\S.*", "a directory (relative: to the "
                                                      "working directory)"),

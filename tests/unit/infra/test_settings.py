@@ -46,6 +46,14 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_CLICKHOUSE_DATABASE", "oc`pi"),
     ("OCPI_CLICKHOUSE_DATABASE", "ocpi prod"),
     ("OCPI_PUBLIC_URL", "ftp://example.com"),
+    # Our endpoint URLs are OCPI_PUBLIC_URL + path, advertised to partners: https://:443/ocpi/..., a port that is
+    # none, or the path appended to a query or fragment (https://x/?a=1/ocpi/emsp/...) reach no receiver.
+    ("OCPI_PUBLIC_URL", "https://:443"),
+    ("OCPI_PUBLIC_URL", "https://ocpi.example.com:99999"),
+    ("OCPI_PUBLIC_URL", "https://ocpi.example.com:44x"),
+    ("OCPI_PUBLIC_URL", "https://ocpi.example.com/?tenant=1"),
+    ("OCPI_PUBLIC_URL", "https://ocpi.example.com#top"),
+    ("OCPI_PARTY_WEBSITE", "https://:443"),
     # Not a host: every endpoint URL we advertise was http://:8080/... or http://http://...
     ("OCPI_HTTP_HOST", ""),
     ("OCPI_DATA_DIR", ""),  # the working directory
@@ -105,6 +113,13 @@ def test_a_wrong_clickhouse_dsn_fails_without_showing_its_password(dsn: str) -> 
         load_settings({"OCPI_CLICKHOUSE_DSN": dsn})
     assert "s3cr3t" not in str(error.value)
     assert "ocpi:****@" in str(error.value)
+
+
+def test_valid_public_urls_and_websites_are_taken() -> None:
+    for url in ("https://ocpi.example.com", "https://ocpi.example.com/prefix", "http://[::1]:8080"):
+        assert load_settings({"OCPI_PUBLIC_URL": url + "/"}).http.base_url == url
+    website = "https://example.com/?lang=en"  # a website may have a query: nothing is appended to it
+    assert load_settings({"OCPI_PARTY_WEBSITE": website}).party.website == website
 
 
 def test_the_send_timeout_may_be_as_long_as_kafka_s_timeouts() -> None:
