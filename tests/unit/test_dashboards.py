@@ -373,3 +373,30 @@ def test_reducing_panels_of_grouped_rows_show_every_row(path: Path) -> None:
         grouped = any(re.search(r"\bGROUP BY\b", target["rawSql"]) for target in panel["targets"])
         values = panel.get("options", {}).get("reduceOptions", {}).get("values", False)
         assert values or not grouped, f"{path.name}: panel {panel['title']!r} reduces its rows to one value"
+
+
+_MONEY = re.compile(r"cost|revenue|price|amount", re.IGNORECASE)
+_NUMERIC = re.compile(r"^(Nullable\()?(U?Int\d+|Float\d+|Decimal)")
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_every_panel_returns_the_columns_its_panel_needs(schema: Client, path: Path) -> None:
+    """What the panels' columns are, by their types on the migrated schema: a time series has a DateTime `time`,
+    string labels and numbers; a reducing panel numbers; an amount of money is a Decimal (a Float64 sum drifts by
+    cents) and comes with the currency it is in (amounts of different currencies are never added up)."""
+    end = datetime.now(UTC)
+    for panel in _panels(_load(path)):
+        for target in panel["targets"]:
+            rendered = render_panel_sql(target["rawSql"], start=end - timedelta(days=7), end=end, partners=["p1"])
+            columns = [(row[0], row[1]) for row in schema.query(f"DESCRIBE TABLE ({rendered})").result_rows]
+            types = dict(columns)
+            where = f"{path.name}: panel {panel['title']!r}: {columns}"
+            numeric = [name for name, kind in columns if _NUMERIC.match(kind)]
+            if panel["type"] == "timeseries":
+                assert columns[0][0] == "time" and re.match(r"DateTime", columns[0][1]), where
+                assert numeric and all(_NUMERIC.match(kind) or "String" in kind for _n, kind in columns[1:]), where
+            if panel["type"] in _REDUCING_PANELS:
+                assert numeric, where
+            money = [name for name in types if _MONEY.search(name)]
+            assert all("Decimal" in types[name] for name in money), where
+            assert not money or "currency" in types, where
