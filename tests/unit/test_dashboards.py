@@ -400,3 +400,24 @@ def test_every_panel_returns_the_columns_its_panel_needs(schema: Client, path: P
             money = [name for name in types if _MONEY.search(name)]
             assert all("Decimal" in types[name] for name in money), where
             assert not money or "currency" in types, where
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_every_panel_reads_deduplicated_rows(schema: Client, path: Path) -> None:
+    """ReplacingMergeTree tables hold every version of a row until a merge, which may never come: a panel reading
+    one without FINAL counts a CDR, an event or an outcome once per version. A view must read FINAL itself."""
+    engines = dict(schema.query("SELECT name, engine FROM system.tables WHERE database = currentDatabase()")
+                   .result_rows)
+    views = dict(schema.query("SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase() "
+                              "AND engine = 'View'").result_rows)
+    queries = [(title, sql) for title, sql in panel_queries(path)]
+    queries += [(v["name"], v["query"]) for v in _load(path)["templating"]["list"] if v["type"] == "query"]
+    for title, sql in queries:
+        for table, final in re.findall(r"\b(?:FROM|JOIN)\s+(\w+)(\s+FINAL\b)?", sql):
+            engine = engines.get(table)
+            if engine is None:
+                continue  # a subquery's alias, not a table
+            if "ReplacingMergeTree" in engine:
+                assert final, f"{path.name}: {title!r} reads {table} without FINAL"
+            else:
+                assert engine == "View" and "FINAL" in views[table], f"{path.name}: {title!r} reads {table} ({engine})"
