@@ -28,6 +28,7 @@ from ocpi.datetime import (
     parse_datetime,
 )
 from ocpi.decode import Decoded, OcpiJsonError, OcpiValidationError, decode
+from ocpi.identity import ci_equal
 from ocpi.status import OcpiStatus
 from ocpi.types import CI_STRING_PATTERN
 
@@ -494,8 +495,18 @@ def _response_routing(scope: Scope) -> tuple[Party | None, Party | None]:
             return None, None
     if routing is None or not routing.present:
         return None, None
-    # The answer goes back to whoever sent it: to := request's from, from := request's to.
-    return routing.receiver, routing.sender
+    # The answer goes back to whoever sent it (to := request's from) and is ours (04 §8.2): from := us, whatever
+    # party the request's OCPI-to-* named (not checked yet) or if it named none (open routing).
+    return _our_party(scope, routing.receiver), routing.sender
+
+
+def _our_party(scope: Scope, named: Party | None) -> Party:
+    """The party we host (settings OCPI_PARTY_*), as `named` spells it when `named` is that party."""
+    party = scope["litestar_app"].state.settings.party
+    ours = (party.country_code, party.party_id)
+    if named is not None and ci_equal(named[0], ours[0]) and ci_equal(named[1], ours[1]):
+        return named
+    return ours
 
 
 async def echo_headers(message: Message, scope: Scope) -> None:
