@@ -383,8 +383,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+# What a header value may hold (RFC 9110 §5.5: visible ASCII, space, tab, and obs-text, the bytes beyond ASCII, as the
+# latin-1 text they decode to): such an id is echoed byte for byte (04 §11: the same value). `str.isprintable`
+# refused a tab and the bytes 0x80-0xA0 and 0xAD, which many UTF-8 characters hold (`€` is E2 82 AC).
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]+")
+
+
 def _usable_id(value: str | None) -> bool:
-    return value is not None and 0 < len(value) <= _MAX_ID_LENGTH and value.isprintable()
+    return value is not None and 0 < len(value) <= _MAX_ID_LENGTH and _FIELD_VALUE.fullmatch(value) is not None
 
 
 def message_ids(scope: Scope) -> tuple[str, str]:

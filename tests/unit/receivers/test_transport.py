@@ -354,6 +354,35 @@ async def test_message_ids_are_echoed_or_generated(app_env: AppEnv) -> None:  # 
     assert UUID.match(unusable.headers["x-request-id"])
 
 
+@pytest.mark.parametrize("value", [b"req\tone", "r\u00e9q-\u20ac".encode(), b"\x80\x9f\xa0\xff", b"x" * 255],
+                         ids=["tab", "utf-8", "obs-text", "255 bytes"])
+async def test_message_ids_are_echoed_as_sent(app_env: AppEnv, value: bytes) -> None:  # noqa: F811
+    """Any value a header may hold (RFC 9110 §5.5: visible ASCII, space, tab, bytes beyond ASCII) is echoed byte for
+    byte (04 §11: the same value); a UTF-8 `€` (E2 82 AC) or a tab was replaced by a generated id. Straight through
+    ASGI: httpx, so the TestClient, refuses response header values beyond ASCII."""
+    token = app_env.provision("cpo", ("BE", "BEC", "CPO"))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/ocpi/versions", "raw_path": b"/ocpi/versions", "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+             "headers": [(b"authorization", auth(token)["Authorization"].encode()), (b"x-request-id", value),
+                         (b"x-correlation-id", value)]}
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    app = app_env.app
+    async with AsyncTestClient(app=app):
+        await app(scope, receive, send)
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    assert start["status"] == 200
+    echoed = dict(start["headers"])
+    assert (echoed[b"x-request-id"], echoed[b"x-correlation-id"]) == (value, value)
+
+
 def test_every_ocpi_status_code_has_a_typed_exception() -> None:
     errors = [status for status in OcpiStatus if not status.is_success]
     assert sorted(STATUS_EXCEPTIONS) == sorted(errors)
