@@ -117,9 +117,14 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: 
         params = connection.path_params
         has_owner = "country_code" in params and "party_id" in params
         owner = (params["country_code"], params["party_id"]) if has_owner else None
-        connection.state.partner = authorize(partner, routing_headers(connection.scope), ours=ours,
-                                             module=module, method=method, owner=owner,
-                                             scope=connection.scope)
+        try:
+            routing = routing_headers(connection.scope)
+        except InvalidRoutingHeaders:
+            # Broken headers name nobody to answer to: the answer is ours, to the caller's implied party (if any).
+            set_response_routing(connection.scope, sender=ours, receiver=_implied(partner))
+            raise
+        connection.state.partner = authorize(partner, routing, ours=ours, module=module, method=method,
+                                             owner=owner, scope=connection.scope)
 
 
 def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module: str, method: str,
@@ -131,8 +136,7 @@ def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module:
         # connection when a single-party peer left the headers out. Decided before the headers are judged, so that
         # refusing them does not echo them as if they were true: the answer is from us, not from a party the
         # request named but we do not host, and to the caller, not to a party it may not speak for.
-        only = partner.roles[0] if len(partner.roles) == 1 else None
-        implied = (only.country_code, only.party_id) if only is not None else None
+        implied = _implied(partner)
         to_us = receiver if receiver is not None and _same(receiver, ours) else ours
         back = sender if sender is not None and (partner.is_hub or partner.owns(*sender)) else implied
         set_response_routing(scope, sender=to_us, receiver=back)
@@ -168,6 +172,12 @@ def require_owner(partner: Partner, country_code: str, party_id: str) -> None:
                            "not as CPO: Locations, Sessions and CDRs are owned and pushed by a CPO (08/09/10 §1)")
     raise ForeignParty(f"party {country_code}/{party_id} is not one this partner may act for "
                        "(its CPO credentials roles, or for a Hub the party named in OCPI-from-*)")
+
+
+def _implied(partner: Partner) -> Party | None:
+    """The party a single-party peer speaks for without routing headers (04 §8.1); None for several."""
+    only = partner.roles[0] if len(partner.roles) == 1 else None
+    return (only.country_code, only.party_id) if only is not None else None
 
 
 def _same(a: Party, b: Party) -> bool:
