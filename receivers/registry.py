@@ -277,6 +277,15 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Partner)
 
 
+class _Held(msgspec.Struct):
+    """The token we held, as any revision of a record stores it (the other fields, of any release, ignored)."""
+
+    outbound_token: str | None = None
+
+
+_held_decoder = msgspec.json.Decoder(_Held)
+
+
 class PartnerRegistry:
     """Reads and writes partners in the `partners` table (ReplacingMergeTree on a revision counter)."""
 
@@ -310,11 +319,30 @@ class PartnerRegistry:
             raise TypeError("only a Partner record is persisted, never a per-request view")
         partner.updated_at = _now()
         # time_ns as revision: later writes win, even from different processes.
+        revision = time.time_ns()
         with self._lock:
-            self._client.insert("partners", [[partner.partner_id, time.time_ns(),
+            self._client.insert("partners", [[partner.partner_id, revision,
                                               _encoder.encode(partner).decode(), partner.updated_at]],
                                 column_names=["partner_id", "revision", "record_json", "updated_at"])
+            self._drop_replaced_tokens(partner, revision)
         return partner
+
+    def _drop_replaced_tokens(self, partner: Partner, revision: int) -> None:
+        """Delete the revisions `revision` supersedes when one holds another token we held for the partner (a
+        credentials PUT replaced it, an unregister or `partners delete` dropped it).
+
+        ReplacingMergeTree drops a superseded revision only at a merge that nothing schedules; until then every
+        query without FINAL (`ocpi-pipeline query`) reads it, the partner's token in clear with it: a token a local
+        `partners delete` dropped still works at the partner. A lightweight DELETE hides them at once (their bytes
+        leave the disk at the part's next merge). Only lower revisions go, so the record in force, the highest, is
+        never touched, whichever process wrote it; a save that keeps the token deletes nothing (a DELETE is a
+        mutation, a fraction of a second on chDB)."""
+        older = self._client.query(
+            "SELECT record_json FROM partners WHERE partner_id = %(id)s AND revision < %(revision)s",
+            parameters={"id": partner.partner_id, "revision": revision}).result_rows
+        if any(_held_decoder.decode(row[0]).outbound_token not in (None, partner.outbound_token) for row in older):
+            self._client.command("DELETE FROM partners WHERE partner_id = %(id)s AND revision < %(revision)s",
+                                 parameters={"id": partner.partner_id, "revision": revision})
 
     def party_holder(self, roles: Iterable[CredentialsRole], *,
                      except_id: str) -> tuple[CredentialsRole, str] | None:

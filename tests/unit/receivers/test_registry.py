@@ -77,6 +77,40 @@ def test_inbound_tokens_are_stored_as_hashes_and_our_token_is_masked(
         assert "outbound-secret-value-123" not in shown and "out…(25 chars)" in shown
 
 
+def test_a_token_we_held_is_gone_from_the_table_once_replaced_or_dropped(
+        open_registry: Callable[[], PartnerRegistry]) -> None:
+    """Every save is a new revision of the record; the ones it supersedes stay readable (any query without FINAL,
+    `ocpi-pipeline query`) until ClickHouse merges them, which nothing schedules: the partner's token we held kept
+    on after a credentials PUT replaced it, an unregister dropped it, or `partners delete` made the record a
+    tombstone "without any token" (still valid at the partner, which a local delete does not tell)."""
+    registry = open_registry()
+
+    def rows_holding(text: str) -> int:
+        return int(registry._client.query("SELECT countIf(position(record_json, {t:String}) > 0) FROM partners",
+                                          parameters={"t": text}).result_rows[0][0])
+
+    partner, _ = registry.register_direct("bec", "BEC", [role("BE", "BEC")])
+    partner.outbound_token = "first-token-we-hold-for-bec"
+    registry.save(partner)
+    registry.save(registry.require("bec"))  # a change that keeps the token (a status, a profile) keeps it
+    assert rows_holding("first-token-we-hold-for-bec") >= 1
+    partner = registry.require("bec")
+    partner.outbound_token = "second-token-we-hold-for-bec"  # the partner's credentials PUT
+    registry.save(partner)
+    assert rows_holding("first-token-we-hold-for-bec") == 0
+    registry.unregister(registry.require("bec"))
+    assert rows_holding("second-token-we-hold-for-bec") == 0
+    kept = registry.get("bec")
+    assert kept is not None and kept.status is PartnerStatus.UNREGISTERED and kept.outbound_token is None
+
+    other, _ = registry.register_direct("cpo", "CPO", [role("NL", "CPO")])
+    other.outbound_token = "token-we-hold-for-cpo"
+    registry.save(other)
+    registry.delete("cpo")
+    assert rows_holding("token-we-hold-for-cpo") == 0
+    assert [p.partner_id for p in registry.all(include_deleted=True)] == ["bec", "cpo"]
+
+
 def test_token_states(open_registry: Callable[[], PartnerRegistry]) -> None:
     now = datetime.now(UTC)
     partner = Partner(partner_id="p", name="p", status=PartnerStatus.REGISTERED, created_at=now, updated_at=now)
