@@ -61,9 +61,11 @@ def _time(value: str | None) -> Any:
 @click.option("--partner", help="Only events pushed or pulled from this partner id.")
 @click.option("--since", help="Only events received at or after this time (2024-05-01T12:00:00Z, 2024-05-01, 6h).")
 @click.option("--until", help="Only events received before this time.")
-@click.option("--partition", type=int, help="Kafka: only this partition.")
-@click.option("--from-offset", type=int, help="Kafka: first offset (inclusive) of every selected partition.")
-@click.option("--to-offset", type=int, help="Kafka: last offset (exclusive) of every selected partition.")
+@click.option("--partition", type=click.IntRange(min=0), help="Kafka: only this partition.")
+@click.option("--from-offset", type=click.IntRange(min=0),
+              help="Kafka: first offset (inclusive) of every selected partition.")
+@click.option("--to-offset", type=click.IntRange(min=1),
+              help="Kafka: last offset (exclusive) of every selected partition.")
 @click.option("--from-archive", "archive", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Replay from archive files written by `export` instead of Kafka.")
 @click.option("--dry-run", is_flag=True, help="Count what would be replayed (per module, partition and offset "

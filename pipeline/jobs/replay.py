@@ -279,12 +279,16 @@ def _open_job(settings: Settings, spec: dict[str, Any], job: str | None,
     return name, checkpoint, state, report
 
 
-async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection) -> list[tuple[str, PartitionRange]]:
-    """(module, offset range) per partition for `selection`, against the topics as they are now."""
+async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection, *,
+                     resumed: bool = False) -> list[tuple[str, PartitionRange]]:
+    """(module, offset range) per partition for `selection`, against the topics as they are now. A `--partition`
+    no selected topic has is an error, but for a resumed job (`resumed`): its topics recreated with fewer."""
     planned: list[tuple[str, PartitionRange]] = []
+    counts: dict[str, int] = {}
     for module in selection.modules:
-        tps = [tp for tp in await partitions_of(bootstrap, settings.kafka.topic_for(module))
-               if selection.partition is None or tp.partition == selection.partition]
+        held = await partitions_of(bootstrap, settings.kafka.topic_for(module))
+        counts[settings.kafka.topic_for(module)] = len(held)
+        tps = [tp for tp in held if selection.partition is None or tp.partition == selection.partition]
         bounds = await offset_bounds(settings.kafka, bootstrap, tps, exact=True)  # a stop short would be "done"
         starts = {tp: max(b, selection.from_offset or 0) for tp, (b, _e) in bounds.items()}
         stops = {tp: min(e, selection.to_offset if selection.to_offset is not None else e)
@@ -296,6 +300,9 @@ async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection) -
         # received_at (history restored from an archive is in the topics only so); the filter decides.
         for tp in tps:
             planned.append((module, PartitionRange(tp.topic, tp.partition, starts[tp], max(starts[tp], stops[tp]))))
+    if selection.partition is not None and not planned and not resumed:  # a typo would pass for an empty replay
+        raise JobError(f"--partition {selection.partition}: no selected topic has it ("
+                       + ", ".join(f"{topic}: partitions 0-{n - 1}" for topic, n in counts.items()) + ")")
     return planned
 
 
@@ -337,7 +344,8 @@ async def _plan_recreated(settings: Settings, bootstrap: str, selection: Selecti
                 "left are gone; planning again from the partitions as they are now", where, name)
     modules = tuple(m for m in MODULES if any(r["module"] == m for r in recreated))
     planned = {(r.topic, r.partition): (m, r)
-               for m, r in await plan_kafka(settings, bootstrap, dataclasses.replace(selection, modules=modules))}
+               for m, r in await plan_kafka(settings, bootstrap, dataclasses.replace(selection, modules=modules),
+                                            resumed=True)}
     for r in recreated:
         _m, fresh = planned.pop((r["topic"], r["partition"]), (None, None))
         if fresh is None:  # the partition is gone: nothing left to read there

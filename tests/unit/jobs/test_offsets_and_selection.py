@@ -9,15 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.structs import TopicPartition
+from click.testing import CliRunner
 
+import pipeline.jobs.replay
 from infra.codec import decode_event, encode_event
 from infra.events import build_event
 from infra.kafka.compat import search_offset_for_time
 from ocpi.decode import decode
 from ocpi.identity import ObjectKey
 from ocpi.model import Session
+from pipeline.cli import cli
 from pipeline.jobs.common import MODULES, Checkpoint, JobError, check_modules, job_id, parse_time, relative_text
-from pipeline.jobs.replay import ReplayReport, Selection, _Run
+from pipeline.jobs.replay import ReplayReport, Selection, _Run, plan_kafka
 from tests.conftest import EXAMPLES
 
 
@@ -133,6 +137,37 @@ def test_selection_checks_its_bounds_and_filters_partner_and_time() -> None:
     assert not window.matches(_event(received_at=datetime(2024, 5, 1, 13, tzinfo=UTC)))  # until is exclusive
     assert not window.matches(_event(received_at=datetime(2024, 5, 1, 11, 59, 59, tzinfo=UTC)))
     assert not window.by_offset and Selection(modules=("cdrs",), partition=0).by_offset
+
+
+async def test_a_partition_no_selected_topic_has_is_an_error_not_an_empty_replay(
+        settings_for: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replay --partition 9` on topics of 4 partitions planned nothing, sent 0 events and recorded the job as
+    completed, exit 0: a typo passed for a replay that had nothing to do."""
+    settings = settings_for()
+
+    async def partitions_of(_bootstrap: str, *topics: str) -> list[TopicPartition]:
+        return [TopicPartition(topic, p) for topic in topics for p in range(4)]
+
+    async def offset_bounds(_kafka: Any, _bootstrap: str, tps: list[TopicPartition],
+                            **_kw: Any) -> dict[TopicPartition, tuple[int, int]]:
+        return {tp: (0, 10) for tp in tps}
+
+    monkeypatch.setattr(pipeline.jobs.replay, "partitions_of", partitions_of)
+    monkeypatch.setattr(pipeline.jobs.replay, "offset_bounds", offset_bounds)
+    with pytest.raises(JobError, match=r"--partition 9: .* partitions 0-3"):
+        await plan_kafka(settings, "127.0.0.1:1", Selection(modules=("cdrs", "sessions"), partition=9))
+    planned = await plan_kafka(settings, "127.0.0.1:1", Selection(modules=("cdrs",), partition=3))
+    assert [(m, r.partition, r.start, r.stop) for m, r in planned] == [("cdrs", 3, 0, 10)]
+    # A resumed job whose topics were recreated with fewer partitions: the partition is gone, nothing left to read.
+    assert await plan_kafka(settings, "127.0.0.1:1", Selection(modules=("cdrs",), partition=9), resumed=True) == []
+
+
+@pytest.mark.parametrize("args", [["--partition", "-1"], ["--from-offset", "-5"], ["--to-offset", "0"]])
+def test_a_negative_partition_or_offset_is_refused(args: list[str], tmp_path: Path) -> None:
+    """--partition -1 selected no partition (an empty replay, exit 0); --to-offset 0 or less selected no offset."""
+    result = CliRunner().invoke(cli, ["replay", "--dry-run", *args], env={"OCPI_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '" + args[0] in result.output
 
 
 def test_a_replayed_record_is_the_recorded_event_marked_replay(settings_for: Any) -> None:
