@@ -491,8 +491,12 @@ async def _replay_archive(settings: Settings, bootstrap: str, root: Path, select
     if report.status == "already-done":
         return report
     if state is None:
+        files = _plan_archive(root, selection, [])
+        if not files and not archive_files(root, selection.modules):  # a wrong path would pass for an empty archive
+            raise JobError(f"{root} holds no archive files of {', '.join(selection.modules)} (an archive "
+                           "`export` wrote: <module>/<YYYY-MM-DD>/part-*.avro); check the directory")
         state = {"job": name, "kind": "replay", "spec": spec, "status": "running", "started_at": iso(_now()),
-                 "resolved": selection.resolved(), "files": _plan_archive(root, selection, [])}
+                 "resolved": selection.resolved(), "files": files}
     else:
         report.status = "resumed-done"
         selection = selection.as_planned(state)

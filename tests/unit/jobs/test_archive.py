@@ -633,3 +633,25 @@ async def test_an_export_from_kafka_does_not_archive_what_the_worker_refuses(
     assert result.undecodable == 1 and result.records["locations"] == 1
     archived = [r for f in archive_files(root) for r in read_archive_file(f)]
     assert len(archived) == 1 and decode_event(encode_record(EVENT_SCHEMA, archived[0])) == decode_event(good)
+
+
+async def test_a_replay_of_a_directory_that_holds_no_archive_files_is_an_error(settings_for: Any,
+                                                                               tmp_path: Path) -> None:
+    """`replay --from-archive /backup` for `/backup/ocpi` (or any directory `export` did not write) planned no file,
+    sent 0 events and recorded the job as completed, exit 0: a wrong path passed for an archive with nothing in it.
+    An archive whose files the time range leaves out still replays nothing, without an error."""
+    settings = settings_for()
+    (tmp_path / "ocpi" / "cdrs" / "2024-05-01").mkdir(parents=True)
+    with pytest.raises(JobError, match=r"no archive files of locations, sessions, cdrs .*<module>/<YYYY-MM-DD>"):
+        await replay_archive(settings, "127.0.0.1:1", tmp_path, Selection(modules=("locations", "sessions", "cdrs")),
+                             dry_run=True)
+    _PartFile(tmp_path / "ocpi" / "cdrs" / "2024-05-01", "part-x", {}).commit("part-x.avro")
+    with pytest.raises(JobError, match="no archive files of sessions"):
+        await replay_archive(settings, "127.0.0.1:1", tmp_path / "ocpi", Selection(modules=("sessions",)),
+                             dry_run=True)
+    report = await replay_archive(settings, "127.0.0.1:1", tmp_path / "ocpi",
+                                  Selection(modules=("cdrs",), since=datetime(2024, 6, 1, tzinfo=UTC)), dry_run=True)
+    assert report.lines == [] and report.filtered == 0
+    report = await replay_archive(settings, "127.0.0.1:1", tmp_path / "ocpi", Selection(modules=("cdrs",)),
+                                  dry_run=True)
+    assert [line.where for line in report.lines] == ["cdrs/2024-05-01/part-x.avro"]

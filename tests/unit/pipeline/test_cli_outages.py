@@ -17,6 +17,7 @@ import pipeline.stack
 import pipeline.worker
 from infra.kafka.embedded import free_port
 from pipeline.cli import cli
+from pipeline.jobs.archive import _PartFile
 from tests.conftest import unique
 
 
@@ -44,6 +45,7 @@ def test_a_job_against_a_kafka_that_is_down_says_so(args: list[str], tmp_path: P
     """export, replay and replay --rebuild ended in a KafkaConnectionError traceback when the configured Kafka did
     not answer: the jobs' error handler let aiokafka's errors through."""
     bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there
+    _PartFile(tmp_path / "cdrs" / "2024-05-01", "part-x", {}).commit("part-x.avro")  # an archive to replay
     result = invoke([a.format(tmp=tmp_path) for a in args],
                     {"OCPI_KAFKA_BOOTSTRAP": bootstrap, "OCPI_DATA_DIR": str(tmp_path / "data")})
     assert_one_line_error(result, "Kafka", bootstrap)
