@@ -50,6 +50,7 @@ from typing import IO, Any, Final
 import fastavro
 from aiokafka.structs import TopicPartition
 from clickhouse_connect.driver.client import Client
+from fastavro.read import SchemaResolutionError
 from fastavro.write import Writer
 
 from infra.codec import (
@@ -483,6 +484,10 @@ def _reading(path: Path) -> Iterator[None]:
     traceback: nothing of it was sent, and the job can be run again once the file is restored or moved away."""
     try:
         yield
+    except SchemaResolutionError as exc:  # intact, but of a later version: a copy of it would fail alike
+        raise JobError(f"{path} was written with a schema this version cannot read ({exc}): an archive of a newer "
+                       "version; replay it with that version, or move it out of the archive, and run the command "
+                       "again") from exc
     except Exception as exc:  # fastavro's, and its codecs' (zlib, zstandard, snappy), errors have no common base
         raise JobError(f"{path} is not a readable archive file ({type(exc).__name__}: {exc}); restore it from a "
                        "copy, or move it out of the archive, and run the command again") from exc

@@ -26,6 +26,7 @@ from infra.codec import (
     decode_record,
     encode_event,
     encode_record,
+    schema_root,
 )
 from infra.events import build_event
 from ocpi.canonical import to_ocpi_json
@@ -189,6 +190,28 @@ def test_an_archive_of_an_earlier_schema_revision_is_read_with_the_current_one(t
     assert events[0] == msgspec.structs.replace(current, source="PULL")  # the new fields take their defaults
     assert events[1].event_id == "second" and events[1].payload == current.payload
     assert [event_of(r).event_id for r in read_archive_file(files[0], skip=1)] == ["second"]
+
+
+def test_an_archive_of_a_newer_revision_that_cannot_be_resolved_is_named_so_not_taken_for_damaged(
+        tmp_path: Path) -> None:
+    """A file written by a later version whose record this version cannot resolve (a Source symbol it does not know)
+    was reported as damaged ("not a readable archive file ... restore it from a copy"): the file is fine, and a
+    copy of it fails alike. It is named as written with a schema this version cannot read, to replay with a
+    version that can."""
+    newer = json.loads((schema_root() / "v1" / f"{EVENT_SCHEMA}.avsc").read_text())
+    source = next(f for f in newer["fields"] if f["name"] == "source")
+    source["type"]["symbols"].append("SYNC")
+    current = make_event(example("session_example_2_short_finished.json"), Session, "Session", module="sessions",
+                         level="SESSION", operation="PUT", received_at=DAY1)
+    record = {**decode_record(encode_event(current.to_event()), EVENT_SCHEMA), "source": "SYNC"}
+    day = tmp_path / "sessions" / "2024-05-01"
+    day.mkdir(parents=True)
+    with (day / "part-new.avro").open("wb") as fh:
+        fastavro.writer(fh, fastavro.parse_schema(newer, named_schemas={}), [record])
+
+    with pytest.raises(JobError, match="written with a schema this version cannot read") as raised:
+        list(read_archive_file(day / "part-new.avro"))
+    assert "SYNC" in str(raised.value) and "restore it from a copy" not in str(raised.value)
 
 
 @pytest.mark.parametrize(("relaxation", "changes"), [
