@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import signal
 import sys
 from collections.abc import Coroutine
@@ -21,7 +20,7 @@ from rich.table import Table
 from infra.clickhouse.client import ClickHouseUnavailable, connect_for
 from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
 from infra.settings import Settings, load_settings
-from pipeline.cli.errors import kafka_failed
+from pipeline.cli.errors import kafka_failed, seconds
 from pipeline.jobs.common import MODULES, JobError, RichProgress, check_modules, parse_time, relative_text
 from pipeline.jobs.pull import KINDS
 
@@ -76,7 +75,7 @@ def _time(value: str | None) -> Any:
               "some topics' partitions (replay their history from an archive first).")
 @click.option("--wait/--no-wait", default=False, show_default=True,
               help="Wait until the pipeline's worker has consumed the replayed events.")
-@click.option("--timeout", default=3600.0, show_default=True, callback=lambda _c, _p, v: _seconds(v, least=0.0),
+@click.option("--timeout", default=3600.0, show_default=True, callback=lambda _c, _p, v: seconds(v, least=0.0),
               help="Seconds --wait and --rebuild may take.")
 @click.option("--job", help="Name of the job (default: derived from the selection, so a rerun resumes it).")
 @click.option("--again", is_flag=True, help="Replay once more even if this job has completed before.")
@@ -237,16 +236,6 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
         console.print("nothing new in Kafka; for history the topics no longer hold use --source clickhouse")
 
 
-def _seconds(value: float | None, *, least: float | None) -> float | None:
-    """A number of seconds, finite, above `least` (None: 0 or more). --schedule 0 or less pulled again at once after
-    every round, for ever; nan slipped through click.FloatRange (every comparison with it is false)."""
-    if value is None:
-        return None
-    if not math.isfinite(value) or (value <= least if least is not None else value < 0):
-        raise click.BadParameter("expected a finite number of seconds " + ("> 0" if least is not None else ">= 0"))
-    return value
-
-
 @click.command()
 @click.option("--partner", required=True, help="Partner id in the registry (`ocpi-pipeline partners list`).")
 @click.option("--module", required=True, type=click.Choice(list(KINDS)), help="Sender interface to pull.")
@@ -257,11 +246,11 @@ def _seconds(value: float | None, *, least: float | None) -> float | None:
 @click.option("--restart", is_flag=True, help="Abandon an interrupted crawl instead of resuming it.")
 @click.option("--max-attempts", default=8, show_default=True, type=click.IntRange(min=1),
               help="Attempts per page on 429/503/3xxx.")
-@click.option("--schedule", type=float, metavar="SECONDS", callback=lambda _c, _p, v: _seconds(v, least=0.0),
+@click.option("--schedule", type=float, metavar="SECONDS", callback=lambda _c, _p, v: seconds(v, least=0.0),
               help="Pull again every SECONDS (plus a random splay) until Ctrl-C or SIGTERM; each round after the "
               "first continues where the last completed pull ended (--since counts until one has completed), up "
               "to 5 minutes before now.")
-@click.option("--splay", type=float, metavar="SECONDS", callback=lambda _c, _p, v: _seconds(v, least=None),
+@click.option("--splay", type=float, metavar="SECONDS", callback=lambda _c, _p, v: seconds(v, least=None),
               help="Random extra delay per round (default: 10% of "
               "--schedule).")
 def pull(partner: str, module: str, since: str | None, until: str | None, limit: int, restart: bool,

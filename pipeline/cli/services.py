@@ -20,7 +20,7 @@ from infra.kafka.admin import TopicConfigError
 from infra.kafka.bootstrap import KafkaNotConfigured, reachable, resolve_bootstrap
 from infra.kafka.embedded import EmbeddedBrokerError
 from infra.settings import Settings, load_settings
-from pipeline.cli.errors import kafka_failed
+from pipeline.cli.errors import kafka_failed, seconds
 from pipeline.demo import DemoSummary, run_demo
 from pipeline.stack import Stack, StackError, check_port_free
 from receivers.registry import PartnerRegistry, PartnerStatus
@@ -215,7 +215,7 @@ def print_summary(console: Console, summary: DemoSummary) -> None:
 @click.option("--sessions", default=300, show_default=True, type=click.IntRange(min=0),
               help="Charging sessions the simulated CPOs push.")
 @click.option("--seed", default=7, show_default=True, help="Seed of the simulated traffic.")
-@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--timeout", default=120.0, show_default=True, callback=lambda _c, _p, v: seconds(v, least=0.0),
               help="Seconds to wait for the rows in ClickHouse.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the demo's data here, a new or empty directory (default: a fresh temporary directory, "

@@ -62,11 +62,14 @@ def test_the_demo_refuses_a_data_dir_that_holds_data(monkeypatch: pytest.MonkeyP
     assert "stopped by the test" in result.output, result.output
 
 
-@pytest.mark.parametrize("args", [["--sessions", "-3"], ["--timeout", "0"], ["--timeout", "-1"]])
+@pytest.mark.parametrize("args", [["--sessions", "-3"], ["--timeout", "0"], ["--timeout", "-1"], ["--timeout", "nan"],
+                                  ["--timeout", "inf"]])
 def test_the_demo_refuses_a_negative_count_or_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                      args: list[str]) -> None:
     """`demo --sessions -3` started the whole stack, pushed the Locations, showed a progress bar of 0/-3 and
-    ended in a page of mismatches; a timeout of 0 or less failed every run the same way."""
+    ended in a page of mismatches; a timeout of 0 or less failed every run the same way. So did nan, which passed
+    click.FloatRange (every comparison with it is false): the wait for the rows never polled, and the demo
+    reported that ClickHouse did not match, exit 1; inf waited for ever on a stack that did not settle."""
     started: list[Settings] = []
 
     async def fake_run_demo(settings: Settings, **_options: Any) -> None:
