@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 from collections.abc import Coroutine
@@ -47,6 +48,17 @@ def _bootstrap(settings: Settings) -> str:
         raise click.ClickException(str(exc)) from None
 
 
+_JOB_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def _job_name(value: str | None) -> str | None:
+    """A job's name names its files under OCPI_DATA_DIR/jobs/replay/: a path (`../x`, `/tmp/x`, `a/b`) put them
+    elsewhere, and an empty name passed for none."""
+    if value is not None and not _JOB_NAME.fullmatch(value):
+        raise click.BadParameter(f"{value!r}: a job name is letters, digits, '.', '_' and '-', not starting with '.'")
+    return value
+
+
 def _time(value: str | None) -> Any:
     try:
         return parse_time(value) if value else None
@@ -77,7 +89,8 @@ def _time(value: str | None) -> Any:
               help="Wait until the pipeline's worker has consumed the replayed events.")
 @click.option("--timeout", default=3600.0, show_default=True, callback=lambda _c, _p, v: seconds(v, least=0.0),
               help="Seconds --wait and --rebuild may take.")
-@click.option("--job", help="Name of the job (default: derived from the selection, so a rerun resumes it).")
+@click.option("--job", callback=lambda _c, _p, v: _job_name(v),
+              help="Name of the job (default: derived from the selection, so a rerun resumes it).")
 @click.option("--again", is_flag=True, help="Replay once more even if this job has completed before.")
 def replay(modules: tuple[str, ...], partner: str | None, since: str | None, until: str | None,
            partition: int | None, from_offset: int | None, to_offset: int | None, archive: Path | None,

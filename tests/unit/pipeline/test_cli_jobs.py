@@ -47,3 +47,27 @@ def test_a_replay_timeout_that_cannot_end_or_cannot_wait_is_refused_before_anyth
                                 env={"OCPI_DATA_DIR": str(tmp_path / "data")})
     assert result.exit_code == 2, result.output
     assert "finite number of seconds" in result.output
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "/var/x", "a/b", ".hidden", "", "two words"])
+def test_a_job_name_that_is_not_a_plain_name_is_refused_before_anything_runs(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--job names the job's files under OCPI_DATA_DIR/jobs/replay/ (checkpoint, lock, ids sent): `--job ../x` put them
+    in another directory, `--job /var/x` anywhere on the disk (an absolute name replaces the directory), and `--job
+    a/b` in a subdirectory no other run looks in; `--job ""` was taken for no name. A name is letters, digits, '.',
+    '_' and '-', not starting with '.'."""
+    ran: list[str] = []
+
+    async def replay_kafka(*_args: Any, **_kwargs: Any) -> ReplayReport:
+        ran.append("replay")
+        return ReplayReport(job="x", status="done")
+
+    monkeypatch.setattr(pipeline.jobs.replay, "replay_kafka", replay_kafka)
+    result = CliRunner().invoke(cli, ["replay", "--job", name],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Invalid value for '--job'" in result.output and not ran
+    result = CliRunner().invoke(cli, ["replay", "--job", "restore-2024.05_a"],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert ran == ["replay"]
