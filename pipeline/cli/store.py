@@ -92,7 +92,7 @@ def render_rows(columns: list[str], rows: list[Sequence[Any]], fmt: str) -> str:
     """Rows as a rich table, JSON (a list of objects) or CSV."""
     if fmt == "json":
         return json.dumps([{c: _json(_plain(v)) for c, v in zip(columns, row, strict=True)} for row in rows],
-                          indent=2, allow_nan=False)
+                          indent=2, allow_nan=False) + "\n"
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)

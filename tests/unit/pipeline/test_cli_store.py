@@ -86,6 +86,14 @@ def test_decimals_of_any_scale_are_written_out_never_in_exponent_notation(chdb_d
     assert "E-" not in table and "0.00000001" in table and "0.000000000" in table and "-0.00025000" in table
 
 
+def test_every_format_ends_its_last_line() -> None:
+    """`query`/`report --format json` printed the closing bracket without a newline: the shell prompt followed it on
+    the same line, and outputs appended to one file (`>> all.json`) ran together ("][")."""
+    for fmt in ("json", "csv", "table"):
+        assert render_rows(["a"], [[1]], fmt).endswith("\n"), fmt
+        assert render_rows(["a"], [], fmt).endswith("\n"), fmt
+
+
 def test_json_holds_no_nan_or_infinity(chdb_dsn: str) -> None:
     """`query --format json` of an average over no rows (ClickHouse: nan) or a division by zero (inf) printed NaN and
     Infinity, which are not JSON: jq, JavaScript and most parsers refuse the whole output. They are null now, as
