@@ -247,6 +247,10 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
         console.print(f"[yellow]gone from Kafka before it was archived: {lost}[/]")
     if source == "kafka" and not result.total and not result.files:
         console.print("nothing new in Kafka; for history the topics no longer hold use --source clickhouse")
+    if result.lost:  # for good: a rerun goes on after them, so the run that saw it must not end as a success
+        raise click.ClickException(f"{len(result.lost)} offset range(s) were deleted by Kafka's retention before "
+                                   "they were archived (listed above); raw_events may still hold them: "
+                                   "export --source clickhouse into another directory")
 
 
 @click.command()

@@ -71,3 +71,23 @@ def test_a_job_name_that_is_not_a_plain_name_is_refused_before_anything_runs(
                                 env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path)})
     assert result.exit_code == 0, (result.output, result.exception)
     assert ran == ["replay"]
+
+
+def test_an_export_that_found_records_gone_before_they_were_archived_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offsets Kafka's retention removed before an export archived them are lost to the archive for good (a rerun
+    goes on after them). The export said so in yellow and exited 0, so a scheduled export never alerted anyone; it
+    now writes what it could and exits 1, naming the ranges."""
+    import pipeline.jobs.archive
+
+    async def lost(*_args: Any, **_kwargs: Any) -> pipeline.jobs.archive.ExportResult:
+        result = pipeline.jobs.archive.ExportResult()
+        result.records["cdrs"] = 5
+        result.lost.append("ocpi.cdrs/0 offsets 10-19")
+        return result
+
+    monkeypatch.setattr(pipeline.jobs.archive, "export_from_kafka", lost)
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "archive"), "--module", "cdrs"],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert "ocpi.cdrs/0 offsets 10-19" in result.output and "cdrs" in result.output
