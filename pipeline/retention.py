@@ -244,13 +244,17 @@ def policy(settings: Settings) -> list[DataClass]:
 
 # Part of every topic's configs, as they are set as a whole (`infra.kafka.admin.RECORD_MAX_BYTES` says why).
 _RECORD_SIZE: Final = {"max.message.bytes": str(RECORD_MAX_BYTES)}
+_SEGMENT_MS: Final = str(_DAY_MS)  # a raw record is deleted at most a day after its retention ended
 
 
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     """Kafka configs of the topics we own or feed: retention of the raw class, compaction of the state
     changelogs that hold personal data."""
     retention_ms = str(settings.retention.raw_days * _DAY_MS)
-    configs = {topic: {"retention.ms": retention_ms, "cleanup.policy": "delete", **_RECORD_SIZE}
+    # Kafka deletes whole segments once their newest record is past retention.ms, and rolls a segment only at
+    # segment.ms (default 7 days) or 1 GB: raw personal data would outlive OCPI_RETENTION_RAW_DAYS by up to a week.
+    configs = {topic: {"retention.ms": retention_ms, "segment.ms": _SEGMENT_MS, "cleanup.policy": "delete",
+                       **_RECORD_SIZE}
                for data_class in policy(settings) for topic in data_class.topics}
     return configs | changelog_configs(settings)
 

@@ -969,6 +969,9 @@ def test_topic_configs_cover_every_topic_we_feed_and_the_personal_state_changelo
     assert set(configs) == {"ocpi.locations.v1", "ocpi.sessions.v1", "ocpi.cdrs.v1", "ocpi.pipeline.party-facts.v1",
                             "ocpi.reconciliation.v1", "ocpi.rejections.v1"}
     assert {c["retention.ms"] for c in configs.values()} == {str(2 * 86_400_000)}
+    # Segments roll daily: Kafka deletes whole segments, by default of up to 7 days, so raw personal data would
+    # have outlived its retention by up to a week.
+    assert {c["segment.ms"] for c in configs.values()} == {str(86_400_000)}
     # Records as large as our producers may send (a 4 MB push, a whole Location's state), not Kafka's default 1 MB.
     assert {c["max.message.bytes"] for c in configs.values()} == {str(16 * 1024 * 1024)}
     assert changelogs == [{"cleanup.policy": "compact", "max.message.bytes": str(16 * 1024 * 1024),
