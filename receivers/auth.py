@@ -164,14 +164,8 @@ def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module:
 
 def require_owner(partner: Partner, country_code: str, party_id: str) -> None:
     """The object's owner must be a party the caller may act for as its CPO; otherwise it is hidden (404, 2001)."""
-    if partner.may_own(country_code, party_id):
-        return
-    other = partner.roles_of(country_code, party_id)
-    if other:
-        raise ForeignParty(f"party {country_code}/{party_id} is registered by this partner as {', '.join(other)}, "
-                           "not as CPO: Locations, Sessions and CDRs are owned and pushed by a CPO (08/09/10 §1)")
-    raise ForeignParty(f"party {country_code}/{party_id} is not one this partner may act for "
-                       "(its CPO credentials roles, or for a Hub the party named in OCPI-from-*)")
+    if not partner.may_own(country_code, party_id):
+        raise ForeignParty(partner.not_owner_reason(country_code, party_id))
 
 
 def _implied(partner: Partner) -> Party | None:

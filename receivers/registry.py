@@ -170,6 +170,16 @@ class Partner(msgspec.Struct, kw_only=True):
         """The roles (CPO, EMSP ...) the partner registered for (country_code, party_id), for messages."""
         return [role.role.value for role in self.roles if same_party(role, country_code, party_id)]
 
+    def not_owner_reason(self, country_code: str, party_id: str) -> str:
+        """Why objects owned by (country_code, party_id) are refused from this partner (`may_own` said no): the
+        one message of a push (`receivers.auth.require_owner`) and a pull (`pipeline.jobs.pull`)."""
+        other = self.roles_of(country_code, party_id)
+        if other:
+            return (f"party {country_code}/{party_id} is registered by this partner as {', '.join(other)}, not as "
+                    "CPO: Locations, Sessions and CDRs are owned and pushed by a CPO (08/09/10 §1)")
+        return (f"party {country_code}/{party_id} is not one this partner may act for (its CPO credentials roles, "
+                "or for a Hub the party named in OCPI-from-*)")
+
     @property
     def is_hub(self) -> bool:
         return self.hub is not False and any(role.role is Role.HUB for role in self.roles)

@@ -609,16 +609,13 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
             rejected.append({"index": index, "path": f"$[{index}].{empty}",
                              "reason": "empty: an object is named by its owner and id, none of which may be empty"})
             continue
+        # A push's owner rule (receivers.auth.require_owner); a Hub's list, read without routing headers, may
+        # hold any party's objects but those of a party the Hub registered itself (`relays_for`).
         if not partner.may_own(value.country_code, value.party_id) and \
                 not partner.relays_for(value.country_code, value.party_id):
-            # The rule of a push (receivers.auth.require_owner): these objects are a CPO's. A Hub's are any party's
-            # but its own (a party it registered as HUB, or in another role than CPO, owns none).
             report.foreign += 1
-            other = partner.roles_of(value.country_code, value.party_id)
-            why = (f"is registered by the partner as {', '.join(other)}, not as CPO" if other
-                   else "is not one of the partner's roles (04 §6.3) with the role CPO")
-            rejected.append({"index": index, "path": "$", "reason": f"owner {value.country_code}/{value.party_id} "
-                             f"{why} (the owner of {module}, 08/09/10 §1)"})
+            rejected.append({"index": index, "path": "$",
+                             "reason": partner.not_owner_reason(value.country_code, value.party_id)})
             continue
         key = ObjectKey.of(value)
         event = build_event(partner_id=partner.partner_id, module=module, operation=kind.operation,

@@ -296,7 +296,7 @@ async def test_invalid_and_foreign_objects_are_recorded_and_the_rest_processed(s
     lines = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
     assert [(line["index"], line["path"]) for line in lines] == [(1, "$[1].currency"), (0, "$")]
     assert lines[0]["reason"] == "missing required field"
-    assert "DE/XXX is not one of the partner's roles" in lines[1]["reason"]
+    assert "party DE/XXX is not one this partner may act for" in lines[1]["reason"]
     assert json.loads(lines[0]["object"])["id"] == "S0002" and json.loads(lines[1]["object"])["id"] == "S0003"
 
 
