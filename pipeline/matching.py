@@ -77,6 +77,19 @@ def token_key(token: str, location_id: str, hour: int) -> str:
     return f"{token}/{location_id}/{hour}"
 
 
+def old_token_key(token: str, location_id: str) -> str:
+    """The key a version before the hour buckets (30bd9ac) indexed a token group under, sessions (`IT`) and waiting
+    CDRs (`WT`) alike: token and location, no hour. A state written then keeps such entries until their records'
+    billing retention, so a group reads that key too (`Matching._match_group`, `_pending`), taking only what is of
+    its own token and location: with a `/` in a location, another location's key of today reads the same."""
+    return f"{token}/{location_id}"
+
+
+def _old_key_of(token_group: str) -> str:
+    """`old_token_key` of a token group's key (`token_key` without the hour)."""
+    return token_group.rsplit("/", 1)[0]
+
+
 def cdr_token_key(fact: CdrFact) -> str:
     return token_key(fact.token, fact.location_id, _hour(fact.start))
 
@@ -312,6 +325,11 @@ class Matching:
         index = _S_BY_REF if method == AUTHORIZATION_REFERENCE else _S_BY_TOKEN
         listed = self.state.ids(index, key)
         sessions = [s for s in map(self.session, listed) if s is not None]
+        if method == TOKEN_LOCATION_START:
+            old_key = _old_key_of(key)
+            old = [s for s in map(self.session, self.state.ids(index, old_key)) if s is not None and
+                   s.fact.session_id not in listed]
+            sessions = [s for s in sessions + old if old_token_key(s.fact.token, s.fact.location_id) == old_key]
         # A full index (INDEX_MOST) is no identifier: it lacks older sessions of the key, and the nearest start
         # among the ones it lists may be hours from a CDR's own session (a late CDR); within the tolerance only.
         full = len(listed) >= INDEX_MOST
@@ -334,7 +352,10 @@ class Matching:
     def _pending(self, method: str, key: str) -> list[CdrRec]:
         """The CDRs waiting or provisionally matched under one key; settles those past their grace."""
         found = []
-        for cdr_id in self.state.ids(_WAITING[method], key):
+        listed = self.state.ids(_WAITING[method], key)
+        if method == TOKEN_LOCATION_START:
+            listed = listed + [i for i in self.state.ids(_WAITING[method], _old_key_of(key)) if i not in listed]
+        for cdr_id in listed:
             cdr = self.cdr(cdr_id)
             if cdr is None:
                 continue
@@ -418,10 +439,12 @@ def unindex_session(state: PartyState, session: SessionFact, rules: Rules) -> No
         state.remove_id(_S_BY_REF, session.authorization_reference, sid)
     for key in session_token_keys(session, rules.time_tolerance):
         state.remove_id(_S_BY_TOKEN, key, sid)
+    state.remove_id(_S_BY_TOKEN, old_token_key(session.token, session.location_id), sid)
 
 
 def unindex_cdr(state: PartyState, cdr: CdrFact, rules: Rules) -> None:
     """Drop a CDR from every waiting index and queue it may be listed in (its record is being deleted)."""
     for method, key in cdr_keys(cdr):
         state.remove_id(_WAITING[method], key, cdr.cdr_id)
+    state.remove_id(_WAITING[TOKEN_LOCATION_START], old_token_key(cdr.token, cdr.location_id), cdr.cdr_id)
     state.remove_id(_FALLBACK, str(_hour(cdr.received_at + rules.session_grace)), cdr.cdr_id)

@@ -59,6 +59,20 @@ def test_a_matched_session_and_cdr_leave_with_every_index_entry() -> None:
     assert expire(party, cutoff_min=80) == 0 and set(party.store.data) == {CURSOR}  # idempotent
 
 
+
+def test_records_of_a_state_written_before_token_hours_leave_with_their_old_token_entries() -> None:
+    # A version before 30bd9ac listed sessions and waiting CDRs under token and location alone; they leave with
+    # their records like today's entries.
+    from .test_reconcile import _as_written_before_token_hours
+
+    party = Party()
+    party.run(s_fact(completed("S1", start=0), received=61, final=61))
+    party.run(c_fact(cdr("C9", session_id=None, start=300, end=360, uid="TOK9"), received=361))
+    _as_written_before_token_hours(party.store)
+    assert listed(party, "IT") == ["S1"] and listed(party, "WT") == ["C9"]
+    assert expire(party, cutoff_min=400) == 2
+    assert set(party.store.data) == {CURSOR}
+
 def test_nothing_received_after_the_cutoff_is_touched() -> None:
     party = Party()
     party.run(s_fact(completed(), received=61, final=61))

@@ -1029,6 +1029,45 @@ def test_a_fact_written_before_cost_incl_vat_travelled_is_compared_excl_vat_only
     assert link(out, "C1-C")["amount_matches"] is True and out.anomalies == []
 
 
+def _as_written_before_token_hours(store: Any) -> None:
+    """Rewrite a party state's token indexes as a version before 30bd9ac kept them: sessions (`IT`) and waiting CDRs
+    (`WT`) by token and location alone, `<token>/<location>`, where today's code adds the hour of start."""
+    for key in [k for k in store.data if k.startswith(("IT/", "WT/"))]:
+        ids = msgspec.msgpack.decode(store.data.pop(key))["ids"]
+        legacy = key.rsplit("/", 1)[0]
+        kept = msgspec.msgpack.decode(store.data[legacy])["ids"] if legacy in store.data else []
+        store.data[legacy] = msgspec.msgpack.encode({"ids": kept + [i for i in ids if i not in kept]})
+
+
+def test_a_state_written_before_token_keys_held_the_hour_still_matches_by_token() -> None:
+    # A version before 30bd9ac indexed by token and location only; today's lookups name the hour of start as well,
+    # so a session (or a waiting CDR) of such a state was never found by token again: its CDR, arriving after the
+    # upgrade, was NO_SESSION and the session MISSING_CDR.
+    party = Party()
+    party.run(s_fact(completed("S1", start=0), final=61))
+    _as_written_before_token_hours(party.store)
+    out = party.run(c_fact(cdr("C1", session_id=None, start=2, end=62), received=70))
+    assert (result(out, "CDR", "C1")["outcome"], result(out, "CDR", "C1")["method"],
+            result(out, "CDR", "C1")["session_id"]) == ("MATCHED", "TOKEN_LOCATION_START", "S1")
+    assert result(out, "SESSION", "S1")["cdr_ids"] == ["C1"]
+
+    waiting = Party()
+    waiting.run(c_fact(cdr("C1", session_id=None, start=2, end=62), received=3))
+    _as_written_before_token_hours(waiting.store)
+    out = waiting.run(s_fact(completed("S1", start=0), received=61, final=61))
+    assert (result(out, "CDR", "C1")["outcome"], result(out, "CDR", "C1")["session_id"]) == ("MATCHED", "S1")
+
+
+def test_an_old_token_key_is_not_read_as_another_locations_key_of_today() -> None:
+    # `<token>/<location>` of a location holding a `/` spells today's `<token>/<location>/<hour>` of another one:
+    # the sessions such a key lists are of that other location and must not be taken.
+    party = Party()
+    party.run(s_fact(session("S2", status="COMPLETED", start=600, end=660, updated=660, kwh="10", cost="2.50"),
+                     received=661, final=661))
+    hour = int(ts(600).timestamp() // 3600)
+    out = party.run(c_fact(cdr("C2", session_id=None, start=601, end=661, location=f"LOC1/{hour}"), received=670))
+    assert result(out, "CDR", "C2")["outcome"] == "AWAITING_SESSION"
+
 def test_a_constant_authorization_reference_keeps_a_bounded_index() -> None:
     """A CPO that sends one authorization_reference for every session: its index listed every session of the
     party for the billing retention, one state value rewritten on every add, past the 16 MB a state record may
