@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import clickhouse_connect
@@ -146,6 +146,27 @@ def test_locations_rows_from_before_personal_at_count_from_their_received_at(chd
         (received, received)]
     client.command(f"DROP DATABASE {database}")
 
+
+
+def test_raw_events_from_before_inserted_at_take_the_time_they_are_read(chdb_dsn: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # README, "Data written by earlier versions": an event stored before 0014 has no insert time, and ClickHouse
+    # fills the column's default (now64) when it reads the row (or merges its part), so the health report's
+    # ingestion lag counts such an event as late as it is old.
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    every = available_migrations()
+    [added] = [m for m in every if m.name == "rejections_and_lag"]
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [m for m in every if m.version < added.version])
+    migrate(client, database)
+    received = datetime.now(UTC) - timedelta(hours=1)  # within the raw TTL, which drops older rows as inserted
+    client.insert(f"{database}.raw_events", [["e1", received]], column_names=["event_id", "received_at"])
+    monkeypatch.undo()
+    migrate(client, database)
+    before = datetime.now(UTC)
+    [(inserted,)] = client.query(f"SELECT inserted_at FROM {database}.raw_events").result_rows
+    assert inserted >= before
+    client.command(f"DROP DATABASE {database}")
 
 
 # A CDR row as the code before the billing migration wrote it (projection.cdr_row at d2cbbb8: the columns of 0002).
