@@ -17,6 +17,13 @@ log = logging.getLogger(__name__)
 
 _ATTEMPTS = 3  # sends of one record within its timeout
 
+# How long the producer waits for the broker's answer to a request before it gives up on the connection (aiokafka's
+# `request_timeout_ms`, also how long a batch may wait for a broker that is away): well beyond the send timeout, so
+# that a request still in the broker's hands when its push was answered 3000 keeps the connection, and the next
+# records of its partition go out on it after that request (see `Publisher`).
+REQUEST_TIMEOUT_MIN_S = 30.0
+_REQUEST_TIMEOUT_MAX_MS = 2**31 - 1  # an int32 on the wire (a produce request's timeout)
+
 
 class PublishError(RuntimeError):
     """The broker did not acknowledge a record in time; the caller must not claim success."""
@@ -32,11 +39,18 @@ class Publisher:
     - A broker that goes away and comes back (even a new one on the same address, topics re-created) needs
       nothing from us: the producer reconnects and refreshes its metadata on its own (see `publish` for the
       one refusal that needs a nudge). A record answered with PublishError is the partner's to resend. It may
-      still be written later: on Tansu (no idempotence) its batch expires after `request_timeout_ms` (= the send
-      timeout) unless the broker acknowledges it just after our timeout; on Kafka the idempotent producer never
-      expires a batch and writes it once the broker is back. Either way the resend is then a duplicate, which
-      the pipeline tolerates (dedup, idempotent sinks); what must never happen is the other way round, a 1000
-      for a record the broker did not acknowledge.
+      still be written later: on Tansu (no idempotence) its batch expires after `request_timeout_ms` unless the
+      broker acknowledges it before; on Kafka the idempotent producer never expires a batch and writes it once
+      the broker is back. Either way the resend is then a duplicate, which the pipeline tolerates (dedup,
+      idempotent sinks); what must never happen is the other way round, a 1000 for a record the broker did not
+      acknowledge.
+    - Order per partition: the producer has one request in flight per broker and appends a partition's records
+      in turn, and a broker handles a connection's requests in turn. A record the broker writes after its push
+      was answered 3000 must not land after the next push of its object, which an equal `last_updated` would then
+      let it undo (`pipeline.ordering`: the later arrival wins). On Tansu, without idempotence, only the
+      connection keeps that order: the producer's request timeout is not the send timeout but at least
+      `REQUEST_TIMEOUT_MIN_S` (3 × the send timeout when larger), for aiokafka drops a connection whose request
+      timed out and sends what follows on a new one, which the broker may serve before the old request.
     - A broker that is down when we start: the producer is created on a later send, by one caller at a time
       (a lock), and at most once per `retry_start_s`; meanwhile sends fail at once.
     """
@@ -60,14 +74,17 @@ class Publisher:
         if self._producer is not None:
             return
         self._last_start_attempt = time.monotonic()
+        request_timeout_ms = min(int(max(3 * self._timeout, REQUEST_TIMEOUT_MIN_S) * 1000), _REQUEST_TIMEOUT_MAX_MS)
         producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
             linger_ms=1,
-            request_timeout_ms=int(self._timeout * 1000),
+            request_timeout_ms=request_timeout_ms,
             **compat.producer_options(self._kafka),
         )
         try:
-            await producer.start()
+            # Within the send timeout (a broker that accepts connections but does not answer would otherwise hold
+            # the pushes waiting for this start for the request timeout).
+            await asyncio.wait_for(producer.start(), self._timeout)
         except Exception:
             # A broker that is down at start must not keep the receivers from serving 3xxx answers.
             await producer.stop()
