@@ -52,7 +52,8 @@ class Publisher:
       `REQUEST_TIMEOUT_MIN_S` (3 × the send timeout when larger), for aiokafka drops a connection whose request
       timed out and sends what follows on a new one, which the broker may serve before the old request.
     - A broker that is down when we start: the producer is created on a later send, by one caller at a time
-      (a lock), and at most once per `retry_start_s`; meanwhile sends fail at once.
+      (a lock), within the send timeout, and not within `retry_start_s` of the last attempt's end; meanwhile sends
+      fail at once, and those that waited for an attempt that failed fail with it.
     """
 
     def __init__(self, kafka: KafkaSettings, bootstrap: str, *, max_in_flight: int = 512,
@@ -73,7 +74,6 @@ class Publisher:
     async def _start(self) -> None:
         if self._producer is not None:
             return
-        self._last_start_attempt = time.monotonic()
         request_timeout_ms = min(int(max(3 * self._timeout, REQUEST_TIMEOUT_MIN_S) * 1000), _REQUEST_TIMEOUT_MAX_MS)
         producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
@@ -90,6 +90,10 @@ class Publisher:
             await producer.stop()
             log.warning("Kafka at %s not reachable; pushes answer 3000 until it is", self._bootstrap)
             return
+        finally:
+            # From the attempt's end: the sends that waited for it fail with it, rather than each making its own
+            # attempt in turn (an attempt on a broker that does not answer lasts the send timeout).
+            self._last_start_attempt = time.monotonic()
         self._producer = producer
 
     async def stop(self) -> None:
