@@ -211,6 +211,16 @@ def print_summary(console: Console, summary: DemoSummary) -> None:
         console.print(f"  [red]-[/] {problem}")
 
 
+def _stop_like_ctrl_c(_signum: int, _frame: object) -> None:
+    """A SIGTERM (kill, timeout, a CI runner) stops the demo like Ctrl-C: its default would end the process at once,
+    leaving the temporary data directory behind. Not by raising SIGINT when that is ignored (a process started in
+    the background by a script, `demo &`, ignores it): the SIGTERM would do nothing."""
+    if callable(signal.getsignal(signal.SIGINT)):  # Python's handler, or asyncio's while `asyncio.run` runs
+        signal.raise_signal(signal.SIGINT)
+    else:
+        raise KeyboardInterrupt
+
+
 @click.command()
 @click.option("--sessions", default=300, show_default=True, type=click.IntRange(min=0),
               help="Charging sessions the simulated CPOs push.")
@@ -229,9 +239,7 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
     Example: ocpi-pipeline demo --sessions 300
     """
     console = Console()
-    # A SIGTERM (kill, timeout, a CI runner) stops the demo like Ctrl-C: its default would end the process at
-    # once, leaving the temporary data directory behind.
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     if data_dir is not None and data_dir.is_dir() and any(data_dir.iterdir()):
         # The demo checks that ClickHouse holds exactly what its simulated CPOs pushed: over an earlier run's data
         # (the same partners, parties and object ids) it waited out --timeout and exited 1 with a page of
