@@ -3,8 +3,9 @@
 The simulated CPOs (`pipeline.simulator`) send full traffic: Locations with EVSE status PATCHes, Session
 lifecycles by PATCH, retries, out-of-order pushes, credit and corrected CDRs. The summary is read from
 ClickHouse only: billing totals per party and currency (credits netted), duplicates, stale updates, anomalies and
-reconciliation outcomes; and it is checked against what the simulator says must be stored (`Expected`),
-reconciliation outcomes of every CDR and Session included, and every Session's, EVSE's and Connector's final state
+reconciliation outcomes; and it is checked against what the simulator says must be stored (`Expected`): every
+acknowledged push applied or dropped as a duplicate or stale (none in dead letters, no row refused), reconciliation
+outcomes of every CDR and Session included, and every Session's, EVSE's and Connector's final state
 and status history as far as the acknowledged pushes determine it.
 """
 
@@ -130,6 +131,14 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         found.append(f"{summary.raw_events} raw events for {expected.events} acknowledged pushes")
     if summary.outcomes.get("PARKED"):
         found.append(f"{summary.outcomes['PARKED']} events still PARKED")
+    for outcome, events in sorted(summary.outcomes.items()):
+        if outcome not in ("APPLIED", "DUPLICATE", "STALE", "PARKED"):
+            found.append(f"{events} events {outcome}: an acknowledged push the pipeline did not apply (not a "
+                         "duplicate, not stale)")
+    if summary.dead_letters:
+        found.append(f"{summary.dead_letters} dead letters: records the pipeline could not process")
+    if summary.anomalies.get("ROW_REFUSED"):
+        found.append(f"{summary.anomalies['ROW_REFUSED']} rows ClickHouse refused (anomalies ROW_REFUSED): rows lost")
     if summary.sessions != len(expected.sessions):
         found.append(f"{summary.sessions} completed sessions, expected {len(expected.sessions)}")
     if summary.cdrs != len(expected.cdrs):

@@ -261,3 +261,33 @@ def test_evse_history_of_overlapping_pushes_allows_either_order() -> None:
     assert required == {("", "AVAILABLE", CREATED), ("OUTOFORDER", "AVAILABLE", NOW)}
     assert allowed == {("AVAILABLE", CREATED), ("CHARGING", NOW - timedelta(hours=2)),
                        ("OUTOFORDER", NOW - timedelta(hours=1)), ("AVAILABLE", NOW)}
+
+
+@pytest.mark.parametrize("outcome", ["INVALID", "REJECTED", "CONFLICT", "ORPHANED"])
+def test_an_acknowledged_push_not_applied_is_a_mismatch(client: Client, outcome: str) -> None:
+    """Only PARKED was checked among the outcomes: an acknowledged push the pipeline did not apply (INVALID,
+    REJECTED, CONFLICT, ORPHANED; the demo's pushes are all valid, in order or deliberately duplicate or stale)
+    still matched whenever a later push happened to set the same state (here the raw events' count is right)."""
+    store(client)
+    client.command("INSERT INTO raw_events (event_id, module, country_code, party_id, object_id, received_at, "
+                   f"outcome) VALUES ('e1', 'cdrs', 'NL', 'TNM', 'C1', {AT}, 'APPLIED'), "
+                   f"('e2', 'cdrs', 'NL', 'TNM', 'C1', {AT}, '{outcome}')")
+    expected = acknowledged()
+    expected.events = 2
+    assert read_summary(client, expected, 0.0).mismatches == [
+        f"1 events {outcome}: an acknowledged push the pipeline did not apply (not a duplicate, not stale)"]
+
+
+def test_a_dead_letter_or_a_refused_row_is_a_mismatch(client: Client) -> None:
+    """The summary printed the dead letters and anomalies but the check ignored them: a record the rules failed on
+    (its effects dropped, e.g. a reconciliation fact) or a row ClickHouse refused (ROW_REFUSED, the row lost)
+    left the demo 'matching' whenever the rows compared happened not to depend on it."""
+    store(client)
+    client.insert("dead_letters", [dead_letter_row(DeadLetter("t.cdrs", 0, 7, b"NL/TNM/C1", b"\x00", "bad"),
+                                                   datetime.now(UTC))], column_names=list(DEAD_LETTER_COLUMNS))
+    client.command("INSERT INTO anomalies (kind, module, country_code, party_id, object_id, detail, observed_at) "
+                   f"VALUES ('ROW_REFUSED', 'locations', 'NL', 'TNM', 'LOC001', 'evse_status_history', {AT}), "
+                   f"('STALE_UPDATE', 'locations', 'NL', 'TNM', 'LOC001', '', {AT})")
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [
+        "1 dead letters: records the pipeline could not process",
+        "1 rows ClickHouse refused (anomalies ROW_REFUSED): rows lost"]
