@@ -4,9 +4,9 @@ The simulated CPOs (`pipeline.simulator`) send full traffic: Locations with EVSE
 lifecycles by PATCH, retries, out-of-order pushes, credit and corrected CDRs. The summary is read from
 ClickHouse only: billing totals per party and currency (credits netted), duplicates, stale updates, anomalies and
 reconciliation outcomes; and it is checked against what the simulator says must be stored (`Expected`): every
-acknowledged push applied or dropped as a duplicate or stale (none in dead letters, no row refused), reconciliation
-outcomes of every CDR and Session included, and every Session's, EVSE's and Connector's final state
-and status history as far as the acknowledged pushes determine it.
+acknowledged push applied or dropped as a duplicate or stale (none in dead letters, no row refused), each CDR's
+billing line, reconciliation outcomes of every CDR and Session included, and every Session's, EVSE's and
+Connector's final state and status history as far as the acknowledged pushes determine it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ DEMO_PARTNERS = {
     "demo-cpo-nl": ("Demo CPO Netherlands", [SimulatedParty("NL", "TNM"), SimulatedParty("NL", "EVB")]),
     "demo-cpo-be": ("Demo CPO Belgium", [SimulatedParty("BE", "BEC")]),
 }
+PARTNER_OF = {f"{party.country_code}/{party.party_id}": partner_id
+              for partner_id, (_name, parties) in DEMO_PARTNERS.items() for party in parties}
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,7 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         if figures != wanted:
             found.append(f"{name}: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed "
                          f"({', '.join(map(str, figures))}), expected ({', '.join(map(str, wanted))})")
+    found.extend(_billing_line_problems(client, expected))
     if summary.duplicates < expected.retries:
         found.append(f"{summary.duplicates} duplicates for {expected.retries} deliberate retries")
     sessions = {(cc, pid, sid): (status, kwh, len(json.loads(doc).get("charging_periods") or ()))
@@ -272,6 +275,32 @@ def _evse_history_problems(rows: list[tuple[str, str, datetime]], expected: Expe
     if final != expected.evse_status.get(key):
         problems.append(f"ends at {final}, expected {expected.evse_status.get(key)}")
     return problems
+
+
+def _billing_line_problems(client: Client, expected: Expected) -> list[str]:
+    """How the billing lines differ, CDR by CDR, from the one line each acknowledged CDR must have (its partner,
+    location, day, currency, credit, kWh and costs): the totals per party add up a line moved to another location,
+    day or partner, or amounts shifted between lines, to the same figures."""
+    stored: dict[tuple[str, ...], list[tuple[object, ...]]] = {}
+    for cc, pid, cdr_id, *line in client.query(
+            "SELECT country_code, party_id, cdr_id, partner_id, location_id, day, currency, credit, energy_kwh, "
+            "cost_excl_vat, cost_incl_vat FROM billable_lines ORDER BY country_code, party_id, cdr_id, day, "
+            "partner_id, location_id").result_rows:
+        stored.setdefault((cc, pid, cdr_id), []).append(tuple(line))
+    problems = []
+    for key, (location_id, day, currency, credit, kwh, excl, incl) in sorted(expected.billing_lines.items()):
+        partner = PARTNER_OF.get(f"{key[0]}/{key[1]}".upper(), "")
+        want: list[tuple[object, ...]] = [(partner, location_id.upper(), day, currency, credit, kwh, excl, incl)]
+        got = stored.pop(_upper(key), [])
+        if got != want:
+            problems.append(f"CDR {'/'.join(key)}: billing lines {_lines(got)}, expected {_lines(want)}")
+    problems += [f"CDR {'/'.join(key)}: billing lines {_lines(lines)}, no such CDR acknowledged"
+                 for key, lines in sorted(stored.items())]
+    return problems
+
+
+def _lines(lines: list[tuple[object, ...]]) -> str:
+    return "[" + "; ".join(", ".join(map(str, line)) for line in lines) + "]"
 
 
 def _expected_reconciliation(expected: Expected) -> list[tuple[str, str, int]]:

@@ -32,14 +32,14 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import msgspec
 
-from ocpi.datetime import format_datetime
+from ocpi.datetime import format_datetime, parse_datetime
 
 RECEIVER_BASE = "/ocpi/emsp/2.2.1"
 CREDENTIALS_PATH = "/ocpi/2.2.1/credentials"
@@ -50,6 +50,9 @@ Key = tuple[str, str, str]  # (country_code, party_id, id) as sent
 EvseKey = tuple[str, str, str, str]  # (country_code, party_id, location_id, evse_uid)
 ConnectorKey = tuple[str, str, str, str, str]  # (country_code, party_id, location_id, evse_uid, connector_id)
 Cost = tuple[Decimal, Decimal | None]  # total_cost (excl_vat, incl_vat)
+# A CDR's billing line: (location_id, day (UTC) of its end, currency, credit, kWh, cost excl. VAT, incl. VAT), a
+# credit's energy and costs negative (-|value|)
+BillingLine = tuple[str, date, str, bool, Decimal, Decimal, Decimal | None]
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class Expected:
       `total_energy`, so energy counts negative on credit CDRs: Σ total_energy (not credit) − Σ total_energy
       (credit). `credited` holds the ids of the cancelled originals. `currencies` ("CC/PID"): the currencies its
       CDRs were sent in (the simulated CPOs bill in EUR only, so the figures above are each in one currency).
+      `billing_lines`: each CDR's one billing line (`BillingLine`), which the totals above add up.
     - `cdr_reconciliation` / `session_reconciliation`: the reconciliation outcome each CDR and each completed
       Session must end with: a credit CDR CREDIT, the CDR it cancels CREDITED, a corrected CDR (re-priced on
       purpose) and its Session MISMATCH, every other CDR and Session MATCHED (they agree to the cent and second).
@@ -149,6 +153,7 @@ class Expected:
     session_history: dict[Key, list[tuple[str, str]]] = field(default_factory=dict)
     evse_pushes: dict[EvseKey, list[StatusPush]] = field(default_factory=dict)
     connector_tariffs: dict[ConnectorKey, tuple[str, ...]] = field(default_factory=dict)
+    billing_lines: dict[Key, BillingLine] = field(default_factory=dict)
     cdr_reconciliation: dict[Key, str] = field(default_factory=dict)
     session_reconciliation: dict[Key, str] = field(default_factory=dict)
     _evse_updated: dict[EvseKey, datetime] = field(default_factory=dict, repr=False)
@@ -173,7 +178,7 @@ class Expected:
         for name in ("pushes", "rejected", "events", "retries", "stale"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mapping in ("evse_status", "session_status", "session_kwh", "session_periods", "session_cost",
-                        "session_history", "evse_pushes", "connector_tariffs", "cdr_reconciliation",
+                        "session_history", "evse_pushes", "connector_tariffs", "billing_lines", "cdr_reconciliation",
                         "session_reconciliation", "_evse_updated", "_session_updated", "_connector_updated"):
             getattr(self, mapping).update(getattr(other, mapping))
 
@@ -257,6 +262,11 @@ class Expected:
         self.cost_by_party[name] += cdr["total_cost"]["excl_vat"]
         self.incl_by_party[name] += cdr["total_cost"].get("incl_vat") or Decimal(0)
         self.currencies[name].add(cdr["currency"])
+        credit, incl = bool(cdr.get("credit")), cdr["total_cost"].get("incl_vat")
+        self.billing_lines[key] = (
+            cdr["cdr_location"]["id"], parse_datetime(cdr["end_date_time"]).astimezone(UTC).date(), cdr["currency"],
+            credit, _billed(cdr["total_energy"], credit), _billed(cdr["total_cost"]["excl_vat"], credit),
+            None if incl is None else _billed(incl, credit))
         if cdr.get("credit"):
             self.kwh_by_party[name] -= cdr["total_energy"]
             credited = (party.country_code, party.party_id, cdr["credit_reference_id"])
@@ -267,6 +277,11 @@ class Expected:
             self.kwh_by_party[name] += cdr["total_energy"]
             self.cdr_reconciliation[key] = outcome
             self.session_reconciliation[(party.country_code, party.party_id, cdr["session_id"])] = outcome
+
+
+def _billed(value: Decimal, credit: bool) -> Decimal:
+    """An amount as billing counts it: a credit CDR's negative, whatever sign it was sent with."""
+    return -abs(value) if credit else value
 
 
 def _money(value: float) -> Decimal:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from ocpi.datetime import format_datetime
 from pipeline.demo import read_summary
 from pipeline.projection import DEAD_LETTER_COLUMNS, dead_letter_row
 from pipeline.records import DeadLetter
@@ -34,10 +35,14 @@ CREATED, LATE = NOW - timedelta(days=30), NOW - timedelta(days=29)  # the Locati
 S1_COST = (Decimal("3.5"), Decimal("4.235"))
 AT = "now64(6, 'UTC')"  # rows received now: the tables' retention TTLs keep them
 TNM, BEC = SimulatedParty("NL", "TNM"), SimulatedParty("BE", "BEC")
+PARTNER = {"NL": "demo-cpo-nl", "BE": "demo-cpo-be"}  # the demo's partners of NL/TNM and BE/BEC
+END = f"'{NOW:%Y-%m-%d %H:%M:%S}'"  # every CDR's end_date_time
+C1_LINE = "demo-cpo-nl, LOC001, 2026-01-05, EUR, False, 10, 3.5, 4.2350"  # C1's billing line as expected
 
 
 def cdr_body(cdr_id: str, session_id: str, kwh: str, excl: str, credit_of: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"id": cdr_id, "session_id": session_id, "total_energy": Decimal(kwh), "currency": "EUR",
+                            "cdr_location": {"id": "LOC001"}, "end_date_time": format_datetime(NOW),
                             "total_cost": {"excl_vat": Decimal(excl), "incl_vat": (Decimal(excl) * VAT).quantize(
                                 Decimal("0.0001"))}}
     if credit_of is not None:
@@ -112,12 +117,12 @@ def store(client: Client, *, skip: tuple[str, ...] = (), reconciled: dict[str, s
             ("BE", "BEC", "C2-C", "S2", "20", "-7", "true", "'C2'"),
             ("BE", "BEC", "C2-R", "S2", "20", "6", "false", "NULL")]
     values = ", ".join(
-        f"('{cc}', '{pid}', '{cid}', '{sid}', 'LOC001', 'EUR', {kwh}, {excl}, {Decimal(excl) * VAT:.4f}, {credit}, "
-        f"{of}, {AT}, {AT}, '{{}}', 1)"
+        f"('{PARTNER[cc]}', '{cc}', '{pid}', '{cid}', '{sid}', 'LOC001', 'EUR', {kwh}, {excl}, "
+        f"{Decimal(excl) * VAT:.4f}, {credit}, {of}, {END}, {AT}, '{{}}', 1)"
         for cc, pid, cid, sid, kwh, excl, credit, of in cdrs if cid not in skip)
-    client.command("INSERT INTO cdrs (country_code, party_id, cdr_id, session_id, location_id, currency, total_energy, "
-                   "total_cost_excl_vat, total_cost_incl_vat, credit, credit_reference_id, end_date_time, received_at, "
-                   f"payload_json, version) VALUES {values}")
+    client.command("INSERT INTO cdrs (partner_id, country_code, party_id, cdr_id, session_id, location_id, currency, "
+                   "total_energy, total_cost_excl_vat, total_cost_incl_vat, credit, credit_reference_id, "
+                   f"end_date_time, received_at, payload_json, version) VALUES {values}")
     client.command("INSERT INTO credit_links (country_code, party_id, credit_cdr_id, credited_cdr_id, status, "
                    f"received_at, version) VALUES ('BE', 'BEC', 'C2-C', 'C2', 'LINKED', {AT}, 1)")
     rows = [(cc, pid, "CDR", cid, outcomes[cid]) for cc, pid, cid, *_ in cdrs if cid not in skip]
@@ -164,20 +169,23 @@ def test_a_party_with_no_billing_lines_is_a_mismatch(client: Client) -> None:
     client.command("DELETE FROM billing_lines WHERE party_id = 'TNM'")
     found = read_summary(client, acknowledged(), 0.0).mismatches
     assert found == ["NL/TNM: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed "
-                     "(1, 0, 0, 0, 0), expected (1, 1, 10, 3.5, 4.2350)"]
+                     "(1, 0, 0, 0, 0), expected (1, 1, 10, 3.5, 4.2350)",
+                     f"CDR NL/TNM/C1: billing lines [], expected [{C1_LINE}]"]
 
 
 def test_each_printed_figure_of_a_party_is_compared(client: Client) -> None:
     """The completed sessions, the CDR count and the cost incl. VAT per party are printed but were never compared:
     a CDR stored again with its incl_vat wrong (here the excl_vat) still matched."""
     store(client)
-    client.command("INSERT INTO cdrs (country_code, party_id, cdr_id, session_id, location_id, currency, total_energy, "
-                   "total_cost_excl_vat, total_cost_incl_vat, credit, end_date_time, received_at, payload_json, "
-                   f"version) VALUES ('NL', 'TNM', 'C1', 'S1', 'LOC001', 'EUR', 10, 3.5, 3.5, false, {AT}, {AT}, "
-                   "'{}', 2)")
+    client.command("INSERT INTO cdrs (partner_id, country_code, party_id, cdr_id, session_id, location_id, currency, "
+                   "total_energy, total_cost_excl_vat, total_cost_incl_vat, credit, end_date_time, received_at, "
+                   "payload_json, version) VALUES ('demo-cpo-nl', 'NL', 'TNM', 'C1', 'S1', 'LOC001', 'EUR', 10, 3.5, "
+                   f"3.5, false, {END}, {AT}, '{{}}', 2)")
     found = read_summary(client, acknowledged(), 0.0).mismatches
     assert found == ["NL/TNM: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed "
-                     "(1, 1, 10.0000, 3.5000, 3.5000), expected (1, 1, 10, 3.5, 4.2350)"]
+                     "(1, 1, 10.0000, 3.5000, 3.5000), expected (1, 1, 10, 3.5, 4.2350)",
+                     "CDR NL/TNM/C1: billing lines [demo-cpo-nl, LOC001, 2026-01-05, EUR, False, 10.0000, 3.5000, "
+                     f"3.5000], expected [{C1_LINE}]"]
 
 
 def test_billing_totals_are_read_and_compared_per_currency(client: Client) -> None:
@@ -185,15 +193,20 @@ def test_billing_totals_are_read_and_compared_per_currency(client: Client) -> No
     another currency than the one sent (here C1 in GBP, amounts right) still matched, and a party billed in two
     currencies showed one sum of both."""
     store(client)
-    client.command("INSERT INTO cdrs (country_code, party_id, cdr_id, session_id, location_id, currency, total_energy, "
-                   "total_cost_excl_vat, total_cost_incl_vat, credit, end_date_time, received_at, payload_json, "
-                   f"version) VALUES ('NL', 'TNM', 'C1', 'S1', 'LOC001', 'GBP', 10, 3.5, 4.235, false, {AT}, {AT}, "
-                   f"'{{}}', 2), ('BE', 'BEC', 'C2-R', 'S2', 'LOC001', 'GBP', 20, 6, 7.26, false, {AT}, {AT}, "
-                   "'{}', 2)")
+    client.command("INSERT INTO cdrs (partner_id, country_code, party_id, cdr_id, session_id, location_id, currency, "
+                   "total_energy, total_cost_excl_vat, total_cost_incl_vat, credit, end_date_time, received_at, "
+                   "payload_json, version) VALUES ('demo-cpo-nl', 'NL', 'TNM', 'C1', 'S1', 'LOC001', 'GBP', 10, 3.5, "
+                   f"4.235, false, {END}, {AT}, '{{}}', 2), ('demo-cpo-be', 'BE', 'BEC', 'C2-R', 'S2', 'LOC001', "
+                   f"'GBP', 20, 6, 7.26, false, {END}, {AT}, '{{}}', 2)")
     summary = read_summary(client, acknowledged(), 0.0)
     assert [(p.party_id, p.currency, p.cost_excl_vat) for p in summary.parties] == [
         ("BEC", "EUR", Decimal("0.0000")), ("BEC", "GBP", Decimal("6.0000")), ("TNM", "GBP", Decimal("3.5000"))]
-    assert summary.mismatches == ["BE/BEC: billed in EUR, GBP, expected EUR", "NL/TNM: billed in GBP, expected EUR"]
+    assert summary.mismatches == [
+        "BE/BEC: billed in EUR, GBP, expected EUR", "NL/TNM: billed in GBP, expected EUR",
+        "CDR BE/BEC/C2-R: billing lines [demo-cpo-be, LOC001, 2026-01-05, GBP, False, 20.0000, 6.0000, 7.2600], "
+        "expected [demo-cpo-be, LOC001, 2026-01-05, EUR, False, 20, 6, 7.2600]",
+        "CDR NL/TNM/C1: billing lines [demo-cpo-nl, LOC001, 2026-01-05, GBP, False, 10.0000, 3.5000, 4.2350], "
+        f"expected [{C1_LINE}]"]
 
 
 def test_a_location_not_stored_is_a_mismatch(client: Client) -> None:
@@ -291,3 +304,47 @@ def test_a_dead_letter_or_a_refused_row_is_a_mismatch(client: Client) -> None:
     assert read_summary(client, acknowledged(), 0.0).mismatches == [
         "1 dead letters: records the pipeline could not process",
         "1 rows ClickHouse refused (anomalies ROW_REFUSED): rows lost"]
+
+
+
+def bec_line(cdr_id: str, kwh: int, excl: int, *, day: str = "2026-01-05", partner: str = "demo-cpo-be",
+             location: str = "LOC001") -> str:
+    """A billing line of BE/BEC, as SQL values."""
+    return (f"('{day}', '{partner}', 'BE', 'BEC', '{location}', '{cdr_id}', 'EUR', false, {kwh}, {excl}, "
+            f"{Decimal(excl) * VAT:.4f}, {AT}, 1)")
+
+
+C2_LINE = "demo-cpo-be, LOC001, 2026-01-05, EUR, False, 20, 7, 8.4700"
+C2_R_LINE = "demo-cpo-be, LOC001, 2026-01-05, EUR, False, 20, 6, 7.2600"
+
+
+@pytest.mark.parametrize(("lines", "problems"), [
+    pytest.param([bec_line("C2", 20, 7, day="2026-01-06"), bec_line("C2-R", 20, 6)], [
+        f"CDR BE/BEC/C2: billing lines [demo-cpo-be, LOC001, 2026-01-06, EUR, False, 20.0000, 7.0000, 8.4700], "
+        f"expected [{C2_LINE}]"], id="another day"),
+    pytest.param([bec_line("C2", 20, 7, location="LOC002"), bec_line("C2-R", 20, 6)], [
+        f"CDR BE/BEC/C2: billing lines [demo-cpo-be, LOC002, 2026-01-05, EUR, False, 20.0000, 7.0000, 8.4700], "
+        f"expected [{C2_LINE}]"], id="another location"),
+    pytest.param([bec_line("C2", 20, 7, partner="demo-cpo-nl"), bec_line("C2-R", 20, 6)], [
+        f"CDR BE/BEC/C2: billing lines [demo-cpo-nl, LOC001, 2026-01-05, EUR, False, 20.0000, 7.0000, 8.4700], "
+        f"expected [{C2_LINE}]"], id="another partner"),
+    pytest.param([bec_line("C2", 25, 7), bec_line("C2-R", 15, 6)], [
+        f"CDR BE/BEC/C2: billing lines [demo-cpo-be, LOC001, 2026-01-05, EUR, False, 25.0000, 7.0000, 8.4700], "
+        f"expected [{C2_LINE}]",
+        f"CDR BE/BEC/C2-R: billing lines [demo-cpo-be, LOC001, 2026-01-05, EUR, False, 15.0000, 6.0000, 7.2600], "
+        f"expected [{C2_R_LINE}]"], id="kWh moved between lines"),
+    pytest.param([bec_line("C2", 20, 7), bec_line("C2", 20, 7, day="2026-01-06"), bec_line("C2-R", 20, 6)], [
+        "BE/BEC: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed (1, 4, 40.0000, 13.0000, "
+        "15.7300), expected (1, 3, 20, 6, 7.2600)",
+        "CDR BE/BEC/C2: billing lines [demo-cpo-be, LOC001, 2026-01-05, EUR, False, 20.0000, 7.0000, 8.4700; "
+        f"demo-cpo-be, LOC001, 2026-01-06, EUR, False, 20.0000, 7.0000, 8.4700], expected [{C2_LINE}]"],
+        id="a line twice")])
+def test_a_billing_line_not_as_its_cdr_is_a_mismatch(client: Client, lines: list[str], problems: list[str]) -> None:
+    """Billing was compared as totals per party only: a CDR's line moved to another day, location or partner (what
+    billing_daily, the revenue report and the dashboards group and filter by), or kWh moved from one line to
+    another, added up to the same totals, and the demo matched."""
+    store(client)
+    client.command("DELETE FROM billing_lines WHERE cdr_id IN ('C2', 'C2-R')")
+    client.command("INSERT INTO billing_lines (day, partner_id, country_code, party_id, location_id, cdr_id, currency, "
+                   "credit, energy_kwh, cost_excl_vat, cost_incl_vat, received_at, version) VALUES " + ", ".join(lines))
+    assert read_summary(client, acknowledged(), 0.0).mismatches == problems
