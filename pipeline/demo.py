@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -181,6 +181,7 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         if got is None or got[0] != want[0] or (want[1] is not None and got[1] != want[1]) or (
                 want[2] is not None and got[2] != want[2]):
             found.append(f"session {'/'.join(key)}: stored {got}, expected {want}")
+    found += _unacknowledged("session", sessions, expected.session_status, "Session")
     costs: dict[tuple[str, ...], object] = {
         (cc, pid, sid): None if excl is None else (excl, incl) for cc, pid, sid, excl, incl in client.query(
             "SELECT country_code, party_id, session_id, total_cost_excl_vat, total_cost_incl_vat FROM sessions FINAL"
@@ -204,12 +205,14 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
     for location_key in sorted(expected.locations):
         if _upper(location_key) not in locations:
             found.append(f"Location {'/'.join(location_key)}: not stored")
+    found += _unacknowledged("Location", locations, expected.locations, "Location")
     evses: dict[tuple[str, ...], str] = {(cc, pid, lid, uid): status for cc, pid, lid, uid, status in client.query(
         "SELECT country_code, party_id, location_id, evse_uid, status FROM evses FINAL WHERE present").result_rows}
     for evse_key, evse_status in expected.evse_status.items():
         stored_status = evses.get(_upper(evse_key))
         if stored_status != evse_status:
             found.append(f"EVSE {'/'.join(evse_key)}: stored {stored_status}, expected {evse_status}")
+    found += _unacknowledged("EVSE", evses, expected.evse_status, "EVSE")
     evse_histories: dict[tuple[str, ...], list[tuple[str, str, datetime]]] = {}
     for cc, pid, lid, uid, previous, status, changed_at in client.query(
             "SELECT country_code, party_id, location_id, evse_uid, previous_status, status, changed_at "
@@ -227,6 +230,7 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         stored_tariffs = connectors.get(_upper(connector_key))
         if stored_tariffs != tariff_ids:
             found.append(f"Connector {'/'.join(connector_key)}: tariff_ids {stored_tariffs}, expected {tariff_ids}")
+    found += _unacknowledged("Connector", connectors, expected.connector_tariffs, "Connector")
     reconciled: dict[tuple[str, ...], str] = {
         (subject, cc, pid, subject_id): outcome for subject, cc, pid, subject_id, outcome in client.query(
         "SELECT subject, country_code, party_id, subject_id, outcome FROM reconciliation FINAL").result_rows}
@@ -235,10 +239,22 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
             stored_outcome = reconciled.get((subject, *_upper(key)))
             if stored_outcome != outcome:
                 found.append(f"{subject} {'/'.join(key)}: reconciliation {stored_outcome}, expected {outcome}")
+    for subject, name, outcomes in (("CDR", "CDR", expected.cdr_reconciliation),
+                                    ("SESSION", "Session", expected.session_reconciliation)):
+        keys = {_upper(key) for key in outcomes}
+        found += [f"{subject} {'/'.join(key[1:])}: reconciliation {outcome}, no such {name} acknowledged"
+                  for key, outcome in sorted(reconciled.items()) if key[0] == subject and key[1:] not in keys]
     return found[:20]
 
 
 NONE = "''"  # the previous status of a first status
+
+
+def _unacknowledged(kind: str, stored: Collection[tuple[str, ...]], acknowledged: Collection[tuple[str, ...]],
+                    name: str) -> list[str]:
+    """A row for each stored key (as the tables hold it) of an object no acknowledged push wrote."""
+    keys = {_upper(key) for key in acknowledged}
+    return [f"{kind} {'/'.join(key)}: stored, no such {name} acknowledged" for key in sorted(stored) if key not in keys]
 
 
 def _upper(key: tuple[str, ...]) -> tuple[str, ...]:

@@ -348,3 +348,29 @@ def test_a_billing_line_not_as_its_cdr_is_a_mismatch(client: Client, lines: list
     client.command("INSERT INTO billing_lines (day, partner_id, country_code, party_id, location_id, cdr_id, currency, "
                    "credit, energy_kwh, cost_excl_vat, cost_incl_vat, received_at, version) VALUES " + ", ".join(lines))
     assert read_summary(client, acknowledged(), 0.0).mismatches == problems
+
+
+@pytest.mark.parametrize(("row", "problem"), [
+    pytest.param("INSERT INTO sessions (country_code, party_id, session_id, status, kwh, payload_json, received_at, "
+                 f"version) VALUES ('NL', 'TNM', 'S9', 'ACTIVE', 1, '{{}}', {AT}, 1)",
+                 "session NL/TNM/S9: stored, no such Session acknowledged", id="session"),
+    pytest.param("INSERT INTO locations (country_code, party_id, location_id, payload_json, version) "
+                 "VALUES ('NL', 'TNM', 'LOC009', '{}', 1)",
+                 "Location NL/TNM/LOC009: stored, no such Location acknowledged", id="location"),
+    pytest.param("INSERT INTO evses (country_code, party_id, location_id, evse_uid, status, present, payload_json, "
+                 "version) VALUES ('NL', 'TNM', 'LOC001', 'LOC001-E9', 'AVAILABLE', true, '{}', 1)",
+                 "EVSE NL/TNM/LOC001/LOC001-E9: stored, no such EVSE acknowledged", id="EVSE"),
+    pytest.param("INSERT INTO connectors (country_code, party_id, location_id, evse_uid, connector_id, tariff_ids, "
+                 "present, payload_json, version) VALUES ('NL', 'TNM', 'LOC001', 'LOC001-E1', '2', ['AC1'], true, "
+                 "'{}', 1)",
+                 "Connector NL/TNM/LOC001/LOC001-E1/2: stored, no such Connector acknowledged", id="connector"),
+    pytest.param("INSERT INTO reconciliation (country_code, party_id, subject, subject_id, outcome, event_time, "
+                 f"version) VALUES ('NL', 'TNM', 'SESSION', 'S9', 'AWAITING_CDR', {AT}, 1)",
+                 "SESSION NL/TNM/S9: reconciliation AWAITING_CDR, no such Session acknowledged", id="reconciliation"),
+])
+def test_a_row_no_push_wrote_is_a_mismatch(client: Client, row: str, problem: str) -> None:
+    """Only the objects the CPOs pushed were looked up: a Session, Location, EVSE, Connector or reconciliation
+    row that no acknowledged push made (an ACTIVE Session is not among the completed ones counted) still matched."""
+    store(client)
+    client.command(row)
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [problem]
