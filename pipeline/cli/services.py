@@ -203,7 +203,11 @@ def print_summary(console: Console, summary: DemoSummary) -> None:
                   + "   credit links: " + (", ".join(f"{k} {v}" for k, v in summary.credit_links.items()) or "none"))
     console.print("  (MISMATCH: the corrected CDRs, re-priced on purpose, and their sessions; CREDIT/CREDITED: the "
                   "credit CDRs and the CDRs they cancel)")
-    console.print(f"pushes acknowledged: {e.pushes - e.rejected} of {e.pushes}   elapsed: {summary.seconds:.1f}s")
+    # `pushes` counts requests: a push answered 3000 is sent again (events + rejected: the pushes themselves).
+    resent = e.pushes - e.events - e.rejected
+    console.print(f"pushes acknowledged: {e.events} of {e.events + e.rejected}"
+                  + (f" ({resent} resent after a 3000 answer)" if resent else "")
+                  + f"   elapsed: {summary.seconds:.1f}s")
     verdict = "[green]matches[/]" if summary.matches_expected else "[red]DOES NOT MATCH[/]"
     console.print(f"ClickHouse {verdict} what the simulated CPOs pushed "
                   f"({len(e.sessions)} sessions, {len(e.cdrs)} CDRs, {len(e.evse_status)} EVSEs).")

@@ -111,3 +111,14 @@ def test_a_figure_too_wide_for_the_terminal_is_folded_not_elided() -> None:
     assert "…" not in text
     column = text.splitlines()[text.splitlines().index(next(line for line in text.splitlines() if "NL" in line)):]
     assert "987654321.9876" in "".join(line.split("│")[6].strip() for line in column if line.count("│") == 8)
+
+
+def test_the_pushes_acknowledged_are_counted_once_each() -> None:
+    """A push answered 3000 is sent again, and `Expected.pushes` counts every request: the summary printed
+    requests minus refused pushes as acknowledged, so a push acknowledged on its second attempt showed as two
+    acknowledged pushes ("3 of 3" for two pushes and a resend)."""
+    summary = _summary([])
+    summary.expected.pushes, summary.expected.events, summary.expected.rejected = 4, 2, 1  # one resent once
+    console = Console(width=200, record=True)
+    print_summary(console, summary)
+    assert "pushes acknowledged: 2 of 3 (1 resent after a 3000 answer)" in console.export_text()
