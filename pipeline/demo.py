@@ -5,8 +5,9 @@ lifecycles by PATCH, retries, out-of-order pushes, credit and corrected CDRs. Th
 ClickHouse only: billing totals per party and currency (credits netted), duplicates, stale updates, anomalies and
 reconciliation outcomes; and it is checked against what the simulator says must be stored (`Expected`): every
 acknowledged push applied or dropped as a duplicate or stale (none in dead letters, no row refused), each CDR's
-billing line, reconciliation outcomes of every CDR and Session included, and every Session's, EVSE's and
-Connector's final state and status history as far as the acknowledged pushes determine it.
+billing line, each credit CDR's link, reconciliation outcomes of every CDR and Session included, and every
+Session's, EVSE's and Connector's final state and status history as far as the acknowledged pushes determine it;
+and nothing else (no row of an object no acknowledged push made).
 """
 
 from __future__ import annotations
@@ -231,6 +232,17 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         if stored_tariffs != tariff_ids:
             found.append(f"Connector {'/'.join(connector_key)}: tariff_ids {stored_tariffs}, expected {tariff_ids}")
     found += _unacknowledged("Connector", connectors, expected.connector_tariffs, "Connector")
+    links: dict[tuple[str, ...], tuple[str, str, bool | None]] = {
+        (cc, pid, credit_id): (credited_id, status, amounts) for cc, pid, credit_id, credited_id, status, amounts
+        in client.query("SELECT country_code, party_id, credit_cdr_id, credited_cdr_id, status, amount_matches "
+                        "FROM credit_links FINAL").result_rows}
+    for credit_key, credited_id in sorted(expected.credit_links.items()):
+        link = links.pop(_upper(credit_key), None)
+        wanted_link = (credited_id.upper(), "LINKED", True)
+        if link != wanted_link:
+            found.append(f"credit CDR {'/'.join(credit_key)}: credit link {_text(link)}, expected {_text(wanted_link)}")
+    found += [f"credit CDR {'/'.join(key)}: credit link {_text(link)}, no such credit CDR acknowledged"
+              for key, link in sorted(links.items())]
     reconciled: dict[tuple[str, ...], str] = {
         (subject, cc, pid, subject_id): outcome for subject, cc, pid, subject_id, outcome in client.query(
         "SELECT subject, country_code, party_id, subject_id, outcome FROM reconciliation FINAL").result_rows}

@@ -114,6 +114,8 @@ class Expected:
       (credit). `credited` holds the ids of the cancelled originals. `currencies` ("CC/PID"): the currencies its
       CDRs were sent in (the simulated CPOs bill in EUR only, so the figures above are each in one currency).
       `billing_lines`: each CDR's one billing line (`BillingLine`), which the totals above add up.
+      `credit_links`: each credit CDR's original's id (it must be LINKED to it, the amounts matching: the
+      credit negates it exactly).
     - `cdr_reconciliation` / `session_reconciliation`: the reconciliation outcome each CDR and each completed
       Session must end with: a credit CDR CREDIT, the CDR it cancels CREDITED, a corrected CDR (re-priced on
       purpose) and its Session MISMATCH, every other CDR and Session MATCHED (they agree to the cent and second).
@@ -154,6 +156,7 @@ class Expected:
     evse_pushes: dict[EvseKey, list[StatusPush]] = field(default_factory=dict)
     connector_tariffs: dict[ConnectorKey, tuple[str, ...]] = field(default_factory=dict)
     billing_lines: dict[Key, BillingLine] = field(default_factory=dict)
+    credit_links: dict[Key, str] = field(default_factory=dict)
     cdr_reconciliation: dict[Key, str] = field(default_factory=dict)
     session_reconciliation: dict[Key, str] = field(default_factory=dict)
     _evse_updated: dict[EvseKey, datetime] = field(default_factory=dict, repr=False)
@@ -178,8 +181,9 @@ class Expected:
         for name in ("pushes", "rejected", "events", "retries", "stale"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mapping in ("evse_status", "session_status", "session_kwh", "session_periods", "session_cost",
-                        "session_history", "evse_pushes", "connector_tariffs", "billing_lines", "cdr_reconciliation",
-                        "session_reconciliation", "_evse_updated", "_session_updated", "_connector_updated"):
+                        "session_history", "evse_pushes", "connector_tariffs", "billing_lines", "credit_links",
+                        "cdr_reconciliation", "session_reconciliation", "_evse_updated", "_session_updated",
+                        "_connector_updated"):
             getattr(self, mapping).update(getattr(other, mapping))
 
     def observe_evse(self, key: EvseKey, status: str, updated: datetime,
@@ -271,6 +275,7 @@ class Expected:
             self.kwh_by_party[name] -= cdr["total_energy"]
             credited = (party.country_code, party.party_id, cdr["credit_reference_id"])
             self.credited.add(credited)
+            self.credit_links[key] = cdr["credit_reference_id"]
             self.cdr_reconciliation[key] = "CREDIT"
             self.cdr_reconciliation[credited] = "CREDITED"
         else:

@@ -124,7 +124,7 @@ def store(client: Client, *, skip: tuple[str, ...] = (), reconciled: dict[str, s
                    "total_energy, total_cost_excl_vat, total_cost_incl_vat, credit, credit_reference_id, "
                    f"end_date_time, received_at, payload_json, version) VALUES {values}")
     client.command("INSERT INTO credit_links (country_code, party_id, credit_cdr_id, credited_cdr_id, status, "
-                   f"received_at, version) VALUES ('BE', 'BEC', 'C2-C', 'C2', 'LINKED', {AT}, 1)")
+                   f"amount_matches, received_at, version) VALUES ('BE', 'BEC', 'C2-C', 'C2', 'LINKED', true, {AT}, 1)")
     rows = [(cc, pid, "CDR", cid, outcomes[cid]) for cc, pid, cid, *_ in cdrs if cid not in skip]
     rows += [("NL", "TNM", "SESSION", "S1", "MATCHED"), ("BE", "BEC", "SESSION", "S2", "MISMATCH")]
     if "reconciliation" not in skip:
@@ -373,4 +373,24 @@ def test_a_row_no_push_wrote_is_a_mismatch(client: Client, row: str, problem: st
     row that no acknowledged push made (an ACTIVE Session is not among the completed ones counted) still matched."""
     store(client)
     client.command(row)
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [problem]
+
+
+@pytest.mark.parametrize(("link", "problem"), [
+    pytest.param(f"('BE', 'BEC', 'C2-C', 'C2', 'AWAITING_ORIGINAL', NULL, {AT}, 2)",
+                 "credit CDR BE/BEC/C2-C: credit link (C2, AWAITING_ORIGINAL, None), expected (C2, LINKED, True)",
+                 id="not linked"),
+    pytest.param(f"('BE', 'BEC', 'C2-C', 'C2', 'LINKED', false, {AT}, 2)",
+                 "credit CDR BE/BEC/C2-C: credit link (C2, LINKED, False), expected (C2, LINKED, True)",
+                 id="amounts said to differ"),
+    pytest.param(f"('BE', 'BEC', 'C2-R', 'C2', 'DUPLICATE_CREDIT', true, {AT}, 1)",
+                 "credit CDR BE/BEC/C2-R: credit link (C2, DUPLICATE_CREDIT, True), no such credit CDR acknowledged",
+                 id="a link no credit made")])
+def test_a_credit_link_not_as_acknowledged_is_a_mismatch(client: Client, link: str, problem: str) -> None:
+    """The credit links were printed but never compared: a credit CDR left AWAITING_ORIGINAL (then
+    UNKNOWN_REFERENCE, an anomaly to settle with the CPO) though its original was acknowledged before it, or
+    linked with amounts said not to match, or a link no credit CDR made, still matched."""
+    store(client)
+    client.command("INSERT INTO credit_links (country_code, party_id, credit_cdr_id, credited_cdr_id, status, "
+                   f"amount_matches, received_at, version) VALUES {link}")
     assert read_summary(client, acknowledged(), 0.0).mismatches == [problem]
