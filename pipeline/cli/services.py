@@ -244,6 +244,7 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
     """
     console = Console()
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    configured = load_settings()  # a wrong value stops the demo here, before it made a directory
     if data_dir is not None and data_dir.is_dir() and any(data_dir.iterdir()):
         # The demo checks that ClickHouse holds exactly what its simulated CPOs pushed: over an earlier run's data
         # (the same partners, parties and object ids) it waited out --timeout and exited 1 with a page of
@@ -256,9 +257,9 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
         data_dir = temp
     # Its own stack on a free port: OCPI_PUBLIC_URL (production's, or the container's) would be where the simulated
     # CPOs push and what the receivers advertise.
-    settings = load_settings().with_overrides(storage={"data_dir": str(data_dir)}, http={"port": 0, "public_url": ""},
-                                             clickhouse={"dsn": ""}, kafka={"bootstrap": ""})
     try:
+        settings = configured.with_overrides(storage={"data_dir": str(data_dir)}, http={"port": 0, "public_url": ""},
+                                             clickhouse={"dsn": ""}, kafka={"bootstrap": ""})
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
             task = progress.add_task("starting the stack", total=sessions)

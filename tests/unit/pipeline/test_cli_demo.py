@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,13 @@ def test_the_pushes_acknowledged_are_counted_once_each() -> None:
     console = Console(width=200, record=True)
     print_summary(console, summary)
     assert "pushes acknowledged: 2 of 3 (1 resent after a 3000 answer)" in console.export_text()
+
+
+def test_a_wrong_setting_leaves_no_temporary_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The demo made its temporary data directory before it read the settings: a wrong value stopped it with the
+    message naming the variable, and left an empty ocpi-demo-* directory behind on every run."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = CliRunner().invoke(cli, ["demo"], env={"OCPI_TOPIC_PARTITIONS": "abc"})
+    assert result.exit_code == 1
+    assert "OCPI_TOPIC_PARTITIONS" in result.output, result.output
+    assert not list(tmp_path.iterdir())
