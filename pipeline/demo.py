@@ -201,6 +201,9 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         if stored_history != history:
             found.append(f"session {'/'.join(key)}: status history {_changes(stored_history)}, "
                          f"expected {_changes(history)}")
+    acknowledged_sessions = {_upper(key) for key in expected.session_status}
+    found += [f"session {'/'.join(key)}: status history {_changes(history)}, no such Session acknowledged"
+              for key, history in sorted(histories.items()) if key not in acknowledged_sessions]
     locations = {tuple(key) for key in client.query(
         "SELECT country_code, party_id, location_id FROM locations FINAL").result_rows}
     for location_key in sorted(expected.locations):
@@ -223,6 +226,9 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
     for evse_key in sorted(expected.evse_pushes):
         found.extend(f"EVSE {'/'.join(evse_key)}: status history {problem}" for problem in _evse_history_problems(
             evse_histories.get(_upper(evse_key), []), expected, evse_key))
+    acknowledged_evses = {_upper(key) for key in expected.evse_pushes}
+    found += [f"EVSE {'/'.join(key)}: status history {_changes([row[:2] for row in rows])}, no such EVSE acknowledged"
+              for key, rows in sorted(evse_histories.items()) if key not in acknowledged_evses]
     connectors: dict[tuple[str, ...], tuple[str, ...]] = {
         (cc, pid, lid, uid, cid): tuple(tariffs) for cc, pid, lid, uid, cid, tariffs in client.query(
             "SELECT country_code, party_id, location_id, evse_uid, connector_id, tariff_ids FROM connectors FINAL "

@@ -367,10 +367,21 @@ def test_a_billing_line_not_as_its_cdr_is_a_mismatch(client: Client, lines: list
     pytest.param("INSERT INTO reconciliation (country_code, party_id, subject, subject_id, outcome, event_time, "
                  f"version) VALUES ('NL', 'TNM', 'SESSION', 'S9', 'AWAITING_CDR', {AT}, 1)",
                  "SESSION NL/TNM/S9: reconciliation AWAITING_CDR, no such Session acknowledged", id="reconciliation"),
+    pytest.param("INSERT INTO session_status_history (country_code, party_id, session_id, event_id, previous_status, "
+                 f"status, transition, last_updated, received_at, version) VALUES ('NL', 'TNM', 'S9', 'e9', '', "
+                 f"'ACTIVE', 'LEGAL', '2026-01-05 10:00:00', {AT}, 1)",
+                 "session NL/TNM/S9: status history '' -> ACTIVE, no such Session acknowledged",
+                 id="session status history"),
+    pytest.param("INSERT INTO evse_status_history (country_code, party_id, location_id, evse_uid, event_id, "
+                 "previous_status, status, changed_at, received_at, version) VALUES ('NL', 'TNM', 'LOC001', "
+                 f"'LOC001-E9', 'e9', '', 'AVAILABLE', '2026-01-05 10:00:00', {AT}, 1)",
+                 "EVSE NL/TNM/LOC001/LOC001-E9: status history '' -> AVAILABLE, no such EVSE acknowledged",
+                 id="EVSE status history"),
 ])
 def test_a_row_no_push_wrote_is_a_mismatch(client: Client, row: str, problem: str) -> None:
-    """Only the objects the CPOs pushed were looked up: a Session, Location, EVSE, Connector or reconciliation
-    row that no acknowledged push made (an ACTIVE Session is not among the completed ones counted) still matched."""
+    """Only the objects the CPOs pushed were looked up: a Session, Location, EVSE, Connector, reconciliation or
+    status history row that no acknowledged push made (an ACTIVE Session is not among the completed ones counted)
+    still matched."""
     store(client)
     client.command(row)
     assert read_summary(client, acknowledged(), 0.0).mismatches == [problem]
