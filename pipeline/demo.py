@@ -4,8 +4,8 @@ The simulated CPOs (`pipeline.simulator`) send full traffic: Locations with EVSE
 lifecycles by PATCH, retries, out-of-order pushes, credit and corrected CDRs. The summary is read from
 ClickHouse only: billing totals per party and currency (credits netted), duplicates, stale updates, anomalies and
 reconciliation outcomes; and it is checked against what the simulator says must be stored (`Expected`): every
-acknowledged push applied or dropped as a duplicate or stale (none in dead letters, no row refused), each CDR's
-billing line, each credit CDR's link, reconciliation outcomes of every CDR and Session included, and every
+acknowledged push applied or dropped as a duplicate or stale (none in dead letters, no row refused), each CDR and
+its billing line, each credit CDR's link, reconciliation outcomes of every CDR and Session included, and every
 Session's, EVSE's and Connector's final state and status history as far as the acknowledged pushes determine it;
 and nothing else (no row of an object no acknowledged push made).
 """
@@ -169,6 +169,7 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         if figures != wanted:
             found.append(f"{name}: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed "
                          f"({', '.join(map(str, figures))}), expected ({', '.join(map(str, wanted))})")
+    found.extend(_cdr_problems(client, expected))
     found.extend(_billing_line_problems(client, expected))
     if summary.duplicates < expected.retries:
         found.append(f"{summary.duplicates} duplicates for {expected.retries} deliberate retries")
@@ -308,6 +309,23 @@ def _evse_history_problems(rows: list[tuple[str, str, datetime]], expected: Expe
     final = rows[-1][1] if rows else None
     if final != expected.evse_status.get(key):
         problems.append(f"ends at {final}, expected {expected.evse_status.get(key)}")
+    return problems
+
+
+def _cdr_problems(client: Client, expected: Expected) -> list[str]:
+    """How the stored CDRs differ from what was acknowledged: amounts, currency, session, credit reference."""
+    stored: dict[tuple[str, ...], tuple[object, ...]] = {
+        (cc, pid, cdr_id): tuple(row) for cc, pid, cdr_id, *row in client.query(
+            "SELECT country_code, party_id, cdr_id, session_id, currency, credit, credit_reference_id, total_energy, "
+            "total_cost_excl_vat, total_cost_incl_vat FROM cdrs FINAL").result_rows}
+    problems = []
+    for key, (session_id, currency, credit, reference, kwh, excl, incl) in sorted(expected.cdr_rows.items()):
+        want = (session_id.upper(), currency, credit, None if reference is None else reference.upper(), kwh, excl,
+                incl)
+        got = stored.get(_upper(key))
+        if got is not None and got != want:  # a CDR not stored at all: counted above
+            problems.append(f"CDR {'/'.join(key)}: stored (session, currency, credit, credit_reference_id, kWh, "
+                            f"cost excl. VAT, cost incl. VAT) {_text(got)}, expected {_text(want)}")
     return problems
 
 

@@ -53,6 +53,8 @@ Cost = tuple[Decimal, Decimal | None]  # total_cost (excl_vat, incl_vat)
 # A CDR's billing line: (location_id, day (UTC) of its end, currency, credit, kWh, cost excl. VAT, incl. VAT), a
 # credit's energy and costs negative (-|value|)
 BillingLine = tuple[str, date, str, bool, Decimal, Decimal, Decimal | None]
+# A CDR as sent: (session_id, currency, credit, credit_reference_id, total_energy, total_cost excl. VAT, incl. VAT)
+CdrRow = tuple[str, str, bool, str | None, Decimal, Decimal, Decimal | None]
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ class Expected:
       `total_energy`, so energy counts negative on credit CDRs: Σ total_energy (not credit) − Σ total_energy
       (credit). `credited` holds the ids of the cancelled originals. `currencies` ("CC/PID"): the currencies its
       CDRs were sent in (the simulated CPOs bill in EUR only, so the figures above are each in one currency).
-      `billing_lines`: each CDR's one billing line (`BillingLine`), which the totals above add up.
+      `cdr_rows`: each CDR as sent (`CdrRow`); `billing_lines`: its one billing line (`BillingLine`), which the
+      totals above add up.
       `credit_links`: each credit CDR's original's id (it must be LINKED to it, the amounts matching: the
       credit negates it exactly).
     - `cdr_reconciliation` / `session_reconciliation`: the reconciliation outcome each CDR and each completed
@@ -155,6 +158,7 @@ class Expected:
     session_history: dict[Key, list[tuple[str, str]]] = field(default_factory=dict)
     evse_pushes: dict[EvseKey, list[StatusPush]] = field(default_factory=dict)
     connector_tariffs: dict[ConnectorKey, tuple[str, ...]] = field(default_factory=dict)
+    cdr_rows: dict[Key, CdrRow] = field(default_factory=dict)
     billing_lines: dict[Key, BillingLine] = field(default_factory=dict)
     credit_links: dict[Key, str] = field(default_factory=dict)
     cdr_reconciliation: dict[Key, str] = field(default_factory=dict)
@@ -181,9 +185,9 @@ class Expected:
         for name in ("pushes", "rejected", "events", "retries", "stale"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mapping in ("evse_status", "session_status", "session_kwh", "session_periods", "session_cost",
-                        "session_history", "evse_pushes", "connector_tariffs", "billing_lines", "credit_links",
-                        "cdr_reconciliation", "session_reconciliation", "_evse_updated", "_session_updated",
-                        "_connector_updated"):
+                        "session_history", "evse_pushes", "connector_tariffs", "cdr_rows", "billing_lines",
+                        "credit_links", "cdr_reconciliation", "session_reconciliation", "_evse_updated",
+                        "_session_updated", "_connector_updated"):
             getattr(self, mapping).update(getattr(other, mapping))
 
     def observe_evse(self, key: EvseKey, status: str, updated: datetime,
@@ -267,6 +271,8 @@ class Expected:
         self.incl_by_party[name] += cdr["total_cost"].get("incl_vat") or Decimal(0)
         self.currencies[name].add(cdr["currency"])
         credit, incl = bool(cdr.get("credit")), cdr["total_cost"].get("incl_vat")
+        self.cdr_rows[key] = (cdr["session_id"], cdr["currency"], credit, cdr.get("credit_reference_id"),
+                              cdr["total_energy"], cdr["total_cost"]["excl_vat"], incl)
         self.billing_lines[key] = (
             cdr["cdr_location"]["id"], parse_datetime(cdr["end_date_time"]).astimezone(UTC).date(), cdr["currency"],
             credit, _billed(cdr["total_energy"], credit), _billed(cdr["total_cost"]["excl_vat"], credit),

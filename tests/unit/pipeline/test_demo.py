@@ -37,6 +37,7 @@ AT = "now64(6, 'UTC')"  # rows received now: the tables' retention TTLs keep the
 TNM, BEC = SimulatedParty("NL", "TNM"), SimulatedParty("BE", "BEC")
 PARTNER = {"NL": "demo-cpo-nl", "BE": "demo-cpo-be"}  # the demo's partners of NL/TNM and BE/BEC
 END = f"'{NOW:%Y-%m-%d %H:%M:%S}'"  # every CDR's end_date_time
+CDR_FIELDS = "(session, currency, credit, credit_reference_id, kWh, cost excl. VAT, cost incl. VAT)"
 C1_LINE = "demo-cpo-nl, LOC001, 2026-01-05, EUR, False, 10, 3.5, 4.2350"  # C1's billing line as expected
 
 
@@ -184,6 +185,8 @@ def test_each_printed_figure_of_a_party_is_compared(client: Client) -> None:
     found = read_summary(client, acknowledged(), 0.0).mismatches
     assert found == ["NL/TNM: (completed sessions, CDRs, kWh, cost excl. VAT, cost incl. VAT) billed "
                      "(1, 1, 10.0000, 3.5000, 3.5000), expected (1, 1, 10, 3.5, 4.2350)",
+                     f"CDR NL/TNM/C1: stored {CDR_FIELDS} (S1, EUR, False, None, 10.0000, 3.5000, 3.5000), expected "
+                     "(S1, EUR, False, None, 10, 3.5, 4.2350)",
                      "CDR NL/TNM/C1: billing lines [demo-cpo-nl, LOC001, 2026-01-05, EUR, False, 10.0000, 3.5000, "
                      f"3.5000], expected [{C1_LINE}]"]
 
@@ -203,6 +206,10 @@ def test_billing_totals_are_read_and_compared_per_currency(client: Client) -> No
         ("BEC", "EUR", Decimal("0.0000")), ("BEC", "GBP", Decimal("6.0000")), ("TNM", "GBP", Decimal("3.5000"))]
     assert summary.mismatches == [
         "BE/BEC: billed in EUR, GBP, expected EUR", "NL/TNM: billed in GBP, expected EUR",
+        f"CDR BE/BEC/C2-R: stored {CDR_FIELDS} (S2, GBP, False, None, 20.0000, 6.0000, 7.2600), expected "
+        "(S2, EUR, False, None, 20, 6, 7.2600)",
+        f"CDR NL/TNM/C1: stored {CDR_FIELDS} (S1, GBP, False, None, 10.0000, 3.5000, 4.2350), expected "
+        "(S1, EUR, False, None, 10, 3.5, 4.2350)",
         "CDR BE/BEC/C2-R: billing lines [demo-cpo-be, LOC001, 2026-01-05, GBP, False, 20.0000, 6.0000, 7.2600], "
         "expected [demo-cpo-be, LOC001, 2026-01-05, EUR, False, 20, 6, 7.2600]",
         "CDR NL/TNM/C1: billing lines [demo-cpo-nl, LOC001, 2026-01-05, GBP, False, 10.0000, 3.5000, 4.2350], "
@@ -405,3 +412,16 @@ def test_a_credit_link_not_as_acknowledged_is_a_mismatch(client: Client, link: s
     client.command("INSERT INTO credit_links (country_code, party_id, credit_cdr_id, credited_cdr_id, status, "
                    f"amount_matches, received_at, version) VALUES {link}")
     assert read_summary(client, acknowledged(), 0.0).mismatches == [problem]
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ("total_energy = 11", "(S1, EUR, False, None, 11.0000, 3.5000, 4.2350), expected (S1, EUR, False, None, 10, 3.5, "
+                          "4.2350)"),
+    ("session_id = 'S2'", "(S2, EUR, False, None, 10.0000, 3.5000, 4.2350), expected (S1, EUR, False, None, 10, 3.5, "
+                          "4.2350)")])
+def test_a_cdr_not_stored_as_sent_is_a_mismatch(client: Client, change: str, problem: str) -> None:
+    """The CDRs were counted and their billing lines added up, but the rows themselves never compared: a CDR
+    stored with another kWh or Session than sent (its billing line right) still matched."""
+    store(client)
+    client.command(f"ALTER TABLE cdrs UPDATE {change} WHERE cdr_id = 'C1' SETTINGS mutations_sync = 2")
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [f"CDR NL/TNM/C1: stored {CDR_FIELDS} {problem}"]
