@@ -365,12 +365,12 @@ def _expected_reconciliation(expected: Expected) -> list[tuple[str, str, int]]:
 async def wait_for_rows(client: Client, expected: Expected, timeout: float) -> bool:
     """Poll until every acknowledged push has its final outcome, every CDR is billed, and every CDR and Session
     has the reconciliation outcome it must end with (not one still AWAITING_SESSION: stage 2 has not caught up),
-    and the status history and Connector rows are there too (the sink inserts a batch's tables side by side, so
-    an outcome may be visible before the rows its event wrote); False if the timeout came first."""
+    and the status history, Connector and credit link rows are there too (the sink inserts a batch's tables side
+    by side, so an outcome may be visible before the rows its event wrote); False if the timeout came first."""
     deadline = time.monotonic() + timeout
     tariffs = sorted(Counter(expected.connector_tariffs.values()).items())
     want = (expected.events, len(expected.cdrs), _expected_reconciliation(expected),
-            sum(map(len, expected.session_history.values())), tariffs)
+            sum(map(len, expected.session_history.values())), tariffs, len(expected.credit_links))
     evse_rows = sum(len(expected.evse_history_bounds(key)[0]) for key in expected.evse_pushes)
     while time.monotonic() < deadline:
         got = await asyncio.to_thread(lambda: (
@@ -382,6 +382,7 @@ async def wait_for_rows(client: Client, expected: Expected, timeout: float) -> b
             _scalar(client, "SELECT count() FROM session_status_history FINAL"),
             sorted((tuple(t), int(n)) for t, n in client.query(
                 "SELECT tariff_ids, count() FROM connectors FINAL WHERE present GROUP BY tariff_ids").result_rows),
+            _scalar(client, "SELECT count() FROM credit_links FINAL WHERE status = 'LINKED'"),
             _scalar(client, "SELECT count() FROM evse_status_history FINAL")))
         if got[:-1] == want and got[-1] >= evse_rows:
             return True
