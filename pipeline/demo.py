@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Final
 
 from clickhouse_connect.driver.client import Client
 
@@ -362,6 +363,22 @@ def _expected_reconciliation(expected: Expected) -> list[tuple[str, str, int]]:
     return sorted((subject, outcome, n) for (subject, outcome), n in counts.items())
 
 
+RECHECK_S: Final = 10.0  # how long a mismatch found after the wait must persist to be reported
+
+
+async def settled_summary(read: Callable[[], DemoSummary], recheck_s: float = RECHECK_S) -> DemoSummary:
+    """The summary, read again while it shows a mismatch, for up to `recheck_s`: the sink inserts a batch's tables
+    side by side and `wait_for_rows` counts only some of them, so a current-state row (sessions, evses ...) may
+    become visible a moment after the rows it counted. A mismatch is reported once it persists, never from one
+    read taken in that moment."""
+    summary = await asyncio.to_thread(read)
+    until = time.monotonic() + recheck_s
+    while not summary.matches_expected and time.monotonic() < until:
+        await asyncio.sleep(0.5)
+        summary = await asyncio.to_thread(read)
+    return summary
+
+
 async def wait_for_rows(client: Client, expected: Expected, timeout: float) -> bool:
     """Poll until every acknowledged push has its final outcome, every CDR is billed, and every CDR and Session
     has the reconciliation outcome it must end with (not one still AWAITING_SESSION: stage 2 has not caught up),
@@ -422,7 +439,8 @@ async def run_demo(settings: Settings, *, sessions: int, seed: int, timeout: flo
             expected.merge(result)
         settled = await wait_for_rows(stack.clickhouse, expected, timeout)
         stack.check_children()
-        return await asyncio.to_thread(read_summary, stack.clickhouse, expected, time.monotonic() - started,
-                                       settled=settled)
+        client = stack.clickhouse
+        return await settled_summary(lambda: read_summary(client, expected, time.monotonic() - started,
+                                                          settled=settled), RECHECK_S if settled else 0.0)
     finally:
         await stack.stop()
