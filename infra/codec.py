@@ -94,7 +94,6 @@ __all__ = [
     "AvroCodec",
     "AvroCodecError",
     "DecodedEvent",
-    "UnknownSchemaError",
     "decode_event",
     "decode_record",
     "encode_event",
@@ -146,11 +145,6 @@ _SUFFIX = ".avsc"
 
 class AvroCodecError(Exception):
     """Data cannot be encoded/decoded with the registry's schemas, or the registry itself is unusable."""
-
-
-class UnknownSchemaError(AvroCodecError):
-    """A record whose writer schema's fingerprint no revision here has: written by a newer version (or a foreign
-    writer). Not damaged: a version that knows the revision reads it."""
 
 
 class DecodedEvent(msgspec.Struct, frozen=True):
@@ -368,7 +362,7 @@ class AvroCodec:
         fp = bytes(data[2:HEADER_SIZE])
         writer = self._by_fingerprint.get(fp)
         if writer is None:
-            raise UnknownSchemaError(f"unknown schema fingerprint {fp.hex()} (a newer or foreign writer?)")
+            raise AvroCodecError(f"unknown schema fingerprint {fp.hex()} (a newer or foreign writer?)")
         if schema_name is not None and writer.name != schema_name:
             raise AvroCodecError(f"expected a {schema_name} record, got {writer.name}")
         return writer

@@ -57,7 +57,6 @@ from infra.codec import (
     EVENT_SCHEMA,
     AvroCodecError,
     DecodedEvent,
-    UnknownSchemaError,
     decode_event,
     decode_record,
     encode_event,
@@ -289,13 +288,6 @@ async def _export_range(bootstrap: str, root: Path, module: str, rng: PartitionR
                         # bits, wrapped) that the worker dead-letters; written again, they would pass for valid.
                         decode_event(record.value)
                         datum = decode_record(record.value, EVENT_SCHEMA)
-                    except UnknownSchemaError as exc:
-                        # A later version's record: skipped, it would never be archived (a rerun goes on after the
-                        # last archived offset). The files before it are kept; the rerun starts at it.
-                        finish()
-                        raise JobError(f"{rng.topic}/{rng.partition} offset {record.offset} was written with a "
-                                       f"schema revision this version does not know ({exc}); export with the "
-                                       "version that wrote it (README, Upgrading): it goes on from there") from None
                     except AvroCodecError as exc:
                         result.undecodable += 1
                         log.warning("%s/%s offset %d is not an OcpiEvent, not archived: %s", rng.topic, rng.partition,

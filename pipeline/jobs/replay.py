@@ -46,7 +46,7 @@ from typing import Any
 
 from aiokafka.structs import TopicPartition
 
-from infra.codec import AvroCodecError, DecodedEvent, UnknownSchemaError, decode_event, encode_event
+from infra.codec import AvroCodecError, DecodedEvent, decode_event, encode_event
 from infra.settings import Settings
 from ocpi.identity import ObjectKey
 from pipeline.jobs.archive import _first_record_at, archive_files, count_records, event_of, read_archive_file
@@ -365,10 +365,6 @@ def _digest(value: bytes | None) -> str:
 def _decode(value: bytes, report: ReplayReport, where: str) -> DecodedEvent | None:
     try:
         return decode_event(value)
-    except UnknownSchemaError as exc:  # a later version's record: skipped, it would be left out for good
-        raise JobError(f"{where} was written with a schema revision this version does not know ({exc}); replay "
-                       "with the version that wrote it (README, Upgrading): run the same command with it to resume"
-                       ) from None
     except AvroCodecError as exc:
         report.undecodable += 1
         log.warning("%s: not an OcpiEvent, not replayed (the pipeline dead-lettered it): %s", where, exc)
