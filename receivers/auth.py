@@ -49,6 +49,7 @@ from receivers.transport import (
     Party,
     RoutingHeaders,
     Unauthorized,
+    ours_as_named,
     routing_headers,
     set_response_routing,
 )
@@ -137,7 +138,7 @@ def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module:
         # refusing them does not echo them as if they were true: the answer is from us, not from a party the
         # request named but we do not host, and to the caller, not to a party it may not speak for.
         implied = _implied(partner)
-        to_us = receiver if receiver is not None and _same(receiver, ours) else ours
+        to_us = ours_as_named(ours, receiver)
         back = sender if sender is not None and (partner.is_hub or partner.owns(*sender)) else implied
         set_response_routing(scope, sender=to_us, receiver=back)
     if partner.is_hub or len(partner.roles) > 1:

@@ -503,13 +503,13 @@ def _response_routing(scope: Scope) -> tuple[Party | None, Party | None]:
         return None, None
     # The answer goes back to whoever sent it (to := request's from) and is ours (04 §8.2): from := us, whatever
     # party the request's OCPI-to-* named (not checked yet) or if it named none (open routing).
-    return _our_party(scope, routing.receiver), routing.sender
-
-
-def _our_party(scope: Scope, named: Party | None) -> Party:
-    """The party we host (settings OCPI_PARTY_*), as `named` spells it when `named` is that party."""
     party = scope["litestar_app"].state.settings.party
-    ours = (party.country_code, party.party_id)
+    return ours_as_named((party.country_code, party.party_id), routing.receiver), routing.sender
+
+
+def ours_as_named(ours: Party, named: Party | None) -> Party:
+    """The party we host (`ours`) as the sender of an answer: spelled as the request's OCPI-to-* (`named`) spells
+    it when that names us, ours otherwise (04 §8.2: the answer is ours, whatever party the request named)."""
     if named is not None and ci_equal(named[0], ours[0]) and ci_equal(named[1], ours[1]):
         return named
     return ours
