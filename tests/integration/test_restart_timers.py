@@ -38,8 +38,11 @@ from .pipeline_support import pipeline_settings, publish, record, wait_for, wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
-WAIT_S = 60  # park TTL, idle time and both grace periods
-BEFORE_S = 50  # the events that time out are received this long before they are published: due 10 s later
+WAIT_S = 90  # park TTL, idle time and both grace periods
+# The events that time out are received this long before they are published: due 35 s later, time enough on a slow,
+# loaded CI machine for the worker to take them in before it is stopped (10 s was not); the parked PATCH's PUT comes
+# ~38 s after its PATCH, leaving the restarted worker ~50 s to apply it before the park TTL ends.
+BEFORE_S = 55
 DEADLINES = {"OCPI_PIPELINE_PARK_TTL": str(WAIT_S), "OCPI_PIPELINE_SESSION_IDLE": str(WAIT_S),
              "OCPI_RECONCILE_CDR_GRACE": str(WAIT_S), "OCPI_RECONCILE_SESSION_GRACE": str(WAIT_S),
              "OCPI_PIPELINE_SWEEP_INTERVAL": "1",
