@@ -115,6 +115,17 @@ def names_outfile(sql: str) -> bool:
     return _OUTFILE.search(sql) is not None
 
 
+def several_statements(client: Client, sql: str) -> bool:
+    """Whether `sql` holds more than one statement, by ClickHouse's own parser (`formatQuery`): a `;` in a literal
+    or a comment, or one at the end, starts none. A server refuses several statements in one request; chDB runs
+    them all and hands back their rows as one result, the later statements' under the first one's columns."""
+    try:
+        client.query("SELECT formatQuery(%(sql)s)", parameters={"sql": sql})
+    except Exception as exc:  # any other error (a syntax error, say) is the query's to report when it runs
+        return "Multi-statements are not allowed" in str(exc)
+    return False
+
+
 def redact_dsn(dsn: str) -> str:
     """`dsn` with its password shown as ****."""
     parsed = urlparse(dsn)

@@ -25,6 +25,7 @@ from infra.clickhouse.client import (
     names_outfile,
     redact_dsn,
     select,
+    several_statements,
 )
 from infra.clickhouse.migrations import MigrationError, available_migrations
 from infra.clickhouse.migrations import migrate as apply_migrations
@@ -119,7 +120,8 @@ def query(sql: str, fmt: str) -> None:
     """Run a read-only SQL query against the store and print the result.
 
     Works against a ClickHouse server, and against the embedded store while `dev` or `demo` holds it
-    (through that instance's admin endpoint, found in the run file). Writes are refused.
+    (through that instance's admin endpoint, found in the run file). Writes are refused, and so is more than one
+    statement.
 
     Billing totals come from `billable_lines` (one line per CDR, a credit CDR's negated, duplicate credits left
     out), not from sums over `cdrs`, where a credit CDR repeats the positive energy of the CDR it cancels.
@@ -132,7 +134,11 @@ def query(sql: str, fmt: str) -> None:
         raise click.ClickException("INTO OUTFILE writes a file: `query` runs read-only queries")
     try:
         client = connect_for(settings, readonly=True)
+        if several_statements(client, sql):  # chDB would run them all and mix their rows into one result
+            raise click.ClickException("`query` runs one statement; this holds several: run them one at a time")
         columns, rows = select(client, sql)
+    except click.ClickException:
+        raise
     except ClickHouseUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:

@@ -100,6 +100,25 @@ async def test_a_read_only_request_to_the_shim_writes_no_file(chdb_dsn: str, tmp
     assert all("164" in refusal for refusal in refusals), refusals
 
 
+async def test_several_statements_are_told_apart_through_the_shim_too(chdb_dsn: str) -> None:
+    """`query` asks ClickHouse's parser whether its SQL holds several statements (chDB would run them all and mix
+    their rows), on the read-only connection it queries with: also through the shim of a running `dev`."""
+    from infra.clickhouse.client import several_statements
+
+    connect(chdb_dsn)
+    shim = await ClickHouseShim(ChdbEngine(chdb_path(chdb_dsn)), "s3cret").start()
+
+    def use() -> list[bool]:
+        reader = connect(shim.dsn, readonly=True, compress=False)
+        return [several_statements(reader, sql) for sql in ("SELECT 1; SELECT 2", "SELECT 1;", "SELECT ';'",
+                                                              "SELEC 1")]
+
+    try:
+        assert await asyncio.to_thread(use) == [True, False, False, False]
+    finally:
+        await shim.stop()
+
+
 @pytest.mark.parametrize("compress", ["lz4", "zstd", "gzip", False])
 async def test_a_compressed_insert_of_several_blocks_reaches_the_store_whole(chdb_dsn: str, compress: str) -> None:
     """clickhouse-connect compresses each block of an insert (1-2 MB of data) as a frame of its own: the shim

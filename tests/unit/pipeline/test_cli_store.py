@@ -177,6 +177,29 @@ def test_query_on_the_embedded_store_writes_no_file(chdb_dsn: str, tmp_path: Pat
     assert not target.exists()
 
 
+def test_query_refuses_several_statements_instead_of_mixing_their_results(chdb_dsn: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """chDB runs every statement of `SELECT 1 AS a; SELECT 2 AS b` and hands back their rows as one result: the
+    second statement's rows came out under the first one's columns (`"a": 2`), or as garbage when the columns
+    differed. A ClickHouse server refuses several statements in one request; so does `query` now, by ClickHouse's
+    own parser (a `;` in a literal or a comment, or one at the end, is no second statement)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    for name, value in {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": "default",
+                        "OCPI_DATA_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    for sql in ("SELECT 1 AS a; SELECT 2 AS b", "SELECT 1 AS a; SELECT 'x' AS b, 3 AS c", "SELECT 1 AS a ;\nSELECT 2"):
+        result = CliRunner().invoke(cli, ["query", "--format", "json", sql])
+        assert result.exit_code == 1 and "one statement" in result.output, result.output
+    for sql, value in (("SELECT 1 AS a;", 1), ("SELECT ';' AS a", ";"), ("SELECT 1 AS a /* ; SELECT 2 */", 1),
+                       ("SELECT 1 AS a -- ; SELECT 2\n", 1), ("SELECT 'x;y' AS a; -- done", "x;y")):
+        result = CliRunner().invoke(cli, ["query", "--format", "json", sql])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output) == [{"a": value}], sql
+
+
 def _summing_query_examples() -> list[str]:
     """The SQL of every `ocpi-pipeline query` example that adds amounts up: `query --help` and README."""
     import re
