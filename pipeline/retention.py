@@ -151,6 +151,7 @@ class PseudonymKeyMismatch(PseudonymKeyError):
 
 
 _KEY_CHECK_TEXT: Final = b"ocpi-pipeline pseudonymisation key check"
+_FIRST_KEY_INSERT: Final = "ocpi-pipeline pseudonymisation key: the first"  # one for every first insert (0023)
 
 
 def key_fingerprint(key: bytes) -> str:
@@ -162,13 +163,26 @@ def check_key(client: Client, key: bytes, *, recorded_by: str) -> None:
     """Pseudonyms are join keys, so every process that writes them must use the same key: a worker on another
     machine, or `retention apply` run with another OCPI_DATA_DIR, would otherwise generate its own and silently
     break the joins. The first process records its key's fingerprint (table `pseudonym_key`); every later one,
-    with another key, stops with PseudonymKeyMismatch. Two first processes at once: the earlier row wins."""
+    with another key, stops with PseudonymKeyMismatch.
+
+    Two first processes at once both find the table empty: each inserts its fingerprint with the same
+    deduplication token (migration 0023), so the table takes the first insert that lands and drops the others,
+    and each reads back the one key in force (comparing timestamps instead let both start: one's earlier-stamped
+    row could land after the other had read its own back alone). A table with two rows (from before 0023): the
+    earlier row is in force."""
     fingerprint = key_fingerprint(key)
     first = _key_in_force(client)
     if first is None:
-        client.insert("pseudonym_key", [[fingerprint, utc_now(), recorded_by]],
-                      column_names=["fingerprint", "recorded_at", "recorded_by"])
+        client.command(
+            "INSERT INTO pseudonym_key (fingerprint, recorded_at, recorded_by) "
+            f"SETTINGS insert_deduplication_token = {string(_FIRST_KEY_INSERT)} "
+            f"VALUES ({string(fingerprint)}, {datetime64(utc_now())}, {string(recorded_by)})")
         first = _key_in_force(client)
+        if first is None:  # the insert was taken for a repeat of one whose row was deleted since
+            raise PseudonymKeyError(
+                "the pseudonym_key table is empty but takes no new key: its row was deleted with DELETE, and "
+                "ClickHouse still drops the first key's insert as a repeat; empty it with TRUNCATE TABLE "
+                "pseudonym_key instead")
     if first != fingerprint:
         raise PseudonymKeyMismatch(
             "the pseudonymisation key differs from the one this store's data was pseudonymised with (fingerprint "

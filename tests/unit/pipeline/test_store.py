@@ -1024,6 +1024,51 @@ def test_of_two_first_keys_recorded_at_once_the_earlier_is_in_force(client: Clie
         retention.check_key(client, b"b" * 32, recorded_by="racer")
 
 
+def test_of_two_first_processes_with_different_keys_racing_only_one_starts(client: Client, chdb_dsn: str) -> None:
+    """Two fresh workers with different keys, started at once, both found the table empty. The first stamped its
+    row earlier but its insert landed after the second had recorded its own, read it back alone and started; the
+    first then read its own row as the earliest and started too: two keys in force, pseudonyms that never join.
+    The first key recorded is now the only one a table can take (ClickHouse deduplicates every first insert by one
+    token), so the process whose insert came second reads the other's key, and stops."""
+    from infra.clickhouse.client import connect
+
+    other = connect(chdb_dsn, database=client.database)
+
+    class Slow:  # the first worker's insert lands only after the second worker's whole check
+        def __init__(self, inner: Client) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            attribute = getattr(self.inner, name)
+            if name not in ("insert", "command"):
+                return attribute
+
+            def write(*args: Any, **kwargs: Any) -> Any:
+                if "pseudonym_key" in str(args[0]):
+                    retention.check_key(other, b"b" * 32, recorded_by="second worker")  # starts
+                return attribute(*args, **kwargs)
+            return write
+
+    with pytest.raises(retention.PseudonymKeyMismatch, match="OCPI_PSEUDONYM_KEY"):
+        retention.check_key(Slow(client), b"a" * 32, recorded_by="first worker")  # type: ignore[arg-type]
+    retention.check_key(other, b"b" * 32, recorded_by="the second worker, restarted")
+    assert client.query("SELECT fingerprint, recorded_by FROM pseudonym_key").result_rows == [
+        (retention.key_fingerprint(b"b" * 32), "second worker")]
+
+
+def test_a_new_key_is_taken_once_the_table_is_truncated(client: Client) -> None:
+    """README: the key cannot be changed in place; an operator accepting the break empties `pseudonym_key` by hand.
+    A DELETE leaves ClickHouse taking the next first insert for a repeat of the deleted one: said, not ignored."""
+    retention.check_key(client, b"a" * 32, recorded_by="worker")
+    client.command("DELETE FROM pseudonym_key WHERE 1")
+    with pytest.raises(retention.PseudonymKeyError, match="TRUNCATE TABLE pseudonym_key"):
+        retention.check_key(client, b"b" * 32, recorded_by="worker with a new key")
+    client.command("TRUNCATE TABLE pseudonym_key")
+    retention.check_key(client, b"b" * 32, recorded_by="worker with a new key")
+    with pytest.raises(retention.PseudonymKeyMismatch):
+        retention.check_key(client, b"a" * 32, recorded_by="worker with the old key")
+
+
 def test_a_worker_with_another_key_stops_before_it_processes_anything(client: Client, chdb_dsn: str,
                                                                       tmp_path: Any) -> None:
     from pipeline.worker import check_pseudonym_key
