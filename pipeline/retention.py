@@ -400,6 +400,25 @@ def pseudonymised_json(document: bytes, pseudonym: Pseudonymizer) -> bytes | Non
     return _JSON_OUT.encode(data) if isinstance(data, dict) and pseudonymise_fields(data, pseudonym) else None
 
 
+def pseudonymised_element(document: bytes, pseudonym: Pseudonymizer) -> bytes:
+    """A list element a partner sent in place of a Session/CDR/Location (`jobs.pull` records the refused ones) with
+    the personal identifiers of every object in it replaced, at any depth: an object wrapped in another, or in a
+    list, holds them as much as one at the top. An element that is a bare string or number may be an identifier
+    itself: written as its pseudonym."""
+    data = _JSON_IN.decode(document)
+    if isinstance(data, str | int | Decimal) and not isinstance(data, bool):
+        return _JSON_OUT.encode(pseudonym(data if isinstance(data, str) else _JSON_OUT.encode(data).decode()))
+    pending = [data]
+    while pending:  # without recursion: a partner's nesting may be deep
+        value = pending.pop()
+        if isinstance(value, dict):
+            pseudonymise_fields(value, pseudonym)
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return _JSON_OUT.encode(data)
+
+
 def _personal_fields(data: dict[str, Any]) -> Iterator[tuple[Any, Any, bool]]:
     """(holder, key or index, compared case-insensitively) of every personal identifier of a Session/CDR/Location
     (or a PATCH of one), as decoded from OCPI JSON, whatever shape a refused object gives it."""

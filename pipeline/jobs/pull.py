@@ -42,7 +42,8 @@ The crawl (04 §4.2):
   owner is not one of the partner's CPO roles (the owner of Locations, Sessions and CDRs, as for a push) are
   recorded and skipped (04 §6.3); a Hub's may be any party's but a party the Hub registered itself (as HUB).
   Recorded objects go to `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.rejected.jsonl`, which nothing deletes: their
-  personal identifiers (`retention.pseudonymise_fields`) are written as pseudonyms, never in clear. A page's are
+  personal identifiers (`retention.pseudonymised_element`: those of every object in the element, at any depth) are
+  written as pseudonyms, never in clear. A page's are
   recorded once its valid objects are acknowledged, so a page read again after a failed send is recorded once.
 
 Requests carry `Authorization: Token <base64>` (the raw token for RAW_TOKEN partners), a fresh X-Request-ID,
@@ -637,7 +638,7 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
 
 def _record_rejected(settings: Settings, partner_id: str, module: str, page: _Page,
                      rejected: list[dict[str, Any]]) -> None:
-    from pipeline.retention import Pseudonymizer, load_key, pseudonymised_json
+    from pipeline.retention import Pseudonymizer, load_key, pseudonymised_element
 
     raws = msgspec.json.decode(page.data, type=list[msgspec.Raw])
     path = rejected_path(settings, partner_id, module)
@@ -647,8 +648,7 @@ def _record_rejected(settings: Settings, partner_id: str, module: str, page: _Pa
     pseudonym = Pseudonymizer(load_key(settings))
     with path.open("a") as fh:
         for entry in rejected:
-            document = bytes(raws[entry["index"]])
-            document = pseudonymised_json(document, pseudonym) or document
+            document = pseudonymised_element(bytes(raws[entry["index"]]), pseudonym)
             raw = document[:100_000].decode("utf-8", "replace")
             log.warning("GET %s: object %d skipped: %s: %s", page.url, entry["index"], entry["path"], entry["reason"])
             fh.write(json.dumps({"at": at, "url": page.url, "request_id": page.request_id, **entry,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime as http_date
 from typing import Any
@@ -407,6 +407,27 @@ async def test_a_recorded_objects_identifiers_in_any_shape_are_pseudonymised(set
     await pull(settings, partner_for(fake), "sessions", ListSink(), since=hours_ago(24))
     text = rejected_path(settings, "cpo-be", "sessions").read_text()
     assert "4711000123" not in text and "98765432100" not in text and "5550001" not in text
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: {"last_updated": s["last_updated"], "session": s},
+    lambda s: {"last_updated": s["last_updated"], "data": [s]},
+    lambda s: {"last_updated": s["last_updated"], "page": [{"items": [s]}]},
+])
+async def test_a_recorded_elements_identifiers_below_its_top_level_are_pseudonymised(
+        settings_for: Any, fake: FakeSender, wrap: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    # A partner that wraps each object of its list (in an object of its own, a list) has every element refused
+    # (no country_code at the top): the element was written as sent, its token uid, contract id and authorization
+    # reference in clear in a file kept for ever, as only the top level was looked at.
+    settings = settings_for()
+    token = {"country_code": "BE", "party_id": "BEC", "uid": "4711000123", "type": "RFID",
+             "contract_id": "NL-ABC-98765432100"}
+    fake.objects["sessions"] = [wrap(session(2, hours_ago(4), cdr_token=token, authorization_reference="5550001"))]
+    report = await pull(settings, partner_for(fake), "sessions", ListSink(), since=hours_ago(24))
+    assert report.invalid == 1
+    text = rejected_path(settings, "cpo-be", "sessions").read_text()
+    assert "4711000123" not in text and "98765432100" not in text and "5550001" not in text
+    assert Pseudonymizer(load_key(settings))("4711000123") in text
 
 
 async def test_interrupted_crawl_resumes_after_the_last_acknowledged_page(settings_for: Any,
