@@ -9,7 +9,7 @@
 - `?` fields with a documented default: null → the default.
 - a Connector's `max_voltage`/`max_amperage`/`max_electric_power` within 0..2**32-1 (the store's UInt32).
 - each EVSE uid once in a Location's `evses`, each Connector id once in an EVSE's `connectors` (CiString).
-- a CDR's `id` not empty (it names the CDR, and the URL our POST answer gives for it).
+- the decoded object's `country_code`, `party_id` and `id` not empty (they name it: push URLs, our CDR POST answer).
 - a CDR's `charging_periods` at most 65536 (the store numbers them in a UInt16, `cdr_charging_periods`).
 
 The walk only descends into fields that can reach a checked class, so a Session (no cross-field rules)
@@ -320,12 +320,23 @@ def _cdr_epoch_times(cdr: CDR, path: str, ctx: Context) -> None:
                                                         "agreement with the partner (relaxation EPOCH_UNKNOWN_TIME)")
 
 
-def _cdr_id_present(cdr: CDR, path: str, ctx: Context) -> None:
-    # The id is the CDR's identity (unique per owner, 10 §4) and the last segment of the URL our POST answer names:
-    # an empty one names no CDR (that URL, `.../cdrs/BE/BEC/`, reads nothing), and a second one would conflict with
-    # the first, which CDRs being immutable keeps, so the second would never be billed.
-    if not cdr.id:
-        raise OcpiValidationError(f"{path}.id", "empty: a CDR is named by its id")
+_IDENTITY: Final = ("country_code", "party_id", "id")
+
+
+def _identity_present(value: Any) -> None:
+    """An object that carries its identity (a Location, Session, CDR or Tariff, or a PATCH that repeats it) has none
+    of its parts empty: it is named by them, in a push's URL (which cannot hold an empty segment:
+    `receivers.pushes.check_url_ids`) and in the URL a CDR POST's answer names (`.../cdrs/BE/BEC/` reads nothing; a
+    second CDR without an id would conflict with the first, which CDRs being immutable keeps, and never be billed).
+    A pulled object is named by nothing else. Only the decoded object itself: a copy in another (a CDR's `tariffs`)
+    is named by the object it is in."""
+    fields = getattr(type(value), "__struct_fields__", ())
+    if "id" not in fields or "country_code" not in fields or "party_id" not in fields:
+        return
+    for name in _IDENTITY:
+        if getattr(value, name) == "":
+            raise OcpiValidationError(f"$.{name}", "empty: an object is named by its owner and id, none of which "
+                                                   "may be empty")
 
 
 # `cdr_charging_periods` numbers a CDR's periods in a UInt16 column that is part of its key: the 65537th period was
@@ -344,7 +355,6 @@ def _cdr_periods_storable(cdr: CDR, path: str, ctx: Context) -> None:
 def _checks_of(cls: type) -> tuple[Check, ...]:
     checks = [check for (name, _), check in CONSTRAINTS.items() if _CLASSES[name] is cls]
     if cls is CDR:
-        checks.append(_cdr_id_present)
         checks.append(_cdr_epoch_times)
         checks.append(_cdr_periods_storable)
     if cls is LocationPatch:
@@ -455,6 +465,7 @@ def finish(value: Any, enabled: frozenset[Relaxation], applied: list[str], *, sc
     value = normalise(value)
     walk(value, "$", Context(enabled, applied, scan_na=scan_na))
     _location_tree(value)
+    _identity_present(value)
     return value
 
 

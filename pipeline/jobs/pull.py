@@ -37,7 +37,7 @@ The crawl (04 §4.2):
   no URL). Redirects are never followed: they could drop the Authorization header
   or hand it to another host; nor is a next link to another origin (scheme, host or port) than the endpoint's.
 - Each list is decoded element by element (`ocpi.decode.decode_list`, with the partner's compatibility
-  profile): invalid objects (an empty id, country_code or party_id too: no push could name such an object) are
+  profile): invalid objects (an empty id, country_code or party_id too, as for a push: `ocpi._validate`) are
   logged and recorded, the valid ones are processed (04 §4.1). Objects whose
   owner is not one of the partner's CPO roles (the owner of Locations, Sessions and CDRs, as for a push) are
   recorded and skipped (04 §6.3); a Hub's may be any party's but a party the Hub registered itself (as HUB).
@@ -602,14 +602,6 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
             rejected.append({"index": index, "path": item.path, "reason": item.reason})
             continue
         value: Any = item.value
-        # A push names its object in the URL (its CDR POST answer does), where none of these can be empty: such an
-        # object could never be addressed (pushes.check_url_ids; a CDR's id: ocpi._validate); a Hub's: any party's.
-        empty = next((name for name in ("country_code", "party_id", "id") if getattr(value, name) == ""), None)
-        if empty is not None:
-            report.invalid += 1
-            rejected.append({"index": index, "path": f"$[{index}].{empty}",
-                             "reason": "empty: an object is named by its owner and id, none of which may be empty"})
-            continue
         # A push's owner rule (receivers.auth.require_owner); a Hub's list, read without routing headers, may
         # hold any party's objects but those of a party the Hub registered itself (`relays_for`).
         if not partner.may_own(value.country_code, value.party_id) and \

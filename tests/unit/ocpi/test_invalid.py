@@ -478,3 +478,13 @@ def test_a_cdr_has_no_more_charging_periods_than_the_store_numbers() -> None:
     assert len(decode(dumps(cdr), OBJECTS["CDR"]).value.charging_periods) == 2**16
     cdr["charging_periods"].append(period)
     assert_invalid(cdr, OBJECTS["CDR"], "$.charging_periods[65536]", "more than 65536 charging periods")
+
+
+@pytest.mark.parametrize("field", ["country_code", "party_id", "id"])
+@pytest.mark.parametrize("name", ["CDR", "Location", "Session", "Tariff"])
+def test_an_object_with_an_empty_identity_is_refused(name: str, field: str) -> None:
+    # An object is named by its owner and id (the push URL, a CDR POST's answer): an empty one names nothing. One
+    # rule for pushes and pulls; a copy nested in another object (a CDR's tariffs) is not named by it and may.
+    assert_invalid(_with(name, **{field: ""}), OBJECTS[name], f"$.{field}", "empty")
+    tariff = minimal("Tariff") | {"id": ""}
+    assert decode(dumps(_with("CDR", tariffs=[tariff])), OBJECTS["CDR"]).value.tariffs[0].id == ""

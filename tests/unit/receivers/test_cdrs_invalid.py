@@ -35,6 +35,9 @@ CASES = [
     Refusal("CDR: empty id", "POST", CDRS_URL, changed(cdr, "id", ""), "$.id", "empty"),
     Refusal("CDR: empty id (credit)", "POST", CDRS_URL,
             changed(changed(changed(cdr, "id", ""), "credit", True), "credit_reference_id", "12345"), "$.id", "empty"),
+    # An empty owner is no party at all: invalid (the object's identity, as for every push and pull), not hidden.
+    Refusal("CDR: empty country_code", "POST", CDRS_URL, changed(cdr, "country_code", ""), "$.country_code", "empty"),
+    Refusal("CDR: empty party_id", "POST", CDRS_URL, changed(cdr, "party_id", ""), "$.party_id", "empty"),
     Refusal("CDR: bad enum", "POST", CDRS_URL, changed(cdr, "cdr_token.type", "CARD"), "$.cdr_token.type",
             "not one of"),
     Refusal("CDR: bad DateTime", "POST", CDRS_URL, changed(cdr, "end_date_time", "1970-1-1T00:00:00Z"),

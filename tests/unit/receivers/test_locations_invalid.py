@@ -48,6 +48,8 @@ CASES = [
             "numeric offsets are not allowed"),
     Refusal("Location: wrong id in the URL", "PUT", LOCATION_URL.replace("LOC1", "LOC9"), location,
             "$.id", "'LOC1' differs from 'LOC9' in the URL"),
+    Refusal("Location: empty identity", "PUT", LOCATION_URL, changed(location, "country_code", ""), "$.country_code",
+            "empty: an object is named by its owner and id"),
     Refusal("Location: nested bad enum", "PUT", LOCATION_URL,
             changed(location, "evses.1.connectors.0.power_type", "AC_4_PHASE"),
             "$.evses[1].connectors[0].power_type", "not one of AC_1_PHASE"),

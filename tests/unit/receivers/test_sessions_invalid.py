@@ -41,6 +41,9 @@ CASES = [
             "numeric offsets are not allowed"),
     Refusal("Session: wrong id in the URL", "PUT", f"{BASE}/sessions/BE/BEC/102", session, "$.id",
             "'101' differs from '102' in the URL"),
+    # The object's identity, whose URL could not hold an empty part: refused as a pulled one is (ocpi._validate).
+    Refusal("Session: empty identity", "PUT", SESSION_URL, changed(session, "party_id", ""), "$.party_id",
+            "empty: an object is named by its owner and id"),
     Refusal("Session: nested bad enum", "PUT", SESSION_URL,
             changed(session, "charging_periods.1.dimensions.0.type", "VOLTAGE"),
             "$.charging_periods[1].dimensions[0].type", "not one of CURRENT"),
