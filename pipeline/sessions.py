@@ -5,11 +5,7 @@ Plain functions over a state value; the agent supplies the state and writes the 
 
 from __future__ import annotations
 
-from decimal import Decimal
-from typing import Final
-
-import msgspec
-
+from ocpi.canonical import content_hash
 from ocpi.model import Session
 from pipeline import lifecycle, ordering, projection, wire
 from pipeline.dedup import fingerprint, identity, is_duplicate
@@ -30,8 +26,6 @@ from pipeline.stage import (
 )
 from pipeline.state import SessionState, TypedView
 from pipeline.state_retention import keep_fact_token
-
-_JSON_IN: Final = msgspec.json.Decoder(float_hook=Decimal)
 
 
 def process_sessions(view: TypedView[SessionState], key: str, records: list[Record], rules: StageRules,
@@ -108,10 +102,11 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
             return
         session = wire.builtins(merged)
-    if state.status in lifecycle.FINAL and state.object_json is not None and same_but_last_updated(
-            state.object_json, document):
+    if state.status in lifecycle.FINAL and state.object_json is not None and content_hash(
+            stored_session.of(state.object_json)) == content_hash(merged or wire.to_struct(session, Session)):
         # A final Session pushed again as it is (a PATCH of its status alone, a PUT of the whole final object):
-        # no change after completion and no version; like a duplicate, it confirms the content at `last_updated`.
+        # no change after completion and no version; like a duplicate (the same content hash, which leaves out
+        # `last_updated`: `ocpi.canonical`), it confirms the content at `last_updated`.
         state.confirmed = ordering.newest(state.confirmed, last_updated)
         out.outcome(record, Outcome.DUPLICATE, "the final Session as stored, but for last_updated")
         return
@@ -131,14 +126,6 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         pending, state.parked = state.parked, []
         for parked in pending:
             handle(state, stored_session, parked_record(parked), rules, out, retry=True)
-
-
-def same_but_last_updated(stored: bytes, document: bytes) -> bool:
-    """Whether two Sessions' OCPI JSON differ at most in `last_updated` (amounts compared as numbers)."""
-    old, new = _JSON_IN.decode(stored), _JSON_IN.decode(document)
-    old.pop("last_updated", None)
-    new.pop("last_updated", None)
-    return bool(old == new)
 
 
 def apply(state: SessionState, record: Record, session: dict, document: bytes, transition: Transition,

@@ -314,6 +314,23 @@ def test_a_push_that_leaves_a_final_session_as_it_is_is_a_duplicate_not_an_updat
     assert outcomes(out) == [(changed.event_id, "APPLIED")] and kinds(out) == ["UPDATE_AFTER_FINAL"]
 
 
+def test_a_final_session_pushed_again_with_its_dimensions_in_another_order_is_a_duplicate() -> None:
+    # "As stored but for last_updated" is the content hash's rule (ocpi.canonical): a period's dimensions are a
+    # set, so the same final Session with them in another order changes nothing after completion.
+    energy, time = {"type": "ENERGY", "volume": Decimal("5")}, {"type": "TIME", "volume": Decimal("0.5")}
+    h = harness()
+    h.run(event("Session", session(status="ACTIVE", kwh="3"), received=1))
+    first = {"start_date_time": iso(ts(0)), "dimensions": [energy, time]}
+    h.run(event("SessionPatch", {"status": "COMPLETED", "kwh": Decimal("5"), "end_date_time": iso(ts(30)),
+                                 "charging_periods": [first], "last_updated": iso(ts(30))}, object_id="S1",
+                received=30))
+    again = {"start_date_time": iso(ts(0)), "dimensions": [time, energy]}
+    whole = event("Session", session(status="COMPLETED", kwh="5", end=30, updated=32, periods=[again]), received=32)
+    out = h.run(whole)
+    assert outcomes(out) == [(whole.event_id, "DUPLICATE")]
+    assert kinds(out) == [] and rows(out.batch, "sessions") == []
+
+
 def test_status_history_keeps_every_change() -> None:
     h = harness()
     out = h.run(event("Session", session(status="PENDING"), received=1),
