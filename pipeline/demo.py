@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -184,7 +184,7 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         if got is None or got[0] != want[0] or (want[1] is not None and got[1] != want[1]) or (
                 want[2] is not None and got[2] != want[2]):
             found.append(f"session {'/'.join(key)}: stored {got}, expected {want}")
-    found += _unacknowledged("session", sessions, expected.session_status, "Session")
+    found += _unacknowledged("session", dict.fromkeys(sessions, "stored"), expected.session_status, "Session")
     costs: dict[tuple[str, ...], object] = {
         (cc, pid, sid): None if excl is None else (excl, incl) for cc, pid, sid, excl, incl in client.query(
             "SELECT country_code, party_id, session_id, total_cost_excl_vat, total_cost_incl_vat FROM sessions FINAL"
@@ -203,22 +203,21 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         if stored_history != history:
             found.append(f"session {'/'.join(key)}: status history {_changes(stored_history)}, "
                          f"expected {_changes(history)}")
-    acknowledged_sessions = {_upper(key) for key in expected.session_status}
-    found += [f"session {'/'.join(key)}: status history {_changes(history)}, no such Session acknowledged"
-              for key, history in sorted(histories.items()) if key not in acknowledged_sessions]
+    found += _unacknowledged("session", {key: f"status history {_changes(history)}" for key, history in
+                                         histories.items()}, expected.session_status, "Session")
     locations = {tuple(key) for key in client.query(
         "SELECT country_code, party_id, location_id FROM locations FINAL").result_rows}
     for location_key in sorted(expected.locations):
         if _upper(location_key) not in locations:
             found.append(f"Location {'/'.join(location_key)}: not stored")
-    found += _unacknowledged("Location", locations, expected.locations, "Location")
+    found += _unacknowledged("Location", dict.fromkeys(locations, "stored"), expected.locations, "Location")
     evses: dict[tuple[str, ...], str] = {(cc, pid, lid, uid): status for cc, pid, lid, uid, status in client.query(
         "SELECT country_code, party_id, location_id, evse_uid, status FROM evses FINAL WHERE present").result_rows}
     for evse_key, evse_status in expected.evse_status.items():
         stored_status = evses.get(_upper(evse_key))
         if stored_status != evse_status:
             found.append(f"EVSE {'/'.join(evse_key)}: stored {stored_status}, expected {evse_status}")
-    found += _unacknowledged("EVSE", evses, expected.evse_status, "EVSE")
+    found += _unacknowledged("EVSE", dict.fromkeys(evses, "stored"), expected.evse_status, "EVSE")
     evse_histories: dict[tuple[str, ...], list[tuple[str, str, datetime]]] = {}
     for cc, pid, lid, uid, previous, status, changed_at in client.query(
             "SELECT country_code, party_id, location_id, evse_uid, previous_status, status, changed_at "
@@ -228,9 +227,8 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
     for evse_key in sorted(expected.evse_pushes):
         found.extend(f"EVSE {'/'.join(evse_key)}: status history {problem}" for problem in _evse_history_problems(
             evse_histories.get(_upper(evse_key), []), expected, evse_key))
-    acknowledged_evses = {_upper(key) for key in expected.evse_pushes}
-    found += [f"EVSE {'/'.join(key)}: status history {_changes([row[:2] for row in rows])}, no such EVSE acknowledged"
-              for key, rows in sorted(evse_histories.items()) if key not in acknowledged_evses]
+    found += _unacknowledged("EVSE", {key: f"status history {_changes([row[:2] for row in rows])}" for key, rows in
+                                      evse_histories.items()}, expected.evse_pushes, "EVSE")
     connectors: dict[tuple[str, ...], tuple[str, ...]] = {
         (cc, pid, lid, uid, cid): tuple(tariffs) for cc, pid, lid, uid, cid, tariffs in client.query(
             "SELECT country_code, party_id, location_id, evse_uid, connector_id, tariff_ids FROM connectors FINAL "
@@ -239,7 +237,8 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         stored_tariffs = connectors.get(_upper(connector_key))
         if stored_tariffs != tariff_ids:
             found.append(f"Connector {'/'.join(connector_key)}: tariff_ids {stored_tariffs}, expected {tariff_ids}")
-    found += _unacknowledged("Connector", connectors, expected.connector_tariffs, "Connector")
+    found += _unacknowledged("Connector", dict.fromkeys(connectors, "stored"), expected.connector_tariffs,
+                             "Connector")
     links: dict[tuple[str, ...], tuple[str, str, bool | None]] = {
         (cc, pid, credit_id): (credited_id, status, amounts) for cc, pid, credit_id, credited_id, status, amounts
         in client.query("SELECT country_code, party_id, credit_cdr_id, credited_cdr_id, status, amount_matches "
@@ -249,8 +248,8 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         wanted_link = (credited_id.upper(), "LINKED", True)
         if link != wanted_link:
             found.append(f"credit CDR {'/'.join(credit_key)}: credit link {_text(link)}, expected {_text(wanted_link)}")
-    found += [f"credit CDR {'/'.join(key)}: credit link {_text(link)}, no such credit CDR acknowledged"
-              for key, link in sorted(links.items())]
+    found += _unacknowledged("credit CDR", {key: f"credit link {_text(link)}" for key, link in links.items()},
+                             expected.credit_links, "credit CDR")
     reconciled: dict[tuple[str, ...], str] = {
         (subject, cc, pid, subject_id): outcome for subject, cc, pid, subject_id, outcome in client.query(
         "SELECT subject, country_code, party_id, subject_id, outcome FROM reconciliation FINAL").result_rows}
@@ -261,20 +260,21 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
                 found.append(f"{subject} {'/'.join(key)}: reconciliation {stored_outcome}, expected {outcome}")
     for subject, name, outcomes in (("CDR", "CDR", expected.cdr_reconciliation),
                                     ("SESSION", "Session", expected.session_reconciliation)):
-        keys = {_upper(key) for key in outcomes}
-        found += [f"{subject} {'/'.join(key[1:])}: reconciliation {outcome}, no such {name} acknowledged"
-                  for key, outcome in sorted(reconciled.items()) if key[0] == subject and key[1:] not in keys]
+        found += _unacknowledged(subject, {key[1:]: f"reconciliation {outcome}" for key, outcome in reconciled.items()
+                                           if key[0] == subject}, outcomes, name)
     return found[:20]
 
 
 NONE = "''"  # the previous status of a first status
 
 
-def _unacknowledged(kind: str, stored: Collection[tuple[str, ...]], acknowledged: Collection[tuple[str, ...]],
+def _unacknowledged(kind: str, stored: Mapping[tuple[str, ...], str], acknowledged: Collection[tuple[str, ...]],
                     name: str) -> list[str]:
-    """A row for each stored key (as the tables hold it) of an object no acknowledged push wrote."""
+    """A line for each stored key (as the tables hold it) of an object no acknowledged push wrote, saying what is
+    stored of it (its row, status history, credit link, billing lines, reconciliation outcome)."""
     keys = {_upper(key) for key in acknowledged}
-    return [f"{kind} {'/'.join(key)}: stored, no such {name} acknowledged" for key in sorted(stored) if key not in keys]
+    return [f"{kind} {'/'.join(key)}: {what}, no such {name} acknowledged" for key, what in sorted(stored.items())
+            if key not in keys]
 
 
 def _upper(key: tuple[str, ...]) -> tuple[str, ...]:
@@ -347,8 +347,8 @@ def _billing_line_problems(client: Client, expected: Expected) -> list[str]:
         got = stored.pop(_upper(key), [])
         if got != want:
             problems.append(f"CDR {'/'.join(key)}: billing lines {_lines(got)}, expected {_lines(want)}")
-    problems += [f"CDR {'/'.join(key)}: billing lines {_lines(lines)}, no such CDR acknowledged"
-                 for key, lines in sorted(stored.items())]
+    problems += _unacknowledged("CDR", {key: f"billing lines {_lines(lines)}" for key, lines in stored.items()},
+                                expected.billing_lines, "CDR")
     return problems
 
 
