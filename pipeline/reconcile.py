@@ -32,8 +32,9 @@ that names a credit CDR (itself too) is CREDIT_OF_CREDIT (anomaly), links nothin
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
-  deadline sweep), MATCHED while it has a CDR; an INVALID session is NOT_BILLABLE, with or without a CDR (a CDR
-  for it is an anomaly; the row still shows what its CDRs bill);
+  deadline sweep; a row written after that deadline by event time, when the session changes or loses its CDR, is
+  MISSING_CDR at once, never AWAITING_CDR again), MATCHED while it has a CDR; an INVALID session is
+  NOT_BILLABLE, with or without a CDR (a CDR for it is an anomaly; the row still shows what its CDRs bill);
   an open session has no row until it has a CDR, and AWAITING_CDR without a due time if it loses it;
 - a CDR: MATCHED, or MISMATCH when a delta exceeds its tolerance; AWAITING_SESSION until
   OCPI_RECONCILE_SESSION_GRACE, then NO_SESSION. A CDR without a session is *billed anyway* (the CDR is the
@@ -366,8 +367,10 @@ def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules:
                  and (delta_cost is None or abs(delta_cost) <= rules.cost_tolerance))
         outcome = "MATCHED" if agree else "MISMATCH"
     elif fact.status == "COMPLETED":
-        outcome = "AWAITING_CDR"
         due = (fact.final_at or fact.received_at) + rules.cdr_grace
+        # A row written after the deadline (an update of the session, the loss of its CDR) is the sweep's outcome
+        # at once: AWAITING_CDR again would undo the MISSING_CDR the sweep wrote until its next run.
+        outcome = "MISSING_CDR" if now > due else "AWAITING_CDR"
     elif rec.seq:
         outcome = "AWAITING_CDR"  # an open session that lost its CDR: its MATCHED row must go; no deadline yet
     else:

@@ -420,7 +420,7 @@ def test_a_cdr_falls_back_to_token_location_and_start_when_no_session_has_its_re
         "MATCHED", "TOKEN_LOCATION_START", "S1", Decimal(60))
 
 
-def test_the_session_a_provisionally_matched_cdr_names_takes_it_and_the_one_it_left_awaits_again() -> None:
+def test_the_session_a_provisionally_matched_cdr_names_takes_it_and_the_one_it_left_lacks_a_cdr_again() -> None:
     party = Party()
     first = party.run(s_fact(completed("S1", authref="AUTH-1"), received=61, final=61))
     party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1", kwh="12"), received=62))
@@ -435,9 +435,9 @@ def test_the_session_a_provisionally_matched_cdr_names_takes_it_and_the_one_it_l
     assert (row["outcome"], row["method"], row["session_id"], row["delta_kwh"]) == (
         "MATCHED", "SESSION_ID", "S9", Decimal(0))
     assert row["version"] > result(matched, "CDR", "C9")["version"]
-    left = result(out, "SESSION", "S1")
+    left = result(out, "SESSION", "S1")  # left at 133, past its deadline (91): missing its CDR, not waiting
     assert (left["outcome"], left["method"], left["cdr_ids"], left["cdr_kwh"], left["due_at"]) == (
-        "AWAITING_CDR", "", [], None, ts(91))
+        "MISSING_CDR", "", [], None, ts(91))
     assert left["version"] > result(matched, "SESSION", "S1")["version"] > result(first, "SESSION", "S1")["version"]
     assert result(out, "SESSION", "S9")["cdr_ids"] == ["C9"]
     assert index_entries(party, "C9") == []  # a session id match is final
@@ -827,9 +827,12 @@ def test_a_session_whose_cdrs_bill_another_cost_is_a_mismatch() -> None:
 
 def test_a_completed_session_awaits_its_cdr_until_the_grace_after_it_completed() -> None:
     # A late update of a completed session (a total_cost PATCH) does not move the deadline: it runs from final_at.
-    out = Party().run(s_fact(completed(), version=2, received=100, final=61))
+    out = Party().run(s_fact(completed(), version=2, received=80, final=61))
     assert (result(out, "SESSION", "S1")["outcome"], result(out, "SESSION", "S1")["due_at"]) == (
         "AWAITING_CDR", ts(91))
+    out = Party().run(s_fact(completed(), version=2, received=100, final=61))  # past it: missing its CDR
+    assert (result(out, "SESSION", "S1")["outcome"], result(out, "SESSION", "S1")["due_at"]) == (
+        "MISSING_CDR", ts(91))
 
 
 def test_of_two_credits_the_earliest_received_counts_before_the_lower_id() -> None:
@@ -1138,3 +1141,27 @@ def test_an_invalid_session_stays_not_billable_when_it_holds_a_cdr_in_either_ord
         assert (row["outcome"], row["cdr_ids"], row["cdr_kwh"], row["delta_kwh"]) == (
             "NOT_BILLABLE", ["C1"], Decimal(10), Decimal(0)), order
         assert rows["CDR", "C1"]["outcome"] == "MATCHED"  # the CDR is billed anyway: its anomaly says why not
+
+
+def test_a_completed_session_past_its_cdr_grace_stays_missing_cdr_when_it_changes() -> None:
+    """The sweep made a completed session without a CDR MISSING_CDR at its due_at (version + 1). A later update of
+    it (a total_cost PATCH), or the loss of its only CDR, after that deadline wrote AWAITING_CDR again (the grace
+    long passed), published and counted as waiting until the next sweep promoted it once more. By the event time
+    of the fact that writes the row the deadline has passed: MISSING_CDR at once, due_at still from final_at."""
+    party = Party()
+    first = result(party.run(s_fact(completed(), received=0, final=0)), "SESSION", "S1")
+    assert (first["outcome"], first["due_at"]) == ("AWAITING_CDR", ts(30))
+    swept = first["version"] + 1  # the deadline sweep's MISSING_CDR row
+    updated = result(party.run(s_fact(completed(kwh="11"), version=2, received=40, final=0)), "SESSION", "S1")
+    assert (updated["outcome"], updated["due_at"], updated["session_kwh"]) == ("MISSING_CDR", ts(30), Decimal(11))
+    assert updated["version"] > swept
+    # A CDR that comes then still matches it (late), and a credit of that CDR leaves it MISSING_CDR, not waiting.
+    matched = result(party.run(c_fact(cdr(kwh="11"), received=50)), "SESSION", "S1")
+    assert (matched["outcome"], matched["late"]) == ("MATCHED", True) and matched["version"] > updated["version"]
+    credited = result(party.run(c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=60)),
+                      "SESSION", "S1")
+    assert (credited["outcome"], credited["cdr_ids"], credited["due_at"]) == ("MISSING_CDR", [], ts(30))
+    assert credited["version"] > matched["version"]
+    # At its deadline exactly it is still in time (as a CDR then is not late).
+    assert result(Party().run(s_fact(completed(), version=2, received=30, final=0)), "SESSION", "S1")[
+        "outcome"] == "AWAITING_CDR"
