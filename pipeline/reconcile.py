@@ -37,9 +37,10 @@ Outcomes (one current row per subject in `reconciliation`, each also published t
   NOT_BILLABLE, with or without a CDR (a CDR for it is an anomaly; the row still shows what its CDRs bill);
   an open session has no row until it has a CDR, and AWAITING_CDR without a due time if it loses it;
 - a CDR: MATCHED, or MISMATCH when a delta exceeds its tolerance; AWAITING_SESSION until
-  OCPI_RECONCILE_SESSION_GRACE, then NO_SESSION. A CDR without a session is *billed anyway* (the CDR is the
-  billing record; CPOs without a Sessions module, reservation-only CDRs, never-pushed home chargers): the
-  outcome only makes it visible. Credit CDRs get outcome CREDIT; a CDR a credit cancels, CREDITED (no session).
+  OCPI_RECONCILE_SESSION_GRACE, then NO_SESSION (at once when it loses its session after that grace). A CDR
+  without a session is *billed anyway* (the CDR is the billing record; CPOs without a Sessions module,
+  reservation-only CDRs, never-pushed home chargers): the outcome only makes it visible. Credit CDRs get
+  outcome CREDIT; a CDR a credit cancels, CREDITED (no session).
 - A CDR held by an INVALID session is an anomaly (CDR_FOR_INVALID_SESSION, keyed by the CDR), whichever came
   first: the CDR, or the session's move to INVALID.
 - Deltas are CDR minus Session: kWh, cost excl. VAT, start and end time (seconds). `late` marks a match made
@@ -393,8 +394,9 @@ def _emit_cdr(state: PartyState, rec: CdrRec, session: SessionFact | None, rules
     elif rec.credited_by is not None:
         outcome = "CREDITED"  # cancelled by a credit CDR: matched to no session (`Matching.withdraw`)
     elif session is None:
-        outcome = "AWAITING_SESSION"
         due = fact.received_at + rules.session_grace
+        # Left by its session after its grace (the session changed its key): NO_SESSION, as the sweep makes it.
+        outcome = "NO_SESSION" if now > due else "AWAITING_SESSION"
     else:
         d = deltas(session, fact)
         # Amounts in two currencies cannot be compared: a CDR billed in another currency than its session is off.

@@ -518,7 +518,8 @@ def test_a_settled_match_is_undone_when_its_session_loses_the_key() -> None:
     party = Party()
     party.run(s_fact(completed("S1", start=0), final=61, version=1), c_fact(cdr("C1", session_id=None, start=0)))
     out = party.run(s_fact(completed("S1", start=0, location="LOC2"), received=30, final=61, version=2))
-    assert stored(party, "C1") == (None, "") and result(out, "CDR", "C1")["outcome"] == "AWAITING_SESSION"
+    # Past the CDR's grace (10): it has no session now, and waits no more.
+    assert stored(party, "C1") == (None, "") and result(out, "CDR", "C1")["outcome"] == "NO_SESSION"
     assert result(out, "SESSION", "S1")["outcome"] == "AWAITING_CDR"
 
 
@@ -930,7 +931,8 @@ def test_a_settled_reference_match_is_undone_when_its_session_changes_its_refere
               c_fact(cdr("C1", session_id=None, authref="AUTH-1")))
     assert stored(party, "C1") == ("S1", "AUTHORIZATION_REFERENCE")
     out = party.run(s_fact(completed("S1", authref="AUTH-X", uid="TOK7"), received=30, final=61, version=2))
-    assert stored(party, "C1") == (None, "") and result(out, "CDR", "C1")["outcome"] == "AWAITING_SESSION"
+    # Past the CDR's grace (10): it has no session now, and waits no more.
+    assert stored(party, "C1") == (None, "") and result(out, "CDR", "C1")["outcome"] == "NO_SESSION"
     assert result(out, "SESSION", "S1")["outcome"] == "AWAITING_CDR"
 
 
@@ -1165,3 +1167,18 @@ def test_a_completed_session_past_its_cdr_grace_stays_missing_cdr_when_it_change
     # At its deadline exactly it is still in time (as a CDR then is not late).
     assert result(Party().run(s_fact(completed(), version=2, received=30, final=0)), "SESSION", "S1")[
         "outcome"] == "AWAITING_CDR"
+
+
+def test_a_cdr_that_loses_its_session_after_its_grace_is_no_session_at_once() -> None:
+    """A CDR matched by token whose session then changes its location (or its reference) after the CDR's session
+    grace: its row was AWAITING_SESSION again, a deadline past, until the next sweep made it NO_SESSION."""
+    party = Party()
+    party.run(s_fact(completed("S1", start=0), final=61, version=1), c_fact(cdr("C1", session_id=None, start=0)))
+    out = party.run(s_fact(completed("S1", start=0, location="LOC2"), received=30, final=61, version=2))
+    row = result(out, "CDR", "C1")
+    assert (row["outcome"], row["session_id"], row["due_at"]) == ("NO_SESSION", None, ts(10))
+    # Within its grace it waits again.
+    party = Party()
+    party.run(s_fact(completed("S1", start=0), final=61, version=1), c_fact(cdr("C1", session_id=None, start=0)))
+    out = party.run(s_fact(completed("S1", start=0, location="LOC2"), received=5, final=61, version=2))
+    assert (result(out, "CDR", "C1")["outcome"], result(out, "CDR", "C1")["due_at"]) == ("AWAITING_SESSION", ts(10))
