@@ -1213,6 +1213,54 @@ def test_a_credit_whose_original_comes_after_the_grace_is_flagged_whether_or_not
     assert late.tables().get("anomalies", []) == swept.tables()["anomalies"]
 
 
+def test_a_session_the_sweep_made_missing_cdr_stays_so_when_it_changes_after_its_deadline(client: Client) -> None:
+    """A completed session without a CDR, promoted MISSING_CDR by the sweep (version + 1), then updated after its
+    CDR grace (a total_cost PATCH): stage 2 wrote and published AWAITING_CDR again, which replaced the sweep's row
+    until the next sweep. The update's row is MISSING_CDR with the same due_at; a CDR then still matches it."""
+    from pipeline.agents import party_batch, reconciliation_records
+    from pipeline.facts import cdr_fact, session_fact
+    from pipeline.reconcile import PartyOutput, PartyState, Rules, process_party
+
+    from .builders import PSEUDONYM_KEY, DictStore
+
+    rules = Rules(cdr_grace=timedelta(minutes=30), session_grace=timedelta(minutes=10),
+                  energy_tolerance=Decimal("0.01"), cost_tolerance=Decimal("0.01"),
+                  time_tolerance=timedelta(minutes=5))
+    pseudonym = retention.Pseudonymizer(PSEUDONYM_KEY)
+
+    def completed(cost: str, version: int, received: float) -> Any:
+        body = session("S1", status="COMPLETED", kwh="10", cost=cost, end=60, updated=received)
+        return session_fact(event("Session", body).payload, partner_id="p1", version=version,
+                            received_at=ts(received), final_at=ts(61), pseudonym=pseudonym)
+
+    store = DictStore()
+    published: list[dict[str, Any]] = []
+
+    def run(*facts: Any) -> None:
+        out = PartyOutput()
+        overlay = store.overlay()
+        process_party(PartyState("NL/TNM", overlay), list(facts), rules, out)
+        store.commit(overlay)
+        published.extend(json.loads(value) for _key, value in reconciliation_records(out.reconciliation))
+        write(client, party_batch(out, []))
+
+    def current() -> list[tuple[Any, ...]]:
+        return client.query("SELECT outcome, due_at, session_cost_excl_vat FROM reconciliation FINAL").result_rows
+
+    run(completed("2.50", 1, 61))
+    swept, promoted = sweeps.collect(client, ts(100), stage_rules(), timedelta(seconds=10), anomalies_kept=KEPT)
+    write(client, swept)
+    assert [row[6] for row in promoted] == ["MISSING_CDR"]
+    assert current() == [("MISSING_CDR", ts(91), Decimal("2.5000"))]
+    run(completed("3.00", 2, 120))  # its cost PATCHed, after the deadline (91)
+    assert current() == [("MISSING_CDR", ts(91), Decimal("3.0000"))]
+    assert published[-1]["outcome"] == "MISSING_CDR"
+    run(cdr_fact(event("CDR", cdr("C1", cost="3.00")).payload, partner_id="p1", received_at=ts(130),
+                 pseudonym=pseudonym))
+    assert client.query("SELECT subject, outcome, late FROM reconciliation FINAL ORDER BY subject").result_rows == [
+        ("CDR", "MATCHED", False), ("SESSION", "MATCHED", True)]
+
+
 def test_every_evse_a_location_put_leaves_out_is_an_anomaly_of_its_own(client: Client) -> None:
     # One PUT leaving out two EVSEs is two facts: the anomalies' key (kind, object, sub_id, event) told them apart
     # by the event alone, and the second EVSE's row replaced the first's (in the batch, and under FINAL).
