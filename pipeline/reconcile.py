@@ -14,21 +14,21 @@ within the hour after its grace ended (`pipeline.matching`). A CDR may come befo
 session's last update, so a match by session id is final and any other is provisional: the CDR stays indexed as
 waiting under each stronger key it carries, and a session that arrives or changes with such a key takes it over. The
 CDR then moves: its row is written again with the new session, method and deltas, and so is the session it left
-(back to AWAITING_CDR, or with its remaining CDRs' totals). A nearer or free session of the CDR's own key takes it
-over the same way. So for the same facts every arrival order ends with the same matches (`pipeline.matching` tells
-how). This holds within a CDR's OCPI_RECONCILE_SESSION_GRACE: after it the CDR is settled, its match is no longer
-moved within its own key, and only a stronger key still takes it (a waiting CDR: its strongest key), which keeps the
-state small.
+(back to AWAITING_CDR, MISSING_CDR past its CDR grace, or with its remaining CDRs' totals). A nearer or free session
+of the CDR's own key takes it over the same way. So for the same facts every arrival order ends with the same
+matches (`pipeline.matching` tells how). This holds within a CDR's OCPI_RECONCILE_SESSION_GRACE: after it the CDR is
+settled, its match is no longer moved within its own key, and only a stronger key still takes it (a waiting CDR: its
+strongest key), which keeps the state small.
 A session may have several CDRs (an original, and a corrected one after a credit); credit CDRs are not matched to
 sessions but linked to the CDR they credit (`_link_credit`). A CDR a credit is linked to is cancelled: it leaves
 matching (`Matching.withdraw`) and its session's totals, and the session's row is written again; a session left
-without a CDR that counts is AWAITING_CDR again (so the CDR grace and the MISSING_CDR sweep apply). Credited CDRs are
-left out rather than netted with their credits, so a session's totals are those of the CDRs that count, whatever
-the credit's amount (a credit that does not negate its original is flagged CREDIT_AMOUNT_MISMATCH). Of several
-credits for one CDR the earliest received (then the lowest id) is LINKED, in every arrival order; every other one
-is DUPLICATE_CREDIT (anomaly), and billing leaves its line out (view `billable_lines`, migration 0016). A credit
-that names a credit CDR (itself too) is CREDIT_OF_CREDIT (anomaly), links nothing, and is left out of billing too
-(0018).
+without a CDR that counts is AWAITING_CDR again (so the CDR grace and the MISSING_CDR sweep apply), or MISSING_CDR
+when that grace has passed already. Credited CDRs are left out rather than netted with their credits, so a session's
+totals are those of the CDRs that count, whatever the credit's amount (a credit that does not negate its original is
+flagged CREDIT_AMOUNT_MISMATCH). Of several credits for one CDR the earliest received (then the lowest id) is
+LINKED, in every arrival order; every other one is DUPLICATE_CREDIT (anomaly), and billing leaves its line out (view
+`billable_lines`, migration 0016). A credit that names a credit CDR (itself too) is CREDIT_OF_CREDIT (anomaly),
+links nothing, and is left out of billing too (0018).
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
