@@ -33,11 +33,11 @@ links nothing, and is left out of billing too (0018).
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
   deadline sweep; a row written after that deadline by event time, when the session changes or loses its CDR, is
-  MISSING_CDR at once, never AWAITING_CDR again), MATCHED while it has a CDR; an INVALID session is
+  MISSING_CDR at once, never AWAITING_CDR again: `_past`), MATCHED while it has a CDR; an INVALID session is
   NOT_BILLABLE, with or without a CDR (a CDR for it is an anomaly; the row still shows what its CDRs bill);
   an open session has no row until it has a CDR, and AWAITING_CDR without a due time if it loses it;
 - a CDR: MATCHED, or MISMATCH when a delta exceeds its tolerance; AWAITING_SESSION until
-  OCPI_RECONCILE_SESSION_GRACE, then NO_SESSION (at once when it loses its session after that grace). A CDR
+  OCPI_RECONCILE_SESSION_GRACE, then NO_SESSION (at once when it loses its session after that grace: `_past`). A CDR
   without a session is *billed anyway* (the CDR is the billing record; CPOs without a Sessions module,
   reservation-only CDRs, never-pushed home chargers): the outcome only makes it visible. Credit CDRs get
   outcome CREDIT; a CDR a credit cancels, CREDITED (no session).
@@ -371,7 +371,7 @@ def _emit_session(state: PartyState, rec: SessionRec, cdrs: list[CdrRec], rules:
         due = (fact.final_at or fact.received_at) + rules.cdr_grace
         # A row written after the deadline (an update of the session, the loss of its CDR) is the sweep's outcome
         # at once: AWAITING_CDR again would undo the MISSING_CDR the sweep wrote until its next run.
-        outcome = "MISSING_CDR" if now > due else "AWAITING_CDR"
+        outcome = "MISSING_CDR" if _past(due, now, rec.seq) else "AWAITING_CDR"
     elif rec.seq:
         outcome = "AWAITING_CDR"  # an open session that lost its CDR: its MATCHED row must go; no deadline yet
     else:
@@ -396,7 +396,7 @@ def _emit_cdr(state: PartyState, rec: CdrRec, session: SessionFact | None, rules
     elif session is None:
         due = fact.received_at + rules.session_grace
         # Left by its session after its grace (the session changed its key): NO_SESSION, as the sweep makes it.
-        outcome = "NO_SESSION" if now > due else "AWAITING_SESSION"
+        outcome = "NO_SESSION" if _past(due, now, rec.seq) else "AWAITING_SESSION"
     else:
         d = deltas(session, fact)
         # Amounts in two currencies cannot be compared: a CDR billed in another currency than its session is off.
@@ -411,6 +411,13 @@ def _emit_cdr(state: PartyState, rec: CdrRec, session: SessionFact | None, rules
         None if d is None else d.cost_excl_vat, None if d is None else d.start_s, None if d is None else d.end_s,
         rec.late, due, fact.received_at, rec.seq * 2,
     ])
+
+
+def _past(deadline: datetime, now: datetime, seq: int) -> bool:
+    """Whether a subject's deadline has passed: by the event time of the fact writing its row, or of an earlier row
+    of it (`seq`, its event time in microseconds). A party's facts reach stage 2 out of event-time order (their
+    stage-1 partitions differ), and a waiting outcome must not come back once its deadline had passed."""
+    return now > deadline or seq > version_of(deadline)
 
 
 def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutput, now: datetime,

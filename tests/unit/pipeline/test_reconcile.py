@@ -1182,3 +1182,17 @@ def test_a_cdr_that_loses_its_session_after_its_grace_is_no_session_at_once() ->
     party.run(s_fact(completed("S1", start=0), final=61, version=1), c_fact(cdr("C1", session_id=None, start=0)))
     out = party.run(s_fact(completed("S1", start=0, location="LOC2"), received=5, final=61, version=2))
     assert (result(out, "CDR", "C1")["outcome"], result(out, "CDR", "C1")["due_at"]) == ("AWAITING_SESSION", ts(10))
+
+
+def test_a_session_missing_its_cdr_stays_so_when_an_update_stamped_before_its_deadline_comes_after() -> None:
+    """Facts of a party reach stage 2 out of event-time order (their stage-1 partitions differ). S0 lost its CDR at
+    35 (S1, carrying the CDR's reference, took it), past its deadline (30): MISSING_CDR. Its own update stamped 20,
+    handed over after that, wrote AWAITING_CDR again, though its subject had been past the deadline already."""
+    party = Party()
+    party.run(s_fact(completed("S0"), received=0, final=0), c_fact(cdr("C0", session_id=None, authref="A1")))
+    assert stored(party, "C0") == ("S0", "TOKEN_LOCATION_START")
+    moved = result(party.run(s_fact(completed("S1", authref="A1", uid="TOK9"), received=35, final=35)),
+                   "SESSION", "S0")
+    assert (moved["outcome"], moved["due_at"]) == ("MISSING_CDR", ts(30))
+    updated = result(party.run(s_fact(completed("S0", kwh="11"), version=2, received=20, final=0)), "SESSION", "S0")
+    assert (updated["outcome"], updated["due_at"], updated["session_kwh"]) == ("MISSING_CDR", ts(30), Decimal(11))
