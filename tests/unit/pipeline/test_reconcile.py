@@ -1196,3 +1196,17 @@ def test_a_session_missing_its_cdr_stays_so_when_an_update_stamped_before_its_de
     assert (moved["outcome"], moved["due_at"]) == ("MISSING_CDR", ts(30))
     updated = result(party.run(s_fact(completed("S0", kwh="11"), version=2, received=20, final=0)), "SESSION", "S0")
     assert (updated["outcome"], updated["due_at"], updated["session_kwh"]) == ("MISSING_CDR", ts(30), Decimal(11))
+
+
+def test_a_cdr_past_its_grace_by_an_earlier_row_stays_no_session_when_a_fact_stamped_before_frees_it() -> None:
+    party = Party()
+    party.run(s_fact(completed("S1", start=0), final=61, version=1), c_fact(cdr("C1", session_id=None, start=0)))
+    gone = result(party.run(s_fact(completed("S1", start=0, location="LOC2"), received=30, final=61, version=2)),
+                  "CDR", "C1")
+    assert gone["outcome"] == "NO_SESSION"  # its grace (10) had passed at 30
+    # Handed over after it, stamped before C1's deadline: S2 takes C1, then moves away from its location.
+    assert result(party.run(s_fact(completed("S2", start=1), received=5, final=61, version=1)), "CDR", "C1")[
+        "outcome"] == "MATCHED"
+    freed = result(party.run(s_fact(completed("S2", start=1, location="LOC3"), received=8, final=61, version=2)),
+                   "CDR", "C1")
+    assert (freed["outcome"], freed["session_id"], freed["due_at"]) == ("NO_SESSION", None, ts(10))
