@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -18,6 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
 
 from pipeline.reconcile import RECONCILIATION_COLUMNS
 from pipeline.stack import Stack
@@ -274,10 +276,16 @@ async def _results(stack: Stack, party_id: str) -> dict[tuple[str, str], list[di
     await consumer.start()
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     try:
+        # To the topic's end as it is now (a fetch that comes back empty for 2 s on a loaded machine is no end).
+        topic = stack.settings.pipeline.topic_reconciliation
+        partitions = consumer.partitions_for_topic(topic) or set()
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        deadline = time.monotonic() + 60
         while True:
-            batch = await consumer.getmany(timeout_ms=2000)
-            if not batch:
+            if not [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
                 return results
+            assert time.monotonic() < deadline, "the reconciliation topic was not read to its end in 60 s"
+            batch = await consumer.getmany(timeout_ms=500)
             for messages in batch.values():
                 for message in messages:
                     row = msgspec.json.decode(message.value)
