@@ -501,10 +501,12 @@ def test_session_event_encodes_at_4000_per_second_or_more() -> None:
     event = make_event("Session", session, module="SESSIONS", level="SESSION")
     codec.encode_event(event)
     best = 0.0
+    # The CPU time the encoding took, not the wall clock: on a loaded machine (CI's two cores shared with brokers,
+    # chDB and subprocesses) the wall clock counts the time other processes ran, and measured a third of the rate.
     for _ in range(3):
         n = 2000
-        start = time.perf_counter()
+        start = time.thread_time()
         for _ in range(n):
             codec.encode_event(event)
-        best = max(best, n / (time.perf_counter() - start))
+        best = max(best, n / (time.thread_time() - start))
     assert best >= 4000, f"{best:.0f} Session events/s"
