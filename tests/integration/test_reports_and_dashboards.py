@@ -141,10 +141,11 @@ async def _populate(settings: Settings) -> tuple[Expected, list[tuple[Any, ...]]
                     1)
         stack.check_children()
 
-        # Consumer lag while the worker runs: it commits within a second or two of writing.
+        # Consumer lag while the worker runs: it commits within a second or two of writing (seconds more on a
+        # slow, loaded machine: the wait ends as soon as the lag is 0).
         topics = reports.consumed_topics(settings)
         lag: list[tuple[Any, ...]] = []
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             _columns, rows = await reports.consumer_lag(settings.kafka, stack.bootstrap, settings.pipeline.app_id,
                                                         topics, retention_days=settings.retention.raw_days)
