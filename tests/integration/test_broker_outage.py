@@ -192,7 +192,9 @@ async def test_a_hung_broker_is_answered_3000_within_the_send_timeout_and_used_a
                 response = await app.push(method, url, body)
                 took = time.monotonic() - started
                 assert response.status_code == 500 and response.json()["status_code"] == 3000, response.text
-                assert took < 1.0 + 0.5, (url, took)
+                # Less than two send timeouts: one wait, not two in a row nor the partner's own timeout. (The
+                # push's own work took up to 0.2 s on a loaded machine: 0.5 s was too little margin.)
+                assert took < 2 * 1.0, (url, took)
 
             os.kill(pid, signal.SIGCONT)
             stopped = False
