@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -28,12 +29,19 @@ async def _values(bootstrap: str, topic: str) -> list[bytes]:
                                 max_partition_fetch_bytes=2 * RECORD_MAX_BYTES, fetch_max_bytes=4 * RECORD_MAX_BYTES)
     await consumer.start()
     try:
-        consumer.assign([TopicPartition(topic, 0)])
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
         found: list[bytes] = []
-        idle = 0
-        while idle < 4:
+        # To the partition's end (2 s without a record is no end on a slow machine fetching 75 MB), then 1 s more:
+        # a record written after that end would be one the test must see too.
+        end = (await consumer.end_offsets([tp]))[tp]
+        deadline = time.monotonic() + 120
+        while await consumer.position(tp) < end:
+            assert time.monotonic() < deadline, f"the topic was not read to its end ({end}) in 120 s"
             batches = await consumer.getmany(timeout_ms=500)
-            idle = 0 if batches else idle + 1
+            found += [(r.value or b"")[:3] for records in batches.values() for r in records]
+        for _ in range(2):
+            batches = await consumer.getmany(timeout_ms=500)
             found += [(r.value or b"")[:3] for records in batches.values() for r in records]
         return found
     finally:
@@ -53,7 +61,9 @@ async def test_a_push_answered_3000_is_not_written_after_the_next_push_of_its_ob
         for n in range(5):
             with pytest.raises(PublishError):
                 await publisher.publish(topic, b"K", b"A%d-" % n + os.urandom(15 * 1024 * 1024))
-            for _attempt in range(200):  # the partner's next push of the object, resent until acknowledged
+            # The partner's next push of the object, resent until acknowledged: each attempt has the 0.02 s send
+            # timeout too, and a loaded machine's broker can take longer than that for many attempts in a row.
+            for _attempt in range(2000):
                 try:
                     await publisher.publish(topic, b"K", b"B%d-" % n)
                     break
