@@ -35,7 +35,9 @@ def broker() -> Iterator[str]:
     """An embedded Tansu broker for the whole session; stopped by PID at the end."""
     from infra.kafka.embedded import EmbeddedBroker
 
-    with EmbeddedBroker() as embedded:
+    # 60 s to answer, not the default 20: the session's first start on a slow, loaded CI machine (two cores) comes
+    # with every import and the first chDB in the same moments.
+    with EmbeddedBroker().start(timeout=60) as embedded:
         yield embedded.bootstrap
     assert embedded.process is None
 
