@@ -56,15 +56,19 @@ class Restored:
     counts: tuple[int, int, int]
 
 
-CUT = datetime.now(UTC) - timedelta(minutes=30)
+# How long before the fixture's start the replay's cut is: long before every deadline of its settings, and after
+# the story's extras (received 2 h before it). It was 30 min before the module's import: SG1, ACTIVE since the
+# cut + 2 min, went idle (OCPI_PIPELINE_SESSION_IDLE, 30 min) 2 min after the import, which a slow machine's
+# fixture outlasts, and its SESSION_IDLE came between the two fingerprints.
+CUT_BEFORE = timedelta(minutes=60)
 
 
-def _parked_then_applied(settings: Settings) -> list[tuple[str, bytes, bytes]]:
+def _parked_then_applied(settings: Settings, cut: datetime) -> list[tuple[str, bytes, bytes]]:
     """A PATCH received before its PUT (parked), the PUT within OCPI_PIPELINE_PARK_TTL (applied): either side of
-    CUT, long before now."""
+    `cut`, long before now."""
     return [record(settings, "SessionPatch", {"kwh": Decimal("4"), "last_updated": b.iso(b.ts(10))}, object_id="SG1",
-                   received_at=CUT - timedelta(minutes=2)),
-            record(settings, "Session", b.session("SG1", updated=5, uid="TG1"), received_at=CUT + timedelta(minutes=2))]
+                   received_at=cut - timedelta(minutes=2)),
+            record(settings, "Session", b.session("SG1", updated=5, uid="TG1"), received_at=cut + timedelta(minutes=2))]
 
 
 def _new_kafka(settings: Settings, tag: str) -> Settings:
@@ -95,7 +99,8 @@ async def restored(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterat
     try:
         for seed, (partner_id, (parties, stories)) in enumerate(PARTNERS.items()):
             await push(stack, partner_id, parties, stories, seed)
-        await publish(stack.bootstrap, [*_extras(settings), *_parked_then_applied(settings)])
+        cut_at = datetime.now(UTC) - CUT_BEFORE
+        await publish(stack.bootstrap, [*_extras(settings), *_parked_then_applied(settings, cut_at)])
         first = Story(stack, settings, {})
         first.baseline = await settle(first)
         _check_story(first.baseline)
@@ -116,7 +121,7 @@ async def restored(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterat
         assert code == 0, out + err
         # In two parts, the worker catching up in between (as it does between the batches of one long replay,
         # whenever it reads faster than the replay sends): the PATCH of SG1 in the first, its PUT in the second.
-        cut = CUT.isoformat()
+        cut = cut_at.isoformat()
         for part in (("--until", cut), ("--since", cut)):
             code, out, err = await run_cli(again, "replay", "--from-archive", str(archive), *part, "--wait",
                                            "--timeout", "90")
