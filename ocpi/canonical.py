@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from typing import Any, Final
 
 import msgspec
@@ -25,13 +25,16 @@ import msgspec
 from ocpi._generated import PATCHES, SessionPatch
 from ocpi.datetime import format_exact_datetime
 
-__all__ = ["content_hash", "to_builtins", "to_ocpi_json"]
+__all__ = ["canonical_json", "content_hash", "number_text", "to_builtins", "to_ocpi_json"]
 
 _PATCH_TYPES: Final = frozenset(PATCHES.values())
 _SORTED: Final = msgspec.json.Encoder(order="sorted")
 _WIRE: Final = msgspec.json.Encoder(decimal_format="number")
 _LAST_UPDATED: Final = "last_updated"
 _DIMENSIONS: Final = "dimensions"  # ChargingPeriod.dimensions, the only member of that name
+
+canonical_json: Final = _SORTED.encode
+"""The JSON `content_hash` hashes, of a canonical tree: keys sorted."""
 
 
 def to_builtins(obj: Any) -> Any:
@@ -70,7 +73,7 @@ def _canonical(value: Any, *, keep_empty_lists: bool = False) -> Any:
     if kind is list:
         return [_canonical(item) for item in value]
     if kind is Decimal:
-        return _number_text(value)
+        return number_text(value)
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("naive datetime in an OCPI value: OCPI DateTimes are UTC")
@@ -78,15 +81,15 @@ def _canonical(value: Any, *, keep_empty_lists: bool = False) -> Any:
     return value
 
 
-def _number_text(value: Decimal) -> str:
+def number_text(value: Decimal) -> str:
     """Normalised positional text: 8.50 → "8.5", 1E+2 → "100", -0 → "0"."""
     if not value:
         return "0"
-    sign, digits, exponent = value.as_tuple()
-    assert isinstance(exponent, int), "decoded numbers are finite"
-    while exponent < 0 and digits[-1] == 0:
-        digits, exponent = digits[:-1], exponent + 1
-    return format(Decimal((sign, digits, exponent)), "f")
+    # normalize() strips the trailing zeros; under _EXACT it never rounds (any finite Decimal has fewer digits).
+    return format(value.normalize(_EXACT), "f")
+
+
+_EXACT: Final = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
 
 def _wire(value: Any) -> Any:

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ocpi import ObjectKey, OcpiStatus, ci_equal, content_hash, decode, merge_session, to_builtins, to_ocpi_json
+from ocpi.canonical import number_text
 from ocpi.model import Connector, ConnectorPatch, Location, Session, SessionPatch
 
 from .support import EXAMPLES, dumps, example
@@ -223,3 +224,24 @@ def test_hash_treats_number_spellings_alike_and_keeps_fractions_of_a_second() ->
     assert start in base
     fraction = base.replace(start, b'"start_date_time": "2015-06-29T22:39:09.5Z"')
     assert _raw_hash(fraction) != _raw_hash(base)
+
+
+def _number_text_by_digits(value: Decimal) -> str:
+    """The normalised text as first defined: trailing fraction zeros dropped from the digits, then positional."""
+    if not value:
+        return "0"
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    while exponent < 0 and digits[-1] == 0:
+        digits, exponent = digits[:-1], exponent + 1
+    return format(Decimal((sign, digits, exponent)), "f")
+
+
+@settings(max_examples=2000)
+@given(st.decimals(allow_nan=False, allow_infinity=False) | st.builds(
+    lambda sign, digits, exponent: Decimal((sign, tuple(digits), exponent)), st.integers(0, 1),
+    st.lists(st.integers(0, 9), min_size=1, max_size=60), st.integers(-80, 40)))
+def test_number_text_is_the_normalised_positional_text(value: Decimal) -> None:
+    """The content hash writes numbers so (a changed text would change stored hashes); normalize() must neither
+    round a long number nor differ from stripping the digits."""
+    assert number_text(value) == _number_text_by_digits(value)

@@ -8,6 +8,8 @@ from typing import Any
 import msgspec
 import pytest
 
+from ocpi.canonical import content_hash
+from pipeline import cdr_rules
 from pipeline.cdr_rules import CdrDecision, credit_anomalies, decide
 from pipeline.cdrs import process_cdrs
 from pipeline.facts import CdrFact
@@ -171,3 +173,42 @@ def test_a_cdr_state_written_before_the_case_insensitive_hash_compares_content_h
     same, other_case = event("CDR", cdr(updated=90), received=2), event("CDR", cdr("c1", updated=91), received=3)
     out = h.run(same, other_case)
     assert outcomes(out) == {same.event_id: "DUPLICATE", other_case.event_id: "CONFLICT"}
+
+
+def _same_content_hash_as_defined(payload: dict[str, Any]) -> str:
+    """`same_content_hash` as it is defined: `content_hash` of the CiString-normalised tree, false flags absent."""
+    tree = cdr_rules._ci_normalized(payload, cdr_rules._CDR_CI)
+    for name in ("credit", "home_charging_compensation"):
+        if tree.get(name) is False:
+            del tree[name]
+    return content_hash(tree)
+
+
+def _variants() -> list[dict[str, Any]]:
+    mixed = cdr("c1", cc="nl", pid="tNm", uid="tok1", tariffs=[{**TARIFF, "id": "t1"}], credit=False,
+                credit_reference="ref", authref="Auth1", session_id="s1")
+    mixed["home_charging_compensation"] = False
+    mixed["charging_periods"][0]["dimensions"].reverse()
+    flagged = cdr(credit=True, credit_reference="C0", cost="-2.50")
+    flagged["home_charging_compensation"] = True
+    flagged["remark"] = "Remark"
+    trailing = cdr(kwh="10.500", cost="2.5000", tariffs=[TARIFF], session_id=None)
+    return [cdr(), cdr(tariffs=[TARIFF]), mixed, flagged, trailing]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_the_same_content_hash_is_the_content_hash_of_the_normalised_cdr(index: int) -> None:
+    """`same_content_hash` canonicalises and normalises in one walk (it runs for every CDR event): its value is
+    stored in the state, so it must stay exactly the hash of its definition."""
+    payload = event("CDR", _variants()[index]).payload
+    assert cdr_rules.same_content_hash(payload) == _same_content_hash_as_defined(payload)
+
+
+def test_the_same_content_hash_of_values_the_decoder_does_not_give_is_the_defined_one() -> None:
+    payload = event("CDR", cdr(tariffs=[TARIFF])).payload
+    payload["charging_periods"][0]["dimensions"][0]["extra"] = (b"\x00", ("a", None), [])
+    payload["total_cost"]["note"] = {"last_updated": 1, "empty": [], "n": None, "x": 1.5, "flag": True}
+    assert cdr_rules.same_content_hash(payload) == _same_content_hash_as_defined(payload)
+    payload["start_date_time"] = payload["start_date_time"].replace(tzinfo=None)
+    with pytest.raises(ValueError, match="naive datetime"):
+        cdr_rules.same_content_hash(payload)
