@@ -11,6 +11,9 @@ content_hash(obj) is the sha256 hex of the sorted-key JSON of the object's canon
 - datetimes are written in UTC with microseconds (`+00:00` form), whatever tzinfo they carry;
 - a charging period's `dimensions` are sorted: they are a set of measurements, which a CPO serialising them from
   an unordered map sends in any order (`ocpi.patch` compares periods so too); every other list keeps its order.
+
+content_hash(obj, ci=ci_spec(Model)) also compares as OCPI does: every CiString value of the model is upper-cased
+(02 §9: CiStrings are case-insensitive), so two values differing only in the case of those are the same content.
 """
 
 from __future__ import annotations
@@ -21,11 +24,17 @@ from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from typing import Any, Final
 
 import msgspec
+import msgspec.inspect as mi
 
 from ocpi._generated import PATCHES, SessionPatch
 from ocpi.datetime import format_exact_datetime
+from ocpi.identity import ci_normalize
+from ocpi.types import CI_STRING_PATTERN
 
-__all__ = ["canonical_json", "content_hash", "number_text", "to_builtins", "to_ocpi_json"]
+__all__ = ["CiSpec", "canonical_json", "ci_spec", "content_hash", "number_text", "to_builtins", "to_ocpi_json"]
+
+CiSpec = dict[str, Any]
+"""Where a model's CiString values are: key → True (a CiString, or a list of them) or the nested object's CiSpec."""
 
 _PATCH_TYPES: Final = frozenset(PATCHES.values())
 _SORTED: Final = msgspec.json.Encoder(order="sorted")
@@ -42,13 +51,25 @@ def to_builtins(obj: Any) -> Any:
     return msgspec.to_builtins(obj, builtin_types=(datetime, Decimal))
 
 
-def content_hash(obj: Any) -> str:
-    """sha256 hex of the canonical content (see module docstring); equal for equal content."""
-    tree = msgspec.to_builtins(obj, builtin_types=(datetime, Decimal))
-    keep_empty_lists = type(obj) in _PATCH_TYPES
-    if type(obj) is SessionPatch and tree.get("charging_periods") == []:
-        del tree["charging_periods"]  # appended: `[]` changes nothing
-    return hashlib.sha256(_SORTED.encode(_canonical(tree, keep_empty_lists=keep_empty_lists))).hexdigest()
+def content_hash(obj: Any, *, ci: CiSpec | None = None) -> str:
+    """sha256 hex of the canonical content (see module docstring); equal for equal content.
+
+    `ci` (`ci_spec` of obj's model): upper-case the CiString values it names first."""
+    if type(obj) in _PATCH_TYPES:
+        tree = _canonical_patch(to_builtins(obj), ci, charging_periods_appended=type(obj) is SessionPatch)
+    elif type(obj) is dict:
+        try:  # a dict of builtins, as the Avro decoder gives, is canonicalised without a copy
+            tree = _canonical(obj, ci)
+        except _NotBuiltin:
+            tree = _canonical(to_builtins(obj), ci)
+    else:
+        tree = _canonical(to_builtins(obj), ci)
+    return hashlib.sha256(_SORTED.encode(tree)).hexdigest()
+
+
+def ci_spec(model: type) -> CiSpec | None:
+    """The CiSpec of an OCPI model (a msgspec Struct type): every member typed CiString, at any depth."""
+    return _ci_spec(mi.type_info(model))
 
 
 def to_ocpi_json(obj: Any) -> bytes:
@@ -59,26 +80,64 @@ def to_ocpi_json(obj: Any) -> bytes:
     return _WIRE.encode(_wire(msgspec.to_builtins(obj, builtin_types=(datetime, Decimal))))
 
 
-def _canonical(value: Any, *, keep_empty_lists: bool = False) -> Any:
+def _ci_spec(kind: Any) -> Any:
+    if isinstance(kind, mi.StrType):
+        return True if kind.pattern == CI_STRING_PATTERN else None
+    if isinstance(kind, mi.UnionType):
+        return next((spec for member in kind.types if (spec := _ci_spec(member)) is not None), None)
+    if isinstance(kind, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+        return _ci_spec(kind.item_type)
+    if isinstance(kind, mi.StructType):
+        spec = {field.encode_name: sub for field in kind.fields if (sub := _ci_spec(field.type)) is not None}
+        return spec or None
+    return None
+
+
+class _NotBuiltin(Exception):
+    """A value `_canonical` does not take as it is (a Struct, an enum, a tuple …): msgspec.to_builtins it first."""
+
+
+_LEAVES: Final = frozenset((str, bool, int, float))  # canonical as they are (outside a CiString)
+
+
+def _canonical(value: Any, ci: Any) -> Any:
+    """The canonical form of a tree of builtins, CiStrings upper-cased where `ci` says; a leaf is not recursed
+    into (this runs for every event)."""
     kind = type(value)
+    if kind is str:
+        if ci is not True:
+            return value
+        return value.upper() if value.isascii() else ci_normalize(value)  # ci_normalize's ASCII case, inlined
     if kind is dict:
-        tree = {
-            key: _canonical(item)
-            for key, item in value.items()
-            if key != _LAST_UPDATED and item is not None and (keep_empty_lists or item != [])
-        }
+        if ci is True or ci is None:
+            tree = {key: item if type(item) in _LEAVES else _canonical(item, None) for key, item in value.items()
+                    if key != _LAST_UPDATED and item is not None and item != []}
+        else:
+            tree = {key: item if (sub := ci.get(key)) is None and type(item) in _LEAVES else _canonical(item, sub)
+                    for key, item in value.items() if key != _LAST_UPDATED and item is not None and item != []}
         if type(tree.get(_DIMENSIONS)) is list:
             tree[_DIMENSIONS] = sorted(tree[_DIMENSIONS], key=_SORTED.encode)
         return tree
     if kind is list:
-        return [_canonical(item) for item in value]
-    if kind is Decimal:
+        return [_canonical(item, ci) for item in value]
+    if value is None or kind in _LEAVES or kind is tuple:  # to_builtins keeps a tuple, and so does the hash
+        return value
+    if isinstance(value, Decimal):
         return number_text(value)
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("naive datetime in an OCPI value: OCPI DateTimes are UTC")
         return value.astimezone(UTC).isoformat(timespec="microseconds")
-    return value
+    raise _NotBuiltin
+
+
+def _canonical_patch(body: dict[str, Any], ci: CiSpec | None, *, charging_periods_appended: bool) -> dict[str, Any]:
+    """A PATCH body's canonical form: at its top level `[]` replaces the stored list, so it is content, but
+    a Session PATCH's `charging_periods` are appended, so there `[]` changes nothing."""
+    specs = ci or {}
+    return {key: _canonical(item, specs.get(key)) for key, item in body.items()
+            if key != _LAST_UPDATED and item is not None
+            and not (charging_periods_appended and key == "charging_periods" and item == [])}
 
 
 def number_text(value: Decimal) -> str:

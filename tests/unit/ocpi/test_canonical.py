@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ocpi import ObjectKey, OcpiStatus, ci_equal, content_hash, decode, merge_session, to_builtins, to_ocpi_json
-from ocpi.canonical import number_text
+from ocpi.canonical import ci_spec, number_text
 from ocpi.model import Connector, ConnectorPatch, Location, Session, SessionPatch
 
 from .support import EXAMPLES, dumps, example
@@ -75,6 +75,34 @@ def test_hash_of_patches_keeps_empty_lists() -> None:
         b'{"tariff_ids": null, "last_updated": "2020-01-01T00:00:00Z"}', ConnectorPatch
     ).value
     assert content_hash(also_untouched) == content_hash(untouched)
+
+
+def test_hash_with_a_ci_spec_ignores_the_case_of_ci_strings_only() -> None:
+    """`ci=ci_spec(Model)` compares as OCPI does: CiStrings (02 §9) in any case are the same content, at any
+    depth; other strings keep their case."""
+    spec = ci_spec(Session)
+    assert spec is not None and spec["id"] is True and spec["cdr_token"]["uid"] is True and "currency" not in spec
+    session = decode(dumps(SESSION), Session).value
+    lower = decode(dumps(SESSION | {"id": SESSION["id"].lower() + "a",
+                                    "cdr_token": SESSION["cdr_token"] | {"uid": "abc"}}), Session).value
+    upper = decode(dumps(SESSION | {"id": SESSION["id"].upper() + "A",
+                                    "cdr_token": SESSION["cdr_token"] | {"uid": "ABC"}}), Session).value
+    assert content_hash(lower) != content_hash(upper)
+    assert content_hash(lower, ci=spec) == content_hash(upper, ci=spec) != content_hash(session, ci=spec)
+    # a string that is no CiString keeps its case (a meter id is a String(255))
+    assert content_hash(msgspec.structs.replace(upper, meter_id="m1"), ci=spec) != content_hash(
+        msgspec.structs.replace(upper, meter_id="M1"), ci=spec)
+
+
+def test_hash_of_builtins_equals_the_hash_of_the_object() -> None:
+    """A dict of builtins (as the Avro decoder gives) is hashed without a copy; any other value in it (an enum, a
+    Struct) is taken as msgspec.to_builtins gives it: the same hash either way."""
+    session = decode(dumps(SESSION), Session).value
+    tree = to_builtins(session)
+    assert content_hash(tree) == content_hash(session) == content_hash(tree, ci=None)
+    with_objects = tree | {"status": session.status, "cdr_token": session.cdr_token}
+    assert type(with_objects["cdr_token"]) is not dict
+    assert content_hash(with_objects) == content_hash(session)
 
 
 def test_hash_rejects_naive_datetimes() -> None:

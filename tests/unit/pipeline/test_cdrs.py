@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import pytest
 
-from ocpi.canonical import content_hash
+from ocpi.canonical import ci_spec, content_hash
+from ocpi.identity import ci_normalize
+from ocpi.model import CDR
 from pipeline import cdr_rules
 from pipeline.cdr_rules import CdrDecision, credit_anomalies, decide
 from pipeline.cdrs import process_cdrs
@@ -175,9 +177,22 @@ def test_a_cdr_state_written_before_the_case_insensitive_hash_compares_content_h
     assert outcomes(out) == {same.event_id: "DUPLICATE", other_case.event_id: "CONFLICT"}
 
 
+def _ci_normalized(value: Any, spec: Any) -> Any:
+    """The CDR's CiString values upper-cased, as `same_content_hash` is defined (`spec`: `ocpi.canonical.ci_spec`)."""
+    if value is None:
+        return None
+    if type(value) is list:
+        return [_ci_normalized(item, spec) for item in value]
+    if spec is True:
+        return ci_normalize(value) if type(value) is str else value
+    if type(value) is dict:
+        return {key: _ci_normalized(item, spec[key]) if key in spec else item for key, item in value.items()}
+    return value
+
+
 def _same_content_hash_as_defined(payload: dict[str, Any]) -> str:
     """`same_content_hash` as it is defined: `content_hash` of the CiString-normalised tree, false flags absent."""
-    tree = cdr_rules._ci_normalized(payload, cdr_rules._CDR_CI)
+    tree = _ci_normalized(payload, ci_spec(CDR))
     for name in ("credit", "home_charging_compensation"):
         if tree.get(name) is False:
             del tree[name]
@@ -199,9 +214,18 @@ def _variants() -> list[dict[str, Any]]:
 @pytest.mark.parametrize("index", range(5))
 def test_the_same_content_hash_is_the_content_hash_of_the_normalised_cdr(index: int) -> None:
     """`same_content_hash` canonicalises and normalises in one walk (it runs for every CDR event): its value is
-    stored in the state, so it must stay exactly the hash of its definition."""
+    stored in the state, so it must stay exactly the hash of its definition, and the values it had."""
     payload = event("CDR", _variants()[index]).payload
-    assert cdr_rules.same_content_hash(payload) == _same_content_hash_as_defined(payload)
+    assert cdr_rules.same_content_hash(payload) == _same_content_hash_as_defined(payload) == _PINNED[index]
+
+
+_PINNED: Final = (  # the hashes of `_variants()` as stored in CDR states since same_hash was kept
+    "908dc9fce38f9ca3fd08bbc6dbbbe8d27a5c315df15af6a0242156699626b7e0",
+    "7eb07eca1b23c1b7a6d2dde5d30d3a5557921a2b3f4bf977350733eb76c836c0",
+    "c426bc58b8eead74a084e8ba8082609e7d50cce33678457b563e587b69506a9c",
+    "89529b1e734ae127942dc18412d96934e6a85dd04989ad94e2e594c8ddacfe89",
+    "df536d3d2e70cbaba0ddf743a45f6305f97e4aa99aa3f31bf4ad01a07bd8ced9",
+)
 
 
 def test_the_same_content_hash_of_values_the_decoder_does_not_give_is_the_defined_one() -> None:
