@@ -49,6 +49,7 @@ from receivers.transport import (
     Party,
     RoutingHeaders,
     Unauthorized,
+    allowed_methods,
     ours_as_named,
     routing_headers,
     set_response_routing,
@@ -185,5 +186,4 @@ def _allowed(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteH
     for route in connection.app.routes:
         if route.path in handler.paths:
             methods.update(getattr(route, "methods", ()))
-    methods.discard("OPTIONS")
-    return ", ".join(sorted(methods))
+    return allowed_methods(methods)

@@ -60,6 +60,7 @@ from receivers.transport import (
     UnableToUseClientApi,
     Unauthorized,
     UnsupportedVersion,
+    allowed_methods,
     decode_body,
     ocpi_data,
     ocpi_response,
@@ -71,8 +72,8 @@ log = logging.getLogger(__name__)
 PATH: Final = f"/ocpi/{VERSION}/credentials"
 # The Allow header of our 405s (RFC 9110 requires one): the methods open to a registered or an unregistered
 # caller.
-_AS_REGISTERED: Final = {"Allow": "DELETE, GET, PUT"}
-_AS_UNREGISTERED: Final = {"Allow": "GET, POST"}
+_AS_REGISTERED: Final = {"Allow": allowed_methods(["DELETE", "GET", "PUT"])}
+_AS_UNREGISTERED: Final = {"Allow": allowed_methods(["GET", "POST"])}
 T = TypeVar("T")
 
 

@@ -19,13 +19,24 @@ says unambiguously what was addressed. `path_segment` is the other direction, fo
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, cast
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from litestar import Litestar
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
-from litestar.types import ASGIApp, LifeSpanReceive, LifeSpanScope, LifeSpanSend, Receive, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPScope,
+    LifeSpanReceive,
+    LifeSpanScope,
+    LifeSpanSend,
+    Receive,
+    Scope,
+    Send,
+)
+
+from receivers.transport import head_as_get
 
 
 def _escaped(segment: str) -> str:
@@ -69,7 +80,8 @@ def routing_path(scope: Scope) -> str:
 
 
 class OcpiLitestar(Litestar):
-    """The receivers' app: Litestar routing on `routing_path`. Its middleware must include DecodePathParams."""
+    """The receivers' app: Litestar routing on `routing_path`, HEAD answered as GET without content
+    (transport.head_as_get). Its middleware must include DecodePathParams."""
 
     __slots__ = ()
 
@@ -77,6 +89,9 @@ class OcpiLitestar(Litestar):
                        send: Send | LifeSpanSend) -> None:
         if scope["type"] == "http":
             scope["path"] = routing_path(scope)
+            http = cast("HTTPScope", scope)
+            if http["method"] == "HEAD":
+                send = head_as_get(http, cast("Send", send))
         await super().__call__(scope, receive, send)
 
 

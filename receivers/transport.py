@@ -1,7 +1,8 @@
 """The OCPI transport layer, attached once to the app: envelope, status exceptions, ids and routing headers.
 
 Every response, errors included (404, 405, malformed JSON, too large, unexpected exceptions), is an OCPI
-envelope (`04-transport-format.md` §5) with the HTTP status the spec assigns (`05-status-codes.md`).
+envelope (`04-transport-format.md` §5) with the HTTP status the spec assigns (`05-status-codes.md`); the answer
+to a HEAD is its GET's, status and headers, without the envelope (head_as_get).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -17,7 +19,7 @@ from litestar import Request, Response
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
 from litestar.handlers.base import BaseRouteHandler
-from litestar.types import Message, Scope
+from litestar.types import HTTPScope, Message, Scope, Send
 from litestar.utils import normalize_path
 
 from ocpi.canonical import to_ocpi_json
@@ -320,10 +322,11 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     allow = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), None)
     if allow:
         # Litestar lists its automatic OPTIONS handler, which the guard refuses (OCPI has no OPTIONS).
-        allow = ", ".join(sorted({m.strip() for m in allow.split(",")} - {"", "OPTIONS"}))
-    if status == 405 and allow:
-        # No handler was matched, so nothing tells the response which module it answers for: ask the route.
-        _note_module(request.scope, _route_module(request, allow.split(", ")))
+        methods = sorted({m.strip() for m in allow.split(",")} - {"", "OPTIONS"})
+        if status == 405 and methods:
+            # No handler was matched, so nothing tells the response which module it answers for: ask the route.
+            _note_module(request.scope, _route_module(request, methods))
+        allow = allowed_methods(methods)
     note_rejection(request, ocpi_status=ocpi_status, http_status=status, message=message)
     return ocpi_response(status=ocpi_status, http_status=status, message=message,
                          headers={"Allow": allow} if allow else None)
@@ -365,6 +368,35 @@ def refuse_content_coding(connection: ASGIConnection[Any, Any, Any, Any], handle
         raise UnsupportedContentEncoding(
             f"Content-Encoding {', '.join(sorted(codings))} is not supported: send the body uncompressed",
             headers={"Accept-Encoding": "identity"})
+
+
+# --- HEAD ------------------------------------------------------------------------------------------------
+
+def head_as_get(scope: HTTPScope, send: Send) -> Send:
+    """A HEAD request, answered as its GET without the content (RFC 9110 §9.1: a general-purpose server MUST
+    support HEAD wherever it supports GET; §9.3.2: the same status and header fields, Content-Length included).
+
+    The request is routed, authenticated and answered as a GET (OCPI's GETs only read); the returned `send` drops
+    every body chunk but an empty last one. Litestar has no HEAD beside GET: a HEAD was a 405 everywhere, and its
+    envelope went out as content, which a HEAD answer must not have."""
+    scope["method"] = "GET"
+
+    async def send_without_content(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            if message.get("more_body", False):
+                return
+            message = {"type": "http.response.body", "body": b"", "more_body": False}
+        await send(message)
+
+    return send_without_content
+
+
+def allowed_methods(methods: Iterable[str]) -> str:
+    """An Allow header value: the methods, with HEAD wherever GET is (head_as_get), without OPTIONS (refused)."""
+    names = {method.strip().upper() for method in methods} - {"", "OPTIONS"}
+    if "GET" in names:
+        names.add("HEAD")
+    return ", ".join(sorted(names))
 
 
 # --- X-Request-ID / X-Correlation-ID and routing headers -------------------------------------------------

@@ -451,8 +451,8 @@ async def test_every_credentials_405_says_which_methods_the_caller_may_use(app_e
     _, token_a = app_env.registry.invite("other", "Other")
     token_c, _ = await registered(app_env, partner)
     async with AsyncTestClient(app=app_env.app) as client:
-        for method, token, allowed in (("PUT", token_a, "GET, POST"), ("DELETE", token_a, "GET, POST"),
-                                       ("POST", token_c, "DELETE, GET, PUT")):
+        for method, token, allowed in (("PUT", token_a, "GET, HEAD, POST"), ("DELETE", token_a, "GET, HEAD, POST"),
+                                       ("POST", token_c, "DELETE, GET, HEAD, PUT")):
             response = await client.request(method, CREDENTIALS, headers=auth(token), json=registration(partner))
             assert (response.status_code, response.headers.get("allow")) == (405, allowed), (method, response.text)
 

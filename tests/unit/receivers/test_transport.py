@@ -160,9 +160,16 @@ ROWS = [
     Row("unknown path", "GET", "/ocpi/emsp/2.2.1/nothing", as_("cpo"), 404, 2000),
     Row("unknown path without a token", "POST", "/x", no_auth(), 404, 2000),
     Row("method not allowed", "DELETE", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 405, 2000,
-        check=allow("GET, PATCH, PUT")),
-    Row("OPTIONS", "OPTIONS", f"{SESSIONS}/BE/BEC/101", no_auth(), 405, 2000, check=allow("GET, PATCH, PUT")),
-    Row("HEAD", "HEAD", "/ocpi/versions", as_("cpo"), 405, None),
+        check=allow("GET, HEAD, PATCH, PUT")),
+    Row("OPTIONS", "OPTIONS", f"{SESSIONS}/BE/BEC/101", no_auth(), 405, 2000,
+        check=allow("GET, HEAD, PATCH, PUT")),
+    # HEAD is GET without content wherever GET is (RFC 9110 §9.1, §9.3.2): same status and headers, no body.
+    Row("HEAD", "HEAD", "/ocpi/versions", as_("cpo"), 200, None),
+    Row("HEAD without a token", "HEAD", "/ocpi/versions", no_auth(), 401, None),
+    Row("HEAD with Token A on a functional module", "HEAD", f"{SESSIONS}/BE/BEC/101", as_("invited"), 401, None),
+    Row("HEAD of a Session we do not hold", "HEAD", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 404, None,
+        check=response_routing(OURS, ("BE", "BEC"))),
+    Row("HEAD where there is no GET", "HEAD", "/ocpi/emsp/2.2.1/cdrs", as_("cpo"), 405, None, check=allow("POST")),
     Row("malformed JSON", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 400, BAD, body=b"{not json"),
     Row("invalid UTF-8 in a JSON string", "PUT", f"{SESSIONS}/BE/BEC/101", as_("cpo"), 400, BAD,
         body=b'{"meter_id": "\xff"}', check=message_has("not UTF-8")),
@@ -582,3 +589,43 @@ async def test_two_different_authorization_headers_are_refused(app_env: AppEnv, 
     assert "Authorization" in json.loads(body)["status_message"]
     assert app_env.sink.records == []
     assert same_twice == (200 if order == "valid first" else 401)
+
+
+@pytest.mark.parametrize(("path", "status"), [("/ocpi/versions", 200), ("/ocpi/2.2.1", 200),
+                                              ("/ocpi/2.2.1/credentials", 200), (f"{SESSIONS}/BE/BEC/101", 404),
+                                              ("/ocpi/emsp/2.2.1/cdrs", 405), ("/ocpi/nothing", 404)])
+async def test_head_is_get_without_content(app_env: AppEnv, path: str, status: int) -> None:  # noqa: F811
+    # RFC 9110 §9.1: a general-purpose server MUST support HEAD wherever it supports GET, and §9.3.2: the same
+    # status and header fields as GET, no content. HEAD was 405 everywhere (with `Allow: GET`), and Litestar wrote
+    # the 405's envelope as content after it. Straight through ASGI: httpx drops the content of a HEAD answer.
+    token = app_env.provision("cpo", ("BE", "BEC", "CPO"))
+    headers = [("Authorization", auth(token)["Authorization"]), ("X-Request-ID", "r-1"), ("X-Correlation-ID", "c-1")]
+    app = app_env.app
+    async with AsyncTestClient(app=app):
+        answers = {}
+        for method in ("GET", "HEAD"):
+            sent: list[dict[str, Any]] = []
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                     "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                     "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+                     "headers": [(name.lower().encode(), value.encode()) for name, value in headers]}
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": b""}
+
+            async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+                sent.append(message)
+
+            await app(scope, receive, send)
+            start = sent[0]
+            answers[method] = (start["status"], dict(start["headers"]),
+                               b"".join(message.get("body", b"") for message in sent[1:]))
+    (get_status, get_headers, get_body), (head_status, head_headers, head_body) = answers["GET"], answers["HEAD"]
+    assert get_status == head_status == status
+    assert json.loads(get_body)["status_code"] and head_body == b""
+    # The same header fields; Content-Length is GET's (its timestamp may differ by a digit or two).
+    assert {k: v for k, v in head_headers.items() if k != b"content-length"} == \
+        {k: v for k, v in get_headers.items() if k != b"content-length"}
+    assert abs(int(head_headers[b"content-length"]) - len(get_body)) <= 4
+    if status == 405:
+        assert head_headers[b"allow"] == b"POST"
