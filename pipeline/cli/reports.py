@@ -91,7 +91,9 @@ def revenue(start: date | None, end: date | None, fmt: str, by: str, party: str 
     Energy in kWh, revenue excl. and incl. VAT, per currency, by the UTC day the CDR ended. incl_vat is optional
     in OCPI: revenue incl. VAT sums the CDRs that give it, lines_without_incl_vat counts the others.
 
-    A credit CDR counts with negative energy and cost, so it cancels the CDR it credits.
+    A credit CDR counts with negative energy and cost, so it cancels the CDR it credits. A second credit of
+    the same CDR (DUPLICATE_CREDIT) and a credit that names a credit CDR (CREDIT_OF_CREDIT) are left out:
+    they would cancel it twice.
 
     Example: ocpi-pipeline report revenue --from 2024-05-01 --to 2024-05-31 --party NL/TNM --by day
     """

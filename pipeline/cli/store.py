@@ -123,8 +123,9 @@ def query(sql: str, fmt: str) -> None:
     (through that instance's admin endpoint, found in the run file). Writes are refused, and so is more than one
     statement.
 
-    Billing totals come from `billable_lines` (one line per CDR, a credit CDR's negated, duplicate credits left
-    out), not from sums over `cdrs`, where a credit CDR repeats the positive energy of the CDR it cancels.
+    Billing totals come from `billable_lines` (one line per CDR, a credit CDR's negated; a second credit of a
+    CDR, DUPLICATE_CREDIT, and a credit of a credit CDR, CREDIT_OF_CREDIT, left out), not from sums over
+    `cdrs`, where a credit CDR repeats the positive energy of the CDR it cancels.
 
     Example: ocpi-pipeline query "SELECT country_code, party_id, currency, sum(energy_kwh), sum(cost_excl_vat)
     FROM billable_lines GROUP BY 1, 2, 3"
