@@ -176,6 +176,39 @@ def test_a_credit_of_a_credit_is_left_out_of_billing(client: Client) -> None:
     assert client.query("SELECT sum(cost_excl_vat) FROM billing_daily").result_rows == [(Decimal("0.0000"),)]
 
 
+def test_a_duplicate_credit_leaves_out_no_credit_of_another_party(client: Client) -> None:
+    """CiStrings may hold `/` (a party id too: `ocpi.identity.owner_key_part`), and billable_lines looked the lines
+    of duplicate credits up by `CC/PID/ID` joined with `/`: NL/T/M's duplicate credit D and NL/T's credit M/D are
+    both `NL/T/M/D`, so NL/T's credit was left out too, and NL/T billed its CDR O as if never credited."""
+    from pipeline.agents import party_batch
+    from pipeline.reconcile import PartyOutput, PartyState, process_party
+
+    from .builders import DictStore
+    from .test_reconcile import RULES
+
+    cdrs, store = Harness(process_cdrs, CdrState), DictStore()
+    pushes = [("T/M", cdr("O", kwh="10", cost="2.50", pid="T/M")),
+              ("T/M", cdr("C", kwh="10", cost="-2.50", credit=True, credit_reference="O", pid="T/M")),
+              ("T/M", cdr("D", kwh="10", cost="-2.50", credit=True, credit_reference="O", pid="T/M")),
+              ("T", cdr("O", kwh="8", cost="2.00", pid="T")),
+              ("T", cdr("M/D", kwh="8", cost="-2.00", credit=True, credit_reference="O", pid="T"))]
+    for received, (pid, body) in enumerate(pushes):
+        out = cdrs.run(event("CDR", body, received=received, pid=pid))
+        write(client, out.batch)
+        for party, facts in out.facts.items():
+            result, overlay = PartyOutput(), store.overlay()
+            process_party(PartyState(party, overlay), facts, RULES, result)
+            store.commit(overlay)
+            write(client, party_batch(result, []))
+    assert client.query("SELECT party_id, credit_cdr_id, status FROM credit_links FINAL ORDER BY 1, 2").result_rows == [
+        ("T", "M/D", "LINKED"), ("T/M", "C", "LINKED"), ("T/M", "D", "DUPLICATE_CREDIT")]
+    assert client.query("SELECT party_id, cdr_id, cost_excl_vat FROM billable_lines ORDER BY 1, 2").result_rows == [
+        ("T", "M/D", Decimal("-2.0000")), ("T", "O", Decimal("2.0000")),
+        ("T/M", "C", Decimal("-2.5000")), ("T/M", "O", Decimal("2.5000"))]
+    assert client.query("SELECT party_id, sum(cdrs), sum(cost_excl_vat) FROM billing_daily GROUP BY 1 ORDER BY 1"
+                        ).result_rows == [("T", 2, Decimal("0.0000")), ("T/M", 2, Decimal("0.0000"))]
+
+
 def test_reconciliation_sums_and_deltas_beyond_one_amount_are_stored_exactly(client: Client) -> None:
     """OCPI amounts go up to 10^14 with either sign: a session's total of two CDRs, or a CDR minus a negative session
     amount, does not fit Decimal(18, 4). Such a row refused by ClickHouse would stop stage 2 (the sink retries the
