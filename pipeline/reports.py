@@ -35,8 +35,10 @@ if TYPE_CHECKING:
     from aiokafka import TopicPartition
 
 GROUPINGS: Final = ("party", "location", "day")
-# CiString(2) / CiString(3) (printable ASCII, not empty), as the receivers take and the pipeline stores them.
-_PARTY: Final = re.compile(r"^([\x20-\x2E\x30-\x7E]{1,2})/([\x20-\x2E\x30-\x7E]{1,3})\Z")
+# `CC/PID`: CiString(2) / CiString(3) (printable ASCII, not empty), as the receivers take and the pipeline stores
+# them; a `/` or `%` in either part written `%2F` / `%25`, as in the pipeline's keys (`ocpi.identity.owner_key_part`).
+_PARTY: Final = re.compile(r"^([\x20-\x2E\x30-\x7E]+)/([\x20-\x2E\x30-\x7E]+)\Z")
+_ESCAPE: Final = re.compile(r"%(2[Ff]|25)")
 
 
 class ReportError(ValueError):
@@ -62,11 +64,14 @@ class ReportQuery:
 
 
 def parse_party(value: str) -> tuple[str, str]:
-    """`CC/PID` (case-insensitive) → upper-cased (country_code, party_id)."""
+    """`CC/PID` (case-insensitive; a `/` or `%` in either part as `%2F` / `%25`) → upper-cased (country_code,
+    party_id)."""
     match = _PARTY.match(value.strip())
-    if match is None:
-        raise ReportError(f"party {value!r}: expected COUNTRY_CODE/PARTY_ID, e.g. NL/TNM")
-    return match.group(1).upper(), match.group(2).upper()
+    parts = [] if match is None else [_ESCAPE.sub(lambda m: "/" if m.group(1) != "25" else "%", part)
+                                      for part in match.groups()]
+    if not parts or len(parts[0]) > 2 or len(parts[1]) > 3:
+        raise ReportError(f"party {value!r}: expected COUNTRY_CODE/PARTY_ID, e.g. NL/TNM (a / in either as %2F)")
+    return parts[0].upper(), parts[1].upper()
 
 
 class _Filters:

@@ -82,7 +82,8 @@ def report() -> None:
 @_period_options
 @click.option("--by", type=click.Choice(reports.GROUPINGS), default="party", show_default=True,
               help="Group by CPO party, location or day (always also by currency).")
-@click.option("--party", metavar="CC/PID", help="Only this CPO party, e.g. NL/TNM (case-insensitive).")
+@click.option("--party", metavar="CC/PID",
+              help="Only this CPO party, e.g. NL/TNM (case-insensitive; a / in either part as %2F).")
 @click.option("--partner", metavar="ID", help="Only CDRs pushed by this partner.")
 def revenue(start: date | None, end: date | None, fmt: str, by: str, party: str | None,
             partner: str | None) -> None:

@@ -26,8 +26,7 @@ def write(client: Client, batch: Batch) -> None:
 def test_party_filter_selects_every_party_the_pipeline_stores(client: Client) -> None:
     """A party id is a CiString(3) and a country code a CiString(2) (printable ASCII, at most that long), which the
     receivers and the pipeline take and store as such: `--party` refused every party but two letters / three
-    letters or digits, so a stored party such as NL/T1 or DE/A-B could not be reported on its own (a `/`, which
-    separates the two, cannot be in a URL path segment either)."""
+    letters or digits, so a stored party such as NL/T1 or DE/A-B could not be reported on its own."""
     cdrs = Harness(process_cdrs, CdrState)
     write(client, cdrs.run(event("CDR", cdr("C1", kwh="10", cost="2.50", pid="T1"), pid="T1"),
                            event("CDR", cdr("C2", kwh="8", cost="2.00", cc="DE", pid="a-b"), cc="DE", pid="a-b"),
@@ -37,6 +36,23 @@ def test_party_filter_selects_every_party_the_pipeline_stores(client: Client) ->
         _columns, rows = reports.run(client, reports.revenue(reports.Period(), party=party))
         assert [(r[0], r[1], r[6]) for r in rows] == [want], party
     for bad in ("NLTNM", "NL/", "/TNM", "NLD/TNM", "NL/TNMX", "NL/TN\u00e9", "NL/A/B"):
+        with pytest.raises(reports.ReportError, match="COUNTRY_CODE/PARTY_ID"):
+            reports.parse_party(bad)
+
+
+def test_a_party_whose_id_holds_a_slash_can_be_reported_on_its_own(client: Client) -> None:
+    """A CiString may hold `/` and the receivers take such a party (`receivers.paths`: `%2F` in a URL), but `--party`
+    refused it (`NL/T/M` is three parts) with no other way to name it, so its totals could not be reported alone. A
+    `/` or `%` in either part is written `%2F` / `%25`, as in the pipeline's keys (`ocpi.identity.owner_key_part`)."""
+    cdrs = Harness(process_cdrs, CdrState)
+    write(client, cdrs.run(event("CDR", cdr("C1", kwh="10", cost="2.50", pid="T/M"), pid="T/M"),
+                           event("CDR", cdr("C2", kwh="8", cost="2.00", cc="N%", pid="T"), cc="N%", pid="T"),
+                           event("CDR", cdr("C3", kwh="4", cost="1.00", pid="T"), pid="T")).batch)
+    for party, want in (("NL/T%2FM", ("NL", "T/M", Decimal("2.5000"))), ("nl/t%2fm", ("NL", "T/M", Decimal("2.5000"))),
+                        ("N%25/T", ("N%", "T", Decimal("2.0000"))), ("NL/T", ("NL", "T", Decimal("1.0000")))):
+        _columns, rows = reports.run(client, reports.revenue(reports.Period(), party=party))
+        assert [(r[0], r[1], r[6]) for r in rows] == [want], party
+    for bad in ("NL/T/M", "NL/TN%2FM", "NL%2FX/T"):
         with pytest.raises(reports.ReportError, match="COUNTRY_CODE/PARTY_ID"):
             reports.parse_party(bad)
 
