@@ -10,8 +10,10 @@
 - Parent `last_updated` (08 §3): a PUT or PATCH of an EVSE raises the Location's `last_updated`, of a
   Connector the EVSE's and the Location's, to the child's — but never lowers it (digest ambiguity #2: the
   literal "set to the new value" would move the parent back in time for an older child).
-- The object's own `last_updated` is taken from the PATCH as sent. Whether a stale PATCH is applied at all
-  is the ordering policy of the pipeline, not of these functions.
+- The object's own `last_updated` is taken from the PATCH as sent, but a Location's or an EVSE's is never
+  lowered: a PATCH of its own fields dated before a child push that raised it (applied in the pipeline, see
+  `pipeline.locations`) leaves it at the child's. Whether a stale PATCH is applied at all is the ordering policy
+  of the pipeline, not of these functions.
 """
 
 from __future__ import annotations
@@ -98,13 +100,22 @@ def _period_key(period: ChargingPeriod) -> tuple[Any, ...]:
 
 
 def merge_location(current: Location, patch: LocationPatch) -> Location:
-    """Apply a Location-level PATCH (fields replace, `evses` included)."""
-    return msgspec.structs.replace(current, **_changes(current, patch, _OWNER_IDENTITY))
+    """Apply a Location-level PATCH (fields replace, `evses` included; `last_updated` never lowered)."""
+    return msgspec.structs.replace(current, **_parent_changes(current, patch, _OWNER_IDENTITY))
 
 
 def merge_evse(current: EVSE, patch: EVSEPatch) -> EVSE:
-    """Apply an EVSE PATCH to the EVSE alone (use patch_evse to also update the Location)."""
-    return msgspec.structs.replace(current, **_changes(current, patch, ("uid",)))
+    """Apply an EVSE PATCH to the EVSE alone (use patch_evse to also update the Location; `last_updated` never
+    lowered)."""
+    return msgspec.structs.replace(current, **_parent_changes(current, patch, ("uid",)))
+
+
+def _parent_changes(current: Location | EVSE, patch: OcpiObject, identity: tuple[str, ...]) -> dict[str, Any]:
+    """`_changes` of a PATCH of an object with children: its `last_updated` stays the later of the stored one (which
+    a child push may have raised beyond the PATCH) and the PATCH's."""
+    changes = _changes(current, patch, identity)
+    changes["last_updated"] = _later(current.last_updated, changes["last_updated"])
+    return changes
 
 
 def merge_connector(current: Connector, patch: ConnectorPatch) -> Connector:

@@ -12,6 +12,9 @@ sessions that point at them keep their meaning; so are those a Location PATCH of
 them, arriving after it, is stale, as it is in order, and does not bring it back. So is it kept for the lists a push
 replaces whole (the Location's EVSEs, an EVSE's Connectors): an older push for an EVSE or Connector the tree never
 held, arriving after it, is stale too and does not add it (in order the newer list would have dropped it).
+A push of an EVSE or Connector raises its parents' `last_updated` (08 §3), but sets none of their own fields: where
+it raised one beyond the time of the pushes that set the parent's own fields, that time is kept
+(`LocationState.own_updated`), and a PATCH of the parent's own fields (an EVSE `status`) is compared with it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Final
 import msgspec
 
 from infra.codec import DecodedEvent
-from ocpi.identity import ci_normalize
+from ocpi.identity import ci_equal, ci_normalize
 from ocpi.model import EVSE, Location
 from pipeline import ordering, projection, wire
 from pipeline.dedup import (
@@ -98,7 +101,10 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
         out.outcome(record, Outcome.DUPLICATE)
         return True
     target = ordering.target_last_updated(current, event)
-    stored = ordering.newest(target, state.confirmed.get(identity(event)))
+    ident = identity(event)
+    stored = ordering.newest(target, state.confirmed.get(ident))
+    if target is not None and ident in state.own_updated and own_fields_only(event):
+        stored = state.own_updated[ident]  # its own fields' time, not what its children's pushes raised it to
     if target is None:  # an EVSE or Connector not in the tree: not in any newer list that left it out either
         stored = ordering.newest(stored, *(state.confirmed.get(key) for key in lists_over(event)))
     if ordering.is_stale(stored, last_updated,
@@ -138,8 +144,14 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
 def _confirm(state: LocationState, current: Location | None, event: DecodedEvent) -> None:
     """Record the newer `last_updated` a dropped duplicate confirms, for its object, the EVSEs and Connectors
     it carries and its parents (`dedup.confirmations`); another object's only where it is newer than that stored
-    object's own, so the state holds what the tree does not."""
+    object's own, so the state holds what the tree does not. Its parents' own fields it does not confirm
+    (`own_updated`): their time is raised by a child's, as an applied child push would raise it."""
+    parents = {parent for parent, _ in _parents(event)}
     for ident, evse_uid, connector_id, moment in confirmations(event):
+        if ident in parents:
+            _raised(state, ident, current, evse_uid, moment)
+        elif ident in state.own_updated:
+            state.own_updated[ident] = max(state.own_updated[ident], moment)
         if ident != state.last_identity:
             own = ordering.stored_last_updated(current, evse_uid, connector_id)
             if own is not None and moment <= own:
@@ -151,6 +163,56 @@ def _confirm(state: LocationState, current: Location | None, event: DecodedEvent
 def _confirm_at(state: LocationState, key: str, moment: datetime) -> None:
     """`confirmed[key]` raised to `moment` (never lowered)."""
     state.confirmed[key] = ordering.newest(state.confirmed.get(key), moment) or moment
+
+
+def own_fields_only(event: DecodedEvent) -> bool:
+    """Whether the push is a PATCH of the Location's or an EVSE's own fields: one that replaces no list of the tree
+    (`dedup.lists_replaced`), so it sets nothing its children's pushes set."""
+    return event.operation == "PATCH" and event.level != "CONNECTOR" and not lists_replaced(event)
+
+
+def _parents(event: DecodedEvent) -> tuple[tuple[str, str | None], ...]:
+    """(identity, EVSE uid) of the objects above the push's object, whose `last_updated` it raises (08 §3)."""
+    if event.level == "CONNECTOR":
+        return (level_identity("EVSE", event.evse_uid), event.evse_uid), (level_identity("LOCATION"), None)
+    return ((level_identity("LOCATION"), None),) if event.level == "EVSE" else ()
+
+
+def _raised(state: LocationState, parent: str, tree: Location | None, evse_uid: str | None,
+            moment: datetime) -> None:
+    """A child push dated `moment` raises (applied) or confirms (a duplicate) `parent`, the Location or its EVSE
+    `evse_uid` in `tree`: the first time it goes beyond the parent's time (its `last_updated` or confirmed time),
+    that time is its own fields' (`own_updated`)."""
+    if parent in state.own_updated:
+        return
+    before = ordering.newest(ordering.stored_last_updated(tree, evse_uid), state.confirmed.get(parent))
+    if before is not None and moment > before:
+        state.own_updated[parent] = before
+
+
+def _track_own(state: LocationState, previous: Location | None, location: Location, event: DecodedEvent) -> None:
+    """Keep `own_updated` for an applied push: its parents' own time, where it raises them; its own object's, where
+    that has an entry (dropped once it is the object's time again, which then decides the same); none after a push
+    that replaced the object with its children's list. The entries stay as many as the tree's EVSEs and one: an
+    EVSE leaves the tree only by a Location PUT or `evses` PATCH, which clears them all."""
+    own = state.own_updated
+    if event.level == "LOCATION" and lists_replaced(event):  # every object of the tree is as the push dates it
+        own.clear()
+        return
+    moment = event.payload["last_updated"]
+    for parent, evse_uid in _parents(event):
+        _raised(state, parent, previous, evse_uid, moment)
+    ident = identity(event)
+    if lists_replaced(event):  # an EVSE PUT or `connectors` PATCH
+        own.pop(ident, None)
+    elif ident in own:
+        time = ordering.stored_last_updated(location, event.evse_uid if event.level == "EVSE" else None)
+        full = ordering.newest(time, state.confirmed.get(ident))
+        raised = max(own[ident], moment)
+        if full is not None and raised < full:
+            own[ident] = raised
+        else:
+            del own[ident]
 
 
 def _confirm_lists(state: LocationState, event: DecodedEvent) -> None:
@@ -184,6 +246,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
         # A state from before `personal_at`: when its `publish_allowed_to` came is unknown. The Location's
         # last_updated then (bumped when the CPO set it) stands in, fixed now so later updates cannot postpone it.
         personal_at = min(previous.last_updated, record.received_at)
+    _track_own(state, previous, location, event)
     version = projection.next_version(state.version, location.last_updated)
     # The Location's own fields as builtins (its EVSEs are turned into builtins only where they changed).
     tree = wire.builtins(msgspec.structs.replace(location, evses=None))
@@ -202,9 +265,12 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
         out.batch.add("evses", projection.EVSE_COLUMNS,
                       projection.evse_row(tree, evse_tree, present=True, event_id=event.event_id, version=version))
         if before is None or before.status != evse.status:
+            # Its own time: an EVSE PATCH's, not the later time a Connector push raised the EVSE's last_updated to.
+            patched = event.level == "EVSE" and ci_equal(evse.uid, event.evse_uid)
+            changed_at = event.payload["last_updated"] if patched else None
             out.batch.add("evse_status_history", projection.EVSE_HISTORY_COLUMNS,
                           projection.evse_history_row(tree, evse_tree, None if before is None else before.status,
-                                                      event, version))
+                                                      event, version, changed_at=changed_at))
         before_connectors = {ci_normalize(c.id): c for c in before.connectors} if before else {}
         for connector, connector_tree in zip(evse.connectors, evse_tree["connectors"], strict=True):
             if before_connectors.get(ci_normalize(connector.id)) != connector:

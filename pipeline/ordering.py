@@ -6,7 +6,9 @@
   one applied to the object (`replayed_earlier`), whose arrival now is not its arrival. For an EVSE or Connector
   push, "stored" is that EVSE's/Connector's own `last_updated` (for one a newer push left out of the tree, that
   push's: `pipeline.locations`); for a Location-level push it is the Location's, which child pushes raise (never
-  lower).
+  lower). But for a PATCH of a Location's or EVSE's own fields (no `evses`/`connectors`) it is the time of the
+  newest push that set its own fields (`LocationState.own_updated`), not what its children's pushes raised it to:
+  an EVSE status PATCH older than a Connector push arriving after it sets another field and is applied.
   A duplicate (`pipeline.dedup`) creates no version, but its newer `last_updated` still counts: the CPO
   confirmed the content at that time, so an older push arriving after it is stale too.
 - Merges are `ocpi.patch`'s: fields that are set replace the stored field (nested objects and lists too),

@@ -75,6 +75,12 @@ class LocationState(msgspec.Struct, kw_only=True):
     # back-date an object and once they outgrow the tree: bounded
     # by the tree, not its history)
     confirmed: dict[str, datetime] = {}
+    # identity of the Location or an EVSE -> the newest last_updated of the pushes that set its own fields (at its
+    # level, or replacing it from above), kept only while a push of one of its children (an EVSE's, a Connector's)
+    # raised its last_updated, or confirmed a time of it, beyond that: a PATCH of its own fields is stale against
+    # this, not against the children's times (`pipeline.locations`). Empty in states from before: their objects are
+    # compared with their last_updated, as they were.
+    own_updated: dict[str, datetime] = {}
     version: int = 0
     applied_event_id: str = ""
     # received_at of the event the current `publish_allowed_to` came with (a Location PUT, or a Location PATCH

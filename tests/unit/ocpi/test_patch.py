@@ -212,7 +212,11 @@ def test_parent_last_updated_is_never_lowered() -> None:
     old = _patch(EVSEPatch, {"status": "CHARGING", "last_updated": "2015-01-01T00:00:00Z"})
     updated = patch_evse(LOCATION, "3256", old)
     assert updated.last_updated == LOCATION.last_updated  # not moved back in time
-    assert updated.evses is not None and updated.evses[0].last_updated == datetime(2015, 1, 1, tzinfo=UTC)
+    # Nor the EVSE's own (a Connector push may have raised it beyond its status PATCH): the status is applied.
+    assert updated.evses is not None and updated.evses[0].status is Status.CHARGING
+    assert updated.evses[0].last_updated == (LOCATION.evses or [])[0].last_updated
+    named = merge_location(LOCATION, _patch(LocationPatch, {"name": "Old", "last_updated": "2015-01-01T00:00:00Z"}))
+    assert named.name == "Old" and named.last_updated == LOCATION.last_updated
 
 
 def test_put_evse_adds_or_replaces_case_insensitively() -> None:

@@ -904,3 +904,48 @@ def test_a_replayed_copy_of_an_evse_patch_orphaned_while_its_evse_never_came_is_
                       evse_uid="E9", received=2, event_id=first.event_id, source="REPLAY"))
     assert rows(out.batch, "raw_events") == [] and out.outcomes == {"REPLAYED_ORPHANED": 1}
     assert [p.event_id for p in h.state(KEY).parked] == [second.event_id]
+
+
+def test_a_patch_of_an_evses_own_fields_older_than_a_connector_push_is_applied() -> None:
+    # The CPO sets E1 CHARGING (t=3) and E1's Connector 1 to 11 kW (t=5): independent fields. Arriving the other way
+    # round, the Connector push has raised E1's last_updated to 5 (08 §3), but the status PATCH is newer than every
+    # push that set E1's own fields: it is applied, as in order, and E1's last_updated stays the Connector's.
+    status = status_patch("E1", "CHARGING", 3, 3)
+    power = event("ConnectorPatch", {"max_electric_power": 11000, "last_updated": iso(ts(5))}, object_id="LOC1",
+                  evse_uid="E1", connector_id="1", received=2)
+    in_order = harness()
+    in_order.run(event("Location", location(), received=0), status, power)
+    h = harness()
+    h.run(event("Location", location(), received=0))
+    out = h.run(power, status)
+    assert outcome_of(out, status.event_id) == "APPLIED"
+    assert stored(h) == stored(in_order)
+    assert stored(h)["evses"][0]["status"] == "CHARGING" and stored(h)["evses"][0]["last_updated"] == iso(ts(5))
+    history = rows(out.batch, "evse_status_history")
+    assert [(r[EVSE_HISTORY_COLUMNS.index("status")], r[EVSE_HISTORY_COLUMNS.index("changed_at")])
+            for r in history] == [("CHARGING", ts(3))]
+    # Still stale: a status PATCH older than E1's own last status PATCH, and a PUT of E1 older than the Connector
+    # push (it would put the older Connector back).
+    older = status_patch("E1", "AVAILABLE", 2, 4)
+    put = event("EVSE", evse("E1", status="BLOCKED", updated=4), object_id="LOC1", evse_uid="E1", received=5)
+    out = h.run(older, put)
+    assert (outcome_of(out, older.event_id), outcome_of(out, put.event_id)) == ("STALE", "STALE")
+    assert stored(h)["evses"][0]["status"] == "CHARGING"
+
+
+def test_a_patch_of_the_locations_own_fields_older_than_an_evse_push_is_applied() -> None:
+    # A Location `name` PATCH (t=3) and an EVSE status PATCH (t=5), or a duplicate of one, arriving the other way
+    # round: the name is applied, as in order; the Location's last_updated stays the EVSE's.
+    for repeat in (False, True):
+        h = harness()
+        h.run(event("Location", location(), received=0))
+        if repeat:
+            h.run(status_patch("E1", "CHARGING", 1, 1))
+        out = h.run(status_patch("E1", "CHARGING", 5, 2),
+                    named := event("LocationPatch", {"name": "New", "last_updated": iso(ts(3))}, object_id="LOC1",
+                                   received=3))
+        assert outcome_of(out, named.event_id) == "APPLIED"
+        assert stored(h)["name"] == "New"
+        assert stored(h)["last_updated"] == iso(ts(5 if not repeat else 3))  # a duplicate changes no time
+        older = event("LocationPatch", {"name": "Old", "last_updated": iso(ts(2))}, object_id="LOC1", received=4)
+        assert outcome_of(h.run(older), older.event_id) == "STALE"

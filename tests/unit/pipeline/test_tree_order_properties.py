@@ -216,3 +216,39 @@ def test_batches_and_crashes(data: st.DataObject) -> None:
     assert whole.state(LOCATION_KEY) == split.state(LOCATION_KEY), show(order)
     assert comparable(whole.final()) == comparable(split.final()), show(order)
     check_versions(split)
+
+
+@st.composite
+def field_patches(draw: st.DrawFn) -> list[DecodedEvent]:
+    """After a Location PUT, PATCHes that each set other fields of the tree, times moving forward: EVSE statuses, a
+    Connector's power, the Location's name, some repeated with their body and a newer time (a duplicate)."""
+    events: list[DecodedEvent] = []
+    for m in range(1, draw(st.integers(2, 7)) + 1):
+        kind = draw(st.sampled_from(["EVSEPatch", "ConnectorPatch", "LocationPatch", "again"]))
+        if kind == "again" and events:
+            events.append(again(draw(st.sampled_from(events)), m))
+        elif kind == "EVSEPatch" or kind == "again":
+            events.append(event("EVSEPatch", {"status": draw(st.sampled_from(ST)), "last_updated": iso(ts(m))},
+                                object_id="LOC1", evse_uid=draw(st.sampled_from(["E1", "E2", "e1"]))))
+        elif kind == "ConnectorPatch":
+            events.append(event("ConnectorPatch", {"max_electric_power": draw(st.sampled_from([7000, 11000])),
+                                                   "last_updated": iso(ts(m))}, object_id="LOC1",
+                                evse_uid=draw(st.sampled_from(["E1", "E2"])), connector_id="1"))
+        else:
+            events.append(event("LocationPatch", {"name": draw(st.sampled_from(["A", "B"])),
+                                                  "last_updated": iso(ts(m))}, object_id="LOC1"))
+    return events
+
+
+@SET
+@given(st.data())
+def test_patches_of_different_fields_end_as_in_push_order(data: st.DataObject) -> None:
+    # A PATCH of an EVSE's or the Location's own fields is compared with the pushes that set those fields, not with
+    # the time its Connectors' (EVSEs') pushes raised its last_updated to: in any order, every field ends as the
+    # newest push that set it says (README, "stale").
+    put = event("Location", location(evses=[evse("E1"), evse("E2")]))
+    history = data.draw(field_patches())
+    order = data.draw(st.permutations(history))
+    in_order = run(process_locations, LocationState, records_of([put, *history]))
+    shuffled = run(process_locations, LocationState, records_of([put, *order]))
+    assert norm(shuffled.state(LOCATION_KEY), False) == norm(in_order.state(LOCATION_KEY), False), show(order)
