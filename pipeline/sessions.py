@@ -5,6 +5,8 @@ Plain functions over a state value; the agent supplies the state and writes the 
 
 from __future__ import annotations
 
+from typing import Any
+
 from ocpi.canonical import content_hash
 from ocpi.model import Session
 from pipeline import lifecycle, ordering, projection, wire
@@ -12,6 +14,7 @@ from pipeline.dedup import fingerprint, identity, is_duplicate
 from pipeline.facts import relevant_change, session_fact
 from pipeline.lifecycle import Transition
 from pipeline.records import Anomaly, Outcome, Record
+from pipeline.retention import Pseudonymizer, pseudonymise_fields
 from pipeline.stage import (
     PARKED_MAX_BYTES,
     StageOutput,
@@ -102,8 +105,8 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
             return
         session = wire.builtins(merged)
-    if state.status in lifecycle.FINAL and state.object_json is not None and content_hash(
-            stored_session.of(state.object_json)) == content_hash(merged or wire.to_struct(session, Session)):
+    if state.status in lifecycle.FINAL and state.object_json is not None and as_stored(
+            stored_session.of(state.object_json), merged or wire.to_struct(session, Session), out.pseudonym):
         # A final Session pushed again as it is (a PATCH of its status alone, a PUT of the whole final object):
         # no change after completion and no version; like a duplicate (the same content hash, which leaves out
         # `last_updated`: `ocpi.canonical`), it confirms the content at `last_updated`.
@@ -126,6 +129,23 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         pending, state.parked = state.parked, []
         for parked in pending:
             handle(state, stored_session, parked_record(parked), rules, out, retry=True)
+
+
+def as_stored(stored: Session | None, incoming: Session, pseudonym: Pseudonymizer) -> bool:
+    """Whether `incoming` leaves the stored Session as it is but for `last_updated` (the same content hash). Its
+    personal identifiers compare as their pseudonyms: the state retention pass rewrites the stored object's
+    (`pipeline.state_retention`), and the same Session pushed again brings them in clear."""
+    if stored is None:
+        return False
+    if content_hash(stored) == content_hash(incoming):
+        return True
+    return content_hash(_pseudonymised(stored, pseudonym)) == content_hash(_pseudonymised(incoming, pseudonym))
+
+
+def _pseudonymised(session: Session, pseudonym: Pseudonymizer) -> dict[str, Any]:
+    data: dict[str, Any] = wire.builtins(session)
+    pseudonymise_fields(data, pseudonym)
+    return data
 
 
 def apply(state: SessionState, record: Record, session: dict, document: bytes, transition: Transition,

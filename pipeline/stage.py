@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Protocol
@@ -14,7 +13,7 @@ from infra.settings import PipelineSettings
 from pipeline import ordering, projection
 from pipeline.facts import Fact, party_key
 from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, Record, sub_id, utc_now
-from pipeline.retention import pseudonymised_growth
+from pipeline.retention import Pseudonymizer, pseudonymised_growth
 from pipeline.sink import Batch
 from pipeline.state import RECENT_EVENT_IDS, Parked
 
@@ -46,7 +45,7 @@ class StageRules:
 class StageOutput:
     """Rows, facts and counters of one batch."""
 
-    pseudonym: Callable[[str], str]
+    pseudonym: Pseudonymizer
     batch: Batch = field(default_factory=Batch)
     facts: dict[str, list[Fact]] = field(default_factory=dict)
     outcomes: Counter[str] = field(default_factory=Counter)

@@ -14,6 +14,7 @@ from pipeline.facts import SessionFact
 from pipeline.projection import ANOMALY_COLUMNS, RAW_EVENT_COLUMNS, SESSION_COLUMNS, SESSION_HISTORY_COLUMNS
 from pipeline.sessions import process_sessions
 from pipeline.state import SessionState
+from pipeline.state_retention import pseudonymise_session_state
 
 from .builders import Harness, column, event, iso, period, rows, session, stage_rules, ts
 
@@ -329,6 +330,35 @@ def test_a_final_session_pushed_again_with_its_dimensions_in_another_order_is_a_
     out = h.run(whole)
     assert outcomes(out) == [(whole.event_id, "DUPLICATE")]
     assert kinds(out) == [] and rows(out.batch, "sessions") == []
+
+
+def test_a_final_session_pushed_again_after_its_state_was_pseudonymised_is_a_duplicate() -> None:
+    # The state retention pass rewrites the stored Session's token uid, contract id and authorization reference as
+    # pseudonyms (pipeline.state_retention); the same final Session pushed again (a pull over an old window, a
+    # partner's resend) brings them in clear. It changes nothing: no UPDATE_AFTER_FINAL, no version, and no row
+    # that puts them in clear again, dated anew, for another OCPI_RETENTION_PSEUDONYMISE_DAYS.
+    h = harness()
+    h.run(event("Session", session(status="ACTIVE", kwh="3", authref="AUTH1"), received=1))
+    h.run(event("SessionPatch", {"status": "COMPLETED", "kwh": Decimal("5"), "end_date_time": iso(ts(30)),
+                                 "last_updated": iso(ts(30))}, object_id="S1", received=30))
+    spelled = event("Session", session(status="COMPLETED", kwh="5", end=30, updated=31, authref="auth1"),
+                    received=31)  # a CiString in another case, the state still in clear: the same value
+    assert outcomes(h.run(spelled)) == [(spelled.event_id, "DUPLICATE")]
+    h.store.data[KEY] = pseudonymise_session_state(h.store.data[KEY], h.pseudonym, ts(60))
+    assert stored(h)["cdr_token"]["uid"].startswith("psn:")
+    later = 100 * 24 * 60
+    whole = event("Session", session(status="COMPLETED", kwh="5", end=30, updated=32, authref="AUTH1"),
+                  received=later, source="PULL")
+    token = event("SessionPatch", {"status": "COMPLETED", "cdr_token": session()["cdr_token"],
+                                   "last_updated": iso(ts(33))}, object_id="S1", received=later + 1)
+    out = h.run(whole, token)
+    assert outcomes(out) == sorted([(whole.event_id, "DUPLICATE"), (token.event_id, "DUPLICATE")])
+    assert kinds(out) == [] and rows(out.batch, "sessions") == [] and out.facts == {}
+    assert h.state(KEY).confirmed == ts(33)
+    other = event("Session", session(status="COMPLETED", kwh="5", end=30, updated=34, authref="AUTH1", uid="TOK2"),
+                  received=later + 2)
+    out = h.run(other)  # another token is a change after completion all the same
+    assert outcomes(out) == [(other.event_id, "APPLIED")] and kinds(out) == ["UPDATE_AFTER_FINAL"]
 
 
 def test_status_history_keeps_every_change() -> None:
