@@ -13,8 +13,8 @@ lifecycle"):
   is ILLEGAL but APPLIED: the CPO owns the object and its latest state is the truth; the anomaly is recorded.
 - A change of a final session that keeps its status (e.g. a late `total_cost` PATCH) is applied and recorded
   as UPDATE_AFTER_FINAL.
-  A push that leaves it as stored but for `last_updated` is no change: a DUPLICATE (`pipeline.sessions`; its
-  personal identifiers compared as their pseudonyms, as the state may hold them).
+  A push that leaves it as stored but for `last_updated` is no change: a DUPLICATE (`pipeline.sessions.as_stored`:
+  CiStrings in any case, personal identifiers compared as their pseudonyms, as the state may hold them).
 """
 
 from __future__ import annotations

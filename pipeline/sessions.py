@@ -5,9 +5,9 @@ Plain functions over a state value; the agent supplies the state and writes the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
-from ocpi.canonical import content_hash
+from ocpi.canonical import ci_spec, content_hash
 from ocpi.model import Session
 from pipeline import lifecycle, ordering, projection, wire
 from pipeline.dedup import fingerprint, identity, is_duplicate
@@ -132,20 +132,24 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
 
 
 def as_stored(stored: Session | None, incoming: Session, pseudonym: Pseudonymizer) -> bool:
-    """Whether `incoming` leaves the stored Session as it is but for `last_updated` (the same content hash). Its
-    personal identifiers compare as their pseudonyms: the state retention pass rewrites the stored object's
+    """Whether `incoming` leaves the stored Session as it is but for `last_updated`: the same content hash, as OCPI
+    compares it, CiString values in any case (02 §9, as `cdr_rules.same_content_hash` for a CDR), and the personal
+    identifiers as their pseudonyms: the state retention pass rewrites the stored object's
     (`pipeline.state_retention`), and the same Session pushed again brings them in clear."""
     if stored is None:
         return False
     if content_hash(stored) == content_hash(incoming):
         return True
-    return content_hash(_pseudonymised(stored, pseudonym)) == content_hash(_pseudonymised(incoming, pseudonym))
+    return _compared(stored, pseudonym) == _compared(incoming, pseudonym)
 
 
-def _pseudonymised(session: Session, pseudonym: Pseudonymizer) -> dict[str, Any]:
+_SESSION_CI: Final = ci_spec(Session)
+
+
+def _compared(session: Session, pseudonym: Pseudonymizer) -> str:
     data: dict[str, Any] = wire.builtins(session)
     pseudonymise_fields(data, pseudonym)
-    return data
+    return content_hash(data, ci=_SESSION_CI)
 
 
 def apply(state: SessionState, record: Record, session: dict, document: bytes, transition: Transition,

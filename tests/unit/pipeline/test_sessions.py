@@ -332,6 +332,23 @@ def test_a_final_session_pushed_again_with_its_dimensions_in_another_order_is_a_
     assert kinds(out) == [] and rows(out.batch, "sessions") == []
 
 
+def test_a_final_session_pushed_again_with_cistrings_in_another_case_is_a_duplicate() -> None:
+    # A CiString is case-insensitive (02 §9): the same final Session spelled otherwise (a Sender list that
+    # upper-cases its ids) changes nothing after completion, as a CDR spelled so is the same CDR.
+    h = harness()
+    h.run(event("Session", session("s1", status="COMPLETED", kwh="5", end=30, updated=30, location="loc1",
+                                   periods=[{**period(0, "5"), "tariff_id": "T1"}]), received=1))
+    spelled = event("Session", session("S1", status="COMPLETED", kwh="5", end=30, updated=31, location="LOC1",
+                                       periods=[{**period(0, "5"), "tariff_id": "t1"}]), received=31)
+    out = h.run(spelled)
+    assert outcomes(out) == [(spelled.event_id, "DUPLICATE")]
+    assert kinds(out) == [] and rows(out.batch, "sessions") == []
+    assert stored(h)["id"] == "s1" and stored(h)["location_id"] == "loc1"  # as first stored
+    other = event("Session", session("S1", status="COMPLETED", kwh="5", end=30, updated=32, location="LOC2",
+                                     periods=[{**period(0, "5"), "tariff_id": "t1"}]), received=32)
+    assert kinds(h.run(other)) == ["UPDATE_AFTER_FINAL"]  # another location is a change all the same
+
+
 def test_a_final_session_pushed_again_after_its_state_was_pseudonymised_is_a_duplicate() -> None:
     # The state retention pass rewrites the stored Session's token uid, contract id and authorization reference as
     # pseudonyms (pipeline.state_retention); the same final Session pushed again (a pull over an old window, a
