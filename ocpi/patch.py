@@ -36,7 +36,7 @@ from ocpi._generated import (
     SessionPatch,
 )
 from ocpi.errors import OcpiValidationError, UnknownObjectError
-from ocpi.identity import ci_equal, ci_index
+from ocpi.identity import ci_equal, ci_index, ci_normalize
 from ocpi.types import OcpiObject
 
 __all__ = [
@@ -93,10 +93,12 @@ def merge_session(current: Session, patch: SessionPatch) -> Session:
 
 
 def _period_key(period: ChargingPeriod) -> tuple[Any, ...]:
-    """What makes two ChargingPeriods identical: the same start, tariff and dimensions, the dimensions in any
-    order (a set of measurements; a CPO serialising them from an unordered map changes their order)."""
+    """What makes two ChargingPeriods identical: the same start, tariff (a CiString: in any case) and dimensions,
+    the dimensions in any order (a set of measurements; a CPO serialising them from an unordered map changes their
+    order)."""
     dimensions = sorted((str(d.type), d.volume) for d in period.dimensions)
-    return period.start_date_time, period.tariff_id, tuple(dimensions)
+    tariff = None if period.tariff_id is None else ci_normalize(period.tariff_id)
+    return period.start_date_time, tariff, tuple(dimensions)
 
 
 def merge_location(current: Location, patch: LocationPatch) -> Location:

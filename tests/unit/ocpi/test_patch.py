@@ -100,6 +100,16 @@ def test_retried_patch_does_not_double_periods() -> None:
     assert grown.charging_periods is not None and len(grown.charging_periods) == 4
 
 
+def test_a_period_sent_again_with_its_tariff_id_in_another_case_is_the_same_period() -> None:
+    # tariff_id is a CiString (02 §9): a Sender that upper-cases ids resends the same period, not a new one.
+    body = {"charging_periods": [_period("2015-06-29T23:30:00Z", 8.88) | {"tariff_id": "tariff-a"}],
+            "last_updated": "2015-06-29T23:55:00Z"}
+    once = merge_session(SESSION, _patch(SessionPatch, body))
+    body["charging_periods"][0]["tariff_id"] = "TARIFF-A"
+    again = merge_session(once, _patch(SessionPatch, body))
+    assert again.charging_periods == once.charging_periods and len(again.charging_periods or ()) == 4
+
+
 def test_periods_differing_only_in_their_start_are_both_kept() -> None:
     # Identical means the same start too: the same energy at the same tariff a quarter later is a new period.
     body = {
