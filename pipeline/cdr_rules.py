@@ -7,7 +7,7 @@
   `id` itself: the Kafka key, the state and the row are the case-insensitive identity's), and `credit` or
   `home_charging_compensation` given as `false` where the other left it out.
 - A credit CDR (`credit: true`) must name the CDR it credits (`credit_reference_id`) and carry a non-positive
-  `total_cost` (the spec negates it). Linking to the credited CDR happens per party in stage 2
+  `total_cost`, excl. and incl. VAT (the spec negates both). Linking to the credited CDR happens per party in stage 2
   (`pipeline.reconcile`), since the two have different Kafka keys; an unknown reference is flagged there
   after the grace period.
 - Amounts stay exact Decimals end to end (Avro decimal(18,4) → Decimal → ClickHouse Decimal(18,4)).
@@ -61,7 +61,9 @@ def credit_anomalies(cdr: dict[str, Any]) -> list[tuple[Anomaly, str]]:
     found: list[tuple[Anomaly, str]] = []
     if not cdr.get("credit_reference_id"):
         found.append((Anomaly.CREDIT_WITHOUT_REFERENCE, "credit CDR without credit_reference_id"))
-    cost = cdr["total_cost"]["excl_vat"]
-    if cost > Decimal(0):
-        found.append((Anomaly.CREDIT_POSITIVE_COST, f"credit CDR with a positive total_cost {cost}"))
+    # Every value of the Price is the original's negated (10 §1.1): incl_vat (optional) as well as excl_vat.
+    positive = [f"{name} {value}" for name in ("excl_vat", "incl_vat")
+                if (value := cdr["total_cost"].get(name)) is not None and value > Decimal(0)]
+    if positive:
+        found.append((Anomaly.CREDIT_POSITIVE_COST, f"credit CDR with a positive total_cost ({', '.join(positive)})"))
     return found

@@ -259,7 +259,7 @@ def oracle_links(arrived: list[Arrival]) -> tuple[dict[Any, tuple[str, str, bool
     for key, (received, body, _partner) in stored.items():
         if not body.get("credit"):
             continue
-        if Decimal(body["total_cost"]["excl_vat"]) > 0:
+        if any(Decimal(v) > 0 for v in body["total_cost"].values() if v is not None):
             anomalies.add(("CREDIT_POSITIVE_COST", *key))
         ref = _u(body["credit_reference_id"])
         original = stored.get((key[0], key[1], ref))

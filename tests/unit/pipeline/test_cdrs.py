@@ -52,6 +52,20 @@ def test_credit_checks() -> None:
     assert [k for k, _ in credit_anomalies(empty)] == [Anomaly.CREDIT_WITHOUT_REFERENCE]
 
 
+@pytest.mark.parametrize(("excl", "incl"), [("-2.50", "3.03"), ("0", "0.01")])
+def test_a_credit_whose_incl_vat_is_positive_is_flagged(excl: str, incl: str) -> None:
+    # Every value of a credit's total_cost is its original's negated (10 §1.1): a positive incl_vat is a positive
+    # total_cost too, whatever excl_vat says (billing nets it as -|incl_vat|, doubling an original's negative one).
+    credit = cdr("C1-C", credit=True, credit_reference="C1", cost=excl)
+    credit["total_cost"] = {"excl_vat": Decimal(excl), "incl_vat": Decimal(incl)}
+    [(kind, detail)] = credit_anomalies(credit)
+    assert kind is Anomaly.CREDIT_POSITIVE_COST and incl in detail
+    # incl_vat is optional (absent or null): excl_vat alone decides then.
+    for given in ({"excl_vat": Decimal(excl)}, {"excl_vat": Decimal(excl), "incl_vat": None}):
+        credit["total_cost"] = given
+        assert credit_anomalies(credit) == []
+
+
 TARIFF = {"country_code": "NL", "party_id": "TNM", "id": "T1", "currency": "EUR",
           "elements": [{"price_components": [{"type": "ENERGY", "price": Decimal("0.25"), "step_size": 1}]}],
           "last_updated": "2026-01-01T00:00:00Z"}
