@@ -6,10 +6,11 @@ raises for a failed insert: it retries with backoff, and if the worker is
 stopped while a batch is still unwritten it exits the process at once, before any offset can be committed
 (at-least-once: the batch is read again on restart, and every table is idempotent).
 
-A value the validation let through but a column cannot hold (a number out of the column's range, say) makes
-ClickHouse refuse the whole insert, and would make it refuse every retry: the worker would be stuck on that
-batch, every partition with it. So an insert refused for its data (`ROW_DATA_ERRORS`) is split in halves until
-the rows ClickHouse refuses alone are found; the others are written, and the refused ones go where
+A value the validation let through but a column cannot hold (a negative number for an unsigned column, say;
+ClickHouse wraps a too-large integer without an error, which the validation's bounds on every integer field
+rule out) makes ClickHouse refuse the whole insert, and would make it refuse every retry: the worker would be
+stuck on that batch, every partition with it. So an insert refused for its data (`ROW_DATA_ERRORS`) is split
+in halves until the rows ClickHouse refuses alone are found; the others are written, and the refused ones go where
 `refused_rows` puts them (the worker: an anomaly `ROW_REFUSED` holding the row), however many they are: when
 every row of a table is refused (all of a Location's Connectors carry the bad value, or a column changed under
 us), stopping every partition would be worse than recording them; the events stay in Kafka and `raw_events` for
