@@ -17,6 +17,7 @@ import base64
 import gzip
 import hmac
 import json
+import os
 import re
 import tempfile
 import threading
@@ -49,6 +50,15 @@ class ChdbEngine:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
+        # chDB reads an insert's rows from a file (INFILE). They hold personal data in clear, so the file lives with
+        # the store (a private directory), not in the system's temp directory; one a process killed mid-insert
+        # left is removed by the next engine on the path.
+        self.inserts = path / "shim-inserts"
+        self.inserts.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for left in self.inserts.iterdir():
+            owner = left.name.partition("-")[0]
+            if not (owner.isdigit() and _alive(int(owner))):
+                left.unlink(missing_ok=True)
 
     def connection(self, readonly: bool) -> Any:
         attr = "ro" if readonly else "rw"
@@ -78,7 +88,8 @@ class ChdbEngine:
         settings = [] if readonly else [f"{k} = {_quote(v)}" for k, v in params.items()
                                         if k not in _CLIENT_PARAMS and not k.startswith("param_")]
         if _INSERT.match(sql) and body:
-            with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as fh:
+            with tempfile.NamedTemporaryFile(dir=self.inserts, prefix=f"{os.getpid()}-", suffix=".bin",
+                                             delete=False) as fh:
                 fh.write(body)
                 name = fh.name
             try:
@@ -98,6 +109,16 @@ class ChdbEngine:
             stmt = f"{stmt.rstrip().rstrip(';')} SETTINGS {', '.join(settings)}"
         result = conn.query(stmt, fmt, params=bound or None)
         return result.bytes(), fmt
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _readonly(params: dict[str, str]) -> bool:

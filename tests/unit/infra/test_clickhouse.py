@@ -100,6 +100,57 @@ async def test_a_read_only_request_to_the_shim_writes_no_file(chdb_dsn: str, tmp
     assert all("164" in refusal for refusal in refusals), refusals
 
 
+async def test_an_insert_through_the_shim_waits_in_the_store_not_the_system_temp_dir(
+        chdb_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chDB reads an insert's rows (personal data in clear) from a file: it was written to the system's temp
+    directory, where one a process killed mid-insert left stayed. It lives with the store now, and the next engine
+    on the path removes what a dead process left (not what a live one is writing)."""
+    import tempfile
+
+    database = unique("shimf")
+    owner = connect(chdb_dsn)
+    owner.command(f"CREATE DATABASE {database}")
+    owner.command(f"CREATE TABLE {database}.t (a UInt32) ENGINE = MergeTree ORDER BY a")
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    engine = ChdbEngine(chdb_path(chdb_dsn))
+    infiles: list[str] = []
+    real_connection = engine.connection
+
+    class Recording:
+        def __init__(self, conn: object) -> None:
+            self.conn = conn
+
+        def query(self, sql: str, *args: object, **kwargs: object) -> object:
+            if " INFILE " in sql:
+                infiles.append(sql.split("INFILE '")[1].split("'")[0])
+                assert Path(infiles[-1]).exists()
+            return self.conn.query(sql, *args, **kwargs)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(engine, "connection", lambda readonly: Recording(real_connection(readonly)))
+    shim = await ClickHouseShim(engine, "s3cret").start()
+    try:
+        def use() -> None:
+            writer = connect(shim.dsn, compress=False)
+            writer.database = database
+            writer.insert("t", [[1], [2]], column_names=["a"])
+
+        await asyncio.to_thread(use)
+    finally:
+        await shim.stop()
+    assert owner.query(f"SELECT sum(a) FROM {database}.t").result_rows == [(3,)]
+    assert len(infiles) == 1 and Path(infiles[0]).parent == engine.inserts and not Path(infiles[0]).exists()
+    assert engine.inserts.is_relative_to(chdb_path(chdb_dsn)) and engine.inserts.stat().st_mode & 0o077 == 0
+    assert list(system_temp.iterdir()) == []
+    dead = 4_194_304 + 1  # above Linux's pid_max ceiling: no process has it
+    (engine.inserts / f"{dead}-left.bin").write_bytes(b"1\n")
+    (engine.inserts / f"{os.getpid()}-writing.bin").write_bytes(b"1\n")
+    ChdbEngine(chdb_path(chdb_dsn))
+    assert sorted(p.name for p in engine.inserts.iterdir()) == [f"{os.getpid()}-writing.bin"]
+    (engine.inserts / f"{os.getpid()}-writing.bin").unlink()
+
+
 async def test_several_statements_are_told_apart_through_the_shim_too(chdb_dsn: str) -> None:
     """`query` asks ClickHouse's parser whether its SQL holds several statements (chDB would run them all and mix
     their rows), on the read-only connection it queries with: also through the shim of a running `dev`."""
