@@ -66,6 +66,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -218,6 +219,70 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
     return max((moment - now).total_seconds(), 0.0)
 
 
+_LINK_TOKEN: Final = re.compile(r"[^\s;,=\"]+")
+
+
+def next_link(fields: Iterable[str]) -> str | None:
+    """The target of the first link whose relation types include `next`, in Link header fields (RFC 8288 §3,
+    parsed as its Appendix B does): parameter names compare case-insensitively (`Rel=next`), a parameter may
+    have no value (`crossorigin`) and a quoted value may hold `;`, `,`, `=` or `<` (`title="page; 2"`), only the
+    first `rel` of a link counts, and its relation types compare case-insensitively, one rel naming several
+    (§2.1.1, §3.3). The target is returned as written (relative to the request's URL when relative)."""
+    for field in fields:
+        at, end = 0, len(field)
+        while at < end:
+            start = field.find("<", at)
+            if start < 0:
+                break
+            close = field.find(">", start)
+            if close < 0:
+                break
+            target, at = field[start + 1:close], close + 1
+            rel: str | None = None
+            while at < end:  # the link's parameters, up to the ',' that ends it (outside a quoted value)
+                while at < end and field[at] in " \t":
+                    at += 1
+                if at >= end or field[at] == ",":
+                    at += 1
+                    break
+                if field[at] != ";":  # not a parameter: skip to the next link
+                    nxt = field.find(",", at)
+                    at = end if nxt < 0 else nxt
+                    continue
+                at += 1
+                while at < end and field[at] in " \t":
+                    at += 1
+                name_match = _LINK_TOKEN.match(field, at)
+                if name_match is None:
+                    continue
+                name, at = name_match.group().lower(), name_match.end()
+                while at < end and field[at] in " \t":
+                    at += 1
+                value = ""
+                if at < end and field[at] == "=":
+                    at += 1
+                    while at < end and field[at] in " \t":
+                        at += 1
+                    if at < end and field[at] == '"':
+                        at += 1
+                        chars = []
+                        while at < end and field[at] != '"':
+                            if field[at] == "\\" and at + 1 < end:
+                                at += 1
+                            chars.append(field[at])
+                            at += 1
+                        value, at = "".join(chars), at + 1
+                    else:
+                        value_match = _LINK_TOKEN.match(field, at)
+                        if value_match is not None:
+                            value, at = value_match.group(), value_match.end()
+                if name == "rel" and rel is None:  # a second rel is ignored (§3.3)
+                    rel = value
+            if rel is not None and "next" in rel.lower().split():
+                return target.strip()
+    return None
+
+
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     """(scheme, host, port) of a URL, the default port made explicit; ValueError for an invalid port."""
     parts = urlsplit(url)
@@ -340,10 +405,8 @@ class _Crawler:
         if not 1000 <= code < 2000 or status >= 300:
             raise PullError(f"GET {url}: HTTP {status}, OCPI status {code}: {message or 'no message'}")
         try:
-            # Relation types compare case-insensitively, and one rel may name several (RFC 8288 §2.1.1, §3.3).
-            link = next((link for link in response.links.values()
-                         if "next" in link.get("rel", "").lower().split()), None)
-            next_url = urljoin(url, link["url"]) if link else None
+            link = next_link(response.headers.get_list("link"))
+            next_url = urljoin(url, link) if link is not None else None
         except ValueError as exc:  # urljoin of a malformed URL (an unclosed IPv6 bracket ...)
             raise PullError(f"GET {url}: the Link header's next URL is not a URL ({exc}): "
                             f"{response.headers.get('link')!r}") from None

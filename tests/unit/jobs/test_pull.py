@@ -690,6 +690,41 @@ async def test_a_next_link_is_followed_whatever_the_case_of_its_relation_type(se
     assert ids(sink) == ["S0001", "S0002"]
 
 
+@pytest.mark.parametrize("link", [
+    '<?offset=1&limit=1>; title="page; 2"; rel="next"',  # a quoted value holding ';'
+    '<?offset=1&limit=1>; anchor="?offset=0&limit=1"; rel="next"',  # ... holding '='
+    '<?offset=1&limit=1>; crossorigin; rel=next',  # a parameter without a value
+    '<?offset=1&limit=1>; Rel="next"',  # parameter names are case-insensitive
+    '<?offset=0&limit=1>; rel="prev"; title="a, <b>", <?offset=1&limit=1>; rel="next"',  # ',' and '<' quoted
+    '<?offset=1&limit=1>; rel="next"; rel="last"',  # only the first rel counts
+])
+async def test_a_next_link_with_any_parameters_rfc_8288_allows_is_followed(settings_for: Any, link: str) -> None:
+    """A Link header's parameters may be quoted strings holding ';', ',', '=' or '<', may have no value, and
+    their names compare case-insensitively (RFC 8288 §3, Appendix B): read otherwise, the `rel` of such a link
+    was lost, the first page taken for the last and the window completed with every later page unread."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.params["offset"] == "0":
+            return httpx.Response(200, headers={"Link": link, "X-Total-Count": "2"},
+                                  content=_envelope([session(1, hours_ago(3))]))
+        return httpx.Response(200, headers={"X-Total-Count": "2"}, content=_envelope([session(2, hours_ago(2))]))
+
+    sink = ListSink()
+    report = await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24),
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert (ids(sink), report.unread) == (["S0001", "S0002"], 0)
+
+
+async def test_a_link_that_is_not_next_ends_the_crawl(settings_for: Any) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Link": '<?offset=0&limit=1>; rel="first"; title="next"',
+                                            "X-Total-Count": "1"}, content=_envelope([session(1, hours_ago(3))]))
+
+    sink = ListSink()
+    report = await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24),
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert (ids(sink), report.pages) == (["S0001"], 1)
+
+
 @pytest.mark.parametrize("link", ['<http://[::1/bad>; rel="next"', '<http://xn--/x>; rel="next"'])
 async def test_a_next_link_that_is_no_url_stops_the_pull_cleanly(settings_for: Any, link: str) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
