@@ -29,7 +29,8 @@ The crawl (04 §4.2):
   offsets already read. So a window past `SETTLE` before the start is crawled up
   to that point first, then from there to its date_to (what this tail may skip, the next window reads).
 - A page at another offset holding exactly the objects of the page before it means the partner ignores
-  `offset`: the crawl stops (PullError) rather than complete a window whose later objects it never saw.
+  `offset`: the crawl stops (PullError) rather than complete a window whose later objects it never saw. (Not
+  when `X-Total-Count` changed: objects that left or entered the window can put just that page at its offset.)
 - HTTP 429 and 503 (and other 5xx, timeouts, refused connections, bodies that do not decompress), OCPI
   3xxx answers and a Hub's 4002/4003 (the receiving party timed out, is not connected) are retried with
   exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is waited out first. Other
@@ -537,7 +538,10 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
                 offset = query_int(page.url, "offset") or 0
             at, digest = query_int(page.url, "offset") or 0, _page_digest(page.data)
             previous = crawl.get("previous_page")
-            if previous and digest is not None and previous["digest"] == digest and previous["offset"] != at:
+            # Only while the total holds: objects that left the window (a re-read) or entered it can put just the
+            # page read last at this offset. A partner that ignores offset is told apart by a page of its own.
+            if previous and digest is not None and previous["digest"] == digest and previous["offset"] != at \
+                    and page.total == crawl["total"]:
                 raise PullError(f"GET {page.url}: the page at offset {at} holds exactly the objects of the page at "
                                 f"offset {previous['offset']}: the partner ignores `offset` (04 §4.2), so the "
                                 "objects after its first page cannot be crawled; the window is left incomplete")

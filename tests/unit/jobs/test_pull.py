@@ -165,6 +165,47 @@ async def test_a_total_that_drops_again_before_the_reread_is_read_again_from_fur
     assert fake.offsets("sessions")[:4] == [0, 2, 1, 0] and report.rereads == 2
 
 
+async def test_a_reread_holding_the_objects_of_the_page_before_is_no_partner_ignoring_offset(
+        settings_for: Any, fake: FakeSender) -> None:
+    """One object before the page read last and a page's worth after it (unread) left the window: the re-read from
+    offset − the drop holds just the page read last, now one place down. It was taken for a partner that ignores
+    `offset` and the pull stopped (PullError), each rerun again while the Sender was busy; it goes on now."""
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 9)]
+
+    def update(sender: FakeSender, request_number: int) -> None:
+        if request_number == 3:  # before the third page: S0001 (read) and S0005, S0006 (not read yet) leave
+            for index in (0, 4, 5):
+                sender.objects["sessions"][index]["last_updated"] = stamp(datetime.now(UTC))
+
+    fake.before_request = update
+    sink = ListSink()
+    report = await pull(settings_for(), partner_for(fake), "sessions", sink, since=hours_ago(24), until=hours_ago(0.5))
+    assert fake.offsets("sessions") == [0, 2, 4, 1, 3]
+    assert ids(sink) == ["S0001", "S0002", "S0003", "S0004", "S0003", "S0004", "S0007", "S0008"]
+    assert report.rereads == 1 and report.total == 5
+
+
+async def test_a_page_shifted_by_an_object_entering_the_window_is_no_partner_ignoring_offset(
+        settings_for: Any) -> None:
+    """An object entering the window before the page read last (a Sender ordering by id, an object stamped late)
+    puts just that page at the next offset, with a higher X-Total-Count: that is no partner ignoring `offset`."""
+    pages = {"0": ([session(2, hours_ago(3))], "2"), "1": ([session(2, hours_ago(3))], "3"),
+             "2": ([session(3, hours_ago(2))], "3")}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        offset = request.url.params["offset"]
+        data, total = pages[offset]
+        headers = {"X-Total-Count": total}
+        if offset != "2":
+            headers["Link"] = f'<?offset={int(offset) + 1}&limit=1>; rel="next"'
+        return httpx.Response(200, headers=headers, content=_envelope(data))
+
+    sink = ListSink()
+    await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24), limit=1,
+               transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == ["S0002", "S0002", "S0003"]
+
+
 async def test_an_object_updated_mid_crawl_skips_nothing_when_until_is_later_than_now(settings_for: Any,
                                                                                      fake: FakeSender) -> None:
     """With a date_to still to come, an object updated mid-crawl stayed in the window: it moved to the end of the
