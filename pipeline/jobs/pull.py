@@ -16,11 +16,11 @@ The crawl (04 §4.2):
 - Pages are followed through `Link: <…>; rel="next"` until there is none, with the window's `date_from` and
   `date_to` put back where a link leaves them out (as the spec's own example does). URLs we build ourselves (the first
   page, re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known. An empty page at
-  or past `X-Total-Count` is the last even with a next link (a partner that links on every page would otherwise
-  lead the crawl through empty pages for ever). A next link whose `offset` lies past the objects the page held (a
-  server that caps `limit` but adds the limit asked for) is read from where they ended instead, skipping nothing;
-  one whose `offset` is not past the page's (back to a page read before) stops the crawl (PullError), which would
-  otherwise read the same pages for ever.
+  or past `X-Total-Count` (or without one) is the last even with a next link (a partner that links on every
+  page would otherwise lead the crawl through empty pages for ever). A next link whose `offset` lies past the
+  objects the page held (a server that caps `limit` but adds the limit asked for) is read from where they ended
+  instead, skipping nothing; one whose `offset` is not past the page's (back to a page read before) stops the
+  crawl (PullError), which would otherwise read the same pages for ever.
 - When `X-Total-Count` drops (objects updated mid-crawl leave the date_to window, shifting the ones after
   them down), the page is read again from `offset` − drop (04 §4.2's "offset − 1" for a drop of one), so no
   object is skipped (and again from further back if the re-read finds the total dropped further); the objects
@@ -547,11 +547,13 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
                                 "objects after its first page cannot be crawled; the window is left incomplete")
 
             next_url = _with_window(page.next_url, page.url) if page.next_url is not None else None
-            if next_url is not None and page.total is not None and at >= page.total and _page_items(page.data) == 0:
+            if next_url is not None and (page.total is None or at >= page.total) and _page_items(page.data) == 0:
                 # A partner that writes a next link on every page, the last too: followed, it leads to ever higher
-                # offsets of empty pages, and the crawl would never end. Nothing is left past the announced total.
-                log.warning("GET %s: an empty page at offset %d, at or past the %d objects X-Total-Count announced, "
-                            "still has a next link; taken as the last page", page.url, at, page.total)
+                # offsets of empty pages, and the crawl would never end. Nothing is left past the announced total,
+                # nor, without one (which it must send), past an empty page.
+                log.warning("GET %s: an empty page at offset %d, %s, still has a next link; taken as the last page",
+                            page.url, at, "without X-Total-Count" if page.total is None else
+                            f"at or past the {page.total} objects X-Total-Count announced")
                 next_url = None
             held = _page_items(page.data)
             ahead = query_int(next_url, "offset") if next_url is not None else None
