@@ -256,7 +256,8 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
 @click.command()
 @click.option("--partner", required=True, help="Partner id in the registry (`ocpi-pipeline partners list`).")
 @click.option("--module", required=True, type=click.Choice(list(KINDS)), help="Sender interface to pull.")
-@click.option("--since", help="date_from (inclusive); default: where the last completed pull ended.")
+@click.option("--since", help="date_from (inclusive); default: where the pulls completed so far end without a gap "
+              "(a one-off window apart from them, after a gap or an old one again, does not move it).")
 @click.option("--until", help="date_to (exclusive); default: 5 minutes before now (the partner's clock may run "
               "behind ours; the next pull starts there).")
 @click.option("--limit", default=100, show_default=True, help="Objects per page asked for (the server may cap it).")
@@ -265,7 +266,8 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
               help="Attempts per page on 429/503/3xxx.")
 @click.option("--schedule", type=float, metavar="SECONDS", callback=lambda _c, _p, v: seconds(v, least=0.0),
               help="Pull again every SECONDS (plus a random splay) until Ctrl-C or SIGTERM; each round after the "
-              "first continues where the last completed pull ended (--since counts until one has completed), up "
+              "first continues where the pulls completed so far end without a gap (--since counts until one has "
+              "completed), up "
               "to 5 minutes before now.")
 @click.option("--splay", type=float, metavar="SECONDS", callback=lambda _c, _p, v: seconds(v, least=None),
               help="Random extra delay per round (default: 10% of "
@@ -275,7 +277,8 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
     """Catch up from a partner's Sender interface (GET with date_from/date_to, paginated) into the pipeline.
 
     Objects are validated like pushes and published to the same topics, marked source=PULL. The position is
-    checkpointed per partner and module: an interrupted pull resumes, the next one starts where the last ended.
+    checkpointed per partner and module: an interrupted pull resumes, the next one starts where the pulls
+    completed so far end without a gap.
 
     \b
     Examples:

@@ -4,7 +4,8 @@ OCPI makes catching up after an outage the receiver's job (04 §14): we GET the 
 `last_updated`, and feed every object to the same topics and rules as a push, marked `source=PULL`.
 
 The crawl (04 §4.2):
-- The window is [date_from, date_to): `--since`, or where the last completed pull ended, up to `--until` or
+- The window is [date_from, date_to): `--since`, or where the completed pulls end without a gap (a one-off
+  window apart from them moves nothing), up to `--until` or
   `SETTLE` (5 minutes) before the moment the crawl starts. (A crawl up to a later `--until` counts as ended
   `SETTLE` before it started, so the next window starts there, not at a date_to still to come; it is crawled
   in two parts, up to that point and then the rest, see `X-Total-Count` below.) Consecutive windows leave no
@@ -52,8 +53,8 @@ one X-Correlation-ID per crawl, and routing headers from our party (OCPI_PARTY_*
 role, else its first CPO role). Timeouts: OCPI_OUTBOUND_TIMEOUT, for each page's whole answer.
 
 Checkpoint `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.json`: the window and the next page's URL, saved after
-every page whose events Kafka acknowledged, and where the last completed crawl ended. An interrupted pull
-resumes at the page after the last acknowledged one; a completed one starts the next window there. A pull
+every page whose events Kafka acknowledged, and where the completed crawls end without a gap. An interrupted
+pull resumes at the page after the last acknowledged one; the next window starts there. A pull
 of the same partner and module started while one runs is refused (`<partner>.<module>.lock`).
 """
 
@@ -428,7 +429,7 @@ def round_since(settings: Settings, partner_id: str, module: str, since: datetim
                 first: bool) -> datetime | None:
     """The date_from to ask for in one round of a scheduled pull: `since` in the first round, and in a later
     one only while no pull of this partner and module has completed. After that a round continues where the
-    last completed pull ended: `since` every round would crawl the whole window again each time."""
+    completed pulls end without a gap: `since` every round would crawl the whole window again each time."""
     if first or since is None:
         return since
     state = _checkpoint(settings, partner_id, module).load() or {}

@@ -159,3 +159,13 @@ def test_what_billing_shows_says_which_credits_it_leaves_out() -> None:
     for text in (" ".join(CliRunner().invoke(cli, ["report", "revenue", "--help"]).output.split()),
                  " ".join(CliRunner().invoke(cli, ["query", "--help"]).output.split()), dashboard):
         assert "DUPLICATE_CREDIT" in text and "CREDIT_OF_CREDIT" in text, text
+
+
+def test_pull_help_says_where_the_next_pull_starts() -> None:
+    """`pull --help` said a pull starts by default where the last completed pull ended, and each scheduled round
+    continues there; it starts where the pulls completed so far end without a gap (1686ad5): after a one-off window
+    apart from them (an old one pulled again, one after a gap) the next pull does not start at its end."""
+    text = " ".join(CliRunner().invoke(cli, ["pull", "--help"]).output.split())
+    assert "last completed pull ended" not in text and "without a gap" in text, text
+    readme = " ".join(README.split())
+    assert "continues where the last completed pull ended" not in readme
