@@ -7,7 +7,6 @@ import re
 import signal
 import sys
 from collections.abc import Coroutine
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -256,8 +255,9 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
 @click.command()
 @click.option("--partner", required=True, help="Partner id in the registry (`ocpi-pipeline partners list`).")
 @click.option("--module", required=True, type=click.Choice(list(KINDS)), help="Sender interface to pull.")
-@click.option("--since", help="date_from (inclusive); default: where the pulls completed so far end without a gap "
-              "(a one-off window apart from them, after a gap or an old one again, does not move it).")
+@click.option("--since", help="date_from (inclusive); default: where the pulls completed so far end without a "
+              "gap, for each party its own (a one-off window apart from them, after a gap or an old one again, "
+              "does not move it).")
 @click.option("--until", help="date_to (exclusive); default: 5 minutes before now (the partner's clock may run "
               "behind ours; the next pull starts there).")
 @click.option("--limit", default=100, show_default=True, help="Objects per page asked for (the server may cap it).")
@@ -266,8 +266,8 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
               help="Attempts per page on 429/503/3xxx.")
 @click.option("--schedule", type=float, metavar="SECONDS", callback=lambda _c, _p, v: seconds(v, least=0.0),
               help="Pull again every SECONDS (plus a random splay) until Ctrl-C or SIGTERM; each round after the "
-              "first continues where the pulls completed so far end without a gap (--since counts until one has "
-              "completed), up "
+              "first continues where the pulls completed so far end without a gap (--since counts for a party "
+              "until one of its pulls has completed), up "
               "to 5 minutes before now.")
 @click.option("--splay", type=float, metavar="SECONDS", callback=lambda _c, _p, v: seconds(v, least=None),
               help="Random extra delay per round (default: 10% of "
@@ -276,9 +276,10 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
          max_attempts: int, schedule: float | None, splay: float | None) -> None:
     """Catch up from a partner's Sender interface (GET with date_from/date_to, paginated) into the pipeline.
 
-    Objects are validated like pushes and published to the same topics, marked source=PULL. The position is
-    checkpointed per partner and module: an interrupted pull resumes, the next one starts where the pulls
-    completed so far end without a gap.
+    Objects are validated like pushes and published to the same topics, marked source=PULL. The GETs are
+    addressed (OCPI-to-*) to each CPO party of the partner in turn (a platform hosting several lists only the
+    addressed party's objects), or to a Hub's own party. The position is checkpointed per partner, module and
+    party: an interrupted pull resumes, the next one starts where the pulls completed so far end without a gap.
 
     \b
     Examples:
@@ -286,7 +287,7 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
       ocpi-pipeline pull --partner cpo-nl --module sessions --schedule 3600
     """
     from pipeline.jobs.kafka_io import JobProducer
-    from pipeline.jobs.pull import RetryPolicy, pull_every, round_since
+    from pipeline.jobs.pull import RetryPolicy, pull_every
     from pipeline.jobs.pull import pull as pull_once
     from pipeline.retention import PseudonymKeyError, check_key, load_key
     from receivers.registry import PartnerRegistry, RegistryError
@@ -298,7 +299,7 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
         raise click.UsageError("--schedule pulls up to now every round; it takes no --until")
     console = Console()
 
-    async def once(progress: RichProgress, start: datetime | None) -> Any:
+    async def once(progress: RichProgress, later_round: bool) -> Any:
         try:
             client = await asyncio.to_thread(connect_for, settings)
             try:
@@ -313,21 +314,24 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
             return await pull_once(settings, found, module, producer, since=start, until=end, limit=limit,
                                    relative=(relative_text(since) if start is not None else None,
                                              relative_text(until)),
-                                   restart=restart, retry=RetryPolicy(max_attempts=max_attempts), progress=progress)
+                                   restart=restart, since_unless_completed=later_round,
+                                   retry=RetryPolicy(max_attempts=max_attempts), progress=progress)
 
     def show(report: Any) -> None:
-        console.print(f"pulled {report.objects} {module} from {partner} for [{report.since or 'the beginning'}, "
-                      f"{report.until}) in {report.pages} pages{' (resumed)' if report.resumed else ''}; "
-                      f"invalid {report.invalid}, not the partner's {report.foreign}, re-read pages "
-                      f"{report.rereads}, retries {report.retries}")
-        if report.unread:
-            console.print(f"[yellow]the partner announced {report.unread} more objects (X-Total-Count) than its "
-                          "pages led to: not read; see the log[/]")
+        for each in report.parties or [report]:  # one line per party the GETs were addressed to
+            whose = f" (party {'/'.join(each.party)})" if each.party is not None else ""
+            console.print(f"pulled {each.objects} {module} from {partner}{whose} for "
+                          f"[{each.since or 'the beginning'}, {each.until}) in {each.pages} pages"
+                          f"{' (resumed)' if each.resumed else ''}; invalid {each.invalid}, not the partner's "
+                          f"{each.foreign}, re-read pages {each.rereads}, retries {each.retries}")
+            if each.unread:
+                console.print(f"[yellow]the partner announced {each.unread} more objects (X-Total-Count) than "
+                              f"its pages led to{whose}: not read; see the log[/]")
 
     hint = "run the same command again to resume from its checkpoint"
     if schedule is None:
         with RichProgress() as progress:
-            report = _run(once(progress, start), hint, bootstrap)
+            report = _run(once(progress, False), hint, bootstrap)
         show(report)
         return
 
@@ -342,9 +346,8 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
         async def round_() -> Any:
             nonlocal rounds
             rounds += 1
-            since_now = round_since(settings, partner, module, start, first=rounds == 1)
             with RichProgress() as progress:
-                report = await once(progress, since_now)
+                report = await once(progress, rounds > 1)
             show(report)
             return report
 

@@ -49,13 +49,18 @@ The crawl (04 §4.2):
   recorded once its valid objects are acknowledged, so a page read again after a failed send is recorded once.
 
 Requests carry `Authorization: Token <base64>` (the raw token for RAW_TOKEN partners), a fresh X-Request-ID,
-one X-Correlation-ID per crawl, and routing headers from our party (OCPI_PARTY_*) to the partner's (its Hub
-role, else its first CPO role). Timeouts: OCPI_OUTBOUND_TIMEOUT, for each page's whole answer.
+one X-Correlation-ID per crawl, and routing headers from our party (OCPI_PARTY_*) to the partner's: its Hub role
+(whose list holds every connected party's objects, 04 §10), else each of its CPO roles in turn, one crawl each
+(a platform hosting several CPO parties, 03 case 3, routes a GET by OCPI-to-* and lists only the addressed
+party's objects: addressed to the first alone, the others' were never pulled), else its first role.
+Timeouts: OCPI_OUTBOUND_TIMEOUT, for each page's whole answer.
 
-Checkpoint `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.json`: the window and the next page's URL, saved after
-every page whose events Kafka acknowledged, and where the completed crawls end without a gap. An interrupted
-pull resumes at the page after the last acknowledged one; the next window starts there. A pull
-of the same partner and module started while one runs is refused (`<partner>.<module>.lock`).
+Checkpoint `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.json` (`<partner>.<module>.<CC>-<PID>.json` per party for
+a partner crawled as several; the file written while only the first CPO party was crawled becomes that party's):
+the window and the next page's URL, saved after every page whose events Kafka acknowledged, and where the
+completed crawls end without a gap. An interrupted pull resumes at the page after the last acknowledged one; the
+next window starts there. Each party's crawl has its own window; one that fails does not keep the others from
+theirs. A pull of the same partner and module started while one runs is refused (`<partner>.<module>.lock`).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import email.utils
 import hashlib
 import json
@@ -85,7 +91,7 @@ from infra.events import build_event
 from infra.settings import Settings
 from ocpi.datetime import format_datetime
 from ocpi.decode import UNPARSABLE, OcpiJsonError, OcpiValidationError, decode_list, unparsable_reason
-from ocpi.identity import ObjectKey
+from ocpi.identity import ObjectKey, ci_equal, ci_normalize
 from ocpi.model import CDR, InterfaceRole, Location, Role, Session
 from pipeline.jobs.common import (
     Checkpoint,
@@ -162,6 +168,8 @@ class PullReport:
     retries: int = 0
     total: int | None = None  # the last X-Total-Count seen
     unread: int = 0  # objects X-Total-Count announced past the last page (one without a next link)
+    party: tuple[str, str] | None = None  # whom the GETs were addressed to (OCPI-to-*)
+    parties: list[PullReport] = dataclasses.field(default_factory=list)  # one per party crawled, when several were
 
 
 @dataclass
@@ -299,19 +307,27 @@ def _party(headers: httpx.Headers, side: str) -> tuple[str, str] | None:
     return None
 
 
-def _their_party(partner: Partner) -> tuple[str, str] | None:
-    """Whom a GET All is addressed to: the partner's Hub role, else its first CPO role, else its first role."""
-    for wanted in (Role.HUB, Role.CPO, None):
-        for role in partner.roles:
-            if wanted is None or role.role is wanted:
-                return role.country_code, role.party_id
-    return None
+def _their_parties(partner: Partner) -> list[tuple[str, str] | None]:
+    """Whom the GETs are addressed to, one crawl each: a Hub's HUB role (its list holds the objects of every party
+    behind it, 04 §10); else each of the partner's CPO roles (a platform hosting several CPO parties, 03 case 3,
+    routes a GET by OCPI-to-* and lists only that party's objects, 04 §8); else its first role; None: no role."""
+    hub = next((role for role in partner.roles if role.role is Role.HUB), None)
+    if hub is not None:
+        return [(hub.country_code, hub.party_id)]
+    cpos: list[tuple[str, str] | None] = []
+    for role in partner.roles:
+        if role.role is Role.CPO and not any(
+                p is not None and ci_equal(p[0], role.country_code) and ci_equal(p[1], role.party_id) for p in cpos):
+            cpos.append((role.country_code, role.party_id))
+    if cpos:
+        return cpos
+    return [(partner.roles[0].country_code, partner.roles[0].party_id)] if partner.roles else [None]
 
 
 class _Crawler:
     def __init__(self, settings: Settings, partner: Partner, module: str, endpoint_url: str,
                  http: httpx.AsyncClient, retry: RetryPolicy, report: PullReport, correlation_id: str,
-                 sleep: Callable[[float], Awaitable[None]]) -> None:
+                 sleep: Callable[[float], Awaitable[None]], theirs: tuple[str, str] | None) -> None:
         if partner.status is not PartnerStatus.REGISTERED:  # suspended by an operator, unregistered, half-way
             raise PullError(f"partner {partner.partner_id!r} is {partner.status.value}: only a REGISTERED partner "
                             "is pulled from (`ocpi-pipeline partners resume` ends a suspension)")
@@ -327,7 +343,6 @@ class _Crawler:
                         "X-Correlation-ID": correlation_id, "Accept": "application/json",
                         "OCPI-from-country-code": settings.party.country_code,
                         "OCPI-from-party-id": settings.party.party_id}
-        theirs = _their_party(partner)
         if theirs is not None:
             self.headers |= {"OCPI-to-country-code": theirs[0], "OCPI-to-party-id": theirs[1]}
         self.timeout_s = settings.partners.outbound_timeout_s
@@ -421,19 +436,29 @@ class _Crawler:
                      from_party=_party(response.headers, "from"), to_party=_party(response.headers, "to"))
 
 
-def _checkpoint(settings: Settings, partner_id: str, module: str) -> Checkpoint:
-    return Checkpoint(jobs_dir(settings, "pull") / f"{partner_id}.{module}.json")
+def _checkpoint_path(settings: Settings, partner_id: str, module: str, party: tuple[str, str] | None) -> Path:
+    """`<partner>.<module>.json`, or `<partner>.<module>.<CC>-<PID>.json` for one of several parties crawled."""
+    if party is None:
+        return jobs_dir(settings, "pull") / f"{partner_id}.{module}.json"
+    name = "-".join(re.sub(r"[^A-Z0-9_-]", lambda m: f"%{ord(m.group()):02X}", ci_normalize(part)) for part in party)
+    return jobs_dir(settings, "pull") / f"{partner_id}.{module}.{name}.json"
 
 
-def round_since(settings: Settings, partner_id: str, module: str, since: datetime | None, *,
-                first: bool) -> datetime | None:
-    """The date_from to ask for in one round of a scheduled pull: `since` in the first round, and in a later
-    one only while no pull of this partner and module has completed. After that a round continues where the
-    completed pulls end without a gap: `since` every round would crawl the whole window again each time."""
-    if first or since is None:
-        return since
-    state = _checkpoint(settings, partner_id, module).load() or {}
-    return since if state.get("completed_until") is None else None
+def _checkpoint(settings: Settings, partner_id: str, module: str, party: tuple[str, str] | None,
+                parties: list[tuple[str, str] | None]) -> Checkpoint:
+    """The checkpoint of the crawl addressed to `party`, one of `parties` (`_their_parties`). A partner crawled as
+    one party keeps `<partner>.<module>.json`; one crawled as several, a file per party. The checkpoint written
+    while only the first CPO party was crawled (the file without party) becomes the first party's, and a party's
+    own file the partner's when it is the only one left, so that a change neither pulls again nor skips."""
+    single = len(parties) == 1
+    path = _checkpoint_path(settings, partner_id, module, None if single else party)
+    if not path.exists():
+        before = _checkpoint_path(settings, partner_id, module, party) if single and party is not None else \
+            _checkpoint_path(settings, partner_id, module, None) if not single and party == parties[0] else None
+        if before is not None and before.exists():
+            log.info("the checkpoint %s is now %s", before, path)
+            before.rename(path)
+    return Checkpoint(path)
 
 
 def rejected_path(settings: Settings, partner_id: str, module: str) -> Path:
@@ -443,27 +468,34 @@ def rejected_path(settings: Settings, partner_id: str, module: str) -> Path:
 async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSink, *,
                since: datetime | None = None, until: datetime | None = None, limit: int = 100,
                relative: tuple[str | None, str | None] = (None, None), restart: bool = False,
-               retry: RetryPolicy | None = None, progress: JobProgress | None = None,
-               transport: httpx.AsyncBaseTransport | None = None,
+               since_unless_completed: bool = False, retry: RetryPolicy | None = None,
+               progress: JobProgress | None = None, transport: httpx.AsyncBaseTransport | None = None,
                sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> PullReport:
     """Crawl `partner`'s `module` Sender list once (or resume the interrupted crawl); see the module docstring.
 
+    One crawl per party the GETs are addressed to (`_their_parties`: each CPO party of a platform hosting several),
+    each with its own checkpoint and window; the report of several has theirs in `parties`, and a party whose
+    crawl fails does not keep the others from theirs (the pull then fails, naming it).
+
     `relative`: `since`/`until` as typed when they are durations back from now (`common.relative_text`); the
     same text resumes an interrupted crawl, whose window stays the one they resolved to when it started.
+    `since_unless_completed`: `since` only for a party no pull has completed for yet; the others continue where
+    their completed pulls end (a schedule's rounds after the first: `since` every round would crawl the whole
+    window again each time).
 
     One pull of a partner's module at a time: a second one (a manual pull while a scheduled one crawls) would
     resume the same crawl from the checkpoint and publish every object again; it is refused."""
     lock = jobs_dir(settings, "pull") / f"{partner.partner_id}.{module}.lock"
     with running_alone(lock, f"a pull of {module} from {partner.partner_id}"):
         return await _pull(settings, partner, module, sink, since=since, until=until, limit=limit,
-                           relative=relative, restart=restart, retry=retry, progress=progress, transport=transport,
-                           sleep=sleep)
+                           relative=relative, restart=restart, since_unless_completed=since_unless_completed,
+                           retry=retry, progress=progress, transport=transport, sleep=sleep)
 
 
 async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordSink, *, since: datetime | None,
                 until: datetime | None, limit: int, relative: tuple[str | None, str | None], restart: bool,
-                retry: RetryPolicy | None, progress: JobProgress | None, transport: httpx.AsyncBaseTransport | None,
-                sleep: Callable[[float], Awaitable[None]]) -> PullReport:
+                since_unless_completed: bool, retry: RetryPolicy | None, progress: JobProgress | None,
+                transport: httpx.AsyncBaseTransport | None, sleep: Callable[[float], Awaitable[None]]) -> PullReport:
     kind = KINDS.get(module)
     if kind is None:
         raise PullError(f"module {module!r} cannot be pulled; use one of {', '.join(KINDS)}")
@@ -474,9 +506,52 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
     if limit < 1:
         raise PullError("--limit must be at least 1")
     progress = progress or NoProgress()
-    checkpoint = _checkpoint(settings, partner.partner_id, module)
-    state = checkpoint.load() or {"partner": partner.partner_id, "module": module, "completed_until": None,
-                                  "crawl": None, "runs": []}
+    parties = _their_parties(partner)
+    reports: list[PullReport] = []
+    failed: list[str] = []
+    for party in parties:
+        checkpoint = _checkpoint(settings, partner.partner_id, module, party, parties)
+        state = checkpoint.load() or {"partner": partner.partner_id, "module": module, "completed_until": None,
+                                      "crawl": None, "runs": []}
+        party_since, party_relative = since, relative
+        if since_unless_completed and state.get("completed_until") is not None:
+            party_since, party_relative = None, (None, relative[1])
+        try:
+            reports.append(await _crawl(settings, partner, module, kind, endpoint.url, sink, party, checkpoint,
+                                        state, since=party_since, until=until, limit=limit,
+                                        relative=party_relative, restart=restart, retry=retry, progress=progress,
+                                        transport=transport, sleep=sleep))
+        except PullError as exc:
+            if len(parties) == 1:
+                raise
+            log.warning("pull of %s from %s for %s/%s failed: %s", module, partner.partner_id, *party or ("?", "?"),
+                        exc)
+            failed.append(f"{'/'.join(party or ('?', '?'))}: {exc}")
+    if failed:
+        done = "; ".join(f"{'/'.join(r.party or ('?', '?'))}: {r.objects} objects" for r in reports)
+        raise PullError(f"the pull of {module} from {partner.partner_id} failed for {len(failed)} of its "
+                        f"{len(parties)} parties ({'; '.join(failed)}); pulled {done or 'nothing'}")
+    if len(reports) == 1:
+        return reports[0]
+    return PullReport(partner.partner_id, module,
+                      None if any(r.since is None for r in reports) else min(r.since for r in reports if r.since),
+                      max(r.until for r in reports), resumed=any(r.resumed for r in reports),
+                      pages=sum(r.pages for r in reports), objects=sum(r.objects for r in reports),
+                      invalid=sum(r.invalid for r in reports), foreign=sum(r.foreign for r in reports),
+                      rereads=sum(r.rereads for r in reports), retries=sum(r.retries for r in reports),
+                      unread=sum(r.unread for r in reports), parties=reports)
+
+
+async def _crawl(settings: Settings, partner: Partner, module: str, kind: ModuleKind, endpoint_url: str,
+                 sink: RecordSink, party: tuple[str, str] | None, checkpoint: Checkpoint,
+                 state: dict[str, Any], *, since: datetime | None, until: datetime | None, limit: int,
+                 relative: tuple[str | None, str | None], restart: bool, retry: RetryPolicy | None,
+                 progress: JobProgress, transport: httpx.AsyncBaseTransport | None,
+                 sleep: Callable[[float], Awaitable[None]]) -> PullReport:
+    """One party's crawl (the GETs addressed to `party`), from and into its checkpoint."""
+    whose = f" for {'/'.join(party)}" if party is not None else ""
+    if party is not None:
+        state["party"] = list(party)
     crawl = state.get("crawl")
     wanted = (relative[0] or iso(since), relative[1] or iso(until))
     asked = (crawl.get("asked") or [crawl["since"], crawl["until"]]) if crawl else [None, None]
@@ -488,7 +563,7 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
                         crawl["until"])
         start = since or from_iso(state.get("completed_until"))
         if module == "sessions" and start is None:
-            raise PullError("a first Sessions pull needs --since (date_from is required by the Sessions "
+            raise PullError(f"a first Sessions pull{whose} needs --since (date_from is required by the Sessions "
                             "Sender interface, 09 §2.1)")
         started = datetime.now(UTC)
         end = until or started - SETTLE
@@ -500,7 +575,7 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
         # in the tail that can skip only objects the next window reads again.
         settled = started - SETTLE
         tail = end > settled and (start is None or start < settled)
-        first = with_query(endpoint.url, date_from=format_datetime(start) if start else None,
+        first = with_query(endpoint_url, date_from=format_datetime(start) if start else None,
                            date_to=format_datetime(settled if tail else end), offset=0, limit=limit)
         crawl = {"since": iso(start), "until": iso(end), "asked": list(wanted), "next_url": first, "limit": limit,
                  "x_limit": None, "total": None, "pages": 0, "objects": 0, "correlation_id": str(uuid.uuid4()),
@@ -509,17 +584,17 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
         checkpoint.save(state)
         resumed = False
     report = PullReport(partner.partner_id, module, from_iso(crawl["since"]), datetime.fromisoformat(crawl["until"]),
-                        resumed=resumed)
-    progress.start(f"pull {module} from {partner.partner_id}", crawl["total"])
+                        resumed=resumed, party=party)
+    progress.start(f"pull {module} from {partner.partner_id}{whose}", crawl["total"])
     progress.advance(crawl["objects"])
     timeout = httpx.Timeout(settings.partners.outbound_timeout_s)
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport) as http:
-        crawler = _Crawler(settings, partner, module, endpoint.url, http, retry or RetryPolicy(), report,
-                           crawl["correlation_id"], sleep)
+        crawler = _Crawler(settings, partner, module, endpoint_url, http, retry or RetryPolicy(), report,
+                           crawl["correlation_id"], sleep, party)
         url: str | None = crawl["next_url"]
         while url or crawl.get("tail"):
             if url is None:  # the settled part is crawled: now the tail, up to date_to
-                url = with_query(endpoint.url,
+                url = with_query(endpoint_url,
                                  date_from=format_datetime(datetime.fromisoformat(crawl["started_at"]) - SETTLE),
                                  date_to=format_datetime(datetime.fromisoformat(crawl["until"])), offset=0,
                                  limit=crawl["limit"])

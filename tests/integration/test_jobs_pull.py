@@ -66,7 +66,7 @@ async def test_pull_sessions_and_cdrs_into_clickhouse(stack: Stack, fake: FakeSe
 
     code, out, err = await run_cli(stack.settings, "pull", "--partner", "cpo-be", "--module", "cdrs")
     assert code == 0, err
-    assert "pulled 2 cdrs from cpo-be for [the beginning," in out
+    assert "pulled 2 cdrs from cpo-be (party BE/BEC) for [the beginning," in out
     assert "date_from" not in fake.seen[-1].query  # CDRs may be pulled without a start
 
     sessions = await wait_rows(stack.clickhouse, "SELECT session_id, partner_id, kwh, status FROM sessions FINAL "
@@ -106,7 +106,7 @@ async def test_cli_relative_since_resumes_and_scheduled_rounds_continue(stack: S
     assert code == 1 and "gave up after 1 attempts" in err
     code, out, err = await run_cli(stack.settings, *args)  # the same command, a moment later: `1d` moved
     assert code == 0, err
-    assert "pulled 3 sessions" in out and "(resumed)" in out
+    assert "pulled 3 sessions from cpo-be (party BE/BEC)" in out and "(resumed)" in out
     assert len({s.query["date_from"] for s in fake.seen}) == 1
 
     fake.seen.clear()

@@ -93,6 +93,9 @@ class FakeSender:
         self.redirect_to: str | None = None
         self.ignore_offset = False  # a broken server: every offset answers the first page (Link still moves on)
         self.link_filters = True  # False: next links carry only offset and limit, as 04 §4.2's example shows them
+        # A platform hosting several CPO parties (03 case 3): a GET lists only the objects of the party its
+        # OCPI-to-* headers name, and answers from that party.
+        self.route_by_to_party = False
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -150,12 +153,17 @@ class FakeSender:
         matching = [o for o in sorted(self.objects[module], key=lambda o: parse(o["last_updated"]))
                     if (date_from is None or parse(o["last_updated"]) >= date_from)
                     and (date_to is None or parse(o["last_updated"]) < date_to)]
+        answering = ("BE", "BEC")
+        if self.route_by_to_party:
+            answering = (request.headers.get("OCPI-to-country-code", ""), request.headers.get("OCPI-to-party-id", ""))
+            matching = [o for o in matching if (o["country_code"].upper(), o["party_id"].upper())
+                        == (answering[0].upper(), answering[1].upper())]
         offset = int(request.query.get("offset", "0"))
         limit = min(int(request.query.get("limit", str(self.page_cap))), self.page_cap)
         first = 0 if self.ignore_offset else offset
         page = matching[first:first + limit]
         headers = {"X-Total-Count": str(len(matching)), "X-Limit": str(self.page_cap),
-                   "OCPI-from-country-code": "BE", "OCPI-from-party-id": "BEC",
+                   "OCPI-from-country-code": answering[0], "OCPI-from-party-id": answering[1],
                    "OCPI-to-country-code": "NL", "OCPI-to-party-id": "OPP"}
         if offset + limit < len(matching):
             query = {k: v for k, v in request.query.items() if k not in ("offset", "limit") and self.link_filters}

@@ -19,7 +19,7 @@ from infra.codec import DecodedEvent, decode_event
 from ocpi.canonical import content_hash
 from ocpi.decode import decode
 from ocpi.model import Endpoint, InterfaceRole, Session
-from pipeline.jobs.common import Checkpoint, JobError, jobs_dir, parse_time
+from pipeline.jobs.common import Checkpoint, JobError, NoProgress, jobs_dir, parse_time
 from pipeline.jobs.pull import (
     PullError,
     PullReport,
@@ -28,7 +28,6 @@ from pipeline.jobs.pull import (
     pull_every,
     rejected_path,
     retry_after_seconds,
-    round_since,
 )
 from pipeline.retention import Pseudonymizer, load_key
 from receivers.registry import Partner, PartnerStatus, credentials_role
@@ -612,8 +611,7 @@ async def test_scheduled_rounds_continue_where_the_last_completed_pull_ended(set
     reports: list[Any] = []
 
     async def round_() -> Any:  # as `pull --since … --schedule …` runs its rounds
-        start = round_since(settings, partner.partner_id, "sessions", since, first=not reports)
-        report = await pull(settings, partner, "sessions", sink, since=start)
+        report = await pull(settings, partner, "sessions", sink, since=since, since_unless_completed=bool(reports))
         reports.append(report)
         if len(reports) == 3:
             stop.set()
@@ -628,12 +626,17 @@ async def test_scheduled_rounds_continue_where_the_last_completed_pull_ended(set
 async def test_scheduled_rounds_keep_since_until_a_pull_completed(settings_for: Any, fake: FakeSender) -> None:
     settings = settings_for()
     since = hours_ago(24)
-    assert round_since(settings, "cpo-be", "sessions", since, first=True) == since
-    assert round_since(settings, "cpo-be", "sessions", since, first=False) == since  # none completed yet
     fake.objects["sessions"] = [session(1, hours_ago(3))]
-    await pull(settings, partner_for(fake), "sessions", ListSink(), since=since)
-    assert round_since(settings, "cpo-be", "sessions", since, first=True) == since  # asked for: crawled again
-    assert round_since(settings, "cpo-be", "sessions", since, first=False) is None
+    fake.fail_next(Failure(400, 2001))
+    with pytest.raises(PullError):
+        await pull(settings, partner_for(fake), "sessions", ListSink(), since=since, since_unless_completed=True)
+    report = await pull(settings, partner_for(fake), "sessions", ListSink(), since=since,
+                        since_unless_completed=True)
+    assert report.since == since  # none completed yet
+    again = await pull(settings, partner_for(fake), "sessions", ListSink(), since=since)
+    assert again.since == since  # asked for: crawled again
+    later = await pull(settings, partner_for(fake), "sessions", ListSink(), since=since, since_unless_completed=True)
+    assert later.since == again.until
 
 
 async def test_a_one_off_window_apart_from_the_pulled_one_does_not_move_where_the_next_pull_starts(
@@ -1049,3 +1052,82 @@ async def test_a_page_read_again_after_kafka_failed_records_its_refused_objects_
     assert report.resumed and ids(sink) == ["S0001"]
     lines = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
     assert [json.loads(line["object"])["id"] for line in lines] == ["S0002"]  # once
+
+
+class Progress(NoProgress):
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def start(self, description: str, total: int | None) -> None:
+        self.started.append(description)
+
+
+def _platform(fake: FakeSender) -> Partner:
+    """A platform hosting two CPO parties (03 case 3; 07's credentials with several roles) that lists, for a GET,
+    the objects of the party its OCPI-to-* headers name."""
+    fake.route_by_to_party = True
+    partner = partner_for(fake)
+    partner.roles.append(credentials_role(country_code="NL", party_id="ABC", role="CPO"))
+    return partner
+
+
+async def test_each_cpo_party_of_a_platform_is_pulled_with_its_own_checkpoint(settings_for: Any,
+                                                                             fake: FakeSender) -> None:
+    """Every GET of a pull was addressed to the partner's first CPO role: a platform routing by the OCPI-to-*
+    headers answered only that party's objects, the other party's were never pulled, and the window's checkpoint
+    moved past them (their CDRs lost for billing). Each CPO party is now crawled, with its own checkpoint."""
+    settings = settings_for()
+    partner = _platform(fake)
+    fake.objects["sessions"] = [session(1, hours_ago(4)), session(2, hours_ago(3), party=("NL", "ABC")),
+                                session(3, hours_ago(2))]
+    since, until = hours_ago(24), hours_ago(1)
+    sink = ListSink()
+    progress = Progress()
+    report = await pull(settings, partner, "sessions", sink, since=since, until=until, progress=progress)
+    assert sorted((e.country_code, e.party_id, e.object_id) for e in sink.events) == [
+        ("BE", "BEC", "S0001"), ("BE", "BEC", "S0003"), ("NL", "ABC", "S0002")]
+    assert progress.started == ["pull sessions from cpo-be for BE/BEC", "pull sessions from cpo-be for NL/ABC"]
+    assert {(s.headers["OCPI-to-country-code"], s.headers["OCPI-to-party-id"]) for s in fake.seen} == {
+        ("BE", "BEC"), ("NL", "ABC")}
+    assert [(p.party, p.objects) for p in report.parties] == [(("BE", "BEC"), 2), (("NL", "ABC"), 1)]
+    assert report.objects == 3 and report.foreign == 0
+
+    # Each party continues where its own completed pulls end.
+    fake.objects["sessions"].append(session(4, hours_ago(0.5), party=("NL", "ABC")))
+    fake.seen.clear()
+    later = ListSink()
+    await pull(settings, partner, "sessions", later)
+    assert ids(later) == ["S0004"]
+    assert {s.query["date_from"] for s in fake.seen} == {stamp(until)}
+
+
+async def test_a_checkpoint_from_before_is_carried_over_to_the_first_cpo_party(settings_for: Any,
+                                                                              fake: FakeSender) -> None:
+    """The checkpoint the pulls wrote for the first CPO party only stays that party's (neither pulled again nor
+    skipped); a party never pulled starts at `--since`, a schedule's later rounds too until its pull completed."""
+    settings = settings_for()
+    fake.objects["sessions"] = [session(1, hours_ago(5))]
+    until = hours_ago(4)
+    await pull(settings, partner_for(fake), "sessions", ListSink(), since=hours_ago(24), until=until)
+    partner = _platform(fake)
+    fake.objects["sessions"] += [session(2, hours_ago(3)), session(3, hours_ago(10), party=("NL", "ABC"))]
+    fake.seen.clear()
+    sink = ListSink()
+    since = hours_ago(24)
+    report = await pull(settings, partner, "sessions", sink, since=since, since_unless_completed=True)
+    assert sorted(ids(sink)) == ["S0002", "S0003"]
+    assert [(p.party, p.since) for p in report.parties] == [(("BE", "BEC"), until), (("NL", "ABC"), since)]
+
+
+async def test_a_party_that_fails_does_not_keep_the_others_from_being_pulled(settings_for: Any,
+                                                                            fake: FakeSender) -> None:
+    settings = settings_for()
+    partner = _platform(fake)
+    fake.objects["sessions"] = [session(1, hours_ago(4)), session(2, hours_ago(3), party=("NL", "ABC"))]
+    fake.fail_next(Failure(400, 2001))  # the first party's first page
+    sink = ListSink()
+    with pytest.raises(PullError, match="BE/BEC"):
+        await pull(settings, partner, "sessions", sink, since=hours_ago(24), sleep=Sleeps())
+    assert ids(sink) == ["S0002"]
+    report = await pull(settings, partner, "sessions", sink)  # BE/BEC resumes its crawl, NL/ABC goes on from its end
+    assert ids(sink) == ["S0002", "S0001"] and [p.resumed for p in report.parties] == [True, False]
