@@ -50,8 +50,10 @@ from receivers.registry import (
     PartnerStatus,
     RegistryError,
     TokenKind,
+    TokenState,
     check_partner_id,
     hash_token,
+    token_generation,
 )
 from receivers.transport import (
     InvalidParameters,
@@ -74,6 +76,8 @@ PATH: Final = f"/ocpi/{VERSION}/credentials"
 # caller.
 _AS_REGISTERED: Final = {"Allow": allowed_methods(["DELETE", "GET", "PUT"])}
 _AS_UNREGISTERED: Final = {"Allow": allowed_methods(["GET", "POST"])}
+_ALREADY_REGISTERED: Final = "already registered: this Token A has been used"
+_REPLACED_WHILE_WAITING: Final = "this token was replaced while the request waited; use the current token"
 T = TypeVar("T")
 
 
@@ -94,6 +98,8 @@ class PartnerLocks:
 
     `claims` serialises the final "party still free? then save" step of every handshake in this process: two
     partners registering at once with the same party must not both pass the check made before their callbacks.
+    Both hold within one process only; across receiver processes (`serve --workers N`) a handshake saves only
+    if it claimed the partner's tokens it read (`PartnerRegistry.claim`, `_claim_or_refuse`).
     """
 
     def __init__(self) -> None:
@@ -189,7 +195,7 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         presented = hash_token(request.state.token)
         if partner is None or partner.status is not PartnerStatus.INVITED or not any(
                 t.sha256 == presented and t.kind is TokenKind.A for t in partner.valid_tokens()):
-            raise MethodNotAllowed("already registered: this Token A has been used", headers=_AS_REGISTERED)
+            raise MethodNotAllowed(_ALREADY_REGISTERED, headers=_AS_REGISTERED)
         _check_hub_role(partner, credentials.roles)
         await _check_parties(registry, credentials.roles, partner.partner_id)
         discovery = await _callback(credentials, partner.profile, settings,
@@ -198,12 +204,15 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
             partner = await _as_stored_now(registry, partner.partner_id, request.state.token, PartnerStatus.INVITED)
             # Again after the callback: another partner may have claimed one of these parties meanwhile.
             await _check_parties(registry, credentials.roles, partner.partner_id)
+            generation = token_generation(partner)
             _apply_registration(partner, credentials, discovery)
             partner.status = PartnerStatus.REGISTERED
             partner.origin = Origin.PARTNER
             partner.registered_at = datetime.now(UTC)
             partner.revoke_tokens(kinds=[TokenKind.A])
             token_c = partner.issue_token(TokenKind.C)
+            await _claim_or_refuse(registry, partner.partner_id, generation, token_c,
+                                   MethodNotAllowed(_ALREADY_REGISTERED, headers=_AS_REGISTERED))
             await _run(registry.save, partner)
             directory.apply(partner)
     log.info("partner %s registered (version %s, roles %s)", partner.partner_id, partner.version,
@@ -216,7 +225,7 @@ def _require_current_token(partner: Partner, token: str) -> None:
     a PUT that finished meanwhile may have replaced it (07 §1: replaced tokens are no longer valid)."""
     presented = hash_token(token)
     if not any(t.sha256 == presented for t in partner.valid_tokens()):
-        raise Unauthorized("this token was replaced while the request waited; use the current token")
+        raise Unauthorized(_REPLACED_WHILE_WAITING)
 
 
 async def _as_stored_now(registry: PartnerRegistry, partner_id: str, token: str,
@@ -225,10 +234,33 @@ async def _as_stored_now(registry: PartnerRegistry, partner_id: str, token: str,
     another process) may have deleted, suspended or re-invited the partner meanwhile, and saving the record read
     before the callback would undo that (a deleted partner REGISTERED again, with a new Token C)."""
     partner = await _run(registry.get, partner_id)
+    if partner is not None and status is PartnerStatus.INVITED and _registered_with(partner, token):
+        # Another POST with this Token A (in another receiver process, whose lock this one does not share)
+        # registered the partner meanwhile: a second use of a used Token A.
+        raise MethodNotAllowed(_ALREADY_REGISTERED, headers=_AS_REGISTERED)
     if partner is None or partner.status is not status:
         raise Unauthorized("this connection was changed by our operator while the request waited")
     _require_current_token(partner, token)
     return partner
+
+
+def _registered_with(partner: Partner, token: str) -> bool:
+    """Whether the partner is registered through a POST that spent `token`, its Token A."""
+    presented = hash_token(token)
+    return partner.status is PartnerStatus.REGISTERED and any(
+        t.sha256 == presented and t.kind is TokenKind.A and t.state is TokenState.REVOKED
+        for t in partner.inbound_tokens)
+
+
+async def _claim_or_refuse(registry: PartnerRegistry, partner_id: str, generation: str, token_c: str,
+                           refusal: Exception) -> None:
+    """Save only as the one handshake that claimed the tokens it read (`PartnerRegistry.claim`): another one that
+    read them too, in another receiver process, claimed them first, and its Token C is the one that stays; this
+    caller is refused as if it had come after (it would have found its token used or replaced)."""
+    if not await _run(registry.claim, partner_id, generation, hash_token(token_c)):
+        log.warning("partner %s: a concurrent credentials handshake in another process went first; refused",
+                    partner_id)
+        raise refusal
 
 
 def _require_registered(request: Request[Any, Any, Any]) -> Partner:
@@ -261,9 +293,12 @@ async def put_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
             partner = await _as_stored_now(registry, partner.partner_id, request.state.token,
                                            PartnerStatus.REGISTERED)
             await _check_parties(registry, credentials.roles, partner.partner_id)
+            generation = token_generation(partner)
             _apply_registration(partner, credentials, discovery)
             token_c = partner.issue_token(TokenKind.C)
             partner.retire_tokens(keep=[hash_token(token_c)], grace_s=settings.partners.token_grace_s)
+            await _claim_or_refuse(registry, partner.partner_id, generation, token_c,
+                                   Unauthorized(_REPLACED_WHILE_WAITING))
             await _run(registry.save, partner)
             directory.apply(partner)
     log.info("partner %s updated its credentials (version %s)", partner.partner_id, partner.version)

@@ -337,6 +337,30 @@ class PartnerRegistry:
             self._drop_replaced_tokens(partner, revision)
         return partner
 
+    def claim(self, subject: str, generation: str, claim: str) -> bool:
+        """Whether this handshake is the one that may save on top of the state of `subject` it read (a partner's
+        tokens: `token_generation`).
+
+        The registry's writes are "last write wins", across processes too, and the receivers' locks hold within
+        one process: two handshakes of one partner in two receiver processes (`serve --workers N`) could both
+        read the same record and both save, each with its own Token C, the later one undoing the other's (whose
+        caller keeps a token that is refused). Each claims the generation it read first: both insert with one
+        deduplication token (migration 0025), ClickHouse keeps the first insert that lands and drops the other,
+        and both read back which claim is in force. A claim is never given back, so it is made after every
+        check that may still refuse the handshake, just before the save."""
+        with self._lock:
+            self._client.command(
+                "INSERT INTO credential_claims (subject, generation, claim, claimed_at) "
+                "SETTINGS insert_deduplication_token = %(dedup)s "
+                "VALUES (%(subject)s, %(generation)s, %(claim)s, now64(6, 'UTC'))",
+                parameters={"dedup": f"credentials handshake {subject} {generation}", "subject": subject,
+                            "generation": generation, "claim": claim})
+            rows = self._client.query(
+                "SELECT claim FROM credential_claims WHERE subject = %(subject)s AND generation = %(generation)s "
+                "ORDER BY claimed_at, claim LIMIT 1",
+                parameters={"subject": subject, "generation": generation}).result_rows
+        return bool(rows) and rows[0][0] == claim
+
     def _drop_replaced_tokens(self, partner: Partner, revision: int) -> None:
         """Delete the revisions `revision` supersedes when one holds another token we held for the partner (a
         credentials PUT replaced it, an unregister or `partners delete` dropped it).
@@ -463,6 +487,14 @@ class PartnerRegistry:
         partner = self.require(partner_id)
         partner.compat = compat
         return self.save(partner)
+
+
+def token_generation(partner: Partner) -> str:
+    """The partner's inbound tokens as a record holds them (every token and its state, whatever the time): what a
+    handshake replaces, and claims (`PartnerRegistry.claim`). Two reads of one record give the same generation; any
+    token issued, retired or revoked since gives another."""
+    held = sorted(f"{token.sha256}:{token.state.value}" for token in partner.inbound_tokens)
+    return hashlib.sha256("\n".join(held).encode()).hexdigest()
 
 
 def check_partner_id(partner_id: str) -> None:

@@ -13,7 +13,7 @@
    its committed offsets reach the targets (progress bar on the committed offsets) and it has also consumed
    what it wrote to its internal topics up to then (their end offsets once the targets were reached). Then
    stop it: it commits only what it wrote, so its committed offsets say what the fresh tables hold.
-4. Swap: `EXCHANGE TABLES` each table the pipeline writes (every table but `partners` and
+4. Swap: `EXCHANGE TABLES` each table the pipeline writes (every table but `partners`, `credential_claims` and
    `schema_migrations`, which are not derived from the topics) between the live and the fresh database.
    Views and materialized views stay where they are: they name their tables, so the live ones work on the
    swapped-in tables (the fresh database's own fed its tables during the rebuild).
@@ -73,7 +73,7 @@ from pipeline.retention import apply_ttls
 
 log = logging.getLogger(__name__)
 
-NOT_DERIVED = frozenset({"partners", "schema_migrations"})
+NOT_DERIVED = frozenset({"partners", "credential_claims", "schema_migrations"})
 
 
 @dataclass

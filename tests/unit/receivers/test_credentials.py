@@ -415,6 +415,92 @@ async def test_an_operator_change_during_a_registration_is_not_undone(app_env: A
     assert [t.sha256 for t in stored.valid_tokens()] == [hash_token(t) for t in kept]
 
 
+def reread_together(monkeypatch: pytest.MonkeyPatch, handshakes: int = 2) -> None:
+    """Every handshake waits, once it has read the partner again after its callback (`_as_stored_now`), until the
+    others have too: the race of two receiver processes (`serve --workers N`), whose locks are not shared."""
+    as_stored_now = credentials_module._as_stored_now
+    barrier = asyncio.Barrier(handshakes)
+
+    async def reread_then_wait(*args: Any) -> Any:
+        partner = await as_stored_now(*args)
+        await barrier.wait()
+        return partner
+
+    monkeypatch.setattr(credentials_module, "_as_stored_now", reread_then_wait)
+
+
+@contextlib.asynccontextmanager
+async def two_processes(env: AppEnv) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """Two receiver apps on one registry: each with its own partner locks and directory, as two processes."""
+    async with concurrent_client(env.app) as first, concurrent_client(env.app) as second:
+        yield first, second
+
+
+async def test_two_registrations_with_one_token_a_in_two_processes_issue_one_token_c(
+        app_env: AppEnv, partner: FakePartner, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Both POSTs pass every check, in two processes, and read the partner still INVITED after their callbacks:
+    only the one that claims the Token A first saves; the other is answered as a second use of a used Token A (it
+    would otherwise issue a second Token C and undo the first one, whose holder then gets 401)."""
+    _, token_a = app_env.registry.invite("cpo", "CPO")
+    reread_together(monkeypatch)
+    bodies = [registration(partner), registration(partner)]
+    async with two_processes(app_env) as clients:
+        answers = await asyncio.gather(*(client.post(CREDENTIALS, headers=auth(token_a), json=body)
+                                         for client, body in zip(clients, bodies, strict=True)))
+        assert sorted((a.status_code, a.json()["status_code"]) for a in answers) == [(200, 1000), (405, 2000)]
+        won = next(i for i, a in enumerate(answers) if a.status_code == 200)
+        token_c = answers[won].json()["data"]["token"]
+        for client in clients:
+            assert (await client.get("/ocpi/versions", headers=auth(token_c))).status_code == 200
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.status is PartnerStatus.REGISTERED
+    assert [t.sha256 for t in stored.valid_tokens()] == [hash_token(token_c)]
+    assert stored.outbound_token == bodies[won]["token"]
+
+
+@pytest.mark.parametrize("grace", ["0", "30"])
+async def test_two_updates_in_two_processes_issue_one_token_c(make_env: Callable[..., AppEnv],  # noqa: F811
+                                                              partner: FakePartner, monkeypatch: pytest.MonkeyPatch,
+                                                              grace: str) -> None:
+    """The same for two PUTs with one Token C: the one that claims the tokens it read first saves; the other is
+    answered as if that one had replaced its token already (401), and its Token C never works."""
+    env = make_env(OCPI_TOKEN_GRACE=grace)
+    token_c, _ = await registered(env, partner)
+    reread_together(monkeypatch)
+    bodies = [registration(partner), registration(partner)]
+    async with two_processes(env) as clients:
+        answers = await asyncio.gather(*(client.put(CREDENTIALS, headers=auth(token_c), json=body)
+                                         for client, body in zip(clients, bodies, strict=True)))
+        assert sorted(a.status_code for a in answers) == [200, 401], [a.text for a in answers]
+        won = next(i for i, a in enumerate(answers) if a.status_code == 200)
+        new_c = answers[won].json()["data"]["token"]
+        for client in clients:
+            assert (await client.get("/ocpi/versions", headers=auth(new_c))).status_code == 200
+    stored = env.registry.get("cpo")
+    assert stored is not None and stored.outbound_token == bodies[won]["token"]
+    assert [t.sha256 for t in stored.valid_tokens()] == [hash_token(t) for t in (
+        [new_c] if grace == "0" else [token_c, new_c])]
+
+
+async def test_a_registration_another_process_completed_meanwhile_is_a_used_token_a(
+        app_env: AppEnv, partner: FakePartner, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """A POST whose callback ends after another process registered the partner with the same Token A: 405, as
+    for a second POST in one process, not a 401 that blames an operator."""
+    _, token_a = app_env.registry.invite("cpo", "CPO")
+
+    def registered_elsewhere() -> None:
+        record = app_env.registry.get("cpo")
+        assert record is not None
+        record.status = PartnerStatus.REGISTERED
+        record.revoke_tokens(kinds=[TokenKind.A])
+        record.issue_token(TokenKind.C)
+        app_env.registry.save(record)
+
+    operator_acts_during_the_callback(monkeypatch, registered_elsewhere)
+    status, answer = await post(app_env, token_a, registration(partner))
+    assert (status, answer["status_code"]) == (405, 2000) and "data" not in answer, answer
+
+
 async def test_put_failure_keeps_the_old_registration(app_env: AppEnv, partner: FakePartner) -> None:  # noqa: F811
     token_c, first = await registered(app_env, partner)
     closed = f"http://127.0.0.1:{free_port()}/ocpi/versions"

@@ -27,6 +27,7 @@ from receivers.registry import (
     credentials_role,
     hash_token,
     record_json,
+    token_generation,
 )
 from tests.conftest import unique
 
@@ -397,3 +398,36 @@ def test_the_hub_role_counts_only_where_the_operator_agreed_to_it(open_registry:
     legacy_cpo = msgspec.structs.replace(stored, hub=None, roles=[role("NL", "EXA")])
     assert legacy_hub.is_hub and legacy_hub.unagreed_hub_role(hub_roles) is None
     assert not legacy_cpo.is_hub and legacy_cpo.unagreed_hub_role(hub_roles) == hub_roles[0]
+
+
+def test_one_claim_of_a_token_generation_wins_across_processes(open_registry: Callable[[], PartnerRegistry]) -> None:
+    """Two handshakes (two receiver processes: two clients) that read the same tokens claim them at once: exactly
+    one wins, both see the same winner, and the table keeps its row alone (the other insert is dropped as a repeat,
+    so no row stamped earlier can land later and take it over). The winner asking again (a retry) still wins; a
+    new generation (another token issued) is claimed anew."""
+    registries = [open_registry(), open_registry()]
+    partner, _token_a = registries[0].invite("cpo", "CPO")
+    generation = token_generation(partner)
+    assert generation == token_generation(registries[1].require("cpo"))  # what another process reads
+    start = threading.Barrier(2)
+    won: dict[str, bool] = {}
+
+    def claim(registry: PartnerRegistry, value: str) -> None:
+        start.wait()
+        won[value] = registry.claim("cpo", generation, value)
+
+    threads = [threading.Thread(target=claim, args=(registry, value))
+               for registry, value in zip(registries, ["first", "second"], strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(won.values()) == [False, True]
+    winner = next(value for value, ok in won.items() if ok)
+    loser = next(value for value, ok in won.items() if not ok)
+    assert registries[1].claim("cpo", generation, winner) and not registries[0].claim("cpo", generation, loser)
+    rows = registries[0]._client.query("SELECT claim FROM credential_claims").result_rows
+    assert rows == [(winner,)]
+    partner.issue_token(TokenKind.C)
+    assert token_generation(partner) != generation
+    assert registries[1].claim("cpo", token_generation(partner), loser)
