@@ -53,6 +53,7 @@ from receivers.registry import (
     TokenState,
     check_partner_id,
     hash_token,
+    party_subject,
     token_generation,
 )
 from receivers.transport import (
@@ -99,7 +100,8 @@ class PartnerLocks:
     `claims` serialises the final "party still free? then save" step of every handshake in this process: two
     partners registering at once with the same party must not both pass the check made before their callbacks.
     Both hold within one process only; across receiver processes (`serve --workers N`) a handshake saves only
-    if it claimed the partner's tokens it read (`PartnerRegistry.claim`, `_claim_or_refuse`).
+    if it claimed the partner's tokens it read and the parties it takes (`PartnerRegistry.claim`,
+    `_claim_or_refuse`, `_check_and_claim_parties`).
     """
 
     def __init__(self) -> None:
@@ -127,10 +129,34 @@ async def _check_parties(registry: PartnerRegistry, roles: Iterable[CredentialsR
                          partner_id: str) -> None:
     held = await _run(lambda: registry.party_holder(roles, except_id=partner_id))
     if held is not None:
-        role, _holder = held
-        # The holder's id is ours to know, not the caller's.
-        raise InvalidParameters(f"$.roles: party {role.country_code}/{role.party_id} is registered with us "
-                                "through another connection")
+        raise _party_held(held[0])
+
+
+def _party_held(role: CredentialsRole) -> InvalidParameters:
+    # The holder's id is ours to know, not the caller's.
+    return InvalidParameters(f"$.roles: party {role.country_code}/{role.party_id} is registered with us through "
+                             "another connection")
+
+
+async def _check_and_claim_parties(registry: PartnerRegistry, roles: Iterable[CredentialsRole],
+                                   partner: Partner) -> None:
+    """The party check again, just before saving, and a claim of each party the partner does not hold yet on the
+    registry as that check read it (`PartnerRegistry.party_state`, `claim`): `PartnerLocks.claims` serialises the
+    check and the save within one process only, and two partners taking one party in two receiver processes at
+    once would both find it free. The first claim wins; the other partner is refused as if it had come after. A
+    partner's own claim stays its own (its retry after a save that failed)."""
+    roles = list(roles)
+    held, generation = await _run(lambda: registry.party_state(roles, except_id=partner.partner_id))
+    if held is not None:
+        raise _party_held(held[0])
+    for role in roles:
+        if partner.owns(role.country_code, role.party_id):
+            continue
+        subject = party_subject(role.country_code, role.party_id)
+        if not await _run(registry.claim, subject, generation, partner.partner_id):
+            log.warning("partner %s: party %s/%s was taken by a concurrent registration in another process; "
+                        "refused", partner.partner_id, role.country_code, role.party_id)
+            raise _party_held(role)
 
 
 def _check_hub_role(partner: Partner, roles: Iterable[CredentialsRole]) -> None:
@@ -203,7 +229,7 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         async with locks.claims:
             partner = await _as_stored_now(registry, partner.partner_id, request.state.token, PartnerStatus.INVITED)
             # Again after the callback: another partner may have claimed one of these parties meanwhile.
-            await _check_parties(registry, credentials.roles, partner.partner_id)
+            await _check_and_claim_parties(registry, credentials.roles, partner)
             generation = token_generation(partner)
             _apply_registration(partner, credentials, discovery)
             partner.status = PartnerStatus.REGISTERED
@@ -292,7 +318,7 @@ async def put_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         async with locks.claims:
             partner = await _as_stored_now(registry, partner.partner_id, request.state.token,
                                            PartnerStatus.REGISTERED)
-            await _check_parties(registry, credentials.roles, partner.partner_id)
+            await _check_and_claim_parties(registry, credentials.roles, partner)
             generation = token_generation(partner)
             _apply_registration(partner, credentials, discovery)
             token_c = partner.issue_token(TokenKind.C)

@@ -35,7 +35,7 @@ from clickhouse_connect.driver.client import Client
 
 from infra.settings import mask
 from ocpi.compat import CompatProfile
-from ocpi.identity import ci_equal
+from ocpi.identity import ci_equal, owner_key_part
 from ocpi.model import BusinessDetails, CredentialsRole, Endpoint, Role
 
 log = logging.getLogger(__name__)
@@ -385,15 +385,15 @@ class PartnerRegistry:
         A (country_code, party_id) belongs to one connection: otherwise a second platform could overwrite the
         first one's objects. An operator frees a party with `partners delete` or `unregister`.
         """
-        roles = list(roles)
-        for other in self.all():
-            if other.partner_id == except_id or other.status in (PartnerStatus.UNREGISTERED,
-                                                                 PartnerStatus.DELETED):
-                continue
-            for role in roles:
-                if other.owns(role.country_code, role.party_id):
-                    return role, other.partner_id
-        return None
+        return _party_holder(self.all(), roles, except_id)
+
+    def party_state(self, roles: Iterable[CredentialsRole], *,
+                    except_id: str) -> tuple[tuple[CredentialsRole, str] | None, str]:
+        """`party_holder`, and the generation of the registry it was decided on (`registry_generation`), from one
+        read: what a handshake claims the parties it takes on top of (`claim`, `party_subject`)."""
+        partners = self.all(include_deleted=True)
+        live = [partner for partner in partners if partner.status is not PartnerStatus.DELETED]
+        return _party_holder(live, roles, except_id), registry_generation(partners)
 
     def invite(self, partner_id: str, name: str, *, compat: Iterable[str] = (), hub: bool = False,
                ) -> tuple[Partner, str]:
@@ -487,6 +487,30 @@ class PartnerRegistry:
         partner = self.require(partner_id)
         partner.compat = compat
         return self.save(partner)
+
+
+def _party_holder(partners: Iterable[Partner], roles: Iterable[CredentialsRole],
+                  except_id: str) -> tuple[CredentialsRole, str] | None:
+    roles = list(roles)
+    for other in partners:
+        if other.partner_id == except_id or other.status in (PartnerStatus.UNREGISTERED, PartnerStatus.DELETED):
+            continue
+        for role in roles:
+            if other.owns(role.country_code, role.party_id):
+                return role, other.partner_id
+    return None
+
+
+def registry_generation(partners: Iterable[Partner]) -> str:
+    """Every partner record as read (deleted ones too), by its last save: two reads between the same saves give the
+    same generation, any save since gives another (a party freed and taken again is never the state it was)."""
+    held = sorted(f"{p.partner_id} {p.updated_at.isoformat()} {p.status.value}" for p in partners)
+    return hashlib.sha256("\n".join(held).encode()).hexdigest()
+
+
+def party_subject(country_code: str, party_id: str) -> str:
+    """What a handshake claims for a party it takes (`PartnerRegistry.claim`): one per party, in any case."""
+    return f"party {owner_key_part(country_code)}/{owner_key_part(party_id)}"
 
 
 def token_generation(partner: Partner) -> str:

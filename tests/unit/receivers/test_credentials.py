@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -480,6 +481,32 @@ async def test_two_updates_in_two_processes_issue_one_token_c(make_env: Callable
     assert stored is not None and stored.outbound_token == bodies[won]["token"]
     assert [t.sha256 for t in stored.valid_tokens()] == [hash_token(t) for t in (
         [new_c] if grace == "0" else [token_c, new_c])]
+
+
+async def test_two_registrations_in_two_processes_cannot_both_claim_a_party(app_env: AppEnv,  # noqa: F811
+                                                                           partner: FakePartner,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two partners take NL/EXA in two processes at once: both find it free when they check it again after their
+    callbacks (each process serialises only its own checks and saves); only the first claim of the party saves,
+    the other is answered 2001 and stays invited, its Token A still good for another try."""
+    _, first = app_env.registry.invite("first", "First")
+    _, second = app_env.registry.invite("second", "Second")
+    reread_together(monkeypatch)
+    save = app_env.registry.save
+
+    def slow_save(record: Any) -> Any:
+        time.sleep(0.3)  # the other process checks the parties before this save lands
+        return save(record)
+
+    monkeypatch.setattr(app_env.registry, "save", slow_save)
+    async with two_processes(app_env) as clients:
+        answers = await asyncio.gather(*(client.post(CREDENTIALS, headers=auth(token), json=registration(partner))
+                                         for client, token in zip(clients, [first, second], strict=True)))
+    assert sorted(a.json()["status_code"] for a in answers) == [1000, 2001], [a.text for a in answers]
+    holders = [p.partner_id for p in app_env.registry.all() if p.owns("NL", "EXA")]
+    assert len(holders) == 1
+    loser = app_env.registry.require({"first": "second", "second": "first"}[holders[0]])
+    assert loser.status is PartnerStatus.INVITED and loser.valid_tokens()
 
 
 async def test_a_registration_another_process_completed_meanwhile_is_a_used_token_a(

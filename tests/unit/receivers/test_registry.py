@@ -26,6 +26,7 @@ from receivers.registry import (
     TokenState,
     credentials_role,
     hash_token,
+    party_subject,
     record_json,
     token_generation,
 )
@@ -431,3 +432,25 @@ def test_one_claim_of_a_token_generation_wins_across_processes(open_registry: Ca
     partner.issue_token(TokenKind.C)
     assert token_generation(partner) != generation
     assert registries[1].claim("cpo", token_generation(partner), loser)
+
+
+def test_a_party_claim_is_made_on_the_registry_as_read(open_registry: Callable[[], PartnerRegistry]) -> None:
+    """Two reads between the same saves claim on one generation (one partner wins, its own retry too); any save
+    since gives another, so a party freed and taken again is claimed anew, never on a state it was in before."""
+    registry = open_registry()
+    registry.invite("first", "First")
+    registry.invite("second", "Second")
+    roles = [role("NL", "EXA")]
+    free, generation = registry.party_state(roles, except_id="first")  # type: ignore[arg-type]
+    assert free is None and generation == registry.party_state(roles, except_id="second")[1]  # type: ignore[arg-type]
+    subject = party_subject("nl", "exa")
+    assert subject == party_subject("NL", "EXA") != party_subject("N/", "LEXA")
+    assert registry.claim(subject, generation, "first") and registry.claim(subject, generation, "first")
+    assert not registry.claim(subject, generation, "second")
+    registry.register_direct("first", "First", roles)  # type: ignore[arg-type]
+    held, _ = registry.party_state(roles, except_id="second")  # type: ignore[arg-type]
+    assert held is not None and held[1] == "first"
+    registry.delete("first")
+    registry.invite("first", "First")  # its roles forgotten: NL/EXA is free again, in a new generation
+    free, again = registry.party_state(roles, except_id="second")  # type: ignore[arg-type]
+    assert free is None and again != generation and registry.claim(subject, again, "second")
