@@ -53,6 +53,7 @@ from receivers.registry import (
     TokenState,
     check_partner_id,
     hash_token,
+    new_token,
     party_subject,
     token_generation,
 )
@@ -281,8 +282,9 @@ def _registered_with(partner: Partner, token: str) -> bool:
 async def _claim_or_refuse(registry: PartnerRegistry, partner_id: str, generation: str, token_c: str,
                            refusal: Exception) -> None:
     """Save only as the one handshake that claimed the tokens it read (`PartnerRegistry.claim`): another one that
-    read them too, in another receiver process, claimed them first, and its Token C is the one that stays; this
-    caller is refused as if it had come after (it would have found its token used or replaced)."""
+    read them too, in another receiver process, claimed them first, and its Token C (or its unregistration) is the
+    one that stays; this caller is refused as if it had come after (it would have found its token used or
+    replaced). A DELETE claims with a token it never issues."""
     if not await _run(registry.claim, partner_id, generation, hash_token(token_c)):
         log.warning("partner %s: a concurrent credentials handshake in another process went first; refused",
                     partner_id)
@@ -342,6 +344,10 @@ async def delete_credentials(request: Request[Any, Any, Any]) -> Response[bytes]
         if partner is None or partner.status is not PartnerStatus.REGISTERED:
             raise MethodNotAllowed("not registered", headers=_AS_UNREGISTERED)
         _require_current_token(partner, request.state.token)
+        # Claimed as a PUT claims: a PUT in another process that read the partner before this DELETE saves would
+        # otherwise register it again, with a new Token C, after the DELETE was answered.
+        await _claim_or_refuse(registry, partner.partner_id, token_generation(partner), new_token(),
+                               Unauthorized(_REPLACED_WHILE_WAITING))
         await _run(registry.unregister, partner)
         directory.apply(partner)
     log.info("partner %s unregistered", partner.partner_id)

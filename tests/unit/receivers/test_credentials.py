@@ -509,6 +509,28 @@ async def test_two_registrations_in_two_processes_cannot_both_claim_a_party(app_
     assert loser.status is PartnerStatus.INVITED and loser.valid_tokens()
 
 
+async def test_an_unregistration_in_another_process_is_not_undone_by_a_put(app_env: AppEnv,  # noqa: F811
+                                                                           partner: FakePartner,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The partner's DELETE, in another process, lands after its PUT read the partner again (REGISTERED) and before
+    that PUT saves: the DELETE is answered 1000, so the PUT may not register the partner again with a new Token C."""
+    token_c, _ = await registered(app_env, partner)
+    as_stored_now = credentials_module._as_stored_now
+    deleted: list[httpx.Response] = []
+    async with two_processes(app_env) as (first, second):
+        async def reread_then_delete_elsewhere(*args: Any) -> Any:
+            record = await as_stored_now(*args)
+            deleted.append(await second.delete(CREDENTIALS, headers=auth(token_c)))
+            return record
+
+        monkeypatch.setattr(credentials_module, "_as_stored_now", reread_then_delete_elsewhere)
+        put = await first.put(CREDENTIALS, headers=auth(token_c), json=registration(partner))
+        assert deleted[0].json()["status_code"] == 1000, deleted[0].text
+        assert put.status_code == 401 and "data" not in put.json(), put.text
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.status is PartnerStatus.UNREGISTERED and not stored.valid_tokens()
+
+
 async def test_a_registration_another_process_completed_meanwhile_is_a_used_token_a(
         app_env: AppEnv, partner: FakePartner, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """A POST whose callback ends after another process registered the partner with the same Token A: 405, as
