@@ -31,6 +31,17 @@ _TRAMPOLINE = str(Path(__file__).resolve())
 _KILL_FOR_AT_MOST_S = 10.0
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _with_parent_death_signal(cmd: Sequence[str]) -> list[str]:
     if not sys.platform.startswith("linux"):
         return list(cmd)

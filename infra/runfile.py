@@ -8,6 +8,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from infra.process import process_alive
+
 
 @dataclass(frozen=True)
 class RunningInstance:
@@ -56,16 +58,6 @@ def process_start(pid: int) -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_running_instance(data_dir: Path) -> RunningInstance | None:
     """The instance that holds `data_dir`, or None (a stale file of a dead process is ignored, also when another
     process has its PID now)."""
@@ -74,7 +66,7 @@ def read_running_instance(data_dir: Path) -> RunningInstance | None:
         instance = RunningInstance(**raw)
     except (FileNotFoundError, ValueError, TypeError):
         return None
-    if not _alive(instance.pid):
+    if not process_alive(instance.pid):
         return None
     if instance.started and process_start(instance.pid) not in ("", instance.started):
         return None  # the PID is another process's now: the instance died without removing its file

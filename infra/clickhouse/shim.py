@@ -32,6 +32,7 @@ import chdb
 from aiohttp import web
 
 from infra.clickhouse.client import names_outfile
+from infra.process import process_alive
 
 # Not `format ASC`/`format DESC`: the end of `ORDER BY format DESC` (a column named format, as `connectors.format`).
 _FORMAT_AT_END = re.compile(r"\bFORMAT\s+(?!(?:ASC|DESC|ASCENDING|DESCENDING)\b)([A-Za-z0-9_]+)\s*;?\s*$",
@@ -57,7 +58,7 @@ class ChdbEngine:
         self.inserts.mkdir(mode=0o700, parents=True, exist_ok=True)
         for left in self.inserts.iterdir():
             owner = left.name.partition("-")[0]
-            if not (owner.isdigit() and _alive(int(owner))):
+            if not (owner.isdigit() and process_alive(int(owner))):
                 left.unlink(missing_ok=True)
 
     def connection(self, readonly: bool) -> Any:
@@ -109,16 +110,6 @@ class ChdbEngine:
             stmt = f"{stmt.rstrip().rstrip(';')} SETTINGS {', '.join(settings)}"
         result = conn.query(stmt, fmt, params=bound or None)
         return result.bytes(), fmt
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _readonly(params: dict[str, str]) -> bool:
