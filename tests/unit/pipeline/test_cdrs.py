@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
 
@@ -19,6 +20,7 @@ from pipeline.projection import ANOMALY_COLUMNS, CDR_COLUMNS, CDR_PERIOD_COLUMNS
 from pipeline.records import Anomaly
 from pipeline.state import CdrState
 
+from . import builders
 from .builders import Harness, cdr, column, event, rows
 
 
@@ -226,13 +228,16 @@ def _variants() -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("index", range(5))
-def test_the_same_content_hash_is_the_content_hash_of_the_normalised_cdr(index: int) -> None:
+def test_the_same_content_hash_is_the_content_hash_of_the_normalised_cdr(
+        index: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """`same_content_hash` canonicalises and normalises in one walk (it runs for every CDR event): its value is
     stored in the state, so it must stay exactly the hash of its definition, and the values it had."""
+    monkeypatch.setattr(builders, "T0", _PINNED_T0)  # the builders' times follow today's date; the pins cannot
     payload = event("CDR", _variants()[index]).payload
     assert cdr_rules.same_content_hash(payload) == _same_content_hash_as_defined(payload) == _PINNED[index]
 
 
+_PINNED_T0: Final = datetime(2026, 11, 25, 8, tzinfo=UTC)  # the builders' T0 when the hashes were pinned
 _PINNED: Final = (  # the hashes of `_variants()` as stored in CDR states since same_hash was kept
     "908dc9fce38f9ca3fd08bbc6dbbbe8d27a5c315df15af6a0242156699626b7e0",
     "7eb07eca1b23c1b7a6d2dde5d30d3a5557921a2b3f4bf977350733eb76c836c0",
