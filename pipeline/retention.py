@@ -47,6 +47,7 @@ from typing import Any, Final
 import msgspec
 from clickhouse_connect.driver.client import Client
 
+from infra.clickhouse.client import insert_first
 from infra.kafka.admin import RECORD_MAX_BYTES
 from infra.settings import MIN_PSEUDONYM_KEY_BYTES, Settings
 from ocpi.identity import ci_normalize
@@ -166,18 +167,16 @@ def check_key(client: Client, key: bytes, *, recorded_by: str) -> None:
     with another key, stops with PseudonymKeyMismatch.
 
     Two first processes at once both find the table empty: each inserts its fingerprint with the same
-    deduplication token (migration 0023), so the table takes the first insert that lands and drops the others,
-    and each reads back the one key in force (comparing timestamps instead let both start: one's earlier-stamped
-    row could land after the other had read its own back alone). A table with two rows (from before 0023): the
-    earlier row is in force."""
+    deduplication token (migration 0023, `infra.clickhouse.client.insert_first`), so the table takes the first
+    insert that lands and drops the others, and each reads back the one key in force. A table with two rows (from
+    before 0023): the earlier row is in force."""
     fingerprint = key_fingerprint(key)
     first = _key_in_force(client)
     if first is None:
-        client.command(
-            "INSERT INTO pseudonym_key (fingerprint, recorded_at, recorded_by) "
-            f"SETTINGS insert_deduplication_token = {string(_FIRST_KEY_INSERT)} "
-            f"VALUES ({string(fingerprint)}, {datetime64(utc_now())}, {string(recorded_by)})")
-        first = _key_in_force(client)
+        first = insert_first(client, "pseudonym_key (fingerprint, recorded_at, recorded_by)",
+                             f"%(fingerprint)s, {datetime64(utc_now())}, %(recorded_by)s", token=_FIRST_KEY_INSERT,
+                             in_force=_KEY_IN_FORCE,
+                             parameters={"fingerprint": fingerprint, "recorded_by": recorded_by})
         if first is None:  # the insert was taken for a repeat of one whose row was deleted since
             raise PseudonymKeyError(
                 "the pseudonym_key table is empty but takes no new key: its row was deleted with DELETE, and "
@@ -191,8 +190,11 @@ def check_key(client: Client, key: bytes, *, recorded_by: str) -> None:
 
 
 def _key_in_force(client: Client) -> str | None:
-    rows = client.query("SELECT fingerprint FROM pseudonym_key ORDER BY recorded_at, fingerprint LIMIT 1").result_rows
+    rows = client.query(_KEY_IN_FORCE).result_rows
     return str(rows[0][0]) if rows else None
+
+
+_KEY_IN_FORCE: Final = "SELECT fingerprint FROM pseudonym_key ORDER BY recorded_at, fingerprint LIMIT 1"
 
 
 # --- the policy -----------------------------------------------------------------------------------------------

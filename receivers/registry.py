@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 from clickhouse_connect.driver.client import Client
 
+from infra.clickhouse.client import insert_first
 from infra.settings import mask
 from ocpi.compat import CompatProfile
 from ocpi.identity import ci_equal, owner_key_part
@@ -346,20 +347,17 @@ class PartnerRegistry:
         read the same record and both save, each with its own Token C, the later one undoing the other's (whose
         caller keeps a token that is refused). Each claims the generation it read first: both insert with one
         deduplication token (migration 0025), ClickHouse keeps the first insert that lands and drops the other,
-        and both read back which claim is in force. A claim is never given back, so it is made after every
-        check that may still refuse the handshake, just before the save."""
+        and both read back which claim is in force (`infra.clickhouse.client.insert_first`). A claim is never given
+        back, so it is made after every check that may still refuse the handshake, just before the save."""
         with self._lock:
-            self._client.command(
-                "INSERT INTO credential_claims (subject, generation, claim, claimed_at) "
-                "SETTINGS insert_deduplication_token = %(dedup)s "
-                "VALUES (%(subject)s, %(generation)s, %(claim)s, now64(6, 'UTC'))",
-                parameters={"dedup": f"credentials handshake {subject} {generation}", "subject": subject,
-                            "generation": generation, "claim": claim})
-            rows = self._client.query(
-                "SELECT claim FROM credential_claims WHERE subject = %(subject)s AND generation = %(generation)s "
-                "ORDER BY claimed_at, claim LIMIT 1",
-                parameters={"subject": subject, "generation": generation}).result_rows
-        return bool(rows) and rows[0][0] == claim
+            in_force = insert_first(
+                self._client, "credential_claims (subject, generation, claim, claimed_at)",
+                "%(subject)s, %(generation)s, %(claim)s, now64(6, 'UTC')",
+                token=f"credentials handshake {subject} {generation}",
+                in_force="SELECT claim FROM credential_claims WHERE subject = %(subject)s "
+                         "AND generation = %(generation)s ORDER BY claimed_at, claim LIMIT 1",
+                parameters={"subject": subject, "generation": generation, "claim": claim})
+        return in_force == claim
 
     def _drop_replaced_tokens(self, partner: Partner, revision: int) -> None:
         """Delete the revisions `revision` supersedes when one holds another token we held for the partner (a

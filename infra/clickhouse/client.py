@@ -167,3 +167,19 @@ def select(client: Client, sql: str, parameters: dict[str, Any] | None = None,
             described = client.query(f"DESCRIBE TABLE ({sql.strip().rstrip(';')})", parameters=parameters)
             columns = [str(row[0]) for row in described.result_rows]
     return columns, rows
+
+
+def insert_first(client: Client, into: str, values: str, *, token: str, in_force: str,
+                 parameters: dict[str, Any] | None = None) -> Any:
+    """First insert wins, across processes: insert one row (`into`: `table (columns)`; `values`: their SQL, with
+    `parameters`) with `token` as its deduplication token, then read back the value in force (`in_force`: a SELECT
+    of one column, ordered so that the first row comes first); None if there is none.
+
+    Processes racing for one thing all insert with the same token: ClickHouse keeps the first insert that lands and
+    drops the others as repeats (the table keeps a deduplication window: migrations 0023, 0025), and each reads
+    back which one won. Comparing timestamps instead would let two win: one's earlier-stamped row can land after
+    the other has read its own back alone."""
+    client.command(f"INSERT INTO {into} SETTINGS insert_deduplication_token = %(insert_token)s VALUES ({values})",
+                   parameters={**(parameters or {}), "insert_token": token})
+    rows = client.query(in_force, parameters=parameters).result_rows
+    return rows[0][0] if rows else None

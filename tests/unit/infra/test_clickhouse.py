@@ -17,7 +17,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse import migrations
-from infra.clickhouse.client import ClickHouseUnavailable, chdb_path, connect
+from infra.clickhouse.client import ClickHouseUnavailable, chdb_path, connect, insert_first
 from infra.clickhouse.migrations import available_migrations, migrate
 from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
 from tests.conftest import unique
@@ -191,6 +191,29 @@ async def test_a_compressed_insert_of_several_blocks_reaches_the_store_whole(chd
     finally:
         await shim.stop()
     assert owner.query(f"SELECT count(), sum(a) FROM {database}.t").result_rows == [(60, sum(range(60)))]
+
+
+def test_the_first_insert_with_a_token_wins_and_every_inserter_reads_it_back(chdb_dsn: str) -> None:
+    """`insert_first`: a later insert with the same token is dropped (the table keeps a deduplication window) and
+    reads back the first one's value; another token inserts. Values are bound, quotes and `%` included."""
+    database = unique("first")
+    client = connect(chdb_dsn)
+    client.command(f"CREATE DATABASE {database}")
+    client.command(f"CREATE TABLE {database}.claims (subject String, value String, at DateTime64(6, 'UTC')) "
+                   "ENGINE = MergeTree ORDER BY subject SETTINGS non_replicated_deduplication_window = 100")
+
+    def first(subject: str, value: str) -> object:
+        return insert_first(client, f"{database}.claims (subject, value, at)",
+                            "%(subject)s, %(value)s, now64(6, 'UTC')", token=f"claim {subject}",
+                            in_force=f"SELECT value FROM {database}.claims WHERE subject = %(subject)s "
+                                     "ORDER BY at, value LIMIT 1",
+                            parameters={"subject": subject, "value": value})
+
+    assert first("a", "it's 100% mine") == "it's 100% mine"
+    assert first("a", "mine") == "it's 100% mine"
+    assert first("b", "mine") == "mine"
+    assert client.query(f"SELECT subject, value FROM {database}.claims ORDER BY subject").result_rows == [
+        ("a", "it's 100% mine"), ("b", "mine")]
 
 
 def test_chdb_path_of_dsn() -> None:
