@@ -7,11 +7,11 @@ so equality, hashing and the Kafka key use the upper-cased form, while the attri
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
-from urllib.parse import unquote
 
 __all__ = ["ObjectKey", "ci_equal", "ci_index", "ci_normalize", "owner_from_key_part", "owner_key_part"]
 
@@ -54,8 +54,16 @@ def owner_key_part(value: str) -> str:
 
 
 def owner_from_key_part(part: str) -> str:
-    """The inverse of `owner_key_part` (the value normalised)."""
-    return unquote(part) if "%" in part else part
+    """The inverse of `owner_key_part` (the value normalised): `%2F` (or `%2f`) and `%25` read back, in one pass;
+    any other `%` stays as it is."""
+    return _KEY_PART_ESCAPE.sub(_unescape, part) if "%" in part else part
+
+
+_KEY_PART_ESCAPE: Final = re.compile(r"%(2[Ff]|25)")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return "%" if match.group(1) == "25" else "/"
 
 
 class _Owned(Protocol):

@@ -30,6 +30,7 @@ from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse.client import select
 from infra.settings import KafkaSettings, Settings
+from ocpi.identity import owner_from_key_part
 
 if TYPE_CHECKING:
     from aiokafka import TopicPartition
@@ -38,7 +39,6 @@ GROUPINGS: Final = ("party", "location", "day")
 # `CC/PID`: CiString(2) / CiString(3) (printable ASCII, not empty), as the receivers take and the pipeline stores
 # them; a `/` or `%` in either part written `%2F` / `%25`, as in the pipeline's keys (`ocpi.identity.owner_key_part`).
 _PARTY: Final = re.compile(r"^([\x20-\x2E\x30-\x7E]+)/([\x20-\x2E\x30-\x7E]+)\Z")
-_ESCAPE: Final = re.compile(r"%(2[Ff]|25)")
 
 
 class ReportError(ValueError):
@@ -67,8 +67,7 @@ def parse_party(value: str) -> tuple[str, str]:
     """`CC/PID` (case-insensitive; a `/` or `%` in either part as `%2F` / `%25`) → upper-cased (country_code,
     party_id)."""
     match = _PARTY.match(value.strip())
-    parts = [] if match is None else [_ESCAPE.sub(lambda m: "/" if m.group(1) != "25" else "%", part)
-                                      for part in match.groups()]
+    parts = [] if match is None else [owner_from_key_part(part) for part in match.groups()]
     if not parts or len(parts[0]) > 2 or len(parts[1]) > 3:
         raise ReportError(f"party {value!r}: expected COUNTRY_CODE/PARTY_ID, e.g. NL/TNM (a / in either as %2F)")
     return parts[0].upper(), parts[1].upper()
