@@ -452,12 +452,14 @@ def _checkpoint(settings: Settings, partner_id: str, module: str, party: tuple[s
     own file the partner's when it is the only one left, so that a change neither pulls again nor skips."""
     single = len(parties) == 1
     path = _checkpoint_path(settings, partner_id, module, None if single else party)
-    if not path.exists():
-        before = _checkpoint_path(settings, partner_id, module, party) if single and party is not None else \
-            _checkpoint_path(settings, partner_id, module, None) if not single and party == parties[0] else None
-        if before is not None and before.exists():
-            log.info("the checkpoint %s is now %s", before, path)
-            before.rename(path)
+    before = None
+    if single and party is not None:
+        before = _checkpoint_path(settings, partner_id, module, party)
+    if not single and party == parties[0]:
+        before = _checkpoint_path(settings, partner_id, module, None)
+    if before is not None and before.exists() and not path.exists():
+        log.info("the checkpoint %s is now %s", before, path)
+        before.rename(path)
     return Checkpoint(path)
 
 
