@@ -178,8 +178,9 @@ def insert_first(client: Client, into: str, values: str, *, token: str, in_force
     Processes racing for one thing all insert with the same token: ClickHouse keeps the first insert that lands and
     drops the others as repeats (the table keeps a deduplication window: migrations 0023, 0025), and each reads
     back which one won. Comparing timestamps instead would let two win: one's earlier-stamped row can land after
-    the other has read its own back alone."""
-    client.command(f"INSERT INTO {into} SETTINGS insert_deduplication_token = %(insert_token)s VALUES ({values})",
-                   parameters={**(parameters or {}), "insert_token": token})
+    the other has read its own back alone. The insert is synchronous even where a server's profile makes inserts
+    asynchronous: a row still buffered when its inserter reads back would let a later one win too."""
+    client.command(f"INSERT INTO {into} SETTINGS insert_deduplication_token = %(insert_token)s, async_insert = 0 "
+                   f"VALUES ({values})", parameters={**(parameters or {}), "insert_token": token})
     rows = client.query(in_force, parameters=parameters).result_rows
     return rows[0][0] if rows else None
