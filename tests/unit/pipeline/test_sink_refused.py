@@ -17,8 +17,9 @@ from pipeline.locations import process_locations
 from pipeline.projection import CONNECTOR_COLUMNS, SESSION_COLUMNS, refused_row_anomalies
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
-from pipeline.sink import Batch, ClickHouseSink, insert_isolating, refusal_reason, refused_for_its_data
+from pipeline.sink import Batch, ClickHouseSink, insert_isolating, insert_rows, refusal_reason, refused_for_its_data
 from pipeline.state import LocationState, SessionState
+from tests.conftest import unique
 
 from .builders import Harness, event, evse, location, session
 
@@ -75,6 +76,22 @@ def test_when_every_row_of_a_table_is_refused_each_is_recorded_and_the_rest_writ
     assert count(client, "SELECT count() FROM connectors") == 0
     assert count(client, "SELECT count() FROM evses FINAL") == 3
     assert count(client, "SELECT count() FROM anomalies FINAL WHERE kind = 'ROW_REFUSED'") == 3 == sink.refused_rows
+
+
+@pytest.mark.parametrize("row", [
+    ["not an array", True, "X"],  # CANNOT_READ_ARRAY_FROM_TEXT (130)
+    [["x"], "maybe", "X"],  # CANNOT_PARSE_BOOL (467)
+    [["x"], True, "Z"],  # UNKNOWN_ELEMENT_OF_ENUM (691)
+])
+def test_the_engine_s_errors_for_values_an_array_bool_or_enum_column_cannot_hold_are_refused_rows(
+        client: Client, row: list[object]) -> None:
+    """Retried instead, such a row would have stopped the worker on its batch for good."""
+    table = unique("refused")
+    client.command(f"CREATE TABLE {table} (a Array(String), b Bool, e Enum8('X' = 1)) "
+                   "ENGINE = MergeTree ORDER BY tuple()")
+    with pytest.raises(DatabaseError) as refused:
+        insert_rows(client, table, ["a", "b", "e"], [row])
+    assert refused_for_its_data(refused.value)
 
 
 def test_only_errors_about_values_count_as_refused_rows() -> None:
