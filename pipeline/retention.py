@@ -558,6 +558,18 @@ def delete_superseded_clear_rows(client: Client, spec: PersonalTable, before: da
         after = f" AND ({key}, {version}) > {_tuple(candidates[-1])}"
 
 
+def replaced_clear_rows(client: Client, spec: PersonalTable, before: datetime) -> int:
+    """How many rows of `spec.table` `delete_superseded_clear_rows` deletes now: those whose personal data is due
+    and in clear and that a row of the same key and a higher version replaces. Queries without FINAL read them."""
+    key = ", ".join(spec.key)
+    version = spec.version_column
+    return int(client.query(
+        f"SELECT count() FROM (SELECT {key}, {version} FROM `{spec.table}` WHERE {spec.due(before)}) AS due "
+        f"INNER JOIN (SELECT {key}, max({version}) AS newest FROM `{spec.table}` WHERE ({key}) IN "
+        f"(SELECT {key} FROM `{spec.table}` WHERE {spec.due(before)}) GROUP BY {key}) AS newest USING ({key}) "
+        f"WHERE due.{version} < newest.newest").result_rows[0][0])
+
+
 # --- report ---------------------------------------------------------------------------------------------------
 
 
@@ -569,6 +581,8 @@ class DueRow:
     ttl_in_effect: str
     rows_due: int
     ttl_configured: str = ""  # the policy's TTL expression ('' for a rule that is no TTL)
+    # personal: the replaced versions in clear the pass deletes besides (`replaced_clear_rows`)
+    replaced_in_clear: int = 0
 
     @property
     def ttl_differs(self) -> bool:
@@ -594,7 +608,7 @@ def report_rows(client: Client, database: str, settings: Settings, now: datetime
         due = client.query(f"SELECT count() FROM `{spec.table}` FINAL WHERE {spec.due(before)}").result_rows[0][0]
         rows.append(DueRow("personal", spec.table,
                            f"pseudonymise {settings.retention.pseudonymise_days} days after {spec.moment}",
-                           "worker sweep", int(due)))
+                           "worker sweep", int(due), replaced_in_clear=replaced_clear_rows(client, spec, before)))
     return rows
 
 

@@ -34,8 +34,9 @@ def _topic_configs_in_effect(settings: Settings) -> dict[str, dict[str, str]] | 
 @retention_group.command("report")
 def report() -> None:
     """Show the retention policy, the TTL in effect per table (flagged where it is not the configured one), and
-    how many rows it removes (by the TTL in effect: what ClickHouse deletes) or pseudonymises now; and the configs
-    of the topics (retention.ms, the state changelogs' compaction).
+    how many rows it removes (by the TTL in effect: what ClickHouse deletes) or pseudonymises now (with the replaced
+    versions in clear that pass deletes); and the configs of the topics (retention.ms, the state changelogs'
+    compaction).
 
     Example: ocpi-pipeline retention report
     """
@@ -56,7 +57,10 @@ def report() -> None:
         in_effect = row.ttl_in_effect or "[red]none[/]"
         if row.ttl_differs:  # the rows due are the TTL in effect's, which `retention apply` would replace
             in_effect = f"[yellow]{in_effect} (policy: {row.ttl_configured})[/]"
-        due.add_row(row.data_class, row.table, row.rule, in_effect, str(row.rows_due))
+        count = str(row.rows_due)
+        if row.replaced_in_clear:  # versions in clear the current rows replace, deleted by the same pass
+            count += f" (+ {row.replaced_in_clear} replaced versions in clear, deleted)"
+        due.add_row(row.data_class, row.table, row.rule, in_effect, count)
     console.print(due)
     topics = Table("topic", "config", "in effect",
                    title="Kafka topics (raw class) and state changelogs (personal class)")

@@ -803,6 +803,40 @@ def test_the_report_counts_what_is_due(client: Client) -> None:
     assert {r.table: r.rows_due for r in personal} == {"sessions": 0, "cdrs": 1, "locations": 0}
 
 
+def test_the_report_counts_the_replaced_versions_in_clear_the_pass_deletes(client: Client, chdb_dsn: str,
+                                                                         tmp_path: Any) -> None:
+    """S1's PUT 40 days ago wrote a row in clear; its last update 10 days ago wrote the current one. The old version
+    is due (every query without FINAL reads its token) and the pass deletes it, but the report counted only the
+    current rows it pseudonymises: nothing was due, it said."""
+    day = 24 * 60
+    sessions = Harness(process_sessions, SessionState)
+    write(client, sessions.run(event("Session", session(authref="AUTH-1", updated=-40 * day),
+                                     received=-40 * day)).batch)
+    write(client, sessions.run(event("Session", session(authref="AUTH-1", status="COMPLETED", end=-10 * day,
+                                                        updated=-10 * day), received=-10 * day)).batch)
+    settings = _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30")
+
+    def due() -> dict[str, tuple[int, int]]:
+        return {r.table: (r.rows_due, r.replaced_in_clear)
+                for r in retention.report_rows(client, client.database, settings, ts(0)) if r.data_class == "personal"}
+
+    assert due() == {"sessions": (0, 1), "cdrs": (0, 0), "locations": (0, 0)}
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    env = {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": client.database,
+           "OCPI_DATA_DIR": str(tmp_path), "OCPI_KAFKA_BOOTSTRAP": "", "COLUMNS": "250",
+           "OCPI_RETENTION_PSEUDONYMISE_DAYS": "30"}  # ts(0) is yesterday: the same ages now
+    result = CliRunner().invoke(cli, ["retention", "report"], env=env)
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.output.splitlines() if " sessions " in line and "personal" in line]
+    assert "(+ 1 replaced versions in clear, deleted)" in line
+    assert retention.pseudonymise_due(client, settings, retention.Pseudonymizer(b"x" * 32), ts(0))["sessions"] == 0
+    assert due()["sessions"] == (0, 0)
+    assert client.query("SELECT count() FROM sessions").result_rows == [(1,)]
+
+
 def test_the_report_counts_what_the_ttl_in_effect_deletes_and_flags_one_the_policy_does_not_set(
         client: Client, chdb_dsn: str, tmp_path: Any) -> None:
     """The count was made with the configured TTL, whatever the table's: with 1 year of billing in effect (a
