@@ -88,11 +88,12 @@ def report() -> None:
 def apply() -> None:
     """Enforce the policy now: set the configured TTLs and topic retention, pseudonymise what is due.
 
-    The worker does the same by itself (TTLs at start, pseudonymisation every hour).
+    The worker does this by itself (TTLs and topic configs at start, pseudonymisation every hour), its own state
+    too; this command changes the ClickHouse tables and the existing topics only.
 
     Example: OCPI_RETENTION_RAW_DAYS=14 ocpi-pipeline retention apply
     """
-    from infra.kafka.admin import TopicConfigError, set_topic_configs
+    from infra.kafka.admin import TopicConfigError, set_topic_configs, topic_configs
 
     settings = load_settings()
     try:
@@ -113,8 +114,13 @@ def apply() -> None:
     if not reachable(bootstrap):  # fail at once, not after the Kafka client's timeout, and not as a traceback
         raise click.ClickException(f"topics not changed: Kafka at {bootstrap} does not answer (the ClickHouse part "
                                    "above is done); run the command again when it does")
+    wanted = retention.topic_configs(settings)
     try:
-        topics = set_topic_configs(bootstrap, retention.topic_configs(settings))
+        topics = set_topic_configs(bootstrap, wanted)
+        missing = sorted(set(wanted) - set(topic_configs(bootstrap, wanted)))  # set_topic_configs skips them
     except TopicConfigError as exc:
         raise click.ClickException(f"topics not changed: {exc}") from None
-    click.echo(f"topic retention set on: {', '.join(topics) or 'nothing (already as configured)'}")
+    unchanged = "nothing" if missing else "nothing (already as configured)"
+    click.echo(f"topic retention set on: {', '.join(topics) or unchanged}")
+    if missing:
+        click.echo(f"topics not created yet (the worker creates them with this policy): {', '.join(missing)}")

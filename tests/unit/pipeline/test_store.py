@@ -1192,6 +1192,32 @@ def test_apply_with_kafka_down_does_the_clickhouse_part_and_fails_clearly(client
     assert "pseudonymised:" in result.output  # the ClickHouse part ran first
 
 
+def test_apply_before_the_topics_exist_says_so(client: Client, chdb_dsn: str, tmp_path: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Topics not created yet get no config (`set_topic_configs` sets existing ones): `apply` said "nothing
+    (already as configured)" of them."""
+    from click.testing import CliRunner
+
+    from infra.kafka import admin
+    from pipeline.cli import cli
+    from pipeline.cli import retention as retention_cli
+
+    for name, value in {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": client.database,
+                        "OCPI_DATA_DIR": str(tmp_path), "OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:9"}.items():
+        monkeypatch.setenv(name, value)
+    existing: dict[str, dict[str, str]] = {}
+    monkeypatch.setattr(retention_cli, "reachable", lambda _bootstrap: True)
+    monkeypatch.setattr(admin, "set_topic_configs", lambda _bootstrap, _configs: [])
+    monkeypatch.setattr(admin, "topic_configs", lambda _bootstrap, topics: {t: {} for t in topics if t in existing})
+    result = CliRunner().invoke(cli, ["retention", "apply"])
+    assert result.exit_code == 0, result.output
+    assert "already as configured" not in result.output
+    assert "not created yet" in result.output and "ocpi.cdrs.v1" in result.output
+    existing.update({topic: {} for topic in retention.topic_configs(load_settings())})
+    result = CliRunner().invoke(cli, ["retention", "apply"])
+    assert "already as configured" in result.output and "not created yet" not in result.output
+
+
 def test_a_dead_letter_at_offsets_a_new_broker_reuses_keeps_the_old_one(client: Client) -> None:
     """The embedded broker keeps its records in memory: restarted, it numbers every partition from 0 again, while
     ClickHouse keeps its tables. A dead letter was keyed by its Kafka coordinates only, so the next one at the same
