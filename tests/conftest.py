@@ -42,6 +42,14 @@ def broker() -> Iterator[str]:
     assert embedded.process is None
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the session's embedded broker is marked `kafka`, in `tests/unit` too (README,
+    Development), so `-m "not kafka"` runs without one."""
+    for item in items:
+        if "broker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 

@@ -169,3 +169,21 @@ def test_pull_help_says_where_the_next_pull_starts() -> None:
     assert "last completed pull ended" not in text and "without a gap" in text, text
     readme = " ".join(README.split())
     assert "continues where the last completed pull ended" not in readme
+
+
+def test_the_tests_that_use_the_embedded_broker_are_marked_kafka_as_the_readme_says() -> None:
+    """README said `tests/unit` needs no engine but chDB; the jobs' unit tests (archive, replay resume, a rebuild's
+    gap) use the session's embedded Tansu broker, and without the `kafka` marker `-m "not kafka"` still started it."""
+    import subprocess
+    import sys
+
+    development = " ".join(README.split("## Development")[1].split())
+    assert "no engines needed except chDB" not in development
+    assert "`kafka`" in development and "not kafka" in development
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "-m", "not kafka", "tests/unit/jobs/test_replay_resume.py"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    collected = {line.split("::")[1] for line in run.stdout.splitlines() if "::" in line}
+    assert collected, run.stdout + run.stderr
+    uses_the_broker = "test_a_replay_resumed_after_its_topic_was_recreated_is_planned_again_not_stuck"
+    assert uses_the_broker not in collected, "a test that uses the broker fixture is not marked kafka"
