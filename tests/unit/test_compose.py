@@ -103,3 +103,20 @@ def test_the_clickhouse_password_reaches_clickhouse_as_the_server_has_it() -> No
         None, None, "", None, None, None, False, settings.clickhouse.dsn, {})
     assert (user, password) == ("ocpi", URL_SAFE)
     assert compose()["services"]["clickhouse"]["environment"]["CLICKHOUSE_USER"] == "ocpi"
+
+
+def test_every_ocpi_variable_a_service_is_given_is_a_setting() -> None:
+    """A variable the settings module does not read (a renamed setting, a typo) is ignored without a word: the
+    service would run on that setting's default, an embedded broker or store instead of the cluster's."""
+    from infra.settings import documented_settings, load_settings
+
+    known = {var for _s, var, _d, _m in documented_settings()} | {"OCPI_TANSU_LOG"}
+    given: dict[str, str] = {}
+    for service in compose()["services"].values():
+        given |= {k: str(v) for k, v in (service.get("environment") or {}).items() if k.startswith("OCPI_")}
+    assert given and not set(given) - known, sorted(set(given) - known)
+    # And every value, a default filled in where it has one (a required password: any safe one), is taken.
+    def filled(value: str) -> str:
+        return re.sub(r"\$\{\w+(:?[-?])([^}]*)\}", lambda m: m.group(2) if m.group(1).endswith("-") else "pw", value)
+
+    load_settings({k: filled(v) for k, v in given.items()})
