@@ -187,3 +187,13 @@ def test_the_tests_that_use_the_embedded_broker_are_marked_kafka_as_the_readme_s
     assert collected, run.stdout + run.stderr
     uses_the_broker = "test_a_replay_resumed_after_its_topic_was_recreated_is_planned_again_not_stuck"
     assert uses_the_broker not in collected, "a test that uses the broker fixture is not marked kafka"
+
+
+def test_every_reconciliation_outcome_is_named_in_the_readme() -> None:
+    """`reconciliation.outcome` is what `report reconciliation` and the reconciliation dashboard group by; a credit
+    CDR's own row, `CREDIT`, was named nowhere in README.md."""
+    source = (ROOT / "pipeline" / "reconcile.py").read_text()
+    outcomes = {value for line in re.findall(r"\boutcome = (.+)", source) for value in re.findall(r'"([A-Z_]+)"', line)}
+    assert {"MATCHED", "MISMATCH", "CREDIT", "NO_SESSION"} <= outcomes, outcomes
+    missing = sorted(o for o in outcomes if f"`{o}`" not in README)
+    assert not missing, f"README.md does not name these reconciliation outcomes: {missing}"
