@@ -263,7 +263,8 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
 @click.option("--limit", default=100, show_default=True, help="Objects per page asked for (the server may cap it).")
 @click.option("--restart", is_flag=True, help="Abandon an interrupted crawl instead of resuming it.")
 @click.option("--max-attempts", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Attempts per page on 429/503/3xxx.")
+              help="Attempts per page on HTTP 429 or 5xx, a timeout or connection error, OCPI 3xxx or a Hub's "
+                   "4002/4003.")
 @click.option("--schedule", type=float, metavar="SECONDS", callback=lambda _c, _p, v: seconds(v, least=0.0),
               help="Pull again every SECONDS (plus a random splay) until Ctrl-C or SIGTERM; each round after the "
               "first continues where the pulls completed so far end without a gap (--since counts for a party "

@@ -197,3 +197,11 @@ def test_every_reconciliation_outcome_is_named_in_the_readme() -> None:
     assert {"MATCHED", "MISMATCH", "CREDIT", "NO_SESSION"} <= outcomes, outcomes
     missing = sorted(o for o in outcomes if f"`{o}`" not in README)
     assert not missing, f"README.md does not name these reconciliation outcomes: {missing}"
+
+
+def test_pull_help_says_which_answers_are_retried() -> None:
+    """`pull --help` said a page is tried again on 429/503/3xxx; the pull retries every 5xx, a timeout or a refused
+    connection, and a Hub's 4002/4003 too (`pipeline.jobs.pull`), as README says."""
+    text = " ".join(CliRunner().invoke(cli, ["pull", "--help"]).output.split())
+    attempts = text.split("--max-attempts")[1].split("--schedule")[0]
+    assert "5xx" in attempts and "timeout" in attempts and "4002/4003" in attempts, attempts
