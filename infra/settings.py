@@ -415,7 +415,7 @@ class PipelineSettings:
     topic_reconciliation: str = _setting(
         "OCPI_TOPIC_RECONCILIATION", "ocpi.reconciliation.v1",
         "topic the reconciliation results are published to (JSON, one object per `reconciliation` row, key"
-        " CC/PID/SUBJECT/ID)",
+        " CC/PID/SUBJECT/ID, a `/` or `%` in CC or PID written `%2F` / `%25`)",
     )
     batch_max: int = _setting("OCPI_PIPELINE_BATCH", "5000", "most Kafka records one agent handles per batch")
     park_ttl_s: float = _setting(

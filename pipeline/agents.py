@@ -35,6 +35,7 @@ from rocksdict import WriteBatch
 from infra.kafka.bulk import Acked, OutgoingRecord, send_all
 from infra.settings import Settings
 from ocpi.decode import UNDECODABLE
+from ocpi.identity import owner_key_part
 from pipeline import projection
 from pipeline.cdrs import process_cdrs
 from pipeline.delivery import BatchDelivery, Handler, group_generation
@@ -444,9 +445,10 @@ _ReconciliationRecord = msgspec.defstruct("ReconciliationRecord", list(RECONCILI
 
 
 def reconciliation_records(rows: list[list[Any]]) -> list[tuple[bytes, bytes]]:
-    """The reconciliation topic's records: key `CC/PID/SUBJECT/ID`, value the row as a JSON object."""
-    return [(f"{row[0]}/{row[1]}/{row[2]}/{row[3]}".encode(), _JSON.encode(_ReconciliationRecord(*row)))
-            for row in rows]
+    """The reconciliation topic's records: key `CC/PID/SUBJECT/ID` (a `/` or `%` in CC or PID escaped as in the
+    module topics' keys: `owner_key_part`), value the row as a JSON object."""
+    return [(f"{owner_key_part(row[0])}/{owner_key_part(row[1])}/{row[2]}/{row[3]}".encode(),
+             _JSON.encode(_ReconciliationRecord(*row))) for row in rows]
 
 
 def register_agents(context: AgentContext, tables: dict[str, StateTable], delivery: BatchDelivery) -> None:

@@ -42,6 +42,18 @@ def test_reconciliation_records_are_keyed_by_subject_and_carry_the_row() -> None
     assert list(msgspec.json.decode(value).items()) == list(zip(RECONCILIATION_COLUMNS, row, strict=True))
 
 
+def test_a_reconciliation_key_tells_apart_parties_whose_codes_hold_a_slash() -> None:
+    """CiString allows `/`: owners `N/` + `L` and `N` + `/L` had one key; the parts are escaped as in the module
+    topics' keys (`ocpi.identity.owner_key_part`), the id, the last part, as it is."""
+    rows = []
+    for cc, pid in (("N/", "L"), ("N", "/L"), ("N%", "T")):
+        row = [None] * len(RECONCILIATION_COLUMNS)
+        row[:7] = [cc, pid, "CDR", "C/1", "p1", "EUR", "MATCHED"]
+        rows.append(row)
+    assert [key for key, _value in reconciliation_records(rows)] == [b"N%2F/L/CDR/C/1", b"N/%2FL/CDR/C/1",
+                                                                     b"N%25/T/CDR/C/1"]
+
+
 # Kafka's default limit on a record batch (broker `message.max.bytes`): a larger one is refused for good
 # (MESSAGE_TOO_LARGE), which the agents' publish retries forever.
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588
