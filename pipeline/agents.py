@@ -35,6 +35,7 @@ from rocksdict import WriteBatch
 from infra.kafka.bulk import Acked, OutgoingRecord, send_all
 from infra.settings import Settings
 from ocpi.decode import UNDECODABLE
+from ocpi.errors import OcpiError
 from ocpi.identity import owner_key_part
 from pipeline import projection
 from pipeline.cdrs import process_cdrs
@@ -258,8 +259,10 @@ def fold(records: Sequence[Record], reader: Callable[[PartitionAnchor], Reader],
 
 # What the rules raise on an event they were not written for (a foreign producer, an edited archive): that
 # record becomes a dead letter. Anything else (I/O, memory) still stops the worker, and the batch is read again.
+# OcpiError: a stored object read back that today's rules refuse (`wire.stored`: one an earlier version stored
+# with a DateTime outside 1970..2149, or a foreign producer's PUT, which stage 1 stores as the receivers checked it).
 RULE_ERRORS: Final = (LookupError, AssertionError, TypeError, ValueError, AttributeError, ArithmeticError,
-                      msgspec.MsgspecError)
+                      msgspec.MsgspecError, OcpiError)
 
 
 def fold_isolated(records: Sequence[Record], reader: Callable[[PartitionAnchor], Reader],

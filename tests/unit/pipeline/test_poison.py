@@ -158,3 +158,44 @@ def test_a_payload_whose_identity_differs_from_its_event_does_not_fit() -> None:
     assert misfit(decode_event(event_bytes("SessionPatch", patch, object_id="S1")), "SESSIONS") is None
     assert misfit(decode_event(event_bytes("SessionPatch", {**patch, "id": "S2"}, object_id="S1")), "SESSIONS") == (
         "a payload with id 'S2' in an event of 'S1'")
+
+
+async def test_a_stored_object_the_rules_no_longer_accept_makes_dead_letters_not_a_stopped_worker() -> None:
+    """A Session stored with a DateTime today's rules refuse (an earlier version accepted DateTimes outside
+    1970..2149; a foreign producer writes anything) raises OcpiValidationError when its state is read back for the
+    next event. That error is the rules failing on a record like any other: the record becomes a dead letter and the
+    rest of its batch is applied, where the worker stopped (exit 70) on the same batch at every restart."""
+    written: list[dict[str, list[list[Any]]]] = []
+    store = DictStore()
+
+    async def write(batch: Any) -> None:
+        written.append(batch.tables())
+
+    async def publish(topic: str, records: list[Any]) -> None:
+        pass
+
+    async def write_batch(context: Any, changes: list[Any]) -> None:
+        for _anchor, overlay_changes in changes:
+            store.data.update({k: v for k, v in overlay_changes.items() if v is not None})
+
+    context = SimpleNamespace(app=None, pseudonym=Pseudonymizer(b"k" * 32), sink=SimpleNamespace(write=write),
+                              publish=publish, stage_rules=stage_rules(),
+                              progress=SimpleNamespace(outcomes=Counter(), replayed=0),
+                              settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
+    table = SimpleNamespace(reader=lambda _anchor: store.data.get, write_batch=write_batch, lock=asyncio.Lock())
+    agent = ModuleAgent(context, table, Codec(SessionState), process_sessions, "SESSIONS")  # type: ignore[arg-type]
+    completed = session(status="COMPLETED", end=60, cost="2.50")
+    fields = decode_event(event_bytes("Session", completed)).to_event()
+    fields["payload"][1]["end_date_time"] = datetime(2200, 1, 1, tzinfo=UTC)  # refused by the receivers now
+    await agent.handle([RawMessage("sessions", 0, 0, b"NL/TNM/S1", encode_event(fields))])
+    assert store.data  # stored, as an earlier version stored it
+
+    again = event_bytes("Session", {**completed, "kwh": Decimal("5"), "last_updated": iso(ts(90))})
+    await agent.handle([RawMessage("sessions", 0, 1, b"NL/TNM/S1", again),
+                        RawMessage("sessions", 0, 2, b"NL/TNM/S2", event_bytes("Session", session("S2")))])
+    tables = written[-1]
+    [letter] = tables["dead_letters"]
+    assert letter[DEAD_LETTER_COLUMNS.index("kafka_offset")] == 1
+    assert "not storable" in letter[DEAD_LETTER_COLUMNS.index("error")]
+    assert [(r[RAW_EVENT_COLUMNS.index("object_id")], r[RAW_EVENT_COLUMNS.index("outcome")])
+            for r in tables["raw_events"]] == [("S2", "APPLIED")]
