@@ -32,6 +32,7 @@ import msgspec
 from faust.types import TP, Message, TableT
 from rocksdict import WriteBatch
 
+from infra.codec import AvroCodecError
 from infra.kafka.bulk import Acked, OutgoingRecord, send_all
 from infra.settings import Settings
 from ocpi.decode import UNDECODABLE
@@ -261,8 +262,10 @@ def fold(records: Sequence[Record], reader: Callable[[PartitionAnchor], Reader],
 # record becomes a dead letter. Anything else (I/O, memory) still stops the worker, and the batch is read again.
 # OcpiError: a stored object read back that today's rules refuse (`wire.stored`: one an earlier version stored
 # with a DateTime outside 1970..2149, or a foreign producer's PUT, which stage 1 stores as the receivers checked it).
+# AvroCodecError: a parked event decoded again (`stage.parked_record`) of a schema revision this worker does not
+# know (one rolled back below the revision a newer worker parked it with).
 RULE_ERRORS: Final = (LookupError, AssertionError, TypeError, ValueError, AttributeError, ArithmeticError,
-                      msgspec.MsgspecError, OcpiError)
+                      msgspec.MsgspecError, OcpiError, AvroCodecError)
 
 
 def fold_isolated(records: Sequence[Record], reader: Callable[[PartitionAnchor], Reader],
