@@ -70,7 +70,7 @@ import faust
 import msgspec
 from faust.types import TP, TableT
 
-from infra.codec import decode_event, encode_event
+from infra.codec import AvroCodecError, decode_event, encode_event
 from pipeline.backlog import GroupBacklog
 from pipeline.facts import SessionFact
 from pipeline.party_retention import expire_party_state, survey_referrers
@@ -161,7 +161,12 @@ def _pseudonymise(state: SessionState | LocationState, received: datetime | None
 
 
 def _pseudonymised_parked(parked: Parked, pseudonym: Pseudonymizer) -> Parked | None:
-    event = decode_event(parked.value)
+    try:
+        event = decode_event(parked.value)
+    except AvroCodecError:
+        # Parked by a newer worker, with a schema revision this one (rolled back) does not know: left as it is for
+        # that version, rather than failing the whole pass, every state with it, at every tick.
+        return None
     payload = dict(event.payload)
     if not pseudonymise_fields(payload, pseudonym):
         return None

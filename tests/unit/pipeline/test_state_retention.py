@@ -711,3 +711,23 @@ async def test_a_survey_cut_short_by_a_rebalance_is_not_decided_on(tmp_path: Any
     decided.clear()
     await keeper.run(datetime.now(UTC))  # the next pass, no rebalance: the whole survey, then the decisions
     assert decided == [0] * 5 + [10] * 5
+
+
+def test_a_parked_event_of_a_schema_revision_this_worker_does_not_know_does_not_stop_the_pass() -> None:
+    """A worker rolled back below the schema revision a newer one parked an event with cannot decode that event:
+    it is left as it is (the newer version pseudonymises it), and the other parked events and states are
+    pseudonymised, where the pass raised AvroCodecError on it and failed at every tick, for every state."""
+    h = harness(park_ttl_min=10_000)
+    first = {"cdr_token": token("TOK8"), "last_updated": iso(ts(20))}
+    second = {"cdr_token": token("TOK9"), "last_updated": iso(ts(30))}
+    h.run(event("SessionPatch", first, object_id="S1", received=1))
+    h.run(event("SessionPatch", second, object_id="S1", received=2))
+    state = h.state(KEY)
+    unknown = state.parked[0].value[:2] + bytes.fromhex("0123456789abcdef") + state.parked[0].value[10:]
+    state.parked = [msgspec.structs.replace(state.parked[0], value=unknown), state.parked[1]]
+    h.store.data[KEY] = Codec(SessionState).encode(state)
+
+    assert pass_over(h, cutoff_min=5) is not None
+    kept, rewritten = h.state(KEY).parked
+    assert kept.value == unknown
+    assert decode_event(rewritten.value).payload["cdr_token"]["uid"] == PSEUDONYM("TOK9")
