@@ -243,11 +243,16 @@ def refused_row_anomalies(refused_rows: list[RefusedRow], pseudonym: Pseudonymiz
     """Rows ClickHouse refused for their values, as `ROW_REFUSED` anomalies (`sink.RefusedRows`): the object they
     belong to where their columns say, and the whole row as JSON in the detail, to be settled by hand. Keyed by
     a hash of the row, so a batch applied again records each refused row once. Anomalies are kept longer than
-    personal data stays in clear, so the row's personal identifiers are pseudonymised in the detail."""
-    observed_at = utc_now()
+    personal data stays in clear, so the row's personal identifiers are pseudonymised in the detail. Dated by the
+    row's `received_at`, as other anomalies by their event's: anomalies collapse within a month's partition only,
+    so the same row refused again in another month (a replay) must carry the same date. Connector and EVSE rows
+    hold none: theirs is the time they were refused (refused again in another month, they are recorded twice)."""
+    now = utc_now()
     rows = []
     for refused in refused_rows:
         values = _pseudonymised(dict(zip(refused.columns, refused.row, strict=True)), pseudonym)
+        received_at = values.get("received_at")
+        observed_at = received_at if isinstance(received_at, datetime) else now
         row_json = _ROW_ENCODER.encode(values).decode()
         object_id = next((str(values[c]) for c in ("object_id", "session_id", "cdr_id", "location_id", "event_id")
                           if values.get(c)), "")

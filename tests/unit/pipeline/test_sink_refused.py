@@ -14,7 +14,13 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from pipeline.locations import process_locations
-from pipeline.projection import CONNECTOR_COLUMNS, SESSION_COLUMNS, refused_row_anomalies
+from pipeline.projection import (
+    ANOMALY_COLUMNS,
+    CONNECTOR_COLUMNS,
+    LOCATION_COLUMNS,
+    SESSION_COLUMNS,
+    refused_row_anomalies,
+)
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
 from pipeline.sink import Batch, ClickHouseSink, insert_isolating, insert_rows, refusal_reason, refused_for_its_data
@@ -340,3 +346,26 @@ def test_an_insert_waits_for_a_servers_asynchronous_insert() -> None:
 
     insert_rows(Recording(), "raw_events", ["event_id"], [["e1"]])  # type: ignore[arg-type]
     assert sent == [{"input_format_json_read_objects_as_strings": 1, "wait_for_async_insert": 1}]
+
+
+def test_a_refused_row_recorded_again_in_another_month_is_one_anomaly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anomalies collapse by key within a month's partition (by `observed_at`): stamped with the time it was
+    refused, the same row refused again when reprocessed in another month was a second ROW_REFUSED. It takes
+    the time its event was received, as every other anomaly does (where the row holds it: not a Connector's or an
+    EVSE's)."""
+    from datetime import UTC, datetime
+
+    from pipeline import projection
+    from pipeline.sink import RefusedRow
+
+    batch = location_batch(bad_connector=None)
+    locations = batch.keyed.get("locations") or {}
+    row = list((list(locations.values()) if locations else batch.rows["locations"])[0])
+    refused = RefusedRow("locations", LOCATION_COLUMNS, row, "Code: 72. DB::Exception: Unsigned")
+    recorded = []
+    for now in (datetime(2026, 11, 30, 23, 59, tzinfo=UTC), datetime(2027, 1, 5, tzinfo=UTC)):
+        monkeypatch.setattr(projection, "utc_now", lambda now=now: now)
+        recorded.append(refused_row_anomalies([refused], PSEUDONYM)[2])
+    assert recorded[0] == recorded[1]
+    observed = recorded[0][0][ANOMALY_COLUMNS.index("observed_at")]
+    assert observed == row[LOCATION_COLUMNS.index("received_at")]
