@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from infra.clickhouse.client import ClickHouseUnavailable, chdb_path, effective_dsn
+from infra.clickhouse.client import ClickHouseUnavailable, chdb_path, connect_for, effective_dsn
 from infra.kafka.admin import TopicConfigError
 from infra.kafka.bootstrap import KafkaNotConfigured, reachable, resolve_bootstrap
 from infra.kafka.embedded import EmbeddedBrokerError
@@ -57,6 +57,12 @@ def serve(workers: int) -> None:
             f"serve needs a ClickHouse server (OCPI_CLICKHOUSE_DSN=http://user:password@host:8123) or a running "
             f"`ocpi-pipeline dev`, whose embedded store it then uses; the embedded store at {chdb_path(dsn)} opens "
             "in one process only (`ocpi-pipeline dev` runs everything on the embedded engines)")
+    try:
+        # The receivers read the partner registry at start: a store that is down (or not migrated) would end
+        # granian's worker in a traceback, and the server with it.
+        connect_for(settings).close()
+    except ClickHouseUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     create_receiver_topics(settings, bootstrap)
     Server("receivers.asgi:app", address=settings.http.host, port=settings.http.port,
            interface=Interfaces.ASGI, workers=workers, websockets=False).serve()

@@ -31,14 +31,23 @@ class NoServer:
 
 
 def serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ensure: Any, *, kafka_answers: bool = True,
-          **env: str) -> Any:
+          clickhouse_answers: bool = True, **env: str) -> Any:
     NoServer.started = 0
     monkeypatch.setattr(granian.server, "Server", NoServer)
     monkeypatch.setattr(infra.kafka.admin, "ensure_topics", ensure)
     monkeypatch.setattr(pipeline.cli.services, "reachable", lambda _bootstrap: kafka_answers)
+    if clickhouse_answers:
+        monkeypatch.setattr(pipeline.cli.services, "connect_for", lambda _settings: NoClient())
     env = {"OCPI_KAFKA_BOOTSTRAP": "kafka:9092", "OCPI_CLICKHOUSE_DSN": SERVER, "OCPI_DATA_DIR": str(tmp_path),
            "OCPI_HTTP_PORT": str(free_port()), "OCPI_TOPIC_PARTITIONS": "6", **env}
     return CliRunner().invoke(cli, ["serve"], env=env)
+
+
+class NoClient:
+    """A ClickHouse client that answered: `serve` only checks that the store is there."""
+
+    def close(self) -> None:
+        pass
 
 
 def no_ensure(*_args: Any, **_options: Any) -> list[str]:
@@ -110,3 +119,16 @@ def test_serve_names_a_host_it_cannot_listen_on(monkeypatch: pytest.MonkeyPatch,
     result = serve(monkeypatch, tmp_path, no_ensure, OCPI_HTTP_HOST=host)
     assert result.exit_code == 1 and NoServer.started == 0, result.output
     assert f"OCPI_HTTP_HOST={host!r}" in result.output and "in use" not in result.output, result.output
+
+
+def test_serve_with_clickhouse_down_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The receivers read the partner registry at start. With the ClickHouse server down (or the database not
+    migrated), serve started granian, whose worker then ended in a ClickHouseUnavailable traceback and took the
+    server down with it: the store is checked before the server starts."""
+    dsn = f"http://default:pw@127.0.0.1:{free_port()}"  # nothing listens there
+    result = serve(monkeypatch, tmp_path, lambda *_a, **_o: [], clickhouse_answers=False, OCPI_CLICKHOUSE_DSN=dsn)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a ClickException, not a traceback
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: cannot reach ClickHouse at http://default:****@127.0.0.1:"), result.output
+    assert NoServer.started == 0
