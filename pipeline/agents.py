@@ -489,13 +489,15 @@ async def run_batch(handler: Handler, messages: Sequence[Message], name: str) ->
             log.critical("%s: a batch did not finish within %ss of stopping; exiting before it is committed",
                          name, STOP_GRACE_S)
             os._exit(EXIT_PIPELINE_ERROR)
-        if task.exception() is None:
+        if not task.cancelled() and task.exception() is None:
             raise
     except Exception:  # noqa: S110 - the task's exception is examined (and logged) just below
         pass
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        log.critical("%s failed on a batch of %d; exiting before it is committed", name, len(messages),
-                     exc_info=task.exception())
+    # A handler cancelled on its own (the stopping loop cancels every task) did not finish its batch either.
+    if task.done() and (task.cancelled() or task.exception() is not None):
+        log.critical("%s %s on a batch of %d; exiting before it is committed", name,
+                     "was cancelled" if task.cancelled() else "failed", len(messages),
+                     exc_info=None if task.cancelled() else task.exception())
         os._exit(EXIT_PIPELINE_ERROR)
 
 

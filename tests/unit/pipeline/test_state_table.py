@@ -272,3 +272,29 @@ async def test_a_party_facts_record_the_reconciliation_rules_fail_on_is_a_dead_l
     assert {b"C/NL/TNM/C1", b"C/NL/TNM/C3"} <= keys and b"C/NL/TNM/C2" not in keys
     reconciled = [row for batch in written for row in batch.tables().get("reconciliation", [])]
     assert sorted({row[3] for row in reconciled}) == ["C1", "C3"]  # nothing of C2 kept
+
+
+async def test_a_batch_whose_handler_was_cancelled_ends_the_process_before_it_is_acked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The delivery loop acks a batch once run_batch is over. A handler cancelled on its own (the stopping loop
+    # cancels every task, one retrying a publish to a broker that is down among them) made run_batch raise the
+    # cancellation as if the batch had been done, and the batch was acked with its rows or state unwritten.
+    from pipeline import agents
+
+    class Exited(Exception):
+        pass
+
+    exits: list[int] = []
+
+    def exit_(code: int) -> None:
+        exits.append(code)
+        raise Exited
+
+    async def cancelled(*_args: Any) -> None:
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(agents.os, "_exit", exit_)
+    with pytest.raises(Exited):
+        await agents.run_batch(cancelled, [], "test")
+    assert exits == [agents.EXIT_PIPELINE_ERROR]
