@@ -287,8 +287,13 @@ _CDR_COLUMNS = ["country_code", "party_id", "cdr_id", "partner_id", "start_date_
                 "payload_json", "event_id", "version"]
 
 
+# Yesterday 10:00 UTC, not a fixed date: the rows above give no received_at, which defaults to last_updated (0009),
+# and the billing TTL counts from it: CDRs dated 2026-11-25 would be deleted by it from 2033-11-25 on.
+_CDR_END = (datetime.now(UTC) - timedelta(days=1)).replace(hour=10, minute=0, second=0, microsecond=0)
+
+
 def _cdr(cdr_id: str, energy: str, excl: str, incl: str, *, credit: bool = False, credited: str | None = None,
-         end: datetime = datetime(2026, 11, 25, 10, tzinfo=UTC)) -> list[object]:
+         end: datetime = _CDR_END) -> list[object]:
     from decimal import Decimal
 
     return ["NL", "TNM", cdr_id, "p1", end, end, None, "WHITELIST", None, "U1", "RFID", "C1", "LOC1", "E1", "1", "EUR",
