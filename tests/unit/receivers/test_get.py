@@ -4,7 +4,7 @@ the owner. Rows are written the way the pipeline writes them (upper-cased key, O
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -31,7 +31,9 @@ from tests.unit.receivers.push_support import (  # noqa: F401
     session,
 )
 
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
+# Recent, not a fixed date: the session and CDR rows stored here give no received_at, which defaults to
+# last_updated, and the billing TTL (7 years) counts from it: rows dated 2026-01-01 are deleted from 2033 on.
+NOW = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=0)
 
 
 def store_location(p: Pushes, body: dict[str, Any], version: int = 1) -> None:

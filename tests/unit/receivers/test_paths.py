@@ -4,7 +4,7 @@ dots; every receiver URL must address exactly the object whose id the client enc
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -26,7 +26,9 @@ from tests.unit.receivers.push_support import (  # noqa: F401
     session,
 )
 
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
+# Recent, not a fixed date: the session and CDR rows stored here give no received_at, which defaults to
+# last_updated, and the billing TTL (7 years) counts from it: rows dated 2026-01-01 are deleted from 2033 on.
+NOW = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=0)
 # A slash inside, leading, trailing, doubled, alone; dot segments; `%` alone and as a would-be escape; spaces.
 IDS = ["2024/05", "/abc", "abc/", "a//b", "/", "a/./b", "a/../b", ".", "..", "50%", "%2F", "a%25b", "two words",
        " padded ", "?#&=+;"]
