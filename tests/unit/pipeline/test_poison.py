@@ -167,25 +167,7 @@ async def test_a_stored_object_the_rules_no_longer_accept_makes_dead_letters_not
     1970..2149; a foreign producer writes anything) raises OcpiValidationError when its state is read back for the
     next event. That error is the rules failing on a record like any other: the record becomes a dead letter and the
     rest of its batch is applied, where the worker stopped (exit 70) on the same batch at every restart."""
-    written: list[dict[str, list[list[Any]]]] = []
-    store = DictStore()
-
-    async def write(batch: Any) -> None:
-        written.append(batch.tables())
-
-    async def publish(topic: str, records: list[Any]) -> None:
-        pass
-
-    async def write_batch(context: Any, changes: list[Any]) -> None:
-        for _anchor, overlay_changes in changes:
-            store.data.update({k: v for k, v in overlay_changes.items() if v is not None})
-
-    context = SimpleNamespace(app=None, pseudonym=Pseudonymizer(b"k" * 32), sink=SimpleNamespace(write=write),
-                              publish=publish, stage_rules=stage_rules(),
-                              progress=SimpleNamespace(outcomes=Counter(), replayed=0),
-                              settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
-    table = SimpleNamespace(reader=lambda _anchor: store.data.get, write_batch=write_batch, lock=asyncio.Lock())
-    agent = ModuleAgent(context, table, Codec(SessionState), process_sessions, "SESSIONS")  # type: ignore[arg-type]
+    agent, store, written = _sessions_agent()
     completed = session(status="COMPLETED", end=60, cost="2.50")
     fields = decode_event(event_bytes("Session", completed)).to_event()
     fields["payload"][1]["end_date_time"] = datetime(2200, 1, 1, tzinfo=UTC)  # refused by the receivers now
@@ -209,6 +191,28 @@ async def test_a_parked_event_of_a_schema_revision_this_worker_does_not_know_mak
     decode them when a later event of their object releases or counts them (AvroCodecError). Like a record it
     cannot decode, that is a dead letter (the releasing record, replayed once the newer version runs again), and
     the rest of the batch is applied, where the worker stopped (exit 70) on the same batch at every restart."""
+    agent, store, written = _sessions_agent()
+    patch = event_bytes("SessionPatch", {"kwh": Decimal("2"), "last_updated": iso(ts(2))}, object_id="S1", received=2)
+    await agent.handle([RawMessage("sessions", 0, 0, b"NL/TNM/S1", patch)])
+    state = Codec(SessionState).decode(store.data["NL/TNM/S1"])
+    [parked] = state.parked
+    newer = parked.value[:2] + bytes.fromhex("0123456789abcdef") + parked.value[10:]  # a revision unknown here
+    state.parked = [msgspec.structs.replace(parked, value=newer)]
+    store.data["NL/TNM/S1"] = Codec(SessionState).encode(state)
+
+    put = event_bytes("Session", session(kwh="1"), received=3)
+    await agent.handle([RawMessage("sessions", 0, 1, b"NL/TNM/S1", put),
+                        RawMessage("sessions", 0, 2, b"NL/TNM/S2", event_bytes("Session", session("S2")))])
+    tables = written[-1]
+    [letter] = tables["dead_letters"]
+    assert letter[DEAD_LETTER_COLUMNS.index("kafka_offset")] == 1
+    assert "unknown schema fingerprint" in letter[DEAD_LETTER_COLUMNS.index("error")]
+    assert [(r[RAW_EVENT_COLUMNS.index("object_id")], r[RAW_EVENT_COLUMNS.index("outcome")])
+            for r in tables["raw_events"]] == [("S2", "APPLIED")]
+
+
+def _sessions_agent() -> tuple[ModuleAgent, DictStore, list[dict[str, list[list[Any]]]]]:
+    """The Sessions agent on an in-memory state store, with the tables of each batch it writes."""
     written: list[dict[str, list[list[Any]]]] = []
     store = DictStore()
 
@@ -228,20 +232,4 @@ async def test_a_parked_event_of_a_schema_revision_this_worker_does_not_know_mak
                               settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
     table = SimpleNamespace(reader=lambda _anchor: store.data.get, write_batch=write_batch, lock=asyncio.Lock())
     agent = ModuleAgent(context, table, Codec(SessionState), process_sessions, "SESSIONS")  # type: ignore[arg-type]
-    patch = event_bytes("SessionPatch", {"kwh": Decimal("2"), "last_updated": iso(ts(2))}, object_id="S1", received=2)
-    await agent.handle([RawMessage("sessions", 0, 0, b"NL/TNM/S1", patch)])
-    state = Codec(SessionState).decode(store.data["NL/TNM/S1"])
-    [parked] = state.parked
-    newer = parked.value[:2] + bytes.fromhex("0123456789abcdef") + parked.value[10:]  # a revision unknown here
-    state.parked = [msgspec.structs.replace(parked, value=newer)]
-    store.data["NL/TNM/S1"] = Codec(SessionState).encode(state)
-
-    put = event_bytes("Session", session(kwh="1"), received=3)
-    await agent.handle([RawMessage("sessions", 0, 1, b"NL/TNM/S1", put),
-                        RawMessage("sessions", 0, 2, b"NL/TNM/S2", event_bytes("Session", session("S2")))])
-    tables = written[-1]
-    [letter] = tables["dead_letters"]
-    assert letter[DEAD_LETTER_COLUMNS.index("kafka_offset")] == 1
-    assert "unknown schema fingerprint" in letter[DEAD_LETTER_COLUMNS.index("error")]
-    assert [(r[RAW_EVENT_COLUMNS.index("object_id")], r[RAW_EVENT_COLUMNS.index("outcome")])
-            for r in tables["raw_events"]] == [("S2", "APPLIED")]
+    return agent, store, written
