@@ -521,53 +521,56 @@ def _tuple(values: Iterable[Any]) -> str:
     return "(" + ", ".join(string(v) if isinstance(v, str) else str(int(v)) for v in values) + ")"
 
 
-def delete_superseded_clear_rows(client: Client, spec: PersonalTable, before: datetime) -> int:
-    """Delete the rows of `spec.table` whose personal data is due and in clear and that a row of the same key
-    and a higher version replaces (the pseudonymised one this pass wrote, or a newer version, in clear or not,
-    whose own personal data is not due yet: a Location PUT that replaced `publish_allowed_to`); returns how many.
-
-    ReplacingMergeTree drops a replaced row only at a merge that nothing schedules; until then every query
-    without FINAL reads it. A lightweight DELETE hides it at once (the same SQL on chDB and a server) for a mask
-    on the parts it touches, where OPTIMIZE ... FINAL would rewrite the partitions every hour; the bytes leave
-    the disk when the part next merges. A replaced row is never what FINAL reads, so deleting it changes no
-    current row. A clear row without a successor is the current one, for the next pass, and stays. Candidates
-    are read from the table, not from this pass's inserts, so rows that an interrupted pass or an older release
-    left are found too.
-    """
+def replaced_clear_pages(client: Client, spec: PersonalTable, before: datetime) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows of `spec.table` whose personal data is due and in clear and that a row of the same key and a
+    higher version replaces (the pseudonymised one a pass wrote, or a newer version, in clear or not, whose own
+    personal data is not due yet: a Location PUT that replaced `publish_allowed_to`), as (key..., version) tuples,
+    page by page in key order. A page may be deleted before the next is read: the next starts after the last
+    candidate read. Candidates are read from the table, not from a pass's inserts, so rows that an interrupted
+    pass or an older release left are found too; a clear row without a successor is the current one and is not
+    one of them."""
     key = ", ".join(spec.key)
     version = spec.version_column
-    deleted = 0
     after = ""
     while True:
         candidates = client.query(
             f"SELECT {key}, {version} FROM `{spec.table}` WHERE {spec.due(before)}{after} "
             f"ORDER BY {key}, {version} LIMIT {_ROWS_PER_STATEMENT}").result_rows
         if not candidates:
-            return deleted
+            return
         keys = {tuple(row[:-1]) for row in candidates}
         successors = {tuple(row[:-1]): int(row[-1]) for row in client.query(
             f"SELECT {key}, max({version}) FROM `{spec.table}` WHERE ({key}) IN "
             f"({', '.join(map(_tuple, keys))}) GROUP BY {key}").result_rows}
-        replaced = [row for row in candidates if int(row[-1]) < successors.get(tuple(row[:-1]), -1)]
+        replaced = [tuple(row) for row in candidates if int(row[-1]) < successors.get(tuple(row[:-1]), -1)]
         if replaced:
-            client.command(f"DELETE FROM `{spec.table}` WHERE NOT pseudonymised AND ({key}, {version}) IN "
-                           f"({', '.join(map(_tuple, replaced))})")
-            deleted += len(replaced)
+            yield replaced
         if len(candidates) < _ROWS_PER_STATEMENT:
-            return deleted
+            return
         after = f" AND ({key}, {version}) > {_tuple(candidates[-1])}"
 
 
-def replaced_clear_rows(client: Client, spec: PersonalTable, before: datetime) -> int:
-    """How many rows of `spec.table` `delete_superseded_clear_rows` deletes now: those whose personal data is due
-    and in clear and that a row of the same key and a higher version replaces. Queries without FINAL read them."""
+def delete_superseded_clear_rows(client: Client, spec: PersonalTable, before: datetime) -> int:
+    """Delete the replaced rows in clear whose personal data is due (`replaced_clear_pages`); returns how many.
+
+    ReplacingMergeTree drops a replaced row only at a merge that nothing schedules; until then every query
+    without FINAL reads it. A lightweight DELETE hides it at once (the same SQL on chDB and a server) for a mask
+    on the parts it touches, where OPTIMIZE ... FINAL would rewrite the partitions every hour; the bytes leave
+    the disk when the part next merges. A replaced row is never what FINAL reads, so deleting it changes no
+    current row.
+    """
     key = ", ".join(spec.key)
-    version = spec.version_column
-    return int(client.query(
-        f"SELECT count() FROM (SELECT {key}, {version} FROM `{spec.table}` WHERE {spec.due(before)}) AS due "
-        f"INNER JOIN (SELECT {key}, max({version}) AS newest FROM `{spec.table}` WHERE ({key}) IN "
-        f"(SELECT {key} FROM `{spec.table}` WHERE {spec.due(before)}) GROUP BY {key}) AS newest USING ({key}) "
-        f"WHERE due.{version} < newest.newest").result_rows[0][0])
+    deleted = 0
+    for replaced in replaced_clear_pages(client, spec, before):
+        client.command(f"DELETE FROM `{spec.table}` WHERE NOT pseudonymised AND ({key}, {spec.version_column}) IN "
+                       f"({', '.join(map(_tuple, replaced))})")
+        deleted += len(replaced)
+    return deleted
+
+
+def replaced_clear_rows(client: Client, spec: PersonalTable, before: datetime) -> int:
+    """How many rows `delete_superseded_clear_rows` deletes now (queries without FINAL read them)."""
+    return sum(len(page) for page in replaced_clear_pages(client, spec, before))
 
 
 # --- report ---------------------------------------------------------------------------------------------------
