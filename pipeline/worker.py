@@ -54,7 +54,7 @@ def prepare_topics(settings: Settings, bootstrap: str) -> None:
         ensure_topics(bootstrap, [changelog], counts.get(source, settings.kafka.partitions), configs,
                       replicas=settings.kafka.replication_factor)
     check_copartitioned(sources, partition_counts(bootstrap, (*sources, *sources.values())))
-    changed = set_topic_configs(bootstrap, configs)
+    changed = set_topic_configs(bootstrap, configs).changed
     if changed:
         log.info("topic configs set on %s", ", ".join(changed))
 

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import Final, NamedTuple
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import ConfigFilterType, ConfigResource, ConfigResourceType, NewTopic
@@ -148,8 +148,13 @@ class TopicConfigError(RuntimeError):
     """The broker refused to set a topic's configs."""
 
 
-def set_topic_configs(bootstrap: str, configs: Mapping[str, Mapping[str, str]]) -> list[str]:
-    """Set configs of existing topics where they differ; returns the topics changed.
+class ConfigsSet(NamedTuple):
+    changed: list[str]  # the topics whose configs were set
+    missing: list[str]  # the topics not created yet, so not set
+
+
+def set_topic_configs(bootstrap: str, configs: Mapping[str, Mapping[str, str]]) -> ConfigsSet:
+    """Set configs of existing topics where they differ; says which it changed and which do not exist.
 
     Raises TopicConfigError when the broker refused a topic's configs (an alter-config policy, a missing ACL,
     a value out of range): kafka-python reports such refusals in its result, per topic, and does not raise."""
@@ -157,8 +162,9 @@ def set_topic_configs(bootstrap: str, configs: Mapping[str, Mapping[str, str]]) 
     changes = [ConfigResource(ConfigResourceType.TOPIC, topic, configs=dict(wanted))
                for topic, wanted in configs.items()
                if topic in current and any(current[topic].get(k) != v for k, v in wanted.items())]
+    missing = sorted(set(configs) - set(current))
     if not changes:
-        return []
+        return ConfigsSet([], missing)
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     try:
         # raise_on_unknown=False: kafka-python checks keys against the dynamic configs the broker lists, and
@@ -170,4 +176,4 @@ def set_topic_configs(bootstrap: str, configs: Mapping[str, Mapping[str, str]]) 
     if refused:
         raise TopicConfigError("Kafka refused the configs of " + "; ".join(
             f"{topic}: {answer}" for topic, answer in sorted(refused.items())))
-    return [c.name for c in changes]
+    return ConfigsSet([c.name for c in changes], missing)

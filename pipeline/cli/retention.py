@@ -93,7 +93,7 @@ def apply() -> None:
 
     Example: OCPI_RETENTION_RAW_DAYS=14 ocpi-pipeline retention apply
     """
-    from infra.kafka.admin import TopicConfigError, set_topic_configs, topic_configs
+    from infra.kafka.admin import TopicConfigError, set_topic_configs
 
     settings = load_settings()
     try:
@@ -116,8 +116,7 @@ def apply() -> None:
                                    "above is done); run the command again when it does")
     wanted = retention.topic_configs(settings)
     try:
-        topics = set_topic_configs(bootstrap, wanted)
-        missing = sorted(set(wanted) - set(topic_configs(bootstrap, wanted)))  # set_topic_configs skips them
+        topics, missing = set_topic_configs(bootstrap, wanted)
     except TopicConfigError as exc:
         raise click.ClickException(f"topics not changed: {exc}") from None
     unchanged = "nothing" if missing else "nothing (already as configured)"

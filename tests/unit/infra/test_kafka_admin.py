@@ -86,8 +86,9 @@ class ConfigAdmin(FakeAdmin):
 def test_topic_configs_are_set_where_they_differ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(admin, "KafkaAdminClient", ConfigAdmin)
     monkeypatch.setattr(ConfigAdmin, "altered", [])
-    assert admin.set_topic_configs("kafka:9092", {"t": {"retention.ms": "604800000"}, "missing": {"a": "1"}}) == []
-    assert admin.set_topic_configs("kafka:9092", {"t": {"retention.ms": "2592000000"}}) == ["t"]
+    assert admin.set_topic_configs("kafka:9092", {"t": {"retention.ms": "604800000"}, "missing": {"a": "1"}}
+                                   ) == ([], ["missing"])
+    assert admin.set_topic_configs("kafka:9092", {"t": {"retention.ms": "2592000000"}}) == (["t"], [])
     assert [(r.name, r.configs) for r in ConfigAdmin.altered] == [("t", {"retention.ms": "2592000000"})]
 
 

@@ -1207,8 +1207,8 @@ def test_apply_before_the_topics_exist_says_so(client: Client, chdb_dsn: str, tm
         monkeypatch.setenv(name, value)
     existing: dict[str, dict[str, str]] = {}
     monkeypatch.setattr(retention_cli, "reachable", lambda _bootstrap: True)
-    monkeypatch.setattr(admin, "set_topic_configs", lambda _bootstrap, _configs: [])
-    monkeypatch.setattr(admin, "topic_configs", lambda _bootstrap, topics: {t: {} for t in topics if t in existing})
+    monkeypatch.setattr(admin, "set_topic_configs",
+                        lambda _bootstrap, configs: admin.ConfigsSet([], sorted(set(configs) - set(existing))))
     result = CliRunner().invoke(cli, ["retention", "apply"])
     assert result.exit_code == 0, result.output
     assert "already as configured" not in result.output

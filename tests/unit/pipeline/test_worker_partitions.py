@@ -57,7 +57,7 @@ class FakeCluster:
 def cluster(monkeypatch: pytest.MonkeyPatch) -> type[FakeCluster]:
     monkeypatch.setattr(admin, "KafkaAdminClient", FakeCluster)
     monkeypatch.setattr(admin, "KafkaConsumer", FakeCluster)
-    monkeypatch.setattr(worker, "set_topic_configs", lambda *_args: [])
+    monkeypatch.setattr(worker, "set_topic_configs", lambda *_args: admin.ConfigsSet([], []))
     FakeCluster.topics = {}
     FakeCluster.ends = {}
     return FakeCluster
