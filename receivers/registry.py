@@ -1,8 +1,9 @@
 """The partner registry: who may call us, as which parties, with which tokens; persisted in ClickHouse.
 
-One JSON record per partner in the `partners` table (ReplacingMergeTree on a nanosecond revision: the last
-write wins, also across processes). ClickHouse is the one persistent store in both modes, so the registry
-survives restarts in `dev` (chDB, reached through the running instance's shim) and in `serve` (a server).
+One JSON record per partner in the `partners` table (ReplacingMergeTree on a nanosecond revision, above every one
+stored: the last write wins, also across processes and machines whose clocks differ). ClickHouse is the one
+persistent store in both modes, so the registry survives restarts in `dev` (chDB, reached through the running
+instance's shim) and in `serve` (a server).
 
 Tokens, in the vocabulary of `07-credentials.md`:
 - *inbound* tokens are the ones a partner presents to us: the Token A we issue with an invitation
@@ -329,9 +330,13 @@ class PartnerRegistry:
         if type(partner) is not Partner:
             raise TypeError("only a Partner record is persisted, never a per-request view")
         partner.updated_at = _now()
-        # time_ns as revision: later writes win, even from different processes.
-        revision = time.time_ns()
         with self._lock:
+            # time_ns as revision, but above every revision stored: later writes win, also from a process whose clock
+            # runs behind the last writer's (another machine, or a clock stepped back), which would otherwise be
+            # kept below the record it replaces.
+            stored = self._client.query("SELECT max(revision) FROM partners WHERE partner_id = %(id)s",
+                                        parameters={"id": partner.partner_id}).result_rows
+            revision = max(time.time_ns(), int(stored[0][0] if stored else 0) + 1)
             self._client.insert("partners", [[partner.partner_id, revision,
                                               _encoder.encode(partner).decode(), partner.updated_at]],
                                 column_names=["partner_id", "revision", "record_json", "updated_at"])

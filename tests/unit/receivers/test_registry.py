@@ -455,3 +455,24 @@ def test_a_party_claim_is_made_on_the_registry_as_read(open_registry: Callable[[
     registry.invite("first", "First")  # its roles forgotten: NL/EXA is free again, in a new generation
     free, again = registry.party_state(roles, except_id="second")  # type: ignore[arg-type]
     assert free is None and again != generation and registry.claim(subject, again, "second")
+
+
+def test_a_save_wins_over_the_one_before_it_whatever_the_writers_clock(
+        open_registry: Callable[[], PartnerRegistry], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The revision of a save was the writer's wall clock (time.time_ns): a save by a process whose clock runs behind
+    the last writer's (the CLI on an operator's machine, a receiver on another host, or one clock stepped back by
+    NTP) got a lower revision, and ReplacingMergeTree kept the earlier record: a `partners suspend` or `delete` did
+    nothing, a partner's rotation answered 1000 was lost (its new Token C refused, the replaced one still working)."""
+    registry = open_registry()
+    partner, _ = registry.register_direct("bec", "BEC", [role("BE", "BEC")])
+    ahead = time.time_ns() + 300 * 10**9  # the first writer's clock runs five minutes ahead of the next one's
+    monkeypatch.setattr("receivers.registry.time.time_ns", lambda: ahead)
+    registry.save(partner)
+    monkeypatch.undo()
+    other_machine = open_registry()
+    other_machine.set_status("bec", PartnerStatus.SUSPENDED)
+    assert open_registry().require("bec").status is PartnerStatus.SUSPENDED
+    other_machine.delete("bec")
+    stored = open_registry().get("bec")
+    assert stored is not None and stored.status is PartnerStatus.DELETED and not stored.valid_tokens()
+
