@@ -339,7 +339,10 @@ class PartnerRegistry:
             revision = max(time.time_ns(), int(stored[0][0] if stored else 0) + 1)
             self._client.insert("partners", [[partner.partner_id, revision,
                                               _encoder.encode(partner).decode(), partner.updated_at]],
-                                column_names=["partner_id", "revision", "record_json", "updated_at"])
+                                column_names=["partner_id", "revision", "record_json", "updated_at"],
+                                # Stored before it returns, even where a server's profile makes inserts asynchronous:
+                                # the caller answers the partner (a Token C) and other processes read it at once.
+                                settings={"async_insert": 0})
             self._drop_replaced_tokens(partner, revision)
         return partner
 

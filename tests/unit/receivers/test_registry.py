@@ -476,3 +476,24 @@ def test_a_save_wins_over_the_one_before_it_whatever_the_writers_clock(
     stored = open_registry().get("bec")
     assert stored is not None and stored.status is PartnerStatus.DELETED and not stored.valid_tokens()
 
+
+
+def test_a_save_is_stored_before_it_returns_on_a_server_with_asynchronous_inserts() -> None:
+    """A server profile with async_insert=1 (and wait_for_async_insert=0) acknowledged a registry save before it was
+    stored: a partner answered 1000 with its new Token C was refused by the next registry read (a second receiver
+    process, the callback of `partners register`), and the save was lost if the server stopped. chDB stores every
+    insert at once, so this pins what the registry asks of a server."""
+    sent: list[dict[str, object] | None] = []
+
+    class Recording:
+        def insert(self, _table: str, _rows: object, *, column_names: object,
+                   settings: dict[str, object] | None = None) -> None:
+            sent.append(settings)
+
+        def query(self, _sql: str, parameters: object = None) -> object:
+            return type("Result", (), {"result_rows": []})()
+
+    now = datetime.now(UTC)
+    partner = Partner(partner_id="p", name="p", status=PartnerStatus.REGISTERED, created_at=now, updated_at=now)
+    PartnerRegistry(Recording()).save(partner)  # type: ignore[arg-type]
+    assert sent and all(settings is not None and settings.get("async_insert") == 0 for settings in sent)
