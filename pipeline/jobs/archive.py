@@ -5,7 +5,9 @@ Every file is an Avro object container (fastavro `writer`) of `ocpi.pipeline.Ocp
 writer schema in its header, compressed with zstandard (or snappy) when that codec is installed and deflate
 otherwise. Because the schema travels with the data, a later version reads today's files by resolving the
 file's schema to its own current one (Avro schema resolution, `infra/codec.py` evolution rules); it does not
-need today's schema in its registry.
+need today's schema in its registry. The other way round, a file of a later version is refused (`JobError`, to
+be replayed with that version) when its records have fields this version's schema lacks, which resolution would
+silently leave out, or values it cannot resolve.
 
 Sources (choose with `--source`):
 - `kafka` (default; Kafka is the source of truth for raw events): the records of the module topics, exactly
@@ -485,9 +487,9 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except SchemaResolutionError as exc:  # intact, but of a later version: a copy of it would fail alike
-        raise JobError(f"{path} was written with a schema this version cannot read ({exc}): an archive of a newer "
-                       "version; replay it with that version, or move it out of the archive, and run the command "
-                       "again") from exc
+        raise _newer_archive(path, str(exc)) from exc
+    except JobError:
+        raise
     except Exception as exc:  # fastavro's, and its codecs' (zlib, zstandard, snappy), errors have no common base
         raise JobError(f"{path} is not a readable archive file ({type(exc).__name__}: {exc}); restore it from a "
                        "copy, or move it out of the archive, and run the command again") from exc
@@ -503,9 +505,47 @@ def read_archive_file(path: Path, *, skip: int = 0) -> Iterator[dict[str, Any]]:
     with path.open("rb") as fh, _reading(path):
         reader = fastavro.reader(fh, reader_schema=schema, return_record_name=True,
                                  return_record_name_override=True)
+        unknown = fields_left_out(reader.writer_schema, schema)
+        if unknown:
+            # Of a later revision (fields are only ever added): resolved to ours, its records would lose them.
+            raise _newer_archive(path, f"fields it does not have: {', '.join(unknown)}")
         for index, record in enumerate(reader):
             if index >= skip and isinstance(record, dict):
                 yield record
+
+
+def _newer_archive(path: Path, why: str) -> JobError:
+    return JobError(f"{path} was written with a schema this version cannot read ({why}): an archive of a newer "
+                    "version; replay it with that version, or move it out of the archive, and run the command again")
+
+
+def fields_left_out(writer: Any, reader: Any) -> list[str]:
+    """`Record.field` of every field of a record of the (parsed) `writer` schema that the record of that name in
+    `reader` lacks: Avro resolution reads the writer's value and leaves it out of the record without a word."""
+    ours = _record_fields(reader, {}, aliases=True)
+    return [f"{name}.{field_name}" for name, fields in _record_fields(writer, {}, aliases=False).items()
+            if name in ours for field_name in fields if field_name not in ours[name]]
+
+
+def _record_fields(schema: Any, found: dict[str, list[str]], *, aliases: bool) -> dict[str, list[str]]:
+    """Full name → field names (and their aliases, if asked) of every record defined in a parsed schema."""
+    if isinstance(schema, list):
+        for branch in schema:
+            _record_fields(branch, found, aliases=aliases)
+    elif isinstance(schema, dict):
+        kind = schema.get("type")
+        if kind == "record" and schema["name"] not in found:
+            fields = schema["fields"]
+            found[schema["name"]] = [n for f in fields for n in (f["name"], *(f.get("aliases", ()) if aliases else ()))]
+            for f in fields:
+                _record_fields(f["type"], found, aliases=aliases)
+        elif kind == "array":
+            _record_fields(schema["items"], found, aliases=aliases)
+        elif kind == "map":
+            _record_fields(schema["values"], found, aliases=aliases)
+        elif isinstance(kind, dict | list):
+            _record_fields(kind, found, aliases=aliases)
+    return found
 
 
 def count_records(path: Path) -> int:
