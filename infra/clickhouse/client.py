@@ -159,12 +159,13 @@ def select(client: Client, sql: str, parameters: dict[str, Any] | None = None,
 
     ClickHouse sends an empty result without its header (HTTP in the Native format, as from a server or the
     shim, and chDB), so clickhouse-connect has no column names for it; they come from `DESCRIBE` of the query
-    then. A statement DESCRIBE does not take (SHOW, a FORMAT clause) keeps none."""
+    then. A statement DESCRIBE does not take (SHOW, a FORMAT clause) keeps none. The query goes into DESCRIBE with
+    its own last line ended: a `-- comment` there would otherwise comment out the closing parenthesis."""
     result = client.query(sql, parameters=parameters)
     columns, rows = list(result.column_names), list(result.result_rows)
     if not columns and not rows:
         with contextlib.suppress(Exception):  # only the header is at stake: the query itself has run
-            described = client.query(f"DESCRIBE TABLE ({sql.strip().rstrip(';')})", parameters=parameters)
+            described = client.query(f"DESCRIBE TABLE ({sql.strip().rstrip(';')}\n)", parameters=parameters)
             columns = [str(row[0]) for row in described.result_rows]
     return columns, rows
 

@@ -115,6 +115,7 @@ def test_json_holds_no_nan_or_infinity(chdb_dsn: str) -> None:
 
 @pytest.mark.parametrize("command", [
     ["query", "SELECT country_code, sum(total_energy) AS kwh FROM cdrs FINAL WHERE 0 GROUP BY country_code;"],
+    ["query", "SELECT country_code, sum(total_energy) AS kwh FROM cdrs FINAL WHERE 0 GROUP BY country_code -- none"],
     ["report", "revenue", "--from", "2024-05-01", "--to", "2024-05-31"],
 ])
 def test_an_empty_result_still_has_its_header(command: list[str], chdb_dsn: str, tmp_path: Path,
