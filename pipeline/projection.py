@@ -254,8 +254,7 @@ def refused_row_anomalies(refused_rows: list[RefusedRow], pseudonym: Pseudonymiz
         received_at = values.get("received_at")
         observed_at = received_at if isinstance(received_at, datetime) else now
         row_json = _ROW_ENCODER.encode(values).decode()
-        object_id = next((str(values[c]) for c in ("object_id", "session_id", "cdr_id", "location_id", "event_id")
-                          if values.get(c)), "")
+        object_id = next((str(values[c]) for c in _OBJECT_ID_COLUMNS if values.get(c)), "")
         rows.append(anomaly_row(AnomalyRow(
             Anomaly.ROW_REFUSED, refused.table, str(values.get("country_code") or ""),
             str(values.get("party_id") or ""), object_id,
@@ -265,6 +264,11 @@ def refused_row_anomalies(refused_rows: list[RefusedRow], pseudonym: Pseudonymiz
 
 
 _ROW_ENCODER = msgspec.json.Encoder(decimal_format="number")
+# The column naming the object a refused row is of, the first a row holds: a CDR's row holds its own id and its
+# session's (a CDR lost from billing is named by its own), a credit link's its credit CDR's, a reconciliation row its
+# subject's, a Location tree's rows their Location's.
+_OBJECT_ID_COLUMNS: Final = ("object_id", "cdr_id", "credit_cdr_id", "subject_id", "session_id", "location_id",
+                             "event_id")
 _PERSONAL_COLUMNS: Final = frozenset(column for table in PERSONAL_TABLES for column in table.columns)
 
 

@@ -369,3 +369,30 @@ def test_a_refused_row_recorded_again_in_another_month_is_one_anomaly(monkeypatc
     assert recorded[0] == recorded[1]
     observed = recorded[0][0][ANOMALY_COLUMNS.index("observed_at")]
     assert observed == row[LOCATION_COLUMNS.index("received_at")]
+
+
+def test_a_refused_cdr_row_names_its_cdr_not_its_session(client: Client) -> None:
+    """A refused row's anomaly names the object the row is of: the first id column of the row was taken, and a CDR's
+    row holds its session's id before its own (`session_id`, then `cdr_id`), so the CDR lost from billing was
+    recorded under its session's id; a credit link's row (`credit_cdr_id`) was recorded under none."""
+    from pipeline.cdrs import process_cdrs
+    from pipeline.projection import CDR_COLUMNS
+    from pipeline.reconcile import CREDIT_LINK_COLUMNS
+    from pipeline.sink import RefusedRow
+    from pipeline.state import CdrState
+
+    from .builders import cdr
+
+    sink = ClickHouseSink(lambda: client, refused_rows=functools.partial(refused_row_anomalies, pseudonym=PSEUDONYM))
+    batch = Harness(process_cdrs, CdrState).run(event("CDR", cdr("C1", session_id="S1"), received=1)).batch
+    [row] = batch.rows["cdrs"]
+    row[CDR_COLUMNS.index("total_energy")] = Decimal("1e20")  # beyond Decimal(18,4)
+    asyncio.run(sink.write(batch))
+
+    assert client.query("SELECT count() FROM cdrs").result_rows == [(0,)]
+    assert client.query("SELECT module, object_id FROM anomalies FINAL WHERE kind = 'ROW_REFUSED'").result_rows == [
+        ("cdrs", "C1")]
+    link = ["NL", "TNM", "C1-C", "C1", "p1", "LINKED", Decimal("-2.5"), Decimal("2.5"), True, None, None, 2]
+    _table, _columns, [anomaly] = refused_row_anomalies(
+        [RefusedRow("credit_links", CREDIT_LINK_COLUMNS, link, "Code: 41")], PSEUDONYM)
+    assert anomaly[ANOMALY_COLUMNS.index("object_id")] == "C1-C"
