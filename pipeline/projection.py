@@ -244,15 +244,15 @@ def refused_row_anomalies(refused_rows: list[RefusedRow], pseudonym: Pseudonymiz
     belong to where their columns say, and the whole row as JSON in the detail, to be settled by hand. Keyed by
     a hash of the row, so a batch applied again records each refused row once. Anomalies are kept longer than
     personal data stays in clear, so the row's personal identifiers are pseudonymised in the detail. Dated by the
-    row's `received_at`, as other anomalies by their event's: anomalies collapse within a month's partition only,
-    so the same row refused again in another month (a replay) must carry the same date. Connector and EVSE rows
-    hold none: theirs is the time they were refused (refused again in another month, they are recorded twice)."""
+    row's `received_at` (a reconciliation row's `event_time`, a refusal's `rejected_at`), as other anomalies by their
+    event's: anomalies collapse within a month's partition only, so the same row refused again in another month (a
+    replay) must carry the same date. Connector and EVSE rows hold none: theirs is the time they were refused
+    (refused again in another month, they are recorded twice)."""
     now = utc_now()
     rows = []
     for refused in refused_rows:
         values = _pseudonymised(dict(zip(refused.columns, refused.row, strict=True)), pseudonym)
-        received_at = values.get("received_at")
-        observed_at = received_at if isinstance(received_at, datetime) else now
+        observed_at = next((values[c] for c in _EVENT_TIME_COLUMNS if isinstance(values.get(c), datetime)), now)
         row_json = _ROW_ENCODER.encode(values).decode()
         object_id = next((str(values[c]) for c in _OBJECT_ID_COLUMNS if values.get(c)), "")
         rows.append(anomaly_row(AnomalyRow(
@@ -264,6 +264,8 @@ def refused_row_anomalies(refused_rows: list[RefusedRow], pseudonym: Pseudonymiz
 
 
 _ROW_ENCODER = msgspec.json.Encoder(decimal_format="number")
+# The column dating the event a refused row comes from, the first a row holds.
+_EVENT_TIME_COLUMNS: Final = ("received_at", "event_time", "rejected_at")
 # The column naming the object a refused row is of, the first a row holds: a CDR's row holds its own id and its
 # session's (a CDR lost from billing is named by its own), a credit link's its credit CDR's, a reconciliation row its
 # subject's, a Location tree's rows their Location's.

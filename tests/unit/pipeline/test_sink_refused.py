@@ -396,3 +396,26 @@ def test_a_refused_cdr_row_names_its_cdr_not_its_session(client: Client) -> None
     _table, _columns, [anomaly] = refused_row_anomalies(
         [RefusedRow("credit_links", CREDIT_LINK_COLUMNS, link, "Code: 41")], PSEUDONYM)
     assert anomaly[ANOMALY_COLUMNS.index("object_id")] == "C1-C"
+
+
+def test_a_refused_reconciliation_row_recorded_again_in_another_month_is_one_anomaly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reconciliation row holds no received_at but the time of the fact that wrote it (`event_time`): its
+    ROW_REFUSED was stamped with the time it was refused, so the same row refused again when reprocessed in another
+    month was a second anomaly (anomalies collapse within a month's partition)."""
+    from datetime import UTC, datetime
+
+    from pipeline import projection
+    from pipeline.reconcile import RECONCILIATION_COLUMNS
+    from pipeline.sink import RefusedRow
+
+    at = datetime(2026, 10, 1, 12, tzinfo=UTC)
+    row = ["NL", "TNM", "CDR", "C1", "p1", "EUR", "MATCHED", "SESSION_ID", "S1", ["C1"], Decimal(10), Decimal(10),
+           Decimal(0), Decimal("2.5"), Decimal("2.5"), Decimal(0), Decimal(0), Decimal(0), False, None, at, 2]
+    refused = RefusedRow("reconciliation", RECONCILIATION_COLUMNS, row, "Code: 69. DB::Exception: too big")
+    recorded = []
+    for now in (datetime(2026, 11, 30, 23, 59, tzinfo=UTC), datetime(2027, 1, 5, tzinfo=UTC)):
+        monkeypatch.setattr(projection, "utc_now", lambda now=now: now)
+        recorded.append(refused_row_anomalies([refused], PSEUDONYM)[2])
+    assert recorded[0] == recorded[1]
+    assert recorded[0][0][ANOMALY_COLUMNS.index("observed_at")] == at
