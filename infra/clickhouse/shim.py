@@ -38,7 +38,9 @@ from infra.process import process_alive
 _FORMAT_AT_END = re.compile(r"\bFORMAT\s+(?!(?:ASC|DESC|ASCENDING|DESCENDING)\b)([A-Za-z0-9_]+)\s*;?\s*$",
                             re.IGNORECASE)
 _INSERT = re.compile(r"^\s*INSERT\s+INTO\b", re.IGNORECASE)
-_INSERT_HEAD = re.compile(rb"\s*(INSERT\s+INTO\b.*?\bFORMAT\s+[A-Za-z0-9_]+)[ \t]*\r?\n?", re.IGNORECASE | re.DOTALL)
+# A data insert's head, as clickhouse-connect puts it before the data: its first line, ending in the FORMAT clause. A
+# `FORMAT <word>` elsewhere (a string literal of an INSERT ... VALUES) is no head: that statement is run as it is.
+_INSERT_HEAD = re.compile(rb"\s*(INSERT\s+INTO\b[^\n]*\bFORMAT\s+[A-Za-z0-9_]+)[ \t]*(?:\r?\n|\Z)", re.IGNORECASE)
 # Settings clickhouse-connect sends that the shim handles itself or that do not apply to chDB.
 _CLIENT_PARAMS = {"query", "database", "default_format", "readonly", "session_id", "session_timeout",
                   "wait_end_of_query", "send_progress_in_http_headers", "http_headers_progress_interval_ms",

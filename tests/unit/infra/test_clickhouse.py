@@ -193,6 +193,32 @@ async def test_a_compressed_insert_of_several_blocks_reaches_the_store_whole(chd
     assert owner.query(f"SELECT count(), sum(a) FROM {database}.t").result_rows == [(60, sum(range(60)))]
 
 
+async def test_an_insert_whose_values_hold_the_word_format_runs_whole_through_the_shim(chdb_dsn: str) -> None:
+    """An INSERT ... VALUES reaches the shim as the request body (clickhouse-connect's `command`), which the shim
+    read as a data insert's head up to the first `FORMAT <word>` anywhere in it: a credentials claim of a partner
+    whose id ends in `format` (its deduplication token `credentials handshake acme-format 3fa9...`) was cut there,
+    run as an insert of the rest in format `3fa9...`, and the handshake failed on the embedded store."""
+    database = unique("shimf")
+    owner = connect(chdb_dsn)
+    owner.command(f"CREATE DATABASE {database}")
+    owner.command(f"CREATE TABLE {database}.claims (subject String, value String, at DateTime64(6, 'UTC')) "
+                  "ENGINE = MergeTree ORDER BY subject SETTINGS non_replicated_deduplication_window = 100")
+    shim = await ClickHouseShim(ChdbEngine(chdb_path(chdb_dsn)), "s3cret").start()
+
+    def use() -> object:
+        writer = connect(shim.dsn, database=database, compress=False)
+        return insert_first(writer, "claims (subject, value, at)", "%(subject)s, %(value)s, now64(6, 'UTC')",
+                            token="credentials handshake acme-format 3fa9c0de",
+                            in_force="SELECT value FROM claims WHERE subject = %(subject)s ORDER BY at LIMIT 1",
+                            parameters={"subject": "acme-format", "value": "see format x"})
+
+    try:
+        assert await asyncio.to_thread(use) == "see format x"
+    finally:
+        await shim.stop()
+    assert owner.query(f"SELECT subject, value FROM {database}.claims").result_rows == [("acme-format", "see format x")]
+
+
 def test_the_first_insert_with_a_token_wins_and_every_inserter_reads_it_back(chdb_dsn: str) -> None:
     """`insert_first`: a later insert with the same token is dropped (the table keeps a deduplication window) and
     reads back the first one's value; another token inserts. Values are bound, quotes and `%` included."""
