@@ -56,7 +56,8 @@ party's objects: addressed to the first alone, the others' were never pulled), e
 Timeouts: OCPI_OUTBOUND_TIMEOUT, for each page's whole answer.
 
 Checkpoint `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.json` (`<partner>.<module>.<CC>-<PID>.json` per party for
-a partner crawled as several; the file written while only the first CPO party was crawled becomes that party's):
+a partner crawled as several; the file written while one party was crawled becomes the file of the party it records,
+the first CPO party's if it records none, and is never continued by another party):
 the window and the next page's URL, saved after every page whose events Kafka acknowledged, and where the
 completed crawls end without a gap. An interrupted pull resumes at the page after the last acknowledged one; the
 next window starts there. Each party's crawl has its own window; one that fails does not keep the others from
@@ -444,19 +445,46 @@ def _checkpoint_path(settings: Settings, partner_id: str, module: str, party: tu
     return jobs_dir(settings, "pull") / f"{partner_id}.{module}.{name}.json"
 
 
+def _recorded_party(path: Path) -> tuple[str, str] | None:
+    """The party a checkpoint's crawls were addressed to, as it records it (None: it names none)."""
+    try:
+        state = Checkpoint(path).load()
+    except JobError:
+        return None
+    party = state.get("party") if state else None
+    if isinstance(party, list) and len(party) == 2 and all(isinstance(part, str) for part in party):
+        return party[0], party[1]
+    return None
+
+
+def _same_party(one: tuple[str, str] | None, other: tuple[str, str] | None) -> bool:
+    return one is not None and other is not None and ci_equal(one[0], other[0]) and ci_equal(one[1], other[1])
+
+
 def _checkpoint(settings: Settings, partner_id: str, module: str, party: tuple[str, str] | None,
                 parties: list[tuple[str, str] | None]) -> Checkpoint:
     """The checkpoint of the crawl addressed to `party`, one of `parties` (`_their_parties`). A partner crawled as
     one party keeps `<partner>.<module>.json`; one crawled as several, a file per party. The checkpoint written
-    while only the first CPO party was crawled (the file without party) becomes the first party's, and a party's
-    own file the partner's when it is the only one left, so that a change neither pulls again nor skips."""
+    while the partner was crawled as one party (the file without party) becomes the file of the party it records
+    (one that records none, written while only the first CPO party was crawled, the first party's), and a party's
+    own file the partner's when it is the only one left, so that a change neither pulls again nor skips. A
+    party's crawl never continues another party's window: that party's objects before its end were never pulled."""
     single = len(parties) == 1
     path = _checkpoint_path(settings, partner_id, module, None if single else party)
+    shared = _checkpoint_path(settings, partner_id, module, None)
     before = None
     if single and party is not None:
         before = _checkpoint_path(settings, partner_id, module, party)
-    if not single and party == parties[0]:
-        before = _checkpoint_path(settings, partner_id, module, None)
+        owner = _recorded_party(path) if path.exists() else None
+        if owner is not None and not _same_party(owner, party):  # another party's (its only CPO role changed)
+            aside = _checkpoint_path(settings, partner_id, module, owner)
+            if not aside.exists():
+                log.info("the checkpoint %s is now %s", path, aside)
+                path.rename(aside)
+    if not single and shared.exists():
+        owner = _recorded_party(shared)
+        if _same_party(party, owner if owner is not None else parties[0]):
+            before = shared
     if before is not None and before.exists() and not path.exists():
         log.info("the checkpoint %s is now %s", before, path)
         before.rename(path)

@@ -1119,6 +1119,47 @@ async def test_a_checkpoint_from_before_is_carried_over_to_the_first_cpo_party(s
     assert [(p.party, p.since) for p in report.parties] == [(("BE", "BEC"), until), (("NL", "ABC"), since)]
 
 
+async def test_the_checkpoint_from_before_stays_its_partys_when_another_party_is_listed_first(
+        settings_for: Any, fake: FakeSender) -> None:
+    """The checkpoint written while the partner was crawled as one party went to whichever CPO party its roles now
+    listed first: a partner that added a party before the one pulled so far (a credentials update) had the new
+    party start where the old one's pulls ended, so the new party's earlier objects were never pulled (S0003, its
+    CDRs lost for billing), and the old party pulled again from `--since`. The checkpoint records its party; it
+    stays that party's."""
+    settings = settings_for()
+    fake.objects["sessions"] = [session(1, hours_ago(5))]
+    until = hours_ago(4)
+    await pull(settings, partner_for(fake), "sessions", ListSink(), since=hours_ago(24), until=until)
+    partner = _platform(fake)
+    partner.roles.reverse()  # NL/ABC now comes first
+    fake.objects["sessions"] += [session(2, hours_ago(3)), session(3, hours_ago(10), party=("NL", "ABC"))]
+    sink = ListSink()
+    since = hours_ago(24)
+    report = await pull(settings, partner, "sessions", sink, since=since, since_unless_completed=True)
+    assert sorted(ids(sink)) == ["S0002", "S0003"]
+    assert [(p.party, p.since) for p in report.parties] == [(("NL", "ABC"), since), (("BE", "BEC"), until)]
+
+async def test_a_partner_whose_only_party_changed_does_not_continue_the_other_partys_window(
+        settings_for: Any, fake: FakeSender) -> None:
+    """A partner crawled as one party keeps one checkpoint: once its only CPO role was another party, that party's
+    crawl continued the first one's window and never pulled its objects before that window's end. The checkpoint is
+    kept for the party it records, and the new party starts at `--since`."""
+    settings = settings_for()
+    fake.route_by_to_party = True
+    fake.objects["sessions"] = [session(1, hours_ago(5)), session(3, hours_ago(10), party=("NL", "ABC"))]
+    until = hours_ago(4)
+    await pull(settings, partner_for(fake), "sessions", ListSink(), since=hours_ago(24), until=until)
+    moved = partner_for(fake)
+    moved.roles = [credentials_role(country_code="NL", party_id="ABC", role="CPO")]
+    sink = ListSink()
+    since = hours_ago(24)
+    report = await pull(settings, moved, "sessions", sink, since=since, since_unless_completed=True)
+    assert ids(sink) == ["S0003"] and report.since == since
+    fake.objects["sessions"].append(session(2, hours_ago(3)))
+    back = ListSink()
+    report = await pull(settings, partner_for(fake), "sessions", back, since=since, since_unless_completed=True)
+    assert ids(back) == ["S0002"] and report.since == until
+
 async def test_a_party_that_fails_does_not_keep_the_others_from_being_pulled(settings_for: Any,
                                                                             fake: FakeSender) -> None:
     settings = settings_for()
