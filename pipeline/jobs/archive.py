@@ -71,7 +71,7 @@ from ocpi.canonical import to_builtins
 from ocpi.compat import RECHECK
 from ocpi.decode import OcpiJsonError, OcpiValidationError, decode
 from pipeline.jobs.common import MODULES, JobError, JobProgress, NoProgress, running_alone
-from pipeline.jobs.kafka_io import PartitionRange, offset_bounds, partitions_of, read_ranges
+from pipeline.jobs.kafka_io import PartitionRange, log_starts, offset_bounds, partitions_of, read_ranges
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,7 @@ async def _export_range(bootstrap: str, root: Path, module: str, rng: PartitionR
     part: _PartFile | None = None
     day: date | None = None
     first = last = -1
+    expected = rng.start  # the next offset: one skipped below the log start was deleted by retention meanwhile
 
     def finish() -> None:
         nonlocal part
@@ -285,6 +286,9 @@ async def _export_range(bootstrap: str, root: Path, module: str, rng: PartitionR
         async with contextlib.aclosing(read_ranges(bootstrap, [rng], stall_is_error=True)) as batches:
             async for _r, records in batches:
                 for record in records:
+                    if record.offset > expected:
+                        await _deleted_meanwhile(bootstrap, rng, expected, record.offset, result)
+                    expected = record.offset + 1
                     try:
                         # The worker's reader first: fastavro reads some spec breaches (a long of more than 64
                         # bits, wrapped) that the worker dead-letters; written again, they would pass for valid.
@@ -307,10 +311,23 @@ async def _export_range(bootstrap: str, root: Path, module: str, rng: PartitionR
                     part.write(datum)
                     last = record.offset
                 progress.advance(len(records))
+        if expected < rng.stop:
+            await _deleted_meanwhile(bootstrap, rng, expected, rng.stop, result)
         finish()
     finally:
         if part is not None:  # interrupted: the run of records in it is archived by the next export
             part.discard()
+
+
+async def _deleted_meanwhile(bootstrap: str, rng: PartitionRange, start: int, stop: int,
+                             result: ExportResult) -> None:
+    """Offsets [start, stop) of `rng` the reading went past without a record. Those now below the partition's log
+    start were deleted by retention after the export planned (the consumer goes on from the oldest record still
+    held): lost to the archive for good, a rerun goes on after them, so named as lost like the ones deleted before
+    it started. The others held none (transaction markers)."""
+    begin = (await log_starts(bootstrap, [rng.tp]))[rng.tp]
+    if begin > start:
+        result.lost.append(f"{rng.topic}/{rng.partition} offsets {start}-{min(begin, stop) - 1}")
 
 
 

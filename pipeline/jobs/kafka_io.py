@@ -103,6 +103,16 @@ async def partitions_of(bootstrap: str, *topics: str) -> list[TopicPartition]:
     return found
 
 
+async def log_starts(bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The first offset each partition still holds (retention deletes the records below it)."""
+    consumer = _consumer(bootstrap)
+    await start_client(consumer)
+    try:
+        return {tp: int(offset) for tp, offset in (await consumer.beginning_offsets(tps)).items()}
+    finally:
+        await stop_client(consumer)
+
+
 async def offset_bounds(kafka: KafkaSettings, bootstrap: str, tps: list[TopicPartition], *,
                         exact: bool = False) -> dict[TopicPartition, tuple[int, int]]:
     """(first offset still held, end offset) of each partition; the end through the Tansu-safe helper.
@@ -112,12 +122,7 @@ async def offset_bounds(kafka: KafkaSettings, bootstrap: str, tps: list[TopicPar
     """
     if not tps:
         return {}
-    consumer = _consumer(bootstrap)
-    await start_client(consumer)
-    try:
-        begins = await consumer.beginning_offsets(tps)
-    finally:
-        await stop_client(consumer)
+    begins = await log_starts(bootstrap, tps)
     ends = await compat.end_offsets(kafka, bootstrap, tps, exact=exact)
     unknown = sorted(f"{tp.topic}/{tp.partition}" for tp in tps if tp not in ends)
     if unknown:

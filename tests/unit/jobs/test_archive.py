@@ -547,6 +547,49 @@ def test_a_day_exported_in_more_than_9999_files_is_not_exported_again(store: tup
     assert sorted(str(r["object_id"]) for f in archive_files(root) for r in read_archive_file(f)) == ["S0", "S1"]
 
 
+async def test_records_retention_deletes_while_the_export_reads_are_named_as_lost(
+        store: tuple[Client, str], settings_for: Any, tmp_path: Path, broker: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records Kafka's retention deleted after the export planned its ranges and before it read them (an export
+    catching up at the retention boundary) were skipped without a word: the consumer goes on from the oldest record
+    still held, the export ended as complete (exit 0) and a rerun goes on after them, so they were lost to the
+    archive unnamed. They are named as lost, as those deleted before the export started are."""
+    import aiokafka
+
+    from pipeline.jobs import archive as archive_mod
+    from pipeline.jobs import kafka_io
+
+    client, _database = store
+    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                               module="sessions", level="SESSION", operation="PUT",
+                               received_at=DAY1.replace(minute=i)) for i in range(4)])
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
+    export_from_clickhouse(settings, client, tmp_path / "ch", ("sessions",))
+    await replay_archive(settings, broker, tmp_path / "ch", Selection(modules=("sessions",)))  # into the topic
+    topic = settings.kafka.topic_sessions
+    bounds = await offset_bounds(settings.kafka, broker, await topic_partitions(broker, [topic]), exact=True)
+    held = sorted(tp.partition for tp, (_begin, end) in bounds.items() if end > 0)
+    read = kafka_io.read_ranges
+    begins = aiokafka.AIOKafkaConsumer.beginning_offsets
+
+    async def retention_meanwhile(bootstrap: str, ranges: Any, **kw: Any) -> Any:
+        """Once the export has planned, retention deletes each partition's first record (Tansu has no
+        DeleteRecords): the log start moves past it, and reading goes on from there."""
+        async def deleted_first(self: Any, partitions: Any) -> Any:
+            return {tp: max(offset, 1) for tp, offset in (await begins(self, partitions)).items()}
+
+        monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "beginning_offsets", deleted_first)
+        async with contextlib.aclosing(read(bootstrap, ranges, **kw)) as batches:
+            async for rng, records in batches:
+                if [r for r in records if r.offset >= 1]:
+                    yield rng, [r for r in records if r.offset >= 1]
+
+    monkeypatch.setattr(archive_mod, "read_ranges", retention_meanwhile)
+    result = await export_from_kafka(settings, broker, tmp_path / "archive", ("sessions",))
+
+    assert held and result.records == {"sessions": 4 - len(held)}
+    assert sorted(result.lost) == [f"{topic}/{partition} offsets 0-0" for partition in held]
+
 async def test_a_kafka_archive_in_its_1000th_epoch_is_continued_not_archived_again(
         store: tuple[Client, str], settings_for: Any, tmp_path: Path, broker: str) -> None:
     """Epochs are numbered `{n:03d}` (one per recreation of the topic noticed, as on every start of the embedded
