@@ -87,7 +87,8 @@ def _time(value: str | None) -> Any:
 @click.option("--wait/--no-wait", default=False, show_default=True,
               help="Wait until the pipeline's worker has consumed the replayed events.")
 @click.option("--timeout", default=3600.0, show_default=True, callback=lambda _c, _p, v: seconds(v, least=0.0),
-              help="Seconds --wait and --rebuild may take.")
+              help="Seconds --wait may take; with --rebuild, each step that waits for its worker may (the build, "
+              "the gap after the swap, and then each one's internal topics).")
 @click.option("--job", callback=lambda _c, _p, v: _job_name(v),
               help="Name of the job (default: derived from the selection, so a rerun resumes it).")
 @click.option("--again", is_flag=True, help="Replay once more even if this job has completed before.")

@@ -205,3 +205,12 @@ def test_pull_help_says_which_answers_are_retried() -> None:
     text = " ".join(CliRunner().invoke(cli, ["pull", "--help"]).output.split())
     attempts = text.split("--max-attempts")[1].split("--schedule")[0]
     assert "5xx" in attempts and "timeout" in attempts and "4002/4003" in attempts, attempts
+
+
+def test_replay_help_says_what_the_timeout_bounds() -> None:
+    """`replay --help` said --timeout is the seconds --wait and --rebuild may take; a rebuild waits up to that long
+    for its worker at each of its steps (the build, its internal topics, the gap after the swap, its internal topics
+    again), so it may take several times as long."""
+    text = " ".join(CliRunner().invoke(cli, ["replay", "--help"]).output.split())
+    timeout = text.split("--timeout")[1].split("--job")[0]
+    assert "each" in timeout and "step" in timeout, timeout
