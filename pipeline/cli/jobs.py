@@ -59,8 +59,9 @@ def _job_name(value: str | None) -> str | None:
 
 
 def _time(value: str | None) -> Any:
+    """A time option's value; an empty one is refused, not taken for none (`--since "$UNSET"` would replay all)."""
     try:
-        return parse_time(value) if value else None
+        return parse_time(value) if value is not None else None
     except JobError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -115,8 +116,8 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
     bootstrap = _bootstrap(settings)
     console = Console()
     if rebuild:
-        if any((modules, partner, since, until, partition is not None, from_offset is not None,
-                to_offset is not None, archive, job, again)):
+        if any((modules, partner is not None, since is not None, until is not None, partition is not None,
+                from_offset is not None, to_offset is not None, archive, job is not None, again)):
             raise click.UsageError("--rebuild recomputes everything from the topics: it takes no selection")
         _rebuild(settings, bootstrap, dry_run, timeout, console, partial_history)
         return

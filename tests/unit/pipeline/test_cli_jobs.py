@@ -91,3 +91,30 @@ def test_an_export_that_found_records_gone_before_they_were_archived_fails(
                                 env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path)})
     assert result.exit_code == 1, (result.output, result.exception)
     assert "ocpi.cdrs/0 offsets 10-19" in result.output and "cdrs" in result.output
+
+
+@pytest.mark.parametrize("args", [
+    ["replay", "--since", ""],
+    ["replay", "--until", " "],
+    ["replay", "--from-archive", "{tmp}", "--since", ""],
+    ["pull", "--partner", "cpo-be", "--module", "cdrs", "--since", ""],
+    ["pull", "--partner", "cpo-be", "--module", "cdrs", "--until", ""],
+    ["replay", "--rebuild", "--since", ""],
+])
+def test_an_empty_time_is_refused_not_taken_for_none(args: list[str], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--since ""` (a script's unset variable, `--since "$SINCE"`) was taken for no --since: the replay replayed
+    every event the topics hold, the pull went on from where the pulls ended, as if asked, and `replay --rebuild`
+    took it for no selection and rebuilt."""
+    ran: list[str] = []
+
+    async def replay(*_args: Any, **_kwargs: Any) -> ReplayReport:
+        ran.append("replay")
+        return ReplayReport(job="x", status="done")
+
+    monkeypatch.setattr(pipeline.jobs.replay, "replay_kafka", replay)
+    monkeypatch.setattr(pipeline.jobs.replay, "replay_archive", replay)
+    result = CliRunner().invoke(cli, [a.format(tmp=tmp_path) for a in args],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert ("is not a time" in result.output or "it takes no selection" in result.output) and not ran
