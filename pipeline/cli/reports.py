@@ -25,6 +25,14 @@ def _date(_ctx: click.Context, param: click.Parameter, value: str | None) -> dat
         raise click.BadParameter(f"{value!r}: expected a date YYYY-MM-DD", param=param) from None
 
 
+def _given(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A filter's value; an empty one is refused, not taken for none (`--party "$UNSET"` would report every party's
+    figures, with `--by day` summed as if they were that party's)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("empty: give a value, or leave the option out for all", param=param)
+    return value
+
+
 def _period_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--from/--to (UTC dates, inclusive) and --format, shared by the store reports."""
     for option in reversed((
@@ -82,9 +90,9 @@ def report() -> None:
 @_period_options
 @click.option("--by", type=click.Choice(reports.GROUPINGS), default="party", show_default=True,
               help="Group by CPO party, location or day (always also by currency).")
-@click.option("--party", metavar="CC/PID",
+@click.option("--party", metavar="CC/PID", callback=_given,
               help="Only this CPO party, e.g. NL/TNM (case-insensitive; a / in either part as %2F).")
-@click.option("--partner", metavar="ID", help="Only CDRs pushed by this partner.")
+@click.option("--partner", metavar="ID", callback=_given, help="Only CDRs pushed by this partner.")
 def revenue(start: date | None, end: date | None, fmt: str, by: str, party: str | None,
             partner: str | None) -> None:
     """Energy and revenue from CDRs per party, location or day, credit CDRs netted.
@@ -103,7 +111,7 @@ def revenue(start: date | None, end: date | None, fmt: str, by: str, party: str 
 
 @report.command()
 @_period_options
-@click.option("--party", metavar="CC/PID", help="Only this CPO party.")
+@click.option("--party", metavar="CC/PID", callback=_given, help="Only this CPO party.")
 def reconciliation(start: date | None, end: date | None, fmt: str, party: str | None) -> None:
     """Sessions matched with CDRs: outcomes per party, subject and currency, with the summed kWh and cost deltas.
 
@@ -114,8 +122,8 @@ def reconciliation(start: date | None, end: date | None, fmt: str, party: str | 
 
 @report.command()
 @_period_options
-@click.option("--party", metavar="CC/PID", help="Only this CPO party.")
-@click.option("--kind", help="Only this kind of anomaly (e.g. STALE_UPDATE).")
+@click.option("--party", metavar="CC/PID", callback=_given, help="Only this CPO party.")
+@click.option("--kind", callback=_given, help="Only this kind of anomaly (e.g. STALE_UPDATE).")
 def anomalies(start: date | None, end: date | None, fmt: str, party: str | None, kind: str | None) -> None:
     """Anomalies the pipeline flagged, per kind, module and party, first and last seen.
 
@@ -126,7 +134,7 @@ def anomalies(start: date | None, end: date | None, fmt: str, party: str | None,
 
 @report.command()
 @_period_options
-@click.option("--partner", metavar="ID", help="Only this partner.")
+@click.option("--partner", metavar="ID", callback=_given, help="Only this partner.")
 def health(start: date | None, end: date | None, fmt: str, partner: str | None) -> None:
     """Partner ingestion health per partner and module: pushes, rejects, reject rate, lag p50/p95/max (s).
 
@@ -141,7 +149,7 @@ def health(start: date | None, end: date | None, fmt: str, partner: str | None) 
 
 @report.command()
 @_period_options
-@click.option("--partner", metavar="ID", help="Only this partner.")
+@click.option("--partner", metavar="ID", callback=_given, help="Only this partner.")
 def rejections(start: date | None, end: date | None, fmt: str, partner: str | None) -> None:
     """Refused pushes per partner, module, status and field path, with an example reason.
 

@@ -236,3 +236,23 @@ def test_the_query_examples_that_add_up_cdrs_give_what_is_billed(client: Client)
                   for i, name in enumerate(result.column_names)
                   if result.result_rows and isinstance(result.result_rows[0][i], Decimal)}
         assert totals and set(totals.values()) <= billed, (sql, totals)
+
+
+@pytest.mark.parametrize("command", [
+    ["report", "revenue", "--by", "day", "--party", ""],
+    ["report", "revenue", "--partner", ""],
+    ["report", "reconciliation", "--party", " "],
+    ["report", "anomalies", "--kind", ""],
+    ["report", "health", "--partner", ""],
+    ["report", "rejections", "--partner", ""],
+])
+def test_an_empty_filter_is_refused_not_taken_for_none(command: list[str], tmp_path: Path) -> None:
+    """`report revenue --by day --party ""` (a script's unset variable, `--party "$PARTY"`) reported every party's
+    revenue, summed per day, as that party's: an empty filter was taken for none."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    result = CliRunner().invoke(cli, command, env={"OCPI_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "empty" in result.output
