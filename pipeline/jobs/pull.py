@@ -59,9 +59,10 @@ Checkpoint `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.json` (`<partner>.<module
 a partner crawled as several; the file written while one party was crawled becomes the file of the party it records,
 the first CPO party's if it records none, and is never continued by another party):
 the window and the next page's URL, saved after every page whose events Kafka acknowledged, and where the
-completed crawls end without a gap. An interrupted pull resumes at the page after the last acknowledged one; the
-next window starts there. Each party's crawl has its own window; one that fails does not keep the others from
-theirs. A pull of the same partner and module started while one runs is refused (`<partner>.<module>.lock`).
+completed crawls end without a gap. An interrupted pull resumes at the page after the last acknowledged one (one
+whose endpoint moved to another origin since crawls its window again at the new one); the next window starts there.
+Each party's crawl has its own window; one that fails does not keep the others from theirs. A pull of the same
+partner and module started while one runs is refused (`<partner>.<module>.lock`).
 """
 
 from __future__ import annotations
@@ -299,6 +300,14 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _moved(url: str, endpoint_url: str) -> bool:
+    """Whether a saved page URL is at another origin than the endpoint now is (it moved since)."""
+    try:
+        return _origin(url) != _origin(endpoint_url)
+    except ValueError:  # an invalid port: not a URL the crawl could go on at
+        return True
 
 
 def _party(headers: httpx.Headers, side: str) -> tuple[str, str] | None:
@@ -583,6 +592,13 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
     if party is not None:
         state["party"] = list(party)
     crawl = state.get("crawl")
+    if crawl and not restart and crawl.get("next_url") and _moved(crawl["next_url"], endpoint_url):
+        # The partner's endpoint moved to another origin (a credentials update re-read it) while the crawl was
+        # interrupted: its next page is at the old address, which the crawl may not follow (our token would go
+        # there). The same window is crawled again, at the new address (what is read twice is deduplicated).
+        log.warning("the %s endpoint of %s is now %s: the interrupted crawl (%s..%s) starts over there", module,
+                    partner.partner_id, endpoint_url, crawl["since"], crawl["until"])
+        since, until, restart = since or from_iso(crawl["since"]), until or from_iso(crawl["until"]), True
     wanted = (relative[0] or iso(since), relative[1] or iso(until))
     asked = (crawl.get("asked") or [crawl["since"], crawl["until"]]) if crawl else [None, None]
     if crawl and not restart and wanted[0] in (None, asked[0]) and wanted[1] in (None, asked[1]):

@@ -492,6 +492,26 @@ async def test_interrupted_crawl_resumes_after_the_last_acknowledged_page(settin
     assert fake.seen[-1].query["date_from"] == stamp(until)  # the next window starts where the last ended
 
 
+async def test_an_interrupted_crawl_goes_on_at_the_partners_new_address(settings_for: Any, fake: FakeSender) -> None:
+    """A crawl interrupted before the partner's endpoint moved to another host (a credentials update re-reads its
+    endpoints) resumed at its next page's old address, which it may not follow (our token would go there): the pull
+    failed at every run ("ask the partner to fix its Link headers"), a schedule's every round, until someone found
+    --restart. The same window is crawled again at the endpoint's new address."""
+    settings = settings_for()
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 6)]
+    since, until = hours_ago(24), hours_ago(0.5)
+    with pytest.raises(RuntimeError, match="broker down"):
+        await pull(settings, partner_for(fake), "sessions", ListSink(fail_on=2), since=since, until=until)
+    old_url = fake.url
+    fake.url = lambda module: old_url(module).replace("127.0.0.1", "localhost")  # type: ignore[method-assign]
+    moved = partner_for(fake)  # its endpoint, as a credentials update re-reads it, and its next links at localhost
+    fake.seen.clear()
+    sink = ListSink()
+    report = await pull(settings, moved, "sessions", sink)
+    assert ids(sink) == ["S0001", "S0002", "S0003", "S0004", "S0005"] and not report.resumed
+    assert (report.since, report.until) == (since, until)
+    assert fake.seen[0].query["date_from"] == stamp(since) and fake.seen[0].query["date_to"] == stamp(until)
+
 async def test_an_object_the_partner_stamps_behind_our_clock_is_not_left_behind_the_window(
         settings_for: Any, fake: FakeSender) -> None:
     settings = settings_for()
