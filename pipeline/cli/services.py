@@ -144,7 +144,7 @@ async def _run_dev(settings: Settings, console: Console) -> None:
             warning = await asyncio.to_thread(state_gap, stack.clickhouse)
             if warning:
                 console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
-        console.print("query it from another terminal: ocpi-pipeline query \"SELECT count() FROM raw_events\"")
+        console.print("query it from another terminal: ocpi-pipeline query \"SELECT count() FROM raw_events FINAL\"")
         console.print("Ctrl-C stops everything.")
         while not stop.is_set():
             stack.check_children()
