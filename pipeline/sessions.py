@@ -27,7 +27,7 @@ from pipeline.stage import (
     seen_before,
     to_parked,
 )
-from pipeline.state import SessionState, TypedView
+from pipeline.state import RECENT_EVENT_IDS, SessionState, TypedView
 from pipeline.state_retention import keep_fact_token
 
 
@@ -66,7 +66,8 @@ def idle_detail(status: str | None, rules: StageRules) -> str:
 def handle(state: SessionState, stored_session: wire.StoredStruct[Session], record: Record, rules: StageRules,
            out: StageOutput, *, retry: bool = False) -> None:
     event = record.event
-    if event.operation == "PATCH" and replayed_orphan(record, state, rules.park_ttl):
+    if event.operation == "PATCH" and (replayed_orphan(record, state, rules.park_ttl)
+                                       or replayed_overflow(record, state)):
         out.outcomes["REPLAYED_ORPHANED"] += 1  # its ORPHANED row (and source) stands
         return
     if event.operation == "PATCH" and state.object_json is None:
@@ -74,6 +75,7 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             out.outcome(record, Outcome.ORPHANED, "too many parked events for this Session")
             out.anomaly(Anomaly.PARK_OVERFLOW, event, f"more than {rules.park_max} events (or {PARKED_MAX_BYTES} "
                         "bytes) wait for the PUT")
+            state.overflowed = [*state.overflowed, event.event_id][-RECENT_EVENT_IDS:]
         else:
             state.parked.append(to_parked(record))
             out.outcome(record, Outcome.PARKED, "waiting for the Session PUT")
@@ -129,6 +131,14 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         pending, state.parked = state.parked, []
         for parked in pending:
             handle(state, stored_session, parked_record(parked), rules, out, retry=True)
+
+
+def replayed_overflow(record: Record, state: SessionState) -> bool:
+    """Whether `record` is a replayed copy (source REPLAY) of a PATCH ORPHANED at once by PARK_OVERFLOW. It waited for
+    nothing and was never applied: `stage.replayed_orphan`, which dates the wait, does not see it (its Session's PUT
+    may have come within the park TTL, or not yet), and its copy would be applied (dated after the stored Session)
+    or ORPHANED again as a REPLAY row."""
+    return record.event.source == "REPLAY" and record.event.event_id in state.overflowed
 
 
 def as_stored(stored: Session | None, incoming: Session, pseudonym: Pseudonymizer) -> bool:

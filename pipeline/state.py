@@ -61,6 +61,9 @@ class SessionState(msgspec.Struct, kw_only=True):
     fact: SessionFact | None = None  # the last fact sent to stage 2
     offset: int = -1  # highest source offset folded into this state
     parked: list[Parked] = []
+    # The last RECENT_EVENT_IDS events ORPHANED at once, the parked ones being at their bound (PARK_OVERFLOW):
+    # refused for good, so a replayed copy is neither applied nor recorded (`sessions.replayed_overflow`).
+    overflowed: list[str] = []
 
 
 class LocationState(msgspec.Struct, kw_only=True):

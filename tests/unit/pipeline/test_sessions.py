@@ -679,3 +679,32 @@ def test_a_state_from_before_created_at_is_not_dated_by_its_next_event() -> None
     h.store.data[KEY] = h.codec.encode(before)
     h.run(event("SessionPatch", {"kwh": Decimal("2"), "last_updated": iso(ts(30))}, object_id="S1", received=30))
     assert stored(h)["kwh"] == 2 and h.state(KEY).created_at is None
+
+
+def test_a_replayed_copy_of_a_patch_orphaned_by_a_full_park_is_neither_applied_nor_recorded() -> None:
+    """A PATCH ORPHANED at once because its Session's parked events were at OCPI_PIPELINE_PARK_MAX (PARK_OVERFLOW)
+    was never applied. `ocpi-pipeline replay` sends its copy after the PUT came (within the park TTL, so the TTL
+    rule does not see it): dated after what is stored, it was applied now (a new version, kWh changed, its ORPHANED
+    row of source PUSH turned APPLIED of source REPLAY); and while the PUT had not come, its copy was ORPHANED
+    again, the row turned a REPLAY row (partner health counts source PUSH). It was refused for good: no row."""
+    h = harness(park_ttl_min=5, park_max=1)
+    parked = event("SessionPatch", {"kwh": Decimal("5"), "last_updated": iso(ts(5))}, object_id="S1", received=0)
+    overflow = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(30))}, object_id="S1", received=1)
+    out = h.run(parked, overflow)
+    assert dict(outcomes(out)) == {parked.event_id: "PARKED", overflow.event_id: "ORPHANED"}
+
+    def copy_of(original: Any) -> Any:
+        return event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(30))}, object_id="S1", received=1,
+                     event_id=original.event_id, source="REPLAY")
+
+    out = h.run(copy_of(overflow))  # the PUT has not come yet
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "anomalies") == []
+    assert out.outcomes == {"REPLAYED_ORPHANED": 1}
+
+    h.run(event("Session", session(kwh="1", updated=0), received=2))  # within the TTL: the parked PATCH applies
+    assert stored(h)["kwh"] == 5
+    version = h.state(KEY).version
+    out = h.run(copy_of(overflow))
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "sessions") == []
+    assert out.outcomes == {"REPLAYED_ORPHANED": 1}
+    assert stored(h)["kwh"] == 5 and h.state(KEY).version == version
