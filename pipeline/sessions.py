@@ -88,8 +88,10 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         out.outcome(record, Outcome.DUPLICATE)
         return
     stored = ordering.newest(state.last_updated, state.confirmed)
-    if ordering.is_stale(stored, last_updated,
-                         replayed_earlier=ordering.replayed_earlier(event, record.received_at, state.applied_at)):
+    # A parked event is retried in its original place, right after the PUT it waited for (also when both are
+    # replayed copies, a state restored by a replay): not a copy sent again after what followed it.
+    if ordering.is_stale(stored, last_updated, replayed_earlier=not retry and ordering.replayed_earlier(
+            event, record.received_at, state.applied_at)):
         detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
         out.outcome(record, Outcome.STALE, detail)
         out.anomaly(Anomaly.STALE_UPDATE, event, detail)

@@ -708,3 +708,28 @@ def test_a_replayed_copy_of_a_patch_orphaned_by_a_full_park_is_neither_applied_n
     assert rows(out.batch, "raw_events") == [] and rows(out.batch, "sessions") == []
     assert out.outcomes == {"REPLAYED_ORPHANED": 1}
     assert stored(h)["kwh"] == 5 and h.state(KEY).version == version
+
+
+def test_a_state_restored_by_a_replay_applies_a_patch_parked_for_its_put_as_the_original_did() -> None:
+    """README "A worker's state starting empty over a populated store": the replay restores every table as it was.
+    A PATCH that came before its PUT, dated like the PUT (a CPO stamping whole seconds), was parked and applied
+    after the PUT (the later arrival). Its replayed copy, parked again and retried when the PUT's copy came, was
+    STALE: a copy received no later than the event the stored Session came from (`ordering.replayed_earlier`, for
+    copies sent after what followed them; a parked one is retried in its original place). The Session kept the
+    PUT's content and the PATCH's row stayed PARKED (of the copy), for the sweep to turn ORPHANED."""
+    patch_body = {"status": "ACTIVE", "kwh": Decimal("2"), "last_updated": iso(ts(10))}
+    original = harness()
+    patch = event("SessionPatch", patch_body, object_id="S1", received=1)
+    put = event("Session", session(status="PENDING", kwh="0", updated=10), received=2)
+    out = original.run(patch, put)
+    assert dict(outcomes(out)) == {patch.event_id: "APPLIED", put.event_id: "APPLIED"}
+    assert stored(original)["status"] == "ACTIVE"
+
+    restored = harness()
+    out = restored.run(event("SessionPatch", patch_body, object_id="S1", received=1, event_id=patch.event_id,
+                             source="REPLAY"),
+                       event("Session", session(status="PENDING", kwh="0", updated=10), received=2,
+                             event_id=put.event_id, source="REPLAY"))
+    assert dict(outcomes(out)) == {patch.event_id: "APPLIED", put.event_id: "APPLIED"}
+    assert stored(restored) == stored(original) and restored.state(KEY).version == original.state(KEY).version
+    assert column(out.batch, "session_status_history", SESSION_HISTORY_COLUMNS, "status") == ["PENDING", "ACTIVE"]
