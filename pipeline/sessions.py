@@ -131,8 +131,9 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
     out.outcome(record, Outcome.APPLIED, transition.value)
     if state.parked and not retry:
         pending, state.parked = state.parked, []
-        for parked in pending:
-            handle(state, stored_session, parked_record(parked), rules, out, retry=True)
+        with out.retrying_parked():  # a replayed copy parked wrote a PARKED row: its outcome replaces it
+            for parked in pending:
+                handle(state, stored_session, parked_record(parked), rules, out, retry=True)
 
 
 def replayed_overflow(record: Record, state: SessionState) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Protocol
@@ -50,10 +52,13 @@ class StageOutput:
     facts: dict[str, list[Fact]] = field(default_factory=dict)
     outcomes: Counter[str] = field(default_factory=Counter)
     replayed: int = 0  # records read again after a crash, already folded into the state
+    # Set while parked events are retried: a replayed copy that was parked wrote its PARKED row over the original's,
+    # so its outcome is recorded whatever it is (`retrying_parked`).
+    record_replays: bool = False
 
     def outcome(self, record: Record, outcome: Outcome, detail: str = "") -> None:
         event = record.event
-        if event.source == "REPLAY" and outcome in _NOT_RECORDED_FOR_REPLAYS:
+        if event.source == "REPLAY" and outcome in _NOT_RECORDED_FOR_REPLAYS and not self.record_replays:
             # A replayed event that changes nothing was processed before: its first outcome stands (same row key).
             self.outcomes[f"REPLAYED_{outcome.value}"] += 1
             return
@@ -61,6 +66,15 @@ class StageOutput:
         self.batch.put("raw_events", projection.RAW_EVENT_COLUMNS, event.event_id,
                        projection.raw_event_row(event, record.topic, record.partition, record.offset, outcome,
                                                 detail))
+
+    @contextmanager
+    def retrying_parked(self) -> Iterator[None]:
+        """Record every outcome of the parked events retried within (`record_replays`)."""
+        before, self.record_replays = self.record_replays, True
+        try:
+            yield
+        finally:
+            self.record_replays = before
 
     def flag_future(self, record: Record, last_updated: datetime, rules: StageRules) -> None:
         """Anomaly FUTURE_LAST_UPDATED when the push is dated further ahead of its receipt than the clock skew."""

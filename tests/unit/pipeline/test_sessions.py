@@ -733,3 +733,25 @@ def test_a_state_restored_by_a_replay_applies_a_patch_parked_for_its_put_as_the_
     assert dict(outcomes(out)) == {patch.event_id: "APPLIED", put.event_id: "APPLIED"}
     assert stored(restored) == stored(original) and restored.state(KEY).version == original.state(KEY).version
     assert column(out.batch, "session_status_history", SESSION_HISTORY_COLUMNS, "status") == ["PENDING", "ACTIVE"]
+
+
+def test_a_state_restored_by_a_replay_records_the_outcome_of_every_patch_parked_for_its_put() -> None:
+    """A PATCH before its PUT that was STALE (dated before the PUT) or a DUPLICATE (a retry of another parked one)
+    when the PUT came: its replayed copy, parked again by a state restored by a replay, wrote a PARKED row (source
+    REPLAY) over the original's; retried when the PUT's copy came, its outcome was one a replayed event does not
+    record (it changes nothing), so the row stayed PARKED, for the deadline sweep to turn ORPHANED. The copy's row
+    was replaced all the same: its outcome is recorded."""
+    pushes = [("SessionPatch", {"kwh": Decimal("1"), "last_updated": iso(ts(5))}, 1),
+              ("SessionPatch", {"kwh": Decimal("3"), "last_updated": iso(ts(20))}, 2),
+              ("SessionPatch", {"kwh": Decimal("3"), "last_updated": iso(ts(20))}, 3),
+              ("Session", session(kwh="2", updated=10), 4)]
+    original = [event(kind, body, object_id="S1", received=received) for kind, body, received in pushes]
+    out = harness().run(*original)
+    expected = ["STALE", "APPLIED", "DUPLICATE", "APPLIED"]
+    assert dict(outcomes(out)) == {e.event_id: o for e, o in zip(original, expected, strict=True)}
+
+    restored = harness()
+    out = restored.run(*(event(kind, body, object_id="S1", received=received, event_id=e.event_id, source="REPLAY")
+                         for (kind, body, received), e in zip(pushes, original, strict=True)))
+    assert dict(outcomes(out)) == {e.event_id: o for e, o in zip(original, expected, strict=True)}
+    assert stored(restored)["kwh"] == 3
