@@ -48,11 +48,13 @@ from pipeline.stage import (
     StageOutput,
     StageRules,
     expire_parked,
+    overflowed,
     parked_record,
     parking_full,
     remember,
     replayed_before_created,
     replayed_before_parked,
+    replayed_overflow,
     seen_before,
     to_parked,
 )
@@ -89,8 +91,8 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
            retry: bool = False) -> bool:
     """Apply one event; returns False when it had to be parked."""
     event = record.event
-    if (event.level, event.operation) != ("LOCATION", "PUT") and replayed_before_created(record, state,
-                                                                                          rules.park_ttl):
+    if (event.level, event.operation) != ("LOCATION", "PUT") and (
+            replayed_before_created(record, state, rules.park_ttl) or replayed_overflow(record, state)):
         out.outcomes["REPLAYED_ORPHANED"] += 1  # its ORPHANED row (and source) stands
         return True
     last_updated = event.payload["last_updated"]
@@ -125,6 +127,7 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
             out.outcome(record, Outcome.ORPHANED, "too many parked events for this Location")
             out.anomaly(Anomaly.PARK_OVERFLOW, event, f"more than {rules.park_max} events (or {PARKED_MAX_BYTES} "
                         "bytes) wait for their object")
+            overflowed(state, event.event_id)
         else:
             state.parked.append(to_parked(record))
             out.outcome(record, Outcome.PARKED, f"waiting: {missing}")

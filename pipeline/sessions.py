@@ -20,14 +20,16 @@ from pipeline.stage import (
     StageOutput,
     StageRules,
     expire_parked,
+    overflowed,
     parked_record,
     parking_full,
     remember,
     replayed_orphan,
+    replayed_overflow,
     seen_before,
     to_parked,
 )
-from pipeline.state import RECENT_EVENT_IDS, SessionState, TypedView
+from pipeline.state import SessionState, TypedView
 from pipeline.state_retention import keep_fact_token
 
 
@@ -75,7 +77,7 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             out.outcome(record, Outcome.ORPHANED, "too many parked events for this Session")
             out.anomaly(Anomaly.PARK_OVERFLOW, event, f"more than {rules.park_max} events (or {PARKED_MAX_BYTES} "
                         "bytes) wait for the PUT")
-            state.overflowed = [*state.overflowed, event.event_id][-RECENT_EVENT_IDS:]
+            overflowed(state, event.event_id)
         else:
             state.parked.append(to_parked(record))
             out.outcome(record, Outcome.PARKED, "waiting for the Session PUT")
@@ -134,14 +136,6 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         with out.retrying_parked():  # a replayed copy parked wrote a PARKED row: its outcome replaces it
             for parked in pending:
                 handle(state, stored_session, parked_record(parked), rules, out, retry=True)
-
-
-def replayed_overflow(record: Record, state: SessionState) -> bool:
-    """Whether `record` is a replayed copy (source REPLAY) of a PATCH ORPHANED at once by PARK_OVERFLOW. It waited for
-    nothing and was never applied: `stage.replayed_orphan`, which dates the wait, does not see it (its Session's PUT
-    may have come within the park TTL, or not yet), and its copy would be applied (dated after the stored Session)
-    or ORPHANED again as a REPLAY row."""
-    return record.event.source == "REPLAY" and record.event.event_id in state.overflowed
 
 
 def as_stored(stored: Session | None, incoming: Session, pseudonym: Pseudonymizer) -> bool:

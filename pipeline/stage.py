@@ -214,6 +214,23 @@ def replayed_before_parked(record: Record, state: _Parking, ttl: timedelta) -> b
     return any(deadline < parked.received_at for parked in state.parked)
 
 
+class _Overflowing(Protocol):
+    overflowed: list[str]
+
+
+def overflowed(state: _Overflowing, event_id: str) -> None:
+    """Keep `event_id`, ORPHANED at once by PARK_OVERFLOW, among the state's last RECENT_EVENT_IDS such events."""
+    state.overflowed = [*state.overflowed, event_id][-RECENT_EVENT_IDS:]
+
+
+def replayed_overflow(record: Record, state: _Overflowing) -> bool:
+    """Whether `record` is a replayed copy (source REPLAY) of an event ORPHANED at once by PARK_OVERFLOW. It waited
+    for nothing and was never applied: `replayed_orphan`, which dates the wait, does not see it (its object may have
+    come within the park TTL, or not yet), and its copy would be applied (dated after the stored object) or
+    ORPHANED again as a REPLAY row."""
+    return record.event.source == "REPLAY" and record.event.event_id in state.overflowed
+
+
 def parked_record(parked: Parked) -> Record:
     """A parked event as a record again (its Avro value was validated when it was first read)."""
     return Record(decode_event(parked.value), parked.topic, parked.partition, parked.offset, parked.value)

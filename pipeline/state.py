@@ -62,7 +62,7 @@ class SessionState(msgspec.Struct, kw_only=True):
     offset: int = -1  # highest source offset folded into this state
     parked: list[Parked] = []
     # The last RECENT_EVENT_IDS events ORPHANED at once, the parked ones being at their bound (PARK_OVERFLOW):
-    # refused for good, so a replayed copy is neither applied nor recorded (`sessions.replayed_overflow`).
+    # refused for good, so a replayed copy is neither applied nor recorded (`stage.replayed_overflow`).
     overflowed: list[str] = []
 
 
@@ -99,6 +99,9 @@ class LocationState(msgspec.Struct, kw_only=True):
     # received_at of the first event applied to it (its Location PUT); None in states from before
     # (`stage.replayed_orphan`)
     created_at: datetime | None = None
+    # The last RECENT_EVENT_IDS events ORPHANED at once, the parked ones being at their bound (PARK_OVERFLOW):
+    # refused for good, so a replayed copy is neither applied nor recorded (`stage.replayed_overflow`).
+    overflowed: list[str] = []
 
 
 class CdrState(msgspec.Struct, kw_only=True):

@@ -949,3 +949,25 @@ def test_a_patch_of_the_locations_own_fields_older_than_an_evse_push_is_applied(
         assert stored(h)["last_updated"] == iso(ts(5 if not repeat else 3))  # a duplicate changes no time
         older = event("LocationPatch", {"name": "Old", "last_updated": iso(ts(2))}, object_id="LOC1", received=4)
         assert outcome_of(h.run(older), older.event_id) == "STALE"
+
+
+def _copy(original: Any, kind: str, body: dict[str, Any], received: float, **ids: Any) -> Any:
+    return event(kind, body, received=received, event_id=original.event_id, source="REPLAY", **ids)
+
+
+def test_a_replayed_copy_of_an_evse_push_orphaned_by_a_full_park_is_neither_applied_nor_recorded() -> None:
+    """An EVSE PATCH ORPHANED at once because its Location's parked events were at OCPI_PIPELINE_PARK_MAX
+    (PARK_OVERFLOW) was never applied. `ocpi-pipeline replay` sends its copy after the Location PUT came (within the
+    park TTL, which the TTL rule dates): dated after the stored EVSE, it was applied now (the EVSE's status changed,
+    its ORPHANED row of source PUSH turned APPLIED of source REPLAY). It was refused for good: no row."""
+    h = harness(park_ttl_min=5, park_max=1)
+    parked = status_patch("E1", "CHARGING", 1, received=0)
+    body = {"status": "BLOCKED", "last_updated": iso(ts(30))}
+    overflow = event("EVSEPatch", body, object_id="LOC1", evse_uid="E1", received=1)
+    out = h.run(parked, overflow)
+    assert outcome_of(out, parked.event_id) == "PARKED" and outcome_of(out, overflow.event_id) == "ORPHANED"
+    h.run(event("Location", location(), received=2))  # within the TTL: the parked PATCH applies
+    assert stored(h)["evses"][0]["status"] == "CHARGING"
+    out = h.run(_copy(overflow, "EVSEPatch", body, 1, object_id="LOC1", evse_uid="E1"))
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "evses") == []
+    assert out.outcomes == {"REPLAYED_ORPHANED": 1} and stored(h)["evses"][0]["status"] == "CHARGING"
