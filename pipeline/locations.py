@@ -109,8 +109,10 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
         stored = state.own_updated[ident]  # its own fields' time, not what its children's pushes raised it to
     if target is None:  # an EVSE or Connector not in the tree: not in any newer list that left it out either
         stored = ordering.newest(stored, *(state.confirmed.get(key) for key in lists_over(event)))
-    if ordering.is_stale(stored, last_updated,
-                         replayed_earlier=ordering.replayed_earlier(event, record.received_at, state.applied_at)):
+    # A parked event is retried in its original place, right after the push it waited for (also when both are
+    # replayed copies, a state restored by a replay): not a copy sent again after what followed it.
+    if ordering.is_stale(stored, last_updated, replayed_earlier=not retry and ordering.replayed_earlier(
+            event, record.received_at, state.applied_at)):
         detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
         out.outcome(record, Outcome.STALE, detail)
         out.anomaly(Anomaly.STALE_UPDATE, event, detail)
