@@ -231,14 +231,15 @@ def _confirm_lists(state: LocationState, event: DecodedEvent) -> None:
 def retry_parked(state: LocationState, run: Run, rules: StageRules, out: StageOutput) -> None:
     """Give every parked event another try, in arrival order, until none makes progress."""
     progress = True
-    while progress and state.parked:
-        progress = False
-        pending, state.parked = state.parked, []
-        for parked in pending:
-            if handle(state, run, parked_record(parked), rules, out, retry=True):
-                progress = True
-            else:
-                state.parked.append(parked)
+    with out.retrying_parked():  # a replayed copy parked wrote a PARKED row: its outcome replaces it
+        while progress and state.parked:
+            progress = False
+            pending, state.parked = state.parked, []
+            for parked in pending:
+                if handle(state, run, parked_record(parked), rules, out, retry=True):
+                    progress = True
+                else:
+                    state.parked.append(parked)
 
 
 def apply(state: LocationState, record: Record, previous: Location | None, location: Location, document: bytes,

@@ -995,3 +995,11 @@ def test_a_state_restored_by_a_replay_applies_an_evse_push_parked_for_its_locati
     after what followed them, not for a parked one retried in its original place. The status was lost, and the
     row stayed PARKED (of the copy) for the sweep to orphan."""
     assert _restored_outcome(0) == ("APPLIED", "APPLIED", True)
+
+
+def test_a_state_restored_by_a_replay_records_the_outcome_of_an_evse_push_parked_for_its_location() -> None:
+    """An EVSE PATCH dated before its Location PUT that came before it was parked, then STALE. Its copy, parked
+    again by the restoring replay, wrote a PARKED row (source REPLAY) over the original's, and its STALE when the
+    PUT's copy came was not recorded (a replay that changes nothing): the row stayed PARKED for the sweep to turn
+    ORPHANED. The copy's row was replaced all the same: its outcome is recorded."""
+    assert _restored_outcome(-1) == ("STALE", "STALE", True)
