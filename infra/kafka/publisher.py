@@ -8,7 +8,7 @@ import logging
 import time
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, UnknownError
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownError, UnknownProducerId
 
 from infra.kafka import compat
 from infra.settings import KafkaSettings
@@ -23,6 +23,12 @@ _ATTEMPTS = 3  # sends of one record within its timeout
 # records of its partition go out on it after that request (see `Publisher`).
 REQUEST_TIMEOUT_MIN_S = 30.0
 _REQUEST_TIMEOUT_MAX_MS = 2**31 - 1  # an int32 on the wire (a produce request's timeout)
+
+# Refusals after which an idempotent producer (Kafka) sends nothing to the partition again: aiokafka numbers a
+# partition's batches once and never renumbers, so a batch that failed after it was numbered (refused by the broker,
+# or expired while its partition had no leader) leaves a gap for which the broker refuses every later batch of the
+# partition. Only a new producer (a new producer id, numbering from 0) is heard there again.
+_PRODUCER_BROKEN = (OutOfOrderSequenceNumber, UnknownProducerId)
 
 
 class PublishError(RuntimeError):
@@ -40,10 +46,11 @@ class Publisher:
       nothing from us: the producer reconnects and refreshes its metadata on its own (see `publish` for the
       one refusal that needs a nudge). A record answered with PublishError is the partner's to resend. It may
       still be written later: on Tansu (no idempotence) its batch expires after `request_timeout_ms` unless the
-      broker acknowledges it before; on Kafka the idempotent producer never expires a batch and writes it once
-      the broker is back. Either way the resend is then a duplicate, which the pipeline tolerates (dedup,
-      idempotent sinks); what must never happen is the other way round, a 1000 for a record the broker did not
-      acknowledge.
+      broker acknowledges it before; on Kafka the idempotent producer retries a batch until the broker is back
+      and writes it then (unless its partition had no leader for the request timeout: then it fails it, and the
+      producer is replaced, see below). Either way the resend is then a duplicate, which the pipeline tolerates
+      (dedup, idempotent sinks); what must never happen is the other way round, a 1000 for a record the broker did
+      not acknowledge.
     - Order per partition: the producer has one request in flight per broker and appends a partition's records
       in turn, and a broker handles a connection's requests in turn. A record the broker writes after its push
       was answered 3000 must not land after the next push of its object, which an equal `last_updated` would then
@@ -54,6 +61,9 @@ class Publisher:
     - A broker that is down when we start: the producer is created on a later send, by one caller at a time
       (a lock), within the send timeout, and not within `retry_start_s` of the last attempt's end; meanwhile sends
       fail at once, and those that waited for an attempt that failed fail with it.
+    - A producer the broker no longer hears on a partition (`_PRODUCER_BROKEN`, Kafka's idempotence) is replaced:
+      the push is answered 3000 and the next send starts a new producer, once the old one has flushed what it
+      held (its records must not land after the new one's), within that send's timeout.
     """
 
     def __init__(self, kafka: KafkaSettings, bootstrap: str, *, max_in_flight: int = 512,
@@ -66,6 +76,7 @@ class Publisher:
         self._starting = asyncio.Lock()
         self._retry_start_s = retry_start_s
         self._last_start_attempt = float("-inf")
+        self._retiring: asyncio.Task[None] | None = None  # the stop of a replaced producer (flushing)
 
     async def start(self) -> None:
         async with self._starting:
@@ -74,6 +85,18 @@ class Publisher:
     async def _start(self) -> None:
         if self._producer is not None:
             return
+        deadline = time.monotonic() + self._timeout  # the whole attempt, a replaced producer's flush included
+        if self._retiring is not None:
+            # A replaced producer flushes first: a record it still holds must not land after the new one's.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._retiring), self._timeout)
+            except TimeoutError:
+                self._last_start_attempt = time.monotonic()
+                log.warning("the replaced Kafka producer is still flushing; pushes answer 3000 until it is done")
+                return
+            except Exception:
+                log.exception("the replaced Kafka producer did not stop cleanly")  # it is gone all the same
+            self._retiring = None
         request_timeout_ms = min(int(max(3 * self._timeout, REQUEST_TIMEOUT_MIN_S) * 1000), _REQUEST_TIMEOUT_MAX_MS)
         producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
@@ -84,7 +107,7 @@ class Publisher:
         try:
             # Within the send timeout (a broker that accepts connections but does not answer would otherwise hold
             # the pushes waiting for this start for the request timeout).
-            await asyncio.wait_for(producer.start(), self._timeout)
+            await asyncio.wait_for(producer.start(), max(deadline - time.monotonic(), 0.001))
         except Exception:
             # A broker that is down at start must not keep the receivers from serving 3xxx answers.
             await producer.stop()
@@ -99,8 +122,26 @@ class Publisher:
     async def stop(self) -> None:
         async with self._starting:
             producer, self._producer = self._producer, None
+            retiring, self._retiring = self._retiring, None
+        if retiring is not None:
+            with contextlib.suppress(Exception):
+                await retiring
         if producer is not None:
             await producer.stop()  # flushes what is in flight
+
+    def _replace(self, broken: AIOKafkaProducer) -> None:
+        """Retire `broken` (its stop flushes in the background); the next send starts a new producer."""
+        current, self._producer = self._producer, None
+        if current is not broken:
+            self._producer = current  # replaced already, by a send that was refused before this one
+            return
+        self._last_start_attempt = float("-inf")  # not a failed start: the next send starts one at once
+        self._retiring = asyncio.create_task(self._stop(broken), name="kafka-producer-retire")
+        log.warning("Kafka no longer accepts this producer's records on a partition; replacing the producer")
+
+    @staticmethod
+    async def _stop(producer: AIOKafkaProducer) -> None:
+        await producer.stop()  # flushes what it holds
 
     async def _ensure_started(self) -> AIOKafkaProducer:
         producer = self._producer
@@ -139,6 +180,10 @@ class Publisher:
                                            max(deadline - loop.time(), 0.001))
                     return
                 except KafkaError as exc:
+                    if isinstance(exc, _PRODUCER_BROKEN):
+                        self._replace(producer)
+                        raise PublishError(f"Kafka did not acknowledge the record on {topic}: "
+                                           f"{type(exc).__name__}") from exc
                     retry = getattr(exc, "retriable", False) or isinstance(exc, UnknownError)
                     if not retry or attempt == _ATTEMPTS or loop.time() >= deadline:
                         raise PublishError(f"Kafka did not acknowledge the record on {topic}: "

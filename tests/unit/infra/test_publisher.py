@@ -7,7 +7,9 @@ import time
 from typing import Any
 
 import pytest
+from aiokafka.errors import OutOfOrderSequenceNumber
 
+from infra.kafka import publisher as publisher_module
 from infra.kafka.publisher import Publisher, PublishError
 from infra.settings import load_settings
 
@@ -56,3 +58,50 @@ async def test_a_slot_freed_in_time_is_used_for_the_rest_of_the_timeout() -> Non
         with pytest.raises(PublishError):
             await task
     assert broker.sent == [b"first", b"second"]  # the second got the slot 0.1 s before its deadline
+
+
+class GappedProducer:
+    """An idempotent producer as aiokafka leaves it after a batch failed once numbered (refused by the broker, or
+    expired while its partition had no leader): aiokafka never renumbers, so the broker refuses every later batch
+    of that partition (OutOfOrderSequenceNumber). The producers made after the first acknowledge everything."""
+
+    made: list[GappedProducer] = []
+    events: list[str] = []
+
+    def __init__(self, **_options: Any) -> None:
+        self.number = len(GappedProducer.made)
+        self.sent: list[bytes] = []
+        GappedProducer.made.append(self)
+
+    async def start(self) -> None:
+        GappedProducer.events.append(f"start {self.number}")
+
+    async def stop(self) -> None:
+        await asyncio.sleep(0.05)  # flushes what it holds
+        GappedProducer.events.append(f"stop {self.number}")
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> Any:
+        if self.number == 0:
+            raise OutOfOrderSequenceNumber()
+        self.sent.append(value)
+
+
+async def test_a_producer_whose_partition_sequence_broke_is_replaced_not_used_for_ever(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Kafka (idempotence), a push refused with OutOfOrderSequenceNumber is answered 3000 and the producer is
+    replaced: kept, it would have every later push of that partition refused too, until the receivers restart. The
+    new producer starts once the old one has flushed what it held (its records must not land after the new one's)."""
+    monkeypatch.setattr(publisher_module, "AIOKafkaProducer", GappedProducer)
+    monkeypatch.setattr(GappedProducer, "made", [])
+    monkeypatch.setattr(GappedProducer, "events", [])
+    kafka = load_settings({"OCPI_KAFKA_BOOTSTRAP": "kafka:9092", "OCPI_KAFKA_SEND_TIMEOUT": "1"}).kafka
+    publisher = Publisher(kafka, kafka.bootstrap)
+    await publisher.start()
+    with pytest.raises(PublishError, match="OutOfOrderSequenceNumber"):
+        await publisher.publish("t", b"k", b"refused")
+    await publisher.publish("t", b"k", b"resent")  # the partner's resend
+    await publisher.publish("t", b"k", b"next")
+    assert [producer.sent for producer in GappedProducer.made] == [[], [b"resent", b"next"]]
+    assert GappedProducer.events == ["start 0", "stop 0", "start 1"]
+    await publisher.stop()
+    assert GappedProducer.events[-1] == "stop 1"
