@@ -135,7 +135,15 @@ def _parse_base_url(env: str, raw: str) -> str:
     if "?" in url or "#" in url:
         raise SettingsError(f"{env}={raw!r}: expected a base URL without a query or fragment (the endpoints' paths "
                             "are appended to it)")
+    if not _URI_CHARACTERS.fullmatch(url):
+        # A URL holds printable ASCII only (RFC 3986), and a CDR POST answers with one in its Location header, which
+        # cannot carry anything else: the CDR was stored, then its answer failed (500/3000), and it was resent.
+        raise SettingsError(f"{env}={raw!r}: expected a URL of printable ASCII without spaces: a host name in "
+                            "punycode (xn--...), anything else in the path percent-encoded (%20, %C3%BC)")
     return url
+
+
+_URI_CHARACTERS = re.compile(r"[!-~]+")
 
 
 def _parse_non_negative_float(env: str, raw: str) -> float:
@@ -322,7 +330,8 @@ class HttpSettings:
     port: int = _setting("OCPI_HTTP_PORT", "8080", "port the receivers listen on")
     public_url: str = _setting(
         "OCPI_PUBLIC_URL", "",
-        "base URL partners reach us at; empty = http://HOST:PORT (used in OCPI endpoint URLs)",
+        "base URL partners reach us at, in ASCII (a punycode host, a percent-encoded path); empty = "
+        "http://HOST:PORT (used in OCPI endpoint URLs)",
     )
 
     @property

@@ -53,6 +53,11 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_PUBLIC_URL", "https://ocpi.example.com:44x"),
     ("OCPI_PUBLIC_URL", "https://ocpi.example.com/?tenant=1"),
     ("OCPI_PUBLIC_URL", "https://ocpi.example.com#top"),
+    # Sent in a CDR POST's Location header, which holds ASCII only: every CDR was stored, then answered 500/3000
+    # (the header could not be encoded), resent for ever; a space or a character beyond ASCII is no URL either.
+    ("OCPI_PUBLIC_URL", "https://ocpi.example.com/Ω"),
+    ("OCPI_PUBLIC_URL", "https://ocpi.bücher.example"),
+    ("OCPI_PUBLIC_URL", "https://ocpi.example.com/my prefix"),
     ("OCPI_PARTY_WEBSITE", "https://:443"),
     # Not a host: every endpoint URL we advertise was http://:8080/... or http://http://...
     ("OCPI_HTTP_HOST", ""),
