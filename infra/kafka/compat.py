@@ -83,10 +83,20 @@ async def true_end_offsets(bootstrap: str, tps: Iterable[Any], approx: Mapping[A
 
 
 _faust_patched = False
+HIGHWATER_PROBES = 3  # probes (of `true_end_offsets`' timeout each) before table recovery gives up
+
+
+class HighwaterUnknown(RuntimeError):
+    """The true end of a state changelog could not be read: table recovery stops rather than end short of it."""
 
 
 def patch_faust_highwaters() -> None:
-    """Make Faust's table recovery use `true_end_offsets` (call before the worker starts; idempotent)."""
+    """Make Faust's table recovery use `true_end_offsets` (call before the worker starts; idempotent).
+
+    A partition whose high watermark the probes cannot read stops the recovery (`HighwaterUnknown`; the worker
+    ends, and recovers at its restart): ListOffsets' answer is short of the end when the last record batch holds
+    several records (a stage-2 batch's whole state is one), and a table recovered up to it would leave that
+    batch's state out for good."""
     global _faust_patched
     if _faust_patched:
         return
@@ -97,7 +107,18 @@ def patch_faust_highwaters() -> None:
         if self.consumer.in_transaction:
             return {tp: consumer.last_stable_offset(tp) for tp in partitions}
         approx = await consumer.end_offsets(partitions)
-        return await true_end_offsets(consumer._client._bootstrap_servers, list(partitions), approx)
+        ends: dict[Any, int] = {}
+        pending = list(partitions)
+        for _ in range(HIGHWATER_PROBES):
+            found = await true_end_offsets(consumer._client._bootstrap_servers, pending, approx, guess=False)
+            ends.update({tp: end for tp, end in found.items() if end is not None})
+            pending = [tp for tp in pending if tp not in ends]
+            if not pending:
+                return ends
+        raise HighwaterUnknown("the high watermark of state changelog partition(s) "
+                               + ", ".join(f"{tp.topic}/{tp.partition}" for tp in pending)
+                               + " could not be read from the broker; table recovery stops rather than restore "
+                               "the state short of its end")
 
     driver.AIOKafkaConsumerThread._highwaters = _highwaters  # type: ignore[method-assign]
     _faust_patched = True
