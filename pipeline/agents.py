@@ -296,8 +296,8 @@ def fold_isolated(records: Sequence[Record], reader: Callable[[PartitionAnchor],
 
 
 def fence(app: faust.App, messages: Sequence[Message], name: str) -> None:
-    """End the process before a batch's state is written when the consumer group has moved on since the batch
-    was fetched.
+    """End the process before a batch's state is written (and, in stage 2, before its results are published) when
+    the consumer group has moved on since the batch was fetched.
 
     Faust holds a rebalance until the batch in hand is done, but a member that fetched nothing for
     `broker_max_poll_interval` (its batch retrying a ClickHouse insert through an outage) or outlasted the
@@ -392,6 +392,10 @@ class PartyAgent:
                                                 dead)))
         batch = party_batch(out, dead)
         await ctx.sink.write(batch)
+        # Before the results are published, unlike stage 1's facts (which stage 2 takes in any order): the
+        # partitions' new owner may have published newer results of the same subjects meanwhile, and these would
+        # then be the last record of their keys, which the topic's readers take for the current outcome.
+        fence(ctx.app, messages, "party facts")
         await ctx.publish(ctx.settings.pipeline.topic_reconciliation, reconciliation_records(out.reconciliation))
         fence(ctx.app, messages, "party facts")
         await self.table.write_batch(ctx, [(anchor, overlay.changes) for anchor, overlay in overlays])

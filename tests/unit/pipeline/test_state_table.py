@@ -133,6 +133,48 @@ class FetchedMessage:  # a Faust Message: the group generation it was fetched in
 
 
 @pytest.mark.parametrize("left_group", [False, True])
+async def test_a_batch_whose_group_moved_on_publishes_no_reconciliation_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left_group: bool) -> None:
+    """A member put out of the group while its insert retried through an outage: its partitions' new owner read
+    the batch again, and may have published newer results of the same subjects since (the outage over, the old
+    member waits out its backoff). The old member's results, published after them, would be the last record of
+    their keys on the reconciliation topic, which its readers take for the current outcome. So it leaves before
+    publishing them (the rows it wrote are versioned: the owner's newer rows still win)."""
+    context = Context()
+    published: list[str] = []
+    produce = context.produce
+
+    async def recording(topic: str, records: list[Any], *, batch_bytes: int | None = None) -> list[Acked]:
+        if records:
+            published.append(topic)
+        return await produce(topic, records, batch_bytes=batch_bytes)
+
+    context.produce = recording  # type: ignore[method-assign]
+
+    async def write(batch: Any) -> None:
+        if left_group:
+            context.coordinator.generation = -1
+
+    context.sink = SimpleNamespace(write=write)
+    exits: list[int] = []
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+        raise Killed
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    agent = PartyAgent(context, state_table(tmp_path / "db"))  # type: ignore[arg-type]
+    fetched = FetchedMessage("facts", 0, 0, b"NL/TNM", encode_facts([s_fact(completed(), received=61, final=61)]), 7)
+    if left_group:
+        with pytest.raises(Killed):
+            await agent.handle([fetched])
+        assert exits == [EXIT_UNWRITTEN_BATCH] and published == []
+    else:
+        await agent.handle([fetched])
+        assert exits == [] and published == ["reconciliation", CHANGELOG]
+
+
+@pytest.mark.parametrize("left_group", [False, True])
 async def test_a_batch_whose_group_moved_on_exits_before_its_state_is_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left_group: bool) -> None:
     # A member put out of the group (no fetch for broker_max_poll_interval while its batch retried a ClickHouse
