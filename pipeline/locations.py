@@ -7,7 +7,8 @@ Location row carries `personal_at` (see `LocationState`), by which retention dat
 A Location PUT replaces the Location (08 §3.3). EVSEs it no longer lists (digest ambiguity #5: EVSEs are never
 deleted, they should come with status REMOVED) are recorded as EVSE_MISSING_FROM_PUT (unless their status was
 REMOVED already: deleted the spec's way) and their rows kept with `present = false`, so EVSE status history and
-sessions that point at them keep their meaning; so are those a Location PATCH of `evses` leaves out. The push's
+sessions that point at them keep their meaning; so are those a Location PATCH of `evses` leaves out. Their status
+history ends with a row to status '' (as before its first row), from which one listed again continues. The push's
 `last_updated` is kept for each EVSE and Connector it left out (`LocationState.confirmed`): an older push for one of
 them, arriving after it, is stale, as it is in order, and does not bring it back. So is it kept for the lists a push
 replaces whole (the Location's EVSEs, an EVSE's Connectors): an older push for an EVSE or Connector the tree never
@@ -295,6 +296,11 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
                         f"EVSE {gone['uid']} is not in the Location {event.operation}", sub=ci_normalize(gone["uid"]))
         out.batch.add("evses", projection.EVSE_COLUMNS,
                       projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
+        # Its status history ends here, at the push that left it out ('' as before its first sighting): listed
+        # again, it continues from '' instead of starting a second history after a status it kept for ever.
+        out.batch.add("evse_status_history", projection.EVSE_HISTORY_COLUMNS,
+                      projection.evse_history_row(tree, gone, gone_evse.status, event, version,
+                                                  changed_at=event.payload["last_updated"], status=""))
         removed.append(level_identity("EVSE", gone["uid"]))
         removed += _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
     structural = may_add_to_tree(event)  # else nothing enters, leaves or goes back in time

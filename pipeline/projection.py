@@ -189,13 +189,13 @@ def connector_row(location: dict[str, Any], evse_uid: str, connector: dict[str, 
 
 
 def evse_history_row(location: dict[str, Any], evse: dict[str, Any], previous: str | None, event: DecodedEvent,
-                     version: int, *, changed_at: datetime | None = None) -> list[Any]:
+                     version: int, *, changed_at: datetime | None = None, status: str | None = None) -> list[Any]:
     """`changed_at`: when the status changed, if not the EVSE's `last_updated` (a PATCH of its status dated before a
-    Connector push that raised it)."""
+    Connector push that raised it). `status`: the status it changed to, if not the EVSE's (`''`: it left the tree)."""
     return [
         ci_normalize(location["country_code"]), ci_normalize(location["party_id"]), ci_normalize(location["id"]),
-        ci_normalize(evse["uid"]), event.event_id, previous or "", evse["status"], changed_at or evse["last_updated"],
-        event.received_at, version,
+        ci_normalize(evse["uid"]), event.event_id, previous or "", evse["status"] if status is None else status,
+        changed_at or evse["last_updated"], event.received_at, version,
     ]
 
 

@@ -163,6 +163,34 @@ def test_an_evse_left_out_after_its_status_went_removed_is_not_an_anomaly() -> N
     assert present == {"E1": True, "E2": False}  # its row still says it left the tree
 
 
+def test_an_evse_that_leaves_the_tree_and_comes_back_keeps_one_status_history_chain() -> None:
+    """An EVSE a Location PUT left out kept its last status in the history for ever (CHARGING since it left), and
+    when listed again it got a row from '' as at its first sighting: its history had two starts and did not chain
+    (the demo's oracle calls that a broken chain), and one listed again with the status it left with got a row
+    though nothing changed. Leaving the tree is now a row to status '' (dated by the push that left it out), from
+    which its return continues."""
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1"), evse("E2", status="CHARGING")]), received=1))
+    left = event("Location", location(evses=[evse("E1", updated=5)], updated=5), received=2)
+    out = h.run(left)
+    history = [(r[EVSE_HISTORY_COLUMNS.index("evse_uid")], r[EVSE_HISTORY_COLUMNS.index("previous_status")],
+                r[EVSE_HISTORY_COLUMNS.index("status")], r[EVSE_HISTORY_COLUMNS.index("changed_at")],
+                r[EVSE_HISTORY_COLUMNS.index("event_id")]) for r in rows(out.batch, "evse_status_history")]
+    assert history == [("E2", "CHARGING", "", ts(5), left.event_id)]
+    back = h.run(event("EVSE", evse("E2", status="CHARGING", updated=8), object_id="LOC1", evse_uid="E2",
+                       received=3))
+    assert [(r[EVSE_HISTORY_COLUMNS.index("previous_status")], r[EVSE_HISTORY_COLUMNS.index("status")])
+            for r in rows(back.batch, "evse_status_history")] == [("", "CHARGING")]
+    # A Location PATCH of `evses` leaves EVSEs out the same way; one left out again while out of the tree is not.
+    patch = event("LocationPatch", {"evses": [evse("E1", updated=9)], "last_updated": iso(ts(9))}, object_id="LOC1",
+                  received=4)
+    again = event("Location", location(evses=[evse("E1", updated=10)], updated=10), received=5)
+    out = h.run(patch, again)
+    assert [(r[EVSE_HISTORY_COLUMNS.index("evse_uid")], r[EVSE_HISTORY_COLUMNS.index("previous_status")],
+             r[EVSE_HISTORY_COLUMNS.index("status")], r[EVSE_HISTORY_COLUMNS.index("changed_at")])
+            for r in rows(out.batch, "evse_status_history")] == [("E2", "CHARGING", "", ts(9))]
+
+
 def test_an_evse_a_location_patch_of_evses_leaves_out_is_named_as_left_out_by_that_patch() -> None:
     """A Location PATCH of `evses` replaces the list (ocpi.patch) and leaves EVSEs out like a PUT; the anomaly's
     detail said "not in the Location PUT", sending whoever settles it to look for a PUT that never came."""

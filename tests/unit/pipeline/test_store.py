@@ -1452,7 +1452,8 @@ def test_the_orphan_sweep_runs_with_thousands_of_replayed_parked_events(client: 
 def test_the_location_trees_rows_after_pushes_at_every_level_are_what_get_answers(client: Client) -> None:
     """08 §3.3/§3.4 at each level, ids in another case, a Connector and an EVSE leaving the tree: the evses,
     connectors and status history rows under FINAL are the stored tree (what GET answers), the ones it no longer
-    holds kept with `present = false`, and the history one row per status change."""
+    holds kept with `present = false`, and the history one row per status change (leaving the tree a change to
+    '', REMOVED or not)."""
     import asyncio
 
     from receivers.state import StateReader, connector_of, evse_of
@@ -1483,7 +1484,7 @@ def test_the_location_trees_rows_after_pushes_at_every_level_are_what_get_answer
     assert client.query("SELECT evse_uid, previous_status, status, changed_at FROM evse_status_history FINAL "
                         "ORDER BY evse_uid, changed_at").result_rows == [
         ("E1", "", "AVAILABLE", ts(0)), ("E1", "AVAILABLE", "CHARGING", ts(5)), ("E1", "CHARGING", "REMOVED", ts(10)),
-        ("E2", "", "AVAILABLE", ts(0)), ("E2", "AVAILABLE", "BLOCKED", ts(12))]
+        ("E1", "REMOVED", "", ts(12)), ("E2", "", "AVAILABLE", ts(0)), ("E2", "AVAILABLE", "BLOCKED", ts(12))]
     assert client.query("SELECT location_id, name, evse_count, last_updated FROM locations FINAL").result_rows == [
         ("LOC1", "Renamed", 1, ts(12))]
     assert client.query("SELECT count() FROM anomalies FINAL").result_rows == [(0,)]  # E1 went REMOVED first
