@@ -66,10 +66,19 @@ def _time(value: str | None) -> Any:
         raise click.BadParameter(str(exc)) from None
 
 
+def _partner(value: str | None) -> str | None:
+    """--partner's value; an empty one is refused, not taken for the partner id "" (`--partner "$UNSET"` selected
+    no event: the replay sent nothing and ended as a success)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("empty: give a partner id, or leave the option out for all partners")
+    return value
+
+
 @click.command()
 @click.option("--module", "modules", multiple=True, type=click.Choice(MODULES),
               help="Module to replay (repeatable; default: all).")
-@click.option("--partner", help="Only events pushed or pulled from this partner id.")
+@click.option("--partner", callback=lambda _c, _p, v: _partner(v),
+              help="Only events pushed or pulled from this partner id.")
 @click.option("--since", help="Only events received at or after this time (2024-05-01T12:00:00Z, 2024-05-01, 6h).")
 @click.option("--until", help="Only events received before this time.")
 @click.option("--partition", type=click.IntRange(min=0), help="Kafka: only this partition.")

@@ -118,3 +118,27 @@ def test_an_empty_time_is_refused_not_taken_for_none(args: list[str], tmp_path: 
                                 env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
     assert result.exit_code == 2, (result.output, result.exception)
     assert ("is not a time" in result.output or "it takes no selection" in result.output) and not ran
+
+
+@pytest.mark.parametrize("args", [
+    ["replay", "--partner", ""],
+    ["replay", "--partner", " "],
+    ["replay", "--from-archive", "{tmp}", "--partner", ""],
+    ["replay", "--dry-run", "--partner", ""],
+])
+def test_an_empty_partner_is_refused_not_taken_for_a_partner_id(args: list[str], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replay --partner ""` (a script's unset variable, `--partner "$PARTNER"`) selected the events of partner id "",
+    which no event has: the replay sent nothing and exited 0, as if the partner's events had been replayed."""
+    ran: list[str] = []
+
+    async def replay(*_args: Any, **_kwargs: Any) -> ReplayReport:
+        ran.append("replay")
+        return ReplayReport(job="x", status="done")
+
+    monkeypatch.setattr(pipeline.jobs.replay, "replay_kafka", replay)
+    monkeypatch.setattr(pipeline.jobs.replay, "replay_archive", replay)
+    result = CliRunner().invoke(cli, [a.format(tmp=tmp_path) for a in args],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Invalid value for '--partner'" in result.output and not ran
