@@ -202,8 +202,17 @@ def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, 
                   f"check them, then DROP DATABASE `{report.old_database}`")
 
 
+def _directory(value: str) -> Path:
+    """The archive's directory; an empty one is refused, not taken for `.` (`export "$UNSET"` archived into whatever
+    directory the command ran in)."""
+    if not value.strip():
+        raise click.BadParameter("empty: give the archive's directory (`.` for the current one)")
+    return Path(value)
+
+
 @click.command()
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory", type=click.Path(file_okay=False),
+                callback=lambda _c, _p, v: _directory(v))
 @click.option("--module", "modules", multiple=True, type=click.Choice(MODULES),
               help="Module to export (repeatable; default: all).")
 @click.option("--source", type=click.Choice(["kafka", "clickhouse"]), default="kafka", show_default=True,

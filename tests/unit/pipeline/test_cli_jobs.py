@@ -142,3 +142,33 @@ def test_an_empty_partner_is_refused_not_taken_for_a_partner_id(args: list[str],
                                 env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
     assert result.exit_code == 2, (result.output, result.exception)
     assert "Invalid value for '--partner'" in result.output and not ran
+
+
+@pytest.mark.parametrize("source", ["kafka", "clickhouse"])
+@pytest.mark.parametrize("directory", ["", " "])
+def test_an_empty_export_directory_is_refused_not_taken_for_the_current_one(
+        directory: str, source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export ""` (a script's unset variable, `export "$ARCHIVE"`) was taken for `.`: the archive went into whatever
+    directory the command ran in."""
+    import pipeline.jobs.archive
+
+    ran: list[Path] = []
+
+    async def from_kafka(_settings: Any, _bootstrap: str, into: Path, *_args: Any,
+                         **_kwargs: Any) -> pipeline.jobs.archive.ExportResult:
+        ran.append(into)
+        return pipeline.jobs.archive.ExportResult()
+
+    monkeypatch.setattr(pipeline.jobs.archive, "export_from_kafka", from_kafka)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["export", directory, "--source", source],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data"),
+                                     "OCPI_CLICKHOUSE_DSN": "http://default:x@127.0.0.1:1"})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Invalid value for 'DIRECTORY'" in result.output and not ran
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["data"])
+    if source == "kafka":  # the current directory, asked for as such, is still an archive's directory
+        result = CliRunner().invoke(cli, ["export", "."], env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+                                                               "OCPI_DATA_DIR": str(tmp_path / "data")})
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert ran == [Path()]
