@@ -280,7 +280,8 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
               "does not move it).")
 @click.option("--until", help="date_to (exclusive); default: 5 minutes before now (the partner's clock may run "
               "behind ours; the next pull starts there).")
-@click.option("--limit", default=100, show_default=True, help="Objects per page asked for (the server may cap it).")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Objects per page asked for (the server may cap it).")
 @click.option("--restart", is_flag=True, help="Abandon an interrupted crawl instead of resuming it.")
 @click.option("--max-attempts", default=8, show_default=True, type=click.IntRange(min=1),
               help="Attempts per page on HTTP 429 or 5xx, a timeout or connection error, OCPI 3xxx or a Hub's "

@@ -172,3 +172,23 @@ def test_an_empty_export_directory_is_refused_not_taken_for_the_current_one(
                                                                "OCPI_DATA_DIR": str(tmp_path / "data")})
         assert result.exit_code == 0, (result.output, result.exception)
         assert ran == [Path()]
+
+
+@pytest.mark.parametrize("limit", ["0", "-3"])
+@pytest.mark.parametrize("schedule", [[], ["--schedule", "60"]])
+def test_a_pull_limit_below_one_is_refused_before_anything_connects(limit: str, schedule: list[str], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pull --limit 0` was refused by the job, after the command had connected to the store and the partner
+    registry; with --schedule every round failed so, "next round as scheduled", for ever."""
+    import infra.clickhouse.client
+    import pipeline.cli.jobs
+
+    def connect_for(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("connected before refusing the limit")
+
+    monkeypatch.setattr(pipeline.cli.jobs, "connect_for", connect_for)
+    monkeypatch.setattr(infra.clickhouse.client, "connect_for", connect_for)
+    result = CliRunner().invoke(cli, ["pull", "--partner", "cpo-be", "--module", "cdrs", "--limit", limit, *schedule],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Invalid value for '--limit'" in result.output
