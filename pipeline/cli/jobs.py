@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import aiokafka.errors
 import click
 import kafka.errors
+from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -95,7 +96,8 @@ def _partner(value: str | None) -> str | None:
 @click.option("--partial-history", is_flag=True, help="--rebuild: go on although retention deleted the start of "
               "some topics' partitions (replay their history from an archive first).")
 @click.option("--wait/--no-wait", default=False, show_default=True,
-              help="Wait until the pipeline's worker has consumed the replayed events.")
+              help="Wait until the pipeline's worker has consumed the replayed events (not with --rebuild, which "
+              "always waits for its own worker).")
 @click.option("--timeout", default=3600.0, show_default=True, callback=lambda _c, _p, v: seconds(v, least=0.0),
               help="Seconds --wait may take; with --rebuild, each step that waits for its worker may (the build, "
               "the gap after the swap, and then each one's internal topics).")
@@ -128,6 +130,9 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
         if any((modules, partner is not None, since is not None, until is not None, partition is not None,
                 from_offset is not None, to_offset is not None, archive, job is not None, again)):
             raise click.UsageError("--rebuild recomputes everything from the topics: it takes no selection")
+        if click.get_current_context().get_parameter_source("wait") is not ParameterSource.DEFAULT:
+            raise click.UsageError("--rebuild always waits for its own worker and returns once the rebuilt tables "
+                                   "are swapped in and caught up: it takes no --wait/--no-wait")
         _rebuild(settings, bootstrap, dry_run, timeout, console, partial_history)
         return
     if partial_history:

@@ -192,3 +192,25 @@ def test_a_pull_limit_below_one_is_refused_before_anything_connects(limit: str, 
                                 env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
     assert result.exit_code == 2, (result.output, result.exception)
     assert "Invalid value for '--limit'" in result.output
+
+
+@pytest.mark.parametrize("args", [["--wait"], ["--no-wait"], ["--wait", "--dry-run"]])
+def test_rebuild_refuses_wait_it_cannot_honour(args: list[str], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replay --rebuild --wait` (or --no-wait) was accepted and ignored: a rebuild waits for its own worker, always,
+    and has no replayed records for the live worker to consume. The option is refused with --rebuild, as the
+    selection options are."""
+    import pipeline.jobs.rebuild
+
+    ran: list[str] = []
+
+    async def rebuild(*_args: Any, **_kwargs: Any) -> Any:
+        ran.append("rebuild")
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(pipeline.jobs.rebuild, "rebuild", rebuild)
+    monkeypatch.setattr(pipeline.jobs.rebuild, "source_targets", rebuild)
+    result = CliRunner().invoke(cli, ["replay", "--rebuild", *args],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "--wait" in result.output and not ran
