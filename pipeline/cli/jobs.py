@@ -14,6 +14,7 @@ import aiokafka.errors
 import click
 import kafka.errors
 from click.core import ParameterSource
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -258,6 +259,9 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
                 sys.exit(130)
             except JobError as exc:  # another export into the directory, a damaged archive file
                 raise click.ClickException(str(exc)) from None
+            except ClickHouseError as exc:  # a server (or `dev` and its shim) gone or failing after the connect
+                raise click.ClickException(f"ClickHouse failed during the export ({exc}); run it again: complete "
+                                           "files are kept") from None
             finally:
                 client.close()
     console = Console()

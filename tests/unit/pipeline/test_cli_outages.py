@@ -215,3 +215,39 @@ def test_topic_configs_kafka_refuses_stop_the_start_in_one_line(command: str, tm
     result = invoke([command], {"OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "OCPI_HTTP_PORT": str(free_port()),
                                 "OCPI_DATA_DIR": str(tmp_path)})
     assert_one_line_error(result, "POLICY_VIOLATION")
+
+
+class _FailingMidway:
+    """A ClickHouse client that answers its first query, then fails as a server (or the `dev` shim) gone does."""
+
+    def __init__(self, first: list[tuple[Any, ...]]) -> None:
+        self.first: list[tuple[Any, ...]] | None = first
+        self.closed = False
+
+    def query(self, *_args: Any, **_kwargs: Any) -> Any:
+        from types import SimpleNamespace
+
+        from clickhouse_connect.driver.exceptions import OperationalError
+
+        if self.first is None:
+            raise OperationalError("Error HTTPConnectionPool(host='127.0.0.1', port=8123): Connection refused")
+        rows, self.first = self.first, None
+        return SimpleNamespace(result_rows=rows, column_names=["day", "count()"])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_export_from_clickhouse_failing_midway_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export --source clickhouse` answered a ClickHouse that did not answer at connect in one line, but one that
+    failed once the export had begun (a server restarted, `dev` stopped) ended in an OperationalError traceback."""
+    import datetime
+
+    import pipeline.cli.jobs
+
+    client = _FailingMidway([(datetime.date(2024, 5, 1), 3)])
+    monkeypatch.setattr(pipeline.cli.jobs, "connect_for", lambda *_a, **_k: client)
+    result = invoke(["export", str(tmp_path / "archive"), "--source", "clickhouse", "--module", "cdrs"],
+                    {"OCPI_KAFKA_BOOTSTRAP": "", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert_one_line_error(result, "ClickHouse", "Connection refused", "run it again")
+    assert client.closed
