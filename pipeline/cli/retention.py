@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import click
+import kafka.errors
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from rich.console import Console
 from rich.table import Table
 
@@ -10,6 +12,7 @@ from infra.clickhouse.client import ClickHouseUnavailable, connect_for
 from infra.kafka.bootstrap import KafkaNotConfigured, reachable, resolve_bootstrap
 from infra.settings import Settings, load_settings
 from pipeline import retention
+from pipeline.cli.errors import kafka_failed
 from pipeline.records import utc_now
 
 
@@ -28,7 +31,10 @@ def _topic_configs_in_effect(settings: Settings) -> dict[str, dict[str, str]] | 
         return "not available (no Kafka configured and no running instance)"
     if not reachable(bootstrap):
         return f"not available ({bootstrap} does not answer)"
-    return topic_configs(bootstrap, retention.topic_configs(settings))
+    try:
+        return topic_configs(bootstrap, retention.topic_configs(settings))
+    except kafka.errors.KafkaError as exc:  # it accepted the connection, then timed out or refused
+        return f"not available (Kafka at {bootstrap} failed: {type(exc).__name__}: {exc})"
 
 
 @retention_group.command("report")
@@ -47,6 +53,8 @@ def report() -> None:
         leftovers = retention.leftover_rebuilds(client, settings.clickhouse.database)
     except ClickHouseUnavailable as exc:
         raise click.ClickException(str(exc)) from None
+    except ClickHouseError as exc:  # a server (or `dev` and its shim) gone or failing after the connect
+        raise click.ClickException(f"ClickHouse failed: {exc}") from None
     console = Console(width=max(Console().width, 130))
     policy = Table("class", "what", "kept", title="Retention policy")
     for data_class in retention.policy(settings):
@@ -104,6 +112,8 @@ def apply() -> None:
         done = retention.pseudonymise_due(client, settings, retention.Pseudonymizer(key), utc_now())
     except (ClickHouseUnavailable, retention.PseudonymKeyError) as exc:
         raise click.ClickException(str(exc)) from None
+    except ClickHouseError as exc:  # a server (or `dev` and its shim) gone or failing after the connect
+        raise click.ClickException(f"ClickHouse failed: {exc}; run the command again (what it set is kept)") from None
     click.echo(f"TTL set on: {', '.join(changed) or 'nothing (already as configured)'}")
     click.echo("pseudonymised: " + ", ".join(f"{table} {n}" for table, n in done.items()))
     try:
@@ -119,6 +129,9 @@ def apply() -> None:
         topics, missing = set_topic_configs(bootstrap, wanted)
     except TopicConfigError as exc:
         raise click.ClickException(f"topics not changed: {exc}") from None
+    except kafka.errors.KafkaError as exc:  # it accepted the connection, then timed out or refused
+        note = "the ClickHouse part above is done; run the command again"
+        raise click.ClickException(f"topics not changed: {kafka_failed(bootstrap, exc, note).message}") from None
     unchanged = "nothing" if missing else "nothing (already as configured)"
     click.echo(f"topic retention set on: {', '.join(topics) or unchanged}")
     if missing:

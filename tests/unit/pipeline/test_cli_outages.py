@@ -251,3 +251,68 @@ def test_export_from_clickhouse_failing_midway_says_so(tmp_path: Path, monkeypat
                     {"OCPI_KAFKA_BOOTSTRAP": "", "OCPI_DATA_DIR": str(tmp_path / "data")})
     assert_one_line_error(result, "ClickHouse", "Connection refused", "run it again")
     assert client.closed
+
+
+class _Store:
+    def close(self) -> None:
+        pass
+
+
+def _kafka_failing_after_answering(monkeypatch: pytest.MonkeyPatch) -> None:
+    import infra.kafka.admin
+    import pipeline.cli.retention
+    import pipeline.retention
+
+    def failed(*_args: Any, **_kwargs: Any) -> Any:
+        raise kafka.errors.KafkaTimeoutError("Timeout after waiting for 10 secs")
+
+    monkeypatch.setattr(pipeline.cli.retention, "connect_for", lambda *_a, **_k: _Store())
+    monkeypatch.setattr(pipeline.cli.retention, "reachable", lambda *_a, **_k: True)  # it accepted the connection
+    monkeypatch.setattr(infra.kafka.admin, "topic_configs", failed)
+    monkeypatch.setattr(infra.kafka.admin, "set_topic_configs", failed)
+    monkeypatch.setattr(pipeline.retention, "report_rows", lambda *_a, **_k: [])
+    monkeypatch.setattr(pipeline.retention, "leftover_rebuilds", lambda *_a, **_k: [])
+    monkeypatch.setattr(pipeline.retention, "load_key", lambda *_a, **_k: b"k" * 32)
+    monkeypatch.setattr(pipeline.retention, "check_key", lambda *_a, **_k: None)
+    monkeypatch.setattr(pipeline.retention, "apply_ttls", lambda *_a, **_k: [])
+    monkeypatch.setattr(pipeline.retention, "pseudonymise_due", lambda *_a, **_k: {})
+
+
+def test_retention_report_on_a_kafka_failing_after_answering_says_so(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Kafka that accepted the connection and then failed (timed out, refused the describe) ended `retention report`
+    in a traceback after the ClickHouse tables; a Kafka that does not answer at all is a line of the topics' table,
+    and so is this now: the rest of the report stands."""
+    _kafka_failing_after_answering(monkeypatch)
+    bootstrap = f"127.0.0.1:{free_port()}"
+    result = invoke(["retention", "report"], {"OCPI_KAFKA_BOOTSTRAP": bootstrap, "OCPI_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "not available" in result.output and "KafkaTimeoutError" in result.output
+
+
+def test_retention_apply_on_a_kafka_failing_after_answering_says_so(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _kafka_failing_after_answering(monkeypatch)
+    bootstrap = f"127.0.0.1:{free_port()}"
+    result = invoke(["retention", "apply"], {"OCPI_KAFKA_BOOTSTRAP": bootstrap, "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, "topics not changed", "Kafka", bootstrap, "KafkaTimeoutError")
+
+
+@pytest.mark.parametrize("command", ["report", "apply"])
+def test_retention_on_a_clickhouse_failing_after_the_connect_says_so(command: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ClickHouse that failed after the connect (a server restarted, `dev` and its shim stopped) ended `retention
+    report` or `apply` in a traceback; one that did not answer at connect was already one line."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    import pipeline.retention
+
+    _kafka_failing_after_answering(monkeypatch)
+
+    def gone(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("Error HTTPConnectionPool(host='127.0.0.1', port=8123): Connection refused")
+
+    monkeypatch.setattr(pipeline.retention, "report_rows", gone)
+    monkeypatch.setattr(pipeline.retention, "apply_ttls", gone)
+    result = invoke(["retention", command], {"OCPI_KAFKA_BOOTSTRAP": "", "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, "ClickHouse", "Connection refused")
