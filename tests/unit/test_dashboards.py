@@ -421,3 +421,36 @@ def test_every_panel_reads_deduplicated_rows(schema: Client, path: Path) -> None
                 assert final, f"{path.name}: {title!r} reads {table} without FINAL"
             else:
                 assert engine == "View" and "FINAL" in views[table], f"{path.name}: {title!r} reads {table} ({engine})"
+
+
+def test_the_billing_dashboard_shows_the_revenue_report_s_numbers_for_all_partners(schema: Client) -> None:
+    """The billing dashboard says it shows the numbers of `ocpi-pipeline report revenue`, but its `partner` variable
+    listed the registered partners only, so All left out the CDRs billed under a partner id missing from `partners`:
+    revenue the report counts and the dashboard did not. All now lists the billed partner ids too."""
+    from decimal import Decimal
+
+    from pipeline import reports
+
+    now = datetime.now(UTC)
+    party = f"B{uuid.uuid4().hex[:2].upper()}"
+    registered, gone = f"bl-{uuid.uuid4().hex[:6]}", f"bl-gone-{uuid.uuid4().hex[:6]}"
+    PartnerRegistry(schema).register_direct(
+        registered, "Billed", [PartyRole(country_code="NL", party_id=party, role="CPO", business_name="Billed")])
+
+    def line(partner_id: str, cdr_id: str, cost: str) -> list[Any]:
+        return [now.date(), partner_id, "NL", party, "LOC1", cdr_id, "EUR", False, Decimal("10"), Decimal(cost),
+                None, now, 1]
+
+    schema.insert("billing_lines", [line(registered, "C1", "5"), line(gone, "C2", "7")],
+                  column_names=["day", "partner_id", "country_code", "party_id", "location_id", "cdr_id", "currency",
+                                "credit", "energy_kwh", "cost_excl_vat", "cost_incl_vat", "received_at", "version"])
+    _columns, report = reports.run(schema, reports.revenue(reports.Period(), party=f"NL/{party}"))
+    assert [(row[3], row[6]) for row in report] == [(2, Decimal("12"))]
+
+    board = ROOT / "dashboards" / "billing.json"
+    variable = next(v for v in _load(board)["templating"]["list"] if v["name"] == "partner")
+    everyone = [str(row[0]) for row in schema.query(variable["query"]).result_rows]  # All: every option
+    sql = render_panel_sql(_panel_sql(board, "Per CPO party"), start=now - timedelta(days=1),
+                           end=now + timedelta(days=1), partners=everyone)
+    rows = [row for row in schema.query(sql).result_rows if row[1] == party]
+    assert [(row[3], row[5], row[6]) for row in rows] == [(2, Decimal("20"), Decimal("12"))]
