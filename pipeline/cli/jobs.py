@@ -328,6 +328,8 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
     start, end = _time(since), _time(until)
     if schedule is not None and end is not None:
         raise click.UsageError("--schedule pulls up to now every round; it takes no --until")
+    if splay is not None and schedule is None:
+        raise click.UsageError("--splay delays the rounds of --schedule; a single pull takes none")
     console = Console()
 
     async def once(progress: RichProgress, later_round: bool) -> Any:

@@ -214,3 +214,19 @@ def test_rebuild_refuses_wait_it_cannot_honour(args: list[str], tmp_path: Path,
                                 env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
     assert result.exit_code == 2, (result.output, result.exception)
     assert "--wait" in result.output and not ran
+
+
+def test_a_pull_splay_without_a_schedule_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pull --splay 30` without --schedule was accepted and ignored: one pull ran at once, with no delay."""
+    import infra.clickhouse.client
+    import pipeline.cli.jobs
+
+    def connect_for(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("connected before refusing --splay")
+
+    monkeypatch.setattr(pipeline.cli.jobs, "connect_for", connect_for)
+    monkeypatch.setattr(infra.clickhouse.client, "connect_for", connect_for)
+    result = CliRunner().invoke(cli, ["pull", "--partner", "cpo-be", "--module", "cdrs", "--splay", "30"],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "--splay" in result.output and "--schedule" in result.output
