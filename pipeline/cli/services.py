@@ -111,14 +111,17 @@ def worker(ctx: click.Context) -> None:
         raise kafka_failed(settings.kafka.bootstrap or "the running `dev` instance", exc) from None
 
 
-def first_partner_token_a(registry: PartnerRegistry) -> str | None:
-    """A fresh Token A for the first partner while it has not registered; None once it has."""
+def first_partner_line(registry: PartnerRegistry) -> str:
+    """What `dev` says of the first partner: a fresh Token A while it has not registered, else where it stands."""
     partner = registry.get(FIRST_PARTNER)
     if partner is None:
-        return registry.invite(FIRST_PARTNER, "First CPO")[1]
+        return f"Token A ({FIRST_PARTNER}): {registry.invite(FIRST_PARTNER, 'First CPO')[1]}"
     if partner.status is PartnerStatus.INVITED:
-        return registry.reinvite(FIRST_PARTNER)
-    return None
+        return f"Token A ({FIRST_PARTNER}): {registry.reinvite(FIRST_PARTNER)}"
+    if partner.status is PartnerStatus.REGISTERED:
+        return f"{FIRST_PARTNER} is registered already; `ocpi-pipeline partners invite` adds another"
+    return (f"{FIRST_PARTNER} is {partner.status.value.lower()} (`ocpi-pipeline partners show {FIRST_PARTNER}`); "
+            "`ocpi-pipeline partners invite` adds another")
 
 
 async def _run_dev(settings: Settings, console: Console) -> None:
@@ -130,14 +133,11 @@ async def _run_dev(settings: Settings, console: Console) -> None:
     try:
         await stack.start()
         assert stack.clickhouse is not None
-        token_a = await asyncio.to_thread(first_partner_token_a, PartnerRegistry(stack.clickhouse))
+        first_partner = await asyncio.to_thread(first_partner_line, PartnerRegistry(stack.clickhouse))
         console.print(f"[bold green]ready[/] data in {stack.data_dir}, logs in {stack.log_dir}")
         console.print(f"Kafka (embedded Tansu): {stack.bootstrap}" if stack.broker else f"Kafka: {stack.bootstrap}")
         click.echo(f"versions URL: {stack.versions_url}")
-        if token_a:
-            click.echo(f"Token A ({FIRST_PARTNER}): {token_a}")
-        else:
-            click.echo(f"{FIRST_PARTNER} is registered already; `ocpi-pipeline partners invite` adds another")
+        click.echo(first_partner)
         if stack.broker is not None:  # an embedded broker starts empty, and so does the worker's state
             from pipeline.worker import state_gap
 

@@ -74,7 +74,7 @@ def start_dev(env: dict[str, str]) -> tuple[subprocess.Popen[str], dict[str, str
             break
         key, _, value = line.partition(": ")
         lines[key.strip()] = value.strip()
-        if key.startswith("Token A") or "registered already" in line:
+        if key.startswith("Token A") or "adds another" in line:  # or where the first partner stands
             break
     return process, lines, time.monotonic() - started
 

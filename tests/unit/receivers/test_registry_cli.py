@@ -192,3 +192,20 @@ def test_show_gives_a_revoked_token_no_validity_end(run: Cli) -> None:
     registry.save(partner)
     lines = [line for line in run("show", "bec").output.splitlines() if line.startswith("token: ")]
     assert len(lines) == 2 and all("REVOKED" in line and "until" not in line for line in lines), lines
+
+
+def test_dev_says_where_the_first_partner_stands(run: Cli) -> None:
+    """`dev` printed "first-cpo is registered already" for a first partner suspended, unregistered or deleted,
+    which has no working token."""
+    from pipeline.cli.services import FIRST_PARTNER, first_partner_line
+
+    run("list")  # migrates the store
+    registry = run.registry()
+    assert first_partner_line(registry).startswith(f"Token A ({FIRST_PARTNER}): ")  # invited now
+    again = first_partner_line(registry)
+    assert again.startswith(f"Token A ({FIRST_PARTNER}): ") and again != first_partner_line(registry)  # reinvited
+    registry.set_status(FIRST_PARTNER, PartnerStatus.SUSPENDED)
+    assert first_partner_line(registry).startswith(f"{FIRST_PARTNER} is suspended ")
+    registry.delete(FIRST_PARTNER)
+    line = first_partner_line(registry)
+    assert line.startswith(f"{FIRST_PARTNER} is deleted ") and "registered" not in line
