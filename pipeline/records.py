@@ -139,6 +139,12 @@ def misfit(event: DecodedEvent, module: str) -> str | None:
         return f"an {event.level} push without evse_uid"
     if event.level == "CONNECTOR" and not event.connector_id:
         return "a CONNECTOR push without connector_id"
+    # An identity below the event's level would file it under an object whose stored times never match it.
+    article = "an" if event.level[:1] in "AEIOU" else "a"
+    if event.evse_uid and event.level not in ("EVSE", "CONNECTOR"):
+        return f"{article} {event.level} push with evse_uid {event.evse_uid!r}"
+    if event.connector_id and event.level != "CONNECTOR":
+        return f"{article} {event.level} push with connector_id {event.connector_id!r}"
     for field_name, expected in _identity(event):
         value = event.payload.get(field_name)
         if value is not None and not ci_equal(value, expected):

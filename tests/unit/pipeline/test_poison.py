@@ -22,7 +22,7 @@ from pipeline.sessions import process_sessions
 from pipeline.stage import StageOutput
 from pipeline.state import Codec, SessionState
 
-from .builders import DictStore, cdr, event, event_bytes, evse, iso, session, stage_rules, ts
+from .builders import DictStore, cdr, event, event_bytes, evse, iso, location, session, stage_rules, ts
 
 
 def mutated(value: bytes, **changes: Any) -> bytes:
@@ -42,6 +42,15 @@ def test_events_that_do_not_fit_their_topic_are_named() -> None:
     evse_put = event_bytes("EVSE", evse("E1"), object_id="LOC1", evse_uid="E1")
     assert misfit(decode_event(evse_put), "LOCATIONS") is None
     assert misfit(decode_event(mutated(evse_put, evse_uid=None)), "LOCATIONS") == "an EVSE push without evse_uid"
+    # An identity of a level below the event's: handled under an identity no stored time of it matches.
+    location_put = event_bytes("Location", location(), object_id="LOC1")
+    assert misfit(decode_event(location_put), "LOCATIONS") is None
+    assert misfit(decode_event(mutated(location_put, evse_uid="E1")), "LOCATIONS") == (
+        "a LOCATION push with evse_uid 'E1'")
+    assert misfit(decode_event(mutated(evse_put, connector_id="1")), "LOCATIONS") == (
+        "an EVSE push with connector_id '1'")
+    assert misfit(decode_event(mutated(event_bytes("Session", session()), evse_uid="E1")), "SESSIONS") == (
+        "a SESSION push with evse_uid 'E1'")
 
 
 def test_sort_out_keeps_the_fitting_records_and_makes_dead_letters_of_the_others() -> None:
