@@ -1,7 +1,9 @@
 """OCPI 2.2.1-d2 domain model shared by the receivers and the pipeline.
 
-Import paths: ocpi.model (Structs, enums), ocpi.decode, ocpi.compat, ocpi.canonical, ocpi.identity,
-ocpi.patch, ocpi.status, ocpi.errors, ocpi.datetime. Everything public is also re-exported here.
+Import paths: ocpi.model (Structs, enums), ocpi.types (the spec's value types and number rules), ocpi.decode,
+ocpi.compat, ocpi.canonical, ocpi.identity, ocpi.patch, ocpi.status, ocpi.errors, ocpi.datetime. The model and
+the names in `__all__` below are also re-exported here; the rest (`ocpi.identity.owner_key_part`,
+`ocpi.canonical.canonical_json`, ...) only from their modules.
 """
 
 from ocpi import model as _model

@@ -233,3 +233,18 @@ def test_the_receivers_bench_says_when_it_runs_the_uvloop_row() -> None:
     bench = " ".join(DOCS["bench/README.md"].split())
     assert "the row is kept to compare both loops" not in bench
     assert "run only where uvloop is not installed" in bench
+
+
+def test_the_ocpi_package_docstring_names_its_modules_and_what_it_re_exports() -> None:
+    """`ocpi`'s docstring said everything public is re-exported from the package; `owner_key_part`,
+    `canonical_json`, `format_exact_datetime` ... are not, and it left `ocpi.types` out of its import paths."""
+    import importlib
+
+    import ocpi
+
+    doc = ocpi.__doc__ or ""
+    assert "Everything public is also re-exported" not in doc
+    modules = sorted(p.stem for p in (ROOT / "ocpi").glob("*.py") if not p.stem.startswith("_"))
+    assert [m for m in modules if f"ocpi.{m}" not in doc] == []
+    for ref in re.findall(r"`ocpi\.(\w+)\.(\w+)`", doc):
+        assert hasattr(importlib.import_module(f"ocpi.{ref[0]}"), ref[1]) and not hasattr(ocpi, ref[1]), ref
