@@ -248,3 +248,14 @@ def test_the_ocpi_package_docstring_names_its_modules_and_what_it_re_exports() -
     assert [m for m in modules if f"ocpi.{m}" not in doc] == []
     for ref in re.findall(r"`ocpi\.(\w+)\.(\w+)`", doc):
         assert hasattr(importlib.import_module(f"ocpi.{ref[0]}"), ref[1]) and not hasattr(ocpi, ref[1]), ref
+
+
+def test_the_partners_doc_lists_the_modules_we_serve() -> None:
+    """docs/partners.md listed our Receiver endpoints as "sessions, cdrs, locations, ...", as if we served more
+    (tariffs, tokens: the modules a Hub broadcasts); the version details list exactly what the app serves."""
+    from receivers.app import create_app
+    from receivers.versions import served_endpoints
+
+    served = {str(e.identifier) for e in served_endpoints(create_app(sink=[]), "") if e.role.value == "RECEIVER"}
+    row = next(line for line in DOCS["docs/partners.md"].splitlines() if "| RECEIVER |" in line)
+    assert {m.strip() for m in row.split("|")[1].split(",")} == served, row
