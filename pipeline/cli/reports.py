@@ -77,10 +77,11 @@ def _echo(columns: list[str], rows: list[Sequence[Any]], fmt: str) -> None:
 
 @click.group()
 def report() -> None:
-    """Named reports over the store: revenue, reconciliation, anomalies, partner health, rejections.
+    """Named reports: revenue, reconciliation, anomalies, partner health, rejections; and consumer lag.
 
-    They read ClickHouse with a read-only connection, so they work against a ClickHouse server and against
-    the embedded store while `dev` runs. Periods are UTC dates, both ends inclusive.
+    The store reports read ClickHouse with a read-only connection, so they work against a ClickHouse server and
+    against the embedded store while `dev` runs; their periods are UTC dates, both ends inclusive. consumer-lag
+    reads the worker's offsets from Kafka (a running `dev`'s, or OCPI_KAFKA_BOOTSTRAP's).
 
     Example: ocpi-pipeline report revenue --from 2024-05-01 --to 2024-05-31 --by location
     """

@@ -259,3 +259,12 @@ def test_the_partners_doc_lists_the_modules_we_serve() -> None:
     served = {str(e.identifier) for e in served_endpoints(create_app(sink=[]), "") if e.role.value == "RECEIVER"}
     row = next(line for line in DOCS["docs/partners.md"].splitlines() if "| RECEIVER |" in line)
     assert {m.strip() for m in row.split("|")[1].split(",")} == served, row
+
+
+def test_report_help_says_consumer_lag_reads_kafka() -> None:
+    """`report --help` said every report reads ClickHouse, and named only the store reports; consumer-lag reads
+    the consumer group's offsets from Kafka, and needs a running `dev` or OCPI_KAFKA_BOOTSTRAP (README)."""
+    text = " ".join(CliRunner().invoke(cli, ["report", "--help"]).output.split())
+    intro = text.split("Options:")[0]
+    assert "consumer" in intro and "Kafka" in intro, intro
+    assert "They read ClickHouse" not in intro, intro
