@@ -243,3 +243,17 @@ def test_two_topic_settings_may_not_name_one_topic(variable: str, other: str) ->
 def test_the_longest_app_id_names_changelogs_kafka_takes() -> None:
     app_id = load_settings({"OCPI_PIPELINE_APP_ID": "a" * APP_ID_MAX_LENGTH}).pipeline.app_id
     assert max(len(changelog_topic(app_id, table)) for table in TABLES) == 249
+
+
+@pytest.mark.parametrize("raw", ["kafka1:9092,kafka2:9092,", "kafka1:9092,,kafka2:9092", " kafka1:9092 , kafka2:9092"])
+def test_a_bootstrap_list_is_taken_without_empty_entries_or_blanks(raw: str) -> None:
+    """An empty entry (a trailing or doubled comma) was kept as it was, and Faust reads one as its default broker:
+    the worker of a cluster's `kafka1:9092,kafka2:9092,` also bootstrapped from 127.0.0.1:9092, whatever Kafka
+    answers there (a developer's local one), and could join that cluster's group."""
+    import faust
+    from faust.transport.drivers.aiokafka import server_list
+
+    settings = load_settings({"OCPI_KAFKA_BOOTSTRAP": raw})
+    assert settings.kafka.bootstrap == "kafka1:9092,kafka2:9092"
+    app = faust.App("probe", broker=f"kafka://{settings.kafka.bootstrap}", autodiscover=False)
+    assert server_list(app.conf.broker, 9092) == ["kafka1:9092", "kafka2:9092"]
