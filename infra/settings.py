@@ -129,9 +129,28 @@ def _parse_http_url(env: str, raw: str) -> str:
     return raw.rstrip("/")
 
 
+# OCPI's URL type is at most 255 characters (Credentials.url, Endpoint.url, BusinessDetails.website): a partner that
+# checks it (ours does) refuses our credentials and version details with a longer one. Our endpoint URLs are the base
+# URL and a path of at most ENDPOINT_PATH_MAX_LENGTH (`receivers.versions.served_endpoints`).
+URL_MAX_LENGTH: Final = 255
+ENDPOINT_PATH_MAX_LENGTH: Final = len("/ocpi/emsp/2.2.1/locations")
+BASE_URL_MAX_LENGTH: Final = URL_MAX_LENGTH - ENDPOINT_PATH_MAX_LENGTH
+
+
+def _parse_website(env: str, raw: str) -> str:
+    url = _parse_http_url(env, raw)
+    if len(url) > URL_MAX_LENGTH:
+        raise SettingsError(f"{env}: {len(url)} characters; an OCPI URL has at most {URL_MAX_LENGTH}")
+    return url
+
+
 def _parse_base_url(env: str, raw: str) -> str:
     """The base our endpoint URLs are made of (base + path): a query or fragment would end up before the path."""
     url = _parse_http_url(env, raw)
+    if len(url) > BASE_URL_MAX_LENGTH:
+        raise SettingsError(f"{env}: {len(url)} characters; at most {BASE_URL_MAX_LENGTH}, so that our endpoint "
+                            f"URLs (this and a path of up to {ENDPOINT_PATH_MAX_LENGTH}) stay within OCPI's "
+                            f"{URL_MAX_LENGTH}")
     if "?" in url or "#" in url:
         raise SettingsError(f"{env}={raw!r}: expected a base URL without a query or fragment (the endpoints' paths "
                             "are appended to it)")
@@ -332,8 +351,9 @@ class HttpSettings:
     port: int = _setting("OCPI_HTTP_PORT", "8080", "port the receivers listen on")
     public_url: str = _setting(
         "OCPI_PUBLIC_URL", "",
-        "base URL partners reach us at, in ASCII (a punycode host, a percent-encoded path); empty = "
-        "http://HOST:PORT (used in OCPI endpoint URLs)",
+        "base URL partners reach us at, in ASCII (a punycode host, a percent-encoded path), at most "
+        f"{BASE_URL_MAX_LENGTH} characters (our endpoint URLs, it and a path, are OCPI URLs: {URL_MAX_LENGTH} at "
+        "most); empty = http://HOST:PORT (used in OCPI endpoint URLs)",
     )
 
     @property
@@ -396,7 +416,8 @@ class PartySettings:
     role: str = _setting(
         "OCPI_PARTY_ROLE", "EMSP", "our OCPI role in the credentials roles: EMSP, CPO, HUB, NSP, ..."
     )
-    website: str = _setting("OCPI_PARTY_WEBSITE", "", "website in our business details; empty = left out")
+    website: str = _setting("OCPI_PARTY_WEBSITE", "",
+                            f"website in our business details (at most {URL_MAX_LENGTH} characters); empty = left out")
 
 
 @dataclass(frozen=True)
@@ -559,7 +580,7 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_PARTY_NAME": lambda env, raw: _parse_pattern(env, raw, r"[^\x00-\x1f\x7f-\x9f]{1,100}",
                                                        "1-100 characters without control characters"),
     "OCPI_PARTY_ROLE": lambda env, raw: _parse_choice(env, raw, _ROLES),
-    "OCPI_PARTY_WEBSITE": lambda env, raw: _parse_http_url(env, raw) if raw else raw,
+    "OCPI_PARTY_WEBSITE": lambda env, raw: _parse_website(env, raw) if raw else raw,
     "OCPI_OUTBOUND_TIMEOUT": _parse_float,
     "OCPI_TOKEN_GRACE": _parse_non_negative_float,
     "OCPI_PIPELINE_APP_ID": _parse_app_id,
@@ -596,6 +617,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         sections[name] = cls(**values)
     settings = Settings(**sections)
     _check_distinct_topics(settings)
+    if len(settings.http.base_url) > BASE_URL_MAX_LENGTH:  # http://HOST:PORT, OCPI_PUBLIC_URL being empty
+        raise SettingsError(f"OCPI_HTTP_HOST: our endpoint URLs on {settings.http.base_url} would be longer than "
+                            f"OCPI's {URL_MAX_LENGTH} characters; set OCPI_PUBLIC_URL")
     if not settings.admin.token:
         # A random token still protects the shim; `dev` writes it to the run file for the CLI.
         settings = settings.with_overrides(admin={"token": secrets.token_urlsafe(24)})

@@ -257,3 +257,35 @@ def test_a_bootstrap_list_is_taken_without_empty_entries_or_blanks(raw: str) -> 
     assert settings.kafka.bootstrap == "kafka1:9092,kafka2:9092"
     app = faust.App("probe", broker=f"kafka://{settings.kafka.bootstrap}", autodiscover=False)
     assert server_list(app.conf.broker, 9092) == ["kafka1:9092", "kafka2:9092"]
+
+
+def test_the_urls_we_advertise_fit_ocpi_s_url_type() -> None:
+    """An OCPI URL is at most 255 characters (BusinessDetails.website, Credentials.url, Endpoint.url): a longer
+    OCPI_PUBLIC_URL or OCPI_PARTY_WEBSITE was taken, and a partner that checks the type (ours does) refused our
+    credentials and version details, so every handshake failed. Such a value stops the program at start now."""
+    import msgspec
+
+    from ocpi.model import BusinessDetails, Endpoint, InterfaceRole, ModuleID
+    from receivers.app import create_app
+    from receivers.versions import VERSIONS_PATH, served_endpoints
+
+    base = "https://ocpi.example.com/"
+    longest = max(len(e.url) for e in served_endpoints(create_app(load_settings({})), ""))
+    fits = base + "p" * (255 - longest - len(base))
+    settings = load_settings({"OCPI_PUBLIC_URL": fits})
+    for endpoint in served_endpoints(create_app(settings), settings.http.base_url):
+        msgspec.convert(msgspec.to_builtins(endpoint), Endpoint)  # a Url: at most 255 characters
+    assert len(settings.http.base_url + VERSIONS_PATH) <= 255
+    with pytest.raises(SettingsError, match="OCPI_PUBLIC_URL"):
+        load_settings({"OCPI_PUBLIC_URL": fits + "p"})
+    with pytest.raises(SettingsError, match="OCPI_HTTP_HOST"):
+        load_settings({"OCPI_HTTP_HOST": "h" * (255 - longest - len("http://:8080") + 1)})
+    with pytest.raises(msgspec.ValidationError):  # what a partner made of one character more
+        msgspec.convert({"identifier": ModuleID.LOCATIONS.value, "role": InterfaceRole.RECEIVER.value,
+                         "url": fits + "p/ocpi/emsp/2.2.1/locations"}, Endpoint)
+
+    website = "https://example.com/" + "w" * (255 - len("https://example.com/"))
+    assert load_settings({"OCPI_PARTY_WEBSITE": website}).party.website == website
+    msgspec.convert({"name": "ocpi-pipeline", "website": website}, BusinessDetails)
+    with pytest.raises(SettingsError, match="OCPI_PARTY_WEBSITE"):
+        load_settings({"OCPI_PARTY_WEBSITE": website + "w"})
