@@ -139,6 +139,9 @@ BASE_URL_MAX_LENGTH: Final = URL_MAX_LENGTH - ENDPOINT_PATH_MAX_LENGTH
 
 def _parse_website(env: str, raw: str) -> str:
     url = _parse_http_url(env, raw)
+    if not _URI_CHARACTERS.fullmatch(url):  # a URI; a control character is refused in any OCPI string
+        raise SettingsError(f"{env}={raw!r}: expected a URL of printable ASCII without spaces: a host name in "
+                            "punycode (xn--...), anything else in the path percent-encoded (%20, %C3%BC)")
     if len(url) > URL_MAX_LENGTH:
         raise SettingsError(f"{env}: {len(url)} characters; an OCPI URL has at most {URL_MAX_LENGTH}")
     return url
@@ -417,7 +420,8 @@ class PartySettings:
         "OCPI_PARTY_ROLE", "EMSP", "our OCPI role in the credentials roles: EMSP, CPO, HUB, NSP, ..."
     )
     website: str = _setting("OCPI_PARTY_WEBSITE", "",
-                            f"website in our business details (at most {URL_MAX_LENGTH} characters); empty = left out")
+                            f"website in our business details, in ASCII (a punycode host, a percent-encoded path), at "
+                            f"most {URL_MAX_LENGTH} characters; empty = left out")
 
 
 @dataclass(frozen=True)

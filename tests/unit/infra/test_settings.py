@@ -289,3 +289,13 @@ def test_the_urls_we_advertise_fit_ocpi_s_url_type() -> None:
     msgspec.convert({"name": "ocpi-pipeline", "website": website}, BusinessDetails)
     with pytest.raises(SettingsError, match="OCPI_PARTY_WEBSITE"):
         load_settings({"OCPI_PARTY_WEBSITE": website + "w"})
+
+
+@pytest.mark.parametrize("website", ["https://example.com/a\tb", "https://example.com/\x85", "https://exa mple.com/"])
+def test_a_website_is_a_url_of_printable_ascii(website: str) -> None:
+    """A tab (which urlparse drops before it parses) or a C1 control character in OCPI_PARTY_WEBSITE was taken and
+    sent in our BusinessDetails, whose string type has no control characters: a partner that checks it (ours
+    does) refused our credentials. An OCPI URL is a URI: printable ASCII without spaces."""
+    with pytest.raises(SettingsError, match="OCPI_PARTY_WEBSITE"):
+        load_settings({"OCPI_PARTY_WEBSITE": website})
+    assert load_settings({"OCPI_PARTY_WEBSITE": "https://xn--bcher-kva.de/%C3%BC"}).party.website
