@@ -56,6 +56,19 @@ def _parse_non_negative_int(env: str, raw: str) -> int:
     return value
 
 
+# A CreateTopics request carries the partition count as a 32-bit and the replication factor as a 16-bit integer:
+# beyond them creating the topics ended in a struct.error traceback.
+MAX_TOPIC_PARTITIONS: Final = 2**31 - 1
+MAX_REPLICATION_FACTOR: Final = 2**15 - 1
+
+
+def _parse_replication_factor(env: str, raw: str) -> int:
+    value = _parse_non_negative_int(env, raw)
+    if value > MAX_REPLICATION_FACTOR:
+        raise SettingsError(f"{env}={raw!r}: expected an integer from 0 to {MAX_REPLICATION_FACTOR}")
+    return value
+
+
 # Retention ages: no policy keeps data a century, and a bound keeps every TTL well inside ClickHouse's DateTime64
 # range (to 2299) and every age inside Python's datetime arithmetic.
 MAX_RETENTION_DAYS = 36_500
@@ -562,8 +575,8 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_TOPIC_SESSIONS": _parse_topic,
     "OCPI_TOPIC_CDRS": _parse_topic,
     "OCPI_TOPIC_REJECTIONS": _parse_topic,
-    "OCPI_TOPIC_PARTITIONS": _parse_positive_int,
-    "OCPI_KAFKA_REPLICATION_FACTOR": _parse_non_negative_int,
+    "OCPI_TOPIC_PARTITIONS": lambda env, raw: _parse_int_up_to(env, raw, MAX_TOPIC_PARTITIONS),
+    "OCPI_KAFKA_REPLICATION_FACTOR": _parse_replication_factor,
     "OCPI_KAFKA_SEND_TIMEOUT": _parse_kafka_timeout,
     "OCPI_KAFKA_FLAVOR": lambda env, raw: _parse_choice(env, raw, ("auto", "kafka", "tansu")),
     # A name or an address, which our endpoint URLs are made of when OCPI_PUBLIC_URL is empty (`local_url`).

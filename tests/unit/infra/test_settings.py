@@ -299,3 +299,14 @@ def test_a_website_is_a_url_of_printable_ascii(website: str) -> None:
     with pytest.raises(SettingsError, match="OCPI_PARTY_WEBSITE"):
         load_settings({"OCPI_PARTY_WEBSITE": website})
     assert load_settings({"OCPI_PARTY_WEBSITE": "https://xn--bcher-kva.de/%C3%BC"}).party.website
+
+
+@pytest.mark.parametrize(("variable", "most"), [("OCPI_KAFKA_REPLICATION_FACTOR", 2**15 - 1),
+                                                ("OCPI_TOPIC_PARTITIONS", 2**31 - 1)])
+def test_topic_sizes_fit_kafka_s_create_topics_request(variable: str, most: int) -> None:
+    """A CreateTopics request carries the replication factor as a 16-bit and the partition count as a 32-bit
+    integer: a larger value was taken, and `dev`, `serve` and the worker ended in a struct.error traceback when they
+    created the topics."""
+    assert load_settings({variable: str(most)})
+    with pytest.raises(SettingsError, match=f"{variable}='{most + 1}'"):
+        load_settings({variable: str(most + 1)})
