@@ -268,3 +268,14 @@ def test_report_help_says_consumer_lag_reads_kafka() -> None:
     intro = text.split("Options:")[0]
     assert "consumer" in intro and "Kafka" in intro, intro
     assert "They read ClickHouse" not in intro, intro
+
+
+def test_the_readme_says_the_tests_read_the_ocpi_digest_beside_the_clone() -> None:
+    """The tests read the spec's examples and object definitions from ../shared/ocpi, outside the repository: the
+    README's "Run the tests" from a fresh clone anywhere else ended in a dozen collection errors (FileNotFoundError),
+    and it did not say that the clone needs the digest beside it."""
+    from tests.conftest import OCPI_DIGEST
+
+    assert not OCPI_DIGEST.resolve().is_relative_to(ROOT)
+    quick_start = " ".join(README.split("## Quick start")[1].split("## Configuration")[0].split())
+    assert f"../{OCPI_DIGEST.parent.name}/{OCPI_DIGEST.name}/" in quick_start
