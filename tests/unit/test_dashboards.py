@@ -454,3 +454,52 @@ def test_the_billing_dashboard_shows_the_revenue_report_s_numbers_for_all_partne
                            end=now + timedelta(days=1), partners=everyone)
     rows = [row for row in schema.query(sql).result_rows if row[1] == party]
     assert [(row[3], row[5], row[6]) for row in rows] == [(2, Decimal("20"), Decimal("12"))]
+
+
+def test_the_reconciliation_dashboard_shows_every_partner_s_outcomes_for_all_partners(schema: Client) -> None:
+    """The reconciliation dashboard's `partner` variable listed the registered partners only, so All left out the
+    outcomes and anomalies written under a partner id missing from `partners` (as the billing dashboard left out
+    their CDRs): `report reconciliation` counts them, the dashboard did not. All now lists those partner ids too."""
+    from decimal import Decimal
+
+    from pipeline import reports
+    from pipeline.reconcile import RECONCILIATION_COLUMNS
+    from pipeline.records import Anomaly, AnomalyRow
+
+    now = datetime.now(UTC)
+    party = f"R{uuid.uuid4().hex[:2].upper()}"
+    registered, gone = f"rc-{uuid.uuid4().hex[:6]}", f"rc-gone-{uuid.uuid4().hex[:6]}"
+    PartnerRegistry(schema).register_direct(
+        registered, "Reconciled", [PartyRole(country_code="NL", party_id=party, role="CPO", business_name="R")])
+
+    def row(partner_id: str, subject_id: str) -> list[Any]:
+        values = dict(country_code="NL", party_id=party, subject="CDR", subject_id=subject_id, partner_id=partner_id,
+                      currency="EUR", outcome="MATCHED", method="SESSION_ID", session_id="S1", cdr_ids=[subject_id],
+                      session_kwh=Decimal(10), cdr_kwh=Decimal(10), delta_kwh=Decimal(0),
+                      session_cost_excl_vat=Decimal(5), cdr_cost_excl_vat=Decimal(5),
+                      delta_cost_excl_vat=Decimal(0), delta_start_s=None, delta_end_s=None, late=False, due_at=None,
+                      event_time=now - timedelta(hours=1), version=2)
+        return [values[c] for c in RECONCILIATION_COLUMNS]
+
+    schema.insert("reconciliation", [row(registered, "C1"), row(gone, "C2")],
+                  column_names=list(RECONCILIATION_COLUMNS))
+    schema.insert("anomalies", [projection.anomaly_row(AnomalyRow(
+        Anomaly.STALE_UPDATE, "SESSIONS", "NL", party, "S9", "", "e9", gone, "stale", now - timedelta(hours=1)))],
+        column_names=list(projection.ANOMALY_COLUMNS))
+    _columns, report = reports.run(schema, reports.reconciliation(reports.Period(), party=f"NL/{party}"))
+    assert [row[5] for row in report] == [2]
+
+    board = ROOT / "dashboards" / "reconciliation.json"
+    variable = next(v for v in _load(board)["templating"]["list"] if v["name"] == "partner")
+    everyone = [str(row[0]) for row in schema.query(variable["query"]).result_rows]  # All: every option
+    assert "" not in everyone
+
+    def rendered(title: str) -> str:
+        return render_panel_sql(_panel_sql(board, title), start=now - timedelta(days=1), end=now + timedelta(hours=1),
+                                partners=everyone)
+
+    deltas = [row for row in schema.query(rendered("Largest deltas (CDR minus session)")).result_rows
+              if row[1] == party]
+    assert sorted(row[3] for row in deltas) == ["C1", "C2"]
+    anomalies = [row for row in schema.query(rendered("Anomalies")).result_rows if row[3] == party]
+    assert [(row[0], row[4]) for row in anomalies] == [("STALE_UPDATE", 1)]
