@@ -30,7 +30,7 @@ from ocpi.datetime import (
     parse_datetime,
 )
 from ocpi.decode import Decoded, OcpiJsonError, OcpiValidationError, decode
-from ocpi.identity import ci_equal
+from ocpi.identity import ci_equal, ci_normalize
 from ocpi.status import OcpiStatus
 from ocpi.types import CI_STRING_PATTERN
 
@@ -484,7 +484,7 @@ def routing_headers(scope: Scope) -> RoutingHeaders:
         given = [value.decode("latin-1") for key, value in scope.get("headers", ()) if key.lower() == name]
         if not given:
             continue
-        if len({value.upper() for value in given}) > 1:
+        if len({ci_normalize(value) for value in given}) > 1:
             # Two parties at once (granian passes repeated lines apart): taking the first made the answer depend
             # on the order of the lines. The same value repeated says one thing.
             raise InvalidRoutingHeaders(f"header {name.decode()} is given more than once with different values: "

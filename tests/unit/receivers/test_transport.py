@@ -27,7 +27,14 @@ from ocpi.datetime import parse_datetime
 from ocpi.status import OcpiStatus
 from receivers.app import create_app
 from receivers.registry import PartnerStatus
-from receivers.transport import STATUS_EXCEPTIONS, InvalidParameters, OcpiError, parse_timestamp
+from receivers.transport import (
+    STATUS_EXCEPTIONS,
+    InvalidParameters,
+    InvalidRoutingHeaders,
+    OcpiError,
+    parse_timestamp,
+    routing_headers,
+)
 from tests.conftest import EXAMPLES
 from tests.unit.receivers.app_support import AppEnv, FakeSink, app_env, auth, make_env, routing  # noqa: F401
 
@@ -569,6 +576,16 @@ async def test_a_routing_header_given_twice_must_say_one_thing(app_env: AppEnv, 
     if http == 400:
         assert "more than once" in envelope["status_message"]
         assert app_env.sink.records == []
+
+
+@pytest.mark.parametrize("lines", [[b"XSS", b"X\xdf"], [b"X\xdf", b"XSS"]], ids=["valid first", "valid second"])
+def test_a_routing_header_given_twice_is_compared_as_a_cistring(lines: list[bytes]) -> None:
+    """Repeated lines say one thing when equal as CiStrings (ASCII case only). They were compared with str.upper(),
+    which folds the byte 0xDF (`ß` as latin-1) to `SS`: `XSS` then `Xß` was taken as `XSS`, the other order refused
+    (not a party id), the answer depending on the order of the lines."""
+    scope = {"headers": [(b"ocpi-from-party-id", line) for line in lines] + [(b"ocpi-from-country-code", b"BE")]}
+    with pytest.raises(InvalidRoutingHeaders):
+        routing_headers(scope)
 
 
 @pytest.mark.parametrize("order", ["valid first", "valid second"])
