@@ -316,6 +316,22 @@ def test_a_dead_letter_or_a_refused_row_is_a_mismatch(client: Client) -> None:
 
 
 
+@pytest.mark.parametrize("kind", ["ILLEGAL_TRANSITION", "UPDATE_AFTER_FINAL", "FUTURE_LAST_UPDATED",
+                                  "CREDIT_AMOUNT_MISMATCH", "EVSE_MISSING_FROM_PUT"])
+def test_an_anomaly_the_traffic_cannot_cause_is_a_mismatch(client: Client, kind: str) -> None:
+    """The summary printed the anomalies but the check looked at ROW_REFUSED only: a pipeline that flagged the
+    simulated CPOs' legal pushes (an ILLEGAL_TRANSITION on PENDING -> ACTIVE, applied all the same; a
+    FUTURE_LAST_UPDATED on a past timestamp ...) printed them and still 'matched'. The traffic's only anomalies are
+    the stale pushes' STALE_UPDATE (and SESSION_IDLE, which depends on the wall clock and the configured idle time)."""
+    store(client)
+    client.command("INSERT INTO anomalies (kind, module, country_code, party_id, object_id, detail, observed_at) "
+                   f"VALUES ('{kind}', 'sessions', 'NL', 'TNM', 'S1', '', {AT}), "
+                   f"('STALE_UPDATE', 'locations', 'NL', 'TNM', 'LOC001', '', {AT}), "
+                   f"('SESSION_IDLE', 'sessions', 'NL', 'TNM', 'S1', '', {AT})")
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [
+        f"1 anomalies {kind}: none of the simulated pushes should raise one"]
+
+
 def bec_line(cdr_id: str, kwh: int, excl: int, *, day: str = "2026-01-05", partner: str = "demo-cpo-be",
              location: str = "LOC001") -> str:
     """A billing line of BE/BEC, as SQL values."""
