@@ -151,6 +151,18 @@ async def committed_everything(bootstrap: str, group: str, topics: list[str], ti
         await consumer.stop()
 
 
+async def committed_total(bootstrap: str, group: str, topics: list[str]) -> int:
+    """The records of `topics` `group` has committed, all partitions together."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or ())]
+        assert tps, f"no partitions of {topics}"
+        return sum([await consumer.committed(tp) or 0 for tp in tps])
+    finally:
+        await consumer.stop()
+
+
 async def publish_and_wait_mid_stream(stack: Stack, share: int) -> tuple[Client, dict[str, Any]]:
     """Publish the traffic and wait until the worker has written 1/`share` of it (and not all of it); returns the
     ClickHouse client and the totals expected in the end."""
@@ -162,8 +174,14 @@ async def publish_and_wait_mid_stream(stack: Stack, share: int) -> tuple[Client,
     await publish(stack.bootstrap, [(topics[suffix], key, value) for suffix, key, value in records])
     progress = await wait_for(client, "SELECT count() FROM raw_events", lambda r: r[0][0] >= EVENTS // share,
                               timeout=90)
+    assert progress[0][0] >= EVENTS // share, "the worker had not reached the middle of the stream"
     assert progress[0][0] < EVENTS, "the worker finished before the middle of the stream"
     return client, expected
+
+
+async def written_events(client: Client) -> int:
+    """The events the worker has written an outcome of (each once)."""
+    return int((await asyncio.to_thread(client.query, "SELECT count() FROM raw_events FINAL")).result_rows[0][0])
 
 
 async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing_and_a_replay_changes_no_total(
@@ -174,6 +192,15 @@ async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing_and_a_replay
     worker = stack.children["worker"]
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(10)
+    # The kill landed in the middle of the stream: the dead worker had written a part of it, not all of it.
+    written = await written_events(client)
+    assert EVENTS // 3 <= written < EVENTS, "the SIGKILL did not land mid-stream"
+    # ... and after rows the worker had not committed yet: the restarted worker reads them again, which is what
+    # "0 doubled" is about (every event is written once per stage-1 record, so a committed total below the events
+    # written means records whose rows are in ClickHouse will be processed a second time).
+    committed = await committed_total(stack.bootstrap, stack.settings.pipeline.app_id,
+                                      [kafka.topic_sessions, kafka.topic_cdrs])
+    assert committed < written, f"nothing to read again: {committed} records committed, {written} events written"
     stack.children["worker"] = restart_worker(stack)
 
     final = await wait_for(client, "SELECT count() FROM reconciliation FINAL",
