@@ -29,6 +29,7 @@ from infra.codec import (
     schema_root,
 )
 from infra.events import build_event
+from infra.settings import Settings
 from ocpi.canonical import to_ocpi_json
 from ocpi.compat import CompatProfile
 from ocpi.decode import Decoded, decode
@@ -93,6 +94,20 @@ def store(chdb_dsn: str) -> Iterator[tuple[Client, str]]:
 def insert(client: Client, events: list[DecodedEvent]) -> None:
     client.insert("raw_events", [row(e, i) for i, e in enumerate(events)],
                   column_names=[*RAW_COLUMNS, "kafka_topic", "kafka_partition", "kafka_offset"])
+
+
+def insert_sessions(client: Client, count: int) -> None:
+    """`count` Session PUT events (S0, S1, ...) received a minute apart on DAY1, in the store's raw_events."""
+    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
+                               module="sessions", level="SESSION", operation="PUT",
+                               received_at=DAY1.replace(minute=i)) for i in range(count)])
+
+
+async def sessions_in_topic(client: Client, settings: Settings, tmp_path: Path, broker: str, count: int) -> None:
+    """`count` Session PUT events in the sessions topic, by way of an archive of the store (`tmp_path / "ch"`)."""
+    insert_sessions(client, count)
+    export_from_clickhouse(settings, client, tmp_path / "ch", ("sessions",))
+    await replay_archive(settings, broker, tmp_path / "ch", Selection(modules=("sessions",)))
 
 
 def test_clickhouse_export_round_trips_events_and_reruns_idempotently(store: tuple[Client, str],
@@ -192,6 +207,17 @@ def test_an_archive_of_an_earlier_schema_revision_is_read_with_the_current_one(t
     assert [event_of(r).event_id for r in read_archive_file(files[0], skip=1)] == ["second"]
 
 
+def newer_archive_refused(tmp_path: Path, newer: dict[str, Any], record: dict[str, Any]) -> JobError:
+    """Write `record` with the `newer` schema into an archive day and read it: the JobError it is refused with."""
+    day = tmp_path / "sessions" / "2024-05-01"
+    day.mkdir(parents=True)
+    with (day / "part-new.avro").open("wb") as fh:
+        fastavro.writer(fh, fastavro.parse_schema(newer, named_schemas={}), [record])
+    with pytest.raises(JobError, match="written with a schema this version cannot read") as raised:
+        list(read_archive_file(day / "part-new.avro"))
+    return raised.value
+
+
 def test_an_archive_of_a_newer_revision_that_cannot_be_resolved_is_named_so_not_taken_for_damaged(
         tmp_path: Path) -> None:
     """A file written by a later version whose record this version cannot resolve (a Source symbol it does not know)
@@ -204,14 +230,8 @@ def test_an_archive_of_a_newer_revision_that_cannot_be_resolved_is_named_so_not_
     current = make_event(example("session_example_2_short_finished.json"), Session, "Session", module="sessions",
                          level="SESSION", operation="PUT", received_at=DAY1)
     record = {**decode_record(encode_event(current.to_event()), EVENT_SCHEMA), "source": "SYNC"}
-    day = tmp_path / "sessions" / "2024-05-01"
-    day.mkdir(parents=True)
-    with (day / "part-new.avro").open("wb") as fh:
-        fastavro.writer(fh, fastavro.parse_schema(newer, named_schemas={}), [record])
-
-    with pytest.raises(JobError, match="written with a schema this version cannot read") as raised:
-        list(read_archive_file(day / "part-new.avro"))
-    assert "SYNC" in str(raised.value) and "restore it from a copy" not in str(raised.value)
+    raised = newer_archive_refused(tmp_path, newer, record)
+    assert "SYNC" in str(raised) and "restore it from a copy" not in str(raised)
 
 
 def test_an_archive_of_a_newer_revision_with_fields_this_version_lacks_is_not_read_without_them(
@@ -230,14 +250,8 @@ def test_an_archive_of_a_newer_revision_with_fields_this_version_lacks_is_not_re
     record = decode_record(encode_event(current.to_event()), EVENT_SCHEMA)
     branch, body = record["payload"]
     record = {**record, "tenant": "T1", "payload": (branch, {**body, "grid_operator": "NL-GRID"})}
-    day = tmp_path / "sessions" / "2024-05-01"
-    day.mkdir(parents=True)
-    with (day / "part-new.avro").open("wb") as fh:
-        fastavro.writer(fh, fastavro.parse_schema(newer, named_schemas={}), [record])
-
-    with pytest.raises(JobError, match="written with a schema this version cannot read") as raised:
-        list(read_archive_file(day / "part-new.avro"))
-    assert "tenant" in str(raised.value) and "grid_operator" in str(raised.value)
+    raised = newer_archive_refused(tmp_path, newer, record)
+    assert "tenant" in str(raised) and "grid_operator" in str(raised)
 
 
 @pytest.mark.parametrize(("relaxation", "changes"), [
@@ -388,9 +402,7 @@ async def test_a_second_export_into_the_same_archive_while_one_runs_is_refused(
     and wrote its own under the same name, which the first then renamed into place as its own (a half-written
     file, or one holding more records than its name says), or the first failed with a traceback."""
     client, _database = store
-    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
-                               module="sessions", level="SESSION", operation="PUT",
-                               received_at=DAY1.replace(minute=i)) for i in range(6)])
+    insert_sessions(client, 6)
     settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
     export_from_clickhouse(settings, client, tmp_path / "from-clickhouse", ("sessions",))
     await replay_archive(settings, broker, tmp_path / "from-clickhouse", Selection(modules=("sessions",)))
@@ -411,9 +423,7 @@ async def test_a_second_run_of_a_replay_job_while_it_runs_is_refused(
     """The same replay command twice at once (a second terminal): the second resumed the first's checkpoint, and
     both sent every event, although within one job each event id is sent once."""
     client, _database = store
-    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
-                               module="sessions", level="SESSION", operation="PUT",
-                               received_at=DAY1.replace(minute=i)) for i in range(4)])
+    insert_sessions(client, 4)
     root = tmp_path / "archive"
     settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
     export_from_clickhouse(settings, client, root, ("sessions",), max_records=1)
@@ -456,12 +466,8 @@ async def test_a_broker_slow_to_answer_the_export_is_not_taken_for_a_recreated_t
     from pipeline.jobs import kafka_io
 
     client, _database = store
-    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
-                               module="sessions", level="SESSION", operation="PUT",
-                               received_at=DAY1.replace(minute=i)) for i in range(4)])
     settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
-    export_from_clickhouse(settings, client, tmp_path / "ch", ("sessions",))
-    await replay_archive(settings, broker, tmp_path / "ch", Selection(modules=("sessions",)))  # into the topic
+    await sessions_in_topic(client, settings, tmp_path, broker, 4)
     root = tmp_path / "archive"
     await export_from_kafka(settings, broker, root, ("sessions",), max_records=2)
     assert sorted(str(r["object_id"]) for f in archive_files(root) for r in read_archive_file(f)) == \
@@ -501,12 +507,8 @@ async def test_a_broker_that_stops_answering_fails_the_export_instead_of_finishi
     from pipeline.jobs import kafka_io
 
     client, _database = store
-    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
-                               module="sessions", level="SESSION", operation="PUT",
-                               received_at=DAY1.replace(minute=i)) for i in range(4)])
     settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
-    export_from_clickhouse(settings, client, tmp_path / "ch", ("sessions",))
-    await replay_archive(settings, broker, tmp_path / "ch", Selection(modules=("sessions",)))  # into the topic
+    await sessions_in_topic(client, settings, tmp_path, broker, 4)
     fetch = aiokafka.AIOKafkaConsumer.getmany
 
     async def stalled(self: Any, *tps: Any, timeout_ms: int = 0, max_records: int | None = None) -> Any:
@@ -531,9 +533,7 @@ def test_a_day_exported_in_more_than_9999_files_is_not_exported_again(store: tup
     day) has files `part-clickhouse-g<gen>-10000.avro` on: a rerun did not count them as archived (the name did
     not match the 4-digit pattern) and wrote their events again, every rerun, into files replay reads too."""
     client, _database = store
-    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
-                               module="sessions", level="SESSION", operation="PUT",
-                               received_at=DAY1.replace(minute=i)) for i in range(2)])
+    insert_sessions(client, 2)
     root = tmp_path / "archive"
     settings = settings_for()
     export_from_clickhouse(settings, client, root, ("sessions",), max_records=1)
@@ -560,12 +560,8 @@ async def test_records_retention_deletes_while_the_export_reads_are_named_as_los
     from pipeline.jobs import kafka_io
 
     client, _database = store
-    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
-                               module="sessions", level="SESSION", operation="PUT",
-                               received_at=DAY1.replace(minute=i)) for i in range(4)])
     settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
-    export_from_clickhouse(settings, client, tmp_path / "ch", ("sessions",))
-    await replay_archive(settings, broker, tmp_path / "ch", Selection(modules=("sessions",)))  # into the topic
+    await sessions_in_topic(client, settings, tmp_path, broker, 4)
     topic = settings.kafka.topic_sessions
     bounds = await offset_bounds(settings.kafka, broker, await topic_partitions(broker, [topic]), exact=True)
     held = sorted(tp.partition for tp, (_begin, end) in bounds.items() if end > 0)
@@ -595,12 +591,8 @@ async def test_a_kafka_archive_in_its_1000th_epoch_is_continued_not_archived_aga
     """Epochs are numbered `{n:03d}` (one per recreation of the topic noticed, as on every start of the embedded
     broker): from the 1,000th on, a rerun did not recognise the files and archived the partition again."""
     client, _database = store
-    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
-                               module="sessions", level="SESSION", operation="PUT",
-                               received_at=DAY1.replace(minute=i)) for i in range(3)])
     settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu")
-    export_from_clickhouse(settings, client, tmp_path / "ch", ("sessions",))
-    await replay_archive(settings, broker, tmp_path / "ch", Selection(modules=("sessions",)))  # into the topic
+    await sessions_in_topic(client, settings, tmp_path, broker, 3)
     root = tmp_path / "archive"
     await export_from_kafka(settings, broker, root, ("sessions",))
     for path in archive_files(root):  # as the 1,000th epoch's export names them
@@ -623,12 +615,8 @@ async def test_a_replay_or_export_planned_while_tansu_did_not_tell_its_end_does_
     import aiokafka
 
     client, _database = store
-    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
-                               module="sessions", level="SESSION", operation="PUT",
-                               received_at=DAY1.replace(minute=i)) for i in range(6)])
     settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu", OCPI_TOPIC_PARTITIONS="1")
-    export_from_clickhouse(settings, client, tmp_path / "ch", ("sessions",))
-    await replay_archive(settings, broker, tmp_path / "ch", Selection(modules=("sessions",)))  # one batch
+    await sessions_in_topic(client, settings, tmp_path, broker, 6)
     highwater = aiokafka.AIOKafkaConsumer.highwater
     monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "highwater", lambda _self, _tp: None)  # the probe: no answer
     root = tmp_path / "archive"
@@ -657,9 +645,7 @@ def test_archive_files_come_in_the_order_they_were_written_past_the_names_least_
     1,001st (and the 9,999th): a day's events were replayed out of the order they were received in, and a Kafka
     archive's 1,000th epoch (the newest records) before its 999th."""
     client, _database = store
-    insert(client, [make_event(example("session_example_2_short_finished.json", id=f"S{i}"), Session, "Session",
-                               module="sessions", level="SESSION", operation="PUT",
-                               received_at=DAY1.replace(minute=i)) for i in range(4)])
+    insert_sessions(client, 4)
     root = tmp_path / "archive"
     export_from_clickhouse(settings_for(), client, root, ("sessions",), max_records=1)
     files = archive_files(root)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from aiokafka.structs import TopicPartition
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import pipeline.jobs.replay
 from pipeline.cli import cli
@@ -93,6 +93,22 @@ def test_an_export_that_found_records_gone_before_they_were_archived_fails(
     assert "ocpi.cdrs/0 offsets 10-19" in result.output and "cdrs" in result.output
 
 
+def refused_before_replaying(args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Result:
+    """Run a command line (`{tmp}` is `tmp_path`); assert it is a usage error (exit 2) that replayed nothing."""
+    ran: list[str] = []
+
+    async def replay(*_args: Any, **_kwargs: Any) -> ReplayReport:
+        ran.append("replay")
+        return ReplayReport(job="x", status="done")
+
+    monkeypatch.setattr(pipeline.jobs.replay, "replay_kafka", replay)
+    monkeypatch.setattr(pipeline.jobs.replay, "replay_archive", replay)
+    result = CliRunner().invoke(cli, [a.format(tmp=tmp_path) for a in args],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 2 and not ran, (result.output, result.exception, ran)
+    return result
+
+
 @pytest.mark.parametrize("args", [
     ["replay", "--since", ""],
     ["replay", "--until", " "],
@@ -106,18 +122,8 @@ def test_an_empty_time_is_refused_not_taken_for_none(args: list[str], tmp_path: 
     """`--since ""` (a script's unset variable, `--since "$SINCE"`) was taken for no --since: the replay replayed
     every event the topics hold, the pull went on from where the pulls ended, as if asked, and `replay --rebuild`
     took it for no selection and rebuilt."""
-    ran: list[str] = []
-
-    async def replay(*_args: Any, **_kwargs: Any) -> ReplayReport:
-        ran.append("replay")
-        return ReplayReport(job="x", status="done")
-
-    monkeypatch.setattr(pipeline.jobs.replay, "replay_kafka", replay)
-    monkeypatch.setattr(pipeline.jobs.replay, "replay_archive", replay)
-    result = CliRunner().invoke(cli, [a.format(tmp=tmp_path) for a in args],
-                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
-    assert result.exit_code == 2, (result.output, result.exception)
-    assert ("is not a time" in result.output or "it takes no selection" in result.output) and not ran
+    result = refused_before_replaying(args, tmp_path, monkeypatch)
+    assert "is not a time" in result.output or "it takes no selection" in result.output
 
 
 @pytest.mark.parametrize("args", [
@@ -130,18 +136,8 @@ def test_an_empty_partner_is_refused_not_taken_for_a_partner_id(args: list[str],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """`replay --partner ""` (a script's unset variable, `--partner "$PARTNER"`) selected the events of partner id "",
     which no event has: the replay sent nothing and exited 0, as if the partner's events had been replayed."""
-    ran: list[str] = []
-
-    async def replay(*_args: Any, **_kwargs: Any) -> ReplayReport:
-        ran.append("replay")
-        return ReplayReport(job="x", status="done")
-
-    monkeypatch.setattr(pipeline.jobs.replay, "replay_kafka", replay)
-    monkeypatch.setattr(pipeline.jobs.replay, "replay_archive", replay)
-    result = CliRunner().invoke(cli, [a.format(tmp=tmp_path) for a in args],
-                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
-    assert result.exit_code == 2, (result.output, result.exception)
-    assert "Invalid value for '--partner'" in result.output and not ran
+    result = refused_before_replaying(args, tmp_path, monkeypatch)
+    assert "Invalid value for '--partner'" in result.output
 
 
 @pytest.mark.parametrize("source", ["kafka", "clickhouse"])
