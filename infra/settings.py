@@ -150,11 +150,19 @@ ENDPOINT_PATH_MAX_LENGTH: Final = len("/ocpi/emsp/2.2.1/locations")
 BASE_URL_MAX_LENGTH: Final = URL_MAX_LENGTH - ENDPOINT_PATH_MAX_LENGTH
 
 
-def _parse_website(env: str, raw: str) -> str:
+def _parse_ascii_url(env: str, raw: str) -> str:
+    """An absolute http(s) URL of printable ASCII: a URI (RFC 3986) holds nothing else, a control character is refused
+    in any OCPI string, and a CDR POST answers with our URL in its Location header, which cannot carry anything else
+    (the CDR would be stored, then its answer fail with 500/3000, and the CDR be resent)."""
     url = _parse_http_url(env, raw)
-    if not _URI_CHARACTERS.fullmatch(url):  # a URI; a control character is refused in any OCPI string
+    if not _URI_CHARACTERS.fullmatch(url):
         raise SettingsError(f"{env}={raw!r}: expected a URL of printable ASCII without spaces: a host name in "
                             "punycode (xn--...), anything else in the path percent-encoded (%20, %C3%BC)")
+    return url
+
+
+def _parse_website(env: str, raw: str) -> str:
+    url = _parse_ascii_url(env, raw)
     if len(url) > URL_MAX_LENGTH:
         raise SettingsError(f"{env}: {len(url)} characters; an OCPI URL has at most {URL_MAX_LENGTH}")
     return url
@@ -162,7 +170,7 @@ def _parse_website(env: str, raw: str) -> str:
 
 def _parse_base_url(env: str, raw: str) -> str:
     """The base our endpoint URLs are made of (base + path): a query or fragment would end up before the path."""
-    url = _parse_http_url(env, raw)
+    url = _parse_ascii_url(env, raw)
     if len(url) > BASE_URL_MAX_LENGTH:
         raise SettingsError(f"{env}: {len(url)} characters; at most {BASE_URL_MAX_LENGTH}, so that our endpoint "
                             f"URLs (this and a path of up to {ENDPOINT_PATH_MAX_LENGTH}) stay within OCPI's "
@@ -170,11 +178,6 @@ def _parse_base_url(env: str, raw: str) -> str:
     if "?" in url or "#" in url:
         raise SettingsError(f"{env}={raw!r}: expected a base URL without a query or fragment (the endpoints' paths "
                             "are appended to it)")
-    if not _URI_CHARACTERS.fullmatch(url):
-        # A URL holds printable ASCII only (RFC 3986), and a CDR POST answers with one in its Location header, which
-        # cannot carry anything else: the CDR was stored, then its answer failed (500/3000), and it was resent.
-        raise SettingsError(f"{env}={raw!r}: expected a URL of printable ASCII without spaces: a host name in "
-                            "punycode (xn--...), anything else in the path percent-encoded (%20, %C3%BC)")
     return url
 
 
