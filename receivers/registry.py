@@ -34,7 +34,7 @@ from typing import Any
 import msgspec
 from clickhouse_connect.driver.client import Client
 
-from infra.clickhouse.client import insert_first
+from infra.clickhouse.client import SYNCHRONOUS_INSERT, insert_first
 from infra.settings import mask
 from ocpi.compat import CompatProfile
 from ocpi.identity import ci_equal, owner_key_part
@@ -340,9 +340,8 @@ class PartnerRegistry:
             self._client.insert("partners", [[partner.partner_id, revision,
                                               _encoder.encode(partner).decode(), partner.updated_at]],
                                 column_names=["partner_id", "revision", "record_json", "updated_at"],
-                                # Stored before it returns, even where a server's profile makes inserts asynchronous:
-                                # the caller answers the partner (a Token C) and other processes read it at once.
-                                settings={"async_insert": 0})
+                                # the caller answers the partner (a Token C) and other processes read it at once
+                                settings=SYNCHRONOUS_INSERT)
             self._drop_replaced_tokens(partner, revision)
         return partner
 

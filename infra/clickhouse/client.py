@@ -13,7 +13,7 @@ import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlparse
 
 import clickhouse_connect
@@ -170,6 +170,11 @@ def select(client: Client, sql: str, parameters: dict[str, Any] | None = None,
     return columns, rows
 
 
+# Stored before the insert returns, even where a server's profile makes inserts asynchronous: for a row that the
+# caller acts on at once (answers a partner with it) or that another process reads back next.
+SYNCHRONOUS_INSERT: Final = {"async_insert": 0}
+
+
 def insert_first(client: Client, into: str, values: str, *, token: str, in_force: str,
                  parameters: dict[str, Any] | None = None) -> Any:
     """First insert wins, across processes: insert one row (`into`: `table (columns)`; `values`: their SQL, with
@@ -181,7 +186,7 @@ def insert_first(client: Client, into: str, values: str, *, token: str, in_force
     back which one won. Comparing timestamps instead would let two win: one's earlier-stamped row can land after
     the other has read its own back alone. The insert is synchronous even where a server's profile makes inserts
     asynchronous: a row still buffered when its inserter reads back would let a later one win too."""
-    client.command(f"INSERT INTO {into} SETTINGS insert_deduplication_token = %(insert_token)s, async_insert = 0 "
-                   f"VALUES ({values})", parameters={**(parameters or {}), "insert_token": token})
+    client.command(f"INSERT INTO {into} SETTINGS insert_deduplication_token = %(insert_token)s VALUES ({values})",
+                   parameters={**(parameters or {}), "insert_token": token}, settings=SYNCHRONOUS_INSERT)
     rows = client.query(in_force, parameters=parameters).result_rows
     return rows[0][0] if rows else None

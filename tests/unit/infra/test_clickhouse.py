@@ -245,18 +245,18 @@ def test_the_first_insert_with_a_token_wins_and_every_inserter_reads_it_back(chd
 def test_the_first_insert_is_synchronous_where_a_server_buffers_inserts() -> None:
     """A server whose profile sets async_insert = 1 would answer the insert before its row can be read (chDB
     inserts synchronously either way, so this looks at what is sent)."""
-    sent: list[str] = []
+    sent: list[dict[str, object]] = []
 
     class Client:
-        def command(self, sql: str, parameters: dict[str, object]) -> None:
-            sent.append(sql)
+        def command(self, sql: str, parameters: dict[str, object], settings: dict[str, object]) -> None:
+            sent.append(settings)
 
         def query(self, sql: str, parameters: dict[str, object] | None) -> object:
             return type("Result", (), {"result_rows": [("v",)]})()
 
     assert insert_first(Client(), "t (v)", "%(v)s", token="k", in_force="SELECT v FROM t",  # type: ignore[arg-type]
                         parameters={"v": "v"}) == "v"
-    assert "async_insert = 0" in sent[0]
+    assert sent == [{"async_insert": 0}]
 
 
 def test_chdb_path_of_dsn() -> None:
