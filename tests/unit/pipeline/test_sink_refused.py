@@ -23,7 +23,15 @@ from pipeline.projection import (
 )
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
-from pipeline.sink import Batch, ClickHouseSink, insert_isolating, insert_rows, refusal_reason, refused_for_its_data
+from pipeline.sink import (
+    Batch,
+    ClickHouseSink,
+    RefusedRow,
+    insert_isolating,
+    insert_rows,
+    refusal_reason,
+    refused_for_its_data,
+)
 from pipeline.state import LocationState, SessionState
 from tests.conftest import unique
 
@@ -348,24 +356,29 @@ def test_an_insert_waits_for_a_servers_asynchronous_insert() -> None:
     assert sent == [{"input_format_json_read_objects_as_strings": 1, "wait_for_async_insert": 1}]
 
 
+def refused_in_two_months(monkeypatch: pytest.MonkeyPatch, refused: RefusedRow) -> list[list[list[object]]]:
+    """The anomaly rows of one refused row recorded at the end of November and again in January."""
+    from datetime import UTC, datetime
+
+    from pipeline import projection
+
+    recorded = []
+    for now in (datetime(2026, 11, 30, 23, 59, tzinfo=UTC), datetime(2027, 1, 5, tzinfo=UTC)):
+        monkeypatch.setattr(projection, "utc_now", lambda now=now: now)
+        recorded.append(refused_row_anomalies([refused], PSEUDONYM)[2])
+    return recorded
+
+
 def test_a_refused_row_recorded_again_in_another_month_is_one_anomaly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Anomalies collapse by key within a month's partition (by `observed_at`): stamped with the time it was
     refused, the same row refused again when reprocessed in another month was a second ROW_REFUSED. It takes
     the time its event was received, as every other anomaly does (where the row holds it: not a Connector's or an
     EVSE's)."""
-    from datetime import UTC, datetime
-
-    from pipeline import projection
-    from pipeline.sink import RefusedRow
-
     batch = location_batch(bad_connector=None)
     locations = batch.keyed.get("locations") or {}
     row = list((list(locations.values()) if locations else batch.rows["locations"])[0])
     refused = RefusedRow("locations", LOCATION_COLUMNS, row, "Code: 72. DB::Exception: Unsigned")
-    recorded = []
-    for now in (datetime(2026, 11, 30, 23, 59, tzinfo=UTC), datetime(2027, 1, 5, tzinfo=UTC)):
-        monkeypatch.setattr(projection, "utc_now", lambda now=now: now)
-        recorded.append(refused_row_anomalies([refused], PSEUDONYM)[2])
+    recorded = refused_in_two_months(monkeypatch, refused)
     assert recorded[0] == recorded[1]
     observed = recorded[0][0][ANOMALY_COLUMNS.index("observed_at")]
     assert observed == row[LOCATION_COLUMNS.index("received_at")]
@@ -378,7 +391,6 @@ def test_a_refused_cdr_row_names_its_cdr_not_its_session(client: Client) -> None
     from pipeline.cdrs import process_cdrs
     from pipeline.projection import CDR_COLUMNS
     from pipeline.reconcile import CREDIT_LINK_COLUMNS
-    from pipeline.sink import RefusedRow
     from pipeline.state import CdrState
 
     from .builders import cdr
@@ -405,17 +417,12 @@ def test_a_refused_reconciliation_row_recorded_again_in_another_month_is_one_ano
     month was a second anomaly (anomalies collapse within a month's partition)."""
     from datetime import UTC, datetime
 
-    from pipeline import projection
     from pipeline.reconcile import RECONCILIATION_COLUMNS
-    from pipeline.sink import RefusedRow
 
     at = datetime(2026, 10, 1, 12, tzinfo=UTC)
     row = ["NL", "TNM", "CDR", "C1", "p1", "EUR", "MATCHED", "SESSION_ID", "S1", ["C1"], Decimal(10), Decimal(10),
            Decimal(0), Decimal("2.5"), Decimal("2.5"), Decimal(0), Decimal(0), Decimal(0), False, None, at, 2]
     refused = RefusedRow("reconciliation", RECONCILIATION_COLUMNS, row, "Code: 69. DB::Exception: too big")
-    recorded = []
-    for now in (datetime(2026, 11, 30, 23, 59, tzinfo=UTC), datetime(2027, 1, 5, tzinfo=UTC)):
-        monkeypatch.setattr(projection, "utc_now", lambda now=now: now)
-        recorded.append(refused_row_anomalies([refused], PSEUDONYM)[2])
+    recorded = refused_in_two_months(monkeypatch, refused)
     assert recorded[0] == recorded[1]
     assert recorded[0][0][ANOMALY_COLUMNS.index("observed_at")] == at
