@@ -450,7 +450,8 @@ def _checkpoint_path(settings: Settings, partner_id: str, module: str, party: tu
     """`<partner>.<module>.json`, or `<partner>.<module>.<CC>-<PID>.json` for one of several parties crawled."""
     if party is None:
         return jobs_dir(settings, "pull") / f"{partner_id}.{module}.json"
-    name = "-".join(re.sub(r"[^A-Z0-9_-]", lambda m: f"%{ord(m.group()):02X}", ci_normalize(part)) for part in party)
+    # `-` joins the two parts, so within a part it is escaped too (NL/-AB and NL-/AB are two parties).
+    name = "-".join(re.sub(r"[^A-Z0-9_]", lambda m: f"%{ord(m.group()):02X}", ci_normalize(part)) for part in party)
     return jobs_dir(settings, "pull") / f"{partner_id}.{module}.{name}.json"
 
 

@@ -1192,3 +1192,16 @@ async def test_a_party_that_fails_does_not_keep_the_others_from_being_pulled(set
     assert ids(sink) == ["S0002"]
     report = await pull(settings, partner, "sessions", sink)  # BE/BEC resumes its crawl, NL/ABC goes on from its end
     assert ids(sink) == ["S0002", "S0001"] and [p.resumed for p in report.parties] == [True, False]
+
+
+def test_the_checkpoints_of_two_parties_never_share_a_file(settings_for: Any) -> None:
+    """A party's checkpoint file is named `<CC>-<PID>`, and CiStrings may hold `-`: NL/`-AB` and `NL-`/AB were one
+    file, so one party's crawl continued the other's window (its objects before that window's end never pulled)."""
+    from pipeline.jobs.pull import _checkpoint_path
+
+    settings = settings_for()
+    parties = [("N-", "ABC"), ("N", "-ABC"), ("N", "ABC"), ("n", "abc")]
+    paths = [_checkpoint_path(settings, "cpo-be", "cdrs", party) for party in parties]
+    assert len(set(paths[:3])) == 3
+    assert paths[2] == paths[3]  # CiStrings: one party whatever the case
+    assert paths[2].name == "cpo-be.cdrs.N-ABC.json"  # real codes' files keep their names
