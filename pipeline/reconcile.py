@@ -306,16 +306,18 @@ def on_cdr(state: PartyState, fact: CdrFact, rules: Rules, out: PartyOutput) -> 
     # Credits that came first, earliest first: the first to link is the one that counts (`_claim`).
     waiting = sorted((c for c in map(state.cdr, state.ids(_W_CREDIT, fact.cdr_id)) if c is not None),
                      key=lambda c: _credit_order(c.fact))
+    # Every fact moves the party's event time on, a credit's too: CDRs naming a session that did not come within
+    # their grace fall back to their weaker keys (were it a credit, a party whose last fact it is would leave them).
+    work = Matching(state, rules, fact.received_at)
+    work.expire_named()
+    if not fact.credit and not waiting:  # a CDR credited already never takes part in matching: its link writes it
+        work.cdr_arrived(cdr)
+    work.settle()
+    _emit_changes(state, work, rules, out)
     if fact.credit:
         _link_credit(state, cdr, rules, out, fact.received_at)
         _emit_cdr(state, cdr, None, rules, out, fact.received_at)
         state.put_cdr(cdr)
-    elif not waiting:  # a CDR credited already never takes part in matching: its first link writes its row
-        work = Matching(state, rules, fact.received_at)
-        work.expire_named()
-        work.cdr_arrived(cdr)
-        work.settle()
-        _emit_changes(state, work, rules, out)
     for credit in waiting:
         _link_credit(state, credit, rules, out, fact.received_at, original=cdr)
     state.overlay.set(state._key(_W_CREDIT, fact.cdr_id), None)

@@ -1210,3 +1210,22 @@ def test_a_cdr_past_its_grace_by_an_earlier_row_stays_no_session_when_a_fact_sta
     freed = result(party.run(s_fact(completed("S2", start=1, location="LOC3"), received=8, final=61, version=2)),
                    "CDR", "C1")
     assert (freed["outcome"], freed["session_id"], freed["due_at"]) == ("NO_SESSION", None, ts(10))
+
+
+def test_a_credit_fact_after_the_grace_gives_a_cdr_naming_an_unknown_session_its_fallback() -> None:
+    # The party's event time moves on with every fact, a credit's too: a CDR naming a session that never came
+    # falls back to its weaker keys at the first fact after its grace's hour, whatever kind of fact that is.
+    for last in (c_fact(cdr("C5-C", session_id=None, cost="-2.50", credit=True, credit_reference="C5"), received=70),
+                 c_fact(cdr("C6", session_id=None, uid="OTHER", location="ELSEWHERE"), received=70)):
+        party = Party()
+        party.run(s_fact(completed("S1", authref="AUTH-1"), final=61))
+        party.run(c_fact(cdr("C9", session_id="S9", authref="AUTH-1")))
+        if last.credit_reference_id is None:
+            party.run(c_fact(cdr("C6-C", session_id=None, uid="OTHER", location="ELSEWHERE", cost="-2.50",
+                                 credit=True, credit_reference="C6"), received=5))  # C6 comes credited already
+        else:
+            party.run(c_fact(cdr("C5", session_id=None, uid="OTHER", location="ELSEWHERE"), received=5))
+        row = result(party.run(last), "CDR", "C9")
+        assert (row["outcome"], row["method"], row["session_id"], row["late"]) == (
+            "MATCHED", "AUTHORIZATION_REFERENCE", "S1", True)
+        assert stored(party, "C9") == ("S1", "AUTHORIZATION_REFERENCE")
