@@ -479,7 +479,8 @@ class PipelineSettings:
     )
     session_idle_s: float = _setting(
         "OCPI_PIPELINE_SESSION_IDLE", "14400",
-        "seconds without an update after which a PENDING or ACTIVE session is flagged idle",
+        "seconds without an update after which a PENDING or ACTIVE session is flagged idle (a `DUPLICATE` is no "
+        "update)",
     )
     clock_skew_s: float = _setting(
         "OCPI_PIPELINE_CLOCK_SKEW", "300",

@@ -403,6 +403,22 @@ def test_a_gap_longer_than_the_idle_time_is_flagged_by_the_next_update() -> None
     assert anomaly[ANOMALY_COLUMNS.index("observed_at")] == ts(60)
 
 
+def test_a_duplicate_does_not_restart_the_idle_clock() -> None:
+    # Idle is a PENDING/ACTIVE session that has not changed for the idle time (README, "session lifecycle"): a
+    # retry or a re-push of the same content with a newer last_updated is no change (a DUPLICATE, no row), so the
+    # CPO re-sending a session stuck ACTIVE does not hide it; the sweep, reading the last applied row, agrees.
+    h = harness(idle_min=60)
+    first = event("Session", session(status="ACTIVE", kwh="5"), received=0)
+    h.run(first)
+    again = h.run(event("Session", session(status="ACTIVE", kwh="5", updated=50), received=50))
+    assert outcomes(again)[0][1] == "DUPLICATE" and kinds(again) == []
+    out = h.run(event("Session", session(status="ACTIVE", kwh="5", updated=90), received=90))
+    [anomaly] = rows(out.batch, "anomalies")
+    assert anomaly[ANOMALY_COLUMNS.index("kind")] == "SESSION_IDLE"
+    assert anomaly[ANOMALY_COLUMNS.index("event_id")] == first.event_id
+    assert anomaly[ANOMALY_COLUMNS.index("observed_at")] == ts(60)
+
+
 def test_facts_follow_matching_keys_and_final_amounts_not_every_kwh_tick() -> None:
     h = harness()
     first = h.run(event("Session", session(status="ACTIVE"), received=1))

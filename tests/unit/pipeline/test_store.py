@@ -429,6 +429,20 @@ def test_an_open_session_idle_beyond_the_anomalies_retention_does_not_hold_the_i
     assert client.query("SELECT object_id FROM anomalies FINAL WHERE kind = 'SESSION_IDLE'").result_rows == [("B2",)]
 
 
+def test_the_idle_sweep_counts_from_the_last_applied_push_not_a_duplicate(client: Client) -> None:
+    # README, "session lifecycle": a DUPLICATE (the same content re-sent with a newer last_updated, a sign of life)
+    # does not restart the idle clock; the sweep flags the gap from the applied push, as the next update would.
+    rules = stage_rules(idle_min=60)
+    sessions = Harness(process_sessions, SessionState, rules)
+    first = event("Session", session("S4", status="ACTIVE", kwh="5"), received=0)
+    again = event("Session", session("S4", status="ACTIVE", kwh="5", updated=50), received=50)
+    out = sessions.run(first, again)
+    write(client, out.batch)
+    batch, _ = sweeps.collect(client, ts(70), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    assert [(row[0], row[4], row[6], row[9]) for row in batch.tables()["anomalies"]] == [
+        ("SESSION_IDLE", "S4", first.event_id, ts(60))]
+
+
 def test_the_sweep_writes_the_anomaly_rows_the_event_time_rules_write_for_the_same_deadline(client: Client) -> None:
     # The sweep and a later event of the object end the same wait: both must write one and the same row (the
     # module docstring of `pipeline.sweeps`), ids as sent in any case, a PENDING session as well as an ACTIVE one.
