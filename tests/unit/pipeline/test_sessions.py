@@ -419,6 +419,18 @@ def test_a_duplicate_does_not_restart_the_idle_clock() -> None:
     assert anomaly[ANOMALY_COLUMNS.index("observed_at")] == ts(60)
 
 
+def test_a_patch_of_last_updated_alone_is_applied_and_restarts_the_idle_clock() -> None:
+    # README, "session lifecycle": unlike a DUPLICATE, a PATCH that sets only last_updated is applied to an open
+    # session (a new version, dedup compares with the last applied event only), so the clock runs from it.
+    h = harness(idle_min=60)
+    h.run(event("Session", session(status="ACTIVE", kwh="5"), received=0))
+    touch = event("SessionPatch", {"last_updated": iso(ts(50))}, object_id="S1", received=50)
+    out = h.run(touch)
+    assert outcomes(out) == [(touch.event_id, "APPLIED")] and len(rows(out.batch, "sessions")) == 1
+    out = h.run(event("Session", session(status="ACTIVE", kwh="6", updated=90), received=90))
+    assert kinds(out) == []
+
+
 def test_facts_follow_matching_keys_and_final_amounts_not_every_kwh_tick() -> None:
     h = harness()
     first = h.run(event("Session", session(status="ACTIVE"), received=1))
