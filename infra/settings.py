@@ -144,10 +144,14 @@ def _parse_http_url(env: str, raw: str) -> str:
 
 # OCPI's URL type is at most 255 characters (Credentials.url, Endpoint.url, BusinessDetails.website): a partner that
 # checks it (ours does) refuses our credentials and version details with a longer one. Our endpoint URLs are the base
-# URL and a path of at most ENDPOINT_PATH_MAX_LENGTH (`receivers.versions.served_endpoints`).
+# URL and a path of at most ENDPOINT_PATH_MAX_LENGTH (`receivers.versions.served_endpoints`). The longest URL we hand
+# out is a CDR's, in the Location header of its POST answer (an OCPI URL too, 10 §3.1): the base URL and
+# `/ocpi/emsp/2.2.1/cdrs/{country_code}/{party_id}/{cdr_id}` (`receivers.cdrs.cdr_url`), each of those three a
+# CiString of at most 2, 3 and 39 characters (a credit CDR's id) percent-encoded, so up to 3 characters each.
 URL_MAX_LENGTH: Final = 255
 ENDPOINT_PATH_MAX_LENGTH: Final = len("/ocpi/emsp/2.2.1/locations")
-BASE_URL_MAX_LENGTH: Final = URL_MAX_LENGTH - ENDPOINT_PATH_MAX_LENGTH
+CDR_PATH_MAX_LENGTH: Final = len("/ocpi/emsp/2.2.1/cdrs") + 3 + 3 * (2 + 3 + 39)
+BASE_URL_MAX_LENGTH: Final = URL_MAX_LENGTH - max(ENDPOINT_PATH_MAX_LENGTH, CDR_PATH_MAX_LENGTH)
 
 
 def _parse_ascii_url(env: str, raw: str) -> str:
@@ -172,9 +176,9 @@ def _parse_base_url(env: str, raw: str) -> str:
     """The base our endpoint URLs are made of (base + path): a query or fragment would end up before the path."""
     url = _parse_ascii_url(env, raw)
     if len(url) > BASE_URL_MAX_LENGTH:
-        raise SettingsError(f"{env}: {len(url)} characters; at most {BASE_URL_MAX_LENGTH}, so that our endpoint "
-                            f"URLs (this and a path of up to {ENDPOINT_PATH_MAX_LENGTH}) stay within OCPI's "
-                            f"{URL_MAX_LENGTH}")
+        raise SettingsError(f"{env}: {len(url)} characters; at most {BASE_URL_MAX_LENGTH}, so that the URLs we hand "
+                            f"out (this and a path of up to {CDR_PATH_MAX_LENGTH}: a CDR's, in its POST answer) stay "
+                            f"within OCPI's {URL_MAX_LENGTH}")
     if "?" in url or "#" in url:
         raise SettingsError(f"{env}={raw!r}: expected a base URL without a query or fragment (the endpoints' paths "
                             "are appended to it)")
@@ -371,8 +375,8 @@ class HttpSettings:
     public_url: str = _setting(
         "OCPI_PUBLIC_URL", "",
         "base URL partners reach us at, in ASCII (a punycode host, a percent-encoded path), at most "
-        f"{BASE_URL_MAX_LENGTH} characters (our endpoint URLs, it and a path, are OCPI URLs: {URL_MAX_LENGTH} at "
-        "most); empty = http://HOST:PORT (used in OCPI endpoint URLs)",
+        f"{BASE_URL_MAX_LENGTH} characters (our endpoint URLs and a CDR's URL, it and a path, are OCPI URLs: "
+        f"{URL_MAX_LENGTH} at most); empty = http://HOST:PORT (used in OCPI endpoint URLs)",
     )
 
     @property
@@ -639,8 +643,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(**sections)
     _check_distinct_topics(settings)
     if len(settings.http.base_url) > BASE_URL_MAX_LENGTH:  # http://HOST:PORT, OCPI_PUBLIC_URL being empty
-        raise SettingsError(f"OCPI_HTTP_HOST: our endpoint URLs on {settings.http.base_url} would be longer than "
-                            f"OCPI's {URL_MAX_LENGTH} characters; set OCPI_PUBLIC_URL")
+        raise SettingsError(f"OCPI_HTTP_HOST: our endpoint and CDR URLs on {settings.http.base_url} could be longer "
+                            f"than OCPI's {URL_MAX_LENGTH} characters; set OCPI_PUBLIC_URL")
     if not settings.admin.token:
         # A random token still protects the shim; `dev` writes it to the run file for the CLI.
         settings = settings.with_overrides(admin={"token": secrets.token_urlsafe(24)})

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
-from ocpi.model import CDR
-from tests.unit.receivers.app_support import make_env  # noqa: F401
+import msgspec
+
+from infra.settings import BASE_URL_MAX_LENGTH
+from ocpi.model import CDR, Endpoint
+from tests.unit.receivers.app_support import auth, make_env  # noqa: F401
 from tests.unit.receivers.push_support import (  # noqa: F401
     CDRS_URL,
     Pushes,
@@ -40,6 +44,26 @@ def test_the_location_url_escapes_what_an_id_may_hold(pushes: Pushes) -> None:
     response = pushes.request("POST", CDRS_URL, {**cdr(), "id": "2024/05 #1?"})
     assert_envelope(response, 1000, http=201)
     assert response.headers["location"].endswith("/cdrs/BE/BEC/2024%2F05%20%231%3F")
+
+
+def test_the_location_url_fits_ocpi_s_url_type_on_every_base_url_accepted(make_pushes: Any) -> None:
+    """The Location header is an OCPI URL (10 §3.1), at most 255 characters (02 §9). The settings let the base URL
+    take all but the endpoints' paths (229 characters), so on such a base every CDR's URL was longer than 255, and
+    on a shorter one a 39-character credit id of escaped characters (each 3) still made it so: a partner that checks
+    the type, or stores it as such, could not keep it. The base URL now leaves room for the longest CDR URL."""
+    base = "https://ocpi.example.com/"
+    p = make_pushes(OCPI_PUBLIC_URL=base + "p" * (BASE_URL_MAX_LENGTH - len(base)))
+    assert len(p.env.settings.http.base_url) == BASE_URL_MAX_LENGTH
+    owner = ("#/", "?%#")  # the widest owner a credentials role may name: every character escaped
+    token = p.env.provision("cpo-escaped", (*owner, "CPO"))
+    credit = {**cdr(), "country_code": owner[0], "party_id": owner[1], "id": "#" * 39, "credit": True,
+              "credit_reference_id": "12345", "total_cost": {"excl_vat": -4.00, "incl_vat": -4.40}}
+    response = p.client.post(CDRS_URL, json=credit, headers=auth(token))
+    assert_envelope(response, 1000, http=201)
+    location = response.headers["location"]
+    assert location.endswith("/cdrs/%23%2F/%3F%25%23/" + "%23" * 39)
+    assert len(location) <= 255
+    msgspec.convert({"identifier": "cdrs", "role": "RECEIVER", "url": location}, Endpoint)  # an OCPI URL field
 
 
 def test_credit_cdrs_may_have_39_character_ids_others_36(pushes: Pushes) -> None:
