@@ -11,6 +11,8 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from litestar.testing import TestClient
 
+from infra.clickhouse.client import connect
+from pipeline.retention import Pseudonymizer, pseudonymise_due
 from receivers.app import create_app
 from receivers.state import StateReader
 from tests.unit.receivers.app_support import (
@@ -109,6 +111,47 @@ def test_a_cdr_at_the_url_its_post_answered(pushes: Pushes, cdr_id: str) -> None
     assert data(pushes.request("GET", url)) == body
     unknown = assert_envelope(pushes.request("GET", f"{CDRS_URL}/BE/BEC/other"), 2000, http=404)
     assert "CDR BE/BEC/other is not known" in unknown["status_message"]
+
+
+def test_after_the_clear_period_the_owner_reads_its_personal_identifiers_as_pseudonyms(pushes: Pushes) -> None:
+    """What the retention pass leaves is what a GET answers (README, Retention): once OCPI_RETENTION_PSEUDONYMISE_DAYS
+    have passed, a Session's and a CDR's token uid, contract id and authorization reference are their pseudonyms, the
+    clear values being gone; everything else is as stored. Not an error and not a 404: the object is still held."""
+    received = NOW - timedelta(days=pushes.env.settings.retention.pseudonymise_days + 1)
+    sent_session = {**session(), "authorization_reference": "AUTH-1"}
+    pushes.store("sessions", [{"country_code": "BE", "party_id": "BEC", "session_id": "101",
+                               "partner_id": "cpo-be-bec", "status": "COMPLETED", "start_date_time": received,
+                               "kwh": 41.12, "token_uid": sent_session["cdr_token"]["uid"],
+                               "contract_id": sent_session["cdr_token"]["contract_id"],
+                               "authorization_reference": "AUTH-1", "last_updated": received,
+                               "payload_json": json.dumps(sent_session), "version": 1, "received_at": received}])
+    sent_cdr = cdr()
+    pushes.store("cdrs", [{"country_code": "BE", "party_id": "BEC", "cdr_id": "12345", "partner_id": "cpo-be-bec",
+                           "start_date_time": received, "end_date_time": received, "total_energy": 15.342,
+                           "total_time": 1.973, "total_cost_excl_vat": 4, "token_uid": sent_cdr["cdr_token"]["uid"],
+                           "contract_id": sent_cdr["cdr_token"]["contract_id"], "last_updated": received,
+                           "payload_json": json.dumps(sent_cdr), "version": 1, "received_at": received}])
+    settings = pushes.env.settings
+    pseudonym = Pseudonymizer(b"a key of the pseudonymisation")
+    store = connect(settings.clickhouse_dsn, database=settings.clickhouse.database)
+    try:
+        assert pseudonymise_due(store, settings, pseudonym, datetime.now(UTC)) == {"sessions": 1, "cdrs": 1,
+                                                                                 "locations": 0}
+    finally:
+        store.close()
+
+    def as_pseudonymised(sent: dict[str, Any]) -> dict[str, Any]:
+        token = sent["cdr_token"]
+        expected = {**sent, "cdr_token": {**token, "uid": pseudonym(token["uid"]),
+                                          "contract_id": pseudonym(token["contract_id"])}}
+        if "authorization_reference" in sent:
+            expected["authorization_reference"] = pseudonym(sent["authorization_reference"])
+        return expected
+
+    read_session = data(pushes.request("GET", SESSION_URL))
+    assert read_session == as_pseudonymised(sent_session)
+    assert read_session["cdr_token"]["uid"].startswith("psn:") and read_session["authorization_reference"] != "AUTH-1"
+    assert data(pushes.request("GET", f"{CDRS_URL}/BE/BEC/12345")) == as_pseudonymised(sent_cdr)
 
 
 @pytest.mark.parametrize("url", [LOCATION_URL, f"{LOCATION_URL}/3256", f"{LOCATION_URL}/3256/1", SESSION_URL,
