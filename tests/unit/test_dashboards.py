@@ -348,12 +348,49 @@ def test_the_largest_deltas_name_the_currency_of_their_cost(schema: Client) -> N
 
     schema.insert("reconciliation", [row("C1", "SEK", "2", "40"), row("C2", "EUR", "1", "40")],
                   column_names=list(RECONCILIATION_COLUMNS))
-    panel = _panel_sql(ROOT / "dashboards" / "reconciliation.json", "Largest deltas (CDR minus session)")
+    panel = _panel_sql(ROOT / "dashboards" / "reconciliation.json", "Largest energy deltas (CDR minus session)")
     sql = render_panel_sql(panel, start=now - timedelta(days=1), end=now, partners=[partner])
     result = schema.query(sql)
     named = [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
     assert [(r["subject_id"], r["delta_cost_excl_vat"], r.get("currency")) for r in named] == [
         ("C1", Decimal("40.0000"), "SEK"), ("C2", Decimal("40.0000"), "EUR")]
+
+
+def test_a_cdr_billed_off_in_cost_alone_is_among_the_largest_deltas(schema: Client) -> None:
+    """'Largest deltas' ordered its 50 rows by the kWh delta, the cost delta only breaking ties: a CDR re-priced by
+    the CPO (the same kWh, 100 EUR more) has a kWh delta of 0, so it came after every matched CDR whose metering
+    differed by a few Wh, and with 50 of those it was not shown at all. The cost deltas are listed by their size."""
+    from decimal import Decimal
+
+    from pipeline.reconcile import RECONCILIATION_COLUMNS
+
+    # Dated apart from the other tests' rows (one module-scoped schema): 60 rows would fill their panels too.
+    then = datetime.now(UTC) - timedelta(days=30)
+    partner = f"lc-{uuid.uuid4().hex[:6]}"
+
+    def row(subject_id: str, outcome: str, delta_kwh: str, delta_cost: str) -> list[Any]:
+        values = dict(country_code="NL", party_id="LCT", subject="CDR", subject_id=subject_id, partner_id=partner,
+                      currency="EUR", outcome=outcome, method="SESSION_ID", session_id=f"S-{subject_id}",
+                      cdr_ids=[subject_id], session_kwh=Decimal(10), cdr_kwh=Decimal(10) + Decimal(delta_kwh),
+                      delta_kwh=Decimal(delta_kwh), session_cost_excl_vat=Decimal(5),
+                      cdr_cost_excl_vat=Decimal(5) + Decimal(delta_cost), delta_cost_excl_vat=Decimal(delta_cost),
+                      delta_start_s=None, delta_end_s=None, late=False, due_at=None,
+                      event_time=then, version=2)
+        return [values[c] for c in RECONCILIATION_COLUMNS]
+
+    metered = [row(f"M{n:02d}", "MATCHED", "0.005", "0.0010") for n in range(60)]
+    schema.insert("reconciliation", [*metered, row("REPRICED", "MISMATCH", "0", "100")],
+                  column_names=list(RECONCILIATION_COLUMNS))
+    board = ROOT / "dashboards" / "reconciliation.json"
+    firsts = {}
+    for title, sql in panel_queries(board):
+        if title.startswith("Largest"):
+            rendered = render_panel_sql(sql, start=then - timedelta(days=1), end=then + timedelta(days=1),
+                                        partners=[partner])
+            result = schema.query(rendered)
+            rows = [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+            firsts[title] = rows[0]["subject_id"] if rows else None
+    assert "REPRICED" in firsts.values(), firsts
 
 
 # Panels that reduce each numeric field to one value unless told to show every row (Grafana's stat/common.ts
@@ -498,7 +535,7 @@ def test_the_reconciliation_dashboard_shows_every_partner_s_outcomes_for_all_par
         return render_panel_sql(_panel_sql(board, title), start=now - timedelta(days=1), end=now + timedelta(hours=1),
                                 partners=everyone)
 
-    deltas = [row for row in schema.query(rendered("Largest deltas (CDR minus session)")).result_rows
+    deltas = [row for row in schema.query(rendered("Largest energy deltas (CDR minus session)")).result_rows
               if row[1] == party]
     assert sorted(row[3] for row in deltas) == ["C1", "C2"]
     anomalies = [row for row in schema.query(rendered("Anomalies")).result_rows if row[3] == party]
