@@ -209,6 +209,31 @@ def test_last_push_lists_registered_partners_silent_for_the_whole_range(schema: 
     assert next(iter(rows)) == ids["silent"]  # the silent one first
 
 
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_a_panel_that_counts_pushes_counts_pushes_only(schema: Client, path: Path) -> None:
+    """A pull (`jobs pull`) or a restored replay writes `raw_events` rows too (source PULL, REPLAY): the ingestion
+    dashboard's 'Pushes per module', 'Pushes per partner' and 'Relaxations applied' counted them as pushes, so a
+    night's pull of a CPO's CDRs showed as thousands of pushes there, while partner health and `report health`
+    (source PUSH) showed the partner's real pushes. Those panels count events now, and say so; a panel's
+    `pushes` are pushes only."""
+    partner = f"pp-{uuid.uuid4().hex[:6]}"
+    end = datetime.now(UTC)
+
+    def event(event_id: str, source: str) -> list[Any]:
+        return [event_id, partner, "CDRS", "PUT", "OBJECT", "NL", "PPT", event_id, None, None,
+                end - timedelta(hours=1), "r", "c", source, "h", ["NULL_IN_LIST:$.tariffs"], "{}", "t", 0, 0,
+                "APPLIED", ""]
+
+    schema.insert("raw_events", [event(f"{partner}-push", "PUSH"), event(f"{partner}-pull", "PULL"),
+                                 event(f"{partner}-replay", "REPLAY")],
+                  column_names=list(projection.RAW_EVENT_COLUMNS))
+    for title, sql in panel_queries(path):
+        result = schema.query(render_panel_sql(sql, start=end - timedelta(days=1), end=end, partners=[partner]))
+        if "pushes" in result.column_names:
+            counted = sum(int(dict(zip(result.column_names, r, strict=True))["pushes"]) for r in result.result_rows)
+            assert counted == 1, f"{path.name}: panel {title!r} counts {counted} pushes"
+
+
 def test_partner_health_counts_refusals_only_as_far_back_as_the_pushes_are_kept(schema: Client) -> None:
     """Pushes (`raw_events`) are kept OCPI_RETENTION_RAW_DAYS, refusals (`rejections`) as long as the histories:
     refusals older than the pushes still held were counted against none of their pushes, so the reject rate of a
