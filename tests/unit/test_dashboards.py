@@ -418,6 +418,46 @@ def test_a_cdr_billed_off_in_cost_alone_is_among_the_largest_deltas(schema: Clie
     assert "REPRICED" in firsts.values(), firsts
 
 
+
+def test_a_top_list_of_amounts_shows_every_currency_s_largest(schema: Client) -> None:
+    """'Per location' (top 100 by revenue) and 'Largest cost deltas' (top 50) ranked amounts of every currency
+    together: 5,000 JPY came before 400 EUR (about 30 EUR before 400), so in a store with a hundred yen locations or
+    fifty yen deltas the euro ones were not listed at all. Each currency now has its own top list."""
+    from decimal import Decimal
+
+    from pipeline.reconcile import RECONCILIATION_COLUMNS
+
+    then = datetime.now(UTC) - timedelta(days=40)  # apart from the other tests' rows (one module-scoped schema)
+    partner = f"tc-{uuid.uuid4().hex[:6]}"
+
+    def line(location: str, currency: str, cost: str) -> list[Any]:
+        return [then.date(), partner, "NL", "TCT", location, f"C-{location}", currency, False, Decimal("10"),
+                Decimal(cost), None, then, 1]
+
+    def delta(subject_id: str, currency: str, cost: str) -> list[Any]:
+        values = dict(country_code="NL", party_id="TCT", subject="CDR", subject_id=subject_id, partner_id=partner,
+                      currency=currency, outcome="MISMATCH", method="SESSION_ID", session_id=f"S-{subject_id}",
+                      cdr_ids=[subject_id], session_kwh=Decimal(10), cdr_kwh=Decimal(10), delta_kwh=Decimal(0),
+                      session_cost_excl_vat=Decimal(5), cdr_cost_excl_vat=Decimal(5) + Decimal(cost),
+                      delta_cost_excl_vat=Decimal(cost), delta_start_s=None, delta_end_s=None, late=False,
+                      due_at=None, event_time=then, version=2)
+        return [values[c] for c in RECONCILIATION_COLUMNS]
+
+    schema.insert("billing_lines", [*(line(f"JP{n:03d}", "JPY", "5000") for n in range(120)),
+                                    line("EU1", "EUR", "400")],
+                  column_names=["day", "partner_id", "country_code", "party_id", "location_id", "cdr_id", "currency",
+                                "credit", "energy_kwh", "cost_excl_vat", "cost_incl_vat", "received_at", "version"])
+    schema.insert("reconciliation", [*(delta(f"JP{n:03d}", "JPY", "1000") for n in range(60)),
+                                     delta("EU1", "EUR", "100")], column_names=list(RECONCILIATION_COLUMNS))
+    for board, title in (("billing.json", "Per location"),
+                         ("reconciliation.json", "Largest cost deltas (CDR minus session)")):
+        sql = render_panel_sql(_panel_sql(ROOT / "dashboards" / board, title), start=then - timedelta(days=1),
+                               end=then + timedelta(days=1), partners=[partner])
+        result = schema.query(sql)
+        rows = [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+        assert {r["currency"] for r in rows} == {"JPY", "EUR"}, title
+        assert max(r.get("location_id", r.get("subject_id")) for r in rows if r["currency"] == "EUR") == "EU1"
+
 # Panels that reduce each numeric field to one value unless told to show every row (Grafana's stat/common.ts
 # addStandardDataReduceOptions: `reduceOptions.values` defaults to false, "Calculate", with `lastNotNull`).
 _REDUCING_PANELS = {"stat", "gauge", "bargauge", "piechart"}
