@@ -72,6 +72,7 @@ from faust.types import TP, TableT
 
 from infra.codec import AvroCodecError, decode_event, encode_event
 from pipeline.backlog import GroupBacklog
+from pipeline.delivery import group_generation
 from pipeline.facts import SessionFact
 from pipeline.party_retention import expire_party_state, survey_referrers
 from pipeline.records import utc_now
@@ -236,6 +237,12 @@ def _partition_items(table: TableT[Any, Any], partition: int) -> Iterator[tuple[
     return store._visible_items(store._dbs[partition])
 
 
+def _generation(table: TableT[Any, Any]) -> int | None:
+    """The consumer group generation of `table`'s app now (`delivery.group_generation`)."""
+    app: Any = table.app
+    return group_generation(app)
+
+
 def _is_active(table: TableT[Any, Any], partition: int) -> bool:
     """Whether this worker serves `partition` of `table` as its active (not standby) owner."""
     return TP(table.changelog_topic.get_topic_name(), partition) in table.app.assignor.assigned_actives()
@@ -275,10 +282,11 @@ class StateRetention:
         now = utc_now()
         if self.last_run is not None and now - self.last_run < RETENTION_EVERY:
             return
+        generation = group_generation(self.context.app)  # the group whose assignment `ready` finds caught up
         try:
             if not await self.ready():
                 return
-            counts = await self.run(now)
+            counts = await self.run(now, generation)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -302,8 +310,9 @@ class StateRetention:
         assigned = [(tp.topic, tp.partition) for tp in app.consumer.assignment()]
         return await self.backlog.caught_up(assigned, self.context.progress.done)
 
-    async def run(self, now: datetime) -> dict[str, PassCounts]:
-        """One pass at `now`; returns what it did per table."""
+    async def run(self, now: datetime, generation: int | None = None) -> dict[str, PassCounts]:
+        """One pass at `now`, in consumer group `generation` (by default the current one); returns what it did per
+        table. It writes nothing once the group has moved on from that generation (`serves`)."""
         from pipeline.agents import write_to_the_end  # the agents import this module (sessions: keep_fact_token)
 
         retention = self.context.settings.retention
@@ -311,15 +320,17 @@ class StateRetention:
         expiry = billing_cutoff(now, retention.billing_years)
         counts = {target.name: PassCounts() for target in self.targets}
         for target in self.targets:
+            if generation is None:
+                generation = _generation(target.table.table)  # the worker's app's (every table's)
             for partition, items in _local_partitions(target.table.table):
                 anchor = PartitionAnchor(target.topic, partition)
-                survey = await self.survey(target, partition, anchor)
+                survey = await self.survey(target, partition, anchor, generation)
                 if survey is None:
                     continue  # revoked (or rebalancing) meanwhile: decided at a later pass, on a whole survey
                 while chunk := list(itertools.islice(items, _CHUNK)):
                     async with target.table.lock:  # no batch of this table runs meanwhile (`StateTable.lock`)
-                        if not self.serves(target, partition):
-                            break  # revoked meanwhile: its new owner's pass takes over
+                        if not self.serves(target, partition, generation):
+                            break  # revoked meanwhile (or the group moved on): its owner's pass takes over
                         changes, done = self.decide(target, anchor, chunk, cutoff, expiry, survey)
                         if changes:
                             # The agents' write path: the changelog records (tombstones for deletes), acknowledged,
@@ -333,7 +344,8 @@ class StateRetention:
                     await asyncio.sleep(0)  # the agents' batches go on between chunks
         return counts
 
-    async def survey(self, target: StateTarget, partition: int, anchor: PartitionAnchor) -> Survey | None:
+    async def survey(self, target: StateTarget, partition: int, anchor: PartitionAnchor, generation: int | None = None,
+                     ) -> Survey | None:
         """A plan's survey of one partition (empty for tables whose entries expire on their own). Its own snapshot,
         read a chunk at a time without the lock: it gathers references, which `decide` follows on current values.
         None when a rebalance takes the partition away meanwhile (or is under way): the survey stops there, since
@@ -347,13 +359,19 @@ class StateRetention:
             while chunk := list(itertools.islice(items, _CHUNK)):
                 target.expired.survey(chunk, read, survey)
                 await asyncio.sleep(0)
-                if not self.serves(target, partition):
+                if not self.serves(target, partition, generation):
                     return None
         return survey
 
-    def serves(self, target: StateTarget, partition: int) -> bool:
+    def serves(self, target: StateTarget, partition: int, generation: int | None = None) -> bool:
+        """Whether this worker still serves `partition` as its active owner, in the group generation the pass began
+        in. The generation is the agents' fence (`agents.fence`): a member put out of the group (no fetch within
+        `broker_max_poll_interval`, a heartbeat refused) has -1 there at once, while it still lists its partitions
+        as active and Faust's `rebalancing` is not set until it rejoins; another worker owns them meanwhile, and a
+        tombstone or rewritten value from this one's copy would land in the changelog after that owner's values."""
         table = target.table.table
-        return not table.app.rebalancing and _is_active(table, partition)
+        return (not table.app.rebalancing and _is_active(table, partition) and generation != -1
+                and _generation(table) == generation)
 
     def decide(self, target: StateTarget, anchor: PartitionAnchor, chunk: list[tuple[bytes, bytes]],
                cutoff: datetime, expiry: datetime, survey: Survey | None = None,

@@ -731,3 +731,70 @@ def test_a_parked_event_of_a_schema_revision_this_worker_does_not_know_does_not_
     kept, rewritten = h.state(KEY).parked
     assert kept.value == unknown
     assert decode_event(rewritten.value).payload["cdr_token"]["uid"] == PSEUDONYM("TOK9")
+
+
+# --- a worker the group has put out (or moved on from) while the pass runs ----------------------------------------
+
+
+class _Coordinator:
+    """aiokafka's group coordinator as `delivery.group_generation` reads it (-1: the member left the group)."""
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+
+
+def _fenced_keeper(part: _RocksPartition, coordinator: _Coordinator, on_survey: Any = None,
+                   ) -> tuple[StateRetention, list[dict[str, bytes | None]]]:
+    """A pass over `part` that deletes every entry it decides on, recording its state writes instead of producing."""
+    part.app.consumer = SimpleNamespace(_thread=SimpleNamespace(_consumer=SimpleNamespace(_coordinator=coordinator)))
+    written: list[dict[str, bytes | None]] = []
+
+    async def write_batch(context: Any, changes: Any) -> None:
+        written.extend(dict(overlay) for _anchor, overlay in changes)
+
+    part.table.write_batch = write_batch  # type: ignore[method-assign]
+
+    def survey(entries: Any, read: Any, found: Any) -> None:
+        if on_survey is not None:
+            on_survey()
+
+    def changes(entries: Any, *args: Any) -> tuple[dict[str, bytes | None], int]:
+        keys = [raw_key.decode() for raw_key, _ in entries]
+        return dict.fromkeys(keys), len(keys)
+
+    return part.keeper(survey, changes), written
+
+
+async def test_a_pass_writes_nothing_once_the_group_has_moved_on_from_this_worker(tmp_path: Any, monkeypatch: Any,
+                                                                                ) -> None:
+    """The agents write no state once the consumer group moved on since their batch was fetched (`agents.fence`): a
+    member put out of the group (`broker_max_poll_interval`, a heartbeat refused) still lists its partitions as
+    active, and Faust's `rebalancing` is not set until it rejoins, while another worker owns them already. The pass
+    went on deleting (and rewriting) their entries from its local copy, its tombstones landing in the changelog
+    after the new owner's values. It now stops at a generation other than the one it started in."""
+    part = _RocksPartition(tmp_path, monkeypatch, entries=30)
+    coordinator = _Coordinator(5)
+    keeper, written = _fenced_keeper(part, coordinator)
+    await keeper.run(datetime.now(UTC))
+    assert len(written) == 3  # the same generation throughout: every chunk decided and written
+
+    part = _RocksPartition(tmp_path / "left", monkeypatch, entries=30)
+    coordinator = _Coordinator(5)
+
+    def leave() -> None:  # the heartbeat thread hears the member is gone while the pass surveys
+        coordinator.generation = -1
+
+    keeper, written = _fenced_keeper(part, coordinator, leave)
+    await keeper.run(datetime.now(UTC))
+    assert written == []
+
+    part = _RocksPartition(tmp_path / "moved", monkeypatch, entries=30)
+    coordinator = _Coordinator(5)
+    keeper, written = _fenced_keeper(part, coordinator, lambda: setattr(coordinator, "generation", 6))
+    await keeper.run(datetime.now(UTC))
+    assert written == []
+
+    part = _RocksPartition(tmp_path / "out", monkeypatch, entries=30)
+    keeper, written = _fenced_keeper(part, _Coordinator(-1))  # out of the group from the start
+    await keeper.run(datetime.now(UTC))
+    assert written == []
