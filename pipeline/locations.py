@@ -80,6 +80,7 @@ def process_locations(view: TypedView[LocationState], key: str, records: list[Re
             out.replayed += 1
             continue
         state.offset = record.offset
+        state.seen_at = ordering.newest(state.seen_at, record.received_at)
         if seen_before(state, record, out):
             continue
         expire_parked(state, record, rules.park_ttl, out)

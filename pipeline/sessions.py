@@ -43,6 +43,7 @@ def process_sessions(view: TypedView[SessionState], key: str, records: list[Reco
             out.replayed += 1  # folded in before a crash; its rows are in ClickHouse already
             continue
         state.offset = record.offset
+        state.seen_at = ordering.newest(state.seen_at, record.received_at)
         if seen_before(state, record, out):
             continue
         expire_parked(state, record, rules.park_ttl, out)

@@ -64,6 +64,10 @@ class SessionState(msgspec.Struct, kw_only=True):
     # The last RECENT_EVENT_IDS events ORPHANED at once, the parked ones being at their bound (PARK_OVERFLOW):
     # refused for good, so a replayed copy is neither applied nor recorded (`stage.replayed_overflow`).
     overflowed: list[str] = []
+    # received_at of the newest event folded into it, whatever its outcome: dates a state that holds neither its object
+    # nor parked events (events refused or ORPHANED at once) for its expiry (`pipeline.state_retention`); None in
+    # states from before.
+    seen_at: datetime | None = None
 
 
 class LocationState(msgspec.Struct, kw_only=True):
@@ -102,6 +106,10 @@ class LocationState(msgspec.Struct, kw_only=True):
     # The last RECENT_EVENT_IDS events ORPHANED at once, the parked ones being at their bound (PARK_OVERFLOW):
     # refused for good, so a replayed copy is neither applied nor recorded (`stage.replayed_overflow`).
     overflowed: list[str] = []
+    # received_at of the newest event folded into it, whatever its outcome: dates a state that holds neither its object
+    # nor parked events (events refused or ORPHANED at once) for its expiry (`pipeline.state_retention`); None in
+    # states from before.
+    seen_at: datetime | None = None
 
 
 class CdrState(msgspec.Struct, kw_only=True):

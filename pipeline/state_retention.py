@@ -32,8 +32,10 @@ data, and writes a tombstone (value None) to the changelog, so compaction remove
 
 - expired: a Session once its last applied event was received (`applied_at`, the `received_at` of its `sessions`
   row) before the cutoff, and every event parked in it too; a state of parked events alone by the newest of
-  them. A CDR once it was received (`received_at`, that of its `cdrs` row) before the cutoff. A value the rule
-  cannot date (no `applied_at` although a Session is stored, or nothing stored but the offset) is kept;
+  them, and a state without a Session by the newest event folded into it (`seen_at`: PATCHes ORPHANED at once by
+  PARK_OVERFLOW leave only their ids). A CDR once it was received (`received_at`, that of its `cdrs` row) before
+  the cutoff. A value the rule cannot date (no `applied_at` although a Session is stored, or neither a Session nor a
+  parked event in a state last written before `seen_at` was kept) is kept;
 - never early: the cutoff is `retention.billing_cutoff`, at or after the rows' own TTL;
 - idempotent: a deleted entry is not listed again, and a kept one is decided the same way;
 - after expiry an event for that object finds no state and is handled as the first of its object: a retry of a
@@ -51,7 +53,9 @@ data, and writes a tombstone (value None) to the changelog, so compaction remove
 of events parked for a Location that never came (EVSE updates for an id whose PUT the receiver refused, a typo):
 the deadline sweep makes their rows ORPHANED, and a later event of that id would orphan them in the state, but none
 comes, so such a state leaves in the same pass, like a `session-state` of parked events alone, by the newest of
-them (`location_state_expired`): one entry per such id would otherwise be kept forever.
+them (`location_state_expired`): one entry per such id would otherwise be kept forever. So does a state left with
+neither a Location nor parked events (an INVALID PUT that orphaned them, events ORPHANED at once by PARK_OVERFLOW),
+by the newest event folded into it (`seen_at`).
 """
 
 from __future__ import annotations
@@ -177,22 +181,31 @@ def _pseudonymised_parked(parked: Parked, pseudonym: Pseudonymizer) -> Parked | 
 
 def session_state_expired(value: bytes, cutoff: datetime) -> bool:
     """Whether a `session-state` value holds only data received before `cutoff` (its Session, by the receive time
-    of the last applied event, and every parked event, by its own)."""
+    of the last applied event, and every parked event, by its own; without a Session, by the newest event folded
+    into it, `seen_at`, which dates a state of PATCHes ORPHANED at once too)."""
     state = _SESSIONS.decode(value)
     received = [parked.received_at for parked in state.parked]
     if state.object_json is not None:
         if state.applied_at is None:
             return False  # cannot be dated (every applied event sets it): kept rather than deleted early
         received.append(state.applied_at)
+    elif state.seen_at is not None:
+        received.append(state.seen_at)
     return bool(received) and max(received) < cutoff
 
 
 def location_state_expired(value: bytes, cutoff: datetime) -> bool:
-    """Whether a `location-state` value holds no Location, only events parked for it, the newest of them received
-    before `cutoff` (as for a `session-state` of parked events alone). A state with a Location is current state."""
+    """Whether a `location-state` value holds no Location, and the newest event folded into it (`seen_at`, and
+    each event parked in it) was received before `cutoff` (as for a `session-state` without a Session): events
+    parked for a Location that never came, or refused (an INVALID PUT, events ORPHANED at once). A state with a
+    Location is current state."""
     state = _LOCATIONS.decode(value)
-    return (state.object_json is None and bool(state.parked)
-            and max(parked.received_at for parked in state.parked) < cutoff)
+    if state.object_json is not None:
+        return False
+    received = [parked.received_at for parked in state.parked]
+    if state.seen_at is not None:
+        received.append(state.seen_at)
+    return bool(received) and max(received) < cutoff
 
 
 def cdr_state_expired(value: bytes, cutoff: datetime) -> bool:

@@ -798,3 +798,38 @@ async def test_a_pass_writes_nothing_once_the_group_has_moved_on_from_this_worke
     keeper, written = _fenced_keeper(part, _Coordinator(-1))  # out of the group from the start
     await keeper.run(datetime.now(UTC))
     assert written == []
+
+
+# --- states that hold neither their object nor parked events -------------------------------------------------------
+
+
+def test_a_location_state_left_without_location_or_parked_events_leaves_too() -> None:
+    # A Location PUT refused (INVALID) after an EVSE update waited for it past the park TTL: the update is ORPHANED
+    # in the state and the PUT stored nothing, which leaves a state of neither a Location nor parked events (its
+    # offset and the ids of the events folded in). No rule dated it, so it was kept for ever: one entry per such id.
+    # It leaves like a state of parked events alone, by the newest event folded into it.
+    h = Harness(process_locations, LocationState, stage_rules(park_ttl_min=5))
+    h.run(evse_patch("AVAILABLE", 1))  # received at minute 2, parked
+    many = [{"uid": str(n % 10), "type": "RFID"} for n in range(140_000)]  # too large once pseudonymised
+    out = h.run(event("Location", location(publish=False, publish_allowed_to=many), received=100))
+    assert sorted(outcomes(out)) == ["INVALID", "ORPHANED"]
+    state = h.state(LOC)
+    assert state is not None and state.object_json is None and state.parked == []
+    expired = registered_targets()["location-state"].expired
+    assert callable(expired)
+    assert not expired(h.store.data[LOC], ts(100))  # the PUT was received at minute 100
+    assert expired(h.store.data[LOC], ts(101))
+
+
+def test_a_session_state_of_events_orphaned_at_once_alone_expires_by_the_newest_of_them() -> None:
+    # A PATCH for a Session not pushed yet, beyond what may be parked (PARK_OVERFLOW), is ORPHANED at once: its state
+    # holds only the event ids that keep a replayed copy from being recorded again. No rule dated it: kept for ever.
+    h = harness(park_max=0)
+    for received in (1, 5):
+        out = h.run(event("SessionPatch", {"kwh": Decimal(received), "last_updated": iso(ts(received))},
+                          object_id="S1", received=received))
+        assert outcomes(out) == ["ORPHANED"]
+    state = h.state(KEY)
+    assert state.object_json is None and state.parked == [] and len(state.overflowed) == 2
+    assert not expired_session(h, cutoff_min=5)
+    assert expired_session(h, cutoff_min=6)
