@@ -28,6 +28,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from clickhouse_connect.driver.client import Client
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 RETENTION_EVERY: Final = timedelta(hours=1)
 _OVERDUE: Final = {"AWAITING_CDR": "MISSING_CDR", "AWAITING_SESSION": "NO_SESSION"}
 _LIMIT: Final = 10_000
-# Objects (CiString(36) ids at most) listed in one statement of `_awaited_by_the_replay`: far below 256 KiB.
+# Objects (CiString(36) ids at most) listed in one statement (`_awaited_by_the_replay`, `superseded`): far below
+# 256 KiB.
 _AWAITED_PER_STATEMENT: Final = 1_000
 
 
@@ -150,6 +152,26 @@ def overdue_reconciliation(client: Client, now: datetime, batch: Batch) -> list[
     return promoted
 
 
+def superseded(client: Client, published: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """The current `reconciliation` rows of the subjects of `published` (rows the sweep published) whose version is
+    above the published one: rows stage 2 wrote meanwhile."""
+    columns = ", ".join(RECONCILIATION_COLUMNS)
+    index = {name: i for i, name in enumerate(RECONCILIATION_COLUMNS)}
+    key = ("country_code", "party_id", "subject", "subject_id")
+    versions = {tuple(str(row[index[c]]) for c in key): int(row[index["version"]]) for row in published}
+    subjects = list(versions)
+    newer: list[list[Any]] = []
+    for start in range(0, len(subjects), _AWAITED_PER_STATEMENT):
+        listed = ", ".join("(" + ", ".join(map(string, subject)) + ")"
+                           for subject in subjects[start:start + _AWAITED_PER_STATEMENT])
+        for row in client.query(f"SELECT {columns} FROM reconciliation FINAL "
+                                f"WHERE ({', '.join(key)}) IN ({listed})").result_rows:
+            subject = tuple(str(row[index[c]]) for c in key)
+            if int(row[index["version"]]) > versions.get(subject, 0):
+                newer.append(list(row))
+    return newer
+
+
 def overdue_credits(client: Client, now: datetime, batch: Batch) -> int:
     columns = ", ".join(CREDIT_LINK_COLUMNS)
     rows = client.query(f"SELECT {columns} FROM credit_links FINAL WHERE status = 'AWAITING_ORIGINAL' "
@@ -221,6 +243,14 @@ class Sweeper:
         # never selected again, so its anomaly would never be written.
         await ctx.sink.write(batch.take("anomalies"))
         await ctx.sink.write(batch)
+        # Stage 2 (this worker's or another's) may have written and published a newer row of a promoted subject
+        # between the select and the publish above: the sweep's older record would then be the last of its key,
+        # which the topic's readers take for the current outcome. Stage 2 writes its rows before it publishes them,
+        # so such a row is found here and published again after the sweep's record; one written after this read
+        # is published after it. Again until nothing newer is found.
+        while promoted:
+            promoted = await asyncio.to_thread(ctx.sink.run_sync, partial(superseded, published=promoted))
+            await ctx.publish(ctx.settings.pipeline.topic_reconciliation, reconciliation_records(promoted))
         await self.retention(now)
         return True
 

@@ -609,6 +609,62 @@ def test_a_sweep_killed_after_some_of_its_inserts_writes_the_anomalies_at_the_ne
         ("CREDIT_UNKNOWN_REFERENCE", "C7-C"), ("ORPHAN_EVENT", "S9")]
 
 
+def test_a_newer_row_published_while_the_sweep_promotes_stays_the_last_record_of_its_key(client: Client) -> None:
+    # The sweep selects an AWAITING row, then publishes its promotion. Should stage 2 (this worker's or another's)
+    # write and publish a newer row of the subject in between (a CDR that came after the deadline), the sweep's
+    # older, lower-version record would be the last of the key, which the topic's readers take for the current
+    # outcome, while the table holds the newer row. The sweep publishes the current row again after its own.
+    import asyncio
+    from types import SimpleNamespace
+
+    from pipeline.agents import reconciliation_records
+
+    base = dict.fromkeys(RECONCILIATION_COLUMNS)
+    row = {**base, "country_code": "NL", "party_id": "TNM", "subject": "SESSION", "subject_id": "S5",
+           "partner_id": "p1", "currency": "EUR", "outcome": "AWAITING_CDR", "method": "", "cdr_ids": [],
+           "late": False, "due_at": ts(30), "event_time": ts(0), "version": 4}
+    awaiting = Batch()
+    awaiting.add("reconciliation", RECONCILIATION_COLUMNS, [row[c] for c in RECONCILIATION_COLUMNS])
+    write(client, awaiting)
+    matched = {**row, "outcome": "MATCHED", "method": "SESSION_ID", "cdr_ids": ["C5"], "late": True,
+               "due_at": None, "event_time": ts(65), "version": 10}
+    sink = ClickHouseSink(lambda: client)
+    published: list[tuple[bytes, bytes]] = []
+
+    async def publish(topic: str, records: list[tuple[bytes, bytes]]) -> None:
+        published.extend(records)
+
+    def run_sync(work: Any) -> Any:
+        result = sink.run_sync(work)
+        if not published:  # stage 2, right after the sweep's select: its row written, then published
+            newer = Batch()
+            newer.add("reconciliation", RECONCILIATION_COLUMNS, [matched[c] for c in RECONCILIATION_COLUMNS])
+            write(client, newer)
+            published.extend(reconciliation_records([[matched[c] for c in RECONCILIATION_COLUMNS]]))
+        return result
+
+    class CaughtUp:
+        async def caught_up(self, assigned: Any, done: Any) -> bool:
+            return True
+
+    context = SimpleNamespace(
+        progress=SimpleNamespace(done={}), app=SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: [])),
+        sink=SimpleNamespace(run_sync=run_sync, write=sink.write), stage_rules=stage_rules(), publish=publish,
+        settings=SimpleNamespace(kafka=SimpleNamespace(send_timeout_s=10), retention=SimpleNamespace(history_days=365),
+                                 pipeline=SimpleNamespace(topic_reconciliation="reconciliation")))
+
+    async def no_retention(now: datetime) -> None:
+        return None
+
+    sweeper = sweeps.Sweeper(context, CaughtUp())  # type: ignore[arg-type]
+    sweeper.retention = no_retention  # type: ignore[method-assign]
+    asyncio.run(sweeper.run(ts(70)))
+    assert client.query("SELECT outcome, version FROM reconciliation FINAL").result_rows == [("MATCHED", 10)]
+    records = [json.loads(value) for key, value in published if key == b"NL/TNM/SESSION/S5"]
+    # stage 2's record, the sweep's (older: it loses in the table), then the current row again
+    assert [(r["outcome"], r["version"]) for r in records] == [("MATCHED", 10), ("MISSING_CDR", 5), ("MATCHED", 10)]
+
+
 def test_ttls_follow_the_settings(client: Client) -> None:
     database = client.database
     defaults = [ttl for data_class in retention.policy(_settings()) for ttl in data_class.ttls]
