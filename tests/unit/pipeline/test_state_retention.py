@@ -138,6 +138,36 @@ def test_a_patch_with_a_new_token_gets_its_own_fact_token() -> None:
     assert keep_fact_token(None, fact, {"cdr_token": token(PSEUDONYM("TOK2"))}) == fact
 
 
+def _reconciled(*batches: Any) -> list[tuple[str, str, str, str]]:
+    """Stage 2 over the facts stage 1 sent in `batches` (one party): (subject, id, outcome, method) of each result."""
+    from pipeline.reconcile import PartyOutput, PartyState, process_party
+
+    from .builders import DictStore
+    from .test_reconcile import RULES
+
+    facts = [fact for out in batches for party_facts in out.facts.values() for fact in party_facts]
+    out, store = PartyOutput(), DictStore()
+    process_party(PartyState("NL/TNM", store.overlay()), facts, RULES, out)
+    return [(r["subject"], r["subject_id"], r["outcome"], r["method"]) for r in out.results]
+
+
+def test_a_cdr_after_its_session_was_pseudonymised_and_patched_still_matches_by_reference_or_token() -> None:
+    """Stage 2 matches by the facts' pseudonyms: those of a Session patched after the pass (its state holds the
+    pseudonyms, not the clear values) must be those of the CDR that comes later, in clear, without a session id."""
+    completion = {"status": "COMPLETED", "end_date_time": iso(ts(60)), "kwh": Decimal("10"),
+                  "total_cost": {"excl_vat": Decimal("2.50"), "incl_vat": Decimal("3.0250")},
+                  "last_updated": iso(ts(60))}
+    for authref, method in (("AUTH-1", "AUTHORIZATION_REFERENCE"), (None, "TOKEN_LOCATION_START")):
+        sessions, cdrs = harness(), Harness(process_cdrs, CdrState)
+        put = sessions.run(event("Session", session(authref=authref), received=1))
+        assert pass_over(sessions, cutoff_min=100) is not None
+        patched = sessions.run(event("SessionPatch", completion, object_id="S1", received=200))
+        late = cdrs.run(event("CDR", cdr(session_id=None, authref=authref and authref.lower()), received=300))
+        assert "TOK1" not in sessions.store.data[KEY].decode(errors="replace")
+        assert _reconciled(put, patched, late)[-2:] == [("CDR", "C1", "MATCHED", method),
+                                                       ("SESSION", "S1", "MATCHED", method)], method
+
+
 def test_a_retry_of_the_last_event_after_the_pass_is_still_a_duplicate() -> None:
     h = harness()
     body = completed_session(h)
