@@ -524,7 +524,9 @@ class RetentionSettings:
     """How long each class of data is kept (see README, "Retention")."""
 
     raw_days: int = _setting(
-        "OCPI_RETENTION_RAW_DAYS", "30", "days raw events, dead letters and our Kafka topics are kept"
+        "OCPI_RETENTION_RAW_DAYS", "30",
+        "days raw events, dead letters and our Kafka topics are kept (raw events hold personal data in clear: longer "
+        "than `OCPI_RETENTION_PSEUDONYMISE_DAYS`, the worker warns at start, and `retention report` says so)",
     )
     history_days: int = _setting(
         "OCPI_RETENTION_HISTORY_DAYS", "365",

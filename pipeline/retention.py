@@ -623,12 +623,19 @@ def leftover_rebuilds(client: Client, database: str) -> list[str]:
     return [str(row[0]) for row in rows]
 
 
-def warnings(settings: Settings) -> list[str]:
+def policy_warnings(settings: Settings) -> list[str]:
+    """What in the configured policy keeps data longer than the policy says (the worker logs these at start)."""
     r = settings.retention
     found = []
     if r.raw_days > r.pseudonymise_days:
         found.append(f"raw events are kept {r.raw_days} days in clear, longer than the pseudonymisation age "
                      f"({r.pseudonymise_days} days): lower OCPI_RETENTION_RAW_DAYS")
+    return found
+
+
+def warnings(settings: Settings) -> list[str]:
+    """The policy's warnings and what the broker does not enforce (`retention report`)."""
+    found = policy_warnings(settings)
     if settings.kafka.is_tansu:
         found.append("the embedded Tansu broker stores topic configs but enforces neither retention.ms nor "
                      "compaction: its data lives as long as the broker process")

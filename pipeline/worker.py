@@ -18,7 +18,15 @@ from infra.kafka.admin import delete_topics, ensure_topics, partition_counts, se
 from infra.kafka.bootstrap import resolve_bootstrap
 from infra.settings import Settings, private_dir
 from pipeline.app import PARTY_TABLE, TABLES, create_app, sink_client
-from pipeline.retention import apply_ttls, changelog_configs, changelog_topic, check_key, load_key, topic_configs
+from pipeline.retention import (
+    apply_ttls,
+    changelog_configs,
+    changelog_topic,
+    check_key,
+    load_key,
+    policy_warnings,
+    topic_configs,
+)
 from pipeline.topics import topic_names
 
 log = logging.getLogger(__name__)
@@ -202,10 +210,18 @@ def answered(exc: ClickHouseUnavailable) -> bool:
     return code is not None and int(code.group(1)) in REFUSALS
 
 
+def warn_of_retention_policy(settings: Settings) -> None:
+    """A policy that keeps personal data in clear longer than it says is logged at every start, not only named by
+    `retention report`, which nobody may run."""
+    for warning in policy_warnings(settings):
+        log.warning("retention: %s", warning)
+
+
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     bootstrap = resolve_bootstrap(settings)
     private_dir(settings.storage.path)  # before the key check creates it (secrets/) with the umask's mode
     check_pseudonym_key(settings)
+    warn_of_retention_policy(settings)
     apply_configured_ttls(settings)
     drop_state_without_changelog(settings, bootstrap, settings.pipeline.app_id)
     if not has_changelog(bootstrap, settings.pipeline.app_id):
