@@ -31,7 +31,8 @@ Relaxations
     the digits that fit (4 with `Z`, 5 without). Trade-off: loses < 100 µs.
 `EXCESS_DECIMALS`
     A number with more than 4 decimal places is rounded half-even to 4. Trade-off: changes the value by
-    < 0.00005; amounts that were meant to be exact at a finer precision are rounded.
+    at most 0.00005 (a tie: 8.50005 becomes 8.5000); amounts that were meant to be exact at a finer precision are
+    rounded.
 `EMPTY_STRING_AS_ABSENT`
     `""` in an optional (`?`/`*`) field whose type rejects it (an enum, a DateTime, a number, a pattern such
     as `HH:MM`, an object) is treated as absent. Trade-off: for PATCH bodies this means "unchanged"; a

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from ocpi import STRICT, CompatProfile, Decoded, Relaxation, decode
+from ocpi import STRICT, CompatProfile, Decoded, Relaxation, compat, decode
 from ocpi.model import CDR, EVSE, CdrLocation, Connector, Location, Session, SessionPatch, SignedValue
 
 from .samples import minimal
-from .support import assert_invalid, dumps, example
+from .support import REPO, assert_invalid, dumps, example
 
 SESSION = example("session_example_2_short_finished.json")
 LOCATION = example("location_example.json")
@@ -300,3 +300,17 @@ def test_errors_after_null_in_list_name_the_element_as_sent() -> None:
         "NULL_IN_LIST:$.signed_data.signed_values",
         "ERRATA_MAX_LENGTH:$.signed_data.signed_values[1].plain_data",
     )
+
+
+def test_excess_decimals_says_how_far_it_may_move_a_value() -> None:
+    """Half-even rounding moves a tie by half a unit of the 4th place: 8.50005 becomes 8.5000, changed by 0.00005
+    exactly. ocpi.compat and docs/partners.md said it changes a value by less than that."""
+    profile = CompatProfile.from_names("EXCESS_DECIMALS")
+    for sent, kept in (("8.50005", "8.5000"), ("8.50015", "8.5002"), ("-0.00005", "0.0000"), ("1.000049999", "1.0000")):
+        body = b'{"kwh": %s, "last_updated": "2015-06-29T23:50:17Z"}' % sent.encode()
+        value = decode(body, SessionPatch, profile=profile).value.kwh
+        assert value == Decimal(kept) and abs(value - Decimal(sent)) <= Decimal("0.00005")
+    docs = (REPO / "docs" / "partners.md").read_text()
+    row = next(line for line in docs.splitlines() if line.startswith("| `EXCESS_DECIMALS` |"))
+    for text in (row, compat.__doc__ or ""):
+        assert "at most 0.00005" in text and "< 0.00005" not in text
