@@ -294,7 +294,8 @@ class Repairer:
                 ocpi_types.check_number(node)
             except ValueError as exc:
                 if str(exc) == ocpi_types.EXCESS_DECIMALS:
-                    # Safe: check_number rejected it for decimals only, so it has <= 14 integer digits.
+                    # check_number rejected it for decimals only, so it has <= 14 integer digits; rounded, a value
+                    # of 14 nines and .99995 or more becomes 10^14, which validation then refuses as too large.
                     node = node.quantize(_FOUR_PLACES, rounding=ROUND_HALF_EVEN)
                     self.record(Relaxation.EXCESS_DECIMALS, path)
         return node
