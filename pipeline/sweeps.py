@@ -17,9 +17,10 @@ same deadline, so whichever comes first, the result is the same row:
 It runs only while the whole consumer group has read every partition of the topics it depends on to its end
 (`pipeline.backlog`): during a backlog (a restart, a replay, a slower worker) the awaited event may still be
 waiting in Kafka, in this worker's partitions or another's. A margin of the broker send timeout covers events
-that were stamped before a deadline but reached Kafka after it. Retention: configured TTLs are set at the worker's
-start (`worker.apply_configured_ttls`) and checked again at the first sweep, and due rows are pseudonymised every
-hour.
+that were stamped before a deadline but reached Kafka after it: a push, and a pulled event (stamped as the pull
+hands it to the producer, `pipeline.jobs.pull`), is acknowledged within it of its stamp. Retention: configured TTLs
+are set at the worker's start (`worker.apply_configured_ttls`) and checked again at the first sweep, and due rows
+are pseudonymised every hour.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import aiokafka
@@ -246,6 +247,15 @@ async def wait_for_group(bootstrap: str, group_id: str, targets: Mapping[TopicPa
         await asyncio.sleep(poll_s)
 
 
+def _note_time(times: dict[int, float], index: int, loop: asyncio.AbstractEventLoop,
+               done: asyncio.Future[Any]) -> None:
+    """When a record's send ended. Its error is taken (and raised by `send_all` when it waits for it): one that
+    ends after `send_all` gave up on it is not logged as never retrieved."""
+    times[index] = loop.time()
+    if not done.cancelled():
+        done.exception()
+
+
 class JobProducer:
     """Sends a job's records and waits for the broker's acknowledgement of each batch (acks=all).
 
@@ -272,11 +282,49 @@ class JobProducer:
         if producer is not None:
             await stop_client(producer)
 
-    async def send_all(self, records: Iterable[tuple[str, bytes, bytes]]) -> int:
-        """Send (topic, key, value) records; returns once every one is acknowledged (raises otherwise)."""
+    async def send_all(self, records: Iterable[tuple[str, bytes, bytes]], *, within: float | None = None) -> int:
+        """Send (topic, key, value) records; returns once every one is acknowledged (raises otherwise).
+
+        `within`: every record must be acknowledged within that many seconds of being taken from `records`, or
+        JobError (once all are acknowledged or that time has passed for the last one). For a caller that builds
+        its records lazily, stamping each event's `received_at` as it is taken (the pull): the deadline sweeps'
+        margin, the send timeout, assumes an event reaches Kafka within it of its stamp, as an acknowledged push
+        does. Without it the batch has 3 × the send timeout after its last send (a replay's events keep their old
+        `received_at`, which the margin says nothing of).
+        """
         assert self._producer is not None, "use JobProducer as an async context manager"
-        futures = [await self._producer.send(topic, value=value, key=key) for topic, key, value in records]
-        for meta in await asyncio.wait_for(asyncio.gather(*futures), self._kafka.send_timeout_s * 3):
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = []
+        taken: list[float] = []
+        acked: dict[int, float] = {}
+        iterator = iter(records)
+        while True:
+            at = loop.time()  # before the record is built: its stamp is no earlier
+            try:
+                topic, key, value = next(iterator)
+            except StopIteration:
+                break
+            future = await self._producer.send(topic, value=value, key=key)
+            future.add_done_callback(partial(_note_time, acked, len(futures), loop))
+            futures.append(future)
+            taken.append(at)
+        if within is None:
+            metas = await asyncio.wait_for(asyncio.gather(*futures), self._kafka.send_timeout_s * 3)
+        elif futures:
+            await asyncio.wait(futures, timeout=max(taken[-1] + within - loop.time(), 0))
+            for future in futures:  # a refusal is raised as it was
+                if future.done():
+                    future.result()
+            late = sum(1 for i, at in enumerate(taken) if i not in acked or acked[i] - at > within)
+            if late:
+                raise JobError(f"Kafka did not acknowledge {late} of {len(futures)} records within "
+                               f"OCPI_KAFKA_SEND_TIMEOUT ({self._kafka.send_timeout_s:g}s) of their received_at "
+                               "(is the broker slow?): a deadline sweep may have decided before they landed; the "
+                               "checkpoint keeps the position: run the same command again")
+            metas = [future.result() for future in futures]
+        else:
+            metas = []
+        for meta in metas:
             tp = TopicPartition(meta.topic, meta.partition)
             self.written[tp] = max(self.written.get(tp, 0), meta.offset + 1)
         return len(futures)

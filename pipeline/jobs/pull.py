@@ -78,7 +78,7 @@ import logging
 import random
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -135,9 +135,10 @@ class PullError(JobError):
 
 
 class RecordSink(Protocol):
-    """Where the events go: `pipeline.jobs.kafka_io.JobProducer` (acknowledged sends), a list in tests."""
+    """Where the events go: `pipeline.jobs.kafka_io.JobProducer` (acknowledged sends), a list in tests. `within`:
+    the seconds within which each record must be acknowledged after it was taken from `records`."""
 
-    async def send_all(self, records: Iterable[tuple[str, bytes, bytes]]) -> int: ...
+    async def send_all(self, records: Iterable[tuple[str, bytes, bytes]], *, within: float | None = None) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -786,7 +787,7 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
         items = decode_list(page.data, kind.model, profile=partner.profile)
     except (OcpiJsonError, OcpiValidationError) as exc:
         raise PullError(f"GET {page.url}: data is not a list of {module}: {exc}") from None
-    records = []
+    records: list[tuple[str, bytes, dict[str, Any]]] = []
     rejected: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         if isinstance(item, OcpiValidationError):
@@ -808,11 +809,22 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
                             request_id=page.request_id, correlation_id=correlation_id, from_party=page.from_party,
                             to_party=page.to_party)
         try:
-            records.append((settings.kafka.topic_for(module), key.kafka_key(), encode_event(event)))
+            encode_event(event)  # what does not fit the wire schema is recorded, not sent
         except AvroCodecError as exc:
             report.invalid += 1
             rejected.append({"index": index, "path": "$", "reason": f"does not fit the wire schema: {exc}"})
-    sent = await sink.send_all(records)
+        else:
+            records.append((settings.kafka.topic_for(module), key.kafka_key(), event))
+
+    def handed_over() -> Iterator[tuple[str, bytes, bytes]]:
+        # Each event is stamped as it is handed to the producer, and acknowledged within the send timeout of that
+        # stamp: the deadline sweeps' margin (`pipeline.sweeps`) assumes an event reaches Kafka within the send
+        # timeout of its `received_at`, as a push does. Stamped when the page was decoded, an event waited for the
+        # sends before it (a slow broker's full batches), and could land after a sweep decided a deadline it answered.
+        for topic, kafka_key, event in records:
+            yield topic, kafka_key, encode_event({**event, "received_at": datetime.now(UTC)})
+
+    sent = await sink.send_all(handed_over(), within=settings.kafka.send_timeout_s)
     # Recorded once the page's events are acknowledged: a page whose send failed is read again by the rerun.
     if rejected:
         _record_rejected(settings, partner.partner_id, module, page, rejected)

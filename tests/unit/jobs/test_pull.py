@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime as http_date
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from ocpi.canonical import content_hash
 from ocpi.decode import decode
 from ocpi.model import Endpoint, InterfaceRole, Session
 from pipeline.jobs.common import Checkpoint, JobError, NoProgress, jobs_dir, parse_time
+from pipeline.jobs.kafka_io import JobProducer
 from pipeline.jobs.pull import (
     PullError,
     PullReport,
@@ -45,7 +47,7 @@ class ListSink:
         self.calls = 0
         self.fail_on = fail_on
 
-    async def send_all(self, records: Iterable[tuple[str, bytes, bytes]]) -> int:
+    async def send_all(self, records: Iterable[tuple[str, bytes, bytes]], *, within: float | None = None) -> int:
         self.calls += 1
         if self.calls == self.fail_on:
             raise RuntimeError("broker down")
@@ -1205,3 +1207,68 @@ def test_the_checkpoints_of_two_parties_never_share_a_file(settings_for: Any) ->
     assert len(set(paths[:3])) == 3
     assert paths[2] == paths[3]  # CiStrings: one party whatever the case
     assert paths[2].name == "cpo-be.cdrs.N-ABC.json"  # real codes' files keep their names
+
+
+class SlowBroker:
+    """Stands in for aiokafka's producer under a slow broker: each `send` blocks `append_s` (a full batch waiting
+    to drain) before it hands back the record's future, which the broker acknowledges `ack_s` later. Keeps, per
+    record, its `received_at` and the moment it was acknowledged."""
+
+    def __init__(self, *, append_s: float, ack_s: float) -> None:
+        self.append_s = append_s
+        self.ack_s = ack_s
+        self.acked: list[tuple[datetime, datetime]] = []  # (received_at, acknowledged at)
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[Any]:
+        await asyncio.sleep(self.append_s)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        offset = len(self.acked)
+
+        def ack() -> None:
+            self.acked.append((decode_event(value).received_at, datetime.now(UTC)))
+            future.set_result(SimpleNamespace(topic=topic, partition=0, offset=offset))
+
+        loop.call_later(self.ack_s, ack)
+        return future
+
+
+def slow_producer(settings: Any, broker: SlowBroker) -> JobProducer:
+    producer = JobProducer(settings.kafka, "unused:9092")
+    producer._producer = broker  # type: ignore[assignment]
+    return producer
+
+
+async def test_a_pulled_event_reaches_kafka_within_the_send_timeout_of_its_received_at(
+        settings_for: Any, fake: FakeSender) -> None:
+    """The deadline sweeps' margin is the send timeout: an event stamped before a deadline is in Kafka by the time
+    a sweep decides it (README "Deadlines"). The pull stamped a page's events when it built them and then waited
+    for their acknowledgements up to 3 × the send timeout after the last send, so under a slow broker (sends that
+    wait for a batch to drain) a pulled event landed long after its stamp, for a sweep to flag the deadline it
+    answered. Each is stamped as it is handed to the producer, and every one it sends is acknowledged within the
+    send timeout of that stamp."""
+    settings = settings_for(OCPI_KAFKA_SEND_TIMEOUT="1")
+    fake.page_cap = 5
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 6)]
+    broker = SlowBroker(append_s=0.3, ack_s=0.05)  # 5 sends of a page take 1.5 s: beyond the send timeout
+    report = await pull(settings, partner_for(fake), "sessions", slow_producer(settings, broker),
+                        since=hours_ago(24), until=hours_ago(0.5))
+    assert report.objects == 5 and len(broker.acked) == 5
+    timeout = timedelta(seconds=settings.kafka.send_timeout_s)
+    assert all(received_at <= acked <= received_at + timeout for received_at, acked in broker.acked), broker.acked
+
+
+async def test_a_page_the_broker_acknowledges_later_than_the_send_timeout_fails_the_pull(
+        settings_for: Any, fake: FakeSender) -> None:
+    """Acknowledged after the send timeout, a page's events may have landed after a sweep decided a deadline they
+    answered: the pull fails, as a push is answered 3000, and the page stays unacknowledged in the checkpoint (the
+    rerun sends it again: duplicates)."""
+    settings = settings_for(OCPI_KAFKA_SEND_TIMEOUT="0.2")
+    fake.objects["sessions"] = [session(i, hours_ago(10 - i)) for i in range(1, 3)]
+    broker = SlowBroker(append_s=0, ack_s=0.4)  # twice the send timeout, within the 3 × the pull waited
+    with pytest.raises(JobError, match="OCPI_KAFKA_SEND_TIMEOUT"):
+        await pull(settings, partner_for(fake), "sessions", slow_producer(settings, broker),
+                   since=hours_ago(24), until=hours_ago(0.5))
+    sink = ListSink()
+    report = await pull(settings, partner_for(fake), "sessions", sink)
+    assert report.resumed and ids(sink) == ["S0001", "S0002"]
