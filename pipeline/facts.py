@@ -112,6 +112,11 @@ def relevant_change(previous: SessionFact | None, new: SessionFact) -> bool:
     return any(getattr(previous, f) != getattr(new, f) for f in fields)
 
 
+def fact_token(cdr_token: dict[str, Any], pseudonym: Any) -> str:
+    """The token a fact carries: the pseudonym of the CdrToken's country, party and uid together."""
+    return str(pseudonym(f"{cdr_token['country_code']}/{cdr_token['party_id']}/{cdr_token['uid']}"))
+
+
 def session_fact(session: dict[str, Any], *, partner_id: str, version: int, received_at: datetime,
                  final_at: datetime | None, pseudonym: Any) -> SessionFact:
     token = session["cdr_token"]
@@ -122,7 +127,7 @@ def session_fact(session: dict[str, Any], *, partner_id: str, version: int, rece
         start=session["start_date_time"], end=session.get("end_date_time"), kwh=session["kwh"],
         cost_excl_vat=cost["excl_vat"] if cost else None, currency=session["currency"],
         authorization_reference=pseudonym(ref) if ref else None,
-        token=pseudonym(f"{token['country_code']}/{token['party_id']}/{token['uid']}"),
+        token=fact_token(token, pseudonym),
         location_id=ci_normalize(session["location_id"]), received_at=received_at, final_at=final_at)
 
 
@@ -135,7 +140,7 @@ def cdr_fact(cdr: dict[str, Any], *, partner_id: str, received_at: datetime, pse
         cdr_id=ci_normalize(cdr["id"]), partner_id=partner_id,
         session_id=ci_normalize(session_id) if session_id else None,
         authorization_reference=pseudonym(ref) if ref else None,
-        token=pseudonym(f"{token['country_code']}/{token['party_id']}/{token['uid']}"),
+        token=fact_token(token, pseudonym),
         location_id=ci_normalize(cdr["cdr_location"]["id"]), start=cdr["start_date_time"], end=cdr["end_date_time"],
         total_energy=cdr["total_energy"], cost_excl_vat=cdr["total_cost"]["excl_vat"], currency=cdr["currency"],
         cost_incl_vat=cdr["total_cost"].get("incl_vat"), credit=bool(cdr.get("credit")),

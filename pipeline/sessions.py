@@ -67,7 +67,9 @@ def idle_detail(status: str | None, rules: StageRules) -> str:
 
 
 def handle(state: SessionState, stored_session: wire.StoredStruct[Session], record: Record, rules: StageRules,
-           out: StageOutput, *, retry: bool = False) -> None:
+           out: StageOutput, *, retry: bool = False, parked_token: str | None = None) -> None:
+    """Apply one record; a parked one is retried with `retry`, and the fact token the retention pass kept with it
+    (`Parked.fact_token`)."""
     event = record.event
     if event.operation == "PATCH" and (replayed_orphan(record, state, rules.park_ttl)
                                        or replayed_overflow(record, state)):
@@ -128,7 +130,7 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
     if not lifecycle.is_applied(transition):
         out.outcome(record, Outcome.REJECTED, f"{state.status} -> {status} leaves a final state")
         return
-    apply(state, record, session, document, transition, out)
+    apply(state, record, session, document, transition, out, parked_token)
     if merged is not None:
         stored_session.keep(document, merged)
     out.outcome(record, Outcome.APPLIED, transition.value)
@@ -136,7 +138,8 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         pending, state.parked = state.parked, []
         with out.retrying_parked():  # a replayed copy parked wrote a PARKED row: its outcome replaces it
             for parked in pending:
-                handle(state, stored_session, parked_record(parked), rules, out, retry=True)
+                handle(state, stored_session, parked_record(parked), rules, out, retry=True,
+                       parked_token=parked.fact_token)
 
 
 def as_stored(stored: Session | None, incoming: Session, pseudonym: Pseudonymizer) -> bool:
@@ -161,7 +164,7 @@ def _compared(session: Session, pseudonym: Pseudonymizer) -> str:
 
 
 def apply(state: SessionState, record: Record, session: dict, document: bytes, transition: Transition,
-          out: StageOutput) -> None:
+          out: StageOutput, parked_token: str | None = None) -> None:
     event = record.event
     # A parked PATCH is applied when its PUT arrives, after it: the state dates from then, not from its own
     # (earlier) receipt, or the idle clock and `final_at` would start early.
@@ -180,7 +183,7 @@ def apply(state: SessionState, record: Record, session: dict, document: bytes, t
         state.final_at = applied_at  # leaving a final state is rejected, so this is set once
     fact = keep_fact_token(state.fact, session_fact(session, partner_id=event.partner_id, version=version,
                                                     received_at=applied_at, final_at=state.final_at,
-                                                    pseudonym=out.pseudonym), session)
+                                                    pseudonym=out.pseudonym), session, parked_token)
     if relevant_change(state.fact, fact):
         out.fact(event, fact)
         state.fact = fact

@@ -42,6 +42,10 @@ class Parked(msgspec.Struct, frozen=True, kw_only=True):
     offset: int
     event_id: str
     received_at: datetime
+    # The fact token (`facts.fact_token`) of the `cdr_token` a Session PATCH brings, kept when the state retention
+    # pass pseudonymised its uid (which the token cannot be derived from afterwards), for the fact sent when it is
+    # applied (`state_retention.keep_fact_token`); None for any other event, and in states from before.
+    fact_token: str | None = None
 
 
 class SessionState(msgspec.Struct, kw_only=True):

@@ -77,7 +77,7 @@ from faust.types import TP, TableT
 from infra.codec import AvroCodecError, decode_event, encode_event
 from pipeline.backlog import GroupBacklog
 from pipeline.delivery import group_generation
-from pipeline.facts import SessionFact
+from pipeline.facts import SessionFact, fact_token
 from pipeline.party_retention import expire_party_state, survey_referrers
 from pipeline.records import utc_now
 from pipeline.retention import (
@@ -173,10 +173,21 @@ def _pseudonymised_parked(parked: Parked, pseudonym: Pseudonymizer) -> Parked | 
         # that version, rather than failing the whole pass, every state with it, at every tick.
         return None
     payload = dict(event.payload)
+    kept = _parked_fact_token(payload, pseudonym) or parked.fact_token  # taken before the uid is pseudonymised
     if not pseudonymise_fields(payload, pseudonym):
         return None
     value = encode_event({**event.to_event(), "payload": (event.payload_type, payload)})
-    return msgspec.structs.replace(parked, value=value)
+    return msgspec.structs.replace(parked, value=value, fact_token=kept)
+
+
+def _parked_fact_token(payload: Mapping[str, Any], pseudonym: Pseudonymizer) -> str | None:
+    """The fact token of the `cdr_token` a parked Session PATCH brings with its uid in clear (a PATCH replaces it as
+    a whole, `keep_fact_token`); None for any other event (one whose token lacks a part its merge will refuse)."""
+    token = payload.get("cdr_token")
+    if not isinstance(token, dict) or not all(isinstance(token.get(name), str)
+                                              for name in ("country_code", "party_id", "uid")):
+        return None
+    return None if is_pseudonym(token["uid"]) else fact_token(token, pseudonym)
 
 
 def session_state_expired(value: bytes, cutoff: datetime) -> bool:
@@ -214,15 +225,22 @@ def cdr_state_expired(value: bytes, cutoff: datetime) -> bool:
     return _CDRS.decode(value).received_at < cutoff
 
 
-def keep_fact_token(previous: SessionFact | None, fact: SessionFact, session: Mapping[str, Any]) -> SessionFact:
-    """The fact of a Session merged onto pseudonymised state, with the token its previous fact had.
+def keep_fact_token(previous: SessionFact | None, fact: SessionFact, session: Mapping[str, Any],
+                    parked_token: str | None = None) -> SessionFact:
+    """The fact of a Session merged onto pseudonymised state, with the token its previous fact had, or the one kept
+    with the parked PATCH applied (`parked_token`, `Parked.fact_token`).
 
     A fact's token is the pseudonym of country, party and uid together, which cannot be derived from the
     uid's own pseudonym: computed from the merged Session it would differ from the token stage 2 matches CDRs
     by. A PATCH replaces `cdr_token` as a whole, so a pseudonymised uid means the token is the one the previous
-    fact was made from.
+    fact was made from, unless the PATCH brought it: a parked PATCH whose uid the pass pseudonymised before its PUT
+    came, whose token the pass kept beside it (the previous fact, its PUT's, has another token).
     """
-    if previous is None or not is_pseudonym(str(session["cdr_token"]["uid"])):
+    if not is_pseudonym(str(session["cdr_token"]["uid"])):
+        return fact
+    if parked_token is not None:
+        return msgspec.structs.replace(fact, token=parked_token)
+    if previous is None:
         return fact
     return msgspec.structs.replace(fact, token=previous.token)
 

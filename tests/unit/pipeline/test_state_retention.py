@@ -195,6 +195,59 @@ def test_a_parked_patch_is_pseudonymised_by_its_own_receive_time_and_still_appli
     assert json.loads(h.state(KEY).object_json)["cdr_token"]["uid"] == PSEUDONYM("TOK9")
 
 
+def test_a_parked_patch_with_a_new_token_pseudonymised_before_its_put_sends_its_own_token_to_stage_2() -> None:
+    """A PATCH bringing a new token (TOK9), parked and pseudonymised before its PUT (TOK1) came: the fact sent when it
+    is applied carries TOK9's token (country/party/uid, which its uid's pseudonym alone cannot give), so a CDR of
+    TOK9 without session id or authorization reference matches the Session by token."""
+    sessions, cdrs = harness(park_ttl_min=10_000), Harness(process_cdrs, CdrState)
+    completion = {"cdr_token": token("TOK9"), "status": "COMPLETED", "end_date_time": iso(ts(60)),
+                  "kwh": Decimal("10"), "total_cost": {"excl_vat": Decimal("2.50"), "incl_vat": Decimal("3.0250")},
+                  "last_updated": iso(ts(60))}
+    sessions.run(event("SessionPatch", completion, object_id="S1", received=1))
+    assert pass_over(sessions, cutoff_min=2) is not None
+    assert "TOK9" not in sessions.store.data[KEY].decode(errors="replace")
+    applied = sessions.run(event("Session", session(updated=0), received=3))
+    assert sorted(outcomes(applied)) == ["APPLIED", "APPLIED"]
+    assert sessions.state(KEY).fact.token == PSEUDONYM("NL/EMS/TOK9")
+    assert "TOK9" not in sessions.store.data[KEY].decode(errors="replace")
+    late = cdrs.run(event("CDR", cdr(session_id=None, uid="TOK9"), received=300))
+    assert _reconciled(applied, late)[-2:] == [("CDR", "C1", "MATCHED", "TOKEN_LOCATION_START"),
+                                               ("SESSION", "S1", "MATCHED", "TOKEN_LOCATION_START")]
+
+    # A later PATCH without a token keeps TOK9's; a parked PATCH without one takes its PUT's as before.
+    patched = sessions.run(event("SessionPatch", {"kwh": Decimal("11"), "last_updated": iso(ts(70))},
+                                 object_id="S1", received=301))
+    assert outcomes(patched) == ["APPLIED"] and sessions.state(KEY).fact.token == PSEUDONYM("NL/EMS/TOK9")
+
+
+def test_a_parked_patch_without_a_token_keeps_the_token_of_its_put() -> None:
+    h = harness(park_ttl_min=10_000)
+    h.run(event("SessionPatch", {"authorization_reference": "auth-9", "last_updated": iso(ts(30))}, object_id="S1",
+                received=1))
+    assert pass_over(h, cutoff_min=2) is not None
+    assert h.state(KEY).parked[0].fact_token is None
+    h.run(event("Session", session(updated=0), received=3))
+    assert h.state(KEY).fact.token == PSEUDONYM("NL/EMS/TOK1")
+    assert h.state(KEY).fact.authorization_reference == PSEUDONYM("auth-9")
+
+
+def test_a_parked_event_decodes_from_a_state_written_before_its_fact_token_was_kept() -> None:
+    class OldParked(msgspec.Struct, frozen=True, kw_only=True):
+        value: bytes
+        topic: str
+        partition: int
+        offset: int
+        event_id: str
+        received_at: datetime
+
+    class OldState(msgspec.Struct, kw_only=True):
+        parked: list[OldParked] = []
+
+    old = OldParked(value=b"x", topic="t", partition=0, offset=1, event_id="e", received_at=ts(0))
+    state = Codec(SessionState).decode(msgspec.msgpack.encode(OldState(parked=[old])))
+    assert state.parked[0].fact_token is None and state.parked[0].event_id == "e"
+
+
 def test_only_session_and_location_state_hold_personal_data() -> None:
     # CDR state is content hashes (as sent, and as OCPI compares: `cdr_rules.same_content_hash`) and positions: a
     # CDR retried after any pass is compared by hash as before. A personal field added to it would need the pass
