@@ -59,7 +59,7 @@ from ocpi.model import (
     SessionPatch,
 )
 from receivers.publishing import EventPublisher
-from receivers.transport import InvalidParameters, decode_body
+from receivers.transport import InvalidParameters, decode_body, require_utf8
 
 # Handler parameter types: a URL segment, and the app's EventPublisher (app.py provides it as `events`).
 Segment: TypeAlias = FromPath[str]
@@ -177,6 +177,7 @@ def check_level(body: bytes, target: Target) -> None:
     for name, raw in keys.items():
         other = target.foreign_fields.get(name)
         if other is not None and bytes(raw) != b"null":  # null carries nothing (OCPI: null = absent)
+            require_utf8(body)  # `Raw` values are not read: a body that is no JSON is a 400 first
             article, noun = _LEVEL_NOUNS[target.level]
             raise _refuse(f"$.{name}", f"a field of {other}, not of {noun}: a {target.operation} at "
                                        f"{target.url_hint} carries {article} {noun}")

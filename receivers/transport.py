@@ -566,8 +566,19 @@ async def echo_headers(message: Message, scope: Scope) -> None:
 
 # --- request bodies and values ----------------------------------------------------------------------------
 
+def require_utf8(body: bytes) -> None:
+    """A body that is not UTF-8 is not JSON (RFC 8259 §8.1): MalformedJson, HTTP 400. The decoders read the UTF-8 of
+    the strings they decode only: bytes that are no UTF-8 in a field they skip (an unknown field, a `Raw` value)
+    passed unread, and such a body was answered as JSON (1000, or a 2001 naming another field)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedJson(f"body is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
 def decode_body(body: bytes, model: type[T], profile: CompatProfile | None) -> Decoded[T]:
     """Decode and validate a push body: not JSON → HTTP 400; invalid → 2001 naming the field's JSON path."""
+    require_utf8(body)
     try:
         return decode(body, model, profile=profile)
     except OcpiJsonError as exc:

@@ -3,7 +3,8 @@ arbitrary JSON, and bytes that are not JSON.
 
 Whatever the body: never an HTTP 5xx (the fake sink always acknowledges), always an OCPI envelope; a 1000
 published exactly one record that decodes; anything else published nothing, and a 2001 on parsed JSON names
-the failing field by its JSON path. `database=None`: no example database in the working tree.
+the failing field by its JSON path. A body that is not JSON because a string in it is not UTF-8 is HTTP 400,
+whatever else it holds. `database=None`: no example database in the working tree.
 """
 
 from __future__ import annotations
@@ -144,5 +145,50 @@ def test_any_body_gets_a_valid_envelope_and_never_a_5xx(pushes: Pushes, method: 
             assert envelope["status_code"] in (2000, 2001) and isinstance(envelope["status_message"], str)
             if envelope["status_code"] == 2001 and response.status_code == 200:
                 assert envelope["status_message"].startswith("$"), envelope["status_message"]
+
+    check()
+
+
+# Byte sequences that are no UTF-8 (RFC 8259 §8.1: JSON text is UTF-8): a lone continuation byte, a truncated
+# sequence, an encoded surrogate, an overlong encoding, bytes UTF-8 never uses.
+INVALID_UTF8 = [b"\xff", b"\x80", b"ab\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf8\x88\x80\x80\x80",
+                b"\xfe\xff"]
+# Top-level fields of one level or another of the Location tree (a field of another level is refused by name).
+TREE_FIELDS = ["status", "evses", "connectors", "name", "standard", "uid", "capabilities", "max_voltage"]
+_TEXT_SLOT = "\x00text\x00"
+
+
+@st.composite
+def with_invalid_utf8(draw: st.DrawFn, body: Any) -> bytes:
+    """`body`, maybe with a field of some level of the Location tree added, and one value written as a string
+    that is no UTF-8."""
+    body = copy.deepcopy(body)
+    if draw(st.booleans()):
+        body[draw(st.sampled_from(TREE_FIELDS))] = draw(json_values)
+    where = draw(st.sampled_from(list(paths(body))[1:]))
+    parent = body
+    for step in where[:-1]:
+        parent = parent[step]
+    parent[where[-1]] = _TEXT_SLOT
+    text = b'"' + draw(st.sampled_from(INVALID_UTF8)) + b'"'
+    return json.dumps(body).encode().replace(json.dumps(_TEXT_SLOT).encode(), text)
+
+
+@pytest.mark.parametrize(("method", "url", "factory"), ENDPOINTS,
+                         ids=[f"{method} {url.rsplit('/2.2.1/', 1)[1]}" for method, url, _ in ENDPOINTS])
+def test_a_body_with_a_string_that_is_not_utf8_is_not_json(pushes: Pushes, method: str, url: str,
+                                                             factory: Callable[[], Any]) -> None:
+    """HTTP 400 (05 §2: a body that is not valid JSON MUST be), whatever field the body also holds: a field of
+    another level of the Location tree was refused first, as valid JSON (HTTP 200, 2001 naming that field)."""
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(raw=with_invalid_utf8(factory()))
+    def check(raw: bytes) -> None:
+        before = len(pushes.env.sink.records)
+        response = pushes.request(method, url, raw=raw)
+        envelope = response.json()
+        assert response.status_code == 400, (raw, response.text)
+        assert envelope["status_code"] == 2001 and "not valid JSON" in envelope["status_message"], response.text
+        parse_datetime(envelope["timestamp"])
+        assert pushes.env.sink.records[before:] == [], "a refused push was published"
 
     check()
