@@ -9,7 +9,8 @@ Answers are the stored bytes, unchanged (`msgspec.Raw`): no re-encoding, so a GE
 pipeline holds. An EVSE or Connector is cut out of its Location's JSON the same way.
 
 The client is opened on first use, read-only: pushes never depend on ClickHouse, and a store that is down
-turns into 3000 answers on GET only.
+turns into 3000 answers on GET only. A ClickHouse server that does not answer (stuck, overloaded, packets
+dropped) does so within READ_TIMEOUT_S, connecting included.
 """
 
 from __future__ import annotations
@@ -25,10 +26,15 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.httpclient import HttpClient
 from litestar.di import NamedDependency
 
-from infra.clickhouse.client import connect_for
+from infra.clickhouse.client import connect, effective_dsn
 from infra.settings import Settings
 from ocpi.identity import ObjectKey, ci_equal
 from receivers.transport import ServerError
+
+# How long a GET waits for a ClickHouse server, to connect and for its answer: the client library's default is
+# 300 s, long after a partner's own timeout, and each waiting GET holds a thread of the pool the app's other blocking
+# calls share (registry reads). Then 3000: the partner retries.
+READ_TIMEOUT_S: float = 10.0
 
 # table → name of its id column (the other key columns are country_code and party_id everywhere).
 _ID_COLUMNS: Final = {"locations": "location_id", "sessions": "session_id", "cdrs": "cdr_id"}
@@ -64,7 +70,14 @@ class StateReader:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> StateReader:
-        return cls(lambda: connect_for(settings, readonly=True))
+        def open_client() -> Client:
+            dsn, password = effective_dsn(settings)  # a running instance's shim where one holds chDB
+            # chDB runs in this process: nothing to wait for.
+            timeouts = {} if dsn.startswith("chdb://") else {"connect_timeout": READ_TIMEOUT_S,
+                                                             "send_receive_timeout": READ_TIMEOUT_S}
+            return connect(dsn, database=settings.clickhouse.database, readonly=True, password=password, **timeouts)
+
+        return cls(open_client)
 
     def _client_for_query(self) -> Client:
         with self._opening:

@@ -4,6 +4,8 @@ the owner. Rows are written the way the pipeline writes them (upper-cased key, O
 from __future__ import annotations
 
 import json
+import socket
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,6 +15,7 @@ from litestar.testing import TestClient
 
 from infra.clickhouse.client import connect
 from pipeline.retention import Pseudonymizer, pseudonymise_due
+from receivers import state
 from receivers.app import create_app
 from receivers.state import StateReader
 from tests.unit.receivers.app_support import (
@@ -178,3 +181,26 @@ def test_a_store_that_cannot_be_read_is_3000_never_404(make_pushes: Any) -> None
         # Pushes do not depend on the store.
         push = client.put(SESSION_URL, json=session(), headers=auth(p.tokens[("BE", "BEC")]))
         assert_envelope(push, 1000)
+
+
+def test_a_store_that_does_not_answer_is_3000_within_the_read_timeout(make_pushes: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ClickHouse server that accepts the connection and never answers (stuck, overloaded): the GET is answered
+    3000 once `READ_TIMEOUT_S` has passed, not after the client library's 300 s, long after the partner gave up (and
+    every such GET held one of the few threads the app's other blocking calls share)."""
+    monkeypatch.setattr(state, "READ_TIMEOUT_S", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections complete in the backlog; nothing is ever read or answered
+        port = silent.getsockname()[1]
+        p = make_pushes(OCPI_CLICKHOUSE_DSN=f"http://127.0.0.1:{port}")
+        started = time.monotonic()
+        response = p.request("GET", SESSION_URL)
+        elapsed = time.monotonic() - started
+    answer = assert_envelope(response, 3000, http=500)
+    assert "please retry" in answer["status_message"]
+    assert elapsed < 10, elapsed
+
+
+def test_the_read_timeout_is_below_a_partners_patience() -> None:
+    assert 1 <= state.READ_TIMEOUT_S <= 15
