@@ -20,6 +20,7 @@ grace of `OCPI_TOKEN_GRACE`) or REVOKED (kept, as a hash, for the audit trail).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -547,10 +548,12 @@ class PartnerDirectory:
     """
 
     def __init__(self, registry: PartnerRegistry, *, refresh_s: float = 2.0,
-                 miss_reload_s: float = 0.05) -> None:
+                 miss_reload_s: float = 0.05, refresh_wait_s: float = 1.0) -> None:
         self._registry = registry
         self._refresh_s = refresh_s
         self._miss_reload_s = miss_reload_s
+        self._refresh_wait_s = refresh_wait_s
+        self._refreshing: asyncio.Future[None] | None = None
         self._by_hash: dict[str, tuple[str, InboundToken]] = {}
         self._partners: dict[str, Partner] = {}
         self._reload_started = float("-inf")
@@ -605,15 +608,18 @@ class PartnerDirectory:
     async def _refresh(self, arrived: float) -> None:
         """The periodic reload, by the request that finds it due. It refreshes what the directory holds, so it
         is best effort: while another request reads the registry, this one uses the copy held (rather than queue
-        behind a slow read); a read that fails is logged and the copy kept (ClickHouse slow or down must not
-        turn the pushes of known partners into 3000s)."""
-        if self._lock.locked():
-            return
-        try:
-            await self._reload_after(arrived)
-        except Exception as exc:
-            log.warning("partner registry not reloaded (%s: %s); tokens are checked against the last copy read",
-                        type(exc).__name__, exc)
+        behind a slow read), and the request that started the read waits for it `refresh_wait_s` at most; a read
+        that fails is logged and the copy kept (ClickHouse slow or down must not turn the pushes of known partners
+        into 3000s, nor hold them)."""
+        if self._lock.locked() or (self._refreshing is not None and not self._refreshing.done()):
+            return  # a read is under way (or about to take the lock): use the copy held
+        reload = self._refreshing = asyncio.ensure_future(self._reload_after(arrived))  # held: runs on unawaited
+        reload.add_done_callback(_log_failed_refresh)
+        # At most `refresh_wait_s`: a ClickHouse server that accepts and never answers would hold this request for
+        # the client library's 300 s. The read goes on (holding the lock, so no other request starts one) and takes
+        # effect when it completes.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(reload), self._refresh_wait_s)
 
     async def lookup(self, token: str) -> tuple[Partner, TokenKind] | None:
         """The partner and token kind of a token valid now; None if unknown or no longer valid."""
@@ -656,6 +662,15 @@ class PartnerDirectory:
 
     def known(self) -> list[Partner]:
         return list(self._partners.values())
+
+
+def _log_failed_refresh(reload: asyncio.Future[None]) -> None:
+    if reload.cancelled():
+        return
+    exc = reload.exception()
+    if exc is not None:
+        log.warning("partner registry not reloaded (%s: %s); tokens are checked against the last copy read",
+                    type(exc).__name__, exc)
 
 
 def record_json(partner: Partner) -> dict[str, Any]:

@@ -342,6 +342,34 @@ async def test_requests_do_not_queue_behind_a_slow_periodic_reload(
         await first
 
 
+async def test_the_request_that_finds_the_reload_due_does_not_wait_for_a_stuck_read(
+        open_registry: Callable[[], PartnerRegistry]) -> None:
+    """The request that starts the periodic reload waits for it at most `refresh_wait_s`, then uses the copy held: a
+    ClickHouse server that accepts and never answers held that push (one after the other, each the next to find the
+    reload due) for the client library's 300 s, long after the partner gave up. The read goes on, and what it finds
+    takes effect when it completes."""
+    registry = open_registry()
+    _, token = registry.register_direct("bec", "BEC", [role("BE", "BEC")])
+    directory = PartnerDirectory(registry, refresh_s=0.1, refresh_wait_s=0.3)
+    await directory.reload()
+    reading, release = slow_reads(registry)
+    await asyncio.sleep(0.2)
+    try:
+        started = time.monotonic()
+        found = await asyncio.wait_for(directory.lookup(token), 5)
+        assert found is not None and found[0].partner_id == "bec"
+        assert time.monotonic() - started < 2
+        assert reading.is_set()
+        registry.set_status("bec", PartnerStatus.SUSPENDED)
+    finally:
+        release.set()
+    for _ in range(100):  # the stuck read completes; the next one (due at once) sees the suspension
+        if await directory.lookup(token) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await directory.lookup(token) is None
+
+
 @pytest.mark.parametrize(("variable", "value"), [
     ("OCPI_PARTY_COUNTRY_CODE", "nld"), ("OCPI_PARTY_ID", "TOOLONG"), ("OCPI_PARTY_ROLE", "DRIVER"),
     ("OCPI_PARTY_NAME", ""), ("OCPI_PARTY_WEBSITE", "example.com"), ("OCPI_OUTBOUND_TIMEOUT", "0"),
