@@ -204,3 +204,27 @@ def test_a_store_that_does_not_answer_is_3000_within_the_read_timeout(make_pushe
 
 def test_the_read_timeout_is_below_a_partners_patience() -> None:
     assert 1 <= state.READ_TIMEOUT_S <= 15
+
+
+@pytest.mark.parametrize(("url", "code"), [
+    (f"{BASE}/sessions/BE/BEC/{'S' * 37}", 2000),
+    (f"{BASE}/locations/BE/BEC/{'L' * 37}", 2003),
+    (f"{BASE}/locations/BE/BEC/{'L' * 6000}/3256", 2003),
+    (f"{CDRS_URL}/BE/BEC/{'C' * 40}", 2000),
+])
+def test_an_id_no_object_can_have_is_unknown_without_a_read(make_pushes: Any, url: str, code: int) -> None:
+    """Longer than its CiString (36, a credit CDR's 39): nothing stored has it, so it is a 404 like any unknown
+    object, and the store is not asked. Asked, the id went into the query's URL, and the embedded store's shim (as in
+    `dev`) refuses a URL of 8 kB: a GET for such an id was answered 3000, "please retry", for ever."""
+    p = make_pushes()
+    reads: list[str] = []
+
+    def counted() -> Client:
+        reads.append("connect")
+        raise ConnectionRefusedError("ClickHouse is down")
+
+    app = create_app(p.env.settings, sink=p.env.sink, registry_factory=lambda: p.env.registry,
+                     state_reader=StateReader(counted))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert_envelope(client.get(url, headers=auth(p.tokens[("BE", "BEC")])), code, http=404)
+    assert reads == []
