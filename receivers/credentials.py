@@ -135,8 +135,13 @@ async def _check_parties(registry: PartnerRegistry, roles: Iterable[CredentialsR
 
 def _party_held(role: CredentialsRole) -> InvalidParameters:
     # The holder's id is ours to know, not the caller's.
-    return InvalidParameters(f"$.roles: party {role.country_code}/{role.party_id} is registered with us through "
-                             "another connection")
+    return _roles_refused(f"party {role.country_code}/{role.party_id} is registered with us through another "
+                          "connection")
+
+
+def _roles_refused(reason: str) -> InvalidParameters:
+    """2001 naming `$.roles`, in its message and in `data`, as a push's 2001 names its field."""
+    return InvalidParameters(f"$.roles: {reason}", data={"path": "$.roles", "reason": reason})
 
 
 async def _check_and_claim_parties(registry: PartnerRegistry, roles: Iterable[CredentialsRole],
@@ -165,8 +170,8 @@ def _check_hub_role(partner: Partner, roles: Iterable[CredentialsRole]) -> None:
     Hub may claim the role (`partners invite --hub`)."""
     role = partner.unagreed_hub_role(roles)
     if role is not None:
-        raise InvalidParameters(f"$.roles: {role.country_code}/{role.party_id} claims the role HUB, which was "
-                                "not agreed for this connection; ask us to connect you as a Hub")
+        raise _roles_refused(f"{role.country_code}/{role.party_id} claims the role HUB, which was not agreed for "
+                             "this connection; ask us to connect you as a Hub")
 
 
 async def _callback(credentials: Credentials, profile: CompatProfile, settings: Settings,

@@ -639,6 +639,7 @@ async def test_only_a_connection_agreed_as_a_hub_may_claim_the_role(app_env: App
     _, token_a = app_env.registry.invite("cpo", "CPO")
     status, answer = await post(app_env, token_a, hub_claim(registration(partner)))
     assert (status, answer["status_code"]) == (200, 2001) and "HUB" in answer["status_message"]
+    assert answer["data"]["path"] == "$.roles", answer  # as every other 2001 names its field
     stored = app_env.registry.get("cpo")
     assert stored is not None and stored.status is PartnerStatus.INVITED and not stored.is_hub
 
@@ -884,3 +885,18 @@ async def test_a_partner_answering_with_an_unusable_versions_url_stays_reachable
     updated = await ours.update("cpo")  # failed: "'/ocpi/versions' is not an absolute http(s) URL"
     assert updated.versions_url == partner.versions_url
     assert updated.outbound_token is not None and list(partner.tokens) == [updated.outbound_token]
+
+
+def test_a_party_held_through_another_connection_is_refused_naming_its_field() -> None:
+    """A 2001 carries the field's path in `data` (a push's, a decode's, the URL's here): the party check's named
+    `$.roles` in its message only."""
+    import msgspec
+
+    from ocpi.model import CredentialsRole as Role
+    from receivers.credentials import _party_held
+
+    role = msgspec.convert({"role": "CPO", "party_id": "TNM", "country_code": "NL",
+                            "business_details": {"name": "x"}}, Role)
+    refusal = _party_held(role)
+    assert refusal.data == {"path": "$.roles",
+                            "reason": "party NL/TNM is registered with us through another connection"}
