@@ -239,7 +239,7 @@ def _stop_like_ctrl_c(_signum: int, _frame: object) -> None:
               help="Seconds to wait for the rows in ClickHouse.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the demo's data here, a new or empty directory (default: a fresh temporary directory, "
-                   "removed afterwards).")
+                   "removed afterwards unless the run failed: then it is kept, and named).")
 def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> None:
     """The main job on the embedded defaults: simulated CPOs push over HTTP, the summary comes from ClickHouse.
 
@@ -258,6 +258,7 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
         raise click.ClickException(f"--data-dir {data_dir} is not empty: the demo needs a new or empty directory "
                                    "(remove the earlier run's data, or choose another)")
     temp = None
+    failed = False  # KeyboardInterrupt (Ctrl-C, SIGTERM) is no failure: its temporary data goes
     if data_dir is None:
         temp = Path(tempfile.mkdtemp(prefix="ocpi-demo-"))
         data_dir = temp
@@ -276,10 +277,23 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
             summary = asyncio.run(run_demo(settings, sessions=sessions, seed=seed, timeout=timeout,
                                            on_started=started, progress=lambda n: progress.advance(task, n)))
         print_summary(console, summary)
+        failed = not summary.matches_expected
     except (StackError, EmbeddedBrokerError, ClickHouseUnavailable, TopicConfigError) as exc:
-        raise click.ClickException(str(exc)) from None
+        failed = True
+        raise click.ClickException(f"{exc}{_kept(temp)}") from None
+    except Exception:  # a traceback: its data and logs tell why too
+        failed = True
+        raise
     finally:
-        if temp is not None:
+        # A failed run keeps its temporary directory: the message names its logs, and its store holds the rows a
+        # mismatch is about. A good run, Ctrl-C and SIGTERM remove it.
+        if temp is not None and not failed:
             shutil.rmtree(temp, ignore_errors=True)
     if not summary.matches_expected:
+        click.echo(_kept(temp).lstrip("; ") or f"its data is in {data_dir}", err=True)
         sys.exit(1)
+
+
+def _kept(temp: Path | None) -> str:
+    """What a failed demo says of its temporary directory, which it keeps."""
+    return "" if temp is None else f"; its data and logs are kept in {temp} (remove it when done)"

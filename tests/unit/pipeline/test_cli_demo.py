@@ -144,3 +144,52 @@ async def test_a_mismatch_read_while_rows_are_still_landing_is_read_again() -> N
     persisting = _summary([])
     persisting.mismatches.append("a CDR missing")
     assert not (await settled_summary(lambda: persisting, recheck_s=0.6)).matches_expected
+
+
+def test_a_failed_demo_keeps_the_log_its_message_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A part of the stack that fails (a worker that exits) stops the demo with "see <data dir>/logs/worker.log";
+    the demo then removed its temporary data directory, that log with it, before the message was printed. A failed
+    run keeps the directory and says where it is; a good run removes it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    async def failing_run_demo(settings: Settings, **_options: Any) -> None:
+        log = settings.storage.path / "logs" / "worker.log"
+        log.parent.mkdir(parents=True)
+        log.write_text("Traceback: the worker's reason\n")
+        raise StackError(f"the worker exited with code 1; see {log}")
+
+    monkeypatch.setattr("pipeline.cli.services.run_demo", failing_run_demo)
+    result = CliRunner().invoke(cli, ["demo"])
+    assert result.exit_code == 1
+    [kept] = tmp_path.glob("ocpi-demo-*")
+    assert (kept / "logs" / "worker.log").read_text() == "Traceback: the worker's reason\n"
+    assert f"see {kept / 'logs' / 'worker.log'}" in result.output, result.output
+    assert f"kept in {kept}" in result.output, result.output
+
+
+def test_a_demo_whose_store_does_not_match_keeps_its_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A run that ends with mismatches exits 1 listing them; its store and logs are what tell why, so they are
+    kept (and named) rather than removed with the temporary directory."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    async def mismatching_run_demo(settings: Settings, **_options: Any) -> DemoSummary:
+        (settings.storage.path / "logs").mkdir(parents=True)
+        summary = _summary([])
+        summary.mismatches.append("1 dead letters: records the pipeline could not process")
+        return summary
+
+    monkeypatch.setattr("pipeline.cli.services.run_demo", mismatching_run_demo)
+    result = CliRunner().invoke(cli, ["demo"])
+    assert result.exit_code == 1
+    [kept] = tmp_path.glob("ocpi-demo-*")
+    assert f"kept in {kept}" in result.output, result.output
+
+    async def matching_run_demo(settings: Settings, **_options: Any) -> DemoSummary:
+        (settings.storage.path / "logs").mkdir(parents=True)
+        return _summary([])
+
+    kept.rename(tmp_path / "earlier")
+    monkeypatch.setattr("pipeline.cli.services.run_demo", matching_run_demo)
+    result = CliRunner().invoke(cli, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert not list(tmp_path.glob("ocpi-demo-*"))
