@@ -388,17 +388,22 @@ async def settled_summary(read: Callable[[], DemoSummary], recheck_s: float = RE
     return summary
 
 
-async def wait_for_rows(client: Client, expected: Expected, timeout: float) -> bool:
+async def wait_for_rows(client: Client, expected: Expected, timeout: float,
+                        check: Callable[[], None] | None = None) -> bool:
     """Poll until every acknowledged push has its final outcome, every CDR is billed, and every CDR and Session
     has the reconciliation outcome it must end with (not one still AWAITING_SESSION: stage 2 has not caught up),
     and the status history, Connector and credit link rows are there too (the sink inserts a batch's tables side
-    by side, so an outcome may be visible before the rows its event wrote); False if the timeout came first."""
+    by side, so an outcome may be visible before the rows its event wrote); False if the timeout came first.
+    `check` runs before every poll and raises to end the wait (`Stack.check_children`: a part that exited writes
+    no more rows)."""
     deadline = time.monotonic() + timeout
     tariffs = sorted(Counter(expected.connector_tariffs.values()).items())
     want = (expected.events, len(expected.cdrs), _expected_reconciliation(expected),
             sum(map(len, expected.session_history.values())), tariffs, len(expected.credit_links))
     evse_rows = sum(len(expected.evse_history_bounds(key)[0]) for key in expected.evse_pushes)
     while time.monotonic() < deadline:
+        if check is not None:
+            check()
         got = await asyncio.to_thread(lambda: (
             _scalar(client, "SELECT count() FROM raw_events FINAL WHERE outcome != 'PARKED'"),
             _scalar(client, "SELECT count() FROM billing_lines FINAL"),
@@ -446,7 +451,7 @@ async def run_demo(settings: Settings, *, sessions: int, seed: int, timeout: flo
         expected = Expected()
         for result in results:
             expected.merge(result)
-        settled = await wait_for_rows(stack.clickhouse, expected, timeout)
+        settled = await wait_for_rows(stack.clickhouse, expected, timeout, check=stack.check_children)
         stack.check_children()
         client = stack.clickhouse
         return await settled_summary(lambda: read_summary(client, expected, time.monotonic() - started,

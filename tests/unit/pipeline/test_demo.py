@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -15,6 +16,7 @@ from pipeline.demo import read_summary, wait_for_rows
 from pipeline.projection import DEAD_LETTER_COLUMNS, dead_letter_row
 from pipeline.records import DeadLetter
 from pipeline.simulator import VAT, Expected, SimulatedParty
+from pipeline.stack import StackError
 
 pytestmark = pytest.mark.clickhouse
 
@@ -454,3 +456,16 @@ async def test_the_wait_for_the_rows_includes_the_credit_links(client: Client) -
     client.command("INSERT INTO credit_links (country_code, party_id, credit_cdr_id, credited_cdr_id, status, "
                    f"amount_matches, received_at, version) VALUES ('BE', 'BEC', 'C2-C', 'C2', 'LINKED', true, {AT}, 1)")
     assert await wait_for_rows(client, acknowledged(), 1.0)
+
+
+async def test_the_wait_for_the_rows_stops_when_a_part_of_the_stack_has_exited(client: Client) -> None:
+    """The wait polled ClickHouse only: a worker that had exited (a crash, the broker gone) left the demo waiting
+    out the whole --timeout (two minutes by default) for rows nobody would write, before it said which part had
+    exited. It checks the stack's children on every poll."""
+    def worker_exited() -> None:
+        raise StackError("the worker exited with code 1; see logs/worker.log")
+
+    started = time.monotonic()
+    with pytest.raises(StackError, match="the worker exited"):
+        await wait_for_rows(client, acknowledged(), 60.0, check=worker_exited)
+    assert time.monotonic() - started < 10
