@@ -23,12 +23,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
 
+import httpx
 from clickhouse_connect.driver.client import Client
 
 from infra.settings import Settings
 from ocpi.datetime import format_datetime
 from pipeline.simulator import EvseKey, Expected, SimulatedCpo, SimulatedParty
-from pipeline.stack import Stack
+from pipeline.stack import Stack, StackError
 from receivers.registry import PartnerRegistry, PartyRole
 
 DEMO_PARTNERS = {
@@ -433,6 +434,20 @@ def provision_demo_partners(client: Client) -> dict[str, tuple[str, list[Simulat
     return tokens
 
 
+EXIT_SEEN_WITHIN_S: Final = 5.0  # how long a part whose connection broke may take to be seen as exited
+
+
+async def _name_the_part_that_exited(stack: Stack) -> None:
+    """Raise `StackError` naming the part of the stack that exited (receivers that died under the pushes break
+    their connections a moment before their exit is seen), if one does within `EXIT_SEEN_WITHIN_S`."""
+    deadline = time.monotonic() + EXIT_SEEN_WITHIN_S
+    while True:
+        stack.check_children()
+        if time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(0.2)
+
+
 async def run_demo(settings: Settings, *, sessions: int, seed: int, timeout: float,
                    on_started: Callable[[Stack], None] | None = None,
                    progress: Callable[[int], None] | None = None) -> DemoSummary:
@@ -447,7 +462,12 @@ async def run_demo(settings: Settings, *, sessions: int, seed: int, timeout: flo
                  for i in range(len(partners))]
         cpos = [SimulatedCpo(stack.base_url, token, parties, seed=seed + i)
                 for i, (token, parties) in enumerate(partners.values())]
-        results = await asyncio.gather(*(cpo.run(n, progress) for cpo, n in zip(cpos, share, strict=True)))
+        try:
+            results = await asyncio.gather(*(cpo.run(n, progress) for cpo, n in zip(cpos, share, strict=True)))
+        except httpx.TransportError as exc:
+            await _name_the_part_that_exited(stack)
+            raise StackError(f"the simulated CPOs lost the receivers ({type(exc).__name__}: {exc}); see "
+                             f"{stack.log_dir / 'receivers.log'}") from exc
         expected = Expected()
         for result in results:
             expected.merge(result)

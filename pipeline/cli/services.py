@@ -283,6 +283,8 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
         raise click.ClickException(f"{exc}{_kept(temp)}") from None
     except Exception:  # a traceback: its data and logs tell why too
         failed = True
+        if temp is not None:
+            click.echo(_kept(temp).lstrip("; "), err=True)
         raise
     finally:
         # A failed run keeps its temporary directory: the message names its logs, and its store holds the rows a

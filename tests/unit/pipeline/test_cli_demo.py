@@ -7,6 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
@@ -15,7 +16,7 @@ from infra.settings import Settings
 from pipeline.cli import cli
 from pipeline.cli.services import print_summary
 from pipeline.demo import DemoSummary, PartyTotals, settled_summary
-from pipeline.simulator import Expected
+from pipeline.simulator import Expected, SimulatedCpo, SimulatedParty
 from pipeline.stack import Stack, StackError
 
 
@@ -193,3 +194,43 @@ def test_a_demo_whose_store_does_not_match_keeps_its_data(monkeypatch: pytest.Mo
     result = CliRunner().invoke(cli, ["demo"])
     assert result.exit_code == 0, result.output
     assert not list(tmp_path.glob("ocpi-demo-*"))
+
+
+def test_receivers_that_exit_while_the_cpos_push_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Receivers that died under the pushes (killed, out of memory) ended the demo in a page of httpx traceback,
+    `httpx.ReadError`, which named neither the receivers nor their log (nor the kept data directory): the demo
+    says which part exited, and where its log and data are."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stopped: list[bool] = []
+
+    class ReceiversGone:
+        clickhouse = object()
+        base_url = "http://127.0.0.1:1"
+
+        def __init__(self, settings: Settings) -> None:
+            self.log = settings.storage.path / "logs" / "receivers.log"
+
+        async def start(self) -> ReceiversGone:
+            self.log.parent.mkdir(parents=True)
+            self.log.write_text("killed\n")
+            return self
+
+        def check_children(self) -> None:
+            raise StackError(f"the receivers exited with code -9; see {self.log}")
+
+        async def stop(self) -> None:
+            stopped.append(True)
+
+    async def read_error(*_args: Any) -> Expected:
+        raise httpx.ReadError("")
+
+    monkeypatch.setattr("pipeline.demo.Stack", ReceiversGone)
+    monkeypatch.setattr("pipeline.demo.provision_demo_partners",
+                        lambda _client: {"demo-cpo-nl": ("token", [SimulatedParty("NL", "TNM")])})
+    monkeypatch.setattr(SimulatedCpo, "run", read_error)
+    result = CliRunner().invoke(cli, ["demo", "--sessions", "1"])
+    assert result.exit_code == 1
+    [kept] = tmp_path.glob("ocpi-demo-*")
+    assert f"the receivers exited with code -9; see {kept / 'logs' / 'receivers.log'}" in result.output, result.output
+    assert f"kept in {kept}" in result.output, result.output
+    assert stopped == [True]
