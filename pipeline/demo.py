@@ -128,6 +128,9 @@ def read_summary(client: Client, expected: Expected, seconds: float, *, settled:
     return summary
 
 
+_MISMATCHES_SHOWN: Final = 20
+
+
 def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list[str]:
     """Every way ClickHouse differs from what the simulated CPOs had acknowledged (empty: it matches)."""
     found = []
@@ -267,7 +270,9 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
                                     ("SESSION", "Session", expected.session_reconciliation)):
         found += _unacknowledged(subject, {key[1:]: f"reconciliation {outcome}" for key, outcome in reconciled.items()
                                            if key[0] == subject}, outcomes, name)
-    return found[:20]
+    if len(found) > _MISMATCHES_SHOWN:  # the first ones name the kind of fault; say the rest exist
+        return [*found[:_MISMATCHES_SHOWN], f"... and {len(found) - _MISMATCHES_SHOWN} more"]
+    return found
 
 
 # The anomalies the simulated traffic may cause: its deliberately late pushes are STALE_UPDATEs, and an open Session

@@ -469,3 +469,15 @@ async def test_the_wait_for_the_rows_stops_when_a_part_of_the_stack_has_exited(c
     with pytest.raises(StackError, match="the worker exited"):
         await wait_for_rows(client, acknowledged(), 60.0, check=worker_exited)
     assert time.monotonic() - started < 10
+
+
+def test_mismatches_beyond_those_shown_are_counted(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the first mismatches are listed; the rest were dropped without a word, so a run looked less broken than
+    it was."""
+    from pipeline import demo
+
+    store(client, skip=("reconciliation",))
+    every = read_summary(client, acknowledged(), 0.0).mismatches
+    assert len(every) >= 2
+    monkeypatch.setattr(demo, "_MISMATCHES_SHOWN", 1)
+    assert read_summary(client, acknowledged(), 0.0).mismatches == [every[0], f"... and {len(every) - 1} more"]
