@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import re
 import shutil
 import time
 from pathlib import Path
+from typing import IO
 
 import faust
 from clickhouse_connect.driver.client import Client
@@ -171,6 +173,26 @@ def state_dir(settings: Settings, app_id: str) -> Path:
     return settings.storage.path / "faust" / app_id
 
 
+class StateInUse(RuntimeError):
+    """Another worker of this app id runs on this data directory."""
+
+
+def lock_state(settings: Settings, app_id: str) -> IO[bytes]:
+    """Hold this worker's Faust state directory for as long as the returned file stays open (flock: released when
+    the process ends, however it ends). Two workers of one app id on one OCPI_DATA_DIR would share it: the second,
+    finding no changelog record yet, would delete the first's state under it, and both write its RocksDB."""
+    datadir = state_dir(settings, app_id)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    held = (datadir.parent / f"{app_id}.lock").open("a+b")
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.close()
+        raise StateInUse(f"another worker of {app_id} runs on {datadir} (its Faust state): give each worker on this "
+                         "machine its own OCPI_DATA_DIR") from None
+    return held
+
+
 def check_pseudonym_key(settings: Settings, *, wait_s: float = KEY_CHECK_WAIT_S) -> None:
     """Stop before processing anything if this worker's pseudonymisation key is not the store's
     (`retention.check_key`): its pseudonyms would not join with the others'. Waits for ClickHouse to answer, as
@@ -220,19 +242,20 @@ def warn_of_retention_policy(settings: Settings) -> None:
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     bootstrap = resolve_bootstrap(settings)
     private_dir(settings.storage.path)  # before the key check creates it (secrets/) with the umask's mode
-    check_pseudonym_key(settings)
-    warn_of_retention_policy(settings)
-    apply_configured_ttls(settings)
-    drop_state_without_changelog(settings, bootstrap, settings.pipeline.app_id)
-    if not has_changelog(bootstrap, settings.pipeline.app_id):
-        warning = state_gap(sink_client(settings))
-        if warning:
-            log.warning(warning)
-    prepare_topics(settings, bootstrap)
-    pipeline = create_app(settings, bootstrap)
-    worker = faust.Worker(pipeline.app, loglevel=getattr(logging, loglevel.upper()), quiet=True)
-    tune_gc()
-    worker.execute_from_commandline()  # installs signal handlers, stops cleanly, exits the process
+    with lock_state(settings, settings.pipeline.app_id):  # held while this worker runs
+        check_pseudonym_key(settings)
+        warn_of_retention_policy(settings)
+        apply_configured_ttls(settings)
+        drop_state_without_changelog(settings, bootstrap, settings.pipeline.app_id)
+        if not has_changelog(bootstrap, settings.pipeline.app_id):
+            warning = state_gap(sink_client(settings))
+            if warning:
+                log.warning(warning)
+        prepare_topics(settings, bootstrap)
+        pipeline = create_app(settings, bootstrap)
+        worker = faust.Worker(pipeline.app, loglevel=getattr(logging, loglevel.upper()), quiet=True)
+        tune_gc()
+        worker.execute_from_commandline()  # installs signal handlers, stops cleanly, exits the process
 
 
 def tune_gc() -> None:

@@ -100,12 +100,13 @@ def worker(ctx: click.Context) -> None:
 
     from infra.kafka.bootstrap import KafkaNotConfigured
     from pipeline.retention import PseudonymKeyError
-    from pipeline.worker import PartitionMismatch, run_worker
+    from pipeline.worker import PartitionMismatch, StateInUse, run_worker
 
     settings = load_settings()
     try:
         run_worker(settings, loglevel=ctx.obj["log_level"])
-    except (KafkaNotConfigured, ClickHouseUnavailable, PseudonymKeyError, TopicConfigError, PartitionMismatch) as exc:
+    except (KafkaNotConfigured, ClickHouseUnavailable, PseudonymKeyError, TopicConfigError, PartitionMismatch,
+            StateInUse) as exc:
         raise click.ClickException(str(exc)) from None
     except kafka.errors.KafkaError as exc:  # the broker down or unreachable (the topics are prepared before Faust)
         raise kafka_failed(settings.kafka.bootstrap or "the running `dev` instance", exc) from None
