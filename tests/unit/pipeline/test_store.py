@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -22,7 +23,7 @@ from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS
 from pipeline.records import DeadLetter
 from pipeline.sessions import process_sessions
 from pipeline.sink import Batch, ClickHouseSink, insert_rows
-from pipeline.stage import StageOutput
+from pipeline.stage import StageOutput, StageRules
 from pipeline.state import CdrState, LocationState, SessionState
 
 from .builders import Harness, cdr, event, evse, iso, location, session, stage_rules, ts
@@ -367,6 +368,28 @@ def test_the_readme_query_lists_the_credit_links_written_before_that_no_longer_n
     assert sorted(client.query(query).result_rows) == [("C1-C",), ("C2-C",)]
 
 
+def bare_sweeper(sink: Any, rules: StageRules, publish: Any) -> tuple[sweeps.Sweeper, SimpleNamespace]:
+    """A Sweeper over `sink` (`run_sync`, `write`) and `publish`, its whole group caught up, without the retention
+    pass; and its context, to change the sink under it."""
+
+    class CaughtUp:  # the whole group has read everything
+        async def caught_up(self, assigned: Any, done: Any) -> bool:
+            return True
+
+    context = SimpleNamespace(
+        progress=SimpleNamespace(done={}), app=SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: [])),
+        sink=sink, stage_rules=rules, publish=publish,
+        settings=SimpleNamespace(kafka=SimpleNamespace(send_timeout_s=10), retention=SimpleNamespace(history_days=365),
+                                 pipeline=SimpleNamespace(topic_reconciliation="reconciliation")))
+    sweeper = sweeps.Sweeper(context, CaughtUp())  # type: ignore[arg-type]
+
+    async def no_retention(now: datetime) -> None:
+        return None
+
+    sweeper.retention = no_retention  # type: ignore[method-assign]
+    return sweeper, context
+
+
 def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> None:
     rules = stage_rules(park_ttl_min=5, idle_min=60)
     sessions = Harness(process_sessions, SessionState, rules)
@@ -503,7 +526,6 @@ def test_a_sweep_killed_between_publish_and_insert_promotes_and_publishes_again(
     # A sweep has no Kafka offset to resume from: it publishes first, so a kill leaves the rows unwritten and the
     # next sweep does it all again, instead of rows written and their records never published.
     import asyncio
-    from types import SimpleNamespace
 
     class Killed(BaseException):
         pass
@@ -527,21 +549,7 @@ def test_a_sweep_killed_between_publish_and_insert_promotes_and_publishes_again(
     async def killed_write(batch: Batch) -> None:
         raise Killed
 
-    class CaughtUp:  # the whole group has read everything
-        async def caught_up(self, assigned: Any, done: Any) -> bool:
-            return True
-
-    context = SimpleNamespace(
-        progress=SimpleNamespace(done={}), app=SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: [])),
-        sink=sink, stage_rules=stage_rules(), publish=publish,
-        settings=SimpleNamespace(kafka=SimpleNamespace(send_timeout_s=10), retention=SimpleNamespace(history_days=365),
-                                 pipeline=SimpleNamespace(topic_reconciliation="reconciliation")))
-    sweeper = sweeps.Sweeper(context, CaughtUp())  # type: ignore[arg-type]
-
-    async def no_retention(now: datetime) -> None:
-        return None
-
-    sweeper.retention = no_retention  # type: ignore[method-assign]
+    sweeper, context = bare_sweeper(sink, stage_rules(), publish)
     with pytest.raises(Killed):  # killed while publishing: nothing written
         asyncio.run(sweeper.run(ts(70)))
     assert client.query("SELECT outcome FROM reconciliation FINAL").result_rows == [("AWAITING_CDR",)]
@@ -560,7 +568,6 @@ def test_a_sweep_killed_after_some_of_its_inserts_writes_the_anomalies_at_the_ne
     # UNKNOWN_REFERENCE credit link written and not their anomalies. The next sweep selects only what is still
     # PARKED or AWAITING_ORIGINAL, so it would never write those anomalies.
     import asyncio
-    from types import SimpleNamespace
 
     class Killed(BaseException):
         pass
@@ -584,21 +591,7 @@ def test_a_sweep_killed_after_some_of_its_inserts_writes_the_anomalies_at_the_ne
                 insert_rows(client, table, batch.columns[table], rows)
         raise Killed
 
-    class CaughtUp:
-        async def caught_up(self, assigned: Any, done: Any) -> bool:
-            return True
-
-    context = SimpleNamespace(
-        progress=SimpleNamespace(done={}), app=SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: [])),
-        sink=SimpleNamespace(run_sync=sink.run_sync, write=all_but_anomalies), stage_rules=rules, publish=publish,
-        settings=SimpleNamespace(kafka=SimpleNamespace(send_timeout_s=10), retention=SimpleNamespace(history_days=365),
-                                 pipeline=SimpleNamespace(topic_reconciliation="reconciliation")))
-
-    async def no_retention(now: datetime) -> None:
-        return None
-
-    sweeper = sweeps.Sweeper(context, CaughtUp())  # type: ignore[arg-type]
-    sweeper.retention = no_retention  # type: ignore[method-assign]
+    sweeper, context = bare_sweeper(SimpleNamespace(run_sync=sink.run_sync, write=all_but_anomalies), rules, publish)
     with pytest.raises(Killed):
         asyncio.run(sweeper.run(ts(70)))
     context.sink = sink
@@ -615,7 +608,6 @@ def test_a_newer_row_published_while_the_sweep_promotes_stays_the_last_record_of
     # older, lower-version record would be the last of the key, which the topic's readers take for the current
     # outcome, while the table holds the newer row. The sweep publishes the current row again after its own.
     import asyncio
-    from types import SimpleNamespace
 
     from pipeline.agents import reconciliation_records
 
@@ -643,21 +635,7 @@ def test_a_newer_row_published_while_the_sweep_promotes_stays_the_last_record_of
             published.extend(reconciliation_records([[matched[c] for c in RECONCILIATION_COLUMNS]]))
         return result
 
-    class CaughtUp:
-        async def caught_up(self, assigned: Any, done: Any) -> bool:
-            return True
-
-    context = SimpleNamespace(
-        progress=SimpleNamespace(done={}), app=SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: [])),
-        sink=SimpleNamespace(run_sync=run_sync, write=sink.write), stage_rules=stage_rules(), publish=publish,
-        settings=SimpleNamespace(kafka=SimpleNamespace(send_timeout_s=10), retention=SimpleNamespace(history_days=365),
-                                 pipeline=SimpleNamespace(topic_reconciliation="reconciliation")))
-
-    async def no_retention(now: datetime) -> None:
-        return None
-
-    sweeper = sweeps.Sweeper(context, CaughtUp())  # type: ignore[arg-type]
-    sweeper.retention = no_retention  # type: ignore[method-assign]
+    sweeper, _context = bare_sweeper(SimpleNamespace(run_sync=run_sync, write=sink.write), stage_rules(), publish)
     asyncio.run(sweeper.run(ts(70)))
     assert client.query("SELECT outcome, version FROM reconciliation FINAL").result_rows == [("MATCHED", 10)]
     records = [json.loads(value) for key, value in published if key == b"NL/TNM/SESSION/S5"]
