@@ -296,7 +296,9 @@ async def test_backoff_on_429_503_and_3xxx_respects_retry_after(settings_for: An
     first, second, third, fourth = sleeps.delays
     assert 7 <= first <= 7 + 0.025  # Retry-After first, plus at most a tenth of the jitter ceiling
     assert 0 <= second <= 0.5 and 0 <= third <= 1.0  # full jitter under 0.25 * 2**attempt
-    assert 28 <= fourth <= 30.1
+    # The HTTP date's whole seconds, less the time since it was written, plus a tenth of the 4th attempt's
+    # jitter ceiling (0.25 * 2**3 = 2): up to 30.2 (30.1 failed whenever the jitter drew above 1 early in a second).
+    assert 28 <= fourth <= 30 + 0.2
     assert len({s.headers["X-Request-ID"] for s in fake.seen}) == 5  # every attempt is a new request
 
 
