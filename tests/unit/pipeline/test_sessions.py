@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -429,6 +430,28 @@ def test_a_patch_of_last_updated_alone_is_applied_and_restarts_the_idle_clock() 
     assert outcomes(out) == [(touch.event_id, "APPLIED")] and len(rows(out.batch, "sessions")) == 1
     out = h.run(event("Session", session(status="ACTIVE", kwh="6", updated=90), received=90))
     assert kinds(out) == []
+
+
+def test_the_same_patch_of_last_updated_alone_again_is_a_duplicate_and_does_not_restart_the_idle_clock() -> None:
+    # README, "session lifecycle", said a PATCH of last_updated alone is applied and restarts the idle clock: only
+    # the first after another event is (dedup compares with the last applied event). Its repeat, a CPO's periodic
+    # sign of life, has the same content hash as that PATCH: a DUPLICATE, so the session is flagged all the same.
+    h = harness(idle_min=60)
+    h.run(event("Session", session(status="ACTIVE", kwh="5"), received=0))
+    touch = event("SessionPatch", {"last_updated": iso(ts(50))}, object_id="S1", received=50)
+    assert outcomes(h.run(touch)) == [(touch.event_id, "APPLIED")]
+    again = event("SessionPatch", {"last_updated": iso(ts(100))}, object_id="S1", received=100)
+    out = h.run(again)
+    assert outcomes(out) == [(again.event_id, "DUPLICATE")] and rows(out.batch, "sessions") == [] and kinds(out) == []
+    out = h.run(event("SessionPatch", {"last_updated": iso(ts(150))}, object_id="S1", received=150))
+    [anomaly] = rows(out.batch, "anomalies")
+    assert anomaly[ANOMALY_COLUMNS.index("kind")] == "SESSION_IDLE"
+    assert anomaly[ANOMALY_COLUMNS.index("event_id")] == touch.event_id  # the clock ran from the first PATCH
+    assert anomaly[ANOMALY_COLUMNS.index("observed_at")] == ts(110)
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    lifecycle = next(line for line in readme.splitlines() if line.startswith("| session lifecycle (#9) |"))
+    assert "a PATCH of `last_updated` alone is applied, a new version, and does restart it)" not in lifecycle
+    assert "the same PATCH again" in lifecycle
 
 
 def test_facts_follow_matching_keys_and_final_amounts_not_every_kwh_tick() -> None:
