@@ -460,7 +460,8 @@ def register_state_retention(context: AgentContext, tables: Mapping[str, StateTa
         # linked records leave together, with their index entries (`pipeline.party_retention`)
         "party-state": Plan(survey_referrers, functools.partial(expire_party_state, rules=context.party_rules)),
     }
-    # Not billing data: only a state of parked events alone, whose Location never came, leaves (module docstring).
+    # Not billing data: only a state without a Location (parked events whose Location never came, or events refused
+    # or ORPHANED at once, dated by `seen_at`) leaves (module docstring).
     strays: dict[str, Expiry] = {"location-state": location_state_expired}
     names = dict.fromkeys((*PERSONAL_STATE_TABLES, *BILLING_STATE_TABLES))
     targets = [StateTarget(name, tables[name], topics[name],
