@@ -377,7 +377,8 @@ class HttpSettings:
         "OCPI_PUBLIC_URL", "",
         "base URL partners reach us at, in ASCII (a punycode host, a percent-encoded path), at most "
         f"{BASE_URL_MAX_LENGTH} characters (our endpoint URLs and a CDR's URL, it and a path, are OCPI URLs: "
-        f"{URL_MAX_LENGTH} at most); empty = http://HOST:PORT (used in OCPI endpoint URLs)",
+        f"{URL_MAX_LENGTH} at most); empty = http://HOST:PORT (used in OCPI endpoint URLs). The receivers serve "
+        "/ocpi/... at their root: a path in it (https://host/gateway) is for a proxy in front that strips it",
     )
 
     @property
