@@ -174,8 +174,8 @@ class _Parking(Protocol):
     parked: list[Parked]
 
 
-def expire_parked(state: _Parking, record: Record, ttl: timedelta, out: StageOutput) -> None:
-    """Parked events whose wait is over at `record`'s receive time (event time) become ORPHANED."""
+def expire_parked(state: _Parking, record: Record, ttl: timedelta, out: StageOutput) -> list[Parked]:
+    """Parked events whose wait is over at `record`'s receive time (event time) become ORPHANED; returns them."""
     waiting, expired = ordering.split_expired(state.parked, record.received_at, ttl)
     state.parked = waiting
     for parked in expired:
@@ -183,6 +183,7 @@ def expire_parked(state: _Parking, record: Record, ttl: timedelta, out: StageOut
         outcome_detail, anomaly_detail = orphan_details(orphan.event.module, ttl)
         out.outcome(orphan, Outcome.ORPHANED, outcome_detail)
         out.anomaly(Anomaly.ORPHAN_EVENT, orphan.event, anomaly_detail)
+    return expired
 
 
 class _Created(_Parking, Protocol):

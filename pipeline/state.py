@@ -107,8 +107,9 @@ class LocationState(msgspec.Struct, kw_only=True):
     # received_at of the first event applied to it (its Location PUT); None in states from before
     # (`stage.replayed_orphan`)
     created_at: datetime | None = None
-    # The last RECENT_EVENT_IDS events ORPHANED at once, the parked ones being at their bound (PARK_OVERFLOW):
-    # refused for good, so a replayed copy is neither applied nor recorded (`stage.replayed_overflow`).
+    # The last RECENT_EVENT_IDS events ORPHANED at once, the parked ones being at their bound (PARK_OVERFLOW), or
+    # ORPHANED when their wait expired (`locations.process_locations`): refused for good, so a replayed copy is neither
+    # applied nor recorded (`stage.replayed_overflow`).
     overflowed: list[str] = []
     # received_at of the newest event folded into it, whatever its outcome: dates a state that holds neither its object
     # nor parked events (events refused or ORPHANED at once) for its expiry (`pipeline.state_retention`); None in

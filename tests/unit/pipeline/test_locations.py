@@ -934,6 +934,28 @@ def test_a_replayed_copy_of_an_evse_patch_orphaned_while_its_evse_never_came_is_
     assert [p.event_id for p in h.state(KEY).parked] == [second.event_id]
 
 
+def test_a_replayed_copy_of_an_event_orphaned_by_a_late_evse_is_not_applied() -> None:
+    """A Connector PUT for an EVSE the stored Location did not hold yet was parked, and ORPHANED when that EVSE came
+    after OCPI_PIPELINE_PARK_TTL: never applied. Its Location was stored (within the TTL) and nothing else was parked,
+    so `stage.replayed_orphan` did not know it, and `ocpi-pipeline replay` applied its copy: a Connector the original
+    never held added to the tree, a new Location version, and its ORPHANED row (source PUSH) became an APPLIED row of
+    source REPLAY."""
+    h = harness(park_ttl_min=5)
+    h.run(event("Location", location(evses=[evse("E1", updated=1)], updated=1), received=0))
+    waiting = event("Connector", connector("2", updated=2), object_id="LOC1", evse_uid="E3", connector_id="2",
+                    received=2)
+    assert outcome_of(h.run(waiting), waiting.event_id) == "PARKED"
+    put_e3 = event("EVSE", evse("E3", updated=1), object_id="LOC1", evse_uid="E3", received=10)  # 8 min later
+    out = h.run(put_e3)
+    assert outcome_of(out, waiting.event_id) == "ORPHANED" and outcome_of(out, put_e3.event_id) == "APPLIED"
+    version = h.state(KEY).version
+    out = h.run(event("Connector", connector("2", updated=2), object_id="LOC1", evse_uid="E3", connector_id="2",
+                      received=2, event_id=waiting.event_id, source="REPLAY"))
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "connectors") == []
+    assert out.outcomes == {"REPLAYED_ORPHANED": 1}
+    assert [c["id"] for c in stored(h)["evses"][1]["connectors"]] == ["1"] and h.state(KEY).version == version
+
+
 def test_a_patch_of_an_evses_own_fields_older_than_a_connector_push_is_applied() -> None:
     # The CPO sets E1 CHARGING (t=3) and E1's Connector 1 to 11 kW (t=5): independent fields. Arriving the other way
     # round, the Connector push has raised E1's last_updated to 5 (08 §3), but the status PATCH is newer than every
