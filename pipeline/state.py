@@ -65,8 +65,9 @@ class SessionState(msgspec.Struct, kw_only=True):
     fact: SessionFact | None = None  # the last fact sent to stage 2
     offset: int = -1  # highest source offset folded into this state
     parked: list[Parked] = []
-    # The last RECENT_EVENT_IDS events ORPHANED at once, the parked ones being at their bound (PARK_OVERFLOW):
-    # refused for good, so a replayed copy is neither applied nor recorded (`stage.replayed_overflow`).
+    # The last RECENT_EVENT_IDS events ORPHANED at once, the parked ones being at their bound (PARK_OVERFLOW), or
+    # ORPHANED when their wait expired (`sessions.process_sessions`): refused for good, so a replayed copy is neither
+    # applied nor recorded (`stage.replayed_overflow`).
     overflowed: list[str] = []
     # received_at of the newest event folded into it, whatever its outcome: dates a state that holds neither its object
     # nor parked events (events refused or ORPHANED at once) for its expiry (`pipeline.state_retention`); None in

@@ -761,6 +761,27 @@ def test_a_replayed_copy_of_a_patch_orphaned_by_a_full_park_is_neither_applied_n
     assert stored(h)["kwh"] == 5 and h.state(KEY).version == version
 
 
+def test_a_replayed_copy_of_a_patch_orphaned_by_its_wait_is_not_applied_whatever_the_put_s_stamp() -> None:
+    """A PATCH parked, then ORPHANED when a later PATCH came past OCPI_PIPELINE_PARK_TTL, was never applied. The PUT
+    that came after both (landing late, but stamped within the TTL of the first: a push answered 3000 and written
+    later, a known limit) left neither `created_at` past the orphan's deadline nor anything parked, so
+    `stage.replayed_orphan` did not know it, and its replayed copy was applied. The state remembers such orphans, as
+    the Location state does (`overflowed`), and their copies write nothing."""
+    h = harness(park_ttl_min=5)
+    first = event("SessionPatch", {"kwh": Decimal("5"), "last_updated": iso(ts(9))}, object_id="S1", received=0)
+    second = event("SessionPatch", {"kwh": Decimal("6"), "last_updated": iso(ts(6))}, object_id="S1", received=6)
+    out = h.run(first, second)
+    assert dict(outcomes(out)) == {first.event_id: "ORPHANED", second.event_id: "PARKED"}
+    h.run(event("Session", session(kwh="1", updated=0), received=2))  # stamped at 2, landed after both
+    assert stored(h)["kwh"] == 6
+    version = h.state(KEY).version
+    out = h.run(event("SessionPatch", {"kwh": Decimal("5"), "last_updated": iso(ts(9))}, object_id="S1", received=0,
+                      event_id=first.event_id, source="REPLAY"))  # dated after what is stored
+    assert rows(out.batch, "raw_events") == [] and rows(out.batch, "sessions") == []
+    assert out.outcomes == {"REPLAYED_ORPHANED": 1}
+    assert stored(h)["kwh"] == 6 and h.state(KEY).version == version
+
+
 def test_a_state_restored_by_a_replay_applies_a_patch_parked_for_its_put_as_the_original_did() -> None:
     """README "A worker's state starting empty over a populated store": the replay restores every table as it was.
     A PATCH that came before its PUT, dated like the PUT (a CPO stamping whole seconds), was parked and applied
