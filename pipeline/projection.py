@@ -10,6 +10,7 @@ datetimes and Decimals.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -78,7 +79,7 @@ CDR_PERIOD_COLUMNS = (
 
 CDR_TARIFF_COLUMNS = (
     "country_code", "party_id", "cdr_id", "tariff_country_code", "tariff_party_id", "tariff_id", "currency",
-    "tariff_type", "tariff_json", "received_at", "version",
+    "tariff_type", "tariff_json", "received_at", "version", "tariff_occurrence",
 )
 
 ANOMALY_COLUMNS = (
@@ -226,10 +227,18 @@ def cdr_period_rows(cdr: dict[str, Any], received_at: datetime) -> list[list[Any
 
 
 def cdr_tariff_rows(cdr: dict[str, Any], received_at: datetime) -> list[list[Any]]:
+    """One row per Tariff of the CDR. Two may share a key (a CiString id sent in two cases, or one id for two
+    types): `tariff_occurrence` counts those of the same key before it, so the second does not replace the first
+    (migration 0026)."""
     cc, pid, cid = ci_normalize(cdr["country_code"]), ci_normalize(cdr["party_id"]), ci_normalize(cdr["id"])
-    return [[cc, pid, cid, ci_normalize(t["country_code"]), ci_normalize(t["party_id"]), ci_normalize(t["id"]),
-             t["currency"], t.get("type"), json_column(wire.ocpi_json(t)), received_at, CDR_ROW_VERSION]
-            for t in cdr.get("tariffs") or ()]
+    seen: Counter[tuple[str, str, str]] = Counter()
+    rows = []
+    for t in cdr.get("tariffs") or ():
+        key = (ci_normalize(t["country_code"]), ci_normalize(t["party_id"]), ci_normalize(t["id"]))
+        rows.append([cc, pid, cid, *key, t["currency"], t.get("type"), json_column(wire.ocpi_json(t)), received_at,
+                     CDR_ROW_VERSION, seen[key]])
+        seen[key] += 1
+    return rows
 
 
 def anomaly_row(anomaly: AnomalyRow) -> list[Any]:

@@ -15,10 +15,10 @@ from clickhouse_connect.driver.client import Client
 
 from infra.settings import Settings, load_settings
 from ocpi.identity import ObjectKey
-from pipeline import retention, sweeps
+from pipeline import projection, retention, sweeps
 from pipeline.cdrs import process_cdrs
 from pipeline.locations import process_locations
-from pipeline.projection import CDR_COLUMNS, SESSION_COLUMNS
+from pipeline.projection import CDR_COLUMNS, CDR_TARIFF_COLUMNS, SESSION_COLUMNS
 from pipeline.reconcile import CREDIT_LINK_COLUMNS, RECONCILIATION_COLUMNS
 from pipeline.records import DeadLetter
 from pipeline.sessions import process_sessions
@@ -1670,6 +1670,27 @@ def test_a_cdr_period_names_its_tariff_as_cdr_tariffs_keys_it(client: Client) ->
         (0, "AC-DAY", "REGULAR")]
     [(document,)] = client.query("SELECT payload_json FROM cdrs FINAL").result_rows
     assert json.loads(document)["charging_periods"][0]["tariff_id"] == "ac-day"  # the CDR as sent
+
+
+def test_a_cdrs_tariffs_of_one_key_each_keep_their_row(client: Client) -> None:
+    """A CDR may list two Tariffs under one key (a CiString id sent in two cases, or one id for two types):
+    cdr_tariffs keyed them by (CDR, tariff country, party, id) alone, so the second replaced the first and its
+    JSON was lost to billing. Each keeps its row now (`tariff_occurrence`: how many of the same key come before it
+    in the list), written again the same (a replay), and over the rows a version before wrote, whose one row per
+    key had occurrence 0."""
+    regular, ad_hoc, other = _tariff("t1"), {**_tariff("T1"), "type": "AD_HOC_PAYMENT"}, _tariff("T2")
+    body = cdr(tariffs=[regular, ad_hoc, other])
+    before = [c for c in CDR_TARIFF_COLUMNS if c != "tariff_occurrence"]
+    rows = [dict(zip(CDR_TARIFF_COLUMNS, row, strict=True)) for row in projection.cdr_tariff_rows(body, ts(1))]
+    # One row per key, as a version before wrote them: the last of a key replaced the ones before it.
+    insert_rows(client, "cdr_tariffs", before, [[row[c] for c in before] for row in rows[1:]])
+    batch = Harness(process_cdrs, CdrState).run(event("CDR", body, received=1)).batch
+    write(client, batch)
+    write(client, batch)
+    rows = client.query("SELECT tariff_id, tariff_occurrence, tariff_type, tariff_json FROM cdr_tariffs FINAL "
+                        "ORDER BY tariff_id, tariff_occurrence").result_rows
+    assert [row[:3] for row in rows] == [("T1", 0, "REGULAR"), ("T1", 1, "AD_HOC_PAYMENT"), ("T2", 0, "REGULAR")]
+    assert [json.loads(row[3])["id"] for row in rows] == ["t1", "T1", "T2"]
 
 
 def test_a_hubs_sessions_and_cdrs_are_billed_under_their_own_cpo_parties_once(client: Client) -> None:
