@@ -120,3 +120,26 @@ def test_every_ocpi_variable_a_service_is_given_is_a_setting() -> None:
         return re.sub(r"\$\{\w+(:?[-?])([^}]*)\}", lambda m: m.group(2) if m.group(1).endswith("-") else "pw", value)
 
     load_settings({k: filled(v) for k, v in given.items()})
+
+
+def test_clickhouse_is_healthy_only_when_its_clients_can_reach_it() -> None:
+    """With CLICKHOUSE_DB set, the clickhouse-server image's entrypoint first runs a server that listens on
+    127.0.0.1 only (`--listen_host=127.0.0.1`) to create the database, stops it, then starts the real one. A
+    health check probing localhost passed on that interim server: `migrate`, started on the first healthy check,
+    found nothing listening at clickhouse:8123 (connection refused, no retry), exited 1, and with it `docker
+    compose up` (the receivers and the worker wait for it to complete). The check must go where the clients go:
+    the host of OCPI_CLICKHOUSE_DSN, on the compose network."""
+    from urllib.parse import urlparse
+
+    services = compose()["services"]
+    test = services["clickhouse"]["healthcheck"]["test"]
+    command = test[-1] if isinstance(test, list) else str(test)
+    urls = re.findall(r"https?://[^\s'\"|;]+", command)
+    dsn = urlparse(compose()["x-app-env"]["OCPI_CLICKHOUSE_DSN"].replace("${CLICKHOUSE_PASSWORD:?set "
+                                                                         "CLICKHOUSE_PASSWORD}", "pw"))
+    assert urls, command
+    for url in urls:
+        probed = urlparse(url)
+        assert (probed.hostname, probed.port) == (dsn.hostname, dsn.port), (
+            f"the health check probes {url}; the pipeline connects to {dsn.hostname}:{dsn.port}")
+    assert services["migrate"]["depends_on"]["clickhouse"]["condition"] == "service_healthy"
