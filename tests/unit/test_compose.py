@@ -143,3 +143,28 @@ def test_clickhouse_is_healthy_only_when_its_clients_can_reach_it() -> None:
         assert (probed.hostname, probed.port) == (dsn.hostname, dsn.port), (
             f"the health check probes {url}; the pipeline connects to {dsn.hostname}:{dsn.port}")
     assert services["migrate"]["depends_on"]["clickhouse"]["condition"] == "service_healthy"
+
+
+# What `docker compose stop` (down, restart, an `up` that re-creates the container: every upgrade) waits after its
+# SIGTERM before it sends SIGKILL, unless the service's stop_grace_period says otherwise.
+DOCKER_STOP_GRACE_S = 10.0
+
+
+def seconds(duration: str) -> float:
+    """A compose duration (`45s`, `1m30s`, `2m`) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", str(duration))
+    assert parts and "".join(n + u for n, u in parts) == str(duration), duration
+    unit = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+def test_a_stopping_worker_is_given_the_time_to_finish_its_batch() -> None:
+    """A stopping worker finishes the batch in hand for up to `agents.STOP_GRACE_S` (30 s), then exits with
+    code 70 leaving it unacked (README, "The pipeline"): its rows, its state's changelog records and its results
+    go out together or the batch is read again. Docker's stop sent SIGKILL 10 s after SIGTERM, in the middle of
+    that: the worker was killed mid-batch at every `docker compose stop`, restart or upgrade, not stopped."""
+    from pipeline.agents import STOP_GRACE_S
+
+    worker = compose()["services"]["worker"]
+    grace = seconds(worker["stop_grace_period"]) if "stop_grace_period" in worker else DOCKER_STOP_GRACE_S
+    assert grace >= STOP_GRACE_S + 15, f"the worker is killed {grace:.0f} s after SIGTERM"
