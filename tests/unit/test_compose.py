@@ -168,3 +168,15 @@ def test_a_stopping_worker_is_given_the_time_to_finish_its_batch() -> None:
     worker = compose()["services"]["worker"]
     grace = seconds(worker["stop_grace_period"]) if "stop_grace_period" in worker else DOCKER_STOP_GRACE_S
     assert grace >= STOP_GRACE_S + 15, f"the worker is killed {grace:.0f} s after SIGTERM"
+
+
+def test_an_upgrade_replaces_the_worker_before_the_receivers() -> None:
+    """Upgrading is migrate, then every worker, then the receivers (README, "Upgrading"): a worker reads the
+    Avro revisions up to its own, and a push written with a newer one is a dead letter although the partner was
+    answered 1000. `docker compose up --build` re-creates services in the order of their dependencies, and the
+    receivers depended on the worker in no way: both were replaced at once, new receivers writing to an old
+    worker. Depending on it (started), they are re-created after it, and stopped before it (their last pushes
+    are then read by a running worker)."""
+    services = compose()["services"]
+    assert services["receivers"]["depends_on"].get("worker", {}).get("condition") == "service_started"
+    assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
