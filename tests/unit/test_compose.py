@@ -47,8 +47,8 @@ def test_no_secret_falls_back_to_a_well_known_value() -> None:
 
 @pytest.mark.parametrize("service", ["clickhouse", "grafana"])
 def test_the_operators_services_are_published_on_the_loopback_interface_only(service: str) -> None:
-    """Partners reach the receivers; the store and the dashboards are the operator's (Grafana and the receivers
-    reach ClickHouse on the compose network). Grafana was published on every interface with its default admin
+    """The store and the dashboards are the operator's (Grafana and the receivers reach ClickHouse on the compose
+    network). Grafana was published on every interface with its default admin
     login, and its data source reads the billing store."""
     ports = [str(port) for port in compose()["services"][service].get("ports", [])]
     assert ports and all(port.startswith("127.0.0.1:") for port in ports), ports
@@ -180,3 +180,17 @@ def test_an_upgrade_replaces_the_worker_before_the_receivers() -> None:
     services = compose()["services"]
     assert services["receivers"]["depends_on"].get("worker", {}).get("condition") == "service_started"
     assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_partners_reach_the_receivers_over_tls_only() -> None:
+    """OCPI's transport is TLS with a server certificate (OCPI 2.2.1 04 §1): the Authorization header carries the
+    partner's token, and the credentials exchange hands over the tokens both sides call with. The receivers speak
+    plain HTTP, and were published on every host interface (18080): a partner calling them there sent its token
+    in clear, and read ours in the credentials answer. They are published on the loopback interface, for the TLS
+    proxy in front of them, whose https:// URL is OCPI_PUBLIC_URL; the file and README say so."""
+    ports = [str(port) for port in compose()["services"]["receivers"].get("ports", [])]
+    assert ports and all(port.startswith("127.0.0.1:") for port in ports), ports
+    header = (ROOT / "docker-compose.yml").read_text().split("\nname:")[0]
+    assert "TLS" in header and "OCPI_PUBLIC_URL" in header, header
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "the receivers speak plain HTTP" in readme
