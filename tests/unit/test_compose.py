@@ -194,3 +194,14 @@ def test_partners_reach_the_receivers_over_tls_only() -> None:
     assert "TLS" in header and "OCPI_PUBLIC_URL" in header, header
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "the receivers speak plain HTTP" in readme
+
+
+def test_every_service_takes_the_pseudonymisation_key_from_the_environment() -> None:
+    """README: run the jobs in the worker's container, "or set `OCPI_PSEUDONYM_KEY` for every service"; the shared
+    environment did not pass it on, so setting it in the shell or `.env` did nothing. Empty (unset) keeps the key
+    generated into the worker's volume."""
+    shared = compose()["x-app-env"]
+    assert shared.get("OCPI_PSEUDONYM_KEY") == "${OCPI_PSEUDONYM_KEY:-}"
+    for name in ("migrate", "worker", "receivers"):
+        service = compose()["services"][name]
+        assert service["environment"].get("OCPI_PSEUDONYM_KEY") == "${OCPI_PSEUDONYM_KEY:-}", name
