@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 from infra.clickhouse.client import ClickHouseUnavailable, chdb_path, connect_for, effective_dsn
+from infra.clickhouse.migrations import MigrationError
 from infra.kafka.admin import TopicConfigError
 from infra.kafka.bootstrap import KafkaNotConfigured, reachable, resolve_bootstrap
 from infra.kafka.embedded import EmbeddedBrokerError
@@ -176,7 +177,7 @@ def dev() -> None:
     settings = load_settings()
     try:
         asyncio.run(_run_dev(settings, console))
-    except (StackError, EmbeddedBrokerError, ClickHouseUnavailable, TopicConfigError) as exc:
+    except (StackError, EmbeddedBrokerError, ClickHouseUnavailable, MigrationError, TopicConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     except kafka.errors.KafkaError as exc:  # a configured Kafka (OCPI_KAFKA_BOOTSTRAP) down or unreachable
         raise kafka_failed(settings.kafka.bootstrap, exc, "empty: an embedded broker") from None
@@ -279,7 +280,7 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
                                            on_started=started, progress=lambda n: progress.advance(task, n)))
         print_summary(console, summary)
         failed = not summary.matches_expected
-    except (StackError, EmbeddedBrokerError, ClickHouseUnavailable, TopicConfigError) as exc:
+    except (StackError, EmbeddedBrokerError, ClickHouseUnavailable, MigrationError, TopicConfigError) as exc:
         failed = True
         raise click.ClickException(f"{exc}{_kept(temp)}") from None
     except Exception:  # a traceback: its data and logs tell why too

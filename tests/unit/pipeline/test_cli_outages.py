@@ -316,3 +316,28 @@ def test_retention_on_a_clickhouse_failing_after_the_connect_says_so(command: st
     monkeypatch.setattr(pipeline.retention, "apply_ttls", gone)
     result = invoke(["retention", command], {"OCPI_KAFKA_BOOTSTRAP": "", "OCPI_DATA_DIR": str(tmp_path)})
     assert_one_line_error(result, "ClickHouse", "Connection refused")
+
+
+@pytest.mark.parametrize("command", ["dev", "demo"])
+def test_a_migration_dev_cannot_apply_stops_it_in_one_line(command: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dev` (and `demo`) migrate the store at start: a migration that failed, or one recorded with another
+    checksum, ended in a MigrationError traceback, where `migrate` and `partners` say it in one line."""
+    from types import SimpleNamespace
+
+    from infra.clickhouse.migrations import MigrationError
+
+    def failed(*_args: Any, **_options: Any) -> None:
+        raise MigrationError("migration 0020_dead_letters_record_key failed: Code: 497. ACCESS_DENIED")
+
+    monkeypatch.setattr(pipeline.stack, "ensure_topics", lambda *_a, **_k: [])
+    monkeypatch.setattr(pipeline.stack, "connect", lambda *_a, **_k: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(pipeline.stack, "migrate", failed)
+    # demo's own embedded broker, which it stops again
+    monkeypatch.setattr(pipeline.stack.EmbeddedBroker, "start", lambda broker: broker)
+    monkeypatch.setattr(pipeline.stack.EmbeddedBroker, "bootstrap", "127.0.0.1:9", raising=False)
+    monkeypatch.setattr(pipeline.stack.EmbeddedBroker, "stop", lambda broker: None)
+    args = [command] if command == "dev" else [command, "--sessions", "1"]
+    result = invoke(args, {"OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "OCPI_HTTP_PORT": str(free_port()),
+                           "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, "0020_dead_letters_record_key", "ACCESS_DENIED")
