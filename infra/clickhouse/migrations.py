@@ -16,10 +16,11 @@ from clickhouse_connect.driver.client import Client
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Checksums an earlier release recorded for a file edited since in its comments only (its statements are the same):
-# databases migrated then must still upgrade. 0016 got a comment after its release (3b671b0). Never list a file
-# whose statements changed.
+# databases migrated then must still upgrade. 0016 got a comment after its release (3b671b0), 0025 a reworded one
+# a commit after it was added (5c3a37f). Never list a file whose statements changed.
 _RELEASED_CHECKSUMS: dict[int, frozenset[str]] = {
     16: frozenset({"69d027d751f2936bad708d07601aa09704462b8d8f3fe423f89869b12b64a624"}),
+    25: frozenset({"f1eabe6a1e92978145719c3aaea8ddb439eb1b49216c1f9c87b1b44e387a51dc"}),
 }
 
 

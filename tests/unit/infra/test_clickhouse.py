@@ -388,6 +388,38 @@ def test_a_database_migrated_with_0016_as_first_released_upgrades(chdb_dsn: str,
     client.command(f"DROP DATABASE {database}")
 
 
+# 0025 as its first commit (f5afa49) wrote it, before its comment was reworded (5c3a37f): the checksum databases
+# migrated then recorded.
+_FIRST_0025 = "f1eabe6a1e92978145719c3aaea8ddb439eb1b49216c1f9c87b1b44e387a51dc"
+_FIRST_0025_COMMENT = """\
+-- One row per credentials handshake (a partner's POST or PUT on our credentials endpoint) about to save: what it
+-- claims (`subject`: the partner), the state it read (`generation`: the partner's inbound tokens) and the hash of
+-- the Token C it issues. Two handshakes that read the same state (two POSTs with one Token A, or two PUTs, reaching
+-- two receiver processes) insert with the same deduplication token, so the table keeps the first insert that lands
+-- and drops the other; both read back which one won, and only that one saves
+"""
+
+
+def test_a_database_migrated_with_0025_as_first_committed_upgrades(chdb_dsn: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0025's comment was reworded one commit after it was added: `migrate`, `dev` and `partners` refused every
+    # database migrated in between, naming 0025 as "changed after it was applied", though its statement is the same.
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    every = available_migrations()
+    [current] = [m for m in every if m.version == 25]
+    rest = current.sql[current.sql.index("-- (receivers.registry.PartnerRegistry.claim)"):]
+    first = migrations.Migration(25, current.name, _FIRST_0025_COMMENT + rest)
+    assert first.checksum == _FIRST_0025
+    assert first.statements() == current.statements()
+    monkeypatch.setattr(migrations, "available_migrations",
+                        lambda: [first if m.version == 25 else m for m in every])
+    migrate(client, database)
+    monkeypatch.undo()
+    assert migrate(client, database) == []
+    client.command(f"DROP DATABASE {database}")
+
+
 def test_a_released_migration_is_never_edited() -> None:
     # A database records each migration's checksum and refuses to migrate further when a file changed, even in a
     # comment (0016 was, see above): a change is a new migration. The checksums as released; never change one.
