@@ -446,6 +446,9 @@ def test_a_released_migration_is_never_edited() -> None:
         20: "0c025cbb887c5ce2d554f25140d6aba7cddb4ce01cb223ec8812032f6b964f82",
         21: "69f19db938056ae54960b33dbcfa74c32bb26b21e45e72f972a91ef2e8335482",
         22: "b44b018dfcfe2ab0c07dfd3aa90fd79351a3ebb710a4d0d33de72aa1ae7df510",
+        23: "b9d6b93927a6e5e9f2db34d8d8cab554ba021fd2b39ec33f66749fd0d62b3c39",
+        24: "47c62276dcc7c8dc312abdbec4dfb86c2f9c9739eccd8f5b8fa7350090fc2915",
+        25: "b9deba87ced98d62e7954054cd76fa42298a787c64a26afe0a7f11eac2441217",
     }
     current = {m.version: m.checksum for m in available_migrations()}
     assert {v: current.get(v) for v in released} == released
