@@ -75,7 +75,11 @@ def applied_migrations(client: Client, database: str) -> dict[int, tuple[str, st
 
 def migrate(client: Client, database: str) -> list[Migration]:
     """Apply every pending migration to `database`; returns those applied now."""
-    done = applied_migrations(client, database)
+    try:
+        done = applied_migrations(client, database)
+    except Exception as exc:  # a user without the grants, a read-only one: a one-line error, not a traceback
+        raise MigrationError(f"cannot read or create the migration ledger `{database}`.schema_migrations: "
+                             f"{exc}") from exc
     applied = []
     for migration in available_migrations():
         if migration.version in done:
@@ -91,9 +95,13 @@ def migrate(client: Client, database: str) -> list[Migration]:
                 _run_in(client, database, statement)
             except Exception as exc:
                 raise MigrationError(f"migration {migration.version:04d}_{migration.name} failed: {exc}") from exc
-        client.insert(f"`{database}`.schema_migrations",
-                      [[migration.version, migration.name, migration.checksum, datetime.now(UTC)]],
-                      column_names=["version", "name", "checksum", "applied_at"])
+        try:
+            client.insert(f"`{database}`.schema_migrations",
+                          [[migration.version, migration.name, migration.checksum, datetime.now(UTC)]],
+                          column_names=["version", "name", "checksum", "applied_at"])
+        except Exception as exc:
+            raise MigrationError(f"migration {migration.version:04d}_{migration.name} was applied but could not be "
+                                 f"recorded in `{database}`.schema_migrations: {exc}") from exc
         applied.append(migration)
     return applied
 

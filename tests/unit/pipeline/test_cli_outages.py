@@ -341,3 +341,23 @@ def test_a_migration_dev_cannot_apply_stops_it_in_one_line(command: str, tmp_pat
     result = invoke(args, {"OCPI_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "OCPI_HTTP_PORT": str(free_port()),
                            "OCPI_DATA_DIR": str(tmp_path)})
     assert_one_line_error(result, "0020_dead_letters_record_key", "ACCESS_DENIED")
+
+
+def test_migrate_on_a_server_refusing_its_ledger_says_so_in_one_line(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`migrate` on a ClickHouse that accepts the connection but refuses the migration ledger (a user without the
+    CREATE DATABASE grant, a read-only user) ended in a DatabaseError traceback: only a failing migration's statement
+    was told in one line."""
+    from types import SimpleNamespace
+
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    import pipeline.cli.store
+
+    def refused(*_args: Any, **_kwargs: Any) -> None:
+        raise DatabaseError("Code: 497. DB::Exception: default: Not enough privileges. (ACCESS_DENIED)")
+
+    client = SimpleNamespace(command=refused, query=refused, insert=refused, database="")
+    monkeypatch.setattr(pipeline.cli.store, "connect", lambda *_a, **_k: client)
+    result = invoke(["migrate"], {"OCPI_CLICKHOUSE_DSN": "http://127.0.0.1:8123", "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, "schema_migrations", "ACCESS_DENIED")
