@@ -94,7 +94,11 @@ def migrate(client: Client, database: str) -> list[Migration]:
             try:
                 _run_in(client, database, statement)
             except Exception as exc:
-                raise MigrationError(f"migration {migration.version:04d}_{migration.name} failed: {exc}") from exc
+                # DDL is not transactional: the statements before this one stay applied, and each is idempotent.
+                raise MigrationError(
+                    f"migration {migration.version:04d}_{migration.name} failed: {exc} (nothing after it was applied; "
+                    "mend the cause and run `ocpi-pipeline migrate` again, which runs this migration again from "
+                    "its first statement)") from exc
         try:
             client.insert(f"`{database}`.schema_migrations",
                           [[migration.version, migration.name, migration.checksum, datetime.now(UTC)]],

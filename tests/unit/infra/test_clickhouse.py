@@ -454,6 +454,32 @@ def test_a_released_migration_is_never_edited() -> None:
     assert {v: current.get(v) for v in released} == released
 
 
+def test_a_migration_failing_halfway_says_to_run_migrate_again_which_resumes_it(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DDL is not transactional: the statements before the failing one stay applied. The error named only the
+    # migration and the server's message, not that a rerun resumes (README "Upgrading": every statement is
+    # idempotent, so the migration is run again from its first statement).
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    every = available_migrations()
+    version = every[-1].version + 1
+    halfway = migrations.Migration(version, "halfway", "CREATE TABLE IF NOT EXISTS t1 (x UInt8) ENGINE = MergeTree "
+                                   "ORDER BY x;\nALTER TABLE t2 ADD COLUMN IF NOT EXISTS y UInt8;\n")
+    after = migrations.Migration(version + 1, "after", "CREATE TABLE IF NOT EXISTS t3 (x UInt8) ENGINE = MergeTree "
+                                 "ORDER BY x;\n")
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [*every, halfway, after])
+    with pytest.raises(migrations.MigrationError) as failed:
+        migrate(client, database)
+    message = str(failed.value)
+    assert f"{version:04d}_halfway" in message
+    assert "ocpi-pipeline migrate" in message and "again" in message, message
+    assert version not in migrations.applied_migrations(client, database)
+    client.command(f"CREATE TABLE `{database}`.t2 (x UInt8) ENGINE = MergeTree ORDER BY x")  # the cause mended
+    assert [m.version for m in migrate(client, database)] == [version, version + 1]
+    assert migrate(client, database) == []
+    client.command(f"DROP DATABASE {database}")
+
+
 def _schema(client: Client, database: str) -> dict[str, str]:
     names = client.query(f"SELECT name FROM system.tables WHERE database = '{database}'").result_rows
     return {name: client.query(f"SHOW CREATE TABLE `{database}`.`{name}`").result_rows[0][0]
