@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from infra.clickhouse.client import ClickHouseUnavailable, connect_for
+from infra.clickhouse.migrations import MigrationError
 from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
 from infra.settings import Settings, load_settings
 from pipeline.cli.errors import kafka_failed, seconds
@@ -36,7 +37,7 @@ def _run(coro: Coroutine[Any, Any, T], resume_hint: str, bootstrap: str) -> T:
     except KeyboardInterrupt:
         click.echo(f"interrupted: {resume_hint}", err=True)
         sys.exit(130)
-    except (JobError, KafkaNotConfigured, ClickHouseUnavailable, TimeoutError) as exc:
+    except (JobError, KafkaNotConfigured, ClickHouseUnavailable, MigrationError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
     except (aiokafka.errors.KafkaError, kafka.errors.KafkaError) as exc:  # the broker down, unreachable, refusing
         raise kafka_failed(bootstrap, exc, resume_hint) from None

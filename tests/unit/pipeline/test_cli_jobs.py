@@ -226,3 +226,21 @@ def test_a_pull_splay_without_a_schedule_is_refused(tmp_path: Path, monkeypatch:
                                 env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
     assert result.exit_code == 2, (result.output, result.exception)
     assert "--splay" in result.output and "--schedule" in result.output
+
+
+def test_a_rebuild_whose_migration_fails_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replay --rebuild` migrates its fresh database: a migration ClickHouse refused there (a user without the
+    CREATE DATABASE grant) ended in a MigrationError traceback."""
+    import pipeline.jobs.rebuild
+    from infra.clickhouse.migrations import MigrationError
+
+    async def rebuild(*_args: Any, **_kwargs: Any) -> Any:
+        raise MigrationError("cannot read or create the migration ledger `ocpi_rebuild_1`.schema_migrations: "
+                             "Code: 497. ACCESS_DENIED")
+
+    monkeypatch.setattr(pipeline.jobs.rebuild, "rebuild", rebuild)
+    result = CliRunner().invoke(cli, ["replay", "--rebuild"],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.output.strip().splitlines()[-1].startswith("Error: cannot read or create the migration ledger")
