@@ -24,8 +24,9 @@ Relaxations
     needs an integer text. Trade-off: none for the value; hides a type bug of the partner.
 `DATETIME_OFFSET`
     A DateTime with an RFC 3339 numeric offset (`2019-06-24T14:39:09+02:00`, also `+00:00`) is converted to
-    UTC and written with `Z`. Trade-off: exact, but the spec says offsets are not UTC, so a partner sending
-    them may also have other time-zone bugs (e.g. local time labelled `+00:00`).
+    UTC and written with `Z` (without it for a fraction of five digits, which only that form of 25 characters
+    holds: `…14:39:09.12345+02:00` becomes `…12:39:09.12345`). Trade-off: exact, but the spec says offsets are
+    not UTC, so a partner sending them may also have other time-zone bugs (e.g. local time labelled `+00:00`).
 `DATETIME_EXCESS_PRECISION`
     A DateTime with more fractional digits than fit 25 characters (e.g. .NET's 7 digits) is truncated to
     the digits that fit (4 with `Z`, 5 without). Trade-off: loses < 100 µs.

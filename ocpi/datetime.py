@@ -121,7 +121,8 @@ def offset_to_utc(value: str) -> str | None:
     """`2019-06-24T14:39:09.5+02:00` → `2019-06-24T12:39:09.5Z`; None when there is no offset to convert.
 
     The fraction is carried over as text, unchanged: RFC 3339 offsets are whole minutes, and a fraction
-    that is too long stays a separate problem (and a separate relaxation).
+    that is too long stays a separate problem (and a separate relaxation). A fraction of five digits is written
+    without `Z` (UTC all the same), the only form of 25 characters that holds it.
     """
     match = _LENIENT.fullmatch(value)
     if match is None or match[3] is None or match[3] == "Z":
@@ -136,7 +137,8 @@ def offset_to_utc(value: str) -> str | None:
     except (ValueError, OverflowError):
         return None
     fraction = f".{match[2]}" if match[2] is not None else ""
-    return utc.strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z" if utc.year >= 1000 else None
+    zone = "" if len(fraction) == 6 else "Z"  # a dot and five digits fit 25 characters only without `Z`
+    return utc.strftime("%Y-%m-%dT%H:%M:%S") + fraction + zone if utc.year >= 1000 else None
 
 
 def truncate_fraction(value: str) -> str | None:

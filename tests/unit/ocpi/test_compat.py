@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ocpi import STRICT, CompatProfile, Decoded, Relaxation, compat, decode
+from ocpi import STRICT, CompatProfile, Decoded, Relaxation, compat, content_hash, decode
 from ocpi.model import CDR, EVSE, CdrLocation, Connector, Location, Session, SessionPatch, SignedValue
 
 from .samples import minimal
@@ -314,3 +314,22 @@ def test_excess_decimals_says_how_far_it_may_move_a_value() -> None:
     row = next(line for line in docs.splitlines() if line.startswith("| `EXCESS_DECIMALS` |"))
     for text in (row, compat.__doc__ or ""):
         assert "at most 0.00005" in text and "< 0.00005" not in text
+
+
+def test_an_offset_datetime_with_five_fraction_digits_is_converted_exactly() -> None:
+    """A valid UTC DateTime holds five fraction digits only without `Z` (25 characters). DATETIME_OFFSET wrote every
+    converted value with `Z`, so `…09.12345+02:00` became 26 characters: refused (2001) under DATETIME_OFFSET alone,
+    and cut to four digits under DATETIME_EXCESS_PRECISION, hashing unlike the same time sent strictly."""
+    body = b'{"end_date_time": "%s", "last_updated": "2019-06-24T14:39:09Z"}'
+    strict = decode(body % b"2019-06-24T12:39:09.12345", SessionPatch)
+    for names in ("DATETIME_OFFSET", "DATETIME_OFFSET,DATETIME_EXCESS_PRECISION"):
+        relaxed = decode(body % b"2019-06-24T14:39:09.12345+02:00", SessionPatch,
+                         profile=CompatProfile.from_names(names))
+        assert relaxed.value.end_date_time == datetime(2019, 6, 24, 12, 39, 9, 123450, tzinfo=UTC)
+        assert relaxed.relaxations == ("DATETIME_OFFSET:$.end_date_time",)
+        assert content_hash(relaxed.value) == content_hash(strict.value)
+    # Four digits or fewer keep their `Z`; more than five are a fraction too long (DATETIME_EXCESS_PRECISION).
+    assert compat.relax_datetime("2019-06-24T14:39:09.1234+02:00", {Relaxation.DATETIME_OFFSET}) == (
+        "2019-06-24T12:39:09.1234Z", [Relaxation.DATETIME_OFFSET])
+    both = {Relaxation.DATETIME_OFFSET, Relaxation.DATETIME_EXCESS_PRECISION}
+    assert compat.relax_datetime("2019-06-24T14:39:09.1234567+02:00", both)[0] == "2019-06-24T12:39:09.1234Z"
