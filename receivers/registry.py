@@ -408,8 +408,7 @@ class PartnerRegistry:
         A new id, or one that is unregistered or deleted (a fresh start; its roles are forgotten). `hub`: the
         operator agrees that it registers as a Hub.
         """
-        compat = list(compat)
-        CompatProfile.from_names(compat)  # fail early on an unknown relaxation
+        compat = list(CompatProfile.from_names(list(compat)).names)  # fails early on an unknown relaxation
         check_partner_id(partner_id)
         existing = self.get(partner_id)
         if existing is not None and existing.status not in (PartnerStatus.UNREGISTERED,
@@ -439,8 +438,7 @@ class PartnerRegistry:
     def register_direct(self, partner_id: str, name: str, roles: list[CredentialsRole], *,
                         compat: Iterable[str] = ()) -> tuple[Partner, str]:
         """Register a partner without a handshake (operator-provisioned); returns its token (kind C)."""
-        compat = list(compat)
-        CompatProfile.from_names(compat)
+        compat = list(CompatProfile.from_names(list(compat)).names)
         check_partner_id(partner_id)
         held = self.party_holder(roles, except_id=partner_id)
         if held is not None:

@@ -150,6 +150,21 @@ def test_tokens_retired_with_a_grace_do_not_pile_up_in_the_record(monkeypatch: p
     assert len(partner.inbound_tokens) <= 10
 
 
+def test_a_profile_is_stored_by_its_names_however_it_was_given(open_registry: Callable[[], PartnerRegistry]) -> None:
+    """`partners compat` stored the profile's names (upper-case, sorted, once each) while `invite` and an operator's
+    `register_direct` stored the names as typed: `partners show --format json` (the record) then listed
+    `datetime_offset` twice beside the text output's `DATETIME_OFFSET`, and a script comparing profiles saw two."""
+    registry = open_registry()
+    given = ["datetime_offset", " NULL_IN_LIST", "raw_token", "DATETIME_OFFSET"]
+    expected = ["RAW_TOKEN", "DATETIME_OFFSET", "NULL_IN_LIST"]
+    invited, _ = registry.invite("inv", "Invited", compat=given)
+    direct, _ = registry.register_direct("dir", "Direct", [role("FR", "DIR")], compat=given)
+    for partner in (invited, direct, registry.require("inv"), registry.require("dir")):
+        assert partner.compat == expected
+        assert record_json(partner)["compat"] == expected
+    assert registry.set_compat("inv", given).compat == expected
+
+
 def test_invite_rules(open_registry: Callable[[], PartnerRegistry]) -> None:
     registry = open_registry()
     _, token_a = registry.invite("cpo", "CPO", compat=["datetime_offset"])
