@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 from litestar import Request
@@ -19,7 +20,9 @@ from receivers.transport import ServerError, message_ids, routing_headers
 class RecordSink(Protocol):
     """Where records go: `infra.kafka.publisher.Publisher` in production, a fake in unit tests."""
 
-    async def publish(self, topic: str, key: bytes, value: bytes) -> None: ...
+    async def publish(self, topic: str, key: bytes, value: bytes, *, since: float | None = None) -> None:
+        """Raise PublishError unless the broker acknowledged the record within the send timeout of `since` (the
+        event loop's time when the event was stamped)."""
 
 
 class EventPublisher:
@@ -33,6 +36,10 @@ class EventPublisher:
                            key: ObjectKey, decoded: Decoded[Any], payload_type: str,
                            evse_uid: str | None = None, connector_id: str | None = None) -> dict[str, Any]:
         partner: Partner = request.state.partner
+        # The send timeout counts from the stamp (`received_at`), not from the send: the deadline sweeps decide a
+        # deadline the send timeout after it, counting on every event stamped before it being in Kafka by then,
+        # and hashing and encoding a large object between the two take a second.
+        stamped = asyncio.get_running_loop().time()
         request_id, correlation_id = message_ids(request.scope)
         routing = routing_headers(request.scope)
         event = build_event(
@@ -46,7 +53,7 @@ class EventPublisher:
             # Validation passed but the record does not fit the wire schema: our bug, never the partner's.
             raise ServerError(f"could not encode the event: {exc}") from exc
         try:
-            await self._sink.publish(self._kafka.topic_for(module), key.kafka_key(), record)
+            await self._sink.publish(self._kafka.topic_for(module), key.kafka_key(), record, since=stamped)
         except PublishError as exc:
             raise ServerError(f"not stored, please retry: {exc}") from exc
         return event

@@ -154,18 +154,22 @@ class Publisher:
                 raise PublishError(f"Kafka at {self._bootstrap} is not reachable")
         return producer
 
-    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+    async def publish(self, topic: str, key: bytes, value: bytes, *, since: float | None = None) -> None:
         """Send one record and wait for the broker's acknowledgement, or raise PublishError.
+
+        The send timeout counts from `since` (the event loop's `time()` when the record's event was stamped, its
+        `received_at`), else from now: the deadline sweeps' margin is the send timeout after that stamp, and the
+        encoding between stamp and send (about a second for a 4 MB Location) must count in it.
 
         Within the send timeout, a send refused with a retriable error (or Tansu's UnknownError, which it
         answers to the first produce after a restart while our metadata is stale) is sent again after a
         metadata refresh: the record was not acknowledged, so a second send is safe (at worst a duplicate).
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        deadline = (loop.time() if since is None else min(since, loop.time())) + self._timeout
         try:
             # A slot only within the send timeout: a record sent after it would be written after its 3000 answer.
-            await asyncio.wait_for(self._slots.acquire(), self._timeout)
+            await asyncio.wait_for(self._slots.acquire(), max(deadline - loop.time(), 0.001))
         except TimeoutError:
             raise PublishError(f"Kafka did not acknowledge the record on {topic}: no send slot free "
                                "within the send timeout") from None

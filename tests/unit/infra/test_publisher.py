@@ -105,3 +105,21 @@ async def test_a_producer_whose_partition_sequence_broke_is_replaced_not_used_fo
     assert GappedProducer.events == ["start 0", "stop 0", "start 1"]
     await publisher.stop()
     assert GappedProducer.events[-1] == "stop 1"
+
+
+async def test_the_send_timeout_counts_from_the_stamp_given() -> None:
+    """`since` (when the event was stamped): a record whose send timeout has passed by the time it would be sent
+    is not sent, and one sent later waits only for the rest of it."""
+    kafka = load_settings({"OCPI_KAFKA_BOOTSTRAP": "kafka:9092", "OCPI_KAFKA_SEND_TIMEOUT": "0.4"}).kafka
+    publisher = Publisher(kafka, kafka.bootstrap)
+    broker = SlowBroker()
+    publisher._producer = broker  # type: ignore[assignment]
+    loop = asyncio.get_running_loop()
+    with pytest.raises(PublishError):
+        await publisher.publish("t", b"k", b"late", since=loop.time() - 0.5)
+    assert broker.sent == []
+    started = loop.time()
+    with pytest.raises(PublishError):
+        await publisher.publish("t", b"k", b"rest", since=started - 0.3)
+    assert broker.sent == [b"rest"]
+    assert loop.time() - started < 0.3

@@ -39,7 +39,7 @@ class FakeSink:
     def __init__(self) -> None:
         self.records: list[tuple[str, bytes, bytes]] = []
 
-    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+    async def publish(self, topic: str, key: bytes, value: bytes, *, since: float | None = None) -> None:
         self.records.append((topic, key, value))
 
 

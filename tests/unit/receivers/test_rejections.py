@@ -31,7 +31,7 @@ class FailingSink:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+    async def publish(self, topic: str, key: bytes, value: bytes, *, since: float | None = None) -> None:
         self.calls += 1
         await asyncio.sleep(0.3)
         raise RuntimeError("broker down")
