@@ -175,9 +175,9 @@ class Publisher:
                                "within the send timeout") from None
         try:
             producer = await self._ensure_started()
-            if loop.time() >= deadline:
-                raise PublishError(f"Kafka did not acknowledge the record on {topic}: no send slot free "
-                                   "within the send timeout")
+            if loop.time() >= deadline:  # the producer's start, or the event's encoding, took it
+                raise PublishError(f"Kafka did not acknowledge the record on {topic}: the send timeout passed "
+                                   "before it could be sent")
             for attempt in range(1, _ATTEMPTS + 1):
                 try:
                     await asyncio.wait_for(producer.send_and_wait(topic, value=value, key=key),

@@ -115,7 +115,7 @@ async def test_the_send_timeout_counts_from_the_stamp_given() -> None:
     broker = SlowBroker()
     publisher._producer = broker  # type: ignore[assignment]
     loop = asyncio.get_running_loop()
-    with pytest.raises(PublishError):
+    with pytest.raises(PublishError, match="the send timeout passed before it could be sent"):
         await publisher.publish("t", b"k", b"late", since=loop.time() - 0.5)
     assert broker.sent == []
     started = loop.time()
