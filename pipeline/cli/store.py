@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import click
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -45,6 +46,8 @@ def migrate() -> None:
         applied = apply_migrations(client, settings.clickhouse.database)
     except (ClickHouseUnavailable, MigrationError) as exc:
         raise click.ClickException(str(exc)) from None
+    except ClickHouseError as exc:  # it answered, then refused (a read-only user, no CREATE grant) or went away
+        raise click.ClickException(f"ClickHouse at {redact_dsn(dsn)} failed: {' '.join(str(exc).split())}") from None
     total = len(available_migrations())
     if applied:
         for m in applied:

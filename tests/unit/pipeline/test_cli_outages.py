@@ -361,3 +361,19 @@ def test_migrate_on_a_server_refusing_its_ledger_says_so_in_one_line(tmp_path: P
     monkeypatch.setattr(pipeline.cli.store, "connect", lambda *_a, **_k: client)
     result = invoke(["migrate"], {"OCPI_CLICKHOUSE_DSN": "http://127.0.0.1:8123", "OCPI_DATA_DIR": str(tmp_path)})
     assert_one_line_error(result, "schema_migrations", "ACCESS_DENIED")
+
+
+@pytest.mark.clickhouse
+def test_migrate_as_a_user_that_may_not_create_says_so(chdb_dsn: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`migrate` answered only a ClickHouse that did not answer at connect in one line: one that answered and then
+    refused (a read-only user or one without the CREATE grant, a server restarted after the connect) ended in a
+    DatabaseError traceback from its first statement."""
+    import pipeline.cli.store
+    from infra.clickhouse.client import connect
+
+    # A read-only server user: the connect succeeds, CREATE DATABASE is refused.
+    monkeypatch.setattr(pipeline.cli.store, "connect", lambda dsn, **kw: connect(dsn, readonly=True, **kw))
+    result = invoke(["migrate"], {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": unique("ro"),
+                                  "OCPI_KAFKA_BOOTSTRAP": "", "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, "readonly")
