@@ -126,6 +126,17 @@ def several_statements(client: Client, sql: str) -> bool:
     return False
 
 
+def kills(client: Client, sql: str) -> bool:
+    """Whether `sql` is a KILL (QUERY, MUTATION), by ClickHouse's own parser (comments, case and line breaks aside).
+    `readonly=1` lets a connection kill the queries of its own user, and every connection to a `dev` shim is the one
+    user `default`: a read-only KILL QUERY there cancels the worker's inserts and the receivers' reads."""
+    try:
+        normalised = client.query("SELECT formatQuery(%(sql)s)", parameters={"sql": sql}).result_rows[0][0]
+    except Exception:  # a syntax error (or several statements) is the query's to report when it runs
+        return False
+    return re.match(r"KILL\b", str(normalised), re.IGNORECASE) is not None
+
+
 def redact_dsn(dsn: str) -> str:
     """`dsn` with its password shown as ****."""
     parsed = urlparse(dsn)

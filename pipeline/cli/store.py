@@ -23,6 +23,7 @@ from infra.clickhouse.client import (
     connect,
     connect_for,
     effective_dsn,
+    kills,
     names_outfile,
     redact_dsn,
     select,
@@ -124,7 +125,7 @@ def query(sql: str, fmt: str) -> None:
 
     Works against a ClickHouse server, and against the embedded store while `dev` or `demo` holds it
     (through that instance's admin endpoint, found in the run file). Writes are refused, and so is more than one
-    statement.
+    statement, and KILL (a read-only connection may cancel its user's queries: while `dev` runs, the worker's).
 
     Billing totals come from `billable_lines` (one line per CDR, a credit CDR's negated; a second credit of a
     CDR, DUPLICATE_CREDIT, and a credit of a credit CDR, CREDIT_OF_CREDIT, left out), not from sums over
@@ -140,6 +141,8 @@ def query(sql: str, fmt: str) -> None:
         client = connect_for(settings, readonly=True)
         if several_statements(client, sql):  # chDB would run them all and mix their rows into one result
             raise click.ClickException("`query` runs one statement; this holds several: run them one at a time")
+        if kills(client, sql):  # readonly lets it cancel its user's queries: under `dev`, the worker's inserts
+            raise click.ClickException("KILL cancels running queries: `query` runs read-only queries")
         columns, rows = select(client, sql)
     except click.ClickException:
         raise

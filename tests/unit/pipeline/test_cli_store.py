@@ -256,3 +256,21 @@ def test_an_empty_filter_is_refused_not_taken_for_none(command: list[str], tmp_p
     result = CliRunner().invoke(cli, command, env={"OCPI_DATA_DIR": str(tmp_path)})
     assert result.exit_code == 2, (result.output, result.exception)
     assert "empty" in result.output
+
+
+def test_query_refuses_kill(chdb_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`readonly=1` lets a connection KILL the queries of its own user, and every connection to a `dev` shim is the
+    user `default`: `query "KILL QUERY WHERE 1"` while `dev` ran cancelled the worker's inserts and the receivers'
+    reads (measured through the shim: QUERY_WAS_CANCELLED). A read-only command refuses it, in any spelling."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    for name, value in {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": "default",
+                        "OCPI_DATA_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    for sql in ("KILL QUERY WHERE 1", "/* c */ kill\nquery WHERE query_id = 'x' SYNC", "KILL MUTATION WHERE 1"):
+        result = CliRunner().invoke(cli, ["query", sql])
+        assert result.exit_code == 1 and "KILL" in result.output.splitlines()[-1], result.output
+    result = CliRunner().invoke(cli, ["query", "--format", "json", "SELECT 'KILL QUERY' AS a"])
+    assert result.exit_code == 0 and json.loads(result.output) == [{"a": "KILL QUERY"}], result.output
