@@ -171,13 +171,18 @@ def select(client: Client, sql: str, parameters: dict[str, Any] | None = None,
     ClickHouse sends an empty result without its header (HTTP in the Native format, as from a server or the
     shim, and chDB), so clickhouse-connect has no column names for it; they come from `DESCRIBE` of the query
     then. A statement DESCRIBE does not take (SHOW, a FORMAT clause) keeps none. The query goes into DESCRIBE with
-    its own last line ended: a `-- comment` there would otherwise comment out the closing parenthesis."""
+    its own last line ended: a `-- comment` there would otherwise comment out the closing parenthesis. A statement
+    without a result set (USE) has neither columns nor rows."""
     result = client.query(sql, parameters=parameters)
     columns, rows = list(result.column_names), list(result.result_rows)
     if not columns and not rows:
         with contextlib.suppress(Exception):  # only the header is at stake: the query itself has run
             described = client.query(f"DESCRIBE TABLE ({sql.strip().rstrip(';')}\n)", parameters=parameters)
             columns = [str(row[0]) for row in described.result_rows]
+    if not columns:
+        # No result set (USE, a SYSTEM statement): over HTTP clickhouse-connect reads the empty answer as one row of
+        # one empty string, without a column. Rows have columns, so there is no row.
+        rows = []
     return columns, rows
 
 

@@ -274,3 +274,31 @@ def test_query_refuses_kill(chdb_dsn: str, tmp_path: Path, monkeypatch: pytest.M
         assert result.exit_code == 1 and "KILL" in result.output.splitlines()[-1], result.output
     result = CliRunner().invoke(cli, ["query", "--format", "json", "SELECT 'KILL QUERY' AS a"])
     assert result.exit_code == 0 and json.loads(result.output) == [{"a": "KILL QUERY"}], result.output
+
+
+async def test_a_statement_without_a_result_prints_no_rows_through_the_shim(chdb_dsn: str, tmp_path: Path) -> None:
+    """A statement that returns no result set (`USE ocpi`, a SYSTEM statement readonly lets pass as a no-op), asked
+    over HTTP (a `dev` shim), came back as one row of one empty string without any column: `query --format json`
+    ended in a ValueError traceback (zip() argument 2 is longer than argument 1), table and CSV printed a phantom
+    row. No columns is no result: nothing to print, in every format."""
+    import asyncio
+
+    from click.testing import CliRunner
+
+    from infra.clickhouse.client import chdb_path
+    from infra.clickhouse.shim import ChdbEngine, ClickHouseShim
+    from pipeline.cli import cli
+
+    connect(chdb_dsn)  # this process holds the engine, as `dev` does
+    shim = await ClickHouseShim(ChdbEngine(chdb_path(chdb_dsn)), "s3cret").start()
+    env = {"OCPI_CLICKHOUSE_DSN": shim.dsn, "OCPI_CLICKHOUSE_DATABASE": "default", "OCPI_DATA_DIR": str(tmp_path)}
+    try:
+        results = {fmt: await asyncio.to_thread(CliRunner().invoke, cli, ["query", "--format", fmt, "USE default"],
+                                                env=env)
+                   for fmt in ("json", "csv", "table")}
+    finally:
+        await shim.stop()
+    for fmt, result in results.items():
+        assert result.exit_code == 0, (fmt, result.output, result.exception)
+    assert json.loads(results["json"].output) == []
+    assert results["csv"].output.strip() == ""
