@@ -372,20 +372,29 @@ def test_a_database_migrated_with_0016_as_first_released_upgrades(chdb_dsn: str,
     # The comment added to 0016 after its release changed the file's checksum: `migrate` (and `dev`, `partners`)
     # refused every database migrated before, naming 0016 as "changed after it was applied", and applied nothing
     # after it (0017-0021), so the new code ran against a schema it does not fit.
-    client = connect(chdb_dsn)
-    database = unique("mig")
     every = available_migrations()
     [current] = [m for m in every if m.version == 16]
     released = migrations.Migration(16, current.name, current.sql.replace(_ADDED_COMMENT, ""))
     assert released.checksum == _RELEASED_0016
     assert released.statements() == current.statements()
+    assert upgraded_over(chdb_dsn, monkeypatch, released) == [m.version for m in every if m.version > 16]
+
+
+def upgraded_over(chdb_dsn: str, monkeypatch: pytest.MonkeyPatch, older: migrations.Migration) -> list[int]:
+    """Migrate a fresh database with `older` (a form of one migration some databases recorded) and the migrations
+    before it, then with today's files: the versions applied then (a third run applies none)."""
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    every = available_migrations()
     monkeypatch.setattr(migrations, "available_migrations",
-                        lambda: [released if m.version == 16 else m for m in every if m.version <= 16])
+                        lambda: [older if m.version == older.version else m for m in every
+                                 if m.version <= older.version])
     migrate(client, database)
     monkeypatch.undo()
-    assert [m.version for m in migrate(client, database)] == [m.version for m in every if m.version > 16]
+    applied = [m.version for m in migrate(client, database)]
     assert migrate(client, database) == []
     client.command(f"DROP DATABASE {database}")
+    return applied
 
 
 # 0025 as its first commit (f5afa49) wrote it, before its comment was reworded (5c3a37f): the checksum databases
@@ -404,20 +413,13 @@ def test_a_database_migrated_with_0025_as_first_committed_upgrades(chdb_dsn: str
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # 0025's comment was reworded one commit after it was added: `migrate`, `dev` and `partners` refused every
     # database migrated in between, naming 0025 as "changed after it was applied", though its statement is the same.
-    client = connect(chdb_dsn)
-    database = unique("mig")
     every = available_migrations()
     [current] = [m for m in every if m.version == 25]
     rest = current.sql[current.sql.index("-- (receivers.registry.PartnerRegistry.claim)"):]
     first = migrations.Migration(25, current.name, _FIRST_0025_COMMENT + rest)
     assert first.checksum == _FIRST_0025
     assert first.statements() == current.statements()
-    monkeypatch.setattr(migrations, "available_migrations",
-                        lambda: [first if m.version == 25 else m for m in every])
-    migrate(client, database)
-    monkeypatch.undo()
-    assert migrate(client, database) == []
-    client.command(f"DROP DATABASE {database}")
+    assert upgraded_over(chdb_dsn, monkeypatch, first) == [m.version for m in every if m.version > 25]
 
 
 def test_a_released_migration_is_never_edited() -> None:
