@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlparse
 
+from ocpi.model import CDR, max_length
+
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed; the message names the environment variable."""
@@ -150,7 +152,8 @@ def _parse_http_url(env: str, raw: str) -> str:
 # CiString of at most 2, 3 and 39 characters (a credit CDR's id) percent-encoded, so up to 3 characters each.
 URL_MAX_LENGTH: Final = 255
 ENDPOINT_PATH_MAX_LENGTH: Final = len("/ocpi/emsp/2.2.1/locations")
-CDR_PATH_MAX_LENGTH: Final = len("/ocpi/emsp/2.2.1/cdrs") + 3 + 3 * (2 + 3 + 39)
+CDR_PATH_MAX_LENGTH: Final = len("/ocpi/emsp/2.2.1/cdrs") + 3 + 3 * sum(
+    max_length(CDR, field) for field in ("country_code", "party_id", "id"))
 BASE_URL_MAX_LENGTH: Final = URL_MAX_LENGTH - max(ENDPOINT_PATH_MAX_LENGTH, CDR_PATH_MAX_LENGTH)
 
 

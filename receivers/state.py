@@ -29,6 +29,7 @@ from litestar.di import NamedDependency
 from infra.clickhouse.client import connect, effective_dsn
 from infra.settings import Settings
 from ocpi.identity import ObjectKey, ci_equal
+from ocpi.model import CDR, Location, Session, max_length
 from receivers.transport import ServerError
 
 # How long a GET waits for a ClickHouse server, to connect and for its answer: the client library's default is
@@ -41,9 +42,10 @@ _ID_COLUMNS: Final = {"locations": "location_id", "sessions": "session_id", "cdr
 # table → the longest id it can hold: CiString(36), a (credit) CDR's CiString(39); and the owner's CiString(2)/(3).
 # A longer one is nobody's, and is not sent to ClickHouse: it went into the query's URL, which the embedded store's
 # shim refuses from 8 kB on, so such a GET was answered 3000 ("please retry") for an object that cannot exist.
-_ID_MAX: Final = {"locations": 36, "sessions": 36, "cdrs": 39}
-_COUNTRY_CODE_MAX: Final = 2
-_PARTY_ID_MAX: Final = 3
+_ID_MAX: Final = {"locations": max_length(Location, "id"), "sessions": max_length(Session, "id"),
+                  "cdrs": max_length(CDR, "id")}
+_COUNTRY_CODE_MAX: Final = max_length(Location, "country_code")
+_PARTY_ID_MAX: Final = max_length(Location, "party_id")
 
 
 class _Evse(msgspec.Struct):

@@ -12,6 +12,7 @@ import msgspec.inspect as mi
 import pytest
 
 from ocpi import _generated, _validate
+from ocpi.model import max_length
 from ocpi.types import CI_STRING_PATTERN, STRING_PATTERN, DateTime, Number, Percentage
 
 from .support import REPO, SPEC_FILE, spec
@@ -186,11 +187,16 @@ def test_patch_variants_share_constraints() -> None:
         assert all(default is msgspec.UNSET for default in patch_cls.__struct_defaults__)
 
 
-def test_generator_reproduces_the_committed_module() -> None:
+def _gen_model() -> Any:
     loader = importlib.util.spec_from_file_location("gen_model", REPO / "tools" / "gen_model.py")
     assert loader is not None and loader.loader is not None
     gen_model = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(gen_model)
+    return gen_model
+
+
+def test_generator_reproduces_the_committed_module() -> None:
+    gen_model = _gen_model()
     rendered = gen_model.Generator(spec()).render()
     committed = (REPO / "ocpi" / "_generated.py").read_text(encoding="utf-8")
     assert rendered == committed, "ocpi/_generated.py is stale: run python tools/gen_model.py"
@@ -240,3 +246,19 @@ def test_only_objects_with_a_documented_default_write_their_defaults() -> None:
     for cls in keeping:
         held = {held for held in _structs_held_by(cls) if _keeps_defaults(held)}
         assert not held, f"{cls.__name__} holds {held}"
+
+
+def test_max_length_reads_the_spec_through_the_model() -> None:
+    """Checks elsewhere (the receivers' GET ids, the longest CDR URL we hand out) size themselves from `max_length`,
+    so it must give the objects file's number for every bounded string field, optional ones too."""
+    objects, errata = spec()["objects"], _gen_model().ERRATA_MAX_LENGTH
+    for name in ("CDR", "Session", "Location", "EVSE", "Connector", "Tariff"):
+        struct = _generated.OBJECTS[name]
+        for field in objects[name]["fields"]:
+            if field["kind"] == "primitive" and field["type"] in {"CiString", "string"} and not field["list"]:
+                expected = errata.get((name, field["name"]), field["max_length"])  # Location.address: 255
+                assert max_length(struct, field["name"]) == expected, (name, field["name"])
+    with pytest.raises(TypeError):
+        max_length(_generated.OBJECTS["CDR"], "charging_periods")
+    with pytest.raises(KeyError):
+        max_length(_generated.OBJECTS["CDR"], "no_such_field")
