@@ -83,11 +83,7 @@ def process_locations(view: TypedView[LocationState], key: str, records: list[Re
         state.seen_at = ordering.newest(state.seen_at, record.received_at)
         if seen_before(state, record, out):
             continue
-        for orphan in expire_parked(state, record, rules.park_ttl, out):
-            # One that waited for an EVSE or Connector of the stored Location: `replayed_orphan`, which dates the
-            # wait by the Location's first event or an event still parked, does not see it, and its copy would be
-            # applied now (its EVSE has come since): it is remembered as one ORPHANED at once is.
-            overflowed(state, orphan.event_id)
+        expire_parked(state, record, rules.park_ttl, out)
         handle(state, run, record, rules, out)
         remember(state, record.event.event_id)
     view.set(key, state)

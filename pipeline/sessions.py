@@ -46,10 +46,7 @@ def process_sessions(view: TypedView[SessionState], key: str, records: list[Reco
         state.seen_at = ordering.newest(state.seen_at, record.received_at)
         if seen_before(state, record, out):
             continue
-        for orphan in expire_parked(state, record, rules.park_ttl, out):
-            # Remembered as one ORPHANED at once is: `replayed_orphan` dates the wait by the PUT's receipt or an event
-            # still parked, and a PUT stamped before it landed (written late) leaves neither past this one's wait.
-            overflowed(state, orphan.event_id)
+        expire_parked(state, record, rules.park_ttl, out)
         check_idle(state, record, rules, out)
         handle(state, stored_session, record, rules, out)
         remember(state, record.event.event_id)

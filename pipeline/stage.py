@@ -174,8 +174,19 @@ class _Parking(Protocol):
     parked: list[Parked]
 
 
-def expire_parked(state: _Parking, record: Record, ttl: timedelta, out: StageOutput) -> list[Parked]:
-    """Parked events whose wait is over at `record`'s receive time (event time) become ORPHANED; returns them."""
+class _Overflowing(Protocol):
+    overflowed: list[str]
+
+
+class _ParkingOverflowing(_Parking, _Overflowing, Protocol):
+    pass
+
+
+def expire_parked(state: _ParkingOverflowing, record: Record, ttl: timedelta, out: StageOutput) -> None:
+    """Parked events whose wait is over at `record`'s receive time (event time) become ORPHANED, and are remembered as
+    one ORPHANED at once is (`overflowed`): `replayed_orphan` dates a wait by the object's first applied event or an
+    event still parked, and neither may be past this one's (a PUT stamped before it but written late; an EVSE of the
+    stored Location that came since), so its replayed copy would be applied."""
     waiting, expired = ordering.split_expired(state.parked, record.received_at, ttl)
     state.parked = waiting
     for parked in expired:
@@ -183,7 +194,7 @@ def expire_parked(state: _Parking, record: Record, ttl: timedelta, out: StageOut
         outcome_detail, anomaly_detail = orphan_details(orphan.event.module, ttl)
         out.outcome(orphan, Outcome.ORPHANED, outcome_detail)
         out.anomaly(Anomaly.ORPHAN_EVENT, orphan.event, anomaly_detail)
-    return expired
+        overflowed(state, parked.event_id)
 
 
 class _Created(_Parking, Protocol):
@@ -215,12 +226,9 @@ def replayed_before_parked(record: Record, state: _Parking, ttl: timedelta) -> b
     return any(deadline < parked.received_at for parked in state.parked)
 
 
-class _Overflowing(Protocol):
-    overflowed: list[str]
-
-
 def overflowed(state: _Overflowing, event_id: str) -> None:
-    """Keep `event_id`, ORPHANED at once by PARK_OVERFLOW, among the state's last RECENT_EVENT_IDS such events."""
+    """Keep `event_id`, ORPHANED at once by PARK_OVERFLOW or at the end of its wait (`expire_parked`), among the
+    state's last RECENT_EVENT_IDS such events."""
     state.overflowed = [*state.overflowed, event_id][-RECENT_EVENT_IDS:]
 
 
