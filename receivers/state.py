@@ -26,7 +26,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.httpclient import HttpClient
 from litestar.di import NamedDependency
 
-from infra.clickhouse.client import connect, effective_dsn
+from infra.clickhouse.client import connect_for
 from infra.settings import Settings
 from ocpi.identity import ObjectKey, ci_equal
 from ocpi.model import CDR, Location, Session, max_length
@@ -78,14 +78,7 @@ class StateReader:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> StateReader:
-        def open_client() -> Client:
-            dsn, password = effective_dsn(settings)  # a running instance's shim where one holds chDB
-            # chDB runs in this process: nothing to wait for.
-            timeouts = {} if dsn.startswith("chdb://") else {"connect_timeout": READ_TIMEOUT_S,
-                                                             "send_receive_timeout": READ_TIMEOUT_S}
-            return connect(dsn, database=settings.clickhouse.database, readonly=True, password=password, **timeouts)
-
-        return cls(open_client)
+        return cls(lambda: connect_for(settings, readonly=True, timeout_s=READ_TIMEOUT_S))
 
     def _client_for_query(self) -> Client:
         with self._opening:

@@ -158,10 +158,14 @@ def effective_dsn(settings: Settings) -> tuple[str, str | None]:
     return dsn, None
 
 
-def connect_for(settings: Settings, *, readonly: bool = False) -> Client:
-    """The client for the configured store, through a running instance's shim where one holds chDB."""
+def connect_for(settings: Settings, *, readonly: bool = False, timeout_s: float | None = None) -> Client:
+    """The client for the configured store, through a running instance's shim where one holds chDB. `timeout_s`, for
+    a server or a shim, bounds the wait to connect and for each answer (the client library's default is 300 s); chDB
+    runs in this process, with nothing to wait for."""
     dsn, password = effective_dsn(settings)
-    return connect(dsn, database=settings.clickhouse.database, readonly=readonly, password=password)
+    timeouts = {} if timeout_s is None or dsn.startswith("chdb://") else {
+        "connect_timeout": timeout_s, "send_receive_timeout": timeout_s}
+    return connect(dsn, database=settings.clickhouse.database, readonly=readonly, password=password, **timeouts)
 
 
 def select(client: Client, sql: str, parameters: dict[str, Any] | None = None,
