@@ -68,7 +68,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import faust
 import msgspec
@@ -268,12 +268,6 @@ def _partition_items(table: TableT[Any, Any], partition: int) -> Iterator[tuple[
     return store._visible_items(store._dbs[partition])
 
 
-def _generation(table: TableT[Any, Any]) -> int | None:
-    """The consumer group generation of `table`'s app now (`delivery.group_generation`)."""
-    app: Any = table.app
-    return group_generation(app)
-
-
 def _is_active(table: TableT[Any, Any], partition: int) -> bool:
     """Whether this worker serves `partition` of `table` as its active (not standby) owner."""
     return TP(table.changelog_topic.get_topic_name(), partition) in table.app.assignor.assigned_actives()
@@ -341,9 +335,10 @@ class StateRetention:
         assigned = [(tp.topic, tp.partition) for tp in app.consumer.assignment()]
         return await self.backlog.caught_up(assigned, self.context.progress.done)
 
-    async def run(self, now: datetime, generation: int | None = None) -> dict[str, PassCounts]:
-        """One pass at `now`, in consumer group `generation` (by default the current one); returns what it did per
-        table. It writes nothing once the group has moved on from that generation (`serves`)."""
+    async def run(self, now: datetime, generation: int | None) -> dict[str, PassCounts]:
+        """One pass at `now`, in consumer group `generation` (`delivery.group_generation` when the pass was decided
+        on); returns what it did per table. It writes nothing once the group has moved on from that generation
+        (`serves`)."""
         from pipeline.agents import write_to_the_end  # the agents import this module (sessions: keep_fact_token)
 
         retention = self.context.settings.retention
@@ -351,8 +346,6 @@ class StateRetention:
         expiry = billing_cutoff(now, retention.billing_years)
         counts = {target.name: PassCounts() for target in self.targets}
         for target in self.targets:
-            if generation is None:
-                generation = _generation(target.table.table)  # the worker's app's (every table's)
             for partition, items in _local_partitions(target.table.table):
                 anchor = PartitionAnchor(target.topic, partition)
                 survey = await self.survey(target, partition, anchor, generation)
@@ -375,7 +368,7 @@ class StateRetention:
                     await asyncio.sleep(0)  # the agents' batches go on between chunks
         return counts
 
-    async def survey(self, target: StateTarget, partition: int, anchor: PartitionAnchor, generation: int | None = None,
+    async def survey(self, target: StateTarget, partition: int, anchor: PartitionAnchor, generation: int | None,
                      ) -> Survey | None:
         """A plan's survey of one partition (empty for tables whose entries expire on their own). Its own snapshot,
         read a chunk at a time without the lock: it gathers references, which `decide` follows on current values.
@@ -394,7 +387,7 @@ class StateRetention:
                     return None
         return survey
 
-    def serves(self, target: StateTarget, partition: int, generation: int | None = None) -> bool:
+    def serves(self, target: StateTarget, partition: int, generation: int | None) -> bool:
         """Whether this worker still serves `partition` as its active owner, in the group generation the pass began
         in. The generation is the agents' fence (`agents.fence`): a member put out of the group (no fetch within
         `broker_max_poll_interval`, a heartbeat refused) has -1 there at once, while it still lists its partitions
@@ -402,7 +395,7 @@ class StateRetention:
         tombstone or rewritten value from this one's copy would land in the changelog after that owner's values."""
         table = target.table.table
         return (not table.app.rebalancing and _is_active(table, partition) and generation != -1
-                and _generation(table) == generation)
+                and group_generation(cast(Any, table.app)) == generation)
 
     def decide(self, target: StateTarget, anchor: PartitionAnchor, chunk: list[tuple[bytes, bytes]],
                cutoff: datetime, expiry: datetime, survey: Survey | None = None,

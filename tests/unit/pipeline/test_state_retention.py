@@ -18,6 +18,7 @@ from infra.kafka.admin import RECORD_MAX_BYTES
 from ocpi.model import Location, Session
 from pipeline import wire
 from pipeline.cdrs import process_cdrs
+from pipeline.delivery import group_generation
 from pipeline.facts import session_fact
 from pipeline.locations import process_locations
 from pipeline.ordering import OBJECT_MAX_BYTES
@@ -766,7 +767,7 @@ async def test_a_survey_lets_go_of_a_partition_revoked_meanwhile(tmp_path: Any, 
             gc.collect()
             reassigning.append(asyncio.ensure_future(reassign()))
 
-    await part.keeper(survey, lambda *args: ({}, 0)).run(datetime.now(UTC))
+    await run_pass(part.keeper(survey, lambda *args: ({}, 0)), part)
     await reassigning[0]
     assert reopened[-1] == "opened", reopened
     assert len(chunks) < 5  # the rest of a partition no longer served is not read
@@ -789,10 +790,10 @@ async def test_a_survey_cut_short_by_a_rebalance_is_not_decided_on(tmp_path: Any
         return {}, 0
 
     keeper = part.keeper(survey, changes)
-    await keeper.run(datetime.now(UTC))
+    await run_pass(keeper, part)
     assert decided == [0]  # stopped after its first chunk, nothing decided
     decided.clear()
-    await keeper.run(datetime.now(UTC))  # the next pass, no rebalance: the whole survey, then the decisions
+    await run_pass(keeper, part)  # the next pass, no rebalance: the whole survey, then the decisions
     assert decided == [0] * 5 + [10] * 5
 
 
@@ -817,6 +818,11 @@ def test_a_parked_event_of_a_schema_revision_this_worker_does_not_know_does_not_
 
 
 # --- a worker the group has put out (or moved on from) while the pass runs ----------------------------------------
+
+
+async def run_pass(keeper: StateRetention, part: Any) -> None:
+    """A pass now, in the group generation the worker's consumer holds now, as `StateRetention.tick` runs one."""
+    await keeper.run(datetime.now(UTC), group_generation(cast(Any, part.app)))
 
 
 class _Coordinator:
@@ -858,7 +864,7 @@ async def test_a_pass_writes_nothing_once_the_group_has_moved_on_from_this_worke
     part = _RocksPartition(tmp_path, monkeypatch, entries=30)
     coordinator = _Coordinator(5)
     keeper, written = _fenced_keeper(part, coordinator)
-    await keeper.run(datetime.now(UTC))
+    await run_pass(keeper, part)
     assert len(written) == 3  # the same generation throughout: every chunk decided and written
 
     part = _RocksPartition(tmp_path / "left", monkeypatch, entries=30)
@@ -868,18 +874,18 @@ async def test_a_pass_writes_nothing_once_the_group_has_moved_on_from_this_worke
         coordinator.generation = -1
 
     keeper, written = _fenced_keeper(part, coordinator, leave)
-    await keeper.run(datetime.now(UTC))
+    await run_pass(keeper, part)
     assert written == []
 
     part = _RocksPartition(tmp_path / "moved", monkeypatch, entries=30)
     coordinator = _Coordinator(5)
     keeper, written = _fenced_keeper(part, coordinator, lambda: setattr(coordinator, "generation", 6))
-    await keeper.run(datetime.now(UTC))
+    await run_pass(keeper, part)
     assert written == []
 
     part = _RocksPartition(tmp_path / "out", monkeypatch, entries=30)
     keeper, written = _fenced_keeper(part, _Coordinator(-1))  # out of the group from the start
-    await keeper.run(datetime.now(UTC))
+    await run_pass(keeper, part)
     assert written == []
 
 
