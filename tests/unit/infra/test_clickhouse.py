@@ -451,6 +451,7 @@ def test_a_released_migration_is_never_edited() -> None:
         23: "b9d6b93927a6e5e9f2db34d8d8cab554ba021fd2b39ec33f66749fd0d62b3c39",
         24: "47c62276dcc7c8dc312abdbec4dfb86c2f9c9739eccd8f5b8fa7350090fc2915",
         25: "b9deba87ced98d62e7954054cd76fa42298a787c64a26afe0a7f11eac2441217",
+        26: "09e9157093d683b380f980d592c7f128cbe193825ac9be5b5f09cc2aa1cf33f8",
     }
     current = {m.version: m.checksum for m in available_migrations()}
     assert {v: current.get(v) for v in released} == released
