@@ -10,7 +10,7 @@ from typing import Any, Final
 from ocpi.canonical import ci_spec, content_hash
 from ocpi.model import Session
 from pipeline import lifecycle, ordering, projection, wire
-from pipeline.dedup import fingerprint, identity, is_duplicate
+from pipeline.dedup import fingerprint, identity, is_duplicate, touches_only
 from pipeline.facts import relevant_change, session_fact
 from pipeline.lifecycle import Transition
 from pipeline.records import Anomaly, Outcome, Record
@@ -87,7 +87,7 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         return
     last_updated = event.payload["last_updated"]
     out.flag_future(record, last_updated, rules)
-    if is_duplicate(state.last_identity, state.last_hash, event):
+    if is_duplicate(state.last_identity, state.last_hash, event) or touches_only(event):
         # No new version; but the CPO confirmed this content at `last_updated` (see ordering: stale).
         state.confirmed = ordering.newest(state.confirmed, last_updated)
         out.outcome(record, Outcome.DUPLICATE)

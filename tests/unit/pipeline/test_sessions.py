@@ -420,38 +420,30 @@ def test_a_duplicate_does_not_restart_the_idle_clock() -> None:
     assert anomaly[ANOMALY_COLUMNS.index("observed_at")] == ts(60)
 
 
-def test_a_patch_of_last_updated_alone_is_applied_and_restarts_the_idle_clock() -> None:
-    # README, "session lifecycle": unlike a DUPLICATE, a PATCH that sets only last_updated is applied to an open
-    # session (a new version, dedup compares with the last applied event only), so the clock runs from it.
+def test_a_patch_of_last_updated_alone_is_a_duplicate_and_does_not_restart_the_idle_clock() -> None:
+    # A PATCH that sets only last_updated is a bumped last_updated with no change (README, "duplicate"): it was
+    # applied to an open Session as a new version (dedup compared it with the last applied event, a PUT), unlike the
+    # same content re-PUT, and restarted the idle clock; its repeats were DUPLICATEs of it. Now none makes a version.
     h = harness(idle_min=60)
-    h.run(event("Session", session(status="ACTIVE", kwh="5"), received=0))
-    touch = event("SessionPatch", {"last_updated": iso(ts(50))}, object_id="S1", received=50)
-    out = h.run(touch)
-    assert outcomes(out) == [(touch.event_id, "APPLIED")] and len(rows(out.batch, "sessions")) == 1
-    out = h.run(event("Session", session(status="ACTIVE", kwh="6", updated=90), received=90))
-    assert kinds(out) == []
-
-
-def test_the_same_patch_of_last_updated_alone_again_is_a_duplicate_and_does_not_restart_the_idle_clock() -> None:
-    # README, "session lifecycle", said a PATCH of last_updated alone is applied and restarts the idle clock: only
-    # the first after another event is (dedup compares with the last applied event). Its repeat, a CPO's periodic
-    # sign of life, has the same content hash as that PATCH: a DUPLICATE, so the session is flagged all the same.
-    h = harness(idle_min=60)
-    h.run(event("Session", session(status="ACTIVE", kwh="5"), received=0))
-    touch = event("SessionPatch", {"last_updated": iso(ts(50))}, object_id="S1", received=50)
-    assert outcomes(h.run(touch)) == [(touch.event_id, "APPLIED")]
-    again = event("SessionPatch", {"last_updated": iso(ts(100))}, object_id="S1", received=100)
-    out = h.run(again)
-    assert outcomes(out) == [(again.event_id, "DUPLICATE")] and rows(out.batch, "sessions") == [] and kinds(out) == []
+    first = event("Session", session(status="ACTIVE", kwh="5"), received=0)
+    h.run(first)
+    for moment in (20, 40):
+        touch = event("SessionPatch", {"last_updated": iso(ts(moment))}, object_id="S1", received=moment)
+        out = h.run(touch)
+        assert outcomes(out) == [(touch.event_id, "DUPLICATE")] and rows(out.batch, "sessions") == []
+        assert kinds(out) == []
+    assert stored(h)["last_updated"] == iso(ts(0))
+    # It confirms the content at its last_updated: an older PUT arriving after it is stale, as after a duplicate.
+    late = h.run(event("Session", session(status="ACTIVE", kwh="6", updated=30), received=45))
+    assert outcomes(late)[0][1] == "STALE"
     out = h.run(event("SessionPatch", {"last_updated": iso(ts(150))}, object_id="S1", received=150))
     [anomaly] = rows(out.batch, "anomalies")
     assert anomaly[ANOMALY_COLUMNS.index("kind")] == "SESSION_IDLE"
-    assert anomaly[ANOMALY_COLUMNS.index("event_id")] == touch.event_id  # the clock ran from the first PATCH
-    assert anomaly[ANOMALY_COLUMNS.index("observed_at")] == ts(110)
+    assert anomaly[ANOMALY_COLUMNS.index("event_id")] == first.event_id  # the clock runs from the PUT
+    assert anomaly[ANOMALY_COLUMNS.index("observed_at")] == ts(60)
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     lifecycle = next(line for line in readme.splitlines() if line.startswith("| session lifecycle (#9) |"))
-    assert "a PATCH of `last_updated` alone is applied, a new version, and does restart it)" not in lifecycle
-    assert "the same PATCH again" in lifecycle
+    assert "a PATCH of `last_updated` alone is a `DUPLICATE`" in lifecycle
 
 
 def test_facts_follow_matching_keys_and_final_amounts_not_every_kwh_tick() -> None:
