@@ -73,6 +73,14 @@ def applied_migrations(client: Client, database: str) -> dict[int, tuple[str, st
     return {int(v): (n, c) for v, n, c in rows}
 
 
+def unknown_migrations(client: Client, database: str) -> list[str]:
+    """`NNNN_name` of each migration recorded in `database` that this release does not have: a newer release
+    applied it (the code running now was rolled back), or the database is another product's."""
+    known = {m.version for m in available_migrations()}
+    recorded = applied_migrations(client, database)
+    return [f"{version:04d}_{name}" for version, (name, _checksum) in sorted(recorded.items()) if version not in known]
+
+
 def migrate(client: Client, database: str) -> list[Migration]:
     """Apply every pending migration to `database`; returns those applied now."""
     try:

@@ -29,7 +29,7 @@ from infra.clickhouse.client import (
     select,
     several_statements,
 )
-from infra.clickhouse.migrations import MigrationError, available_migrations
+from infra.clickhouse.migrations import MigrationError, available_migrations, unknown_migrations
 from infra.clickhouse.migrations import migrate as apply_migrations
 from infra.settings import documented_settings, load_settings, mask, secret_variables
 
@@ -42,9 +42,11 @@ def migrate() -> None:
     """
     settings = load_settings()
     dsn, password = effective_dsn(settings)
+    database = settings.clickhouse.database
     try:
         client = connect(dsn, password=password)
-        applied = apply_migrations(client, settings.clickhouse.database)
+        applied = apply_migrations(client, database)
+        unknown = unknown_migrations(client, database)
     except (ClickHouseUnavailable, MigrationError) as exc:
         raise click.ClickException(str(exc)) from None
     except ClickHouseError as exc:  # it answered, then refused (a read-only user, no CREATE grant) or went away
@@ -53,7 +55,13 @@ def migrate() -> None:
     if applied:
         for m in applied:
             click.echo(f"applied {m.version:04d}_{m.name}")
-    click.echo(f"schema up to date ({total} migrations) in database {settings.clickhouse.database}")
+    if unknown:
+        # A rollback must not fail here (migrations only add), but the operator must know the schema is ahead.
+        click.echo(f"schema has every one of this release's {total} migrations in database {database}, and "
+                   f"{len(unknown)} this release does not know ({', '.join(unknown)}): a newer release applied "
+                   "them; nothing was undone")
+    else:
+        click.echo(f"schema up to date ({total} migrations) in database {database}")
 
 
 def _plain(value: Any) -> Any:

@@ -7,6 +7,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -302,3 +303,32 @@ async def test_a_statement_without_a_result_prints_no_rows_through_the_shim(chdb
         assert result.exit_code == 0, (fmt, result.output, result.exception)
     assert json.loads(results["json"].output) == []
     assert results["csv"].output.strip() == ""
+
+
+def test_migrate_over_a_schema_a_newer_release_migrated_says_so(chdb_dsn: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a rollback to an older release, `migrate` said "schema up to date" over a database a newer release had
+    migrated further: the operator was not told that the schema is ahead of the code now running on it. It still
+    succeeds (a rollback must not fail at its migrate step; migrations only add) and names what it does not know."""
+    from click.testing import CliRunner
+
+    from infra.clickhouse.migrations import available_migrations
+    from pipeline.cli import cli
+
+    database = unique("ahead")
+    owner = connect(chdb_dsn)
+    migrate(owner, database)
+    newest = max(m.version for m in available_migrations())
+    try:
+        owner.insert(f"`{database}`.schema_migrations", [[newest + 1, "from_a_newer_release", "0" * 64,
+                                                          datetime.now(UTC)]],
+                     column_names=["version", "name", "checksum", "applied_at"])
+        for name, value in {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": database,
+                            "OCPI_DATA_DIR": str(tmp_path)}.items():
+            monkeypatch.setenv(name, value)
+        result = CliRunner().invoke(cli, ["migrate"])
+        assert result.exit_code == 0, result.output
+        assert "up to date" not in result.output
+        assert f"{newest + 1:04d}_from_a_newer_release" in result.output and "newer release" in result.output
+    finally:
+        owner.command(f"DROP DATABASE IF EXISTS {database}")
