@@ -210,7 +210,9 @@ class _Generator:
     def logical(self, schema: dict[str, Any], logical: str, target: str, ind: str) -> list[str]:
         kind = schema["type"]
         if logical == "timestamp-micros" and kind == "long":
-            return [*self.long("n", ind), f"{ind}{target} = _EPOCH + _timedelta(microseconds=n)"]
+            # timedelta(0, 0, n) is timedelta(microseconds=n) (the same value, the same OverflowError) without the
+            # keyword parsing: a third less per timestamp, and an event carries several.
+            return [*self.long("n", ind), f"{ind}{target} = _EPOCH + _timedelta(0, 0, n)"]
         if logical == "decimal" and kind == "bytes":
             # As fastavro: the unscaled integer through a context of the schema's precision, then scaled. But an
             # unscaled integer of more digits than the precision is refused: fastavro rounds it to the precision
