@@ -15,6 +15,7 @@ way round, a PATCH with the body of the PUT before it, changes nothing and is a 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -34,6 +35,9 @@ def identity(event: DecodedEvent) -> str:
     return level_identity(event.level, event.evse_uid, event.connector_id)
 
 
+# Cached: a pure function of three short strings, asked for the same event's identity several times as it is
+# applied (dedup, staleness, own-time tracking, the state), and for the same Location's "LOCATION||" all the time.
+@functools.lru_cache(maxsize=4096)
 def level_identity(level: str, evse_uid: str | None = None, connector_id: str | None = None) -> str:
     """`LEVEL|EVSE|CONNECTOR` of an object of the Location tree (see `identity`).
 
