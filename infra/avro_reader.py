@@ -40,19 +40,25 @@ class Unsupported(Exception):
     """The schema uses something the generator does not cover; the caller falls back to fastavro."""
 
 
+_SHIFTS = (7, 14, 21, 28, 35, 42, 49, 56)  # of a long's 2nd to 9th byte
+
+
 def _varint(data: bytes, pos: int, first: int) -> tuple[int, int]:
     """The zigzag-decoded long whose first byte `first` (with its continuation bit set) was at pos - 1."""
     value = first & 0x7F
-    shift = 7
-    while True:
+    # A fixed loop over the 2nd to 9th byte, the 10th apart: no 64-bit test nor shift arithmetic per byte, which
+    # cost about an eighth of the time of a timestamp's 8 bytes (an event carries several).
+    for shift in _SHIFTS:
         byte = data[pos]
         pos += 1
-        if shift == 63 and byte > 1:  # the 10th byte holds the 64th bit only (fastavro drops the others)
-            raise AvroReadError("long of more than 64 bits")
         value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
+        if byte < 0x80:
             return (value >> 1) ^ -(value & 1), pos
-        shift += 7
+    byte = data[pos]
+    if byte > 1:  # the 10th byte holds the 64th bit only (fastavro drops the others)
+        raise AvroReadError("long of more than 64 bits")
+    value |= byte << 63
+    return (value >> 1) ^ -(value & 1), pos + 1
 
 
 def _eof() -> AvroReadError:
