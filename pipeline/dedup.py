@@ -148,12 +148,6 @@ def is_duplicate(last_identity: str, last_hash: str, event: DecodedEvent) -> boo
     return event.content_hash == last_hash or _as_put(event) == last_hash
 
 
-def touches_only(event: DecodedEvent) -> bool:
-    """Whether `event` is a PATCH that sets nothing but `last_updated`: a bumped `last_updated` with no change, which
-    makes no version whatever event was applied last (its content hash, without `last_updated`, is that of `{}`)."""
-    return event.operation == "PATCH" and event.payload.keys() <= {"last_updated"}
-
-
 def _as_put(event: DecodedEvent) -> str | None:
     """The content hash of a PATCH's body read as the full object (as a PUT of that body would hash), or None
     when it is no full object (it lacks a required field)."""

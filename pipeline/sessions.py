@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import msgspec
+
 from ocpi.canonical import ci_spec, content_hash
 from ocpi.model import Session
 from pipeline import lifecycle, ordering, projection, wire
-from pipeline.dedup import fingerprint, identity, is_duplicate, touches_only
+from pipeline.dedup import fingerprint, identity, is_duplicate
 from pipeline.facts import relevant_change, session_fact
 from pipeline.lifecycle import Transition
 from pipeline.records import Anomaly, Outcome, Record
@@ -87,7 +89,7 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         return
     last_updated = event.payload["last_updated"]
     out.flag_future(record, last_updated, rules)
-    if is_duplicate(state.last_identity, state.last_hash, event) or touches_only(event):
+    if is_duplicate(state.last_identity, state.last_hash, event):
         # No new version; but the CPO confirmed this content at `last_updated` (see ordering: stale).
         state.confirmed = ordering.newest(state.confirmed, last_updated)
         out.outcome(record, Outcome.DUPLICATE)
@@ -114,13 +116,17 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
             return
         session = wire.builtins(merged)
-    if state.status in lifecycle.FINAL and state.object_json is not None and as_stored(
-            stored_session.of(state.object_json), merged or wire.to_struct(session, Session), out.pseudonym):
-        # A final Session pushed again as it is (a PATCH of its status alone, a PUT of the whole final object):
-        # no change after completion and no version; like a duplicate (the same content hash, which leaves out
-        # `last_updated`: `ocpi.canonical`), it confirms the content at `last_updated`.
+    current = stored_session.of(state.object_json)
+    if (merged is not None and same_but_last_updated(current, merged)) or (
+            state.status in lifecycle.FINAL and as_stored(current, merged or wire.to_struct(session, Session),
+                                                          out.pseudonym)):
+        # A Session pushed again as it is: a PATCH of last_updated alone (a CPO's sign of life) or of the values it
+        # holds, a final Session's status confirmed or its whole object again. No change and no version; like a
+        # duplicate (the same content hash, which leaves out `last_updated`: `ocpi.canonical`), it confirms the
+        # content at `last_updated`. An open Session's PATCH is compared by value (cheap: every PATCH takes it); a
+        # final Session's push also by content hash, CiStrings in any case and its pseudonymised identifiers.
         state.confirmed = ordering.newest(state.confirmed, last_updated)
-        out.outcome(record, Outcome.DUPLICATE, "the final Session as stored, but for last_updated")
+        out.outcome(record, Outcome.DUPLICATE, "the Session as stored, but for last_updated")
         return
     status = session["status"]
     transition = lifecycle.classify(state.status, status)
@@ -140,6 +146,12 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             for parked in pending:
                 handle(state, stored_session, parked_record(parked), rules, out, retry=True,
                        parked_token=parked.fact_token)
+
+
+def same_but_last_updated(stored: Session | None, merged: Session) -> bool:
+    """Whether a PATCH merged into `merged` left the stored Session as it was but for `last_updated` (field by field,
+    numbers by value: 5 and 5.000 kWh are one amount)."""
+    return stored is not None and msgspec.structs.replace(merged, last_updated=stored.last_updated) == stored
 
 
 def as_stored(stored: Session | None, incoming: Session, pseudonym: Pseudonymizer) -> bool:

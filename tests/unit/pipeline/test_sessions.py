@@ -819,3 +819,50 @@ def test_a_state_restored_by_a_replay_records_the_outcome_of_every_patch_parked_
                          for (kind, body, received), e in zip(pushes, original, strict=True)))
     assert dict(outcomes(out)) == {e.event_id: o for e, o in zip(original, expected, strict=True)}
     assert stored(restored)["kwh"] == 3
+def test_a_patch_of_last_updated_with_no_charging_periods_is_a_duplicate_too() -> None:
+    # `charging_periods` in a PATCH are appended, so `[]` appends nothing (SessionPatch): a PATCH of last_updated and
+    # an empty list sets nothing, as one of last_updated alone. It was applied as a new version and restarted the
+    # idle clock, so a CPO's periodic sign of life in that form kept a stuck session from being flagged.
+    h = harness(idle_min=60)
+    first = event("Session", session(status="ACTIVE", kwh="5"), received=0)
+    h.run(first)
+    touch = event("SessionPatch", {"last_updated": iso(ts(40)), "charging_periods": []}, object_id="S1", received=40)
+    out = h.run(touch)
+    assert outcomes(out) == [(touch.event_id, "DUPLICATE")] and rows(out.batch, "sessions") == []
+    assert stored(h)["last_updated"] == iso(ts(0))
+    out = h.run(event("SessionPatch", {"last_updated": iso(ts(150))}, object_id="S1", received=150))
+    [anomaly] = rows(out.batch, "anomalies")
+    assert anomaly[ANOMALY_COLUMNS.index("kind")] == "SESSION_IDLE"
+    assert anomaly[ANOMALY_COLUMNS.index("event_id")] == first.event_id  # the clock runs from the PUT
+
+
+def test_a_patch_that_repeats_the_stored_values_is_a_duplicate() -> None:
+    # A PATCH that sets fields to what the open Session already holds (its status again, its kwh again, its ids, the
+    # last period once more) changes nothing but last_updated: a bumped last_updated with no change, so no version
+    # and no restart of the idle clock. It was applied as a new version: dedup compared it with the last applied
+    # event (the PUT) only, and the check of the merged Session against the stored one ran for final sessions only.
+    h = harness(idle_min=60)
+    first = event("Session", session(status="ACTIVE", kwh="5"), received=0)
+    h.run(first)
+    body = stored(h)
+    same = {"status": "ACTIVE", "kwh": Decimal("5.000"), "country_code": body["country_code"],
+            "party_id": body["party_id"], "id": body["id"], "last_updated": iso(ts(40))}
+    if body.get("charging_periods"):
+        same["charging_periods"] = body["charging_periods"][-1:]
+    patch = event("SessionPatch", same, object_id="S1", received=40)
+    out = h.run(patch)
+    assert outcomes(out) == [(patch.event_id, "DUPLICATE")] and rows(out.batch, "sessions") == []
+    assert stored(h)["last_updated"] == iso(ts(0))
+    changed = event("SessionPatch", {**same, "kwh": Decimal("6"), "last_updated": iso(ts(50))}, object_id="S1",
+                    received=50)
+    assert outcomes(h.run(changed)) == [(changed.event_id, "APPLIED")]
+
+
+def test_an_older_patch_of_last_updated_alone_is_stale() -> None:
+    # Compared after the stale rule, as any PATCH: one dated before the stored Session is STALE (it is older news),
+    # not a DUPLICATE.
+    h = harness()
+    h.run(event("Session", session(status="ACTIVE", kwh="5", updated=30), received=30))
+    old = event("SessionPatch", {"last_updated": iso(ts(10))}, object_id="S1", received=40)
+    out = h.run(old)
+    assert outcomes(out)[0][1] == "STALE" and kinds(out) == ["STALE_UPDATE"]
