@@ -116,10 +116,10 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
             return
         session = wire.builtins(merged)
-    current = stored_session.of(state.object_json)
-    if (merged is not None and same_but_last_updated(current, merged)) or (
-            state.status in lifecycle.FINAL and as_stored(current, merged or wire.to_struct(session, Session),
-                                                          out.pseudonym)):
+    # The stored Struct is at hand after a merge (its run's); a PUT to an open Session does not decode it.
+    if (merged is not None and same_but_last_updated(stored_session.of(state.object_json), merged)) or (
+            state.status in lifecycle.FINAL and as_stored(stored_session.of(state.object_json),
+                                                          merged or wire.to_struct(session, Session), out.pseudonym)):
         # A Session pushed again as it is: a PATCH of last_updated alone (a CPO's sign of life) or of the values it
         # holds, a final Session's status confirmed or its whole object again. No change and no version; like a
         # duplicate (the same content hash, which leaves out `last_updated`: `ocpi.canonical`), it confirms the
