@@ -32,9 +32,18 @@ def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def chdb_dsn(session_tmp: Path) -> str:
-    """The one chDB path of this test process."""
-    return f"chdb://{session_tmp / 'clickhouse'}"
+def chdb_dsn(session_tmp: Path) -> Iterator[str]:
+    """The one chDB path of this test process, held open by one client for the whole session.
+
+    chDB stops its engine when the process's last client closes, and the next `connect` starts it again and loads
+    every database on the path: late in a run, with thousands of test databases there, one reconnect took minutes.
+    """
+    from infra.clickhouse.client import connect
+
+    dsn = f"chdb://{session_tmp / 'clickhouse'}"
+    keeper = connect(dsn)
+    yield dsn
+    keeper.close()
 
 
 @pytest.fixture(scope="session")
