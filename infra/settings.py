@@ -149,7 +149,7 @@ def _parse_http_url(env: str, raw: str) -> str:
 # URL and a path of at most ENDPOINT_PATH_MAX_LENGTH (`receivers.versions.served_endpoints`). The longest URL we hand
 # out is a CDR's, in the Location header of its POST answer (an OCPI URL too, 10 §3.1): the base URL and
 # `/ocpi/emsp/2.2.1/cdrs/{country_code}/{party_id}/{cdr_id}` (`receivers.cdrs.cdr_url`), each of those three a
-# CiString of at most 2, 3 and 39 characters (a credit CDR's id) percent-encoded, so up to 3 characters each.
+# CiString as long as the model lets it be, percent-encoded, so up to 3 characters each.
 URL_MAX_LENGTH: Final = 255
 ENDPOINT_PATH_MAX_LENGTH: Final = len("/ocpi/emsp/2.2.1/locations")
 CDR_PATH_MAX_LENGTH: Final = len("/ocpi/emsp/2.2.1/cdrs") + 3 + 3 * sum(

@@ -101,7 +101,7 @@ _LEAVES: Final = frozenset((str, bool, int, float))  # canonical as they are (ou
 # Types whose values are never None nor equal to [] (exact types: no subclass can override __eq__), so a member of
 # one is kept without comparing it: `Decimal(...) != []` alone costs about 0.4 µs (Decimal tries to convert the
 # list first), several times what the type test does, and a CDR holds a handful of amounts.
-_KEPT: Final = frozenset((str, bool, int, float, Decimal, datetime, dict))
+_KEPT: Final = _LEAVES | {Decimal, datetime, dict}
 
 
 def _canonical(value: Any, ci: Any) -> Any:

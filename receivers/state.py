@@ -39,7 +39,7 @@ READ_TIMEOUT_S: float = 10.0
 
 # table → name of its id column (the other key columns are country_code and party_id everywhere).
 _ID_COLUMNS: Final = {"locations": "location_id", "sessions": "session_id", "cdrs": "cdr_id"}
-# table → the longest id it can hold: CiString(36), a (credit) CDR's CiString(39); and the owner's CiString(2)/(3).
+# table → the longest id it can hold, and the owner's longest country code and party id, as the model holds them.
 # A longer one is nobody's, and is not sent to ClickHouse: it went into the query's URL, which the embedded store's
 # shim refuses from 8 kB on, so such a GET was answered 3000 ("please retry") for an object that cannot exist.
 _ID_MAX: Final = {"locations": max_length(Location, "id"), "sessions": max_length(Session, "id"),
