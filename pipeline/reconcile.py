@@ -24,11 +24,11 @@ sessions but linked to the CDR they credit (`_link_credit`). A CDR a credit is l
 matching (`Matching.withdraw`) and its session's totals, and the session's row is written again; a session left
 without a CDR that counts is AWAITING_CDR again (so the CDR grace and the MISSING_CDR sweep apply), or MISSING_CDR
 when that grace has passed already. Credited CDRs are left out rather than netted with their credits, so a session's
-totals are those of the CDRs that count, whatever the credit's amount (a credit that does not negate its original is
-flagged CREDIT_AMOUNT_MISMATCH). Of several credits for one CDR the earliest received (then the lowest id) is
-LINKED, in every arrival order; every other one is DUPLICATE_CREDIT (anomaly), and billing leaves its line out (view
-`billable_lines`, migration 0016). A credit that names a credit CDR (itself too) is CREDIT_OF_CREDIT (anomaly),
-links nothing, and is left out of billing too (0018).
+totals are those of the CDRs that count, whatever the credit's amount (a credit that does not cancel its original in
+billing, by cost or energy, is flagged CREDIT_AMOUNT_MISMATCH). Of several credits for one CDR the earliest
+received (then the lowest id) is LINKED, in every arrival order; every other one is DUPLICATE_CREDIT (anomaly), and
+billing leaves its line out (view `billable_lines`, migration 0016). A credit that names a credit CDR (itself too)
+is CREDIT_OF_CREDIT (anomaly), links nothing, and is left out of billing too (0018).
 
 Outcomes (one current row per subject in `reconciliation`, each also published to the reconciliation topic):
 - a completed Session: AWAITING_CDR until OCPI_RECONCILE_CDR_GRACE after it completed, then MISSING_CDR (the
@@ -454,7 +454,7 @@ def _link_credit(state: PartyState, credit: CdrRec, rules: Rules, out: PartyOutp
     if not negates(fact, original.fact):
         out.anomalies.append(cdr_anomaly(
             state, fact, Anomaly.CREDIT_AMOUNT_MISMATCH,
-            f"credit total_cost {_price(fact)} does not negate {ref}'s {_price(original.fact)}", fact.received_at))
+            f"credit of {_amounts(fact)} does not cancel {ref}'s {_amounts(original.fact)}", fact.received_at))
     link.status = _claim(state, original, credit, rules, out, now)
     _write_link(state, fact, link, original.fact, rules, out, now)
 
@@ -465,11 +465,14 @@ def unknown_reference_detail(ref: str, grace: timedelta) -> str:
 
 
 def negates(credit: CdrFact, original: CdrFact) -> bool:
-    """Whether a credit's total_cost is its original's negated (10 §1.1), in the original's currency: billing nets
-    per currency, so an amount in another one cancels nothing. Both values of the Price: billing nets incl. VAT too,
-    so one given on one side only, or not negated, leaves a difference billed. A fact written before incl. VAT
-    travelled (UNSET) does not say it: compared excl. VAT only."""
-    if credit.currency != original.currency or credit.cost_excl_vat != -original.cost_excl_vat:
+    """Whether a credit cancels its original in billing: its total_cost is the original's negated (10 §1.1), in the
+    original's currency (billing nets per currency, so an amount in another one cancels nothing), and its energy is
+    the original's ("all other data as in the original"; billing counts a credit's energy as -|value|, so a CPO that
+    negates it cancels as well). Both values of the Price: billing nets incl. VAT too, so one given on one side only,
+    or not negated, leaves a difference billed. A fact written before incl. VAT travelled (UNSET) does not say it:
+    compared excl. VAT only."""
+    if credit.currency != original.currency or credit.cost_excl_vat != -original.cost_excl_vat or \
+            abs(credit.total_energy) != original.total_energy:
         return False
     credit_incl, original_incl = credit.cost_incl_vat, original.cost_incl_vat
     if credit_incl is msgspec.UNSET or original_incl is msgspec.UNSET:
@@ -479,10 +482,10 @@ def negates(credit: CdrFact, original: CdrFact) -> bool:
     return credit_incl == -original_incl
 
 
-def _price(fact: CdrFact) -> str:
+def _amounts(fact: CdrFact) -> str:
     incl = fact.cost_incl_vat
     return f"{fact.cost_excl_vat} {fact.currency}" + ("" if incl is None or incl is msgspec.UNSET else
-                                                       f" ({incl} incl. VAT)")
+                                                       f" ({incl} incl. VAT)") + f", {fact.total_energy} kWh"
 
 
 def _credit_order(fact: CdrFact) -> tuple[datetime, str]:

@@ -155,13 +155,15 @@ def traffic(draw: st.DrawFn) -> list[dict[str, Any]]:
             else:
                 credit["total_cost"].pop("incl_vat", None)
             variant = draw(st.sampled_from(["", "", "other_amount", "other_currency", "negative_energy",
-                                            "positive_cost"]))
+                                            "other_energy", "positive_cost"]))
             if variant == "other_amount":
                 credit["total_cost"] = {"excl_vat": (-cost / 2).quantize(Decimal("0.0001"))}
             elif variant == "other_currency":
                 credit["currency"] = "USD" if credit["currency"] == "EUR" else "EUR"
             elif variant == "negative_energy":
                 credit["total_energy"] = -credit["total_energy"]
+            elif variant == "other_energy":  # flagged CREDIT_AMOUNT_MISMATCH; the kWh difference stays billed
+                credit["total_energy"] = credit["total_energy"] + 1
             elif variant == "positive_cost":  # flagged CREDIT_POSITIVE_COST; billed as -|cost|
                 credit["total_cost"] = {k: abs(v) for k, v in credit["total_cost"].items()}
             credits.append(credit)
@@ -242,10 +244,12 @@ def _content(body: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _negates(credit: dict[str, Any], original: dict[str, Any]) -> bool:
-    """README: the opposite amounts excl. and incl. VAT (incl. VAT on both sides or on neither), same currency."""
+    """README: the opposite amounts excl. and incl. VAT (incl. VAT on both sides or on neither), same currency, and
+    the original's energy in either sign."""
     mine, theirs = credit["total_cost"], original["total_cost"]
     incl, other_incl = mine.get("incl_vat"), theirs.get("incl_vat")
     return (credit["currency"] == original["currency"] and Decimal(mine["excl_vat"]) == -Decimal(theirs["excl_vat"])
+            and abs(Decimal(credit["total_energy"])) == Decimal(original["total_energy"])
             and (incl is None) == (other_incl is None)
             and (incl is None or Decimal(incl) == -Decimal(other_incl)))
 

@@ -1002,6 +1002,25 @@ def test_a_credit_in_another_currency_than_its_original_does_not_negate_it() -> 
     assert (link(out, "C1-C")["status"], link(out, "C1-C")["amount_matches"]) == ("LINKED", False)
     assert [a.kind.value for a in out.anomalies] == ["CREDIT_AMOUNT_MISMATCH"]
 
+
+def test_a_credit_cancels_its_original_only_with_the_originals_energy_in_either_sign() -> None:
+    # 10 §1.1: a credit carries its original's data but for the negated total_cost; billing counts its energy as
+    # -|value| (README, billing with credits), so a credit of another energy leaves the difference in the kWh billed.
+    for credit_kwh, matches in (("8", False), ("-12", False), ("10", True), ("-10", True)):
+        party = Party()
+        party.run(c_fact(cdr("C1", kwh="10", cost="2.50"), received=0))
+        out = party.run(c_fact(cdr("C1-C", kwh=credit_kwh, cost="-2.50", credit=True, credit_reference="C1"),
+                               received=1))
+        assert (link(out, "C1-C")["status"], link(out, "C1-C")["amount_matches"]) == ("LINKED", matches), credit_kwh
+        assert [a.kind.value for a in out.anomalies] == ([] if matches else ["CREDIT_AMOUNT_MISMATCH"]), credit_kwh
+    party = Party()  # an original of negative energy (fed to the grid): no credit cancels it in billing
+    party.run(c_fact(cdr("C1", kwh="-10", cost="2.50"), received=0))
+    out = party.run(c_fact(cdr("C1-C", kwh="-10", cost="-2.50", credit=True, credit_reference="C1"), received=1))
+    assert link(out, "C1-C")["amount_matches"] is False
+    [anomaly] = out.anomalies
+    assert anomaly.detail == "credit of -2.5000 EUR (-3.0250 incl. VAT), -10.0000 kWh does not cancel C1's " \
+                             "2.5000 EUR (3.0250 incl. VAT), -10.0000 kWh"
+
 def test_a_credit_whose_cost_incl_vat_does_not_negate_its_originals_does_not_match_its_amount() -> None:
     # Both values of total_cost are negated (10 §1.1); billing nets incl. VAT too, so a difference there stays
     # billed and must be flagged like one excl. VAT.

@@ -344,21 +344,13 @@ def test_the_readme_query_lists_the_credit_links_written_before_that_no_longer_n
     """README, "Data written by earlier versions", credit amounts: links written before compared the amounts excl.
     VAT alone and kept `amount_matches` true for a credit in another currency or whose incl. VAT does not negate
     its original's (`reconcile.negates` says false for both today); the query given there must list them all."""
-    import re
-
-    from tests.unit.test_docs import README
-
-    [query] = re.findall(r"`(SELECT l\.credit_cdr_id .*?)`", README, re.DOTALL)
-
-    def credit(cid: str, ref: str, cost: str, **changes: Any) -> dict[str, Any]:
-        return {**cdr(cid, cost=cost, credit=True, credit_reference=ref), **changes}
-
+    [query] = [q for q in _readme_credit_link_queries() if "total_cost_incl_vat" in q]
     out = Harness(process_cdrs, CdrState).run(
-        event("CDR", cdr("C1", cost="2.50")), event("CDR", credit("C1-C", "C1", "-2.50", currency="USD")),
+        event("CDR", cdr("C1", cost="2.50")), event("CDR", _credit("C1-C", "C1", "-2.50", currency="USD")),
         event("CDR", cdr("C2", cost="2.00")),
-        event("CDR", credit("C2-C", "C2", "-2.00", total_cost={"excl_vat": Decimal("-2.00"),
+        event("CDR", _credit("C2-C", "C2", "-2.00", total_cost={"excl_vat": Decimal("-2.00"),
                                                               "incl_vat": Decimal("-2.00")})),
-        event("CDR", cdr("C3", cost="3.00")), event("CDR", credit("C3-C", "C3", "-3.00")))
+        event("CDR", cdr("C3", cost="3.00")), event("CDR", _credit("C3-C", "C3", "-3.00")))
     batch = out.batch
     for credit_id, original_id, cost in (("C1-C", "C1", "2.50"), ("C2-C", "C2", "2.00"), ("C3-C", "C3", "3.00")):
         batch.add("credit_links", CREDIT_LINK_COLUMNS, [  # as the version before wrote them: excl. VAT compared
@@ -366,6 +358,38 @@ def test_the_readme_query_lists_the_credit_links_written_before_that_no_longer_n
             ts(3601), 2])
     write(client, batch)
     assert sorted(client.query(query).result_rows) == [("C1-C",), ("C2-C",)]
+
+
+def test_the_readme_query_lists_the_credit_links_written_before_whose_energy_is_not_the_originals(
+        client: Client) -> None:
+    """README, "Data written by earlier versions", credit energy: links written before did not compare energy and
+    kept `amount_matches` true for a credit of another energy (`reconcile.negates` says false today, for either sign
+    of it); the query given there must list those, and not a credit whose energy is the original's negated."""
+    [query] = [q for q in _readme_credit_link_queries() if "total_energy" in q]
+    out = Harness(process_cdrs, CdrState).run(
+        event("CDR", cdr("C1", kwh="10")), event("CDR", _credit("C1-C", "C1", "-2.50", total_energy=Decimal("8"))),
+        event("CDR", cdr("C2", kwh="10")), event("CDR", _credit("C2-C", "C2", "-2.50", total_energy=Decimal("-12"))),
+        event("CDR", cdr("C3", kwh="10")), event("CDR", _credit("C3-C", "C3", "-2.50", total_energy=Decimal("-10"))),
+        event("CDR", cdr("C4", kwh="10")), event("CDR", _credit("C4-C", "C4", "-2.50")))
+    batch = out.batch
+    for credit_id, original_id in (("C1-C", "C1"), ("C2-C", "C2"), ("C3-C", "C3"), ("C4-C", "C4")):
+        batch.add("credit_links", CREDIT_LINK_COLUMNS, [  # as the version before wrote them: energy not compared
+            "NL", "TNM", credit_id, original_id, "p1", "LINKED", Decimal("-2.50"), Decimal("2.50"), True, ts(1),
+            ts(3601), 2])
+    write(client, batch)
+    assert sorted(client.query(query).result_rows) == [("C1-C",), ("C2-C",)]
+
+
+def _readme_credit_link_queries() -> list[str]:
+    import re
+
+    from tests.unit.test_docs import README
+
+    return re.findall(r"`(SELECT l\.credit_cdr_id .*?)`", README, re.DOTALL)
+
+
+def _credit(cid: str, ref: str, cost: str, **changes: Any) -> dict[str, Any]:
+    return {**cdr(cid, cost=cost, credit=True, credit_reference=ref), **changes}
 
 
 def bare_sweeper(sink: Any, rules: StageRules, publish: Any) -> tuple[sweeps.Sweeper, SimpleNamespace]:
