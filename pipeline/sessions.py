@@ -116,15 +116,13 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
             return
         session = wire.builtins(merged)
-    # The stored Struct is at hand after a merge (its run's); a PUT to an open Session does not decode it.
-    if (merged is not None and same_but_last_updated(stored_session.of(state.object_json), merged)) or (
-            state.status in lifecycle.FINAL and as_stored(stored_session.of(state.object_json),
-                                                          merged or wire.to_struct(session, Session), out.pseudonym)):
+    if state.object_json is not None and _as_stored(stored_session.of(state.object_json),
+                                                    merged or wire.to_struct(session, Session),
+                                                    state.status in lifecycle.FINAL, out.pseudonym):
         # A Session pushed again as it is: a PATCH of last_updated alone (a CPO's sign of life) or of the values it
-        # holds, a final Session's status confirmed or its whole object again. No change and no version; like a
-        # duplicate (the same content hash, which leaves out `last_updated`: `ocpi.canonical`), it confirms the
-        # content at `last_updated`. An open Session's PATCH is compared by value (cheap: every PATCH takes it); a
-        # final Session's push also by content hash, CiStrings in any case and its pseudonymised identifiers.
+        # holds, a PUT of the Session its PATCHes made (a periodic sync), a final Session's status confirmed or its
+        # whole object again. No change and no version; like a duplicate (the same content hash, which leaves out
+        # `last_updated`: `ocpi.canonical`), it confirms the content at `last_updated`.
         state.confirmed = ordering.newest(state.confirmed, last_updated)
         out.outcome(record, Outcome.DUPLICATE, "the Session as stored, but for last_updated")
         return
@@ -146,6 +144,12 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             for parked in pending:
                 handle(state, stored_session, parked_record(parked), rules, out, retry=True,
                        parked_token=parked.fact_token)
+
+
+def _as_stored(stored: Session | None, incoming: Session, final: bool, pseudonym: Pseudonymizer) -> bool:
+    """An open Session's push is compared by value (cheap: every push to it takes this); a final Session's also by
+    content hash, CiStrings in any case and its pseudonymised identifiers."""
+    return same_but_last_updated(stored, incoming) or (final and as_stored(stored, incoming, pseudonym))
 
 
 def same_but_last_updated(stored: Session | None, merged: Session) -> bool:

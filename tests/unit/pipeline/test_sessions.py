@@ -446,6 +446,24 @@ def test_a_patch_of_last_updated_alone_is_a_duplicate_and_does_not_restart_the_i
     assert "a PATCH of `last_updated` alone is a `DUPLICATE`" in lifecycle
 
 
+def test_a_put_of_the_session_merged_from_patches_with_a_bumped_last_updated_is_a_duplicate() -> None:
+    # A CPO that PATCHes a Session, then PUTs it whole now and then with a newer last_updated and nothing else new
+    # (a periodic sync): a bumped last_updated with an unchanged payload (issue #5, item 2) must make no version and
+    # must not restart the idle clock. Dedup alone compared the PUT with the last applied event, the PATCH.
+    h = harness(idle_min=60)
+    first = event("Session", session(status="ACTIVE", kwh="0"), received=0)
+    h.run(first, event("SessionPatch", {"kwh": Decimal("5"), "last_updated": iso(ts(10))}, object_id="S1",
+                       received=10))
+    for moment in (20, 40):
+        sync = event("Session", session(status="ACTIVE", kwh="5.000", updated=moment), received=moment)
+        out = h.run(sync)
+        assert outcomes(out) == [(sync.event_id, "DUPLICATE")] and rows(out.batch, "sessions") == []
+        assert out.facts == {} and kinds(out) == []
+    assert stored(h)["last_updated"] == iso(ts(10))
+    changed = event("Session", session(status="ACTIVE", kwh="6", updated=50), received=50)
+    out = h.run(changed)  # a real change is applied as ever
+    assert outcomes(out) == [(changed.event_id, "APPLIED")] and len(rows(out.batch, "sessions")) == 1
+
 def test_facts_follow_matching_keys_and_final_amounts_not_every_kwh_tick() -> None:
     h = harness()
     first = h.run(event("Session", session(status="ACTIVE"), received=1))
