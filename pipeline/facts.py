@@ -56,6 +56,8 @@ class CdrFact(msgspec.Struct, tag="C", kw_only=True, frozen=True):
     credit: bool
     credit_reference_id: str | None  # upper-cased
     received_at: datetime
+    # home_charging_compensation (absent: false); UNSET in a fact written before it travelled (unknown).
+    home_charging_compensation: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 Fact = SessionFact | CdrFact
@@ -145,4 +147,4 @@ def cdr_fact(cdr: dict[str, Any], *, partner_id: str, received_at: datetime, pse
         total_energy=cdr["total_energy"], cost_excl_vat=cdr["total_cost"]["excl_vat"], currency=cdr["currency"],
         cost_incl_vat=cdr["total_cost"].get("incl_vat"), credit=bool(cdr.get("credit")),
         credit_reference_id=ci_normalize(credited) if credited else None,
-        received_at=received_at)
+        received_at=received_at, home_charging_compensation=bool(cdr.get("home_charging_compensation")))

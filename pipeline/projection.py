@@ -69,7 +69,7 @@ CDR_COLUMNS = (
     "auth_method", "authorization_reference", "token_uid", "token_type", "contract_id", "location_id",
     "evse_uid", "connector_id", "currency", "total_energy", "total_time", "total_parking_time",
     "total_cost_excl_vat", "total_cost_incl_vat", "credit", "credit_reference_id", "last_updated",
-    "payload_json", "event_id", "version", "received_at",
+    "payload_json", "event_id", "version", "received_at", "home_charging_compensation",
 )
 
 CDR_PERIOD_COLUMNS = (
@@ -211,7 +211,7 @@ def cdr_row(event: DecodedEvent, cdr: dict[str, Any], document: bytes) -> list[A
         ci_normalize(location["id"]), ci_normalize(location["evse_uid"]), ci_normalize(location["connector_id"]),
         cdr["currency"], cdr["total_energy"], cdr["total_time"], cdr.get("total_parking_time"), excl, incl,
         bool(cdr.get("credit")), upper(cdr.get("credit_reference_id")), cdr["last_updated"], json_column(document),
-        event.event_id, CDR_ROW_VERSION, event.received_at,
+        event.event_id, CDR_ROW_VERSION, event.received_at, bool(cdr.get("home_charging_compensation")),
     ]
 
 

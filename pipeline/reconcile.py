@@ -470,9 +470,14 @@ def negates(credit: CdrFact, original: CdrFact) -> bool:
     the original's ("all other data as in the original"; billing counts a credit's energy as -|value|, so a CPO that
     negates it cancels as well). Both values of the Price: billing nets incl. VAT too, so one given on one side only,
     or not negated, leaves a difference billed. A fact written before incl. VAT travelled (UNSET) does not say it:
-    compared excl. VAT only."""
+    compared excl. VAT only. Its home_charging_compensation is the original's too: billing counts each line by its own
+    flag (charging or compensation), so a credit with another one moves the amount between the two; a fact written
+    before the flag travelled (UNSET) does not say it."""
     if credit.currency != original.currency or credit.cost_excl_vat != -original.cost_excl_vat or \
             abs(credit.total_energy) != original.total_energy:
+        return False
+    if msgspec.UNSET not in (credit.home_charging_compensation, original.home_charging_compensation) and \
+            credit.home_charging_compensation != original.home_charging_compensation:
         return False
     credit_incl, original_incl = credit.cost_incl_vat, original.cost_incl_vat
     if credit_incl is msgspec.UNSET or original_incl is msgspec.UNSET:
@@ -485,7 +490,8 @@ def negates(credit: CdrFact, original: CdrFact) -> bool:
 def _amounts(fact: CdrFact) -> str:
     incl = fact.cost_incl_vat
     return f"{fact.cost_excl_vat} {fact.currency}" + ("" if incl is None or incl is msgspec.UNSET else
-                                                       f" ({incl} incl. VAT)") + f", {fact.total_energy} kWh"
+                                                       f" ({incl} incl. VAT)") + f", {fact.total_energy} kWh" + (
+        ", home charging compensation" if fact.home_charging_compensation is True else "")
 
 
 def _credit_order(fact: CdrFact) -> tuple[datetime, str]:

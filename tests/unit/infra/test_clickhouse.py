@@ -319,11 +319,11 @@ _CDR_END = (datetime.now(UTC) - timedelta(days=1)).replace(hour=10, minute=0, se
 
 
 def _cdr(cdr_id: str, energy: str, excl: str, incl: str, *, credit: bool = False, credited: str | None = None,
-         end: datetime = _CDR_END) -> list[object]:
+         end: datetime = _CDR_END, payload: str = "{}") -> list[object]:
     from decimal import Decimal
 
     return ["NL", "TNM", cdr_id, "p1", end, end, None, "WHITELIST", None, "U1", "RFID", "C1", "LOC1", "E1", "1", "EUR",
-            Decimal(energy), Decimal("1"), None, Decimal(excl), Decimal(incl), credit, credited, end, "{}",
+            Decimal(energy), Decimal("1"), None, Decimal(excl), Decimal(incl), credit, credited, end, payload,
             f"e-{cdr_id}", 1]
 
 
@@ -359,6 +359,40 @@ def test_cdrs_stored_before_the_billing_migration_are_billed_after_the_upgrade(c
     assert [(str(kwh), str(excl)) for kwh, excl in totals] == [("11.5000", "5.7500")]
     client.command(f"DROP DATABASE {database}")
 
+
+
+def test_home_charging_compensation_cdrs_stored_before_0027_are_billed_apart_after_the_upgrade(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The flag was only inside payload_json: billing counted a compensation CDR (and its credit) as charging. After
+    # 0027 the rows stored before read it from their payload, their billing lines have it, and a row an earlier
+    # worker inserts without the column (running on while 0027 migrates) gets it too.
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    every = available_migrations()
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [m for m in every if m.version <= 26])
+    migrate(client, database)
+    home, credit_of_home = '{"id": "H1", "home_charging_compensation": true}', '{"home_charging_compensation":true}'
+    charging = '{"home_charging_compensation": false}'
+    client.insert(f"{database}.cdrs", [_cdr("C1", "10", "5.00", "6.00", payload=charging),
+                                       _cdr("H1", "4", "1.00", "1.20", payload=home),
+                                       _cdr("HC1", "4", "-1.00", "-1.20", credit=True, credited="H1",
+                                            payload=credit_of_home)],
+                  column_names=_CDR_COLUMNS)
+    monkeypatch.undo()
+    assert [m.version for m in migrate(client, database)] == [27]
+    client.insert(f"{database}.cdrs", [_cdr("H2", "3", "0.90", "1.00", payload=home)], column_names=_CDR_COLUMNS)
+    for statement in every[-1].statements():  # a rerun from the first statement changes nothing
+        migrations._run_in(client, database, statement)
+
+    assert client.query(f"SELECT cdr_id, home_charging_compensation FROM {database}.cdrs FINAL ORDER BY cdr_id"
+                        ).result_rows == [("C1", False), ("H1", True), ("H2", True), ("HC1", True)]
+    assert client.query(f"SELECT cdr_id, home_charging_compensation FROM {database}.billing_lines FINAL "
+                        "ORDER BY cdr_id").result_rows == [("C1", False), ("H1", True), ("H2", True), ("HC1", True)]
+    daily = client.query(f"SELECT home_charging_compensation, cdrs, credit_cdrs, energy_kwh, cost_excl_vat "
+                         f"FROM {database}.billing_daily ORDER BY home_charging_compensation").result_rows
+    assert [(flag, n, credits, str(kwh), str(excl)) for flag, n, credits, kwh, excl in daily] == [
+        (False, 1, 0, "10.0000", "5.0000"), (True, 3, 1, "3.0000", "0.9000")]
+    client.command(f"DROP DATABASE {database}")
 
 # 0016 as it was released (78cede0) before a comment was added to it (3b671b0): the checksum databases migrated then
 # recorded.
@@ -518,6 +552,10 @@ def test_migrating_one_release_at_a_time_over_data_gives_the_fresh_schema_and_ca
     monkeypatch.undo()
     assert _schema(client, upgraded) == _schema(client, fresh)
     for migration in every:
+        if migration.version == 22:
+            # Its INSERT names no columns: it fills billing_lines as it was before 0027 added one, so it runs only
+            # before 0027 (as every migration does: `migrate` runs a migration again only until it is recorded).
+            continue
         for statement in migration.statements():
             migrations._run_in(client, upgraded, statement)
     assert _schema(client, upgraded) == _schema(client, fresh)

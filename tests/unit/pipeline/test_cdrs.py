@@ -115,6 +115,13 @@ def test_a_credit_cdr_with_a_positive_cost_is_stored_and_flagged() -> None:
     assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["CREDIT_POSITIVE_COST"]
 
 
+def test_the_cdr_row_carries_home_charging_compensation_absent_as_false() -> None:
+    # Billing tells a compensation CDR (money owed to the driver) from charging by this column (migration 0027).
+    h = harness()
+    out = h.run(event("CDR", {**cdr("H1"), "home_charging_compensation": True}, received=1),
+                event("CDR", cdr("C2"), received=2))
+    assert column(out.batch, "cdrs", CDR_COLUMNS, "home_charging_compensation") == [True, False]
+
 def test_a_redelivered_record_is_not_a_duplicate() -> None:
     h = harness()
     post = h.feed.record(event("CDR", cdr(), received=1))

@@ -1053,6 +1053,39 @@ def test_a_fact_written_before_cost_incl_vat_travelled_is_compared_excl_vat_only
     assert link(out, "C1-C")["amount_matches"] is True and out.anomalies == []
 
 
+def test_a_credit_that_does_not_carry_its_originals_home_charging_compensation_does_not_cancel_it() -> None:
+    # 10 §1.1: a credit carries its original's data, home_charging_compensation included. Billing counts each line by
+    # its own flag, so a credit without its original's flag moves the amount from compensation to charging (or
+    # back) instead of cancelling it: flagged like a credit of other amounts, to settle with the CPO.
+    for original_flag, credit_flag, matches in ((True, True, True), (True, None, False), (None, True, False),
+                                                (None, False, True)):
+        party = Party()
+        original = cdr("C1", cost="2.50") | ({} if original_flag is None else
+                                             {"home_charging_compensation": original_flag})
+        party.run(c_fact(original, received=0))
+        credit = cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1") | (
+            {} if credit_flag is None else {"home_charging_compensation": credit_flag})
+        out = party.run(c_fact(credit, received=1))
+        assert link(out, "C1-C")["amount_matches"] is matches, (original_flag, credit_flag)
+        assert [a.kind.value for a in out.anomalies] == ([] if matches else ["CREDIT_AMOUNT_MISMATCH"])
+    party = Party()
+    party.run(c_fact(cdr("C1", cost="2.50") | {"home_charging_compensation": True}, received=0))
+    [anomaly] = party.run(c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=1)).anomalies
+    assert anomaly.detail == "credit of -2.5000 EUR (-3.0250 incl. VAT), 10.0000 kWh does not cancel C1's " \
+                             "2.5000 EUR (3.0250 incl. VAT), 10.0000 kWh, home charging compensation"
+
+
+def test_a_fact_written_before_home_charging_compensation_travelled_is_compared_without_it() -> None:
+    # State and topic records of an earlier version hold CDR facts without the flag: unknown, not false.
+    written = msgspec.json.decode(encode_facts([c_fact(cdr("C1", cost="2.50"))]))
+    del written["facts"][0]["home_charging_compensation"]
+    [old] = decode_facts(msgspec.json.encode(written))
+    party = Party()
+    party.run(old)
+    credit = cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1") | {"home_charging_compensation": True}
+    out = party.run(c_fact(credit, received=1))
+    assert link(out, "C1-C")["amount_matches"] is True and out.anomalies == []
+
 def _as_written_before_token_hours(store: Any) -> None:
     """Rewrite a party state's token indexes as a version before 30bd9ac kept them: sessions (`IT`) and waiting CDRs
     (`WT`) by token and location alone, `<token>/<location>`, where today's code adds the hour of start."""

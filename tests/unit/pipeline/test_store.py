@@ -108,6 +108,22 @@ def test_billing_nets_credit_cdrs_per_partner_location_and_day(client: Client) -
         ("LOC2", ts(0).date(), 1, 0, Decimal("8.0000"), Decimal("2.0000"))]
 
 
+def test_home_charging_compensation_cdrs_are_billed_apart_from_charging(client: Client) -> None:
+    """A CDR with home_charging_compensation true (and its credit, which carries the flag as its original) is money
+    owed to the driver: stored with the flag, and billed in its own billing_daily row, not as charging revenue."""
+    cdrs = Harness(process_cdrs, CdrState)
+    home = {**cdr("H1", kwh="4", cost="1.00", location="LOC1"), "home_charging_compensation": True}
+    home_credit = {**cdr("H1-C", kwh="4", cost="-1.00", credit=True, credit_reference="H1"),
+                   "home_charging_compensation": True}
+    write(client, cdrs.run(event("CDR", cdr("C1", kwh="10", cost="2.50")), event("CDR", home),
+                           event("CDR", {**cdr("H2", kwh="3", cost="0.90"), "home_charging_compensation": True}),
+                           event("CDR", home_credit)).batch)
+    assert client.query("SELECT cdr_id, home_charging_compensation FROM cdrs FINAL ORDER BY cdr_id").result_rows == [
+        ("C1", False), ("H1", True), ("H1-C", True), ("H2", True)]
+    assert client.query("SELECT home_charging_compensation, cdrs, credit_cdrs, energy_kwh, cost_excl_vat "
+                        "FROM billing_daily ORDER BY home_charging_compensation").result_rows == [
+        (False, 1, 0, Decimal("10.0000"), Decimal("2.5000")), (True, 3, 1, Decimal("3.0000"), Decimal("0.9000"))]
+
 def test_billing_counts_one_credit_per_cdr_in_the_views_the_report_and_the_dashboard(client: Client) -> None:
     """Two credits for C1: the earlier one (C1-A) counts even though it reaches stage 2 last; C1-B's line stays in
     billing_lines but no reader of billing counts it."""
