@@ -68,6 +68,8 @@ class DemoSummary:
     expected: Expected
     seconds: float
     mismatches: list[str] = field(default_factory=list)
+    # Home charging compensation (owed to drivers, not charging revenue), per party and currency; `sessions` 0.
+    compensation: list[PartyTotals] = field(default_factory=list)
 
     @property
     def duplicates(self) -> int:
@@ -97,11 +99,16 @@ def read_summary(client: Client, expected: Expected, seconds: float, *, settled:
     completed = dict(((cc, pid), int(n)) for cc, pid, n in client.query(
         "SELECT country_code, party_id, count() FROM sessions FINAL WHERE status = 'COMPLETED' "
         "GROUP BY country_code, party_id").result_rows)
-    # Per currency: amounts in two currencies are never added up.
-    billed = {(cc, pid, currency): (int(n), kwh, excl, incl or Decimal(0))
-              for cc, pid, currency, n, kwh, excl, incl in client.query(
-                  "SELECT country_code, party_id, currency, count(), sum(energy_kwh), sum(cost_excl_vat), "
-                  "sum(cost_incl_vat) FROM billable_lines GROUP BY country_code, party_id, currency").result_rows}
+    # Per currency: amounts in two currencies are never added up. Charging apart from home charging compensation,
+    # which is owed to drivers.
+    lines = {(bool(home), cc, pid, currency): (int(n), kwh, excl, incl or Decimal(0))
+             for home, cc, pid, currency, n, kwh, excl, incl in client.query(
+                 "SELECT home_charging_compensation, country_code, party_id, currency, count(), sum(energy_kwh), "
+                 "sum(cost_excl_vat), sum(cost_incl_vat) FROM billable_lines "
+                 "GROUP BY home_charging_compensation, country_code, party_id, currency").result_rows}
+    billed = {key[1:]: figures for key, figures in lines.items() if not key[0]}
+    compensation = [PartyTotals(cc, pid, currency, 0, *figures)
+                    for (home, cc, pid, currency), figures in sorted(lines.items()) if home]
     # Every party with completed sessions or billing lines: one without lines shows (and is checked) as 0.
     unbilled = {(cc, pid, ""): (0, Decimal(0), Decimal(0), Decimal(0))
                 for cc, pid in completed.keys() - {(cc, pid) for cc, pid, _currency in billed}}
@@ -120,7 +127,7 @@ def read_summary(client: Client, expected: Expected, seconds: float, *, settled:
         anomalies=_counts(client, "SELECT kind, count() FROM anomalies FINAL GROUP BY kind ORDER BY kind"),
         reconciliation=reconciliation,
         credit_links=_counts(client, "SELECT status, count() FROM credit_links FINAL GROUP BY status"),
-        expected=expected, seconds=seconds)
+        expected=expected, seconds=seconds, compensation=compensation)
     if not settled:
         summary.mismatches.append("ClickHouse did not reach the expected rows in time (outcomes, billing lines, "
                                   "reconciliation)")
@@ -155,6 +162,9 @@ def mismatches(client: Client, summary: DemoSummary, expected: Expected) -> list
         found.append(f"{summary.sessions} completed sessions, expected {len(expected.sessions)}")
     if summary.cdrs != len(expected.cdrs):
         found.append(f"{summary.cdrs} CDRs, expected {len(expected.cdrs)}")
+    for home in summary.compensation:
+        found.append(f"{home.country_code}/{home.party_id}: {home.cdrs} home charging compensation CDRs "
+                     f"({home.currency}), the simulated CPOs sent none")
     # Every printed figure of every party, stored or expected (a party missing from ClickHouse is all zeros), in the
     # currencies its CDRs were sent in.
     stored_parties: dict[str, list[PartyTotals]] = {}

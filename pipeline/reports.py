@@ -5,7 +5,9 @@ clickhouse-connect) over the tables the pipeline writes:
 
 - revenue: `billable_lines` (`billing_lines`, one line per CDR, credits already negated by the `billing_lines_mv`
   view, so a credit CDR nets out the CDR it cancels; without the lines of DUPLICATE_CREDIT and CREDIT_OF_CREDIT
-  credits, which would net it twice); grouped by party, location or day, one row per currency;
+  credits, which would net it twice); grouped by party, location or day, one row per currency and kind: CHARGING,
+  or HOME_CHARGING_COMPENSATION for the CDRs of sessions on a driver's home charger (energy compensated to the
+  driver, not charging revenue);
 - reconciliation: `reconciliation` outcomes per CPO party, subject, outcome and currency, with the summed deltas;
 - anomalies: `anomalies` per kind, module and CPO party;
 - health: per partner and module, pushes accepted (`raw_events`, source PUSH), pushes refused
@@ -109,9 +111,10 @@ class _Filters:
 
 def revenue(period: Period, *, by: str = "party", party: str | None = None,
             partner: str | None = None) -> ReportQuery:
-    """Energy and revenue (credits netted) per CPO party, location or day, and currency. `incl_vat` is optional in
-    OCPI: revenue incl. VAT sums the CDRs that give it, and `lines_without_incl_vat` counts the others (neither
-    VAT-free nor guessed), as `billing_daily` does."""
+    """Energy and revenue (credits netted) per CPO party, location or day, currency and kind. `incl_vat` is optional
+    in OCPI: revenue incl. VAT sums the CDRs that give it, and `lines_without_incl_vat` counts the others (neither
+    VAT-free nor guessed), as `billing_daily` does. `kind` (the last column, so the others keep their places) is
+    CHARGING, or HOME_CHARGING_COMPENSATION: the amounts of that row are owed to drivers, not revenue."""
     keys = {"party": ["country_code", "party_id"],
             "location": ["country_code", "party_id", "location_id"],
             "day": ["day"]}.get(by)
@@ -126,11 +129,12 @@ SELECT {group},
        sum(energy_kwh) AS energy_kwh,
        sum(cost_excl_vat) AS revenue_excl_vat,
        sum(cost_incl_vat) AS revenue_incl_vat,
-       countIf(cost_incl_vat IS NULL) AS lines_without_incl_vat
+       countIf(cost_incl_vat IS NULL) AS lines_without_incl_vat,
+       if(home_charging_compensation, 'HOME_CHARGING_COMPENSATION', 'CHARGING') AS kind
 FROM billable_lines
 {filters.where}
-GROUP BY {group}
-ORDER BY {group}"""
+GROUP BY {group}, kind
+ORDER BY {group}, kind"""
     return ReportQuery(sql, filters.params)
 
 

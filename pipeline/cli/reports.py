@@ -105,6 +105,9 @@ def revenue(start: date | None, end: date | None, fmt: str, by: str, party: str 
     the same CDR (DUPLICATE_CREDIT) and a credit that names a credit CDR (CREDIT_OF_CREDIT) are left out:
     they would cancel it twice.
 
+    kind (last column): CHARGING, or HOME_CHARGING_COMPENSATION for CDRs of sessions on a driver's home charger
+    (and their credits), whose amounts are owed to the driver, not revenue: a row of their own.
+
     Example: ocpi-pipeline report revenue --from 2024-05-01 --to 2024-05-31 --party NL/TNM --by day
     """
     _show(lambda: reports.revenue(_period(start, end), by=by, party=party, partner=partner), fmt)

@@ -192,11 +192,20 @@ def print_summary(console: Console, summary: DemoSummary) -> None:
     table = Table(Column("party", overflow="fold"), Column("currency", overflow="fold"), figure("sessions"),
                   figure("CDRs"), figure("kWh"), figure("excl. VAT"), figure("incl. VAT"),
                   title="Billing totals read back from ClickHouse: completed sessions, CDRs (credits too, netted), "
-                        "kWh and cost per party and currency")
+                        "kWh and cost of charging per party and currency")
     for p in summary.parties:
         table.add_row(f"{p.country_code}/{p.party_id}", p.currency, str(p.sessions), str(p.cdrs), f"{p.kwh:.4f}",
                       f"{p.cost_excl_vat:.4f}", f"{p.cost_incl_vat:.4f}")
     console.print(table)
+    if summary.compensation:  # owed to drivers: never in the billing totals above
+        home = Table(Column("party", overflow="fold"), Column("currency", overflow="fold"), figure("CDRs"),
+                     figure("kWh"), figure("excl. VAT"), figure("incl. VAT"),
+                     title="Home charging compensation read back from ClickHouse (owed to drivers, not in the "
+                           "billing totals): CDRs (credits too, netted), kWh and amount per party and currency")
+        for p in summary.compensation:
+            home.add_row(f"{p.country_code}/{p.party_id}", p.currency, str(p.cdrs), f"{p.kwh:.4f}",
+                         f"{p.cost_excl_vat:.4f}", f"{p.cost_incl_vat:.4f}")
+        console.print(home)
     e = summary.expected
     console.print(f"raw events: {summary.raw_events}   dead letters: {summary.dead_letters}")
     # Beyond the simulator's deliberate retries and late pushes, EVSE status pushes of overlapping stories repeat a

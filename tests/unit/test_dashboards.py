@@ -605,3 +605,44 @@ def test_the_reconciliation_dashboard_shows_every_partner_s_outcomes_for_all_par
     assert sorted(row[3] for row in deltas) == ["C1", "C2"]
     anomalies = [row for row in schema.query(rendered("Anomalies")).result_rows if row[3] == party]
     assert [(row[0], row[4]) for row in anomalies] == [("STALE_UPDATE", 1)]
+
+
+def test_the_billing_dashboard_shows_charging_revenue_apart_from_home_charging_compensation(schema: Client) -> None:
+    """A CDR with home_charging_compensation true is energy the eMSP compensates TO the driver: the revenue panels
+    counted it as the location's charging revenue. They show charging only now, as the revenue report's CHARGING
+    rows, and the compensation (credits netted) has a panel of its own."""
+    from decimal import Decimal
+
+    now = datetime.now(UTC)
+    partner, party = f"hc-{uuid.uuid4().hex[:6]}", f"H{uuid.uuid4().hex[:2].upper()}"
+
+    def line(cdr_id: str, kwh: str, cost: str, *, credit: bool = False, home: bool = False) -> list[Any]:
+        return [now.date(), partner, "NL", party, "LOC1", cdr_id, "EUR", credit, Decimal(kwh), Decimal(cost),
+                Decimal(cost), now, 1, home]
+
+    schema.insert("billing_lines", [line("C1", "10", "5"), line("H1", "4", "2", home=True),
+                                    line("H2", "3", "1", home=True), line("H1-C", "-4", "-2", credit=True, home=True)],
+                  column_names=["day", "partner_id", "country_code", "party_id", "location_id", "cdr_id", "currency",
+                                "credit", "energy_kwh", "cost_excl_vat", "cost_incl_vat", "received_at", "version",
+                                "home_charging_compensation"])
+    board = ROOT / "dashboards" / "billing.json"
+
+    def rows(title: str) -> list[dict[str, Any]]:
+        sql = render_panel_sql(_panel_sql(board, title), start=now - timedelta(days=1), end=now + timedelta(days=1),
+                               partners=[partner])
+        result = schema.query(sql)
+        return [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+
+    charging = {"Revenue per day (excl. VAT)": {"revenue": Decimal("5")}, "Energy per day": {"kwh": Decimal("10")},
+                "CDRs": {"cdrs": 1, "credit_cdrs": 0}, "Energy (kWh)": {"kwh": Decimal("10")},
+                "Revenue per currency": {"revenue_excl_vat": Decimal("5")},
+                "Per CPO party": {"cdrs": 1, "energy_kwh": Decimal("10"), "revenue_excl_vat": Decimal("5")},
+                "Per location": {"cdrs": 1, "energy_kwh": Decimal("10"), "revenue_excl_vat": Decimal("5")}}
+    for title, want in charging.items():
+        [row] = rows(title)
+        assert {k: row[k] for k in want} == want, title
+    [compensation] = [r for r in rows("Home charging compensation (owed to drivers)") if r["party_id"] == party]
+    assert {k: compensation[k] for k in ("currency", "cdrs", "credit_cdrs", "energy_kwh", "amount_excl_vat",
+                                         "amount_incl_vat")} == {
+        "currency": "EUR", "cdrs": 2, "credit_cdrs": 1, "energy_kwh": Decimal("3"), "amount_excl_vat": Decimal("1"),
+        "amount_incl_vat": Decimal("1")}

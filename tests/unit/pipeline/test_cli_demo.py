@@ -115,6 +115,21 @@ def test_a_figure_too_wide_for_the_terminal_is_folded_not_elided() -> None:
     assert "987654321.9876" in "".join(line.split("│")[6].strip() for line in column if line.count("│") == 8)
 
 
+def test_home_charging_compensation_is_printed_apart_from_the_billing_totals() -> None:
+    # Owed to drivers, not charging revenue: its own table, only when the store holds some.
+    summary = _summary([PartyTotals("NL", "TNM", "EUR", 1, 1, Decimal("10"), Decimal("3.5"), Decimal("4.2"))])
+    console = Console(width=200, record=True)
+    print_summary(console, summary)
+    assert "Home charging compensation" not in console.export_text()
+    summary.compensation.append(PartyTotals("NL", "TNM", "EUR", 0, 2, Decimal("7.0000"), Decimal("1.2500"),
+                                            Decimal("1.5100")))
+    console = Console(width=200, record=True)
+    print_summary(console, summary)
+    text = console.export_text()
+    home = text[text.index("Home charging compensation"):]
+    assert all(figure in home for figure in ("7.0000", "1.2500", "1.5100")), text
+    assert "3.5" not in home, text
+
 def test_the_pushes_acknowledged_are_counted_once_each() -> None:
     """A push answered 3000 is sent again, and `Expected.pushes` counts every request: the summary printed
     requests minus refused pushes as acknowledged, so a push acknowledged on its second attempt showed as two

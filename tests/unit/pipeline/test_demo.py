@@ -195,6 +195,22 @@ def test_each_printed_figure_of_a_party_is_compared(client: Client) -> None:
                      f"3.5000], expected [{C1_LINE}]"]
 
 
+def test_home_charging_compensation_is_not_in_the_billing_totals_and_printed_apart(client: Client) -> None:
+    """A CDR with home_charging_compensation true is energy compensated to the driver: the demo's billing totals
+    counted it as charging. They are charging only, the compensation is read apart, and as the simulated CPOs send
+    none, a compensation line in the store is a mismatch."""
+    store(client)
+    client.command("INSERT INTO cdrs (partner_id, country_code, party_id, cdr_id, session_id, location_id, currency, "
+                   "total_energy, total_cost_excl_vat, total_cost_incl_vat, credit, end_date_time, received_at, "
+                   "payload_json, version) VALUES ('demo-cpo-nl', 'NL', 'TNM', 'C1', 'S1', 'LOC001', 'EUR', 10, 3.5, "
+                   f"4.235, false, {END}, {AT}, '{{\"home_charging_compensation\": true}}', 2)")
+    summary = read_summary(client, acknowledged(), 0.0)
+    assert [(p.party_id, p.currency, p.cdrs, p.cost_excl_vat) for p in summary.parties] == [
+        ("BEC", "EUR", 3, Decimal("6.0000")), ("TNM", "", 0, Decimal("0"))]
+    assert [(p.party_id, p.currency, p.cdrs, p.kwh, p.cost_excl_vat) for p in summary.compensation] == [
+        ("TNM", "EUR", 1, Decimal("10.0000"), Decimal("3.5000"))]
+    assert "NL/TNM: 1 home charging compensation CDRs (EUR), the simulated CPOs sent none" in summary.mismatches
+
 def test_billing_totals_are_read_and_compared_per_currency(client: Client) -> None:
     """The totals per party were summed over every currency and the currency never compared: a CDR stored in
     another currency than the one sent (here C1 in GBP, amounts right) still matched, and a party billed in two

@@ -57,6 +57,27 @@ def test_a_party_whose_id_holds_a_slash_can_be_reported_on_its_own(client: Clien
             reports.parse_party(bad)
 
 
+def test_revenue_shows_home_charging_compensation_apart_from_charging(client: Client) -> None:
+    """A CDR with home_charging_compensation true is energy compensated TO the driver: the report counted it as the
+    location's charging revenue. Its own row now (`kind`), with its credit, by party, location and day."""
+    cdrs = Harness(process_cdrs, CdrState)
+    home = {"home_charging_compensation": True}
+    write(client, cdrs.run(event("CDR", cdr("C1", kwh="10", cost="2.50", pid="HCC")),
+                           event("CDR", cdr("H1", kwh="4", cost="1.00", pid="HCC") | home),
+                           event("CDR", cdr("H2", kwh="3", cost="0.90", pid="HCC") | home),
+                           event("CDR", cdr("H1-C", kwh="4", cost="-1.00", credit=True, credit_reference="H1",
+                                            pid="HCC") | home)).batch)
+    for by in ("party", "location", "day"):
+        columns, rows = reports.run(client, reports.revenue(reports.Period(), by=by, party="NL/HCC"))
+        got = [{k: v for k, v in zip(columns, r, strict=True)
+                if k in ("kind", "cdrs", "credit_cdrs", "energy_kwh", "revenue_excl_vat")} for r in rows]
+        assert got == [
+            {"cdrs": 1, "credit_cdrs": 0, "energy_kwh": Decimal("10.0000"), "revenue_excl_vat": Decimal("2.5000"),
+             "kind": "CHARGING"},
+            {"cdrs": 2, "credit_cdrs": 1, "energy_kwh": Decimal("3.0000"), "revenue_excl_vat": Decimal("0.9000"),
+             "kind": "HOME_CHARGING_COMPENSATION"}], by
+        assert columns[-1] == "kind", by  # after the columns the report had before: their positions stay
+
 def test_rejections_are_listed_in_one_order_whatever_the_engine_groups_them_in(client: Client) -> None:
     """Rows of one partner, module, count, OCPI status and field path were left in the order ClickHouse's hash
     aggregation happened to give them (PATCH 400, PUT 400, POST 400, PUT 200, POST 200 here): the method and HTTP
