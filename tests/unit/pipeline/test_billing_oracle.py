@@ -19,7 +19,11 @@ billing rows of its table; "Reports and dashboards"):
 - a credit that names a stored credit CDR (itself included) is not billed (CREDIT_OF_CREDIT); of the credits that
   name one stored non-credit CDR the earliest received (then the lowest id) is billed and every other is not
   (DUPLICATE_CREDIT); a credit whose original never came is billed on its own;
-- totals never add two currencies; incl. VAT sums the lines that give it, and the others are counted.
+- totals never add two currencies; incl. VAT sums the lines that give it, and the others are counted;
+- a CDR with `home_charging_compensation` true (and a credit of it, which carries the flag as its original does)
+  is billed apart from charging: its line has the flag, billing_daily groups by it, the revenue report gives it
+  rows of its own (kind HOME_CHARGING_COMPENSATION); a credit whose flag is not its original's does not cancel it
+  (amount_matches false, CREDIT_AMOUNT_MISMATCH), and each line counts by its own flag.
 """
 
 from __future__ import annotations
@@ -88,12 +92,14 @@ def _case_variant(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _credit_false_variant(body: dict[str, Any]) -> dict[str, Any]:
-    """The same CDR: `credit: false` where it had none, or none where it had `false`."""
+    """The same CDR: `credit: false` where it had none, or none where it had `false`, and so for
+    `home_charging_compensation`."""
     other = dict(body)
-    if other.get("credit") is False:
-        del other["credit"]
-    elif "credit" not in other:
-        other["credit"] = False
+    for name in ("credit", "home_charging_compensation"):
+        if other.get(name) is False:
+            del other[name]
+        elif name not in other:
+            other[name] = False
     return other
 
 
@@ -113,6 +119,9 @@ def traffic(draw: st.DrawFn) -> list[dict[str, Any]]:
                        end=draw(st.sampled_from(ENDS)), location=draw(st.sampled_from(["loc1", "LOC2"])),
                        cc=cc, pid=pid, credit=draw(st.sampled_from([None, None, False])))
             body["currency"] = draw(st.sampled_from(["EUR", "EUR", "USD"]))
+            home = draw(st.sampled_from([None, None, False, True]))  # absent is false
+            if home is not None:
+                body["home_charging_compensation"] = home
             if draw(st.booleans()):
                 body |= {"authorization_reference": f"Ref{n}", "invoice_reference_id": f"inv-{n}"}
             if draw(st.integers(0, 4)) == 0:  # incl. VAT is optional
@@ -129,6 +138,8 @@ def traffic(draw: st.DrawFn) -> list[dict[str, Any]]:
                     bodies.append(_credit_false_variant(body))
                 elif draw(st.booleans()):
                     bodies.append({**body, "total_energy": body["total_energy"] + 1})
+                elif draw(st.booleans()):  # the other side of home charging compensation
+                    bodies.append({**body, "home_charging_compensation": not body.get("home_charging_compensation")})
                 elif draw(st.booleans()):  # the same id as a credit
                     bodies.append({**body, "credit": True, "credit_reference_id": "c9",
                                    "total_cost": {"excl_vat": -body["total_cost"]["excl_vat"]}})
@@ -150,12 +161,14 @@ def traffic(draw: st.DrawFn) -> list[dict[str, Any]]:
                          location=original["cdr_location"]["id"] if original else "loc1",
                          credit=True, credit_reference=draw(st.sampled_from([target, target.swapcase()])))
             credit["currency"] = original["currency"] if original else "EUR"
+            if original.get("home_charging_compensation") if original else draw(st.booleans()):
+                credit["home_charging_compensation"] = True  # all other data as in the original (10 §1.1)
             if original is not None and "incl_vat" in original["total_cost"]:
                 credit["total_cost"]["incl_vat"] = -original["total_cost"]["incl_vat"]
             else:
                 credit["total_cost"].pop("incl_vat", None)
             variant = draw(st.sampled_from(["", "", "other_amount", "other_currency", "negative_energy",
-                                            "other_energy", "positive_cost"]))
+                                            "other_energy", "positive_cost", "other_home"]))
             if variant == "other_amount":
                 credit["total_cost"] = {"excl_vat": (-cost / 2).quantize(Decimal("0.0001"))}
             elif variant == "other_currency":
@@ -166,6 +179,8 @@ def traffic(draw: st.DrawFn) -> list[dict[str, Any]]:
                 credit["total_energy"] = credit["total_energy"] + 1
             elif variant == "positive_cost":  # flagged CREDIT_POSITIVE_COST; billed as -|cost|
                 credit["total_cost"] = {k: abs(v) for k, v in credit["total_cost"].items()}
+            elif variant == "other_home":  # flagged CREDIT_AMOUNT_MISMATCH; billed by its own flag
+                credit["home_charging_compensation"] = not credit.get("home_charging_compensation")
             credits.append(credit)
             bodies.append(credit)
             if draw(st.integers(0, 3)) == 0:
@@ -189,7 +204,7 @@ class Arrival:
     received: float
 
 
-Line = tuple[str, str, str, str, Any, str, bool, Decimal, Decimal, Decimal | None]
+Line = tuple[str, str, str, str, Any, str, bool, Decimal, Decimal, Decimal | None, bool]
 
 
 Stored = dict[tuple[str, str, str], tuple[float, dict[str, Any], str]]
@@ -230,7 +245,7 @@ def oracle_lines(arrived: list[Arrival]) -> dict[tuple[str, str, str], Line]:
         lines[key] = (key[0], key[1], partner, _u(body["cdr_location"]["id"]),
                       ts(_minutes(body["end_date_time"])).date(), body["currency"], credit,
                       signed(Decimal(body["total_energy"])), signed(Decimal(cost["excl_vat"])),
-                      None if incl is None else signed(Decimal(incl)))
+                      None if incl is None else signed(Decimal(incl)), bool(body.get("home_charging_compensation")))
     return lines
 
 
@@ -240,18 +255,20 @@ def _content(body: dict[str, Any]) -> tuple[Any, ...]:
     cost = body["total_cost"]
     return (Decimal(body["total_energy"]), body["cdr_location"]["name"], bool(body.get("credit")),
             _u(body.get("credit_reference_id") or "") if body.get("credit") else "", body["currency"],
-            Decimal(cost["excl_vat"]), None if cost.get("incl_vat") is None else Decimal(cost["incl_vat"]))
+            Decimal(cost["excl_vat"]), None if cost.get("incl_vat") is None else Decimal(cost["incl_vat"]),
+            bool(body.get("home_charging_compensation")))
 
 
 def _negates(credit: dict[str, Any], original: dict[str, Any]) -> bool:
-    """README: the opposite amounts excl. and incl. VAT (incl. VAT on both sides or on neither), same currency, and
-    the original's energy in either sign."""
+    """README: the opposite amounts excl. and incl. VAT (incl. VAT on both sides or on neither), same currency, the
+    original's energy in either sign, and its home_charging_compensation (absent is false)."""
     mine, theirs = credit["total_cost"], original["total_cost"]
     incl, other_incl = mine.get("incl_vat"), theirs.get("incl_vat")
     return (credit["currency"] == original["currency"] and Decimal(mine["excl_vat"]) == -Decimal(theirs["excl_vat"])
             and abs(Decimal(credit["total_energy"])) == Decimal(original["total_energy"])
             and (incl is None) == (other_incl is None)
-            and (incl is None or Decimal(incl) == -Decimal(other_incl)))
+            and (incl is None or Decimal(incl) == -Decimal(other_incl))
+            and bool(credit.get("home_charging_compensation")) == bool(original.get("home_charging_compensation")))
 
 
 def oracle_links(arrived: list[Arrival]) -> tuple[dict[Any, tuple[str, str, bool | None]], set[Any], dict[Any, int]]:
@@ -487,7 +504,7 @@ def test_billing_totals_agree_with_the_readme_oracle(client: Client, data: st.Da
 
     got = {(r[0], r[1], r[2]): _line_of(r) for r in client.query(
         "SELECT country_code, party_id, cdr_id, partner_id, location_id, day, currency, credit, energy_kwh, "
-        "cost_excl_vat, cost_incl_vat FROM billable_lines").result_rows}
+        "cost_excl_vat, cost_incl_vat, home_charging_compensation FROM billable_lines").result_rows}
     assert got == expected
 
     # What decided it: the credit links and the anomalies of the CDR and credit rules.
@@ -515,32 +532,38 @@ def test_billing_totals_agree_with_the_readme_oracle(client: Client, data: st.Da
         "SELECT country_code, party_id, subject_id, outcome FROM reconciliation FINAL WHERE subject = 'CDR'",
     ).result_rows} == outcomes
 
-    # billing_daily: per day, partner, party, location and currency.
-    daily = {(r[0], r[1], r[2], r[3], r[4], r[5]): tuple(r[6:]) for r in client.query(
-        "SELECT day, partner_id, country_code, party_id, location_id, currency, cdrs, credit_cdrs, energy_kwh, "
-        "cost_excl_vat, cost_incl_vat, lines_without_incl_vat FROM billing_daily").result_rows}
+    # billing_daily: per day, partner, party, location, currency and home charging compensation or not.
+    daily = {(r[0], r[1], r[2], r[3], r[4], r[5], r[6]): tuple(r[7:]) for r in client.query(
+        "SELECT day, partner_id, country_code, party_id, location_id, currency, home_charging_compensation, cdrs, "
+        "credit_cdrs, energy_kwh, cost_excl_vat, cost_incl_vat, lines_without_incl_vat FROM billing_daily").result_rows}
     want = {k: (v[0] + v[1], v[1], *v[2:]) for k, v in totals(
-        expected.values(), lambda x: (x[4], x[2], x[0], x[1], x[3], x[5])).items()}
+        expected.values(), lambda x: (x[4], x[2], x[0], x[1], x[3], x[5], x[10])).items()}
     assert daily == want
 
-    # The revenue report, by party, location and day.
-    for by, key in (("party", lambda x: (x[0], x[1], x[5])), ("location", lambda x: (x[0], x[1], x[3], x[5])),
-                    ("day", lambda x: (x[4], x[5]))):
-        _columns, rows = reports.run(client, reports.revenue(reports.Period(), by=by))
-        width = len(key(next(iter(expected.values())))) if expected else 0
-        report = {tuple(r[:width]): tuple(r[width:]) for r in rows}
-        assert report == totals(expected.values(), key), by
+    # The revenue report, by party, location and day: its last column, the kind, is a key too.
+    def revenue(query: reports.ReportQuery, width: int) -> dict[Any, Any]:
+        _columns, rows = reports.run(client, query)
+        return {(*r[:width], r[-1]): tuple(r[width:-1]) for r in rows}
+
+    def kind(x: Line) -> str:
+        return "HOME_CHARGING_COMPENSATION" if x[10] else "CHARGING"
+
+    for by, key in (("party", lambda x: (x[0], x[1], x[5], kind(x))),
+                    ("location", lambda x: (x[0], x[1], x[3], x[5], kind(x))),
+                    ("day", lambda x: (x[4], x[5], kind(x)))):
+        width = len(key(next(iter(expected.values())))) - 1 if expected else 0
+        assert revenue(reports.revenue(reports.Period(), by=by), width) == totals(expected.values(), key), by
     days = sorted({x[4] for x in expected.values()})
     if days:  # a period of the last day, and of the first
         for period in (reports.Period(start=days[-1]), reports.Period(end=days[0])):
-            _columns, rows = reports.run(client, reports.revenue(period, by="day"))
             lines = [x for x in expected.values() if x[4] in (period.start, period.end)]
-            assert {tuple(r[:2]): tuple(r[2:]) for r in rows} == totals(lines, lambda x: (x[4], x[5])), period
+            assert revenue(reports.revenue(period, by="day"), 2) == totals(lines, lambda x: (x[4], x[5], kind(x))), \
+                period
     for cc, pid, partner in PARTIES:
-        _columns, rows = reports.run(client, reports.revenue(reports.Period(), by="day", party=f"{cc}/{pid}"))
         lines = [x for x in expected.values() if (x[0], x[1]) == (cc, pid)]
-        assert {tuple(r[:2]): tuple(r[2:]) for r in rows} == totals(lines, lambda x: (x[4], x[5])), (cc, pid)
+        assert revenue(reports.revenue(reports.Period(), by="day", party=f"{cc}/{pid}"), 2) == totals(
+            lines, lambda x: (x[4], x[5], kind(x))), (cc, pid)
         for sender in (partner, "hub"):
-            _columns, rows = reports.run(client, reports.revenue(reports.Period(), partner=sender))
             lines = [x for x in expected.values() if x[2] == sender]
-            assert {tuple(r[:3]): tuple(r[3:]) for r in rows} == totals(lines, lambda x: (x[0], x[1], x[5])), sender
+            assert revenue(reports.revenue(reports.Period(), partner=sender), 3) == totals(
+                lines, lambda x: (x[0], x[1], x[5], kind(x))), sender
