@@ -26,8 +26,9 @@ DROP VIEW IF EXISTS billing_lines_mv;
 
 -- The existing lines of compensation CDRs, written again with the flag: the same key and version as the line they
 -- replace, and ReplacingMergeTree keeps the last inserted of equal versions. Idempotent: a CDR whose current line
--- has the flag is left out, so a rerun after a failure inserts only what is still missing. A CDR without a line
--- (none is left after 0022) gets none here. Holds the keys of the compensation CDRs in memory (few).
+-- has the flag is left out, so a rerun after a failure inserts only what is still missing. Reads every CDR's
+-- payload_json once (the rows stored before compute the flag from it); holds in memory only the keys of the lines
+-- that have the flag (few: compensation CDRs), where the lines without it would be every other CDR's.
 INSERT INTO billing_lines
 SELECT
     toDate(end_date_time) AS day, partner_id, country_code, party_id, location_id, cdr_id, currency, credit,
@@ -36,9 +37,9 @@ SELECT
     if(credit, -abs(total_cost_incl_vat), total_cost_incl_vat) AS cost_incl_vat,
     received_at, version, home_charging_compensation
 FROM cdrs FINAL
-WHERE home_charging_compensation AND concat(country_code, '\0', party_id, '\0', cdr_id) IN (
+WHERE home_charging_compensation AND concat(country_code, '\0', party_id, '\0', cdr_id) NOT IN (
     SELECT concat(country_code, '\0', party_id, '\0', cdr_id) FROM billing_lines FINAL
-    WHERE NOT home_charging_compensation);
+    WHERE home_charging_compensation);
 
 -- What billing reads (0016, 0018, 0024), with the flag.
 CREATE OR REPLACE VIEW billable_lines AS

@@ -380,9 +380,11 @@ def test_home_charging_compensation_cdrs_stored_before_0027_are_billed_apart_aft
                   column_names=_CDR_COLUMNS)
     monkeypatch.undo()
     assert [m.version for m in migrate(client, database)] == [27]
+    [(lines,)] = client.query(f"SELECT count() FROM {database}.billing_lines").result_rows
     client.insert(f"{database}.cdrs", [_cdr("H2", "3", "0.90", "1.00", payload=home)], column_names=_CDR_COLUMNS)
-    for statement in every[-1].statements():  # a rerun from the first statement changes nothing
+    for statement in every[-1].statements():  # a rerun from the first statement writes no line again
         migrations._run_in(client, database, statement)
+    assert client.query(f"SELECT count() FROM {database}.billing_lines").result_rows == [(lines + 1,)]
 
     assert client.query(f"SELECT cdr_id, home_charging_compensation FROM {database}.cdrs FINAL ORDER BY cdr_id"
                         ).result_rows == [("C1", False), ("H1", True), ("H2", True), ("HC1", True)]
