@@ -2,8 +2,8 @@
 Kafka → Faust → chDB), then the reports (through the CLI) and every Grafana panel's SQL against that data.
 
 One module-scoped stack run feeds every test here (the machine is shared): the simulated CPOs of the demo
-(their billing totals are known from `Expected`), plus a partner `report-cpo` (DE/RPT) whose four CDRs
-(one a credit) and two refused pushes have totals written out below.
+(their billing totals are known from `Expected`), plus a partner `report-cpo` (DE/RPT) whose seven CDRs
+(two credits; three of home charging compensation) and two refused pushes have totals written out below.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ PARTNER = "report-cpo"
 
 
 def _cdr(cdr_id: str, location: str, end: str, kwh: str, excl: str, incl: str, *,
-         credit_of: str | None = None) -> dict[str, Any]:
+         credit_of: str | None = None, home: bool = False) -> dict[str, Any]:
     start = (datetime.fromisoformat(end.replace("Z", "+00:00")) - timedelta(hours=1)).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
     body: dict[str, Any] = {
@@ -65,6 +65,8 @@ def _cdr(cdr_id: str, location: str, end: str, kwh: str, excl: str, incl: str, *
     }
     if credit_of:
         body |= {"credit": True, "credit_reference_id": credit_of}
+    if home:
+        body["home_charging_compensation"] = True
     return body
 
 
@@ -75,6 +77,10 @@ REPORT_CDRS = [
     _cdr("RPT-B", "L2", "2024-03-01T12:00:00Z", "20.0", "8.00", "9.68"),
     _cdr("RPT-C", "L1", "2024-03-02T09:00:00Z", "7.5", "3.00", "3.63"),
     _cdr("RPT-A-CREDIT", "L1", "2024-03-02T11:00:00Z", "10.0", "-5.00", "-6.05", credit_of="RPT-A"),
+    # Home charging compensation (owed to the driver, billed apart from charging): RPT-H2 is left after the credit.
+    _cdr("RPT-H", "L3", "2024-03-01T14:00:00Z", "6.0", "1.50", "1.82", home=True),
+    _cdr("RPT-H2", "L3", "2024-03-01T15:00:00Z", "4.0", "1.00", "1.21", home=True),
+    _cdr("RPT-H-CREDIT", "L3", "2024-03-01T16:00:00Z", "6.0", "-1.50", "-1.82", credit_of="RPT-H", home=True),
 ]
 
 
@@ -136,9 +142,9 @@ async def _populate(settings: Settings) -> tuple[Expected, list[tuple[Any, ...]]
         await _wait(client, "SELECT count() FROM cdrs FINAL", len(expected.cdrs) + len(REPORT_CDRS))
         await _wait(client, "SELECT count() FROM sessions FINAL WHERE status = 'COMPLETED'", len(expected.sessions))
         await _wait(client, "SELECT count() FROM rejections FINAL", 2)
-        await _wait(client, "SELECT count() FROM reconciliation FINAL WHERE party_id = 'RPT'", 4)
+        await _wait(client, "SELECT count() FROM reconciliation FINAL WHERE party_id = 'RPT'", len(REPORT_CDRS))
         await _wait(client, "SELECT count() FROM reconciliation FINAL WHERE party_id = 'RPT' AND outcome = 'CREDITED'",
-                    1)
+                    2)
         stack.check_children()
 
         # Consumer lag while the worker runs: it commits within a second or two of writing (seconds more on a
@@ -193,17 +199,24 @@ def test_revenue_by_party_nets_credits_exactly(demo: DemoData) -> None:
     rows = report(demo, "revenue", "--party", "de/rpt")
     assert rows == [{"country_code": "DE", "party_id": "RPT", "currency": "EUR", "cdrs": 3, "credit_cdrs": 1,
                      "energy_kwh": "27.5000", "revenue_excl_vat": "11.0000", "revenue_incl_vat": "13.3100",
-                     "lines_without_incl_vat": 0, "kind": "CHARGING"}]
+                     "lines_without_incl_vat": 0, "kind": "CHARGING"},
+                    {"country_code": "DE", "party_id": "RPT", "currency": "EUR", "cdrs": 2, "credit_cdrs": 1,
+                     "energy_kwh": "4.0000", "revenue_excl_vat": "1.0000", "revenue_incl_vat": "1.2100",
+                     "lines_without_incl_vat": 0, "kind": "HOME_CHARGING_COMPENSATION"}]
 
 
 def test_revenue_by_location_and_by_day_with_a_period(demo: DemoData) -> None:
     by_location = report(demo, "revenue", "--party", "DE/RPT", "--by", "location")
-    assert [(r["location_id"], r["cdrs"], r["credit_cdrs"], r["energy_kwh"], r["revenue_excl_vat"])
-            for r in by_location] == [("L1", 2, 1, "7.5000", "3.0000"), ("L2", 1, 0, "20.0000", "8.0000")]
+    assert [(r["location_id"], r["cdrs"], r["credit_cdrs"], r["energy_kwh"], r["revenue_excl_vat"], r["kind"])
+            for r in by_location] == [("L1", 2, 1, "7.5000", "3.0000", "CHARGING"),
+                                      ("L2", 1, 0, "20.0000", "8.0000", "CHARGING"),
+                                      ("L3", 2, 1, "4.0000", "1.0000", "HOME_CHARGING_COMPENSATION")]
     by_day = report(demo, "revenue", "--party", "DE/RPT", "--by", "day")
-    assert [(r["day"], r["cdrs"], r["credit_cdrs"], r["energy_kwh"], r["revenue_excl_vat"], r["revenue_incl_vat"])
-            for r in by_day] == [("2024-03-01", 2, 0, "30.0000", "13.0000", "15.7300"),
-                                 ("2024-03-02", 1, 1, "-2.5000", "-2.0000", "-2.4200")]
+    assert [(r["day"], r["cdrs"], r["credit_cdrs"], r["energy_kwh"], r["revenue_excl_vat"], r["revenue_incl_vat"],
+             r["kind"]) for r in by_day] == [
+        ("2024-03-01", 2, 0, "30.0000", "13.0000", "15.7300", "CHARGING"),
+        ("2024-03-01", 2, 1, "4.0000", "1.0000", "1.2100", "HOME_CHARGING_COMPENSATION"),
+        ("2024-03-02", 1, 1, "-2.5000", "-2.0000", "-2.4200", "CHARGING")]
     second_day = report(demo, "revenue", "--from", "2024-03-02", "--to", "2024-03-02")
     assert [(r["party_id"], r["energy_kwh"], r["revenue_excl_vat"]) for r in second_day] == [
         ("RPT", "-2.5000", "-2.0000")]
@@ -234,7 +247,7 @@ def test_report_rejects_bad_parameters() -> None:
 def test_health_counts_pushes_and_rejects_per_partner_and_module(demo: DemoData) -> None:
     rows = {(r["partner_id"], r["module"]): r for r in report(demo, "health")}
     cdrs, sessions = rows[(PARTNER, "CDRS")], rows[(PARTNER, "SESSIONS")]
-    assert (cdrs["pushes"], cdrs["rejects"], cdrs["reject_rate"]) == (4, 1, 0.2)
+    assert (cdrs["pushes"], cdrs["rejects"], cdrs["reject_rate"]) == (7, 1, 0.125)
     assert (sessions["pushes"], sessions["rejects"], sessions["reject_rate"]) == (0, 1, 1.0)
     assert sessions["lag_p50_s"] is None and sessions["last_push"] is None
     assert 0 <= cdrs["lag_p50_s"] <= cdrs["lag_p95_s"] <= cdrs["lag_max_s"] < 120
@@ -243,7 +256,7 @@ def test_health_counts_pushes_and_rejects_per_partner_and_module(demo: DemoData)
     assert all(r["rejects"] == 0 for r in simulated)
     today = datetime.now(UTC).date()
     only = report(demo, "health", "--partner", PARTNER, "--from", str(today - timedelta(days=1)))
-    assert [(r["module"], r["pushes"], r["rejects"]) for r in only] == [("CDRS", 4, 1), ("SESSIONS", 0, 1)]
+    assert [(r["module"], r["pushes"], r["rejects"]) for r in only] == [("CDRS", 7, 1), ("SESSIONS", 0, 1)]
     assert report(demo, "health", "--to", str(date(2000, 1, 1))) == []
 
 
@@ -279,9 +292,9 @@ def test_consumer_lag_reaches_zero_and_counts_every_record(demo: DemoData) -> No
 def test_reconciliation_report_counts_outcomes_per_party(demo: DemoData) -> None:
     rows = report(demo, "reconciliation")
     ours = [(r["subject"], r["outcome"], r["subjects"], r["sum_delta_kwh"]) for r in rows if r["party_id"] == "RPT"]
-    # No sessions were pushed for DE/RPT: its CDRs wait for theirs, but RPT-A, which the credit CDR cancels.
-    assert ours == [("CDR", "AWAITING_SESSION", 2, "0.0000"), ("CDR", "CREDIT", 1, "0.0000"),
-                    ("CDR", "CREDITED", 1, "0.0000")]
+    # No sessions were pushed for DE/RPT: its CDRs wait for theirs, but RPT-A and RPT-H, which credit CDRs cancel.
+    assert ours == [("CDR", "AWAITING_SESSION", 3, "0.0000"), ("CDR", "CREDIT", 2, "0.0000"),
+                    ("CDR", "CREDITED", 2, "0.0000")]
     # BE/BEC is the single party of its simulated CPO: every completed session of it is matched with its CDR;
     # those whose CDR was corrected (a credit and a CDR at another price) bill another cost than the session says:
     # MISMATCH, like that CDR's own row.
