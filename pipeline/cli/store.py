@@ -137,10 +137,12 @@ def query(sql: str, fmt: str) -> None:
 
     Billing totals come from `billable_lines` (one line per CDR, a credit CDR's negated; a second credit of a
     CDR, DUPLICATE_CREDIT, and a credit of a credit CDR, CREDIT_OF_CREDIT, left out), not from sums over
-    `cdrs`, where a credit CDR repeats the positive energy of the CDR it cancels.
+    `cdrs`, where a credit CDR repeats the positive energy of the CDR it cancels. Its lines of home charging
+    compensation CDRs (home_charging_compensation true, migration 0027) are amounts owed to drivers, not charging
+    revenue: leave them out of the totals, or group by the flag.
 
     Example: ocpi-pipeline query "SELECT country_code, party_id, currency, sum(energy_kwh), sum(cost_excl_vat)
-    FROM billable_lines GROUP BY 1, 2, 3"
+    FROM billable_lines WHERE NOT home_charging_compensation GROUP BY 1, 2, 3"
     """
     settings = load_settings()
     if names_outfile(sql):  # chDB, opened here without a running instance, would write it whatever readonly says

@@ -163,6 +163,17 @@ def test_what_billing_shows_says_which_credits_it_leaves_out() -> None:
         assert "DUPLICATE_CREDIT" in text and "CREDIT_OF_CREDIT" in text, text
 
 
+def test_billing_total_examples_keep_home_charging_compensation_apart() -> None:
+    """`query --help` and README gave `SELECT ... sum(...) FROM billable_lines GROUP BY 1, 2, 3` as the billing
+    totals: since 0027 billable_lines holds the lines of home charging compensation CDRs too, amounts owed to drivers,
+    which that example added to the charging revenue."""
+    help_text = " ".join(CliRunner().invoke(cli, ["query", "--help"]).output.split())
+    examples = re.findall(r'query "(SELECT [^"]*FROM billable_lines[^"]*)"', " ".join(README.split()) + help_text)
+    assert len(examples) >= 2, examples
+    for sql in examples:
+        assert "home_charging_compensation" in sql, sql
+
+
 def test_pull_help_says_where_the_next_pull_starts() -> None:
     """`pull --help` said a pull starts by default where the last completed pull ended, and each scheduled round
     continues there; it starts where the pulls completed so far end without a gap (1686ad5): after a one-off window
