@@ -116,9 +116,9 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
             return
         session = wire.builtins(merged)
-    if state.object_json is not None and _as_stored(stored_session.of(state.object_json),
-                                                    merged or wire.to_struct(session, Session),
-                                                    state.status in lifecycle.FINAL, out.pseudonym):
+    if state.object_json is not None and _as_stored(
+            stored_session.of(state.object_json), merged or wire.to_struct(session, Session),
+            merged is None or state.status in lifecycle.FINAL, out.pseudonym):
         # A Session pushed again as it is: a PATCH of last_updated alone (a CPO's sign of life) or of the values it
         # holds, a PUT of the Session its PATCHes made (a periodic sync), a final Session's status confirmed or its
         # whole object again. No change and no version; like a duplicate (the same content hash, which leaves out
@@ -146,10 +146,11 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
                        parked_token=parked.fact_token)
 
 
-def _as_stored(stored: Session | None, incoming: Session, final: bool, pseudonym: Pseudonymizer) -> bool:
-    """An open Session's push is compared by value (cheap: every push to it takes this); a final Session's also by
-    content hash, CiStrings in any case and its pseudonymised identifiers."""
-    return same_but_last_updated(stored, incoming) or (final and as_stored(stored, incoming, pseudonym))
+def _as_stored(stored: Session | None, incoming: Session, thorough: bool, pseudonym: Pseudonymizer) -> bool:
+    """A PATCH to an open Session is compared by value (cheap: every charging update takes this); a PUT, or any push
+    to a final Session, also by content hash: CiStrings in any case, a period's dimensions in any order, and the
+    personal identifiers as their pseudonyms."""
+    return same_but_last_updated(stored, incoming) or (thorough and as_stored(stored, incoming, pseudonym))
 
 
 def same_but_last_updated(stored: Session | None, merged: Session) -> bool:

@@ -464,6 +464,22 @@ def test_a_put_of_the_session_merged_from_patches_with_a_bumped_last_updated_is_
     out = h.run(changed)  # a real change is applied as ever
     assert outcomes(out) == [(changed.event_id, "APPLIED")] and len(rows(out.batch, "sessions")) == 1
 
+def test_a_periodic_put_of_an_open_session_compares_as_a_final_sessions_push_does() -> None:
+    # The PUT after PATCHes above, sent as a CPO's backend spells it: a period's dimensions in another order,
+    # CiString values in another case. The same content (02 §9; dedup's content hash leaves the order of
+    # dimensions out), so no version and no restart of the idle clock, as for a final Session.
+    h = harness(idle_min=60)
+    two = [{"type": "ENERGY", "volume": Decimal("5")}, {"type": "TIME", "volume": Decimal("0.5")}]
+    body = session(status="ACTIVE", kwh="0", periods=[{"start_date_time": iso(ts(0)), "dimensions": two}])
+    h.run(event("Session", body, received=0),
+          event("SessionPatch", {"kwh": Decimal("5"), "last_updated": iso(ts(10))}, object_id="S1", received=10))
+    reordered = {**body, "kwh": Decimal("5"), "location_id": "loc1", "last_updated": iso(ts(20)),
+                 "charging_periods": [{"start_date_time": iso(ts(0)), "dimensions": two[::-1]}]}
+    sync = event("Session", reordered, received=20)
+    out = h.run(sync)
+    assert outcomes(out) == [(sync.event_id, "DUPLICATE")] and rows(out.batch, "sessions") == []
+    assert stored(h)["last_updated"] == iso(ts(10))
+
 def test_facts_follow_matching_keys_and_final_amounts_not_every_kwh_tick() -> None:
     h = harness()
     first = h.run(event("Session", session(status="ACTIVE"), received=1))
