@@ -51,12 +51,13 @@ WHERE NOT (credit AND concat(country_code, '\0', party_id, '\0', cdr_id) IN (
     SELECT concat(country_code, '\0', party_id, '\0', credit_cdr_id) FROM credit_links FINAL
     WHERE status IN ('DUPLICATE_CREDIT', 'CREDIT_OF_CREDIT')));
 
--- A day's home charging compensation is its own row, apart from the charging revenue of the same location.
+-- A day's home charging compensation is its own row, apart from the charging revenue of the same location. The
+-- flag is the last column, as in billable_lines: a reader that takes the columns by position keeps its places.
 CREATE OR REPLACE VIEW billing_daily AS
 SELECT
-    day, partner_id, country_code, party_id, location_id, currency, home_charging_compensation,
+    day, partner_id, country_code, party_id, location_id, currency,
     count() AS cdrs, countIf(credit) AS credit_cdrs,
     sum(energy_kwh) AS energy_kwh, sum(cost_excl_vat) AS cost_excl_vat, sum(cost_incl_vat) AS cost_incl_vat,
-    countIf(billable_lines.cost_incl_vat IS NULL) AS lines_without_incl_vat
+    countIf(billable_lines.cost_incl_vat IS NULL) AS lines_without_incl_vat, home_charging_compensation
 FROM billable_lines
 GROUP BY day, partner_id, country_code, party_id, location_id, currency, home_charging_compensation;
