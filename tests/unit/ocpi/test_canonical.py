@@ -6,7 +6,7 @@ import copy
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import pytest
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ocpi import ObjectKey, OcpiStatus, ci_equal, content_hash, decode, merge_session, to_builtins, to_ocpi_json
 from ocpi.canonical import ci_spec, number_text
-from ocpi.model import Connector, ConnectorPatch, Location, Session, SessionPatch
+from ocpi.model import CDR, Connector, ConnectorPatch, Location, Session, SessionPatch
 
 from .support import EXAMPLES, dumps, example
 
@@ -273,3 +273,45 @@ def test_number_text_is_the_normalised_positional_text(value: Decimal) -> None:
     """The content hash writes numbers so (a changed text would change stored hashes); normalize() must neither
     round a long number nor differ from stripping the digits."""
     assert number_text(value) == _number_text_by_digits(value)
+
+
+# --- stored content hashes must never change ---------------------------------------------------------------
+
+_CDR_LIKE: dict[str, Any] = {
+    "country_code": "nl", "party_id": "Tnm", "id": "cdr-ß1", "currency": "EUR", "credit": False,
+    "start_date_time": datetime(2026, 3, 1, 8, 0, tzinfo=UTC), "end_date_time": datetime(2026, 3, 1, 9, 0, 0, 500,
+                                                                                          tzinfo=UTC),
+    "cdr_token": {"uid": "tok1", "type": "RFID", "contract_id": "nl-ems-1", "country_code": "nl", "party_id": "ems"},
+    "cdr_location": {"id": "loc1", "evse_uid": "e1", "connector_id": "1", "name": "Station", "address": None,
+                     "coordinates": {"latitude": "52.1", "longitude": "5.1"}},
+    "charging_periods": [{"start_date_time": datetime(2026, 3, 1, 10, 0, tzinfo=timezone(timedelta(hours=2))),
+                          "tariff_id": "t1", "last_updated": "ignored",
+                          "dimensions": [{"type": "TIME", "volume": Decimal("1.000")},
+                                         {"type": "ENERGY", "volume": Decimal("10.50")}]}],
+    "tariffs": [], "signed_data": None, "total_cost": {"excl_vat": Decimal("3.6750"), "incl_vat": Decimal("4E+0")},
+    "total_energy": Decimal("10.5000"), "total_time": Decimal("1"), "remark": "a b", "last_updated": datetime.now(UTC),
+}
+
+# Content hashes as computed at 5e094c5 (any faster canonical form must give these): stored in states and
+# ClickHouse, so another value for the same content would turn a partner's resend after an upgrade into a CONFLICT.
+_PINNED: Final = {
+    "session": "57e6764e0a8835073660d188c335df2f5584bf4b3230064cb95817e515d5247c",
+    "session_ci": "caf884855eab6bc0a15bcab14936b39390b475ea8f0f99d225c303046a624875",
+    "location_ci": "d60f3a9f37d054a7c53cc7e17cb1bfa7e432fc6b0de237a1a7e4af0f38dd4b07",
+    "cdr_like": "768093fc07f3cc708edfae2e41d84ae045d4753a6273d4af0ba3e54aed839c59",
+    "cdr_like_ci": "8fee04505d71d7b3aeb8f7a9882e95afc516cc034751ba1a429a6f97e45ad3d1",
+}
+
+
+def test_content_hashes_are_pinned() -> None:
+    """Mixed-case CiStrings (a non-ASCII one too), amounts with trailing zeros or an exponent, null, absent and empty
+    members, `last_updated` at any depth, times in UTC, another zone and with a fraction: the values of 5e094c5."""
+    cdr_ci = ci_spec(CDR)
+    hashes = {
+        "session": content_hash(decode(dumps(SESSION), Session).value),
+        "session_ci": content_hash(decode(dumps(SESSION), Session).value, ci=ci_spec(Session)),
+        "location_ci": content_hash(example("location_example.json"), ci=ci_spec(Location)),
+        "cdr_like": content_hash(_CDR_LIKE),
+        "cdr_like_ci": content_hash(_CDR_LIKE, ci=cdr_ci),
+    }
+    assert hashes == _PINNED
