@@ -141,17 +141,24 @@ class _Generator:
             return schema[1]
         return None
 
-    def field(self, schema: Any, key: str, strip: bool) -> list[str]:
-        """Read one record field into o[key]. A ["null", X] field is tested on its first byte (0: null,
-        2: X, anything else a longer or bad index), and left out of a stripped record when null."""
-        value = self.fresh("v")
+    def field(self, schema: Any, key: str, strip: bool, local: str | None = None) -> list[str]:
+        """Read one record field into o[key], or into the variable `local` (None when null). A ["null", X] field
+        is tested on its first byte (0: null, 2: X, anything else a longer or bad index), and left out of a
+        stripped record when null."""
+        value = local or self.fresh("v")
         inner = self.optional(schema)
         if inner is None:
             lines = self.emit(schema, value, "    ")
+            if local:
+                return lines
             if strip:
                 return [*lines, f"    if {value} is not None:", f"        o[{key}] = {value}"]
             return [*lines, f"    o[{key}] = {value}"]
         present = self.fresh("h")
+        if local:
+            store, absent = [], [f"        {value} = None"]
+        else:
+            store, absent = [f"        o[{key}] = {value}"], [] if strip else [f"        o[{key}] = None"]
         return [
             "    b = d[p]",
             "    if b == 2:",
@@ -167,8 +174,8 @@ class _Generator:
             f"        {present} = u == 1",
             f"    if {present}:",
             *self.emit(inner, value, "        "),
-            f"        o[{key}] = {value}",
-            *([] if strip else ["    else:", f"        o[{key}] = None"]),
+            *store,
+            *(["    else:", *absent] if absent else []),
         ]
 
     def emit(self, schema: Any, target: str, ind: str) -> list[str]:
@@ -266,7 +273,8 @@ class _Generator:
             lines.append(f"{inner}{target}[{key}] = {item}")
         return [*lines, *self.long(count, ind + "    ")]
 
-    def record(self, schema: dict[str, Any]) -> str:
+    def record(self, schema: dict[str, Any], build: Callable[..., Any] | None = None) -> str:
+        """The function reading a record: a dict, or `build` called with the field values in schema order."""
         name = schema["name"]
         function = self.functions.get(name)
         if function is not None:
@@ -274,25 +282,31 @@ class _Generator:
         function = self.fresh("_record")
         self.functions[name] = function  # before the body: recursive types refer to themselves
         strip = self.strip(name)
-        lines = [f"def {function}(d, p):", "    o = {}"]
+        values = [self.fresh("f") for _ in schema["fields"]] if build is not None else []
+        lines = [f"def {function}(d, p):", *([] if values else ["    o = {}"])]
         self.stripping.append(strip)  # maps in this record follow it
-        for field in schema["fields"]:
-            lines += self.field(field["type"], repr(field["name"]), strip)
+        for i, field in enumerate(schema["fields"]):
+            lines += self.field(field["type"], repr(field["name"]), strip, values[i] if values else None)
         self.stripping.pop()
-        lines.append("    return o, p")
+        if build is None:
+            lines.append("    return o, p")
+        else:
+            lines.append(f"    return {self.constant('_build', build)}({', '.join(values)}), p")
         self.source.append("\n".join(lines))
         return function
 
 
-def compile_reader(schema: dict[str, Any], strip: Callable[[str], bool] = lambda name: False) -> Reader | None:
+def compile_reader(schema: dict[str, Any], strip: Callable[[str], bool] = lambda name: False,
+                   build: Callable[..., Any] | None = None) -> Reader | None:
     """A reader of `schema` (fastavro-parsed, full names), or None when it uses what the generator lacks.
 
     `strip(name)` says, per record full name, whether that record's null fields (and its maps' null values)
-    are left out."""
+    are left out. `build`: called with the top record's field values (None for a null), in schema order, for the
+    value read instead of a dict (the codec builds its `DecodedEvent` so, without a dict to unpack)."""
     generator = _Generator(strip)
     try:
         generator.collect(schema)
-        top = generator.record(generator.resolve(schema))
+        top = generator.record(generator.resolve(schema), build)
     except Unsupported:
         return None
     namespace = dict(generator.namespace)

@@ -3,6 +3,7 @@ digits, for every valid record; an AvroCodecError wherever fastavro refuses the 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -78,6 +79,21 @@ def test_valid_records_decode_as_fastavro_decodes_them(data: bytes) -> None:
 
 def test_the_default_codec_uses_the_generated_reader() -> None:
     assert codec._codec()._event_reader is not None
+    assert codec._codec()._event_built is not None  # DecodedEvent built by the reader, from the values in order
+
+
+def test_an_envelope_in_another_order_than_decoded_event_is_read_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader builds the DecodedEvent from the envelope's values by position only where the schema has
+    DecodedEvent's fields in its order; otherwise it reads a dict, which the codec takes by name."""
+    event = codec._codec()._event
+    first, second, *rest = event.parsed["fields"]
+    assert codec._event_builder(dataclasses.replace(event, parsed={**event.parsed,
+                                                                   "fields": [second, first, *rest]})) is None
+    monkeypatch.setattr(codec, "_event_builder", lambda _event: None)
+    by_name = AvroCodec.from_directory(schema_root())
+    assert by_name._event_reader is not None and by_name._event_built is None
+    for data in VALID:
+        assert same_event(by_name.decode_event(data), REFERENCE.decode_event(data))
 
 
 def _outcome(reader: AvroCodec, data: bytes) -> DecodedEvent | str:
