@@ -10,10 +10,21 @@ from typing import Any, Final
 
 import msgspec
 import pytest
+from hypothesis import example as case
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ocpi import ObjectKey, OcpiStatus, ci_equal, content_hash, decode, merge_session, to_builtins, to_ocpi_json
+from ocpi import (
+    ObjectKey,
+    OcpiStatus,
+    canonical,
+    ci_equal,
+    content_hash,
+    decode,
+    merge_session,
+    to_builtins,
+    to_ocpi_json,
+)
 from ocpi.canonical import ci_spec, number_text
 from ocpi.model import CDR, Connector, ConnectorPatch, Location, Session, SessionPatch
 
@@ -303,9 +314,89 @@ _PINNED: Final = {
 }
 
 
+def _canonical_as_first_defined(value: Any, ci: Any) -> Any:
+    """`ocpi.canonical._canonical` as it was before its dict loop was unrolled (5e094c5), the reference."""
+    leaves = frozenset((str, bool, int, float))
+    kept = leaves | {Decimal, datetime, dict}
+    kind = type(value)
+    if kind is str:
+        return value if ci is not True else value.upper() if value.isascii() else value.translate(
+            str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    if kind is dict:
+        if ci is True or ci is None:
+            tree = {key: item if type(item) in leaves else _canonical_as_first_defined(item, None)
+                    for key, item in value.items()
+                    if key != "last_updated" and (type(item) in kept or (item is not None and item != []))}
+        else:
+            tree = {key: item if (sub := ci.get(key)) is None and type(item) in leaves
+                    else _canonical_as_first_defined(item, sub)
+                    for key, item in value.items()
+                    if key != "last_updated" and (type(item) in kept or (item is not None and item != []))}
+        if type(tree.get("dimensions")) is list:
+            tree["dimensions"] = sorted(tree["dimensions"], key=msgspec.json.Encoder(order="sorted").encode)
+        return tree
+    if kind is list:
+        return [_canonical_as_first_defined(item, ci) for item in value]
+    if value is None or kind in leaves or kind is tuple:
+        return value
+    if isinstance(value, Decimal):
+        return number_text(value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime in an OCPI value: OCPI DateTimes are UTC")
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    raise canonical._NotBuiltin
+
+
+class _SubDecimal(Decimal):
+    pass
+
+
+class _SubDatetime(datetime):
+    pass
+
+
+_KEYS = st.sampled_from(["last_updated", "dimensions", "id", "uid", "country_code", "party_id", "tariff_id",
+                         "cdr_location", "cdr_token", "charging_periods", "tariffs", "volume", "credit", "remark"])
+_ZONES = st.sampled_from([UTC, timezone(timedelta(0), "Z"), timezone(timedelta(hours=2)),
+                          timezone(timedelta(hours=-5, minutes=-30))])
+_LEAF_VALUES = (
+    st.text(alphabet="abcXYZ-*1 ßéİı", max_size=6) | st.booleans() | st.integers(-5, 5) | st.floats(-10, 10)
+    | st.none() | st.just([]) | st.just(()) | st.tuples(st.integers())
+    | st.decimals(allow_nan=False, allow_infinity=False, places=4, min_value=-1000, max_value=1000)
+    | st.builds(lambda d: _SubDecimal(d), st.decimals(allow_nan=False, allow_infinity=False, places=2))
+    | st.builds(lambda d, zone: d.replace(tzinfo=zone), st.datetimes(), _ZONES)
+    | st.builds(lambda d: _SubDatetime.combine(d.date(), d.time(), UTC), st.datetimes())
+    | st.datetimes()  # naive: refused
+)
+_TREES = st.recursive(_LEAF_VALUES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner,
+                                                                                                 max_size=5),
+                      max_leaves=25)
+_SPECS = st.recursive(st.just(True), lambda inner: st.dictionaries(_KEYS, inner, max_size=4), max_leaves=8)
+
+
+def _outcome(function: Any, tree: Any, ci: Any) -> tuple[str, bytes | str]:
+    try:
+        return "value", canonical.canonical_json(function(tree, ci))
+    except (ValueError, canonical._NotBuiltin) as exc:
+        return "raised", type(exc).__name__
+
+
+@settings(max_examples=1500, deadline=None)
+@case({"cdr_location": "loc", "id": {"uid": "e"}, "tariffs": ["t"]}, {"cdr_location": {"id": True}, "id": True,
+                                                                        "tariffs": True})
+@case({"last_updated": datetime(2026, 1, 1), "x": [{"last_updated": object()}]}, None)  # noqa: DTZ001
+@case({"id": "ıß", "dimensions": [{"volume": Decimal("1.50")}, {"volume": Decimal("1.5")}], "credit": None}, True)
+@given(st.dictionaries(_KEYS, _TREES, max_size=8) | _TREES,
+       st.none() | _SPECS | st.sampled_from([ci_spec(CDR), ci_spec(Session), ci_spec(Location)]))
+def test_canonical_is_what_it_was_first(tree: Any, ci: Any) -> None:
+    """Mixed-case CiStrings (and non-ASCII ones), Decimals with trailing zeros or of a subclass, null, absent and
+    empty members, `last_updated` at any depth, DateTimes in any zone or naive: the same canonical JSON (or the
+    same refusal) as the first definition, with the CiSpecs of the models and arbitrary ones."""
+    assert _outcome(canonical._canonical, tree, ci) == _outcome(_canonical_as_first_defined, tree, ci)
+
+
 def test_content_hashes_are_pinned() -> None:
-    """Mixed-case CiStrings (a non-ASCII one too), amounts with trailing zeros or an exponent, null, absent and empty
-    members, `last_updated` at any depth, times in UTC, another zone and with a fraction: the values of 5e094c5."""
     cdr_ci = ci_spec(CDR)
     hashes = {
         "session": content_hash(decode(dumps(SESSION), Session).value),
