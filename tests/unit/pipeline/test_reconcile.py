@@ -1044,11 +1044,8 @@ def test_a_credit_whose_cost_incl_vat_does_not_negate_its_originals_does_not_mat
 
 def test_a_fact_written_before_cost_incl_vat_travelled_is_compared_excl_vat_only() -> None:
     # State and topic records of an earlier version hold CDR facts without `cost_incl_vat`: unknown, not absent.
-    written = msgspec.json.decode(encode_facts([c_fact(cdr("C1", cost="2.50"))]))
-    del written["facts"][0]["cost_incl_vat"]
-    [old] = decode_facts(msgspec.json.encode(written))
     party = Party()
-    party.run(old)
+    party.run(_fact_written_without("cost_incl_vat", cdr("C1", cost="2.50")))
     out = party.run(c_fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), received=1))
     assert link(out, "C1-C")["amount_matches"] is True and out.anomalies == []
 
@@ -1077,14 +1074,20 @@ def test_a_credit_that_does_not_carry_its_originals_home_charging_compensation_d
 
 def test_a_fact_written_before_home_charging_compensation_travelled_is_compared_without_it() -> None:
     # State and topic records of an earlier version hold CDR facts without the flag: unknown, not false.
-    written = msgspec.json.decode(encode_facts([c_fact(cdr("C1", cost="2.50"))]))
-    del written["facts"][0]["home_charging_compensation"]
-    [old] = decode_facts(msgspec.json.encode(written))
     party = Party()
-    party.run(old)
+    party.run(_fact_written_without("home_charging_compensation", cdr("C1", cost="2.50")))
     credit = cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1") | {"home_charging_compensation": True}
     out = party.run(c_fact(credit, received=1))
     assert link(out, "C1-C")["amount_matches"] is True and out.anomalies == []
+
+
+def _fact_written_without(field: str, body: dict[str, Any]) -> Any:
+    """The CDR fact of `body` as an earlier version wrote it, before `field` travelled."""
+    written = msgspec.json.decode(encode_facts([c_fact(body)]))
+    del written["facts"][0][field]
+    [old] = decode_facts(msgspec.json.encode(written))
+    return old
+
 
 def _as_written_before_token_hours(store: Any) -> None:
     """Rewrite a party state's token indexes as a version before 30bd9ac kept them: sessions (`IT`) and waiting CDRs
