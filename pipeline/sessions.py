@@ -153,10 +153,10 @@ def _as_stored(stored: Session | None, incoming: Session, thorough: bool, pseudo
     return same_but_last_updated(stored, incoming) or (thorough and as_stored(stored, incoming, pseudonym))
 
 
-def same_but_last_updated(stored: Session | None, merged: Session) -> bool:
-    """Whether a PATCH merged into `merged` left the stored Session as it was but for `last_updated` (field by field,
-    numbers by value: 5 and 5.000 kWh are one amount)."""
-    return stored is not None and msgspec.structs.replace(merged, last_updated=stored.last_updated) == stored
+def same_but_last_updated(stored: Session | None, incoming: Session) -> bool:
+    """Whether `incoming` (a PATCH merged, or a PUT) leaves the stored Session as it was but for `last_updated`
+    (field by field, numbers by value: 5 and 5.000 kWh are one amount)."""
+    return stored is not None and msgspec.structs.replace(incoming, last_updated=stored.last_updated) == stored
 
 
 def as_stored(stored: Session | None, incoming: Session, pseudonym: Pseudonymizer) -> bool:
