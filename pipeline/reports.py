@@ -3,7 +3,7 @@
 Every report is a function returning a `ReportQuery` (SQL with client-side `%(name)s` parameters, bound by
 clickhouse-connect) over the tables the pipeline writes:
 
-- revenue: `billable_lines` (`billing_lines`, one line per CDR, credits already negated by the `billing_lines_mv`
+- revenue: `billable_lines` (`billing_lines`, one line per CDR, credits already negated by the `billing_lines_v2_mv`
   view, so a credit CDR nets out the CDR it cancels; without the lines of DUPLICATE_CREDIT and CREDIT_OF_CREDIT
   credits, which would net it twice); grouped by party, location or day, one row per currency and kind: CHARGING,
   or HOME_CHARGING_COMPENSATION for the CDRs of sessions on a driver's home charger (energy compensated to the
