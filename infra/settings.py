@@ -30,6 +30,24 @@ def _setting(env: str, default: str, doc: str, *, secret: bool = False) -> Any:
     return field(metadata={"env": env, "default": default, "doc": doc, "secret": secret})
 
 
+def _parse_token_parties(env: str, raw: str) -> str:
+    """`CC/PID,CC/PID` (any case, blanks around each), kept upper-cased and without blanks: CiStrings, and the form a
+    child process reads again (`as_environ`)."""
+    if not raw.strip():
+        return ""
+    parties = [part.strip().upper() for part in raw.split(",")]
+    wrong = [part for part in parties if not re.fullmatch(r"[A-Z]{2}/[A-Z0-9]{3}", part)]
+    if wrong:
+        raise SettingsError(f"{env}={raw!r}: {', '.join(map(repr, wrong))} is not a party CC/PID (two letters, a "
+                            "slash, three letters or digits: NL/EMS)")
+    return ",".join(parties)
+
+
+def token_party_pairs(setting: str) -> frozenset[tuple[str, str]]:
+    """The (country code, party id) pairs of an `OCPI_TOKEN_PARTIES` value as `load_settings` keeps it."""
+    return frozenset(tuple(part.split("/")) for part in setting.split(",") if part)  # type: ignore[misc]
+
+
 def _parse_port(env: str, raw: str) -> int:
     port = _parse_int(env, raw)
     if not 0 < port < 65536:
@@ -496,6 +514,11 @@ class PipelineSettings:
         "seconds a Location or Session push's last_updated may be ahead of its receipt before it is flagged "
         "(FUTURE_LAST_UPDATED; CDRs have no stale rule to break)",
     )
+    token_parties: str = _setting(
+        "OCPI_TOKEN_PARTIES", "",
+        "the eMSP parties whose tokens we bill, CC/PID separated by commas (NL/EMS,BE/EMS): a CDR of another's "
+        "token is flagged CDR_OF_ANOTHER_EMSP; empty = not checked (a hub carries every eMSP's tokens)",
+    )
     cdr_grace_s: float = _setting(
         "OCPI_RECONCILE_CDR_GRACE", "86400",
         "seconds after a session completed before a missing CDR is flagged",
@@ -623,6 +646,7 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "OCPI_PIPELINE_PARK_MAX": _parse_positive_int,
     "OCPI_PIPELINE_SESSION_IDLE": _parse_float,
     "OCPI_PIPELINE_CLOCK_SKEW": _parse_float,
+    "OCPI_TOKEN_PARTIES": _parse_token_parties,
     "OCPI_RECONCILE_CDR_GRACE": _parse_float,
     "OCPI_RECONCILE_SESSION_GRACE": _parse_float,
     "OCPI_RECONCILE_ENERGY_TOLERANCE": _parse_non_negative_decimal,

@@ -22,7 +22,7 @@ def process_cdrs(view: TypedView[CdrState], key: str, records: list[Record], rul
         decision = (cdr_rules.decide(state.content_hash, event.content_hash, state.same_hash, same) if state
                     else CdrDecision.NEW)
         if decision is CdrDecision.NEW:
-            store(record, out)
+            store(record, rules, out)
             state = CdrState(content_hash=event.content_hash, event_id=event.event_id, offset=record.offset,
                              received_at=record.received_at, same_hash=same)
             out.outcome(record, Outcome.APPLIED)
@@ -44,14 +44,14 @@ def process_cdrs(view: TypedView[CdrState], key: str, records: list[Record], rul
         view.set(key, state)
 
 
-def store(record: Record, out: StageOutput) -> None:
+def store(record: Record, rules: StageRules, out: StageOutput) -> None:
     event = record.event
     cdr = event.payload
     out.batch.add("cdrs", projection.CDR_COLUMNS, projection.cdr_row(event, cdr, wire.ocpi_json(cdr)))
     out.batch.extend("cdr_charging_periods", projection.CDR_PERIOD_COLUMNS,
                      projection.cdr_period_rows(cdr, event.received_at))
     out.batch.extend("cdr_tariffs", projection.CDR_TARIFF_COLUMNS, projection.cdr_tariff_rows(cdr, event.received_at))
-    for kind, detail in cdr_rules.credit_anomalies(cdr):
+    for kind, detail in [*cdr_rules.credit_anomalies(cdr), *cdr_rules.token_anomalies(cdr, rules.token_parties)]:
         out.anomaly(kind, event, detail)
     out.fact(event, cdr_fact(cdr, partner_id=event.partner_id, received_at=record.received_at,
                              pseudonym=out.pseudonym))

@@ -11,7 +11,7 @@ from typing import Final, Protocol
 
 from infra.codec import DecodedEvent, decode_event
 from infra.kafka.admin import RECORD_MAX_BYTES
-from infra.settings import PipelineSettings
+from infra.settings import PipelineSettings, token_party_pairs
 from pipeline import ordering, projection
 from pipeline.facts import Fact, party_key
 from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, Record, sub_id, utc_now
@@ -35,12 +35,14 @@ class StageRules:
     park_max: int
     session_idle: timedelta
     clock_skew: timedelta = timedelta(minutes=5)
+    token_parties: frozenset[tuple[str, str]] = frozenset()  # the eMSP parties whose tokens we bill; empty: any
 
     @classmethod
     def from_settings(cls, pipeline: PipelineSettings) -> StageRules:
         return cls(park_ttl=timedelta(seconds=pipeline.park_ttl_s), park_max=pipeline.park_max,
                    session_idle=timedelta(seconds=pipeline.session_idle_s),
-                   clock_skew=timedelta(seconds=pipeline.clock_skew_s))
+                   clock_skew=timedelta(seconds=pipeline.clock_skew_s),
+                   token_parties=token_party_pairs(pipeline.token_parties))
 
 
 @dataclass

@@ -100,6 +100,9 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_RETENTION_HISTORY_DAYS", "36501"),
     ("OCPI_RETENTION_PSEUDONYMISE_DAYS", "1e9"),
     ("OCPI_RETENTION_BILLING_YEARS", "101"),
+    ("OCPI_TOKEN_PARTIES", "NL-EMS"),  # CC/PID, as the CLI's --party
+    ("OCPI_TOKEN_PARTIES", "NL/EMS,NLD/EMS"),
+    ("OCPI_TOKEN_PARTIES", "NL/EMS,"),
 ])
 def test_a_wrong_value_fails_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
@@ -318,3 +321,13 @@ def test_topic_sizes_fit_kafka_s_create_topics_request(variable: str, most: int)
     assert load_settings({variable: str(most)})
     with pytest.raises(SettingsError, match=f"{variable}='{most + 1}'"):
         load_settings({variable: str(most + 1)})
+
+
+def test_token_parties_are_read_as_the_cli_spells_a_party_in_any_case() -> None:
+    from pipeline.stage import StageRules
+
+    assert load_settings({}).pipeline.token_parties == ""  # not checked
+    settings = load_settings({"OCPI_TOKEN_PARTIES": " nl/ems , BE/Em1"})
+    assert settings.pipeline.token_parties == "NL/EMS,BE/EM1"
+    assert StageRules.from_settings(settings.pipeline).token_parties == frozenset({("NL", "EMS"), ("BE", "EM1")})
+    assert load_settings(as_environ(settings)).pipeline.token_parties == "NL/EMS,BE/EM1"  # a child process's
