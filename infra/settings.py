@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlparse
 
+from ocpi.identity import ci_normalize
 from ocpi.model import CDR, max_length
 
 
@@ -32,10 +33,11 @@ def _setting(env: str, default: str, doc: str, *, secret: bool = False) -> Any:
 
 def _parse_token_parties(env: str, raw: str) -> str:
     """`CC/PID,CC/PID` (any case, blanks around each), kept upper-cased and without blanks: CiStrings, and the form a
-    child process reads again (`as_environ`)."""
+    child process reads again (`as_environ`). ASCII letters only are upper-cased (`ci_normalize`, as the CDR's are
+    compared): str.upper() would turn a non-ASCII letter into another party's (the ligature ff into FF)."""
     if not raw.strip():
         return ""
-    parties = [part.strip().upper() for part in raw.split(",")]
+    parties = [ci_normalize(part.strip()) for part in raw.split(",")]
     wrong = [part for part in parties if not re.fullmatch(r"[A-Z]{2}/[A-Z0-9]{3}", part)]
     if wrong:
         raise SettingsError(f"{env}={raw!r}: {', '.join(map(repr, wrong))} is not a party CC/PID (two letters, a "

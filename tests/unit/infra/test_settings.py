@@ -103,6 +103,9 @@ def test_defaults_are_documented_and_embedded() -> None:
     ("OCPI_TOKEN_PARTIES", "NL-EMS"),  # CC/PID, as the CLI's --party
     ("OCPI_TOKEN_PARTIES", "NL/EMS,NLD/EMS"),
     ("OCPI_TOKEN_PARTIES", "NL/EMS,"),
+    # Letters whose Unicode upper case is ASCII ("\ufb00" is FF, dotless i is I): another party than the one written
+    ("OCPI_TOKEN_PARTIES", "NL/E\ufb00"),
+    ("OCPI_TOKEN_PARTIES", "nl/em\u0131"),
 ])
 def test_a_wrong_value_fails_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
