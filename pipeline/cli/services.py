@@ -274,10 +274,12 @@ def demo(sessions: int, seed: int, timeout: float, data_dir: Path | None) -> Non
         temp = Path(tempfile.mkdtemp(prefix="ocpi-demo-"))
         data_dir = temp
     # Its own stack on a free port: OCPI_PUBLIC_URL (production's, or the container's) would be where the simulated
-    # CPOs push and what the receivers advertise.
+    # CPOs push and what the receivers advertise. The operator's OCPI_TOKEN_PARTIES would flag every simulated CDR
+    # (tokens of the simulator's own eMSP parties) CDR_OF_ANOTHER_EMSP, a mismatch.
     try:
         settings = configured.with_overrides(storage={"data_dir": str(data_dir)}, http={"port": 0, "public_url": ""},
-                                             clickhouse={"dsn": ""}, kafka={"bootstrap": ""})
+                                             clickhouse={"dsn": ""}, kafka={"bootstrap": ""},
+                                             pipeline={"token_parties": ""})
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
             task = progress.add_task("starting the stack", total=sessions)

@@ -40,6 +40,25 @@ def test_the_demo_pushes_to_its_own_receivers_whatever_the_public_url(monkeypatc
     assert stack.child_environment()["OCPI_PUBLIC_URL"] == "http://127.0.0.1:40123"
 
 
+
+def test_the_demo_checks_no_token_parties_whatever_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """OCPI_TOKEN_PARTIES (the operator's eMSP parties, in its environment or docker-compose's) applied to the demo's
+    own stack: the simulated CPOs' CDRs carry tokens of their own eMSP parties (CC/EMS), each then flagged
+    CDR_OF_ANOTHER_EMSP, an anomaly the demo counts as a mismatch: it exited 1 on a sound pipeline."""
+    seen: list[Settings] = []
+
+    async def fake_run_demo(settings: Settings, **_options: Any) -> None:
+        seen.append(settings)
+        raise StackError("stopped by the test")
+
+    monkeypatch.setattr("pipeline.cli.services.run_demo", fake_run_demo)
+    result = CliRunner().invoke(cli, ["demo", "--data-dir", str(tmp_path / "demo")],
+                                env={"OCPI_TOKEN_PARTIES": "XX/ABC"})
+    assert "stopped by the test" in result.output, result.output
+    assert seen[0].pipeline.token_parties == ""
+    assert Stack(seen[0], http_port=40123).child_environment()["OCPI_TOKEN_PARTIES"] == ""
+
 def test_the_demo_refuses_a_data_dir_that_holds_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The demo checks that ClickHouse holds exactly what its CPOs pushed. Run again with the same `--data-dir`
     (README's examples run `demo --data-dir ./demo-data` in two sections), it pushed the same ids over the first
