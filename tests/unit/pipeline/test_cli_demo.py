@@ -25,20 +25,11 @@ def test_the_demo_pushes_to_its_own_receivers_whatever_the_public_url(monkeypatc
     """The demo runs its own stack on a free port, but kept OCPI_PUBLIC_URL: its simulated CPOs pushed to
     `Stack.base_url`, the production receivers' public address (or the container's, in docker-compose), not to
     the demo's own receivers."""
-    seen: list[Settings] = []
-
-    async def fake_run_demo(settings: Settings, **_options: Any) -> None:
-        seen.append(settings)
-        raise StackError("stopped by the test")
-
-    monkeypatch.setattr("pipeline.cli.services.run_demo", fake_run_demo)
-    result = CliRunner().invoke(cli, ["demo", "--data-dir", str(tmp_path / "demo")],
-                                env={"OCPI_PUBLIC_URL": "https://ocpi.example.com", "OCPI_HTTP_PORT": "8080"})
-    assert "stopped by the test" in result.output, result.output
-    stack = Stack(seen[0], http_port=40123)
+    settings = _demo_settings(monkeypatch, tmp_path, {"OCPI_PUBLIC_URL": "https://ocpi.example.com",
+                                                      "OCPI_HTTP_PORT": "8080"})
+    stack = Stack(settings, http_port=40123)
     assert stack.base_url == "http://127.0.0.1:40123"
     assert stack.child_environment()["OCPI_PUBLIC_URL"] == "http://127.0.0.1:40123"
-
 
 
 def test_the_demo_checks_no_token_parties_whatever_the_environment(monkeypatch: pytest.MonkeyPatch,
@@ -46,6 +37,13 @@ def test_the_demo_checks_no_token_parties_whatever_the_environment(monkeypatch: 
     """OCPI_TOKEN_PARTIES (the operator's eMSP parties, in its environment or docker-compose's) applied to the demo's
     own stack: the simulated CPOs' CDRs carry tokens of their own eMSP parties (CC/EMS), each then flagged
     CDR_OF_ANOTHER_EMSP, an anomaly the demo counts as a mismatch: it exited 1 on a sound pipeline."""
+    settings = _demo_settings(monkeypatch, tmp_path, {"OCPI_TOKEN_PARTIES": "XX/ABC"})
+    assert settings.pipeline.token_parties == ""
+    assert Stack(settings, http_port=40123).child_environment()["OCPI_TOKEN_PARTIES"] == ""
+
+
+def _demo_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str]) -> Settings:
+    """The settings `demo` runs its stack with, in the environment `env`."""
     seen: list[Settings] = []
 
     async def fake_run_demo(settings: Settings, **_options: Any) -> None:
@@ -53,11 +51,10 @@ def test_the_demo_checks_no_token_parties_whatever_the_environment(monkeypatch: 
         raise StackError("stopped by the test")
 
     monkeypatch.setattr("pipeline.cli.services.run_demo", fake_run_demo)
-    result = CliRunner().invoke(cli, ["demo", "--data-dir", str(tmp_path / "demo")],
-                                env={"OCPI_TOKEN_PARTIES": "XX/ABC"})
+    result = CliRunner().invoke(cli, ["demo", "--data-dir", str(tmp_path / "demo")], env=env)
     assert "stopped by the test" in result.output, result.output
-    assert seen[0].pipeline.token_parties == ""
-    assert Stack(seen[0], http_port=40123).child_environment()["OCPI_TOKEN_PARTIES"] == ""
+    return seen[0]
+
 
 def test_the_demo_refuses_a_data_dir_that_holds_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The demo checks that ClickHouse holds exactly what its CPOs pushed. Run again with the same `--data-dir`
