@@ -31,6 +31,11 @@ def _setting(env: str, default: str, doc: str, *, secret: bool = False) -> Any:
     return field(metadata={"env": env, "default": default, "doc": doc, "secret": secret})
 
 
+# An OCPI party as our settings take it: ISO 3166-1 alpha-2 and a 3-character party id, upper-case.
+_COUNTRY_CODE: Final = "[A-Z]{2}"
+_PARTY_ID: Final = "[A-Z0-9]{3}"
+
+
 def _parse_token_parties(env: str, raw: str) -> str:
     """`CC/PID,CC/PID` (any case, blanks around each), kept upper-cased and without blanks: CiStrings, and the form a
     child process reads again (`as_environ`). ASCII letters only are upper-cased (`ci_normalize`, as the CDR's are
@@ -38,7 +43,7 @@ def _parse_token_parties(env: str, raw: str) -> str:
     if not raw.strip():
         return ""
     parties = [ci_normalize(part.strip()) for part in raw.split(",")]
-    wrong = [part for part in parties if not re.fullmatch(r"[A-Z]{2}/[A-Z0-9]{3}", part)]
+    wrong = [part for part in parties if not re.fullmatch(f"{_COUNTRY_CODE}/{_PARTY_ID}", part)]
     if wrong:
         raise SettingsError(f"{env}={raw!r}: {', '.join(map(repr, wrong))} is not a party CC/PID (two letters, a "
                             "slash, three letters or digits: NL/EMS)")
@@ -632,8 +637,8 @@ _FIELD_PARSERS: dict[str, Callable[[str, str], Any]] = {
     # the clients took an empty name for the server's default database.
     "OCPI_CLICKHOUSE_DATABASE": lambda env, raw: _parse_pattern(env, raw, "[A-Za-z0-9_-]+",
                                                                 "letters, digits, _ and - only"),
-    "OCPI_PARTY_COUNTRY_CODE": lambda env, raw: _parse_pattern(env, raw, "[A-Z]{2}", "two capital letters"),
-    "OCPI_PARTY_ID": lambda env, raw: _parse_pattern(env, raw, "[A-Z0-9]{3}", "three characters A-Z/0-9"),
+    "OCPI_PARTY_COUNTRY_CODE": lambda env, raw: _parse_pattern(env, raw, _COUNTRY_CODE, "two capital letters"),
+    "OCPI_PARTY_ID": lambda env, raw: _parse_pattern(env, raw, _PARTY_ID, "three characters A-Z/0-9"),
     "OCPI_PARTY_NAME": lambda env, raw: _parse_pattern(env, raw, r"[^\x00-\x1f\x7f-\x9f]{1,100}",
                                                        "1-100 characters without control characters"),
     "OCPI_PARTY_ROLE": lambda env, raw: _parse_choice(env, raw, _ROLES),
