@@ -22,7 +22,7 @@ from infra.kafka.bootstrap import KafkaNotConfigured, reachable, resolve_bootstr
 from infra.kafka.embedded import EmbeddedBrokerError
 from infra.settings import Settings, load_settings
 from pipeline.cli.errors import kafka_failed, seconds
-from pipeline.demo import DemoSummary, run_demo
+from pipeline.demo import DemoSummary, PartyTotals, run_demo
 from pipeline.stack import Stack, StackError, check_port_free
 from receivers.registry import PartnerRegistry, PartnerStatus
 
@@ -189,23 +189,21 @@ def print_summary(console: Console, summary: DemoSummary) -> None:
     def figure(header: str) -> Column:
         return Column(header, justify="right", overflow="fold")
 
-    table = Table(Column("party", overflow="fold"), Column("currency", overflow="fold"), figure("sessions"),
-                  figure("CDRs"), figure("kWh"), figure("excl. VAT"), figure("incl. VAT"),
-                  title="Billing totals read back from ClickHouse: completed sessions, CDRs (credits too, netted), "
-                        "kWh and cost of charging per party and currency")
-    for p in summary.parties:
-        table.add_row(f"{p.country_code}/{p.party_id}", p.currency, str(p.sessions), str(p.cdrs), f"{p.kwh:.4f}",
-                      f"{p.cost_excl_vat:.4f}", f"{p.cost_incl_vat:.4f}")
-    console.print(table)
+    def totals(title: str, parties: list[PartyTotals], *, sessions: bool) -> Table:
+        table = Table(Column("party", overflow="fold"), Column("currency", overflow="fold"),
+                      *([figure("sessions")] if sessions else []), figure("CDRs"), figure("kWh"), figure("excl. VAT"),
+                      figure("incl. VAT"), title=title)
+        for p in parties:
+            table.add_row(f"{p.country_code}/{p.party_id}", p.currency, *([str(p.sessions)] if sessions else []),
+                          str(p.cdrs), f"{p.kwh:.4f}", f"{p.cost_excl_vat:.4f}", f"{p.cost_incl_vat:.4f}")
+        return table
+
+    console.print(totals("Billing totals read back from ClickHouse: completed sessions, CDRs (credits too, netted), "
+                         "kWh and cost of charging per party and currency", summary.parties, sessions=True))
     if summary.compensation:  # owed to drivers: never in the billing totals above
-        home = Table(Column("party", overflow="fold"), Column("currency", overflow="fold"), figure("CDRs"),
-                     figure("kWh"), figure("excl. VAT"), figure("incl. VAT"),
-                     title="Home charging compensation read back from ClickHouse (owed to drivers, not in the "
-                           "billing totals): CDRs (credits too, netted), kWh and amount per party and currency")
-        for p in summary.compensation:
-            home.add_row(f"{p.country_code}/{p.party_id}", p.currency, str(p.cdrs), f"{p.kwh:.4f}",
-                         f"{p.cost_excl_vat:.4f}", f"{p.cost_incl_vat:.4f}")
-        console.print(home)
+        console.print(totals("Home charging compensation read back from ClickHouse (owed to drivers, not in the "
+                             "billing totals): CDRs (credits too, netted), kWh and amount per party and currency",
+                             summary.compensation, sessions=False))
     e = summary.expected
     console.print(f"raw events: {summary.raw_events}   dead letters: {summary.dead_letters}")
     # Beyond the simulator's deliberate retries and late pushes, EVSE status pushes of overlapping stories repeat a
