@@ -26,12 +26,13 @@ from typing import Any, Final
 import msgspec
 import msgspec.inspect as mi
 
-from ocpi._generated import PATCHES, SessionPatch
+from ocpi._generated import CDR, PATCHES, SessionPatch
 from ocpi.datetime import format_exact_datetime
 from ocpi.identity import ci_normalize
 from ocpi.types import CI_STRING_PATTERN
 
-__all__ = ["CiSpec", "canonical_json", "ci_spec", "content_hash", "number_text", "to_builtins", "to_ocpi_json"]
+__all__ = ["CiSpec", "canonical_json", "cdr_content_hash", "ci_spec", "content_hash", "number_text", "to_builtins",
+           "to_ocpi_json"]
 
 CiSpec = dict[str, Any]
 """Where a model's CiString values are: key → True (a CiString, or a list of them) or the nested object's CiSpec."""
@@ -70,6 +71,16 @@ def content_hash(obj: Any, *, ci: CiSpec | None = None) -> str:
 def ci_spec(model: type) -> CiSpec | None:
     """The CiSpec of an OCPI model (a msgspec Struct type): every member typed CiString, at any depth."""
     return _ci_spec(mi.type_info(model))
+
+
+def cdr_content_hash(cdr: dict[str, Any]) -> str:
+    """The content hash of a CDR (as builtins: a decoded event's payload, `to_builtins` of a CDR) as OCPI compares
+    it: every CiString value upper-cased (02 §9), and `credit`/`home_charging_compensation` `false` as absent (absent
+    is `false`). Two CDRs with equal ones are the same CDR sent twice (the pipeline's DUPLICATE, a receiver's
+    idempotent answer to a second POST)."""
+    if cdr.get("credit") is False or cdr.get("home_charging_compensation") is False:  # _FALSE_MEANS_ABSENT
+        cdr = {key: item for key, item in cdr.items() if not (item is False and key in _FALSE_MEANS_ABSENT)}
+    return content_hash(cdr, ci=_CDR_CI)
 
 
 def to_ocpi_json(obj: Any) -> bytes:
@@ -191,3 +202,7 @@ def _wire(value: Any) -> Any:
     if isinstance(value, datetime):
         return format_exact_datetime(value)
     return value
+
+
+_FALSE_MEANS_ABSENT: Final = ("credit", "home_charging_compensation")  # `?` booleans whose absence is `false`
+_CDR_CI: Final = ci_spec(CDR)

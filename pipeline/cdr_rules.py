@@ -3,8 +3,8 @@
 - The first CDR with an id is stored. The same id again with the same content (`content_hash`, which ignores
   `last_updated`) is a DUPLICATE and dropped; with different content it is a CONFLICT: the original is kept
   and the conflict recorded (digest ambiguity #7 — a CDR is never overwritten). The same content is also a CDR
-  that differs only as OCPI does not distinguish (`same_content_hash`): CiString values in another case (the
-  `id` itself: the Kafka key, the state and the row are the case-insensitive identity's), and `credit` or
+  that differs only as OCPI does not distinguish (`ocpi.canonical.cdr_content_hash`): CiString values in another
+  case (the `id` itself: the Kafka key, the state and the row are the case-insensitive identity's), and `credit` or
   `home_charging_compensation` given as `false` where the other left it out.
 - A credit CDR (`credit: true`) must name the CDR it credits (`credit_reference_id`) and carry a non-positive
   `total_cost`, excl. and incl. VAT (the spec negates both). Linking to the credited CDR happens per party in stage 2
@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import enum
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any
 
-from ocpi import model
-from ocpi.canonical import ci_spec, content_hash
 from ocpi.identity import ci_normalize
 from pipeline.records import Anomaly
 
@@ -36,26 +34,13 @@ class CdrDecision(enum.StrEnum):
 
 def decide(stored_hash: str | None, incoming_hash: str, stored_same: str = "", incoming_same: str = "",
            ) -> CdrDecision:
-    """`*_hash`: the events' `content_hash`; `*_same`: their `same_content_hash` ("" for a state written before
+    """`*_hash`: the events' `content_hash`; `*_same`: their `cdr_content_hash` ("" for a state written before
     it was kept, which only the content hash can then match)."""
     if stored_hash is None:
         return CdrDecision.NEW
     if stored_hash == incoming_hash or (stored_same and stored_same == incoming_same):
         return CdrDecision.DUPLICATE
     return CdrDecision.CONFLICT
-
-
-_FALSE_MEANS_ABSENT: Final = ("credit", "home_charging_compensation")  # `?` booleans whose absence is `false`
-_CDR_CI: Final = ci_spec(model.CDR)
-
-
-def same_content_hash(cdr: dict[str, Any]) -> str:
-    """The content hash of a CDR (a decoded event's payload) as OCPI compares it: every CiString value upper-cased
-    (a CiString is case-insensitive, 02 §9), and `credit`/`home_charging_compensation` `false` as absent (absent
-    is `false`). Two CDRs with equal ones are the same CDR sent twice."""
-    if cdr.get("credit") is False or cdr.get("home_charging_compensation") is False:  # _FALSE_MEANS_ABSENT
-        cdr = {key: item for key, item in cdr.items() if not (item is False and key in _FALSE_MEANS_ABSENT)}
-    return content_hash(cdr, ci=_CDR_CI)
 
 
 def credit_anomalies(cdr: dict[str, Any]) -> list[tuple[Anomaly, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ocpi.canonical import cdr_content_hash
 from pipeline import cdr_rules, projection, wire
 from pipeline.cdr_rules import CdrDecision
 from pipeline.facts import cdr_fact
@@ -18,7 +19,7 @@ def process_cdrs(view: TypedView[CdrState], key: str, records: list[Record], rul
             out.replayed += 1
             continue
         event = record.event
-        same = cdr_rules.same_content_hash(event.payload)
+        same = cdr_content_hash(event.payload)
         decision = (cdr_rules.decide(state.content_hash, event.content_hash, state.same_hash, same) if state
                     else CdrDecision.NEW)
         if decision is CdrDecision.NEW:

@@ -49,17 +49,13 @@ from clickhouse_connect.driver.client import Client
 
 from infra.clickhouse.client import insert_first
 from infra.kafka.admin import RECORD_MAX_BYTES
+from infra.pseudonyms import DIGITS, PREFIX, PSEUDONYM_LENGTH, is_pseudonym
 from infra.settings import MIN_PSEUDONYM_KEY_BYTES, Settings
 from ocpi.identity import ci_normalize
 from pipeline.records import utc_now
 from pipeline.sink import datetime64, insert_rows, string
 
 log = logging.getLogger(__name__)
-
-PREFIX: Final = "psn:"
-_DIGITS: Final = 32  # hex digits of the HMAC a pseudonym keeps
-PSEUDONYM_LENGTH: Final = len(PREFIX) + _DIGITS
-_PSEUDONYM: Final = re.compile(rf"{PREFIX}[0-9a-f]{{{_DIGITS}}}")
 
 
 def pseudonym_growth(value: object) -> int:
@@ -75,10 +71,6 @@ def pseudonymised_growth(data: dict[str, Any]) -> int:
                for holder, name, _case_insensitive in _personal_fields(data))
 
 
-def is_pseudonym(value: str) -> bool:
-    """Whether `value` is a pseudonym (`psn:` + 32 lower-case hex digits), not a clear value that merely starts
-    with `psn:` (a CiString a CPO may well send), which would otherwise stay in clear for ever."""
-    return len(value) == PSEUDONYM_LENGTH and _PSEUDONYM.fullmatch(value) is not None
 _DAY_MS: Final = 86_400_000
 
 
@@ -106,7 +98,7 @@ class Pseudonymizer:
         text = ci_normalize(value) if case_insensitive else value
         digest = self._keyed.copy()
         digest.update(text.encode())
-        pseudonym = PREFIX + digest.hexdigest()[:_DIGITS]
+        pseudonym = PREFIX + digest.hexdigest()[:DIGITS]
         if len(self._cache) >= self.CACHE_SIZE:
             self._cache.clear()
         self._cache[(value, case_insensitive)] = pseudonym

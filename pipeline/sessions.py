@@ -161,7 +161,7 @@ def same_but_last_updated(stored: Session | None, incoming: Session) -> bool:
 
 def as_stored(stored: Session | None, incoming: Session, pseudonym: Pseudonymizer) -> bool:
     """Whether `incoming` leaves the stored Session as it is but for `last_updated`: the same content hash, as OCPI
-    compares it, CiString values in any case (02 §9, as `cdr_rules.same_content_hash` for a CDR), and the personal
+    compares it, CiString values in any case (02 §9, as `ocpi.canonical.cdr_content_hash` for a CDR), and the personal
     identifiers as their pseudonyms: the state retention pass rewrites the stored object's
     (`pipeline.state_retention`), and the same Session pushed again brings them in clear."""
     if stored is None or _differs_plainly(stored, incoming):

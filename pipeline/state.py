@@ -123,7 +123,7 @@ class CdrState(msgspec.Struct, kw_only=True):
     event_id: str
     offset: int
     received_at: datetime
-    # `cdr_rules.same_content_hash` of the stored CDR; "" in a state written before it was kept.
+    # `ocpi.canonical.cdr_content_hash` of the stored CDR; "" in a state written before it was kept.
     same_hash: str = ""
 
 

@@ -75,6 +75,7 @@ import msgspec
 from faust.types import TP, TableT
 
 from infra.codec import AvroCodecError, decode_event, encode_event
+from infra.pseudonyms import is_pseudonym
 from pipeline.backlog import GroupBacklog
 from pipeline.delivery import group_generation
 from pipeline.facts import SessionFact, fact_token
@@ -86,7 +87,6 @@ from pipeline.retention import (
     PERSONAL_STATE_TABLES,
     Pseudonymizer,
     billing_cutoff,
-    is_pseudonym,
     pseudonymise_fields,
     pseudonymised_json,
 )

@@ -10,10 +10,9 @@ from typing import Any, Final
 import msgspec
 import pytest
 
-from ocpi.canonical import ci_spec, content_hash
+from ocpi.canonical import cdr_content_hash, ci_spec, content_hash
 from ocpi.identity import ci_normalize
 from ocpi.model import CDR
-from pipeline import cdr_rules
 from pipeline.cdr_rules import CdrDecision, credit_anomalies, decide
 from pipeline.cdrs import process_cdrs
 from pipeline.facts import CdrFact
@@ -221,7 +220,7 @@ def test_a_cdr_state_written_before_the_case_insensitive_hash_compares_content_h
 
 
 def _ci_normalized(value: Any, spec: Any) -> Any:
-    """The CDR's CiString values upper-cased, as `same_content_hash` is defined (`spec`: `ocpi.canonical.ci_spec`)."""
+    """The CDR's CiString values upper-cased, as `cdr_content_hash` is defined (`spec`: `ocpi.canonical.ci_spec`)."""
     if value is None:
         return None
     if type(value) is list:
@@ -233,8 +232,8 @@ def _ci_normalized(value: Any, spec: Any) -> Any:
     return value
 
 
-def _same_content_hash_as_defined(payload: dict[str, Any]) -> str:
-    """`same_content_hash` as it is defined: `content_hash` of the CiString-normalised tree, false flags absent."""
+def _cdr_content_hash_as_defined(payload: dict[str, Any]) -> str:
+    """`cdr_content_hash` as it is defined: `content_hash` of the CiString-normalised tree, false flags absent."""
     tree = _ci_normalized(payload, ci_spec(CDR))
     for name in ("credit", "home_charging_compensation"):
         if tree.get(name) is False:
@@ -255,13 +254,13 @@ def _variants() -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("index", range(5))
-def test_the_same_content_hash_is_the_content_hash_of_the_normalised_cdr(
+def test_the_cdr_content_hash_is_the_content_hash_of_the_normalised_cdr(
         index: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`same_content_hash` canonicalises and normalises in one walk (it runs for every CDR event): its value is
+    """`cdr_content_hash` canonicalises and normalises in one walk (it runs for every CDR event): its value is
     stored in the state, so it must stay exactly the hash of its definition, and the values it had."""
     monkeypatch.setattr(builders, "T0", _PINNED_T0)  # the builders' times follow today's date; the pins cannot
     payload = event("CDR", _variants()[index]).payload
-    assert cdr_rules.same_content_hash(payload) == _same_content_hash_as_defined(payload) == _PINNED[index]
+    assert cdr_content_hash(payload) == _cdr_content_hash_as_defined(payload) == _PINNED[index]
 
 
 _PINNED_T0: Final = datetime(2026, 11, 25, 8, tzinfo=UTC)  # the builders' T0 when the hashes were pinned
@@ -274,11 +273,11 @@ _PINNED: Final = (  # the hashes of `_variants()` as stored in CDR states since 
 )
 
 
-def test_the_same_content_hash_of_values_the_decoder_does_not_give_is_the_defined_one() -> None:
+def test_the_cdr_content_hash_of_values_the_decoder_does_not_give_is_the_defined_one() -> None:
     payload = event("CDR", cdr(tariffs=[TARIFF])).payload
     payload["charging_periods"][0]["dimensions"][0]["extra"] = (b"\x00", ("a", None), [])
     payload["total_cost"]["note"] = {"last_updated": 1, "empty": [], "n": None, "x": 1.5, "flag": True}
-    assert cdr_rules.same_content_hash(payload) == _same_content_hash_as_defined(payload)
+    assert cdr_content_hash(payload) == _cdr_content_hash_as_defined(payload)
     payload["start_date_time"] = payload["start_date_time"].replace(tzinfo=None)
     with pytest.raises(ValueError, match="naive datetime"):
-        cdr_rules.same_content_hash(payload)
+        cdr_content_hash(payload)

@@ -250,7 +250,7 @@ def test_a_parked_event_decodes_from_a_state_written_before_its_fact_token_was_k
 
 
 def test_only_session_and_location_state_hold_personal_data() -> None:
-    # CDR state is content hashes (as sent, and as OCPI compares: `cdr_rules.same_content_hash`) and positions: a
+    # CDR state is content hashes (as sent, and as OCPI compares: `ocpi.canonical.cdr_content_hash`) and positions: a
     # CDR retried after any pass is compared by hash as before. A personal field added to it would need the pass
     # (and this test) extended.
     assert set(CdrState.__struct_fields__) == {"content_hash", "event_id", "offset", "received_at", "same_hash"}

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from infra.pseudonyms import is_pseudonym
 from infra.settings import Settings, load_settings
 from ocpi.identity import ObjectKey
 from pipeline import projection, retention, sweeps
@@ -1039,7 +1040,7 @@ def test_a_clear_value_starting_with_the_pseudonym_prefix_is_pseudonymised_too()
     pseudonym, it stayed in clear for ever (and a CDR's `psn:x` never joined its session's `PSN:X`)."""
     pseudonym = retention.Pseudonymizer(b"a" * 32)
     for clear in ("psn:x", "PSN:X", "psn:" + "0" * 31, "psn:" + "A" * 32, "psn:" + "0" * 33):
-        assert pseudonym(clear) != clear and retention.is_pseudonym(pseudonym(clear))
+        assert pseudonym(clear) != clear and is_pseudonym(pseudonym(clear))
     assert pseudonym("psn:x") == pseudonym("PSN:X")  # CiStrings: one pseudonym whatever the case
     assert pseudonym(pseudonym("psn:x")) == pseudonym("psn:x")  # still idempotent
 
