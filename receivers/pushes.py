@@ -28,7 +28,8 @@ would be refused wrongly. Every valid push is acknowledged once Kafka has it; Ka
 in order, and the pipeline parks or flags a sub-object push whose Location it does not hold (and a Session
 PATCH for an unknown Session). A CPO that wants to check can GET the object: unknown objects answer 404.
 The answer is HTTP 200 for every accepted PUT/PATCH (the spec's 201-if-created is a SHOULD that would need
-the same read); CDR POSTs answer 201 (a CDR is new by definition).
+the same read). CDRs are the exception (`receivers.cdrs`): a CDR is immutable, so a held one is never stale and
+a CDR POST reads it to answer a second POST of its id.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Refused pushes, recorded for the partner health report: fire-and-forget JSON records on a Kafka topic.
 
-A push answered with a 2xxx or 3xxx status never reaches the module topics, so without this record nobody
-downstream would know a partner's pushes are failing. Recording must never change or delay the answer:
+A push answered with a 2xxx or 3xxx status never reaches the module topics (but for a CDR POSTed again with other
+content under a held id: `receivers.cdrs`), so without this record nobody downstream would know a partner's pushes
+are failing. Recording must never change or delay the answer:
 `note()` only puts the record on a bounded in-memory queue; one background task sends it. When the queue is
 full (Kafka slow or down) the record is dropped with a log line; a send that fails is dropped the same way.
 

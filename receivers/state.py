@@ -11,6 +11,11 @@ pipeline holds. An EVSE or Connector is cut out of its Location's JSON the same 
 The client is opened on first use, read-only: pushes never depend on ClickHouse, and a store that is down
 turns into 3000 answers on GET only. A ClickHouse server that does not answer (stuck, overloaded, packets
 dropped) does so within READ_TIMEOUT_S, connecting included.
+
+One push reads too: a CDR POST looks up the CDR held under its id, to answer a second POST (`receivers.cdrs`).
+It never waits on the store: at most PUSH_READS such reads run at a time (their threads are the pool the GETs and
+the registry share) and each is given up after PUSH_READ_TIMEOUT_S; a read not made, given up or failed says
+nothing is known, and the push is answered as it was before the read existed.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from receivers.transport import ServerError
 # 300 s, long after a partner's own timeout, and each waiting GET holds a thread of the pool the app's other blocking
 # calls share (registry reads). Then 3000: the partner retries.
 READ_TIMEOUT_S: float = 10.0
+# A push's read (module docstring): how long a CDR POST waits for it, and how many run at once.
+PUSH_READ_TIMEOUT_S: float = 2.0
+PUSH_READS: Final = 2
 
 # table → name of its id column (the other key columns are country_code and party_id everywhere).
 _ID_COLUMNS: Final = {"locations": "location_id", "sessions": "session_id", "cdrs": "cdr_id"}
@@ -75,6 +83,7 @@ class StateReader:
         self._opening = threading.Lock()
         # chDB clients are not thread-safe: serialise their queries. HTTP clients (no session) run concurrently.
         self._serial: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        self._push_reads = 0  # reads of pushes under way, their threads included (event loop only)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> StateReader:
@@ -116,6 +125,25 @@ class StateReader:
 
     async def cdr(self, key: ObjectKey) -> msgspec.Raw | None:
         return await self._read("cdrs", key)
+
+    async def cdr_for_push(self, key: ObjectKey) -> msgspec.Raw | None:
+        """The stored CDR of `key` for a CDR POST, within PUSH_READ_TIMEOUT_S and PUSH_READS (module docstring); None
+        when none is held or the store was not read in time."""
+        if self._push_reads >= PUSH_READS:
+            return None
+        self._push_reads += 1
+        reading = asyncio.ensure_future(self._read("cdrs", key))
+        reading.add_done_callback(self._push_read_done)
+        try:
+            # Shielded: a read given up on keeps its thread until the client's own timeout, and its slot with it.
+            return await asyncio.wait_for(asyncio.shield(reading), PUSH_READ_TIMEOUT_S)
+        except (TimeoutError, ServerError):
+            return None
+
+    def _push_read_done(self, reading: asyncio.Future[msgspec.Raw | None]) -> None:
+        self._push_reads -= 1
+        if not reading.cancelled():
+            reading.exception()  # retrieved: a read given up on may still fail, and nobody awaits it any more
 
     def close(self) -> None:
         client, self._client = self._client, None

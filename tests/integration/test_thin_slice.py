@@ -126,6 +126,27 @@ async def test_an_encoded_slash_stays_inside_its_id_under_granian(stack: Stack, 
         assert billed["status_code"] == 1000 and billed["data"]["id"] == "/2024//05/", billed
 
 
+async def test_a_cdr_posted_again_is_answered_by_what_it_is_to_the_held_one(stack: Stack, token: str) -> None:
+    """Once the first is stored: the same CDR again is 1000 (HTTP 200), another under its id is refused (2001 on
+    `$.id`); both reach the pipeline, which counts the DUPLICATE and records the CONFLICT, and the held one stands."""
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=auth(token), timeout=30) as http:
+        first = await http.post("/ocpi/emsp/2.2.1/cdrs", json=cdr())
+        assert first.status_code == 201 and first.json()["status_code"] == 1000, first.text
+        await wait_for(stack.clickhouse, "SELECT count() FROM cdrs FINAL", want=[(1,)])
+        again = await http.post("/ocpi/emsp/2.2.1/cdrs", json=cdr())
+        assert again.status_code == 200 and again.json()["status_code"] == 1000, again.text
+        other = await http.post("/ocpi/emsp/2.2.1/cdrs", json={**cdr(), "total_energy": 16})
+        assert other.json()["status_code"] == 2001 and other.json()["status_message"].startswith("$.id: "), other.text
+        assert other.headers["location"] == first.headers["location"]
+
+    want = [("APPLIED",), ("DUPLICATE",), ("CONFLICT",)]
+    assert await wait_for(stack.clickhouse, "SELECT outcome FROM raw_events FINAL ORDER BY received_at",
+                          want=want) == want
+    assert await wait_for(stack.clickhouse, "SELECT kind FROM anomalies FINAL", want=[("CDR_CONFLICT",)]
+                          ) == [("CDR_CONFLICT",)]
+    assert stack.clickhouse.query("SELECT total_energy FROM cdrs FINAL").result_rows == [(Decimal("15.3420"),)]
+
+
 async def test_bad_input_gets_an_ocpi_envelope_never_a_traceback(stack: Stack, token: str) -> None:
     async with httpx.AsyncClient(base_url=stack.base_url, headers=auth(token), timeout=30) as http:
         malformed = await http.put("/ocpi/emsp/2.2.1/sessions/BE/BEC/101", content=b"{not json",

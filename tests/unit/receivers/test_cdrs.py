@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
+import threading
+import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import msgspec
+import pytest
+from clickhouse_connect.driver.client import Client
+from litestar.testing import TestClient
 
 from infra.settings import BASE_URL_MAX_LENGTH
+from ocpi.identity import ObjectKey
 from ocpi.model import CDR, Endpoint
+from pipeline.retention import Pseudonymizer
+from receivers import state
+from receivers.app import create_app
+from receivers.state import StateReader
 from tests.unit.receivers.app_support import auth, make_env  # noqa: F401
 from tests.unit.receivers.push_support import (  # noqa: F401
     CDRS_URL,
@@ -115,3 +129,131 @@ def test_a_cdr_cannot_be_replaced_or_updated(pushes: Pushes) -> None:
     with no_records(pushes):
         for method in ("PUT", "PATCH", "DELETE"):
             assert_envelope(pushes.request(method, f"{CDRS_URL}/BE/BEC/12345", cdr()), 2000, http=405)
+
+
+# --- a second POST of a held CDR id (05-status-codes.md §5: 1000 if identical, an error otherwise) -----------------
+
+HELD_AT = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=0)  # recent: the billing TTL counts from it
+
+
+def hold(pushes: Pushes, payload_json: str) -> None:
+    """The CDR BE/BEC/12345 as the pipeline stores it (upper-cased key, OCPI JSON payload)."""
+    pushes.store("cdrs", [{"country_code": "BE", "party_id": "BEC", "cdr_id": "12345", "partner_id": "cpo-be-bec",
+                           "start_date_time": HELD_AT, "end_date_time": HELD_AT, "total_energy": 15.342,
+                           "total_time": 1.973, "total_cost_excl_vat": 4, "last_updated": HELD_AT,
+                           "payload_json": payload_json, "version": 1, "received_at": HELD_AT}])
+
+
+def as_stored(body: dict[str, Any]) -> str:
+    """`body` as the pipeline writes it: amounts with the Avro decimal(18,4)'s four digits (`15.342` as `15.3420`)."""
+    return json.dumps(body).replace('"total_energy": 15.342', '"total_energy": 15.3420')
+
+
+def test_the_same_cdr_posted_again_is_answered_1000_and_published(pushes: Pushes) -> None:
+    """A retry whose first answer was lost: 1000 (HTTP 200: not new), the held CDR's URL; the pipeline counts the
+    DUPLICATE. The same as OCPI compares CDRs: CiStrings in another case, `credit: false` for an absent one."""
+    hold(pushes, as_stored(cdr()))
+    assert '"total_energy": 15.3420' in as_stored(cdr())
+    again = {**cdr(), "id": "12345", "party_id": "bec", "credit": False, "last_updated": "2015-06-30T00:00:00Z"}
+    response = pushes.request("POST", CDRS_URL, again, party=("BE", "BEC"))
+    assert_envelope(response, 1000, http=200)
+    assert response.headers["location"].endswith("/ocpi/emsp/2.2.1/cdrs/BE/bec/12345")  # as posted (CiStrings)
+    [event] = pushes.events()
+    assert payload_as(event, CDR) == sent_as(again, CDR)
+
+
+def test_another_cdr_under_a_held_id_is_refused_and_still_published(pushes: Pushes) -> None:
+    """The CPO learns its correction was not taken (it owes a credit CDR); the pipeline records the CONFLICT with the
+    body, as for one that came before the first was stored."""
+    hold(pushes, as_stored(cdr()))
+    changed = {**cdr(), "total_cost": {"excl_vat": 5.0, "incl_vat": 6.05}}
+    response = pushes.request("POST", CDRS_URL, changed)
+    answer = assert_envelope(response, 2001, http=200, path="$.id")
+    assert "credit CDR" in answer["status_message"]
+    assert response.headers["location"].endswith("/ocpi/emsp/2.2.1/cdrs/BE/BEC/12345")
+    [event] = pushes.events()
+    assert payload_as(event, CDR) == sent_as(changed, CDR)
+
+
+def test_a_cdr_not_held_yet_is_new_whatever_was_posted_before(pushes: Pushes) -> None:
+    """The store lags Kafka: a second POST before the first is stored is answered as new; the pipeline judges it."""
+    hold(pushes, as_stored(cdr()))
+    assert_envelope(pushes.request("POST", CDRS_URL, {**cdr(), "id": "12346"}), 1000, http=201)
+
+
+def pseudonymised(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` after the retention pass: its token uid, contract id and authorization reference as pseudonyms."""
+    pseudonym = Pseudonymizer(b"a key of the pseudonymisation")
+    token = body["cdr_token"]
+    return {**body, "authorization_reference": pseudonym("AUTH-1"),
+            "cdr_token": {**token, "uid": pseudonym(token["uid"]), "contract_id": pseudonym(token["contract_id"])}}
+
+
+def test_a_held_cdr_with_pseudonyms_is_compared_on_the_rest(pushes: Pushes) -> None:
+    """Its personal identifiers cannot be compared without the key: the same CDR but for them is answered 1000 (the
+    pipeline compares the content hashes kept from the first POST); one that differs elsewhere is refused."""
+    sent = {**cdr(), "authorization_reference": "AUTH-1"}
+    hold(pushes, as_stored(pseudonymised(sent)))
+    assert_envelope(pushes.request("POST", CDRS_URL, sent), 1000, http=200)
+    other_token = {**sent, "cdr_token": {**sent["cdr_token"], "uid": "OTHER-UID"}}
+    assert_envelope(pushes.request("POST", CDRS_URL, other_token), 1000, http=200)
+    assert_envelope(pushes.request("POST", CDRS_URL, {**sent, "total_energy": 16}), 2001, path="$.id")
+    assert len(pushes.events()) == 3
+
+
+def test_a_store_that_cannot_be_read_leaves_a_cdr_post_as_it_was(make_pushes: Any) -> None:
+    p = make_pushes()
+
+    def broken() -> Client:
+        raise ConnectionRefusedError("ClickHouse is down")
+
+    app = create_app(p.env.settings, sink=p.env.sink, registry_factory=lambda: p.env.registry,
+                     state_reader=StateReader(broken))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post(CDRS_URL, json=cdr(), headers=auth(p.tokens[("BE", "BEC")]))
+        assert_envelope(response, 1000, http=201)
+    assert len(p.env.sink.records) == 1
+
+
+def test_a_store_that_does_not_answer_delays_a_cdr_post_by_the_push_read_timeout_only(
+        make_pushes: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state, "PUSH_READ_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections complete in the backlog; nothing is ever read or answered
+        p = make_pushes(OCPI_CLICKHOUSE_DSN=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        started = time.monotonic()
+        response = p.request("POST", CDRS_URL, cdr())
+        elapsed = time.monotonic() - started
+    assert_envelope(response, 1000, http=201)
+    assert elapsed < state.READ_TIMEOUT_S, elapsed
+
+
+async def test_at_most_push_reads_reads_wait_on_the_store_at_once() -> None:
+    """Reads given up on keep their threads (shared with the GETs) until the client's own timeout: more are not
+    started meanwhile, and a slot is free again once its thread ended."""
+    release = threading.Event()
+    started: list[str] = []
+
+    def stuck(table: str, key: ObjectKey) -> bytes | None:
+        started.append(key.object_id)
+        release.wait(10)
+        raise ConnectionResetError("gave up")
+
+    reader = StateReader(lambda: pytest.fail("not connected: the read is replaced"))
+    reader._payload = stuck  # type: ignore[method-assign]
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(state, "PUSH_READ_TIMEOUT_S", 0.2)
+            keys = [ObjectKey("BE", "BEC", f"C{n}") for n in range(state.PUSH_READS + 2)]
+            assert await asyncio.gather(*(reader.cdr_for_push(key) for key in keys)) == [None] * len(keys)
+            assert len(started) == state.PUSH_READS
+            release.set()
+            for _ in range(100):
+                if reader._push_reads == 0:
+                    break
+                await asyncio.sleep(0.05)
+            await reader.cdr_for_push(ObjectKey("BE", "BEC", "again"))
+            assert started[-1] == "again"
+    finally:
+        release.set()
