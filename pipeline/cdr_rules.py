@@ -11,8 +11,8 @@
   (`pipeline.reconcile`), since the two have different Kafka keys; an unknown reference is flagged there
   after the grace period.
 - With `OCPI_TOKEN_PARTIES` set, a CDR of a token none of those eMSP parties issued is flagged
-  CDR_OF_ANOTHER_EMSP: the CPO sent another eMSP's CDR to us. It is stored and billed as sent (immutable), to be
-  disputed with the CPO.
+  CDR_OF_ANOTHER_EMSP (`StageRules.foreign_issuer`, in `pipeline.cdrs`): the CPO sent another eMSP's CDR to us. It is
+  stored and billed as sent (immutable), to be disputed with the CPO.
 - Amounts stay exact Decimals end to end (Avro decimal(18,4) → Decimal → ClickHouse Decimal(18,4)).
 """
 
@@ -22,7 +22,6 @@ import enum
 from decimal import Decimal
 from typing import Any
 
-from ocpi.identity import ci_normalize
 from pipeline.records import Anomaly
 
 
@@ -56,13 +55,3 @@ def credit_anomalies(cdr: dict[str, Any]) -> list[tuple[Anomaly, str]]:
     if positive:
         found.append((Anomaly.CREDIT_POSITIVE_COST, f"credit CDR with a positive total_cost ({', '.join(positive)})"))
     return found
-
-
-def token_anomalies(cdr: dict[str, Any], token_parties: frozenset[tuple[str, str]]) -> list[tuple[Anomaly, str]]:
-    """A CDR of a token that none of `token_parties` issued (empty: not checked): the CPO sent another eMSP's CDR
-    to us (the eMSP of cdr_token's country_code and party_id, CiStrings, is the one billed)."""
-    token = cdr["cdr_token"]
-    owner = (ci_normalize(token["country_code"]), ci_normalize(token["party_id"]))
-    if not token_parties or owner in token_parties:
-        return []
-    return [(Anomaly.CDR_OF_ANOTHER_EMSP, f"cdr_token of {owner[0]}/{owner[1]}, not one of OCPI_TOKEN_PARTIES")]

@@ -52,7 +52,10 @@ def store(record: Record, rules: StageRules, out: StageOutput) -> None:
     out.batch.extend("cdr_charging_periods", projection.CDR_PERIOD_COLUMNS,
                      projection.cdr_period_rows(cdr, event.received_at))
     out.batch.extend("cdr_tariffs", projection.CDR_TARIFF_COLUMNS, projection.cdr_tariff_rows(cdr, event.received_at))
-    for kind, detail in [*cdr_rules.credit_anomalies(cdr), *cdr_rules.token_anomalies(cdr, rules.token_parties)]:
+    for kind, detail in cdr_rules.credit_anomalies(cdr):
         out.anomaly(kind, event, detail)
+    if (issuer := rules.foreign_issuer(cdr["cdr_token"])) is not None:  # stored and billed as sent: to dispute
+        out.anomaly(Anomaly.CDR_OF_ANOTHER_EMSP, event, f"cdr_token of {issuer[0]}/{issuer[1]}, not one of "
+                    "OCPI_TOKEN_PARTIES")
     out.fact(event, cdr_fact(cdr, partner_id=event.partner_id, received_at=record.received_at,
                              pseudonym=out.pseudonym))

@@ -48,6 +48,7 @@ class Anomaly(enum.StrEnum):
     CREDIT_OF_CREDIT = "CREDIT_OF_CREDIT"
     CDR_FOR_INVALID_SESSION = "CDR_FOR_INVALID_SESSION"
     CDR_OF_ANOTHER_EMSP = "CDR_OF_ANOTHER_EMSP"  # a CDR of a token none of OCPI_TOKEN_PARTIES issued
+    SESSION_OF_ANOTHER_EMSP = "SESSION_OF_ANOTHER_EMSP"  # a Session (or its new token) of such a token
     FUTURE_LAST_UPDATED = "FUTURE_LAST_UPDATED"  # a CPO clock ahead: its push would make later ones STALE
     ROW_REFUSED = "ROW_REFUSED"  # ClickHouse refused a row for its values (`pipeline.sink`): the row is the detail
 

@@ -9,7 +9,9 @@ from typing import Any, Final
 
 import msgspec
 
+from infra.codec import DecodedEvent
 from ocpi.canonical import ci_spec, content_hash
+from ocpi.identity import ci_normalize
 from ocpi.model import Session
 from pipeline import lifecycle, ordering, projection, wire
 from pipeline.dedup import fingerprint, identity, is_duplicate
@@ -134,6 +136,7 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
     if not lifecycle.is_applied(transition):
         out.outcome(record, Outcome.REJECTED, f"{state.status} -> {status} leaves a final state")
         return
+    _flag_foreign_token(state, stored_session, session, event, rules, out)
     apply(state, record, session, document, transition, out, parked_token)
     if merged is not None:
         stored_session.keep(document, merged)
@@ -144,6 +147,21 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
             for parked in pending:
                 handle(state, stored_session, parked_record(parked), rules, out, retry=True,
                        parked_token=parked.fact_token)
+
+
+def _flag_foreign_token(state: SessionState, stored_session: wire.StoredStruct[Session], session: dict[str, Any],
+                        event: DecodedEvent, rules: StageRules, out: StageOutput) -> None:
+    """A Session of a token none of `OCPI_TOKEN_PARTIES` issued (`StageRules.foreign_issuer`): another eMSP's driver's
+    data sent to us, flagged when the Session comes, and again only when an update brings another issuer's token."""
+    issuer = rules.foreign_issuer(session["cdr_token"])
+    if issuer is None:
+        return
+    stored = stored_session.of(state.object_json)
+    if stored is not None and (ci_normalize(stored.cdr_token.country_code),
+                               ci_normalize(stored.cdr_token.party_id)) == issuer:
+        return
+    out.anomaly(Anomaly.SESSION_OF_ANOTHER_EMSP, event, f"cdr_token of {issuer[0]}/{issuer[1]}, not one of "
+                "OCPI_TOKEN_PARTIES")
 
 
 def _as_stored(stored: Session | None, incoming: Session, thorough: bool, pseudonym: Pseudonymizer) -> bool:

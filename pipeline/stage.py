@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from infra.codec import DecodedEvent, decode_event
 from infra.kafka.admin import RECORD_MAX_BYTES
 from infra.settings import PipelineSettings, token_party_pairs
+from ocpi.identity import ci_normalize
 from pipeline import ordering, projection
 from pipeline.facts import Fact, party_key
 from pipeline.records import Anomaly, AnomalyRow, DeadLetter, Outcome, Record, sub_id, utc_now
@@ -43,6 +44,15 @@ class StageRules:
                    session_idle=timedelta(seconds=pipeline.session_idle_s),
                    clock_skew=timedelta(seconds=pipeline.clock_skew_s),
                    token_parties=token_party_pairs(pipeline.token_parties))
+
+    def foreign_issuer(self, token: dict[str, Any]) -> tuple[str, str] | None:
+        """The eMSP party (country code, party id: CiStrings, upper-cased) that issued `token`, a `cdr_token`, when
+        `token_parties` are given and it is none of them: the CPO sent us another eMSP's data. None otherwise (none
+        given: not checked, as a hub carries every eMSP's tokens)."""
+        if not self.token_parties:
+            return None
+        issuer = (ci_normalize(token["country_code"]), ci_normalize(token["party_id"]))
+        return None if issuer in self.token_parties else issuer
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -900,3 +901,29 @@ def test_an_older_patch_of_last_updated_alone_is_stale() -> None:
     old = event("SessionPatch", {"last_updated": iso(ts(10))}, object_id="S1", received=40)
     out = h.run(old)
     assert outcomes(out)[0][1] == "STALE" and kinds(out) == ["STALE_UPDATE"]
+
+
+def test_a_session_of_a_token_no_party_of_ours_issued_is_applied_and_flagged_once() -> None:
+    """OCPI_TOKEN_PARTIES (as for CDRs): a Session of another eMSP's token is that eMSP's driver's data sent to us.
+    Applied as sent (it is the CPO's Session) and flagged when it comes and when an update brings another foreign
+    issuer's token, not on every update; a token of ours (CiStrings in any case) is not flagged. Not checked when the
+    setting is empty."""
+    h = Harness(process_sessions, SessionState,
+                dataclasses.replace(stage_rules(), token_parties=frozenset({("NL", "EMS")})))
+    foreign = {**session(), "cdr_token": {**session()["cdr_token"], "party_id": "XYZ"}}
+    first = event("Session", foreign, received=1)
+    kwh = event("SessionPatch", {"kwh": 3, "last_updated": iso(ts(60))}, object_id="S1", received=2)
+    again = event("Session", {**foreign, "kwh": Decimal(4), "last_updated": iso(ts(90))}, received=3)
+    other = event("SessionPatch", {"cdr_token": {**foreign["cdr_token"], "country_code": "be"},
+                                   "last_updated": iso(ts(120))}, object_id="S1", received=4)
+    ours = event("SessionPatch", {"cdr_token": {**foreign["cdr_token"], "party_id": "ems"},
+                                  "last_updated": iso(ts(150))}, object_id="S1", received=5)
+    out = h.run(first, kwh, again, other, ours)
+    assert {outcome for _id, outcome in outcomes(out)} == {"APPLIED"}
+    flagged = rows(out.batch, "anomalies")
+    assert [(row[ANOMALY_COLUMNS.index("event_id")], row[ANOMALY_COLUMNS.index("detail")]) for row in flagged] == [
+        (first.event_id, "cdr_token of NL/XYZ, not one of OCPI_TOKEN_PARTIES"),
+        (other.event_id, "cdr_token of BE/XYZ, not one of OCPI_TOKEN_PARTIES")]
+    assert kinds(out) == ["SESSION_OF_ANOTHER_EMSP"] * 2
+    assert stored(h)["cdr_token"]["party_id"] == "ems"
+    assert rows(harness().run(event("Session", foreign, received=1)).batch, "anomalies") == []
