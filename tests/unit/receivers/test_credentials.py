@@ -900,3 +900,69 @@ def test_a_party_held_through_another_connection_is_refused_naming_its_field() -
     refusal = _party_held(role)
     assert refusal.data == {"path": "$.roles",
                             "reason": "party NL/TNM is registered with us through another connection"}
+
+
+def accept_then(fake: FakePartner, after: Callable[[Any], Any]) -> None:
+    """The partner applies every credentials PUT (calls us back, stores our new token, drops the old one), then
+    `after(answer)` decides what reaches us: an answer we cannot use, or none in time."""
+    accept = fake._accept
+
+    async def accept_then_after(request: Any, *, old: str) -> Any:
+        answer = await accept(request, old=old)
+        return await after(answer) if request.method == "PUT" else answer
+
+    fake._accept = accept_then_after  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("outcome", ["unusable-answer", "no-answer-in-time"])
+async def test_a_put_the_partner_may_have_applied_keeps_the_token_it_now_uses(app_env: AppEnv,  # noqa: F811
+                                                                             partner: FakePartner,
+                                                                             our_side: FakePartner,
+                                                                             outcome: str) -> None:
+    """`partners update`/`rotate`: the partner took our new token (it called us back with it and dropped the old
+    one), but its answer did not reach us usable. The new token was revoked as if the PUT had been refused, so every
+    push of the partner, made with the only token it now holds for us, was refused (401) from then on."""
+    ours = initiator(app_env, our_side)
+    await ours.register(versions_url=partner.versions_url, token_a=partner.issue_token_a(), partner_id="cpo")
+    before = app_env.registry.require("cpo").outbound_token
+
+    async def unusable(answer: Any) -> Any:
+        return fake_partner_module._envelope(data={"token": "x" * 65, "url": partner.versions_url, "roles": []})
+
+    async def too_late(answer: Any) -> Any:
+        await asyncio.sleep(app_env.settings.partners.outbound_timeout_s + 1)
+        return answer
+
+    accept_then(partner, {"unusable-answer": unusable, "no-answer-in-time": too_late}[outcome])
+    with pytest.raises(credentials_module.HandshakeError, match="may have") as raised:
+        await ours.update("cpo")
+    assert "update" in str(raised.value)
+    stored = app_env.registry.require("cpo")
+    assert partner.token_for_peer is not None
+    # The token the partner now calls us with still works, and so does the one it held before (it may not have
+    # applied the PUT, as far as we know); nothing else changed.
+    assert {t.sha256 for t in stored.valid_tokens()} >= {hash_token(partner.token_for_peer)}
+    assert len(stored.valid_tokens()) == 2
+    assert stored.status is PartnerStatus.REGISTERED and stored.outbound_token == before
+
+
+async def test_a_put_the_partner_refused_revokes_the_token_it_never_took(app_env: AppEnv,  # noqa: F811
+                                                                        partner: FakePartner,
+                                                                        our_side: FakePartner) -> None:
+    """The other side of the rule above: a PUT the partner answered with an error left it with its old token, so
+    the new one, never taken, is revoked."""
+    ours = initiator(app_env, our_side)
+    await ours.register(versions_url=partner.versions_url, token_a=partner.issue_token_a(), partner_id="cpo")
+    held = partner.token_for_peer
+    accept = partner._accept
+
+    async def refuse(request: Any, *, old: str) -> Any:
+        if request.method == "PUT":
+            return fake_partner_module._envelope(3001, message="unable to use your API")
+        return await accept(request, old=old)
+
+    partner._accept = refuse  # type: ignore[method-assign]
+    with pytest.raises(credentials_module.HandshakeError, match="3001"):
+        await ours.update("cpo")
+    stored = app_env.registry.require("cpo")
+    assert held is not None and [t.sha256 for t in stored.valid_tokens()] == [hash_token(held)]
