@@ -511,6 +511,14 @@ class Initiator:
                 ours = our_credentials(self.settings, new_token, url=self.our_versions_url)
                 theirs = await client.credentials("PUT", discovery.credentials_url, ours)
             except PartnerApiError as exc:
+                if not exc.without_effect:
+                    # The partner may hold our new token now, and only that one (it gets it with the PUT and calls
+                    # us back with it): revoking it would refuse its every push. Both stay until the next update.
+                    raise HandshakeError(
+                        f"{exc}; the partner may have applied our credentials PUT: the token it had and the new one "
+                        f"both keep working here. Run `partners update {partner_id}` again; should the partner then "
+                        "refuse our token, it applied the PUT and its answer was lost: ask it for a new Token A, "
+                        "`partners delete` this partner and register again") from None
                 stored = await _run(self.registry.get, partner_id)
                 if stored is not None:
                     stored.revoke_tokens(sha256=hash_token(new_token))

@@ -50,11 +50,21 @@ class PartnerApiError(Exception):
     """
 
     def __init__(self, message: str, *, http_status: int | None = None, ocpi_status: int | None = None,
-                 excerpt: str | None = None) -> None:
+                 excerpt: str | None = None, not_sent: bool = False) -> None:
         super().__init__(message if excerpt is None else f"{message}: {excerpt!r}")
         self.summary = message
         self.http_status = http_status
         self.ocpi_status = ocpi_status
+        self.not_sent = not_sent
+
+    @property
+    def without_effect(self) -> bool:
+        """Whether the request surely changed nothing at the partner: never sent (no connection), or refused (an
+        OCPI status outside 1xxx, HTTP 3xx or 4xx). Otherwise (no answer in time, a connection lost, HTTP 5xx
+        without an envelope, as a proxy's timeout, or a success answer we cannot use) it may have taken effect."""
+        if self.not_sent or (self.ocpi_status is not None and not 1000 <= self.ocpi_status < 2000):
+            return True
+        return self.http_status is not None and 300 <= self.http_status < 500
 
 
 class VersionMismatch(PartnerApiError):
@@ -155,10 +165,14 @@ class OcpiClient:
             async with asyncio.timeout(self._timeout), \
                     self._http.stream(method, url, headers=headers, content=content) as response:
                 raw = await _read_limited(response, url)
+        except httpx.ConnectTimeout:  # no connection: nothing was sent
+            raise PartnerApiError(f"{method} {url}: no answer within the timeout", not_sent=True) from None
         except (httpx.TimeoutException, TimeoutError):
             raise PartnerApiError(f"{method} {url}: no answer within the timeout") from None
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        except (httpx.ConnectError, httpx.InvalidURL, ValueError) as exc:
             # InvalidURL and ValueError (e.g. an IDNA error) come from a host httpx cannot connect to.
+            raise PartnerApiError(f"{method} {url}: {type(exc).__name__}: {exc}", not_sent=True) from None
+        except httpx.HTTPError as exc:  # the connection broke (read, write, protocol): it may have been received
             raise PartnerApiError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
         log.info("%s %s -> HTTP %s", method, url, response.status_code)
         if response.is_redirect:
@@ -275,7 +289,7 @@ def url_problem(url: str) -> str | None:
 def _check_url(url: str) -> None:
     problem = url_problem(url)
     if problem is not None:
-        raise PartnerApiError(f"{url!r} is {problem}")
+        raise PartnerApiError(f"{url!r} is {problem}", not_sent=True)
 
 
 async def _read_limited(response: httpx.Response, url: str) -> bytes:
