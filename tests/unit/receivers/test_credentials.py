@@ -87,8 +87,8 @@ async def test_registration_with_the_spec_examples(app_env: AppEnv, partner: Fak
         # Token A is dead everywhere; Token C works, also on functional modules.
         dead = await client.get("/ocpi/versions", headers=auth(token_a))
         assert dead.status_code == 401
-        again = await client.post(CREDENTIALS, headers=auth(token_a), json=body)
-        assert again.status_code == 401
+        again = await client.post(CREDENTIALS, headers=auth(token_a), json=body)  # a repeated POST: 405 (07 §2)
+        assert (again.status_code, again.json()["status_code"]) == (405, 2000)
         alive = await client.get(CREDENTIALS, headers=auth(token_c))
         assert alive.json()["data"]["token"] == token_c
         second = await client.post(CREDENTIALS, headers=auth(token_c), json=body)
@@ -966,3 +966,30 @@ async def test_a_put_the_partner_refused_revokes_the_token_it_never_took(app_env
         await ours.update("cpo")
     stored = app_env.registry.require("cpo")
     assert held is not None and [t.sha256 for t in stored.valid_tokens()] == [hash_token(held)]
+
+
+async def test_a_repeated_post_with_the_spent_token_a_is_already_registered(app_env: AppEnv,  # noqa: F811
+                                                                           partner: FakePartner) -> None:
+    """07 §2/§3: a POST from a client that is already registered MUST be answered 405. A partner whose
+    registration answer was lost retries with its Token A: it got 401 ("unknown token", as if the token were
+    wrong), though a POST overlapping the registration got 405. The spent Token A still works nowhere else, and
+    says nothing once the registration is gone."""
+    _, token_a = app_env.registry.invite("cpo", "CPO")
+    body = registration(partner)
+    status, answer = await post(app_env, token_a, body)
+    assert (status, answer["status_code"]) == (200, 1000), answer
+    token_c = answer["data"]["token"]
+    async with AsyncTestClient(app=app_env.app) as client:
+        again = await client.post(CREDENTIALS, headers=auth(token_a), json=registration(partner))
+        assert (again.status_code, again.json()["status_code"]) == (405, 2000), again.text
+        assert again.headers["allow"] == "DELETE, GET, HEAD, PUT"
+        assert "already registered" in again.json()["status_message"] and "data" not in again.json()
+        for method, path in (("GET", "/ocpi/versions"), ("GET", CREDENTIALS), ("PUT", CREDENTIALS),
+                             ("DELETE", CREDENTIALS), ("GET", "/ocpi/emsp/2.2.1/sessions/NL/EXA/1")):
+            assert (await client.request(method, path, headers=auth(token_a))).status_code == 401, (method, path)
+        assert (await client.post(CREDENTIALS, headers=auth("never-issued"), json=body)).status_code == 401
+        assert (await client.delete(CREDENTIALS, headers=auth(token_c))).json()["status_code"] == 1000
+        gone = await client.post(CREDENTIALS, headers=auth(token_a), json=registration(partner))
+        assert gone.status_code == 401, gone.text
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.status is PartnerStatus.UNREGISTERED
