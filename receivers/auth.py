@@ -2,7 +2,9 @@
 
 Authentication (`04-transport-format.md` §2, `12-receiver-pitfalls.md` 1-2):
 - missing, malformed or unknown token, or two different Authorization headers: HTTP 401 with an envelope;
-- Token A only on versions and credentials (their routers opt in with `opt={"token_a": True}`);
+- Token A only on versions and credentials (their routers opt in with `opt={"token_a": True}`); the Token A a
+  registration spent is valid nowhere, but a credentials POST with it is answered 405 while the partner is
+  registered (07 §2: the POST of a registered client);
 - the raw, un-encoded token only for partners whose compatibility profile enables `RAW_TOKEN`;
 - a suspended, unregistered or deleted partner is unknown (401).
 
@@ -56,6 +58,9 @@ from receivers.transport import (
 )
 
 TOKEN_A_ALLOWED = "token_a"  # noqa: S105 - a handler opt name, not a secret
+# 07 §2/§3: a credentials POST from a client that is already registered is answered 405, with the methods it may use.
+ALREADY_REGISTERED = "already registered: this Token A has been used"
+AS_REGISTERED = {"Allow": allowed_methods(["DELETE", "GET", "PUT"])}
 BROADCAST_MODULES = frozenset({"locations", "tariffs", "tokens"})
 _PUSH_METHODS = frozenset({"PUT", "PATCH", "POST"})
 
@@ -76,7 +81,10 @@ def parse_authorization(header: str | None) -> tuple[str | None, str]:
     return decoded.removesuffix("\n") or None, raw
 
 
-async def _identify(directory: PartnerDirectory, header: str | None) -> tuple[Partner, TokenKind, str]:
+async def _identify(directory: PartnerDirectory, header: str | None, *,
+                    registration: bool = False) -> tuple[Partner, TokenKind, str]:
+    """The partner, kind and token of the header; `registration` (a credentials POST): the Token A a registration
+    spent is answered 405, as the POST of a registered client (07 §2), though it is valid nowhere."""
     decoded, raw = parse_authorization(header)
     candidates = [decoded] if decoded is not None else []
     if raw != decoded:
@@ -87,6 +95,9 @@ async def _identify(directory: PartnerDirectory, header: str | None) -> tuple[Pa
         # The raw form only for partners that opted in: otherwise a leaked header value would be a token too.
         if token == decoded or partner.profile.raw_token:
             return partner, kind, token
+    spent = directory.registered_by(*candidates) if registration else None
+    if spent is not None and (spent[0] == decoded or spent[1].profile.raw_token):
+        raise MethodNotAllowed(ALREADY_REGISTERED, headers=AS_REGISTERED)
     raise Unauthorized("unknown token")
 
 
@@ -106,7 +117,8 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: 
     if len(given) > 1:
         # Not a list header (RFC 9110 §5.3): taking the first line made the verdict depend on the lines' order.
         raise Unauthorized("more than one Authorization header: send one, 'Token <base64 of the credentials token>'")
-    partner, kind, token = await _identify(directory, next(iter(given), None))
+    registration = method == "POST" and handler.opt.get(MODULE_OPT) == "credentials"
+    partner, kind, token = await _identify(directory, next(iter(given), None), registration=registration)
     if kind is TokenKind.A and not handler.opt.get(TOKEN_A_ALLOWED):
         raise Unauthorized("Token A is only valid on the versions and credentials modules")
     connection.state.partner = partner

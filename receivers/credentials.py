@@ -4,8 +4,9 @@ Receiving (the partner calls `/ocpi/2.2.1/credentials`):
 - POST with the Token A we issued: we call the partner back *before answering*, with the token it just gave us
   (its Token B): GET its versions URL, pick 2.2.1, GET the version details, check the endpoints; then we
   store its roles, endpoints and token, revoke Token A, issue our Token C and answer with our credentials.
-  Already registered (any other token): 405. Callback failed: 3001; no 2.2.1: 3002; no credentials
-  endpoint or no module in common: 3003. A party already held by another partner: 2001.
+  Already registered (any other token, or again the Token A the registration spent): 405. Callback failed:
+  3001; no 2.2.1: 3002; no credentials endpoint or no module in common: 3003. A party already held by another
+  partner: 2001.
 - GET: our credentials, with the token the caller used.
 - PUT (update, re-negotiation, token rotation): the same callback with the token in the body, a new Token C
   for the caller; the replaced token keeps working for `OCPI_TOKEN_GRACE` seconds (default 0: at once).
@@ -32,7 +33,7 @@ from litestar import Request, Response, Router, delete, get, post, put
 from infra.settings import Settings, mask
 from ocpi.compat import CompatProfile
 from ocpi.model import BusinessDetails, Credentials, CredentialsRole, Endpoint, ModuleID, Role
-from receivers.auth import MODULE_OPT, TOKEN_A_ALLOWED
+from receivers.auth import ALREADY_REGISTERED, AS_REGISTERED, MODULE_OPT, TOKEN_A_ALLOWED
 from receivers.outbound import (
     Discovery,
     EndpointsMissing,
@@ -74,11 +75,9 @@ from receivers.versions import VERSION, our_version_details, versions_url
 log = logging.getLogger(__name__)
 
 PATH: Final = f"/ocpi/{VERSION}/credentials"
-# The Allow header of our 405s (RFC 9110 requires one): the methods open to a registered or an unregistered
-# caller.
-_AS_REGISTERED: Final = {"Allow": allowed_methods(["DELETE", "GET", "PUT"])}
+# The Allow header of our 405s (RFC 9110 requires one): the methods open to an unregistered caller (to a
+# registered one: auth.AS_REGISTERED).
 _AS_UNREGISTERED: Final = {"Allow": allowed_methods(["GET", "POST"])}
-_ALREADY_REGISTERED: Final = "already registered: this Token A has been used"
 _REPLACED_WHILE_WAITING: Final = "this token was replaced while the request waited; use the current token"
 T = TypeVar("T")
 
@@ -218,7 +217,7 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
     caller: Partner = request.state.partner
     if request.state.token_kind is not TokenKind.A:
         raise MethodNotAllowed("already registered: use PUT to update the credentials, DELETE to unregister",
-                               headers=_AS_REGISTERED)
+                               headers=AS_REGISTERED)
     credentials = _decode_credentials(await request.body(), caller.profile)
     directory, locks, settings = _context(request)
     registry = directory.registry
@@ -227,7 +226,7 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
         presented = hash_token(request.state.token)
         if partner is None or partner.status is not PartnerStatus.INVITED or not any(
                 t.sha256 == presented and t.kind is TokenKind.A for t in partner.valid_tokens()):
-            raise MethodNotAllowed(_ALREADY_REGISTERED, headers=_AS_REGISTERED)
+            raise MethodNotAllowed(ALREADY_REGISTERED, headers=AS_REGISTERED)
         _check_hub_role(partner, credentials.roles)
         await _check_parties(registry, credentials.roles, partner.partner_id)
         discovery = await _callback(credentials, partner.profile, settings,
@@ -244,7 +243,7 @@ async def post_credentials(request: Request[Any, Any, Any]) -> Response[bytes]:
             partner.revoke_tokens(kinds=[TokenKind.A])
             token_c = partner.issue_token(TokenKind.C)
             await _claim_or_refuse(registry, partner.partner_id, generation, token_c,
-                                   MethodNotAllowed(_ALREADY_REGISTERED, headers=_AS_REGISTERED))
+                                   MethodNotAllowed(ALREADY_REGISTERED, headers=AS_REGISTERED))
             await _run(registry.save, partner)
             directory.apply(partner)
     log.info("partner %s registered (version %s, roles %s)", partner.partner_id, partner.version,
@@ -269,7 +268,7 @@ async def _as_stored_now(registry: PartnerRegistry, partner_id: str, token: str,
     if partner is not None and status is PartnerStatus.INVITED and _registered_with(partner, token):
         # Another POST with this Token A (in another receiver process, whose lock this one does not share)
         # registered the partner meanwhile: a second use of a used Token A.
-        raise MethodNotAllowed(_ALREADY_REGISTERED, headers=_AS_REGISTERED)
+        raise MethodNotAllowed(ALREADY_REGISTERED, headers=AS_REGISTERED)
     if partner is None or partner.status is not status:
         raise Unauthorized("this connection was changed by our operator while the request waited")
     _require_current_token(partner, token)

@@ -553,6 +553,7 @@ class PartnerDirectory:
         self._refresh_wait_s = refresh_wait_s
         self._refreshing: asyncio.Future[None] | None = None
         self._by_hash: dict[str, tuple[str, InboundToken]] = {}
+        self._spent_a: dict[str, str] = {}  # hash of a revoked Token A -> partner id (`registered_by`)
         self._partners: dict[str, Partner] = {}
         self._reload_started = float("-inf")
         self._loaded_from = float("-inf")  # when the read of the reload now in effect started
@@ -573,6 +574,7 @@ class PartnerDirectory:
         newer = {pid: partner for pid, (at, partner) in self._applied.items() if at >= started}
         self._partners = {}
         self._by_hash = {}
+        self._spent_a = {}
         for partner in partners:
             if partner.partner_id not in newer:
                 self._index(partner)
@@ -585,11 +587,14 @@ class PartnerDirectory:
         for token in partner.inbound_tokens:
             if token.state is not TokenState.REVOKED:
                 self._by_hash[token.sha256] = (partner.partner_id, token)
+            elif token.kind is TokenKind.A:
+                self._spent_a[token.sha256] = partner.partner_id
 
     def apply(self, partner: Partner) -> None:
         """Take a partner this process just saved into account at once."""
         self._applied[partner.partner_id] = (time.monotonic(), partner)
         self._by_hash = {h: v for h, v in self._by_hash.items() if v[0] != partner.partner_id}
+        self._spent_a = {h: pid for h, pid in self._spent_a.items() if pid != partner.partner_id}
         self._partners.pop(partner.partner_id, None)
         if partner.status is not PartnerStatus.DELETED:
             self._index(partner)
@@ -647,6 +652,16 @@ class PartnerDirectory:
         if partner.status not in ACCEPTING:
             return None
         return token, partner, stored.kind
+
+    def registered_by(self, *tokens: str) -> tuple[str, Partner] | None:
+        """The first of `tokens` that is a Token A of a partner registered now, with that partner: the token the
+        registration spent (07 §1: invalid from then on), whose holder may repeat its POST (07 §2: 405). Ask only
+        after `find` missed, which has reloaded the registry for it."""
+        for token in tokens:
+            partner = self._partners.get(self._spent_a.get(hash_token(token), ""))
+            if partner is not None and partner.status is PartnerStatus.REGISTERED:
+                return token, partner
+        return None
 
     def _first(self, digests: list[tuple[str, str]]) -> tuple[str, str, tuple[str, InboundToken]] | None:
         for token, digest in digests:
