@@ -993,3 +993,26 @@ async def test_a_repeated_post_with_the_spent_token_a_is_already_registered(app_
         assert gone.status_code == 401, gone.text
     stored = app_env.registry.get("cpo")
     assert stored is not None and stored.status is PartnerStatus.UNREGISTERED
+
+
+async def test_a_registration_the_partner_may_have_accepted_is_reported_so(app_env: AppEnv,  # noqa: F811
+                                                                          partner: FakePartner,
+                                                                          our_side: FakePartner) -> None:
+    """`partners register`: the partner accepted our POST (its Token A is spent, it holds our token) but its answer
+    did not reach us usable. We hold no token for it, so the registration is dropped here; the operator was told
+    only what failed, and a retry with the same Token A was then refused with nothing explaining why."""
+    accept = partner._accept
+
+    async def accept_then_unusable(request: Any, *, old: str) -> Any:
+        await accept(request, old=old)
+        return fake_partner_module._envelope(data={"token": "x" * 65, "url": partner.versions_url, "roles": []})
+
+    partner._accept = accept_then_unusable  # type: ignore[method-assign]
+    token_a = partner.issue_token_a()
+    with pytest.raises(credentials_module.HandshakeError, match="may have accepted") as raised:
+        await initiator(app_env, our_side).register(versions_url=partner.versions_url, token_a=token_a,
+                                                    partner_id="cpo")
+    assert "new Token A" in str(raised.value)
+    assert token_a not in partner.tokens and partner.token_for_peer is not None  # it did register us
+    stored = app_env.registry.get("cpo")
+    assert stored is not None and stored.status is PartnerStatus.DELETED and not stored.valid_tokens()
