@@ -431,7 +431,12 @@ class Initiator:
                 ours = our_credentials(self.settings, token_b, url=self.our_versions_url)
                 theirs = await client.credentials("POST", discovery.credentials_url, ours)
             except PartnerApiError as exc:
-                await self._abandon(partner)
+                await self._abandon(partner)  # without its token for us there is no connection to keep
+                if not exc.without_effect:
+                    raise HandshakeError(
+                        f"{exc}; the partner may have accepted our registration all the same (no answer, or one we "
+                        "cannot use), its Token A then spent: should it refuse this Token A from now on, ask it to "
+                        "drop our registration and for a new Token A") from None
                 raise HandshakeError(_explain(exc, self.our_versions_url)) from None
             assert theirs is not None
         stored = await _run(self.registry.get, partner_id)
