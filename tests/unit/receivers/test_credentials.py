@@ -1016,3 +1016,25 @@ async def test_a_registration_the_partner_may_have_accepted_is_reported_so(app_e
     assert token_a not in partner.tokens and partner.token_for_peer is not None  # it did register us
     stored = app_env.registry.get("cpo")
     assert stored is not None and stored.status is PartnerStatus.DELETED and not stored.valid_tokens()
+
+
+async def test_an_unregistration_the_partner_may_have_applied_is_reported_so(app_env: AppEnv,  # noqa: F811
+                                                                            partner: FakePartner,
+                                                                            our_side: FakePartner) -> None:
+    """`partners unregister`: the partner applied our credentials DELETE (it dropped our token) but its answer did
+    not come in time. Nothing changes here, as for a refused DELETE, but the operator was told only what failed:
+    the next `unregister` is then refused (our token is gone there) with nothing explaining why."""
+    ours = initiator(app_env, our_side)
+    await ours.register(versions_url=partner.versions_url, token_a=partner.issue_token_a(), partner_id="cpo")
+    kill_all = partner._kill_all
+
+    def drop_then_stall() -> None:  # the partner's own loop, in its own thread: only its answer waits
+        kill_all()
+        time.sleep(app_env.settings.partners.outbound_timeout_s + 1)
+
+    partner._kill_all = drop_then_stall  # type: ignore[method-assign]
+    with pytest.raises(credentials_module.HandshakeError, match="may have applied"):
+        await ours.unregister("cpo")
+    assert not partner.tokens  # it did drop us: our token for it is dead there
+    stored = app_env.registry.require("cpo")
+    assert stored.status is PartnerStatus.REGISTERED and stored.valid_tokens()
