@@ -569,7 +569,10 @@ class Initiator:
             try:
                 await client.credentials("DELETE", credentials_url)
             except PartnerApiError as exc:
-                raise HandshakeError(f"{exc}; nothing changed here (`partners suspend` stops the partner "
+                maybe = "" if exc.without_effect else (
+                    ", but the partner may have applied it (should it refuse our token from now on, it did: "
+                    "`partners delete` then drops the partner here)")
+                raise HandshakeError(f"{exc}; nothing changed here{maybe} (`partners suspend` stops the partner "
                                      "locally)") from None
         return await _run(self.registry.unregister, partner)
 
