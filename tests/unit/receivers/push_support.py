@@ -17,12 +17,15 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from clickhouse_connect.driver.client import Client
 from litestar.testing import TestClient
 
 from infra.clickhouse.client import connect
 from infra.codec import DecodedEvent, decode_event
 from ocpi.canonical import to_ocpi_json
 from ocpi.decode import decode
+from receivers.app import create_app
+from receivers.state import StateReader
 from tests.conftest import EXAMPLES
 from tests.unit.receivers.app_support import AppEnv, auth
 
@@ -110,6 +113,17 @@ class Pushes:
 
     def topics(self) -> list[str]:
         return [topic for topic, _key, _value in self.env.sink.records]
+
+    def with_store_down(self) -> TestClient[Any]:
+        """A client of this app whose reads of the store fail to connect (ClickHouse down): `with p.with_store_down()
+        as client:`."""
+
+        def broken() -> Client:
+            raise ConnectionRefusedError("ClickHouse is down")
+
+        app = create_app(self.env.settings, sink=self.env.sink, registry_factory=lambda: self.env.registry,
+                         state_reader=StateReader(broken))
+        return TestClient(app, raise_server_exceptions=False)
 
     def store(self, table: str, rows: list[dict[str, Any]]) -> None:
         """Write current-state rows the way the pipeline does (upper-cased key, payload_json)."""

@@ -13,15 +13,12 @@ from typing import Any
 
 import msgspec
 import pytest
-from clickhouse_connect.driver.client import Client
-from litestar.testing import TestClient
 
 from infra.settings import BASE_URL_MAX_LENGTH
 from ocpi.identity import ObjectKey
 from ocpi.model import CDR, Endpoint
 from pipeline.retention import Pseudonymizer
 from receivers import state
-from receivers.app import create_app
 from receivers.state import StateReader
 from tests.unit.receivers.app_support import auth, make_env  # noqa: F401
 from tests.unit.receivers.push_support import (  # noqa: F401
@@ -201,18 +198,11 @@ def test_a_held_cdr_with_pseudonyms_is_compared_on_the_rest(pushes: Pushes) -> N
     assert len(pushes.events()) == 3
 
 
-def test_a_store_that_cannot_be_read_leaves_a_cdr_post_as_it_was(make_pushes: Any) -> None:
-    p = make_pushes()
-
-    def broken() -> Client:
-        raise ConnectionRefusedError("ClickHouse is down")
-
-    app = create_app(p.env.settings, sink=p.env.sink, registry_factory=lambda: p.env.registry,
-                     state_reader=StateReader(broken))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        response = client.post(CDRS_URL, json=cdr(), headers=auth(p.tokens[("BE", "BEC")]))
+def test_a_store_that_cannot_be_read_leaves_a_cdr_post_as_it_was(pushes: Pushes) -> None:
+    with pushes.with_store_down() as client:
+        response = client.post(CDRS_URL, json=cdr(), headers=auth(pushes.tokens[("BE", "BEC")]))
         assert_envelope(response, 1000, http=201)
-    assert len(p.env.sink.records) == 1
+    assert len(pushes.env.sink.records) == 1
 
 
 def test_a_store_that_does_not_answer_delays_a_cdr_post_by_the_push_read_timeout_only(

@@ -166,20 +166,13 @@ def test_only_the_owner_may_read(pushes: Pushes, url: str) -> None:
     assert "BE/BEC" in answer["status_message"]
 
 
-def test_a_store_that_cannot_be_read_is_3000_never_404(make_pushes: Any) -> None:
-    p = make_pushes()
-
-    def broken() -> Client:
-        raise ConnectionRefusedError("ClickHouse is down")
-
-    app = create_app(p.env.settings, sink=p.env.sink, registry_factory=lambda: p.env.registry,
-                     state_reader=StateReader(broken))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        response = client.get(SESSION_URL, headers=auth(p.tokens[("BE", "BEC")]))
+def test_a_store_that_cannot_be_read_is_3000_never_404(pushes: Pushes) -> None:
+    with pushes.with_store_down() as client:
+        response = client.get(SESSION_URL, headers=auth(pushes.tokens[("BE", "BEC")]))
         answer = assert_envelope(response, 3000, http=500)
         assert "please retry" in answer["status_message"]
         # Pushes do not depend on the store.
-        push = client.put(SESSION_URL, json=session(), headers=auth(p.tokens[("BE", "BEC")]))
+        push = client.put(SESSION_URL, json=session(), headers=auth(pushes.tokens[("BE", "BEC")]))
         assert_envelope(push, 1000)
 
 
