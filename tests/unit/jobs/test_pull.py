@@ -1274,3 +1274,27 @@ async def test_a_page_the_broker_acknowledges_later_than_the_send_timeout_fails_
     sink = ListSink()
     report = await pull(settings, partner_for(fake), "sessions", sink)
     assert report.resumed and ids(sink) == ["S0001", "S0002"]
+
+
+async def test_a_refused_object_that_is_no_utf8_is_recorded_and_the_crawl_goes_on(settings_for: Any) -> None:
+    """An object whose id holds bytes that are no UTF-8 is refused (invalid), and recorded pseudonymised: recording
+    read it as JSON, failed with a UnicodeDecodeError after the page's valid objects were sent but before its
+    checkpoint, so every rerun sent them again and failed there, the window never completed."""
+    good = json.dumps(session(1, hours_ago(3))).encode()
+    bad = json.dumps(session(2, hours_ago(2))).encode().replace(b'"S0002"', b'"S\xe90002"')
+    later = json.dumps(session(3, hours_ago(1))).encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.params["offset"] == "0":
+            return httpx.Response(200, headers={"Link": "<?offset=2&limit=2>; rel=next", "X-Total-Count": "3"},
+                                  content=b'{"status_code": 1000, "timestamp": "2024-01-01T00:00:00Z", "data": ['
+                                          + good + b", " + bad + b"]}")
+        return httpx.Response(200, headers={"X-Total-Count": "3"}, content=_envelope([json.loads(later)]))
+
+    settings, sink = settings_for(), ListSink()
+    report = await pull(settings, _mock_partner(), "sessions", sink, since=hours_ago(24), limit=2,
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == ["S0001", "S0003"] and (report.invalid, report.objects, report.pages) == (1, 2, 2)
+    [line] = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
+    assert (line["index"], line["path"]) == (1, "$[1]") and "not UTF-8" in line["reason"]
+    assert json.loads(line["object"])["kwh"] == session(2, hours_ago(2))["kwh"]
