@@ -398,8 +398,13 @@ def pseudonymised_element(document: bytes, pseudonym: Pseudonymizer) -> bytes:
     """A list element a partner sent in place of a Session/CDR/Location (`jobs.pull` records the refused ones) with
     the personal identifiers of every object in it replaced, at any depth: an object wrapped in another, or in a
     list, holds them as much as one at the top. An element that is a bare string or number may be an identifier
-    itself: written as its pseudonym."""
-    data = _JSON_IN.decode(document)
+    itself: written as its pseudonym. Bytes that are no UTF-8 (why such an element is refused) are read as U+FFFD:
+    they can only sit in strings of an element split from a parsed list, and the identifiers around them are
+    pseudonymised all the same."""
+    try:
+        data = _JSON_IN.decode(document)
+    except UnicodeDecodeError:
+        data = _JSON_IN.decode(document.decode("utf-8", "replace"))
     if isinstance(data, str | int | Decimal) and not isinstance(data, bool):
         return _JSON_OUT.encode(pseudonym(data if isinstance(data, str) else _JSON_OUT.encode(data).decode()))
     pending = [data]
