@@ -1298,3 +1298,22 @@ async def test_a_refused_object_that_is_no_utf8_is_recorded_and_the_crawl_goes_o
     [line] = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
     assert (line["index"], line["path"]) == (1, "$[1]") and "not UTF-8" in line["reason"]
     assert json.loads(line["object"])["kwh"] == session(2, hours_ago(2))["kwh"]
+
+
+async def test_an_object_that_is_no_utf8_is_refused_as_a_push_would_be(settings_for: Any) -> None:
+    """A push whose body is not UTF-8 is no JSON (HTTP 400), wherever the bad bytes are; a pulled object with them in a
+    field the model does not read (a vendor extension) was published as valid, since the decoder skips such a field
+    unread. It is recorded as invalid, the page's other objects published."""
+    good = json.dumps(session(1, hours_ago(3))).encode()
+    bad = json.dumps(session(2, hours_ago(2))).encode()[:-1] + b', "x_vendor": "caf\xe9"}'
+    body = b'{"status_code": 1000, "timestamp": "2024-01-01T00:00:00Z", "data": [' + good + b", " + bad + b"]}"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body)
+
+    settings, sink = settings_for(), ListSink()
+    report = await pull(settings, _mock_partner(), "sessions", sink, since=hours_ago(24),
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == ["S0001"] and (report.invalid, report.objects) == (1, 1)
+    [line] = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
+    assert (line["index"], line["path"]) == (1, "$[1]") and "not UTF-8" in line["reason"]
