@@ -133,7 +133,9 @@ def decode_list(
     """Decode a JSON array element by element (e.g. a pulled GET page), so one bad object spares the rest.
 
     Raises only when the body is not JSON or not an array; per-element errors are returned in place, with
-    paths starting at the element (`$[3].evses[0].uid`).
+    paths starting at the element (`$[3].evses[0].uid`). An element that is not UTF-8 is one (`$[3]`), as a push body
+    is no JSON then (`receivers.transport.require_utf8`): splitting the array and decoding the element read only the
+    strings the model has, so bytes that are no UTF-8 in a field it lacks (a vendor extension) passed unread.
     """
     try:
         raws = _RAW_LIST.decode(body)
@@ -145,11 +147,15 @@ def decode_list(
         raise OcpiJsonError(_TOO_DEEP) from None
     results: list[Decoded[T] | OcpiValidationError] = []
     for i, raw in enumerate(raws):
+        element = bytes(raw)
         try:
-            results.append(decode(bytes(raw), model, profile=profile))
+            element.decode("utf-8")
+            results.append(decode(element, model, profile=profile))
+        except UnicodeDecodeError as exc:
+            results.append(OcpiValidationError(f"$[{i}]", _json_reason(exc)))
         except OcpiValidationError as exc:
             results.append(OcpiValidationError(f"$[{i}]{exc.path[1:]}", exc.reason))
-        except OcpiJsonError as exc:  # invalid UTF-8 in a string: the array itself parsed
+        except OcpiJsonError as exc:  # the array split, but its element does not parse (kept as a guard)
             results.append(OcpiValidationError(f"$[{i}]", exc.reason))
     return results
 
