@@ -1317,3 +1317,23 @@ async def test_an_object_that_is_no_utf8_is_refused_as_a_push_would_be(settings_
     assert ids(sink) == ["S0001"] and (report.invalid, report.objects) == (1, 1)
     [line] = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
     assert (line["index"], line["path"]) == (1, "$[1]") and "not UTF-8" in line["reason"]
+
+
+async def test_an_object_larger_than_a_push_may_be_is_refused_as_a_push_would_be(settings_for: Any) -> None:
+    """A push body is at most `receivers.app.MAX_BODY_BYTES` (HTTP 413 beyond). A pulled object of any size up to the
+    page's limit (64 MB) was published: one the push of which is refused, and past the largest record Kafka takes
+    (16 MB) one that failed the page's send, on every rerun, so the window never completed. It is recorded as
+    invalid, the page's other objects published."""
+    from receivers.app import MAX_BODY_BYTES
+
+    big = session(2, hours_ago(2), x_vendor="x" * MAX_BODY_BYTES)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=_envelope([session(1, hours_ago(3)), big, session(3, hours_ago(1))]))
+
+    settings, sink = settings_for(), ListSink()
+    report = await pull(settings, _mock_partner(), "sessions", sink, since=hours_ago(24),
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == ["S0001", "S0003"] and (report.invalid, report.objects) == (1, 2)
+    [line] = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
+    assert (line["index"], line["path"]) == (1, "$[1]") and "more than the 4194304 an object may be" in line["reason"]
