@@ -128,7 +128,7 @@ def validate_built(value: T, body: bytes, *, profile: CompatProfile | None = Non
 
 
 def decode_list(
-    body: bytes | str, model: type[T], *, profile: CompatProfile | None = None
+    body: bytes | str, model: type[T], *, profile: CompatProfile | None = None, max_bytes: int | None = None
 ) -> list[Decoded[T] | OcpiValidationError]:
     """Decode a JSON array element by element (e.g. a pulled GET page), so one bad object spares the rest.
 
@@ -136,6 +136,7 @@ def decode_list(
     paths starting at the element (`$[3].evses[0].uid`). An element that is not UTF-8 is one (`$[3]`), as a push body
     is no JSON then (`receivers.transport.require_utf8`): splitting the array and decoding the element read only the
     strings the model has, so bytes that are no UTF-8 in a field it lacks (a vendor extension) passed unread.
+    `max_bytes`: an element longer than that is one too (`$[3]`), not decoded (a pull: a push body's limit).
     """
     try:
         raws = _RAW_LIST.decode(body)
@@ -148,6 +149,10 @@ def decode_list(
     results: list[Decoded[T] | OcpiValidationError] = []
     for i, raw in enumerate(raws):
         element = bytes(raw)
+        if max_bytes is not None and len(element) > max_bytes:
+            reason = f"{len(element)} bytes, more than the {max_bytes} an object may be"
+            results.append(OcpiValidationError(f"$[{i}]", reason))
+            continue
         try:
             element.decode("utf-8")
             results.append(decode(element, model, profile=profile))

@@ -39,8 +39,9 @@ The crawl (04 §4.2):
   no URL). Redirects are never followed: they could drop the Authorization header
   or hand it to another host; nor is a next link to another origin (scheme, host or port) than the endpoint's.
 - Each list is decoded element by element (`ocpi.decode.decode_list`, with the partner's compatibility
-  profile): invalid objects (an empty id, country_code or party_id too, as for a push: `ocpi._validate`) are
-  logged and recorded, the valid ones are processed (04 §4.1). Objects whose
+  profile): invalid objects (an empty id, country_code or party_id too, as for a push: `ocpi._validate`; bytes
+  that are no UTF-8, or more of them than a push body may hold, `receivers.app.MAX_BODY_BYTES`) are logged and
+  recorded, the valid ones are processed (04 §4.1). Objects whose
   owner is not one of the partner's CPO roles (the owner of Locations, Sessions and CDRs, as for a push) are
   recorded and skipped (04 §6.3); a Hub's may be any party's but a party the Hub registered itself (as HUB).
   Recorded objects go to `OCPI_DATA_DIR/jobs/pull/<partner>.<module>.rejected.jsonl`, which nothing deletes: their
@@ -106,6 +107,7 @@ from pipeline.jobs.common import (
     running_alone,
     uninterrupted,
 )
+from receivers.app import MAX_BODY_BYTES
 from receivers.registry import Partner, PartnerStatus
 from receivers.transport import COUNTRY_CODE_VALUE, PARTY_ID_VALUE
 
@@ -784,7 +786,9 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
                    correlation_id: str, sink: RecordSink, report: PullReport) -> int:
     """Decode the page's objects, send the valid ones to Kafka (acknowledged), record the others."""
     try:
-        items = decode_list(page.data, kind.model, profile=partner.profile)
+        # No larger than a push body may be (HTTP 413): past what Kafka takes in one record, it would fail the
+        # page's send on every rerun, and the window would never complete.
+        items = decode_list(page.data, kind.model, profile=partner.profile, max_bytes=MAX_BODY_BYTES)
     except (OcpiJsonError, OcpiValidationError) as exc:
         raise PullError(f"GET {page.url}: data is not a list of {module}: {exc}") from None
     records: list[tuple[str, bytes, dict[str, Any]]] = []
