@@ -1337,3 +1337,22 @@ async def test_an_object_larger_than_a_push_may_be_is_refused_as_a_push_would_be
     assert ids(sink) == ["S0001", "S0003"] and (report.invalid, report.objects) == (1, 2)
     [line] = [json.loads(line) for line in rejected_path(settings, "cpo-be", "sessions").read_text().splitlines()]
     assert (line["index"], line["path"]) == (1, "$[1]") and "more than the 4194304 an object may be" in line["reason"]
+
+
+async def test_a_partner_whose_next_links_carry_no_offset_is_not_reported_short(settings_for: Any) -> None:
+    """A next link is the partner's URL, whatever it holds (04 §4.2): one that pages by `page=N` (no offset) was
+    complete, yet its last page was taken to start at offset 0 and reported short of X-Total-Count ('4 more objects
+    than its pages led to'), a false alarm in every summary. Where a page's offset is not known, nothing is said."""
+    objects = [session(i, hours_ago(10 - i)) for i in range(1, 6)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params.get("page", "1"))
+        headers = {"X-Total-Count": "5", "X-Limit": "2"}
+        if page * 2 < 5:
+            headers["Link"] = f'<?page={page + 1}>; rel="next"'
+        return httpx.Response(200, headers=headers, content=_envelope(objects[(page - 1) * 2:page * 2]))
+
+    sink = ListSink()
+    report = await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24),
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert (ids(sink), report.pages, report.unread) == (["S0001", "S0002", "S0003", "S0004", "S0005"], 3, 0)
