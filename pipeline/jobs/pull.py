@@ -713,10 +713,11 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
             if next_url == page.url:
                 raise PullError(f"GET {page.url}: the next link points at the same page")
             url = next_url
-            if url is None and page.total is not None:
+            if url is None and page.total is not None and query_int(page.url, "offset") is not None:
                 # A page without a next link is the last (04 §4.2), but the partner announced more: its total or
                 # its paging is wrong, and the window is taken as read. Said, not guessed past (an offset of our
-                # own could be refused, or read objects its wrong total never had).
+                # own could be refused, or read objects its wrong total never had). Only where the page's offset is
+                # known: a partner's next link may page otherwise (`page=N`), and its last page is not at offset 0.
                 read_to = at + (_page_items(page.data) or 0)
                 if read_to < page.total:
                     report.unread += page.total - read_to
