@@ -1356,3 +1356,25 @@ async def test_a_partner_whose_next_links_carry_no_offset_is_not_reported_short(
     report = await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24),
                         transport=httpx.MockTransport(handler), sleep=Sleeps())
     assert (ids(sink), report.pages, report.unread) == (["S0001", "S0002", "S0003", "S0004", "S0005"], 3, 0)
+
+
+async def test_a_partner_paging_without_offset_that_always_links_does_not_keep_the_crawl_going(
+        settings_for: Any) -> None:
+    """An empty page with a next link is the last once it is at or past X-Total-Count: a partner that links on every
+    page would otherwise lead the crawl through empty pages for ever. A partner paging by `page=N` has no offset to
+    compare: its empty pages were followed for ever (here, until it stops linking after 50 pages)."""
+    objects = [session(i, hours_ago(10 - i)) for i in range(1, 4)]
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        page = int(request.url.params.get("page", "1"))
+        headers = {"X-Total-Count": "3", "X-Limit": "2"}
+        if len(calls) < 50:
+            headers["Link"] = f'<?page={page + 1}>; rel="next"'
+        return httpx.Response(200, headers=headers, content=_envelope(objects[(page - 1) * 2:page * 2]))
+
+    sink = ListSink()
+    report = await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24),
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert (ids(sink), report.pages, len(calls)) == (["S0001", "S0002", "S0003"], 3, 3)
