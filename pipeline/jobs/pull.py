@@ -14,13 +14,13 @@ The crawl (04 §4.2):
   stamped just before our crawl may become visible to its GET only a moment later; a window ending at our now
   would leave such objects behind it, and the next window starts after them for good. Sessions require a
   `date_from` (09 §2.1), so their first pull needs `--since`.
-- Pages are followed through `Link: <…>; rel="next"` until there is none, with the window's `date_from` and
-  `date_to` put back where a link leaves them out (as the spec's own example does). URLs we build ourselves (the first
-  page, re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known. An empty page at
-  or past `X-Total-Count` (or without one) is the last even with a next link (a partner that links on every
-  page would otherwise lead the crawl through empty pages for ever). A next link whose `offset` lies past the
-  objects the page held (a server that caps `limit` but adds the limit asked for) is read from where they ended
-  instead, skipping nothing; one whose `offset` is not past the page's (back to a page read before) stops the
+- Pages are followed through `Link: <…>; rel="next"` until there is none, with the window's `date_from` and `date_to`
+  put back where a link leaves them out (as the spec's own example does). URLs we build ourselves (the first page,
+  re-reads) ask for `limit` objects, lowered to the server's `X-Limit` once it is known. An empty page at or past
+  `X-Total-Count` (or without one, or whose link has no `offset`) is the last even with a next link (a partner that
+  links on every page would otherwise lead the crawl through empty pages for ever). A next link whose `offset` lies
+  past the objects the page held (a server that caps `limit` but adds the limit asked for) is read from where they
+  ended instead, skipping nothing; one whose `offset` is not past the page's (back to a page read before) stops the
   crawl (PullError), which would otherwise read the same pages for ever.
 - When `X-Total-Count` drops (objects updated mid-crawl leave the date_to window, shifting the ones after
   them down), the page is read again from `offset` − drop (04 §4.2's "offset − 1" for a drop of one), so no
@@ -673,13 +673,17 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
                                 "objects after its first page cannot be crawled; the window is left incomplete")
 
             next_url = _with_window(page.next_url, page.url) if page.next_url is not None else None
-            if next_url is not None and (page.total is None or at >= page.total) and _page_items(page.data) == 0:
+            placed = query_int(page.url, "offset") is not None
+            if next_url is not None and (page.total is None or not placed or at >= page.total) \
+                    and _page_items(page.data) == 0:
                 # A partner that writes a next link on every page, the last too: followed, it leads to ever higher
                 # offsets of empty pages, and the crawl would never end. Nothing is left past the announced total,
-                # nor, without one (which it must send), past an empty page.
-                log.warning("GET %s: an empty page at offset %d, %s, still has a next link; taken as the last page",
-                            page.url, at, "without X-Total-Count" if page.total is None else
-                            f"at or past the {page.total} objects X-Total-Count announced")
+                # nor, without one (which it must send), past an empty page; nor past an empty page of a partner
+                # paging otherwise (`page=N`, a cursor), whose place in the list is not known.
+                log.warning("GET %s: an empty page at offset %s, %s, still has a next link; taken as the last page",
+                            page.url, at if placed else "?", "without X-Total-Count" if page.total is None else
+                            f"at or past the {page.total} objects X-Total-Count announced" if placed else
+                            "of a partner paging without offsets")
                 next_url = None
             held = _page_items(page.data)
             ahead = query_int(next_url, "offset") if next_url is not None else None
@@ -713,7 +717,7 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
             if next_url == page.url:
                 raise PullError(f"GET {page.url}: the next link points at the same page")
             url = next_url
-            if url is None and page.total is not None and query_int(page.url, "offset") is not None:
+            if url is None and page.total is not None and placed:
                 # A page without a next link is the last (04 §4.2), but the partner announced more: its total or
                 # its paging is wrong, and the window is taken as read. Said, not guessed past (an offset of our
                 # own could be refused, or read objects its wrong total never had). Only where the page's offset is
