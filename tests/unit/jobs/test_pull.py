@@ -1378,3 +1378,28 @@ async def test_a_partner_paging_without_offset_that_always_links_does_not_keep_t
     report = await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24),
                         transport=httpx.MockTransport(handler), sleep=Sleeps())
     assert (ids(sink), report.pages, len(calls)) == (["S0001", "S0002", "S0003"], 3, 3)
+
+
+async def test_a_partner_that_ignores_its_own_page_parameter_stops_the_pull(settings_for: Any) -> None:
+    """A partner whose next links page by `page=N` but that answers the first page at every one of them was followed
+    for as long as it linked, publishing the same objects each time, and the window then completed with the later
+    objects never seen. As for a partner that ignores `offset`, a page at another URL holding exactly the objects of
+    the page before it (the total unchanged) stops the pull."""
+    objects = [session(i, hours_ago(10 - i)) for i in range(1, 6)]
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        page = int(request.url.params.get("page", "1"))
+        headers = {"X-Total-Count": "5", "X-Limit": "2", "Link": f'<?page={page + 1}>; rel="next"'}
+        if page >= 3:
+            del headers["Link"]
+        return httpx.Response(200, headers=headers, content=_envelope(objects[:2]))
+
+    settings, sink = settings_for(), ListSink()
+    with pytest.raises(PullError, match="holds exactly the objects of the page"):
+        await pull(settings, _mock_partner(), "sessions", sink, since=hours_ago(24),
+                   transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == ["S0001", "S0002"] and len(calls) == 2
+    state = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
+    assert state is not None and state["completed_until"] is None
