@@ -29,9 +29,10 @@ The crawl (04 §4.2):
   a date_to still to come it moves to the list's end, the total stays and the objects after it shift below
   offsets already read. So a window past `SETTLE` before the start is crawled up
   to that point first, then from there to its date_to (what this tail may skip, the next window reads).
-- A page at another offset holding exactly the objects of the page before it means the partner ignores
-  `offset`: the crawl stops (PullError) rather than complete a window whose later objects it never saw. (Not
-  when `X-Total-Count` changed: objects that left or entered the window can put just that page at its offset.)
+- A page at another offset (at another URL, for a partner paging without one) holding exactly the objects of the page
+  before it means the partner ignores `offset` (or its own paging): the crawl stops (PullError) rather than complete
+  a window whose later objects it never saw. (Not when `X-Total-Count` changed: objects that left or entered the
+  window can put just that page at its offset.)
 - HTTP 429 and 503 (and other 5xx, timeouts, refused connections, bodies that do not decompress), OCPI
   3xxx answers and a Hub's 4002/4003 (the receiving party timed out, is not connected) are retried with
   exponential backoff and full jitter; a `Retry-After` (seconds or HTTP date) is waited out first. Other
@@ -663,17 +664,21 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
                 page = await crawler.fetch(reread)
                 offset = query_int(page.url, "offset") or 0
             at, digest = query_int(page.url, "offset") or 0, _page_digest(page.data)
-            previous = crawl.get("previous_page")
+            placed = query_int(page.url, "offset") is not None  # else the partner's links page otherwise (page=N)
+            previous: dict[str, Any] = crawl.get("previous_page") or {}
             # Only while the total holds: objects that left the window (a re-read) or entered it can put just the
             # page read last at this offset. A partner that ignores offset is told apart by a page of its own.
-            if previous and digest is not None and previous["digest"] == digest and previous["offset"] != at \
-                    and page.total == crawl["total"]:
-                raise PullError(f"GET {page.url}: the page at offset {at} holds exactly the objects of the page at "
-                                f"offset {previous['offset']}: the partner ignores `offset` (04 §4.2), so the "
-                                "objects after its first page cannot be crawled; the window is left incomplete")
+            # Without an offset, the page's URL says where it is.
+            elsewhere = bool(previous) and (
+                previous["offset"] != at or (not placed and previous.get("url") not in (None, page.url)))
+            if elsewhere and digest is not None and previous["digest"] == digest and page.total == crawl["total"]:
+                here, there = (f"offset {at}", f"offset {previous['offset']}") if placed else \
+                    (page.url, previous["url"])
+                raise PullError(f"GET {page.url}: the page at {here} holds exactly the objects of the page at "
+                                f"{there}: the partner ignores `offset` or its own paging (04 §4.2), so the objects "
+                                "after its first page cannot be crawled; the window is left incomplete")
 
             next_url = _with_window(page.next_url, page.url) if page.next_url is not None else None
-            placed = query_int(page.url, "offset") is not None
             if next_url is not None and (page.total is None or not placed or at >= page.total) \
                     and _page_items(page.data) == 0:
                 # A partner that writes a next link on every page, the last too: followed, it leads to ever higher
@@ -707,7 +712,8 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
                 report.total = page.total
                 crawl.update(total=page.total, x_limit=page.x_limit or crawl["x_limit"], next_url=next_url,
                              pages=crawl["pages"] + 1, objects=crawl["objects"] + sent,
-                             previous_page={"offset": at, "digest": digest} if digest is not None else None)
+                             previous_page={"offset": at, "url": page.url, "digest": digest}
+                             if digest is not None else None)
                 checkpoint.save(state)
                 return sent
 
