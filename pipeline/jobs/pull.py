@@ -673,7 +673,7 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
                 previous["offset"] != at or (not placed and previous.get("url") not in (None, page.url)))
             if elsewhere and digest is not None and previous["digest"] == digest and page.total == crawl["total"]:
                 here, there = (f"offset {at}", f"offset {previous['offset']}") if placed else \
-                    (page.url, previous["url"])
+                    (page.url, previous.get("url") or f"offset {previous['offset']}")
                 raise PullError(f"GET {page.url}: the page at {here} holds exactly the objects of the page at "
                                 f"{there}: the partner ignores `offset` or its own paging (04 §4.2), so the objects "
                                 "after its first page cannot be crawled; the window is left incomplete")
