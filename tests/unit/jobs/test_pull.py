@@ -1403,3 +1403,38 @@ async def test_a_partner_that_ignores_its_own_page_parameter_stops_the_pull(sett
     assert ids(sink) == ["S0001", "S0002"] and len(calls) == 2
     state = Checkpoint(jobs_dir(settings, "pull") / "cpo-be.sessions.json").load()
     assert state is not None and state["completed_until"] is None
+
+
+async def test_an_interrupted_crawl_goes_on_at_the_partners_new_path_on_the_same_host(settings_for: Any) -> None:
+    """A credentials update may move the Sender endpoint to another path of the same host (a new version's URL, say
+    /ocpi/2.2.1/... after /ocpi/2.1.1/...). A crawl interrupted before resumed at its next page's old path, only
+    another host counting as moved: answered 404 there, the pull failed at every run until --restart; answered by the
+    old version still, it read that version's objects (refused as invalid here) and completed the window without the
+    new endpoint's. The same window is crawled again at the endpoint's new URL."""
+    objects = [session(i, hours_ago(10 - i)) for i in range(1, 4)]
+    seen: list[str] = []
+    upgraded = False
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if upgraded and request.url.path.startswith("/ocpi/2.1.1/"):  # the old version's list: no 2.2.1 Session
+            return httpx.Response(200, headers={"X-Total-Count": "3"}, content=_envelope([{"id": "old"}]))
+        offset = int(request.url.params["offset"])
+        headers = {"X-Total-Count": "3", "X-Limit": "2"}
+        if offset + 2 < 3:
+            headers["Link"] = f"<{request.url.copy_merge_params({'offset': offset + 2, 'limit': 2})}>; rel=next"
+        return httpx.Response(200, headers=headers, content=_envelope(objects[offset:offset + 2]))
+
+    settings, since, until = settings_for(), hours_ago(24), hours_ago(0.5)
+    with pytest.raises(RuntimeError, match="broker down"):
+        await pull(settings, _mock_partner("http://cpo.example/ocpi/2.1.1/sessions"), "sessions",
+                   ListSink(fail_on=2), since=since, until=until, limit=2, transport=httpx.MockTransport(handler),
+                   sleep=Sleeps())
+    assert seen == ["/ocpi/2.1.1/sessions"] * 2
+    upgraded = True
+    seen.clear()
+    sink = ListSink()
+    report = await pull(settings, _mock_partner("http://cpo.example/ocpi/2.2.1/sessions"), "sessions", sink,
+                        transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == ["S0001", "S0002", "S0003"] and not report.resumed and report.invalid == 0
+    assert seen == ["/ocpi/2.2.1/sessions"] * 2 and (report.since, report.until) == (since, until)
