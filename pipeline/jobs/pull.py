@@ -62,7 +62,8 @@ a partner crawled as several; the file written while one party was crawled becom
 the first CPO party's if it records none, and is never continued by another party):
 the window and the next page's URL, saved after every page whose events Kafka acknowledged, and where the
 completed crawls end without a gap. An interrupted pull resumes at the page after the last acknowledged one (one
-whose endpoint moved to another origin since crawls its window again at the new one); the next window starts there.
+whose endpoint moved since, to another origin or path, crawls its window again at the new one); the next window
+starts there.
 Each party's crawl has its own window; one that fails does not keep the others from theirs. A pull of the same
 partner and module started while one runs is refused (`<partner>.<module>.lock`).
 """
@@ -306,10 +307,16 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
 
 
-def _moved(url: str, endpoint_url: str) -> bool:
-    """Whether a saved page URL is at another origin than the endpoint now is (it moved since)."""
+def _moved(crawl: dict[str, Any], endpoint_url: str) -> bool:
+    """Whether the endpoint an interrupted crawl began at is not the partner's endpoint now (a credentials update
+    re-read it): another URL than the one the crawl recorded, another path of the same host too (a new version's);
+    for a crawl recorded by an earlier version, which kept no endpoint, a next page at another origin."""
+    if crawl.get("endpoint") is not None:
+        return bool(crawl["endpoint"] != endpoint_url)
+    if not crawl.get("next_url"):
+        return False
     try:
-        return _origin(url) != _origin(endpoint_url)
+        return _origin(crawl["next_url"]) != _origin(endpoint_url)
     except ValueError:  # an invalid port: not a URL the crawl could go on at
         return True
 
@@ -597,10 +604,11 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
     if party is not None:
         state["party"] = list(party)
     crawl = state.get("crawl")
-    if crawl and not restart and crawl.get("next_url") and _moved(crawl["next_url"], endpoint_url):
-        # The partner's endpoint moved to another origin (a credentials update re-read it) while the crawl was
-        # interrupted: its next page is at the old address, which the crawl may not follow (our token would go
-        # there). The same window is crawled again, at the new address (what is read twice is deduplicated).
+    if crawl and not restart and _moved(crawl, endpoint_url):
+        # The partner's endpoint moved (a credentials update re-read it) while the crawl was interrupted: its next
+        # page is at the old address, which the crawl may not follow when it is another origin (our token would go
+        # there), and which at another path may be gone or another version's list. The same window is crawled
+        # again, at the new address (what is read twice is deduplicated).
         log.warning("the %s endpoint of %s is now %s: the interrupted crawl (%s..%s) starts over there", module,
                     partner.partner_id, endpoint_url, crawl["since"], crawl["until"])
         since, until, restart = since or from_iso(crawl["since"]), until or from_iso(crawl["until"]), True
@@ -628,7 +636,8 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
         tail = end > settled and (start is None or start < settled)
         first = with_query(endpoint_url, date_from=format_datetime(start) if start else None,
                            date_to=format_datetime(settled if tail else end), offset=0, limit=limit)
-        crawl = {"since": iso(start), "until": iso(end), "asked": list(wanted), "next_url": first, "limit": limit,
+        crawl = {"since": iso(start), "until": iso(end), "asked": list(wanted), "endpoint": endpoint_url,
+                 "next_url": first, "limit": limit,
                  "x_limit": None, "total": None, "pages": 0, "objects": 0, "correlation_id": str(uuid.uuid4()),
                  "started_at": iso(started), "tail": tail}
         state["crawl"] = crawl
