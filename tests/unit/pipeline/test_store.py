@@ -859,6 +859,47 @@ def test_clear_rows_an_interrupted_pass_left_are_deleted_by_the_next(client: Cli
     assert client.query("SELECT pseudonymised, token_uid FROM sessions").result_rows == [(True, pseudonym("TOK1"))]
 
 
+@pytest.mark.parametrize("sweep", ["behind", "failing"])
+def test_the_worker_pseudonymises_due_rows_whatever_stops_its_deadline_sweep(client: Client, sweep: str) -> None:
+    """The worker's hourly row pass ran at the end of the deadline sweep, so whatever made the sweep skip or fail
+    skipped it too: the whole group's backlog (a catch-up after an outage, a member that stopped reading, a broker
+    whose offsets cannot be read) or an error of the sweep's own (a refused publish, a failed query) left every due
+    row in clear for as long as that lasted. The pass needs neither: it rewrites rows whatever writes them meanwhile
+    (`projection.next_version`), and the rows' own ages say what is due."""
+    import asyncio
+
+    day = 24 * 60
+    write(client, Harness(process_sessions, SessionState).run(
+        event("Session", session(authref="AUTH-1"), received=-40 * day)).batch)
+
+    class Behind:  # the group has a backlog: the deadline sweep must wait
+        async def caught_up(self, assigned: Any, done: Any) -> bool:
+            return sweep != "behind"
+
+    async def publish(topic: str, records: list[Any]) -> None:
+        raise RuntimeError("the broker refused the records")
+
+    sink = ClickHouseSink(lambda: client)
+    if sweep == "failing":  # an AWAITING row past its due time: the sweep publishes it, and that fails
+        base = dict.fromkeys(RECONCILIATION_COLUMNS)
+        row = {**base, "country_code": "NL", "party_id": "TNM", "subject": "SESSION", "subject_id": "S5",
+               "partner_id": "p1", "outcome": "AWAITING_CDR", "method": "", "cdr_ids": [], "late": False,
+               "due_at": ts(30), "event_time": ts(0), "version": 4}
+        awaiting = Batch()
+        awaiting.add("reconciliation", RECONCILIATION_COLUMNS, [row[c] for c in RECONCILIATION_COLUMNS])
+        write(client, awaiting)
+    settings = _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30", OCPI_CLICKHOUSE_DATABASE=client.database)
+    pseudonym = retention.Pseudonymizer(b"x" * 32)
+    context = SimpleNamespace(
+        progress=SimpleNamespace(done={}), app=SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: [])),
+        sink=sink, stage_rules=stage_rules(), publish=publish, settings=settings, pseudonym=pseudonym)
+    asyncio.run(sweeps.Sweeper(context, Behind()).tick())  # type: ignore[arg-type]
+    assert client.query("SELECT token_uid, authorization_reference, pseudonymised FROM sessions FINAL"
+                        ).result_rows == [(pseudonym("TOK1"), pseudonym("AUTH-1"), True)]
+    if sweep == "failing":
+        assert client.query("SELECT outcome FROM reconciliation FINAL").result_rows == [("AWAITING_CDR",)]
+
+
 def test_one_pass_pseudonymises_every_due_row_whatever_its_batch_size(client: Client) -> None:
     write(client, Harness(process_sessions, SessionState).run(
         event("Session", session("S1", uid="TOK1"), received=1), event("Session", session("S2", uid="TOK2"),
