@@ -19,8 +19,9 @@ It runs only while the whole consumer group has read every partition of the topi
 waiting in Kafka, in this worker's partitions or another's. A margin of the broker send timeout covers events
 that were stamped before a deadline but reached Kafka after it: a push, and a pulled event (stamped as the pull
 hands it to the producer, `pipeline.jobs.pull`), is acknowledged within it of its stamp. Retention: configured TTLs
-are set at the worker's start (`worker.apply_configured_ttls`) and checked again at the first sweep, and due rows
-are pseudonymised every hour.
+are set at the worker's start (`worker.apply_configured_ttls`) and checked again at the first tick, and due rows
+are pseudonymised every hour, at a tick whether or not its sweep runs: the group's backlog, or a sweep that fails,
+does not hold personal data in clear.
 """
 
 from __future__ import annotations
@@ -216,12 +217,22 @@ class Sweeper:
         self.last_retention: datetime | None = None
 
     async def tick(self) -> None:
+        now = utc_now()
         try:
-            await self.run(utc_now())
+            await self.run(now)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("deadline sweep failed; trying again at the next tick")
+        # Not part of the sweep: what skips or fails a sweep (the group's backlog, a refused publish) must not keep
+        # due personal data in clear. The pass needs no caught-up group: rows the worker writes meanwhile outrank
+        # its rewrites (`projection.next_version`), and each row's own age says what is due.
+        try:
+            await self.retention(now)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("retention pass failed; trying again at the next tick")
 
     async def run(self, now: datetime) -> bool:
         """One sweep at `now`; returns False when skipped because the group is (or may be) behind."""
@@ -252,7 +263,6 @@ class Sweeper:
         while promoted:
             promoted = await asyncio.to_thread(ctx.sink.run_sync, partial(superseded, published=promoted))
             await ctx.publish(ctx.settings.pipeline.topic_reconciliation, reconciliation_records(promoted))
-        await self.retention(now)
         return True
 
     async def retention(self, now: datetime) -> None:
