@@ -3,11 +3,13 @@ checkpoints, the replay selection and how a replayed record is built."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiokafka
 import pytest
 from aiokafka.structs import TopicPartition
 from click.testing import CliRunner
@@ -15,6 +17,7 @@ from click.testing import CliRunner
 import pipeline.jobs.replay
 from infra.codec import decode_event, encode_event
 from infra.events import build_event
+from infra.kafka.admin import ensure_topics
 from infra.kafka.compat import search_offset_for_time
 from ocpi.decode import decode
 from ocpi.identity import ObjectKey
@@ -23,6 +26,7 @@ from pipeline.cli import cli
 from pipeline.jobs.common import MODULES, Checkpoint, JobError, check_modules, job_id, parse_time, relative_text
 from pipeline.jobs.replay import ReplayReport, Selection, _Run, plan_kafka
 from tests.conftest import EXAMPLES
+from tests.unit.jobs.fake_sender import session
 
 
 class Partition:
@@ -255,3 +259,39 @@ async def test_a_kafka_client_whose_start_failed_is_stopped() -> None:
     with pytest.raises(OSError, match="does not answer"):
         await start_client(client)  # type: ignore[arg-type]
     assert client.stopped
+
+
+async def test_a_since_replay_on_tansu_finds_an_event_written_before_a_late_record_stamped_earlier(
+        settings_for: Any, broker: str) -> None:
+    """Record timestamps are set as each producer hands a record over, so several producers (receivers, a pull,
+    a replay) write them to a partition out of time order, by up to a producer's request timeout: a record
+    stamped before `--since` may land after one stamped later. The binary search over record timestamps took
+    the partition for sorted; probing the late record it moved past the event before it, which `--since` asked
+    for, and the replay left it out without a word (Kafka's own ListOffsets keeps the maximum timestamp so far
+    and finds it)."""
+    settings = settings_for(OCPI_KAFKA_BOOTSTRAP=broker, OCPI_KAFKA_FLAVOR="tansu", OCPI_TOPIC_PARTITIONS="1")
+    topic = settings.kafka.topic_sessions
+    await asyncio.to_thread(ensure_topics, broker, [topic], 1)
+    since = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    # (seconds after `since` of its receipt and record timestamp): the event wanted, then the late one
+    received = [-60, 1, -5, 10, 20]
+    producer = aiokafka.AIOKafkaProducer(bootstrap_servers=broker, acks="all")
+    await producer.start()
+    try:
+        for number, seconds in enumerate(received, start=1):
+            at = since + timedelta(seconds=seconds)
+            body = session(number, at)
+            decoded = decode(json.dumps(body), Session)
+            key = ObjectKey.of(decoded.value)
+            event = build_event(partner_id="cpo-x", module="sessions", operation="PUT", level="SESSION", key=key,
+                                decoded=decoded, payload_type="Session", source="PUSH", request_id=f"r{number}",
+                                correlation_id=f"c{number}", received_at=at)
+            await producer.send_and_wait(topic, encode_event(event), key=key.kafka_key(),
+                                         timestamp_ms=int(at.timestamp() * 1000))
+    finally:
+        await producer.stop()
+
+    plan = await pipeline.jobs.replay.replay_kafka(settings, broker, Selection(modules=("sessions",), since=since),
+                                                   dry_run=True)
+
+    assert sum(line.matching or 0 for line in plan.lines) == 3  # received 1, 10 and 20 s after `since`
