@@ -28,6 +28,21 @@ def producer_options(kafka: KafkaSettings) -> dict[str, Any]:
     return {"acks": "all", "enable_idempotence": not kafka.is_tansu, "max_request_size": RECORD_MAX_BYTES}
 
 
+# How long the receivers' producer waits for the broker's answer to a request before it gives up on the connection
+# (aiokafka's `request_timeout_ms`, also how long a batch may wait for a broker that is away): well beyond the send
+# timeout, so that a request still in the broker's hands when its push was answered 3000 keeps the connection, and
+# the next records of its partition go out on it after that request (`infra.kafka.publisher.Publisher`).
+REQUEST_TIMEOUT_MIN_S = 30.0
+_REQUEST_TIMEOUT_MAX_MS = 2**31 - 1  # an int32 on the wire (a produce request's timeout)
+
+
+def request_timeout_ms(kafka: KafkaSettings) -> int:
+    """The receivers' producer request timeout: `REQUEST_TIMEOUT_MIN_S`, or 3 × the send timeout when larger. A
+    record stamped (its create time) reaches the broker within it or not at all, the longest any of our producers
+    takes (the jobs' producers wait the send timeout)."""
+    return min(int(max(3 * kafka.send_timeout_s, REQUEST_TIMEOUT_MIN_S) * 1000), _REQUEST_TIMEOUT_MAX_MS)
+
+
 def consumer_options(kafka: KafkaSettings) -> dict[str, Any]:
     """aiokafka/kafka-python consumer group timeouts (Tansu holds JoinGroup for session_timeout/2)."""
     if kafka.is_tansu:
@@ -165,7 +180,7 @@ async def search_offset_for_time(probe: OffsetProbe, begin: int, end: int, targe
 
     `probe(offset)` returns (offset, timestamp_ms) of the first record at or after `offset`, or None when there
     is none before `end`. Assumes timestamps that do not decrease along the partition (true for the broker's
-    append time, and for producers' create time up to their clock skew), as Kafka's own time index does.
+    append time, not for the create times of several producers: `offsets_for_times` searches from further back).
     """
     lo, hi = begin, end
     while lo < hi:
@@ -216,7 +231,29 @@ async def offsets_for_times(kafka: KafkaSettings, bootstrap: str, targets: Mappi
                         return None
                 return None
 
-            result[tp] = await search_offset_for_time(probe, begins[tp], end, target)
+            async def first_from(offset: int, target: int = target, tp: Any = tp, end: int = end) -> int:
+                """The first record at or after `offset` stamped at or after `target`, read in turn; where the
+                reading stalled, the offset it got to (an earlier start than the answer: never one too late)."""
+                consumer.seek(tp, offset)
+                deadline = asyncio.get_running_loop().time() + timeout
+                while asyncio.get_running_loop().time() < deadline:
+                    records = (await consumer.getmany(tp, timeout_ms=200, max_records=500)).get(tp, [])
+                    for record in records:
+                        if record.timestamp >= target:
+                            return int(record.offset)
+                    if records:
+                        deadline = asyncio.get_running_loop().time() + timeout
+                    if await consumer.position(tp) >= end:
+                        return end
+                return int(await consumer.position(tp))
+
+            # Records are stamped as each producer hands them over, so several producers (receivers, pulls,
+            # replays) write them out of time order, by up to a request timeout: a record stamped before the target
+            # may land after one stamped at or after it, and a search for the target that probes it moves past
+            # that one. The search for a request timeout before the target ends at or before every record stamped
+            # at or after the target; from there they are read in turn, as Kafka's ListOffsets finds the first.
+            lower = await search_offset_for_time(probe, begins[tp], end, target - request_timeout_ms(kafka))
+            result[tp] = await first_from(lower) if lower < end else end
         return result
     finally:
         await _stop(consumer)

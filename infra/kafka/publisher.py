@@ -17,12 +17,6 @@ log = logging.getLogger(__name__)
 
 _ATTEMPTS = 3  # sends of one record within its timeout
 
-# How long the producer waits for the broker's answer to a request before it gives up on the connection (aiokafka's
-# `request_timeout_ms`, also how long a batch may wait for a broker that is away): well beyond the send timeout, so
-# that a request still in the broker's hands when its push was answered 3000 keeps the connection, and the next
-# records of its partition go out on it after that request (see `Publisher`).
-REQUEST_TIMEOUT_MIN_S = 30.0
-_REQUEST_TIMEOUT_MAX_MS = 2**31 - 1  # an int32 on the wire (a produce request's timeout)
 
 # Refusals after which an idempotent producer (Kafka) sends nothing to the partition again: aiokafka numbers a
 # partition's batches once and never renumbers, so a batch that failed after it was numbered (refused by the broker,
@@ -56,7 +50,7 @@ class Publisher:
       was answered 3000 must not land after the next push of its object, which an equal `last_updated` would then
       let it undo (`pipeline.ordering`: the later arrival wins). On Tansu, without idempotence, only the
       connection keeps that order: the producer's request timeout is not the send timeout but at least
-      `REQUEST_TIMEOUT_MIN_S` (3 × the send timeout when larger), for aiokafka drops a connection whose request
+      `compat.REQUEST_TIMEOUT_MIN_S` (3 × the send timeout when larger), for aiokafka drops a connection whose request
       timed out and sends what follows on a new one, which the broker may serve before the old request.
     - A broker that is down when we start: the producer is created on a later send, by one caller at a time
       (a lock), within the send timeout, and not within `retry_start_s` of the last attempt's end; meanwhile sends
@@ -97,7 +91,7 @@ class Publisher:
             except Exception:
                 log.exception("the replaced Kafka producer did not stop cleanly")  # it is gone all the same
             self._retiring = None
-        request_timeout_ms = min(int(max(3 * self._timeout, REQUEST_TIMEOUT_MIN_S) * 1000), _REQUEST_TIMEOUT_MAX_MS)
+        request_timeout_ms = compat.request_timeout_ms(self._kafka)
         producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
             linger_ms=1,

@@ -7,7 +7,8 @@ version, so a replay changes no total, however often it runs (the tests replay t
 
 Selection: modules, one partner, a time range on `received_at`, and for Kafka a partition and an offset
 range. From Kafka, `since` is turned into start offsets first: ListOffsets by timestamp on a real Kafka, a
-binary search over record timestamps on Tansu (`infra.kafka.compat.offsets_for_times`). A record's timestamp
+binary search over record timestamps on Tansu, for a request timeout before `since`, then a read on to `since`
+(records of several producers land out of time order: `infra.kafka.compat.offsets_for_times`). A record's timestamp
 is set when it is published, never before its `received_at`, so the scan starts at `since`; it goes on to
 the end of the topics whatever `until` is (a replayed copy, the only one left of history restored from an
 archive, is stamped when it was replayed, any time after its `received_at`), and the exact `received_at`

@@ -295,3 +295,4 @@ async def test_a_since_replay_on_tansu_finds_an_event_written_before_a_late_reco
                                                    dry_run=True)
 
     assert sum(line.matching or 0 for line in plan.lines) == 3  # received 1, 10 and 20 s after `since`
+    assert plan.lines[0].where.endswith("offsets 1-4")  # from the first record stamped at or after `since`
