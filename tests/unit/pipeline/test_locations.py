@@ -191,6 +191,30 @@ def test_an_evse_that_leaves_the_tree_and_comes_back_keeps_one_status_history_ch
             for r in rows(out.batch, "evse_status_history")] == [("E2", "CHARGING", "", ts(9))]
 
 
+def test_an_evse_listed_again_with_its_older_own_time_returns_after_it_left_in_its_status_history() -> None:
+    """An EVSE a push left out and a later one lists again, unchanged (its own `last_updated` from before it left),
+    got its row from '' dated by that old time: before the row that ended its history when it left, so its history
+    ordered by time (as the demo's oracle and any reader orders it) ended with '' while the EVSE is in the tree. It
+    came back with the push that lists it again, and is dated by it (as its leaving is by the push that left it
+    out)."""
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1"), evse("E2", status="CHARGING")]), received=1))
+    h.run(event("Location", location(evses=[evse("E1")], updated=5), received=2))  # E2 leaves at 5
+    back = h.run(event("Location", location(evses=[evse("E1"), evse("E2", status="CHARGING")], updated=8),
+                       received=3))
+    assert [(r[EVSE_HISTORY_COLUMNS.index("previous_status")], r[EVSE_HISTORY_COLUMNS.index("status")],
+             r[EVSE_HISTORY_COLUMNS.index("changed_at")]) for r in rows(back.batch, "evse_status_history")] == [
+        ("", "CHARGING", ts(8))]
+    # So by a Location PATCH of `evses`; an EVSE new to the tree keeps its own time, after the last list that did not
+    # hold it (E3).
+    h.run(event("LocationPatch", {"evses": [evse("E1")], "last_updated": iso(ts(9))}, object_id="LOC1", received=4))
+    out = h.run(event("LocationPatch", {"evses": [evse("E1"), evse("E2", status="CHARGING"), evse("E3", updated=9.5)],
+                                        "last_updated": iso(ts(10))}, object_id="LOC1", received=5))
+    assert [(r[EVSE_HISTORY_COLUMNS.index("evse_uid")], r[EVSE_HISTORY_COLUMNS.index("status")],
+             r[EVSE_HISTORY_COLUMNS.index("changed_at")]) for r in rows(out.batch, "evse_status_history")] == [
+        ("E2", "CHARGING", ts(10)), ("E3", "AVAILABLE", ts(9.5))]
+
+
 def test_an_evse_a_location_patch_of_evses_leaves_out_is_named_as_left_out_by_that_patch() -> None:
     """A Location PATCH of `evses` replaces the list (ocpi.patch) and leaves EVSEs out like a PUT; the anomaly's
     detail said "not in the Location PUT", sending whoever settles it to look for a PUT that never came."""
