@@ -8,6 +8,7 @@ duplicate confirming a time), retries; delivered in any order, received at equal
 - `LocationState.confirmed` pruning (`locations._prune_confirmed`) changes no outcome and no row (README, #5);
 - a replay of every event (`source=REPLAY`, the same event ids and receive times) afterwards changes nothing;
 - batching and crashes (a batch's state lost, the batch read again) change nothing.
+- each EVSE's `evse_status_history`, ordered by `changed_at`, chains from '' to the status stored.
 
 ORDER_EXAMPLES=2000 to search longer."""
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 import pipeline.locations as locations_module
 from infra.codec import DecodedEvent
 from pipeline.locations import process_locations
+from pipeline.projection import EVSE_HISTORY_COLUMNS
 from pipeline.state import LocationState
 
 from .builders import connector, event, evse, iso, location, ts
@@ -252,3 +254,30 @@ def test_patches_of_different_fields_end_as_in_push_order(data: st.DataObject) -
     in_order = run(process_locations, LocationState, records_of([put, *history]))
     shuffled = run(process_locations, LocationState, records_of([put, *order]))
     assert norm(shuffled.state(LOCATION_KEY), False) == norm(in_order.state(LOCATION_KEY), False), show(order)
+
+
+@SET
+@given(st.data())
+def test_every_evse_status_history_chains_in_time_order_to_its_stored_status(data: st.DataObject) -> None:
+    # Ordered by `changed_at` (then version, as the demo's oracle reads it), each EVSE's rows start from '', each
+    # continues from the status of the one before and changes it, and the last holds the status stored (or '' once
+    # it left the tree): an EVSE listed again with its older own time came back before it left. (Without re-pushes
+    # of an old tree with a bumped time: a Location PUT that sets an EVSE's status back with the EVSE's older own
+    # time, the CPO's time going back, dates that change by it, before the change it undoes.)
+    history = data.draw(cpo_history())
+    order = received(data, data.draw(st.permutations(history)))
+    worker = run(process_locations, LocationState, records_of(order))
+    uid, previous, status, changed_at, version = (EVSE_HISTORY_COLUMNS.index(name) for name in (
+        "evse_uid", "previous_status", "status", "changed_at", "version"))
+    chains: dict[str, list[tuple[str, str]]] = {}
+    for row in sorted((row for table, row in worker.inserted if table == "evse_status_history"),
+                      key=lambda row: (row[changed_at], row[version])):
+        chains.setdefault(row[uid], []).append((str(row[previous]), str(row[status])))
+    state = worker.state(LOCATION_KEY)
+    tree = json.loads(state.object_json) if state is not None and state.object_json else {}
+    stored = {e["uid"].upper(): e["status"] for e in tree.get("evses") or ()}
+    for evse_uid, chain in chains.items():
+        assert [p for p, _ in chain] == ["", *(s for _, s in chain[:-1])], (evse_uid, chain, show(order))
+        assert all(p != s for p, s in chain) and chain[-1][1] == stored.get(evse_uid, ""), (evse_uid, chain,
+                                                                                             show(order))
+    assert set(stored) <= set(chains), show(order)
