@@ -215,6 +215,20 @@ def test_an_evse_listed_again_with_its_older_own_time_returns_after_it_left_in_i
         ("E2", "CHARGING", ts(10)), ("E3", "AVAILABLE", ts(9.5))]
 
 
+def test_a_status_a_location_put_sets_back_with_the_evses_older_own_time_is_dated_by_the_put() -> None:
+    """A Location PUT that lists an EVSE with an own `last_updated` older than the EVSE push it had since (the CPO's
+    time for it going back, README "stale") is applied, and its status change was dated by that older own time:
+    before the change it undoes, so the EVSE's history ordered by time ended with a status it no longer has."""
+    h = harness()
+    h.run(event("Location", location(evses=[evse("E1")]), received=1))
+    h.run(status_patch("E1", "CHARGING", 5, 2))
+    out = h.run(event("Location", location(evses=[evse("E1")], updated=8), received=3))
+    assert stored(h)["evses"][0]["status"] == "AVAILABLE"
+    assert [(r[EVSE_HISTORY_COLUMNS.index("previous_status")], r[EVSE_HISTORY_COLUMNS.index("status")],
+             r[EVSE_HISTORY_COLUMNS.index("changed_at")]) for r in rows(out.batch, "evse_status_history")] == [
+        ("CHARGING", "AVAILABLE", ts(8))]
+
+
 def test_an_evse_a_location_patch_of_evses_leaves_out_is_named_as_left_out_by_that_patch() -> None:
     """A Location PATCH of `evses` replaces the list (ocpi.patch) and leaves EVSEs out like a PUT; the anomaly's
     detail said "not in the Location PUT", sending whoever settles it to look for a PUT that never came."""
