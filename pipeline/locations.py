@@ -275,8 +275,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
         if before is None or before.status != evse.status:
             # Its own time: an EVSE PATCH's, not the later time a Connector push raised the EVSE's last_updated to.
             patched = event.level == "EVSE" and ci_equal(evse.uid, event.evse_uid)
-            entered = before is None and _listed_again(state, evse)  # back in the tree: since this push
-            changed_at = event.payload["last_updated"] if patched or entered else None
+            changed_at = event.payload["last_updated"] if patched or _own_time_passed(state, before, evse) else None
             out.batch.add("evse_status_history", projection.EVSE_HISTORY_COLUMNS,
                           projection.evse_history_row(tree, evse_tree, None if before is None else before.status,
                                                       event, version, changed_at=changed_at))
@@ -330,11 +329,15 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     remember(state, event.event_id)
 
 
-def _listed_again(state: LocationState, evse: EVSE) -> bool:
-    """Whether an EVSE a push brings into the tree is dated no later than the last push that replaced the Location's
-    EVSEs (`confirmed`, before this push's): that list did not hold it (an EVSE leaves only so), so its own time is
-    not when it entered (one left out and listed again unchanged would come back before its history's row to '').
-    Its status history row is dated by the push that lists it, as its leaving is by the push that left it out."""
+def _own_time_passed(state: LocationState, before: EVSE | None, evse: EVSE) -> bool:
+    """Whether an EVSE's own `last_updated` cannot date the status change a Location-level push makes: it is older
+    than the EVSE we held (the CPO's time for it going back: a re-sent old EVSE that sets a status back), or, for an
+    EVSE entering the tree, no later than the last push that replaced the Location's EVSEs (`confirmed`, before this
+    push's), which did not hold it (an EVSE leaves only so: one left out and listed again unchanged). Dated by it, the
+    change would come before the one it undoes or the row to '' of its leaving; it is dated by the push instead, as a
+    leaving is by the push that left it out."""
+    if before is not None:
+        return evse.last_updated < before.last_updated
     replaced = ordering.newest(*(state.confirmed.get(key) for key in list_keys_over(evse.uid, False)))
     return replaced is not None and evse.last_updated <= replaced
 
