@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import clickhouse_connect
@@ -359,6 +360,36 @@ def test_cdrs_stored_before_the_billing_migration_are_billed_after_the_upgrade(c
     assert [(str(kwh), str(excl)) for kwh, excl in totals] == [("11.5000", "5.7500")]
     client.command(f"DROP DATABASE {database}")
 
+
+
+def test_a_cdr_stored_before_0012_whose_key_joined_with_slashes_another_line_has_is_billed_after_the_upgrade(
+        chdb_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0022 wrote the line of every CDR stored before 0012 that had none, looking the lines up by `CC/PID/ID` joined
+    # with `/`, which a CiString may hold (0024 says why for billable_lines): NL/T's CDR M/D (stored before 0012)
+    # and NL/T/M's CDR D (billed since) are both `NL/T/M/D`, so the first was taken for billed and left out of
+    # every billing total for good (nothing rewrites a CDR pseudonymised before 0012).
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    every = available_migrations()
+    [billing] = [m for m in every if m.name == "billing"]
+
+    def of(party_id: str, row: list[object]) -> list[object]:
+        return [row[0], party_id, *row[2:]]
+
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [m for m in every if m.version <= 5])
+    migrate(client, database)
+    client.insert(f"{database}.cdrs", [of("T", _cdr("M/D", "10", "5.00", "6.00"))], column_names=_CDR_COLUMNS)
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [m for m in every if m.version <= billing.version])
+    migrate(client, database)
+    client.insert(f"{database}.cdrs", [of("T/M", _cdr("D", "2", "1.00", "1.20"))], column_names=_CDR_COLUMNS)
+    monkeypatch.undo()
+    migrate(client, database)
+    assert migrate(client, database) == []
+
+    assert client.query(f"SELECT party_id, cdr_id, energy_kwh FROM {database}.billable_lines ORDER BY party_id"
+                        ).result_rows == [("T", "M/D", Decimal("10")), ("T/M", "D", Decimal("2"))]
+    assert client.query(f"SELECT count() FROM {database}.billing_lines").result_rows == [(2,)]  # no line twice
+    client.command(f"DROP DATABASE {database}")
 
 
 def test_home_charging_compensation_cdrs_stored_before_0027_are_billed_apart_after_the_upgrade(
