@@ -410,10 +410,11 @@ def test_home_charging_compensation_cdrs_stored_before_0027_are_billed_apart_aft
                                             payload=credit_of_home)],
                   column_names=_CDR_COLUMNS)
     monkeypatch.undo()
-    assert [m.version for m in migrate(client, database)] == [27]
+    assert [m.version for m in migrate(client, database)] == [m.version for m in every if m.version >= 27]
     [(lines,)] = client.query(f"SELECT count() FROM {database}.billing_lines").result_rows
     client.insert(f"{database}.cdrs", [_cdr("H2", "3", "0.90", "1.00", payload=home)], column_names=_CDR_COLUMNS)
-    for statement in every[-1].statements():  # a rerun from the first statement writes no line again
+    [compensation] = [m for m in every if m.version == 27]
+    for statement in compensation.statements():  # a rerun from the first statement writes no line again
         migrations._run_in(client, database, statement)
     assert client.query(f"SELECT count() FROM {database}.billing_lines").result_rows == [(lines + 1,)]
 
