@@ -646,3 +646,81 @@ def test_the_billing_dashboard_shows_charging_revenue_apart_from_home_charging_c
                                          "amount_incl_vat")} == {
         "currency": "EUR", "cdrs": 2, "credit_cdrs": 1, "energy_kwh": Decimal("3"), "amount_excl_vat": Decimal("1"),
         "amount_incl_vat": Decimal("1")}
+
+
+def test_every_billing_panel_agrees_with_the_revenue_report_and_hand_totals_at_the_period_s_edges(
+        schema: Client) -> None:
+    """For one time range and partner, every billing panel shows what `report revenue` shows for those UTC days
+    and that partner, and what billing should by hand: the first and last day of the range counted whole, the days
+    either side not at all; a credit netted, a duplicate credit left out, incl. VAT summed where given and the
+    lines without it counted; each currency apart; the other partner's lines (of the same party) not counted; home
+    charging compensation only in its own panel."""
+    from datetime import date
+    from decimal import Decimal
+
+    from pipeline import reports
+    from pipeline.reconcile import CREDIT_LINK_COLUMNS
+
+    partner, other = f"ag-{uuid.uuid4().hex[:6]}", f"ag-hub-{uuid.uuid4().hex[:6]}"
+    party = f"A{uuid.uuid4().hex[:2].upper()}"
+    first, last = date(2024, 3, 4), date(2024, 3, 6)
+    now = datetime.now(UTC)
+
+    def line(day: date, cdr_id: str, kwh: str, excl: str, incl: str | None, *, sender: str = partner,
+             currency: str = "EUR", credit: bool = False, home: bool = False) -> list[Any]:
+        return [day, sender, "NL", party, "LOC1", cdr_id, currency, credit, Decimal(kwh), Decimal(excl),
+                None if incl is None else Decimal(incl), now, 1, home]
+
+    schema.insert("billing_lines", [
+        line(first - timedelta(days=1), "BEFORE", "100", "100", "121"),
+        line(first, "C1", "10", "5", "6.05"),
+        line(first, "C1-CR", "-10", "-5", "-6.05", credit=True),
+        line(first, "C1-CR2", "-10", "-5", "-6.05", credit=True),  # a DUPLICATE_CREDIT
+        line(first, "C2", "8", "4", None),
+        line(last, "C3", "3", "2", "2.42"),
+        line(last, "U1", "7", "9", "10", currency="USD"),
+        line(last, "H1", "4", "1", "1.21", home=True),
+        line(last, "HUB1", "50", "50", "60.5", sender=other),
+        line(last + timedelta(days=1), "AFTER", "100", "100", "121")],
+        column_names=["day", "partner_id", "country_code", "party_id", "location_id", "cdr_id", "currency",
+                      "credit", "energy_kwh", "cost_excl_vat", "cost_incl_vat", "received_at", "version",
+                      "home_charging_compensation"])
+    link = dict(country_code="NL", party_id=party, credit_cdr_id="C1-CR2", credited_cdr_id="C1", partner_id=partner,
+                status="DUPLICATE_CREDIT", credit_cost_excl_vat=Decimal(-5), credited_cost_excl_vat=Decimal(5),
+                amount_matches=True, received_at=now, due_at=now, version=2)
+    schema.insert("credit_links", [[link[c] for c in CREDIT_LINK_COLUMNS]], column_names=list(CREDIT_LINK_COLUMNS))
+
+    charging = {"EUR": (3, 1, Decimal("11"), Decimal("6"), Decimal("2.42"), 1),  # C1 netted by C1-CR, C2, C3
+                "USD": (1, 0, Decimal("7"), Decimal("9"), Decimal("10"), 0)}
+    columns, report = reports.run(schema, reports.revenue(reports.Period(first, last), party=f"NL/{party}",
+                                                          partner=partner))
+    by_kind = {(r["kind"], r["currency"]): (r["cdrs"], r["credit_cdrs"], r["energy_kwh"], r["revenue_excl_vat"],
+                                            r["revenue_incl_vat"], r["lines_without_incl_vat"])
+               for r in (dict(zip(columns, row, strict=True)) for row in report)}
+    assert by_kind == {**{("CHARGING", c): v for c, v in charging.items()},
+                       ("HOME_CHARGING_COMPENSATION", "EUR"): (1, 0, Decimal("4"), Decimal("1"), Decimal("1.21"), 0)}
+
+    board = ROOT / "dashboards" / "billing.json"
+    # A range from within the first day to within the last: the plugin's $__dateFilter takes both days whole.
+    start, end = datetime(2024, 3, 4, 13, tzinfo=UTC), datetime(2024, 3, 6, 2, tzinfo=UTC)
+
+    def rows(title: str) -> list[dict[str, Any]]:
+        result = schema.query(render_panel_sql(_panel_sql(board, title), start=start, end=end, partners=[partner]))
+        return [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+
+    [party_eur, party_usd] = sorted(rows("Per CPO party"), key=lambda r: r["currency"])
+    for got in (party_eur, party_usd):
+        assert (got["cdrs"], got["credit_cdrs"], got["energy_kwh"], got["revenue_excl_vat"], got["revenue_incl_vat"],
+                got["lines_without_incl_vat"]) == charging[got["currency"]]
+    assert {r["currency"]: (r["cdrs"], r["energy_kwh"], r["revenue_excl_vat"]) for r in rows("Per location")} == {
+        c: (v[0], v[2], v[3]) for c, v in charging.items()}
+    assert {r["currency"]: r["revenue_excl_vat"] for r in rows("Revenue per currency")} == {
+        c: v[3] for c, v in charging.items()}
+    assert rows("CDRs") == [{"cdrs": 4, "credit_cdrs": 1}]
+    assert rows("Energy (kWh)") == [{"kwh": Decimal("18")}]
+    assert {(r["time"].date(), r["kwh"]) for r in rows("Energy per day")} == {(first, Decimal("8")),
+                                                                             (last, Decimal("10"))}
+    assert {(r["time"].date(), r["currency"], r["revenue"]) for r in rows("Revenue per day (excl. VAT)")} == {
+        (first, "EUR", Decimal("4")), (last, "EUR", Decimal("2")), (last, "USD", Decimal("9"))}
+    [home] = rows("Home charging compensation (owed to drivers)")
+    assert (home["cdrs"], home["energy_kwh"], home["amount_excl_vat"]) == (1, Decimal("4"), Decimal("1"))
