@@ -1284,3 +1284,31 @@ def test_a_credit_fact_after_the_grace_gives_a_cdr_naming_an_unknown_session_its
         assert (row["outcome"], row["method"], row["session_id"], row["late"]) == (
             "MATCHED", "AUTHORIZATION_REFERENCE", "S1", True)
         assert stored(party, "C9") == ("S1", "AUTHORIZATION_REFERENCE")
+
+
+def test_a_weaker_key_prefers_a_billable_session_to_a_nearer_invalid_one_in_every_order() -> None:
+    """A failed attempt (INVALID, 09 §1: not billed) and the charge that followed it a minute later share the token,
+    location and, from a StartSession retry, the authorization reference. The CDR (no session_id) took the nearer
+    start, the INVALID attempt: its row a MISMATCH against a charge it does not bill, CDR_FOR_INVALID_SESSION, and
+    the charge it bills MISSING_CDR. A session id is the CPO's own link; a weaker key's nearest start is only a
+    guess, and among the free sessions of the key one that will be billed is the better one."""
+    for authref in (None, "REF1"):
+        opened = s_fact(session("S0", status="ACTIVE", start=0, updated=0, authref=authref), received=0)
+        attempt = s_fact(session("S0", status="INVALID", start=0, end=1, updated=1, authref=authref), version=2,
+                         received=1, final=1)
+        charge = s_fact(completed("S1", start=3, authref=authref), received=60, final=60)
+        the_cdr = c_fact(cdr("C1", session_id=None, start=1, end=61, authref=authref), received=61)
+        # ... and so does a CDR matched to the attempt while it was open, when the attempt turns INVALID.
+        for order in [*itertools.permutations([attempt, charge, the_cdr]), (opened, the_cdr, charge, attempt)]:
+            party = Party()
+            rows, anomalies = {}, []
+            for fact in order:
+                out = party.run(fact)
+                rows |= {(r["subject"], r["subject_id"]): r for r in out.results}
+                anomalies += [a.kind.value for a in out.anomalies]
+            assert (rows["CDR", "C1"]["outcome"], rows["CDR", "C1"]["session_id"]) == ("MATCHED", "S1"), (authref,
+                                                                                                          order)
+            assert rows["SESSION", "S1"]["outcome"] == "MATCHED", (authref, order)
+            assert rows["SESSION", "S0"]["cdr_ids"] == [], (authref, order)
+            if order.index(charge) < order.index(the_cdr):  # else held by the attempt for a while: anomalies stay
+                assert anomalies == [], (authref, order)
