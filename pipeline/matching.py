@@ -5,11 +5,12 @@ The rule is told in `pipeline.reconcile`; this is how it is kept independent of 
 A *key group* is one authorization reference, or one token + location: its sessions (indexes `IA`, `IT`) and the
 CDRs that carry the key and may still be (re)matched by it (waiting indexes `WA`, `WT`; `WS` by session id).
 The matches of a group are a function of the group alone: its CDRs in order of start (then id) each take the
-nearest session, preferring one that no other CDR holds: by a stronger match, by a settled match of this key,
-or earlier in this order. A fact changes records and indexes, then every group it touched is matched again: first
-the authorization-reference groups, then the token groups (a token match yields to any stronger one, so it is
-decided last). So after each fact the matches are what this function gives for the facts seen so far, whatever
-their order. A CDR that moves has its row written again, and so have the sessions it left and joined.
+nearest session, preferring one that no other CDR holds (by a stronger match, by a settled match of this key,
+or earlier in this order), then one not INVALID. A fact changes records and indexes, then every group it touched
+is matched again: first the authorization-reference groups, then the token groups (a token match yields to any
+stronger one, so it is decided last). So after each fact the matches are what this function gives for the facts
+seen so far, whatever their order. A CDR that moves has its row written again, and so have the sessions it left and
+joined.
 
 A CDR naming a session that is not known waits under that session id alone until its grace has ended; it is
 queued by that hour (`QF`), and the first fact of the party after the hour gives it its weaker keys (`expire_named`).
@@ -140,15 +141,16 @@ def _still_matches(cdr: CdrRec, session: SessionFact, rules: Rules) -> bool:
 
 def _closest(sessions: list[SessionRec], start: datetime, rules: Rules, method: str, taken: set[str], *,
              full: bool = False) -> SessionRec | None:
-    """The session with the nearest start, free ones first (token matches, and matches by a `full` index: within
-    the time tolerance)."""
-    best: tuple[tuple[bool, timedelta, str], SessionRec] | None = None
+    """The session with the nearest start, free ones first, then ones not INVALID (token matches, and matches by a
+    `full` index: within the time tolerance). A weaker key's nearest start is a guess: a failed attempt (INVALID,
+    never billed) just before the charge the CDR bills shares its token and often its reference."""
+    best: tuple[tuple[bool, bool, timedelta, str], SessionRec] | None = None
     for rec in sessions:
         gap = abs(rec.fact.start - start)
         if (method == TOKEN_LOCATION_START or full) and gap > rules.time_tolerance:
             continue
         sid = rec.fact.session_id
-        rank = (sid in taken, gap, sid)
+        rank = (sid in taken, rec.fact.status == "INVALID", gap, sid)
         if best is None or rank < best[0]:
             best = (rank, rec)
     return None if best is None else best[1]

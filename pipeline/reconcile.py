@@ -6,8 +6,8 @@ its keys that finds one:
 2. AUTHORIZATION_REFERENCE: the sessions with its `authorization_reference` (the eMSP's reference of the session);
 3. TOKEN_LOCATION_START: the sessions with its token (country_code, party_id, uid) and location whose start is
    within OCPI_RECONCILE_TIME_TOLERANCE of the CDR's.
-Among several sessions of a key the nearest start wins, sessions no other CDR holds first (CDRs of one key choose in
-order of start, then id). A CDR that names a session waits for that one alone during its
+Among several sessions of a key the nearest start wins, sessions no other CDR holds first, then sessions not INVALID
+(CDRs of one key choose in order of start, then id). A CDR that names a session waits for that one alone during its
 OCPI_RECONCILE_SESSION_GRACE (it usually follows its session closely, and its weaker keys would hand it to another
 charge of the same card meanwhile); if the session has not come by then, the CDR falls back to its weaker keys
 within the hour after its grace ended (`pipeline.matching`). A CDR may come before its session, or before the
