@@ -536,6 +536,16 @@ def test_the_sweep_writes_the_anomaly_rows_the_event_time_rules_write_for_the_sa
     assert sorted(map(tuple, swept.tables()["anomalies"])) == sorted(map(tuple, in_time))
 
 
+def write_awaiting_row(client: Client) -> None:
+    """Session NL/TNM/S5's reconciliation row AWAITING_CDR, due at ts(30): a sweep past that publishes it."""
+    row = {**dict.fromkeys(RECONCILIATION_COLUMNS), "country_code": "NL", "party_id": "TNM", "subject": "SESSION",
+           "subject_id": "S5", "partner_id": "p1", "outcome": "AWAITING_CDR", "method": "", "cdr_ids": [],
+           "late": False, "due_at": ts(30), "event_time": ts(0), "version": 4}
+    awaiting = Batch()
+    awaiting.add("reconciliation", RECONCILIATION_COLUMNS, [row[c] for c in RECONCILIATION_COLUMNS])
+    write(client, awaiting)
+
+
 def test_the_sweep_leaves_a_deadline_until_the_margin_past_it_is_over(client: Client) -> None:
     # An event stamped before a deadline reaches Kafka within the send timeout (the margin): until the margin is
     # over, the awaited event may still come, so nothing is promoted.
@@ -571,13 +581,7 @@ def test_a_sweep_killed_between_publish_and_insert_promotes_and_publishes_again(
     class Killed(BaseException):
         pass
 
-    base = dict.fromkeys(RECONCILIATION_COLUMNS)
-    row = {**base, "country_code": "NL", "party_id": "TNM", "subject": "SESSION", "subject_id": "S5",
-           "partner_id": "p1", "outcome": "AWAITING_CDR", "method": "", "cdr_ids": [], "late": False,
-           "due_at": ts(30), "event_time": ts(0), "version": 4}
-    awaiting = Batch()
-    awaiting.add("reconciliation", RECONCILIATION_COLUMNS, [row[c] for c in RECONCILIATION_COLUMNS])
-    write(client, awaiting)
+    write_awaiting_row(client)
     sink = ClickHouseSink(lambda: client)
     published: list[Any] = []
     kill = [True]
@@ -911,13 +915,7 @@ def test_the_worker_pseudonymises_due_rows_whatever_stops_its_deadline_sweep(cli
 
     sink = ClickHouseSink(lambda: client)
     if sweep == "failing":  # an AWAITING row past its due time: the sweep publishes it, and that fails
-        base = dict.fromkeys(RECONCILIATION_COLUMNS)
-        row = {**base, "country_code": "NL", "party_id": "TNM", "subject": "SESSION", "subject_id": "S5",
-               "partner_id": "p1", "outcome": "AWAITING_CDR", "method": "", "cdr_ids": [], "late": False,
-               "due_at": ts(30), "event_time": ts(0), "version": 4}
-        awaiting = Batch()
-        awaiting.add("reconciliation", RECONCILIATION_COLUMNS, [row[c] for c in RECONCILIATION_COLUMNS])
-        write(client, awaiting)
+        write_awaiting_row(client)
     settings = _settings(OCPI_RETENTION_PSEUDONYMISE_DAYS="30", OCPI_CLICKHOUSE_DATABASE=client.database)
     pseudonym = retention.Pseudonymizer(b"x" * 32)
     context = SimpleNamespace(
