@@ -116,6 +116,11 @@ REFUSED = [
      ForeignParty),
     ("mixed platform, its EMSP party, from-* its CPO", MIXED, headers(("NL", "CPX")), "locations", "PUT",
      ("NL", "MSP"), ForeignParty),
+    # A request to us is never from us (04 §8.2: from-* is the requesting party): a Hub naming our party in from-*
+    # relayed nothing, and was let push objects in our own party's name.
+    ("hub relaying for our own party", HUB, headers(OURS), "sessions", "PUT", OURS, InvalidRoutingHeaders),
+    ("hub relaying for our own party, as spelled otherwise", HUB, headers(("nl", "opp")), "locations", "PATCH",
+     ("NL", "OPP"), InvalidRoutingHeaders),
     ("hub's own party owns no Session", HUB, headers(("DE", "HUB")), "sessions", "PUT", ("DE", "HUB"), ForeignParty),
     ("hub's own party owns no CDR", HUB, headers(("DE", "HUB")), "cdrs", "GET", ("DE", "HUB"), ForeignParty),
     # A broadcast keeps its owner's party in the URL (04 §9), any party behind the Hub, but never the Hub's own: a
