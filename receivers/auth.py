@@ -16,7 +16,8 @@ named in the URL (`{country_code}/{party_id}`) must be a party the caller may ac
    credentials role (04 §8.1); a single-role peer may leave them out (its party is implied by its token).
    When present, OCPI-to-* must name our own party (settings `OCPI_PARTY_*`), and OCPI-from-* must name one
    of the caller's credentials roles, except from a Hub, which relays for parties that are not in its
-   roles (a Hub reports only itself, 07 §5). Broken routing headers: HTTP 400, 2001.
+   roles (a Hub reports only itself, 07 §5); never our own party, from anyone. Broken routing headers: HTTP 400,
+   2001.
 2. The owner of the object (URL, or body for CDRs) must be one of the caller's credentials roles with the role
    CPO (Locations, Sessions and CDRs are a CPO's, 08/09/10 §1: a party the caller registered only as EMSP, NSP,
    NAP, SCSP, OTHER or HUB owns none, and may neither push nor read them), or, for a HUB partner, either
@@ -152,7 +153,8 @@ def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module:
         # request named but we do not host, and to the caller, not to a party it may not speak for.
         implied = _implied(partner)
         to_us = ours_as_named(ours, receiver)
-        back = sender if sender is not None and (partner.is_hub or partner.owns(*sender)) else implied
+        back = sender if sender is not None and not _same(sender, ours) and (partner.is_hub or partner.owns(*sender)) \
+            else implied
         set_response_routing(scope, sender=to_us, receiver=back)
     if partner.is_hub or len(partner.roles) > 1:
         missing = [name for name, side in (("OCPI-from-*", sender), ("OCPI-to-*", receiver)) if side is None]
@@ -162,6 +164,11 @@ def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module:
     if receiver is not None and not _same(receiver, ours):
         raise InvalidRoutingHeaders(f"OCPI-to-* names {receiver[0]}/{receiver[1]}; this platform hosts "
                                     f"{ours[0]}/{ours[1]}")
+    if sender is not None and _same(sender, ours):
+        # A request to us is never from us (04 §8.2: from-* is the requesting party). A Hub is trusted for the parties
+        # it relays for, but not for ours: it would push objects in our own party's name.
+        raise InvalidRoutingHeaders(f"OCPI-from-* names {sender[0]}/{sender[1]}, the party this platform hosts: a "
+                                    "request to us is not from us")
     if sender is not None and not partner.is_hub and not partner.owns(*sender):
         raise InvalidRoutingHeaders(f"OCPI-from-* names {sender[0]}/{sender[1]}, which is not one of this "
                                     "partner's credentials roles")
