@@ -121,6 +121,8 @@ REFUSED = [
     ("hub relaying for our own party", HUB, headers(OURS), "sessions", "PUT", OURS, InvalidRoutingHeaders),
     ("hub relaying for our own party, as spelled otherwise", HUB, headers(("nl", "opp")), "locations", "PATCH",
      ("NL", "OPP"), InvalidRoutingHeaders),
+    ("hub broadcast of a Location of our own party", HUB, headers(("DE", "HUB")), "locations", "PUT", ("nl", "opp"),
+     ForeignParty),
     ("hub's own party owns no Session", HUB, headers(("DE", "HUB")), "sessions", "PUT", ("DE", "HUB"), ForeignParty),
     ("hub's own party owns no CDR", HUB, headers(("DE", "HUB")), "cdrs", "GET", ("DE", "HUB"), ForeignParty),
     # A broadcast keeps its owner's party in the URL (04 §9), any party behind the Hub, but never the Hub's own: a

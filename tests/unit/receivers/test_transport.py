@@ -328,6 +328,8 @@ ROWS = [
     # A request to us is never from us (04 §8.2): refused as headers, and answered to the Hub, not to ourselves.
     Row("hub relaying for our own party", "PUT", f"{SESSIONS}/NL/OPP/101", routed("hub", OURS, OURS), 400, BAD,
         body=session("NL", "OPP"), check=response_routing(OURS, ("DE", "HUB"))),
+    Row("hub broadcast of a Location of our own party", "PUT", "/ocpi/emsp/2.2.1/locations/NL/OPP/LOC1",
+        routed("hub", ("DE", "HUB"), OURS), 404, BAD, body=b"{}", check=response_routing(OURS, ("DE", "HUB"))),
     Row("hub relaying to another party than us: 2001, not 4001", "PUT", f"{SESSIONS}/NL/XYZ/101",
         routed("hub", ("NL", "XYZ"), ("NL", "ABC")), 400, BAD, body=session("NL", "XYZ"),
         check=response_routing(OURS, ("NL", "XYZ"))),
