@@ -22,8 +22,8 @@ named in the URL (`{country_code}/{party_id}`) must be a party the caller may ac
    CPO (Locations, Sessions and CDRs are a CPO's, 08/09/10 §1: a party the caller registered only as EMSP, NSP,
    NAP, SCSP, OTHER or HUB owns none, and may neither push nor read them), or, for a HUB partner, either
    a. the party named in OCPI-from-* (an addressed or open-routed request the Hub relays for its owner), or
-   b. any party but the Hub's own (registered as HUB, it owns none), when OCPI-from-* names the Hub itself and
-      the request is a broadcast push (PUT, PATCH or POST) of a module meant for everybody (locations, tariffs,
+   b. any party but the Hub's own (registered as HUB, it owns none) and ours, when OCPI-from-* names the Hub itself
+      and the request is a broadcast push (PUT, PATCH or POST) of a module meant for everybody (locations, tariffs,
       tokens): 04 §9 keeps the original owner in the URL of a broadcast. Sessions and CDRs are never broadcast,
       and GET never is.
    Otherwise: HTTP 404 with 2001 (04 §6.2 allows 404 to hide what belongs to someone else).
@@ -179,6 +179,10 @@ def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module:
         broadcast = hub_itself and module in BROADCAST_MODULES and method in _PUSH_METHODS
         acting = RoutedPartner.of(partner, routed_parties=[] if hub_itself else [sender], broadcast=broadcast)
     if owner is not None:
+        if isinstance(acting, RoutedPartner) and acting.broadcast and _same(owner, ours):
+            # A broadcast may name any owner behind the Hub (04 §9), but not us: we own nothing we receive.
+            raise ForeignParty(f"party {owner[0]}/{owner[1]} is the party this platform hosts: a Hub's broadcast "
+                               "does not carry objects of ours")
         require_owner(acting, *owner)
     return acting
 
