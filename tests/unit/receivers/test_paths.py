@@ -219,3 +219,15 @@ def test_a_get_with_an_empty_id_segment_finds_nothing(pushes: Pushes) -> None:
                                 "version": 1}])
     assert data(pushes.request("GET", f"{BASE}/locations/BE/BEC/LOC1/1")) == stored["evses"][0]
     assert_envelope(pushes.request("GET", f"{BASE}/locations/BE/BEC/LOC1//1"), 2003, http=404)
+
+
+@pytest.mark.parametrize("path", [url("sessions", "BE", "BEC", "S" * 37), f"{BASE}/locations/BE/BEC/LOC1//1",
+                                  url("locations", "BE", "BEC", "LOC1", "3256", "\u00e9")])
+@pytest.mark.parametrize("raw", [b"{not json", b'{"last_updated": "\xff"}', b""], ids=["syntax", "not UTF-8", "empty"])
+def test_a_body_that_is_no_json_is_a_400_before_the_url_is_judged(pushes: Pushes, path: str, raw: bytes) -> None:
+    """A body that is not JSON MUST be HTTP 400 (05 §2): the transport layer ends once the body is parsed (05 §1), so
+    an id in the URL no object can have (a 2001 of the OCPI layer, HTTP 200) is judged only after that."""
+    for method in ("PATCH", "PUT"):
+        answer = assert_envelope(pushes.request(method, path, raw=raw, party=("BE", "BEC")), 2001, http=400)
+        assert "not valid JSON" in answer["status_message"], answer
+    assert pushes.env.sink.records == []
