@@ -16,7 +16,7 @@ Rules (08 §3.3-3.4, 09 §3.3-3.4, 04 §4.4 and §6, digest 12 rules 4 and 7):
   not repeat them in the body, so the URL is the only place they are checked. The owner's country_code/party_id
   must be non-empty CiString(2)/CiString(3): a Hub's broadcast may name any owner (04 §9), not only a role's.
 - Every refusal is 2001 naming the field by its JSON path (a URL id by its `{name}`) and saying why
-  (transport.InvalidParameters).
+  (transport.InvalidParameters); a body that is not JSON is HTTP 400 first (05 §2), whatever its URL.
 - The Kafka key is the owner object's identity (`CC/PID/ID` upper-cased): for an EVSE or Connector push the
   Location's, so every event of one Location stays in order on one partition; the event carries
   `evse_uid`/`connector_id` for the sub-object.
@@ -60,7 +60,7 @@ from ocpi.model import (
     SessionPatch,
 )
 from receivers.publishing import EventPublisher
-from receivers.transport import InvalidParameters, decode_body, require_utf8
+from receivers.transport import InvalidParameters, decode_body, require_json, require_utf8
 
 # Handler parameter types: a URL segment, and the app's EventPublisher (app.py provides it as `events`).
 Segment: TypeAlias = FromPath[str]
@@ -225,8 +225,12 @@ def check_identity(value: Any, target: Target, url: PushUrl) -> None:
 async def accept_push(request: Request[Any, Any, Any], events: EventPublisher, target: Target,
                       url: PushUrl) -> None:
     """Validate a PUT/PATCH at `url` against `target` and publish it; raises the OCPI error otherwise."""
-    check_url_ids(target, url)
     body = await request.body()
+    try:
+        check_url_ids(target, url)
+    except InvalidParameters:
+        require_json(body)  # a body that is no JSON is a 400 first, whatever it addresses
+        raise
     check_level(body, target)
     decoded = decode_body(body, target.model, request.state.partner.profile)
     check_identity(decoded.value, target, url)

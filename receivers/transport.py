@@ -29,10 +29,10 @@ from ocpi.datetime import (
     format_datetime,
     parse_datetime,
 )
-from ocpi.decode import Decoded, OcpiJsonError, OcpiValidationError, decode
+from ocpi.decode import UNPARSABLE, Decoded, OcpiJsonError, OcpiValidationError, decode, unparsable_reason
 from ocpi.identity import ci_equal, ci_normalize
 from ocpi.status import OcpiStatus
-from ocpi.types import CI_STRING_PATTERN
+from ocpi.types import CI_STRING_PATTERN, float_hook
 
 T = TypeVar("T")
 
@@ -574,6 +574,22 @@ def require_utf8(body: bytes) -> None:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedJson(f"body is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+_JSON_TREE = msgspec.json.Decoder(float_hook=float_hook)  # untyped: syntax only, numbers exact
+
+
+def require_json(body: bytes) -> None:
+    """A body that is not JSON: MalformedJson, HTTP 400 (MUST, 05 §2). For a refusal found before the body is decoded
+    (an id in the URL): the transport layer ends once the body is parsed (05 §1), so that 2001 (HTTP 200, the OCPI
+    layer) may only answer a body that is JSON."""
+    require_utf8(body)
+    try:
+        _JSON_TREE.decode(body)
+    except msgspec.ValidationError:  # JSON, with a number beyond any range: the decoders say so (2001)
+        return
+    except UNPARSABLE as exc:
+        raise MalformedJson(f"body is not valid JSON: {unparsable_reason(exc)}") from None
 
 
 def decode_body(body: bytes, model: type[T], profile: CompatProfile | None) -> Decoded[T]:
