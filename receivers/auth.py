@@ -26,7 +26,8 @@ named in the URL (`{country_code}/{party_id}`) must be a party the caller may ac
       and the request is a broadcast push (PUT, PATCH or POST) of a module meant for everybody (locations, tariffs,
       tokens): 04 §9 keeps the original owner in the URL of a broadcast. Sessions and CDRs are never broadcast,
       and GET never is.
-   Otherwise: HTTP 404 with 2001 (04 §6.2 allows 404 to hide what belongs to someone else).
+   Never our own party, from anyone (not even a partner that registered it as its CPO role). Otherwise: HTTP 404
+   with 2001 (04 §6.2 allows 404 to hide what belongs to someone else).
 Handlers then call `require_owner(request.state.partner, ...)` for owners they find in the body; for a Hub,
 `request.state.partner` is a per-request RoutedPartner that knows what the headers authorised.
 """
@@ -127,8 +128,7 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], handler: 
     connection.state.token = token
     module = handler.opt.get(MODULE_OPT)
     if module and module not in CONFIGURATION_MODULES:
-        settings: Settings = connection.app.state.settings
-        ours = (settings.party.country_code, settings.party.party_id)
+        ours = our_party(connection.app.state.settings)
         params = connection.path_params
         has_owner = "country_code" in params and "party_id" in params
         owner = (params["country_code"], params["party_id"]) if has_owner else None
@@ -179,18 +179,24 @@ def authorize(partner: Partner, routing: RoutingHeaders, *, ours: Party, module:
         broadcast = hub_itself and module in BROADCAST_MODULES and method in _PUSH_METHODS
         acting = RoutedPartner.of(partner, routed_parties=[] if hub_itself else [sender], broadcast=broadcast)
     if owner is not None:
-        if isinstance(acting, RoutedPartner) and acting.broadcast and _same(owner, ours):
-            # A broadcast may name any owner behind the Hub (04 §9), but not us: we own nothing we receive.
-            raise ForeignParty(f"party {owner[0]}/{owner[1]} is the party this platform hosts: a Hub's broadcast "
-                               "does not carry objects of ours")
-        require_owner(acting, *owner)
+        require_owner(acting, *owner, ours=ours)
     return acting
 
 
-def require_owner(partner: Partner, country_code: str, party_id: str) -> None:
-    """The object's owner must be a party the caller may act for as its CPO; otherwise it is hidden (404, 2001)."""
+def require_owner(partner: Partner, country_code: str, party_id: str, *, ours: Party | None = None) -> None:
+    """The object's owner must be a party the caller may act for as its CPO, and not `ours` (our own party: we own
+    nothing we receive, not through a Hub's broadcast, which may name any owner behind it, 04 §9, nor from a partner
+    that registered our party as its CPO role, which the handshake does not refuse); otherwise it is hidden (404,
+    2001)."""
+    if ours is not None and _same((country_code, party_id), ours):
+        raise ForeignParty(f"party {country_code}/{party_id} is the party this platform hosts: nothing pushed to or "
+                           "read from us is owned by it")
     if not partner.may_own(country_code, party_id):
         raise ForeignParty(partner.not_owner_reason(country_code, party_id))
+
+
+def our_party(settings: Settings) -> Party:
+    return settings.party.country_code, settings.party.party_id
 
 
 def _implied(partner: Partner) -> Party | None:

@@ -36,7 +36,7 @@ from ocpi.decode import decode_stored
 from ocpi.errors import OcpiError
 from ocpi.identity import ObjectKey
 from ocpi.model import CDR
-from receivers.auth import require_owner
+from receivers.auth import our_party, require_owner
 from receivers.paths import path_segment
 from receivers.pushes import CDR_POST, Events, Segment
 from receivers.state import Stored
@@ -102,7 +102,7 @@ async def post_cdr(request: Request[Any, Any, Any], events: Events, settings: Co
     decoded = decode_body(await request.body(), CDR, partner.profile)
     cdr = decoded.value
     try:
-        require_owner(partner, cdr.country_code, cdr.party_id)
+        require_owner(partner, cdr.country_code, cdr.party_id, ours=our_party(settings))
     except ForeignParty as exc:  # the owner came from the body: name its fields
         raise ForeignParty(f"$.country_code, $.party_id: {exc.message}",
                            data={"path": "$.party_id", "reason": exc.message}) from None

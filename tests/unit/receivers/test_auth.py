@@ -123,6 +123,11 @@ REFUSED = [
      ("NL", "OPP"), InvalidRoutingHeaders),
     ("hub broadcast of a Location of our own party", HUB, headers(("DE", "HUB")), "locations", "PUT", ("nl", "opp"),
      ForeignParty),
+    # Nor does any partner own what our party would: a CPO role registered under our own party (the handshake does
+    # not refuse one) would push Locations, Sessions and CDRs in our name.
+    *[(f"our own party as a partner's CPO role, {module}", partner(("NL", "OPP", "CPO")), headers(None, None), module,
+       method, ("nl", "opp"), ForeignParty)
+      for module, method in (("locations", "PUT"), ("sessions", "PATCH"), ("cdrs", "GET"))],
     ("hub's own party owns no Session", HUB, headers(("DE", "HUB")), "sessions", "PUT", ("DE", "HUB"), ForeignParty),
     ("hub's own party owns no CDR", HUB, headers(("DE", "HUB")), "cdrs", "GET", ("DE", "HUB"), ForeignParty),
     # A broadcast keeps its owner's party in the URL (04 §9), any party behind the Hub, but never the Hub's own: a

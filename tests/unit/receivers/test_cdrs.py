@@ -104,6 +104,18 @@ def test_the_owner_is_the_bodys_and_must_be_the_callers(pushes: Pushes) -> None:
         assert "BE/BEC" in foreign.json()["status_message"]
 
 
+def test_no_cdr_is_of_our_own_party_even_from_a_partner_registered_with_it(pushes: Pushes) -> None:
+    """The handshake does not refuse a partner listing our party (OCPI_PARTY_*) as its CPO role; the CDR it POSTs in
+    our party's name is refused all the same, as a push whose URL names our party is (`auth.require_owner`)."""
+    ours = (pushes.env.settings.party.country_code, pushes.env.settings.party.party_id)
+    token = pushes.env.provision("claims-ours", (*ours, "CPO"))
+    with no_records(pushes):
+        answer = pushes.client.post(CDRS_URL, json={**cdr(), "country_code": ours[0], "party_id": ours[1].lower()},
+                                    headers={**auth(token), "Content-Type": "application/json"})
+        assert_envelope(answer, 2001, http=404)
+        assert "the party this platform hosts" in answer.json()["status_message"]
+
+
 def test_a_cdr_may_concern_a_location_never_published_and_a_resend_is_acknowledged(pushes: Pushes) -> None:
     """CDRs for unpublished (home) locations are legal; duplicates are the pipeline's policy (immutable)."""
     body = {**cdr(), "cdr_location": {**cdr()["cdr_location"], "id": "HOME-1", "evse_uid": "#NA",
