@@ -7,7 +7,7 @@ from pipeline import cdr_rules, projection, wire
 from pipeline.cdr_rules import CdrDecision
 from pipeline.facts import cdr_fact
 from pipeline.records import Anomaly, Outcome, Record
-from pipeline.stage import StageOutput, StageRules
+from pipeline.stage import StageOutput, StageRules, foreign_issuer_detail
 from pipeline.state import CdrState, TypedView
 
 
@@ -55,7 +55,6 @@ def store(record: Record, rules: StageRules, out: StageOutput) -> None:
     for kind, detail in cdr_rules.credit_anomalies(cdr):
         out.anomaly(kind, event, detail)
     if (issuer := rules.foreign_issuer(cdr["cdr_token"])) is not None:  # stored and billed as sent: to dispute
-        out.anomaly(Anomaly.CDR_OF_ANOTHER_EMSP, event, f"cdr_token of {issuer[0]}/{issuer[1]}, not one of "
-                    "OCPI_TOKEN_PARTIES")
+        out.anomaly(Anomaly.CDR_OF_ANOTHER_EMSP, event, foreign_issuer_detail(issuer))
     out.fact(event, cdr_fact(cdr, partner_id=event.partner_id, received_at=record.received_at,
                              pseudonym=out.pseudonym))

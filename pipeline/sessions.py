@@ -24,6 +24,7 @@ from pipeline.stage import (
     StageOutput,
     StageRules,
     expire_parked,
+    foreign_issuer_detail,
     overflowed,
     parked_record,
     parking_full,
@@ -160,8 +161,7 @@ def _flag_foreign_token(state: SessionState, stored_session: wire.StoredStruct[S
     if stored is not None and (ci_normalize(stored.cdr_token.country_code),
                                ci_normalize(stored.cdr_token.party_id)) == issuer:
         return
-    out.anomaly(Anomaly.SESSION_OF_ANOTHER_EMSP, event, f"cdr_token of {issuer[0]}/{issuer[1]}, not one of "
-                "OCPI_TOKEN_PARTIES")
+    out.anomaly(Anomaly.SESSION_OF_ANOTHER_EMSP, event, foreign_issuer_detail(issuer))
 
 
 def _as_stored(stored: Session | None, incoming: Session, thorough: bool, pseudonym: Pseudonymizer) -> bool:

@@ -55,6 +55,11 @@ class StageRules:
         return None if issuer in self.token_parties else issuer
 
 
+def foreign_issuer_detail(issuer: tuple[str, str]) -> str:
+    """The anomaly detail of a Session or CDR of a token `issuer` issued (`StageRules.foreign_issuer`)."""
+    return f"cdr_token of {issuer[0]}/{issuer[1]}, not one of OCPI_TOKEN_PARTIES"
+
+
 @dataclass
 class StageOutput:
     """Rows, facts and counters of one batch."""
