@@ -524,7 +524,8 @@ class PipelineSettings:
     token_parties: str = _setting(
         "OCPI_TOKEN_PARTIES", "",
         "the eMSP parties whose tokens we bill, CC/PID separated by commas (NL/EMS,BE/EMS): a CDR of another's "
-        "token is flagged CDR_OF_ANOTHER_EMSP, a Session SESSION_OF_ANOTHER_EMSP; empty = not checked (a hub "
+        "token is flagged CDR_OF_ANOTHER_EMSP and not billed (kept out of `billable_lines`), a Session "
+        "SESSION_OF_ANOTHER_EMSP; empty = not checked (a hub "
         "carries every eMSP's tokens)",
     )
     cdr_grace_s: float = _setting(

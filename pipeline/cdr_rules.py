@@ -12,7 +12,8 @@
   after the grace period.
 - With `OCPI_TOKEN_PARTIES` set, a CDR of a token none of those eMSP parties issued is flagged
   CDR_OF_ANOTHER_EMSP (`StageRules.foreign_issuer`, in `pipeline.cdrs`): the CPO sent another eMSP's CDR to us. It is
-  stored and billed as sent (immutable), to be disputed with the CPO.
+  stored as sent (immutable), to be disputed with the CPO, and not billed: its row's `token_of_another_emsp` keeps
+  its line out of `billable_lines` (migration 0029).
 - Amounts stay exact Decimals end to end (Avro decimal(18,4) → Decimal → ClickHouse Decimal(18,4)).
 """
 

@@ -48,13 +48,15 @@ def process_cdrs(view: TypedView[CdrState], key: str, records: list[Record], rul
 def store(record: Record, rules: StageRules, out: StageOutput) -> None:
     event = record.event
     cdr = event.payload
-    out.batch.add("cdrs", projection.CDR_COLUMNS, projection.cdr_row(event, cdr, wire.ocpi_json(cdr)))
+    issuer = rules.foreign_issuer(cdr["cdr_token"])
+    out.batch.add("cdrs", projection.CDR_COLUMNS, projection.cdr_row(event, cdr, wire.ocpi_json(cdr),
+                                                                     token_of_another_emsp=issuer is not None))
     out.batch.extend("cdr_charging_periods", projection.CDR_PERIOD_COLUMNS,
                      projection.cdr_period_rows(cdr, event.received_at))
     out.batch.extend("cdr_tariffs", projection.CDR_TARIFF_COLUMNS, projection.cdr_tariff_rows(cdr, event.received_at))
     for kind, detail in cdr_rules.credit_anomalies(cdr):
         out.anomaly(kind, event, detail)
-    if (issuer := rules.foreign_issuer(cdr["cdr_token"])) is not None:  # stored and billed as sent: to dispute
+    if issuer is not None:  # stored as sent, not billed: to dispute with the CPO
         out.anomaly(Anomaly.CDR_OF_ANOTHER_EMSP, event, foreign_issuer_detail(issuer))
     out.fact(event, cdr_fact(cdr, partner_id=event.partner_id, received_at=record.received_at,
                              pseudonym=out.pseudonym))

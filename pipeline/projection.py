@@ -69,7 +69,7 @@ CDR_COLUMNS = (
     "auth_method", "authorization_reference", "token_uid", "token_type", "contract_id", "location_id",
     "evse_uid", "connector_id", "currency", "total_energy", "total_time", "total_parking_time",
     "total_cost_excl_vat", "total_cost_incl_vat", "credit", "credit_reference_id", "last_updated",
-    "payload_json", "event_id", "version", "received_at", "home_charging_compensation",
+    "payload_json", "event_id", "version", "received_at", "home_charging_compensation", "token_of_another_emsp",
 )
 
 CDR_PERIOD_COLUMNS = (
@@ -200,7 +200,9 @@ def evse_history_row(location: dict[str, Any], evse: dict[str, Any], previous: s
     ]
 
 
-def cdr_row(event: DecodedEvent, cdr: dict[str, Any], document: bytes) -> list[Any]:
+def cdr_row(event: DecodedEvent, cdr: dict[str, Any], document: bytes, *, token_of_another_emsp: bool,
+            ) -> list[Any]:
+    """`token_of_another_emsp`: its token is of none of OCPI_TOKEN_PARTIES, so billing leaves it out (0029)."""
     token = cdr["cdr_token"]
     location = cdr["cdr_location"]
     excl, incl = _price(cdr["total_cost"])
@@ -212,6 +214,7 @@ def cdr_row(event: DecodedEvent, cdr: dict[str, Any], document: bytes) -> list[A
         cdr["currency"], cdr["total_energy"], cdr["total_time"], cdr.get("total_parking_time"), excl, incl,
         bool(cdr.get("credit")), upper(cdr.get("credit_reference_id")), cdr["last_updated"], json_column(document),
         event.event_id, CDR_ROW_VERSION, event.received_at, bool(cdr.get("home_charging_compensation")),
+        token_of_another_emsp,
     ]
 
 

@@ -409,8 +409,9 @@ def test_home_charging_compensation_cdrs_stored_before_0027_are_billed_apart_aft
                                        _cdr("HC1", "4", "-1.00", "-1.20", credit=True, credited="H1",
                                             payload=credit_of_home)],
                   column_names=_CDR_COLUMNS)
-    monkeypatch.undo()
-    assert [m.version for m in migrate(client, database)] == [m.version for m in every if m.version >= 27]
+    # Up to 0028: a rerun of 0027 (below) can only happen before 0029 adds a column its INSERT does not name.
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [m for m in every if m.version <= 28])
+    assert [m.version for m in migrate(client, database)] == [27, 28]
     [(lines,)] = client.query(f"SELECT count() FROM {database}.billing_lines").result_rows
     client.insert(f"{database}.cdrs", [_cdr("H2", "3", "0.90", "1.00", payload=home)], column_names=_CDR_COLUMNS)
     [compensation] = [m for m in every if m.version == 27]
@@ -426,6 +427,51 @@ def test_home_charging_compensation_cdrs_stored_before_0027_are_billed_apart_aft
                          f"FROM {database}.billing_daily ORDER BY home_charging_compensation").result_rows
     assert [(flag, n, credits, str(kwh), str(excl)) for flag, n, credits, kwh, excl in daily] == [
         (False, 1, 0, "10.0000", "5.0000"), (True, 3, 1, "3.0000", "0.9000")]
+    monkeypatch.undo()
+    assert [m.version for m in migrate(client, database)] == [m.version for m in every if m.version > 28]
+    client.command(f"DROP DATABASE {database}")
+
+
+def test_cdrs_of_another_emsps_token_have_billing_lines_but_are_not_billed(chdb_dsn: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # OCPI_TOKEN_PARTIES names the eMSP parties whose tokens we bill: a CDR of another's token (and its credit) keeps
+    # its billing line, flagged, and billable_lines and billing_daily leave it out. Rows stored before 0029 were
+    # never judged: billed as before. A CDR stored while 0029 swaps the views gets its flagged line all the same.
+    client = connect(chdb_dsn)
+    database = unique("mig")
+    every = available_migrations()
+    monkeypatch.setattr(migrations, "available_migrations", lambda: [m for m in every if m.version <= 28])
+    migrate(client, database)
+    client.insert(f"{database}.cdrs", [_cdr("OLD", "10", "5.00", "6.00")], column_names=_CDR_COLUMNS)
+    monkeypatch.undo()
+    assert [m.version for m in migrate(client, database)] == [m.version for m in every if m.version >= 29]
+    flagged = [*_CDR_COLUMNS, "token_of_another_emsp"]
+    client.insert(f"{database}.cdrs", [[*_cdr("OURS", "2", "1.00", "1.20"), False],
+                                       [*_cdr("THEIRS", "4", "2.00", "2.40"), True],
+                                       [*_cdr("THEIRS-C", "4", "-2.00", "-2.40", credit=True, credited="THEIRS"),
+                                        True]], column_names=flagged)
+    [swap] = [m for m in every if m.version == 29]
+    client.command(f"DROP VIEW {database}.billing_lines_v3_mv")  # as between its CREATE and the old view's DROP
+    client.command(f"CREATE MATERIALIZED VIEW {database}.billing_lines_v2_mv TO {database}.billing_lines AS SELECT "
+                   "toDate(end_date_time) AS day, partner_id, country_code, party_id, location_id, cdr_id, currency, "
+                   "credit, total_energy AS energy_kwh, total_cost_excl_vat AS cost_excl_vat, total_cost_incl_vat AS "
+                   f"cost_incl_vat, received_at, version, home_charging_compensation FROM {database}.cdrs")
+    client.insert(f"{database}.cdrs", [[*_cdr("MEANWHILE", "1", "0.50", "0.60"), True]], column_names=flagged)
+    for statement in swap.statements():  # and a rerun from the first statement writes no line again
+        migrations._run_in(client, database, statement)
+    [(lines,)] = client.query(f"SELECT count() FROM {database}.billing_lines").result_rows
+    for statement in swap.statements():
+        migrations._run_in(client, database, statement)
+    assert client.query(f"SELECT count() FROM {database}.billing_lines").result_rows == [(lines,)]
+
+    assert client.query(f"SELECT cdr_id, token_of_another_emsp FROM {database}.billing_lines FINAL ORDER BY cdr_id"
+                        ).result_rows == [("MEANWHILE", True), ("OLD", False), ("OURS", False), ("THEIRS", True),
+                                          ("THEIRS-C", True)]
+    assert client.query(f"SELECT cdr_id FROM {database}.billable_lines ORDER BY cdr_id").result_rows == [
+        ("OLD",), ("OURS",)]
+    daily = client.query(f"SELECT sum(cdrs), sum(energy_kwh), sum(cost_excl_vat) FROM {database}.billing_daily"
+                         ).result_rows
+    assert [(n, str(kwh), str(excl)) for n, kwh, excl in daily] == [(2, "12.0000", "6.0000")]
     client.command(f"DROP DATABASE {database}")
 
 # 0016 as it was released (78cede0) before a comment was added to it (3b671b0): the checksum databases migrated then
@@ -586,11 +632,12 @@ def test_migrating_one_release_at_a_time_over_data_gives_the_fresh_schema_and_ca
     monkeypatch.undo()
     assert _schema(client, upgraded) == _schema(client, fresh)
     for migration in every:
-        if migration.version == 22:
-            # Its INSERT names no columns: it fills billing_lines as it was before 0027 added one, so it runs only
-            # before 0027 (as every migration does: `migrate` runs a migration again only until it is recorded).
-            continue
         for statement in migration.statements():
+            if migration.version in (22, 27, 28) and statement.lstrip().startswith("INSERT INTO billing_lines\n"):
+                # These INSERTs name no columns: each fills billing_lines as it was before a later migration (0027,
+                # 0029) added one, so each runs only before that (as every migration does: `migrate` runs a
+                # migration again only until it is recorded).
+                continue
             migrations._run_in(client, upgraded, statement)
     assert _schema(client, upgraded) == _schema(client, fresh)
     client.command(f"DROP DATABASE {fresh}")

@@ -123,23 +123,25 @@ def test_the_cdr_row_carries_home_charging_compensation_absent_as_false() -> Non
     assert column(out.batch, "cdrs", CDR_COLUMNS, "home_charging_compensation") == [True, False]
 
 
-def test_a_cdr_of_a_token_no_party_of_ours_issued_is_stored_billed_and_flagged() -> None:
+def test_a_cdr_of_a_token_no_party_of_ours_issued_is_stored_flagged_and_not_billed() -> None:
     # OCPI_TOKEN_PARTIES: the eMSP parties whose tokens we bill. A CDR of another eMSP's token (cdr_token's
-    # country_code/party_id, CiStrings) was sent to the wrong eMSP: kept (immutable, billed as the CPO sent it) and
-    # flagged, to dispute with the CPO. Not checked when the setting is empty (a hub carries every eMSP's tokens).
+    # country_code/party_id, CiStrings) was sent to the wrong eMSP: kept (immutable) and flagged, to dispute with the
+    # CPO; its row says so, and billable_lines leaves its line out (migration 0029). Not checked when the setting is
+    # empty (a hub carries every eMSP's tokens).
     rules = dataclasses.replace(builders.stage_rules(), token_parties=frozenset({("NL", "EMS"), ("BE", "EMS")}))
     h = Harness(process_cdrs, CdrState, rules)
     ours = cdr("C1")  # NL/EMS
     lower = {**cdr("C2"), "cdr_token": {**cdr("C2")["cdr_token"], "country_code": "be", "party_id": "ems"}}
     foreign = {**cdr("C3"), "cdr_token": {**cdr("C3")["cdr_token"], "party_id": "XYZ"}}
     out = h.run(event("CDR", ours, received=1), event("CDR", lower, received=2), event("CDR", foreign, received=3))
-    assert len(rows(out.batch, "cdrs")) == 3
+    assert column(out.batch, "cdrs", CDR_COLUMNS, "token_of_another_emsp") == [False, False, True]
     [anomaly] = rows(out.batch, "anomalies")
     assert anomaly[ANOMALY_COLUMNS.index("kind")] == "CDR_OF_ANOTHER_EMSP"
     assert anomaly[ANOMALY_COLUMNS.index("object_id")] == "C3"
     assert anomaly[ANOMALY_COLUMNS.index("detail")] == "cdr_token of NL/XYZ, not one of OCPI_TOKEN_PARTIES"
     unchecked = Harness(process_cdrs, CdrState).run(event("CDR", foreign, received=1))
     assert rows(unchecked.batch, "anomalies") == []
+    assert column(unchecked.batch, "cdrs", CDR_COLUMNS, "token_of_another_emsp") == [False]
 
 def test_a_redelivered_record_is_not_a_duplicate() -> None:
     h = harness()

@@ -125,6 +125,42 @@ def test_home_charging_compensation_cdrs_are_billed_apart_from_charging(client: 
                         "FROM billing_daily ORDER BY home_charging_compensation").result_rows == [
         (False, 1, 0, Decimal("10.0000"), Decimal("2.5000")), (True, 3, 1, Decimal("3.0000"), Decimal("0.9000"))]
 
+def test_cdrs_of_another_emsps_token_are_stored_but_billed_by_no_reader(client: Client) -> None:
+    """OCPI_TOKEN_PARTIES names the eMSP parties whose tokens we bill: a CDR of another's token (and its credit, which
+    carries the same token) keeps its row and billing line, flagged, and neither the views nor the revenue report nor
+    the billing dashboard bill it."""
+    import dataclasses
+
+    from pipeline import reports
+    from tests.unit.test_dashboards import ROOT, panel_queries, render_panel_sql
+
+    rules = dataclasses.replace(stage_rules(), token_parties=frozenset({("NL", "EMS")}))
+    cdrs = Harness(process_cdrs, CdrState, rules)
+
+    def of_another_emsp(body: dict[str, Any]) -> dict[str, Any]:
+        return {**body, "cdr_token": {**body["cdr_token"], "party_id": "XYZ"}}
+
+    write(client, cdrs.run(
+        event("CDR", cdr("C1", kwh="10", cost="2.50")),
+        event("CDR", of_another_emsp(cdr("X1", kwh="7", cost="1.75"))),
+        event("CDR", of_another_emsp(cdr("X1-C", kwh="7", cost="-1.75", credit=True, credit_reference="X1"))),
+        event("CDR", of_another_emsp(cdr("X2", kwh="5", cost="1.25", location="LOC2")))).batch)
+    assert client.query("SELECT cdr_id, token_of_another_emsp FROM billing_lines FINAL ORDER BY cdr_id"
+                        ).result_rows == [("C1", False), ("X1", True), ("X1-C", True), ("X2", True)]
+    want = (1, 0, Decimal("10.0000"), Decimal("2.5000"))
+    assert client.query("SELECT countIf(NOT credit), countIf(credit), sum(energy_kwh), sum(cost_excl_vat) "
+                        "FROM billable_lines").result_rows == [want]
+    assert client.query("SELECT location_id, cdrs, energy_kwh FROM billing_daily").result_rows == [
+        ("LOC1", 1, Decimal("10.0000"))]
+    _columns, rows = reports.run(client, reports.revenue(reports.Period(), by="location"))
+    assert [tuple(r)[:8] for r in rows] == [("NL", "TNM", "LOC1", "EUR", *want)]
+    panels = dict(panel_queries(ROOT / "dashboards" / "billing.json"))
+    now = datetime.now(UTC)
+    sql = render_panel_sql(panels["Energy (kWh)"], start=now - timedelta(days=7), end=now + timedelta(days=1),
+                           partners=["p1"])
+    assert client.query(sql).result_rows == [(Decimal(10),)]
+
+
 def test_billing_counts_one_credit_per_cdr_in_the_views_the_report_and_the_dashboard(client: Client) -> None:
     """Two credits for C1: the earlier one (C1-A) counts even though it reaches stage 2 last; C1-B's line stays in
     billing_lines but no reader of billing counts it."""
