@@ -480,6 +480,19 @@ def test_a_cdr_has_no_more_charging_periods_than_the_store_numbers() -> None:
     assert_invalid(cdr, OBJECTS["CDR"], "$.charging_periods[65536]", "more than 65536 charging periods")
 
 
+def test_a_cdr_has_no_more_tariffs_of_one_key_than_the_store_numbers() -> None:
+    # cdr_tariffs numbers the Tariffs of one key (country code, party id, id: CiStrings) in a UInt16 of its key
+    # (`tariff_occurrence`, 0026): the 65537th of a key was stored as occurrence 0 again and replaced the first, losing
+    # a Tariff without a word (a pulled page may hold such a CDR; a 4 MB push cannot). Tariffs of other keys count
+    # apart: each key numbers its own.
+    cdr = minimal("CDR")
+    tariff = minimal("Tariff")
+    cdr["tariffs"] = [tariff] * 2**16 + [{**tariff, "id": "another"}]
+    assert len(decode(dumps(cdr), OBJECTS["CDR"]).value.tariffs) == 2**16 + 1
+    cdr["tariffs"][-1] = {**tariff, "id": tariff["id"].swapcase()}  # the same key
+    assert_invalid(cdr, OBJECTS["CDR"], "$.tariffs[65536]", "more than 65536 Tariffs of one key")
+
+
 @pytest.mark.parametrize("field", ["country_code", "party_id", "id"])
 @pytest.mark.parametrize("name", ["CDR", "Location", "Session", "Tariff"])
 def test_an_object_with_an_empty_identity_is_refused(name: str, field: str) -> None:
