@@ -10,7 +10,8 @@
 - a Connector's `max_voltage`/`max_amperage`/`max_electric_power` within 0..2**32-1 (the store's UInt32).
 - each EVSE uid once in a Location's `evses`, each Connector id once in an EVSE's `connectors` (CiString).
 - the decoded object's `country_code`, `party_id` and `id` not empty (they name it: push URLs, our CDR POST answer).
-- a CDR's `charging_periods` at most 65536 (the store numbers them in a UInt16, `cdr_charging_periods`).
+- a CDR's `charging_periods` at most 65536 (the store numbers them in a UInt16, `cdr_charging_periods`), and its
+  `tariffs` at most 65536 of one key (`cdr_tariffs.tariff_occurrence`, a UInt16 too).
 
 The walk only descends into fields that can reach a checked class, so a Session (no cross-field rules)
 costs almost nothing. The `#NA` scan needs every string, so it runs only when the body contains a `#` or
@@ -352,11 +353,30 @@ def _cdr_periods_storable(cdr: CDR, path: str, ctx: Context) -> None:
                                   f"more than {_CDR_PERIODS_MAX} charging periods (not storable)")
 
 
+# `cdr_tariffs` numbers the Tariffs of one key (country code, party id, id, as CiStrings) in a UInt16 column of its
+# key (`tariff_occurrence`, 0026): the 65537th of a key was stored as occurrence 0 again and replaced the first.
+_CDR_TARIFFS_OF_A_KEY_MAX: Final = 2**16
+
+
+def _cdr_tariffs_storable(cdr: CDR, path: str, ctx: Context) -> None:
+    tariffs = cdr.tariffs
+    if type(tariffs) is not list or len(tariffs) <= _CDR_TARIFFS_OF_A_KEY_MAX:
+        return  # no key can have more (the usual CDR: a few Tariffs, never counted)
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, tariff in enumerate(tariffs):
+        key = (ci_normalize(tariff.country_code), ci_normalize(tariff.party_id), ci_normalize(tariff.id))
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > _CDR_TARIFFS_OF_A_KEY_MAX:
+            raise OcpiValidationError(f"{path}.tariffs[{i}]", f"more than {_CDR_TARIFFS_OF_A_KEY_MAX} Tariffs of one "
+                                      "key (country_code, party_id, id): not storable")
+
+
 def _checks_of(cls: type) -> tuple[Check, ...]:
     checks = [check for (name, _), check in CONSTRAINTS.items() if _CLASSES[name] is cls]
     if cls is CDR:
         checks.append(_cdr_epoch_times)
         checks.append(_cdr_periods_storable)
+        checks.append(_cdr_tariffs_storable)
     if cls is LocationPatch:
         # The Location's rule on what a PATCH sets itself: `publish: true` with a non-empty `publish_allowed_to`
         # is invalid whatever is stored, so no merge could apply it (either field alone is the merge's to judge).
