@@ -7,11 +7,15 @@ Import the fixtures into a test module: `from tests.unit.receivers.app_support i
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import httpx
 import pytest
 from litestar import Litestar
+from litestar.testing import AsyncTestClient
 
 from infra.clickhouse.client import connect
 from infra.clickhouse.migrations import migrate
@@ -31,6 +35,15 @@ def routing(from_: tuple[str, str] | None = None, to: tuple[str, str] | None = N
     if to:
         headers.update({"OCPI-to-country-code": to[0], "OCPI-to-party-id": to[1]})
     return headers
+
+
+@contextlib.asynccontextmanager
+async def concurrent_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A really concurrent ASGI client (AsyncTestClient runs its requests one after the other), with the app's
+    lifespan running."""
+    async with AsyncTestClient(app=app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                           base_url="http://testserver") as client:
+        yield client
 
 
 class FakeSink:

@@ -28,7 +28,7 @@ from receivers.registry import PartnerStatus, TokenKind, TokenState, hash_token
 from receivers.versions import served_endpoints
 from tests.conftest import EXAMPLES
 from tests.unit.receivers import fake_partner as fake_partner_module
-from tests.unit.receivers.app_support import AppEnv, app_env, auth, make_env  # noqa: F401
+from tests.unit.receivers.app_support import AppEnv, app_env, auth, concurrent_client, make_env  # noqa: F401
 from tests.unit.receivers.fake_partner import FakePartner
 
 pytestmark = pytest.mark.clickhouse
@@ -233,15 +233,6 @@ def slow_callbacks(monkeypatch: pytest.MonkeyPatch) -> None:
         return await callback(*args)
 
     monkeypatch.setattr(credentials_module, "_callback", slow_callback)
-
-
-@contextlib.asynccontextmanager
-async def concurrent_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """A really concurrent ASGI client (AsyncTestClient runs its requests one after the other), with the app's
-    lifespan running."""
-    async with AsyncTestClient(app=app), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                                           base_url="http://testserver") as client:
-        yield client
 
 
 async def test_two_registrations_at_once_cannot_both_claim_a_party(app_env: AppEnv, partner: FakePartner,  # noqa: F811

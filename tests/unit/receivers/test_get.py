@@ -3,9 +3,12 @@ the owner. Rows are written the way the pipeline writes them (upper-cased key, O
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +23,7 @@ from receivers.app import create_app
 from receivers.state import StateReader
 from tests.unit.receivers.app_support import (
     auth,
+    concurrent_client,
     make_env,  # noqa: F401
 )
 from tests.unit.receivers.push_support import (  # noqa: F401
@@ -39,6 +43,15 @@ from tests.unit.receivers.push_support import (  # noqa: F401
 # Recent, not a fixed date: the session and CDR rows stored here give no received_at, which defaults to
 # last_updated, and the billing TTL (7 years) counts from it: rows dated 2026-01-01 are deleted from 2033 on.
 NOW = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=0)
+
+
+@contextlib.contextmanager
+def silent_store() -> Iterator[str]:
+    """The DSN of a ClickHouse server that accepts connections and never answers (stuck, overloaded)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # connections complete in the backlog; nothing is ever read or answered
+        yield f"http://127.0.0.1:{silent.getsockname()[1]}"
 
 
 def store_location(p: Pushes, body: dict[str, Any], version: int = 1) -> None:
@@ -182,17 +195,42 @@ def test_a_store_that_does_not_answer_is_3000_within_the_read_timeout(make_pushe
     3000 once `READ_TIMEOUT_S` has passed, not after the client library's 300 s, long after the partner gave up (and
     every such GET held one of the few threads the app's other blocking calls share)."""
     monkeypatch.setattr(state, "READ_TIMEOUT_S", 1.0)
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)  # connections complete in the backlog; nothing is ever read or answered
-        port = silent.getsockname()[1]
-        p = make_pushes(OCPI_CLICKHOUSE_DSN=f"http://127.0.0.1:{port}")
+    with silent_store() as dsn:
+        p = make_pushes(OCPI_CLICKHOUSE_DSN=dsn)
         started = time.monotonic()
         response = p.request("GET", SESSION_URL)
         elapsed = time.monotonic() - started
     answer = assert_envelope(response, 3000, http=500)
     assert "please retry" in answer["status_message"]
     assert elapsed < 10, elapsed
+
+
+async def test_gets_waiting_on_a_store_that_does_not_answer_hold_up_no_push(make_pushes: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many GETs at once while ClickHouse does not answer: each is answered 3000 within `READ_TIMEOUT_S`, not one after
+    the other (they queued for the one connection attempt, and for the few threads of the pool), and a push meanwhile
+    is answered at once: pushes do not depend on the store, and must not wait for a thread that GETs hold."""
+    monkeypatch.setattr(state, "READ_TIMEOUT_S", 1.0)
+    with silent_store() as dsn:
+        p = make_pushes(OCPI_CLICKHOUSE_DSN=dsn)
+        headers = auth(p.tokens[("BE", "BEC")])
+        async with concurrent_client(p.env.app) as client:
+            started = time.monotonic()
+
+            async def read(index: int) -> tuple[float, int]:
+                answer = await client.get(f"{SESSION_URL}-{index}", headers=headers)
+                return time.monotonic() - started, answer.json()["status_code"]
+
+            async def push() -> tuple[float, int]:
+                await asyncio.sleep(0.3)  # once the GETs wait
+                answer = await client.put(SESSION_URL, json=session(), headers=headers)
+                return time.monotonic() - started - 0.3, answer.json()["status_code"]
+
+            *reads, pushed = await asyncio.gather(*(read(index) for index in range(16)), push())
+    assert {code for _, code in reads} == {3000}
+    assert max(elapsed for elapsed, _ in reads) < 3, sorted(reads)
+    assert pushed[1] == 1000
+    assert pushed[0] < 0.5, pushed
 
 
 def test_the_read_timeout_is_below_a_partners_patience() -> None:
