@@ -10,7 +10,10 @@ pipeline holds. An EVSE or Connector is cut out of its Location's JSON the same 
 
 The client is opened on first use, read-only: pushes never depend on ClickHouse, and a store that is down
 turns into 3000 answers on GET only. A ClickHouse server that does not answer (stuck, overloaded, packets
-dropped) does so within READ_TIMEOUT_S, connecting included.
+dropped) does so within READ_TIMEOUT_S, connecting included, however many GETs wait: at most GET_READS of them
+read at a time, each in a thread of the pool the app's other blocking calls share (registry, credentials), and a
+GET's READ_TIMEOUT_S counts from its arrival, its wait for a turn included. Without that bound the GETs queued for
+the one connection attempt and for the pool's few threads (six on two cores), and were answered one after the other.
 
 One push reads too: a CDR POST looks up the CDR held under its id, to answer a second POST (`receivers.cdrs`).
 It never waits on the store: at most PUSH_READS such reads run at a time (their threads are the pool the GETs and
@@ -41,6 +44,9 @@ from receivers.transport import ServerError
 # 300 s, long after a partner's own timeout, and each waiting GET holds a thread of the pool the app's other blocking
 # calls share (registry reads). Then 3000: the partner retries.
 READ_TIMEOUT_S: float = 10.0
+# How many GETs read at a time (module docstring). With PUSH_READS, a thread of the pool is left for the registry and
+# credentials when the store holds every read for READ_TIMEOUT_S; a read answered in milliseconds needs no more.
+GET_READS: Final = 3
 # A push's read (module docstring): how long a CDR POST waits for it, and how many run at once.
 PUSH_READ_TIMEOUT_S: float = 2.0
 PUSH_READS: Final = 2
@@ -84,6 +90,7 @@ class StateReader:
         # chDB clients are not thread-safe: serialise their queries. HTTP clients (no session) run concurrently.
         self._serial: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         self._push_reads = 0  # reads of pushes under way, their threads included (event loop only)
+        self._get_reads = asyncio.Semaphore(GET_READS)  # a slot is given back when its read's thread ends
 
     @classmethod
     def for_settings(cls, settings: Settings) -> StateReader:
@@ -117,14 +124,34 @@ class StateReader:
             raise ServerError(f"could not read the stored {table} state, please retry: {type(exc).__name__}") from exc
         return msgspec.Raw(payload) if payload is not None else None
 
+    async def _get(self, table: str, key: ObjectKey) -> msgspec.Raw | None:
+        """A GET's read: within READ_TIMEOUT_S from now, its wait for one of GET_READS turns included."""
+        try:
+            return await asyncio.wait_for(self._read_in_turn(table, key), READ_TIMEOUT_S)
+        except TimeoutError:
+            raise ServerError(f"could not read the stored {table} state within {READ_TIMEOUT_S:g} s, please "
+                              "retry") from None
+
+    async def _read_in_turn(self, table: str, key: ObjectKey) -> msgspec.Raw | None:
+        await self._get_reads.acquire()
+        reading = asyncio.ensure_future(self._read(table, key))
+        reading.add_done_callback(self._get_read_done)
+        # Shielded: a read given up on keeps its thread until the client's own timeout, and its turn with it.
+        return await asyncio.shield(reading)
+
+    def _get_read_done(self, reading: asyncio.Future[msgspec.Raw | None]) -> None:
+        self._get_reads.release()
+        if not reading.cancelled():
+            reading.exception()  # retrieved: a read given up on may still fail, and nobody awaits it any more
+
     async def location(self, key: ObjectKey) -> msgspec.Raw | None:
-        return await self._read("locations", key)
+        return await self._get("locations", key)
 
     async def session(self, key: ObjectKey) -> msgspec.Raw | None:
-        return await self._read("sessions", key)
+        return await self._get("sessions", key)
 
     async def cdr(self, key: ObjectKey) -> msgspec.Raw | None:
-        return await self._read("cdrs", key)
+        return await self._get("cdrs", key)
 
     async def cdr_for_push(self, key: ObjectKey) -> msgspec.Raw | None:
         """The stored CDR of `key` for a CDR POST, within PUSH_READ_TIMEOUT_S and PUSH_READS (module docstring); None
