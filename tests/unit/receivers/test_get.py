@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -231,6 +232,24 @@ async def test_gets_waiting_on_a_store_that_does_not_answer_hold_up_no_push(make
     assert max(elapsed for elapsed, _ in reads) < 3, sorted(reads)
     assert pushed[1] == 1000
     assert pushed[0] < 0.5, pushed
+
+
+async def test_a_push_needs_no_thread_of_the_pool(make_pushes: Any) -> None:
+    """Every thread of the pool the app's blocking calls share is held (GETs, registry reads, credentials waiting on a
+    store that does not answer): a push is answered all the same, as it reads nothing (it waited for a thread, to run
+    a guard)."""
+    p = make_pushes()
+    held = threading.Event()
+    async with concurrent_client(p.env.app) as client:
+        loop = asyncio.get_running_loop()
+        holders = [loop.run_in_executor(None, held.wait) for _ in range(64)]  # more than the pool has (at most 32)
+        try:
+            pushed = await asyncio.wait_for(client.put(SESSION_URL, json=session(),
+                                                       headers=auth(p.tokens[("BE", "BEC")])), 5)
+        finally:
+            held.set()
+            await asyncio.gather(*holders)
+    assert_envelope(pushed, 1000)
 
 
 def test_the_read_timeout_is_below_a_partners_patience() -> None:
