@@ -359,9 +359,11 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
 }
 
 
-def refuse_content_coding(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def refuse_content_coding(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """App guard (after authentication): a request whose `Content-Encoding` names any coding but `identity` is
-    refused (UnsupportedContentEncoding), whatever the module; its body is never read."""
+    refused (UnsupportedContentEncoding), whatever the module; its body is never read. Async though it awaits
+    nothing: Litestar runs a sync guard in a thread of the pool, which GETs waiting on a store that does not answer
+    may all hold (receivers.state), and every push waited for one."""
     codings = {coding.strip().lower() for value in connection.headers.getall("content-encoding", [])
                for coding in value.split(",")} - {"", "identity"}
     if codings:
