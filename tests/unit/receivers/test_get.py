@@ -211,11 +211,12 @@ async def test_gets_waiting_on_a_store_that_does_not_answer_hold_up_no_push(make
     """Many GETs at once while ClickHouse does not answer: each is answered 3000 within `READ_TIMEOUT_S`, not one after
     the other (they queued for the one connection attempt, and for the few threads of the pool), and a push meanwhile
     is answered at once: pushes do not depend on the store, and must not wait for a thread that GETs hold."""
-    monkeypatch.setattr(state, "READ_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(state, "READ_TIMEOUT_S", 2.0)
     with silent_store() as dsn:
         p = make_pushes(OCPI_CLICKHOUSE_DSN=dsn)
         headers = auth(p.tokens[("BE", "BEC")])
         async with concurrent_client(p.env.app) as client:
+            assert_envelope(await client.put(SESSION_URL, json=session(), headers=headers), 1000)  # warmed up
             started = time.monotonic()
 
             async def read(index: int) -> tuple[float, int]:
@@ -229,9 +230,9 @@ async def test_gets_waiting_on_a_store_that_does_not_answer_hold_up_no_push(make
 
             *reads, pushed = await asyncio.gather(*(read(index) for index in range(16)), push())
     assert {code for _, code in reads} == {3000}
-    assert max(elapsed for elapsed, _ in reads) < 3, sorted(reads)
+    assert max(elapsed for elapsed, _ in reads) < 5, sorted(reads)  # one after the other: 32 s
     assert pushed[1] == 1000
-    assert pushed[0] < 0.5, pushed
+    assert pushed[0] < 1, pushed  # it waited for a thread the GETs held: 10 s
 
 
 async def test_a_push_needs_no_thread_of_the_pool(make_pushes: Any) -> None:
