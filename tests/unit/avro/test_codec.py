@@ -442,6 +442,28 @@ def test_old_revision_is_read_with_its_writer_schema_and_defaulted(
     assert codec.decode_event(codec.encode_event(GOLDEN_EVENT)).schema_version == 1
 
 
+@pytest.mark.parametrize("kwh", [Decimal("100000000000000"), Decimal("123456789012345")])
+def test_an_old_revision_record_is_refused_where_a_current_one_is(
+    evolved_codec: Callable[[], AvroCodec], kwh: Decimal,
+) -> None:
+    # A decimal of more digits than decimal(18, 4) holds (what fastavro writes for 10^14 and more): fastavro's reader
+    # rounds it to 18 digits (123456789012345.6789 would read as ...345.679), and a record of the current revision
+    # is refused for it (a dead letter). A record of an older revision must be refused too, not read as another
+    # amount than the one written, and the same holds for the other spec breaches the generated reader refuses.
+    session = {**SESSION, "kwh": kwh}
+    old_event = make_event("Session", session, module="SESSIONS", level="SESSION")
+    del old_event["to_party_id"]
+    old_event["payload"] = ("ocpi.v2_2_1.Session", session)
+    data = encode_with(previous_revision(current_schema()), old_event)
+    with pytest.raises(AvroCodecError, match=r"cannot decode .*\(v0\).*more than 18 digits"):
+        codec.decode_event(data)
+    with pytest.raises(AvroCodecError, match="more than 18 digits"):
+        codec.decode_record(data)
+    current = {**old_event, "to_party_id": None, "payload": ("Session", session)}
+    with pytest.raises(AvroCodecError, match="more than 18 digits"):
+        codec.decode_event(codec.encode_event(current))
+
+
 # --- registry loading ---------------------------------------------------------------------------------------
 
 
