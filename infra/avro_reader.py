@@ -8,8 +8,10 @@ absent on the wire), so the codec's separate null-stripping walk goes too.
 The output equals fastavro's (`return_record_name=True`, `return_record_name_override=True`) with null record
 fields removed wherever `strip` asks; tests/unit/avro/test_generated_reader.py checks that on valid and damaged
 records.
-Only records read with no schema resolution use it (the writer is the current revision); anything it cannot
-compile (a type or logical type we never write) makes `compile_reader` return None and fastavro is used.
+Only records read with no schema resolution take their values from it (the writer is the current revision); a
+record of an older revision is checked by the reader of its own writer schema (the spec breaches below refused)
+before fastavro reads and resolves it. Anything it cannot compile (a type or logical type we never write) makes
+`compile_reader` return None and fastavro is used alone.
 """
 
 from __future__ import annotations

@@ -24,10 +24,12 @@ API
 ``decode_event(data: bytes) -> DecodedEvent``
     Checks the marker, looks the fingerprint up among all known revisions, decodes and resolves to the
     current schema (records of the current revision through ``infra.avro_reader``'s generated reader, which
-    gives what fastavro gives, several times faster). The payload dict has null (= absent) fields left out at
-    every level, so it has the same shape as the dict that was encoded; datetimes come back tz-aware UTC,
-    numbers as ``Decimal`` with exponent -4 (``Decimal("8.5000")``: equal to, but not the same digits as,
-    ``Decimal("8.5")``).
+    gives what fastavro gives, several times faster; a record of an older revision through fastavro, after the
+    reader generated from its own writer schema checked it: fastavro reads some spec breaches as other values, a
+    decimal of more digits than its precision rounded, and those are refused whatever the revision). The payload
+    dict has null (= absent) fields left out at every level, so it has the same shape as the dict that was
+    encoded; datetimes come back tz-aware UTC, numbers as ``Decimal`` with exponent -4 (``Decimal("8.5000")``:
+    equal to, but not the same digits as, ``Decimal("8.5")``).
 ``encode_record(schema_name: str, datum: Mapping[str, Any]) -> bytes``
 ``decode_record(data: bytes, schema_name: str | None = None) -> dict[str, Any]``
     Generic single-object helpers for any record in the registry (current revision on write). Values of a
@@ -85,7 +87,7 @@ from fastavro.read import SchemaResolutionError
 from fastavro.schema import SchemaParseException, to_parsing_canonical_form
 from fastavro.schema import fingerprint as _crc64_hex
 
-from infra.avro_reader import AvroReadError, compile_reader
+from infra.avro_reader import AvroReadError, Reader, compile_reader
 
 __all__ = [
     "EVENT_SCHEMA",
@@ -304,6 +306,9 @@ class AvroCodec:
         self._event_built = _event_builder(event)
         self._event_reader = (compile_reader(event.parsed, strip=lambda name: name != EVENT_SCHEMA,
                                              build=self._event_built) if generated_reader else None)
+        # Per writer fingerprint, the generated reader `_check` runs before fastavro reads a record (None: fastavro
+        # alone, what the generator lacks).
+        self._checkers: dict[bytes, Reader | None] = {}
 
     @classmethod
     def from_directory(cls, root: Traversable, *, generated_reader: bool = True) -> AvroCodec:
@@ -387,10 +392,28 @@ class AvroCodec:
             raise AvroCodecError(f"expected a {schema_name} record, got {writer.name}")
         return writer
 
+    def _check(self, data: bytes, writer: _Schema) -> None:
+        """Refuse the body where the reader generated from `writer` refuses it (`infra.avro_reader.Reader`: a decimal
+        of more digits than its precision, a long of more than 64 bits, a negative union or enum index, a boolean byte
+        other than 0 or 1), which fastavro reads as another value (the decimal rounded, the long wrapped, the index
+        taken from the end): a record of an older revision, or one `decode_record` reads, is refused as a record of
+        the current revision is by `decode_event`, not read as something its writer never wrote."""
+        if writer.fingerprint not in self._checkers:
+            self._checkers[writer.fingerprint] = compile_reader(writer.parsed)  # lazily: older revisions are rare
+        check = self._checkers[writer.fingerprint]
+        if check is None:  # what the generator lacks: fastavro alone
+            return
+        try:
+            check(bytes(data), HEADER_SIZE)
+        except _GENERATED_ERRORS as exc:
+            raise AvroCodecError(f"cannot decode {writer.name} (v{writer.version}): {_describe(exc)}") from exc
+
     def _read(self, data: bytes, writer: _Schema) -> dict[str, Any]:
-        """The body after the header, read by fastavro with `writer` and resolved to the current revision."""
+        """The body after the header, checked (`_check`), read by fastavro with `writer` and resolved to the current
+        revision."""
         name = writer.name
         reader = self._current[name]
+        self._check(data, writer)
         buf = BytesIO(data)
         buf.seek(HEADER_SIZE)
         try:
