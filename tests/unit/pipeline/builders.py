@@ -207,13 +207,15 @@ def column(batch: Any, table: str, columns: tuple[str, ...], name: str) -> list[
 PSEUDONYM_KEY = b"k" * 32
 
 
-def stage_rules(park_ttl_min: float = 5, park_max: int = 3, idle_min: float = 60, skew_min: float = 24 * 60) -> Any:
+def stage_rules(park_ttl_min: float = 5, park_max: int = 3, idle_min: float = 60, skew_min: float = 24 * 60,
+                margin_min: float = 0) -> Any:
     """The rules of the tests: a clock skew of a day by default, since test events are dated freely around their
     receipt (`test_a_push_dated_ahead_of_its_receipt_is_flagged` sets it)."""
     from pipeline.stage import StageRules
 
     return StageRules(park_ttl=timedelta(minutes=park_ttl_min), park_max=park_max,
-                      session_idle=timedelta(minutes=idle_min), clock_skew=timedelta(minutes=skew_min))
+                      session_idle=timedelta(minutes=idle_min), clock_skew=timedelta(minutes=skew_min),
+                      **({"arrival_margin": timedelta(minutes=margin_min)} if margin_min else {}))
 
 
 class Harness:

@@ -576,6 +576,34 @@ def test_one_more_event_than_park_max_waiting_for_its_location_is_an_orphan() ->
     assert len(h.state(KEY).parked) == 2
 
 
+def test_an_event_parked_for_its_location_stamped_within_the_ttl_is_applied_whatever_landed_first() -> None:
+    """As for a Session PATCH (test_sessions): an EVSE push stamped just past a parked one's deadline, landing before
+    the Location PUT stamped just within it (pushes are written within OCPI_KAFKA_SEND_TIMEOUT of their stamps),
+    orphaned the parked one, although its Location came within OCPI_PIPELINE_PARK_TTL (by receive time)."""
+    h = harness(park_ttl_min=5, margin_min=0.5)
+    waiting = status_patch("E1", "CHARGING", 30, 0)
+    past = status_patch("E2", "BLOCKED", 31, 5.1)
+    put = event("Location", location(evses=[evse("E1", updated=20), evse("E2", updated=20)], updated=20),
+                received=4.9)  # landed after `past`
+    out = h.run(waiting, past, put)
+    assert [outcome_of(out, e.event_id) for e in (waiting, past, put)] == ["APPLIED", "APPLIED", "APPLIED"]
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == []
+    assert [e["status"] for e in stored(h)["evses"]] == ["CHARGING", "BLOCKED"]
+    # The Location stamped past the deadline still orphans it, whatever the margin; an event that still waits for
+    # more than the Location (an EVSE it does not list) waits on.
+    h = harness(park_ttl_min=5, margin_min=0.5)
+    other = status_patch("E3", "BLOCKED", 31, 1)
+    h.run(waiting, other)
+    out = h.run(event("Location", location(evses=[evse("E1", updated=20)], updated=20), received=5.1))
+    assert outcome_of(out, waiting.event_id) == "ORPHANED" and [p.event_id for p in h.state(KEY).parked] == [
+        other.event_id]
+    assert column(out.batch, "anomalies", ANOMALY_COLUMNS, "kind") == ["ORPHAN_EVENT"]
+    # So does any push of its Location stamped past the deadline and the margin.
+    h = harness(park_ttl_min=5, margin_min=0.5)
+    out = h.run(waiting, status_patch("E2", "BLOCKED", 31, 5.6))
+    assert outcome_of(out, waiting.event_id) == "ORPHANED"
+
+
 def test_parked_events_that_wait_for_each_other_are_all_applied_when_the_location_comes() -> None:
     # A Connector PATCH for E2 arrives before E2's PUT, both before the Location: when the Location comes, E2's
     # PUT applies, and then the Connector PATCH can: applied in the same pass, not left waiting for another event.

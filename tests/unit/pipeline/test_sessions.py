@@ -247,6 +247,31 @@ def test_a_parked_patch_becomes_an_orphan_when_its_put_comes_too_late() -> None:
     assert details[patch.event_id] == "its Session PUT did not arrive within 0:05:00"
 
 
+def test_a_parked_patch_whose_put_was_stamped_within_the_ttl_is_applied_whatever_landed_first() -> None:
+    """Two pushes of one Session a moment apart land on its partition in either order: each is stamped as it is
+    received and written within OCPI_KAFKA_SEND_TIMEOUT of its stamp (the margin the deadline sweep keeps). A PATCH
+    stamped just past a parked PATCH's deadline, landing before the PUT stamped just within it, orphaned the parked
+    one, although its PUT came within OCPI_PIPELINE_PARK_TTL (by receive time), the README's rule, and the sweep
+    would have seen the PUT first: its kWh was lost."""
+    h = harness(park_ttl_min=5, margin_min=0.5)
+    waiting = event("SessionPatch", {"kwh": Decimal("7"), "last_updated": iso(ts(30))}, object_id="S1", received=0)
+    past = event("SessionPatch", {"status": "ACTIVE", "last_updated": iso(ts(31))}, object_id="S1", received=5.1)
+    put = event("Session", session(kwh="1", status="PENDING", updated=20), received=4.9)  # landed after `past`
+    out = h.run(waiting, past, put)
+    assert dict(outcomes(out)) == {waiting.event_id: "APPLIED", past.event_id: "APPLIED", put.event_id: "APPLIED"}
+    assert kinds(out) == [] and stored(h)["kwh"] == 7 and stored(h)["status"] == "ACTIVE"
+    # A PUT stamped past the deadline still orphans it, whatever the margin.
+    h = harness(park_ttl_min=5, margin_min=0.5)
+    h.run(waiting)
+    out = h.run(event("Session", session(kwh="1", updated=20), received=5.1))
+    assert dict(outcomes(out))[waiting.event_id] == "ORPHANED" and kinds(out) == ["ORPHAN_EVENT"]
+    # So does any push of it stamped past the deadline and the margin, the PUT not come.
+    h = harness(park_ttl_min=5, margin_min=0.5)
+    out = h.run(waiting, event("SessionPatch", {"kwh": Decimal("8"), "last_updated": iso(ts(31))}, object_id="S1",
+                               received=5.6))
+    assert dict(outcomes(out))[waiting.event_id] == "ORPHANED" and kinds(out) == ["ORPHAN_EVENT"]
+
+
 def test_parking_is_bounded() -> None:
     h = harness(park_max=2)
     patches = [event("SessionPatch", {"kwh": Decimal(i), "last_updated": iso(ts(i))}, object_id="S1", received=i / 10)
