@@ -354,7 +354,8 @@ class KafkaSettings:
     send_timeout_s: float = _setting(
         "OCPI_KAFKA_SEND_TIMEOUT", "10",
         "seconds a push waits for the broker's ack before answering 3000, and a pulled event at most; the deadline "
-        "sweeps wait as long past a deadline, so set one value for every process (0.001 to 2147483.647)",
+        "sweeps wait as long past a deadline (and a parked event's wait ends by another push only as long past it), "
+        "so set one value for every process (0.001 to 2147483.647)",
     )
     flavor: str = _setting(
         "OCPI_KAFKA_FLAVOR", "auto", "kafka | tansu | auto (tansu when embedded): selects broker workarounds"

@@ -101,7 +101,8 @@ def create_app(settings: Settings, bootstrap: str, *, app_id: str | None = None)
                           refused_rows=functools.partial(refused_row_anomalies, pseudonym=pseudonym))
     context = AgentContext(
         app=app, settings=settings, topics=topics, sink=sink, progress=Progress(),
-        stage_rules=StageRules.from_settings(settings.pipeline), party_rules=Rules.from_settings(settings.pipeline),
+        stage_rules=StageRules.from_settings(settings.pipeline, send_timeout_s=settings.kafka.send_timeout_s),
+        party_rules=Rules.from_settings(settings.pipeline),
         pseudonym=pseudonym,
     )
     delivery = BatchDelivery(app, settings.pipeline.batch_max, BATCH_WITHIN_S)

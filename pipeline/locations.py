@@ -49,6 +49,7 @@ from pipeline.stage import (
     StageOutput,
     StageRules,
     expire_parked,
+    orphan_expired,
     overflowed,
     parked_record,
     parking_full,
@@ -83,7 +84,7 @@ def process_locations(view: TypedView[LocationState], key: str, records: list[Re
         state.seen_at = ordering.newest(state.seen_at, record.received_at)
         if seen_before(state, record, out):
             continue
-        expire_parked(state, record, rules.park_ttl, out)
+        expire_parked(state, record, rules, out)
         handle(state, run, record, rules, out)
         remember(state, record.event.event_id)
     view.set(key, state)
@@ -144,7 +145,7 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     run.stored.keep(document, location)
     out.outcome(record, Outcome.APPLIED)
     if state.parked and not retry:
-        retry_parked(state, run, rules, out)
+        retry_parked(state, run, rules, out, record.received_at)
     return True
 
 
@@ -230,18 +231,35 @@ def _confirm_lists(state: LocationState, event: DecodedEvent) -> None:
         _confirm_at(state, key, moment)
 
 
-def retry_parked(state: LocationState, run: Run, rules: StageRules, out: StageOutput) -> None:
-    """Give every parked event another try, in arrival order, until none makes progress."""
+def retry_parked(state: LocationState, run: Run, rules: StageRules, out: StageOutput, arrived_at: datetime) -> None:
+    """Give every parked event another try, in arrival order, until none makes progress. One whose wait was over by
+    `arrived_at` (the stamp of the push applied, which a push stamped past its deadline may have landed before:
+    `StageRules.arrival_margin`) and that waits no more is ORPHANED instead: what it waited for came too late."""
     progress = True
     with out.retrying_parked():  # a replayed copy parked wrote a PARKED row: its outcome replaces it
         while progress and state.parked:
             progress = False
             pending, state.parked = state.parked, []
             for parked in pending:
-                if handle(state, run, parked_record(parked), rules, out, retry=True):
+                record = parked_record(parked)
+                if arrived_at > ordering.park_deadline(parked, rules.park_ttl) and not _waits(state, run, record):
+                    orphan_expired(state, [parked], rules.park_ttl, out)
+                    progress = True
+                elif handle(state, run, record, rules, out, retry=True):
                     progress = True
                 else:
                     state.parked.append(parked)
+
+
+def _waits(state: LocationState, run: Run, record: Record) -> bool:
+    """Whether the parked `record` still waits for its Location, EVSE or Connector in the stored tree."""
+    try:
+        ordering.apply_location_event(run.stored.of(state.object_json), record.event)
+    except ordering.NeedsObject:
+        return True
+    except ordering.InvalidMerge:
+        return False
+    return False
 
 
 def apply(state: LocationState, record: Record, previous: Location | None, location: Location, document: bytes,

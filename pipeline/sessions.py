@@ -25,6 +25,7 @@ from pipeline.stage import (
     StageRules,
     expire_parked,
     foreign_issuer_detail,
+    orphan_expired,
     overflowed,
     parked_record,
     parking_full,
@@ -51,7 +52,7 @@ def process_sessions(view: TypedView[SessionState], key: str, records: list[Reco
         state.seen_at = ordering.newest(state.seen_at, record.received_at)
         if seen_before(state, record, out):
             continue
-        expire_parked(state, record, rules.park_ttl, out)
+        expire_parked(state, record, rules, out)
         check_idle(state, record, rules, out)
         handle(state, stored_session, record, rules, out)
         remember(state, record.event.event_id)
@@ -143,7 +144,11 @@ def handle(state: SessionState, stored_session: wire.StoredStruct[Session], reco
         stored_session.keep(document, merged)
     out.outcome(record, Outcome.APPLIED, transition.value)
     if state.parked and not retry:
-        pending, state.parked = state.parked, []
+        # Those whose wait was over by the PUT's stamp waited in vain; a push stamped past their deadline that landed
+        # before it left them parked (`StageRules.arrival_margin`).
+        pending, expired = ordering.split_expired(state.parked, record.received_at, rules.park_ttl)
+        state.parked = []
+        orphan_expired(state, expired, rules.park_ttl, out)
         with out.retrying_parked():  # a replayed copy parked wrote a PARKED row: its outcome replaces it
             for parked in pending:
                 handle(state, stored_session, parked_record(parked), rules, out, retry=True,

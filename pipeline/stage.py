@@ -37,13 +37,19 @@ class StageRules:
     session_idle: timedelta
     clock_skew: timedelta = timedelta(minutes=5)
     token_parties: frozenset[tuple[str, str]] = frozenset()  # the eMSP parties whose tokens we bill; empty: any
+    # How long after its stamp (`received_at`) an event may land on its topic: OCPI_KAFKA_SEND_TIMEOUT, within which a
+    # push or pulled event is acknowledged. A push stamped past a parked event's deadline may land before the PUT it
+    # waited for, stamped within it: only one past the deadline by this much ends the wait (`expire_parked`), as the
+    # deadline sweep waits as long; the object's own push ends it by its stamp (`orphan_expired`).
+    arrival_margin: timedelta = timedelta(0)
 
     @classmethod
-    def from_settings(cls, pipeline: PipelineSettings) -> StageRules:
+    def from_settings(cls, pipeline: PipelineSettings, *, send_timeout_s: float) -> StageRules:
         return cls(park_ttl=timedelta(seconds=pipeline.park_ttl_s), park_max=pipeline.park_max,
                    session_idle=timedelta(seconds=pipeline.session_idle_s),
                    clock_skew=timedelta(seconds=pipeline.clock_skew_s),
-                   token_parties=token_party_pairs(pipeline.token_parties))
+                   token_parties=token_party_pairs(pipeline.token_parties),
+                   arrival_margin=timedelta(seconds=send_timeout_s))
 
     def foreign_issuer(self, token: dict[str, Any]) -> tuple[str, str] | None:
         """The eMSP party (country code, party id: CiStrings, upper-cased) that issued `token`, a `cdr_token`, when
@@ -199,13 +205,21 @@ class _ParkingOverflowing(_Parking, _Overflowing, Protocol):
     pass
 
 
-def expire_parked(state: _ParkingOverflowing, record: Record, ttl: timedelta, out: StageOutput) -> None:
-    """Parked events whose wait is over at `record`'s receive time (event time) become ORPHANED, and are remembered as
-    one ORPHANED at once is (`overflowed`): `replayed_orphan` dates a wait by the object's first applied event or an
-    event still parked, and neither may be past this one's (a PUT stamped before it but written late; an EVSE of the
-    stored Location that came since), so its replayed copy would be applied."""
-    waiting, expired = ordering.split_expired(state.parked, record.received_at, ttl)
+def expire_parked(state: _ParkingOverflowing, record: Record, rules: StageRules, out: StageOutput) -> None:
+    """Parked events whose wait is over at `record`'s receive time (event time) less the arrival margin become
+    ORPHANED: `record`, stamped past a deadline, may have landed before the object's push stamped within it
+    (`StageRules.arrival_margin`), which `orphan_expired` then judges by its own stamp."""
+    waiting, expired = ordering.split_expired(state.parked, record.received_at - rules.arrival_margin, rules.park_ttl)
     state.parked = waiting
+    orphan_expired(state, expired, rules.park_ttl, out)
+
+
+def orphan_expired(state: _Overflowing, expired: list[Parked], ttl: timedelta, out: StageOutput) -> None:
+    """`expired`, parked events whose wait is over (`expire_parked`; or at the receive time of the push of their
+    object that came, which they would have waited for in vain), ORPHANED, and remembered as one ORPHANED at once is
+    (`overflowed`): `replayed_orphan` dates a wait by the object's first applied event or an event still parked, and
+    neither may be past this one's (a PUT stamped before it but written late; an EVSE of the stored Location that
+    came since), so its replayed copy would be applied."""
     for parked in expired:
         orphan = parked_record(parked)
         outcome_detail, anomaly_detail = orphan_details(orphan.event.module, ttl)

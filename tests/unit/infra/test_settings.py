@@ -332,5 +332,6 @@ def test_token_parties_are_read_as_the_cli_spells_a_party_in_any_case() -> None:
     assert load_settings({}).pipeline.token_parties == ""  # not checked
     settings = load_settings({"OCPI_TOKEN_PARTIES": " nl/ems , BE/Em1"})
     assert settings.pipeline.token_parties == "NL/EMS,BE/EM1"
-    assert StageRules.from_settings(settings.pipeline).token_parties == frozenset({("NL", "EMS"), ("BE", "EM1")})
+    rules = StageRules.from_settings(settings.pipeline, send_timeout_s=settings.kafka.send_timeout_s)
+    assert rules.token_parties == frozenset({("NL", "EMS"), ("BE", "EM1")})
     assert load_settings(as_environ(settings)).pipeline.token_parties == "NL/EMS,BE/EM1"  # a child process's

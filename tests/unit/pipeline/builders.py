@@ -215,7 +215,7 @@ def stage_rules(park_ttl_min: float = 5, park_max: int = 3, idle_min: float = 60
 
     return StageRules(park_ttl=timedelta(minutes=park_ttl_min), park_max=park_max,
                       session_idle=timedelta(minutes=idle_min), clock_skew=timedelta(minutes=skew_min),
-                      **({"arrival_margin": timedelta(minutes=margin_min)} if margin_min else {}))
+                      arrival_margin=timedelta(minutes=margin_min))
 
 
 class Harness:
