@@ -307,14 +307,15 @@ class AvroCodec:
         self._event_reader = (compile_reader(event.parsed, strip=lambda name: name != EVENT_SCHEMA,
                                              build=self._event_built) if generated_reader else None)
         # Per writer fingerprint, the generated reader `_check` runs before fastavro reads a record (None: fastavro
-        # alone, what the generator lacks).
+        # alone, what the generator lacks); none without `generated_reader`, the reference that is fastavro alone.
         self._checkers: dict[bytes, Reader | None] = {}
+        self._checked = generated_reader
 
     @classmethod
     def from_directory(cls, root: Traversable, *, generated_reader: bool = True) -> AvroCodec:
         """Parse every ``v<N>/*.avsc`` below ``root`` (a path or an ``importlib.resources`` traversable).
-        ``generated_reader=False`` decodes every event with fastavro (the reference the generated one is
-        tested against)."""
+        ``generated_reader=False`` decodes every record with fastavro alone, unchecked (the reference the
+        generated one is tested against)."""
         return cls(list(_load_schemas(root)), generated_reader=generated_reader)
 
     @staticmethod
@@ -398,6 +399,8 @@ class AvroCodec:
         other than 0 or 1), which fastavro reads as another value (the decimal rounded, the long wrapped, the index
         taken from the end): a record of an older revision, or one `decode_record` reads, is refused as a record of
         the current revision is by `decode_event`, not read as something its writer never wrote."""
+        if not self._checked:
+            return
         if writer.fingerprint not in self._checkers:
             self._checkers[writer.fingerprint] = compile_reader(writer.parsed)  # lazily: older revisions are rare
         check = self._checkers[writer.fingerprint]
