@@ -234,7 +234,8 @@ def _confirm_lists(state: LocationState, event: DecodedEvent) -> None:
 def retry_parked(state: LocationState, run: Run, rules: StageRules, out: StageOutput, arrived_at: datetime) -> None:
     """Give every parked event another try, in arrival order, until none makes progress. One whose wait was over by
     `arrived_at` (the stamp of the push applied, which a push stamped past its deadline may have landed before:
-    `StageRules.arrival_margin`) and that waits no more is ORPHANED instead: what it waited for came too late."""
+    `StageRules.arrival_margin`) is ORPHANED instead once it waits no more (what it waited for came too late), and
+    left parked while it still waits (`expire_parked` or the sweep ends that wait)."""
     progress = True
     with out.retrying_parked():  # a replayed copy parked wrote a PARKED row: its outcome replaces it
         while progress and state.parked:
@@ -242,9 +243,12 @@ def retry_parked(state: LocationState, run: Run, rules: StageRules, out: StageOu
             pending, state.parked = state.parked, []
             for parked in pending:
                 record = parked_record(parked)
-                if arrived_at > ordering.park_deadline(parked, rules.park_ttl) and not _waits(state, run, record):
-                    orphan_expired(state, [parked], rules.park_ttl, out)
-                    progress = True
+                if arrived_at > ordering.park_deadline(parked, rules.park_ttl):
+                    if _waits(state, run, record):
+                        state.parked.append(parked)
+                    else:
+                        orphan_expired(state, [parked], rules.park_ttl, out)
+                        progress = True
                 elif handle(state, run, record, rules, out, retry=True):
                     progress = True
                 else:
