@@ -17,13 +17,13 @@ from click.core import ParameterSource
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from infra.clickhouse.client import ClickHouseUnavailable, connect_for
 from infra.clickhouse.migrations import MigrationError
 from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
 from infra.settings import Settings, load_settings
 from pipeline.cli.errors import kafka_failed, seconds
+from pipeline.cli.tables import folded_table
 from pipeline.jobs.common import MODULES, JobError, RichProgress, check_modules, parse_time, relative_text
 from pipeline.jobs.pull import KINDS
 
@@ -160,7 +160,7 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
             coro = replay_kafka(settings, bootstrap, selection, job=job, again=again, dry_run=dry_run,
                                 progress=progress)
         report = _run(coro, "run the same command again to resume from its checkpoint", bootstrap)
-    table = Table("module", "where", "records", *(["would replay"] if dry_run else []),
+    table = folded_table("module", "where", "records", *(["would replay"] if dry_run else []),
                   title=f"replay {report.job}" + (" (dry run: nothing sent)" if dry_run else ""))
     for line in report.lines:
         table.add_row(line.module, line.where, str(line.records), *([str(line.matching)] if dry_run else []))
@@ -188,7 +188,7 @@ def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, 
         targets = _run(source_targets(settings, bootstrap), "nothing was changed",
                        bootstrap)
         modules = {settings.kafka.topic_for(m): m for m in MODULES} | {settings.kafka.topic_rejections: "rejections"}
-        table = Table("module", "partition", "offsets", "records",
+        table = folded_table("module", "partition", "offsets", "records",
                       title=f"rebuild of database {settings.clickhouse.database} (dry run: nothing changed)")
         for topic, partition, begin, end in targets:
             table.add_row(modules[topic], f"{topic}/{partition}", f"{begin}-{end - 1}" if end > begin else "–",
@@ -266,7 +266,7 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
             finally:
                 client.close()
     console = Console()
-    table = Table("module", "events archived now", title=f"export to {directory} ({container_codec()})")
+    table = folded_table("module", "events archived now", title=f"export to {directory} ({container_codec()})")
     for module, count in result.records.items():
         table.add_row(module, str(count))
     console.print(table)

@@ -20,13 +20,13 @@ from urllib.parse import urlparse
 import click
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from infra.clickhouse.client import ClickHouseUnavailable, connect, effective_dsn
 from infra.clickhouse.migrations import MigrationError, migrate
 from infra.runfile import read_running_instance
 from infra.settings import Settings, load_settings
+from pipeline.cli.tables import folded_table
 from receivers.credentials import HandshakeError, Initiator, describe_token, rotate_locally
 from receivers.registry import (
     Origin,
@@ -156,7 +156,7 @@ def list_cmd(include_deleted: bool, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps([record_json(p) for p in found], indent=2, default=str))
         return
-    table = Table("partner", "status", "roles", "version", "origin", "valid tokens", "token for partner",
+    table = folded_table("partner", "status", "roles", "version", "origin", "valid tokens", "token for partner",
                   "updated")
     for p in found:
         tokens = ", ".join(t.kind.value for t in p.valid_tokens()) or "-"

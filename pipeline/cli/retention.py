@@ -6,13 +6,13 @@ import click
 import kafka.errors
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from rich.console import Console
-from rich.table import Table
 
 from infra.clickhouse.client import ClickHouseUnavailable, connect_for
 from infra.kafka.bootstrap import KafkaNotConfigured, reachable, resolve_bootstrap
 from infra.settings import Settings, load_settings
 from pipeline import retention
 from pipeline.cli.errors import kafka_failed
+from pipeline.cli.tables import folded_table
 from pipeline.records import utc_now
 
 
@@ -56,11 +56,11 @@ def report() -> None:
     except ClickHouseError as exc:  # a server (or `dev` and its shim) gone or failing after the connect
         raise click.ClickException(f"ClickHouse failed: {exc}") from None
     console = Console(width=max(Console().width, 130))
-    policy = Table("class", "what", "kept", title="Retention policy")
+    policy = folded_table("class", "what", "kept", title="Retention policy")
     for data_class in retention.policy(settings):
         policy.add_row(data_class.name, data_class.what, data_class.keep)
     console.print(policy)
-    due = Table("class", "table", "rule", "in effect", "rows due now", title="Due now")
+    due = folded_table("class", "table", "rule", "in effect", "rows due now", title="Due now")
     for row in rows:
         in_effect = row.ttl_in_effect or "[red]none[/]"
         if row.ttl_differs:  # the rows due are the TTL in effect's, which `retention apply` would replace
@@ -70,7 +70,7 @@ def report() -> None:
             count += f" (+ {row.replaced_in_clear} replaced versions in clear, deleted)"
         due.add_row(row.data_class, row.table, row.rule, in_effect, count)
     console.print(due)
-    topics = Table("topic", "config", "in effect",
+    topics = folded_table("topic", "config", "in effect",
                    title="Kafka topics (raw class) and state changelogs (personal class)")
     found = _topic_configs_in_effect(settings)
     if isinstance(found, str):

@@ -15,7 +15,6 @@ from typing import Any
 import click
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from infra.clickhouse.client import (
@@ -32,6 +31,7 @@ from infra.clickhouse.client import (
 from infra.clickhouse.migrations import MigrationError, available_migrations, unknown_migrations
 from infra.clickhouse.migrations import migrate as apply_migrations
 from infra.settings import documented_settings, load_settings, mask, secret_variables
+from pipeline.cli.tables import folded_table
 
 
 @click.command()
@@ -114,9 +114,7 @@ def render_rows(columns: list[str], rows: list[Sequence[Any]], fmt: str) -> str:
         return out.getvalue()
     # Text, not str: rich would read brackets in values (CPOs' names, reasons, payloads) as markup. Folded, never
     # cut with an ellipsis: a value that does not fit its column wraps onto the next line, whole.
-    table = Table()
-    for column in columns:
-        table.add_column(Text(column), overflow="fold")
+    table = folded_table(*map(Text, columns))
     for row in rows:
         table.add_row(*(Text("" if v is None else str(_cell(v))) for v in row))
     console = Console(record=True, width=160)
@@ -171,7 +169,7 @@ def settings_cmd() -> None:
     from infra.settings import as_environ
 
     current = as_environ(settings)
-    table = Table("variable", "value", "default", "meaning")
+    table = folded_table("variable", "value", "default", "meaning")
     for _section, var, default, doc in documented_settings():
         value = current.get(var, "")
         if var == "OCPI_ADMIN_TOKEN" and not os.environ.get(var):
