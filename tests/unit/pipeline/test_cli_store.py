@@ -259,6 +259,28 @@ def test_an_empty_filter_is_refused_not_taken_for_none(command: list[str], tmp_p
     assert "empty" in result.output
 
 
+def test_an_unknown_anomaly_kind_is_refused_not_reported_as_none(chdb_dsn: str, tmp_path: Path) -> None:
+    """`report anomalies --kind STALE_UPDATES` (a typo) printed an empty table and exited 0: as if no such anomaly
+    had been flagged. A kind the pipeline does not flag is a usage error naming the kinds it does; any case is
+    taken, as before."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    database = unique("kinds")
+    owner = connect(chdb_dsn)
+    migrate(owner, database)
+    env = {"OCPI_CLICKHOUSE_DSN": chdb_dsn, "OCPI_CLICKHOUSE_DATABASE": database, "OCPI_DATA_DIR": str(tmp_path)}
+    try:
+        result = CliRunner().invoke(cli, ["report", "anomalies", "--kind", "STALE_UPDATES"], env=env)
+        assert result.exit_code == 2, (result.output, result.exception)
+        assert "STALE_UPDATES" in result.output and "STALE_UPDATE," in result.output, result.output
+        result = CliRunner().invoke(cli, ["report", "anomalies", "--kind", "stale_update"], env=env)
+        assert result.exit_code == 0, (result.output, result.exception)
+    finally:
+        owner.command(f"DROP DATABASE IF EXISTS {database}")
+
+
 def test_query_refuses_kill(chdb_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`readonly=1` lets a connection KILL the queries of its own user, and every connection to a `dev` shim is the
     user `default`: `query "KILL QUERY WHERE 1"` while `dev` ran cancelled the worker's inserts and the receivers'
