@@ -33,11 +33,13 @@ from clickhouse_connect.driver.client import Client
 from infra.clickhouse.client import select
 from infra.settings import KafkaSettings, Settings
 from ocpi.identity import owner_from_key_part
+from pipeline.records import Anomaly
 
 if TYPE_CHECKING:
     from aiokafka import TopicPartition
 
 GROUPINGS: Final = ("party", "location", "day")
+ANOMALY_KINDS: Final = tuple(Anomaly)
 # `CC/PID`: CiString(2) / CiString(3) (printable ASCII, not empty), as the receivers take and the pipeline stores
 # them; a `/` or `%` in either part written `%2F` / `%25`, as in the pipeline's keys (`ocpi.identity.owner_key_part`).
 _PARTY: Final = re.compile(r"^([\x20-\x2E\x30-\x7E]+)/([\x20-\x2E\x30-\x7E]+)\Z")
@@ -157,9 +159,13 @@ ORDER BY country_code, party_id, subject, outcome, currency"""
 
 
 def anomalies(period: Period, *, party: str | None = None, kind: str | None = None) -> ReportQuery:
-    """Anomalies per kind, module and CPO party, with when they were first and last seen."""
+    """Anomalies per kind, module and CPO party, with when they were first and last seen. `kind` in any case; one
+    the pipeline never flags is refused: it would select nothing, as if none had been flagged."""
+    if kind and kind.strip().upper() not in ANOMALY_KINDS:
+        raise ReportError(f"--kind {kind!r}: the pipeline flags none of that kind; expected one of "
+                          f"{', '.join(ANOMALY_KINDS)}")
     filters = _Filters().period("toDate(observed_at)", period).party(party).equals(
-        "kind", "kind", kind.upper() if kind else None)
+        "kind", "kind", kind.strip().upper() if kind else None)
     sql = f"""
 SELECT kind, module, country_code, party_id,
        count() AS anomalies,

@@ -127,7 +127,8 @@ def reconciliation(start: date | None, end: date | None, fmt: str, party: str | 
 @report.command()
 @_period_options
 @click.option("--party", metavar="CC/PID", callback=_given, help="Only this CPO party.")
-@click.option("--kind", callback=_given, help="Only this kind of anomaly (e.g. STALE_UPDATE).")
+@click.option("--kind", callback=_given, help="Only this kind of anomaly (e.g. STALE_UPDATE; any case): one the "
+              "pipeline flags, another is refused.")
 def anomalies(start: date | None, end: date | None, fmt: str, party: str | None, kind: str | None) -> None:
     """Anomalies the pipeline flagged, per kind, module and party, first and last seen.
 
