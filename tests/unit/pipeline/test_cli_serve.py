@@ -31,7 +31,7 @@ class NoServer:
 
 
 def serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ensure: Any, *, kafka_answers: bool = True,
-          clickhouse_answers: bool = True, **env: str) -> Any:
+          clickhouse_answers: bool = True, args: tuple[str, ...] = (), **env: str) -> Any:
     NoServer.started = 0
     monkeypatch.setattr(granian.server, "Server", NoServer)
     monkeypatch.setattr(infra.kafka.admin, "ensure_topics", ensure)
@@ -40,7 +40,7 @@ def serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ensure: Any, *, kafka
         monkeypatch.setattr(pipeline.cli.services, "connect_for", lambda _settings: NoClient())
     env = {"OCPI_KAFKA_BOOTSTRAP": "kafka:9092", "OCPI_CLICKHOUSE_DSN": SERVER, "OCPI_DATA_DIR": str(tmp_path),
            "OCPI_HTTP_PORT": str(free_port()), "OCPI_TOPIC_PARTITIONS": "6", **env}
-    return CliRunner().invoke(cli, ["serve"], env=env)
+    return CliRunner().invoke(cli, ["serve", *args], env=env)
 
 
 class NoClient:
@@ -132,3 +132,11 @@ def test_serve_with_clickhouse_down_says_so_in_one_line(monkeypatch: pytest.Monk
     error = result.output.strip().splitlines()[-1]
     assert error.startswith("Error: cannot reach ClickHouse at http://default:****@127.0.0.1:"), result.output
     assert NoServer.started == 0
+
+
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_serve_refuses_fewer_than_one_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, workers: str) -> None:
+    """granian takes max(1, workers): `serve --workers 0` (or -2) started one receiver process without a word."""
+    result = serve(monkeypatch, tmp_path, no_ensure, kafka_answers=False, args=("--workers", workers))
+    assert result.exit_code == 2 and NoServer.started == 0, result.output
+    assert "--workers" in result.output, result.output
