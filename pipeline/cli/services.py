@@ -30,7 +30,7 @@ FIRST_PARTNER = "first-cpo"
 
 
 @click.command()
-@click.option("--workers", default=1, show_default=True, help="granian worker processes.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="granian worker processes.")
 def serve(workers: int) -> None:
     """Serve the OCPI receivers over HTTP (granian), publishing to the configured Kafka.
 
