@@ -51,6 +51,15 @@ def test_a_job_against_a_kafka_that_is_down_says_so(args: list[str], tmp_path: P
     assert_one_line_error(result, "Kafka", bootstrap)
 
 
+def test_consumer_lag_against_a_kafka_that_is_down_names_the_setting(tmp_path: Path) -> None:
+    """`report consumer-lag` said `report failed: KafkaConnectionError: Unable to bootstrap from [('127.0.0.1', 1,
+    <AddressFamily.AF_INET: 2>)]`: neither the broker as configured nor the setting to check, as the other
+    commands say them."""
+    bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = invoke(["report", "consumer-lag"], {"OCPI_KAFKA_BOOTSTRAP": bootstrap, "OCPI_DATA_DIR": str(tmp_path)})
+    assert_one_line_error(result, f"Kafka at {bootstrap}", "OCPI_KAFKA_BOOTSTRAP")
+
+
 @pytest.mark.clickhouse
 @pytest.mark.parametrize("args", [
     ["retention", "report"],
