@@ -7,12 +7,15 @@ from collections.abc import Callable, Sequence
 from datetime import date
 from typing import Any
 
+import aiokafka.errors
 import click
+import kafka.errors
 
 from infra.clickhouse.client import ClickHouseUnavailable, connect_for
 from infra.kafka.bootstrap import KafkaNotConfigured, resolve_bootstrap
 from infra.settings import load_settings
 from pipeline import reports
+from pipeline.cli.errors import kafka_failed
 from pipeline.cli.store import render_rows
 
 
@@ -185,6 +188,8 @@ def consumer_lag(fmt: str) -> None:
                                                          retention_days=settings.retention.raw_days))
     except KafkaNotConfigured as exc:
         raise click.ClickException(str(exc)) from None
+    except (aiokafka.errors.KafkaError, kafka.errors.KafkaError) as exc:  # the broker down, unreachable, refusing
+        raise kafka_failed(bootstrap, exc) from None
     except Exception as exc:
         raise click.ClickException(f"report failed: {exc}") from None
     _echo(columns, rows, fmt)
