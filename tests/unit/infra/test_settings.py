@@ -106,6 +106,10 @@ def test_defaults_are_documented_and_embedded() -> None:
     # Letters whose Unicode upper case is ASCII ("\ufb00" is FF, dotless i is I): another party than the one written
     ("OCPI_TOKEN_PARTIES", "NL/E\ufb00"),
     ("OCPI_TOKEN_PARTIES", "nl/em\u0131"),
+    # str.isdigit() takes a superscript (int() then failed: a ValueError traceback) and other scripts' digits (kept
+    # as written for the Kafka clients).
+    ("OCPI_KAFKA_BOOTSTRAP", "kafka:90\u00b2"),
+    ("OCPI_KAFKA_BOOTSTRAP", "kafka:\u0669\u0660\u0669\u0662"),
 ])
 def test_a_wrong_value_fails_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
