@@ -262,7 +262,8 @@ def _parse_bootstrap(env: str, raw: str) -> str:
         raise SettingsError(f"{env}={raw!r}: expected host:port[,host:port...] or empty for embedded")
     for server in servers:
         host, sep, port = server.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        # ASCII digits only: str.isdigit() takes a superscript (which int() refuses) and other scripts' digits.
+        if not sep or not host or not re.fullmatch("[0-9]+", port) or not 0 < int(port) < 65536:
             raise SettingsError(f"{env}={raw!r}: expected host:port[,host:port...] or empty for embedded")
     # The list as the clients should read it: Faust took an empty entry (`k1:9092,k2:9092,`) for its default broker,
     # 127.0.0.1:9092, and bootstrapped from whatever Kafka answered there too.
