@@ -28,6 +28,7 @@ from pipeline.jobs.pull import (
     RetryPolicy,
     pull,
     pull_every,
+    query_int,
     rejected_path,
     retry_after_seconds,
 )
@@ -563,6 +564,22 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert retry_after_seconds("Wed, 01 May 2024 12:00:30 GMT", now) == 30
     assert retry_after_seconds("Wed, 01 May 2024 11:00:00 GMT", now) == 0
     assert retry_after_seconds("soon", now) is None and retry_after_seconds(None, now) is None
+
+
+async def test_a_partner_s_number_that_int_cannot_read_is_taken_for_none(settings_for: Any) -> None:
+    """str.isdigit() takes a superscript (a header byte 0xB2 read as Latin-1 is '\u00b2'), which int() and float()
+    refuse: a partner's X-Total-Count, X-Limit or Retry-After of one ended the pull in a ValueError traceback."""
+    assert retry_after_seconds("\u00b2", datetime(2024, 5, 1, 12, 0, tzinfo=UTC)) is None
+    assert query_int("https://cpo.example/sessions?offset=%C2%B2", "offset") is None
+
+    def handler(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"X-Total-Count": b"\xb2", "X-Limit": b"\xb2"},  # read as Latin-1
+                              content=_envelope([session(1, hours_ago(3))]))
+
+    sink = ListSink()
+    await pull(settings_for(), _mock_partner(), "sessions", sink, since=hours_ago(24),
+               transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert ids(sink) == ["S0001"]
 
 
 async def test_schedule_repeats_survives_a_failed_round_and_stops() -> None:
