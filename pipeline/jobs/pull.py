@@ -213,10 +213,19 @@ def with_query(url: str, **params: Any) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def whole_number(value: str | None) -> int | None:
+    """A partner's decimal number (a header, a query parameter), None if it is none: ASCII digits only, as HTTP and
+    URLs write them (str.isdigit() takes a superscript, which int() refuses, and other scripts' digits)."""
+    return int(value) if value and _DIGITS.fullmatch(value) else None
+
+
+_DIGITS: Final = re.compile("[0-9]+")
+
+
 def query_int(url: str, name: str) -> int | None:
     for key, value in parse_qsl(urlsplit(url).query):
-        if key == name and value.isdigit():
-            return int(value)
+        if key == name and (number := whole_number(value)) is not None:
+            return number
     return None
 
 
@@ -225,8 +234,8 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if (seconds := whole_number(value)) is not None:
+        return float(seconds)
     try:
         moment = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -452,8 +461,7 @@ class _Crawler:
         x_limit = response.headers.get("x-limit")
         data = bytes(envelope.data)
         return _Page(url=url, data=b"[]" if data == b"null" else data, next_url=next_url,
-                     total=int(total) if total and total.isdigit() else None,
-                     x_limit=int(x_limit) if x_limit and x_limit.isdigit() else None, request_id=request_id,
+                     total=whole_number(total), x_limit=whole_number(x_limit), request_id=request_id,
                      from_party=_party(response.headers, "from"), to_party=_party(response.headers, "to"))
 
 
