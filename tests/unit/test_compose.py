@@ -205,3 +205,18 @@ def test_every_service_takes_the_pseudonymisation_key_from_the_environment() -> 
     for name in ("migrate", "worker", "receivers"):
         service = compose()["services"][name]
         assert service["environment"].get("OCPI_PSEUDONYM_KEY") == "${OCPI_PSEUDONYM_KEY:-}", name
+
+
+def test_the_worker_s_committed_offsets_outlive_the_raw_retention() -> None:
+    """Kafka drops a group's committed offsets once it has had no member for `offsets.retention.minutes` (7 days by
+    default). A worker stopped longer then read every topic again from its log start (the whole raw retention's
+    records), and records deleted unread meanwhile went without the error that names them, nor counted as `lost`
+    by `report consumer-lag` (README, Retention: raise it above the raw retention). The stack's broker kept the
+    default, 7 days, under the 30 days of OCPI_RETENTION_RAW_DAYS its services run with."""
+    from infra.settings import load_settings
+
+    services = compose()["services"]
+    raw_days = load_settings({k: v for k, v in compose()["x-app-env"].items()
+                              if k.startswith("OCPI_RETENTION")}).retention.raw_days
+    minutes = int(services["kafka"]["environment"].get("KAFKA_OFFSETS_RETENTION_MINUTES", 7 * 24 * 60))
+    assert minutes > raw_days * 24 * 60, f"offsets kept {minutes / 1440:g} days, raw records {raw_days}"
