@@ -131,12 +131,12 @@ async def test_the_agent_writes_dead_letters_and_goes_on() -> None:
 
 
 def test_a_rejection_record_that_does_not_decode_is_a_dead_letter() -> None:
-    """Not JSON, the wrong shape, or invalid UTF-8 in a string (msgspec's UnicodeDecodeError): a dead letter each, and
-    the rejections agent goes on."""
+    """Not JSON, the wrong shape, invalid UTF-8 in a string (msgspec's UnicodeDecodeError), or JSON nested deeper than
+    the parser goes (a RecursionError): a dead letter each, and the rejections agent goes on."""
     now = datetime(2026, 1, 1, tzinfo=UTC)
     batch = rejections_batch([("rejections", 0, offset, b"k", value) for offset, value in
-                              enumerate([b"not json", b"[]", b'{"reason": "\xff"}'])], now)
-    assert len(batch.rows.get("dead_letters", [])) == 3 and not batch.rows.get("rejections")
+                              enumerate([b"not json", b"[]", b'{"reason": "\xff"}', b'{"x":' * 100_000])], now)
+    assert len(batch.rows.get("dead_letters", [])) == 4 and not batch.rows.get("rejections")
 
 
 def test_an_event_keyed_otherwise_than_by_its_object_is_a_dead_letter_with_the_key_it_had() -> None:

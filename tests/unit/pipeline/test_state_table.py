@@ -271,6 +271,25 @@ async def test_a_party_facts_record_without_a_party_key_is_a_dead_letter(tmp_pat
     assert b"C/NL/TNM/C1" in {k for k, _v in context.changelog}  # the other record of the batch was applied
 
 
+async def test_a_party_facts_record_nested_deeper_than_the_parser_goes_is_a_dead_letter(tmp_path: Path) -> None:
+    # msgspec raises RecursionError, not a DecodeError, for JSON nested that deep: it escaped the batch, and the
+    # worker exited before the commit on every restart, every partition with it, for one record of a foreign
+    # producer on the topic.
+    context = Context()
+    written: list[Any] = []
+
+    async def write(batch: Any) -> None:
+        written.append(batch)
+
+    context.sink = SimpleNamespace(write=write)
+    agent = PartyAgent(context, state_table(tmp_path / "db"))  # type: ignore[arg-type]
+    await agent.handle([RawMessage("facts", 0, 0, b"NL/TNM", b'{"x":' * 100_000),
+                        message(1, [c_fact(cdr("C1"), received=62)])])
+    rows = [row for batch in written for row in batch.rows.get("dead_letters", [])]
+    assert [(row[2], row[3], "undecodable" in row[5]) for row in rows] == [(0, b"NL/TNM".hex(), True)]
+    assert b"C/NL/TNM/C1" in {k for k, _v in context.changelog}  # the other record of the batch was applied
+
+
 async def test_a_party_facts_record_the_reconciliation_rules_fail_on_is_a_dead_letter(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage 2 had no fallback of its own: an exception of its rules on one record (a bug hit by one CPO's data)
