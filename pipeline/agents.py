@@ -35,7 +35,7 @@ from rocksdict import WriteBatch
 from infra.codec import AvroCodecError
 from infra.kafka.bulk import Acked, OutgoingRecord, send_all
 from infra.settings import Settings
-from ocpi.decode import UNDECODABLE
+from ocpi.decode import UNPARSABLE, unparsable_reason
 from ocpi.errors import OcpiError
 from ocpi.identity import owner_key_part
 from pipeline import projection
@@ -376,9 +376,9 @@ class PartyAgent:
             try:
                 facts = decode_facts(bytes(message.value or b""))
                 party = bytes(message.key or b"").decode()
-            except UNDECODABLE as exc:
+            except UNPARSABLE as exc:  # RecursionError too: JSON nested deeper than the parser goes
                 dead.append(DeadLetter(message.topic, message.partition, message.offset, message.key or b"",
-                                       message.value or b"", f"undecodable fact batch: {exc}"))
+                                       message.value or b"", f"undecodable fact batch: {unparsable_reason(exc)}"))
                 continue
             if "/" not in party:  # stage 1 keys facts `CC/PID` (`facts.party_key`); `PartyState` splits it
                 dead.append(DeadLetter(message.topic, message.partition, message.offset, message.key or b"",

@@ -14,7 +14,7 @@ from faust.types import Message
 
 from infra.rejections import COLUMNS as REJECTION_COLUMNS
 from infra.rejections import Rejection, decode_rejection
-from ocpi.decode import UNDECODABLE
+from ocpi.decode import UNPARSABLE, unparsable_reason
 from pipeline import projection
 from pipeline.agents import AgentContext, run_batch
 from pipeline.delivery import BatchDelivery
@@ -32,8 +32,9 @@ def rejections_batch(messages: Sequence[tuple[str, int, int, bytes, bytes]], now
     for topic, partition, offset, key, value in messages:
         try:
             rejection = decode_rejection(value)
-        except UNDECODABLE as exc:
-            letter = DeadLetter(topic, partition, offset, key, value, f"undecodable rejection record: {exc}")
+        except UNPARSABLE as exc:  # RecursionError too: JSON nested deeper than the parser goes
+            letter = DeadLetter(topic, partition, offset, key, value,
+                                f"undecodable rejection record: {unparsable_reason(exc)}")
             batch.add("dead_letters", projection.DEAD_LETTER_COLUMNS, projection.dead_letter_row(letter, now))
             continue
         batch.add("rejections", REJECTION_COLUMNS, rejection_row(rejection))
