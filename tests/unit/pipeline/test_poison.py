@@ -155,6 +155,37 @@ def test_an_event_keyed_otherwise_than_by_its_object_is_a_dead_letter_with_the_k
     assert all(letter.value == value for letter in misfits)
 
 
+async def test_the_agent_makes_a_dead_letter_of_an_event_in_another_partition_than_its_keys() -> None:
+    """Keyed right but in another partition than the key's (murmur2 of the key, as the receivers' producer and
+    Kafka's Java client place it; librdkafka's default partitioner, kcat's say, does not): applied there, on a
+    partition that does not hold its object's state, it made a second copy of the object (a CDR stored again with
+    other content instead of a CONFLICT). A dead letter, with the partition, offset and key it had."""
+    written: list[dict[str, list[list[Any]]]] = []
+
+    async def write(batch: Any) -> None:
+        written.append(batch.tables())
+
+    async def publish(topic: str, records: list[Any]) -> None:
+        pass
+
+    async def write_batch(context: Any, changes: list[Any]) -> None:
+        pass
+
+    consumer = SimpleNamespace(topic_partitions=lambda topic: 4 if topic == "sessions" else None)
+    context = SimpleNamespace(app=SimpleNamespace(consumer=consumer), pseudonym=Pseudonymizer(b"k" * 32),
+                              sink=SimpleNamespace(write=write), publish=publish, stage_rules=stage_rules(),
+                              progress=SimpleNamespace(outcomes=Counter(), replayed=0),
+                              settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
+    table = SimpleNamespace(reader=lambda _anchor: DictStore().data.get, write_batch=write_batch, lock=asyncio.Lock())
+    agent = ModuleAgent(context, table, Codec(SessionState), process_sessions, "SESSIONS")  # type: ignore[arg-type]
+    await agent.handle([RawMessage("sessions", 1, 7, b"NL/TNM/S1", event_bytes("Session", session()))])
+    [tables] = written
+    [letter] = tables["dead_letters"]
+    assert (letter[DEAD_LETTER_COLUMNS.index("kafka_partition")], letter[DEAD_LETTER_COLUMNS.index("kafka_offset")],
+            letter[DEAD_LETTER_COLUMNS.index("key_hex")]) == (1, 7, b"NL/TNM/S1".hex())
+    assert "raw_events" not in tables
+
+
 def test_a_payload_whose_identity_differs_from_its_event_does_not_fit() -> None:
     """The receivers refuse a body whose identity differs from its URL's (2001); a record whose payload names
     another object than its event would store that other object's row from this object's state."""
