@@ -40,7 +40,7 @@ from ocpi.errors import OcpiError
 from ocpi.identity import owner_key_part
 from pipeline import projection
 from pipeline.cdrs import process_cdrs
-from pipeline.delivery import BatchDelivery, Handler, group_generation
+from pipeline.delivery import BatchDelivery, Handler, group_generation, topic_partitions
 from pipeline.facts import Fact, decode_facts, fact_records
 from pipeline.locations import process_locations
 from pipeline.reconcile import (
@@ -336,7 +336,8 @@ class ModuleAgent(Generic[S]):
     async def _handle(self, messages: Sequence[Message]) -> None:
         ctx = self.context
         records, dead = decode_all(messages)
-        records, misfits = sort_out(records, self.module)
+        partitions = topic_partitions(ctx.app, messages[0].topic) if messages else None  # a batch is of one topic
+        records, misfits = sort_out(records, self.module, partitions)
         out = StageOutput(ctx.pseudonym)
         try:
             overlays = fold(records, self.table.reader, self.codec, self.process, ctx.stage_rules, out)

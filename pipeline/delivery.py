@@ -128,6 +128,16 @@ def group_generation(app: faust.App) -> int | None:
         return None
 
 
+def topic_partitions(app: faust.App, topic: str) -> int | None:
+    """The partition count of `topic` the consumer group's assignment is based on (aiokafka's metadata snapshot);
+    None before the consumer started, or for a topic it does not know."""
+    try:
+        count = app.consumer.topic_partitions(topic)
+    except AttributeError:
+        return None
+    return count or None
+
+
 class BatchConsumer(driver.Consumer):
     """Faust's aiokafka consumer, delivering the records of the inboxes' topics in bulk."""
 

@@ -12,6 +12,7 @@ import msgspec
 
 from infra.codec import AvroCodecError, DecodedEvent, decode_event
 from infra.events import PAYLOAD_TYPES
+from infra.kafka.bulk import key_partition
 from ocpi.identity import ci_equal, ci_normalize, owner_key_part
 
 
@@ -177,13 +178,32 @@ def misfit_key(record: Record) -> str | None:
     return f"keyed {record.key!r}, not by its object's key {expected!r}"
 
 
-def sort_out(records: list[Record], module: str) -> tuple[list[Record], list[DeadLetter]]:
-    """`records` split into those that belong on `module`'s topic, keyed by their object, and dead letters for
-    the others."""
+def misfit_partition(record: Record, partitions: int | None, placed: dict[bytes, int] | None = None) -> str | None:
+    """Why `record`, keyed by its object, is not in its key's partition of a topic of `partitions` (None: not
+    known, not checked), or None. Its object's state is in the key's partition, where every other event of it
+    goes: applied in another (a producer whose partitioner is not murmur2, librdkafka's default), it would make a
+    second copy of the object there, as an event keyed otherwise would (`misfit_key`). `placed`: the partitions
+    of keys computed before (murmur2 costs microseconds, and a batch holds several events of an object)."""
+    if not partitions or not record.key:
+        return None
+    placed = {} if placed is None else placed
+    expected = placed.get(record.key)
+    if expected is None:
+        expected = placed[record.key] = key_partition(record.key, partitions)
+    if record.partition == expected:
+        return None
+    return f"in partition {record.partition}, where its key {record.key!r} places it in partition {expected}"
+
+
+def sort_out(records: list[Record], module: str, partitions: int | None = None,
+             ) -> tuple[list[Record], list[DeadLetter]]:
+    """`records` split into those that belong on `module`'s topic, keyed by their object and in its key's
+    partition (of `partitions`, when known), and dead letters for the others."""
     kept: list[Record] = []
     dead: list[DeadLetter] = []
+    placed: dict[bytes, int] = {}
     for record in records:
-        reason = misfit(record.event, module) or misfit_key(record)
+        reason = misfit(record.event, module) or misfit_key(record) or misfit_partition(record, partitions, placed)
         if reason is None:
             kept.append(record)
         else:

@@ -125,11 +125,17 @@ def murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition of a keyed record among `partitions`, as Kafka's Java client and aiokafka place it (our
+    producers, the receivers'): murmur2 of the key. librdkafka's default partitioner (CRC32) places keys elsewhere."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 def _default_partition(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
     """`DefaultPartitioner()(key, all_partitions, available)` with the faster murmur2."""
     if key is None:
         return DefaultPartitioner()(key, all_partitions, available)  # a random choice: aiokafka's own
-    return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
+    return all_partitions[key_partition(key, len(all_partitions))]
 
 
 def _fast_partitioner(partitioner: Any) -> Callable[[bytes | None, list[int], list[int]], int]:

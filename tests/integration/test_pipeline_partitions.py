@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from infra.kafka.admin import ensure_topics, partition_counts
+from infra.kafka.bulk import key_partition
 from infra.process import spawn, terminate
 from pipeline.retention import changelog_topic
 from pipeline.stack import Stack
@@ -83,4 +84,32 @@ async def test_a_worker_refuses_a_topic_whose_partitions_differ_from_its_changel
                 in log_path.read_text())
     finally:
         terminate(child, 20)
+        await stack.stop()
+
+
+async def test_an_event_in_another_partition_than_its_keys_is_a_dead_letter_not_a_second_copy(
+        session_tmp: Path, chdb_dsn: str, broker: str) -> None:
+    """A producer whose partitioner is not murmur2 (librdkafka's default: kcat, confluent-kafka) puts a Location PUT
+    keyed by its Location in another partition than the receivers would: its state is in the key's partition, so the
+    worker makes it a dead letter instead of a second copy of the Location in the other."""
+    import aiokafka
+
+    stack = await Stack(pipeline_settings(session_tmp, chdb_dsn, broker), run_receivers=False).start()
+    try:
+        topic, key, value = record(stack.settings, "Location", {**location(), "id": "MISPLACED"})
+        count = partition_counts(stack.bootstrap, [topic])[topic]
+        wrong = (key_partition(key, count) + 1) % count
+        producer = aiokafka.AIOKafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, value, key=key, partition=wrong)
+        finally:
+            await producer.stop()
+        assert stack.clickhouse is not None
+        rows = await wait_for(stack.clickhouse, f"SELECT kafka_partition, error FROM dead_letters "
+                              f"WHERE key_hex = '{key.hex()}'", lambda r: bool(r), timeout=90)
+        assert [(partition, "places it in partition" in error) for partition, error in rows] == [(wrong, True)]
+        located = stack.clickhouse.query("SELECT count() FROM locations WHERE location_id = 'MISPLACED'")
+        assert located.result_rows == [(0,)]
+    finally:
         await stack.stop()

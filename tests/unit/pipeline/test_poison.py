@@ -155,6 +155,17 @@ def test_an_event_keyed_otherwise_than_by_its_object_is_a_dead_letter_with_the_k
     assert all(letter.value == value for letter in misfits)
 
 
+def test_an_event_keyed_by_its_object_in_another_partition_than_its_keys_is_a_dead_letter() -> None:
+    value = event_bytes("Session", session())  # NL/TNM/S1: partition 2 of 4
+    messages = [RawMessage("sessions", 2, 0, b"NL/TNM/S1", value), RawMessage("sessions", 1, 0, b"NL/TNM/S1", value)]
+    records, dead = decode_all(messages)
+    kept, misfits = sort_out(records, "SESSIONS", partitions=4)
+    assert [(r.partition, r.offset) for r in kept] == [(2, 0)] and dead == []
+    assert [(letter.partition, letter.offset, letter.key) for letter in misfits] == [(1, 0, b"NL/TNM/S1")]
+    assert "partition 2" in misfits[0].error
+    assert sort_out(records, "SESSIONS")[1] == []  # the topic's partition count not known: not checked
+
+
 async def test_the_agent_makes_a_dead_letter_of_an_event_in_another_partition_than_its_keys() -> None:
     """Keyed right but in another partition than the key's (murmur2 of the key, as the receivers' producer and
     Kafka's Java client place it; librdkafka's default partitioner, kcat's say, does not): applied there, on a
