@@ -290,6 +290,26 @@ async def test_a_party_facts_record_nested_deeper_than_the_parser_goes_is_a_dead
     assert b"C/NL/TNM/C1" in {k for k, _v in context.changelog}  # the other record of the batch was applied
 
 
+async def test_a_party_facts_record_in_another_partition_than_its_keys_is_a_dead_letter(tmp_path: Path) -> None:
+    # Facts are placed by their party key's murmur2 (stage 1's producer); a tool on librdkafka's default partitioner
+    # puts them elsewhere, where stage 2 kept a second state of the party: its CDRs reconciled without its sessions.
+    context = Context()
+    context.app.consumer.topic_partitions = lambda topic: 4 if topic == "facts" else None  # NL/TNM: partition 0
+    written: list[Any] = []
+
+    async def write(batch: Any) -> None:
+        written.append(batch)
+
+    context.sink = SimpleNamespace(write=write)
+    agent = PartyAgent(context, state_table(tmp_path / "db"))  # type: ignore[arg-type]
+    misplaced = encode_facts([c_fact(cdr("C2"), received=61)])
+    await agent.handle([RawMessage("facts", 3, 5, b"NL/TNM", misplaced), message(1, [c_fact(cdr("C1"), received=62)])])
+    rows = [row for batch in written for row in batch.rows.get("dead_letters", [])]
+    assert [(row[1], row[2], row[3], "partition 0" in row[5]) for row in rows] == [(3, 5, b"NL/TNM".hex(), True)]
+    keys = {k for k, _v in context.changelog}
+    assert b"C/NL/TNM/C1" in keys and b"C/NL/TNM/C2" not in keys
+
+
 async def test_a_party_facts_record_the_reconciliation_rules_fail_on_is_a_dead_letter(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage 2 had no fallback of its own: an exception of its rules on one record (a bug hit by one CPO's data)
