@@ -51,7 +51,7 @@ from pipeline.reconcile import (
     Rules,
     process_party,
 )
-from pipeline.records import DeadLetter, Record, decode_all, group_by_object, sort_out, utc_now
+from pipeline.records import DeadLetter, Record, decode_all, group_by_object, misfit_partition, sort_out, utc_now
 from pipeline.retention import Pseudonymizer
 from pipeline.sessions import process_sessions
 from pipeline.sink import EXIT_UNWRITTEN_BATCH, Batch, ClickHouseSink
@@ -373,6 +373,8 @@ class PartyAgent:
         ctx = self.context
         groups: dict[str, tuple[PartitionAnchor, list[tuple[Message, list[Fact]]]]] = {}
         dead: list[DeadLetter] = []
+        partitions = topic_partitions(ctx.app, messages[0].topic) if messages else None  # a batch is of one topic
+        placed: dict[bytes, int] = {}
         for message in messages:
             try:
                 facts = decode_facts(bytes(message.value or b""))
@@ -384,6 +386,10 @@ class PartyAgent:
             if "/" not in party:  # stage 1 keys facts `CC/PID` (`facts.party_key`); `PartyState` splits it
                 dead.append(DeadLetter(message.topic, message.partition, message.offset, message.key or b"",
                                        message.value or b"", f"fact batch keyed {party!r}, not by a party key"))
+                continue
+            if reason := misfit_partition(message.key, message.partition, partitions, placed):
+                dead.append(DeadLetter(message.topic, message.partition, message.offset, message.key or b"",
+                                       message.value or b"", f"fact batch {reason}"))
                 continue
             groups.setdefault(party, (anchor_of(message.topic, message.partition), []))[1].append((message, facts))
         out = PartyOutput()

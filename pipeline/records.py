@@ -178,21 +178,23 @@ def misfit_key(record: Record) -> str | None:
     return f"keyed {record.key!r}, not by its object's key {expected!r}"
 
 
-def misfit_partition(record: Record, partitions: int | None, placed: dict[bytes, int] | None = None) -> str | None:
-    """Why `record`, keyed by its object, is not in its key's partition of a topic of `partitions` (None: not
-    known, not checked), or None. Its object's state is in the key's partition, where every other event of it
-    goes: applied in another (a producer whose partitioner is not murmur2, librdkafka's default), it would make a
-    second copy of the object there, as an event keyed otherwise would (`misfit_key`). `placed`: the partitions
-    of keys computed before (murmur2 costs microseconds, and a batch holds several events of an object)."""
-    if not partitions or not record.key:
+def misfit_partition(key: bytes | None, partition: int, partitions: int | None,
+                     placed: dict[bytes, int] | None = None) -> str | None:
+    """Why a record keyed `key` (its object's, its party's) is not in its key's partition of a topic of
+    `partitions` (None: not known, not checked), or None. The state of its object or party is in the key's
+    partition, where every other record of it goes: applied in another (a producer whose partitioner is not
+    murmur2, librdkafka's default), it would make a second copy of that state there, as a record keyed otherwise
+    would (`misfit_key`). `placed`: the partitions of keys computed before (murmur2 costs microseconds, and a
+    batch holds several records of a key)."""
+    if not partitions or not key:
         return None
     placed = {} if placed is None else placed
-    expected = placed.get(record.key)
+    expected = placed.get(key)
     if expected is None:
-        expected = placed[record.key] = key_partition(record.key, partitions)
-    if record.partition == expected:
+        expected = placed[key] = key_partition(key, partitions)
+    if partition == expected:
         return None
-    return f"in partition {record.partition}, where its key {record.key!r} places it in partition {expected}"
+    return f"in partition {partition}, where its key {key!r} places it in partition {expected}"
 
 
 def sort_out(records: list[Record], module: str, partitions: int | None = None,
@@ -203,7 +205,8 @@ def sort_out(records: list[Record], module: str, partitions: int | None = None,
     dead: list[DeadLetter] = []
     placed: dict[bytes, int] = {}
     for record in records:
-        reason = misfit(record.event, module) or misfit_key(record) or misfit_partition(record, partitions, placed)
+        reason = (misfit(record.event, module) or misfit_key(record)
+                  or misfit_partition(record.key, record.partition, partitions, placed))
         if reason is None:
             kept.append(record)
         else:
