@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from infra.codec import decode_event
 from pipeline.agents import ModuleAgent, Progress, reconciliation_records
 from pipeline.cdrs import process_cdrs
 from pipeline.facts import decode_facts
@@ -145,3 +146,57 @@ async def test_a_batch_the_group_moved_on_from_writes_no_state_and_is_not_acked(
         with pytest.raises(_Exited):
             await agent.handle([message])  # type: ignore[list-item]
         assert steps == ["rows", "facts"] and exits == [agents.EXIT_UNWRITTEN_BATCH]
+
+
+@pytest.mark.parametrize("highwater", [60, 3])
+async def test_a_record_below_its_states_offset_in_a_partition_that_ends_before_it_stops_the_worker(
+        monkeypatch: pytest.MonkeyPatch, highwater: int) -> None:
+    """A record at or below the offset its object's state has folded in is one read again after a crash: skipped,
+    its rows are in ClickHouse. But a partition that ends (its high watermark) at or before that offset is not the
+    log the state was folded from: the topic was deleted and created again under the same name, or lost records.
+    Its records are new events, and skipped as read before they were lost without a trace. The worker stops before
+    anything of the batch is written or acked (EXIT_TOPIC_REWOUND), naming the partition."""
+    from faust.types import TP
+
+    import pipeline.agents as agents
+
+    exits: list[int] = []
+
+    def exit_(code: int) -> None:
+        exits.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(agents.os, "_exit", exit_)
+    steps: list[str] = []
+
+    async def write(_batch: Any) -> None:
+        steps.append("rows")
+
+    async def publish(_topic: str, _records: Any) -> None:
+        steps.append("facts")
+
+    async def write_batch(*_args: Any) -> None:
+        steps.append("state")
+
+    store = DictStore()
+    codec = Codec(CdrState)
+    folded = decode_event(event_bytes("CDR", cdr("C1")))
+    store.data["NL/TNM/C1"] = codec.encode(CdrState(content_hash=folded.content_hash, event_id=folded.event_id,
+                                                    offset=50, received_at=folded.received_at))
+    ends = {TP("cdrs", 0): highwater}
+    app = SimpleNamespace(consumer=SimpleNamespace(highwater=ends.get, topic_partitions=lambda _topic: None))
+    context = SimpleNamespace(app=app, pseudonym=Pseudonymizer(b"k" * 32),
+                              sink=SimpleNamespace(write=write), publish=publish, stage_rules=stage_rules(),
+                              progress=SimpleNamespace(outcomes=Counter(), replayed=0),
+                              settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
+    table = SimpleNamespace(reader=lambda _anchor: store.data.get, write_batch=write_batch, lock=asyncio.Lock())
+    agent = ModuleAgent(context, table, codec, process_cdrs, "CDRS")  # type: ignore[arg-type]
+    message = RawMessage("cdrs", 0, 1, b"NL/TNM/C2", event_bytes("CDR", cdr("C2")))
+    again = RawMessage("cdrs", 0, 2, b"NL/TNM/C1", event_bytes("CDR", cdr("C1", kwh="11")))
+    if highwater > 50:  # read again after a crash: skipped, the batch goes on
+        await agent.handle([message, again])
+        assert steps == ["rows", "facts", "state"] and exits == []
+    else:
+        with pytest.raises(_Exited):
+            await agent.handle([message, again])
+        assert steps == [] and exits == [agents.EXIT_TOPIC_REWOUND]
