@@ -40,7 +40,7 @@ from ocpi.errors import OcpiError
 from ocpi.identity import owner_key_part
 from pipeline import projection
 from pipeline.cdrs import process_cdrs
-from pipeline.delivery import BatchDelivery, Handler, group_generation, topic_partitions
+from pipeline.delivery import BatchDelivery, Handler, group_generation, highwater, topic_partitions
 from pipeline.facts import Fact, decode_facts, fact_records
 from pipeline.locations import process_locations
 from pipeline.reconcile import (
@@ -79,6 +79,7 @@ BATCH_WITHIN_S = 0.3  # how long a batch waits to fill up to OCPI_PIPELINE_BATCH
 WHOLE_STATE_BYTES: Final = 4 * 1024 * 1024
 STOP_GRACE_S = 30.0  # how long a stopping worker finishes the batch in hand
 EXIT_PIPELINE_ERROR = 70  # EX_SOFTWARE: a bug; nothing of the batch was committed
+EXIT_TOPIC_REWOUND = 78  # EX_CONFIG: a topic created again under its name (`check_not_rewound`); nothing committed
 _JSON = msgspec.json.Encoder(decimal_format="number")
 
 
@@ -318,6 +319,28 @@ def fence(app: faust.App, messages: Sequence[Message], name: str) -> None:
     os._exit(EXIT_UNWRITTEN_BATCH)
 
 
+def check_not_rewound(app: faust.App, skipped_under: dict[tuple[str, int], int], name: str) -> None:
+    """End the process, before anything of the batch is written or acked, when a record was skipped as folded in
+    before (`StageOutput.read_before`) in a partition whose log ends at or before the offset its state holds.
+
+    A stage-1 state holds the highest offset folded into it, so that a record read again after a crash is not
+    applied twice. Every record of the log it was folded from is below that log's end; a partition ending at or
+    before it is another log: the topic deleted and created again under its name (Kafka then forgets the group's
+    offsets of it too), or records lost by the broker. Its records are new events, and skipped they would be lost
+    without a trace, up to the old offsets. The state belongs to the old log: start over under a new
+    OCPI_PIPELINE_APP_ID and restore the state (README, "Partitions and scaling out"). A log that has already grown
+    past the state's offset when the worker reads it cannot be told apart this way."""
+    for (topic, partition), offset in skipped_under.items():
+        end = highwater(app, topic, partition)
+        if end is not None and offset >= end:
+            log.critical("%s: partition %s/%d ends at offset %d, but the state of an object of it holds offset %d: "
+                         "the topic was created again under its name (or lost records), and its events would be "
+                         "skipped as read before. Nothing of the batch was written; start over under a new "
+                         "OCPI_PIPELINE_APP_ID and restore the state from an export (README, \"Partitions and "
+                         "scaling out\")", name, topic, partition, end, offset)
+            os._exit(EXIT_TOPIC_REWOUND)
+
+
 class ModuleAgent(Generic[S]):
     """Stage 1: one module topic, rules per object."""
 
@@ -347,6 +370,7 @@ class ModuleAgent(Generic[S]):
             overlays, failed = fold_isolated(records, self.table.reader, self.codec, self.process,
                                              ctx.stage_rules, out)
             misfits.extend(failed)
+        check_not_rewound(ctx.app, out.skipped_under, self.module)
         out.dead_letters(dead + misfits)
         await ctx.sink.write(out.batch)
         await ctx.publish(ctx.settings.pipeline.topic_party_facts,

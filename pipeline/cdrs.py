@@ -16,7 +16,7 @@ def process_cdrs(view: TypedView[CdrState], key: str, records: list[Record], rul
     state = view.get(key)
     for record in records:
         if state is not None and record.offset <= state.offset:
-            out.replayed += 1
+            out.read_before(record, state.offset)
             continue
         event = record.event
         same = cdr_content_hash(event.payload)

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, cast
 
 import faust
+from faust.exceptions import ConsumerNotStarted
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, Message
@@ -136,6 +137,15 @@ def topic_partitions(app: faust.App, topic: str) -> int | None:
     except AttributeError:
         return None
     return count or None
+
+
+def highwater(app: faust.App, topic: str, partition: int) -> int | None:
+    """The end of a partition as its last fetch response gave it (the high watermark, right on Tansu too); None when
+    not known (nothing fetched yet, a partition no longer assigned, a consumer not started)."""
+    try:
+        return cast(int | None, app.consumer.highwater(TP(topic, partition)))
+    except (AttributeError, AssertionError, ConsumerNotStarted):
+        return None
 
 
 class BatchConsumer(driver.Consumer):

@@ -78,7 +78,7 @@ def process_locations(view: TypedView[LocationState], key: str, records: list[Re
     run = Run()
     for record in records:
         if record.offset <= state.offset:
-            out.replayed += 1
+            out.read_before(record, state.offset)
             continue
         state.offset = record.offset
         state.seen_at = ordering.newest(state.seen_at, record.received_at)

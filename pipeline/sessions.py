@@ -46,7 +46,7 @@ def process_sessions(view: TypedView[SessionState], key: str, records: list[Reco
     stored_session = wire.StoredStruct(Session)
     for record in records:
         if record.offset <= state.offset:
-            out.replayed += 1  # folded in before a crash; its rows are in ClickHouse already
+            out.read_before(record, state.offset)  # folded in before a crash; its rows are in ClickHouse already
             continue
         state.offset = record.offset
         state.seen_at = ordering.newest(state.seen_at, record.received_at)

@@ -75,6 +75,8 @@ class StageOutput:
     facts: dict[str, list[Fact]] = field(default_factory=dict)
     outcomes: Counter[str] = field(default_factory=Counter)
     replayed: int = 0  # records read again after a crash, already folded into the state
+    # (topic, partition) -> the highest state offset a record was skipped under as folded in before (`read_before`)
+    skipped_under: dict[tuple[str, int], int] = field(default_factory=dict)
     # Set while parked events are retried: a replayed copy that was parked wrote its PARKED row over the original's,
     # so its outcome is recorded whatever it is (`retrying_parked`).
     record_replays: bool = False
@@ -135,6 +137,16 @@ class StageOutput:
             self.facts.setdefault(party, []).extend(facts)
         self.outcomes.update(other.outcomes)
         self.replayed += other.replayed
+        for tp, offset in other.skipped_under.items():
+            self.skipped_under[tp] = max(offset, self.skipped_under.get(tp, -1))
+
+    def read_before(self, record: Record, state_offset: int) -> None:
+        """`record` is at or below `state_offset`, the highest offset its object's state folded in: read again after a
+        crash, its rows are in ClickHouse already. Skipped; the agent checks that its partition's log reaches that
+        offset (`agents.check_not_rewound`): one that ends before it is another log, whose records are new."""
+        self.replayed += 1
+        tp = (record.topic, record.partition)
+        self.skipped_under[tp] = max(state_offset, self.skipped_under.get(tp, -1))
 
     def dead_letters(self, dead: list[DeadLetter]) -> None:
         now = utc_now()

@@ -16,7 +16,7 @@ from infra.kafka.bulk import key_partition
 from infra.process import spawn, terminate
 from pipeline.retention import changelog_topic
 from pipeline.stack import Stack
-from tests.unit.pipeline.builders import iso, location, ts
+from tests.unit.pipeline.builders import iso, location, session, ts
 
 from .pipeline_support import pipeline_settings, publish, record, wait_for
 
@@ -112,4 +112,43 @@ async def test_an_event_in_another_partition_than_its_keys_is_a_dead_letter_not_
         located = stack.clickhouse.query("SELECT count() FROM locations WHERE location_id = 'MISPLACED'")
         assert located.result_rows == [(0,)]
     finally:
+        await stack.stop()
+
+
+async def test_a_topic_created_again_under_its_name_stops_the_worker_instead_of_skipping_its_events(
+        session_tmp: Path, chdb_dsn: str, broker: str) -> None:
+    """The Sessions topic deleted and created again under its name while the app id's state was folded from the
+    old one: its offsets start again from 0, below the offset the state of Session S1 holds, and its events would be
+    skipped as records read again after a crash. The worker exits with code 78 before writing anything of them."""
+    from infra.kafka.admin import delete_topics
+
+    settings = pipeline_settings(session_tmp, chdb_dsn, broker)
+    stack = await Stack(settings, run_worker=False, run_receivers=False).start()
+    log_path = stack.log_dir / "worker-rewound.log"
+    child = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"],
+                  env=stack.child_environment(), log_path=log_path)
+    try:
+        updates = [record(settings, "Session", session(kwh=str(n), updated=n)) for n in range(8)]
+        await publish(stack.bootstrap, updates)
+        assert stack.clickhouse is not None
+        rows = await wait_for(stack.clickhouse, "SELECT count() FROM raw_events", lambda r: r[0][0] >= 8, timeout=90)
+        assert rows[0][0] == 8, log_path.read_text()
+        terminate(child, 20)
+        topic = settings.kafka.topic_sessions
+        await asyncio.to_thread(delete_topics, stack.bootstrap, [topic])
+        await asyncio.to_thread(ensure_topics, stack.bootstrap, [topic], 2)
+        # The group's offsets of the old topic go with it (Kafka and Tansu alike): it is read from offset 0.
+        await publish(stack.bootstrap, [record(settings, "SessionPatch", {"kwh": 99, "last_updated": iso(ts(20))},
+                                               object_id="S1")])
+        child = spawn([sys.executable, "-m", "pipeline", "--log-level", "info", "worker"],
+                      env=stack.child_environment(), log_path=log_path)
+        deadline = time.monotonic() + 90
+        while child.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert child.poll() == 78, log_path.read_text()[-3000:]
+        assert "created again under its name" in log_path.read_text()
+        rows = await wait_for(stack.clickhouse, "SELECT count() FROM raw_events", lambda r: r[0][0] > 8, timeout=1)
+        assert rows[0][0] == 8
+    finally:
+        terminate(child, 20)
         await stack.stop()
