@@ -31,6 +31,20 @@ RECORD_MAX_BYTES: Final = 16 * 1024 * 1024
 # choice, or one per broker on a smaller cluster (1 on the embedded Tansu, a single broker).
 DEFAULT_REPLICAS = 3
 
+# acks=all waits for the in-sync replicas only, and Kafka's default min.insync.replicas is 1: a replica that fell
+# behind leaves the leader alone in sync, and what it acknowledges (a push answered 1000, a state) is on one disk.
+# A topic of this many replicas or more we create requires two (one broker may be down and writes go on); with
+# fewer, requiring two would stop every write while one broker is down, so the broker's own setting stands.
+MIN_INSYNC_FROM_REPLICAS: Final = 3
+
+
+def creation_configs(configs: Mapping[str, str], replicas: int) -> dict[str, str]:
+    """The configs a topic of `replicas` replicas is created with: `configs`, and min.insync.replicas 2 from
+    MIN_INSYNC_FROM_REPLICAS replicas on, unless `configs` say."""
+    if replicas >= MIN_INSYNC_FROM_REPLICAS:
+        return {"min.insync.replicas": "2", **configs}
+    return dict(configs)
+
 
 def replication_factor(bootstrap: str, configured: int = 0) -> int:
     """Replicas for the topics we create: `configured` (OCPI_KAFKA_REPLICATION_FACTOR) when set (> 0), else
@@ -62,7 +76,7 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int,
             return []
         replication = replicas if replicas > 0 else _cluster_replicas(admin)
         new = [NewTopic(name=t, num_partitions=partitions, replication_factor=replication,
-                        topic_configs=dict((configs or {}).get(t, {}))) for t in wanted]
+                        topic_configs=creation_configs((configs or {}).get(t, {}), replication)) for t in wanted]
         with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent creator won the race; fine
             admin.create_topics(new)
         log.info("created topics %s (%d replicas)", wanted, replication)

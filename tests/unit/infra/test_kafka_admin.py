@@ -58,6 +58,20 @@ def test_a_configured_replication_factor_is_used_as_it_is(cluster: type[FakeAdmi
     assert cluster.described == 0  # the cluster is not asked
 
 
+@pytest.mark.parametrize(("replicas", "min_insync"), [(1, None), (2, None), (3, "2"), (5, "2")])
+def test_topics_of_three_replicas_or_more_acknowledge_only_what_two_hold(cluster: type[FakeAdmin], replicas: int,
+                                                                         min_insync: str | None) -> None:
+    # acks=all waits for the in-sync replicas only, and Kafka's default min.insync.replicas is 1: a replica that
+    # fell behind leaves the leader alone in sync, acknowledging pushes one disk holds. With three replicas, two must
+    # hold a record before it is acknowledged (one broker may still be down); with fewer, that would stop every
+    # write while one is down, so the broker's own setting stands. A config given for the topic wins.
+    admin.ensure_topics("kafka:9092", ["new", "given"], 4, {"new": {"retention.ms": "1"},
+                                                             "given": {"min.insync.replicas": "3"}}, replicas=replicas)
+    configs = {t.name: t.topic_configs for t in cluster.created}
+    assert configs["new"].get("min.insync.replicas") == min_insync and configs["new"]["retention.ms"] == "1"
+    assert configs["given"]["min.insync.replicas"] == "3"
+
+
 def test_replication_factor_setting() -> None:
     assert load_settings({}).kafka.replication_factor == 0  # the cluster decides
     assert load_settings({"OCPI_KAFKA_REPLICATION_FACTOR": "3"}).kafka.replication_factor == 3
