@@ -43,13 +43,6 @@ def request_timeout_ms(kafka: KafkaSettings) -> int:
     return min(int(max(3 * kafka.send_timeout_s, REQUEST_TIMEOUT_MIN_S) * 1000), _REQUEST_TIMEOUT_MAX_MS)
 
 
-def consumer_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """aiokafka/kafka-python consumer group timeouts (Tansu holds JoinGroup for session_timeout/2)."""
-    if kafka.is_tansu:
-        return {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000}
-    return {}
-
-
 def faust_options(kafka: KafkaSettings) -> dict[str, Any]:
     """Faust app options that differ on Tansu."""
     if kafka.is_tansu:
