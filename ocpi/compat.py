@@ -45,8 +45,10 @@ Relaxations
 `NA_IN_ANY_REQUIRED_STRING`
     Strict decoding accepts `#NA` only where the spec names it (Session.evse_uid/connector_id,
     CdrLocation.evse_uid/evse_id/connector_id). The spec also lets a sender use `#NA` in *any* required
-    string field it genuinely cannot fill; this relaxation accepts that. Trade-off: `#NA` then appears in
-    fields (even identities) that downstream code may treat as real values or foreign keys.
+    string field it genuinely cannot fill; this relaxation accepts that, but not where the field's own rules
+    refuse it: a `currency` stays an ISO 4217 code (billing sums per currency), and a field shorter than three
+    characters or whose pattern refuses it (coordinates, `HH:MM`) cannot hold it. Trade-off: `#NA` then
+    appears in fields (even identities) that downstream code may treat as real values or foreign keys.
 `EPOCH_UNKNOWN_TIME`
     A CDR's `start_date_time` or `end_date_time` given as the Unix epoch (`1970-01-01T00:00:00Z`): the CPO does
     not know that time, which the spec allows only where both parties agreed and local law allows billing such
