@@ -17,7 +17,8 @@ Relaxations
 `NUMBER_AS_STRING`
     A JSON number where a string is due (e.g. `"physical_reference": 3`, `"tariff_ids": [12]`) becomes
     its decimal text (`"3"`, `"12"`). Trade-off: ids such as `007` lose their leading zeros at the sender
-    already; the text is the number as written (`1.50` stays `1.50`).
+    already; the text keeps the digits as written (`1.50` stays `1.50`), but not the spelling of an exponent
+    (`1e2` becomes `1E+2`, `1.0e0` becomes `1.0`) nor the sign of an integer zero (`-0` becomes `0`).
 `STRING_AS_NUMBER`
     A string holding a JSON number where a number or int is due (`"kwh": "12.5"`) becomes that number.
     Only the JSON number grammar is accepted (no `,` decimal separator, no spaces, no `NaN`); an int field

@@ -229,9 +229,9 @@ def test_relaxations_on_patch_bodies_and_int_fields() -> None:
 
 
 def test_number_as_string_keeps_the_number_as_written() -> None:
-    body = dumps(minimal("Connector")).replace(b"}", b', "tariff_ids": [12.50, 7, 1e2]}')
+    body = dumps(minimal("Connector")).replace(b"}", b', "tariff_ids": [12.50, 7, 1e2, 1.0e0, -0, -0.0]}')
     decoded = decode(body, Connector, profile=CompatProfile.from_names("NUMBER_AS_STRING"))
-    assert decoded.value.tariff_ids == ["12.50", "7", "1E+2"]
+    assert decoded.value.tariff_ids == ["12.50", "7", "1E+2", "1.0", "0", "-0.0"]  # as ocpi.compat says
 
 
 def test_errata_lengths_on_nested_objects() -> None:
