@@ -144,3 +144,48 @@ def test_na_where_the_spec_allows_it_and_in_any_required_string_by_agreement(cas
         assert_invalid(body, model, _path(field), "#NA")
         relaxed = decode(dumps(body), model, profile=NA_BY_AGREEMENT)
         assert relaxed.relaxations == (f"NA_IN_ANY_REQUIRED_STRING:{_path(field)}",)
+
+
+def _scalar(kind: str) -> Any:
+    return lambda field: field["kind"] == "primitive" and field["type"] == kind
+
+
+@pytest.mark.parametrize("case", _fields(_scalar("number")), ids=_id)
+def test_a_number_field_takes_four_decimals_and_fourteen_integer_digits(case: Field) -> None:
+    name, field = case
+    low, high = field.get("minimum"), field.get("maximum")
+    if high is not None:  # a percentage: 0 to 100
+        decode(dumps(_with(name, field, high)), OBJECTS[name])
+        decode(dumps(_with(name, field, low)), OBJECTS[name])
+        assert_invalid(_with(name, field, high + 0.0001), OBJECTS[name], _path(field), "between 0 and 100")
+    else:
+        widest = dumps(_with(name, field, 7.25)).replace(b"7.25", b"-99999999999999.9999")  # exact, not a float
+        decode(widest, OBJECTS[name])
+        assert_invalid(_with(name, field, 1e14), OBJECTS[name], _path(field), "more than 14 integer digits")
+    assert_invalid(_with(name, field, 1.00001), OBJECTS[name], _path(field), "more than 4 decimal places")
+    assert_invalid(_with(name, field, "1"), OBJECTS[name], _path(field), "expected a number, got a string")
+
+
+@pytest.mark.parametrize("case", _fields(_scalar("int")), ids=_id)
+def test_an_int_field_takes_its_digits_and_bounds(case: Field) -> None:
+    name, field = case
+    digits = field.get("max_digits")
+    high = min(10**digits - 1 if digits else 2**63 - 1, field.get("maximum", 2**63))
+    low = max(-(10**digits - 1) if digits else -(2**63), field.get("minimum", -(2**63) - 1))
+    if name == "Connector":  # the store's UInt32 (ocpi._validate)
+        low, high = 0, 2**32 - 1
+    for value in (low, high):
+        decode(dumps(_with(name, field, value)), OBJECTS[name])
+    for value in (low - 1, high + 1):
+        assert_invalid(_with(name, field, value), OBJECTS[name], _path(field))
+    assert_invalid(_with(name, field, 1.5), OBJECTS[name], _path(field), "expected an integer")
+
+
+@pytest.mark.parametrize("case", _fields(_scalar("DateTime")), ids=_id)
+def test_a_datetime_field_takes_utc_with_or_without_z_and_no_offset(case: Field) -> None:
+    name, field = case
+    for value in ("2015-06-29T20:39:09", "2015-06-29T20:39:09.1234Z", "2015-06-29T20:39:09.12345"):
+        decode(dumps(_with(name, field, value)), OBJECTS[name])
+    for value, reason in (("2015-06-29T20:39:09+00:00", "numeric offsets"), ("2015-06-29 20:39:09Z", "expected"),
+                          ("2015-06-29T20:39:09.12345Z", "longer than 25")):
+        assert_invalid(_with(name, field, value), OBJECTS[name], _path(field), reason)
