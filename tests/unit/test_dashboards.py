@@ -324,6 +324,42 @@ def test_partner_health_keeps_raw_days_of_24_hours_across_a_daylight_saving_chan
     assert [tuple(row[:4]) for row in schema.query(sql).result_rows] == want
 
 
+def test_partner_health_counts_a_refused_cdr_post_as_a_reject_not_as_a_push_too(schema: Client) -> None:
+    """A CDR POSTed again with other content under a held id is refused (2001, in `rejections`) and published all
+    the same, so the pipeline records the CONFLICT: its `raw_events` row has source PUSH. Health counted it as a
+    push accepted and as a push refused, so one refused POST out of one read pushes 1, rejects 1, rate 0.5. A push
+    whose request was refused (the same partner, module and X-Request-ID) is a reject only."""
+    from infra.rejections import COLUMNS as REJECTION_COLUMNS
+    from infra.rejections import Rejection
+    from pipeline import reports
+    from pipeline.rejections import rejection_row
+
+    partner = f"hr-{uuid.uuid4().hex[:6]}"
+    now = datetime.now(UTC)
+
+    def post(n: int, request_id: str, outcome: str) -> list[Any]:
+        return [f"{partner}-{n}", partner, "CDRS", "POST", "CDR", "NL", "HRT", "C1", None, None,
+                now - timedelta(hours=n), request_id, "c", "PUSH", "h", [], "{}", "t", 0, n, outcome, ""]
+
+    # The first POST of C1 (applied), a second one of other content (refused by the receiver, CONFLICT), and a
+    # refused Session PUT with the same request id as the first POST (another module: not that push).
+    schema.insert("raw_events", [post(3, "q-first", "APPLIED"), post(1, "q-again", "CONFLICT")],
+                  column_names=list(projection.RAW_EVENT_COLUMNS))
+    schema.insert("rejections", [
+        rejection_row(Rejection(f"{partner}-r1", partner, "cdrs", "POST", "/ocpi/emsp/2.2.1/cdrs/", 2001, 200,
+                                "another CDR is held under this id", "$.id", "q-again", "c", now - timedelta(hours=1))),
+        rejection_row(Rejection(f"{partner}-r2", partner, "sessions", "PUT", "/", 2001, 200, "bad", "$.x",
+                                "q-first", "c", now - timedelta(hours=2)))],
+        column_names=list(REJECTION_COLUMNS))
+    want = [(partner, "CDRS", 1, 1, 0.5), (partner, "SESSIONS", 0, 1, 1.0)]
+    _columns, rows = reports.run(schema, reports.health(reports.Period(), partner=partner, raw_days=RAW_DAYS))
+    assert [tuple(row[:5]) for row in rows] == want
+    board = ROOT / "dashboards" / "partner-health.json"
+    sql = render_panel_sql(_panel_sql(board, "Pushes, rejects and lag per partner and module"),
+                           start=now - timedelta(days=1), end=now, partners=[partner])
+    assert [tuple(row[:5]) for row in schema.query(sql).result_rows] == want
+
+
 def test_the_anomaly_panels_show_the_anomalies_no_partner_can_be_named_for(schema: Client) -> None:
     """A row ClickHouse refused of a table without a partner column (EVSEs, connectors, charging periods, ...) is a
     ROW_REFUSED anomaly with partner_id '': the panels filtered on the partner variable, whose All is the list of
