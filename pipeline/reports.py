@@ -178,15 +178,23 @@ ORDER BY kind, module, country_code, party_id"""
     return ReportQuery(sql, filters.params)
 
 
+# The requests refused but published all the same (a CDR POSTed again with other content, for the pipeline to record
+# the CONFLICT): their raw events are refusals, not pushes accepted. Matched by partner, module and X-Request-ID
+# (unique per request, 04 §11; ours when the partner sent none), within the window the pushes are counted in.
+_REFUSED_REQUESTS: Final = ("SELECT partner_id, upper(module), request_id FROM rejections FINAL "
+                            "WHERE rejected_at >= now64(6, 'UTC') - toIntervalDay(%(raw_days)s)")
+
+
 def health(period: Period, *, partner: str | None = None, raw_days: int) -> ReportQuery:
     """Per partner and module: pushes accepted and refused, refusal rate, ingestion lag p50/p95/max (s).
 
     Pushes (`raw_events`) are kept `raw_days` (OCPI_RETENTION_RAW_DAYS), refusals (`rejections`) as long as the
     histories: both are counted only within the last `raw_days` (of 24 hours, as the TTL counts them, whatever the
     server's time zone), or a refusal would count against pushes retention deleted (the `rejections` report lists
-    them all)."""
+    them all). A refused push the receivers published all the same counts as refused only."""
     pushed = _Filters().period("toDate(received_at)", period).equals("partner_id", "partner", partner)
-    pushed.conditions += ["source = 'PUSH'", "received_at >= now64(6, 'UTC') - toIntervalDay(%(raw_days)s)"]
+    pushed.conditions += ["source = 'PUSH'", "received_at >= now64(6, 'UTC') - toIntervalDay(%(raw_days)s)",
+                          f"(partner_id, module, request_id) NOT IN ({_REFUSED_REQUESTS})"]
     refused = _Filters().period("toDate(rejected_at)", period).equals("partner_id", "partner", partner)
     refused.conditions.append("rejected_at >= now64(6, 'UTC') - toIntervalDay(%(raw_days)s)")
     refused.params["raw_days"] = raw_days
