@@ -417,6 +417,40 @@ def test_the_largest_deltas_name_the_currency_of_their_cost(schema: Client) -> N
         ("C1", Decimal("40.0000"), "SEK"), ("C2", Decimal("40.0000"), "EUR")]
 
 
+def test_outcomes_over_time_count_sessions_and_cdrs_apart(schema: Client) -> None:
+    """A session and its CDR each have a reconciliation row, both MATCHED when they agree: 'Outcomes over time'
+    grouped by outcome alone, so one match was 2 MATCHED, and a session its two CDRs bill twice (each CDR MATCHED on
+    its own, the session MISMATCH) read as 2 matches and 1 mismatch. Each subject is a series of its own, as the
+    'Outcomes' table and the reconciliation report count them."""
+    from decimal import Decimal
+
+    from pipeline.reconcile import RECONCILIATION_COLUMNS
+
+    now = datetime.now(UTC)
+    partner = f"ot-{uuid.uuid4().hex[:6]}"
+
+    def row(subject: str, subject_id: str, outcome: str) -> list[Any]:
+        values = dict(country_code="NL", party_id="OTT", subject=subject, subject_id=subject_id, partner_id=partner,
+                      currency="EUR", outcome=outcome, method="SESSION_ID", session_id="S1", cdr_ids=[],
+                      session_kwh=Decimal(10), cdr_kwh=Decimal(10), delta_kwh=Decimal(0),
+                      session_cost_excl_vat=Decimal(5), cdr_cost_excl_vat=Decimal(5),
+                      delta_cost_excl_vat=Decimal(0), delta_start_s=None, delta_end_s=None, late=False, due_at=None,
+                      event_time=now - timedelta(hours=1), version=2)
+        return [values[c] for c in RECONCILIATION_COLUMNS]
+
+    # S1 matched by C1; S2 billed twice, by C2 and C3.
+    schema.insert("reconciliation", [row("SESSION", "S1", "MATCHED"), row("CDR", "C1", "MATCHED"),
+                                     row("SESSION", "S2", "MISMATCH"), row("CDR", "C2", "MATCHED"),
+                                     row("CDR", "C3", "MATCHED")], column_names=list(RECONCILIATION_COLUMNS))
+    board = ROOT / "dashboards" / "reconciliation.json"
+    sql = render_panel_sql(_panel_sql(board, "Outcomes over time"), start=now - timedelta(days=1), end=now,
+                           partners=[partner])
+    result = schema.query(sql)
+    got = {tuple(value for name, value in zip(result.column_names, r, strict=True) if name != "time")
+           for r in result.result_rows}
+    assert got == {("SESSION", "MATCHED", 1), ("SESSION", "MISMATCH", 1), ("CDR", "MATCHED", 3)}
+
+
 def test_a_cdr_billed_off_in_cost_alone_is_among_the_largest_deltas(schema: Client) -> None:
     """'Largest deltas' ordered its 50 rows by the kWh delta, the cost delta only breaking ties: a CDR re-priced by
     the CPO (the same kWh, 100 EUR more) has a kWh delta of 0, so it came after every matched CDR whose metering
