@@ -337,13 +337,16 @@ def test_partner_health_counts_a_refused_cdr_post_as_a_reject_not_as_a_push_too(
     partner = f"hr-{uuid.uuid4().hex[:6]}"
     now = datetime.now(UTC)
 
-    def post(n: int, request_id: str, outcome: str) -> list[Any]:
-        return [f"{partner}-{n}", partner, "CDRS", "POST", "CDR", "NL", "HRT", "C1", None, None,
+    def post(n: int, request_id: str, outcome: str, cdr_id: str = "C1") -> list[Any]:
+        return [f"{partner}-{n}", partner, "CDRS", "POST", "CDR", "NL", "HRT", cdr_id, None, None,
                 now - timedelta(hours=n), request_id, "c", "PUSH", "h", [], "{}", "t", 0, n, outcome, ""]
 
     # The first POST of C1 (applied), a second one of other content (refused by the receiver, CONFLICT), and a
-    # refused Session PUT with the same request id as the first POST (another module: not that push).
-    schema.insert("raw_events", [post(3, "q-first", "APPLIED"), post(1, "q-again", "CONFLICT")],
+    # refused Session PUT with the same request id as the first POST (another module: not that push). X-Request-ID
+    # is unique per request (04 §11), but not every partner keeps to it: a POST of another CDR, applied, under the
+    # refused POST's request id is a push all the same.
+    schema.insert("raw_events", [post(3, "q-first", "APPLIED"), post(1, "q-again", "CONFLICT"),
+                                 post(2, "q-again", "APPLIED", "C2")],
                   column_names=list(projection.RAW_EVENT_COLUMNS))
     schema.insert("rejections", [
         rejection_row(Rejection(f"{partner}-r1", partner, "cdrs", "POST", "/ocpi/emsp/2.2.1/cdrs/", 2001, 200,
@@ -351,7 +354,7 @@ def test_partner_health_counts_a_refused_cdr_post_as_a_reject_not_as_a_push_too(
         rejection_row(Rejection(f"{partner}-r2", partner, "sessions", "PUT", "/", 2001, 200, "bad", "$.x",
                                 "q-first", "c", now - timedelta(hours=2)))],
         column_names=list(REJECTION_COLUMNS))
-    want = [(partner, "CDRS", 1, 1, 0.5), (partner, "SESSIONS", 0, 1, 1.0)]
+    want = [(partner, "CDRS", 2, 1, 0.3333), (partner, "SESSIONS", 0, 1, 1.0)]
     _columns, rows = reports.run(schema, reports.health(reports.Period(), partner=partner, raw_days=RAW_DAYS))
     assert [tuple(row[:5]) for row in rows] == want
     board = ROOT / "dashboards" / "partner-health.json"
