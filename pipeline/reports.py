@@ -178,11 +178,14 @@ ORDER BY kind, module, country_code, party_id"""
     return ReportQuery(sql, filters.params)
 
 
-# The requests refused but published all the same (a CDR POSTed again with other content, for the pipeline to record
-# the CONFLICT): their raw events are refusals, not pushes accepted. Matched by partner, module and X-Request-ID
-# (unique per request, 04 §11; ours when the partner sent none), within the window the pushes are counted in.
-_REFUSED_REQUESTS: Final = ("SELECT partner_id, upper(module), request_id FROM rejections FINAL "
-                            "WHERE rejected_at >= now64(6, 'UTC') - toIntervalDay(%(raw_days)s)")
+# The one refused push the receivers publish all the same: a CDR POSTed again with other content under a held id
+# (2001 on `$.id`), for the pipeline to record the CONFLICT. Its raw event is a refusal, not a push accepted: told
+# by partner and X-Request-ID (unique per request, 04 §11; ours when the partner sent none), and, since not every
+# partner keeps its ids unique, by its outcome, within the window the pushes are counted in.
+_REFUSED_BUT_PUBLISHED: Final = (
+    "NOT (module = 'CDRS' AND outcome = 'CONFLICT' AND (partner_id, request_id) IN ("
+    "SELECT partner_id, request_id FROM rejections FINAL WHERE module = 'cdrs' AND field_path = '$.id' "
+    "AND rejected_at >= now64(6, 'UTC') - toIntervalDay(%(raw_days)s)))")
 
 
 def health(period: Period, *, partner: str | None = None, raw_days: int) -> ReportQuery:
@@ -194,7 +197,7 @@ def health(period: Period, *, partner: str | None = None, raw_days: int) -> Repo
     them all). A refused push the receivers published all the same counts as refused only."""
     pushed = _Filters().period("toDate(received_at)", period).equals("partner_id", "partner", partner)
     pushed.conditions += ["source = 'PUSH'", "received_at >= now64(6, 'UTC') - toIntervalDay(%(raw_days)s)",
-                          f"(partner_id, module, request_id) NOT IN ({_REFUSED_REQUESTS})"]
+                          _REFUSED_BUT_PUBLISHED]
     refused = _Filters().period("toDate(rejected_at)", period).equals("partner_id", "partner", partner)
     refused.conditions.append("rejected_at >= now64(6, 'UTC') - toIntervalDay(%(raw_days)s)")
     refused.params["raw_days"] = raw_days
