@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from infra.kafka.embedded import EmbeddedBroker
+from pipeline import reports
 from pipeline.stack import Stack
 from receivers.registry import PartnerRegistry, PartyRole
 from tests.conftest import EXAMPLES
@@ -145,6 +146,11 @@ async def test_a_cdr_posted_again_is_answered_by_what_it_is_to_the_held_one(stac
     assert await wait_for(stack.clickhouse, "SELECT kind FROM anomalies FINAL", want=[("CDR_CONFLICT",)]
                           ) == [("CDR_CONFLICT",)]
     assert stack.clickhouse.query("SELECT total_energy FROM cdrs FINAL").result_rows == [(Decimal("15.3420"),)]
+    # The refusal is recorded too; partner health counts that POST once, refused: two pushes, one reject.
+    await wait_for(stack.clickhouse, "SELECT ocpi_status, field_path FROM rejections FINAL", want=[(2001, "$.id")])
+    assert stack.clickhouse is not None
+    _columns, rows = reports.run(stack.clickhouse, reports.health(reports.Period(), raw_days=30))
+    assert [tuple(row[1:5]) for row in rows] == [("CDRS", 2, 1, 0.3333)]
 
 
 async def test_bad_input_gets_an_ocpi_envelope_never_a_traceback(stack: Stack, token: str) -> None:
