@@ -234,6 +234,30 @@ def test_a_panel_that_counts_pushes_counts_pushes_only(schema: Client, path: Pat
             assert counted == 1, f"{path.name}: panel {title!r} counts {counted} pushes"
 
 
+def test_relaxations_applied_counts_the_events_that_needed_each_relaxation(schema: Client) -> None:
+    """Every repair travels on the event as `NAME:$.json.path`, list indices included (`ocpi.compat`): the panel
+    grouped by that whole string, so a relaxation was one row per path it was applied at (a Session's charging
+    periods, a Location's EVSEs: as many rows as there are indices), and its `events` added up over the rows to more
+    than the events that needed it. A row is a partner's relaxation now, with the events that needed it."""
+    partner = f"rx-{uuid.uuid4().hex[:6]}"
+    end = datetime.now(UTC)
+    volume = "STRING_AS_NUMBER:$.charging_periods[{}].dimensions[0].volume"
+
+    def event(n: int, relaxations: list[str]) -> list[Any]:
+        return [f"{partner}-{n}", partner, "SESSIONS", "PUT", "OBJECT", "NL", "RXT", f"S{n}", None, None,
+                end - timedelta(hours=1), "r", "c", "PUSH", "h", relaxations, "{}", "t", 0, n, "APPLIED", ""]
+
+    schema.insert("raw_events", [
+        event(1, [volume.format(0), volume.format(1), volume.format(2), "NULL_IN_LIST:$.tariff_ids"]),
+        event(2, [volume.format(0)]), event(3, [])], column_names=list(projection.RAW_EVENT_COLUMNS))
+    sql = render_panel_sql(_panel_sql(ROOT / "dashboards" / "ingestion.json", "Relaxations applied"),
+                           start=end - timedelta(days=1), end=end, partners=[partner])
+    result = schema.query(sql)
+    rows = [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+    assert [(r["partner_id"], r["relaxation"], r["events"]) for r in rows] == [
+        (partner, "STRING_AS_NUMBER", 2), (partner, "NULL_IN_LIST", 1)]
+
+
 def test_partner_health_counts_refusals_only_as_far_back_as_the_pushes_are_kept(schema: Client) -> None:
     """Pushes (`raw_events`) are kept OCPI_RETENTION_RAW_DAYS, refusals (`rejections`) as long as the histories:
     refusals older than the pushes still held were counted against none of their pushes, so the reject rate of a
