@@ -10,8 +10,10 @@ import pytest
 from aiokafka.errors import OutOfOrderSequenceNumber
 
 from infra.kafka import publisher as publisher_module
+from infra.kafka.admin import delete_topics, ensure_topics, partition_counts
 from infra.kafka.publisher import Publisher, PublishError
 from infra.settings import load_settings
+from tests.conftest import unique
 
 
 class SlowBroker:
@@ -123,3 +125,25 @@ async def test_the_send_timeout_counts_from_the_stamp_given() -> None:
         await publisher.publish("t", b"k", b"rest", since=started - 0.3)
     assert broker.sent == [b"rest"]
     assert loop.time() - started < 0.3
+
+
+async def test_a_record_for_a_topic_that_does_not_exist_is_refused_not_sent_to_have_it_created(broker: str) -> None:
+    """aiokafka asks the broker for a topic's metadata by name on its first send, and a broker that creates topics on
+    first use (Apache Kafka's default, and Tansu) then creates it with the cluster's defaults: one replica, one
+    partition, 1 MB records on Kafka. A push to a topic that `serve` could not create (Kafka was down at its start) and
+    the worker has not created yet was answered 1000 from such a topic, which keeps them. It is answered 3000 until the
+    topic exists, and nothing is created."""
+    kafka = load_settings({"OCPI_KAFKA_BOOTSTRAP": broker, "OCPI_KAFKA_FLAVOR": "tansu",
+                           "OCPI_KAFKA_SEND_TIMEOUT": "5"}).kafka
+    topic = unique("missing")
+    publisher = Publisher(kafka, broker)
+    await publisher.start()
+    try:
+        with pytest.raises(PublishError, match="does not exist"):
+            await publisher.publish(topic, b"k", b"refused")
+        assert await asyncio.to_thread(partition_counts, broker, [topic]) == {}
+        await asyncio.to_thread(ensure_topics, broker, [topic], 2)  # `serve`, `dev` or the worker made it
+        await publisher.publish(topic, b"k", b"resent")
+    finally:
+        await publisher.stop()
+        await asyncio.to_thread(delete_topics, broker, [topic])
