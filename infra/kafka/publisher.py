@@ -55,6 +55,8 @@ class Publisher:
     - A broker that is down when we start: the producer is created on a later send, by one caller at a time
       (a lock), within the send timeout, and not within `retry_start_s` of the last attempt's end; meanwhile sends
       fail at once, and those that waited for an attempt that failed fail with it.
+    - A topic that does not exist is answered 3000 (`_require_topic`), never sent to: the send would have a broker
+      that creates topics on first use create it with the cluster's defaults rather than ours.
     - A producer the broker no longer hears on a partition (`_PRODUCER_BROKEN`, Kafka's idempotence) is replaced:
       the push is answered 3000 and the next send starts a new producer, once the old one has flushed what it
       held (its records must not land after the new one's), within that send's timeout.
@@ -148,6 +150,23 @@ class Publisher:
                 raise PublishError(f"Kafka at {self._bootstrap} is not reachable")
         return producer
 
+    async def _require_topic(self, producer: AIOKafkaProducer, topic: str, deadline: float) -> None:
+        """Raise PublishError unless `topic` exists, asking the broker without naming it. aiokafka asks for a topic it
+        does not know by name on its first send, and a broker that creates topics on first use (Apache Kafka's
+        default, and Tansu) creates it then with the cluster's defaults (on Kafka one replica, one partition, 1 MB
+        records), which the topic keeps: `serve`, `dev` and the worker create ours with our own."""
+        if topic in producer.client.cluster.topics():  # this producer has sent to it: it exists (or did a moment ago)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            cluster = await asyncio.wait_for(producer.client.fetch_all_metadata(), max(deadline - loop.time(), 0.001))
+        except (KafkaError, TimeoutError, OSError) as exc:
+            raise PublishError(f"Kafka did not acknowledge the record on {topic}: its topics could not be listed "
+                               f"({type(exc).__name__})") from exc
+        if topic not in cluster.topics():
+            raise PublishError(f"topic {topic} does not exist: `serve` creates it when Kafka answers at its start, "
+                               "else the worker at its start")
+
     async def publish(self, topic: str, key: bytes, value: bytes, *, since: float | None = None) -> None:
         """Send one record and wait for the broker's acknowledgement, or raise PublishError.
 
@@ -172,6 +191,7 @@ class Publisher:
             if loop.time() >= deadline:  # the producer's start, or the event's encoding, took it
                 raise PublishError(f"Kafka did not acknowledge the record on {topic}: the send timeout passed "
                                    "before it could be sent")
+            await self._require_topic(producer, topic, deadline)
             for attempt in range(1, _ATTEMPTS + 1):
                 try:
                     await asyncio.wait_for(producer.send_and_wait(topic, value=value, key=key),

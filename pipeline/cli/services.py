@@ -74,20 +74,21 @@ def create_receiver_topics(settings: Settings, bootstrap: str) -> None:
     as `dev` does: a Kafka that creates topics on first use (Apache Kafka's default) would otherwise create them
     on the first push before any worker ran, with its own defaults (one partition, one replica, 1 MB records),
     which the worker keeps (it sets configs, not partitions or replicas, on existing topics). Kafka down: the
-    receivers start anyway (pushes answer 3000 until it answers), and the worker creates them."""
+    receivers start anyway (pushes answer 3000 until it answers and the worker has created them)."""
     from infra.kafka import admin
     from pipeline.retention import topic_configs
 
     kafka = settings.kafka
     if not reachable(bootstrap):  # at once, not after the admin client's bootstrap timeout
         click.echo(f"warning: topics not created (Kafka at {bootstrap} does not answer); pushes answer 3000 until "
-                   "it does, and the worker creates them", err=True)
+                   "it does and the worker has created them", err=True)
         return
     try:
         admin.ensure_topics(bootstrap, (*kafka.module_topics, kafka.topic_rejections),
                             kafka.partitions, topic_configs(settings), replicas=kafka.replication_factor)
     except Exception as exc:  # the broker went away meanwhile, or refused: the receivers answer 3000 meanwhile
-        click.echo(f"warning: topics not created ({type(exc).__name__}: {exc}); the worker creates them", err=True)
+        click.echo(f"warning: topics not created ({type(exc).__name__}: {exc}); pushes answer 3000 until the worker "
+                   "has created them", err=True)
 
 
 @click.command()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.kafka.admin import ensure_topics
 from infra.kafka.embedded import EmbeddedBroker
 from infra.kafka.publisher import Publisher, PublishError
 from infra.settings import load_settings
@@ -53,6 +54,7 @@ async def test_pushes_waiting_for_the_start_on_a_hung_broker_are_each_answered_w
 
         os.kill(pid, signal.SIGCONT)
         stopped = False
+        await asyncio.to_thread(ensure_topics, broker.bootstrap, ["t"], 1)  # as `serve` or the worker would
         for _attempt in range(20):
             try:
                 await publisher.publish("t", b"K", b"up")

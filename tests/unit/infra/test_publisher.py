@@ -14,10 +14,13 @@ from infra.kafka.admin import delete_topics, ensure_topics, partition_counts
 from infra.kafka.publisher import Publisher, PublishError
 from infra.settings import load_settings
 from tests.conftest import unique
+from tests.unit.infra.producer_support import KnownTopics
 
 
 class SlowBroker:
     """A started producer whose broker acknowledges nothing: every send waits until cancelled."""
+
+    client = KnownTopics()
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
@@ -69,6 +72,7 @@ class GappedProducer:
 
     made: list[GappedProducer] = []
     events: list[str] = []
+    client = KnownTopics()
 
     def __init__(self, **_options: Any) -> None:
         self.number = len(GappedProducer.made)

@@ -14,6 +14,7 @@ from infra.kafka.publisher import Publisher
 from infra.settings import load_settings
 from receivers import publishing
 from receivers.app import create_app
+from tests.unit.infra.producer_support import KnownTopics
 from tests.unit.receivers.app_support import AppEnv, app_env, auth, make_env  # noqa: F401
 from tests.unit.receivers.push_support import CDRS_URL, assert_envelope, cdr
 
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.clickhouse
 
 class LateBroker:
     """A started producer whose broker acknowledges each record `delay_s` after it was handed over."""
+
+    client = KnownTopics()
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
