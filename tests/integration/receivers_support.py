@@ -50,8 +50,10 @@ async def receivers(settings: Settings, chdb_dsn: str, parties: list[tuple[str, 
     client.database = settings.clickhouse.database
     registry = PartnerRegistry(client)
     if create_topics:
-        await asyncio.to_thread(ensure_topics, settings.kafka.bootstrap, settings.kafka.module_topics,
-                                settings.kafka.partitions)
+        # The topics `serve` creates: the publisher sends to no topic that does not exist.
+        kafka = settings.kafka
+        await asyncio.to_thread(ensure_topics, kafka.bootstrap, (*kafka.module_topics, kafka.topic_rejections),
+                                kafka.partitions)
     tokens = {}
     for cc, pid in parties:
         roles = [PartyRole(country_code=cc, party_id=pid, role="CPO")]
