@@ -164,8 +164,8 @@ class Publisher:
             raise PublishError(f"Kafka did not acknowledge the record on {topic}: its topics could not be listed "
                                f"({type(exc).__name__})") from exc
         if topic not in cluster.topics():
-            raise PublishError(f"topic {topic} does not exist: `serve` creates it when Kafka answers at its start, "
-                               "else the worker at its start")
+            # Partner-facing (the 3000's message): `serve`, `dev` or the worker create it (README).
+            raise PublishError(f"Kafka did not take the record: topic {topic} does not exist yet")
 
     async def publish(self, topic: str, key: bytes, value: bytes, *, since: float | None = None) -> None:
         """Send one record and wait for the broker's acknowledgement, or raise PublishError.
