@@ -341,3 +341,37 @@ async def test_the_fresh_database_gets_the_configured_ttls_before_it_is_swapped_
     wanted = {ttl.table: ttl.expression for data_class in retention.policy(settings) for ttl in data_class.ttls}
     assert {table: current[table] for table in wanted} == wanted
     assert retention.apply_ttls(connect(chdb_dsn), fresh, settings) == []
+
+
+def test_the_swap_keeps_the_live_record_of_the_pseudonymisation_key(chdb_dsn: str) -> None:
+    """`pseudonym_key` is not derived from the topics: the first process that ran on the store recorded its key's
+    fingerprint there, when and by whom. The swap exchanged it for the fresh database's, which holds the rebuild
+    worker's own row of the rebuild's time: once the rebuild database was dropped, the record of the key in force
+    since the store began was gone (README, Retention: the configuration tables are kept)."""
+    from datetime import UTC, datetime
+
+    from infra.clickhouse.client import connect
+    from infra.clickhouse.migrations import migrate
+    from tests.conftest import unique
+
+    client = connect(chdb_dsn)
+    live, fresh = unique("live"), unique("live_rebuild")
+    try:
+        for database in (live, fresh):
+            migrate(client, database)
+        first = datetime(2024, 5, 1, 12, tzinfo=UTC)
+        client.insert(f"`{live}`.pseudonym_key", [["f" * 32, first, "worker"]],
+                      column_names=["fingerprint", "recorded_at", "recorded_by"])
+        client.insert(f"`{fresh}`.pseudonym_key", [["f" * 32, datetime.now(UTC), "worker"]],
+                      column_names=["fingerprint", "recorded_at", "recorded_by"])
+        state = {"database": live, "rebuild_database": fresh, "new_uuids": rebuild_mod._tables(client, fresh)}
+
+        swapped = rebuild_mod._swap(client, state)
+
+        assert "cdrs" in swapped and "pseudonym_key" not in swapped
+        assert client.query(f"SELECT recorded_at, recorded_by FROM `{live}`.pseudonym_key").result_rows == [
+            (first, "worker")]
+    finally:
+        for database in (live, fresh):
+            client.command(f"DROP DATABASE IF EXISTS `{database}`")
+        client.close()
