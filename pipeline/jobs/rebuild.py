@@ -13,10 +13,10 @@
    its committed offsets reach the targets (progress bar on the committed offsets) and it has also consumed
    what it wrote to its internal topics up to then (their end offsets once the targets were reached). Then
    stop it: it commits only what it wrote, so its committed offsets say what the fresh tables hold.
-4. Swap: `EXCHANGE TABLES` each table the pipeline writes (every table but `partners`, `credential_claims` and
-   `schema_migrations`, which are not derived from the topics) between the live and the fresh database.
-   Views and materialized views stay where they are: they name their tables, so the live ones work on the
-   swapped-in tables (the fresh database's own fed its tables during the rebuild).
+4. Swap: `EXCHANGE TABLES` each table the pipeline writes (every table but `partners`, `credential_claims`,
+   `pseudonym_key` and `schema_migrations`, which are not derived from the topics) between the live and the
+   fresh database. Views and materialized views stay where they are: they name their tables, so the live ones
+   work on the swapped-in tables (the fresh database's own fed its tables during the rebuild).
    Each exchange is atomic; the table UUIDs recorded beforehand say which ones are done, so a swap that was
    interrupted is finished, never undone, on resume.
 5. Close the gap: the live worker kept writing to the old tables while the rebuild worker was behind it. The
@@ -73,7 +73,9 @@ from pipeline.retention import apply_ttls
 
 log = logging.getLogger(__name__)
 
-NOT_DERIVED = frozenset({"partners", "credential_claims", "schema_migrations"})
+# Not derived from the topics: kept live. `pseudonym_key` records when the key in force was first used, and by
+# whom; the fresh database's holds only the rebuild worker's row of the same key, of the rebuild's time.
+NOT_DERIVED = frozenset({"partners", "credential_claims", "pseudonym_key", "schema_migrations"})
 
 
 @dataclass
