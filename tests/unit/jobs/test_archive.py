@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -739,3 +740,45 @@ async def test_a_replay_of_a_directory_that_holds_no_archive_files_is_an_error(s
     report = await replay_archive(settings, "127.0.0.1:1", tmp_path / "ocpi", Selection(modules=("cdrs",)),
                                   dry_run=True)
     assert [line.where for line in report.lines] == ["cdrs/2024-05-01/part-x.avro"]
+
+
+def test_an_archive_compressed_with_a_codec_not_installed_here_is_named_so_not_taken_for_damaged(
+        tmp_path: Path) -> None:
+    """Export compressed with snappy wherever `cramjam` happened to be installed (no dependency of this project):
+    read where it is not (another machine, a fresh install), every such file was "not a readable archive file
+    ... restore it from a copy, or move it out of the archive", the advice to give up an intact archive, and the
+    export into that directory stopped at it too (it reads the last file to continue)."""
+    if importlib.util.find_spec("cramjam") or importlib.util.find_spec("snappy"):
+        pytest.skip("snappy is installed here")
+    event = make_event(example("session_example_2_short_finished.json"), Session, "Session", module="sessions",
+                       level="SESSION", operation="PUT", received_at=DAY1)
+    record = decode_record(encode_event(event.to_event()), EVENT_SCHEMA)
+    buffer = BytesIO()
+    fastavro.writer(buffer, fastavro.parse_schema(current_schema(), named_schemas={}), [record], codec="null")
+    header = b"\x14avro.codec\x08null"
+    assert buffer.getvalue().count(header) == 1
+    path = tmp_path / "sessions" / DAY1.date().isoformat() / "part-snappy.avro"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(buffer.getvalue().replace(header, b"\x14avro.codec\x0csnappy"))  # as with cramjam installed
+
+    for read in (lambda: list(read_archive_file(path)), lambda: count_records(path)):
+        with pytest.raises(JobError, match=r"part-snappy\.avro .*snappy.*cramjam") as raised:
+            read()
+        assert "move it out" not in str(raised.value) and "not a readable archive" not in str(raised.value)
+
+
+def test_export_compresses_only_with_a_codec_every_install_of_this_version_reads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`container_codec` took snappy wherever `cramjam` (or `python-snappy`) was installed by chance: none of this
+    project's dependencies, so the same version installed elsewhere could not read those archives. Zstandard
+    comes with them (fastavro reads it with `backports.zstd`, which clickhouse-connect requires, or Python 3.14's
+    `compression.zstd`); deflate always does."""
+    real = importlib.util.find_spec
+    installed = {"cramjam", "snappy"}
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: real("json") if name in installed else real(name, *a))
+    assert container_codec() in ("zstandard", "deflate")
+    monkeypatch.undo()
+    buffer = BytesIO()
+    fastavro.writer(buffer, "int", [7], codec=container_codec())
+    assert list(fastavro.reader(BytesIO(buffer.getvalue()))) == [7]
