@@ -2,12 +2,12 @@
 
 Layout: `<dir>/<module>/<YYYY-MM-DD>/part-*.avro`, the day being the UTC day of the events' `received_at`.
 Every file is an Avro object container (fastavro `writer`) of `ocpi.pipeline.OcpiEvent` records with the
-writer schema in its header, compressed with zstandard (or snappy) when that codec is installed and deflate
-otherwise. Because the schema travels with the data, a later version reads today's files by resolving the
-file's schema to its own current one (Avro schema resolution, `infra/codec.py` evolution rules); it does not
-need today's schema in its registry. The other way round, a file of a later version is refused (`JobError`, to
-be replayed with that version) when its records have fields this version's schema lacks, which resolution would
-silently leave out, or values it cannot resolve.
+writer schema in its header, compressed with zstandard (`container_codec`: fastavro's, from this version's
+dependencies), deflate where that is missing. Because the schema travels with the data, a later version reads
+today's files by resolving the file's schema to its own current one (Avro schema resolution, `infra/codec.py`
+evolution rules); it does not need today's schema in its registry. The other way round, a file of a later
+version is refused (`JobError`, to be replayed with that version) when its records have fields this version's
+schema lacks, which resolution would silently leave out, or values it cannot resolve.
 
 Sources (choose with `--source`):
 - `kafka` (default; Kafka is the source of truth for raw events): the records of the module topics, exactly
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
+import io
 import json
 import logging
 import os
@@ -108,13 +108,21 @@ def current_schema() -> tuple[int, dict[str, Any]]:
     return version, parsed
 
 
+@functools.cache
 def container_codec() -> str:
-    """The best Avro container codec available here: zstandard, then snappy, then deflate (always there)."""
-    if importlib.util.find_spec("zstandard"):
-        return "zstandard"
-    if importlib.util.find_spec("cramjam") or importlib.util.find_spec("snappy"):
-        return "snappy"
-    return "deflate"
+    """The Avro container codec archives are written with: zstandard where fastavro reads and writes it, else
+    deflate (always there). Only codecs this version's own dependencies provide: fastavro takes zstandard from
+    `backports.zstd` (which clickhouse-connect requires) or Python 3.14's `compression.zstd`. Snappy needs
+    `cramjam`, which is none of them: taken wherever it happened to be installed, it made archives that the
+    same version installed elsewhere could not read."""
+    buffer = io.BytesIO()
+    try:
+        fastavro.writer(buffer, "int", [1], codec="zstandard")
+        readable = list(fastavro.reader(io.BytesIO(buffer.getvalue()))) == [1]
+    except Exception as exc:  # fastavro's missing-codec errors have no common type
+        log.info("archives are written with deflate: zstandard is not available here (%s)", exc)
+        readable = False
+    return "zstandard" if readable else "deflate"
 
 
 def day_of(moment: datetime) -> date:
@@ -505,11 +513,26 @@ def _reading(path: Path) -> Iterator[None]:
         yield
     except SchemaResolutionError as exc:  # intact, but of a later version: a copy of it would fail alike
         raise _newer_archive(path, str(exc)) from exc
+    except ValueError as exc:
+        if not _MISSING_CODEC.search(str(exc)):
+            raise JobError(_unreadable(path, exc)) from exc
+        # Intact, compressed with a codec this installation lacks (snappy, written by an earlier version where
+        # cramjam was installed): a copy of it would fail alike.
+        raise JobError(f"{path} is compressed with a codec this installation cannot read ({exc}); the file is "
+                       "not damaged: install that library and run the command again") from exc
     except JobError:
         raise
     except Exception as exc:  # fastavro's, and its codecs' (zlib, zstandard, snappy), errors have no common base
-        raise JobError(f"{path} is not a readable archive file ({type(exc).__name__}: {exc}); restore it from a "
-                       "copy, or move it out of the archive, and run the command again") from exc
+        raise JobError(_unreadable(path, exc)) from exc
+
+
+# fastavro's words for a codec it knows but whose library is missing, or one it does not know at all.
+_MISSING_CODEC: Final = re.compile(r"codec is supported but you need to install|^Unrecognized codec")
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    return (f"{path} is not a readable archive file ({type(exc).__name__}: {exc}); restore it from a copy, or move "
+            "it out of the archive, and run the command again")
 
 
 def read_archive_file(path: Path, *, skip: int = 0) -> Iterator[dict[str, Any]]:
