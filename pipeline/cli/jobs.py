@@ -280,6 +280,13 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
         raise click.ClickException(f"{len(result.lost)} offset range(s) were deleted by Kafka's retention before "
                                    "they were archived (listed above); raw_events may still hold them: "
                                    "export --source clickhouse into another directory")
+    if source == "clickhouse" and result.undecodable:
+        # Every raw_events row is an event the pipeline accepted: one that cannot be rebuilt as an OcpiEvent is
+        # archived by no rerun either, and the archive is what outlives the row's TTL. (From Kafka, records that
+        # are no OcpiEvent are the worker's dead letters: not events, not archived.)
+        raise click.ClickException(f"{result.undecodable} raw events could not be archived (the log names each and "
+                                   "why): the archive lacks them, and raw_events keeps them only until its TTL "
+                                   "(OCPI_RETENTION_RAW_DAYS)")
 
 
 @click.command()
