@@ -166,6 +166,55 @@ async def test_a_partition_no_selected_topic_has_is_an_error_not_an_empty_replay
     assert await plan_kafka(settings, "127.0.0.1:1", Selection(modules=("cdrs",), partition=9), resumed=True) == []
 
 
+async def test_a_replay_reaching_before_what_retention_left_says_so(
+        settings_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`replay --module cdrs` (all of it), `--from-offset 0` or `--since` a time before what Kafka still holds:
+    the replay started at the oldest record left, sent what it found and ended as a success, the records retention
+    had deleted unmentioned, as if the job had replayed everything asked for. It names those partitions (in the
+    dry run too), and where the rest may be: an archive. A selection that starts within what is held is silent."""
+    settings = settings_for()
+    cdrs = settings.kafka.topic_cdrs
+
+    async def partitions_of(_bootstrap: str, *topics: str) -> list[TopicPartition]:
+        return [TopicPartition(topic, p) for topic in topics for p in range(2)]
+
+    async def offset_bounds(_kafka: Any, _bootstrap: str, tps: list[TopicPartition],
+                            **_kw: Any) -> dict[TopicPartition, tuple[int, int]]:
+        return {tp: (1200 if tp.partition == 0 else 0, 5000) for tp in tps}
+
+    async def offsets_at(_kafka: Any, _bootstrap: str, _moment: datetime,
+                         bounds: dict[TopicPartition, tuple[int, int]]) -> dict[TopicPartition, int]:
+        return {tp: b for tp, (b, _e) in bounds.items()}  # every record held is stamped after --since
+
+    async def nothing_read(*_args: Any, **_kwargs: Any) -> Any:
+        for _ in ():
+            yield
+
+    monkeypatch.setattr(pipeline.jobs.replay, "partitions_of", partitions_of)
+    monkeypatch.setattr(pipeline.jobs.replay, "offset_bounds", offset_bounds)
+    monkeypatch.setattr(pipeline.jobs.replay, "offsets_at", offsets_at)
+    monkeypatch.setattr(pipeline.jobs.replay, "read_ranges", nothing_read)
+    since = datetime(2024, 5, 1, tzinfo=UTC)
+    for selection in (Selection(modules=("cdrs",)), Selection(modules=("cdrs",), from_offset=0),
+                      Selection(modules=("cdrs",), since=since)):
+        report = await pipeline.jobs.replay.replay_kafka(settings, "127.0.0.1:1", selection, dry_run=True)
+        assert getattr(report, "truncated", None) == [f"{cdrs}/0 (from offset 1200)"], selection
+    for selection in (Selection(modules=("cdrs",), from_offset=1500), Selection(modules=("cdrs",), partition=1)):
+        report = await pipeline.jobs.replay.replay_kafka(settings, "127.0.0.1:1", selection, dry_run=True)
+        assert getattr(report, "truncated", None) == [], selection
+
+    async def replayed(*_args: Any, **_kwargs: Any) -> ReplayReport:
+        report = ReplayReport(job="replay-x", status="done", sent=3)
+        vars(report)["truncated"] = [f"{cdrs}/0 (from offset 1200)"]
+        return report
+
+    monkeypatch.setattr(pipeline.jobs.replay, "replay_kafka", replayed)
+    result = CliRunner().invoke(cli, ["replay", "--module", "cdrs"],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"{cdrs}/0 (from offset 1200)" in result.output and "--from-archive" in result.output
+
+
 @pytest.mark.parametrize("args", [["--partition", "-1"], ["--from-offset", "-5"], ["--to-offset", "0"]])
 def test_a_negative_partition_or_offset_is_refused(args: list[str], tmp_path: Path) -> None:
     """--partition -1 selected no partition (an empty replay, exit 0); --to-offset 0 or less selected no offset."""
