@@ -172,6 +172,11 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
         total = sum(line.matching or 0 for line in report.lines) if dry_run else report.sent
         console.print(f"{verb} {total} events; left out by the selection {report.filtered}, "
                       f"repeated event ids {report.duplicates}, undecodable {report.undecodable}")
+    if report.truncated:
+        named = ", ".join(report.truncated[:3]) + (" …" if len(report.truncated) > 3 else "")
+        console.print(f"[yellow]Kafka no longer holds the start of {len(report.truncated)} partition(s) the "
+                      f"selection reaches before ({named}): retention deleted those records, so they are not "
+                      "replayed; an archive `export` wrote may hold them (replay --from-archive DIR)[/]")
     if wait and not dry_run and report.written:
         from pipeline.jobs.replay import wait_for_replayed
 

@@ -151,6 +151,8 @@ class ReplayReport:
     duplicates: int = 0
     undecodable: int = 0
     written: dict[TopicPartition, int] = field(default_factory=dict)
+    # Partitions whose start the selection reaches before, which retention deleted ("<topic>/<p> (from offset N)").
+    truncated: list[str] = field(default_factory=list)
 
 
 class _Run:
@@ -280,10 +282,14 @@ def _open_job(settings: Settings, spec: dict[str, Any], job: str | None,
     return name, checkpoint, state, report
 
 
-async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection, *,
-                     resumed: bool = False) -> list[tuple[str, PartitionRange]]:
+async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection, *, resumed: bool = False,
+                     truncated: list[str] | None = None) -> list[tuple[str, PartitionRange]]:
     """(module, offset range) per partition for `selection`, against the topics as they are now. A `--partition`
-    no selected topic has is an error, but for a resumed job (`resumed`): its topics recreated with fewer."""
+    no selected topic has is an error, but for a resumed job (`resumed`): its topics recreated with fewer.
+
+    `truncated` gets the partitions whose range starts at their oldest record held because the selection reaches
+    before it: retention deleted the records there (the first offset held is not 0), which the replay cannot send.
+    """
     planned: list[tuple[str, PartitionRange]] = []
     counts: dict[str, int] = {}
     for module in selection.modules:
@@ -297,6 +303,9 @@ async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection, *
         if selection.since is not None:  # a record's timestamp is never before its received_at
             at = await offsets_at(settings.kafka, bootstrap, selection.since, bounds)
             starts = {tp: max(starts[tp], at[tp]) for tp in bounds}
+        if truncated is not None:  # the start held, and the selection takes the first record held: maybe more
+            truncated.extend(f"{tp.topic}/{tp.partition} (from offset {b})" for tp, (b, e) in bounds.items()
+                             if 0 < b < e and starts[tp] == b and (selection.from_offset or 0) < b)
         # No stop from `until`: a replayed copy's timestamp is when it was replayed, any time after its
         # received_at (history restored from an archive is in the topics only so); the filter decides.
         for tp in tps:
@@ -391,9 +400,10 @@ async def _replay_kafka(settings: Settings, bootstrap: str, selection: Selection
     if report.status == "already-done":
         return report
     if state is None:
-        planned = await plan_kafka(settings, bootstrap, selection)
+        truncated: list[str] = []
+        planned = await plan_kafka(settings, bootstrap, selection, truncated=truncated)
         state = {"job": name, "kind": "replay", "spec": spec, "status": "running", "started_at": iso(_now()),
-                 "resolved": selection.resolved(),
+                 "resolved": selection.resolved(), "truncated": truncated,
                  "ranges": [{**r.as_json(), "module": m, "next": r.start} for m, r in planned]}
     else:
         report.status = "resumed-done"
@@ -401,6 +411,7 @@ async def _replay_kafka(settings: Settings, bootstrap: str, selection: Selection
         _restore(report, state)
         await _plan_recreated(settings, bootstrap, selection, state, name, report)
     ranges = state["ranges"]
+    report.truncated = list(state.get("truncated", []))
     report.lines = [PlanLine(r["module"], f"{r['topic']}/{r['partition']} offsets {r['start']}-{r['stop'] - 1}"
                              if r["stop"] > r["start"] else f"{r['topic']}/{r['partition']} (no offsets)",
                              r["stop"] - r["start"], partition=(r["topic"], r["partition"])) for r in ranges]

@@ -198,21 +198,25 @@ async def test_a_replay_reaching_before_what_retention_left_says_so(
     for selection in (Selection(modules=("cdrs",)), Selection(modules=("cdrs",), from_offset=0),
                       Selection(modules=("cdrs",), since=since)):
         report = await pipeline.jobs.replay.replay_kafka(settings, "127.0.0.1:1", selection, dry_run=True)
-        assert getattr(report, "truncated", None) == [f"{cdrs}/0 (from offset 1200)"], selection
+        assert report.truncated == [f"{cdrs}/0 (from offset 1200)"], selection
     for selection in (Selection(modules=("cdrs",), from_offset=1500), Selection(modules=("cdrs",), partition=1)):
         report = await pipeline.jobs.replay.replay_kafka(settings, "127.0.0.1:1", selection, dry_run=True)
-        assert getattr(report, "truncated", None) == [], selection
+        assert report.truncated == [], selection
+
+
+def test_the_replay_command_names_the_partitions_whose_start_retention_deleted(
+        settings_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cdrs = settings_for().kafka.topic_cdrs
 
     async def replayed(*_args: Any, **_kwargs: Any) -> ReplayReport:
-        report = ReplayReport(job="replay-x", status="done", sent=3)
-        vars(report)["truncated"] = [f"{cdrs}/0 (from offset 1200)"]
-        return report
+        return ReplayReport(job="replay-x", status="done", sent=3, truncated=[f"{cdrs}/0 (from offset 1200)"])
 
     monkeypatch.setattr(pipeline.jobs.replay, "replay_kafka", replayed)
     result = CliRunner().invoke(cli, ["replay", "--module", "cdrs"],
-                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path)})
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path),
+                                     "OCPI_TOPIC_CDRS": cdrs})
     assert result.exit_code == 0, (result.output, result.exception)
-    assert f"{cdrs}/0 (from offset 1200)" in result.output and "--from-archive" in result.output
+    assert f"{cdrs}/0 (from offset 1200)" in " ".join(result.output.split()) and "--from-archive" in result.output
 
 
 @pytest.mark.parametrize("args", [["--partition", "-1"], ["--from-offset", "-5"], ["--to-offset", "0"]])
