@@ -14,6 +14,7 @@ import pytest
 from aiokafka.structs import TopicPartition
 from click.testing import CliRunner
 
+import pipeline.jobs.kafka_io
 import pipeline.jobs.replay
 from infra.codec import decode_event, encode_event
 from infra.events import build_event
@@ -217,6 +218,57 @@ def test_the_replay_command_names_the_partitions_whose_start_retention_deleted(
                                      "OCPI_TOPIC_CDRS": cdrs})
     assert result.exit_code == 0, (result.output, result.exception)
     assert f"{cdrs}/0 (from offset 1200)" in " ".join(result.output.split()) and "--from-archive" in result.output
+
+
+async def test_records_retention_deletes_while_a_replay_reads_are_named(
+        settings_for: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long replay, or one resumed days after it was interrupted, whose planned records retention deleted before
+    it read them: the consumer goes on from the oldest record still held (`read_ranges`), and the replay ended as
+    a success, those records neither sent nor named (the export names them as lost). Offsets skipped that were
+    never records (transaction markers, below the log start still) are not named."""
+    from types import SimpleNamespace
+
+    settings = settings_for()
+    sessions = settings.kafka.topic_sessions
+
+    async def partitions_of(_bootstrap: str, *topics: str) -> list[TopicPartition]:
+        return [TopicPartition(topic, p) for topic in topics for p in range(2)]
+
+    async def offset_bounds(_kafka: Any, _bootstrap: str, tps: list[TopicPartition],
+                            **_kw: Any) -> dict[TopicPartition, tuple[int, int]]:
+        return {tp: (0, 6) for tp in tps}
+
+    async def read_ranges(_bootstrap: str, ranges: Any, **_kw: Any) -> Any:
+        for rng in ranges:  # partition 0: offsets 0-3 deleted meanwhile; partition 1: a marker at 2
+            held = range(4, 6) if rng.partition == 0 else (0, 1, 3, 4, 5)
+            yield rng, [SimpleNamespace(offset=o, value=encode_event(_event().to_event())) for o in held]
+
+    async def log_starts(_bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 4 if tp.partition == 0 else 0 for tp in tps}
+
+    class Producer:
+        written: dict[TopicPartition, int] = {}
+
+        def __init__(self, *_args: Any) -> None:
+            pass
+
+        async def __aenter__(self) -> Any:
+            return self
+
+        async def __aexit__(self, *_exc: object) -> None:
+            pass
+
+        async def send_all(self, records: list[Any]) -> int:
+            return len(records)
+
+    monkeypatch.setattr(pipeline.jobs.replay, "partitions_of", partitions_of)
+    monkeypatch.setattr(pipeline.jobs.replay, "offset_bounds", offset_bounds)
+    monkeypatch.setattr(pipeline.jobs.replay, "read_ranges", read_ranges)
+    monkeypatch.setattr(pipeline.jobs.kafka_io, "log_starts", log_starts)
+    monkeypatch.setattr(pipeline.jobs.replay, "JobProducer", Producer)
+    report = await pipeline.jobs.replay.replay_kafka(settings, "127.0.0.1:1", Selection(modules=("sessions",)))
+    assert getattr(report, "lost", None) == [f"{sessions}/0 offsets 0-3"]
+    assert report.sent == 7  # what was held is replayed all the same
 
 
 @pytest.mark.parametrize("args", [["--partition", "-1"], ["--from-offset", "-5"], ["--to-offset", "0"]])
