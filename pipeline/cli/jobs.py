@@ -177,6 +177,10 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
         console.print(f"[yellow]Kafka no longer holds the start of {len(report.truncated)} partition(s) the "
                       f"selection reaches before ({named}): retention deleted those records, so they are not "
                       "replayed; an archive `export` wrote may hold them (replay --from-archive DIR)[/]")
+    if report.lost:
+        named = ", ".join(report.lost[:3]) + (" …" if len(report.lost) > 3 else "")
+        console.print(f"[yellow]{len(report.lost)} offset range(s) were deleted by Kafka's retention before the "
+                      f"replay read them ({named}): not replayed; an archive `export` wrote may hold them[/]")
     if wait and not dry_run and report.written:
         from pipeline.jobs.replay import wait_for_replayed
 

@@ -71,7 +71,7 @@ from ocpi.canonical import to_builtins
 from ocpi.compat import RECHECK
 from ocpi.decode import OcpiJsonError, OcpiValidationError, decode
 from pipeline.jobs.common import MODULES, JobError, JobProgress, NoProgress, running_alone
-from pipeline.jobs.kafka_io import PartitionRange, log_starts, offset_bounds, partitions_of, read_ranges
+from pipeline.jobs.kafka_io import PartitionRange, deleted_below, offset_bounds, partitions_of, read_ranges
 
 log = logging.getLogger(__name__)
 
@@ -329,13 +329,12 @@ async def _export_range(bootstrap: str, root: Path, module: str, rng: PartitionR
 
 async def _deleted_meanwhile(bootstrap: str, rng: PartitionRange, start: int, stop: int,
                              result: ExportResult) -> None:
-    """Offsets [start, stop) of `rng` the reading went past without a record. Those now below the partition's log
-    start were deleted by retention after the export planned (the consumer goes on from the oldest record still
-    held): lost to the archive for good, a rerun goes on after them, so named as lost like the ones deleted before
-    it started. The others held none (transaction markers)."""
-    begin = (await log_starts(bootstrap, [rng.tp]))[rng.tp]
-    if begin > start:
-        result.lost.append(f"{rng.topic}/{rng.partition} offsets {start}-{min(begin, stop) - 1}")
+    """Offsets [start, stop) of `rng` the reading went past without a record, deleted by retention after the
+    export planned: lost to the archive for good, a rerun goes on after them, so named as lost like the ones
+    deleted before it started."""
+    lost = await deleted_below(bootstrap, rng, start, stop)
+    if lost:
+        result.lost.append(lost)
 
 
 

@@ -114,6 +114,16 @@ async def log_starts(bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPar
         await stop_client(consumer)
 
 
+async def deleted_below(bootstrap: str, rng: PartitionRange, start: int, stop: int) -> str | None:
+    """Offsets [start, stop) of `rng` a reading went past without a record: those now below the partition's log
+    start were deleted by retention after the job planned (the consumer goes on from the oldest record still
+    held), named as "<topic>/<partition> offsets a-b"; None when none were (transaction markers)."""
+    begin = (await log_starts(bootstrap, [rng.tp]))[rng.tp]
+    if begin > start:
+        return f"{rng.topic}/{rng.partition} offsets {start}-{min(begin, stop) - 1}"
+    return None
+
+
 async def offset_bounds(kafka: KafkaSettings, bootstrap: str, tps: list[TopicPartition], *,
                         exact: bool = False) -> dict[TopicPartition, tuple[int, int]]:
     """(first offset still held, end offset) of each partition; the end through the Tansu-safe helper.

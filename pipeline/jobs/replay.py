@@ -67,6 +67,7 @@ from pipeline.jobs.common import (
 from pipeline.jobs.kafka_io import (
     JobProducer,
     PartitionRange,
+    deleted_below,
     offset_bounds,
     offsets_at,
     partitions_of,
@@ -153,6 +154,8 @@ class ReplayReport:
     written: dict[TopicPartition, int] = field(default_factory=dict)
     # Partitions whose start the selection reaches before, which retention deleted ("<topic>/<p> (from offset N)").
     truncated: list[str] = field(default_factory=list)
+    # Offset ranges retention deleted after the job planned, before it read them ("<topic>/<p> offsets a-b").
+    lost: list[str] = field(default_factory=list)
 
 
 class _Run:
@@ -424,9 +427,12 @@ async def _replay_kafka(settings: Settings, bootstrap: str, selection: Selection
         return await _dry_run_kafka(bootstrap, todo, run, progress)
     checkpoint.save(state)
     progress.start(f"replay {name}", sum(r.span for r in todo))
+    expected = {r.tp: r.start for r in todo}  # the next offset: one skipped may have been deleted meanwhile
     async with JobProducer(settings.kafka, bootstrap) as producer, \
             contextlib.aclosing(read_ranges(bootstrap, todo, batch=batch, stall_is_error=True)) as batches:
         async for rng, records in batches:
+            await _skipped(bootstrap, rng, expected, records[0].offset, report)
+            expected[rng.tp] = records[-1].offset + 1
             prepared_batch = []
             for record in records:
                 event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
@@ -449,6 +455,8 @@ async def _replay_kafka(settings: Settings, bootstrap: str, selection: Selection
             progress.advance(len(records))
             if on_batch is not None:
                 on_batch(report)
+    for rng in todo:
+        await _skipped(bootstrap, rng, expected, rng.stop, report)
     for r in ranges:
         r["next"] = r["stop"]
     state["status"] = "done"
@@ -465,17 +473,35 @@ async def _dry_run_kafka(bootstrap: str, todo: list[PartitionRange], run: _Run,
     matching: dict[tuple[str, int], int] = {}
     progress.start("counting", sum(r.span for r in todo))
     reading = read_ranges(bootstrap, todo, batch=BATCH, stall_is_error=True)
+    expected = {r.tp: r.start for r in todo}
     async with contextlib.aclosing(reading) as batches:
         async for rng, records in batches:
+            await _skipped(bootstrap, rng, expected, records[0].offset, report)
+            expected[rng.tp] = records[-1].offset + 1
             for record in records:
                 event = _decode(record.value, report, f"{rng.topic}/{rng.partition}@{record.offset}")
                 module = run.module_of(rng.topic)
                 if event is not None and run.prepare(event, module) is not None:
                     matching[(rng.topic, rng.partition)] = matching.get((rng.topic, rng.partition), 0) + 1
             progress.advance(len(records))
+    for rng in todo:
+        await _skipped(bootstrap, rng, expected, rng.stop, report)
     for line in report.lines:
         line.matching = matching.get(line.partition, 0) if line.partition else 0
     return report
+
+
+async def _skipped(bootstrap: str, rng: PartitionRange, expected: dict[TopicPartition, int], upto: int,
+                   report: ReplayReport) -> None:
+    """Offsets from the next one expected in `rng`'s partition up to `upto` that the reading went past without a
+    record: those retention deleted meanwhile (a long job, one resumed days later) are named in the report, not
+    passed over as if replayed."""
+    if upto > expected[rng.tp]:
+        lost = await deleted_below(bootstrap, rng, expected[rng.tp], upto)
+        if lost:
+            report.lost.append(lost)
+            log.warning("%s was deleted by Kafka's retention before the replay read it: not replayed", lost)
+        expected[rng.tp] = upto
 
 
 # --- from archive files --------------------------------------------------------------------------------------
@@ -655,6 +681,7 @@ def _written_json(report: ReplayReport) -> list[list[Any]]:
 def _save_stats(state: dict[str, Any], report: ReplayReport) -> None:
     state["stats"] = {"sent": report.sent, "filtered": report.filtered, "duplicates": report.duplicates,
                       "undecodable": report.undecodable}
+    state["lost"] = list(report.lost)
     state["written"] = _written_json(report)
     state["updated_at"] = iso(_now())
 
@@ -666,4 +693,5 @@ def _restore(report: ReplayReport, state: dict[str, Any]) -> None:
     report.filtered = int(stats.get("filtered", 0))
     report.duplicates = int(stats.get("duplicates", 0))
     report.undecodable = int(stats.get("undecodable", 0))
+    report.lost = list(state.get("lost", []))
     report.written = {TopicPartition(t, p): int(o) for t, p, o in state.get("written", [])}
