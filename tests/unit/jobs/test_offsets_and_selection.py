@@ -177,11 +177,11 @@ async def test_a_replay_reaching_before_what_retention_left_says_so(
     cdrs = settings.kafka.topic_cdrs
 
     async def partitions_of(_bootstrap: str, *topics: str) -> list[TopicPartition]:
-        return [TopicPartition(topic, p) for topic in topics for p in range(2)]
+        return [TopicPartition(topic, p) for topic in topics for p in range(3)]
 
     async def offset_bounds(_kafka: Any, _bootstrap: str, tps: list[TopicPartition],
                             **_kw: Any) -> dict[TopicPartition, tuple[int, int]]:
-        return {tp: (1200 if tp.partition == 0 else 0, 5000) for tp in tps}
+        return {tp: [(1200, 5000), (0, 5000), (300, 300)][tp.partition] for tp in tps}  # 2: every record deleted
 
     async def offsets_at(_kafka: Any, _bootstrap: str, _moment: datetime,
                          bounds: dict[TopicPartition, tuple[int, int]]) -> dict[TopicPartition, int]:
@@ -200,7 +200,7 @@ async def test_a_replay_reaching_before_what_retention_left_says_so(
     for selection in (Selection(modules=("cdrs",)), Selection(modules=("cdrs",), from_offset=0),
                       Selection(modules=("cdrs",), since=since)):
         report = await pipeline.jobs.replay.replay_kafka(settings, "127.0.0.1:1", selection, dry_run=True)
-        assert report.truncated == [f"{cdrs}/0 (from offset 1200)"], selection
+        assert report.truncated == [f"{cdrs}/0 (from offset 1200)", f"{cdrs}/2 (from offset 300)"], selection
     for selection in (Selection(modules=("cdrs",), from_offset=1500), Selection(modules=("cdrs",), partition=1)):
         report = await pipeline.jobs.replay.replay_kafka(settings, "127.0.0.1:1", selection, dry_run=True)
         assert report.truncated == [], selection
