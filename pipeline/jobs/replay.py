@@ -306,9 +306,9 @@ async def plan_kafka(settings: Settings, bootstrap: str, selection: Selection, *
         if selection.since is not None:  # a record's timestamp is never before its received_at
             at = await offsets_at(settings.kafka, bootstrap, selection.since, bounds)
             starts = {tp: max(starts[tp], at[tp]) for tp in bounds}
-        if truncated is not None:  # the start held, and the selection takes the first record held: maybe more
-            truncated.extend(f"{tp.topic}/{tp.partition} (from offset {b})" for tp, (b, e) in bounds.items()
-                             if 0 < b < e and starts[tp] == b and (selection.from_offset or 0) < b)
+        if truncated is not None:  # the selection starts at the oldest record held (or none is): maybe earlier
+            truncated.extend(f"{tp.topic}/{tp.partition} (from offset {b})" for tp, (b, _e) in bounds.items()
+                             if b > 0 and starts[tp] == b and (selection.from_offset or 0) < b)
         # No stop from `until`: a replayed copy's timestamp is when it was replayed, any time after its
         # received_at (history restored from an archive is in the topics only so); the filter decides.
         for tp in tps:
