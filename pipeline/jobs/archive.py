@@ -112,7 +112,7 @@ def current_schema() -> tuple[int, dict[str, Any]]:
 def container_codec() -> str:
     """The Avro container codec archives are written with: zstandard where fastavro reads and writes it, else
     deflate (always there). Only codecs this version's own dependencies provide: fastavro takes zstandard from
-    `backports.zstd` (which clickhouse-connect requires) or Python 3.14's `compression.zstd`. Snappy needs
+    `backports.zstd` (a dependency of ours, before Python 3.14) or 3.14's `compression.zstd`. Snappy needs
     `cramjam`, which is none of them: taken wherever it happened to be installed, it made archives that the
     same version installed elsewhere could not read."""
     buffer = io.BytesIO()
