@@ -104,23 +104,18 @@ def _group_app(generation: int) -> Any:
         _consumer=SimpleNamespace(_coordinator=coordinator))))
 
 
-@pytest.mark.parametrize("now", [7, -1, 8])
-async def test_a_batch_the_group_moved_on_from_writes_no_state_and_is_not_acked(monkeypatch: pytest.MonkeyPatch,
-                                                                                 now: int) -> None:
-    """A batch fetched in generation 7: if the consumer group is still there when its state is to be written, the
-    state is written; put out of the group (-1) or past a rebalance (8), its partitions may be another worker's:
-    the process ends (EXIT_UNWRITTEN_BATCH) after the idempotent rows and facts, before the state, so that the
-    batch is read again by the partitions' owner and no older state lands after the owner's."""
+def _recording_cdr_agent(monkeypatch: pytest.MonkeyPatch, app: Any, store: DictStore,
+                         ) -> tuple[ModuleAgent[CdrState], list[str], list[int]]:
+    """A CDR ModuleAgent on `app` and `store` that records the steps of a batch it takes (rows, facts, state) and
+    the exit codes it would end the process with (`_Exited` raised instead)."""
     import pipeline.agents as agents
 
     exits: list[int] = []
+    steps: list[str] = []
 
     def exit_(code: int) -> None:
         exits.append(code)
         raise _Exited
-
-    monkeypatch.setattr(agents.os, "_exit", exit_)
-    steps: list[str] = []
 
     async def write(_batch: Any) -> None:
         steps.append("rows")
@@ -131,12 +126,25 @@ async def test_a_batch_the_group_moved_on_from_writes_no_state_and_is_not_acked(
     async def write_batch(*_args: Any) -> None:
         steps.append("state")
 
-    context = SimpleNamespace(app=_group_app(now), pseudonym=Pseudonymizer(b"k" * 32),
+    monkeypatch.setattr(agents.os, "_exit", exit_)
+    context = SimpleNamespace(app=app, pseudonym=Pseudonymizer(b"k" * 32),
                               sink=SimpleNamespace(write=write), publish=publish, stage_rules=stage_rules(),
                               progress=SimpleNamespace(outcomes=Counter(), replayed=0),
                               settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
-    table = SimpleNamespace(reader=lambda _anchor: DictStore().data.get, write_batch=write_batch, lock=asyncio.Lock())
-    agent = ModuleAgent(context, table, Codec(CdrState), process_cdrs, "CDRS")  # type: ignore[arg-type]
+    table = SimpleNamespace(reader=lambda _anchor: store.data.get, write_batch=write_batch, lock=asyncio.Lock())
+    return ModuleAgent(context, table, Codec(CdrState), process_cdrs, "CDRS"), steps, exits  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("now", [7, -1, 8])
+async def test_a_batch_the_group_moved_on_from_writes_no_state_and_is_not_acked(monkeypatch: pytest.MonkeyPatch,
+                                                                                 now: int) -> None:
+    """A batch fetched in generation 7: if the consumer group is still there when its state is to be written, the
+    state is written; put out of the group (-1) or past a rebalance (8), its partitions may be another worker's:
+    the process ends (EXIT_UNWRITTEN_BATCH) after the idempotent rows and facts, before the state, so that the
+    batch is read again by the partitions' owner and no older state lands after the owner's."""
+    import pipeline.agents as agents
+
+    agent, steps, exits = _recording_cdr_agent(monkeypatch, _group_app(now), DictStore())
     message = SimpleNamespace(topic="cdrs", partition=0, offset=0, key=b"C1", value=event_bytes("CDR", cdr("C1")),
                               generation_id=7)  # Faust tags what it fetched with the generation
     if now == 7:
@@ -160,24 +168,6 @@ async def test_a_record_below_its_states_offset_in_a_partition_that_ends_before_
 
     import pipeline.agents as agents
 
-    exits: list[int] = []
-
-    def exit_(code: int) -> None:
-        exits.append(code)
-        raise _Exited
-
-    monkeypatch.setattr(agents.os, "_exit", exit_)
-    steps: list[str] = []
-
-    async def write(_batch: Any) -> None:
-        steps.append("rows")
-
-    async def publish(_topic: str, _records: Any) -> None:
-        steps.append("facts")
-
-    async def write_batch(*_args: Any) -> None:
-        steps.append("state")
-
     store = DictStore()
     codec = Codec(CdrState)
     folded = decode_event(event_bytes("CDR", cdr("C1")))
@@ -185,12 +175,7 @@ async def test_a_record_below_its_states_offset_in_a_partition_that_ends_before_
                                                     offset=50, received_at=folded.received_at))
     ends = {TP("cdrs", 0): highwater}
     app = SimpleNamespace(consumer=SimpleNamespace(highwater=ends.get, topic_partitions=lambda _topic: None))
-    context = SimpleNamespace(app=app, pseudonym=Pseudonymizer(b"k" * 32),
-                              sink=SimpleNamespace(write=write), publish=publish, stage_rules=stage_rules(),
-                              progress=SimpleNamespace(outcomes=Counter(), replayed=0),
-                              settings=SimpleNamespace(pipeline=SimpleNamespace(topic_party_facts="facts")))
-    table = SimpleNamespace(reader=lambda _anchor: store.data.get, write_batch=write_batch, lock=asyncio.Lock())
-    agent = ModuleAgent(context, table, codec, process_cdrs, "CDRS")  # type: ignore[arg-type]
+    agent, steps, exits = _recording_cdr_agent(monkeypatch, app, store)
     message = RawMessage("cdrs", 0, 1, b"NL/TNM/C2", event_bytes("CDR", cdr("C2")))
     again = RawMessage("cdrs", 0, 2, b"NL/TNM/C1", event_bytes("CDR", cdr("C1", kwh="11")))
     if highwater > 50:  # read again after a crash: skipped, the batch goes on

@@ -82,6 +82,17 @@ def state_table(path: Path, *, whole_batches: bool = True) -> StateTable:
     return StateTable(table, whole_batches=whole_batches)  # type: ignore[arg-type]
 
 
+def written_to(context: Context) -> list[Any]:
+    """The batches the agent hands `context`'s sink from now on (which writes nothing)."""
+    written: list[Any] = []
+
+    async def write(batch: Any) -> None:
+        written.append(batch)
+
+    context.sink = SimpleNamespace(write=write)
+    return written
+
+
 def message(offset: int, facts: list[Any]) -> Any:  # a RawMessage, as the agents read it
     return RawMessage(topic="facts", partition=0, offset=offset, key=b"NL/TNM", value=encode_facts(facts))
 
@@ -257,12 +268,7 @@ async def test_a_party_facts_record_without_a_party_key_is_a_dead_letter(tmp_pat
     # Facts are keyed `CC/PID`; a record keyed otherwise (none at all: a tool or a foreign producer on the topic)
     # made stage 2 raise on every restart, and the worker exited before the batch was committed, for ever.
     context = Context()
-    written: list[Any] = []
-
-    async def write(batch: Any) -> None:
-        written.append(batch)
-
-    context.sink = SimpleNamespace(write=write)
+    written = written_to(context)
     agent = PartyAgent(context, state_table(tmp_path / "db"))  # type: ignore[arg-type]
     facts = encode_facts([s_fact(completed(), received=61, final=61)])
     await agent.handle([RawMessage("facts", 0, 0, key, facts), message(1, [c_fact(cdr("C1"), received=62)])])
@@ -276,12 +282,7 @@ async def test_a_party_facts_record_nested_deeper_than_the_parser_goes_is_a_dead
     # worker exited before the commit on every restart, every partition with it, for one record of a foreign
     # producer on the topic.
     context = Context()
-    written: list[Any] = []
-
-    async def write(batch: Any) -> None:
-        written.append(batch)
-
-    context.sink = SimpleNamespace(write=write)
+    written = written_to(context)
     agent = PartyAgent(context, state_table(tmp_path / "db"))  # type: ignore[arg-type]
     await agent.handle([RawMessage("facts", 0, 0, b"NL/TNM", b'{"x":' * 100_000),
                         message(1, [c_fact(cdr("C1"), received=62)])])
@@ -295,12 +296,7 @@ async def test_a_party_facts_record_in_another_partition_than_its_keys_is_a_dead
     # puts them elsewhere, where stage 2 kept a second state of the party: its CDRs reconciled without its sessions.
     context = Context()
     context.app.consumer.topic_partitions = lambda topic: 4 if topic == "facts" else None  # NL/TNM: partition 0
-    written: list[Any] = []
-
-    async def write(batch: Any) -> None:
-        written.append(batch)
-
-    context.sink = SimpleNamespace(write=write)
+    written = written_to(context)
     agent = PartyAgent(context, state_table(tmp_path / "db"))  # type: ignore[arg-type]
     misplaced = encode_facts([c_fact(cdr("C2"), received=61)])
     await agent.handle([RawMessage("facts", 3, 5, b"NL/TNM", misplaced), message(1, [c_fact(cdr("C1"), received=62)])])
@@ -326,12 +322,7 @@ async def test_a_party_facts_record_the_reconciliation_rules_fail_on_is_a_dead_l
 
     monkeypatch.setattr(agents, "process_party", failing_on_c2)
     context = Context()
-    written: list[Any] = []
-
-    async def write(batch: Any) -> None:
-        written.append(batch)
-
-    context.sink = SimpleNamespace(write=write)
+    written = written_to(context)
     agent = PartyAgent(context, state_table(tmp_path / "db"))  # type: ignore[arg-type]
     await agent.handle([message(0, [c_fact(cdr("C1"), received=61)]), message(1, [c_fact(cdr("C2"), received=62)]),
                         message(2, [c_fact(cdr("C3"), received=63)])])
