@@ -447,7 +447,8 @@ async def run_pipeline(settings: Settings, args: argparse.Namespace, broker: int
         raw_generated = await raw_consume(stack.bootstrap, list(topics.values()), total, codec_decode)
         print(f"raw aiokafka consume + our codec's decode: {raw_generated:,.0f} events/s; ratio pipeline/that: "
               f"{stage1 / raw_generated:.0%} (stage 1), {full / raw_generated:.0%} (with reconciliation)", flush=True)
-        floor = stage1_floor(traffic, args.batch, StageRules.from_settings(settings.pipeline))
+        floor = stage1_floor(traffic, args.batch, StageRules.from_settings(
+            settings.pipeline, send_timeout_s=settings.kafka.send_timeout_s))
         budget = 1e6 / (raw_mean / 2)  # µs per event at 50 % of the raw rate
         print(f"stage-1 floor in this process (no Kafka, Faust or ClickHouse): decode {floor['decode']:.0f} + rules "
               f"{floor['rules']:.0f} + rows {floor['rows']:.0f} = {sum(floor.values()):.0f} µs per event; 50 % of "
