@@ -134,15 +134,20 @@ class StateReader:
 
     async def _read_in_turn(self, table: str, key: ObjectKey) -> msgspec.Raw | None:
         await self._get_reads.acquire()
-        reading = asyncio.ensure_future(self._read(table, key))
-        reading.add_done_callback(self._get_read_done)
-        # Shielded: a read given up on keeps its thread until the client's own timeout, and its turn with it.
-        return await asyncio.shield(reading)
+        return await self._held_read(table, key, self._get_reads.release)
 
-    def _get_read_done(self, reading: asyncio.Future[msgspec.Raw | None]) -> None:
-        self._get_reads.release()
-        if not reading.cancelled():
-            reading.exception()  # retrieved: a read given up on may still fail, and nobody awaits it any more
+    def _held_read(self, table: str, key: ObjectKey, ended: Callable[[], None]) -> asyncio.Future[msgspec.Raw | None]:
+        """The read of `key`, started now and shielded: a read given up on keeps its thread until the client's own
+        timeout, and the slot it holds with it; `ended` gives the slot back when the thread ends."""
+        reading = asyncio.ensure_future(self._read(table, key))
+
+        def done(read: asyncio.Future[msgspec.Raw | None]) -> None:
+            ended()
+            if not read.cancelled():
+                read.exception()  # retrieved: a read given up on may still fail, and nobody awaits it any more
+
+        reading.add_done_callback(done)
+        return asyncio.shield(reading)
 
     async def location(self, key: ObjectKey) -> msgspec.Raw | None:
         return await self._get("locations", key)
@@ -159,18 +164,13 @@ class StateReader:
         if self._push_reads >= PUSH_READS:
             return None
         self._push_reads += 1
-        reading = asyncio.ensure_future(self._read("cdrs", key))
-        reading.add_done_callback(self._push_read_done)
         try:
-            # Shielded: a read given up on keeps its thread until the client's own timeout, and its slot with it.
-            return await asyncio.wait_for(asyncio.shield(reading), PUSH_READ_TIMEOUT_S)
+            return await asyncio.wait_for(self._held_read("cdrs", key, self._push_read_ended), PUSH_READ_TIMEOUT_S)
         except (TimeoutError, ServerError):
             return None
 
-    def _push_read_done(self, reading: asyncio.Future[msgspec.Raw | None]) -> None:
+    def _push_read_ended(self) -> None:
         self._push_reads -= 1
-        if not reading.cancelled():
-            reading.exception()  # retrieved: a read given up on may still fail, and nobody awaits it any more
 
     def close(self) -> None:
         client, self._client = self._client, None
