@@ -192,11 +192,13 @@ def overdue_credits(client: Client, now: datetime, batch: Batch) -> int:
     return len(rows)
 
 
-def collect(client: Client, now: datetime, rules: StageRules, margin: timedelta, *,
+def collect(client: Client, now: datetime, rules: StageRules, *,
             anomalies_kept: timedelta) -> tuple[Batch, list[list[Any]]]:
-    """Everything due at `now`: the rows to write and the reconciliation rows to publish. `anomalies_kept`: the
-    anomalies' retention (OCPI_RETENTION_HISTORY_DAYS; their TTL counts from `observed_at`)."""
+    """Everything due at `now`: the rows to write and the reconciliation rows to publish. A deadline is due once
+    `rules.arrival_margin` past it: an event stamped just before it reaches Kafka within the send timeout.
+    `anomalies_kept`: the anomalies' retention (OCPI_RETENTION_HISTORY_DAYS; their TTL counts from `observed_at`)."""
     batch = Batch()
+    margin = rules.arrival_margin
     orphan_rows(client, now - rules.park_ttl - margin, rules, batch)
     idle_rows(client, now - rules.session_idle - margin, rules, batch,
               since=now - anomalies_kept - rules.session_idle)
@@ -210,8 +212,6 @@ class Sweeper:
         self.context = context
         self.backlog = backlog
         settings = context.settings
-        # An event stamped just before a deadline reaches Kafka within the send timeout.
-        self.margin = timedelta(seconds=settings.kafka.send_timeout_s)
         self.anomalies_kept = timedelta(days=settings.retention.history_days)
         self.ttls_applied = False
         self.last_retention: datetime | None = None
@@ -241,7 +241,7 @@ class Sweeper:
         if not await self.backlog.caught_up(assigned, ctx.progress.done):
             return False
         batch, promoted = await asyncio.to_thread(ctx.sink.run_sync,
-                                                  lambda c: collect(c, now, ctx.stage_rules, self.margin,
+                                                  lambda c: collect(c, now, ctx.stage_rules,
                                                                     anomalies_kept=self.anomalies_kept))
         from pipeline.agents import reconciliation_records
 

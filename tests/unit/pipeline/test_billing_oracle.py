@@ -374,8 +374,7 @@ class Pipeline:
 
     def sweep(self, client: Client) -> None:
         """The deadline sweep (run when no partition has a backlog): overdue credits and reconciliation rows."""
-        batch, _promoted = sweeps.collect(client, utc_now(), STAGE_RULES, timedelta(0),
-                                          anomalies_kept=timedelta(days=365))
+        batch, _promoted = sweeps.collect(client, utc_now(), STAGE_RULES, anomalies_kept=timedelta(days=365))
         self.write(batch)
 
     def stage2(self, messages: list[RawMessage], *, crash: bool) -> None:

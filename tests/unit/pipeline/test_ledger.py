@@ -8,6 +8,7 @@ order, and the deadline sweep (`sweeps.collect`) ends the waits that passed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import timedelta
 from decimal import Decimal
@@ -30,6 +31,7 @@ from pipeline.state import CdrState, Codec, LocationState, SessionState
 from .builders import PSEUDONYM_KEY, DictStore, cdr, connector, event, evse, iso, location, session, stage_rules, ts
 
 RULES = stage_rules(park_ttl_min=5, park_max=2)
+SWEEP_RULES = dataclasses.replace(RULES, arrival_margin=timedelta(seconds=1))  # the sweep waits 1 s past a deadline
 
 
 class Module:
@@ -128,12 +130,12 @@ def test_every_acknowledged_push_ends_with_one_row_and_the_outcome_of_its_catego
     )
     locations.batch(batch)
 
-    batch_rows, _promoted = sweeps.collect(client, ts(10), RULES, timedelta(seconds=1),
+    batch_rows, _promoted = sweeps.collect(client, ts(10), SWEEP_RULES,
                                            anomalies_kept=timedelta(days=90))
     for table, rows in batch_rows.tables().items():
         insert_rows(client, table, batch_rows.columns[table], rows)
     # S4's later PATCH is received after that sweep and waits in vain too: a later sweep
-    batch_rows, _promoted = sweeps.collect(client, utc_now(), RULES, timedelta(seconds=1),
+    batch_rows, _promoted = sweeps.collect(client, utc_now(), SWEEP_RULES,
                                            anomalies_kept=timedelta(days=90))
     for table, rows in batch_rows.tables().items():
         insert_rows(client, table, batch_rows.columns[table], rows)

@@ -3,6 +3,7 @@ read back exactly; the billing view nets credits; the deadline sweep; retention 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -32,6 +33,11 @@ from .builders import Harness, cdr, event, evse, iso, location, session, stage_r
 pytestmark = pytest.mark.clickhouse
 
 KEPT = timedelta(days=365)  # the anomalies' retention (OCPI_RETENTION_HISTORY_DAYS)
+
+
+def with_margin(rules: StageRules, margin: timedelta) -> StageRules:
+    """`rules` whose deadlines are due `margin` past them (the send timeout the sweep waits)."""
+    return dataclasses.replace(rules, arrival_margin=margin)
 
 
 def write(client: Client, batch: Batch) -> None:
@@ -129,8 +135,6 @@ def test_cdrs_of_another_emsps_token_are_stored_but_billed_by_no_reader(client: 
     """OCPI_TOKEN_PARTIES names the eMSP parties whose tokens we bill: a CDR of another's token (and its credit, which
     carries the same token) keeps its row and billing line, flagged, and neither the views nor the revenue report nor
     the billing dashboard bill it."""
-    import dataclasses
-
     from pipeline import reports
     from tests.unit.test_dashboards import ROOT, panel_queries, render_panel_sql
 
@@ -488,7 +492,7 @@ def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> Non
     recon.add("credit_links", CREDIT_LINK_COLUMNS, list(link.values()))
     write(client, recon)
 
-    batch, promoted = sweeps.collect(client, ts(70), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    batch, promoted = sweeps.collect(client, ts(70), with_margin(rules, timedelta(seconds=10)), anomalies_kept=KEPT)
     write(client, batch)
     assert client.query("SELECT event_id, outcome FROM raw_events FINAL WHERE outcome IN ('PARKED', 'ORPHANED')"
                         ).result_rows == [(parked.event_id, "ORPHANED")]
@@ -506,7 +510,8 @@ def test_the_sweep_promotes_what_is_overdue_and_only_that(client: Client) -> Non
                                           ("S5", "MISSING_CDR", 5)]
     # version + 1: the promoted row replaces the AWAITING one, and the next real change replaces it
     assert client.query("SELECT status, version FROM credit_links FINAL").result_rows == [("UNKNOWN_REFERENCE", 3)]
-    again, promoted_again = sweeps.collect(client, ts(70), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    again, promoted_again = sweeps.collect(client, ts(70), with_margin(rules, timedelta(seconds=10)),
+                                           anomalies_kept=KEPT)
     assert promoted_again == [] and again.tables().get("anomalies", []) == []  # nothing new is due
 
 
@@ -522,7 +527,7 @@ def test_an_open_session_idle_beyond_the_anomalies_retention_does_not_hold_the_i
     monkeypatch.setattr(sweeps, "_LIMIT", 1)
     flagged = []
     for _ in range(3):
-        batch, _ = sweeps.collect(client, ts(24 * 60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+        batch, _ = sweeps.collect(client, ts(24 * 60), with_margin(rules, timedelta(seconds=10)), anomalies_kept=KEPT)
         flagged += [row[4] for row in batch.tables().get("anomalies", [])]
         write(client, batch)
     assert flagged == ["B2"]
@@ -538,7 +543,7 @@ def test_the_idle_sweep_counts_from_the_last_applied_push_not_a_duplicate(client
     again = event("Session", session("S4", status="ACTIVE", kwh="5", updated=50), received=50)
     out = sessions.run(first, again)
     write(client, out.batch)
-    batch, _ = sweeps.collect(client, ts(70), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    batch, _ = sweeps.collect(client, ts(70), with_margin(rules, timedelta(seconds=10)), anomalies_kept=KEPT)
     assert [(row[0], row[4], row[6], row[9]) for row in batch.tables()["anomalies"]] == [
         ("SESSION_IDLE", "S4", first.event_id, ts(60))]
 
@@ -559,7 +564,7 @@ def test_the_sweep_writes_the_anomaly_rows_the_event_time_rules_write_for_the_sa
     assert sorted(client.query("SELECT outcome FROM raw_events FINAL").result_rows) == [
         ("APPLIED",), ("PARKED",), ("PARKED",)]
 
-    swept, _ = sweeps.collect(client, ts(24 * 60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    swept, _ = sweeps.collect(client, ts(24 * 60), with_margin(rules, timedelta(seconds=10)), anomalies_kept=KEPT)
     # The event-time rules, on later events of the same objects.
     later = sessions.run(event("Session", session("s-low", status="ACTIVE", updated=120), received=120, cc="nl",
                                pid="tnm"),
@@ -600,9 +605,11 @@ def test_the_sweep_leaves_a_deadline_until_the_margin_past_it_is_over(client: Cl
                                                   Decimal("-1"), None, None, ts(0), ts(60), 2])
     write(client, due)
     margin = timedelta(seconds=10)
-    early, promoted = sweeps.collect(client, ts(60) + timedelta(seconds=5), rules, margin, anomalies_kept=KEPT)
+    early, promoted = sweeps.collect(client, ts(60) + timedelta(seconds=5), with_margin(rules, margin),
+                                     anomalies_kept=KEPT)
     assert len(early) == 0 and promoted == []
-    late, promoted = sweeps.collect(client, ts(60) + timedelta(seconds=11), rules, margin, anomalies_kept=KEPT)
+    late, promoted = sweeps.collect(client, ts(60) + timedelta(seconds=11), with_margin(rules, margin),
+                                    anomalies_kept=KEPT)
     tables = late.tables()
     assert sorted(row[0] for row in tables["anomalies"]) == ["CREDIT_UNKNOWN_REFERENCE", "ORPHAN_EVENT",
                                                              "SESSION_IDLE"]
@@ -1494,7 +1501,7 @@ def test_a_credit_whose_original_comes_after_the_grace_is_flagged_whether_or_not
         return party_batch(out, [])
 
     write(client, run(fact(cdr("C1-C", cost="-2.50", credit=True, credit_reference="C1"), 0)))
-    swept, _ = sweeps.collect(client, ts(20), stage_rules(), timedelta(seconds=10), anomalies_kept=KEPT)
+    swept, _ = sweeps.collect(client, ts(20), with_margin(stage_rules(), timedelta(seconds=10)), anomalies_kept=KEPT)
     late = run(fact(cdr("C1", cost="2.50"), 15))  # 15 min: past the 10 min grace
     assert [row[0] for row in swept.tables()["anomalies"]] == ["CREDIT_UNKNOWN_REFERENCE"]
     assert late.tables().get("anomalies", []) == swept.tables()["anomalies"]
@@ -1535,7 +1542,8 @@ def test_a_session_the_sweep_made_missing_cdr_stays_so_when_it_changes_after_its
         return client.query("SELECT outcome, due_at, session_cost_excl_vat FROM reconciliation FINAL").result_rows
 
     run(completed("2.50", 1, 61))
-    swept, promoted = sweeps.collect(client, ts(100), stage_rules(), timedelta(seconds=10), anomalies_kept=KEPT)
+    swept, promoted = sweeps.collect(client, ts(100), with_margin(stage_rules(), timedelta(seconds=10)),
+                                      anomalies_kept=KEPT)
     write(client, swept)
     assert [row[6] for row in promoted] == ["MISSING_CDR"]
     assert current() == [("MISSING_CDR", ts(91), Decimal("2.5000"))]
@@ -1583,7 +1591,7 @@ def test_a_replayed_patch_whose_put_named_its_session_in_another_case_is_not_orp
     assert client.query(f"SELECT outcome, source FROM raw_events FINAL WHERE event_id = '{patch.event_id}'"
                         ).result_rows == [("PARKED", "REPLAY")]
 
-    swept, _ = sweeps.collect(client, ts(24 * 60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    swept, _ = sweeps.collect(client, ts(24 * 60), with_margin(rules, timedelta(seconds=10)), anomalies_kept=KEPT)
     assert swept.tables().get("raw_events", []) == []
     assert [row for row in swept.tables().get("anomalies", []) if row[0] == "ORPHAN_EVENT"] == []
 
@@ -1603,7 +1611,7 @@ def test_a_replayed_parked_event_is_orphaned_once_only_unapplied_events_of_its_o
     write(client, Harness(process_locations, LocationState, rules).run(put, patch, again).batch)
     assert sorted(client.query("SELECT event_id, outcome FROM raw_events FINAL").result_rows) == sorted([
         (put.event_id, "APPLIED"), (patch.event_id, "PARKED"), (again.event_id, "DUPLICATE")])
-    swept, _ = sweeps.collect(client, ts(60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    swept, _ = sweeps.collect(client, ts(60), with_margin(rules, timedelta(seconds=10)), anomalies_kept=KEPT)
     write(client, swept)
     assert client.query(f"SELECT outcome FROM raw_events FINAL WHERE event_id = '{patch.event_id}'"
                         ).result_rows == [("ORPHANED",)]
@@ -1615,7 +1623,7 @@ def test_a_replayed_parked_event_is_orphaned_once_only_unapplied_events_of_its_o
         (put.event_id, "APPLIED", "REPLAY"), (patch.event_id, "PARKED", "REPLAY"),
         (again.event_id, "DUPLICATE", "PUSH")])
 
-    swept, _ = sweeps.collect(client, ts(120), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    swept, _ = sweeps.collect(client, ts(120), with_margin(rules, timedelta(seconds=10)), anomalies_kept=KEPT)
     assert [(row[0], row[20]) for row in swept.tables().get("raw_events", [])] == [(patch.event_id, "ORPHANED")]
 
 
@@ -1639,7 +1647,7 @@ def test_the_orphan_sweep_runs_with_thousands_of_replayed_parked_events(client: 
         rows.append(row)
     insert_rows(client, "raw_events", RAW_EVENT_COLUMNS, rows)
 
-    swept, _ = sweeps.collect(client, ts(60), rules, timedelta(seconds=10), anomalies_kept=KEPT)
+    swept, _ = sweeps.collect(client, ts(60), with_margin(rules, timedelta(seconds=10)), anomalies_kept=KEPT)
     assert len(swept.tables()["raw_events"]) == 5000
 
 
