@@ -173,12 +173,12 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
         console.print(f"{verb} {total} events; left out by the selection {report.filtered}, "
                       f"repeated event ids {report.duplicates}, undecodable {report.undecodable}")
     if report.truncated:
-        named = ", ".join(report.truncated[:3]) + (" …" if len(report.truncated) > 3 else "")
+        named = _first_few(report.truncated)
         console.print(f"[yellow]Kafka no longer holds the start of {len(report.truncated)} partition(s) the "
                       f"selection reaches before ({named}): retention deleted those records, so they are not "
                       "replayed; an archive `export` wrote may hold them (replay --from-archive DIR)[/]")
     if report.lost:
-        named = ", ".join(report.lost[:3]) + (" …" if len(report.lost) > 3 else "")
+        named = _first_few(report.lost)
         console.print(f"[yellow]{len(report.lost)} offset range(s) were deleted by Kafka's retention before the "
                       f"replay read them ({named}): not replayed; an archive `export` wrote may hold them[/]")
     if wait and not dry_run and report.written:
@@ -187,6 +187,11 @@ def replay(modules: tuple[str, ...], partner: str | None, since: str | None, unt
         _run(wait_for_replayed(settings, bootstrap, report.written, timeout=timeout),
              "the events are in Kafka already", bootstrap)
         console.print("the pipeline has consumed them")
+
+
+def _first_few(names: list[str]) -> str:
+    """The first three of `names`, and an ellipsis when there are more."""
+    return ", ".join(names[:3]) + (" …" if len(names) > 3 else "")
 
 
 def _rebuild(settings: Settings, bootstrap: str, dry_run: bool, timeout: float, console: Console,
