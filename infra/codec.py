@@ -68,6 +68,7 @@ Schema evolution rules
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.resources
 import json
@@ -88,6 +89,7 @@ from fastavro.schema import SchemaParseException, to_parsing_canonical_form
 from fastavro.schema import fingerprint as _crc64_hex
 
 from infra.avro_reader import AvroReadError, Reader, compile_reader
+from infra.avro_writer import compile_writer
 
 __all__ = [
     "EVENT_SCHEMA",
@@ -280,7 +282,8 @@ def _event_builder(event: _Schema) -> Callable[..., DecodedEvent] | None:
 class AvroCodec:
     """Encoder/decoder over every revision of the schemas below one directory (``v<N>/<full name>.avsc``)."""
 
-    def __init__(self, schemas: list[_Schema], *, generated_reader: bool = True) -> None:
+    def __init__(self, schemas: list[_Schema], *, generated_reader: bool = True,
+                 generated_writer: bool = True) -> None:
         self._by_fingerprint: dict[bytes, _Schema] = {}
         self._current: dict[str, _Schema] = {}
         for schema in sorted(schemas, key=lambda s: (s.name, s.version)):
@@ -310,13 +313,19 @@ class AvroCodec:
         # alone, what the generator lacks); none without `generated_reader`, the reference that is fastavro alone.
         self._checkers: dict[bytes, Reader | None] = {}
         self._checked = generated_reader
+        # Per schema fingerprint, the writer `infra.avro_writer` built (None: fastavro alone), built on first use;
+        # none without `generated_writer`, the reference that is fastavro alone.
+        self._writers: dict[bytes, Callable[[bytes, Any], bytes] | None] = {}
+        self._generated_writer = generated_writer
 
     @classmethod
-    def from_directory(cls, root: Traversable, *, generated_reader: bool = True) -> AvroCodec:
+    def from_directory(cls, root: Traversable, *, generated_reader: bool = True,
+                       generated_writer: bool = True) -> AvroCodec:
         """Parse every ``v<N>/*.avsc`` below ``root`` (a path or an ``importlib.resources`` traversable).
-        ``generated_reader=False`` decodes every record with fastavro alone, unchecked (the reference the
-        generated one is tested against)."""
-        return cls(list(_load_schemas(root)), generated_reader=generated_reader)
+        ``generated_reader=False`` decodes every record with fastavro alone, unchecked, and
+        ``generated_writer=False`` encodes every record with fastavro alone (the references the generated ones are
+        tested against)."""
+        return cls(list(_load_schemas(root)), generated_reader=generated_reader, generated_writer=generated_writer)
 
     @staticmethod
     def _payload_union(event: _Schema) -> list[Any]:
@@ -355,8 +364,14 @@ class AvroCodec:
             hint = f" (more than {_SCALE} decimal places: {inexact})" if inexact else ""
             raise AvroCodecError(f"cannot encode {what}: {_describe(exc)}{hint}") from exc
 
-    @staticmethod
-    def _write(schema: _Schema, datum: Mapping[str, Any]) -> bytes:
+    def _write(self, schema: _Schema, datum: Mapping[str, Any]) -> bytes:
+        if schema.fingerprint not in self._writers:
+            self._writers[schema.fingerprint] = compile_writer(schema.parsed) if self._generated_writer else None
+        write = self._writers[schema.fingerprint]
+        if write is not None:
+            # `Unwritable`, or a value it cannot take: fastavro writes it, or refuses it, as it always did.
+            with contextlib.suppress(Exception):
+                return write(schema.header, datum)
         out = BytesIO()
         out.write(schema.header)
         # strict_allow_default: unknown keys and missing required fields fail instead of being dropped or
