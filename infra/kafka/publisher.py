@@ -182,7 +182,10 @@ class Publisher:
         deadline = (loop.time() if since is None else min(since, loop.time())) + self._timeout
         try:
             # A slot only within the send timeout: a record sent after it would be written after its 3000 answer.
-            await asyncio.wait_for(self._slots.acquire(), max(deadline - loop.time(), 0.001))
+            # (asyncio.timeout_at rather than wait_for, here and below: wait_for runs its awaitable as a task of
+            # its own, two tasks a push.)
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
         except TimeoutError:
             raise PublishError(f"Kafka did not acknowledge the record on {topic}: no send slot free "
                                "within the send timeout") from None
@@ -194,8 +197,8 @@ class Publisher:
             await self._require_topic(producer, topic, deadline)
             for attempt in range(1, _ATTEMPTS + 1):
                 try:
-                    await asyncio.wait_for(producer.send_and_wait(topic, value=value, key=key),
-                                           max(deadline - loop.time(), 0.001))
+                    async with asyncio.timeout_at(deadline):
+                        await producer.send_and_wait(topic, value=value, key=key)
                     return
                 except KafkaError as exc:
                     if isinstance(exc, _PRODUCER_BROKEN):
