@@ -2,8 +2,8 @@
 
 Why: fastavro's `schemaless_writer` interprets the schema per call and, for a value of a `["null", record]` union,
 validates the whole record before it writes it: about 60 µs for one Session event, a fifth of the receivers' CPU
-per push. The writer built here does the schema's work once, checks each value's type as it writes it, and takes
-about a third of that.
+per push. The writer built here does the schema's work once and checks each value's type as it writes it: 24 µs for
+that event.
 
 It writes only what it is sure fastavro writes to the same bytes: every value of the exact type the codec hands
 over (`str`, `int`, `bool`, `None`, `list`, `dict`, `Decimal`, a tz-aware `datetime`, a `(full name, value)`

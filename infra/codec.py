@@ -44,7 +44,8 @@ API
     The same operations bound to one schema directory (``AvroCodec.from_directory``); the module functions use
     a default instance on the packaged/repo schemas.
 
-Encoding needs no per-message schema work: parsed schemas, fingerprints and headers are computed once.
+Encoding needs no per-message schema work: parsed schemas, fingerprints, headers and the writers built from the
+schemas (``infra.avro_writer``: fastavro's bytes, fastavro itself for what they are not sure of) are made once.
 
 Schema evolution rules
 ----------------------
