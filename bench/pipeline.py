@@ -52,6 +52,7 @@ from infra.clickhouse.client import connect
 from infra.clickhouse.migrations import migrate
 from infra.codec import HEADER_SIZE, encode_event
 from infra.codec import decode_event as codec_decode
+from infra.gc_tuning import tune_gc
 from infra.kafka.embedded import EmbeddedBroker
 from infra.process import spawn
 from infra.settings import Settings, load_settings
@@ -69,7 +70,6 @@ from pipeline.sink import encode_rows
 from pipeline.stack import Stack
 from pipeline.stage import StageOutput, StageRules
 from pipeline.state import CdrState, Codec, LocationState, SessionState
-from pipeline.worker import tune_gc
 from tests.unit.avro.convert import current_schema
 from tests.unit.pipeline.builders import cdr, evse, location, session
 
@@ -170,7 +170,7 @@ async def publish(bootstrap: str, topics: dict[str, str], records: list[tuple[st
 
 @contextlib.contextmanager
 def worker_gc() -> Iterator[None]:
-    """The worker's garbage-collector settings (`pipeline.worker.tune_gc`) in this process for a while, so the
+    """The worker's garbage-collector settings (`infra.gc_tuning.tune_gc`) in this process for a while, so the
     in-process measures compare like with like (and this process's chDB objects are not walked per batch)."""
     threshold = gc.get_threshold()
     tune_gc()

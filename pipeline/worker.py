@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import gc
 import logging
 import re
 import shutil
@@ -16,6 +15,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from infra.clickhouse.client import ClickHouseUnavailable
+from infra.gc_tuning import tune_gc
 from infra.kafka.admin import delete_topics, ensure_topics, partition_counts, set_topic_configs, topic_ends
 from infra.kafka.bootstrap import resolve_bootstrap
 from infra.settings import Settings, private_dir
@@ -33,11 +33,6 @@ from pipeline.topics import topic_names
 
 log = logging.getLogger(__name__)
 
-# The cyclic garbage collector's first-generation threshold in the worker (CPython's default is 700). A batch
-# allocates hundreds of thousands of short-lived objects (decoded events, rows, state) that reference counting
-# frees; at the default, collections run every few hundred allocations and cost about a sixth of the worker's
-# CPU (README, Benchmarks). The older generations keep CPython's defaults.
-GC_FIRST_GENERATION_THRESHOLD = 50_000
 # ClickHouse's answers to a configuration error: UNKNOWN_DATABASE, UNKNOWN_USER, REQUIRED_PASSWORD, ACCESS_DENIED,
 # AUTHENTICATION_FAILED. A starting worker does not wait for those to go away.
 REFUSALS = frozenset({81, 192, 194, 497, 516})
@@ -258,10 +253,3 @@ def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
         worker.execute_from_commandline()  # installs signal handlers, stops cleanly, exits the process
 
 
-def tune_gc() -> None:
-    """Fewer cyclic collections, and none of them walking the startup objects (modules, the app, clients):
-    those are frozen into the permanent generation."""
-    gc.collect()
-    gc.freeze()
-    _, second, third = gc.get_threshold()
-    gc.set_threshold(GC_FIRST_GENERATION_THRESHOLD, second, third)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -38,10 +38,12 @@ async def admit(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
 
 def create_app(settings: Settings | None = None, *, sink: RecordSink | None = None,
                registry_factory: Callable[[], PartnerRegistry] | None = None,
-               state_reader: StateReader | None = None, rejection_sink: RecordSink | None = None) -> Litestar:
+               state_reader: StateReader | None = None, rejection_sink: RecordSink | None = None,
+               on_startup: Sequence[Callable[[], object]] = ()) -> Litestar:
     """The receivers app. `sink`, `registry_factory` and `state_reader` replace Kafka and ClickHouse in unit
     tests. Refused pushes are recorded (receivers.rejections) through the Kafka publisher, or through
-    `rejection_sink` when given; with an injected `sink` and no `rejection_sink`, they are not recorded."""
+    `rejection_sink` when given; with an injected `sink` and no `rejection_sink`, they are not recorded.
+    `on_startup`: called once the lifespan has started (publisher, partner registry)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -97,6 +99,7 @@ def create_app(settings: Settings | None = None, *, sink: RecordSink | None = No
         exception_handlers=EXCEPTION_HANDLERS,
         before_send=[echo_headers],
         lifespan=[lifespan],
+        on_startup=list(on_startup),
         state=State({"settings": settings}),
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=None,

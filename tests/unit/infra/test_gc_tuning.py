@@ -1,8 +1,8 @@
-"""The worker's garbage-collector tuning (pipeline.worker.tune_gc)."""
+"""The garbage-collector tuning of the worker and the receivers (infra.gc_tuning.tune_gc)."""
 
 import gc
 
-from pipeline.worker import GC_FIRST_GENERATION_THRESHOLD, tune_gc
+from infra.gc_tuning import GC_FIRST_GENERATION_THRESHOLD, tune_gc
 
 
 def test_tune_gc_raises_the_first_threshold_and_freezes_startup_objects() -> None:
@@ -16,3 +16,10 @@ def test_tune_gc_raises_the_first_threshold_and_freezes_startup_objects() -> Non
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_the_served_receivers_tune_it_once_started() -> None:
+    """After the lifespan started the publisher and loaded the partners (what granian serves: receivers.asgi)."""
+    from receivers import asgi
+
+    assert tune_gc in asgi.app.on_startup
