@@ -314,6 +314,9 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
               help="Objects per page asked for (the server may cap it).")
 @click.option("--restart", is_flag=True, help="Abandon an interrupted crawl instead of resuming it.")
+@click.option("--full", is_flag=True, help="Read the whole list, without date_from (not where the pulls ended); "
+              "for Locations, a complete one is compared with the store: the stored Locations of the party it no "
+              "longer lists are reported (full sync, 08 §2.1), not changed. With --schedule, the first round.")
 @click.option("--max-attempts", default=8, show_default=True, type=click.IntRange(min=1),
               help="Attempts per page on HTTP 429 or 5xx, a timeout or connection error, OCPI 3xxx or a Hub's "
                    "4002/4003.")
@@ -325,7 +328,7 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
 @click.option("--splay", type=float, metavar="SECONDS", callback=lambda _c, _p, v: seconds(v, least=None),
               help="Random extra delay per round (default: 10% of "
               "--schedule).")
-def pull(partner: str, module: str, since: str | None, until: str | None, limit: int, restart: bool,
+def pull(partner: str, module: str, since: str | None, until: str | None, limit: int, restart: bool, full: bool,
          max_attempts: int, schedule: float | None, splay: float | None) -> None:
     """Catch up from a partner's Sender interface (GET with date_from/date_to, paginated) into the pipeline.
 
@@ -333,14 +336,18 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
     addressed (OCPI-to-*) to each CPO party of the partner in turn (a platform hosting several lists only the
     addressed party's objects), or to a Hub's own party. The position is checkpointed per partner, module and
     party: an interrupted pull resumes, the next one starts where the pulls completed so far end without a gap.
+    A complete Locations list (read without date_from, to the default date_to, nothing left unread: a first pull,
+    or --full) is compared with the store, and the stored Locations of the party it no longer lists are reported
+    in the summary and OCPI_DATA_DIR/jobs/pull/<partner>.locations.not-listed.jsonl; they are not changed.
 
     \b
     Examples:
       ocpi-pipeline pull --partner cpo-nl --module cdrs --since 2024-05-01
       ocpi-pipeline pull --partner cpo-nl --module sessions --schedule 3600
+      ocpi-pipeline pull --partner cpo-nl --module locations --full
     """
     from pipeline.jobs.kafka_io import JobProducer
-    from pipeline.jobs.pull import RetryPolicy, pull_every
+    from pipeline.jobs.pull import RetryPolicy, not_listed_path, pull_every, record_not_listed, stored_not_listed
     from pipeline.jobs.pull import pull as pull_once
     from pipeline.retention import PseudonymKeyError, check_key, load_key
     from receivers.registry import PartnerRegistry, RegistryError
@@ -352,6 +359,9 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
         raise click.UsageError("--schedule pulls up to now every round; it takes no --until")
     if splay is not None and schedule is None:
         raise click.UsageError("--splay delays the rounds of --schedule; a single pull takes none")
+    if full and (since is not None or module == "sessions"):
+        raise click.UsageError("--full reads the whole list, without date_from: it takes no --since, and Sessions "
+                               "have none (09 §2.1)")
     console = Console()
 
     async def once(progress: RichProgress, later_round: bool) -> Any:
@@ -366,11 +376,22 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
         except (RegistryError, PseudonymKeyError) as exc:
             raise JobError(str(exc)) from None
         async with JobProducer(settings.kafka, bootstrap) as producer:
-            return await pull_once(settings, found, module, producer, since=start, until=end, limit=limit,
-                                   relative=(relative_text(since) if start is not None else None,
-                                             relative_text(until)),
-                                   restart=restart, since_unless_completed=later_round,
-                                   retry=RetryPolicy(max_attempts=max_attempts), progress=progress)
+            report = await pull_once(settings, found, module, producer, since=start, until=end, limit=limit,
+                                     relative=(relative_text(since) if start is not None else None,
+                                               relative_text(until)),
+                                     restart=restart, since_unless_completed=later_round,
+                                     retry=RetryPolicy(max_attempts=max_attempts), progress=progress,
+                                     full=full and not later_round)
+        complete = [each for each in report.parties or [report] if each.listed is not None]
+        if complete:  # full sync (08 §2.1): which stored Locations the complete lists no longer hold
+            client = await asyncio.to_thread(connect_for, settings)
+            try:
+                for each in complete:
+                    each.not_listed = await asyncio.to_thread(stored_not_listed, client, found, each)
+                    record_not_listed(settings, each)
+            finally:
+                client.close()
+        return report
 
     def show(report: Any) -> None:
         for each in report.parties or [report]:  # one line per party the GETs were addressed to
@@ -382,6 +403,15 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
             if each.unread:
                 console.print(f"[yellow]the partner announced {each.unread} more objects (X-Total-Count) than "
                               f"its pages led to{whose}: not read; see the log[/]")
+            if each.not_listed is not None:
+                named = ", ".join("/".join(ident) for ident in each.not_listed[:5])
+                more = f" and {len(each.not_listed) - 5} more" if len(each.not_listed) > 5 else ""
+                console.print(f"full sync{whose}: the complete list holds {len(each.listed or ())} Locations; "
+                              f"{len(each.not_listed)} stored ones are no longer listed"
+                              f"{f' ({escape(named)}{more})' if named else ''}: reported in "
+                              f"{not_listed_path(settings, partner)}, not changed in the store")
+            elif full and each.not_full is not None:
+                console.print(f"[yellow]no full sync{whose}: {escape(each.not_full)}[/]")
 
     hint = "run the same command again to resume from its checkpoint"
     if schedule is None:

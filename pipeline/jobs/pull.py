@@ -50,6 +50,13 @@ The crawl (04 §4.2):
   written as pseudonyms, never in clear. A page's are
   recorded once its valid objects are acknowledged, so a page read again after a failed send is recorded once.
 
+Full sync of Locations (08 §2.1: a complete list is the new truth): a Locations crawl read without date_from (a
+party's first, or `full`) to the default date_to, nothing announced left unread and every object naming its
+Location, is a complete list; what its pages listed (`listed_identity`, invalid objects too) is kept beside the
+checkpoint while it runs (`<checkpoint>.listed.jsonl`) and handed over in `PullReport.listed`, and
+`stored_not_listed` finds the stored Locations of the party it no longer holds (`not_a_full_list` says why
+another crawl is none).
+
 Requests carry `Authorization: Token <base64>` (the raw token for RAW_TOKEN partners), a fresh X-Request-ID,
 one X-Correlation-ID per crawl, and routing headers from our party (OCPI_PARTY_*) to the partner's: its Hub role
 (whose list holds every connected party's objects, 04 §10), else each of its CPO roles in turn, one crawl each
@@ -85,12 +92,13 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
 import msgspec
 
+from infra.clickhouse.client import select
 from infra.codec import AvroCodecError, encode_event
 from infra.events import build_event
 from infra.settings import Settings
@@ -112,6 +120,9 @@ from pipeline.jobs.common import (
 from receivers.app import MAX_BODY_BYTES
 from receivers.registry import Partner, PartnerStatus
 from receivers.transport import COUNTRY_CODE_VALUE, PARTY_ID_VALUE
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +187,11 @@ class PullReport:
     total: int | None = None  # the last X-Total-Count seen
     unread: int = 0  # objects X-Total-Count announced past the last page (one without a next link)
     party: tuple[str, str] | None = None  # whom the GETs were addressed to (OCPI-to-*)
+    # Full sync (Locations, 08 §2.1): every (country_code, party_id, id) a complete list held, read from the start
+    # without date_from to the default date_to (`until`), nothing left unread; None for any other crawl.
+    listed: frozenset[tuple[str, str, str]] | None = None
+    not_full: str | None = None  # why a Locations crawl was no complete list (None: it was, or other modules)
+    not_listed: list[tuple[str, str, str]] | None = None  # the stored ones `listed` lacks (`stored_not_listed`)
     parties: list[PullReport] = dataclasses.field(default_factory=list)  # one per party crawled, when several were
 
 
@@ -529,7 +545,7 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
                relative: tuple[str | None, str | None] = (None, None), restart: bool = False,
                since_unless_completed: bool = False, retry: RetryPolicy | None = None,
                progress: JobProgress | None = None, transport: httpx.AsyncBaseTransport | None = None,
-               sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> PullReport:
+               sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, full: bool = False) -> PullReport:
     """Crawl `partner`'s `module` Sender list once (or resume the interrupted crawl); see the module docstring.
 
     One crawl per party the GETs are addressed to (`_their_parties`: each CPO party of a platform hosting several),
@@ -540,7 +556,8 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
     same text resumes an interrupted crawl, whose window stays the one they resolved to when it started.
     `since_unless_completed`: `since` only for a party no pull has completed for yet; the others continue where
     their completed pulls end (a schedule's rounds after the first: `since` every round would crawl the whole
-    window again each time).
+    window again each time). `full`: every party's whole list, without date_from (`since` must be None); a
+    Locations crawl's report then holds what it listed (`PullReport.listed`), for full sync.
 
     One pull of a partner's module at a time: a second one (a manual pull while a scheduled one crawls) would
     resume the same crawl from the checkpoint and publish every object again; it is refused."""
@@ -548,13 +565,14 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
     with running_alone(lock, f"a pull of {module} from {partner.partner_id}"):
         return await _pull(settings, partner, module, sink, since=since, until=until, limit=limit,
                            relative=relative, restart=restart, since_unless_completed=since_unless_completed,
-                           retry=retry, progress=progress, transport=transport, sleep=sleep)
+                           retry=retry, progress=progress, transport=transport, sleep=sleep, full=full)
 
 
 async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordSink, *, since: datetime | None,
                 until: datetime | None, limit: int, relative: tuple[str | None, str | None], restart: bool,
                 since_unless_completed: bool, retry: RetryPolicy | None, progress: JobProgress | None,
-                transport: httpx.AsyncBaseTransport | None, sleep: Callable[[float], Awaitable[None]]) -> PullReport:
+                transport: httpx.AsyncBaseTransport | None, sleep: Callable[[float], Awaitable[None]],
+                full: bool) -> PullReport:
     kind = KINDS.get(module)
     if kind is None:
         raise PullError(f"module {module!r} cannot be pulled; use one of {', '.join(KINDS)}")
@@ -564,6 +582,9 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
         raise PullError(f"partner {partner.partner_id!r} has no {module} SENDER endpoint (it offers: {offered})")
     if limit < 1:
         raise PullError("--limit must be at least 1")
+    if full and (since is not None or module == "sessions"):
+        raise PullError("a full pull reads the whole list, without date_from: it takes no --since, and Sessions "
+                        "have none (09 §2.1)")
     progress = progress or NoProgress()
     parties = _their_parties(partner)
     reports: list[PullReport] = []
@@ -579,7 +600,7 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
             reports.append(await _crawl(settings, partner, module, kind, endpoint.url, sink, party, checkpoint,
                                         state, since=party_since, until=until, limit=limit,
                                         relative=party_relative, restart=restart, retry=retry, progress=progress,
-                                        transport=transport, sleep=sleep))
+                                        transport=transport, sleep=sleep, full=full))
         except PullError as exc:
             if len(parties) == 1:
                 raise
@@ -606,8 +627,9 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
                  state: dict[str, Any], *, since: datetime | None, until: datetime | None, limit: int,
                  relative: tuple[str | None, str | None], restart: bool, retry: RetryPolicy | None,
                  progress: JobProgress, transport: httpx.AsyncBaseTransport | None,
-                 sleep: Callable[[float], Awaitable[None]]) -> PullReport:
-    """One party's crawl (the GETs addressed to `party`), from and into its checkpoint."""
+                 sleep: Callable[[float], Awaitable[None]], full: bool = False) -> PullReport:
+    """One party's crawl (the GETs addressed to `party`), from and into its checkpoint. `full`: the whole list,
+    without date_from, whatever the completed pulls cover (an interrupted crawl of a window is abandoned)."""
     whose = f" for {'/'.join(party)}" if party is not None else ""
     if party is not None:
         state["party"] = list(party)
@@ -622,13 +644,14 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
         since, until, restart = since or from_iso(crawl["since"]), until or from_iso(crawl["until"]), True
     wanted = (relative[0] or iso(since), relative[1] or iso(until))
     asked = (crawl.get("asked") or [crawl["since"], crawl["until"]]) if crawl else [None, None]
-    if crawl and not restart and wanted[0] in (None, asked[0]) and wanted[1] in (None, asked[1]):
+    if crawl and not restart and wanted[0] in (None, asked[0]) and wanted[1] in (None, asked[1]) and not (
+            full and crawl["since"] is not None):
         resumed = True
     else:
         if crawl:
             log.warning("starting a new crawl; the interrupted one (%s..%s) is abandoned", crawl["since"],
                         crawl["until"])
-        start = since or from_iso(state.get("completed_until"))
+        start = None if full else since or from_iso(state.get("completed_until"))
         if module == "sessions" and start is None:
             raise PullError(f"a first Sessions pull{whose} needs --since (date_from is required by the Sessions "
                             "Sender interface, 09 §2.1)")
@@ -647,7 +670,10 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
         crawl = {"since": iso(start), "until": iso(end), "asked": list(wanted), "endpoint": endpoint_url,
                  "next_url": first, "limit": limit,
                  "x_limit": None, "total": None, "pages": 0, "objects": 0, "correlation_id": str(uuid.uuid4()),
-                 "started_at": iso(started), "tail": tail}
+                 "started_at": iso(started), "tail": tail,
+                 # Only a Locations list without date_from and to the default date_to can be complete (full sync).
+                 "full": module == "locations" and start is None and wanted[1] is None, "nameless": 0}
+        _listed_path(checkpoint).unlink(missing_ok=True)  # an abandoned crawl's
         state["crawl"] = crawl
         checkpoint.save(state)
         resumed = False
@@ -724,7 +750,11 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
 
             async def step(page: _Page = page, at: int = at, digest: str | None = digest,
                            next_url: str | None = next_url) -> int:
-                sent = await _process(settings, partner, module, kind, page, crawl["correlation_id"], sink, report)
+                sent, listed, nameless = await _process(settings, partner, module, kind, page,
+                                                        crawl["correlation_id"], sink, report)
+                if crawl.get("full"):  # before the checkpoint: a page read again appends its objects twice, harmless
+                    _append_listed(_listed_path(checkpoint), listed)
+                    crawl["nameless"] = crawl.get("nameless", 0) + nameless
                 report.pages += 1
                 report.total = page.total
                 crawl.update(total=page.total, x_limit=page.x_limit or crawl["x_limit"], next_url=next_url,
@@ -766,6 +796,11 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
     began = from_iso(crawl["since"])
     if before is None or ((began is None or began <= before) and ended > before):
         state["completed_until"] = iso(ended)
+    if module == "locations":
+        report.not_full = not_a_full_list(crawl, report.unread)
+        if report.not_full is None:
+            report.listed = _read_listed(_listed_path(checkpoint))
+    _listed_path(checkpoint).unlink(missing_ok=True)
     state["crawl"] = None
     state["runs"] = [*state.get("runs", [])[-19:], {
         "since": crawl["since"], "until": crawl["until"], "finished_at": iso(datetime.now(UTC)),
@@ -811,8 +846,11 @@ def _page_limit(crawl: dict[str, Any], x_limit: int | None, asked: int | None) -
 
 
 async def _process(settings: Settings, partner: Partner, module: str, kind: ModuleKind, page: _Page,
-                   correlation_id: str, sink: RecordSink, report: PullReport) -> int:
-    """Decode the page's objects, send the valid ones to Kafka (acknowledged), record the others."""
+                   correlation_id: str, sink: RecordSink, report: PullReport,
+                   ) -> tuple[int, list[tuple[str, str, str]], int]:
+    """Decode the page's objects, send the valid ones to Kafka (acknowledged), record the others. Returns the
+    count sent, the identities the page lists (`listed_identity`: of its invalid and foreign objects too) and how
+    many of its objects name none."""
     try:
         # No larger than a push body may be (HTTP 413): past what Kafka takes in one record, it would fail the
         # page's send on every rerun, and the window would never complete.
@@ -861,7 +899,100 @@ async def _process(settings: Settings, partner: Partner, module: str, kind: Modu
     if rejected:
         _record_rejected(settings, partner.partner_id, module, page, rejected)
     report.objects += sent
-    return sent
+    if module != "locations":  # only a Locations list is the new truth (full sync)
+        return sent, [], 0
+    named = [listed_identity(bytes(raw)) for raw in msgspec.json.decode(page.data, type=list[msgspec.Raw])]
+    return sent, [ident for ident in named if ident is not None], sum(ident is None for ident in named)
+
+
+def listed_identity(document: bytes) -> tuple[str, str, str] | None:
+    """The (country_code, party_id, id) an object of a list names, upper-cased (ObjectKey's identity), read from its
+    JSON whether or not the object is valid otherwise: an invalid Location the CPO lists is still listed. None where
+    it names none (not an object, one of the three missing, empty or no string)."""
+    try:
+        named = _named.decode(document)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if not (named.country_code and named.party_id and named.id):
+        return None
+    return ci_normalize(named.country_code), ci_normalize(named.party_id), ci_normalize(named.id)
+
+
+class _Named(msgspec.Struct):
+    country_code: str
+    party_id: str
+    id: str
+
+
+_named = msgspec.json.Decoder(_Named)
+
+
+def not_a_full_list(crawl: dict[str, Any], unread: int) -> str | None:
+    """Why a completed Locations crawl is no complete list, which full sync (08 §2.1) may not take as the new truth;
+    None when it is one: read without date_from (not a window of `last_updated`) up to the default date_to (an
+    earlier one leaves out what the CPO updated since), to its last page with nothing the partner announced left
+    unread, every object naming its Location (one that does not could be any stored Location)."""
+    if crawl["since"] is not None:
+        return f"a window from {crawl['since']} (date_from): only a list from the beginning is complete"
+    if not crawl.get("full"):
+        return ("a window to a date_to asked for (--until), or begun by an earlier version: only a list to the "
+                "default date_to is complete")
+    if unread:
+        return f"its last page left {unread} objects X-Total-Count announced unread"
+    if crawl.get("nameless"):
+        return f"{crawl['nameless']} of its objects name no Location (country_code, party_id and id)"
+    return None
+
+
+def stored_not_listed(client: Client, partner: Partner, report: PullReport) -> list[tuple[str, str, str]]:
+    """The stored Locations a complete list (`report.listed`, one party's crawl) does not hold: by 08 §2.1 no longer
+    valid. Those received from this partner, of the party the crawl was addressed to (through a Hub, of any party:
+    its list holds every connected party's), dated before the list's date_to (`report.until`): one stamped since
+    may have left the list for its newer version. Sorted; none for a crawl that was no complete list."""
+    if report.listed is None:
+        return []
+    sql = ("SELECT country_code, party_id, location_id FROM locations FINAL WHERE partner_id = {partner:String} "
+           "AND last_updated < parseDateTime64BestEffort({until:String}, 6, 'UTC')")
+    parameters = {"partner": partner.partner_id, "until": iso(report.until)}
+    if report.party is not None and not any(role.role is Role.HUB for role in partner.roles):
+        sql += " AND country_code = {country:String} AND party_id = {party:String}"
+        parameters |= {"country": ci_normalize(report.party[0]), "party": ci_normalize(report.party[1])}
+    _columns, rows = select(client, sql, parameters)
+    return sorted(ident for ident in ((str(r[0]), str(r[1]), str(r[2])) for r in rows) if ident not in report.listed)
+
+
+def not_listed_path(settings: Settings, partner_id: str) -> Path:
+    return jobs_dir(settings, "pull") / f"{partner_id}.locations.not-listed.jsonl"
+
+
+def record_not_listed(settings: Settings, report: PullReport) -> Path:
+    """Append what a full Locations crawl found no longer listed (`report.not_listed`) to the partner's
+    `not-listed.jsonl`, one line per crawl, for the operator (kept until deleted; ids only, nothing personal)."""
+    path = not_listed_path(settings, report.partner)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps({"at": iso(datetime.now(UTC)), "party": list(report.party) if report.party else None,
+                             "until": iso(report.until), "listed": len(report.listed or ()),
+                             "not_listed": [list(ident) for ident in report.not_listed or ()]}) + "\n")
+    return path
+
+
+def _listed_path(checkpoint: Checkpoint) -> Path:
+    """Beside the checkpoint: the identities a full crawl's acknowledged pages listed, one JSON array a line."""
+    return checkpoint.path.with_name(checkpoint.path.name.removesuffix(".json") + ".listed.jsonl")
+
+
+def _append_listed(path: Path, listed: list[tuple[str, str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.writelines(json.dumps(list(ident)) + "\n" for ident in listed)
+
+
+def _read_listed(path: Path) -> frozenset[tuple[str, str, str]]:
+    if not path.exists():
+        return frozenset()
+    with path.open() as fh:  # a line cut short by a crash was appended again, whole, when its page was read again
+        return frozenset(tuple(json.loads(line)) for line in fh if line.endswith("\n"))
 
 
 def _record_rejected(settings: Settings, partner_id: str, module: str, page: _Page,

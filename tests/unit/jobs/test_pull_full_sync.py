@@ -1,0 +1,146 @@
+"""Full sync of Locations (08 §2.1: a complete list is the new truth): which crawls are a complete list, what it
+lists (invalid objects too), across an interrupted crawl, and which stored Locations of the party it no longer
+lists."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from infra.clickhouse.client import connect, connect_for
+from infra.clickhouse.migrations import migrate
+from ocpi.model import Endpoint, InterfaceRole
+from pipeline.jobs.pull import PullReport, listed_identity, not_a_full_list, pull, stored_not_listed
+from receivers.registry import Partner, PartnerStatus, credentials_role
+from tests.conftest import EXAMPLES
+from tests.unit.jobs.fake_sender import FakeSender, hours_ago, stamp
+from tests.unit.jobs.test_pull import TOKEN, ListSink, Sleeps
+
+LOCATION = json.loads((EXAMPLES / "location_example.json").read_text())
+
+
+def location(name: str, updated: datetime, **changes: Any) -> dict[str, Any]:
+    return {**LOCATION, "id": name, "last_updated": stamp(updated), **changes}
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSender]:
+    sender = await FakeSender(TOKEN, page_cap=2).start()
+    yield sender
+    await sender.stop()
+
+
+def partner_for(url: str, *roles: tuple[str, str, str]) -> Partner:
+    now = datetime.now(UTC)
+    return Partner(partner_id="cpo-be", name="CPO BE", status=PartnerStatus.REGISTERED,
+                   roles=[credentials_role(country_code=c, party_id=p, role=r)
+                          for c, p, r in roles or [("BE", "BEC", "CPO")]],
+                   outbound_token=TOKEN, created_at=now, updated_at=now,
+                   endpoints=[Endpoint(identifier="locations", role=InterfaceRole.SENDER, url=url)])
+
+
+def test_an_object_names_its_location_even_when_it_is_invalid() -> None:
+    assert listed_identity(b'{"country_code": "be", "party_id": "bec", "id": "loc1", "city": 5}') == (
+        "BE", "BEC", "LOC1")
+    for nameless in (b'{"country_code": "BE", "party_id": "BEC"}', b'{"country_code": "BE", "party_id": "BEC", '
+                     b'"id": ""}', b'{"country_code": "BE", "party_id": "BEC", "id": 7}', b'"LOC1"', b"[]"):
+        assert listed_identity(nameless) is None, nameless
+
+
+@pytest.mark.parametrize(("crawl", "unread", "reason"), [
+    ({"since": None, "full": True, "nameless": 0}, 0, None),
+    ({"since": "2024-05-01T00:00:00+00:00", "full": False, "nameless": 0}, 0, "date_from"),
+    ({"since": None, "full": False, "nameless": 0}, 0, "--until"),
+    ({"since": None}, 0, "earlier version"),  # a crawl begun before full sync kept nothing it listed
+    ({"since": None, "full": True, "nameless": 0}, 3, "3 objects X-Total-Count announced unread"),
+    ({"since": None, "full": True, "nameless": 1}, 0, "name no Location"),
+])
+def test_only_a_list_from_the_beginning_read_to_its_end_is_complete(crawl: dict[str, Any], unread: int,
+                                                                    reason: str | None) -> None:
+    found = not_a_full_list(crawl, unread)
+    assert found is None if reason is None else reason in (found or "")
+
+
+async def test_a_first_locations_pull_is_a_complete_list_with_its_invalid_objects(settings_for: Any,
+                                                                                 fake: FakeSender) -> None:
+    broken = location("L3", hours_ago(3))
+    del broken["city"]
+    fake.objects["locations"] = [location("L1", hours_ago(5)), location("l2", hours_ago(4)), broken]
+    sink = ListSink()
+    report = await pull(settings_for(), partner_for(fake.url("locations")), "locations", sink)
+    assert report.invalid == 1 and len(sink.records) == 2
+    # L3 is listed, invalid as it is: the CPO has not dropped it.
+    assert report.not_full is None and report.listed == {("BE", "BEC", "L1"), ("BE", "BEC", "L2"),
+                                                         ("BE", "BEC", "L3")}
+
+
+async def test_windows_and_nameless_objects_are_no_complete_list(settings_for: Any, fake: FakeSender) -> None:
+    settings = settings_for()
+    fake.objects["locations"] = [location("L1", hours_ago(5))]
+    partner = partner_for(fake.url("locations"))
+    report = await pull(settings, partner, "locations", ListSink(), since=hours_ago(24))
+    assert report.listed is None and "date_from" in (report.not_full or "")
+    report = await pull(settings, partner, "locations", ListSink(), full=True, until=hours_ago(1))
+    assert report.listed is None and "--until" in (report.not_full or "")
+    fake.objects["locations"].append({"country_code": "BE", "party_id": "BEC", "last_updated": stamp(hours_ago(2))})
+    report = await pull(settings, partner, "locations", ListSink(), full=True)
+    assert report.listed is None and "name no Location" in (report.not_full or "")
+    fake.objects["locations"].pop()
+    report = await pull(settings, partner, "locations", ListSink(), full=True)  # --full: from the beginning again
+    assert report.listed == {("BE", "BEC", "L1")} and "date_from" not in fake.seen[-1].query
+    with pytest.raises(Exception, match="no --since"):
+        await pull(settings, partner, "locations", ListSink(), full=True, since=hours_ago(24))
+
+
+async def test_a_list_cut_short_is_no_complete_list(settings_for: Any) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        page = {"status_code": 1000, "timestamp": "2024-01-01T00:00:00Z", "data": [location("L1", hours_ago(3))]}
+        return httpx.Response(200, headers={"X-Total-Count": "4"}, content=json.dumps(page).encode())
+
+    report = await pull(settings_for(), partner_for("http://cpo.example/ocpi/cpo/2.2.1/locations"), "locations",
+                        ListSink(), transport=httpx.MockTransport(handler), sleep=Sleeps())
+    assert report.unread == 3 and report.listed is None and "unread" in (report.not_full or "")
+
+
+async def test_an_interrupted_full_crawl_lists_what_every_run_read(settings_for: Any, fake: FakeSender) -> None:
+    settings = settings_for()
+    fake.objects["locations"] = [location(f"L{i}", hours_ago(10 - i)) for i in range(1, 6)]
+    partner = partner_for(fake.url("locations"))
+    with pytest.raises(RuntimeError, match="broker down"):
+        await pull(settings, partner, "locations", ListSink(fail_on=2))  # the first page acknowledged
+    report = await pull(settings, partner, "locations", ListSink())
+    assert report.resumed and report.listed == {("BE", "BEC", f"L{i}") for i in range(1, 6)}
+    leftovers = sorted(p.name for p in (settings.storage.path / "jobs" / "pull").iterdir() if "listed" in p.name)
+    assert leftovers == []
+
+
+def test_the_stored_locations_a_complete_list_no_longer_holds(settings_for: Any) -> None:
+    settings = settings_for()
+    migrate(connect(settings.clickhouse_dsn), settings.clickhouse.database)
+    client = connect_for(settings)
+    until = datetime.now(UTC) - timedelta(minutes=5)
+    rows = [("BE", "BEC", "L1", "cpo-be", until - timedelta(days=1)),  # listed
+            ("BE", "BEC", "L2", "cpo-be", until - timedelta(days=1)),  # dropped by the CPO
+            ("BE", "BEC", "L3", "cpo-be", until + timedelta(minutes=1)),  # newer than the list: not judged
+            ("NL", "ABC", "L4", "cpo-be", until - timedelta(days=1)),  # another party of the partner
+            ("BE", "BEC", "L5", "cpo-other", until - timedelta(days=1))]  # received from another partner
+    client.insert("locations", [[c, p, i, partner, "", "Gent", "BEL", True, 0, updated, "{}", "e", 1, updated,
+                                 updated] for c, p, i, partner, updated in rows],
+                  column_names=["country_code", "party_id", "location_id", "partner_id", "name", "city", "country",
+                                "publish", "evse_count", "last_updated", "payload_json", "event_id", "version",
+                                "received_at", "personal_at"])
+    cpo = partner_for("http://cpo.example/l", ("BE", "BEC", "CPO"), ("NL", "ABC", "CPO"))
+    report = PullReport("cpo-be", "locations", None, until, party=("be", "bec"),
+                        listed=frozenset({("BE", "BEC", "L1")}))
+    assert stored_not_listed(client, cpo, report) == [("BE", "BEC", "L2")]
+    # Through a Hub, whose list holds every connected party's objects, any party received from it.
+    hub = partner_for("http://hub.example/l", ("NL", "HUB", "HUB"))
+    report = PullReport("cpo-be", "locations", None, until, party=("NL", "HUB"), listed=frozenset())
+    assert stored_not_listed(client, hub, report) == [("BE", "BEC", "L1"), ("BE", "BEC", "L2"), ("NL", "ABC", "L4")]
+    assert stored_not_listed(client, cpo, PullReport("cpo-be", "locations", None, until)) == []  # no complete list
+    client.close()
