@@ -15,6 +15,7 @@ from typing import Any
 from ocpi.canonical import content_hash, to_builtins
 from ocpi.decode import Decoded
 from ocpi.identity import ObjectKey
+from ocpi.model import LocationPatch
 
 SOURCES = ("PUSH", "PULL", "REPLAY")
 
@@ -26,6 +27,8 @@ PAYLOAD_TYPES: dict[tuple[str, str, str], str] = {
     ("LOCATIONS", "PUT", "LOCATION"): "Location", ("LOCATIONS", "PATCH", "LOCATION"): "LocationPatch",
     ("LOCATIONS", "PUT", "EVSE"): "EVSE", ("LOCATIONS", "PATCH", "EVSE"): "EVSEPatch",
     ("LOCATIONS", "PUT", "CONNECTOR"): "Connector", ("LOCATIONS", "PATCH", "CONNECTOR"): "ConnectorPatch",
+    # Full sync (08 §2.1, schema revision v2): a complete pulled list, up to its date_to, no longer holds the Location.
+    ("LOCATIONS", "UNLIST", "LOCATION"): "LocationPatch",
 }
 
 
@@ -67,3 +70,14 @@ def build_event(*, partner_id: str, module: str, operation: str, level: str, key
         "relaxations": list(decoded.relaxations),
         "payload": (payload_type, to_builtins(value)),
     }
+
+
+def unlist_event(*, partner_id: str, key: ObjectKey, listed_until: datetime, correlation_id: str,
+                 to_party: tuple[str, str] | None = None, received_at: datetime | None = None) -> dict[str, Any]:
+    """The UNLIST event of a stored Location a complete pulled list (08 §2.1, full sync) no longer holds: a
+    LocationPatch of `last_updated` only, the list's date_to (`listed_until`: it held every Location updated before
+    it), keyed by the Location like its pushes. `pipeline.locations.unlist` applies it."""
+    return build_event(partner_id=partner_id, module="locations", operation="UNLIST", level="LOCATION", key=key,
+                       decoded=Decoded(LocationPatch(last_updated=listed_until)), payload_type="LocationPatch",
+                       source="PULL", request_id=str(uuid.uuid4()), correlation_id=correlation_id,
+                       to_party=to_party, received_at=received_at)

@@ -94,6 +94,9 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
            retry: bool = False) -> bool:
     """Apply one event; returns False when it had to be parked."""
     event = record.event
+    if event.operation == "UNLIST":
+        unlist(state, record, out)
+        return True
     if (event.level, event.operation) != ("LOCATION", "PUT") and (
             replayed_before_created(record, state, rules.park_ttl) or replayed_overflow(record, state)):
         out.outcomes["REPLAYED_ORPHANED"] += 1  # its ORPHANED row (and source) stands
@@ -101,6 +104,13 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     last_updated = event.payload["last_updated"]
     out.flag_future(record, last_updated, rules)
     current = run.stored.of(state.object_json)
+    if state.unlisted_at is not None and last_updated <= state.unlisted_at:
+        # A complete list up to `unlisted_at` no longer held the Location: only a push newer than it lists it again.
+        detail = (f"last_updated {last_updated.isoformat()} is not after {state.unlisted_at.isoformat()}, up to which "
+                  "a complete pulled list no longer held the Location")
+        out.outcome(record, Outcome.STALE, detail)
+        out.anomaly(Anomaly.STALE_UPDATE, event, detail)
+        return True
     if is_duplicate(state.last_identity, state.last_hash, event):
         _confirm(state, current, event)
         out.outcome(record, Outcome.DUPLICATE)
@@ -147,6 +157,60 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     if state.parked and not retry:
         retry_parked(state, run, rules, out, record.received_at)
     return True
+
+
+def unlist(state: LocationState, record: Record, out: StageOutput) -> None:
+    """Full sync (08 §2.1): a complete pulled list up to `listed_until` (the UNLIST's `last_updated`, the list's
+    date_to) no longer held the stored Location, which is no longer valid: its row says `unlisted`, its EVSEs and
+    Connectors leave (rows `present = false`, status history to ''), as those a Location PUT leaves out. Not when the
+    stored Location (or a duplicate that confirmed it) is dated at or after `listed_until`: the list could not hold
+    that version, so it says nothing of it (STALE). Unlisted already, or nothing stored: a DUPLICATE (the list read
+    again, a pull resumed). A later push newer than `listed_until` lists it again (`apply`); an older one is stale."""
+    event = record.event
+    listed_until: datetime = event.payload["last_updated"]
+    current = wire.StoredStruct(Location).of(state.object_json)
+    if current is None or state.unlisted_at is not None:
+        if state.unlisted_at is not None:
+            state.unlisted_at = max(state.unlisted_at, listed_until)
+        out.outcome(record, Outcome.DUPLICATE, "unlisted already" if current is not None else "no Location stored")
+        return
+    stored = ordering.newest(current.last_updated, state.confirmed.get(level_identity("LOCATION")))
+    if stored is not None and stored >= listed_until:
+        out.outcome(record, Outcome.STALE, f"the stored Location is dated {stored.isoformat()}, not before "
+                    f"{listed_until.isoformat()}, up to which the complete list was read")
+        return
+    version = projection.next_version(state.version, current.last_updated)
+    tree = wire.builtins(msgspec.structs.replace(current, evses=None))
+    personal_at = state.personal_at or min(current.last_updated, record.received_at)  # as `apply` fixes it
+    document = state.object_json or b""
+    row = projection.location_row(event, tree, document, version, personal_at,
+                                  evse_count=len(current.evses or ()), unlisted=True)
+    out.batch.put("locations", projection.LOCATION_COLUMNS, ("locations", row[0], row[1], row[2]), row)
+    for evse in current.evses or ():
+        _leave(out, tree, evse, event, version, listed_until)
+    state.personal_at = personal_at
+    state.unlisted_at = listed_until
+    state.last_identity = identity(event)
+    state.last_hash = f"UNLIST:{listed_until.isoformat()}"  # a PUT of the content listed before is no duplicate
+    state.version = version
+    state.applied_event_id = event.event_id
+    state.applied_at = ordering.newest(state.applied_at, record.received_at)
+    out.outcome(record, Outcome.APPLIED, f"a complete pulled list up to {listed_until.isoformat()} no longer held it")
+
+
+def _leave(out: StageOutput, tree: dict[str, Any], gone_evse: EVSE, event: DecodedEvent, version: int,
+           at: datetime) -> list[str]:
+    """Rows of an EVSE that leaves the tree at `at` (left out by a push, or its Location unlisted): kept with
+    `present = false`, and so are its Connectors; its status history ends with a row to '' (as before its first
+    sighting: listed again, it continues from '' instead of after a status it kept for ever). Returns the
+    identities (`dedup.level_identity`) of the EVSE and its Connectors."""
+    gone = wire.builtins(gone_evse)
+    out.batch.add("evses", projection.EVSE_COLUMNS,
+                  projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
+    out.batch.add("evse_status_history", projection.EVSE_HISTORY_COLUMNS,
+                  projection.evse_history_row(tree, gone, gone_evse.status, event, version, changed_at=at, status=""))
+    return [level_identity("EVSE", gone["uid"]),
+            *_missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)]
 
 
 def _confirm(state: LocationState, current: Location | None, event: DecodedEvent) -> None:
@@ -286,7 +350,9 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     # carries the whole tree, and a batch of status updates of a hub must not write that tree once per update.
     row = projection.location_row(event, tree, document, version, personal_at, evse_count=len(evses))
     out.batch.put("locations", projection.LOCATION_COLUMNS, ("locations", row[0], row[1], row[2]), row)
-    pairs, gone_evses = _pair_evses(previous.evses or () if previous else (), evses)
+    # Listed again after an UNLIST (`unlist`), whose rows left every EVSE and Connector: all of them enter again.
+    held = previous.evses or () if previous is not None and state.unlisted_at is None else ()
+    pairs, gone_evses = _pair_evses(held, evses)
     removed: list[str] = []  # identities (`dedup.level_identity`) of the EVSEs and Connectors left out of the tree
     for evse, before in pairs:
         if before is evse or before == evse:
@@ -312,20 +378,12 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
             removed += _missing_connectors(out, tree, evse.uid, wire.builtins(before), present, event.event_id,
                                            version)
     for gone_evse in gone_evses:
-        gone = wire.builtins(gone_evse)
         if gone_evse.status != "REMOVED":  # removed as the spec says first (08: status REMOVED), then left out
             # The PUT, or a PATCH of `evses` (which replaces the list): the detail names the one that left it out.
-            out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event,
-                        f"EVSE {gone['uid']} is not in the Location {event.operation}", sub=ci_normalize(gone["uid"]))
-        out.batch.add("evses", projection.EVSE_COLUMNS,
-                      projection.evse_row(tree, gone, present=False, event_id=event.event_id, version=version))
-        # Its status history ends here, at the push that left it out ('' as before its first sighting): listed
-        # again, it continues from '' instead of starting a second history after a status it kept for ever.
-        out.batch.add("evse_status_history", projection.EVSE_HISTORY_COLUMNS,
-                      projection.evse_history_row(tree, gone, gone_evse.status, event, version,
-                                                  changed_at=event.payload["last_updated"], status=""))
-        removed.append(level_identity("EVSE", gone["uid"]))
-        removed += _missing_connectors(out, tree, gone["uid"], gone, set(), event.event_id, version)
+            out.anomaly(Anomaly.EVSE_MISSING_FROM_PUT, event, f"EVSE {gone_evse.uid} is not in the Location "
+                        f"{event.operation}", sub=ci_normalize(gone_evse.uid))
+        # Its status history ends here, at the push that left it out.
+        removed += _leave(out, tree, gone_evse, event, version, event.payload["last_updated"])
     structural = may_add_to_tree(event)  # else nothing enters, leaves or goes back in time
     if state.confirmed and structural:  # two tree walks saved per status update
         _confirm_entered(state, previous, location)
@@ -340,6 +398,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     if state.confirmed and (structural or len(state.confirmed) > PRUNE_OVER + 2 * len(location.evses or ())):
         _prune_confirmed(state, location)
     state.personal_at = personal_at
+    state.unlisted_at = None  # a push newer than the list that no longer held it (`handle`): listed again
     state.object_json = document
     state.last_identity = identity(event)
     state.last_hash = fingerprint(event)

@@ -45,7 +45,7 @@ SESSION_HISTORY_COLUMNS = (
 
 LOCATION_COLUMNS = (
     "country_code", "party_id", "location_id", "partner_id", "name", "city", "country", "publish", "evse_count",
-    "last_updated", "payload_json", "event_id", "version", "received_at", "personal_at",
+    "last_updated", "payload_json", "event_id", "version", "received_at", "personal_at", "unlisted",
 )
 
 EVSE_COLUMNS = (
@@ -157,15 +157,16 @@ def session_history_row(event: DecodedEvent, session: dict[str, Any], previous: 
 
 
 def location_row(event: DecodedEvent, location: dict[str, Any], document: bytes, version: int,
-                 personal_at: datetime | None, *, evse_count: int) -> list[Any]:
+                 personal_at: datetime | None, *, evse_count: int, unlisted: bool = False) -> list[Any]:
     """The current-state row of a Location (`location`: its own fields; `document`: the whole tree's JSON);
     `personal_at` is when its `publish_allowed_to` was received (`LocationState.personal_at`), which retention
-    dates the row's personal data by. None: this event's."""
+    dates the row's personal data by. None: this event's. `unlisted`: a complete pulled list no longer holds it
+    (`locations.unlist`, migration 0030)."""
     return [
         ci_normalize(location["country_code"]), ci_normalize(location["party_id"]), ci_normalize(location["id"]),
         event.partner_id, location.get("name"), location["city"], location["country"], location["publish"],
         evse_count, location["last_updated"], json_column(document), event.event_id, version,
-        event.received_at, personal_at or event.received_at,
+        event.received_at, personal_at or event.received_at, unlisted,
     ]
 
 

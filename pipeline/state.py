@@ -116,6 +116,9 @@ class LocationState(msgspec.Struct, kw_only=True):
     # nor parked events (events refused or ORPHANED at once) for its expiry (`pipeline.state_retention`); None in
     # states from before.
     seen_at: datetime | None = None
+    # The date_to of the complete pulled list that no longer held the Location (full sync, `locations.unlist`), while
+    # no push newer than it came: its rows say `unlisted`, and a push not newer than it is stale. None: listed.
+    unlisted_at: datetime | None = None
 
 
 class CdrState(msgspec.Struct, kw_only=True):

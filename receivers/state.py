@@ -3,7 +3,8 @@
 Contract with the pipeline (it owns the tables; we only read them): `locations`, `sessions` and `cdrs` are
 ReplacingMergeTree(version) tables of current state, keyed by (country_code, party_id, <object>_id) in
 upper case (CiString identity), and `payload_json` holds the current full object as OCPI JSON (a Location
-with its EVSEs and Connectors). Reads use FINAL, so the newest version is answered even before a merge.
+with its EVSEs and Connectors). Reads use FINAL, so the newest version is answered even before a merge. A
+Location row marked `unlisted` (full sync: a complete pulled list no longer held it) is no current object.
 
 Answers are the stored bytes, unchanged (`msgspec.Raw`): no re-encoding, so a GET shows exactly what the
 pipeline holds. An EVSE or Connector is cut out of its Location's JSON the same way.
@@ -53,6 +54,10 @@ PUSH_READS: Final = 2
 
 # table → name of its id column (the other key columns are country_code and party_id everywhere).
 _ID_COLUMNS: Final = {"locations": "location_id", "sessions": "session_id", "cdrs": "cdr_id"}
+# Whether a row is no current object: a Location a complete pulled list no longer held (full sync, 08 §2.1: no
+# longer valid, migration 0030) is answered as unknown. Read beside the payload, not filtered in WHERE: a condition
+# on a column outside the key could be applied before FINAL picks the newest row (`optimize_move_to_prewhere_if_final`).
+_GONE: Final = {"locations": "unlisted"}
 # table → the longest id it can hold, and the owner's longest country code and party id, as the model holds them.
 # A longer one is nobody's, and is not sent to ClickHouse: it went into the query's URL, which the embedded store's
 # shim refuses from 8 kB on, so such a GET was answered 3000 ("please retry") for an object that cannot exist.
@@ -108,11 +113,12 @@ class StateReader:
     def _payload(self, table: str, key: ObjectKey) -> bytes | None:
         client = self._client_for_query()
         country_code, party_id, object_id = key.normalized
-        sql = (f"SELECT payload_json FROM {table} FINAL WHERE country_code = {{cc:String}} "
-               f"AND party_id = {{pid:String}} AND {_ID_COLUMNS[table]} = {{id:String}} LIMIT 1")
+        sql = (f"SELECT payload_json, {_GONE.get(table, 'false')} FROM {table} FINAL "
+               f"WHERE country_code = {{cc:String}} AND party_id = {{pid:String}} "
+               f"AND {_ID_COLUMNS[table]} = {{id:String}} LIMIT 1")
         with self._serial:
             rows = client.query(sql, parameters={"cc": country_code, "pid": party_id, "id": object_id}).result_rows
-        return rows[0][0].encode("utf-8") if rows else None
+        return rows[0][0].encode("utf-8") if rows and not rows[0][1] else None
 
     async def _read(self, table: str, key: ObjectKey) -> msgspec.Raw | None:
         if len(key.object_id) > _ID_MAX[table] or len(key.country_code) > _COUNTRY_CODE_MAX or \

@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = REPO_ROOT.parent / "shared" / "ocpi" / "ocpi-2.2.1-objects.json"
@@ -82,7 +82,7 @@ AVRO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OPT_STRING: list[Any] = ["null", "string"]
 ENVELOPE_ENUMS: dict[str, tuple[str, list[str]]] = {
     "module": ("Module", ["LOCATIONS", "SESSIONS", "CDRS"]),
-    "operation": ("Operation", ["PUT", "PATCH", "POST"]),
+    "operation": ("Operation", ["PUT", "PATCH", "POST", "UNLIST"]),  # UNLIST: v2, full sync of a Location
     "level": ("Level", ["LOCATION", "EVSE", "CONNECTOR", "SESSION", "CDR"]),
     "source": ("Source", ["PUSH", "PULL", "REPLAY"]),
 }
@@ -90,7 +90,8 @@ ENVELOPE_FIELDS: list[tuple[str, Any, str]] = [
     ("event_id", "string", "uuid4 assigned by the receiver"),
     ("partner_id", "string", "registry id of the partner that pushed it"),
     ("module", "enum", "OCPI module"),
-    ("operation", "enum", "HTTP method of the push (POST for CDRs)"),
+    ("operation", "enum", "HTTP method of the push (POST for CDRs); UNLIST (v2): a complete pulled Locations list "
+                          "no longer holds the Location"),
     ("level", "enum", "object level addressed by the URL"),
     ("country_code", "string", "owner country code as sent (case preserved; compare case-insensitively)"),
     ("party_id", "string", "owner party id as sent (case preserved; compare case-insensitively)"),
@@ -107,7 +108,8 @@ ENVELOPE_FIELDS: list[tuple[str, Any, str]] = [
     ("source", "enum", "how the object reached us"),
     ("content_hash", "string", "sha256 hex of the canonical payload without any last_updated"),
     ("relaxations", {"type": "array", "items": "string"}, "compatibility relaxations applied to this push"),
-    ("payload", "payload", "full object for PUT/POST, partial (*Patch) for PATCH; null = absent"),
+    ("payload", "payload", "full object for PUT/POST, partial (*Patch) for PATCH, a LocationPatch of last_updated "
+                           "only for UNLIST (the list's date_to); null = absent"),
 ]
 
 

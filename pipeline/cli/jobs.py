@@ -314,9 +314,10 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
               help="Objects per page asked for (the server may cap it).")
 @click.option("--restart", is_flag=True, help="Abandon an interrupted crawl instead of resuming it.")
-@click.option("--full", is_flag=True, help="Read the whole list, without date_from (not where the pulls ended); "
-              "for Locations, a complete one is compared with the store: the stored Locations of the party it no "
-              "longer lists are reported (full sync, 08 §2.1), not changed. With --schedule, the first round.")
+@click.option("--full", is_flag=True, help="Read the whole list, without date_from (not where the pulls ended), "
+              "for full sync of Locations. With --schedule, the first round.")
+@click.option("--no-full-sync", "no_full_sync", is_flag=True,
+              help="Do not unlist the stored Locations a complete Locations list no longer holds; only report them.")
 @click.option("--max-attempts", default=8, show_default=True, type=click.IntRange(min=1),
               help="Attempts per page on HTTP 429 or 5xx, a timeout or connection error, OCPI 3xxx or a Hub's "
                    "4002/4003.")
@@ -329,16 +330,19 @@ def export(directory: Path, modules: tuple[str, ...], source: str, max_records: 
               help="Random extra delay per round (default: 10% of "
               "--schedule).")
 def pull(partner: str, module: str, since: str | None, until: str | None, limit: int, restart: bool, full: bool,
-         max_attempts: int, schedule: float | None, splay: float | None) -> None:
+         no_full_sync: bool, max_attempts: int, schedule: float | None, splay: float | None) -> None:
     """Catch up from a partner's Sender interface (GET with date_from/date_to, paginated) into the pipeline.
 
     Objects are validated like pushes and published to the same topics, marked source=PULL. The GETs are
     addressed (OCPI-to-*) to each CPO party of the partner in turn (a platform hosting several lists only the
     addressed party's objects), or to a Hub's own party. The position is checkpointed per partner, module and
     party: an interrupted pull resumes, the next one starts where the pulls completed so far end without a gap.
-    A complete Locations list (read without date_from, to the default date_to, nothing left unread: a first pull,
-    or --full) is compared with the store, and the stored Locations of the party it no longer lists are reported
-    in the summary and OCPI_DATA_DIR/jobs/pull/<partner>.locations.not-listed.jsonl; they are not changed.
+    Full sync (08 §2.1): a complete Locations list (read without date_from, to the default date_to, nothing left
+    unread: a party's first pull, or --full) is the new truth. The stored Locations of the party it no longer lists
+    are unlisted (marked so in the store, answered unknown by the receivers' GET; a push newer than the list lists one
+    again),
+    counted in the summary and named in OCPI_DATA_DIR/jobs/pull/<partner>.locations.not-listed.jsonl; with
+    --no-full-sync they are only reported.
 
     \b
     Examples:
@@ -347,7 +351,14 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
       ocpi-pipeline pull --partner cpo-nl --module locations --full
     """
     from pipeline.jobs.kafka_io import JobProducer
-    from pipeline.jobs.pull import RetryPolicy, not_listed_path, pull_every, record_not_listed, stored_not_listed
+    from pipeline.jobs.pull import (
+        PullReport,
+        RetryPolicy,
+        not_listed_path,
+        pull_every,
+        record_not_listed,
+        stored_not_listed,
+    )
     from pipeline.jobs.pull import pull as pull_once
     from pipeline.retention import PseudonymKeyError, check_key, load_key
     from receivers.registry import PartnerRegistry, RegistryError
@@ -359,6 +370,8 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
         raise click.UsageError("--schedule pulls up to now every round; it takes no --until")
     if splay is not None and schedule is None:
         raise click.UsageError("--splay delays the rounds of --schedule; a single pull takes none")
+    if no_full_sync and module != "locations":
+        raise click.UsageError("--no-full-sync is for Locations: full sync applies to no other module")
     if full and (since is not None or module == "sessions"):
         raise click.UsageError("--full reads the whole list, without date_from: it takes no --since, and Sessions "
                                "have none (09 §2.1)")
@@ -375,23 +388,25 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
                 client.close()
         except (RegistryError, PseudonymKeyError) as exc:
             raise JobError(str(exc)) from None
+        async def not_listed(of: Any, report: PullReport) -> list[tuple[str, str, str]]:
+            """Full sync (08 §2.1): the stored Locations a complete list no longer holds, recorded for the operator."""
+            def read() -> list[tuple[str, str, str]]:
+                client = connect_for(settings)
+                try:
+                    return stored_not_listed(client, of, report)
+                finally:
+                    client.close()
+            report.not_listed = await asyncio.to_thread(read)
+            record_not_listed(settings, report, unlisted=not no_full_sync)
+            return report.not_listed
+
         async with JobProducer(settings.kafka, bootstrap) as producer:
-            report = await pull_once(settings, found, module, producer, since=start, until=end, limit=limit,
-                                     relative=(relative_text(since) if start is not None else None,
-                                               relative_text(until)),
-                                     restart=restart, since_unless_completed=later_round,
-                                     retry=RetryPolicy(max_attempts=max_attempts), progress=progress,
-                                     full=full and not later_round)
-        complete = [each for each in report.parties or [report] if each.listed is not None]
-        if complete:  # full sync (08 §2.1): which stored Locations the complete lists no longer hold
-            client = await asyncio.to_thread(connect_for, settings)
-            try:
-                for each in complete:
-                    each.not_listed = await asyncio.to_thread(stored_not_listed, client, found, each)
-                    record_not_listed(settings, each)
-            finally:
-                client.close()
-        return report
+            return await pull_once(settings, found, module, producer, since=start, until=end, limit=limit,
+                                   relative=(relative_text(since) if start is not None else None,
+                                             relative_text(until)),
+                                   restart=restart, since_unless_completed=later_round,
+                                   retry=RetryPolicy(max_attempts=max_attempts), progress=progress,
+                                   full=full and not later_round, not_listed=not_listed, unlist=not no_full_sync)
 
     def show(report: Any) -> None:
         for each in report.parties or [report]:  # one line per party the GETs were addressed to
@@ -406,10 +421,11 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
             if each.not_listed is not None:
                 named = ", ".join("/".join(ident) for ident in each.not_listed[:5])
                 more = f" and {len(each.not_listed) - 5} more" if len(each.not_listed) > 5 else ""
+                done = "reported only (--no-full-sync)" if no_full_sync else f"unlisted {each.unlisted}"
                 console.print(f"full sync{whose}: the complete list holds {len(each.listed or ())} Locations; "
                               f"{len(each.not_listed)} stored ones are no longer listed"
-                              f"{f' ({escape(named)}{more})' if named else ''}: reported in "
-                              f"{not_listed_path(settings, partner)}, not changed in the store")
+                              f"{f' ({escape(named)}{more})' if named else ''}: {done}; see "
+                              f"{not_listed_path(settings, partner)}")
             elif full and each.not_full is not None:
                 console.print(f"[yellow]no full sync{whose}: {escape(each.not_full)}[/]")
 

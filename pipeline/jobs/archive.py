@@ -348,9 +348,10 @@ _FULL_TYPES = {"LOCATION": "Location", "EVSE": "EVSE", "CONNECTOR": "Connector",
 
 
 def payload_type_of(operation: str, level: str) -> str:
-    """The payload union branch of an event: the level's object, or its Patch class for a PATCH."""
+    """The payload union branch of an event: the level's object, or its Patch class for a PATCH (and an UNLIST,
+    whose LocationPatch holds its list's date_to)."""
     full = _FULL_TYPES[level]
-    return f"{full}Patch" if operation == "PATCH" else full
+    return f"{full}Patch" if operation in ("PATCH", "UNLIST") else full
 
 
 def record_from_row(row: Sequence[Any]) -> dict[str, Any]:

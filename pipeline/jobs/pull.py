@@ -53,9 +53,10 @@ The crawl (04 §4.2):
 Full sync of Locations (08 §2.1: a complete list is the new truth): a Locations crawl read without date_from (a
 party's first, or `full`) to the default date_to, nothing announced left unread and every object naming its
 Location, is a complete list; what its pages listed (`listed_identity`, invalid objects too) is kept beside the
-checkpoint while it runs (`<checkpoint>.listed.jsonl`) and handed over in `PullReport.listed`, and
-`stored_not_listed` finds the stored Locations of the party it no longer holds (`not_a_full_list` says why
-another crawl is none).
+checkpoint while it runs (`<checkpoint>.listed.jsonl`) and handed over in `PullReport.listed`;
+`stored_not_listed` finds the stored Locations of the party it no longer holds, and each gets an UNLIST event
+(`infra.events.unlist_event`, dated by the list's date_to) before the crawl counts as completed
+(`not_a_full_list` says why another crawl is none).
 
 Requests carry `Authorization: Token <base64>` (the raw token for RAW_TOKEN partners), a fresh X-Request-ID,
 one X-Correlation-ID per crawl, and routing headers from our party (OCPI_PARTY_*) to the partner's: its Hub role
@@ -100,7 +101,7 @@ import msgspec
 
 from infra.clickhouse.client import select
 from infra.codec import AvroCodecError, encode_event
-from infra.events import build_event
+from infra.events import build_event, unlist_event
 from infra.settings import Settings
 from ocpi.datetime import format_datetime
 from ocpi.decode import UNPARSABLE, OcpiJsonError, OcpiValidationError, decode_list, unparsable_reason
@@ -192,7 +193,12 @@ class PullReport:
     listed: frozenset[tuple[str, str, str]] | None = None
     not_full: str | None = None  # why a Locations crawl was no complete list (None: it was, or other modules)
     not_listed: list[tuple[str, str, str]] | None = None  # the stored ones `listed` lacks (`stored_not_listed`)
+    unlisted: int = 0  # UNLIST events of `not_listed` Kafka acknowledged (none with `unlist=False`)
     parties: list[PullReport] = dataclasses.field(default_factory=list)  # one per party crawled, when several were
+
+
+# Full sync: the stored Locations a complete list (`PullReport.listed`) no longer holds (`stored_not_listed`).
+NotListed = Callable[[Partner, PullReport], Awaitable[list[tuple[str, str, str]]]]
 
 
 @dataclass
@@ -545,7 +551,8 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
                relative: tuple[str | None, str | None] = (None, None), restart: bool = False,
                since_unless_completed: bool = False, retry: RetryPolicy | None = None,
                progress: JobProgress | None = None, transport: httpx.AsyncBaseTransport | None = None,
-               sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, full: bool = False) -> PullReport:
+               sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, full: bool = False,
+               not_listed: NotListed | None = None, unlist: bool = True) -> PullReport:
     """Crawl `partner`'s `module` Sender list once (or resume the interrupted crawl); see the module docstring.
 
     One crawl per party the GETs are addressed to (`_their_parties`: each CPO party of a platform hosting several),
@@ -556,8 +563,12 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
     same text resumes an interrupted crawl, whose window stays the one they resolved to when it started.
     `since_unless_completed`: `since` only for a party no pull has completed for yet; the others continue where
     their completed pulls end (a schedule's rounds after the first: `since` every round would crawl the whole
-    window again each time). `full`: every party's whole list, without date_from (`since` must be None); a
-    Locations crawl's report then holds what it listed (`PullReport.listed`), for full sync.
+    window again each time). `full`: every party's whole list, without date_from (`since` must be None).
+
+    Full sync: a Locations crawl that is a complete list (`not_a_full_list`) has what it listed in
+    `PullReport.listed`; `not_listed` (`stored_not_listed` on the store) then names the stored Locations it no longer
+    holds, and, with `unlist`, an UNLIST event of each is sent before the crawl counts as completed (interrupted
+    there, the rerun sends them again: the pipeline takes a second UNLIST as a duplicate).
 
     One pull of a partner's module at a time: a second one (a manual pull while a scheduled one crawls) would
     resume the same crawl from the checkpoint and publish every object again; it is refused."""
@@ -565,14 +576,15 @@ async def pull(settings: Settings, partner: Partner, module: str, sink: RecordSi
     with running_alone(lock, f"a pull of {module} from {partner.partner_id}"):
         return await _pull(settings, partner, module, sink, since=since, until=until, limit=limit,
                            relative=relative, restart=restart, since_unless_completed=since_unless_completed,
-                           retry=retry, progress=progress, transport=transport, sleep=sleep, full=full)
+                           retry=retry, progress=progress, transport=transport, sleep=sleep, full=full,
+                           not_listed=not_listed, unlist=unlist)
 
 
 async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordSink, *, since: datetime | None,
                 until: datetime | None, limit: int, relative: tuple[str | None, str | None], restart: bool,
                 since_unless_completed: bool, retry: RetryPolicy | None, progress: JobProgress | None,
                 transport: httpx.AsyncBaseTransport | None, sleep: Callable[[float], Awaitable[None]],
-                full: bool) -> PullReport:
+                full: bool, not_listed: NotListed | None, unlist: bool) -> PullReport:
     kind = KINDS.get(module)
     if kind is None:
         raise PullError(f"module {module!r} cannot be pulled; use one of {', '.join(KINDS)}")
@@ -600,7 +612,8 @@ async def _pull(settings: Settings, partner: Partner, module: str, sink: RecordS
             reports.append(await _crawl(settings, partner, module, kind, endpoint.url, sink, party, checkpoint,
                                         state, since=party_since, until=until, limit=limit,
                                         relative=party_relative, restart=restart, retry=retry, progress=progress,
-                                        transport=transport, sleep=sleep, full=full))
+                                        transport=transport, sleep=sleep, full=full, not_listed=not_listed,
+                                        unlist=unlist))
         except PullError as exc:
             if len(parties) == 1:
                 raise
@@ -627,7 +640,8 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
                  state: dict[str, Any], *, since: datetime | None, until: datetime | None, limit: int,
                  relative: tuple[str | None, str | None], restart: bool, retry: RetryPolicy | None,
                  progress: JobProgress, transport: httpx.AsyncBaseTransport | None,
-                 sleep: Callable[[float], Awaitable[None]], full: bool = False) -> PullReport:
+                 sleep: Callable[[float], Awaitable[None]], full: bool = False, not_listed: NotListed | None = None,
+                 unlist: bool = True) -> PullReport:
     """One party's crawl (the GETs addressed to `party`), from and into its checkpoint. `full`: the whole list,
     without date_from, whatever the completed pulls cover (an interrupted crawl of a window is abandoned)."""
     whose = f" for {'/'.join(party)}" if party is not None else ""
@@ -800,6 +814,10 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
         report.not_full = not_a_full_list(crawl, report.unread)
         if report.not_full is None:
             report.listed = _read_listed(_listed_path(checkpoint))
+            if not_listed is not None:
+                report.not_listed = await not_listed(partner, report)
+                if unlist and report.not_listed:
+                    report.unlisted = await _send_unlists(settings, partner, report, crawl["correlation_id"], sink)
     _listed_path(checkpoint).unlink(missing_ok=True)
     state["crawl"] = None
     state["runs"] = [*state.get("runs", [])[-19:], {
@@ -951,28 +969,55 @@ def stored_not_listed(client: Client, partner: Partner, report: PullReport) -> l
     may have left the list for its newer version. Sorted; none for a crawl that was no complete list."""
     if report.listed is None:
         return []
-    sql = ("SELECT country_code, party_id, location_id FROM locations FINAL WHERE partner_id = {partner:String} "
-           "AND last_updated < parseDateTime64BestEffort({until:String}, 6, 'UTC')")
-    parameters = {"partner": partner.partner_id, "until": iso(report.until)}
+    parameters = {"partner": partner.partner_id, "until": iso(listed_until(report))}
+    party = ""
     if report.party is not None and not any(role.role is Role.HUB for role in partner.roles):
-        sql += " AND country_code = {country:String} AND party_id = {party:String}"
+        party = " WHERE country_code = {country:String} AND party_id = {party:String}"
         parameters |= {"country": ci_normalize(report.party[0]), "party": ci_normalize(report.party[1])}
+    # The current rows first (FINAL), then the conditions on columns outside the key: applied before FINAL
+    # (`optimize_move_to_prewhere_if_final`), they could pick an older row of a Location.
+    sql = ("SELECT country_code, party_id, location_id FROM (SELECT country_code, party_id, location_id, partner_id, "
+           f"last_updated, unlisted FROM locations FINAL{party}) WHERE partner_id = {{partner:String}} "
+           "AND last_updated < parseDateTime64BestEffort({until:String}, 6, 'UTC') AND NOT unlisted")
     _columns, rows = select(client, sql, parameters)
     return sorted(ident for ident in ((str(r[0]), str(r[1]), str(r[2])) for r in rows) if ident not in report.listed)
+
+
+def listed_until(report: PullReport) -> datetime:
+    """The date_to of a complete list as the partner was sent it (`format_datetime`: to 100 µs, truncated): the list
+    held the Locations updated before it. An UNLIST is dated by it, and so is what OCPI JSON keeps of it."""
+    return datetime.fromisoformat(format_datetime(report.until).replace("Z", "+00:00"))
+
+
+async def _send_unlists(settings: Settings, partner: Partner, report: PullReport, correlation_id: str,
+                        sink: RecordSink) -> int:
+    """An UNLIST event (`infra.events.unlist_event`) of each stored Location the complete list no longer holds,
+    dated by the list's date_to and keyed by the Location like its pushes; acknowledged, as a page's events."""
+    topic = settings.kafka.topic_for("locations")
+    keys = [ObjectKey(*ident) for ident in report.not_listed or ()]
+    until = listed_until(report)
+
+    def handed_over() -> Iterator[tuple[str, bytes, bytes]]:  # stamped as handed over, as a page's events
+        for key in keys:
+            yield topic, key.kafka_key(), encode_event(unlist_event(
+                partner_id=partner.partner_id, key=key, listed_until=until, correlation_id=correlation_id))
+
+    return await sink.send_all(handed_over(), within=settings.kafka.send_timeout_s)
 
 
 def not_listed_path(settings: Settings, partner_id: str) -> Path:
     return jobs_dir(settings, "pull") / f"{partner_id}.locations.not-listed.jsonl"
 
 
-def record_not_listed(settings: Settings, report: PullReport) -> Path:
+def record_not_listed(settings: Settings, report: PullReport, *, unlisted: bool) -> Path:
     """Append what a full Locations crawl found no longer listed (`report.not_listed`) to the partner's
-    `not-listed.jsonl`, one line per crawl, for the operator (kept until deleted; ids only, nothing personal)."""
+    `not-listed.jsonl`, one line per crawl, for the operator (kept until deleted; ids only, nothing personal).
+    `unlisted`: whether they are to be unlisted (not with --no-full-sync)."""
     path = not_listed_path(settings, report.partner)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         fh.write(json.dumps({"at": iso(datetime.now(UTC)), "party": list(report.party) if report.party else None,
-                             "until": iso(report.until), "listed": len(report.listed or ()),
+                             "until": iso(report.until), "listed": len(report.listed or ()), "unlist": unlisted,
                              "not_listed": [list(ident) for ident in report.not_listed or ()]}) + "\n")
     return path
 

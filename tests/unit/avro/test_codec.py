@@ -21,6 +21,8 @@ from infra.codec import EVENT_SCHEMA, MARKER, AvroCodec, AvroCodecError, Decoded
 
 from .convert import EXAMPLES, FIXTURES, current_schema, load_json, ocpi_object
 
+CURRENT_REVISION = 2  # avro/v2: Operation UNLIST (full sync of Locations)
+
 needs_examples = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="shared OCPI examples not present")
 
 
@@ -55,7 +57,7 @@ def make_event(payload_type: str, payload: dict[str, Any], **overrides: Any) -> 
 def assert_round_trip(event: dict[str, Any]) -> DecodedEvent:
     decoded = codec.decode_event(codec.encode_event(event))
     assert decoded.to_event() == event
-    assert decoded.schema_version == 1
+    assert decoded.schema_version == CURRENT_REVISION
     return decoded
 
 
@@ -87,9 +89,10 @@ GOLDEN_EVENT: dict[str, Any] = {
         },
     ),
 }
-GOLDEN_FINGERPRINT = "1b9f74d9f3da99d9"
-GOLDEN_HEX = (
-    "c301" + GOLDEN_FINGERPRINT
+GOLDEN_FINGERPRINT = "f410716ea697d3fe"  # avro/v2
+V1_FINGERPRINT = "1b9f74d9f3da99d9"  # avro/v1: the same body, its Operation without UNLIST
+GOLDEN_BODY_HEX = (
+    ""
     + "48" "36663163396530612d336237642d346332652d396638612d316432653366346135623663"  # event_id
     + "0c" "4e4c2d544e4d"  # partner_id
     + "02" "02" "06"  # module SESSIONS, operation PATCH, level SESSION
@@ -110,6 +113,7 @@ GOLDEN_HEX = (
     + "00"  # status: null
     + "02" "80b4b1c6a7fec505"  # last_updated
 )  # fmt: skip
+GOLDEN_HEX = "c301" + GOLDEN_FINGERPRINT + GOLDEN_BODY_HEX
 
 
 def crc64_avro(data: bytes) -> bytes:
@@ -141,6 +145,32 @@ def test_golden_bytes() -> None:
         "from_country_code": None,
         "from_party_id": None,
     }
+
+
+def test_records_of_revision_v1_are_still_read() -> None:
+    """Records a producer of the previous version wrote (avro/v1, before UNLIST) decode as they did."""
+    decoded = codec.decode_event(bytes.fromhex("c301" + V1_FINGERPRINT + GOLDEN_BODY_HEX))
+    assert decoded.schema_version == 1
+    assert decoded.to_event() == codec.decode_event(bytes.fromhex(GOLDEN_HEX)).to_event()
+
+
+UNLIST_EVENT: dict[str, Any] = {
+    **GOLDEN_EVENT, "module": "LOCATIONS", "operation": "UNLIST", "level": "LOCATION", "object_id": "LOC1",
+    "source": "PULL", "relaxations": [],
+    "payload": ("LocationPatch", {"last_updated": datetime(2019, 6, 23, 8, 11, tzinfo=UTC)}),
+}
+
+
+def test_golden_bytes_of_an_unlist() -> None:
+    """Operation UNLIST (v2) is the enum's fourth symbol; its payload a LocationPatch of last_updated only."""
+    data = codec.encode_event(UNLIST_EVENT)
+    assert data[:10].hex() == "c301" + GOLDEN_FINGERPRINT
+    body = data[10:].hex()
+    envelope = "48" + "36663163396530612d336237642d346332652d396638612d316432653366346135623663" + "0c4e4c2d544e4d"
+    assert body.startswith(envelope + "00" "06" "00")  # module LOCATIONS, operation UNLIST (3), level LOCATION
+    decoded = codec.decode_event(data)
+    assert (decoded.operation, decoded.payload_type, decoded.payload) == (
+        "UNLIST", "LocationPatch", {"last_updated": datetime(2019, 6, 23, 8, 11, tzinfo=UTC)})
 
 
 def test_header_is_marker_plus_crc64_of_the_canonical_form() -> None:
@@ -439,7 +469,7 @@ def test_old_revision_is_read_with_its_writer_schema_and_defaulted(
     assert decoded.payload_type == "Session"
     assert decoded.payload == session  # meter_id (added later) defaulted to null, i.e. absent
     # Current records still take the fast path through the same registry.
-    assert codec.decode_event(codec.encode_event(GOLDEN_EVENT)).schema_version == 1
+    assert codec.decode_event(codec.encode_event(GOLDEN_EVENT)).schema_version == 1  # the stand-in registry's
 
 
 @pytest.mark.parametrize("kwh", [Decimal("100000000000000"), Decimal("123456789012345")])

@@ -100,7 +100,7 @@ def test_envelope_matches_architecture() -> None:
     ]  # fmt: skip
     by_name = {f["name"]: f for f in schema["fields"]}
     assert by_name["module"]["type"]["symbols"] == ["LOCATIONS", "SESSIONS", "CDRS"]
-    assert by_name["operation"]["type"]["symbols"] == ["PUT", "PATCH", "POST"]
+    assert by_name["operation"]["type"]["symbols"] == ["PUT", "PATCH", "POST", "UNLIST"]
     assert by_name["level"]["type"]["symbols"] == ["LOCATION", "EVSE", "CONNECTOR", "SESSION", "CDR"]
     assert by_name["source"]["type"]["symbols"] == ["PUSH", "PULL", "REPLAY"]
     assert by_name["received_at"]["type"] == {"type": "long", "logicalType": "timestamp-micros"}

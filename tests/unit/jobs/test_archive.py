@@ -276,6 +276,18 @@ def test_a_raw_event_accepted_as_it_was_under_a_relaxation_is_archived(relaxatio
     assert event_of(record) == pushed
 
 
+def test_an_unlist_in_raw_events_is_archived_as_it_was_sent() -> None:
+    """An UNLIST (full sync, schema v2) is stored with its LocationPatch of `last_updated` only: exported from
+    ClickHouse it must come back as that event, not be refused as a Location without its fields."""
+    from infra.events import unlist_event
+
+    pushed = decode_event(encode_event(unlist_event(partner_id="cpo-be", key=ObjectKey("BE", "BEC", "LOC1"),
+                                                    listed_until=DAY1.replace(microsecond=123400),
+                                                    correlation_id="corr", received_at=DAY1)))
+    record = record_from_row(row(pushed, 0)[:len(RAW_COLUMNS)])
+    assert event_of(record) == pushed and pushed.operation == "UNLIST"
+
+
 def test_archive_files_are_ordered_and_filtered_by_day(tmp_path: Path) -> None:
     for module, day, name in (("cdrs", "2024-05-02", "part-b.avro"), ("cdrs", "2024-05-01", "part-z.avro"),
                               ("cdrs", "2024-05-01", "part-a.avro"), ("sessions", "2024-05-03", "part-a.avro"),

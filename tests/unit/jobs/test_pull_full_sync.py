@@ -14,8 +14,16 @@ import pytest
 
 from infra.clickhouse.client import connect, connect_for
 from infra.clickhouse.migrations import migrate
+from ocpi.datetime import format_datetime
 from ocpi.model import Endpoint, InterfaceRole
-from pipeline.jobs.pull import PullReport, listed_identity, not_a_full_list, pull, stored_not_listed
+from pipeline.jobs.pull import (
+    PullReport,
+    listed_identity,
+    listed_until,
+    not_a_full_list,
+    pull,
+    stored_not_listed,
+)
 from receivers.registry import Partner, PartnerStatus, credentials_role
 from tests.conftest import EXAMPLES
 from tests.unit.jobs.fake_sender import FakeSender, hours_ago, stamp
@@ -144,3 +152,60 @@ def test_the_stored_locations_a_complete_list_no_longer_holds(settings_for: Any)
     assert stored_not_listed(client, hub, report) == [("BE", "BEC", "L1"), ("BE", "BEC", "L2"), ("NL", "ABC", "L4")]
     assert stored_not_listed(client, cpo, PullReport("cpo-be", "locations", None, until)) == []  # no complete list
     client.close()
+
+
+class Stored:
+    """Stands in for `stored_not_listed` on the store: the stored Locations of BE/BEC, all dated before the list."""
+
+    def __init__(self, *ids: str) -> None:
+        self.ids = ids
+        self.calls: list[PullReport] = []
+
+    async def __call__(self, partner: Partner, report: PullReport) -> list[tuple[str, str, str]]:
+        self.calls.append(report)
+        assert report.listed is not None
+        return sorted(("BE", "BEC", i) for i in self.ids if ("BE", "BEC", i) not in report.listed)
+
+
+async def test_a_complete_list_unlists_the_stored_locations_it_no_longer_holds(settings_for: Any,
+                                                                             fake: FakeSender) -> None:
+    settings = settings_for()
+    fake.objects["locations"] = [location("L1", hours_ago(5)), location("L3", hours_ago(4))]
+    sink = ListSink()
+    stored = Stored("L1", "L2", "L3", "L4")
+    report = await pull(settings, partner_for(fake.url("locations")), "locations", sink, not_listed=stored)
+    assert (report.not_listed, report.unlisted) == ([("BE", "BEC", "L2"), ("BE", "BEC", "L4")], 2)
+    unlists = [e for e in sink.events if e.operation == "UNLIST"]
+    assert [(e.object_id, e.level, e.source, e.payload_type, e.payload) for e in unlists] == [
+        (i, "LOCATION", "PULL", "LocationPatch", {"last_updated": listed_until(report)}) for i in ("L2", "L4")]
+    # Dated by the list's date_to as the partner was sent it (OCPI DateTime: to 100 µs).
+    assert format_datetime(listed_until(report)) == fake.seen[0].query["date_to"]
+    assert {k for _t, k, _v in sink.records[-2:]} == {b"BE/BEC/L2", b"BE/BEC/L4"}  # keyed like the pushes
+    # A windowed pull compares nothing.
+    stored.calls.clear()
+    await pull(settings, partner_for(fake.url("locations")), "locations", ListSink(), since=hours_ago(24),
+               not_listed=stored)
+    assert stored.calls == []
+
+
+async def test_no_full_sync_reports_and_sends_nothing(settings_for: Any, fake: FakeSender) -> None:
+    fake.objects["locations"] = [location("L1", hours_ago(5))]
+    sink = ListSink()
+    report = await pull(settings_for(), partner_for(fake.url("locations")), "locations", sink,
+                        not_listed=Stored("L1", "L2"), unlist=False)
+    assert (report.not_listed, report.unlisted) == ([("BE", "BEC", "L2")], 0)
+    assert [e.operation for e in sink.events] == ["PUT"]
+
+
+async def test_unlists_kafka_did_not_take_are_sent_again_by_the_rerun(settings_for: Any, fake: FakeSender) -> None:
+    """The crawl counts as completed only once its UNLISTs are acknowledged: the rerun of a pull whose UNLISTs
+    failed compares and sends them again (a second UNLIST of a Location is a duplicate to the pipeline)."""
+    settings = settings_for()
+    fake.objects["locations"] = [location("L1", hours_ago(5))]
+    partner = partner_for(fake.url("locations"))
+    with pytest.raises(RuntimeError, match="broker down"):
+        await pull(settings, partner, "locations", ListSink(fail_on=2), not_listed=Stored("L1", "L2"))
+    sink = ListSink()
+    report = await pull(settings, partner, "locations", sink, not_listed=Stored("L1", "L2"))
+    assert report.resumed and report.listed == {("BE", "BEC", "L1")} and report.unlisted == 1
+    assert [(e.operation, e.object_id) for e in sink.events] == [("UNLIST", "L2")]

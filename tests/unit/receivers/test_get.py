@@ -55,11 +55,11 @@ def silent_store() -> Iterator[str]:
         yield f"http://127.0.0.1:{silent.getsockname()[1]}"
 
 
-def store_location(p: Pushes, body: dict[str, Any], version: int = 1) -> None:
+def store_location(p: Pushes, body: dict[str, Any], version: int = 1, *, unlisted: bool = False) -> None:
     p.store("locations", [{"country_code": body["country_code"].upper(), "party_id": body["party_id"].upper(),
                            "location_id": body["id"].upper(), "partner_id": "cpo-be-bec", "city": body["city"],
                            "country": body["country"], "publish": body["publish"], "last_updated": NOW,
-                           "payload_json": json.dumps(body), "version": version}])
+                           "payload_json": json.dumps(body), "version": version, "unlisted": unlisted}])
 
 
 def data(response: Any) -> Any:
@@ -95,6 +95,18 @@ def test_what_we_do_not_hold_is_404_unknown_location(pushes: Pushes, url: str, w
     store_location(pushes, location())
     answer = assert_envelope(pushes.request("GET", url), 2003, http=404)
     assert what in answer["status_message"] and "data" not in answer
+
+
+def test_a_location_a_complete_list_no_longer_held_is_unknown_until_listed_again(pushes: Pushes) -> None:
+    """Full sync (08 §2.1): a Location a complete pulled list no longer held is no longer valid (its newest row says
+    `unlisted`, migration 0030): 2003, at every depth, as one we never held; a newer push lists it again."""
+    store_location(pushes, location(), version=1)
+    store_location(pushes, location(), version=3, unlisted=True)
+    for url in (LOCATION_URL, f"{LOCATION_URL}/3256", f"{LOCATION_URL}/3256/2"):
+        answer = assert_envelope(pushes.request("GET", url), 2003, http=404)
+        assert "Location BE/BEC/LOC1 is not known" in answer["status_message"]
+    store_location(pushes, {**location(), "name": "back"}, version=5)
+    assert data(pushes.request("GET", LOCATION_URL))["name"] == "back"
 
 
 def test_a_location_without_evses(pushes: Pushes) -> None:
