@@ -352,6 +352,7 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
     """
     from pipeline.jobs.kafka_io import JobProducer
     from pipeline.jobs.pull import (
+        PullError,
         PullReport,
         RetryPolicy,
         not_listed_path,
@@ -396,7 +397,11 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
                     return stored_not_listed(client, of, report)
                 finally:
                     client.close()
-            report.not_listed = await asyncio.to_thread(read)
+            try:
+                report.not_listed = await asyncio.to_thread(read)
+            except (ClickHouseError, ClickHouseUnavailable, OSError) as exc:  # the crawl stays at its end: rerun
+                raise PullError(f"full sync: the stored Locations could not be read ({type(exc).__name__}: {exc}); "
+                                "run the pull again to compare its complete list") from None
             record_not_listed(settings, report, unlisted=not no_full_sync)
             return report.not_listed
 

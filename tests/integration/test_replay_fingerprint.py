@@ -28,7 +28,10 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from infra.codec import encode_event
+from infra.events import unlist_event
 from infra.settings import Settings
+from ocpi.identity import ObjectKey
 from pipeline.jobs.archive import export_from_kafka
 from pipeline.jobs.common import MODULES
 from pipeline.jobs.kafka_io import offset_bounds, topic_partitions, wait_for_group
@@ -164,6 +167,16 @@ def _extras(settings: Settings) -> list[tuple[str, bytes, bytes]]:
         r(settings, "Session", b.session("SV1", status="INVALID", kwh="5", updated=35, end=30, cost="1.25",
                                          uid="TV1"), received_at=at(23)),
     ]
+    # Full sync: a Location a complete pulled list no longer held (UNLIST); another one unlisted, then a PUT older
+    # than that list (STALE) and one newer (listed again).
+    for name in ("LU1", "LU2"):
+        out.append(r(settings, "Location", b.location(name, evses=[b.evse("E1")], updated=2), received_at=at(25)))
+        out.append((settings.kafka.topic_locations, f"NL/TNM/{name}".encode(), encode_event(unlist_event(
+            partner_id="p1", key=ObjectKey("NL", "TNM", name), listed_until=b.ts(20), correlation_id="full-sync",
+            received_at=at(26)))))
+    out.append(r(settings, "Location", b.location("LU2", evses=[b.evse("E1")], updated=10), received_at=at(27)))
+    out.append(r(settings, "Location", b.location("LU2", evses=[b.evse("E1", status="CHARGING")], updated=30),
+                 received_at=at(28)))
     out.append((settings.kafka.topic_cdrs, b"NL/TNM/GARBAGE", b"\xc3\x01not an avro record"))  # a dead letter
     # A well-formed event that does not fit its topic (an EVSE push without evse_uid): a dead letter too.
     out.append(r(settings, "EVSEPatch", {"status": "CHARGING", "last_updated": b.iso(b.ts(7))}, object_id="LD1",
@@ -220,6 +233,7 @@ def _check_story(print_: dict[str, list[str]]) -> None:
             "EVSE_MISSING_FROM_PUT", "FUTURE_LAST_UPDATED", "DUPLICATE_CREDIT", "CREDIT_UNKNOWN_REFERENCE",
             "STALE_UPDATE", "CDR_FOR_INVALID_SESSION"} <= outcomes, outcomes
     assert print_["dead_letters"], "no dead letter"
+    assert sum(row.endswith(", True)") for row in print_["locations"]) == 1, "not one unlisted Location"
 
 
 async def test_replay_from_offset_zero_changes_no_row(story: Story) -> None:
