@@ -13,6 +13,9 @@ history ends with a row to status '' (as before its first row), from which one l
 them, arriving after it, is stale, as it is in order, and does not bring it back. So is it kept for the lists a push
 replaces whole (the Location's EVSEs, an EVSE's Connectors): an older push for an EVSE or Connector the tree never
 held, arriving after it, is stale too and does not add it (in order the newer list would have dropped it).
+Full sync (08 §2.1): an UNLIST (a complete pulled list, up to its date_to, no longer held the Location; `unlist`)
+writes the Location row `unlisted` and its EVSEs and Connectors as left out; only a push newer than that list lists
+it again.
 A push of an EVSE or Connector raises its parents' `last_updated` (08 §3), but sets none of their own fields: where
 it raised one beyond the time of the pushes that set the parent's own fields, that time is kept
 (`LocationState.own_updated`), and a PATCH of the parent's own fields (an EVSE `status`) is compared with it.
@@ -181,7 +184,7 @@ def unlist(state: LocationState, record: Record, out: StageOutput) -> None:
         return
     version = projection.next_version(state.version, current.last_updated)
     tree = wire.builtins(msgspec.structs.replace(current, evses=None))
-    personal_at = state.personal_at or min(current.last_updated, record.received_at)  # as `apply` fixes it
+    personal_at = _personal_at(state, current, record.received_at)
     document = state.object_json or b""
     row = projection.location_row(event, tree, document, version, personal_at,
                                   evse_count=len(current.evses or ()), unlisted=True)
@@ -196,6 +199,13 @@ def unlist(state: LocationState, record: Record, out: StageOutput) -> None:
     state.applied_event_id = event.event_id
     state.applied_at = ordering.newest(state.applied_at, record.received_at)
     out.outcome(record, Outcome.APPLIED, f"a complete pulled list up to {listed_until.isoformat()} no longer held it")
+
+
+def _personal_at(state: LocationState, stored: Location, received_at: datetime) -> datetime:
+    """When the stored Location's `publish_allowed_to` came (`LocationState.personal_at`). A state from before
+    `personal_at` does not know: the Location's last_updated then (bumped when the CPO set it) stands in, fixed by the
+    event at `received_at` so later updates cannot postpone it."""
+    return state.personal_at or min(stored.last_updated, received_at)
 
 
 def _leave(out: StageOutput, tree: dict[str, Any], gone_evse: EVSE, event: DecodedEvent, version: int,
@@ -336,10 +346,8 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     personal_at = state.personal_at
     if event.level == "LOCATION" and (event.operation == "PUT" or LOCATION_PERSONAL_FIELD in event.payload):
         personal_at = record.received_at
-    elif personal_at is None and previous is not None:
-        # A state from before `personal_at`: when its `publish_allowed_to` came is unknown. The Location's
-        # last_updated then (bumped when the CPO set it) stands in, fixed now so later updates cannot postpone it.
-        personal_at = min(previous.last_updated, record.received_at)
+    elif previous is not None:
+        personal_at = _personal_at(state, previous, record.received_at)
     _track_own(state, previous, location, event)
     version = projection.next_version(state.version, location.last_updated)
     # The Location's own fields as builtins (its EVSEs are turned into builtins only where they changed).
