@@ -255,6 +255,29 @@ def test_a_pull_splay_without_a_schedule_is_refused(tmp_path: Path, monkeypatch:
     assert "--splay" in result.output and "--schedule" in result.output
 
 
+@pytest.mark.parametrize(("args", "named"), [
+    (["--module", "locations", "--full", "--since", "1d"], "--since"),
+    (["--module", "sessions", "--full"], "Sessions"),
+    (["--module", "cdrs", "--no-full-sync"], "Locations"),
+])
+def test_full_sync_options_that_mean_nothing_are_refused(args: list[str], named: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--full` reads a list without date_from (none with --since; Sessions have none), and full sync is of
+    Locations only: refused before anything connects, not ignored."""
+    import infra.clickhouse.client
+    import pipeline.cli.jobs
+
+    def connect_for(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("connected before refusing the options")
+
+    monkeypatch.setattr(pipeline.cli.jobs, "connect_for", connect_for)
+    monkeypatch.setattr(infra.clickhouse.client, "connect_for", connect_for)
+    result = CliRunner().invoke(cli, ["pull", "--partner", "cpo-be", *args],
+                                env={"OCPI_KAFKA_BOOTSTRAP": "127.0.0.1:1", "OCPI_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert named in result.output
+
+
 def test_a_rebuild_whose_migration_fails_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`replay --rebuild` migrates its fresh database: a migration ClickHouse refused there (a user without the
     CREATE DATABASE grant) ended in a MigrationError traceback."""
