@@ -132,24 +132,32 @@ def test_the_stored_locations_a_complete_list_no_longer_holds(settings_for: Any)
     migrate(connect(settings.clickhouse_dsn), settings.clickhouse.database)
     client = connect_for(settings)
     until = datetime.now(UTC) - timedelta(minutes=5)
-    rows = [("BE", "BEC", "L1", "cpo-be", until - timedelta(days=1)),  # listed
-            ("BE", "BEC", "L2", "cpo-be", until - timedelta(days=1)),  # dropped by the CPO
-            ("BE", "BEC", "L3", "cpo-be", until + timedelta(minutes=1)),  # newer than the list: not judged
-            ("NL", "ABC", "L4", "cpo-be", until - timedelta(days=1)),  # another party of the partner
-            ("BE", "BEC", "L5", "cpo-other", until - timedelta(days=1))]  # received from another partner
-    client.insert("locations", [[c, p, i, partner, "", "Gent", "BEL", True, 0, updated, "{}", "e", 1, updated,
-                                 updated] for c, p, i, partner, updated in rows],
+    old, new = until - timedelta(days=1), until + timedelta(minutes=1)
+    rows = [("BE", "BEC", "L1", "cpo-be", old, 1, False),  # listed
+            ("BE", "BEC", "L2", "cpo-be", old, 1, False),  # dropped by the CPO
+            ("BE", "BEC", "L3", "cpo-be", new, 1, False),  # newer than the list: not judged
+            ("NL", "ABC", "L4", "cpo-be", old, 1, False),  # another party of the partner
+            ("BE", "BEC", "L5", "cpo-other", old, 1, False),  # received from another partner
+            # Versions of one Location: the newest row decides (unlisted already, listed again, now another
+            # partner's, dated after the list), whatever the older rows say.
+            ("BE", "BEC", "L6", "cpo-be", old, 1, False), ("BE", "BEC", "L6", "cpo-be", old, 3, True),
+            ("BE", "BEC", "L7", "cpo-be", old, 1, True), ("BE", "BEC", "L7", "cpo-be", old, 3, False),
+            ("BE", "BEC", "L8", "cpo-be", old, 1, False), ("BE", "BEC", "L8", "cpo-other", old, 3, False),
+            ("BE", "BEC", "L9", "cpo-be", old, 1, False), ("BE", "BEC", "L9", "cpo-be", new, 3, False)]
+    client.insert("locations", [[c, p, i, partner, "", "Gent", "BEL", True, 0, updated, "{}", "e", version, updated,
+                                 updated, unlisted] for c, p, i, partner, updated, version, unlisted in rows],
                   column_names=["country_code", "party_id", "location_id", "partner_id", "name", "city", "country",
                                 "publish", "evse_count", "last_updated", "payload_json", "event_id", "version",
-                                "received_at", "personal_at"])
+                                "received_at", "personal_at", "unlisted"])
     cpo = partner_for("http://cpo.example/l", ("BE", "BEC", "CPO"), ("NL", "ABC", "CPO"))
     report = PullReport("cpo-be", "locations", None, until, party=("be", "bec"),
                         listed=frozenset({("BE", "BEC", "L1")}))
-    assert stored_not_listed(client, cpo, report) == [("BE", "BEC", "L2")]
+    assert stored_not_listed(client, cpo, report) == [("BE", "BEC", "L2"), ("BE", "BEC", "L7")]
     # Through a Hub, whose list holds every connected party's objects, any party received from it.
     hub = partner_for("http://hub.example/l", ("NL", "HUB", "HUB"))
     report = PullReport("cpo-be", "locations", None, until, party=("NL", "HUB"), listed=frozenset())
-    assert stored_not_listed(client, hub, report) == [("BE", "BEC", "L1"), ("BE", "BEC", "L2"), ("NL", "ABC", "L4")]
+    assert stored_not_listed(client, hub, report) == [("BE", "BEC", "L1"), ("BE", "BEC", "L2"), ("BE", "BEC", "L7"),
+                                                      ("NL", "ABC", "L4")]
     assert stored_not_listed(client, cpo, PullReport("cpo-be", "locations", None, until)) == []  # no complete list
     client.close()
 
