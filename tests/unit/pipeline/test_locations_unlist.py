@@ -106,3 +106,21 @@ def test_a_newer_evse_patch_lists_the_location_again() -> None:
     out = h.run(patch)
     assert outcome_of(out, patch.event_id) == "APPLIED" and unlisted(out) == [False]
     assert sorted(column(out.batch, "evses", EVSE_COLUMNS, "evse_uid")) == ["E1", "E2"]
+
+
+def test_a_push_dated_at_the_lists_date_to_lists_the_location_again_in_either_order() -> None:
+    """date_to is exclusive (04 §4.2): the list held only Locations updated before it, so it says nothing of a
+    version dated at it. Applied before the UNLIST that version makes the UNLIST stale; arriving after it, it must
+    list the Location again: the outcome may not depend on which of the two Kafka holds first."""
+    first = harness()
+    first.run(event("Location", location(updated=5), received=6))
+    first.run(event("Location", location(updated=60), received=62))
+    first.run(unlist(until=60, received=70))
+    assert first.state(KEY).unlisted_at is None
+    then = harness()
+    then.run(event("Location", location(updated=5), received=6))
+    then.run(unlist(until=60, received=70))
+    at = event("Location", location(updated=60), received=72)
+    out = then.run(at)
+    assert outcome_of(out, at.event_id) == "APPLIED" and unlisted(out) == [False]
+    assert then.state(KEY).unlisted_at is None
