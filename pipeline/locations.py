@@ -14,8 +14,8 @@ them, arriving after it, is stale, as it is in order, and does not bring it back
 replaces whole (the Location's EVSEs, an EVSE's Connectors): an older push for an EVSE or Connector the tree never
 held, arriving after it, is stale too and does not add it (in order the newer list would have dropped it).
 Full sync (08 §2.1): an UNLIST (a complete pulled list, up to its date_to, no longer held the Location; `unlist`)
-writes the Location row `unlisted` and its EVSEs and Connectors as left out; only a push newer than that list lists
-it again.
+writes the Location row `unlisted` and its EVSEs and Connectors as left out; only a push dated at or after that
+list's date_to (exclusive: the list said nothing of such a version) lists it again.
 A push of an EVSE or Connector raises its parents' `last_updated` (08 §3), but sets none of their own fields: where
 it raised one beyond the time of the pushes that set the parent's own fields, that time is kept
 (`LocationState.own_updated`), and a PATCH of the parent's own fields (an EVSE `status`) is compared with it.
@@ -107,9 +107,10 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     last_updated = event.payload["last_updated"]
     out.flag_future(record, last_updated, rules)
     current = run.stored.of(state.object_json)
-    if state.unlisted_at is not None and last_updated <= state.unlisted_at:
-        # A complete list up to `unlisted_at` no longer held the Location: only a push newer than it lists it again.
-        detail = (f"last_updated {last_updated.isoformat()} is not after {state.unlisted_at.isoformat()}, up to which "
+    if state.unlisted_at is not None and last_updated < state.unlisted_at:
+        # A complete list up to `unlisted_at` (its date_to, exclusive) no longer held the Location: a push dated at
+        # or after it lists it again, as, arriving first, it made the UNLIST stale (`unlist`): either order agrees.
+        detail = (f"last_updated {last_updated.isoformat()} is before {state.unlisted_at.isoformat()}, up to which "
                   "a complete pulled list no longer held the Location")
         out.outcome(record, Outcome.STALE, detail)
         out.anomaly(Anomaly.STALE_UPDATE, event, detail)
@@ -168,7 +169,8 @@ def unlist(state: LocationState, record: Record, out: StageOutput) -> None:
     Connectors leave (rows `present = false`, status history to ''), as those a Location PUT leaves out. Not when the
     stored Location (or a duplicate that confirmed it) is dated at or after `listed_until`: the list could not hold
     that version, so it says nothing of it (STALE). Unlisted already, or nothing stored: a DUPLICATE (the list read
-    again, a pull resumed). A later push newer than `listed_until` lists it again (`apply`); an older one is stale."""
+    again, a pull resumed). A later push dated at or after `listed_until` lists it again (`apply`); an older one is
+    stale."""
     event = record.event
     listed_until: datetime = event.payload["last_updated"]
     current = wire.StoredStruct(Location).of(state.object_json)
