@@ -61,7 +61,7 @@ def test_an_object_names_its_location_even_when_it_is_invalid() -> None:
 
 
 @pytest.mark.parametrize(("crawl", "unread", "reason"), [
-    ({"since": None, "full": True, "nameless": 0}, 0, None),
+    ({"since": None, "full": True, "nameless": 0, "total": 0}, 0, None),
     ({"since": "2024-05-01T00:00:00+00:00", "full": False, "nameless": 0}, 0, "date_from"),
     ({"since": None, "full": False, "nameless": 0}, 0, "--until"),
     ({"since": None}, 0, "earlier version"),  # a crawl begun before full sync kept nothing it listed
@@ -113,6 +113,34 @@ async def test_a_list_cut_short_is_no_complete_list(settings_for: Any) -> None:
     report = await pull(settings_for(), partner_for("http://cpo.example/ocpi/cpo/2.2.1/locations"), "locations",
                         ListSink(), transport=httpx.MockTransport(handler), sleep=Sleeps())
     assert report.unread == 3 and report.listed is None and "unread" in (report.not_full or "")
+
+
+async def test_a_list_paged_by_cursor_cut_short_or_uncounted_is_no_complete_list(settings_for: Any) -> None:
+    """A partner paging otherwise (a cursor, not `offset`): its last page's place is unknown, so `unread` cannot say
+    that objects X-Total-Count announced were never read; nor can anything without X-Total-Count. Taken as complete,
+    such a list would unlist every stored Location it never returned."""
+    base = "http://cpo.example/ocpi/cpo/2.2.1/locations"
+
+    def paged(total: str | None) -> httpx.MockTransport:
+        def handler(request: httpx.Request) -> httpx.Response:
+            last = "cursor" in request.url.params
+            page = {"status_code": 1000, "timestamp": "2024-01-01T00:00:00Z",
+                    "data": [location("L2" if last else "L1", hours_ago(3))]}
+            headers = {"X-Total-Count": total} if total is not None else {}
+            if not last:
+                headers["Link"] = f'<{base}?cursor=abc>; rel="next"'
+            return httpx.Response(200, headers=headers, content=json.dumps(page).encode())
+
+        return httpx.MockTransport(handler)
+
+    for total in ("3", None):
+        report = await pull(settings_for(), partner_for(base), "locations", ListSink(), transport=paged(total),
+                            sleep=Sleeps(), not_listed=Stored("L1", "L2", "L3"))
+        assert report.pages == 2 and report.objects == 2, total
+        assert report.listed is None and report.not_listed is None and report.not_full, total
+    report = await pull(settings_for(), partner_for(base), "locations", ListSink(), transport=paged("2"),
+                        sleep=Sleeps(), not_listed=Stored("L1", "L2", "L3"))
+    assert report.not_full is None and report.not_listed == [("BE", "BEC", "L3")]  # read to its announced end
 
 
 async def test_an_interrupted_full_crawl_lists_what_every_run_read(settings_for: Any, fake: FakeSender) -> None:
