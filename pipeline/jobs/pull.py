@@ -51,9 +51,10 @@ The crawl (04 §4.2):
   recorded once its valid objects are acknowledged, so a page read again after a failed send is recorded once.
 
 Full sync of Locations (08 §2.1: a complete list is the new truth): a Locations crawl read without date_from (a
-party's first, or `full`) to the default date_to, nothing announced left unread and every object naming its
-Location, is a complete list; what its pages listed (`listed_identity`, invalid objects too) is kept beside the
-checkpoint while it runs (`<checkpoint>.listed.jsonl`) and handed over in `PullReport.listed`;
+party's first, or `full`) to the default date_to, nothing announced left unread, every object naming its Location
+and as many named as its last X-Total-Count, is a complete list; what its pages listed (`listed_identity`, invalid
+objects too) is kept beside the checkpoint while it runs (`<checkpoint>.listed.jsonl`) and handed over in
+`PullReport.listed`;
 `stored_not_listed` finds the stored Locations of the party it no longer holds, and each gets an UNLIST event
 (`infra.events.unlist_event`, dated by the list's date_to) before the crawl counts as completed
 (`not_a_full_list` says why another crawl is none).
@@ -811,9 +812,10 @@ async def _crawl(settings: Settings, partner: Partner, module: str, kind: Module
     if before is None or ((began is None or began <= before) and ended > before):
         state["completed_until"] = iso(ended)
     if module == "locations":
-        report.not_full = not_a_full_list(crawl, report.unread)
+        listed = _read_listed(_listed_path(checkpoint)) if crawl.get("full") else None
+        report.not_full = not_a_full_list(crawl, report.unread, listed)
         if report.not_full is None:
-            report.listed = _read_listed(_listed_path(checkpoint))
+            report.listed = listed
             if not_listed is not None:
                 report.not_listed = await not_listed(partner, report)
                 if unlist and report.not_listed:
@@ -945,11 +947,14 @@ class _Named(msgspec.Struct):
 _named = msgspec.json.Decoder(_Named)
 
 
-def not_a_full_list(crawl: dict[str, Any], unread: int) -> str | None:
+def not_a_full_list(crawl: dict[str, Any], unread: int,
+                    listed: frozenset[tuple[str, str, str]] | None = None) -> str | None:
     """Why a completed Locations crawl is no complete list, which full sync (08 §2.1) may not take as the new truth;
     None when it is one: read without date_from (not a window of `last_updated`) up to the default date_to (an
     earlier one leaves out what the CPO updated since), to its last page with nothing the partner announced left
-    unread, every object naming its Location (one that does not could be any stored Location)."""
+    unread, every object naming its Location (one that does not could be any stored Location), and naming at least
+    as many Locations (`listed`) as its last page's X-Total-Count announced: `unread` knows only a last page at an
+    offset, and a partner paging otherwise (a cursor), or sending no total, could have left any number unread."""
     if crawl["since"] is not None:
         return f"a window from {crawl['since']} (date_from): only a list from the beginning is complete"
     if not crawl.get("full"):
@@ -959,6 +964,11 @@ def not_a_full_list(crawl: dict[str, Any], unread: int) -> str | None:
         return f"its last page left {unread} objects X-Total-Count announced unread"
     if crawl.get("nameless"):
         return f"{crawl['nameless']} of its objects name no Location (country_code, party_id and id)"
+    if crawl.get("total") is None:
+        return "its last page sent no X-Total-Count: whether every object was read cannot be told"
+    if listed is not None and len(listed) < crawl["total"]:
+        return (f"it named {len(listed)} Locations, fewer than the {crawl['total']} its last page's X-Total-Count "
+                "announced")
     return None
 
 
