@@ -14,8 +14,9 @@ them, arriving after it, is stale, as it is in order, and does not bring it back
 replaces whole (the Location's EVSEs, an EVSE's Connectors): an older push for an EVSE or Connector the tree never
 held, arriving after it, is stale too and does not add it (in order the newer list would have dropped it).
 Full sync (08 §2.1): an UNLIST (a complete pulled list, up to its date_to, no longer held the Location; `unlist`)
-writes the Location row `unlisted` and its EVSEs and Connectors as left out; only a push dated at or after that
-list's date_to (exclusive: the list said nothing of such a version) lists it again.
+writes the Location row `unlisted` and its EVSEs and Connectors as left out; a push dated at or after that list's
+date_to (exclusive: the list said nothing of such a version) lists it again, and so does a later pull's PUT of it
+whatever its date (`lists_again`).
 A push of an EVSE or Connector raises its parents' `last_updated` (08 §3), but sets none of their own fields: where
 it raised one beyond the time of the pushes that set the parent's own fields, that time is kept
 (`LocationState.own_updated`), and a PATCH of the parent's own fields (an EVSE `status`) is compared with it.
@@ -31,6 +32,7 @@ from typing import Any, Final
 import msgspec
 
 from infra.codec import DecodedEvent
+from ocpi.canonical import content_hash
 from ocpi.identity import ci_equal, ci_normalize
 from ocpi.model import EVSE, Location
 from pipeline import ordering, projection, wire
@@ -107,7 +109,8 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     last_updated = event.payload["last_updated"]
     out.flag_future(record, last_updated, rules)
     current = run.stored.of(state.object_json)
-    if state.unlisted_at is not None and last_updated < state.unlisted_at:
+    relists = state.unlisted_at is not None and lists_again(record, state.unlisted_at)
+    if state.unlisted_at is not None and last_updated < state.unlisted_at and not relists:
         # A complete list up to `unlisted_at` (its date_to, exclusive) no longer held the Location: a push dated at
         # or after it lists it again, as, arriving first, it made the UNLIST stale (`unlist`): either order agrees.
         detail = (f"last_updated {last_updated.isoformat()} is before {state.unlisted_at.isoformat()}, up to which "
@@ -130,6 +133,9 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
     # replayed copies, a state restored by a replay): not a copy sent again after what followed it.
     if ordering.is_stale(stored, last_updated, replayed_earlier=not retry and ordering.replayed_earlier(
             event, record.received_at, state.applied_at)):
+        if relists and current is not None:  # listed again, but not back to an older version
+            relist(state, record, current, out)
+            return True
         detail = f"last_updated {last_updated.isoformat()} is older than the stored {stored}"
         out.outcome(record, Outcome.STALE, detail)
         out.anomaly(Anomaly.STALE_UPDATE, event, detail)
@@ -155,6 +161,9 @@ def handle(state: LocationState, run: Run, record: Record, rules: StageRules, ou
         out.outcome(record, Outcome.INVALID, exc.reason)
         out.anomaly(Anomaly.INVALID_MERGE, event, exc.reason)
         return True
+    if relists and current is not None and location == current:  # the content stored: a new version of it all the same
+        relist(state, record, current, out)
+        return True
     apply(state, record, current, location, document, out)
     run.stored.keep(document, location)
     out.outcome(record, Outcome.APPLIED)
@@ -170,7 +179,7 @@ def unlist(state: LocationState, record: Record, out: StageOutput) -> None:
     stored Location (or a duplicate that confirmed it) is dated at or after `listed_until`: the list could not hold
     that version, so it says nothing of it (STALE). Unlisted already, or nothing stored: a DUPLICATE (the list read
     again, a pull resumed). A later push dated at or after `listed_until` lists it again (`apply`); an older one is
-    stale."""
+    stale, unless a later pull returned it (`lists_again`)."""
     event = record.event
     listed_until: datetime = event.payload["last_updated"]
     current = wire.StoredStruct(Location).of(state.object_json)
@@ -178,6 +187,11 @@ def unlist(state: LocationState, record: Record, out: StageOutput) -> None:
         if state.unlisted_at is not None:
             state.unlisted_at = max(state.unlisted_at, listed_until)
         out.outcome(record, Outcome.DUPLICATE, "unlisted already" if current is not None else "no Location stored")
+        return
+    if ordering.replayed_earlier(event, record.received_at, state.applied_at):
+        # A replayed copy received before the event the stored Location came from: a pulled PUT that listed it again
+        # after this UNLIST, dated before it (`lists_again`), whose own replayed copy can no longer say it was pulled.
+        out.outcome(record, Outcome.STALE, "a replayed copy of an UNLIST received before the stored Location's event")
         return
     stored = ordering.newest(current.last_updated, state.confirmed.get(level_identity("LOCATION")))
     if stored is not None and stored >= listed_until:
@@ -201,6 +215,55 @@ def unlist(state: LocationState, record: Record, out: StageOutput) -> None:
     state.applied_event_id = event.event_id
     state.applied_at = ordering.newest(state.applied_at, record.received_at)
     out.outcome(record, Outcome.APPLIED, f"a complete pulled list up to {listed_until.isoformat()} no longer held it")
+
+
+def lists_again(record: Record, unlisted_at: datetime) -> bool:
+    """Whether a push for a Location unlisted up to `unlisted_at` (`unlist`) lists it again whatever its
+    `last_updated`: a Location PUT pulled (`source` PULL) after `unlisted_at`, the list's date_to. It comes from a
+    later crawl: pulls of a partner's module never overlap (a lock), a crawl's UNLISTs follow its acknowledged pages,
+    the events of one Location land in one partition in order, so an earlier crawl's pulled PUTs were read before
+    the UNLIST; the crawl that sent it did not hold the Location. So the partner lists it again (its list had left
+    it out by mistake: an empty list sent in error, a page gone wrong), unchanged since, or even older than stored.
+    Not a push dated before `unlisted_at` (a late one), nor a replayed copy, which no longer says it was pulled."""
+    event = record.event
+    return (event.source == "PULL" and (event.level, event.operation) == ("LOCATION", "PUT")
+            and record.received_at > unlisted_at)
+
+
+def relist(state: LocationState, record: Record, stored: Location, out: StageOutput) -> None:
+    """List the unlisted Location again as stored (`lists_again`: a pulled PUT of the stored content, or an older
+    one, which does not take it back): a new version of its row not `unlisted`, its EVSEs and Connectors present
+    again, their status history from '' (the UNLIST's row) at the pull's receipt, as when an EVSE is listed again."""
+    event = record.event
+    assert state.unlisted_at is not None
+    version = projection.next_version(state.version, stored.last_updated)
+    tree = wire.builtins(msgspec.structs.replace(stored, evses=None))
+    personal_at = _personal_at(state, stored, record.received_at)
+    evses = stored.evses or ()
+    row = projection.location_row(event, tree, state.object_json or b"", version, personal_at,
+                                  evse_count=len(evses))
+    out.batch.put("locations", projection.LOCATION_COLUMNS, ("locations", row[0], row[1], row[2]), row)
+    for evse in evses:
+        evse_tree = wire.builtins(evse)
+        out.batch.add("evses", projection.EVSE_COLUMNS,
+                      projection.evse_row(tree, evse_tree, present=True, event_id=event.event_id, version=version))
+        out.batch.add("evse_status_history", projection.EVSE_HISTORY_COLUMNS,
+                      projection.evse_history_row(tree, evse_tree, None, event, version,
+                                                  changed_at=record.received_at))
+        for connector in evse_tree["connectors"]:
+            out.batch.add("connectors", projection.CONNECTOR_COLUMNS,
+                          projection.connector_row(tree, evse.uid, connector, present=True, event_id=event.event_id,
+                                                   version=version))
+    detail = (f"a pull received after {state.unlisted_at.isoformat()}, up to which a complete pulled list no longer "
+              "held the Location, lists it again")
+    state.personal_at = personal_at
+    state.unlisted_at = None
+    state.last_identity = level_identity("LOCATION")
+    state.last_hash = content_hash(stored)  # a PUT of the stored content is its duplicate again
+    state.version = version
+    state.applied_event_id = event.event_id
+    state.applied_at = ordering.newest(state.applied_at, record.received_at)
+    out.outcome(record, Outcome.APPLIED, detail)
 
 
 def _personal_at(state: LocationState, stored: Location, received_at: datetime) -> datetime:
@@ -408,7 +471,7 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
     if state.confirmed and (structural or len(state.confirmed) > PRUNE_OVER + 2 * len(location.evses or ())):
         _prune_confirmed(state, location)
     state.personal_at = personal_at
-    state.unlisted_at = None  # a push newer than the list that no longer held it (`handle`): listed again
+    state.unlisted_at = None  # a push newer than the list that no longer held it, or pulled later (`handle`)
     state.object_json = document
     state.last_identity = identity(event)
     state.last_hash = fingerprint(event)

@@ -339,8 +339,8 @@ def pull(partner: str, module: str, since: str | None, until: str | None, limit:
     party: an interrupted pull resumes, the next one starts where the pulls completed so far end without a gap.
     Full sync (08 §2.1): a complete Locations list (read without date_from, to the default date_to, nothing left
     unread: a party's first pull, or --full) is the new truth. The stored Locations of the party it no longer lists
-    are unlisted (marked so in the store, answered unknown by the receivers' GET; a push newer than the list lists one
-    again),
+    are unlisted (marked so in the store, answered unknown by the receivers' GET; a push newer than the list, or a later
+    pull that returns it, lists one again),
     counted in the summary and named in OCPI_DATA_DIR/jobs/pull/<partner>.locations.not-listed.jsonl; with
     --no-full-sync they are only reported.
 

@@ -1,12 +1,14 @@
 """Full sync of Locations end to end (08 §2.1): a fake CPO Sender over real HTTP → `ocpi-pipeline pull` as its own
 process → Kafka → the worker → ClickHouse. A complete list that no longer holds a stored Location unlists it (its
-`locations` row, its EVSE and Connector rows); a later push newer than that list lists it again."""
+`locations` row, its EVSE and Connector rows); a later pull that lists it again, unchanged, or a later push newer
+than that list lists it again."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,8 @@ async def test_a_full_pull_unlists_what_the_cpo_dropped_and_a_newer_push_lists_i
     partner.outbound_token = TOKEN
     partner.endpoints = [Endpoint(identifier="locations", role=InterfaceRole.SENDER, url=fake.url("locations"))]
     await asyncio.to_thread(registry.save, partner)
-    fake.objects["locations"] = [location("L1", 6), location("L2", 5), location("L3", 4)]
+    l2 = location("L2", 5)
+    fake.objects["locations"] = [location("L1", 6), l2, location("L3", 4)]
     evses = len(LOCATION["evses"])
     rows = ("SELECT location_id, unlisted, evse_count FROM locations FINAL ORDER BY location_id")
 
@@ -95,6 +98,36 @@ async def test_a_full_pull_unlists_what_the_cpo_dropped_and_a_newer_push_lists_i
     code, out, err = await run_cli(stack.settings, "pull", "--partner", "cpo-be", "--module", "locations", "--full")
     assert code == 0, err
     assert "0 stored ones are no longer listed" in out
+
+    # The list had left L2 out by mistake: a later complete list holds it again, unchanged (dated before the date_to
+    # of the list that unlisted it, so no newer push). Received after that date_to, its pulled PUT lists L2 again as
+    # stored, instead of being a DUPLICATE of what was stored before the UNLIST.
+    fake.objects["locations"] = [location("L1", 6), l2, location("L3", 4)]
+    code, out, err = await run_cli(stack.settings, "pull", "--partner", "cpo-be", "--module", "locations", "--full")
+    assert code == 0, err
+    assert "the complete list holds 3 Locations; 0 stored ones are no longer listed" in out
+    assert await wait_rows(stack.clickhouse, rows, listed) == listed
+    dated = int(datetime.fromisoformat(l2["last_updated"]).timestamp())
+    again = [("L2", False, evses, dated)]
+    assert await wait_rows(stack.clickhouse, "SELECT location_id, unlisted, evse_count, toUnixTimestamp(last_updated) "
+                           "FROM locations FINAL WHERE location_id = 'L2'", again) == again
+    present = [("3256", "AVAILABLE", True), ("3257", "RESERVED", True)]
+    assert await wait_rows(stack.clickhouse, "SELECT evse_uid, status, present FROM evses FINAL "
+                           "WHERE location_id = 'L2' ORDER BY evse_uid", present) == present
+    assert await wait_rows(stack.clickhouse, "SELECT DISTINCT present FROM connectors FINAL "
+                           "WHERE location_id = 'L2'", [(True,)]) == [(True,)]
+    relisted = [("APPLIED", True)]
+    assert await wait_rows(stack.clickhouse, "SELECT outcome, endsWith(outcome_detail, 'lists it again') "
+                           "FROM raw_events FINAL WHERE object_id = 'L2' AND operation = 'PUT' AND received_at > "
+                           "(SELECT max(received_at) FROM raw_events FINAL WHERE operation = 'UNLIST')",
+                           relisted) == relisted
+
+    # Left out again, by a list that means it this time: unlisted again.
+    fake.objects["locations"] = [location("L1", 6), location("L3", 4)]
+    code, out, err = await run_cli(stack.settings, "pull", "--partner", "cpo-be", "--module", "locations", "--full")
+    assert code == 0, err
+    assert "1 stored ones are no longer listed (BE/BEC/L2): unlisted 1" in out
+    assert await wait_rows(stack.clickhouse, rows, unlisted) == unlisted
 
     # The CPO lists L2 again, updated after that list's date_to: a pull of the window it falls in reads it.
     fake.objects["locations"].append(location("L2", 1 / 60))
