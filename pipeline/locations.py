@@ -188,7 +188,7 @@ def unlist(state: LocationState, record: Record, out: StageOutput) -> None:
             state.unlisted_at = max(state.unlisted_at, listed_until)
         out.outcome(record, Outcome.DUPLICATE, "unlisted already" if current is not None else "no Location stored")
         return
-    if ordering.replayed_earlier(event, record.received_at, state.applied_at):
+    if state.applied_at is not None and ordering.replayed_earlier(event, record.received_at, state.applied_at):
         # A replayed copy received before the event the stored Location came from: a pulled PUT that listed it again
         # after this UNLIST, dated before it (`lists_again`), whose own replayed copy can no longer say it was pulled.
         out.outcome(record, Outcome.STALE, "a replayed copy of an UNLIST received before the stored Location's event")

@@ -240,3 +240,19 @@ def test_a_replay_of_the_unlist_and_the_pull_that_listed_the_location_again_chan
         out = h.run(copy)
         assert rows(out.batch, "locations") == [] and rows(out.batch, "evses") == []
     assert h.state(KEY).unlisted_at is None
+
+
+def test_a_rebuild_leaves_a_location_a_pull_listed_again_unlisted_until_the_next_pull() -> None:
+    """A rebuild (replayed copies into an empty state) cannot tell the replayed pulled PUT from a late push: it stays
+    STALE, and the Location unlisted, until the next pull returns it (README, full sync)."""
+    body = location(updated=5)
+    history = [event("Location", body, received=6), unlist(until=60, received=70),
+               event("Location", body, received=80, source="PULL")]
+    h = harness()
+    for copy in map(replayed, history):
+        h.run(copy)
+    assert h.state(KEY).unlisted_at == ts(60)
+    nxt = event("Location", body, received=200, source="PULL")
+    out = h.run(nxt)
+    assert outcome_of(out, nxt.event_id) == "APPLIED" and unlisted(out) == [False]
+    assert h.state(KEY).unlisted_at is None
