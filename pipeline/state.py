@@ -117,7 +117,8 @@ class LocationState(msgspec.Struct, kw_only=True):
     # states from before.
     seen_at: datetime | None = None
     # The date_to of the complete pulled list that no longer held the Location (full sync, `locations.unlist`), while
-    # no push dated at or after it came: its rows say `unlisted`, and a push dated before it is stale. None: listed.
+    # no push dated at or after it came, nor a later pull's PUT of it (`locations.lists_again`): its rows say
+    # `unlisted`, and a push dated before it is stale. None: listed.
     unlisted_at: datetime | None = None
 
 
