@@ -459,15 +459,18 @@ def apply(state: LocationState, record: Record, previous: Location | None, locat
         removed += _leave(out, tree, gone_evse, event, version, event.payload["last_updated"])
     structural = may_add_to_tree(event)  # else nothing enters, leaves or goes back in time
     if state.confirmed and structural:  # two tree walks saved per status update
-        _confirm_entered(state, previous, location)
+        held_tree = _tree(previous)
+        _drop_passed(state, held_tree)
+        _confirm_entered(state, held_tree, location)
     # The push says the tree holds none of them at its last_updated: an older push for one of them, arriving
     # later, is stale (in order it came before and was dropped with them), not the object back in the tree.
     moment = event.payload["last_updated"]
     for ident in removed:
         _confirm_at(state, ident, moment)
     _confirm_lists(state, event)
-    # After a push that can remove an object or lower its time, always: an entry kept past it can decide (an
-    # object's entry its own time had passed would outlive its removal); after a status update, when worth it.
+    # After a push that can remove an object, always (its removals add entries); after a status update, when worth
+    # it. Pruning decides nothing: an entry its object's own time passed is dropped before a push can lower that
+    # time (`_drop_passed`), whether or not a prune ran since.
     if state.confirmed and (structural or len(state.confirmed) > PRUNE_OVER + 2 * len(location.evses or ())):
         _prune_confirmed(state, location)
     state.personal_at = personal_at
@@ -519,12 +522,26 @@ def may_add_to_tree(event: DecodedEvent) -> bool:
     return event.operation == "PUT" or bool(lists_replaced(event))
 
 
-def _confirm_entered(state: LocationState, previous: Location | None, location: Location) -> None:
-    """An EVSE or Connector that enters the tree dated before the last replacement of a list over it that did not
-    hold it (a Location PUT listing a new or returning EVSE with its older own `last_updated`) keeps that moment:
-    an older push for it was, in order, dropped with that list, so arriving later it is stale, before as after
-    the object entered. (It also stands for the entry of its earlier removal, which `_prune_confirmed` drops.)"""
-    before = _tree(previous)
+def _drop_passed(state: LocationState, before: dict[str, tuple[datetime, tuple[str, ...]]]) -> None:
+    """Drop the `confirmed` entries of the objects of `before` (the tree as a push that can lower their own
+    `last_updated` finds it, `_tree`) whose own time reached them: a time confirmed by a duplicate counts as one an
+    applied push set, which a newer push's time replaced. Kept, an entry would decide again once the push lists its
+    object with an older own time (README "stale": compared with that time), or outlive the object's removal;
+    dropped or not by a prune since its object's time passed it, it must decide the same (`_prune_confirmed`)."""
+    confirmed = state.confirmed
+    for ident, (own, _) in before.items():
+        moment = confirmed.get(ident)
+        if moment is not None and own >= moment:
+            del confirmed[ident]
+
+
+def _confirm_entered(state: LocationState, before: dict[str, tuple[datetime, tuple[str, ...]]],
+                     location: Location) -> None:
+    """An EVSE or Connector that enters the tree (not in `before`, `_tree`) dated before the last replacement of a
+    list over it that did not hold it (a Location PUT listing a new or returning EVSE with its older own
+    `last_updated`) keeps that moment: an older push for it was, in order, dropped with that list, so arriving later
+    it is stale, before as after the object entered. (It also stands for the entry of its earlier removal, which
+    `_prune_confirmed` drops.)"""
     for ident, (own, over) in _tree(location).items():
         if ident in before:
             continue
@@ -535,10 +552,11 @@ def _confirm_entered(state: LocationState, previous: Location | None, location: 
 
 def _prune_confirmed(state: LocationState, location: Location) -> None:
     """Drop the `confirmed` entries that decide nothing: an object's in the tree no newer than its own
-    `last_updated`, and an object's out of the tree (or an absent EVSE's Connector list) no newer than the lists
-    over it, which its pushes are compared with too (`handle`). The outcome of every push stays what it was, and
-    the entries stay as many as the tree's objects (and lists) with a newer confirmation: a hub whose EVSE uids
-    change would otherwise add an entry per EVSE, Connector and Connector list for ever."""
+    `last_updated` (one kept goes before that time can be lowered, `_drop_passed`), and an object's out of the tree
+    (or an absent EVSE's Connector list) no newer than the lists over it, which its pushes are compared with too
+    (`handle`). The outcome of every push stays what it was, and the entries stay as many as the tree's objects
+    (and lists) with a newer confirmation: a hub whose EVSE uids change would otherwise add an entry per EVSE,
+    Connector and Connector list for ever."""
     confirmed = state.confirmed
     tree = _tree(location)
     listed = {key for _, over in tree.values() for key in over}

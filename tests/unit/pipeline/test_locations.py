@@ -932,6 +932,99 @@ def test_a_deferred_prune_changes_no_outcome(monkeypatch: pytest.MonkeyPatch, pr
     assert [e["uid"] for e in stored(h)["evses"]] == ["E2", "E1"]
 
 
+PRUNES = {"deferred": None, "after every event": -1, "never": "never"}
+
+
+def _prune(monkeypatch: pytest.MonkeyPatch, prune: str) -> None:
+    """Run `_prune_confirmed` as deployed (once `confirmed` outgrows the tree, and after every push that can change
+    the tree's lists), after every event, or never: whether it ran must decide nothing."""
+    import pipeline.locations
+
+    if PRUNES[prune] == "never":
+        monkeypatch.setattr(pipeline.locations, "_prune_confirmed", lambda state, location: None)
+    elif PRUNES[prune] is not None:
+        monkeypatch.setattr(pipeline.locations, "PRUNE_OVER", PRUNES[prune])
+
+
+def _location_row(out: Any) -> tuple[Any, ...]:
+    (row,) = rows(out.batch, "locations")
+    return tuple(row[LOCATION_COLUMNS.index(c)] for c in ("event_id", "version", "last_updated"))
+
+
+def _connector_rows(out: Any) -> list[tuple[Any, ...]]:
+    return [tuple(row[CONNECTOR_COLUMNS.index(c)] for c in ("evse_uid", "connector_id", "last_updated", "event_id"))
+            for row in rows(out.batch, "connectors")]
+
+
+@pytest.mark.parametrize("prune", list(PRUNES))
+def test_a_confirmation_a_location_put_passed_decides_nothing_once_a_later_put_back_dates_its_object(
+        monkeypatch: pytest.MonkeyPatch, prune: str) -> None:
+    """E1/1's duplicate of t=3 confirmed it at 3; the PUT of t=4 listed it at 4, past that, and the PUT of t=4
+    arriving later (the first PUT again, bumped: the later arrival wins) back at its own 0. E1/1's push of t=2,
+    arriving last, is compared with that own time (README "stale": the CPO's time for it going back), as it is
+    when the push of t=3 had changed it (applied, not a duplicate). It was STALE when the entry of t=3, which the
+    PUT of t=4 had passed, was still in `confirmed` (pruning had not run since), APPLIED when it had been pruned:
+    the rows depended on when the state was pruned (test_tree_order_properties, found by hypothesis)."""
+    _prune(monkeypatch, prune)
+
+    def e(uid: str, minute: float) -> dict[str, Any]:
+        return evse(uid, updated=minute, connectors=[connector("1", updated=minute, power=11000)])
+
+    def push(minute: float) -> Any:
+        return event("Connector", connector("1", updated=minute, power=11000), object_id="LOC1", evse_uid="E1",
+                     connector_id="1")
+
+    first = event("Location", location(evses=[e("E1", 0), e("E2", 0), e("E3", 0)], name="A"))
+    again = event("Location", location(evses=[e("E1", 0), e("E2", 0), e("E3", 0)], name="A", updated=4))
+    history = [first, push(1), push(3), event("Location", location(evses=[e("E1", 4), e("E2", 4)], name="A",
+                                                                    updated=4)), again]
+    h = harness()
+    out = h.run(*history)
+    assert [outcome_of(out, x.event_id) for x in history] == ["APPLIED", "APPLIED", "DUPLICATE", "APPLIED",
+                                                              "APPLIED"]
+    version = h.state(KEY).version
+    late = push(2)
+    out = h.run(late)
+    assert outcome_of(out, late.event_id) == "APPLIED"
+    assert _location_row(out) == (late.event_id, version + 2, ts(4))
+    assert _connector_rows(out) == [("E1", "1", ts(2), late.event_id)]
+    assert [(r[EVSE_COLUMNS.index("evse_uid")], r[EVSE_COLUMNS.index("last_updated")]) for r in
+            rows(out.batch, "evses")] == [("E1", ts(2))]
+    assert stored(h)["evses"][0]["connectors"][0]["last_updated"] == iso(ts(2))
+
+
+@pytest.mark.parametrize("prune", list(PRUNES))
+@pytest.mark.parametrize("confirmed", [True, False])
+def test_a_confirmation_a_patch_passed_decides_nothing_once_a_location_put_back_dates_its_object(
+        monkeypatch: pytest.MonkeyPatch, prune: str, confirmed: bool) -> None:
+    """As deployed: E1/1's duplicate PATCH of t=3 confirms it at 3, its PATCH of t=4 sets its own time past that
+    (a status update: no prune runs, `confirmed` holds few entries), the Location PUT of t=5 lists it back at its
+    own 0. Its PATCH of t=2, arriving last, was STALE (the entry of 3 was read after the PUT had lowered the time
+    it had passed); APPLIED had the state been pruned after the PATCH of t=4, and when the push of t=3 was a change
+    (`confirmed` False) rather than a duplicate: a duplicate's time counts as the time an applied push sets."""
+    _prune(monkeypatch, prune)
+
+    def patch(minute: float, power: int) -> Any:
+        return event("ConnectorPatch", {"max_electric_power": power, "last_updated": iso(ts(minute))},
+                     object_id="LOC1", evse_uid="E1", connector_id="1")
+
+    h = harness()
+    first = patch(1, 22000)
+    third = patch(3, 22000 if confirmed else 11000)
+    h.run(event("Location", location(evses=[evse("E1", connectors=[connector("1", power=11000)])])), first)
+    assert outcome_of(h.run(third), third.event_id) == ("DUPLICATE" if confirmed else "APPLIED")
+    h.run(patch(4, 7000),
+          event("Location", location(evses=[evse("E1", updated=5, connectors=[connector("1", power=11000)])],
+                                     updated=5)))
+    version = h.state(KEY).version
+    late = patch(2, 22000)
+    out = h.run(late)
+    assert outcome_of(out, late.event_id) == "APPLIED"
+    assert _location_row(out) == (late.event_id, version + 2, ts(5))
+    assert _connector_rows(out) == [("E1", "1", ts(2), late.event_id)]
+    assert stored(h)["evses"][0]["connectors"][0]["max_electric_power"] == 22000
+
+
 def test_a_replayed_copy_of_an_evse_patch_orphaned_by_a_late_location_put_is_not_applied() -> None:
     """An EVSE status PATCH parked for its Location and ORPHANED when the Location PUT came after
     OCPI_PIPELINE_PARK_TTL was never applied. `ocpi-pipeline replay` sends its copy after the PUT; dated after the
