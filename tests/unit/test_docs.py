@@ -56,8 +56,11 @@ def test_every_option_the_command_table_shows_exists() -> None:
         wrong += [f"{name} {option}" for option in sorted(set(re.findall(r"--[a-z][a-z-]*", rows)) - options)]
     assert not wrong, f"README.md's command table shows options the commands do not have: {wrong}"
 
-DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "ARCHITECTURE.md", "docs/partners.md",
-                                                      "bench/README.md")}
+# README.md is the map; the detail of each topic lives in a document under docs/ it links to.
+TOPICS = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "docs").glob("*.md"))
+DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "ARCHITECTURE.md", "bench/README.md", *TOPICS)}
+# What operators read for the rules, outcomes and anomalies: README and the topic documents.
+REFERENCE = "\n".join(text for name, text in DOCS.items() if name == "README.md" or name.startswith("docs/"))
 # Read outside the settings module (README says where).
 OTHER_VARIABLES = {"OCPI_TANSU_LOG"}
 
@@ -83,12 +86,12 @@ def test_every_setting_the_docs_name_exists(doc: str) -> None:
     assert not named - known, f"{doc} names settings that do not exist: {sorted(named - known)}"
 
 
-def test_every_outcome_and_anomaly_kind_is_named_in_the_readme() -> None:
+def test_every_outcome_and_anomaly_kind_is_named_in_the_docs() -> None:
     """raw_events.outcome and anomalies.kind are what operators filter on (`report anomalies --kind`)."""
     from pipeline.records import Anomaly, Outcome
 
-    missing = [kind.value for kind in (*Outcome, *Anomaly) if f"`{kind.value}`" not in README]
-    assert not missing, f"README.md does not name these outcomes or anomaly kinds: {missing}"
+    missing = [kind.value for kind in (*Outcome, *Anomaly) if f"`{kind.value}`" not in REFERENCE]
+    assert not missing, f"README.md and docs/ do not name these outcomes or anomaly kinds: {missing}"
 
 
 def test_the_readme_table_list_names_every_table_and_the_last_migration() -> None:
@@ -168,7 +171,7 @@ def test_billing_total_examples_keep_home_charging_compensation_apart() -> None:
     totals: since 0027 billable_lines holds the lines of home charging compensation CDRs too, amounts owed to drivers,
     which that example added to the charging revenue."""
     help_text = " ".join(CliRunner().invoke(cli, ["query", "--help"]).output.split())
-    examples = re.findall(r'query "(SELECT [^"]*FROM billable_lines[^"]*)"', " ".join(README.split()) + help_text)
+    examples = re.findall(r'query "(SELECT [^"]*FROM billable_lines[^"]*)"', " ".join(REFERENCE.split()) + help_text)
     assert len(examples) >= 2, examples
     for sql in examples:
         assert "home_charging_compensation" in sql, sql
@@ -180,8 +183,8 @@ def test_pull_help_says_where_the_next_pull_starts() -> None:
     apart from them (an old one pulled again, one after a gap) the next pull does not start at its end."""
     text = " ".join(CliRunner().invoke(cli, ["pull", "--help"]).output.split())
     assert "last completed pull ended" not in text and "without a gap" in text, text
-    readme = " ".join(README.split())
-    assert "continues where the last completed pull ended" not in readme
+    docs = " ".join(REFERENCE.split())
+    assert "continues where the last completed pull ended" not in docs
 
 
 def test_the_tests_that_use_the_embedded_broker_are_marked_kafka_as_the_readme_says() -> None:
@@ -202,14 +205,14 @@ def test_the_tests_that_use_the_embedded_broker_are_marked_kafka_as_the_readme_s
     assert uses_the_broker not in collected, "a test that uses the broker fixture is not marked kafka"
 
 
-def test_every_reconciliation_outcome_is_named_in_the_readme() -> None:
+def test_every_reconciliation_outcome_is_named_in_the_docs() -> None:
     """`reconciliation.outcome` is what `report reconciliation` and the reconciliation dashboard group by; a credit
     CDR's own row, `CREDIT`, was named nowhere in README.md."""
     source = (ROOT / "pipeline" / "reconcile.py").read_text()
     outcomes = {value for line in re.findall(r"\boutcome = (.+)", source) for value in re.findall(r'"([A-Z_]+)"', line)}
     assert {"MATCHED", "MISMATCH", "CREDIT", "NO_SESSION"} <= outcomes, outcomes
-    missing = sorted(o for o in outcomes if f"`{o}`" not in README)
-    assert not missing, f"README.md does not name these reconciliation outcomes: {missing}"
+    missing = sorted(o for o in outcomes if f"`{o}`" not in REFERENCE)
+    assert not missing, f"README.md and docs/ do not name these reconciliation outcomes: {missing}"
 
 
 def test_pull_help_says_which_answers_are_retried() -> None:
@@ -290,3 +293,34 @@ def test_the_readme_says_the_tests_read_the_ocpi_digest_beside_the_clone() -> No
     assert not OCPI_DIGEST.resolve().is_relative_to(ROOT)
     quick_start = " ".join(README.split("## Quick start")[1].split("## Configuration")[0].split())
     assert f"../{OCPI_DIGEST.parent.name}/{OCPI_DIGEST.name}/" in quick_start
+
+
+def _anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, punctuation dropped, spaces as hyphens, a repeated
+    heading's numbered -1, -2 ..."""
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_relative_link_the_docs_give_resolves(doc: str) -> None:
+    """README is a map to docs/: a link to a document that moved, or to a heading that was renamed, sends the reader
+    nowhere."""
+    text = re.sub(r"^```.*?^```", "", DOCS[doc], flags=re.M | re.S)  # a code block holds no links
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # https://..., mailto:
+        path, _, anchor = target.partition("#")
+        file = (ROOT / doc).parent / path if path else ROOT / doc
+        missing_anchor = file.suffix == ".md" and file.exists() and anchor and anchor not in _anchors(file.read_text())
+        if not file.resolve().exists() or missing_anchor:
+            broken.append(target)
+    assert not broken, f"{doc} links to what does not exist: {broken}"
