@@ -94,20 +94,20 @@ def test_every_outcome_and_anomaly_kind_is_named_in_the_docs() -> None:
     assert not missing, f"README.md and docs/ do not name these outcomes or anomaly kinds: {missing}"
 
 
-def test_the_readme_table_list_names_every_table_and_the_last_migration() -> None:
+def test_the_table_list_names_every_table_and_the_last_migration() -> None:
     from infra.clickhouse.migrations import available_migrations
 
     migrations = available_migrations()
     created = {name for m in migrations for name in re.findall(
         r"CREATE (?:OR REPLACE )?(?:TABLE|VIEW)(?: IF NOT EXISTS)? (\w+)", m.sql)}
-    paragraph = README.split("**Tables**:")[1].split("\n\n")[0]
+    paragraph = DOCS["docs/pipeline.md"].split("**Tables**:")[1].split("\n\n")[0]
     not_the_pipelines = {"partners"}  # the partner registry (docs/partners.md)
     missing = sorted(t for t in created - not_the_pipelines if f"`{t}`" not in paragraph)
-    assert not missing, f"README.md's **Tables** do not name: {missing}"
+    assert not missing, f"docs/pipeline.md's **Tables** do not name: {missing}"
     span = re.search(r"migrations `(\d{4})`–`(\d{4})`", paragraph)
-    assert span is not None and int(span.group(2)) == migrations[-1].version, "README.md's migration range"
+    assert span is not None and int(span.group(2)) == migrations[-1].version, "docs/pipeline.md's migration range"
     # It said `0006`–: the tables it lists start with 0001 (raw_events), 0002 (sessions, cdrs), 0004, 0005.
-    assert int(span.group(1)) == migrations[0].version, "README.md's migration range starts elsewhere"
+    assert int(span.group(1)) == migrations[0].version, "docs/pipeline.md's migration range starts elsewhere"
 
 
 @pytest.mark.parametrize("doc", DOCS)

@@ -343,12 +343,13 @@ def test_ci_string_references_are_stored_upper_cased_so_billing_and_joins_see_on
 
 
 def readme_rewrite_statements() -> list[str]:
-    """The in-place rewrite of CiString references that README.md gives for rows written before they were
+    """The in-place rewrite of CiString references that docs/upgrading.md gives for rows written before they were
     upper-cased ("Data written by earlier versions")."""
     from infra.clickhouse.migrations import Migration
-    from tests.unit.test_docs import README
+    from tests.unit.test_docs import DOCS
 
-    block = README.split("<!-- ci-references-rewrite:start -->")[1].split("<!-- ci-references-rewrite:end -->")[0]
+    doc = DOCS["docs/upgrading.md"]
+    block = doc.split("<!-- ci-references-rewrite:start -->")[1].split("<!-- ci-references-rewrite:end -->")[0]
     sql = block.strip().removeprefix("```sql").removesuffix("```")
     return Migration(0, "readme", sql).statements()
 
