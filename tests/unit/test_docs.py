@@ -1,4 +1,5 @@
-"""README stays true: the settings table and the command list are checked against the code."""
+"""README and the documents it links to stay true: the settings table and the command list are checked against the
+code, the files, settings and names the documents give against the tree, and their links against the documents."""
 
 from __future__ import annotations
 
@@ -324,3 +325,9 @@ def test_every_relative_link_the_docs_give_resolves(doc: str) -> None:
         if not file.resolve().exists() or missing_anchor:
             broken.append(target)
     assert not broken, f"{doc} links to what does not exist: {broken}"
+
+
+def test_the_readme_links_every_document_under_docs() -> None:
+    """README is the map: a topic document it does not link is one a newcomer never finds."""
+    linked = {target.split("#")[0] for target in re.findall(r"\]\(([^)\s]+)\)", README)}
+    assert [doc for doc in TOPICS if doc not in linked] == []
