@@ -8,11 +8,9 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import pairwise
-from pathlib import Path
 
 import pytest
 
@@ -21,31 +19,15 @@ from ocpi.model import Endpoint, InterfaceRole
 from pipeline.jobs.common import Checkpoint, jobs_dir
 from pipeline.stack import Stack
 from receivers.registry import PartnerRegistry, PartyRole
-from tests.integration.jobs_support import job_settings, run_cli, wait_rows
+from tests.integration.jobs_support import run_cli, wait_rows
+from tests.integration.pull_support import TOKEN, fake, stack  # noqa: F401
 from tests.unit.jobs.fake_sender import Failure, FakeSender, cdr, hours_ago, session
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
-TOKEN = "our-token-at-the-cpo"
 
 
-@pytest.fixture
-async def stack(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterator[Stack]:
-    running = await Stack(job_settings(session_tmp, chdb_dsn, broker), run_receivers=False).start()
-    children = list(running.children.values())
-    yield running
-    await running.stop()
-    assert all(child.poll() is not None for child in children)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSender]:
-    sender = await FakeSender(TOKEN, page_cap=2).start()
-    yield sender
-    await sender.stop()
-
-
-async def test_pull_sessions_and_cdrs_into_clickhouse(stack: Stack, fake: FakeSender) -> None:
+async def test_pull_sessions_and_cdrs_into_clickhouse(stack: Stack, fake: FakeSender) -> None:  # noqa: F811
     assert stack.clickhouse is not None
     registry = PartnerRegistry(stack.clickhouse)
     partner, _token = await asyncio.to_thread(registry.register_direct, "cpo-be", "CPO BE",
@@ -90,7 +72,7 @@ async def test_pull_sessions_and_cdrs_into_clickhouse(stack: Stack, fake: FakeSe
     assert code == 1 and "no partner 'nobody'" in err
 
 
-async def test_cli_relative_since_resumes_and_scheduled_rounds_continue(stack: Stack, fake: FakeSender) -> None:
+async def test_cli_relative_since_resumes_and_scheduled_rounds_continue(stack: Stack, fake: FakeSender) -> None:  # noqa: F811
     assert stack.clickhouse is not None
     registry = PartnerRegistry(stack.clickhouse)
     partner, _token = await asyncio.to_thread(registry.register_direct, "cpo-be", "CPO BE",

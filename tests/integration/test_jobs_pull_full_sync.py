@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,37 +17,21 @@ from pipeline.jobs.pull import not_listed_path
 from pipeline.stack import Stack
 from receivers.registry import PartnerRegistry, PartyRole
 from tests.conftest import EXAMPLES
-from tests.integration.jobs_support import job_settings, run_cli, wait_rows
+from tests.integration.jobs_support import run_cli, wait_rows
+from tests.integration.pull_support import TOKEN, fake, stack  # noqa: F401
 from tests.unit.jobs.fake_sender import FakeSender, hours_ago, stamp
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.slow]
 
-TOKEN = "our-token-at-the-cpo"
 LOCATION = json.loads((EXAMPLES / "location_example.json").read_text())
-
-
-@pytest.fixture
-async def stack(session_tmp: Path, chdb_dsn: str, broker: str) -> AsyncIterator[Stack]:
-    running = await Stack(job_settings(session_tmp, chdb_dsn, broker), run_receivers=False).start()
-    children = list(running.children.values())
-    yield running
-    await running.stop()
-    assert all(child.poll() is not None for child in children)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSender]:
-    sender = await FakeSender(TOKEN, page_cap=2).start()
-    yield sender
-    await sender.stop()
 
 
 def location(name: str, hours: float) -> dict[str, Any]:
     return {**LOCATION, "id": name, "last_updated": stamp(hours_ago(hours))}
 
 
-async def test_a_full_pull_unlists_what_the_cpo_dropped_and_a_newer_push_lists_it_again(stack: Stack,
-                                                                                      fake: FakeSender) -> None:
+async def test_a_full_pull_unlists_what_the_cpo_dropped_and_a_newer_push_lists_it_again(stack: Stack,  # noqa: F811
+                                                                                      fake: FakeSender) -> None:  # noqa: F811
     assert stack.clickhouse is not None
     registry = PartnerRegistry(stack.clickhouse)
     partner, _token = await asyncio.to_thread(registry.register_direct, "cpo-be", "CPO BE",
