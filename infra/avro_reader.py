@@ -71,6 +71,33 @@ def _bad(what: str, value: int) -> AvroReadError:
     return AvroReadError(f"invalid {what} {value}")
 
 
+def named_types(schema: Any) -> dict[str, Any]:
+    """Every named definition (record, enum, fixed) of a fastavro-parsed schema by its full name, so that references
+    by name resolve (the writer, `infra.avro_writer`, resolves them so too)."""
+    names: dict[str, Any] = {}
+
+    def collect(schema: Any) -> None:
+        if isinstance(schema, list):
+            for branch in schema:
+                collect(branch)
+        elif isinstance(schema, dict):
+            kind = schema.get("type")
+            if kind in ("record", "enum", "fixed"):
+                names[schema["name"]] = schema
+            if kind == "record":
+                for field in schema["fields"]:
+                    collect(field["type"])
+            elif kind == "array":
+                collect(schema["items"])
+            elif kind == "map":
+                collect(schema["values"])
+            elif isinstance(kind, dict | list):
+                collect(kind)
+
+    collect(schema)
+    return names
+
+
 class _Generator:
     def __init__(self, strip: Callable[[str], bool]) -> None:
         self.strip = strip
@@ -95,20 +122,7 @@ class _Generator:
 
     def collect(self, schema: Any) -> None:
         """Every named definition, so references by name resolve."""
-        if isinstance(schema, list):
-            for branch in schema:
-                self.collect(branch)
-        elif isinstance(schema, dict):
-            kind = schema.get("type")
-            if kind in ("record", "enum", "fixed"):
-                self.names[schema["name"]] = schema
-            if kind == "record":
-                for field in schema["fields"]:
-                    self.collect(field["type"])
-            elif kind == "array":
-                self.collect(schema["items"])
-            elif kind == "map":
-                self.collect(schema["values"])
+        self.names.update(named_types(schema))
 
     def resolve(self, schema: Any) -> Any:
         if isinstance(schema, str) and schema not in _PRIMITIVES:

@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from infra.avro_reader import named_types
+
 Write = Callable[[bytearray, Any], None]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -150,22 +152,7 @@ class _Builder:
         self.records: dict[str, Write] = {}  # full name → writer (set before its fields: recursive types)
 
     def collect(self, schema: Any) -> None:
-        if isinstance(schema, list):
-            for branch in schema:
-                self.collect(branch)
-        elif isinstance(schema, dict):
-            kind = schema.get("type")
-            if kind in ("record", "enum", "fixed"):
-                self.names[schema["name"]] = schema
-            if kind == "record":
-                for field in schema["fields"]:
-                    self.collect(field["type"])
-            elif kind == "array":
-                self.collect(schema["items"])
-            elif kind == "map":
-                self.collect(schema["values"])
-            elif isinstance(kind, dict | list):
-                self.collect(kind)
+        self.names.update(named_types(schema))
 
     def resolve(self, schema: Any) -> Any:
         if isinstance(schema, str) and schema not in _PRIMITIVES:
