@@ -192,8 +192,8 @@ def test_partners_reach_the_receivers_over_tls_only() -> None:
     assert ports and all(port.startswith("127.0.0.1:") for port in ports), ports
     header = (ROOT / "docker-compose.yml").read_text().split("\nname:")[0]
     assert "TLS" in header and "OCPI_PUBLIC_URL" in header, header
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    assert "the receivers speak plain HTTP" in readme
+    operations = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    assert "the receivers speak plain HTTP" in operations
 
 
 def test_every_service_takes_the_pseudonymisation_key_from_the_environment() -> None:

@@ -467,8 +467,8 @@ def test_a_patch_of_last_updated_alone_is_a_duplicate_and_does_not_restart_the_i
     assert anomaly[ANOMALY_COLUMNS.index("kind")] == "SESSION_IDLE"
     assert anomaly[ANOMALY_COLUMNS.index("event_id")] == first.event_id  # the clock runs from the PUT
     assert anomaly[ANOMALY_COLUMNS.index("observed_at")] == ts(60)
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    lifecycle = next(line for line in readme.splitlines() if line.startswith("| session lifecycle (#9) |"))
+    rules = (Path(__file__).resolve().parents[3] / "docs" / "pipeline.md").read_text()
+    lifecycle = " ".join(rules.split("### session lifecycle (#9)")[1].split("\n#")[0].split())
     assert "a PATCH of `last_updated` alone is a `DUPLICATE`" in lifecycle
 
 

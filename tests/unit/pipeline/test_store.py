@@ -399,8 +399,8 @@ def _settings(**env: str) -> Settings:
 
 
 def test_the_readme_query_lists_the_credit_links_written_before_that_no_longer_negate(client: Client) -> None:
-    """README, "Data written by earlier versions", credit amounts: links written before compared the amounts excl.
-    VAT alone and kept `amount_matches` true for a credit in another currency or whose incl. VAT does not negate
+    """docs/upgrading.md, "Data written by earlier versions", credit amounts: links written before compared the amounts
+    excl. VAT alone and kept `amount_matches` true for a credit in another currency or whose incl. VAT does not negate
     its original's (`reconcile.negates` says false for both today); the query given there must list them all."""
     [query] = [q for q in _readme_credit_link_queries() if "total_cost_incl_vat" in q]
     out = Harness(process_cdrs, CdrState).run(
@@ -420,8 +420,8 @@ def test_the_readme_query_lists_the_credit_links_written_before_that_no_longer_n
 
 def test_the_readme_query_lists_the_credit_links_written_before_whose_energy_is_not_the_originals(
         client: Client) -> None:
-    """README, "Data written by earlier versions", credit energy: links written before did not compare energy and
-    kept `amount_matches` true for a credit of another energy (`reconcile.negates` says false today, for either sign
+    """docs/upgrading.md, "Data written by earlier versions", credit energy: links written before did not compare energy
+    and kept `amount_matches` true for a credit of another energy (`reconcile.negates` says false today, for either sign
     of it); the query given there must list those, and not a credit whose energy is the original's negated."""
     [query] = [q for q in _readme_credit_link_queries() if "total_energy" in q]
     out = Harness(process_cdrs, CdrState).run(
@@ -441,9 +441,9 @@ def test_the_readme_query_lists_the_credit_links_written_before_whose_energy_is_
 def _readme_credit_link_queries() -> list[str]:
     import re
 
-    from tests.unit.test_docs import README
+    from tests.unit.test_docs import DOCS
 
-    return re.findall(r"`(SELECT l\.credit_cdr_id .*?)`", README, re.DOTALL)
+    return re.findall(r"`(SELECT l\.credit_cdr_id .*?)`", DOCS["docs/upgrading.md"], re.DOTALL)
 
 
 def _credit(cid: str, ref: str, cost: str, **changes: Any) -> dict[str, Any]:
