@@ -328,8 +328,8 @@ def check_not_rewound(app: faust.App, skipped_under: dict[tuple[str, int], int],
     before it is another log: the topic deleted and created again under its name (Kafka then forgets the group's
     offsets of it too), or records lost by the broker. Its records are new events, and skipped they would be lost
     without a trace, up to the old offsets. The state belongs to the old log: start over under a new
-    OCPI_PIPELINE_APP_ID and restore the state (README, "Partitions and scaling out"). A log that has already grown
-    past the state's offset when the worker reads it cannot be told apart this way."""
+    OCPI_PIPELINE_APP_ID and restore the state (docs/operations.md, "Partitions and scaling out"). A log that has
+    already grown past the state's offset when the worker reads it cannot be told apart this way."""
     for (topic, partition), offset in skipped_under.items():
         end = highwater(app, topic, partition)
         if end is not None and offset >= end:

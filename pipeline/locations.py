@@ -526,7 +526,7 @@ def _drop_passed(state: LocationState, before: dict[str, tuple[datetime, tuple[s
     """Drop the `confirmed` entries of the objects of `before` (the tree as a push that can lower their own
     `last_updated` finds it, `_tree`) whose own time reached them: a time confirmed by a duplicate counts as one an
     applied push set, which a newer push's time replaced. Kept, an entry would decide again once the push lists its
-    object with an older own time (README "stale": compared with that time), or outlive the object's removal;
+    object with an older own time (docs/pipeline.md "stale": compared with that time), or outlive the object's removal;
     dropped or not by a prune since its object's time passed it, it must decide the same (`_prune_confirmed`)."""
     confirmed = state.confirmed
     for ident, (own, _) in before.items():

@@ -1,7 +1,7 @@
 """Reconciliation of Sessions with CDRs, and credit CDR links (stage 2, per CPO party).
 
-Matching (README, "Reconciliation"): a non-credit CDR is matched to a Session of the same CPO party by the first of
-its keys that finds one:
+Matching (docs/pipeline.md, "reconciliation"): a non-credit CDR is matched to a Session of the same CPO party by the
+first of its keys that finds one:
 1. SESSION_ID: the session whose id is the CDR's `session_id`;
 2. AUTHORIZATION_REFERENCE: the sessions with its `authorization_reference` (the eMSP's reference of the session);
 3. TOKEN_LOCATION_START: the sessions with its token (country_code, party_id, uid) and location whose start is

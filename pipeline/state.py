@@ -2,7 +2,7 @@
 
 Every table value is a msgspec Struct encoded with MessagePack.
 
-Consistency under at-least-once (README, "Exactly once in ClickHouse"): a batch's effects — ClickHouse rows,
+Consistency under at-least-once (docs/pipeline.md, "Exactly once in ClickHouse"): a batch's effects — ClickHouse rows,
 facts and results published to Kafka — are made durable *before* the state that records them is written. Each
 stage-1 state also holds the highest source offset folded into it, so a record read again after a crash
 (offset <= that watermark) is recognised as already done and skipped, instead of being mistaken for a

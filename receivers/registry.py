@@ -138,7 +138,7 @@ class Partner(msgspec.Struct, kw_only=True):
     # Whether the operator agreed that this connection is a Hub (`partners invite --hub`, `partners register
     # --hub`, or provisioned with a HUB role). A Hub acts for any party it names in the routing headers, so a
     # partner may not make itself one through its credentials roles. None: recorded before this rule (a HUB role
-    # it held then counts as agreed; README, "Data written by earlier versions").
+    # it held then counts as agreed; docs/upgrading.md, "Data written by earlier versions").
     hub: bool | None = None
 
     def __repr__(self) -> str:

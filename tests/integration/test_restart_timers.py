@@ -165,7 +165,8 @@ async def test_each_deadline_fires_once_after_a_restart_and_a_parked_patch_is_ap
     assert anomalies == [("CREDIT_UNKNOWN_REFERENCE", "CCRED", due), ("ORPHAN_EVENT", "SORPH", old),
                          ("SESSION_IDLE", "SIDLE", due)]
     # A record published again as it was (same outcome and version) is the at-least-once redo of a batch whose
-    # offsets the SIGKILL beat to the commit (README "Exactly once in ClickHouse"); a slow machine makes that likely.
+    # offsets the SIGKILL beat to the commit (docs/pipeline.md "Exactly once in ClickHouse"); a slow machine makes
+    # that likely.
     history = {subject: list(dict.fromkeys(rows)) for subject, rows in (await published(stack, pid)).items()}
     versions = {subject: [v for _o, v in rows] for subject, rows in history.items()}
     assert [o for o, _v in history["SESSION", "SMISS"]] == ["AWAITING_CDR", "MISSING_CDR"]

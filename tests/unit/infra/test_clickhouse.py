@@ -287,8 +287,8 @@ def test_locations_rows_from_before_personal_at_count_from_their_received_at(chd
 
 def test_raw_events_from_before_inserted_at_take_the_time_they_are_read(chdb_dsn: str,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    # README, "Data written by earlier versions": an event stored before 0014 has no insert time, and ClickHouse
-    # fills the column's default (now64) when it reads the row (or merges its part), so the health report's
+    # docs/upgrading.md, "Data written by earlier versions": an event stored before 0014 has no insert time, and
+    # ClickHouse fills the column's default (now64) when it reads the row (or merges its part), so the health report's
     # ingestion lag counts such an event as late as it is old.
     client = connect(chdb_dsn)
     database = unique("mig")

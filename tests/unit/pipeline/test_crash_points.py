@@ -1,4 +1,4 @@
-"""A crash at every step of a batch (README, "Exactly once in ClickHouse, at least once everywhere else").
+"""A crash at every step of a batch (docs/pipeline.md, "Exactly once in ClickHouse, at least once everywhere else").
 
 The agents run as the worker runs them (`ModuleAgent`, `PartyAgent`, `StateTable.write_batch`) over an in-process
 world: Kafka logs, committed offsets, ClickHouse rows and the local state stores are what survives a crash; the

@@ -217,8 +217,8 @@ def test_an_evse_listed_again_with_its_older_own_time_returns_after_it_left_in_i
 
 def test_a_status_a_location_put_sets_back_with_the_evses_older_own_time_is_dated_by_the_put() -> None:
     """A Location PUT that lists an EVSE with an own `last_updated` older than the EVSE push it had since (the CPO's
-    time for it going back, README "stale") is applied, and its status change was dated by that older own time:
-    before the change it undoes, so the EVSE's history ordered by time ended with a status it no longer has."""
+    time for it going back, docs/pipeline.md "stale") is applied, and its status change was dated by that older own
+    time: before the change it undoes, so the EVSE's history ordered by time ended with a status it no longer has."""
     h = harness()
     h.run(event("Location", location(evses=[evse("E1")]), received=1))
     h.run(status_patch("E1", "CHARGING", 5, 2))
@@ -961,7 +961,7 @@ def test_a_confirmation_a_location_put_passed_decides_nothing_once_a_later_put_b
         monkeypatch: pytest.MonkeyPatch, prune: str) -> None:
     """E1/1's duplicate of t=3 confirmed it at 3; the PUT of t=4 listed it at 4, past that, and the PUT of t=4
     arriving later (the first PUT again, bumped: the later arrival wins) back at its own 0. E1/1's push of t=2,
-    arriving last, is compared with that own time (README "stale": the CPO's time for it going back), as it is
+    arriving last, is compared with that own time (docs/pipeline.md "stale": the CPO's time for it going back), as it is
     when the push of t=3 had changed it (applied, not a duplicate). It was STALE when the entry of t=3, which the
     PUT of t=4 had passed, was still in `confirmed` (pruning had not run since), APPLIED when it had been pruned:
     the rows depended on when the state was pruned (test_tree_order_properties, found by hypothesis)."""

@@ -247,7 +247,7 @@ def field_patches(draw: st.DrawFn) -> list[DecodedEvent]:
 def test_patches_of_different_fields_end_as_in_push_order(data: st.DataObject) -> None:
     # A PATCH of an EVSE's or the Location's own fields is compared with the pushes that set those fields, not with
     # the time its Connectors' (EVSEs') pushes raised its last_updated to: in any order, every field ends as the
-    # newest push that set it says (README, "stale").
+    # newest push that set it says (docs/pipeline.md "stale").
     put = event("Location", location(evses=[evse("E1"), evse("E2")]))
     history = data.draw(field_patches())
     order = data.draw(st.permutations(history))

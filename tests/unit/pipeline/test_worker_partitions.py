@@ -1,4 +1,4 @@
-"""The state changelogs' partitions follow their source topics' (README, "Partitions and scaling out").
+"""The state changelogs' partitions follow their source topics' (docs/operations.md, "Partitions and scaling out").
 
 A table's state for a record lives in the changelog partition of the record's partition (`agents.StateTable`
 writes it there directly), so a changelog must have exactly its source topic's partition count: fewer, and the
