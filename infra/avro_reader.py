@@ -39,7 +39,8 @@ class AvroReadError(ValueError):
 
 
 class Unsupported(Exception):
-    """The schema uses something the generator does not cover; the caller falls back to fastavro."""
+    """The schema uses something the generator (or the writer's builder, `infra.avro_writer`) does not cover; the
+    caller falls back to fastavro."""
 
 
 _SHIFTS = (7, 14, 21, 28, 35, 42, 49, 56)  # of a long's 2nd to 9th byte
@@ -98,6 +99,16 @@ def named_types(schema: Any) -> dict[str, Any]:
     return names
 
 
+def resolve_name(names: dict[str, Any], schema: Any) -> Any:
+    """The definition a reference by full name stands for (`names`: `named_types`); any other schema as it is."""
+    if isinstance(schema, str) and schema not in _PRIMITIVES:
+        try:
+            return names[schema]
+        except KeyError:
+            raise Unsupported(f"unknown named type {schema}") from None
+    return schema
+
+
 class _Generator:
     def __init__(self, strip: Callable[[str], bool]) -> None:
         self.strip = strip
@@ -125,12 +136,7 @@ class _Generator:
         self.names.update(named_types(schema))
 
     def resolve(self, schema: Any) -> Any:
-        if isinstance(schema, str) and schema not in _PRIMITIVES:
-            try:
-                return self.names[schema]
-            except KeyError:
-                raise Unsupported(f"unknown named type {schema}") from None
-        return schema
+        return resolve_name(self.names, schema)
 
     # -- code emission: each emitter appends lines that leave the value in `target` and advance `p` ----------
 

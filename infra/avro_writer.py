@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from infra.avro_reader import named_types
+from infra.avro_reader import Unsupported, named_types, resolve_name
 
 Write = Callable[[bytearray, Any], None]
 
@@ -34,10 +34,6 @@ _ABSENT = object()
 
 class Unwritable(ValueError):
     """Not a value this writer is sure of: the caller writes it with fastavro (the same bytes, or fastavro's error)."""
-
-
-class Unsupported(Exception):
-    """The schema uses something the builder does not cover: no writer, fastavro writes everything."""
 
 
 def _varint(out: bytearray, n: int) -> None:
@@ -155,11 +151,7 @@ class _Builder:
         self.names.update(named_types(schema))
 
     def resolve(self, schema: Any) -> Any:
-        if isinstance(schema, str) and schema not in _PRIMITIVES:
-            try:
-                return self.names[schema]
-            except KeyError:
-                raise Unsupported(f"unknown named type {schema}") from None
+        schema = resolve_name(self.names, schema)
         if isinstance(schema, dict) and isinstance(schema.get("type"), dict | list):
             return self.resolve(schema["type"])  # {"type": {...}}: the inner type
         return schema
